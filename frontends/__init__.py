@@ -1,0 +1,1 @@
+"""Frontends: lower framework models to ONNX."""

@@ -1,0 +1,3 @@
+from graphprune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Importance criteria: one score per unit of a channel group (higher = more important).
+
+Data-free criteria read the parameters of every member of the group:
+
+- ``l1`` / ``l2``: for each weight member (a Conv/Gemm/MatMul weight, rank >= 2), the L1 / L2
+  norm of each slice along the member axis, normalised by the member's mean so that layers
+  of different scale weigh the same; a unit's score is the sum over members of the mean
+  normalised norm of its elements. Groups without rank-2 weights use their 1-D parameters.
+- ``random``: seeded uniform scores (a baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import ChannelGroup
+from graphprune.errors import UsageError
+
+CRITERIA = ("l1", "l2", "random")
+
+
+def _slice_norms(values: np.ndarray, axis: int, order: int) -> np.ndarray:
+    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0).reshape(values.shape[axis], -1)
+    if order == 1:
+        return np.abs(moved).sum(axis=1)
+    return np.sqrt((moved * moved).sum(axis=1))
+
+
+def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:
+    scores = np.zeros(group.num_units, dtype=np.float64)
+    members = [d for d in group.params if isinstance(tensors.get(d[0]), gs.Constant)]
+    weights = [d for d in members if np.asarray(tensors[d[0]].values).ndim >= 2]
+    for dim in weights or members:
+        values = np.asarray(tensors[dim[0]].values)
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        norms = _slice_norms(values, dim[1], order)
+        mean = norms.mean()
+        if mean > 0:
+            norms = norms / mean
+        labels = group.unit_of[dim]
+        sums = np.bincount(labels, weights=norms, minlength=group.num_units)
+        counts = np.bincount(labels, minlength=group.num_units)
+        scores += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return scores
+
+
+def score_group(
+    group: ChannelGroup, tensors: dict[str, gs.Tensor], criterion: str, rng: np.random.Generator
+) -> np.ndarray:
+    if criterion == "l1":
+        return norm_scores(group, tensors, 1)
+    if criterion == "l2":
+        return norm_scores(group, tensors, 2)
+    if criterion == "random":
+        return rng.random(group.num_units)
+    raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
+
+
+def get_criterion(name: str) -> Callable[..., np.ndarray]:
+    if name not in CRITERIA:
+        raise UsageError(f"unknown criterion '{name}' (choose from {', '.join(CRITERIA)})")
+    return score_group

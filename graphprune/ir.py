@@ -1,0 +1,87 @@
+"""The one typed doorway between ONNX protos and onnx-graphsurgeon graphs.
+
+``prepare`` normalises a model for analysis: initializers are removed from the graph inputs
+(old exporters list them there), Constant nodes are lifted to initializers, constant
+subgraphs (TorchScript's Identity on shared weights, the dynamo exporter's
+Shape/Gather/Concat chains over static shapes) are folded, shapes are inferred.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune import model_io
+
+logger = logging.getLogger(__name__)
+
+# gs logs verbosely at import / fold time
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    names = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in names]
+    if len(inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    return model
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping the template's opsets, IR version and metadata."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(copy.deepcopy(list(template.opset_import)))
+    model.producer_name = template.producer_name or "graphprune"
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(copy.deepcopy(list(template.metadata_props)))
+    if template.functions:
+        model.functions.extend(copy.deepcopy(list(template.functions)))
+    return model
+
+
+def clear_intermediate_shapes(graph: gs.Graph) -> None:
+    """Forget inferred shapes of intermediate tensors (they are re-inferred after a rewrite)."""
+    boundary = {t.name for t in [*graph.inputs, *graph.outputs]}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
+            tensor.shape = None
+    del_value_info = graph  # noqa: F841 - value_info is rebuilt from tensors on export
+
+
+def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
+    """Return a normalised, shape-inferred copy of ``model`` ready for analysis."""
+    model = copy.deepcopy(model)
+    strip_initializer_inputs(model)
+    model = model_io.infer_shapes(model)
+    if fold:
+        graph = import_graph(model)
+        try:
+            graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False)
+        except Exception as exc:  # folding is an optimisation; analysis copes without it
+            logger.warning("constant folding skipped: %s", exc)
+            graph = import_graph(model)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        model = export_graph(graph, model)
+        model = model_io.infer_shapes(model)
+    return model

@@ -1,0 +1,569 @@
+"""Load, check, upgrade, shape-infer and save ONNX models.
+
+Everything that touches files or the protobuf size limit lives here, so the rest of
+graphprune can work on an in-memory ``onnx.ModelProto`` with its weights loaded.
+
+Two facts shape this module:
+
+* protobuf cannot serialize a message of 2 GiB or more (``ByteSize()`` itself fails), so
+  large models keep their weights in an external data file, and every C++ round trip
+  (shape inference, version conversion) must not carry the weights;
+* ``onnx.save_model(..., save_as_external_data=True)`` rewrites the tensors of the model it
+  is given. We never mutate a caller's model, so we build a *skeleton*: a copy of the
+  model whose large tensors are replaced by external-data references, without copying the
+  weight bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import Message
+from onnx import external_data_helper, version_converter
+
+from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
+
+__all__ = [
+    "MIN_OPSET",
+    "ModelSource",
+    "check_opset",
+    "default_opset",
+    "infer_shapes",
+    "load_model",
+    "model_size_bytes",
+    "save_model",
+    "upgrade_opset",
+]
+
+MIN_OPSET = 7
+"""The oldest default-domain opset graphprune accepts."""
+
+ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+"""Anything :func:`load_model` accepts."""
+
+PROTOBUF_LIMIT = 2**31
+"""protobuf refuses to serialize a message of this size or more."""
+
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+"""Above this many bytes :func:`save_model` writes weights to an external data file."""
+
+_DETACH_THRESHOLD = 2**20
+"""Tensors this large are detached (left out) when a model goes through C++ (inference, conversion)."""
+
+_DETACHED_LOCATION = "graphprune-detached:"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_ALIGNMENT = 4096
+_LARGE_ALIGNMENT = 65536  # mmap allocation granularity on Windows; ORT can map such tensors
+_SHORT_CAUSE = 200
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line, bounded description of ``exc`` for an error message."""
+    text = str(exc).strip().splitlines()
+    line = text[0].strip() if text else ""
+    if not line:
+        line = type(exc).__name__
+    if len(line) > _SHORT_CAUSE:
+        line = line[: _SHORT_CAUSE - 3] + "..."
+    return line
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_model(source: ModelSource, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load a model from a path, serialized bytes or a ``ModelProto`` (deep-copied).
+
+    Raises InvalidModelError for a missing file, bytes that are not an ONNX model (including
+    random bytes that happen to parse as a protobuf) and missing or short external data.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = copy.deepcopy(source)
+        _check_structure(model, "the given ModelProto")
+        return model
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _load_bytes(bytes(source), load_external_data=load_external_data)
+    if isinstance(source, str | os.PathLike):
+        return _load_path(Path(os.fspath(source)), load_external_data=load_external_data)
+    raise UsageError(
+        f"cannot load a model from {type(source).__name__}; "
+        "give a path, bytes or an onnx.ModelProto"
+    )
+
+
+def _load_path(path: Path, *, load_external_data: bool) -> onnx.ModelProto:
+    if not path.exists():
+        raise InvalidModelError(f"no such file: {path}")
+    if not path.is_file():
+        raise InvalidModelError(f"not a file: {path}")
+    try:
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read '{path}': {_short(exc)}") from exc
+    except Exception as exc:  # DecodeError, or onnx's own parse errors for text formats
+        raise InvalidModelError(f"'{path}' is not a valid ONNX model: {_short(exc)}") from exc
+    _check_structure(model, f"'{path}'")
+    if load_external_data:
+        _load_external_data(model, path.parent, f"'{path}'")
+    return model
+
+
+def _load_bytes(data: bytes, *, load_external_data: bool) -> onnx.ModelProto:
+    what = "the given bytes"
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:
+        raise InvalidModelError(f"{what} are not a valid ONNX model: {_short(exc)}") from exc
+    _check_structure(model, what)
+    if load_external_data:
+        locations = sorted(
+            {_external_info(tensor, what).location for tensor in _external_tensors(model)}
+        )
+        if locations:
+            raise InvalidModelError(
+                f"{what} refer to external data ({', '.join(locations)}) that cannot be "
+                "found without a directory; load the model from its file path instead"
+            )
+    return model
+
+
+def _check_structure(model: onnx.ModelProto, what: str) -> None:
+    """Reject protobufs that parse but are not a usable ONNX model."""
+    problem = None
+    if model.ir_version <= 0:
+        problem = "it has no IR version"
+    elif not model.HasField("graph"):
+        problem = "it has no graph"
+    elif len(model.graph.node) == 0:
+        problem = "its graph has no nodes"
+    elif len(model.graph.output) == 0:
+        problem = "its graph has no outputs"
+    if problem is not None:
+        verb = "are" if what.endswith("bytes") else "is"
+        raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, what: str) -> None:
+    """Check that every external data file exists and is long enough, then load it."""
+    tensors = list(_external_tensors(model))
+    if not tensors:
+        return
+    base = os.path.normpath(os.path.abspath(base_dir))
+    for tensor in tensors:
+        info = _external_info(tensor, what)
+        location = info.location
+        file = os.path.normpath(os.path.join(base, location))
+        if not location or os.path.isabs(location) or os.path.commonpath([base, file]) != base:
+            raise InvalidModelError(
+                f"{what}: tensor '{tensor.name}' points to external data outside the model "
+                f"directory ({location!r})"
+            )
+        if not os.path.isfile(file):
+            raise InvalidModelError(
+                f"{what}: external data file '{file}' (for tensor '{tensor.name}') does not exist"
+            )
+        if info.length is not None:
+            end = (info.offset or 0) + info.length
+            size = os.path.getsize(file)
+            if size < end:
+                raise InvalidModelError(
+                    f"{what}: external data file '{file}' is truncated: tensor "
+                    f"'{tensor.name}' needs bytes up to {end}, the file has {size}"
+                )
+    try:
+        external_data_helper.load_external_data_for_model(model, base)
+    except Exception as exc:
+        raise InvalidModelError(f"{what}: cannot load external data: {_short(exc)}") from exc
+    for tensor in tensors:  # onnx sets DEFAULT explicitly; clear it so round trips compare equal
+        tensor.ClearField("data_location")
+
+
+def _external_info(tensor: onnx.TensorProto, what: str) -> external_data_helper.ExternalDataInfo:
+    try:
+        return external_data_helper.ExternalDataInfo(tensor)
+    except ValueError as exc:
+        raise InvalidModelError(
+            f"{what}: tensor '{tensor.name}' has invalid external data: {_short(exc)}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- tensor walks
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers, sparse parts, attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield attribute.sparse_tensor.values
+            yield attribute.sparse_tensor.indices
+        if attribute.HasField("g"):
+            yield from _graph_tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return (t for t in _model_tensors(model) if external_data_helper.uses_external_data(t))
+
+
+# --------------------------------------------------------------------------- skeletons
+
+
+def _is_repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6
+    if flag is not None:
+        return bool(flag)
+    return bool(field.label == field.LABEL_REPEATED)
+
+
+def _copy_except(message: Message, skip: tuple[str, ...]) -> Any:
+    """A copy of ``message`` without the fields named in ``skip`` (which are not copied at all)."""
+    result = type(message)()
+    for field, value in message.ListFields():
+        if field.name in skip:
+            continue
+        if _is_repeated(field):
+            getattr(result, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(result, field.name).CopyFrom(value)
+        else:
+            setattr(result, field.name, value)
+    return result
+
+
+TensorConverter = Callable[[onnx.TensorProto], onnx.TensorProto | None]
+"""Returns a replacement for an initializer, or None to keep (copy) it as it is."""
+
+
+def _copy_graph(graph: onnx.GraphProto, convert: TensorConverter) -> onnx.GraphProto:
+    result: onnx.GraphProto = _copy_except(graph, ("initializer", "node"))
+    for tensor in graph.initializer:
+        replacement = convert(tensor)
+        result.initializer.append(tensor if replacement is None else replacement)
+    for node in graph.node:
+        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+            result.node.append(_copy_node(node, convert))
+        else:
+            result.node.append(node)
+    return result
+
+
+def _copy_node(node: onnx.NodeProto, convert: TensorConverter) -> onnx.NodeProto:
+    result: onnx.NodeProto = _copy_except(node, ("attribute",))
+    for attribute in node.attribute:
+        new: onnx.AttributeProto = _copy_except(attribute, ("g", "graphs"))
+        if attribute.HasField("g"):
+            new.g.CopyFrom(_copy_graph(attribute.g, convert))
+        for graph in attribute.graphs:
+            new.graphs.append(_copy_graph(graph, convert))
+        result.attribute.append(new)
+    return result
+
+
+def _copy_model(model: onnx.ModelProto, convert: TensorConverter) -> onnx.ModelProto:
+    """Copy ``model``, replacing initializers (also in subgraphs) through ``convert``."""
+    result: onnx.ModelProto = _copy_except(model, ("graph",))
+    if model.HasField("graph"):
+        result.graph.CopyFrom(_copy_graph(model.graph, convert))
+    return result
+
+
+def _external_stub(tensor: onnx.TensorProto, location: str, offset: int | None) -> onnx.TensorProto:
+    stub: onnx.TensorProto = _copy_except(tensor, ("raw_data", "external_data", "data_location"))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    entries = [("location", location)]
+    if offset is not None:
+        entries.append(("offset", str(offset)))
+    entries.append(("length", str(len(tensor.raw_data))))
+    for key, value in entries:
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    return stub
+
+
+def _detach(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A skeleton of ``model`` whose large tensors are marked external; returns it and them."""
+    detached: list[onnx.TensorProto] = []
+
+    def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < _DETACH_THRESHOLD:
+            return None
+        detached.append(tensor)
+        return _external_stub(tensor, f"{_DETACHED_LOCATION}{len(detached) - 1}", None)
+
+    return _copy_model(model, convert), detached
+
+
+def _reattach(model: onnx.ModelProto, detached: list[onnx.TensorProto]) -> None:
+    """Put the bytes of the tensors :func:`_detach` took away back into ``model`` (in place)."""
+    if not detached:
+        return
+    for tensor in _model_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        if not location.startswith(_DETACHED_LOCATION):
+            continue
+        index = int(location[len(_DETACHED_LOCATION) :])
+        tensor.raw_data = detached[index].raw_data
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+
+
+# --------------------------------------------------------------------------- size
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model`` in bytes (an estimate when it exceeds protobuf's limit)."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # upb refuses ByteSize() for messages of 2 GiB or more
+        skeleton, detached = _detach(model)
+        return int(skeleton.ByteSize()) + sum(len(t.raw_data) for t in detached)
+
+
+# --------------------------------------------------------------------------- opsets
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The default-domain ('' or 'ai.onnx') opset version the model imports."""
+    for opset in model.opset_import:
+        if opset.domain in _DEFAULT_DOMAINS:
+            return int(opset.version)
+    raise InvalidModelError("model does not import the default ONNX opset (domain '' or 'ai.onnx')")
+
+
+def check_opset(model: onnx.ModelProto) -> int:
+    """Return the default-domain opset; raise UnsupportedOpsetError below :data:`MIN_OPSET`."""
+    version = default_opset(model)
+    if version < MIN_OPSET:
+        raise UnsupportedOpsetError(
+            f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}"
+        )
+    return version
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
+    """Convert the model to default opset ``target`` if it is older; otherwise return it as is."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= target <= newest:
+        raise UsageError(f"target opset must be between {MIN_OPSET} and {newest}, got {target}")
+    current = check_opset(model)
+    if current >= target:
+        return model
+    skeleton, detached = _detach(model)
+    try:
+        converted = version_converter.convert_version(skeleton, target)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}"
+        ) from exc
+    _reattach(converted, detached)
+    return converted
+
+
+# --------------------------------------------------------------------------- shape inference
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with inferred shapes (data propagation on, partial results kept).
+
+    Large weights are detached before the model goes to C++, so this works for models over
+    2 GiB and does not copy weights through protobuf serialization. Inference that fails on a
+    model the ONNX checker accepts only warns (``RuntimeWarning``) and returns an unchanged
+    copy; a model the checker rejects raises InvalidModelError.
+    """
+    skeleton, detached = _detach(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            skeleton, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception as exc:
+        try:
+            onnx.checker.check_model(skeleton)
+        except Exception as check_exc:
+            raise InvalidModelError(
+                f"model fails the ONNX checker: {_short(check_exc)}"
+            ) from check_exc
+        warnings.warn(
+            f"shape inference failed, continuing without inferred shapes: {_short(exc)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return copy.deepcopy(model)
+    _reattach(inferred, detached)
+    return inferred
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _input_data_files(input_path: Path) -> list[Path]:
+    """External data files of the model at ``input_path`` (best effort; empty if unreadable)."""
+    try:
+        model = onnx.load_model(os.fspath(input_path), load_external_data=False)
+    except Exception:
+        return []
+    files = []
+    for tensor in _external_tensors(model):
+        try:
+            location = external_data_helper.ExternalDataInfo(tensor).location
+        except ValueError:
+            continue
+        files.append(input_path.parent / location)
+    return files
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    input_path: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    Refuses to overwrite ``input_path`` (or its external data). ``external_data=None`` writes
+    weights to ``<name>.data`` next to the model only when the model is too large for one
+    protobuf; ``True`` forces it for every raw tensor of ``size_threshold`` bytes or more.
+    Both files are written to temporary files and renamed into place; on failure nothing is
+    left at ``path``. The caller's model is never modified.
+    """
+    target = Path(os.fspath(path))
+    parent = target.parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory does not exist: {parent}")
+    if target.is_dir():
+        raise UsageError(f"output path is a directory: {target}")
+    data_target = parent / f"{target.name}.data"
+
+    protected: list[Path] = []
+    if input_path is not None:
+        source = Path(os.fspath(input_path))
+        if _same_file(target, source):
+            raise UsageError(f"output path is the input path: {target}")
+        if source.is_file():
+            protected = _input_data_files(source)
+
+    unloaded = [t.name for t in _external_tensors(model)]
+    if unloaded:
+        raise UsageError(
+            f"tensor '{unloaded[0]}' keeps its data in an external file that was not loaded; "
+            "load the model with load_external_data=True before saving it"
+        )
+
+    size = model_size_bytes(model)
+    use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if not use_external and size >= PROTOBUF_LIMIT:
+        raise UsageError(
+            f"model is {size} bytes, over protobuf's 2 GiB limit; save it with external data"
+        )
+    written = [target, data_target] if use_external else [target]
+    for out in written:
+        for data_file in protected:
+            if _same_file(out, data_file):
+                raise UsageError(f"output would overwrite the input model's data file: {out}")
+
+    temporaries: list[str] = []
+    try:
+        if use_external:
+            data_temp = _temporary(parent, data_target.name, temporaries)
+            with open(data_temp, "wb") as stream:
+                skeleton = _write_external(model, stream, data_target.name, size_threshold)
+                _sync(stream)
+            model_bytes = skeleton.SerializeToString()
+        else:
+            model_bytes = model.SerializeToString()
+        model_temp = _temporary(parent, target.name, temporaries)
+        with open(model_temp, "wb") as stream:
+            stream.write(model_bytes)
+            _sync(stream)
+        if use_external:
+            os.replace(data_temp, data_target)
+        os.replace(model_temp, target)
+        temporaries.clear()
+    except OSError as exc:
+        raise UsageError(f"cannot write '{target}': {_short(exc)}") from exc
+    finally:
+        for temporary in temporaries:
+            try:
+                os.remove(temporary)
+            except OSError:
+                pass
+    return target
+
+
+def _temporary(directory: Path, name: str, registry: list[str]) -> str:
+    """Create an empty temporary file next to the final file; remember it for cleanup."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    registry.append(temporary)
+    return temporary
+
+
+def _sync(stream: Any) -> None:
+    stream.flush()
+    os.fsync(stream.fileno())
+
+
+def _write_external(
+    model: onnx.ModelProto, stream: Any, location: str, size_threshold: int
+) -> onnx.ModelProto:
+    """Write large raw tensors to ``stream``; return a skeleton that refers to them."""
+    offset = 0
+
+    def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
+        nonlocal offset
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold:
+            return None
+        data = tensor.raw_data
+        alignment = _LARGE_ALIGNMENT if len(data) >= _DETACH_THRESHOLD else _ALIGNMENT
+        padding = -offset % alignment
+        if padding:
+            stream.write(b"\0" * padding)
+            offset += padding
+        stream.write(data)
+        stub = _external_stub(tensor, location, offset)
+        offset += len(data)
+        return stub
+
+    return _copy_model(model, convert)

@@ -1,0 +1,86 @@
+"""The planner: turn a target into a :class:`Plan`.
+
+Ratio target: every prunable group loses ``floor(ratio * units)`` units, adjusted so that the
+number kept is a multiple of ``round_to`` and at least ``min_channels`` (never the whole
+group), lowest-importance units first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import Analysis, ChannelGroup
+from graphprune.errors import UsageError
+from graphprune.importance import score_group
+from graphprune.plan import GroupPlan, Plan
+
+
+def kept_count(units: int, ratio: float, round_to: int, min_channels: int) -> int:
+    keep = units - math.floor(ratio * units + 1e-9)
+    if round_to > 1:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    keep = max(keep, min_channels, 1)
+    return min(keep, units)
+
+
+def group_plan(group: ChannelGroup, remove: list[int], tensors: dict[str, gs.Tensor]) -> GroupPlan:
+    channels: dict[str, dict[str, list[int]]] = {}
+    for dim, idx in group.removed_elements(remove).items():
+        if isinstance(tensors.get(dim[0]), gs.Constant):
+            channels.setdefault(dim[0], {})[str(dim[1])] = [int(i) for i in idx]
+    return GroupPlan(
+        group=group.id,
+        anchor=f"{group.anchor[0]}:{group.anchor[1]}",
+        size=group.num_units,
+        remove=sorted(int(u) for u in remove),
+        channels=channels,
+    )
+
+
+def plan_ratio(
+    analysis: Analysis,
+    *,
+    ratio: float,
+    criterion: str = "l1",
+    round_to: int = 1,
+    min_channels: int = 1,
+    seed: int = 0,
+) -> Plan:
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"ratio must be in [0, 1), got {ratio}")
+    if round_to < 1:
+        raise UsageError(f"round-to must be >= 1, got {round_to}")
+    rng = np.random.default_rng(seed)
+    tensors = analysis.context.tensors
+    plan = Plan(meta={"ratio": ratio, "criterion": criterion, "round_to": round_to})
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        scores = score_group(group, tensors, criterion, rng)
+        keep = kept_count(group.num_units, ratio, round_to, min_channels)
+        n_remove = group.num_units - keep
+        if n_remove <= 0:
+            continue
+        order = np.argsort(scores, kind="stable")
+        plan.groups.append(group_plan(group, [int(u) for u in order[:n_remove]], tensors))
+    return plan
+
+
+def replay(analysis: Analysis, plan: Plan) -> Plan:
+    """Re-anchor a saved plan on a fresh analysis of the same model."""
+    by_anchor = {f"{g.anchor[0]}:{g.anchor[1]}": g for g in analysis.groups}
+    tensors = analysis.context.tensors
+    out = Plan(erase=list(plan.erase), meta=dict(plan.meta))
+    for gp in plan.groups:
+        group = by_anchor.get(gp.anchor)
+        if group is None or group.num_units != gp.size:
+            raise UsageError(f"plan does not match this model: group '{gp.anchor}' not found")
+        if not group.prunable and gp.remove:
+            raise UsageError(f"plan prunes group '{gp.anchor}', which is frozen in this model")
+        if any(u < 0 or u >= group.num_units for u in gp.remove) or len(gp.remove) >= group.num_units:
+            raise UsageError(f"plan removes invalid units from group '{gp.anchor}'")
+        out.groups.append(group_plan(group, gp.remove, tensors))
+    return out

@@ -1,0 +1,93 @@
+"""Conv and ConvTranspose (plain, depthwise, grouped; 1-D, 2-D, 3-D).
+
+Conv: ``W[Cout, Cin/g, k...]``. Output channels own ``W`` rows and the bias. With ``g == 1``
+input channels own ``W`` columns; with ``g > 1`` input and output channels are tied conv
+group by conv group (a unit is one whole conv group; depthwise is ``g == Cin``), the columns
+of ``W`` stay, and ``group`` becomes the number of conv groups left.
+ConvTranspose: ``W[Cin, Cout/g, k...]``, the same with the roles of the axes swapped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx_graphsurgeon as gs
+
+from graphprune.index_maps import GroupTie
+from graphprune.rewrite_context import RewriteContext
+from graphprune.roles import CONSUMER, PRODUCER
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis import CouplingContext
+
+
+def _mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
+    for t in (node.inputs[0], node.outputs[0]):
+        rank = ctx.rank(t)
+        if rank is not None:
+            ctx.spatial(t, [0], "batch")
+            ctx.spatial(t, range(2, rank))
+
+
+def _rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.Tensor) -> None:
+    group = int(node.attrs.get("group", 1))
+    if group == 1:
+        return
+    old = ctx.old_size(channels_axis_tensor, 1)
+    new = ctx.new_size(channels_axis_tensor, 1)
+    if old is None or new is None or old == new:
+        return
+    per_group = old // group
+    node.attrs["group"] = new // per_group
+
+
+@register
+class ConvRule(OpRule):
+    op_types = ("Conv",)
+    zero_behaviour = "affine"  # zero input channel: contributes nothing; output gets the bias
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = node.outputs[0]
+        group = int(node.attrs.get("group", 1))
+        ctx.couple(w, 0, y, 1)
+        ctx.role(w, 0, PRODUCER)
+        if b is not None:
+            ctx.couple(b, 0, y, 1)
+            ctx.role(b, 0, PRODUCER)
+        if group == 1:
+            ctx.couple(x, 1, w, 1)
+            ctx.role(w, 1, CONSUMER)
+        else:
+            ctx.couple(x, 1, y, 1, GroupTie(group))
+        _mark_spatial(ctx, node)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        _rewrite_group(node, ctx, node.inputs[0])
+
+
+@register
+class ConvTransposeRule(OpRule):
+    op_types = ("ConvTranspose",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = node.outputs[0]
+        group = int(node.attrs.get("group", 1))
+        ctx.couple(x, 1, w, 0)
+        ctx.role(w, 0, CONSUMER)
+        if b is not None:
+            ctx.couple(b, 0, y, 1)
+            ctx.role(b, 0, PRODUCER)
+        if group == 1:
+            ctx.couple(w, 1, y, 1)
+            ctx.role(w, 1, PRODUCER)
+        else:
+            ctx.couple(x, 1, y, 1, GroupTie(group))
+        _mark_spatial(ctx, node)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        _rewrite_group(node, ctx, node.inputs[0])

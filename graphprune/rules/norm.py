@@ -1,0 +1,120 @@
+"""Normalisations.
+
+BatchNormalization and InstanceNormalization act per channel: every parameter follows the
+channel (exact). GroupNormalization ties channels conv-group-wise (a unit is a whole group;
+``num_groups`` shrinks). LayerNormalization / LpNormalization normalise over an axis: those
+axes may be pruned but not exactly (the statistics change), so they are marked inexact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx_graphsurgeon as gs
+
+from graphprune.index_maps import Digit, GroupTie
+from graphprune.rewrite_context import RewriteContext
+from graphprune.roles import CHANNELWISE
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis import CouplingContext
+
+
+def _used(t: gs.Tensor) -> bool:
+    return bool(t.outputs)
+
+
+@register
+class BatchNormRule(OpRule):
+    op_types = ("BatchNormalization",)
+    zero_behaviour = "affine"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.couple_all_axes(x, y)
+        for p in node.inputs[1:5]:
+            ctx.couple(p, 0, y, 1)
+            ctx.role(p, 0, CHANNELWISE)
+        for extra in node.outputs[1:]:
+            if _used(extra):
+                ctx.freeze_node(node, f"training-mode outputs used at BatchNormalization '{node.name}'")
+
+
+@register
+class InstanceNormRule(OpRule):
+    op_types = ("InstanceNormalization",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.couple_all_axes(x, y)
+        for p in node.inputs[1:3]:
+            ctx.couple(p, 0, y, 1)
+            ctx.role(p, 0, CHANNELWISE)
+        rank = ctx.rank(x)
+        if rank is not None:
+            ctx.spatial(x, range(2, rank))
+
+
+@register
+class GroupNormRule(OpRule):
+    op_types = ("GroupNormalization",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        groups = int(node.attrs["num_groups"])
+        channels = ctx.size(x, 1)
+        ctx.couple_all_axes(x, y)
+        ctx.couple(x, 1, y, 1, GroupTie(groups))
+        for p in node.inputs[1:3]:
+            size = ctx.size(p, 0)
+            if channels is not None and size == groups and groups != channels:
+                ctx.couple(p, 0, y, 1, Digit(channels // groups))
+            else:
+                ctx.couple(p, 0, y, 1)
+            ctx.role(p, 0, CHANNELWISE)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        old, new = ctx.old_size(x, 1), ctx.new_size(x, 1)
+        if old and new and old != new:
+            per = old // int(node.attrs["num_groups"])
+            node.attrs["num_groups"] = new // per
+
+
+@register
+class LayerNormRule(OpRule):
+    op_types = ("LayerNormalization",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        ctx.couple_all_axes(x, y)
+        if rank is None:
+            return
+        axis = int(node.attrs.get("axis", -1)) % rank
+        for a in range(axis, rank):
+            ctx.inexact(x, a, "normalised axis")
+        for p in node.inputs[1:3]:
+            if not p.name:
+                continue
+            prank = ctx.rank(p)
+            if prank is None:
+                ctx.freeze(p, None, "parameter rank unknown")
+                continue
+            for i in range(prank):
+                ctx.couple(p, i, y, rank - prank + i)
+                ctx.role(p, i, CHANNELWISE)
+        for extra in node.outputs[1:]:
+            if _used(extra):
+                ctx.freeze_node(node, f"statistics outputs used at LayerNormalization '{node.name}'")
+
+
+@register
+class LpNormRule(OpRule):
+    op_types = ("LpNormalization",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.couple_all_axes(x, y)
+        ctx.inexact(x, int(node.attrs.get("axis", -1)), "normalised axis")

@@ -1,0 +1,511 @@
+"""Ops that move, cut, join or re-view axes.
+
+Concat/Split/Slice couple an axis with offsets. Transpose permutes axes, Squeeze/Unsqueeze
+drop or insert size-1 axes. Reshape and Flatten re-factor axes: a block of input axes maps
+to a block of output axes with the same product; the one factor that carries channels is
+coupled to the merged axis with a ``Digit`` map (channel ``c`` of an NCHW tensor owns the
+``H*W`` consecutive features of a flattened input; of an NHWC tensor, every ``C``-th one),
+the other non-spatial factors are frozen. Shape inputs (Reshape targets, Expand shapes,
+Resize sizes, Split sizes) are tracked so that the literals that count channels are
+rewritten with the new sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.index_maps import Digit, Offset
+from graphprune.rewrite_context import RewriteContext
+from graphprune.roles import PRODUCER
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis import CouplingContext
+
+
+def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "axes") -> list[int] | None:
+    if attr in node.attrs:
+        return [int(a) for a in node.attrs[attr]]
+    if len(node.inputs) > index and node.inputs[index].name:
+        const = ctx.const(node.inputs[index])
+        if const is None:
+            raise ValueError("axes are not constant")
+        return [int(a) for a in const.reshape(-1)]
+    return None
+
+
+@register
+class ConcatRule(OpRule):
+    op_types = ("Concat",)
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        y = node.outputs[0]
+        rank = ctx.rank(y)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at Concat '{node.name}'")
+            return
+        axis = int(node.attrs["axis"]) % rank
+        offset = 0
+        for x in node.inputs:
+            for a in range(rank):
+                if a != axis:
+                    ctx.couple(y, a, x, a)
+            size = ctx.size(x, axis)
+            if size is None:
+                ctx.freeze_node(node, f"input size unknown at Concat '{node.name}'")
+                return
+            ctx.couple(y, axis, x, axis, Offset(offset))
+            offset += size
+
+
+@register
+class SplitRule(OpRule):
+    op_types = ("Split",)
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x = node.inputs[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at Split '{node.name}'")
+            return
+        axis = int(node.attrs.get("axis", 0)) % rank
+        offset = 0
+        for y in node.outputs:
+            for a in range(rank):
+                if a != axis:
+                    ctx.couple(x, a, y, a)
+            size = ctx.size(y, axis)
+            if size is None:
+                ctx.freeze_node(node, f"output size unknown at Split '{node.name}'")
+                return
+            ctx.couple(x, axis, y, axis, Offset(offset))
+            offset += size
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        axis = int(node.attrs.get("axis", 0))
+        if not ctx.removed(x, axis).size:
+            return
+        sizes = np.array([ctx.new_size(y, axis) for y in node.outputs], dtype=np.int64)
+        node.attrs.pop("num_outputs", None)
+        if ctx.opset >= 13:
+            node.attrs.pop("split", None)
+            ctx.set_input(node, 1, sizes)
+        else:
+            node.attrs["split"] = [int(s) for s in sizes]
+
+
+def _slice_params(node: gs.Node, ctx: CouplingContext | RewriteContext, rank: int):
+    """Return [(axis, start, end, step)] with constants, or None if not constant."""
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        def value(i: int) -> np.ndarray | None:
+            if len(node.inputs) > i and node.inputs[i].name:
+                t = node.inputs[i]
+                return np.asarray(t.values).reshape(-1) if isinstance(t, gs.Constant) else None
+            return np.zeros(0)
+
+        s, e, a, st = value(1), value(2), value(3), value(4)
+        if s is None or e is None or a is None or st is None:
+            return None
+        starts, ends = [int(v) for v in s], [int(v) for v in e]
+        axes = [int(v) for v in a] if a.size else list(range(len(starts)))
+        steps = [int(v) for v in st] if st.size else [1] * len(starts)
+    return [(ax % rank, starts[i], ends[i], steps[i]) for i, ax in enumerate(axes)]
+
+
+def _normalise(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    if start < 0:
+        start += size
+    if end < 0:
+        end += size
+    if step > 0:
+        return max(0, min(size, start)), max(0, min(size, end))
+    return max(-1, min(size - 1, start)), max(-1, min(size - 1, end))
+
+
+@register
+class SliceRule(OpRule):
+    op_types = ("Slice",)
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        params = None if rank is None else _slice_params(node, ctx, rank)
+        if rank is None or params is None:
+            ctx.freeze_node(node, f"Slice '{node.name}' bounds not constant")
+            return
+        sliced = {p[0]: p for p in params}
+        for a in range(rank):
+            if a not in sliced:
+                ctx.couple(x, a, y, a)
+                continue
+            _, start, end, step = sliced[a]
+            size = ctx.size(x, a)
+            if size is None or step != 1:
+                ctx.freeze(x, a, f"Slice '{node.name}' with step {step} or unknown size")
+                ctx.freeze(y, a, f"Slice '{node.name}' with step {step} or unknown size")
+                continue
+            start, _ = _normalise(start, end, step, size)
+            ctx.couple(x, a, y, a, Offset(start))
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        shape = ctx._shapes.get(x.name)
+        if shape is None:
+            return
+        rank = len(shape)
+        params = _slice_params(node, ctx, rank)
+        if params is None:
+            return
+        changed = False
+        new_starts, new_ends = [], []
+        for axis, start, end, step in params:
+            removed = ctx.removed(x, axis)
+            size = shape[axis]
+            if removed.size and size is not None:
+                start_n, _ = _normalise(start, end, step, size)
+                start_new = start_n - int(np.count_nonzero(removed < start_n))
+                out_new = ctx.new_size(node.outputs[0], axis)
+                new_starts.append(start_new)
+                new_ends.append(start_new + int(out_new or 0))
+                changed = True
+            else:
+                new_starts.append(start)
+                new_ends.append(end)
+        if not changed:
+            return
+        if "starts" in node.attrs:
+            node.attrs["starts"], node.attrs["ends"] = new_starts, new_ends
+        else:
+            ctx.set_input(node, 1, np.array(new_starts, dtype=np.int64))
+            ctx.set_input(node, 2, np.array(new_ends, dtype=np.int64))
+
+
+@register
+class TransposeRule(OpRule):
+    op_types = ("Transpose",)
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at Transpose '{node.name}'")
+            return
+        perm = list(node.attrs.get("perm", list(reversed(range(rank)))))
+        for o, i in enumerate(perm):
+            ctx.couple(x, int(i), y, o)
+
+
+@register
+class SqueezeRule(OpRule):
+    op_types = ("Squeeze", "Unsqueeze")
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rx, ry = ctx.rank(x), ctx.rank(y)
+        if rx is None or ry is None:
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return
+        axes = _axes_input(node, ctx, 1)
+        if node.op == "Squeeze":
+            if axes is None:
+                shape = ctx.shape(x) or []
+                dropped = {a for a, n in enumerate(shape) if n == 1}
+            else:
+                dropped = {a % rx for a in axes}
+            kept_in = [a for a in range(rx) if a not in dropped]
+            for o, i in enumerate(kept_in):
+                ctx.couple(x, i, y, o)
+        else:
+            inserted = {a % ry for a in (axes or [])}
+            kept_out = [a for a in range(ry) if a not in inserted]
+            for i, o in enumerate(kept_out):
+                ctx.couple(x, i, y, o)
+
+
+def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
+    """Split two shapes into blocks of consecutive axes with equal products."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in or j < n_out:
+        if i < n_in and j < n_out and in_shape[i] is None and out_shape[j] is None:
+            blocks.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        if i < n_in and in_shape[i] == 1 and (j >= n_out or out_shape[j] != 1):
+            i += 1
+            continue
+        if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
+            j += 1
+            continue
+        if i >= n_in or j >= n_out:
+            return None
+        bi, bj = [i], [j]
+        pa, pb = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        if pa is None or pb is None:
+            return None
+        while pa != pb:
+            if pa < pb:
+                if i >= n_in or in_shape[i] is None:
+                    return None
+                pa *= in_shape[i]  # type: ignore[operator]
+                bi.append(i)
+                i += 1
+            else:
+                if j >= n_out or out_shape[j] is None:
+                    return None
+                pb *= out_shape[j]  # type: ignore[operator]
+                bj.append(j)
+                j += 1
+        blocks.append((bi, bj))
+    return blocks
+
+
+def couple_reshape(
+    ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
+) -> bool:
+    """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood."""
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        return False
+    blocks = _blocks(in_shape, out_shape)
+    if blocks is None:
+        return False
+    for bi, bj in blocks:
+        bi = [a for a in bi if in_shape[a] != 1]
+        bj = [a for a in bj if out_shape[a] != 1]
+        if not bi or not bj:
+            continue
+        if len(bi) == 1 and len(bj) == 1:
+            ctx.couple(x, bi[0], y, bj[0])
+            continue
+        if len(bj) == 1 or len(bi) == 1:
+            merged_is_out = len(bj) == 1
+            factored, f_axes, merged, m_axis = (
+                (x, bi, y, bj[0]) if merged_is_out else (y, bj, x, bi[0])
+            )
+            f_shape = in_shape if merged_is_out else out_shape
+            candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
+            chosen = candidates[0] if len(candidates) >= 1 else f_axes[0]
+            stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
+            ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
+            for a in f_axes:
+                if a != chosen and not ctx.is_spatial(factored, a):
+                    ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
+            continue
+        # many-to-many: couple the outer factors when one divides the other
+        sa, sb = in_shape[bi[0]], out_shape[bj[0]]
+        assert sa is not None and sb is not None
+        if sa % sb == 0:
+            ctx.couple(y, bj[0], x, bi[0], Digit(sa // sb))
+        elif sb % sa == 0:
+            ctx.couple(x, bi[0], y, bj[0], Digit(sb // sa))
+        else:
+            ctx.freeze(x, bi[0], f"reshape block not understood at {ctx.where()}")
+            ctx.freeze(y, bj[0], f"reshape block not understood at {ctx.where()}")
+        for t, axes in ((x, bi[1:]), (y, bj[1:])):
+            for a in axes:
+                if not ctx.is_spatial(t, a):
+                    ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
+    return True
+
+
+@register
+class ReshapeRule(OpRule):
+    op_types = ("Reshape",)
+    phase = 2
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        if not couple_reshape(ctx, x, y, node):
+            ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
+            return
+        rank = ctx.rank(y)
+        if rank is not None:
+            ctx.track_shape(
+                node, 1, [(y, a) for a in range(rank)],
+                special_zero=not int(node.attrs.get("allowzero", 0)),
+            )
+
+
+@register
+class FlattenRule(OpRule):
+    op_types = ("Flatten",)
+    phase = 2
+    zero_behaviour = "zero"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
+            ctx.freeze_node(node, f"Flatten '{node.name}' not understood")
+
+
+@register
+class ExpandRule(OpRule):
+    op_types = ("Expand",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.couple_broadcast([x], y)
+        ry = ctx.rank(y)
+        shape_len = ctx.size(node.inputs[1], 0)
+        if ry is None or shape_len is None:
+            ctx.freeze_node(node, f"Expand '{node.name}' shape unknown")
+            return
+        const = ctx.const(node.inputs[1])
+        dims: list[tuple[gs.Tensor, int] | None] = []
+        for k in range(shape_len):
+            literal = None if const is None else int(const.reshape(-1)[k])
+            dims.append(None if literal == 1 else (y, k + ry - shape_len))
+        ctx.track_shape(node, 1, dims)
+
+
+@register
+class TileRule(OpRule):
+    op_types = ("Tile",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        repeats = ctx.const(node.inputs[1])
+        if repeats is None:
+            ctx.freeze_node(node, f"Tile '{node.name}' repeats not constant")
+            return
+        for a, r in enumerate(repeats.reshape(-1)):
+            if int(r) == 1:
+                ctx.couple(x, a, y, a)
+            else:
+                ctx.freeze(x, a, f"tiled axis at Tile '{node.name}'")
+                ctx.freeze(y, a, f"tiled axis at Tile '{node.name}'")
+
+
+@register
+class PadRule(OpRule):
+    op_types = ("Pad",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at Pad '{node.name}'")
+            return
+        if "pads" in node.attrs:
+            pads = [int(p) for p in node.attrs["pads"]]
+            axes = list(range(rank))
+        else:
+            const = ctx.const(node.inputs[1])
+            if const is None:
+                ctx.freeze_node(node, f"Pad '{node.name}' pads not constant")
+                return
+            pads = [int(p) for p in const.reshape(-1)]
+            axes_value = _axes_input(node, ctx, 3, attr="__none__")
+            axes = [a % rank for a in axes_value] if axes_value else list(range(rank))
+        n = len(axes)
+        padded = {axes[k] for k in range(n) if pads[k] != 0 or pads[k + n] != 0}
+        for a in range(rank):
+            if a in padded:
+                ctx.freeze(x, a, f"padded axis at Pad '{node.name}'")
+                ctx.freeze(y, a, f"padded axis at Pad '{node.name}'")
+            else:
+                ctx.couple(x, a, y, a)
+
+
+@register
+class ResizeRule(OpRule):
+    op_types = ("Resize", "Upsample")
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        sx, sy = ctx.shape(x), ctx.shape(y)
+        if sx is None or sy is None or len(sx) != len(sy):
+            ctx.freeze_node(node, f"{node.op} '{node.name}' shapes unknown")
+            return
+        rank = len(sx)
+        for a in range(rank):
+            if sx[a] is not None and sx[a] == sy[a] and a < 2:
+                ctx.couple(x, a, y, a)
+            elif a >= 2:
+                ctx.spatial(x, [a])
+                ctx.spatial(y, [a])
+            else:
+                ctx.freeze(x, a, f"{node.op} '{node.name}' rescales a non-spatial axis")
+        if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
+            axes = node.attrs.get("axes")
+            targets = list(axes) if axes else list(range(rank))
+            ctx.track_shape(node, 3, [(y, a % rank) if a % rank < 2 else None for a in targets])
+
+
+@register
+class ShapeRule(OpRule):
+    """Shape reads dimensions; whoever consumes its values is traced by ``track_shape``."""
+
+    op_types = ("Shape",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        return
+
+
+@register
+class SizeRule(OpRule):
+    op_types = ("Size",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        ctx.freeze(node.inputs[0], None, f"element count read by Size '{node.name}'")
+
+
+@register
+class ConstantOfShapeRule(OpRule):
+    op_types = ("ConstantOfShape",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        y = node.outputs[0]
+        rank = ctx.rank(y)
+        if rank is None:
+            ctx.freeze(y, None, f"rank unknown at ConstantOfShape '{node.name}'")
+            return
+        ctx.track_shape(node, 0, [(y, a) for a in range(rank)], special_zero=False)
+
+
+@register
+class ConstantRule(OpRule):
+    op_types = ("Constant",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        ctx.freeze(node.outputs[0], None, f"Constant node '{node.name}' (not lifted)")
+
+
+@register
+class GatherRule(OpRule):
+    op_types = ("Gather",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rd, ri = ctx.rank(data), ctx.rank(indices)
+        if rd is None or ri is None:
+            ctx.freeze_node(node, f"rank unknown at Gather '{node.name}'")
+            return
+        axis = int(node.attrs.get("axis", 0)) % rd
+        ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
+        for a in range(rd):
+            if a < axis:
+                ctx.couple(data, a, y, a)
+            elif a > axis:
+                ctx.couple(data, a, y, a - 1 + ri)
+                if axis == 0 and isinstance(data, gs.Constant):
+                    ctx.role(data, a, PRODUCER)  # an embedding table produces features
+        for a in range(ri):
+            ctx.couple(indices, a, y, axis + a)

@@ -1,0 +1,232 @@
+"""Latency of ONNX models under ONNX Runtime, measured fairly for comparison.
+
+All models get the same random feeds (per input name, shape and dtype), sessions use full
+graph optimization and sequential execution, and the timed runs are interleaved: each
+iteration runs every model once, starting from a different model each time, so drifting
+machine load (thermal throttling, other processes) hits all models alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graphprune.errors import InvalidModelError, UsageError
+from graphprune.feeds import Dim, InputSpec, make_feeds_from_specs, resolve_shapes
+from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
+
+__all__ = ["PROVIDERS", "TimingResult", "time_models"]
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+"""Provider names accepted by :func:`time_models` and the ONNX Runtime providers they use."""
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingResult:
+    """Latency statistics of one model, in milliseconds per run."""
+
+    name: str
+    provider: str
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    batch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary of the fields."""
+        return dataclasses.asdict(self)
+
+
+def _providers(provider: str) -> list[str]:
+    key = provider.lower()
+    if key not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[key][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UsageError(
+            f"provider '{key}' needs {wanted}, which this onnxruntime does not have "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA"
+        )
+    return PROVIDERS[key]
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: the library does not write to the console
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _name(model: str | Path | onnx.ModelProto, index: int) -> str:
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or f"model{index}"
+    return os.fspath(model)
+
+
+def _session(
+    model: str | Path | onnx.ModelProto,
+    name: str,
+    providers: list[str],
+    options: ort.SessionOptions,
+    scratch: Path,
+) -> ort.InferenceSession:
+    if isinstance(model, onnx.ModelProto):
+        if model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            path = save_model(model, scratch / f"model{id(model)}.onnx", external_data=True)
+            source: str | bytes = os.fspath(path)
+        else:
+            source = model.SerializeToString()
+    else:
+        path = Path(os.fspath(model))
+        if not path.is_file():
+            raise InvalidModelError(f"no such file: {path}")
+        source = os.fspath(path)
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:
+        raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {exc}") from exc
+    if providers[0] not in session.get_providers():
+        raise UsageError(
+            f"ONNX Runtime did not enable {providers[0]} for '{name}' "
+            "(check the CUDA and cuDNN libraries)"
+        )
+    return session
+
+
+def _specs(session: ort.InferenceSession, name: str) -> list[InputSpec]:
+    specs = []
+    for value in session.get_inputs():
+        dtype = _ORT_TYPES.get(value.type)
+        if dtype is None:
+            raise UsageError(f"cannot feed input '{value.name}' of '{name}' with type {value.type}")
+        shape: list[Dim] = [dim if isinstance(dim, int | str) else None for dim in value.shape]
+        specs.append(InputSpec(value.name, shape, np.dtype(dtype)))
+    return specs
+
+
+FeedCache = dict[tuple[str, tuple[int, ...], str], np.ndarray]
+
+
+def _feeds(
+    specs: list[InputSpec], cache: FeedCache, *, seed: int, batch: int
+) -> dict[str, np.ndarray]:
+    """Feeds for one model; inputs with the same name, shape and dtype share one array."""
+    shapes = resolve_shapes(specs, batch=batch)
+    feeds = {}
+    for spec in specs:
+        shape = shapes[spec.name]
+        key = (spec.name, shape, spec.dtype.str)
+        if key not in cache:
+            concrete = InputSpec(spec.name, list(shape), spec.dtype)
+            input_seed = seed + zlib.crc32(spec.name.encode())
+            cache[key] = make_feeds_from_specs([concrete], seed=input_seed)[0][spec.name]
+        feeds[spec.name] = cache[key]
+    return feeds
+
+
+def time_models(
+    models: Sequence[str | Path | onnx.ModelProto],
+    *,
+    provider: str = "cpu",
+    warmup: int = 10,
+    runs: int = 50,
+    batch: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TimingResult]:
+    """Time each model with ONNX Runtime; one result per model, in the order given.
+
+    ``progress(done, total)`` is called after each round (``total = warmup + runs``).
+    """
+    if not models:
+        raise UsageError("no models to time")
+    if warmup < 0 or runs < 1 or batch < 1:
+        raise UsageError(
+            f"need warmup >= 0, runs >= 1 and batch >= 1 (got {warmup}, {runs}, {batch})"
+        )
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    providers = _providers(provider)
+    options = _session_options(threads)
+
+    with tempfile.TemporaryDirectory(prefix="graphprune-timing-") as temporary:
+        scratch = Path(temporary)  # only ModelProtos over 2 GiB are written here
+        names = [_name(model, index) for index, model in enumerate(models)]
+        sessions = [
+            _session(model, name, providers, options, scratch)
+            for model, name in zip(models, names, strict=True)
+        ]
+        cache: FeedCache = {}
+        feeds = [
+            _feeds(_specs(session, name), cache, seed=seed, batch=batch)
+            for session, name in zip(sessions, names, strict=True)
+        ]
+        samples: list[list[float]] = [[] for _ in sessions]
+        total = warmup + runs
+        count = len(sessions)
+        for step in range(total):
+            for offset in range(count):
+                index = (step + offset) % count
+                start = time.perf_counter()
+                try:
+                    sessions[index].run(None, feeds[index])
+                except Exception as exc:
+                    raise InvalidModelError(
+                        f"ONNX Runtime failed to run '{names[index]}': {exc}"
+                    ) from exc
+                elapsed = time.perf_counter() - start
+                if step >= warmup:
+                    samples[index].append(elapsed * 1000.0)
+            if progress is not None:
+                progress(step + 1, total)
+
+    results = []
+    for name, times in zip(names, samples, strict=True):
+        values = np.asarray(times)
+        results.append(
+            TimingResult(
+                name=name,
+                provider=provider.lower(),
+                median_ms=float(np.median(values)),
+                p90_ms=float(np.percentile(values, 90)),
+                mean_ms=float(values.mean()),
+                runs=runs,
+                batch=batch,
+            )
+        )
+    return results

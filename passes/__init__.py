@@ -1,0 +1,1 @@
+"""Rewrite passes over ONNX graphs (installed as ``graphprune.passes``)."""

@@ -1,0 +1,40 @@
+"""Cleanup passes: drop Identity nodes and dead code."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+from graphprune.passes.base import Pass, PassContext, PassResult
+
+
+class IdentityEliminationPass(Pass):
+    """Replace ``y = Identity(x)`` by ``x`` wherever ``y`` is not a graph output."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        outputs = {t.name for t in graph.outputs}
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if y.name in outputs:
+                continue
+            for consumer in list(y.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is y:
+                        consumer.inputs[i] = x
+            node.outputs.clear()
+            node.inputs.clear()
+            removed += 1
+        if removed:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, bool(removed), {"identities_removed": removed})
+
+
+class DeadCodeEliminationPass(Pass):
+    """Remove nodes and tensors that do not contribute to a graph output."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        before = len(graph.nodes)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        removed = before - len(graph.nodes)
+        return PassResult(graph, removed > 0, {"nodes_removed": removed})

@@ -1,0 +1,184 @@
+"""Tests for graphprune.feeds: input specs and deterministic random feeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.errors import UsageError
+from graphprune.feeds import (
+    DEFAULT_LENGTH,
+    DEFAULT_SPATIAL,
+    InputSpec,
+    input_specs,
+    make_feeds,
+    make_feeds_from_specs,
+    resolve_shapes,
+)
+
+
+def make_model(
+    inputs: list[onnx.ValueInfoProto], initializers: Sequence[onnx.TensorProto] = ()
+) -> onnx.ModelProto:
+    """Identity on the first input; the other inputs only need to exist."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [inputs[0].name], ["y"])],
+        "feeds",
+        inputs,
+        [helper.make_tensor_value_info("y", inputs[0].type.tensor_type.elem_type, None)],
+        list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def conv_relu_model() -> onnx.ModelProto:
+    weight = np.ones((4, 3, 3, 3), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "W"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        "conv_relu",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W_"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def text_model() -> onnx.ModelProto:
+    return make_model(
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
+            helper.make_tensor_value_info("flags", TensorProto.BOOL, [None, 4]),
+            helper.make_tensor_value_info("half", TensorProto.FLOAT16, ["batch", "seq", 16]),
+        ]
+    )
+
+
+def test_input_specs_skip_initializers() -> None:
+    model = make_model(
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, None]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2]),
+        ],
+        [numpy_helper.from_array(np.zeros(2, np.float32), "w")],
+    )
+    assert input_specs(model) == [InputSpec("x", ["N", 3, None], np.dtype(np.float32))]
+
+
+def test_input_specs_unknown_rank() -> None:
+    model = make_model([helper.make_tensor_value_info("x", TensorProto.FLOAT, None)])
+    (spec,) = input_specs(model)
+    assert spec.shape is None
+    with pytest.raises(UsageError, match="no declared rank"):
+        make_feeds(model)
+
+
+def test_non_tensor_input_is_refused() -> None:
+    sequence = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, None)
+    model = make_model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), sequence])
+    with pytest.raises(UsageError, match="'xs' is a sequence_type"):
+        input_specs(model)
+
+
+def test_image_defaults_and_batch() -> None:
+    (feeds,) = make_feeds(conv_relu_model(), batch=2)
+    image = feeds["image"]
+    assert image.shape == (2, 3, DEFAULT_SPATIAL, DEFAULT_SPATIAL)
+    assert image.dtype == np.float32
+    assert abs(float(image.mean())) < 0.05 and 0.9 < float(image.std()) < 1.1
+
+
+def test_channels_last_image() -> None:
+    spec = InputSpec("img", [None, "h", "w", 3], np.dtype(np.float32))
+    assert resolve_shapes([spec], batch=4) == {"img": (4, 224, 224, 3)}
+    spec = InputSpec("img", [1, None, None, None], np.dtype(np.float32))
+    assert resolve_shapes([spec]) == {"img": (1, 3, 224, 224)}
+
+
+def test_shared_symbols_and_dtypes() -> None:
+    (feeds,) = make_feeds(text_model(), batch=3)
+    assert feeds["input_ids"].shape == (3, DEFAULT_LENGTH)
+    assert feeds["attention_mask"].shape == (3, DEFAULT_LENGTH)
+    assert feeds["flags"].shape == (3, 4)
+    assert feeds["half"].shape == (3, DEFAULT_LENGTH, 16)
+    assert feeds["input_ids"].dtype == np.int64
+    assert feeds["attention_mask"].dtype == np.int32
+    assert feeds["flags"].dtype == np.bool_
+    assert feeds["half"].dtype == np.float16
+    assert set(np.unique(feeds["input_ids"])) <= {0, 1}
+
+
+def test_dim_values_and_int_high() -> None:
+    (feeds,) = make_feeds(text_model(), dim_values={"seq": 5}, int_high=1000)
+    assert feeds["input_ids"].shape == (1, 5)
+    assert feeds["half"].shape == (1, 5, 16)
+    assert feeds["input_ids"].max() > 1 and feeds["input_ids"].max() < 1000
+    assert feeds["input_ids"].min() >= 0
+
+
+def test_dim_values_override_batch_symbol() -> None:
+    (feeds,) = make_feeds(text_model(), batch=2, dim_values={"batch": 6})
+    assert feeds["input_ids"].shape[0] == 6
+
+
+def test_symbol_on_axis_zero_is_batch_everywhere() -> None:
+    specs = [
+        InputSpec("a", ["n", 2], np.dtype(np.float32)),
+        InputSpec("b", [2, "n"], np.dtype(np.float32)),
+    ]
+    assert resolve_shapes(specs, batch=5) == {"a": (5, 2), "b": (2, 5)}
+
+
+def test_fixed_dims_are_kept() -> None:
+    model = make_model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7])])
+    (feeds,) = make_feeds(model, batch=4)
+    assert feeds["x"].shape == (1, 7)
+
+
+def test_deterministic_in_seed() -> None:
+    model = text_model()
+    first = make_feeds(model, seed=3, count=2)
+    again = make_feeds(model, seed=3, count=2)
+    other = make_feeds(model, seed=4, count=2)
+    assert len(first) == 2
+    for a, b in zip(first, again, strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    assert not np.array_equal(first[0]["half"], other[0]["half"])
+    assert not np.array_equal(first[0]["half"], first[1]["half"])
+
+
+def test_feeds_run_in_onnxruntime() -> None:
+    model = conv_relu_model()
+    (feeds,) = make_feeds(model, dim_values={"H": 16, "W_": 12})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, feeds)
+    assert output.shape == (1, 4, 16, 12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"count": 0}, "count"),
+        ({"batch": 0}, "batch"),
+        ({"int_high": 0}, "int_high"),
+        ({"dim_values": {"seq": -1}}, "dim_values"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        make_feeds(text_model(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_unfeedable_dtype() -> None:
+    spec = InputSpec("s", [2], np.dtype(object))
+    with pytest.raises(UsageError, match="cannot make random values for input 's'"):
+        make_feeds_from_specs([spec])

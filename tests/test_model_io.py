@@ -1,0 +1,494 @@
+"""Tests for graphprune.model_io: loading, opsets, shape inference and atomic saving."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune import model_io
+from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
+from graphprune.model_io import (
+    MIN_OPSET,
+    check_opset,
+    infer_shapes,
+    load_model,
+    model_size_bytes,
+    save_model,
+    upgrade_opset,
+)
+
+
+def conv_relu_model(opset: int = 13, out_channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(3x3, pad 1) -> Relu -> y; weights random."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_channels, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"], name="relu"),
+        ],
+        "conv_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, 8, 8])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def conv_gemm_model(opset: int = 9) -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten -> Gemm, written at an old opset."""
+    rng = np.random.default_rng(1)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.standard_normal((5, 4 * 6 * 6)).astype(np.float32), "G"),
+        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "C"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+            helper.make_node("Gemm", ["f", "G", "C"], ["y"], name="fc", transB=1),
+        ],
+        "conv_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save_model(conv_relu_model(), os.fspath(path))
+    return path
+
+
+# --------------------------------------------------------------------------- load
+
+
+class TestLoad:
+    def test_from_path_str_and_pathlike(self, model_path: Path) -> None:
+        for source in (model_path, os.fspath(model_path)):
+            model = load_model(source)
+            assert [n.op_type for n in model.graph.node] == ["Conv", "Relu"]
+
+    def test_from_bytes(self, model_path: Path) -> None:
+        model = load_model(model_path.read_bytes())
+        assert weights(model).keys() == {"W", "B"}
+
+    def test_from_proto_is_a_deep_copy(self) -> None:
+        original = conv_relu_model()
+        loaded = load_model(original)
+        loaded.graph.node[0].name = "changed"
+        loaded.graph.initializer[0].raw_data = b""
+        assert original.graph.node[0].name == "conv"
+        assert len(original.graph.initializer[0].raw_data) == 8 * 27 * 4
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        missing = tmp_path / "absent.onnx"
+        with pytest.raises(InvalidModelError, match="no such file: .*absent.onnx"):
+            load_model(missing)
+
+    def test_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(InvalidModelError, match="not a file"):
+            load_model(tmp_path)
+
+    def test_text_file_is_not_onnx(self, tmp_path: Path) -> None:
+        path = tmp_path / "notes.onnx"
+        path.write_text("This is a text file, certainly not an ONNX model.\n" * 5)
+        with pytest.raises(InvalidModelError, match="is not a valid ONNX model") as info:
+            load_model(path)
+        assert "notes.onnx" in str(info.value)
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_random_bytes_are_not_onnx(self, tmp_path: Path, seed: int) -> None:
+        data = np.random.default_rng(seed).bytes(64 + 37 * seed)
+        path = tmp_path / "random.onnx"
+        path.write_bytes(data)
+        with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+            load_model(path)
+        with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+            load_model(data)
+
+    def test_short_random_bytes_that_parse_are_rejected(self) -> None:
+        parsed = 0
+        for seed in range(200):
+            data = np.random.default_rng(seed).bytes(1 + seed % 8)
+            try:
+                onnx.ModelProto().ParseFromString(data)
+                parsed += 1
+            except Exception:
+                pass
+            with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+                load_model(data)
+        assert parsed > 0  # some garbage does parse as a ModelProto: the structure check matters
+
+    def test_parses_but_empty_is_rejected(self) -> None:
+        # b"" and a bare ir_version parse as a ModelProto; neither is a model.
+        with pytest.raises(InvalidModelError, match="no IR version"):
+            load_model(b"")
+        bare = onnx.ModelProto(ir_version=8)
+        with pytest.raises(InvalidModelError, match="no graph"):
+            load_model(bare.SerializeToString())
+
+    def test_truncated_file(self, tmp_path: Path, model_path: Path) -> None:
+        data = model_path.read_bytes()
+        truncated = tmp_path / "truncated.onnx"
+        truncated.write_bytes(data[: len(data) // 2])
+        with pytest.raises(InvalidModelError, match="truncated.onnx' is not a valid ONNX model"):
+            load_model(truncated)
+
+    def test_unsupported_source_type(self) -> None:
+        with pytest.raises(UsageError, match="cannot load a model from int"):
+            load_model(42)  # type: ignore[arg-type]
+
+
+class TestExternalData:
+    def save_external(self, directory: Path) -> Path:
+        path = directory / "ext.onnx"
+        onnx.save_model(
+            conv_relu_model(),
+            os.fspath(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="ext.weights",
+            size_threshold=0,
+        )
+        return path
+
+    def test_loads_external_data(self, tmp_path: Path) -> None:
+        path = self.save_external(tmp_path)
+        model = load_model(path)
+        assert not any(
+            onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer
+        )
+        np.testing.assert_array_equal(weights(model)["W"], weights(conv_relu_model())["W"])
+
+    def test_missing_data_file(self, tmp_path: Path) -> None:
+        path = self.save_external(tmp_path)
+        (tmp_path / "ext.weights").unlink()
+        with pytest.raises(InvalidModelError, match=r"ext\.weights.*does not exist"):
+            load_model(path)
+        # Without loading the data, the model itself is fine.
+        model = load_model(path, load_external_data=False)
+        assert onnx.external_data_helper.uses_external_data(model.graph.initializer[0])
+
+    def test_truncated_data_file(self, tmp_path: Path) -> None:
+        path = self.save_external(tmp_path)
+        data_file = tmp_path / "ext.weights"
+        data_file.write_bytes(data_file.read_bytes()[:100])
+        with pytest.raises(InvalidModelError, match="is truncated"):
+            load_model(path)
+
+    def test_location_outside_model_directory(self, tmp_path: Path) -> None:
+        model = conv_relu_model()
+        tensor = model.graph.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", "../escape.bin"
+        path = tmp_path / "escape.onnx"
+        path.write_bytes(model.SerializeToString())
+        with pytest.raises(InvalidModelError, match="outside the model directory"):
+            load_model(path)
+
+    def test_bytes_with_external_data(self, tmp_path: Path) -> None:
+        data = self.save_external(tmp_path).read_bytes()
+        with pytest.raises(InvalidModelError, match="load the model from its file path"):
+            load_model(data)
+        assert load_model(data, load_external_data=False).graph.node
+
+
+# --------------------------------------------------------------------------- opsets
+
+
+class TestOpset:
+    @pytest.mark.parametrize("opset", [13, 17])
+    def test_check_opset(self, opset: int) -> None:
+        assert check_opset(conv_relu_model(opset)) == opset
+
+    def test_ai_onnx_domain_counts(self) -> None:
+        model = conv_relu_model(13)
+        model.opset_import[0].domain = "ai.onnx"
+        assert check_opset(model) == 13
+
+    def test_old_opset_is_rejected(self) -> None:
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "old",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=8)
+        with pytest.raises(
+            UnsupportedOpsetError,
+            match=r"^model uses opset 6; graphprune supports opset >= 7$",
+        ):
+            check_opset(model)
+        assert MIN_OPSET == 7
+
+    def test_no_default_opset(self) -> None:
+        model = conv_relu_model()
+        model.opset_import[0].domain = "com.example"
+        with pytest.raises(InvalidModelError, match="default ONNX opset"):
+            check_opset(model)
+
+    def test_upgrade_9_to_13_keeps_outputs(self) -> None:
+        old = conv_gemm_model(9)
+        new = upgrade_opset(old, 13)
+        assert check_opset(new) == 13
+        assert check_opset(old) == 9  # the input is not modified
+        onnx.checker.check_model(new)
+        x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+        (expected,) = run(old, {"x": x})
+        (actual,) = run(new, {"x": x})
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+    def test_upgrade_is_a_no_op_at_or_above_target(self) -> None:
+        model = conv_relu_model(17)
+        assert upgrade_opset(model, 13) is model
+
+    def test_upgrade_keeps_large_weights(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(model_io, "_DETACH_THRESHOLD", 64)  # W (864 bytes) is detached
+        old = conv_relu_model(9)
+        new = upgrade_opset(old, 13)
+        assert not any(
+            onnx.external_data_helper.uses_external_data(t) for t in new.graph.initializer
+        )
+        for name, value in weights(old).items():
+            np.testing.assert_array_equal(weights(new)[name], value)
+
+    def test_bad_target(self) -> None:
+        with pytest.raises(UsageError, match="target opset"):
+            upgrade_opset(conv_relu_model(9), 3)
+
+    def test_conversion_failure(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def fail(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+            raise RuntimeError("adapter missing\nmore detail")
+
+        monkeypatch.setattr(model_io.version_converter, "convert_version", fail)
+        with pytest.raises(
+            InvalidModelError, match=r"from opset 9 to opset 13: adapter missing$"
+        ) as info:
+            upgrade_opset(conv_relu_model(9), 13)
+        assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+class TestInferShapes:
+    def test_fills_value_info_without_touching_input(self) -> None:
+        model = conv_relu_model()
+        inferred = infer_shapes(model)
+        assert len(model.graph.value_info) == 0
+        shapes = {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in inferred.graph.value_info
+        }
+        assert shapes["c"] == [1, 8, 8, 8]
+
+    def test_data_propagation(self) -> None:
+        # ConstantOfShape(Shape(x)) has a known shape only with data propagation.
+        graph = helper.make_graph(
+            [
+                helper.make_node("Shape", ["x"], ["s"]),
+                helper.make_node("ConstantOfShape", ["s"], ["zeros"]),
+                helper.make_node("Add", ["x", "zeros"], ["y"]),
+            ],
+            "prop",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        inferred = infer_shapes(model)
+        (zeros,) = [v for v in inferred.graph.value_info if v.name == "zeros"]
+        assert [d.dim_value for d in zeros.type.tensor_type.shape.dim] == [2, 3]
+
+    def test_large_weights_are_detached_and_restored(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(model_io, "_DETACH_THRESHOLD", 64)
+        model = conv_relu_model()
+        inferred = infer_shapes(model)
+        assert inferred.graph.value_info
+        for name, value in weights(model).items():
+            np.testing.assert_array_equal(weights(inferred)[name], value)
+        assert not inferred.graph.initializer[0].HasField("data_location")
+
+    def test_failure_on_valid_model_warns(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def fail(*args: object, **kwargs: object) -> onnx.ModelProto:
+            raise RuntimeError("inference exploded")
+
+        monkeypatch.setattr(model_io.onnx.shape_inference, "infer_shapes", fail)
+        model = conv_relu_model()
+        with pytest.warns(RuntimeWarning, match="inference exploded"):
+            result = infer_shapes(model)
+        assert result == model and result is not model
+
+    def test_failure_on_broken_model_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def fail(*args: object, **kwargs: object) -> onnx.ModelProto:
+            raise RuntimeError("inference exploded")
+
+        monkeypatch.setattr(model_io.onnx.shape_inference, "infer_shapes", fail)
+        model = conv_relu_model()
+        model.graph.node[1].input[0] = "nowhere"
+        with pytest.raises(InvalidModelError, match="fails the ONNX checker"):
+            infer_shapes(model)
+
+
+# --------------------------------------------------------------------------- save
+
+
+class TestSave:
+    def test_plain_round_trip(self, tmp_path: Path) -> None:
+        model = conv_relu_model()
+        out = save_model(model, tmp_path / "out.onnx")
+        assert out == tmp_path / "out.onnx"
+        assert listing(tmp_path) == ["out.onnx"]
+        assert load_model(out) == model
+
+    def test_refuses_input_path(self, model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        before = model_path.read_bytes()
+        directory = model_path.parent
+        (directory / "sub").mkdir()
+        monkeypatch.chdir(directory)
+        spellings = [
+            model_path,
+            "model.onnx",
+            "./model.onnx",
+            "sub/../model.onnx",
+            os.fspath(directory / "sub" / ".." / "model.onnx"),
+        ]
+        for spelling in spellings:
+            with pytest.raises(UsageError, match="output path is the input path"):
+                save_model(conv_relu_model(out_channels=4), spelling, input_path=model_path)
+        assert model_path.read_bytes() == before
+        assert listing(directory) == ["model.onnx", "sub"]
+        assert listing(directory / "sub") == []
+
+    def test_refuses_hard_link_to_input(self, model_path: Path) -> None:
+        link = model_path.parent / "link.onnx"
+        try:
+            os.link(model_path, link)
+        except OSError:
+            pytest.skip("hard links not supported here")
+        with pytest.raises(UsageError, match="output path is the input path"):
+            save_model(conv_relu_model(), link, input_path=model_path)
+
+    def test_refuses_input_data_file(self, tmp_path: Path) -> None:
+        source = tmp_path / "in.onnx"
+        onnx.save_model(
+            conv_relu_model(),
+            os.fspath(source),
+            save_as_external_data=True,
+            location="out.onnx.data",
+            size_threshold=0,
+        )
+        with pytest.raises(UsageError, match="input model's data file"):
+            save_model(
+                conv_relu_model(), tmp_path / "out.onnx", input_path=source, external_data=True
+            )
+        assert not (tmp_path / "out.onnx").exists()
+
+    def test_missing_parent_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(UsageError, match="output directory does not exist"):
+            save_model(conv_relu_model(), tmp_path / "nope" / "out.onnx")
+        assert listing(tmp_path) == []
+
+    def test_directory_as_output(self, tmp_path: Path) -> None:
+        with pytest.raises(UsageError, match="is a directory"):
+            save_model(conv_relu_model(), tmp_path)
+
+    def test_failed_write_leaves_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def broken_replace(src: str, dst: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(model_io.os, "replace", broken_replace)
+        for external in (False, True):
+            with pytest.raises(UsageError, match="No space left on device"):
+                save_model(conv_relu_model(), tmp_path / "out.onnx", external_data=external)
+            assert listing(tmp_path) == []
+
+    def test_overwrite_is_atomic_replace(self, tmp_path: Path) -> None:
+        path = tmp_path / "out.onnx"
+        save_model(conv_relu_model(out_channels=4), path)
+        save_model(conv_relu_model(out_channels=8), path)
+        assert listing(tmp_path) == ["out.onnx"]
+        assert weights(load_model(path))["W"].shape[0] == 8
+
+    def test_external_data_round_trip(self, tmp_path: Path) -> None:
+        model = conv_relu_model(out_channels=16)
+        snapshot = model.SerializeToString()
+        out = save_model(model, tmp_path / "big.onnx", external_data=True)
+        assert model.SerializeToString() == snapshot  # the caller's model is untouched
+        assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]
+        stored = onnx.load_model(os.fspath(out), load_external_data=False)
+        (external,) = [t for t in stored.graph.initializer if t.name == "W"]
+        info = onnx.external_data_helper.ExternalDataInfo(external)
+        assert info.location == "big.onnx.data"  # relative to the model
+        loaded = load_model(out)
+        for name, value in weights(model).items():
+            np.testing.assert_array_equal(weights(loaded)[name], value)
+        # ONNX Runtime reads it too.
+        x = np.ones((1, 3, 8, 8), np.float32)
+        session = ort.InferenceSession(os.fspath(out), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], run(model, {"x": x})[0])
+
+    def test_external_data_in_subgraph(self, tmp_path: Path) -> None:
+        branch = conv_relu_model().graph
+        branch.ClearField("input")
+        cond = helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch)
+        graph = helper.make_graph(
+            [cond],
+            "with_if",
+            [
+                helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        out = save_model(model, tmp_path / "if.onnx", external_data=True, size_threshold=0)
+        stored = onnx.load_model(os.fspath(out), load_external_data=False)
+        then_weight = stored.graph.node[0].attribute[0].g.initializer[0]
+        assert onnx.external_data_helper.uses_external_data(then_weight)
+        assert load_model(out) == model
+
+    def test_unloaded_external_data_is_refused(self, tmp_path: Path) -> None:
+        path = save_model(conv_relu_model(out_channels=16), tmp_path / "a.onnx", external_data=True)
+        partial = load_model(path, load_external_data=False)
+        with pytest.raises(UsageError, match="was not loaded"):
+            save_model(partial, tmp_path / "b.onnx")
+
+    def test_automatic_external_data(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)
+        save_model(conv_relu_model(), tmp_path / "auto.onnx")
+        assert listing(tmp_path) == ["auto.onnx", "auto.onnx.data"]
+
+    def test_model_size_bytes(self) -> None:
+        model = conv_relu_model()
+        assert model_size_bytes(model) == model.ByteSize()

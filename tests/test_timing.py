@@ -1,0 +1,117 @@
+"""Tests for graphprune.timing (no speed assertions: only the contract)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune import timing
+from graphprune.errors import InvalidModelError, UsageError
+from graphprune.timing import TimingResult, time_models
+
+
+def conv_relu_model(channels: int, name: str) -> onnx.ModelProto:
+    weight = np.random.default_rng(channels).standard_normal((channels, 3, 3, 3))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_times_paths_and_protos(tmp_path: Path) -> None:
+    path = tmp_path / "wide.onnx"
+    onnx.save_model(conv_relu_model(16, "wide"), os.fspath(path))
+    calls: list[tuple[int, int]] = []
+    results = time_models(
+        [path, conv_relu_model(4, "narrow")],
+        warmup=1,
+        runs=5,
+        batch=2,
+        threads=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert [r.name for r in results] == [os.fspath(path), "narrow"]
+    for result in results:
+        assert isinstance(result, TimingResult)
+        assert result.median_ms > 0 and result.p90_ms > 0 and result.mean_ms > 0
+        assert result.p90_ms >= result.median_ms
+        assert (result.runs, result.batch, result.provider) == (5, 2, "cpu")
+    assert calls == [(step, 6) for step in range(1, 7)]
+
+
+def test_to_dict_and_frozen() -> None:
+    (result,) = time_models([conv_relu_model(4, "m")], warmup=0, runs=3)
+    data = result.to_dict()
+    assert set(data) == {"name", "provider", "median_ms", "p90_ms", "mean_ms", "runs", "batch"}
+    assert data["runs"] == 3
+    with pytest.raises(AttributeError):
+        result.median_ms = 0.0  # type: ignore[misc]
+
+
+def test_models_share_feeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[np.ndarray] = []
+    real = ort.InferenceSession.run
+
+    def spy(self: ort.InferenceSession, names: object, feeds: dict[str, np.ndarray]) -> object:
+        seen.append(feeds["x"])
+        return real(self, names, feeds)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", spy)
+    time_models([conv_relu_model(4, "a"), conv_relu_model(8, "b")], warmup=0, runs=2)
+    assert len(seen) == 4
+    assert all(array is seen[0] for array in seen)
+
+
+def test_cuda_needs_cuda_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timing.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UsageError, match="CUDAExecutionProvider"):
+        time_models([conv_relu_model(4, "m")], provider="cuda", runs=1)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs CUDA"
+)
+def test_cuda_runs() -> None:
+    (result,) = time_models([conv_relu_model(4, "m")], provider="cuda", warmup=1, runs=3)
+    assert result.provider == "cuda" and result.median_ms > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"provider": "tpu"}, "unknown provider"),
+        ({"runs": 0}, "runs >= 1"),
+        ({"warmup": -1}, "warmup >= 0"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        time_models([conv_relu_model(4, "m")], **kwargs)  # type: ignore[arg-type]
+
+
+def test_no_models() -> None:
+    with pytest.raises(UsageError, match="no models"):
+        time_models([])
+
+
+def test_missing_and_broken_models(tmp_path: Path) -> None:
+    with pytest.raises(InvalidModelError, match="no such file"):
+        time_models([tmp_path / "absent.onnx"], runs=1)
+    broken = tmp_path / "broken.onnx"
+    broken.write_text("not a model")
+    with pytest.raises(InvalidModelError, match="cannot load"):
+        time_models([broken], runs=1)
