@@ -242,6 +242,69 @@ def _float_params(onnx_model) -> int:
     return total
 
 
+def shape_constants(g) -> dict:
+    """Constant operands of ops that index or reshape channels (what a pruner must rewrite).
+
+    Reshape targets, Slice (starts, ends, axes), Split (axis, sizes) and Gather (axis,
+    indices shape) whose operands are initializers or Constant nodes; ``dynamic`` counts the
+    ones computed at run time (Shape -> ... chains).
+    """
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name == "value_ints":
+                    consts[n.output[0]] = list(a.ints)
+                elif a.name == "value_int":
+                    consts[n.output[0]] = [a.i]
+
+    def val(name):
+        v = consts.get(name)
+        if v is None:
+            return None
+        return [int(x) for x in (v.ravel().tolist() if hasattr(v, "ravel") else v)]
+
+    def attr(n, name, default=None):
+        for a in n.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    out: dict = {"Reshape": [], "Slice": [], "Split": [], "Gather": [], "dynamic": Counter()}
+    for n in g.node:
+        if n.op_type == "Reshape":
+            v = val(n.input[1])
+            if v is None:
+                out["dynamic"]["Reshape"] += 1
+            else:
+                out["Reshape"].append(v)
+        elif n.op_type == "Slice":
+            args = [val(x) if x else None for x in list(n.input[1:5])]
+            if any(a is None for a in args[:2]) or (len(args) > 2 and args[2] is None
+                                                    and len(n.input) > 3 and n.input[3]):
+                out["dynamic"]["Slice"] += 1
+            else:
+                out["Slice"].append({"starts": args[0], "ends": args[1],
+                                     "axes": args[2] if len(args) > 2 else None})
+        elif n.op_type == "Split":
+            sizes = val(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "split")
+            out["Split"].append({"axis": attr(n, "axis", 0),
+                                 "split": list(sizes) if sizes is not None else None,
+                                 "num_outputs": len(n.output)})
+        elif n.op_type == "Gather":
+            idx = consts.get(n.input[1])
+            out["Gather"].append({"axis": attr(n, "axis", 0),
+                                  "indices_shape": list(idx.shape) if hasattr(idx, "shape")
+                                  else None,
+                                  "data_is_constant": n.input[0] in consts})
+    out["dynamic"] = dict(out["dynamic"])
+    return {k: v for k, v in out.items() if v}
+
+
 def describe_onnx(path: Path) -> dict:
     """Static facts about an exported file (for the manifest and the op inventory)."""
     import onnx
@@ -260,6 +323,15 @@ def describe_onnx(path: Path) -> dict:
             conv_groups["group=1" if grp == 1 else "grouped(group>1)"] += 1
     has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                         for n in g.node for a in n.attribute)
+    shaping = shape_constants(g)
+    inits_by_name = {t.name: t for t in g.initializer}
+    shared = Counter()
+    for n in g.node:
+        for i in n.input:
+            if i in inits_by_name:
+                shared[i] += 1
+    identity_on_init = sum(1 for n in g.node if n.op_type == "Identity"
+                           and n.input[0] in inits_by_name)
 
     def shape(vi):
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
@@ -281,6 +353,9 @@ def describe_onnx(path: Path) -> dict:
         "op_counts": dict(sorted(ops.items())),
         "conv_groups": dict(conv_groups),
         "producer": f"{m.producer_name} {m.producer_version}".strip(),
+        "identity_on_initializer": identity_on_init,
+        "initializers_used_by_several_nodes": sum(1 for c in shared.values() if c > 1),
+        "shape_constants": shaping,
     }
 
 
@@ -667,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per export")
     ap.add_argument("--list", action="store_true", help="list entries and exit")
     ap.add_argument("--inventory-only", action="store_true")
+    ap.add_argument("--redescribe", action="store_true",
+                    help="recompute the static facts of cached ok entries (no re-export)")
     ap.add_argument("--_worker", nargs=4, metavar=("MODEL", "EXPORTER", "OUT", "RESULT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -678,7 +755,13 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cache / "manifest.json")
 
-    if not args.inventory_only:
+    if args.redescribe:
+        for e in list(manifest.data["entries"]):
+            if e.get("status") == "ok" and (cache / e["path"]).exists():
+                manifest.put({**e, **describe_onnx(cache / e["path"])})
+        print(f"re-described {len(manifest.data['entries'])} entries")
+
+    if not args.inventory_only and not args.redescribe:
         exporters = {
             "both": TORCH_EXPORTERS, "all": ALL_EXPORTERS,
         }.get(args.exporter, (args.exporter,))

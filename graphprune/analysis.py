@@ -549,7 +549,7 @@ def _form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
     components = [sorted(c) for c in nx.connected_components(ctx.dim_graph)]
     components.sort()
     for comp in components:
-        params = [d for d in comp if isinstance(ctx.tensors.get(d[0]), gs.Constant)]
+        params = [d for d in comp if _is_float_param(ctx.tensors.get(d[0]))]
         if not params:
             continue
         sizes = {d: ctx.size(ctx.tensors[d[0]], d[1]) for d in comp if d[0] in ctx.tensors}
@@ -588,6 +588,16 @@ def _form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
                 group.num_units = 0
         groups.append(group)
     return groups
+
+
+def _is_float_param(tensor: gs.Tensor | None) -> bool:
+    if not isinstance(tensor, gs.Constant):
+        return False
+    dtype = getattr(tensor, "dtype", None)
+    try:
+        return bool(np.issubdtype(np.dtype(dtype), np.floating))
+    except TypeError:
+        return True
 
 
 def _compute_units(group: ChannelGroup, couplings: list[Coupling]) -> None:

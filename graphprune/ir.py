@@ -45,9 +45,11 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` keeping the template's opsets, IR version and metadata."""
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(copy.deepcopy(list(template.opset_import)))
+    # initializers are no longer listed as graph inputs, which IR < 4 requires
+    minimum = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(template.ir_version, minimum, 4)
     model.producer_name = template.producer_name or "graphprune"
     model.producer_version = template.producer_version
     model.domain = template.domain

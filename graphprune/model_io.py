@@ -62,6 +62,11 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ALIGNMENT = 4096
 _LARGE_ALIGNMENT = 65536  # mmap allocation granularity on Windows; ORT can map such tensors
 _SHORT_CAUSE = 200
+_PACKED = {  # element types stored several to a byte, and how many
+    getattr(onnx.TensorProto, name): per_byte
+    for name, per_byte in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4))
+    if hasattr(onnx.TensorProto, name)
+}
 
 
 # --------------------------------------------------------------------------- errors
@@ -246,17 +251,25 @@ def _is_repeated(field: Any) -> bool:
 
 
 def _copy_except(message: Message, skip: tuple[str, ...]) -> Any:
-    """A copy of ``message`` without the fields named in ``skip`` (which are not copied at all)."""
+    """A copy of ``message`` without the fields named in ``skip`` (which are not even read).
+
+    Not ``ListFields()``: it would materialize every bytes field, and reading ``raw_data``
+    copies the whole tensor.
+    """
     result = type(message)()
-    for field, value in message.ListFields():
-        if field.name in skip:
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name in skip:
             continue
         if _is_repeated(field):
-            getattr(result, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(result, field.name).CopyFrom(value)
-        else:
-            setattr(result, field.name, value)
+            values = getattr(message, name)
+            if len(values):
+                getattr(result, name).extend(values)
+        elif message.HasField(name):  # onnx.proto is proto2: every singular field has presence
+            if field.message_type is not None:
+                getattr(result, name).CopyFrom(getattr(message, name))
+            else:
+                setattr(result, name, getattr(message, name))
     return result
 
 
@@ -297,13 +310,37 @@ def _copy_model(model: onnx.ModelProto, convert: TensorConverter) -> onnx.ModelP
     return result
 
 
-def _external_stub(tensor: onnx.TensorProto, location: str, offset: int | None) -> onnx.TensorProto:
+def _raw_size(tensor: onnx.TensorProto) -> int:
+    """Length of ``tensor.raw_data`` (0 if unset), from its dims when possible.
+
+    Reading ``raw_data`` copies it, which matters for tensors of gigabytes.
+    """
+    if not tensor.HasField("raw_data"):
+        return 0
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return len(tensor.raw_data)
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    per_byte = _PACKED.get(tensor.data_type)
+    if per_byte is not None:
+        return -(-count // per_byte)
+    return count * itemsize
+
+
+def _external_stub(
+    tensor: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None
+) -> onnx.TensorProto:
+    """A copy of ``tensor`` without its data, pointing to ``location`` instead."""
     stub: onnx.TensorProto = _copy_except(tensor, ("raw_data", "external_data", "data_location"))
     stub.data_location = onnx.TensorProto.EXTERNAL
     entries = [("location", location)]
     if offset is not None:
         entries.append(("offset", str(offset)))
-    entries.append(("length", str(len(tensor.raw_data))))
+    if length is not None:
+        entries.append(("length", str(length)))
     for key, value in entries:
         entry = stub.external_data.add()
         entry.key, entry.value = key, value
@@ -315,10 +352,10 @@ def _detach(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorPr
     detached: list[onnx.TensorProto] = []
 
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < _DETACH_THRESHOLD:
+        if _raw_size(tensor) < _DETACH_THRESHOLD:
             return None
         detached.append(tensor)
-        return _external_stub(tensor, f"{_DETACHED_LOCATION}{len(detached) - 1}", None)
+        return _external_stub(tensor, f"{_DETACHED_LOCATION}{len(detached) - 1}")
 
     return _copy_model(model, convert), detached
 
@@ -348,7 +385,7 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
         return int(model.ByteSize())
     except Exception:  # upb refuses ByteSize() for messages of 2 GiB or more
         skeleton, detached = _detach(model)
-        return int(skeleton.ByteSize()) + sum(len(t.raw_data) for t in detached)
+        return int(skeleton.ByteSize()) + sum(_raw_size(t) for t in detached)
 
 
 # --------------------------------------------------------------------------- opsets
@@ -553,7 +590,7 @@ def _write_external(
 
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
         nonlocal offset
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold:
+        if not tensor.HasField("raw_data") or _raw_size(tensor) < size_threshold:
             return None
         data = tensor.raw_data
         alignment = _LARGE_ALIGNMENT if len(data) >= _DETACH_THRESHOLD else _ALIGNMENT
@@ -562,7 +599,7 @@ def _write_external(
             stream.write(b"\0" * padding)
             offset += padding
         stream.write(data)
-        stub = _external_stub(tensor, location, offset)
+        stub = _external_stub(tensor, location, offset, len(data))
         offset += len(data)
         return stub
 

@@ -64,9 +64,41 @@ def plan_ratio(
         n_remove = group.num_units - keep
         if n_remove <= 0:
             continue
-        order = np.argsort(scores, kind="stable")
-        plan.groups.append(group_plan(group, [int(u) for u in order[:n_remove]], tensors))
+        remove = select_units(group, scores, n_remove, min_channels)
+        if remove:
+            plan.groups.append(group_plan(group, remove, tensors))
     return plan
+
+
+def select_units(
+    group: ChannelGroup, scores: np.ndarray, n_remove: int, min_channels: int = 1
+) -> list[int]:
+    """Lowest-scoring units first, but no member may lose all (or all but ``min_channels``)
+    of its units: a Concat group must not empty one of its producers, a grouped conv must
+    keep a group. Emptying an operator is operator erasure, a separate pass."""
+    order = np.argsort(scores, kind="stable")
+    members: list[np.ndarray] = []
+    remaining: list[int] = []
+    unit_members: list[list[int]] = [[] for _ in range(group.num_units)]
+    for labels in group.unit_of.values():
+        units = np.unique(labels)
+        index = len(members)
+        members.append(units)
+        remaining.append(len(units))
+        for u in units:
+            unit_members[int(u)].append(index)
+    floors = [min(min_channels, r) if r > 1 else r for r in remaining]
+    removed: list[int] = []
+    for u in order:
+        if len(removed) >= n_remove:
+            break
+        touched = unit_members[int(u)]
+        if any(remaining[m] - 1 < max(floors[m], 1) for m in touched):
+            continue
+        for m in touched:
+            remaining[m] -= 1
+        removed.append(int(u))
+    return sorted(removed)
 
 
 def replay(analysis: Analysis, plan: Plan) -> Plan:

@@ -118,3 +118,15 @@ class LpNormRule(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         ctx.couple_all_axes(x, y)
         ctx.inexact(x, int(node.attrs.get("axis", -1)), "normalised axis")
+
+
+@register
+class LRNRule(OpRule):
+    """Local response normalisation sums squares over neighbouring channels: inexact."""
+
+    op_types = ("LRN",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.couple_all_axes(x, y)
+        ctx.inexact(x, 1, "LRN mixes neighbouring channels")

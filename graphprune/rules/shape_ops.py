@@ -488,9 +488,21 @@ class ConstantRule(OpRule):
         ctx.freeze(node.outputs[0], None, f"Constant node '{node.name}' (not lifted)")
 
 
+def _arange_indices(node: gs.Node, ctx: CouplingContext | RewriteContext, size: int | None) -> bool:
+    indices = node.inputs[1]
+    if not isinstance(indices, gs.Constant) or size is None:
+        return False
+    flat = np.asarray(indices.values).reshape(-1)
+    return flat.size == size and size > 1 and bool(np.array_equal(flat, np.arange(size)))
+
+
 @register
 class GatherRule(OpRule):
+    """Gather along an axis. Constant indices that enumerate the whole axis in order (the
+    dynamo exporter's ``as_strided``) are a reshape of that axis and coupled as one."""
+
     op_types = ("Gather",)
+    phase = 2
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -499,6 +511,8 @@ class GatherRule(OpRule):
             ctx.freeze_node(node, f"rank unknown at Gather '{node.name}'")
             return
         axis = int(node.attrs.get("axis", 0)) % rd
+        if _arange_indices(node, ctx, ctx.size(data, axis)) and couple_reshape(ctx, data, y, node):
+            return
         ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
         for a in range(rd):
             if a < axis:
@@ -509,3 +523,18 @@ class GatherRule(OpRule):
                     ctx.role(data, a, PRODUCER)  # an embedding table produces features
         for a in range(ri):
             ctx.couple(indices, a, y, axis + a)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        shape = ctx._shapes.get(data.name)
+        if shape is None or not isinstance(indices, gs.Constant):
+            return
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        if not ctx.removed(data, axis).size or not _arange_indices(node, ctx, shape[axis]):
+            return
+        index_rank = np.asarray(indices.values).ndim
+        new_shape = [ctx.new_size(y, axis + k) for k in range(index_rank)]
+        if any(n is None for n in new_shape):
+            return
+        values = np.arange(int(np.prod(new_shape)), dtype=np.asarray(indices.values).dtype)
+        ctx.set_input(node, 1, values.reshape(new_shape))
