@@ -163,9 +163,10 @@ def randomise_norms(model, seed: int = 0) -> dict:
                     uni(mod.weight, 0.5, 1.5)
                     nrm(mod.bias, 0.1)
                 counts["batchnorm"] += 1
-            elif isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and getattr(
-                mod, "weight", None
-            ) is not None:
+            elif (
+                isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
+                and getattr(mod, "weight", None) is not None
+            ):
                 uni(mod.weight, 0.5, 1.5)
                 if mod.bias is not None:
                     nrm(mod.bias, 0.1)
@@ -236,8 +237,12 @@ def _float_params(onnx_model) -> int:
 
     total = 0
     for t in onnx_model.graph.initializer:
-        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-                           TensorProto.DOUBLE):
+        if t.data_type in (
+            TensorProto.FLOAT,
+            TensorProto.FLOAT16,
+            TensorProto.BFLOAT16,
+            TensorProto.DOUBLE,
+        ):
             total += int(np.prod(t.dims)) if len(t.dims) else 1
     return total
 
@@ -284,29 +289,39 @@ def shape_constants(g) -> dict:
                 out["Reshape"].append(v)
         elif n.op_type == "Slice":
             args = [val(x) if x else None for x in list(n.input[1:5])]
-            if any(a is None for a in args[:2]) or (len(args) > 2 and args[2] is None
-                                                    and len(n.input) > 3 and n.input[3]):
+            if any(a is None for a in args[:2]) or (
+                len(args) > 2 and args[2] is None and len(n.input) > 3 and n.input[3]
+            ):
                 out["dynamic"]["Slice"] += 1
             else:
-                out["Slice"].append({"starts": args[0], "ends": args[1],
-                                     "axes": args[2] if len(args) > 2 else None})
+                out["Slice"].append(
+                    {"starts": args[0], "ends": args[1], "axes": args[2] if len(args) > 2 else None}
+                )
         elif n.op_type == "Split":
             sizes = val(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "split")
-            out["Split"].append({"axis": attr(n, "axis", 0),
-                                 "split": list(sizes) if sizes is not None else None,
-                                 "num_outputs": len(n.output)})
+            out["Split"].append(
+                {
+                    "axis": attr(n, "axis", 0),
+                    "split": list(sizes) if sizes is not None else None,
+                    "num_outputs": len(n.output),
+                }
+            )
         elif n.op_type == "Gather":
             idx = consts.get(n.input[1])
-            out["Gather"].append({"axis": attr(n, "axis", 0),
-                                  "indices_shape": list(idx.shape) if hasattr(idx, "shape")
-                                  else None,
-                                  "data_is_constant": n.input[0] in consts})
+            out["Gather"].append(
+                {
+                    "axis": attr(n, "axis", 0),
+                    "indices_shape": list(idx.shape) if hasattr(idx, "shape") else None,
+                    "data_is_constant": n.input[0] in consts,
+                }
+            )
     out["dynamic"] = dict(out["dynamic"])
     return {k: v for k, v in out.items() if v}
 
 
 def describe_onnx(path: Path) -> dict:
     """Static facts about an exported file (for the manifest and the op inventory)."""
+    import numpy as np
     import onnx
     from onnx import helper
 
@@ -321,21 +336,33 @@ def describe_onnx(path: Path) -> dict:
         if n.op_type in ("Conv", "ConvTranspose"):
             grp = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "group"), 1)
             conv_groups["group=1" if grp == 1 else "grouped(group>1)"] += 1
-    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                        for n in g.node for a in n.attribute)
+    has_subgraphs = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in g.node
+        for a in n.attribute
+    )
     shaping = shape_constants(g)
     inits_by_name = {t.name: t for t in g.initializer}
     shared = Counter()
     for n in g.node:
         for i in n.input:
-            if i in inits_by_name:
+            t = inits_by_name.get(i)
+            if (
+                t is not None
+                and t.data_type == onnx.TensorProto.FLOAT
+                and len(t.dims) >= 1
+                and int(np.prod(t.dims)) > 1
+            ):
                 shared[i] += 1
-    identity_on_init = sum(1 for n in g.node if n.op_type == "Identity"
-                           and n.input[0] in inits_by_name)
+    identity_on_init = sum(
+        1 for n in g.node if n.op_type == "Identity" and n.input[0] in inits_by_name
+    )
 
     def shape(vi):
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in vi.type.tensor_type.shape.dim]
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in vi.type.tensor_type.shape.dim
+        ]
 
     return {
         "ir_version": m.ir_version,
@@ -346,15 +373,16 @@ def describe_onnx(path: Path) -> dict:
         "function_names": [f"{f.domain}::{f.name}" for f in m.functions],
         "has_subgraphs": has_subgraphs,
         "initializers_as_inputs": sum(1 for i in g.input if i.name in init_names),
-        "inputs": [{"name": i.name, "shape": shape(i)} for i in g.input
-                   if i.name not in init_names],
+        "inputs": [
+            {"name": i.name, "shape": shape(i)} for i in g.input if i.name not in init_names
+        ],
         "outputs": [{"name": o.name, "shape": shape(o)} for o in g.output],
         "params": _float_params(m),
         "op_counts": dict(sorted(ops.items())),
         "conv_groups": dict(conv_groups),
         "producer": f"{m.producer_name} {m.producer_version}".strip(),
         "identity_on_initializer": identity_on_init,
-        "initializers_used_by_several_nodes": sum(1 for c in shared.values() if c > 1),
+        "float_tensors_shared_by_several_nodes": sum(1 for c in shared.values() if c > 1),
         "shape_constants": shaping,
     }
 
@@ -502,8 +530,12 @@ def export_onnxzoo(model: str, out: Path) -> dict:
     notes: list[str] = []
     placeholders = []
     for n in g.node:
-        if (n.op_type == "ConstantOfShape" and n.input and n.input[0] in inits
-                and n.input[0].endswith("__SHAPE")):
+        if (
+            n.op_type == "ConstantOfShape"
+            and n.input
+            and n.input[0] in inits
+            and n.input[0].endswith("__SHAPE")
+        ):
             placeholders.append(n)
     replaced: dict[str, np.ndarray] = {}
     for n in placeholders:
@@ -539,12 +571,15 @@ def export_onnxzoo(model: str, out: Path) -> dict:
         g.initializer.append(numpy_helper.from_array(arr, name))
         if inits_as_inputs:  # IR<4: every initializer must also be a graph input (as shipped)
             g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, arr.shape))
-    unused_float = [t.name for t in g.initializer
-                    if t.data_type == TensorProto.FLOAT and t.name not in used]
+    unused_float = [
+        t.name for t in g.initializer if t.data_type == TensorProto.FLOAT and t.name not in used
+    ]
     if unused_float:
         notes.append(f"unused float initializers left untouched: {unused_float}")
-    notes.append(f"{len(replaced)} ConstantOfShape weight placeholders -> random initializers; "
-                 f"{refilled} shipped float initializers refilled")
+    notes.append(
+        f"{len(replaced)} ConstantOfShape weight placeholders -> random initializers; "
+        f"{refilled} shipped float initializers refilled"
+    )
     if m.ir_version < 4:
         notes.append(f"IR version {m.ir_version}: initializers are also graph inputs (kept)")
     hard_reshapes = [n.input[1] for n in g.node if n.op_type == "Reshape" and n.input[1] in inits]
@@ -604,8 +639,9 @@ def env_versions() -> dict:
         "print(json.dumps(v))\n"
     )
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        )
         out.update(json.loads(p.stdout.strip().splitlines()[-1]))
     except Exception as exc:  # noqa: BLE001
         out["versions_error"] = str(exc)
@@ -631,8 +667,9 @@ class Manifest:
     def put(self, entry: dict) -> None:
         with self.lock:
             self.by_name[entry["name"]] = entry
-            self.data["entries"] = sorted(self.by_name.values(),
-                                          key=lambda e: (e["model"], e["exporter"]))
+            self.data["entries"] = sorted(
+                self.by_name.values(), key=lambda e: (e["model"], e["exporter"])
+            )
             self.save_locked()
 
     def save_locked(self) -> None:
@@ -653,13 +690,19 @@ def run_one(model: str, exporter: str, cache: Path, timeout: float, threads: int
     if threads > 0:
         env["GP_BENCH_THREADS"] = str(threads)
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", model, exporter,
-           str(out), result]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        model,
+        exporter,
+        str(out),
+        result,
+    ]
     t0 = time.perf_counter()
     with open(logs / f"{name}.log", "w") as log:
         try:
-            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                               env=env)
+            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
             rc: int | str = p.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -672,8 +715,11 @@ def run_one(model: str, exporter: str, cache: Path, timeout: float, threads: int
         Path(result).unlink(missing_ok=True)
     if not res:
         tail = (logs / f"{name}.log").read_text(errors="replace")[-2000:]
-        reason = (f"timeout after {timeout:.0f} s" if rc == "timeout"
-                  else f"worker exited with {rc} without a result")
+        reason = (
+            f"timeout after {timeout:.0f} s"
+            if rc == "timeout"
+            else f"worker exited with {rc} without a result"
+        )
         res = {"status": "failed", "error": f"{reason}; log tail: {tail}"}
     entry = {
         "name": name,
@@ -696,6 +742,82 @@ def run_one(model: str, exporter: str, cache: Path, timeout: float, threads: int
     return entry
 
 
+def hazards(manifest: dict) -> dict:
+    """Per exporter: graph features a channel pruner must handle, with the models showing them."""
+    out: dict = {}
+
+    def add(ex, key, model, n=1):
+        d = out.setdefault(ex, {}).setdefault(key, {"nodes": 0, "models": []})
+        d["nodes"] += n
+        if model not in d["models"]:
+            d["models"].append(model)
+
+    for e in manifest["entries"]:
+        if e.get("status") != "ok":
+            continue
+        ex, model = e["exporter"], e["model"]
+        sc = e.get("shape_constants", {})
+        for shp in sc.get("Reshape", []):
+            key = (
+                "Reshape to constant [N, C] (flatten before the classifier)"
+                if len(shp) == 2
+                else "Reshape to constant rank>2 shape with channel counts (channel shuffle)"
+                if len(shp) > 2
+                else "Reshape to constant [-1]"
+            )
+            add(ex, key, model)
+        for sl in sc.get("Slice", []):
+            ax = sl.get("axes")
+            add(ex, f"Slice with constant starts/ends on axes {ax}", model)
+        for sp in sc.get("Split", []):
+            add(
+                ex,
+                f"Split axis={sp['axis']} "
+                + (
+                    "equal parts (num_outputs, no sizes)"
+                    if sp["split"] is None
+                    else "constant sizes"
+                ),
+                model,
+            )
+        for ga in sc.get("Gather", []):
+            add(ex, "Gather with constant indices" if ga["indices_shape"] else "Gather", model)
+        for op, n in sc.get("dynamic", {}).items():
+            add(ex, f"{op} with run-time computed operands (Shape->Gather->... chain)", model, n)
+        if e.get("identity_on_initializer"):
+            add(
+                ex,
+                "Identity on an initializer (exporter de-duplicated equal tensors)",
+                model,
+                e["identity_on_initializer"],
+            )
+        if e.get("float_tensors_shared_by_several_nodes"):
+            add(
+                ex,
+                "float tensor initializer (size > 1) read by several nodes "
+                "(de-duplicated equal weights, e.g. all-zero biases)",
+                model,
+                e["float_tensors_shared_by_several_nodes"],
+            )
+        if e.get("initializers_as_inputs"):
+            add(
+                ex,
+                "initializers also listed as graph inputs (IR < 4)",
+                model,
+                e["initializers_as_inputs"],
+            )
+        if e.get("conv_groups", {}).get("grouped(group>1)"):
+            add(
+                ex,
+                "Conv with group > 1 (depthwise/grouped)",
+                model,
+                e["conv_groups"]["grouped(group>1)"],
+            )
+        if e.get("n_functions"):
+            add(ex, "model-local functions", model, e["n_functions"])
+    return out
+
+
 def build_inventory(manifest: dict) -> dict:
     inv: dict = {"per_exporter": {}, "all": {}}
     totals: dict[str, Counter] = {}
@@ -712,40 +834,61 @@ def build_inventory(manifest: dict) -> dict:
     union_t: Counter = Counter()
     union_m: Counter = Counter()
     for ex in sorted(totals):
-        n_models = sum(1 for e in manifest["entries"]
-                       if e["exporter"] == ex and e.get("status") == "ok")
+        n_models = sum(
+            1 for e in manifest["entries"] if e["exporter"] == ex and e.get("status") == "ok"
+        )
         inv["per_exporter"][ex] = {
             "n_models": n_models,
-            "opsets": sorted({json.dumps(e.get("opsets")) for e in manifest["entries"]
-                              if e["exporter"] == ex and e.get("status") == "ok"}),
-            "ops": {op: {"nodes": totals[ex][op], "models": models[ex][op]}
-                    for op in sorted(totals[ex], key=lambda o: (-totals[ex][o], o))},
+            "opsets": sorted(
+                {
+                    json.dumps(e.get("opsets"))
+                    for e in manifest["entries"]
+                    if e["exporter"] == ex and e.get("status") == "ok"
+                }
+            ),
+            "ops": {
+                op: {"nodes": totals[ex][op], "models": models[ex][op]}
+                for op in sorted(totals[ex], key=lambda o: (-totals[ex][o], o))
+            },
         }
         union_t.update(totals[ex])
         union_m.update(models[ex])
-    inv["all"] = {op: {"nodes": union_t[op], "models": union_m[op]}
-                  for op in sorted(union_t, key=lambda o: (-union_t[o], o))}
-    inv["per_model"] = {e["name"]: sorted(e.get("op_counts", {}))
-                        for e in manifest["entries"] if e.get("status") == "ok"}
+    inv["all"] = {
+        op: {"nodes": union_t[op], "models": union_m[op]}
+        for op in sorted(union_t, key=lambda o: (-union_t[o], o))
+    }
+    inv["pruning_hazards"] = hazards(manifest)
+    inv["per_model"] = {
+        e["name"]: sorted(e.get("op_counts", {}))
+        for e in manifest["entries"]
+        if e.get("status") == "ok"
+    }
     return inv
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated model names")
-    ap.add_argument("--exporter", default="all",
-                    choices=["torchscript", "dynamo", "both", "onnxzoo", "all"],
-                    help="both = torchscript+dynamo; all = both + the onnx model-zoo copies")
+    ap.add_argument(
+        "--exporter",
+        default="all",
+        choices=["torchscript", "dynamo", "both", "onnxzoo", "all"],
+        help="both = torchscript+dynamo; all = both + the onnx model-zoo copies",
+    )
     ap.add_argument("--force", action="store_true", help="re-export cached entries")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--jobs", type=int, default=1, help="parallel export subprocesses")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per export")
     ap.add_argument("--list", action="store_true", help="list entries and exit")
     ap.add_argument("--inventory-only", action="store_true")
-    ap.add_argument("--redescribe", action="store_true",
-                    help="recompute the static facts of cached ok entries (no re-export)")
-    ap.add_argument("--_worker", nargs=4, metavar=("MODEL", "EXPORTER", "OUT", "RESULT"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--redescribe",
+        action="store_true",
+        help="recompute the static facts of cached ok entries (no re-export)",
+    )
+    ap.add_argument(
+        "--_worker", nargs=4, metavar=("MODEL", "EXPORTER", "OUT", "RESULT"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
 
     if args._worker:
@@ -763,15 +906,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.inventory_only and not args.redescribe:
         exporters = {
-            "both": TORCH_EXPORTERS, "all": ALL_EXPORTERS,
+            "both": TORCH_EXPORTERS,
+            "all": ALL_EXPORTERS,
         }.get(args.exporter, (args.exporter,))
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         known = set(torch_model_names()) | set(ONNXZOO)
         unknown = only - known
         if unknown:
             ap.error(f"unknown model(s): {sorted(unknown)}; known: {sorted(known)}")
-        todo = [(m, e) for m, e in all_entries()
-                if e in exporters and (not only or m in only)]
+        todo = [(m, e) for m, e in all_entries() if e in exporters and (not only or m in only)]
         if args.list:
             for m, e in todo:
                 cached = manifest.get(entry_name(m, e))
@@ -780,8 +923,12 @@ def main(argv: list[str] | None = None) -> int:
         run = []
         for m, e in todo:
             prev = manifest.get(entry_name(m, e))
-            if (not args.force and prev and prev.get("status") == "ok"
-                    and (cache / prev["path"]).exists()):
+            if (
+                not args.force
+                and prev
+                and prev.get("status") == "ok"
+                and (cache / prev["path"]).exists()
+            ):
                 print(f"[cached] {entry_name(m, e)}")
                 continue
             run.append((m, e))
@@ -789,8 +936,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest.data["env"] = env_versions()
             manifest.save_locked()
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-        print(f"exporting {len(run)} entries with {args.jobs} job(s), {threads} thread(s) each",
-              flush=True)
+        print(
+            f"exporting {len(run)} entries with {args.jobs} job(s), {threads} thread(s) each",
+            flush=True,
+        )
         t_all = time.perf_counter()
         done = [0]
 
@@ -802,14 +951,19 @@ def main(argv: list[str] | None = None) -> int:
             if entry["status"] == "ok":
                 chk = entry.get("ort_check", {})
                 rel = chk.get("max_rel_diff_vs_torch")
-                msg = (f"ok {entry['export_seconds']:.1f}s {entry['file_size'] / 1e6:.1f}MB "
-                       f"opset={entry.get('opsets', {}).get('ai.onnx')} "
-                       f"nodes={entry.get('n_nodes')} finite={chk.get('finite')}"
-                       + (f" rel_diff_vs_torch={rel:.2e}" if rel is not None else ""))
+                msg = (
+                    f"ok {entry['export_seconds']:.1f}s {entry['file_size'] / 1e6:.1f}MB "
+                    f"opset={entry.get('opsets', {}).get('ai.onnx')} "
+                    f"nodes={entry.get('n_nodes')} finite={chk.get('finite')}"
+                    + (f" rel_diff_vs_torch={rel:.2e}" if rel is not None else "")
+                )
             else:
                 msg = "FAILED " + entry["error"].splitlines()[0][:300]
-            print(f"[{done[0]}/{len(run)}] {entry['name']}: {msg} "
-                  f"(wall {entry['wall_seconds']:.0f}s)", flush=True)
+            print(
+                f"[{done[0]}/{len(run)}] {entry['name']}: {msg} "
+                f"(wall {entry['wall_seconds']:.0f}s)",
+                flush=True,
+            )
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(task, run))
@@ -824,8 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     for e in bad:
         print(f"  FAILED {e['name']}: {str(e.get('error')).splitlines()[0][:200]}")
     for ex, d in inv["per_exporter"].items():
-        print(f"ops[{ex}] ({d['n_models']} models): "
-              + ", ".join(f"{op}={v['nodes']}" for op, v in d["ops"].items()))
+        print(
+            f"ops[{ex}] ({d['n_models']} models): "
+            + ", ".join(f"{op}={v['nodes']}" for op, v in d["ops"].items())
+        )
     return 0
 
 

@@ -84,8 +84,9 @@ def _fallback_time_models(models, runs: int, warmup: int) -> list[float]:
         proto = m if isinstance(m, onnx.ModelProto) else onnx.load(str(m))
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        sess = ort.InferenceSession(proto.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
         feeds = {}
         for i in sess.get_inputs():
             shape = [d if isinstance(d, int) else 1 for d in i.shape]
@@ -119,8 +120,9 @@ def _get(d, *keys):
     return d
 
 
-def worker_main(path: str, ratio: float, result: str, runs: int, warmup: int,
-                latency: bool, save: str) -> int:
+def worker_main(
+    path: str, ratio: float, result: str, runs: int, warmup: int, latency: bool, save: str
+) -> int:
     row: dict = {"status": "failed"}
     try:
         import graphprune
@@ -129,15 +131,24 @@ def worker_main(path: str, ratio: float, result: str, runs: int, warmup: int,
         try:
             res = graphprune.prune(path, ratio=ratio, criterion="l1")
         except graphprune.GraphPruneError as exc:
-            row.update(status="error", error_type=type(exc).__name__, error=str(exc)[:4000],
-                       wall_prune_s=round(time.perf_counter() - t0, 3))
-            Path(result).write_text(json.dumps(row, default=str))
-            return 0
+            res = getattr(exc, "result", None)  # VerificationError carries the result
+            if res is None:
+                row.update(
+                    status="error",
+                    error_type=type(exc).__name__,
+                    error=str(exc)[:4000],
+                    wall_prune_s=round(time.perf_counter() - t0, 3),
+                )
+                Path(result).write_text(json.dumps(row, default=str))
+                return 0
+            row.update(error_type=type(exc).__name__, error=str(exc)[:4000])
         row["wall_prune_s"] = round(time.perf_counter() - t0, 3)
         rep = res.report
         ver = rep.get("verification") or {}
         row.update(
             status="ok",
+            groups=rep.get("groups"),
+            unsupported_ops=rep.get("unsupported_ops"),
             valid=bool(ver.get("ok")),
             max_rel_diff=ver.get("max_rel_diff"),
             prunable_fraction=rep.get("prunable_fraction"),
@@ -174,14 +185,21 @@ def worker_main(path: str, ratio: float, result: str, runs: int, warmup: int,
                     times = _fallback_time_models([path, res.model], runs, warmup)
                     row["latency_source"] = f"bench fallback ({type(exc).__name__})"
                 t_orig, t_pruned = _median_seconds(times[0]), _median_seconds(times[1])
-                row.update(latency_orig_s=t_orig, latency_pruned_s=t_pruned,
-                           latency_ratio=t_pruned / t_orig if t_orig else None)
+                row.update(
+                    latency_orig_s=t_orig,
+                    latency_pruned_s=t_pruned,
+                    latency_ratio=t_pruned / t_orig if t_orig else None,
+                )
             except Exception as exc:  # noqa: BLE001
                 row["latency_error"] = f"{type(exc).__name__}: {exc}"[:1000]
         row["report"] = _jsonable(rep)
     except BaseException as exc:  # noqa: BLE001 - a crash of the library is a result too
-        row.update(status="crash", error_type=type(exc).__name__, error=str(exc)[:4000],
-                   traceback=traceback.format_exc()[-6000:])
+        row.update(
+            status="crash",
+            error_type=type(exc).__name__,
+            error=str(exc)[:4000],
+            traceback=traceback.format_exc()[-6000:],
+        )
     Path(result).write_text(json.dumps(row, default=str))
     return 0
 
@@ -199,15 +217,31 @@ def run_one(entry: dict, path: Path, ratio: float, args, logs: Path) -> dict:
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
         save = str(Path(args.save_dir).resolve() / f"{tag}.onnx")
-    cmd = [args.python, str(Path(__file__).resolve()), "--_worker", str(path), str(ratio),
-           result, str(args.runs), str(args.warmup), "1" if args.latency else "0", save]
+    cmd = [
+        args.python,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        str(path),
+        str(ratio),
+        result,
+        str(args.runs),
+        str(args.warmup),
+        "1" if args.latency else "0",
+        save,
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     with open(logs / f"{tag}.log", "w") as log:
         try:
-            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
-                               env=env, cwd=str(ROOT))
+            p = subprocess.run(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=args.timeout,
+                env=env,
+                cwd=str(ROOT),
+            )
             rc: int | str = p.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -221,11 +255,17 @@ def run_one(entry: dict, path: Path, ratio: float, args, logs: Path) -> dict:
     if not row:
         tail = (logs / f"{tag}.log").read_text(errors="replace")[-1500:]
         if rc == "timeout":
-            row = {"status": "timeout", "error_type": "Timeout",
-                   "error": f"no result within {args.timeout:.0f} s"}
+            row = {
+                "status": "timeout",
+                "error_type": "Timeout",
+                "error": f"no result within {args.timeout:.0f} s",
+            }
         else:
-            row = {"status": "crash", "error_type": f"exit {rc}",
-                   "error": f"worker died without a result; log tail: {tail}"}
+            row = {
+                "status": "crash",
+                "error_type": f"exit {rc}",
+                "error": f"worker died without a result; log tail: {tail}",
+            }
     return {
         "name": entry["name"],
         "model": entry["model"],
@@ -277,8 +317,8 @@ def render_markdown(data: dict, summary_ratio: float = 0.5) -> str:
         "Generated by `bench/run_zoo.py` from `bench/results/zoo.json` — do not edit by hand.",
         "Models are exported with random weights by `bench/export_zoo.py` (see `bench/README.md`);",
         "`onnxzoo` rows are the ONNX model-zoo topologies shipped with the `onnx` wheel, with",
-        "random weights filled in. Pruning: `graphprune.prune(path, ratio, criterion=\"l1\")`.",
-        "*valid* is `report[\"verification\"][\"ok\"]` (and the pruned model passes",
+        'random weights filled in. Pruning: `graphprune.prune(path, ratio, criterion="l1")`.',
+        '*valid* is `report["verification"]["ok"]` (and the pruned model passes',
         "`onnx.checker`); latency ratio is median pruned / median original ORT CPU latency",
         f"(`graphprune.timing.time_models`, runs={data.get('config', {}).get('runs', 20)}, "
         f"warmup={data.get('config', {}).get('warmup', 5)}).",
@@ -288,8 +328,7 @@ def render_markdown(data: dict, summary_ratio: float = 0.5) -> str:
         lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     at = [r for r in rows if abs(r["ratio"] - summary_ratio) < 1e-9]
     n_ok = sum(1 for r in at if verified_ok(r))
-    lines += [f"**Summary: {n_ok}/{len(at)} entries valid and verified at {summary_ratio:g}.**",
-              ""]
+    lines += [f"**Summary: {n_ok}/{len(at)} entries valid and verified at {summary_ratio:g}.**", ""]
     lines += [
         "| model | exporter | ratio | valid | verified max rel diff | prunable conv-channel "
         "fraction | params before→after (M) | MACs before→after (G) | MAC ratio | "
@@ -301,37 +340,45 @@ def render_markdown(data: dict, summary_ratio: float = 0.5) -> str:
         if r.get("status") == "ok":
             valid = "✓" if verified_ok(r) else "✗"
             mb, ma = r.get("macs_before"), r.get("macs_after")
-            mac_ratio = ma / mb if isinstance(mb, (int, float)) and mb and \
-                isinstance(ma, (int, float)) else None
+            mac_ratio = (
+                ma / mb
+                if isinstance(mb, (int, float)) and mb and isinstance(ma, (int, float))
+                else None
+            )
             lines.append(
                 f"| {r['model']} | {r['exporter']} | {r['ratio']:g} | {valid} | "
                 f"{_f(r.get('max_rel_diff'), '.2e')} | {_f(r.get('prunable_fraction'), '.2f')} | "
                 f"{_m(r.get('params_before'), 1e6)}→{_m(r.get('params_after'), 1e6)} | "
                 f"{_m(mb, 1e9)}→{_m(ma, 1e9)} | {_f(mac_ratio, '.2f')} | "
-                f"{_f(r.get('latency_ratio'), '.2f')} | {_f(r.get('pass_time_s'), '.2f')} |")
+                f"{_f(r.get('latency_ratio'), '.2f')} | {_f(r.get('pass_time_s'), '.2f')} |"
+            )
             if not verified_ok(r):
-                why = r.get("checker_error") or "verification failed"
+                why = r.get("checker_error") or r.get("error") or "verification failed"
                 failures.append((r, why))
         else:
             lines.append(
                 f"| {r['model']} | {r['exporter']} | {r['ratio']:g} | "
-                f"{r.get('status')}: {r.get('error_type')} | – | – | – | – | – | – | – |")
+                f"{r.get('status')}: {r.get('error_type')} | – | – | – | – | – | – | – |"
+            )
             failures.append((r, r.get("error", "")))
     if failures:
         lines += ["", "## Failures", ""]
         for r, why in failures:
             first = str(why).strip().splitlines()[0] if str(why).strip() else ""
             first = first.replace("|", "\\|")[:300]
-            lines.append(f"- `{r['name']}` @ {r['ratio']:g}: {r.get('status')} "
-                         f"{r.get('error_type') or ''} — {first}")
+            lines.append(
+                f"- `{r['name']}` @ {r['ratio']:g}: {r.get('status')} "
+                f"{r.get('error_type') or ''} — {first}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
-    ap.add_argument("--only", default="",
-                    help="comma-separated model names or entry names (model__exporter)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated model names or entry names (model__exporter)"
+    )
     ap.add_argument("--exporter", default="", help="comma-separated exporters to keep")
     ap.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS))
     ap.add_argument("--jobs", type=int, default=1)
@@ -339,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-latency", dest="latency", action="store_false")
-    ap.add_argument("--python", default=sys.executable,
-                    help="interpreter for the workers (must import graphprune)")
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for the workers (must import graphprune)",
+    )
     ap.add_argument("--results", default=str(DEFAULT_RESULTS))
     ap.add_argument("--markdown", default=str(DEFAULT_MD))
     ap.add_argument("--save-dir", default="", help="also save pruned models here (bench/out)")
@@ -366,33 +416,51 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         exporters = {s.strip() for s in args.exporter.split(",") if s.strip()}
-        entries = [e for e in manifest["entries"] if e.get("status") == "ok"
-                   and (not only or e["model"] in only or e["name"] in only)
-                   and (not exporters or e["exporter"] in exporters)]
+        entries = [
+            e
+            for e in manifest["entries"]
+            if e.get("status") == "ok"
+            and (not only or e["model"] in only or e["name"] in only)
+            and (not exporters or e["exporter"] in exporters)
+        ]
         if only:
-            known = {e["model"] for e in manifest["entries"]} | \
-                {e["name"] for e in manifest["entries"]}
+            known = {e["model"] for e in manifest["entries"]} | {
+                e["name"] for e in manifest["entries"]
+            }
             for name in sorted(only - known):
                 print(f"warning: {name} is not in the manifest")
         jobs = [(e, manifest_path.parent / e["path"], r) for e in entries for r in ratios]
         if args.latency and args.jobs > 1:
             print("warning: --jobs > 1 makes the latency ratios noisy")
-        check = subprocess.run([args.python, "-c", "import graphprune; graphprune.prune"],
-                               capture_output=True, text=True, cwd=str(ROOT))
+        check = subprocess.run(
+            [args.python, "-c", "import graphprune; graphprune.prune"],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+        )
         if check.returncode != 0:
-            print(f"warning: graphprune.prune is not importable with {args.python}: "
-                  f"{check.stderr.strip().splitlines()[-1:]} (rows will record the crash)")
+            print(
+                f"warning: graphprune.prune is not importable with {args.python}: "
+                f"{check.stderr.strip().splitlines()[-1:]} (rows will record the crash)"
+            )
         data["env"] = {"python": platform.python_version(), **_versions(args.python)}
-        data["config"] = {"ratios": ratios, "runs": args.runs, "warmup": args.warmup,
-                          "criterion": "l1", "timeout_s": args.timeout, "jobs": args.jobs,
-                          "manifest": str(manifest_path)}
+        data["config"] = {
+            "ratios": ratios,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "criterion": "l1",
+            "timeout_s": args.timeout,
+            "jobs": args.jobs,
+            "manifest": str(manifest_path),
+        }
         logs = results_path.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         lock = threading.Lock()
         by_key = {(r["name"], r["ratio"]): r for r in data["rows"]}
         done = [0]
-        print(f"{len(jobs)} runs ({len(entries)} entries x {ratios}), {args.jobs} job(s)",
-              flush=True)
+        print(
+            f"{len(jobs)} runs ({len(entries)} entries x {ratios}), {args.jobs} job(s)", flush=True
+        )
 
         def task(job):
             e, path, r = job
@@ -403,15 +471,19 @@ def main(argv: list[str] | None = None) -> int:
                 save_json(results_path, data)
                 done[0] += 1
             if row.get("status") == "ok":
-                msg = (f"valid={row.get('valid')} rel={_f(row.get('max_rel_diff'), '.1e')} "
-                       f"prunable={_f(row.get('prunable_fraction'), '.2f')} "
-                       f"params {_m(row.get('params_before'), 1e6)}->"
-                       f"{_m(row.get('params_after'), 1e6)}M "
-                       f"lat={_f(row.get('latency_ratio'), '.2f')} "
-                       f"pass={_f(row.get('pass_time_s'), '.1f')}s")
+                msg = (
+                    f"valid={row.get('valid')} rel={_f(row.get('max_rel_diff'), '.1e')} "
+                    f"prunable={_f(row.get('prunable_fraction'), '.2f')} "
+                    f"params {_m(row.get('params_before'), 1e6)}->"
+                    f"{_m(row.get('params_after'), 1e6)}M "
+                    f"lat={_f(row.get('latency_ratio'), '.2f')} "
+                    f"pass={_f(row.get('pass_time_s'), '.1f')}s"
+                )
             else:
-                msg = f"{row.get('status')} {row.get('error_type')}: " \
-                      f"{str(row.get('error', '')).strip()[:200]}"
+                msg = (
+                    f"{row.get('status')} {row.get('error_type')}: "
+                    f"{str(row.get('error', '')).strip()[:200]}"
+                )
             print(f"[{done[0]}/{len(jobs)}] {row['name']} r={r:g}: {msg}", flush=True)
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -429,14 +501,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _versions(python: str) -> dict:
-    code = ("import json,importlib\nv={}\n"
-            "for m in ['graphprune','onnx','onnxruntime','numpy']:\n"
-            "    try: v[m]=importlib.import_module(m).__version__\n"
-            "    except Exception as e: v[m]='missing'\n"
-            "print(json.dumps(v))")
+    code = (
+        "import json,importlib\nv={}\n"
+        "for m in ['graphprune','onnx','onnxruntime','numpy']:\n"
+        "    try: v[m]=importlib.import_module(m).__version__\n"
+        "    except Exception as e: v[m]='missing'\n"
+        "print(json.dumps(v))"
+    )
     try:
-        p = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
-                           cwd=str(ROOT))
+        p = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT)
+        )
         return json.loads(p.stdout.strip().splitlines()[-1])
     except Exception:  # noqa: BLE001
         return {}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune import rules as _builtin_rules  # noqa: F401  (registers built-ins)
@@ -140,6 +141,7 @@ class CouplingContext:
         self.spatial_dims: set[Dim] = set()
         self.shape_elements: list[ShapeElement] = []
         self.node: gs.Node | None = None
+        self.options: dict[str, object] = {}
         self._spatial_components: set[Dim] | None = None
 
     # ------------------------------------------------------------------ queries
@@ -488,9 +490,139 @@ def _subgraph_outer_names(node: gs.Node, outer: dict[str, gs.Tensor]) -> set[str
     return names
 
 
-def analyze_graph(graph: gs.Graph, opset: int, *, keep: Iterable[str] = ()) -> Analysis:
-    """Run every op rule over ``graph`` and form channel groups with their units."""
+#: constants with more elements than this are replaced by typed inputs for shape probing
+_PROBE_CONST_LIMIT = 4096
+
+
+def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> dict[str, list]:
+    """Shapes ONNX inference finds when graph input axis ``(name, axis)`` has ``sizes[...]``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if (value.name, axis) in sizes:
+                dim.Clear()
+                dim.dim_value = sizes[(value.name, axis)]
+    for _ in range(4):  # infer, fold the shape computations that became constant, repeat
+        inferred = onnx.shape_inference.infer_shapes(
+            probe, check_type=False, strict_mode=False, data_prop=True
+        )
+        folded = gs.import_onnx(inferred)
+        count = len(folded.nodes)
+        folded.fold_constants(fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
+        folded.cleanup(remove_unused_graph_inputs=False)
+        if len(folded.nodes) == count:
+            break
+        probe = gs.export_onnx(folded, do_type_check=False)
+    shapes: dict[str, list] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+            ]
+    return shapes
+
+
+def refine_shapes(graph: gs.Graph) -> int:
+    """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
+
+    Symbolic input sizes hide static sizes downstream: a Reshape to ``[B, S, -1, D]`` (the head
+    count computed from ``H*D / D``), or a broadcast between two unrelated symbols. Shapes are
+    inferred twice with concrete sizes for every symbolic input axis (the second probe doubles
+    the first); an axis with the same size in both probes is static and gets that size. Returns
+    the number of axes filled in. Nothing changes when inference fails.
+    """
+    symbolic = [
+        (t.name, axis)
+        for t in graph.inputs
+        for axis, d in enumerate(t.shape or [])
+        if not (isinstance(d, int) and d >= 0)
+    ]
+    if not symbolic:
+        return 0
+    # one pair of sizes per symbol: batch axes 2/3, image axes 224/288 (+32 per symbol),
+    # other axes (sequences) 16/24 (+8 per symbol): distinct within a probe, small enough for
+    # position tables, large enough that downsampling does not collapse them
+    chosen: dict[object, tuple[int, int]] = {}
+    sizes_a: dict[tuple[str, int], int] = {}
+    sizes_b: dict[tuple[str, int], int] = {}
+    by_name = {t.name: t for t in graph.inputs}
+    for key in symbolic:
+        t = by_name[key[0]]
+        symbol = t.shape[key[1]] if isinstance(t.shape[key[1]], str) else key
+        if symbol not in chosen:
+            k = len(chosen)
+            image = len(t.shape) == 4 and np.issubdtype(np.dtype(t.dtype), np.floating)
+            chosen[symbol] = (
+                (2, 3) if key[1] == 0 else (224 + 32 * k, 288 + 32 * k) if image
+                else (16 + 8 * k, 24 + 8 * k)
+            )
+        sizes_a[key], sizes_b[key] = chosen[symbol]
+    try:
+        light = graph.copy()
+        for t in list(light.tensors().values()):
+            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _PROBE_CONST_LIMIT:
+                dtype, shape = t.dtype, list(t.shape)
+                t.to_variable(dtype=dtype, shape=shape)
+                t.type = "tensor_type"  # to_variable leaves it unset
+                light.inputs.append(t)
+        model = gs.export_onnx(light, do_type_check=False)
+        import onnxruntime
+
+        # folding runs ORT sessions whose optimizers warn about shape-only subgraphs
+        onnxruntime.set_default_logger_severity(3)
+        try:
+            probe_a, probe_b = _probe_shapes(model, sizes_a), _probe_shapes(model, sizes_b)
+        finally:
+            onnxruntime.set_default_logger_severity(2)  # ORT's default
+    except Exception:  # a refinement only; the analysis copes with unknown sizes
+        return 0
+    filled = 0
+    for name, tensor in graph.tensors().items():
+        if not isinstance(tensor, gs.Variable):
+            continue
+        a, b = probe_a.get(name), probe_b.get(name)
+        if a is None or b is None or len(a) != len(b):
+            continue
+        shape = list(tensor.shape) if tensor.shape is not None else None
+        if shape is not None and len(shape) != len(a):
+            continue
+        if shape is None:
+            shape = [None] * len(a)
+        changed = False
+        for axis, (da, db) in enumerate(zip(a, b, strict=True)):
+            if isinstance(shape[axis], int) and shape[axis] >= 0:
+                continue
+            if da is not None and da == db:
+                shape[axis] = da
+                changed = True
+            elif shape[axis] is None:
+                shape[axis] = f"gp_{name}_{axis}"
+        if changed or tensor.shape is None:
+            tensor.shape = shape
+            filled += changed
+    return filled
+
+
+def analyze_graph(
+    graph: gs.Graph,
+    opset: int,
+    *,
+    keep: Iterable[str] = (),
+    position_convs: frozenset[str] = frozenset(),
+) -> Analysis:
+    """Run every op rule over ``graph`` and form channel groups with their units.
+
+    Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
+    group). Where that collapses a channel group to a single unit (a channel shuffle after
+    a grouped conv, as in ShuffleNet v1), those convs are re-analysed position by position.
+    """
+    keep = tuple(keep)
+    refine_shapes(graph)
     ctx = CouplingContext(graph, opset)
+    ctx.options["position_convs"] = position_convs
     unsupported: dict[str, list[str]] = defaultdict(list)
     deferred: list[tuple[gs.Node, registry.OpRule]] = []
 
@@ -534,7 +666,26 @@ def analyze_graph(graph: gs.Graph, opset: int, *, keep: Iterable[str] = ()) -> A
             ctx.freeze(ctx.tensors[name], None, f"protected by keep: tensor '{name}'")
 
     groups = _form_groups(ctx)
+    if not position_convs:
+        collapsed = _collapsed_grouped_convs(graph, groups)
+        if collapsed:
+            return analyze_graph(graph, opset, keep=keep, position_convs=collapsed)
     return Analysis(graph, opset, groups, dict(unsupported), ctx)
+
+
+def _collapsed_grouped_convs(graph: gs.Graph, groups: list[ChannelGroup]) -> frozenset[str]:
+    """Grouped (not depthwise) convs inside unfrozen groups that ended with one unit."""
+    convs = {
+        n.name for n in graph.nodes
+        if n.op == "Conv" and int(n.attrs.get("group", 1)) > 1
+        and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].shape[1] > 1
+    }
+    names: set[str] = set()
+    for group in groups:
+        if group.frozen or group.num_units >= 2 or not group.producers:
+            continue
+        names |= {name for name in group.nodes if name in convs}
+    return frozenset(names)
 
 
 def _form_groups(ctx: CouplingContext) -> list[ChannelGroup]:

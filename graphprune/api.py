@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -215,7 +214,7 @@ def prune(
     with stages.stage("load"):
         prep = load_and_prepare(model)
     with stages.stage("analysis"):
-        graph = ir.import_graph(copy.deepcopy(prep.prepared))
+        graph = ir.import_graph(prep.prepared)
         analysis = analyze_graph(graph, prep.opset, keep=keep)
     with stages.stage("plan"):
         if plan is not None:

@@ -23,10 +23,13 @@ CRITERIA = ("l1", "l2", "random")
 
 
 def _slice_norms(values: np.ndarray, axis: int, order: int) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0).reshape(values.shape[axis], -1)
+    values = np.asarray(values)
+    if values.dtype != np.float32 and values.dtype != np.float64:
+        values = values.astype(np.float32)
+    others = tuple(a for a in range(values.ndim) if a != axis)
     if order == 1:
-        return np.abs(moved).sum(axis=1)
-    return np.sqrt((moved * moved).sum(axis=1))
+        return np.abs(values).sum(axis=others, dtype=np.float64)
+    return np.sqrt(np.square(values).sum(axis=others, dtype=np.float64))
 
 
 def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:

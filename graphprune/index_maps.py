@@ -15,6 +15,7 @@ channel group into its prunable *units* (one unit = the set of elements that go 
   a head owns ``head_dim`` consecutive columns).
 - ``GroupTie(groups)``: ``a`` and ``b`` are the input and output channels of a grouped
   convolution; every channel of conv group ``j`` on either side goes together.
+- ``Modulo(period)``: ``a[i] <-> b[i % period]``; the same position in every conv group.
 """
 
 from __future__ import annotations
@@ -102,6 +103,23 @@ class GroupTie(IndexMap):
     def check(self, n_a: int, n_b: int) -> str | None:
         if self.groups <= 0 or n_a % self.groups or n_b % self.groups:
             return f"{self.groups} groups do not divide sizes {n_a} and {n_b}"
+        return None
+
+
+@dataclass(frozen=True)
+class Modulo(IndexMap):
+    """``a[i] <-> b[i % period]``: ties every ``period``-th index (the same position in each
+    conv group) when pruning grouped convolutions position by position."""
+
+    period: int
+
+    def pairs(self, n_a: int, n_b: int) -> tuple[np.ndarray, np.ndarray]:
+        ia = np.arange(n_a, dtype=np.int64)
+        return ia, ia % self.period
+
+    def check(self, n_a: int, n_b: int) -> str | None:
+        if self.period <= 0 or n_a % self.period or n_b < self.period:
+            return f"modulo map (period {self.period}) between sizes {n_a} and {n_b}"
         return None
 
 

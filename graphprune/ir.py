@@ -76,7 +76,8 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     strip_initializer_inputs(model)
     model = model_io.infer_shapes(model)
-    if fold:
+    has_constant_nodes = any(n.op_type in ("Constant", "Identity", "Shape") for n in model.graph.node)
+    if fold and has_constant_nodes:
         graph = import_graph(model)
         try:
             graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False)

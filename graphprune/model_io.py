@@ -380,12 +380,14 @@ def _reattach(model: onnx.ModelProto, detached: list[onnx.TensorProto]) -> None:
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of ``model`` in bytes (an estimate when it exceeds protobuf's limit)."""
-    try:
-        return int(model.ByteSize())
-    except Exception:  # upb refuses ByteSize() for messages of 2 GiB or more
-        skeleton, detached = _detach(model)
-        return int(skeleton.ByteSize()) + sum(_raw_size(t) for t in detached)
+    """Serialized size of ``model`` in bytes; an estimate when it exceeds protobuf's limit."""
+    if sum(_raw_size(t) for t in _model_tensors(model)) < PROTOBUF_LIMIT:
+        try:
+            return int(model.ByteSize())
+        except Exception:  # upb refuses ByteSize() for messages of 2 GiB or more
+            pass
+    skeleton, detached = _detach(model)
+    return int(skeleton.ByteSize()) + sum(_raw_size(t) for t in detached)
 
 
 # --------------------------------------------------------------------------- opsets

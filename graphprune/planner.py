@@ -65,6 +65,12 @@ def plan_ratio(
         if n_remove <= 0:
             continue
         remove = select_units(group, scores, n_remove, min_channels)
+        excess = (group.num_units - len(remove)) % round_to
+        if round_to > 1 and excess:
+            # floors stopped early: give back the most important removals to stay aligned
+            give_back = round_to - excess
+            by_score = sorted(remove, key=lambda u: scores[u])
+            remove = sorted(by_score[: max(0, len(by_score) - give_back)])
         if remove:
             plan.groups.append(group_plan(group, remove, tensors))
     return plan

@@ -10,15 +10,14 @@ pruned axis) are left out of the check and listed with the reason.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from graphprune import model_io
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
@@ -48,14 +47,16 @@ def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSe
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if model.ByteSize() > TWO_GB:
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # > 2 GB: go through a file with external data
+        data = None
+    if data is None or len(data) > TWO_GB:
         tmp = tempfile.mkdtemp()
         path = Path(tmp) / "model.onnx"
         model_io.save_model(model, path, external_data=True)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -90,23 +91,23 @@ def zeroed_reference(
     prepared: onnx.ModelProto, analysis: Analysis, removed: dict[Dim, np.ndarray]
 ) -> onnx.ModelProto:
     """The prepared original with removed producer and consumer slices set to zero."""
-    from graphprune import ir
-
-    graph = ir.import_graph(copy.deepcopy(prepared))
-    tensors = graph.tensors()
     roles = analysis.context.roles
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for dim, idx in removed.items():
-        if roles.get(dim) not in (PRODUCER, CONSUMER):
+        if roles.get(dim) in (PRODUCER, CONSUMER):
+            cuts.setdefault(dim[0], []).append((dim[1], idx))
+    reference = onnx.ModelProto()
+    reference.CopyFrom(prepared)
+    for init in reference.graph.initializer:
+        if init.name not in cuts:
             continue
-        t = tensors.get(dim[0])
-        if not isinstance(t, gs.Constant):
-            continue
-        values = np.array(t.values, copy=True)
-        index: list[Any] = [slice(None)] * values.ndim
-        index[dim[1]] = idx
-        values[tuple(index)] = 0
-        t.values = values
-    return ir.export_graph(graph, prepared)
+        values = np.array(numpy_helper.to_array(init), copy=True)
+        for axis, idx in cuts[init.name]:
+            index: list[Any] = [slice(None)] * values.ndim
+            index[axis] = idx
+            values[tuple(index)] = 0
+        init.CopyFrom(numpy_helper.from_array(values, init.name))
+    return reference
 
 
 def output_shapes_match(reference: list[np.ndarray], other: list[np.ndarray]) -> bool:

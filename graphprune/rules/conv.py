@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
-from graphprune.index_maps import GroupTie
+from graphprune.index_maps import Digit, GroupTie, Modulo
 from graphprune.rewrite_context import RewriteContext
 from graphprune.roles import CONSUMER, PRODUCER
 from graphprune.rules.registry import OpRule, register
@@ -60,11 +60,21 @@ class ConvRule(OpRule):
         if group == 1:
             ctx.couple(x, 1, w, 1)
             ctx.role(w, 1, CONSUMER)
+        elif node.name in ctx.options.get("position_convs", ()):
+            # prune the same positions in every conv group: group count stays, W shrinks
+            # along its input axis; output position p of every group goes together
+            per_out = (ctx.size(w, 0) or group) // group
+            ctx.couple(w, 1, x, 1, Digit(1))
+            ctx.role(w, 1, CONSUMER)
+            ctx.couple(y, 1, y, 1, Modulo(per_out))
         else:
             ctx.couple(x, 1, y, 1, GroupTie(group))
         _mark_spatial(ctx, node)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        w = node.inputs[1]
+        if int(node.attrs.get("group", 1)) > 1 and ctx.removed(w, 1).size:
+            return  # position mode: the group count is unchanged
         _rewrite_group(node, ctx, node.inputs[0])
 
 

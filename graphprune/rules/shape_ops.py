@@ -276,6 +276,21 @@ def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
     return blocks
 
 
+def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
+    """True if every consumer of ``y`` is a Transpose that changes the order of ``axes``."""
+    consumers = list(y.outputs)
+    if not consumers:
+        return False
+    for node in consumers:
+        if node.op != "Transpose" or "perm" not in node.attrs:
+            return False
+        perm = [int(p) for p in node.attrs["perm"]]
+        order = [p for p in perm if p in axes]
+        if order == sorted(order):
+            return False
+    return True
+
+
 def couple_reshape(
     ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
 ) -> bool:
@@ -302,6 +317,11 @@ def couple_reshape(
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
             chosen = candidates[0] if len(candidates) >= 1 else f_axes[0]
+            if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
+                # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
+                # Pruning the inner factor removes the same position from every group,
+                # which keeps the shuffle a valid permutation.
+                chosen = candidates[-1]
             stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
             ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
             for a in f_axes:
