@@ -366,9 +366,9 @@ def render_markdown(data: dict, summary_ratio: float = 0.5) -> str:
         for r, why in failures:
             first = str(why).strip().splitlines()[0] if str(why).strip() else ""
             first = first.replace("|", "\\|")[:300]
+            status = "not verified" if r.get("status") == "ok" else r.get("status")
             lines.append(
-                f"- `{r['name']}` @ {r['ratio']:g}: {r.get('status')} "
-                f"{r.get('error_type') or ''} — {first}"
+                f"- `{r['name']}` @ {r['ratio']:g}: {status} {r.get('error_type') or ''} — {first}"
             )
     return "\n".join(lines) + "\n"
 

@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune import rules as _builtin_rules  # noqa: F401  (registers built-ins)
-from graphprune.index_maps import IDENTITY, IndexMap
+from graphprune.index_maps import IDENTITY, Digit, IndexMap
 from graphprune.rules import registry
 
 Dim = tuple[str, int]
@@ -142,6 +142,10 @@ class CouplingContext:
         self.shape_elements: list[ShapeElement] = []
         self.node: gs.Node | None = None
         self.options: dict[str, object] = {}
+        #: tensor name -> its shape in two shape-inference probes with concrete input sizes
+        self.probes: dict[str, tuple[list, list]] = {}
+        self.head_dims: set[Dim] = set()
+        self._component_facts: dict[Dim, frozenset[str]] | None = None
         self._spatial_components: set[Dim] | None = None
 
     # ------------------------------------------------------------------ queries
@@ -313,12 +317,59 @@ class CouplingContext:
             return dim in self.spatial_dims
         return dim in self._spatial_components
 
+    def mark_head(self, tensor: gs.Tensor, axis: int) -> None:
+        """``axis`` of ``tensor`` counts attention heads (a batch axis of an attention product)."""
+        dim = self._dim(tensor, axis)
+        if dim is not None:
+            self.dim_graph.add_node(dim)
+            self.head_dims.add(dim)
+
+    def component_facts(self, tensor: gs.Tensor, axis: int) -> frozenset[str]:
+        """Phase 2 only: ``"head"`` / ``"frozen"`` when the dimension's phase-1 component
+        holds an attention head axis / a frozen dimension. Reshape rules use it to pick the
+        factor of a split axis that carries channels (heads, not the q/k/v index)."""
+        rank = self.rank(tensor)
+        if rank is None or self._component_facts is None:
+            return frozenset()
+        return self._component_facts.get((tensor.name, axis % rank), frozenset())
+
     def _freeze_spatial_snapshot(self) -> None:
         spatial: set[Dim] = set()
         for comp in nx.connected_components(self.dim_graph):
             if comp & self.spatial_dims:
                 spatial |= comp
         self._spatial_components = spatial
+        self._component_facts = self._facts_preview()
+
+    def _facts_preview(self) -> dict[Dim, frozenset[str]]:
+        """Head/frozen facts per phase-1 component, previewing the scalar Gathers of phase 2
+        (``qkv[0]`` selects q: the selected axis is frozen, the others pass through)."""
+        preview = self.dim_graph.copy()
+        selected: set[Dim] = set()
+        for node in self.graph.nodes:
+            if node.op != "Gather" or not isinstance(node.inputs[1], gs.Constant):
+                continue
+            data, y = node.inputs[0], node.outputs[0]
+            rank = self.rank(data)
+            if rank is None or np.ndim(node.inputs[1].values) != 0 or self.rank(y) != rank - 1:
+                continue
+            axis = int(node.attrs.get("axis", 0)) % rank
+            selected.add((data.name, axis))
+            for a in range(rank):
+                if a != axis:
+                    preview.add_edge((data.name, a), (y.name, a if a < axis else a - 1))
+        facts: dict[Dim, frozenset[str]] = {}
+        for comp in nx.connected_components(preview):
+            found = set()
+            if comp & self.head_dims:
+                found.add("head")
+            if comp & selected or any(
+                self.dim_freeze.get(d) or self.tensor_freeze.get(d[0]) for d in comp
+            ):
+                found.add("frozen")
+            if found:
+                facts.update(dict.fromkeys(comp, frozenset(found)))
+        return facts
 
     # ------------------------------------------------------------------ shape tensors
     def trace_shape(self, tensor: gs.Tensor, depth: int = 0) -> list[tuple] | None:
@@ -381,11 +432,66 @@ class CouplingContext:
                 return None
             step = int(steps.reshape(-1)[0]) if steps is not None else 1
             return data[slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), step)]
+        if op == "Reshape" and self.rank(tensor) == 1:  # a 1-D shape re-viewed as 1-D
+            return inp(0)
+        if op == "Where":
+            where = self._trace_where_minus_one(node, inp)
+            if where is not None:
+                return where
+        if op == "Mul":
+            scaled = self._trace_scaled(node, inp)
+            if scaled is not None:
+                return scaled
         # arithmetic on shapes (Mul, Add, Div ...): elementwise; keep the length, lose values
+        if self.rank(tensor) == 0:
+            return [("unknown",)]
         rank = self.size(tensor, 0)
         if rank is None:
             return None
         return [("unknown",)] * rank
+
+    def _trace_scaled(self, node: gs.Node, inp) -> list[tuple] | None:
+        """``Shape`` reads times a constant (``num_kv_heads * n_rep``): ``("scaled", tensor,
+        axis, factor)`` elements; the product follows the read size when heads are pruned."""
+        for data_index in (0, 1):
+            factor = self.const(node.inputs[1 - data_index])
+            data = inp(data_index)
+            if factor is None or data is None or factor.size not in (1, len(data)):
+                continue
+            factors = np.broadcast_to(factor.reshape(-1), (len(data),))
+            out: list[tuple] = []
+            for element, f in zip(data, factors, strict=True):
+                if element[0] == "dim" and int(f) == f and f >= 1:
+                    out.append(("scaled", element[1], element[2], int(f)))
+                elif element[0] == "scaled" and int(f) == f and f >= 1:
+                    out.append(("scaled", element[1], element[2], element[3] * int(f)))
+                else:
+                    out.append(("unknown",))
+            return out
+        return None
+
+    def _trace_where_minus_one(self, node: gs.Node, inp) -> list[tuple] | None:
+        """TorchScript's Expand idiom ``Where(Equal(shape, -1), ones, shape)``: each element
+        is ``ones[k]`` where ``shape[k]`` is the literal -1, ``shape[k]`` otherwise."""
+        cond, ones, shape = node.inputs[0], node.inputs[1], node.inputs[2]
+        equal = cond.inputs[0] if cond.inputs else None
+        if equal is None or equal.op != "Equal" or equal.inputs[0] is not shape:
+            return None
+        probe = self.const(equal.inputs[1])
+        a, b = inp(1), inp(2)
+        if probe is None or a is None or b is None or len(a) != len(b):
+            return None
+        probe = np.broadcast_to(probe.reshape(-1), (len(b),))
+        out: list[tuple] = []
+        for k, element in enumerate(b):
+            value = int(probe[k])
+            if element[0] == "const":
+                out.append(a[k] if element[4] == value else element)
+            elif element[0] == "dim" and value < 0:
+                out.append(element)  # a size is never negative
+            else:
+                out.append(("unknown",))
+        return out
 
     def track_shape(
         self,
@@ -432,6 +538,12 @@ class CouplingContext:
                 src = self.tensors.get(element[1])
                 if src is not None:
                     self.couple(src, element[2], tensor, axis)
+            elif element[0] == "scaled":
+                # size(tensor, axis) = size(src) * factor: each source index owns ``factor``
+                # consecutive indices (repeat_kv: KV head k serves query heads k*n .. k*n+n-1)
+                src = self.tensors.get(element[1])
+                if src is not None:
+                    self.couple(src, element[2], tensor, axis, Digit(element[3]))
             else:
                 self.freeze(tensor, axis, f"shape element computed by arithmetic at {self.where()}")
 
@@ -504,10 +616,18 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
             if (value.name, axis) in sizes:
                 dim.Clear()
                 dim.dim_value = sizes[(value.name, axis)]
+    shapes: dict[str, list] = {}
     for _ in range(4):  # infer, fold the shape computations that became constant, repeat
         inferred = onnx.shape_inference.infer_shapes(
             probe, check_type=False, strict_mode=False, data_prop=True
         )
+        # later rounds know more; tensors that folding removed keep their earlier shapes
+        for value in [*inferred.graph.value_info, *inferred.graph.output]:
+            t = value.type.tensor_type
+            if t.HasField("shape"):
+                shapes[value.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+                ]
         folded = gs.import_onnx(inferred)
         count = len(folded.nodes)
         folded.fold_constants(fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
@@ -515,24 +635,18 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
         if len(folded.nodes) == count:
             break
         probe = gs.export_onnx(folded, do_type_check=False)
-    shapes: dict[str, list] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
-        t = value.type.tensor_type
-        if t.HasField("shape"):
-            shapes[value.name] = [
-                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
-            ]
     return shapes
 
 
-def refine_shapes(graph: gs.Graph) -> int:
+def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
     Symbolic input sizes hide static sizes downstream: a Reshape to ``[B, S, -1, D]`` (the head
     count computed from ``H*D / D``), or a broadcast between two unrelated symbols. Shapes are
-    inferred twice with concrete sizes for every symbolic input axis (the second probe doubles
-    the first); an axis with the same size in both probes is static and gets that size. Returns
-    the number of axes filled in. Nothing changes when inference fails.
+    inferred twice with concrete sizes for every symbolic input axis; an axis with the same
+    size in both probes is static and gets that size (with static inputs, one probe fills in
+    sizes hidden behind computed shapes). Returns both probes per tensor name
+    (rules use them to match re-factored dynamic axes). Nothing changes when inference fails.
     """
     symbolic = [
         (t.name, axis)
@@ -540,8 +654,12 @@ def refine_shapes(graph: gs.Graph) -> int:
         for axis, d in enumerate(t.shape or [])
         if not (isinstance(d, int) and d >= 0)
     ]
-    if not symbolic:
-        return 0
+    if not symbolic and all(
+        t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable)
+    ):
+        return {}
     # one pair of sizes per symbol: batch axes 2/3, image axes 224/288 (+32 per symbol),
     # other axes (sequences) 16/24 (+8 per symbol): distinct within a probe, small enough for
     # position tables, large enough that downsampling does not collapse them
@@ -574,12 +692,13 @@ def refine_shapes(graph: gs.Graph) -> int:
         # folding runs ORT sessions whose optimizers warn about shape-only subgraphs
         onnxruntime.set_default_logger_severity(3)
         try:
-            probe_a, probe_b = _probe_shapes(model, sizes_a), _probe_shapes(model, sizes_b)
+            probe_a = _probe_shapes(model, sizes_a)
+            # static inputs: one probe (of folded shape computations) says it all
+            probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
         finally:
             onnxruntime.set_default_logger_severity(2)  # ORT's default
     except Exception:  # a refinement only; the analysis copes with unknown sizes
-        return 0
-    filled = 0
+        return {}
     for name, tensor in graph.tensors().items():
         if not isinstance(tensor, gs.Variable):
             continue
@@ -602,8 +721,7 @@ def refine_shapes(graph: gs.Graph) -> int:
                 shape[axis] = f"gp_{name}_{axis}"
         if changed or tensor.shape is None:
             tensor.shape = shape
-            filled += changed
-    return filled
+    return {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}
 
 
 def analyze_graph(
@@ -620,8 +738,9 @@ def analyze_graph(
     a grouped conv, as in ShuffleNet v1), those convs are re-analysed position by position.
     """
     keep = tuple(keep)
-    refine_shapes(graph)
+    probes = refine_shapes(graph)
     ctx = CouplingContext(graph, opset)
+    ctx.probes = probes
     ctx.options["position_convs"] = position_convs
     unsupported: dict[str, list[str]] = defaultdict(list)
     deferred: list[tuple[gs.Node, registry.OpRule]] = []

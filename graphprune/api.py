@@ -31,7 +31,7 @@ from graphprune.validate import (
     differences,
     output_shapes_match,
     run,
-    zeroed_reference,
+    zeroed_overrides,
 )
 
 ModelSource = Any  # str | os.PathLike | bytes | onnx.ModelProto
@@ -137,7 +137,7 @@ def _apply(prep: Prepared, analysis: Analysis, plan: Plan) -> tuple[onnx.ModelPr
     )
     manager.run(graph, ctx)
     model = ir.export_graph(graph, prep.prepared)
-    model = model_io.infer_shapes(model)
+    model = model_io.infer_shapes(model, inplace=True)
     return model, {"passes": {k: round(v, 4) for k, v in ctx.timings.items()}, "stats": ctx.stats}
 
 
@@ -160,12 +160,12 @@ def _verify(
         exact_plan = replay(fresh_analysis, exact_plan)
         candidate, _ = _apply(fresh, fresh_analysis, exact_plan)
         removed = removed_elements(fresh_analysis, exact_plan)
-        reference = zeroed_reference(fresh.prepared, fresh_analysis, removed)
+        reference, overrides = fresh.prepared, zeroed_overrides(fresh.prepared, fresh_analysis, removed)
     else:
         candidate = pruned
         removed = removed_elements(analysis, plan)
-        reference = zeroed_reference(prep.prepared, analysis, removed)
-    ref_out = run(reference, feeds, "the zeroed original")
+        reference, overrides = prep.prepared, zeroed_overrides(prep.prepared, analysis, removed)
+    ref_out = run(reference, feeds, "the zeroed original", overrides)
     pruned_out = run(pruned, feeds, "the pruned model")
     cand_out = pruned_out if candidate is pruned else run(candidate, feeds, "the exact-group check model")
     if not output_shapes_match(ref_out, pruned_out):

@@ -23,13 +23,20 @@ CRITERIA = ("l1", "l2", "random")
 
 
 def _slice_norms(values: np.ndarray, axis: int, order: int) -> np.ndarray:
+    """Per-slice L1/L2 norms along ``axis``, in chunks (no full-size temporaries)."""
     values = np.asarray(values)
-    if values.dtype != np.float32 and values.dtype != np.float64:
-        values = values.astype(np.float32)
-    others = tuple(a for a in range(values.ndim) if a != axis)
-    if order == 1:
-        return np.abs(values).sum(axis=others, dtype=np.float64)
-    return np.sqrt(np.square(values).sum(axis=others, dtype=np.float64))
+    moved = np.moveaxis(values, axis, 0)
+    out = np.empty(moved.shape[0], dtype=np.float64)
+    chunk = max(1, (1 << 22) // max(1, moved[0].size))
+    for start in range(0, moved.shape[0], chunk):
+        block = np.asarray(moved[start : start + chunk], dtype=np.float32).reshape(
+            min(chunk, moved.shape[0] - start), -1
+        )
+        if order == 1:
+            out[start : start + chunk] = np.abs(block).sum(axis=1, dtype=np.float64)
+        else:
+            out[start : start + chunk] = np.sqrt(np.square(block).sum(axis=1, dtype=np.float64))
+    return out
 
 
 def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:

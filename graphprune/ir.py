@@ -29,12 +29,31 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _used_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _used_names(attr.g, names)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _used_names(sub, names)
+    names.update(o.name for o in graph.output)
+    return names
+
+
 def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop initializers from the graph inputs (IR < 4 style) and unused initializers."""
     names = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in names]
     if len(inputs) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(inputs)
+    used = _used_names(model.graph, set())
+    if any(init.name not in used for init in model.graph.initializer):
+        kept = [init for init in model.graph.initializer if init.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     return model
 
 
@@ -75,7 +94,7 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     """Return a normalised, shape-inferred copy of ``model`` ready for analysis."""
     model = copy.deepcopy(model)
     strip_initializer_inputs(model)
-    model = model_io.infer_shapes(model)
+    model = model_io.infer_shapes(model, inplace=True)
     has_constant_nodes = any(n.op_type in ("Constant", "Identity", "Shape") for n in model.graph.node)
     if fold and has_constant_nodes:
         graph = import_graph(model)
@@ -86,5 +105,5 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
             graph = import_graph(model)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         model = export_graph(graph, model)
-        model = model_io.infer_shapes(model)
+        model = model_io.infer_shapes(model, inplace=True)
     return model

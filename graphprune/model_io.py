@@ -433,15 +433,18 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
 # --------------------------------------------------------------------------- shape inference
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with inferred shapes (data propagation on, partial results kept).
+def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.ModelProto:
+    """``model`` with inferred shapes (data propagation on, partial results kept).
 
     Large weights are detached before the model goes to C++, so this works for models over
-    2 GiB and does not copy weights through protobuf serialization. Inference that fails on a
-    model the ONNX checker accepts only warns (``RuntimeWarning``) and returns an unchanged
-    copy; a model the checker rejects raises InvalidModelError.
+    2 GiB and does not copy weights through protobuf serialization; only the inferred
+    ``value_info`` and output types are copied back. With ``inplace=True`` the caller's
+    model is annotated and returned (no copy of the weights at all). Inference that fails on
+    a model the ONNX checker accepts only warns (``RuntimeWarning``) and returns the model
+    unchanged; a model the checker rejects raises InvalidModelError.
     """
-    skeleton, detached = _detach(model)
+    skeleton, _ = _detach(model)
+    target = model if inplace else copy.deepcopy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(
             skeleton, check_type=False, strict_mode=False, data_prop=True
@@ -458,9 +461,33 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             RuntimeWarning,
             stacklevel=2,
         )
-        return copy.deepcopy(model)
-    _reattach(inferred, detached)
-    return inferred
+        return target
+    _copy_inferred(inferred.graph, target.graph)
+    return target
+
+
+def _copy_inferred(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
+    """Copy inferred value_info and input/output types from ``source`` into ``target``."""
+    del target.value_info[:]
+    target.value_info.extend(source.value_info)
+    for field in ("input", "output"):
+        src, dst = getattr(source, field), getattr(target, field)
+        for s_value, d_value in zip(src, dst, strict=False):
+            if s_value.name == d_value.name:
+                d_value.CopyFrom(s_value)
+    subgraphs = {}
+    for node in source.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                subgraphs[(node.name, node.op_type, attr.name, len(subgraphs))] = attr.g
+    index = 0
+    for node in target.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                key = (node.name, node.op_type, attr.name, index)
+                if key in subgraphs:
+                    _copy_inferred(subgraphs[key], attr.g)
+                index += 1
 
 
 # --------------------------------------------------------------------------- save

@@ -42,11 +42,23 @@ def check_model(model: onnx.ModelProto) -> None:
         raise VerificationError(f"pruned model fails shape inference: {str(exc).splitlines()[0]}") from exc
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto,
+    *,
+    optimize: bool = True,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> ort.InferenceSession:
+    """A CPU session; ``overrides`` replace initializer values without copying the model
+    (only honoured with ``optimize=False``: ORT's optimizers read the stored initializers)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    keep_alive = []
+    for name, values in (overrides or {}).items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values))
+        keep_alive.append(value)
+        options.add_initializer(name, value)
     try:
         data = model.SerializeToString()
     except ValueError:  # > 2 GB: go through a file with external data
@@ -55,13 +67,23 @@ def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSe
         tmp = tempfile.mkdtemp()
         path = Path(tmp) / "model.onnx"
         model_io.save_model(model, path, external_data=True)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    sess._graphprune_keep_alive = keep_alive  # type: ignore[attr-defined]
+    return sess
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+def run(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    what: str,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> list[np.ndarray]:
     try:
-        sess = session(model)
+        # ORT's graph optimizers fold/pre-pack weights from the stored initializers and would
+        # ignore overrides: the overridden reference runs unoptimised
+        sess = session(model, overrides=overrides, optimize=not overrides)
         names = [o.name for o in sess.get_outputs()]
         return [np.asarray(v) for v in sess.run(names, feeds)]
     except Exception as exc:
@@ -87,18 +109,21 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
     return max_abs, max_rel
 
 
-def zeroed_reference(
+def zeroed_overrides(
     prepared: onnx.ModelProto, analysis: Analysis, removed: dict[Dim, np.ndarray]
-) -> onnx.ModelProto:
-    """The prepared original with removed producer and consumer slices set to zero."""
+) -> dict[str, np.ndarray]:
+    """New values for the initializers whose removed producer/consumer slices are zeroed.
+
+    Run the prepared original with these as ORT initializer overrides to get the zeroed
+    reference without copying the model.
+    """
     roles = analysis.context.roles
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for dim, idx in removed.items():
         if roles.get(dim) in (PRODUCER, CONSUMER):
             cuts.setdefault(dim[0], []).append((dim[1], idx))
-    reference = onnx.ModelProto()
-    reference.CopyFrom(prepared)
-    for init in reference.graph.initializer:
+    overrides: dict[str, np.ndarray] = {}
+    for init in prepared.graph.initializer:
         if init.name not in cuts:
             continue
         values = np.array(numpy_helper.to_array(init), copy=True)
@@ -106,8 +131,8 @@ def zeroed_reference(
             index: list[Any] = [slice(None)] * values.ndim
             index[axis] = idx
             values[tuple(index)] = 0
-        init.CopyFrom(numpy_helper.from_array(values, init.name))
-    return reference
+        overrides[init.name] = values
+    return overrides
 
 
 def output_shapes_match(reference: list[np.ndarray], other: list[np.ndarray]) -> bool:

@@ -41,12 +41,15 @@ def make_model(
     seed: int = 0,
     extra_opsets: Mapping[str, int] | None = None,
     functions: Sequence[onnx.FunctionProto] = (),
+    value_info: Mapping[str, Shape] | None = None,
     check: bool = True,
 ) -> onnx.ModelProto:
     """A model from ``nodes``; float inputs/outputs; ``params`` are initializers.
 
     A param given as a shape gets standard-normal float32 values (seeded); an array is used
     as is (int64 arrays for shape constants). Unnamed nodes are named ``{op}_{index}``.
+    Outputs declared without a shape get the inferred one; ``value_info`` declares the
+    shapes of intermediate tensors that ONNX shape inference cannot work out.
     """
     rng = np.random.default_rng(seed)
     named = []
@@ -71,6 +74,10 @@ def make_model(
             for n, s in outputs.items()
         ],
         initializers,
+        value_info=[
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
+            for n, s in (value_info or {}).items()
+        ],
     )
     opsets = [helper.make_opsetid("", opset)]
     opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
@@ -98,7 +105,13 @@ def ints(*values: int) -> np.ndarray:
 
 
 def conv_node(
-    x: str, w: str, y: str, b: str | None = None, *, k: int = 3, name: str | None = None,
+    x: str,
+    w: str,
+    y: str,
+    b: str | None = None,
+    *,
+    k: int = 3,
+    name: str | None = None,
     **attrs: Any,
 ) -> onnx.NodeProto:
     """A 'same'-padded ``k`` x ``k`` Conv node, named ``name`` (default: its output)."""
@@ -312,8 +325,10 @@ def zeroed_original(
 def _declared(values: Iterable[onnx.ValueInfoProto]) -> list[tuple[str, list[Any]]]:
     out = []
     for v in values:
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
-                for d in v.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in v.type.tensor_type.shape.dim
+        ]
         out.append((v.name, dims))
     return out
 
@@ -338,9 +353,15 @@ def assert_prunes_exactly(
     verification = result.report["verification"]
     assert verification.get("ok") is True, verification
     assert _declared(pruned.graph.input) == _declared(
-        [i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+        [
+            i
+            for i in original.graph.input
+            if i.name not in {t.name for t in original.graph.initializer}
+        ]
     ), "graph inputs changed"
-    assert _declared(pruned.graph.output) == _declared(original.graph.output), "graph outputs changed"
+    assert _declared(pruned.graph.output) == _declared(original.graph.output), (
+        "graph outputs changed"
+    )
 
     feeds = default_feeds(original) if feeds is None else feeds
     original_out = run_ort(original, feeds)
@@ -349,7 +370,9 @@ def assert_prunes_exactly(
 
     removed = result.plan.units_removed
     if expect_pruned:
-        assert removed > 0, f"nothing was pruned: {result.report['groups']}, frozen {result.report['frozen']}"
+        assert removed > 0, (
+            f"nothing was pruned: {result.report['groups']}, frozen {result.report['frozen']}"
+        )
         assert result.report["params_after"] < result.report["params_before"]
     reference = run_ort(zeroed_original(original, result.plan, roles), feeds)
     difference = relative_difference(reference, pruned_out)

@@ -489,6 +489,21 @@ class TestSave:
         save_model(conv_relu_model(), tmp_path / "auto.onnx")
         assert listing(tmp_path) == ["auto.onnx", "auto.onnx.data"]
 
-    def test_model_size_bytes(self) -> None:
-        model = conv_relu_model()
+    def test_model_size_bytes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        model = conv_relu_model(out_channels=64)
         assert model_size_bytes(model) == model.ByteSize()
+        # Over the limit, ByteSize() is not available: the estimate stays close.
+        monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)
+        monkeypatch.setattr(model_io, "_DETACH_THRESHOLD", 1000)
+        estimate = model_size_bytes(model)
+        assert abs(estimate - model.ByteSize()) < 100
+
+    @pytest.mark.parametrize(
+        "dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_]
+    )
+    def test_raw_size_from_dims(self, dtype: type) -> None:
+        tensor = numpy_helper.from_array(np.zeros((3, 5), dtype), "t")
+        assert model_io._raw_size(tensor) == len(tensor.raw_data)
+        assert model_io._raw_size(TensorProto(dims=[3], data_type=TensorProto.FLOAT)) == 0
+        int4 = helper.make_tensor("q", TensorProto.INT4, [5], b"\x01\x02\x03", raw=True)
+        assert model_io._raw_size(int4) == 3

@@ -52,6 +52,21 @@ def test_times_paths_and_protos(tmp_path: Path) -> None:
     assert calls == [(step, 6) for step in range(1, 7)]
 
 
+def test_large_proto_goes_through_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timing, "EXTERNAL_DATA_THRESHOLD", 100)
+    written: list[Path] = []
+    real = timing.save_model
+
+    def spy(model: onnx.ModelProto, path: Path, **kwargs: object) -> Path:
+        written.append(real(model, path, **kwargs))  # type: ignore[arg-type]
+        return written[-1]
+
+    monkeypatch.setattr(timing, "save_model", spy)
+    (result,) = time_models([conv_relu_model(16, "big")], warmup=0, runs=2)
+    assert result.median_ms > 0
+    assert len(written) == 1 and not written[0].exists()  # the temporary folder is gone
+
+
 def test_to_dict_and_frozen() -> None:
     (result,) = time_models([conv_relu_model(4, "m")], warmup=0, runs=3)
     data = result.to_dict()

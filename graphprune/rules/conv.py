@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune import zero_analysis as za
 from graphprune.index_maps import Digit, GroupTie, Modulo
 from graphprune.rewrite_context import RewriteContext
 from graphprune.roles import CONSUMER, PRODUCER
@@ -20,6 +22,7 @@ from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
 
 
 def _mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
@@ -46,6 +49,36 @@ def _rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.
 class ConvRule(OpRule):
     op_types = ("Conv",)
     zero_behaviour = "affine"  # zero input channel: contributes nothing; output gets the bias
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """``y[o] = b[o] + sum_i x[i] sum_k W[o, i, k]`` over the inputs ``W[o, i]`` reads.
+
+        Known when every read input channel is known, and zero where the conv pads (a
+        padded border sees 0, not the constant).
+        """
+        weight = ctx.const(node.inputs[1])
+        bias_t = ctx.present(node, 2)
+        bias = ctx.const(bias_t) if bias_t is not None else None
+        if weight is None or weight.ndim < 3 or (bias_t is not None and bias is None):
+            return [None]
+        cout, cin_g = weight.shape[0], weight.shape[1]
+        group = int(node.attrs.get("group", 1))
+        x = ctx.along(node.inputs[0], 1)
+        if x is None:
+            x = za.unknown(cin_g * group)
+        if x.size != cin_g * group or cout % group:
+            return [None]
+        padded = za.conv_is_padded(node, weight.shape[2:], ctx.shape(node.inputs[0]))
+        rows = weight.reshape(cout, cin_g, -1).astype(np.float64)
+        reads = (rows != 0).any(axis=2)
+        sums = rows.sum(axis=2)
+        first = (np.arange(cout) // (cout // group)) * cin_g
+        xin = x[first[:, None] + np.arange(cin_g)[None, :]]
+        usable = ~np.isnan(xin) & ((xin == 0) | (not padded))
+        ok = (~reads | usable).all(axis=1)
+        total = np.where(reads, np.nan_to_num(xin) * sums, 0.0).sum(axis=1)
+        b = np.zeros(cout) if bias is None else bias.astype(np.float64).reshape(-1)
+        return [za.values(1, np.where(ok, (b + total).astype(np.float32), np.nan))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, w = node.inputs[0], node.inputs[1]
@@ -81,6 +114,31 @@ class ConvRule(OpRule):
 @register
 class ConvTransposeRule(OpRule):
     op_types = ("ConvTranspose",)
+    zero_behaviour = "affine"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """Output channel ``o`` is its bias when every input channel it reads is zero."""
+        weight = ctx.const(node.inputs[1])
+        bias_t = ctx.present(node, 2)
+        bias = ctx.const(bias_t) if bias_t is not None else None
+        if weight is None or weight.ndim < 3 or (bias_t is not None and bias is None):
+            return [None]
+        cin, cout_g = weight.shape[0], weight.shape[1]
+        group = int(node.attrs.get("group", 1))
+        x = ctx.along(node.inputs[0], 1)
+        if x is None:
+            x = za.unknown(cin)
+        if x.size != cin or cin % group:
+            return [None]
+        cin_g = cin // group
+        reads = (weight.reshape(cin, cout_g, -1) != 0).any(axis=2)  # [cin, cout_g]
+        known = []
+        for o in range(cout_g * group):
+            g, local = divmod(o, cout_g)
+            part = slice(g * cin_g, (g + 1) * cin_g)
+            known.append(bool(((x[part] == 0) | ~reads[part, local]).all()))
+        b = np.zeros(cout_g * group) if bias is None else bias.astype(np.float64).reshape(-1)
+        return [za.values(1, np.where(np.array(known), b, np.nan))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, w = node.inputs[0], node.inputs[1]

@@ -10,19 +10,51 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune import zero_analysis as za
 from graphprune.roles import CONSUMER, PRODUCER
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
+
+
+def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``y[n] = sum_k a[k] W[k, n]``, known when every ``a[k]`` with ``W[k, n] != 0`` is."""
+    w = weight.astype(np.float64)
+    reads = w != 0
+    ok = (~reads | ~np.isnan(a)[:, None]).all(axis=0)
+    return np.where(ok, np.nan_to_num(a) @ w, np.nan)
 
 
 @register
 class GemmRule(OpRule):
     op_types = ("Gemm",)
     zero_behaviour = "affine"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """``y[n] = alpha sum_k a[k] B[k, n] + beta C[n]`` for a constant ``B``."""
+        a, b = node.inputs[0], ctx.const(node.inputs[1])
+        if b is None or b.ndim != 2 or isinstance(a, gs.Constant):
+            return [None]
+        weight = b.T if int(node.attrs.get("transB", 0)) else b
+        x = ctx.along(a, 0 if int(node.attrs.get("transA", 0)) else 1)
+        out_shape = ctx.shape(node.outputs[0])
+        if x is None or x.size != weight.shape[0] or out_shape is None or len(out_shape) != 2:
+            return [None]
+        alpha = float(node.attrs.get("alpha", 1.0))
+        beta = float(node.attrs.get("beta", 1.0))
+        y = alpha * _linear_values(x, weight)
+        c_t = ctx.present(node, 2)
+        if c_t is not None:
+            c = ctx.aligned(c_t, out_shape, 1)
+            if c is None:
+                return [None]
+            y = y + beta * c
+        return [za.values(1, y.astype(np.float32))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -49,6 +81,18 @@ class GemmRule(OpRule):
 class MatMulRule(OpRule):
     op_types = ("MatMul",)
     zero_behaviour = "affine"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """``y[..., n] = sum_k a[..., k] B[k, n]`` for a constant 2-D ``B``."""
+        a, b = node.inputs[0], ctx.const(node.inputs[1])
+        shape = ctx.shape(a)
+        if b is None or b.ndim != 2 or isinstance(a, gs.Constant) or not shape or len(shape) < 2:
+            return [None]
+        x = ctx.along(a, len(shape) - 1)
+        out_rank = len(ctx.shape(node.outputs[0]) or [])
+        if x is None or x.size != b.shape[0] or out_rank < 1:
+            return [None]
+        return [za.values(out_rank - 1, _linear_values(x, b).astype(np.float32))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -86,3 +130,6 @@ class MatMulRule(OpRule):
                 if shape[axis] == 1 and out_shape[axis + lead] != 1:
                     continue
                 ctx.couple(t, axis, y, axis + lead)
+                attention = not isinstance(a, gs.Constant) and not isinstance(b, gs.Constant)
+                if attention and (axis > 0 or rank == 3):  # [B, H, S, D] or [B*H, S, D]
+                    ctx.mark_head(t, axis)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune import zero_analysis as za
 from graphprune.index_maps import Digit, GroupTie
 from graphprune.rewrite_context import RewriteContext
 from graphprune.roles import CHANNELWISE
@@ -19,6 +21,7 @@ from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
 
 
 def _used(t: gs.Tensor) -> bool:
@@ -28,7 +31,23 @@ def _used(t: gs.Tensor) -> bool:
 @register
 class BatchNormRule(OpRule):
     op_types = ("BatchNormalization",)
-    zero_behaviour = "affine"
+    zero_behaviour = "map"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """``y = scale (x - mean) / sqrt(var + eps) + B``; a zero scale gives ``B`` for any x."""
+        outs: list[ChannelValues | None] = [None] * len(node.outputs)
+        params = [ctx.const(t) for t in node.inputs[1:5]]
+        if int(node.attrs.get("training_mode", 0)) or any(p is None for p in params):
+            return outs
+        scale, shift, mean, var = (np.asarray(p, dtype=np.float32).reshape(-1) for p in params)  # type: ignore[arg-type]
+        x = ctx.along(node.inputs[0], 1)
+        if x is None or x.size != scale.size:
+            return outs
+        eps = np.float32(node.attrs.get("epsilon", 1e-5))
+        with np.errstate(all="ignore"):
+            y = (x.astype(np.float32) - mean) / np.sqrt(var + eps) * scale + shift
+        outs[0] = za.values(1, np.where(scale == 0, shift, y))
+        return outs
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -44,6 +63,19 @@ class BatchNormRule(OpRule):
 @register
 class InstanceNormRule(OpRule):
     op_types = ("InstanceNormalization",)
+    zero_behaviour = "map"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """A constant channel normalises to 0, so the output is ``B`` (also where scale is 0)."""
+        scale, shift = ctx.const(node.inputs[1]), ctx.const(node.inputs[2])
+        x = ctx.along(node.inputs[0], 1)
+        if scale is None or shift is None or x is None:
+            return [None]
+        scale = scale.astype(np.float64).reshape(-1)
+        shift = shift.astype(np.float64).reshape(-1)
+        if x.size != scale.size:
+            return [None]
+        return [za.values(1, np.where(~np.isnan(x) | (scale == 0), shift, np.nan))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

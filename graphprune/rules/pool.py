@@ -6,14 +6,26 @@ channels) can be pruned, but not exactly.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune import zero_analysis as za
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
+
+#: reductions whose value on a constant channel c is c (any count), and those that keep only 0
+_REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")
+_REDUCE_KEEPS_ZERO = ("ReduceL1", "ReduceL2", "ReduceSumSquare")
+
+
+def _zeros_only(x: np.ndarray) -> np.ndarray:
+    return np.where(x == 0, 0.0, np.nan)
 
 
 def _spatial(ctx: CouplingContext, tensors: list[gs.Tensor]) -> None:
@@ -30,7 +42,23 @@ class PoolRule(OpRule):
         "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
         "GlobalLpPool", "MaxRoiPool",
     )
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """Max and average pooling keep a constant channel (padding is ignored by MaxPool and,
+        unless ``count_include_pad``, by AveragePool); Lp pooling keeps only zeros."""
+        outs: list[ChannelValues | None] = [None] * len(node.outputs)
+        x = ctx.along(node.inputs[0], 1)
+        if x is None or node.op == "MaxRoiPool":
+            return outs
+        if node.op in ("LpPool", "GlobalLpPool"):
+            x = _zeros_only(x)
+        elif node.op == "AveragePool" and int(node.attrs.get("count_include_pad", 0)):
+            kernel = [int(k) for k in node.attrs.get("kernel_shape", [])]
+            if za.conv_is_padded(node, kernel, ctx.shape(node.inputs[0])):
+                x = _zeros_only(x)
+        outs[0] = za.values(1, x)
+        return outs
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -48,6 +76,45 @@ class ReduceRule(OpRule):
         "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
         "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
     )
+    zero_behaviour = "map"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """A channel axis that is not reduced keeps its constants (a sum multiplies them)."""
+        x_t = node.inputs[0]
+        shape = ctx.shape(x_t)
+        state = ctx.state(x_t)
+        if shape is None or state is None:
+            return [None]
+        rank = len(shape)
+        if "axes" in node.attrs:
+            axes_value = [int(a) for a in node.attrs["axes"]]
+        elif ctx.present(node, 1) is not None:
+            const = ctx.const(node.inputs[1])
+            if const is None:
+                return [None]
+            axes_value = [int(a) for a in const.reshape(-1)]
+        else:
+            axes_value = []
+        if not axes_value:
+            if int(node.attrs.get("noop_with_empty_axes", 0)):
+                return [state]
+            axes_value = list(range(rank))
+        axes = {a % rank for a in axes_value}
+        if state.axis in axes:
+            return [None]
+        keepdims = int(node.attrs.get("keepdims", 1))
+        axis = state.axis if keepdims else state.axis - sum(1 for a in axes if a < state.axis)
+        if node.op in _REDUCE_KEEPS:
+            return [za.ChannelValues(axis, state.values)]
+        if node.op in _REDUCE_KEEPS_ZERO:
+            return [za.values(axis, _zeros_only(state.values))]
+        if node.op == "ReduceSum":
+            sizes = [shape[a] for a in axes]
+            if any(n is None for n in sizes):
+                return [za.values(axis, _zeros_only(state.values))]
+            count = math.prod(sizes)  # type: ignore[arg-type]
+            return [za.values(axis, (state.values * count).astype(np.float32))]
+        return [None]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

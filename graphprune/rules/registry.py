@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from graphprune.analysis import CouplingContext
     from graphprune.rewrite_context import RewriteContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -40,12 +41,24 @@ class OpRule:
     #: rules in phase 2 run after the first coupling pass, so they may ask whether an axis
     #: is spatial (Reshape/Flatten choose which factor of a merged axis carries channels).
     phase: ClassVar[int] = 1
-    #: zero invariance: what an all-zero channel on the inputs becomes on the outputs.
-    #: "zero" (stays zero), "constant" (a known non-zero constant), or "none" (unknown).
+    #: zero invariance, in one word (``zero_output`` has the per-node detail):
+    #: "move" (data movement: a zero or constant channel keeps its value), "map" (each channel
+    #: goes through a known function: Relu(0) = 0, Sigmoid(0) = 0.5, BN shifts it), "affine"
+    #: (output channels are a bias plus a linear map of the inputs: zero weights give the bias)
+    #: or "none" (unknown: nothing is claimed).
     zero_behaviour: ClassVar[str] = "none"
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """What constant channels on the inputs become on the outputs.
+
+        Returns one :class:`~graphprune.zero_analysis.ChannelValues` (or ``None``: nothing
+        known) per output. The default knows nothing, so an op without this method fails
+        closed. See :mod:`graphprune.zero_analysis` for the maths.
+        """
+        return [None] * len(node.outputs)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         """Fix attributes / non-parameter inputs after channel removal. Default: nothing."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune import zero_analysis as za
 from graphprune.index_maps import Digit, Offset
 from graphprune.rewrite_context import RewriteContext
 from graphprune.roles import PRODUCER
@@ -25,6 +26,7 @@ from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
+    from graphprune.zero_analysis import ChannelValues, ConstantContext
 
 
 def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "axes") -> list[int] | None:
@@ -41,7 +43,29 @@ def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "ax
 @register
 class ConcatRule(OpRule):
     op_types = ("Concat",)
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """Along the concat axis the vectors are joined; along another, they must agree."""
+        shape = ctx.shape(node.outputs[0])
+        if shape is None:
+            return [None]
+        axis = int(node.attrs["axis"]) % len(shape)
+        candidates = {axis} | {s.axis for t in node.inputs if (s := ctx.state(t)) is not None}
+        best: ChannelValues | None = None
+        for a in sorted(candidates):
+            parts = [ctx.along(t, a) for t in node.inputs]
+            if any(p is None for p in parts):
+                continue
+            if a == axis:
+                vector = np.concatenate(parts)  # type: ignore[arg-type]
+            else:
+                stack = np.stack(parts)  # type: ignore[arg-type]
+                vector = np.where((stack == stack[:1]).all(axis=0), stack[0], np.nan)
+            candidate = za.values(a, vector)
+            if candidate.any_known and (best is None or candidate.known.sum() > best.known.sum()):
+                best = candidate
+        return [best]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]
@@ -66,7 +90,23 @@ class ConcatRule(OpRule):
 @register
 class SplitRule(OpRule):
     op_types = ("Split",)
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None:
+            return [None] * len(node.outputs)
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        if state.axis != axis:
+            return [state] * len(node.outputs)
+        sizes = [ctx.size(y, axis) for y in node.outputs]
+        if any(n is None for n in sizes) or sum(sizes) != state.values.size:  # type: ignore[arg-type]
+            return [None] * len(node.outputs)
+        starts = np.cumsum([0, *sizes])
+        return [
+            za.ChannelValues(axis, state.values[starts[i] : starts[i + 1]])
+            for i in range(len(node.outputs))
+        ]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
@@ -136,7 +176,21 @@ def _normalise(start: int, end: int, step: int, size: int) -> tuple[int, int]:
 @register
 class SliceRule(OpRule):
     op_types = ("Slice",)
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None:
+            return [None]
+        params = _slice_params(node, ctx, len(shape))  # type: ignore[arg-type]
+        if params is None:
+            return [None]
+        sliced = {p[0]: p for p in params}
+        if state.axis not in sliced:
+            return [state]
+        _, start, end, step = sliced[state.axis]
+        picked = za.slice_indices(start, end, step, state.values.size)
+        return [za.ChannelValues(state.axis, state.values[picked])]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -195,7 +249,14 @@ class SliceRule(OpRule):
 @register
 class TransposeRule(OpRule):
     op_types = ("Transpose",)
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None:
+            return [None]
+        perm = [int(p) for p in node.attrs.get("perm", list(reversed(range(len(shape)))))]
+        return [za.moved(state, perm.index(state.axis))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -211,7 +272,23 @@ class TransposeRule(OpRule):
 @register
 class SqueezeRule(OpRule):
     op_types = ("Squeeze", "Unsqueeze")
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state = ctx.state(node.inputs[0])
+        rx, ry = len(ctx.shape(node.inputs[0]) or []), len(ctx.shape(node.outputs[0]) or [])
+        if state is None or not ry:
+            return [None]
+        axes = _axes_input(node, ctx, 1)  # type: ignore[arg-type]
+        if node.op == "Squeeze":
+            shape = ctx.shape(node.inputs[0]) or []
+            dropped = {a for a, n in enumerate(shape) if n == 1} if axes is None else {a % rx for a in axes}
+            if state.axis in dropped:
+                return [None]
+            return [za.moved(state, state.axis - sum(1 for a in dropped if a < state.axis))]
+        inserted = {a % ry for a in (axes or [])}
+        kept = [a for a in range(ry) if a not in inserted]
+        return [za.moved(state, kept[state.axis] if state.axis < len(kept) else None)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -291,6 +368,29 @@ def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
     return True
 
 
+def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
+    """Blocks from the concrete sizes of two shape probes (dynamic axes), if they agree."""
+    px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
+    if px is None or py is None:
+        return None
+    first, second = _blocks(px[0], py[0]), _blocks(px[1], py[1])
+    return first if first is not None and first == second else None
+
+
+def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int]) -> int:
+    """The factor of a split axis that carries channels: an attention-head axis first
+    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), else the outermost factor
+    not already frozen (the q/k/v index picked by a Gather), else the outermost."""
+    facts = [ctx.component_facts(factored, a) for a in candidates]
+    for a, f in zip(candidates, facts, strict=True):
+        if "head" in f:
+            return a
+    for a, f in zip(candidates, facts, strict=True):
+        if "frozen" not in f:
+            return a
+    return candidates[0]
+
+
 def couple_reshape(
     ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
 ) -> bool:
@@ -299,6 +399,8 @@ def couple_reshape(
     if in_shape is None or out_shape is None:
         return False
     blocks = _blocks(in_shape, out_shape)
+    if blocks is None:
+        blocks = _probe_blocks(ctx, x, y)
     if blocks is None:
         return False
     for bi, bj in blocks:
@@ -309,6 +411,12 @@ def couple_reshape(
         if len(bi) == 1 and len(bj) == 1:
             ctx.couple(x, bi[0], y, bj[0])
             continue
+        if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
+            # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
+            for t, axes in ((x, bi), (y, bj)):
+                for a in axes:
+                    ctx.freeze(t, a, f"dynamic axes re-factored at {ctx.where()}")
+            continue
         if len(bj) == 1 or len(bi) == 1:
             merged_is_out = len(bj) == 1
             factored, f_axes, merged, m_axis = (
@@ -316,7 +424,7 @@ def couple_reshape(
             )
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            chosen = candidates[0] if len(candidates) >= 1 else f_axes[0]
+            chosen = _channel_factor(ctx, factored, candidates) if candidates else f_axes[0]
             if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
                 # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
                 # Pruning the inner factor removes the same position from every group,
@@ -349,7 +457,11 @@ def couple_reshape(
 class ReshapeRule(OpRule):
     op_types = ("Reshape",)
     phase = 2
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        x = node.inputs[0]
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -368,7 +480,11 @@ class ReshapeRule(OpRule):
 class FlattenRule(OpRule):
     op_types = ("Flatten",)
     phase = 2
-    zero_behaviour = "zero"
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        x = node.inputs[0]
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
@@ -378,6 +494,16 @@ class FlattenRule(OpRule):
 @register
 class ExpandRule(OpRule):
     op_types = ("Expand",)
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        x, out_shape = node.inputs[0], ctx.shape(node.outputs[0])
+        state, shape = ctx.state(x), ctx.shape(x)
+        if state is None or shape is None or out_shape is None:
+            return [None]
+        axis = state.axis + len(out_shape) - len(shape)
+        vector = ctx.aligned(x, out_shape, axis)
+        return [None if vector is None else za.values(axis, vector)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -398,6 +524,14 @@ class ExpandRule(OpRule):
 @register
 class TileRule(OpRule):
     op_types = ("Tile",)
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, repeats = ctx.state(node.inputs[0]), ctx.const(node.inputs[1])
+        if state is None or repeats is None:
+            return [None]
+        count = int(repeats.reshape(-1)[state.axis])
+        return [za.ChannelValues(state.axis, np.tile(state.values, count))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -416,6 +550,45 @@ class TileRule(OpRule):
 @register
 class PadRule(OpRule):
     op_types = ("Pad",)
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """Constant padding adds the pad value; edge/reflect/wrap keep a constant channel."""
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None:
+            return [None]
+        rank = len(shape)
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if "pads" in node.attrs:
+            pads, axes = [int(p) for p in node.attrs["pads"]], list(range(rank))
+            fill = float(node.attrs.get("value", 0.0))
+        else:
+            const = ctx.const(node.inputs[1])
+            value_t = ctx.present(node, 2)
+            value = ctx.const(value_t) if value_t is not None else np.zeros(1)
+            if const is None or value is None:
+                return [None]
+            pads = [int(p) for p in const.reshape(-1)]
+            axes_value = _axes_input(node, ctx, 3, attr="__none__")  # type: ignore[arg-type]
+            axes = [a % rank for a in axes_value] if axes_value else list(range(rank))
+            fill = float(value.reshape(-1)[0]) if value.size else 0.0
+        n = len(axes)
+        before = {axes[k]: pads[k] for k in range(n)}
+        after = {axes[k]: pads[k + n] for k in range(n)}
+        padded = [a for a in axes if before[a] or after[a]]
+        vector = state.values
+        if state.axis in padded:
+            b, e = before[state.axis], after[state.axis]
+            if min(b, e) < 0 or mode not in ("constant", "edge", "reflect", "wrap"):
+                return [None]
+            if mode == "constant":
+                vector = np.concatenate([np.full(b, fill), vector, np.full(e, fill)])
+            else:
+                vector = np.pad(vector, (b, e), mode=mode)  # type: ignore[call-overload]
+        if mode == "constant" and any(a != state.axis for a in padded):
+            vector = np.where(vector == fill, vector, np.nan)
+        return [za.values(state.axis, vector)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -447,6 +620,16 @@ class PadRule(OpRule):
 @register
 class ResizeRule(OpRule):
     op_types = ("Resize", "Upsample")
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        """Interpolation weights sum to one: a constant channel stays that constant."""
+        state = ctx.state(node.inputs[0])
+        if state is None or state.axis >= 2:
+            return [None]
+        if ctx.size(node.outputs[0], state.axis) != state.values.size:
+            return [None]
+        return [state]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

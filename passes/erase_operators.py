@@ -1,0 +1,279 @@
+"""Operator erasure: remove computation whose result is known without running it.
+
+The zero-invariance analysis (:mod:`graphprune.zero_analysis`) finds tensors whose every
+channel is a known constant for every input ("fully known"): a branch whose last producer
+has zero weights, a Conv whose input channels are all zero (its output is its bias), a
+``Mul`` by an all-zero tensor, and everything downstream of those until a live input joins
+in. At that *frontier* — a consumer that also reads live data — the pass replaces the fully
+known tensor, which makes its producing chain dead:
+
+- ``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)`` become ``x`` (a residual branch
+  that is identically zero disappears);
+- any other broadcasting op reads a small per-channel constant (``[C, 1, 1]``) instead of the
+  branch (a constant gate, a branch reduced to its bias);
+- other consumers read ``Expand(constant[1, C, 1, 1], shape)``: a Conv with no live input
+  channels becomes its bias, broadcast;
+- a ``Concat`` input with no channels (size 0 on the concat axis) is dropped.
+
+Then dead code is removed, and the whole repeats to a fixed point. Every rewrite is exact
+(equal outputs for every finite input). A second run finds nothing: the replacements are
+constants or ``Expand`` of constants, which are never rewritten again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from graphprune.passes.base import Pass, PassContext, PassResult
+
+from graphprune.zero_analysis import (
+    ChannelValues,
+    ConstantContext,
+    analyze_constants,
+    ensure_shapes,
+)
+
+#: broadcasting elementwise ops that may read a small per-channel constant instead
+BROADCASTING = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu")
+
+
+def _static(shape: Any) -> list[int] | None:
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _broadcast(shapes: list[list[int]]) -> list[int] | None:
+    try:
+        return [int(d) for d in np.broadcast_shapes(*[tuple(s) for s in shapes])]
+    except ValueError:
+        return None
+
+
+def _is_canonical(tensor: gs.Tensor) -> bool:
+    """A constant already materialised by this pass: ``Expand(Constant, Constant)``."""
+    producers = tensor.inputs
+    return bool(producers) and producers[0].op == "Expand" and all(
+        isinstance(t, gs.Constant) for t in producers[0].inputs
+    )
+
+
+def _live(graph: gs.Graph) -> set[str]:
+    """Names of tensors that depend on a graph input."""
+    live = {t.name for t in graph.inputs}
+    for node in graph.nodes:  # topologically sorted
+        if any(t.name in live for t in node.inputs):
+            live.update(o.name for o in node.outputs)
+    return live
+
+
+class EraseOperatorsPass(Pass):
+    """Erase operators and branches whose contribution is identically known (see module doc)."""
+
+    def __init__(self, *, max_iterations: int = 100) -> None:
+        self.max_iterations = max_iterations
+
+    def __repr__(self) -> str:
+        return "EraseOperatorsPass()"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: dict[str, Any] = {
+            "bypassed": 0, "constant_operands": 0, "expanded": 0, "concat_inputs_dropped": 0,
+        }
+        before = {id(n): n.name for n in graph.nodes}
+        modified = False
+        self._names = set(graph.tensors()) | {n.name for n in graph.nodes}
+        for _ in range(self.max_iterations):
+            changed = self._drop_empty_concat_inputs(graph, stats)
+            ensure_shapes(graph, ctx.opset)
+            constants = analyze_constants(graph, ctx.opset)
+            changed |= self._rewrite_frontier(graph, constants, stats)
+            if not changed:
+                break
+            modified = True
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        after = {id(n) for n in graph.nodes}
+        erased = [name for key, name in before.items() if key not in after]
+        stats["nodes_erased"] = len(erased)
+        stats["erased"] = erased
+        return PassResult(graph, modified, stats)
+
+    # ------------------------------------------------------------------ rewrites
+    @staticmethod
+    def _drop_empty_concat_inputs(graph: gs.Graph, stats: dict[str, Any]) -> bool:
+        changed = False
+        for node in graph.nodes:
+            if node.op != "Concat" or len(node.inputs) < 2:
+                continue
+            axis = int(node.attrs["axis"])
+            keep = []
+            for t in node.inputs:
+                shape = ConstantContext.shape(t)
+                empty = shape is not None and -len(shape) <= axis < len(shape) and shape[axis] == 0
+                if not empty:
+                    keep.append(t)
+            if keep and len(keep) < len(node.inputs):
+                stats["concat_inputs_dropped"] += len(node.inputs) - len(keep)
+                node.inputs[:] = keep
+                changed = True
+        return changed
+
+    def _rewrite_frontier(self, graph: gs.Graph, constants: ConstantContext, stats: dict[str, Any]) -> bool:
+        outputs = {t.name for t in graph.outputs}
+        live = _live(graph)
+        known = {name for name, s in constants.states.items() if s.fully_known}
+        if not known:
+            return False
+        expanded: dict[str, gs.Variable] = {}
+        changed = False
+        for tensor in list(graph.outputs):
+            if self._materialise_output(graph, tensor, known, live, constants):
+                stats["expanded"] += 1
+                changed = True
+        for node in list(graph.nodes):
+            if not any(t.name in known for t in node.inputs):
+                continue
+            if not any(o.outputs or o.name in outputs for o in node.outputs):
+                continue  # dead already
+            if all(o.name in known and o.name not in outputs for o in node.outputs if o.name):
+                continue  # inside a constant chain: the frontier is further down
+            for index, tensor in enumerate(list(node.inputs)):
+                if (
+                    tensor.name not in known or tensor.name not in live or tensor.name in outputs
+                    or not isinstance(tensor, gs.Variable) or _is_canonical(tensor)
+                    or node.inputs[index] is not tensor
+                ):
+                    continue
+                state = constants.states[tensor.name]
+                dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
+                if dtype is None or dtype.kind != "f":
+                    continue
+                if self._bypass(graph, node, index, state, outputs):
+                    stats["bypassed"] += 1
+                    changed = True
+                    break  # the node is gone
+                if self._constant_operand(node, index, tensor, state, dtype):
+                    stats["constant_operands"] += 1
+                    changed = True
+                    continue
+                replacement = expanded.get(tensor.name) or self._expand(graph, tensor, state, dtype)
+                if replacement is None:
+                    continue
+                expanded[tensor.name] = replacement
+                for k, t in enumerate(node.inputs):
+                    if t is tensor:
+                        node.inputs[k] = replacement
+                stats["expanded"] += 1
+                changed = True
+        return changed
+
+    def _materialise_output(
+        self, graph: gs.Graph, tensor: gs.Tensor, known: set[str], live: set[str],
+        constants: ConstantContext,
+    ) -> bool:
+        """A graph output that is fully known is computed by ``Expand`` of a constant."""
+        if (
+            tensor.name not in known or tensor.name not in live or not isinstance(tensor, gs.Variable)
+            or not tensor.inputs or _is_canonical(tensor) or _static(tensor.shape) is None
+            or tensor.dtype is None or np.dtype(tensor.dtype).kind != "f"
+        ):
+            return False
+        state = constants.states[tensor.name]
+        dtype = np.dtype(tensor.dtype)
+        producer = tensor.inputs[0]
+        slot = next(k for k, o in enumerate(producer.outputs) if o is tensor)
+        producer.outputs[slot] = gs.Variable(self._fresh(f"{tensor.name}_gp_dead"), dtype=dtype, shape=tensor.shape)
+        shape = _static(tensor.shape) or []
+        target = list(shape)
+        target[state.axis] = 1
+        small = self._small(tensor, state, dtype, len(shape))
+        shape_const = gs.Constant(self._fresh(f"{tensor.name}_gp_shape"), np.array(target, dtype=np.int64))
+        graph.nodes.append(
+            gs.Node("Expand", name=self._fresh(f"{tensor.name}_gp_expand"),
+                    inputs=[small, shape_const], outputs=[tensor])
+        )
+        return True
+
+    @staticmethod
+    def _bypass(
+        graph: gs.Graph, node: gs.Node, index: int, state: ChannelValues, outputs: set[str]
+    ) -> bool:
+        """``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)`` -> ``x``."""
+        if len(node.inputs) != 2 or len(node.outputs) != 1:
+            return False
+        value = state.uniform()
+        neutral = (
+            (node.op in ("Add", "Sum") and value == 0)
+            or (node.op == "Sub" and index == 1 and value == 0)
+            or (node.op == "Mul" and value == 1)
+            or (node.op == "Div" and index == 1 and value == 1)
+        )
+        if not neutral:
+            return False
+        other, y = node.inputs[1 - index], node.outputs[0]
+        if _static(other.shape) is None or _static(other.shape) != _static(y.shape):
+            return False
+        if other.dtype is not None and y.dtype is not None and np.dtype(other.dtype) != np.dtype(y.dtype):
+            return False
+        if y.name in outputs:
+            node.op = "Identity"
+            node.attrs.clear()
+            node.inputs[:] = [other]
+            return True
+        for consumer in list(y.outputs):
+            for k, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[k] = other
+        node.inputs.clear()
+        node.outputs.clear()
+        return True
+
+    def _fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def _small(self, tensor: gs.Tensor, state: ChannelValues, dtype: np.dtype, rank: int) -> gs.Constant:
+        shape = [1] * rank
+        shape[state.axis] = state.values.size
+        values = state.values.astype(dtype).reshape(shape)
+        return gs.Constant(self._fresh(f"{tensor.name}_gp_value"), np.ascontiguousarray(values))
+
+    def _constant_operand(
+        self, node: gs.Node, index: int, tensor: gs.Variable, state: ChannelValues, dtype: np.dtype
+    ) -> bool:
+        """A broadcasting op reads ``[C, 1, 1]`` instead of the constant branch."""
+        if node.op not in BROADCASTING or (node.op == "PRelu" and index == 0):
+            return False
+        out_shape = _static(node.outputs[0].shape)
+        shape = _static(tensor.shape)
+        if out_shape is None or shape is None:
+            return False
+        others = [_static(t.shape) for k, t in enumerate(node.inputs) if k != index and t.name]
+        if not others or any(s is None for s in others) or _broadcast(others) != out_shape:  # type: ignore[arg-type]
+            return False
+        node.inputs[index] = self._small(tensor, state, dtype, len(shape))
+        return True
+
+    def _expand(
+        self, graph: gs.Graph, tensor: gs.Variable, state: ChannelValues, dtype: np.dtype
+    ) -> gs.Variable | None:
+        """``Expand(constant[1, C, 1, 1], shape)``, equal to ``tensor`` for every input."""
+        shape = _static(tensor.shape)
+        if shape is None:
+            return None
+        small = self._small(tensor, state, dtype, len(shape))
+        target = list(shape)
+        target[state.axis] = 1  # the channel count lives in the constant only
+        shape_const = gs.Constant(self._fresh(f"{tensor.name}_gp_shape"), np.array(target, dtype=np.int64))
+        out = gs.Variable(self._fresh(f"{tensor.name}_gp_expanded"), dtype=dtype, shape=shape)
+        graph.nodes.append(
+            gs.Node("Expand", name=self._fresh(f"{tensor.name}_gp_expand"),
+                    inputs=[small, shape_const], outputs=[out])
+        )
+        return out

@@ -1,0 +1,536 @@
+"""PyTorch frontend: module -> ONNX -> prune -> apply_plan -> the module equals the pruned ONNX.
+
+Models are small and defined here: a ResNet-style CNN, a MobileNet-style CNN (depthwise
+convs, inverted residuals), transformers (hand-written attention, ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``) and a mixed bag of layers (Conv1d/3d, ConvTranspose,
+GroupNorm, PReLU, Embedding). Each round trip checks the pruned module against the pruned
+ONNX (ONNX Runtime) at 1e-4 relative and runs a few optimiser steps on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+from graphprune.frontends import torch as gpt  # noqa: E402
+from torch import nn  # noqa: E402
+
+from graphprune.errors import UsageError  # noqa: E402
+from graphprune.plan import GroupPlan, Plan  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + identity)
+
+
+class ResNetish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class MobileNetish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish()),
+            InvertedResidual(16, 16, 1, 2),
+            InvertedResidual(16, 24, 2, 4),
+            InvertedResidual(24, 24, 1, 4),
+            nn.Sequential(nn.Conv2d(24, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6()),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+class Attention(nn.Module):
+    """Hand-written attention; heads come from the tensor size, so pruning heads just works."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, attention: str) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.kind = attention
+        if attention == "mha":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        else:
+            self.attn = Attention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.ln1(x)
+        y = self.attn(y, y, y, need_weights=False)[0] if self.kind == "mha" else self.attn(y)
+        x = x + y
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, attention: str = "custom", vocab: int = 50, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        if attention == "encoder_layer":
+            self.blocks = nn.Sequential(
+                *[nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, batch_first=True) for _ in range(2)]
+            )
+        else:
+            self.blocks = nn.Sequential(*[Block(dim, heads, attention) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.blocks(self.emb(ids))).mean(1))
+
+
+class Mixed(nn.Module):
+    """Conv1d, GroupNorm, PReLU, ConvTranspose1d, Conv3d with BatchNorm3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.act = nn.PReLU(16)
+        self.up = nn.ConvTranspose1d(16, 12, 4, stride=2, padding=1)
+        self.c2 = nn.Conv1d(12, 6, 1)
+        self.v1 = nn.Conv3d(2, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(8)
+        self.v2 = nn.Conv3d(8, 3, 1)
+
+    def forward(self, x, v):
+        y = self.c2(torch.relu(self.up(self.act(self.gn(self.c1(x))))))
+        w = self.v2(torch.relu(self.bn3(self.v1(v))))
+        return y, w
+
+
+def randomise_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (fresh BN is the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm):
+            with torch.no_grad():
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=gen)
+                    m.bias.normal_(0, 0.2, generator=gen)
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.normal_(0, 0.2, generator=gen)
+                    m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return module
+
+
+def train_steps(module: nn.Module, inputs: tuple, steps: int = 3) -> list[float]:
+    """A few SGD steps on the (pruned) module; returns the losses."""
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        out = module(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.float().pow(2).mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    module.eval()
+    assert all(np.isfinite(losses))
+    return losses
+
+
+def round_trip(module: nn.Module, inputs: tuple, **options) -> tuple[nn.Module, gpt.TorchPruneResult]:
+    module.eval()
+    result = gpt.prune_module(module, inputs, **options)
+    pruned = gpt.apply_plan(copy.deepcopy(module), result.plan)
+    gpt.check_module(pruned, result.model, inputs, tolerance=1e-4)
+    return pruned, result
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_dynamo_export_keeps_state_dict_names_and_batchnorm():
+    model = randomise_batchnorm(ResNetish())
+    exported = gpt.to_onnx(model, (torch.randn(1, 3, 16, 16),))
+    inits = {t.name for t in exported.graph.initializer}
+    assert {"stem.0.weight", "stem.1.running_var", "layer2.0.downsample.0.weight"} <= inits
+    assert any(n.op_type == "BatchNormalization" for n in exported.graph.node)
+
+
+def test_torchscript_export_splits_deduplicated_initializers():
+    model = ResNetish()  # fresh BNs: all weights equal, TorchScript stores them once
+    exported = gpt.to_onnx(model, (torch.randn(1, 3, 16, 16),), exporter="torchscript")
+    inits = {t.name for t in exported.graph.initializer}
+    bn = {n for n in model.state_dict() if n.endswith((".weight", ".bias")) and ".1." in n}
+    assert bn <= inits
+
+
+def test_export_rejects_unknown_exporter_and_wrong_dynamic_argument():
+    with pytest.raises(UsageError):
+        gpt.to_onnx(nn.Linear(2, 2), (torch.randn(1, 2),), exporter="jit")
+    with pytest.raises(UsageError):
+        gpt.to_onnx(nn.Linear(2, 2), (torch.randn(1, 2),), dynamic_axes={"x": {0: "b"}})
+
+
+@pytest.mark.parametrize("exporter", gpt.EXPORTERS)
+def test_export_failure_is_a_graphprune_error(exporter):
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.special.airy_ai(x)  # no ONNX translation
+
+    with pytest.raises(gpt.ExportError, match=f"{exporter} export of Bad failed: .*airy") as info:
+        gpt.to_onnx(Bad(), (torch.randn(2),), exporter=exporter)
+    assert "\x1b" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_resnet_style_round_trip_and_training():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(ResNetish())
+    x = torch.randn(2, 3, 16, 16)
+    pruned, result = round_trip(model, (x,), ratio=0.5)
+    assert result.report["params_after"] < 0.5 * result.report["params_before"]
+    assert pruned.layer2[0].conv1.out_channels == 16
+    assert pruned.layer2[0].bn1.num_features == 16
+    assert pruned.fc.in_features == pruned.layer2[1].conv2.out_channels
+    names = dict(pruned.named_parameters())
+    onnx_params = {t.name: tuple(t.dims) for t in result.model.graph.initializer if t.name in names}
+    assert onnx_params == {n: tuple(p.shape) for n, p in names.items()}
+    train_steps(pruned, (x,))
+
+
+def test_resnet_style_torchscript_exporter():
+    torch.manual_seed(1)
+    model = randomise_batchnorm(ResNetish())
+    x = torch.randn(1, 3, 16, 16)
+    pruned, _ = round_trip(model, (x,), ratio=0.4, exporter="torchscript")
+    train_steps(pruned, (x,))
+
+
+def test_mobilenet_style_round_trip_depthwise():
+    torch.manual_seed(2)
+    model = randomise_batchnorm(MobileNetish())
+    x = torch.randn(2, 3, 32, 32)
+    pruned, result = round_trip(model, (x,), ratio=0.5)
+    dw = pruned.features[2].block[3]
+    assert dw.groups == dw.in_channels == dw.out_channels == 32  # 64 expanded, half kept
+    assert pruned.classifier[2].in_features == 32
+    train_steps(pruned, (x,))
+
+
+@pytest.mark.parametrize("attention", ["custom", "mha", "encoder_layer"])
+def test_transformer_round_trip(attention):
+    torch.manual_seed(3)
+    model = randomise_batchnorm(TinyTransformer(attention))
+    ids = torch.randint(0, 50, (2, 7))
+    pruned, result = round_trip(model, (ids,), ratio=0.5)
+    assert pruned.emb.embedding_dim == 16  # the residual stream lost half its width
+    assert pruned.norm.normalized_shape == (16,)
+    if attention == "custom":
+        assert pruned.blocks[0].attn.q.out_features == 16  # two of four heads left
+    if attention in ("mha", "encoder_layer"):
+        attn = pruned.blocks[0].attn if attention == "mha" else pruned.blocks[0].self_attn
+        assert isinstance(attn, gpt.PrunedMultiheadAttention)
+    train_steps(pruned, (ids,))
+
+
+def test_mixed_layers_round_trip():
+    torch.manual_seed(4)
+    model = randomise_batchnorm(Mixed())
+    inputs = (torch.randn(2, 4, 10), torch.randn(1, 2, 4, 5, 5))
+    pruned, _ = round_trip(model, inputs, ratio=0.5)
+    assert pruned.gn.num_groups == 2 and pruned.gn.num_channels == 8
+    assert pruned.act.num_parameters == 8 and pruned.up.in_channels == 8
+    assert pruned.up.out_channels == pruned.c2.in_channels == 6
+    assert pruned.v1.out_channels == pruned.bn3.num_features == pruned.v2.in_channels == 4
+    train_steps(pruned, inputs)
+
+
+def test_keep_accepts_module_names():
+    torch.manual_seed(5)
+    model = randomise_batchnorm(ResNetish())
+    x = torch.randn(1, 3, 16, 16)
+    pruned, result = round_trip(model, (x,), ratio=0.5, keep=["layer1.0.conv1"])
+    assert pruned.layer1[0].conv1.out_channels == 16
+    assert pruned.layer1[1].conv1.out_channels == 8
+
+
+def test_plan_is_keyed_by_state_dict_names_and_json_round_trips(tmp_path):
+    model = randomise_batchnorm(TinyTransformer("custom"))
+    ids = torch.randint(0, 50, (1, 5))
+    result = gpt.prune_module(model, (ids,), ratio=0.5)
+    names = set(model.state_dict())
+    for gp in result.plan.groups:
+        assert set(gp.channels) <= names
+    assert any(name.startswith("val_") for gp in result.onnx_plan.groups for name in gp.channels)
+    path = tmp_path / "plan.json"
+    result.plan.save(path)
+    pruned = gpt.apply_plan(copy.deepcopy(model), Plan.load(path))
+    gpt.check_module(pruned, result.model, (ids,))
+
+
+# ----------------------------------------------------------------------------- apply_plan
+
+
+def test_apply_plan_refuses_unknown_names_and_leaves_the_module_alone():
+    model = ResNetish()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(gpt.PlanMappingError, match="map_plan"):
+        gpt.apply_plan(model, {"val_3": {0: [0]}})
+    with pytest.raises(gpt.PlanMappingError, match="every slice"):
+        gpt.apply_plan(model, {"fc.bias": {0: list(range(10))}, "stem.0.weight": {0: [0]}})
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name])
+
+
+def test_apply_plan_refuses_unsupported_modules_and_axes():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.gain
+
+    model = nn.Sequential(nn.Linear(3, 4), Scale())
+    with pytest.raises(gpt.PlanMappingError, match="no handler for Scale"):
+        gpt.apply_plan(model, {"1.gain": {0: [1]}})
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(gpt.PlanMappingError, match="grouped"):
+        gpt.apply_plan(grouped, {"weight": {1: [0]}})
+
+
+def test_registered_handlers_for_custom_layers_and_containers():
+    class Scale(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(n))
+            self.n = n
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.heads = 4
+
+    class ScaleHandler(gpt.ModuleHandler):
+        module_types = (Scale,)
+        axes = {"gain": (0,)}
+
+        def update(self, module, cuts, old):
+            module.n = module.gain.shape[0]
+
+    class HeadsHandler(gpt.ModuleHandler):
+        module_types = (Heads,)
+        container = True
+
+        def update(self, module, cuts, old):
+            module.heads = module.proj.out_features // 2
+
+    gpt.register_module_handler(ScaleHandler)
+    gpt.register_module_handler(HeadsHandler)
+    try:
+        model = nn.Sequential(Scale(4), Heads())
+        gpt.apply_plan(model, {"0.gain": {0: [1]}, "1.proj.weight": {0: [0, 1]}, "1.proj.bias": {0: [0, 1]}})
+        assert model[0].n == 3 and model[1].heads == 3
+        with pytest.raises(UsageError):
+            gpt.register_module_handler(ScaleHandler)
+    finally:
+        for cls in (Scale, Heads):
+            gpt._HANDLERS.pop(cls, None)
+
+
+def test_tied_parameters_are_sliced_once():
+    emb = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    gpt.apply_plan(model, {"emb.weight": {1: [0, 2]}, "head.weight": {1: [0, 2]}})
+    assert model["head"].weight is model["emb"].weight
+    assert model["emb"].embedding_dim == 4 and model["head"].in_features == 4
+    with pytest.raises(gpt.PlanMappingError, match="tied"):
+        gpt.apply_plan(model, {"emb.weight": {1: [0]}, "head.weight": {1: [1]}})
+
+
+def test_embedding_rows_move_padding_idx():
+    emb = nn.Embedding(6, 3, padding_idx=4)
+    gpt.apply_plan(emb, {"weight": {0: [0, 2]}})
+    assert emb.num_embeddings == 4 and emb.padding_idx == 2
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _mha_inputs(batch_first: bool):
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    kv = torch.randn(2, 7, 16) if batch_first else torch.randn(7, 2, 16)
+    return q, kv
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_mha_forward_matches_stock_semantics(batch_first):
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    ours = copy.deepcopy(stock)
+    gpt.PrunedMultiheadAttention.convert(ours, {w: np.zeros(0, np.int64) for w in "qkv"})
+    q, kv = _mha_inputs(batch_first)
+    attn_mask = torch.rand(5, 7) > 0.7
+    attn_mask[:, 0] = False
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, -2:] = True
+    for kwargs in (
+        {},
+        {"attn_mask": attn_mask},
+        {"key_padding_mask": padding, "average_attn_weights": False},
+        {"attn_mask": torch.randn(5, 7)},
+    ):
+        expected, expected_w = stock(q, kv, kv, **kwargs)
+        got, got_w = ours(q, kv, kv, **kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_w, expected_w, rtol=1e-5, atol=1e-6)
+    unbatched = q[0] if batch_first else q[:, 0]
+    torch.testing.assert_close(ours(unbatched, unbatched, unbatched)[0], stock(unbatched, unbatched, unbatched)[0])
+
+
+def test_mha_head_pruning_equals_zeroing_the_heads():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    reference = copy.deepcopy(mha)
+    with torch.no_grad():
+        reference.out_proj.weight[:, 4:8] = 0  # head 1 contributes nothing
+        reference.out_proj.weight[:, 12:16] = 0  # head 3
+    heads = [4, 5, 6, 7, 12, 13, 14, 15]
+    rows = heads + [16 + h for h in heads] + [32 + h for h in heads]
+    gpt.apply_plan(mha, {"in_proj_weight": {0: rows}, "in_proj_bias": {0: rows}, "out_proj.weight": {1: heads}})
+    assert isinstance(mha, gpt.PrunedMultiheadAttention)
+    assert mha.num_heads == 2 and mha.in_proj_weight.shape == (24, 16)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(mha(x, x, x)[0], reference(x, x, x)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(gpt.PlanMappingError, match="unevenly"):
+        gpt.apply_plan(copy.deepcopy(mha), {"in_proj_weight": {0: [0]}})
+
+
+def test_pruned_encoder_layer_never_takes_the_fused_fast_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True).eval()
+    gpt.apply_plan(layer, {"self_attn.in_proj_weight": {1: [0, 1]}, "norm1.weight": {0: [0, 1]}})
+    assert layer.self_attn._qkv_same_embed_dim is False
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def test_parameter_sources_follow_transpose_slice_and_concat():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    nodes = [
+        onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        onnx.helper.make_node("Slice", ["wt", "s", "e", "a"], ["ws"]),
+        onnx.helper.make_node("Concat", ["ws", "c"], ["wc"], axis=0),
+        onnx.helper.make_node("Mul", ["wt", "two"], ["wm"]),
+        onnx.helper.make_node("MatMul", ["x", "wc"], ["y"]),
+        onnx.helper.make_node("MatMul", ["x2", "wm"], ["y2"]),
+    ]
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.helper.make_graph(
+        nodes, "g",
+        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "x2")],
+        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([1], np.int64), "s"),
+            numpy_helper.from_array(np.array([3], np.int64), "e"),
+            numpy_helper.from_array(np.array([0], np.int64), "a"),
+            numpy_helper.from_array(np.zeros((2, 3), np.float32), "c"),
+            numpy_helper.from_array(np.array(2, np.float32), "two"),
+        ],
+    )
+    sources = gpt.parameter_sources(onnx.helper.make_model(graph), ["w"])
+    assert sources.sources["wc"].tolist() == [[1, 5, 9], [2, 6, 10], [-1, -1, -1], [-1, -1, -1]]
+    assert sources.leaves == {"wc", "wm"}
+    assert sources.map_cut("wc", 1, [2]) == [("w", 0, [2])]
+    assert sources.map_cut("wc", 0, [0, 3]) == [("w", 1, [1])]
+    with pytest.raises(gpt.PlanMappingError, match="Mul"):
+        sources.map_cut("wm", 0, [0])
+    model = onnx.helper.make_model(graph)
+    plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}})])
+    with pytest.raises(gpt.PlanMappingError, match="computed from"):
+        gpt.map_plan(plan, model, ["w"])  # wm = 2 * w^T would keep row 2 of w
+    model.graph.node.remove(model.graph.node[3])
+    model.graph.node.remove(model.graph.node[4])
+    del model.graph.output[1]
+    assert gpt.map_plan(plan, model, ["w"]).groups[0].channels == {"w": {"0": [2]}}
+    plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}, "w": {"0": [1]}})])
+    with pytest.raises(gpt.PlanMappingError, match="cut differently"):
+        gpt.map_plan(plan, model, ["w"])
