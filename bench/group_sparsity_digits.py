@@ -35,7 +35,7 @@ from graphprune.validate import differences, run
 
 
 class DigitsCNN(nn.Module):
-    """Three conv-BN-ReLU blocks, two max-pools, Flatten -> Linear (160 prunable channels)."""
+    """Three conv-BN-ReLU blocks, two max-pools, Flatten -> Linear (80 prunable channels)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,9 +44,9 @@ class DigitsCNN(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(
-            block(1, 32), block(32, 64), nn.MaxPool2d(2), block(64, 64), nn.MaxPool2d(2)
+            block(1, 16), block(16, 32), nn.MaxPool2d(2), block(32, 32), nn.MaxPool2d(2)
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 2 * 2, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -117,7 +117,8 @@ def run_seed(seed: int, epochs: int, strength: float, target: float) -> dict:
     summary = reg.summary()
 
     # lossless pruning of the trained sparse model's export
-    exported = gpt.to_onnx(sparse, (xte[:1],), dynamic_shapes=None)
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    exported = gpt.to_onnx(sparse, (xte[:2],), dynamic_shapes=batch)
     from graphprune.lossless import prune_lossless
 
     lossless = prune_lossless(exported)

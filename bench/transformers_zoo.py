@@ -302,15 +302,15 @@ def check_pruned(path: Path, res, sizes: list[tuple[int, int]], vocab: int) -> d
     """Compare the pruned model with the zeroed original at several batch/sequence sizes."""
     from graphprune import api
     from graphprune.passes.prune_channels import removed_elements
-    from graphprune.validate import differences, run, zeroed_reference
+    from graphprune.validate import differences, run, zeroed_overrides
 
     prep = api.load_and_prepare(str(path))
     removed = removed_elements(res.analysis, res.plan)
-    reference = zeroed_reference(prep.prepared, res.analysis, removed)
+    overrides = zeroed_overrides(prep.prepared, res.analysis, removed)
     worst = 0.0
     for batch, sequence in sizes:
         feeds = text_feeds(prep.original, batch=batch, sequence=sequence, vocab=vocab)
-        ref = run(reference, feeds, "the zeroed original")
+        ref = run(prep.prepared, feeds, "the zeroed original", overrides)
         out = run(res.model, feeds, "the pruned model")
         if [r.shape for r in ref] != [o.shape for o in out]:
             raise AssertionError(f"output shapes differ at batch {batch}, sequence {sequence}")
@@ -446,6 +446,121 @@ def cmd_run(models: list[str], exporters: list[str], hidden: float | None) -> in
     return 1 if failures else 0
 
 
+# ------------------------------------------------------------------------------ MiniLM
+
+
+SUBJECTS = [
+    "The cat", "A young doctor", "My neighbour", "The old fisherman", "Our team", "The teacher",
+    "A small child", "The company", "The orchestra", "A tired student", "The river", "The robot",
+    "Her grandmother", "The new manager", "A stray dog", "The farmer", "The pilot", "The city",
+]
+VERBS = [
+    "reads", "paints", "repairs", "sells", "watches", "studies", "builds", "cleans", "visits",
+    "describes", "ignores", "celebrates", "measures", "photographs", "carries", "plans",
+]
+OBJECTS = [
+    "a long novel", "the broken bicycle", "fresh vegetables", "the night sky", "an old bridge",
+    "the quarterly report", "a wooden boat", "the football match", "the mountain trail",
+    "a strange painting", "the kitchen floor", "the ancient ruins", "a birthday cake",
+    "the stock market", "a jazz concert", "the solar panels", "the winter garden",
+]
+ENDINGS = [
+    "every morning", "before dinner", "with great care", "in the rain", "after the meeting",
+    "for the first time", "without any help", "near the station", "during the holidays",
+    "while humming a song", "on a quiet Sunday", "despite the noise", "at midnight",
+]
+QUESTIONS = [
+    "How do I reset my password?", "What is the capital of France?",
+    "Where can I buy cheap train tickets?", "Why is the sky blue?",
+    "Which laptop is best for programming?", "When does the museum open?",
+]
+
+
+def sentences(count: int = 512, seed: int = 0) -> list[str]:
+    """A fixed, locally generated set of ``count`` distinct English sentences."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < count:
+        if rng.random() < 0.08:
+            text = rng.choice(QUESTIONS)
+            if rng.random() < 0.5:
+                text = f"{rng.choice(SUBJECTS)} asks: {text.lower()}"
+        else:
+            text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+            if rng.random() < 0.7:
+                text += f" {rng.choice(ENDINGS)}"
+            text += "."
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def embed(model, texts: list[str], tokenizer, batch: int = 64):
+    """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM-L6-v2 recipe)."""
+    import numpy as np
+
+    from graphprune.validate import session
+
+    sess = session(model)
+    names = [i.name for i in sess.get_inputs()]
+    out = []
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(texts[start : start + batch], padding=True, truncation=True,
+                        max_length=64, return_tensors="np")
+        feeds = {"input_ids": enc["input_ids"].astype(np.int64),
+                 "attention_mask": enc["attention_mask"].astype(np.int64)}
+        hidden = sess.run(None, {n: feeds[n] for n in names})[0]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def cmd_minilm(count: int, exporters: list[str]) -> int:
+    import numpy as np
+    import onnx
+    from transformers import AutoTokenizer
+
+    import graphprune
+    from graphprune import targets
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    texts = sentences(count)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    rows = []
+    settings = [("mlp", 0.25), ("mlp", 0.5), ("head", 0.25), ("head", 0.5)]
+    for exporter in exporters:
+        path = entry_path("minilm", exporter)
+        original = onnx.load(str(path))
+        reference = embed(original, texts, tokenizer)
+        analysis = graphprune.analyze(str(path))
+        for kind, r in settings:
+            plan = targets.plan_targets(
+                analysis, ratio=0.0, criterion="l1",
+                head_ratio=r if kind == "head" else 0.0, mlp_ratio=r if kind == "mlp" else 0.0,
+            )
+            res = graphprune.prune(str(path), plan=plan)
+            pruned = embed(res.model, texts, tokenizer)
+            cos = (reference * pruned).sum(1)
+            row = {
+                "exporter": exporter, "kind": kind, "ratio": r, "criterion": "l1",
+                "sentences": len(texts), "mean_cosine": float(cos.mean()),
+                "min_cosine": float(cos.min()),
+                "params_ratio": res.report["params_after"] / res.report["params_before"],
+                "verified": bool(res.report["verification"].get("ok")),
+            }
+            rows.append(row)
+            print(json.dumps(row))
+    results["minilm_cosine"] = rows
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return 0 if np.isfinite([r["mean_cosine"] for r in rows]).all() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -457,11 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--only", default="")
     p_run.add_argument("--exporter", default="both", choices=["both", *EXPORTERS])
     p_run.add_argument("--hidden", type=float, default=None, help="also prune hidden size")
+    p_minilm = sub.add_parser("minilm")
+    p_minilm.add_argument("--sentences", type=int, default=512)
+    p_minilm.add_argument("--exporter", default="both", choices=["both", *EXPORTERS])
     args = parser.parse_args(argv)
     models = [m for m in args.only.split(",") if m] if getattr(args, "only", "") else None
     if args.cmd == "export":
         exporters = list(EXPORTERS) if args.exporter == "both" else [args.exporter]
         return cmd_export(models or list(HF_MODELS), exporters, args.force)
+    if args.cmd == "minilm":
+        exporters = list(EXPORTERS) if args.exporter == "both" else [args.exporter]
+        return cmd_minilm(args.sentences, exporters)
     if args.cmd == "run":
         exporters = list(EXPORTERS) if args.exporter == "both" else [args.exporter]
         return cmd_run(models or list(ALL_MODELS), exporters, args.hidden)

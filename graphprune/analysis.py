@@ -617,7 +617,7 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
                 dim.Clear()
                 dim.dim_value = sizes[(value.name, axis)]
     shapes: dict[str, list] = {}
-    for _ in range(4):  # infer, fold the shape computations that became constant, repeat
+    for _ in range(12):  # infer, fold the shape computations that became constant, repeat
         inferred = onnx.shape_inference.infer_shapes(
             probe, check_type=False, strict_mode=False, data_prop=True
         )
@@ -759,7 +759,8 @@ def analyze_graph(
             ctx.tensor_freeze[name].append(f"used inside a subgraph of {describe_node(node)}")
         rule = registry.lookup(node.domain or "", node.op, opset)
         if rule is None:
-            key = f"{node.domain}::{node.op}" if node.domain not in ("", "ai.onnx") else node.op
+            domain = node.domain or ""
+            key = f"{domain}::{node.op}" if domain not in ("", "ai.onnx") else node.op
             unsupported[key].append(node.name)
             ctx.freeze_node(node, f"no rule for {describe_node(node)}")
             continue

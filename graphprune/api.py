@@ -148,7 +148,7 @@ def _verify(
     pruned: onnx.ModelProto,
     tolerance: float,
 ) -> dict[str, Any]:
-    check_model(pruned)
+    check_model(pruned, prep.original)
     feeds = make_feeds(prep.original, seed=0, batch=1)[0]
     by_id = {g.id: g for g in analysis.groups}
     pruned_groups = [by_id[g.group] for g in plan.groups if g.remove]

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from graphprune.errors import GraphPruneError, UsageError
 from graphprune.tables import human, table
@@ -37,6 +37,13 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         prefix = f"[{index}/{total}]" if index else "[..]"
         print(f"{prefix} {stage} (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``graphprune: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"graphprune: error: {message} (see '{self.prog} --help')\n")
 
 
 def _ratio(text: str) -> float:
@@ -247,11 +254,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from graphprune import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="graphprune", description="Structural pruning of neural networks on ONNX graphs.")
     parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("analyze", help="show channel groups, frozen groups and reasons")
     p.add_argument("model")

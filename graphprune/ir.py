@@ -76,9 +76,25 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.doc_string = template.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(copy.deepcopy(list(template.metadata_props)))
-    if template.functions:
-        model.functions.extend(copy.deepcopy(list(template.functions)))
+    present = {(f.domain, f.name, getattr(f, "overload", "")) for f in model.functions}
+    for function in template.functions:
+        if (function.domain, function.name, getattr(function, "overload", "")) not in present:
+            model.functions.append(copy.deepcopy(function))
     return model
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (rules, plans and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = name or f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(name)
 
 
 def clear_intermediate_shapes(graph: gs.Graph) -> None:
@@ -94,6 +110,7 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     """Return a normalised, shape-inferred copy of ``model`` ready for analysis."""
     model = copy.deepcopy(model)
     strip_initializer_inputs(model)
+    name_nodes(model)
     model = model_io.infer_shapes(model, inplace=True)
     has_constant_nodes = any(n.op_type in ("Constant", "Identity", "Shape") for n in model.graph.node)
     if fold and has_constant_nodes:

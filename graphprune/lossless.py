@@ -239,7 +239,8 @@ def _apply_drops(graph: gs.Graph, drops: set[tuple[int, str]]) -> int:
         keep = [t for t in node.inputs if (id(node), t.name) not in drops]
         if len(keep) < len(node.inputs) and keep:
             count += len(node.inputs) - len(keep)
-            node.inputs[:] = keep
+            node.inputs.clear()
+            node.inputs.extend(keep)
     return count
 
 
@@ -626,7 +627,8 @@ def _bypass_add(graph: gs.Graph, node: gs.Node, skip_name: str) -> None:
     if y.name in outputs:
         node.op = "Identity"
         node.attrs.clear()
-        node.inputs[:] = [skip]
+        node.inputs.clear()
+        node.inputs.extend([skip])
         return
     for consumer in list(y.outputs):
         for k, t in enumerate(consumer.inputs):

@@ -26,8 +26,27 @@ from graphprune.errors import VerificationError
 TWO_GB = 2**31 - 2**20
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` full check (strict shape inference included)."""
+def check_model(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> None:
+    """``onnx.checker`` full check (strict shape inference included).
+
+    Where ONNX's own shape inference cannot handle the *original* either (a function op whose
+    output it does not infer), the pruned model is held to the same standard as the original:
+    the structural check without strict inference.
+    """
+    try:
+        _full_check(model)
+    except VerificationError:
+        if original is None or _passes_full_check(original):
+            raise
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            raise VerificationError(
+                f"pruned model fails onnx.checker: {str(exc).splitlines()[0]}"
+            ) from exc
+
+
+def _full_check(model: onnx.ModelProto) -> None:
     try:
         if model.ByteSize() > TWO_GB:
             with tempfile.TemporaryDirectory() as tmp:
@@ -40,6 +59,14 @@ def check_model(model: onnx.ModelProto) -> None:
         raise VerificationError(f"pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     except onnx.shape_inference.InferenceError as exc:
         raise VerificationError(f"pruned model fails shape inference: {str(exc).splitlines()[0]}") from exc
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        _full_check(model)
+    except VerificationError:
+        return False
+    return True
 
 
 def session(

@@ -13,7 +13,7 @@ class IdentityEliminationPass(Pass):
         outputs = {t.name for t in graph.outputs}
         removed = 0
         for node in list(graph.nodes):
-            if node.op != "Identity" or node.domain not in ("", "ai.onnx"):
+            if node.op != "Identity" or (node.domain or "") not in ("", "ai.onnx"):
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if y.name in outputs:

@@ -116,7 +116,8 @@ class EraseOperatorsPass(Pass):
                     keep.append(t)
             if keep and len(keep) < len(node.inputs):
                 stats["concat_inputs_dropped"] += len(node.inputs) - len(keep)
-                node.inputs[:] = keep
+                node.inputs.clear()
+                node.inputs.extend(keep)
                 changed = True
         return changed
 
@@ -220,7 +221,8 @@ class EraseOperatorsPass(Pass):
         if y.name in outputs:
             node.op = "Identity"
             node.attrs.clear()
-            node.inputs[:] = [other]
+            node.inputs.clear()
+            node.inputs.extend([other])
             return True
         for consumer in list(y.outputs):
             for k, t in enumerate(consumer.inputs):

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
@@ -378,8 +377,3 @@ def assert_prunes_exactly(
     difference = relative_difference(reference, pruned_out)
     assert difference <= tolerance, f"pruned differs from the zeroed original by {difference:.3g}"
     return result
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(0)

@@ -139,9 +139,10 @@ def test_units_of_a_concat_group():
 def test_group_and_analysis_summaries():
     analysis = graphprune.analyze(_concat_model())
     summary = analysis.summary()
-    assert summary == {
-        "groups": 3, "prunable": 1, "frozen": 2, "inexact": 0, "unsupported_ops": {},
+    assert {k: summary[k] for k in ("groups", "prunable", "frozen", "inexact")} == {
+        "groups": 3, "prunable": 1, "frozen": 2, "inexact": 0,
     }
+    assert summary["unsupported_ops"] == {}
     group = group_with(analysis, "W_a", 0)
     s = group.summary()
     assert s["size"] == 8 and s["prunable"] is True and s["frozen"] == []
@@ -170,11 +171,6 @@ def test_keep_protects_a_tensor():
     assert group_with(graphprune.analyze(m, keep=["nothing"]), "W_a", 0).prunable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: onnx-graphsurgeon gives default-domain nodes domain None; the unsupported-op "
-    "key is then 'None::TopK' instead of 'TopK'",
-)
 def test_unsupported_ops_are_keyed_as_onnx_spells_them():
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
@@ -289,7 +285,7 @@ def test_custom_op_is_frozen_without_a_rule():
     analysis = graphprune.analyze(_foo_model())
     group = group_with(analysis, "W_stem", 0)
     assert not group.prunable
-    assert group.frozen == ["no rule for Foo 'foo'"]
+    assert group.frozen and all("Foo 'foo'" in r for r in group.frozen)
     assert analysis.unsupported == {"com.example::Foo": ["foo"]}
 
 
@@ -301,12 +297,6 @@ def test_user_rule_for_a_custom_op_makes_it_prunable(foo_rule):
     assert {("a", 1), ("b", 1), ("W_head", 1)} <= set(group.dims)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ir.export_graph copies the template's model-local functions on top of the "
-    "ones onnx-graphsurgeon already exported: 'multiple local functions with the same "
-    "implementation id' (InvalidModelError)",
-)
 def test_user_rule_for_a_custom_function_op_prunes_and_verifies(foo_rule):
     res = assert_prunes_exactly(_foo_model())
     assert len(res.model.functions) == 1

@@ -286,11 +286,6 @@ def test_analyze_reports_groups():
     assert analysis.unsupported == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: shape literals are tracked by node name; two unnamed Reshape nodes collide "
-    "('shape literal 1 of node '' tracks two sizes', RewriteError)",
-)
 def test_unnamed_nodes_prune():
     nodes = [
         helper.make_node("Conv", ["x", "W1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),

@@ -7,14 +7,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import conv_node, make_model
+from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
+from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
+from graphprune.passes.prune_channels import PruneChannelsPass
 from onnx import helper
 
 from graphprune import ir
 from graphprune.analysis import analyze_graph
 from graphprune.api import load_and_prepare
-from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
-from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
-from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.plan import Plan
 from graphprune.planner import plan_ratio
 
@@ -89,11 +89,6 @@ def test_prune_channels_pass_with_an_empty_plan_changes_nothing():
 # --------------------------------------------------------------------------- cleanup passes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: onnx-graphsurgeon imports default-domain nodes with domain None, which "
-    "IdentityEliminationPass takes for a custom domain: no Identity is ever removed",
-)
 def test_identity_elimination_removes_an_identity():
     graph, opset = _graph(_model(identity=True))
     graph.nodes.append(gs.Node("Identity", "kept", inputs=[graph.tensors()["a"]],

@@ -217,14 +217,26 @@ def _group_norm_model(shape_known: bool) -> onnx.ModelProto:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GroupNormalization's output has no inferred shape, the rule freezes "
-    "('rank unknown or changed') instead of using the input's shape",
-)
 def test_group_normalization_op_without_value_info():
-    group = stem_group(_group_norm_model(shape_known=False))
+    """onnx 1.23 infers no output shape for GroupNormalization-21: the rule takes the input's
+    shape instead of freezing, and the pruned model still verifies (non-strict check, since
+    the original itself fails strict inference)."""
+    norm = helper.make_node(
+        "GroupNormalization", ["a", "gn.scale", "gn.bias"], ["b"], name="gn", num_groups=4
+    )
+    m = make_model(
+        [conv_node("x", "W_stem", "a", "B_stem", name="stem"), norm,
+         conv_node("b", "W_head", "y", "B_head", name="head")],
+        {"x": [1, 3, HW, HW]}, {"y": [1, 4, HW, HW]},
+        {"W_stem": (C, 3, 3, 3), "B_stem": (C,), "W_head": (4, C, 3, 3), "B_head": (4,),
+         "gn.scale": positive(C), "gn.bias": (C,)},
+        opset=21, check=False,
+    )
+    group = stem_group(m)
     assert group.prunable, group.frozen
+    res = graphprune.prune(m, ratio=0.5)
+    assert res.report["verification"]["ok"]
+    assert attr(node(res.model, "gn"), "num_groups") == 2
 
 
 def test_group_normalization_op_prunes_whole_groups():
@@ -747,6 +759,35 @@ def test_squeeze_unsqueeze_squeeze_excitation():
     res = assert_prunes_exactly(m)
     assert initializer(res.model, "W_fc2").shape == (4, 2)  # transB: [C, hidden]
     np.testing.assert_array_equal(initializer(res.model, "hw_axes"), [2, 3])
+
+
+def test_expand_shape_literal_is_rewritten():
+    nodes = [
+        helper.make_node("Expand", ["k", "shape"], ["ke"], name="expand"),
+        helper.make_node("Add", ["a", "ke"], ["b"], name="add"),
+    ]
+    m = sandwich(nodes, {"k": (C, 1, 1), "shape": ints(1, C, HW, HW)})
+    group = assert_stem_group(m, {"k", "ke"})
+    assert [(s.node_name, s.element) for s in group.shape_elements] == [("expand", 1)]
+    res = assert_prunes_exactly(m)
+    assert list(const_input(res.model, node(res.model, "expand"), 1)) == [1, 4, HW, HW]
+    assert initializer(res.model, "k").shape == (4, 1, 1)
+
+
+def test_identity_on_an_initializer_torchscript_style():
+    """The TorchScript exporter routes shared weights through Identity nodes."""
+    nodes = [
+        helper.make_node("Identity", ["W_raw"], ["W_mid"], name="weight_identity"),
+        conv_node("a", "W_mid", "b", name="mid"),
+    ]
+    m = sandwich(nodes, {"W_raw": (C, C, 3, 3)})
+    analysis = graphprune.analyze(m)
+    assert ("W_mid", 1) in group_with(analysis, "W_stem", 0).params
+    assert group_with(analysis, "W_mid", 0).prunable
+    res = assert_prunes_exactly(m)
+    assert not nodes_of(res.model, "Identity")
+    mid = node(res.model, "mid")
+    assert initializer(res.model, mid.input[1]).shape == (4, 4, 3, 3)
 
 
 def test_identity_dropout_cast_pass_channels_through():

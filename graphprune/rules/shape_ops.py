@@ -499,11 +499,20 @@ class ExpandRule(OpRule):
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         x, out_shape = node.inputs[0], ctx.shape(node.outputs[0])
         state, shape = ctx.state(x), ctx.shape(x)
-        if state is None or shape is None or out_shape is None:
+        if shape is None or out_shape is None or not out_shape:
             return [None]
-        axis = state.axis + len(out_shape) - len(shape)
-        vector = ctx.aligned(x, out_shape, axis)
-        return [None if vector is None else za.values(axis, vector)]
+        lead = len(out_shape) - len(shape)
+        if state is not None:
+            axes = [state.axis + lead]
+        elif isinstance(x, gs.Constant):  # a constant broadcast: its varying axes carry values
+            axes = [a + lead for a, n in enumerate(shape) if n != 1] or [min(1, len(out_shape) - 1)]
+        else:
+            return [None]
+        for axis in axes:
+            vector = ctx.aligned(x, out_shape, axis)
+            if vector is not None and not np.isnan(vector).all():
+                return [za.values(axis, vector)]
+        return [None]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

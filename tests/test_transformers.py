@@ -1,0 +1,343 @@
+"""Transformers: attention heads, MLP neurons and hidden size on exports of tiny blocks.
+
+Three tiny blocks written like the HF / torchvision code they stand for, each exported with
+both torch exporters (dynamic batch and sequence axes):
+
+- ``Encoder``: LayerNorm, multi-head attention with ``view(b, s, H, D)`` (a literal head
+  count), GELU MLP; a Linear head after it.
+- ``GQA``: RMSNorm, grouped-query attention (4 query heads, 2 KV heads, ``repeat_kv`` as
+  Expand + Reshape, ``view(b, s, -1, D)``), rotary embeddings, SwiGLU MLP.
+- ``Packed``: one qkv projection split as ``reshape(b, s, 3, H, D).permute(2, 0, 3, 1, 4)``
+  and indexed ``qkv[0]`` (torchvision Swin style).
+
+Every pruned model is compared, at other batch and sequence sizes than the export's, with
+the original whose removed producer and consumer slices are zeroed (conftest's independent
+zeroing). Pure-ONNX tests cover the shape probing, the per-kind ratios and the fused
+com.microsoft ops.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_model, relative_difference, run_ort, zeroed_original
+from onnx import helper
+
+import graphprune
+from graphprune import targets
+from graphprune.analysis import analyze_graph, refine_shapes
+from graphprune.ir import import_graph, prepare
+
+HIDDEN, HEADS, HEAD_DIM, MLP = 32, 4, 8, 64
+
+
+# ----------------------------------------------------------------------------- torch blocks
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _modules():
+    torch = _torch()
+    nn = torch.nn
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
+            self.q, self.k, self.v = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+            self.o = nn.Linear(HIDDEN, HIDDEN)
+            self.fc1, self.fc2 = nn.Linear(HIDDEN, MLP), nn.Linear(MLP, HIDDEN)
+            self.head = nn.Linear(HIDDEN, 8)
+
+        def forward(self, x):
+            b, s = x.shape[0], x.shape[1]
+            h = self.ln1(x)
+            q = self.q(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
+            k = self.k(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
+            v = self.v(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM), dim=-1)
+            y = (att @ v).transpose(1, 2).reshape(b, s, HIDDEN)
+            x = x + self.o(y)
+            x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+            return self.head(x)
+
+    class GQA(nn.Module):
+        kv_heads = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1 = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+            self.norm2 = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+            self.q = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False)
+            self.k = nn.Linear(HIDDEN, self.kv_heads * HEAD_DIM, bias=False)
+            self.v = nn.Linear(HIDDEN, self.kv_heads * HEAD_DIM, bias=False)
+            self.o = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
+            self.gate = nn.Linear(HIDDEN, MLP, bias=False)
+            self.up = nn.Linear(HIDDEN, MLP, bias=False)
+            self.down = nn.Linear(MLP, HIDDEN, bias=False)
+            self.head = nn.Linear(HIDDEN, 8)
+
+        @staticmethod
+        def rms(x, w):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+        @staticmethod
+        def rotate_half(x):
+            x1, x2 = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2 :]
+            return torch.cat((-x2, x1), dim=-1)
+
+        def forward(self, x):
+            b, s = x.shape[0], x.shape[1]
+            h = self.rms(x, self.norm1)
+            q = self.q(h).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+            k = self.k(h).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+            v = self.v(h).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+            inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+            angles = torch.arange(s).float()[:, None] * inv[None, :]
+            emb = torch.cat((angles, angles), dim=-1)
+            cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+            q = q * cos + self.rotate_half(q) * sin
+            k = k * cos + self.rotate_half(k) * sin
+            n_rep = HEADS // self.kv_heads
+            kv_shape = (b, self.kv_heads, n_rep, s, HEAD_DIM)
+            k = k[:, :, None].expand(kv_shape).reshape(b, HEADS, s, HEAD_DIM)
+            v = v[:, :, None].expand(kv_shape).reshape(b, HEADS, s, HEAD_DIM)
+            att = torch.softmax(q @ k.transpose(2, 3) * HEAD_DIM**-0.5, dim=-1)
+            y = (att @ v).transpose(1, 2).reshape(b, s, -1)
+            x = x + self.o(y)
+            h = self.rms(x, self.norm2)
+            x = x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+            return self.head(x)
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+            self.proj = nn.Linear(HIDDEN, HIDDEN)
+
+        def forward(self, x):
+            b, s = x.shape[0], x.shape[1]
+            qkv = self.qkv(x).reshape(b, s, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            att = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5, dim=-1)
+            return self.proj((att @ v).transpose(1, 2).reshape(b, s, HIDDEN))
+
+    return {"encoder": Encoder, "gqa": GQA, "packed": Packed}
+
+
+def _export(name: str, dynamo: bool) -> onnx.ModelProto:
+    torch = _torch()
+    torch.manual_seed(0)
+    module = _modules()[name]().eval()
+    with torch.no_grad():  # no zero biases: every unit must reach the output
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    x = torch.randn(2, 5, HIDDEN)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=64)}
+            torch.onnx.export(module, (x,), buffer, dynamo=True, input_names=["x"],
+                              output_names=["y"], dynamic_shapes=(dims,),
+                              verbose=False)
+        else:
+            torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"],
+                              output_names=["y"], opset_version=17,
+                              dynamic_axes={"x": {0: "batch", 1: "sequence"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = run_ort(model, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    return model
+
+
+_CACHE: dict[tuple[str, bool], onnx.ModelProto] = {}
+
+
+def exported(name: str, dynamo: bool) -> onnx.ModelProto:
+    if (name, dynamo) not in _CACHE:
+        _CACHE[(name, dynamo)] = _export(name, dynamo)
+    return _CACHE[(name, dynamo)]
+
+
+EXPORTERS = pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+#: name -> (head units per head group, MLP units)
+EXPECTED = {"encoder": (HEADS, MLP), "gqa": (2, MLP), "packed": (HEADS, None)}
+
+
+def kinds_of(analysis) -> dict[str, list]:
+    kinds = targets.classify_groups(analysis)
+    out: dict[str, list] = {}
+    for group in analysis.groups:
+        out.setdefault(kinds[group.id], []).append(group)
+    return out
+
+
+def check_against_zeroed(original: onnx.ModelProto, result, sizes=((1, 3), (3, 7))) -> float:
+    """Pruned vs zeroed original at batch/sequence sizes other than the export's."""
+    reference = zeroed_original(original, result.plan)
+    worst = 0.0
+    for batch, seq in sizes:
+        x = np.random.default_rng(batch).standard_normal((batch, seq, HIDDEN)).astype(np.float32)
+        worst = max(worst, relative_difference(run_ort(reference, {"x": x}),
+                                               run_ort(result.model, {"x": x})))
+    return worst
+
+
+@pytest.mark.torch
+@EXPORTERS
+@pytest.mark.parametrize("name", ["encoder", "gqa", "packed"])
+def test_heads_and_mlp_are_groups(name, dynamo):
+    analysis = graphprune.analyze(exported(name, dynamo))
+    kinds = kinds_of(analysis)
+    heads, mlp = EXPECTED[name]
+    assert [g.num_units for g in kinds["head"]] == [heads]
+    assert all(g.prunable and g.is_exact for g in kinds["head"]), kinds["head"][0].frozen
+    if mlp is not None:
+        assert [g.num_units for g in kinds["mlp"] if g.prunable] == [mlp]
+    if name != "packed":
+        hidden = [g for g in kinds.get("hidden", []) if g.num_units == HIDDEN]
+        assert hidden and not hidden[0].is_exact  # normalised over: inexact
+
+
+@pytest.mark.torch
+@EXPORTERS
+@pytest.mark.parametrize("name", ["encoder", "gqa", "packed"])
+def test_half_the_heads_and_neurons_exactly(name, dynamo):
+    model = exported(name, dynamo)
+    analysis = graphprune.analyze(model)
+    plan = targets.plan_targets(analysis, head_ratio=0.5, mlp_ratio=0.5)
+    kinds = plan.meta["kinds"]
+    removed = {k: sum(len(g.remove) for g in plan.groups if kinds[g.anchor] == k)
+               for k in ("head", "mlp", "hidden")}
+    heads, mlp = EXPECTED[name]
+    assert removed == {"head": heads // 2, "mlp": (mlp or 0) // 2, "hidden": 0}
+    res = graphprune.prune(model, plan=plan)
+    assert res.report["verification"]["ok"], res.report["verification"]
+    onnx.checker.check_model(res.model, full_check=True)
+    assert check_against_zeroed(model, res) <= 1e-4
+    # parameters: every q/k/v/o column of a pruned head and every MLP neuron's weights go
+    before, after = res.report["params_before"], res.report["params_after"]
+    head_params = 4 * HEAD_DIM * HIDDEN * (heads // 2) if name != "gqa" else (
+        2 * HEAD_DIM * HIDDEN * (HEADS // 2) + 2 * HEAD_DIM * HIDDEN * (heads // 2))
+    mlp_params = {"encoder": (2 * HIDDEN + 1) * MLP // 2, "gqa": 3 * HIDDEN * MLP // 2}.get(name, 0)
+    bias_params = 3 * HEAD_DIM * (heads // 2) if name != "gqa" else 0
+    assert before - after == head_params + mlp_params + bias_params
+
+
+@pytest.mark.torch
+@EXPORTERS
+def test_gqa_unit_is_a_kv_head_with_its_query_heads(dynamo):
+    model = exported("gqa", dynamo)
+    analysis = graphprune.analyze(model)
+    (group,) = kinds_of(analysis)["head"]
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5))
+    (gp,) = [g for g in res.plan.groups if g.anchor == f"{group.anchor[0]}:{group.anchor[1]}"]
+    cut = {name: len(next(iter(axes.values()))) for name, axes in gp.channels.items()}
+    # one KV head (8 k columns, 8 v columns) and its two query heads (16 q columns, 16 o rows)
+    assert sorted(cut.values()) == [HEAD_DIM, HEAD_DIM, 2 * HEAD_DIM, 2 * HEAD_DIM]
+    assert check_against_zeroed(model, res) <= 1e-4
+
+
+@pytest.mark.torch
+@EXPORTERS
+def test_hidden_size_only_when_asked_and_inexact(dynamo):
+    model = exported("encoder", dynamo)
+    analysis = graphprune.analyze(model)
+    plan = targets.plan_targets(analysis, ratio=0.5)
+    assert "hidden" not in plan.meta["kinds"].values()
+    plan = targets.plan_targets(analysis, ratio=0.0, prune_hidden=True, hidden_ratio=0.25)
+    assert list(plan.meta["kinds"].values()) == ["hidden"]
+    res = graphprune.prune(model, plan=plan)
+    ver = res.report["verification"]
+    assert ver["ok"] and ver["inexact_groups"], ver
+    x = np.random.default_rng(0).standard_normal((3, 6, HIDDEN)).astype(np.float32)
+    assert run_ort(res.model, {"x": x})[0].shape == (3, 6, 8)
+    assert res.report["params_after"] < 0.85 * res.report["params_before"]
+
+
+# ----------------------------------------------------------------------------- pure ONNX
+
+
+def test_ratio_for_defaults_and_overrides():
+    assert targets.ratio_for("head", 0.3) == 0.3
+    assert targets.ratio_for("head", 0.3, head_ratio=0.5) == 0.5
+    assert targets.ratio_for("mlp", 0.3, mlp_ratio=0.1) == 0.1
+    assert targets.ratio_for("hidden", 0.3) is None
+    assert targets.ratio_for("hidden", 0.3, prune_hidden=True) == 0.3
+    assert targets.ratio_for("hidden", 0.3, prune_hidden=True, hidden_ratio=0.2) == 0.2
+    assert targets.ratio_for("channel", 0.3, head_ratio=0.9) == 0.3
+    with pytest.raises(graphprune.GraphPruneError):
+        targets.ratio_for("bogus", 0.3)
+    with pytest.raises(graphprune.GraphPruneError):
+        targets.check_ratios(head_ratio=1.0)
+
+
+def _computed_head_reshape() -> onnx.ModelProto:
+    """``view(b, s, -1, D)`` with the target read from Shape: the head count is hidden."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("Shape", ["x"], ["shape"], start=0, end=2),
+        helper.make_node("Concat", ["shape", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["q", "target"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["q4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["qt", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["att"], axis=-1),
+        helper.make_node("MatMul", ["att", "qt"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", ["shape", "minus_one"], ["merge"], axis=0),
+        helper.make_node("Reshape", ["ctx_t", "merge"], ["merged"]),
+        helper.make_node("MatMul", ["merged", "wo"], ["y"]),
+    ]
+    return make_model(
+        nodes, {"x": ["batch", "seq", 16]}, {"y": ["batch", "seq", 16]},
+        {"wq": [16, 16], "wo": [16, 16], "tail": np.array([-1, 4], dtype=np.int64),
+         "minus_one": np.array([-1], dtype=np.int64)},
+    )
+
+
+def test_refine_shapes_finds_the_head_count_behind_a_computed_reshape():
+    model = prepare(_computed_head_reshape())
+    graph = import_graph(model)
+    assert graph.tensors()["q4"].shape[2] != 4  # plain inference cannot tell
+    probes = refine_shapes(graph)
+    assert graph.tensors()["q4"].shape[2:] == [4, 4]
+    assert not isinstance(graph.tensors()["q4"].shape[0], int)  # batch stays dynamic
+    assert probes["q4"][0][2] == probes["q4"][1][2] == 4
+    analysis = analyze_graph(graph, 17)
+    head = [g for g in analysis.groups if targets.classify_group(g, analysis) == "head"]
+    assert [g.num_units for g in head] == [4] and head[0].prunable
+
+
+def test_computed_reshape_prunes_heads_at_any_batch_and_sequence():
+    model = _computed_head_reshape()
+    res = graphprune.prune(model, plan=targets.plan_targets(graphprune.analyze(model),
+                                                            head_ratio=0.5))
+    assert res.report["verification"]["ok"]
+    reference = zeroed_original(model, res.plan)
+    for shape in [(1, 2, 16), (4, 9, 16)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        assert relative_difference(run_ort(reference, {"x": x}), run_ort(res.model, {"x": x})) < 1e-5
+
+
+def test_cnn_has_no_transformer_kinds():
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+                       {"w1": [8, 3, 3, 3], "w2": [4, 8, 3, 3]})
+    analysis = graphprune.analyze(model)
+    assert set(targets.classify_groups(analysis).values()) == {"channel"}
+    assert targets.ratio_function(analysis, 0.5, prune_hidden=False)(analysis.groups[0]) == 0.5
