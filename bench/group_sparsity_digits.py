@@ -22,16 +22,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from graphprune.frontends import torch as gpt
+from graphprune.frontends.sparsity import GroupSparsity
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
 import graphprune
-from graphprune.frontends import torch as gpt
-from graphprune.frontends.sparsity import GroupSparsity
 from graphprune.metrics import count_macs, count_params
-from graphprune.validate import differences, run
+from graphprune.validate import differences, session
 
 
 class DigitsCNN(nn.Module):
@@ -64,6 +65,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def predict(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    """Run a batch-1 ONNX model over ``x`` one sample at a time."""
+    sess = session(model)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 1].numpy()})[0] for i in range(len(x))])
 
 
 def train(
@@ -99,7 +107,7 @@ def train(
             step += 1
 
 
-def run_seed(seed: int, epochs: int, strength: float, target: float) -> dict:
+def run_seed(seed: int, epochs: int, strength: float, target: float, per_group: bool) -> dict:
     xtr, ytr, xte, yte = data(0)
     torch.manual_seed(seed)
     init = DigitsCNN()
@@ -110,23 +118,24 @@ def run_seed(seed: int, epochs: int, strength: float, target: float) -> dict:
     dense_time = time.perf_counter() - t0
 
     sparse = copy.deepcopy(init)
-    reg = GroupSparsity.from_module(sparse, (xte[:1],), strength=strength, target=target)
+    reg = GroupSparsity.from_module(
+        sparse, (xte[:1],), strength=strength, target=target, per_group=per_group
+    )
     t0 = time.perf_counter()
     train(sparse, xtr, ytr, epochs=epochs, seed=seed, reg=reg)
     sparse_time = time.perf_counter() - t0
     summary = reg.summary()
 
     # lossless pruning of the trained sparse model's export
-    batch = {"x": {0: torch.export.Dim("batch")}}
-    exported = gpt.to_onnx(sparse, (xte[:2],), dynamic_shapes=batch)
+    # batch 1: the lossless pass does not yet follow zeros through a Flatten with a
+    # symbolic batch (see docs/frontends.md); per-sample runs are cheap at this size
+    exported = gpt.to_onnx(sparse, (xte[:1],))
     from graphprune.lossless import prune_lossless
 
     lossless = prune_lossless(exported)
-    feeds = {exported.graph.input[0].name: xte.numpy()}
-    before = run(exported, feeds, "the sparse export")
-    after = run(lossless.model, feeds, "the lossless model")
-    max_abs, max_rel = differences(before, after)
-    onnx_acc = float((after[0].argmax(1) == yte.numpy()).mean()) * 100
+    before, after = predict(exported, xte), predict(lossless.model, xte)
+    max_abs, max_rel = differences([before], [after])
+    onnx_acc = float((after.argmax(1) == yte.numpy()).mean()) * 100
 
     # the same zero units removed from the PyTorch module
     small = copy.deepcopy(sparse)
@@ -174,13 +183,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--strength", type=float, default=0.05)
     parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--per-group", action="store_true", help="target share within each group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "group_sparsity_digits.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:
-        row = run_seed(seed, args.epochs, args.strength, args.target)
+        row = run_seed(seed, args.epochs, args.strength, args.target, args.per_group)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "zero_by_group"}))
     mean = {

@@ -300,8 +300,9 @@ def text_feeds(model, *, batch: int, sequence: int, seed: int = 0, vocab: int = 
 
 def check_pruned(path: Path, res, sizes: list[tuple[int, int]], vocab: int) -> dict:
     """Compare the pruned model with the zeroed original at several batch/sequence sizes."""
-    from graphprune import api
     from graphprune.passes.prune_channels import removed_elements
+
+    from graphprune import api
     from graphprune.validate import differences, run, zeroed_overrides
 
     prep = api.load_and_prepare(str(path))

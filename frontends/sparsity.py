@@ -21,7 +21,8 @@ and after each optimiser step with learning rate ``lr`` the proximal step is
 which sets a unit *exactly* to zero once its norm falls below ``lr * lambda_u``. With a
 ``target`` fraction only the ``target`` share of units with the smallest normalised norm
 ``||w_u|| / sqrt(|w_u|)`` is shrunk at each step (the others train freely), so training
-settles on a chosen sparsity instead of a strength-dependent one.
+settles on a chosen sparsity instead of a strength-dependent one; the share is taken over
+all units (``per_group=False``, layers compete) or within each channel group.
 
 >>> reg = GroupSparsity.from_module(model, (x,), strength=1e-3, target=0.5)   # doctest: +SKIP
 >>> loss.backward(); opt.step(); reg.step(lr)                                  # doctest: +SKIP
@@ -103,6 +104,7 @@ class GroupSparsity:
         strength: float = 1e-3,
         target: float | None = None,
         exact_only: bool = True,
+        per_group: bool = False,
         roles: Iterable[str] = (PRODUCER, CHANNELWISE),
     ) -> None:
         if strength < 0:
@@ -114,6 +116,7 @@ class GroupSparsity:
         self.model = model
         self.strength = float(strength)
         self.target = target
+        self.per_group = per_group
         self.roles = frozenset(roles)
         self.units: list[UnitSlices] = []
         self._groups: dict[int, ChannelGroup] = {}
@@ -160,6 +163,11 @@ class GroupSparsity:
             mask = e.unit_of >= 0
             numel.index_add_(0, e.unit_of[mask], torch.full((int(mask.sum()),), float(per_index)))
         self.unit_numel = numel
+        group_ids = torch.tensor([u.group for u in self.units])
+        self._pools = (
+            [torch.nonzero(group_ids == g).flatten() for g in torch.unique(group_ids)]
+            if per_group else [torch.arange(len(self.units))]
+        )
 
     @classmethod
     def from_module(
@@ -194,10 +202,12 @@ class GroupSparsity:
     def _selected(self, norms: torch.Tensor) -> torch.Tensor:
         if self.target is None:
             return torch.ones(len(self.units), dtype=torch.bool)
-        k = math.ceil(self.target * len(self.units))
-        order = torch.argsort(norms / self.unit_numel.double().sqrt(), stable=True)
+        score = norms / self.unit_numel.double().sqrt()
         chosen = torch.zeros(len(self.units), dtype=torch.bool)
-        chosen[order[:k]] = True
+        for members in self._pools:
+            k = math.ceil(self.target * len(members))
+            order = members[torch.argsort(score[members], stable=True)]
+            chosen[order[:k]] = True
         return chosen
 
     def penalty(self) -> torch.Tensor:

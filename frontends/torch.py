@@ -181,8 +181,45 @@ def to_onnx(
             ) from exc
         finally:
             torch_logger.setLevel(level)
+    _castlike_to_cast(model)
     check_names(model, module)
     return model
+
+
+def _castlike_to_cast(model: onnx.ModelProto) -> None:
+    """``CastLike(constant, x)`` -> ``Cast(constant, to=dtype(x))`` where ``x``'s type is known.
+
+    The dynamo exporter builds the zero bias of a bias-free Conv as ``CastLike(0, x)``: the
+    activation ``x`` only lends its dtype, but as an input it looks like a consumer of every
+    channel of ``x``. A ``Cast`` of a literal folds away in graphprune's preparation.
+    """
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    constants.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    if not any(n.op_type == "CastLike" and n.input[0] in constants for n in graph.node):
+        return
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # > 2 GB or not inferable: leave the CastLikes alone
+        return
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in graph.initializer:
+        types[t.name] = t.data_type
+    for node in graph.node:
+        if node.op_type != "CastLike" or node.input[0] not in constants:
+            continue
+        target = types.get(node.input[1])
+        if target is None:
+            continue
+        source = node.input[0]
+        del node.input[:]
+        node.input.append(source)
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("to", target))
+        node.op_type = "Cast"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

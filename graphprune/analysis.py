@@ -617,6 +617,10 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
                 dim.Clear()
                 dim.dim_value = sizes[(value.name, axis)]
     shapes: dict[str, list] = {}
+    if any(n.domain == "com.microsoft" for n in probe.graph.node):
+        contrib = _contrib_shapes(probe)
+        if contrib is not None:
+            return contrib
     for _ in range(12):  # infer, fold the shape computations that became constant, repeat
         inferred = onnx.shape_inference.infer_shapes(
             probe, check_type=False, strict_mode=False, data_prop=True
@@ -635,6 +639,32 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
         if len(folded.nodes) == count:
             break
         probe = gs.export_onnx(folded, do_type_check=False)
+    return shapes
+
+
+def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
+    """Shapes of a graph with com.microsoft ops (which ONNX inference does not know), from
+    ONNX Runtime's symbolic shape inference when it is available (it needs sympy)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        # its ``infer_shapes`` writes a file into the working directory when some shape
+        # stays unknown; run its loop directly and keep the partial result instead
+        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        engine._preprocess(model)
+        while engine.run_:
+            engine._infer_impl()
+        engine._update_output_from_vi()
+        inferred = engine.out_mp_
+    except Exception:  # optional (it needs sympy): fused graphs keep their unknown sizes
+        return None
+    shapes: dict[str, list] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+            ]
     return shapes
 
 

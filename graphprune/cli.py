@@ -25,7 +25,8 @@ class _Progress:
     """Stage progress on stderr (``[2/5] analysis``), silent with --quiet."""
 
     def __init__(self, enabled: bool, stages: Sequence[str]) -> None:
-        self.enabled = enabled
+        # progress is for people watching a terminal; logs and pipes get the final report only
+        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("GRAPHPRUNE_PROGRESS") == "1")
         self.stages = list(stages)
         self.start = time.perf_counter()
 

@@ -48,7 +48,7 @@ from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.plan import GroupPlan, Plan
 from graphprune.planner import group_plan
 from graphprune.roles import CHANNELWISE, PRODUCER
-from graphprune.validate import check_model, differences, output_shapes_match, run
+from graphprune.validate import check_model, differences, output_shapes_match, run, session
 from graphprune.zero_analysis import GroupZeros, analyze_constants, find_zero_groups
 
 Progress = Callable[[str], None]
@@ -371,10 +371,12 @@ def _compare(
 ) -> dict[str, Any]:
     check_model(candidate)
     feeds_list = make_feeds(reference, seed=0, batch=1, count=2)
+    ref_session = _session(reference, what)
+    session = _session(candidate, "the pruned model")
     max_abs = max_rel = 0.0
     for feeds in feeds_list:
-        ref_out = run(reference, feeds, what)
-        out = run(candidate, feeds, "the pruned model")
+        ref_out = _run(ref_session, feeds, what)
+        out = _run(session, feeds, "the pruned model")
         if not output_shapes_match(ref_out, out):
             raise VerificationError(
                 f"pruned model output shapes differ from {what}: "
@@ -392,6 +394,20 @@ def _compare(
         "max_rel_diff": max_rel,
         "tolerance": tolerance,
     }
+
+
+def _session(model: onnx.ModelProto, what: str) -> Any:
+    try:
+        return session(model)
+    except Exception as exc:
+        raise VerificationError(f"{what} does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+
+
+def _run(sess: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    try:
+        return [np.asarray(v) for v in sess.run(None, feeds)]
+    except Exception as exc:
+        raise VerificationError(f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
 
 
 def _finish(

@@ -48,7 +48,7 @@ def check_model(model: onnx.ModelProto, original: onnx.ModelProto | None = None)
 
 def _full_check(model: onnx.ModelProto) -> None:
     try:
-        if model.ByteSize() > TWO_GB:
+        if model_io.model_size_bytes(model) > TWO_GB:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
                 model_io.save_model(model, path, external_data=True)

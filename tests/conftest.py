@@ -244,18 +244,17 @@ def parameter_roles(model: onnx.ModelProto) -> dict[tuple[str, int], str]:
             if index < len(ins) and ins[index]:
                 roles.setdefault((ins[index], axis), role)
 
+        # W's second axis: every input (Conv) or output (ConvTranspose) channel when
+        # group == 1; with groups, one position inside every conv group (removed only
+        # when a grouped conv is pruned position by position)
         if n.op_type == "Conv":
-            group = _attr_or(n, "group", 1)
             put(1, 0, PRODUCER)
             put(2, 0, PRODUCER)
-            if group == 1:
-                put(1, 1, CONSUMER)
+            put(1, 1, CONSUMER)
         elif n.op_type == "ConvTranspose":
-            group = _attr_or(n, "group", 1)
             put(1, 0, CONSUMER)
             put(2, 0, PRODUCER)
-            if group == 1:
-                put(1, 1, PRODUCER)
+            put(1, 1, PRODUCER)
         elif n.op_type == "Gemm":
             if _attr_or(n, "transB", 0):
                 put(1, 0, PRODUCER)

@@ -977,3 +977,134 @@ def test_a_graph_input_read_by_a_per_channel_op_is_not_pruned():
                    {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)})
     group = group_with(graphprune.analyze(m), "W_stem", 0)
     assert not group.prunable and any("graph input 'side'" in r for r in group.frozen)
+
+
+# --------------------------------------------------------------------------- variants: axes, ranks, opsets
+
+
+def _negative_axes():
+    nodes = [
+        helper.make_node("Slice", ["a", "starts", "ends", "axes"], ["s"], name="slice"),
+        helper.make_node("Concat", ["s", "s"], ["b"], name="concat", axis=-3),
+    ]
+    return sandwich(nodes, {"starts": ints(2), "ends": ints(6), "axes": ints(-3)}, head_in=8)
+
+
+def _split_negative_axis():
+    nodes = [
+        conv_node("x", "W_stem", "a", name="stem"),
+        helper.make_node("Split", ["a", "sizes"], ["s0", "s1"], name="split", axis=-3),
+        conv_node("s0", "W_h0", "h0", name="head0"),
+        conv_node("s1", "W_h1", "h1", name="head1"),
+        helper.make_node("Add", ["h0", "h1"], ["y"], name="add"),
+    ]
+    return make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None},
+                      {"W_stem": (C, 3, 3, 3), "sizes": ints(3, 5), "W_h0": (4, 3, 3, 3),
+                       "W_h1": (4, 5, 3, 3)})
+
+
+def _conv_rank(spatial: int):
+    k = [3] * spatial
+    nodes = [
+        helper.make_node("Conv", ["x", "W_stem", "B_stem"], ["a"], name="stem", kernel_shape=k,
+                         pads=[1] * 2 * spatial),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W_head"], ["y"], name="head", kernel_shape=[1] * spatial),
+    ]
+    return make_model(nodes, {"x": [1, 3, *[4] * spatial]}, {"y": None},
+                      {"W_stem": (C, 3, *k), "B_stem": (C,), "W_head": (4, C, *[1] * spatial)})
+
+
+def _opset9_flatten_gemm():
+    nodes = [
+        conv_node("x", "W_stem", "a", name="stem"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f", "W_fc", "B_fc"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, {"x": [1, 3, 4, 4]}, {"y": None},
+                      {"W_stem": (C, 3, 3, 3), "W_fc": (10, C * 16), "B_fc": (10,)}, opset=9)
+
+
+def _opset11_squeeze_attribute():
+    nodes = [
+        conv_node("x", "W_stem", "a", name="stem"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Squeeze", ["p"], ["s"], name="squeeze", axes=[2, 3]),
+        helper.make_node("Gemm", ["s", "W_fc"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None},
+                      {"W_stem": (C, 3, 3, 3), "W_fc": (10, C)}, opset=11)
+
+
+def _opset10_pad_attribute():
+    pad = helper.make_node("Pad", ["a"], ["b"], name="pad", pads=[0, 0, 1, 1, 0, 0, 1, 1])
+    return sandwich([pad], opset=10, head_k=1)
+
+
+def _gemm_trans_a():
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["h"], name="fc1", transA=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2"),
+    ]
+    return make_model(nodes, {"x": [16, 2]}, {"y": None}, {"W1": (16, 32), "W2": (32, 10)})
+
+
+def _per_width_constant_when_channels_equal_width():
+    # k [8] broadcasts over W (8 == C): it must not be taken for a per-channel constant
+    return sandwich([helper.make_node("Mul", ["a", "k"], ["b"], name="mul_w")], {"k": (HW,)})
+
+
+def _conv_transpose_output_shape():
+    up = helper.make_node("ConvTranspose", ["a", "W_t"], ["b"], name="up", kernel_shape=[2, 2],
+                          strides=[2, 2], output_shape=[2 * HW, 2 * HW])
+    return sandwich([up], {"W_t": (C, 6, 2, 2)}, head_in=6)
+
+
+def _reshape_with_zero_copies():
+    nodes = [
+        helper.make_node("Reshape", ["a", "flat"], ["f"], name="view"),
+        helper.make_node("Reshape", ["f", "back"], ["b"], name="back"),
+    ]
+    return sandwich(nodes, {"flat": ints(0, 0, -1), "back": ints(0, 0, HW, HW)})
+
+
+VARIANTS = {
+    "negative_axes": _negative_axes,
+    "split_negative_axis": _split_negative_axis,
+    "conv1d": lambda: _conv_rank(1),
+    "conv3d": lambda: _conv_rank(3),
+    "opset9_upgraded": _opset9_flatten_gemm,
+    "opset11_squeeze_attribute": _opset11_squeeze_attribute,
+    "opset10_pad_attribute": _opset10_pad_attribute,
+    "gemm_transA": _gemm_trans_a,
+    "per_width_constant": _per_width_constant_when_channels_equal_width,
+    "conv_transpose_output_shape": _conv_transpose_output_shape,
+    "reshape_zero_copies": _reshape_with_zero_copies,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_prune_exactly(variant):
+    m = VARIANTS[variant]()
+    res = assert_prunes_exactly(m, criterion="random", seed=4)
+    if variant == "per_width_constant":
+        assert initializer(res.model, "k").shape == (HW,)
+    if variant == "opset9_upgraded":
+        assert max(o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")) >= 11
+
+
+def test_matmul_with_the_constant_first():
+    nodes = [
+        helper.make_node("MatMul", ["W1", "x"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["W2", "r"], ["y"], name="mm2"),
+    ]
+    m = make_model(nodes, {"x": [16, 5]}, {"y": None}, {"W1": (32, 16), "W2": (10, 32)})
+    group = group_with(graphprune.analyze(m), "W1", 0)
+    assert group.prunable and group.num_units == 32
+    assert group.roles == {("W1", 0): "producer", ("W2", 1): "consumer"}
+    res = assert_prunes_exactly(m, roles=group.roles)
+    assert initializer(res.model, "W1").shape == (16, 16)
+    assert initializer(res.model, "W2").shape == (10, 16)

@@ -54,10 +54,11 @@ def _modules():
             self.q, self.k, self.v = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
             self.o = nn.Linear(HIDDEN, HIDDEN)
             self.fc1, self.fc2 = nn.Linear(HIDDEN, MLP), nn.Linear(MLP, HIDDEN)
-            self.head = nn.Linear(HIDDEN, 8)
+            self.embed, self.head = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, 8)
 
         def forward(self, x):
             b, s = x.shape[0], x.shape[1]
+            x = self.embed(x)  # the residual stream starts at a producer, not at the input
             h = self.ln1(x)
             q = self.q(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
             k = self.k(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
@@ -341,3 +342,140 @@ def test_cnn_has_no_transformer_kinds():
     analysis = graphprune.analyze(model)
     assert set(targets.classify_groups(analysis).values()) == {"channel"}
     assert targets.ratio_function(analysis, 0.5, prune_hidden=False)(analysis.groups[0]) == 0.5
+
+
+# ----------------------------------------------------------------------------- fused ops
+
+E, FF = 16, 32
+
+
+def _fused(nodes, params, *, opset: int = 17, inputs=None) -> onnx.ModelProto:
+    return make_model(
+        nodes, inputs or {"x": ["batch", "seq", E]}, {"y": ["batch", "seq", E]}, params,
+        opset=opset, extra_opsets={"com.microsoft": 1}, check=False,
+    )
+
+
+def _prune_and_compare(model, feeds_of, **ratios):
+    analysis = graphprune.analyze(model)
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, **ratios), verify=False)
+    reference = zeroed_original(model, res.plan)
+    for batch, seq in [(1, 3), (2, 6)]:
+        feeds = feeds_of(batch, seq)
+        assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
+        assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
+    return analysis, res
+
+
+def _x(batch: int, seq: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seq).standard_normal((batch, seq, E)).astype(np.float32)}
+
+
+def _attr(model: onnx.ModelProto, op: str, name: str) -> int:
+    node = next(n for n in model.graph.node if n.op_type == op)
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_ms_attention_skip_layernorm_fast_gelu():
+    ms = {"domain": "com.microsoft"}
+    nodes = [
+        helper.make_node("Attention", ["x", "w_qkv", "b_qkv"], ["att"], num_heads=4, **ms),
+        helper.make_node("MatMul", ["att", "w_o"], ["o"]),
+        helper.make_node("SkipLayerNormalization", ["o", "x", "gamma", "beta"], ["h"], **ms),
+        helper.make_node("MatMul", ["h", "w1"], ["f"]),
+        helper.make_node("FastGelu", ["f", "b1"], ["g"], **ms),
+        helper.make_node("MatMul", ["g", "w2"], ["y"]),
+    ]
+    model = _fused(nodes, {"w_qkv": [E, 3 * E], "b_qkv": [3 * E], "w_o": [E, E], "gamma": [E],
+                           "beta": [E], "w1": [E, FF], "b1": [FF], "w2": [FF, E]})
+    analysis, res = _prune_and_compare(model, _x, head_ratio=0.5, mlp_ratio=0.5)
+    kinds = {targets.classify_group(g, analysis): g.num_units for g in analysis.prunable_groups}
+    assert kinds == {"head": 4, "mlp": FF}
+    assert _attr(res.model, "Attention", "num_heads") == 2
+    assert res.report["verification"]["skipped"] is True
+    assert graphprune.prune(model, plan=res.plan).report["verification"]["ok"]
+
+
+def test_ms_multi_head_attention():
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("MultiHeadAttention", ["q", "k", "v", "bias"], ["att"], num_heads=4,
+                         domain="com.microsoft"),
+        helper.make_node("MatMul", ["att", "wo"], ["y"]),
+    ]
+    model = _fused(nodes, {"wq": [E, E], "wk": [E, E], "wv": [E, E], "bias": [3 * E], "wo": [E, E]})
+    _, res = _prune_and_compare(model, _x, head_ratio=0.5)
+    assert _attr(res.model, "MultiHeadAttention", "num_heads") == 2
+
+
+def test_ms_group_query_attention_prunes_kv_groups():
+    heads, kv_heads, head_dim = 4, 2, 8  # the CPU kernel wants head_dim % 8 == 0
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total"],
+                         ["att", "present_k", "present_v"], num_heads=heads,
+                         kv_num_heads=kv_heads, domain="com.microsoft"),
+        helper.make_node("MatMul", ["att", "wo"], ["y"]),
+    ]
+    model = _fused(
+        nodes,
+        {"wq": [E, heads * head_dim], "wk": [E, kv_heads * head_dim],
+         "wv": [E, kv_heads * head_dim], "wo": [heads * head_dim, E]},
+    )
+    int32 = helper.make_tensor_value_info
+    model.graph.input.extend([int32("seqlens_k", onnx.TensorProto.INT32, ["batch"]),
+                              int32("total", onnx.TensorProto.INT32, [])])
+
+    def feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
+        return {**_x(batch, seq), "seqlens_k": np.full(batch, seq - 1, np.int32),
+                "total": np.array(seq, np.int32)}
+
+    analysis, res = _prune_and_compare(model, feeds, head_ratio=0.5)
+    (group,) = analysis.prunable_groups
+    assert group.num_units == kv_heads
+    assert (_attr(res.model, "GroupQueryAttention", "num_heads"),
+            _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == (2, 1)
+
+
+def test_onnx_attention_23_with_head_counts():
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("Attention", ["q", "k", "v"], ["att"], q_num_heads=4, kv_num_heads=2),
+        helper.make_node("MatMul", ["att", "wo"], ["y"]),
+    ]
+    model = _fused(nodes, {"wq": [E, E], "wk": [E, E // 2], "wv": [E, E // 2], "wo": [E, E]},
+                   opset=23)
+    analysis, res = _prune_and_compare(model, _x, head_ratio=0.5)
+    assert [g.num_units for g in analysis.prunable_groups] == [2]
+    assert (_attr(res.model, "Attention", "q_num_heads"),
+            _attr(res.model, "Attention", "kv_num_heads")) == (2, 1)
+
+
+def test_einsum_mlp_and_attention():
+    nodes = [
+        helper.make_node("Einsum", ["x", "wq"], ["q"], equation="bsd,dhe->bhse"),
+        helper.make_node("Einsum", ["x", "wk"], ["k"], equation="bsd,dhe->bhse"),
+        helper.make_node("Einsum", ["q", "k"], ["scores"], equation="bhqe,bhke->bhqk"),
+        helper.make_node("Softmax", ["scores"], ["att"], axis=-1),
+        helper.make_node("Einsum", ["att", "k"], ["ctx"], equation="bhqk,bhke->bqhe"),
+        helper.make_node("Einsum", ["ctx", "wo"], ["o"], equation="bqhe,hed->bqd"),
+        helper.make_node("Einsum", ["o", "w1"], ["f"], equation="...d,df->...f"),
+        helper.make_node("Relu", ["f"], ["r"]),
+        helper.make_node("Einsum", ["r", "w2"], ["y"], equation="...f,fd->...d"),
+    ]
+    model = _fused(nodes, {"wq": [E, 4, 4], "wk": [E, 4, 4], "wo": [4, 4, E],
+                           "w1": [E, FF], "w2": [FF, E]})
+    analysis = graphprune.analyze(model)
+    kinds = [(targets.classify_group(g, analysis), g.num_units) for g in analysis.prunable_groups]
+    # heads, MLP neurons, and the attention output features (no residual in this toy)
+    assert sorted(kinds) == [("head", 4), ("mlp", E), ("mlp", FF)]
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5))
+    assert res.report["verification"]["ok"], res.report["verification"]  # knows Einsum roles
+    # two heads: 4 of the 16 [h, e] columns of wq and wk each, 4 of the 16 rows of wo
+    assert res.report["params_before"] - res.report["params_after"] == 3 * 2 * 4 * E

@@ -6,6 +6,7 @@ decorate it with :func:`register`. See ``docs/adding-an-op-rule.md``.
 """
 
 from graphprune.rules import conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
+from graphprune.rules import transformer  # noqa: F401  (after norm: it extends LayerNorm)
 from graphprune.rules.registry import OpRule, lookup, register, registered_ops, unregister
 
 __all__ = ["OpRule", "lookup", "register", "registered_ops", "unregister"]

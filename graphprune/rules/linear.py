@@ -24,10 +24,20 @@ if TYPE_CHECKING:
 
 def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``y[n] = sum_k a[k] W[k, n]``, known when every ``a[k]`` with ``W[k, n] != 0`` is."""
-    w = weight.astype(np.float64)
-    reads = w != 0
-    ok = (~reads | ~np.isnan(a)[:, None]).all(axis=0)
-    return np.where(ok, np.nan_to_num(a) @ w, np.nan)
+    unknown = np.isnan(a)
+    if unknown.all():
+        ok = ~weight.any(axis=0)
+    elif unknown.any():
+        ok = ~weight[unknown].any(axis=0)
+    else:
+        ok = np.ones(weight.shape[1], dtype=bool)
+    if not ok.any():
+        return np.full(weight.shape[1], np.nan)
+    known = ~unknown
+    total = a[known] @ weight[known][:, ok].astype(np.float64)
+    out = np.full(weight.shape[1], np.nan)
+    out[ok] = total
+    return out
 
 
 @register

@@ -1,0 +1,530 @@
+"""Transformer ops: Einsum, fused attention, fused norms and activations, index ops.
+
+Plain exports need no rule here: attention is MatMul/Softmax/Reshape/Transpose (see
+:mod:`graphprune.rules.linear` and :func:`graphprune.rules.shape_ops.couple_reshape`). This
+module covers what optimised graphs use instead.
+
+**Fused attention** (com.microsoft ``Attention``, ``MultiHeadAttention``,
+``GroupQueryAttention``; ONNX ``Attention``-23). A head owns ``d_q`` query columns,
+``d_k`` key columns, ``d_v`` value columns and ``d_v`` output features. The op has no tensor
+axis that counts heads, so the rule creates *virtual* dimensions ``<node>::heads`` (size
+``H``) and, for grouped-query attention, ``<node>::kv_heads`` (``H_kv``), and couples
+
+- the packed weight columns ``[q | k | v]`` with ``Offset`` maps to one virtual section per
+  projection, each section with the heads by ``Digit(d)`` (head ``h`` owns columns
+  ``h*d .. h*d + d - 1``);
+- the output features with the heads by ``Digit(d_v)``;
+- query heads with KV heads by ``Digit(H / H_kv)`` (query head ``h`` reads KV head
+  ``h // n_rep``): a unit is one KV head with its query heads;
+- head axes of attention biases and KV caches with the heads by identity.
+
+The rewrite sets ``num_heads`` (``kv_num_heads``, ``qkv_hidden_sizes``) from the pruned
+sizes. Removing a head is exact: its output features are zero once its value columns (or
+its O-projection rows) are zero. Packed q/k/v inputs, rotary caches inside the op and
+other layouts the rule does not model freeze the node, with the reason.
+
+**Norms** normalise the hidden axis (inexact, like LayerNormalization): ONNX
+``RMSNormalization``, ``SimplifiedLayerNormalization`` (ORT registers it in both domains),
+com.microsoft ``SkipLayerNormalization``, ``SkipSimplifiedLayerNormalization`` and
+``EmbedLayerNormalization`` (whose embedding tables produce the hidden features).
+
+**Einsum** couples every repeated subscript across operands and output; with a constant
+operand, contracted subscripts read channels (consumer) and subscripts only the constant
+and the output share create them (producer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.index_maps import Digit, Offset
+from graphprune.rewrite_context import RewriteContext
+from graphprune.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.rules.norm import LayerNormRule
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis import CouplingContext
+
+MS = "com.microsoft"
+
+
+def _present(node: gs.Node, index: int) -> gs.Tensor | None:
+    if index < len(node.inputs) and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
+def _used_output(node: gs.Node, index: int) -> gs.Tensor | None:
+    """Output ``index`` when something reads it (graph outputs are frozen anyway)."""
+    if index < len(node.outputs) and node.outputs[index].name and node.outputs[index].outputs:
+        return node.outputs[index]
+    return None
+
+
+def _virtual(ctx: CouplingContext, node: gs.Node, label: str, size: int) -> gs.Variable:
+    """A dimension that no tensor of the graph has (the head index of a fused op)."""
+    name = f"{node.name or node.op}::{label}"
+    tensor = gs.Variable(name, dtype=np.float32, shape=[size])
+    ctx.tensors[name] = tensor
+    return tensor
+
+
+def _couple_sections(
+    ctx: CouplingContext,
+    node: gs.Node,
+    packed: gs.Tensor,
+    axis: int,
+    sections: list[tuple[str, int, gs.Variable]],
+    role: str,
+) -> None:
+    """``packed`` axis ``axis`` is ``[q | k | v]``: section ``(label, size, heads)`` after
+    section, each head owning ``size // len(heads)`` consecutive entries."""
+    offset = 0
+    for label, size, heads in sections:
+        part = _virtual(ctx, node, f"{label}_{packed.name}", size)
+        ctx.couple(packed, axis, part, 0, Offset(offset))
+        ctx.couple(heads, 0, part, 0, Digit(size // int(heads.shape[0])))
+        offset += size
+    ctx.role(packed, axis, role)
+
+
+def _split_heads(
+    ctx: CouplingContext, heads: gs.Variable, tensor: gs.Tensor | None, axis: int
+) -> None:
+    """``tensor`` axis ``axis`` is ``heads x head_size`` (head-major)."""
+    if tensor is None:
+        return
+    size, count = ctx.size(tensor, axis), int(heads.shape[0])
+    if size is None or size % count:
+        reason = f"{size} features are not {count} heads at {ctx.where()}"
+        ctx.freeze(tensor, axis, reason)
+        ctx.freeze(heads, 0, reason)  # a head member we cannot slice: keep every head
+        return
+    ctx.couple(heads, 0, tensor, axis, Digit(size // count))
+
+
+def _head_axis(
+    ctx: CouplingContext, heads: gs.Variable, tensor: gs.Tensor | None, axis: int
+) -> None:
+    """``tensor`` axis ``axis`` indexes heads (or broadcasts over them when of size 1)."""
+    if tensor is None:
+        return
+    size = ctx.size(tensor, axis)
+    if size == 1 and int(heads.shape[0]) != 1:
+        return
+    ctx.couple(heads, 0, tensor, axis)
+
+
+def _batch_and_sequence(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor) -> None:
+    for axis in (0, 1):
+        ctx.couple(x, axis, y, axis)
+
+
+def _set_heads(node: gs.Node, ctx: RewriteContext, attr: str, features: gs.Tensor, axis: int) -> None:
+    old, new = ctx.old_size(features, axis), ctx.new_size(features, axis)
+    heads = int(node.attrs.get(attr, 0))
+    if old and new is not None and heads and old != new:
+        node.attrs[attr] = new // (old // heads)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@register
+class AttentionRule(OpRule):
+    """com.microsoft ``Attention``: ``input [B, S, in] x weights [in, q+k+v] + bias``."""
+
+    op_types = ("Attention",)
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b, y = _present(node, 2), node.outputs[0]
+        heads_count = int(node.attrs.get("num_heads", 0))
+        why = self._unsupported(node, ctx, heads_count)
+        if why is not None:
+            ctx.freeze_node(node, f"{why} at Attention '{node.name}'")
+            return
+        sizes = [int(s) for s in node.attrs.get("qkv_hidden_sizes", [])]
+        if not sizes:
+            sizes = [int(w.shape[1]) // 3] * 3
+        heads = _virtual(ctx, node, "heads", heads_count)
+        ctx.mark_head(heads, 0)
+        sections = [(lab, n, heads) for lab, n in zip(("q", "k", "v"), sizes, strict=True)]
+        ctx.couple(x, 2, w, 0)
+        ctx.role(w, 0, CONSUMER)
+        _couple_sections(ctx, node, w, 1, sections, PRODUCER)
+        if b is not None:
+            _couple_sections(ctx, node, b, 0, sections, PRODUCER)
+        _batch_and_sequence(ctx, x, y)
+        _split_heads(ctx, heads, y, 2)
+        _head_axis(ctx, heads, _present(node, 5), 1)  # attention_bias [B|1, H, S, T]
+
+    @staticmethod
+    def _unsupported(node: gs.Node, ctx: CouplingContext, heads: int) -> str | None:
+        w, b = node.inputs[1], _present(node, 2)
+        if heads <= 0:
+            return "num_heads unknown"
+        if not isinstance(w, gs.Constant) or (b is not None and not isinstance(b, gs.Constant)):
+            return "weights are not constant"
+        if ctx.rank(node.inputs[0]) != 3 or ctx.rank(node.outputs[0]) != 3:
+            return "input is not [batch, sequence, features]"
+        if _present(node, 4) is not None or _used_output(node, 1) is not None:
+            return "a key/value cache (past/present) is used"
+        sizes = [int(s) for s in node.attrs.get("qkv_hidden_sizes", [])] or [int(w.shape[1]) // 3] * 3
+        if sum(sizes) != int(w.shape[1]) or any(s % heads for s in sizes):
+            return f"q/k/v sizes {sizes} do not split into {heads} heads"
+        if int(node.attrs.get("do_rotary", 0)) or int(node.attrs.get("past_present_share_buffer", 0)):
+            return "rotary or shared-buffer attention"
+        return None
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        old_heads = int(node.attrs.get("num_heads", 0))
+        _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
+        new_heads = int(node.attrs.get("num_heads", 0))
+        if "qkv_hidden_sizes" in node.attrs and old_heads and new_heads != old_heads:
+            node.attrs["qkv_hidden_sizes"] = [
+                int(s) // old_heads * new_heads for s in node.attrs["qkv_hidden_sizes"]
+            ]
+
+
+@register
+class MultiHeadAttentionRule(OpRule):
+    """com.microsoft ``MultiHeadAttention`` with separate 3-D query, key and value."""
+
+    op_types = ("MultiHeadAttention",)
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        q, k, v, y = node.inputs[0], _present(node, 1), _present(node, 2), node.outputs[0]
+        count = int(node.attrs.get("num_heads", 0))
+        why = None
+        if count <= 0:
+            why = "num_heads unknown"
+        elif k is None or v is None or any(ctx.rank(t) != 3 for t in (q, k, v, y)):
+            why = "packed or 4-D query/key/value"
+        elif any(_present(node, i) is not None for i in (6, 7, 9)) or any(
+            _used_output(node, i) is not None for i in (1, 2, 3)
+        ):
+            why = "a key/value cache or qk output is used"
+        if why is not None:
+            ctx.freeze_node(node, f"{why} at MultiHeadAttention '{node.name}'")
+            return
+        heads = _virtual(ctx, node, "heads", count)
+        ctx.mark_head(heads, 0)
+        for t in (q, k, v, y):
+            _split_heads(ctx, heads, t, 2)
+        bias = _present(node, 3)
+        if bias is not None:
+            sizes = [ctx.size(t, 2) for t in (q, k, v)]
+            if any(s is None for s in sizes):
+                ctx.freeze_node(node, f"sizes unknown at MultiHeadAttention '{node.name}'")
+                return
+            sections = [(lab, int(n), heads) for lab, n in zip("qkv", sizes, strict=True)]  # type: ignore[arg-type]
+            _couple_sections(ctx, node, bias, 0, sections, CHANNELWISE)
+        _batch_and_sequence(ctx, q, y)
+        ctx.couple(k, 0, y, 0)
+        ctx.couple(v, 0, y, 0)
+        ctx.couple(k, 1, v, 1)
+        _head_axis(ctx, heads, _present(node, 5), 1)  # attention_bias [B|1, H, S, T]
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
+
+
+@register
+class GroupQueryAttentionRule(OpRule):
+    """com.microsoft ``GroupQueryAttention``: a unit is one KV head with its query heads."""
+
+    op_types = ("GroupQueryAttention",)
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        q, k, v, y = node.inputs[0], _present(node, 1), _present(node, 2), node.outputs[0]
+        count = int(node.attrs.get("num_heads", 0))
+        kv_count = int(node.attrs.get("kv_num_heads", 0))
+        if count <= 0 or kv_count <= 0 or count % kv_count:
+            ctx.freeze_node(node, f"{count} heads, {kv_count} KV heads at GroupQueryAttention '{node.name}'")
+            return
+        if k is None or v is None:
+            ctx.freeze_node(node, f"packed query/key/value at GroupQueryAttention '{node.name}'")
+            return
+        heads = _virtual(ctx, node, "heads", count)
+        kv_heads = _virtual(ctx, node, "kv_heads", kv_count)
+        ctx.mark_head(heads, 0)
+        ctx.couple(kv_heads, 0, heads, 0, Digit(count // kv_count))
+        _split_heads(ctx, heads, q, 2)
+        _split_heads(ctx, heads, y, 2)
+        _split_heads(ctx, kv_heads, k, 2)
+        _split_heads(ctx, kv_heads, v, 2)
+        for index in (3, 4):  # past_key, past_value [B, H_kv, P, D]
+            _head_axis(ctx, kv_heads, _present(node, index), 1)
+        for index in (1, 2):  # present_key, present_value
+            if index < len(node.outputs) and node.outputs[index].name:
+                _head_axis(ctx, kv_heads, node.outputs[index], 1)
+        _head_axis(ctx, heads, _present(node, 10), 1)  # attention_bias
+        _batch_and_sequence(ctx, q, y)
+        ctx.couple(k, 0, y, 0)
+        ctx.couple(v, 0, y, 0)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
+        k = _present(node, 1)
+        if k is not None:
+            _set_heads(node, ctx, "kv_num_heads", k, 2)
+
+
+@register
+class OnnxAttentionRule(OpRule):
+    """ONNX ``Attention`` (opset 23): 4-D ``[B, H, S, D]`` or 3-D inputs with head counts."""
+
+    op_types = ("Attention",)
+    since_opset = 23
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        q, k, v, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+        rank = ctx.rank(q)
+        if any(_present(node, i) is not None for i in (4, 5)) or any(
+            _used_output(node, i) is not None for i in (1, 2, 3)
+        ):
+            ctx.freeze_node(node, f"a key/value cache or qk output is used at Attention '{node.name}'")
+            return
+        if rank == 4:
+            hq, hkv = ctx.size(q, 1), ctx.size(k, 1)
+            if hq is None or hkv is None or hq % hkv:
+                ctx.freeze_node(node, f"head counts unknown at Attention '{node.name}'")
+                return
+            for t in (q, k, v, y):
+                ctx.mark_head(t, 1)
+            ctx.couple(q, 1, y, 1)
+            ctx.couple(k, 1, v, 1)
+            ctx.couple(k, 1, q, 1, Digit(hq // hkv))
+            for axis in (0,):
+                for t in (k, v, y):
+                    ctx.couple(q, axis, t, axis)
+            ctx.couple(q, 2, y, 2)
+            ctx.couple(k, 2, v, 2)
+            ctx.couple(q, 3, k, 3)
+            ctx.couple(v, 3, y, 3)
+            mask = _present(node, 3)
+            if mask is not None and ctx.rank(mask) == 4 and ctx.size(mask, 1) == hq:
+                ctx.couple(q, 1, mask, 1)
+            return
+        count, kv_count = int(node.attrs.get("q_num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+        if rank != 3 or count <= 0 or kv_count <= 0 or count % kv_count:
+            ctx.freeze_node(node, f"head counts unknown at Attention '{node.name}'")
+            return
+        heads = _virtual(ctx, node, "heads", count)
+        kv_heads = _virtual(ctx, node, "kv_heads", kv_count)
+        ctx.mark_head(heads, 0)
+        ctx.couple(kv_heads, 0, heads, 0, Digit(count // kv_count))
+        _split_heads(ctx, heads, q, 2)
+        _split_heads(ctx, heads, y, 2)
+        _split_heads(ctx, kv_heads, k, 2)
+        _split_heads(ctx, kv_heads, v, 2)
+        _batch_and_sequence(ctx, q, y)
+        ctx.couple(k, 1, v, 1)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        if "q_num_heads" in node.attrs:
+            _set_heads(node, ctx, "q_num_heads", node.outputs[0], 2)
+            _set_heads(node, ctx, "kv_num_heads", node.inputs[1], 2)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@register
+class RMSNormRule(LayerNormRule):
+    op_types = ("RMSNormalization",)
+    since_opset = 23
+
+
+@register
+class SimplifiedLayerNormRule(LayerNormRule):
+    op_types = ("SimplifiedLayerNormalization",)
+
+
+@register
+class MsSimplifiedLayerNormRule(LayerNormRule):
+    op_types = ("SimplifiedLayerNormalization", "LayerNormalization")
+    domain = MS
+
+
+@register
+class SkipLayerNormRule(OpRule):
+    """``out = norm(input + skip + bias) * gamma (+ beta)``; output 3 is the sum."""
+
+    op_types = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, skip, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return
+        ctx.couple_broadcast([x, skip], y)
+        params = [2, 3, 4] if node.op == "SkipLayerNormalization" else [2, 3]
+        for index in params:
+            p = _present(node, index)
+            if p is not None:
+                ctx.couple(p, 0, y, rank - 1)
+                ctx.role(p, 0, CHANNELWISE)
+        ctx.inexact(y, rank - 1, f"{node.op} normalises this axis")
+        for index in (1, 2):
+            if _used_output(node, index) is not None:
+                ctx.freeze_node(node, f"statistics outputs used at {node.op} '{node.name}'")
+        total = _used_output(node, 3)
+        if total is not None:
+            ctx.couple_all_axes(y, total)
+
+
+@register
+class EmbedLayerNormRule(OpRule):
+    """Word + position + segment embeddings, then LayerNorm: the tables produce hidden."""
+
+    op_types = ("EmbedLayerNormalization",)
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        y = node.outputs[0]
+        for index in (2, 3, 4):  # word, position, segment tables [rows, hidden]
+            table = _present(node, index)
+            if table is None:
+                continue
+            ctx.freeze(table, 0, f"embedding rows at EmbedLayerNormalization '{node.name}'")
+            ctx.couple(table, 1, y, 2)
+            ctx.role(table, 1, PRODUCER)
+        for index in (5, 6):
+            p = _present(node, index)
+            if p is not None:
+                ctx.couple(p, 0, y, 2)
+                ctx.role(p, 0, CHANNELWISE)
+        ctx.couple(node.inputs[0], 0, y, 0)
+        ctx.couple(node.inputs[0], 1, y, 1)
+        ctx.inexact(y, 2, "EmbedLayerNormalization normalises this axis")
+        total = _used_output(node, 2)
+        if total is not None:
+            ctx.couple_all_axes(y, total)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@register
+class MsActivationRule(OpRule):
+    """Fused activations with an optional bias along the last axis."""
+
+    op_types = ("FastGelu", "BiasGelu", "Gelu", "QuickGelu", "BiasAdd", "BiasSoftmax")
+    domain = MS
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        y = node.outputs[0]
+        if node.op == "BiasSoftmax":
+            ctx.freeze_node(node, f"BiasSoftmax '{node.name}' not modelled")
+            return
+        ctx.couple_broadcast([t for t in node.inputs if t.name], y)
+
+
+# ----------------------------------------------------------------------------- einsum
+
+
+def _einsum_terms(equation: str, ranks: list[int | None]) -> tuple[list[str], str] | None:
+    """Operand and output subscripts with ``...`` expanded to digits (right-aligned)."""
+    equation = equation.replace(" ", "")
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks) or any(r is None for r in ranks):
+        return None
+    widths = [r - (len(t) - 3) if "..." in t else 0 for t, r in zip(terms, ranks, strict=True)]  # type: ignore[operator]
+    width = max(widths, default=0)
+    digits = "0123456789"[:width]
+    out_terms = []
+    for term, w in zip(terms, widths, strict=True):
+        out_terms.append(term.replace("...", digits[width - w :]) if "..." in term else term)
+    if "->" in equation:
+        output = rhs.replace("...", digits)
+    else:
+        counts = {c: "".join(out_terms).count(c) for c in "".join(out_terms)}
+        output = digits + "".join(sorted(c for c, n in counts.items() if n == 1 and c.isalpha()))
+    if any(len(t) != r for t, r in zip(out_terms, ranks, strict=True)):
+        return None
+    return out_terms, output
+
+
+@register
+class EinsumRule(OpRule):
+    op_types = ("Einsum",)
+    zero_behaviour = "affine"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        equation = node.attrs.get("equation", "")
+        equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+        inputs, y = list(node.inputs), node.outputs[0]
+        parsed = _einsum_terms(equation, [ctx.rank(t) for t in inputs])
+        if parsed is None or ctx.rank(y) != len(parsed[1]):
+            ctx.freeze_node(node, f"Einsum '{node.name}' equation '{equation}' not understood")
+            return
+        terms, output = parsed
+        if any(len(set(t)) != len(t) for t in [*terms, output]):
+            ctx.freeze_node(node, f"Einsum '{node.name}' takes a diagonal")
+            return
+        constant = [isinstance(t, gs.Constant) for t in inputs]
+        attention = len(inputs) == 2 and not any(constant)
+        for label in {c for t in [*terms, output] for c in t}:
+            places = [(t, term.index(label)) for t, term in zip(inputs, terms, strict=True) if label in term]
+            if label in output:
+                places.insert(0, (y, output.index(label)))
+            sizes = [ctx.size(t, a) for t, a in places]
+            full = max((s for s in sizes if s is not None), default=None)
+            anchor = next(((t, a) for (t, a), s in zip(places, sizes, strict=True) if s != 1 or full == 1), None)
+            if anchor is None:
+                continue
+            for (t, a), s in zip(places, sizes, strict=True):
+                if (t, a) != anchor and not (s == 1 and full != 1):
+                    ctx.couple(anchor[0], anchor[1], t, a)
+            in_output = label in output
+            holders = [i for i, term in enumerate(terms) if label in term]
+            for i in holders:
+                if not constant[i]:
+                    continue
+                others = [j for j in holders if j != i and not constant[j]]
+                if not in_output and others:
+                    ctx.role(inputs[i], terms[i].index(label), CONSUMER)
+                elif in_output and not others:
+                    ctx.role(inputs[i], terms[i].index(label), PRODUCER)
+            if attention and in_output and len(holders) == 2:  # batch or head subscript
+                for t, a in places:
+                    if a > 0 or ctx.rank(t) == 3:
+                        ctx.mark_head(t, a)
+            elif attention:  # sequence or head_dim inside attention: never a channel
+                for t, a in places:
+                    ctx.freeze(t, a, f"subscript '{label}' inside attention at {ctx.where()}")
+
+
+# ----------------------------------------------------------------------------- index ops
+
+
+@register
+class RangeRule(OpRule):
+    """``Range`` makes an index sequence (positions, masks): never a channel."""
+
+    op_types = ("Range",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        ctx.freeze(node.outputs[0], None, f"index sequence from Range '{node.name}'")
+
+
+@register
+class DataDependentIndexRule(OpRule):
+    """Element-wise gathers and scatters move data by computed indices: frozen."""
+
+    op_types = ("GatherElements", "GatherND", "ScatterND", "ScatterElements", "Scatter")
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")

@@ -1,0 +1,119 @@
+"""TensorFlow/Keras frontend: Keras -> ONNX (tf2onnx) -> prune at 0.5 -> verified exactly.
+
+Skipped when TensorFlow or tf2onnx is not installed (``pip install graphprune[tf]``). The
+keras.applications models (MobileNetV2, ResNet50, EfficientNetB0) take minutes to convert
+and live in ``bench/keras_applications.py``; these tests use small models built here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+keras = pytest.importorskip("keras")
+
+import graphprune  # noqa: E402
+from graphprune.errors import UsageError  # noqa: E402
+from graphprune.frontends import tensorflow as gtf  # noqa: E402
+
+pytestmark = pytest.mark.tf
+
+
+def functional_model(seed: int = 0) -> keras.Model:
+    """Conv-BN-ReLU, a residual Add, a depthwise branch joined by Concat, Flatten -> Dense."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    image = keras.Input((12, 12, 3), name="image")
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(image)
+    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    y = layers.Conv2D(8, 3, padding="same", name="res_conv")(x)
+    y = layers.BatchNormalization(name="res_bn")(y)
+    x = layers.ReLU()(layers.Add(name="residual")([x, y]))
+    z = layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    z = layers.Conv2D(6, 1, name="pw")(z)
+    x = layers.Concatenate(name="concat")([x, z])
+    x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu", name="down")(x)
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(16, activation="relu", name="hidden")(x)
+    out = layers.Dense(5, name="logits")(x)
+    return gtf.randomize_batchnorm(keras.Model(image, out, name="functional"), seed)
+
+
+@pytest.fixture(scope="module")
+def functional():
+    model = functional_model()
+    return model, gtf.to_onnx(model)
+
+
+def test_functional_model_converts_with_keras_names(functional):
+    model, proto = functional
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    x = np.random.default_rng(0).standard_normal((1, 12, 12, 3)).astype(np.float32)
+    assert gtf.check_conversion(model, proto, [x]) < 1e-5
+
+
+def test_functional_model_prunes_at_half_and_verifies_exactly(functional):
+    _, proto = functional
+    result = graphprune.prune(proto, ratio=0.5)
+    verification = result.report["verification"]
+    assert verification["ok"] and verification["max_rel_diff"] <= 1e-4
+    assert verification["exact_groups_checked"] == result.report["groups"]["pruned"] >= 3
+    assert result.report["params_after"] < 0.6 * result.report["params_before"]
+    # the NHWC flatten feeds the Dense layer: its input rows were pruned with the channels
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Concat", "Add", "Reshape", "MatMul"} <= ops
+
+
+def test_sequential_model_converts():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 2)), keras.layers.Conv2D(6, 3, activation="relu"),
+         keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+    proto = gtf.to_onnx(model)  # from_keras fails here with KeyError 'keras_tensor_...'
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 2)).astype(np.float32)
+    assert gtf.check_conversion(model, proto, [x]) < 1e-5
+    assert graphprune.prune(proto, ratio=0.5).report["verification"]["ok"]
+
+
+def test_keras_file_and_saved_model(tmp_path):
+    model = functional_model(seed=2)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    proto = gtf.to_onnx(str(path))
+    x = np.random.default_rng(2).standard_normal((1, 12, 12, 3)).astype(np.float32)
+    assert gtf.check_conversion(model, proto, [x]) < 1e-5
+    saved = tmp_path / "saved"
+    model.export(str(saved), verbose=False)
+    from_saved = gtf.to_onnx(saved)
+    got = graphprune.validate.run(from_saved, {from_saved.graph.input[0].name: x}, "saved model")
+    np.testing.assert_allclose(got[0], np.asarray(model(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_is_refused_with_a_clear_error():
+    image = keras.Input((8, 8, 4))
+    model = keras.Model(image, keras.layers.Conv2D(4, 3, groups=2, name="grouped")(image))
+    with pytest.raises(gtf.ConversionError, match="Conv2D 'grouped' has groups=2"):
+        gtf.to_onnx(model)
+
+
+def test_unknown_dimensions_need_input_shapes():
+    image = keras.Input((None, None, 3))
+    model = keras.Model(image, keras.layers.Conv2D(4, 3)(image))
+    with pytest.raises(UsageError, match="input_shapes"):
+        gtf.to_onnx(model)
+    proto = gtf.to_onnx(model, input_shapes=[(1, 10, 10, 3)])
+    assert isinstance(proto, onnx.ModelProto)
+
+
+def test_bad_paths_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such model"):
+        gtf.to_onnx(tmp_path / "missing.keras")
+    (tmp_path / "model.txt").write_text("x")
+    with pytest.raises(UsageError, match="expected a .keras"):
+        gtf.to_onnx(tmp_path / "model.txt")
