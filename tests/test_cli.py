@@ -110,7 +110,11 @@ def test_prune_json_report(capsys, models, tmp_path):
     assert err == "", "--json prints no progress"
 
 
-def test_prune_shows_progress_on_stderr(capsys, models, tmp_path):
+def test_prune_shows_progress_on_stderr(capsys, models, tmp_path, monkeypatch):
+    # progress is shown on a terminal (forced here), never in pipes and logs by default
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "n.onnx")
+    assert code == 0 and err == ""
+    monkeypatch.setenv("GRAPHPRUNE_PROGRESS", "1")
     code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "o.onnx")
     assert code == 0
     assert [line.split()[1] for line in err.splitlines()] == [

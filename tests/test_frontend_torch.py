@@ -217,9 +217,18 @@ def count(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------- export
 
 
-def test_dynamo_export_keeps_state_dict_names_and_batchnorm():
+@pytest.fixture(scope="module")
+def resnet():
+    """A pruned ResNet-style model: (original, inputs, pruned module, prune result)."""
+    torch.manual_seed(0)
     model = randomise_batchnorm(ResNetish())
-    exported = gpt.to_onnx(model, (torch.randn(1, 3, 16, 16),))
+    x = torch.randn(2, 3, 16, 16)
+    pruned, result = round_trip(model, (x,), ratio=0.5)
+    return model, (x,), pruned, result
+
+
+def test_dynamo_export_keeps_state_dict_names_and_batchnorm(resnet):
+    exported = resnet[3].exported
     inits = {t.name for t in exported.graph.initializer}
     assert {"stem.0.weight", "stem.1.running_var", "layer2.0.downsample.0.weight"} <= inits
     assert any(n.op_type == "BatchNormalization" for n in exported.graph.node)
@@ -254,11 +263,9 @@ def test_export_failure_is_a_graphprune_error(exporter):
 # ----------------------------------------------------------------------------- round trips
 
 
-def test_resnet_style_round_trip_and_training():
-    torch.manual_seed(0)
-    model = randomise_batchnorm(ResNetish())
-    x = torch.randn(2, 3, 16, 16)
-    pruned, result = round_trip(model, (x,), ratio=0.5)
+def test_resnet_style_round_trip_and_training(resnet):
+    _, (x,), pruned, result = resnet
+    pruned = copy.deepcopy(pruned)
     assert result.report["params_after"] < 0.5 * result.report["params_before"]
     assert pruned.layer2[0].conv1.out_channels == 16
     assert pruned.layer2[0].bn1.num_features == 16
