@@ -22,7 +22,9 @@ which sets a unit *exactly* to zero once its norm falls below ``lr * lambda_u``.
 ``target`` fraction only the ``target`` share of units with the smallest normalised norm
 ``||w_u|| / sqrt(|w_u|)`` is shrunk at each step (the others train freely), so training
 settles on a chosen sparsity instead of a strength-dependent one; the share is taken over
-all units (``per_group=False``, layers compete) or within each channel group.
+all units (``per_group=False``, layers compete) or within each channel group. After
+:meth:`GroupSparsity.freeze`, steps only hold the units that are zero at that moment at zero
+(a projection) and the rest of training recovers accuracy with the sparsity fixed.
 
 >>> reg = GroupSparsity.from_module(model, (x,), strength=1e-3, target=0.5)   # doctest: +SKIP
 >>> loss.backward(); opt.step(); reg.step(lr)                                  # doctest: +SKIP
@@ -118,6 +120,7 @@ class GroupSparsity:
         self.target = target
         self.per_group = per_group
         self.roles = frozenset(roles)
+        self._frozen: torch.Tensor | None = None
         self.units: list[UnitSlices] = []
         self._groups: dict[int, ChannelGroup] = {}
         params = dict(module.named_parameters())
@@ -149,11 +152,11 @@ class GroupSparsity:
                 slices = tuple(sorted(set(per_unit[unit])))
                 uid = len(self.units)
                 self.units.append(UnitSlices(group.id, unit, slices))
-                for name, axis, idx in slices:
-                    entry = entries.get((name, axis))
+                for name, paxis, positions in slices:
+                    entry = entries.get((name, paxis))
                     if entry is None:
-                        entry = entries[(name, axis)] = _Entry(name, params[name], axis)
-                    entry.unit_of[list(idx)] = uid
+                        entry = entries[(name, paxis)] = _Entry(name, params[name], paxis)
+                    entry.unit_of[list(positions)] = uid
         if not self.units:
             raise UsageError("no prunable exact channel group maps to a module parameter")
         self._entries = list(entries.values())
@@ -225,14 +228,26 @@ class GroupSparsity:
         weights = self.strength * self.unit_numel.to(sq.device, sq.dtype).sqrt() * chosen.to(sq.device)
         return (weights * (sq + 1e-12).sqrt()).sum()
 
+    def freeze(self) -> int:
+        """From now on only keep today's zero units at zero; returns how many there are."""
+        self._frozen = self._squared_norms() == 0
+        return int(self._frozen.sum())
+
     @torch.no_grad()
     def step(self, lr: float) -> int:
-        """Proximal group-lasso step after an optimiser step; returns the units now at zero."""
+        """Proximal group-lasso step after an optimiser step; returns the units now at zero.
+
+        After :meth:`freeze` this is a projection: the frozen units are set back to zero and
+        nothing else changes.
+        """
         norms = self._squared_norms().sqrt()
-        chosen = self._selected(norms)
-        threshold = lr * self.strength * self.unit_numel.double().sqrt()
-        shrink = torch.clamp(1.0 - threshold / norms.clamp_min(1e-30), min=0.0)
-        factor = torch.where(chosen, shrink, torch.ones_like(norms))
+        if self._frozen is not None:
+            factor = torch.where(self._frozen, torch.zeros_like(norms), torch.ones_like(norms))
+        else:
+            chosen = self._selected(norms)
+            threshold = lr * self.strength * self.unit_numel.double().sqrt()
+            shrink = torch.clamp(1.0 - threshold / norms.clamp_min(1e-30), min=0.0)
+            factor = torch.where(chosen, shrink, torch.ones_like(norms))
         for e in self._entries:
             mask = e.unit_of >= 0
             scale = torch.ones(e.param.shape[e.axis], dtype=torch.float64)
@@ -252,13 +267,17 @@ class GroupSparsity:
         by_group: dict[int, int] = defaultdict(int)
         for u in zero:
             by_group[u.group] += 1
+        first = {}
+        for u in self.units:
+            first.setdefault(u.group, u.slices[0])
         return {
             "units": len(self.units),
             "zero_units": len(zero),
             "zero_fraction": round(len(zero) / len(self.units), 4),
             "groups": len(self._groups),
+            # keyed by a module parameter of the group (the ONNX anchor may be a folded copy)
             "zero_by_group": {
-                f"{g.anchor[0]}:{g.anchor[1]}": f"{by_group.get(gid, 0)}/{g.num_units}"
+                f"{first[gid][0]}:{first[gid][1]}": f"{by_group.get(gid, 0)}/{g.num_units}"
                 for gid, g in self._groups.items()
             },
         }

@@ -225,10 +225,35 @@ def to_onnx(
         what = "SavedModel"
     try:
         proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+        _freeze_captured_inputs(proto, function.get_concrete_function(*specs), len(specs))
+    except GraphPruneError:
+        raise
     except Exception as exc:
         raise ConversionError(f"tf2onnx could not convert the {what}: {_first_line(exc)}") from exc
     _check_ops(proto)
     return proto
+
+
+def _freeze_captured_inputs(proto: onnx.ModelProto, concrete: Any, real_inputs: int) -> None:
+    """Turn graph inputs that are captured tensors into initializers.
+
+    ``from_function`` freezes captured *variables* but leaves tensors captured by value
+    (the mean and variance of Keras 3's ``Normalization`` layer in EfficientNet) as extra
+    graph inputs; give them their captured values.
+    """
+    placeholders = list(concrete.inputs)[real_inputs:]
+    captured = list(concrete.captured_inputs)
+    values = {
+        p.name: np.asarray(c.numpy())
+        for p, c in zip(placeholders, captured, strict=False)
+        if c.dtype != tf.resource and hasattr(c, "numpy")
+    }
+    extra = [i for i in proto.graph.input if i.name in values]
+    if not extra:
+        return
+    for value in extra:
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(values[value.name], value.name))
+        proto.graph.input.remove(value)
 
 
 def randomize_batchnorm(model: Any, seed: int = 0) -> Any:
@@ -252,7 +277,7 @@ def randomize_batchnorm(model: Any, seed: int = 0) -> Any:
             key = weight.path.split("/")[-1] if hasattr(weight, "path") else weight.name
             fn = draw.get(key.split(":")[0])
             if fn is not None:
-                weight.assign(fn(tuple(weight.shape)).astype(np.float32))
+                weight.assign(np.asarray(fn(tuple(weight.shape)), dtype=np.float32))
     return model
 
 

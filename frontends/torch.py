@@ -161,12 +161,15 @@ def to_onnx(
                     module, args, dynamo=True, optimize=False, verbose=False,
                     opset_version=opset, dynamic_shapes=dynamic_shapes, **kwargs,
                 )
+                if program is None:
+                    raise ExportError("the dynamo exporter returned nothing")
                 model = program.model_proto
             else:
                 buffer = io.BytesIO()
                 torch.onnx.export(
-                    module, args, buffer, dynamo=False, do_constant_folding=False,
-                    export_params=True, keep_initializers_as_inputs=False,
+                    module, args, buffer,  # type: ignore[arg-type]
+                    dynamo=False, do_constant_folding=False, export_params=True,
+                    keep_initializers_as_inputs=False,
                     training=torch.onnx.TrainingMode.EVAL,
                     opset_version=opset or TORCHSCRIPT_OPSET, dynamic_axes=dynamic_axes,
                     **kwargs,
@@ -299,12 +302,20 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _const_input(node: onnx.NodeProto, index: int, values: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The literal value of an optional input (``None`` when absent; KeyError when unknown)."""
     if index >= len(node.input) or not node.input[index]:
         return None
     value = values.get(node.input[index])
     if value is None:
         raise KeyError(node.input[index])
     return np.asarray(value)
+
+
+def _required(node: onnx.NodeProto, index: int, values: Mapping[str, np.ndarray]) -> np.ndarray:
+    value = _const_input(node, index, values)
+    if value is None:
+        raise KeyError(f"input {index} of {node.op_type}")
+    return value
 
 
 def _reshape_target(data: np.ndarray, shape: np.ndarray, allowzero: int) -> list[int]:
@@ -325,7 +336,7 @@ def _move(node: onnx.NodeProto, data: list[np.ndarray], values: Mapping[str, np.
         perm = attrs.get("perm")
         return [np.transpose(x, perm)]
     if op == "Reshape":
-        shape = _const_input(node, 1, values)
+        shape = _required(node, 1, values)
         return [x.reshape(_reshape_target(x, shape, int(attrs.get("allowzero", 0))))]
     if op == "Flatten":
         axis = int(attrs.get("axis", 1)) % max(x.ndim, 1) if x.ndim else 0
@@ -350,8 +361,8 @@ def _move(node: onnx.NodeProto, data: list[np.ndarray], values: Mapping[str, np.
             axes = attrs.get("axes", list(range(len(starts))))
             steps = [1] * len(starts)
         else:
-            starts = _const_input(node, 1, values).reshape(-1).tolist()
-            ends = _const_input(node, 2, values).reshape(-1).tolist()
+            starts = _required(node, 1, values).reshape(-1).tolist()
+            ends = _required(node, 2, values).reshape(-1).tolist()
             given_axes = _const_input(node, 3, values)
             given_steps = _const_input(node, 4, values)
             axes = list(range(len(starts))) if given_axes is None else given_axes.reshape(-1).tolist()
@@ -373,7 +384,7 @@ def _move(node: onnx.NodeProto, data: list[np.ndarray], values: Mapping[str, np.
         bounds = np.cumsum([0, *sizes])
         return [np.take(x, np.arange(bounds[i], bounds[i + 1]), axis=axis) for i in range(len(sizes))]
     if op == "Gather":
-        indices = _const_input(node, 1, values)
+        indices = _required(node, 1, values)
         axis = int(attrs.get("axis", 0)) % x.ndim
         indices = np.where(indices < 0, indices + x.shape[axis], indices)
         return [np.take(x, indices, axis=axis)]
@@ -381,10 +392,10 @@ def _move(node: onnx.NodeProto, data: list[np.ndarray], values: Mapping[str, np.
         axis = int(attrs["axis"])
         return [np.concatenate(data, axis=axis % data[0].ndim)]
     if op == "Expand":
-        shape = [int(s) for s in _const_input(node, 1, values).reshape(-1)]
-        return [x * np.ones(shape, dtype=x.dtype)]
+        target = [int(s) for s in _required(node, 1, values).reshape(-1)]
+        return [x * np.ones(target, dtype=x.dtype)]
     if op == "Tile":
-        repeats = [int(r) for r in _const_input(node, 1, values).reshape(-1)]
+        repeats = [int(r) for r in _required(node, 1, values).reshape(-1)]
         return [np.tile(x, repeats)]
     raise KeyError(op)
 
@@ -505,7 +516,7 @@ def parameter_sources(model: onnx.ModelProto, names: Iterable[str]) -> Parameter
         inputs = [i for i in node.input if i]
         if node.op_type == "Constant":
             with contextlib.suppress(Exception):  # value, value_int, value_floats, ...
-                values[node.output[0]] = np.asarray(ReferenceEvaluator(node).run(None, {})[0])
+                values[node.output[0]] = np.asarray(ReferenceEvaluator(node).run(None, {})[0])  # type: ignore[index]
             constant.update(node.output)
             continue
         if not inputs or not all(i in constant for i in inputs):
@@ -515,17 +526,16 @@ def parameter_sources(model: onnx.ModelProto, names: Iterable[str]) -> Parameter
         if node.op_type in _SHAPE_ONLY:
             src = sources.get(inputs[0], values.get(inputs[0]))
             if src is not None:
-                shape = np.asarray(np.shape(src), dtype=np.int64)
-                values[node.output[0]] = shape if node.op_type == "Shape" else np.asarray(shape.prod())
+                dims = np.asarray(np.shape(src), dtype=np.int64)
+                values[node.output[0]] = dims if node.op_type == "Shape" else np.asarray(dims.prod())
             continue
         if not from_params:
             with contextlib.suppress(Exception):  # a value we cannot compute stays unknown
+                results: Sequence[Any]
                 if node.op_type in _MOVEMENT:
-                    data = [values[i] for i in _data_inputs(node)]
-                    results = _move(node, data, values)
+                    results = _move(node, [values[i] for i in _data_inputs(node)], values)
                 else:  # shape arithmetic on literals (Sub, Range, ...)
-                    evaluator = ReferenceEvaluator(node)
-                    results = evaluator.run(None, {i: values[i] for i in inputs})
+                    results = ReferenceEvaluator(node).run(None, {i: values[i] for i in inputs})  # type: ignore[assignment]
                 for out, value in zip(node.output, results, strict=False):
                     values[out] = np.asarray(value)
             continue
@@ -657,9 +667,9 @@ def _check_consistent(
         expected = np.isin(ids, removed)
         planned = np.zeros(ids.shape, dtype=bool)
         for axis, idx in onnx_cuts.get(tensor, {}).items():
-            sel: list[Any] = [slice(None)] * ids.ndim
-            sel[axis] = sorted(idx)
-            planned[tuple(sel)] = True
+            where: list[Any] = [slice(None)] * ids.ndim
+            where[axis] = sorted(idx)
+            planned[tuple(where)] = True
         planned &= ids >= 0
         if not np.array_equal(expected, planned):
             owners = {sources.names[int(p)] for p in sources.parameter_of(ids[expected != planned])}
@@ -985,11 +995,11 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     @classmethod
     def convert(cls, module: nn.MultiheadAttention, rows: Mapping[str, np.ndarray]) -> None:
         if not isinstance(module, cls):
-            module._gp_scale = float(module.head_dim) ** -0.5
-            module._gp_packed = module.in_proj_weight is not None
-            module._gp_dims = (module.embed_dim,) * 3
+            setattr(module, "_gp_scale", float(module.head_dim) ** -0.5)  # noqa: B010
+            setattr(module, "_gp_packed", module.in_proj_weight is not None)  # noqa: B010
+            setattr(module, "_gp_dims", (module.embed_dim,) * 3)  # noqa: B010
         heads, qk, v = _mha_layout(module, rows, "")
-        module._gp_dims = (heads * qk, heads * qk, heads * v)
+        setattr(module, "_gp_dims", (heads * qk, heads * qk, heads * v))  # noqa: B010
         module.num_heads = heads
         module.head_dim = qk
         module.embed_dim = heads * qk
@@ -1157,7 +1167,7 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
                 t = sub._buffers.get(local)
             old[local] = tuple(t.shape)
             if local in sub._parameters:
-                sub._parameters[local] = new[id(t)]
+                sub._parameters[local] = new[id(t)]  # type: ignore[assignment]  # a Parameter
             else:
                 sub._buffers[local] = new[id(t)]
         _handler_for(sub).update(sub, sub_cuts, old)  # type: ignore[union-attr]

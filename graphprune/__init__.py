@@ -34,6 +34,7 @@ __all__ = [
     "UsageError",
     "VerificationError",
     "analyze",
+    "erase_blocks",
     "load_model",
     "prune",
     "save_model",
@@ -45,6 +46,10 @@ def __getattr__(name: str):  # lazy: keep ``import graphprune`` cheap and cycle-
         from graphprune import api
 
         return getattr(api, name)
+    if name == "erase_blocks":
+        from graphprune import lossless
+
+        return lossless.erase_blocks
     if name in ("load_model", "save_model"):
         from graphprune import model_io
 

@@ -473,7 +473,7 @@ class CouplingContext:
     def _trace_where_minus_one(self, node: gs.Node, inp) -> list[tuple] | None:
         """TorchScript's Expand idiom ``Where(Equal(shape, -1), ones, shape)``: each element
         is ``ones[k]`` where ``shape[k]`` is the literal -1, ``shape[k]`` otherwise."""
-        cond, ones, shape = node.inputs[0], node.inputs[1], node.inputs[2]
+        cond, shape = node.inputs[0], node.inputs[2]
         equal = cond.inputs[0] if cond.inputs else None
         if equal is None or equal.op != "Equal" or equal.inputs[0] is not shape:
             return None
@@ -744,7 +744,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
         for axis, (da, db) in enumerate(zip(a, b, strict=True)):
             if isinstance(shape[axis], int) and shape[axis] >= 0:
                 continue
-            if da is not None and da == db:
+            if da is not None and da == db and da > 0:  # 0: a size collapsed in both probes
                 shape[axis] = da
                 changed = True
             elif shape[axis] is None:

@@ -200,15 +200,32 @@ def prune(
     keep: Iterable[str] = (),
     plan: Plan | str | None = None,
     verify: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    lossless: bool = False,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
+
+    ``lossless=True`` removes only what is exactly removable (zero-invariant channel groups,
+    identically zero branches and operators; see :mod:`graphprune.lossless`) and checks that
+    the outputs are unchanged (tolerance 1e-5 by default); ``ratio``, ``criterion`` and
+    ``plan`` do not apply then. Otherwise every prunable group loses about ``ratio`` of its
+    units and the result must match the original with those channels zeroed (1e-4).
 
     Raises :class:`~graphprune.errors.VerificationError` when the pruned model fails a check;
     the exception's ``result`` attribute carries the (unverified) result for inspection.
     """
+    if lossless:
+        if plan is not None:
+            raise UsageError("a plan cannot be combined with lossless mode")
+        from graphprune import lossless as lossless_mode
+
+        return lossless_mode.prune_lossless(  # type: ignore[no-any-return]
+            model, verify=verify, progress=progress, keep=keep,
+            tolerance=lossless_mode.LOSSLESS_TOLERANCE if tolerance is None else tolerance,
+        )
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     _validate_args(ratio, criterion, round_to, min_channels)
     stages = _Stages(progress)
     with stages.stage("load"):

@@ -121,13 +121,23 @@ def _print_prune_report(report: dict[str, Any]) -> None:
     print(table(["", "before", "after", "ratio"], _result_rows(report)))
     g = report.get("groups", {})
     ch = report.get("channels", {})
-    print(f"\ngroups: {g.get('total', 0)} found, {g.get('pruned', 0)} pruned, "
-          f"{g.get('frozen', 0)} frozen; units removed: {ch.get('removed', 0)} of "
-          f"{ch.get('prunable', 0)} prunable; prunable conv channels: "
-          f"{report.get('prunable_fraction', 0):.1%}")
-    erased = report.get("erased")
+    if "total" in g:
+        print(f"\ngroups: {g.get('total', 0)} found, {g.get('pruned', 0)} pruned, "
+              f"{g.get('frozen', 0)} frozen; units removed: {ch.get('removed', 0)} of "
+              f"{ch.get('prunable', 0)} prunable; prunable conv channels: "
+              f"{report.get('prunable_fraction', 0):.1%}")
+    else:
+        print(f"\ngroups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
+    if report.get("mode"):
+        print(f"mode: {report['mode']}")
+    erased = report.get("erased_nodes")
     if erased:
-        print(f"erased operators/blocks: {len(erased)}")
+        print(f"operators erased: {erased if isinstance(erased, int) else len(erased)}")
+    blocks = report.get("blocks_erased") or (report.get("depth") or {}).get("blocks_erased")
+    if blocks:
+        names = blocks if isinstance(blocks, list) else []
+        print(f"residual blocks erased: {len(names) if names else blocks}"
+              + (f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""))
     v = report.get("verification", {})
     if v.get("skipped"):
         print("verification: skipped (--no-verify)")
@@ -155,7 +165,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = prune(
             args.model, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
             min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
-            verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,
+            verify=not args.no_verify,
+            tolerance=args.tolerance if args.tolerance is not None else 1e-4, seed=args.seed,
             progress=progress,
         )
     model_io.save_model(result.model, args.output, input_path=args.model)
@@ -174,15 +185,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_lossless(args: argparse.Namespace, progress: _Progress) -> Any:
+    from graphprune import lossless
+
+    tolerance = args.tolerance if args.tolerance is not None else lossless.LOSSLESS_TOLERANCE
+    if args.erase_blocks is None:
+        return lossless.prune_lossless(args.model, verify=not args.no_verify, tolerance=tolerance,
+                                       progress=progress, keep=args.keep or ())
     try:
-        from graphprune import lossless
-    except ImportError as exc:
-        raise UsageError("lossless pruning is not available in this build") from exc
-    if args.erase_blocks is not None:
         k = float(args.erase_blocks)
-        return lossless.erase_blocks(args.model, int(k) if k >= 1 else k,
-                                     verify=not args.no_verify)
-    return lossless.prune_lossless(args.model, verify=not args.no_verify, progress=progress)
+    except ValueError:
+        raise UsageError(f"--erase-blocks takes a count or a fraction, got '{args.erase_blocks}'") from None
+    count: int | float = int(k) if k >= 1 and k == int(k) else k
+    result = lossless.erase_blocks(args.model, count, verify=not args.no_verify,
+                                   tolerance=tolerance, progress=progress)
+    if args.lossless:
+        erased = result.report
+        result = lossless.prune_lossless(result.model, verify=not args.no_verify,
+                                         tolerance=tolerance, progress=progress,
+                                         keep=args.keep or ())
+        result.report["depth"] = {k: erased.get(k) for k in
+                                  ("blocks_found", "blocks_erased", "blocks", "score")}
+    return result
 
 
 # ----------------------------------------------------------------------------- bench
@@ -283,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erase-blocks", metavar="K",
                    help="depth pruning: erase the K (or fraction K) least important residual blocks")
     p.add_argument("--no-verify", action="store_true", help="skip the self-check (not advised)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative difference")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative difference (default 1e-4; 1e-5 with --lossless/--erase-blocks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

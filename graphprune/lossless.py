@@ -190,9 +190,12 @@ def _add_bias(
 
 
 # ---------------------------------------------------------------------- zero-unit plans
-def _live_tensors(graph: gs.Graph, dropped: set[tuple[int, str]]) -> set[str]:
-    """Tensors that reach a graph output once the (Concat node id, input) pairs are cut."""
-    live = {t.name for t in graph.outputs}
+def _live_tensors(graph: gs.Graph, dropped: set[tuple[int, str]], keep: Iterable[str] = ()) -> set[str]:
+    """Tensors that reach a graph output (or a kept node or tensor) once the
+    (Concat node id, input) pairs are cut."""
+    keep = set(keep)
+    live = {t.name for t in graph.outputs} | keep
+    live |= {o.name for n in graph.nodes if n.name in keep for o in n.outputs}
     for node in reversed(graph.nodes):
         if not any(o.name in live for o in node.outputs):
             continue
@@ -207,6 +210,7 @@ def _plan_group(
     group: ChannelGroup,
     units: set[int],
     users: dict[str, list[gs.Node]],
+    keep: Iterable[str] = (),
 ) -> tuple[set[int], set[tuple[int, str]]]:
     """Shrink ``units`` so that no live dimension is emptied; Concat inputs may be dropped."""
     drops: set[tuple[int, str]] = set()
@@ -222,7 +226,7 @@ def _plan_group(
                     rank = len(node.outputs[0].shape)
                     if int(node.attrs["axis"]) % rank == axis:
                         drops.add((id(node), name))
-        live = _live_tensors(graph, drops) if drops else _live_tensors(graph, set())
+        live = _live_tensors(graph, drops, keep)
         offending = [d for d in emptied if d[0] in live]
         if not offending:
             return units, drops
@@ -278,7 +282,7 @@ def prune_lossless(
         graph = ir.import_graph(current)
         pctx = PassContext(opset=prep.opset)
         with timer.stage("erase"):
-            erased = EraseOperatorsPass().run(graph, pctx)
+            erased = EraseOperatorsPass(keep=keep).run(graph, pctx)
         with timer.stage("analysis"):
             analysis = analyze_graph(graph, prep.opset, keep=keep)
             constants = analyze_constants(graph, prep.opset)
@@ -311,7 +315,7 @@ def prune_lossless(
             for info in findings:
                 if info.skipped or not info.zero_units:
                     continue
-                units, group_drops = _plan_group(graph, info.group, set(info.zero_units), users)
+                units, group_drops = _plan_group(graph, info.group, set(info.zero_units), users, keep)
                 if units:
                     group_plans.append(group_plan(info.group, sorted(units), tensors))
                     drops |= group_drops
@@ -431,12 +435,12 @@ def _finish(
     result.report["verification"] = verification
     result.report["timings"] = timer.report()
     if verify and not verification.get("ok"):
-        exc = error or VerificationError(
+        failure = error or VerificationError(
             f"pruned model differs from {what}: max relative difference "
             f"{verification.get('max_rel_diff'):.3g} > {tolerance:g}"
         )
-        exc.result = result  # type: ignore[attr-defined]
-        raise exc
+        failure.result = result  # type: ignore[attr-defined]
+        raise failure
 
 
 # ---------------------------------------------------------------------- residual blocks
@@ -851,20 +855,20 @@ def plant_zeros(
         if block.add in taken or taken & set(block.nodes):
             continue
         taken |= {block.add, *block.nodes}
-        producers = []
+        branch_producers: list[str] = []
         for name in block.nodes:
             node = nodes[name]
-            for index in _ZEROED_INPUTS.get(node.op, ()):
-                if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
-                    c = node.inputs[index]
+            for slot in _ZEROED_INPUTS.get(node.op, ()):
+                if slot < len(node.inputs) and isinstance(node.inputs[slot], gs.Constant):
+                    c = node.inputs[slot]
                     c.values = np.zeros_like(np.asarray(c.values))
             if node.op in ("Mul",) and any(isinstance(t, gs.Constant) for t in node.inputs):
                 for t in node.inputs:
                     if isinstance(t, gs.Constant):
                         t.values = np.zeros_like(np.asarray(t.values))
             if node.op in _ZEROED_INPUTS:
-                producers.append(name)
-        record.branches.append({"add": block.add, "producers": producers})
+                branch_producers.append(name)
+        record.branches.append({"add": block.add, "producers": branch_producers})
 
     candidates = [
         g for g in analysis.groups

@@ -288,20 +288,30 @@ def refactor(
     state: ChannelValues | None,
     in_shape: Sequence[int | None] | None,
     out_shape: Sequence[int | None] | None,
+    *,
+    keeps_batch: bool = False,
 ) -> ChannelValues | None:
-    """Re-view a vector through a Reshape/Flatten: densify, reshape, read the best axis."""
+    """Re-view a vector through a Reshape/Flatten: densify, reshape, read the best axis.
+
+    ``keeps_batch``: axis 0 is carried over unchanged (Flatten with ``axis >= 1``, a Reshape
+    target starting with 0), so an unknown batch size does not matter.
+    """
     if state is None or in_shape is None or out_shape is None:
         return None
+    if keeps_batch and in_shape and out_shape and state.axis != 0 and in_shape[0] is None and out_shape[0] is None:
+        in_shape, out_shape = [1, *in_shape[1:]], [1, *out_shape[1:]]  # axis 0 passes through
     if any(d is None for d in [*in_shape, *out_shape]) or not out_shape:
         return None
     total = math.prod(in_shape)  # type: ignore[arg-type]
     if total != math.prod(out_shape) or total > DENSE_LIMIT or total == 0:  # type: ignore[arg-type]
         return None
-    view = [-1 if a == state.axis else 1 for a in range(len(in_shape))]
-    dense = np.broadcast_to(state.values.reshape(view), tuple(in_shape)).reshape(tuple(out_shape))  # type: ignore[arg-type]
+    src = [int(d) for d in in_shape]  # type: ignore[arg-type]
+    dst = [int(d) for d in out_shape]  # type: ignore[arg-type]
+    view = [-1 if a == state.axis else 1 for a in range(len(src))]
+    dense = np.broadcast_to(state.values.reshape(view), tuple(src)).reshape(tuple(dst))
     best: ChannelValues | None = None
-    for axis, n in enumerate(out_shape):
-        rows = np.moveaxis(dense, axis, 0).reshape(n, -1)  # type: ignore[call-overload]
+    for axis, n in enumerate(dst):
+        rows = np.moveaxis(dense, axis, 0).reshape(n, -1)
         same = (rows == rows[:, :1]).all(axis=1)
         candidate = ChannelValues(axis, np.where(same, rows[:, 0], np.nan))
         if candidate.any_known and (
@@ -412,7 +422,7 @@ class GroupZeros:
     """The lossless findings for one channel group."""
 
     group: ChannelGroup
-    #: units removable now (every consumer reads zero or has zero weights)
+    #: units removable now (every consumer reads zero or has zero weights, or none reads them)
     zero_units: list[int] = field(default_factory=list)
     #: units removable once their constants are folded into the consumers' biases
     constant_units: list[int] = field(default_factory=list)
@@ -518,7 +528,8 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
             const_ok &= zero_here | (unit_known & _foldable(node, dim, cctx))
         if info.skipped is not None:
             continue
-        zero_ok &= has_consumer
+        # a unit that meets no consumer (its channel only reaches dead ends) is dead: the
+        # leak check above guarantees it reaches nothing else, so it is removable as well
         const_ok &= has_consumer
         info.zero_units = [int(u) for u in np.nonzero(zero_ok)[0]]
         info.constant_units = [int(u) for u in np.nonzero(const_ok & ~zero_ok)[0]]

@@ -22,6 +22,7 @@ constants or ``Expand`` of constants, which are never rewritten again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -45,11 +46,31 @@ def _static(shape: Any) -> list[int] | None:
     return [int(d) for d in shape]
 
 
-def _broadcast(shapes: list[list[int]]) -> list[int] | None:
-    try:
-        return [int(d) for d in np.broadcast_shapes(*[tuple(s) for s in shapes])]
-    except ValueError:
+def _dims(shape: Any) -> list[int | str] | None:
+    """Shape as comparable tokens: ints and named symbolic dims (``None`` if any is unnamed)."""
+    if shape is None:
         return None
+    dims: list[int | str] = []
+    for d in shape:
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        elif isinstance(d, str) and d:
+            dims.append(d)
+        else:
+            return None
+    return dims
+
+
+def _broadcast(shapes: list[list[int | str]]) -> list[int | str] | None:
+    """Numpy broadcasting over int and symbolic dims (a symbol only matches itself or 1)."""
+    rank = max(len(s) for s in shapes)
+    out: list[int | str] = []
+    for k in range(rank):
+        dims = {s[len(s) - rank + k] for s in shapes if len(s) - rank + k >= 0} - {1}
+        if len(dims) > 1:
+            return None
+        out.append(dims.pop() if dims else 1)
+    return out
 
 
 def _is_canonical(tensor: gs.Tensor) -> bool:
@@ -72,33 +93,53 @@ def _live(graph: gs.Graph) -> set[str]:
 class EraseOperatorsPass(Pass):
     """Erase operators and branches whose contribution is identically known (see module doc)."""
 
-    def __init__(self, *, max_iterations: int = 100) -> None:
+    def __init__(self, *, keep: Iterable[str] = (), max_iterations: int = 100) -> None:
+        #: node or tensor names that must survive: their outputs count as graph outputs
+        self.keep = tuple(keep)
         self.max_iterations = max_iterations
 
     def __repr__(self) -> str:
-        return "EraseOperatorsPass()"
+        return f"EraseOperatorsPass(keep={list(self.keep)})" if self.keep else "EraseOperatorsPass()"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, Any] = {
             "bypassed": 0, "constant_operands": 0, "expanded": 0, "concat_inputs_dropped": 0,
+            "splits_sliced": 0,
         }
         before = {id(n): n.name for n in graph.nodes}
         modified = False
         self._names = set(graph.tensors()) | {n.name for n in graph.nodes}
+        modified = self._run(graph, ctx, stats)
+        after = {id(n) for n in graph.nodes}
+        erased = [name for key, name in before.items() if key not in after]
+        stats["nodes_erased"] = len(erased)
+        stats["erased"] = erased
+        return PassResult(graph, modified, stats)
+
+    def _protected(self, graph: gs.Graph) -> set[str]:
+        """Tensors downstream of a kept node or tensor: replacing them could erase it."""
+        if not self.keep:
+            return set()
+        keep = set(self.keep)
+        protected = set(keep)
+        for node in graph.nodes:  # topologically sorted
+            if node.name in keep or any(t.name in protected for t in node.inputs):
+                protected.update(o.name for o in node.outputs)
+        return protected
+
+    def _run(self, graph: gs.Graph, ctx: PassContext, stats: dict[str, Any]) -> bool:
+        modified = False
         for _ in range(self.max_iterations):
             changed = self._drop_empty_concat_inputs(graph, stats)
             ensure_shapes(graph, ctx.opset)
+            changed |= self._split_to_slice(graph, ctx.opset, stats)
             constants = analyze_constants(graph, ctx.opset)
             changed |= self._rewrite_frontier(graph, constants, stats)
             if not changed:
                 break
             modified = True
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        after = {id(n) for n in graph.nodes}
-        erased = [name for key, name in before.items() if key not in after]
-        stats["nodes_erased"] = len(erased)
-        stats["erased"] = erased
-        return PassResult(graph, modified, stats)
+        return modified
 
     # ------------------------------------------------------------------ rewrites
     @staticmethod
@@ -121,6 +162,41 @@ class EraseOperatorsPass(Pass):
                 changed = True
         return changed
 
+    def _split_to_slice(self, graph: gs.Graph, opset: int, stats: dict[str, Any]) -> bool:
+        """A Split with one live output is a Slice (its dead outputs' channels become free)."""
+        outputs = {t.name for t in graph.outputs}
+        changed = False
+        for node in graph.nodes:
+            if node.op != "Split" or len(node.outputs) < 2 or opset < 10:
+                continue
+            used = [k for k, o in enumerate(node.outputs) if o.outputs or o.name in outputs]
+            if len(used) != 1:
+                continue
+            shape = ConstantContext.shape(node.inputs[0])
+            if shape is None:
+                continue
+            axis = int(node.attrs.get("axis", 0)) % len(shape)
+            out_shapes = [ConstantContext.shape(o) for o in node.outputs]
+            sizes = [None if s is None or len(s) <= axis else s[axis] for s in out_shapes]
+            if any(n is None for n in sizes):
+                continue
+            start = int(sum(sizes[: used[0]]))  # type: ignore[arg-type]
+            end = start + int(sizes[used[0]])  # type: ignore[arg-type]
+            data, kept = node.inputs[0], node.outputs[used[0]]
+            consts = [
+                gs.Constant(self._fresh(f"{node.name or 'split'}_gp_{what}"), np.array([v], dtype=np.int64))
+                for what, v in (("starts", start), ("ends", end), ("axes", axis))
+            ]
+            node.op = "Slice"
+            node.attrs.clear()
+            node.inputs.clear()
+            node.inputs.extend([data, *consts])
+            node.outputs.clear()
+            node.outputs.append(kept)
+            stats["splits_sliced"] += 1
+            changed = True
+        return changed
+
     def _rewrite_frontier(self, graph: gs.Graph, constants: ConstantContext, stats: dict[str, Any]) -> bool:
         outputs = {t.name for t in graph.outputs}
         live = _live(graph)
@@ -129,6 +205,8 @@ class EraseOperatorsPass(Pass):
             return False
         expanded: dict[str, gs.Variable] = {}
         changed = False
+        protected = self._protected(graph)
+        known -= protected
         for tensor in list(graph.outputs):
             if self._materialise_output(graph, tensor, known, live, constants):
                 stats["expanded"] += 1
@@ -214,7 +292,7 @@ class EraseOperatorsPass(Pass):
         if not neutral:
             return False
         other, y = node.inputs[1 - index], node.outputs[0]
-        if _static(other.shape) is None or _static(other.shape) != _static(y.shape):
+        if _dims(other.shape) is None or _dims(other.shape) != _dims(y.shape):
             return False
         if other.dtype is not None and y.dtype is not None and np.dtype(other.dtype) != np.dtype(y.dtype):
             return False
@@ -252,11 +330,11 @@ class EraseOperatorsPass(Pass):
         """A broadcasting op reads ``[C, 1, 1]`` instead of the constant branch."""
         if node.op not in BROADCASTING or (node.op == "PRelu" and index == 0):
             return False
-        out_shape = _static(node.outputs[0].shape)
-        shape = _static(tensor.shape)
+        out_shape = _dims(node.outputs[0].shape)
+        shape = _dims(tensor.shape)
         if out_shape is None or shape is None:
             return False
-        others = [_static(t.shape) for k, t in enumerate(node.inputs) if k != index and t.name]
+        others = [_dims(t.shape) for k, t in enumerate(node.inputs) if k != index and t.name]
         if not others or any(s is None for s in others) or _broadcast(others) != out_shape:  # type: ignore[arg-type]
             return False
         node.inputs[index] = self._small(tensor, state, dtype, len(shape))

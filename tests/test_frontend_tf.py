@@ -15,9 +15,10 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")
 keras = pytest.importorskip("keras")
 
+from graphprune.frontends import tensorflow as gtf  # noqa: E402
+
 import graphprune  # noqa: E402
 from graphprune.errors import UsageError  # noqa: E402
-from graphprune.frontends import tensorflow as gtf  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -93,6 +94,28 @@ def test_keras_file_and_saved_model(tmp_path):
     from_saved = gtf.to_onnx(saved)
     got = graphprune.validate.run(from_saved, {from_saved.graph.input[0].name: x}, "saved model")
     np.testing.assert_allclose(got[0], np.asarray(model(x)), rtol=1e-4, atol=1e-5)
+    # the command line and resolve_source take the same sources
+    from graphprune.frontends.cli import resolve_source
+
+    from graphprune.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "keras", str(path), "-o", str(out)]) == 0
+    assert [o.name for o in onnx.load(out).graph.output] == ["logits"]
+    assert main(["export", "keras", str(path), "-o", str(path)]) == 2  # never over the input
+    assert isinstance(resolve_source(str(saved)), onnx.ModelProto)
+
+
+def test_values_captured_by_the_trace_become_initializers():
+    # Keras 3's Normalization (as in EfficientNet) is captured by value, not as a variable
+    keras.utils.set_random_seed(3)
+    image = keras.Input((6, 6, 3))
+    x = keras.layers.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.0, 2.0, 3.0])(image)
+    model = keras.Model(image, keras.layers.Conv2D(4, 3, name="conv")(x))
+    proto = gtf.to_onnx(model)
+    assert len(proto.graph.input) == 1
+    x = np.random.default_rng(3).standard_normal((1, 6, 6, 3)).astype(np.float32)
+    assert gtf.check_conversion(model, proto, [x]) < 1e-5
 
 
 def test_grouped_conv_is_refused_with_a_clear_error():

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from graphprune.frontends import torch as gpt  # noqa: E402
 from torch import nn  # noqa: E402
 
+import graphprune  # noqa: E402
 from graphprune.errors import UsageError  # noqa: E402
 from graphprune.plan import GroupPlan, Plan  # noqa: E402
 
@@ -276,18 +277,20 @@ def test_resnet_style_round_trip_and_training(resnet):
     train_steps(pruned, (x,))
 
 
-def test_resnet_style_torchscript_exporter():
+def test_resnet_style_torchscript_exporter_and_keep_by_module_name():
     torch.manual_seed(1)
     model = randomise_batchnorm(ResNetish())
     x = torch.randn(1, 3, 16, 16)
-    pruned, _ = round_trip(model, (x,), ratio=0.4, exporter="torchscript")
+    pruned, _ = round_trip(model, (x,), ratio=0.5, exporter="torchscript", keep=["layer1.0.conv1"])
+    assert pruned.layer1[0].conv1.out_channels == 16  # protected
+    assert pruned.layer1[1].conv1.out_channels == 8
     train_steps(pruned, (x,))
 
 
 def test_mobilenet_style_round_trip_depthwise():
     torch.manual_seed(2)
     model = randomise_batchnorm(MobileNetish())
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     pruned, result = round_trip(model, (x,), ratio=0.5)
     dw = pruned.features[2].block[3]
     assert dw.groups == dw.in_channels == dw.out_channels == 32  # 64 expanded, half kept
@@ -295,12 +298,22 @@ def test_mobilenet_style_round_trip_depthwise():
     train_steps(pruned, (x,))
 
 
-@pytest.mark.parametrize("attention", ["custom", "mha", "encoder_layer"])
-def test_transformer_round_trip(attention):
+@pytest.mark.parametrize(
+    ("attention", "exporter"),
+    [("custom", "dynamo"), ("mha", "dynamo"), ("encoder_layer", "torchscript")],
+)
+def test_transformer_round_trip(attention, exporter, tmp_path):
     torch.manual_seed(3)
     model = randomise_batchnorm(TinyTransformer(attention))
     ids = torch.randint(0, 50, (2, 7))
-    pruned, result = round_trip(model, (ids,), ratio=0.5)
+    pruned, result = round_trip(model, (ids,), ratio=0.5, exporter=exporter)
+    names = set(model.state_dict())
+    assert all(set(gp.channels) <= names for gp in result.plan.groups)
+    # Linear weights reach MatMul transposed: the ONNX plan cuts folded copies ("val_12")
+    assert any(name not in names for gp in result.onnx_plan.groups for name in gp.channels)
+    result.plan.save(tmp_path / "plan.json")
+    replayed = gpt.apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
+    gpt.check_module(replayed, result.model, (ids,))
     assert pruned.emb.embedding_dim == 16  # the residual stream lost half its width
     assert pruned.norm.normalized_shape == (16,)
     if attention == "custom":
@@ -315,7 +328,7 @@ def test_mixed_layers_round_trip():
     torch.manual_seed(4)
     model = randomise_batchnorm(Mixed())
     inputs = (torch.randn(2, 4, 10), torch.randn(1, 2, 4, 5, 5))
-    pruned, _ = round_trip(model, inputs, ratio=0.5)
+    pruned, _ = round_trip(model, inputs, ratio=0.5, exporter="torchscript")
     assert pruned.gn.num_groups == 2 and pruned.gn.num_channels == 8
     assert pruned.act.num_parameters == 8 and pruned.up.in_channels == 8
     assert pruned.up.out_channels == pruned.c2.in_channels == 6
@@ -323,27 +336,6 @@ def test_mixed_layers_round_trip():
     train_steps(pruned, inputs)
 
 
-def test_keep_accepts_module_names():
-    torch.manual_seed(5)
-    model = randomise_batchnorm(ResNetish())
-    x = torch.randn(1, 3, 16, 16)
-    pruned, result = round_trip(model, (x,), ratio=0.5, keep=["layer1.0.conv1"])
-    assert pruned.layer1[0].conv1.out_channels == 16
-    assert pruned.layer1[1].conv1.out_channels == 8
-
-
-def test_plan_is_keyed_by_state_dict_names_and_json_round_trips(tmp_path):
-    model = randomise_batchnorm(TinyTransformer("custom"))
-    ids = torch.randint(0, 50, (1, 5))
-    result = gpt.prune_module(model, (ids,), ratio=0.5)
-    names = set(model.state_dict())
-    for gp in result.plan.groups:
-        assert set(gp.channels) <= names
-    assert any(name.startswith("val_") for gp in result.onnx_plan.groups for name in gp.channels)
-    path = tmp_path / "plan.json"
-    result.plan.save(path)
-    pruned = gpt.apply_plan(copy.deepcopy(model), Plan.load(path))
-    gpt.check_module(pruned, result.model, (ids,))
 
 
 # ----------------------------------------------------------------------------- apply_plan
@@ -541,3 +533,150 @@ def test_parameter_sources_follow_transpose_slice_and_concat():
     plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}, "w": {"0": [1]}})])
     with pytest.raises(gpt.PlanMappingError, match="cut differently"):
         gpt.map_plan(plan, model, ["w"])
+
+
+# ----------------------------------------------------------------------------- group sparsity
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.b2(self.c2(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_group_sparsity_zeroes_whole_units_that_lossless_pruning_removes():
+    from graphprune.frontends.sparsity import GroupSparsity
+
+    from graphprune.lossless import prune_lossless
+
+    torch.manual_seed(0)
+    model = randomise_batchnorm(SmallCNN()).train()
+    x = torch.randn(4, 1, 8, 8)
+    reg = GroupSparsity.from_module(model, (x[:1],), strength=0.5, target=0.5, exporter="torchscript")
+    assert len(reg.units) == 16  # c1 and c2 output channels
+    slices = {s[0] for u in reg.units for s in u.slices}
+    assert slices == {"c1.weight", "b1.weight", "b1.bias", "c2.weight", "c2.bias", "b2.weight", "b2.bias"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(30):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        reg.step(0.1)
+    summary = reg.summary()
+    assert summary["zero_units"] == 8 and summary["zero_fraction"] == 0.5
+    for unit in reg.zero_units():
+        for name, axis, idx in unit.slices:
+            assert torch.count_nonzero(dict(model.named_parameters())[name].index_select(axis, torch.tensor(idx))) == 0
+    model.eval()
+    exported = gpt.to_onnx(model, (x[:1],), exporter="torchscript")
+    lossless = prune_lossless(exported)
+    assert lossless.report["channels"]["removed"] == 8
+    replayed = graphprune.prune(exported, plan=reg.plan())
+    assert replayed.report["verification"]["max_rel_diff"] <= 1e-6
+    expected = model(x).detach()
+    reg.prune_module()
+    assert model.c1.out_channels + model.c2.out_channels == 8
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    gpt.check_module(model, lossless.model, (x[:1],), tolerance=1e-5)
+
+
+def test_group_sparsity_penalty_is_differentiable_and_arguments_are_checked():
+    from graphprune.frontends.sparsity import GroupSparsity
+
+    model = SmallCNN()
+    reg = GroupSparsity.from_module(model, (torch.randn(1, 1, 8, 8),), exporter="torchscript")
+    penalty = reg.penalty()
+    penalty.backward()
+    assert penalty.item() > 0 and model.c1.weight.grad is not None
+    with pytest.raises(UsageError):
+        GroupSparsity(model, reg.analysis, reg.model, target=1.5)
+
+
+def test_lossless_follows_zero_channels_through_a_dynamic_batch_flatten():
+    from graphprune.lossless import prune_lossless
+
+    model = randomise_batchnorm(SmallCNN()).eval()
+    with torch.no_grad():
+        model.c2.weight[:3] = 0
+        model.c2.bias[:3] = 0
+        model.b2.weight[:3] = 0
+        model.b2.bias[:3] = 0
+    exported = gpt.to_onnx(
+        model, (torch.randn(2, 1, 8, 8),), exporter="torchscript",
+        input_names=["x"], dynamic_axes={"x": {0: "batch"}},
+    )
+    assert prune_lossless(exported).report["channels"]["removed"] == 3
+
+
+# ----------------------------------------------------------------------------- command line
+
+FACTORY = """
+import torch.nn as nn
+
+
+def make(width=8):
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 4, 1)
+    )
+"""
+
+
+def test_cli_export_torch_then_prune(tmp_path, capsys):
+    from graphprune.cli import main
+
+    source = tmp_path / "factory.py"
+    source.write_text(FACTORY)
+    out = tmp_path / "model.onnx"
+    argv = ["export", "torch", f"{source}:make", "--input-shape", "2,3,8,8", "--kwargs", '{"width": 6}',
+            "--dynamic-batch", "-o", str(out)]
+    assert main(argv) == 0
+    assert f"wrote {out} (torch dynamo" in capsys.readouterr().out
+    model = onnx.load(out)
+    assert {t.name: tuple(t.dims) for t in model.graph.initializer}["0.weight"] == (6, 3, 3, 3)
+    assert not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    pruned = tmp_path / "pruned.onnx"
+    assert main(["prune", str(out), "-o", str(pruned), "--ratio", "0.5", "-q"]) == 0
+    assert main(["export", "torch", f"{source}:make", "--input-shape", "1,3,8,8", "--exporter",
+                 "torchscript", "--opset", "17", "-o", str(tmp_path / "ts.onnx")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("no_colon", "MODULE:FACTORY"),
+        ("missing_module_xyz:make", "cannot import"),
+        ("{source}:nope", "no attribute 'nope'"),
+    ],
+)
+def test_cli_export_torch_errors_are_one_line_usage_errors(tmp_path, capsys, factory, message):
+    from graphprune.cli import main
+
+    source = tmp_path / "factory.py"
+    source.write_text(FACTORY)
+    argv = ["export", "torch", factory.format(source=source), "--input-shape", "1,3,8,8",
+            "-o", str(tmp_path / "m.onnx")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_resolve_source_exports_factories_and_passes_onnx_paths(tmp_path):
+    from graphprune.frontends.cli import resolve_source
+
+    source = tmp_path / "factory.py"
+    source.write_text(FACTORY)
+    model = resolve_source(f"{source}:make", input_shapes=[(1, 3, 8, 8)], exporter="torchscript")
+    assert isinstance(model, onnx.ModelProto)
+    assert resolve_source(str(tmp_path / "model.onnx")) is None
+    with pytest.raises(UsageError, match="input-shape"):
+        resolve_source(f"{source}:make")

@@ -446,3 +446,111 @@ def test_public_import_paths():
     from graphprune.passes import erase_operators  # noqa: F401
 
     assert callable(graphprune.lossless.prune_lossless)
+
+
+def test_kept_nodes_survive_erasure():
+    model = residual_model()
+    result = prune_lossless(model, keep=["h"])
+    names = {n.name for n in result.model.graph.node}
+    assert {"h", "add"} <= names  # erasing the branch would erase the kept node
+    assert_same_function(model, result.model)
+
+
+def zero_channel_source(channels: int = 4, zero=(0, 1), value=None):
+    """A conv whose output channels ``zero`` are 0 (or ``value``) for every input."""
+    b = vector(channels, zero=zero) if value is None else vector(channels, value=value)
+    w = weight(channels, 3, 1, zero_rows=zero)
+    if value is not None:
+        w[list(zero)] = 0
+    return conv_node("x", "w", "y", "b", k=1, pads=[0, 0, 0, 0]), {"w": w, "b": b}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "params", "output", "axis", "expect"),
+    [
+        ([helper.make_node("Slice", ["y", "st", "en", "ax"], ["o"])], {"st": np.array([1]), "en": np.array([3]), "ax": np.array([1])}, "o", 1, [0, np.nan]),
+        ([helper.make_node("Unsqueeze", ["y", "ax"], ["o"])], {"ax": np.array([0])}, "o", 2, [0, 0, np.nan, np.nan]),
+        ([helper.make_node("ReduceMean", ["y", "ax"], ["o"], keepdims=0)], {"ax": np.array([2, 3])}, "o", 1, [0, 0, np.nan, np.nan]),
+        ([helper.make_node("Reshape", ["y", "sh"], ["o"])], {"sh": np.array([1, 4, 16])}, "o", 1, [0, 0, np.nan, np.nan]),
+        ([helper.make_node("Pad", ["y", "pd"], ["o"])], {"pd": np.array([0, 1, 0, 0, 0, 0, 0, 0])}, "o", 1, [0, 0, 0, np.nan, np.nan]),
+        ([helper.make_node("MaxPool", ["y"], ["o"], kernel_shape=[2, 2], pads=[1, 1, 1, 1])], {}, "o", 1, [0, 0, np.nan, np.nan]),
+        ([helper.make_node("InstanceNormalization", ["y", "is", "ib"], ["o"])], {"is": positive(4), "ib": np.array([1, 2, 3, 4], np.float32)}, "o", 1, [1, 2, np.nan, np.nan]),
+    ],
+    ids=["Slice", "Unsqueeze", "ReduceMean", "Reshape", "Pad", "MaxPool", "InstanceNormalization"],
+)
+def test_zero_output_of_shape_ops(nodes, params, output, axis, expect):
+    source, source_params = zero_channel_source()
+    params = {k: (v.astype(np.int64) if v.dtype.kind == "i" else v) for k, v in params.items()}
+    model = make_model([source, *nodes], {"x": [1, 3, 4, 4]}, {output: None}, {**source_params, **params}, opset=18)
+    state = states(model)[output]
+    assert state.axis == axis
+    np.testing.assert_array_equal(state.values, np.array(expect, dtype=np.float64))
+
+
+def test_matmul_and_gemm_of_a_zero_input_give_the_bias():
+    model = make_model(
+        [
+            helper.make_node("Mul", ["x", "zero"], ["z"]),
+            helper.make_node("MatMul", ["z", "w"], ["m"]),
+            helper.make_node("Gemm", ["m", "w2", "c"], ["out"]),
+        ],
+        {"x": [2, 5]},
+        {"out": None},
+        {"zero": np.zeros(5, np.float32), "w": weight(5, 3, 1).reshape(5, 3), "w2": weight(3, 4, 1).reshape(3, 4), "c": np.arange(4, dtype=np.float32)},
+    )
+    found = states(model)
+    assert found["m"].all_zero
+    np.testing.assert_array_equal(found["out"].values, np.arange(4))
+
+
+def test_erase_blocks_finds_pre_norm_transformer_mlp_blocks():
+    nodes, params, x = [], {}, "x"
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nodes += [
+            helper.make_node("LayerNormalization", [x, f"g{i}", f"be{i}"], [f"ln{i}"], axis=-1),
+            helper.make_node("MatMul", [f"ln{i}", f"up{i}"], [f"u{i}"]),
+            helper.make_node("Relu", [f"u{i}"], [f"a{i}"]),
+            helper.make_node("MatMul", [f"a{i}", f"down{i}"], [f"d{i}"]),
+            helper.make_node("Add", [x, f"d{i}"], [f"y{i}"], name=f"block{i}"),
+        ]
+        params.update({
+            f"g{i}": positive(8), f"be{i}": vector(8) * 0.1,
+            f"up{i}": rng.standard_normal((8, 16)).astype(np.float32) * (0.1 if i == 0 else 1.0),
+            f"down{i}": rng.standard_normal((16, 8)).astype(np.float32),
+        })
+        x = f"y{i}"
+    model = make_model(nodes, {"x": [1, 4, 8]}, {x: None}, params)
+    result = erase_blocks(model, 1)
+    assert result.report["blocks_found"] == 2
+    assert result.report["blocks_erased"] == ["block0"]  # the block with the small up-projection
+    assert result.report["verification"]["ok"]
+
+
+def test_dynamic_batch_zero_branch_and_channels():
+    w2 = weight(4, 4, zero_rows=range(4))
+    model = make_model(
+        [
+            conv_node("x", "w0", "s", "b0"),
+            helper.make_node("Relu", ["s"], ["r"]),
+            conv_node("r", "w1", "h", "b1"),
+            helper.make_node("Relu", ["h"], ["hr"]),
+            conv_node("hr", "w2", "branch", "b2"),
+            helper.make_node("Add", ["r", "branch"], ["sum"], name="add"),
+            helper.make_node("GlobalAveragePool", ["sum"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc", "fb"], ["out"], transB=1),
+        ],
+        {"x": ["N", 3, 6, 6]},
+        {"out": ["N", 2]},
+        {
+            "w0": weight(4, 3, zero_rows=(1,)), "b0": vector(4, zero=(1,)), "w1": weight(4, 4), "b1": vector(4),
+            "w2": w2, "b2": np.zeros(4, np.float32), "fc": weight(2, 4, 1).reshape(2, 4), "fb": vector(2),
+        },
+    )
+    result = prune_lossless(model)
+    names = {n.name for n in result.model.graph.node}
+    assert "add" not in names and "h" not in names
+    assert conv_shapes(result.model)["s"] == [3, 3, 3, 3]
+    feeds = default_feeds(model, batch=3)
+    assert relative_difference(run_ort(model, feeds), run_ort(result.model, feeds)) <= 1e-5

@@ -123,8 +123,9 @@ class UnaryRule(OpRule):
             return outs
         op = node.op
         if op == "Dropout":
-            mode = ctx.present(node, 2)
-            if mode is not None and (ctx.const(mode) is None or bool(ctx.const(mode).reshape(-1)[0])):
+            mode_t = ctx.present(node, 2)
+            mode = ctx.const(mode_t) if mode_t is not None else np.zeros(1)
+            if mode is None or bool(mode.reshape(-1)[0]):  # training mode, or not constant
                 return outs
             op = "Identity"
         if op == "Clip":

@@ -58,7 +58,7 @@ class ConcatRule(OpRule):
             if any(p is None for p in parts):
                 continue
             if a == axis:
-                vector = np.concatenate(parts)  # type: ignore[arg-type]
+                vector: np.ndarray = np.concatenate(parts)  # type: ignore[arg-type]
             else:
                 stack = np.stack(parts)  # type: ignore[arg-type]
                 vector = np.where((stack == stack[:1]).all(axis=0), stack[0], np.nan)
@@ -460,8 +460,12 @@ class ReshapeRule(OpRule):
     zero_behaviour = "move"
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
-        x = node.inputs[0]
-        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]))]
+        x, target = node.inputs[0], ctx.const(node.inputs[1])
+        keeps_batch = (
+            target is not None and target.size > 0 and int(target.reshape(-1)[0]) == 0
+            and not int(node.attrs.get("allowzero", 0))
+        )
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -484,7 +488,8 @@ class FlattenRule(OpRule):
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         x = node.inputs[0]
-        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]))]
+        keeps_batch = int(node.attrs.get("axis", 1)) >= 1
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
@@ -594,7 +599,7 @@ class PadRule(OpRule):
             if mode == "constant":
                 vector = np.concatenate([np.full(b, fill), vector, np.full(e, fill)])
             else:
-                vector = np.pad(vector, (b, e), mode=mode)  # type: ignore[call-overload]
+                vector = np.pad(vector, (b, e), mode=mode)  # type: ignore[call-overload,arg-type]
         if mode == "constant" and any(a != state.axis for a in padded):
             vector = np.where(vector == fill, vector, np.nan)
         return [za.values(state.axis, vector)]
