@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphprune import ir, model_io
+from graphprune import ir, model_io, targets
 from graphprune.analysis import PRODUCER, Analysis, analyze_graph
 from graphprune.errors import UsageError, VerificationError
 from graphprune.feeds import make_feeds
@@ -204,6 +204,10 @@ def prune(
     seed: int = 0,
     progress: Progress | None = None,
     lossless: bool = False,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    prune_hidden: bool = False,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
@@ -212,6 +216,11 @@ def prune(
     the outputs are unchanged (tolerance 1e-5 by default); ``ratio``, ``criterion`` and
     ``plan`` do not apply then. Otherwise every prunable group loses about ``ratio`` of its
     units and the result must match the original with those channels zeroed (1e-4).
+
+    Transformers: attention heads, MLP neurons and the hidden size (residual stream) are
+    told apart (:mod:`graphprune.targets`); ``head_ratio`` and ``mlp_ratio`` default to
+    ``ratio``; the hidden size is pruned only with ``prune_hidden`` (at ``hidden_ratio``,
+    default ``ratio``) and is reported inexact.
 
     Raises :class:`~graphprune.errors.VerificationError` when the pruned model fails a check;
     the exception's ``result`` attribute carries the (unverified) result for inspection.
@@ -227,6 +236,7 @@ def prune(
         )
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     _validate_args(ratio, criterion, round_to, min_channels)
+    targets.check_ratios(head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio)
     stages = _Stages(progress)
     with stages.stage("load"):
         prep = load_and_prepare(model)
@@ -241,10 +251,17 @@ def prune(
             the_plan = plan_ratio(
                 analysis, ratio=ratio, criterion=criterion, round_to=round_to,
                 min_channels=min_channels, seed=seed,
+                ratio_of=targets.ratio_function(
+                    analysis, ratio, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+                    hidden_ratio=hidden_ratio, prune_hidden=prune_hidden,
+                ),
             )
+            the_plan.meta.update({"head_ratio": head_ratio, "mlp_ratio": mlp_ratio,
+                                  "hidden_ratio": hidden_ratio, "prune_hidden": prune_hidden})
     with stages.stage("prune"):
         pruned, pass_info = _apply(prep, analysis, the_plan)
     report = build_report(prep, analysis, the_plan, pruned)
+    report["kinds"] = targets.kind_summary(analysis)
     report["passes"] = pass_info["passes"]
     verification: dict[str, Any] = {"ok": None, "skipped": True}
     error: VerificationError | None = None

@@ -61,11 +61,34 @@ def _dump(data: Any) -> str:
     return json.dumps(data, indent=1, default=str)
 
 
+def _source(args: argparse.Namespace) -> Any:
+    """The model to work on: an ONNX path, or a framework model exported on the fly
+    (``MODULE:FACTORY`` with ``--input-shape``, a ``.keras``/``.h5`` file, a SavedModel)."""
+    try:
+        from graphprune.frontends.cli import resolve_source
+    except ImportError:
+        return args.model
+    model = resolve_source(args.model, input_shapes=args.input_shape or None,
+                           exporter=args.exporter)
+    return args.model if model is None else model
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from graphprune.frontends.cli import parse_shape
+    except ImportError:
+        return
+    p.add_argument("--input-shape", type=parse_shape, action="append", metavar="1,3,224,224",
+                   help="framework sources: an example input shape (repeat per input)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="PyTorch sources: which torch.onnx exporter")
+
+
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.api import analyze, prunable_fraction
 
-    analysis = analyze(args.model, keep=args.keep or ())
+    analysis = analyze(_source(args), keep=args.keep or ())
     groups = [g.summary() for g in analysis.groups]
     if args.json:
         print(_dump({
@@ -159,17 +182,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.model, args.output)
     stages = ["load", "analysis", "plan", "prune", "verify"]
     progress = _Progress(not args.quiet and not args.json, stages)
+    source = _source(args)
+    if not isinstance(source, str):
+        args.model_proto = source
     if args.lossless or args.erase_blocks is not None:
         result = _prune_lossless(args, progress)
     else:
         result = prune(
-            args.model, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
+            source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
             min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
             verify=not args.no_verify,
             tolerance=args.tolerance if args.tolerance is not None else 1e-4, seed=args.seed,
-            progress=progress,
+            progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
+            hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
         )
-    model_io.save_model(result.model, args.output, input_path=args.model)
+    model_io.save_model(result.model, args.output,
+                        input_path=args.model if os.path.isfile(args.model) else None)
     if args.report:
         from graphprune._atomic import atomic_write_text
 
@@ -189,14 +217,16 @@ def _prune_lossless(args: argparse.Namespace, progress: _Progress) -> Any:
 
     tolerance = args.tolerance if args.tolerance is not None else lossless.LOSSLESS_TOLERANCE
     if args.erase_blocks is None:
-        return lossless.prune_lossless(args.model, verify=not args.no_verify, tolerance=tolerance,
+        return lossless.prune_lossless(getattr(args, "model_proto", args.model),
+                                       verify=not args.no_verify, tolerance=tolerance,
                                        progress=progress, keep=args.keep or ())
     try:
         k = float(args.erase_blocks)
     except ValueError:
         raise UsageError(f"--erase-blocks takes a count or a fraction, got '{args.erase_blocks}'") from None
     count: int | float = int(k) if k >= 1 and k == int(k) else k
-    result = lossless.erase_blocks(args.model, count, verify=not args.no_verify,
+    result = lossless.erase_blocks(getattr(args, "model_proto", args.model), count,
+                                   verify=not args.no_verify,
                                    tolerance=tolerance, progress=progress)
     if args.lossless:
         erased = result.report
@@ -285,15 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("analyze", help="show channel groups, frozen groups and reasons")
-    p.add_argument("model")
+    p.add_argument("model", help="an .onnx file (or a framework model: see --input-shape)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--keep", nargs="+", metavar="NAME", help="protected node or tensor names")
+    _add_source_options(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="prune a model and verify the result")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
     p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of each group to remove")
+    p.add_argument("--head-ratio", type=_ratio, default=None,
+                   help="transformers: fraction of attention heads (default: --ratio)")
+    p.add_argument("--mlp-ratio", type=_ratio, default=None,
+                   help="transformers: fraction of MLP neurons (default: --ratio)")
+    p.add_argument("--hidden-ratio", type=_ratio, default=None,
+                   help="transformers: fraction of the hidden size, with --prune-hidden")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="transformers: also prune the hidden size (inexact)")
     p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random")
     p.add_argument("--round-to", type=int, default=1, help="kept counts a multiple of N")
     p.add_argument("--min-channels", type=int, default=1, help="minimum units kept per group")
@@ -311,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _add_source_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("bench", help="ORT latency of one or more models (interleaved)")

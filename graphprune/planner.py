@@ -8,6 +8,7 @@ group), lowest-importance units first.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -48,7 +49,10 @@ def plan_ratio(
     round_to: int = 1,
     min_channels: int = 1,
     seed: int = 0,
+    ratio_of: Callable[[ChannelGroup], float | None] | None = None,
 ) -> Plan:
+    """``ratio_of(group)`` overrides the ratio per group (``None``: leave it whole); the
+    transformer targets (heads, MLP neurons, hidden size) use it."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
@@ -59,8 +63,11 @@ def plan_ratio(
     for group in analysis.groups:
         if not group.prunable:
             continue
+        group_ratio = ratio if ratio_of is None else ratio_of(group)
+        if not group_ratio:
+            continue
         scores = score_group(group, tensors, criterion, rng)
-        keep = kept_count(group.num_units, ratio, round_to, min_channels)
+        keep = kept_count(group.num_units, group_ratio, round_to, min_channels)
         n_remove = group.num_units - keep
         if n_remove <= 0:
             continue

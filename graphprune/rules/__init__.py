@@ -5,6 +5,8 @@ To support a custom op, subclass :class:`OpRule`, set ``op_types`` (and ``domain
 decorate it with :func:`register`. See ``docs/adding-an-op-rule.md``.
 """
 
+# ruff: noqa: I001  (import order matters: transformer extends norm)
+
 from graphprune.rules import conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
 from graphprune.rules import transformer  # noqa: F401  (after norm: it extends LayerNorm)
 from graphprune.rules.registry import OpRule, lookup, register, registered_ops, unregister
