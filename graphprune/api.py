@@ -96,12 +96,12 @@ def analyze(model: ModelSource, *, keep: Iterable[str] = ()) -> Analysis:
     return analyze_graph(graph, prep.opset, keep=keep)
 
 
-def _validate_args(ratio: float, criterion: str, round_to: int, min_channels: int) -> None:
+def _validate_args(ratio: float, criterion: str, round_to: int | None, min_channels: int) -> None:
     if not isinstance(ratio, int | float) or not 0.0 <= float(ratio) < 1.0:
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
-    if round_to < 1:
+    if round_to is not None and round_to < 1:
         raise UsageError(f"round_to must be >= 1, got {round_to}")
     if min_channels < 1:
         raise UsageError(f"min_channels must be >= 1, got {min_channels}")
@@ -195,7 +195,7 @@ def prune(
     *,
     ratio: float = 0.5,
     criterion: str = "l1",
-    round_to: int = 1,
+    round_to: int | None = None,
     min_channels: int = 1,
     keep: Iterable[str] = (),
     plan: Plan | str | None = None,
@@ -216,6 +216,8 @@ def prune(
     the outputs are unchanged (tolerance 1e-5 by default); ``ratio``, ``criterion`` and
     ``plan`` do not apply then. Otherwise every prunable group loses about ``ratio`` of its
     units and the result must match the original with those channels zeroed (1e-4).
+    ``round_to=None`` (default) keeps multiples of 8 in groups of 32 units or more (ORT's
+    blocked CPU kernels), no rounding below; ``round_to=1`` turns rounding off.
 
     Transformers: attention heads, MLP neurons and the hidden size (residual stream) are
     told apart (:mod:`graphprune.targets`); ``head_ratio`` and ``mlp_ratio`` default to

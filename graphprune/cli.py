@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-hidden", action="store_true",
                    help="transformers: also prune the hidden size (inexact)")
     p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random")
-    p.add_argument("--round-to", type=int, default=1, help="kept counts a multiple of N")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="kept counts a multiple of N (default: 8 for groups of >= 32 units)")
     p.add_argument("--min-channels", type=int, default=1, help="minimum units kept per group")
     p.add_argument("--keep", nargs="+", metavar="NAME", help="protected node or tensor names")
     p.add_argument("--plan", help="replay a saved plan (JSON) instead of planning")

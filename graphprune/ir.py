@@ -116,6 +116,9 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     if fold and has_constant_nodes:
         graph = import_graph(model)
         try:
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise
             graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False)
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)

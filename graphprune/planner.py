@@ -18,6 +18,17 @@ from graphprune.errors import UsageError
 from graphprune.importance import score_group
 from graphprune.plan import GroupPlan, Plan
 
+#: default alignment of kept counts for large groups: ONNX Runtime's CPU convolutions work
+#: on blocks of 8 (AVX2) or 16 channels; unaligned counts can make a pruned model slower
+#: than the original (efficientnet_b0 at 0.3: 1.35x latency unaligned, 0.61x aligned)
+AUTO_ROUND_TO = 8
+AUTO_ROUND_MIN_UNITS = 32
+
+
+def auto_round_to(units: int) -> int:
+    """The alignment used when the caller does not choose one."""
+    return AUTO_ROUND_TO if units >= AUTO_ROUND_MIN_UNITS else 1
+
 
 def kept_count(units: int, ratio: float, round_to: int, min_channels: int) -> int:
     keep = units - math.floor(ratio * units + 1e-9)
@@ -46,7 +57,7 @@ def plan_ratio(
     *,
     ratio: float,
     criterion: str = "l1",
-    round_to: int = 1,
+    round_to: int | None = None,
     min_channels: int = 1,
     seed: int = 0,
     ratio_of: Callable[[ChannelGroup], float | None] | None = None,
@@ -55,11 +66,12 @@ def plan_ratio(
     transformer targets (heads, MLP neurons, hidden size) use it."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
-    if round_to < 1:
+    if round_to is not None and round_to < 1:
         raise UsageError(f"round-to must be >= 1, got {round_to}")
     rng = np.random.default_rng(seed)
     tensors = analysis.context.tensors
-    plan = Plan(meta={"ratio": ratio, "criterion": criterion, "round_to": round_to})
+    plan = Plan(meta={"ratio": ratio, "criterion": criterion,
+                      "round_to": "auto" if round_to is None else round_to})
     for group in analysis.groups:
         if not group.prunable:
             continue
@@ -67,15 +79,16 @@ def plan_ratio(
         if not group_ratio:
             continue
         scores = score_group(group, tensors, criterion, rng)
-        keep = kept_count(group.num_units, group_ratio, round_to, min_channels)
+        align = auto_round_to(group.num_units) if round_to is None else round_to
+        keep = kept_count(group.num_units, group_ratio, align, min_channels)
         n_remove = group.num_units - keep
         if n_remove <= 0:
             continue
         remove = select_units(group, scores, n_remove, min_channels)
-        excess = (group.num_units - len(remove)) % round_to
-        if round_to > 1 and excess:
+        excess = (group.num_units - len(remove)) % align
+        if align > 1 and excess:
             # floors stopped early: give back the most important removals to stay aligned
-            give_back = round_to - excess
+            give_back = align - excess
             by_score = sorted(remove, key=lambda u: scores[u])
             remove = sorted(by_score[: max(0, len(by_score) - give_back)])
         if remove:
