@@ -49,7 +49,12 @@ from graphprune.plan import GroupPlan, Plan
 from graphprune.planner import group_plan
 from graphprune.roles import CHANNELWISE, PRODUCER
 from graphprune.validate import check_model, differences, output_shapes_match, run, session
-from graphprune.zero_analysis import GroupZeros, analyze_constants, find_zero_groups
+from graphprune.zero_analysis import (
+    GroupZeros,
+    analyze_constants,
+    consumer_nodes,
+    find_zero_groups,
+)
 
 Progress = Callable[[str], None]
 
@@ -103,15 +108,6 @@ class _Stage:
 def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return model_io.infer_shapes(ir.export_graph(graph, template))
-
-
-def _users(graph: gs.Graph) -> dict[str, list[gs.Node]]:
-    users: dict[str, list[gs.Node]] = defaultdict(list)
-    for node in graph.nodes:
-        for t in node.inputs:
-            if t.name:
-                users[t.name].append(node)
-    return users
 
 
 # ---------------------------------------------------------------------- constant folding
@@ -308,7 +304,7 @@ def prune_lossless(
                 current = _export(graph, prep.prepared)
             continue
         with timer.stage("plan"):
-            users = _users(graph)
+            users = consumer_nodes(graph)
             tensors = analysis.context.tensors
             group_plans: list[GroupPlan] = []
             drops: set[tuple[int, str]] = set()
@@ -841,7 +837,7 @@ def plant_zeros(
     graph = ir.import_graph(prep.prepared)
     analysis = analyze_graph(graph, prep.opset)
     tensors = analysis.context.tensors
-    users = _users(graph)
+    users = consumer_nodes(graph)
     record = PlantRecord()
 
     blocks = find_residual_blocks(graph)

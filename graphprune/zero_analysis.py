@@ -432,7 +432,8 @@ class GroupZeros:
     skipped: str | None = None
 
 
-def _consumer_nodes(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+def consumer_nodes(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    """Tensor name -> the nodes that read it."""
     users: dict[str, list[gs.Node]] = defaultdict(list)
     for node in graph.nodes:
         for t in node.inputs:
@@ -466,7 +467,7 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
     """Per exact, unfrozen group with producers: which units are zero or constant at consumers."""
     graph = analysis.graph
     tensors = analysis.context.tensors
-    users = _consumer_nodes(graph)
+    users = consumer_nodes(graph)
     found: list[GroupZeros] = []
     for group in analysis.groups:
         if group.is_frozen or not group.is_exact or not group.producers or group.num_units < 2:
