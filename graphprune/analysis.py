@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from graphprune import rules as _builtin_rules  # noqa: F401  (registers built-ins)
 from graphprune.index_maps import IDENTITY, Digit, IndexMap
 from graphprune.rules import registry
+from graphprune.tensors import const_value, static_shape, static_size
 
 Dim = tuple[str, int]
 
@@ -149,29 +150,13 @@ class CouplingContext:
         self._spatial_components: set[Dim] | None = None
 
     # ------------------------------------------------------------------ queries
-    def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
-        """Static shape with ``None`` for unknown dims, or ``None`` if the rank is unknown."""
-        if isinstance(tensor, gs.Constant):
-            return list(tensor.shape)
-        if tensor.shape is None:
-            return None
-        return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
+    shape = staticmethod(static_shape)
+    size = staticmethod(static_size)
+    const = staticmethod(const_value)
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
-
-    def size(self, tensor: gs.Tensor, axis: int) -> int | None:
-        shape = self.shape(tensor)
-        if shape is None or not -len(shape) <= axis < len(shape):
-            return None
-        return shape[axis]
-
-    @staticmethod
-    def const(tensor: gs.Tensor | None) -> np.ndarray | None:
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        return None
 
     @staticmethod
     def is_param(tensor: gs.Tensor) -> bool:
@@ -760,6 +745,7 @@ def analyze_graph(
     *,
     keep: Iterable[str] = (),
     position_convs: frozenset[str] = frozenset(),
+    _probes: dict[str, tuple[list, list]] | None = None,
 ) -> Analysis:
     """Run every op rule over ``graph`` and form channel groups with their units.
 
@@ -768,7 +754,8 @@ def analyze_graph(
     a grouped conv, as in ShuffleNet v1), those convs are re-analysed position by position.
     """
     keep = tuple(keep)
-    probes = refine_shapes(graph)
+    # a retry analyses the same graph, whose shapes were refined by the first pass
+    probes = refine_shapes(graph) if _probes is None else _probes
     ctx = CouplingContext(graph, opset)
     ctx.probes = probes
     ctx.options["position_convs"] = position_convs
@@ -819,7 +806,9 @@ def analyze_graph(
     if not position_convs:
         collapsed = _collapsed_grouped_convs(graph, groups)
         if collapsed:
-            return analyze_graph(graph, opset, keep=keep, position_convs=collapsed)
+            return analyze_graph(
+                graph, opset, keep=keep, position_convs=collapsed, _probes=probes
+            )
     return Analysis(graph, opset, groups, dict(unsupported), ctx)
 
 

@@ -155,12 +155,12 @@ def _verify(
     inexact = [g for g in pruned_groups if not g.is_exact]
     if inexact:
         exact_plan = Plan(groups=[g for g in plan.groups if by_id[g.group].is_exact])
-        fresh = load_and_prepare(prep.original)
-        fresh_analysis = analyze_graph(ir.import_graph(fresh.prepared), fresh.opset)
+        # the prepared proto is never mutated (rewrites work on graphsurgeon copies)
+        fresh_analysis = analyze_graph(ir.import_graph(prep.prepared), prep.opset)
         exact_plan = replay(fresh_analysis, exact_plan)
-        candidate, _ = _apply(fresh, fresh_analysis, exact_plan)
+        candidate, _ = _apply(prep, fresh_analysis, exact_plan)
         removed = removed_elements(fresh_analysis, exact_plan)
-        reference, overrides = fresh.prepared, zeroed_overrides(fresh.prepared, fresh_analysis, removed)
+        reference, overrides = prep.prepared, zeroed_overrides(prep.prepared, fresh_analysis, removed)
     else:
         candidate = pruned
         removed = removed_elements(analysis, plan)

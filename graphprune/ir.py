@@ -97,6 +97,14 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+def redirect_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
 def clear_intermediate_shapes(graph: gs.Graph) -> None:
     """Forget inferred shapes of intermediate tensors (they are re-inferred after a rewrite)."""
     boundary = {t.name for t in [*graph.inputs, *graph.outputs]}

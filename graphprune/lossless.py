@@ -646,10 +646,7 @@ def _bypass_add(graph: gs.Graph, node: gs.Node, skip_name: str) -> None:
         node.inputs.clear()
         node.inputs.extend([skip])
         return
-    for consumer in list(y.outputs):
-        for k, t in enumerate(consumer.inputs):
-            if t is y:
-                consumer.inputs[k] = skip
+    ir.redirect_uses(y, skip)
     node.inputs.clear()
     node.outputs.clear()
 

@@ -43,6 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.roles import CONSUMER
+from graphprune.tensors import const_value, static_shape, static_size
 
 if TYPE_CHECKING:
     from graphprune.analysis import Analysis, ChannelGroup, Dim
@@ -124,27 +125,9 @@ class ConstantContext:
         self.node: gs.Node | None = None
 
     # ------------------------------------------------------------------ queries
-    @staticmethod
-    def shape(tensor: gs.Tensor | None) -> list[int | None] | None:
-        if tensor is None:
-            return None
-        if isinstance(tensor, gs.Constant):
-            return [int(d) for d in tensor.shape]
-        if tensor.shape is None:
-            return None
-        return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
-
-    def size(self, tensor: gs.Tensor, axis: int) -> int | None:
-        shape = self.shape(tensor)
-        if shape is None or not -len(shape) <= axis < len(shape):
-            return None
-        return shape[axis]
-
-    @staticmethod
-    def const(tensor: gs.Tensor | None) -> np.ndarray | None:
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        return None
+    shape = staticmethod(static_shape)
+    size = staticmethod(static_size)
+    const = staticmethod(const_value)
 
     @staticmethod
     def present(node: gs.Node, index: int) -> gs.Tensor | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
+from graphprune.ir import redirect_uses
+
 
 class IdentityEliminationPass(Pass):
     """Replace ``y = Identity(x)`` by ``x`` wherever ``y`` is not a graph output."""
@@ -18,10 +20,7 @@ class IdentityEliminationPass(Pass):
             x, y = node.inputs[0], node.outputs[0]
             if y.name in outputs:
                 continue
-            for consumer in list(y.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is y:
-                        consumer.inputs[i] = x
+            redirect_uses(y, x)
             node.outputs.clear()
             node.inputs.clear()
             removed += 1
