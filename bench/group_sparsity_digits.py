@@ -3,7 +3,7 @@
 For each seed: train a small CNN densely, and train the same CNN (same data, same schedule)
 with :class:`graphprune.frontends.sparsity.GroupSparsity` (proximal group lasso over the
 units graphprune's analysis finds on the export). Then export the sparse model, prune it
-with ``graphprune.lossless.prune_lossless`` and check that the outputs are identical, and
+with ``graphprune.pipeline.lossless.prune_lossless`` and check that the outputs are identical, and
 remove the same zero units from the PyTorch module with ``apply_plan``.
 
     python bench/group_sparsity_digits.py                 # 3 seeds, ~2-4 min on 2 CPU cores
@@ -31,8 +31,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import graphprune
-from graphprune.metrics import count_macs, count_params
-from graphprune.validate import differences, session
+from graphprune.verify.metrics import count_macs, count_params
+from graphprune.verify.validate import differences, session
 
 
 class DigitsCNN(nn.Module):
@@ -135,7 +135,7 @@ def run_seed(
     # batch 1: the lossless pass does not yet follow zeros through a Flatten with a
     # symbolic batch (see docs/frontends.md); per-sample runs are cheap at this size
     exported = gpt.to_onnx(sparse, (xte[:1],))
-    from graphprune.lossless import prune_lossless
+    from graphprune.pipeline.lossless import prune_lossless
 
     lossless = prune_lossless(exported)
     before, after = predict(exported, xte), predict(lossless.model, xte)

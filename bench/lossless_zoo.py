@@ -4,18 +4,18 @@
 For each exported zoo model (``bench/cache/manifest.json``, status ``ok``), in a subprocess
 with a timeout:
 
-1. ``planted, record = graphprune.lossless.plant_zeros(path, groups=G, units=U, branches=B)``
+1. ``planted, record = graphprune.pipeline.lossless.plant_zeros(path, groups=G, units=U, branches=B)``
    zeroes what a group-sparse optimiser leaves: in a fraction ``G`` of the exact prunable
    channel groups, a fraction ``U`` of the units lose their producer weights and biases and
    their BN scale and shift; ``B`` residual blocks get their whole branch zeroed.
-2. ``res = graphprune.lossless.prune_lossless(planted)`` (verification against the planted
+2. ``res = graphprune.pipeline.lossless.prune_lossless(planted)`` (verification against the planted
    model on random inputs, tolerance 1e-5 relative).
 3. ``record.measure(res.model)``: planted units still present (all-zero producer slices left)
    and planted branches still present.
 
-Depth pruning: ``graphprune.lossless.erase_blocks(resnet50, 4)`` (verified against the
+Depth pruning: ``graphprune.pipeline.lossless.erase_blocks(resnet50, 4)`` (verified against the
 original with the erased branches zeroed) and the ORT CPU latency ratio from
-``graphprune.timing.time_models([original, pruned])``.
+``graphprune.verify.timing.time_models([original, pruned])``.
 
 Results go to ``bench/results/lossless.json``; ``docs/lossless.md`` is regenerated from it::
 
@@ -51,7 +51,7 @@ DEPTH_MODELS = ("resnet50__torchscript", "resnet50__dynamo")
 # --------------------------------------------------------------------------------------
 def lossless_worker(path: str, groups: float, units: float, branches: int, seed: int) -> dict:
     from graphprune.errors import VerificationError
-    from graphprune.lossless import plant_zeros, prune_lossless
+    from graphprune.pipeline.lossless import plant_zeros, prune_lossless
 
     t0 = time.perf_counter()
     planted, record = plant_zeros(path, groups=groups, units=units, branches=branches, seed=seed)
@@ -88,8 +88,8 @@ def lossless_worker(path: str, groups: float, units: float, branches: int, seed:
 
 
 def depth_worker(path: str, blocks: int, runs: int, warmup: int) -> dict:
-    from graphprune.lossless import erase_blocks
-    from graphprune.timing import time_models
+    from graphprune.pipeline.lossless import erase_blocks
+    from graphprune.verify.timing import time_models
 
     t0 = time.perf_counter()
     res = erase_blocks(path, blocks)
@@ -221,11 +221,11 @@ def render_markdown(data: dict) -> str:
         "## Lossless mode on the zoo with planted zeros",
         "",
         "Each model gets zeros planted as a group-sparse optimiser leaves them "
-        f"(`graphprune.lossless.plant_zeros(path, groups={meta.get('groups')}, units={meta.get('units')}, "
+        f"(`graphprune.pipeline.lossless.plant_zeros(path, groups={meta.get('groups')}, units={meta.get('units')}, "
         f"branches={meta.get('branches')}, seed={meta.get('seed')})`): in "
         "a fraction of the exact prunable channel groups, a fraction of the units lose their "
         "producer weights and biases and their BN scale and shift, and whole residual branches "
-        "are zeroed. Then `graphprune.lossless.prune_lossless(planted)` (the API's `lossless=True`, "
+        "are zeroed. Then `graphprune.pipeline.lossless.prune_lossless(planted)` (the API's `lossless=True`, "
         "the CLI's `--lossless`) removes what it can prove is zero-invariant and verifies the result "
         "against the planted model on random inputs (tolerance 1e-5 relative).",
         "",
@@ -270,12 +270,12 @@ def render_markdown(data: dict) -> str:
     lines += [
         "## Depth pruning: erase residual blocks",
         "",
-        "`graphprune.lossless.erase_blocks(model, 4)` (CLI `--erase-blocks 4`) finds every residual "
+        "`graphprune.pipeline.lossless.erase_blocks(model, 4)` (CLI `--erase-blocks 4`) finds every residual "
         "block — an `Add` whose one operand is a branch that starts at the other operand — scores "
         "each branch data-free by an estimate of its output RMS relative to the skip, from its weights "
-        "(`graphprune.lossless.relative_branch_scales`), and erases the 4 lowest (`Add(x, branch) -> x`). "
+        "(`graphprune.pipeline.lossless.relative_branch_scales`), and erases the 4 lowest (`Add(x, branch) -> x`). "
         "The result is verified by construction: it must equal the original with those branches "
-        "multiplied by zero. Latency: `graphprune.timing.time_models([original, pruned], "
+        "multiplied by zero. Latency: `graphprune.verify.timing.time_models([original, pruned], "
         f"runs={meta.get('runs')}, warmup={meta.get('warmup')})`, ONNX Runtime CPU, median of "
         "interleaved runs (a shared 2-CPU machine: expect a few % of noise).",
         "",
@@ -299,7 +299,7 @@ def render_markdown(data: dict) -> str:
     lines += [
         "",
         "Scores are the estimated branch output RMS relative to the skip RMS, from unit-RMS "
-        "inputs pushed through the whole graph (`graphprune.lossless.relative_branch_scales`; "
+        "inputs pushed through the whole graph (`graphprune.pipeline.lossless.relative_branch_scales`; "
         "lower = erased first); a calibration-data score can be passed as "
         "`erase_blocks(..., scorer=fn)`. The random-weight zoo models have no unimportant "
         "blocks, so *change vs original* is large: depth pruning is meant for trained models "

@@ -8,7 +8,7 @@ with status ``ok`` and each ratio runs, in a subprocess with a timeout::
 
 recording verification (``res.report["verification"]``), the prunable fraction, params and
 MACs before/after, pass time and the ORT CPU latency ratio measured with
-``graphprune.timing.time_models([orig_path, pruned_model], runs=20, warmup=5)``.
+``graphprune.verify.timing.time_models([orig_path, pruned_model], runs=20, warmup=5)``.
 
 Results go to ``bench/results/zoo.json`` (merged across runs, keyed by entry and ratio) and
 the markdown table ``docs/zoo.md`` is regenerated from that file.
@@ -74,7 +74,7 @@ def _median_seconds(t) -> float:
 
 
 def _fallback_time_models(models, runs: int, warmup: int) -> list[float]:
-    """Local ORT CPU timing, used only if graphprune.timing is not there yet."""
+    """Local ORT CPU timing, used only if graphprune.verify.timing is not there yet."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -177,10 +177,10 @@ def worker_main(
         if latency:
             try:
                 try:
-                    from graphprune import timing
+                    from graphprune.verify import timing
 
                     times = timing.time_models([path, res.model], runs=runs, warmup=warmup)
-                    row["latency_source"] = "graphprune.timing.time_models"
+                    row["latency_source"] = "graphprune.verify.timing.time_models"
                 except (ImportError, AttributeError) as exc:
                     times = _fallback_time_models([path, res.model], runs, warmup)
                     row["latency_source"] = f"bench fallback ({type(exc).__name__})"
@@ -320,7 +320,7 @@ def render_markdown(data: dict, summary_ratio: float = 0.5) -> str:
         'random weights filled in. Pruning: `graphprune.prune(path, ratio, criterion="l1")`.',
         '*valid* is `report["verification"]["ok"]` (and the pruned model passes',
         "`onnx.checker`); latency ratio is median pruned / median original ORT CPU latency",
-        f"(`graphprune.timing.time_models`, runs={data.get('config', {}).get('runs', 20)}, "
+        f"(`graphprune.verify.timing.time_models`, runs={data.get('config', {}).get('runs', 20)}, "
         f"warmup={data.get('config', {}).get('warmup', 5)}).",
         "",
     ]

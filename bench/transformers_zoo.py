@@ -32,7 +32,7 @@ Usage (``bench/cache/`` is git-ignored)::
     python bench/transformers_zoo.py markdown               # -> docs/transformers.md
 
 ``run`` prunes each export with head ratio 0.5 and MLP ratio 0.5 (hidden size kept), checks
-the result with ``graphprune.targets.check_pruned`` (checker, exact zero-equivalence and runs
+the result with ``graphprune.analysis.targets.check_pruned`` (checker, exact zero-equivalence and runs
 at other batch and sequence sizes) and records parameter counts.
 """
 
@@ -300,7 +300,7 @@ def text_feeds(model, *, batch: int, sequence: int, seed: int = 0, vocab: int = 
     """Feeds for a text or image model: token ids below ``vocab``, a mask with padding."""
     import numpy as np
 
-    from graphprune.feeds import make_feeds
+    from graphprune.io.feeds import make_feeds
 
     feeds = make_feeds(model, seed=seed, dim_values={"batch": batch, "sequence": sequence})[0]
     rng = np.random.default_rng(seed)
@@ -323,7 +323,7 @@ def check_pruned(
     from graphprune.passes.prune_channels import removed_elements
 
     from graphprune import api
-    from graphprune.validate import differences, run, zeroed_overrides
+    from graphprune.verify.validate import differences, run, zeroed_overrides
 
     prep = api.load_and_prepare(str(path))
     removed = removed_elements(res.analysis, res.plan)
@@ -372,7 +372,7 @@ def expected_params(path: Path, plan) -> int:
 
 def run_entry(name: str, exporter: str, *, head: float, mlp: float, hidden: float | None) -> dict:
     import graphprune
-    from graphprune import targets
+    from graphprune.analysis import targets
 
     path = entry_path(name, exporter)
     row: dict = {"model": name, "exporter": exporter, "head_ratio": head, "mlp_ratio": mlp}
@@ -526,7 +526,7 @@ def embed(model, texts: list[str], tokenizer, batch: int = 64):
     """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM-L6-v2 recipe)."""
     import numpy as np
 
-    from graphprune.validate import session
+    from graphprune.verify.validate import session
 
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
@@ -549,7 +549,7 @@ def cmd_minilm(count: int, exporters: list[str]) -> int:
     from transformers import AutoTokenizer
 
     import graphprune
-    from graphprune import targets
+    from graphprune.analysis import targets
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     texts = sentences(count)

@@ -196,8 +196,8 @@ def _export_keras(args: argparse.Namespace) -> onnx.ModelProto:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``graphprune export``; writes ``args.output`` atomically and returns 0."""
-    from graphprune import model_io
-    from graphprune.metrics import count_params
+    from graphprune.io import model_io
+    from graphprune.verify.metrics import count_params
 
     source = args.factory if args.framework == "torch" else args.source
     output = Path(args.output)

@@ -53,9 +53,9 @@ from torch import nn
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.errors import UsageError
-from graphprune.plan import Plan
-from graphprune.planner import group_plan
-from graphprune.roles import CHANNELWISE, PRODUCER
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import group_plan
+from graphprune.analysis.roles import CHANNELWISE, PRODUCER
 
 __all__ = ["GroupSparsity", "UnitSlices"]
 

@@ -286,7 +286,7 @@ def check_conversion(
 ) -> float:
     """Largest relative difference between the Keras model and its ONNX on ``inputs``."""
     from graphprune.errors import VerificationError
-    from graphprune.validate import differences, run
+    from graphprune.verify.validate import differences, run
 
     result = model([tf.constant(x) for x in inputs] if len(inputs) > 1 else tf.constant(inputs[0]), training=False)
     expected = [np.asarray(t) for t in tf.nest.flatten(result)]

@@ -56,7 +56,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from graphprune.errors import GraphPruneError, UsageError, VerificationError
-from graphprune.plan import GroupPlan, Plan
+from graphprune.planning.plan import GroupPlan, Plan
 
 __all__ = [
     "EXPORTERS",
@@ -1207,7 +1207,7 @@ def check_module(
     Returns the largest difference relative to each output's largest magnitude; raises
     :class:`VerificationError` above ``tolerance``.
     """
-    from graphprune.validate import differences, run
+    from graphprune.verify.validate import differences, run
 
     args = _as_tuple(example_inputs)
     with _eval_mode(module), torch.no_grad():

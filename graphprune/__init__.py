@@ -47,11 +47,11 @@ def __getattr__(name: str):  # lazy: keep ``import graphprune`` cheap and cycle-
 
         return getattr(api, name)
     if name == "erase_blocks":
-        from graphprune import lossless
+        from graphprune.pipeline import lossless
 
         return lossless.erase_blocks
     if name in ("load_model", "save_model"):
-        from graphprune import model_io
+        from graphprune.io import model_io
 
         return getattr(model_io, name)
     raise AttributeError(f"module 'graphprune' has no attribute {name!r}")

@@ -15,18 +15,20 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphprune import ir, model_io, targets
+from graphprune.io import ir
+from graphprune.io import model_io
+from graphprune.analysis import targets
 from graphprune.analysis import PRODUCER, Analysis, analyze_graph
 from graphprune.errors import UsageError, VerificationError
-from graphprune.feeds import make_feeds
-from graphprune.importance import CRITERIA
-from graphprune.metrics import count_macs, count_params
+from graphprune.io.feeds import make_feeds
+from graphprune.planning.importance import CRITERIA
+from graphprune.verify.metrics import count_macs, count_params
 from graphprune.passes.base import PassContext, PassManager
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
-from graphprune.plan import Plan
-from graphprune.planner import plan_ratio, replay
-from graphprune.validate import (
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import plan_ratio, replay
+from graphprune.verify.validate import (
     check_model,
     differences,
     output_shapes_match,
@@ -212,7 +214,7 @@ def prune(
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
     ``lossless=True`` removes only what is exactly removable (zero-invariant channel groups,
-    identically zero branches and operators; see :mod:`graphprune.lossless`) and checks that
+    identically zero branches and operators; see :mod:`graphprune.pipeline.lossless`) and checks that
     the outputs are unchanged (tolerance 1e-5 by default); ``ratio``, ``criterion`` and
     ``plan`` do not apply then. Otherwise every prunable group loses about ``ratio`` of its
     units and the result must match the original with those channels zeroed (1e-4).
@@ -220,7 +222,7 @@ def prune(
     blocked CPU kernels), no rounding below; ``round_to=1`` turns rounding off.
 
     Transformers: attention heads, MLP neurons and the hidden size (residual stream) are
-    told apart (:mod:`graphprune.targets`); ``head_ratio`` and ``mlp_ratio`` default to
+    told apart (:mod:`graphprune.analysis.targets`); ``head_ratio`` and ``mlp_ratio`` default to
     ``ratio``; the hidden size is pruned only with ``prune_hidden`` (at ``hidden_ratio``,
     default ``ratio``) and is reported inexact.
 
@@ -230,7 +232,7 @@ def prune(
     if lossless:
         if plan is not None:
             raise UsageError("a plan cannot be combined with lossless mode")
-        from graphprune import lossless as lossless_mode
+        from graphprune.pipeline import lossless as lossless_mode
 
         return lossless_mode.prune_lossless(  # type: ignore[no-any-return]
             model, verify=verify, progress=progress, keep=keep,

@@ -176,7 +176,7 @@ def _print_prune_report(report: dict[str, Any]) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from graphprune import model_io
+    from graphprune.io import model_io
     from graphprune.api import prune
 
     _check_paths(args.model, args.output)
@@ -199,7 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model_io.save_model(result.model, args.output,
                         input_path=args.model if os.path.isfile(args.model) else None)
     if args.report:
-        from graphprune._atomic import atomic_write_text
+        from graphprune.io._atomic import atomic_write_text
 
         atomic_write_text(Path(args.report), _dump(result.report))
     if args.save_plan:
@@ -213,7 +213,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_lossless(args: argparse.Namespace, progress: _Progress) -> Any:
-    from graphprune import lossless
+    from graphprune.pipeline import lossless
 
     tolerance = args.tolerance if args.tolerance is not None else lossless.LOSSLESS_TOLERANCE
     if args.erase_blocks is None:
@@ -240,7 +240,7 @@ def _prune_lossless(args: argparse.Namespace, progress: _Progress) -> Any:
 
 # ----------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphprune.timing import time_models
+    from graphprune.verify.timing import time_models
 
     for path in args.models:
         if not Path(path).is_file():
@@ -266,10 +266,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from graphprune import model_io
+    from graphprune.io import model_io
     from graphprune.api import prune
     from graphprune.examples import example_cnn
-    from graphprune.timing import time_models
+    from graphprune.verify.timing import time_models
 
     model = example_cnn()
     progress = _Progress(not args.quiet and not args.json,

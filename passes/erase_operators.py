@@ -1,6 +1,6 @@
 """Operator erasure: remove computation whose result is known without running it.
 
-The zero-invariance analysis (:mod:`graphprune.zero_analysis`) finds tensors whose every
+The zero-invariance analysis (:mod:`graphprune.analysis.zero_analysis`) finds tensors whose every
 channel is a known constant for every input ("fully known"): a branch whose last producer
 has zero weights, a Conv whose input channels are all zero (its output is its bias), a
 ``Mul`` by an all-zero tensor, and everything downstream of those until a live input joins
@@ -29,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
-from graphprune.zero_analysis import (
+from graphprune.analysis.zero_analysis import (
     ChannelValues,
     ConstantContext,
     analyze_constants,

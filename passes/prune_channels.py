@@ -19,9 +19,9 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis import Analysis, Dim
 from graphprune.errors import RewriteError
-from graphprune.ir import clear_intermediate_shapes
-from graphprune.plan import Plan
-from graphprune.rewrite_context import RewriteContext
+from graphprune.io.ir import clear_intermediate_shapes
+from graphprune.planning.plan import Plan
+from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules import registry
 
 

@@ -18,7 +18,7 @@ from conftest import (
 from onnx import helper
 
 import graphprune
-from graphprune.index_maps import Digit, GroupTie, Identity, IndexMap, Modulo, Offset
+from graphprune.analysis.index_maps import Digit, GroupTie, Identity, IndexMap, Modulo, Offset
 from graphprune.rules import OpRule, lookup, register, registered_ops, unregister
 from graphprune.rules.registry import RuleRegistryError
 

@@ -21,8 +21,8 @@ from onnx import helper
 import graphprune
 from graphprune.errors import GraphPruneError, UsageError, VerificationError
 from graphprune.examples import example_cnn
-from graphprune.plan import Plan
-from graphprune.planner import kept_count
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import kept_count
 from graphprune.rules import OpRule, lookup, register, unregister
 
 HW = 6

@@ -1,4 +1,4 @@
-"""Tests for graphprune.feeds: input specs and deterministic random feeds."""
+"""Tests for graphprune.io.feeds: input specs and deterministic random feeds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import UsageError
-from graphprune.feeds import (
+from graphprune.io.feeds import (
     DEFAULT_LENGTH,
     DEFAULT_SPATIAL,
     InputSpec,

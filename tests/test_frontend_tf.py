@@ -92,7 +92,7 @@ def test_keras_file_and_saved_model(tmp_path):
     saved = tmp_path / "saved"
     model.export(str(saved), verbose=False)
     from_saved = gtf.to_onnx(saved)
-    got = graphprune.validate.run(from_saved, {from_saved.graph.input[0].name: x}, "saved model")
+    got = graphprune.verify.validate.run(from_saved, {from_saved.graph.input[0].name: x}, "saved model")
     np.testing.assert_allclose(got[0], np.asarray(model(x)), rtol=1e-4, atol=1e-5)
     # the command line and resolve_source take the same sources
     from graphprune.frontends.cli import resolve_source

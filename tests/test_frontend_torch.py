@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 
 import graphprune  # noqa: E402
 from graphprune.errors import UsageError  # noqa: E402
-from graphprune.plan import GroupPlan, Plan  # noqa: E402
+from graphprune.planning.plan import GroupPlan, Plan  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -556,7 +556,7 @@ class SmallCNN(nn.Module):
 def test_group_sparsity_zeroes_whole_units_that_lossless_pruning_removes():
     from graphprune.frontends.sparsity import GroupSparsity
 
-    from graphprune.lossless import prune_lossless
+    from graphprune.pipeline.lossless import prune_lossless
 
     torch.manual_seed(0)
     model = randomise_batchnorm(SmallCNN()).train()
@@ -603,7 +603,7 @@ def test_group_sparsity_penalty_is_differentiable_and_arguments_are_checked():
 
 
 def test_lossless_follows_zero_channels_through_a_dynamic_batch_flatten():
-    from graphprune.lossless import prune_lossless
+    from graphprune.pipeline.lossless import prune_lossless
 
     model = randomise_batchnorm(SmallCNN()).eval()
     with torch.no_grad():

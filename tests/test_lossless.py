@@ -22,17 +22,17 @@ from graphprune.passes.erase_operators import EraseOperatorsPass
 from onnx import helper
 
 import graphprune
-from graphprune import ir
+from graphprune.io import ir
 from graphprune.api import load_and_prepare
 from graphprune.errors import UsageError, VerificationError
-from graphprune.lossless import (
+from graphprune.pipeline.lossless import (
     branch_scale,
     erase_blocks,
     find_residual_blocks,
     plant_zeros,
     prune_lossless,
 )
-from graphprune.zero_analysis import analyze_constants
+from graphprune.analysis.zero_analysis import analyze_constants
 
 ZOO = Path(__file__).resolve().parent.parent / "bench" / "cache"
 
@@ -332,7 +332,7 @@ def test_lossless_accepts_paths_and_never_touches_the_input(tmp_path):
 
 
 def test_lossless_fails_loudly_when_the_function_changes(monkeypatch):
-    import graphprune.lossless as lossless_module
+    import graphprune.pipeline.lossless as lossless_module
 
     real = lossless_module.find_zero_groups
 
@@ -445,7 +445,7 @@ def test_zoo_resnet18_planted_zeros_are_all_removed():
 def test_public_import_paths():
     from graphprune.passes import erase_operators  # noqa: F401
 
-    assert callable(graphprune.lossless.prune_lossless)
+    assert callable(graphprune.pipeline.lossless.prune_lossless)
 
 
 def test_kept_nodes_survive_erasure():

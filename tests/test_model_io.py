@@ -1,4 +1,4 @@
-"""Tests for graphprune.model_io: loading, opsets, shape inference and atomic saving."""
+"""Tests for graphprune.io.model_io: loading, opsets, shape inference and atomic saving."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune import model_io
+from graphprune.io import model_io
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
-from graphprune.model_io import (
+from graphprune.io.model_io import (
     MIN_OPSET,
     check_opset,
     infer_shapes,

@@ -12,11 +12,11 @@ from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminati
 from graphprune.passes.prune_channels import PruneChannelsPass
 from onnx import helper
 
-from graphprune import ir
+from graphprune.io import ir
 from graphprune.analysis import analyze_graph
 from graphprune.api import load_and_prepare
-from graphprune.plan import Plan
-from graphprune.planner import plan_ratio
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import plan_ratio
 
 C = 8
 

@@ -2,7 +2,7 @@
 
 The generator builds small NCHW graphs from Conv (plain, depthwise, grouped), BN,
 activations, residual Add, Concat, Split, pooling and Flatten + Gemm heads. Zeros are planted
-as a group-sparse optimiser leaves them (:func:`graphprune.lossless.plant_zeros`: whole or
+as a group-sparse optimiser leaves them (:func:`graphprune.pipeline.lossless.plant_zeros`: whole or
 partial channel groups, whole residual branches). Properties:
 
 - lossless mode computes the same function (its own verification, and an independent ORT
@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import graphprune
-from graphprune import ir
+from graphprune.io import ir
 from graphprune.api import load_and_prepare
-from graphprune.lossless import plant_zeros, prune_lossless
+from graphprune.pipeline.lossless import plant_zeros, prune_lossless
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish", "Clip", None)
 #: activations whose value at 0 is not 0: a planted zero becomes a constant there

@@ -1,4 +1,4 @@
-"""Tests for graphprune.timing (no speed assertions: only the contract)."""
+"""Tests for graphprune.verify.timing (no speed assertions: only the contract)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune import timing
+from graphprune.verify import timing
 from graphprune.errors import InvalidModelError, UsageError
-from graphprune.timing import TimingResult, time_models
+from graphprune.verify.timing import TimingResult, time_models
 
 
 def conv_relu_model(channels: int, name: str) -> onnx.ModelProto:

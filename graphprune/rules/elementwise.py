@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune import zero_analysis as za
+from graphprune.analysis import zero_analysis as za
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
-    from graphprune.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
 
 #: unary ops with f(0) == 0
 ZERO_PRESERVING_UNARY = (

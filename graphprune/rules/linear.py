@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune import zero_analysis as za
-from graphprune.roles import CONSUMER, PRODUCER
+from graphprune.analysis import zero_analysis as za
+from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
-    from graphprune.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
 
 
 def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:

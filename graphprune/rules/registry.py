@@ -3,7 +3,7 @@
 A rule is a small class registered for ``(domain, op_type)`` and an opset range. It states
 
 - ``couple(node, ctx)``: which input and output dimensions travel together, each with an
-  index map (see :mod:`graphprune.index_maps`), which parameter axes a pruned channel
+  index map (see :mod:`graphprune.analysis.index_maps`), which parameter axes a pruned channel
   removes (role ``producer``, ``consumer`` or ``channelwise``), which axes must never be
   pruned (``ctx.freeze``) and which shape constants count channels (``ctx.track_shape``);
 - ``rewrite(node, ctx)``: how to fix the node's attributes and non-parameter inputs once
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from graphprune.analysis import CouplingContext
-    from graphprune.rewrite_context import RewriteContext
-    from graphprune.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.passes.rewrite_context import RewriteContext
+    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -54,9 +54,9 @@ class OpRule:
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """What constant channels on the inputs become on the outputs.
 
-        Returns one :class:`~graphprune.zero_analysis.ChannelValues` (or ``None``: nothing
+        Returns one :class:`~graphprune.analysis.zero_analysis.ChannelValues` (or ``None``: nothing
         known) per output. The default knows nothing, so an op without this method fails
-        closed. See :mod:`graphprune.zero_analysis` for the maths.
+        closed. See :mod:`graphprune.analysis.zero_analysis` for the maths.
         """
         return [None] * len(node.outputs)
 

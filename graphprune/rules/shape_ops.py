@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune import zero_analysis as za
-from graphprune.index_maps import Digit, Offset
-from graphprune.rewrite_context import RewriteContext
-from graphprune.roles import PRODUCER
+from graphprune.analysis import zero_analysis as za
+from graphprune.analysis.index_maps import Digit, Offset
+from graphprune.passes.rewrite_context import RewriteContext
+from graphprune.analysis.roles import PRODUCER
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
-    from graphprune.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
 
 
 def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "axes") -> list[int] | None:

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.index_maps import Digit, Offset
-from graphprune.rewrite_context import RewriteContext
-from graphprune.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.analysis.index_maps import Digit, Offset
+from graphprune.passes.rewrite_context import RewriteContext
+from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.rules.norm import LayerNormRule
 from graphprune.rules.registry import OpRule, register
 

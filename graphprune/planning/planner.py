@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.errors import UsageError
-from graphprune.importance import score_group
-from graphprune.plan import GroupPlan, Plan
+from graphprune.planning.importance import score_group
+from graphprune.planning.plan import GroupPlan, Plan
 
 #: default alignment of kept counts for large groups: ONNX Runtime's CPU convolutions work
 #: on blocks of 8 (AVX2) or 16 channels; unaligned counts can make a pruned model slower

@@ -26,13 +26,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune import rules as _builtin_rules  # noqa: F401  (registers built-ins)
-from graphprune.index_maps import IDENTITY, Digit, IndexMap
+from graphprune.analysis.index_maps import IDENTITY, Digit, IndexMap
 from graphprune.rules import registry
-from graphprune.tensors import const_value, static_shape, static_size
+from graphprune.io.tensors import const_value, static_shape, static_size
 
 Dim = tuple[str, int]
 
-from graphprune.roles import CHANNELWISE, CONSUMER, PRODUCER  # noqa: E402,F401
+from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER  # noqa: E402,F401
 
 
 def describe_node(node: gs.Node) -> str:

@@ -22,8 +22,8 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import InvalidModelError, UsageError
-from graphprune.feeds import Dim, InputSpec, make_feeds_from_specs, resolve_shapes
-from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
+from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, resolve_shapes
+from graphprune.io.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
 
 __all__ = ["PROVIDERS", "TimingResult", "time_models"]
 

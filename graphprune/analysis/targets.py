@@ -22,8 +22,8 @@ import numpy as np
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.errors import UsageError
-from graphprune.importance import score_group
-from graphprune.plan import Plan
+from graphprune.planning.importance import score_group
+from graphprune.planning.plan import Plan
 
 KINDS = ("head", "mlp", "hidden", "channel")
 
@@ -127,7 +127,7 @@ def plan_targets(
 
     Pass it to ``graphprune.prune(model, plan=...)``; it is re-anchored on a fresh analysis.
     """
-    from graphprune.planner import group_plan, kept_count, select_units
+    from graphprune.planning.planner import group_plan, kept_count, select_units
 
     of = ratio_function(
         analysis, ratio, head_ratio=head_ratio, mlp_ratio=mlp_ratio,

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from graphprune import model_io
+from graphprune.io import model_io
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
 from graphprune.errors import VerificationError
 

@@ -41,7 +41,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> None:
-        from graphprune._atomic import atomic_write_text
+        from graphprune.io._atomic import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json())
 

@@ -10,7 +10,7 @@ round after round until nothing is left to remove:
    a BN shift, a Conv bias) gets ``c`` folded into each consumer's bias
    (``b[o] += c sum_k W[o, u, k]``, exact for an unpadded Conv and for Gemm) and the consumer's
    weights for ``u`` zeroed — which makes the unit a zero unit.
-3. **Remove zero units** (:func:`graphprune.zero_analysis.find_zero_groups`): units whose
+3. **Remove zero units** (:func:`graphprune.analysis.zero_analysis.find_zero_groups`): units whose
    consumers all read zero (or have zero weights) are removed with the channel-removal pass.
    A group is never emptied: a Concat input that would lose every channel is dropped from the
    Concat instead, and where that is not possible one unit is kept.
@@ -36,20 +36,21 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune import ir, model_io
+from graphprune.io import ir
+from graphprune.io import model_io
 from graphprune.analysis import Analysis, ChannelGroup, Dim, analyze_graph
 from graphprune.errors import UsageError, VerificationError
-from graphprune.feeds import make_feeds
-from graphprune.metrics import count_macs, count_params
+from graphprune.io.feeds import make_feeds
+from graphprune.verify.metrics import count_macs, count_params
 from graphprune.passes.base import PassContext
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.erase_operators import EraseOperatorsPass
 from graphprune.passes.prune_channels import PruneChannelsPass
-from graphprune.plan import GroupPlan, Plan
-from graphprune.planner import group_plan
-from graphprune.roles import CHANNELWISE, PRODUCER
-from graphprune.validate import check_model, differences, output_shapes_match, run, session
-from graphprune.zero_analysis import (
+from graphprune.planning.plan import GroupPlan, Plan
+from graphprune.planning.planner import group_plan
+from graphprune.analysis.roles import CHANNELWISE, PRODUCER
+from graphprune.verify.validate import check_model, differences, output_shapes_match, run, session
+from graphprune.analysis.zero_analysis import (
     GroupZeros,
     analyze_constants,
     consumer_nodes,

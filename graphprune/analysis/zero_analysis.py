@@ -23,7 +23,7 @@ or a rule that does not know, gives "unknown" — the analysis fails closed.
 Lossless units
 --------------
 Removing unit ``u`` of an exact channel group is equivalent to zeroing its producer and
-consumer parameters (see :mod:`graphprune.validate`). The original function is unchanged when,
+consumer parameters (see :mod:`graphprune.verify.validate`). The original function is unchanged when,
 at every consumer (a Conv/Gemm/MatMul weight axis with role ``consumer``), either the weight
 slice of ``u`` is already zero or the activation it reads is identically zero on ``u``, and the
 channel reaches nothing else (no activation-activation contraction, no op outside the group).
@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.roles import CONSUMER
-from graphprune.tensors import const_value, static_shape, static_size
+from graphprune.analysis.roles import CONSUMER
+from graphprune.io.tensors import const_value, static_shape, static_size
 
 if TYPE_CHECKING:
     from graphprune.analysis import Analysis, ChannelGroup, Dim
@@ -342,7 +342,7 @@ def ensure_shapes(graph: gs.Graph, opset: int) -> None:
         return
     import onnx
 
-    from graphprune import model_io
+    from graphprune.io import model_io
 
     graph.toposort()
     model = gs.export_onnx(graph, do_type_check=False)

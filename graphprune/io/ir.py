@@ -14,7 +14,7 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune import model_io
+from graphprune.io import model_io
 
 logger = logging.getLogger(__name__)
 

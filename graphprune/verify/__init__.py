@@ -1,0 +1,1 @@
+"""Verification and measurement: checker, ONNX Runtime comparison, parameter/MAC counts, timing."""
