@@ -18,7 +18,7 @@ from graphprune.analysis import zero_analysis as za
 from graphprune.analysis.index_maps import Digit, GroupTie, Modulo
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CONSUMER, PRODUCER
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
@@ -104,6 +104,12 @@ class ConvRule(OpRule):
             ctx.couple(x, 1, y, 1, GroupTie(group))
         _mark_spatial(ctx, node)
 
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return LinearInfo(
+            data=0, data_axis=1, weight=1, in_axis=1, out_axis=0, out_channel_axis=1, bias=2,
+            kernel="conv", group=int(node.attrs.get("group", 1)),
+        )
+
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         w = node.inputs[1]
         if int(node.attrs.get("group", 1)) > 1 and ctx.removed(w, 1).size:
@@ -156,6 +162,12 @@ class ConvTransposeRule(OpRule):
         else:
             ctx.couple(x, 1, y, 1, GroupTie(group))
         _mark_spatial(ctx, node)
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return LinearInfo(
+            data=0, data_axis=1, weight=1, in_axis=0, out_axis=1, out_channel_axis=1, bias=2,
+            kernel="conv_transpose", group=int(node.attrs.get("group", 1)),
+        )
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _rewrite_group(node, ctx, node.inputs[0])

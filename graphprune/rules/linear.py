@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import zero_analysis as za
 from graphprune.analysis.roles import CONSUMER, PRODUCER
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis import CouplingContext
@@ -66,6 +66,16 @@ class GemmRule(OpRule):
             y = y + beta * c
         return [za.values(1, y.astype(np.float32))]
 
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        if int(node.attrs.get("transA", 0)):
+            return None
+        trans_b = int(node.attrs.get("transB", 0))
+        return LinearInfo(
+            data=0, data_axis=1, weight=1, in_axis=1 if trans_b else 0,
+            out_axis=0 if trans_b else 1, out_channel_axis=1, bias=2, kernel="dense",
+            alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)),
+        )
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
         trans_a = int(node.attrs.get("transA", 0))
@@ -103,6 +113,19 @@ class MatMulRule(OpRule):
         if x is None or x.size != b.shape[0] or out_rank < 1:
             return [None]
         return [za.values(out_rank - 1, _linear_values(x, b).astype(np.float32))]
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        """A MatMul with a constant 2-D right operand: ``y[..., n] = x[..., k] W[k, n]``
+        (no bias input: a following ``Add`` carries it)."""
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+            return None
+        if len(getattr(w, "shape", None) or ()) != 2:
+            return None
+        return LinearInfo(
+            data=0, data_axis=-1, weight=1, in_axis=0, out_axis=1, out_channel_axis=-1,
+            bias=None, kernel="dense",
+        )
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]

@@ -17,6 +17,7 @@ user's custom rule for a custom op can never silently shadow a built-in one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from graphprune.errors import GraphPruneError
@@ -29,6 +30,31 @@ if TYPE_CHECKING:
     from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """How a linear op (Conv, ConvTranspose, Gemm, MatMul with a weight) uses its weight.
+
+    ``y = alpha * (x (*) W) + beta * bias``: ``x`` is input ``data`` read along ``data_axis``
+    (its channel axis), ``W`` is input ``weight`` with ``in_axis`` reading the input
+    channels and ``out_axis`` producing the output channels, written along the output's
+    ``out_channel_axis``. ``bias`` is the input index of the bias (``None``: the op cannot
+    take one). ``kernel`` is ``"conv"`` (weight ``[out, in/group, *k]``), ``"conv_transpose"``
+    (``[in, out/group, *k]``) or ``"dense"`` (a 2-D matrix). ``group`` > 1 only for convs.
+    """
+
+    data: int
+    data_axis: int
+    weight: int
+    in_axis: int
+    out_axis: int
+    out_channel_axis: int
+    bias: int | None
+    kernel: str
+    group: int = 1
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 class OpRule:
@@ -62,6 +88,14 @@ class OpRule:
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         """Fix attributes / non-parameter inputs after channel removal. Default: nothing."""
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        """How the node applies a weight to its input channels (see :class:`LinearInfo`).
+
+        ``None`` (the default) means "not a linear layer with a weight": bias folding,
+        reconstruction and MAC counting then leave the node alone (fail closed).
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self.op_types)})"
