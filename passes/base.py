@@ -1,21 +1,46 @@
-"""Pass infrastructure: a pass rewrites a graph in place and says truthfully what it did."""
+"""Pass infrastructure: one contract for every rewrite.
+
+A pass rewrites a graph in place: ``run(graph, ctx) -> PassResult(graph, modified, stats)``.
+It never decides ``modified`` from a flag of its own: the :class:`PassManager` fingerprints
+the graph before and after (nodes, their inputs, outputs and attributes, constant values'
+identity and shape, graph inputs and outputs) and a result that claims otherwise is
+corrected, so ``modified`` always says what happened to the graph.
+
+A pass may state ``requires(graph, ctx)`` (checked before it runs: raise or return a reason
+string to refuse) and ``ensures(graph, ctx)`` (checked after). With ``ctx.debug`` the manager
+also exports the graph after every pass and verifies it (``onnx.checker`` and an ONNX
+Runtime session), naming the pass that broke it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
+
+from graphprune.errors import RewriteError
 
 
 @dataclass
 class PassContext:
-    """Shared, explicit state for a pipeline run (no globals in passes)."""
+    """Shared, explicit state for a pipeline run (no globals in passes).
+
+    ``debug_check`` is called with the graph after each pass when ``debug`` is on (the
+    pipeline session installs one that exports and verifies the graph).
+    """
 
     opset: int
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    debug: bool = False
+    debug_check: Callable[[gs.Graph, str], None] | None = None
+    #: free-form shared facts between passes of one run (e.g. calibration statistics)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,6 +56,14 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
+        """A reason the pass cannot run on ``graph`` (``None``: it can)."""
+        return None
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> str | None:
+        """A reason the pass's postcondition does not hold on ``graph`` (``None``: it holds)."""
+        return None
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -39,24 +72,86 @@ class Pass:
         return f"{self.name}()"
 
 
+def fingerprint(graph: gs.Graph) -> str:
+    """A digest of everything a pass may change in ``graph``.
+
+    Constants are hashed by identity, dtype and shape plus a sample of their bytes, so the
+    digest costs time proportional to the graph, not to the weights, while an in-place
+    edit of a weight through ``values = ...`` (a new array) is still seen.
+    """
+    h = hashlib.blake2b(digest_size=16)
+
+    def tensor(t: gs.Tensor) -> None:
+        h.update(t.name.encode())
+        if isinstance(t, gs.Constant):
+            values = t._values if hasattr(t, "_values") else t.values
+            h.update(str(id(values)).encode())
+            shape = getattr(values, "shape", None)
+            h.update(repr((str(getattr(values, "dtype", "")), tuple(shape or ()))).encode())
+            if isinstance(values, np.ndarray) and values.size:
+                flat = values.reshape(-1)
+                step = max(1, flat.size // 64)
+                h.update(np.ascontiguousarray(flat[::step][:64]).tobytes())
+        else:
+            h.update(repr((getattr(t, "dtype", None), getattr(t, "shape", None))).encode())
+
+    for t in [*graph.inputs, *graph.outputs]:
+        tensor(t)
+    for node in graph.nodes:
+        h.update(f"{node.domain}:{node.op}:{node.name}".encode())
+        h.update(repr(sorted((k, repr(v)) for k, v in node.attrs.items()
+                             if not isinstance(v, gs.Graph))).encode())
+        for v in node.attrs.values():
+            if isinstance(v, gs.Graph):
+                h.update(fingerprint(v).encode())
+        h.update(b"<")
+        for t in node.inputs:
+            tensor(t)
+        h.update(b">")
+        for t in node.outputs:
+            tensor(t)
+    return h.hexdigest()
+
+
 class PassManager:
-    """Run passes in order (optionally to a fixed point), timing each one."""
+    """Run passes in order (optionally to a fixed point), timing and checking each one."""
 
     def __init__(self, passes: list[Pass], *, fixed_point: bool = False, max_iterations: int = 10):
         self.passes = passes
         self.fixed_point = fixed_point
         self.max_iterations = max_iterations
 
+    def run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        reason = p.requires(graph, ctx)
+        if reason:
+            raise RewriteError(f"{p.name} cannot run: {reason}")
+        before = fingerprint(graph)
+        start = time.perf_counter()
+        result = p.run(graph, ctx)
+        ctx.timings[p.name] = ctx.timings.get(p.name, 0.0) + time.perf_counter() - start
+        graph = result.graph
+        modified = fingerprint(graph) != before
+        result = PassResult(graph, modified, result.stats)
+        if result.stats:
+            slot = ctx.stats.setdefault(p.name, {})
+            for key, value in result.stats.items():
+                if isinstance(value, int | float) and isinstance(slot.get(key), int | float):
+                    slot[key] = slot[key] + value
+                else:
+                    slot[key] = value
+        reason = p.ensures(graph, ctx)
+        if reason:
+            raise RewriteError(f"{p.name} broke its postcondition: {reason}")
+        if ctx.debug and ctx.debug_check is not None and modified:
+            ctx.debug_check(graph, p.name)
+        return result
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         modified_any = False
         for _ in range(self.max_iterations if self.fixed_point else 1):
             modified = False
             for p in self.passes:
-                start = time.perf_counter()
-                result = p.run(graph, ctx)
-                ctx.timings[p.name] = ctx.timings.get(p.name, 0.0) + time.perf_counter() - start
-                if result.stats:
-                    ctx.stats.setdefault(p.name, {}).update(result.stats)
+                result = self.run_one(p, graph, ctx)
                 graph = result.graph
                 modified |= result.modified
             modified_any |= modified

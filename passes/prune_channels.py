@@ -44,21 +44,46 @@ class PruneChannelsPass(Pass):
     def __init__(self, analysis: Analysis, plan: Plan) -> None:
         self.analysis = analysis
         self.plan = plan
-        self._done = False
+        # parameter sizes as analysed (a second run sees them already cut)
+        self._sizes = {
+            (name, axis): int(t.shape[axis])
+            for (name, axis) in removed_elements(analysis, plan)
+            if isinstance(t := analysis.context.tensors.get(name), gs.Constant)
+            and t.shape is not None and axis < len(t.shape)
+        }
 
     def __repr__(self) -> str:
         pruned = sum(1 for g in self.plan.groups if g.remove)
         return f"PruneChannelsPass(groups={pruned})"
 
+    def _already_applied(self, tensors: dict[str, gs.Tensor], removed: dict[Dim, np.ndarray]) -> bool:
+        """True when every sliced parameter already has its pruned size (a second run)."""
+        sizes = []
+        for (name, axis), idx in removed.items():
+            const = tensors.get(name)
+            if not isinstance(const, gs.Constant):
+                continue
+            before = self._sizes.get((name, axis))
+            now = const.shape[axis] if const.shape is not None else None
+            if before is None or now is None:
+                continue
+            sizes.append((now, before, before - idx.size))
+        if not sizes:
+            return False
+        if all(now == after for now, _, after in sizes):
+            return True
+        if all(now == before for now, before, _ in sizes):
+            return False
+        raise RewriteError("the graph is partly pruned already: channel removal cannot apply")
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if self._done:
-            return PassResult(graph, False)
-        self._done = True
         removed = removed_elements(self.analysis, self.plan)
         if not removed:
-            return PassResult(graph, False, {"channels_removed": 0})
+            return PassResult(graph, False, {"units_removed": 0})
         actx = self.analysis.context
         tensors = graph.tensors()
+        if self._already_applied(tensors, removed):
+            return PassResult(graph, False)
         shapes = {name: actx.shape(t) for name, t in tensors.items()}
 
         # 1. parameters

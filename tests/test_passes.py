@@ -131,7 +131,7 @@ def test_dead_code_elimination_contract():
 
 
 class CountdownPass(Pass):
-    """Reports a change ``times`` times, then none (a pass that converges)."""
+    """Changes the graph ``times`` times (a node attribute), then nothing (it converges)."""
 
     def __init__(self, times: int) -> None:
         self.left = times
@@ -141,8 +141,62 @@ class CountdownPass(Pass):
         self.runs += 1
         if self.left:
             self.left -= 1
-            return PassResult(graph, True, {"left": self.left})
+            graph.nodes[0].attrs["gp_countdown"] = self.left
+            return PassResult(graph, True, {"changes": 1})
         return PassResult(graph, False)
+
+
+class LyingPass(Pass):
+    """Claims a change it never makes, or hides one it makes."""
+
+    def __init__(self, change: bool) -> None:
+        self.change = change
+
+    def run(self, graph, ctx):
+        if self.change:
+            graph.nodes[0].name = graph.nodes[0].name + "_x"
+        return PassResult(graph, not self.change)
+
+
+def test_modified_is_derived_from_the_graph_not_from_the_pass():
+    graph, opset = _graph(_model())
+    assert PassManager([LyingPass(change=False)]).run(graph, PassContext(opset=opset)).modified is False
+    assert PassManager([LyingPass(change=True)]).run(graph, PassContext(opset=opset)).modified is True
+
+
+class _Refusing(Pass):
+    def requires(self, graph, ctx):
+        return "needs a miracle"
+
+    def run(self, graph, ctx):  # pragma: no cover - never reached
+        raise AssertionError("requires() must stop the pass")
+
+
+class _Breaking(Pass):
+    def run(self, graph, ctx):
+        graph.nodes[0].attrs["gp_broken"] = 1
+        return PassResult(graph, True)
+
+    def ensures(self, graph, ctx):
+        return "attribute gp_broken set" if "gp_broken" in graph.nodes[0].attrs else None
+
+
+def test_requires_and_ensures_are_checked():
+    from graphprune.errors import RewriteError
+
+    graph, opset = _graph(_model())
+    with pytest.raises(RewriteError, match="_Refusing cannot run: needs a miracle"):
+        PassManager([_Refusing()]).run(graph, PassContext(opset=opset))
+    with pytest.raises(RewriteError, match="_Breaking broke its postcondition"):
+        PassManager([_Breaking()]).run(graph, PassContext(opset=opset))
+
+
+def test_debug_mode_checks_the_graph_after_each_modifying_pass():
+    graph, opset = _graph(_model())
+    seen = []
+    ctx = PassContext(opset=opset, debug=True, debug_check=lambda g, name: seen.append(name))
+    PassManager([CountdownPass(1), LyingPass(change=False)]).run(graph, ctx)
+    assert seen == ["CountdownPass"], "checked after the pass that changed the graph only"
 
 
 def test_pass_manager_times_each_pass_and_merges_stats():
@@ -166,7 +220,7 @@ def test_pass_manager_runs_to_a_fixed_point():
     result = PassManager([countdown], fixed_point=True).run(graph, ctx)
     assert result.modified is True
     assert countdown.runs == 4, "three changing runs and one that confirms the fixed point"
-    assert ctx.stats["CountdownPass"] == {"left": 0}
+    assert ctx.stats["CountdownPass"] == {"changes": 3}, "counters add up over iterations"
 
     capped = CountdownPass(100)
     PassManager([capped], fixed_point=True, max_iterations=5).run(graph, PassContext(opset=opset))
