@@ -183,19 +183,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stages = ["load", "analysis", "plan", "prune", "verify"]
     progress = _Progress(not args.quiet and not args.json, stages)
     source = _source(args)
-    if not isinstance(source, str):
-        args.model_proto = source
-    if args.lossless or args.erase_blocks is not None:
-        result = _prune_lossless(args, progress)
-    else:
-        result = prune(
-            source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
-            min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
-            verify=not args.no_verify,
-            tolerance=args.tolerance if args.tolerance is not None else 1e-4, seed=args.seed,
-            progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
-            hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
-        )
+    result = prune(
+        source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
+        min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
+        verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,
+        progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
+        hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
+        lossless=args.lossless, erase_blocks=_erase_count(args.erase_blocks),
+        debug=args.debug,
+    )
     model_io.save_model(result.model, args.output,
                         input_path=args.model if os.path.isfile(args.model) else None)
     if args.report:
@@ -212,30 +208,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_lossless(args: argparse.Namespace, progress: _Progress) -> Any:
-    from graphprune.pipeline import lossless
-
-    tolerance = args.tolerance if args.tolerance is not None else lossless.LOSSLESS_TOLERANCE
-    if args.erase_blocks is None:
-        return lossless.prune_lossless(getattr(args, "model_proto", args.model),
-                                       verify=not args.no_verify, tolerance=tolerance,
-                                       progress=progress, keep=args.keep or ())
+def _erase_count(text: str | None) -> int | float | None:
+    if text is None:
+        return None
     try:
-        k = float(args.erase_blocks)
+        k = float(text)
     except ValueError:
-        raise UsageError(f"--erase-blocks takes a count or a fraction, got '{args.erase_blocks}'") from None
-    count: int | float = int(k) if k >= 1 and k == int(k) else k
-    result = lossless.erase_blocks(getattr(args, "model_proto", args.model), count,
-                                   verify=not args.no_verify,
-                                   tolerance=tolerance, progress=progress)
-    if args.lossless:
-        erased = result.report
-        result = lossless.prune_lossless(result.model, verify=not args.no_verify,
-                                         tolerance=tolerance, progress=progress,
-                                         keep=args.keep or ())
-        result.report["depth"] = {k: erased.get(k) for k in
-                                  ("blocks_found", "blocks_erased", "blocks", "score")}
-    return result
+        raise UsageError(f"--erase-blocks takes a count or a fraction, got '{text}'") from None
+    return int(k) if k >= 1 and k == int(k) else k
 
 
 # ----------------------------------------------------------------------------- bench

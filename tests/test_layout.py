@@ -18,12 +18,12 @@ PROBE = """
 import importlib.util, json, sys
 import graphprune.passes, graphprune.frontends
 import graphprune.passes.base, graphprune.passes.prune_channels
-from graphprune import api
+from graphprune.pipeline import session
 print(json.dumps({
     "graphprune": graphprune.__file__,
     "passes": graphprune.passes.__file__,
     "frontends": graphprune.frontends.__file__,
-    "same_module": api.PassManager is graphprune.passes.base.PassManager,
+    "same_module": session.PassManager is graphprune.passes.base.PassManager,
     "top_level_passes": importlib.util.find_spec("passes") is not None,
     "top_level_frontends": importlib.util.find_spec("frontends") is not None,
 }))

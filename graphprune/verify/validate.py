@@ -1,5 +1,10 @@
 """Validation of a pruned model: checker, ORT run, output shapes, zero-equivalence.
 
+This is the one verifier of every mode: :func:`compare` checks a candidate against a
+reference (the zeroed original, the original, or the original with erased branches
+zeroed) on the same feeds. Models are given as protos or as file paths; a path (a model
+with external data, one over 2 GB) is checked and run from the file, never serialised.
+
 The self-check: removing a channel is equivalent to zeroing its producer (weights, bias)
 and consumer (input weights) in the original — exactly, for groups whose channels meet
 only channel-separable ops. The validator builds that *zeroed reference* from the
@@ -10,9 +15,10 @@ pruned axis) are left out of the check and listed with the reason.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -25,8 +31,14 @@ from graphprune.errors import VerificationError
 
 TWO_GB = 2**31 - 2**20
 
+ModelRef = Union[onnx.ModelProto, str, "os.PathLike[str]"]
 
-def check_model(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> None:
+
+def _is_path(model: Any) -> bool:
+    return isinstance(model, str | os.PathLike)
+
+
+def check_model(model: ModelRef, original: ModelRef | None = None) -> None:
     """``onnx.checker`` full check (strict shape inference included).
 
     Where ONNX's own shape inference cannot handle the *original* either (a function op whose
@@ -39,16 +51,18 @@ def check_model(model: onnx.ModelProto, original: onnx.ModelProto | None = None)
         if original is None or _passes_full_check(original):
             raise
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(os.fspath(model) if _is_path(model) else model)
         except onnx.checker.ValidationError as exc:
             raise VerificationError(
                 f"pruned model fails onnx.checker: {str(exc).splitlines()[0]}"
             ) from exc
 
 
-def _full_check(model: onnx.ModelProto) -> None:
+def _full_check(model: ModelRef) -> None:
     try:
-        if model_io.model_size_bytes(model) > TWO_GB:
+        if _is_path(model):
+            onnx.checker.check_model(os.fspath(model), full_check=True)
+        elif model_io.model_size_bytes(model) > TWO_GB:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
                 model_io.save_model(model, path, external_data=True)
@@ -61,7 +75,7 @@ def _full_check(model: onnx.ModelProto) -> None:
         raise VerificationError(f"pruned model fails shape inference: {str(exc).splitlines()[0]}") from exc
 
 
-def _passes_full_check(model: onnx.ModelProto) -> bool:
+def _passes_full_check(model: ModelRef) -> bool:
     try:
         _full_check(model)
     except VerificationError:
@@ -70,13 +84,15 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
 
 
 def session(
-    model: onnx.ModelProto,
+    model: ModelRef,
     *,
     optimize: bool = True,
     overrides: dict[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session; ``overrides`` replace initializer values without copying the model
-    (only honoured with ``optimize=False``: ORT's optimizers read the stored initializers)."""
+    """A CPU session from a proto or a path; ``overrides`` replace initializer values without
+    copying the model (only honoured with ``optimize=False``: ORT's optimizers read the
+    stored initializers). A proto too large to serialise goes through a temporary file with
+    external data, removed when the session is released."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
@@ -86,35 +102,109 @@ def session(
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values))
         keep_alive.append(value)
         options.add_initializer(name, value)
-    try:
-        data = model.SerializeToString()
-    except ValueError:  # > 2 GB: go through a file with external data
-        data = None
+    providers = ["CPUExecutionProvider"]
+    if _is_path(model):
+        sess = ort.InferenceSession(os.fspath(model), options, providers=providers)
+        sess._graphprune_keep_alive = keep_alive  # type: ignore[attr-defined]
+        return sess
+    data = None
+    if model_io.model_size_bytes(model) <= TWO_GB:
+        try:
+            data = model.SerializeToString()
+        except Exception:  # ValueError / protobuf EncodeError above the limit
+            data = None
     if data is None or len(data) > TWO_GB:
-        tmp = tempfile.mkdtemp()
-        path = Path(tmp) / "model.onnx"
-        model_io.save_model(model, path, external_data=True)
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        tmp = tempfile.TemporaryDirectory(prefix="graphprune-verify-")
+        try:
+            path = Path(tmp.name) / "model.onnx"
+            model_io.save_model(model, path, external_data=True)
+            sess = ort.InferenceSession(str(path), options, providers=providers)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        keep_alive.append(tmp)  # removed with the session
     else:
-        sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, options, providers=providers)
     sess._graphprune_keep_alive = keep_alive  # type: ignore[attr-defined]
     return sess
 
 
 def run(
-    model: onnx.ModelProto,
+    model: ModelRef,
     feeds: dict[str, np.ndarray],
     what: str,
     overrides: dict[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
+    return run_many(model, [feeds], what, overrides)[0]
+
+
+def run_many(
+    model: ModelRef,
+    feeds_list: list[dict[str, np.ndarray]],
+    what: str,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> list[list[np.ndarray]]:
+    """Outputs of ``model`` on each feed dict (one session for all)."""
     try:
         # ORT's graph optimizers fold/pre-pack weights from the stored initializers and would
         # ignore overrides: the overridden reference runs unoptimised
         sess = session(model, overrides=overrides, optimize=not overrides)
         names = [o.name for o in sess.get_outputs()]
-        return [np.asarray(v) for v in sess.run(names, feeds)]
+        return [[np.asarray(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
     except Exception as exc:
-        raise VerificationError(f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+        raise VerificationError(f"{what} does not run in ONNX Runtime: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def compare(
+    candidate: ModelRef,
+    reference: ModelRef,
+    feeds_list: list[dict[str, np.ndarray]],
+    *,
+    what: str,
+    tolerance: float,
+    reference_overrides: dict[str, np.ndarray] | None = None,
+    check: bool = True,
+    original: ModelRef | None = None,
+    candidate_outputs: list[list[np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Check ``candidate`` against ``reference`` on the same feeds.
+
+    ``onnx.checker`` (full, held to the original's standard: see :func:`check_model`), an
+    ORT run of both, equal output shapes, and the largest absolute and relative difference.
+    ``what`` names the reference in the report and in errors ("the zeroed original", "the
+    original", ...). Raises :class:`VerificationError` when the candidate fails the checker,
+    does not run or has other output shapes; a difference above ``tolerance`` is reported
+    with ``ok: False``.
+    """
+    if check:
+        check_model(candidate, original)
+    ref_outs = run_many(reference, feeds_list, what, reference_overrides)
+    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model")
+    max_abs = max_rel = 0.0
+    for ref_out, out in zip(ref_outs, outs, strict=True):
+        if not output_shapes_match(ref_out, out):
+            raise VerificationError(
+                f"pruned model output shapes differ from {what}: "
+                f"{[o.shape for o in ref_out]} vs {[o.shape for o in out]}"
+            )
+        a, r = differences(ref_out, out)
+        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+    return {
+        "ok": bool(max_rel <= tolerance),
+        "reference": what,
+        "checker": check,
+        "ort": True,
+        "output_shapes_match": True,
+        "samples": len(feeds_list),
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max_rel,
+        "tolerance": tolerance,
+    }
 
 
 def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:

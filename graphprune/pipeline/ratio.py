@@ -1,0 +1,114 @@
+"""The ratio driver: remove about ``ratio`` of every prunable group (or replay a plan).
+
+Verification compares the pruned model with the *zeroed original*: the prepared original
+with the removed channels' producer and consumer weights set to zero (ORT initializer
+overrides, no copy of the model). Groups marked inexact (a normalisation over the pruned
+axis) cannot match it; when the plan prunes such groups, the exactness of the rewrite is
+checked on a model built from the exact groups only, and the inexact ones are listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from graphprune.analysis import Analysis, targets
+from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
+from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
+from graphprune.pipeline.session import PruneResult, Session
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import plan_ratio, replay
+from graphprune.verify import validate
+
+
+@dataclass
+class RatioOptions:
+    ratio: float = 0.5
+    criterion: str = "l1"
+    round_to: int | None = None
+    min_channels: int = 1
+    seed: int = 0
+    head_ratio: float | None = None
+    mlp_ratio: float | None = None
+    hidden_ratio: float | None = None
+    prune_hidden: bool = False
+
+
+def channel_passes(analysis: Analysis, plan: Plan) -> list:
+    """The structural rewrite of a plan: channel removal, then cleanup."""
+    return [PruneChannelsPass(analysis, plan), IdentityEliminationPass(), DeadCodeEliminationPass()]
+
+
+def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
+              saved: Plan | str | None = None) -> Plan:
+    with session.stage("plan"):
+        if saved is not None:
+            return replay(analysis, Plan.load(saved) if isinstance(saved, str) else saved)
+        plan = plan_ratio(
+            analysis, ratio=options.ratio, criterion=options.criterion,
+            round_to=options.round_to, min_channels=options.min_channels, seed=options.seed,
+            ratio_of=targets.ratio_function(
+                analysis, options.ratio, head_ratio=options.head_ratio,
+                mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
+                prune_hidden=options.prune_hidden,
+            ),
+        )
+        plan.meta.update({"head_ratio": options.head_ratio, "mlp_ratio": options.mlp_ratio,
+                          "hidden_ratio": options.hidden_ratio,
+                          "prune_hidden": options.prune_hidden})
+        return plan
+
+
+def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: float) -> dict[str, Any]:
+    """The self-check of a structural rewrite: pruned model vs the zeroed original."""
+    by_id = {g.id: g for g in analysis.groups}
+    pruned_groups = [by_id[g.group] for g in plan.groups if g.remove]
+    inexact = [g for g in pruned_groups if not g.is_exact]
+    candidate = session.model
+    what = "the zeroed original"
+    if inexact:
+        # the rewrite of the exact groups alone must match the zeroed original exactly
+        check = session.sibling()
+        fresh = check.analyze(stage="verify")
+        exact_plan = replay(fresh, Plan(groups=[g for g in plan.groups if by_id[g.group].is_exact]))
+        check.apply(channel_passes(fresh, exact_plan))
+        candidate = check.export()
+        overrides = validate.zeroed_overrides(session.prepared, fresh, removed_elements(fresh, exact_plan))
+        what = "the zeroed original (exact groups only)"
+    else:
+        overrides = validate.zeroed_overrides(session.prepared, analysis, removed_elements(analysis, plan))
+    verification = session.verify_against(
+        session.prepared, what, tolerance=tolerance, candidate=candidate, overrides=overrides)
+    if inexact and verification.get("ok"):
+        # the model that is returned must itself pass the checker and run
+        try:
+            validate.check_model(session.model, session.prepared)
+            validate.run(session.model, session.feeds()[0], "the pruned model")
+        except Exception as exc:  # VerificationError
+            verification = {"ok": False, "reference": what, "error": str(exc), "_error": exc}
+    verification["exact_groups_checked"] = len(pruned_groups) - len(inexact)
+    verification["inexact_groups"] = [
+        {"group": g.id, "anchor": f"{g.anchor[0]}:{g.anchor[1]}", "why": g.inexact[:3]}
+        for g in inexact
+    ]
+    return verification
+
+
+def prune_ratio(
+    session: Session,
+    options: RatioOptions,
+    *,
+    plan: Plan | str | None = None,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+) -> PruneResult:
+    """Plan (or replay) and apply a ratio prune on ``session``; verify and report."""
+    analysis = session.analyze()
+    the_plan = make_plan(session, analysis, options, plan)
+    with session.stage("prune"):
+        session.apply(channel_passes(analysis, the_plan))
+        session.export()
+    report = session.report("ratio", the_plan)
+    report["kinds"] = targets.kind_summary(analysis)
+    verification = verify_zeroed(session, analysis, the_plan, tolerance) if verify else None
+    return session.finish(report, the_plan, verification)

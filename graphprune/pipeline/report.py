@@ -1,0 +1,130 @@
+"""The one report shape of every mode.
+
+Keys every report has::
+
+    mode                      "ratio" | "lossless" | "erase_blocks" | ...
+    params_before/after       parameter counts (initializers, If/Loop bodies included)
+    macs_before/after         multiply-accumulates of Conv/Gemm/MatMul (graphprune.verify.metrics)
+    nodes_before/after        node counts
+    groups                    total / prunable / pruned / frozen / inexact (from the analysis)
+    channels                  prunable / removed units
+    prunable_fraction         prunable share of conv output channels (all producers if no conv)
+    frozen                    frozen groups with their reasons (first 5 per group)
+    unsupported_ops           op types without a rule, with counts
+    erased_nodes              names of erased operators (the plan's ``erase``)
+    passes                    seconds per pass;  pass_stats: what each pass reported
+    verification              what was compared with what (``reference``), the differences
+    timings                   seconds per stage and in total
+
+Modes add their own sections (``lossless``, ``depth``, ``kinds``, ``calibration``, ``fidelity``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphprune.analysis import PRODUCER, Analysis
+from graphprune.passes.base import PassContext
+from graphprune.planning.plan import Plan
+from graphprune.rules import registry
+from graphprune.verify.metrics import count_macs, count_params
+
+CONV_KERNELS = ("conv", "conv_transpose")
+
+
+def prunable_fraction(analysis: Analysis) -> float:
+    """Fraction of conv output channels (all producer channels if no conv) that are prunable."""
+    tensors = analysis.context.tensors
+    conv_weights = set()
+    for node in analysis.graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, analysis.opset)
+        info = rule.linear(node) if rule is not None else None
+        if info is not None and info.kernel in CONV_KERNELS and len(node.inputs) > info.weight:
+            conv_weights.add(node.inputs[info.weight].name)
+    total = prunable = 0
+    for group in analysis.groups:
+        for dim in group.producers:
+            values = getattr(tensors.get(dim[0]), "values", None)
+            if values is None or np.ndim(values) < 2:
+                continue
+            if conv_weights and dim[0] not in conv_weights:
+                continue
+            n = int(np.shape(values)[dim[1]])
+            total += n
+            if group.prunable:
+                prunable += n
+    return round(prunable / total, 4) if total else 0.0
+
+
+def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
+    if analysis is None:
+        return {
+            "groups": {"pruned": len([g for g in plan.groups if g.remove])},
+            "channels": {"removed": plan.units_removed},
+        }
+    by_id = {g.id: g for g in analysis.groups}
+    pruned_groups = [g for g in plan.groups if g.remove]
+    prunable = analysis.prunable_groups
+    return {
+        "groups": {
+            "total": len(analysis.groups),
+            "prunable": len(prunable),
+            "pruned": len(pruned_groups),
+            "frozen": len(analysis.frozen_groups),
+            "inexact": sum(1 for g in pruned_groups if g.group in by_id and not by_id[g.group].is_exact),
+        },
+        "channels": {
+            "prunable": int(sum(g.num_units for g in prunable)),
+            "removed": int(sum(len(g.remove) for g in pruned_groups)),
+        },
+        "prunable_fraction": prunable_fraction(analysis),
+        "frozen": [
+            {
+                "group": g.id,
+                "anchor": f"{g.anchor[0]}:{g.anchor[1]}",
+                "size": g.num_units,
+                "reasons": g.frozen[:5],
+            }
+            for g in analysis.frozen_groups
+        ],
+        "unsupported_ops": {k: len(v) for k, v in sorted(analysis.unsupported.items())},
+        "producer_role": PRODUCER,
+    }
+
+
+def base_report(
+    mode: str,
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    plan: Plan,
+    analysis: Analysis | None,
+    ctx: PassContext | None,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "mode": mode,
+        "params_before": count_params(before),
+        "params_after": count_params(after),
+        "macs_before": count_macs(before),
+        "macs_after": count_macs(after),
+        "nodes_before": len(before.graph.node),
+        "nodes_after": len(after.graph.node),
+    }
+    report.update(analysis_sections(analysis, plan))
+    report["erased_nodes"] = list(plan.erase)
+    if ctx is not None:
+        report["passes"] = {k: round(v, 4) for k, v in ctx.timings.items()}
+        report["pass_stats"] = {k: dict(v) for k, v in ctx.stats.items()}
+    return report
+
+
+def tolerance_hint(model: onnx.ModelProto) -> str:
+    """A hint for the error message when the model computes in reduced precision."""
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    types = {t.data_type for t in model.graph.initializer}
+    types |= {i.type.tensor_type.elem_type for i in model.graph.input}
+    if types & low:
+        return " (the model computes in 16-bit floats: pass a looser --tolerance, e.g. 1e-2)"
+    return " (raise --tolerance if this difference is acceptable)"

@@ -1,0 +1,254 @@
+"""The prune session: one object carries a model from load to report.
+
+``load -> analysis -> plan -> passes -> verification -> report``. Every mode (ratio,
+lossless, depth, calibrated, budgeted) is a thin driver over a :class:`Session`:
+
+>>> s = Session("model.onnx")                      # doctest: +SKIP
+>>> analysis = s.analyze()                          # doctest: +SKIP
+>>> s.apply([PruneChannelsPass(analysis, plan), DeadCodeEliminationPass()])  # doctest: +SKIP
+>>> model = s.export()                              # doctest: +SKIP
+>>> verification = s.verify_against(s.prepared, "the original", tolerance=1e-5)  # doctest: +SKIP
+>>> result = s.finish("ratio", plan, verification)  # doctest: +SKIP
+
+The session times each stage (``progress`` is told the stage name as it starts), runs
+passes through one :class:`~graphprune.passes.base.PassManager` context (so statistics and
+timings of every pass end up in the report), verifies with the one verifier
+(:mod:`graphprune.verify.validate`) and builds the one report shape
+(:mod:`graphprune.pipeline.report`). With ``debug=True`` every pass that changes the graph
+is followed by an export, ``onnx.checker`` and an ONNX Runtime session, naming the pass that
+broke the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import Analysis, analyze_graph
+from graphprune.errors import RewriteError, UsageError, VerificationError
+from graphprune.io import ir, model_io
+from graphprune.io.feeds import make_feeds
+from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
+from graphprune.pipeline import report as reports
+from graphprune.planning.plan import Plan
+from graphprune.verify import validate
+
+Progress = Callable[[str], None]
+
+#: models below this opset are converted to it before analysis
+UPGRADE_BELOW = 11
+UPGRADE_TO = 13
+
+
+@dataclass
+class PruneResult:
+    """What every mode returns: the model, the report (one shape) and the plan."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    plan: Plan
+    analysis: Analysis | None = field(default=None, repr=False)
+
+
+def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
+    """``keep`` as a tuple of names (a single string is one name, not its characters)."""
+    if keep is None:
+        return ()
+    if isinstance(keep, str):
+        return (keep,)
+    names = tuple(keep)
+    for name in names:
+        if not isinstance(name, str):
+            raise UsageError(f"keep takes node or tensor names, got {name!r}")
+    return names
+
+
+class Session:
+    """A model on its way through the pipeline (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        keep: Iterable[str] | str | None = (),
+        progress: Progress | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.progress = progress
+        self.debug = debug
+        self.keep = normalize_keep(keep)
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+        with self.stage("load"):
+            self.original = model_io.load_model(model)
+            self.opset = model_io.check_opset(self.original)
+            if self.opset < UPGRADE_BELOW:
+                self.original = model_io.upgrade_opset(self.original, UPGRADE_TO)
+                self.opset = UPGRADE_TO
+            self.prepared = ir.prepare(self.original)
+        self.graph: gs.Graph | None = None
+        self.analysis: Analysis | None = None
+        self.model: onnx.ModelProto | None = None
+        self.ctx = PassContext(opset=self.opset, debug=debug, debug_check=self._debug_check)
+
+    # ------------------------------------------------------------------ stages
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (times of a stage entered twice add up)."""
+        if self.progress is not None:
+            self.progress(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self._start, 4)
+
+    # ------------------------------------------------------------------ graph
+    def import_graph(self, model: onnx.ModelProto | None = None) -> gs.Graph:
+        """Start (or restart) the working graph from ``model`` (default: the prepared model)."""
+        self.graph = ir.import_graph(self.prepared if model is None else model)
+        self.analysis = None
+        return self.graph
+
+    def analyze(self, *, stage: str = "analysis") -> Analysis:
+        """Analyse the working graph as it is now (imported from the prepared model first)."""
+        with self.stage(stage):
+            if self.graph is None:
+                self.import_graph()
+            assert self.graph is not None
+            self.check_keep()
+            self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep)
+        return self.analysis
+
+    def check_keep(self) -> None:
+        """Every ``keep`` name must name a node or a tensor of the model."""
+        assert self.graph is not None
+        known = {n.name for n in self.graph.nodes} | set(self.graph.tensors())
+        known |= {n.name for n in self.prepared.graph.node} | {o for n in self.prepared.graph.node for o in n.output}
+        missing = [k for k in self.keep if k not in known]
+        if missing:
+            raise UsageError(
+                f"--keep names nothing in the model: {', '.join(missing[:5])}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            )
+
+    def sibling(self) -> Session:
+        """A session on the same loaded model with a working graph of its own (for a check
+        model or an alternative rewrite); stage times go to this session's timings."""
+        other = object.__new__(Session)
+        other.__dict__.update(self.__dict__)
+        other.graph, other.analysis, other.model = None, None, None
+        other.ctx = PassContext(opset=self.opset, debug=self.debug, debug_check=other._debug_check)
+        return other
+
+    def apply(self, passes: list[Pass], *, fixed_point: bool = False,
+              max_iterations: int = 10) -> PassResult:
+        """Run ``passes`` on the working graph; their stats and times go to the report."""
+        if self.graph is None:
+            self.import_graph()
+        assert self.graph is not None
+        manager = PassManager(passes, fixed_point=fixed_point, max_iterations=max_iterations)
+        result = manager.run(self.graph, self.ctx)
+        self.graph = result.graph
+        return result
+
+    def export(self) -> onnx.ModelProto:
+        """The working graph as a shape-inferred ``ModelProto`` (also kept as ``self.model``)."""
+        if self.graph is None:
+            self.import_graph()
+        assert self.graph is not None
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        model = ir.export_graph(self.graph, self.prepared)
+        self.model = model_io.infer_shapes(model, inplace=True)
+        return self.model
+
+    def _debug_check(self, graph: gs.Graph, pass_name: str) -> None:
+        try:
+            model = model_io.infer_shapes(ir.export_graph(graph.copy(), self.prepared), inplace=True)
+            validate.check_model(model, self.prepared)
+            validate.session(model)
+        except Exception as exc:  # name the pass that broke the graph
+            raise RewriteError(f"{pass_name} left an invalid graph: {str(exc).splitlines()[0]}") from exc
+
+    # ------------------------------------------------------------------ verification
+    def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        """Random feeds for the original's inputs (the same for every comparison)."""
+        return make_feeds(self.original, seed=seed, batch=1, count=count)
+
+    def verify_against(
+        self,
+        reference: Any,
+        what: str,
+        *,
+        tolerance: float,
+        candidate: Any = None,
+        overrides: dict[str, np.ndarray] | None = None,
+        feeds: list[dict[str, np.ndarray]] | None = None,
+        stage: str = "verify",
+    ) -> dict[str, Any]:
+        """Compare ``candidate`` (default: the exported model) with ``reference``.
+
+        Failures to check or run become ``{"ok": False, "error": ...}`` with the exception
+        kept for :meth:`finish` to raise.
+        """
+        candidate = self.model if candidate is None else candidate
+        with self.stage(stage):
+            try:
+                return validate.compare(
+                    candidate, reference, feeds if feeds is not None else self.feeds(),
+                    what=what, tolerance=tolerance, reference_overrides=overrides,
+                    original=self.prepared,
+                )
+            except VerificationError as exc:
+                return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
+
+    # ------------------------------------------------------------------ results
+    def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:
+        """The one report shape, for the exported model (see :mod:`graphprune.pipeline.report`)."""
+        assert self.model is not None, "export() before report()"
+        return reports.base_report(
+            mode, self.prepared, self.model, plan,
+            analysis if analysis is not None else self.analysis, self.ctx,
+        )
+
+    def finish(
+        self,
+        report: dict[str, Any],
+        plan: Plan,
+        verification: dict[str, Any] | None,
+        *,
+        analysis: Analysis | None = None,
+        model: onnx.ModelProto | None = None,
+    ) -> PruneResult:
+        """Attach verification and timings; raise :class:`VerificationError` on a failure
+        (its ``result`` attribute carries the unverified result)."""
+        error: VerificationError | None = None
+        if verification is None:
+            verification = {"ok": None, "skipped": True}
+        else:
+            error = verification.pop("_error", None)
+        report["verification"] = verification
+        report["timings"] = {**self.timings, "total": self.elapsed()}
+        result = PruneResult(
+            self.model if model is None else model, report, plan,
+            analysis if analysis is not None else self.analysis,
+        )
+        if not verification.get("skipped") and not verification.get("ok"):
+            exc = error or VerificationError(
+                f"pruned model differs from {verification.get('reference', 'the reference')}: "
+                f"max relative difference {verification.get('max_rel_diff', float('nan')):.3g} > "
+                f"{verification.get('tolerance', 0):g}" + reports.tolerance_hint(self.prepared)
+            )
+            exc.result = result  # type: ignore[attr-defined]
+            raise exc
+        return result
