@@ -4,7 +4,7 @@
 For each exported zoo model (``bench/cache/manifest.json``, status ``ok``), in a subprocess
 with a timeout:
 
-1. ``planted, record = graphprune.pipeline.lossless.plant_zeros(path, groups=G, units=U, branches=B)``
+1. ``planted, record = graphprune.testing.plant_zeros(path, groups=G, units=U, branches=B)``
    zeroes what a group-sparse optimiser leaves: in a fraction ``G`` of the exact prunable
    channel groups, a fraction ``U`` of the units lose their producer weights and biases and
    their BN scale and shift; ``B`` residual blocks get their whole branch zeroed.
@@ -13,7 +13,7 @@ with a timeout:
 3. ``record.measure(res.model)``: planted units still present (all-zero producer slices left)
    and planted branches still present.
 
-Depth pruning: ``graphprune.pipeline.lossless.erase_blocks(resnet50, 4)`` (verified against the
+Depth pruning: ``graphprune.pipeline.depth.erase_blocks(resnet50, 4)`` (verified against the
 original with the erased branches zeroed) and the ORT CPU latency ratio from
 ``graphprune.verify.timing.time_models([original, pruned])``.
 
@@ -51,7 +51,8 @@ DEPTH_MODELS = ("resnet50__torchscript", "resnet50__dynamo")
 # --------------------------------------------------------------------------------------
 def lossless_worker(path: str, groups: float, units: float, branches: int, seed: int) -> dict:
     from graphprune.errors import VerificationError
-    from graphprune.pipeline.lossless import plant_zeros, prune_lossless
+    from graphprune.pipeline.lossless import prune_lossless
+    from graphprune.testing import plant_zeros
 
     t0 = time.perf_counter()
     planted, record = plant_zeros(path, groups=groups, units=units, branches=branches, seed=seed)
@@ -79,38 +80,39 @@ def lossless_worker(path: str, groups: float, units: float, branches: int, seed:
         macs_after=report["macs_after"],
         nodes_before=report["nodes_before"],
         nodes_after=report["nodes_after"],
-        rounds=len(report["rounds"]),
-        constants_folded=report["constants_folded"],
+        rounds=len(report["lossless"]["rounds"]),
+        constants_folded=report["lossless"]["constants_folded"],
         units_removed_total=report["channels"]["removed"],
-        skipped_groups=report["skipped_groups"][:5],
+        skipped_groups=report["lossless"]["skipped_groups"][:5],
     )
     return row
 
 
 def depth_worker(path: str, blocks: int, runs: int, warmup: int) -> dict:
-    from graphprune.pipeline.lossless import erase_blocks
+    from graphprune.pipeline.depth import erase_blocks
     from graphprune.verify.timing import time_models
 
     t0 = time.perf_counter()
     res = erase_blocks(path, blocks)
     seconds = time.perf_counter() - t0
     report = res.report
+    depth = report["depth"]
     timing = time_models([path, res.model], runs=runs, warmup=warmup)
-    erased = [b for b in report["blocks"] if b["erased"]]
+    erased = [b for b in depth["blocks"] if b["erased"]]
     return {
         "ok": bool(report["verification"].get("ok")),
         "seconds": round(seconds, 2),
-        "blocks_found": report["blocks_found"],
+        "blocks_found": depth["blocks_found"],
         "blocks_erased": [
             {"add": b["add"], "score": round(b["score"], 4), "nodes": b["num_nodes"]}
             for b in erased
         ],
         "score_range": [
-            round(min(b["score"] for b in report["blocks"]), 4),
-            round(max(b["score"] for b in report["blocks"]), 4),
+            round(min(b["score"] for b in depth["blocks"]), 4),
+            round(max(b["score"] for b in depth["blocks"]), 4),
         ],
         "max_rel_diff_vs_zeroed": report["verification"].get("max_rel_diff"),
-        "max_rel_diff_vs_original": report.get("max_rel_diff_vs_original"),
+        "max_rel_diff_vs_original": depth.get("max_rel_diff_vs_original"),
         "params_before": report["params_before"],
         "params_after": report["params_after"],
         "macs_before": report["macs_before"],
@@ -221,7 +223,7 @@ def render_markdown(data: dict) -> str:
         "## Lossless mode on the zoo with planted zeros",
         "",
         "Each model gets zeros planted as a group-sparse optimiser leaves them "
-        f"(`graphprune.pipeline.lossless.plant_zeros(path, groups={meta.get('groups')}, units={meta.get('units')}, "
+        f"(`graphprune.testing.plant_zeros(path, groups={meta.get('groups')}, units={meta.get('units')}, "
         f"branches={meta.get('branches')}, seed={meta.get('seed')})`): in "
         "a fraction of the exact prunable channel groups, a fraction of the units lose their "
         "producer weights and biases and their BN scale and shift, and whole residual branches "
@@ -270,10 +272,10 @@ def render_markdown(data: dict) -> str:
     lines += [
         "## Depth pruning: erase residual blocks",
         "",
-        "`graphprune.pipeline.lossless.erase_blocks(model, 4)` (CLI `--erase-blocks 4`) finds every residual "
+        "`graphprune.pipeline.depth.erase_blocks(model, 4)` (CLI `--erase-blocks 4`) finds every residual "
         "block — an `Add` whose one operand is a branch that starts at the other operand — scores "
         "each branch data-free by an estimate of its output RMS relative to the skip, from its weights "
-        "(`graphprune.pipeline.lossless.relative_branch_scales`), and erases the 4 lowest (`Add(x, branch) -> x`). "
+        "(`graphprune.analysis.blocks.relative_branch_scales`), and erases the 4 lowest (`Add(x, branch) -> x`). "
         "The result is verified by construction: it must equal the original with those branches "
         "multiplied by zero. Latency: `graphprune.verify.timing.time_models([original, pruned], "
         f"runs={meta.get('runs')}, warmup={meta.get('warmup')})`, ONNX Runtime CPU, median of "
@@ -299,7 +301,7 @@ def render_markdown(data: dict) -> str:
     lines += [
         "",
         "Scores are the estimated branch output RMS relative to the skip RMS, from unit-RMS "
-        "inputs pushed through the whole graph (`graphprune.pipeline.lossless.relative_branch_scales`; "
+        "inputs pushed through the whole graph (`graphprune.analysis.blocks.relative_branch_scales`; "
         "lower = erased first); a calibration-data score can be passed as "
         "`erase_blocks(..., scorer=fn)`. The random-weight zoo models have no unimportant "
         "blocks, so *change vs original* is large: depth pruning is meant for trained models "
@@ -308,7 +310,7 @@ def render_markdown(data: dict) -> str:
         "",
         "## How lossless mode works",
         "",
-        "1. **Zero-invariance analysis** (`graphprune/zero_analysis.py`). Every op rule has a "
+        "1. **Zero-invariance analysis** (`graphprune/analysis/zero_analysis.py`). Every op rule has a "
         "`zero_output(node, ctx)` that maps per-channel constants on its inputs to its outputs "
         "(`Relu(0) = 0`, `Sigmoid(0) = 0.5`, BN shifts a constant, a Conv output channel whose "
         "read inputs are known is its bias plus their weighted sum, a zero absorbs the other "
@@ -320,15 +322,15 @@ def render_markdown(data: dict) -> str:
         "read `Expand(constant)` (a Conv with no live input becomes its bias), a Split with one "
         "live output becomes a Slice, a Concat input with no channels is dropped; then dead "
         "code is removed, to a fixed point. A second run changes nothing.",
-        "3. **Constant folding.** Units that reach their consumers as a known constant `c` are "
+        "3. **Constant folding** (`passes/fold_constants.py`, `FoldConstantsPass`). Units that reach their consumers as a known constant `c` are "
         "folded into the consumers' biases (`b += c * sum(W[:, u])`, exact for unpadded Convs "
         "and Gemm) and become zero units.",
         "4. **Zero-unit removal.** In every exact, unfrozen channel group, the units whose every "
         "consumer reads zero (or has zero weights, or that reach no consumer at all) are removed "
         "with the channel-removal pass. A live tensor is never emptied: a Concat input that "
-        "would lose all its channels is dropped from the Concat, otherwise one unit is kept.",
+        "would lose all its channels is dropped from the Concat (`DropConcatInputsPass`), otherwise one unit is kept.",
         "",
-        "Steps 2–4 repeat until nothing changes; the result is checked against the input model "
+        "Steps 2–4 repeat until nothing changes (`graphprune/pipeline/lossless.py`, a thin driver over the pipeline session); the result is checked against the input model "
         "on two random inputs and a relative difference above 1e-5 raises `VerificationError`.",
         "",
         "**Left on purpose** (lossless but not removed): a constant channel (e.g. `Sigmoid(0)`) "

@@ -65,8 +65,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    metavar="N,C,H,W", help="example input shape (repeat for several inputs)")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="example input dtype (default float32; repeat per input)")
-    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory (default: %(default)s)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="which torch.onnx exporter (default: %(default)s)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="keep axis 0 symbolic (give a batch of 2 or more in --input-shape)")
@@ -77,7 +78,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("source", metavar="MODEL", help=".keras/.h5 file or SavedModel directory")
     p.add_argument("--input-shape", type=parse_shape, action="append", metavar="N,H,W,C",
                    help="full input shape where the model leaves sizes open (repeat per input)")
-    p.add_argument("--batch-size", type=int, default=1, help="size of an open batch axis")
+    p.add_argument("--batch-size", type=int, default=1, help="size of an open batch axis (default: %(default)s)")
     p.add_argument("--dynamic-batch", action="store_true", help="keep an open batch axis symbolic")
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")

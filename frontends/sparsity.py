@@ -42,14 +42,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from graphprune.frontends.torch import (
-    ExampleInputs,
-    apply_plan,
-    map_plan,
-    parameter_sources,
-    to_onnx,
-)
 from torch import nn
+
+from graphprune.frontends.torch.apply import apply_plan
+from graphprune.frontends.torch.export import ExampleInputs, to_onnx
+from graphprune.frontends.torch.mapping import map_plan
+from graphprune.frontends.torch.provenance import parameter_sources
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.errors import UsageError

@@ -47,9 +47,9 @@ def __getattr__(name: str):  # lazy: keep ``import graphprune`` cheap and cycle-
 
         return getattr(api, name)
     if name == "erase_blocks":
-        from graphprune.pipeline import lossless
+        from graphprune.pipeline import depth
 
-        return lossless.erase_blocks
+        return depth.erase_blocks
     if name in ("load_model", "save_model"):
         from graphprune.io import model_io
 

@@ -74,7 +74,7 @@ def prune(
     model: ModelSource,
     *,
     ratio: float = 0.5,
-    criterion: str = "l1",
+    criterion: str | None = None,
     round_to: int | None = None,
     min_channels: int = 1,
     keep: Iterable[str] | str = (),
@@ -90,12 +90,15 @@ def prune(
     hidden_ratio: float | None = None,
     prune_hidden: bool = False,
     debug: bool = False,
+    calibration: Any = None,
+    reconstruction: str = "refit",
+    holdout: float = 0.2,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
     ``lossless=True`` removes only what is exactly removable (zero-invariant channel groups,
     identically zero branches and operators; see :mod:`graphprune.pipeline.lossless`) and
-    checks that the outputs are unchanged (tolerance 1e-5 by default); ``ratio``,
+    checks that the outputs are unchanged (tolerance 1e-4 by default); ``ratio``,
     ``criterion`` and ``plan`` do not apply then. ``erase_blocks=K`` erases the K (or the
     fraction K < 1) least important residual blocks (depth pruning), verified against the
     original with those branches zeroed; with ``lossless`` the lossless pass runs after it.
@@ -111,6 +114,17 @@ def prune(
 
     ``debug=True`` verifies the graph after every pass that changes it.
 
+    ``calibration`` (a ``.npz`` path, a folder of ``.npz`` files, a dict of stacked arrays
+    or an iterable of feed dicts; see :mod:`graphprune.calibration.data`) makes the prune
+    data-aware: the criterion defaults to ``auto`` (a reconstruction-aware score from
+    activation statistics; ``criterion`` overrides it), the structural rewrite is still
+    checked exactly against the zeroed original, then ``reconstruction`` (``refit``:
+    least-squares refit of the affected layers, ``stats``: statistics correction, ``bias``:
+    bias compensation, ``none``) restores the function without fine-tuning, and
+    ``report["fidelity"]`` compares the result with the original on the ``holdout`` share
+    of the samples (``report["calibration"]`` says what was used and changed). Without
+    ``calibration`` nothing of this runs.
+
     Raises :class:`~graphprune.errors.VerificationError` when the pruned model fails a check;
     the exception's ``result`` attribute carries the (unverified) result for inspection.
     """
@@ -120,10 +134,23 @@ def prune(
     if lossless or erase_blocks is not None:
         if plan is not None:
             raise UsageError("a plan cannot be combined with lossless mode or erase_blocks")
+        if calibration is not None:
+            raise UsageError("calibration cannot be combined with lossless mode or erase_blocks")
         return _prune_exact(model, lossless=lossless, erase_blocks=erase_blocks, keep=keep,
                             verify=verify, tolerance=tolerance, progress=progress)
     from graphprune.pipeline.ratio import RatioOptions, prune_ratio
 
+    calibration_options = None
+    if calibration is not None:
+        from graphprune.pipeline.calibrated import CalibrationOptions, check_options
+
+        check_options(criterion or "auto", reconstruction)
+        calibration_options = CalibrationOptions(
+            criterion=criterion or "auto", reconstruction=reconstruction,
+            holdout=_number("holdout", holdout, 0.0, 1.0),
+        )
+        criterion = criterion if criterion in CRITERIA else "l1"
+    criterion = criterion or "l1"
     ratio = _validate_args(ratio, criterion, round_to, min_channels, tolerance)
     targets.check_ratios(head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio)
     options = RatioOptions(
@@ -133,7 +160,7 @@ def prune(
     )
     session = Session(model, keep=keep, progress=progress, debug=debug)
     return prune_ratio(session, options, plan=plan, verify=verify,
-                       tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+                       tolerance=tolerance, calibration=calibration, calibration_options=calibration_options)
 
 
 def _prune_exact(
@@ -147,19 +174,19 @@ def _prune_exact(
     progress: Progress | None,
 ) -> PruneResult:
     """Depth and/or lossless pruning (depth first, then lossless on its result)."""
+    from graphprune.pipeline import depth as depth_mode
     from graphprune.pipeline import lossless as lossless_mode
 
-    tol = lossless_mode.LOSSLESS_TOLERANCE if tolerance is None else tolerance
+    tol = tolerance  # None: each driver's default for the model's precision
     if erase_blocks is None:
         return lossless_mode.prune_lossless(  # type: ignore[no-any-return]
             model, verify=verify, progress=progress, keep=keep, tolerance=tol)
-    depth = lossless_mode.erase_blocks(model, erase_blocks, verify=verify, tolerance=tol,
-                                       progress=progress)
+    depth = depth_mode.erase_blocks(model, erase_blocks, verify=verify, tolerance=tol,
+                                    progress=progress)
     if not lossless:
         return depth  # type: ignore[no-any-return]
     result = lossless_mode.prune_lossless(depth.model, verify=verify, tolerance=tol,
                                           progress=progress, keep=keep)
-    result.report["depth"] = {k: depth.report.get(k) for k in
-                              ("blocks_found", "blocks_erased", "blocks", "score",
-                               "max_rel_diff_vs_original")}
+    result.report["depth"] = depth.report["depth"]
+    result.report["mode"] = "erase_blocks+lossless"
     return result  # type: ignore[no-any-return]

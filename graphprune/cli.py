@@ -1,8 +1,11 @@
-"""The ``graphprune`` command line: analyze, prune, bench, demo (and export, from frontends).
+"""The ``graphprune`` command line: analyze, prune, bench, sweep, demo (and export, from frontends).
 
 Errors are one line on stderr and a non-zero exit code (2: bad input or usage, 3: a
-verification failure, 1: anything else); outputs are written atomically and never over
-the input. Tables go to stdout for people; ``--json`` prints JSON for programs instead.
+verification failure, 1: anything else, 141: stdout closed early, e.g. piped into ``head``).
+With ``--json`` the error is a JSON object on stdout instead, ``{"error": MESSAGE,
+"exit_code": N, "type": KIND}``, and nothing is written to stderr. Outputs are written
+atomically and never over the input; every output path is checked before anything is
+written. Tables go to stdout for people; ``--json`` prints JSON for programs instead.
 """
 
 from __future__ import annotations
@@ -11,42 +14,43 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-from graphprune.errors import GraphPruneError, UsageError
-from graphprune.tables import human, table
+from graphprune.cli_commands import cmd_analyze, cmd_bench, cmd_demo, cmd_prune, cmd_sweep
+from graphprune.errors import GraphPruneError
+from graphprune.tables import ANALYZE_LEGEND
+
+#: exit code when stdout is closed under us (128 + SIGPIPE, as C tools exit)
+BROKEN_PIPE_EXIT = 141
 
 
-class _Progress:
-    """Stage progress on stderr (``[2/5] analysis``), silent with --quiet."""
-
-    def __init__(self, enabled: bool, stages: Sequence[str]) -> None:
-        # progress is for people watching a terminal; logs and pipes get the final report only
-        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("GRAPHPRUNE_PROGRESS") == "1")
-        self.stages = list(stages)
-        self.start = time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        if not self.enabled:
-            return
-        index = self.stages.index(stage) + 1 if stage in self.stages else 0
-        total = len(self.stages)
-        elapsed = time.perf_counter() - self.start
-        prefix = f"[{index}/{total}]" if index else "[..]"
-        print(f"{prefix} {stage} (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
+def _error_json(message: str, exit_code: int, kind: str) -> str:
+    return json.dumps({"error": message, "exit_code": exit_code, "type": kind})
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``graphprune: error: ...``) and exit code 2."""
+    """argparse with one-line errors (``graphprune: error: ...``) and exit code 2; a JSON
+    error on stdout when ``--json`` is on the command line."""
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"graphprune: error: {message} (see '{self.prog} --help')\n")
+        text = f"{message} (see '{self.prog} --help')"
+        if _Parser.json_errors:
+            print(_error_json(text, 2, "UsageError"))
+            self.exit(2)
+        self.exit(2, f"graphprune: error: {text}\n")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples in epilogs as written."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+# ----------------------------------------------------------------------------- argument types
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -57,299 +61,334 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _dump(data: Any) -> str:
-    return json.dumps(data, indent=1, default=str)
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _source(args: argparse.Namespace) -> Any:
-    """The model to work on: an ONNX path, or a framework model exported on the fly
-    (``MODULE:FACTORY`` with ``--input-shape``, a ``.keras``/``.h5`` file, a SavedModel)."""
+def _tolerance(text: str) -> float:
     try:
-        from graphprune.frontends.cli import resolve_source
-    except ImportError:
-        return args.model
-    model = resolve_source(args.model, input_shapes=args.input_shape or None,
-                           exporter=args.exporter)
-    return args.model if model is None else model
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tolerance must be a number, got '{text}'") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"tolerance must be a finite number >= 0, got {text}")
+    return value
 
 
+def _erase_count(text: str) -> int | float:
+    try:
+        k = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--erase-blocks takes a count or a fraction, got '{text}'") from None
+    if not k > 0:
+        raise argparse.ArgumentTypeError(f"--erase-blocks must be > 0, got {text}")
+    return int(k) if k >= 1 and k == int(k) else k
+
+
+def _float_list(low: float, high: float, what: str) -> Any:
+    def parse(text: str) -> list[float]:
+        values = []
+        for part in text.split(","):
+            try:
+                value = float(part)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{what}: '{part}' is not a number") from None
+            if not low <= value < high:
+                raise argparse.ArgumentTypeError(f"{what} must be in [{low:g}, {high:g}), got {value:g}")
+            values.append(value)
+        return values
+
+    return parse
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# ----------------------------------------------------------------------------- sources
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     try:
         from graphprune.frontends.cli import parse_shape
     except ImportError:
         return
     p.add_argument("--input-shape", type=parse_shape, action="append", metavar="1,3,224,224",
-                   help="framework sources: an example input shape (repeat per input)")
+                   help="framework sources (MODULE:FACTORY): an example input shape; repeat "
+                        "once per input")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
-                   help="PyTorch sources: which torch.onnx exporter")
+                   help="PyTorch sources: which torch.onnx exporter (default: %(default)s)")
 
 
-# ----------------------------------------------------------------------------- analyze
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from graphprune.api import analyze, prunable_fraction
-
-    analysis = analyze(_source(args), keep=args.keep or ())
-    groups = [g.summary() for g in analysis.groups]
-    if args.json:
-        print(_dump({
-            "summary": analysis.summary(),
-            "prunable_fraction": prunable_fraction(analysis),
-            "groups": groups,
-            "unsupported": analysis.unsupported,
-        }))
-        return 0
-    rows = []
-    for g in analysis.groups:
-        status = "prunable" if g.prunable else ("frozen" if g.is_frozen else "fixed")
-        if g.prunable and not g.is_exact:
-            status = "prunable*"
-        reason = g.frozen[0] if g.frozen else (g.inexact[0] if g.inexact else "")
-        rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", g.num_units, len(g.dims),
-                     len(set(g.nodes)), status, reason[:70]])
-    print(table(["group", "anchor", "units", "members", "ops", "status", "reason"], rows,
-                align="rlrrrll"))
-    s = analysis.summary()
-    print(f"\n{s['groups']} channel groups: {s['prunable']} prunable "
-          f"({s['inexact']} inexact, marked *), {s['frozen']} frozen; "
-          f"prunable conv channels: {prunable_fraction(analysis):.1%}")
-    if analysis.unsupported:
-        ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
-        print(f"ops without a rule (their dimensions are frozen): {ops}")
-    return 0
+def _wants_user_module(args: argparse.Namespace) -> bool:
+    """Whether the command imports a ``MODULE:FACTORY`` the user named."""
+    spec = getattr(args, "factory", None) or getattr(args, "model", None)
+    return isinstance(spec, str) and ":" in spec and not os.path.exists(spec)
 
 
-# ----------------------------------------------------------------------------- prune
-def _check_paths(model: str, output: str) -> None:
-    if not output:
-        raise UsageError("an output path is required (-o OUT.onnx)")
-    if os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output):
-        raise UsageError(f"output path is the input path: {output}")
-    if os.path.realpath(model) == os.path.realpath(output):
-        raise UsageError(f"output path is the input path: {output}")
-    parent = Path(output).resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"output folder does not exist: {parent}")
-
-
-def _result_rows(report: dict[str, Any]) -> list[list[object]]:
-    pb, pa = report["params_before"], report["params_after"]
-    mb, ma = report["macs_before"], report["macs_after"]
-    return [
-        ["params", human(pb), human(pa), f"{pa / pb:.3f}" if pb else "-"],
-        ["MACs", human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
-    ]
-
-
-def _print_prune_report(report: dict[str, Any]) -> None:
-    print(table(["", "before", "after", "ratio"], _result_rows(report)))
-    g = report.get("groups", {})
-    ch = report.get("channels", {})
-    if "total" in g:
-        print(f"\ngroups: {g.get('total', 0)} found, {g.get('pruned', 0)} pruned, "
-              f"{g.get('frozen', 0)} frozen; units removed: {ch.get('removed', 0)} of "
-              f"{ch.get('prunable', 0)} prunable; prunable conv channels: "
-              f"{report.get('prunable_fraction', 0):.1%}")
-    else:
-        print(f"\ngroups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
-    if report.get("mode"):
-        print(f"mode: {report['mode']}")
-    erased = report.get("erased_nodes")
-    if erased:
-        print(f"operators erased: {erased if isinstance(erased, int) else len(erased)}")
-    blocks = report.get("blocks_erased") or (report.get("depth") or {}).get("blocks_erased")
-    if blocks:
-        names = blocks if isinstance(blocks, list) else []
-        print(f"residual blocks erased: {len(names) if names else blocks}"
-              + (f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""))
-    v = report.get("verification", {})
-    if v.get("skipped"):
-        print("verification: skipped (--no-verify)")
-    elif v.get("ok"):
-        print(f"verification: ok (checker, ORT, shapes; max abs diff {v['max_abs_diff']:.3g}, "
-              f"max rel diff {v['max_rel_diff']:.3g})")
-        for entry in v.get("inexact_groups", [])[:5]:
-            print(f"  inexact group {entry['anchor']} not compared: {entry['why'][0] if entry['why'] else ''}")
-    else:
-        print(f"verification: FAILED {v.get('error', '')}")
-    t = report.get("timings", {})
-    print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from graphprune.io import model_io
-    from graphprune.api import prune
-
-    _check_paths(args.model, args.output)
-    stages = ["load", "analysis", "plan", "prune", "verify"]
-    progress = _Progress(not args.quiet and not args.json, stages)
-    source = _source(args)
-    result = prune(
-        source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
-        min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
-        verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,
-        progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
-        hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
-        lossless=args.lossless, erase_blocks=_erase_count(args.erase_blocks),
-        debug=args.debug,
-    )
-    model_io.save_model(result.model, args.output,
-                        input_path=args.model if os.path.isfile(args.model) else None)
-    if args.report:
-        from graphprune.io._atomic import atomic_write_text
-
-        atomic_write_text(Path(args.report), _dump(result.report))
-    if args.save_plan:
-        result.plan.save(args.save_plan)
-    if args.json:
-        print(_dump({"output": args.output, **result.report}))
-    else:
-        _print_prune_report(result.report)
-        print(f"wrote {args.output}")
-    return 0
-
-
-def _erase_count(text: str | None) -> int | float | None:
-    if text is None:
-        return None
-    try:
-        k = float(text)
-    except ValueError:
-        raise UsageError(f"--erase-blocks takes a count or a fraction, got '{text}'") from None
-    return int(k) if k >= 1 and k == int(k) else k
-
-
-# ----------------------------------------------------------------------------- bench
-def cmd_bench(args: argparse.Namespace) -> int:
-    from graphprune.verify.timing import time_models
-
-    for path in args.models:
-        if not Path(path).is_file():
-            raise UsageError(f"no such file: {path}")
-    progress = None
-    if not args.quiet and not args.json:
-        def progress(done: int, total: int) -> None:
-            print(f"\rtiming {done}/{total}", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
-    results = time_models(args.models, provider=args.provider, warmup=args.warmup,
-                          runs=args.runs, batch=args.batch, progress=progress)
-    if args.json:
-        print(_dump([r.to_dict() for r in results]))
-        return 0
-    base = results[0].median_ms
-    rows = [[r.name, f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.median_ms / base:.3f}"]
-            for r in results]
-    print(table(["model", "median ms", "p90 ms", "vs first"], rows))
-    print(f"\nprovider {args.provider}, batch {args.batch}, {args.runs} runs after "
-          f"{args.warmup} warm-up, interleaved")
-    return 0
-
-
-# ----------------------------------------------------------------------------- demo
-def cmd_demo(args: argparse.Namespace) -> int:
-    from graphprune.io import model_io
-    from graphprune.api import prune
-    from graphprune.examples import example_cnn
-    from graphprune.verify.timing import time_models
-
-    model = example_cnn()
-    progress = _Progress(not args.quiet and not args.json,
-                         ["load", "analysis", "plan", "prune", "verify"])
-    result = prune(model, ratio=args.ratio, progress=progress)
-    out_dir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="graphprune-demo-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    original_path = out_dir / "example_cnn.onnx"
-    pruned_path = out_dir / "example_cnn_pruned.onnx"
-    model_io.save_model(model, original_path)
-    model_io.save_model(result.model, pruned_path, input_path=original_path)
-    if not args.quiet and not args.json:
-        print("[..] timing with ONNX Runtime (CPU)", file=sys.stderr, flush=True)
-    timing = time_models([original_path, pruned_path], warmup=5, runs=args.runs)
-    report = result.report
-    if args.json:
-        print(_dump({**report, "latency_ms": [t.median_ms for t in timing],
-                     "files": [str(original_path), str(pruned_path)]}))
-        return 0
-    rows = _result_rows(report)
-    t0, t1 = timing[0].median_ms, timing[1].median_ms
-    rows.append(["ORT CPU latency (ms)", f"{t0:.3f}", f"{t1:.3f}", f"{t1 / t0:.3f}"])
-    print(f"graphprune demo: built-in example CNN pruned at ratio {args.ratio}\n")
-    print(table(["", "original", "pruned", "ratio"], rows))
-    v = report["verification"]
-    print(f"\nverification: {'ok' if v.get('ok') else 'FAILED'} (onnx.checker, ORT run, output "
-          f"shapes, pruned vs zeroed original: max rel diff {v.get('max_rel_diff', 0):.2g})")
-    g = report["groups"]
-    print(f"channel groups: {g['total']} found, {g['pruned']} pruned, {g['frozen']} frozen "
-          f"(graph input/output)")
-    print(f"models written to {out_dir}")
-    return 0
+def _explain_import_failure(exc: BaseException) -> str:
+    """A hint for a ``MODULE:FACTORY`` that did not import (empty when not that case)."""
+    cause = exc.__cause__
+    if not isinstance(cause, ModuleNotFoundError) or not cause.name:
+        return ""
+    cwd = os.getcwd()
+    return (f" (looked in the current directory {cwd} and the installed packages; run from the "
+            f"folder that holds {cause.name.split('.')[0]}.py or the package, or name the file: "
+            "path/to/file.py:FACTORY; if it is a dependency, install it)")
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from graphprune import __version__
+MAIN_EPILOG = """\
+examples:
+  graphprune demo                                   prune the built-in example CNN
+  graphprune analyze model.onnx                     channel groups, what is frozen and why
+  graphprune prune model.onnx -o small.onnx --ratio 0.5 --html report.html
+  graphprune bench model.onnx small.onnx --threads 1
+  graphprune sweep model.onnx -o sweep/ --ratios 0.2,0.4,0.6 --jobs 2
 
-    parser = _Parser(
-        prog="graphprune", description="Structural pruning of neural networks on ONNX graphs.")
-    parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+exit codes: 0 success, 2 bad input or usage (one line, nothing written), 3 verification
+failed, 1 internal error, 141 stdout closed early. With --json an error is printed as
+{"error": ..., "exit_code": ..., "type": ...} on stdout (nothing on stderr).
+Each command has its own --help."""
 
-    p = sub.add_parser("analyze", help="show channel groups, frozen groups and reasons")
+ANALYZE_EPILOG = """\
+examples:
+  graphprune analyze model.onnx
+  graphprune analyze model.onnx --keep head.weight --json
+
+""" + ANALYZE_LEGEND
+
+PRUNE_EPILOG = """\
+examples:
+  graphprune prune model.onnx -o small.onnx --ratio 0.5 --report report.json
+  graphprune prune model.onnx -o small.onnx --plan plan.json        replay a saved plan
+  graphprune prune model.onnx -o exact.onnx --lossless              only exact removals
+  graphprune prune model.onnx -o shallow.onnx --erase-blocks 2      depth pruning
+  graphprune prune bert.onnx -o small.onnx --head-ratio 0.5 --mlp-ratio 0.25
+  graphprune prune model.onnx -o small.onnx --html report.html      a page with charts
+
+verification: the pruned model is compared with a reference on random inputs; the summary
+names it. Ratio pruning compares with "the zeroed original" (the original with the removed
+channels set to zero), which checks that the rewrite is exact; --erase-blocks compares
+with the original with the erased branches zeroed and also prints the real difference to
+the original; --lossless compares with the original itself."""
+
+BENCH_EPILOG = """\
+examples:
+  graphprune bench model.onnx small.onnx                 interleaved, median and p90
+  graphprune bench model.onnx small.onnx --threads 1 --runs 200
+  graphprune bench model.onnx --batch 8 --provider cuda
+
+A model whose batch axis is fixed runs its own batch; the table's batch column says which."""
+
+SWEEP_EPILOG = """\
+examples:
+  graphprune sweep model.onnx -o sweep/ --ratios 0.2,0.4,0.6
+  graphprune sweep model.onnx -o sweep/ --ratios 0.3,0.5 --criteria l1,l2 --jobs 2
+  graphprune sweep model.onnx -o sweep/ --ratios 0.2,0.4,0.6 --ray             local Ray
+  graphprune sweep model.onnx -o sweep/ --ratios 0.2,0.4,0.6 --ray ray://head:10001
+
+Each point (ratio x criterion) is pruned and verified as a job of its own (a process pool
+with --jobs, Ray tasks with --ray); the latencies are then measured together, interleaved,
+on this machine. Writes DIR/sweep.json, DIR/sweep.svg (the trade-off) and DIR/sweep.html,
+and DIR/point-NN.onnx for each point. Fidelity: the pruned model against the original on
+random inputs (cosine of the outputs, relative L2; top-1 agreement for class scores)."""
+
+DEMO_EPILOG = """\
+examples:
+  graphprune demo
+  graphprune demo --ratio 0.3 --output-dir demo/      keep the two models
+
+Without --output-dir the models go to a temporary folder that is removed at exit."""
+
+
+def _add_timing_options(p: argparse.ArgumentParser, *, runs: int) -> None:
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime execution provider for timing (cuda needs onnxruntime-gpu; "
+                        "default: %(default)s)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads, >= 1 (default: ORT's choice, one per core)")
+    p.add_argument("--runs", type=_int_at_least(1), default=runs, metavar="N",
+                   help="timed runs per model, >= 1 (default: %(default)s)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print JSON for programs instead of tables (errors too, on stdout)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _add_prune_parser(sub: Any) -> None:
+    from graphprune.planning.importance import CRITERIA
+
+    p = sub.add_parser("prune", help="prune a model and verify the result",
+                       description="Prune a model and verify the result.", epilog=PRUNE_EPILOG,
+                       formatter_class=_HelpFormatter)
     p.add_argument("model", help="an .onnx file (or a framework model: see --input-shape)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--keep", nargs="+", metavar="NAME", help="protected node or tensor names")
-    _add_source_options(p)
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("prune", help="prune a model and verify the result")
-    p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of each group to remove")
-    p.add_argument("--head-ratio", type=_ratio, default=None,
-                   help="transformers: fraction of attention heads (default: --ratio)")
-    p.add_argument("--mlp-ratio", type=_ratio, default=None,
-                   help="transformers: fraction of MLP neurons (default: --ratio)")
-    p.add_argument("--hidden-ratio", type=_ratio, default=None,
-                   help="transformers: fraction of the hidden size, with --prune-hidden")
+    p.add_argument("--ratio", type=_ratio, default=0.5, metavar="R",
+                   help="fraction of the units of every prunable group to remove, in [0, 1) "
+                        "(default: %(default)s)")
+    p.add_argument("--head-ratio", type=_ratio, default=None, metavar="R",
+                   help="transformers: fraction of attention heads to remove, in [0, 1); 0: "
+                        "none (default: --ratio)")
+    p.add_argument("--mlp-ratio", type=_ratio, default=None, metavar="R",
+                   help="transformers: fraction of MLP neurons to remove, in [0, 1) (default: --ratio)")
+    p.add_argument("--hidden-ratio", type=_ratio, default=None, metavar="R",
+                   help="transformers: fraction of the hidden size to remove, with --prune-hidden "
+                        "(default: --ratio)")
     p.add_argument("--prune-hidden", action="store_true",
-                   help="transformers: also prune the hidden size (inexact)")
-    p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random")
-    p.add_argument("--round-to", type=int, default=None,
-                   help="kept counts a multiple of N (default: 8 for groups of >= 32 units)")
-    p.add_argument("--min-channels", type=int, default=1, help="minimum units kept per group")
-    p.add_argument("--keep", nargs="+", metavar="NAME", help="protected node or tensor names")
-    p.add_argument("--plan", help="replay a saved plan (JSON) instead of planning")
-    p.add_argument("--save-plan", help="write the plan that was applied (JSON)")
-    p.add_argument("--report", help="write the report (JSON)")
+                   help="transformers: also prune the hidden size (residual stream; inexact)")
+    p.add_argument("--criterion", default=None, metavar="NAME",
+                   help=f"importance criterion: {', '.join(CRITERIA)}; with --calibration also "
+                        "auto, activation, wanda, flap, reconstruction (default: l1, with "
+                        "--calibration auto)")
+    p.add_argument("--calibration", metavar="CALIB",
+                   help="calibration data: a .npz with one array per graph input (leading sample "
+                        "axis) or a folder of .npz files (one feed each); enables data-aware "
+                        "criteria, reconstruction and the fidelity report")
+    p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "none"], default="refit",
+                   help="with --calibration: least-squares refit of the affected layers, "
+                        "statistics correction, bias compensation, or none (default: %(default)s)")
+    p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
+                   help="with --calibration: share of the samples held out for the fidelity "
+                        "report (default: %(default)s)")
+    p.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
+                   help="keep a multiple of N units per group, N >= 1; 1 turns rounding off "
+                        "(default: 8 for groups of 32 units or more, else 1)")
+    p.add_argument("--min-channels", type=_int_at_least(1), default=1, metavar="N",
+                   help="minimum units kept per group, >= 1 (default: %(default)s)")
+    p.add_argument("--keep", nargs="+", metavar="NAME",
+                   help="node or tensor names whose channels must not be pruned")
+    p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of planning")
+    p.add_argument("--save-plan", metavar="PLAN.json", help="write the plan that was applied (JSON)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the full report (JSON)")
+    p.add_argument("--html", metavar="REPORT.html",
+                   help="write a self-contained HTML report (tables, per-layer widths chart, "
+                        "verification, latency); measures latency")
     p.add_argument("--lossless", action="store_true",
                    help="only exact removals: zero-invariant groups and zero branches")
-    p.add_argument("--erase-blocks", metavar="K",
-                   help="depth pruning: erase the K (or fraction K) least important residual blocks")
-    p.add_argument("--no-verify", action="store_true", help="skip the self-check (not advised)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="max relative difference (default 1e-4; 1e-5 with --lossless/--erase-blocks)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--erase-blocks", type=_erase_count, metavar="K",
+                   help="depth pruning: erase the K least important residual blocks (K >= 1), "
+                        "or that fraction of them (0 < K < 1)")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification (not advised)")
+    p.add_argument("--tolerance", type=_tolerance, default=None, metavar="T",
+                   help="largest accepted relative difference in verification, >= 0 "
+                        "(default: 1e-4; 1e-2 for float16 models)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the 'random' criterion (default: %(default)s)")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure the ORT latency of the original and the pruned model")
+    p.add_argument("--latency-runs", type=_int_at_least(1), default=20, metavar="N",
+                   help="timed runs per model for the latency, >= 1 (default: %(default)s)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: also run the pruned model on CUDA (onnxruntime-gpu) and check it "
+                        "agrees with the verified CPU run, and time it there (default: %(default)s)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads for the latency (default: ORT's choice)")
+    _add_output_options(p)
     _add_source_options(p)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("bench", help="ORT latency of one or more models (interleaved)")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+
+def _add_sweep_parser(sub: Any) -> None:
+    from graphprune import sweep
+    from graphprune.planning.importance import CRITERIA
+
+    p = sub.add_parser("sweep", help="prune at several settings; trade-off table, JSON and plot",
+                       description="Prune at several settings and compare them.",
+                       epilog=SWEEP_EPILOG, formatter_class=_HelpFormatter)
+    p.add_argument("model", help="an .onnx file (or a framework model: see --input-shape)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output folder (created; sweep.json, sweep.svg, sweep.html, point models)")
+    p.add_argument("--ratios", type=_float_list(0.0, 1.0, "ratio"), default=None,
+                   metavar="R,R,...",
+                   help="ratios to try, each in [0, 1) (default: 0.25,0.5 unless targets are given)")
+    p.add_argument("--criteria", type=_name_list, default=["l1"], metavar="NAME,...",
+                   help=f"criteria to try: {', '.join(CRITERIA)} (default: l1)")
+    for name in sweep.supported_targets():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, type=_float_list(0.0, 1.0, flag), default=None,
+                       metavar="F,F,...",
+                       help=f"{name.split('_')[1]} targets to try (fractions of the original, "
+                            "in (0, 1)), instead of --ratios")
+    if sweep.api_accepts("calibration"):
+        p.add_argument("--calibration", metavar="CALIB",
+                       help="calibration data (.npz or a folder of .npz), passed to every point")
+    p.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
+                   help="as in prune: kept units a multiple of N (default: automatic)")
+    p.add_argument("--keep", nargs="+", metavar="NAME", help="as in prune: protected names")
+    p.add_argument("--tolerance", type=_tolerance, default=None, metavar="T",
+                   help="as in prune: verification tolerance, >= 0 (default: 1e-4)")
+    p.add_argument("--jobs", type=_int_at_least(1), default=1, metavar="N",
+                   help="points pruned at once in a local process pool (or Ray CPUs), >= 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each point as a Ray task (pip install 'graphprune[ray]'); without "
+                        "ADDRESS a local Ray instance is started and stopped")
+    _add_timing_options(p, runs=20)
+    _add_output_options(p)
+    _add_source_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphprune import __version__
+
+    parser = _Parser(prog="graphprune", description="Structural pruning of neural networks on "
+                     "ONNX graphs.", epilog=MAIN_EPILOG, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks on errors (and check the graph after every pass)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="show channel groups, frozen groups and reasons",
+                       description="Show the channel groups of a model, what is frozen and why.",
+                       epilog=ANALYZE_EPILOG, formatter_class=_HelpFormatter)
+    p.add_argument("model", help="an .onnx file (or a framework model: see --input-shape)")
+    p.add_argument("--keep", nargs="+", metavar="NAME",
+                   help="node or tensor names whose channels must not be pruned")
+    p.add_argument("--no-legend", action="store_true", help="do not explain the columns")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON for programs instead of a table (errors too, on stdout)")
+    _add_source_options(p)
+    p.set_defaults(func=cmd_analyze)
+
+    _add_prune_parser(sub)
+
+    p = sub.add_parser("bench", help="ORT latency of one or more models (interleaved)",
+                       description="Time models with ONNX Runtime: the same random inputs, runs "
+                       "interleaved so that machine load hits all alike.", epilog=BENCH_EPILOG,
+                       formatter_class=_HelpFormatter)
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files to time; the first is "
+                   "the baseline of the 'vs first' column")
+    _add_timing_options(p, runs=50)
+    p.add_argument("--warmup", type=_int_at_least(0), default=10, metavar="N",
+                   help="untimed runs first, >= 0 (default: %(default)s)")
+    p.add_argument("--batch", type=_int_at_least(1), default=1, metavar="N",
+                   help="batch size for models with an open batch axis, >= 1 (default: %(default)s)")
+    _add_output_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="prune the built-in example CNN and show before/after")
-    p.add_argument("--ratio", type=_ratio, default=0.5)
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--output-dir", help="where to write the two models (default: a temp dir)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_sweep_parser(sub)
+
+    p = sub.add_parser("demo", help="prune the built-in example CNN and show before/after",
+                       description="Prune the built-in example CNN, verify and time it.",
+                       epilog=DEMO_EPILOG, formatter_class=_HelpFormatter)
+    p.add_argument("--ratio", type=_ratio, default=0.5, metavar="R",
+                   help="fraction of each group to remove, in [0, 1) (default: %(default)s)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="keep the two models in DIR (default: a temporary folder, removed at exit)")
+    _add_timing_options(p, runs=30)
+    _add_output_options(p)
     p.set_defaults(func=cmd_demo)
 
     try:
@@ -361,26 +400,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ----------------------------------------------------------------------------- main
+def _fail(message: str, exit_code: int, kind: str, json_mode: bool) -> int:
+    if json_mode:
+        print(_error_json(message, exit_code, kind))
+    else:
+        print(f"graphprune: {'internal ' if kind == 'internal' else ''}error: {message}",
+              file=sys.stderr)
+    return exit_code
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: send what is left for stdout to /dev/null (no second error at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in arguments
+    _Parser.json_errors = json_mode
+    try:
+        code = _main(arguments, json_mode)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE_EXIT
+
+
+def _main(arguments: list[str], json_mode: bool) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exc:  # --help, --version, usage errors (already printed)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if _wants_user_module(args) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules in the current folder import
     try:
         return int(args.func(args) or 0)
     except GraphPruneError as exc:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"graphprune: error: {message}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(message + _explain_import_failure(exc), exc.exit_code, type(exc).__name__,
+                     json_mode)
     except KeyboardInterrupt:
-        print("graphprune: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, "KeyboardInterrupt", json_mode)
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # an internal error: still one line, traceback with --debug
         if args.debug:
             raise
-        print(f"graphprune: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(run with --debug for a traceback)", file=sys.stderr)
-        return 1
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return _fail(f"{type(exc).__name__}: {detail} (run with --debug for a traceback)", 1,
+                     "internal", json_mode)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Plain-text tables for people (JSON is for programs)."""
+"""Plain-text tables and summaries for people (JSON is for programs).
+
+Everything here returns strings; the command line prints them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, align: str | None = None) -> str:
@@ -23,3 +27,124 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+ANALYZE_LEGEND = """\
+columns:
+  anchor   the group's name: a tensor and an axis, TENSOR:AXIS (':0' is axis 0, e.g. the
+           output channels of a Conv weight [out, in, kh, kw]; ':1' a MatMul weight's columns)
+  units    what can be removed together: channels, attention heads or conv groups
+  members  tensor dimensions (weights, biases, norm parameters, activations, shape
+           constants) that must lose the same units
+  ops      operators that touch the group
+  status   prunable: can be pruned exactly; prunable*: can be pruned, but crosses a
+           normalisation over the pruned axis (inexact: checked separately);
+           frozen: cannot be pruned (the reason says which node or name blocks it);
+           fixed: nothing blocks it, but there is nothing to remove (one unit only, or no
+           weight produces it)"""
+
+
+def difference_to_original(report: Mapping[str, Any]) -> float | None:
+    """The real difference of the output to the original, where a mode measured it (depth
+    pruning compares with the original with the erased branches zeroed, and measures this
+    besides)."""
+    for section in (report, report.get("depth") or {}):
+        value = section.get("max_rel_diff_vs_original")
+        if value is not None:
+            return float(value)
+    return None
+
+
+def result_rows(report: Mapping[str, Any]) -> list[list[object]]:
+    """Parameter and MAC rows (before, after, ratio) of a prune report."""
+    pb, pa = report["params_before"], report["params_after"]
+    mb, ma = report["macs_before"], report["macs_after"]
+    return [
+        ["params", human(pb), human(pa), f"{pa / pb:.3f}" if pb else "-"],
+        ["MACs", human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
+    ]
+
+
+def verification_lines(report: Mapping[str, Any]) -> list[str]:
+    """What the verification compared with, and how close the pruned model came."""
+    v = report.get("verification") or {}
+    if v.get("skipped"):
+        return ["verification: skipped (--no-verify)"]
+    reference = v.get("reference", "the reference")
+    if not v.get("ok"):
+        return [f"verification: FAILED against {reference}: {v.get('error', '')}".rstrip(": ")]
+    lines = [
+        f"verification: ok against {reference} (onnx.checker, ORT run, output shapes; "
+        f"max abs diff {v.get('max_abs_diff', 0):.3g}, max rel diff {v.get('max_rel_diff', 0):.3g}, "
+        f"tolerance {v.get('tolerance', 0):g}, {v.get('samples', 1)} random inputs)"
+    ]
+    real = difference_to_original(report)
+    if real is not None:
+        lines.append(f"  the output differs from the original itself by max rel diff {real:.3g} "
+                     "(the erased blocks are gone: that is the price of depth pruning)")
+    elif not str(reference).startswith("the original") or "zeroed" in str(reference):
+        if report.get("fidelity"):
+            lines.append("  (that checks the rewrite is exact; the fidelity below says how much "
+                         "the function changed)")
+        else:
+            lines.append("  (that checks the rewrite is exact; the pruned network still computes "
+                         "another function than the original: measuring by how much needs "
+                         "calibration data)")
+    for entry in v.get("inexact_groups", [])[:5]:
+        why = entry["why"][0] if entry.get("why") else ""
+        lines.append(f"  inexact group {entry['anchor']} not compared: {why}")
+    agreement = report.get("provider_check")
+    if agreement:
+        lines.append(f"  on {agreement['provider']}: agrees with the CPU run "
+                     f"(max rel diff {agreement['max_rel_diff']:.3g})")
+    return lines
+
+
+def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
+    if isinstance(fidelity, Mapping):
+        lines = []
+        for key, value in fidelity.items():
+            lines.extend(_fidelity_lines(value, f"{prefix}{key}."))
+        return lines
+    if isinstance(fidelity, float):
+        return [f"  {prefix.rstrip('.')}: {fidelity:.4g}"]
+    if isinstance(fidelity, int | str | bool):
+        return [f"  {prefix.rstrip('.')}: {fidelity}"]
+    return []
+
+
+def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
+    """The table and lines ``graphprune prune`` prints."""
+    rows = result_rows(report)
+    if latency:
+        before, after = latency["before"]["median_ms"], latency["after"]["median_ms"]
+        rows.append([f"latency ms ({latency['after']['provider']})", f"{before:.3f}", f"{after:.3f}",
+                     f"{after / before:.3f}" if before else "-"])
+    lines = [table(["", "before", "after", "ratio"], rows), ""]
+    g = report.get("groups", {})
+    ch = report.get("channels", {})
+    if "total" in g:
+        lines.append(f"groups: {g.get('total', 0)} found, {g.get('pruned', 0)} pruned, "
+                     f"{g.get('frozen', 0)} frozen; units removed: {ch.get('removed', 0)} of "
+                     f"{ch.get('prunable', 0)} prunable; prunable conv channels: "
+                     f"{report.get('prunable_fraction', 0):.1%}")
+    else:
+        lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
+    if report.get("mode"):
+        lines.append(f"mode: {report['mode']}")
+    erased = report.get("erased_nodes")
+    if erased:
+        lines.append(f"operators erased: {erased if isinstance(erased, int) else len(erased)}")
+    blocks = report.get("blocks_erased") or (report.get("depth") or {}).get("blocks_erased")
+    if blocks:
+        names = blocks if isinstance(blocks, list) else []
+        shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
+        lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
+    lines.extend(verification_lines(report))
+    fidelity = _fidelity_lines(report.get("fidelity"))
+    if fidelity:
+        lines.append("fidelity (vs the original on held-out inputs):")
+        lines.extend(fidelity)
+    t = report.get("timings", {})
+    lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
+    return "\n".join(lines)

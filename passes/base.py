@@ -24,6 +24,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.errors import RewriteError
+from graphprune.io.weights import MappedValues, origin
+
+#: constants up to this size are hashed in full by :func:`fingerprint`
+FULL_HASH_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -53,6 +57,10 @@ class PassResult:
 class Pass:
     """Base class. Subclasses implement :meth:`run`; a second run on its output is a no-op."""
 
+    #: False for a pass that leaves the graph valid only together with the pass after it
+    #: (debug mode then checks after that one)
+    valid_after: bool = True
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
@@ -75,28 +83,40 @@ class Pass:
 def fingerprint(graph: gs.Graph) -> str:
     """A digest of everything a pass may change in ``graph``.
 
-    Constants are hashed by identity, dtype and shape plus a sample of their bytes, so the
-    digest costs time proportional to the graph, not to the weights, while an in-place
-    edit of a weight through ``values = ...`` (a new array) is still seen.
+    Constants are hashed by content, not identity (reading a lazily loaded weight gives it
+    a new identity without changing it): dtype, shape and all bytes up to
+    ``FULL_HASH_BYTES``, a strided sample of larger ones. Weights memory-mapped from a
+    :class:`~graphprune.io.weights.WeightStore` are identified by their mapping (passes
+    replace arrays, they never write into a mapped one), so the digest costs time
+    proportional to the graph rather than to the weights.
     """
     h = hashlib.blake2b(digest_size=16)
 
-    def tensor(t: gs.Tensor) -> None:
+    def tensor(t: gs.Tensor, boundary: bool = False) -> None:
         h.update(t.name.encode())
         if isinstance(t, gs.Constant):
             values = t._values if hasattr(t, "_values") else t.values
-            h.update(str(id(values)).encode())
+            mapped = values if isinstance(values, MappedValues) else origin(values)
+            if mapped is not None:
+                # a weight of the store, as mapped (copy-on-write; passes replace arrays)
+                h.update(f"mapped:{id(mapped)}".encode())
+                return
+            if isinstance(values, gs.ir.tensor.LazyValues):
+                values = t.values  # small or store-less: compare by content
             shape = getattr(values, "shape", None)
             h.update(repr((str(getattr(values, "dtype", "")), tuple(shape or ()))).encode())
             if isinstance(values, np.ndarray) and values.size:
-                flat = values.reshape(-1)
-                step = max(1, flat.size // 64)
-                h.update(np.ascontiguousarray(flat[::step][:64]).tobytes())
-        else:
+                if values.nbytes <= FULL_HASH_BYTES:
+                    h.update(np.ascontiguousarray(values).tobytes())
+                else:
+                    flat = values.reshape(-1)
+                    step = max(1, flat.size // 4096)
+                    h.update(np.ascontiguousarray(flat[::step][:4096]).tobytes())
+        elif boundary:  # intermediate shapes are annotations (re-inferred), not the graph
             h.update(repr((getattr(t, "dtype", None), getattr(t, "shape", None))).encode())
 
     for t in [*graph.inputs, *graph.outputs]:
-        tensor(t)
+        tensor(t, boundary=True)
     for node in graph.nodes:
         h.update(f"{node.domain}:{node.op}:{node.name}".encode())
         h.update(repr(sorted((k, repr(v)) for k, v in node.attrs.items()
@@ -133,31 +153,39 @@ class PassManager:
         modified = fingerprint(graph) != before
         result = PassResult(graph, modified, result.stats)
         if result.stats:
-            slot = ctx.stats.setdefault(p.name, {})
-            for key, value in result.stats.items():
-                if isinstance(value, int | float) and isinstance(slot.get(key), int | float):
-                    slot[key] = slot[key] + value
-                else:
-                    slot[key] = value
+            _merge(ctx.stats.setdefault(p.name, {}), result.stats)
         reason = p.ensures(graph, ctx)
         if reason:
             raise RewriteError(f"{p.name} broke its postcondition: {reason}")
-        if ctx.debug and ctx.debug_check is not None and modified:
+        if ctx.debug and ctx.debug_check is not None and modified and p.valid_after:
             ctx.debug_check(graph, p.name)
         return result
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Run the passes; the result's ``stats`` are this run's, per pass name."""
         modified_any = False
+        stats: dict[str, dict[str, Any]] = {}
         for _ in range(self.max_iterations if self.fixed_point else 1):
             modified = False
             for p in self.passes:
                 result = self.run_one(p, graph, ctx)
                 graph = result.graph
                 modified |= result.modified
+                _merge(stats.setdefault(p.name, {}), result.stats)
             modified_any |= modified
             if not modified:
                 break
-        return PassResult(graph, modified_any)
+        return PassResult(graph, modified_any, stats)
 
     def __repr__(self) -> str:
         return f"PassManager({', '.join(map(repr, self.passes))})"
+
+
+def _merge(slot: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Add numeric counters up; other values: the latest wins."""
+    for key, value in stats.items():
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and isinstance(slot.get(key), int | float)):
+            slot[key] = slot[key] + value
+        else:
+            slot[key] = value

@@ -7,13 +7,20 @@ has zero weights, a Conv whose input channels are all zero (its output is its bi
 in. At that *frontier* — a consumer that also reads live data — the pass replaces the fully
 known tensor, which makes its producing chain dead:
 
-- ``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)`` become ``x`` (a residual branch
-  that is identically zero disappears);
-- any other broadcasting op reads a small per-channel constant (``[C, 1, 1]``) instead of the
-  branch (a constant gate, a branch reduced to its bias);
+- an operand equal to the op's neutral value (:meth:`OpRule.neutral_operand`: ``Add(x, 0)``,
+  ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``) is bypassed: the op becomes ``x`` (a residual
+  branch that is identically zero disappears);
+- an operand read with broadcasting (:meth:`OpRule.broadcasts`) becomes a small per-channel
+  constant (``[C, 1, 1]``) instead of the branch (a constant gate, a branch reduced to its
+  bias);
 - other consumers read ``Expand(constant[1, C, 1, 1], shape)``: a Conv with no live input
   channels becomes its bias, broadcast;
-- a ``Concat`` input with no channels (size 0 on the concat axis) is dropped.
+- an input of a concatenation (:meth:`OpRule.concat_axis`) with no channels (size 0 on the
+  concat axis) is dropped, and a split (:meth:`OpRule.split_axis`) with one live output
+  becomes a ``Slice``.
+
+What an op does with an operand is asked of its rule (:mod:`graphprune.rules`); an op whose
+rule does not say is left alone.
 
 Then dead code is removed, and the whole repeats to a fixed point. Every rewrite is exact
 (equal outputs for every finite input). A second run finds nothing: the replacements are
@@ -29,15 +36,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
-from graphprune.analysis.zero_analysis import (
-    ChannelValues,
-    ConstantContext,
-    analyze_constants,
-    ensure_shapes,
-)
-
-#: broadcasting elementwise ops that may read a small per-channel constant instead
-BROADCASTING = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu")
+from graphprune.analysis.constants import ChannelValues, ConstantContext
+from graphprune.analysis.zero_analysis import analyze_constants, ensure_shapes
+from graphprune.rules import registry
 
 
 def _static(shape: Any) -> list[int] | None:
@@ -107,7 +108,7 @@ class EraseOperatorsPass(Pass):
             "splits_sliced": 0,
         }
         before = {id(n): n.name for n in graph.nodes}
-        modified = False
+        self._opset = ctx.opset
         self._names = set(graph.tensors()) | {n.name for n in graph.nodes}
         modified = self._run(graph, ctx, stats)
         after = {id(n) for n in graph.nodes}
@@ -115,6 +116,9 @@ class EraseOperatorsPass(Pass):
         stats["nodes_erased"] = len(erased)
         stats["erased"] = erased
         return PassResult(graph, modified, stats)
+
+    def _rule(self, node: gs.Node) -> registry.OpRule | None:
+        return registry.lookup(node.domain or "", node.op, self._opset)
 
     def _protected(self, graph: gs.Graph) -> set[str]:
         """Tensors downstream of a kept node or tensor: replacing them could erase it."""
@@ -142,13 +146,13 @@ class EraseOperatorsPass(Pass):
         return modified
 
     # ------------------------------------------------------------------ rewrites
-    @staticmethod
-    def _drop_empty_concat_inputs(graph: gs.Graph, stats: dict[str, Any]) -> bool:
+    def _drop_empty_concat_inputs(self, graph: gs.Graph, stats: dict[str, Any]) -> bool:
         changed = False
         for node in graph.nodes:
-            if node.op != "Concat" or len(node.inputs) < 2:
+            rule = self._rule(node)
+            axis = rule.concat_axis(node) if rule is not None else None
+            if axis is None or len(node.inputs) < 2:
                 continue
-            axis = int(node.attrs["axis"])
             keep = []
             for t in node.inputs:
                 shape = ConstantContext.shape(t)
@@ -167,7 +171,9 @@ class EraseOperatorsPass(Pass):
         outputs = {t.name for t in graph.outputs}
         changed = False
         for node in graph.nodes:
-            if node.op != "Split" or len(node.outputs) < 2 or opset < 10:
+            rule = self._rule(node)
+            split_axis = rule.split_axis(node) if rule is not None else None
+            if split_axis is None or len(node.outputs) < 2 or opset < 10:
                 continue
             used = [k for k, o in enumerate(node.outputs) if o.outputs or o.name in outputs]
             if len(used) != 1:
@@ -175,7 +181,7 @@ class EraseOperatorsPass(Pass):
             shape = ConstantContext.shape(node.inputs[0])
             if shape is None:
                 continue
-            axis = int(node.attrs.get("axis", 0)) % len(shape)
+            axis = split_axis % len(shape)
             out_shapes = [ConstantContext.shape(o) for o in node.outputs]
             sizes = [None if s is None or len(s) <= axis else s[axis] for s in out_shapes]
             if any(n is None for n in sizes):
@@ -275,21 +281,15 @@ class EraseOperatorsPass(Pass):
         )
         return True
 
-    @staticmethod
     def _bypass(
-        graph: gs.Graph, node: gs.Node, index: int, state: ChannelValues, outputs: set[str]
+        self, graph: gs.Graph, node: gs.Node, index: int, state: ChannelValues, outputs: set[str]
     ) -> bool:
         """``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)`` -> ``x``."""
         if len(node.inputs) != 2 or len(node.outputs) != 1:
             return False
-        value = state.uniform()
-        neutral = (
-            (node.op in ("Add", "Sum") and value == 0)
-            or (node.op == "Sub" and index == 1 and value == 0)
-            or (node.op == "Mul" and value == 1)
-            or (node.op == "Div" and index == 1 and value == 1)
-        )
-        if not neutral:
+        rule = self._rule(node)
+        neutral = rule.neutral_operand(node, index) if rule is not None else None
+        if neutral is None or state.uniform() != neutral:
             return False
         other, y = node.inputs[1 - index], node.outputs[0]
         if _dims(other.shape) is None or _dims(other.shape) != _dims(y.shape):
@@ -328,7 +328,8 @@ class EraseOperatorsPass(Pass):
         self, node: gs.Node, index: int, tensor: gs.Variable, state: ChannelValues, dtype: np.dtype
     ) -> bool:
         """A broadcasting op reads ``[C, 1, 1]`` instead of the constant branch."""
-        if node.op not in BROADCASTING or (node.op == "PRelu" and index == 0):
+        rule = self._rule(node)
+        if rule is None or not rule.broadcasts(node, index):
             return False
         out_shape = _dims(node.outputs[0].shape)
         shape = _dims(tensor.shape)

@@ -36,6 +36,10 @@ class RewriteContext:
             return np.zeros(0, dtype=np.int64)
         return self._removed.get(dim, np.zeros(0, dtype=np.int64))
 
+    def old_shape(self, tensor: gs.Tensor) -> list[int | None] | None:
+        """The shape of ``tensor`` before channel removal (``None``: rank unknown)."""
+        return self._shapes.get(tensor.name)
+
     def old_size(self, tensor: gs.Tensor, axis: int) -> int | None:
         shape = self._shapes.get(tensor.name)
         if shape is None or not -len(shape) <= axis < len(shape):

@@ -11,7 +11,6 @@ from conftest import (
     conv_node,
     group_with,
     initializer,
-    ints,
     make_model,
     member_tensors,
 )
@@ -19,6 +18,7 @@ from onnx import helper
 
 import graphprune
 from graphprune.analysis.index_maps import Digit, GroupTie, Identity, IndexMap, Modulo, Offset
+from graphprune.errors import UsageError
 from graphprune.rules import OpRule, lookup, register, registered_ops, unregister
 from graphprune.rules.registry import RuleRegistryError
 
@@ -167,19 +167,27 @@ def test_keep_protects_a_tensor():
     group = group_with(analysis, "W_a", 0)
     assert not group.prunable
     assert any("protected by keep: tensor 'r'" in r for r in group.frozen)
-    # an unrelated name protects nothing
-    assert group_with(graphprune.analyze(m, keep=["nothing"]), "W_a", 0).prunable
+    assert group_with(graphprune.analyze(m), "W_a", 0).prunable
+    # a name that names nothing in the model is a usage error, never silently ignored
+    with pytest.raises(UsageError, match="nothing"):
+        graphprune.analyze(m, keep=["nothing"])
 
 
 def test_unsupported_ops_are_keyed_as_onnx_spells_them():
+    """A default-domain op is keyed by its name alone ("Mystery" is no ONNX op, so it never
+    gets a rule; the analysis needs no schema), a custom-domain op as ``domain::Op``."""
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
-        helper.make_node("TopK", ["a", "k"], ["b", "idx"], name="topk", axis=-1),
-        conv_node("b", "W_head", "y", name="head", pads=[1, 1, 1, 1]),
+        helper.make_node("Mystery", ["a"], ["m"], name="mystery"),
+        helper.make_node("Mystery", ["m"], ["b"], name="custom", domain="com.example"),
+        conv_node("b", "W_head", "y", name="head"),
     ]
-    params = {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3), "k": ints(4)}
-    m = make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None}, params)
-    assert graphprune.analyze(m).unsupported == {"TopK": ["topk"]}
+    params = {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)}
+    m = make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": [1, 4, HW, HW]}, params,
+                   extra_opsets={"com.example": 1}, value_info={"m": [1, C, HW, HW],
+                                                                "b": [1, C, HW, HW]}, check=False)
+    assert graphprune.analyze(m).unsupported == {"Mystery": ["mystery"],
+                                                 "com.example::Mystery": ["custom"]}
 
 
 # --------------------------------------------------------------------------- registry
@@ -302,10 +310,77 @@ def test_user_rule_for_a_custom_function_op_prunes_and_verifies(foo_rule):
     assert len(res.model.functions) == 1
 
 
-class TriluRule(OpRule):
-    """A user's rule for a standard op graphprune has no rule for: Trilu over (H, W)."""
+# --------------------------------------------------------------------------- shape tracing
+#: a custom op that passes a shape tensor through (a model-local function: ORT can run it)
+SHAPE_PASS = helper.make_function(
+    "com.example", "ShapePass", ["X"], ["Y"], [helper.make_node("Identity", ["X"], ["Y"])],
+    [helper.make_opsetid("", 17)],
+)
 
-    op_types = ("Trilu",)
+
+def _shape_pass_model() -> onnx.ModelProto:
+    """stem -> Reshape(a, ShapePass(Shape(a))) -> head; the batch is dynamic, so the shape is
+    computed at run time (never folded) and the Reshape target must be traced."""
+    nodes = [
+        conv_node("x", "W_stem", "a", name="stem"),
+        helper.make_node("Shape", ["a"], ["s"], name="shape"),
+        helper.make_node("ShapePass", ["s"], ["t"], name="pass", domain="com.example"),
+        helper.make_node("Reshape", ["a", "t"], ["b"], name="reshape"),
+        conv_node("b", "W_head", "y", name="head"),
+    ]
+    return make_model(
+        nodes, {"x": ["N", 3, HW, HW]}, {"y": ["N", 4, HW, HW]},
+        {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)},
+        extra_opsets={"com.example": 1}, functions=[SHAPE_PASS],
+        value_info={"b": ["N", C, HW, HW]}, check=False,
+    )
+
+
+class ShapePassRule(OpRule):
+    """A user's rule for a custom op on shape tensors: the elements pass through."""
+
+    op_types = ("ShapePass",)
+    domain = "com.example"
+
+    def couple(self, node, ctx):
+        return  # a shape tensor has no channels
+
+    def trace_shape(self, node, output, trace):
+        return trace.input(node, 0)
+
+
+def test_a_shape_computed_by_an_op_without_a_rule_freezes_what_it_sizes():
+    group = group_with(graphprune.analyze(_shape_pass_model()), "W_stem", 0)
+    assert not group.prunable
+    assert group.frozen == ["shape element computed by arithmetic at Reshape 'reshape'"]
+
+
+def test_a_rule_that_traces_its_shape_output_lets_the_reshape_prune():
+    register(ShapePassRule)
+    try:
+        m = _shape_pass_model()
+        group = group_with(graphprune.analyze(m), "W_stem", 0)
+        assert group.prunable and group.num_units == C
+        assert {("a", 1), ("b", 1), ("W_head", 1)} <= set(group.dims)
+        assert not group.shape_elements  # the target is read at run time: nothing to rewrite
+        res = assert_prunes_exactly(m)
+    finally:
+        unregister(ShapePassRule)
+    assert initializer(res.model, "W_stem").shape[0] < C
+
+
+#: a custom op whose body works over (H, W) (a model-local function: ORT can run it)
+MYSTERY = helper.make_function(
+    "com.example", "Mystery", ["X"], ["Y"], [helper.make_node("Trilu", ["X"], ["Y"], upper=1)],
+    [helper.make_opsetid("", 17)],
+)
+
+
+class MysteryRule(OpRule):
+    """A user's rule for a custom op: channels pass through, (H, W) are spatial."""
+
+    op_types = ("Mystery",)
+    domain = "com.example"
 
     def couple(self, node, ctx):
         x, y = node.inputs[0], node.outputs[0]
@@ -316,68 +391,63 @@ class TriluRule(OpRule):
 
 
 @pytest.fixture
-def trilu_rule():
-    if lookup("", "Trilu", 17) is not None:
-        pytest.skip("graphprune now has a built-in Trilu rule")
-    register(TriluRule)
-    yield TriluRule
-    unregister(TriluRule)
+def mystery_rule():
+    register(MysteryRule)
+    yield MysteryRule
+    unregister(MysteryRule)
 
 
-def _trilu_model() -> onnx.ModelProto:
+def _mystery_model() -> onnx.ModelProto:
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
-        helper.make_node("Trilu", ["a"], ["b"], name="trilu", upper=1),
+        helper.make_node("Mystery", ["a"], ["b"], name="mystery", domain="com.example"),
         conv_node("b", "W_head", "y", name="head"),
     ]
     return make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None},
-                      {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)})
+                      {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)},
+                      extra_opsets={"com.example": 1}, functions=[MYSTERY])
 
 
-def test_user_rule_for_a_standard_op_prunes_exactly(trilu_rule):
-    m = _trilu_model()
+def test_user_rule_with_spatial_axes_prunes_exactly(mystery_rule):
+    m = _mystery_model()
     res = assert_prunes_exactly(m)
     assert initializer(res.model, "W_stem").shape[0] == 4
 
 
-def test_without_the_user_rule_the_standard_op_freezes():
-    if lookup("", "Trilu", 17) is not None:
-        pytest.skip("graphprune now has a built-in Trilu rule")
-    group = group_with(graphprune.analyze(_trilu_model()), "W_stem", 0)
-    assert group.frozen and any("Trilu 'trilu'" in r for r in group.frozen)
+def test_without_the_user_rule_the_op_freezes():
+    group = group_with(graphprune.analyze(_mystery_model()), "W_stem", 0)
+    assert group.frozen and any("Mystery 'mystery'" in r for r in group.frozen)
 
 
 def test_an_index_map_that_does_not_fit_the_sizes_freezes():
-    class MisfitTrilu(OpRule):
-        op_types = ("Trilu",)
+    class MisfitRule(OpRule):
+        op_types = ("Mystery",)
+        domain = "com.example"
 
         def couple(self, node, ctx):
             ctx.couple(node.inputs[0], 1, node.outputs[0], 1, Offset(5))
 
-    if lookup("", "Trilu", 17) is not None:
-        pytest.skip("graphprune now has a built-in Trilu rule")
-    register(MisfitTrilu)
+    register(MisfitRule)
     try:
-        group = group_with(graphprune.analyze(_trilu_model()), "W_stem", 0)
+        group = group_with(graphprune.analyze(_mystery_model()), "W_stem", 0)
     finally:
-        unregister(MisfitTrilu)
+        unregister(MisfitRule)
     assert not group.prunable
-    assert any("offset map" in r and "Trilu 'trilu'" in r for r in group.frozen), group.frozen
+    assert any("offset map" in r and "Mystery 'mystery'" in r for r in group.frozen), group.frozen
 
 
 def test_a_rule_that_raises_freezes_instead_of_guessing():
-    class BrokenTrilu(OpRule):
-        op_types = ("Trilu",)
+    class BrokenRule(OpRule):
+        op_types = ("Mystery",)
+        domain = "com.example"
 
         def couple(self, node, ctx):
             raise ValueError("boom")
 
-    if lookup("", "Trilu", 17) is not None:
-        pytest.skip("graphprune now has a built-in Trilu rule")
-    register(BrokenTrilu)
+    register(BrokenRule)
     try:
-        group = group_with(graphprune.analyze(_trilu_model()), "W_stem", 0)
+        group = group_with(graphprune.analyze(_mystery_model()), "W_stem", 0)
     finally:
-        unregister(BrokenTrilu)
+        unregister(BrokenRule)
     assert not group.prunable
-    assert any("Trilu 'trilu'" in r and "boom" in r for r in group.frozen)
+    assert any("Mystery 'mystery'" in r and "boom" in r for r in group.frozen)

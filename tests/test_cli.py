@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from conftest import conv_node, make_model
@@ -16,7 +15,7 @@ from onnx import helper
 
 from graphprune.cli import main
 from graphprune.examples import example_cnn
-from graphprune.rules import OpRule, lookup, register, unregister
+from graphprune.rules import OpRule, register, unregister
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,34 +285,42 @@ def test_bad_plan_file_is_one_line(capsys, models, tmp_path):
     assert not out_model.exists()
 
 
-class LyingCumSumRule(OpRule):
-    """Wrong on purpose: CumSum over channels mixes them."""
+#: a custom op that mixes the channels (a cumulative sum over them, as a model-local function)
+MIXER = helper.make_function(
+    "com.example", "Mixer", ["X"], ["Y"],
+    [helper.make_node("Constant", [], ["axis"], value_int=1),
+     helper.make_node("CumSum", ["X", "axis"], ["Y"])],
+    [helper.make_opsetid("", 17)],
+)
 
-    op_types = ("CumSum",)
+
+class LyingMixerRule(OpRule):
+    """Wrong on purpose: Mixer mixes the channels."""
+
+    op_types = ("Mixer",)
+    domain = "com.example"
 
     def couple(self, node, ctx):
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
 
 
 def test_verification_failure_exits_3_without_a_file(capsys, tmp_path):
-    if lookup("", "CumSum", 17) is not None:
-        pytest.skip("graphprune now has a built-in CumSum rule")
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
         helper.make_node("Add", ["a", "shift"], ["s"], name="shift"),
-        helper.make_node("CumSum", ["s", "axis"], ["b"], name="cumsum"),
+        helper.make_node("Mixer", ["s"], ["b"], name="mixer", domain="com.example"),
         conv_node("b", "W_head", "y", name="head"),
     ]
     model = tmp_path / "m.onnx"
     onnx.save(make_model(nodes, {"x": [1, 3, 6, 6]}, {"y": None},
-                         {"W_stem": (8, 3, 3, 3), "W_head": (4, 8, 3, 3), "shift": (8, 1, 1),
-                          "axis": np.array(1, np.int64)}), model)
+                         {"W_stem": (8, 3, 3, 3), "W_head": (4, 8, 3, 3), "shift": (8, 1, 1)},
+                         extra_opsets={"com.example": 1}, functions=[MIXER]), model)
     out_model = tmp_path / "out.onnx"
-    register(LyingCumSumRule)
+    register(LyingMixerRule)
     try:
         code, _, err = cli(capsys, "prune", "-q", model, "-o", out_model)
     finally:
-        unregister(LyingCumSumRule)
+        unregister(LyingMixerRule)
     _assert_one_line_error(code, err, exit_code=3)
     assert not out_model.exists()
 
@@ -343,3 +350,266 @@ def test_python_m_graphprune_bad_input_exit_code(tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("graphprune: error: ")
     assert done.stdout == ""
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --------------------------------------------------------------------------- help (issue 13)
+
+
+def _all_parsers(parser, path=("graphprune",)):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_every_option_of_every_command_has_help_with_its_default():
+    import argparse
+
+    from graphprune.cli import build_parser
+
+    seen = set()
+    for path, parser in _all_parsers(build_parser()):
+        seen.add(" ".join(path))
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction | argparse._SubParsersAction):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help and action.help != argparse.SUPPRESS, f"{' '.join(path)} {name}: no help"
+            if action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+                assert "default" in action.help, f"{' '.join(path)} {name}: default not shown"
+    assert {"graphprune prune", "graphprune bench", "graphprune sweep", "graphprune demo",
+            "graphprune analyze"} <= seen
+
+
+@pytest.mark.parametrize("command", ["", "analyze", "prune", "bench", "sweep", "demo"])
+def test_help_shows_examples_and_ranges(capsys, command):
+    code, out, _ = cli(capsys, *([command] if command else []), "--help")
+    assert code == 0
+    assert "examples:" in out
+    out = " ".join(out.split())  # argparse wraps lines
+    if command in ("prune", "demo"):
+        assert "in [0, 1)" in out and "(default: 0.5)" in out
+    if command == "bench":
+        assert "--threads" in out and "(default: 50)" in out
+
+
+def test_analyze_explains_its_columns(capsys, models):
+    code, out, _ = cli(capsys, "analyze", models["cnn"])
+    assert code == 0
+    legend = out.split("columns:")[1]
+    for word in ("anchor", "':0' is axis 0", "members", "ops", "prunable*", "frozen", "fixed"):
+        assert word in legend
+    code, out, _ = cli(capsys, "analyze", models["cnn"], "--no-legend")
+    assert "columns:" not in out
+
+
+# --------------------------------------------------------------------------- what verification compared with
+
+
+def test_prune_summary_says_what_it_compared_with(capsys, models, tmp_path):
+    code, out, err = cli(capsys, "prune", "-q", models["cnn"], "-o", tmp_path / "r.onnx")
+    assert code == 0, err
+    assert "verification: ok against the zeroed original" in out
+    assert "another function than the original" in out
+
+
+def test_erase_blocks_summary_reports_the_real_difference_to_the_original(capsys, models, tmp_path):
+    report = tmp_path / "depth.json"
+    code, out, err = cli(capsys, "prune", "-q", models["cnn"], "-o", tmp_path / "d.onnx",
+                         "--erase-blocks", "1", "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    reference = data["verification"]["reference"]
+    assert f"verification: ok against {reference}" in out and "zeroed" in reference
+    real = data.get("max_rel_diff_vs_original", (data.get("depth") or {}).get("max_rel_diff_vs_original"))
+    assert real is not None and real > 1e-3  # a block is gone: the function really changed
+    assert f"differs from the original itself by max rel diff {real:.3g}" in out
+
+
+# --------------------------------------------------------------------------- --json errors
+
+
+def test_json_errors_are_json_on_stdout(capsys, models, tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model")
+    code, out, err = cli(capsys, "prune", bad, "-o", tmp_path / "o.onnx", "--json")
+    assert code == 2 and err == ""
+    data = json.loads(out)
+    assert data["exit_code"] == 2 and data["type"] == "InvalidModelError" and data["error"]
+    # argparse's own errors too
+    code, out, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "o.onnx", "--ratio", "2",
+                         "--json")
+    assert code == 2 and err == ""
+    assert json.loads(out)["exit_code"] == 2 and "ratio" in json.loads(out)["error"]
+    code, out, err = cli(capsys, "analyze", bad, "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_tolerance_below_zero_exits_2(capsys, models, tmp_path):
+    code, _, err = cli(capsys, "prune", "-q", models["small"], "-o", tmp_path / "o.onnx",
+                       "--tolerance", "-1")
+    line = _assert_one_line_error(code, err)
+    assert "tolerance" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("option", ["--report", "--save-plan", "--html"])
+@pytest.mark.parametrize("bad", ["missing_folder", "a_folder", "the_output"])
+def test_bad_side_output_path_exits_2_and_writes_nothing(capsys, models, tmp_path, option, bad):
+    out_model = tmp_path / "out.onnx"
+    target = {"missing_folder": tmp_path / "no" / "r.json", "a_folder": tmp_path,
+              "the_output": out_model}[bad]
+    code, _, err = cli(capsys, "prune", "-q", models["small"], "-o", out_model, option, target)
+    line = _assert_one_line_error(code, err)
+    assert option in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_threads_and_the_batch_that_really_ran(capsys, models):
+    # the CNN has an open batch axis, the small model a fixed batch of 1
+    code, out, err = cli(capsys, "bench", models["cnn"], models["small"], "--runs", "2",
+                         "--warmup", "0", "--batch", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    cnn, small = json.loads(out)
+    assert (cnn["batch"], small["batch"]) == (2, 1)
+    assert cnn["threads"] == small["threads"] == 1 and small["requested_batch"] == 2
+    code, out, _ = cli(capsys, "bench", models["cnn"], models["small"], "--runs", "2",
+                       "--warmup", "0", "--batch", "2", "-q")
+    assert f"note: {models['small']} has a fixed batch axis: it ran batch 1, not 2" in out
+    code, _, err = cli(capsys, "bench", models["cnn"], "--threads", "0")
+    _assert_one_line_error(code, err)
+
+
+# --------------------------------------------------------------------------- demo leaves nothing behind
+
+
+def test_demo_leaves_no_temporary_folder(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TMPDIR"] = str(scratch)
+    for args in (["demo", "--runs", "2", "-q"], ["demo", "--runs", "2", "--json"]):
+        done = subprocess.run([sys.executable, "-m", "graphprune", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        if "--json" in args:
+            assert json.loads(done.stdout)["files"] == []
+        else:
+            assert "models not kept" in done.stdout
+        # (onnxruntime itself keeps a small '.ses' file in TMPDIR on import: a file, not ours)
+        assert [p.name for p in scratch.iterdir() if p.is_dir() or "graphprune" in p.name] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+
+
+# --------------------------------------------------------------------------- MODULE:FACTORY from the current folder
+
+MYNETS = '''
+import torch
+
+
+def make_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+'''
+
+
+@pytest.mark.torch
+def test_export_imports_a_module_from_the_current_folder(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    (tmp_path / "mynets.py").write_text(MYNETS)
+    (tmp_path / "brokennets.py").write_text("import not_installed_anywhere\n")
+    monkeypatch.chdir(tmp_path)
+    # a console script's sys.path holds the script's folder, not the current one
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mynets", raising=False)
+    code, out, err = cli(capsys, "export", "torch", "mynets:make_net", "--input-shape", "1,3,8,8",
+                         "--exporter", "torchscript", "-o", "net.onnx")
+    assert code == 0, err
+    assert (tmp_path / "net.onnx").is_file() and "wrote net.onnx" in out
+    sys.modules.pop("mynets", None)
+
+    code, _, err = cli(capsys, "export", "torch", "othernets:make_net", "--input-shape", "1,3,8,8",
+                       "-o", "x.onnx")
+    line = _assert_one_line_error(code, err)
+    assert "othernets" in line and f"current directory {tmp_path}" in line
+    code, _, err = cli(capsys, "export", "torch", "brokennets:make_net", "--input-shape", "1,3,8,8",
+                       "-o", "x.onnx")
+    line = _assert_one_line_error(code, err)
+    assert "not_installed_anywhere" in line and "install it" in line
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --------------------------------------------------------------------------- the real process: pipes, ORT logs
+
+
+def test_stdout_closed_early_exits_quietly(models):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = subprocess.Popen([sys.executable, "-m", "graphprune", "analyze", str(models["cnn"])],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head -1` closing its end before the table is written
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == ""
+    assert process.returncode == 141
+
+
+def _runtime_failure_model(folder: Path) -> Path:
+    """Checks and loads, but fails in ONNX Runtime at run time (Reshape to a fed shape)."""
+    nodes = [
+        conv_node("x", "W1", "a", name="conv1"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        conv_node("r", "W2", "c", name="conv2"),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], name="reshape"),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": None},
+                       {"W1": (8, 3, 3, 3), "W2": (4, 8, 3, 3)}, check=False)
+    model.graph.input.append(helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]))
+    path = folder / "runtime_failure.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_runtime_log_lines_never_precede_the_error(tmp_path):
+    model = _runtime_failure_model(tmp_path)
+    for args in (["prune", str(model), "-o", str(tmp_path / "o.onnx")],
+                 ["bench", str(model), "--runs", "1", "--warmup", "0", "-q"]):
+        done = _run(*args, cwd=tmp_path)
+        assert done.returncode in (2, 3), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("graphprune: error: ")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+CUDA = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+
+
+@pytest.mark.skipif(CUDA, reason="onnxruntime-gpu with CUDA is installed here")
+@pytest.mark.parametrize("command", ["prune", "bench", "demo"])
+def test_provider_cuda_without_a_gpu_is_one_line(capsys, models, tmp_path, command):
+    args = {"prune": ["prune", "-q", models["small"], "-o", tmp_path / "o.onnx"],
+            "bench": ["bench", "-q", models["small"], "--runs", "1"],
+            "demo": ["demo", "-q", "--runs", "1"]}[command]
+    code, _, err = cli(capsys, *args, "--provider", "cuda")
+    line = _assert_one_line_error(code, err)
+    assert "onnxruntime-gpu" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_prune_with_cuda_checks_and_times_on_the_gpu(capsys, models, tmp_path):
+    report = tmp_path / "r.json"
+    code, out, err = cli(capsys, "prune", "-q", models["cnn"], "-o", tmp_path / "o.onnx",
+                         "--provider", "cuda", "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["provider_check"]["ok"] and data["provider_check"]["provider"] == "cuda"
+    assert data["latency"]["after"]["provider"] == "cuda"
+    assert "on cuda: agrees with the CPU run" in out

@@ -65,6 +65,44 @@ class ResNetish(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        self.downsample = None
+        if stride != 1 or cin != 4 * width:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + identity)
+
+
+class DeepResNet(nn.Module):
+    """ResNet-50's layout in miniature: stem, Bottleneck stages [3, 2, 2], fc."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, cin = [], 16
+        for index, (count, width) in enumerate(((3, 8), (2, 16), (2, 16))):
+            for b in range(count):
+                blocks.append(Bottleneck(cin, width, 2 if index and not b else 1))
+                cin = 4 * width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
@@ -339,6 +377,37 @@ def test_mixed_layers_round_trip():
 
 
 
+def test_map_plan_maps_every_removed_channel_of_a_deep_residual_network():
+    torch.manual_seed(5)
+    model = randomise_batchnorm(DeepResNet()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned, result = round_trip(model, (x,), ratio=0.5)  # module == pruned ONNX (ORT), 1e-4
+    assert result.report["params_after"] < 0.5 * result.report["params_before"]
+    names = set(model.state_dict())
+    # the dynamo export reads every CNN parameter as it is: there is no chain to analyse
+    sources = gpt.parameter_sources(result.exported, names)
+    assert sources.leaves == set() and sources.analysis is None
+    # the module plan is the ONNX plan's parameter cuts, group by group, index by index
+    assert len(result.plan.groups) == len(result.onnx_plan.groups)
+    for onnx_group, group in zip(result.onnx_plan.groups, result.plan.groups, strict=True):
+        expected = {t: a for t, a in onnx_group.channels.items() if t in names} if onnx_group.remove else {}
+        assert group.channels == expected
+    unmapped = {t for g in result.onnx_plan.groups if g.remove for t in g.channels} - names
+    assert set(result.plan.meta.get("unmapped", [])) == unmapped
+    # a residual stream ties the stage's conv3/bn3, downsample and the next blocks' conv1
+    stream = next(g for g in result.plan.groups if "0" in g.channels.get("blocks.3.downsample.0.weight", {}))
+    assert {"blocks.3.conv3.weight", "blocks.3.bn3.running_mean", "blocks.4.conv1.weight"} <= set(stream.channels)
+    assert stream.channels["blocks.4.conv1.weight"] == {"1": stream.channels["blocks.3.conv3.weight"]["0"]}
+    # every state_dict entry of the pruned module is the kept slice of the original
+    state, cuts = model.state_dict(), gpt.module_cuts(result.plan)
+    for name, tensor in pruned.state_dict().items():
+        expected_tensor = state[name]
+        for axis, idx in cuts.get(name, {}).items():
+            kept = np.setdiff1d(np.arange(expected_tensor.shape[axis]), idx)
+            expected_tensor = expected_tensor.index_select(axis, torch.as_tensor(kept))
+        assert torch.equal(tensor, expected_tensor), name
+
+
 # ----------------------------------------------------------------------------- apply_plan
 
 
@@ -491,48 +560,93 @@ def test_pruned_encoder_layer_never_takes_the_fused_fast_path():
 # ----------------------------------------------------------------------------- mapping
 
 
-def test_parameter_sources_follow_transpose_slice_and_concat():
-    w = np.arange(12, dtype=np.float32).reshape(3, 4)
-    nodes = [
-        onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
-        onnx.helper.make_node("Slice", ["wt", "s", "e", "a"], ["ws"]),
-        onnx.helper.make_node("Concat", ["ws", "c"], ["wc"], axis=0),
-        onnx.helper.make_node("Mul", ["wt", "two"], ["wm"]),
-        onnx.helper.make_node("MatMul", ["x", "wc"], ["y"]),
-        onnx.helper.make_node("MatMul", ["x2", "wm"], ["y2"]),
-    ]
+def _chain_model(nodes: list, outputs: list[str], extra_inits: tuple = ()) -> onnx.ModelProto:
+    """``w`` (3x4) reaches MatMuls (inputs ``x``, ``x2``, ``x3``) through ``nodes``."""
     from onnx import TensorProto, numpy_helper
 
     graph = onnx.helper.make_graph(
         nodes, "g",
-        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "x2")],
-        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")],
+        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "x2", "x3")],
+        [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         [
-            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w"),
             numpy_helper.from_array(np.array([1], np.int64), "s"),
             numpy_helper.from_array(np.array([3], np.int64), "e"),
             numpy_helper.from_array(np.array([0], np.int64), "a"),
             numpy_helper.from_array(np.zeros((2, 3), np.float32), "c"),
             numpy_helper.from_array(np.array(2, np.float32), "two"),
+            *extra_inits,
         ],
     )
-    sources = gpt.parameter_sources(onnx.helper.make_model(graph), ["w"])
-    assert sources.sources["wc"].tolist() == [[1, 5, 9], [2, 6, 10], [-1, -1, -1], [-1, -1, -1]]
-    assert sources.leaves == {"wc", "wm"}
+    opsets = [onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid("test.graphprune", 1)]
+    return onnx.helper.make_model(graph, opset_imports=opsets)
+
+
+def _copies_of_w(with_mul: bool = True) -> onnx.ModelProto:
+    nodes = [
+        onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        onnx.helper.make_node("Slice", ["wt", "s", "e", "a"], ["ws"]),
+        onnx.helper.make_node("Concat", ["ws", "c"], ["wc"], axis=0),
+        onnx.helper.make_node("MatMul", ["x", "wc"], ["y"]),
+    ]
+    if with_mul:
+        nodes += [
+            onnx.helper.make_node("Mul", ["wt", "two"], ["wm"]),
+            onnx.helper.make_node("MatMul", ["x2", "wm"], ["y2"]),
+        ]
+    return _chain_model(nodes, ["y", "y2"] if with_mul else ["y"])
+
+
+def test_parameter_sources_follow_transpose_slice_and_concat():
+    """Folded copies of a parameter map back through the analysis of the export's chains:
+    ``wc = Concat(Slice(w^T, rows 1..2), c)``, ``wm = 2 * w^T``."""
+    model = _copies_of_w()
+    sources = gpt.parameter_sources(model, ["w"])
+    assert sources.leaves == {"wc", "wm"} and sources.direct == set()
+    assert sources.copies("w") == ["wc", "wm"]
     assert sources.map_cut("wc", 1, [2]) == [("w", 0, [2])]
-    assert sources.map_cut("wc", 0, [0, 3]) == [("w", 1, [1])]
-    with pytest.raises(gpt.PlanMappingError, match="Mul"):
-        sources.map_cut("wm", 0, [0])
-    model = onnx.helper.make_model(graph)
+    assert sources.map_cut("wc", 0, [0, 3]) == [("w", 1, [1])]  # row 3 is the literal c
+    assert sources.map_cut("wm", 0, [0]) == [("w", 1, [0])]  # a scaled copy is still a copy
+    assert sources.map_cut("c", 0, [1]) == []  # an exporter literal: no parameter owns it
     plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}})])
     with pytest.raises(gpt.PlanMappingError, match="computed from"):
-        gpt.map_plan(plan, model, ["w"])  # wm = 2 * w^T would keep row 2 of w
-    model.graph.node.remove(model.graph.node[3])
-    model.graph.node.remove(model.graph.node[4])
-    del model.graph.output[1]
+        gpt.map_plan(plan, model, ["w"])  # wm = 2 * w^T would lose its column 2 too
+    both = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}, "wm": {"1": [2]}})])
+    assert gpt.map_plan(both, model, ["w"]).groups[0].channels == {"w": {"0": [2]}}
+    model = _copies_of_w(with_mul=False)
     assert gpt.map_plan(plan, model, ["w"]).groups[0].channels == {"w": {"0": [2]}}
     plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}, "w": {"0": [1]}})])
     with pytest.raises(gpt.PlanMappingError, match="cut differently"):
+        gpt.map_plan(plan, model, ["w"])
+    literal = Plan(groups=[GroupPlan(0, "c:0", 2, [1], {"c": {"0": [1]}})])
+    assert gpt.map_plan(literal, model, ["w"]).meta["unmapped"] == ["c"]
+
+
+def test_parameter_chains_the_analysis_cannot_follow_are_refused():
+    """Fail closed: an op without a rule, or a normalisation over a parameter axis."""
+    nodes = [
+        onnx.helper.make_node("Scramble", ["w"], ["wx"], domain="test.graphprune"),
+        onnx.helper.make_node("MatMul", ["x", "wx"], ["y"]),
+        onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["x2", "wt"], ["y2"]),
+    ]
+    sources = gpt.parameter_sources(_chain_model(nodes, ["y", "y2"]), ["w"])
+    with pytest.raises(gpt.PlanMappingError, match="Scramble"):
+        sources.map_cut("wx", 1, [0])
+    with pytest.raises(gpt.PlanMappingError, match="no rule for Scramble"):
+        sources.map_cut("wt", 1, [0])  # a plain copy, but 'w' also feeds the unknown op
+    nodes = [
+        onnx.helper.make_node("Softmax", ["w"], ["wn"], axis=0),
+        onnx.helper.make_node("Transpose", ["wn"], ["wnt"], perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["x", "wnt"], ["y"]),
+    ]
+    model = _chain_model(nodes, ["y"])
+    sources = gpt.parameter_sources(model, ["w"])
+    with pytest.raises(gpt.PlanMappingError, match="Softmax"):
+        sources.map_cut("wnt", 1, [0])  # rows of w are normalised together: not a slice
+    assert sources.map_cut("wnt", 0, [1, 3]) == [("w", 1, [1, 3])]
+    plan = Plan(groups=[GroupPlan(0, "w:0", 3, [0], {"w": {"0": [0]}})])
+    with pytest.raises(gpt.PlanMappingError, match="parameter 'w' axis 0"):
         gpt.map_plan(plan, model, ["w"])
 
 

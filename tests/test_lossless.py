@@ -1,4 +1,7 @@
-"""Lossless pruning, zero-invariance analysis, operator erasure and depth pruning."""
+"""Lossless pruning, zero-invariance analysis, operator erasure and depth pruning.
+
+The passes these modes are made of (fold constants, drop concat inputs, erase blocks) have
+their own contract tests in ``tests/test_lossless_passes.py``."""
 
 from __future__ import annotations
 
@@ -22,17 +25,13 @@ from graphprune.passes.erase_operators import EraseOperatorsPass
 from onnx import helper
 
 import graphprune
-from graphprune.io import ir
-from graphprune.api import load_and_prepare
-from graphprune.errors import UsageError, VerificationError
-from graphprune.pipeline.lossless import (
-    branch_scale,
-    erase_blocks,
-    find_residual_blocks,
-    plant_zeros,
-    prune_lossless,
-)
+from graphprune.analysis.blocks import branch_scale, find_residual_blocks
 from graphprune.analysis.zero_analysis import analyze_constants
+from graphprune.errors import UsageError, VerificationError
+from graphprune.pipeline.depth import erase_blocks
+from graphprune.pipeline.lossless import prune_lossless
+from graphprune.pipeline.session import Session
+from graphprune.testing import plant_zeros
 
 ZOO = Path(__file__).resolve().parent.parent / "bench" / "cache"
 
@@ -53,8 +52,8 @@ def vector(n: int, *, zero=(), value=None, seed: int = 0) -> np.ndarray:
 
 
 def graph_of(model: onnx.ModelProto):
-    prep = load_and_prepare(model)
-    return ir.import_graph(prep.prepared), prep.opset
+    session = Session(model)
+    return session.import_graph(), session.opset
 
 
 def states(model: onnx.ModelProto):
@@ -177,7 +176,8 @@ def residual_model(*, branch_bias: float | None = 0.0, zero_branch: bool = True)
 
 def test_erase_pass_removes_a_zero_branch_and_second_run_is_a_no_op():
     model = residual_model()
-    graph, opset = graph_of(model)
+    session = Session(model)
+    graph, opset = session.import_graph(), session.opset
     ctx = PassContext(opset=opset)
     first = EraseOperatorsPass().run(graph, ctx)
     assert first.modified
@@ -187,8 +187,7 @@ def test_erase_pass_removes_a_zero_branch_and_second_run_is_a_no_op():
     second = EraseOperatorsPass().run(graph, ctx)
     assert not second.modified and second.stats["nodes_erased"] == 0
     assert repr(EraseOperatorsPass()) == "EraseOperatorsPass()"
-    erased = ir.export_graph(graph, load_and_prepare(model).prepared)
-    assert_same_function(model, erased)
+    assert_same_function(model, session.store.materialize(session.export()))
 
 
 def test_a_constant_branch_becomes_a_per_channel_constant():
@@ -288,7 +287,7 @@ def test_lossless_does_nothing_without_zeros():
 def test_constant_channels_fold_into_an_unpadded_consumer():
     model = small_cnn(act="Sigmoid", k2=1)  # sigmoid(0) = 0.5 read by a 1x1 conv
     result = prune_lossless(model)
-    assert result.report["constants_folded"] >= 1
+    assert result.report["lossless"]["constants_folded"] >= 1
     assert conv_shapes(result.model) == {"c1": [4, 3, 3, 3], "c2": [5, 4, 1, 1]}
     assert_same_function(model, result.model)
 
@@ -395,19 +394,21 @@ def test_erase_blocks_erases_the_weakest_and_verifies_by_construction():
     model = resnet_like()
     result = erase_blocks(model, 1)
     report = result.report
-    assert report["blocks_found"] == 3 and report["blocks_erased"] == ["add0"]
+    depth = report["depth"]
+    assert depth["blocks_found"] == 3 and depth["blocks_erased"] == ["add0"]
     names = {n.name for n in result.model.graph.node}
     assert not {"add0", "h0", "o0"} & names and {"add1", "add2"} <= names
     assert report["verification"]["ok"] and report["verification"]["max_rel_diff"] == 0.0
-    assert report["max_rel_diff_vs_original"] > 0
+    assert depth["max_rel_diff_vs_original"] > 0
     assert result.plan.meta["blocks"] == ["add0"]
-    assert [b["erased"] for b in report["blocks"]] == [True, False, False]
+    assert [b["erased"] for b in depth["blocks"]] == [True, False, False]
+    assert report["mode"] == "erase_blocks" and report["erased_nodes"] == sorted(["add0", *find_residual_blocks(graph_of(model)[0])[0].nodes])
 
 
 def test_erase_blocks_counts_fractions_and_refuses_too_many():
     model = resnet_like()
-    assert len(erase_blocks(model, 0.5).report["blocks_erased"]) == 2
-    assert erase_blocks(model, 0).report["blocks_erased"] == []
+    assert len(erase_blocks(model, 0.5).report["depth"]["blocks_erased"]) == 2
+    assert erase_blocks(model, 0).report["depth"]["blocks_erased"] == []
     with pytest.raises(UsageError):
         erase_blocks(model, 4)
     with pytest.raises(UsageError):
@@ -416,7 +417,7 @@ def test_erase_blocks_counts_fractions_and_refuses_too_many():
 
 def test_erase_blocks_takes_a_scorer():
     result = erase_blocks(resnet_like(), 1, scorer=lambda graph, block: -int(block.add[-1]))
-    assert result.report["blocks_erased"] == ["add2"]
+    assert result.report["depth"]["blocks_erased"] == ["add2"]
 
 
 # --------------------------------------------------------------------------- planting
@@ -442,10 +443,10 @@ def test_zoo_resnet18_planted_zeros_are_all_removed():
     assert result.report["verification"]["max_rel_diff"] <= 1e-5
 
 
-def test_public_import_paths():
-    from graphprune.passes import erase_operators  # noqa: F401
-
-    assert callable(graphprune.pipeline.lossless.prune_lossless)
+def test_public_entry_points_reach_the_drivers():
+    result = graphprune.prune(small_cnn(), lossless=True)
+    assert result.report["mode"] == "lossless" and result.report["channels"]["removed"] == 2
+    assert graphprune.erase_blocks is erase_blocks
 
 
 def test_kept_nodes_survive_erasure():
@@ -522,8 +523,8 @@ def test_erase_blocks_finds_pre_norm_transformer_mlp_blocks():
         x = f"y{i}"
     model = make_model(nodes, {"x": [1, 4, 8]}, {x: None}, params)
     result = erase_blocks(model, 1)
-    assert result.report["blocks_found"] == 2
-    assert result.report["blocks_erased"] == ["block0"]  # the block with the small up-projection
+    assert result.report["depth"]["blocks_found"] == 2
+    assert result.report["depth"]["blocks_erased"] == ["block0"]  # the block with the small up-projection
     assert result.report["verification"]["ok"]
 
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.verify import timing
 from graphprune.errors import InvalidModelError, UsageError
+from graphprune.verify import timing
 from graphprune.verify.timing import TimingResult, time_models
 
 
@@ -70,7 +70,8 @@ def test_large_proto_goes_through_a_file(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_to_dict_and_frozen() -> None:
     (result,) = time_models([conv_relu_model(4, "m")], warmup=0, runs=3)
     data = result.to_dict()
-    assert set(data) == {"name", "provider", "median_ms", "p90_ms", "mean_ms", "runs", "batch"}
+    assert set(data) == {"name", "provider", "median_ms", "p90_ms", "mean_ms", "runs", "batch",
+                         "threads"}
     assert data["runs"] == 3
     with pytest.raises(AttributeError):
         result.median_ms = 0.0  # type: ignore[misc]
@@ -88,6 +89,54 @@ def test_models_share_feeds(monkeypatch: pytest.MonkeyPatch) -> None:
     time_models([conv_relu_model(4, "a"), conv_relu_model(8, "b")], warmup=0, runs=2)
     assert len(seen) == 4
     assert all(array is seen[0] for array in seen)
+
+
+def fixed_batch_model(batch: int) -> onnx.ModelProto:
+    model = conv_relu_model(4, "fixed")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+def test_a_fixed_batch_model_reports_the_batch_it_ran() -> None:
+    results = time_models([conv_relu_model(4, "open"), fixed_batch_model(1)], batch=4,
+                          warmup=0, runs=2)
+    assert [r.batch for r in results] == [4, 1]
+
+
+def test_threads_are_recorded() -> None:
+    (result,) = time_models([conv_relu_model(4, "m")], warmup=0, runs=2, threads=1)
+    assert result.threads == 1
+    (result,) = time_models([conv_relu_model(4, "m")], warmup=0, runs=2)
+    assert result.threads is None
+
+
+def test_run_on_provider_and_agreement_on_the_cpu() -> None:
+    model = conv_relu_model(4, "m")
+    feeds = [{"x": np.ones((1, 3, 16, 16), np.float32)}]
+    (outputs,) = timing.run_on_provider(model, feeds)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+    np.testing.assert_allclose(outputs[0], expected[0], rtol=1e-6)
+    agreement = timing.provider_agreement(model, feeds, provider="cpu")
+    assert agreement["max_rel_diff"] == 0.0 and agreement["samples"] == 1
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here"
+)
+def test_cuda_without_onnxruntime_gpu_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="install onnxruntime-gpu"):
+        time_models([conv_relu_model(4, "m")], provider="cuda", runs=1)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs CUDA"
+)
+def test_cuda_agrees_with_the_cpu() -> None:
+    model = conv_relu_model(16, "m")
+    feeds = [{"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}]
+    agreement = timing.provider_agreement(model, feeds, provider="cuda")
+    assert agreement["provider"] == "cuda"
+    assert agreement["max_rel_diff"] <= timing.PROVIDER_TOLERANCE
 
 
 def test_cuda_needs_cuda_provider(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,8 +29,7 @@ from conftest import make_model, relative_difference, run_ort, zeroed_original
 from onnx import helper
 
 import graphprune
-from graphprune.analysis import targets
-from graphprune.analysis import analyze_graph, refine_shapes
+from graphprune.analysis import analyze_graph, refine_shapes, targets
 from graphprune.io.ir import import_graph, prepare
 
 HIDDEN, HEADS, HEAD_DIM, MLP = 32, 4, 8, 64

@@ -1,8 +1,19 @@
 """Dependency analysis: which tensor dimensions must lose the same channels.
 
-The public names load lazily, so that the small modules of this package (index maps,
-roles, the constant-value lattice) can be imported by the rules without pulling in the
-analysis driver, which itself needs the rules.
+Modules, in the order the analysis runs:
+
+- :mod:`.shape_probe`: static sizes that shape inference leaves symbolic;
+- :mod:`.coupling`: the context op rules call to state couplings, roles, frozen axes;
+- :mod:`.shape_trace`: where the elements of computed shape inputs come from;
+- :mod:`.groups`: channel groups and their units;
+- :mod:`.driver`: :func:`analyze_graph`, which runs the rules (it imports the registry);
+- :mod:`.constants`: the constant-channel lattice the rules compute on (a leaf);
+- :mod:`.zero_analysis`: runs the rules' ``zero_output`` and finds lossless units;
+- :mod:`.dims`, :mod:`.index_maps`, :mod:`.roles`: the shared vocabulary.
+
+The rules import only the leaves (vocabulary, constant lattice, coupling context, shape
+trace), never the driver or :mod:`.zero_analysis`. The public names load lazily, so that
+importing one leaf does not pull in the driver.
 """
 
 from __future__ import annotations
@@ -11,15 +22,15 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "Analysis": "graphprune.analysis.core",
-    "ChannelGroup": "graphprune.analysis.core",
-    "Coupling": "graphprune.analysis.core",
-    "CouplingContext": "graphprune.analysis.core",
-    "Dim": "graphprune.analysis.core",
-    "ShapeElement": "graphprune.analysis.core",
-    "analyze_graph": "graphprune.analysis.core",
-    "describe_node": "graphprune.analysis.core",
-    "refine_shapes": "graphprune.analysis.core",
+    "Analysis": "graphprune.analysis.driver",
+    "analyze_graph": "graphprune.analysis.driver",
+    "ChannelGroup": "graphprune.analysis.groups",
+    "CouplingContext": "graphprune.analysis.coupling",
+    "Coupling": "graphprune.analysis.dims",
+    "Dim": "graphprune.analysis.dims",
+    "ShapeElement": "graphprune.analysis.dims",
+    "describe_node": "graphprune.analysis.dims",
+    "refine_shapes": "graphprune.analysis.shape_probe",
     "PRODUCER": "graphprune.analysis.roles",
     "CONSUMER": "graphprune.analysis.roles",
     "CHANNELWISE": "graphprune.analysis.roles",

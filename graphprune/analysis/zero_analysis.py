@@ -1,27 +1,10 @@
-"""Zero-invariance analysis: channels that are identically zero — or constant — for every input.
+"""Lossless units: channels of a group that are zero (or constant) wherever they are read.
 
-The maths
----------
-A *channel vector* ``ChannelValues(axis, v)`` of a tensor ``T`` states: for every input of the
-model, every element of the slice ``T[..., i, ...]`` (index ``i`` along ``axis``) equals
-``v[i]``; ``NaN`` means "not known". Each op rule maps the channel vectors of a node's inputs
-to those of its outputs (:meth:`graphprune.rules.registry.OpRule.zero_output`), for example
+:func:`analyze_constants` runs every rule's ``zero_output`` over a graph, in topological
+order, and records the channel vector of each tensor (the lattice and its maths are in
+:mod:`graphprune.analysis.constants`). :func:`find_zero_groups` reads those vectors at the
+consumers of every exact channel group.
 
-- unary ``f``:            ``v -> f(v)``  (``Relu(0) = 0``, ``Sigmoid(0) = 0.5``, ...)
-- BatchNormalization:     ``v -> gamma (v - mean) / sqrt(var + eps) + beta``
-- Conv:                   ``y[o] = b[o] + sum_i v[i] sum_k W[o, i, k]``, known when every input
-  channel ``i`` with ``W[o, i] != 0`` is known, and zero wherever the conv pads (a padded
-  border sees 0, not ``v[i]``, so a non-zero constant is position-dependent there);
-- Gemm / MatMul:          ``y[n] = alpha sum_k v[k] B[k, n] + beta C[n]``;
-- ``Mul``:                ``0 * x = 0`` for any finite ``x`` (a zero absorbs the unknown side);
-- data movement (Concat, Split, Slice, Transpose, Reshape, pooling): the vector moves with the
-  channels.
-
-Parameters are read from initializers; activations are assumed finite. An op without a rule,
-or a rule that does not know, gives "unknown" — the analysis fails closed.
-
-Lossless units
---------------
 Removing unit ``u`` of an exact channel group is equivalent to zeroing its producer and
 consumer parameters (see :mod:`graphprune.verify.validate`). The original function is unchanged when,
 at every consumer (a Conv/Gemm/MatMul weight axis with role ``consumer``), either the weight
@@ -33,305 +16,32 @@ folded into the consumers' biases, which is exact for an unpadded Conv and for G
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.constants import ChannelValues, ConstantContext, conv_is_padded
 from graphprune.analysis.roles import CONSUMER
-from graphprune.io.tensors import const_value, static_shape, static_size
+from graphprune.rules import registry
 
 if TYPE_CHECKING:
-    from graphprune.analysis import Analysis, ChannelGroup, Dim
-
-#: dense re-factoring (Reshape/Flatten) is skipped above this many elements
-DENSE_LIMIT = 1 << 24
+    from graphprune.analysis.dims import Dim
+    from graphprune.analysis.driver import Analysis
+    from graphprune.analysis.groups import ChannelGroup
 
 __all__ = [
-    "ChannelValues",
-    "ConstantContext",
     "ConsumerUse",
     "GroupZeros",
     "analyze_constants",
-    "conv_is_padded",
+    "consumer_nodes",
     "ensure_shapes",
     "find_zero_groups",
 ]
 
 
-@dataclass(frozen=True)
-class ChannelValues:
-    """Along ``axis``, slice ``i`` of a tensor is identically ``values[i]`` (``NaN``: unknown)."""
-
-    axis: int
-    values: np.ndarray
-
-    @property
-    def known(self) -> np.ndarray:
-        return ~np.isnan(self.values)
-
-    @property
-    def fully_known(self) -> bool:
-        return bool(self.values.size) and bool(self.known.all())
-
-    @property
-    def zero(self) -> np.ndarray:
-        """Mask of channels known to be exactly zero."""
-        return self.values == 0
-
-    @property
-    def all_zero(self) -> bool:
-        return bool(self.values.size) and bool(self.zero.all())
-
-    @property
-    def any_known(self) -> bool:
-        return bool(self.known.any())
-
-    def uniform(self) -> float:
-        """The single value of the whole tensor, or ``NaN`` when it is not uniform and known."""
-        if not self.fully_known:
-            return math.nan
-        first = float(self.values[0])
-        return first if bool((self.values == first).all()) else math.nan
-
-    def __repr__(self) -> str:
-        known = int(self.known.sum())
-        zeros = int(self.zero.sum())
-        return f"ChannelValues(axis={self.axis}, size={self.values.size}, known={known}, zero={zeros})"
-
-
-def values(axis: int, vector: Any) -> ChannelValues:
-    """Build a :class:`ChannelValues`, mapping non-finite entries to unknown."""
-    array = np.array(vector, dtype=np.float64).reshape(-1)
-    array[~np.isfinite(array)] = np.nan
-    return ChannelValues(axis, array)
-
-
-def unknown(size: int) -> np.ndarray:
-    return np.full(size, np.nan)
-
-
-class ConstantContext:
-    """What :meth:`OpRule.zero_output` sees: shapes, initializers and the vectors found so far."""
-
-    def __init__(self, graph: gs.Graph, opset: int) -> None:
-        self.graph = graph
-        self.opset = opset
-        self.states: dict[str, ChannelValues] = {}
-        self.node: gs.Node | None = None
-
-    # ------------------------------------------------------------------ queries
-    shape = staticmethod(static_shape)
-    size = staticmethod(static_size)
-    const = staticmethod(const_value)
-
-    @staticmethod
-    def present(node: gs.Node, index: int) -> gs.Tensor | None:
-        """Input ``index`` of ``node`` if it is given (optional inputs may be empty)."""
-        if index < len(node.inputs) and node.inputs[index].name:
-            return node.inputs[index]
-        return None
-
-    def state(self, tensor: gs.Tensor | None) -> ChannelValues | None:
-        if tensor is None or isinstance(tensor, gs.Constant):
-            return None
-        return self.states.get(tensor.name)
-
-    def uniform(self, tensor: gs.Tensor) -> float:
-        """The one value every element of ``tensor`` has, or ``NaN``."""
-        const = self.const(tensor)
-        if const is not None:
-            if const.size == 0 or const.dtype.kind not in "fiub":
-                return math.nan
-            flat = const.reshape(-1).astype(np.float64)
-            first = flat[0]
-            return float(first) if bool((flat == first).all()) and np.isfinite(first) else math.nan
-        state = self.state(tensor)
-        return math.nan if state is None else state.uniform()
-
-    def along(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
-        """Channel vector of ``tensor`` along its own ``axis`` (``None``: size unknown)."""
-        shape = self.shape(tensor)
-        if shape is None or not -len(shape) <= axis < len(shape):
-            return None
-        axis %= len(shape)
-        n = shape[axis]
-        if n is None:
-            return None
-        const = self.const(tensor)
-        if const is not None:
-            if const.dtype.kind not in "fiub":
-                return unknown(n)
-            rows = np.moveaxis(const.astype(np.float64), axis, 0).reshape(n, -1)
-            if rows.shape[1] == 0:
-                return unknown(n)
-            same = (rows == rows[:, :1]).all(axis=1)
-            return np.where(same, rows[:, 0], np.nan)
-        state = self.state(tensor)
-        if state is None:
-            return unknown(n)
-        if state.axis == axis and state.values.size == n:
-            return state.values
-        return np.full(n, state.uniform())
-
-    def aligned(self, tensor: gs.Tensor, out_shape: Sequence[int | None], out_axis: int) -> np.ndarray | None:
-        """Channel vector of a broadcast input of an elementwise op, along output ``out_axis``."""
-        n = out_shape[out_axis]
-        shape = self.shape(tensor)
-        if n is None or shape is None:
-            return None
-        axis = out_axis - (len(out_shape) - len(shape))
-        if axis < 0 or (shape[axis] == 1 and n != 1):
-            return np.full(n, self.uniform(tensor))
-        if shape[axis] != n:
-            return None
-        return self.along(tensor, axis)
-
-
-# ---------------------------------------------------------------------- helpers for rules
-def float32(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-    """Evaluate ``fn`` in float32 (as the runtime does) and return float64 with NaN kept."""
-
-    def wrapped(*arrays: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            out = fn(*[np.asarray(a, dtype=np.float32) for a in arrays])
-        return np.asarray(out, dtype=np.float64)
-
-    return wrapped
-
-
-def elementwise(
-    node: gs.Node,
-    ctx: ConstantContext,
-    fn: Callable[..., np.ndarray],
-    *,
-    absorbing_zero: bool = False,
-) -> list[ChannelValues | None]:
-    """Broadcasting elementwise op: evaluate ``fn`` on the aligned channel vectors.
-
-    ``absorbing_zero``: a zero on any input makes the output zero (``Mul``, ``And``), whatever
-    the other inputs are. Candidate output axes are those on which some input carries a
-    vector; the one with the most known channels wins.
-    """
-    out = node.outputs[0]
-    out_shape = ctx.shape(out)
-    inputs = [t for t in node.inputs if t.name]
-    if out_shape is None or not inputs:
-        return [None]
-    rank = len(out_shape)
-    candidates: list[int] = []
-    for t in inputs:
-        shape = ctx.shape(t)
-        if shape is None:
-            continue
-        lead = rank - len(shape)
-        state = ctx.state(t)
-        if state is not None:
-            candidates.append(state.axis + lead)
-        elif isinstance(t, gs.Constant):
-            candidates.extend(a + lead for a, n in enumerate(shape) if n != 1)
-    if absorbing_zero or not candidates:
-        candidates.append(1 if rank > 1 else 0)
-    best: ChannelValues | None = None
-    for axis in dict.fromkeys(a for a in candidates if 0 <= a < rank):
-        vectors = [ctx.aligned(t, out_shape, axis) for t in inputs]
-        if any(v is None for v in vectors):
-            continue
-        result = fn(*vectors)
-        result = np.asarray(result, dtype=np.float64).reshape(-1)
-        if absorbing_zero:
-            zero = np.zeros(result.shape, dtype=bool)
-            for v in vectors:
-                zero |= v == 0  # type: ignore[operator]
-            result = np.where(zero, 0.0, result)
-        candidate = values(axis, result)
-        if candidate.any_known and (best is None or candidate.known.sum() > best.known.sum()):
-            best = candidate
-    return [best]
-
-
-def carry(state: ChannelValues | None, fn: Callable[[np.ndarray], np.ndarray]) -> ChannelValues | None:
-    """A unary map of a channel vector (``None`` stays ``None``)."""
-    if state is None:
-        return None
-    return values(state.axis, fn(state.values))
-
-
-def moved(state: ChannelValues | None, axis: int | None) -> ChannelValues | None:
-    if state is None or axis is None:
-        return None
-    return ChannelValues(axis, state.values)
-
-
-def refactor(
-    state: ChannelValues | None,
-    in_shape: Sequence[int | None] | None,
-    out_shape: Sequence[int | None] | None,
-    *,
-    keeps_batch: bool = False,
-) -> ChannelValues | None:
-    """Re-view a vector through a Reshape/Flatten: densify, reshape, read the best axis.
-
-    ``keeps_batch``: axis 0 is carried over unchanged (Flatten with ``axis >= 1``, a Reshape
-    target starting with 0), so an unknown batch size does not matter.
-    """
-    if state is None or in_shape is None or out_shape is None:
-        return None
-    if keeps_batch and in_shape and out_shape and state.axis != 0 and in_shape[0] is None and out_shape[0] is None:
-        in_shape, out_shape = [1, *in_shape[1:]], [1, *out_shape[1:]]  # axis 0 passes through
-    if any(d is None for d in [*in_shape, *out_shape]) or not out_shape:
-        return None
-    total = math.prod(in_shape)  # type: ignore[arg-type]
-    if total != math.prod(out_shape) or total > DENSE_LIMIT or total == 0:  # type: ignore[arg-type]
-        return None
-    src = [int(d) for d in in_shape]  # type: ignore[arg-type]
-    dst = [int(d) for d in out_shape]  # type: ignore[arg-type]
-    view = [-1 if a == state.axis else 1 for a in range(len(src))]
-    dense = np.broadcast_to(state.values.reshape(view), tuple(src)).reshape(tuple(dst))
-    best: ChannelValues | None = None
-    for axis, n in enumerate(dst):
-        rows = np.moveaxis(dense, axis, 0).reshape(n, -1)
-        same = (rows == rows[:, :1]).all(axis=1)
-        candidate = ChannelValues(axis, np.where(same, rows[:, 0], np.nan))
-        if candidate.any_known and (
-            best is None or candidate.known.sum() > best.known.sum()
-            or (candidate.known.sum() == best.known.sum() and n > best.values.size)
-        ):
-            best = candidate
-    return best
-
-
-def conv_is_padded(node: gs.Node, kernel: Sequence[int], in_shape: Sequence[int | None] | None) -> bool:
-    """Does this Conv/pool read outside its input (explicit pads or SAME auto-padding)?"""
-    pads = [int(p) for p in node.attrs.get("pads", [])]
-    if any(pads):
-        return True
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        return False
-    if in_shape is None:
-        return True
-    spatial = list(in_shape)[2:]
-    strides = list(node.attrs.get("strides", [1] * len(kernel)))
-    dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
-    for i, k in enumerate(kernel):
-        size = spatial[i] if i < len(spatial) else None
-        if size is None:
-            return True
-        out = -(-size // int(strides[i]))
-        total = (out - 1) * int(strides[i]) + (int(k) - 1) * int(dilations[i]) + 1 - size
-        if total > 0:
-            return True
-    return False
-
-
-# ---------------------------------------------------------------------- the analysis
 def ensure_shapes(graph: gs.Graph, opset: int) -> None:
     """Give every intermediate tensor an inferred shape (in place), if some are missing."""
     missing = [
@@ -367,15 +77,12 @@ def ensure_shapes(graph: gs.Graph, opset: int) -> None:
 
 def analyze_constants(graph: gs.Graph, opset: int) -> ConstantContext:
     """Run every rule's ``zero_output`` over ``graph`` in topological order."""
-    from graphprune.rules import registry
-
-    ctx = ConstantContext(graph, opset)
+    ctx = ConstantContext(opset)
     graph.toposort()
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
         if rule is None:
             continue
-        ctx.node = node
         try:
             outs = rule.zero_output(node, ctx)
         except Exception:  # a rule that cannot tell knows nothing: fail closed
@@ -387,7 +94,6 @@ def analyze_constants(graph: gs.Graph, opset: int) -> ConstantContext:
             if size is None or size != state.values.size:
                 continue
             ctx.states[tensor.name] = ChannelValues(state.axis % len(ctx.shape(tensor) or [0]), state.values)
-    ctx.node = None
     return ctx
 
 
@@ -425,7 +131,13 @@ def consumer_nodes(graph: gs.Graph) -> dict[str, list[gs.Node]]:
     return users
 
 
-def _leak(group: ChannelGroup, users: dict[str, list[gs.Node]], tensors: dict[str, gs.Tensor]) -> str | None:
+def _rule(node: gs.Node, opset: int) -> registry.OpRule | None:
+    return registry.lookup(node.domain or "", node.op, opset)
+
+
+def _leak(
+    group: ChannelGroup, users: dict[str, list[gs.Node]], tensors: dict[str, gs.Tensor], opset: int
+) -> str | None:
     """Why some channel of ``group`` reaches something other than its consumers (or None)."""
     members = group.unit_of
     for dim in members:
@@ -433,7 +145,8 @@ def _leak(group: ChannelGroup, users: dict[str, list[gs.Node]], tensors: dict[st
         if not isinstance(t, gs.Variable):
             continue
         for node in users.get(dim[0], []):
-            if node.op == "Shape":
+            rule = _rule(node, opset)
+            if rule is not None and rule.reads_only_shape:
                 continue
             if any((o.name, a) in members for o in node.outputs for a in range(len(o.shape or []))):
                 continue
@@ -446,7 +159,7 @@ def _leak(group: ChannelGroup, users: dict[str, list[gs.Node]], tensors: dict[st
     return None
 
 
-def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZeros]:
+def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[GroupZeros]:
     """Per exact, unfrozen group with producers: which units are zero or constant at consumers."""
     graph = analysis.graph
     tensors = analysis.context.tensors
@@ -457,7 +170,7 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
             continue
         info = GroupZeros(group)
         found.append(info)
-        reason = _leak(group, users, tensors)
+        reason = _leak(group, users, tensors, analysis.opset)
         if reason is not None:
             info.skipped = reason
             continue
@@ -494,7 +207,7 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
             unit_zero = np.zeros(n, dtype=bool)
             unit_known = np.zeros(n, dtype=bool)
             if activation is not None:
-                vector = cctx.along(tensors[activation[0]], activation[1])
+                vector = constants.along(tensors[activation[0]], activation[1])
                 if vector is not None:
                     read = vector
                     act_labels = group.unit_of[activation]
@@ -509,7 +222,7 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
             info.inputs.append(read)
             zero_here = unit_col_zero | unit_zero
             zero_ok &= zero_here
-            const_ok &= zero_here | (unit_known & _foldable(node, dim, cctx))
+            const_ok &= zero_here | (unit_known & _foldable(node, dim, constants, analysis.opset))
         if info.skipped is not None:
             continue
         # a unit that meets no consumer (its channel only reaches dead ends) is dead: the
@@ -520,39 +233,28 @@ def find_zero_groups(analysis: Analysis, cctx: ConstantContext) -> list[GroupZer
     return found
 
 
-def _foldable(node: gs.Node, dim: Dim, cctx: ConstantContext) -> bool:
-    """Can a constant read by this consumer be folded into its bias exactly?"""
-    if node.op == "Conv":
-        w = node.inputs[1]
-        if int(node.attrs.get("group", 1)) != 1 or dim != (w.name, 1):
+def _foldable(node: gs.Node, dim: Dim, constants: ConstantContext, opset: int) -> bool:
+    """Can a constant read by this consumer be folded into its bias exactly?
+
+    Yes for an ungrouped, unpadded convolution reading it through weight axis ``dim`` and for
+    a dense layer with a bias input (Gemm) whose constant weight is ``dim``'s tensor, when the
+    bias is a constant or absent (see :meth:`OpRule.linear`).
+    """
+    rule = _rule(node, opset)
+    info = rule.linear(node) if rule is not None else None
+    if info is None:
+        return False
+    weight = node.inputs[info.weight]
+    bias = ConstantContext.present(node, info.bias) if info.bias is not None else None
+    if bias is not None and not isinstance(bias, gs.Constant):
+        return False
+    if info.kernel == "conv":
+        if info.group != 1 or dim != (weight.name, info.in_axis):
             return False
-        bias = ConstantContext.present(node, 2)
-        if bias is not None and not isinstance(bias, gs.Constant):
+        kernel = [int(k) for k in np.asarray(weight.values).shape[2:]]
+        return not conv_is_padded(node, kernel, constants.shape(node.inputs[info.data]))
+    if info.kernel == "dense" and info.bias is not None:
+        if not isinstance(weight, gs.Constant) or weight.name != dim[0]:
             return False
-        kernel = [int(k) for k in np.asarray(w.values).shape[2:]]
-        return not conv_is_padded(node, kernel, cctx.shape(node.inputs[0]))
-    if node.op == "Gemm":
-        b = node.inputs[1]
-        if not isinstance(b, gs.Constant) or b.name != dim[0]:
-            return False
-        c = ConstantContext.present(node, 2)
-        if c is not None and not isinstance(c, gs.Constant):
-            return False
-        beta = float(node.attrs.get("beta", 1.0))
-        return c is None or beta != 0.0
+        return bias is None or info.beta != 0.0
     return False
-
-
-def slice_indices(start: int, end: int, step: int, size: int) -> np.ndarray:
-    """The indices an ONNX ``Slice`` keeps along one axis (ONNX clamping rules)."""
-    if step == 0:
-        raise ValueError("Slice step 0")
-    if start < 0:
-        start += size
-    if end < 0:
-        end += size
-    if step > 0:
-        start, end = max(0, min(size, start)), max(0, min(size, end))
-    else:
-        start, end = max(0, min(size - 1, start)), max(-1, min(size - 1, end))
-    return np.arange(start, end, step, dtype=np.int64)

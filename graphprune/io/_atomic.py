@@ -1,20 +1,57 @@
-"""Atomic text writes (reports, plans): a temp file in the same folder, then rename."""
+"""Atomic writes (models, reports, plans): a temporary file in the same folder, then a rename.
+
+The temporary file is created the way ``open(path, "w")`` creates a file, mode ``0o666``
+less the process umask (``tempfile.mkstemp`` would make it ``0o600``, and the rename would
+carry that to the final file); a file that already exists at the target keeps its mode.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
+
+from graphprune.errors import UsageError
+
+
+def create_temporary(target: Path) -> tuple[int, str]:
+    """Create an empty temporary file next to ``target``; return its descriptor and path."""
+    target = Path(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except OSError:
+            return handle, str(path)  # a new file: the umask decided its mode
+        try:
+            os.chmod(path, mode)
+        except OSError:
+            os.close(handle)
+            os.unlink(path)
+            raise
+        return handle, str(path)
+    raise FileExistsError(f"no free temporary name next to {target}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically; UsageError (one line) when it cannot be written."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        handle, tmp = create_temporary(path)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as exc:
+        reason = exc.strerror or str(exc).strip().splitlines()[0]
+        raise UsageError(f"cannot write '{path}': {reason}") from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise

@@ -3,12 +3,17 @@
 Unknown dimensions are resolved once per symbol, so inputs that share a symbolic dimension
 (``input_ids[batch, seq]`` and ``attention_mask[batch, seq]``) get the same size:
 
+* an input named in ``input_shapes`` takes that whole shape (it must fit the declared one),
+  and its symbols take the sizes it gives them;
 * a symbol named in ``dim_values`` takes that value;
 * a symbol (or unnamed dimension) on axis 0 takes ``batch``;
 * on a 4-D floating-point input (an image), an unknown channel axis takes 3 and unknown
   spatial axes take 224 (channels-first, or channels-last when the last axis is known
   and at most 4);
 * anything else (sequence lengths, feature sizes) takes 8.
+
+A declared size of ``-1`` (older exporters, e.g. paddle2onnx) counts as unknown. Every feed
+is an ``np.ndarray``, a scalar input one of shape ``()``.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             shape = []
             for dim in tensor_type.shape.dim:
                 which = dim.WhichOneof("value")
-                if which == "dim_value":
+                if which == "dim_value" and dim.dim_value >= 0:
                     shape.append(int(dim.dim_value))
                 elif which == "dim_param" and dim.dim_param:
                     shape.append(dim.dim_param)
@@ -88,7 +93,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def _channels_last(shape: Sequence[Dim]) -> bool:
     last, second = shape[3], shape[1]
-    return isinstance(last, int) and last <= 4 and not (isinstance(second, int) and second <= 4)
+    def small(dim: Dim) -> bool:  # a known size of at most 4 (-1 counts as unknown)
+        return isinstance(dim, int) and 0 <= dim <= 4
+
+    return small(last) and not small(second)
 
 
 def _default_dim(spec: InputSpec, axis: int, batch: int) -> int:
@@ -101,11 +109,34 @@ def _default_dim(spec: InputSpec, axis: int, batch: int) -> int:
     return DEFAULT_LENGTH
 
 
+def _given_shape(spec: InputSpec, shape: Sequence[int], chosen: dict[str, int]) -> tuple[int, ...]:
+    """``shape`` for ``spec`` after checking it against the declared shape; binds symbols."""
+    sizes = tuple(shape)
+    if any(not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 0 for n in sizes):
+        raise UsageError(
+            f"input_shapes['{spec.name}'] must be non-negative integers, got {shape!r}"
+        )
+    if spec.shape is not None:
+        if len(sizes) != len(spec.shape):
+            raise UsageError(f"input_shapes['{spec.name}'] has rank {len(sizes)}; the graph input "
+                             f"'{spec.name}' has rank {len(spec.shape)}")
+        for axis, (dim, size) in enumerate(zip(spec.shape, sizes, strict=True)):
+            if isinstance(dim, int) and dim >= 0 and dim != size:
+                raise UsageError(f"input_shapes['{spec.name}'] gives axis {axis} size {size}; "
+                                 f"the graph input '{spec.name}' declares {dim}")
+            if isinstance(dim, str):
+                if chosen.setdefault(dim, int(size)) != size:
+                    raise UsageError(f"input_shapes['{spec.name}'] gives '{dim}' size {size}, "
+                                     f"another input gives it {chosen[dim]}")
+    return tuple(int(n) for n in sizes)
+
+
 def resolve_shapes(
     specs: Sequence[InputSpec],
     *,
     batch: int = 1,
     dim_values: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Concrete shapes for ``specs``; a symbol gets one value across all inputs."""
     if batch < 1:
@@ -114,19 +145,31 @@ def resolve_shapes(
     for symbol, size in chosen.items():
         if not isinstance(size, int | np.integer) or size < 0:
             raise UsageError(f"dim_values['{symbol}'] must be a non-negative integer, got {size!r}")
+    given: dict[str, tuple[int, ...]] = {}
+    names = {spec.name for spec in specs}
+    for name in input_shapes or {}:
+        if name not in names:
+            raise UsageError(f"input_shapes names '{name}', which is not a graph input "
+                             f"(inputs: {', '.join(sorted(names))})")
+    for spec in specs:  # given shapes first: they bind the symbols they cover
+        if input_shapes and spec.name in input_shapes:
+            given[spec.name] = _given_shape(spec, input_shapes[spec.name], chosen)
     # Symbols on axis 0 are batch dimensions wherever else they appear.
     for spec in specs:
         if spec.shape and isinstance(spec.shape[0], str):
             chosen.setdefault(spec.shape[0], batch)
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs:
+        if spec.name in given:
+            shapes[spec.name] = given[spec.name]
+            continue
         if spec.shape is None:
             raise UsageError(
                 f"graph input '{spec.name}' has no declared rank; give the model a shape for it"
             )
         sizes = []
         for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int):
+            if isinstance(dim, int) and dim >= 0:
                 sizes.append(dim)
             elif isinstance(dim, str):
                 sizes.append(chosen.setdefault(dim, _default_dim(spec, axis, batch)))
@@ -139,8 +182,8 @@ def resolve_shapes(
 def _random(
     rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, int_high: int, name: str
 ) -> np.ndarray:
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+    if dtype == np.bool_:  # an ndarray even for shape (): ORT refuses numpy scalars
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(shape).astype(dtype)
     if np.issubdtype(dtype, np.integer):
@@ -158,13 +201,14 @@ def make_feeds_from_specs(
     dim_values: Mapping[str, int] | None = None,
     count: int = 1,
     int_high: int = 2,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` feeds of random values for ``specs`` (see :func:`make_feeds`)."""
     if count < 1:
         raise UsageError(f"count must be at least 1, got {count}")
     if int_high < 1:
         raise UsageError(f"int_high must be at least 1, got {int_high}")
-    shapes = resolve_shapes(specs, batch=batch, dim_values=dim_values)
+    shapes = resolve_shapes(specs, batch=batch, dim_values=dim_values, input_shapes=input_shapes)
     rng = np.random.default_rng(seed)
     return [
         {
@@ -183,6 +227,7 @@ def make_feeds(
     dim_values: Mapping[str, int] | None = None,
     count: int = 1,
     int_high: int = 2,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for every non-initializer graph input of ``model``.
 
@@ -196,4 +241,5 @@ def make_feeds(
         dim_values=dim_values,
         count=count,
         int_high=int_high,
+        input_shapes=input_shapes,
     )

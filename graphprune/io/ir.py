@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import model_io
+from graphprune.io.weights import restore_stubs
+from graphprune.rules import registry
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +61,23 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+def import_graph(model: onnx.ModelProto, store: Any = None) -> gs.Graph:
+    """``model`` as a graphsurgeon graph; with a weight ``store`` its external weights are
+    memory-mapped from the store when read."""
+    graph = gs.import_onnx(model)
+    if store is not None:
+        store.map_graph(graph)
+    return graph
 
 
-def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping the template's opsets, IR version and metadata."""
+def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) -> onnx.ModelProto:
+    """Export ``graph`` keeping the template's opsets, IR version and metadata.
+
+    With a weight ``store``, new large weights are written to the store first and every
+    weight is exported as a reference to the store, never copied into the proto."""
+    if store is not None:
+        store.spill(graph)
+        restore_stubs(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend(copy.deepcopy(list(template.opset_import)))
@@ -114,15 +129,36 @@ def clear_intermediate_shapes(graph: gs.Graph) -> None:
     del_value_info = graph  # noqa: F841 - value_info is rebuilt from tensors on export
 
 
-def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
-    """Return a normalised, shape-inferred copy of ``model`` ready for analysis."""
-    model = copy.deepcopy(model)
+def _computes_constants(model: onnx.ModelProto) -> bool:
+    """Does the model hold a node that exporters use to compute constants (a Constant node,
+    an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``)?"""
+    opset = default_opset(model)
+    for node in model.graph.node:
+        rule = registry.lookup(node.domain, node.op_type, opset)
+        if rule is not None and node.op_type in rule.constant_ops:
+            return True
+    return False
+
+
+def prepare(
+    model: onnx.ModelProto, *, fold: bool = True, copy_model: bool = True, store: Any = None
+) -> onnx.ModelProto:
+    """Return a normalised, shape-inferred copy of ``model`` ready for analysis.
+
+    ``copy_model=False`` normalises the caller's model in place (no copy of its weights);
+    ``store`` (a :class:`graphprune.io.weights.WeightStore`) holds the weights of a model
+    whose tensors are external stubs of the store.
+    """
+    if copy_model:
+        model = copy.deepcopy(model)
     strip_initializer_inputs(model)
     name_nodes(model)
     model = model_io.infer_shapes(model, inplace=True)
-    has_constant_nodes = any(n.op_type in ("Constant", "Identity", "Shape") for n in model.graph.node)
-    if fold and has_constant_nodes:
-        graph = import_graph(model)
+    if fold and _computes_constants(model):
+        graph = import_graph(model, store)
+        _fold_sliced_shapes(graph)
+        if store is not None:
+            _load_fold_inputs(graph)
         try:
             import onnxruntime as ort
 
@@ -130,8 +166,50 @@ def prepare(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
             graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False)
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
-            graph = import_graph(model)
+            graph = import_graph(model, store)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        model = export_graph(graph, model)
+        model = export_graph(graph, model, store)
         model = model_io.infer_shapes(model, inplace=True)
     return model
+
+
+def _load_fold_inputs(graph: gs.Graph) -> None:
+    """Read the weights that constant folding will compute with (folding runs ONNX Runtime
+    on an in-memory model, which cannot follow references into a weight store)."""
+    constant_outputs: set[str] = set()
+    for node in graph.nodes:
+        inputs = [t for t in node.inputs if t.name]
+        if not inputs or any(
+            not isinstance(t, gs.Constant) and t.name not in constant_outputs for t in inputs
+        ):
+            continue
+        for t in inputs:
+            if isinstance(t, gs.Constant):
+                _ = t.values
+        constant_outputs.update(o.name for o in node.outputs)
+
+
+def _fold_sliced_shapes(graph: gs.Graph) -> None:
+    """Fold ``Shape(x, start, end)`` of a static ``x`` to its constant slice ourselves:
+    graphsurgeon's shape folding ignores ``start``/``end`` (opset 15) and would fold the
+    whole shape."""
+    for node in graph.nodes:
+        if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
+            continue
+        shape = node.inputs[0].shape if node.inputs else None
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        dims = list(shape)[slice(start, None if end is None else int(end))]
+        out = node.outputs[0]
+        const = gs.Constant(f"{out.name}__gp_shape", np.array(dims, dtype=np.int64))
+        redirect_uses(out, const)
+        for g_out_index, g_out in enumerate(graph.outputs):
+            if g_out is out:
+                node.op, node.attrs = "Identity", {}
+                node.inputs[:] = [const]
+                break
+        else:
+            node.outputs.clear()
+            node.inputs.clear()

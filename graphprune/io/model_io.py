@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from google.protobuf.message import Message
 from onnx import external_data_helper, version_converter
 
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
+from graphprune.io._atomic import create_temporary
 
 __all__ = [
     "MIN_OPSET",
@@ -123,6 +123,13 @@ def _load_path(path: Path, *, load_external_data: bool) -> onnx.ModelProto:
     return model
 
 
+def check_external_data(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Check that the external data files of the model loaded from ``path`` exist and are
+    long enough, without loading them (InvalidModelError otherwise)."""
+    path = Path(os.fspath(path))
+    _load_external_data(model, path.parent, f"'{path}'", load=False)
+
+
 def _load_bytes(data: bytes, *, load_external_data: bool) -> onnx.ModelProto:
     what = "the given bytes"
     try:
@@ -158,8 +165,11 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path, what: str) -> None:
-    """Check that every external data file exists and is long enough, then load it."""
+def _load_external_data(
+    model: onnx.ModelProto, base_dir: Path, what: str, *, load: bool = True
+) -> None:
+    """Check that every external data file exists and is long enough, then load it
+    (``load=False``: only check; the weights stay on disk)."""
     tensors = list(_external_tensors(model))
     if not tensors:
         return
@@ -185,6 +195,8 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, what: str) -> No
                     f"{what}: external data file '{file}' is truncated: tensor "
                     f"'{tensor.name}' needs bytes up to {end}, the file has {size}"
                 )
+    if not load:
+        return
     try:
         external_data_helper.load_external_data_for_model(model, base)
     except Exception as exc:
@@ -308,6 +320,19 @@ def _copy_model(model: onnx.ModelProto, convert: TensorConverter) -> onnx.ModelP
     if model.HasField("graph"):
         result.graph.CopyFrom(_copy_graph(model.graph, convert))
     return result
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor``'s data from its dims and type (external or not)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return 0
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    per_byte = _PACKED.get(tensor.data_type)
+    return -(-count // per_byte) if per_byte is not None else count * itemsize
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:
@@ -525,6 +550,7 @@ def save_model(
     input_path: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
     size_threshold: int = 1024,
+    store: Any = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
@@ -551,14 +577,20 @@ def save_model(
             protected = _input_data_files(source)
 
     unloaded = [t.name for t in _external_tensors(model)]
-    if unloaded:
+    if unloaded and store is not None:
+        # weights held by a graphprune.io.weights.WeightStore: stream them from there
+        size = model_size_bytes(model) + sum(_nbytes(t) for t in _external_tensors(model))
+        if (size <= EXTERNAL_DATA_THRESHOLD if external_data is None else not external_data):
+            model, store, unloaded = store.materialize(model), None, []
+    if unloaded and store is None:
         raise UsageError(
             f"tensor '{unloaded[0]}' keeps its data in an external file that was not loaded; "
             "load the model with load_external_data=True before saving it"
         )
 
-    size = model_size_bytes(model)
+    size = model_size_bytes(model) + sum(_nbytes(t) for t in _external_tensors(model))
     use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    use_external = use_external or bool(unloaded)
     if not use_external and size >= PROTOBUF_LIMIT:
         raise UsageError(
             f"model is {size} bytes, over protobuf's 2 GiB limit; save it with external data"
@@ -574,7 +606,8 @@ def save_model(
         if use_external:
             data_temp = _temporary(parent, data_target.name, temporaries)
             with open(data_temp, "wb") as stream:
-                skeleton = _write_external(model, stream, data_target.name, size_threshold)
+                skeleton = _write_external(model, stream, data_target.name, size_threshold,
+                                           store=store)
                 _sync(stream)
             model_bytes = skeleton.SerializeToString()
         else:
@@ -600,7 +633,7 @@ def save_model(
 
 def _temporary(directory: Path, name: str, registry: list[str]) -> str:
     """Create an empty temporary file next to the final file; remember it for cleanup."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    handle, temporary = create_temporary(directory / name)  # umask respected, not 0600
     os.close(handle)
     registry.append(temporary)
     return temporary
@@ -612,13 +645,25 @@ def _sync(stream: Any) -> None:
 
 
 def _write_external(
-    model: onnx.ModelProto, stream: Any, location: str, size_threshold: int
+    model: onnx.ModelProto, stream: Any, location: str, size_threshold: int, store: Any = None
 ) -> onnx.ModelProto:
-    """Write large raw tensors to ``stream``; return a skeleton that refers to them."""
+    """Write large raw tensors to ``stream``; return a skeleton that refers to them.
+    External stubs of ``store`` (a WeightStore) are streamed from it."""
     offset = 0
 
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
         nonlocal offset
+        if store is not None and external_data_helper.uses_external_data(tensor):
+            length = _nbytes(tensor)
+            alignment = _LARGE_ALIGNMENT if length >= _DETACH_THRESHOLD else _ALIGNMENT
+            padding = -offset % alignment
+            if padding:
+                stream.write(b"\0" * padding)
+                offset += padding
+            length = store.copy_bytes(tensor, stream)
+            stub = _external_stub(tensor, location, offset, length)
+            offset += length
+            return stub
         if not tensor.HasField("raw_data") or _raw_size(tensor) < size_threshold:
             return None
         data = tensor.raw_data

@@ -21,6 +21,10 @@ from graphprune.planning.planner import plan_ratio, replay
 from graphprune.verify import validate
 
 
+#: verification tolerance on the relative difference (float32 models)
+DEFAULT_TOLERANCE = 1e-4
+
+
 @dataclass
 class RatioOptions:
     ratio: float = 0.5
@@ -40,13 +44,14 @@ def channel_passes(analysis: Analysis, plan: Plan) -> list:
 
 
 def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
-              saved: Plan | str | None = None) -> Plan:
+              saved: Plan | str | None = None, scorer: Any = None) -> Plan:
     with session.stage("plan"):
         if saved is not None:
             return replay(analysis, Plan.load(saved) if isinstance(saved, str) else saved)
         plan = plan_ratio(
             analysis, ratio=options.ratio, criterion=options.criterion,
             round_to=options.round_to, min_channels=options.min_channels, seed=options.seed,
+            scorer=scorer,
             ratio_of=targets.ratio_function(
                 analysis, options.ratio, head_ratio=options.head_ratio,
                 mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
@@ -73,17 +78,17 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
         exact_plan = replay(fresh, Plan(groups=[g for g in plan.groups if by_id[g.group].is_exact]))
         check.apply(channel_passes(fresh, exact_plan))
         candidate = check.export()
-        overrides = validate.zeroed_overrides(session.prepared, fresh, removed_elements(fresh, exact_plan))
+        reference = validate.zeroed_reference(session.prepared, fresh, removed_elements(fresh, exact_plan))
         what = "the zeroed original (exact groups only)"
     else:
-        overrides = validate.zeroed_overrides(session.prepared, analysis, removed_elements(analysis, plan))
-    verification = session.verify_against(
-        session.prepared, what, tolerance=tolerance, candidate=candidate, overrides=overrides)
+        reference = validate.zeroed_reference(session.prepared, analysis, removed_elements(analysis, plan))
+    verification = session.verify_against(reference, what, tolerance=tolerance, candidate=candidate,
+                                          optimize_reference=False)
     if inexact and verification.get("ok"):
         # the model that is returned must itself pass the checker and run
         try:
-            validate.check_model(session.model, session.prepared)
-            validate.run(session.model, session.feeds()[0], "the pruned model")
+            validate.check_model(session.path_of(session.model), session.path_of(session.prepared))
+            validate.run(session.path_of(session.model), session.feeds()[0], "the pruned model")
         except Exception as exc:  # VerificationError
             verification = {"ok": False, "reference": what, "error": str(exc), "_error": exc}
     verification["exact_groups_checked"] = len(pruned_groups) - len(inexact)
@@ -100,15 +105,39 @@ def prune_ratio(
     *,
     plan: Plan | str | None = None,
     verify: bool = True,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
+    calibration: Any = None,
+    calibration_options: Any = None,
 ) -> PruneResult:
-    """Plan (or replay) and apply a ratio prune on ``session``; verify and report."""
+    """Plan (or replay) and apply a ratio prune on ``session``; verify and report.
+
+    ``tolerance=None``: 1e-4 relative for float32 models, 1e-2 for 16-bit float models.
+
+    With ``calibration`` (see :mod:`graphprune.pipeline.calibrated`) the plan uses a
+    data-aware criterion, the structural rewrite is checked against the zeroed original as
+    always, then reconstruction passes run and the report gains ``calibration`` and
+    ``fidelity`` (held-out samples against the original)."""
+    if tolerance is None:
+        tolerance = session.default_tolerance(DEFAULT_TOLERANCE)
+    calibrated = None
+    if calibration is not None:
+        from graphprune.pipeline.calibrated import CalibratedRun
+
+        calibrated = CalibratedRun(session, calibration, calibration_options)
     analysis = session.analyze()
-    the_plan = make_plan(session, analysis, options, plan)
+    scorer = calibrated.scorer(analysis) if calibrated is not None and plan is None else None
+    the_plan = make_plan(session, analysis, options, plan, scorer=scorer)
+    if calibrated is not None and scorer is not None:
+        the_plan.meta["criterion"] = calibrated.criterion
     with session.stage("prune"):
         session.apply(channel_passes(analysis, the_plan))
         session.export()
+    verification = verify_zeroed(session, analysis, the_plan, tolerance) if verify else None
+    if calibrated is not None and (verification is None or verification.get("ok")):
+        calibrated.reconstruct(analysis, the_plan)
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
-    verification = verify_zeroed(session, analysis, the_plan, tolerance) if verify else None
+    if calibrated is not None:
+        report["calibration"] = calibrated.report()
+        report["fidelity"] = calibrated.fidelity()
     return session.finish(report, the_plan, verification)

@@ -120,11 +120,17 @@ def base_report(
     return report
 
 
-def tolerance_hint(model: onnx.ModelProto) -> str:
-    """A hint for the error message when the model computes in reduced precision."""
+def is_low_precision(model: onnx.ModelProto) -> bool:
+    """Whether the model's weights or inputs are 16-bit floats."""
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     types = {t.data_type for t in model.graph.initializer}
     types |= {i.type.tensor_type.elem_type for i in model.graph.input}
-    if types & low:
-        return " (the model computes in 16-bit floats: pass a looser --tolerance, e.g. 1e-2)"
+    return bool(types & low)
+
+
+def tolerance_hint(model: onnx.ModelProto) -> str:
+    """A hint for the error message: how to accept a larger difference."""
+    if is_low_precision(model):
+        return (" (the model computes in 16-bit floats; the default tolerance already allows "
+                "for that: pass a looser --tolerance if this difference is acceptable)")
     return " (raise --tolerance if this difference is acceptable)"

@@ -21,10 +21,11 @@ broke the graph.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import RewriteError, UsageError, VerificationError
 from graphprune.io import ir, model_io
 from graphprune.io.feeds import make_feeds
+from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
 from graphprune.planning.plan import Plan
@@ -45,16 +47,74 @@ Progress = Callable[[str], None]
 #: models below this opset are converted to it before analysis
 UPGRADE_BELOW = 11
 UPGRADE_TO = 13
+#: default verification tolerance of models that compute in float16/bfloat16 (their
+#: rounding step is ~1e-3 relative; a pruned and a zeroed model round differently)
+LOW_PRECISION_TOLERANCE = 1e-2
 
 
-@dataclass
 class PruneResult:
-    """What every mode returns: the model, the report (one shape) and the plan."""
+    """What every mode returns: the model, the report (one shape) and the plan.
 
-    model: onnx.ModelProto
-    report: dict[str, Any]
-    plan: Plan
-    analysis: Analysis | None = field(default=None, repr=False)
+    When the weights are held by a :class:`~graphprune.io.weights.WeightStore` (every
+    session's model), ``model`` is built with its weights in the proto on first access;
+    :meth:`save` streams them to the output file instead, without that copy.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        report: dict[str, Any],
+        plan: Plan,
+        analysis: Analysis | None = None,
+        *,
+        store: WeightStore | None = None,
+    ) -> None:
+        self._model = model
+        self.report = report
+        self.plan = plan
+        self.analysis = analysis
+        self.store = store
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self.store is not None:
+            self._model = self.store.materialize(self._model)
+            self.store = None
+        return self._model
+
+    @model.setter
+    def model(self, value: onnx.ModelProto) -> None:
+        self._model, self.store = value, None
+
+    @property
+    def skeleton(self) -> onnx.ModelProto:
+        """The model with its weights as references to the store (cheap to inspect)."""
+        return self._model
+
+    def save(self, path: Any, *, input_path: Any = None) -> Any:
+        """Write the model atomically (weights streamed from the store, never copied)."""
+        external = True if self.store is not None and self.store.external_source else None
+        return model_io.save_model(self._model, path, input_path=input_path, store=self.store,
+                                   external_data=external)
+
+    def __repr__(self) -> str:
+        return f"PruneResult(mode={self.report.get('mode')!r}, groups={len(self.plan.groups)})"
+
+
+def _load_into(store: WeightStore, source: Any) -> onnx.ModelProto:
+    """Load ``source`` with its weights moved into ``store`` (the proto keeps references)."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(os.fspath(source))
+        model = model_io.load_model(path, load_external_data=False)
+        model_io.check_external_data(model, path)
+        store.adopt(model, path.parent)
+    else:
+        model = model_io.load_model(source)
+        store.adopt(model, None)
+    # a fresh message: the cleared weight bytes go back with the old one's memory
+    small = onnx.ModelProto()
+    small.ParseFromString(model.SerializeToString())
+    return small
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -86,17 +146,22 @@ class Session:
         self.keep = normalize_keep(keep)
         self.timings: dict[str, float] = {}
         self._start = time.perf_counter()
+        self.store = WeightStore()
         with self.stage("load"):
-            self.original = model_io.load_model(model)
-            self.opset = model_io.check_opset(self.original)
+            loaded = _load_into(self.store, model)
+            self.opset = model_io.check_opset(loaded)
             if self.opset < UPGRADE_BELOW:
-                self.original = model_io.upgrade_opset(self.original, UPGRADE_TO)
+                loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
                 self.opset = UPGRADE_TO
-            self.prepared = ir.prepare(self.original)
+            #: the normalised model; its weights are references into ``store``
+            self.prepared = ir.prepare(loaded, copy_model=False, store=self.store)
+            #: the original, as far as comparisons go (the prepared model computes the same)
+            self.original = self.prepared
         self.graph: gs.Graph | None = None
         self.analysis: Analysis | None = None
         self.model: onnx.ModelProto | None = None
         self.ctx = PassContext(opset=self.opset, debug=debug, debug_check=self._debug_check)
+        self._paths: dict[int, tuple[onnx.ModelProto, Any]] = {}
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -116,7 +181,7 @@ class Session:
     # ------------------------------------------------------------------ graph
     def import_graph(self, model: onnx.ModelProto | None = None) -> gs.Graph:
         """Start (or restart) the working graph from ``model`` (default: the prepared model)."""
-        self.graph = ir.import_graph(self.prepared if model is None else model)
+        self.graph = ir.import_graph(self.prepared if model is None else model, self.store)
         self.analysis = None
         return self.graph
 
@@ -129,6 +194,15 @@ class Session:
             self.check_keep()
             self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep)
         return self.analysis
+
+    @property
+    def low_precision(self) -> bool:
+        """The model computes in 16-bit floats (its weights or inputs are float16/bfloat16)."""
+        return reports.is_low_precision(self.prepared)
+
+    def default_tolerance(self, base: float) -> float:
+        """``base`` for float32 models; a tolerance that fits 16-bit floats otherwise."""
+        return max(base, LOW_PRECISION_TOLERANCE) if self.low_precision else base
 
     def check_keep(self) -> None:
         """Every ``keep`` name must name a node or a tensor of the model."""
@@ -153,7 +227,8 @@ class Session:
 
     def apply(self, passes: list[Pass], *, fixed_point: bool = False,
               max_iterations: int = 10) -> PassResult:
-        """Run ``passes`` on the working graph; their stats and times go to the report."""
+        """Run ``passes`` on the working graph; their stats and times go to the report, and
+        the result's ``stats`` hold this run's (per pass name)."""
         if self.graph is None:
             self.import_graph()
         assert self.graph is not None
@@ -168,17 +243,35 @@ class Session:
             self.import_graph()
         assert self.graph is not None
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        model = ir.export_graph(self.graph, self.prepared)
+        model = ir.export_graph(self.graph, self.prepared, self.store)
         self.model = model_io.infer_shapes(model, inplace=True)
         return self.model
 
     def _debug_check(self, graph: gs.Graph, pass_name: str) -> None:
         try:
-            model = model_io.infer_shapes(ir.export_graph(graph.copy(), self.prepared), inplace=True)
-            validate.check_model(model, self.prepared)
-            validate.session(model)
+            model = model_io.infer_shapes(
+                ir.export_graph(graph.copy(), self.prepared, self.store), inplace=True)
+            path = self.path_of(model)
+            validate.check_model(path, self.path_of(self.prepared))
+            validate.session(path)
         except Exception as exc:  # name the pass that broke the graph
             raise RewriteError(f"{pass_name} left an invalid graph: {str(exc).splitlines()[0]}") from exc
+
+    def materialize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A self-contained copy of a model of this session (weights in the proto)."""
+        return self.store.materialize(model)
+
+    def path_of(self, model: Any) -> Any:
+        """A file of the store for a model proto (ORT and the checker read it with its
+        external weights); paths pass through."""
+        if isinstance(model, onnx.ModelProto):
+            cached = self._paths.get(id(model))
+            if cached is not None and cached[0] is model:
+                return cached[1]
+            path = self.store.write_model(model)
+            self._paths[id(model)] = (model, path)
+            return path
+        return model
 
     # ------------------------------------------------------------------ verification
     def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -195,6 +288,7 @@ class Session:
         overrides: dict[str, np.ndarray] | None = None,
         feeds: list[dict[str, np.ndarray]] | None = None,
         stage: str = "verify",
+        optimize_reference: bool | None = None,
     ) -> dict[str, Any]:
         """Compare ``candidate`` (default: the exported model) with ``reference``.
 
@@ -205,9 +299,10 @@ class Session:
         with self.stage(stage):
             try:
                 return validate.compare(
-                    candidate, reference, feeds if feeds is not None else self.feeds(),
+                    self.path_of(candidate), self.path_of(reference),
+                    feeds if feeds is not None else self.feeds(),
                     what=what, tolerance=tolerance, reference_overrides=overrides,
-                    original=self.prepared,
+                    original=self.path_of(self.prepared), optimize_reference=optimize_reference,
                 )
             except VerificationError as exc:
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
@@ -241,7 +336,7 @@ class Session:
         report["timings"] = {**self.timings, "total": self.elapsed()}
         result = PruneResult(
             self.model if model is None else model, report, plan,
-            analysis if analysis is not None else self.analysis,
+            analysis if analysis is not None else self.analysis, store=self.store,
         )
         if not verification.get("skipped") and not verification.get("ok"):
             exc = error or VerificationError(

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import ChannelGroup
 from graphprune.errors import UsageError
+from graphprune.io.weights import release
 
 CRITERIA = ("l1", "l2", "random")
 
@@ -48,6 +49,7 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
         if not np.issubdtype(values.dtype, np.floating):
             continue
         norms = _slice_norms(values, dim[1], order)
+        release(tensors[dim[0]].values)  # a mapped weight's pages go back to the kernel
         mean = norms.mean()
         if mean > 0:
             norms = norms / mean

@@ -61,9 +61,11 @@ def plan_ratio(
     min_channels: int = 1,
     seed: int = 0,
     ratio_of: Callable[[ChannelGroup], float | None] | None = None,
+    scorer: Callable[[ChannelGroup], np.ndarray] | None = None,
 ) -> Plan:
     """``ratio_of(group)`` overrides the ratio per group (``None``: leave it whole); the
-    transformer targets (heads, MLP neurons, hidden size) use it."""
+    transformer targets (heads, MLP neurons, hidden size) use it. ``scorer(group)``
+    replaces the ``criterion``'s scores (the data-aware criteria of a calibrated prune)."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"ratio must be in [0, 1), got {ratio}")
     if round_to is not None and round_to < 1:
@@ -78,7 +80,7 @@ def plan_ratio(
         group_ratio = ratio if ratio_of is None else ratio_of(group)
         if not group_ratio:
             continue
-        scores = score_group(group, tensors, criterion, rng)
+        scores = scorer(group) if scorer is not None else score_group(group, tensors, criterion, rng)
         align = auto_round_to(group.num_units) if round_to is None else round_to
         keep = kept_count(group.num_units, group_ratio, align, min_channels)
         n_remove = group.num_units - keep

@@ -9,20 +9,25 @@ ConvTranspose: ``W[Cin, Cout/g, k...]``, the same with the roles of the axes swa
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
+from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, GroupTie, Modulo
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.rules.linear import linear_scale
 from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from collections.abc import Callable
+
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
 
 
 def _mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
@@ -93,7 +98,7 @@ class ConvRule(OpRule):
         if group == 1:
             ctx.couple(x, 1, w, 1)
             ctx.role(w, 1, CONSUMER)
-        elif node.name in ctx.options.get("position_convs", ()):
+        elif node.name in ctx.position_convs:
             # prune the same positions in every conv group: group count stays, W shrinks
             # along its input axis; output position p of every group goes together
             per_out = (ctx.size(w, 0) or group) // group
@@ -109,6 +114,21 @@ class ConvRule(OpRule):
             data=0, data_axis=1, weight=1, in_axis=1, out_axis=0, out_channel_axis=1, bias=2,
             kernel="conv", group=int(node.attrs.get("group", 1)),
         )
+
+    def prunes_by_position(self, node: gs.Node) -> bool:
+        """A grouped, not depthwise, conv with a constant weight (see ``couple``)."""
+        w = node.inputs[1]
+        return int(node.attrs.get("group", 1)) > 1 and isinstance(w, gs.Constant) and w.shape[1] > 1
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """Every output element sums ``Cin/g * prod(kernel)`` products."""
+        w, y = shape(node.inputs[1]), shape(node.outputs[0])
+        if w is None or y is None:
+            return None
+        return math.prod(y) * math.prod(w[1:])
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return linear_scale(node, self.linear(node), ctx)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         w = node.inputs[1]
@@ -168,6 +188,16 @@ class ConvTransposeRule(OpRule):
             data=0, data_axis=1, weight=1, in_axis=0, out_axis=1, out_channel_axis=1, bias=2,
             kernel="conv_transpose", group=int(node.attrs.get("group", 1)),
         )
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """Every input element is scattered through ``Cout/g * prod(kernel)`` products."""
+        w, x = shape(node.inputs[1]), shape(node.inputs[0])
+        if w is None or x is None:
+            return None
+        return math.prod(x) * math.prod(w[1:])
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return linear_scale(node, self.linear(node), ctx)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _rewrite_group(node, ctx, node.inputs[0])

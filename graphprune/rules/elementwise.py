@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
+from graphprune.analysis import constants as za
+from graphprune.analysis.shape_trace import UNKNOWN, ScaledRead, ShapeLiteral, ShapeRead
 from graphprune.rules.registry import OpRule, register
+from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
 
 #: unary ops with f(0) == 0
 ZERO_PRESERVING_UNARY = (
@@ -95,6 +98,28 @@ UNARY_FUNCTIONS = {
 }
 
 
+def _halved_energy(r: np.ndarray) -> np.ndarray:
+    return r / math.sqrt(2)
+
+
+def _gate(r: np.ndarray) -> np.ndarray:
+    return np.full(r.size, 0.5)
+
+
+#: output RMS from the input's, per channel (data-free depth-pruning estimate): rectifiers
+#: keep about half the energy of a zero-mean input, gates sit near 0.5, Tanh saturates at 1
+RMS_FUNCTIONS = {
+    **dict.fromkeys(
+        ("Relu", "LeakyRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
+         "Softplus"),
+        _halved_energy,
+    ),
+    "Sigmoid": _gate,
+    "HardSigmoid": _gate,
+    "Tanh": lambda r: np.minimum(r, 1.0),
+}
+
+
 def _clip_bounds(node: gs.Node, ctx: ConstantContext) -> tuple[float, float] | None:
     if "min" in node.attrs or "max" in node.attrs:  # opset < 11
         return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
@@ -115,6 +140,13 @@ def _clip_bounds(node: gs.Node, ctx: ConstantContext) -> tuple[float, float] | N
 class UnaryRule(OpRule):
     op_types = ZERO_PRESERVING_UNARY + CONSTANT_UNARY + ("Clip",)
     zero_behaviour = "map"
+    constant_ops = frozenset({"Identity"})  # TorchScript's Identity on a shared weight
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """Identity and Cast pass a shape through; other maps keep only its length."""
+        if node.op in ("Identity", "Cast"):
+            return trace.input(node, 0)
+        return trace.unknown(output)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state = ctx.state(node.inputs[0])
@@ -146,6 +178,10 @@ class UnaryRule(OpRule):
         elif op in ZERO_PRESERVING_UNARY:
             outs[0] = za.carry(state, lambda x: np.where(x == 0, 0.0, np.nan))
         return outs
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        fn = RMS_FUNCTIONS.get(node.op)
+        return None if fn is None else fn(ctx.of(node.inputs[0]))
 
     @staticmethod
     def _cast_target(node: gs.Node, ctx: ConstantContext) -> np.dtype | None:
@@ -185,11 +221,95 @@ class BroadcastRule(OpRule):
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.couple_broadcast(list(node.inputs), node.outputs[0])
 
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """Arithmetic on shapes keeps the length and loses the values, except two idioms:
+        ``Shape`` reads times a constant (``Mul``) and TorchScript's ``Where(Equal(s, -1),
+        ones, s)`` (``Where``)."""
+        found = None
+        if node.op == "Where":
+            found = _trace_where_minus_one(node, trace)
+        elif node.op == "Mul":
+            found = _trace_scaled(node, trace)
+        return found if found is not None else trace.unknown(output)
+
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         fn = BROADCAST_FUNCTIONS.get(node.op)
         if fn is None:
             return [None]
         return za.elementwise(node, ctx, za.float32(fn), absorbing_zero=node.op == "Mul")
+
+    def neutral_operand(self, node: gs.Node, index: int) -> float | None:
+        if len(node.inputs) != 2:
+            return None
+        neutral = NEUTRAL_OPERANDS.get(node.op)
+        return None if neutral is None else neutral[index]
+
+    def broadcasts(self, node: gs.Node, index: int) -> bool:
+        if node.op not in BROADCAST_FUNCTIONS:
+            return False
+        return node.op != "PRelu" or index == 1  # PRelu's slope broadcasts to x, not x itself
+
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """A constant operand of Mul / Add is taken for a learned scale / shift (a layer
+        scale, an exporter's decomposed norm)."""
+        if node.op not in ("Mul", "Add"):
+            return ()
+        return tuple(k for k, t in enumerate(node.inputs) if isinstance(t, gs.Constant))
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """A product multiplies the operands' scales, a sum adds their energies."""
+        if node.op in ("Mul", "Div") and len(node.inputs) == 2:
+            a, b = ctx.resized([ctx.of(t) for t in node.inputs])
+            return a * b if node.op == "Mul" else a / np.maximum(b, 1e-12)
+        if node.op in ("Add", "Sub", "Sum"):
+            parts = ctx.resized([ctx.of(t) for t in node.inputs])
+            return np.sqrt(sum(np.square(p) for p in parts))
+        return None
+
+
+def _trace_scaled(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
+    """``Shape`` reads times a constant (``num_kv_heads * n_rep``): scaled reads, whose
+    product follows the read size when heads are pruned."""
+    for data_index in (0, 1):
+        factor = trace.const(node.inputs[1 - data_index])
+        data = trace.input(node, data_index)
+        if factor is None or data is None or factor.size not in (1, len(data)):
+            continue
+        factors = np.broadcast_to(factor.reshape(-1), (len(data),))
+        out: list[ShapeSource] = []
+        for element, f in zip(data, factors, strict=True):
+            if isinstance(element, ShapeRead) and int(f) == f and f >= 1:
+                out.append(ScaledRead(element.tensor, element.axis, int(f)))
+            elif isinstance(element, ScaledRead) and int(f) == f and f >= 1:
+                out.append(ScaledRead(element.tensor, element.axis, element.factor * int(f)))
+            else:
+                out.append(UNKNOWN)
+        return out
+    return None
+
+
+def _trace_where_minus_one(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
+    """TorchScript's Expand idiom ``Where(Equal(shape, -1), ones, shape)``: each element
+    is ``ones[k]`` where ``shape[k]`` is the literal -1, ``shape[k]`` otherwise."""
+    cond, shape = node.inputs[0], node.inputs[2]
+    equal = cond.inputs[0] if cond.inputs else None
+    if equal is None or equal.op != "Equal" or equal.inputs[0] is not shape:
+        return None
+    probe = trace.const(equal.inputs[1])
+    a, b = trace.input(node, 1), trace.input(node, 2)
+    if probe is None or a is None or b is None or len(a) != len(b):
+        return None
+    probe = np.broadcast_to(probe.reshape(-1), (len(b),))
+    out: list[ShapeSource] = []
+    for k, element in enumerate(b):
+        value = int(probe[k])
+        if isinstance(element, ShapeLiteral):
+            out.append(a[k] if element.value == value else element)
+        elif isinstance(element, ShapeRead) and value < 0:
+            out.append(element)  # a size is never negative
+        else:
+            out.append(UNKNOWN)
+    return out
 
 
 def _prelu(x: np.ndarray, slope: np.ndarray) -> np.ndarray:
@@ -208,6 +328,15 @@ BROADCAST_FUNCTIONS = {
     "Sum": lambda *xs: np.add.reduce(xs),
     "Mean": lambda *xs: np.add.reduce(xs) / np.float32(len(xs)),
     "PRelu": _prelu,
+}
+
+#: per input, the value that makes a binary op return its other operand (None: none)
+NEUTRAL_OPERANDS: dict[str, tuple[float | None, float | None]] = {
+    "Add": (0.0, 0.0),
+    "Sum": (0.0, 0.0),
+    "Sub": (None, 0.0),
+    "Mul": (1.0, 1.0),
+    "Div": (None, 1.0),
 }
 
 

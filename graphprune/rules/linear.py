@@ -8,18 +8,22 @@ weight ``[in, out]``.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
+from graphprune.analysis import constants as za
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.scale import ScaleContext, rms_of
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from collections.abc import Callable
+
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
 
 
 def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -37,6 +41,48 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     total = a[known] @ weight[known][:, ok].astype(np.float64)
     out = np.full(weight.shape[1], np.nan)
     out[ok] = total
+    return out
+
+
+def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> np.ndarray | None:
+    """Output RMS of a linear layer with a constant weight (``None`` otherwise).
+
+    ``y[o] = alpha sum_i W[o, i] x[i] + beta b[o]``, independent inputs: the output channel
+    ``o`` gets ``sqrt(alpha^2 sum_i r_i^2 sum_k W[o, i, k]^2 + beta^2 b_o^2)``, where ``i``
+    runs over the input channels of ``o``'s conv group.
+    """
+    if info is None or not isinstance(node.inputs[info.weight], gs.Constant):
+        return None
+    w = np.asarray(node.inputs[info.weight].values, dtype=np.float64)
+    x = node.inputs[info.data]
+    if info.kernel == "dense":
+        if w.ndim != 2:
+            return None
+        rows = w if info.in_axis == 0 else w.T  # [in, out]
+        r = ctx.of(x, rows.shape[0])
+        out = np.sqrt((np.square(rows) * np.square(r)[:, None]).sum(axis=0))
+    else:
+        if w.ndim < 2:
+            return None
+        group = max(1, info.group)
+        if info.kernel == "conv_transpose":  # [in, out/g, k...] -> energy [out, in/g]
+            cin, cout_g = w.shape[0], w.shape[1]
+            if cin % group:
+                return None
+            energy = np.square(w).reshape(group, cin // group, cout_g, -1).sum(axis=3)
+            energy = energy.transpose(0, 2, 1).reshape(group * cout_g, cin // group)
+        else:  # [out, in/g, k...]
+            energy = np.square(w).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+        cout, cin_g = energy.shape
+        r = ctx.of(x, cin_g * group)
+        first = (np.arange(cout) // max(1, cout // group)) * cin_g
+        r_in = r[first[:, None] + np.arange(cin_g)[None, :]]
+        out = np.sqrt((energy * np.square(r_in)).sum(axis=1))
+    out = abs(info.alpha) * out
+    bias = node.inputs[info.bias] if info.bias is not None and len(node.inputs) > info.bias else None
+    if isinstance(bias, gs.Constant):
+        c = abs(info.beta) * np.abs(np.asarray(bias.values, dtype=np.float64)).reshape(-1)
+        out = np.sqrt(np.square(out) + np.square(c if c.size == out.size else rms_of(c)))
     return out
 
 
@@ -75,6 +121,16 @@ class GemmRule(OpRule):
             out_axis=0 if trans_b else 1, out_channel_axis=1, bias=2, kernel="dense",
             alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)),
         )
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """``M N K``: every output element is a dot product over the contracted axis."""
+        a, y = shape(node.inputs[0]), shape(node.outputs[0])
+        if a is None or y is None or len(a) != 2:
+            return None
+        return math.prod(y) * (a[0] if int(node.attrs.get("transA", 0)) else a[1])
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return linear_scale(node, self.linear(node), ctx)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -126,6 +182,16 @@ class MatMulRule(OpRule):
             data=0, data_axis=-1, weight=1, in_axis=0, out_axis=1, out_channel_axis=-1,
             bias=None, kernel="dense",
         )
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """``prod(output) K`` (batched products included)."""
+        a, y = shape(node.inputs[0]), shape(node.outputs[0])
+        if a is None or y is None or not a:
+            return None
+        return math.prod(y) * a[-1]
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return linear_scale(node, self.linear(node), ctx)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]

@@ -13,19 +13,39 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
+from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, GroupTie
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.registry import OpRule, register
+from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
 
 
 def _used(t: gs.Tensor) -> bool:
     return bool(t.outputs)
+
+
+def _normalised_rms(node: gs.Node, ctx: ScaleContext) -> np.ndarray:
+    """A normalised input has unit RMS: the output is about ``sqrt(scale^2 + shift^2)``."""
+    scale = ctx.of(node.inputs[1]) if len(node.inputs) > 1 else np.ones(1)
+    present = len(node.inputs) > 2 and node.inputs[2].name
+    shift = ctx.of(node.inputs[2]) if present else np.zeros(1)
+    n = max(scale.size, shift.size)
+    return np.sqrt(np.square(np.resize(scale, n)) + np.square(np.resize(shift, n)))
+
+
+class _AffineNorm:
+    """Mixin of the normalisations ``y = scale * normalise(x) + shift`` (inputs 1 and 2)."""
+
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        return tuple(k for k in (1, 2) if k < len(node.inputs) and node.inputs[k].name)
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return _normalised_rms(node, ctx)
 
 
 @register
@@ -59,9 +79,22 @@ class BatchNormRule(OpRule):
             if _used(extra):
                 ctx.freeze_node(node, f"training-mode outputs used at BatchNormalization '{node.name}'")
 
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        return (1, 2)  # scale and shift; mean and var are statistics
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """``s = scale / sqrt(var + eps)``: ``sqrt((s r)^2 + (shift - s mean)^2)``."""
+        params = node.inputs[1:5]
+        if len(params) < 4 or not all(isinstance(t, gs.Constant) for t in params):
+            return None
+        scale, shift, mean, var = (np.asarray(t.values, dtype=np.float64).reshape(-1) for t in params)
+        s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        r = ctx.of(node.inputs[0], s.size)
+        return np.sqrt(np.square(s * r) + np.square(shift - s * mean))
+
 
 @register
-class InstanceNormRule(OpRule):
+class InstanceNormRule(_AffineNorm, OpRule):
     op_types = ("InstanceNormalization",)
     zero_behaviour = "map"
 
@@ -89,7 +122,7 @@ class InstanceNormRule(OpRule):
 
 
 @register
-class GroupNormRule(OpRule):
+class GroupNormRule(_AffineNorm, OpRule):
     op_types = ("GroupNormalization",)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
@@ -117,7 +150,7 @@ class GroupNormRule(OpRule):
 
 
 @register
-class LayerNormRule(OpRule):
+class LayerNormRule(_AffineNorm, OpRule):
     op_types = ("LayerNormalization",)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:

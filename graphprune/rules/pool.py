@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
+from graphprune.analysis import constants as za
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
 
 #: reductions whose value on a constant channel c is c (any count), and those that keep only 0
 _REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")

@@ -17,17 +17,26 @@ user's custom rule for a custom op can never silently shadow a built-in one.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
     import onnx_graphsurgeon as gs
 
-    from graphprune.analysis import CouplingContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.dims import Dim
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
     from graphprune.passes.rewrite_context import RewriteContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.rules.scale import ScaleContext
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -73,16 +82,51 @@ class OpRule:
     #: (output channels are a bias plus a linear map of the inputs: zero weights give the bias)
     #: or "none" (unknown: nothing is claimed).
     zero_behaviour: ClassVar[str] = "none"
+    #: the op reads only the shapes of its inputs, never their values (``Shape``): a channel
+    #: that reaches it reaches nothing
+    reads_only_shape: ClassVar[bool] = False
+    #: op types of this rule that exporters use to compute constants (a ``Constant`` node,
+    #: an ``Identity`` of a shared weight, a ``Shape`` of a static shape): a model with one
+    #: is constant-folded before the analysis
+    constant_ops: ClassVar[frozenset[str]] = frozenset()
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
 
+    # ---- what the coupling analysis asks besides ``couple`` (all fail closed) -----------
+    def trace_shape(
+        self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace
+    ) -> list[ShapeSource] | None:
+        """Where each element of ``output``, a 1-D integer shape tensor the node computes,
+        comes from (see :mod:`graphprune.analysis.shape_trace`); ``trace.input(node, i)``
+        gives the sources of input ``i``. ``None``: even the length is unknown.
+
+        The default keeps the length and loses every value (arithmetic on shapes), so each
+        dimension the shape sets freezes.
+        """
+        return trace.unknown(output)
+
+    def preview_couplings(
+        self, node: gs.Node, ctx: CouplingContext
+    ) -> tuple[list[tuple[Dim, Dim]], list[Dim]]:
+        """Phase-2 rules: the couplings (pairs of dimensions) and the frozen dimensions that
+        ``couple`` will add and that phase-2 rules running before this one should already
+        see through ``ctx.component_facts``. Default: none."""
+        return [], []
+
+    def prunes_by_position(self, node: gs.Node) -> bool:
+        """Can the node, which ties its units group by group (a grouped Conv: one unit is a
+        whole conv group), remove the same positions in every group instead, when it is
+        listed in ``ctx.position_convs``? The analysis retries that way where tying by group
+        leaves a channel group with one unit (a channel shuffle). Default: no."""
+        return False
+
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """What constant channels on the inputs become on the outputs.
 
-        Returns one :class:`~graphprune.analysis.zero_analysis.ChannelValues` (or ``None``: nothing
+        Returns one :class:`~graphprune.analysis.constants.ChannelValues` (or ``None``: nothing
         known) per output. The default knows nothing, so an op without this method fails
-        closed. See :mod:`graphprune.analysis.zero_analysis` for the maths.
+        closed. See :mod:`graphprune.analysis.constants` for the maths.
         """
         return [None] * len(node.outputs)
 
@@ -95,6 +139,46 @@ class OpRule:
         ``None`` (the default) means "not a linear layer with a weight": bias folding,
         reconstruction and MAC counting then leave the node alone (fail closed).
         """
+        return None
+
+    # ---- what rewrites and metrics ask about a node (all fail closed) ----------------
+    def neutral_operand(self, node: gs.Node, index: int) -> float | None:
+        """The constant that, as input ``index``, makes the node return its other operand
+        (``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``); ``None``: there is none."""
+        return None
+
+    def broadcasts(self, node: gs.Node, index: int) -> bool:
+        """Is input ``index`` read with numpy broadcasting, so that a smaller tensor that
+        broadcasts to the same output shape (a ``[C, 1, 1]`` constant) gives the same result?"""
+        return False
+
+    def concat_axis(self, node: gs.Node) -> int | None:
+        """The axis along which the node joins its inputs (``None``: it does not)."""
+        return None
+
+    def split_axis(self, node: gs.Node) -> int | None:
+        """The axis along which the outputs are consecutive parts of input 0 (``None``: they
+        are not)."""
+        return None
+
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """Inputs that hold learned parameters (weights, biases, norm scale and shift; not
+        running statistics): what a (group-sparse) optimiser drives to zero. Default: a
+        linear layer's weight and bias (:meth:`linear`), nothing for other ops."""
+        info = self.linear(node)
+        if info is None:
+            return ()
+        return (info.weight,) if info.bias is None else (info.weight, info.bias)
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """Multiply-accumulates of one run (``shape(tensor)``: static dims, unknown ones as 1;
+        ``None`` when not known). ``None`` (the default): not counted."""
+        return None
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """Per-channel RMS of output 0 from the inputs' estimates (``ctx.of(tensor, size)``;
+        see :mod:`graphprune.rules.scale`). ``None`` (the default): unknown, and the caller
+        passes input 0's estimate through."""
         return None
 
     def __repr__(self) -> str:
@@ -144,4 +228,21 @@ def lookup(domain: str, op_type: str, opset: int) -> OpRule | None:
 
 
 def registered_ops() -> list[str]:
+    """Every op type with a rule, ``domain::op`` outside the default domain, sorted."""
     return sorted(f"{d + '::' if d else ''}{op}" for d, op in _RULES)
+
+
+def discover(package: str, path: Iterable[str]) -> tuple[str, ...]:
+    """Import every module of ``package`` (found on ``path``), so that its ``@register``
+    decorators run; return the module names, in the (sorted) order they were imported.
+
+    ``graphprune.rules`` calls this on itself: a new file under ``rules/`` is registered
+    without being listed anywhere. Names starting with ``_`` are skipped. A module that
+    extends another rule imports it itself, so the order never matters.
+    """
+    names = sorted(
+        info.name for info in pkgutil.iter_modules(list(path)) if not info.name.startswith("_")
+    )
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return tuple(f"{package}.{name}" for name in names)

@@ -1,32 +1,30 @@
-"""Ops that move, cut, join or re-view axes.
+"""Ops that move, join, repeat or read axes.
 
-Concat/Split/Slice couple an axis with offsets. Transpose permutes axes, Squeeze/Unsqueeze
-drop or insert size-1 axes. Reshape and Flatten re-factor axes: a block of input axes maps
-to a block of output axes with the same product; the one factor that carries channels is
-coupled to the merged axis with a ``Digit`` map (channel ``c`` of an NCHW tensor owns the
-``H*W`` consecutive features of a flattened input; of an NHWC tensor, every ``C``-th one),
-the other non-spatial factors are frozen. Shape inputs (Reshape targets, Expand shapes,
-Resize sizes, Split sizes) are tracked so that the literals that count channels are
-rewritten with the new sizes.
+Concat/Split couple an axis with offsets. Transpose permutes axes, Squeeze/Unsqueeze drop
+or insert size-1 axes, Expand/Tile/Pad/Resize keep the channel axis and change others.
+Shape inputs (Expand shapes, Resize sizes, ConstantOfShape shapes) are tracked so that the
+literals that count channels are rewritten with the new sizes; ``Shape`` reads are where
+the tracing of computed shapes starts. Slice and Gather are in :mod:`.slicing`, Reshape and
+Flatten in :mod:`.reshape`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis import zero_analysis as za
-from graphprune.analysis.index_maps import Digit, Offset
+from graphprune.analysis import constants as za
+from graphprune.analysis.index_maps import Offset
+from graphprune.analysis.shape_trace import ShapeRead
 from graphprune.passes.rewrite_context import RewriteContext
-from graphprune.analysis.roles import PRODUCER
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
-    from graphprune.analysis.zero_analysis import ChannelValues, ConstantContext
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
 
 
 def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "axes") -> list[int] | None:
@@ -44,6 +42,9 @@ def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "ax
 class ConcatRule(OpRule):
     op_types = ("Concat",)
     zero_behaviour = "move"
+
+    def concat_axis(self, node: gs.Node) -> int | None:
+        return int(node.attrs["axis"])
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Along the concat axis the vectors are joined; along another, they must agree."""
@@ -66,6 +67,13 @@ class ConcatRule(OpRule):
             if candidate.any_known and (best is None or candidate.known.sum() > best.known.sum()):
                 best = candidate
         return [best]
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """The elements of the inputs, one after the other."""
+        parts = [trace.input(node, i) for i in range(len(node.inputs))]
+        if any(p is None for p in parts):
+            return None
+        return [e for p in parts for e in p]  # type: ignore[union-attr]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]
@@ -91,6 +99,9 @@ class ConcatRule(OpRule):
 class SplitRule(OpRule):
     op_types = ("Split",)
     zero_behaviour = "move"
+
+    def split_axis(self, node: gs.Node) -> int | None:
+        return int(node.attrs.get("axis", 0))
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
@@ -141,111 +152,6 @@ class SplitRule(OpRule):
             node.attrs["split"] = [int(s) for s in sizes]
 
 
-def _slice_params(node: gs.Node, ctx: CouplingContext | RewriteContext, rank: int):
-    """Return [(axis, start, end, step)] with constants, or None if not constant."""
-    if "starts" in node.attrs:  # opset < 10
-        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
-        axes = list(node.attrs.get("axes", range(len(starts))))
-        steps = [1] * len(starts)
-    else:
-        def value(i: int) -> np.ndarray | None:
-            if len(node.inputs) > i and node.inputs[i].name:
-                t = node.inputs[i]
-                return np.asarray(t.values).reshape(-1) if isinstance(t, gs.Constant) else None
-            return np.zeros(0)
-
-        s, e, a, st = value(1), value(2), value(3), value(4)
-        if s is None or e is None or a is None or st is None:
-            return None
-        starts, ends = [int(v) for v in s], [int(v) for v in e]
-        axes = [int(v) for v in a] if a.size else list(range(len(starts)))
-        steps = [int(v) for v in st] if st.size else [1] * len(starts)
-    return [(ax % rank, starts[i], ends[i], steps[i]) for i, ax in enumerate(axes)]
-
-
-def _normalise(start: int, end: int, step: int, size: int) -> tuple[int, int]:
-    if start < 0:
-        start += size
-    if end < 0:
-        end += size
-    if step > 0:
-        return max(0, min(size, start)), max(0, min(size, end))
-    return max(-1, min(size - 1, start)), max(-1, min(size - 1, end))
-
-
-@register
-class SliceRule(OpRule):
-    op_types = ("Slice",)
-    zero_behaviour = "move"
-
-    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
-        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
-        if state is None or shape is None:
-            return [None]
-        params = _slice_params(node, ctx, len(shape))  # type: ignore[arg-type]
-        if params is None:
-            return [None]
-        sliced = {p[0]: p for p in params}
-        if state.axis not in sliced:
-            return [state]
-        _, start, end, step = sliced[state.axis]
-        picked = za.slice_indices(start, end, step, state.values.size)
-        return [za.ChannelValues(state.axis, state.values[picked])]
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x, y = node.inputs[0], node.outputs[0]
-        rank = ctx.rank(x)
-        params = None if rank is None else _slice_params(node, ctx, rank)
-        if rank is None or params is None:
-            ctx.freeze_node(node, f"Slice '{node.name}' bounds not constant")
-            return
-        sliced = {p[0]: p for p in params}
-        for a in range(rank):
-            if a not in sliced:
-                ctx.couple(x, a, y, a)
-                continue
-            _, start, end, step = sliced[a]
-            size = ctx.size(x, a)
-            if size is None or step != 1:
-                ctx.freeze(x, a, f"Slice '{node.name}' with step {step} or unknown size")
-                ctx.freeze(y, a, f"Slice '{node.name}' with step {step} or unknown size")
-                continue
-            start, _ = _normalise(start, end, step, size)
-            ctx.couple(x, a, y, a, Offset(start))
-
-    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        x = node.inputs[0]
-        shape = ctx._shapes.get(x.name)
-        if shape is None:
-            return
-        rank = len(shape)
-        params = _slice_params(node, ctx, rank)
-        if params is None:
-            return
-        changed = False
-        new_starts, new_ends = [], []
-        for axis, start, end, step in params:
-            removed = ctx.removed(x, axis)
-            size = shape[axis]
-            if removed.size and size is not None:
-                start_n, _ = _normalise(start, end, step, size)
-                start_new = start_n - int(np.count_nonzero(removed < start_n))
-                out_new = ctx.new_size(node.outputs[0], axis)
-                new_starts.append(start_new)
-                new_ends.append(start_new + int(out_new or 0))
-                changed = True
-            else:
-                new_starts.append(start)
-                new_ends.append(end)
-        if not changed:
-            return
-        if "starts" in node.attrs:
-            node.attrs["starts"], node.attrs["ends"] = new_starts, new_ends
-        else:
-            ctx.set_input(node, 1, np.array(new_starts, dtype=np.int64))
-            ctx.set_input(node, 2, np.array(new_ends, dtype=np.int64))
-
-
 @register
 class TransposeRule(OpRule):
     op_types = ("Transpose",)
@@ -273,6 +179,10 @@ class TransposeRule(OpRule):
 class SqueezeRule(OpRule):
     op_types = ("Squeeze", "Unsqueeze")
     zero_behaviour = "move"
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """A shape as a scalar or back: the same elements."""
+        return trace.input(node, 0)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state = ctx.state(node.inputs[0])
@@ -311,189 +221,6 @@ class SqueezeRule(OpRule):
             kept_out = [a for a in range(ry) if a not in inserted]
             for i, o in enumerate(kept_out):
                 ctx.couple(x, i, y, o)
-
-
-def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
-    """Split two shapes into blocks of consecutive axes with equal products."""
-    blocks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    n_in, n_out = len(in_shape), len(out_shape)
-    while i < n_in or j < n_out:
-        if i < n_in and j < n_out and in_shape[i] is None and out_shape[j] is None:
-            blocks.append(([i], [j]))
-            i, j = i + 1, j + 1
-            continue
-        if i < n_in and in_shape[i] == 1 and (j >= n_out or out_shape[j] != 1):
-            i += 1
-            continue
-        if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
-            j += 1
-            continue
-        if i >= n_in or j >= n_out:
-            return None
-        bi, bj = [i], [j]
-        pa, pb = in_shape[i], out_shape[j]
-        i, j = i + 1, j + 1
-        if pa is None or pb is None:
-            return None
-        while pa != pb:
-            if pa < pb:
-                if i >= n_in or in_shape[i] is None:
-                    return None
-                pa *= in_shape[i]  # type: ignore[operator]
-                bi.append(i)
-                i += 1
-            else:
-                if j >= n_out or out_shape[j] is None:
-                    return None
-                pb *= out_shape[j]  # type: ignore[operator]
-                bj.append(j)
-                j += 1
-        blocks.append((bi, bj))
-    return blocks
-
-
-def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
-    """True if every consumer of ``y`` is a Transpose that changes the order of ``axes``."""
-    consumers = list(y.outputs)
-    if not consumers:
-        return False
-    for node in consumers:
-        if node.op != "Transpose" or "perm" not in node.attrs:
-            return False
-        perm = [int(p) for p in node.attrs["perm"]]
-        order = [p for p in perm if p in axes]
-        if order == sorted(order):
-            return False
-    return True
-
-
-def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
-    """Blocks from the concrete sizes of two shape probes (dynamic axes), if they agree."""
-    px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
-    if px is None or py is None:
-        return None
-    first, second = _blocks(px[0], py[0]), _blocks(px[1], py[1])
-    return first if first is not None and first == second else None
-
-
-def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int]) -> int:
-    """The factor of a split axis that carries channels: an attention-head axis first
-    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), else the outermost factor
-    not already frozen (the q/k/v index picked by a Gather), else the outermost."""
-    facts = [ctx.component_facts(factored, a) for a in candidates]
-    for a, f in zip(candidates, facts, strict=True):
-        if "head" in f:
-            return a
-    for a, f in zip(candidates, facts, strict=True):
-        if "frozen" not in f:
-            return a
-    return candidates[0]
-
-
-def couple_reshape(
-    ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
-) -> bool:
-    """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood."""
-    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
-    if in_shape is None or out_shape is None:
-        return False
-    blocks = _blocks(in_shape, out_shape)
-    if blocks is None:
-        blocks = _probe_blocks(ctx, x, y)
-    if blocks is None:
-        return False
-    for bi, bj in blocks:
-        bi = [a for a in bi if in_shape[a] != 1]
-        bj = [a for a in bj if out_shape[a] != 1]
-        if not bi or not bj:
-            continue
-        if len(bi) == 1 and len(bj) == 1:
-            ctx.couple(x, bi[0], y, bj[0])
-            continue
-        if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
-            # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
-            for t, axes in ((x, bi), (y, bj)):
-                for a in axes:
-                    ctx.freeze(t, a, f"dynamic axes re-factored at {ctx.where()}")
-            continue
-        if len(bj) == 1 or len(bi) == 1:
-            merged_is_out = len(bj) == 1
-            factored, f_axes, merged, m_axis = (
-                (x, bi, y, bj[0]) if merged_is_out else (y, bj, x, bi[0])
-            )
-            f_shape = in_shape if merged_is_out else out_shape
-            candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            chosen = _channel_factor(ctx, factored, candidates) if candidates else f_axes[0]
-            if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
-                # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
-                # Pruning the inner factor removes the same position from every group,
-                # which keeps the shuffle a valid permutation.
-                chosen = candidates[-1]
-            stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
-            ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
-            for a in f_axes:
-                if a != chosen and not ctx.is_spatial(factored, a):
-                    ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
-            continue
-        # many-to-many: couple the outer factors when one divides the other
-        sa, sb = in_shape[bi[0]], out_shape[bj[0]]
-        assert sa is not None and sb is not None
-        if sa % sb == 0:
-            ctx.couple(y, bj[0], x, bi[0], Digit(sa // sb))
-        elif sb % sa == 0:
-            ctx.couple(x, bi[0], y, bj[0], Digit(sb // sa))
-        else:
-            ctx.freeze(x, bi[0], f"reshape block not understood at {ctx.where()}")
-            ctx.freeze(y, bj[0], f"reshape block not understood at {ctx.where()}")
-        for t, axes in ((x, bi[1:]), (y, bj[1:])):
-            for a in axes:
-                if not ctx.is_spatial(t, a):
-                    ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
-    return True
-
-
-@register
-class ReshapeRule(OpRule):
-    op_types = ("Reshape",)
-    phase = 2
-    zero_behaviour = "move"
-
-    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
-        x, target = node.inputs[0], ctx.const(node.inputs[1])
-        keeps_batch = (
-            target is not None and target.size > 0 and int(target.reshape(-1)[0]) == 0
-            and not int(node.attrs.get("allowzero", 0))
-        )
-        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x, y = node.inputs[0], node.outputs[0]
-        if not couple_reshape(ctx, x, y, node):
-            ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
-            return
-        rank = ctx.rank(y)
-        if rank is not None:
-            ctx.track_shape(
-                node, 1, [(y, a) for a in range(rank)],
-                special_zero=not int(node.attrs.get("allowzero", 0)),
-            )
-
-
-@register
-class FlattenRule(OpRule):
-    op_types = ("Flatten",)
-    phase = 2
-    zero_behaviour = "move"
-
-    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
-        x = node.inputs[0]
-        keeps_batch = int(node.attrs.get("axis", 1)) >= 1
-        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
-            ctx.freeze_node(node, f"Flatten '{node.name}' not understood")
 
 
 @register
@@ -671,9 +398,27 @@ class ShapeRule(OpRule):
     """Shape reads dimensions; whoever consumes its values is traced by ``track_shape``."""
 
     op_types = ("Shape",)
+    reads_only_shape = True
+    constant_ops = frozenset({"Shape"})  # of a static shape: the dynamo exporter's chains
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """Element ``k`` is the size of axis ``start + k`` of the input."""
+        src = node.inputs[0]
+        rank = trace.rank(src)
+        if rank is None:
+            return None
+        start = _clamp(int(node.attrs.get("start", 0)), rank)
+        end = _clamp(int(node.attrs.get("end", rank)), rank)
+        return [ShapeRead(src.name, a) for a in range(start, end)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         return
+
+
+def _clamp(value: int, rank: int) -> int:
+    if value < 0:
+        value += rank
+    return max(0, min(rank, value))
 
 
 @register
@@ -700,58 +445,7 @@ class ConstantOfShapeRule(OpRule):
 @register
 class ConstantRule(OpRule):
     op_types = ("Constant",)
+    constant_ops = frozenset({"Constant"})
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.freeze(node.outputs[0], None, f"Constant node '{node.name}' (not lifted)")
-
-
-def _arange_indices(node: gs.Node, ctx: CouplingContext | RewriteContext, size: int | None) -> bool:
-    indices = node.inputs[1]
-    if not isinstance(indices, gs.Constant) or size is None:
-        return False
-    flat = np.asarray(indices.values).reshape(-1)
-    return flat.size == size and size > 1 and bool(np.array_equal(flat, np.arange(size)))
-
-
-@register
-class GatherRule(OpRule):
-    """Gather along an axis. Constant indices that enumerate the whole axis in order (the
-    dynamo exporter's ``as_strided``) are a reshape of that axis and coupled as one."""
-
-    op_types = ("Gather",)
-    phase = 2
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        rd, ri = ctx.rank(data), ctx.rank(indices)
-        if rd is None or ri is None:
-            ctx.freeze_node(node, f"rank unknown at Gather '{node.name}'")
-            return
-        axis = int(node.attrs.get("axis", 0)) % rd
-        if _arange_indices(node, ctx, ctx.size(data, axis)) and couple_reshape(ctx, data, y, node):
-            return
-        ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
-        for a in range(rd):
-            if a < axis:
-                ctx.couple(data, a, y, a)
-            elif a > axis:
-                ctx.couple(data, a, y, a - 1 + ri)
-                if axis == 0 and isinstance(data, gs.Constant):
-                    ctx.role(data, a, PRODUCER)  # an embedding table produces features
-        for a in range(ri):
-            ctx.couple(indices, a, y, axis + a)
-
-    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        shape = ctx._shapes.get(data.name)
-        if shape is None or not isinstance(indices, gs.Constant):
-            return
-        axis = int(node.attrs.get("axis", 0)) % len(shape)
-        if not ctx.removed(data, axis).size or not _arange_indices(node, ctx, shape[axis]):
-            return
-        index_rank = np.asarray(indices.values).ndim
-        new_shape = [ctx.new_size(y, axis + k) for k in range(index_rank)]
-        if any(n is None for n in new_shape):
-            return
-        values = np.arange(int(np.prod(new_shape)), dtype=np.asarray(indices.values).dtype)
-        ctx.set_input(node, 1, values.reshape(new_shape))

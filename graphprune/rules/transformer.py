@@ -1,7 +1,7 @@
 """Transformer ops: Einsum, fused attention, fused norms and activations, index ops.
 
 Plain exports need no rule here: attention is MatMul/Softmax/Reshape/Transpose (see
-:mod:`graphprune.rules.linear` and :func:`graphprune.rules.shape_ops.couple_reshape`). This
+:mod:`graphprune.rules.linear` and :func:`graphprune.rules.reshape.couple_reshape`). This
 module covers what optimised graphs use instead.
 
 **Fused attention** (com.microsoft ``Attention``, ``MultiHeadAttention``,
@@ -45,9 +45,10 @@ from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.rules.norm import LayerNormRule
 from graphprune.rules.registry import OpRule, register
+from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from graphprune.analysis import CouplingContext
+    from graphprune.analysis.coupling import CouplingContext
 
 MS = "com.microsoft"
 
@@ -422,6 +423,12 @@ class MsActivationRule(OpRule):
 
     op_types = ("FastGelu", "BiasGelu", "Gelu", "QuickGelu", "BiasAdd", "BiasSoftmax")
     domain = MS
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """The Gelu variants keep about half the energy of a zero-mean input."""
+        if node.op not in ("FastGelu", "BiasGelu", "Gelu", "QuickGelu"):
+            return None
+        return ctx.of(node.inputs[0]) / np.sqrt(2)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]

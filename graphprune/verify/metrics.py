@@ -1,31 +1,21 @@
 """Parameter and MAC counts of an ONNX model (static shapes; unknown dims count as 1).
 
-MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (the ops that
-dominate CNN and transformer cost); elementwise ops are ignored.
+MACs are the multiply-accumulates each op's rule reports (:meth:`OpRule.macs`: Conv,
+ConvTranspose, Gemm and MatMul, the ops that dominate CNN and transformer cost); ops whose
+rule does not count (elementwise ops, ops without a rule) add nothing.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
+from graphprune.io import ir
+from graphprune.rules import registry
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    g = model.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            continue
-        dims = []
-        for d in vi.type.tensor_type.shape.dim:
-            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1)
-        shapes[vi.name] = dims
-    for init in g.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+__all__ = ["count_macs", "count_params"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -46,42 +36,21 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(total)
 
 
+def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+    """The tensor's dims with unknown or symbolic ones as 1 (``None``: no shape known)."""
+    shape = tensor.shape
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+
+
 def count_macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for one run."""
-    shapes = _shape_map(model)
+    """Multiply-accumulates of one run (the main graph's nodes, as their rules count them)."""
+    graph = ir.import_graph(model)
+    opset = ir.default_opset(model)
     total = 0
-    for node in model.graph.node:
-        op = node.op_type
-        try:
-            if op == "Conv":
-                w = shapes[node.input[1]]
-                y = shapes[node.output[0]]
-                total += math.prod(y) * math.prod(w[1:])
-            elif op == "ConvTranspose":
-                w = shapes[node.input[1]]
-                x = shapes[node.input[0]]
-                total += math.prod(x) * math.prod(w[1:])
-            elif op == "Gemm":
-                a = shapes[node.input[0]]
-                y = shapes[node.output[0]]
-                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-                k = a[0] if trans_a else a[1]
-                total += math.prod(y) * k
-            elif op == "MatMul":
-                a = shapes[node.input[0]]
-                y = shapes[node.output[0]]
-                total += math.prod(y) * a[-1]
-        except (KeyError, IndexError):
-            continue
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        macs = rule.macs(node, _static_shape) if rule is not None else None
+        total += macs or 0
     return int(total)
-
-
-def conv_weight_names(model: onnx.ModelProto) -> list[str]:
-    return [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None

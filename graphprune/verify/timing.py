@@ -25,13 +25,18 @@ from graphprune.errors import InvalidModelError, UsageError
 from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, resolve_shapes
 from graphprune.io.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
 
-__all__ = ["PROVIDERS", "TimingResult", "time_models"]
+__all__ = ["PROVIDERS", "PROVIDER_TOLERANCE", "TimingResult", "provider_agreement", "resolve_providers", "run_on_provider",
+           "time_models"]
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 """Provider names accepted by :func:`time_models` and the ONNX Runtime providers they use."""
+
+PROVIDER_TOLERANCE = 1e-2
+"""Largest relative difference accepted between a model's run on another provider and its
+CPU run (GPU kernels reorder sums and may compute in TF32)."""
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -60,13 +65,19 @@ class TimingResult:
     mean_ms: float
     runs: int
     batch: int
+    """the batch size the model really ran with (a fixed batch axis wins over the request)"""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads (None: ORT's default, one per core)"""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary of the fields."""
         return dataclasses.asdict(self)
 
 
-def _providers(provider: str) -> list[str]:
+def resolve_providers(provider: str) -> list[str]:
+    """The ONNX Runtime providers for ``provider`` ("cpu" or "cuda"), CPU last as a fallback
+    for the ops a GPU provider does not take. Raises :class:`UsageError` (one line) when this
+    onnxruntime lacks the provider (CUDA needs the ``onnxruntime-gpu`` wheel)."""
     key = provider.lower()
     if key not in PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
@@ -84,7 +95,7 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only: the library does not write to the console
+    options.log_severity_level = 4  # fatal only: errors come back as exceptions, not log lines
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -138,6 +149,15 @@ def _specs(session: ort.InferenceSession, name: str) -> list[InputSpec]:
     return specs
 
 
+def _actual_batch(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], requested: int) -> int:
+    """The batch a model runs with: ``requested`` where an input has an open axis 0, else
+    the fixed size of the first input's axis 0 (a fixed-batch model cannot run another)."""
+    ranked = [spec for spec in specs if spec.shape]
+    if any(not isinstance((spec.shape or [0])[0], int) for spec in ranked):
+        return requested
+    return shapes[ranked[0].name][0] if ranked else 1
+
+
 FeedCache = dict[tuple[str, tuple[int, ...], str], np.ndarray]
 
 
@@ -181,7 +201,7 @@ def time_models(
         )
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
-    providers = _providers(provider)
+    providers = resolve_providers(provider)
     options = _session_options(threads)
 
     with tempfile.TemporaryDirectory(prefix="graphprune-timing-") as temporary:
@@ -192,9 +212,11 @@ def time_models(
             for model, name in zip(models, names, strict=True)
         ]
         cache: FeedCache = {}
-        feeds = [
-            _feeds(_specs(session, name), cache, seed=seed, batch=batch)
-            for session, name in zip(sessions, names, strict=True)
+        specs = [_specs(session, name) for session, name in zip(sessions, names, strict=True)]
+        feeds = [_feeds(spec, cache, seed=seed, batch=batch) for spec in specs]
+        batches = [
+            _actual_batch(spec, {key: value.shape for key, value in feed.items()}, batch)
+            for spec, feed in zip(specs, feeds, strict=True)
         ]
         samples: list[list[float]] = [[] for _ in sessions]
         total = warmup + runs
@@ -216,7 +238,7 @@ def time_models(
                 progress(step + 1, total)
 
     results = []
-    for name, times in zip(names, samples, strict=True):
+    for name, times, ran in zip(names, samples, batches, strict=True):
         values = np.asarray(times)
         results.append(
             TimingResult(
@@ -226,7 +248,47 @@ def time_models(
                 p90_ms=float(np.percentile(values, 90)),
                 mean_ms=float(values.mean()),
                 runs=runs,
-                batch=batch,
+                batch=ran,
+                threads=threads,
             )
         )
     return results
+
+
+def run_on_provider(
+    model: str | Path | onnx.ModelProto,
+    feeds_list: Sequence[dict[str, np.ndarray]],
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> list[list[np.ndarray]]:
+    """Outputs of ``model`` on each feed dict, run on ``provider`` (one session for all)."""
+    providers = resolve_providers(provider)
+    with tempfile.TemporaryDirectory(prefix="graphprune-run-") as temporary:
+        name = _name(model, 0)
+        session = _session(model, name, providers, _session_options(threads), Path(temporary))
+        try:
+            return [[np.asarray(v) for v in session.run(None, feeds)] for feeds in feeds_list]
+        except Exception as exc:
+            raise InvalidModelError(f"ONNX Runtime failed to run '{name}' on {provider}: {exc}") from exc
+
+
+def provider_agreement(
+    model: str | Path | onnx.ModelProto,
+    feeds_list: Sequence[dict[str, np.ndarray]],
+    *,
+    provider: str,
+) -> dict[str, Any]:
+    """Run ``model`` on ``provider`` and on the CPU with the same feeds: the largest
+    absolute and relative differences between the two (the CPU run is the one graphprune's
+    verification checked; this says the model computes the same on the other provider)."""
+    from graphprune.verify.validate import differences
+
+    other = run_on_provider(model, feeds_list, provider=provider)
+    cpu = run_on_provider(model, feeds_list, provider="cpu")
+    max_abs = max_rel = 0.0
+    for reference, outputs in zip(cpu, other, strict=True):
+        a, r = differences(reference, outputs)
+        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+    return {"provider": provider.lower(), "compared_with": "the same model on the CPU",
+            "samples": len(feeds_list), "max_abs_diff": max_abs, "max_rel_diff": max_rel}

@@ -25,9 +25,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from graphprune.io import model_io
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
 from graphprune.errors import VerificationError
+from graphprune.io import model_io
 
 TWO_GB = 2**31 - 2**20
 
@@ -94,7 +94,7 @@ def session(
     stored initializers). A proto too large to serialise goes through a temporary file with
     external data, removed when the session is released."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: ORT's errors come back as exceptions, not log lines
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     keep_alive = []
@@ -143,12 +143,15 @@ def run_many(
     feeds_list: list[dict[str, np.ndarray]],
     what: str,
     overrides: dict[str, np.ndarray] | None = None,
+    optimize: bool | None = None,
 ) -> list[list[np.ndarray]]:
     """Outputs of ``model`` on each feed dict (one session for all)."""
     try:
         # ORT's graph optimizers fold/pre-pack weights from the stored initializers and would
         # ignore overrides: the overridden reference runs unoptimised
-        sess = session(model, overrides=overrides, optimize=not overrides)
+        if optimize is None:
+            optimize = not overrides
+        sess = session(model, overrides=overrides, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
         return [[np.asarray(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
     except Exception as exc:
@@ -171,6 +174,7 @@ def compare(
     check: bool = True,
     original: ModelRef | None = None,
     candidate_outputs: list[list[np.ndarray]] | None = None,
+    optimize_reference: bool | None = None,
 ) -> dict[str, Any]:
     """Check ``candidate`` against ``reference`` on the same feeds.
 
@@ -183,7 +187,7 @@ def compare(
     """
     if check:
         check_model(candidate, original)
-    ref_outs = run_many(reference, feeds_list, what, reference_overrides)
+    ref_outs = run_many(reference, feeds_list, what, reference_overrides, optimize_reference)
     outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model")
     max_abs = max_rel = 0.0
     for ref_out, out in zip(ref_outs, outs, strict=True):
@@ -250,6 +254,71 @@ def zeroed_overrides(
             values[tuple(index)] = 0
         overrides[init.name] = values
     return overrides
+
+
+def zeroed_reference(
+    prepared: onnx.ModelProto, analysis: Analysis, removed: dict[Dim, np.ndarray]
+) -> onnx.ModelProto:
+    """The zeroed original as a graph: each producer/consumer weight that loses channels is
+    multiplied by a 0/1 mask along the pruned axis before use.
+
+    Equivalent to :func:`zeroed_overrides` but costs a few small masks instead of a zeroed
+    copy of every pruned weight, and works on weights that stay in files. Run it without
+    ORT's graph optimizations (constant folding would materialise every masked weight).
+    """
+    roles = analysis.context.roles
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for dim, idx in removed.items():
+        if roles.get(dim) in (PRODUCER, CONSUMER):
+            cuts.setdefault(dim[0], []).append((dim[1], idx))
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    renames: dict[str, str] = {}
+    masks: list[onnx.NodeProto] = []
+    for name, axes in cuts.items():
+        init = inits.get(name)
+        if init is None:
+            continue
+        rank = len(init.dims)
+        shape = [1] * rank
+        mask = None
+        for axis, idx in axes:
+            full = [1] * rank
+            full[axis] = int(init.dims[axis])
+            m = np.ones(full, dtype=np.float32)
+            index: list[Any] = [slice(None)] * rank
+            index[axis] = idx
+            m[tuple(index)] = 0
+            mask = m if mask is None else mask * m
+            shape = list(np.broadcast_shapes(tuple(shape), tuple(full)))
+        assert mask is not None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        mask_name, out_name = f"{name}__gp_mask", f"{name}__gp_zeroed"
+        graph.initializer.append(numpy_helper.from_array(mask.astype(dtype), mask_name))
+        masks.append(onnx.helper.make_node("Mul", [name, mask_name], [out_name],
+                                           name=f"{name}__gp_zero"))
+        renames[name] = out_name
+    _rename_uses(graph, renames)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(masks + nodes)
+    return model
+
+
+def _rename_uses(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Make every node (subgraphs included) read ``renames[x]`` instead of ``x``."""
+    local = {i.name for i in graph.initializer} - set(renames)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames and name not in local:
+                node.input[k] = renames[name]
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
+                _rename_uses(sub, {k: v for k, v in renames.items() if k not in inner})
 
 
 def output_shapes_match(reference: list[np.ndarray], other: list[np.ndarray]) -> bool:

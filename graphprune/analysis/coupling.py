@@ -1,0 +1,292 @@
+"""The coupling context: what an op rule sees and calls while it describes one node.
+
+A rule states which dimensions travel together (``couple``, each with an index map), what a
+parameter axis does (``role``), what must never be pruned (``freeze``, ``spatial``), what
+is allowed but not exact (``inexact``), which axes count attention heads (``mark_head``)
+and which shape literals count channels (``track_shape``, see
+:mod:`graphprune.analysis.shape_trace`). The context collects these facts; the driver
+(:mod:`graphprune.analysis.driver`) turns them into channel groups
+(:mod:`graphprune.analysis.groups`).
+
+Rules run in two phases. Between them, :meth:`CouplingContext.start_phase_two` takes a
+snapshot of the phase-1 components, so that phase-2 rules (Reshape, Flatten, Gather) can ask
+whether an axis is spatial (:meth:`~CouplingContext.is_spatial`) or belongs to a component
+with heads or frozen dimensions (:meth:`~CouplingContext.component_facts`).
+
+This module does not import the rules: the driver hands the context its rule lookup.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import networkx as nx
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import shape_trace
+from graphprune.analysis.dims import Coupling, Dim, ShapeElement, describe_node
+from graphprune.analysis.index_maps import IDENTITY, IndexMap
+from graphprune.analysis.roles import CHANNELWISE
+from graphprune.io.tensors import const_value, static_shape, static_size
+
+
+class CouplingContext:
+    """What an op rule sees and calls while it describes one node.
+
+    ``rules`` looks up the rule of a node (shape tensors are traced through the rules of
+    their producers); ``probes`` holds the shapes of two shape-inference probes per tensor
+    (:func:`graphprune.analysis.shape_probe.refine_shapes`); ``position_convs`` names the
+    grouped convolutions to couple position by position instead of conv group by conv group.
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        opset: int,
+        rules: shape_trace.RuleLookup,
+        *,
+        probes: dict[str, tuple[list, list]] | None = None,
+        position_convs: frozenset[str] = frozenset(),
+    ) -> None:
+        self.opset = opset
+        self.tensors: dict[str, gs.Tensor] = graph.tensors()
+        self.probes: dict[str, tuple[list, list]] = probes or {}
+        self.position_convs = position_convs
+        #: the node whose rule is running (messages name it)
+        self.node: gs.Node | None = None
+        # the facts rules state
+        self.dim_graph = nx.Graph()
+        self.couplings: list[Coupling] = []
+        self.dim_freeze: dict[Dim, list[str]] = defaultdict(list)
+        self.tensor_freeze: dict[str, list[str]] = defaultdict(list)
+        self.dim_inexact: dict[Dim, list[str]] = defaultdict(list)
+        self.roles: dict[Dim, str] = {}
+        self.spatial_dims: set[Dim] = set()
+        self.head_dims: set[Dim] = set()
+        self.shape_elements: list[ShapeElement] = []
+        self._rules = rules
+        # phase-2 snapshot of the phase-1 components
+        self._component_facts: dict[Dim, frozenset[str]] | None = None
+        self._spatial_components: set[Dim] | None = None
+
+    # ------------------------------------------------------------------ queries
+    shape = staticmethod(static_shape)
+    size = staticmethod(static_size)
+    const = staticmethod(const_value)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def where(self) -> str:
+        return describe_node(self.node) if self.node is not None else "graph"
+
+    def rule_for(self, node: gs.Node) -> shape_trace.TracesShapes | None:
+        """The rule of ``node`` (``None``: it has none)."""
+        return self._rules(node)
+
+    # ------------------------------------------------------------------ couplings
+    def _dim(self, tensor: gs.Tensor, axis: int) -> Dim | None:
+        rank = self.rank(tensor)
+        if rank is None:
+            self.freeze(tensor, None, f"rank of '{tensor.name}' unknown at {self.where()}")
+            return None
+        if not -rank <= axis < rank:
+            self.freeze(tensor, None, f"axis {axis} outside rank {rank} at {self.where()}")
+            return None
+        return (tensor.name, axis % rank)
+
+    def couple(
+        self,
+        a: gs.Tensor,
+        axis_a: int,
+        b: gs.Tensor,
+        axis_b: int,
+        imap: IndexMap = IDENTITY,
+        *,
+        exact: bool = True,
+    ) -> None:
+        """Dimension ``(a, axis_a)`` and ``(b, axis_b)`` lose channels together via ``imap``."""
+        if a is None or b is None or a.name == "" or b.name == "":
+            return
+        da, db = self._dim(a, axis_a), self._dim(b, axis_b)
+        if da is None or db is None:
+            return
+        na, nb = self.size(a, axis_a), self.size(b, axis_b)
+        self.dim_graph.add_edge(da, db)
+        node_name = self.node.name if self.node is not None else ""
+        self.couplings.append(Coupling(da, db, imap, exact, node_name))
+        if na is None or nb is None:
+            reason = f"size of a coupled axis unknown at {self.where()}"
+            self.dim_freeze[da].append(reason)
+            self.dim_freeze[db].append(reason)
+            return
+        problem = imap.check(na, nb)
+        if problem is not None:
+            reason = f"{problem} at {self.where()}"
+            self.dim_freeze[da].append(reason)
+            self.dim_freeze[db].append(reason)
+
+    def couple_all_axes(self, a: gs.Tensor, b: gs.Tensor, *, exact_axes: bool = True) -> None:
+        """Elementwise pass-through: every axis of ``a`` with the same axis of ``b``."""
+        ra, rb = self.rank(a), self.rank(b)
+        if ra is None or rb is None or ra != rb:
+            self.freeze(a, None, f"rank unknown or changed at {self.where()}")
+            self.freeze(b, None, f"rank unknown or changed at {self.where()}")
+            return
+        for axis in range(ra):
+            self.couple(a, axis, b, axis, exact=exact_axes)
+
+    def couple_broadcast(self, inputs: list[gs.Tensor], output: gs.Tensor) -> None:
+        """Numpy-style broadcasting: each input axis equal to the output axis is coupled."""
+        out_shape = self.shape(output)
+        if out_shape is None:
+            for t in [*inputs, output]:
+                self.freeze(t, None, f"shape unknown at {self.where()}")
+            return
+        rank = len(out_shape)
+        for t in inputs:
+            if t is None or t.name == "":
+                continue
+            shape = self.shape(t)
+            if shape is None:
+                self.freeze(t, None, f"shape unknown at {self.where()}")
+                self.freeze(output, None, f"input shape unknown at {self.where()}")
+                continue
+            lead = rank - len(shape)
+            for axis, n in enumerate(shape):
+                o = axis + lead
+                if n == 1 and out_shape[o] != 1:
+                    continue  # broadcast: the size-1 axis stays valid
+                if n is None or out_shape[o] is None:
+                    if n is None and out_shape[o] is None and isinstance(t, gs.Variable):
+                        self.couple(t, axis, output, o)
+                    else:
+                        self.freeze(t, axis, f"cannot tell broadcasting at {self.where()}")
+                        self.freeze(output, o, f"cannot tell broadcasting at {self.where()}")
+                    continue
+                self.couple(t, axis, output, o)
+                if isinstance(t, gs.Constant):
+                    self.role(t, axis, CHANNELWISE)
+
+    def role(self, tensor: gs.Tensor, axis: int, role: str) -> None:
+        dim = self._dim(tensor, axis)
+        if dim is not None and isinstance(tensor, gs.Constant):
+            self.roles.setdefault(dim, role)
+
+    def freeze(self, tensor: gs.Tensor | None, axis: int | None, reason: str) -> None:
+        """Never prune ``axis`` of ``tensor`` (all axes when ``axis`` is None)."""
+        if tensor is None or tensor.name == "":
+            return
+        if axis is None:
+            self.tensor_freeze[tensor.name].append(reason)
+            return
+        rank = self.rank(tensor)
+        if rank is None:
+            self.tensor_freeze[tensor.name].append(reason)
+            return
+        dim = (tensor.name, axis % rank)
+        self.dim_graph.add_node(dim)
+        self.dim_freeze[dim].append(reason)
+
+    def freeze_node(self, node: gs.Node, reason: str) -> None:
+        for t in [*node.inputs, *node.outputs]:
+            self.freeze(t, None, reason)
+
+    def inexact(self, tensor: gs.Tensor, axis: int, reason: str) -> None:
+        """Pruning this axis is allowed but is not equivalent to zeroing the channels."""
+        dim = self._dim(tensor, axis)
+        if dim is not None:
+            self.dim_graph.add_node(dim)
+            self.dim_inexact[dim].append(f"{reason} at {self.where()}")
+
+    def spatial(self, tensor: gs.Tensor, axes: Iterable[int], what: str = "spatial") -> None:
+        """Mark axes that are never channels (batch, spatial); they are frozen."""
+        rank = self.rank(tensor)
+        if rank is None:
+            return
+        for axis in axes:
+            if -rank <= axis < rank:
+                dim = (tensor.name, axis % rank)
+                self.dim_graph.add_node(dim)
+                self.spatial_dims.add(dim)
+                self.dim_freeze[dim].append(f"{what} axis")
+
+    def mark_head(self, tensor: gs.Tensor, axis: int) -> None:
+        """``axis`` of ``tensor`` counts attention heads (a batch axis of an attention product)."""
+        dim = self._dim(tensor, axis)
+        if dim is not None:
+            self.dim_graph.add_node(dim)
+            self.head_dims.add(dim)
+
+    # ------------------------------------------------------------------ shape tensors
+    def track_shape(
+        self,
+        node: gs.Node,
+        input_index: int,
+        dims: list[tuple[gs.Tensor, int] | None],
+        *,
+        special_zero: bool = True,
+    ) -> None:
+        """Element ``k`` of ``node.inputs[input_index]`` gives the size of ``dims[k]``
+        (see :func:`graphprune.analysis.shape_trace.track_shape`)."""
+        shape_trace.track_shape(self, node, input_index, dims, special_zero=special_zero)
+
+    def add_shape_element(self, element: ShapeElement) -> None:
+        """A literal that gives the size of ``element.dim``: the rewrite writes the new size."""
+        self.shape_elements.append(element)
+        self.dim_graph.add_node(element.dim)
+
+    # ------------------------------------------------------------------ phase 2
+    def start_phase_two(self, previewed: Iterable[tuple[list[tuple[Dim, Dim]], list[Dim]]]) -> None:
+        """Snapshot the phase-1 components for the phase-2 queries.
+
+        ``previewed``: per phase-2 node, the couplings and frozen dimensions its rule will
+        add (:meth:`OpRule.preview_couplings`), so that the facts already include them.
+        """
+        spatial: set[Dim] = set()
+        for comp in nx.connected_components(self.dim_graph):
+            if comp & self.spatial_dims:
+                spatial |= comp
+        self._spatial_components = spatial
+        self._component_facts = self._facts(previewed)
+
+    def _facts(self, previewed: Iterable[tuple[list[tuple[Dim, Dim]], list[Dim]]]) -> dict[Dim, frozenset[str]]:
+        """Head/frozen facts per phase-1 component, with the previewed couplings added."""
+        preview = self.dim_graph.copy()
+        selected: set[Dim] = set()
+        for pairs, frozen in previewed:
+            selected.update(frozen)
+            preview.add_edges_from(pairs)
+        facts: dict[Dim, frozenset[str]] = {}
+        for comp in nx.connected_components(preview):
+            found = set()
+            if comp & self.head_dims:
+                found.add("head")
+            if comp & selected or any(
+                self.dim_freeze.get(d) or self.tensor_freeze.get(d[0]) for d in comp
+            ):
+                found.add("frozen")
+            if found:
+                facts.update(dict.fromkeys(comp, frozenset(found)))
+        return facts
+
+    def is_spatial(self, tensor: gs.Tensor, axis: int) -> bool:
+        """Phase 2 only: does this dimension belong to a spatial/batch component?"""
+        rank = self.rank(tensor)
+        if rank is None:
+            return False
+        dim = (tensor.name, axis % rank)
+        if self._spatial_components is None:
+            return dim in self.spatial_dims
+        return dim in self._spatial_components
+
+    def component_facts(self, tensor: gs.Tensor, axis: int) -> frozenset[str]:
+        """Phase 2 only: ``"head"`` / ``"frozen"`` when the dimension's phase-1 component
+        holds an attention head axis / a frozen dimension. Reshape rules use it to pick the
+        factor of a split axis that carries channels (heads, not the q/k/v index)."""
+        rank = self.rank(tensor)
+        if rank is None or self._component_facts is None:
+            return frozenset()
+        return self._component_facts.get((tensor.name, axis % rank), frozenset())

@@ -1,0 +1,170 @@
+"""Dependency analysis: which tensor dimensions must lose the same channels.
+
+The graph is an ``nx.Graph`` whose nodes are *dimensions* ``(tensor name, axis)``. Op rules
+(:mod:`graphprune.rules`) add edges between the dimensions an op couples, each carrying an
+index map (:mod:`graphprune.analysis.coupling`). A *channel group* is a connected component
+that contains at least one parameter dimension; its *units* are the sets of elements that
+go together (:mod:`graphprune.analysis.groups`).
+
+Fail closed: a node without a rule, a rule that raises, an index map that does not fit the
+shapes, an unknown size, a graph input or output, a protected (``keep``) tensor — each
+freezes the dimensions it touches, with a reason naming the node.
+
+This is the one module of the analysis that imports the rule registry.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis.coupling import CouplingContext
+from graphprune.analysis.dims import Dim, describe_node
+from graphprune.analysis.groups import ChannelGroup, form_groups
+from graphprune.analysis.shape_probe import refine_shapes
+from graphprune.rules import registry
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze_graph`."""
+
+    graph: gs.Graph
+    opset: int
+    groups: list[ChannelGroup]
+    unsupported: dict[str, list[str]]
+    context: CouplingContext
+
+    def group_of(self, dim: Dim) -> ChannelGroup | None:
+        for group in self.groups:
+            if dim in group.unit_of or dim in group.sizes:
+                return group
+        return None
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    @property
+    def frozen_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.is_frozen]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "groups": len(self.groups),
+            "prunable": len(self.prunable_groups),
+            "frozen": len(self.frozen_groups),
+            "inexact": sum(1 for g in self.groups if g.prunable and not g.is_exact),
+            "unsupported_ops": {k: len(v) for k, v in sorted(self.unsupported.items())},
+        }
+
+
+def _subgraph_outer_names(node: gs.Node, outer: dict[str, gs.Tensor]) -> set[str]:
+    names: set[str] = set()
+    for value in node.attrs.values():
+        graphs = value if isinstance(value, list) else [value]
+        for sub in graphs:
+            if isinstance(sub, gs.Graph):
+                for sub_node in sub.nodes:
+                    for t in sub_node.inputs:
+                        if t.name in outer:
+                            names.add(t.name)
+                    names |= _subgraph_outer_names(sub_node, outer)
+    return names
+
+
+def analyze_graph(
+    graph: gs.Graph,
+    opset: int,
+    *,
+    keep: Iterable[str] = (),
+    position_convs: frozenset[str] = frozenset(),
+    _probes: dict[str, tuple[list, list]] | None = None,
+) -> Analysis:
+    """Run every op rule over ``graph`` and form channel groups with their units.
+
+    Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
+    group). Where that collapses a channel group to a single unit (a channel shuffle after
+    a grouped conv, as in ShuffleNet v1), those convs are re-analysed position by position.
+    """
+    keep = tuple(keep)
+    # a retry analyses the same graph, whose shapes were refined by the first pass
+    probes = refine_shapes(graph) if _probes is None else _probes
+
+    def rule_for(node: gs.Node) -> registry.OpRule | None:
+        return registry.lookup(node.domain or "", node.op, opset)
+
+    ctx = CouplingContext(graph, opset, rule_for, probes=probes, position_convs=position_convs)
+    unsupported: dict[str, list[str]] = defaultdict(list)
+    deferred: list[tuple[gs.Node, registry.OpRule]] = []
+
+    def run(node: gs.Node, rule: registry.OpRule) -> None:
+        ctx.node = node
+        try:
+            rule.couple(node, ctx)
+        except Exception as exc:  # a rule bug must freeze, never guess
+            ctx.freeze_node(node, f"rule for {describe_node(node)} failed: {exc}")
+
+    for node in graph.nodes:
+        ctx.node = node
+        outer = _subgraph_outer_names(node, ctx.tensors)
+        for name in outer:
+            ctx.tensor_freeze[name].append(f"used inside a subgraph of {describe_node(node)}")
+        rule = rule_for(node)
+        if rule is None:
+            domain = node.domain or ""
+            key = f"{domain}::{node.op}" if domain not in ("", "ai.onnx") else node.op
+            unsupported[key].append(node.name)
+            ctx.freeze_node(node, f"no rule for {describe_node(node)}")
+            continue
+        if rule.phase == 1:
+            run(node, rule)
+        else:
+            deferred.append((node, rule))
+    ctx.node = None
+    ctx.start_phase_two([rule.preview_couplings(node, ctx) for node, rule in deferred])
+    for node, rule in deferred:
+        run(node, rule)
+    ctx.node = None
+
+    for t in graph.inputs:
+        ctx.freeze(t, None, f"graph input '{t.name}'")
+    for t in graph.outputs:
+        ctx.freeze(t, None, f"graph output '{t.name}'")
+    keep_set = set(keep)
+    if keep_set:
+        for node in graph.nodes:
+            if node.name in keep_set:
+                ctx.freeze_node(node, f"protected by keep: {describe_node(node)}")
+        for name in keep_set & set(ctx.tensors):
+            ctx.freeze(ctx.tensors[name], None, f"protected by keep: tensor '{name}'")
+
+    groups = form_groups(ctx)
+    if not position_convs:
+        collapsed = _collapsed_position_nodes(graph, groups, rule_for)
+        if collapsed:
+            return analyze_graph(
+                graph, opset, keep=keep, position_convs=collapsed, _probes=probes
+            )
+    return Analysis(graph, opset, groups, dict(unsupported), ctx)
+
+
+def _collapsed_position_nodes(
+    graph: gs.Graph, groups: list[ChannelGroup], rule_for: Callable[[gs.Node], registry.OpRule | None]
+) -> frozenset[str]:
+    """Nodes that tie units group by group but could prune by position
+    (:meth:`OpRule.prunes_by_position`: grouped, not depthwise, convolutions) inside
+    unfrozen groups that ended with one unit."""
+    candidates = {
+        n.name for n in graph.nodes
+        if (rule := rule_for(n)) is not None and rule.prunes_by_position(n)
+    }
+    names: set[str] = set()
+    for group in groups:
+        if group.frozen or group.num_units >= 2 or not group.producers:
+            continue
+        names |= {name for name in group.nodes if name in candidates}
+    return frozenset(names)

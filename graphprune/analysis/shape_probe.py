@@ -1,0 +1,163 @@
+"""Shape probes: static sizes that ONNX shape inference leaves symbolic.
+
+Symbolic input sizes hide static sizes downstream (a head count computed as ``H*D / D``).
+:func:`refine_shapes` infers shapes twice with concrete sizes for every symbolic input axis
+and keeps the sizes that agree; both probes stay available to the rules
+(``CouplingContext.probes``), which match re-factored dynamic axes with them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+#: constants with more elements than this are replaced by typed inputs for shape probing
+_PROBE_CONST_LIMIT = 4096
+
+
+def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> dict[str, list]:
+    """Shapes ONNX inference finds when graph input axis ``(name, axis)`` has ``sizes[...]``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if (value.name, axis) in sizes:
+                dim.Clear()
+                dim.dim_value = sizes[(value.name, axis)]
+    shapes: dict[str, list] = {}
+    if any(n.domain == "com.microsoft" for n in probe.graph.node):
+        contrib = _contrib_shapes(probe)
+        if contrib is not None:
+            return contrib
+    for _ in range(12):  # infer, fold the shape computations that became constant, repeat
+        inferred = onnx.shape_inference.infer_shapes(
+            probe, check_type=False, strict_mode=False, data_prop=True
+        )
+        # later rounds know more; tensors that folding removed keep their earlier shapes
+        for value in [*inferred.graph.value_info, *inferred.graph.output]:
+            t = value.type.tensor_type
+            if t.HasField("shape"):
+                shapes[value.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+                ]
+        folded = gs.import_onnx(inferred)
+        count = len(folded.nodes)
+        folded.fold_constants(fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
+        folded.cleanup(remove_unused_graph_inputs=False)
+        if len(folded.nodes) == count:
+            break
+        probe = gs.export_onnx(folded, do_type_check=False)
+    return shapes
+
+
+def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
+    """Shapes of a graph with com.microsoft ops (which ONNX inference does not know), from
+    ONNX Runtime's symbolic shape inference when it is available (it needs sympy)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        # its ``infer_shapes`` writes a file into the working directory when some shape
+        # stays unknown; run its loop directly and keep the partial result instead
+        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        engine._preprocess(model)
+        while engine.run_:
+            engine._infer_impl()
+        engine._update_output_from_vi()
+        inferred = engine.out_mp_
+    except Exception:  # optional (it needs sympy): fused graphs keep their unknown sizes
+        return None
+    shapes: dict[str, list] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+            ]
+    return shapes
+
+
+def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
+    """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
+
+    Symbolic input sizes hide static sizes downstream: a Reshape to ``[B, S, -1, D]`` (the head
+    count computed from ``H*D / D``), or a broadcast between two unrelated symbols. Shapes are
+    inferred twice with concrete sizes for every symbolic input axis; an axis with the same
+    size in both probes is static and gets that size (with static inputs, one probe fills in
+    sizes hidden behind computed shapes). Returns both probes per tensor name
+    (rules use them to match re-factored dynamic axes). Nothing changes when inference fails.
+    """
+    symbolic = [
+        (t.name, axis)
+        for t in graph.inputs
+        for axis, d in enumerate(t.shape or [])
+        if not (isinstance(d, int) and d >= 0)
+    ]
+    if not symbolic and all(
+        t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable)
+    ):
+        return {}
+    # one pair of sizes per symbol: batch axes 2/3, image axes 224/288 (+32 per symbol),
+    # other axes (sequences) 16/24 (+8 per symbol): distinct within a probe, small enough for
+    # position tables, large enough that downsampling does not collapse them
+    chosen: dict[object, tuple[int, int]] = {}
+    sizes_a: dict[tuple[str, int], int] = {}
+    sizes_b: dict[tuple[str, int], int] = {}
+    by_name = {t.name: t for t in graph.inputs}
+    for key in symbolic:
+        t = by_name[key[0]]
+        symbol = t.shape[key[1]] if isinstance(t.shape[key[1]], str) else key
+        if symbol not in chosen:
+            k = len(chosen)
+            image = len(t.shape) == 4 and np.issubdtype(np.dtype(t.dtype), np.floating)
+            chosen[symbol] = (
+                (2, 3) if key[1] == 0 else (224 + 32 * k, 288 + 32 * k) if image
+                else (16 + 8 * k, 24 + 8 * k)
+            )
+        sizes_a[key], sizes_b[key] = chosen[symbol]
+    try:
+        probe_graph = graph.copy()  # large constants become inputs: only their shapes count
+        for t in list(probe_graph.tensors().values()):
+            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _PROBE_CONST_LIMIT:
+                t.to_variable(dtype=t.dtype, shape=list(t.shape))
+                t.type = "tensor_type"  # to_variable leaves it unset
+                probe_graph.inputs.append(t)
+        model = gs.export_onnx(probe_graph, do_type_check=False)
+        import onnxruntime
+
+        # folding runs ORT sessions whose optimizers warn about shape-only subgraphs
+        onnxruntime.set_default_logger_severity(3)
+        try:
+            probe_a = _probe_shapes(model, sizes_a)
+            # static inputs: one probe (of folded shape computations) says it all
+            probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
+        finally:
+            onnxruntime.set_default_logger_severity(2)  # ORT's default
+    except Exception:  # a refinement only; the analysis copes with unknown sizes
+        return {}
+    for name, tensor in graph.tensors().items():
+        if not isinstance(tensor, gs.Variable):
+            continue
+        a, b = probe_a.get(name), probe_b.get(name)
+        if a is None or b is None or len(a) != len(b):
+            continue
+        shape: list | None = list(tensor.shape) if tensor.shape is not None else None
+        if shape is not None and len(shape) != len(a):
+            continue
+        if shape is None:
+            shape = [None] * len(a)
+        changed = False
+        for axis, (da, db) in enumerate(zip(a, b, strict=True)):
+            if isinstance(shape[axis], int) and shape[axis] >= 0:
+                continue
+            if da is not None and da == db and da > 0:  # 0: a size collapsed in both probes
+                shape[axis] = da
+                changed = True
+            elif shape[axis] is None:
+                shape[axis] = f"gp_{name}_{axis}"
+        if changed or tensor.shape is None:
+            tensor.shape = shape
+    return {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}

@@ -1,0 +1,93 @@
+"""Functional fidelity: how close a pruned model stays to the ORIGINAL on held-out samples.
+
+For every graph output and every held-out sample ``i`` (``y`` original, ``p`` pruned, both
+flattened):
+
+- ``cosine``: ``<y, p> / (|y| |p|)``, averaged over samples (``min_cosine``: the worst);
+- ``rel_l2``: ``|p - y| / |y|``, averaged over samples;
+- ``top1_agreement``: where the output looks like class scores (floating point, last axis of
+  at least 2 classes, a single row per sample), the share of samples whose arg-max class is
+  the same.
+
+The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
+(``None`` when no output qualifies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphprune.calibration import runner
+
+Feed = dict[str, np.ndarray]
+
+
+def looks_like_scores(value: np.ndarray) -> bool:
+    """Floating point, at least two entries on the last axis, one row per sample."""
+    return (
+        value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2
+        and int(np.prod(value.shape[:-1])) == 1
+    )
+
+
+def compare_outputs(
+    names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
+) -> dict[str, Any]:
+    """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k)."""
+    outputs: dict[str, Any] = {}
+    for k, name in enumerate(names):
+        cosines, rels, agree = [], [], []
+        scores = True
+        for ref_list, out_list in zip(original, pruned, strict=True):
+            y = np.asarray(ref_list[k])
+            p = np.asarray(out_list[k])
+            if y.shape != p.shape or y.dtype.kind not in "fc":
+                scores = False
+                cosines.append(float(np.array_equal(y, p)))
+                rels.append(0.0 if np.array_equal(y, p) else 1.0)
+                continue
+            a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
+            na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+            cosines.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb))
+            rels.append(float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
+            if scores and looks_like_scores(y):
+                agree.append(float(np.argmax(a) == np.argmax(b)))
+            else:
+                scores = False
+        entry: dict[str, Any] = {
+            "cosine": round(float(np.mean(cosines)), 6) if cosines else None,
+            "min_cosine": round(float(np.min(cosines)), 6) if cosines else None,
+            "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
+        }
+        if scores and agree:
+            entry["top1_agreement"] = round(float(np.mean(agree)), 6)
+        outputs[name] = entry
+    worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}
+    cos = [e["cosine"] for e in outputs.values() if e["cosine"] is not None]
+    rel = [e["rel_l2"] for e in outputs.values() if e["rel_l2"] is not None]
+    top = [e["top1_agreement"] for e in outputs.values() if "top1_agreement" in e]
+    worst["cosine"] = min(cos) if cos else None
+    worst["rel_l2"] = max(rel) if rel else None
+    worst["top1_agreement"] = min(top) if top else None
+    return worst
+
+
+def fidelity(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    *,
+    data_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run both models on ``feeds`` (one sample each) and compare every output."""
+    if not feeds:
+        return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None}
+    names = [o.name for o in original.graph.output]
+    ref = runner.outputs(original, feeds, "the original model", data_dir=data_dir)
+    out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
+    return compare_outputs(names, ref, out)

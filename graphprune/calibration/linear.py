@@ -1,0 +1,215 @@
+"""Linear layers as matrices: the rows a least-squares fit or a statistic reads.
+
+A linear node (what :meth:`OpRule.linear` describes: Conv, Gemm, MatMul with a constant
+weight) computes, per output position, ``y = W x + b``. For a Conv ``x`` is the *patch* of
+input channels x kernel offsets that the output position reads (im2col); for a Gemm/MatMul
+over ``[..., K]`` it is one row of the input and every leading position is a row. Grouped
+and depthwise convolutions are ``group`` independent such maps (output channels
+``j*og..(j+1)*og`` read input channels ``j*cg..(j+1)*cg``).
+
+:class:`LinearView` turns a node and its weight into that form: ``matrices()`` gives the
+weight of every conv group as ``[og, K]`` with ``K = cg * prod(kernel)``; ``input_rows``
+and ``output_rows`` extract the rows of chosen output positions from an input and an output
+activation, so that ``output_rows ~= input_rows @ W.T + b`` row by row. Output positions
+are subsampled (``select``) deterministically, so that two runs (original and pruned model)
+read the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.rules.registry import LinearInfo
+
+KERNELS = ("conv", "dense")
+
+
+@dataclass
+class LinearView:
+    node: gs.Node
+    info: LinearInfo
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def weight(self) -> gs.Constant:
+        return self.node.inputs[self.info.weight]
+
+    @property
+    def data(self) -> gs.Tensor:
+        return self.node.inputs[self.info.data]
+
+    @property
+    def output(self) -> gs.Tensor:
+        return self.node.outputs[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.info.kernel == "conv"
+
+    @property
+    def group(self) -> int:
+        return self.info.group if self.is_conv else 1
+
+    def bias_values(self) -> np.ndarray | None:
+        """The effective bias ``beta * C`` per output channel (``None``: no bias input)."""
+        index = self.info.bias
+        if index is None or index >= len(self.node.inputs) or not self.node.inputs[index].name:
+            return None
+        tensor = self.node.inputs[index]
+        if not isinstance(tensor, gs.Constant):
+            return None
+        values = np.asarray(tensor.values, dtype=np.float64)
+        out = self.out_channels()
+        if values.size == 1:
+            values = np.full(out, float(values.reshape(-1)[0]))
+        elif values.shape[-1] != out or values.size != out:
+            return None
+        return self.info.beta * values.reshape(-1)
+
+    def out_channels(self) -> int:
+        return int(np.shape(self.weight.values)[self.info.out_axis])
+
+    def in_channels(self) -> int:
+        """Input channels the node reads (all groups together)."""
+        w = np.shape(self.weight.values)
+        return int(w[self.info.in_axis]) * self.group
+
+    def kernel_size(self) -> int:
+        shape = np.shape(self.weight.values)
+        return int(np.prod(shape[2:])) if self.is_conv else 1
+
+    def matrices(self, values: np.ndarray | None = None) -> np.ndarray:
+        """Effective weight ``[group, og, K]`` (alpha folded in)."""
+        w = np.asarray(self.weight.values if values is None else values, dtype=np.float64)
+        if self.is_conv:
+            g = self.group
+            out = w.shape[0]
+            return w.reshape(g, out // g, -1)
+        matrix = w if self.info.out_axis == 0 else w.T  # [out, in]
+        return (self.info.alpha * matrix)[None]
+
+    def set_matrices(self, mats: np.ndarray) -> np.ndarray:
+        """Stored weight values for effective weights ``[group, og, K]`` (dtype kept)."""
+        current = np.asarray(self.weight.values)
+        if self.is_conv:
+            new = mats.reshape(current.shape)
+        else:
+            matrix = mats[0] / self.info.alpha
+            new = matrix if self.info.out_axis == 0 else matrix.T
+        return np.ascontiguousarray(new.astype(current.dtype))
+
+    # ------------------------------------------------------------------ geometry
+    def _conv_geometry(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        attrs = self.node.attrs
+        kernel = list(np.shape(self.weight.values)[2:])
+        n = len(kernel)
+        strides = list(attrs.get("strides", [1] * n))
+        dilations = list(attrs.get("dilations", [1] * n))
+        pads = list(attrs.get("pads", [0] * (2 * n)))
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        begin, end = pads[:n], pads[n:]
+        out = []
+        for d in range(n):
+            extent = dilations[d] * (kernel[d] - 1) + 1
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                o = math.ceil(spatial[d] / strides[d])
+                total = max(0, (o - 1) * strides[d] + extent - spatial[d])
+                small = total // 2
+                begin[d], end[d] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            elif auto_pad == "VALID":
+                begin[d] = end[d] = 0
+            out.append((spatial[d] + begin[d] + end[d] - extent) // strides[d] + 1)
+        return kernel, strides, dilations, [*begin, *end], out
+
+    def positions(self, input_shape: tuple[int, ...]) -> int:
+        """Number of output positions (rows) for an input of ``input_shape``."""
+        if self.is_conv:
+            *_, out = self._conv_geometry(tuple(input_shape[2:]))
+            return int(input_shape[0] * np.prod(out))
+        return int(np.prod(input_shape[:-1])) if len(input_shape) > 1 else 1
+
+    def output_positions(self, output_shape: tuple[int, ...]) -> int:
+        """Number of output positions (rows) of an output of ``output_shape``."""
+        if self.is_conv:
+            return int(output_shape[0] * np.prod(output_shape[2:]))
+        return int(np.prod(output_shape[:-1])) if len(output_shape) > 1 else 1
+
+
+    # ------------------------------------------------------------------ rows
+    def input_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``[R, group, K]``: the inputs that produce the selected output positions."""
+        if not self.is_conv:
+            flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+            return np.asarray(flat[rows], dtype=np.float32)[:, None, :]
+        kernel, strides, dilations, pads, out = self._conv_geometry(tuple(x.shape[2:]))
+        n = len(kernel)
+        index = np.unravel_index(rows, (x.shape[0], *out))
+        padding = [(0, 0), (0, 0)] + [(pads[d], pads[n + d]) for d in range(n)]
+        xp = np.pad(x, padding) if any(pads) else x
+        offsets = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), 0)
+        offsets = offsets.reshape(n, -1)  # [n, kprod]
+        spatial = [
+            (index[1 + d] * strides[d])[:, None] + (offsets[d] * dilations[d])[None, :]
+            for d in range(n)
+        ]
+        patches = xp[(index[0][:, None], slice(None), *spatial)]  # [R, kprod, C]
+        patches = np.ascontiguousarray(np.swapaxes(patches, 1, 2), dtype=np.float32)  # [R, C, kp]
+        g = self.group
+        return patches.reshape(len(rows), g, -1)
+
+    def output_rows(self, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``[R, group, og]``: the selected output positions."""
+        if not self.is_conv:
+            flat = y.reshape(-1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
+            return np.asarray(flat[rows], dtype=np.float32)[:, None, :]
+        c = y.shape[1]
+        moved = np.moveaxis(y, 1, -1).reshape(-1, c)
+        return np.asarray(moved[rows], dtype=np.float32).reshape(len(rows), self.group, -1)
+
+    def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+        """``[R, C]``: input channel vectors at up to ``limit`` positions (statistics)."""
+        axis = 1 if self.is_conv else x.ndim - 1
+        moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+        if moved.shape[0] > limit:
+            rng = np.random.default_rng(seed)
+            moved = moved[np.sort(rng.choice(moved.shape[0], size=limit, replace=False))]
+        return np.asarray(moved, dtype=np.float32)
+
+
+def select(total: int, count: int, seed: int) -> np.ndarray:
+    """Sorted flat indices of ``count`` of ``total`` positions (all when there are fewer);
+    the same arguments always give the same positions."""
+    if count >= total:
+        return np.arange(total)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=count, replace=False))
+
+
+def linear_view(node: gs.Node, opset: int) -> LinearView | None:
+    """A :class:`LinearView` of ``node`` when it is a supported linear layer with a constant
+    weight and a computed (non-constant) input, else ``None`` (fail closed)."""
+    from graphprune.rules import registry
+
+    rule = registry.lookup(node.domain or "", node.op, opset)
+    info = rule.linear(node) if rule is not None else None
+    if info is None or info.kernel not in KERNELS:
+        return None
+    if info.weight >= len(node.inputs) or info.data >= len(node.inputs):
+        return None
+    weight, data = node.inputs[info.weight], node.inputs[info.data]
+    if not isinstance(weight, gs.Constant) or isinstance(data, gs.Constant):
+        return None
+    values = np.asarray(weight.values)
+    if not np.issubdtype(values.dtype, np.floating):
+        return None
+    if info.kernel == "conv" and (values.ndim < 3 or values.shape[0] % max(info.group, 1)):
+        return None
+    if info.kernel == "dense" and values.ndim != 2:
+        return None
+    return LinearView(node, info)

@@ -1,0 +1,425 @@
+"""Sequential reconstruction: refit linear layers of a pruned model, wave by wave.
+
+Maths. A linear layer computes ``y = W x + b`` per output position (:mod:`.linear`). After
+pruning, its input ``x_p`` (pruned model, upstream layers already reconstructed) differs
+from the original's; the target is the ORIGINAL layer's output ``y_o``. With the constant-1
+column appended (``x~ = [x_p, 1]``) the ridge least-squares fit
+
+    W~ = argmin sum ||y_o - W~ x~||^2 + lam ||W||^2 = (G + lam D)^-1 C,
+    G = sum x~ x~^T,  C = sum x~ y_o^T,  lam = ridge * mean(diag(G_xx)),
+
+(``D``: identity without the bias entry) needs only the Gram ``G`` and the cross statistic
+``C``, accumulated over the calibration samples; memory is bounded by them, not by the
+number of samples. Conv layers use im2col patches at a deterministic subsample of output
+positions; grouped convolutions get one fit per group. The bias falls out of the fit (bias
+compensation is the special case of a fit with only the bias free).
+
+Order. A layer's input depends on the layers upstream of it; a *wave* is the set of
+targets whose inputs depend only on targets of earlier waves. Each wave is one run of the
+current pruned model (only the prefix of the graph it needs) with the wave's inputs
+exposed; the original outputs (targets) come from one run of the original model, cached at
+the selected rows only.
+
+``mode="affine"`` is the statistics correction (the ONNX equivalent of re-estimating
+BatchNorm statistics, which also works where BN was folded into the conv by the exporter):
+each output channel ``k`` gets ``y' = s_k y + t_k`` so that its mean and variance on the
+calibration data match the original's (``s_k = sigma_o / sigma_p``, ``t_k = mu_o - s_k mu_p``),
+folded into the layer's weight rows and bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.calibration import runner
+from graphprune.calibration.linear import LinearView, linear_view, select
+from graphprune.io import ir
+
+#: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
+#: towards the current weights, not towards zero); chosen per layer by two-fold
+#: cross-validation over RIDGE_GRID unless the layer has more than CV_MAX_INPUTS inputs
+DEFAULT_RIDGE = 1e-2
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+CV_MAX_INPUTS = 2048
+#: rows per fitted weight column (subsampled output positions), and their bounds
+ROWS_PER_INPUT = 8
+MIN_ROWS = 4096
+MAX_ROWS = 16384
+
+
+@dataclass
+class Target:
+    view: LinearView
+    index: int
+    wave: int = 0
+    #: original output channels that the pruned layer still computes (``None``: all)
+    kept: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.view.node.name
+
+
+@dataclass
+class Accumulator:
+    """Gram and cross statistics of one target (one block per conv group), kept in two
+    folds (even and odd batches) so that the ridge strength can be cross-validated."""
+
+    gram: np.ndarray  # [2, g, K+1, K+1]
+    cross: np.ndarray  # [2, g, K+1, og]
+    y2: np.ndarray  # [2]
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, g: int, k: int, og: int) -> Accumulator:
+        return cls(np.zeros((2, g, k + 1, k + 1)), np.zeros((2, g, k + 1, og)), np.zeros(2))
+
+    def add(self, fold: int, xt: np.ndarray, y: np.ndarray) -> None:
+        """``xt``: ``[R, g, K+1]`` inputs with the constant column, ``y``: ``[R, g, og]``."""
+        if xt.shape[1] > 1:
+            self.gram[fold] += np.einsum("rgk,rgl->gkl", xt, xt, optimize=True)
+            self.cross[fold] += np.einsum("rgk,rgo->gko", xt, y, optimize=True)
+        else:
+            self.gram[fold, 0] += xt[:, 0].T @ xt[:, 0]
+            self.cross[fold, 0] += xt[:, 0].T @ y[:, 0]
+        self.y2[fold] += float(np.square(y, dtype=np.float64).sum())
+        self.rows += xt.shape[0]
+
+
+def _fit(gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge solution towards ``anchor`` (the bias row is not regularised)."""
+    k = gram.shape[0] - 1
+    reg = gram.copy()
+    reg[np.arange(k), np.arange(k)] += lam + 1e-12
+    rhs = cross.copy()
+    rhs[:k] += lam * anchor[:k]
+    try:
+        return np.linalg.solve(reg, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(reg, rhs, rcond=None)[0]
+
+
+def _error(gram: np.ndarray, cross: np.ndarray, y2: float, w: np.ndarray) -> float:
+    """``sum ||y - w^T x~||^2`` from the statistics."""
+    return float(y2 + np.sum(w * (gram @ w)) - 2 * np.sum(w * cross))
+
+
+@dataclass
+class WaveReport:
+    targets: int = 0
+    rel_error_before: list[float] = field(default_factory=list)
+    rel_error_after: list[float] = field(default_factory=list)
+    ridges: list[float] = field(default_factory=list)
+
+
+def affected_tensors(graph: gs.Graph, changed: set[str]) -> set[str]:
+    """Names of tensors computed from a node that reads a changed parameter."""
+    affected: set[str] = set()
+    for node in graph.nodes:  # topological order
+        if any(t.name in changed or t.name in affected for t in node.inputs):
+            affected.update(o.name for o in node.outputs)
+    return affected
+
+
+def find_targets(
+    graph: gs.Graph,
+    opset: int,
+    *,
+    changed: set[str],
+    removed: dict[tuple[str, int], np.ndarray],
+    consumers_only: bool = False,
+    skipped: dict[str, str] | None = None,
+) -> list[Target]:
+    """Linear layers whose input differs from the original's, in waves.
+
+    ``changed``: parameter tensors the pruning sliced; ``removed``: element indices removed
+    per ``(tensor, axis)``; ``consumers_only``: only layers whose own input channels were
+    cut (default: every linear layer downstream of a change).
+    """
+    skipped = {} if skipped is None else skipped
+    affected = affected_tensors(graph, changed)
+    uses: dict[str, int] = defaultdict(int)
+    for node in graph.nodes:
+        for t in node.inputs:
+            uses[t.name] += 1
+    targets: list[Target] = []
+    for node in graph.nodes:
+        view = linear_view(node, opset)
+        if view is None or view.data.name not in affected:
+            continue
+        wname = view.weight.name
+        if consumers_only and (wname, view.info.in_axis) not in removed:
+            continue
+        if uses[wname] > 1:
+            skipped[node.name] = f"weight '{wname}' is shared by several nodes"
+            continue
+        cut = removed.get((wname, view.info.out_axis))
+        kept = None
+        if cut is not None and len(cut):
+            total = view.out_channels() + len(cut)
+            kept = np.setdiff1d(np.arange(total), cut)
+        targets.append(Target(view, len(targets), kept=kept))
+    _assign_waves(graph, targets)
+    return targets
+
+
+def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
+    by_node = {t.name: t for t in targets}
+    depth: dict[str, int] = {}
+    for node in graph.nodes:
+        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        target = by_node.get(node.name)
+        if target is not None:
+            target.wave = depth.get(target.view.data.name, 0) + 1
+            level = max(level, target.wave)
+        for out in node.outputs:
+            depth[out.name] = level
+
+
+def _unique_name(graph_names: set[str], base: str) -> str:
+    name, k = base, 0
+    while name in graph_names:
+        k += 1
+        name = f"{base}_{k}"
+    graph_names.add(name)
+    return name
+
+
+def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> None:
+    """Give ``view``'s layer the effective bias ``bias`` (creating the input, or an ``Add``
+    after a MatMul, when the layer has none). The constant is always a fresh one."""
+    node, info = view.node, view.info
+    dtype = np.asarray(view.weight.values).dtype
+    if info.bias is None:  # MatMul: y = x W, then + b in a new Add
+        out = node.outputs[0]
+        inner = gs.Variable(_unique_name(names, f"{out.name}_gp_unbiased"), dtype=out.dtype)
+        const = gs.Constant(_unique_name(names, f"{node.name}_gp_bias"), np.ascontiguousarray(bias.astype(dtype)))
+        node.outputs[0] = inner
+        graph.nodes.append(gs.Node("Add", _unique_name(names, f"{node.name}_gp_bias_add"), inputs=[inner, const], outputs=[out]))
+        return
+    beta = info.beta if info.beta != 0.0 else 1.0
+    if info.beta == 0.0:
+        node.attrs["beta"] = 1.0
+    const = gs.Constant(_unique_name(names, f"{node.name}_gp_bias"), np.ascontiguousarray((bias / beta).astype(dtype)))
+    while len(node.inputs) <= info.bias:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[info.bias] = const
+
+
+def _rows_budget(view: LinearView) -> int:
+    k = view.in_channels() * view.kernel_size() // max(view.group, 1) + 1
+    return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
+
+
+def _seed(target: Target, batch: int) -> int:
+    return 7919 * (target.index + 1) + batch
+
+
+class Reconstructor:
+    """Refit (``mode="refit"``) or correct (``mode="affine"``) ``targets`` of ``graph``."""
+
+    def __init__(
+        self,
+        reference: onnx.ModelProto,
+        batches: runner.Batches,
+        *,
+        mode: str = "refit",
+        ridge: float | None = None,
+        store: Any = None,
+    ) -> None:
+        self.reference = reference
+        self.store = store
+        self.data_dir = getattr(store, "root", None)
+        self.batches = batches
+        self.mode = mode
+        self.ridge = ridge
+        self.samples = max(1, sum(batches.sizes))
+
+    # ------------------------------------------------------------------ original
+    def _original(self, targets: list[Target]) -> dict[str, Any]:
+        """Original outputs of every target: selected rows (refit) or channel moments."""
+        by_out = {t.view.output.name: t for t in targets}
+        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        moments: dict[int, list[np.ndarray]] = {}
+
+        def take(batch: int, name: str, y: np.ndarray) -> None:
+            t = by_out[name]
+            if self.mode == "affine":
+                _moments(moments, t, y, t.view)
+                return
+            budget = _rows_budget(t.view)
+            count = math.ceil(budget * self.batches.sizes[batch] / self.samples)
+            rows = select(t.view.output_positions(y.shape), count, _seed(t, batch))
+            out = t.view.output_rows(y, rows).reshape(len(rows), -1)
+            if t.kept is not None:
+                out = out[:, t.kept]
+            cache[(t.index, batch)] = (rows, np.ascontiguousarray(out))
+
+        runner.stream(self.reference, list(by_out), self.batches.feeds, take, what="the original model",
+                      data_dir=self.data_dir)
+        return {"rows": cache, "moments": moments}
+
+    # ------------------------------------------------------------------ waves
+    def run(self, graph: gs.Graph, template: onnx.ModelProto, targets: list[Target]) -> dict[str, Any]:
+        if not targets:
+            return {"layers": 0, "waves": 0}
+        original = self._original(targets)
+        names = set(graph.tensors())
+        waves = sorted({t.wave for t in targets})
+        report = WaveReport()
+        for wave in waves:
+            members = [t for t in targets if t.wave == wave]
+            model = ir.export_graph(graph, template, self.store)
+            if self.mode == "affine":
+                self._affine_wave(graph, model, members, original["moments"], names)
+            else:
+                self._refit_wave(graph, model, members, original["rows"], names, report)
+            report.targets += len(members)
+        out: dict[str, Any] = {"layers": report.targets, "waves": len(waves)}
+        if report.rel_error_before:
+            out["rel_error_before"] = round(float(np.mean(report.rel_error_before)), 5)
+            out["rel_error_after"] = round(float(np.mean(report.rel_error_after)), 5)
+            out["ridge_median"] = float(np.median(report.ridges))
+        return out
+
+    def _refit_wave(
+        self,
+        graph: gs.Graph,
+        model: onnx.ModelProto,
+        members: list[Target],
+        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+        names: set[str],
+        report: WaveReport,
+    ) -> None:
+        by_input: dict[str, list[Target]] = defaultdict(list)
+        for t in members:
+            by_input[t.view.data.name].append(t)
+        acc: dict[int, Accumulator] = {}
+
+        def take(batch: int, name: str, x: np.ndarray) -> None:
+            for t in by_input[name]:
+                rows, y = cache[(t.index, batch)]
+                xr = t.view.input_rows(x, rows)  # [R, g, K]
+                r, g, k = xr.shape
+                og = y.shape[1] // g
+                yg = y.reshape(r, g, og)
+                xt = np.concatenate([xr, np.ones((r, g, 1), np.float32)], axis=2)
+                a = acc.get(t.index)
+                if a is None:
+                    a = acc[t.index] = Accumulator.empty(g, k, og)
+                a.add(batch % 2, xt, yg)
+
+        runner.stream(model, list(by_input), self.batches.feeds, take, what="the pruned model",
+                      data_dir=self.data_dir)
+        for t in members:
+            a = acc.get(t.index)
+            if a is None or a.rows == 0:
+                continue
+            self._solve(graph, t, a, names, report)
+
+    def _solve(self, graph: gs.Graph, t: Target, a: Accumulator, names: set[str], report: WaveReport) -> None:
+        view = t.view
+        _, g, k1, _ = a.gram.shape
+        k = k1 - 1
+        current = view.matrices()  # [g, og, K]
+        bias = view.bias_values()
+        if bias is None:
+            bias = np.zeros(current.shape[0] * current.shape[1])
+        cur = np.concatenate([np.swapaxes(current, 1, 2), bias.reshape(g, 1, -1)], axis=1)  # [g, K+1, og]
+        gram, cross, y2 = a.gram.sum(0), a.cross.sum(0), float(a.y2.sum())
+        scale = [max(float(np.mean(np.diag(gram[j])[:k])), 1e-30) if k else 0.0 for j in range(g)]
+        ridge = self._choose_ridge(a, cur, scale)
+        solved = np.stack([_fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
+        norm = max(y2, 1e-30)
+        before = sum(_error(gram[j], cross[j], 0.0, cur[j]) for j in range(g)) + y2
+        after = sum(_error(gram[j], cross[j], 0.0, solved[j]) for j in range(g)) + y2
+        if not np.isfinite(solved).all() or after > before:
+            return
+        report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))
+        report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
+        report.ridges.append(ridge)
+        mats = np.swapaxes(solved[:, :k, :], 1, 2)  # [g, og, K]
+        view.weight.values = view.set_matrices(mats)
+        write_bias(graph, view, solved[:, k, :].reshape(-1), names)
+
+    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:
+        """The ridge (relative to the mean Gram diagonal) with the smallest two-fold
+        cross-validated error; the default when a fold is empty or the layer is wide."""
+        g, k1 = a.gram.shape[1], a.gram.shape[2]
+        if self.ridge is not None or not (a.y2 > 0).all() or (k1 - 1) * g > CV_MAX_INPUTS:
+            return DEFAULT_RIDGE if self.ridge is None else self.ridge
+        best, best_error = DEFAULT_RIDGE, math.inf
+        for ridge in RIDGE_GRID:
+            total = 0.0
+            for fit_fold in (0, 1):
+                other = 1 - fit_fold
+                for j in range(g):
+                    w = _fit(a.gram[fit_fold, j], a.cross[fit_fold, j], cur[j], ridge * scale[j])
+                    total += _error(a.gram[other, j], a.cross[other, j], a.y2[other], w)
+            if total < best_error:
+                best, best_error = ridge, total
+        return best
+
+    def _affine_wave(
+        self,
+        graph: gs.Graph,
+        model: onnx.ModelProto,
+        members: list[Target],
+        original: dict[int, list[np.ndarray]],
+        names: set[str],
+    ) -> None:
+        by_out = {t.view.output.name: t for t in members}
+        pruned: dict[int, list[np.ndarray]] = {}
+        runner.stream(
+            model, list(by_out), self.batches.feeds,
+            lambda _b, name, y: _moments(pruned, by_out[name], y, by_out[name].view),
+            what="the pruned model", data_dir=self.data_dir,
+        )
+        for t in members:
+            if t.index not in pruned or t.index not in original:
+                continue
+            mu_p, var_p = _finish(pruned[t.index])
+            mu_o, var_o = _finish(original[t.index])
+            if t.kept is not None:
+                mu_o, var_o = mu_o[t.kept], var_o[t.kept]
+            if mu_o.shape != mu_p.shape:
+                continue
+            scale = np.where(var_p > 1e-12, np.sqrt(var_o / np.maximum(var_p, 1e-12)), 1.0)
+            scale = np.clip(scale, 0.1, 10.0)
+            shift = mu_o - scale * mu_p
+            view = t.view
+            mats = view.matrices()
+            g, og, _ = mats.shape
+            view.weight.values = view.set_matrices(mats * scale.reshape(g, og, 1))
+            bias = view.bias_values()
+            bias = np.zeros_like(scale) if bias is None else bias
+            write_bias(graph, view, scale * bias + shift, names)
+
+
+def _moments(store: dict[int, list[np.ndarray]], t: Target, y: np.ndarray, view: LinearView) -> None:
+    axis = 1 if view.is_conv else y.ndim - 1
+    moved = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis]).astype(np.float64)
+    entry = store.setdefault(t.index, [np.zeros(moved.shape[1]), np.zeros(moved.shape[1]), np.zeros(1)])
+    entry[0] += moved.sum(0)
+    entry[1] += np.square(moved).sum(0)
+    entry[2] += moved.shape[0]
+
+
+def _finish(entry: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    n = max(float(entry[2][0]), 1.0)
+    mean = entry[0] / n
+    return mean, np.maximum(entry[1] / n - mean**2, 0.0)
+
+
+def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
+    """Names of the constants that channel removal sliced."""
+    tensors = graph.tensors()
+    return {name for name, _ in removed if isinstance(tensors.get(name), gs.Constant)}

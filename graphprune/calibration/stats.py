@@ -1,0 +1,110 @@
+"""Activation statistics of the inputs of linear layers, from ONNX Runtime.
+
+For each chosen linear layer (a *consumer*: its weight reads the channels of a channel
+group) the input tensor is exposed and every calibration batch is folded into
+
+- per-channel moments: count, sum and sum of squares (mean, second moment, variance);
+- the channel Gram ``X^T X`` (rows: every position of the input, subsampled to at most
+  ``rows_per_batch`` per batch), for layers of at most ``GRAM_MAX_CHANNELS`` channels.
+
+Memory is bounded by these statistics; nothing is kept per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphprune.calibration import runner
+from graphprune.calibration.linear import LinearView
+
+GRAM_MAX_CHANNELS = 4096
+ROWS_PER_BATCH = 2048
+
+
+@dataclass
+class ChannelStats:
+    """Statistics of one layer input along its channel axis."""
+
+    count: float = 0.0
+    total: np.ndarray | None = None
+    squares: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    gram_rows: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        assert self.total is not None
+        return self.total / max(self.count, 1.0)
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        assert self.squares is not None
+        return self.squares / max(self.count, 1.0)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.second_moment - self.mean**2, 0.0)
+
+    def add(self, rows: np.ndarray, gram_rows: np.ndarray | None) -> None:
+        values = rows.astype(np.float64)
+        if self.total is None:
+            self.total = np.zeros(values.shape[1])
+            self.squares = np.zeros(values.shape[1])
+        self.total += values.sum(0)
+        self.squares += np.square(values).sum(0)  # type: ignore[operator]
+        self.count += values.shape[0]
+        if gram_rows is not None:
+            g = gram_rows.T @ gram_rows
+            self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
+            self.gram_rows += gram_rows.shape[0]
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of linear layers, by node name."""
+
+    layers: dict[str, ChannelStats] = field(default_factory=dict)
+    samples: int = 0
+
+    def get(self, node: str) -> ChannelStats | None:
+        stats = self.layers.get(node)
+        return stats if stats is not None and stats.count else None
+
+
+def collect(
+    model: onnx.ModelProto,
+    views: list[LinearView],
+    batches: runner.Batches,
+    *,
+    gram: bool = True,
+    data_dir: Path | None = None,
+    what: str = "the original model",
+) -> LayerStats:
+    """Stream ``batches`` through ``model`` and gather the input statistics of ``views``."""
+    by_input: dict[str, list[LinearView]] = {}
+    for view in views:
+        by_input.setdefault(view.data.name, []).append(view)
+    out = LayerStats(samples=sum(batches.sizes))
+
+    def take(batch: int, name: str, x: np.ndarray) -> None:
+        for view in by_input[name]:
+            axis = 1 if view.is_conv else x.ndim - 1
+            channels = x.shape[axis] if x.ndim else 0
+            rows = np.moveaxis(x, axis, -1).reshape(-1, channels)
+            stats = out.layers.setdefault(view.node.name, ChannelStats())
+            sample = None
+            if gram and channels <= GRAM_MAX_CHANNELS:
+                sample = view.channel_rows(x, ROWS_PER_BATCH, seed=batch)
+            stats.add(rows, sample)
+
+    runner.stream(model, list(by_input), batches.feeds, take, what=what, data_dir=data_dir)
+    return out
+
+
+def summary(stats: LayerStats) -> dict[str, Any]:
+    return {"layers": len(stats.layers), "samples": stats.samples}

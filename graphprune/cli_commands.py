@@ -1,0 +1,334 @@
+"""What the ``graphprune`` subcommands do (the parser and error handling: :mod:`graphprune.cli`).
+
+Each ``cmd_*`` takes the parsed arguments, prints tables (or JSON with ``--json``) and
+returns the exit code; errors are raised as :class:`~graphprune.errors.GraphPruneError`
+subclasses that :func:`graphprune.cli.main` maps to exit codes. Every output path is
+checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from graphprune.errors import UsageError
+from graphprune.tables import ANALYZE_LEGEND, prune_summary, result_rows, table
+
+
+class _Progress:
+    """Stage progress on stderr (``[2/5] analysis``), silent with --quiet."""
+
+    def __init__(self, enabled: bool, stages: Sequence[str]) -> None:
+        # progress is for people watching a terminal; logs and pipes get the final report only
+        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("GRAPHPRUNE_PROGRESS") == "1")
+        self.stages = list(stages)
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if not self.enabled:
+            return
+        index = self.stages.index(stage) + 1 if stage in self.stages else 0
+        total = len(self.stages)
+        elapsed = time.perf_counter() - self.start
+        prefix = f"[{index}/{total}]" if index else "[..]"
+        print(f"{prefix} {stage} (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, indent=1, default=str)
+
+
+# ----------------------------------------------------------------------------- sources
+def _source(args: argparse.Namespace) -> Any:
+    """The model to work on: an ONNX path, or a framework model exported on the fly
+    (``MODULE:FACTORY`` with ``--input-shape``, a ``.keras``/``.h5`` file, a SavedModel)."""
+    try:
+        from graphprune.frontends.cli import resolve_source
+    except ImportError:
+        return args.model
+    model = resolve_source(args.model, input_shapes=args.input_shape or None,
+                           exporter=args.exporter)
+    return args.model if model is None else model
+
+
+# ----------------------------------------------------------------------------- analyze
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from graphprune.api import analyze, prunable_fraction
+
+    analysis = analyze(_source(args), keep=args.keep or ())
+    groups = [g.summary() for g in analysis.groups]
+    if args.json:
+        print(_dump({
+            "summary": analysis.summary(),
+            "prunable_fraction": prunable_fraction(analysis),
+            "groups": groups,
+            "unsupported": analysis.unsupported,
+        }))
+        return 0
+    rows = []
+    for g in analysis.groups:
+        status = "prunable" if g.prunable else ("frozen" if g.is_frozen else "fixed")
+        if g.prunable and not g.is_exact:
+            status = "prunable*"
+        reason = g.frozen[0] if g.frozen else (g.inexact[0] if g.inexact else "")
+        rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", g.num_units, len(g.dims),
+                     len(set(g.nodes)), status, reason[:70]])
+    print(table(["group", "anchor", "units", "members", "ops", "status", "reason"], rows,
+                align="rlrrrll"))
+    s = analysis.summary()
+    print(f"\n{s['groups']} channel groups: {s['prunable']} prunable "
+          f"({s['inexact']} inexact, marked *), {s['frozen']} frozen; "
+          f"prunable conv channels: {prunable_fraction(analysis):.1%}")
+    if analysis.unsupported:
+        ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
+        print(f"ops without a rule (their dimensions are frozen): {ops}")
+    if not args.no_legend:
+        print("\n" + ANALYZE_LEGEND)
+    return 0
+
+
+# ----------------------------------------------------------------------------- prune
+def _check_paths(model: str, output: str) -> None:
+    if not output:
+        raise UsageError("an output path is required (-o OUT.onnx)")
+    if os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output):
+        raise UsageError(f"output path is the input path: {output}")
+    if os.path.realpath(model) == os.path.realpath(output):
+        raise UsageError(f"output path is the input path: {output}")
+    parent = Path(output).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"output folder does not exist: {parent}")
+
+
+def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> None:
+    """Every extra output (``--report``, ``--save-plan``, ``--html``) must be writable and
+    distinct from the model paths, checked before anything is written."""
+    taken = {os.path.realpath(args.model): "the input", os.path.realpath(args.output): "-o"}
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"), None)
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise UsageError(f"{option} {value} is a directory, not a file path")
+        if not path.resolve().parent.is_dir():
+            raise UsageError(f"{option}: folder does not exist: {path.resolve().parent}")
+        if not os.access(path.resolve().parent, os.W_OK):
+            raise UsageError(f"{option}: folder is not writable: {path.resolve().parent}")
+        real = os.path.realpath(value)
+        if real in taken:
+            raise UsageError(f"{option} {value} is the same path as {taken[real]}")
+        taken[real] = option
+
+
+def _measure_latency(models: list[Any], provider: str, threads: int | None, runs: int) -> dict[str, Any]:
+    from graphprune.verify.timing import time_models
+
+    before, after = time_models(models, provider=provider, warmup=5, runs=runs, threads=threads)
+    return {"before": before.to_dict(), "after": after.to_dict()}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from graphprune.api import prune
+
+    _check_paths(args.model, args.output)
+    _check_side_outputs(args, ["--report", "--save-plan", "--html"])
+    if args.provider != "cpu":
+        from graphprune.verify.timing import resolve_providers
+
+        resolve_providers(args.provider)  # a one-line error before any work
+    stages = ["load", "analysis", "plan", "prune", "verify"]
+    if args.calibration:
+        stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
+                  "reconstruction", "fidelity"]
+    progress = _Progress(not args.quiet and not args.json, stages)
+    source = _source(args)
+    result = prune(
+        source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
+        min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
+        verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,
+        progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
+        hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
+        lossless=args.lossless, erase_blocks=args.erase_blocks,
+        debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
+        holdout=args.holdout,
+    )
+    report = result.report
+    original = source if not isinstance(source, str) else None
+    if args.provider != "cpu" and not args.no_verify:
+        _check_on_provider(result.model, args.provider, report)
+    latency = None
+    if args.html or args.latency or args.provider != "cpu":
+        progress("latency")
+        latency = _measure_latency([source if original is not None else args.model, result.model],
+                                   args.provider, args.threads, args.latency_runs)
+        report["latency"] = latency
+    result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
+    if args.report:
+        from graphprune.io._atomic import atomic_write_text
+
+        atomic_write_text(Path(args.report), _dump(report))
+    if args.save_plan:
+        result.plan.save(args.save_plan)
+    if args.html:
+        _write_html(args, report, latency, original, getattr(result, "skeleton", None) or result.model)
+    if args.json:
+        print(_dump({"output": args.output, **report}))
+    else:
+        print(prune_summary(report, latency))
+        print(f"wrote {args.output}" + (f" and {args.html}" if args.html else ""))
+    return 0
+
+
+def _check_on_provider(model: Any, provider: str, report: dict[str, Any]) -> None:
+    """The pruned model must compute the same on ``provider`` as on the CPU, where it was verified."""
+    from graphprune.errors import VerificationError
+    from graphprune.io.feeds import make_feeds
+    from graphprune.verify.timing import PROVIDER_TOLERANCE, provider_agreement
+
+    agreement = provider_agreement(model, make_feeds(model, count=2, seed=3), provider=provider)
+    agreement["tolerance"] = PROVIDER_TOLERANCE
+    agreement["ok"] = agreement["max_rel_diff"] <= PROVIDER_TOLERANCE
+    report["provider_check"] = agreement
+    if not agreement["ok"]:
+        raise VerificationError(
+            f"the pruned model computes differently on {provider} than on the CPU: max relative "
+            f"difference {agreement['max_rel_diff']:.3g} > {PROVIDER_TOLERANCE:g}")
+
+
+def _write_html(args: argparse.Namespace, report: dict[str, Any], latency: Any,
+                original: Any, pruned: Any) -> None:
+    from graphprune.html_report import layer_widths, render_prune_report
+    from graphprune.io import model_io
+    from graphprune.io._atomic import atomic_write_text
+
+    # widths come from weight shapes: neither model needs its weights loaded
+    before = original if original is not None else model_io.load_model(args.model, load_external_data=False)
+    page = render_prune_report(report, widths=layer_widths(before, pruned), latency=latency,
+                               title=f"graphprune: {Path(args.model).name}",
+                               source=args.model, output=args.output)
+    atomic_write_text(Path(args.html), page)
+
+
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graphprune.verify.timing import time_models
+
+    for path in args.models:
+        if not Path(path).is_file():
+            raise UsageError(f"no such file: {path}")
+    progress = None
+    if not args.quiet and not args.json:
+        def progress(done: int, total: int) -> None:
+            print(f"\rtiming {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+    results = time_models(args.models, provider=args.provider, warmup=args.warmup,
+                          runs=args.runs, batch=args.batch, threads=args.threads,
+                          progress=progress)
+    if args.json:
+        print(_dump([{**r.to_dict(), "requested_batch": args.batch} for r in results]))
+        return 0
+    base = results[0].median_ms
+    rows = [[r.name, f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.median_ms / base:.3f}", r.batch]
+            for r in results]
+    print(table(["model", "median ms", "p90 ms", "vs first", "batch"], rows))
+    threads = f"{args.threads} intra-op threads" if args.threads else "ORT's default threads"
+    print(f"\nprovider {args.provider}, {threads}, {args.runs} runs after {args.warmup} "
+          "warm-up, interleaved")
+    for r in results:
+        if r.batch != args.batch:
+            print(f"note: {r.name} has a fixed batch axis: it ran batch {r.batch}, not {args.batch}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from graphprune import sweep
+
+    common: dict[str, Any] = {"keep": args.keep or (), "round_to": args.round_to,
+                              "tolerance": args.tolerance}
+    if getattr(args, "calibration", None):
+        common["calibration"] = args.calibration
+    targets = {name: getattr(args, name) for name in sweep.TARGET_OPTIONS
+               if getattr(args, name, None)}
+    ratios = args.ratios if args.ratios is not None else ([] if targets else [0.25, 0.5])
+    points = sweep.sweep_points(ratios=ratios, criteria=args.criteria, targets=targets)
+    progress = None
+    if not args.quiet and not args.json:
+        def progress(message: str) -> None:
+            print(f"[..] {message}", file=sys.stderr, flush=True)
+    source = _source(args)
+    data = sweep.run_sweep(
+        source, args.output, points, common=common, jobs=args.jobs,
+        ray_address=args.ray, runs=args.runs, provider=args.provider, threads=args.threads,
+        progress=progress,
+    )
+    if args.json:
+        print(_dump(data))
+        return 0
+    print(sweep.summary_table(data))
+    print(f"\nwrote {Path(args.output) / 'sweep.json'}, sweep.svg and sweep.html "
+          f"({len(data['points'])} points, engine: {data['engine']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from graphprune.api import prune
+    from graphprune.examples import example_cnn
+
+    if args.provider != "cpu":
+        from graphprune.verify.timing import resolve_providers
+
+        resolve_providers(args.provider)  # a one-line error before any work
+    model = example_cnn()
+    progress = _Progress(not args.quiet and not args.json,
+                         ["load", "analysis", "plan", "prune", "verify"])
+    result = prune(model, ratio=args.ratio, progress=progress)
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _demo_report(args, model, result, out_dir, keep=True)
+    with tempfile.TemporaryDirectory(prefix="graphprune-demo-") as temporary:
+        return _demo_report(args, model, result, Path(temporary), keep=False)
+
+
+def _demo_report(args: argparse.Namespace, model: Any, result: Any, out_dir: Path, *, keep: bool) -> int:
+    from graphprune.io import model_io
+    from graphprune.verify.timing import time_models
+
+    original_path = out_dir / "example_cnn.onnx"
+    pruned_path = out_dir / "example_cnn_pruned.onnx"
+    model_io.save_model(model, original_path)
+    model_io.save_model(result.model, pruned_path, input_path=original_path)
+    if not args.quiet and not args.json:
+        print(f"[..] timing with ONNX Runtime ({args.provider})", file=sys.stderr, flush=True)
+    timing = time_models([original_path, pruned_path], warmup=5, runs=args.runs,
+                         provider=args.provider, threads=args.threads)
+    report = result.report
+    if args.json:
+        print(_dump({**report, "latency_ms": [t.median_ms for t in timing],
+                     "files": [str(original_path), str(pruned_path)] if keep else []}))
+        return 0
+    rows = result_rows(report)
+    t0, t1 = timing[0].median_ms, timing[1].median_ms
+    rows.append([f"ORT {args.provider.upper()} latency (ms)", f"{t0:.3f}", f"{t1:.3f}", f"{t1 / t0:.3f}"])
+    print(f"graphprune demo: built-in example CNN pruned at ratio {args.ratio}\n")
+    print(table(["", "original", "pruned", "ratio"], rows))
+    v = report["verification"]
+    print(f"\nverification: {'ok' if v.get('ok') else 'FAILED'} (onnx.checker, ORT run, output "
+          f"shapes; compared with {v.get('reference', 'the zeroed original')}: max rel diff "
+          f"{v.get('max_rel_diff', 0):.2g})")
+    g = report["groups"]
+    print(f"channel groups: {g['total']} found, {g['pruned']} pruned, {g['frozen']} frozen "
+          f"(graph input/output)")
+    print(f"models written to {out_dir}" if keep else
+          "models not kept (pass --output-dir DIR to keep them)")
+    return 0

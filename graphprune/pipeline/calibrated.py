@@ -1,0 +1,169 @@
+"""The calibrated driver: data-aware planning, reconstruction and fidelity on a session.
+
+A ratio prune with calibration data runs as:
+
+1. ``CalibratedRun(session, source)``: read and validate the samples, hold part out, group
+   the rest into batches (:mod:`graphprune.calibration.data`, :mod:`~graphprune.calibration.runner`);
+2. ``scorer(analysis)``: for a data-aware criterion, stream the samples through the original
+   and score units from the input statistics of their consumers
+   (:mod:`graphprune.planning.data_aware`); the planner uses it instead of the weight norms;
+3. the structural rewrite and its exact check against the zeroed original (the ratio driver);
+4. ``reconstruct(analysis, plan)``: reconstruction passes on the pruned graph —
+   ``refit`` (:class:`~graphprune.passes.refit.RefitPass`, default), ``stats``
+   (:class:`~graphprune.passes.stats_correction.StatsCorrectionPass`), ``bias``
+   (:class:`~graphprune.passes.bias_compensation.BiasCompensationPass`) or ``none``;
+5. ``fidelity()``: the reconstructed model against the ORIGINAL on the held-out samples.
+
+``report()`` gives ``report["calibration"]`` (samples used and held out, criterion, passes
+and what each changed); ``fidelity()`` gives ``report["fidelity"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphprune.analysis import Analysis, ChannelGroup
+from graphprune.calibration import fidelity as fidelity_mod
+from graphprune.calibration import runner
+from graphprune.calibration import stats as stats_mod
+from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
+from graphprune.calibration.linear import linear_view
+from graphprune.errors import UsageError
+from graphprune.io import ir
+from graphprune.passes.prune_channels import removed_elements
+from graphprune.planning.data_aware import (
+    AUTO_CRITERION,
+    DATA_CRITERIA,
+    consumer_views,
+    make_scorer,
+)
+from graphprune.planning.importance import CRITERIA
+from graphprune.planning.plan import Plan
+
+RECONSTRUCTIONS = ("refit", "stats", "bias", "none")
+CALIBRATED_CRITERIA = ("auto", *DATA_CRITERIA)
+
+
+@dataclass
+class CalibrationOptions:
+    #: ``auto`` (default: the reconstruction-aware criterion), a data-aware criterion or a
+    #: data-free one (``l1``, ``l2``, ``random``)
+    criterion: str = "auto"
+    reconstruction: str = "refit"
+    #: relative ridge of the refit (``None``: cross-validated per layer)
+    ridge: float | None = None
+    holdout: float = DEFAULT_HOLDOUT
+    batch_size: int = 16
+    #: refit every linear layer downstream of a change (``downstream``) or only the direct
+    #: consumers of removed channels (``consumers``)
+    scope: str = "downstream"
+
+
+def check_options(criterion: str, reconstruction: str) -> None:
+    if criterion not in CALIBRATED_CRITERIA and criterion not in CRITERIA:
+        choices = ", ".join((*CALIBRATED_CRITERIA, *CRITERIA))
+        raise UsageError(f"unknown criterion '{criterion}' (choose from {choices})")
+    if reconstruction not in RECONSTRUCTIONS:
+        raise UsageError(
+            f"unknown reconstruction '{reconstruction}' (choose from {', '.join(RECONSTRUCTIONS)})"
+        )
+
+
+class CalibratedRun:
+    """Calibration state of one prune on a :class:`~graphprune.pipeline.session.Session`."""
+
+    def __init__(self, session: Any, source: Any, options: CalibrationOptions | None = None) -> None:
+        self.session = session
+        self.options = options or CalibrationOptions()
+        check_options(self.options.criterion, self.options.reconstruction)
+        self.data_dir = getattr(getattr(session, "store", None), "root", None)
+        with session.stage("calibration"):
+            self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
+            self.batches = runner.batches(
+                session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
+            )
+        self.stats: stats_mod.LayerStats | None = None
+        self.pass_stats: dict[str, Any] = {}
+
+    @property
+    def criterion(self) -> str:
+        name = self.options.criterion
+        return AUTO_CRITERION if name == "auto" else name
+
+    # ------------------------------------------------------------------ planning
+    def scorer(self, analysis: Analysis) -> Callable[[ChannelGroup], np.ndarray] | None:
+        """Unit scores for the planner (``None`` for a data-free criterion)."""
+        if self.criterion not in DATA_CRITERIA:
+            return None
+        views = consumer_views(analysis)
+        with self.session.stage("statistics"):
+            self.stats = stats_mod.collect(
+                self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir
+            )
+        return make_scorer(analysis, views, self.stats, self.criterion)
+
+    # ------------------------------------------------------------------ reconstruction
+    def _bias_stats(self, original: Any, removed: dict) -> stats_mod.LayerStats:
+        if self.stats is not None:
+            return self.stats
+        views = []
+        for node in original.nodes:
+            view = linear_view(node, self.session.opset)
+            if view is not None and (view.weight.name, view.info.in_axis) in removed:
+                views.append(view)
+        return stats_mod.collect(
+            self.session.prepared, views, self.batches, gram=False, data_dir=self.data_dir
+        )
+
+    def passes(self, analysis: Analysis, plan: Plan) -> list:
+        from graphprune.passes.bias_compensation import BiasCompensationPass
+        from graphprune.passes.refit import RefitPass
+        from graphprune.passes.stats_correction import StatsCorrectionPass
+
+        removed = removed_elements(analysis, plan)
+        kind = self.options.reconstruction
+        store = getattr(self.session, "store", None)
+        if not removed or kind == "none":
+            return []
+        if kind == "bias":
+            original = ir.import_graph(self.session.prepared, store)
+            return [BiasCompensationPass(original, self._bias_stats(original, removed), removed)]
+        cls = RefitPass if kind == "refit" else StatsCorrectionPass
+        return [cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
+                    store=store, consumers_only=self.options.scope == "consumers")]
+
+    def reconstruct(self, analysis: Analysis, plan: Plan) -> dict[str, Any]:
+        """Run the reconstruction passes on the session's pruned graph and re-export it."""
+        with self.session.stage("reconstruction"):
+            passes = self.passes(analysis, plan)
+            if passes:
+                before = dict(self.session.ctx.stats)
+                self.session.apply(passes)
+                self.session.export()
+                for p in passes:
+                    stats = self.session.ctx.stats.get(p.name, before.get(p.name, {}))
+                    self.pass_stats[p.name] = stats
+        return self.pass_stats
+
+    # ------------------------------------------------------------------ report
+    def fidelity(self) -> dict[str, Any]:
+        with self.session.stage("fidelity"):
+            return fidelity_mod.fidelity(
+                self.session.prepared, self.session.model, self.calib.holdout, data_dir=self.data_dir
+            )
+
+    def report(self) -> dict[str, Any]:
+        return {
+            **self.calib.summary(),
+            "batches": len(self.batches.feeds),
+            "criterion": self.criterion,
+            "criterion_requested": self.options.criterion,
+            "reconstruction": self.options.reconstruction,
+            "ridge": self.options.ridge,
+            "statistics": stats_mod.summary(self.stats) if self.stats is not None else None,
+            "passes": self.pass_stats,
+        }

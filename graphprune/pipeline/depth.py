@@ -1,0 +1,150 @@
+"""Depth pruning: erase the least important residual blocks.
+
+A thin driver over the pipeline :class:`~graphprune.pipeline.session.Session`: find the
+residual blocks (``Add(x, branch(x))``, :func:`graphprune.analysis.blocks.find_residual_blocks`),
+score each (default :func:`~graphprune.analysis.blocks.relative_branch_scales`, data-free),
+erase the ``k`` lowest that do not overlap (:class:`~graphprune.passes.erase_blocks.EraseBlocksPass`:
+``Add -> x``) and verify by construction: the result must equal the original with the erased
+branches multiplied by zero. ``report["depth"]`` lists every block with its score and whether
+it was erased, and how much the function changed against the original.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis.blocks import ResidualBlock, find_residual_blocks, relative_branch_scales
+from graphprune.errors import UsageError
+from graphprune.io import ir
+from graphprune.passes.erase_blocks import EraseBlocksPass
+from graphprune.pipeline.session import PruneResult, Session
+from graphprune.planning.plan import Plan
+from graphprune.verify import validate
+
+Progress = Callable[[str], None]
+Scorer = Callable[[gs.Graph, ResidualBlock], float]
+
+#: the erased model equals the original with the branches zeroed: exact up to rounding
+DEPTH_TOLERANCE = 1e-4
+
+__all__ = ["DEPTH_TOLERANCE", "Scorer", "choose_blocks", "erase_blocks"]
+
+
+def _count(k: int | float, total: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | float) or k < 0 or not math.isfinite(k):
+        raise UsageError(f"erase-blocks needs a count or a fraction >= 0, got {k!r}")
+    if isinstance(k, float) and k < 1:
+        return int(round(k * total))
+    if float(k) != int(k):
+        raise UsageError(f"erase-blocks count must be an integer or a fraction below 1, got {k}")
+    if int(k) > total:
+        raise UsageError(f"cannot erase {int(k)} residual blocks: the model has {total}")
+    return int(k)
+
+
+def _score_name(scorer: Scorer | None) -> str:
+    if scorer is None:
+        return "relative_branch_scales (branch RMS / skip RMS, data-free)"
+    return getattr(scorer, "__name__", repr(scorer))
+
+
+def choose_blocks(blocks: list[ResidualBlock], k: int | float) -> list[ResidualBlock]:
+    """The ``k`` (``k < 1``: that fraction) lowest-scored blocks that do not overlap."""
+    n = _count(k, len(blocks))
+    chosen: list[ResidualBlock] = []
+    taken: set[str] = set()
+    for block in sorted(blocks, key=lambda b: (b.score, b.add)):
+        if len(chosen) == n:
+            break
+        if block.add in taken or taken & set(block.nodes):
+            continue  # nested in (or containing) a block already erased
+        chosen.append(block)
+        taken |= {block.add, *block.nodes}
+    if len(chosen) < n:
+        raise UsageError(f"only {len(chosen)} non-overlapping residual blocks can be erased, asked {n}")
+    return chosen
+
+
+def erase_blocks(
+    model: Any,
+    k: int | float,
+    *,
+    verify: bool = True,
+    tolerance: float | None = None,
+    scorer: Scorer | None = None,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Depth pruning: erase the ``k`` least important residual blocks (``k < 1``: a fraction).
+
+    A residual block is ``Add(x, branch(x))``; erasing it leaves ``x``. Blocks are ranked by
+    ``scorer(graph, block)`` (default :func:`~graphprune.analysis.blocks.relative_branch_scales`,
+    data-free), lowest first. The result is verified by construction: it must equal the
+    original with the erased branches multiplied by zero (checker, ONNX Runtime, output
+    shapes, relative difference within ``tolerance``). ``report["depth"]["blocks"]`` lists
+    every block with its score and whether it was erased;
+    ``report["depth"]["max_rel_diff_vs_original"]`` says how much the function changed.
+    """
+    session = Session(model, progress=progress)
+    if tolerance is None:
+        tolerance = session.default_tolerance(DEPTH_TOLERANCE)
+    graph = session.import_graph()
+    with session.stage("blocks"):
+        blocks = find_residual_blocks(graph)
+        if scorer is None:
+            for block, value in zip(blocks, relative_branch_scales(graph, blocks), strict=True):
+                block.score = float(value)
+        else:
+            for block in blocks:
+                block.score = float(scorer(graph, block))
+    chosen = choose_blocks(blocks, k)
+    with session.stage("erase"):
+        session.apply([EraseBlocksPass(chosen)])
+        session.export()
+    erased_names = sorted({name for b in chosen for name in (b.add, *b.nodes)})
+    plan = Plan(erase=erased_names, meta={"mode": "erase_blocks", "blocks": [b.add for b in chosen]})
+    chosen_adds = {b.add for b in chosen}
+    report = session.report("erase_blocks", plan)
+    report["depth"] = {
+        "blocks_found": len(blocks),
+        "blocks_erased": [b.add for b in chosen],
+        "blocks": [
+            {**b.to_dict(), "erased": b.add in chosen_adds,
+             "nodes": b.nodes[:3] + (["..."] if len(b.nodes) > 3 else [])}
+            for b in blocks
+        ],
+        "score": _score_name(scorer),
+    }
+    verification = None
+    if verify:
+        feeds = session.feeds(count=2)
+        verification = session.verify_against(
+            zeroed_branches(session, chosen),
+            "the original with the erased branches zeroed", tolerance=tolerance, feeds=feeds,
+        )
+        reference = validate.run(session.path_of(session.original), feeds[0], "the original")
+        pruned = validate.run(session.path_of(session.model), feeds[0], "the pruned model")
+        report["depth"]["max_rel_diff_vs_original"] = validate.differences(reference, pruned)[1]
+    return session.finish(report, plan, verification)
+
+
+def zeroed_branches(session: Session, blocks: list[ResidualBlock]) -> onnx.ModelProto:
+    """The session's (prepared) original with each erased branch's output multiplied by zero
+    before its sum (the working graph is left alone)."""
+    graph = ir.import_graph(session.prepared, session.store)
+    nodes = {n.name: n for n in graph.nodes}
+    for block in blocks:
+        add = nodes[block.add]
+        for k, t in enumerate(add.inputs):
+            if t.name == block.branch_output:
+                zero = gs.Constant(f"{block.add}_gp_zero", np.zeros((), dtype=np.dtype(t.dtype or np.float32)))
+                out = gs.Variable(f"{block.add}_gp_zeroed", dtype=t.dtype, shape=t.shape)
+                graph.nodes.append(gs.Node("Mul", name=f"{block.add}_gp_mul0", inputs=[t, zero], outputs=[out]))
+                add.inputs[k] = out
+    graph.toposort()
+    return ir.export_graph(graph, session.prepared, session.store)

@@ -1,0 +1,214 @@
+"""Ops that re-view axes: Reshape and Flatten.
+
+A block of input axes maps to a block of output axes with the same product; the one factor
+that carries channels is coupled to the merged axis with a ``Digit`` map (channel ``c`` of an
+NCHW tensor owns the ``H*W`` consecutive features of a flattened input; of an NHWC tensor,
+every ``C``-th one), the other non-spatial factors are frozen. Dynamic axes are matched with
+the two shape probes of the analysis. A Reshape target is tracked, so that the literals
+that count channels are rewritten with the new sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import constants as za
+from graphprune.analysis.index_maps import Digit
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
+
+
+def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
+    """Split two shapes into blocks of consecutive axes with equal products."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in or j < n_out:
+        if i < n_in and j < n_out and in_shape[i] is None and out_shape[j] is None:
+            blocks.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        if i < n_in and in_shape[i] == 1 and (j >= n_out or out_shape[j] != 1):
+            i += 1
+            continue
+        if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
+            j += 1
+            continue
+        if i >= n_in or j >= n_out:
+            return None
+        bi, bj = [i], [j]
+        pa, pb = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        if pa is None or pb is None:
+            return None
+        while pa != pb:
+            if pa < pb:
+                if i >= n_in or in_shape[i] is None:
+                    return None
+                pa *= in_shape[i]  # type: ignore[operator]
+                bi.append(i)
+                i += 1
+            else:
+                if j >= n_out or out_shape[j] is None:
+                    return None
+                pb *= out_shape[j]  # type: ignore[operator]
+                bj.append(j)
+                j += 1
+        blocks.append((bi, bj))
+    return blocks
+
+
+def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
+    """True if every consumer of ``y`` is a Transpose that changes the order of ``axes``."""
+    consumers = list(y.outputs)
+    if not consumers:
+        return False
+    for node in consumers:
+        if node.op != "Transpose" or "perm" not in node.attrs:
+            return False
+        perm = [int(p) for p in node.attrs["perm"]]
+        order = [p for p in perm if p in axes]
+        if order == sorted(order):
+            return False
+    return True
+
+
+def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
+    """Blocks from the concrete sizes of two shape probes (dynamic axes), if they agree."""
+    px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
+    if px is None or py is None:
+        return None
+    first, second = _blocks(px[0], py[0]), _blocks(px[1], py[1])
+    return first if first is not None and first == second else None
+
+
+def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int]) -> int:
+    """The factor of a split axis that carries channels: an attention-head axis first
+    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), else the outermost factor
+    not already frozen (the q/k/v index picked by a Gather), else the outermost."""
+    facts = [ctx.component_facts(factored, a) for a in candidates]
+    for a, f in zip(candidates, facts, strict=True):
+        if "head" in f:
+            return a
+    for a, f in zip(candidates, facts, strict=True):
+        if "frozen" not in f:
+            return a
+    return candidates[0]
+
+
+def couple_reshape(
+    ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
+) -> bool:
+    """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood."""
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        return False
+    blocks = _blocks(in_shape, out_shape)
+    if blocks is None:
+        blocks = _probe_blocks(ctx, x, y)
+    if blocks is None:
+        return False
+    for bi, bj in blocks:
+        bi = [a for a in bi if in_shape[a] != 1]
+        bj = [a for a in bj if out_shape[a] != 1]
+        if not bi or not bj:
+            continue
+        if len(bi) == 1 and len(bj) == 1:
+            ctx.couple(x, bi[0], y, bj[0])
+            continue
+        if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
+            # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
+            for t, axes in ((x, bi), (y, bj)):
+                for a in axes:
+                    ctx.freeze(t, a, f"dynamic axes re-factored at {ctx.where()}")
+            continue
+        if len(bj) == 1 or len(bi) == 1:
+            merged_is_out = len(bj) == 1
+            factored, f_axes, merged, m_axis = (
+                (x, bi, y, bj[0]) if merged_is_out else (y, bj, x, bi[0])
+            )
+            f_shape = in_shape if merged_is_out else out_shape
+            candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
+            chosen = _channel_factor(ctx, factored, candidates) if candidates else f_axes[0]
+            if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
+                # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
+                # Pruning the inner factor removes the same position from every group,
+                # which keeps the shuffle a valid permutation.
+                chosen = candidates[-1]
+            stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
+            ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
+            for a in f_axes:
+                if a != chosen and not ctx.is_spatial(factored, a):
+                    ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
+            continue
+        # many-to-many: couple the outer factors when one divides the other
+        sa, sb = in_shape[bi[0]], out_shape[bj[0]]
+        assert sa is not None and sb is not None
+        if sa % sb == 0:
+            ctx.couple(y, bj[0], x, bi[0], Digit(sa // sb))
+        elif sb % sa == 0:
+            ctx.couple(x, bi[0], y, bj[0], Digit(sb // sa))
+        else:
+            ctx.freeze(x, bi[0], f"reshape block not understood at {ctx.where()}")
+            ctx.freeze(y, bj[0], f"reshape block not understood at {ctx.where()}")
+        for t, axes in ((x, bi[1:]), (y, bj[1:])):
+            for a in axes:
+                if not ctx.is_spatial(t, a):
+                    ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
+    return True
+
+
+@register
+class ReshapeRule(OpRule):
+    op_types = ("Reshape",)
+    phase = 2
+    zero_behaviour = "move"
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """A 1-D shape re-viewed as 1-D keeps its elements; other views keep only the length."""
+        if trace.rank(output) == 1:
+            return trace.input(node, 0)
+        return trace.unknown(output)
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        x, target = node.inputs[0], ctx.const(node.inputs[1])
+        keeps_batch = (
+            target is not None and target.size > 0 and int(target.reshape(-1)[0]) == 0
+            and not int(node.attrs.get("allowzero", 0))
+        )
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        if not couple_reshape(ctx, x, y, node):
+            ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
+            return
+        rank = ctx.rank(y)
+        if rank is not None:
+            ctx.track_shape(
+                node, 1, [(y, a) for a in range(rank)],
+                special_zero=not int(node.attrs.get("allowzero", 0)),
+            )
+
+
+@register
+class FlattenRule(OpRule):
+    op_types = ("Flatten",)
+    phase = 2
+    zero_behaviour = "move"
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        x = node.inputs[0]
+        keeps_batch = int(node.attrs.get("axis", 1)) >= 1
+        return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
+            ctx.freeze_node(node, f"Flatten '{node.name}' not understood")

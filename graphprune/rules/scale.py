@@ -1,0 +1,53 @@
+"""RMS scale estimates: the vocabulary of :meth:`OpRule.propagate_rms`.
+
+Depth pruning scores a residual branch data-free by the size of what it adds: one RMS
+estimate per channel is pushed through the graph from unit-RMS inputs (see
+:mod:`graphprune.analysis.blocks`). Each op rule says how its output RMS follows from its
+inputs' (``OpRule.propagate_rms(node, ctx)``); :class:`ScaleContext` holds the estimates
+made so far and reads an input's, resized to the channel count the op needs.
+
+The estimates assume independent, zero-mean inputs: a linear map of a channel vector with
+RMS ``r`` has RMS ``sqrt(sum_i W[o, i]^2 r_i^2)``, a sum adds energies, a product
+multiplies scales. They rank branches; they are not exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+__all__ = ["ScaleContext", "rms_of"]
+
+
+def rms_of(values: np.ndarray) -> float:
+    """The root mean square of ``values`` (0 for an empty array)."""
+    return float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
+
+
+class ScaleContext:
+    """Per-channel RMS estimates by tensor name (a tensor not seen yet counts as RMS 1)."""
+
+    def __init__(self, rms: dict[str, np.ndarray]) -> None:
+        self.rms = dict(rms)
+
+    def of(self, tensor: gs.Tensor, size: int | None = None) -> np.ndarray:
+        """The per-channel RMS of ``tensor``; with ``size``, a vector of that length.
+
+        A constant gives its absolute values when they are ``size`` channels, else its RMS; an
+        estimate of another length is replaced by its overall RMS, repeated ``size`` times.
+        """
+        if isinstance(tensor, gs.Constant):
+            values = np.abs(np.asarray(tensor.values, dtype=np.float64))
+            if size is not None and values.ndim >= 1 and values.size == size:
+                return values.reshape(-1)
+            return np.array([rms_of(values.reshape(-1))])
+        estimate = self.rms.get(tensor.name, np.ones(1))
+        if size is not None and estimate.size != size:
+            return np.full(size, rms_of(estimate))
+        return estimate
+
+    @staticmethod
+    def resized(vectors: list[np.ndarray]) -> list[np.ndarray]:
+        """The vectors at the longest one's length (others replaced by their repeated RMS)."""
+        n = max(v.size for v in vectors)
+        return [v if v.size == n else np.full(n, rms_of(v)) for v in vectors]

@@ -1,0 +1,222 @@
+"""Ops that pick parts of an axis: Slice (constant bounds) and Gather (constant indices).
+
+A Slice keeps the range ``start:end`` of an axis: the input is coupled to the output with an
+``Offset(start)`` map (a step other than 1 freezes the axis), and the rewrite moves the bounds
+once channels are gone. A Gather selects along one axis, which is frozen; the other axes pass
+through, and the indices' axes take the place of the gathered one. Constant indices that
+enumerate the whole axis in order (the dynamo exporter's ``as_strided``) re-view that axis
+and are coupled like a Reshape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import constants as za
+from graphprune.analysis.index_maps import Offset
+from graphprune.analysis.roles import PRODUCER
+from graphprune.analysis.shape_trace import UNKNOWN
+from graphprune.passes.rewrite_context import RewriteContext
+from graphprune.rules.registry import OpRule, register
+from graphprune.rules.reshape import couple_reshape
+
+if TYPE_CHECKING:
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.dims import Dim
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
+
+
+def _slice_params(node: gs.Node, ctx: CouplingContext | RewriteContext, rank: int):
+    """Return [(axis, start, end, step)] with constants, or None if not constant."""
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        def value(i: int) -> np.ndarray | None:
+            if len(node.inputs) > i and node.inputs[i].name:
+                t = node.inputs[i]
+                return np.asarray(t.values).reshape(-1) if isinstance(t, gs.Constant) else None
+            return np.zeros(0)
+
+        s, e, a, st = value(1), value(2), value(3), value(4)
+        if s is None or e is None or a is None or st is None:
+            return None
+        starts, ends = [int(v) for v in s], [int(v) for v in e]
+        axes = [int(v) for v in a] if a.size else list(range(len(starts)))
+        steps = [int(v) for v in st] if st.size else [1] * len(starts)
+    return [(ax % rank, starts[i], ends[i], steps[i]) for i, ax in enumerate(axes)]
+
+
+def _normalise(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    if start < 0:
+        start += size
+    if end < 0:
+        end += size
+    if step > 0:
+        return max(0, min(size, start)), max(0, min(size, end))
+    return max(-1, min(size - 1, start)), max(-1, min(size - 1, end))
+
+
+@register
+class SliceRule(OpRule):
+    op_types = ("Slice",)
+    zero_behaviour = "move"
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """The elements ``start:end:step`` of a 1-D shape."""
+        data = trace.input(node, 0)
+        starts, ends = trace.const(node.inputs[1]), trace.const(node.inputs[2])
+        steps = trace.const(node.inputs[4]) if len(node.inputs) > 4 else None
+        if data is None or starts is None or ends is None:
+            return None
+        step = int(steps.reshape(-1)[0]) if steps is not None else 1
+        return data[slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), step)]
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None:
+            return [None]
+        params = _slice_params(node, ctx, len(shape))  # type: ignore[arg-type]
+        if params is None:
+            return [None]
+        sliced = {p[0]: p for p in params}
+        if state.axis not in sliced:
+            return [state]
+        _, start, end, step = sliced[state.axis]
+        picked = za.slice_indices(start, end, step, state.values.size)
+        return [za.ChannelValues(state.axis, state.values[picked])]
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        params = None if rank is None else _slice_params(node, ctx, rank)
+        if rank is None or params is None:
+            ctx.freeze_node(node, f"Slice '{node.name}' bounds not constant")
+            return
+        sliced = {p[0]: p for p in params}
+        for a in range(rank):
+            if a not in sliced:
+                ctx.couple(x, a, y, a)
+                continue
+            _, start, end, step = sliced[a]
+            size = ctx.size(x, a)
+            if size is None or step != 1:
+                ctx.freeze(x, a, f"Slice '{node.name}' with step {step} or unknown size")
+                ctx.freeze(y, a, f"Slice '{node.name}' with step {step} or unknown size")
+                continue
+            start, _ = _normalise(start, end, step, size)
+            ctx.couple(x, a, y, a, Offset(start))
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        shape = ctx.old_shape(x)
+        if shape is None:
+            return
+        rank = len(shape)
+        params = _slice_params(node, ctx, rank)
+        if params is None:
+            return
+        changed = False
+        new_starts, new_ends = [], []
+        for axis, start, end, step in params:
+            removed = ctx.removed(x, axis)
+            size = shape[axis]
+            if removed.size and size is not None:
+                start_n, _ = _normalise(start, end, step, size)
+                start_new = start_n - int(np.count_nonzero(removed < start_n))
+                out_new = ctx.new_size(node.outputs[0], axis)
+                new_starts.append(start_new)
+                new_ends.append(start_new + int(out_new or 0))
+                changed = True
+            else:
+                new_starts.append(start)
+                new_ends.append(end)
+        if not changed:
+            return
+        if "starts" in node.attrs:
+            node.attrs["starts"], node.attrs["ends"] = new_starts, new_ends
+        else:
+            ctx.set_input(node, 1, np.array(new_starts, dtype=np.int64))
+            ctx.set_input(node, 2, np.array(new_ends, dtype=np.int64))
+
+
+def _arange_indices(node: gs.Node, ctx: CouplingContext | RewriteContext, size: int | None) -> bool:
+    indices = node.inputs[1]
+    if not isinstance(indices, gs.Constant) or size is None:
+        return False
+    flat = np.asarray(indices.values).reshape(-1)
+    return flat.size == size and size > 1 and bool(np.array_equal(flat, np.arange(size)))
+
+
+@register
+class GatherRule(OpRule):
+    """Gather along an axis. Constant indices that enumerate the whole axis in order (the
+    dynamo exporter's ``as_strided``) are a reshape of that axis and coupled as one."""
+
+    op_types = ("Gather",)
+    phase = 2
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """The elements of a 1-D shape at constant indices."""
+        data = trace.input(node, 0)
+        indices = trace.const(node.inputs[1])
+        if data is None or indices is None or int(node.attrs.get("axis", 0)) != 0:
+            return None
+        flat = np.asarray(indices).reshape(-1)
+        return [data[int(i)] if -len(data) <= int(i) < len(data) else UNKNOWN for i in flat]
+
+    def preview_couplings(
+        self, node: gs.Node, ctx: CouplingContext
+    ) -> tuple[list[tuple[Dim, Dim]], list[Dim]]:
+        """A scalar constant index (``qkv[0]`` selects q): the selected axis is frozen, the
+        others pass through."""
+        indices = node.inputs[1]
+        if not isinstance(indices, gs.Constant):
+            return [], []
+        data, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(data)
+        if rank is None or np.ndim(indices.values) != 0 or ctx.rank(y) != rank - 1:
+            return [], []
+        axis = int(node.attrs.get("axis", 0)) % rank
+        pairs = [((data.name, a), (y.name, a if a < axis else a - 1)) for a in range(rank) if a != axis]
+        return pairs, [(data.name, axis)]
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rd, ri = ctx.rank(data), ctx.rank(indices)
+        if rd is None or ri is None:
+            ctx.freeze_node(node, f"rank unknown at Gather '{node.name}'")
+            return
+        axis = int(node.attrs.get("axis", 0)) % rd
+        if _arange_indices(node, ctx, ctx.size(data, axis)) and couple_reshape(ctx, data, y, node):
+            return
+        ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
+        for a in range(rd):
+            if a < axis:
+                ctx.couple(data, a, y, a)
+            elif a > axis:
+                ctx.couple(data, a, y, a - 1 + ri)
+                if axis == 0 and isinstance(data, gs.Constant):
+                    ctx.role(data, a, PRODUCER)  # an embedding table produces features
+        for a in range(ri):
+            ctx.couple(indices, a, y, axis + a)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        shape = ctx.old_shape(data)
+        if shape is None or not isinstance(indices, gs.Constant):
+            return
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        if not ctx.removed(data, axis).size or not _arange_indices(node, ctx, shape[axis]):
+            return
+        index_rank = np.asarray(indices.values).ndim
+        new_shape = [ctx.new_size(y, axis + k) for k in range(index_rank)]
+        if any(n is None for n in new_shape):
+            return
+        values = np.arange(int(np.prod(new_shape)), dtype=np.asarray(indices.values).dtype)
+        ctx.set_input(node, 1, values.reshape(new_shape))

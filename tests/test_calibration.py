@@ -1,0 +1,227 @@
+"""Calibration pieces on small real graphs: data, exposure, linear rows, statistics, fidelity."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.calibration import fidelity, runner, stats
+from graphprune.calibration.data import holdout_indices, load_calibration
+from graphprune.calibration.linear import linear_view, select
+from graphprune.errors import UsageError
+from graphprune.verify.validate import session
+
+
+def conv_model(*, group: int = 1, stride: int = 1, dilation: int = 1, pads=(1, 1, 1, 1),
+               auto_pad: str | None = None, cin: int = 4, cout: int = 6, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout, cin // group, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    attrs = {"group": group, "strides": [stride, stride], "dilations": [dilation, dilation]}
+    if auto_pad:
+        attrs["auto_pad"] = auto_pad
+    else:
+        attrs["pads"] = list(pads)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w", "b"], ["y"], name="conv", **attrs)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", cin, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def mlp_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((16, 5)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="up_bias"),
+        helper.make_node("Relu", ["hb"], ["a"], name="act"),
+        helper.make_node("MatMul", ["a", "w2"], ["y"], name="down"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# ---------------------------------------------------------------------- data
+def test_npz_is_validated_and_split(tmp_path):
+    model = mlp_model()
+    x = np.random.default_rng(0).standard_normal((10, 1, 3, 8))
+    np.savez(tmp_path / "c.npz", x=x)  # float64: cast to float32 (same kind)
+    calib = load_calibration(str(tmp_path / "c.npz"), model)
+    assert calib.total == 10 and len(calib.holdout) == 2 and len(calib.samples) == 8
+    assert calib.samples[0]["x"].dtype == np.float32 and calib.samples[0]["x"].shape == (1, 3, 8)
+    again = load_calibration(str(tmp_path / "c.npz"), model)
+    assert again.holdout_indices == calib.holdout_indices  # deterministic
+
+
+def test_folder_and_feed_iterables(tmp_path):
+    model = mlp_model()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=rng.standard_normal((1, 3, 8)).astype(np.float32))
+    calib = load_calibration(str(tmp_path), model)
+    assert calib.total == 3 and len(calib.holdout) == 1
+    feeds = [{"x": rng.standard_normal((1, 3, 8)).astype(np.float32)} for _ in range(5)]
+    assert load_calibration(iter(feeds), model, holdout=0.0).total == 5
+    assert load_calibration({"x": np.zeros((4, 1, 3, 8), np.float32)}, model).total == 4
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"y": np.zeros((2, 1, 3, 8), np.float32)}, "'y' is not a graph input"),
+        ({"x": np.zeros((2, 1, 3, 8), np.int64)}, "'x' has dtype int64"),
+        ({"x": np.zeros((2, 3, 8), np.float32)}, "'x' has rank 3; expected 4"),
+        ({"x": np.zeros((2, 1, 4, 8), np.float32)}, "'x' (sample 0) has size 4 on axis 1"),
+    ],
+)
+def test_bad_arrays_give_one_line_errors(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UsageError) as info:
+        load_calibration(str(tmp_path / "bad.npz"), mlp_model())
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_sources(tmp_path):
+    model = mlp_model()
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "empty").mkdir()
+    for source, message in [
+        (str(tmp_path / "missing.npz"), "no such calibration file"),
+        (str(tmp_path / "junk.npz"), "cannot read calibration file"),
+        (str(tmp_path / "empty"), "holds no .npz files"),
+        ([], "has no samples"),
+        ([{"x": np.zeros((1, 3, 8), np.float32)}, 3], "sample 1 is a int"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            load_calibration(source, model)
+    with pytest.raises(UsageError, match="no array for graph input 'x'"):
+        load_calibration([{}], model)
+
+
+def test_symbolic_sizes_must_agree():
+    x = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 4])
+    out = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "g", [x, y], [out]))
+    with pytest.raises(UsageError, match="has n=2 but 'a' has n=1"):
+        load_calibration([{"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}], model)
+
+
+def test_holdout_indices_spread_and_bounded():
+    assert holdout_indices(1, 0.2) == []
+    assert len(holdout_indices(2, 0.2)) == 1
+    idx = holdout_indices(100, 0.2)
+    assert len(idx) == 20 and idx[0] < 10 and idx[-1] > 90
+
+
+# ---------------------------------------------------------------------- runner
+def test_exposed_model_keeps_the_proto_and_trims_nodes():
+    model = mlp_model()
+    before = model.SerializeToString()
+    data = runner.exposed_model(model, ["hb"])
+    assert model.SerializeToString() == before  # restored, nothing copied into it
+    exposed = onnx.load_from_string(data)
+    assert [o.name for o in exposed.graph.output] == ["hb"]
+    assert [n.name for n in exposed.graph.node] == ["up", "up_bias"]
+
+
+def test_stream_chunks_and_batches():
+    model = mlp_model()
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((1, 3, 8)).astype(np.float32)} for _ in range(5)]
+    seen: dict[str, list[np.ndarray]] = {"h": [], "a": []}
+    runner.stream(model, ["h", "a"], feeds, lambda i, n, v: seen[n].append(v), chunk_bytes=1)
+    assert len(seen["h"]) == len(seen["a"]) == 5
+    ref = session(model).run(None, feeds[3])[0]
+    out = runner.outputs(model, feeds)[3][0]
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    # a static batch of 1 cannot be stacked: every sample stays a batch
+    assert not runner.batches(model, feeds, 4).stacked
+
+
+def test_batches_stack_a_batch_separable_model():
+    model = conv_model()
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(5)]
+    b = runner.batches(model, feeds, 2)
+    assert b.stacked and b.sizes == [2, 2, 1] and b.feeds[0]["x"].shape == (2, 4, 9, 9)
+
+
+# ---------------------------------------------------------------------- linear rows
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stride": 2}, {"dilation": 2, "pads": (2, 1, 2, 0)}, {"group": 2},
+     {"group": 4, "cout": 4}, {"auto_pad": "SAME_UPPER", "stride": 2}],
+)
+def test_conv_rows_reproduce_the_conv(kwargs):
+    model = conv_model(**kwargs)
+    graph = gs.import_onnx(model)
+    conv = next(n for n in graph.nodes if n.name == "conv")
+    view = linear_view(conv, 17)
+    assert view is not None
+    x = np.maximum(np.random.default_rng(4).standard_normal((2, 4, 9, 9)).astype(np.float32), 0)
+    y = session(model).run(None, {"x": x})[0]
+    rows = select(view.positions(x.shape), 40, seed=1)
+    inputs = view.input_rows(x, rows)  # [R, g, K]
+    mats = view.matrices()  # [g, og, K]
+    predicted = np.einsum("rgk,gok->rgo", inputs.astype(np.float64), mats) + view.bias_values().reshape(view.group, -1)
+    np.testing.assert_allclose(predicted.reshape(len(rows), -1),
+                               view.output_rows(y, rows).reshape(len(rows), -1), rtol=1e-4, atol=1e-4)
+    assert view.output_positions(y.shape) == view.positions(x.shape)
+
+
+def test_dense_rows_reproduce_the_matmul():
+    model = mlp_model()
+    graph = gs.import_onnx(model)
+    down = next(n for n in graph.nodes if n.name == "down")
+    view = linear_view(down, 17)
+    a = np.random.default_rng(5).standard_normal((1, 3, 16)).astype(np.float32)
+    rows = np.arange(3)
+    expected = a.reshape(3, 16) @ np.asarray(view.weight.values)
+    np.testing.assert_allclose(view.input_rows(a, rows)[:, 0] @ view.matrices()[0].T, expected, rtol=1e-5)
+    assert view.bias_values() is None
+    assert linear_view(next(n for n in graph.nodes if n.name == "act"), 17) is None
+
+
+def test_channel_statistics_match_numpy():
+    model = conv_model()
+    graph = gs.import_onnx(model)
+    view = linear_view(next(n for n in graph.nodes if n.name == "conv"), 17)
+    rng = np.random.default_rng(6)
+    feeds = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(4)]
+    collected = stats.collect(model, [view], runner.Batches(feeds, [1] * 4, False))
+    layer = collected.get("conv")
+    relu = np.maximum(np.concatenate([f["x"] for f in feeds]), 0)
+    per_channel = np.moveaxis(relu, 1, -1).reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(layer.mean, per_channel.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.variance, per_channel.var(0), rtol=1e-4)
+    np.testing.assert_allclose(layer.gram / layer.gram_rows, per_channel.T @ per_channel / len(per_channel), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- fidelity
+def test_fidelity_figures():
+    model = conv_model()
+    rng = np.random.default_rng(7)
+    feeds = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(3)]
+    same = fidelity.fidelity(model, model, feeds)
+    assert same["cosine"] == pytest.approx(1.0) and same["rel_l2"] == pytest.approx(0.0, abs=1e-7)
+    assert same["top1_agreement"] is None  # a feature map is not class scores
+    scores = [[np.array([[0.1, 0.9, 0.0]])], [np.array([[0.8, 0.1, 0.1]])]]
+    other = [[np.array([[0.1, 0.8, 0.2]])], [np.array([[0.1, 0.8, 0.1]])]]
+    result = fidelity.compare_outputs(["logits"], scores, other)
+    assert result["top1_agreement"] == 0.5
+    assert 0 < result["cosine"] < 1 and result["rel_l2"] > 0

@@ -1,0 +1,291 @@
+"""Calibrated pruning end to end on small real graphs: criteria, reconstruction passes,
+fidelity, the API and the command line (real ONNX Runtime sessions throughout)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from graphprune.passes.base import PassContext, PassManager
+from graphprune.passes.bias_compensation import BiasCompensationPass
+from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
+from graphprune.passes.refit import RefitPass
+from graphprune.passes.stats_correction import StatsCorrectionPass
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.calibration import runner
+from graphprune.calibration.data import load_calibration
+from graphprune.errors import UsageError
+from graphprune.io import ir
+from graphprune.pipeline.session import Session
+from graphprune.planning.planner import plan_ratio
+from graphprune.verify.validate import session as ort_session
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(value.astype(np.float32), name)
+
+
+def cnn(seed: int = 0, depthwise: bool = False) -> onnx.ModelProto:
+    """Conv(3->16) Relu Conv(16->16) Relu [depthwise Conv] Conv(16->8) Relu GAP Flatten Gemm(8->5)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("w1", rng.standard_normal((16, 3, 3, 3)) * 0.4), _init("b1", rng.standard_normal(16) * 0.1),
+        _init("w2", rng.standard_normal((16, 16, 3, 3)) * 0.15), _init("b2", rng.standard_normal(16) * 0.1),
+        _init("w3", rng.standard_normal((8, 16, 1, 1)) * 0.3), _init("b3", rng.standard_normal(8) * 0.1),
+        _init("wf", rng.standard_normal((5, 8)) * 0.5), _init("bf", rng.standard_normal(5) * 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+    ]
+    last = "r2"
+    if depthwise:
+        inits += [_init("wd", rng.standard_normal((16, 1, 3, 3)) * 0.4), _init("bd", rng.standard_normal(16) * 0.1)]
+        nodes += [helper.make_node("Conv", ["r2", "wd", "bd"], ["cd"], name="dw", group=16, pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["cd"], ["rd"], name="relud")]
+        last = "rd"
+    nodes += [
+        helper.make_node("Conv", [last, "w3", "b3"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def mlp(*, relu: bool = True, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [_init("w1", rng.standard_normal((8, 16))), _init("b1", rng.standard_normal(16)),
+             _init("w2", rng.standard_normal((16, 5)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="up_bias")]
+    nodes.append(helper.make_node("Relu" if relu else "Identity", ["hb"], ["a"], name="act"))
+    nodes.append(helper.make_node("MatMul", ["a", "w2"], ["y"], name="down"))
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 5])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def images(count: int = 40, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 1, 3, 8, 8)).astype(np.float32)
+
+
+def tokens(count: int = 40, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((count, 1, 6, 8)) + 0.5).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- API
+def test_refit_restores_the_function():
+    calib = {"x": images()}
+    plain = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration=calib,
+                             reconstruction="none")
+    refit = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration=calib)
+    assert refit.report["verification"]["ok"]  # the structural rewrite is still exact
+    assert plain.report["params_after"] == refit.report["params_after"]
+    assert refit.report["fidelity"]["rel_l2"] < 0.6 * plain.report["fidelity"]["rel_l2"]
+    cal = refit.report["calibration"]
+    assert cal["samples"] == 40 and cal["held_out"] == 8 and cal["used"] == 32
+    passes = cal["passes"]["RefitPass"]
+    assert passes["layers"] == 3 and passes["rel_error_after"] < passes["rel_error_before"]
+    assert "top1_agreement" in refit.report["fidelity"]["outputs"]["logits"]
+
+
+def test_refit_is_exact_when_the_removed_units_are_linear_in_the_kept_ones():
+    """A linear MLP with 16 hidden units of rank 8: any 8 kept units span the rest."""
+    result = graphprune.prune(mlp(relu=False), ratio=0.25, round_to=1, calibration={"x": tokens()})
+    assert result.report["channels"]["removed"] == 4
+    assert result.report["fidelity"]["rel_l2"] < 1e-3
+    assert result.report["fidelity"]["cosine"] > 0.99999
+
+
+def test_without_calibration_nothing_changes():
+    plain = graphprune.prune(cnn(), ratio=0.5, round_to=1)
+    explicit = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1")
+    assert "calibration" not in plain.report and "fidelity" not in plain.report
+    assert plain.plan.to_dict()["groups"] == explicit.plan.to_dict()["groups"]
+    assert plain.model.SerializeToString() == explicit.model.SerializeToString()
+
+
+def test_data_aware_criterion_drops_dead_channels():
+    """Channels 0-3 of conv1 never fire (large negative bias) but have the largest weights:
+    l1 keeps them, the activation criterion removes them."""
+    model = cnn()
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    b1 = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w1[:4] *= 5
+    b1[:4] = -100.0
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    calib = {"x": images()}
+    anchor = "b1:0"
+    for criterion, dead_removed in (("l1", False), ("activation", True), ("wanda", True),
+                                    ("flap", True), ("reconstruction", True)):
+        res = graphprune.prune(model, ratio=0.25, round_to=1, criterion=criterion, calibration=calib)
+        removed = next(g.remove for g in res.plan.groups if g.anchor == anchor)
+        assert (set(removed) == {0, 1, 2, 3}) is dead_removed, criterion
+    assert res.report["calibration"]["criterion"] == "reconstruction"
+    auto = graphprune.prune(model, ratio=0.25, round_to=1, calibration=calib)
+    assert auto.report["calibration"]["criterion_requested"] == "auto"
+
+
+@pytest.mark.parametrize("reconstruction", ["stats", "bias"])
+def test_other_reconstructions_help(reconstruction):
+    calib = {"x": images()}
+    plain = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration=calib,
+                             reconstruction="none")
+    fixed = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration=calib,
+                             reconstruction=reconstruction)
+    assert fixed.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+    assert fixed.report["calibration"]["passes"]
+
+
+def test_depthwise_consumer_is_refit_per_group():
+    res = graphprune.prune(cnn(depthwise=True), ratio=0.5, round_to=1, criterion="l1",
+                           calibration={"x": images()})
+    assert res.report["verification"]["ok"]
+    assert res.report["calibration"]["passes"]["RefitPass"]["layers"] == 4
+    ort_session(res.model).run(None, {"x": images(1)[0]})
+
+
+def test_bad_options():
+    with pytest.raises(UsageError, match="unknown reconstruction"):
+        graphprune.prune(cnn(), calibration={"x": images()}, reconstruction="magic")
+    with pytest.raises(UsageError, match="unknown criterion 'wanda2'"):
+        graphprune.prune(cnn(), calibration={"x": images()}, criterion="wanda2")
+    with pytest.raises(UsageError, match="unknown criterion 'wanda'"):
+        graphprune.prune(cnn(), criterion="wanda")  # data-aware needs calibration
+    with pytest.raises(UsageError, match="lossless"):
+        graphprune.prune(cnn(), lossless=True, calibration={"x": images()})
+
+
+# ---------------------------------------------------------------------- passes
+def _pruned_session(model: onnx.ModelProto, ratio: float = 0.5):
+    s = Session(model)
+    analysis = s.analyze()
+    plan = plan_ratio(analysis, ratio=ratio, round_to=1)
+    s.apply([PruneChannelsPass(analysis, plan)])
+    return s, analysis, plan
+
+
+def _layer_output(model: onnx.ModelProto, name: str, feeds, data_dir=None) -> np.ndarray:
+    out: list[np.ndarray] = []
+    runner.stream(model, [name], feeds, lambda _i, _n, v: out.append(v), data_dir=data_dir)
+    return np.concatenate([v.reshape(-1, v.shape[-1]) for v in out])
+
+
+def test_bias_compensation_keeps_the_mean_output():
+    model = mlp()
+    s, analysis, plan = _pruned_session(model)
+    calib = load_calibration({"x": tokens()}, s.prepared, holdout=0.0)
+    batches = runner.Batches(calib.samples, [1] * calib.total, False)
+    from graphprune.calibration import stats
+    from graphprune.calibration.linear import linear_view
+
+    original = ir.import_graph(s.prepared, getattr(s, "store", None))
+    down = linear_view(next(n for n in original.nodes if n.name == "down"), s.opset)
+    data_dir = s.store.root if getattr(s, "store", None) else None
+    layer_stats = stats.collect(s.prepared, [down], batches, gram=False, data_dir=data_dir)
+    removed = removed_elements(analysis, plan)
+    ctx = PassContext(opset=s.opset)
+    manager = PassManager([BiasCompensationPass(original, layer_stats, removed)])
+    assert manager.run(s.graph, ctx).modified
+    assert not manager.run(s.graph, ctx).modified  # a second run changes nothing
+    pruned = s.export()
+    data_dir = s.store.root if getattr(s, "store", None) else None
+    mean_o = _layer_output(s.prepared, "y", calib.samples, data_dir).mean(0)
+    mean_p = _layer_output(pruned, "y", calib.samples, data_dir).mean(0)
+    np.testing.assert_allclose(mean_p, mean_o, rtol=1e-4, atol=1e-4)
+
+
+def test_stats_correction_matches_channel_moments():
+    model = cnn()
+    s, analysis, plan = _pruned_session(model)
+    calib = load_calibration({"x": images()}, s.prepared, holdout=0.0)
+    data_dir = s.store.root if getattr(s, "store", None) else None
+    batches = runner.batches(s.prepared, calib.samples, 8, data_dir)
+    removed = removed_elements(analysis, plan)
+    ctx = PassContext(opset=s.opset)
+    result = PassManager([StatsCorrectionPass(s.prepared, batches, removed, store=s.store)]).run(s.graph, ctx)
+    assert result.modified and ctx.stats["StatsCorrectionPass"]["layers"] == 3
+    pruned = s.export()
+    # conv2 is the first wave: its kept channels now have the original's moments exactly
+    kept = np.setdiff1d(np.arange(16), removed[("w2", 0)])
+    feeds = calib.samples
+    orig = _moments(s.prepared, "c2", feeds, data_dir)
+    new = _moments(pruned, "c2", feeds, data_dir)
+    np.testing.assert_allclose(new[0], orig[0][kept], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(new[1], orig[1][kept], rtol=1e-3, atol=1e-4)
+
+
+def _moments(model, name, feeds, data_dir):
+    out: list[np.ndarray] = []
+    runner.stream(model, [name], feeds, lambda _i, _n, v: out.append(v), data_dir=data_dir)
+    values = np.moveaxis(np.concatenate(out), 1, -1).reshape(-1, out[0].shape[1]).astype(np.float64)
+    return values.mean(0), values.var(0)
+
+
+def test_refit_pass_contract():
+    s, analysis, plan = _pruned_session(cnn())
+    calib = load_calibration({"x": images()}, s.prepared)
+    batches = runner.batches(s.prepared, calib.samples, 8, s.store.root if getattr(s, "store", None) else None)
+    refit = RefitPass(s.prepared, batches, removed_elements(analysis, plan), store=s.store)
+    assert "RefitPass(samples=32" in repr(refit)
+    ctx = PassContext(opset=s.opset, debug=True)
+    manager = PassManager([refit])
+    assert manager.run(s.graph, ctx).modified
+    assert not manager.run(s.graph, ctx).modified
+    onnx.checker.check_model(s.export(), full_check=True)
+
+
+# ---------------------------------------------------------------------- command line
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graphprune", *args], capture_output=True, text=True)
+
+
+def test_cli_calibration(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), str(model))
+    np.savez(tmp_path / "calib.npz", x=images())
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    done = _cli("prune", str(model), "-o", str(out), "--ratio", "0.5", "--round-to", "1",
+                "--calibration", str(tmp_path / "calib.npz"), "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    assert "fidelity" in done.stdout and "top1_agreement" in done.stdout
+    data = json.loads(report.read_text())
+    assert data["calibration"]["criterion"] == "reconstruction"
+    assert data["calibration"]["held_out"] == 8 and data["fidelity"]["samples"] == 8
+    assert data["verification"]["ok"]
+    ort_session(onnx.load(str(out))).run(None, {"x": images(1)[0]})
+
+
+def test_cli_bad_calibration_files(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), str(model))
+    np.savez(tmp_path / "wrong.npz", image=images())
+    np.savez(tmp_path / "rank.npz", x=images()[:, 0])
+    (tmp_path / "junk.npz").write_text("junk")
+    out = tmp_path / "small.onnx"
+    for name, message in (("wrong.npz", "calibration array 'image' is not a graph input"),
+                          ("rank.npz", "calibration input 'x' has rank 4; expected 5"),
+                          ("junk.npz", "cannot read calibration file"),
+                          ("missing.npz", "no such calibration file")):
+        done = _cli("prune", str(model), "-o", str(out), "--calibration", str(tmp_path / name))
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], done.stderr
+        assert not out.exists()

@@ -1,0 +1,112 @@
+"""Sweeps: points in process, in a process pool and as Ray tasks; sweep.json, the plot, the page."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphprune.cli import main
+from graphprune.errors import UsageError
+from graphprune.examples import example_cnn
+from graphprune.sweep import fidelity, run_sweep, sweep_points
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("m") / "cnn.onnx"
+    onnx.save(example_cnn(), path)
+    return path
+
+
+def check_outputs(folder: Path, data: dict, expected: list[dict]) -> None:
+    assert json.loads((folder / "sweep.json").read_text()) == json.loads(json.dumps(data, default=str))
+    assert [p["options"] for p in data["points"]] == expected
+    for point in data["points"]:
+        assert point["ok"], point
+        assert point["verification"]["ok"] and point["verification"]["reference"] == "the zeroed original"
+        assert 0 < point["params_ratio"] < 1 and 0 < point["macs_ratio"] < 1
+        assert point["macs_before"] == data["baseline"]["macs"] > 0
+        assert point["latency_ms"] > 0 and point["latency_ratio"] > 0
+        assert -1 <= point["fidelity"]["cosine_mean"] <= 1 + 1e-9
+        model = folder / point["file"]
+        onnx.checker.check_model(str(model), full_check=True)
+        ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    # more pruning, fewer MACs
+    by_ratio = sorted((p["options"]["ratio"], p["macs_ratio"]) for p in data["points"]
+                      if p["options"]["criterion"] == "l1")
+    assert [m for _, m in by_ratio] == sorted((m for _, m in by_ratio), reverse=True)
+    svg = ET.parse(folder / "sweep.svg").getroot()
+    assert svg.tag == f"{SVG}svg"
+    assert len(svg.findall(f".//{SVG}circle")) == 2 * len(data["points"])  # two panels
+    page = (folder / "sweep.html").read_text()
+    assert "<svg" in page and "<script" not in page
+
+
+def test_sweep_in_process(cnn, tmp_path):
+    points = sweep_points(ratios=[0.25, 0.5], criteria=["l1", "l2"])
+    data = run_sweep(cnn, tmp_path / "sweep", points, runs=2, threads=1)
+    assert data["engine"] == "in process"
+    check_outputs(tmp_path / "sweep", data, points)
+
+
+def test_sweep_in_a_process_pool_from_the_command_line(cnn, tmp_path, capsys):
+    code = main(["sweep", str(cnn), "-o", str(tmp_path / "s"), "--ratios", "0.25,0.5", "--jobs", "2",
+                 "--runs", "2", "--threads", "1", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert data["engine"] == "process pool (2 jobs)"
+    check_outputs(tmp_path / "s", data, [{"ratio": 0.25, "criterion": "l1"},
+                                         {"ratio": 0.5, "criterion": "l1"}])
+    assert "l1 r=0.25" in out and "sweep.json" in out
+
+
+def test_a_failing_point_is_recorded_and_the_rest_go_on(cnn, tmp_path):
+    points = [{"ratio": 0.5, "criterion": "l1"}, {"ratio": 0.5, "criterion": "l1", "keep": ["nothing"]}]
+    data = run_sweep(cnn, tmp_path / "s", points, runs=1)
+    ok, failed = data["points"]
+    assert ok["ok"] and not failed["ok"]
+    assert failed["exit_code"] == 2 and "nothing" in failed["error"] and "file" not in failed
+
+
+def test_bad_sweeps_are_usage_errors(cnn, tmp_path, capsys):
+    with pytest.raises(UsageError, match="criterion"):
+        sweep_points(ratios=[0.5], criteria=["magic"])
+    with pytest.raises(UsageError, match="at least one"):
+        sweep_points(ratios=[], criteria=["l1"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a folder"):
+        run_sweep(cnn, tmp_path / "file", sweep_points(ratios=[0.5]))
+    code = main(["sweep", str(cnn), "-o", str(tmp_path / "s"), "--ratios", "0.5,1.5"])
+    assert code == 2
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_fidelity_of_a_model_to_itself_is_perfect():
+    model = example_cnn()
+    result = fidelity(model, model)
+    assert result["cosine_mean"] == pytest.approx(1.0) and result["rel_l2_max"] == pytest.approx(0.0)
+    assert result["top1_agreement"] == 1.0
+
+
+@pytest.mark.ray
+def test_sweep_as_ray_tasks_on_a_local_instance(cnn, tmp_path, capsys):
+    ray = pytest.importorskip("ray")  # in the test extra: CI has it
+    # graphprune starts a small local instance (2 CPUs, no dashboard) and stops it
+    code = main(["sweep", str(cnn), "-o", str(tmp_path / "r"), "--ratios", "0.25,0.5", "--ray",
+                 "--jobs", "2", "--runs", "2", "--threads", "1", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "r" / "sweep.json").read_text())
+    assert data["engine"] == "ray (local Ray instance, 2 CPUs)"
+    check_outputs(tmp_path / "r", data, [{"ratio": 0.25, "criterion": "l1"},
+                                         {"ratio": 0.5, "criterion": "l1"}])
+    assert not ray.is_initialized()
