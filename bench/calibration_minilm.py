@@ -178,7 +178,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=150)
     parser.add_argument("--evaluation", type=int, default=150)
-    parser.add_argument("--criteria", default="auto,wanda,flap,activation,reconstruction")
+    parser.add_argument("--criteria", default="",
+                        help="data-aware criteria to run through the API as well (e.g. wanda,flap)")
     parser.add_argument("--api-only", action="store_true", help="skip the command-line runs")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()

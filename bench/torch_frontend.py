@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+from graphprune.frontends import torch as gpt
 from torch import nn
 
 import graphprune
-from graphprune.frontends import torch as gpt
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 

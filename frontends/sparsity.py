@@ -42,18 +42,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from torch import nn
-
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.export import ExampleInputs, to_onnx
 from graphprune.frontends.torch.mapping import map_plan
 from graphprune.frontends.torch.provenance import parameter_sources
+from torch import nn
 
 from graphprune.analysis import Analysis, ChannelGroup
+from graphprune.analysis.roles import CHANNELWISE, PRODUCER
 from graphprune.errors import UsageError
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import group_plan
-from graphprune.analysis.roles import CHANNELWISE, PRODUCER
 
 __all__ = ["GroupSparsity", "UnitSlices"]
 
@@ -265,7 +264,7 @@ class GroupSparsity:
         by_group: dict[int, int] = defaultdict(int)
         for u in zero:
             by_group[u.group] += 1
-        first = {}
+        first: dict[int, tuple[str, int, tuple[int, ...]]] = {}
         for u in self.units:
             first.setdefault(u.group, u.slices[0])
         return {

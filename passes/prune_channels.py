@@ -19,6 +19,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis import Analysis, Dim
 from graphprune.errors import RewriteError
+from graphprune.io.weights import release
 from graphprune.io.ir import clear_intermediate_shapes
 from graphprune.planning.plan import Plan
 from graphprune.passes.rewrite_context import RewriteContext
@@ -93,10 +94,12 @@ class PruneChannelsPass(Pass):
                 by_tensor[name].append((axis, idx))
         for name, cuts in by_tensor.items():
             const = tensors[name]
-            values = np.asarray(const.values)
+            source = const.values
+            values = np.asarray(source)
             for axis, idx in cuts:
                 values = np.delete(values, idx, axis=axis)
             const.values = np.ascontiguousarray(values)
+            release(source)  # a memory-mapped weight's pages go back to the kernel
 
         rctx = RewriteContext(graph, removed, shapes, ctx.opset)
         nodes = {n.name: n for n in graph.nodes}

@@ -350,6 +350,9 @@ def test_transformer_round_trip(attention, exporter, tmp_path):
     assert all(set(gp.channels) <= names for gp in result.plan.groups)
     # Linear weights reach MatMul transposed: the ONNX plan cuts folded copies ("val_12")
     assert any(name not in names for gp in result.onnx_plan.groups for name in gp.channels)
+    sources = gpt.parameter_sources(result.exported, names)
+    assert sources.pending is None and sources.analysis is not None  # chains found, analysed
+    assert len(sources.copies("blocks.0.fc1.weight")) == 1
     result.plan.save(tmp_path / "plan.json")
     replayed = gpt.apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
     gpt.check_module(replayed, result.model, (ids,))
@@ -384,9 +387,11 @@ def test_map_plan_maps_every_removed_channel_of_a_deep_residual_network():
     pruned, result = round_trip(model, (x,), ratio=0.5)  # module == pruned ONNX (ORT), 1e-4
     assert result.report["params_after"] < 0.5 * result.report["params_before"]
     names = set(model.state_dict())
-    # the dynamo export reads every CNN parameter as it is: there is no chain to analyse
+    # the dynamo export reads every CNN parameter as it is: a quick look at the export says
+    # that no chain can exist, so none is searched (and searching anyway finds none)
     sources = gpt.parameter_sources(result.exported, names)
-    assert sources.leaves == set() and sources.analysis is None
+    assert sources.pending is not None and sources.leaves == set() and sources.analysis is None
+    assert sources.complete().leaves == set() and sources.pending is None
     # the module plan is the ONNX plan's parameter cuts, group by group, index by index
     assert len(result.plan.groups) == len(result.onnx_plan.groups)
     for onnx_group, group in zip(result.onnx_plan.groups, result.plan.groups, strict=True):

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from graphprune.frontends.torch.errors import PlanMappingError
 from graphprune.frontends.torch.handlers import handler_for
+from torch import nn
+
 from graphprune.planning.plan import Plan
 
 __all__ = ["ParamCuts", "apply_plan", "module_cuts"]

@@ -13,9 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from graphprune.frontends.torch.errors import PlanMappingError
+from torch import nn
 
 __all__ = ["PrunedMultiheadAttention", "mha_layout", "mha_row_cuts"]
 

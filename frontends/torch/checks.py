@@ -8,10 +8,10 @@ from typing import Any
 
 import onnx
 import torch
+from graphprune.frontends.torch.export import ExampleInputs, as_tuple, eval_mode
 from torch import nn
 
 from graphprune.errors import UsageError, VerificationError
-from graphprune.frontends.torch.export import ExampleInputs, as_tuple, eval_mode
 
 __all__ = ["check_module", "copy_module"]
 

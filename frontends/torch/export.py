@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from graphprune.frontends.torch.errors import ExportError
 from onnx import helper, numpy_helper
 from torch import nn
 
 from graphprune.errors import GraphPruneError, UsageError
-from graphprune.frontends.torch.errors import ExportError
 
 __all__ = [
     "EXPORTERS",

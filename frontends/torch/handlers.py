@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from graphprune.frontends.torch.attention import PrunedMultiheadAttention, mha_layout, mha_row_cuts
+from graphprune.frontends.torch.errors import PlanMappingError
 from torch import nn
 
 from graphprune.errors import UsageError
-from graphprune.frontends.torch.attention import PrunedMultiheadAttention, mha_layout, mha_row_cuts
-from graphprune.frontends.torch.errors import PlanMappingError
 
 __all__ = ["HANDLERS", "ModuleHandler", "handler_for", "register_module_handler"]
 

@@ -13,9 +13,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import onnx
+from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
 from torch import nn
 
-from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
 from graphprune.planning.plan import GroupPlan, Plan
 
 __all__ = ["map_plan", "map_plan_with", "plan_cuts"]

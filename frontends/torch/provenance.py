@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graphprune.frontends.torch.errors import PlanMappingError
 from onnx import helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphprune.analysis import Analysis, ChannelGroup, Dim, analyze_graph, describe_node
-from graphprune.frontends.torch.errors import PlanMappingError
 from graphprune.io import ir
 from graphprune.rules import registry
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-from torch import nn
-
 from graphprune.frontends.torch.export import ExampleInputs, to_onnx
 from graphprune.frontends.torch.mapping import map_plan_with
 from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
+from torch import nn
+
 from graphprune.planning.plan import Plan
 
 __all__ = ["TorchPruneResult", "expand_keep", "prune_module"]

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import model_io
-from graphprune.io.weights import restore_stubs
+from graphprune.io.weights import graph_constants, restore_stubs
 from graphprune.rules import registry
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ def prepare(
             import onnxruntime as ort
 
             ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise
-            graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False)
+            # flatten_subgraphs=False: inlining an If with a constant condition drops
+            # branch outputs used later (the result fails the checker)
+            graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False,
+                                 flatten_subgraphs=False)
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
             graph = import_graph(model, store)
@@ -174,19 +177,11 @@ def prepare(
 
 
 def _load_fold_inputs(graph: gs.Graph) -> None:
-    """Read the weights that constant folding will compute with (folding runs ONNX Runtime
-    on an in-memory model, which cannot follow references into a weight store)."""
-    constant_outputs: set[str] = set()
-    for node in graph.nodes:
-        inputs = [t for t in node.inputs if t.name]
-        if not inputs or any(
-            not isinstance(t, gs.Constant) and t.name not in constant_outputs for t in inputs
-        ):
-            continue
-        for t in inputs:
-            if isinstance(t, gs.Constant):
-                _ = t.values
-        constant_outputs.update(o.name for o in node.outputs)
+    """Map every weight of the store before folding: folding runs ONNX Runtime on an
+    in-memory model of the foldable part, which cannot follow references into the store.
+    Mapping costs nothing until a weight is read, and only folded ones are."""
+    for tensor in graph_constants(graph):
+        _ = tensor.values
 
 
 def _fold_sliced_shapes(graph: gs.Graph) -> None:

@@ -2,7 +2,7 @@
 
 A :class:`WeightStore` is a private working folder. When a model is loaded into it, every
 large tensor's bytes go to a data file in that folder (the caller's external data file is
-copied into the store by the kernel, never read into this process) and the ``ModelProto`` keeps only external-data stubs:
+hard-linked into the store, or copied by the kernel across file systems) and the ``ModelProto`` keeps only external-data stubs:
 the graph is small, and a weight costs memory only while someone reads it. Reading is a
 copy-on-write memory map (:class:`MappedValues`), so nothing can write back into the
 user's files; :func:`release` hands a mapped tensor's pages back to the kernel once it has
@@ -97,7 +97,7 @@ def release(values: Any) -> None:
 def restore_stubs(graph: gs.Graph) -> None:
     """Put the lazy stub back on every constant whose values are an untouched mapping, so
     export writes a reference instead of copying the bytes."""
-    for tensor in _graph_constants(graph):
+    for tensor in graph_constants(graph):
         values = tensor._values
         if isinstance(values, np.ndarray):
             source = origin(values)
@@ -107,14 +107,15 @@ def restore_stubs(graph: gs.Graph) -> None:
                 tensor.data_location = None  # new bytes in the proto, not a reference
 
 
-def _graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+def graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every constant of ``graph`` and of its subgraphs."""
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             yield tensor
     for node in graph.nodes:
         for value in node.attrs.values():
             if isinstance(value, gs.Graph):
-                yield from _graph_constants(value)
+                yield from graph_constants(value)
 
 
 class WeightStore:
@@ -175,14 +176,17 @@ class WeightStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() or target.is_symlink():
             return
-        # a copy: onnx.checker refuses symbolic and hard links to external data; the kernel
-        # copies (copy_file_range / sendfile), so the bytes never pass through this process
-        shutil.copyfile(source, target)
+        # a hard link (ONNX Runtime follows it; onnx.checker refuses links, so it checks a
+        # skeleton instead: see checker_model); across file systems, a copy by the kernel
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
     # ------------------------------------------------------------------ graphs
     def map_graph(self, graph: gs.Graph) -> None:
         """Give every external-data constant of ``graph`` mapped lazy values."""
-        for tensor in _graph_constants(graph):
+        for tensor in graph_constants(graph):
             values = tensor._values
             if isinstance(values, gs.ir.tensor.LazyValues) and not isinstance(values, MappedValues):
                 stub = values.tensor
@@ -199,7 +203,7 @@ class WeightStore:
     def spill(self, graph: gs.Graph) -> int:
         """Write every large in-memory constant of ``graph`` to a work data file and map it
         back; returns the number of bytes written."""
-        pending = [t for t in _graph_constants(graph)
+        pending = [t for t in graph_constants(graph)
                    if isinstance(t._values, np.ndarray) and origin(t._values) is None
                    and t._values.nbytes >= MAP_THRESHOLD and _np_dtype_ok(t._values)]
         if not pending:
@@ -235,6 +239,25 @@ class WeightStore:
         self._models += 1
         path = self.root / (name or f"model-{self._models}.onnx")
         path.write_bytes(model.SerializeToString())
+        return path
+
+    def write_checker_model(self, model: onnx.ModelProto, name: str | None = None) -> Path:
+        """Write a copy of ``model`` for ``onnx.checker`` by path: every external reference
+        points at one empty placeholder file. The checker reads no weight bytes, only asks
+        that the file be a regular one (it refuses the links the store uses), so the check
+        is the same and costs nothing."""
+        placeholder = "checker-placeholder.data"
+        (self.root / placeholder).touch()
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(model)
+        for tensor in _all_tensors(skeleton):
+            if _external(tensor):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = placeholder
+        self._models += 1
+        path = self.root / (name or f"check-{self._models}.onnx")
+        path.write_bytes(skeleton.SerializeToString())
         return path
 
     def materialize(self, model: onnx.ModelProto) -> onnx.ModelProto:

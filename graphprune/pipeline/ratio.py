@@ -87,7 +87,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
     if inexact and verification.get("ok"):
         # the model that is returned must itself pass the checker and run
         try:
-            validate.check_model(session.path_of(session.model), session.path_of(session.prepared))
+            session.check(session.model)
             validate.run(session.path_of(session.model), session.feeds()[0], "the pruned model")
         except Exception as exc:  # VerificationError
             verification = {"ok": False, "reference": what, "error": str(exc), "_error": exc}

@@ -251,9 +251,8 @@ class Session:
         try:
             model = model_io.infer_shapes(
                 ir.export_graph(graph.copy(), self.prepared, self.store), inplace=True)
-            path = self.path_of(model)
-            validate.check_model(path, self.path_of(self.prepared))
-            validate.session(path)
+            self.check(model)
+            validate.session(self.path_of(model))
         except Exception as exc:  # name the pass that broke the graph
             raise RewriteError(f"{pass_name} left an invalid graph: {str(exc).splitlines()[0]}") from exc
 
@@ -272,6 +271,12 @@ class Session:
             self._paths[id(model)] = (model, path)
             return path
         return model
+
+    def check(self, model: onnx.ModelProto) -> None:
+        """``onnx.checker`` (full, by path) on a model of this session, held to the prepared
+        original's standard (see :func:`graphprune.verify.validate.check_model`)."""
+        validate.check_model(self.store.write_checker_model(model),
+                             self.store.write_checker_model(self.prepared))
 
     # ------------------------------------------------------------------ verification
     def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -298,10 +303,13 @@ class Session:
         candidate = self.model if candidate is None else candidate
         with self.stage(stage):
             try:
+                if isinstance(candidate, onnx.ModelProto):
+                    self.check(candidate)
                 return validate.compare(
                     self.path_of(candidate), self.path_of(reference),
                     feeds if feeds is not None else self.feeds(),
                     what=what, tolerance=tolerance, reference_overrides=overrides,
+                    check=not isinstance(candidate, onnx.ModelProto),
                     original=self.path_of(self.prepared), optimize_reference=optimize_reference,
                 )
             except VerificationError as exc:
