@@ -26,7 +26,7 @@ shape. Attention runs on the math path (``attn_implementation="eager"``).
 Usage (``bench/cache/`` is git-ignored)::
 
     python bench/transformers_zoo.py export                 # HF models, both exporters
-    /work/benchenv/bin/python bench/transformers_zoo.py export --only vit_b_16,swin_t
+    .venv-bench/bin/python bench/transformers_zoo.py export --only vit_b_16,swin_t
     python bench/transformers_zoo.py run                    # -> bench/results/transformers.json
     python bench/transformers_zoo.py minilm --sentences 512  # cosine similarity table
     python bench/transformers_zoo.py markdown               # -> docs/transformers.md
@@ -323,15 +323,15 @@ def check_pruned(
     from graphprune.passes.prune_channels import removed_elements
 
     from graphprune import api
-    from graphprune.verify.validate import differences, run, zeroed_overrides
+    from graphprune.verify.validate import differences, run, zeroed_reference
 
     prep = api.load_and_prepare(str(path))
     removed = removed_elements(res.analysis, res.plan)
-    overrides = zeroed_overrides(prep.prepared, res.analysis, removed)
+    reference = prep.path_of(zeroed_reference(prep.prepared, res.analysis, removed))
     worst = 0.0
     for batch, sequence in sizes:
         feeds = text_feeds(prep.original, batch=batch, sequence=sequence, vocab=vocab)
-        ref = run(prep.prepared, feeds, "the zeroed original", overrides)
+        ref = run(reference, feeds, "the zeroed original")
         out = run(res.model, feeds, "the pruned model")
         if [r.shape for r in ref] != [o.shape for o in out]:
             raise AssertionError(f"output shapes differ at batch {batch}, sequence {sequence}")

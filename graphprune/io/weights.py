@@ -54,10 +54,12 @@ def _external(tensor: onnx.TensorProto) -> bool:
 class MappedValues(gs.ir.tensor.LazyValues):
     """gs lazy values of an external-data tensor: a copy-on-write memory map on ``load``."""
 
-    def __init__(self, stub: onnx.TensorProto, path: Path, offset: int, length: int) -> None:
+    def __init__(self, stub: onnx.TensorProto, path: Path, offset: int, length: int,
+                 store: WeightStore | None = None) -> None:
         super().__init__(stub)
         self.path, self.offset, self.length = path, offset, length
         self.array: np.ndarray | None = None
+        self.store = store  # the store's folder lives as long as a tensor refers to it
 
     def load(self) -> np.ndarray:
         if self.array is not None:
@@ -198,7 +200,7 @@ class WeightStore:
         path = self.root / info.location
         offset = int(info.offset or 0)
         length = int(info.length) if info.length else os.path.getsize(path) - offset
-        return MappedValues(stub, path, offset, length)
+        return MappedValues(stub, path, offset, length, self)
 
     def spill(self, graph: gs.Graph) -> int:
         """Write every large in-memory constant of ``graph`` to a work data file and map it

@@ -303,15 +303,18 @@ class Session:
         candidate = self.model if candidate is None else candidate
         with self.stage(stage):
             try:
-                if isinstance(candidate, onnx.ModelProto):
+                checked = isinstance(candidate, onnx.ModelProto)
+                if checked:
                     self.check(candidate)
-                return validate.compare(
+                result = validate.compare(
                     self.path_of(candidate), self.path_of(reference),
                     feeds if feeds is not None else self.feeds(),
                     what=what, tolerance=tolerance, reference_overrides=overrides,
                     check=not isinstance(candidate, onnx.ModelProto),
                     original=self.path_of(self.prepared), optimize_reference=optimize_reference,
                 )
+                result["checker"] = result["checker"] or checked
+                return result
             except VerificationError as exc:
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
 
