@@ -201,9 +201,12 @@ def prune_lossless(
         if group_plans:
             round_plan = Plan(groups=group_plans)
             with session.stage("prune"):
-                dropped = _run(session, DropConcatInputsPass(drops))
-                _run(session, DeadCodeEliminationPass())
-                _run(session, PruneChannelsPass(analysis, round_plan))
+                # one manager run: the graph is whole again only after the channel removal,
+                # so debug mode checks it after the three (see PassManager.run)
+                done = session.apply([DropConcatInputsPass(drops), DeadCodeEliminationPass(),
+                                      PruneChannelsPass(analysis, round_plan)])
+                dropped = PassResult(done.graph, done.modified,
+                                     done.stats.get("DropConcatInputsPass", {}))
             info_round.update(
                 groups_pruned=len(group_plans),
                 units_removed=round_plan.units_removed,
