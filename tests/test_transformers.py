@@ -478,3 +478,18 @@ def test_einsum_mlp_and_attention():
     assert res.report["verification"]["ok"], res.report["verification"]  # knows Einsum roles
     # two heads: 4 of the 16 [h, e] columns of wq and wk each, 4 of the 16 rows of wo
     assert res.report["params_before"] - res.report["params_after"] == 3 * 2 * 4 * E
+
+
+@pytest.mark.torch
+@EXPORTERS
+def test_heads_found_when_every_weight_lives_in_the_store(monkeypatch, dynamo):
+    """Regression: shape probes fold small constants in memory; with every weight held by the
+    weight store (references, not bytes) the folding must still see their values, or the
+    head axis of a TorchScript export hides behind an unfolded attention-mask shape."""
+    from graphprune.io import weights
+
+    monkeypatch.setattr(weights, "MAP_THRESHOLD", 256)  # the weights, not the shape vectors
+    analysis = graphprune.analyze(exported("encoder", dynamo))
+    heads = kinds_of(analysis)["head"]
+    assert [g.num_units for g in heads] == [EXPECTED["encoder"][0]]
+    assert all(g.prunable for g in heads), heads[0].frozen

@@ -125,6 +125,10 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
                 t.to_variable(dtype=t.dtype, shape=list(t.shape))
                 t.type = "tensor_type"  # to_variable leaves it unset
                 probe_graph.inputs.append(t)
+            elif isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues):
+                # small constants are folded by ORT in memory: give them their bytes (a
+                # weight-store reference cannot be followed from an in-memory model)
+                t.values = np.array(t._values.load())
         model = gs.export_onnx(probe_graph, do_type_check=False)
         import onnxruntime
 
