@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs; the fastest is kept per stage")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--also", action="append", default=[], metavar="LABEL=JSON",
+        help="add the row of an earlier run (its --json file) to the table, e.g. another checkout",
+    )
     parser.add_argument("--update-docs", type=Path, help="replace the table in this markdown file")
     args = parser.parse_args(argv)
     runs = [run(args.ratio, args.exporter) for _ in range(max(1, args.repeat))]
@@ -217,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in r.items():
             if isinstance(v, float) and k != "check_rel_diff":
                 best[k] = min(float(best[k]), v)
-    text = table([(args.label, best)])
+    rows: list[tuple[str, dict[str, float | str]]] = []
+    for entry in args.also:
+        label, _, path = entry.partition("=")
+        rows.append((label, json.loads(Path(path).read_text())))
+    text = table([*rows, (args.label, best)])
     print(text)
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{args.exporter} exporter, ratio {args.ratio}", file=sys.stderr)

@@ -352,7 +352,8 @@ def test_transformer_round_trip(attention, exporter, tmp_path):
     assert any(name not in names for gp in result.onnx_plan.groups for name in gp.channels)
     sources = gpt.parameter_sources(result.exported, names)
     assert sources.pending is None and sources.analysis is not None  # chains found, analysed
-    assert len(sources.copies("blocks.0.fc1.weight")) == 1
+    fc1 = "blocks.0.linear1.weight" if attention == "encoder_layer" else "blocks.0.fc1.weight"
+    assert len(sources.copies(fc1)) == 1  # its transposed copy, read by a MatMul
     result.plan.save(tmp_path / "plan.json")
     replayed = gpt.apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
     gpt.check_module(replayed, result.model, (ids,))
@@ -613,6 +614,11 @@ def test_parameter_sources_follow_transpose_slice_and_concat():
     assert sources.map_cut("wc", 0, [0, 3]) == [("w", 1, [1])]  # row 3 is the literal c
     assert sources.map_cut("wm", 0, [0]) == [("w", 1, [0])]  # a scaled copy is still a copy
     assert sources.map_cut("c", 0, [1]) == []  # an exporter literal: no parameter owns it
+    # keep=[parameter or module] protects the folded copies too; ONNX and unknown names stay
+    from graphprune.frontends.torch.prune import expand_keep
+
+    keep = expand_keep(["w", "MatMul_3", "nothing"], ["w"], sources, {"MatMul_3"})
+    assert keep == ["w", "wc", "wm", "MatMul_3", "nothing"]
     plan = Plan(groups=[GroupPlan(0, "wc:1", 3, [2], {"wc": {"1": [2]}})])
     with pytest.raises(gpt.PlanMappingError, match="computed from"):
         gpt.map_plan(plan, model, ["w"])  # wm = 2 * w^T would lose its column 2 too

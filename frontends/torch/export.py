@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 from graphprune.frontends.torch.errors import ExportError
+from graphprune.frontends.torch.weightless import is_large, without_data
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -157,8 +158,8 @@ def _castlike_to_cast(model: onnx.ModelProto) -> None:
         return
     types: dict[str, int] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # > 2 GB or not inferable: leave the CastLikes alone
+        inferred = onnx.shape_inference.infer_shapes(without_data(model, is_large))
+    except Exception:  # not inferable: leave the CastLikes alone
         return
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
@@ -228,9 +229,9 @@ def check_names(model: onnx.ModelProto, module: nn.Module) -> None:
             continue
         values = numpy_helper.to_array(init)
         expected = state[init.name]
-        if values.shape != expected.shape or not np.array_equal(
-            values.astype(np.float64), expected.astype(np.float64)
-        ):
+        if values.dtype != expected.dtype:
+            values, expected = values.astype(np.float64), expected.astype(np.float64)
+        if values.shape != expected.shape or not np.array_equal(values, expected):
             raise ExportError(
                 f"initializer '{init.name}' does not hold the module's '{init.name}' "
                 "(the exporter folded or rewrote it); export with graphprune's to_onnx"

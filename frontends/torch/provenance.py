@@ -18,7 +18,11 @@ prepared graph cuts them. To map such a cut back to the module:
    axes it comes from, and ``group.removed_elements(units)`` names the parameter slices a
    cut removes.
 
-Nothing here knows an op. A chain through an op without a rule, or through one whose
+Before any of this, a quick look at the export's types (:func:`parameter_sources`) tells
+whether a chain can exist at all; in a CNN every parameter meets an activation, nothing
+is prepared or analysed, and mapping a plan costs the plan alone.
+
+Nothing here knows an op (the quick look asks the registry which ops read only shapes). A chain through an op without a rule, or through one whose
 coupling is not exact (a Softmax over a parameter axis), leaves the leaf's axis outside
 every group or its group frozen or inexact; a plan that cuts it, or the parameters it is
 computed from, is refused with :class:`PlanMappingError` naming the op (fail closed).
@@ -33,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from graphprune.frontends.torch.errors import PlanMappingError
-from onnx import helper
+from graphprune.frontends.torch.weightless import without_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphprune.analysis import Analysis, ChannelGroup, Dim, analyze_graph, describe_node
@@ -191,7 +195,8 @@ class ParameterSources:
             idx = np.asarray(sorted(set(indices)), dtype=np.int64)
             if idx.size:
                 groups[group.id] = group
-                touched.setdefault(group.id, set()).update(int(u) for u in np.unique(group.unit_of[dim][idx]))
+                units = np.unique(group.unit_of[dim][idx])
+                touched.setdefault(group.id, set()).update(int(u) for u in units)
 
         for name, axes in param_cuts.items():
             if not self.chained(name):
@@ -238,29 +243,6 @@ class ParameterSources:
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def _without_parameter_data(model: onnx.ModelProto, params: set[str]) -> onnx.ModelProto:
-    """``model`` whose parameters are graph inputs (type and shape only): folding stops there."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph = light.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    listed = {i.name for i in model.graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.name not in params:
-            graph.initializer.append(tensor)
-        elif tensor.name not in listed:
-            graph.input.append(
-                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-            )
-    return light
 
 
 _FLOAT_TYPES = frozenset(
@@ -333,7 +315,7 @@ def parameter_sources(model: onnx.ModelProto, names: Iterable[str]) -> Parameter
     """
     wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer if t.name in wanted}
-    light = _without_parameter_data(model, set(inits))
+    light = without_data(model, set(inits))
     literals, may_chain = _quick_look(light, set(inits))
     sources = ParameterSources(
         names=list(inits), direct=set(inits), literals=literals, pending=(light, inits)
@@ -353,7 +335,7 @@ def _analyse_chains(light: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) 
         if isinstance(tensor, gs.Variable):
             tensor.to_constant(LazyValues(inits[name]))  # type: ignore[arg-type]
 
-    literal: set[str] = {n for n, t in tensors.items() if isinstance(t, gs.Constant) and n not in inits}
+    literal = {n for n, t in tensors.items() if isinstance(t, gs.Constant) and n not in inits}
     derived: dict[str, frozenset[str]] = {p: frozenset({p}) for p in params if p in tensors}
     downstream: set[str] = set(derived)  # anything computed from a parameter
     made_by: dict[str, str] = {}
