@@ -16,13 +16,13 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
+from graphprune.passes.rewrite_context import RewriteContext
 
 from graphprune.analysis import Analysis, Dim
 from graphprune.errors import RewriteError
-from graphprune.io.weights import release
 from graphprune.io.ir import clear_intermediate_shapes
+from graphprune.io.weights import release
 from graphprune.planning.plan import Plan
-from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules import registry
 
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.io import model_io
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
+from graphprune.io import model_io
 from graphprune.io.model_io import (
     MIN_OPSET,
     check_opset,

@@ -12,9 +12,9 @@ from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminati
 from graphprune.passes.prune_channels import PruneChannelsPass
 from onnx import helper
 
-from graphprune.io import ir
 from graphprune.analysis import analyze_graph
 from graphprune.api import load_and_prepare
+from graphprune.io import ir
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio
 

@@ -200,7 +200,7 @@ def _fold_sliced_shapes(graph: gs.Graph) -> None:
         out = node.outputs[0]
         const = gs.Constant(f"{out.name}__gp_shape", np.array(dims, dtype=np.int64))
         redirect_uses(out, const)
-        for g_out_index, g_out in enumerate(graph.outputs):
+        for g_out in graph.outputs:
             if g_out is out:
                 node.op, node.attrs = "Identity", {}
                 node.inputs[:] = [const]

@@ -20,7 +20,6 @@ from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.verify import validate
 
-
 #: verification tolerance on the relative difference (float32 models)
 DEFAULT_TOLERANCE = 1e-4
 

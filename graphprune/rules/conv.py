@@ -17,8 +17,8 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, GroupTie, Modulo
-from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.linear import linear_scale
 from graphprune.rules.registry import LinearInfo, OpRule, register
 from graphprune.rules.scale import ScaleContext

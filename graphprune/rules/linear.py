@@ -22,8 +22,8 @@ from graphprune.rules.scale import ScaleContext, rms_of
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from graphprune.analysis.coupling import CouplingContext
     from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
 
 
 def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:

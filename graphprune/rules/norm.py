@@ -15,14 +15,14 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, GroupTie
-from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CHANNELWISE
+from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.registry import OpRule, register
 from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from graphprune.analysis.coupling import CouplingContext
     from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
 
 
 def _used(t: gs.Tensor) -> bool:

@@ -16,8 +16,8 @@ from graphprune.analysis import constants as za
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
-    from graphprune.analysis.coupling import CouplingContext
     from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
 
 #: reductions whose value on a constant channel c is c (any count), and those that keep only 0
 _REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")

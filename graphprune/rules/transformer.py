@@ -41,8 +41,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import Digit, Offset
-from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.norm import LayerNormRule
 from graphprune.rules.registry import OpRule, register
 from graphprune.rules.scale import ScaleContext
