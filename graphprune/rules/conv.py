@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
 
 
-def _mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
+def mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
+    """Batch and spatial axes of an NCHW op's input and output are never channels."""
     for t in (node.inputs[0], node.outputs[0]):
         rank = ctx.rank(t)
         if rank is not None:
@@ -107,7 +108,7 @@ class ConvRule(OpRule):
             ctx.couple(y, 1, y, 1, Modulo(per_out))
         else:
             ctx.couple(x, 1, y, 1, GroupTie(group))
-        _mark_spatial(ctx, node)
+        mark_spatial(ctx, node)
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return LinearInfo(
@@ -181,7 +182,7 @@ class ConvTransposeRule(OpRule):
             ctx.role(w, 1, PRODUCER)
         else:
             ctx.couple(x, 1, y, 1, GroupTie(group))
-        _mark_spatial(ctx, node)
+        mark_spatial(ctx, node)
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return LinearInfo(

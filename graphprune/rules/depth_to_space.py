@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants
 from graphprune.analysis.index_maps import Digit
+from graphprune.rules.conv import mark_spatial
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -46,15 +47,6 @@ def _blocks(vector: np.ndarray, block: int, mode: str) -> np.ndarray:
     return vector.reshape(-1, block * block)
 
 
-def _mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
-    """Batch and spatial axes of the input and the output are never channels."""
-    for t in (node.inputs[0], node.outputs[0]):
-        rank = ctx.rank(t)
-        if rank is not None:
-            ctx.spatial(t, [0], "batch")
-            ctx.spatial(t, range(2, rank))
-
-
 @register
 class DepthToSpaceRule(OpRule):
     op_types = ("DepthToSpace",)
@@ -70,7 +62,7 @@ class DepthToSpaceRule(OpRule):
         ctx.couple(x, 0, y, 0)
         # y is the factor, x the merged axis (x channel ic belongs to y channel (ic // s) % C')
         ctx.couple(y, 1, x, 1, Digit(1 if mode == "DCR" else block * block))
-        _mark_spatial(ctx, node)
+        mark_spatial(ctx, node)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Output channel ``c`` is constant when its ``b²`` input channels share one value."""
