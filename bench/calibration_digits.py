@@ -152,10 +152,13 @@ def main() -> int:
             row = {"exporter": exporter, "original_accuracy": round(base, 2)}
             runs: list[tuple[str, dict]] = [("l1 (data-free)", {"criterion": "l1"})]
             runs.append(("l1 + statistics correction", {"criterion": "l1", "calibration": str(calib), "reconstruction": "stats"}))
+            # data-free: BatchNorm statistics (the calibration samples are not read by it)
+            runs.append(("l1 + BatchNorm compensation (data-free, bn)",
+                         {"criterion": "l1", "calibration": str(calib), "reconstruction": "bn"}))
             if args.all:
                 runs.append(("l1 + bias compensation", {"criterion": "l1", "calibration": str(calib), "reconstruction": "bias"}))
                 runs.append(("l1 + refit", {"criterion": "l1", "calibration": str(calib), "reconstruction": "refit"}))
-                for criterion in ("activation", "wanda", "flap", "reconstruction"):
+                for criterion in ("activation", "wanda", "flap", "reconstruction", "obs"):
                     runs.append((f"{criterion} + refit", {"criterion": criterion, "calibration": str(calib)}))
             results = []
             for label, kwargs in runs:
@@ -174,6 +177,7 @@ def main() -> int:
                     "holdout_cosine": fid.get("cosine"),
                     "verified": bool(res.report["verification"].get("ok")),
                     "seconds": round(wall, 2),
+                    "passes": res.report.get("calibration", {}).get("passes"),
                 })
                 print(json.dumps({"exporter": exporter, **results[-1]}), flush=True)
             row["runs"] = results
@@ -185,6 +189,7 @@ def main() -> int:
                     "test_accuracy": round(accuracy(str(out), xte, yte), 2),
                     "macs_ratio": round(rep["macs_after"] / rep["macs_before"], 4),
                     "criterion": rep.get("calibration", {}).get("criterion"),
+                    "criteria_chosen": rep.get("calibration", {}).get("criteria_chosen"),
                     "wall_s": rep["wall_s"],
                 }
                 print(json.dumps({"exporter": exporter, "cli": row["cli"]}), flush=True)

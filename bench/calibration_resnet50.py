@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 import time
@@ -65,8 +66,13 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--no-cache", action="store_true",
+                        help="re-run the graph prefix in every refit wave (the frontier cache off)")
     args = parser.parse_args()
     import graphprune
+    from graphprune.calibration import sequential
+
+    sequential.Reconstructor.use_cache = not args.no_cache
 
     torch.manual_seed(0)
     net = ResNet50().eval()
@@ -84,19 +90,22 @@ def main() -> int:
         calib = Path(tmp) / "calib.npz"
         rng = np.random.default_rng(0)
         np.savez(calib, image=rng.standard_normal((args.samples, 1, 3, 224, 224)).astype(np.float32))
+        load0 = [round(x, 2) for x in os.getloadavg()]
         t0, c0 = time.perf_counter(), time.process_time()
         result = graphprune.prune(str(path), ratio=args.ratio, calibration=str(calib))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     report = result.report
     timings = report["timings"]
     row = {
-        "samples": args.samples, "ratio": args.ratio, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+        "command": "python bench/calibration_resnet50.py" + (" --no-cache" if args.no_cache else ""),
+        "samples": args.samples, "ratio": args.ratio, "frontier_cache": not args.no_cache,
+        "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "calibration_stages_s": round(sum(timings.get(k, 0.0) for k in
                                           ("calibration", "statistics", "reconstruction", "fidelity")), 1),
         "timings": timings, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "macs_ratio": round(report["macs_after"] / report["macs_before"], 3),
         "calibration": report["calibration"], "fidelity": {k: report["fidelity"][k] for k in ("cosine", "rel_l2", "top1_agreement")},
-        "load_average": list(__import__("os").getloadavg()),
+        "load_average_end": [round(x, 2) for x in os.getloadavg()], "load_average_start": load0,
     }
     print(json.dumps(row, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

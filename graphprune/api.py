@@ -93,6 +93,14 @@ def prune(
     calibration: Any = None,
     reconstruction: str = "refit",
     holdout: float = 0.2,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    max_ratio: float | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+    input_shapes: dict[str, Any] | None = None,
+    allow_depth: bool = False,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
@@ -125,19 +133,42 @@ def prune(
     of the samples (``report["calibration"]`` says what was used and changed). Without
     ``calibration`` nothing of this runs.
 
+    Budgets: ``target_macs``, ``target_params`` or ``target_latency`` (a fraction of the
+    original in (0, 1); one of them, instead of ``ratio``) allocate the removal across all
+    groups (:mod:`graphprune.pipeline.budget`): units are ranked globally by importance per
+    unit of cost saved (with ``calibration``: by the measured output deviation of each
+    group), at most ``max_ratio`` (default 0.9) of any group. A latency target uses
+    per-operator latencies measured with ONNX Runtime on ``provider`` (cached on disk) and
+    checks the pruned model's measured latency, re-allocating when it misses.
+    ``report["budget"]`` gives target, achieved value, how it was measured and the kept
+    width of every group. ``allow_depth=True`` (MACs/params targets): when width alone
+    cannot reach the target, the least important residual blocks are erased first (one
+    more at a time) and the width allocated on what is left.
+
+    ``input_shapes`` (``{input name: shape}``) fixes the shapes verification feeds; sizes
+    the model leaves open otherwise are chosen so that it runs
+    (:mod:`graphprune.analysis.probe_sizes`).
+
     Raises :class:`~graphprune.errors.VerificationError` when the pruned model fails a check;
     the exception's ``result`` attribute carries the (unverified) result for inspection.
     """
     keep = normalize_keep(keep)
     if tolerance is not None:
         tolerance = _number("tolerance", tolerance, 0.0, math.inf)
+    budget = _budget(target_macs, target_params, target_latency)
+    if budget is not None and (lossless or erase_blocks is not None or plan is not None):
+        raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "
+                         "erase_blocks or a saved plan")
+    if budget is None and (max_ratio is not None or allow_depth):
+        raise UsageError("max_ratio and allow_depth apply to a MACs/params/latency target only")
     if lossless or erase_blocks is not None:
         if plan is not None:
             raise UsageError("a plan cannot be combined with lossless mode or erase_blocks")
         if calibration is not None:
             raise UsageError("calibration cannot be combined with lossless mode or erase_blocks")
         return _prune_exact(model, lossless=lossless, erase_blocks=erase_blocks, keep=keep,
-                            verify=verify, tolerance=tolerance, progress=progress)
+                            verify=verify, tolerance=tolerance, progress=progress,
+                            input_shapes=input_shapes)
     from graphprune.pipeline.ratio import RatioOptions, prune_ratio
 
     calibration_options = None
@@ -158,9 +189,43 @@ def prune(
         seed=seed, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio,
         prune_hidden=prune_hidden,
     )
-    session = Session(model, keep=keep, progress=progress, debug=debug)
+    session_options = {"keep": keep, "progress": progress, "debug": debug, "input_shapes": input_shapes}
+    if budget is not None:
+        from graphprune.pipeline.budget import BudgetOptions, prune_budget
+        from graphprune.planning.budget import DEFAULT_MAX_RATIO
+
+        if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+            raise UsageError(f"threads must be an integer >= 1, got {threads!r}")
+        budget_options = BudgetOptions(
+            kind=budget[0], target=budget[1], criterion=criterion, round_to=round_to,
+            min_channels=int(min_channels), seed=seed, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+            prune_hidden=prune_hidden, provider=provider, threads=threads,
+            max_ratio=DEFAULT_MAX_RATIO if max_ratio is None else _number("max_ratio", max_ratio, 0.0, 1.0),
+        )
+        if allow_depth:
+            from graphprune.pipeline.budget import prune_budget_with_depth
+
+            return prune_budget_with_depth(
+                model, budget_options, verify=verify, tolerance=tolerance, calibration=calibration,
+                calibration_options=calibration_options, session_options=session_options)
+        return prune_budget(Session(model, **session_options), budget_options, verify=verify, tolerance=tolerance,
+                            calibration=calibration, calibration_options=calibration_options)
+    session = Session(model, **session_options)
     return prune_ratio(session, options, plan=plan, verify=verify,
                        tolerance=tolerance, calibration=calibration, calibration_options=calibration_options)
+
+
+def _budget(macs: Any, params: Any, latency: Any) -> tuple[str, float] | None:
+    """The one budget asked for, as ``(kind, fraction)`` (``None``: a ratio prune)."""
+    from graphprune.planning.budget import check_target
+
+    given = [(k, v) for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UsageError("give one target: " + ", ".join(f"target_{k}" for k, _ in given) + " are exclusive")
+    kind, value = given[0]
+    return kind, check_target(kind, value)
 
 
 def _prune_exact(
@@ -172,6 +237,7 @@ def _prune_exact(
     verify: bool,
     tolerance: float | None,
     progress: Progress | None,
+    input_shapes: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Depth and/or lossless pruning (depth first, then lossless on its result)."""
     from graphprune.pipeline import depth as depth_mode
@@ -180,13 +246,14 @@ def _prune_exact(
     tol = tolerance  # None: each driver's default for the model's precision
     if erase_blocks is None:
         return lossless_mode.prune_lossless(  # type: ignore[no-any-return]
-            model, verify=verify, progress=progress, keep=keep, tolerance=tol)
+            model, verify=verify, progress=progress, keep=keep, tolerance=tol,
+            input_shapes=input_shapes)
     depth = depth_mode.erase_blocks(model, erase_blocks, verify=verify, tolerance=tol,
-                                    progress=progress)
+                                    progress=progress, input_shapes=input_shapes)
     if not lossless:
         return depth  # type: ignore[no-any-return]
     result = lossless_mode.prune_lossless(depth.model, verify=verify, tolerance=tol,
-                                          progress=progress, keep=keep)
+                                          progress=progress, keep=keep, input_shapes=input_shapes)
     result.report["depth"] = depth.report["depth"]
     result.report["mode"] = "erase_blocks+lossless"
     return result  # type: ignore[no-any-return]

@@ -61,6 +61,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"target must be a number, got '{text}'") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"target must be a fraction in (0, 1), got {value}")
+    return value
+
+
 def _int_at_least(low: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -115,14 +125,30 @@ def _name_list(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- sources
-def _add_source_options(p: argparse.ArgumentParser) -> None:
+def _input_shape(text: str) -> tuple[int, ...] | tuple[str, tuple[int, ...]]:
+    """``--input-shape NAME=1,3,48,320`` (an ONNX graph input) or ``1,3,224,224`` (the
+    next input of a framework source)."""
+    name, sep, dims = text.rpartition("=")
     try:
-        from graphprune.frontends.cli import parse_shape
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--input-shape takes NAME=d0,d1,... (or d0,d1,... for a framework model), got '{text}'"
+        ) from None
+    if not shape or any(d <= 0 for d in shape) or (sep and not name):
+        raise argparse.ArgumentTypeError(f"--input-shape needs positive sizes (NAME=1,3,48,320), got '{text}'")
+    return (name, shape) if sep else shape
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=1,3,48,320",
+                   help="the shape to verify an ONNX input with (repeat per input; open sizes "
+                        "are chosen so the model runs); framework sources (MODULE:FACTORY): "
+                        "1,3,224,224, once per input")
+    try:
+        import graphprune.frontends.cli  # noqa: F401
     except ImportError:
         return
-    p.add_argument("--input-shape", type=parse_shape, action="append", metavar="1,3,224,224",
-                   help="framework sources (MODULE:FACTORY): an example input shape; repeat "
-                        "once per input")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                    help="PyTorch sources: which torch.onnx exporter (default: %(default)s)")
 
@@ -233,9 +259,26 @@ def _add_prune_parser(sub: Any) -> None:
                        formatter_class=_HelpFormatter)
     p.add_argument("model", help="an .onnx file (or a framework model: see --input-shape)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
-    p.add_argument("--ratio", type=_ratio, default=0.5, metavar="R",
-                   help="fraction of the units of every prunable group to remove, in [0, 1) "
-                        "(default: %(default)s)")
+    p.add_argument("--ratio", type=_ratio, default=None, metavar="R",
+                   help="fraction of the units of every prunable group to remove, in [0, 1); "
+                        "exclusive with --target-* (default: 0.5)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-macs", type=_fraction, default=None, metavar="F",
+                        help="prune to F of the original's multiply-accumulates, 0 < F < 1, with "
+                             "global (non-uniform) allocation across groups; exclusive with --ratio")
+    budget.add_argument("--target-params", type=_fraction, default=None, metavar="F",
+                        help="prune to F of the original's parameters, 0 < F < 1 (global allocation)")
+    budget.add_argument("--target-latency", type=_fraction, default=None, metavar="F",
+                        help="prune to F of the original's measured ONNX Runtime latency on "
+                             "--provider, 0 < F < 1: per-operator latencies measured and cached "
+                             "on disk, fast widths chosen from them, the result timed and the "
+                             "allocation redone when it misses")
+    p.add_argument("--allow-depth", action="store_true",
+                   help="with --target-macs/--target-params: when width alone cannot reach the "
+                        "target within --max-ratio, erase the least important residual blocks too")
+    p.add_argument("--max-ratio", type=_ratio, default=None, metavar="R",
+                   help="with a --target-*: largest share of any one group removed, in [0, 1) "
+                        "(default: 0.9)")
     p.add_argument("--head-ratio", type=_ratio, default=None, metavar="R",
                    help="transformers: fraction of attention heads to remove, in [0, 1); 0: "
                         "none (default: --ratio)")
@@ -248,15 +291,16 @@ def _add_prune_parser(sub: Any) -> None:
                    help="transformers: also prune the hidden size (residual stream; inexact)")
     p.add_argument("--criterion", default=None, metavar="NAME",
                    help=f"importance criterion: {', '.join(CRITERIA)}; with --calibration also "
-                        "auto, activation, wanda, flap, reconstruction (default: l1, with "
+                        "auto, activation, wanda, flap, reconstruction, obs (default: l1, with "
                         "--calibration auto)")
     p.add_argument("--calibration", metavar="CALIB",
                    help="calibration data: a .npz with one array per graph input (leading sample "
                         "axis) or a folder of .npz files (one feed each); enables data-aware "
                         "criteria, reconstruction and the fidelity report")
-    p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "none"], default="refit",
+    p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "bn", "none"], default="refit",
                    help="with --calibration: least-squares refit of the affected layers, "
-                        "statistics correction, bias compensation, or none (default: %(default)s)")
+                        "statistics correction, bias compensation, bias compensation from "
+                        "BatchNormalization statistics (bn, data-free), or none (default: %(default)s)")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
                         "report (default: %(default)s)")

@@ -53,9 +53,16 @@ def _source(args: argparse.Namespace) -> Any:
         from graphprune.frontends.cli import resolve_source
     except ImportError:
         return args.model
-    model = resolve_source(args.model, input_shapes=args.input_shape or None,
+    model = resolve_source(args.model, input_shapes=_shapes(args)[0] or None,
                            exporter=args.exporter)
     return args.model if model is None else model
+
+
+def _shapes(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``--input-shape`` values: unnamed (framework sources) and ``NAME=...`` (ONNX inputs)."""
+    given = getattr(args, "input_shape", None) or []
+    named = dict(v for v in given if isinstance(v[0], str))
+    return [v for v in given if not isinstance(v[0], str)], named
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -144,6 +151,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from graphprune.verify.timing import resolve_providers
 
         resolve_providers(args.provider)  # a one-line error before any work
+    targets = {k: getattr(args, f"target_{k}", None) for k in ("macs", "params", "latency")}
+    budget = any(v is not None for v in targets.values())
+    if budget and args.ratio is not None:
+        raise UsageError("--ratio and --target-macs/--target-params/--target-latency are exclusive")
+    if (args.max_ratio is not None or args.allow_depth) and not budget:
+        raise UsageError("--max-ratio and --allow-depth apply with --target-macs/--target-params/"
+                         "--target-latency only")
     stages = ["load", "analysis", "plan", "prune", "verify"]
     if args.calibration:
         stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
@@ -151,14 +165,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     progress = _Progress(not args.quiet and not args.json, stages)
     source = _source(args)
     result = prune(
-        source, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
+        source, ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion,
+        round_to=args.round_to,
         min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
         verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,
         progress=progress, head_ratio=args.head_ratio, mlp_ratio=args.mlp_ratio,
         hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
         lossless=args.lossless, erase_blocks=args.erase_blocks,
         debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
-        holdout=args.holdout,
+        holdout=args.holdout, target_macs=targets["macs"], target_params=targets["params"],
+        target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
+        provider=args.provider,
+        threads=args.threads, input_shapes=_shapes(args)[1] or None,
     )
     report = result.report
     original = source if not isinstance(source, str) else None

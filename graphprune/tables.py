@@ -113,6 +113,35 @@ def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
     return []
 
 
+#: rows of the per-group width table printed by ``prune`` (the report has all of them)
+WIDTH_ROWS = 30
+
+
+def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
+    """Target, achieved value and the per-group kept widths of a budget prune."""
+    if not budget:
+        return []
+    achieved = budget.get("achieved")
+    shown = f"{achieved:.3f}" if isinstance(achieved, (int, float)) else "-"
+    lines = [f"target: {budget['target']} {budget['fraction']:g} of the original -> achieved {shown} "
+             f"({'met' if budget.get('met') else 'MISSED'}; {budget.get('measured_by', '')})"]
+    if not budget.get("reached_by_width", True):
+        lines.append("note: width pruning alone could not reach the target within --max-ratio "
+                     f"{budget.get('max_ratio')}")
+    for r in budget.get("latency_rounds") or []:
+        lines.append(f"  latency round: modelled {r['modelled_fraction']:.3f} -> measured {r['measured_ratio']:.3f}")
+    widths = [w for w in budget.get("widths") or []]
+    if widths:
+        rows = [[str(w["group"]), str(w["anchor"])[:48], str(w.get("kind", "")), str(w["units"]),
+                 str(w["kept"]), f"{w['kept'] / w['units']:.2f}" if w["units"] else "-"]
+                for w in widths[:WIDTH_ROWS]]
+        lines.append("kept widths per group:")
+        lines.append(table(["group", "anchor", "kind", "units", "kept", "kept share"], rows))
+        if len(widths) > WIDTH_ROWS:
+            lines.append(f"... {len(widths) - WIDTH_ROWS} more groups (all in --report / --json)")
+    return lines
+
+
 def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
     """The table and lines ``graphprune prune`` prints."""
     rows = result_rows(report)
@@ -130,6 +159,8 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      f"{report.get('prunable_fraction', 0):.1%}")
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
+    if report.get("nothing_prunable"):
+        lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):
         lines.append(f"mode: {report['mode']}")
     erased = report.get("erased_nodes")
@@ -140,6 +171,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         names = blocks if isinstance(blocks, list) else []
         shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
         lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
+    lines.extend(budget_lines(report.get("budget")))
     lines.extend(verification_lines(report))
     fidelity = _fidelity_lines(report.get("fidelity"))
     if fidelity:

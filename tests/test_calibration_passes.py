@@ -267,7 +267,8 @@ def test_cli_calibration(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "fidelity" in done.stdout and "top1_agreement" in done.stdout
     data = json.loads(report.read_text())
-    assert data["calibration"]["criterion"] == "reconstruction"
+    assert data["calibration"]["criterion"] == "auto"
+    assert sum(data["calibration"]["criteria_chosen"].values()) == 3  # one choice per pruned group
     assert data["calibration"]["held_out"] == 8 and data["fidelity"]["samples"] == 8
     assert data["verification"]["ok"]
     ort_session(onnx.load(str(out))).run(None, {"x": images(1)[0]})

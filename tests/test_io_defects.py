@@ -213,3 +213,20 @@ class TestInputShapes:
     def test_bad_shapes_are_usage_errors(self, given: dict, match: str) -> None:
         with pytest.raises(UsageError, match=match):
             make_feeds(conv_chain([-1, 3, -1, -1]), input_shapes=given)
+
+
+def test_callers_external_data_model_stays_loadable_while_a_result_lives(tmp_path):
+    """The weight store once hard-linked the caller's external data file: onnx refuses a data
+    file with several links, so onnx.load / onnx.checker on the caller's own model failed
+    ("multiple hard links") for as long as the prune result was alive."""
+    import onnx
+
+    import graphprune
+    from graphprune.examples import example_cnn
+
+    path = tmp_path / "m.onnx"
+    onnx.save(example_cnn(), path, save_as_external_data=True, location="m.data", size_threshold=0)
+    result = graphprune.prune(str(path), ratio=0.5)
+    onnx.load(str(path))  # loads its external data
+    onnx.checker.check_model(str(path), full_check=True)
+    assert result.model is not None and result.report["verification"]["ok"]

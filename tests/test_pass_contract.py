@@ -30,6 +30,7 @@ import pytest
 from conftest import conv_node, default_feeds, group_with, make_model
 from graphprune.passes.base import Pass, PassContext, PassManager
 from graphprune.passes.bias_compensation import BiasCompensationPass
+from graphprune.passes.bn_compensation import BatchNormCompensationPass
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.drop_concat_inputs import DropConcatInputsPass
 from graphprune.passes.erase_blocks import EraseBlocksPass
@@ -39,6 +40,7 @@ from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.passes.refit import RefitPass
 from graphprune.passes.stats_correction import StatsCorrectionPass
 from onnx import helper
+from test_calibration_bn import _bn_cnn
 from test_calibration_passes import _pruned_session, cnn, images, mlp, tokens
 from test_lossless import resnet_like, vector, weight
 from test_lossless_passes import sigmoid_into_1x1
@@ -183,6 +185,12 @@ def bias_compensation() -> Case:
     return Case(session, session.graph, p)
 
 
+def bn_compensation() -> Case:
+    session, analysis, plan = _pruned_session(_bn_cnn(trained=False))
+    p = BatchNormCompensationPass(session.prepared, removed_elements(analysis, plan), store=session.store)
+    return Case(session, session.graph, p)
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "PruneChannelsPass": prune_channels,
     "IdentityEliminationPass": identity_elimination,
@@ -194,6 +202,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "RefitPass": refit,
     "StatsCorrectionPass": stats_correction,
     "BiasCompensationPass": bias_compensation,
+    "BatchNormCompensationPass": bn_compensation,
 }
 
 

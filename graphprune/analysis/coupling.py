@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import shape_trace
 from graphprune.analysis.dims import Coupling, Dim, ShapeElement, describe_node
 from graphprune.analysis.index_maps import IDENTITY, IndexMap
-from graphprune.analysis.roles import CHANNELWISE
+from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.io.tensors import const_value, static_shape, static_size
 
 
@@ -62,6 +62,12 @@ class CouplingContext:
         self.tensor_freeze: dict[str, list[str]] = defaultdict(list)
         self.dim_inexact: dict[Dim, list[str]] = defaultdict(list)
         self.roles: dict[Dim, str] = {}
+        #: roles stated for axes of computed tensors (a dequantized weight), and the
+        #: constants that take them over (:meth:`share_roles`)
+        self.variable_roles: dict[Dim, str] = {}
+        self.role_links: list[tuple[str, gs.Tensor, str | None]] = []
+        #: integer constants that are parameters all the same (quantized weights)
+        self.quantized_params: set[str] = set()
         self.spatial_dims: set[Dim] = set()
         self.head_dims: set[Dim] = set()
         self.shape_elements: list[ShapeElement] = []
@@ -174,6 +180,28 @@ class CouplingContext:
         dim = self._dim(tensor, axis)
         if dim is not None and isinstance(tensor, gs.Constant):
             self.roles.setdefault(dim, role)
+        elif dim is not None:
+            self.variable_roles.setdefault(dim, role)
+
+    def share_roles(self, source: gs.Tensor, target: gs.Tensor, weight_freeze: str | None = None) -> None:
+        """The constant ``target`` takes, axis by axis, the role its consumers give to
+        ``source`` (a quantized weight and its dequantized value); with ``weight_freeze``,
+        an axis that would be a producer or consumer axis freezes with that reason instead
+        (zeroing it would not zero the weight). Resolved by :meth:`resolve_role_links`."""
+        self.role_links.append((source.name, target, weight_freeze))
+        self.quantized_params.add(target.name)
+
+    def resolve_role_links(self) -> None:
+        """Apply :meth:`share_roles` once every rule has stated its roles."""
+        for source, target, weight_freeze in self.role_links:
+            for axis in range(self.rank(target) or 0):
+                role = self.variable_roles.get((source, axis))
+                if role is None:
+                    continue
+                if weight_freeze and role in (PRODUCER, CONSUMER):
+                    self.freeze(target, axis, weight_freeze)
+                else:
+                    self.roles.setdefault((target.name, axis), role)
 
     def freeze(self, tensor: gs.Tensor | None, axis: int | None, reason: str) -> None:
         """Never prune ``axis`` of ``tensor`` (all axes when ``axis`` is None)."""

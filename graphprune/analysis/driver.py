@@ -129,6 +129,7 @@ def analyze_graph(
     for node, rule in deferred:
         run(node, rule)
     ctx.node = None
+    ctx.resolve_role_links()
 
     for t in graph.inputs:
         ctx.freeze(t, None, f"graph input '{t.name}'")

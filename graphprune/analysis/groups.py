@@ -107,7 +107,8 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
     components = [sorted(c) for c in nx.connected_components(ctx.dim_graph)]
     components.sort()
     for comp in components:
-        params = [d for d in comp if _is_float_param(ctx.tensors.get(d[0]))]
+        params = [d for d in comp if _is_float_param(ctx.tensors.get(d[0]))
+                  or d[0] in ctx.quantized_params]
         if not params:
             continue
         sizes = {d: ctx.size(ctx.tensors[d[0]], d[1]) for d in comp if d[0] in ctx.tensors}

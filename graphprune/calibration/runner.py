@@ -17,6 +17,8 @@ calibrate; otherwise every sample is its own batch.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,46 +45,71 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-def _needed_nodes(graph: onnx.GraphProto, names: Iterable[str]) -> list[int]:
-    """Indices (graph order) of the nodes that the tensors ``names`` depend on."""
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node reads, including the outer names its subgraphs read."""
+    inputs = list(node.input)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                inputs.extend(node_inputs(inner))
+    return inputs
+
+
+def _needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[str] = ()) -> list[int]:
+    """Indices (graph order) of the nodes that the tensors ``names`` depend on, not looking
+    past the tensors ``given`` (fed from a cache)."""
     producers = _producers(graph)
+    stop = set(given)
     needed: set[int] = set()
-    stack = [producers[n] for n in names if n in producers]
+    stack = [producers[n] for n in names if n in producers and n not in stop]
     while stack:
         index = stack.pop()
         if index in needed:
             continue
         needed.add(index)
-        node = graph.node[index]
-        inputs = list(node.input)
-        for attr in node.attribute:  # outer names read by subgraphs
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                for inner in sub.node:
-                    inputs.extend(inner.input)
-        stack.extend(producers[n] for n in inputs if n in producers)
+        stack.extend(producers[n] for n in node_inputs(graph.node[index]) if n in producers and n not in stop)
     return sorted(needed)
 
 
-def exposed_model(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
-    """Serialised ``model`` with outputs ``names`` and only the nodes they need."""
+needed_nodes = _needed_nodes
+
+
+def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str, int] | None = None) -> bytes:
+    """Serialised ``model`` with outputs ``names`` and only the nodes they need.
+
+    ``given``: tensors fed from a cache (name -> ONNX element type): they become graph
+    inputs and the nodes upstream of them are left out (a cached tensor that a kept node
+    computes anyway is not fed). :func:`fed_names` tells which were used."""
     graph = model.graph
-    known = set(_producers(graph)) | {i.name for i in graph.input}
+    given = dict(given or {})
+    known = set(_producers(graph)) | {i.name for i in graph.input} | set(given)
     missing = [n for n in names if n not in known]
     if missing:
         raise VerificationError(f"tensor '{missing[0]}' is not computed by the model")
     types = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
     saved_outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in graph.output]
-    needed = _needed_nodes(graph, names)
+    needed = _needed_nodes(graph, names, given)
+    fed = fed_names(graph, names, given, needed)
     trim = len(needed) < len(graph.node)
     saved_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node] if trim else []
+    read = {n for i in needed for n in node_inputs(graph.node[i])} | set(names)
+    saved_inputs = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input]
     try:
+        del graph.input[:]  # inputs no kept node reads are left out (ORT would ask for them)
+        graph.input.extend(i for i in saved_inputs if i.name in read)
         del graph.output[:]
         for name in names:
             info = types.get(name)
             value = onnx.ValueInfoProto(name=name)
             if info is not None and info.type.HasField("tensor_type"):
                 value.type.tensor_type.elem_type = info.type.tensor_type.elem_type
+            elif name in given:
+                value.type.tensor_type.elem_type = given[name]
             graph.output.append(value)
+        for name in fed:
+            value = onnx.ValueInfoProto(name=name)
+            value.type.tensor_type.elem_type = given[name]
+            graph.input.append(value)
         if trim:
             kept = [saved_nodes[i] for i in needed]
             del graph.node[:]
@@ -91,9 +118,22 @@ def exposed_model(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
     finally:
         del graph.output[:]
         graph.output.extend(saved_outputs)
+        del graph.input[:]
+        graph.input.extend(saved_inputs)
         if trim:
             del graph.node[:]
             graph.node.extend(saved_nodes)
+
+
+def fed_names(
+    graph: onnx.GraphProto, names: Sequence[str], given: dict[str, int], needed: list[int] | None = None
+) -> list[str]:
+    """The cached tensors that the run of ``names`` reads (kept nodes do not compute them)."""
+    needed = _needed_nodes(graph, names, given) if needed is None else needed
+    computed = {o for i in needed for o in graph.node[i].output}
+    read = {n for i in needed for n in node_inputs(graph.node[i])} | set(names)
+    inputs = {i.name for i in graph.input}
+    return sorted(n for n in given if n in read and n not in computed and n not in inputs)
 
 
 def session(data: bytes, data_dir: Path | None = None) -> ort.InferenceSession:
@@ -150,22 +190,205 @@ def stream(
     chunk_bytes: int = CHUNK_BYTES,
     what: str = "the model",
     data_dir: Path | None = None,
-) -> None:
-    """Run every feed with ``names`` exposed; call ``callback(batch_index, name, value)``."""
+    cache: TensorCache | None = None,
+    keep: Sequence[str] = (),
+    cache_bytes: int = 0,
+) -> TensorCache | None:
+    """Run every feed with ``names`` exposed; call ``callback(batch_index, name, value)``.
+
+    ``cache``: tensors already computed (per batch) that the run reads instead of
+    recomputing the nodes upstream of them. ``keep``: tensors to store in a new cache for
+    the next run (returned; ``None`` without ``keep``), holding up to ``cache_bytes``
+    (default :data:`CACHE_BYTES`) in memory."""
     names = list(dict.fromkeys(names))
-    if not names:
-        return
+    given = cache.types() if cache is not None else {}
+    from_cache = [n for n in names if n in given]
+    wanted = set(names)
+    kept = TensorCache(cache_bytes or CACHE_BYTES, data_dir) if keep else None
+    for name in from_cache:
+        for index in range(len(feeds)):
+            callback(index, name, cache.get(name, index))  # type: ignore[union-attr]
+    graph_inputs = {i.name for i in model.graph.input if feeds and i.name in feeds[0]} - set(given)
+    for name in names:
+        if name in graph_inputs and name not in given:
+            for index, feed in enumerate(feeds):
+                callback(index, name, feed[name])
+    run = [n for n in dict.fromkeys([*names, *keep]) if n not in given and n not in graph_inputs]
+    if run:
+        _run_chunks(model, run, feeds, callback, given, cache, kept, set(keep), wanted,
+                    chunk_bytes=chunk_bytes, what=what, data_dir=data_dir, cache_bytes=cache_bytes)
+    if kept is not None:
+        for name in keep:
+            if name in given:  # still valid: carried over (moved, not copied)
+                kept.take_over(cache, name)  # type: ignore[arg-type]
+    return kept
+
+
+def _run_chunks(
+    model: onnx.ModelProto,
+    run: list[str],
+    feeds: Sequence[Feed],
+    callback: Callable[[int, str, np.ndarray], None],
+    given: dict[str, int],
+    cache: TensorCache | None,
+    kept: TensorCache | None,
+    keep_set: set[str],
+    wanted: set[str],
+    *,
+    chunk_bytes: int,
+    what: str,
+    data_dir: Path | None,
+    cache_bytes: int,
+) -> None:
+    """The runs of :func:`stream`: ``run`` in chunks, each feeding the next its frontier."""
     batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
-    for chunk in chunks(model, names, max(batch, 1), chunk_bytes):
-        try:
-            sess = session(exposed_model(model, chunk), data_dir)
-        except Exception as exc:
-            raise VerificationError(f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
-        inputs = {i.name for i in sess.get_inputs()}
-        for index, feed in enumerate(feeds):
-            values = sess.run(chunk, {k: v for k, v in feed.items() if k in inputs})
-            for name, value in zip(chunk, values, strict=True):
-                callback(index, name, np.asarray(value))
+    order = _producers(model.graph)
+    run.sort(key=lambda n: order.get(n, -1))
+    parts = chunks(model, run, max(batch, 1), chunk_bytes)
+    inner: TensorCache | None = None  # frontier between chunks: later chunks skip the prefix
+    try:
+        for number, chunk in enumerate(parts):
+            available = {**given, **(inner.types() if inner is not None else {})}
+            later = [n for part in parts[number + 1 :] for n in part]
+            cut: list[str] = []
+            if later:
+                now = computed(model.graph, chunk, available)
+                cut = frontier(model.graph, later, produced(model.graph) - now)
+            extra = [n for n in cut if n not in available and n not in chunk]
+            carry = [n for n in cut if inner is not None and n in inner.types()]
+            outputs_ = [*chunk, *extra]
+            try:
+                fed = fed_names(model.graph, outputs_, available)
+                sess = session(exposed_model(model, outputs_, available), data_dir)
+            except Exception as exc:
+                raise VerificationError(
+                    f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+            inputs = {i.name for i in sess.get_inputs()}
+            following = TensorCache(cache_bytes or CACHE_BYTES, data_dir) if extra or carry else None
+            for index, feed in enumerate(feeds):
+                run_feed = {k: v for k, v in feed.items() if k in inputs}
+                for name in fed:
+                    source = cache if name in given else inner
+                    run_feed[name] = source.get(name, index)  # type: ignore[union-attr]
+                values = sess.run(outputs_, run_feed)
+                for name, value in zip(outputs_, values, strict=True):
+                    value = np.asarray(value)
+                    if name in keep_set:
+                        kept.put(name, index, value)  # type: ignore[union-attr]
+                    if name in wanted:
+                        callback(index, name, value)
+                    if following is not None and name in extra:
+                        following.put(name, index, value)
+                if following is not None:
+                    for name in carry:
+                        following.put(name, index, inner.get(name, index))  # type: ignore[union-attr]
+            del sess
+            if inner is not None:
+                inner.close()
+            inner = following
+    finally:
+        if inner is not None:
+            inner.close()
+
+
+# ---------------------------------------------------------------------- frontier cache
+#: bytes of cached tensors held in memory; beyond it they are written to temporary files
+CACHE_BYTES = 512 << 20
+
+
+class TensorCache:
+    """Tensors of every batch, by name: in memory up to ``limit`` bytes, then in ``.npy``
+    files of a temporary folder (under ``data_dir`` when given), so that memory stays
+    bounded whatever the number of samples."""
+
+    def __init__(self, limit: int = CACHE_BYTES, data_dir: Path | None = None) -> None:
+        self.limit = limit
+        self.data_dir = data_dir
+        self.held = 0
+        self._values: dict[str, dict[int, np.ndarray | Path]] = {}
+        self._types: dict[str, int] = {}
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def types(self) -> dict[str, int]:
+        """Cached names -> ONNX element type."""
+        return dict(self._types)
+
+    def put(self, name: str, batch: int, value: np.ndarray) -> None:
+        self._types[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        if self.held + value.nbytes <= self.limit:
+            self._values.setdefault(name, {})[batch] = value
+            self.held += value.nbytes
+            return
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="gp-cache-", dir=self.data_dir)
+        path = Path(self._folder.name) / f"{len(self._types)}-{uuid.uuid4().hex[:8]}-{batch}.npy"
+        np.save(path, value)
+        self._values.setdefault(name, {})[batch] = path
+
+    def take_over(self, other: TensorCache, name: str) -> None:
+        """Move ``name`` (every batch) from ``other``: arrays by reference, files by rename."""
+        values = other._values.pop(name, {})
+        dtype = other._types.pop(name, None)
+        if dtype is None:
+            return
+        self._types[name] = dtype
+        for batch, value in values.items():
+            if isinstance(value, Path):
+                if self._folder is None:
+                    self._folder = tempfile.TemporaryDirectory(prefix="gp-cache-", dir=self.data_dir)
+                target = Path(self._folder.name) / value.name
+                os.replace(value, target)
+                value = target
+            else:
+                other.held -= value.nbytes
+                self.held += value.nbytes
+            self._values.setdefault(name, {})[batch] = value
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        value = self._values[name][batch]
+        return np.load(value) if isinstance(value, Path) else value
+
+    def close(self) -> None:
+        self._values.clear()
+        self._types.clear()
+        self.held = 0
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
+def downstream(graph: onnx.GraphProto, sources: Iterable[str]) -> set[str]:
+    """``sources`` and every tensor computed from them (graph order is topological)."""
+    out = set(sources)
+    for node in graph.node:
+        if any(n in out for n in node_inputs(node)):
+            out.update(o for o in node.output if o)
+    return out
+
+
+def produced(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor a node computes."""
+    return set(_producers(graph))
+
+
+def computed(graph: onnx.GraphProto, names: Sequence[str], given: dict[str, int]) -> set[str]:
+    """Tensors a run of ``names`` has at hand: what its nodes compute and what it is fed."""
+    needed = _needed_nodes(graph, names, given)
+    return {o for i in needed for o in graph.node[i].output} | set(given)
+
+
+def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -> list[str]:
+    """Tensors worth caching for later runs that compute ``later``: those not in
+    ``unstable`` (they will not change before then) that a node computing an unstable
+    tensor on the way to ``later`` reads, and the stable ``later`` tensors themselves."""
+    later = list(later)
+    producers = _producers(graph)
+    out = {n for n in later if n not in unstable and n in producers}
+    for index in _needed_nodes(graph, later):
+        node = graph.node[index]
+        if any(o in unstable for o in node.output):
+            out.update(n for n in node_inputs(node) if n in producers and n not in unstable)
+    return sorted(out)
 
 
 def outputs(

@@ -41,18 +41,19 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView, linear_view, select
+from graphprune.calibration.residual import Residual, residual_of
 from graphprune.io import ir
 
 #: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
 #: towards the current weights, not towards zero); chosen per layer by two-fold
 #: cross-validation over RIDGE_GRID unless the layer has more than CV_MAX_INPUTS inputs
 DEFAULT_RIDGE = 1e-2
-RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 CV_MAX_INPUTS = 2048
 #: rows per fitted weight column (subsampled output positions), and their bounds
-ROWS_PER_INPUT = 8
+ROWS_PER_INPUT = 4
 MIN_ROWS = 4096
-MAX_ROWS = 16384
+MAX_ROWS = 8192
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Target:
     wave: int = 0
     #: original output channels that the pruned layer still computes (``None``: all)
     kept: np.ndarray | None = None
+    #: the residual addition after the layer (refit target on the stream, see .residual)
+    residual: Residual | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +121,7 @@ class WaveReport:
     rel_error_before: list[float] = field(default_factory=list)
     rel_error_after: list[float] = field(default_factory=list)
     ridges: list[float] = field(default_factory=list)
+    residual: int = 0
 
 
 def affected_tensors(graph: gs.Graph, changed: set[str]) -> set[str]:
@@ -137,12 +141,15 @@ def find_targets(
     removed: dict[tuple[str, int], np.ndarray],
     consumers_only: bool = False,
     skipped: dict[str, str] | None = None,
+    residual_targets: bool = True,
 ) -> list[Target]:
     """Linear layers whose input differs from the original's, in waves.
 
     ``changed``: parameter tensors the pruning sliced; ``removed``: element indices removed
     per ``(tensor, axis)``; ``consumers_only``: only layers whose own input channels were
-    cut (default: every linear layer downstream of a change).
+    cut (default: every linear layer downstream of a change); ``residual_targets``: a layer
+    followed by a residual addition is refit towards the original stream after the
+    addition (:mod:`.residual`).
     """
     skipped = {} if skipped is None else skipped
     affected = affected_tensors(graph, changed)
@@ -166,7 +173,8 @@ def find_targets(
         if cut is not None and len(cut):
             total = view.out_channels() + len(cut)
             kept = np.setdiff1d(np.arange(total), cut)
-        targets.append(Target(view, len(targets), kept=kept))
+        residual = residual_of(view, opset) if kept is None and residual_targets else None
+        targets.append(Target(view, len(targets), kept=kept, residual=residual))
     _assign_waves(graph, targets)
     return targets
 
@@ -224,7 +232,17 @@ def _seed(target: Target, batch: int) -> int:
 
 
 class Reconstructor:
-    """Refit (``mode="refit"``) or correct (``mode="affine"``) ``targets`` of ``graph``."""
+    """Refit (``mode="refit"``) or correct (``mode="affine"``) ``targets`` of ``graph``.
+
+    Each wave runs only the part of the graph it needs: the tensors on the frontier of the
+    later waves (computed in this run, not changed by the refit of this or later waves) are
+    kept in a :class:`~graphprune.calibration.runner.TensorCache` and fed to the next run
+    instead of re-running the prefix (``use_cache=False``: re-run the prefix every wave)."""
+
+    #: keep the frontier tensors between waves
+    use_cache = True
+    #: bytes of frontier tensors held in memory per model (beyond: temporary files)
+    cache_bytes = runner.CACHE_BYTES
 
     def __init__(
         self,
@@ -244,86 +262,169 @@ class Reconstructor:
         self.samples = max(1, sum(batches.sizes))
 
     # ------------------------------------------------------------------ original
-    def _original(self, targets: list[Target]) -> dict[str, Any]:
-        """Original outputs of every target: selected rows (refit) or channel moments."""
-        by_out = {t.view.output.name: t for t in targets}
-        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    def _original(self, members: list[Target], later: list[str], cache: runner.TensorCache | None
+                  ) -> tuple[dict[str, Any], runner.TensorCache | None]:
+        """Original outputs of a wave's targets: selected rows (refit) or channel moments;
+        and the cache of original tensors that the later waves (outputs ``later``) need."""
+        by_out = {t.view.output.name: t for t in members}
+        by_total = {t.residual.total: t for t in members if t.residual is not None and self.mode == "refit"}
+        rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        totals: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         moments: dict[int, list[np.ndarray]] = {}
 
+        def selection(t: Target, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+            count = math.ceil(_rows_budget(t.view) * self.batches.sizes[batch] / self.samples)
+            return select(t.view.output_positions(shape), count, _seed(t, batch))
+
         def take(batch: int, name: str, y: np.ndarray) -> None:
-            t = by_out[name]
+            t = by_total.get(name)
+            if t is not None and t.residual is not None:
+                selected = selection(t, batch, y.shape)
+                out = t.view.output_rows(y, selected).reshape(len(selected), -1)
+                if out.shape[1] == t.view.out_channels():
+                    totals[(t.index, batch)] = (selected, np.ascontiguousarray(out - t.residual.offset))
+            t = by_out.get(name)
+            if t is None:
+                return
             if self.mode == "affine":
                 _moments(moments, t, y, t.view)
                 return
-            budget = _rows_budget(t.view)
-            count = math.ceil(budget * self.batches.sizes[batch] / self.samples)
-            rows = select(t.view.output_positions(y.shape), count, _seed(t, batch))
-            out = t.view.output_rows(y, rows).reshape(len(rows), -1)
+            selected = selection(t, batch, y.shape)
+            out = t.view.output_rows(y, selected).reshape(len(selected), -1)
             if t.kept is not None:
                 out = out[:, t.kept]
-            cache[(t.index, batch)] = (rows, np.ascontiguousarray(out))
+            rows[(t.index, batch)] = (selected, np.ascontiguousarray(out))
 
-        runner.stream(self.reference, list(by_out), self.batches.feeds, take, what="the original model",
-                      data_dir=self.data_dir)
-        return {"rows": cache, "moments": moments}
+        graph = self.reference.graph
+        keep: list[str] = []
+        if later and self.use_cache:
+            now = runner.computed(graph, [*by_out, *by_total], cache.types() if cache else {})
+            keep = runner.frontier(graph, later, runner.produced(graph) - now)
+        kept = runner.stream(self.reference, [*by_out, *by_total], self.batches.feeds, take,
+                             what="the original model", data_dir=self.data_dir, cache=cache, keep=keep,
+                             cache_bytes=self.cache_bytes)
+        return {"rows": rows, "totals": totals, "moments": moments}, kept
 
     # ------------------------------------------------------------------ waves
     def run(self, graph: gs.Graph, template: onnx.ModelProto, targets: list[Target]) -> dict[str, Any]:
         if not targets:
             return {"layers": 0, "waves": 0}
-        original = self._original(targets)
         names = set(graph.tensors())
         waves = sorted({t.wave for t in targets})
         report = WaveReport()
-        for wave in waves:
-            members = [t for t in targets if t.wave == wave]
-            model = ir.export_graph(graph, template, self.store)
-            if self.mode == "affine":
-                self._affine_wave(graph, model, members, original["moments"], names)
-            else:
-                self._refit_wave(graph, model, members, original["rows"], names, report)
-            report.targets += len(members)
+        ref_cache: runner.TensorCache | None = None
+        cache: runner.TensorCache | None = None
+        try:
+            for wave in waves:
+                members = [t for t in targets if t.wave == wave]
+                rest = [t for t in targets if t.wave > wave]
+                residuals = [t.residual for t in rest if t.residual is not None and self.mode == "refit"]
+                ref_later = [t.view.output.name for t in rest] + [r.total for r in residuals]
+                original, ref_next = self._original(members, ref_later, ref_cache)
+                if ref_cache is not None:
+                    ref_cache.close()
+                ref_cache = ref_next
+                graph.toposort()  # a bias Add written by the last wave comes last
+                model = ir.export_graph(graph, template, self.store)
+                unstable = runner.downstream(model.graph, [t.view.output.name for t in targets if t.wave >= wave])
+                later = [t.view.output.name for t in rest] + [r.stream for r in residuals]
+                keep = runner.frontier(model.graph, later, unstable) if rest and self.use_cache else []
+                if self.mode == "affine":
+                    cache = self._affine_wave(graph, model, members, original["moments"], names, cache, keep)
+                else:
+                    residual = self._residual_rows(members, original["totals"], unstable)
+                    cache = self._refit_wave(graph, model, members, original["rows"], residual,
+                                             original["totals"], names, report, cache, keep)
+                report.targets += len(members)
+        finally:
+            for c in (ref_cache, cache):
+                if c is not None:
+                    c.close()
+        graph.toposort()
         out: dict[str, Any] = {"layers": report.targets, "waves": len(waves)}
         if report.rel_error_before:
             out["rel_error_before"] = round(float(np.mean(report.rel_error_before)), 5)
             out["rel_error_after"] = round(float(np.mean(report.rel_error_after)), 5)
             out["ridge_median"] = float(np.median(report.ridges))
+            out["residual_targets"] = report.residual
         return out
+
+    def _residual_rows(
+        self, members: list[Target], totals: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], unstable: set[str]
+    ) -> dict[int, Target]:
+        """Members refit towards the residual stream: the sum was read from the original in
+        every batch and the stream does not change in this or a later wave."""
+        batches = range(len(self.batches.feeds))
+        return {
+            t.index: t for t in members
+            if t.residual is not None and t.residual.stream not in unstable
+            and all((t.index, b) in totals for b in batches)
+        }
 
     def _refit_wave(
         self,
         graph: gs.Graph,
         model: onnx.ModelProto,
         members: list[Target],
-        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+        targets_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+        residual: dict[int, Target],
+        totals: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
         names: set[str],
         report: WaveReport,
-    ) -> None:
+        cache: runner.TensorCache | None,
+        keep: list[str],
+    ) -> runner.TensorCache | None:
         by_input: dict[str, list[Target]] = defaultdict(list)
+        by_stream: dict[str, list[Target]] = defaultdict(list)
         for t in members:
             by_input[t.view.data.name].append(t)
+            if t.index in residual and t.residual is not None:
+                by_stream[t.residual.stream].append(t)
         acc: dict[int, Accumulator] = {}
+        pending: dict[tuple[int, int], dict[str, Any]] = {}
+
+        def add(t: Target, batch: int) -> None:
+            entry = pending[(t.index, batch)]
+            if "x" not in entry or (t.index in residual and "r" not in entry):
+                return
+            del pending[(t.index, batch)]
+            xr = entry["x"]
+            y = entry.get("r")
+            if y is None:
+                y = targets_rows[(t.index, batch)][1]
+            r, g, k = xr.shape
+            og = y.shape[1] // g
+            xt = np.concatenate([xr, np.ones((r, g, 1), np.float32)], axis=2)
+            a = acc.get(t.index)
+            if a is None:
+                a = acc[t.index] = Accumulator.empty(g, k, og)
+            a.add(batch % 2, xt, y.reshape(r, g, og))
 
         def take(batch: int, name: str, x: np.ndarray) -> None:
-            for t in by_input[name]:
-                rows, y = cache[(t.index, batch)]
-                xr = t.view.input_rows(x, rows)  # [R, g, K]
-                r, g, k = xr.shape
-                og = y.shape[1] // g
-                yg = y.reshape(r, g, og)
-                xt = np.concatenate([xr, np.ones((r, g, 1), np.float32)], axis=2)
-                a = acc.get(t.index)
-                if a is None:
-                    a = acc[t.index] = Accumulator.empty(g, k, og)
-                a.add(batch % 2, xt, yg)
+            for t in by_input.get(name, ()):
+                rows, _ = targets_rows[(t.index, batch)]
+                pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(x, rows)  # [R, g, K]
+                add(t, batch)
+            for t in by_stream.get(name, ()):
+                rows, total = totals[(t.index, batch)]
+                stream = None
+                if t.view.output_positions(x.shape) * t.view.out_channels() == x.size:
+                    stream = total - t.view.output_rows(x, rows).reshape(len(rows), -1)
+                pending.setdefault((t.index, batch), {})["r"] = stream
+                add(t, batch)
 
-        runner.stream(model, list(by_input), self.batches.feeds, take, what="the pruned model",
-                      data_dir=self.data_dir)
+        kept = runner.stream(model, [*by_input, *by_stream], self.batches.feeds, take, what="the pruned model",
+                             data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes)
+        if cache is not None:
+            cache.close()
         for t in members:
             a = acc.get(t.index)
             if a is None or a.rows == 0:
                 continue
             self._solve(graph, t, a, names, report)
+            if t.index in residual:
+                report.residual += 1
+        return kept
 
     def _solve(self, graph: gs.Graph, t: Target, a: Accumulator, names: set[str], report: WaveReport) -> None:
         view = t.view
@@ -356,16 +457,20 @@ class Reconstructor:
         g, k1 = a.gram.shape[1], a.gram.shape[2]
         if self.ridge is not None or not (a.y2 > 0).all() or (k1 - 1) * g > CV_MAX_INPUTS:
             return DEFAULT_RIDGE if self.ridge is None else self.ridge
-        best, best_error = DEFAULT_RIDGE, math.inf
-        for ridge in RIDGE_GRID:
-            total = 0.0
+        best, best_error, worse = DEFAULT_RIDGE, math.inf, 0
+        for ridge in sorted(RIDGE_GRID, reverse=True):  # the error is unimodal in the ridge:
+            total = 0.0  # walk down from the strongest and stop once it has risen twice
             for fit_fold in (0, 1):
                 other = 1 - fit_fold
                 for j in range(g):
                     w = _fit(a.gram[fit_fold, j], a.cross[fit_fold, j], cur[j], ridge * scale[j])
                     total += _error(a.gram[other, j], a.cross[other, j], a.y2[other], w)
             if total < best_error:
-                best, best_error = ridge, total
+                best, best_error, worse = ridge, total, 0
+            else:
+                worse += 1
+                if worse == 2:
+                    break
         return best
 
     def _affine_wave(
@@ -375,14 +480,18 @@ class Reconstructor:
         members: list[Target],
         original: dict[int, list[np.ndarray]],
         names: set[str],
-    ) -> None:
+        cache: runner.TensorCache | None,
+        keep: list[str],
+    ) -> runner.TensorCache | None:
         by_out = {t.view.output.name: t for t in members}
         pruned: dict[int, list[np.ndarray]] = {}
-        runner.stream(
+        kept = runner.stream(
             model, list(by_out), self.batches.feeds,
             lambda _b, name, y: _moments(pruned, by_out[name], y, by_out[name].view),
-            what="the pruned model", data_dir=self.data_dir,
+            what="the pruned model", data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes,
         )
+        if cache is not None:
+            cache.close()
         for t in members:
             if t.index not in pruned or t.index not in original:
                 continue
@@ -402,6 +511,7 @@ class Reconstructor:
             bias = view.bias_values()
             bias = np.zeros_like(scale) if bias is None else bias
             write_bias(graph, view, scale * bias + shift, names)
+        return kept
 
 
 def _moments(store: dict[int, list[np.ndarray]], t: Target, y: np.ndarray, view: LinearView) -> None:

@@ -4,8 +4,8 @@ For each chosen linear layer (a *consumer*: its weight reads the channels of a c
 group) the input tensor is exposed and every calibration batch is folded into
 
 - per-channel moments: count, sum and sum of squares (mean, second moment, variance);
-- the channel Gram ``X^T X`` (rows: every position of the input, subsampled to at most
-  ``rows_per_batch`` per batch), for layers of at most ``GRAM_MAX_CHANNELS`` channels.
+- the channel Gram ``X^T X`` (rows: positions of the input, subsampled to about
+  ``gram_rows(C)`` over all batches), for layers of at most ``GRAM_MAX_CHANNELS`` channels.
 
 Memory is bounded by these statistics; nothing is kept per sample.
 """
@@ -23,7 +23,14 @@ from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView
 
 GRAM_MAX_CHANNELS = 4096
-ROWS_PER_BATCH = 2048
+#: Gram rows over all batches: ROWS_PER_CHANNEL per channel, within [MIN_ROWS, MAX_ROWS]
+ROWS_PER_CHANNEL = 2
+MIN_ROWS = 4096
+MAX_ROWS = 8192
+
+
+def gram_rows(channels: int) -> int:
+    return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_CHANNEL * channels)))
 
 
 @dataclass
@@ -50,14 +57,18 @@ class ChannelStats:
     def variance(self) -> np.ndarray:
         return np.maximum(self.second_moment - self.mean**2, 0.0)
 
-    def add(self, rows: np.ndarray, gram_rows: np.ndarray | None) -> None:
-        values = rows.astype(np.float64)
+    def add(self, rows: np.ndarray, gram_rows: np.ndarray | None, axis: int = -1) -> None:
+        """``rows``: values with the channels along ``axis`` (any other layout: every other
+        axis is a position); sums are taken in float64 without copying ``rows``."""
+        axis = axis % rows.ndim
+        others = tuple(a for a in range(rows.ndim) if a != axis)
+        channels = rows.shape[axis]
         if self.total is None:
-            self.total = np.zeros(values.shape[1])
-            self.squares = np.zeros(values.shape[1])
-        self.total += values.sum(0)
-        self.squares += np.square(values).sum(0)  # type: ignore[operator]
-        self.count += values.shape[0]
+            self.total = np.zeros(channels)
+            self.squares = np.zeros(channels)
+        self.total += rows.sum(axis=others, dtype=np.float64)
+        self.squares += np.square(rows).sum(axis=others, dtype=np.float64)  # type: ignore[operator]
+        self.count += rows.size // max(channels, 1)
         if gram_rows is not None:
             g = gram_rows.T @ gram_rows
             self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
@@ -90,17 +101,18 @@ def collect(
     for view in views:
         by_input.setdefault(view.data.name, []).append(view)
     out = LayerStats(samples=sum(batches.sizes))
+    total = max(out.samples, 1)
 
     def take(batch: int, name: str, x: np.ndarray) -> None:
         for view in by_input[name]:
             axis = 1 if view.is_conv else x.ndim - 1
             channels = x.shape[axis] if x.ndim else 0
-            rows = np.moveaxis(x, axis, -1).reshape(-1, channels)
             stats = out.layers.setdefault(view.node.name, ChannelStats())
             sample = None
             if gram and channels <= GRAM_MAX_CHANNELS:
-                sample = view.channel_rows(x, ROWS_PER_BATCH, seed=batch)
-            stats.add(rows, sample)
+                limit = -(-gram_rows(channels) * batches.sizes[batch] // total)
+                sample = view.channel_rows(x, limit, seed=batch)
+            stats.add(x if x.ndim else x.reshape(1, 1), sample, axis if x.ndim else -1)
 
     runner.stream(model, list(by_input), batches.feeds, take, what=what, data_dir=data_dir)
     return out

@@ -17,7 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import model_io
-from graphprune.io.weights import graph_constants, restore_stubs
+from graphprune.io.segments import trim
+from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.rules import registry
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,12 @@ def prepare(
             logger.warning("constant folding skipped: %s", exc)
             graph = import_graph(model, store)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        for tensor in graph_constants(graph):  # the weights folding read go back to the kernel
+            release(tensor._values)
         model = export_graph(graph, model, store)
+        del graph
         model = model_io.infer_shapes(model, inplace=True)
+        trim()  # and what the folding session freed
     return model
 
 

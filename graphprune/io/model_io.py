@@ -76,6 +76,8 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ALIGNMENT = 4096
 _LARGE_ALIGNMENT = 65536  # mmap allocation granularity on Windows; ORT can map such tensors
 _SHORT_CAUSE = 200
+#: onnx.load_model reads these as text formats, not as a binary protobuf
+TEXT_SUFFIXES = (".json", ".onnxtxt", ".txtpb", ".textproto", ".txt")
 
 
 # --------------------------------------------------------------------------- errors
@@ -172,6 +174,9 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
     if problem is not None:
         verb = "are" if what.endswith("bytes") else "is"
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")
+
+
+check_structure = _check_structure
 
 
 def _load_external_data(
@@ -316,7 +321,10 @@ def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.Model
 def _copy_inferred(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
     """Copy inferred value_info and input/output types from ``source`` into ``target``."""
     del target.value_info[:]
-    target.value_info.extend(source.value_info)
+    # a value_info for a graph input or output (quantization tools write shapeless ones)
+    # would hide the declared type from graphsurgeon, and the output would lose its shape
+    declared = {v.name for v in (*source.input, *source.output)}
+    target.value_info.extend(v for v in source.value_info if v.name not in declared)
     for field in ("input", "output"):
         src, dst = getattr(source, field), getattr(target, field)
         for s_value, d_value in zip(src, dst, strict=False):
@@ -351,8 +359,17 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 def _input_data_files(input_path: Path) -> list[Path]:
     """External data files of the model at ``input_path`` (best effort; empty if unreadable)."""
+    from graphprune.io.wire import scan_model
+
     try:
-        model = onnx.load_model(os.fspath(input_path), load_external_data=False)
+        # only the references matter: the skeleton, without the weights inside the file
+        scanned = None if input_path.suffix.lower() in TEXT_SUFFIXES else scan_model(
+            input_path, 64)
+        if scanned is not None:
+            model = onnx.ModelProto()
+            model.ParseFromString(scanned[0])
+        else:
+            model = onnx.load_model(os.fspath(input_path), load_external_data=False)
     except Exception:
         return []
     files = []
@@ -399,11 +416,13 @@ def save_model(
             protected = _input_data_files(source)
 
     unloaded = [t.name for t in _external_tensors(model)]
+    inline = None
     if unloaded and store is not None:
         # weights held by a graphprune.io.weights.WeightStore: stream them from there
         size = model_size_bytes(model) + sum(_nbytes(t) for t in _external_tensors(model))
         if (size <= EXTERNAL_DATA_THRESHOLD if external_data is None else not external_data):
-            model, store, unloaded = store.materialize(model), None, []
+            # one protobuf, written field by field with each weight streamed into it
+            model, inline, unloaded = store.inlinable(model), store, []
     if unloaded and store is None:
         raise UsageError(
             f"tensor '{unloaded[0]}' keeps its data in an external file that was not loaded; "
@@ -432,11 +451,17 @@ def save_model(
                                            store=store)
                 _sync(stream)
             model_bytes = skeleton.SerializeToString()
-        else:
+        elif inline is None:
             model_bytes = model.SerializeToString()
         model_temp = _temporary(parent, target.name, temporaries)
         with open(model_temp, "wb") as stream:
-            stream.write(model_bytes)
+            if inline is not None:
+                from graphprune.io.wire import write_inline
+
+                write_inline(model, stream, inline.copy_bytes,
+                             external_data_helper.uses_external_data, _nbytes)
+            else:
+                stream.write(model_bytes)
             _sync(stream)
         if use_external:
             os.replace(data_temp, data_target)

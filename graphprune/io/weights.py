@@ -35,6 +35,8 @@ from graphprune.errors import InvalidModelError
 #: tensors at least this large are kept in files (smaller ones stay in the proto)
 MAP_THRESHOLD = 4096
 _ALIGNMENT = 4096
+#: the model file itself, linked into the store, when its initializers' bytes are read there
+_SOURCE_LOCATION = "_gp_source.onnx"
 
 
 def _np_dtype(data_type: int) -> np.dtype | None:
@@ -70,7 +72,11 @@ class MappedValues(gs.ir.tensor.LazyValues):
         if dtype is None or count == 0 or self.length < count * dtype.itemsize:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(self.tensor)
-            external_data_helper.load_external_data_for_tensor(tensor, str(self.path.parent))
+            with open(self.path, "rb") as source:
+                source.seek(self.offset)
+                tensor.raw_data = source.read(self.length)
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
             return np.array(onnx.numpy_helper.to_array(tensor))
         array = np.memmap(self.path, dtype=dtype, mode="c", offset=self.offset, shape=shape)
         self.array = array
@@ -135,6 +141,51 @@ class WeightStore:
         self._tmp.cleanup()
 
     # ------------------------------------------------------------------ intake
+    def load(self, path: str | os.PathLike[str]) -> onnx.ModelProto:
+        """Load the model file at ``path`` with its weights in the store (see :meth:`adopt`).
+
+        A model with its weights inside the protobuf is read as a skeleton
+        (:func:`graphprune.io.wire.scan_model`): its large initializers become references
+        to their bytes in the model file itself (linked into the store), so neither the
+        file's bytes nor a parsed copy of the weights are ever held in memory."""
+        from graphprune.io import model_io, wire
+
+        source = Path(os.fspath(path))
+        scanned = None
+        if source.is_file() and source.suffix.lower() not in model_io.TEXT_SUFFIXES:
+            try:
+                scanned = wire.scan_model(source, MAP_THRESHOLD)
+            except OSError:
+                scanned = None  # the ordinary path reports it
+        if scanned is None:
+            return self._load_parsed(source)
+        skeleton, cuts = scanned
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(skeleton)
+            inits = model.graph.initializer
+            if any(c.index >= len(inits) or inits[c.index].HasField("raw_data") for c in cuts):
+                raise ValueError("skeleton does not match its cuts")
+        except Exception:  # not what the scan took it for: the ordinary path and its errors
+            del skeleton
+            return self._load_parsed(source)
+        del skeleton
+        model_io.check_structure(model, f"'{source}'")
+        model_io.check_external_data(model, source)
+        self.adopt(model, source.parent)
+        self._link(source, _SOURCE_LOCATION)
+        for cut in cuts:
+            _make_stub(inits[cut.index], _SOURCE_LOCATION, cut.offset, cut.length)
+        return model
+
+    def _load_parsed(self, source: Path) -> onnx.ModelProto:
+        from graphprune.io import model_io
+
+        model = model_io.load_model(source, load_external_data=False)
+        model_io.check_external_data(model, source)
+        self.adopt(model, source.parent)
+        return model
+
     def adopt(self, model: onnx.ModelProto, source_dir: str | os.PathLike[str] | None) -> None:
         """Move ``model``'s weights into the store (in place): tensors already external are
         linked from ``source_dir``; large in-proto tensors are written to a data file and
@@ -154,7 +205,10 @@ class WeightStore:
                         )
                     self.external_source = True
                     if location not in linked:
-                        self._link(Path(os.fspath(source_dir)) / location, location)
+                        # copied, not linked: onnx refuses to read a data file with more
+                        # than one link, so a link would break onnx.load / onnx.checker on
+                        # the caller's own model for as long as this store lives
+                        self._link(Path(os.fspath(source_dir)) / location, location, copy=True)
                         linked.add(location)
                     continue
                 if not tensor.HasField("raw_data") or len(tensor.raw_data) < MAP_THRESHOLD:
@@ -173,17 +227,21 @@ class WeightStore:
             if stream is not None:
                 stream.close()
 
-    def _link(self, source: Path, location: str) -> None:
+    def _link(self, source: Path, location: str, *, copy: bool = False) -> None:
         target = self.root / location
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() or target.is_symlink():
             return
         # a hard link (ONNX Runtime follows it; onnx.checker refuses links, so it checks a
-        # skeleton instead: see checker_model); across file systems, a copy by the kernel
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        # skeleton instead: see checker_model); across file systems, or with ``copy``, a
+        # copy-on-write clone where the file system has them, else a copy by the kernel
+        if not copy:
+            try:
+                os.link(source, target)
+                return
+            except OSError:
+                pass
+        _clone_or_copy(source, target)
 
     # ------------------------------------------------------------------ graphs
     def map_graph(self, graph: gs.Graph) -> None:
@@ -234,6 +292,51 @@ class WeightStore:
             tensor._values = self.mapped(stub)
         return written
 
+    def write_zeroed(self, cuts: dict[str, tuple[onnx.TensorProto, list[tuple[int, Any]]]],
+                     chunk_bytes: int = 8 * 2**20) -> dict[str, onnx.TensorProto]:
+        """Zeroed copies of external tensors of this store, written to a data file of the
+        store: ``cuts`` maps a name to its stub and the ``(axis, indices)`` to zero. Returns
+        the new stubs (same name, type and shape) by name. Tensors are copied a block of
+        leading-axis rows at a time, so memory holds one block, never a whole weight;
+        tensors whose type numpy cannot map are left out (the caller masks them instead)."""
+        todo = {name: (stub, axes) for name, (stub, axes) in cuts.items()
+                if _external(stub) and _np_dtype(stub.data_type) is not None and len(stub.dims)}
+        if not todo:
+            return {}
+        self._work_count += 1
+        name_of_file = f"zeroed-{self._work_count}.data"
+        stubs: dict[str, onnx.TensorProto] = {}
+        offset = 0
+        with open(self.root / name_of_file, "wb") as stream:
+            for name, (stub, axes) in todo.items():
+                source = self.mapped(stub).load()
+                pad = -offset % _ALIGNMENT
+                if pad:
+                    stream.write(b"\0" * pad)
+                    offset += pad
+                rows = max(1, chunk_bytes // max(1, source[:1].nbytes))
+                indices = [(axis, _indices(idx, source.shape[axis])) for axis, idx in axes]
+                leading = [idx for axis, idx in indices if axis == 0]
+                others = [(axis, idx) for axis, idx in indices if axis != 0]
+                for start in range(0, source.shape[0], rows):
+                    block = np.array(source[start:start + rows])
+                    for idx in leading:
+                        local = idx[(idx >= start) & (idx < start + len(block))] - start
+                        block[local] = 0
+                    for axis, idx in others:
+                        index: list[Any] = [slice(None)] * block.ndim
+                        index[axis] = idx
+                        block[tuple(index)] = 0
+                    stream.write(block.tobytes())
+                    release(source)
+                new = onnx.TensorProto()
+                new.name, new.data_type = stub.name, stub.data_type
+                new.dims.extend(stub.dims)
+                _make_stub(new, name_of_file, offset, source.nbytes)
+                offset += source.nbytes
+                stubs[name] = new
+        return stubs
+
     # ------------------------------------------------------------------ files
     def write_model(self, model: onnx.ModelProto, name: str | None = None) -> Path:
         """Write the (weight-free) ``model`` into the store; ORT and the checker load it from
@@ -268,20 +371,23 @@ class WeightStore:
         full.CopyFrom(model)
         for tensor in _all_tensors(full):
             if _external(tensor):
-                external_data_helper.load_external_data_for_tensor(tensor, str(self.root))
+                tensor.raw_data = _read_bytes(tensor, self.root)
                 tensor.ClearField("data_location")
                 del tensor.external_data[:]
         return full
 
-    def copy_bytes(self, stub: onnx.TensorProto, stream: Any, chunk: int = 64 * 2**20) -> int:
-        """Stream the bytes of an external ``stub`` of this store into ``stream``."""
+    def copy_bytes(self, stub: onnx.TensorProto, stream: Any, chunk: int = 4 * 2**20) -> int:
+        """Stream the bytes of an external ``stub`` of this store into ``stream`` (by the
+        kernel where it can: the bytes never pass through this process's memory)."""
         info = external_data_helper.ExternalDataInfo(stub)
         path = self.root / info.location
         offset = int(info.offset or 0)
         length = int(info.length) if info.length else os.path.getsize(path) - offset
         with open(path, "rb") as source:
-            source.seek(offset)
             left = length
+            if _kernel_copy(source, stream, offset, length):
+                left = 0
+            source.seek(offset)
             while left:
                 block = source.read(min(chunk, left))
                 if not block:
@@ -289,6 +395,99 @@ class WeightStore:
                 stream.write(block)
                 left -= len(block)
         return length
+
+    def inlinable(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` ready for :func:`graphprune.io.wire.write_inline`: external tensors
+        anywhere but among the top-level initializers (subgraphs, node attributes) loaded
+        into a copy; ``model`` itself when there are none."""
+        nested = [t for node in model.graph.node for t in _node_tensors(node) if _external(t)]
+        if not nested:
+            return model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for node in copy.graph.node:
+            for tensor in _node_tensors(node):
+                if _external(tensor):
+                    tensor.raw_data = _read_bytes(tensor, self.root)
+                    tensor.ClearField("data_location")
+                    del tensor.external_data[:]
+        return copy
+
+
+def _read_bytes(stub: onnx.TensorProto, root: Path) -> bytes:
+    """The bytes of an external ``stub`` whose file lies in ``root`` (onnx's own reader
+    refuses the store's hard links)."""
+    info = external_data_helper.ExternalDataInfo(stub)
+    path = root / info.location
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length else os.path.getsize(path) - offset
+    with open(path, "rb") as source:
+        source.seek(offset)
+        data = source.read(length)
+    if len(data) != length:
+        raise OSError(f"external data of '{stub.name}' is truncated")
+    return data
+
+
+def _indices(idx: Any, size: int) -> np.ndarray:
+    """Positions (non-negative integers) of an index array or a boolean mask."""
+    idx = np.asarray(idx)
+    if idx.dtype == bool:
+        return np.flatnonzero(idx)
+    return np.where(idx < 0, idx + size, idx).astype(np.int64)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """Tensors held by ``node``'s attributes and subgraphs (initializers included)."""
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield from sub.initializer
+            for inner in sub.node:
+                yield from _node_tensors(inner)
+
+
+def _clone_or_copy(source: Path, target: Path) -> None:
+    """A reflink clone (btrfs, xfs, ...: no data copied) or a kernel copy of ``source``."""
+    try:
+        import fcntl
+
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), 0x40049409, src.fileno())  # FICLONE
+        return
+    except (OSError, ImportError):
+        target.unlink(missing_ok=True)
+    shutil.copyfile(source, target)
+
+
+def _kernel_copy(source: Any, stream: Any, offset: int, length: int) -> bool:
+    """``length`` bytes of ``source`` from ``offset`` appended to ``stream`` by
+    ``os.copy_file_range``; False (nothing written) where that is not possible."""
+    copy_range = getattr(os, "copy_file_range", None)
+    try:
+        target = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if copy_range is None or length == 0:
+        return False
+    stream.flush()
+    start = os.lseek(target, 0, os.SEEK_CUR)
+    done = 0
+    try:
+        while done < length:
+            n = copy_range(source.fileno(), target, length - done, offset + done)
+            if n <= 0:
+                raise OSError("short copy")
+            done += n
+    except OSError:
+        os.lseek(target, start, os.SEEK_SET)
+        os.ftruncate(target, start)
+        stream.seek(start)
+        return False
+    stream.seek(start + length)
+    return True
 
 
 def _np_dtype_ok(array: np.ndarray) -> bool:

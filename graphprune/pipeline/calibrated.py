@@ -11,7 +11,9 @@ A ratio prune with calibration data runs as:
 4. ``reconstruct(analysis, plan)``: reconstruction passes on the pruned graph —
    ``refit`` (:class:`~graphprune.passes.refit.RefitPass`, default), ``stats``
    (:class:`~graphprune.passes.stats_correction.StatsCorrectionPass`), ``bias``
-   (:class:`~graphprune.passes.bias_compensation.BiasCompensationPass`) or ``none``;
+   (:class:`~graphprune.passes.bias_compensation.BiasCompensationPass`), ``bn`` (the same from
+   BatchNormalization statistics, no data: :class:`~graphprune.passes.bn_compensation.BatchNormCompensationPass`)
+   or ``none``;
 5. ``fidelity()``: the reconstructed model against the ORIGINAL on the held-out samples.
 
 ``report()`` gives ``report["calibration"]`` (samples used and held out, criterion, passes
@@ -44,13 +46,13 @@ from graphprune.planning.data_aware import (
 from graphprune.planning.importance import CRITERIA
 from graphprune.planning.plan import Plan
 
-RECONSTRUCTIONS = ("refit", "stats", "bias", "none")
-CALIBRATED_CRITERIA = ("auto", *DATA_CRITERIA)
+RECONSTRUCTIONS = ("refit", "stats", "bias", "bn", "none")
+CALIBRATED_CRITERIA = (AUTO_CRITERION, *DATA_CRITERIA)
 
 
 @dataclass
 class CalibrationOptions:
-    #: ``auto`` (default: the reconstruction-aware criterion), a data-aware criterion or a
+    #: ``auto`` (default: the best candidate per group, see data_aware), a data-aware criterion or a
     #: data-free one (``l1``, ``l2``, ``random``)
     criterion: str = "auto"
     reconstruction: str = "refit"
@@ -88,6 +90,7 @@ class CalibratedRun:
             )
         self.stats: stats_mod.LayerStats | None = None
         self.pass_stats: dict[str, Any] = {}
+        self._scorer: Any = None
 
     @property
     def criterion(self) -> str:
@@ -97,14 +100,15 @@ class CalibratedRun:
     # ------------------------------------------------------------------ planning
     def scorer(self, analysis: Analysis) -> Callable[[ChannelGroup], np.ndarray] | None:
         """Unit scores for the planner (``None`` for a data-free criterion)."""
-        if self.criterion not in DATA_CRITERIA:
+        if self.criterion not in DATA_CRITERIA and self.criterion != AUTO_CRITERION:
             return None
         views = consumer_views(analysis)
         with self.session.stage("statistics"):
             self.stats = stats_mod.collect(
                 self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir
             )
-        return make_scorer(analysis, views, self.stats, self.criterion)
+        self._scorer = make_scorer(analysis, views, self.stats, self.criterion)
+        return self._scorer
 
     # ------------------------------------------------------------------ reconstruction
     def _bias_stats(self, original: Any, removed: dict) -> stats_mod.LayerStats:
@@ -129,6 +133,10 @@ class CalibratedRun:
         store = getattr(self.session, "store", None)
         if not removed or kind == "none":
             return []
+        if kind == "bn":  # data-free, from BatchNormalization statistics
+            from graphprune.passes.bn_compensation import BatchNormCompensationPass
+
+            return [BatchNormCompensationPass(self.session.prepared, removed, store=store)]
         if kind == "bias":
             original = ir.import_graph(self.session.prepared, store)
             return [BiasCompensationPass(original, self._bias_stats(original, removed), removed)]
@@ -162,6 +170,7 @@ class CalibratedRun:
             "batches": len(self.batches.feeds),
             "criterion": self.criterion,
             "criterion_requested": self.options.criterion,
+            "criteria_chosen": dict(self._scorer.chosen) if self._scorer is not None and self._scorer.chosen else None,
             "reconstruction": self.options.reconstruction,
             "ridge": self.options.ridge,
             "statistics": stats_mod.summary(self.stats) if self.stats is not None else None,

@@ -79,6 +79,7 @@ def erase_blocks(
     tolerance: float | None = None,
     scorer: Scorer | None = None,
     progress: Progress | None = None,
+    input_shapes: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Depth pruning: erase the ``k`` least important residual blocks (``k < 1``: a fraction).
 
@@ -90,7 +91,7 @@ def erase_blocks(
     every block with its score and whether it was erased;
     ``report["depth"]["max_rel_diff_vs_original"]`` says how much the function changed.
     """
-    session = Session(model, progress=progress)
+    session = Session(model, progress=progress, input_shapes=input_shapes)
     if tolerance is None:
         tolerance = session.default_tolerance(DEPTH_TOLERANCE)
     graph = session.import_graph()

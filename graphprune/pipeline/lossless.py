@@ -151,6 +151,7 @@ def prune_lossless(
     tolerance: float | None = None,
     progress: Progress | None = None,
     keep: Iterable[str] = (),
+    input_shapes: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Remove exactly the zero-invariant channels and operators of ``model``.
 
@@ -163,7 +164,7 @@ def prune_lossless(
     """
     if tolerance is not None and (not isinstance(tolerance, int | float) or not tolerance >= 0):
         raise UsageError(f"tolerance must be a non-negative number, got {tolerance!r}")
-    session = Session(model, keep=keep, progress=progress)
+    session = Session(model, keep=keep, progress=progress, input_shapes=input_shapes)
     if tolerance is None:
         tolerance = session.default_tolerance(LOSSLESS_TOLERANCE)
     plan = Plan(meta={"mode": "lossless", "replayable": False})

@@ -10,6 +10,7 @@ Keys every report has::
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
     frozen                    frozen groups with their reasons (first 5 per group)
+    nothing_prunable          (ratio mode, only when nothing was removed) the one-line reason
     unsupported_ops           op types without a rule, with counts
     erased_nodes              names of erased operators (the plan's ``erase``)
     passes                    seconds per pass;  pass_stats: what each pass reported
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphprune.analysis import PRODUCER, Analysis
+from graphprune.analysis.explain import nothing_prunable
 from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
@@ -113,6 +115,10 @@ def base_report(
         "nodes_after": len(after.graph.node),
     }
     report.update(analysis_sections(analysis, plan))
+    if mode == "ratio" and analysis is not None:
+        why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))
+        if why:
+            report["nothing_prunable"] = why
     report["erased_nodes"] = list(plan.erase)
     if ctx is not None:
         report["passes"] = {k: round(v, 4) for k, v in ctx.timings.items()}

@@ -104,10 +104,7 @@ class PruneResult:
 def _load_into(store: WeightStore, source: Any) -> onnx.ModelProto:
     """Load ``source`` with its weights moved into ``store`` (the proto keeps references)."""
     if isinstance(source, str | os.PathLike):
-        path = Path(os.fspath(source))
-        model = model_io.load_model(path, load_external_data=False)
-        model_io.check_external_data(model, path)
-        store.adopt(model, path.parent)
+        model = store.load(Path(os.fspath(source)))
     else:
         model = model_io.load_model(source)
         store.adopt(model, None)
@@ -140,8 +137,13 @@ class Session:
         keep: Iterable[str] | str | None = (),
         progress: Progress | None = None,
         debug: bool = False,
+        input_shapes: dict[str, Any] | None = None,
     ) -> None:
         self.progress = progress
+        #: shapes of graph inputs given by the caller; the other open sizes are chosen by
+        #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
+        self.input_shapes = dict(input_shapes) if input_shapes else None
+        self._probe_shapes: dict[str, Any] | None | bool = False
         self.debug = debug
         self.keep = normalize_keep(keep)
         self.timings: dict[str, float] = {}
@@ -157,6 +159,10 @@ class Session:
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
+            if self.input_shapes:  # a name or shape that does not fit: a usage error now
+                from graphprune.io.feeds import input_specs, resolve_shapes
+
+                resolve_shapes(input_specs(self.original), input_shapes=self.input_shapes)
         self.graph: gs.Graph | None = None
         self.analysis: Analysis | None = None
         self.model: onnx.ModelProto | None = None
@@ -244,6 +250,13 @@ class Session:
         assert self.graph is not None
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         model = ir.export_graph(self.graph, self.prepared, self.store)
+        # graphsurgeon knows only tensors: outputs that are sequences or maps (skl2onnx's
+        # ZipMap) keep the original's type (graph outputs never lose channels)
+        declared = {v.name: v for v in self.prepared.graph.output
+                    if v.type.WhichOneof("value") != "tensor_type"}
+        for value in model.graph.output:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
         self.model = model_io.infer_shapes(model, inplace=True)
         return self.model
 
@@ -260,15 +273,17 @@ class Session:
         """A self-contained copy of a model of this session (weights in the proto)."""
         return self.store.materialize(model)
 
-    def path_of(self, model: Any) -> Any:
+    def path_of(self, model: Any, *, keep: bool = True) -> Any:
         """A file of the store for a model proto (ORT and the checker read it with its
-        external weights); paths pass through."""
+        external weights); paths pass through. ``keep=False``: a one-off model, not
+        remembered (nor kept alive) for a later call."""
         if isinstance(model, onnx.ModelProto):
             cached = self._paths.get(id(model))
             if cached is not None and cached[0] is model:
                 return cached[1]
             path = self.store.write_model(model)
-            self._paths[id(model)] = (model, path)
+            if keep:
+                self._paths[id(model)] = (model, path)
             return path
         return model
 
@@ -280,8 +295,19 @@ class Session:
 
     # ------------------------------------------------------------------ verification
     def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
-        """Random feeds for the original's inputs (the same for every comparison)."""
-        return make_feeds(self.original, seed=seed, batch=1, count=count)
+        """Random feeds for the original's inputs (the same for every comparison), at the
+        given input shapes and, for the sizes left open, sizes the original runs with."""
+        if self._probe_shapes is False:
+            from graphprune.analysis.probe_sizes import choose_input_shapes
+            from graphprune.io.feeds import input_specs
+
+            started = time.perf_counter()  # no progress line: part of the stage running
+            specs = input_specs(self.original)
+            chosen = choose_input_shapes(self.path_of(self.original), specs, self.input_shapes)
+            self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
+            self._probe_shapes = chosen or self.input_shapes
+        return make_feeds(self.original, seed=seed, batch=1, count=count,
+                          input_shapes=self._probe_shapes or None)
 
     def verify_against(
         self,
@@ -294,6 +320,7 @@ class Session:
         feeds: list[dict[str, np.ndarray]] | None = None,
         stage: str = "verify",
         optimize_reference: bool | None = None,
+        segment_candidate: bool = False,
     ) -> dict[str, Any]:
         """Compare ``candidate`` (default: the exported model) with ``reference``.
 
@@ -307,11 +334,12 @@ class Session:
                 if checked:
                     self.check(candidate)
                 result = validate.compare(
-                    self.path_of(candidate), self.path_of(reference),
+                    self.path_of(candidate), self.path_of(reference, keep=False),
                     feeds if feeds is not None else self.feeds(),
                     what=what, tolerance=tolerance, reference_overrides=overrides,
                     check=not isinstance(candidate, onnx.ModelProto),
                     original=self.path_of(self.prepared), optimize_reference=optimize_reference,
+                    segment_candidate=segment_candidate,
                 )
                 result["checker"] = result["checker"] or checked
                 return result

@@ -15,7 +15,20 @@ channel ``c`` of a consumer over the calibration data (every position of every s
   squared output error when channel ``c`` is removed and the remaining channels are refit
   by least squares (the optimal-brain-surgeon saliency of a whole input column). Without a
   Gram (layers wider than :data:`~graphprune.calibration.stats.GRAM_MAX_CHANNELS`) the
-  diagonal approximation ``E[x_c^2] ||W[:, c]||^2`` is used.
+  diagonal approximation ``E[x_c^2] ||W[:, c]||^2`` is used;
+- ``obs``: the same saliency applied greedily (ZipLM / SlimGPT): remove the unit of least
+  saliency, update the remaining columns for the optimal compensation and the inverse Gram
+  (rank-``k`` downdate for a unit of ``k`` columns: a head), repeat; a unit's score is the
+  saliency at which it went (made non-decreasing), the first half of the units greedily
+  and the rest from the saliencies at that point. Layers over
+  :data:`GREEDY_MAX_CHANNELS` channels use ``reconstruction``.
+
+``auto`` (the default with calibration data) picks, per group, the candidate criterion whose
+removal sets leave the smallest output error in the group's consumers once the kept channels
+are refit: ``||W_R^T [G^-1]_RR^-1 W_R||`` summed over the consumers and over removal
+fractions :data:`AUTO_FRACTIONS`, relative to each consumer's output energy (the error that
+the least-squares refit cannot remove, computed from the Gram alone). The choice per group
+is in ``report["calibration"]["criteria_chosen"]``.
 
 As for the data-free criteria, the element scores of each consumer member are averaged per
 unit and normalised by their mean, and a unit's score is the sum over the members. A group
@@ -33,9 +46,17 @@ from graphprune.calibration.linear import LinearView, linear_view
 from graphprune.calibration.stats import ChannelStats, LayerStats
 from graphprune.planning.importance import norm_scores
 
-DATA_CRITERIA = ("activation", "wanda", "flap", "reconstruction")
-#: the criterion ``auto`` resolves to (see docs/calibration.md for the measurements)
-AUTO_CRITERION = "reconstruction"
+DATA_CRITERIA = ("activation", "wanda", "flap", "reconstruction", "obs")
+#: what ``auto`` is called in the report: a choice among AUTO_CANDIDATES per group
+AUTO_CRITERION = "auto"
+AUTO_CANDIDATES = ("obs", "reconstruction", "wanda", "flap", "activation")
+#: removal fractions at which ``auto`` compares the candidates
+AUTO_FRACTIONS = (0.25, 0.5)
+#: widest consumer (input channels) scored greedily by ``obs``
+GREEDY_MAX_CHANNELS = 1536
+#: updates of the greedy removal over a layer of single-channel units (each removes
+#: ``units // GREEDY_STEPS`` of them at once: a block update, much cheaper than one per unit)
+GREEDY_STEPS = 256
 #: ridge of the reconstruction criterion, relative to the mean diagonal of the Gram
 GRAM_RIDGE = 1e-2
 
@@ -62,8 +83,80 @@ def _columns(view: LinearView) -> np.ndarray:
     return mats.reshape(mats.shape[0], view.in_channels(), -1)
 
 
-def element_scores(view: LinearView, stats: ChannelStats, criterion: str) -> np.ndarray | None:
-    """One score per input channel of ``view``."""
+def _inverse_gram(stats: ChannelStats) -> np.ndarray | None:
+    """Inverse of the ridge-regularised, sample-normalised channel Gram (``None``: none)."""
+    if stats.gram is None or not stats.gram_rows:
+        return None
+    cached = getattr(stats, "_inverse", None)
+    if cached is not None:
+        return cached
+    gram = stats.gram / stats.gram_rows
+    gram = gram + GRAM_RIDGE * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(len(gram))
+    try:
+        inverse = np.linalg.inv(gram)
+    except np.linalg.LinAlgError:
+        return None
+    stats._inverse = inverse  # type: ignore[attr-defined]
+    return inverse
+
+
+def _rows(view: LinearView) -> np.ndarray:
+    """Weights as ``[out * kernel, in]``: one row per output and kernel offset."""
+    w = _columns(view)
+    return np.ascontiguousarray(w.transpose(0, 2, 1).reshape(-1, w.shape[1]))
+
+
+def _greedy(w: np.ndarray, hinv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Greedy optimal-brain-surgeon removal of whole units (see module doc); one score per
+    element (its unit's)."""
+    units = [np.flatnonzero(labels == u) for u in np.unique(labels)]
+    n = len(units)
+    single = all(len(e) == 1 for e in units)
+    index = np.array([e[0] for e in units]) if single else None
+    w = w.astype(np.float32)
+    h = hinv.astype(np.float32)
+    alive = np.ones(n, bool)
+    score = np.zeros(n)
+    level = 0.0
+
+    def saliency() -> np.ndarray:
+        if index is not None:
+            d = np.maximum(np.diag(h)[index], 1e-20)
+            sal = np.square(w[:, index]).sum(0) / d
+        else:
+            sal = np.array([float(np.sum(w[:, e] * np.linalg.solve(h[np.ix_(e, e)] + 1e-12 * np.eye(len(e)),
+                                                                    w[:, e].T).T)) if alive[u] else 0.0
+                            for u, e in enumerate(units)])
+        return np.where(alive, sal, np.inf)
+
+    step = max(1, n // GREEDY_STEPS) if single else 1  # units removed per update
+    removed = 0
+    while removed < (n + 1) // 2:
+        sal = saliency()
+        chosen = np.argsort(sal, kind="stable")[: min(step, (n + 1) // 2 - removed)]
+        for u in chosen:
+            level = max(level, float(sal[u]))
+            score[u] = level
+        alive[chosen] = False
+        removed += len(chosen)
+        e = np.concatenate([units[u] for u in chosen])
+        inv_block = np.linalg.pinv(h[np.ix_(e, e)])
+        w -= (w[:, e] @ inv_block) @ h[e, :]
+        h -= h[:, e] @ inv_block @ h[e, :]
+    if alive.any():
+        sal = saliency()
+        score[alive] = level + sal[alive]
+    out = np.zeros(len(labels))
+    for u, e in enumerate(units):
+        out[e] = score[u]
+    return out
+
+
+def element_scores(
+    view: LinearView, stats: ChannelStats, criterion: str, labels: np.ndarray | None = None
+) -> np.ndarray | None:
+    """One score per input channel of ``view`` (``labels``: the unit of every channel, for
+    ``obs``, which removes whole units)."""
     w = _columns(view)
     if stats.total is None or stats.total.shape[0] != w.shape[1]:
         return None
@@ -74,17 +167,55 @@ def element_scores(view: LinearView, stats: ChannelStats, criterion: str) -> np.
     squares = np.square(w).sum(axis=(0, 2))
     if criterion == "flap":
         return stats.variance * squares
-    if criterion == "reconstruction":
-        if stats.gram is None or not stats.gram_rows:
-            return stats.second_moment * squares
-        gram = stats.gram / stats.gram_rows
-        gram = gram + GRAM_RIDGE * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(len(gram))
-        try:
-            inverse_diag = np.diag(np.linalg.inv(gram))
-        except np.linalg.LinAlgError:
-            return stats.second_moment * squares
-        return squares / np.maximum(inverse_diag, 1e-30)
-    raise ValueError(f"unknown data-aware criterion '{criterion}'")
+    if criterion not in ("reconstruction", "obs"):
+        raise ValueError(f"unknown data-aware criterion '{criterion}'")
+    inverse = _inverse_gram(stats)
+    if inverse is None:
+        return stats.second_moment * squares
+    if criterion == "obs" and len(inverse) <= GREEDY_MAX_CHANNELS:
+        units = labels if labels is not None and len(labels) == len(inverse) else np.arange(len(inverse))
+        return _greedy(_rows(view), inverse, units)
+    return squares / np.maximum(np.diag(inverse), 1e-30)
+
+
+def removal_error(view: LinearView, stats: ChannelStats, remove: np.ndarray) -> float | None:
+    """Relative output error of ``view`` when input channels ``remove`` go and the others
+    are refit by least squares: ``tr(W_R [G^-1]_RR^-1 W_R^T) / tr(W G W^T)``."""
+    inverse = _inverse_gram(stats)
+    if inverse is None or not len(remove):
+        return None if inverse is None else 0.0
+    cached = getattr(stats, "_energy", None)
+    if cached is None or cached[0] is not view:
+        w = _rows(view)
+        gram = stats.gram / max(stats.gram_rows, 1)  # type: ignore[operator]
+        cached = (view, w, float(np.sum(w * (w @ gram))))
+        stats._energy = cached  # type: ignore[attr-defined]
+    _, w, energy = cached
+    wr = w[:, remove]
+    block = inverse[np.ix_(remove, remove)]
+    try:
+        error = float(np.sum(wr.T * np.linalg.solve(block, wr.T)))
+    except np.linalg.LinAlgError:
+        return None
+    return error / max(energy, 1e-30)
+
+
+def _consumers(
+    group: ChannelGroup, views: dict[str, LinearView], stats: LayerStats
+) -> list[tuple[LinearView, ChannelStats, np.ndarray]]:
+    """The consumer members of ``group`` that have statistics, with their unit labels."""
+    out = []
+    for dim in group.params:
+        if group.roles.get(dim) != CONSUMER:
+            continue
+        view = views.get(dim[0])
+        if view is None or dim[1] != view.info.in_axis:
+            continue
+        layer = stats.get(view.node.name)
+        labels = group.unit_of.get(dim)
+        if layer is not None and labels is not None:
+            out.append((view, layer, np.asarray(labels)))
+    return out
 
 
 def group_scores(
@@ -97,18 +228,9 @@ def group_scores(
     """Data-aware scores of every unit of ``group`` (``fallback`` without statistics)."""
     scores = np.zeros(group.num_units, dtype=np.float64)
     used = 0
-    for dim in group.params:
-        if group.roles.get(dim) != CONSUMER:
-            continue
-        view = views.get(dim[0])
-        if view is None or dim[1] != view.info.in_axis:
-            continue
-        layer = stats.get(view.node.name)
-        if layer is None:
-            continue
-        values = element_scores(view, layer, criterion)
-        labels = group.unit_of.get(dim)
-        if values is None or labels is None or len(labels) != len(values):
+    for view, layer, labels in _consumers(group, views, stats):
+        values = element_scores(view, layer, criterion, labels)
+        if values is None or len(labels) != len(values):
             continue
         values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0)
         mean = values.mean()
@@ -121,16 +243,60 @@ def group_scores(
     return scores if used else fallback(group)
 
 
+def plan_error(
+    group: ChannelGroup, consumers: list[tuple[LinearView, ChannelStats, np.ndarray]], scores: np.ndarray
+) -> float | None:
+    """Sum over :data:`AUTO_FRACTIONS` and consumers of the relative error left after refit
+    when the lowest-scoring units go (``None``: not measurable)."""
+    order = np.argsort(scores, kind="stable")
+    total = 0.0
+    for fraction in AUTO_FRACTIONS:
+        gone = order[: int(round(fraction * group.num_units))]
+        for view, layer, labels in consumers:
+            error = removal_error(view, layer, np.flatnonzero(np.isin(labels, gone)))
+            if error is None:
+                return None
+            total += error
+    return total
+
+
+class DataAwareScorer:
+    """``group -> scores`` for the planner; ``auto`` chooses a criterion per group
+    (``chosen``: groups per criterion)."""
+
+    def __init__(self, analysis: Analysis, views: dict[str, LinearView], stats: LayerStats, criterion: str) -> None:
+        self.views, self.stats, self.criterion = views, stats, criterion
+        self.tensors = analysis.context.tensors
+        self.chosen: dict[str, int] = {}
+
+    def fallback(self, group: ChannelGroup) -> np.ndarray:
+        return norm_scores(group, self.tensors, 2)
+
+    def __call__(self, group: ChannelGroup) -> np.ndarray:
+        if self.criterion != AUTO_CRITERION:
+            return group_scores(group, self.views, self.stats, self.criterion, self.fallback)
+        consumers = _consumers(group, self.views, self.stats)
+        best: tuple[float, str, np.ndarray] | None = None
+        seen: dict[bytes, float] = {}
+        for name in AUTO_CANDIDATES:
+            scores = group_scores(group, self.views, self.stats, name, self.fallback)
+            key = np.argsort(scores, kind="stable").tobytes()
+            error = seen.get(key)
+            if error is None:
+                error = plan_error(group, consumers, scores) if consumers else None
+                if error is None:  # nothing to compare: the first candidate
+                    self.chosen[name] = self.chosen.get(name, 0) + 1
+                    return scores
+                seen[key] = error
+            if best is None or error < best[0]:
+                best = (error, name, scores)
+        assert best is not None
+        self.chosen[best[1]] = self.chosen.get(best[1], 0) + 1
+        return best[2]
+
+
 def make_scorer(
     analysis: Analysis, views: dict[str, LinearView], stats: LayerStats, criterion: str
-) -> Callable[[ChannelGroup], np.ndarray]:
+) -> DataAwareScorer:
     """``group -> scores`` for the planner."""
-    tensors = analysis.context.tensors
-
-    def fallback(group: ChannelGroup) -> np.ndarray:
-        return norm_scores(group, tensors, 2)
-
-    def scorer(group: ChannelGroup) -> np.ndarray:
-        return group_scores(group, views, stats, criterion, fallback)
-
-    return scorer
+    return DataAwareScorer(analysis, views, stats, criterion)

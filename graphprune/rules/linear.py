@@ -184,11 +184,26 @@ class MatMulRule(OpRule):
         )
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
-        """``prod(output) K`` (batched products included)."""
-        a, y = shape(node.inputs[0]), shape(node.outputs[0])
+        """``batch M N K`` (batched products included). Each size is the largest that an
+        operand or the output knows (unknown sizes read as 1, and a ``[1, 1, 1]`` output
+        shape left by inference must not hide the operands' sizes)."""
+        a, b, y = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.outputs[0])
         if a is None or y is None or not a:
             return None
-        return math.prod(y) * a[-1]
+        if b is None or not b:
+            return math.prod(y) * a[-1]
+        m = a[-2] if len(a) > 1 else 1
+        n = b[-1] if len(b) > 1 else 1
+        batch_a, batch_b = a[:-2], b[:-2]
+        batch_y = y[: max(len(y) - (len(a) > 1) - (len(b) > 1), 0)]
+        rank = max(len(batch_a), len(batch_b), len(batch_y))
+        batch = [
+            max(d[i - rank + len(d)] if i - rank + len(d) >= 0 else 1 for d in (batch_a, batch_b, batch_y))
+            for i in range(rank)
+        ]
+        tail = [d for d in (m if len(a) > 1 else None, n if len(b) > 1 else None) if d is not None]
+        out = max(math.prod(y), math.prod(batch) * math.prod(tail))
+        return out * max(a[-1], b[-2] if len(b) > 1 else b[0])
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         return linear_scale(node, self.linear(node), ctx)

@@ -82,6 +82,15 @@ class BatchNormRule(OpRule):
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return (1, 2)  # scale and shift; mean and var are statistics
 
+    def input_statistics(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+        stats = node.inputs[3:5]
+        if int(node.attrs.get("training_mode", 0)) or len(stats) < 2:
+            return None
+        if not all(isinstance(t, gs.Constant) for t in stats):
+            return None
+        mean, var = (np.asarray(t.values, dtype=np.float64).reshape(-1) for t in stats)
+        return (mean, var) if mean.shape == var.shape else None
+
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         """``s = scale / sqrt(var + eps)``: ``sqrt((s r)^2 + (shift - s mean)^2)``."""
         params = node.inputs[1:5]

@@ -142,6 +142,12 @@ class OpRule:
         return None
 
     # ---- what rewrites and metrics ask about a node (all fail closed) ----------------
+    def input_statistics(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel mean and variance (axis 1) that the node assumes for its input 0: the
+        running statistics of an inference-mode BatchNormalization. ``None`` (the default):
+        none (the data-free BatchNorm compensation then has nothing to start from)."""
+        return None
+
     def neutral_operand(self, node: gs.Node, index: int) -> float | None:
         """The constant that, as input ``index``, makes the node return its other operand
         (``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``); ``None``: there is none."""

@@ -19,21 +19,26 @@ __all__ = ["count_macs", "count_params"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Number of elements in floating-point initializers (weights, biases, norm params)."""
-    total = 0
+    """Number of elements in floating-point initializers (weights, biases, norm params),
+    those of If/Loop/Scan bodies included."""
     float_types = {
         onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
         onnx.TensorProto.BFLOAT16,
     }
-    for init in model.graph.initializer:
-        if init.data_type in float_types:
-            total += math.prod(init.dims)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
+
+    def walk(graph: onnx.GraphProto) -> int:
+        total = sum(math.prod(i.dims) for i in graph.initializer if i.data_type in float_types)
+        for node in graph.node:
             for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type in float_types:
-                    total += math.prod(attr.t.dims)
-    return int(total)
+                if node.op_type == "Constant" and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    total += math.prod(attr.t.dims) if attr.t.data_type in float_types else 0
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    total += walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    total += sum(walk(g) for g in attr.graphs)
+        return total
+
+    return int(walk(model.graph))
 
 
 def _static_shape(tensor: gs.Tensor) -> list[int] | None:

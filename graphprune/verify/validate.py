@@ -27,9 +27,14 @@ from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
 from graphprune.errors import VerificationError
-from graphprune.io import model_io
+from graphprune.io import model_io, segments
 
 TWO_GB = 2**31 - 2**20
+#: :func:`zeroed_reference` writes a zeroed copy of a weight (instead of masking it at run
+#: time) when the weight is cut on several axes or holds at least this share of the weights
+LARGE_SHARE = 1 / 8
+#: model files larger than this hold their weights and are run whole
+SEGMENT_FILE_LIMIT = 16 * 2**20
 
 ModelRef = Union[onnx.ModelProto, str, "os.PathLike[str]"]
 
@@ -95,6 +100,12 @@ def session(
     external data, removed when the session is released."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: ORT's errors come back as exceptions, not log lines
+    # a verification session runs a few times: plain allocations that go back when a tensor
+    # dies beat an arena that keeps its high-water mark (a masked weight, a large activation)
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    # pre-packed weights are a second copy of every packed weight, paid back only over many runs
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     keep_alive = []
@@ -144,18 +155,47 @@ def run_many(
     what: str,
     overrides: dict[str, np.ndarray] | None = None,
     optimize: bool | None = None,
+    segmented: bool = False,
 ) -> list[list[np.ndarray]]:
-    """Outputs of ``model`` on each feed dict (one session for all)."""
+    """Outputs of ``model`` on each feed dict (one session for all). ``segmented``: a model
+    file with external weights may run one segment at a time (:func:`_run_segmented`; for
+    a reference, never for a model that must be shown to load and run whole)."""
     try:
         # ORT's graph optimizers fold/pre-pack weights from the stored initializers and would
         # ignore overrides: the overridden reference runs unoptimised
         if optimize is None:
             optimize = not overrides
+        if segmented and not overrides and _is_path(model):
+            outputs = _run_segmented(model, feeds_list, optimize)
+            if outputs is not None:
+                return outputs
         sess = session(model, overrides=overrides, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
-        return [[np.asarray(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
+        outputs = [[np.asarray(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
+        del sess
+        segments.trim()  # what the session freed goes back to the system
+        return outputs
     except Exception as exc:
         raise VerificationError(f"{what} does not run in ONNX Runtime: {_first_line(exc)}") from exc
+
+
+def _run_segmented(model: ModelRef, feeds_list: list[dict[str, np.ndarray]],
+                   optimize: bool) -> list[list[np.ndarray]] | None:
+    """Outputs of a model file with external weights run one segment at a time (a session
+    holds one segment's weights, not all: :mod:`graphprune.io.segments`); ``None`` where the
+    model is run whole (small weights, weights inside the file, or anything unexpected)."""
+    path = os.fspath(model)
+    try:
+        if os.path.getsize(path) > SEGMENT_FILE_LIMIT:
+            return None  # the weights are inside the file
+        skeleton = onnx.load_model(path, load_external_data=False)
+        ranges = segments.plan(skeleton)
+        if ranges is None:
+            return None
+        return segments.run_in_segments(path, skeleton, ranges, feeds_list,
+                                        lambda file: session(file, optimize=optimize))
+    except Exception:  # the whole model gets its own chance (and reports its own error)
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -175,6 +215,7 @@ def compare(
     original: ModelRef | None = None,
     candidate_outputs: list[list[np.ndarray]] | None = None,
     optimize_reference: bool | None = None,
+    segment_candidate: bool = False,
 ) -> dict[str, Any]:
     """Check ``candidate`` against ``reference`` on the same feeds.
 
@@ -187,8 +228,13 @@ def compare(
     """
     if check:
         check_model(candidate, original)
-    ref_outs = run_many(reference, feeds_list, what, reference_overrides, optimize_reference)
-    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model")
+    # the reference is only a means of comparison: it may run segment by segment (one
+    # segment's weights at a time); the candidate runs whole, as it will be used, unless
+    # ``segment_candidate`` says it is an intermediate model too
+    ref_outs = run_many(reference, feeds_list, what, reference_overrides, optimize_reference,
+                        segmented=True)
+    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model",
+                                         segmented=segment_candidate)
     max_abs = max_rel = 0.0
     for ref_out, out in zip(ref_outs, outs, strict=True):
         if not output_shapes_match(ref_out, out):
@@ -257,7 +303,8 @@ def zeroed_overrides(
 
 
 def zeroed_reference(
-    prepared: onnx.ModelProto, analysis: Analysis, removed: dict[Dim, np.ndarray]
+    prepared: onnx.ModelProto, analysis: Analysis, removed: dict[Dim, np.ndarray],
+    *, store: Any = None,
 ) -> onnx.ModelProto:
     """The zeroed original as a graph: each producer/consumer weight that loses channels is
     multiplied by a 0/1 mask along the pruned axis before use.
@@ -265,6 +312,15 @@ def zeroed_reference(
     Equivalent to :func:`zeroed_overrides` but costs a few small masks instead of a zeroed
     copy of every pruned weight, and works on weights that stay in files. Run it without
     ORT's graph optimizations (constant folding would materialise every masked weight).
+
+    With ``store`` (the :class:`~graphprune.io.weights.WeightStore` holding ``prepared``'s
+    weights) a weight kept in the store's files whose masking would be costly gets a zeroed
+    copy written there instead (:meth:`~graphprune.io.weights.WeightStore.write_zeroed`, a
+    block at a time), which the reference reads like any weight: a weight cut on several axes
+    (a ``Mul`` per axis holds two masked copies at once) or one that holds ``LARGE_SHARE``
+    of the weights (its masked copy, and the copy some kernels make of a weight that is not a
+    constant, would add that much to the run). Weights cut on one axis (every weight of a
+    transformer pruned by heads and MLP neurons) stay masked: no disk write for them.
     """
     roles = analysis.context.roles
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -275,36 +331,66 @@ def zeroed_reference(
     model.CopyFrom(prepared)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
+    if store is not None:
+        sizes = {i.name: _nbytes(i) for i in graph.initializer
+                 if i.data_location == onnx.TensorProto.EXTERNAL}
+        large = sum(sizes.values()) * LARGE_SHARE
+        zeroed = store.write_zeroed({
+            name: (inits[name], axes) for name, axes in cuts.items()
+            if name in sizes and (len({axis for axis, _ in axes}) > 1 or sizes[name] >= large)})
+        for name, stub in zeroed.items():
+            inits[name].CopyFrom(stub)
+            del cuts[name]
     renames: dict[str, str] = {}
-    masks: list[onnx.NodeProto] = []
+    masks: dict[str, list[onnx.NodeProto]] = {}
     for name, axes in cuts.items():
         init = inits.get(name)
         if init is None:
             continue
         rank = len(init.dims)
-        shape = [1] * rank
-        mask = None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        by_axis: dict[int, np.ndarray] = {}
         for axis, idx in axes:
-            full = [1] * rank
-            full[axis] = int(init.dims[axis])
-            m = np.ones(full, dtype=np.float32)
+            if axis not in by_axis:
+                full = [1] * rank
+                full[axis] = int(init.dims[axis])
+                by_axis[axis] = np.ones(full, dtype=dtype)
             index: list[Any] = [slice(None)] * rank
             index[axis] = idx
-            m[tuple(index)] = 0
-            mask = m if mask is None else mask * m
-            shape = list(np.broadcast_shapes(tuple(shape), tuple(full)))
-        assert mask is not None
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-        mask_name, out_name = f"{name}__gp_mask", f"{name}__gp_zeroed"
-        graph.initializer.append(numpy_helper.from_array(mask.astype(dtype), mask_name))
-        masks.append(onnx.helper.make_node("Mul", [name, mask_name], [out_name],
-                                           name=f"{name}__gp_zero"))
-        renames[name] = out_name
+            by_axis[axis][tuple(index)] = 0
+        nodes, current = _mask_nodes(graph, name, [by_axis[a] for a in sorted(by_axis)])
+        masks[name] = nodes
+        renames[name] = current
     _rename_uses(graph, renames)
     nodes = list(graph.node)
     del graph.node[:]
-    graph.node.extend(masks + nodes)
+    graph.node.extend([n for chain in masks.values() for n in chain] + nodes)
     return model
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _mask_nodes(graph: onnx.GraphProto, name: str,
+                masks: list[np.ndarray]) -> tuple[list[onnx.NodeProto], str]:
+    """``Mul`` nodes that zero ``name`` where any of the (broadcastable, 0/1) ``masks`` is 0,
+    one small mask per axis (their product would be as large as the weight); their masks are
+    added to ``graph``. Returns the nodes and the name of the zeroed weight."""
+    nodes, current = [], name
+    for k, mask in enumerate(masks):
+        suffix = str(k) if k else ""
+        mask_name = f"{name}__gp_mask{suffix}"
+        graph.initializer.append(numpy_helper.from_array(mask, mask_name))
+        target = f"{name}__gp_zeroed{suffix}"
+        nodes.append(onnx.helper.make_node("Mul", [current, mask_name], [target],
+                                           name=f"{name}__gp_zero{suffix}"))
+        current = target
+    return nodes, current
 
 
 def _rename_uses(graph: onnx.GraphProto, renames: dict[str, str]) -> None:

@@ -1,0 +1,52 @@
+"""Why nothing was pruned: one line for a run that removes nothing.
+
+A prune that removes nothing still writes a valid model and exits 0, but it must say why
+(``report["nothing_prunable"]``, printed by ``graphprune prune``): no channel group at all
+(no layer the analysis understands), every group frozen (the most common reasons, with
+counts), or prunable groups that the ratio and rounding leave whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from graphprune.analysis.driver import Analysis
+
+
+def _kind(reason: str) -> str:
+    """A reason with its names taken out (``no rule for Foo 'a'`` -> ``no rule for Foo``)."""
+    return re.sub(r"\s*'[^']*'", "", reason).strip()
+
+
+def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) -> str | None:
+    """The one-line explanation when nothing was removed (``None`` otherwise)."""
+    if units_removed or erased:
+        return None
+    unsupported = ", ".join(f"{op} (x{len(names)})" for op, names in
+                            sorted(analysis.unsupported.items(), key=lambda kv: -len(kv[1]))[:3])
+    if not analysis.groups:
+        why = "no channel group found (no layer with float weights that the analysis understands)"
+        if unsupported:
+            return f"nothing prunable: {why}; ops without a rule: {unsupported}"
+        ctx = analysis.context
+        kinds = Counter(_kind(r) for reasons in (*ctx.tensor_freeze.values(), *ctx.dim_freeze.values())
+                        for r in set(reasons) if not r.startswith(("graph input", "graph output")))
+        top = "; ".join(f"{kind} (x{n})" for kind, n in kinds.most_common(2))
+        return f"nothing prunable: {why}" + (f"; frozen: {top}" if top else "")
+    prunable = analysis.prunable_groups
+    if prunable:
+        return (f"nothing prunable: the ratio and rounding leave all {len(prunable)} prunable "
+                "channel groups whole (raise --ratio or lower --round-to/--min-channels)")
+    counts: Counter[str] = Counter()
+    for group in analysis.groups:
+        if group.frozen:
+            counts[_kind(group.frozen[0])] += 1
+        elif group.num_units < 2:
+            counts["a single unit"] += 1
+        else:
+            counts["no weight that creates the channels"] += 1
+    top = "; ".join(f"{kind} (x{n})" for kind, n in counts.most_common(3))
+    return f"nothing prunable: every channel group is frozen or unprunable: {top}"

@@ -1,0 +1,142 @@
+"""Probe sizes the model runs with: sizes for the input dimensions a model leaves open.
+
+Verification runs the model on random feeds, so every dimension the graph does not fix
+needs a size. :func:`graphprune.io.feeds.resolve_shapes` guesses (batch 1, images 224,
+sequences 8), but many real models only run at some sizes: an OCR recogniser whose
+height must be 32 or 48, a voice detector that pads its 8-sample input by 96. When the
+guess does not run, :func:`choose_input_shapes` tries other sizes with ONNX Runtime on the
+original model and keeps the first that runs:
+
+1. the guess (shapes given by the caller always stay as given);
+2. every open dimension at the same candidate size (32, 48, 64, ... for image axes,
+   16, 32, ... 1024 for other axes);
+3. one open dimension at a time at each candidate size, the others guessed;
+4. one open dimension at a time at each candidate size, the others at 1 (an unnamed batch
+   axis of a recurrent state next to a sequence length).
+
+A dimension is *open* when the input declares a symbol, ``-1`` or nothing on an axis other
+than the batch axis (axis 0 stays at 1). Inputs that share a symbol keep one size. When no
+candidate runs, the guess stays and the caller reports the original's failure (with the
+hint to give shapes, ``--input-shape NAME=d0,d1,...``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphprune.io.feeds import InputSpec, make_feeds_from_specs, resolve_shapes
+
+IMAGE_SIZES = (224, 32, 48, 64, 96, 128, 160, 256, 320, 512, 640)
+OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
+#: at most this many runs of the original, and this much time, are spent looking
+MAX_TRIES = 100
+MAX_SECONDS = 30.0
+
+Key = tuple[str, int] | str  # a symbol, or (input name, axis) for an unnamed dimension
+
+
+def open_dimensions(
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None
+) -> dict[Key, list[tuple[str, int]]]:
+    """The open dimensions of ``specs`` (see the module docstring), each with the
+    ``(input, axis)`` positions it sizes; inputs in ``given`` are not open."""
+    found: dict[Key, list[tuple[str, int]]] = {}
+    for spec in specs:
+        if spec.shape is None or (given and spec.name in given):
+            continue
+        for axis, dim in enumerate(spec.shape):
+            if axis == 0 or (isinstance(dim, int) and dim >= 0):
+                continue
+            key: Key = dim if isinstance(dim, str) else (spec.name, axis)
+            found.setdefault(key, []).append((spec.name, axis))
+    # a symbol that also sits on an axis 0 is a batch size
+    batch_symbols = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+    return {k: v for k, v in found.items() if k not in batch_symbols}
+
+
+def _is_image_axis(spec: InputSpec, axis: int) -> bool:
+    return bool(spec.shape) and len(spec.shape) == 4 and np.issubdtype(spec.dtype, np.floating) and axis >= 1
+
+
+def _assign(
+    base: dict[str, tuple[int, ...]], keys: dict[Key, list[tuple[str, int]]], sizes: dict[Key, int]
+) -> dict[str, tuple[int, ...]]:
+    shapes = {name: list(shape) for name, shape in base.items()}
+    for key, size in sizes.items():
+        for name, axis in keys[key]:
+            shapes[name][axis] = size
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+def candidate_shapes(
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None
+) -> list[dict[str, tuple[int, ...]]]:
+    """The input shapes to try, in order (the guess first); without open dimensions only
+    the guess."""
+    base = resolve_shapes(specs, batch=1, input_shapes=given)
+    keys = open_dimensions(specs, given)
+    by_name = {s.name: s for s in specs}
+    tries = [base]
+    if not keys:
+        return tries
+
+    def sizes_for(key: Key) -> tuple[int, ...]:
+        name, axis = keys[key][0]
+        return IMAGE_SIZES if _is_image_axis(by_name[name], axis) else OTHER_SIZES
+
+    seen = {tuple(sorted(base.items()))}
+
+    def add(sizes: dict[Key, int]) -> None:
+        shapes = _assign(base, keys, sizes)
+        marker = tuple(sorted(shapes.items()))
+        if marker not in seen:
+            seen.add(marker)
+            tries.append(shapes)
+
+    for index in range(max(len(IMAGE_SIZES), len(OTHER_SIZES))):
+        add({k: sizes_for(k)[min(index, len(sizes_for(k)) - 1)] for k in keys})
+    for key in keys:
+        for size in sizes_for(key):
+            add({key: size})
+    if len(keys) > 1:  # the others at 1: an unnamed batch axis of a state next to a length
+        for key in keys:
+            for size in sizes_for(key):
+                add({k: size if k == key else 1 for k in keys})
+    return tries
+
+
+def choose_input_shapes(
+    model_path: Any,
+    specs: Sequence[InputSpec],
+    given: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, tuple[int, ...]] | None:
+    """Input shapes the model at ``model_path`` runs with (ONNX Runtime, CPU), or ``None``
+    when nothing needed choosing or no candidate runs (the caller's guess stays)."""
+    tries = candidate_shapes(specs, given)
+    if len(tries) == 1:
+        return None
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception:
+        return None
+    started = time.perf_counter()
+    for count, shapes in enumerate(tries):
+        if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
+            break
+        try:
+            feeds = make_feeds_from_specs(specs, seed=seed, input_shapes=shapes)[0]
+            session.run(None, feeds)
+        except Exception:
+            continue
+        return None if count == 0 else shapes
+    return None

@@ -1,0 +1,86 @@
+"""Residual-stream targets of the refit (ZipLM / SlimGPT style).
+
+A linear layer whose output, after per-channel constants (its bias), is added to a residual
+stream ``r`` (``s = W x + c + r``: the attention output projection and the second MLP
+layer of a transformer block, the last conv of a ResNet block) can compensate not only its
+own input change but also the drift that earlier layers left on ``r``: its refit target
+is then ``s_original - r_pruned - c`` instead of the original layer output, so that the
+stream after the block, which every later layer reads, matches the original's.
+
+The chain is found through the rule registry only: an *addition* is a two-input node whose
+both operands are neutral at 0 (``OpRule.neutral_operand``); per-channel constants on the
+way are summed into ``offset``. Anything else (several readers, a constant that is not
+per-channel, the stream changing in the same wave) keeps the plain layer target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.calibration.linear import LinearView
+
+#: constant additions followed from the layer output to the residual addition
+MAX_CHAIN = 3
+
+
+@dataclass
+class Residual:
+    #: the residual operand ``r`` (read from the pruned model)
+    stream: str
+    #: the sum ``s`` (read from the original model)
+    total: str
+    #: per-channel constant added on the way (size ``C`` or 1)
+    offset: np.ndarray
+
+
+def _is_addition(node: gs.Node, opset: int) -> bool:
+    from graphprune.rules import registry
+
+    rule = registry.lookup(node.domain or "", node.op, opset)
+    if rule is None or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return False
+    return rule.neutral_operand(node, 0) == 0.0 and rule.neutral_operand(node, 1) == 0.0
+
+
+def _per_channel(view: LinearView, value: np.ndarray) -> np.ndarray | None:
+    """``value`` as a per-output-channel vector when it broadcasts that way, else ``None``."""
+    value = np.asarray(value, dtype=np.float64)
+    channels = view.out_channels()
+    if value.size == 1:
+        return value.reshape(1)
+    trailing = (len(np.shape(view.weight.values)) - 2) if view.is_conv else 0
+    shape = list(value.shape)
+    if len(shape) < trailing + 1 or any(d != 1 for d in shape[len(shape) - trailing :]):
+        return None
+    lead = shape[: len(shape) - trailing]
+    if lead[-1] != channels or any(d != 1 for d in lead[:-1]):
+        return None
+    return value.reshape(channels)
+
+
+def residual_of(view: LinearView, opset: int) -> Residual | None:
+    """The residual addition after ``view``'s layer, if there is one."""
+    tensor = view.output
+    offset = np.zeros(1)
+    for _ in range(MAX_CHAIN + 1):
+        readers = list(tensor.outputs)
+        if len(readers) != 1 or not _is_addition(readers[0], opset):
+            return None
+        node = readers[0]
+        other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+        if other is tensor:
+            return None
+        if isinstance(other, gs.Constant):
+            channel = _per_channel(view, other.values)
+            if channel is None:
+                return None
+            offset = offset + channel
+            tensor = node.outputs[0]
+            continue
+        if not other.name:
+            return None
+        return Residual(other.name, node.outputs[0].name, offset)
+    return None

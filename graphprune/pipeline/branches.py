@@ -1,0 +1,283 @@
+"""Pruning inside ``If`` branches: each branch pruned as a model of its own.
+
+Streaming models (voice activity detectors) keep their whole network inside the two
+branches of an ``If`` on an input (the sample rate); the main graph's analysis stops at the
+``If``. Each branch is a graph whose only links to the outside are the outer values it reads
+and the outputs it returns, so it can be pruned as a model of its own:
+
+1. the branch becomes a standalone model: the outer values it reads are graph inputs (their
+   types from the main graph), the outer constants it reads become private initializers
+   (renamed: the other branch reads them too), its outputs are graph outputs (never pruned);
+2. :func:`graphprune.prune` prunes it at the same ratio and verifies it on its own (the
+   branch against the branch with the removed channels zeroed);
+3. the pruned branch replaces the original one; the main model's self-check compares with
+   the zeroed original whose branch is the zeroed branch (:func:`zero_branches`).
+
+Fail closed: a branch whose outer inputs have no known type, that fails its own prune or
+removes nothing, stays as it was. Loop/Scan bodies are left alone (their values depend on
+the iteration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.errors import GraphPruneError
+
+BRANCH_ATTRS = ("then_branch", "else_branch")
+IF_OPS = ("If",)
+
+
+def has_branches(model: onnx.ModelProto) -> bool:
+    """Whether the main graph has an ``If`` (whose branches :func:`prune_branches` prunes)."""
+    return any(n.op_type in IF_OPS for n in model.graph.node)
+
+
+@dataclass
+class BranchPrune:
+    """The pruned and the zeroed version of one branch (standalone graphs)."""
+
+    node: str
+    attr: str
+    pruned: onnx.GraphProto
+    zeroed: onnx.GraphProto
+    removed: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class BranchReport:
+    pruned: list[BranchPrune] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    #: constant copies shared by both branches, hoisted to the main graph
+    hoisted: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "hoisted_constants": self.hoisted,
+            "pruned": [{"if": b.node, "branch": b.attr, "units_removed": b.removed,
+                        "params_before": b.params_before, "params_after": b.params_after}
+                       for b in self.pruned],
+            "skipped": self.skipped,
+        }
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph reads from outside itself (nested subgraphs included)."""
+    made = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    made |= {o for n in graph.node for o in n.output}
+    used: set[str] = set()
+    for node in graph.node:
+        used |= {i for i in node.input if i}
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used |= _reads(sub)
+    return used - made
+
+
+def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _rename(sub, renames)
+
+
+def _standalone(model: onnx.ModelProto, node: onnx.NodeProto, attr: str,
+                types: dict[str, onnx.TypeProto], constants: dict[str, onnx.TensorProto]
+                ) -> tuple[onnx.ModelProto, list[str]] | None:
+    branch = next(a.g for a in node.attribute if a.name == attr)
+    graph = onnx.GraphProto()
+    graph.CopyFrom(branch)
+    graph.name = f"{node.name}_{attr}"
+    outer = sorted(_reads(branch))
+    renames = {name: f"{name}__gp_{node.name}_{attr}" for name in outer if name in constants}
+    for name, new in renames.items():
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(constants[name])
+        tensor.name = new
+        graph.initializer.append(tensor)
+    _rename(graph, renames)
+    inputs = [name for name in outer if name not in renames]
+    for name in inputs:
+        if name not in types or not types[name].tensor_type.HasField("shape"):
+            return None
+        graph.input.append(helper.make_value_info(name, types[name]))
+    for out in graph.output:  # a branch output without a shape takes the inferred one
+        known = types.get(out.name)
+        if not out.type.tensor_type.HasField("shape") and known is not None \
+                and known.tensor_type.HasField("shape"):
+            out.type.CopyFrom(known)
+    if any(not o.type.tensor_type.HasField("shape") for o in graph.output):
+        return None
+    standalone = helper.make_model(graph, opset_imports=list(model.opset_import),
+                                   ir_version=model.ir_version)
+    return standalone, inputs
+
+
+def _zeroed(graph: onnx.GraphProto, result: Any) -> onnx.GraphProto | None:
+    """``graph`` (the standalone branch) with the producer/consumer slices ``result``'s plan
+    removed set to zero (initializers and Constant nodes, by name); ``None`` when a sliced
+    weight is not a constant of ``graph`` (the branch's own preparation renamed it)."""
+    roles = result.analysis.context.roles if result.analysis is not None else {}
+    cuts: dict[str, list[tuple[int, list[int]]]] = {}
+    for group in result.plan.groups:
+        for tensor, axes in group.channels.items():
+            for axis, indices in axes.items():
+                if roles.get((tensor, int(axis))) in (PRODUCER, CONSUMER):
+                    cuts.setdefault(tensor, []).append((int(axis), list(indices)))
+    zeroed = onnx.GraphProto()
+    zeroed.CopyFrom(graph)
+    found: dict[str, onnx.TensorProto] = {t.name: t for t in zeroed.initializer if t.name in cuts}
+    for node in zeroed.node:
+        for a in node.attribute:
+            if (a.name == "value" and a.type == onnx.AttributeProto.TENSOR and node.output
+                    and node.output[0] in cuts):
+                found[node.output[0]] = a.t
+    if set(cuts) - set(found):
+        return None
+    for name, tensor in found.items():
+        values = numpy_helper.to_array(tensor).copy()
+        for axis, indices in cuts[name]:
+            index: list[Any] = [slice(None)] * values.ndim
+            index[axis] = np.asarray(indices, dtype=np.int64)
+            values[tuple(index)] = 0
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    return zeroed
+
+
+def _as_branch(graph: onnx.GraphProto, name: str) -> onnx.GraphProto:
+    """A standalone graph back as a branch: no graph inputs (they are outer values)."""
+    branch = onnx.GraphProto()
+    branch.CopyFrom(graph)
+    del branch.input[:]
+    branch.name = name
+    return branch
+
+
+def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: Any) -> BranchReport:
+    """Prune every ``If`` branch of ``model`` (materialised, main graph only) with
+    ``prune(branch_model, ratio=ratio, **options)``; see the module docstring."""
+    from graphprune.io import model_io
+
+    report = BranchReport()
+    ifs = [n for n in model.graph.node if n.op_type in IF_OPS]
+    if not ifs:
+        return report
+    inferred = model_io.infer_shapes(model, inplace=False)
+    types = {v.name: v.type for v in (*inferred.graph.value_info, *inferred.graph.input,
+                                       *inferred.graph.output)}
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in ifs:
+        for attr in BRANCH_ATTRS:
+            where = f"If '{node.name}' {attr}"
+            built = _standalone(model, node, attr, types, constants)
+            if built is None:
+                report.skipped.append(f"{where}: outer values or outputs of unknown shape")
+                continue
+            standalone, _ = built
+            try:
+                result = prune(standalone, ratio=ratio, **options)
+            except GraphPruneError as exc:
+                report.skipped.append(f"{where}: {str(exc).splitlines()[0][:200]}")
+                continue
+            inner: BranchReport | None = getattr(result, "branches", None)
+            removed = result.plan.units_removed + sum(b.removed for b in (inner.pruned if inner else []))
+            if not removed:
+                report.skipped.append(f"{where}: {result.report.get('nothing_prunable', 'nothing removed')}")
+                continue
+            zeroed = _zeroed(standalone.graph, result)
+            if zeroed is not None and inner is not None:  # nested Ifs: their zeroed branches
+                apply_to_graph(zeroed, inner, zeroed=True)
+            if zeroed is None:
+                report.skipped.append(f"{where}: a pruned weight is not a constant of the branch")
+                continue
+            report.pruned.append(BranchPrune(
+                node.name, attr, _as_branch(result.model.graph, standalone.graph.name),
+                _as_branch(zeroed, standalone.graph.name),
+                removed, result.report["params_before"], result.report["params_after"]))
+    return report
+
+
+def apply(model: onnx.ModelProto, branches: BranchReport, *, zeroed: bool = False) -> None:
+    """Put the pruned (or, for the self-check's reference, the zeroed) branches into
+    ``model`` in place, and drop outer initializers that nothing reads any more."""
+    apply_to_graph(model.graph, branches, zeroed=zeroed)
+
+
+def apply_to_graph(graph: onnx.GraphProto, branches: BranchReport, *, zeroed: bool = False) -> None:
+    """:func:`apply` on a graph (a branch with nested ``If`` nodes)."""
+    chosen = {(b.node, b.attr): (b.zeroed if zeroed else b.pruned) for b in branches.pruned}
+    if not chosen:
+        return
+    model = onnx.ModelProto()
+    model.graph.CopyFrom(graph)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            key = (node.name, attr.name)
+            if key in chosen:
+                attr.g.CopyFrom(chosen[key])
+    used = _reads(model.graph) | {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    graph.CopyFrom(model.graph)
+
+
+def hoist_shared_constants(model: onnx.ModelProto) -> int:
+    """Constants that both branches of an ``If`` hold with the same values (constant folding
+    of an outer weight read in both branches makes such copies) become one initializer of
+    the main graph that both branches read; return how many copies were dropped."""
+    dropped = 0
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type not in IF_OPS:
+            continue
+        branches = {a.name: a.g for a in node.attribute if a.name in BRANCH_ATTRS}
+        if len(branches) != 2:
+            continue
+        then, other = branches["then_branch"], branches["else_branch"]
+        by_value: dict[tuple, onnx.TensorProto] = {}
+        for tensor in then.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.raw_data:
+                continue
+            by_value.setdefault((tuple(tensor.dims), tensor.data_type, tensor.raw_data), tensor)
+        for graph_copies in ((then, other),):
+            renames: dict[str, dict[str, str]] = {"then": {}, "else": {}}
+            for tensor in list(other.initializer):
+                key = (tuple(tensor.dims), tensor.data_type, tensor.raw_data)
+                twin = by_value.get(key) if tensor.raw_data else None
+                if twin is None or int(np.prod(tensor.dims or [1])) < 64:
+                    continue
+                shared = f"{node.name}__gp_shared_{len(names)}"
+                names.add(shared)
+                hoisted = onnx.TensorProto()
+                hoisted.CopyFrom(twin)
+                hoisted.name = shared
+                model.graph.initializer.append(hoisted)
+                renames["then"][twin.name] = shared
+                renames["else"][tensor.name] = shared
+                by_value.pop(key)
+                dropped += 1
+            for graph, table in zip(graph_copies, (renames["then"], renames["else"]), strict=True):
+                if not table:
+                    continue
+                kept = [t for t in graph.initializer if t.name not in table]
+                del graph.initializer[:]
+                graph.initializer.extend(kept)
+                _rename(graph, table)
+                for out in graph.output:  # an output that was the constant itself
+                    if out.name in table:
+                        graph.node.append(helper.make_node("Identity", [table[out.name]], [out.name]))
+    return dropped

@@ -1,0 +1,383 @@
+"""The budget driver: prune to a MACs, parameter or latency target (fractions of the original).
+
+1. analysis and unit scores (the data-free criterion, or the calibrated scorer);
+2. with calibration, the sensitivity of each group (:mod:`graphprune.planning.sensitivity`);
+3. global allocation (:mod:`graphprune.planning.budget`) on a cost model: the rules' MACs,
+   the constants' sizes, or per-operator latencies measured with ONNX Runtime
+   (:mod:`graphprune.planning.latency`, cached on disk); for latency, each group's kept
+   width is then moved to the fastest measured width near it;
+4. the structural rewrite and its exact check against the zeroed original (as the ratio
+   driver); for latency the pruned model is timed against the original (interleaved) and,
+   when it misses the target, the allocation is tightened and redone (a few rounds);
+5. with calibration, reconstruction and fidelity on held-out samples.
+
+``report["budget"]``: target, achieved (MACs and parameters counted on the exported models
+by :mod:`graphprune.verify.metrics`, latency measured), how it was measured, and per-group
+kept widths (``widths``: a table, the data for a plot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from graphprune.analysis import Analysis, targets
+from graphprune.pipeline.ratio import DEFAULT_TOLERANCE, channel_passes, verify_zeroed
+from graphprune.pipeline.session import PruneResult, Session
+from graphprune.planning import budget as budget_mod
+from graphprune.planning.importance import score_group
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import replay
+
+#: rounds of re-allocation when the measured latency misses its target
+LATENCY_ROUNDS = 4
+#: MACs/params: how far over the target (share of the original) a landing may be when it
+#: is nearer than the best landing under it (the report's ``met`` allows +-0.03)
+LANDING_ABOVE = 0.02
+
+
+@dataclass
+class BudgetOptions:
+    kind: str = "macs"
+    target: float = 0.5
+    criterion: str = "l1"
+    round_to: int | None = None
+    min_channels: int = 1
+    seed: int = 0
+    max_ratio: float = budget_mod.DEFAULT_MAX_RATIO
+    head_ratio: float | None = None
+    mlp_ratio: float | None = None
+    prune_hidden: bool = False
+    provider: str = "cpu"
+    threads: int | None = None
+    #: timing runs per model when checking a latency target
+    latency_runs: int = 20
+
+
+def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer: Any) -> list:
+    import numpy as np
+
+    rng = np.random.default_rng(options.seed)
+    tensors = analysis.context.tensors
+    # groups a transformer target excludes (hidden size unless asked, a 0 head/mlp ratio)
+    ratio_of = targets.ratio_function(
+        analysis, 0.5, head_ratio=options.head_ratio, mlp_ratio=options.mlp_ratio,
+        prune_hidden=options.prune_hidden)
+    kinds = targets.classify_groups(analysis)
+
+    def scores_of(group: Any) -> Any:
+        return scorer(group) if scorer is not None else score_group(group, tensors, options.criterion, rng)
+
+    return budget_mod.build_states(
+        analysis, scores_of, eligible=lambda g: bool(ratio_of(g)),
+        kinds={k: str(v) for k, v in kinds.items()}, round_to=options.round_to,
+        min_channels=options.min_channels, max_ratio=options.max_ratio)
+
+
+def _node_times(session: Session, analysis: Analysis, options: BudgetOptions) -> tuple[dict[int, float], Any]:
+    from graphprune.planning.latency import LatencyTable, OpSpec
+
+    table = LatencyTable(provider=options.provider, threads=options.threads)
+    nodes, specs = [], []
+    for node in analysis.graph.nodes:
+        spec = OpSpec.from_node(node, budget_mod._static_shape, analysis.opset)
+        if spec is not None:
+            nodes.append(node)
+            specs.append(spec)
+    times = table.latency(specs) if specs else []
+    return {id(n): float(t) for n, t in zip(nodes, times, strict=True)}, table
+
+
+def _choose_fast_widths(model: budget_mod.CostModel, table: Any, opset: int) -> int:
+    """Move each group's kept width to the fastest measured width within 1/16 of it: ORT's
+    kernels run some widths much faster than their neighbours. Every candidate of every
+    group is measured in one batch (the other groups at their allocated widths), then the
+    moves are made together."""
+    from graphprune.planning.latency import OpSpec
+
+    plans: list[tuple[int, int, list[int], dict[int, list[Any]]]] = []
+    wanted: list[Any] = []
+    for si, st in enumerate(model.states):
+        if not st.removed:
+            continue
+        window = max(1, st.group.num_units // 16)
+        here = st.index
+        candidates = [i for i, s in enumerate(st.steps) if abs(s - st.removed) <= window and s > 0]
+        if len(candidates) < 2:
+            continue
+        nodes = [model.items[i][0] for i in model.items_of[si]]
+        specs: dict[int, list[Any]] = {}
+        for index in candidates:
+            st.index = index
+            specs[index] = [sp for sp in (OpSpec.from_node(nd, model.shape, opset) for nd in nodes)
+                            if sp is not None]
+            wanted.extend(specs[index])
+        st.index = here
+        plans.append((si, here, candidates, specs))
+    if not plans:
+        return 0
+    times = dict(zip(wanted, table.latency(wanted), strict=True))
+    changed = 0
+    for si, here, candidates, specs in plans:
+        st = model.states[si]
+        costs = {i: float(sum(times[sp] for sp in specs[i])) for i in candidates}
+        fastest = min(costs.values())
+        # the fastest candidate; among those within 5 % of it (the noise of a loaded machine), the widest
+        best = min(candidates, key=lambda i: (costs[i] > fastest * 1.05, st.steps[i]))
+        if best != here and (costs[best] < costs[here] * 0.95
+                             or (costs[best] <= costs[here] * 1.05 and st.steps[best] < st.removed)):
+            model.set_index(si, best)
+            changed += 1
+    return changed
+
+
+def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_time: Any, table: Any,
+              goal: float) -> tuple[budget_mod.Allocation, float | None]:
+    """Allocate to ``goal`` of the modelled cost. For latency, the widths then move to
+    fast measured ones, and the plan's latency is estimated from the table (every node at
+    its planned shape, measured in one batch); when that estimate misses ``goal`` the
+    allocation is tightened (a few times) before anything is built."""
+    estimate = None
+    fraction = goal
+    for _ in range(3 if table is not None else 1):
+        for st in states:
+            st.index = 0
+        model = budget_mod.CostModel(analysis, states, options.kind, node_time)
+        # MACs/params: a coarse last step may land a little over the target when nearer
+        allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else LANDING_ABOVE)
+        if table is None:
+            break
+        _choose_fast_widths(model, table, analysis.opset)
+        full = sum(node_time.values()) if node_time else 0.0
+        estimate = table.estimate(analysis.graph, model.shape, analysis.opset) / full if full > 0 else None
+        if estimate is None or estimate <= goal * 1.01:
+            break
+        fraction = max(0.02, fraction * goal / estimate)
+    allocation.widths = budget_mod.width_table(states)
+    return allocation, estimate
+
+
+def _apply(session: Session, plan: Plan) -> Any:
+    """The structural rewrite of ``plan`` on a fresh working graph of a sibling session."""
+    candidate = session.sibling()
+    fresh = candidate.analyze(stage="prune")
+    replayed = replay(fresh, plan)
+    with candidate.stage("prune"):
+        candidate.apply(channel_passes(fresh, replayed))
+        candidate.export()
+    return candidate, fresh, replayed
+
+
+def prune_budget(
+    session: Session,
+    options: BudgetOptions,
+    *,
+    verify: bool = True,
+    tolerance: float | None = None,
+    calibration: Any = None,
+    calibration_options: Any = None,
+) -> PruneResult:
+    if tolerance is None:
+        tolerance = session.default_tolerance(DEFAULT_TOLERANCE)
+    calibrated = None
+    if calibration is not None:
+        from graphprune.pipeline.calibrated import CalibratedRun
+
+        calibrated = CalibratedRun(session, calibration, calibration_options)
+    analysis = session.analyze()
+    scorer = calibrated.scorer(analysis) if calibrated is not None else None
+    states = _states(session, analysis, options, scorer)
+    info: dict[str, Any] = {"target": options.kind, "fraction": options.target,
+                            "max_ratio": options.max_ratio, "groups_allocated": len(states)}
+    if calibrated is not None and states:
+        from graphprune.planning import sensitivity
+
+        with session.stage("sensitivity"):
+            masked, masks = sensitivity.masked_model(session.prepared, analysis, states)
+            feeds = calibrated.batches.feeds[:1]
+            curves = sensitivity.measure(session.path_of(masked), states, masks, feeds)
+            info["sensitivity"] = sensitivity.apply_curves(states, curves)
+            reconstructs = getattr(calibrated.options, "reconstruction", "none") == "refit"
+            if reconstructs and calibrated.stats is not None:
+                from graphprune.planning.data_aware import consumer_views
+
+                info["sensitivity"].update(sensitivity.refit_curves(
+                    states, consumer_views(analysis), calibrated.stats, curves))
+    node_time: dict[int, float] | None = None
+    table = None
+    if options.kind == "latency":
+        with session.stage("latency table"):
+            node_time, table = _node_times(session, analysis, options)
+            info["latency_table"] = dict(getattr(table, "stats", {}) or {})
+    meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion}
+    with session.stage("plan"):
+        allocation, estimate = _allocate(analysis, states, options, node_time, table, options.target)
+    plan = budget_mod.to_plan(analysis, states, meta)
+    rounds: list[dict[str, Any]] = []
+    fresh = analysis
+    if options.kind != "latency":
+        # one rewrite, on the analysed graph itself
+        with session.stage("prune"):
+            session.apply(channel_passes(analysis, plan))
+            session.export()
+    else:
+        # rounds: each candidate is rewritten on a fresh working graph and timed
+        candidate, fresh, plan = _apply(session, plan)
+        internal = options.target
+        best = None
+        for round_index in range(LATENCY_ROUNDS):
+            ratio = _measured_latency_ratio(session, candidate, options)
+            rounds.append({"goal": round(internal, 4), "modelled_fraction": round(allocation.achieved, 4),
+                           "table_estimate": None if estimate is None else round(estimate, 4),
+                           "measured_ratio": round(ratio, 4)})
+            if best is None or ratio < best[0]:
+                best = (ratio, candidate, fresh, plan, allocation)
+            if ratio <= options.target or round_index == LATENCY_ROUNDS - 1:
+                break
+            # the table misses per-run overheads: aim its estimate lower by what was measured
+            internal = max(0.02, internal * options.target / ratio * 0.98)
+            with session.stage("plan"):
+                allocation, estimate = _allocate(analysis, states, options, node_time, table, internal)
+            plan = budget_mod.to_plan(analysis, states, meta)
+            candidate, fresh, plan = _apply(session, plan)
+        assert best is not None
+        _, candidate, fresh, plan, allocation = best
+        info["latency_rounds"] = rounds
+        # the fastest candidate becomes the session's result
+        session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
+        session.ctx = candidate.ctx
+    verification = verify_zeroed(session, fresh, plan, tolerance) if verify else None
+    if calibrated is not None and (verification is None or verification.get("ok")):
+        calibrated.reconstruct(fresh, plan)
+    report = session.report("budget", plan, analysis=fresh)
+    report["kinds"] = targets.kind_summary(fresh)
+    info.update(_achieved(report, options, rounds))
+    info["modelled_fraction"] = round(allocation.achieved, 4)
+    counted_full = report.get(f"{options.kind}_before") if options.kind != "latency" else None
+    if counted_full is not None and abs(counted_full - allocation.full) > 0.01 * max(allocation.full, 1.0):
+        # the exported models lack shapes the analysis inferred (e.g. after contrib ops
+        # that ONNX shape inference does not know): their count is not the model's cost
+        info["counted_fraction"] = info["achieved"]
+        info["achieved"] = round(allocation.achieved, 4)
+        info["measured_by"] = ("graphprune's cost model on the analysed shapes (the exported "
+                               "models' own shape information is incomplete)")
+        info["met"] = abs(info["achieved"] - options.target) <= 0.03
+    if estimate is not None:
+        info["table_estimate"] = round(estimate, 4)
+    info["reached_by_width"] = allocation.reached
+    info["widths"] = allocation.widths
+    report["budget"] = info
+    if calibrated is not None:
+        report["calibration"] = calibrated.report()
+        report["fidelity"] = calibrated.fidelity()
+    return session.finish(report, plan, verification)
+
+
+def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:
+    from graphprune.verify.timing import time_models
+
+    with session.stage("latency check"):
+        original, pruned = time_models(
+            [session.path_of(session.prepared), candidate.path_of(candidate.model)],
+            provider=options.provider, warmup=3, runs=options.latency_runs, threads=options.threads)
+    return pruned.median_ms / original.median_ms if original.median_ms > 0 else 1.0
+
+
+def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def fraction(after: str, before: str) -> float | None:
+        b = report.get(before) or 0
+        return round(report.get(after, 0) / b, 4) if b else None
+
+    out: dict[str, Any] = {
+        "macs_fraction": fraction("macs_after", "macs_before"),
+        "params_fraction": fraction("params_after", "params_before"),
+    }
+    if options.kind == "latency":
+        measured = min(r["measured_ratio"] for r in rounds) if rounds else None
+        out["latency_fraction"] = measured
+        out["achieved"] = measured
+        out["measured_by"] = (f"ONNX Runtime on {options.provider}, median of {options.latency_runs} "
+                              "interleaved runs, pruned vs original")
+    else:
+        out["achieved"] = out[f"{options.kind}_fraction"]
+        out["measured_by"] = ("multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul on the exported "
+                              "models (graphprune.verify.metrics)" if options.kind == "macs" else
+                              "elements of float initializers and constants of the exported models")
+    achieved = out["achieved"]
+    out["met"] = achieved is not None and achieved <= options.target + 0.03 and (
+        options.kind == "latency" or achieved >= options.target - 0.03)
+    if achieved is not None and not math.isfinite(achieved):
+        out["met"] = False
+    return out
+
+
+# ---------------------------------------------------------------------------- depth option
+def reachable(session: Session, options: BudgetOptions, fraction: float) -> bool:
+    """Whether width pruning alone (within ``max_ratio``) can bring the model to ``fraction``
+    of its MACs/params (planning only: nothing is rewritten)."""
+    analysis = session.analyze(stage="plan")
+    states = _states(session, analysis, options, None)
+    model = budget_mod.CostModel(analysis, states, options.kind)
+    return budget_mod.allocate(model, fraction).reached
+
+
+def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_options: dict[str, Any],
+                            verify: bool = True, tolerance: float | None = None,
+                            calibration: Any = None, calibration_options: Any = None) -> PruneResult:
+    """Width first; when width alone cannot reach the target within ``max_ratio``, erase the
+    least important residual blocks (:mod:`graphprune.pipeline.depth`, one more at a time)
+    until the width allocation can reach what is left, then allocate the width on the
+    erased model. ``report["depth"]`` lists the blocks; budget fractions stay relative to
+    the original."""
+    from graphprune.analysis.blocks import find_residual_blocks
+    from graphprune.errors import UsageError
+    from graphprune.pipeline import depth as depth_mode
+
+    if options.kind == "latency":
+        raise UsageError("depth (erasing residual blocks) can be combined with a MACs or params target only")
+    session = Session(model, **session_options)
+    if reachable(session, options, options.target):
+        return prune_budget(session.sibling(), options, verify=verify, tolerance=tolerance,
+                            calibration=calibration, calibration_options=calibration_options)
+    blocks = find_residual_blocks(session.import_graph())
+    before = _cost_of(session.prepared, options.kind)
+    for k in range(1, len(blocks) + 1):
+        try:
+            erased = depth_mode.erase_blocks(model, k, verify=verify, tolerance=tolerance,
+                                             progress=session_options.get("progress"),
+                                             input_shapes=session_options.get("input_shapes"))
+        except UsageError:
+            break  # no more non-overlapping blocks
+        after = _cost_of(erased.model, options.kind)
+        left = options.target * before / after if after else 1.0
+        if left >= 1.0:
+            erased.report["budget"] = {"target": options.kind, "fraction": options.target,
+                                       "achieved": round(after / before, 4), "met": True,
+                                       "reached_by_width": False, "widths": [],
+                                       "measured_by": "erased residual blocks only"}
+            return erased
+        width_session = Session(erased.model, **session_options)
+        if not reachable(width_session, options, left) and k < len(blocks):
+            continue
+        inner = BudgetOptions(**{**options.__dict__, "target": left})
+        result = prune_budget(width_session.sibling(), inner, verify=verify, tolerance=tolerance,
+                              calibration=calibration, calibration_options=calibration_options)
+        report = result.report
+        report["depth"] = erased.report["depth"]
+        report["mode"] = "budget+erase_blocks"
+        for key in ("macs", "params"):
+            report[f"{key}_before"] = erased.report[f"{key}_before"]
+        b = report["budget"]
+        b.update(_achieved(report, options, b.get("latency_rounds") or []))
+        b["fraction"] = options.target
+        b["width_fraction_after_depth"] = round(left, 4)
+        return result
+    return prune_budget(Session(model, **session_options), options, verify=verify, tolerance=tolerance,
+                        calibration=calibration, calibration_options=calibration_options)
+
+
+def _cost_of(model: Any, kind: str) -> float:
+    from graphprune.verify.metrics import count_macs, count_params
+
+    return float(count_macs(model) if kind == "macs" else count_params(model))

@@ -1,0 +1,123 @@
+"""Recurrent layers: LSTM, GRU and RNN (ONNX's fused ops).
+
+One *hidden unit* ``h`` is the unit of pruning: it owns, in every direction,
+
+- the rows ``g*H + h`` of ``W [dirs, G*H, input]`` and ``R [dirs, G*H, H]`` for each of the
+  ``G`` gates (LSTM 4: i, o, f, c; GRU 3: z, r, h; RNN 1) and the entries ``g*H + h`` of
+  ``B [dirs, 2*G*H]`` (``Wb`` then ``Rb``) and of the LSTM peepholes ``P [dirs, 3*H]``;
+- column ``h`` of ``R`` (the recurrence reads the previous hidden state);
+- channel ``h`` of the initial states ``initial_h``/``initial_c`` and of the outputs ``Y``,
+  ``Y_h`` and ``Y_c``.
+
+The input size (``W``'s last axis) is a consumer axis coupled to ``X``'s feature axis, so
+the layer before the recurrent one can lose features. ``hidden_size`` is rewritten.
+
+Exactness: with its producer rows, biases and peepholes zeroed, a unit's gates are
+constants (sigmoid(0), tanh(0) = 0, or whatever the activations give at 0) and its value
+reaches the rest of the network only through consumer weights that are zeroed too (``R``'s
+column, the next layer's inputs), so removing it equals zeroing it. Graph inputs and
+outputs (a streaming model's states) freeze the hidden size, as everywhere.
+
+``layout = 1`` (batch first, opset 14) freezes: ONNX Runtime does not run it, so a rewrite
+could not be verified. So does anything else the rule does not recognise (a hidden size
+that does not match the weights, an unknown rank).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis.index_maps import Digit
+from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from graphprune.analysis.coupling import CouplingContext
+    from graphprune.passes.rewrite_context import RewriteContext
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _present(node: gs.Node, index: int) -> gs.Tensor | None:
+    if len(node.inputs) > index and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
+def _output(node: gs.Node, index: int) -> gs.Tensor | None:
+    if len(node.outputs) > index and node.outputs[index].name:
+        return node.outputs[index]
+    return None
+
+
+@register
+class RecurrentRule(OpRule):
+    op_types = ("LSTM", "GRU", "RNN")
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        gates = GATES[node.op]
+        hidden = int(node.attrs.get("hidden_size", 0) or 0)
+        layout = int(node.attrs.get("layout", 0))
+        x, w, r = node.inputs[0], node.inputs[1], node.inputs[2]
+        b, h0 = _present(node, 3), _present(node, 5)
+        c0 = _present(node, 6) if node.op == "LSTM" else None
+        p = _present(node, 7) if node.op == "LSTM" else None
+        y, y_h = _output(node, 0), _output(node, 1)
+        y_c = _output(node, 2) if node.op == "LSTM" else None
+        w_shape, r_shape = ctx.shape(w), ctx.shape(r)
+        if (
+            hidden < 1 or layout != 0 or ctx.rank(x) != 3
+            or w_shape is None or len(w_shape) != 3 or r_shape is None or len(r_shape) != 3
+            or w_shape[1] != gates * hidden or r_shape[1:] != [gates * hidden, hidden]
+        ):
+            ctx.freeze_node(node, f"{node.op} '{node.name}' not understood "
+                                  f"(hidden_size {hidden}, layout {layout}, W {w_shape}, R {r_shape})")
+            return
+        where = f"{node.op} '{node.name}'"
+        # the hidden axis of Y (or of R's columns when Y is not used) names the unit
+        ctx.couple(r, 2, w, 1, Digit(1))
+        ctx.couple(r, 2, r, 1, Digit(1))
+        ctx.role(w, 1, PRODUCER)
+        ctx.role(r, 1, PRODUCER)
+        ctx.role(r, 2, CONSUMER)
+        ctx.couple(x, 2, w, 2)
+        ctx.role(w, 2, CONSUMER)
+        ctx.role(x, 2, CONSUMER)
+        ctx.spatial(x, [0, 1], "sequence/batch")
+        if b is not None:
+            ctx.couple(r, 2, b, 1, Digit(1))
+            ctx.role(b, 1, PRODUCER)
+        if p is not None:
+            ctx.couple(r, 2, p, 1, Digit(1))
+            ctx.role(p, 1, CHANNELWISE)
+        for state in (h0, c0, y_h, y_c):  # [dirs, batch, H]
+            if state is not None:
+                ctx.couple(state, 2, r, 2)
+                ctx.spatial(state, [0, 1], "direction/batch")
+        if y is not None:  # [seq, dirs, batch, H]
+            ctx.couple(y, 3, r, 2)
+            ctx.spatial(y, [0, 1, 2], "sequence/direction/batch")
+        if _present(node, 4) is not None:
+            ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        r = node.inputs[2]
+        old, new = ctx.old_size(r, 2), ctx.new_size(r, 2)
+        if old and new and old != new:
+            node.attrs["hidden_size"] = int(new)
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """``seq * batch * dirs * G*H * (input + H)``: the input and recurrent products."""
+        x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
+        if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
+            return None
+        return math.prod(x[:2]) * w[0] * w[1] * (w[2] + r[2])
+
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        return tuple(i for i in (1, 2, 3, 7) if _present(node, i) is not None
+                     and (i != 7 or node.op == "LSTM"))

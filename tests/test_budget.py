@@ -1,0 +1,201 @@
+"""Budgets: prune to a MACs / parameter / latency target with global allocation.
+
+Real graphs, real ONNX Runtime sessions: the example CNN, a torch-exported transformer block
+(``tests/test_transformers.py``) and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import graphprune
+from graphprune.errors import UsageError
+from graphprune.examples import example_cnn
+from graphprune.io import ir
+from graphprune.pipeline.session import Session
+from graphprune.planning import budget
+from graphprune.planning.importance import score_group
+from graphprune.planning.planner import select_units
+from graphprune.verify.metrics import count_macs, count_params
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(example_cnn())
+
+
+def _fraction(report, kind):
+    return report[f"{kind}_after"] / report[f"{kind}_before"]
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_target_macs_lands_on_the_target(cnn, target):
+    result = graphprune.prune(cnn, target_macs=target)
+    report = result.report
+    assert report["verification"]["ok"]
+    achieved = count_macs(result.model) / count_macs(cnn)  # counted on the models themselves
+    assert abs(achieved - target) <= 0.03
+    assert report["budget"]["achieved"] == pytest.approx(achieved, abs=1e-3)
+    assert report["budget"]["met"] is True
+    # the cost model is exact: what it planned is what the exported model costs
+    assert report["budget"]["modelled_fraction"] == pytest.approx(achieved, abs=1e-3)
+
+
+def test_allocation_is_not_uniform(cnn):
+    widths = graphprune.prune(cnn, target_macs=0.5).report["budget"]["widths"]
+    shares = {round(w["kept"] / w["units"], 2) for w in widths}
+    assert len(shares) > 1, widths
+    assert all(1 <= w["kept"] <= w["units"] for w in widths)
+
+
+def test_target_params(cnn):
+    result = graphprune.prune(cnn, target_params=0.6)
+    achieved = count_params(result.model) / count_params(cnn)
+    assert abs(achieved - 0.6) <= 0.03
+    assert result.report["budget"]["target"] == "params"
+
+
+def test_max_ratio_is_respected(cnn):
+    result = graphprune.prune(cnn, target_macs=0.3, max_ratio=0.5)
+    for w in result.report["budget"]["widths"]:
+        assert w["kept"] >= w["units"] * 0.5 - 1e-9
+    if not result.report["budget"]["reached_by_width"]:
+        assert result.report["budget"]["met"] is False
+
+
+def test_keep_protects_groups(cnn):
+    free = graphprune.prune(cnn, target_macs=0.5)
+    name = free.report["budget"]["widths"][0]["anchor"].rsplit(":", 1)[0]
+    kept = graphprune.prune(cnn, target_macs=0.5, keep=[name])
+    assert name not in {w["anchor"].rsplit(":", 1)[0] for w in kept.report["budget"]["widths"]}
+
+
+@pytest.mark.parametrize("bad", [
+    {"target_macs": 0.0}, {"target_macs": 1.0}, {"target_params": -0.2}, {"target_macs": "half"},
+    {"target_macs": 0.5, "target_params": 0.5}, {"target_macs": 0.5, "lossless": True},
+    {"max_ratio": 0.5},
+])
+def test_bad_budget_arguments(cnn, bad):
+    with pytest.raises(UsageError):
+        graphprune.prune(cnn, **bad)
+
+
+def test_removal_order_prefix_is_what_the_planner_selects(cnn):
+    session = Session(cnn)
+    analysis = session.analyze()
+    rng = np.random.default_rng(0)
+    for group in analysis.prunable_groups:
+        scores = score_group(group, analysis.context.tensors, "l1", rng)
+        order = budget.removal_order(group, scores, group.num_units - 1, min_channels=2)
+        for m in (1, len(order) // 2, len(order)):
+            assert sorted(order[:m].tolist()) == select_units(group, scores, m, 2)
+
+
+def test_allowed_steps_keep_aligned_counts():
+    steps = budget.allowed_steps(100, 90, 8, 1)
+    assert steps[0] == 0
+    assert all((100 - s) % 8 == 0 for s in steps[1:])
+    assert max(steps) <= 90 and 100 - max(steps) >= 8
+    assert budget.allowed_steps(10, 9, 1, 3) == list(range(0, 8))
+
+
+def test_cost_model_matches_the_mac_counter(cnn):
+    session = Session(cnn)
+    analysis = session.analyze()
+    rng = np.random.default_rng(0)
+    states = budget.build_states(analysis, lambda g: score_group(g, analysis.context.tensors, "l1", rng),
+                                 eligible=lambda g: True)
+    model = budget.CostModel(analysis, states, "macs")
+    assert model.full_total == pytest.approx(count_macs(ir.export_graph(analysis.graph, session.prepared)))
+
+
+def test_calibrated_budget_measures_group_sensitivity(cnn, tmp_path):
+    rng = np.random.default_rng(0)
+    name = cnn.graph.input[0].name
+    dims = [d.dim_value or 1 for d in cnn.graph.input[0].type.tensor_type.shape.dim]
+    samples = rng.standard_normal((24, *dims)).astype(np.float32)
+    result = graphprune.prune(cnn, target_macs=0.6, calibration={name: samples}, reconstruction="stats")
+    report = result.report
+    assert report["verification"]["ok"]
+    assert report["budget"]["sensitivity"]["groups_measured"] >= 1
+    assert abs(_fraction(report, "macs") - 0.6) <= 0.03
+    assert "cosine" in json.dumps(report["fidelity"])
+
+
+def test_transformer_budget_prunes_heads_and_mlp_only():
+    from test_transformers import _export
+
+    model = _export("encoder", dynamo=False)
+    result = graphprune.prune(model, target_macs=0.7)
+    report = result.report
+    assert report["verification"]["ok"]
+    kinds = {w["kind"] for w in report["budget"]["widths"]}
+    assert "hidden" not in kinds and kinds <= {"head", "mlp"}
+    assert abs(_fraction(report, "macs") - 0.7) <= 0.03
+    no_heads = graphprune.prune(model, target_macs=0.85, head_ratio=0.0)
+    assert {w["kind"] for w in no_heads.report["budget"]["widths"]} == {"mlp"}
+
+
+def test_target_latency_reports_measurement(cnn, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "cache"))
+    result = graphprune.prune(cnn, target_latency=0.6)
+    b = result.report["budget"]
+    assert result.report["verification"]["ok"]
+    assert b["target"] == "latency" and b["latency_rounds"]
+    assert b["achieved"] == min(r["measured_ratio"] for r in b["latency_rounds"])
+    assert "ONNX Runtime" in b["measured_by"]
+    assert any((tmp_path / "cache").rglob("*.json"))  # the table was cached on disk
+
+
+def test_cli_target_macs(cnn, tmp_path):
+    import onnx
+
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save(cnn, src)
+    run = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(out),
+                          "--target-macs", "0.5", "--report", str(rep)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "target: macs 0.5" in run.stdout and "kept widths per group" in run.stdout
+    report = json.loads(rep.read_text())
+    assert abs(report["budget"]["achieved"] - 0.5) <= 0.03
+    for args in (["--target-macs", "0.5", "--ratio", "0.3"], ["--target-macs", "1.2"],
+                 ["--target-macs", "0.5", "--target-params", "0.5"], ["--max-ratio", "0.5"]):
+        bad = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o",
+                              str(tmp_path / "x.onnx"), *args], capture_output=True, text=True)
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x.onnx").exists()
+
+
+def test_allow_depth_erases_blocks_when_width_cannot_reach(cnn):
+    width_only = graphprune.prune(cnn, target_macs=0.15, max_ratio=0.5)
+    assert width_only.report["budget"]["reached_by_width"] is False
+    assert width_only.report["budget"]["met"] is False
+    result = graphprune.prune(cnn, target_macs=0.15, max_ratio=0.5, allow_depth=True)
+    report = result.report
+    assert report["mode"] == "budget+erase_blocks"
+    assert report["depth"]["blocks_erased"]
+    assert report["verification"]["ok"]
+    achieved = count_macs(result.model) / count_macs(cnn)
+    assert abs(achieved - 0.15) <= 0.03 and report["budget"]["met"]
+    # depth is only used when width cannot do it alone
+    easy = graphprune.prune(cnn, target_macs=0.6, allow_depth=True)
+    assert easy.report["mode"] == "budget" and "depth" not in easy.report
+
+
+def test_sweep_over_mac_targets(cnn, tmp_path):
+    from graphprune.sweep import run_sweep, supported_targets, sweep_points
+
+    assert set(supported_targets()) == {"target_macs", "target_params", "target_latency"}
+    points = sweep_points(targets={"target_macs": [0.4, 0.7]})
+    data = run_sweep(cnn, tmp_path / "s", points, runs=1, threads=1)
+    ratios = sorted(p["macs_ratio"] for p in data["points"])
+    assert ratios[0] == pytest.approx(0.4, abs=0.03) and ratios[1] == pytest.approx(0.7, abs=0.03)
+    assert all(p["report_budget"]["met"] for p in data["points"])

@@ -1,0 +1,295 @@
+"""Defects found on real third-party models (issue 12), each on a small model built here.
+
+- probe sizes: a model that only runs at some input sizes (an OCR recogniser whose height
+  must be 32) made verification fail with "the original does not run"; sizes are now chosen
+  so that it runs, and ``--input-shape NAME=...`` / ``input_shapes=`` give them;
+- a quantization tool's shapeless ``value_info`` for a graph output made the output lose its
+  shape and the pruned model fail ``onnx.checker``;
+- a prune that removes nothing said nothing: it now says ``nothing prunable: <why>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import conv_node, make_model
+from onnx import TensorProto, helper
+
+import graphprune
+from graphprune.analysis.probe_sizes import choose_input_shapes
+from graphprune.cli import main
+from graphprune.errors import UsageError
+from graphprune.io.feeds import input_specs
+from graphprune.pipeline.session import Session
+
+
+def fixed_height_model() -> onnx.ModelProto:
+    """``x [1, 3, H, W] -> Conv -> Relu -> MaxPool(32 x 1) -> Squeeze(H) -> MatMul``: runs
+    only when H is in [32, 63] (the pooled height must be 1), like a text recogniser."""
+    model = make_model(
+        [
+            conv_node("x", "w1", "a", "b1", k=1),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[32, 1], strides=[32, 1]),
+            helper.make_node("Squeeze", ["p", "axes"], ["s"]),
+            helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["t", "w2"], ["y"]),
+        ],
+        {"x": [1, 3, 32, 16]}, {"y": None},
+        {"w1": [8, 3, 1, 1], "b1": [8], "axes": np.array([2], dtype=np.int64), "w2": [8, 4]},
+    )
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].Clear()
+    dims[2].dim_param = "height"
+    dims[3].Clear()
+    dims[3].dim_param = "width"
+    for dim in model.graph.output[0].type.tensor_type.shape.dim:
+        dim.Clear()
+    return model
+
+
+class TestProbeSizes:
+    def test_the_guess_does_not_run(self) -> None:
+        model = fixed_height_model()
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        with pytest.raises(Exception, match="Squeeze"):
+            session.run(None, {"x": np.zeros((1, 3, 224, 224), np.float32)})
+
+    def test_sizes_that_run_are_chosen(self, tmp_path: Path) -> None:
+        model = fixed_height_model()
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        shapes = choose_input_shapes(path, input_specs(model))
+        assert shapes is not None and 32 <= shapes["x"][2] < 64
+
+    def test_prune_runs_at_the_chosen_sizes(self) -> None:
+        result = graphprune.prune(fixed_height_model(), ratio=0.5)
+        assert result.report["verification"]["ok"] is True
+        assert result.report["params_after"] < result.report["params_before"]
+
+    def test_given_shapes_are_used(self) -> None:
+        result = graphprune.prune(fixed_height_model(), ratio=0.5,
+                                  input_shapes={"x": (1, 3, 40, 24)})
+        assert result.report["verification"]["ok"] is True
+
+    def test_given_shapes_that_do_not_fit_are_a_usage_error(self) -> None:
+        with pytest.raises(UsageError, match="not a graph input"):
+            graphprune.prune(fixed_height_model(), ratio=0.5, input_shapes={"nope": (1, 3)})
+        with pytest.raises(UsageError, match="declares 3"):
+            graphprune.prune(fixed_height_model(), ratio=0.5, input_shapes={"x": (1, 4, 32, 8)})
+
+    def test_cli_input_shape(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+        onnx.save(fixed_height_model(), path)
+        code = main(["prune", str(path), "-o", str(out), "-q", "--input-shape", "x=1,3,48,20"])
+        assert code == 0 and out.exists()
+        code = main(["prune", str(path), "-o", str(out), "-q", "--input-shape", "y=1,3"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "not a graph input" in err[0]
+
+
+def test_shapeless_value_info_of_an_output_keeps_the_declared_shape() -> None:
+    """ONNX shape inference does not know com.microsoft ops, so the output's inferred type
+    has no shape (as after ORT's DynamicQuantizeLSTM in a quantized CRNN); a Constant node
+    makes the model go through constant folding (a graphsurgeon round trip)."""
+    bias = onnx.numpy_helper.from_array(np.ones(4, np.float32), "b2")
+    model = make_model(
+        [helper.make_node("Constant", [], ["b2"], value=bias),
+         conv_node("x", "w1", "a", "b1"), helper.make_node("Relu", ["a"], ["r"]),
+         conv_node("r", "w2", "c", "b2"),
+         helper.make_node("Gelu", ["c"], ["y"], domain="com.microsoft")],
+        {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+        {"w1": [16, 3, 3, 3], "b1": [16], "w2": [4, 16, 3, 3]},
+        extra_opsets={"com.microsoft": 1},
+    )
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    model.ir_version = 7
+    # the normalised model keeps the declared output type (it lost its shape, and the
+    # pruned quantized CRNN then failed the checker: "Field 'shape' of 'type' is required")
+    prepared = Session(model).prepared
+    assert [d.dim_value for d in prepared.graph.output[0].type.tensor_type.shape.dim] == [1, 4, 8, 8]
+    result = graphprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    dims = [d.dim_value for d in result.model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 4, 8, 8]
+
+
+def test_nothing_prunable_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One Conv between the graph input and output: every channel is an input or output."""
+    model = make_model([conv_node("x", "w", "y", "b")], {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+                       {"w": [4, 3, 3, 3], "b": [4]})
+    result = graphprune.prune(model, ratio=0.5)
+    why = result.report["nothing_prunable"]
+    assert why.startswith("nothing prunable: ") and "graph output" in why
+    path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, path)
+    assert main(["prune", str(path), "-o", str(out), "-q"]) == 0
+    assert why in capsys.readouterr().out
+    # a prune that removes something has no such line
+    assert "nothing_prunable" not in graphprune.prune(
+        make_model([conv_node("x", "w1", "a", "b1"), conv_node("a", "w2", "y", "b2")],
+                   {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+                   {"w1": [16, 3, 3, 3], "b1": [16], "w2": [4, 16, 3, 3], "b2": [4]}),
+        ratio=0.5).report
+
+
+def test_matmul_macs_read_the_contracted_size_from_the_weight() -> None:
+    """An input whose sizes are all symbolic reads as ``[1, 1, 1]``: the contracted size
+    must come from the weight (``K = 8``), not from the input's unknown last axis."""
+    from graphprune.verify.metrics import count_macs
+
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": [2, 3, 8]},
+                       {"y": None}, {"w": [8, 6]})
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, "bsk", strict=True):
+        dim.Clear()
+        dim.dim_param = name
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    assert count_macs(model) == 1 * 1 * 6 * 8  # unknown batch and sequence count as 1
+
+
+def test_params_count_if_bodies() -> None:
+    """Weights inside an If's branches count (silero VAD keeps all of them there)."""
+    from graphprune.verify.metrics import count_params
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])],
+                                 name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [2, 4])],
+                                 [w])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))],
+        "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(np.ones(3, np.float32), "unused")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert count_params(model) == 3 + 16 + 16
+
+
+def test_sequence_of_maps_output_keeps_its_type() -> None:
+    """skl2onnx classifiers end in ZipMap (a sequence of maps): the exported model declared
+    it as a sequence of undefined tensors and failed shape inference."""
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["p"]),
+         helper.make_node("ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])],
+        {"x": [1, 8]}, {}, {"w1": [8, 16], "w2": [16, 3]}, extra_opsets={"ai.onnx.ml": 3}, check=False,
+    )
+    probs = helper.make_tensor_sequence_value_info("probs", TensorProto.FLOAT, None)
+    probs.type.sequence_type.elem_type.Clear()
+    probs.type.sequence_type.elem_type.map_type.key_type = TensorProto.INT64
+    probs.type.sequence_type.elem_type.map_type.value_type.tensor_type.elem_type = TensorProto.FLOAT
+    model.graph.output.append(probs)
+    model.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 3]))
+    onnx.checker.check_model(model, full_check=True)
+    result = graphprune.prune(model, ratio=0.5, verify=False)
+    assert result.report["params_after"] < result.report["params_before"]
+    pruned = result.model
+    assert pruned.graph.output[0].type.sequence_type.elem_type.map_type.key_type == TensorProto.INT64
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.ones((1, 8), np.float32)})
+    assert set(out[0][0]) == {0, 1, 2}
+
+
+def if_model(outer_weights: bool = False) -> onnx.ModelProto:
+    """``y = If(flag, branch_a(x), branch_b(x))``, each branch ``Conv -> Relu -> Conv`` with
+    its weights inside (or, ``outer_weights``, read from the main graph's initializers, as
+    the dynamo export of silero VAD does); channels 8..15 of the first conv are zero."""
+    rng = np.random.default_rng(0)
+
+    def weights(tag: str) -> list[onnx.TensorProto]:
+        w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+        b1 = rng.standard_normal(16).astype(np.float32)
+        w1[8:], b1[8:] = 0, 0
+        return [onnx.numpy_helper.from_array(w1, f"w1{tag}"), onnx.numpy_helper.from_array(b1, f"b1{tag}"),
+                onnx.numpy_helper.from_array(rng.standard_normal((4, 16, 3, 3)).astype(np.float32), f"w2{tag}")]
+
+    def branch(tag: str, inits: list[onnx.TensorProto]) -> onnx.GraphProto:
+        nodes = [conv_node("x", f"w1{tag}", f"a{tag}", f"b1{tag}", name=f"c1{tag}"),
+                 helper.make_node("Relu", [f"a{tag}"], [f"r{tag}"]),
+                 conv_node(f"r{tag}", f"w2{tag}", f"y{tag}", name=f"c2{tag}")]
+        return helper.make_graph(nodes, f"branch{tag}", [],
+                                 [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+
+    wa, wb = weights("a"), weights("b")
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="if",
+                          then_branch=branch("a", [] if outer_weights else wa),
+                          else_branch=branch("b", [] if outer_weights else wb))],
+        "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], wa + wb if outer_weights else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("outer_weights", [False, True])
+def test_if_branches_are_pruned(outer_weights: bool) -> None:
+    """Each branch is pruned as a model of its own (it removes the zero channels 8..15, so
+    the pruned model equals the original), and the whole model is verified."""
+    from graphprune.verify.metrics import count_params
+
+    model = if_model(outer_weights)
+    result = graphprune.prune(model, ratio=0.5)
+    report = result.report
+    assert report["verification"]["ok"] is True
+    assert [b["branch"] for b in report["branches"]["pruned"]] == ["then_branch", "else_branch"]
+    assert "nothing_prunable" not in report
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    assert count_params(pruned) < count_params(model)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"flag": np.array(flag), "x": x}
+        (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        (out,) = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for n in pruned.graph.node:  # the first conv of each branch kept the 8 non-zero channels
+        for a in n.attribute:
+            shapes = {t.name: list(t.dims) for t in a.g.initializer}
+            assert sorted(v[0] for k, v in shapes.items() if "w1" in k) == [8]
+
+
+def test_constants_folded_into_both_branches_are_shared_again() -> None:
+    """Both branches read an outer weight through a Transpose; constant folding gives each
+    branch its own copy (silero VAD v5: the LSTM weights twice). The pruned model must not
+    hold more weights than the original: the copies become one shared initializer."""
+    from graphprune.verify.metrics import count_params
+
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32), "w")
+
+    def branch(tag: str, scale: float) -> onnx.GraphProto:
+        s = onnx.numpy_helper.from_array(np.array(scale, np.float32), f"s{tag}")
+        return helper.make_graph(
+            [helper.make_node("Transpose", ["w"], [f"wt{tag}"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", f"wt{tag}"], [f"m{tag}"]),
+             helper.make_node("Mul", [f"m{tag}", f"s{tag}"], [f"y{tag}"])],
+            tag, [], [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [2, 16])], [s])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="if", then_branch=branch("a", 1.0),
+                          else_branch=branch("b", 2.0))],
+        "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    assert result.report["branches"]["hoisted_constants"] == 1
+    assert count_params(result.model) <= count_params(model)
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"flag": np.array(flag), "x": x}
+        (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        (out,) = ort.InferenceSession(result.model.SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, feeds)
+        np.testing.assert_allclose(out, ref, rtol=1e-6)

@@ -1,0 +1,212 @@
+"""Quantized graphs (graphprune/rules/quantize.py).
+
+QDQ: ``x -> Conv(DQ(W1 int8, per-channel scale), DQ(b1 int32)) -> Relu -> Q -> DQ ->
+Conv(DQ(W2 int8, per-channel scale)) -> y``. The channels between the convs prune through
+the Q/DQ pair: W1's int8 rows, its per-channel scales and zero points, b1's int32 entries and
+W2's int8 columns are sliced together, and the result equals the original with those
+channels zeroed. ORT integer ops (MatMulInteger, ConvInteger, DynamicQuantizeLinear, ...)
+freeze with a reason, and a model where that leaves nothing says "nothing prunable: ...".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import group_with
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+
+#: the op types this file covers (tests/test_op_coverage.py counts them)
+OPS_UNDER_TEST = (
+    "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
+    "QLinearConv", "QLinearMatMul", "com.microsoft::QuantizeLinear",
+    "com.microsoft::DequantizeLinear", "com.microsoft::DynamicQuantizeLSTM",
+    "com.microsoft::DynamicQuantizeMatMul", "com.microsoft::MatMulIntegerToFloat",
+)
+C_IN, C_MID, C_OUT = 3, 16, 8
+
+
+def _run(model: onnx.ModelProto, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def qdq_model(*, weight_zero_point: int = 0, contrib: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+
+    def q(*args: str, **kw: object) -> onnx.NodeProto:
+        if contrib:
+            return helper.make_node("QuantizeLinear", list(args[:-1]), [args[-1]],
+                                    domain="com.microsoft", **kw)
+        return helper.make_node("QuantizeLinear", list(args[:-1]), [args[-1]], **kw)
+
+    def dq(*args: str, **kw: object) -> onnx.NodeProto:
+        if contrib:
+            return helper.make_node("DequantizeLinear", list(args[:-1]), [args[-1]],
+                                    domain="com.microsoft", **kw)
+        return helper.make_node("DequantizeLinear", list(args[:-1]), [args[-1]], **kw)
+
+    inits = [
+        numpy_helper.from_array(rng.integers(-100, 100, (C_MID, C_IN, 3, 3)).astype(np.int8), "w1_q"),
+        numpy_helper.from_array((rng.random(C_MID) * 0.01 + 0.001).astype(np.float32), "w1_s"),
+        numpy_helper.from_array(np.full(C_MID, weight_zero_point, dtype=np.int8), "w1_z"),
+        numpy_helper.from_array(rng.integers(-500, 500, C_MID).astype(np.int32), "b1_q"),
+        numpy_helper.from_array(np.array(0.0005, dtype=np.float32), "b1_s"),
+        numpy_helper.from_array(np.array(0.05, dtype=np.float32), "a_s"),
+        numpy_helper.from_array(np.array(0, dtype=np.uint8), "a_z"),
+        numpy_helper.from_array(rng.integers(-100, 100, (C_OUT, C_MID, 1, 1)).astype(np.int8), "w2_q"),
+        numpy_helper.from_array((rng.random(C_OUT) * 0.01 + 0.001).astype(np.float32), "w2_s"),
+        numpy_helper.from_array(np.zeros(C_OUT, dtype=np.int8), "w2_z"),
+    ]
+    nodes = [
+        dq("w1_q", "w1_s", "w1_z", "w1", axis=0),
+        dq("b1_q", "b1_s", "b1"),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        q("r1", "a_s", "a_z", "r1_q"),
+        dq("r1_q", "a_s", "a_z", "r1_dq"),
+        dq("w2_q", "w2_s", "w2_z", "w2", axis=0),
+        helper.make_node("Conv", ["r1_dq", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C_IN, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C_OUT, 8, 8])], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _zeroed(model: onnx.ModelProto, removed: list[int]) -> onnx.ModelProto:
+    """The original with the int8 producer rows and consumer columns of ``removed`` zeroed
+    (the weights are symmetric: int8 0 dequantizes to 0)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        values = numpy_helper.to_array(init).copy()
+        if init.name in ("w1_q", "b1_q"):
+            values[removed] = 0
+        elif init.name == "w2_q":
+            values[:, removed] = 0
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(values, init.name))
+    return out
+
+
+@pytest.mark.parametrize("contrib", [False, True])
+def test_qdq_channels_prune_through_the_pairs(contrib: bool) -> None:
+    model = qdq_model(contrib=contrib)
+    analysis = graphprune.analyze(model)
+    group = group_with(analysis, "w1_q", 0)
+    assert group.prunable and group.is_exact, group.frozen
+    roles = analysis.context.roles
+    assert roles[("w1_q", 0)] == PRODUCER and roles[("w2_q", 1)] == CONSUMER
+    assert roles[("w1_s", 0)] == CHANNELWISE and ("b1_q", 0) in group.params
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    inits = _inits(pruned)
+    kept = C_MID // 2
+    assert inits["w1_q"].dtype == np.int8 and inits["w1_q"].shape == (kept, C_IN, 3, 3)
+    assert inits["w1_s"].shape == inits["w1_z"].shape == inits["b1_q"].shape == (kept,)
+    assert inits["w2_q"].shape == (C_OUT, kept, 1, 1)
+    removed = sorted(set(range(C_MID)) - {
+        i for i in range(C_MID)
+        if any(np.array_equal(numpy_helper.to_array(init)[i], inits["w1_q"][k])
+               for init in model.graph.initializer if init.name == "w1_q" for k in range(kept))
+    })
+    assert len(removed) == C_MID - kept
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, C_IN, 8, 8)).astype(np.float32)}
+    # the same optimization level on both sides (ORT fuses QDQ into integer kernels)
+    for optimize in (False, True):
+        reference = _run(_zeroed(model, removed), feeds, optimize)[0]
+        np.testing.assert_allclose(_run(pruned, feeds, optimize)[0], reference, rtol=0, atol=1e-5)
+
+
+def test_weight_with_a_non_zero_zero_point_freezes() -> None:
+    analysis = graphprune.analyze(qdq_model(weight_zero_point=3))
+    group = group_with(analysis, "w1_q", 0)
+    assert group.frozen and any("non-zero zero point" in r for r in group.frozen)
+
+
+def test_blocked_quantization_freezes() -> None:
+    model = qdq_model()
+    # a 2-D blocked scale cannot be sliced per channel (opset 21 block_size)
+    for n in model.graph.node:
+        if n.output[0] == "w1":
+            n.attribute.append(helper.make_attribute("block_size", 2))
+    analysis = graphprune.analyze(model)
+    assert any("blocked quantization" in r for g in analysis.groups for r in g.frozen)
+
+
+def matmul_integer_model() -> onnx.ModelProto:
+    """``x -> DynamicQuantizeLinear -> MatMulInteger(W int8) -> Cast -> Mul(scales) -> y``."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.integers(0, 255, (8, 6)).astype(np.uint8), "w_q"),
+        numpy_helper.from_array(np.array(3, dtype=np.uint8), "w_z"),
+        numpy_helper.from_array(np.array(0.01, dtype=np.float32), "w_s"),
+    ]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_s", "x_z"], name="dql"),
+        helper.make_node("MatMulInteger", ["x_q", "w_q", "x_z", "w_z"], ["acc"], name="mmi"),
+        helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_s", "w_s"], ["scale"]),
+        helper.make_node("Mul", ["acc_f", "scale"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mmi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_integer_ops_freeze_with_a_reason_and_say_nothing_prunable() -> None:
+    model = matmul_integer_model()
+    analysis = graphprune.analyze(model)
+    reasons = [r for rs in analysis.context.tensor_freeze.values() for r in rs]
+    assert any("integer op MatMulInteger 'mmi'" in r for r in reasons), reasons
+    assert "MatMulInteger" not in analysis.unsupported
+    result = graphprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    why = result.report["nothing_prunable"]
+    assert why.startswith("nothing prunable: ") and "integer op MatMulInteger" in why, why
+    assert "\n" not in why
+
+
+def test_other_integer_ops_have_a_frozen_rule() -> None:
+    """Every integer op the rule file names freezes with its reason (analysis only: these
+    nodes are not run)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    builders = [
+        helper.make_node("ConvInteger", ["x", "w"], ["y"], name="n"),
+        helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
+        helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
+        helper.make_node("DynamicQuantizeLSTM", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
+        helper.make_node("DynamicQuantizeMatMul", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
+        helper.make_node("MatMulIntegerToFloat", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
+    ]
+    for node in builders:
+        graph = helper.make_graph([node], "g", [x], [y], [
+            numpy_helper.from_array(np.ones((8, 8), np.float32), "w"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        ], value_info=[])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        analysis = graphprune.analyze(model)
+        reasons = [r for rs in analysis.context.tensor_freeze.values() for r in rs]
+        assert any(f"integer op {node.op_type} 'n'" in r for r in reasons), (node.op_type, reasons)
