@@ -155,6 +155,11 @@ def prune(
     keep = normalize_keep(keep)
     if tolerance is not None:
         tolerance = _number("tolerance", tolerance, 0.0, math.inf)
+    if calibration is None and reconstruction not in ("refit", "none"):
+        # the default (refit) and none mean nothing without data; anything else would be
+        # silently ignored
+        raise UsageError(f"reconstruction '{reconstruction}' needs calibration data (--calibration); "
+                         "without it no reconstruction runs")
     budget = _budget(target_macs, target_params, target_latency)
     if budget is not None and (lossless or erase_blocks is not None or plan is not None):
         raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "

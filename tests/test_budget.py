@@ -199,3 +199,10 @@ def test_sweep_over_mac_targets(cnn, tmp_path):
     ratios = sorted(p["macs_ratio"] for p in data["points"])
     assert ratios[0] == pytest.approx(0.4, abs=0.03) and ratios[1] == pytest.approx(0.7, abs=0.03)
     assert all(p["report_budget"]["met"] for p in data["points"])
+
+
+@pytest.mark.parametrize("kind", ["stats", "bias", "bn"])
+def test_reconstruction_without_calibration_is_a_usage_error(cnn, kind):
+    """It used to be ignored silently (nothing ran and nothing said so)."""
+    with pytest.raises(UsageError, match="needs calibration data"):
+        graphprune.prune(cnn, ratio=0.5, reconstruction=kind)
