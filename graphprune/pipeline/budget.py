@@ -29,6 +29,7 @@ from graphprune.planning import budget as budget_mod
 from graphprune.planning.importance import score_group
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import replay
+from graphprune.verify.metrics import counted_shape
 
 #: rounds of re-allocation when the measured latency misses its target
 LATENCY_ROUNDS = 4
@@ -81,7 +82,7 @@ def _node_times(session: Session, analysis: Analysis, options: BudgetOptions) ->
     table = LatencyTable(provider=options.provider, threads=options.threads)
     nodes, specs = [], []
     for node in analysis.graph.nodes:
-        spec = OpSpec.from_node(node, budget_mod._static_shape, analysis.opset)
+        spec = OpSpec.from_node(node, counted_shape, analysis.opset)
         if spec is not None:
             nodes.append(node)
             specs.append(spec)

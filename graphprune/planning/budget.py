@@ -36,6 +36,7 @@ from graphprune.errors import UsageError
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import auto_round_to, group_plan
 from graphprune.rules import registry
+from graphprune.verify.metrics import counted_shape
 
 TARGET_KINDS = ("macs", "params", "latency")
 
@@ -161,13 +162,6 @@ def curve_loss(ratios: Sequence[float], deviations: Sequence[float], units: int,
 
 
 # ---------------------------------------------------------------------------- cost model
-def _static_shape(tensor: gs.Tensor) -> list[int] | None:
-    shape = tensor.shape
-    if shape is None:
-        return None
-    return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
-
-
 def _is_float_constant(tensor: gs.Tensor) -> bool:
     if not isinstance(tensor, gs.Constant):
         return False
@@ -245,7 +239,7 @@ class CostModel:
                         self.items_of[si].add(index[id(n)])
 
     def shape(self, tensor: gs.Tensor) -> list[int] | None:
-        base = _static_shape(tensor)
+        base = counted_shape(tensor)
         if base is None:
             return None
         for axis in range(len(base)):
@@ -268,7 +262,7 @@ class CostModel:
         return total
 
     def _full_cost(self, i: int) -> float:
-        return self._cost(i, _static_shape)
+        return self._cost(i, counted_shape)
 
     def _cost(self, i: int, shape: Callable[[gs.Tensor], list[int] | None]) -> float:
         if self.kind == "params":
@@ -283,7 +277,7 @@ class CostModel:
             return 0.0
         full = getattr(self, "_full_work", {}).get(i)
         if full is None:
-            full = self._work(i, _static_shape)
+            full = self._work(i, counted_shape)
             self.__dict__.setdefault("_full_work", {})[i] = full
         return seconds * (self._work(i, shape) / full if full > 0 else 1.0)
 

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from graphprune.io import ir
 from graphprune.rules import registry
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["count_macs", "count_params", "counted_shape"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -41,7 +41,7 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(walk(model.graph))
 
 
-def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     """The tensor's dims with unknown or symbolic ones as 1 (``None``: no shape known)."""
     shape = tensor.shape
     if shape is None:
@@ -56,6 +56,6 @@ def count_macs(model: onnx.ModelProto) -> int:
     total = 0
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
-        macs = rule.macs(node, _static_shape) if rule is not None else None
+        macs = rule.macs(node, counted_shape) if rule is not None else None
         total += macs or 0
     return int(total)
