@@ -181,6 +181,8 @@ def main() -> int:
     parser.add_argument("--criteria", default="",
                         help="data-aware criteria to run through the API as well (e.g. wanda,flap)")
     parser.add_argument("--api-only", action="store_true", help="skip the command-line runs")
+    parser.add_argument("--only", default="",
+                        help="run only these settings (1-based, comma-separated: 1 = MLP 0.25, 2 = MLP 0.5, 3 = heads)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     import onnx
@@ -201,7 +203,10 @@ def main() -> int:
         calibration_folder(calib_texts, tok, calib)
         original = onnx.load(str(path))
         reference = embed(original, eval_texts, tok)
-        for flags, ratios in SETTINGS:
+        chosen = {int(i) for i in args.only.split(",") if i}
+        for number, (flags, ratios) in enumerate(SETTINGS, 1):
+            if chosen and number not in chosen:
+                continue
             runs = [("l1 (data-free)", {"criterion": "l1"})]
             runs += [(f"{c} + refit", {"criterion": c, "calibration": str(calib)})
                      for c in args.criteria.split(",") if c]

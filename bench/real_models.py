@@ -376,6 +376,14 @@ def _ratio(after, before) -> str:
     return f"{after / before:.2f}" if isinstance(after, int | float) and before else "–"
 
 
+def _grew(row: dict) -> str:
+    """A file that came out more than 1 % larger than it went in, flagged."""
+    before, after = row.get("bytes_before"), row.get("bytes_after")
+    if before and after and after > 1.01 * before:
+        return f", **file {after / before:.2f}x**"
+    return ""
+
+
 def _cell(row: dict | None, mode: str) -> str:
     if not row:
         return "–"
@@ -387,11 +395,11 @@ def _cell(row: dict | None, mode: str) -> str:
         diff = row.get("max_rel_diff_vs_original")
         text = "exact" if row.get("exact") else f"**diff {diff:.1e}**"
         return text + (f", P {_ratio(row.get('params_after'), row.get('params_before'))}"
-                       if row.get("reduced") else "")
+                       if row.get("reduced") else "") + _grew(row)
     if not row.get("reduced"):
-        return "valid, **not reduced**"
+        return "valid, **not reduced**" + _grew(row)
     return (f"P {_ratio(row.get('params_after'), row.get('params_before'))} "
-            f"M {_ratio(row.get('macs_after'), row.get('macs_before'))}")
+            f"M {_ratio(row.get('macs_after'), row.get('macs_before'))}") + _grew(row)
 
 
 def _note(runs: dict) -> str:
@@ -428,6 +436,7 @@ HISTORY = (
     "|---|---|---|---|---|",
     "| 074b11f (corpus built) | 20 | 14 | 19 | 23 |",
     "| b0fec00 (io fixes: -1 dims, If folding, fp16 tolerance) | 20 | 16 | 21 | 24 |",
+    "| 2569a69 (probe sizes, LSTM/GRU/RNN, QDQ, If branches) | 30 | 26 | 31 | 32 |",
     "",
 )
 
@@ -485,7 +494,8 @@ def write_markdown(results: dict) -> None:
         "",
         "## Results",
         "",
-        "P = parameters after/before, M = MACs after/before (graphprune's report).",
+        "P = parameters after/before, M = MACs after/before (graphprune's report); a file "
+        "that came out more than 1 % larger than the input is flagged (**file 1.25x**).",
         "",
         "| model | ratio 0.5 | ratio 0.3 | lossless | s (0.5) | first problem |",
         "|---|---|---|---|---|---|",

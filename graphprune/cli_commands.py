@@ -68,6 +68,7 @@ def _shapes(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], dict[str, 
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.api import analyze, prunable_fraction
+    from graphprune.pipeline.report import prunable_label
 
     analysis = analyze(_source(args), keep=args.keep or ())
     groups = [g.summary() for g in analysis.groups]
@@ -75,6 +76,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(_dump({
             "summary": analysis.summary(),
             "prunable_fraction": prunable_fraction(analysis),
+            "prunable_fraction_of": prunable_label(analysis),
             "groups": groups,
             "unsupported": analysis.unsupported,
         }))
@@ -92,7 +94,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     s = analysis.summary()
     print(f"\n{s['groups']} channel groups: {s['prunable']} prunable "
           f"({s['inexact']} inexact, marked *), {s['frozen']} frozen; "
-          f"prunable conv channels: {prunable_fraction(analysis):.1%}")
+          f"prunable {prunable_label(analysis)}: {prunable_fraction(analysis):.1%}")
     if analysis.unsupported:
         ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
         print(f"ops without a rule (their dimensions are frozen): {ops}")

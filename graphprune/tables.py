@@ -155,7 +155,8 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     if "total" in g:
         lines.append(f"groups: {g.get('total', 0)} found, {g.get('pruned', 0)} pruned, "
                      f"{g.get('frozen', 0)} frozen; units removed: {ch.get('removed', 0)} of "
-                     f"{ch.get('prunable', 0)} prunable; prunable conv channels: "
+                     f"{ch.get('prunable', 0)} prunable; prunable "
+                     f"{report.get('prunable_fraction_of', 'conv channels')}: "
                      f"{report.get('prunable_fraction', 0):.1%}")
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")

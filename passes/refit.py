@@ -36,6 +36,7 @@ class RefitPass(Pass):
         ridge: float | None = None,
         consumers_only: bool = False,
         store: Any = None,
+        recorded: Any = None,
     ) -> None:
         self.reference = reference
         self.batches = batches
@@ -43,6 +44,8 @@ class RefitPass(Pass):
         self.ridge = ridge
         self.consumers_only = consumers_only
         self.store = store
+        #: original outputs recorded by the statistics run (graphprune.calibration.targets)
+        self.recorded = recorded
         self._done = False
 
     def __repr__(self) -> str:
@@ -58,7 +61,8 @@ class RefitPass(Pass):
             removed=self.removed, consumers_only=self.consumers_only, skipped=skipped,
         )
         engine = sequential.Reconstructor(
-            self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store
+            self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,
+            recorded=self.recorded if self.mode == "refit" else None,
         )
         stats = engine.run(graph, self.reference, targets)
         if skipped:

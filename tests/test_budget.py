@@ -206,3 +206,52 @@ def test_reconstruction_without_calibration_is_a_usage_error(cnn, kind):
     """It used to be ignored silently (nothing ran and nothing said so)."""
     with pytest.raises(UsageError, match="needs calibration data"):
         graphprune.prune(cnn, ratio=0.5, reconstruction=kind)
+
+
+def _calibration(cnn, count=24):
+    rng = np.random.default_rng(0)
+    name = cnn.graph.input[0].name
+    dims = [d.dim_value or 1 for d in cnn.graph.input[0].type.tensor_type.shape.dim]
+    return {name: rng.standard_normal((count, *dims)).astype(np.float32)}
+
+
+def test_sensitivity_is_measured_after_the_consumers_refit(cnn):
+    from graphprune.pipeline.calibrated import CalibratedRun, CalibrationOptions
+    from graphprune.planning import sensitivity
+    from graphprune.planning.data_aware import consumer_views
+
+    session = Session(cnn)
+    calibrated = CalibratedRun(session, _calibration(cnn), CalibrationOptions(criterion="activation"))
+    analysis = session.analyze()
+    states = budget.build_states(analysis, calibrated.scorer(analysis), eligible=lambda g: True)
+    masked, sweep = sensitivity.masked_model(session.prepared, analysis, states,
+                                             (consumer_views(analysis), calibrated.stats))
+    fixes = [f for fs in sweep.corrections for f in fs]
+    assert fixes  # consumers with a Gram get a correction input
+    assert not np.any(sensitivity.correction(fixes[0], np.zeros(0, dtype=np.int64)))  # nothing removed: none
+    plain, plain_sweep = sensitivity.masked_model(session.prepared, analysis, states)
+    assert not any(plain_sweep.corrections)
+    feeds = calibrated.batches.feeds
+    refit = sensitivity.measure(session.path_of(masked), states, sweep, feeds)
+    raw = sensitivity.measure(session.path_of(plain), states, plain_sweep, feeds)
+    # on the samples the Grams came from, the least-squares refit leaves less at the outputs
+    pairs = [(a, b) for a, b, fs in zip(refit, raw, sweep.corrections, strict=True) if a and fs]
+    assert pairs
+    assert sum(sum(a[1]) for a, _ in pairs) < 0.9 * sum(sum(b[1]) for _, b in pairs)
+
+
+def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
+    result = graphprune.prune(cnn, target_macs=0.5, calibration=_calibration(cnn), criterion="activation")
+    report = result.report
+    assert report["verification"]["ok"]
+    rows = report["budget"]["candidates"]
+    labels = [r["allocation"] for r in rows]
+    assert labels[0] == "global" and "uniform" in labels
+    # every candidate costs the same (within 0.01), the chosen one is the nearest on the
+    # held-out calibration samples, and the report's fidelity is that same measurement
+    assert max(r["modelled_fraction"] for r in rows) - min(r["modelled_fraction"] for r in rows) <= 0.01
+    chosen = next(r for r in rows if r["allocation"] == report["budget"]["chosen"])
+    assert chosen["rel_l2"] == min(r["rel_l2"] for r in rows if "rel_l2" in r)
+    assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["rel_l2"], rel=1e-3)
+    assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
+    assert abs(_fraction(report, "macs") - 0.5) <= 0.03

@@ -177,3 +177,37 @@ def test_residual_targets_compensate_upstream_drift():
     stream, stream_stats = _residual_error(True)
     assert plain_stats["residual_targets"] == 0 and stream_stats["residual_targets"] == 2
     assert stream < 0.95 * plain, (stream, plain)
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual_mlp"])
+def test_targets_recorded_by_the_statistics_run_equal_a_second_run(name, monkeypatch):
+    """The statistics run also records the refit targets (layer outputs and residual sums at
+    the selected rows): the refit then runs the original fewer times and fits the same
+    weights as when it runs the original itself."""
+    from test_calibration_passes import cnn, images
+
+    import graphprune
+    from graphprune.pipeline.calibrated import CalibratedRun
+
+    build, data = (cnn, images()) if name == "cnn" else (residual_mlp, np.random.default_rng(2).standard_normal(
+        (40, 1, 6, 8)).astype(np.float32))
+    original_runs: list[int] = []
+    stream = runner.stream
+
+    def counting(model, names, feeds, callback, **kwargs):
+        if kwargs.get("what") == "the original model":
+            original_runs[-1] += 1
+        return stream(model, names, feeds, callback, **kwargs)
+
+    monkeypatch.setattr(runner, "stream", counting)
+    weights = []
+    for record in (True, False):
+        monkeypatch.setattr(CalibratedRun, "record_targets", record)
+        original_runs.append(0)
+        result = graphprune.prune(build(), ratio=0.5, round_to=1, calibration={"x": data})
+        assert result.report["calibration"]["passes"]["RefitPass"]["layers"] >= 2
+        weights.append({t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer})
+    assert original_runs[0] < original_runs[1]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[1].items():
+        np.testing.assert_allclose(weights[0][key], value, rtol=1e-4, atol=1e-5, err_msg=key)

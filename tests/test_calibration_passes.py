@@ -290,3 +290,27 @@ def test_cli_bad_calibration_files(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], done.stderr
         assert not out.exists()
+
+
+def test_ridge_path_errors_equal_explicit_solves():
+    """The cross-validation errors of every ridge candidate, from one eigen-decomposition,
+    equal those of an explicit solve per candidate (also with nearly collinear inputs)."""
+    from graphprune.calibration import sequential
+    from graphprune.calibration.ridge import RidgePath
+
+    rng = np.random.default_rng(0)
+    k, og = 30, 5
+
+    def fold(rows: int):
+        x = rng.standard_normal((rows, k)) + 0.5
+        x[:, 3] = 0.999 * x[:, 2]
+        y = 2 * x[:, :og] + 0.3 * rng.standard_normal((rows, og)) + 1
+        xt = np.concatenate([x, np.ones((rows, 1))], 1)
+        return xt.T @ xt, xt.T @ y, float(np.square(y).sum())
+
+    (g0, c0, _), (g1, c1, y1) = fold(50), fold(60)
+    anchor = rng.standard_normal((k + 1, og))
+    path = RidgePath(g0, c0, anchor, g1, c1, y1)
+    for lam in (1e-6, 1e-3, 0.1, 1.0, 100.0):
+        want = sequential._error(g1, c1, y1, sequential._fit(g0, c0, anchor, lam))
+        assert abs(path.error(lam) - want) <= 1e-9 * abs(want), (lam, path.error(lam), want)

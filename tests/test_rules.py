@@ -775,15 +775,16 @@ def test_expand_shape_literal_is_rewritten():
 
 
 def test_identity_on_an_initializer_torchscript_style():
-    """The TorchScript exporter routes shared weights through Identity nodes."""
+    """The TorchScript exporter routes shared weights through Identity nodes: the conv reads
+    the weight itself (no folded copy under the Identity's output name)."""
     nodes = [
         helper.make_node("Identity", ["W_raw"], ["W_mid"], name="weight_identity"),
         conv_node("a", "W_mid", "b", name="mid"),
     ]
     m = sandwich(nodes, {"W_raw": (C, C, 3, 3)})
     analysis = graphprune.analyze(m)
-    assert ("W_mid", 1) in group_with(analysis, "W_stem", 0).params
-    assert group_with(analysis, "W_mid", 0).prunable
+    assert ("W_raw", 1) in group_with(analysis, "W_stem", 0).params
+    assert group_with(analysis, "W_raw", 0).prunable
     res = assert_prunes_exactly(m)
     assert not nodes_of(res.model, "Identity")
     mid = node(res.model, "mid")

@@ -125,8 +125,9 @@ def test_nested_tensors_are_saved_inline_too(tmp_path: Path) -> None:
     path, out = tmp_path / "m.onnx", tmp_path / "same.onnx"
     onnx.save(cnn(constant=True), path)
     session = Session(path)
-    table = next(n for n in session.prepared.graph.node if n.op_type == "Constant").attribute[0].t
-    assert table.data_location == TensorProto.EXTERNAL  # moved to the store on load
+    # the large Constant table goes to the store on load; constant folding reads it from
+    # there (it used to fail on the stub and skip folding) and folds it away
+    assert not [n for n in session.prepared.graph.node if n.op_type == "Constant"]
     model_io.save_model(session.prepared, out, store=session.store)
     np.testing.assert_allclose(outputs(out, X), outputs(path, X), rtol=1e-6, atol=1e-6)
 

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import networkx as nx
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import shape_trace
@@ -68,6 +69,13 @@ class CouplingContext:
         self.role_links: list[tuple[str, gs.Tensor, str | None]] = []
         #: integer constants that are parameters all the same (quantized weights)
         self.quantized_params: set[str] = set()
+        #: quantized weights whose zero is not 0: name -> the zero point's value, which
+        #: broadcasts against the weight (a zeroed weight takes it, so it reads as 0)
+        self.zero_points: dict[str, np.ndarray] = {}
+        #: activations whose removed channels the zeroed original zeroes themselves
+        self.zeroed_activations: set[str] = set()
+        #: variables that are weights computed from constants (:meth:`weight_expression`)
+        self.weight_values: set[str] = set()
         self.spatial_dims: set[Dim] = set()
         self.head_dims: set[Dim] = set()
         self.shape_elements: list[ShapeElement] = []
@@ -84,6 +92,48 @@ class CouplingContext:
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
+
+    def member_size(self, tensor: gs.Tensor, axis: int) -> int | None:
+        """The size of an axis as a group member: the static size, or for an activation
+        axis that holds a dynamic batch (the merged ``[B*H]`` axis of an attention; the two
+        shape probes give it different sizes), its size in the first probe. Units are
+        labelled on it; activations are never sliced (their shapes are inferred again after
+        a rewrite), and a map to a static axis is still checked against that size."""
+        size = self.size(tensor, axis)
+        if size is not None or not isinstance(tensor, gs.Variable):
+            return size
+        probe = self.probes.get(tensor.name)
+        if probe is None or not all(-len(p) <= axis < len(p) for p in probe):
+            return None
+        first, second = probe[0][axis], probe[1][axis]
+        if isinstance(first, int) and isinstance(second, int) and first != second:
+            return int(first)
+        return None
+
+    def derive_shape(self, output: gs.Tensor, shape: list[int | None] | None) -> None:
+        """Give ``output`` the shape its rule derives (``None`` for unknown dims) where shape
+        inference left it none: one op ONNX cannot infer (GroupNormalization-21, a custom
+        domain op) would otherwise hide every group after it."""
+        if shape is not None and isinstance(output, gs.Variable) and output.shape is None:
+            output.shape = [d if d is not None else f"gp_unk_{output.name}_{k}" for k, d in enumerate(shape)]
+
+    def broadcast_shape(self, tensors: Iterable[gs.Tensor]) -> list[int | None] | None:
+        """The numpy broadcast of the tensors' shapes (``None``: a rank is unknown)."""
+        shapes = [self.shape(t) for t in tensors if t is not None and t.name]
+        if not shapes or any(s is None for s in shapes):
+            return None
+        rank = max(len(s) for s in shapes)
+        out: list[int | None] = []
+        for axis in range(rank):
+            dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
+            known = [d for d in dims if d is not None and d != 1]
+            if known:
+                out.append(known[0])
+            elif any(d is None for d in dims):
+                out.append(None)
+            else:
+                out.append(1)
+        return out
 
     def where(self) -> str:
         return describe_node(self.node) if self.node is not None else "graph"
@@ -119,7 +169,7 @@ class CouplingContext:
         da, db = self._dim(a, axis_a), self._dim(b, axis_b)
         if da is None or db is None:
             return
-        na, nb = self.size(a, axis_a), self.size(b, axis_b)
+        na, nb = self.member_size(a, axis_a), self.member_size(b, axis_b)
         self.dim_graph.add_edge(da, db)
         node_name = self.node.name if self.node is not None else ""
         self.couplings.append(Coupling(da, db, imap, exact, node_name))
@@ -189,19 +239,49 @@ class CouplingContext:
         an axis that would be a producer or consumer axis freezes with that reason instead
         (zeroing it would not zero the weight). Resolved by :meth:`resolve_role_links`."""
         self.role_links.append((source.name, target, weight_freeze))
-        self.quantized_params.add(target.name)
+        if isinstance(target, gs.Constant):
+            self.quantized_params.add(target.name)
+
+    def weight_expression(self, value: gs.Tensor, source: gs.Tensor) -> None:
+        """``value`` is a weight computed from the weight ``source`` (an integer weight cast to
+        float, then scaled: the form some quantizers store weights in, kept unfolded so the
+        file stays small): ``source`` takes the roles ``value``'s consumers give it."""
+        self.weight_values.add(value.name)
+        self.share_roles(value, source)
+
+    def is_weight_expression(self, tensor: gs.Tensor) -> bool:
+        return tensor.name in self.weight_values
+
+    def integer_param(self, tensor: gs.Tensor, zero_point: np.ndarray | None = None) -> None:
+        """``tensor`` (an integer constant) is a parameter all the same: a quantized weight
+        that an integer op (``MatMulInteger``, ``ConvInteger``) reads directly. A non-zero
+        ``zero_point`` (broadcastable against it) is the value that reads as 0."""
+        self.quantized_params.add(tensor.name)
+        if zero_point is not None and np.any(zero_point):
+            self.zero_points[tensor.name] = zero_point
+
+    def zero_in_reference(self, tensor: gs.Tensor) -> None:
+        """The zeroed original zeroes the removed channels of ``tensor`` itself, not only the
+        weights that make them: the op reading it computes from all its channels at once
+        (``DynamicQuantizeLinear``'s range), where a removed channel that is not 0 (after a
+        BatchNormalization, a Sigmoid) would still count."""
+        self.zeroed_activations.add(tensor.name)
 
     def resolve_role_links(self) -> None:
-        """Apply :meth:`share_roles` once every rule has stated its roles."""
-        for source, target, weight_freeze in self.role_links:
+        """Apply :meth:`share_roles` once every rule has stated its roles: last link first,
+        so a chain (``MatMul`` <- ``Mul`` by a scale <- ``Cast`` <- int8 weight; rules state
+        links in graph order) hands the roles down to the constant."""
+        for source, target, weight_freeze in reversed(self.role_links):
             for axis in range(self.rank(target) or 0):
                 role = self.variable_roles.get((source, axis))
                 if role is None:
                     continue
                 if weight_freeze and role in (PRODUCER, CONSUMER):
                     self.freeze(target, axis, weight_freeze)
-                else:
+                elif isinstance(target, gs.Constant):
                     self.roles.setdefault((target.name, axis), role)
+                else:
+                    self.variable_roles.setdefault((target.name, axis), role)
 
     def freeze(self, tensor: gs.Tensor | None, axis: int | None, reason: str) -> None:
         """Never prune ``axis`` of ``tensor`` (all axes when ``axis`` is None)."""

@@ -111,7 +111,7 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
                   or d[0] in ctx.quantized_params]
         if not params:
             continue
-        sizes = {d: ctx.size(ctx.tensors[d[0]], d[1]) for d in comp if d[0] in ctx.tensors}
+        sizes = {d: ctx.member_size(ctx.tensors[d[0]], d[1]) for d in comp if d[0] in ctx.tensors}
         frozen: list[str] = []
         inexact: list[str] = []
         nodes: list[str] = []
@@ -204,3 +204,4 @@ def _compress(parent: np.ndarray) -> np.ndarray:
         if np.array_equal(grand, parent):
             return parent
         parent = grand
+

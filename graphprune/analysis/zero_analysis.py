@@ -228,6 +228,18 @@ def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[Gro
         # a unit that meets no consumer (its channel only reaches dead ends) is dead: the
         # leak check above guarantees it reaches nothing else, so it is removable as well
         const_ok &= has_consumer
+        # where the group's channels are read all at once (DynamicQuantizeLinear's range:
+        # CouplingContext.zeroed_activations), only a channel that is exactly 0 there goes
+        for dim, labels in group.unit_of.items():
+            if dim[0] not in analysis.context.zeroed_activations:
+                continue
+            vector = constants.along(tensors[dim[0]], dim[1])
+            zero_there = np.zeros(n, dtype=bool)
+            if vector is not None:
+                zero_there[:] = True
+                np.logical_and.at(zero_there, labels, vector == 0)
+            zero_ok &= zero_there
+            const_ok &= zero_there
         info.zero_units = [int(u) for u in np.nonzero(zero_ok)[0]]
         info.constant_units = [int(u) for u in np.nonzero(const_ok & ~zero_ok)[0]]
     return found

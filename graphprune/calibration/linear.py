@@ -168,18 +168,30 @@ class LinearView:
         if not self.is_conv:
             flat = y.reshape(-1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
             return np.asarray(flat[rows], dtype=np.float32)[:, None, :]
-        c = y.shape[1]
-        moved = np.moveaxis(y, 1, -1).reshape(-1, c)
-        return np.asarray(moved[rows], dtype=np.float32).reshape(len(rows), self.group, -1)
+        return np.asarray(_gather(y, rows), dtype=np.float32).reshape(len(rows), self.group, -1)
 
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
         """``[R, C]``: input channel vectors at up to ``limit`` positions (statistics)."""
-        axis = 1 if self.is_conv else x.ndim - 1
-        moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-        if moved.shape[0] > limit:
-            rng = np.random.default_rng(seed)
-            moved = moved[np.sort(rng.choice(moved.shape[0], size=limit, replace=False))]
-        return np.asarray(moved, dtype=np.float32)
+        if not self.is_conv:
+            moved = x.reshape(-1, x.shape[-1])
+            if moved.shape[0] > limit:
+                rng = np.random.default_rng(seed)
+                moved = moved[np.sort(rng.choice(moved.shape[0], size=limit, replace=False))]
+            return np.asarray(moved, dtype=np.float32)
+        total = x.shape[0] * int(np.prod(x.shape[2:]))
+        if total > limit:
+            rows = np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+        else:
+            rows = np.arange(total)
+        return np.asarray(_gather(x, rows), dtype=np.float32)
+
+
+def _gather(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[R, C]``: the channel vectors of ``x`` (``[N, C, *spatial]``) at flat positions
+    ``rows`` of ``[N, *spatial]``, without moving the channel axis of the whole tensor."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    sample, position = np.divmod(rows, flat.shape[2])
+    return flat[sample, :, position]
 
 
 def select(total: int, count: int, seed: int) -> np.ndarray:

@@ -141,6 +141,9 @@ def session(data: bytes, data_dir: Path | None = None) -> ort.InferenceSession:
     store) is written there for ORT to load, and the file removed once loaded."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # idle worker threads sleep instead of spinning: calibration runs alternate with numpy
+    # work (statistics, solves) that needs the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if data_dir is None:
         return ort.InferenceSession(data, options, providers=providers)

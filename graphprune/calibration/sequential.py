@@ -18,7 +18,8 @@ Order. A layer's input depends on the layers upstream of it; a *wave* is the set
 targets whose inputs depend only on targets of earlier waves. Each wave is one run of the
 current pruned model (only the prefix of the graph it needs) with the wave's inputs
 exposed; the original outputs (targets) come from one run of the original model, cached at
-the selected rows only.
+the selected rows only — or, after a data-aware plan, from the statistics run, which
+recorded them (:mod:`.targets`).
 
 ``mode="affine"`` is the statistics correction (the ONNX equivalent of re-estimating
 BatchNorm statistics, which also works where BN was folded into the conv by the exporter):
@@ -42,14 +43,21 @@ import onnx_graphsurgeon as gs
 from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
+from graphprune.calibration.ridge import RidgePath
+from graphprune.calibration.stats import channel_sums
+from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
 
 #: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
 #: towards the current weights, not towards zero); chosen per layer by two-fold
-#: cross-validation over RIDGE_GRID unless the layer has more than CV_MAX_INPUTS inputs
+#: cross-validation over RIDGE_GRID unless the layer has more than CV_MAX_INPUTS inputs, or
+#: more than CV_RICH_INPUTS inputs and at least ROWS_PER_INPUT rows per input (a fit that
+#: well determined gains little from tuning the ridge, and each candidate costs a solve
+#: cubic in the inputs: the conv layers of a large CNN)
 DEFAULT_RIDGE = 1e-2
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 CV_MAX_INPUTS = 2048
+CV_RICH_INPUTS = 512
 #: rows per fitted weight column (subsampled output positions), and their bounds
 ROWS_PER_INPUT = 4
 MIN_ROWS = 4096
@@ -222,7 +230,7 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     node.inputs[info.bias] = const
 
 
-def _rows_budget(view: LinearView) -> int:
+def rows_budget(view: LinearView) -> int:
     k = view.in_channels() * view.kernel_size() // max(view.group, 1) + 1
     return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
 
@@ -252,8 +260,12 @@ class Reconstructor:
         mode: str = "refit",
         ridge: float | None = None,
         store: Any = None,
+        recorded: RecordedTargets | None = None,
     ) -> None:
         self.reference = reference
+        #: original outputs recorded by the statistics run (:mod:`.targets`), used instead of
+        #: running ``reference`` again where they cover a layer
+        self.recorded = recorded if recorded is not None and recorded.model is reference else None
         self.store = store
         self.data_dir = getattr(store, "root", None)
         self.batches = batches
@@ -266,15 +278,22 @@ class Reconstructor:
                   ) -> tuple[dict[str, Any], runner.TensorCache | None]:
         """Original outputs of a wave's targets: selected rows (refit) or channel moments;
         and the cache of original tensors that the later waves (outputs ``later``) need."""
-        by_out = {t.view.output.name: t for t in members}
-        by_total = {t.residual.total: t for t in members if t.residual is not None and self.mode == "refit"}
         rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         totals: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         moments: dict[int, list[np.ndarray]] = {}
 
+        def count(t: Target, batch: int) -> int:
+            return math.ceil(rows_budget(t.view) * self.batches.sizes[batch] / self.samples)
+
         def selection(t: Target, batch: int, shape: tuple[int, ...]) -> np.ndarray:
-            count = math.ceil(_rows_budget(t.view) * self.batches.sizes[batch] / self.samples)
-            return select(t.view.output_positions(shape), count, _seed(t, batch))
+            return select(t.view.output_positions(shape), count(t, batch), _seed(t, batch))
+
+        if self.recorded is not None and self.mode == "refit":
+            members = [t for t in members if not self._recorded(t, count, rows, totals)]
+        by_out = {t.view.output.name: t for t in members}
+        by_total = {t.residual.total: t for t in members if t.residual is not None and self.mode == "refit"}
+        if not by_out and not by_total:
+            return {"rows": rows, "totals": totals, "moments": moments}, None
 
         def take(batch: int, name: str, y: np.ndarray) -> None:
             t = by_total.get(name)
@@ -304,6 +323,25 @@ class Reconstructor:
                              what="the original model", data_dir=self.data_dir, cache=cache, keep=keep,
                              cache_bytes=self.cache_bytes)
         return {"rows": rows, "totals": totals, "moments": moments}, kept
+
+    def _recorded(self, t: Target, count: Any, rows: dict, totals: dict) -> bool:
+        """Fill ``t``'s original rows (and residual sums) from the recording; False when it
+        does not cover ``t`` (then the original is run for it)."""
+        assert self.recorded is not None
+        total = t.residual.total if t.residual is not None else None
+        got = [self.recorded.rows(t.view.output.name, total, b, count(t, b), _seed(t, b))
+               for b in range(len(self.batches.feeds))]
+        if any(g is None for g in got):
+            return False
+        for b, entry in enumerate(got):
+            assert entry is not None
+            positions, out, summed = entry
+            if t.kept is not None:
+                out = out[:, t.kept]
+            rows[(t.index, b)] = (positions, np.ascontiguousarray(out))
+            if t.residual is not None and summed is not None and summed.shape[1] == t.view.out_channels():
+                totals[(t.index, b)] = (positions, np.ascontiguousarray(summed - t.residual.offset))
+        return True
 
     # ------------------------------------------------------------------ waves
     def run(self, graph: gs.Graph, template: onnx.ModelProto, targets: list[Target]) -> dict[str, Any]:
@@ -455,16 +493,19 @@ class Reconstructor:
         """The ridge (relative to the mean Gram diagonal) with the smallest two-fold
         cross-validated error; the default when a fold is empty or the layer is wide."""
         g, k1 = a.gram.shape[1], a.gram.shape[2]
-        if self.ridge is not None or not (a.y2 > 0).all() or (k1 - 1) * g > CV_MAX_INPUTS:
+        inputs = (k1 - 1) * g
+        rich = inputs > CV_RICH_INPUTS and a.rows >= ROWS_PER_INPUT * (k1 - 1)
+        if self.ridge is not None or not (a.y2 > 0).all() or inputs > CV_MAX_INPUTS or rich:
             return DEFAULT_RIDGE if self.ridge is None else self.ridge
+        try:  # every candidate from one eigen-decomposition per fold and group (.ridge)
+            paths = [(RidgePath(a.gram[f, j], a.cross[f, j], cur[j], a.gram[1 - f, j], a.cross[1 - f, j],
+                                a.y2[1 - f]), scale[j]) for f in (0, 1) for j in range(g)]
+        except np.linalg.LinAlgError:
+            return DEFAULT_RIDGE
         best, best_error, worse = DEFAULT_RIDGE, math.inf, 0
         for ridge in sorted(RIDGE_GRID, reverse=True):  # the error is unimodal in the ridge:
-            total = 0.0  # walk down from the strongest and stop once it has risen twice
-            for fit_fold in (0, 1):
-                other = 1 - fit_fold
-                for j in range(g):
-                    w = _fit(a.gram[fit_fold, j], a.cross[fit_fold, j], cur[j], ridge * scale[j])
-                    total += _error(a.gram[other, j], a.cross[other, j], a.y2[other], w)
+            # walk down from the strongest and stop once it has risen twice
+            total = sum(path.error(ridge * s) for path, s in paths)
             if total < best_error:
                 best, best_error, worse = ridge, total, 0
             else:
@@ -516,11 +557,12 @@ class Reconstructor:
 
 def _moments(store: dict[int, list[np.ndarray]], t: Target, y: np.ndarray, view: LinearView) -> None:
     axis = 1 if view.is_conv else y.ndim - 1
-    moved = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis]).astype(np.float64)
-    entry = store.setdefault(t.index, [np.zeros(moved.shape[1]), np.zeros(moved.shape[1]), np.zeros(1)])
-    entry[0] += moved.sum(0)
-    entry[1] += np.square(moved).sum(0)
-    entry[2] += moved.shape[0]
+    channels = y.shape[axis]
+    total, squares = channel_sums(y, axis)
+    entry = store.setdefault(t.index, [np.zeros(channels), np.zeros(channels), np.zeros(1)])
+    entry[0] += total
+    entry[1] += squares
+    entry[2] += y.size // max(channels, 1)
 
 
 def _finish(entry: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

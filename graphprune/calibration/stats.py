@@ -61,18 +61,31 @@ class ChannelStats:
         """``rows``: values with the channels along ``axis`` (any other layout: every other
         axis is a position); sums are taken in float64 without copying ``rows``."""
         axis = axis % rows.ndim
-        others = tuple(a for a in range(rows.ndim) if a != axis)
         channels = rows.shape[axis]
         if self.total is None:
             self.total = np.zeros(channels)
             self.squares = np.zeros(channels)
-        self.total += rows.sum(axis=others, dtype=np.float64)
-        self.squares += np.square(rows).sum(axis=others, dtype=np.float64)  # type: ignore[operator]
+        total, squares = channel_sums(rows, axis)
+        self.total += total
+        self.squares += squares  # type: ignore[operator]
         self.count += rows.size // max(channels, 1)
         if gram_rows is not None:
             g = gram_rows.T @ gram_rows
             self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
             self.gram_rows += gram_rows.shape[0]
+
+
+def channel_sums(rows: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel sum and sum of squares (float64) of ``rows`` along ``axis``. A channel
+    axis before contiguous positions (NCHW) is summed per sample and channel first, in the
+    array's own precision (pairwise over the positions), then in float64 over samples."""
+    others = tuple(a for a in range(rows.ndim) if a != axis)
+    if 0 < axis < rows.ndim - 1 and rows.flags["C_CONTIGUOUS"]:
+        lead = int(np.prod(rows.shape[:axis]))
+        view = rows.reshape(lead, rows.shape[axis], -1)
+        return (view.sum(axis=2).sum(axis=0, dtype=np.float64),
+                np.square(view).sum(axis=2).sum(axis=0, dtype=np.float64))
+    return rows.sum(axis=others, dtype=np.float64), np.square(rows).sum(axis=others, dtype=np.float64)
 
 
 @dataclass
@@ -95,16 +108,23 @@ def collect(
     gram: bool = True,
     data_dir: Path | None = None,
     what: str = "the original model",
+    record: Any = None,
 ) -> LayerStats:
-    """Stream ``batches`` through ``model`` and gather the input statistics of ``views``."""
+    """Stream ``batches`` through ``model`` and gather the input statistics of ``views``
+    (``record``: a :class:`~graphprune.calibration.targets.RecordedTargets` that the same run
+    fills with the refit targets)."""
     by_input: dict[str, list[LinearView]] = {}
     for view in views:
         by_input.setdefault(view.data.name, []).append(view)
     out = LayerStats(samples=sum(batches.sizes))
     total = max(out.samples, 1)
 
+    recorded = set(record.names()) if record is not None else set()
+
     def take(batch: int, name: str, x: np.ndarray) -> None:
-        for view in by_input[name]:
+        if name in recorded:
+            record.take(batch, name, x)
+        for view in by_input.get(name, ()):
             axis = 1 if view.is_conv else x.ndim - 1
             channels = x.shape[axis] if x.ndim else 0
             stats = out.layers.setdefault(view.node.name, ChannelStats())
@@ -114,7 +134,8 @@ def collect(
                 sample = view.channel_rows(x, limit, seed=batch)
             stats.add(x if x.ndim else x.reshape(1, 1), sample, axis if x.ndim else -1)
 
-    runner.stream(model, list(by_input), batches.feeds, take, what=what, data_dir=data_dir)
+    names = [*by_input, *(n for n in recorded if n not in by_input)]
+    runner.stream(model, names, batches.feeds, take, what=what, data_dir=data_dir)
     return out
 
 

@@ -27,6 +27,7 @@ import onnx
 from graphprune.errors import UsageError
 
 __all__ = [
+    "output_array",
     "DEFAULT_CHANNELS",
     "DEFAULT_LENGTH",
     "DEFAULT_SPATIAL",
@@ -243,3 +244,16 @@ def make_feeds(
         int_high=int_high,
         input_shapes=input_shapes,
     )
+
+
+def output_array(value: object) -> np.ndarray:
+    """An ONNX Runtime output as an array. A sequence of maps (``ZipMap``'s class
+    probabilities: one ``{label: score}`` per sample) becomes a samples x labels float array
+    with the labels in sorted order, so outputs compare numerically instead of as Python
+    objects (where any rounding difference is a mismatch)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        if all(sorted(v) == keys for v in value):
+            return np.array([[v[k] for k in keys] for v in value], dtype=np.float64)
+    return np.asarray(value)
+

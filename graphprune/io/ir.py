@@ -80,6 +80,8 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) 
         store.spill(graph)
         restore_stubs(graph)
     model = gs.export_onnx(graph, do_type_check=False)
+    if store is not None:
+        store.hoist_source_stubs(model)
     del model.opset_import[:]
     model.opset_import.extend(copy.deepcopy(list(template.opset_import)))
     # initializers are no longer listed as graph inputs, which IR < 4 requires
@@ -130,6 +132,35 @@ def clear_intermediate_shapes(graph: gs.Graph) -> None:
     del_value_info = graph  # noqa: F841 - value_info is rebuilt from tensors on export
 
 
+#: Constant attributes written as lists or scalars, and the tensor each one stands for
+_LIST_CONSTANTS = {
+    "value_ints": (np.int64, 1), "value_floats": (np.float32, 1),
+    "value_int": (np.int64, 0), "value_float": (np.float32, 0),
+}
+
+
+def tensor_constants(graph: onnx.GraphProto) -> None:
+    """Write every ``Constant`` given as ``value_ints``/``value_floats``/``value_int``/
+    ``value_float`` as the equal ``value`` tensor (subgraphs included). graphsurgeon cannot
+    re-export an empty ``value_ints`` (the dynamo exporter's ``torch.zeros(())`` shape):
+    "Could not infer attribute value_ints type from empty iterator"."""
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for k, attr in enumerate(node.attribute):
+                kind = _LIST_CONSTANTS.get(attr.name)
+                if kind is None:
+                    continue
+                dtype, rank = kind
+                values = onnx.helper.get_attribute_value(attr)
+                array = np.array(values, dtype=dtype)
+                tensor = onnx.numpy_helper.from_array(array.reshape(-1) if rank else array.reshape(()))
+                node.attribute[k].CopyFrom(onnx.helper.make_attribute("value", tensor))
+                break
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                tensor_constants(sub)
+
+
 def _computes_constants(model: onnx.ModelProto) -> bool:
     """Does the model hold a node that exporters use to compute constants (a Constant node,
     an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``)?"""
@@ -154,6 +185,7 @@ def prepare(
         model = copy.deepcopy(model)
     strip_initializer_inputs(model)
     name_nodes(model)
+    tensor_constants(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
     if fold and _computes_constants(model):
         graph = import_graph(model, store)
@@ -166,8 +198,12 @@ def prepare(
             ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise
             # flatten_subgraphs=False: inlining an If with a constant condition drops
             # branch outputs used later (the result fails the checker)
+            _read_aliases_directly(graph, default_opset(model))
+            held = _hold_unfolded(graph, default_opset(model))
             graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False,
                                  flatten_subgraphs=False)
+            for node, index, constant in held:
+                node.inputs[index] = constant
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
             graph = import_graph(model, store)
@@ -179,6 +215,33 @@ def prepare(
         model = model_io.infer_shapes(model, inplace=True)
         trim()  # and what the folding session freed
     return model
+
+
+def _read_aliases_directly(graph: gs.Graph, opset: int) -> None:
+    """Consumers of an ``Identity`` of a constant (TorchScript's shared weights) read the
+    constant itself: folded, the Identity would become a second copy of the weight."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        k = rule.aliased_input(node) if rule is not None else None
+        if k is None or len(node.outputs) != 1 or node.outputs[0].name in outputs:
+            continue
+        if isinstance(node.inputs[k], gs.Constant):
+            redirect_uses(node.outputs[0], node.inputs[k])
+
+
+def _hold_unfolded(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.Constant]]:
+    """Hide from constant folding the constant inputs a rule keeps unfolded
+    (``OpRule.unfolded_inputs``): each becomes a placeholder variable until folding is done."""
+    held = []
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        for index in rule.unfolded_inputs(node) if rule is not None else ():
+            constant = node.inputs[index]
+            if isinstance(constant, gs.Constant):
+                node.inputs[index] = gs.Variable(f"{constant.name}__gp_held", constant.dtype, constant.shape)
+                held.append((node, index, constant))
+    return held
 
 
 def _load_fold_inputs(graph: gs.Graph) -> None:

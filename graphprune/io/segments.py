@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphprune.io.feeds import output_array
+
 #: a segment holds at most this share of the model's weights (or its largest weight)
 SHARE = 1 / 8
 #: models whose external weights total less than this are run whole
@@ -196,7 +198,7 @@ def run_in_segments(
                 del state[name]
         del session
         trim()
-    return [[np.asarray(state[name]) for name in finals] for state in states]
+    return [[output_array(state[name]) for name in finals] for state in states]
 
 
 def trim() -> None:

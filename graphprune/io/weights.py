@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper, helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from graphprune.errors import InvalidModelError
 
@@ -116,7 +116,8 @@ def restore_stubs(graph: gs.Graph) -> None:
 
 
 def graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
-    """Every constant of ``graph`` and of its subgraphs."""
+    """Every constant of ``graph`` and of its subgraphs, and every tensor held in an
+    attribute (a ``Constant`` node's ``value``: the store keeps large ones in its files too)."""
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             yield tensor
@@ -124,6 +125,8 @@ def graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
         for value in node.attrs.values():
             if isinstance(value, gs.Graph):
                 yield from graph_constants(value)
+            elif isinstance(value, gs.Constant):
+                yield value
 
 
 class WeightStore:
@@ -375,6 +378,44 @@ class WeightStore:
                 tensor.ClearField("data_location")
                 del tensor.external_data[:]
         return full
+
+    def hoist_source_stubs(self, model: onnx.ModelProto) -> None:
+        """Move subgraph initializers that reference the linked source file up to the main
+        graph (where ``If``/``Loop`` bodies still see them). graphsurgeon exports an outer
+        weight that a body reads as an initializer of that body; ONNX Runtime checks the
+        external data of subgraph tensors with onnx's checker, which refuses a file with
+        more than one link ("potential hardlink attack"), so the model would not load."""
+        main = model.graph
+        present = {t.name for t in main.initializer}
+        defined = present | {i.name for i in main.input} | {o for n in main.node for o in n.output}
+
+        def walk(graph: onnx.GraphProto) -> None:
+            for node in graph.node:
+                for attr in node.attribute:
+                    subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                    for sub in subs:
+                        moved = [t for t in sub.initializer if _external(t)
+                                 and external_data_helper.ExternalDataInfo(t).location == _SOURCE_LOCATION
+                                 and (t.name in present or t.name not in defined)]
+                        for tensor in moved:
+                            if tensor.name not in present:
+                                main.initializer.add().CopyFrom(tensor)
+                                present.add(tensor.name)
+                                defined.add(tensor.name)
+                        if moved:
+                            names = {t.name for t in moved}
+                            kept = [t for t in sub.initializer if t.name not in names]
+                            del sub.initializer[:]
+                            sub.initializer.extend(kept)
+                        walk(sub)
+
+        walk(main)
+
+    def tensor_bytes(self, tensor: onnx.TensorProto) -> bytes:
+        """The bytes of a tensor of this store's models, external or in the proto."""
+        if _external(tensor):
+            return _read_bytes(tensor, self.root)
+        return tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
 
     def copy_bytes(self, stub: onnx.TensorProto, stream: Any, chunk: int = 4 * 2**20) -> int:
         """Stream the bytes of an external ``stub`` of this store into ``stream`` (by the

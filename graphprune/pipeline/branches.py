@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
+from graphprune.io.shared_constants import share_subgraph_constants
 
 BRANCH_ATTRS = ("then_branch", "else_branch")
 IF_OPS = ("If",)
@@ -236,48 +237,10 @@ def apply_to_graph(graph: onnx.GraphProto, branches: BranchReport, *, zeroed: bo
 
 
 def hoist_shared_constants(model: onnx.ModelProto) -> int:
-    """Constants that both branches of an ``If`` hold with the same values (constant folding
-    of an outer weight read in both branches makes such copies) become one initializer of
-    the main graph that both branches read; return how many copies were dropped."""
-    dropped = 0
-    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type not in IF_OPS:
-            continue
-        branches = {a.name: a.g for a in node.attribute if a.name in BRANCH_ATTRS}
-        if len(branches) != 2:
-            continue
-        then, other = branches["then_branch"], branches["else_branch"]
-        by_value: dict[tuple, onnx.TensorProto] = {}
-        for tensor in then.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.raw_data:
-                continue
-            by_value.setdefault((tuple(tensor.dims), tensor.data_type, tensor.raw_data), tensor)
-        for graph_copies in ((then, other),):
-            renames: dict[str, dict[str, str]] = {"then": {}, "else": {}}
-            for tensor in list(other.initializer):
-                key = (tuple(tensor.dims), tensor.data_type, tensor.raw_data)
-                twin = by_value.get(key) if tensor.raw_data else None
-                if twin is None or int(np.prod(tensor.dims or [1])) < 64:
-                    continue
-                shared = f"{node.name}__gp_shared_{len(names)}"
-                names.add(shared)
-                hoisted = onnx.TensorProto()
-                hoisted.CopyFrom(twin)
-                hoisted.name = shared
-                model.graph.initializer.append(hoisted)
-                renames["then"][twin.name] = shared
-                renames["else"][tensor.name] = shared
-                by_value.pop(key)
-                dropped += 1
-            for graph, table in zip(graph_copies, (renames["then"], renames["else"]), strict=True):
-                if not table:
-                    continue
-                kept = [t for t in graph.initializer if t.name not in table]
-                del graph.initializer[:]
-                graph.initializer.extend(kept)
-                _rename(graph, table)
-                for out in graph.output:  # an output that was the constant itself
-                    if out.name in table:
-                        graph.node.append(helper.make_node("Identity", [table[out.name]], [out.name]))
-    return dropped
+    """Constants that branches hold with the same values (constant folding of an outer
+    weight read in both branches makes such copies; so does pruning both the same way)
+    become one initializer of the main graph that they read; return how many copies were
+    dropped (:func:`graphprune.io.shared_constants.share_subgraph_constants` on a
+    materialised model)."""
+    return share_subgraph_constants(
+        model, lambda t: t.raw_data or numpy_helper.to_array(t).tobytes())

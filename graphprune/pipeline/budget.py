@@ -9,7 +9,10 @@
 4. the structural rewrite and its exact check against the zeroed original (as the ratio
    driver); for latency the pruned model is timed against the original (interleaved) and,
    when it misses the target, the allocation is tightened and redone (a few rounds);
-5. with calibration, reconstruction and fidelity on held-out samples.
+5. with calibration (MACs/params targets), a choice by measurement: the greedy allocation,
+   the uniform one at the same cost and a blend of the two are each rewritten, checked and
+   reconstructed, and the one nearest the original on the held-out calibration samples is
+   kept (:func:`_choose`; ``report["budget"]["candidates"]``); then fidelity on those samples.
 
 ``report["budget"]``: target, achieved (MACs and parameters counted on the exported models
 by :mod:`graphprune.verify.metrics`, latency measured), how it was measured, and per-group
@@ -33,6 +36,10 @@ from graphprune.verify.metrics import counted_shape
 
 #: rounds of re-allocation when the measured latency misses its target
 LATENCY_ROUNDS = 4
+#: calibration batches the sensitivity sweep runs (each (group, ratio) runs all of them)
+SENSITIVITY_BATCHES = 4
+#: calibration samples a candidate allocation is judged on when none are held out
+CHOICE_SAMPLES = 64
 #: MACs/params: how far over the target (share of the original) a landing may be when it
 #: is nearer than the best landing under it (the report's ``met`` allows +-0.03)
 LANDING_ABOVE = 0.02
@@ -134,7 +141,7 @@ def _choose_fast_widths(model: budget_mod.CostModel, table: Any, opset: int) -> 
 
 
 def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_time: Any, table: Any,
-              goal: float) -> tuple[budget_mod.Allocation, float | None]:
+              goal: float) -> tuple[budget_mod.Allocation, float | None, budget_mod.CostModel]:
     """Allocate to ``goal`` of the modelled cost. For latency, the widths then move to
     fast measured ones, and the plan's latency is estimated from the table (every node at
     its planned shape, measured in one batch); when that estimate misses ``goal`` the
@@ -156,7 +163,7 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
             break
         fraction = max(0.02, fraction * goal / estimate)
     allocation.widths = budget_mod.width_table(states)
-    return allocation, estimate
+    return allocation, estimate, model
 
 
 def _apply(session: Session, plan: Plan) -> Any:
@@ -192,19 +199,25 @@ def prune_budget(
     info: dict[str, Any] = {"target": options.kind, "fraction": options.target,
                             "max_ratio": options.max_ratio, "groups_allocated": len(states)}
     if calibrated is not None and states:
+        from graphprune.calibration import runner
         from graphprune.planning import sensitivity
 
         with session.stage("sensitivity"):
-            masked, masks = sensitivity.masked_model(session.prepared, analysis, states)
-            feeds = calibrated.batches.feeds[:1]
-            curves = sensitivity.measure(session.path_of(masked), states, masks, feeds)
-            info["sensitivity"] = sensitivity.apply_curves(states, curves)
-            reconstructs = getattr(calibrated.options, "reconstruction", "none") == "refit"
-            if reconstructs and calibrated.stats is not None:
+            refit = None
+            if calibrated.options.reconstruction == "refit" and calibrated.stats is not None:
                 from graphprune.planning.data_aware import consumer_views
 
-                info["sensitivity"].update(sensitivity.refit_curves(
-                    states, consumer_views(analysis), calibrated.stats, curves))
+                refit = (consumer_views(analysis), calibrated.stats)
+            masked, sweep = sensitivity.masked_model(session.prepared, analysis, states, refit)
+            # judged on the held-out calibration samples: the refit's Grams never saw them, so
+            # a consumer refit that over-fits its samples is not mistaken for a harmless cut
+            held = calibrated.calib.holdout
+            feeds = (runner.batches(session.prepared, held, calibrated.options.batch_size, calibrated.data_dir).feeds
+                     if held else calibrated.batches.feeds[:SENSITIVITY_BATCHES])
+            curves = sensitivity.measure(session.path_of(masked), states, sweep, feeds)
+            info["sensitivity"] = sensitivity.apply_curves(states, curves)
+            # deviations measured after each consumer's least-squares refit
+            info["sensitivity"]["consumers_refit"] = sum(len(f) for f in sweep.corrections)
     node_time: dict[int, float] | None = None
     table = None
     if options.kind == "latency":
@@ -213,11 +226,19 @@ def prune_budget(
             info["latency_table"] = dict(getattr(table, "stats", {}) or {})
     meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion}
     with session.stage("plan"):
-        allocation, estimate = _allocate(analysis, states, options, node_time, table, options.target)
+        allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target)
     plan = budget_mod.to_plan(analysis, states, meta)
     rounds: list[dict[str, Any]] = []
     fresh = analysis
-    if options.kind != "latency":
+    verification: dict[str, Any] | None = None
+    chosen = None
+    if options.kind != "latency" and calibrated is not None and states:
+        fraction = max(options.target, allocation.achieved)  # the greedy landing's budget for every candidate
+        chosen = _choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify)
+        plan, fresh, verification, info["candidates"], info["chosen"] = chosen
+        allocation.achieved = cost_model.total / allocation.full if allocation.full > 0 else 1.0
+        allocation.widths = budget_mod.width_table(states)
+    elif options.kind != "latency":
         # one rewrite, on the analysed graph itself
         with session.stage("prune"):
             session.apply(channel_passes(analysis, plan))
@@ -239,7 +260,7 @@ def prune_budget(
             # the table misses per-run overheads: aim its estimate lower by what was measured
             internal = max(0.02, internal * options.target / ratio * 0.98)
             with session.stage("plan"):
-                allocation, estimate = _allocate(analysis, states, options, node_time, table, internal)
+                allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, internal)
             plan = budget_mod.to_plan(analysis, states, meta)
             candidate, fresh, plan = _apply(session, plan)
         assert best is not None
@@ -248,9 +269,10 @@ def prune_budget(
         # the fastest candidate becomes the session's result
         session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
         session.ctx = candidate.ctx
-    verification = verify_zeroed(session, fresh, plan, tolerance) if verify else None
-    if calibrated is not None and (verification is None or verification.get("ok")):
-        calibrated.reconstruct(fresh, plan)
+    if chosen is None:
+        verification = verify_zeroed(session, fresh, plan, tolerance) if verify else None
+        if calibrated is not None and (verification is None or verification.get("ok")):
+            calibrated.reconstruct(fresh, plan)
     report = session.report("budget", plan, analysis=fresh)
     report["kinds"] = targets.kind_summary(fresh)
     info.update(_achieved(report, options, rounds))
@@ -273,6 +295,66 @@ def prune_budget(
         report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()
     return session.finish(report, plan, verification)
+
+
+def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
+            calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool) -> tuple:
+    """Choose the allocation by measurement: each candidate (:func:`budget_mod.candidates`:
+    the greedy one, uniform at the same cost, a blend) is rewritten on a sibling session,
+    checked against its zeroed original, reconstructed, and compared with the original on
+    the held-out calibration samples (the fidelity metric: relative L2 of the outputs); the
+    nearest is adopted by ``session`` (with the states at its allocation). A candidate that
+    fails its check is adopted as it is, so that the failure is reported; one whose
+    reconstruction fails is not chosen (the error is in its row; raised when all fail).
+
+    Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
+    from graphprune.calibration import fidelity as fidelity_mod
+    from graphprune.calibration import runner
+
+    options = budget_mod.candidates(model, fraction)
+    feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
+    names = [o.name for o in session.prepared.graph.output]
+    with session.stage("candidates"):
+        reference = runner.outputs(session.prepared, feeds, "the original model", data_dir=calibrated.data_dir)
+    rows: list[dict[str, Any]] = []
+    best: tuple | None = None
+    failed: Exception | None = None
+    for label, indexes in options:
+        budget_mod.restore(model, indexes)
+        candidate, fresh, plan = _apply(session, budget_mod.to_plan(analysis, states, meta))
+        verification = verify_zeroed(candidate, fresh, plan, tolerance) if verify else None
+        row: dict[str, Any] = {"allocation": label, "modelled_fraction": round(model.total / model.full_total, 4),
+                               "kept": [st.kept for st in states]}
+        rows.append(row)
+        if verification is not None and not verification.get("ok"):
+            row["verified"] = False
+            best = (-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
+            break
+        calibrated.session, calibrated.pass_stats = candidate, {}
+        try:
+            calibrated.reconstruct(fresh, plan)
+        except Exception as exc:  # noqa: BLE001 - this candidate cannot be reconstructed: not chosen
+            failed = failed or exc
+            row["error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
+            continue
+        finally:
+            calibrated.session = session
+        with session.stage("candidates"):
+            outputs = runner.outputs(candidate.model, feeds, "a candidate", data_dir=calibrated.data_dir)
+        score = fidelity_mod.compare_outputs(names, reference, outputs)
+        error = score["rel_l2"] if score["rel_l2"] is not None else math.inf
+        row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
+        if best is None or error < best[0]:
+            best = (error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes)
+    if best is None:  # no candidate could be reconstructed: the first failure is the error
+        assert failed is not None
+        raise failed
+    _, label, candidate, fresh, plan, verification, pass_stats, indexes = best
+    budget_mod.restore(model, indexes)
+    calibrated.pass_stats = pass_stats
+    session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
+    session.ctx = candidate.ctx
+    return plan, fresh, verification, rows, label
 
 
 def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:

@@ -30,10 +30,11 @@ import numpy as np
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.calibration import fidelity as fidelity_mod
-from graphprune.calibration import runner
+from graphprune.calibration import runner, sequential
 from graphprune.calibration import stats as stats_mod
 from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
 from graphprune.calibration.linear import linear_view
+from graphprune.calibration.targets import RecordedTargets
 from graphprune.errors import UsageError
 from graphprune.io import ir
 from graphprune.passes.prune_channels import removed_elements
@@ -78,6 +79,9 @@ def check_options(criterion: str, reconstruction: str) -> None:
 class CalibratedRun:
     """Calibration state of one prune on a :class:`~graphprune.pipeline.session.Session`."""
 
+    #: record the refit targets in the statistics run instead of running the original again
+    record_targets = True
+
     def __init__(self, session: Any, source: Any, options: CalibrationOptions | None = None) -> None:
         self.session = session
         self.options = options or CalibrationOptions()
@@ -89,6 +93,8 @@ class CalibratedRun:
                 session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
             )
         self.stats: stats_mod.LayerStats | None = None
+        #: refit targets recorded by the statistics run (one run of the original for both)
+        self.recorded: RecordedTargets | None = None
         self.pass_stats: dict[str, Any] = {}
         self._scorer: Any = None
 
@@ -103,9 +109,16 @@ class CalibratedRun:
         if self.criterion not in DATA_CRITERIA and self.criterion != AUTO_CRITERION:
             return None
         views = consumer_views(analysis)
+        if self.options.reconstruction == "refit" and self.record_targets:
+            self.recorded = RecordedTargets(
+                self.session.prepared,
+                [v for n in analysis.graph.nodes if (v := linear_view(n, analysis.opset)) is not None],
+                self.batches.sizes, sequential.rows_budget, analysis.opset, self.data_dir,
+            )
         with self.session.stage("statistics"):
             self.stats = stats_mod.collect(
-                self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir
+                self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir,
+                record=self.recorded,
             )
         self._scorer = make_scorer(analysis, views, self.stats, self.criterion)
         return self._scorer
@@ -142,7 +155,8 @@ class CalibratedRun:
             return [BiasCompensationPass(original, self._bias_stats(original, removed), removed)]
         cls = RefitPass if kind == "refit" else StatsCorrectionPass
         return [cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
-                    store=store, consumers_only=self.options.scope == "consumers")]
+                    store=store, consumers_only=self.options.scope == "consumers",
+                    **({"recorded": self.recorded} if kind == "refit" else {}))]
 
     def reconstruct(self, analysis: Analysis, plan: Plan) -> dict[str, Any]:
         """Run the reconstruction passes on the session's pruned graph and re-export it."""
@@ -155,6 +169,9 @@ class CalibratedRun:
                 for p in passes:
                     stats = self.session.ctx.stats.get(p.name, before.get(p.name, {}))
                     self.pass_stats[p.name] = stats
+            if self.recorded is not None:  # a later reconstruction runs the original itself
+                self.recorded.close()
+                self.recorded = None
         return self.pass_stats
 
     # ------------------------------------------------------------------ report

@@ -9,6 +9,7 @@ Keys every report has::
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
+    prunable_fraction_of      what it counts: "conv channels" or "channels"
     frozen                    frozen groups with their reasons (first 5 per group)
     nothing_prunable          (ratio mode, only when nothing was removed) the one-line reason
     unsupported_ops           op types without a rule, with counts
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 
 from graphprune.analysis import PRODUCER, Analysis
@@ -37,28 +37,42 @@ from graphprune.verify.metrics import count_macs, count_params
 CONV_KERNELS = ("conv", "conv_transpose")
 
 
-def prunable_fraction(analysis: Analysis) -> float:
-    """Fraction of conv output channels (all producer channels if no conv) that are prunable."""
-    tensors = analysis.context.tensors
-    conv_weights = set()
+def _conv_weights(analysis: Analysis) -> set[str]:
+    names = set()
     for node in analysis.graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, analysis.opset)
         info = rule.linear(node) if rule is not None else None
         if info is not None and info.kernel in CONV_KERNELS and len(node.inputs) > info.weight:
-            conv_weights.add(node.inputs[info.weight].name)
+            names.add(node.inputs[info.weight].name)
+    return names
+
+
+def prunable_fraction(analysis: Analysis) -> float:
+    """Fraction of conv output channels (all producer channels if no conv) that are prunable,
+    counted at the sizes the analysis found (the same before and after a rewrite, which
+    slices the graph's tensors in place)."""
+    tensors = analysis.context.tensors
+    conv_weights = _conv_weights(analysis)
     total = prunable = 0
     for group in analysis.groups:
         for dim in group.producers:
-            values = getattr(tensors.get(dim[0]), "values", None)
-            if values is None or np.ndim(values) < 2:
+            shape = getattr(tensors.get(dim[0]), "shape", None)
+            if shape is None or len(shape) < 2:
                 continue
             if conv_weights and dim[0] not in conv_weights:
                 continue
-            n = int(np.shape(values)[dim[1]])
-            total += n
+            n = group.sizes.get(dim)
+            if n is None:
+                continue
+            total += int(n)
             if group.prunable:
-                prunable += n
+                prunable += int(n)
     return round(prunable / total, 4) if total else 0.0
+
+
+def prunable_label(analysis: Analysis) -> str:
+    """What :func:`prunable_fraction` counts: "conv channels", or "channels" (no conv)."""
+    return "conv channels" if _conv_weights(analysis) else "channels"
 
 
 def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
@@ -83,6 +97,7 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
             "removed": int(sum(len(g.remove) for g in pruned_groups)),
         },
         "prunable_fraction": prunable_fraction(analysis),
+        "prunable_fraction_of": prunable_label(analysis),
         "frozen": [
             {
                 "group": g.id,

@@ -36,11 +36,13 @@ from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import RewriteError, UsageError, VerificationError
 from graphprune.io import ir, model_io
 from graphprune.io.feeds import make_feeds
+from graphprune.io.shared_constants import share_subgraph_constants
 from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
 from graphprune.planning.plan import Plan
 from graphprune.verify import validate
+from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
 
@@ -155,6 +157,8 @@ class Session:
             if self.opset < UPGRADE_BELOW:
                 loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
                 self.opset = UPGRADE_TO
+            #: parameters as the model came (constant folding may change the count)
+            self.params_as_loaded = count_params(loaded)
             #: the normalised model; its weights are references into ``store``
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store)
             #: the original, as far as comparisons go (the prepared model computes the same)
@@ -250,6 +254,7 @@ class Session:
         assert self.graph is not None
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         model = ir.export_graph(self.graph, self.prepared, self.store)
+        share_subgraph_constants(model, self.store.tensor_bytes)
         # graphsurgeon knows only tensors: outputs that are sequences or maps (skl2onnx's
         # ZipMap) keep the original's type (graph outputs never lose channels)
         declared = {v.name: v for v in self.prepared.graph.output
@@ -350,10 +355,12 @@ class Session:
     def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:
         """The one report shape, for the exported model (see :mod:`graphprune.pipeline.report`)."""
         assert self.model is not None, "export() before report()"
-        return reports.base_report(
+        report = reports.base_report(
             mode, self.prepared, self.model, plan,
             analysis if analysis is not None else self.analysis, self.ctx,
         )
+        report["params_before"] = self.params_as_loaded  # what the user's file held
+        return report
 
     def finish(
         self,

@@ -18,9 +18,9 @@ channel ``c`` of a consumer over the calibration data (every position of every s
   diagonal approximation ``E[x_c^2] ||W[:, c]||^2`` is used;
 - ``obs``: the same saliency applied greedily (ZipLM / SlimGPT): remove the unit of least
   saliency, update the remaining columns for the optimal compensation and the inverse Gram
-  (rank-``k`` downdate for a unit of ``k`` columns: a head), repeat; a unit's score is the
-  saliency at which it went (made non-decreasing), the first half of the units greedily
-  and the rest from the saliencies at that point. Layers over
+  (rank-``k`` downdate for a unit of ``k`` columns: a head), repeat, one unit per step; a
+  unit's score is the saliency at which it went (made non-decreasing), the first half of
+  the units greedily and the rest from the saliencies at that point. Layers over
   :data:`GREEDY_MAX_CHANNELS` channels use ``reconstruction``.
 
 ``auto`` (the default with calibration data) picks, per group, the candidate criterion whose
@@ -54,9 +54,6 @@ AUTO_CANDIDATES = ("obs", "reconstruction", "wanda", "flap", "activation")
 AUTO_FRACTIONS = (0.25, 0.5)
 #: widest consumer (input channels) scored greedily by ``obs``
 GREEDY_MAX_CHANNELS = 1536
-#: updates of the greedy removal over a layer of single-channel units (each removes
-#: ``units // GREEDY_STEPS`` of them at once: a block update, much cheaper than one per unit)
-GREEDY_STEPS = 256
 #: ridge of the reconstruction criterion, relative to the mean diagonal of the Gram
 GRAM_RIDGE = 1e-2
 
@@ -106,47 +103,103 @@ def _rows(view: LinearView) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 1).reshape(-1, w.shape[1]))
 
 
+def compressed(w: np.ndarray) -> np.ndarray:
+    """``w`` (``[rows, C]``) or, with more rows than columns, a ``[C, C]`` factor ``R`` with
+    ``R^T R = w^T w`` (Cholesky; the symmetric square root if singular), so every column norm and inner product — all
+    that the saliencies and removal errors read — is the same, and a column update
+    ``w - w[:, e] A`` maps to ``R - R[:, e] A``; much cheaper for a conv consumer (rows =
+    outputs x kernel offsets)."""
+    if w.shape[0] <= w.shape[1]:
+        return w
+    gram = w.T @ w
+    try:
+        return np.linalg.cholesky(gram).T
+    except np.linalg.LinAlgError:  # rank-deficient: the symmetric square root
+        values, vectors = np.linalg.eigh(gram)
+        return np.sqrt(np.maximum(values, 0.0))[:, None] * vectors.T
+
+
+def _greedy_columns(w: np.ndarray, hinv: np.ndarray, count: int) -> np.ndarray:
+    """Greedy optimal-brain-surgeon removal of ``count`` single columns, one per step; the
+    score of every column (see :func:`_greedy`).
+
+    Nothing of size ``C x C`` is rewritten per step: with ``M = w^T w`` (all that the
+    saliencies ``M_cc / H_cc`` read), the removal of column ``e`` with ``a = H_e / H_ee``
+    updates ``H <- H - H_e H_e^T / H_ee`` and ``M <- M - b a^T - a b^T`` with
+    ``b = M_e - M_ee a / 2`` (the columns of ``w`` moving by ``-w_e a^T``, the optimal
+    compensation). Both stay their initial value minus the rank-one terms of the steps so
+    far; a step forms only the two columns it needs and updates the diagonals, ``O(C t)``
+    at step ``t`` instead of ``O(C^2)``."""
+    h0 = np.asarray(hinv, dtype=np.float64)
+    wc = compressed(np.asarray(w, dtype=np.float64))
+    m0 = wc.T @ wc
+    size = len(h0)
+    u_, a_, b_ = (np.zeros((size, count)) for _ in range(3))
+    dh, dm = np.diag(h0).copy(), np.diag(m0).copy()
+    alive = np.ones(size, bool)
+    score = np.zeros(size)
+    level = 0.0
+    for t in range(count):
+        sal = np.where(alive, dm / np.maximum(dh, 1e-30), np.inf)
+        c = int(np.argmin(sal))
+        level = max(level, float(sal[c]))
+        score[c], alive[c] = level, False
+        he = h0[:, c] - u_[:, :t] @ u_[c, :t]
+        hee = float(he[c])
+        if not hee > 0.0:
+            continue
+        me = m0[:, c] - b_[:, :t] @ a_[c, :t] - a_[:, :t] @ b_[c, :t]
+        a = he / hee
+        b = me - 0.5 * float(me[c]) * a
+        u_[:, t], a_[:, t], b_[:, t] = he / np.sqrt(hee), a, b
+        dh -= he * he / hee
+        dm -= 2.0 * a * b
+    if alive.any():
+        score[alive] = level + dm[alive] / np.maximum(dh[alive], 1e-30)
+    return score
+
+
 def _greedy(w: np.ndarray, hinv: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Greedy optimal-brain-surgeon removal of whole units (see module doc); one score per
     element (its unit's)."""
     units = [np.flatnonzero(labels == u) for u in np.unique(labels)]
+    if all(len(e) == 1 for e in units):  # one column per unit: its score is the column's
+        return _greedy_columns(w, hinv, (len(units) + 1) // 2)
+    return _greedy_units(w, hinv, units, len(labels))
+
+
+def _greedy_units(w: np.ndarray, hinv: np.ndarray, units: list[np.ndarray], size: int) -> np.ndarray:
+    """The greedy removal for units of several columns (a head: a rank-``k`` block update
+    per step)."""
     n = len(units)
-    single = all(len(e) == 1 for e in units)
-    index = np.array([e[0] for e in units]) if single else None
-    w = w.astype(np.float32)
+    w = np.ascontiguousarray(compressed(np.asarray(w, dtype=np.float64)), dtype=np.float32)
     h = hinv.astype(np.float32)
     alive = np.ones(n, bool)
     score = np.zeros(n)
     level = 0.0
 
     def saliency() -> np.ndarray:
-        if index is not None:
-            d = np.maximum(np.diag(h)[index], 1e-20)
-            sal = np.square(w[:, index]).sum(0) / d
-        else:
-            sal = np.array([float(np.sum(w[:, e] * np.linalg.solve(h[np.ix_(e, e)] + 1e-12 * np.eye(len(e)),
-                                                                    w[:, e].T).T)) if alive[u] else 0.0
-                            for u, e in enumerate(units)])
+        sal = np.array([float(np.sum(w[:, e] * np.linalg.solve(h[np.ix_(e, e)] + 1e-12 * np.eye(len(e)),
+                                                                w[:, e].T).T)) if alive[u] else 0.0
+                        for u, e in enumerate(units)])
         return np.where(alive, sal, np.inf)
 
-    step = max(1, n // GREEDY_STEPS) if single else 1  # units removed per update
     removed = 0
     while removed < (n + 1) // 2:
         sal = saliency()
-        chosen = np.argsort(sal, kind="stable")[: min(step, (n + 1) // 2 - removed)]
-        for u in chosen:
-            level = max(level, float(sal[u]))
-            score[u] = level
-        alive[chosen] = False
-        removed += len(chosen)
-        e = np.concatenate([units[u] for u in chosen])
+        u = int(np.argsort(sal, kind="stable")[0])
+        level = max(level, float(sal[u]))
+        score[u] = level
+        alive[u] = False
+        removed += 1
+        e = units[u]
         inv_block = np.linalg.pinv(h[np.ix_(e, e)])
         w -= (w[:, e] @ inv_block) @ h[e, :]
         h -= h[:, e] @ inv_block @ h[e, :]
     if alive.any():
         sal = saliency()
         score[alive] = level + sal[alive]
-    out = np.zeros(len(labels))
+    out = np.zeros(size)
     for u, e in enumerate(units):
         out[e] = score[u]
     return out
@@ -186,7 +239,7 @@ def removal_error(view: LinearView, stats: ChannelStats, remove: np.ndarray) -> 
         return None if inverse is None else 0.0
     cached = getattr(stats, "_energy", None)
     if cached is None or cached[0] is not view:
-        w = _rows(view)
+        w = np.ascontiguousarray(compressed(_rows(view)))
         gram = stats.gram / max(stats.gram_rows, 1)  # type: ignore[operator]
         cached = (view, w, float(np.sum(w * (w @ gram))))
         stats._energy = cached  # type: ignore[attr-defined]

@@ -3,14 +3,22 @@
 One model serves the whole sweep: each group gets a unit mask as an extra graph input, and
 every producer/consumer weight of the group is multiplied by its mask (gathered from units
 to elements, the zeroed-original construction of :func:`graphprune.verify.validate.zeroed_reference`
-with the mask fed at run time). ONNX Runtime then runs the calibration batch once per
+with the mask fed at run time). ONNX Runtime then runs the calibration batches once per
 (group, ratio) with all masks at one except that group's first removed units; the deviation
 is the mean squared relative L2 difference of the float outputs from the unmasked run.
+
+With ``refit`` (the reconstruction is a least-squares refit), every consumer weight of a
+group that has a calibration Gram also gets an additive correction input (zero by default):
+for a (group, ratio) run it holds the consumer's least-squares refit of the kept input
+channels (the optimal-brain-surgeon update ``W - W_R [G^-1]_RR^-1 [G^-1]_R:``), so the
+deviation measured is the final-output deviation *after* the cheap reconstruction, not the
+raw deviation of zeroed channels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,10 +36,31 @@ SWEEP_RATIOS = (0.25, 0.5, 0.75)
 Masks = list[tuple[str, np.ndarray]]  # per state: (mask input, removal order) per member group
 
 
-def masked_model(prepared: onnx.ModelProto, analysis: Analysis,
-                 states: list[GroupState]) -> tuple[onnx.ModelProto, list[Masks | None]]:
+@dataclass
+class Correction:
+    """The refit correction input of one consumer weight: ``name`` is fed ``W' - W * mask``."""
+
+    name: str
+    view: Any  # LinearView of the consumer
+    stats: Any  # its ChannelStats (with a Gram)
+    labels: np.ndarray  # unit of each input channel
+    member: int  # which member group of the state (its removal order)
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Sweep:
+    """The sweep model's extra inputs: per state its masks and refit corrections."""
+
+    masks: list[Masks | None]
+    corrections: list[list[Correction]] = field(default_factory=list)
+
+
+def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[GroupState],
+                 refit: tuple[dict[str, Any], Any] | None = None) -> tuple[onnx.ModelProto, Sweep]:
     """``prepared`` with one mask input per member group of each state (``None`` where no
-    weight could be masked)."""
+    weight could be masked) and, with ``refit = (consumer views, statistics)``, a correction
+    input per consumer weight that has a Gram (see the module doc)."""
     roles = analysis.context.roles
     model = onnx.ModelProto()
     model.CopyFrom(prepared)
@@ -39,21 +68,86 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis,
     inits = {init.name: init for init in graph.initializer}
     current: dict[str, str] = {}  # weight -> name of its masked version so far
     nodes: list[onnx.NodeProto] = []
-    mask_names: list[Masks | None] = []
+    sweep = Sweep(masks=[])
+    corrected: set[str] = set()
     for si, st in enumerate(states):
         masks: Masks = []
+        fixes: list[Correction] = []
         for gi, (group, order) in enumerate(st.members):
             mask_name = f"__gp_sens_mask_{si}_{gi}"
             if _mask_group(graph, inits, roles, group, mask_name, f"{si}_{gi}", current, nodes):
                 graph.input.append(onnx.helper.make_tensor_value_info(
                     mask_name, onnx.TensorProto.FLOAT, [group.num_units]))
                 masks.append((mask_name, order))
-        mask_names.append(masks or None)
+                if refit is not None:
+                    fixes.extend(_corrections(group, gi, refit, inits, corrected, f"{si}_{gi}"))
+        sweep.masks.append(masks or None)
+        sweep.corrections.append(fixes if masks else [])
+    # the corrections add to the fully masked weights (after every mask of every group)
+    for fixes in sweep.corrections:
+        for fix in fixes:
+            weight = fix.view.weight.name
+            out = f"{fix.name}_w"
+            nodes.append(onnx.helper.make_node("Add", [current.get(weight, weight), fix.name], [out],
+                                               name=f"{fix.name}_add"))
+            current[weight] = out
+            graph.input.append(onnx.helper.make_tensor_value_info(fix.name, onnx.TensorProto.FLOAT,
+                                                                  list(fix.shape)))
     validate._rename_uses(graph, current)
     original = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + original)
-    return model, mask_names
+    return model, sweep
+
+
+def _corrections(group: Any, member: int, refit: tuple[dict[str, Any], Any],
+                 inits: dict[str, onnx.TensorProto], corrected: set[str], tag: str) -> list[Correction]:
+    """Correction inputs for the consumers of ``group`` that have a Gram (float32 weights,
+    each weight corrected for one group only)."""
+    from graphprune.planning.data_aware import _consumers, _inverse_gram
+
+    views, stats = refit
+    out = []
+    for view, layer, labels in _consumers(group, views, stats):
+        name = view.weight.name
+        init = inits.get(name)
+        if (init is None or init.data_type != onnx.TensorProto.FLOAT or name in corrected
+                or view.group != 1 or _inverse_gram(layer) is None
+                or len(labels) != view.in_channels()):
+            continue
+        corrected.add(name)
+        out.append(Correction(name=f"__gp_sens_fix_{tag}_{len(corrected)}", view=view, stats=layer,
+                              labels=np.asarray(labels), member=member, shape=tuple(init.dims)))
+    return out
+
+
+def correction(fix: Correction, removed_units: np.ndarray) -> np.ndarray:
+    """``W' - W * mask`` in the weight's stored layout: ``W'`` the least-squares refit of the
+    kept input channels when the units ``removed_units`` go (zero on the removed channels)."""
+    from graphprune.planning.data_aware import _columns, _inverse_gram
+
+    view = fix.view
+    cols = _columns(view)  # [out, in, kernel]
+    out_ch, in_ch, kernel = cols.shape
+    rows = cols.transpose(0, 2, 1).reshape(-1, in_ch)  # [out * kernel, in]
+    remove = np.flatnonzero(np.isin(fix.labels, removed_units))
+    zeroed = rows.copy()
+    zeroed[:, remove] = 0.0
+    refit = zeroed
+    if len(remove) and len(remove) < in_ch:
+        h = _inverse_gram(fix.stats)
+        try:
+            block = np.linalg.inv(h[np.ix_(remove, remove)])
+        except np.linalg.LinAlgError:
+            block = np.linalg.pinv(h[np.ix_(remove, remove)])
+        refit = rows - (rows[:, remove] @ block) @ h[remove, :]
+        refit[:, remove] = 0.0
+
+    def stored(r: np.ndarray) -> np.ndarray:
+        mats = r.reshape(out_ch, kernel, in_ch).transpose(0, 2, 1).reshape(1, out_ch, -1)
+        return view.set_matrices(mats).astype(np.float64)
+
+    return (stored(refit) - stored(zeroed)).astype(np.float32)
 
 
 def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], roles: dict,
@@ -105,7 +199,7 @@ def _deviation(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 def measure(
     path: Any,
     states: list[GroupState],
-    mask_names: list[Masks | None],
+    sweep: Sweep,
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     ratios: Sequence[float] = SWEEP_RATIOS,
@@ -114,32 +208,37 @@ def measure(
     """Per state: (ratios actually used, deviations) or ``None`` when it has no mask."""
     sess = validate.session(path, optimize=True)
     names = [o.name for o in sess.get_outputs()]
-    ones = {name: np.ones(st.group.num_units, dtype=np.float32)
-            for st, masks in zip(states, mask_names, strict=True) for name, _ in (masks or [])}
+    base = {name: np.ones(st.group.num_units, dtype=np.float32)
+            for st, masks in zip(states, sweep.masks, strict=True) for name, _ in (masks or [])}
+    for fixes in sweep.corrections:
+        base.update({fix.name: np.zeros(fix.shape, dtype=np.float32) for fix in fixes})
 
-    def run(masks: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        return [[np.asarray(v) for v in sess.run(names, {**f, **masks})] for f in feeds]
+    def run(extra: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        return [[np.asarray(v) for v in sess.run(names, {**f, **base, **extra})] for f in feeds]
 
-    reference = run(ones)
+    reference = run({})
     out: list[tuple[list[float], list[float]] | None] = []
-    total = sum(1 for m in mask_names if m is not None)
+    total = sum(1 for m in sweep.masks if m is not None)
     done = 0
-    for st, masks in zip(states, mask_names, strict=True):
+    for st, masks, fixes in zip(states, sweep.masks, sweep.corrections, strict=True):
         if masks is None:
             out.append(None)
             continue
         n = st.group.num_units
+        members = st.members
         used, devs = [], []
         for r in ratios:
             m = max((s for s in st.steps if s <= r * n + 1e-9), default=0)
             if m == 0 or (used and m == round(used[-1] * n)):
                 continue
-            zeroed = {}
+            extra = {}
             for name, order in masks:
                 mask = np.ones(n, dtype=np.float32)
                 mask[order[:m]] = 0.0
-                zeroed[name] = mask
-            outputs = run({**ones, **zeroed})
+                extra[name] = mask
+            for fix in fixes:
+                extra[fix.name] = correction(fix, members[fix.member][1][:m])
+            outputs = run(extra)
             devs.append(float(np.mean([_deviation(a, b) for a, b in zip(reference, outputs, strict=True)])))
             used.append(m / n)
         out.append((used, devs) if used else None)
@@ -161,65 +260,3 @@ def apply_curves(states: list[GroupState], curves: list[tuple[list[float], list[
         st.loss = curve_loss(ratios, devs, st.group.num_units, st.order)
     return {"groups_measured": len(measured), "groups": len(states),
             "ratios": list(SWEEP_RATIOS)}
-
-
-# ---------------------------------------------------------------------------- after refit
-def _raw_error(view: Any, stats: Any, remove: np.ndarray) -> float | None:
-    """Relative output error of a consumer when input channels ``remove`` are zeroed and
-    nothing is refit: ``tr(W_R G_RR W_R^T) / tr(W G W^T)``."""
-    from graphprune.planning.data_aware import _rows
-
-    if stats.gram is None or not stats.gram_rows:
-        return None
-    w = _rows(view)
-    gram = stats.gram / max(stats.gram_rows, 1)
-    energy = float(np.sum(w * (w @ gram)))
-    wr = w[:, remove]
-    return float(np.sum(wr * (wr @ gram[np.ix_(remove, remove)]))) / max(energy, 1e-30)
-
-
-def refit_curves(states: list[GroupState], views: dict[str, Any], stats: Any,
-                 measured: list[tuple[list[float], list[float]] | None]) -> dict[str, Any]:
-    """Loss = the output deviation expected *after* the least-squares refit.
-
-    For each group, the consumers' relative error left after refit (from the calibration
-    Grams, :func:`graphprune.planning.data_aware.removal_error`) at each measured ratio,
-    times the group's amplification: the measured output deviation of zeroing the group
-    over its consumers' relative error without refit (how strongly this layer's error
-    reaches the outputs). Groups without consumer statistics keep the measured curve."""
-    from graphprune.planning.data_aware import _consumers, removal_error
-
-    used = 0
-    for st, curve in zip(states, measured, strict=True):
-        if curve is None or not curve[0]:
-            continue
-        consumers = _consumers(st.group, views, stats)
-        if not consumers:
-            continue
-        n = st.group.num_units
-        refit, amps = [], []
-        for ratio, dev in zip(*curve, strict=True):
-            m = int(round(ratio * n))
-            removed = st.order[:m]
-            rec = raw = 0.0
-            ok = True
-            for view, layer, labels in consumers:
-                idx = np.flatnonzero(np.isin(labels, removed))
-                r1 = removal_error(view, layer, idx)
-                r0 = _raw_error(view, layer, idx)
-                if r1 is None or r0 is None:
-                    ok = False
-                    break
-                rec += r1
-                raw += r0
-            if not ok:
-                break
-            refit.append(rec)
-            if raw > 0:
-                amps.append(dev / raw)
-        if len(refit) != len(curve[0]) or not amps:
-            continue
-        amp = float(np.median(amps))
-        st.loss = curve_loss(curve[0], [r * amp for r in refit], n, st.order)
-        used += 1
-    return {"groups_after_refit": used}

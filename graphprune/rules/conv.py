@@ -55,6 +55,8 @@ def _rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.
 class ConvRule(OpRule):
     op_types = ("Conv",)
     zero_behaviour = "affine"  # zero input channel: contributes nothing; output gets the bias
+    #: the input that holds the bias (``ConvInteger`` has none: its third input is a zero point)
+    bias_index: int | None = 2
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[o] = b[o] + sum_i x[i] sum_k W[o, i, k]`` over the inputs ``W[o, i]`` reads.
@@ -88,9 +90,13 @@ class ConvRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, w = node.inputs[0], node.inputs[1]
-        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        k = self.bias_index
+        b = node.inputs[k] if k is not None and len(node.inputs) > k and node.inputs[k].name else None
         y = node.outputs[0]
         group = int(node.attrs.get("group", 1))
+        x_shape, w_shape = ctx.shape(x), ctx.shape(w)
+        if x_shape is not None and w_shape is not None and len(x_shape) == len(w_shape):
+            ctx.derive_shape(y, [x_shape[0], w_shape[0]] + [None] * (len(x_shape) - 2))
         ctx.couple(w, 0, y, 1)
         ctx.role(w, 0, PRODUCER)
         if b is not None:

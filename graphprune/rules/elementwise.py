@@ -196,9 +196,20 @@ class UnaryRule(OpRule):
         dtype = getattr(like, "dtype", None)
         return np.dtype(dtype) if dtype is not None else None
 
+    def aliased_input(self, node: gs.Node) -> int | None:
+        return 0 if node.op == "Identity" else None
+
+    def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """A Cast of an int8 weight stays: the weight stays int8 in the file, and the
+        analysis follows the cast and the scale applied after it (``couple``)."""
+        return (0,) if node.op == "Cast" and is_quantized_weight(node.inputs[0]) else ()
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
+        ctx.derive_shape(y, ctx.shape(x))
         ctx.couple_all_axes(x, y)
+        if node.op == "Cast" and is_quantized_weight(x):
+            ctx.weight_expression(y, x)  # an int8 weight cast to float (kept unfolded)
         for extra in node.outputs[1:]:  # Dropout mask
             if extra.outputs:
                 ctx.couple_all_axes(x, extra)
@@ -219,7 +230,13 @@ class BroadcastRule(OpRule):
     zero_behaviour = "map"
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        ctx.derive_shape(node.outputs[0], ctx.broadcast_shape(node.inputs))
         ctx.couple_broadcast(list(node.inputs), node.outputs[0])
+        if node.op in ("Mul", "Div", "Add", "Sub"):
+            # a scale (or offset) applied to a weight expression: still the weight
+            weights = [t for t in node.inputs if ctx.is_weight_expression(t)]
+            if len(weights) == 1 and all(t is weights[0] or isinstance(t, gs.Constant) for t in node.inputs):
+                ctx.weight_expression(node.outputs[0], weights[0])
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """Arithmetic on shapes keeps the length and loses the values, except two idioms:
@@ -355,3 +372,22 @@ class SoftmaxRule(OpRule):
         axes = [axis] if ctx.opset >= 13 else list(range(axis, rank))
         for a in axes:
             ctx.inexact(x, a, f"{node.op} normalises this axis")
+
+
+#: integer types quantizers store weights in
+QUANTIZED_WEIGHT_TYPES = frozenset({np.dtype(np.int8), np.dtype(np.uint8)})
+#: smaller integer constants are lookup tables or shape arithmetic, folded as usual
+QUANTIZED_WEIGHT_MIN_ELEMENTS = 64
+
+
+def is_quantized_weight(tensor: gs.Tensor) -> bool:
+    """An 8-bit integer constant large enough to be a weight (rather than a table)."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    shape = getattr(tensor, "shape", None) or ()
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        return False
+    return dtype in QUANTIZED_WEIGHT_TYPES and int(np.prod(shape)) >= QUANTIZED_WEIGHT_MIN_ELEMENTS
+

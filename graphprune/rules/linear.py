@@ -210,6 +210,9 @@ class MatMulRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        sa, sb = ctx.shape(a), ctx.shape(b)
+        if sa is not None and sb is not None and len(sa) >= 2 and len(sb) == 2:
+            ctx.derive_shape(y, [*sa[:-1], sb[-1]])  # behind an op without shape inference
         ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
         if ra is None or rb is None or ry is None:
             ctx.freeze_node(node, f"rank unknown at MatMul '{node.name}'")

@@ -167,6 +167,16 @@ class OpRule:
         are not)."""
         return None
 
+    def aliased_input(self, node: gs.Node) -> int | None:
+        """The input that output 0 equals unchanged (``Identity``): a constant read
+        through it is read directly instead of being folded into a second copy."""
+        return None
+
+    def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """Constant inputs that constant folding must not fold through this node (an int8
+        weight cast to float: folding would store it as float, 4x the bytes)."""
+        return ()
+
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """Inputs that hold learned parameters (weights, biases, norm scale and shift; not
         running statistics): what a (group-sparse) optimiser drives to zero. Default: a

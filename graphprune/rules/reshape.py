@@ -103,6 +103,36 @@ def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[
     return candidates[0]
 
 
+def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
+                          in_shape: list[int | None], out_shape: list[int | None]) -> bool:
+    """A dynamic batch merged with static channel factors into one axis, or split back
+    (the dynamo exporter's attention: ``[B, H, S, D] -> [-1, S, D]`` and back to
+    ``[B, H, ...]``): every dynamic factor lies outside the static ones, so the merged
+    index ``m`` holds static factor ``h`` at ``(m // stride) % H`` whatever the batch is.
+    The channel factor is coupled to the merged axis by that digit; the batch freezes.
+    False when the block is not of that form."""
+    if len(bi) != 1 and len(bj) != 1:
+        return False
+    merged_is_out = len(bj) == 1
+    factored, f_axes, f_shape, merged, m_axis = (
+        (x, bi, in_shape, y, bj[0]) if merged_is_out else (y, bj, out_shape, x, bi[0]))
+    if not isinstance(merged, gs.Variable) or ctx.probes.get(merged.name) is None:
+        return False
+    dynamic = [a for a in f_axes if f_shape[a] is None]
+    static = [a for a in f_axes if f_shape[a] is not None and not ctx.is_spatial(factored, a)]
+    if not dynamic or not static or max(dynamic) > min(a for a in f_axes if f_shape[a] is not None):
+        return False
+    chosen = _channel_factor(ctx, factored, static)
+    stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
+    ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
+    for a in f_axes:
+        if a in dynamic:
+            ctx.freeze(factored, a, f"dynamic axes re-factored at {ctx.where()}")
+        elif a != chosen and not ctx.is_spatial(factored, a):
+            ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
+    return True
+
+
 def couple_reshape(
     ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
 ) -> bool:
@@ -124,6 +154,8 @@ def couple_reshape(
             ctx.couple(x, bi[0], y, bj[0])
             continue
         if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
+            if _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape):
+                continue
             # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
             for t, axes in ((x, bi), (y, bj)):
                 for a in axes:

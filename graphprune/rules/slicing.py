@@ -186,6 +186,20 @@ class GatherRule(OpRule):
         pairs = [((data.name, a), (y.name, a if a < axis else a - 1)) for a in range(rank) if a != axis]
         return pairs, [(data.name, axis)]
 
+    def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """A lookup in a float parameter table by constant indices that yields more values
+        than the table holds (LeViT's attention biases ``table[:, idx]``): folded, the
+        model would hold more parameters than it had."""
+        data, indices = node.inputs[0], node.inputs[1]
+        if not (isinstance(data, gs.Constant) and isinstance(indices, gs.Constant)):
+            return ()
+        values = np.asarray(data.values)
+        if values.dtype.kind != "f" or values.ndim == 0:
+            return ()
+        axis = int(node.attrs.get("axis", 0)) % values.ndim
+        gathered = values.size // max(values.shape[axis], 1) * np.asarray(indices.values).size
+        return (0,) if gathered > values.size else ()
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
         rd, ri = ctx.rank(data), ctx.rank(indices)

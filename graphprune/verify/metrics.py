@@ -19,11 +19,12 @@ __all__ = ["count_macs", "count_params", "counted_shape"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Number of elements in floating-point initializers (weights, biases, norm params),
-    those of If/Loop/Scan bodies included."""
+    """Number of elements in floating-point initializers (weights, biases, norm params) and
+    8/4-bit integer ones (quantized weights), those of If/Loop/Scan bodies included."""
     float_types = {
         onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
     }
 
     def walk(graph: onnx.GraphProto) -> int:

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import InvalidModelError, UsageError
-from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, resolve_shapes
+from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, output_array, resolve_shapes
 from graphprune.io.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
 
 __all__ = ["PROVIDERS", "PROVIDER_TOLERANCE", "TimingResult", "provider_agreement", "resolve_providers", "run_on_provider",
@@ -268,7 +268,7 @@ def run_on_provider(
         name = _name(model, 0)
         session = _session(model, name, providers, _session_options(threads), Path(temporary))
         try:
-            return [[np.asarray(v) for v in session.run(None, feeds)] for feeds in feeds_list]
+            return [[output_array(v) for v in session.run(None, feeds)] for feeds in feeds_list]
         except Exception as exc:
             raise InvalidModelError(f"ONNX Runtime failed to run '{name}' on {provider}: {exc}") from exc
 

@@ -28,6 +28,8 @@ from onnx import numpy_helper
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
 from graphprune.errors import VerificationError
 from graphprune.io import model_io, segments
+from graphprune.io.feeds import output_array
+from graphprune.rules.quantize import optimizer_fuses_quantization
 
 TWO_GB = 2**31 - 2**20
 #: :func:`zeroed_reference` writes a zeroed copy of a weight (instead of masking it at run
@@ -171,7 +173,7 @@ def run_many(
                 return outputs
         sess = session(model, overrides=overrides, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
-        outputs = [[np.asarray(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
+        outputs = [[output_array(v) for v in sess.run(names, feeds)] for feeds in feeds_list]
         del sess
         segments.trim()  # what the session freed goes back to the system
         return outputs
@@ -189,6 +191,8 @@ def _run_segmented(model: ModelRef, feeds_list: list[dict[str, np.ndarray]],
         if os.path.getsize(path) > SEGMENT_FILE_LIMIT:
             return None  # the weights are inside the file
         skeleton = onnx.load_model(path, load_external_data=False)
+        if optimize and optimizer_fuses_quantization(skeleton):
+            return None  # segment cuts would split Q/DQ pairs ORT fuses: other numbers
         ranges = segments.plan(skeleton)
         if ranges is None:
             return None
@@ -289,17 +293,26 @@ def zeroed_overrides(
     for dim, idx in removed.items():
         if roles.get(dim) in (PRODUCER, CONSUMER):
             cuts.setdefault(dim[0], []).append((dim[1], idx))
+    zero_points = analysis.context.zero_points
     overrides: dict[str, np.ndarray] = {}
     for init in prepared.graph.initializer:
         if init.name not in cuts:
             continue
         values = np.array(numpy_helper.to_array(init), copy=True)
-        for axis, idx in cuts[init.name]:
-            index: list[Any] = [slice(None)] * values.ndim
-            index[axis] = idx
-            values[tuple(index)] = 0
-        overrides[init.name] = values
+        overrides[init.name] = _zeroed_values(values, cuts[init.name], zero_points.get(init.name))
     return overrides
+
+
+def _zeroed_values(values: np.ndarray, cuts: list[tuple[int, np.ndarray]],
+                   zero: np.ndarray | None) -> np.ndarray:
+    """``values`` (a writable copy) with the ``cuts`` (axis, indices) set to zero, or to the
+    weight's ``zero`` point (a quantized weight's value that reads as 0)."""
+    fill = None if zero is None else np.broadcast_to(zero.astype(values.dtype), values.shape)
+    for axis, idx in cuts:
+        index: list[Any] = [slice(None)] * values.ndim
+        index[axis] = idx
+        values[tuple(index)] = 0 if fill is None else fill[tuple(index)]
+    return values
 
 
 def zeroed_reference(
@@ -337,10 +350,21 @@ def zeroed_reference(
         large = sum(sizes.values()) * LARGE_SHARE
         zeroed = store.write_zeroed({
             name: (inits[name], axes) for name, axes in cuts.items()
-            if name in sizes and (len({axis for axis, _ in axes}) > 1 or sizes[name] >= large)})
+            if name in sizes and name not in analysis.context.zero_points
+            and (len({axis for axis, _ in axes}) > 1 or sizes[name] >= large)})
         for name, stub in zeroed.items():
             inits[name].CopyFrom(stub)
             del cuts[name]
+    # quantized weights whose zero is their zero point: a filled copy (a mask gives 0)
+    for name in [n for n in cuts if n in analysis.context.zero_points and n in inits]:
+        init = inits[name]
+        if init.data_location == onnx.TensorProto.EXTERNAL and store is not None:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            values = np.frombuffer(store.tensor_bytes(init), dtype=dtype).reshape(tuple(init.dims)).copy()
+        else:
+            values = np.array(numpy_helper.to_array(init), copy=True)
+        values = _zeroed_values(values, cuts.pop(name), analysis.context.zero_points[name])
+        init.CopyFrom(numpy_helper.from_array(values, name))
     renames: dict[str, str] = {}
     masks: dict[str, list[onnx.NodeProto]] = {}
     for name, axes in cuts.items():
@@ -365,7 +389,42 @@ def zeroed_reference(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([n for chain in masks.values() for n in chain] + nodes)
+    _zero_activations(graph, analysis, removed)
     return model
+
+
+def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[Dim, np.ndarray]) -> None:
+    """Zero the removed channels of the activations the analysis names
+    (``CouplingContext.zeroed_activations``) with a mask ``Mul`` right after their producer;
+    every reader reads the masked value."""
+    names = analysis.context.zeroed_activations
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (name, axis), idx in removed.items():
+        if name in names and len(idx):
+            cuts.setdefault(name, []).append((axis, idx))
+    for name, axes in cuts.items():
+        tensor = analysis.context.tensors.get(name)
+        shape = getattr(tensor, "shape", None)
+        dtype = getattr(tensor, "dtype", None)
+        if shape is None or dtype is None:
+            continue
+        masks = []
+        for axis, idx in axes:
+            full = [1] * len(shape)
+            full[axis] = int(shape[axis])
+            mask = np.ones(full, dtype=np.dtype(dtype))
+            index: list[Any] = [slice(None)] * len(shape)
+            index[axis] = idx
+            mask[tuple(index)] = 0
+            masks.append(mask)
+        nodes, masked = _mask_nodes(graph, name, masks)
+        _rename_uses(graph, {name: masked})
+        for node in nodes:  # the masks read the original name, not the masked one
+            if node.input[0] == masked:
+                node.input[0] = name
+        position = next((k + 1 for k, n in enumerate(graph.node) if name in n.output), 0)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(position + offset, node)
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
