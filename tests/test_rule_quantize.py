@@ -197,7 +197,6 @@ def test_other_integer_ops_have_a_frozen_rule() -> None:
     builders = [
         helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
         helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
-        helper.make_node("DynamicQuantizeLSTM", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
         helper.make_node("DynamicQuantizeMatMul", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
         helper.make_node("MatMulIntegerToFloat", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
     ]
@@ -362,4 +361,50 @@ def test_int8_weights_stored_as_cast_times_scale_stay_int8() -> None:
     assert not [v for v in weights.values() if v.dtype == np.float32 and v.size >= 32 * 16]
     assert len(result.model.SerializeToString()) < 0.7 * len(model.SerializeToString())
     onnx.checker.check_model(result.model, full_check=True)
+
+def test_dynamic_quantized_lstm_hidden_units_prune(tmp_path) -> None:
+    """ORT's ``quantize_dynamic`` turns an LSTM into ``com.microsoft::DynamicQuantizeLSTM``
+    (int8 ``W [dirs, input, 4H]`` and ``R [dirs, H, 4H]``, transposed against ONNX's LSTM):
+    its hidden units prune like an LSTM's, and the rewrite matches the zeroed original."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    hidden, features = 16, 8
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, features)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+             numpy_helper.from_array(rng.standard_normal((1, 8 * hidden)).astype(np.float32) * 0.1, "B"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes"),
+             numpy_helper.from_array(rng.standard_normal((hidden, 4)).astype(np.float32), "head")]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "axes"], ["s"]), helper.make_node("MatMul", ["s", "head"], ["out"])]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, features])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 1, 4])], inits)
+    source, quantized = tmp_path / "lstm.onnx", tmp_path / "lstm_int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), source)
+    quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM"])
+    model = onnx.load(quantized)
+    assert any(n.op_type == "DynamicQuantizeLSTM" for n in model.graph.node)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    lstm = next(n for n in result.model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    assert helper.get_attribute_value(next(a for a in lstm.attribute if a.name == "hidden_size")) == hidden // 2
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert weights[lstm.input[1]].shape == (1, features, 4 * hidden // 2)
+    assert weights[lstm.input[2]].shape == (1, hidden // 2, 4 * hidden // 2)
+
+
+def test_a_dynamic_quantized_lstm_it_does_not_understand_freezes() -> None:
+    """Weights that do not have the shapes of ``hidden_size``: frozen with that reason."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("DynamicQuantizeLSTM", ["x", "w", "r"], ["y"], name="n",
+                            domain="com.microsoft", hidden_size=16)
+    graph = helper.make_graph([node], "g", [x], [y], [
+        numpy_helper.from_array(np.ones((1, 8, 60), np.int8), "w"),
+        numpy_helper.from_array(np.ones((1, 16, 64), np.int8), "r")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    analysis = graphprune.analyze(model)
+    reasons = [r for rs in analysis.context.tensor_freeze.values() for r in rs]
+    assert any("DynamicQuantizeLSTM 'n' not understood" in r for r in reasons), reasons
 

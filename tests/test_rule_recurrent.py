@@ -191,3 +191,4 @@ def test_macs_are_counted() -> None:
     assert report["macs_after"] < report["macs_before"]
     # the LSTM's share: SEQ * BATCH * 4H * (FEAT + H) before pruning
     assert report["macs_before"] >= SEQ * BATCH * 4 * H * (FEAT + H)
+

@@ -149,8 +149,22 @@ def is_low_precision(model: onnx.ModelProto) -> bool:
     return bool(types & low)
 
 
-def tolerance_hint(model: onnx.ModelProto) -> str:
+def quantizes_at_run_time(model: onnx.ModelProto, opset: int) -> bool:
+    """Whether the model quantizes activations with ranges computed at run time
+    (``OpRule.quantizes_at_run_time``: ORT's dynamic quantization)."""
+    for node in model.graph.node:
+        rule = registry.lookup(node.domain, node.op_type, opset)
+        if rule is not None and rule.quantizes_at_run_time:
+            return True
+    return False
+
+
+def tolerance_hint(model: onnx.ModelProto, opset: int = 13) -> str:
     """A hint for the error message: how to accept a larger difference."""
+    if quantizes_at_run_time(model, opset):
+        return (" (the model quantizes activations at run time, where a rounding difference "
+                "upstream can move a value by one quantization step; the default tolerance "
+                "already allows for that: pass a looser --tolerance if this difference is acceptable)")
     if is_low_precision(model):
         return (" (the model computes in 16-bit floats; the default tolerance already allows "
                 "for that: pass a looser --tolerance if this difference is acceptable)")

@@ -133,7 +133,7 @@ class ContribQuantizeLinearRule(QuantizeLinearRule):
 
 #: integer ops whose scales are folded with the weights'
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul")
-CONTRIB_INTEGER_OPS = ("DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 @register
@@ -162,6 +162,7 @@ class DynamicQuantizeLinearRule(OpRule):
     docstring)."""
 
     op_types = ("DynamicQuantizeLinear",)
+    quantizes_at_run_time = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if ctx.rank(node.inputs[0]) is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import Digit
@@ -121,3 +122,87 @@ class RecurrentRule(OpRule):
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return tuple(i for i in (1, 2, 3, 7) if _present(node, i) is not None
                      and (i != 7 or node.op == "LSTM"))
+
+
+@register
+class DynamicQuantizeLSTMRule(OpRule):
+    """ONNX Runtime's ``com.microsoft`` ``DynamicQuantizeLSTM``: an LSTM whose int8 weights
+    are stored transposed (``W [dirs, input, 4H]``, ``R [dirs, H, 4H]``) with per-direction
+    (or per-column) scales and zero points; it quantizes its input and its hidden state at run
+    time over all their channels. A hidden unit owns the gate columns ``g*H + h`` of ``W``,
+    ``R``, the bias and per-column scales, and row ``h`` of ``R``; a removed unit is exactly 0
+    (as in :class:`RecurrentRule`), which quantizes to the zero point and so neither sets the
+    run-time range nor contributes. Removed input channels are zeroed in the zeroed original
+    where the op reads them (their range), and a weight's zero is its zero point."""
+
+    op_types = ("DynamicQuantizeLSTM",)
+    quantizes_at_run_time = True
+    domain = "com.microsoft"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        hidden = int(node.attrs.get("hidden_size", 0) or 0)
+        x, w, r = node.inputs[0], node.inputs[1], node.inputs[2]
+        b, h0, c0, p = _present(node, 3), _present(node, 5), _present(node, 6), _present(node, 7)
+        quant = [_present(node, k) for k in range(8, 12)]  # W scale, W zp, R scale, R zp
+        y, y_h, y_c = _output(node, 0), _output(node, 1), _output(node, 2)
+        w_shape, r_shape = ctx.shape(w), ctx.shape(r)
+        if (
+            hidden < 1 or ctx.rank(x) != 3 or not isinstance(w, gs.Constant) or not isinstance(r, gs.Constant)
+            or w_shape is None or len(w_shape) != 3 or r_shape is None or len(r_shape) != 3
+            or w_shape[2] != 4 * hidden or r_shape[1:] != [hidden, 4 * hidden]
+            or any(t is not None and not isinstance(t, gs.Constant) for t in quant)
+            or any(t is not None and ctx.rank(t) not in (1, 2) for t in quant)
+        ):
+            ctx.freeze_node(node, f"DynamicQuantizeLSTM '{node.name}' not understood "
+                                  f"(hidden_size {hidden}, W {w_shape}, R {r_shape})")
+            return
+        where = f"DynamicQuantizeLSTM '{node.name}'"
+        ctx.couple(r, 1, w, 2, Digit(1))
+        ctx.couple(r, 1, r, 2, Digit(1))
+        ctx.role(w, 2, PRODUCER)
+        ctx.role(r, 2, PRODUCER)
+        ctx.role(r, 1, CONSUMER)
+        ctx.couple(x, 2, w, 1)
+        ctx.role(w, 1, CONSUMER)
+        ctx.role(x, 2, CONSUMER)
+        ctx.spatial(x, [0, 1], "sequence/batch")
+        ctx.zero_in_reference(x)  # quantized over all its channels at run time
+        for weight, scale, zero in ((w, quant[0], quant[1]), (r, quant[2], quant[3])):
+            zp = None
+            for t in (scale, zero):
+                if t is not None and ctx.rank(t) == 2:  # per column [dirs, 4H]
+                    ctx.couple(r, 1, t, 1, Digit(1))
+                    ctx.role(t, 1, CHANNELWISE)
+                    if t is zero:
+                        ctx.integer_param(t)
+            if zero is not None:
+                values = np.asarray(zero.values)
+                zp = values.reshape(values.shape[0], 1, -1)  # broadcasts over [dirs, rows, cols]
+            ctx.integer_param(weight, zp)
+        if b is not None:
+            ctx.couple(r, 1, b, 1, Digit(1))
+            ctx.role(b, 1, PRODUCER)
+        if p is not None:
+            ctx.couple(r, 1, p, 1, Digit(1))
+            ctx.role(p, 1, CHANNELWISE)
+        for state in (h0, c0, y_h, y_c):  # [dirs, batch, H]
+            if state is not None:
+                ctx.couple(state, 2, r, 1)
+                ctx.spatial(state, [0, 1], "direction/batch")
+        if y is not None:  # [seq, dirs, batch, H]
+            ctx.couple(y, 3, r, 1)
+            ctx.spatial(y, [0, 1, 2], "sequence/direction/batch")
+        if _present(node, 4) is not None:
+            ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        r = node.inputs[2]
+        old, new = ctx.old_size(r, 1), ctx.new_size(r, 1)
+        if old and new and old != new:
+            node.attrs["hidden_size"] = int(new)
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
+        if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
+            return None
+        return math.prod(x[:2]) * w[0] * w[2] * (w[1] + r[1])

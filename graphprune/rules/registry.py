@@ -82,6 +82,9 @@ class OpRule:
     #: (output channels are a bias plus a linear map of the inputs: zero weights give the bias)
     #: or "none" (unknown: nothing is claimed).
     zero_behaviour: ClassVar[str] = "none"
+    #: the op quantizes its input with a range computed from the data at run time (ORT's
+    #: dynamic quantization): verification allows one quantization step of difference
+    quantizes_at_run_time: ClassVar[bool] = False
     #: the op reads only the shapes of its inputs, never their values (``Shape``): a channel
     #: that reaches it reaches nothing
     reads_only_shape: ClassVar[bool] = False
