@@ -14,6 +14,7 @@ one has the dtype and shape of a candidate: a model without subgraphs costs noth
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -67,7 +68,7 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
     """Make equal subgraph constants one main-graph initializer (see the module docstring);
     ``read`` gives a tensor's bytes (external ones included). Returns the copies dropped."""
     subs = [(sub, t) for sub in _subgraphs(model.graph) for t in sub.initializer
-            if len(t.dims) and _elements(t) >= MIN_ELEMENTS]
+            if len(t.dims) and math.prod(t.dims) >= MIN_ELEMENTS]
     if not subs:
         return 0
     kinds = {(t.data_type, tuple(t.dims)) for _, t in subs}
@@ -99,13 +100,6 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
             _rename(graph, name, shared.name)
             dropped += 1
     return dropped
-
-
-def _elements(tensor: onnx.TensorProto) -> int:
-    total = 1
-    for d in tensor.dims:
-        total *= int(d)
-    return total
 
 
 def _fresh(base: str, taken: set[str]) -> str:

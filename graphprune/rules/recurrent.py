@@ -59,6 +59,8 @@ def _output(node: gs.Node, index: int) -> gs.Tensor | None:
 @register
 class RecurrentRule(OpRule):
     op_types = ("LSTM", "GRU", "RNN")
+    #: the axis of ``R`` that indexes hidden units (ONNX: ``R [dirs, G*H, H]``)
+    hidden_axis = 2
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         gates = GATES[node.op]
@@ -90,25 +92,33 @@ class RecurrentRule(OpRule):
         ctx.role(w, 2, CONSUMER)
         ctx.role(x, 2, CONSUMER)
         ctx.spatial(x, [0, 1], "sequence/batch")
+        self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
+
+    def couple_unit_members(self, node: gs.Node, ctx: CouplingContext, b: gs.Tensor | None,
+                            p: gs.Tensor | None, states: tuple[gs.Tensor | None, ...],
+                            y: gs.Tensor | None, where: str) -> None:
+        """Bias, peepholes, initial and final states and ``Y`` follow the hidden unit
+        (``R``'s hidden axis); sequence lengths freeze."""
+        r, hidden = node.inputs[2], self.hidden_axis
         if b is not None:
-            ctx.couple(r, 2, b, 1, Digit(1))
+            ctx.couple(r, hidden, b, 1, Digit(1))
             ctx.role(b, 1, PRODUCER)
         if p is not None:
-            ctx.couple(r, 2, p, 1, Digit(1))
+            ctx.couple(r, hidden, p, 1, Digit(1))
             ctx.role(p, 1, CHANNELWISE)
-        for state in (h0, c0, y_h, y_c):  # [dirs, batch, H]
+        for state in states:  # [dirs, batch, H]
             if state is not None:
-                ctx.couple(state, 2, r, 2)
+                ctx.couple(state, 2, r, hidden)
                 ctx.spatial(state, [0, 1], "direction/batch")
         if y is not None:  # [seq, dirs, batch, H]
-            ctx.couple(y, 3, r, 2)
+            ctx.couple(y, 3, r, hidden)
             ctx.spatial(y, [0, 1, 2], "sequence/direction/batch")
         if _present(node, 4) is not None:
             ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         r = node.inputs[2]
-        old, new = ctx.old_size(r, 2), ctx.new_size(r, 2)
+        old, new = ctx.old_size(r, self.hidden_axis), ctx.new_size(r, self.hidden_axis)
         if old and new and old != new:
             node.attrs["hidden_size"] = int(new)
 
@@ -117,7 +127,8 @@ class RecurrentRule(OpRule):
         x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
         if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
             return None
-        return math.prod(x[:2]) * w[0] * w[1] * (w[2] + r[2])
+        gates_axis, input_axis = (1, 2) if self.hidden_axis == 2 else (2, 1)
+        return math.prod(x[:2]) * w[0] * w[gates_axis] * (w[input_axis] + r[self.hidden_axis])
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return tuple(i for i in (1, 2, 3, 7) if _present(node, i) is not None
@@ -125,7 +136,7 @@ class RecurrentRule(OpRule):
 
 
 @register
-class DynamicQuantizeLSTMRule(OpRule):
+class DynamicQuantizeLSTMRule(RecurrentRule):
     """ONNX Runtime's ``com.microsoft`` ``DynamicQuantizeLSTM``: an LSTM whose int8 weights
     are stored transposed (``W [dirs, input, 4H]``, ``R [dirs, H, 4H]``) with per-direction
     (or per-column) scales and zero points; it quantizes its input and its hidden state at run
@@ -138,6 +149,7 @@ class DynamicQuantizeLSTMRule(OpRule):
     op_types = ("DynamicQuantizeLSTM",)
     quantizes_at_run_time = True
     domain = "com.microsoft"
+    hidden_axis = 1  # R [dirs, H, 4H]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         hidden = int(node.attrs.get("hidden_size", 0) or 0)
@@ -179,30 +191,7 @@ class DynamicQuantizeLSTMRule(OpRule):
                 values = np.asarray(zero.values)
                 zp = values.reshape(values.shape[0], 1, -1)  # broadcasts over [dirs, rows, cols]
             ctx.integer_param(weight, zp)
-        if b is not None:
-            ctx.couple(r, 1, b, 1, Digit(1))
-            ctx.role(b, 1, PRODUCER)
-        if p is not None:
-            ctx.couple(r, 1, p, 1, Digit(1))
-            ctx.role(p, 1, CHANNELWISE)
-        for state in (h0, c0, y_h, y_c):  # [dirs, batch, H]
-            if state is not None:
-                ctx.couple(state, 2, r, 1)
-                ctx.spatial(state, [0, 1], "direction/batch")
-        if y is not None:  # [seq, dirs, batch, H]
-            ctx.couple(y, 3, r, 1)
-            ctx.spatial(y, [0, 1, 2], "sequence/direction/batch")
-        if _present(node, 4) is not None:
-            ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
+        self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
 
-    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        r = node.inputs[2]
-        old, new = ctx.old_size(r, 1), ctx.new_size(r, 1)
-        if old and new and old != new:
-            node.attrs["hidden_size"] = int(new)
-
-    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
-        x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
-        if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
-            return None
-        return math.prod(x[:2]) * w[0] * w[2] * (w[1] + r[1])
+    def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        return ()  # quantized: nothing a float optimiser trains
