@@ -212,6 +212,30 @@ def test_channel_statistics_match_numpy():
     np.testing.assert_allclose(layer.gram / layer.gram_rows, per_channel.T @ per_channel / len(per_channel), rtol=1e-4)
 
 
+def test_buffered_gram_accumulation_equals_the_direct_sums():
+    """Small batches (a sentence each) are buffered and folded into the Grams in blocks of
+    rows; the statistics are the sums over every row, whatever the blocks."""
+    from graphprune.calibration.ridge import FLUSH_ROWS, Accumulator
+
+    rng = np.random.default_rng(9)
+    parts = [rng.standard_normal((int(n), 2, 5)).astype(np.float32) for n in rng.integers(1, 40, 150)]
+    assert sum(len(p) for p in parts) > 2 * FLUSH_ROWS
+    acc = Accumulator.empty(2, 4, 3)
+    channel = stats.ChannelStats()
+    for i, x in enumerate(parts):
+        acc.add(i % 2, x, x[:, :, :3] * 2.0)
+        channel.add(x[:, 0, :4], x[:, 0, :4])
+    acc.flush()
+    channel.flush()
+    for fold in (0, 1):
+        x = np.concatenate(parts[fold::2]).astype(np.float64)
+        np.testing.assert_allclose(acc.gram[fold], np.einsum("rgk,rgl->gkl", x, x), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(acc.cross[fold], np.einsum("rgk,rgo->gko", x, 2.0 * x[:, :, :3]), rtol=1e-5, atol=1e-3)
+    rows = np.concatenate(parts)[:, 0, :4].astype(np.float64)
+    np.testing.assert_allclose(channel.gram, rows.T @ rows, rtol=1e-5, atol=1e-3)
+    assert channel.gram_rows == len(rows) and acc.rows == len(rows)
+
+
 # ---------------------------------------------------------------------- fidelity
 def test_fidelity_figures():
     model = conv_model()

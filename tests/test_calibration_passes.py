@@ -295,7 +295,7 @@ def test_cli_bad_calibration_files(tmp_path):
 def test_ridge_path_errors_equal_explicit_solves():
     """The cross-validation errors of every ridge candidate, from one eigen-decomposition,
     equal those of an explicit solve per candidate (also with nearly collinear inputs)."""
-    from graphprune.calibration import sequential
+    from graphprune.calibration import ridge
     from graphprune.calibration.ridge import RidgePath
 
     rng = np.random.default_rng(0)
@@ -312,5 +312,5 @@ def test_ridge_path_errors_equal_explicit_solves():
     anchor = rng.standard_normal((k + 1, og))
     path = RidgePath(g0, c0, anchor, g1, c1, y1)
     for lam in (1e-6, 1e-3, 0.1, 1.0, 100.0):
-        want = sequential._error(g1, c1, y1, sequential._fit(g0, c0, anchor, lam))
+        want = ridge.fit_error(g1, c1, y1, ridge.fit(g0, c0, anchor, lam))
         assert abs(path.error(lam) - want) <= 1e-9 * abs(want), (lam, path.error(lam), want)

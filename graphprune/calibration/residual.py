@@ -34,6 +34,21 @@ class Residual:
     total: str
     #: per-channel constant added on the way (size ``C`` or 1)
     offset: np.ndarray
+    #: the sum is normalised per position over its channels (LayerNorm: ``True``, centred;
+    #: RMSNorm: ``False``); ``None``: it is not
+    normalised: bool | None = None
+
+    def row_weights(self, total: np.ndarray) -> np.ndarray | None:
+        """Weights of the rows (positions) of the original sum ``total`` (``[R, C]``) that
+        make the squared error of the fit the error after the normalisation: an error
+        ``d`` of the sum reaches a LayerNorm's output as ``d / sigma`` (``sigma``: the
+        position's standard deviation), so the rows of large-norm positions (a transformer's
+        outlier tokens) do not dominate the fit."""
+        if self.normalised is None:
+            return None
+        spread = total.var(axis=1) if self.normalised else np.square(total).mean(axis=1)
+        spread = np.maximum(spread.astype(np.float64), 1e-6 * max(float(np.median(spread)), 1e-30))
+        return 1.0 / spread
 
 
 def _is_addition(node: gs.Node, opset: int) -> bool:
@@ -82,5 +97,24 @@ def residual_of(view: LinearView, opset: int) -> Residual | None:
             continue
         if not other.name:
             return None
-        return Residual(other.name, node.outputs[0].name, offset)
+        return Residual(other.name, node.outputs[0].name, offset, _normalised(view, node.outputs[0], opset))
     return None
+
+
+def _normalised(view: LinearView, total: gs.Tensor, opset: int) -> bool | None:
+    """Whether the sum's one reader normalises it per position over the layer's output
+    channels (the last axis), centred or not (see :attr:`Residual.normalised`)."""
+    from graphprune.rules import registry
+
+    readers = list(total.outputs)
+    if view.is_conv or len(readers) != 1 or readers[0].inputs[0] is not total:
+        return None
+    rule = registry.lookup(readers[0].domain or "", readers[0].op, opset)
+    found = rule.normalisation(readers[0]) if rule is not None else None
+    if found is None:
+        return None
+    axis, centred = found
+    rank = len(total.shape) if total.shape is not None else None
+    if axis != -1 and (rank is None or axis % rank != rank - 1):
+        return None
+    return centred

@@ -1,7 +1,9 @@
-"""Two-fold cross-validation of the refit's ridge strength, every candidate from one
-eigen-decomposition per fold.
+"""The refit's least squares: statistics accumulated in two folds (:class:`Accumulator`),
+the ridge solution towards the current weights (:func:`fit`), and two-fold cross-validation
+of the ridge strength with every candidate from one eigen-decomposition per fold
+(:class:`RidgePath`).
 
-The refit (:func:`.sequential._fit`) solves, for a fold's statistics ``G = [[A, g], [g^T, n]]``
+The refit (:func:`fit`) solves, for a fold's statistics ``G = [[A, g], [g^T, n]]``
 (inputs and the constant-1 column) and ``C = [[C_x], [c^T]]``,
 ``(A + lam I) w + g b^T = C_x + lam a`` and ``g^T w + n b^T = c^T`` (the bias is not
 regularised; ``a``: the current weights). Eliminating the bias gives
@@ -15,10 +17,80 @@ explicit solve per candidate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 #: added to the regularised diagonal (as the explicit solve does)
 JITTER = 1e-12
+#: rows buffered before they are folded into a Gram (:class:`Accumulator`)
+FLUSH_ROWS = 1024
+
+
+@dataclass
+class Accumulator:
+    """Gram and cross statistics of one target (one block per conv group), kept in two
+    folds (even and odd batches) so that the ridge strength can be cross-validated.
+
+    Rows are buffered per fold and folded in :data:`FLUSH_ROWS` at a time: a batch of a few
+    rows (one sentence of a transformer's calibration set) would otherwise rewrite the whole
+    ``K x K`` Gram for a handful of rows (memory-bound, ~20x the time); call :meth:`flush`
+    before reading ``gram``/``cross``."""
+
+    gram: np.ndarray  # [2, g, K+1, K+1]
+    cross: np.ndarray  # [2, g, K+1, og]
+    y2: np.ndarray  # [2]
+    rows: int = 0
+    pending: tuple[list, list] = field(default_factory=lambda: ([], []))
+
+    @classmethod
+    def empty(cls, g: int, k: int, og: int) -> Accumulator:
+        return cls(np.zeros((2, g, k + 1, k + 1)), np.zeros((2, g, k + 1, og)), np.zeros(2))
+
+    def add(self, fold: int, xt: np.ndarray, y: np.ndarray) -> None:
+        """``xt``: ``[R, g, K+1]`` inputs with the constant column, ``y``: ``[R, g, og]``."""
+        self.y2[fold] += float(np.square(y, dtype=np.float64).sum())
+        self.rows += xt.shape[0]
+        buffer = self.pending[fold]
+        buffer.append((xt, y))
+        if sum(len(x) for x, _ in buffer) >= FLUSH_ROWS:
+            self._fold_in(fold)
+
+    def flush(self) -> None:
+        for fold in (0, 1):
+            self._fold_in(fold)
+
+    def _fold_in(self, fold: int) -> None:
+        buffer = self.pending[fold]
+        if not buffer:
+            return
+        xt = buffer[0][0] if len(buffer) == 1 else np.concatenate([x for x, _ in buffer])
+        y = buffer[0][1] if len(buffer) == 1 else np.concatenate([v for _, v in buffer])
+        buffer.clear()
+        if xt.shape[1] > 1:
+            self.gram[fold] += np.einsum("rgk,rgl->gkl", xt, xt, optimize=True)
+            self.cross[fold] += np.einsum("rgk,rgo->gko", xt, y, optimize=True)
+        else:
+            self.gram[fold, 0] += xt[:, 0].T @ xt[:, 0]
+            self.cross[fold, 0] += xt[:, 0].T @ y[:, 0]
+
+
+def fit(gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge solution towards ``anchor`` (the bias row is not regularised)."""
+    k = gram.shape[0] - 1
+    reg = gram.copy()
+    reg[np.arange(k), np.arange(k)] += lam + 1e-12
+    rhs = cross.copy()
+    rhs[:k] += lam * anchor[:k]
+    try:
+        return np.linalg.solve(reg, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(reg, rhs, rcond=None)[0]
+
+
+def fit_error(gram: np.ndarray, cross: np.ndarray, y2: float, w: np.ndarray) -> float:
+    """``sum ||y - w^T x~||^2`` from the statistics."""
+    return float(y2 + np.sum(w * (gram @ w)) - 2 * np.sum(w * cross))
 
 
 class RidgePath:

@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
-from graphprune.calibration.ridge import RidgePath
+from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error
 from graphprune.calibration.stats import channel_sums
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
@@ -77,50 +77,6 @@ class Target:
     @property
     def name(self) -> str:
         return self.view.node.name
-
-
-@dataclass
-class Accumulator:
-    """Gram and cross statistics of one target (one block per conv group), kept in two
-    folds (even and odd batches) so that the ridge strength can be cross-validated."""
-
-    gram: np.ndarray  # [2, g, K+1, K+1]
-    cross: np.ndarray  # [2, g, K+1, og]
-    y2: np.ndarray  # [2]
-    rows: int = 0
-
-    @classmethod
-    def empty(cls, g: int, k: int, og: int) -> Accumulator:
-        return cls(np.zeros((2, g, k + 1, k + 1)), np.zeros((2, g, k + 1, og)), np.zeros(2))
-
-    def add(self, fold: int, xt: np.ndarray, y: np.ndarray) -> None:
-        """``xt``: ``[R, g, K+1]`` inputs with the constant column, ``y``: ``[R, g, og]``."""
-        if xt.shape[1] > 1:
-            self.gram[fold] += np.einsum("rgk,rgl->gkl", xt, xt, optimize=True)
-            self.cross[fold] += np.einsum("rgk,rgo->gko", xt, y, optimize=True)
-        else:
-            self.gram[fold, 0] += xt[:, 0].T @ xt[:, 0]
-            self.cross[fold, 0] += xt[:, 0].T @ y[:, 0]
-        self.y2[fold] += float(np.square(y, dtype=np.float64).sum())
-        self.rows += xt.shape[0]
-
-
-def _fit(gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray, lam: float) -> np.ndarray:
-    """Ridge solution towards ``anchor`` (the bias row is not regularised)."""
-    k = gram.shape[0] - 1
-    reg = gram.copy()
-    reg[np.arange(k), np.arange(k)] += lam + 1e-12
-    rhs = cross.copy()
-    rhs[:k] += lam * anchor[:k]
-    try:
-        return np.linalg.solve(reg, rhs)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(reg, rhs, rcond=None)[0]
-
-
-def _error(gram: np.ndarray, cross: np.ndarray, y2: float, w: np.ndarray) -> float:
-    """``sum ||y - w^T x~||^2`` from the statistics."""
-    return float(y2 + np.sum(w * (gram @ w)) - 2 * np.sum(w * cross))
 
 
 @dataclass
@@ -433,10 +389,15 @@ class Reconstructor:
             r, g, k = xr.shape
             og = y.shape[1] // g
             xt = np.concatenate([xr, np.ones((r, g, 1), np.float32)], axis=2)
+            y = y.reshape(r, g, og)
+            weights = entry.get("w")
+            if weights is not None:  # rows weighted as the normalisation after the sum sees them
+                root = np.sqrt(weights).astype(np.float32)[:, None, None]
+                xt, y = xt * root, y * root
             a = acc.get(t.index)
             if a is None:
                 a = acc[t.index] = Accumulator.empty(g, k, og)
-            a.add(batch % 2, xt, y.reshape(r, g, og))
+            a.add(batch % 2, xt, y)
 
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):
@@ -446,9 +407,11 @@ class Reconstructor:
             for t in by_stream.get(name, ()):
                 rows, total = totals[(t.index, batch)]
                 stream = None
+                entry = pending.setdefault((t.index, batch), {})
                 if t.view.output_positions(x.shape) * t.view.out_channels() == x.size:
                     stream = total - t.view.output_rows(x, rows).reshape(len(rows), -1)
-                pending.setdefault((t.index, batch), {})["r"] = stream
+                    entry["w"] = t.residual.row_weights(total + t.residual.offset) if t.residual else None
+                entry["r"] = stream
                 add(t, batch)
 
         kept = runner.stream(model, [*by_input, *by_stream], self.batches.feeds, take, what="the pruned model",
@@ -459,6 +422,7 @@ class Reconstructor:
             a = acc.get(t.index)
             if a is None or a.rows == 0:
                 continue
+            a.flush()
             self._solve(graph, t, a, names, report)
             if t.index in residual:
                 report.residual += 1
@@ -476,10 +440,10 @@ class Reconstructor:
         gram, cross, y2 = a.gram.sum(0), a.cross.sum(0), float(a.y2.sum())
         scale = [max(float(np.mean(np.diag(gram[j])[:k])), 1e-30) if k else 0.0 for j in range(g)]
         ridge = self._choose_ridge(a, cur, scale)
-        solved = np.stack([_fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
+        solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
         norm = max(y2, 1e-30)
-        before = sum(_error(gram[j], cross[j], 0.0, cur[j]) for j in range(g)) + y2
-        after = sum(_error(gram[j], cross[j], 0.0, solved[j]) for j in range(g)) + y2
+        before = sum(fit_error(gram[j], cross[j], 0.0, cur[j]) for j in range(g)) + y2
+        after = sum(fit_error(gram[j], cross[j], 0.0, solved[j]) for j in range(g)) + y2
         if not np.isfinite(solved).all() or after > before:
             return
         report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))

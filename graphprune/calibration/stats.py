@@ -27,6 +27,8 @@ GRAM_MAX_CHANNELS = 4096
 ROWS_PER_CHANNEL = 2
 MIN_ROWS = 4096
 MAX_ROWS = 8192
+#: Gram rows buffered before one product folds them in
+FLUSH_ROWS = 1024
 
 
 def gram_rows(channels: int) -> int:
@@ -42,6 +44,8 @@ class ChannelStats:
     squares: np.ndarray | None = None
     gram: np.ndarray | None = None
     gram_rows: int = 0
+    #: Gram rows not yet folded in (see :meth:`flush`)
+    pending: list[np.ndarray] = field(default_factory=list)
 
     @property
     def mean(self) -> np.ndarray:
@@ -70,9 +74,21 @@ class ChannelStats:
         self.squares += squares  # type: ignore[operator]
         self.count += rows.size // max(channels, 1)
         if gram_rows is not None:
-            g = gram_rows.T @ gram_rows
-            self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
-            self.gram_rows += gram_rows.shape[0]
+            self.pending.append(gram_rows)
+            if sum(len(r) for r in self.pending) >= FLUSH_ROWS:
+                self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered Gram rows in: one product per :data:`FLUSH_ROWS` rows rather
+        than one per batch (a transformer's batch of one sentence has a few rows, and each
+        product rewrites the whole ``C x C`` Gram)."""
+        if not self.pending:
+            return
+        rows = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending = []
+        g = rows.T @ rows
+        self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
+        self.gram_rows += rows.shape[0]
 
 
 def channel_sums(rows: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +152,8 @@ def collect(
 
     names = [*by_input, *(n for n in recorded if n not in by_input)]
     runner.stream(model, names, batches.feeds, take, what=what, data_dir=data_dir)
+    for stats in out.layers.values():
+        stats.flush()
     return out
 
 

@@ -134,7 +134,8 @@ def _greedy_columns(w: np.ndarray, hinv: np.ndarray, count: int) -> np.ndarray:
     wc = compressed(np.asarray(w, dtype=np.float64))
     m0 = wc.T @ wc
     size = len(h0)
-    u_, a_, b_ = (np.zeros((size, count)) for _ in range(3))
+    # one row per step (contiguous prefixes: ``u_[:t].T @ v`` is one pass over memory)
+    u_, a_, b_ = (np.zeros((count, size)) for _ in range(3))
     dh, dm = np.diag(h0).copy(), np.diag(m0).copy()
     alive = np.ones(size, bool)
     score = np.zeros(size)
@@ -144,14 +145,14 @@ def _greedy_columns(w: np.ndarray, hinv: np.ndarray, count: int) -> np.ndarray:
         c = int(np.argmin(sal))
         level = max(level, float(sal[c]))
         score[c], alive[c] = level, False
-        he = h0[:, c] - u_[:, :t] @ u_[c, :t]
+        he = h0[:, c] - u_[:t].T @ u_[:t, c]
         hee = float(he[c])
         if not hee > 0.0:
             continue
-        me = m0[:, c] - b_[:, :t] @ a_[c, :t] - a_[:, :t] @ b_[c, :t]
+        me = m0[:, c] - b_[:t].T @ a_[:t, c] - a_[:t].T @ b_[:t, c]
         a = he / hee
         b = me - 0.5 * float(me[c]) * a
-        u_[:, t], a_[:, t], b_[:, t] = he / np.sqrt(hee), a, b
+        u_[t], a_[t], b_[t] = he / np.sqrt(hee), a, b
         dh -= he * he / hee
         dm -= 2.0 * a * b
     if alive.any():

@@ -161,6 +161,11 @@ class GroupNormRule(_AffineNorm, OpRule):
 @register
 class LayerNormRule(_AffineNorm, OpRule):
     op_types = ("LayerNormalization",)
+    #: subtracts the mean before dividing (LayerNorm) rather than dividing by the RMS
+    centred = True
+
+    def normalisation(self, node: gs.Node) -> tuple[int, bool] | None:
+        return int(node.attrs.get("axis", -1)), self.centred
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

@@ -151,6 +151,13 @@ class OpRule:
         none (the data-free BatchNorm compensation then has nothing to start from)."""
         return None
 
+    def normalisation(self, node: gs.Node) -> tuple[int, bool] | None:
+        """How output 0 normalises input 0 at every position: ``(axis, centred)``, the axes
+        from ``axis`` on are divided by their standard deviation (``centred``: LayerNorm)
+        or root mean square (RMSNorm), so an error of input 0 reaches the output divided by
+        it. ``None`` (the default): the node is no such normalisation."""
+        return None
+
     def neutral_operand(self, node: gs.Node, index: int) -> float | None:
         """The constant that, as input ``index``, makes the node return its other operand
         (``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``); ``None``: there is none."""

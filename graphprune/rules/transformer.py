@@ -342,18 +342,23 @@ class OnnxAttentionRule(OpRule):
 @register
 class RMSNormRule(LayerNormRule):
     op_types = ("RMSNormalization",)
+    centred = False
     since_opset = 23
 
 
 @register
 class SimplifiedLayerNormRule(LayerNormRule):
     op_types = ("SimplifiedLayerNormalization",)
+    centred = False
 
 
 @register
 class MsSimplifiedLayerNormRule(LayerNormRule):
     op_types = ("SimplifiedLayerNormalization", "LayerNormalization")
     domain = MS
+
+    def normalisation(self, node: gs.Node) -> tuple[int, bool] | None:
+        return int(node.attrs.get("axis", -1)), node.op == "LayerNormalization"
 
 
 @register
