@@ -113,6 +113,26 @@ def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
+    """Samples, the criterion chosen and what each reconstruction pass changed."""
+    if not calibration:
+        return []
+    chosen = calibration.get("criteria_chosen") or {}
+    picked = f" ({', '.join(f'{k} x{v}' for k, v in chosen.items())})" if chosen else ""
+    lines = [f"calibration: {calibration.get('used', '?')} samples used, {calibration.get('held_out', 0)} held out; "
+             f"criterion {calibration.get('criterion')}{picked}; reconstruction {calibration.get('reconstruction')}"]
+    for name, stats in (calibration.get("passes") or {}).items():
+        text = f"  {name}: {stats.get('layers', 0)} layers"
+        if "rel_error_before" in stats:
+            text += f", error of the refit layers {stats['rel_error_before']:.3g} -> {stats['rel_error_after']:.3g}"
+        lines.append(text)
+        skipped = stats.get("skipped") or []
+        if skipped:
+            more = stats.get("not_refit", len(skipped)) - 1
+            lines.append(f"    not refit: {skipped[0]}" + (f" (and {more} more, see --report)" if more > 0 else ""))
+    return lines
+
+
 #: rows of the per-group width table printed by ``prune`` (the report has all of them)
 WIDTH_ROWS = 30
 
@@ -174,6 +194,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
     lines.extend(budget_lines(report.get("budget")))
     lines.extend(verification_lines(report))
+    lines.extend(calibration_lines(report.get("calibration")))
     fidelity = _fidelity_lines(report.get("fidelity"))
     if fidelity:
         lines.append("fidelity (vs the original on held-out inputs):")

@@ -543,3 +543,33 @@ def test_a_large_qdq_model_is_compared_whole() -> None:
     assert result.report["verification"]["ok"] is True
     assert result.report["verification"]["max_rel_diff"] == 0
 
+
+
+def test_calibrated_prune_of_a_classifier_with_zipmap_and_label_outputs() -> None:
+    """A calibrated prune of an skl2onnx-style classifier (a label and ZipMap's sequence of
+    maps) failed before planning ("float() argument must be ... not 'dict'": the batching
+    check stacked the maps); and the held-out outputs were matched to the graph's output
+    names in the order the run produced them, not the graph's order."""
+    rng = np.random.default_rng(4)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["p"]), helper.make_node("Softmax", ["p"], ["s"]),
+         helper.make_node("ZipMap", ["s"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+         helper.make_node("ArgMax", ["s"], ["label"], axis=1, keepdims=0)],
+        {"x": ["n", 64]}, {}, {"w1": [64, 256], "w2": [256, 3]}, extra_opsets={"ai.onnx.ml": 3},
+        check=False,
+    )
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]))
+    probs = helper.make_tensor_sequence_value_info("probs", TensorProto.FLOAT, None)
+    probs.type.sequence_type.elem_type.Clear()
+    probs.type.sequence_type.elem_type.map_type.key_type = TensorProto.INT64
+    probs.type.sequence_type.elem_type.map_type.value_type.tensor_type.elem_type = TensorProto.FLOAT
+    model.graph.output.append(probs)
+    samples = rng.standard_normal((40, 1, 64)).astype(np.float32)
+    result = graphprune.prune(model, ratio=0.25, calibration={"x": samples})
+    assert result.report["verification"]["ok"]
+    outputs = result.report["fidelity"]["outputs"]
+    assert list(outputs) == ["label", "probs"]
+    assert "top1_agreement" in outputs["probs"] and "top1_agreement" not in outputs["label"]
+    assert outputs["probs"]["cosine"] > 0.9
+    assert result.report["params_after"] < result.report["params_before"]

@@ -408,3 +408,21 @@ def test_a_dynamic_quantized_lstm_it_does_not_understand_freezes() -> None:
     reasons = [r for rs in analysis.context.tensor_freeze.values() for r in rs]
     assert any("DynamicQuantizeLSTM 'n' not understood" in r for r in reasons), reasons
 
+
+
+def test_calibrated_prune_of_integer_weights_says_they_are_not_refit(tmp_path) -> None:
+    """The least-squares refit writes float weights: with int8 weights (ORT dynamic
+    quantization) nothing is refit, and the report and the CLI lines say why instead of
+    a bare "0 layers"."""
+    from onnxruntime.quantization import QuantType
+
+    from graphprune.tables import calibration_lines
+
+    model = _dynamic_quantized(_float_mlp(), tmp_path, weight_type=QuantType.QInt8)
+    samples = np.random.default_rng(3).standard_normal((12, 4, 32)).astype(np.float32)
+    result = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
+    assert result.report["verification"]["ok"]
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["layers"] == 0 and "quantized" in refit["skipped"][0], refit
+    lines = calibration_lines(result.report["calibration"])
+    assert lines[0].startswith("calibration: ") and any("not refit" in line and "quantized" in line for line in lines)

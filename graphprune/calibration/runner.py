@@ -23,12 +23,14 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
+from graphprune.io.feeds import output_array
 
 Feed = dict[str, np.ndarray]
 
@@ -397,11 +399,16 @@ def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -
 def outputs(
     model: onnx.ModelProto, feeds: Sequence[Feed], what: str = "the model", data_dir: Path | None = None
 ) -> list[list[np.ndarray]]:
-    """The graph outputs of ``model`` on every feed."""
+    """The graph outputs of ``model`` on every feed, in the graph's output order (a sequence
+    of maps, ZipMap's, as a samples x labels array)."""
     names = [o.name for o in model.graph.output]
-    result: list[list[np.ndarray]] = [[] for _ in feeds]
-    stream(model, names, feeds, lambda i, _n, v: result[i].append(v), chunk_bytes=1 << 62,
-           what=what, data_dir=data_dir)
+    position = {name: k for k, name in enumerate(names)}
+    result: list[list[Any]] = [[None] * len(names) for _ in feeds]
+
+    def take(index: int, name: str, value: np.ndarray) -> None:
+        result[index][position[name]] = output_array(value)
+
+    stream(model, names, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir)
     return result
 
 

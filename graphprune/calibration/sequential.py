@@ -124,7 +124,12 @@ def find_targets(
     targets: list[Target] = []
     for node in graph.nodes:
         view = linear_view(node, opset)
-        if view is None or view.data.name not in affected:
+        if view is None:
+            reason = _not_refit(node, opset, affected)
+            if reason:
+                skipped[node.name] = reason
+            continue
+        if view.data.name not in affected:
             continue
         wname = view.weight.name
         if consumers_only and (wname, view.info.in_axis) not in removed:
@@ -141,6 +146,22 @@ def find_targets(
         targets.append(Target(view, len(targets), kept=kept, residual=residual))
     _assign_waves(graph, targets)
     return targets
+
+
+def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
+    """Why a linear layer downstream of a change is not refit (``None``: not such a layer)."""
+    from graphprune.rules import registry
+
+    rule = registry.lookup(node.domain or "", node.op, opset)
+    info = rule.linear(node) if rule is not None else None
+    if info is None or info.data >= len(node.inputs) or node.inputs[info.data].name not in affected:
+        return None
+    weight = node.inputs[info.weight] if info.weight < len(node.inputs) else None
+    if not isinstance(weight, gs.Constant):
+        return "its weight is computed in the graph (a quantized or shared weight): not refit"
+    if not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
+        return f"{node.op} has an integer weight: not refit"
+    return f"{node.op} is not refit (no least-squares view of this layer kind)"
 
 
 def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:

@@ -251,6 +251,8 @@ def output_array(value: object) -> np.ndarray:
     probabilities: one ``{label: score}`` per sample) becomes a samples x labels float array
     with the labels in sorted order, so outputs compare numerically instead of as Python
     objects (where any rounding difference is a mismatch)."""
+    if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 1:
+        value = value.tolist()
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys = sorted(value[0])
         if all(sorted(v) == keys for v in value):
