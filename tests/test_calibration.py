@@ -121,6 +121,16 @@ def test_symbolic_sizes_must_agree():
         load_calibration([{"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}], model)
 
 
+def test_question_mark_sizes_are_unknown_not_equal():
+    """paddle2onnx writes ``?`` for every open axis: an OCR input ``[-1, 3, ?, ?]`` with
+    height 48 and width 192 was refused ("has ?=192 but 'x' has ?=48")."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [out]))
+    calib = load_calibration([{"x": np.zeros((1, 3, 48, 192), np.float32)}] * 3, model)
+    assert len(calib.samples) + len(calib.holdout) == 3
+
+
 def test_holdout_indices_spread_and_bounded():
     assert holdout_indices(1, 0.2) == []
     assert len(holdout_indices(2, 0.2)) == 1

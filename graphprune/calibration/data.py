@@ -138,6 +138,11 @@ def _shape_text(shape: list[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape or []) + "]"
 
 
+#: symbolic sizes that only say "unknown": paddle2onnx writes ``?`` for every open axis (an
+#: OCR recogniser's height and width), so equal names there do not mean equal sizes
+UNNAMED_DIMS = ("?", "")
+
+
 def validate_feed(
     feed: Feed, specs: list[InputSpec], *, index: int, stacked: bool
 ) -> Feed:
@@ -181,7 +186,7 @@ def validate_feed(
                         f"calibration input '{spec.name}' ({where}) has size {size} on axis "
                         f"{axis}; the model's shape is {_shape_text(shape)}"
                     )
-                if isinstance(dim, str):
+                if isinstance(dim, str) and dim not in UNNAMED_DIMS:
                     seen = symbols.setdefault(dim, (size, spec.name))
                     if seen[0] != size:
                         raise UsageError(
