@@ -103,6 +103,11 @@ def test_refit_restores_the_function():
     passes = cal["passes"]["RefitPass"]
     assert passes["layers"] == 3 and passes["rel_error_after"] < passes["rel_error_before"]
     assert "top1_agreement" in refit.report["fidelity"]["outputs"]["logits"]
+    # the report measures the same pruned model before the refit on the same held-out samples
+    without = refit.report["fidelity"]["without_reconstruction"]
+    assert without["rel_l2"] == plain.report["fidelity"]["rel_l2"]
+    assert without["cosine"] == plain.report["fidelity"]["cosine"]
+    assert "warning" not in cal and "without_reconstruction" not in plain.report["fidelity"]
 
 
 def test_refit_is_exact_when_the_removed_units_are_linear_in_the_kept_ones():
@@ -266,6 +271,7 @@ def test_cli_calibration(tmp_path):
                 "--calibration", str(tmp_path / "calib.npz"), "--report", str(report))
     assert done.returncode == 0, done.stderr
     assert "fidelity" in done.stdout and "top1_agreement" in done.stdout
+    assert "without_reconstruction.rel_l2" in done.stdout and "calibration: 32 samples used, 8 held out" in done.stdout
     data = json.loads(report.read_text())
     assert data["calibration"]["criterion"] == "auto"
     assert sum(data["calibration"]["criteria_chosen"].values()) == 3  # one choice per pruned group

@@ -97,6 +97,12 @@ class CalibratedRun:
         self.recorded: RecordedTargets | None = None
         self.pass_stats: dict[str, Any] = {}
         self._scorer: Any = None
+        #: the original's outputs on the held-out samples (computed once)
+        self._reference: list | None = None
+        #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``)
+        self.unreconstructed: dict[str, Any] | None = None
+        #: set by :meth:`fidelity` when the reconstruction made the held-out fidelity worse
+        self.warning: str | None = None
 
     @property
     def criterion(self) -> str:
@@ -158,10 +164,14 @@ class CalibratedRun:
                     store=store, consumers_only=self.options.scope == "consumers",
                     **({"recorded": self.recorded} if kind == "refit" else {}))]
 
-    def reconstruct(self, analysis: Analysis, plan: Plan) -> dict[str, Any]:
-        """Run the reconstruction passes on the session's pruned graph and re-export it."""
+    def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False) -> dict[str, Any]:
+        """Run the reconstruction passes on the session's pruned graph and re-export it
+        (``compare``: first measure the pruned model on the held-out samples, so that the
+        fidelity report can say what the reconstruction changed)."""
         with self.session.stage("reconstruction"):
             passes = self.passes(analysis, plan)
+            if passes and compare and self.calib.holdout and self.session.model is not None:
+                self.unreconstructed = self._compare(self.session.model)
             if passes:
                 before = dict(self.session.ctx.stats)
                 self.session.apply(passes)
@@ -175,11 +185,32 @@ class CalibratedRun:
         return self.pass_stats
 
     # ------------------------------------------------------------------ report
+    def _compare(self, model: Any) -> dict[str, Any]:
+        """``model`` against the original on the held-out samples."""
+        feeds = self.calib.holdout
+        if not feeds:
+            return fidelity_mod.fidelity(self.session.prepared, model, feeds)
+        if self._reference is None:
+            self._reference = runner.outputs(self.session.prepared, feeds, "the original model",
+                                             data_dir=self.data_dir)
+        out = runner.outputs(model, feeds, "the pruned model", data_dir=self.data_dir)
+        return fidelity_mod.compare_outputs([o.name for o in self.session.prepared.graph.output],
+                                            self._reference, out)
+
     def fidelity(self) -> dict[str, Any]:
+        """The final model against the original on the held-out samples; with the figures
+        before reconstruction when they were measured, and a warning when the
+        reconstruction made them worse (it fits the calibration samples, it can overfit)."""
         with self.session.stage("fidelity"):
-            return fidelity_mod.fidelity(
-                self.session.prepared, self.session.model, self.calib.holdout, data_dir=self.data_dir
-            )
+            result = self._compare(self.session.model)
+        before = self.unreconstructed
+        if before is not None:
+            result["without_reconstruction"] = {k: before.get(k) for k in ("cosine", "rel_l2", "top1_agreement")}
+            worse, better = before.get("rel_l2"), result.get("rel_l2")
+            if worse is not None and better is not None and better > worse:
+                self.warning = (f"the reconstruction made the held-out fidelity worse (relative L2 {worse:.4g} -> "
+                                f"{better:.4g}); --reconstruction none keeps the data-aware selection only")
+        return result
 
     def report(self) -> dict[str, Any]:
         return {
@@ -192,4 +223,5 @@ class CalibratedRun:
             "ridge": self.options.ridge,
             "statistics": stats_mod.summary(self.stats) if self.stats is not None else None,
             "passes": self.pass_stats,
+            **({"warning": self.warning} if self.warning else {}),
         }

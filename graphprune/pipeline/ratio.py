@@ -231,7 +231,7 @@ def prune_ratio(
         session.model = unbranched
         verification = verify_zeroed(session, analysis, the_plan, tolerance, allow_noise=allow_noise)
     if calibrated is not None and (verification is None or verification.get("ok")):
-        calibrated.reconstruct(analysis, the_plan)
+        calibrated.reconstruct(analysis, the_plan, compare=True)
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
     if branches is not None:
@@ -239,8 +239,8 @@ def prune_ratio(
         if branches.pruned:
             report.pop("nothing_prunable", None)
     if calibrated is not None:
-        report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()
+        report["calibration"] = calibrated.report()
     result = session.finish(report, the_plan, verification)
     result.branches = branches  # nested If branches: their zeroed versions for the caller
     return result
