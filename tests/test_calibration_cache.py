@@ -146,24 +146,33 @@ def test_residual_chain_is_found_through_the_registry():
     assert residual_of(linear_view(nodes["up1"], s.opset), s.opset) is None  # Relu after the bias
 
 
-def _residual_error(residual_targets: bool) -> tuple[float, dict]:
+def prune_and_refit(model: onnx.ModelProto, data: np.ndarray, **options) -> tuple[onnx.ModelProto, dict]:
+    """``model`` pruned at ratio 0.5 (l1), then refit on ``data`` (``[samples, *input]`` for
+    input ``x``) by the sequential reconstructor; ``options``: ``find_targets`` keywords and
+    ``ridge``. Returns the checked model and the refit's figures."""
     from graphprune.pipeline.ratio import channel_passes
 
-    model = residual_mlp()
     s = Session(model)
     analysis = s.analyze()
     plan = plan_ratio(analysis, ratio=0.5, round_to=1, criterion="l1")
     s.apply(channel_passes(analysis, plan))
     s.export()
     removed = removed_elements(analysis, plan)
-    data = (np.random.default_rng(5).standard_normal((48, 1, 6, 8))).astype(np.float32)
-    calib = load_calibration({"x": data[:32]}, s.prepared, holdout=0.0625)
+    calib = load_calibration({"x": data}, s.prepared, holdout=0.0625)
     batches = runner.batches(s.prepared, calib.samples, 8)
+    ridge = options.pop("ridge", None)
     targets = sequential.find_targets(s.graph, s.opset, changed=sequential.sliced_parameters(removed, s.graph),
-                                      removed=removed, residual_targets=residual_targets)
-    stats = sequential.Reconstructor(s.prepared, batches, store=s.store).run(s.graph, s.prepared, targets)
+                                      removed=removed, **options)
+    stats = sequential.Reconstructor(s.prepared, batches, store=s.store, ridge=ridge).run(s.graph, s.prepared, targets)
     out = ir.export_graph(s.graph, s.prepared, s.store)
     onnx.checker.check_model(out, full_check=True)
+    return out, stats
+
+
+def _residual_error(residual_targets: bool) -> tuple[float, dict]:
+    model = residual_mlp()
+    data = (np.random.default_rng(5).standard_normal((48, 1, 6, 8))).astype(np.float32)
+    out, stats = prune_and_refit(model, data[:32], residual_targets=residual_targets)
     feeds = [{"x": d} for d in data[:32]]  # the calibration samples
     ref = np.concatenate([v[0] for v in runner.outputs(model, feeds)]).reshape(-1, 8)
     got = np.concatenate([v[0] for v in runner.outputs(out, feeds)]).reshape(-1, 8)

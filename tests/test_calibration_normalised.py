@@ -7,15 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphprune.passes.prune_channels import removed_elements
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.calibration import residual, runner, sequential
-from graphprune.calibration.data import load_calibration
+from graphprune.calibration import residual, runner
 from graphprune.calibration.linear import linear_view
-from graphprune.io import ir
 from graphprune.pipeline.session import Session
-from graphprune.planning.planner import plan_ratio
 
 TOKENS, WIDTH, HIDDEN = 6, 8, 32
 
@@ -69,24 +65,11 @@ def test_a_sum_read_by_something_else_is_not():
 def _error_after_norm(weighted: bool, monkeypatch) -> float:
     if not weighted:
         monkeypatch.setattr(residual, "_normalised", lambda *args: None)
-    model = block()
-    s = Session(model)
-    analysis = s.analyze()
-    plan = plan_ratio(analysis, ratio=0.5, round_to=1, criterion="l1")
-    from graphprune.pipeline.ratio import channel_passes
+    from test_calibration_cache import prune_and_refit
 
-    s.apply(channel_passes(analysis, plan))
-    s.export()
-    removed = removed_elements(analysis, plan)
-    data = samples()
-    calib = load_calibration({"x": data}, s.prepared, holdout=0.0625)
-    batches = runner.batches(s.prepared, calib.samples, 8)
-    targets = sequential.find_targets(s.graph, s.opset, changed=sequential.sliced_parameters(removed, s.graph),
-                                      removed=removed)
-    stats = sequential.Reconstructor(s.prepared, batches, store=s.store, ridge=1e-6).run(s.graph, s.prepared, targets)
+    model, data = block(), samples()
+    out, stats = prune_and_refit(model, data, ridge=1e-6)
     assert stats["residual_targets"] == 1
-    out = ir.export_graph(s.graph, s.prepared, s.store)
-    onnx.checker.check_model(out, full_check=True)
     feeds = [{"x": d} for d in data]
     ref = np.concatenate([v[0] for v in runner.outputs(model, feeds)]).reshape(-1, WIDTH)
     got = np.concatenate([v[0] for v in runner.outputs(out, feeds)]).reshape(-1, WIDTH)
