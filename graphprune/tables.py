@@ -130,8 +130,6 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         if skipped:
             more = stats.get("not_refit", len(skipped)) - 1
             lines.append(f"    not refit: {skipped[0]}" + (f" (and {more} more, see --report)" if more > 0 else ""))
-    if calibration.get("warning"):
-        lines.append(f"  warning: {calibration['warning']}")
     return lines
 
 

@@ -38,6 +38,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis.constants import ChannelValues, ConstantContext
 from graphprune.analysis.zero_analysis import analyze_constants, ensure_shapes
+from graphprune.io.names import fresh_name
 from graphprune.rules import registry
 
 
@@ -311,12 +312,7 @@ class EraseOperatorsPass(Pass):
         return True
 
     def _fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return fresh_name(base, self._names)
 
     def _small(self, tensor: gs.Tensor, state: ChannelValues, dtype: np.dtype, rank: int) -> gs.Constant:
         shape = [1] * rank

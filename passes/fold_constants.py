@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis.constants import conv_is_padded
+from graphprune.io.names import fresh_name
 from graphprune.rules import registry
 
 if TYPE_CHECKING:
@@ -145,13 +146,7 @@ def _add_bias(
         value = np.broadcast_to(current, shape) + delta.reshape([1] * (len(shape) - 1) + [-1])
     else:
         value = delta
-    base = f"{node.name or 'node'}_gp_bias"
-    name, k = base, 0
-    while name in names:
-        k += 1
-        name = f"{base}_{k}"
-    names.add(name)
-    const = gs.Constant(name, np.ascontiguousarray(value.astype(dtype)))
+    const = gs.Constant(fresh_name(f"{node.name or 'node'}_gp_bias", names), np.ascontiguousarray(value.astype(dtype)))
     while len(node.inputs) <= index:
         node.inputs.append(gs.Variable.empty())
     node.inputs[index] = const

@@ -107,7 +107,7 @@ def test_refit_restores_the_function():
     without = refit.report["fidelity"]["without_reconstruction"]
     assert without["rel_l2"] == plain.report["fidelity"]["rel_l2"]
     assert without["cosine"] == plain.report["fidelity"]["cosine"]
-    assert "warning" not in cal and "without_reconstruction" not in plain.report["fidelity"]
+    assert "warning" not in refit.report["fidelity"] and "without_reconstruction" not in plain.report["fidelity"]
 
 
 def test_refit_is_exact_when_the_removed_units_are_linear_in_the_kept_ones():

@@ -77,17 +77,25 @@ def compare_outputs(
     return worst
 
 
+def reference_outputs(original: onnx.ModelProto, feeds: Sequence[Feed], *,
+                      data_dir: Path | None = None) -> list[list[np.ndarray]]:
+    """The original's outputs on ``feeds``, to compare several pruned models with."""
+    return runner.outputs(original, feeds, "the original model", data_dir=data_dir)
+
+
 def fidelity(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
     feeds: Sequence[Feed],
     *,
     data_dir: Path | None = None,
+    reference: list[list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Run both models on ``feeds`` (one sample each) and compare every output."""
+    """Run both models on ``feeds`` (one sample each) and compare every output
+    (``reference``: the original's outputs from :func:`reference_outputs`, not run again)."""
     if not feeds:
         return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None}
     names = [o.name for o in original.graph.output]
-    ref = runner.outputs(original, feeds, "the original model", data_dir=data_dir)
+    ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
     return compare_outputs(names, ref, out)

@@ -47,6 +47,7 @@ from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error
 from graphprune.calibration.stats import channel_sums
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
+from graphprune.io.names import fresh_name
 
 #: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
 #: towards the current weights, not towards zero); chosen per layer by two-fold
@@ -177,15 +178,6 @@ def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
             depth[out.name] = level
 
 
-def _unique_name(graph_names: set[str], base: str) -> str:
-    name, k = base, 0
-    while name in graph_names:
-        k += 1
-        name = f"{base}_{k}"
-    graph_names.add(name)
-    return name
-
-
 def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> None:
     """Give ``view``'s layer the effective bias ``bias`` (creating the input, or an ``Add``
     after a MatMul, when the layer has none). The constant is always a fresh one."""
@@ -193,15 +185,15 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     dtype = np.asarray(view.weight.values).dtype
     if info.bias is None:  # MatMul: y = x W, then + b in a new Add
         out = node.outputs[0]
-        inner = gs.Variable(_unique_name(names, f"{out.name}_gp_unbiased"), dtype=out.dtype)
-        const = gs.Constant(_unique_name(names, f"{node.name}_gp_bias"), np.ascontiguousarray(bias.astype(dtype)))
+        inner = gs.Variable(fresh_name(f"{out.name}_gp_unbiased", names), dtype=out.dtype)
+        const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray(bias.astype(dtype)))
         node.outputs[0] = inner
-        graph.nodes.append(gs.Node("Add", _unique_name(names, f"{node.name}_gp_bias_add"), inputs=[inner, const], outputs=[out]))
+        graph.nodes.append(gs.Node("Add", fresh_name(f"{node.name}_gp_bias_add", names), inputs=[inner, const], outputs=[out]))
         return
     beta = info.beta if info.beta != 0.0 else 1.0
     if info.beta == 0.0:
         node.attrs["beta"] = 1.0
-    const = gs.Constant(_unique_name(names, f"{node.name}_gp_bias"), np.ascontiguousarray((bias / beta).astype(dtype)))
+    const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray((bias / beta).astype(dtype)))
     while len(node.inputs) <= info.bias:
         node.inputs.append(gs.Variable.empty())
     node.inputs[info.bias] = const

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 import onnx
 from onnx import helper
 
+from graphprune.io.names import fresh_name
+
 __all__ = ["share_subgraph_constants"]
 
 #: smaller constants are left alone (a scalar or a shape is not worth a shared name)
@@ -87,7 +89,7 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
         if shared is None:
             hoisted = onnx.TensorProto()
             hoisted.CopyFrom(copies[0][1])
-            hoisted.name = _fresh(f"{copies[0][1].name}__gp_shared", taken)
+            hoisted.name = fresh_name(f"{copies[0][1].name}__gp_shared", taken)
             model.graph.initializer.append(hoisted)
             shared = hoisted
         for graph, tensor in copies:
@@ -102,10 +104,3 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
     return dropped
 
 
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    taken.add(name)
-    return name

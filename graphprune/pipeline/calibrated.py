@@ -101,8 +101,6 @@ class CalibratedRun:
         self._reference: list | None = None
         #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``)
         self.unreconstructed: dict[str, Any] | None = None
-        #: set by :meth:`fidelity` when the reconstruction made the held-out fidelity worse
-        self.warning: str | None = None
 
     @property
     def criterion(self) -> str:
@@ -186,16 +184,12 @@ class CalibratedRun:
 
     # ------------------------------------------------------------------ report
     def _compare(self, model: Any) -> dict[str, Any]:
-        """``model`` against the original on the held-out samples."""
+        """``model`` against the original on the held-out samples (the original runs once)."""
         feeds = self.calib.holdout
-        if not feeds:
-            return fidelity_mod.fidelity(self.session.prepared, model, feeds)
-        if self._reference is None:
-            self._reference = runner.outputs(self.session.prepared, feeds, "the original model",
-                                             data_dir=self.data_dir)
-        out = runner.outputs(model, feeds, "the pruned model", data_dir=self.data_dir)
-        return fidelity_mod.compare_outputs([o.name for o in self.session.prepared.graph.output],
-                                            self._reference, out)
+        if feeds and self._reference is None:
+            self._reference = fidelity_mod.reference_outputs(self.session.prepared, feeds, data_dir=self.data_dir)
+        return fidelity_mod.fidelity(self.session.prepared, model, feeds, data_dir=self.data_dir,
+                                     reference=self._reference)
 
     def fidelity(self) -> dict[str, Any]:
         """The final model against the original on the held-out samples; with the figures
@@ -208,8 +202,8 @@ class CalibratedRun:
             result["without_reconstruction"] = {k: before.get(k) for k in ("cosine", "rel_l2", "top1_agreement")}
             worse, better = before.get("rel_l2"), result.get("rel_l2")
             if worse is not None and better is not None and better > worse:
-                self.warning = (f"the reconstruction made the held-out fidelity worse (relative L2 {worse:.4g} -> "
-                                f"{better:.4g}); --reconstruction none keeps the data-aware selection only")
+                result["warning"] = (f"the reconstruction made the held-out fidelity worse (relative L2 {worse:.4g} "
+                                     f"-> {better:.4g}); --reconstruction none keeps the data-aware selection only")
         return result
 
     def report(self) -> dict[str, Any]:
@@ -223,5 +217,4 @@ class CalibratedRun:
             "ridge": self.options.ridge,
             "statistics": stats_mod.summary(self.stats) if self.stats is not None else None,
             "passes": self.pass_stats,
-            **({"warning": self.warning} if self.warning else {}),
         }

@@ -239,8 +239,8 @@ def prune_ratio(
         if branches.pruned:
             report.pop("nothing_prunable", None)
     if calibrated is not None:
-        report["fidelity"] = calibrated.fidelity()
         report["calibration"] = calibrated.report()
+        report["fidelity"] = calibrated.fidelity()
     result = session.finish(report, the_plan, verification)
     result.branches = branches  # nested If branches: their zeroed versions for the caller
     return result

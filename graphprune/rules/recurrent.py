@@ -83,16 +83,22 @@ class RecurrentRule(OpRule):
             return
         where = f"{node.op} '{node.name}'"
         # the hidden axis of Y (or of R's columns when Y is not used) names the unit
-        ctx.couple(r, 2, w, 1, Digit(1))
-        ctx.couple(r, 2, r, 1, Digit(1))
-        ctx.role(w, 1, PRODUCER)
-        ctx.role(r, 1, PRODUCER)
-        ctx.role(r, 2, CONSUMER)
-        ctx.couple(x, 2, w, 2)
-        ctx.role(w, 2, CONSUMER)
+        self.couple_weights(ctx, x, w, r)
+        self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
+
+    def couple_weights(self, ctx: CouplingContext, x: gs.Tensor, w: gs.Tensor, r: gs.Tensor) -> None:
+        """The gate axis of W and R (``3 - hidden_axis``) produces the hidden units that R's
+        hidden axis reads; W's other axis reads the input features of ``x``."""
+        hidden, gates = self.hidden_axis, 3 - self.hidden_axis
+        ctx.couple(r, hidden, w, gates, Digit(1))
+        ctx.couple(r, hidden, r, gates, Digit(1))
+        ctx.role(w, gates, PRODUCER)
+        ctx.role(r, gates, PRODUCER)
+        ctx.role(r, hidden, CONSUMER)
+        ctx.couple(x, 2, w, hidden)
+        ctx.role(w, hidden, CONSUMER)
         ctx.role(x, 2, CONSUMER)
         ctx.spatial(x, [0, 1], "sequence/batch")
-        self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
 
     def couple_unit_members(self, node: gs.Node, ctx: CouplingContext, b: gs.Tensor | None,
                             p: gs.Tensor | None, states: tuple[gs.Tensor | None, ...],
@@ -127,7 +133,7 @@ class RecurrentRule(OpRule):
         x, w, r = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.inputs[2])
         if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
             return None
-        gates_axis, input_axis = (1, 2) if self.hidden_axis == 2 else (2, 1)
+        gates_axis, input_axis = 3 - self.hidden_axis, self.hidden_axis
         return math.prod(x[:2]) * w[0] * w[gates_axis] * (w[input_axis] + r[self.hidden_axis])
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
@@ -169,15 +175,7 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
                                   f"(hidden_size {hidden}, W {w_shape}, R {r_shape})")
             return
         where = f"DynamicQuantizeLSTM '{node.name}'"
-        ctx.couple(r, 1, w, 2, Digit(1))
-        ctx.couple(r, 1, r, 2, Digit(1))
-        ctx.role(w, 2, PRODUCER)
-        ctx.role(r, 2, PRODUCER)
-        ctx.role(r, 1, CONSUMER)
-        ctx.couple(x, 2, w, 1)
-        ctx.role(w, 1, CONSUMER)
-        ctx.role(x, 2, CONSUMER)
-        ctx.spatial(x, [0, 1], "sequence/batch")
+        self.couple_weights(ctx, x, w, r)
         ctx.zero_in_reference(x)  # quantized over all its channels at run time
         for weight, scale, zero in ((w, quant[0], quant[1]), (r, quant[2], quant[3])):
             zp = None
