@@ -69,8 +69,9 @@ class RefitPass(Pass):
             stats["not_refit"] = len(skipped)
             stats["skipped"] = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
         elif not targets:
-            stats["skipped"] = ["no linear layer with a float constant weight reads the changed tensors "
-                                "(quantized weights, or weights computed in the graph, are not refit)"]
+            stats["skipped"] = ["no linear layer with a float or dequantized constant weight reads the "
+                                "changed tensors (integer-kernel quantized weights, e.g. MatMulInteger / "
+                                "ConvInteger, and weights computed in the graph are not refit)"]
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)

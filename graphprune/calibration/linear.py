@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.rules.registry import LinearInfo
+from graphprune.rules.registry import LinearInfo, StoredWeight
 
 KERNELS = ("conv", "dense")
 
@@ -32,11 +32,42 @@ KERNELS = ("conv", "dense")
 class LinearView:
     node: gs.Node
     info: LinearInfo
+    #: the weight (bias) is decoded from constants, e.g. a dequantized int8 weight
+    #: (:meth:`OpRule.stored_weight`); ``None``: it is a float constant itself
+    stored: StoredWeight | None = None
+    bias_stored: StoredWeight | None = None
 
     # ------------------------------------------------------------------ parameters
     @property
     def weight(self) -> gs.Constant:
-        return self.node.inputs[self.info.weight]
+        """The constant holding the weight (for a decoded weight: the stored constant, the
+        tensor that pruning slices)."""
+        return self.stored.constant if self.stored is not None else self.node.inputs[self.info.weight]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The float dtype of the weight as the layer applies it."""
+        return self.stored.dtype if self.stored is not None else np.asarray(self.weight.values).dtype
+
+    def weight_values(self) -> np.ndarray:
+        """The float weight in its stored layout."""
+        return self.stored.decode() if self.stored is not None else np.asarray(self.weight.values)
+
+    def store(self, mats: np.ndarray) -> float:
+        """Write effective weights ``[group, og, K]`` back; returns the share of elements
+        clipped to a stored encoding's range (0 for a float weight). A stored weight's
+        quantization step may grow to fit the new values; a stored bias whose step derives
+        from it follows (or, when it cannot, is given up: the next bias written is float)."""
+        values = self.set_matrices(mats)
+        if self.stored is None:
+            self.weight.values = values
+            return 0.0
+        clipped, factor = self.stored.encode(values, grow=True)
+        if factor is not None and self.bias_stored is not None:
+            per_channel = np.asarray(factor).reshape(-1)
+            if not self.bias_stored.rescale(per_channel):
+                self.bias_stored = None
+        return clipped
 
     @property
     def data(self) -> gs.Tensor:
@@ -60,9 +91,12 @@ class LinearView:
         if index is None or index >= len(self.node.inputs) or not self.node.inputs[index].name:
             return None
         tensor = self.node.inputs[index]
-        if not isinstance(tensor, gs.Constant):
+        if self.bias_stored is not None:
+            values = np.asarray(self.bias_stored.decode(), dtype=np.float64)
+        elif isinstance(tensor, gs.Constant):
+            values = np.asarray(tensor.values, dtype=np.float64)
+        else:
             return None
-        values = np.asarray(tensor.values, dtype=np.float64)
         out = self.out_channels()
         if values.size == 1:
             values = np.full(out, float(values.reshape(-1)[0]))
@@ -84,7 +118,7 @@ class LinearView:
 
     def matrices(self, values: np.ndarray | None = None) -> np.ndarray:
         """Effective weight ``[group, og, K]`` (alpha folded in)."""
-        w = np.asarray(self.weight.values if values is None else values, dtype=np.float64)
+        w = np.asarray(self.weight_values() if values is None else values, dtype=np.float64)
         if self.is_conv:
             g = self.group
             out = w.shape[0]
@@ -93,14 +127,15 @@ class LinearView:
         return (self.info.alpha * matrix)[None]
 
     def set_matrices(self, mats: np.ndarray) -> np.ndarray:
-        """Stored weight values for effective weights ``[group, og, K]`` (dtype kept)."""
-        current = np.asarray(self.weight.values)
+        """Float weight values in the stored layout for effective weights ``[group, og, K]``
+        (the layer's float dtype)."""
+        shape = np.shape(self.weight.values)
         if self.is_conv:
-            new = mats.reshape(current.shape)
+            new = mats.reshape(shape)
         else:
             matrix = mats[0] / self.info.alpha
             new = matrix if self.info.out_axis == 0 else matrix.T
-        return np.ascontiguousarray(new.astype(current.dtype))
+        return np.ascontiguousarray(new.astype(self.dtype))
 
     # ------------------------------------------------------------------ geometry
     def _conv_geometry(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
@@ -215,13 +250,22 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     if info.weight >= len(node.inputs) or info.data >= len(node.inputs):
         return None
     weight, data = node.inputs[info.weight], node.inputs[info.data]
-    if not isinstance(weight, gs.Constant) or isinstance(data, gs.Constant):
+    if isinstance(data, gs.Constant):
+        return None
+    stored = None if isinstance(weight, gs.Constant) else registry.stored_weight_of(weight, opset)
+    if stored is not None:
+        weight = stored.constant
+    elif not isinstance(weight, gs.Constant):
         return None
     values = np.asarray(weight.values)
-    if not np.issubdtype(values.dtype, np.floating):
+    if stored is None and not np.issubdtype(values.dtype, np.floating):
         return None
     if info.kernel == "conv" and (values.ndim < 3 or values.shape[0] % max(info.group, 1)):
         return None
     if info.kernel == "dense" and values.ndim != 2:
         return None
-    return LinearView(node, info)
+    bias = None
+    if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
+        tensor = node.inputs[info.bias]
+        bias = None if isinstance(tensor, gs.Constant) else registry.stored_weight_of(tensor, opset)
+    return LinearView(node, info, stored, bias)

@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from graphprune.errors import VerificationError
 from graphprune.io.feeds import output_array
+from graphprune.rules.quantize import optimizer_fuses_quantization
 
 Feed = dict[str, np.ndarray]
 
@@ -138,11 +139,13 @@ def fed_names(
     return sorted(n for n in given if n in read and n not in computed and n not in inputs)
 
 
-def session(data: bytes, data_dir: Path | None = None) -> ort.InferenceSession:
+def session(data: bytes, data_dir: Path | None = None, optimize: bool = True) -> ort.InferenceSession:
     """A CPU session; a model whose weights are external files of ``data_dir`` (a weight
     store) is written there for ORT to load, and the file removed once loaded."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # idle worker threads sleep instead of spinning: calibration runs alternate with numpy
     # work (statistics, solves) that needs the cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -198,13 +201,20 @@ def stream(
     cache: TensorCache | None = None,
     keep: Sequence[str] = (),
     cache_bytes: int = 0,
+    optimize: bool | None = None,
 ) -> TensorCache | None:
     """Run every feed with ``names`` exposed; call ``callback(batch_index, name, value)``.
 
     ``cache``: tensors already computed (per batch) that the run reads instead of
     recomputing the nodes upstream of them. ``keep``: tensors to store in a new cache for
     the next run (returned; ``None`` without ``keep``), holding up to ``cache_bytes``
-    (default :data:`CACHE_BYTES`) in memory."""
+    (default :data:`CACHE_BYTES`) in memory. ``optimize``: ORT's graph optimizations
+    (default: on, except where they would turn QDQ patterns into integer kernels: which
+    patterns fuse depends on which tensors are exposed, so two runs exposing different
+    tensors would compute different numbers; unoptimised, every run computes the graph's
+    own float semantics)."""
+    if optimize is None:
+        optimize = not optimizer_fuses_quantization(model)
     names = list(dict.fromkeys(names))
     given = cache.types() if cache is not None else {}
     from_cache = [n for n in names if n in given]
@@ -221,7 +231,8 @@ def stream(
     run = [n for n in dict.fromkeys([*names, *keep]) if n not in given and n not in graph_inputs]
     if run:
         _run_chunks(model, run, feeds, callback, given, cache, kept, set(keep), wanted,
-                    chunk_bytes=chunk_bytes, what=what, data_dir=data_dir, cache_bytes=cache_bytes)
+                    chunk_bytes=chunk_bytes, what=what, data_dir=data_dir, cache_bytes=cache_bytes,
+                    optimize=optimize)
     if kept is not None:
         for name in keep:
             if name in given:  # still valid: carried over (moved, not copied)
@@ -244,6 +255,7 @@ def _run_chunks(
     what: str,
     data_dir: Path | None,
     cache_bytes: int,
+    optimize: bool = True,
 ) -> None:
     """The runs of :func:`stream`: ``run`` in chunks, each feeding the next its frontier."""
     batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
@@ -264,7 +276,7 @@ def _run_chunks(
             outputs_ = [*chunk, *extra]
             try:
                 fed = fed_names(model.graph, outputs_, available)
-                sess = session(exposed_model(model, outputs_, available), data_dir)
+                sess = session(exposed_model(model, outputs_, available), data_dir, optimize)
             except Exception as exc:
                 raise VerificationError(
                     f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
@@ -408,7 +420,8 @@ def outputs(
     def take(index: int, name: str, value: np.ndarray) -> None:
         result[index][position[name]] = output_array(value)
 
-    stream(model, names, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir)
+    # as deployed: ORT's optimizations on (QDQ patterns run as integer kernels)
+    stream(model, names, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir, optimize=True)
     return result
 
 

@@ -87,6 +87,9 @@ class WaveReport:
     rel_error_after: list[float] = field(default_factory=list)
     ridges: list[float] = field(default_factory=list)
     residual: int = 0
+    #: refit layers whose weight is stored encoded (quantized), and their clipped shares
+    quantized: int = 0
+    clipped: list[float] = field(default_factory=list)
 
 
 def affected_tensors(graph: gs.Graph, changed: set[str]) -> set[str]:
@@ -159,7 +162,8 @@ def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
         return None
     weight = node.inputs[info.weight] if info.weight < len(node.inputs) else None
     if not isinstance(weight, gs.Constant):
-        return "its weight is computed in the graph (a quantized or shared weight): not refit"
+        return ("its weight is computed in the graph (other than a DequantizeLinear of constants, "
+                "e.g. Cast and Mul, or a shared weight): not refit")
     if not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
         return f"{node.op} has an integer weight: not refit"
     return f"{node.op} is not refit (no least-squares view of this layer kind)"
@@ -180,9 +184,16 @@ def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
 
 def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> None:
     """Give ``view``'s layer the effective bias ``bias`` (creating the input, or an ``Add``
-    after a MatMul, when the layer has none). The constant is always a fresh one."""
+    after a MatMul, when the layer has none). A float bias constant is always a fresh one; a
+    stored (quantized) bias that only this layer reads is re-encoded in place."""
     node, info = view.node, view.info
-    dtype = np.asarray(view.weight.values).dtype
+    dtype = view.dtype
+    stored = view.bias_stored
+    if stored is not None and len(stored.constant.outputs) == 1 and info.bias is not None:
+        stored.encode(np.asarray(bias / (info.beta if info.beta != 0.0 else 1.0)).reshape(np.shape(stored.constant.values)))
+        if info.beta == 0.0:
+            node.attrs["beta"] = 1.0
+        return
     if info.bias is None:  # MatMul: y = x W, then + b in a new Add
         out = node.outputs[0]
         inner = gs.Variable(fresh_name(f"{out.name}_gp_unbiased", names), dtype=out.dtype)
@@ -333,7 +344,12 @@ class Reconstructor:
                 ref_cache = ref_next
                 graph.toposort()  # a bias Add written by the last wave comes last
                 model = ir.export_graph(graph, template, self.store)
-                unstable = runner.downstream(model.graph, [t.view.output.name for t in targets if t.wave >= wave])
+                # what this and later waves rewrite: their outputs, and everything computed from
+                # the constants they store (a dequantized weight is a tensor the graph computes)
+                unstable = runner.downstream(model.graph, [
+                    name for t in targets if t.wave >= wave for name in (
+                        t.view.output.name, t.view.weight.name,
+                        *([t.view.bias_stored.constant.name] if t.view.bias_stored is not None else []))])
                 later = [t.view.output.name for t in rest] + [r.stream for r in residuals]
                 keep = runner.frontier(model.graph, later, unstable) if rest and self.use_cache else []
                 if self.mode == "affine":
@@ -354,6 +370,10 @@ class Reconstructor:
             out["rel_error_after"] = round(float(np.mean(report.rel_error_after)), 5)
             out["ridge_median"] = float(np.median(report.ridges))
             out["residual_targets"] = report.residual
+        if report.quantized:
+            # refit in float, stored back on each weight's own quantization grid
+            out["quantized_layers"] = report.quantized
+            out["clipped_max"] = round(float(max(report.clipped)), 6)
         return out
 
     def _residual_rows(
@@ -463,7 +483,10 @@ class Reconstructor:
         report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
         report.ridges.append(ridge)
         mats = np.swapaxes(solved[:, :k, :], 1, 2)  # [g, og, K]
-        view.weight.values = view.set_matrices(mats)
+        clipped = view.store(mats)
+        if view.stored is not None:
+            report.quantized += 1
+            report.clipped.append(clipped)
         write_bias(graph, view, solved[:, k, :].reshape(-1), names)
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:
@@ -525,7 +548,7 @@ class Reconstructor:
             view = t.view
             mats = view.matrices()
             g, og, _ = mats.shape
-            view.weight.values = view.set_matrices(mats * scale.reshape(g, og, 1))
+            view.store(mats * scale.reshape(g, og, 1))
             bias = view.bias_values()
             bias = np.zeros_like(scale) if bias is None else bias
             write_bias(graph, view, scale * bias + shift, names)

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.shape_trace import UNKNOWN, ScaledRead, ShapeLiteral, ShapeRead
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import OpRule, StoredWeight, register
 from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
@@ -265,6 +265,12 @@ class BroadcastRule(OpRule):
         if node.op not in BROADCAST_FUNCTIONS:
             return False
         return node.op != "PRelu" or index == 1  # PRelu's slope broadcasts to x, not x itself
+
+    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+        """``Mul(Cast(int8 constant), scale)``: an int8 weight an exporter decodes in the graph."""
+        from graphprune.rules.quantize import cast_scaled
+
+        return cast_scaled(node)
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """A constant operand of Mul / Add is taken for a learned scale / shift (a layer

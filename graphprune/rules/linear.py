@@ -44,6 +44,16 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
+def _from_constants(tensor: gs.Tensor, depth: int = 3) -> bool:
+    """Is ``tensor`` a constant, or computed (through at most ``depth`` nodes) from constants
+    alone?"""
+    if isinstance(tensor, gs.Constant):
+        return True
+    if depth == 0 or len(tensor.inputs) != 1:
+        return False
+    return all(_from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
+
+
 def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> np.ndarray | None:
     """Output RMS of a linear layer with a constant weight (``None`` otherwise).
 
@@ -171,13 +181,15 @@ class MatMulRule(OpRule):
         return [za.values(out_rank - 1, _linear_values(x, b).astype(np.float32))]
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
-        """A MatMul with a constant 2-D right operand: ``y[..., n] = x[..., k] W[k, n]``
-        (no bias input: a following ``Add`` carries it)."""
+        """A MatMul with a 2-D right operand computed from constants alone (a constant, a
+        dequantized weight): ``y[..., n] = x[..., k] W[k, n]`` (no bias input: a following
+        ``Add`` carries it)."""
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+        if not _from_constants(w) or isinstance(node.inputs[0], gs.Constant):
             return None
-        if len(getattr(w, "shape", None) or ()) != 2:
-            return None
+        shape = getattr(w, "shape", None)
+        if (shape is None and isinstance(w, gs.Constant)) or (shape is not None and len(shape) != 2):
+            return None  # a computed weight of unknown shape: whoever reads it checks its rank
         return LinearInfo(
             data=0, data_axis=-1, weight=1, in_axis=0, out_axis=1, out_channel_axis=-1,
             bias=None, kernel="dense",

@@ -17,6 +17,11 @@ with a non-zero zero point freezes with that reason.
 Exactness: a zeroed channel quantizes to the zero point and dequantizes back to exactly 0,
 whatever the per-tensor scale, so pruning through Q/DQ pairs equals zeroing.
 
+Such a weight is also a *stored weight* (:meth:`OpRule.stored_weight`, :class:`Dequantized`):
+the calibration refit reads it as floats, fits in float and stores the fit back on the weight's
+own grid (rounded; a scale that only this node reads grows where a value would not fit the
+integer range, and an int32 bias quantized with that scale is re-encoded on the grown scale).
+
 **Dynamic quantization** (``onnxruntime.quantization.quantize_dynamic``):
 ``DynamicQuantizeLinear(x) -> (x_q, scale, zero_point)`` then ``MatMulInteger(x_q, W_q,
 x_zp, w_zp)`` or ``ConvInteger(x_q, W_q, x_zp, w_zp)``, then ``Cast`` and a ``Mul`` by the
@@ -53,7 +58,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
-from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, StoredWeight, register
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -85,6 +90,132 @@ def _zero_point_is_zero(zp: gs.Tensor | None) -> bool:
     if not isinstance(zp, gs.Constant):
         return False
     return not np.any(np.asarray(zp.values))
+
+
+class Dequantized(StoredWeight):
+    """``DequantizeLinear(q, scale, zero_point)`` of constants: the float weight
+    ``(q - zero_point) * scale`` (per tensor or along ``axis``). New float values are rounded
+    on the same grid; with ``grow`` a scale that only this node reads grows where the values
+    would not fit the integer range (a bias quantized with the product of the input's and
+    this scale then needs :meth:`rescale` by the same factor)."""
+
+    def __init__(self, constant: gs.Constant, scale_tensor: gs.Constant, scale: np.ndarray,
+                 zero_point: np.ndarray) -> None:
+        self.constant = constant
+        self.scale_tensor = scale_tensor
+        self.scale = scale  # float64, broadcastable to the constant
+        self.zero_point = zero_point
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.asarray(self.scale_tensor.values).dtype
+
+    def decode(self) -> np.ndarray:
+        q = np.asarray(self.constant.values).astype(np.float64)
+        step = self.scale.astype(self.dtype).astype(np.float64)
+        return ((q - self.zero_point) * step).astype(self.dtype)
+
+    def _range(self) -> tuple[float, float]:
+        info = np.iinfo(np.asarray(self.constant.values).dtype)
+        low = info.min + 1 if info.min < 0 and not np.any(self.zero_point) else info.min  # symmetric int8: +-127
+        return float(low), float(info.max)
+
+    def _set_scale(self, scale: np.ndarray) -> None:
+        self.scale = scale
+        shape = np.shape(self.scale_tensor.values)
+        self.scale_tensor.values = np.ascontiguousarray(scale.reshape(shape).astype(self.dtype))
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        v = np.asarray(values, dtype=np.float64)
+        low, high = self._range()
+        factor = None
+        if grow and len(self.scale_tensor.outputs) == 1:
+            top, bottom = high - self.zero_point, low - self.zero_point  # steps above / below 0
+            need = np.maximum(np.where(v > 0, v / np.where(top > 0, top, np.inf), 0.0),
+                              np.where(v < 0, v / np.where(bottom < 0, bottom, -np.inf), 0.0))
+            axes = tuple(i for i in range(v.ndim) if self.scale.ndim == 0 or self.scale.shape[i] == 1)
+            need = need.max(axis=axes, keepdims=self.scale.ndim > 0) if axes else need
+            grown = np.maximum(need / self.scale, 1.0)
+            if np.any(grown > 1.0):
+                factor = grown
+                self._set_scale(self.scale * grown)
+        step = self.scale.astype(self.dtype).astype(np.float64)
+        q = np.rint(v / step) + self.zero_point
+        clipped = (q < low) | (q > high)
+        stored = np.asarray(self.constant.values).dtype
+        self.constant.values = np.ascontiguousarray(np.clip(q, low, high).astype(stored))
+        return (float(clipped.mean()) if clipped.size else 0.0), factor
+
+    def rescale(self, factor: np.ndarray) -> bool:
+        if len(self.scale_tensor.outputs) != 1:
+            return False
+        f = np.asarray(factor, dtype=np.float64).reshape(-1)
+        if f.size != 1 and f.size != self.scale.size:
+            return False
+        values = self.decode()
+        self._set_scale(self.scale * f.reshape(self.scale.shape) if f.size > 1 else self.scale * f[0])
+        self.encode(values)
+        return True
+
+
+def dequantized(node: gs.Node) -> Dequantized | None:
+    """The weight a DequantizeLinear node decodes from integer constants (``None``: its
+    input is computed, not an integer, blocked, or its scale/zero point not understood)."""
+    x = node.inputs[0]
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if not isinstance(x, gs.Constant) or not isinstance(scale, gs.Constant):
+        return None
+    if (zp is not None and not isinstance(zp, gs.Constant)) or int(node.attrs.get("block_size", 0) or 0):
+        return None
+    q = np.asarray(x.values)
+    s = np.asarray(scale.values)
+    if not np.issubdtype(q.dtype, np.integer) or not np.issubdtype(s.dtype, np.floating):
+        return None
+    z = np.zeros((), dtype=np.float64) if zp is None else np.asarray(zp.values).astype(np.float64)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        return None
+    rank = q.ndim
+    axis = int(node.attrs.get("axis", 1))
+    shaped = []
+    for v in (s.astype(np.float64), z):
+        if v.size == 1 and v.ndim <= 1:
+            shaped.append(v.reshape(()))
+        elif v.ndim == 1 and rank > 0 and -rank <= axis < rank and v.shape[0] == q.shape[axis]:
+            shape = [1] * rank
+            shape[axis] = -1
+            shaped.append(v.reshape(shape))
+        else:
+            return None
+    return Dequantized(x, scale, shaped[0], shaped[1])
+
+
+def cast_scaled(node: gs.Node) -> Dequantized | None:
+    """``Mul(Cast(q), scale)`` of an integer constant ``q`` and a float constant ``scale``
+    that broadcasts to it (an exporter's int8 weight): the float weight ``q * scale``."""
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return None
+    for k in (0, 1):
+        cast, scale = node.inputs[k], node.inputs[1 - k]
+        producer = cast.inputs[0] if len(cast.inputs) == 1 else None
+        if producer is None or producer.op != "Cast" or len(cast.outputs) != 1 or not isinstance(scale, gs.Constant):
+            continue
+        q = producer.inputs[0]
+        if not isinstance(q, gs.Constant):
+            continue
+        qv, sv = np.asarray(q.values), np.asarray(scale.values)
+        if (not np.issubdtype(qv.dtype, np.integer) or not np.issubdtype(sv.dtype, np.floating)
+                or sv.ndim > qv.ndim or not np.all(np.isfinite(sv)) or np.any(sv <= 0)):
+            continue
+        padded = sv.astype(np.float64).reshape((1,) * (qv.ndim - sv.ndim) + sv.shape)
+        try:
+            np.broadcast_shapes(padded.shape, qv.shape)
+        except ValueError:
+            continue
+        if np.broadcast_shapes(padded.shape, qv.shape) != qv.shape:
+            continue
+        return Dequantized(q, scale, padded, np.zeros((), dtype=np.float64))
+    return None
 
 
 @register
@@ -122,6 +253,9 @@ class QuantizeLinearRule(OpRule):
                 f"quantized weight '{x.name}' with a non-zero zero point at {where}"
             )
             ctx.share_roles(y, x, freeze)
+
+    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+        return dequantized(node) if node.op == "DequantizeLinear" else None
 
 
 @register

@@ -66,6 +66,36 @@ class LinearInfo:
     beta: float = 1.0
 
 
+class StoredWeight:
+    """A float weight that a node decodes from constant inputs (a dequantized integer weight,
+    :meth:`OpRule.stored_weight`). ``constant`` holds the stored values: the tensor that
+    pruning slices and that a refit rewrites."""
+
+    constant: gs.Constant
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The float dtype of the decoded weight."""
+        raise NotImplementedError
+
+    def decode(self) -> np.ndarray:
+        """The float weight (``constant``'s shape)."""
+        raise NotImplementedError
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        """Store float ``values`` (``constant``'s shape) as near as the encoding allows.
+        With ``grow``, an encoding step (a quantization scale) that this weight alone uses
+        may grow so that the values fit its range. Returns the share of elements clipped to
+        the range and the factor each step grew by (``None``: no step changed)."""
+        raise NotImplementedError
+
+    def rescale(self, factor: np.ndarray) -> bool:
+        """Multiply the encoding step by ``factor`` (what :meth:`encode` returned for the
+        weight whose step this one is derived from: a bias quantized with the product of
+        the input's and the weight's scale), keeping the values. ``False``: it cannot."""
+        return False
+
+
 class OpRule:
     """Base class for op rules. Subclasses set ``op_types`` and override ``couple``."""
 
@@ -142,6 +172,11 @@ class OpRule:
         ``None`` (the default) means "not a linear layer with a weight": bias folding,
         reconstruction and MAC counting then leave the node alone (fail closed).
         """
+        return None
+
+    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+        """Output 0 as a float weight decoded from constant inputs that a refit can read
+        and write back (:class:`StoredWeight`). ``None`` (the default): it is no such weight."""
         return None
 
     # ---- what rewrites and metrics ask about a node (all fail closed) ----------------
@@ -251,6 +286,16 @@ def lookup(domain: str, op_type: str, opset: int) -> OpRule | None:
         if rule.since_opset <= opset <= rule.until_opset:
             return rule
     return None
+
+
+def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
+    """``tensor`` as a weight decoded from constants by the one node that computes it and
+    read by one node only (``None``: it is not, or its producer's rule does not say)."""
+    if len(tensor.inputs) != 1 or len(tensor.outputs) != 1:  # a constant has no producer
+        return None
+    producer = tensor.inputs[0]
+    rule = lookup(producer.domain or "", producer.op, opset)
+    return rule.stored_weight(producer) if rule is not None else None
 
 
 def registered_ops() -> list[str]:

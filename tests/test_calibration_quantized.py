@@ -1,0 +1,140 @@
+"""Calibrated reconstruction of quantized (QDQ) weights: a ``DequantizeLinear`` of integer
+constants is a stored weight (``OpRule.stored_weight``) that the refit reads as floats, fits
+in float and stores back on the weight's own quantization grid (a per-channel scale grows
+where the new values would not fit; a bias quantized with that scale follows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.calibration.linear import linear_view
+from graphprune.rules.quantize import dequantized
+
+
+def _float_convnet() -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    inits = {"w1": rng.standard_normal((16, 3, 3, 3)) * 0.3, "b1": rng.standard_normal(16) * 0.1,
+             "w2": rng.standard_normal((24, 16, 3, 3)) * 0.1, "b2": rng.standard_normal(24) * 0.1,
+             "w3": rng.standard_normal((8, 24, 1, 1)) * 0.2, "b3": rng.standard_normal(8) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _float_mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((32, 64)) * 0.2, "b1": rng.standard_normal(64) * 0.1,
+             "w2": rng.standard_normal((64, 48)) * 0.15, "b2": rng.standard_normal(48) * 0.1,
+             "w3": rng.standard_normal((48, 10)) * 0.2}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Add", ["h1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Add", ["h2", "b2"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]), helper.make_node("MatMul", ["r2", "w3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _qdq(model: onnx.ModelProto, samples: np.ndarray, tmp_path) -> onnx.ModelProto:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({"x": s} for s in samples[:8])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return onnx.load(dst)
+
+
+def _int_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: inits[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
+@pytest.mark.parametrize("build, shape", [(_float_mlp, (4, 32)), (_float_convnet, (1, 3, 8, 8))])
+def test_qdq_weights_are_refit_and_stay_quantized(build, shape, tmp_path) -> None:
+    rng = np.random.default_rng(7)
+    samples = rng.standard_normal((40, *shape)).astype(np.float32)
+    model = _qdq(build(), samples, tmp_path)
+    before = _int_weights(model)
+    result = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
+    report = result.report
+    assert report["verification"]["ok"]
+    refit = report["calibration"]["passes"]["RefitPass"]
+    assert refit["layers"] >= 2 and refit["quantized_layers"] == refit["layers"], refit
+    assert refit["clipped_max"] == 0.0
+    onnx.checker.check_model(result.model, full_check=True)
+    after = _int_weights(result.model)
+    # every weight is still an integer constant read through a DequantizeLinear, none is float
+    assert set(after) and all(v.dtype == before[k].dtype for k, v in after.items() if k in before)
+    assert not any(n.op_type in ("Conv", "MatMul") and n.input[1] in {i.name for i in result.model.graph.initializer}
+                   for n in result.model.graph.node)
+    fidelity = report["fidelity"]
+    # held-out samples: the refit brings the deployed (integer-kernel) outputs nearer the original's
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
+def test_a_grown_weight_scale_carries_its_bias_scale_along() -> None:
+    """A refit value beyond the int8 range grows its channel's scale; the int32 bias whose
+    scale is input scale x weight scale is re-encoded on the grown scale, keeping its value."""
+    w = gs.Constant("w", np.array([[[[10]]], [[[-20]]]], dtype=np.int8))  # [2, 1, 1, 1]
+    ws = gs.Constant("ws", np.array([0.1, 0.05], dtype=np.float32))
+    b = gs.Constant("b", np.array([100, -40], dtype=np.int32))
+    bs = gs.Constant("bs", np.array([0.01, 0.005], dtype=np.float32))
+    x, wf, bf, y = (gs.Variable(n, dtype=np.float32) for n in ("x", "wf", "bf", "y"))
+    nodes = [gs.Node("DequantizeLinear", "dw", inputs=[w, ws], outputs=[wf], attrs={"axis": 0}),
+             gs.Node("DequantizeLinear", "db", inputs=[b, bs], outputs=[bf], attrs={"axis": 0}),
+             gs.Node("Conv", "conv", inputs=[x, wf, bf], outputs=[y])]
+    gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17)
+    view = linear_view(nodes[2], 17)
+    assert view is not None and view.stored is not None and view.bias_stored is not None
+    np.testing.assert_allclose(view.bias_values(), [1.0, -0.2], rtol=1e-6)
+    clipped = view.store(np.array([[[100.0], [2.0]]]))  # channel 0 needs 100 / 0.1 = 1000 steps
+    assert clipped == 0.0
+    np.testing.assert_allclose(view.weight_values().reshape(-1), [100.0, 2.0], rtol=0.01)
+    assert np.asarray(ws.values)[0] > 0.7 and np.asarray(ws.values)[1] == np.float32(0.05)
+    step = np.asarray(bs.values, dtype=np.float64)
+    assert step[0] > 0.07 and step[1] == np.float32(0.005) and np.asarray(b.values).dtype == np.int32
+    # the same value, to within half a step of the grown grid
+    assert np.all(np.abs(view.bias_values() - [1.0, -0.2]) <= step / 2 + 1e-7)
+    assert dequantized(nodes[0]) is not None and dequantized(gs.Node("DequantizeLinear", inputs=[x, ws], outputs=[wf])) is None
+
+
+def test_int8_weights_stored_as_cast_times_scale_are_refit() -> None:
+    """``Mul(Cast(int8), scale)`` (an exporter's weight-only int8) is a stored weight too."""
+    from test_rule_quantize import cast_scaled_weights_model
+
+    samples = np.random.default_rng(2).standard_normal((40, 4, 32)).astype(np.float32)
+    result = graphprune.prune(cast_scaled_weights_model(), ratio=0.5, calibration={"x": samples})
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["quantized_layers"] >= 1, refit
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert weights["q2"].dtype == np.int8 and weights["q2"].shape == (32, 16)
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
