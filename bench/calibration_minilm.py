@@ -174,6 +174,35 @@ SETTINGS = (
 )
 
 
+def quantized(path: Path, kind: str, calib: Path) -> Path:
+    """``path`` quantized to int8 by ONNX Runtime (weights int8; activations dynamic, or
+    static uint8 QDQ calibrated on the calibration sentences)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out = path.with_name(f"minilm_{kind}.onnx")
+    if kind == "dynamic":
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+        return out
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.files = iter(sorted(calib.glob("*.npz")))
+
+        def get_next(self):
+            file = next(self.files, None)
+            return None if file is None else dict(np.load(file))
+
+    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=150)
@@ -184,6 +213,9 @@ def main() -> int:
     parser.add_argument("--only", default="",
                         help="run only these settings (1-based, comma-separated: 1 = MLP 0.25, 2 = MLP 0.5, 3 = heads)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--quantize", choices=("dynamic", "qdq"), default=None,
+                        help="prune the int8 model instead (ONNX Runtime quantize_dynamic, or static QDQ "
+                             "calibrated on the calibration sentences); the reference is the int8 original")
     args = parser.parse_args()
     import onnx
 
@@ -201,6 +233,8 @@ def main() -> int:
         export(path)
         calib = tmpdir / "calib"
         calibration_folder(calib_texts, tok, calib)
+        if args.quantize:
+            path = quantized(path, args.quantize, calib)
         original = onnx.load(str(path))
         reference = embed(original, eval_texts, tok)
         chosen = {int(i) for i in args.only.split(",") if i}

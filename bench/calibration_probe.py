@@ -89,6 +89,10 @@ def main() -> int:
             row = {"entry": name, "ok": False, "crash": False, "error": f"timeout {args.timeout} s"}
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
+    if args.only and RESULTS.exists():  # a partial run replaces its entries' rows, keeps the others
+        fresh = {r["entry"]: r for r in rows}
+        kept = [fresh.pop(r["entry"], r) for r in json.loads(RESULTS.read_text()).get("rows", [])]
+        rows = kept + list(fresh.values())
     ok = sum(bool(r.get("ok") and r.get("verified")) for r in rows)
     summary = {"entries": len(rows), "ok_and_verified": ok, "crashes": sum(bool(r.get("crash")) for r in rows),
                "refit_somewhere": sum(bool(r.get("refit_layers")) for r in rows)}

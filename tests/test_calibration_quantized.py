@@ -138,3 +138,34 @@ def test_int8_weights_stored_as_cast_times_scale_are_refit() -> None:
     assert weights["q2"].dtype == np.int8 and weights["q2"].shape == (32, 16)
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
+def _dynamic(model: onnx.ModelProto, tmp_path, **options) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "dynamic.onnx"
+    onnx.save(model, src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **options)
+    return onnx.load(dst)
+
+
+@pytest.mark.parametrize("build, shape, op", [(_float_mlp, (4, 32), "MatMulInteger"),
+                                              (_float_convnet, (1, 3, 8, 8), "ConvInteger")])
+def test_dynamic_quantized_layers_are_refit_as_the_float_layers_they_stand_for(build, shape, op, tmp_path) -> None:
+    """``DynamicQuantizeLinear -> MatMulInteger / ConvInteger -> Cast -> Mul(scales)`` is the
+    float layer ``x -> x W`` from the quantized tensor's float input to the rescaled output
+    (``OpRule.rescaled_linear``): fit in float, stored back on the int8 grid."""
+    model = _dynamic(build(), tmp_path)
+    assert any(n.op_type == op for n in model.graph.node)
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    samples = np.random.default_rng(4).standard_normal((40, *shape)).astype(np.float32)
+    result = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
+    assert result.report["verification"]["ok"]
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["layers"] >= 2 and refit["quantized_layers"] == refit["layers"], refit
+    onnx.checker.check_model(result.model, full_check=True)
+    after = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    quantized = [n.input[1] for n in result.model.graph.node if n.op_type == op]
+    assert quantized and all(after[w].dtype == before[w].dtype == np.int8 for w in quantized)
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity

@@ -410,19 +410,31 @@ def test_a_dynamic_quantized_lstm_it_does_not_understand_freezes() -> None:
 
 
 
-def test_calibrated_prune_of_integer_weights_says_they_are_not_refit(tmp_path) -> None:
-    """The least-squares refit writes float weights: with int8 weights (ORT dynamic
-    quantization) nothing is refit, and the report and the CLI lines say why instead of
-    a bare "0 layers"."""
-    from onnxruntime.quantization import QuantType
-
+def test_calibrated_prune_says_which_computed_weights_are_not_refit() -> None:
+    """A weight the graph computes in a way the refit cannot write back (here an int8 weight
+    divided by a scale, ``Cast(q) / s``) is not refit, and the report and the CLI lines say
+    why instead of a bare "0 layers". (Dynamic-quantized and QDQ weights are refit:
+    tests/test_calibration_quantized.py.)"""
     from graphprune.tables import calibration_lines
 
-    model = _dynamic_quantized(_float_mlp(), tmp_path, weight_type=QuantType.QInt8)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32) * 0.2, "w1"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.integers(-127, 128, (64, 16)).astype(np.int8), "q2"),
+             numpy_helper.from_array(rng.uniform(50, 100, (16,)).astype(np.float32), "c2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Cast", ["q2"], ["f2"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["f2", "c2"], ["w2"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "offset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     samples = np.random.default_rng(3).standard_normal((12, 4, 32)).astype(np.float32)
     result = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
     assert result.report["verification"]["ok"]
     refit = result.report["calibration"]["passes"]["RefitPass"]
-    assert refit["layers"] == 0 and "quantized" in refit["skipped"][0], refit
+    assert refit["not_refit"] >= 1 and "cannot write back" in refit["skipped"][0], refit
     lines = calibration_lines(result.report["calibration"])
-    assert lines[0].startswith("calibration: ") and any("not refit" in line and "quantized" in line for line in lines)
+    assert lines[0].startswith("calibration: ") and any("not refit" in line and "cannot write back" in line
+                                                         for line in lines)

@@ -36,6 +36,10 @@ class LinearView:
     #: (:meth:`OpRule.stored_weight`); ``None``: it is a float constant itself
     stored: StoredWeight | None = None
     bias_stored: StoredWeight | None = None
+    #: an integer op standing for a float layer (:meth:`OpRule.rescaled_linear`): the float
+    #: tensor it quantizes and the float tensor that carries its rescaled result
+    data_tensor: gs.Tensor | None = None
+    output_tensor: gs.Tensor | None = None
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -71,11 +75,11 @@ class LinearView:
 
     @property
     def data(self) -> gs.Tensor:
-        return self.node.inputs[self.info.data]
+        return self.data_tensor if self.data_tensor is not None else self.node.inputs[self.info.data]
 
     @property
     def output(self) -> gs.Tensor:
-        return self.node.outputs[0]
+        return self.output_tensor if self.output_tensor is not None else self.node.outputs[0]
 
     @property
     def is_conv(self) -> bool:
@@ -245,6 +249,14 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
 
     rule = registry.lookup(node.domain or "", node.op, opset)
     info = rule.linear(node) if rule is not None else None
+    if info is None and rule is not None:
+        rescaled = rule.rescaled_linear(node)
+        if rescaled is not None and rescaled.info.kernel in KERNELS and not isinstance(rescaled.data, gs.Constant):
+            values = np.asarray(rescaled.weight.constant.values)
+            if values.ndim == (2 if rescaled.info.kernel == "dense" else values.ndim) and (
+                    rescaled.info.kernel == "dense" or values.shape[0] % max(rescaled.info.group, 1) == 0):
+                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output)
+        return None
     if info is None or info.kernel not in KERNELS:
         return None
     if info.weight >= len(node.inputs) or info.data >= len(node.inputs):

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration.linear import LinearView
+from graphprune.rules.linear import from_constants
 
 #: constant additions followed from the layer output to the residual addition
 MAX_CHAIN = 3
@@ -95,8 +96,8 @@ def residual_of(view: LinearView, opset: int) -> Residual | None:
             offset = offset + channel
             tensor = node.outputs[0]
             continue
-        if not other.name:
-            return None
+        if not other.name or from_constants(other):
+            return None  # a bias the graph computes from constants is no residual stream
         return Residual(other.name, node.outputs[0].name, offset, _normalised(view, node.outputs[0], opset))
     return None
 

@@ -162,8 +162,8 @@ def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
         return None
     weight = node.inputs[info.weight] if info.weight < len(node.inputs) else None
     if not isinstance(weight, gs.Constant):
-        return ("its weight is computed in the graph (other than a DequantizeLinear of constants, "
-                "e.g. Cast and Mul, or a shared weight): not refit")
+        return ("its weight is computed in the graph in a way the refit cannot write back (it writes "
+                "constants, DequantizeLinear of integer constants and Mul(Cast(integer), scale)): not refit")
     if not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
         return f"{node.op} has an integer weight: not refit"
     return f"{node.op} is not refit (no least-squares view of this layer kind)"
@@ -194,11 +194,14 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
         if info.beta == 0.0:
             node.attrs["beta"] = 1.0
         return
-    if info.bias is None:  # MatMul: y = x W, then + b in a new Add
-        out = node.outputs[0]
+    if info.bias is None:  # MatMul: y = x W, then + b in a new Add (a conv: per channel, axis 1)
+        out = view.output
+        producer = out.inputs[0]
         inner = gs.Variable(fresh_name(f"{out.name}_gp_unbiased", names), dtype=out.dtype)
+        if view.is_conv:
+            bias = bias.reshape(-1, *([1] * (len(np.shape(view.weight.values)) - 2)))
         const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray(bias.astype(dtype)))
-        node.outputs[0] = inner
+        producer.outputs[producer.outputs.index(out)] = inner
         graph.nodes.append(gs.Node("Add", fresh_name(f"{node.name}_gp_bias_add", names), inputs=[inner, const], outputs=[out]))
         return
     beta = info.beta if info.beta != 0.0 else 1.0

@@ -44,14 +44,14 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def _from_constants(tensor: gs.Tensor, depth: int = 3) -> bool:
+def from_constants(tensor: gs.Tensor, depth: int = 3) -> bool:
     """Is ``tensor`` a constant, or computed (through at most ``depth`` nodes) from constants
     alone?"""
     if isinstance(tensor, gs.Constant):
         return True
     if depth == 0 or len(tensor.inputs) != 1:
         return False
-    return all(_from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
+    return all(from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
 
 
 def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> np.ndarray | None:
@@ -185,7 +185,7 @@ class MatMulRule(OpRule):
         dequantized weight): ``y[..., n] = x[..., k] W[k, n]`` (no bias input: a following
         ``Add`` carries it)."""
         w = node.inputs[1]
-        if not _from_constants(w) or isinstance(node.inputs[0], gs.Constant):
+        if not from_constants(w) or isinstance(node.inputs[0], gs.Constant):
             return None
         shape = getattr(w, "shape", None)
         if (shape is None and isinstance(w, gs.Constant)) or (shape is not None and len(shape) != 2):

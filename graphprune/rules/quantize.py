@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
-from graphprune.rules.registry import LinearInfo, OpRule, StoredWeight, register
+from graphprune.rules.registry import LinearInfo, OpRule, RescaledLinear, StoredWeight, register
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -340,6 +340,54 @@ def _integer_operands(node: gs.Node, ctx: CouplingContext,
     return True
 
 
+def _only_consumer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    users = tensor.outputs
+    return users[0] if len(users) == 1 and users[0].op == op else None
+
+
+def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear | None:
+    """``DynamicQuantizeLinear(x) -> (x_q, x_scale, x_zp)``, ``node(x_q, W_q, x_zp, w_zp)``,
+    ``Cast`` to float, then ``Mul`` by ``Mul(x_scale, w_scale)`` (ONNX Runtime's
+    ``quantize_dynamic``): the float layer ``x -> x (W_q - w_zp) w_scale``, its weight stored
+    on the integer grid of ``W_q`` (``w_scale`` / ``w_zp`` per tensor or along ``out_axis``)."""
+    x_q, w = node.inputs[0], node.inputs[1]
+    w_zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if len(x_q.inputs) != 1 or x_q.inputs[0].op != "DynamicQuantizeLinear":
+        return None
+    quantize = x_q.inputs[0]
+    if not isinstance(w, gs.Constant) or (w_zp is not None and not isinstance(w_zp, gs.Constant)):
+        return None
+    cast = _only_consumer(node.outputs[0], "Cast")
+    mul = _only_consumer(cast.outputs[0], "Mul") if cast is not None else None
+    if mul is None or len(mul.inputs) != 2:
+        return None
+    scales = next((t for t in mul.inputs if t is not cast.outputs[0]), None)
+    if scales is None or len(scales.inputs) != 1 or scales.inputs[0].op != "Mul" or len(scales.outputs) != 1:
+        return None
+    pair = scales.inputs[0].inputs
+    x_scale = quantize.outputs[1] if len(quantize.outputs) > 1 else None
+    w_scale = next((t for t in pair if t is not x_scale), None)
+    if x_scale is None or len(pair) != 2 or x_scale not in pair or not isinstance(w_scale, gs.Constant):
+        return None
+    q = np.asarray(w.values)
+    s = np.asarray(w_scale.values)
+    z = np.zeros((), dtype=np.float64) if w_zp is None else np.asarray(w_zp.values).astype(np.float64)
+    if (not np.issubdtype(q.dtype, np.integer) or not np.issubdtype(s.dtype, np.floating)
+            or not np.all(np.isfinite(s)) or np.any(s <= 0)):
+        return None
+    shaped = []
+    for v in (s.astype(np.float64), z):
+        if v.size == 1 and v.ndim <= 1:
+            shaped.append(v.reshape(()))
+        elif v.ndim == 1 and v.shape[0] == q.shape[out_axis]:
+            shape = [1] * q.ndim
+            shape[out_axis] = -1
+            shaped.append(v.reshape(shape))
+        else:
+            return None
+    return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], Dequantized(w, w_scale, shaped[0], shaped[1]))
+
+
 @register
 class MatMulIntegerRule(MatMulRule):
     """``MatMulInteger(A, B, a_zp, b_zp)``: a MatMul on integers (see the module docstring)."""
@@ -350,6 +398,11 @@ class MatMulIntegerRule(MatMulRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        info = LinearInfo(data=0, data_axis=-1, weight=1, in_axis=0, out_axis=1, out_channel_axis=-1,
+                          bias=None, kernel="dense")
+        return rescaled(node, info, out_axis=1) if len(getattr(node.inputs[1], "shape", None) or ()) == 2 else None
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if ctx.rank(node.inputs[1]) != 2:
@@ -371,6 +424,13 @@ class ConvIntegerRule(ConvRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """Only where the integer result goes straight to the rescale (a bias added in the
+        integer domain, quantized at run time, is not a pattern this knows)."""
+        info = LinearInfo(data=0, data_axis=1, weight=1, in_axis=1, out_axis=0, out_channel_axis=1,
+                          bias=None, kernel="conv", group=int(node.attrs.get("group", 1)))
+        return rescaled(node, info, out_axis=0)
 
     def prunes_by_position(self, node: gs.Node) -> bool:
         return False

@@ -96,6 +96,19 @@ class StoredWeight:
         return False
 
 
+@dataclass
+class RescaledLinear:
+    """An integer linear op as the float layer it stands for (:meth:`OpRule.rescaled_linear`):
+    it quantizes the float tensor ``data`` at run time, applies ``weight`` (an integer
+    constant decoded as a :class:`StoredWeight`) as ``info`` says, and ``output`` is the float
+    tensor that carries the rescaled result."""
+
+    info: LinearInfo
+    data: gs.Tensor
+    output: gs.Tensor
+    weight: StoredWeight
+
+
 class OpRule:
     """Base class for op rules. Subclasses set ``op_types`` and override ``couple``."""
 
@@ -172,6 +185,12 @@ class OpRule:
         ``None`` (the default) means "not a linear layer with a weight": bias folding,
         reconstruction and MAC counting then leave the node alone (fail closed).
         """
+        return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """The float layer an integer linear op (data quantized at run time, integer weight,
+        result rescaled to float) stands for (:class:`RescaledLinear`). ``None`` (the default):
+        none, or the pattern around the node is not the one the rule knows."""
         return None
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
