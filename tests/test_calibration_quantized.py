@@ -169,3 +169,24 @@ def test_dynamic_quantized_layers_are_refit_as_the_float_layers_they_stand_for(b
     assert quantized and all(after[w].dtype == before[w].dtype == np.int8 for w in quantized)
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
+def test_a_refit_bias_joins_the_exporters_bias_add() -> None:
+    """``MatMul`` then ``Add(b)`` (how exporters write a dense layer): the refit's bias is
+    added into ``b`` instead of a second ``Add`` after the MatMul (the last MatMul, with no
+    bias of its own, gets one)."""
+    samples = np.random.default_rng(5).standard_normal((40, 4, 32)).astype(np.float32)
+    model = _float_mlp()
+    refit = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
+    plain = graphprune.prune(model, ratio=0.5, calibration={"x": samples}, reconstruction="none")
+    assert refit.report["calibration"]["passes"]["RefitPass"]["layers"] >= 2
+
+    def adds(m: onnx.ModelProto) -> int:
+        return sum(n.op_type == "Add" for n in m.graph.node)
+
+    assert adds(refit.model) - adds(plain.model) <= 1
+    before = {i.name: numpy_helper.to_array(i) for i in plain.model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in refit.model.graph.initializer}
+    assert not np.allclose(before["b2"], after["b2"])  # the refit's bias went into b2
+    fidelity = refit.report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"]

@@ -40,6 +40,7 @@ class LinearView:
     #: tensor it quantizes and the float tensor that carries its rescaled result
     data_tensor: gs.Tensor | None = None
     output_tensor: gs.Tensor | None = None
+    opset: int | None = None
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -255,7 +256,7 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
             values = np.asarray(rescaled.weight.constant.values)
             if values.ndim == (2 if rescaled.info.kernel == "dense" else values.ndim) and (
                     rescaled.info.kernel == "dense" or values.shape[0] % max(rescaled.info.group, 1) == 0):
-                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output)
+                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output, opset)
         return None
     if info is None or info.kernel not in KERNELS:
         return None
@@ -280,4 +281,4 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
         tensor = node.inputs[info.bias]
         bias = None if isinstance(tensor, gs.Constant) else registry.stored_weight_of(tensor, opset)
-    return LinearView(node, info, stored, bias)
+    return LinearView(node, info, stored, bias, opset=opset)

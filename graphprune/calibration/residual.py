@@ -52,7 +52,7 @@ class Residual:
         return 1.0 / spread
 
 
-def _is_addition(node: gs.Node, opset: int) -> bool:
+def is_addition(node: gs.Node, opset: int) -> bool:
     from graphprune.rules import registry
 
     rule = registry.lookup(node.domain or "", node.op, opset)
@@ -61,7 +61,7 @@ def _is_addition(node: gs.Node, opset: int) -> bool:
     return rule.neutral_operand(node, 0) == 0.0 and rule.neutral_operand(node, 1) == 0.0
 
 
-def _per_channel(view: LinearView, value: np.ndarray) -> np.ndarray | None:
+def per_channel(view: LinearView, value: np.ndarray) -> np.ndarray | None:
     """``value`` as a per-output-channel vector when it broadcasts that way, else ``None``."""
     value = np.asarray(value, dtype=np.float64)
     channels = view.out_channels()
@@ -83,14 +83,14 @@ def residual_of(view: LinearView, opset: int) -> Residual | None:
     offset = np.zeros(1)
     for _ in range(MAX_CHAIN + 1):
         readers = list(tensor.outputs)
-        if len(readers) != 1 or not _is_addition(readers[0], opset):
+        if len(readers) != 1 or not is_addition(readers[0], opset):
             return None
         node = readers[0]
         other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
         if other is tensor:
             return None
         if isinstance(other, gs.Constant):
-            channel = _per_channel(view, other.values)
+            channel = per_channel(view, other.values)
             if channel is None:
                 return None
             offset = offset + channel

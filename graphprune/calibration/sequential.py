@@ -194,6 +194,8 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
         if info.beta == 0.0:
             node.attrs["beta"] = 1.0
         return
+    if info.bias is None and _add_to_next_bias(view, bias):
+        return
     if info.bias is None:  # MatMul: y = x W, then + b in a new Add (a conv: per channel, axis 1)
         out = view.output
         producer = out.inputs[0]
@@ -211,6 +213,27 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     while len(node.inputs) <= info.bias:
         node.inputs.append(gs.Variable.empty())
     node.inputs[info.bias] = const
+
+
+def _add_to_next_bias(view: LinearView, bias: np.ndarray) -> bool:
+    """Add ``bias`` to the per-channel constant of the addition that already follows a layer
+    without a bias input (an exporter's ``MatMul`` then ``Add(b)``), instead of a second
+    ``Add``; ``False`` where there is no such constant that only that addition reads."""
+    from graphprune.calibration.residual import is_addition, per_channel
+
+    readers = list(view.output.outputs)
+    if view.opset is None or len(readers) != 1 or not is_addition(readers[0], view.opset):
+        return False
+    node = readers[0]
+    other = node.inputs[1] if node.inputs[0] is view.output else node.inputs[0]
+    if not isinstance(other, gs.Constant) or other is view.output or len(other.outputs) != 1:
+        return False
+    values = np.asarray(other.values)
+    if (not np.issubdtype(values.dtype, np.floating) or values.size != view.out_channels()
+            or per_channel(view, values) is None):
+        return False
+    other.values = np.ascontiguousarray((values + np.asarray(bias).reshape(values.shape)).astype(values.dtype))
+    return True
 
 
 def rows_budget(view: LinearView) -> int:
