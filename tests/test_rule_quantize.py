@@ -438,3 +438,29 @@ def test_calibrated_prune_says_which_computed_weights_are_not_refit() -> None:
     lines = calibration_lines(result.report["calibration"])
     assert lines[0].startswith("calibration: ") and any("not refit" in line and "cannot write back" in line
                                                          for line in lines)
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_a_weight_with_an_offset_prunes_exactly(cast: bool) -> None:
+    """``W = f + c`` (or ``Cast(q) + c``) with ``c`` per output column: zeroing the rows of
+    ``f`` (``q``) leaves ``c`` in them, so the zeroed original zeroes the computed weight's
+    rows itself; the pruned model matches it exactly (it failed verification before)."""
+    rng = np.random.default_rng(0)
+    second = (numpy_helper.from_array(rng.integers(-127, 128, (64, 16)).astype(np.int8), "q2") if cast
+              else numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "f2"))
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32) * 0.2, "w1"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (16,)).astype(np.float32), "c2"), second]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             *([helper.make_node("Cast", ["q2"], ["f2"], to=TensorProto.FLOAT)] if cast else []),
+             helper.make_node("Add", ["f2", "c2"], ["w2"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "offset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["verification"]["max_rel_diff"] == 0
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert weights["q2" if cast else "f2"].shape == (32, 16) and weights["w1"].shape == (32, 32)
+    onnx.checker.check_model(result.model, full_check=True)

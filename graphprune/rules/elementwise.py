@@ -232,8 +232,10 @@ class BroadcastRule(OpRule):
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.derive_shape(node.outputs[0], ctx.broadcast_shape(node.inputs))
         ctx.couple_broadcast(list(node.inputs), node.outputs[0])
-        if node.op in ("Mul", "Div", "Add", "Sub"):
-            # a scale (or offset) applied to a weight expression: still the weight
+        if node.op in ("Mul", "Div"):
+            # a scale applied to a weight expression: still the weight, zero where it is zero
+            # (an offset is not: zeroing the integer weight would leave the offset, so an
+            # offset weight stays a computed weight that the zeroed original zeroes itself)
             weights = [t for t in node.inputs if ctx.is_weight_expression(t)]
             if len(weights) == 1 and all(t is weights[0] or isinstance(t, gs.Constant) for t in node.inputs):
                 ctx.weight_expression(node.outputs[0], weights[0])

@@ -389,24 +389,49 @@ def zeroed_reference(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([n for chain in masks.values() for n in chain] + nodes)
-    _zero_activations(graph, analysis, removed)
+    _zero_activations(graph, analysis, removed, model.opset_import)
     return model
 
 
-def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[Dim, np.ndarray]) -> None:
+def _computed_weights(analysis: Analysis) -> set[str]:
+    """Weights the graph computes from constants (``Add(W, c)``, ``A @ B``) that a consumer or
+    producer reads and whose constants do not take that role themselves (a dequantized or
+    cast-and-scaled weight's integer constant does): zeroing their constants would not zero
+    the weight, so the zeroed original zeroes the computed weight itself."""
+    from graphprune.rules.linear import from_constants
+
+    ctx = analysis.context
+    linked = {source for source, _, _ in ctx.role_links}
+    out = set()
+    for (name, _axis), role in ctx.variable_roles.items():
+        tensor = ctx.tensors.get(name)
+        if (role in (PRODUCER, CONSUMER) and name not in linked and tensor is not None
+                and not hasattr(tensor, "values") and from_constants(tensor)):
+            out.add(name)
+    return out
+
+
+def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[Dim, np.ndarray],
+                      opsets: Any = ()) -> None:
     """Zero the removed channels of the activations the analysis names
-    (``CouplingContext.zeroed_activations``) with a mask ``Mul`` right after their producer;
-    every reader reads the masked value."""
-    names = analysis.context.zeroed_activations
+    (``CouplingContext.zeroed_activations``) and of weights the graph computes from constants
+    (:func:`_computed_weights`) with a mask ``Mul`` right after their producer; every reader
+    reads the masked value."""
+    names = analysis.context.zeroed_activations | _computed_weights(analysis)
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for (name, axis), idx in removed.items():
         if name in names and len(idx):
             cuts.setdefault(name, []).append((axis, idx))
+    inferred: dict[str, tuple[list[Any], Any]] | None = None
     for name, axes in cuts.items():
         tensor = analysis.context.tensors.get(name)
         shape = getattr(tensor, "shape", None)
         dtype = getattr(tensor, "dtype", None)
-        if shape is None or dtype is None:
+        if shape is None or dtype is None:  # a rewrite of the analysed graph dropped it
+            if inferred is None:
+                inferred = _value_infos(graph, opsets)
+            shape, dtype = inferred.get(name, (None, None))
+        if shape is None or dtype is None or any(not isinstance(shape[a], int) for a, _ in axes):
             continue
         masks = []
         for axis, idx in axes:
@@ -425,6 +450,30 @@ def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[
         position = next((k + 1 for k, n in enumerate(graph.node) if name in n.output), 0)
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
+
+
+def _value_infos(graph: onnx.GraphProto, opsets: Any) -> dict[str, tuple[list[Any], Any]]:
+    """Shape and numpy dtype of every tensor ONNX shape inference finds in ``graph``
+    (the bytes of large or external weights are not copied: only small constants, which
+    shapes may be read from, keep their values)."""
+    model = onnx.helper.make_model(onnx.GraphProto(), opset_imports=list(opsets))
+    model.graph.CopyFrom(graph)
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or len(init.raw_data) > 4096:
+            init.ClearField("raw_data")
+            init.ClearField("external_data")
+            init.data_location = onnx.TensorProto.DEFAULT
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info
+    except Exception:  # noqa: BLE001 - nothing inferred: the caller skips what it cannot size
+        return {}
+    out = {}
+    for info in inferred:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            out[info.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return out
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
