@@ -34,19 +34,13 @@ def _float_convnet() -> onnx.ModelProto:
 
 
 def _float_mlp() -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    inits = {"w1": rng.standard_normal((32, 64)) * 0.2, "b1": rng.standard_normal(64) * 0.1,
-             "w2": rng.standard_normal((64, 48)) * 0.15, "b2": rng.standard_normal(48) * 0.1,
-             "w3": rng.standard_normal((48, 10)) * 0.2}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Add", ["h1", "b1"], ["a1"]),
-             helper.make_node("Relu", ["a1"], ["r1"]),
-             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Add", ["h2", "b2"], ["a2"]),
-             helper.make_node("Relu", ["a2"], ["r2"]), helper.make_node("MatMul", ["r2", "w3"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 10])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    """tests/test_rule_quantize.py's three-layer MLP with its weights scaled to unit-ish outputs."""
+    from test_rule_quantize import _float_mlp as unit_mlp
+
+    model = unit_mlp()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(0.15), init.name))
+    return model
 
 
 def _qdq(model: onnx.ModelProto, samples: np.ndarray, tmp_path) -> onnx.ModelProto:
