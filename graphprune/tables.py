@@ -125,6 +125,10 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         text = f"  {name}: {stats.get('layers', 0)} layers"
         if "rel_error_before" in stats:
             text += f", error of the refit layers {stats['rel_error_before']:.3g} -> {stats['rel_error_after']:.3g}"
+        if stats.get("quantized_layers"):
+            text += f"; {stats['quantized_layers']} stored back quantized"
+            if stats.get("clipped_max"):
+                text += f" (up to {100 * stats['clipped_max']:.2g} % of a weight clipped)"
         lines.append(text)
         skipped = stats.get("skipped") or []
         if skipped:

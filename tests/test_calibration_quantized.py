@@ -89,6 +89,9 @@ def test_qdq_weights_are_refit_and_stay_quantized(build, shape, tmp_path) -> Non
     assert set(after) and all(v.dtype == before[k].dtype for k, v in after.items() if k in before)
     assert not any(n.op_type in ("Conv", "MatMul") and n.input[1] in {i.name for i in result.model.graph.initializer}
                    for n in result.model.graph.node)
+    from graphprune.tables import calibration_lines
+
+    assert any("stored back quantized" in line for line in calibration_lines(report["calibration"]))
     fidelity = report["fidelity"]
     # held-out samples: the refit brings the deployed (integer-kernel) outputs nearer the original's
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
@@ -184,3 +187,55 @@ def test_a_refit_bias_joins_the_exporters_bias_add() -> None:
     assert not np.allclose(before["b2"], after["b2"])  # the refit's bias went into b2
     fidelity = refit.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"]
+
+
+def _old_dynamic_convnet() -> onnx.ModelProto:
+    """Two convs the way older ``quantize_dynamic`` wrote them: the float bias quantized at
+    run time with the input's scale and added in the integer domain,
+    ``(ConvInteger(x_q, W_q, x_zp) + Cast(Floor(b / (x_s w_s)))) * (x_s w_s)``."""
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    x = "x"
+    for k, (cin, cout) in enumerate(((3, 16), (16, 8))):
+        w = rng.standard_normal((cout, cin, 3, 3)) * 0.3
+        w_scale = float(np.abs(w).max() / 127)
+        inits += [numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), f"w{k}_q"),
+                  numpy_helper.from_array(np.array(w_scale, np.float32), f"w{k}_s"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.2).astype(np.float32), f"b{k}"),
+                  numpy_helper.from_array(np.array([1, cout, 1, 1], np.int64), f"b{k}_shape")]
+        nodes += [
+            helper.make_node("DynamicQuantizeLinear", [x], [f"x{k}_q", f"x{k}_s", f"x{k}_zp"]),
+            helper.make_node("Mul", [f"x{k}_s", f"w{k}_s"], [f"s{k}"]),
+            helper.make_node("Mul", [f"x{k}_s", f"w{k}_s"], [f"bs{k}"]),
+            helper.make_node("Div", [f"b{k}", f"bs{k}"], [f"bd{k}"]),
+            helper.make_node("Floor", [f"bd{k}"], [f"bf{k}"]),
+            helper.make_node("Cast", [f"bf{k}"], [f"bi{k}"], to=TensorProto.INT32),
+            helper.make_node("Reshape", [f"bi{k}", f"b{k}_shape"], [f"br{k}"]),
+            helper.make_node("ConvInteger", [f"x{k}_q", f"w{k}_q", f"x{k}_zp"], [f"c{k}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Add", [f"c{k}", f"br{k}"], [f"cb{k}"]),
+            helper.make_node("Cast", [f"cb{k}"], [f"cf{k}"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"cf{k}", f"s{k}"], [f"y{k}"]),
+        ]
+        if k == 0:
+            nodes.append(helper.make_node("Relu", ["y0"], ["r0"]))
+            x = "r0"
+    graph = helper.make_graph(
+        nodes, "old_dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_bias_added_in_the_integer_domain_is_refit_as_a_float_bias() -> None:
+    model = _old_dynamic_convnet()
+    onnx.checker.check_model(model, full_check=True)
+    samples = np.random.default_rng(6).standard_normal((40, 1, 3, 8, 8)).astype(np.float32)
+    result = graphprune.prune(model, ratio=0.5, calibration={"x": samples})
+    assert result.report["verification"]["ok"]
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["layers"] == 1 and refit["quantized_layers"] == 1, refit  # the second conv
+    after = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert after["w1_q"].dtype == np.int8 and after["w1_q"].shape == (8, 8, 3, 3)
+    assert after["b1"].dtype == np.float32 and not any(n.op_type == "Add" and "gp_bias" in n.name
+                                                        for n in result.model.graph.node)
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity

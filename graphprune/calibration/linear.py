@@ -41,6 +41,8 @@ class LinearView:
     data_tensor: gs.Tensor | None = None
     output_tensor: gs.Tensor | None = None
     opset: int | None = None
+    #: a float bias constant inside such a pattern (:attr:`RescaledLinear.bias`)
+    bias_constant: gs.Constant | None = None
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -92,6 +94,8 @@ class LinearView:
 
     def bias_values(self) -> np.ndarray | None:
         """The effective bias ``beta * C`` per output channel (``None``: no bias input)."""
+        if self.bias_constant is not None:
+            return self.info.beta * np.asarray(self.bias_constant.values, dtype=np.float64).reshape(-1)
         index = self.info.bias
         if index is None or index >= len(self.node.inputs) or not self.node.inputs[index].name:
             return None
@@ -256,7 +260,11 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
             values = np.asarray(rescaled.weight.constant.values)
             if values.ndim == (2 if rescaled.info.kernel == "dense" else values.ndim) and (
                     rescaled.info.kernel == "dense" or values.shape[0] % max(rescaled.info.group, 1) == 0):
-                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output, opset)
+                bias = rescaled.bias
+                if bias is not None and np.size(bias.values) != values.shape[rescaled.info.out_axis]:
+                    return None
+                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output, opset,
+                                  bias)
         return None
     if info is None or info.kernel not in KERNELS:
         return None

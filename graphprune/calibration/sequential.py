@@ -194,6 +194,10 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
         if info.beta == 0.0:
             node.attrs["beta"] = 1.0
         return
+    if view.bias_constant is not None:  # a float bias the graph quantizes at run time
+        const = view.bias_constant
+        const.values = np.ascontiguousarray(np.asarray(bias).reshape(np.shape(const.values)).astype(const.values.dtype))
+        return
     if info.bias is None and _add_to_next_bias(view, bias):
         return
     if info.bias is None:  # MatMul: y = x W, then + b in a new Add (a conv: per channel, axis 1)
@@ -375,7 +379,8 @@ class Reconstructor:
                 unstable = runner.downstream(model.graph, [
                     name for t in targets if t.wave >= wave for name in (
                         t.view.output.name, t.view.weight.name,
-                        *([t.view.bias_stored.constant.name] if t.view.bias_stored is not None else []))])
+                        *([t.view.bias_stored.constant.name] if t.view.bias_stored is not None else []),
+                        *([t.view.bias_constant.name] if t.view.bias_constant is not None else []))])
                 later = [t.view.output.name for t in rest] + [r.stream for r in residuals]
                 keep = runner.frontier(model.graph, later, unstable) if rest and self.use_cache else []
                 if self.mode == "affine":

@@ -357,7 +357,16 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
     quantize = x_q.inputs[0]
     if not isinstance(w, gs.Constant) or (w_zp is not None and not isinstance(w_zp, gs.Constant)):
         return None
-    cast = _only_consumer(node.outputs[0], "Cast")
+    x_scale = quantize.outputs[1] if len(quantize.outputs) > 1 else None
+    result, bias = node.outputs[0], None
+    add = _only_consumer(result, "Add")
+    if add is not None:  # a bias added in the integer domain (older quantize_dynamic)
+        other = next((t for t in add.inputs if t is not result), None)
+        bias = _runtime_quantized_bias(other, x_scale) if other is not None else None
+        if bias is None:
+            return None
+        result = add.outputs[0]
+    cast = _only_consumer(result, "Cast")
     mul = _only_consumer(cast.outputs[0], "Mul") if cast is not None else None
     if mul is None or len(mul.inputs) != 2:
         return None
@@ -365,7 +374,6 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
     if scales is None or len(scales.inputs) != 1 or scales.inputs[0].op != "Mul" or len(scales.outputs) != 1:
         return None
     pair = scales.inputs[0].inputs
-    x_scale = quantize.outputs[1] if len(quantize.outputs) > 1 else None
     w_scale = next((t for t in pair if t is not x_scale), None)
     if x_scale is None or len(pair) != 2 or x_scale not in pair or not isinstance(w_scale, gs.Constant):
         return None
@@ -385,7 +393,29 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
             shaped.append(v.reshape(shape))
         else:
             return None
-    return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], Dequantized(w, w_scale, shaped[0], shaped[1]))
+    return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], Dequantized(w, w_scale, shaped[0], shaped[1]),
+                          bias)
+
+
+def _runtime_quantized_bias(tensor: gs.Tensor, x_scale: gs.Tensor | None) -> gs.Constant | None:
+    """``[Reshape](Cast(Floor|Round(Div(b, Mul(x_scale, w_scale)))))``: the float bias ``b``
+    that the graph quantizes with the run-time input scale (``None``: not this pattern)."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is not None and node.op == "Reshape":
+        node = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+    chain = []
+    for op in ("Cast", ("Floor", "Round"), "Div"):
+        if node is None or node.op not in (op if isinstance(op, tuple) else (op,)):
+            return None
+        chain.append(node)
+        node = node.inputs[0].inputs[0] if op != "Div" and len(node.inputs[0].inputs) == 1 else None
+    div = chain[-1]
+    bias, scale = div.inputs[0], div.inputs[1]
+    if not isinstance(bias, gs.Constant) or len(bias.outputs) != 1 or len(scale.inputs) != 1:
+        return None
+    if scale.inputs[0].op != "Mul" or x_scale not in scale.inputs[0].inputs:
+        return None
+    return bias if np.issubdtype(np.asarray(bias.values).dtype, np.floating) else None
 
 
 @register

@@ -107,6 +107,9 @@ class RescaledLinear:
     data: gs.Tensor
     output: gs.Tensor
     weight: StoredWeight
+    #: a float bias constant that the graph quantizes at run time and adds in the integer
+    #: domain (``None``: none inside the pattern)
+    bias: gs.Constant | None = None
 
 
 class OpRule:
