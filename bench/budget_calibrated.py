@@ -39,6 +39,13 @@ sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "budget_calibrated.json"
 
 
+def _exact_macs(report: dict) -> float:
+    """The uniform prune's MAC fraction unrounded: the global prune's target, so that its
+    uniform candidate is the ratio driver's allocation itself (a rounded target moved a group
+    by one unit)."""
+    return report["macs_after"] / report["macs_before"]
+
+
 def _fractions(report: dict) -> dict:
     return {"macs_ratio": round(report["macs_after"] / report["macs_before"], 4),
             "params_ratio": round(report["params_after"] / report["params_before"], 4)}
@@ -91,7 +98,7 @@ def digits(args: argparse.Namespace) -> list[dict]:
                         uni = graphprune.prune(str(path), ratio=ratio, round_to=1, **extra)
                         t1 = time.perf_counter()
                         f = _fractions(uni.report)
-                        glo = graphprune.prune(str(path), target_macs=f["macs_ratio"], round_to=1, **extra)
+                        glo = graphprune.prune(str(path), target_macs=_exact_macs(uni.report), round_to=1, **extra)
                         t2 = time.perf_counter()
                         row = {
                             "model": f"digits CNN ({exporter})", "seed": seed, "calibrated": calibrated,
@@ -142,7 +149,7 @@ def minilm(args: argparse.Namespace) -> list[dict]:
             uni = graphprune.prune(str(path), head_ratio=0.0, mlp_ratio=mlp, calibration=str(calib))
             t1 = time.perf_counter()
             f = _fractions(uni.report)
-            glo = graphprune.prune(str(path), head_ratio=0.0, target_macs=f["macs_ratio"],
+            glo = graphprune.prune(str(path), head_ratio=0.0, target_macs=_exact_macs(uni.report),
                                    calibration=str(calib))
             t2 = time.perf_counter()
             row = {"model": "all-MiniLM-L6-v2", "calibrated": True, "uniform": f"--head-ratio 0 --mlp-ratio {mlp}",
