@@ -21,8 +21,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
+from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import linear_view
-from graphprune.calibration.sequential import write_bias
 from graphprune.calibration.stats import LayerStats
 
 

@@ -41,13 +41,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
+from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
 from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error
 from graphprune.calibration.stats import channel_sums
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
-from graphprune.io.names import fresh_name
 
 #: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
 #: towards the current weights, not towards zero); chosen per layer by two-fold
@@ -180,64 +180,6 @@ def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
             level = max(level, target.wave)
         for out in node.outputs:
             depth[out.name] = level
-
-
-def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> None:
-    """Give ``view``'s layer the effective bias ``bias`` (creating the input, or an ``Add``
-    after a MatMul, when the layer has none). A float bias constant is always a fresh one; a
-    stored (quantized) bias that only this layer reads is re-encoded in place."""
-    node, info = view.node, view.info
-    dtype = view.dtype
-    stored = view.bias_stored
-    if stored is not None and len(stored.constant.outputs) == 1 and info.bias is not None:
-        stored.encode(np.asarray(bias / (info.beta if info.beta != 0.0 else 1.0)).reshape(np.shape(stored.constant.values)))
-        if info.beta == 0.0:
-            node.attrs["beta"] = 1.0
-        return
-    if view.bias_constant is not None:  # a float bias the graph quantizes at run time
-        const = view.bias_constant
-        const.values = np.ascontiguousarray(np.asarray(bias).reshape(np.shape(const.values)).astype(const.values.dtype))
-        return
-    if info.bias is None and _add_to_next_bias(view, bias):
-        return
-    if info.bias is None:  # MatMul: y = x W, then + b in a new Add (a conv: per channel, axis 1)
-        out = view.output
-        producer = out.inputs[0]
-        inner = gs.Variable(fresh_name(f"{out.name}_gp_unbiased", names), dtype=out.dtype)
-        if view.is_conv:
-            bias = bias.reshape(-1, *([1] * (len(np.shape(view.weight.values)) - 2)))
-        const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray(bias.astype(dtype)))
-        producer.outputs[producer.outputs.index(out)] = inner
-        graph.nodes.append(gs.Node("Add", fresh_name(f"{node.name}_gp_bias_add", names), inputs=[inner, const], outputs=[out]))
-        return
-    beta = info.beta if info.beta != 0.0 else 1.0
-    if info.beta == 0.0:
-        node.attrs["beta"] = 1.0
-    const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray((bias / beta).astype(dtype)))
-    while len(node.inputs) <= info.bias:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[info.bias] = const
-
-
-def _add_to_next_bias(view: LinearView, bias: np.ndarray) -> bool:
-    """Add ``bias`` to the per-channel constant of the addition that already follows a layer
-    without a bias input (an exporter's ``MatMul`` then ``Add(b)``), instead of a second
-    ``Add``; ``False`` where there is no such constant that only that addition reads."""
-    from graphprune.calibration.residual import is_addition, per_channel
-
-    readers = list(view.output.outputs)
-    if view.opset is None or len(readers) != 1 or not is_addition(readers[0], view.opset):
-        return False
-    node = readers[0]
-    other = node.inputs[1] if node.inputs[0] is view.output else node.inputs[0]
-    if not isinstance(other, gs.Constant) or other is view.output or len(other.outputs) != 1:
-        return False
-    values = np.asarray(other.values)
-    if (not np.issubdtype(values.dtype, np.floating) or values.size != view.out_channels()
-            or per_channel(view, values) is None):
-        return False
-    other.values = np.ascontiguousarray((values + np.asarray(bias).reshape(values.shape)).astype(values.dtype))
-    return True
 
 
 def rows_budget(view: LinearView) -> int:
