@@ -37,8 +37,11 @@ them means. The integer products are then a MatMul / Conv
 whose int8 weight rows and columns are pruned like float ones (a per-column / per-output-
 channel weight zero point is sliced with them). A weight's zero is its zero point: the
 self-check's zeroed original sets removed weight entries to it
-(``CouplingContext.zero_points``), so uint8 weights quantized asymmetrically prune too. They have no float view of their weights
-(``linear`` is None): calibration-driven refits leave them alone.
+(``CouplingContext.zero_points``), so uint8 weights quantized asymmetrically prune too. They are
+no float linear layer themselves (``linear`` is None); the calibration refit sees the float layer
+the whole pattern stands for (``rescaled_linear``: from the quantized tensor's float input to the
+rescaled float output, the int8 weight decoded with its scale and zero point, a bias quantized at
+run time and added in the integer domain as its float bias).
 
 **Other integer ops** (the ``QLinear*`` ops, ``com.microsoft`` ``DynamicQuantizeLSTM``,
 ``DynamicQuantizeMatMul`` ...): their output scales are fused with the weights' (or with
