@@ -56,6 +56,13 @@ class LinearView:
         """The float dtype of the weight as the layer applies it."""
         return self.stored.dtype if self.stored is not None else np.asarray(self.weight.values).dtype
 
+    def written_constants(self) -> list[str]:
+        """The constants a refit of the layer may rewrite besides its output (weight, a stored
+        or run-time-quantized bias): what is computed from them is stale after it."""
+        extra = [c.name for c in (self.bias_stored.constant if self.bias_stored is not None else None,
+                                  self.bias_constant) if c is not None]
+        return [self.weight.name, *extra]
+
     def weight_values(self) -> np.ndarray:
         """The float weight in its stored layout."""
         return self.stored.decode() if self.stored is not None else np.asarray(self.weight.values)
@@ -249,34 +256,32 @@ def select(total: int, count: int, seed: int) -> np.ndarray:
 
 def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     """A :class:`LinearView` of ``node`` when it is a supported linear layer with a constant
-    weight and a computed (non-constant) input, else ``None`` (fail closed)."""
+    (or decoded, :meth:`OpRule.stored_weight`) weight and a computed (non-constant) input, or
+    an integer op standing for one (:meth:`OpRule.rescaled_linear`), else ``None`` (fail
+    closed)."""
     from graphprune.rules import registry
 
     rule = registry.lookup(node.domain or "", node.op, opset)
-    info = rule.linear(node) if rule is not None else None
-    if info is None and rule is not None:
-        rescaled = rule.rescaled_linear(node)
-        if rescaled is not None and rescaled.info.kernel in KERNELS and not isinstance(rescaled.data, gs.Constant):
-            values = np.asarray(rescaled.weight.constant.values)
-            if values.ndim == (2 if rescaled.info.kernel == "dense" else values.ndim) and (
-                    rescaled.info.kernel == "dense" or values.shape[0] % max(rescaled.info.group, 1) == 0):
-                bias = rescaled.bias
-                if bias is not None and np.size(bias.values) != values.shape[rescaled.info.out_axis]:
-                    return None
-                return LinearView(node, rescaled.info, rescaled.weight, None, rescaled.data, rescaled.output, opset,
-                                  bias)
+    if rule is None:
         return None
+    info = rule.linear(node)
+    rescaled = rule.rescaled_linear(node) if info is None else None
+    if rescaled is not None:
+        info = rescaled.info
     if info is None or info.kernel not in KERNELS:
         return None
-    if info.weight >= len(node.inputs) or info.data >= len(node.inputs):
-        return None
-    weight, data = node.inputs[info.weight], node.inputs[info.data]
+    if rescaled is not None:
+        data, stored, weight = rescaled.data, rescaled.weight, rescaled.weight.constant
+    else:
+        if info.weight >= len(node.inputs) or info.data >= len(node.inputs):
+            return None
+        weight, data = node.inputs[info.weight], node.inputs[info.data]
+        stored = None if isinstance(weight, gs.Constant) else registry.stored_weight_of(weight, opset)
+        if stored is not None:
+            weight = stored.constant
+        elif not isinstance(weight, gs.Constant):
+            return None
     if isinstance(data, gs.Constant):
-        return None
-    stored = None if isinstance(weight, gs.Constant) else registry.stored_weight_of(weight, opset)
-    if stored is not None:
-        weight = stored.constant
-    elif not isinstance(weight, gs.Constant):
         return None
     values = np.asarray(weight.values)
     if stored is None and not np.issubdtype(values.dtype, np.floating):
@@ -285,8 +290,13 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
         return None
     if info.kernel == "dense" and values.ndim != 2:
         return None
-    bias = None
+    if rescaled is not None:
+        bias = rescaled.bias
+        if bias is not None and np.size(bias.values) != values.shape[info.out_axis]:
+            return None
+        return LinearView(node, info, stored, None, rescaled.data, rescaled.output, opset, bias)
+    bias_stored = None
     if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
         tensor = node.inputs[info.bias]
-        bias = None if isinstance(tensor, gs.Constant) else registry.stored_weight_of(tensor, opset)
-    return LinearView(node, info, stored, bias, opset=opset)
+        bias_stored = None if isinstance(tensor, gs.Constant) else registry.stored_weight_of(tensor, opset)
+    return LinearView(node, info, stored, bias_stored, opset=opset)

@@ -319,10 +319,8 @@ class Reconstructor:
                 # what this and later waves rewrite: their outputs, and everything computed from
                 # the constants they store (a dequantized weight is a tensor the graph computes)
                 unstable = runner.downstream(model.graph, [
-                    name for t in targets if t.wave >= wave for name in (
-                        t.view.output.name, t.view.weight.name,
-                        *([t.view.bias_stored.constant.name] if t.view.bias_stored is not None else []),
-                        *([t.view.bias_constant.name] if t.view.bias_constant is not None else []))])
+                    name for t in targets if t.wave >= wave
+                    for name in (t.view.output.name, *t.view.written_constants())])
                 later = [t.view.output.name for t in rest] + [r.stream for r in residuals]
                 keep = runner.frontier(model.graph, later, unstable) if rest and self.use_cache else []
                 if self.mode == "affine":

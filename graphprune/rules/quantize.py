@@ -161,6 +161,36 @@ class Dequantized(StoredWeight):
         return True
 
 
+def _decoding(q: gs.Constant, scale: gs.Constant, zero_point: gs.Constant | None,
+              axis: int | None) -> Dequantized | None:
+    """``q`` (integer) decoded as ``(q - zero_point) * scale``: scale and zero point per tensor
+    or one per index of ``axis`` (``axis=None``: broadcast to ``q`` as numpy does, no zero
+    point). ``None`` where the values do not fit that reading or a scale is not positive."""
+    qv, sv = np.asarray(q.values), np.asarray(scale.values)
+    if (not np.issubdtype(qv.dtype, np.integer) or not np.issubdtype(sv.dtype, np.floating)
+            or not np.all(np.isfinite(sv)) or np.any(sv <= 0)):
+        return None
+    zv = np.zeros((), dtype=np.float64) if zero_point is None else np.asarray(zero_point.values).astype(np.float64)
+    if axis is None:
+        if sv.ndim > qv.ndim:
+            return None
+        padded = sv.astype(np.float64).reshape((1,) * (qv.ndim - sv.ndim) + sv.shape)
+        if any(p not in (1, d) for p, d in zip(padded.shape, qv.shape, strict=True)):
+            return None
+        return Dequantized(q, scale, padded, zv)
+    shaped = []
+    for v in (sv.astype(np.float64), zv):
+        if v.size == 1 and v.ndim <= 1:
+            shaped.append(v.reshape(()))
+        elif v.ndim == 1 and qv.ndim > 0 and -qv.ndim <= axis < qv.ndim and v.shape[0] == qv.shape[axis]:
+            shape = [1] * qv.ndim
+            shape[axis] = -1
+            shaped.append(v.reshape(shape))
+        else:
+            return None
+    return Dequantized(q, scale, shaped[0], shaped[1])
+
+
 def dequantized(node: gs.Node) -> Dequantized | None:
     """The weight a DequantizeLinear node decodes from integer constants (``None``: its
     input is computed, not an integer, blocked, or its scale/zero point not understood)."""
@@ -171,26 +201,7 @@ def dequantized(node: gs.Node) -> Dequantized | None:
         return None
     if (zp is not None and not isinstance(zp, gs.Constant)) or int(node.attrs.get("block_size", 0) or 0):
         return None
-    q = np.asarray(x.values)
-    s = np.asarray(scale.values)
-    if not np.issubdtype(q.dtype, np.integer) or not np.issubdtype(s.dtype, np.floating):
-        return None
-    z = np.zeros((), dtype=np.float64) if zp is None else np.asarray(zp.values).astype(np.float64)
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        return None
-    rank = q.ndim
-    axis = int(node.attrs.get("axis", 1))
-    shaped = []
-    for v in (s.astype(np.float64), z):
-        if v.size == 1 and v.ndim <= 1:
-            shaped.append(v.reshape(()))
-        elif v.ndim == 1 and rank > 0 and -rank <= axis < rank and v.shape[0] == q.shape[axis]:
-            shape = [1] * rank
-            shape[axis] = -1
-            shaped.append(v.reshape(shape))
-        else:
-            return None
-    return Dequantized(x, scale, shaped[0], shaped[1])
+    return _decoding(x, scale, zp, int(node.attrs.get("axis", 1)))
 
 
 def cast_scaled(node: gs.Node) -> Dequantized | None:
@@ -204,20 +215,9 @@ def cast_scaled(node: gs.Node) -> Dequantized | None:
         if producer is None or producer.op != "Cast" or len(cast.outputs) != 1 or not isinstance(scale, gs.Constant):
             continue
         q = producer.inputs[0]
-        if not isinstance(q, gs.Constant):
-            continue
-        qv, sv = np.asarray(q.values), np.asarray(scale.values)
-        if (not np.issubdtype(qv.dtype, np.integer) or not np.issubdtype(sv.dtype, np.floating)
-                or sv.ndim > qv.ndim or not np.all(np.isfinite(sv)) or np.any(sv <= 0)):
-            continue
-        padded = sv.astype(np.float64).reshape((1,) * (qv.ndim - sv.ndim) + sv.shape)
-        try:
-            np.broadcast_shapes(padded.shape, qv.shape)
-        except ValueError:
-            continue
-        if np.broadcast_shapes(padded.shape, qv.shape) != qv.shape:
-            continue
-        return Dequantized(q, scale, padded, np.zeros((), dtype=np.float64))
+        found = _decoding(q, scale, None, None) if isinstance(q, gs.Constant) else None
+        if found is not None:
+            return found
     return None
 
 
@@ -380,24 +380,10 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
     w_scale = next((t for t in pair if t is not x_scale), None)
     if x_scale is None or len(pair) != 2 or x_scale not in pair or not isinstance(w_scale, gs.Constant):
         return None
-    q = np.asarray(w.values)
-    s = np.asarray(w_scale.values)
-    z = np.zeros((), dtype=np.float64) if w_zp is None else np.asarray(w_zp.values).astype(np.float64)
-    if (not np.issubdtype(q.dtype, np.integer) or not np.issubdtype(s.dtype, np.floating)
-            or not np.all(np.isfinite(s)) or np.any(s <= 0)):
+    weight = _decoding(w, w_scale, w_zp, out_axis)
+    if weight is None:
         return None
-    shaped = []
-    for v in (s.astype(np.float64), z):
-        if v.size == 1 and v.ndim <= 1:
-            shaped.append(v.reshape(()))
-        elif v.ndim == 1 and v.shape[0] == q.shape[out_axis]:
-            shape = [1] * q.ndim
-            shape[out_axis] = -1
-            shaped.append(v.reshape(shape))
-        else:
-            return None
-    return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], Dequantized(w, w_scale, shaped[0], shaped[1]),
-                          bias)
+    return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], weight, bias)
 
 
 def _runtime_quantized_bias(tensor: gs.Tensor, x_scale: gs.Tensor | None) -> gs.Constant | None:
@@ -459,8 +445,8 @@ class ConvIntegerRule(ConvRule):
         return None
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
-        """Only where the integer result goes straight to the rescale (a bias added in the
-        integer domain, quantized at run time, is not a pattern this knows)."""
+        """The integer result rescaled straight away, or after a bias quantized at run time
+        and added in the integer domain (older ``quantize_dynamic``)."""
         info = LinearInfo(data=0, data_axis=1, weight=1, in_axis=1, out_axis=0, out_channel_axis=1,
                           bias=None, kernel="conv", group=int(node.attrs.get("group", 1)))
         return rescaled(node, info, out_axis=0)
