@@ -207,6 +207,10 @@ CORPUS: tuple[Entry, ...] = (
           "ONNX Runtime static quantization (QDQ)", Derived("pplcnet_orientation", "quant_qdq")),
     Entry("minilm_l6_qdq", "all-MiniLM-L6-v2, QDQ int8", "ONNX Runtime static quantization (QDQ)",
           Derived("minilm_l6_torchscript", "quant_qdq"), TEXT),
+    Entry("pplcnet_orientation_qop", "PP-LCNet classifier, QOperator per-channel int8",
+          "ONNX Runtime static quantization (QOperator)", Derived("pplcnet_orientation", "quant_qop")),
+    Entry("minilm_l6_qop", "all-MiniLM-L6-v2, QOperator int8",
+          "ONNX Runtime static quantization (QOperator)", Derived("minilm_l6_torchscript", "quant_qop"), TEXT),
     # ---------------------------------------------------------------- float16 converter
     Entry("nudenet_yolov8n_fp16", "YOLOv8n in float16 (fp32 I/O)", "ONNX Runtime float16 converter",
           Derived("nudenet_yolov8n", "fp16_keep_io"), Probe({"images": (1, 3, 320, 320)})),
@@ -331,7 +335,9 @@ CONTROL_FLOW = {"If", "Loop", "Scan"}
 RECURRENT = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}
 QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
              "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
-             "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+             "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+             "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+             "QLinearConcat", "QLinearSoftmax"}
 
 
 def inventory(path: Path) -> dict:

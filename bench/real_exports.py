@@ -147,11 +147,12 @@ def _derived(entry: Entry, source: Derived, out: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(base), str(out), weight_type=QuantType.QInt8)
-    elif source.recipe == "quant_qdq":
+    elif source.recipe in ("quant_qdq", "quant_qop"):
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         feeds = probe_feeds(onnx.load(str(base)), entry.probe, seed=1, count=8)
-        quantize_static(str(base), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+        fmt = QuantFormat.QDQ if source.recipe == "quant_qdq" else QuantFormat.QOperator
+        quantize_static(str(base), str(out), _Reader(feeds), quant_format=fmt,
                         per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8)
     elif source.recipe in ("fp16", "fp16_keep_io"):

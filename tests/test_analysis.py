@@ -451,3 +451,35 @@ def test_a_rule_that_raises_freezes_instead_of_guessing():
         unregister(BrokenRule)
     assert not group.prunable
     assert any("Mystery 'mystery'" in r and "boom" in r for r in group.frozen)
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_coupling_with_an_unknown_rank_freezes_the_known_side(read: bool) -> None:
+    """A rule that couples an axis with a tensor of unknown rank (behind an op shape inference
+    does not know) cannot join the two dimensions: the known side is frozen, or pruning it
+    would change a tensor that something reads; an output nothing reads does not matter."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.analysis.coupling import CouplingContext
+
+    x = gs.Variable("x", np.float32, [1, 4])
+    y = gs.Variable("y", np.float32, None)
+    nodes = [gs.Node("Relu", "relu", inputs=[x], outputs=[y])]
+    outputs = [y]
+    if read:
+        z = gs.Variable("z", np.float32, None)
+        nodes.append(gs.Node("Identity", "identity", inputs=[y], outputs=[z]))
+        outputs = [z]
+    else:
+        w = gs.Variable("w", np.float32, [1, 4])
+        nodes.append(gs.Node("Identity", "identity", inputs=[x], outputs=[w]))
+        outputs = [w]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=17)
+    ctx = CouplingContext(graph, 17, lambda node: lookup("", node.op, 17))
+    ctx.node = nodes[0]
+    ctx.couple(x, 1, y, 1)
+    reasons = ctx.dim_freeze.get(("x", 1), [])
+    if read:
+        assert any("coupled with an axis of unknown rank at" in r for r in reasons), reasons
+    else:
+        assert not reasons, reasons

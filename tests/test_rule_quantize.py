@@ -6,8 +6,8 @@ the Q/DQ pair: W1's int8 rows, its per-channel scales and zero points, b1's int3
 W2's int8 columns are sliced together, and the result equals the original with those
 channels zeroed. Dynamic quantization (DynamicQuantizeLinear -> MatMulInteger / ConvInteger,
 from ``onnxruntime.quantization.quantize_dynamic``) prunes through the integer ops where the
-weight zero point is 0; the other integer ops (QLinear*, DynamicQuantizeLSTM, ...) freeze
-with a reason, and a model where that leaves nothing says "nothing prunable: ...".
+weight zero point is 0; the other integer ops (DynamicQuantizeMatMul, ...) freeze
+with a reason (the QOperator ops: tests/test_rule_qlinear.py), and a model where that leaves nothing says "nothing prunable: ...".
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 #: the op types this file covers (tests/test_op_coverage.py counts them)
 OPS_UNDER_TEST = (
     "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
-    "QLinearConv", "QLinearMatMul", "com.microsoft::QuantizeLinear",
+    "com.microsoft::QuantizeLinear",
     "com.microsoft::DequantizeLinear", "com.microsoft::DynamicQuantizeLSTM",
     "com.microsoft::DynamicQuantizeMatMul", "com.microsoft::MatMulIntegerToFloat",
 )
@@ -195,8 +195,6 @@ def test_other_integer_ops_have_a_frozen_rule() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
     builders = [
-        helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
-        helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="n"),
         helper.make_node("DynamicQuantizeMatMul", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
         helper.make_node("MatMulIntegerToFloat", ["x", "w"], ["y"], name="n", domain="com.microsoft"),
     ]

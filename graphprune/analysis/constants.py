@@ -43,6 +43,7 @@ __all__ = [
     "ChannelValues",
     "ConstantContext",
     "carry",
+    "conv_geometry",
     "conv_is_padded",
     "elementwise",
     "float32",
@@ -291,6 +292,35 @@ def refactor(
         ):
             best = candidate
     return best
+
+
+def conv_geometry(attrs: dict, kernel: Sequence[int], spatial: Sequence[int]
+                  ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """A Conv's / pool's ``strides``, ``dilations``, ``pads`` (begin..., end..., auto-padding
+    resolved) and output spatial sizes for an input of ``spatial`` sizes (pools' ``ceil_mode``
+    rounds up)."""
+    n = len(kernel)
+    strides = [int(v) for v in attrs.get("strides", [1] * n)]
+    dilations = [int(v) for v in attrs.get("dilations", [1] * n)]
+    pads = [int(v) for v in attrs.get("pads", [0] * (2 * n))]
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    ceil = bool(int(attrs.get("ceil_mode", 0)))
+    begin, end = pads[:n], pads[n:]
+    out = []
+    for d in range(n):
+        extent = dilations[d] * (int(kernel[d]) - 1) + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-int(spatial[d]) // strides[d])
+            total = max(0, (o - 1) * strides[d] + extent - int(spatial[d]))
+            small = total // 2
+            begin[d], end[d] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+        elif auto_pad == "VALID":
+            begin[d] = end[d] = 0
+        span = int(spatial[d]) + begin[d] + end[d] - extent
+        out.append((-(-span // strides[d]) if ceil else span // strides[d]) + 1)
+    return strides, dilations, [*begin, *end], out
 
 
 def conv_is_padded(node: gs.Node, kernel: Sequence[int], in_shape: Sequence[int | None] | None) -> bool:

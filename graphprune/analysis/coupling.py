@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -52,6 +53,7 @@ class CouplingContext:
     ) -> None:
         self.opset = opset
         self.tensors: dict[str, gs.Tensor] = graph.tensors()
+        self._graph_outputs = {t.name for t in graph.outputs}
         self.probes: dict[str, tuple[list, list]] = probes or {}
         self.position_convs = position_convs
         #: the node whose rule is running (messages name it)
@@ -72,6 +74,9 @@ class CouplingContext:
         #: quantized weights whose zero is not 0: name -> the zero point's value, which
         #: broadcasts against the weight (a zeroed weight takes it, so it reads as 0)
         self.zero_points: dict[str, np.ndarray] = {}
+        #: quantized weights' float readings: name -> ``(scale, zero_point)`` broadcastable
+        #: against the integer values (:meth:`decoded`), what the data-free criteria score
+        self.decodings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         #: activations whose removed channels the zeroed original zeroes themselves
         self.zeroed_activations: set[str] = set()
         #: variables that are weights computed from constants (:meth:`weight_expression`)
@@ -143,6 +148,11 @@ class CouplingContext:
         return self._rules(node)
 
     # ------------------------------------------------------------------ couplings
+    def _unread(self, tensor: gs.Tensor) -> bool:
+        """A computed tensor that no node reads and that is not a graph output."""
+        return (isinstance(tensor, gs.Variable) and not tensor.outputs
+                and tensor.name not in self._graph_outputs)
+
     def _dim(self, tensor: gs.Tensor, axis: int) -> Dim | None:
         rank = self.rank(tensor)
         if rank is None:
@@ -168,6 +178,13 @@ class CouplingContext:
             return
         da, db = self._dim(a, axis_a), self._dim(b, axis_b)
         if da is None or db is None:
+            # one side has no dimension to join (rank unknown): the other must not prune alone,
+            # unless that side is an output nothing reads (its shape does not matter)
+            reason = f"coupled with an axis of unknown rank at {self.where()}"
+            for d, other in ((da, b), (db, a)):
+                if d is not None and not self._unread(other):
+                    self.dim_graph.add_node(d)
+                    self.dim_freeze[d].append(reason)
             return
         na, nb = self.member_size(a, axis_a), self.member_size(b, axis_b)
         self.dim_graph.add_edge(da, db)
@@ -259,6 +276,13 @@ class CouplingContext:
         self.quantized_params.add(tensor.name)
         if zero_point is not None and np.any(zero_point):
             self.zero_points[tensor.name] = zero_point
+
+    def decoded(self, tensor: gs.Tensor, scale: Any, zero_point: Any = 0) -> None:
+        """The integer constant ``tensor`` reads as ``(tensor - zero_point) * scale`` (both
+        broadcastable against it; a per-channel scale makes channels of equal integers differ):
+        the float weight the data-free criteria score instead of the raw integers."""
+        self.decodings[tensor.name] = (np.asarray(scale, dtype=np.float64),
+                                       np.asarray(zero_point, dtype=np.float64))
 
     def zero_in_reference(self, tensor: gs.Tensor) -> None:
         """The zeroed original zeroes the removed channels of ``tensor`` itself, not only the

@@ -76,6 +76,26 @@ def _subgraph_outer_names(node: gs.Node, outer: dict[str, gs.Tensor]) -> set[str
     return names
 
 
+def derive_missing_shapes(graph: gs.Graph, opset: int) -> None:
+    """Give tensors that ONNX shape inference cannot reach (behind a com.microsoft op) the
+    shapes the rules derive, written onto ``graph``'s tensors (what the MAC counter reads;
+    the coupling itself is thrown away)."""
+    def rule_for(node: gs.Node) -> registry.OpRule | None:
+        return registry.lookup(node.domain or "", node.op, opset)
+
+    refine_shapes(graph)
+    ctx = CouplingContext(graph, opset, rule_for, probes={})
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is None:
+            continue
+        ctx.node = node
+        try:
+            rule.couple(node, ctx) if rule.phase == 1 else rule.derive_shapes(node, ctx)
+        except Exception:  # noqa: BLE001, S112 - a rule that fails derives nothing
+            continue
+
+
 def analyze_graph(
     graph: gs.Graph,
     opset: int,
@@ -123,6 +143,10 @@ def analyze_graph(
         if rule.phase == 1:
             run(node, rule)
         else:
+            try:
+                rule.derive_shapes(node, ctx)
+            except Exception:  # noqa: BLE001 - no shape: its couple freezes what it needs
+                pass
             deferred.append((node, rule))
     ctx.node = None
     ctx.start_phase_two([rule.preview_couplings(node, ctx) for node, rule in deferred])

@@ -41,6 +41,9 @@ class ChannelGroup:
     #: per member dimension: the unit id of each of its elements
     unit_of: dict[Dim, np.ndarray] = field(default_factory=dict)
     num_units: int = 0
+    #: integer (quantized) parameters' float readings, ``(scale, zero_point)`` per name
+    #: (:meth:`CouplingContext.decoded`)
+    decodings: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def is_frozen(self) -> bool:
@@ -137,6 +140,7 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
             frozen=list(dict.fromkeys(frozen)),
             inexact=list(dict.fromkeys(inexact)),
             shape_elements=[s for d in comp for s in shape_by_dim.get(d, [])],
+            decodings={d[0]: ctx.decodings[d[0]] for d in params if d[0] in ctx.decodings},
         )
         if all(sizes.get(d) is not None for d in comp):
             try:

@@ -17,12 +17,12 @@ read the same positions.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.constants import conv_geometry
 from graphprune.rules.registry import LinearInfo, StoredWeight
 
 KERNELS = ("conv", "dense")
@@ -155,28 +155,9 @@ class LinearView:
 
     # ------------------------------------------------------------------ geometry
     def _conv_geometry(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-        attrs = self.node.attrs
         kernel = list(np.shape(self.weight.values)[2:])
-        n = len(kernel)
-        strides = list(attrs.get("strides", [1] * n))
-        dilations = list(attrs.get("dilations", [1] * n))
-        pads = list(attrs.get("pads", [0] * (2 * n)))
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        if isinstance(auto_pad, bytes):
-            auto_pad = auto_pad.decode()
-        begin, end = pads[:n], pads[n:]
-        out = []
-        for d in range(n):
-            extent = dilations[d] * (kernel[d] - 1) + 1
-            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                o = math.ceil(spatial[d] / strides[d])
-                total = max(0, (o - 1) * strides[d] + extent - spatial[d])
-                small = total // 2
-                begin[d], end[d] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-            elif auto_pad == "VALID":
-                begin[d] = end[d] = 0
-            out.append((spatial[d] + begin[d] + end[d] - extent) // strides[d] + 1)
-        return kernel, strides, dilations, [*begin, *end], out
+        strides, dilations, pads, out = conv_geometry(self.node.attrs, kernel, spatial)
+        return kernel, strides, dilations, pads, out
 
     def positions(self, input_shape: tuple[int, ...]) -> int:
         """Number of output positions (rows) for an input of ``input_shape``."""

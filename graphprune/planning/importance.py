@@ -6,6 +6,8 @@ Data-free criteria read the parameters of every member of the group:
   norm of each slice along the member axis, normalised by the member's mean so that layers
   of different scale weigh the same; a unit's score is the sum over members of the mean
   normalised norm of its elements. Groups without rank-2 weights use their 1-D parameters.
+  A quantized (integer) weight is scored as the float weight it decodes to (its per-channel
+  scales and zero points applied); one without a known decoding is not scored.
 - ``random``: seeded uniform scores (a baseline).
 """
 
@@ -47,7 +49,11 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
     for dim in weights or members:
         values = np.asarray(tensors[dim[0]].values)
         if not np.issubdtype(values.dtype, np.floating):
-            continue
+            decoding = group.decodings.get(dim[0])
+            if decoding is None:
+                continue
+            scale, zero = decoding  # a quantized weight: score the float weight it stands for
+            values = ((values.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32))
         norms = _slice_norms(values, dim[1], order)
         release(tensors[dim[0]].values)  # a mapped weight's pages go back to the kernel
         mean = norms.mean()

@@ -55,7 +55,10 @@ def _rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.
 class ConvRule(OpRule):
     op_types = ("Conv",)
     zero_behaviour = "affine"  # zero input channel: contributes nothing; output gets the bias
-    #: the input that holds the bias (``ConvInteger`` has none: its third input is a zero point)
+    #: the inputs that hold the data, the weight and the bias (``ConvInteger`` has no bias:
+    #: its third input is a zero point; ``QLinearConv`` interleaves scales and zero points)
+    data_index: int = 0
+    weight_index: int = 1
     bias_index: int | None = 2
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
@@ -89,14 +92,17 @@ class ConvRule(OpRule):
         return [za.values(1, np.where(ok, (b + total).astype(np.float32), np.nan))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x, w = node.inputs[0], node.inputs[1]
+        x, w = node.inputs[self.data_index], node.inputs[self.weight_index]
         k = self.bias_index
         b = node.inputs[k] if k is not None and len(node.inputs) > k and node.inputs[k].name else None
         y = node.outputs[0]
         group = int(node.attrs.get("group", 1))
         x_shape, w_shape = ctx.shape(x), ctx.shape(w)
         if x_shape is not None and w_shape is not None and len(x_shape) == len(w_shape):
-            ctx.derive_shape(y, [x_shape[0], w_shape[0]] + [None] * (len(x_shape) - 2))
+            spatial: list[int | None] = [None] * (len(x_shape) - 2)
+            if None not in x_shape[2:] and None not in w_shape[2:]:  # behind an op ONNX does not know
+                spatial = list(za.conv_geometry(node.attrs, w_shape[2:], x_shape[2:])[3])
+            ctx.derive_shape(y, [x_shape[0], w_shape[0], *spatial])
         ctx.couple(w, 0, y, 1)
         ctx.role(w, 0, PRODUCER)
         if b is not None:
@@ -124,12 +130,12 @@ class ConvRule(OpRule):
 
     def prunes_by_position(self, node: gs.Node) -> bool:
         """A grouped, not depthwise, conv with a constant weight (see ``couple``)."""
-        w = node.inputs[1]
+        w = node.inputs[self.weight_index]
         return int(node.attrs.get("group", 1)) > 1 and isinstance(w, gs.Constant) and w.shape[1] > 1
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
         """Every output element sums ``Cin/g * prod(kernel)`` products."""
-        w, y = shape(node.inputs[1]), shape(node.outputs[0])
+        w, y = shape(node.inputs[self.weight_index]), shape(node.outputs[0])
         if w is None or y is None:
             return None
         return math.prod(y) * math.prod(w[1:])
@@ -138,10 +144,10 @@ class ConvRule(OpRule):
         return linear_scale(node, self.linear(node), ctx)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        w = node.inputs[1]
+        w = node.inputs[self.weight_index]
         if int(node.attrs.get("group", 1)) > 1 and ctx.removed(w, 1).size:
             return  # position mode: the group count is unchanged
-        _rewrite_group(node, ctx, node.inputs[0])
+        _rewrite_group(node, ctx, node.inputs[self.data_index])
 
 
 @register

@@ -239,6 +239,11 @@ class BroadcastRule(OpRule):
             weights = [t for t in node.inputs if ctx.is_weight_expression(t)]
             if len(weights) == 1 and all(t is weights[0] or isinstance(t, gs.Constant) for t in node.inputs):
                 ctx.weight_expression(node.outputs[0], weights[0])
+                from graphprune.rules.quantize import cast_scaled
+
+                decoded = cast_scaled(node)  # Mul(Cast(int8), scale): scored as q * scale
+                if decoded is not None:
+                    ctx.decoded(decoded.constant, decoded.scale, decoded.zero_point)
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """Arithmetic on shapes keeps the length and loses the values, except two idioms:

@@ -100,6 +100,8 @@ def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> n
 class GemmRule(OpRule):
     op_types = ("Gemm",)
     zero_behaviour = "affine"
+    #: the inputs that hold ``A``, ``B`` and ``C`` (``QGemm`` interleaves scales and zero points)
+    operand_indices: tuple[int, int, int] = (0, 1, 2)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[n] = alpha sum_k a[k] B[k, n] + beta C[n]`` for a constant ``B``."""
@@ -143,7 +145,8 @@ class GemmRule(OpRule):
         return linear_scale(node, self.linear(node), ctx)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        i_a, i_b, i_c = self.operand_indices
+        a, b, y = node.inputs[i_a], node.inputs[i_b], node.outputs[0]
         trans_a = int(node.attrs.get("transA", 0))
         trans_b = int(node.attrs.get("transB", 0))
         k_a, m_a = (0, 1) if trans_a else (1, 0)
@@ -155,8 +158,8 @@ class GemmRule(OpRule):
         ctx.role(b, n_b, PRODUCER)
         ctx.role(a, k_a, CONSUMER)
         ctx.role(a, m_a, PRODUCER)
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            c = node.inputs[2]
+        if len(node.inputs) > i_c and node.inputs[i_c].name:
+            c = node.inputs[i_c]
             rank = ctx.rank(c)
             if rank:
                 ctx.role(c, rank - 1, PRODUCER)
@@ -167,6 +170,8 @@ class GemmRule(OpRule):
 class MatMulRule(OpRule):
     op_types = ("MatMul",)
     zero_behaviour = "affine"
+    #: the input that holds the right operand (``QLinearMatMul``: 3, after A's scale and zero point)
+    weight_index: int = 1
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[..., n] = sum_k a[..., k] B[k, n]`` for a constant 2-D ``B``."""
@@ -199,7 +204,7 @@ class MatMulRule(OpRule):
         """``batch M N K`` (batched products included). Each size is the largest that an
         operand or the output knows (unknown sizes read as 1, and a ``[1, 1, 1]`` output
         shape left by inference must not hide the operands' sizes)."""
-        a, b, y = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.outputs[0])
+        a, b, y = shape(node.inputs[0]), shape(node.inputs[self.weight_index]), shape(node.outputs[0])
         if a is None or y is None or not a:
             return None
         if b is None or not b:
@@ -221,7 +226,7 @@ class MatMulRule(OpRule):
         return linear_scale(node, self.linear(node), ctx)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        a, b, y = node.inputs[0], node.inputs[self.weight_index], node.outputs[0]
         sa, sb = ctx.shape(a), ctx.shape(b)
         if sa is not None and sb is not None and len(sa) >= 2 and len(sb) == 2:
             ctx.derive_shape(y, [*sa[:-1], sb[-1]])  # behind an op without shape inference

@@ -43,7 +43,8 @@ the whole pattern stands for (``rescaled_linear``: from the quantized tensor's f
 rescaled float output, the int8 weight decoded with its scale and zero point, a bias quantized at
 run time and added in the integer domain as its float bias).
 
-**Other integer ops** (the ``QLinear*`` ops, ``com.microsoft`` ``DynamicQuantizeLSTM``,
+**QOperator ops** (``QLinearConv``, ``QLinearMatMul``, ``QGemm`` ...) have their own rules
+(``qlinear.py``). **Other integer ops** (``com.microsoft`` ``DynamicQuantizeLSTM``,
 ``DynamicQuantizeMatMul`` ...): their output scales are fused with the weights' (or with
 the gates of a recurrent cell), so removing channels is not the same as zeroing them. They
 freeze with a reason that names the kind of op (the base class would say "no rule"); the
@@ -256,6 +257,9 @@ class QuantizeLinearRule(OpRule):
                 f"quantized weight '{x.name}' with a non-zero zero point at {where}"
             )
             ctx.share_roles(y, x, freeze)
+            weight = dequantized(node)
+            if weight is not None:
+                ctx.decoded(x, weight.scale, weight.zero_point)
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
         return dequantized(node) if node.op == "DequantizeLinear" else None
@@ -268,28 +272,20 @@ class ContribQuantizeLinearRule(QuantizeLinearRule):
     domain = "com.microsoft"
 
 
-#: integer ops whose scales are folded with the weights'
-INTEGER_OPS = ("QLinearConv", "QLinearMatMul")
+#: ONNX Runtime's integer ops whose scales come from the data or are fused with the weights
 CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 @register
 class IntegerOpRule(OpRule):
-    """Integer-arithmetic ops: frozen, with a reason that says why."""
+    """Integer-arithmetic ops without a rule of their own: frozen, with a reason that says why."""
 
-    op_types = INTEGER_OPS
+    op_types = CONTRIB_INTEGER_OPS
+    domain = "com.microsoft"
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.freeze_node(node, f"integer op {node.op} '{node.name}' (scales from the data or "
                               "fused with the weights: removing is not zeroing)")
-
-
-@register
-class ContribIntegerOpRule(IntegerOpRule):
-    """The same for ONNX Runtime's com.microsoft quantized ops."""
-
-    op_types = CONTRIB_INTEGER_OPS
-    domain = "com.microsoft"
 
 
 @register
@@ -341,6 +337,13 @@ def _integer_operands(node: gs.Node, ctx: CouplingContext,
             zero = zero.reshape(())
     ctx.integer_param(w, zero)
     return True
+
+
+def _decode_rescaled(node: gs.Node, ctx: CouplingContext, found: RescaledLinear | None) -> None:
+    """The integer weight of ``node`` reads with the scale the rescaling after it applies
+    (when the pattern is the known one) and its zero point."""
+    if isinstance(found, RescaledLinear) and isinstance(found.weight, Dequantized):
+        ctx.decoded(node.inputs[1], found.weight.scale, found.weight.zero_point)
 
 
 def _only_consumer(tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -428,6 +431,7 @@ class MatMulIntegerRule(MatMulRule):
             ctx.freeze_node(node, f"MatMulInteger '{node.name}' without a 2-D weight")
             return
         if _integer_operands(node, ctx, (node.outputs[0], -1)):
+            _decode_rescaled(node, ctx, self.rescaled_linear(node))
             super().couple(node, ctx)
 
 
@@ -456,5 +460,6 @@ class ConvIntegerRule(ConvRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if _integer_operands(node, ctx, (node.outputs[0], 1)):
+            _decode_rescaled(node, ctx, self.rescaled_linear(node))
             super().couple(node, ctx)
 

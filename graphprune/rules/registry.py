@@ -155,6 +155,13 @@ class OpRule:
         """
         return trace.unknown(output)
 
+    def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
+        """Give outputs that ONNX shape inference left without a shape the shape the op
+        gives them (``ctx.derive_shape``), in graph order before any rule couples: a phase-2
+        op behind an op ONNX does not know (a com.microsoft one) would otherwise leave the
+        phase-1 ops after it without ranks. Default: nothing (phase-1 rules may derive
+        shapes in ``couple``)."""
+
     def preview_couplings(
         self, node: gs.Node, ctx: CouplingContext
     ) -> tuple[list[tuple[Dim, Dim]], list[Dim]]:

@@ -241,6 +241,14 @@ class FlattenRule(OpRule):
         keeps_batch = int(node.attrs.get("axis", 1)) >= 1
         return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
 
+    def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
+        """``[prod(x[:axis]), prod(x[axis:])]`` (behind an op ONNX inference does not know)."""
+        shape = ctx.shape(node.inputs[0])
+        if shape is not None:
+            axis = int(node.attrs.get("axis", 1)) % (len(shape) or 1)
+            parts = [shape[:axis], shape[axis:]]
+            ctx.derive_shape(node.outputs[0], [None if None in p else math.prod(p) for p in parts])
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if not couple_reshape(ctx, node.inputs[0], node.outputs[0], node):
             ctx.freeze_node(node, f"Flatten '{node.name}' not understood")

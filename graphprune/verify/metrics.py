@@ -54,6 +54,11 @@ def count_macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates of one run (the main graph's nodes, as their rules count them)."""
     graph = ir.import_graph(model)
     opset = ir.default_opset(model)
+    if any(n.domain not in ("", "ai.onnx") for n in graph.nodes) and any(
+            t.shape is None for n in graph.nodes for t in n.outputs):
+        from graphprune.analysis.driver import derive_missing_shapes
+
+        derive_missing_shapes(graph, opset)  # ONNX inference stops at com.microsoft ops
     total = 0
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)

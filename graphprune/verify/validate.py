@@ -355,15 +355,19 @@ def zeroed_reference(
         for name, stub in zeroed.items():
             inits[name].CopyFrom(stub)
             del cuts[name]
-    # quantized weights whose zero is their zero point: a filled copy (a mask gives 0)
-    for name in [n for n in cuts if n in analysis.context.zero_points and n in inits]:
+    # quantized weights whose zero is their zero point (a mask gives 0) or whose integer type
+    # ONNX Runtime's Mul does not take (int8, uint8, ...): a filled copy
+    narrow = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+              onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    for name in [n for n in cuts if n in inits and (n in analysis.context.zero_points
+                                                      or inits[n].data_type in narrow)]:
         init = inits[name]
         if init.data_location == onnx.TensorProto.EXTERNAL and store is not None:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             values = np.frombuffer(store.tensor_bytes(init), dtype=dtype).reshape(tuple(init.dims)).copy()
         else:
             values = np.array(numpy_helper.to_array(init), copy=True)
-        values = _zeroed_values(values, cuts.pop(name), analysis.context.zero_points[name])
+        values = _zeroed_values(values, cuts.pop(name), analysis.context.zero_points.get(name))
         init.CopyFrom(numpy_helper.from_array(values, name))
     renames: dict[str, str] = {}
     masks: dict[str, list[onnx.NodeProto]] = {}

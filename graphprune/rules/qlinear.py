@@ -1,0 +1,251 @@
+"""ONNX Runtime's QOperator format: ``QLinearConv``, ``QLinearMatMul`` and the com.microsoft
+``QGemm``, ``QLinearAdd`` / ``QLinearMul``, ``QLinearGlobalAveragePool`` /
+``QLinearAveragePool``, ``QLinearSigmoid`` / ``QLinearLeakyRelu`` (what
+``onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QOperator)`` writes).
+
+Every activation is an integer tensor with a per-tensor scale and zero point (scalars, as the
+ops require), so removing a channel changes no other channel's value: each op computes each
+output channel from its own integer inputs and the shared scalars. A removed channel is
+exact to remove when the ops that read it give it no weight: the zeroed original sets a
+consumer's integer weight entries to the weight's zero point (``w - w_zp = 0``), so the
+channel contributes nothing whatever its value; a producer's removed weight entries take the
+zero point too and its int32 bias 0 (the channel then holds the output zero point, which
+reads as 0). The integer weight's per-output-channel scale and zero point (1-D) are members
+of the channel group (role channelwise), sliced with it; the weight itself is scored as the
+float weight it decodes to.
+
+These ops fuse the scales with the weights, so they are no float linear layer (``linear`` is
+None): the calibration refit does not rewrite them; data-free and data-aware scores,
+bias-free pruning and the exact self-check apply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis.roles import CHANNELWISE
+from graphprune.rules.conv import ConvRule
+from graphprune.rules.linear import GemmRule, MatMulRule
+from graphprune.rules.pool import PoolRule, pooled_shape
+from graphprune.rules.quantize import _decoding, _per_axis
+from graphprune.rules.registry import LinearInfo, OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis.coupling import CouplingContext
+
+
+def _present(node: gs.Node, k: int) -> gs.Tensor | None:
+    return node.inputs[k] if len(node.inputs) > k and node.inputs[k].name else None
+
+
+def _scalars(node: gs.Node, ctx: CouplingContext, indices: tuple[int, ...]) -> bool:
+    """The activation scales and zero points at ``indices`` are per tensor (frozen otherwise)."""
+    for k in indices:
+        t = _present(node, k)
+        if t is not None and _per_axis(ctx, t) is not False:
+            ctx.freeze_node(node, f"per-axis activation scale or zero point at {node.op} '{node.name}'")
+            return False
+    return True
+
+
+def _integer_weight(node: gs.Node, ctx: CouplingContext, indices: tuple[int, int, int],
+                    out: tuple[gs.Tensor, int], weight_axis: int) -> bool:
+    """The integer weight ``W`` at ``indices[0]`` with its scale and zero point: constants, per
+    tensor or one per output channel (``weight_axis`` of ``W``, coupled with ``out``, role
+    channelwise). Registers ``W`` as an integer parameter whose zero is its zero point and
+    whose float reading is ``(W - zp) * scale``. Freezes the node and returns False otherwise."""
+    w, scale, zp = (_present(node, k) for k in indices)
+    rank = ctx.rank(w) if w is not None else None
+    kinds = {_per_axis(ctx, scale), _per_axis(ctx, zp)}
+    if (not isinstance(w, gs.Constant) or not isinstance(scale, gs.Constant) or rank is None
+            or (zp is not None and not isinstance(zp, gs.Constant)) or None in kinds):
+        ctx.freeze_node(node, f"weight, scale or zero point not understood at {node.op} '{node.name}'")
+        return False
+    decoding = _decoding(w, scale, zp, weight_axis)
+    if decoding is None:
+        ctx.freeze_node(node, f"weight scale or zero point does not fit the weight at {node.op} '{node.name}'")
+        return False
+    for t in (scale, zp):
+        if t is not None and _per_axis(ctx, t):
+            ctx.couple(t, 0, out[0], out[1])
+            ctx.role(t, 0, CHANNELWISE)
+            if t is zp:
+                ctx.integer_param(t)
+    ctx.integer_param(w, np.broadcast_to(decoding.zero_point, np.shape(w.values)))
+    ctx.decoded(w, decoding.scale, decoding.zero_point)
+    return True
+
+
+def _integer_bias(node: gs.Node, ctx: CouplingContext, k: int) -> bool:
+    """The int32 bias at input ``k``: absent, or a constant (an integer parameter whose zero
+    is 0). Freezes the node and returns False for a computed one."""
+    bias = _present(node, k)
+    if bias is None:
+        return True
+    if not isinstance(bias, gs.Constant):
+        ctx.freeze_node(node, f"computed bias at {node.op} '{node.name}'")
+        return False
+    ctx.integer_param(bias)
+    return True
+
+
+@register
+class QLinearConvRule(ConvRule):
+    """``QLinearConv(x, x_scale, x_zp, W, w_scale, w_zp, y_scale, y_zp, B)``: a Conv on
+    integers with an int32 bias (see the module docstring)."""
+
+    op_types = ("QLinearConv",)
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+    weight_index = 3
+    bias_index = 8
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if not _scalars(node, ctx, (1, 2, 6, 7)):
+            return
+        if _integer_weight(node, ctx, (3, 4, 5), (node.outputs[0], 1), 0) and _integer_bias(node, ctx, 8):
+            super().couple(node, ctx)
+
+
+@register
+class QLinearMatMulRule(MatMulRule):
+    """``QLinearMatMul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp)``: a MatMul on
+    integers; a constant 2-D ``b`` may have one scale and zero point per column."""
+
+    op_types = ("QLinearMatMul",)
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+    weight_index = 3
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        b = node.inputs[3]
+        if not isinstance(b, gs.Constant):
+            if _scalars(node, ctx, (1, 2, 4, 5, 6, 7)):
+                super().couple(node, ctx)  # two activations: per-tensor scales only
+            return
+        if ctx.rank(b) != 2:
+            ctx.freeze_node(node, f"QLinearMatMul '{node.name}' without a 2-D weight")
+            return
+        if _scalars(node, ctx, (1, 2, 6, 7)) and _integer_weight(node, ctx, (3, 4, 5), (node.outputs[0], -1), 1):
+            super().couple(node, ctx)
+
+
+@register
+class QGemmRule(GemmRule):
+    """com.microsoft ``QGemm(A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp)``: a Gemm on
+    integers with an int32 ``C``; the output is float when ``y_scale`` is absent."""
+
+    op_types = ("QGemm",)
+    domain = "com.microsoft"
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+    operand_indices = (0, 3, 6)
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        b = node.inputs[3]
+        if not isinstance(b, gs.Constant) or ctx.rank(b) != 2:
+            ctx.freeze_node(node, f"QGemm '{node.name}' without a constant 2-D B")
+            return
+        if int(node.attrs.get("transA", 0)):
+            ctx.freeze_node(node, f"transposed A at QGemm '{node.name}'")
+            return
+        out_axis = 0 if int(node.attrs.get("transB", 0)) else 1
+        a_shape, b_shape = ctx.shape(node.inputs[0]), ctx.shape(b)
+        if a_shape is not None and b_shape is not None and len(a_shape) == 2:
+            ctx.derive_shape(node.outputs[0], [a_shape[0], b_shape[out_axis]])  # no ONNX inference
+        if (_scalars(node, ctx, (1, 2, 7, 8)) and _integer_bias(node, ctx, 6)
+                and _integer_weight(node, ctx, (3, 4, 5), (node.outputs[0], 1), out_axis)):
+            super().couple(node, ctx)
+
+
+class _ScalarQuantized:
+    """Ops whose quantization parameters (at ``scalar_inputs``) must be per tensor; the data
+    inputs are mapped as the float op's rule maps them."""
+
+    scalar_inputs: tuple[int, ...] = ()
+    data_inputs: tuple[int, ...] = (0,)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if _scalars(node, ctx, self.scalar_inputs):
+            self.couple_data(node, ctx)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        raise NotImplementedError
+
+
+@register
+class QLinearBinaryRule(_ScalarQuantized, OpRule):
+    """com.microsoft ``QLinearAdd`` / ``QLinearMul(A, A_scale, A_zp, B, B_scale, B_zp,
+    C_scale, C_zp)``: broadcasting elementwise maths; an integer constant operand is a
+    channelwise parameter sliced with the channels."""
+
+    op_types = ("QLinearAdd", "QLinearMul")
+    domain = "com.microsoft"
+    scalar_inputs = (1, 2, 4, 5, 6, 7)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        operands = [node.inputs[0], node.inputs[3]]
+        ctx.derive_shape(node.outputs[0], ctx.broadcast_shape(operands))
+        ctx.couple_broadcast(operands, node.outputs[0])
+        for t in operands:
+            if isinstance(t, gs.Constant):
+                ctx.integer_param(t)
+
+
+@register
+class QLinearPoolRule(_ScalarQuantized, OpRule):
+    """com.microsoft ``QLinearGlobalAveragePool`` / ``QLinearAveragePool(X, x_scale, x_zp,
+    y_scale, y_zp)``: channels pass through (channels first or, with ``channels_last``, last)."""
+
+    op_types = ("QLinearGlobalAveragePool", "QLinearAveragePool")
+    domain = "com.microsoft"
+    scalar_inputs = (1, 2, 3, 4)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        last = int(node.attrs.get("channels_last", 0))
+        if not last:
+            PoolRule.couple(self, node, ctx)  # type: ignore[arg-type]
+            return
+        shape = ctx.shape(x)
+        if shape is not None and len(shape) >= 3:  # channels last: pool the axes in between
+            moved = pooled_shape(node, [shape[0], shape[-1], *shape[1:-1]])
+            ctx.derive_shape(y, None if moved is None else [moved[0], *moved[2:], moved[1]])
+        rank = ctx.rank(x)
+        if rank is None or rank != ctx.rank(y):
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return
+        ctx.couple(x, 0, y, 0)
+        ctx.couple(x, rank - 1, y, rank - 1)
+        for t in (x, y):
+            ctx.spatial(t, [0], "batch")
+            ctx.spatial(t, range(1, rank - 1))
+
+
+@register
+class QLinearUnaryRule(_ScalarQuantized, OpRule):
+    """com.microsoft ``QLinearSigmoid(X, X_scale, X_zp, Y_scale, Y_zp)`` / ``QLinearLeakyRelu``:
+    each element on its own."""
+
+    op_types = ("QLinearSigmoid", "QLinearLeakyRelu")
+    domain = "com.microsoft"
+    scalar_inputs = (1, 2, 3, 4)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if ctx.rank(node.inputs[0]) is None:
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return
+        ctx.derive_shape(node.outputs[0], ctx.shape(node.inputs[0]))
+        ctx.couple_all_axes(node.inputs[0], node.outputs[0])

@@ -1,0 +1,210 @@
+"""ONNX Runtime's QOperator format (graphprune/rules/qlinear.py).
+
+Float graphs built here are quantized by ``onnxruntime.quantization.quantize_static`` with
+``QuantFormat.QOperator`` (per tensor and per channel), which writes QLinearConv, QLinearMatMul,
+com.microsoft QGemm / QLinearAdd / QLinearMul / QLinearSigmoid / QLinearLeakyRelu /
+QLinearAveragePool / QLinearGlobalAveragePool between QuantizeLinear and DequantizeLinear.
+ONNX shape inference stops at the first com.microsoft op; the rules derive the shapes after it.
+Pruning goes through every one of them: the integer weights, their per-channel scales and zero
+points and the int32 biases are sliced together, the result equals the original with the
+removed channels zeroed (the tool's own exact check, run in ONNX Runtime), the MAC count sees
+every layer, and the data-free criteria score the decoded weights as they score the float
+model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+
+#: the op types this file covers (tests/test_op_coverage.py counts them)
+OPS_UNDER_TEST = (
+    "QLinearConv", "QLinearMatMul", "com.microsoft::QGemm", "com.microsoft::QLinearAdd",
+    "com.microsoft::QLinearMul", "com.microsoft::QLinearSigmoid", "com.microsoft::QLinearLeakyRelu",
+    "com.microsoft::QLinearAveragePool", "com.microsoft::QLinearGlobalAveragePool",
+)
+
+
+def _cnn() -> onnx.ModelProto:
+    """conv1 -> Relu -> conv2 -> Add(residual) -> conv3 -> x*Sigmoid(x) -> LeakyRelu ->
+    AveragePool -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {"W1": w(16, 3, 3, 3), "B1": w(16), "W2": w(16, 16, 3, 3), "B2": w(16),
+             "W3": w(24, 16, 1, 1), "B3": w(24), "Wfc": w(10, 24), "Bfc": w(10)}
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a"], name="relu"),
+        helper.make_node("Conv", ["a", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "a"], ["r"], name="add"),
+        helper.make_node("Conv", ["r", "W3", "B3"], ["c3"], name="conv3"),
+        helper.make_node("Sigmoid", ["c3"], ["s"], name="sigmoid"),
+        helper.make_node("Mul", ["c3", "s"], ["m"], name="silu"),
+        helper.make_node("LeakyRelu", ["m"], ["l"], name="leaky", alpha=0.1),
+        helper.make_node("AveragePool", ["l"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    inits = {"W1": rng.standard_normal((12, 32)).astype(np.float32) / 3,
+             "W2": rng.standard_normal((32, 6)).astype(np.float32) / 5}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _quantized(model: onnx.ModelProto, tmp_path, fmt: str, per_channel: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    name = model.graph.input[0].name
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(2)
+    samples = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(samples)
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / f"{fmt}_{per_channel}.onnx"
+    onnx.save(model, src)
+    if fmt == "dynamic":
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel)
+        return onnx.load(dst)
+    quantize_static(str(src), str(dst), Reader(), per_channel=per_channel,
+                    quant_format=QuantFormat.QOperator if fmt == "qop" else QuantFormat.QDQ)
+    return onnx.load(dst)
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qoperator_cnn_prunes_exactly(tmp_path, per_channel: bool) -> None:
+    float_model = _cnn()
+    model = _quantized(float_model, tmp_path, "qop", per_channel)
+    assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+            "QLinearAveragePool", "QLinearGlobalAveragePool", "QGemm"} <= _ops(model), _ops(model)
+    result = graphprune.prune(model, ratio=0.5)
+    report = result.report
+    verification = report["verification"]
+    assert verification["ok"] and verification["max_abs_diff"] == 0.0, verification
+    assert report["groups"]["pruned"] == 2, report["groups"]  # the residual stream and conv3's channels
+    onnx.checker.check_model(result.model, full_check=True)
+    weights = {k: _init(result.model, k) for k in ("W1_quantized", "W2_quantized", "W3_quantized",
+                                                   "Wfc_quantized", "B1_quantized", "B3_quantized")}
+    assert weights["W1_quantized"].shape == (8, 3, 3, 3) and weights["W1_quantized"].dtype == np.int8
+    assert weights["W2_quantized"].shape == (8, 8, 3, 3)
+    assert weights["W3_quantized"].shape == (12, 8, 1, 1)
+    assert weights["Wfc_quantized"].shape == (10, 12)
+    assert weights["B1_quantized"].shape == (8,) and weights["B1_quantized"].dtype == np.int32
+    if per_channel:
+        assert _init(result.model, "W3_scale").shape == (12,)
+        assert _init(result.model, "W3_zero_point").shape == (12,)
+    # every QLinearConv / QGemm is counted at its real spatial size
+    assert report["macs_before"] == graphprune.prune(float_model, ratio=0.5).report["macs_before"]
+    assert 0.2 < report["macs_after"] / report["macs_before"] < 0.35
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0]
+    assert out.shape == (1, 10) and np.all(np.isfinite(out))
+
+
+def test_qoperator_mlp_prunes_through_qlinear_matmul(tmp_path) -> None:
+    model = _quantized(_mlp(), tmp_path, "qop", per_channel=True)
+    assert "QLinearMatMul" in _ops(model)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["max_abs_diff"] == 0.0
+    assert _init(result.model, "W1_quantized").shape == (12, 16)
+    assert _init(result.model, "W2_quantized").shape == (16, 6)
+    assert _init(result.model, "W1_scale").shape == (16,)
+
+
+def _hand_built(op: str) -> onnx.ModelProto:
+    """One ``op`` node built by hand whose input activation scale ``xs`` is per axis."""
+    ms = "com.microsoft"
+    conv = ["x", "xs", "z", "w", "s", "z", "s", "z"]
+    dense = ["x", "xs", "z", "w2", "s", "z", "s", "z"]
+    binary = ["x", "xs", "z", "x", "s", "z", "s", "z"]
+    unary = ["x", "xs", "z", "s", "z"]
+    nodes = {
+        "QLinearConv": helper.make_node("QLinearConv", conv, ["y"], name="n"),
+        "QLinearMatMul": helper.make_node("QLinearMatMul", dense, ["y"], name="n"),
+        "QGemm": helper.make_node("QGemm", [*dense[:6], "", *dense[6:]], ["y"], name="n", domain="com.microsoft"),
+        "QLinearAdd": helper.make_node("QLinearAdd", binary, ["y"], name="n", domain="com.microsoft"),
+        "QLinearMul": helper.make_node("QLinearMul", binary, ["y"], name="n", domain="com.microsoft"),
+        "QLinearSigmoid": helper.make_node("QLinearSigmoid", unary, ["y"], name="n", domain="com.microsoft"),
+        "QLinearLeakyRelu": helper.make_node("QLinearLeakyRelu", unary, ["y"], name="n", domain="com.microsoft"),
+        "QLinearAveragePool": helper.make_node("QLinearAveragePool", unary, ["y"], name="n", domain="com.microsoft",
+                                               kernel_shape=[2, 2]),
+        "QLinearGlobalAveragePool": helper.make_node("QLinearGlobalAveragePool", unary, ["y"], name="n",
+                                                     domain="com.microsoft"),
+    }
+    x_shape = [4, 8] if op in ("QLinearMatMul", "QGemm") else [1, 8, 4, 4]
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z"),
+             numpy_helper.from_array(np.ones((8, 8, 1, 1), np.uint8), "w"),
+             numpy_helper.from_array(np.ones((8, 8), np.uint8), "w2")]
+    graph = helper.make_graph([nodes[op]], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(ms, 1)])
+
+
+@pytest.mark.parametrize("op", [o.split("::")[-1] for o in OPS_UNDER_TEST])
+def test_per_axis_activation_scale_freezes(op: str) -> None:
+    """The QOperator ops take per-tensor activation scales; a graph that breaks that is frozen
+    with a reason that names the node (the analysis never guesses)."""
+    analysis = graphprune.analyze(_hand_built(op))
+    reasons = [r for rs in analysis.context.tensor_freeze.values() for r in rs]
+    assert any(f"per-axis activation scale or zero point at {op} 'n'" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("fmt", ["qop", "qdq", "dynamic"])
+def test_data_free_scores_read_the_decoded_weights(tmp_path, fmt: str) -> None:
+    """A quantized model is planned like its float original: the l1 criterion reads
+    ``(q - zero_point) * scale``, not the raw integers (which rank channels by their scale-free
+    values, and which were not scored at all before)."""
+    float_model = _cnn()
+    model = _quantized(float_model, tmp_path, fmt, per_channel=True)
+    float_plan = graphprune.prune(float_model, ratio=0.5, criterion="l1").plan
+    plan = graphprune.prune(model, ratio=0.5, criterion="l1").plan
+    for name in ("W1", "W3"):
+        assert _removed(plan, f"{name}_quantized") == _removed(float_plan, name), name
+
+
+def _removed(plan, tensor: str) -> set[int]:
+    """Output channels the plan removes from weight ``tensor``."""
+    found = [set(g.channels[tensor]["0"]) for g in plan.groups if "0" in g.channels.get(tensor, {})]
+    assert found, (tensor, [list(g.channels) for g in plan.groups])
+    return set().union(*found)
