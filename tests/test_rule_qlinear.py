@@ -3,7 +3,7 @@
 Float graphs built here are quantized by ``onnxruntime.quantization.quantize_static`` with
 ``QuantFormat.QOperator`` (per tensor and per channel), which writes QLinearConv, QLinearMatMul,
 com.microsoft QGemm / QLinearAdd / QLinearMul / QLinearSigmoid / QLinearLeakyRelu /
-QLinearAveragePool / QLinearGlobalAveragePool between QuantizeLinear and DequantizeLinear.
+QLinearAveragePool / QLinearGlobalAveragePool / QLinearSoftmax between QuantizeLinear and DequantizeLinear.
 ONNX shape inference stops at the first com.microsoft op; the rules derive the shapes after it.
 Pruning goes through every one of them: the integer weights, their per-channel scales and zero
 points and the int32 biases are sliced together, the result equals the original with the
@@ -27,19 +27,21 @@ OPS_UNDER_TEST = (
     "QLinearConv", "QLinearMatMul", "com.microsoft::QGemm", "com.microsoft::QLinearAdd",
     "com.microsoft::QLinearMul", "com.microsoft::QLinearSigmoid", "com.microsoft::QLinearLeakyRelu",
     "com.microsoft::QLinearAveragePool", "com.microsoft::QLinearGlobalAveragePool",
+    "com.microsoft::QLinearSoftmax", "com.microsoft::QLinearConcat",
 )
 
 
 def _cnn() -> onnx.ModelProto:
-    """conv1 -> Relu -> conv2 -> Add(residual) -> conv3 -> x*Sigmoid(x) -> LeakyRelu ->
-    AveragePool -> GlobalAveragePool -> Flatten -> Gemm."""
+    """conv1 -> Relu -> conv2 -> Add(residual) -> conv3 -> x*Sigmoid(x) -> Concat with the
+    residual -> LeakyRelu ->
+    AveragePool -> GlobalAveragePool -> Flatten -> Gemm -> Softmax."""
     rng = np.random.default_rng(0)
 
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
 
     inits = {"W1": w(16, 3, 3, 3), "B1": w(16), "W2": w(16, 16, 3, 3), "B2": w(16),
-             "W3": w(24, 16, 1, 1), "B3": w(24), "Wfc": w(10, 24), "Bfc": w(10)}
+             "W3": w(24, 16, 1, 1), "B3": w(24), "Wfc": w(10, 40), "Bfc": w(10)}
     nodes = [
         helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["a"], name="relu"),
@@ -48,11 +50,13 @@ def _cnn() -> onnx.ModelProto:
         helper.make_node("Conv", ["r", "W3", "B3"], ["c3"], name="conv3"),
         helper.make_node("Sigmoid", ["c3"], ["s"], name="sigmoid"),
         helper.make_node("Mul", ["c3", "s"], ["m"], name="silu"),
-        helper.make_node("LeakyRelu", ["m"], ["l"], name="leaky", alpha=0.1),
+        helper.make_node("Concat", ["m", "r"], ["cat"], name="concat", axis=1),
+        helper.make_node("LeakyRelu", ["cat"], ["l"], name="leaky", alpha=0.1),
         helper.make_node("AveragePool", ["l"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["y"], name="fc", transB=1),
+        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"], name="softmax"),
     ]
     graph = helper.make_graph(
         nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
@@ -115,26 +119,33 @@ def test_qoperator_cnn_prunes_exactly(tmp_path, per_channel: bool) -> None:
     float_model = _cnn()
     model = _quantized(float_model, tmp_path, "qop", per_channel)
     assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-            "QLinearAveragePool", "QLinearGlobalAveragePool", "QGemm"} <= _ops(model), _ops(model)
+            "QLinearAveragePool", "QLinearGlobalAveragePool", "QGemm", "QLinearSoftmax",
+            "QLinearConcat"} <= _ops(model), _ops(model)
     result = graphprune.prune(model, ratio=0.5)
     report = result.report
     verification = report["verification"]
     assert verification["ok"] and verification["max_abs_diff"] == 0.0, verification
-    assert report["groups"]["pruned"] == 2, report["groups"]  # the residual stream and conv3's channels
+    assert report["groups"]["pruned"] == 1, report["groups"]  # the concat joins conv3's channels and the residual
     onnx.checker.check_model(result.model, full_check=True)
     weights = {k: _init(result.model, k) for k in ("W1_quantized", "W2_quantized", "W3_quantized",
                                                    "Wfc_quantized", "B1_quantized", "B3_quantized")}
-    assert weights["W1_quantized"].shape == (8, 3, 3, 3) and weights["W1_quantized"].dtype == np.int8
-    assert weights["W2_quantized"].shape == (8, 8, 3, 3)
-    assert weights["W3_quantized"].shape == (12, 8, 1, 1)
-    assert weights["Wfc_quantized"].shape == (10, 12)
-    assert weights["B1_quantized"].shape == (8,) and weights["B1_quantized"].dtype == np.int32
+    float_result = graphprune.prune(float_model, ratio=0.5)
+    kept_residual, kept_conv3 = (_init(float_result.model, k).shape[0] for k in ("W1", "W3"))
+    assert 0 < kept_residual < 16 and 0 < kept_conv3 < 24  # the same widths as the float model's
+    assert weights["W1_quantized"].shape == (kept_residual, 3, 3, 3) and weights["W1_quantized"].dtype == np.int8
+    assert weights["W2_quantized"].shape == (kept_residual, kept_residual, 3, 3)
+    assert weights["W3_quantized"].shape == (kept_conv3, kept_residual, 1, 1)
+    assert weights["Wfc_quantized"].shape == (10, kept_residual + kept_conv3)
+    assert weights["B1_quantized"].shape == (kept_residual,) and weights["B1_quantized"].dtype == np.int32
     if per_channel:
-        assert _init(result.model, "W3_scale").shape == (12,)
-        assert _init(result.model, "W3_zero_point").shape == (12,)
+        assert _init(result.model, "W3_scale").shape == (kept_conv3,)
+        assert _init(result.model, "W3_zero_point").shape == (kept_conv3,)
     # every QLinearConv / QGemm is counted at its real spatial size
-    assert report["macs_before"] == graphprune.prune(float_model, ratio=0.5).report["macs_before"]
-    assert 0.2 < report["macs_after"] / report["macs_before"] < 0.35
+    assert report["macs_before"] == float_result.report["macs_before"]
+    assert report["macs_after"] == float_result.report["macs_after"]
+    lossless = graphprune.prune(model, lossless=True)  # nothing to remove; the file stays valid
+    assert lossless.report["verification"]["max_abs_diff"] == 0.0
+    onnx.checker.check_model(lossless.model, full_check=True)
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0]
     assert out.shape == (1, 10) and np.all(np.isfinite(out))
@@ -169,6 +180,10 @@ def _hand_built(op: str) -> onnx.ModelProto:
                                                kernel_shape=[2, 2]),
         "QLinearGlobalAveragePool": helper.make_node("QLinearGlobalAveragePool", unary, ["y"], name="n",
                                                      domain="com.microsoft"),
+        "QLinearSoftmax": helper.make_node("QLinearSoftmax", unary, ["y"], name="n", domain="com.microsoft",
+                                           axis=1),
+        "QLinearConcat": helper.make_node("QLinearConcat", ["s", "z", "x", "xs", "z", "x", "s", "z"], ["y"],
+                                          name="n", domain="com.microsoft", axis=1),
     }
     x_shape = [4, 8] if op in ("QLinearMatMul", "QGemm") else [1, 8, 4, 4]
     inits = [numpy_helper.from_array(np.ones(8, np.float32), "xs"),
@@ -208,3 +223,16 @@ def _removed(plan, tensor: str) -> set[int]:
     found = [set(g.channels[tensor]["0"]) for g in plan.groups if "0" in g.channels.get(tensor, {})]
     assert found, (tensor, [list(g.channels) for g in plan.groups])
     return set().union(*found)
+
+
+def test_output_quantization_steps(tmp_path) -> None:
+    """Verification may accept a few output quantization steps of difference on integer
+    models (ORT's x86 kernels pair channels in saturating 16-bit sums): the step is the
+    scale of the DequantizeLinear that makes each output, and a float output has none."""
+    from graphprune.verify.validate import output_quantization_steps
+
+    model = _quantized(_cnn(), tmp_path, "qop", per_channel=True)
+    last = next(n for n in model.graph.node if n.output[0] == "y")
+    assert last.op_type == "DequantizeLinear"
+    assert output_quantization_steps(model) == [float(_init(model, last.input[1]))]
+    assert output_quantization_steps(_cnn()) is None

@@ -82,6 +82,14 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) 
     model = gs.export_onnx(graph, do_type_check=False)
     if store is not None:
         store.hoist_source_stubs(model)
+    # a shape a rule derived behind an op ONNX does not know comes without a type: not a
+    # value_info the checker accepts (``CouplingContext.derive_shape``)
+    typed = [v for v in model.graph.value_info
+             if not (v.type.WhichOneof("value") in (None, "tensor_type")
+                     and v.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED)]
+    if len(typed) < len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(typed)
     del model.opset_import[:]
     model.opset_import.extend(copy.deepcopy(list(template.opset_import)))
     # initializers are no longer listed as graph inputs, which IR < 4 requires

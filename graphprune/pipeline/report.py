@@ -32,6 +32,7 @@ from graphprune.analysis.explain import nothing_prunable
 from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
+from graphprune.rules.quantize import optimizer_fuses_quantization
 from graphprune.verify.metrics import count_macs, count_params
 
 CONV_KERNELS = ("conv", "conv_transpose")
@@ -119,13 +120,14 @@ def base_report(
     plan: Plan,
     analysis: Analysis | None,
     ctx: PassContext | None,
+    store: Any = None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "mode": mode,
         "params_before": count_params(before),
         "params_after": count_params(after),
-        "macs_before": count_macs(before),
-        "macs_after": count_macs(after),
+        "macs_before": count_macs(before, store),
+        "macs_after": count_macs(after, store),
         "nodes_before": len(before.graph.node),
         "nodes_after": len(after.graph.node),
     }
@@ -150,8 +152,12 @@ def is_low_precision(model: onnx.ModelProto) -> bool:
 
 
 def quantizes_at_run_time(model: onnx.ModelProto, opset: int) -> bool:
-    """Whether the model quantizes activations with ranges computed at run time
-    (``OpRule.quantizes_at_run_time``: ORT's dynamic quantization)."""
+    """Whether the model quantizes activations: with ranges computed at run time
+    (``OpRule.quantizes_at_run_time``: ORT's dynamic quantization) or with fixed scales
+    (QDQ, QOperator). Either way a float rounding difference upstream (another summation
+    order over fewer channels) can move a value by one quantization step."""
+    if optimizer_fuses_quantization(model):
+        return True
     for node in model.graph.node:
         rule = registry.lookup(node.domain, node.op_type, opset)
         if rule is not None and rule.quantizes_at_run_time:
@@ -162,7 +168,7 @@ def quantizes_at_run_time(model: onnx.ModelProto, opset: int) -> bool:
 def tolerance_hint(model: onnx.ModelProto, opset: int = 13) -> str:
     """A hint for the error message: how to accept a larger difference."""
     if quantizes_at_run_time(model, opset):
-        return (" (the model quantizes activations at run time, where a rounding difference "
+        return (" (the model quantizes activations, where a rounding difference "
                 "upstream can move a value by one quantization step; the default tolerance "
                 "already allows for that: pass a looser --tolerance if this difference is acceptable)")
     if is_low_precision(model):

@@ -328,6 +328,7 @@ class Session:
         feeds: list[dict[str, np.ndarray]] | None = None,
         stage: str = "verify",
         optimize_reference: bool | None = None,
+        emulate_quantization: bool = False,
         segment_candidate: bool = False,
     ) -> dict[str, Any]:
         """Compare ``candidate`` (default: the exported model) with ``reference``.
@@ -347,6 +348,7 @@ class Session:
                     what=what, tolerance=tolerance, reference_overrides=overrides,
                     check=not isinstance(candidate, onnx.ModelProto),
                     original=self.path_of(self.prepared), optimize_reference=optimize_reference,
+                    emulate_quantization=emulate_quantization,
                     segment_candidate=segment_candidate,
                 )
                 result["checker"] = result["checker"] or checked
@@ -360,7 +362,7 @@ class Session:
         assert self.model is not None, "export() before report()"
         report = reports.base_report(
             mode, self.prepared, self.model, plan,
-            analysis if analysis is not None else self.analysis, self.ctx,
+            analysis if analysis is not None else self.analysis, self.ctx, self.store,
         )
         report["params_before"] = self.params_as_loaded  # what the user's file held
         return report

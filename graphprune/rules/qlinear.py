@@ -1,6 +1,6 @@
 """ONNX Runtime's QOperator format: ``QLinearConv``, ``QLinearMatMul`` and the com.microsoft
 ``QGemm``, ``QLinearAdd`` / ``QLinearMul``, ``QLinearGlobalAveragePool`` /
-``QLinearAveragePool``, ``QLinearSigmoid`` / ``QLinearLeakyRelu`` (what
+``QLinearAveragePool``, ``QLinearSigmoid`` / ``QLinearLeakyRelu``, ``QLinearSoftmax`` (what
 ``onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QOperator)`` writes).
 
 Every activation is an integer tensor with a per-tensor scale and zero point (scalars, as the
@@ -32,6 +32,7 @@ from graphprune.rules.linear import GemmRule, MatMulRule
 from graphprune.rules.pool import PoolRule, pooled_shape
 from graphprune.rules.quantize import _decoding, _per_axis
 from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.shape_ops import ConcatRule
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -249,3 +250,57 @@ class QLinearUnaryRule(_ScalarQuantized, OpRule):
             return
         ctx.derive_shape(node.outputs[0], ctx.shape(node.inputs[0]))
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
+
+
+@register
+class QLinearSoftmaxRule(_ScalarQuantized, OpRule):
+    """com.microsoft ``QLinearSoftmax(X, X_scale, x_zp, y_scale, y_zp)``: a Softmax (the
+    ``opset`` attribute says whose: before 13 it normalises every axis from ``axis`` on)."""
+
+    op_types = ("QLinearSoftmax",)
+    domain = "com.microsoft"
+    scalar_inputs = (1, 2, 3, 4)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return
+        ctx.derive_shape(y, ctx.shape(x))
+        ctx.couple_all_axes(x, y)
+        modern = int(node.attrs.get("opset", 13)) >= 13
+        axis = int(node.attrs.get("axis", -1 if modern else 1)) % (rank or 1)
+        for a in [axis] if modern else range(axis, rank):
+            ctx.inexact(x, a, f"{node.op} normalises this axis")
+
+
+@register
+class QLinearConcatRule(_ScalarQuantized, ConcatRule):
+    """com.microsoft ``QLinearConcat(Y_scale, Y_zp, X1, X1_scale, X1_zp, X2, ...)``: each
+    input requantized to the output's scale and joined along ``axis`` (a zeroed channel stays
+    the zero point). Its inputs are not dropped by the lossless mode (``concat_axis`` None)."""
+
+    op_types = ("QLinearConcat",)
+    domain = "com.microsoft"
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+    trace_shape = OpRule.trace_shape
+    concat_axis = OpRule.concat_axis
+
+    def joined(self, node: gs.Node) -> list[gs.Tensor]:
+        return list(node.inputs[2::3])
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if _scalars(node, ctx, tuple(k for k in range(len(node.inputs)) if k < 2 or k % 3 != 2)):
+            self.couple_data(node, ctx)
+
+    def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
+        shapes = [ctx.shape(x) for x in self.joined(node)]
+        if shapes and all(s is not None and len(s) == len(shapes[0]) for s in shapes):
+            axis = int(node.attrs.get("axis", 1)) % len(shapes[0])
+            sizes = [s[axis] for s in shapes]
+            derived = list(shapes[0])
+            derived[axis] = None if None in sizes else sum(sizes)
+            ctx.derive_shape(node.outputs[0], derived)
+        ConcatRule.couple(self, node, ctx)

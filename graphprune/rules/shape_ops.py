@@ -75,21 +75,25 @@ class ConcatRule(OpRule):
             return None
         return [e for p in parts for e in p]  # type: ignore[union-attr]
 
+    def joined(self, node: gs.Node) -> list[gs.Tensor]:
+        """The inputs that are joined (``QLinearConcat`` interleaves scales and zero points)."""
+        return list(node.inputs)
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]
         rank = ctx.rank(y)
         if rank is None:
-            ctx.freeze_node(node, f"rank unknown at Concat '{node.name}'")
+            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
             return
         axis = int(node.attrs["axis"]) % rank
         offset = 0
-        for x in node.inputs:
+        for x in self.joined(node):
             for a in range(rank):
                 if a != axis:
                     ctx.couple(y, a, x, a)
             size = ctx.size(x, axis)
             if size is None:
-                ctx.freeze_node(node, f"input size unknown at Concat '{node.name}'")
+                ctx.freeze_node(node, f"input size unknown at {node.op} '{node.name}'")
                 return
             ctx.couple(y, axis, x, axis, Offset(offset))
             offset += size

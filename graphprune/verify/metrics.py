@@ -8,6 +8,7 @@ rule does not count (elementwise ops, ops without a rule) add nothing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -50,9 +51,11 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
-def count_macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates of one run (the main graph's nodes, as their rules count them)."""
-    graph = ir.import_graph(model)
+def count_macs(model: onnx.ModelProto, store: Any = None) -> int:
+    """Multiply-accumulates of one run (the main graph's nodes, as their rules count them).
+    ``store``: the weight store that ``model``'s external weights refer to (shapes behind a
+    com.microsoft op are derived by probing, which reads the small constants)."""
+    graph = ir.import_graph(model, store)
     opset = ir.default_opset(model)
     if any(n.domain not in ("", "ai.onnx") for n in graph.nodes) and any(
             t.shape is None for n in graph.nodes for t in n.outputs):

@@ -15,6 +15,7 @@ pruned axis) are left out of the check and listed with the reason.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -219,6 +220,7 @@ def compare(
     original: ModelRef | None = None,
     candidate_outputs: list[list[np.ndarray]] | None = None,
     optimize_reference: bool | None = None,
+    emulate_quantization: bool = False,
     segment_candidate: bool = False,
 ) -> dict[str, Any]:
     """Check ``candidate`` against ``reference`` on the same feeds.
@@ -229,16 +231,26 @@ def compare(
     original", ...). Raises :class:`VerificationError` when the candidate fails the checker,
     does not run or has other output shapes; a difference above ``tolerance`` is reported
     with ``ok: False``.
+
+    ``emulate_quantization`` (QDQ models, which ORT's optimizer fuses into integer kernels):
+    both models are compared unoptimised, where QuantizeLinear / DequantizeLinear compute
+    what the ONNX standard says. The fused kernels' results depend on the channel count (an
+    x86 u8s8 kernel sums adjacent channel pairs in saturating 16-bit arithmetic, so removing a
+    channel can move an output by one quantization step); the candidate still runs once
+    optimised, as it will be deployed.
     """
     if check:
         check_model(candidate, original)
     # the reference is only a means of comparison: it may run segment by segment (one
     # segment's weights at a time); the candidate runs whole, as it will be used, unless
     # ``segment_candidate`` says it is an intermediate model too
-    ref_outs = run_many(reference, feeds_list, what, reference_overrides, optimize_reference,
-                        segmented=True)
-    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model",
+    optimize = False if emulate_quantization else None
+    ref_outs = run_many(reference, feeds_list, what, reference_overrides,
+                        False if emulate_quantization else optimize_reference, segmented=True)
+    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model", optimize=optimize,
                                          segmented=segment_candidate)
+    if emulate_quantization:
+        run_many(candidate, feeds_list[:1], "the pruned model (optimised)")
     max_abs = max_rel = 0.0
     for ref_out, out in zip(ref_outs, outs, strict=True):
         if not output_shapes_match(ref_out, out):
@@ -258,6 +270,8 @@ def compare(
         "max_abs_diff": max_abs,
         "max_rel_diff": max_rel,
         "tolerance": tolerance,
+        **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
+           if emulate_quantization else {}),
     }
 
 
@@ -278,6 +292,21 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
         max_abs = max(max_abs, d)
         max_rel = max(max_rel, d / max(scale, 1e-12))
     return max_abs, max_rel
+
+
+def output_quantization_steps(model: onnx.ModelProto) -> list[float] | None:
+    """The quantization step of each graph output that a ``DequantizeLinear`` with a constant
+    per-tensor scale produces (``None`` unless every output is one)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    scales = {i.name: i for i in model.graph.initializer}
+    steps = []
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        scale = scales.get(node.input[1]) if node is not None and node.op_type == "DequantizeLinear" else None
+        if scale is None or math.prod(scale.dims) != 1 or scale.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        steps.append(float(numpy_helper.to_array(scale).reshape(-1)[0]))
+    return steps or None
 
 
 def zeroed_overrides(
