@@ -198,7 +198,8 @@ def quantized(path: Path, kind: str, calib: Path) -> Path:
             file = next(self.files, None)
             return None if file is None else dict(np.load(file))
 
-    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
+    quantize_static(str(path), str(out), Reader(), quant_format=fmt, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     return out
 
@@ -213,9 +214,10 @@ def main() -> int:
     parser.add_argument("--only", default="",
                         help="run only these settings (1-based, comma-separated: 1 = MLP 0.25, 2 = MLP 0.5, 3 = heads)")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--quantize", choices=("dynamic", "qdq"), default=None,
-                        help="prune the int8 model instead (ONNX Runtime quantize_dynamic, or static QDQ "
-                             "calibrated on the calibration sentences); the reference is the int8 original")
+    parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop"), default=None,
+                        help="prune the int8 model instead (ONNX Runtime quantize_dynamic, or static QDQ / "
+                             "QOperator calibrated on the calibration sentences); the reference is the int8 "
+                             "original")
     args = parser.parse_args()
     import onnx
 
