@@ -236,3 +236,20 @@ def test_output_quantization_steps(tmp_path) -> None:
     assert last.op_type == "DequantizeLinear"
     assert output_quantization_steps(model) == [float(_init(model, last.input[1]))]
     assert output_quantization_steps(_cnn()) is None
+
+
+def test_calibration_on_a_qoperator_model_says_what_it_did(tmp_path) -> None:
+    """With calibration data a QOperator model prunes, reports its held-out fidelity and says
+    that its groups were scored data-free (no float linear layer to gather statistics at) and
+    that the integer kernels were not refit: nothing is claimed that was not done."""
+    from graphprune.planning.data_aware import NO_STATISTICS
+
+    model = _quantized(_cnn(), tmp_path, "qop", per_channel=True)
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    result = graphprune.prune(model, ratio=0.5, calibration=feeds)
+    calibration = result.report["calibration"]
+    assert result.report["verification"]["ok"]
+    assert calibration["criteria_chosen"] == {NO_STATISTICS: result.report["groups"]["pruned"]}, calibration
+    assert "QLinearConv" in " ".join(calibration["passes"]["RefitPass"]["skipped"])
+    assert 0.0 < result.report["fidelity"]["cosine"] <= 1.0

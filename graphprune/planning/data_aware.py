@@ -28,7 +28,8 @@ removal sets leave the smallest output error in the group's consumers once the k
 are refit: ``||W_R^T [G^-1]_RR^-1 W_R||`` summed over the consumers and over removal
 fractions :data:`AUTO_FRACTIONS`, relative to each consumer's output energy (the error that
 the least-squares refit cannot remove, computed from the Gram alone). The choice per group
-is in ``report["calibration"]["criteria_chosen"]``.
+is in ``report["calibration"]["criteria_chosen"]``, which also counts the groups scored
+data-free for want of statistics.
 
 As for the data-free criteria, the element scores of each consumer member are averaged per
 unit and normalised by their mean, and a unit's score is the sum over the members. A group
@@ -314,6 +315,11 @@ def plan_error(
     return total
 
 
+#: the ``criteria_chosen`` entry for groups no consumer with statistics reads (a consumer
+#: that is no float linear layer, e.g. a QOperator integer kernel): scored data-free
+NO_STATISTICS = "l2 (data-free: no consumer with statistics)"
+
+
 class DataAwareScorer:
     """``group -> scores`` for the planner; ``auto`` chooses a criterion per group
     (``chosen``: groups per criterion)."""
@@ -327,9 +333,12 @@ class DataAwareScorer:
         return norm_scores(group, self.tensors, 2)
 
     def __call__(self, group: ChannelGroup) -> np.ndarray:
+        consumers = _consumers(group, self.views, self.stats)
+        if not consumers:  # said in the report: these groups were not scored from data
+            self.chosen[NO_STATISTICS] = self.chosen.get(NO_STATISTICS, 0) + 1
+            return self.fallback(group)
         if self.criterion != AUTO_CRITERION:
             return group_scores(group, self.views, self.stats, self.criterion, self.fallback)
-        consumers = _consumers(group, self.views, self.stats)
         best: tuple[float, str, np.ndarray] | None = None
         seen: dict[bytes, float] = {}
         for name in AUTO_CANDIDATES:

@@ -57,7 +57,7 @@ def count_macs(model: onnx.ModelProto, store: Any = None) -> int:
     com.microsoft op are derived by probing, which reads the small constants)."""
     graph = ir.import_graph(model, store)
     opset = ir.default_opset(model)
-    if any(n.domain not in ("", "ai.onnx") for n in graph.nodes) and any(
+    if any((n.domain or "") not in ("", "ai.onnx") for n in graph.nodes) and any(
             t.shape is None for n in graph.nodes for t in n.outputs):
         from graphprune.analysis.driver import derive_missing_shapes
 
