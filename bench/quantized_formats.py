@@ -17,7 +17,12 @@ the static quantizer did not calibrate on: output cosine and top-1 agreement. A 
 should be planned like its float original (the data-free criteria score the float weights the
 integer ones decode to) and keep about the same fidelity.
 
+``--zoo`` adds a QOperator sweep over more zoo architectures (depthwise and grouped convs,
+QLinearConcat, squeeze-excitation with QLinearSigmoid/QLinearMul, LayerNorm): each quantized
+after ONNX Runtime's ``quant_pre_process`` and pruned at ratio 0.5 (``zoo_rows``).
+
     python bench/quantized_formats.py            # ~2 min; writes bench/results/quantized_formats.json
+    python bench/quantized_formats.py --zoo      # + ~6 min
 """
 
 from __future__ import annotations
@@ -71,6 +76,36 @@ def _quantize(base: Path, kind: str, out: Path) -> Path:
     return out
 
 
+ZOO = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet",
+       "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_y_400mf", "resnext50_32x4d", "convnext_tiny")
+
+
+def _zoo_row(name: str, tmp: Path) -> dict | None:
+    """One zoo export quantized in QOperator format (after ORT's pre-processing) and pruned."""
+    import collections
+
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import graphprune
+
+    src = HERE / "cache" / f"{name}__torchscript.onnx"
+    if not src.exists():
+        return None
+    pre = tmp / f"{name}_pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    path = _quantize(pre, "qop", tmp / f"{name}_qop.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node if n.op_type.startswith("Q"))
+    t0 = time.perf_counter()
+    result = graphprune.prune(str(path), ratio=0.5)
+    rep, ver = result.report, result.report["verification"]
+    return {"model": name, "format": "qop", "groups_pruned": rep["groups"]["pruned"], "groups": rep["groups"]["total"],
+            "params_ratio": round(rep["params_after"] / rep["params_before"], 3),
+            "macs_ratio": round(rep["macs_after"] / rep["macs_before"], 3) if rep["macs_before"] else None,
+            "verified": bool(ver.get("ok")), "max_abs_diff": ver.get("max_abs_diff"),
+            "seconds": round(time.perf_counter() - t0, 1), "quantized_ops": dict(ops)}
+
+
 def _outputs(path, feeds: list[dict]) -> np.ndarray:
     import onnxruntime as ort
 
@@ -83,8 +118,14 @@ def main() -> int:
 
     import graphprune
 
-    rows = []
+    rows, zoo_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        if "--zoo" in sys.argv[1:]:
+            for name in ZOO:
+                row = _zoo_row(name, Path(tmp))
+                if row is not None:
+                    zoo_rows.append(row)
+                    print(json.dumps(row), flush=True)
         for base in BASES:
             if not base.exists():
                 print(f"{base}: not in the cache (bench/export_zoo.py, bench/real_corpus.py --fetch)", file=sys.stderr)
@@ -115,7 +156,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"ratio": 0.5, "criterion": "l1", "inputs": "8 random, not calibrated on",
-                                   "rows": rows}, indent=1))
+                                   "rows": rows, "zoo_rows": zoo_rows}, indent=1))
     return 0
 
 
