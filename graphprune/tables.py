@@ -78,6 +78,9 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
         f"max abs diff {v.get('max_abs_diff', 0):.3g}, max rel diff {v.get('max_rel_diff', 0):.3g}, "
         f"tolerance {v.get('tolerance', 0):g}, {v.get('samples', 1)} random inputs)"
     ]
+    if v.get("scale"):  # accepted above the tolerance: say on what grounds
+        grounds = v["scale"]
+        lines.append(f"  accepted: {'relative to ' if grounds.startswith('the ') else ''}{grounds}")
     real = difference_to_original(report)
     if real is not None:
         lines.append(f"  the output differs from the original itself by max rel diff {real:.3g} "

@@ -253,3 +253,15 @@ def test_calibration_on_a_qoperator_model_says_what_it_did(tmp_path) -> None:
     assert calibration["criteria_chosen"] == {NO_STATISTICS: result.report["groups"]["pruned"]}, calibration
     assert "QLinearConv" in " ".join(calibration["passes"]["RefitPass"]["skipped"])
     assert 0.0 < result.report["fidelity"]["cosine"] <= 1.0
+
+
+def test_the_table_says_why_a_larger_difference_was_accepted() -> None:
+    from graphprune.tables import verification_lines
+
+    base = {"ok": True, "reference": "the zeroed original", "max_abs_diff": 0.0039, "max_rel_diff": 0.0139,
+            "tolerance": 0.01}
+    steps = verification_lines({"verification": {**base, "scale": "within 4 output quantization steps (0.0039)"}})
+    assert "  accepted: within 4 output quantization steps (0.0039)" in steps
+    ranged = verification_lines({"verification": {**base, "scale": "the original's output range"}})
+    assert "  accepted: relative to the original's output range" in ranged
+    assert not any(line.startswith("  accepted") for line in verification_lines({"verification": base}))
