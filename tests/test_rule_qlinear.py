@@ -234,8 +234,17 @@ def test_output_quantization_steps(tmp_path) -> None:
     model = _quantized(_cnn(), tmp_path, "qop", per_channel=True)
     last = next(n for n in model.graph.node if n.output[0] == "y")
     assert last.op_type == "DequantizeLinear"
-    assert output_quantization_steps(model) == [float(_init(model, last.input[1]))]
+    step = float(_init(model, last.input[1]))
+    assert output_quantization_steps(model) == [step]
     assert output_quantization_steps(_cnn()) is None
+    # through an op that only moves data the step is the same; through a float map it is unknown
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "flat"))
+    model.graph.node.append(helper.make_node("Reshape", ["y", "flat"], ["moved"]))
+    model.graph.node.append(helper.make_node("Sigmoid", ["y"], ["mapped"]))
+    for name, expected in (("moved", [step]), ("mapped", None)):
+        del model.graph.output[:]
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        assert output_quantization_steps(model) == expected, name
 
 
 def test_calibration_on_a_qoperator_model_says_what_it_did(tmp_path) -> None:

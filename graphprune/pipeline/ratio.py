@@ -187,7 +187,8 @@ def _within_float_noise(session: Session, candidate: Any, verification: dict[str
 
 def _within_quantization_steps(session: Session, verification: dict[str, Any]) -> dict[str, Any]:
     """Accept a difference of a few output quantization steps in a model whose every output
-    is dequantized with a constant per-tensor scale: ONNX Runtime's x86 integer kernels
+    is dequantized with a constant per-tensor scale (``validate.output_quantization_steps``):
+    ONNX Runtime's x86 integer kernels
     (QLinearConv, QLinearMatMul, and the QDQ patterns they fuse) sum adjacent input channels'
     u8 x s8 products in saturating 16-bit arithmetic, so removing a channel re-pairs the others
     and an output can move by a step or two (ORT's ``reduce_range`` quantization, which avoids
