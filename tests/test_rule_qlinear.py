@@ -229,7 +229,7 @@ def test_output_quantization_steps(tmp_path) -> None:
     """Verification may accept a few output quantization steps of difference on integer
     models (ORT's x86 kernels pair channels in saturating 16-bit sums): the step is the
     scale of the DequantizeLinear that makes each output, and a float output has none."""
-    from graphprune.verify.validate import output_quantization_steps
+    from graphprune.rules.quantize import output_quantization_steps
 
     model = _quantized(_cnn(), tmp_path, "qop", per_channel=True)
     last = next(n for n in model.graph.node if n.output[0] == "y")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.constants import conv_geometry
+from graphprune.rules import registry
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
 _PROBE_CONST_LIMIT = 4096
@@ -56,55 +56,26 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
     return shapes
 
 
-def _add_qoperator_handlers(engine: Any) -> None:
-    """Teach ONNX Runtime's symbolic shape inference the com.microsoft QOperator ops it does
-    not know (it stops at the first unknown op): elementwise ones keep the shape, pools keep
-    batch and channels, ``QGemm`` is ``[M, N]``, ``QLinearConcat`` joins its data inputs."""
+def _add_rule_handlers(engine: Any) -> None:
+    """Teach ONNX Runtime's symbolic shape inference (which stops at the first op it does not
+    know) the ops whose rules give their output shape (:meth:`OpRule.output_shape`: the
+    com.microsoft QOperator ops), where it has no handler of its own."""
     from onnx import helper
 
-    def put(node: onnx.NodeProto, shape: list | None, like: int = 0) -> None:
-        if shape is not None:
-            elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
-            engine.known_vi_[node.output[0]].CopyFrom(helper.make_tensor_value_info(node.output[0], elem, shape))
+    def handler(rule: registry.OpRule) -> Any:
+        def infer(node: onnx.NodeProto) -> None:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            shapes = [engine._get_shape(node, k) if name else None for k, name in enumerate(node.input)]
+            found = rule.output_shape(node.op_type, attrs, shapes)
+            if found is not None:
+                shape, like = found
+                elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
+                engine.known_vi_[node.output[0]].CopyFrom(
+                    helper.make_tensor_value_info(node.output[0], elem, shape))
+        return infer
 
-    def attrs(node: onnx.NodeProto) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-    def pool(node: onnx.NodeProto) -> None:
-        x, a = engine._get_shape(node, 0), attrs(node)
-        last = int(a.get("channels_last", 0))
-        if x is None or len(x) < 3:
-            return
-        first = [x[0], x[-1], *x[1:-1]] if last else list(x)
-        if node.op_type == "QLinearGlobalAveragePool":
-            out = [*first[:2], *[1] * (len(x) - 2)]
-        elif all(isinstance(d, int) for d in first[2:]) and "kernel_shape" in a:
-            out = [*first[:2], *conv_geometry(a, a["kernel_shape"], first[2:])[3]]
-        else:
-            return
-        put(node, [out[0], *out[2:], out[1]] if last else out)
-
-    def gemm(node: onnx.NodeProto) -> None:
-        a_shape, b_shape, a = engine._get_shape(node, 0), engine._get_shape(node, 3), attrs(node)
-        if a_shape and b_shape and len(a_shape) == 2 and len(b_shape) == 2:
-            m = a_shape[1] if int(a.get("transA", 0)) else a_shape[0]
-            put(node, [m, b_shape[0] if int(a.get("transB", 0)) else b_shape[1]])
-
-    def concat(node: onnx.NodeProto) -> None:
-        shapes = [engine._get_shape(node, k) for k in range(2, len(node.input), 3)]
-        if not shapes or any(sh is None or len(sh) != len(shapes[0]) for sh in shapes):
-            return
-        axis = int(attrs(node).get("axis", 1)) % len(shapes[0])
-        sizes = [sh[axis] for sh in shapes]
-        if all(isinstance(d, int) for d in sizes):
-            put(node, [*shapes[0][:axis], sum(sizes), *shapes[0][axis + 1:]], like=2)
-
-    same = engine._pass_on_shape_and_type
-    handlers = {"QLinearSigmoid": same, "QLinearLeakyRelu": same, "QLinearSoftmax": same,
-                "QLinearGlobalAveragePool": pool, "QLinearAveragePool": pool, "QGemm": gemm,
-                "QLinearConcat": concat}
-    for op, handler in handlers.items():
-        engine.dispatcher_.setdefault(op, handler)
+    for op, rule in registry.shape_rules().items():
+        engine.dispatcher_.setdefault(op, handler(rule))
 
 
 def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
@@ -116,7 +87,7 @@ def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
         # its ``infer_shapes`` writes a file into the working directory when some shape
         # stays unknown; run its loop directly and keep the partial result instead
         engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        _add_qoperator_handlers(engine)
+        _add_rule_handlers(engine)
         engine._preprocess(model)
         while engine.run_:
             engine._infer_impl()

@@ -22,7 +22,7 @@ from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
-from graphprune.rules.quantize import optimizer_fuses_quantization
+from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
 from graphprune.verify import validate
 
 #: verification tolerance on the relative difference (float32 models)
@@ -187,13 +187,13 @@ def _within_float_noise(session: Session, candidate: Any, verification: dict[str
 
 def _within_quantization_steps(session: Session, verification: dict[str, Any]) -> dict[str, Any]:
     """Accept a difference of a few output quantization steps in a model whose every output
-    is dequantized with a constant per-tensor scale (``validate.output_quantization_steps``):
+    is dequantized with a constant per-tensor scale (``quantize.output_quantization_steps``):
     ONNX Runtime's x86 integer kernels
     (QLinearConv, QLinearMatMul, and the QDQ patterns they fuse) sum adjacent input channels'
     u8 x s8 products in saturating 16-bit arithmetic, so removing a channel re-pairs the others
     and an output can move by a step or two (ORT's ``reduce_range`` quantization, which avoids
     the saturation, prunes exactly). A rewrite error moves outputs by far more."""
-    steps = validate.output_quantization_steps(session.prepared)
+    steps = output_quantization_steps(session.prepared)
     if not steps or verification["max_abs_diff"] > NOISE_MULTIPLE * min(steps):
         return verification
     step = min(steps)

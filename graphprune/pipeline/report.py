@@ -151,7 +151,7 @@ def is_low_precision(model: onnx.ModelProto) -> bool:
     return bool(types & low)
 
 
-def quantizes_at_run_time(model: onnx.ModelProto, opset: int) -> bool:
+def quantizes_activations(model: onnx.ModelProto, opset: int) -> bool:
     """Whether the model quantizes activations: with ranges computed at run time
     (``OpRule.quantizes_at_run_time``: ORT's dynamic quantization) or with fixed scales
     (QDQ, QOperator). Either way a float rounding difference upstream (another summation
@@ -167,7 +167,7 @@ def quantizes_at_run_time(model: onnx.ModelProto, opset: int) -> bool:
 
 def tolerance_hint(model: onnx.ModelProto, opset: int = 13) -> str:
     """A hint for the error message: how to accept a larger difference."""
-    if quantizes_at_run_time(model, opset):
+    if quantizes_activations(model, opset):
         return (" (the model quantizes activations, where a rounding difference "
                 "upstream can move a value by one quantization step; the default tolerance "
                 "already allows for that: pass a looser --tolerance if this difference is acceptable)")

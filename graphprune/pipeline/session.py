@@ -214,7 +214,7 @@ class Session:
         """``base`` for float32 models; a tolerance that fits 16-bit floats, or activations
         quantized at run time (a rounding difference upstream can move a value by one
         quantization step), otherwise."""
-        loose = self.low_precision or reports.quantizes_at_run_time(self.prepared, self.opset)
+        loose = self.low_precision or reports.quantizes_activations(self.prepared, self.opset)
         return max(base, LOW_PRECISION_TOLERANCE) if loose else base
 
     def check_keep(self) -> None:

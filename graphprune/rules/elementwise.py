@@ -375,16 +375,20 @@ class SoftmaxRule(OpRule):
     op_types = ("Softmax", "LogSoftmax", "Hardmax")
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x, y = node.inputs[0], node.outputs[0]
-        ctx.couple_all_axes(x, y)
-        rank = ctx.rank(x)
-        if rank is None:
-            return
-        default = -1 if ctx.opset >= 13 else 1
-        axis = int(node.attrs.get("axis", default)) % rank
-        axes = [axis] if ctx.opset >= 13 else list(range(axis, rank))
-        for a in axes:
-            ctx.inexact(x, a, f"{node.op} normalises this axis")
+        couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)
+
+
+def couple_softmax(node: gs.Node, ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, opset: int) -> None:
+    """A softmax from ``x`` to ``y`` as ONNX ``opset`` defines it: every axis maps to itself;
+    the normalised axis (from opset 13; before, every axis from ``axis`` on, flattened) is
+    inexact."""
+    ctx.couple_all_axes(x, y)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    axis = int(node.attrs.get("axis", -1 if opset >= 13 else 1)) % (rank or 1)
+    for a in [axis] if opset >= 13 else range(axis, rank):
+        ctx.inexact(x, a, f"{node.op} normalises this axis")
 
 
 #: integer types quantizers store weights in

@@ -36,17 +36,17 @@ def _spatial(ctx: CouplingContext, tensors: list[gs.Tensor]) -> None:
             ctx.spatial(t, range(2, rank))
 
 
-def pooled_shape(node: gs.Node, x: list[int | None] | None) -> list[int | None] | None:
+def pooled_shape(op: str, attrs: dict, x: list | None) -> list | None:
     """The output shape of a (global) pooling of ``x`` (channels first), for graphs where ONNX
     shape inference stopped before it (``None`` where the sizes are not known)."""
-    if x is None or len(x) < 3 or node.op == "MaxRoiPool":
+    if x is None or len(x) < 3 or op == "MaxRoiPool":
         return None
-    if node.op.startswith(("Global", "QLinearGlobal")):
+    if op.startswith(("Global", "QLinearGlobal")):
         return [*x[:2], *[1] * (len(x) - 2)]
-    kernel = node.attrs.get("kernel_shape")
-    if kernel is None or None in x[2:] or len(kernel) != len(x) - 2:
+    kernel = attrs.get("kernel_shape")
+    if kernel is None or not all(isinstance(d, int) for d in x[2:]) or len(kernel) != len(x) - 2:
         return [*x[:2], *[None] * (len(x) - 2)]
-    return [*x[:2], *za.conv_geometry(node.attrs, kernel, x[2:])[3]]
+    return [*x[:2], *za.conv_geometry(attrs, kernel, x[2:])[3]]
 
 
 @register
@@ -75,7 +75,7 @@ class PoolRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        ctx.derive_shape(y, pooled_shape(node, ctx.shape(x)))
+        ctx.derive_shape(y, pooled_shape(node.op, node.attrs, ctx.shape(x)))
         ctx.couple(x, 0, y, 0)
         ctx.couple(x, 1, y, 1)
         _spatial(ctx, [x, y])

@@ -28,9 +28,10 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.conv import ConvRule
+from graphprune.rules.elementwise import couple_softmax
 from graphprune.rules.linear import GemmRule, MatMulRule
 from graphprune.rules.pool import PoolRule, pooled_shape
-from graphprune.rules.quantize import _decoding, _per_axis
+from graphprune.rules.quantize import decode_integer, is_per_axis
 from graphprune.rules.registry import LinearInfo, OpRule, register
 from graphprune.rules.shape_ops import ConcatRule
 
@@ -46,7 +47,7 @@ def _scalars(node: gs.Node, ctx: CouplingContext, indices: tuple[int, ...]) -> b
     """The activation scales and zero points at ``indices`` are per tensor (frozen otherwise)."""
     for k in indices:
         t = _present(node, k)
-        if t is not None and _per_axis(ctx, t) is not False:
+        if t is not None and is_per_axis(ctx, t) is not False:
             ctx.freeze_node(node, f"per-axis activation scale or zero point at {node.op} '{node.name}'")
             return False
     return True
@@ -60,17 +61,17 @@ def _integer_weight(node: gs.Node, ctx: CouplingContext, indices: tuple[int, int
     whose float reading is ``(W - zp) * scale``. Freezes the node and returns False otherwise."""
     w, scale, zp = (_present(node, k) for k in indices)
     rank = ctx.rank(w) if w is not None else None
-    kinds = {_per_axis(ctx, scale), _per_axis(ctx, zp)}
+    kinds = {is_per_axis(ctx, scale), is_per_axis(ctx, zp)}
     if (not isinstance(w, gs.Constant) or not isinstance(scale, gs.Constant) or rank is None
             or (zp is not None and not isinstance(zp, gs.Constant)) or None in kinds):
         ctx.freeze_node(node, f"weight, scale or zero point not understood at {node.op} '{node.name}'")
         return False
-    decoding = _decoding(w, scale, zp, weight_axis)
+    decoding = decode_integer(w, scale, zp, weight_axis)
     if decoding is None:
         ctx.freeze_node(node, f"weight scale or zero point does not fit the weight at {node.op} '{node.name}'")
         return False
     for t in (scale, zp):
-        if t is not None and _per_axis(ctx, t):
+        if t is not None and is_per_axis(ctx, t):
             ctx.couple(t, 0, out[0], out[1])
             ctx.role(t, 0, CHANNELWISE)
             if t is zp:
@@ -78,6 +79,13 @@ def _integer_weight(node: gs.Node, ctx: CouplingContext, indices: tuple[int, int
     ctx.integer_param(w, np.broadcast_to(decoding.zero_point, np.shape(w.values)))
     ctx.decoded(w, decoding.scale, decoding.zero_point)
     return True
+
+
+def _derive_output(rule: OpRule, node: gs.Node, ctx: CouplingContext) -> None:
+    """Give output 0 the shape ``rule.output_shape`` says (behind an op ONNX does not know)."""
+    found = rule.output_shape(node.op, node.attrs, [ctx.shape(t) if t.name else None for t in node.inputs])
+    if found is not None:
+        ctx.derive_shape(node.outputs[0], [d if isinstance(d, int) else None for d in found[0]])
 
 
 def _integer_bias(node: gs.Node, ctx: CouplingContext, k: int) -> bool:
@@ -154,6 +162,15 @@ class QGemmRule(GemmRule):
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
 
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
+                     ) -> tuple[list, int] | None:
+        """``[M, N]``."""
+        a, b = shapes[0], shapes[3] if len(shapes) > 3 else None
+        if not a or not b or len(a) != 2 or len(b) != 2:
+            return None
+        m = a[1] if int(attrs.get("transA", 0)) else a[0]
+        return [m, b[0] if int(attrs.get("transB", 0)) else b[1]], 0
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         b = node.inputs[3]
         if not isinstance(b, gs.Constant) or ctx.rank(b) != 2:
@@ -163,9 +180,7 @@ class QGemmRule(GemmRule):
             ctx.freeze_node(node, f"transposed A at QGemm '{node.name}'")
             return
         out_axis = 0 if int(node.attrs.get("transB", 0)) else 1
-        a_shape, b_shape = ctx.shape(node.inputs[0]), ctx.shape(b)
-        if a_shape is not None and b_shape is not None and len(a_shape) == 2:
-            ctx.derive_shape(node.outputs[0], [a_shape[0], b_shape[out_axis]])  # no ONNX inference
+        _derive_output(self, node, ctx)
         if (_scalars(node, ctx, (1, 2, 7, 8)) and _integer_bias(node, ctx, 6)
                 and _integer_weight(node, ctx, (3, 4, 5), (node.outputs[0], 1), out_axis)):
             super().couple(node, ctx)
@@ -214,16 +229,22 @@ class QLinearPoolRule(_ScalarQuantized, OpRule):
     domain = "com.microsoft"
     scalar_inputs = (1, 2, 3, 4)
 
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
+                     ) -> tuple[list, int] | None:
+        """Batch and channels kept, the other axes pooled (channels first or last)."""
+        x = shapes[0]
+        if not int(attrs.get("channels_last", 0)):
+            out = pooled_shape(op, attrs, x)
+            return None if out is None else (out, 0)
+        out = pooled_shape(op, attrs, None if x is None else [x[0], x[-1], *x[1:-1]])
+        return None if out is None else ([out[0], *out[2:], out[1]], 0)
+
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        last = int(node.attrs.get("channels_last", 0))
-        if not last:
+        _derive_output(self, node, ctx)
+        if not int(node.attrs.get("channels_last", 0)):
             PoolRule.couple(self, node, ctx)  # type: ignore[arg-type]
             return
-        shape = ctx.shape(x)
-        if shape is not None and len(shape) >= 3:  # channels last: pool the axes in between
-            moved = pooled_shape(node, [shape[0], shape[-1], *shape[1:-1]])
-            ctx.derive_shape(y, None if moved is None else [moved[0], *moved[2:], moved[1]])
         rank = ctx.rank(x)
         if rank is None or rank != ctx.rank(y):
             ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
@@ -244,11 +265,15 @@ class QLinearUnaryRule(_ScalarQuantized, OpRule):
     domain = "com.microsoft"
     scalar_inputs = (1, 2, 3, 4)
 
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
+                     ) -> tuple[list, int] | None:
+        return None if shapes[0] is None else (shapes[0], 0)
+
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         if ctx.rank(node.inputs[0]) is None:
             ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
             return
-        ctx.derive_shape(node.outputs[0], ctx.shape(node.inputs[0]))
+        _derive_output(self, node, ctx)
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
 
 
@@ -260,6 +285,7 @@ class QLinearSoftmaxRule(_ScalarQuantized, OpRule):
     op_types = ("QLinearSoftmax",)
     domain = "com.microsoft"
     scalar_inputs = (1, 2, 3, 4)
+    output_shape = QLinearUnaryRule.output_shape
 
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -267,12 +293,8 @@ class QLinearSoftmaxRule(_ScalarQuantized, OpRule):
         if rank is None:
             ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
             return
-        ctx.derive_shape(y, ctx.shape(x))
-        ctx.couple_all_axes(x, y)
-        modern = int(node.attrs.get("opset", 13)) >= 13
-        axis = int(node.attrs.get("axis", -1 if modern else 1)) % (rank or 1)
-        for a in [axis] if modern else range(axis, rank):
-            ctx.inexact(x, a, f"{node.op} normalises this axis")
+        _derive_output(self, node, ctx)
+        couple_softmax(node, ctx, x, y, int(node.attrs.get("opset", 13)))
 
 
 @register
@@ -295,12 +317,17 @@ class QLinearConcatRule(_ScalarQuantized, ConcatRule):
         if _scalars(node, ctx, tuple(k for k in range(len(node.inputs)) if k < 2 or k % 3 != 2)):
             self.couple_data(node, ctx)
 
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
+                     ) -> tuple[list, int] | None:
+        """The data inputs (2, 5, 8, ...) joined along ``axis``."""
+        parts = shapes[2::3]
+        if not parts or any(sh is None or len(sh) != len(parts[0]) for sh in parts):
+            return None
+        axis = int(attrs.get("axis", 1)) % len(parts[0])
+        sizes = [sh[axis] for sh in parts]  # type: ignore[index]
+        joined = sum(sizes) if all(isinstance(d, int) for d in sizes) else None
+        return [*parts[0][:axis], joined, *parts[0][axis + 1:]], 2  # type: ignore[index]
+
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
-        shapes = [ctx.shape(x) for x in self.joined(node)]
-        if shapes and all(s is not None and len(s) == len(shapes[0]) for s in shapes):
-            axis = int(node.attrs.get("axis", 1)) % len(shapes[0])
-            sizes = [s[axis] for s in shapes]
-            derived = list(shapes[0])
-            derived[axis] = None if None in sizes else sum(sizes)
-            ctx.derive_shape(node.outputs[0], derived)
+        _derive_output(self, node, ctx)
         ConcatRule.couple(self, node, ctx)

@@ -53,16 +53,25 @@ rest of the graph is still analysed.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
-from graphprune.rules.registry import LinearInfo, OpRule, RescaledLinear, StoredWeight, register
+from graphprune.rules.registry import (
+    LinearInfo,
+    OpRule,
+    RescaledLinear,
+    StoredWeight,
+    lookup,
+    register,
+)
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -75,7 +84,7 @@ def optimizer_fuses_quantization(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QuantizeLinearRule.op_types for n in model.graph.node)
 
 
-def _per_axis(ctx: CouplingContext, t: gs.Tensor | None) -> bool | None:
+def is_per_axis(ctx: CouplingContext, t: gs.Tensor | None) -> bool | None:
     """``False``: per-tensor (scalar or ``[1]``); ``True``: one entry per index (1-D);
     ``None``: neither (blocked) or unknown."""
     if t is None or not t.name:
@@ -162,7 +171,7 @@ class Dequantized(StoredWeight):
         return True
 
 
-def _decoding(q: gs.Constant, scale: gs.Constant, zero_point: gs.Constant | None,
+def decode_integer(q: gs.Constant, scale: gs.Constant, zero_point: gs.Constant | None,
               axis: int | None) -> Dequantized | None:
     """``q`` (integer) decoded as ``(q - zero_point) * scale``: scale and zero point per tensor
     or one per index of ``axis`` (``axis=None``: broadcast to ``q`` as numpy does, no zero
@@ -202,7 +211,7 @@ def dequantized(node: gs.Node) -> Dequantized | None:
         return None
     if (zp is not None and not isinstance(zp, gs.Constant)) or int(node.attrs.get("block_size", 0) or 0):
         return None
-    return _decoding(x, scale, zp, int(node.attrs.get("axis", 1)))
+    return decode_integer(x, scale, zp, int(node.attrs.get("axis", 1)))
 
 
 def cast_scaled(node: gs.Node) -> Dequantized | None:
@@ -216,10 +225,43 @@ def cast_scaled(node: gs.Node) -> Dequantized | None:
         if producer is None or producer.op != "Cast" or len(cast.outputs) != 1 or not isinstance(scale, gs.Constant):
             continue
         q = producer.inputs[0]
-        found = _decoding(q, scale, None, None) if isinstance(q, gs.Constant) else None
+        found = decode_integer(q, scale, None, None) if isinstance(q, gs.Constant) else None
         if found is not None:
             return found
     return None
+
+
+def output_quantization_steps(model: onnx.ModelProto) -> list[float] | None:
+    """The quantization steps of the ``DequantizeLinear`` nodes (constant per-tensor scales)
+    that make the graph outputs, directly or through ops that only move data (Reshape,
+    Transpose, Concat ...: rules with ``zero_behaviour`` "move"). ``None`` unless every output
+    is made that way."""
+    from graphprune.io.ir import default_opset
+
+    opset = default_opset(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    scales = {i.name: i for i in model.graph.initializer}
+    steps: list[float] = []
+    pending, seen = [o.name for o in model.graph.output], set()
+    while pending:
+        name = pending.pop()
+        node = producers.get(name)
+        if node is None:
+            return None
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("DequantizeLinear",):
+            scale = scales.get(node.input[1])
+            if scale is None or math.prod(scale.dims) != 1 or scale.data_location == onnx.TensorProto.EXTERNAL:
+                return None
+            steps.append(float(numpy_helper.to_array(scale).reshape(-1)[0]))
+            continue
+        rule = lookup(node.domain or "", node.op_type, opset)
+        if rule is None or rule.zero_behaviour != "move":
+            return None
+        pending += [i for i in node.input if i and i not in scales]  # data, not constant shapes
+    return steps or None
 
 
 @register
@@ -237,7 +279,7 @@ class QuantizeLinearRule(OpRule):
         if int(node.attrs.get("block_size", 0) or 0) > 0:
             ctx.freeze_node(node, f"blocked quantization at {where}")
             return
-        kinds = {_per_axis(ctx, scale), _per_axis(ctx, zp) if zp is not None else False}
+        kinds = {is_per_axis(ctx, scale), is_per_axis(ctx, zp) if zp is not None else False}
         rank = ctx.rank(x)
         if None in kinds or rank is None:
             ctx.freeze_node(node, f"scale or zero point not understood at {where}")
@@ -313,10 +355,10 @@ def _integer_operands(node: gs.Node, ctx: CouplingContext,
     x_zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     w_zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
     where = f"{node.op} '{node.name}'"
-    if _per_axis(ctx, x_zp) is not False:
+    if is_per_axis(ctx, x_zp) is not False:
         ctx.freeze_node(node, f"per-row data zero point at {where}")
         return False
-    per_axis = _per_axis(ctx, w_zp)
+    per_axis = is_per_axis(ctx, w_zp)
     w = node.inputs[1]
     rank = ctx.rank(w)
     if per_axis is None or rank is None or not isinstance(w, gs.Constant) or (
@@ -383,7 +425,7 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
     w_scale = next((t for t in pair if t is not x_scale), None)
     if x_scale is None or len(pair) != 2 or x_scale not in pair or not isinstance(w_scale, gs.Constant):
         return None
-    weight = _decoding(w, w_scale, w_zp, out_axis)
+    weight = decode_integer(w, w_scale, w_zp, out_axis)
     if weight is None:
         return None
     return RescaledLinear(info, quantize.inputs[0], mul.outputs[0], weight, bias)

@@ -155,6 +155,14 @@ class OpRule:
         """
         return trace.unknown(output)
 
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]) -> tuple[list, int] | None:
+        """For an op ONNX shape inference does not know: the shape of output 0 from the
+        inputs' shapes (``None``: unknown or absent; a dim that is no ``int`` is unknown) and the
+        attributes, with the input whose element type the output has. One definition serves
+        the coupling (``ctx.derive_shape``) and ONNX Runtime's symbolic shape inference, which
+        the shape probe teaches these ops. Default: not known."""
+        return None
+
     def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
         """Give outputs that ONNX shape inference left without a shape the shape the op
         gives them (``ctx.derive_shape``), in graph order before any rule couples: a phase-2
@@ -325,6 +333,12 @@ def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
     producer = tensor.inputs[0]
     rule = lookup(producer.domain or "", producer.op, opset)
     return rule.stored_weight(producer) if rule is not None else None
+
+
+def shape_rules() -> dict[str, OpRule]:
+    """op type -> the rule that gives its output shape (:meth:`OpRule.output_shape`)."""
+    return {op: rule for (_, op), rules in _RULES.items() for rule in rules
+            if type(rule).output_shape is not OpRule.output_shape}
 
 
 def registered_ops() -> list[str]:

@@ -15,7 +15,6 @@ pruned axis) are left out of the check and listed with the reason.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -292,40 +291,6 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
         max_abs = max(max_abs, d)
         max_rel = max(max_rel, d / max(scale, 1e-12))
     return max_abs, max_rel
-
-
-def output_quantization_steps(model: onnx.ModelProto) -> list[float] | None:
-    """The quantization steps of the ``DequantizeLinear`` nodes (constant per-tensor scales)
-    that make the graph outputs, directly or through ops that only move data (Reshape,
-    Transpose, Concat ...: rules with ``zero_behaviour`` "move"). ``None`` unless every output
-    is made that way."""
-    from graphprune.io.ir import default_opset
-    from graphprune.rules import registry
-
-    opset = default_opset(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    scales = {i.name: i for i in model.graph.initializer}
-    steps: list[float] = []
-    pending, seen = [o.name for o in model.graph.output], set()
-    while pending:
-        name = pending.pop()
-        node = producers.get(name)
-        if node is None:
-            return None
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type == "DequantizeLinear":
-            scale = scales.get(node.input[1])
-            if scale is None or math.prod(scale.dims) != 1 or scale.data_location == onnx.TensorProto.EXTERNAL:
-                return None
-            steps.append(float(numpy_helper.to_array(scale).reshape(-1)[0]))
-            continue
-        rule = registry.lookup(node.domain or "", node.op_type, opset)
-        if rule is None or rule.zero_behaviour != "move":
-            return None
-        pending += [i for i in node.input if i and i not in scales]  # data, not constant shapes
-    return steps or None
 
 
 def zeroed_overrides(
