@@ -59,9 +59,12 @@ def result_rows(report: Mapping[str, Any]) -> list[list[object]]:
     """Parameter and MAC rows (before, after, ratio) of a prune report."""
     pb, pa = report["params_before"], report["params_after"]
     mb, ma = report["macs_before"], report["macs_after"]
+    sized = report.get("macs_input_shapes")  # open input sizes: counted at these shapes
+    label = "MACs" if not sized else "MACs at " + ", ".join(
+        f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in sized.items())
     return [
         ["params", human(pb), human(pa), f"{pa / pb:.3f}" if pb else "-"],
-        ["MACs", human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
+        [label, human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
     ]
 
 

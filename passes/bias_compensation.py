@@ -51,8 +51,8 @@ class BiasCompensationPass(Pass):
         shift = 0.0
         for node in list(graph.nodes):
             view = linear_view(node, ctx.opset)
-            if view is None or view.group != 1:
-                continue
+            if view is None or view.group != 1 or view.is_transpose:  # a transposed conv's
+                continue  # positions read different kernel offsets: no single per-channel shift
             cut = self.removed.get((view.weight.name, view.info.in_axis))
             layer = self.stats.get(node.name)
             source = originals.get(node.name)

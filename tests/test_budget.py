@@ -255,3 +255,63 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
     assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["rel_l2"], rel=1e-3)
     assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
+
+
+def _stages_model(height="h", width="w"):
+    """Conv 3->16 at full size, Conv 16->32 stride 4, Conv 32->64 and Conv 64->8 at 1/4 size,
+    with open spatial sizes: counted per position, the low-resolution layers would weigh as
+    much as the full-resolution one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (16, 3, 3, 3), "w2": (32, 16, 4, 4), "w3": (64, 32, 3, 3), "w4": (8, 64, 1, 1)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.2, n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[4, 4]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c3"], ["r3"]),
+             helper.make_node("Conv", ["r3", "w4"], ["y"])]
+    graph = helper.make_graph(nodes, "stages", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, height, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_macs_of_open_input_sizes_are_counted_at_concrete_shapes():
+    model = ir.prepare(_stages_model())
+    expected = 32 * 32 * 16 * 27 + 8 * 8 * (32 * 16 * 16 + 64 * 32 * 9 + 8 * 64)
+    assert count_macs(model, input_shapes={"x": [1, 3, 32, 32]}) == expected
+    assert count_macs(model) == 16 * 27 + 32 * 16 * 16 + 64 * 32 * 9 + 8 * 64  # per position
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_target_macs_of_a_model_with_open_sizes_lands_at_real_sizes(target, tmp_path):
+    import onnx
+
+    result = graphprune.prune(_stages_model(), target_macs=target, round_to=1)
+    report = result.report
+    assert report["verification"]["ok"] and report["macs_input_shapes"] == {"x": [1, 3, 224, 224]}
+    # counted independently on the written model at another resolution (a fully convolutional
+    # network: the fraction does not depend on the size)
+    path = tmp_path / "p.onnx"
+    result.save(path)
+    original, pruned = (onnx.shape_inference.infer_shapes(onnx.load(p)) for p in (_fixed(_stages_model(), tmp_path / "o.onnx"),
+                                                                                 _fixed(onnx.load(path), path)))
+    fraction = count_macs(pruned) / count_macs(original)
+    assert abs(fraction - target) <= 0.03, fraction
+    # with calibration, the sizes are the samples'
+    calib = {"x": np.random.default_rng(1).standard_normal((6, 1, 3, 40, 48)).astype(np.float32)}
+    calibrated = graphprune.prune(_stages_model(), ratio=0.25, calibration=calib).report
+    assert calibrated["macs_input_shapes"] == {"x": [1, 3, 40, 48]}
+
+
+def _fixed(model, path):
+    import onnx
+
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, (1, 3, 64, 96), strict=True):
+        dim.Clear()
+        dim.dim_value = size
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    onnx.save(model, path)
+    return path

@@ -194,6 +194,56 @@ def test_conv_rows_reproduce_the_conv(kwargs):
     assert view.output_positions(y.shape) == view.positions(x.shape)
 
 
+def conv_transpose_model(kernel=(3, 3), **attrs) -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 5, *kernel)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    spatial = [7, 6][: len(kernel)]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("ConvTranspose", ["r", "w", "b"], ["y"], name="up", **attrs)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "kernel,attrs",
+    [((3, 3), {}), ((2, 2), {"strides": [2, 2]}),  # the up-sampling head of a text detector
+     ((3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}),
+     ((3, 2), {"strides": [3, 2], "dilations": [2, 1], "pads": [2, 0, 1, 1]}),
+     ((4,), {"strides": [2], "pads": [1, 2], "auto_pad": "NOTSET"}),
+     ((3, 3), {"auto_pad": "VALID", "strides": [2, 1]})],
+)
+def test_conv_transpose_rows_reproduce_the_conv_transpose(kernel, attrs):
+    model = conv_transpose_model(kernel, **attrs)
+    up = next(n for n in gs.import_onnx(model).nodes if n.name == "up")
+    view = linear_view(up, 17)
+    assert view is not None and view.is_conv and view.in_channels() == 4 and view.out_channels() == 5
+    shape = (2, 4, *[7, 6][: len(kernel)])
+    x = np.maximum(np.random.default_rng(4).standard_normal(shape).astype(np.float32), 0)
+    y = session(model).run(None, {"x": x})[0]
+    assert view.output_positions(y.shape) == view.positions(x.shape)
+    rows = select(view.positions(x.shape), 60, seed=1)
+    predicted = view.input_rows(x, rows)[:, 0].astype(np.float64) @ view.matrices()[0].T + view.bias_values()
+    np.testing.assert_allclose(predicted, view.output_rows(y, rows)[:, 0], rtol=1e-4, atol=1e-4)
+    # the matrix form is the weight: writing it back gives the same tensor
+    np.testing.assert_array_equal(view.set_matrices(view.matrices()), np.asarray(view.weight.values))
+
+
+@pytest.mark.parametrize("attrs", [{"output_shape": [15, 13], "strides": [2, 2]},
+                                   {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, {"group": 2}])
+def test_conv_transpose_with_derived_padding_or_groups_has_no_view(attrs):
+    model = conv_transpose_model((3, 3), **attrs) if "group" not in attrs else None
+    if model is None:  # a grouped one: weight [in, out / group, k...]
+        model = conv_transpose_model((3, 3))
+        model.graph.node[1].attribute.append(helper.make_attribute("group", 2))
+    up = next(n for n in gs.import_onnx(model).nodes if n.name == "up")
+    assert linear_view(up, 17) is None
+
+
 def test_dense_rows_reproduce_the_matmul():
     model = mlp_model()
     graph = gs.import_onnx(model)

@@ -167,6 +167,51 @@ def test_depthwise_consumer_is_refit_per_group():
     ort_session(res.model).run(None, {"x": images(1)[0]})
 
 
+def decoder(seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->16) Relu ConvTranspose(16->12, k2 s2) Relu ConvTranspose(12->8, k3 s2 p1 op1)
+    Relu Conv(8->2): a segmentation head's up-sampling path (paddle2onnx text detectors)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("w1", rng.standard_normal((16, 3, 3, 3)) * 0.4), _init("b1", rng.standard_normal(16) * 0.1),
+        _init("u1", rng.standard_normal((16, 12, 2, 2)) * 0.3), _init("c1", rng.standard_normal(12) * 0.1),
+        _init("u2", rng.standard_normal((12, 8, 3, 3)) * 0.2), _init("c2", rng.standard_normal(8) * 0.1),
+        _init("w3", rng.standard_normal((2, 8, 1, 1)) * 0.5),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu1"),
+        helper.make_node("ConvTranspose", ["ra", "u1", "c1"], ["b"], name="up1", strides=[2, 2]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu2"),
+        helper.make_node("ConvTranspose", ["rb", "u2", "c2"], ["c"], name="up2", strides=[2, 2],
+                         pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"], name="relu3"),
+        helper.make_node("Conv", ["rc", "w3"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "decoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 24, 24])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_transpose_layers_are_scored_and_refit():
+    calib = {"x": np.random.default_rng(3).standard_normal((40, 1, 3, 6, 6)).astype(np.float32)}
+    plain = graphprune.prune(decoder(), ratio=0.5, round_to=1, criterion="l1", calibration=calib,
+                             reconstruction="none")
+    refit = graphprune.prune(decoder(), ratio=0.5, round_to=1, criterion="l1", calibration=calib)
+    assert refit.report["verification"]["ok"]
+    assert plain.report["channels"] == refit.report["channels"] and refit.report["channels"]["removed"] == 18
+    passes = refit.report["calibration"]["passes"]["RefitPass"]
+    assert passes["layers"] == 3 and "skipped" not in passes  # up1, up2 and head
+    assert refit.report["fidelity"]["rel_l2"] < 0.8 * plain.report["fidelity"]["rel_l2"]
+    # the data-aware criteria read the transposed convolutions as consumers too
+    auto = graphprune.prune(decoder(), ratio=0.5, round_to=1, calibration=calib)
+    chosen = auto.report["calibration"]["criteria_chosen"]
+    assert not any("data-free" in name for name in chosen), chosen
+    y = ort_session(auto.model).run(None, {"x": calib["x"][0]})[0]
+    assert y.shape == (1, 2, 24, 24)
+
+
 def test_bad_options():
     with pytest.raises(UsageError, match="unknown reconstruction"):
         graphprune.prune(cnn(), calibration={"x": images()}, reconstruction="magic")

@@ -116,6 +116,16 @@ def test_shared_symbols_and_dtypes() -> None:
     assert set(np.unique(feeds["input_ids"])) <= {0, 1}
 
 
+def test_question_mark_sizes_are_independent() -> None:
+    """paddle2onnx names every open axis '?': a given shape with a different height and width
+    is accepted, and the two axes are open dimensions of their own."""
+    model = make_model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])])
+    (spec,) = input_specs(model)
+    assert spec.shape == [None, 3, None, None]
+    assert resolve_shapes([spec], input_shapes={"x": (1, 3, 48, 192)}) == {"x": (1, 3, 48, 192)}
+    assert make_feeds(model, input_shapes={"x": (1, 3, 32, 320)})[0]["x"].shape == (1, 3, 32, 320)
+
+
 def test_dim_values_and_int_high() -> None:
     (feeds,) = make_feeds(text_model(), dim_values={"seq": 5}, int_high=1000)
     assert feeds["input_ids"].shape == (1, 5)

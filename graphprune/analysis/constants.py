@@ -323,6 +323,31 @@ def conv_geometry(attrs: dict, kernel: Sequence[int], spatial: Sequence[int]
     return strides, dilations, [*begin, *end], out
 
 
+def conv_transpose_geometry(attrs: dict, kernel: Sequence[int], spatial: Sequence[int] | None
+                            ) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """A ConvTranspose's ``strides``, ``dilations``, ``pads`` (begin..., end...) and output
+    spatial sizes, ``stride * (in - 1) + output_padding + dilation * (k - 1) + 1 - pads``
+    (no sizes when ``spatial`` is ``None``); ``None`` when the padding is derived from an
+    ``output_shape`` or SAME auto-padding (runtimes disagree on where it goes)."""
+    n = len(kernel)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if "output_shape" in attrs or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    strides = [int(v) for v in attrs.get("strides", [1] * n)]
+    dilations = [int(v) for v in attrs.get("dilations", [1] * n)]
+    pads = [0] * (2 * n) if auto_pad == "VALID" else [int(v) for v in attrs.get("pads", [0] * (2 * n))]
+    extra = [int(v) for v in attrs.get("output_padding", [0] * n)]
+    if len(strides) != n or len(dilations) != n or len(pads) != 2 * n or len(extra) != n:
+        return None
+    out = [] if spatial is None else [
+        strides[d] * (int(spatial[d]) - 1) + extra[d] + dilations[d] * (int(kernel[d]) - 1) + 1 - pads[d] - pads[n + d]
+        for d in range(n)
+    ]
+    return strides, dilations, pads, out
+
+
 def conv_is_padded(node: gs.Node, kernel: Sequence[int], in_shape: Sequence[int | None] | None) -> bool:
     """Does this Conv/pool read outside its input (explicit pads or SAME auto-padding)?"""
     pads = [int(p) for p in node.attrs.get("pads", [])]

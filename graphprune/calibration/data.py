@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import UsageError
-from graphprune.io.feeds import InputSpec, input_specs
+from graphprune.io.feeds import UNNAMED_DIMS, InputSpec, input_specs
 
 Feed = dict[str, np.ndarray]
 
@@ -138,9 +138,6 @@ def _shape_text(shape: list[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape or []) + "]"
 
 
-#: symbolic sizes that only say "unknown": paddle2onnx writes ``?`` for every open axis (an
-#: OCR recogniser's height and width), so equal names there do not mean equal sizes
-UNNAMED_DIMS = ("?", "")
 
 
 def validate_feed(

@@ -5,7 +5,11 @@ weight) computes, per output position, ``y = W x + b``. For a Conv ``x`` is the 
 input channels x kernel offsets that the output position reads (im2col); for a Gemm/MatMul
 over ``[..., K]`` it is one row of the input and every leading position is a row. Grouped
 and depthwise convolutions are ``group`` independent such maps (output channels
-``j*og..(j+1)*og`` read input channels ``j*cg..(j+1)*cg``).
+``j*og..(j+1)*og`` read input channels ``j*cg..(j+1)*cg``). A ConvTranspose (ungrouped, explicit
+padding) is the same map on a different patch: output position ``p`` reads, per kernel
+offset ``k``, the input position ``q = (p + pad - k * dilation) / stride`` where that is a
+whole number inside the input, and zero elsewhere (the scatter of the transposed convolution
+written as a gather), with the weight ``[in, out, *k]`` read as ``[out, in * prod(k)]``.
 
 :class:`LinearView` turns a node and its weight into that form: ``matrices()`` gives the
 weight of every conv group as ``[og, K]`` with ``K = cg * prod(kernel)``; ``input_rows``
@@ -22,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.constants import conv_geometry
+from graphprune.analysis.constants import conv_geometry, conv_transpose_geometry
 from graphprune.rules.registry import LinearInfo, StoredWeight
 
-KERNELS = ("conv", "dense")
+KERNELS = ("conv", "conv_transpose", "dense")
 
 
 @dataclass
@@ -93,7 +97,12 @@ class LinearView:
 
     @property
     def is_conv(self) -> bool:
-        return self.info.kernel == "conv"
+        """A convolution (channel axis 1, spatial positions), transposed or not."""
+        return self.info.kernel in ("conv", "conv_transpose")
+
+    @property
+    def is_transpose(self) -> bool:
+        return self.info.kernel == "conv_transpose"
 
     @property
     def group(self) -> int:
@@ -126,7 +135,7 @@ class LinearView:
     def in_channels(self) -> int:
         """Input channels the node reads (all groups together)."""
         w = np.shape(self.weight.values)
-        return int(w[self.info.in_axis]) * self.group
+        return int(w[self.info.in_axis]) * (1 if self.is_transpose else self.group)
 
     def kernel_size(self) -> int:
         shape = np.shape(self.weight.values)
@@ -135,6 +144,8 @@ class LinearView:
     def matrices(self, values: np.ndarray | None = None) -> np.ndarray:
         """Effective weight ``[group, og, K]`` (alpha folded in)."""
         w = np.asarray(self.weight_values() if values is None else values, dtype=np.float64)
+        if self.is_transpose:  # [in, out, *k] -> [1, out, in * prod(k)] (ungrouped only)
+            return np.swapaxes(w.reshape(w.shape[0], w.shape[1], -1), 0, 1).reshape(1, w.shape[1], -1)
         if self.is_conv:
             g = self.group
             out = w.shape[0]
@@ -146,7 +157,9 @@ class LinearView:
         """Float weight values in the stored layout for effective weights ``[group, og, K]``
         (the layer's float dtype)."""
         shape = np.shape(self.weight.values)
-        if self.is_conv:
+        if self.is_transpose:
+            new = np.swapaxes(mats.reshape(shape[1], shape[0], -1), 0, 1).reshape(shape)
+        elif self.is_conv:
             new = mats.reshape(shape)
         else:
             matrix = mats[0] / self.info.alpha
@@ -156,7 +169,8 @@ class LinearView:
     # ------------------------------------------------------------------ geometry
     def _conv_geometry(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         kernel = list(np.shape(self.weight.values)[2:])
-        strides, dilations, pads, out = conv_geometry(self.node.attrs, kernel, spatial)
+        geometry = conv_transpose_geometry if self.is_transpose else conv_geometry
+        strides, dilations, pads, out = geometry(self.node.attrs, kernel, spatial)
         return kernel, strides, dilations, pads, out
 
     def positions(self, input_shape: tuple[int, ...]) -> int:
@@ -182,6 +196,8 @@ class LinearView:
         kernel, strides, dilations, pads, out = self._conv_geometry(tuple(x.shape[2:]))
         n = len(kernel)
         index = np.unravel_index(rows, (x.shape[0], *out))
+        if self.is_transpose:
+            return self._transpose_rows(x, index, kernel, strides, dilations, pads)
         padding = [(0, 0), (0, 0)] + [(pads[d], pads[n + d]) for d in range(n)]
         xp = np.pad(x, padding) if any(pads) else x
         offsets = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), 0)
@@ -194,6 +210,25 @@ class LinearView:
         patches = np.ascontiguousarray(np.swapaxes(patches, 1, 2), dtype=np.float32)  # [R, C, kp]
         g = self.group
         return patches.reshape(len(rows), g, -1)
+
+    def _transpose_rows(self, x: np.ndarray, index: tuple[np.ndarray, ...], kernel: list[int],
+                        strides: list[int], dilations: list[int], pads: list[int]) -> np.ndarray:
+        """``[R, 1, C * prod(k)]``: what each selected output position of a ConvTranspose
+        reads, per input channel and kernel offset (zero where no input position lands)."""
+        n = len(kernel)
+        offsets = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), 0).reshape(n, -1)
+        valid = np.ones((len(index[0]), offsets.shape[1]), dtype=bool)
+        spatial = []
+        for d in range(n):
+            t = index[1 + d][:, None] + pads[d] - offsets[d][None, :] * dilations[d]  # [R, kp]
+            q, r = np.divmod(t, strides[d])
+            valid &= (r == 0) & (q >= 0) & (q < x.shape[2 + d])
+            spatial.append(q)
+        spatial = [np.where(valid, q, 0) for q in spatial]
+        patches = x[(index[0][:, None], slice(None), *spatial)]  # [R, kp, C]
+        patches = patches * valid[:, :, None]
+        patches = np.ascontiguousarray(np.swapaxes(patches, 1, 2), dtype=np.float32)  # [R, C, kp]
+        return patches.reshape(len(index[0]), 1, -1)
 
     def output_rows(self, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``[R, group, og]``: the selected output positions."""
@@ -268,6 +303,9 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     if stored is None and not np.issubdtype(values.dtype, np.floating):
         return None
     if info.kernel == "conv" and (values.ndim < 3 or values.shape[0] % max(info.group, 1)):
+        return None
+    if info.kernel == "conv_transpose" and (values.ndim < 3 or info.group != 1
+                                            or conv_transpose_geometry(node.attrs, values.shape[2:], None) is None):
         return None
     if info.kernel == "dense" and values.ndim != 2:
         return None

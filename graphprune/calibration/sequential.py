@@ -166,6 +166,9 @@ def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
                 "constants, DequantizeLinear of integer constants and Mul(Cast(integer), scale)): not refit")
     if not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
         return f"{node.op} has an integer weight: not refit"
+    if info.kernel == "conv_transpose":
+        return (f"{node.op} is refit only ungrouped with explicit pads (its padding here comes from "
+                "output_shape or SAME auto-padding, or it is grouped): not refit")
     return f"{node.op} is not refit (no least-squares view of this layer kind)"
 
 

@@ -55,6 +55,11 @@ class InputSpec(NamedTuple):
     dtype: np.dtype
 
 
+#: symbolic sizes that only say "unknown": paddle2onnx writes ``?`` for every open axis (an
+#: OCR recogniser's height and width), so equal names there do not mean equal sizes
+UNNAMED_DIMS = ("?", "")
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph inputs a caller must feed (inputs that are also initializers are left out)."""
     initializers = {t.name for t in model.graph.initializer}
@@ -84,7 +89,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 which = dim.WhichOneof("value")
                 if which == "dim_value" and dim.dim_value >= 0:
                     shape.append(int(dim.dim_value))
-                elif which == "dim_param" and dim.dim_param:
+                elif which == "dim_param" and dim.dim_param not in UNNAMED_DIMS:
                     shape.append(dim.dim_param)
                 else:
                     shape.append(None)

@@ -318,6 +318,38 @@ def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.Model
     return target
 
 
+def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, Any]) -> dict[str, list[int]]:
+    """Shapes of the main graph's tensors, all dims known, when the graph inputs have
+    ``input_shapes`` (``{name: shape}``; inputs not named keep their declared shape): ONNX
+    shape inference with data propagation on a weightless skeleton. Tensors left with an
+    unknown dim are absent; ``{}`` when inference fails."""
+    skeleton, _ = _detach(model)
+    for value in skeleton.graph.input:
+        shape = input_shapes.get(value.name)
+        if shape is None or not value.type.HasField("tensor_type"):
+            continue
+        declared = value.type.tensor_type.shape
+        declared.ClearField("dim")
+        for size in shape:
+            declared.dim.add().dim_value = int(size)
+    del skeleton.graph.value_info[:]
+    for value in skeleton.graph.output:
+        if value.type.HasField("tensor_type"):
+            value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    shapes: dict[str, list[int]] = {}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+            shapes[value.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
 def _copy_inferred(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
     """Copy inferred value_info and input/output types from ``source`` into ``target``."""
     del target.value_info[:]

@@ -83,13 +83,14 @@ def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer
         min_channels=options.min_channels, max_ratio=options.max_ratio)
 
 
-def _node_times(session: Session, analysis: Analysis, options: BudgetOptions) -> tuple[dict[int, float], Any]:
+def _node_times(session: Session, analysis: Analysis, options: BudgetOptions,
+                shape_of: Any = counted_shape) -> tuple[dict[int, float], Any]:
     from graphprune.planning.latency import LatencyTable, OpSpec
 
     table = LatencyTable(provider=options.provider, threads=options.threads)
     nodes, specs = [], []
     for node in analysis.graph.nodes:
-        spec = OpSpec.from_node(node, counted_shape, analysis.opset)
+        spec = OpSpec.from_node(node, shape_of, analysis.opset)
         if spec is not None:
             nodes.append(node)
             specs.append(spec)
@@ -141,7 +142,7 @@ def _choose_fast_widths(model: budget_mod.CostModel, table: Any, opset: int) -> 
 
 
 def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_time: Any, table: Any,
-              goal: float) -> tuple[budget_mod.Allocation, float | None, budget_mod.CostModel]:
+              goal: float, shape_of: Any = None) -> tuple[budget_mod.Allocation, float | None, budget_mod.CostModel]:
     """Allocate to ``goal`` of the modelled cost. For latency, the widths then move to
     fast measured ones, and the plan's latency is estimated from the table (every node at
     its planned shape, measured in one batch); when that estimate misses ``goal`` the
@@ -151,7 +152,7 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
     for _ in range(3 if table is not None else 1):
         for st in states:
             st.index = 0
-        model = budget_mod.CostModel(analysis, states, options.kind, node_time)
+        model = budget_mod.CostModel(analysis, states, options.kind, node_time, shape_of)
         # MACs/params: a coarse last step may land a little over the target when nearer
         allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else LANDING_ABOVE)
         if table is None:
@@ -194,6 +195,7 @@ def prune_budget(
 
         calibrated = CalibratedRun(session, calibration, calibration_options)
     analysis = session.analyze()
+    shape_of = session.cost_shape(analysis.graph)
     scorer = calibrated.scorer(analysis) if calibrated is not None else None
     states = _states(session, analysis, options, scorer)
     info: dict[str, Any] = {"target": options.kind, "fraction": options.target,
@@ -222,11 +224,12 @@ def prune_budget(
     table = None
     if options.kind == "latency":
         with session.stage("latency table"):
-            node_time, table = _node_times(session, analysis, options)
+            node_time, table = _node_times(session, analysis, options, shape_of)
             info["latency_table"] = dict(getattr(table, "stats", {}) or {})
     meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion}
     with session.stage("plan"):
-        allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target)
+        allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target,
+                                                       shape_of)
     plan = budget_mod.to_plan(analysis, states, meta)
     rounds: list[dict[str, Any]] = []
     fresh = analysis
@@ -260,7 +263,8 @@ def prune_budget(
             # the table misses per-run overheads: aim its estimate lower by what was measured
             internal = max(0.02, internal * options.target / ratio * 0.98)
             with session.stage("plan"):
-                allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, internal)
+                allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, internal,
+                                                               shape_of)
             plan = budget_mod.to_plan(analysis, states, meta)
             candidate, fresh, plan = _apply(session, plan)
         assert best is not None
@@ -401,7 +405,7 @@ def reachable(session: Session, options: BudgetOptions, fraction: float) -> bool
     of its MACs/params (planning only: nothing is rewritten)."""
     analysis = session.analyze(stage="plan")
     states = _states(session, analysis, options, None)
-    model = budget_mod.CostModel(analysis, states, options.kind)
+    model = budget_mod.CostModel(analysis, states, options.kind, shape_of=session.cost_shape(analysis.graph))
     return budget_mod.allocate(model, fraction).reached
 
 
@@ -424,7 +428,6 @@ def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_optio
         return prune_budget(session.sibling(), options, verify=verify, tolerance=tolerance,
                             calibration=calibration, calibration_options=calibration_options)
     blocks = find_residual_blocks(session.import_graph())
-    before = _cost_of(session.prepared, options.kind)
     for k in range(1, len(blocks) + 1):
         try:
             erased = depth_mode.erase_blocks(model, k, verify=verify, tolerance=tolerance,
@@ -432,7 +435,7 @@ def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_optio
                                              input_shapes=session_options.get("input_shapes"))
         except UsageError:
             break  # no more non-overlapping blocks
-        after = _cost_of(erased.model, options.kind)
+        before, after = _cost_of(session, erased.model, options.kind)
         left = options.target * before / after if after else 1.0
         if left >= 1.0:
             erased.report["budget"] = {"target": options.kind, "fraction": options.target,
@@ -460,7 +463,12 @@ def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_optio
                         calibration=calibration, calibration_options=calibration_options)
 
 
-def _cost_of(model: Any, kind: str) -> float:
-    from graphprune.verify.metrics import count_macs, count_params
+def _cost_of(session: Session, model: Any, kind: str) -> tuple[float, float]:
+    """The original's and ``model``'s MACs (counted alike, at the session's sizes where both
+    can be: :func:`~graphprune.verify.metrics.count_macs_pair`) or parameters."""
+    from graphprune.verify.metrics import count_macs_pair, count_params
 
-    return float(count_macs(model) if kind == "macs" else count_params(model))
+    if kind != "macs":
+        return float(count_params(session.prepared)), float(count_params(model))
+    before, after, _ = count_macs_pair(session.prepared, model, None, session.cost_shapes())
+    return float(before), float(after)

@@ -5,6 +5,8 @@ Keys every report has::
     mode                      "ratio" | "lossless" | "erase_blocks" | ...
     params_before/after       parameter counts (initializers, If/Loop bodies included)
     macs_before/after         multiply-accumulates of Conv/Gemm/MatMul (graphprune.verify.metrics)
+    macs_input_shapes         (only when the inputs leave sizes open) the input shapes MACs are
+                              counted at: the calibration samples', else the default guess
     nodes_before/after        node counts
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
@@ -33,7 +35,7 @@ from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
 from graphprune.rules.quantize import optimizer_fuses_quantization
-from graphprune.verify.metrics import count_macs, count_params
+from graphprune.verify.metrics import count_macs_pair, count_params
 
 CONV_KERNELS = ("conv", "conv_transpose")
 
@@ -121,16 +123,20 @@ def base_report(
     analysis: Analysis | None,
     ctx: PassContext | None,
     store: Any = None,
+    input_shapes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    macs_before, macs_after, sized = count_macs_pair(before, after, store, input_shapes)
     report: dict[str, Any] = {
         "mode": mode,
         "params_before": count_params(before),
         "params_after": count_params(after),
-        "macs_before": count_macs(before, store),
-        "macs_after": count_macs(after, store),
+        "macs_before": macs_before,
+        "macs_after": macs_after,
         "nodes_before": len(before.graph.node),
         "nodes_after": len(after.graph.node),
     }
+    if input_shapes and sized:  # the inputs leave sizes open: the MACs are counted at these
+        report["macs_input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
     report.update(analysis_sections(analysis, plan))
     if mode == "ratio" and analysis is not None:
         why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))

@@ -146,6 +146,8 @@ class Session:
         #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
         self.input_shapes = dict(input_shapes) if input_shapes else None
         self._probe_shapes: dict[str, Any] | None | bool = False
+        #: input shapes of the data the model will see (set by calibration: its samples')
+        self.data_shapes: dict[str, tuple[int, ...]] | None = None
         self.debug = debug
         self.keep = normalize_keep(keep)
         self.timings: dict[str, float] = {}
@@ -317,6 +319,32 @@ class Session:
         return make_feeds(self.original, seed=seed, batch=1, count=count,
                           input_shapes=self._probe_shapes or None)
 
+    def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Concrete input shapes at which MACs are counted (report, budget, latency table)
+        where the original's inputs leave sizes open beyond the batch axis: the calibration
+        samples' shapes when there are any, else the given shapes completed by the default
+        guess (images 224, sequences 8; :func:`~graphprune.io.feeds.resolve_shapes`) — no
+        run of the model, so the same with and without verification. ``None``: nothing open."""
+        from graphprune.analysis.probe_sizes import open_dimensions
+        from graphprune.io.feeds import input_specs, resolve_shapes
+
+        specs = input_specs(self.original)
+        if not open_dimensions(specs):
+            return None
+        if self.data_shapes:
+            return dict(self.data_shapes)
+        try:
+            return resolve_shapes(specs, input_shapes=self.input_shapes)
+        except Exception:  # an input the guess cannot size: count as before
+            return None
+
+    def cost_shape(self, graph: gs.Graph) -> Any:
+        """The shape function that counts ``graph`` (the prepared model's) at
+        :meth:`cost_shapes` (:func:`graphprune.verify.metrics.sized_shapes`)."""
+        from graphprune.verify.metrics import sized_shapes
+
+        return sized_shapes(self.prepared, graph, self.cost_shapes())
+
     def verify_against(
         self,
         reference: Any,
@@ -363,6 +391,7 @@ class Session:
         report = reports.base_report(
             mode, self.prepared, self.model, plan,
             analysis if analysis is not None else self.analysis, self.ctx, self.store,
+            input_shapes=self.cost_shapes(),
         )
         report["params_before"] = self.params_as_loaded  # what the user's file held
         return report

@@ -176,13 +176,15 @@ class CostModel:
 
     ``kind``: ``macs`` (the rules' MAC counts), ``params`` (elements of float constants) or
     ``latency`` (``node_time[id(node)]`` seconds at full width, scaled by the node's work: its
-    MACs where the rule counts them, else its output elements)."""
+    MACs where the rule counts them, else its output elements); ``shape_of``: full shapes."""
 
     def __init__(self, analysis: Analysis, states: list[GroupState], kind: str,
-                 node_time: dict[int, float] | None = None) -> None:
+                 node_time: dict[int, float] | None = None,
+                 shape_of: Callable[[gs.Tensor], list[int] | None] | None = None) -> None:
         if kind not in TARGET_KINDS:
             raise UsageError(f"unknown target '{kind}'")
         self.kind = kind
+        self.shape_of = shape_of or counted_shape  # full-width shapes (verify.metrics.sized_shapes)
         self.analysis = analysis
         self.states = states
         self.node_time = node_time or {}
@@ -239,7 +241,7 @@ class CostModel:
                         self.items_of[si].add(index[id(n)])
 
     def shape(self, tensor: gs.Tensor) -> list[int] | None:
-        base = counted_shape(tensor)
+        base = self.shape_of(tensor)
         if base is None:
             return None
         for axis in range(len(base)):
@@ -262,7 +264,7 @@ class CostModel:
         return total
 
     def _full_cost(self, i: int) -> float:
-        return self._cost(i, counted_shape)
+        return self._cost(i, self.shape_of)
 
     def _cost(self, i: int, shape: Callable[[gs.Tensor], list[int] | None]) -> float:
         if self.kind == "params":
@@ -277,7 +279,7 @@ class CostModel:
             return 0.0
         full = getattr(self, "_full_work", {}).get(i)
         if full is None:
-            full = self._work(i, counted_shape)
+            full = self._work(i, self.shape_of)
             self.__dict__.setdefault("_full_work", {})[i] = full
         return seconds * (self._work(i, shape) / full if full > 0 else 1.0)
 

@@ -1,4 +1,10 @@
-"""Parameter and MAC counts of an ONNX model (static shapes; unknown dims count as 1).
+"""Parameter and MAC counts of an ONNX model.
+
+Shapes are the graph's own; where its inputs leave sizes open (a symbolic height, width or
+sequence length), MACs are counted at concrete input shapes when the caller gives them
+(:func:`sized_shapes`: what the report and the budget planner use), and otherwise unknown
+dims count as 1 — which weighs every layer as if it ran on one position, so the fraction of
+a network whose stages run at different resolutions would be wrong.
 
 MACs are the multiply-accumulates each op's rule reports (:meth:`OpRule.macs`: Conv,
 ConvTranspose, Gemm and MatMul, the ops that dominate CNN and transformer cost); ops whose
@@ -8,6 +14,7 @@ rule does not count (elementwise ops, ops without a rule) add nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import onnx
@@ -16,7 +23,7 @@ import onnx_graphsurgeon as gs
 from graphprune.io import ir
 from graphprune.rules import registry
 
-__all__ = ["count_macs", "count_params", "counted_shape"]
+__all__ = ["count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -51,10 +58,58 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
-def count_macs(model: onnx.ModelProto, store: Any = None) -> int:
+def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None
+                 ) -> Callable[[gs.Tensor], list[int] | None]:
+    """The shape function for counting ``graph`` (imported from ``model``) at
+    ``input_shapes``: every tensor with an open dim gets its concrete shape. When inference
+    leaves open a tensor that a MAC-counting node reads or writes (an op ONNX cannot infer
+    upstream of it), no tensor gets one — a count with some layers at their real size and
+    others at size 1 would be worse than either — and :func:`counted_shape` stays."""
+    if not input_shapes:
+        return counted_shape
+
+    def is_open(t: gs.Tensor) -> bool:
+        return t.shape is not None and any(not (isinstance(d, int) and d >= 0) for d in t.shape)
+
+    opset = ir.default_opset(model)
+    counted: list[gs.Tensor] = []
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        if rule is not None and rule.macs(node, counted_shape) is not None:
+            counted.extend(t for t in (*node.inputs, *node.outputs) if is_open(t))
+    if not counted:
+        return counted_shape
+    from graphprune.io.model_io import concrete_shapes
+
+    sizes = concrete_shapes(model, input_shapes)
+    if any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted):
+        return counted_shape
+    return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
+
+
+def count_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None) -> int:
     """Multiply-accumulates of one run (the main graph's nodes, as their rules count them).
     ``store``: the weight store that ``model``'s external weights refer to (shapes behind a
-    com.microsoft op are derived by probing, which reads the small constants)."""
+    com.microsoft op are derived by probing, which reads the small constants);
+    ``input_shapes``: concrete shapes for inputs with open sizes (:func:`sized_shapes`)."""
+    return _count(model, store, input_shapes)[0]
+
+
+def count_macs_pair(before: onnx.ModelProto, after: onnx.ModelProto, store: Any = None,
+                    input_shapes: dict[str, Any] | None = None) -> tuple[int, int, bool]:
+    """MACs of a model before and after a rewrite, both at ``input_shapes`` or — when either
+    cannot be sized there (:func:`sized_shapes`) — both as :func:`counted_shape` counts them, so
+    that their ratio compares like with like; the flag says whether they were sized."""
+    b, sized_b = _count(before, store, input_shapes)
+    a, sized_a = _count(after, store, input_shapes)
+    if sized_a and sized_b:
+        return b, a, True
+    if sized_a or sized_b:
+        b, a = _count(before, store, None)[0], _count(after, store, None)[0]
+    return b, a, False
+
+
+def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | None) -> tuple[int, bool]:
     graph = ir.import_graph(model, store)
     opset = ir.default_opset(model)
     if any((n.domain or "") not in ("", "ai.onnx") for n in graph.nodes) and any(
@@ -62,9 +117,10 @@ def count_macs(model: onnx.ModelProto, store: Any = None) -> int:
         from graphprune.analysis.driver import derive_missing_shapes
 
         derive_missing_shapes(graph, opset)  # ONNX inference stops at com.microsoft ops
+    shape = sized_shapes(model, graph, input_shapes)
     total = 0
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
-        macs = rule.macs(node, counted_shape) if rule is not None else None
+        macs = rule.macs(node, shape) if rule is not None else None
         total += macs or 0
-    return int(total)
+    return int(total), shape is not counted_shape
