@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
 from graphprune.rules import registry
-from graphprune.tables import difference_to_original, human
+from graphprune.tables import difference_to_original, human, macs_label
 
 __all__ = ["LayerWidth", "bar_chart_svg", "layer_widths", "render_prune_report", "scatter_svg"]
 
@@ -283,7 +283,7 @@ def render_prune_report(
     nb, na = report.get("nodes_before"), report.get("nodes_after")
     rows: list[list[object]] = [
         ["parameters", human(pb), human(pa), _ratio(pb, pa)],
-        ["MACs", human(mb), human(ma), _ratio(mb, ma)],
+        [macs_label(report), human(mb), human(ma), _ratio(mb, ma)],
     ]
     if nb is not None and na is not None:
         rows.append(["nodes", nb, na, _ratio(nb, na)])

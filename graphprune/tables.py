@@ -59,13 +59,17 @@ def result_rows(report: Mapping[str, Any]) -> list[list[object]]:
     """Parameter and MAC rows (before, after, ratio) of a prune report."""
     pb, pa = report["params_before"], report["params_after"]
     mb, ma = report["macs_before"], report["macs_after"]
-    sized = report.get("macs_input_shapes")  # open input sizes: counted at these shapes
-    label = "MACs" if not sized else "MACs at " + ", ".join(
-        f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in sized.items())
     return [
         ["params", human(pb), human(pa), f"{pa / pb:.3f}" if pb else "-"],
-        [label, human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
+        [macs_label(report), human(mb), human(ma), f"{ma / mb:.3f}" if mb else "-"],
     ]
+
+
+def macs_label(report: Mapping[str, Any]) -> str:
+    """"MACs", or with the input shapes they were counted at where the inputs leave sizes open."""
+    sized = report.get("macs_input_shapes")
+    return "MACs" if not sized else "MACs at " + ", ".join(
+        f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in sized.items())
 
 
 def verification_lines(report: Mapping[str, Any]) -> list[str]:

@@ -293,6 +293,9 @@ def test_target_macs_of_a_model_with_open_sizes_lands_at_real_sizes(target, tmp_
     result = graphprune.prune(_stages_model(), target_macs=target, round_to=1)
     report = result.report
     assert report["verification"]["ok"] and report["macs_input_shapes"] == {"x": [1, 3, 224, 224]}
+    from graphprune.tables import result_rows
+
+    assert result_rows(report)[1][0] == "MACs at x=1x3x224x224"  # the CLI's and HTML page's row
     # counted independently on the written model at another resolution (a fully convolutional
     # network: the fraction does not depend on the size)
     path = tmp_path / "p.onnx"
