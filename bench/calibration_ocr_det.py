@@ -44,11 +44,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the checkout's graphprune, whatever is installed
 from real_corpus import model_path  # noqa: E402
+from vs_onnxsim import _cost  # noqa: E402  (one MAC/parameter counter for both comparisons)
 
 RESULTS = HERE / "results" / "calibration_ocr_det.json"
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 THRESHOLD = 0.3
+#: the input shape MACs are counted at
+SHAPES = {"x": (1, 3, 320, 320)}
 
 
 def _word(rng: np.random.Generator) -> str:
@@ -79,24 +82,6 @@ def render(count: int, seed: int, size: tuple[int, int] = (320, 320)) -> np.ndar
     return out
 
 
-def _cost(model) -> tuple[int, int]:
-    """MACs and parameters with the input fixed at 1x3x320x320 (the same counter for every
-    row, graphprune's or not)."""
-    import onnx
-
-    from graphprune.verify.metrics import count_macs, count_params
-
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for dim, value in zip(fixed.graph.input[0].type.tensor_type.shape.dim, (1, 3, 320, 320), strict=True):
-        dim.Clear()
-        dim.dim_value = value
-    del fixed.graph.value_info[:]
-    for output in fixed.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    return count_macs(onnx.shape_inference.infer_shapes(fixed)), count_params(fixed)
-
-
 def _maps(model, images: np.ndarray) -> np.ndarray:
     from graphprune.verify.validate import session
 
@@ -117,7 +102,7 @@ def _judge(reference: np.ndarray, pruned: np.ndarray) -> dict:
 
 def _row(name: str, ratio: float, kind: str, model, base: tuple[int, int], evaluation: np.ndarray,
          reference: np.ndarray, started: float, **extra) -> dict:
-    macs, params = _cost(model)
+    macs, params = _cost(model, SHAPES)
     row = {"model": name, "ratio": ratio, "run": kind, "macs_ratio": round(macs / base[0], 4),
            "params_ratio": round(params / base[1], 4), **_judge(reference, _maps(model, evaluation)),
            "seconds": round(time.perf_counter() - started, 1), **extra}
@@ -181,7 +166,7 @@ def main() -> int:
         import onnx
 
         original = onnx.load(str(model_path(name)))
-        reference, base = _maps(original, evaluation), _cost(original)
+        reference, base = _maps(original, evaluation), _cost(original, SHAPES)
         for ratio in args.ratios:
             rows.extend(run(name, ratio, calib, evaluation, reference, base, args.onnxsim))
     Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")

@@ -89,8 +89,8 @@ class CalibratedRun:
         self.data_dir = getattr(getattr(session, "store", None), "root", None)
         with session.stage("calibration"):
             self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
-            if hasattr(session, "data_shapes"):  # MACs are counted at the data's sizes
-                session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
+            # MACs of open input sizes are counted at the data's sizes
+            session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
             self.batches = runner.batches(
                 session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
             )
