@@ -6,16 +6,19 @@ rows cost the same. Both use the same calibration data, criterion and reconstruc
 are judged on held-out evaluation data that calibration never saw.
 
 - digits CNN (``bench/calibration_digits.py``: trained here on scikit-learn's digits, both
-  torch exporters): test accuracy;
+  torch exporters; ``--arch resnet``: the six-group residual network of that file): test
+  accuracy;
 - all-MiniLM-L6-v2 (``bench/calibration_minilm.py``, real weights): mean cosine and
   nearest-neighbour agreement of sentence embeddings on held-out sentences.
 
 The global row is what ``target_macs`` does with calibration: sensitivity measured after each
 consumer's refit on held-out calibration samples, greedy allocation, then a choice among the
-greedy, the uniform-at-equal-cost and a blended allocation by their fidelity on the held-out
+greedy, the uniform-at-equal-cost and a blended allocation and the default number of searched
+perturbations of the best (``graphprune.planning.search``) by their fidelity on the held-out
 calibration samples after reconstruction (``report["budget"]["candidates"]``, recorded here).
 
     python bench/budget_calibrated.py --models digits                    # 3 seeds x 2 exporters x 2 levels
+    python bench/budget_calibrated.py --models digits --arch resnet --ratios 0.5,0.7,0.8
     python bench/budget_calibrated.py --models minilm --mlp-ratios 0.25  # slow (calibrated MiniLM)
 
 Writes ``bench/results/budget_calibrated.json`` (rows merged by model and setting; the digits
@@ -57,9 +60,12 @@ def _chosen(report: dict) -> dict:
             "holdout_rel_l2": (report.get("fidelity") or {}).get("rel_l2")}
 
 
+NAMES = {"cnn": "CNN", "resnet": "ResNet"}
+
+
 def digits(args: argparse.Namespace) -> list[dict]:
     import torch
-    from calibration_digits import DigitsCNN, data, export, train
+    from calibration_digits import ARCHS, data, export, train
 
     import graphprune
     from graphprune.verify.validate import session
@@ -75,7 +81,7 @@ def digits(args: argparse.Namespace) -> list[dict]:
     rows = []
     for seed in args.seeds:
         xtr, xte, ytr, yte = data(seed)
-        net = DigitsCNN()
+        net = ARCHS[args.arch]()
         train(net, xtr, ytr, args.epochs, seed)
         rng = np.random.default_rng(seed)
         calib = {"image": xtr[rng.choice(len(xtr), size=min(512, len(xtr)), replace=False)][:, None]}
@@ -101,7 +107,7 @@ def digits(args: argparse.Namespace) -> list[dict]:
                         glo = graphprune.prune(str(path), target_macs=_exact_macs(uni.report), round_to=1, **extra)
                         t2 = time.perf_counter()
                         row = {
-                            "model": f"digits CNN ({exporter})", "seed": seed, "calibrated": calibrated,
+                            "model": f"digits {NAMES[args.arch]} ({exporter})", "seed": seed, "calibrated": calibrated,
                             "original_accuracy": round(float((ref.argmax(1) == yte).mean() * 100), 2),
                             "uniform_ratio": ratio,
                             "uniform": {**f, **judge(uni.model), "seconds": round(t1 - t0, 2),
@@ -175,6 +181,8 @@ def main() -> int:
                         help="digits: uniform ratios (0.5, 0.7: about 0.25x and 0.10x MACs)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                         help="digits: training / split / calibration seeds")
+    parser.add_argument("--arch", default="cnn", choices=("cnn", "resnet"),
+                        help="digits: the 3-conv CNN of calibration_digits.py or the 6-group residual net")
     parser.add_argument("--data-free", action="store_true", help="digits: also the pair without calibration")
     parser.add_argument("--mlp-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5])
     parser.add_argument("--epochs", type=int, default=30)

@@ -57,6 +57,40 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class DigitsResNet(nn.Module):
+    """A deeper digits network for allocation studies: a stem, three residual stages (32, 64,
+    128 channels at 8x8, 4x4, 2x2; one basic block each, strided convs between them), global
+    average pooling and a linear classifier. Six channel groups of very different cost per
+    channel and sensitivity (three block-internal, three residual streams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        def body(c: int) -> nn.Sequential:
+            return nn.Sequential(cbr(c, c), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+        self.stem = cbr(1, 32)
+        self.bodies = nn.ModuleList([body(32), body(64), body(128)])
+        self.downs = nn.ModuleList([cbr(32, 64, 2), cbr(64, 128, 2)])
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i, b in enumerate(self.bodies):
+            x = torch.relu(x + b(x))
+            if i < len(self.downs):
+                x = self.downs[i](x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+ARCHS = {"cnn": DigitsCNN, "resnet": DigitsResNet}
+
+
 def data(seed: int = 0) -> tuple[np.ndarray, ...]:
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]

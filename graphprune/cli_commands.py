@@ -177,6 +177,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
         holdout=args.holdout, target_macs=targets["macs"], target_params=targets["params"],
         target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
+        search=args.search,
         provider=args.provider,
         threads=args.threads, input_shapes=_shapes(args)[1] or None,
     )

@@ -106,13 +106,18 @@ def test_allowed_steps_keep_aligned_counts():
     assert budget.allowed_steps(10, 9, 1, 3) == list(range(0, 8))
 
 
-def test_cost_model_matches_the_mac_counter(cnn):
+def _macs_model(cnn):
+    """The example CNN's session, analysis, its l1 group states and their MACs cost model."""
     session = Session(cnn)
     analysis = session.analyze()
     rng = np.random.default_rng(0)
     states = budget.build_states(analysis, lambda g: score_group(g, analysis.context.tensors, "l1", rng),
                                  eligible=lambda g: True)
-    model = budget.CostModel(analysis, states, "macs")
+    return session, analysis, states, budget.CostModel(analysis, states, "macs")
+
+
+def test_cost_model_matches_the_mac_counter(cnn):
+    session, analysis, _, model = _macs_model(cnn)
     assert model.full_total == pytest.approx(count_macs(ir.export_graph(analysis.graph, session.prepared)))
 
 
@@ -121,7 +126,7 @@ def test_calibrated_budget_measures_group_sensitivity(cnn, tmp_path):
     name = cnn.graph.input[0].name
     dims = [d.dim_value or 1 for d in cnn.graph.input[0].type.tensor_type.shape.dim]
     samples = rng.standard_normal((24, *dims)).astype(np.float32)
-    result = graphprune.prune(cnn, target_macs=0.6, calibration={name: samples}, reconstruction="stats")
+    result = graphprune.prune(cnn, target_macs=0.6, calibration={name: samples}, reconstruction="stats", search=0)
     report = result.report
     assert report["verification"]["ok"]
     assert report["budget"]["sensitivity"]["groups_measured"] >= 1
@@ -170,7 +175,8 @@ def test_cli_target_macs(cnn, tmp_path):
     report = json.loads(rep.read_text())
     assert abs(report["budget"]["achieved"] - 0.5) <= 0.03
     for args in (["--target-macs", "0.5", "--ratio", "0.3"], ["--target-macs", "1.2"],
-                 ["--target-macs", "0.5", "--target-params", "0.5"], ["--max-ratio", "0.5"]):
+                 ["--target-macs", "0.5", "--target-params", "0.5"], ["--max-ratio", "0.5"],
+                 ["--target-macs", "0.5", "--search", "4"], ["--target-macs", "0.5", "--search", "-1"]):
         bad = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o",
                               str(tmp_path / "x.onnx"), *args], capture_output=True, text=True)
         assert bad.returncode == 2, (args, bad.stderr)
@@ -245,12 +251,16 @@ def test_sensitivity_is_measured_after_the_consumers_refit(cnn):
 
 
 def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
-    result = graphprune.prune(cnn, target_macs=0.5, calibration=_calibration(cnn), criterion="activation")
+    result = graphprune.prune(cnn, target_macs=0.5, calibration=_calibration(cnn), criterion="activation", search=3)
     report = result.report
     assert report["verification"]["ok"]
     rows = report["budget"]["candidates"]
     labels = [r["allocation"] for r in rows]
     assert labels[0] == "global" and "uniform" in labels
+    # after the first candidates, perturbations of the best so far (distinct allocations)
+    searched = [r for r in rows if r["allocation"].startswith("search ")]
+    assert 1 <= len(searched) <= 3 and labels.index(searched[0]["allocation"]) >= 2
+    assert len({tuple(r["kept"]) for r in rows}) == len(rows)
     # every candidate costs the same (within 0.01), the chosen one is the nearest on the
     # held-out calibration samples, and the report's fidelity is that same measurement
     assert max(r["modelled_fraction"] for r in rows) - min(r["modelled_fraction"] for r in rows) <= 0.01
@@ -259,6 +269,34 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
     assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["rel_l2"], rel=1e-3)
     assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
+
+
+def test_allocation_search_proposes_distinct_allocations_at_the_same_cost(cnn):
+    from graphprune.pipeline.budget import BudgetOptions, search_count
+    from graphprune.planning import search
+
+    _, analysis, states, model = _macs_model(cnn)
+    budget.allocate(model, 0.5)
+    first = search.candidates(model, 0.5)
+    here = [st.index for st in states]
+    seen = {tuple(i) for _, i in first}
+    found = search.neighbours(model, 0.5, first[1][1], np.random.default_rng(0), 6, 0.35, seen)
+    assert found and [st.index for st in states] == here  # the model is left where it was
+    assert len({tuple(i) for i in found}) == len(found) and not {tuple(i) for i in found} & {tuple(i) for _, i in first}
+    for indexes in found:
+        budget.restore(model, indexes)
+        assert 0.5 - budget.LANDING_SLACK - 1e-9 <= model.total / model.full_total <= 0.5 + 1e-9
+    # the default count follows the model's weights (the example CNN is small); an explicit one wins
+    assert search_count(analysis, BudgetOptions()) == 12
+    assert search_count(analysis, BudgetOptions(search=0)) == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"search": 2, "target_macs": 0.5},
+                                    {"search": -1, "target_macs": 0.5, "calibration": "x"},
+                                    {"search": 2, "ratio": 0.5, "calibration": "x"}])
+def test_search_without_a_calibrated_macs_or_params_target_is_a_usage_error(cnn, kwargs):
+    with pytest.raises(UsageError, match="search"):
+        graphprune.prune(cnn, **kwargs)
 
 
 def _stages_model(height="h", width="w"):

@@ -10,9 +10,10 @@
    driver); for latency the pruned model is timed against the original (interleaved) and,
    when it misses the target, the allocation is tightened and redone (a few rounds);
 5. with calibration (MACs/params targets), a choice by measurement: the greedy allocation,
-   the uniform one at the same cost and a blend of the two are each rewritten, checked and
-   reconstructed, and the one nearest the original on the held-out calibration samples is
-   kept (:func:`_choose`; ``report["budget"]["candidates"]``); then fidelity on those samples.
+   the uniform one at the same cost, a blend of the two, and then perturbations of the best
+   so far (:mod:`graphprune.planning.search`) are each rewritten, checked and reconstructed,
+   and the one nearest the original on the held-out calibration samples is kept
+   (:func:`_choose`; ``report["budget"]["candidates"]``); then fidelity on those samples.
 
 ``report["budget"]``: target, achieved (MACs and parameters counted on the exported models
 by :mod:`graphprune.verify.metrics`, latency measured), how it was measured, and per-group
@@ -24,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, targets
 from graphprune.pipeline.ratio import DEFAULT_TOLERANCE, channel_passes, verify_zeroed
@@ -43,6 +46,13 @@ RELAX_BELOW = 0.8
 SENSITIVITY_BATCHES = 4
 #: calibration samples a candidate allocation is judged on when none are held out
 CHOICE_SAMPLES = 64
+#: with calibration, allocations searched beyond the first three by the model's weight
+#: count (at most that many weights: that many allocations; larger models: none)
+SEARCH_BY_WEIGHTS = ((5_000_000, 12), (50_000_000, 4))
+#: allocations evaluated per search round (perturbations of the best so far)
+SEARCH_ROUND = 4
+#: a round that finds nothing better narrows the next round's perturbations by this factor
+SEARCH_SHRINK = 0.6
 #: MACs/params: how far over the target (share of the original) a landing may be when it
 #: is nearer than the best landing under it (the report's ``met`` allows +-0.03)
 LANDING_ABOVE = 0.02
@@ -64,6 +74,8 @@ class BudgetOptions:
     threads: int | None = None
     #: timing runs per model when checking a latency target
     latency_runs: int = 20
+    #: with calibration: allocations searched beyond the first candidates (``None``: by size)
+    search: int | None = None
 
 
 def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer: Any) -> list:
@@ -240,7 +252,8 @@ def prune_budget(
     chosen = None
     if options.kind != "latency" and calibrated is not None and states:
         fraction = max(options.target, allocation.achieved)  # the greedy landing's budget for every candidate
-        chosen = _choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify)
+        chosen = _choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify,
+                         options)
         plan, fresh, verification, info["candidates"], info["chosen"] = chosen
         allocation.achieved = cost_model.total / allocation.full if allocation.full > 0 else 1.0
         allocation.widths = budget_mod.width_table(states)
@@ -308,21 +321,38 @@ def prune_budget(
     return session.finish(report, plan, verification)
 
 
+def search_count(analysis: Analysis, options: BudgetOptions) -> int:
+    """Allocations searched beyond the first candidates: ``options.search``, or by the model's
+    weight count (each costs a rewrite and a reconstruction)."""
+    if options.search is not None:
+        return options.search
+    import numpy as np
+
+    weights = sum(int(np.prod(t.shape)) for t in analysis.context.tensors.values()
+                  if isinstance(t, gs.Constant) and t.shape is not None)
+    return next((n for limit, n in SEARCH_BY_WEIGHTS if weights <= limit), 0)
+
+
 def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
-            calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool) -> tuple:
-    """Choose the allocation by measurement: each candidate (:func:`budget_mod.candidates`:
-    the greedy one, uniform at the same cost, a blend) is rewritten on a sibling session,
-    checked against its zeroed original, reconstructed, and compared with the original on
-    the held-out calibration samples (the fidelity metric: relative L2 of the outputs); the
+            calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
+            options: BudgetOptions) -> tuple:
+    """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
+    greedy one, uniform at the same cost, a blend; then :func:`search_count` perturbations of
+    the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
+    against its zeroed original, reconstructed, and compared with the original on the
+    held-out calibration samples (the fidelity metric: relative L2 of the outputs); the
     nearest is adopted by ``session`` (with the states at its allocation). A candidate that
     fails its check is adopted as it is, so that the failure is reported; one whose
     reconstruction fails is not chosen (the error is in its row; raised when all fail).
 
     Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
+    import numpy as np
+
     from graphprune.calibration import fidelity as fidelity_mod
     from graphprune.calibration import runner
+    from graphprune.planning import search
 
-    options = budget_mod.candidates(model, fraction)
+    first = search.candidates(model, fraction)
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
     names = [o.name for o in session.prepared.graph.output]
     with session.stage("candidates"):
@@ -330,7 +360,11 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
     rows: list[dict[str, Any]] = []
     best: tuple | None = None
     failed: Exception | None = None
-    for label, indexes in options:
+
+    def evaluate(label: str, indexes: list[int]) -> bool:
+        """Rewrite, check and reconstruct one allocation; ``True`` when the search must stop
+        (a failed structural check, adopted as it is)."""
+        nonlocal best, failed
         budget_mod.restore(model, indexes)
         candidate, fresh, plan = _apply(session, budget_mod.to_plan(analysis, states, meta))
         verification = verify_zeroed(candidate, fresh, plan, tolerance) if verify else None
@@ -340,14 +374,14 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         if verification is not None and not verification.get("ok"):
             row["verified"] = False
             best = (-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
-            break
+            return True
         calibrated.session, calibrated.pass_stats = candidate, {}
         try:
             calibrated.reconstruct(fresh, plan)
         except Exception as exc:  # noqa: BLE001 - this candidate cannot be reconstructed: not chosen
             failed = failed or exc
             row["error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
-            continue
+            return False
         finally:
             calibrated.session = session
         with session.stage("candidates"):
@@ -357,6 +391,26 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         if best is None or error < best[0]:
             best = (error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes)
+        return False
+
+    stop = any(evaluate(label, indexes) for label, indexes in first)
+    left = 0 if stop else search_count(analysis, options)
+    rng = np.random.default_rng(options.seed)
+    seen = {tuple(indexes) for _, indexes in first}
+    sigma, round_index = search.SEARCH_SIGMA, 0
+    while left > 0 and best is not None and not stop:
+        round_index += 1
+        before = best[0]
+        proposals = search.neighbours(model, fraction, best[7], rng, min(SEARCH_ROUND, left), sigma, seen)
+        if not proposals:
+            break
+        left -= len(proposals)
+        for k, indexes in enumerate(proposals):
+            if evaluate(f"search {round_index}.{k + 1}", indexes):
+                stop = True
+                break
+        if best[0] >= before:
+            sigma *= SEARCH_SHRINK
     if best is None:  # no candidate could be reconstructed: the first failure is the error
         assert failed is not None
         raise failed

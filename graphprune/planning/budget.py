@@ -16,7 +16,9 @@ its input and output widths). Importance is comparable between groups:
 - data-free: the unit scores divided by the group's mean score, summed over removed units
   (every group's average unit weighs 1);
 - with calibration: the measured output deviation of pruning the group alone at a few
-  ratios (:mod:`graphprune.planning.sensitivity`), interpolated between them.
+  ratios (:mod:`graphprune.planning.sensitivity`), interpolated between them; the greedy
+  allocation is then one candidate among several measured after reconstruction
+  (:mod:`graphprune.planning.search`).
 """
 
 from __future__ import annotations
@@ -445,53 +447,6 @@ def give_back(model: CostModel, goal: float) -> int:
         model.set_index(best[1], model.states[best[1]].index - 1)
         undone += 1
     return undone
-
-
-#: blends between the uniform and the greedy allocation offered as candidates (0: uniform)
-CANDIDATE_BLENDS = (0.0, 0.5)
-
-
-def _shaped(model: CostModel, goal: float, shape: np.ndarray) -> list[int]:
-    """Indexes where every state removes about ``s * shape[i]`` of its units, ``s`` the
-    smallest scale whose modelled cost is at most ``goal`` (then give-back)."""
-    def place(scale: float) -> None:
-        for si, st in enumerate(model.states):
-            want = min(scale * float(shape[si]), 1.0) * st.group.num_units
-            index = int(np.searchsorted(st.steps, want + 1e-9, side="right")) - 1
-            if model.states[si].index != index:
-                model.set_index(si, index)
-
-    lo, hi = 0.0, 1.0 / max(float(np.min(shape[shape > 0])) if np.any(shape > 0) else 1.0, 1e-6)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        place(mid)
-        lo, hi = (lo, mid) if model.total <= goal + 1e-9 else (mid, hi)
-    place(hi)
-    _greedy(model, goal)  # where even the largest removal misses: what the greedy still finds
-    give_back(model, goal)
-    return _snapshot(model)
-
-
-def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CANDIDATE_BLENDS
-               ) -> list[tuple[str, list[int]]]:
-    """Allocations at the same cost to choose from by measurement: the model's current one
-    (the greedy allocation, ``global``), and per blend ``a`` the one whose removed shares
-    are ``(1 - a) * uniform + a * global`` scaled to the goal (``a = 0``: ``uniform``, every
-    group the same share). Distinct allocations only; the model is left at the greedy one."""
-    greedy = _snapshot(model)
-    goal = fraction * model.full_total
-    shares = np.array([st.removed / max(st.group.num_units, 1) for st in model.states])
-    mean = float(np.mean(shares)) if len(shares) else 0.0
-    out = [("global", greedy)]
-    if mean <= 0:
-        return out
-    for a in blends:
-        shape = (1.0 - a) + a * shares / mean
-        indexes = _shaped(model, goal, np.maximum(shape, 0.0))
-        if all(indexes != other for _, other in out):
-            out.append(("uniform" if a == 0 else f"blend {a:g}", indexes))
-    restore(model, greedy)
-    return out
 
 
 def width_table(states: list[GroupState]) -> list[dict[str, Any]]:

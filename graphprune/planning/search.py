@@ -1,0 +1,117 @@
+"""Allocations at equal cost to choose from by measurement (calibrated budget prunes).
+
+The greedy allocation of :mod:`graphprune.planning.budget` ranks groups by their sensitivity
+measured *alone* (one group pruned, its consumers refit); pruned together, with every layer
+reconstructed on the inputs the pruned layers before it produce, the groups interact, and the
+greedy ranking can be far from the best allocation (on a small residual network it is 2-3x
+worse than uniform after reconstruction). So the calibrated budget prune measures instead of
+trusting the model:
+
+- :func:`candidates`: the greedy allocation, uniform at the same cost, and a blend;
+- :func:`neighbours`: random perturbations of the best allocation so far (each group's
+  removed share scaled by a log-normal factor, the whole rescaled to the same cost), a
+  (1 + lambda) evolution strategy whose step shrinks when a round finds nothing better.
+
+Every allocation returned is a list of per-state indexes into :attr:`GroupState.steps` whose
+modelled cost is at most the goal; the cost model is left where it was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from graphprune.planning.budget import (
+    LANDING_SLACK,
+    CostModel,
+    _greedy,
+    _snapshot,
+    give_back,
+    restore,
+)
+
+#: blends between the uniform and the greedy allocation offered as candidates (0: uniform)
+CANDIDATE_BLENDS = (0.0, 0.5)
+
+#: log-normal spread of the removed-share factors of the first search round
+SEARCH_SIGMA = 0.35
+
+#: a group with no removed share is perturbed around this fraction of the mean share
+SHARE_FLOOR = 0.1
+
+
+def _shaped(model: CostModel, goal: float, shape: np.ndarray) -> list[int]:
+    """Indexes where every state removes about ``s * shape[i]`` of its units, ``s`` the
+    smallest scale whose modelled cost is at most ``goal`` (then give-back)."""
+    def place(scale: float) -> None:
+        for si, st in enumerate(model.states):
+            want = min(scale * float(shape[si]), 1.0) * st.group.num_units
+            index = int(np.searchsorted(st.steps, want + 1e-9, side="right")) - 1
+            if model.states[si].index != index:
+                model.set_index(si, index)
+
+    lo, hi = 0.0, 1.0 / max(float(np.min(shape[shape > 0])) if np.any(shape > 0) else 1.0, 1e-6)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        place(mid)
+        lo, hi = (lo, mid) if model.total <= goal + 1e-9 else (mid, hi)
+    place(hi)
+    _greedy(model, goal)  # where even the largest removal misses: what the greedy still finds
+    give_back(model, goal)
+    return _snapshot(model)
+
+
+def _shares(model: CostModel) -> np.ndarray:
+    return np.array([st.removed / max(st.group.num_units, 1) for st in model.states])
+
+
+def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CANDIDATE_BLENDS
+               ) -> list[tuple[str, list[int]]]:
+    """Allocations at the same cost to choose from by measurement: the model's current one
+    (the greedy allocation, ``global``), and per blend ``a`` the one whose removed shares
+    are ``(1 - a) * uniform + a * global`` scaled to the goal (``a = 0``: ``uniform``, every
+    group the same share). Distinct allocations only; the model is left at the greedy one."""
+    greedy = _snapshot(model)
+    goal = fraction * model.full_total
+    shares = _shares(model)
+    mean = float(np.mean(shares)) if len(shares) else 0.0
+    out = [("global", greedy)]
+    if mean <= 0:
+        return out
+    for a in blends:
+        shape = (1.0 - a) + a * shares / mean
+        indexes = _shaped(model, goal, np.maximum(shape, 0.0))
+        if all(indexes != other for _, other in out):
+            out.append(("uniform" if a == 0 else f"blend {a:g}", indexes))
+    restore(model, greedy)
+    return out
+
+
+def neighbours(model: CostModel, fraction: float, base: list[int], rng: np.random.Generator, count: int,
+               sigma: float, seen: set[tuple[int, ...]]) -> list[list[int]]:
+    """Up to ``count`` allocations at the same cost near ``base``, none of them in ``seen``
+    (which they are added to), none more than :data:`LANDING_SLACK` of the full cost under
+    the goal: each group's removed share at ``base`` (at least
+    :data:`SHARE_FLOOR` of the mean share, so that a group kept whole can be cut) times
+    ``exp(N(0, sigma))``, rescaled to the goal. The model is left where it was."""
+    here = _snapshot(model)
+    goal = fraction * model.full_total
+    restore(model, base)
+    shares = _shares(model)
+    mean = float(np.mean(shares)) if len(shares) else 0.0
+    out: list[list[int]] = []
+    if mean > 0:
+        floor = np.maximum(shares, SHARE_FLOOR * mean)
+        for _ in range(4 * count):
+            if len(out) == count:
+                break
+            indexes = _shaped(model, goal, floor * np.exp(rng.normal(0.0, sigma, len(shares))))
+            if model.total < goal - LANDING_SLACK * model.full_total:
+                continue  # coarse steps landed it well under the goal: not the same cost
+            key = tuple(indexes)
+            if key not in seen:
+                seen.add(key)
+                out.append(indexes)
+    restore(model, here)
+    return out
