@@ -26,8 +26,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import onnx_graphsurgeon as gs
-
 from graphprune.analysis import Analysis, targets
 from graphprune.pipeline.ratio import DEFAULT_TOLERANCE, channel_passes, verify_zeroed
 from graphprune.pipeline.session import PruneResult, Session
@@ -46,9 +44,12 @@ RELAX_BELOW = 0.8
 SENSITIVITY_BATCHES = 4
 #: calibration samples a candidate allocation is judged on when none are held out
 CHOICE_SAMPLES = 64
-#: with calibration, allocations searched beyond the first three by the model's weight
-#: count (at most that many weights: that many allocations; larger models: none)
-SEARCH_BY_WEIGHTS = ((5_000_000, 12), (50_000_000, 4))
+#: with calibration, allocations searched beyond the first three by default: as many as fit
+#: in this many multiply-accumulates of calibration work (MACs per sample x samples; each
+#: allocation is reconstructed on all of them), at most SEARCH_MAX (the digits CNN: 12,
+#: all-MiniLM-L6-v2 on 150 sentences: 4, a ResNet-50 on 128 images at 224x224: 0)
+SEARCH_WORK = 1.2e11
+SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
 SEARCH_ROUND = 4
 #: a round that finds nothing better narrows the next round's perturbations by this factor
@@ -321,16 +322,13 @@ def prune_budget(
     return session.finish(report, plan, verification)
 
 
-def search_count(analysis: Analysis, options: BudgetOptions) -> int:
-    """Allocations searched beyond the first candidates: ``options.search``, or by the model's
-    weight count (each costs a rewrite and a reconstruction)."""
+def search_count(options: BudgetOptions, macs: float, samples: int) -> int:
+    """Allocations searched beyond the first candidates: ``options.search``, or as many as
+    :data:`SEARCH_WORK` allows (at most :data:`SEARCH_MAX`): each costs a rewrite and a
+    reconstruction, whose work grows with the model's MACs per sample times the samples."""
     if options.search is not None:
         return options.search
-    import numpy as np
-
-    weights = sum(int(np.prod(t.shape)) for t in analysis.context.tensors.values()
-                  if isinstance(t, gs.Constant) and t.shape is not None)
-    return next((n for limit, n in SEARCH_BY_WEIGHTS if weights <= limit), 0)
+    return int(min(SEARCH_MAX, SEARCH_WORK // (max(macs, 1.0) * max(samples, 1))))
 
 
 def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
@@ -394,7 +392,8 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         return False
 
     stop = any(evaluate(label, indexes) for label, indexes in first)
-    left = 0 if stop else search_count(analysis, options)
+    macs = model if model.kind == "macs" else budget_mod.CostModel(analysis, states, "macs", shape_of=model.shape_of)
+    left = 0 if stop else search_count(options, macs.full_total, calibrated.calib.total)
     rng = np.random.default_rng(options.seed)
     seen = {tuple(indexes) for _, indexes in first}
     sigma, round_index = search.SEARCH_SIGMA, 0
