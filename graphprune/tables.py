@@ -162,6 +162,13 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if not budget.get("reached_by_width", True):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
+    measured = [c for c in budget.get("candidates") or [] if "rel_l2" in c]
+    chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
+    if chosen is not None:
+        uniform = next((c for c in measured if c["allocation"] == "uniform"), None)
+        versus = f"; uniform {uniform['rel_l2']:.4f}" if uniform is not None and uniform is not chosen else ""
+        lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
+                     f"reconstruction (held-out rel-L2 {chosen['rel_l2']:.4f}{versus})")
     for r in budget.get("latency_rounds") or []:
         lines.append(f"  latency round: modelled {r['modelled_fraction']:.3f} -> measured {r['measured_ratio']:.3f}")
     widths = [w for w in budget.get("widths") or []]

@@ -257,6 +257,9 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
     rows = report["budget"]["candidates"]
     labels = [r["allocation"] for r in rows]
     assert labels[0] == "global" and "uniform" in labels
+    # every candidate reconstructs (the uniform one prunes a depthwise conv's groups to 24 of
+    # 32: its refit reads the original's 32-channel output)
+    assert all("rel_l2" in r for r in rows), [r.get("error") for r in rows]
     # after the first candidates, perturbations of the best so far (distinct allocations)
     searched = [r for r in rows if r["allocation"].startswith("search ")]
     assert 1 <= len(searched) <= 3 and labels.index(searched[0]["allocation"]) >= 2
@@ -269,6 +272,10 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
     assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["rel_l2"], rel=1e-3)
     assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
+    from graphprune.tables import budget_lines
+
+    assert any(line.startswith(f"allocation: {chosen['allocation']}, the nearest of {len(rows)} measured")
+               for line in budget_lines(report["budget"]))
 
 
 def test_allocation_search_proposes_distinct_allocations_at_the_same_cost(cnn):

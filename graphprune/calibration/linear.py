@@ -231,11 +231,13 @@ class LinearView:
         return patches.reshape(len(index[0]), 1, -1)
 
     def output_rows(self, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``[R, group, og]``: the selected output positions."""
+        """``[R, C]``: the selected output positions, every channel of ``y``. Not split by
+        the view's groups: ``y`` may be the original's output, whose grouped convolution
+        had more groups before the pruning that this view describes."""
         if not self.is_conv:
             flat = y.reshape(-1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
-            return np.asarray(flat[rows], dtype=np.float32)[:, None, :]
-        return np.asarray(_gather(y, rows), dtype=np.float32).reshape(len(rows), self.group, -1)
+            return np.asarray(flat[rows], dtype=np.float32)
+        return np.asarray(_gather(y, rows), dtype=np.float32).reshape(len(rows), -1)
 
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
         """``[R, C]``: input channel vectors at up to ``limit`` positions (statistics)."""
