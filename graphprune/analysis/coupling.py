@@ -98,6 +98,15 @@ class CouplingContext:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
 
+    def known_ranks(self, node: gs.Node, *tensors: gs.Tensor) -> list[int] | None:
+        """The ranks of ``tensors``; ``None`` when one is unknown, after freezing every
+        tensor of ``node`` with the reason (a rule cannot couple axes it cannot count)."""
+        ranks = [self.rank(t) for t in tensors]
+        if any(r is None for r in ranks):
+            self.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            return None
+        return ranks  # type: ignore[return-value]
+
     def member_size(self, tensor: gs.Tensor, axis: int) -> int | None:
         """The size of an axis as a group member: the static size, or for an activation
         axis that holds a dynamic batch (the merged ``[B*H]`` axis of an attention; the two

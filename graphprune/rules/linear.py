@@ -230,10 +230,10 @@ class MatMulRule(OpRule):
         sa, sb = ctx.shape(a), ctx.shape(b)
         if sa is not None and sb is not None and len(sa) >= 2 and len(sb) == 2:
             ctx.derive_shape(y, [*sa[:-1], sb[-1]])  # behind an op without shape inference
-        ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
-        if ra is None or rb is None or ry is None:
-            ctx.freeze_node(node, f"rank unknown at MatMul '{node.name}'")
+        ranks = ctx.known_ranks(node, a, b, y)
+        if ranks is None:
             return
+        ra, rb, ry = ranks
         if ra == 1 and rb == 1:
             ctx.couple(a, 0, b, 0)
             return

@@ -132,10 +132,10 @@ class ReduceRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
             return
+        rank = ranks[0]
         axes_value = None
         if "axes" in node.attrs:
             axes_value = list(node.attrs["axes"])

@@ -245,9 +245,12 @@ class QLinearPoolRule(_ScalarQuantized, OpRule):
         if not int(node.attrs.get("channels_last", 0)):
             PoolRule.couple(self, node, ctx)  # type: ignore[arg-type]
             return
-        rank = ctx.rank(x)
-        if rank is None or rank != ctx.rank(y):
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        ranks = ctx.known_ranks(node, x, y)
+        if ranks is None:
+            return
+        rank = ranks[0]
+        if rank != ranks[1]:
+            ctx.freeze_node(node, f"input and output ranks differ at {node.op} '{node.name}'")
             return
         ctx.couple(x, 0, y, 0)
         ctx.couple(x, rank - 1, y, rank - 1)
@@ -270,8 +273,7 @@ class QLinearUnaryRule(_ScalarQuantized, OpRule):
         return None if shapes[0] is None else (shapes[0], 0)
 
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
-        if ctx.rank(node.inputs[0]) is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        if ctx.known_ranks(node, node.inputs[0]) is None:
             return
         _derive_output(self, node, ctx)
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
@@ -289,9 +291,7 @@ class QLinearSoftmaxRule(_ScalarQuantized, OpRule):
 
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        if ctx.known_ranks(node, x) is None:
             return
         _derive_output(self, node, ctx)
         couple_softmax(node, ctx, x, y, int(node.attrs.get("opset", 13)))

@@ -340,8 +340,7 @@ class DynamicQuantizeLinearRule(OpRule):
     quantizes_at_run_time = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        if ctx.rank(node.inputs[0]) is None:
-            ctx.freeze_node(node, f"rank unknown at DynamicQuantizeLinear '{node.name}'")
+        if ctx.known_ranks(node, node.inputs[0]) is None:
             return
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
         ctx.zero_in_reference(node.inputs[0])

@@ -81,10 +81,10 @@ class ConcatRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]
-        rank = ctx.rank(y)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        ranks = ctx.known_ranks(node, y)
+        if ranks is None:
             return
+        rank = ranks[0]
         axis = int(node.attrs["axis"]) % rank
         offset = 0
         for x in self.joined(node):
@@ -125,10 +125,10 @@ class SplitRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at Split '{node.name}'")
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
             return
+        rank = ranks[0]
         axis = int(node.attrs.get("axis", 0)) % rank
         offset = 0
         for y in node.outputs:
@@ -170,10 +170,10 @@ class TransposeRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at Transpose '{node.name}'")
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
             return
+        rank = ranks[0]
         perm = list(node.attrs.get("perm", list(reversed(range(rank)))))
         for o, i in enumerate(perm):
             ctx.couple(x, int(i), y, o)
@@ -206,10 +206,10 @@ class SqueezeRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        rx, ry = ctx.rank(x), ctx.rank(y)
-        if rx is None or ry is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        ranks = ctx.known_ranks(node, x, y)
+        if ranks is None:
             return
+        rx, ry = ranks
         axes = _axes_input(node, ctx, 1)
         if node.op == "Squeeze":
             if axes is None:
@@ -337,10 +337,10 @@ class PadRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at Pad '{node.name}'")
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
             return
+        rank = ranks[0]
         if "pads" in node.attrs:
             pads = [int(p) for p in node.attrs["pads"]]
             axes = list(range(rank))

@@ -202,10 +202,10 @@ class GatherRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        rd, ri = ctx.rank(data), ctx.rank(indices)
-        if rd is None or ri is None:
-            ctx.freeze_node(node, f"rank unknown at Gather '{node.name}'")
+        ranks = ctx.known_ranks(node, data, indices)
+        if ranks is None:
             return
+        rd, ri = ranks
         axis = int(node.attrs.get("axis", 0)) % rd
         if _arange_indices(node, ctx, ctx.size(data, axis)) and couple_reshape(ctx, data, y, node):
             return

@@ -370,10 +370,10 @@ class SkipLayerNormRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, skip, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        rank = ctx.rank(x)
-        if rank is None:
-            ctx.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
             return
+        rank = ranks[0]
         ctx.couple_broadcast([x, skip], y)
         params = [2, 3, 4] if node.op == "SkipLayerNormalization" else [2, 3]
         for index in params:
