@@ -147,8 +147,8 @@ def prune(
     more at a time) and the width allocated on what is left. With ``calibration`` (MACs/params
     targets) the allocation is chosen by measurement among the greedy one, uniform, a blend
     and ``search`` perturbations of the best so far, each rewritten and reconstructed
-    (default ``None``: as many as 1.2e11 multiply-accumulates of calibration work allow, MACs
-    per sample times samples, at most 12).
+    (default ``None``: as many as fit in about a minute by an estimate of their cost from the
+    graph's size and the MACs on the calibration samples, at most 12).
 
     ``input_shapes`` (``{input name: shape}``) fixes the shapes verification feeds; sizes
     the model leaves open otherwise are chosen so that it runs

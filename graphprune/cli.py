@@ -279,7 +279,7 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("--search", type=_int_at_least(0), default=None, metavar="N",
                    help="with --calibration and --target-macs/--target-params: allocations tried "
                         "beyond greedy, uniform and a blend, each rewritten and reconstructed "
-                        "(default: what 1.2e11 MACs of calibration work allow, at most 12)")
+                        "(default: as many as fit in about a minute by their estimated cost, at most 12)")
     p.add_argument("--max-ratio", type=_ratio, default=None, metavar="R",
                    help="with a --target-*: largest share of any one group removed, in [0, 1) "
                         "(default: 0.9)")

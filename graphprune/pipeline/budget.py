@@ -45,10 +45,14 @@ SENSITIVITY_BATCHES = 4
 #: calibration samples a candidate allocation is judged on when none are held out
 CHOICE_SAMPLES = 64
 #: with calibration, allocations searched beyond the first three by default: as many as fit
-#: in this many multiply-accumulates of calibration work (MACs per sample x samples; each
-#: allocation is reconstructed on all of them), at most SEARCH_MAX (the digits CNN: 12,
-#: all-MiniLM-L6-v2 on 150 sentences: 4, a ResNet-50 on 128 images at 224x224: 0)
-SEARCH_WORK = 1.2e11
+#: in SEARCH_SECONDS by a deterministic estimate of one candidate's cost (rewrite, check and
+#: sequential refit: per node of the graph, plus per multiply-accumulate of the model on
+#: every calibration sample; fitted on 2 CPU cores), at most SEARCH_MAX. The digits CNNs: 12;
+#: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
+#: a ResNet-50 on 128 images at 224x224: 1
+SEARCH_SECONDS = 60.0
+SEARCH_SECONDS_PER_NODE = 0.04
+SEARCH_SECONDS_PER_MAC = 8e-11
 SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
 SEARCH_ROUND = 4
@@ -322,13 +326,13 @@ def prune_budget(
     return session.finish(report, plan, verification)
 
 
-def search_count(options: BudgetOptions, macs: float, samples: int) -> int:
+def search_count(options: BudgetOptions, nodes: int, macs: float, samples: int) -> int:
     """Allocations searched beyond the first candidates: ``options.search``, or as many as
-    :data:`SEARCH_WORK` allows (at most :data:`SEARCH_MAX`): each costs a rewrite and a
-    reconstruction, whose work grows with the model's MACs per sample times the samples."""
+    fit in :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
     if options.search is not None:
         return options.search
-    return int(min(SEARCH_MAX, SEARCH_WORK // (max(macs, 1.0) * max(samples, 1))))
+    each = SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
+    return int(min(SEARCH_MAX, SEARCH_SECONDS // max(each, 1e-3)))
 
 
 def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
@@ -393,7 +397,7 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
 
     stop = any(evaluate(label, indexes) for label, indexes in first)
     macs = model if model.kind == "macs" else budget_mod.CostModel(analysis, states, "macs", shape_of=model.shape_of)
-    left = 0 if stop else search_count(options, macs.full_total, calibrated.calib.total)
+    left = 0 if stop else search_count(options, len(analysis.graph.nodes), macs.full_total, calibrated.calib.total)
     rng = np.random.default_rng(options.seed)
     seen = {tuple(indexes) for _, indexes in first}
     sigma, round_index = search.SEARCH_SIGMA, 0
