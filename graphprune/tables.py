@@ -169,6 +169,10 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
         versus = f"; uniform {uniform['rel_l2']:.4f}" if uniform is not None and uniform is not chosen else ""
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
                      f"reconstruction (held-out rel-L2 {chosen['rel_l2']:.4f}{versus})")
+    failed = [c for c in budget.get("candidates") or [] if c.get("error")]
+    if failed:
+        lines.append(f"warning: {len(failed)} candidate allocation(s) not chosen because their "
+                     f"{failed[0]['error']} (all in --report)")
     for r in budget.get("latency_rounds") or []:
         lines.append(f"  latency round: modelled {r['modelled_fraction']:.3f} -> measured {r['measured_ratio']:.3f}")
     widths = [w for w in budget.get("widths") or []]

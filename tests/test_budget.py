@@ -372,3 +372,16 @@ def _fixed(model, path):
         out.type.tensor_type.ClearField("shape")
     onnx.save(model, path)
     return path
+
+
+def test_budget_lines_name_the_chosen_allocation_and_warn_about_failed_candidates():
+    from graphprune.tables import budget_lines
+
+    info = {"target": "macs", "fraction": 0.5, "achieved": 0.5, "met": True, "chosen": "search 1.2",
+            "candidates": [{"allocation": "global", "kept": [4], "rel_l2": 0.3},
+                           {"allocation": "uniform", "kept": [5], "error": "reconstruction failed: ValueError: x"},
+                           {"allocation": "search 1.2", "kept": [6], "rel_l2": 0.2}]}
+    lines = budget_lines(info)
+    assert "allocation: search 1.2, the nearest of 2 measured after reconstruction (held-out rel-L2 0.2000)" in lines
+    assert any(line.startswith("warning: 1 candidate allocation(s) not chosen because their reconstruction "
+                               "failed: ValueError: x") for line in lines)
