@@ -279,7 +279,7 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
 
 
 def test_allocation_search_proposes_distinct_allocations_at_the_same_cost(cnn):
-    from graphprune.pipeline.budget import BudgetOptions, search_count
+    from graphprune.pipeline.budget import BudgetOptions, _search_count, search_count
     from graphprune.planning import search
 
     _, analysis, states, model = _macs_model(cnn)
@@ -297,10 +297,10 @@ def test_allocation_search_proposes_distinct_allocations_at_the_same_cost(cnn):
     # MACs x calibration samples): all 12 for the small example CNN, 3 for all-MiniLM-L6-v2 on
     # 150 sentences (370 nodes, 17 tokens: 0.19 GMACs), 1 for a ResNet-50 on 128 images;
     # an explicit count wins
-    assert search_count(BudgetOptions(), len(analysis.graph.nodes), model.full_total, 24) == 12
-    assert search_count(BudgetOptions(), 370, 1.9e8, 150) == 3
-    assert search_count(BudgetOptions(), 125, 4.1e9, 128) == 1
-    assert search_count(BudgetOptions(search=2), 125, 4.1e9, 128) == 2
+    assert search_count(len(analysis.graph.nodes), model.full_total, 24) == 12
+    assert search_count(370, 1.9e8, 150) == 3
+    assert search_count(125, 4.1e9, 128) == 1
+    assert _search_count(analysis, states, model, BudgetOptions(search=2), 24) == 2
 
 
 @pytest.mark.parametrize("kwargs", [{"search": 2, "target_macs": 0.5},

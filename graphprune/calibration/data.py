@@ -138,8 +138,6 @@ def _shape_text(shape: list[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape or []) + "]"
 
 
-
-
 def validate_feed(
     feed: Feed, specs: list[InputSpec], *, index: int, stacked: bool
 ) -> Feed:

@@ -326,20 +326,28 @@ def prune_budget(
     return session.finish(report, plan, verification)
 
 
-def search_count(options: BudgetOptions, nodes: int, macs: float, samples: int) -> int:
-    """Allocations searched beyond the first candidates: ``options.search``, or as many as
-    fit in :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
-    if options.search is not None:
-        return options.search
+def search_count(nodes: int, macs: float, samples: int) -> int:
+    """Allocations searched beyond the first candidates by default: as many as fit in
+    :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
     each = SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
     return int(min(SEARCH_MAX, SEARCH_SECONDS // max(each, 1e-3)))
+
+
+def _search_count(analysis: Analysis, states: list, model: budget_mod.CostModel, options: BudgetOptions,
+                  samples: int) -> int:
+    """``options.search``, else :func:`search_count` of this graph (its MACs from ``model``
+    when that counts MACs; a MACs cost model is built only for a parameter target)."""
+    if options.search is not None:
+        return options.search
+    macs = model if model.kind == "macs" else budget_mod.CostModel(analysis, states, "macs", shape_of=model.shape_of)
+    return search_count(len(analysis.graph.nodes), macs.full_total, samples)
 
 
 def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
             calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
             options: BudgetOptions) -> tuple:
     """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
-    greedy one, uniform at the same cost, a blend; then :func:`search_count` perturbations of
+    greedy one, uniform at the same cost, a blend; then :func:`_search_count` perturbations of
     the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
     against its zeroed original, reconstructed, and compared with the original on the
     held-out calibration samples (the fidelity metric: relative L2 of the outputs); the
@@ -396,8 +404,7 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         return False
 
     stop = any(evaluate(label, indexes) for label, indexes in first)
-    macs = model if model.kind == "macs" else budget_mod.CostModel(analysis, states, "macs", shape_of=model.shape_of)
-    left = 0 if stop else search_count(options, len(analysis.graph.nodes), macs.full_total, calibrated.calib.total)
+    left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
     rng = np.random.default_rng(options.seed)
     seen = {tuple(indexes) for _, indexes in first}
     sigma, round_index = search.SEARCH_SIGMA, 0

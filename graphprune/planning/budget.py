@@ -328,7 +328,7 @@ class Allocation:
 LANDING_SLACK = 0.01
 
 
-def _greedy(model: CostModel, goal: float, frozen: frozenset[int] = frozenset()) -> int:
+def take_steps(model: CostModel, goal: float, frozen: frozenset[int] = frozenset()) -> int:
     """Take the cheapest-loss steps (not of ``frozen`` states) until the cost is <= ``goal``."""
     version = [0] * len(model.states)
     heap: list[tuple[float, int, int]] = []
@@ -360,7 +360,7 @@ def _greedy(model: CostModel, goal: float, frozen: frozenset[int] = frozenset())
     return taken
 
 
-def _snapshot(model: CostModel) -> list[int]:
+def snapshot(model: CostModel) -> list[int]:
     return [st.index for st in model.states]
 
 
@@ -383,19 +383,19 @@ def allocate(model: CostModel, fraction: float, above: float = 0.0) -> Allocatio
     over the goal when that is nearer to it than the best landing below."""
     full = model.full_total
     goal = fraction * full
-    taken = _greedy(model, goal)
+    taken = take_steps(model, goal)
     taken -= give_back(model, goal)
     if model.total <= goal + 1e-9 and goal - model.total > LANDING_SLACK * full:
-        best = (goal - model.total, _loss(model), _snapshot(model))
+        best = (goal - model.total, _loss(model), snapshot(model))
         start = best[2]
         for si, index in enumerate(start):
             if index == 0:
                 continue
             model.set_index(si, index - 1)
-            _greedy(model, goal, frozenset({si}))
+            take_steps(model, goal, frozenset({si}))
             give_back(model, goal)
             if model.total <= goal + 1e-9:
-                option = (goal - model.total, _loss(model), _snapshot(model))
+                option = (goal - model.total, _loss(model), snapshot(model))
                 if (option[0], option[1]) < (best[0], best[1]):
                     best = option
             restore(model, start)
@@ -411,7 +411,7 @@ def allocate(model: CostModel, fraction: float, above: float = 0.0) -> Allocatio
             model.set_index(nearer[1], model.states[nearer[1]].index - 1)
     achieved = model.total / full if full > 0 else 1.0
     return Allocation(target=fraction, full=full, achieved=achieved,
-                      reached=model.total <= goal + above * full + 1e-9, steps_taken=sum(_snapshot(model)),
+                      reached=model.total <= goal + above * full + 1e-9, steps_taken=sum(snapshot(model)),
                       widths=width_table(model.states))
 
 

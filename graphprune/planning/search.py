@@ -25,10 +25,10 @@ import numpy as np
 from graphprune.planning.budget import (
     LANDING_SLACK,
     CostModel,
-    _greedy,
-    _snapshot,
     give_back,
     restore,
+    snapshot,
+    take_steps,
 )
 
 #: blends between the uniform and the greedy allocation offered as candidates (0: uniform)
@@ -57,9 +57,9 @@ def _shaped(model: CostModel, goal: float, shape: np.ndarray) -> list[int]:
         place(mid)
         lo, hi = (lo, mid) if model.total <= goal + 1e-9 else (mid, hi)
     place(hi)
-    _greedy(model, goal)  # where even the largest removal misses: what the greedy still finds
+    take_steps(model, goal)  # where even the largest removal misses: what the greedy still finds
     give_back(model, goal)
-    return _snapshot(model)
+    return snapshot(model)
 
 
 def _shares(model: CostModel) -> np.ndarray:
@@ -72,7 +72,7 @@ def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CAND
     (the greedy allocation, ``global``), and per blend ``a`` the one whose removed shares
     are ``(1 - a) * uniform + a * global`` scaled to the goal (``a = 0``: ``uniform``, every
     group the same share). Distinct allocations only; the model is left at the greedy one."""
-    greedy = _snapshot(model)
+    greedy = snapshot(model)
     goal = fraction * model.full_total
     shares = _shares(model)
     mean = float(np.mean(shares)) if len(shares) else 0.0
@@ -95,7 +95,7 @@ def neighbours(model: CostModel, fraction: float, base: list[int], rng: np.rando
     the goal: each group's removed share at ``base`` (at least
     :data:`SHARE_FLOOR` of the mean share, so that a group kept whole can be cut) times
     ``exp(N(0, sigma))``, rescaled to the goal. The model is left where it was."""
-    here = _snapshot(model)
+    here = snapshot(model)
     goal = fraction * model.full_total
     restore(model, base)
     shares = _shares(model)
