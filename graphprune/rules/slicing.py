@@ -141,8 +141,11 @@ class SliceRule(OpRule):
         if "starts" in node.attrs:
             node.attrs["starts"], node.attrs["ends"] = new_starts, new_ends
         else:
-            ctx.set_input(node, 1, np.array(new_starts, dtype=np.int64))
-            ctx.set_input(node, 2, np.array(new_ends, dtype=np.int64))
+            # Slice's starts/ends/axes/steps share one index type (int32 or int64)
+            dtype = np.dtype(node.inputs[1].dtype) if node.inputs[1].dtype is not None else np.dtype(np.int64)
+            bound = np.iinfo(dtype)
+            ctx.set_input(node, 1, np.clip(new_starts, bound.min, bound.max).astype(dtype))
+            ctx.set_input(node, 2, np.clip(new_ends, bound.min, bound.max).astype(dtype))
 
 
 def _arange_indices(node: gs.Node, ctx: CouplingContext | RewriteContext, size: int | None) -> bool:
