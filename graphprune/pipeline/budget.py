@@ -343,6 +343,23 @@ def _search_count(analysis: Analysis, states: list, model: budget_mod.CostModel,
     return search_count(len(analysis.graph.nodes), macs.full_total, samples)
 
 
+@dataclass
+class _Measured:
+    """One measured candidate allocation of :func:`_choose`."""
+
+    #: relative L2 of its outputs to the original's on the held-out samples (-inf: its
+    #: structural check failed, adopted as it is so that the failure is reported)
+    error: float
+    label: str
+    session: Session
+    analysis: Analysis
+    plan: Plan
+    verification: dict[str, Any] | None
+    pass_stats: dict[str, Any]
+    #: the allocation (step index per group state)
+    indexes: list[int]
+
+
 def _choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
             calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
             options: BudgetOptions) -> tuple:
@@ -368,7 +385,7 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
     with session.stage("candidates"):
         reference = runner.outputs(session.prepared, feeds, "the original model", data_dir=calibrated.data_dir)
     rows: list[dict[str, Any]] = []
-    best: tuple | None = None
+    best: _Measured | None = None
     failed: Exception | None = None
 
     def evaluate(label: str, indexes: list[int]) -> bool:
@@ -383,7 +400,7 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         rows.append(row)
         if verification is not None and not verification.get("ok"):
             row["verified"] = False
-            best = (-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
+            best = _Measured(-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
             return True
         calibrated.session, calibrated.pass_stats = candidate, {}
         try:
@@ -399,8 +416,8 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
         score = fidelity_mod.compare_outputs(names, reference, outputs)
         error = score["rel_l2"] if score["rel_l2"] is not None else math.inf
         row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
-        if best is None or error < best[0]:
-            best = (error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes)
+        if best is None or error < best.error:
+            best = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes)
         return False
 
     stop = any(evaluate(label, indexes) for label, indexes in first)
@@ -410,8 +427,8 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
     sigma, round_index = search.SEARCH_SIGMA, 0
     while left > 0 and best is not None and not stop:
         round_index += 1
-        before = best[0]
-        proposals = search.neighbours(model, fraction, best[7], rng, min(SEARCH_ROUND, left), sigma, seen)
+        before = best.error
+        proposals = search.neighbours(model, fraction, best.indexes, rng, min(SEARCH_ROUND, left), sigma, seen)
         if not proposals:
             break
         left -= len(proposals)
@@ -419,17 +436,17 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
             if evaluate(f"search {round_index}.{k + 1}", indexes):
                 stop = True
                 break
-        if best[0] >= before:
+        if best.error >= before:
             sigma *= SEARCH_SHRINK
     if best is None:  # no candidate could be reconstructed: the first failure is the error
         assert failed is not None
         raise failed
-    _, label, candidate, fresh, plan, verification, pass_stats, indexes = best
-    budget_mod.restore(model, indexes)
-    calibrated.pass_stats = pass_stats
-    session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
+    budget_mod.restore(model, best.indexes)
+    calibrated.pass_stats = best.pass_stats
+    candidate = best.session
+    session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
     session.ctx = candidate.ctx
-    return plan, fresh, verification, rows, label
+    return best.plan, best.analysis, best.verification, rows, best.label
 
 
 def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:
