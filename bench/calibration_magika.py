@@ -9,7 +9,8 @@ extension, chosen by a hash of the path, split into calibration and evaluation f
 never overlap. Fidelity is the top-1 agreement with the unpruned model's label on the
 evaluation files (the model's own answer is the reference; the files carry no ground truth).
 
-Runs at two levels each: graphprune data-free and calibrated (``ratio``), onnxsim 0.8's L2
+Runs at two levels each: graphprune data-free and calibrated (``ratio``; the default refit and
+the statistics correction), onnxsim 0.8's L2
 and calibrated Wanda at the same sparsity, and graphprune at the MACs onnxsim reached.
 MACs and parameters by one counter (``bench/vs_onnxsim._cost``).
 
@@ -146,6 +147,8 @@ def main() -> int:
     for level in LEVELS:
         ours("graphprune data-free, ratio", level, ratio=level)
         ours("graphprune calibrated, ratio", level, ratio=level, calibration=feeds)
+        ours("graphprune calibrated, ratio, reconstruction=stats", level, ratio=level, calibration=feeds,
+             reconstruction="stats")
         if args.no_onnxsim:
             continue
         import onnxsim.pruning as pruning

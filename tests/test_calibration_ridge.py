@@ -1,0 +1,67 @@
+"""The ridge strength of a refit: chosen by two-fold validation, also for well-determined layers.
+
+A layer with more than CV_RICH_INPUTS inputs and at least ROWS_PER_INPUT rows per input used
+to take the default ridge without validation. Its rows are output positions of a few samples,
+correlated within a sample, and on a real model (Magika's 960-input convolution) the default
+over-fitted: validation chose a 100x stronger ridge and the pruned classifier kept 1-3 points
+more of its labels. Such layers now choose from COARSE_GRID (one direct solve per fold and
+strength); the full grid stays for the narrower layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphprune.calibration import sequential
+from graphprune.calibration.ridge import Accumulator
+from graphprune.calibration.sequential import COARSE_GRID, DEFAULT_RIDGE, Reconstructor
+
+INPUTS, OUTPUTS = 600, 4
+
+
+def _accumulator(rng: np.random.Generator, noise: float, shift: float) -> tuple[Accumulator, np.ndarray]:
+    """A rich layer (600 inputs, 4 rows per input) whose targets are the anchor weights plus
+    ``shift`` (a real change the fit should make), with ``noise`` in the targets that is
+    independent between the folds (what a fit must not learn)."""
+    anchor = rng.standard_normal((INPUTS + 1, OUTPUTS)) / np.sqrt(INPUTS)
+    moved = anchor + shift * rng.standard_normal(anchor.shape) / np.sqrt(INPUTS)
+    acc = Accumulator.empty(1, INPUTS, OUTPUTS)
+    for batch in range(8):
+        x = rng.standard_normal((INPUTS // 2, 1, INPUTS))
+        xt = np.concatenate([x, np.ones((len(x), 1, 1))], axis=2)
+        y = np.einsum("rgk,ko->rgo", xt, moved) + noise * rng.standard_normal((len(x), 1, OUTPUTS))
+        acc.add(batch % 2, xt, y)
+    acc.flush()
+    return acc, anchor[None]
+
+
+def _choose(acc: Accumulator, anchor: np.ndarray) -> float:
+    reconstructor = Reconstructor.__new__(Reconstructor)
+    reconstructor.ridge = None
+    scale = [float(np.mean(np.diag(acc.gram.sum(0)[0])[:INPUTS]))]
+    return reconstructor._choose_ridge(acc, anchor, scale)
+
+
+def test_a_rich_layer_is_in_the_rich_regime() -> None:
+    acc, _ = _accumulator(np.random.default_rng(0), 0.0, 1.0)
+    assert INPUTS > sequential.CV_RICH_INPUTS and acc.rows >= sequential.ROWS_PER_INPUT * INPUTS
+
+
+def test_noisy_targets_choose_a_strong_ridge() -> None:
+    """Targets that are the anchor plus fold-independent noise: the validated choice stays
+    near the anchor (the strongest coarse ridge), where the default fitted the noise."""
+    acc, anchor = _accumulator(np.random.default_rng(1), noise=3.0, shift=0.0)
+    assert _choose(acc, anchor) == max(COARSE_GRID)
+
+
+def test_a_real_change_keeps_the_default_ridge() -> None:
+    """Noise-free targets far from the anchor: the weakest ridge fits them best."""
+    acc, anchor = _accumulator(np.random.default_rng(2), noise=0.0, shift=3.0)
+    assert _choose(acc, anchor) == DEFAULT_RIDGE == min(COARSE_GRID)
+
+
+def test_a_given_ridge_is_used_as_given() -> None:
+    acc, anchor = _accumulator(np.random.default_rng(3), noise=3.0, shift=0.0)
+    reconstructor = Reconstructor.__new__(Reconstructor)
+    reconstructor.ridge = 0.5
+    assert reconstructor._choose_ridge(acc, anchor, [1.0]) == 0.5
