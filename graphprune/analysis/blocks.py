@@ -2,7 +2,8 @@
 
 A residual block is ``y = x + branch(x)``: a sum (an op whose operands are both neutral at
 0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and
-constants) alone, whose nodes feed nothing but the sum. Erasing the block leaves ``x``,
+constants) alone, whose nodes feed nothing but the sum, with at least one layer with a weight
+in the branch. Erasing the block leaves ``x``,
 which is exactly the original with the branch multiplied by zero.
 
 A branch is scored by how much it adds: per-channel RMS estimates are pushed through the
@@ -59,6 +60,14 @@ def _is_sum(node: gs.Node, opset: int) -> bool:
     )
 
 
+def _has_weight(node: gs.Node, opset: int) -> bool:
+    """A layer with a weight (its rule describes it as linear, float or integer): a branch
+    without one (``x + 0.044715 * x**3`` inside a tanh-GELU, ``x + x * sigmoid(x)``) is part of
+    an activation, not a block that depth pruning may erase."""
+    rule = _rule(node, opset)
+    return rule is not None and (rule.linear(node) is not None or rule.rescaled_linear(node) is not None)
+
+
 def _branch(graph: gs.Graph, out: gs.Tensor, start: gs.Tensor) -> list[gs.Node] | None:
     """Nodes computing ``out`` from ``start`` (and constants) alone; ``None`` if not a branch."""
     inputs = {t.name for t in graph.inputs}
@@ -110,7 +119,7 @@ def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
                 all(id(c) in inside or c is node for c in o.outputs) and o.name not in outputs
                 for n in nodes for o in n.outputs
             )
-            if not private:
+            if not private or not any(_has_weight(n, graph.opset) for n in nodes):
                 continue
             nodes.sort(key=lambda n: order[id(n)])
             blocks.append(ResidualBlock(node.name, skip.name, out.name, [n.name for n in nodes]))
