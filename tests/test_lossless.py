@@ -390,27 +390,6 @@ def test_find_residual_blocks_and_scores():
     assert scales[0] < scales[1] < scales[2]
 
 
-def test_a_branch_without_a_weight_is_not_a_block():
-    """``g = r + 0.044715 * r**3`` (the inner sum of a tanh-GELU, as tf2onnx writes it) has the
-    shape of a residual block but no layer: depth pruning must not erase it (Google's Magika
-    lost its activation's cubic term to ``--erase-blocks 1``). The conv block after it is one."""
-    nodes = [
-        conv_node("x", "w0", "r", "b0"),
-        helper.make_node("Mul", ["r", "r"], ["r2"]),
-        helper.make_node("Mul", ["r2", "r"], ["r3"]),
-        helper.make_node("Mul", ["c", "r3"], ["cube"]),
-        helper.make_node("Add", ["r", "cube"], ["g"], name="gelu_sum"),
-        conv_node("g", "w1", "h", "b1"),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        conv_node("hr", "w2", "o", "b2"),
-        helper.make_node("Add", ["g", "o"], ["out"], name="block"),
-    ]
-    params = {"w0": weight(4, 3), "b0": vector(4), "w1": weight(4, 4, seed=1), "b1": vector(4, seed=1),
-              "w2": weight(4, 4, seed=2), "b2": vector(4, seed=2), "c": np.array(0.044715, dtype=np.float32)}
-    graph, _ = graph_of(make_model(nodes, {"x": [1, 3, 6, 6]}, {"out": None}, params))
-    assert [b.add for b in find_residual_blocks(graph)] == ["block"]
-
-
 def test_erase_blocks_erases_the_weakest_and_verifies_by_construction():
     model = resnet_like()
     result = erase_blocks(model, 1)

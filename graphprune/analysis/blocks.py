@@ -1,9 +1,9 @@
 """Residual blocks and their data-free importance (for depth pruning).
 
 A residual block is ``y = x + branch(x)``: a sum (an op whose operands are both neutral at
-0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and
-constants) alone, whose nodes feed nothing but the sum, with at least one layer with a weight
-in the branch. Erasing the block leaves ``x``,
+0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and from
+context that does not depend on ``x``: constants, an attention mask, position tables), whose
+nodes feed nothing but the sum, with at least one layer with a weight in the branch. Erasing the block leaves ``x``,
 which is exactly the original with the branch multiplied by zero.
 
 A branch is scored by how much it adds: per-channel RMS estimates are pushed through the
@@ -68,35 +68,41 @@ def _has_weight(node: gs.Node, opset: int) -> bool:
     return rule is not None and (rule.linear(node) is not None or rule.rescaled_linear(node) is not None)
 
 
-def _branch(graph: gs.Graph, out: gs.Tensor, start: gs.Tensor) -> list[gs.Node] | None:
-    """Nodes computing ``out`` from ``start`` (and constants) alone; ``None`` if not a branch."""
-    inputs = {t.name for t in graph.inputs}
-    seen: dict[int, gs.Node] = {}
-    stack = [out]
-    visited: set[str] = set()
+def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.Node] | None:
+    """Nodes on the paths from ``start`` to ``out``; ``None`` if ``out`` does not depend on
+    ``start``. What else those nodes read is *context* (it does not depend on ``start``: an
+    attention mask, rotary tables, constants) and stays outside the branch: erasing the block
+    leaves it in place, and the result is still the original with the branch zeroed.
+
+    Only nodes after ``start``'s producer in topological order (``order``) can depend on it,
+    so the walk never leaves the span between ``start`` and ``out``."""
+    first = order.get(id(start.inputs[0]), -1) if start.inputs else -1
+    depends: dict[str, bool] = {start.name: True}
+    found: dict[int, gs.Node] = {}
+    stack: list[tuple[gs.Tensor, bool]] = [(out, False)]
     while stack:
-        t = stack.pop()
-        if t.name in visited:
+        t, expanded = stack.pop()
+        if t.name in depends:
             continue
-        visited.add(t.name)
-        if t is start or t.name == start.name:
+        node = t.inputs[0] if not isinstance(t, gs.Constant) and t.inputs else None
+        if node is None or order.get(id(node), -1) <= first:
+            depends[t.name] = False
             continue
-        if isinstance(t, gs.Constant):
+        pending = [x for x in node.inputs if x.name and x.name not in depends]
+        if pending and not expanded:
+            stack.append((t, True))
+            stack.extend((x, False) for x in pending)
             continue
-        if t.name in inputs or not t.inputs:
-            return None
-        node = t.inputs[0]
-        if id(node) in seen:
-            continue
-        seen[id(node)] = node
-        stack.extend(x for x in node.inputs if x.name)
-    if start.name not in visited or not seen:
+        depends[t.name] = any(depends.get(x.name, False) for x in node.inputs if x.name)
+        if depends[t.name]:
+            found[id(node)] = node
+    if out is start or not depends.get(out.name) or not found:
         return None
-    return list(seen.values())
+    return list(found.values())
 
 
 def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
-    """Every ``Add(x, branch(x))`` whose branch is self-contained (used only by the Add)."""
+    """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add)."""
     graph.toposort()
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
@@ -111,7 +117,7 @@ def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
         for skip, out in ((a, b), (b, a)):
             if skip.shape is None or list(skip.shape) != list(y.shape or []):
                 continue
-            nodes = _branch(graph, out, skip)
+            nodes = _branch(out, skip, order)
             if nodes is None:
                 continue
             inside = {id(n) for n in nodes}

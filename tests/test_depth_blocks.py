@@ -1,0 +1,113 @@
+"""Which ``Add(x, branch(x))`` are residual blocks that depth pruning may erase.
+
+- A branch without a weighted layer is part of an activation, not a block: the
+  ``x + 0.044715 x**3`` sum inside a tanh-GELU (tf2onnx, GPT-2 exports) was erased *first* by
+  ``--erase-blocks`` (its RMS is small), instead of a real block.
+- A branch may read context that does not depend on ``x`` (an attention mask, position
+  tables): attention blocks of transformers were never found because their branch reads the
+  mask; erasing one is still exactly the original with the branch zeroed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from conftest import conv_node, make_model, positive
+from onnx import helper
+
+from graphprune.analysis.blocks import find_residual_blocks
+from graphprune.pipeline.depth import erase_blocks
+from graphprune.pipeline.session import Session
+
+
+def _blocks(model: onnx.ModelProto) -> list[str]:
+    return [b.add for b in find_residual_blocks(Session(model).import_graph())]
+
+
+def test_a_branch_without_a_weight_is_not_a_block() -> None:
+    """``g = r + 0.044715 * r**3`` has the shape of a residual block but no layer; the conv
+    block after it is one."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    nodes = [
+        conv_node("x", "w0", "r", "b0"),
+        helper.make_node("Mul", ["r", "r"], ["r2"]),
+        helper.make_node("Mul", ["r2", "r"], ["r3"]),
+        helper.make_node("Mul", ["c", "r3"], ["cube"]),
+        helper.make_node("Add", ["r", "cube"], ["g"], name="gelu_sum"),
+        conv_node("g", "w1", "h", "b1"),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        conv_node("hr", "w2", "o", "b2"),
+        helper.make_node("Add", ["g", "o"], ["out"], name="block"),
+    ]
+    params = {"w0": w(4, 3, 3, 3), "b0": w(4), "w1": w(4, 4, 3, 3), "b1": w(4), "w2": w(4, 4, 3, 3),
+              "b2": w(4), "c": np.array(0.044715, dtype=np.float32)}
+    assert _blocks(make_model(nodes, {"x": [1, 3, 6, 6]}, {"out": None}, params)) == ["block"]
+
+
+def attention_model() -> onnx.ModelProto:
+    """Two pre-norm blocks ``y = x + attention(LN(x), mask)`` and ``z = y + mlp(LN(y))``; the
+    attention branch reads the additive mask (a graph input) besides ``x``."""
+    rng = np.random.default_rng(1)
+
+    def w(*shape: int, scale: float = 0.3) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g0", "be0"], ["n0"], axis=-1),
+        helper.make_node("MatMul", ["n0", "wq"], ["q"]),
+        helper.make_node("MatMul", ["n0", "wk"], ["k"]),
+        helper.make_node("MatMul", ["n0", "wv"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Add", ["s", "mask"], ["sm"], name="mask_add"),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["a"]),
+        helper.make_node("MatMul", ["a", "wo"], ["ao"]),
+        helper.make_node("Add", ["x", "ao"], ["y"], name="attention_block"),
+        helper.make_node("LayerNormalization", ["y", "g1", "be1"], ["n1"], axis=-1),
+        helper.make_node("MatMul", ["n1", "up"], ["u"]),
+        helper.make_node("Relu", ["u"], ["ur"]),
+        helper.make_node("MatMul", ["ur", "down"], ["d"]),
+        helper.make_node("Add", ["y", "d"], ["z"], name="mlp_block"),
+    ]
+    params = {"g0": positive(8), "be0": w(8), "wq": w(8, 8), "wk": w(8, 8), "wv": w(8, 8), "wo": w(8, 8),
+              "g1": positive(8), "be1": w(8), "up": w(8, 16), "down": w(16, 8)}
+    return make_model(nodes, {"x": [1, 5, 8], "mask": [1, 5, 5]}, {"z": None}, params)
+
+
+def test_a_branch_that_reads_a_mask_is_a_block() -> None:
+    assert _blocks(attention_model()) == ["attention_block", "mlp_block"]
+
+
+def test_erasing_an_attention_block_equals_the_zeroed_branch() -> None:
+    """Erase the attention block (scored first by a scorer): the result keeps the mask input
+    and computes ``z = x + mlp(LN(x))``, checked here against ONNX Runtime on the original
+    with ``wo`` zeroed (the branch multiplied by zero)."""
+    model = attention_model()
+    result = erase_blocks(model, 1, scorer=lambda graph, block: 0.0 if block.add == "attention_block" else 1.0)
+    assert result.report["depth"]["blocks_erased"] == ["attention_block"]
+    assert result.report["verification"]["ok"]
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    for init in zeroed.graph.initializer:
+        if init.name == "wo":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros((8, 8), np.float32), "wo"))
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((1, 5, 8)).astype(np.float32),
+            "mask": rng.standard_normal((1, 5, 5)).astype(np.float32)}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+           for m in (result.model, zeroed)]
+    pruned_feed = {k: v for k, v in feed.items() if k in {i.name for i in result.model.graph.input}}
+    np.testing.assert_allclose(run[0].run(None, pruned_feed)[0], run[1].run(None, feed)[0], rtol=1e-5, atol=1e-5)
+    assert not {"wq", "wk", "wv", "wo"} & {i.name for i in result.model.graph.initializer}
+
+
+def test_an_operand_that_does_not_depend_on_the_other_is_no_branch() -> None:
+    """The mask addition ``s + mask`` is a sum of two variables, neither computed from the
+    other: not a block (and neither is the sum of two convolutions of one input)."""
+    assert "mask_add" not in _blocks(attention_model())
