@@ -3,8 +3,8 @@
 A residual block is ``y = x + branch(x)``: a sum (an op whose operands are both neutral at
 0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and from
 context that does not depend on ``x``: constants, an attention mask, position tables), whose
-nodes feed nothing but the sum, with at least one layer with a weight in the branch. Erasing the block leaves ``x``,
-which is exactly the original with the branch multiplied by zero.
+nodes feed nothing but the sum, with at least one layer with a weight in the branch. Erasing
+the block leaves ``x``, which is exactly the original with the branch multiplied by zero.
 
 A branch is scored by how much it adds: per-channel RMS estimates are pushed through the
 graph from unit-RMS inputs (each op's rule says how, :meth:`OpRule.propagate_rms`; an op
@@ -96,7 +96,7 @@ def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.
         depends[t.name] = any(depends.get(x.name, False) for x in node.inputs if x.name)
         if depends[t.name]:
             found[id(node)] = node
-    if out is start or not depends.get(out.name) or not found:
+    if not depends.get(out.name) or not found:
         return None
     return list(found.values())
 

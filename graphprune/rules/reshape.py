@@ -183,42 +183,40 @@ def couple_reshape(
         # many-to-many: couple the outer factors when one divides the other
         sa, sb = in_shape[bi[0]], out_shape[bj[0]]
         assert sa is not None and sb is not None
-        inner: tuple[gs.Tensor, int, gs.Tensor, int] | None = None
+        coupled: set[tuple[str, int]] = set()
         if sa % sb == 0:
             ctx.couple(y, bj[0], x, bi[0], Digit(sa // sb))
-            inner = (x, bi[-1], y, bj[-1])
+            coupled = _couple_inner(ctx, x, bi, y, bj)
         elif sb % sa == 0:
             ctx.couple(x, bi[0], y, bj[0], Digit(sb // sa))
-            inner = (y, bj[-1], x, bi[-1])
+            coupled = _couple_inner(ctx, y, bj, x, bi)
         else:
             ctx.freeze(x, bi[0], f"reshape block not understood at {ctx.where()}")
             ctx.freeze(y, bj[0], f"reshape block not understood at {ctx.where()}")
-        if inner is not None and not _couple_inner(ctx, *inner, bi, bj):
-            inner = None
         for t, axes in ((x, bi[1:]), (y, bj[1:])):
             for a in axes:
-                if inner is not None and (t, a) in ((inner[0], inner[1]), (inner[2], inner[3])):
-                    continue
-                if not ctx.is_spatial(t, a):
+                if (t.name, a) not in coupled and not ctx.is_spatial(t, a):
                     ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
     return True
 
 
-def _couple_inner(ctx: CouplingContext, small: gs.Tensor, s_axis: int, big: gs.Tensor, b_axis: int,
-                  bi: list[int], bj: list[int]) -> bool:
+def _couple_inner(ctx: CouplingContext, small: gs.Tensor, s_axes: list[int], big: gs.Tensor,
+                  b_axes: list[int]) -> set[tuple[str, int]]:
     """Two factors on each side, the outer one moving a factor ``k`` into the inner one
     (``[T, C] -> [T/k, k*C]``: frame stacking, bytes grouped into words; or back): the
     smaller inner axis is the inner factor of the larger, ``big[e] <-> small[e % C]``, so its
-    channels stay prunable (each one a unit of ``k`` elements of the larger axis). False when
-    the block is not of that form or an inner axis is spatial."""
-    if len(bi) != 2 or len(bj) != 2:
-        return False
+    channels stay prunable (each one a unit of ``k`` elements of the larger axis). Returns the
+    two inner axes coupled, as ``(tensor name, axis)``; none when the block is not of that
+    form or an inner axis is spatial."""
+    if len(s_axes) != 2 or len(b_axes) != 2:
+        return set()
+    s_axis, b_axis = s_axes[1], b_axes[1]
     n_small, n_big = ctx.shape(small)[s_axis], ctx.shape(big)[b_axis]  # type: ignore[index]
     if n_small is None or n_big is None or n_big % n_small or ctx.is_spatial(small, s_axis) \
             or ctx.is_spatial(big, b_axis):
-        return False
+        return set()
     ctx.couple(small, s_axis, big, b_axis, Digit(1))
-    return True
+    return {(small.name, s_axis), (big.name, b_axis)}
 
 
 @register
