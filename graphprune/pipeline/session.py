@@ -267,6 +267,16 @@ class Session:
         for value in model.graph.output:
             if value.name in declared:
                 value.CopyFrom(declared[value.name])
+        # intermediate shapes are the prepared model's where they did not change, else
+        # inferred afresh: the analysis refines them with two probe sizes
+        # (``shape_probe.refine_shapes``), and a size that agrees at batch 2 and 3 can still
+        # be the batch (``x[:2]``: 1 at batch 1), or contradict an output the exporter
+        # declared with the wrong rank. A model the tool writes never carries those.
+        known = {v.name: v for v in self.prepared.graph.value_info}
+        kept = [v for v in model.graph.value_info if known.get(v.name) == v]
+        if len(kept) < len(model.graph.value_info):
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept)
         self.model = model_io.infer_shapes(model, inplace=True)
         return self.model
 
