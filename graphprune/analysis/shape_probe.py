@@ -8,6 +8,8 @@ and keeps the sizes that agree; both probes stay available to the rules
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,6 +120,50 @@ def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
     return shapes
 
 
+def _probe_model(graph: gs.Graph) -> onnx.ModelProto:
+    """``graph`` for shape probing: large constants become inputs (only their shapes count),
+    small ones carry their bytes (ORT folds them in memory; a weight-store reference cannot
+    be followed from an in-memory model)."""
+    probe_graph = graph.copy()
+    for t in list(probe_graph.tensors().values()):
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _PROBE_CONST_LIMIT:
+            t.to_variable(dtype=t.dtype, shape=list(t.shape))
+            t.type = "tensor_type"  # to_variable leaves it unset
+            probe_graph.inputs.append(t)
+        elif isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues):
+            t.values = np.array(t._values.load())
+    return gs.export_onnx(probe_graph, do_type_check=False)
+
+
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[None]:
+    """Folding runs ORT sessions whose optimizers warn about shape-only subgraphs."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)  # ORT's default
+
+
+def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Shapes of ``graph``'s tensors with every dim known when its inputs have
+    ``input_shapes``, folding the shape computations that become constant round by round:
+    sizes that ONNX inference alone leaves open behind a computed ``Reshape`` target (an OCR
+    recogniser's sequence length ``W / 8``). ``{}`` when probing fails."""
+    sizes = {(t.name, axis): int(input_shapes[t.name][axis])
+             for t in graph.inputs if t.name in input_shapes
+             for axis, d in enumerate(t.shape or []) if not (isinstance(d, int) and d >= 0)}
+    try:
+        with _quiet_ort():
+            shapes = _probe_shapes(_probe_model(graph), sizes)
+    except Exception:  # a refinement only: the caller keeps what ONNX inference gave
+        return {}
+    return {name: [int(d) for d in shape] for name, shape in shapes.items()
+            if all(isinstance(d, int) and d >= 0 for d in shape)}
+
+
 def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
@@ -159,27 +205,11 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
             )
         sizes_a[key], sizes_b[key] = chosen[symbol]
     try:
-        probe_graph = graph.copy()  # large constants become inputs: only their shapes count
-        for t in list(probe_graph.tensors().values()):
-            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _PROBE_CONST_LIMIT:
-                t.to_variable(dtype=t.dtype, shape=list(t.shape))
-                t.type = "tensor_type"  # to_variable leaves it unset
-                probe_graph.inputs.append(t)
-            elif isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues):
-                # small constants are folded by ORT in memory: give them their bytes (a
-                # weight-store reference cannot be followed from an in-memory model)
-                t.values = np.array(t._values.load())
-        model = gs.export_onnx(probe_graph, do_type_check=False)
-        import onnxruntime
-
-        # folding runs ORT sessions whose optimizers warn about shape-only subgraphs
-        onnxruntime.set_default_logger_severity(3)
-        try:
+        model = _probe_model(graph)
+        with _quiet_ort():
             probe_a = _probe_shapes(model, sizes_a)
             # static inputs: one probe (of folded shape computations) says it all
             probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
-        finally:
-            onnxruntime.set_default_logger_severity(2)  # ORT's default
     except Exception:  # a refinement only; the analysis copes with unknown sizes
         return {}
     for name, tensor in graph.tensors().items():

@@ -61,10 +61,12 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
 def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None
                  ) -> Callable[[gs.Tensor], list[int] | None]:
     """The shape function for counting ``graph`` (imported from ``model``) at
-    ``input_shapes``: every tensor with an open dim gets its concrete shape. When inference
-    leaves open a tensor that a MAC-counting node reads or writes (an op ONNX cannot infer
-    upstream of it), no tensor gets one — a count with some layers at their real size and
-    others at size 1 would be worse than either — and :func:`counted_shape` stays."""
+    ``input_shapes``: every tensor with an open dim gets its concrete shape (from ONNX
+    inference, else from folding the shape computations at those sizes:
+    :func:`graphprune.analysis.shape_probe.probe_concrete_shapes`). When a tensor that a
+    MAC-counting node reads or writes stays open (an op neither can size upstream of it), no
+    tensor gets one — a count with some layers at their real size and others at size 1 would
+    be worse than either — and :func:`counted_shape` stays."""
     if not input_shapes:
         return counted_shape
 
@@ -81,9 +83,16 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
         return counted_shape
     from graphprune.io.model_io import concrete_shapes
 
+    def missing(sizes: dict[str, list[int]]) -> bool:
+        return any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted)
+
     sizes = concrete_shapes(model, input_shapes)
-    if any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted):
-        return counted_shape
+    if missing(sizes):  # a computed Reshape target: fold the shape computations at these sizes
+        from graphprune.analysis.shape_probe import probe_concrete_shapes
+
+        sizes = {**probe_concrete_shapes(graph, input_shapes), **sizes}
+        if missing(sizes):
+            return counted_shape
     return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
 
 
