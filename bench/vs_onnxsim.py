@@ -86,7 +86,8 @@ def _cost(model, shapes: dict) -> tuple[int | None, int]:
     for value in fixed.graph.output:
         if value.type.HasField("tensor_type"):
             value.type.tensor_type.ClearField("shape")
-    return count_macs(model_io.infer_shapes(fixed)), count_params(model)
+    # input_shapes: sizes that ONNX inference leaves open are folded at these (a computed Reshape)
+    return count_macs(model_io.infer_shapes(fixed), input_shapes=shapes), count_params(model)
 
 
 def _outputs(model, feeds: list[dict]) -> list[list]:

@@ -32,11 +32,15 @@ class BiasCompensationPass(Pass):
     ``(tensor, axis)``."""
 
     def __init__(
-        self, original: gs.Graph, stats: LayerStats, removed: dict[tuple[str, int], np.ndarray]
+        self, original: gs.Graph, stats: LayerStats, removed: dict[tuple[str, int], np.ndarray],
+        only: set[str] | None = None,
     ) -> None:
         self.original = original
         self.stats = stats
         self.removed = removed
+        #: node names to compensate (``None``: every consumer of removed channels); the
+        #: refit's fallback for layers too large for it
+        self.only = only
         self._done = False
 
     def __repr__(self) -> str:
@@ -50,6 +54,8 @@ class BiasCompensationPass(Pass):
         changed = 0
         shift = 0.0
         for node in list(graph.nodes):
+            if self.only is not None and node.name not in self.only:
+                continue
             view = linear_view(node, ctx.opset)
             if view is None or view.group != 1 or view.is_transpose:  # a transposed conv's
                 continue  # positions read different kernel offsets: no single per-channel shift

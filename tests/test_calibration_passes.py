@@ -110,6 +110,26 @@ def test_refit_restores_the_function():
     assert "warning" not in refit.report["fidelity"] and "without_reconstruction" not in plain.report["fidelity"]
 
 
+def test_a_layer_too_large_to_refit_is_bias_compensated(monkeypatch):
+    """A consumer with more inputs (channels x kernel) than the refit's Gram can hold
+    (CREPE's 1,024-channel conv with 64 taps: K = 65,537, 69 GB) is bias-compensated
+    instead, says so in the report, and the others are still refit."""
+    from graphprune.calibration import sequential
+
+    calib = {"x": images()}
+    options = dict(ratio=0.5, round_to=1, criterion="l1", calibration=calib)
+    plain = graphprune.prune(cnn(), reconstruction="none", **options)
+    monkeypatch.setattr(sequential, "MAX_REFIT_INPUTS", 40)  # conv2 keeps 8 x 9 = 72 inputs
+    result = graphprune.prune(cnn(), **options)
+    assert result.report["verification"]["ok"]
+    passes = result.report["calibration"]["passes"]
+    refit, bias = passes["RefitPass"], passes["BiasCompensationPass"]
+    assert any(s.startswith("conv2: 72 inputs per output") and "bias-compensated" in s
+               for s in refit["skipped"]), refit
+    assert bias["layers"] == 1 and refit["layers"] == 2  # conv3 and fc still refit
+    assert result.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+
+
 def test_refit_is_exact_when_the_removed_units_are_linear_in_the_kept_ones():
     """A linear MLP with 16 hidden units of rank 8: any 8 kept units span the rest."""
     result = graphprune.prune(mlp(relu=False), ratio=0.25, round_to=1, calibration={"x": tokens()})

@@ -211,6 +211,23 @@ def test_bad_model_is_one_line_exit_2_and_no_file(capsys, models, tmp_path, kind
     _assert_one_line_error(code, err)
 
 
+def test_input_failing_the_checker_is_named_not_the_pruned_model(capsys, tmp_path):
+    """tf2onnx writes MediaPipe's selfie segmenter with HardSwish at opset 13 (HardSwish is
+    opset 14): the pruned model failed the checker like its input, and the error blamed the
+    rewrite (exit 3). The input is what is wrong: exit 2, no file."""
+    nodes = [conv_node("x", "w1", "a", name="c1"),
+             helper.make_node("HardSwish", ["a"], ["h"], name="hs"),
+             conv_node("h", "w2", "y", name="c2")]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+                       {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}, opset=13, check=False)
+    path, out_model = tmp_path / "hs13.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model)
+    line = _assert_one_line_error(code, err)
+    assert "the input model fails onnx.checker" in line and "HardSwish" in line
+    assert not out_model.exists()
+
+
 def test_bad_model_error_is_the_last_line_with_progress_on(capsys, models, tmp_path):
     bad = BAD_MODELS["not_onnx"](tmp_path, models["cnn"])
     code, _, err = cli(capsys, "prune", bad, "-o", tmp_path / "out.onnx")

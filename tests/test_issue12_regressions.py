@@ -66,6 +66,36 @@ def test_a_difference_small_against_the_originals_range_is_accepted() -> None:
     assert ratio_mode._relative_to_original(session, too_far, 1e-4)["ok"] is False
 
 
+def test_each_output_is_measured_against_its_own_range() -> None:
+    """MediaPipe's hand-landmark model (TFLite -> tf2onnx) failed its self-check at a MACs
+    target: landmarks of range ~250 differed by 1.7e-4 (float noise) and a presence score,
+    saturated at 4e-5 in the zeroed original, by 1.2e-7. Measured together against the
+    smallest range of any output, the landmarks' noise failed; output by output, each is
+    within 1e-6 of its own range in the original. A real error on one output still fails."""
+    from graphprune.pipeline import ratio as ratio_mode
+
+    nodes = [conv_node("x", "W1", "a", "B1", name="conv1"), helper.make_node("Relu", ["a"], ["r"]),
+             conv_node("r", "W2", "big", "B2", name="conv2"),
+             conv_node("r", "W3", "z", "B3", name="conv3"), helper.make_node("Sigmoid", ["z"], ["score"])]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"big": None, "score": None},
+                       {"W1": (8, 3, 3, 3), "B1": (8,),
+                        "W2": np.random.default_rng(2).standard_normal((2, 8, 3, 3)).astype(np.float32) * 100,
+                        "B2": (2,), "W3": (1, 8, 3, 3), "B3": (1,)})
+    session = Session(model)
+    big, score = run_ort(model, session.feeds()[0])
+    big_range = float(np.abs(big).max())
+    assert big_range > 100 and 0.3 < np.abs(score).max() <= 1.0, (big_range, score)
+    landmarks = 1e-5 * big_range  # 1e-5 of its own range; above 1e-4 of the score's
+    noise = {"ok": False, "max_abs_diff": landmarks, "max_rel_diff": 0.003,
+             "per_output": [{"max_abs_diff": landmarks, "scale": big_range},
+                            {"max_abs_diff": 1.2e-7, "scale": 4e-5}]}
+    accepted = ratio_mode._relative_to_original(session, noise, 1e-4)
+    assert accepted["ok"] is True and accepted["scale"] == "each output's range in the original"
+    assert accepted["max_rel_diff_to_original_range"] == pytest.approx(1e-5)
+    wrong = {**noise, "per_output": [noise["per_output"][0], {"max_abs_diff": 0.05, "scale": 4e-5}]}
+    assert ratio_mode._relative_to_original(session, wrong, 1e-4)["ok"] is False
+
+
 # --------------------------------------------------------------------------- cause 7: LeViT grows
 
 

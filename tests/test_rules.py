@@ -706,16 +706,65 @@ def test_resize_with_sizes_rewrites_the_channel_literal():
     assert list(const_input(res.model, node(res.model, "up"), 3)) == [1, 4, 2 * HW, 2 * HW]
 
 
-def test_pad_spatial_passes_channels_and_pad_on_channels_freezes():
+def test_pad_spatial_passes_channels():
     pad = helper.make_node("Pad", ["a", "pads"], ["b"], name="pad", mode="constant")
     m = sandwich([pad], {"pads": ints(0, 0, 1, 1, 0, 0, 1, 1)}, head_k=1)
     assert_stem_group(m, {"b"})
     res = assert_prunes_exactly(m)
     assert list(initializer(res.model, "pads")) == [0, 0, 1, 1, 0, 0, 1, 1]
 
-    channel_pad = sandwich([pad], {"pads": ints(0, 1, 0, 0, 0, 1, 0, 0)}, head_in=C + 2)
-    group = stem_group(channel_pad)
-    assert not group.prunable and any("Pad 'pad'" in r for r in group.frozen)
+
+def test_constant_pad_of_channels_offsets_them_and_shrinks_with_its_fill():
+    """Channels padded with a constant: the input's channels sit at an offset of the output's;
+    the fill channels are units of their own (no producer) and removing one shrinks the pad."""
+    pad = helper.make_node("Pad", ["a", "pads"], ["b"], name="pad", mode="constant")
+    m = sandwich([pad], {"pads": ints(0, 1, 0, 0, 0, 3, 0, 0)}, head_in=C + 4)
+    group = assert_stem_group(m, {"b"}, units=C + 4)
+    res = assert_prunes_exactly(m)
+    pads = const_input(res.model, node(res.model, "pad"), 1)
+    kept = initializer(res.model, "W_head").shape[1]
+    assert pads[1] + pads[5] + initializer(res.model, "W_stem").shape[0] == kept < C + 4
+    assert group.num_units == C + 4
+
+    reflect = helper.make_node("Pad", ["a", "pads"], ["b"], name="pad", mode="reflect")
+    frozen = stem_group(sandwich([reflect], {"pads": ints(0, 1, 0, 0, 0, 1, 0, 0)}, head_in=C + 2))
+    assert not frozen.prunable and any("Pad 'pad'" in r for r in frozen.frozen)
+
+
+@pytest.mark.parametrize("opset", [10, 17])
+def test_blazeblock_shortcut_padded_to_the_block_width(opset):
+    """MediaPipe's BlazeFace/face-mesh blocks (TFLite -> tf2onnx): ``relu(conv1x1(dw(x)) +
+    pad_channels(x))``; the shortcut's fill channels go with the block's extra outputs, the
+    input's channels with the stream. Before, the padded axis froze every group."""
+    wide = C + 4
+    pad_args = {"pads": [0, 0, 0, 0, 0, 4, 0, 0]} if opset < 11 else {}
+    pad_inputs = ["a"] if opset < 11 else ["a", "pads"]
+    nodes = [
+        conv_node("x", "W_stem", "a", "B_stem", name="stem"),
+        helper.make_node("Conv", ["a", "W_dw", "B_dw"], ["d"], name="dw", group=C,
+                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["d", "W_pw", "B_pw"], ["p"], name="pw", kernel_shape=[1, 1]),
+        helper.make_node("Pad", pad_inputs, ["s"], name="pad", mode="constant", **pad_args),
+        helper.make_node("Add", ["p", "s"], ["r"], name="add"),
+        helper.make_node("Relu", ["r"], ["b"], name="relu"),
+        conv_node("b", "W_head", "y", "B_head", k=1, name="head"),
+    ]
+    params = {"W_stem": (C, 3, 3, 3), "B_stem": (C,), "W_dw": (C, 1, 3, 3), "B_dw": (C,),
+              "W_pw": (wide, C, 1, 1), "B_pw": (wide,), "W_head": (4, wide, 1, 1), "B_head": (4,)}
+    if opset >= 11:
+        params["pads"] = ints(0, 0, 0, 0, 0, 4, 0, 0)
+    m = make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None}, params, opset=opset)
+    analysis = graphprune.analyze(m)
+    group = group_with(analysis, "W_pw", 0)
+    assert group.prunable, group.frozen
+    assert group is group_with(analysis, "W_stem", 0)
+    res = assert_prunes_exactly(m)
+    n = node(res.model, "pad")
+    attrs = {a.name for a in n.attribute}  # an opset-10 model may come back upgraded
+    pads = list(attr(n, "pads")) if "pads" in attrs else list(const_input(res.model, n, 1))
+    stem = initializer(res.model, "W_stem").shape[0]
+    assert stem < C and pads[5] < 4
+    assert stem + pads[5] == initializer(res.model, "W_pw").shape[0] == initializer(res.model, "W_head").shape[1]
 
 
 def test_transpose_to_nhwc_and_back_with_last_axis_constant():

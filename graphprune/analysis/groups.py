@@ -115,6 +115,8 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
         if not params:
             continue
         sizes = {d: ctx.member_size(ctx.tensors[d[0]], d[1]) for d in comp if d[0] in ctx.tensors}
+        if all(sizes.get(d) == 1 for d in comp) and any(d in ctx.spatial_dims for d in comp):
+            continue  # the batch axis met a constant's size-1 axis ([1, C, 1, 1]): no channel
         frozen: list[str] = []
         inexact: list[str] = []
         nodes: list[str] = []

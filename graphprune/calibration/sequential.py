@@ -68,6 +68,25 @@ COARSE_GRID = (DEFAULT_RIDGE, 0.1, 1.0)
 ROWS_PER_INPUT = 4
 MIN_ROWS = 4096
 MAX_ROWS = 8192
+#: most inputs per output (channels x kernel per conv group) a layer is refit with: its
+#: two Gram folds take 16 K^2 bytes (1 GB here) and each solve K^3 / 3 (CREPE's 1,024-channel
+#: conv with a 64-tap kernel has K = 65,537: 69 GB). Beyond it the layer is bias-compensated
+#: (:func:`too_large`, ``pipeline/calibrated.py``)
+MAX_REFIT_INPUTS = 8192
+
+
+def refit_inputs(view: LinearView) -> int:
+    """Inputs per output of the least-squares problem (with the bias column)."""
+    return view.in_channels() * view.kernel_size() // max(view.group, 1) + 1
+
+
+def too_large(view: LinearView) -> str | None:
+    """Why ``view`` is too large to refit (``None``: it is not)."""
+    k = refit_inputs(view)
+    if k - 1 <= MAX_REFIT_INPUTS:  # CREPE's 128 channels x 64 taps are refit
+        return None
+    return (f"{k - 1} inputs per output (channels x kernel) exceed the refit's {MAX_REFIT_INPUTS} "
+            f"(a {k} x {k} Gram): bias-compensated instead")
 
 
 @dataclass
@@ -146,6 +165,10 @@ def find_targets(
         if uses[wname] > 1:
             skipped[node.name] = f"weight '{wname}' is shared by several nodes"
             continue
+        large = too_large(view)
+        if large:
+            skipped[node.name] = large
+            continue
         cut = removed.get((wname, view.info.out_axis))
         kept = None
         if cut is not None and len(cut):
@@ -191,7 +214,7 @@ def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
 
 
 def rows_budget(view: LinearView) -> int:
-    k = view.in_channels() * view.kernel_size() // max(view.group, 1) + 1
+    k = refit_inputs(view)
     return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
 
 

@@ -142,6 +142,17 @@ class CalibratedRun:
             self.session.prepared, views, self.batches, gram=False, data_dir=self.data_dir
         )
 
+    def _too_large_to_refit(self, removed: dict) -> set[str]:
+        """Consumers of removed channels in the pruned graph that are too large to refit
+        (:data:`~graphprune.calibration.sequential.MAX_REFIT_INPUTS`)."""
+        large = set()
+        for node in self.session.graph.nodes if self.session.graph is not None else ():
+            view = linear_view(node, self.session.opset)
+            cut = removed.get((view.weight.name, view.info.in_axis)) if view is not None else None
+            if view is not None and cut is not None and len(cut) and sequential.too_large(view):
+                large.add(node.name)
+        return large
+
     def passes(self, analysis: Analysis, plan: Plan) -> list:
         from graphprune.passes.bias_compensation import BiasCompensationPass
         from graphprune.passes.refit import RefitPass
@@ -160,7 +171,13 @@ class CalibratedRun:
             original = ir.import_graph(self.session.prepared, store)
             return [BiasCompensationPass(original, self._bias_stats(original, removed), removed)]
         cls = RefitPass if kind == "refit" else StatsCorrectionPass
-        return [cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
+        fallback = []
+        large = self._too_large_to_refit(removed) if kind == "refit" else set()
+        if large:  # bias compensation where a layer has too many inputs to refit
+            original = ir.import_graph(self.session.prepared, store)
+            fallback = [BiasCompensationPass(original, self._bias_stats(original, removed),
+                                             removed, only=large)]
+        return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
                     store=store, consumers_only=self.options.scope == "consumers",
                     **({"recorded": self.recorded} if kind == "refit" else {}))]
 

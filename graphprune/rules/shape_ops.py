@@ -10,6 +10,7 @@ Flatten in :mod:`.reshape`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +19,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Offset
 from graphprune.analysis.shape_trace import ShapeRead
+from graphprune.io.tensors import const_value
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.registry import OpRule, register
 
@@ -335,31 +337,84 @@ class PadRule(OpRule):
             vector = np.where(vector == fill, vector, np.nan)
         return [za.values(state.axis, vector)]
 
+    @staticmethod
+    def _pads(node: gs.Node, const: Callable[[gs.Tensor], np.ndarray | None], rank: int
+              ) -> tuple[list[int], list[int]] | None:
+        """``(pads, axes)`` of the node (attribute or constant inputs), ``None``: not constant."""
+        if "pads" in node.attrs:
+            return [int(p) for p in node.attrs["pads"]], list(range(rank))
+        pads_value = const(node.inputs[1])
+        if pads_value is None:
+            return None
+        axes = list(range(rank))
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            axes_value = const(node.inputs[3])
+            if axes_value is None:
+                return None
+            axes = [int(a) % rank for a in axes_value.reshape(-1)]
+        return [int(p) for p in pads_value.reshape(-1)], axes
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        """A constant pad of a channel axis appends fill channels: the output's channels
+        ``[before, before + n)`` are the input's (an offset map, like a Concat with constant
+        parts; BlazeFace's residuals pad the shortcut's channels to the block's width). The
+        fill channels belong to no input channel; removing one shrinks the pad."""
         x, y = node.inputs[0], node.outputs[0]
         ranks = ctx.known_ranks(node, x)
         if ranks is None:
             return
         rank = ranks[0]
-        if "pads" in node.attrs:
-            pads = [int(p) for p in node.attrs["pads"]]
-            axes = list(range(rank))
-        else:
-            const = ctx.const(node.inputs[1])
-            if const is None:
-                ctx.freeze_node(node, f"Pad '{node.name}' pads not constant")
-                return
-            pads = [int(p) for p in const.reshape(-1)]
-            axes_value = _axes_input(node, ctx, 3, attr="__none__")
-            axes = [a % rank for a in axes_value] if axes_value else list(range(rank))
+        found = self._pads(node, ctx.const, rank)
+        if found is None:
+            ctx.freeze_node(node, f"Pad '{node.name}' pads not constant")
+            return
+        pads, axes = found
         n = len(axes)
-        padded = {axes[k] for k in range(n) if pads[k] != 0 or pads[k + n] != 0}
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        padded = {axes[k]: (pads[k], pads[k + n]) for k in range(n) if pads[k] != 0 or pads[k + n] != 0}
         for a in range(rank):
-            if a in padded:
+            if a not in padded:
+                ctx.couple(x, a, y, a)
+                continue
+            before, after = padded[a]
+            size_x, size_y = ctx.size(x, a), ctx.size(y, a)
+            if mode == "constant" and a > 0 and min(before, after) >= 0 and size_x is not None \
+                    and size_y == size_x + before + after:
+                ctx.couple(y, a, x, a, Offset(before))
+            else:
                 ctx.freeze(x, a, f"padded axis at Pad '{node.name}'")
                 ctx.freeze(y, a, f"padded axis at Pad '{node.name}'")
-            else:
-                ctx.couple(x, a, y, a)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        """Removed fill channels shrink the pad on their side of the input's channels."""
+        x, y = node.inputs[0], node.outputs[0]
+        shape = ctx.old_shape(y)
+        if shape is None:
+            return
+        found = self._pads(node, const_value, len(shape))
+        if found is None:
+            return
+        pads, axes = found
+        n = len(axes)
+        changed = False
+        for k, a in enumerate(axes):
+            removed = ctx.removed(y, a)
+            size = ctx.old_size(x, a)
+            if not removed.size or size is None:
+                continue
+            cut_before = int(np.count_nonzero(removed < pads[k]))
+            cut_after = int(np.count_nonzero(removed >= pads[k] + size))
+            if cut_before or cut_after:
+                pads[k] -= cut_before
+                pads[k + n] -= cut_after
+                changed = True
+        if not changed:
+            return
+        if "pads" in node.attrs:
+            node.attrs["pads"] = pads
+        else:
+            ctx.set_input(node, 1, np.asarray(pads, dtype=np.int64))
 
 
 @register

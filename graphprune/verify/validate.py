@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
-from graphprune.errors import VerificationError
+from graphprune.errors import InvalidModelError, VerificationError
 from graphprune.io import model_io, segments
 from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
@@ -60,9 +60,14 @@ def check_model(model: ModelRef, original: ModelRef | None = None) -> None:
         try:
             onnx.checker.check_model(os.fspath(model) if _is_path(model) else model)
         except onnx.checker.ValidationError as exc:
-            raise VerificationError(
-                f"pruned model fails onnx.checker: {str(exc).splitlines()[0]}"
-            ) from exc
+            first = str(exc).splitlines()[0]
+            try:
+                onnx.checker.check_model(os.fspath(original) if _is_path(original) else original)
+            except onnx.checker.ValidationError as input_exc:  # bad input, not a bad rewrite
+                raise InvalidModelError(
+                    f"the input model fails onnx.checker: {str(input_exc).splitlines()[0]}"
+                ) from input_exc
+            raise VerificationError(f"pruned model fails onnx.checker: {first}") from exc
 
 
 def _full_check(model: ModelRef) -> None:
@@ -251,6 +256,7 @@ def compare(
     if emulate_quantization:
         run_many(candidate, feeds_list[:1], "the pruned model (optimised)")
     max_abs = max_rel = 0.0
+    per_output: list[list[float]] = []  # [largest absolute difference, reference scale]
     for ref_out, out in zip(ref_outs, outs, strict=True):
         if not output_shapes_match(ref_out, out):
             raise VerificationError(
@@ -259,6 +265,13 @@ def compare(
             )
         a, r = differences(ref_out, out)
         max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+        for j, (ref, o) in enumerate(zip(ref_out, out, strict=True)):
+            if len(per_output) <= j:
+                per_output.append([0.0, 0.0])
+            a_j, _ = differences([ref], [o])
+            scale = float(np.max(np.abs(ref[np.isfinite(ref)]))) if ref.dtype.kind in "fc" and \
+                np.isfinite(ref).any() else 0.0
+            per_output[j] = [max(per_output[j][0], a_j), max(per_output[j][1], scale)]
     return {
         "ok": bool(max_rel <= tolerance),
         "reference": what,
@@ -268,6 +281,7 @@ def compare(
         "samples": len(feeds_list),
         "max_abs_diff": max_abs,
         "max_rel_diff": max_rel,
+        "per_output": [{"max_abs_diff": a, "scale": sc} for a, sc in per_output],
         "tolerance": tolerance,
         **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
            if emulate_quantization else {}),
