@@ -307,19 +307,18 @@ class PadRule(OpRule):
         rank = len(shape)
         mode = node.attrs.get("mode", "constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
+        found = self._pads(node, ctx.const, rank)
         if "pads" in node.attrs:
-            pads, axes = [int(p) for p in node.attrs["pads"]], list(range(rank))
             fill = float(node.attrs.get("value", 0.0))
         else:
-            const = ctx.const(node.inputs[1])
             value_t = ctx.present(node, 2)
             value = ctx.const(value_t) if value_t is not None else np.zeros(1)
-            if const is None or value is None:
+            if value is None:
                 return [None]
-            pads = [int(p) for p in const.reshape(-1)]
-            axes_value = _axes_input(node, ctx, 3, attr="__none__")  # type: ignore[arg-type]
-            axes = [a % rank for a in axes_value] if axes_value else list(range(rank))
             fill = float(value.reshape(-1)[0]) if value.size else 0.0
+        if found is None:
+            return [None]
+        pads, axes = found
         n = len(axes)
         before = {axes[k]: pads[k] for k in range(n)}
         after = {axes[k]: pads[k + n] for k in range(n)}

@@ -263,15 +263,12 @@ def compare(
                 f"pruned model output shapes differ from {what}: "
                 f"{[o.shape for o in ref_out]} vs {[o.shape for o in out]}"
             )
-        a, r = differences(ref_out, out)
-        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
         for j, (ref, o) in enumerate(zip(ref_out, out, strict=True)):
             if len(per_output) <= j:
                 per_output.append([0.0, 0.0])
-            a_j, _ = differences([ref], [o])
-            scale = float(np.max(np.abs(ref[np.isfinite(ref)]))) if ref.dtype.kind in "fc" and \
-                np.isfinite(ref).any() else 0.0
-            per_output[j] = [max(per_output[j][0], a_j), max(per_output[j][1], scale)]
+            a, r, scale = _difference(ref, o)
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+            per_output[j] = [max(per_output[j][0], a), max(per_output[j][1], scale)]
     return {
         "ok": bool(max_rel <= tolerance),
         "reference": what,
@@ -292,19 +289,24 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
     """Largest absolute difference and the largest difference relative to each output's scale."""
     max_abs = max_rel = 0.0
     for ref, out in zip(reference, other, strict=True):
-        if ref.size == 0:
-            continue
-        if ref.dtype.kind not in "fc":
-            mismatch = float(np.count_nonzero(ref != out))
-            max_abs = max(max_abs, mismatch)
-            max_rel = max(max_rel, mismatch / ref.size)
-            continue
-        diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-        d = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
-        scale = float(np.max(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 0.0
-        max_abs = max(max_abs, d)
-        max_rel = max(max_rel, d / max(scale, 1e-12))
+        a, r, _ = _difference(ref, out)
+        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
     return max_abs, max_rel
+
+
+def _difference(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
+    """One output: largest absolute difference, that relative to the output's scale, and the
+    scale (largest finite magnitude of ``ref``; 0 for a non-float output, whose differences
+    count mismatching elements)."""
+    if ref.size == 0:
+        return 0.0, 0.0, 0.0
+    if ref.dtype.kind not in "fc":
+        mismatch = float(np.count_nonzero(ref != out))
+        return mismatch, mismatch / ref.size, 0.0
+    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    d = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
+    scale = float(np.max(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 0.0
+    return d, d / max(scale, 1e-12), scale
 
 
 def zeroed_overrides(
