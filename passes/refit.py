@@ -70,8 +70,8 @@ class RefitPass(Pass):
             stats["skipped"] = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
         elif not targets:
             stats["skipped"] = ["no linear layer with a float or dequantized constant weight reads the "
-                                "changed tensors (QOperator integer kernels, e.g. QLinearConv / "
-                                "QLinearMatMul, and weights computed in the graph are not refit)"]
+                                "changed tensors (a QLinearMatMul without a constant QLinearAdd "
+                                "bias after it, and weights computed in the graph, are not refit)"]
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)

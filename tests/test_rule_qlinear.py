@@ -247,21 +247,112 @@ def test_output_quantization_steps(tmp_path) -> None:
         assert output_quantization_steps(model) == expected, name
 
 
-def test_calibration_on_a_qoperator_model_says_what_it_did(tmp_path) -> None:
-    """With calibration data a QOperator model prunes, reports its held-out fidelity and says
-    that its groups were scored data-free (no float linear layer to gather statistics at) and
-    that the integer kernels were not refit: nothing is claimed that was not done."""
+def _qlinear_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "QLinearConv"]
+
+
+@pytest.mark.parametrize("drop_biases", [False, True])
+def test_calibration_refits_qlinearconv_as_the_float_conv_it_stands_for(drop_biases, tmp_path) -> None:
+    """With calibration data the integer convolutions are read as float layers: their integer
+    input/output activations decoded with their scales, the weight with its per-channel
+    scale, the int32 bias as ``b * x_scale * w_scale``. They get data-aware scores and a
+    least-squares refit stored back on the integer grids (int8 weights, int32 biases; a conv
+    written without a bias gets one), and the refit brings the held-out outputs nearer the
+    original's than the same prune without it."""
     from graphprune.planning.data_aware import NO_STATISTICS
 
     model = _quantized(_cnn(), tmp_path, "qop", per_channel=True)
+    if drop_biases:  # quantize_static keeps a conv's bias: the calibration must attach one
+        for node in _qlinear_convs(model):
+            del node.input[8:]
     rng = np.random.default_rng(5)
-    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(40)]
     result = graphprune.prune(model, ratio=0.5, calibration=feeds)
-    calibration = result.report["calibration"]
-    assert result.report["verification"]["ok"]
-    assert calibration["criteria_chosen"] == {NO_STATISTICS: result.report["groups"]["pruned"]}, calibration
-    assert "QLinearConv" in " ".join(calibration["passes"]["RefitPass"]["skipped"])
-    assert 0.0 < result.report["fidelity"]["cosine"] <= 1.0
+    report = result.report
+    calibration = report["calibration"]
+    assert report["verification"]["ok"]
+    assert set(calibration["criteria_chosen"]) - {NO_STATISTICS}, calibration
+    refit = calibration["passes"]["RefitPass"]
+    # conv2 and conv3 read the pruned channels, and so does the QGemm classifier (through the concat)
+    assert refit["layers"] == 3 and refit["quantized_layers"] == 3, refit
+    onnx.checker.check_model(result.model, full_check=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    gemm = next(n for n in result.model.graph.node if n.op_type == "QGemm")
+    assert inits[gemm.input[3]].dtype == np.int8 and inits[gemm.input[6]].dtype == np.int32
+    convs = _qlinear_convs(result.model)
+    assert len(convs) == len(_qlinear_convs(model))
+    assert all(inits[n.input[3]].dtype == np.int8 for n in convs)
+    assert all(len(n.input) > 8 and inits[n.input[8]].dtype == np.int32 for n in convs if n.input[0] != "x_quantized")
+    fidelity = report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.isfinite(session.run(None, feeds[0])[0]).all()
+
+
+def _biased_mlp() -> onnx.ModelProto:
+    """x -> MatMul + b -> Relu -> MatMul + b: ONNX Runtime writes QLinearMatMul then a
+    QLinearAdd of an integer bias constant for each layer."""
+    rng = np.random.default_rng(3)
+    inits = {"W1": rng.standard_normal((12, 32)).astype(np.float32) / 3, "b1": rng.standard_normal(32).astype(np.float32) / 4,
+             "W2": rng.standard_normal((32, 6)).astype(np.float32) / 5, "b2": rng.standard_normal(6).astype(np.float32) / 4}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["a"], name="relu"),
+             helper.make_node("MatMul", ["a", "W2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["y"], name="fc2_bias")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_calibration_refits_qlinearmatmul_into_its_qlinearadd_bias(tmp_path) -> None:
+    """A QLinearMatMul whose result a QLinearAdd of an integer bias constant reads is refit as
+    ``x W + c``: the weight back on its int8 grid, the bias on the addition's own (scalar) grid;
+    the model stays valid and nearer the original on held-out samples than without the refit."""
+    model = _quantized(_biased_mlp(), tmp_path, "qop", per_channel=False)
+    assert {"QLinearMatMul", "QLinearAdd"} <= _ops(model)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((4, 12)).astype(np.float32)} for _ in range(60)]
+    result = graphprune.prune(model, ratio=0.5, calibration=feeds)
+    report = result.report
+    assert report["verification"]["ok"]
+    refit = report["calibration"]["passes"]["RefitPass"]
+    assert refit["layers"] == 1 and refit["quantized_layers"] == 1, refit  # fc2 reads the pruned neurons
+    onnx.checker.check_model(result.model, full_check=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for node in result.model.graph.node:
+        if node.op_type == "QLinearAdd":  # every scale and zero point is still a scalar
+            assert all(inits[t].ndim == 0 for k, t in enumerate(node.input) if k % 3 and t in inits), node.name
+    fidelity = report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.isfinite(session.run(None, feeds[0])[0]).all()
+
+
+def test_a_product_scaled_bias_keeps_its_float_value_when_the_weight_step_grows() -> None:
+    """``rescale`` after the weight's per-channel step grew: the int32 bias is re-encoded so
+    that ``b * x_scale * w_scale`` stays what it was (to the rounding of the new step)."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.rules.qlinear import ProductScaledBias
+    from graphprune.rules.quantize import decode_integer
+
+    w = gs.Constant("w", np.array([[[[10]]], [[[-20]]]], dtype=np.int8))
+    scale = gs.Constant("s", np.array([0.01, 0.02], dtype=np.float32))
+    gs.Node("QLinearConv", inputs=[w, scale], outputs=[gs.Variable("y")])  # the scale's one reader: it may grow
+    weight = decode_integer(w, scale, None, 0)
+    bias = ProductScaledBias(gs.Constant("b", np.array([300, -4000], dtype=np.int32)), 0.5, weight)
+    before = bias.decode()
+    np.testing.assert_allclose(before, [300 * 0.5 * 0.01, -4000 * 0.5 * 0.02], rtol=1e-6)
+    _, factor = weight.encode(np.array([[[[5.0]]], [[[-0.2]]]]), grow=True)  # channel 0 outgrows +-127 steps
+    assert factor is not None and factor.reshape(-1)[0] > 1.0
+    assert bias.rescale(factor)
+    np.testing.assert_allclose(bias.decode(), before, rtol=0.02)
+    clipped, _ = bias.encode(np.array([1.0, -2.0]))
+    assert clipped == 0.0
+    np.testing.assert_allclose(bias.decode(), [1.0, -2.0], atol=float(np.max(bias._step())))
 
 
 def test_the_table_says_why_a_larger_difference_was_accepted() -> None:

@@ -102,8 +102,9 @@ def expected_inputs(
             continue
         by_input.setdefault(view.data.name, []).append(view)
 
-    def take(_batch: int, name: str, x: np.ndarray) -> None:
+    def take(_batch: int, name: str, raw: np.ndarray) -> None:
         for view in by_input[name]:
+            x = view.read_data(raw)
             axis = 1 if view.is_conv else x.ndim - 1
             rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
             out.layers.setdefault(view.node.name, ChannelStats()).add(rows, None)

@@ -21,11 +21,22 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     stored (quantized) bias that only this layer reads is re-encoded in place."""
     node, info = view.node, view.info
     dtype = view.dtype
+    if view.bias_after is not None:  # an integer constant added after the layer (QLinearAdd)
+        after = view.bias_after
+        after.encode(np.asarray(bias).reshape(np.shape(after.constant.values)), grow=True)
+        return
     stored = view.bias_stored
-    if stored is not None and len(stored.constant.outputs) == 1 and info.bias is not None:
+    attached = stored is not None and info.bias is not None and info.bias < len(node.inputs) \
+        and node.inputs[info.bias] is stored.constant
+    if stored is not None and info.bias is not None and (not stored.constant.outputs
+                                                         or (attached and len(stored.constant.outputs) == 1)):
         stored.encode(np.asarray(bias / (info.beta if info.beta != 0.0 else 1.0)).reshape(np.shape(stored.constant.values)))
         if info.beta == 0.0:
             node.attrs["beta"] = 1.0
+        if not attached:  # a stored bias the layer did not have yet (an int32 QLinearConv bias)
+            while len(node.inputs) <= info.bias:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs[info.bias] = stored.constant
         return
     if view.bias_constant is not None:  # a float bias the graph quantizes at run time
         const = view.bias_constant

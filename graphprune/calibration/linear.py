@@ -47,6 +47,20 @@ class LinearView:
     opset: int | None = None
     #: a float bias constant inside such a pattern (:attr:`RescaledLinear.bias`)
     bias_constant: gs.Constant | None = None
+    #: ``(scale, zero_point)`` of an integer input / output activation (QOperator ops,
+    #: :attr:`RescaledLinear.data_decoding`): what the layer computes on is its float reading
+    data_decoding: tuple[float, float] | None = None
+    output_decoding: tuple[float, float] | None = None
+    #: a stored bias added after the layer (:attr:`RescaledLinear.bias_after`)
+    bias_after: StoredWeight | None = None
+
+    def read_data(self, x: np.ndarray) -> np.ndarray:
+        """The float values of an array of :attr:`data` (the array itself when it is float)."""
+        return _decode(x, self.data_decoding)
+
+    def read_output(self, y: np.ndarray) -> np.ndarray:
+        """The float values of an array of :attr:`output` (the array itself when it is float)."""
+        return _decode(y, self.output_decoding)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -63,8 +77,10 @@ class LinearView:
     def written_constants(self) -> list[str]:
         """The constants a refit of the layer may rewrite besides its output (weight, a stored
         or run-time-quantized bias): what is computed from them is stale after it."""
+        after = self.bias_after
         extra = [c.name for c in (self.bias_stored.constant if self.bias_stored is not None else None,
-                                  self.bias_constant) if c is not None]
+                                  self.bias_constant, after.constant if after is not None else None,
+                                  getattr(after, "scale_tensor", None)) if c is not None]
         return [self.weight.name, *extra]
 
     def weight_values(self) -> np.ndarray:
@@ -112,6 +128,8 @@ class LinearView:
         """The effective bias ``beta * C`` per output channel (``None``: no bias input)."""
         if self.bias_constant is not None:
             return self.info.beta * np.asarray(self.bias_constant.values, dtype=np.float64).reshape(-1)
+        if self.bias_after is not None:
+            return np.asarray(self.bias_after.decode(), dtype=np.float64).reshape(-1)
         index = self.info.bias
         if index is None or index >= len(self.node.inputs) or not self.node.inputs[index].name:
             return None
@@ -255,6 +273,13 @@ class LinearView:
         return np.asarray(_gather(x, rows), dtype=np.float32)
 
 
+def _decode(q: np.ndarray, decoding: tuple[float, float] | None) -> np.ndarray:
+    if decoding is None:
+        return q
+    scale, zero_point = decoding
+    return (np.asarray(q, dtype=np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
 def _gather(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``[R, C]``: the channel vectors of ``x`` (``[N, C, *spatial]``) at flat positions
     ``rows`` of ``[N, *spatial]``, without moving the channel axis of the whole tensor."""
@@ -315,7 +340,8 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
         bias = rescaled.bias
         if bias is not None and np.size(bias.values) != values.shape[info.out_axis]:
             return None
-        return LinearView(node, info, stored, None, rescaled.data, rescaled.output, opset, bias)
+        return LinearView(node, info, stored, rescaled.bias_stored, rescaled.data, rescaled.output, opset, bias,
+                          rescaled.data_decoding, rescaled.output_decoding, rescaled.bias_after)
     bias_stored = None
     if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
         tensor = node.inputs[info.bias]

@@ -288,6 +288,7 @@ class Reconstructor:
             t = by_out.get(name)
             if t is None:
                 return
+            y = t.view.read_output(y)
             if self.mode == "affine":
                 _moments(moments, t, y, t.view)
                 return
@@ -437,7 +438,7 @@ class Reconstructor:
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):
                 rows, _ = targets_rows[(t.index, batch)]
-                pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(x, rows)  # [R, g, K]
+                pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(t.view.read_data(x), rows)  # [R, g, K]
                 add(t, batch)
             for t in by_stream.get(name, ()):
                 rows, total = totals[(t.index, batch)]
@@ -532,7 +533,7 @@ class Reconstructor:
         pruned: dict[int, list[np.ndarray]] = {}
         kept = runner.stream(
             model, list(by_out), self.batches.feeds,
-            lambda _b, name, y: _moments(pruned, by_out[name], y, by_out[name].view),
+            lambda _b, name, y: _moments(pruned, by_out[name], by_out[name].view.read_output(y), by_out[name].view),
             what="the pruned model", data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes,
         )
         if cache is not None:

@@ -140,7 +140,9 @@ def collect(
     def take(batch: int, name: str, x: np.ndarray) -> None:
         if name in recorded:
             record.take(batch, name, x)
+        raw = x
         for view in by_input.get(name, ()):
+            x = view.read_data(raw)
             axis = 1 if view.is_conv else x.ndim - 1
             channels = x.shape[axis] if x.ndim else 0
             stats = out.layers.setdefault(view.node.name, ChannelStats())

@@ -80,7 +80,8 @@ class RecordedTargets:
             if view.output_positions(value.shape) * view.out_channels() != value.size:
                 continue
             rows = self._selection(layer, batch, value.shape)
-            self.cache.put(key, batch, view.output_rows(value, rows).reshape(len(rows), -1))
+            read = view.read_output(value) if key.startswith("out:") else value
+            self.cache.put(key, batch, view.output_rows(read, rows).reshape(len(rows), -1))
 
     def rows(self, layer: str, total: str | None, batch: int, count: int, salt: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:

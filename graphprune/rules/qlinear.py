@@ -15,8 +15,16 @@ of the channel group (role channelwise), sliced with it; the weight itself is sc
 float weight it decodes to.
 
 These ops fuse the scales with the weights, so they are no float linear layer (``linear`` is
-None): the calibration refit does not rewrite them; data-free and data-aware scores,
-bias-free pruning and the exact self-check apply.
+None). To the calibration, ``QLinearConv``, ``QGemm`` and a ``QLinearMatMul`` followed by the
+``QLinearAdd`` of its bias are the float layers they stand for (``rescaled_linear``): their
+integer input and output read as ``(q - zp) * scale``, the weight as its per-channel decoding,
+an int32 bias as ``b * x_scale * w_scale`` (an int8 ``QLinearAdd`` bias with its own scale) —
+so data-aware scores, bias compensation, the statistics correction and the least-squares refit
+apply, the refit weight re-encoded on the weight's grid (a step that only this op reads grows to
+fit, the bias follows). The refit's target is the original's requantized output, clipped where
+the quantizer folded a ReLU into the output range (measured: a digits CNN in QOperator int8 at
+0.5x MACs keeps 99.8 % test accuracy, 58 % without reconstruction). Data-free scores,
+bias-free pruning and the exact self-check apply to every op here.
 """
 
 from __future__ import annotations
@@ -31,8 +39,8 @@ from graphprune.rules.conv import ConvRule
 from graphprune.rules.elementwise import couple_softmax
 from graphprune.rules.linear import GemmRule, MatMulRule
 from graphprune.rules.pool import PoolRule, pooled_shape
-from graphprune.rules.quantize import decode_integer, is_per_axis
-from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis
+from graphprune.rules.registry import LinearInfo, OpRule, RescaledLinear, StoredWeight, register
 from graphprune.rules.shape_ops import ConcatRule
 
 if TYPE_CHECKING:
@@ -101,6 +109,60 @@ def _integer_bias(node: gs.Node, ctx: CouplingContext, k: int) -> bool:
     return True
 
 
+class ProductScaledBias(StoredWeight):
+    """The int32 bias of an integer conv, read as ``b * x_scale * w_scale`` (its step is
+    the product of the input's scale and the weight's per-channel scale, ``weight``'s current
+    one). ``constant`` may be a fresh zero constant that is no input of the op yet."""
+
+    def __init__(self, constant: gs.Constant, x_scale: float, weight: Dequantized) -> None:
+        self.constant = constant
+        self.x_scale = float(x_scale)
+        self.weight = weight
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype
+
+    def _step(self) -> np.ndarray:
+        channels = np.shape(self.constant.values)[0]
+        return np.broadcast_to(self.weight.scale.reshape(-1), (channels,)) * self.x_scale
+
+    def decode(self) -> np.ndarray:
+        return (np.asarray(self.constant.values).astype(np.float64) * self._step()).astype(self.dtype)
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        info = np.iinfo(np.int32)
+        q = np.rint(np.asarray(values, dtype=np.float64).reshape(-1) / self._step())
+        clipped = (q < info.min) | (q > info.max)
+        self.constant.values = np.ascontiguousarray(np.clip(q, info.min, info.max).astype(np.int32))
+        return (float(clipped.mean()) if clipped.size else 0.0), None
+
+    def rescale(self, factor: np.ndarray) -> bool:
+        """The weight's step has grown by ``factor`` already: keep the bias's float values."""
+        f = np.asarray(factor, dtype=np.float64).reshape(-1)
+        q = np.asarray(self.constant.values).astype(np.float64)
+        if f.size not in (1, q.size):
+            return False
+        info = np.iinfo(np.int32)
+        self.constant.values = np.ascontiguousarray(np.clip(np.rint(q / f), info.min, info.max).astype(np.int32))
+        return True
+
+
+def _scalar_value(t: gs.Tensor | None, default: float | None = None) -> float | None:
+    if t is None:
+        return default
+    if not isinstance(t, gs.Constant) or np.size(t.values) != 1:
+        return None
+    return float(np.asarray(t.values).reshape(-1)[0])
+
+
+def _decoding(node: gs.Node, scale: int, zero_point: int) -> tuple[float, float] | None:
+    """``(scale, zero_point)`` of an activation whose quantization parameters are the
+    constant scalars at inputs ``scale`` / ``zero_point`` (``None``: they are not)."""
+    s, z = _scalar_value(_present(node, scale)), _scalar_value(_present(node, zero_point), 0.0)
+    return None if s is None or z is None or not np.isfinite(s) or s <= 0 else (s, z)
+
+
 @register
 class QLinearConvRule(ConvRule):
     """``QLinearConv(x, x_scale, x_zp, W, w_scale, w_zp, y_scale, y_zp, B)``: a Conv on
@@ -114,6 +176,27 @@ class QLinearConvRule(ConvRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """The float convolution of the integer one (see the module docstring); ``None`` for
+        a computed weight or bias, or quantization parameters that are not constants."""
+        if len(node.inputs) < 8:
+            return None
+        x_dec, y_dec = _decoding(node, 1, 2), _decoding(node, 6, 7)
+        w, w_scale, w_zp = (_present(node, k) for k in (3, 4, 5))
+        if (x_dec is None or y_dec is None or not isinstance(w, gs.Constant) or not isinstance(w_scale, gs.Constant)
+                or (w_zp is not None and not isinstance(w_zp, gs.Constant))):
+            return None
+        weight = decode_integer(w, w_scale, w_zp, 0)
+        bias = _present(node, 8)
+        if weight is None or (bias is not None and (not isinstance(bias, gs.Constant) or np.ndim(bias.values) != 1)):
+            return None
+        if bias is None:
+            bias = gs.Constant(f"{node.name}_gp_int32_bias", np.zeros(np.shape(w.values)[0], dtype=np.int32))
+        info = LinearInfo(data=0, data_axis=1, weight=3, in_axis=1, out_axis=0, out_channel_axis=1,
+                          bias=8, kernel="conv", group=int(node.attrs.get("group", 1)))
+        return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
+                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight))
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if not _scalars(node, ctx, (1, 2, 6, 7)):
@@ -134,6 +217,37 @@ class QLinearMatMulRule(MatMulRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """The float layer ``x W + c`` of ``QLinearMatMul(x, W)`` followed by the
+        ``QLinearAdd`` of a per-channel integer constant ``c`` (ONNX Runtime's quantized
+        ``MatMul`` + bias ``Add``): ``output`` is the addition's, ``c`` the bias written
+        back on its own grid. ``None`` without that addition (no bias to refit into)."""
+        if len(node.inputs) < 8 or len(node.outputs[0].outputs) != 1:
+            return None
+        x_dec = _decoding(node, 1, 2)
+        b, b_scale, b_zp = (_present(node, k) for k in (3, 4, 5))
+        if (x_dec is None or not isinstance(b, gs.Constant) or np.ndim(b.values) != 2
+                or not isinstance(b_scale, gs.Constant) or (b_zp is not None and not isinstance(b_zp, gs.Constant))):
+            return None
+        add = node.outputs[0].outputs[0]
+        if add.op != "QLinearAdd" or len(add.inputs) < 8:
+            return None
+        k = 3 if add.inputs[0] is node.outputs[0] else 0
+        bias, y_dec = add.inputs[k], _decoding(add, 6, 7)
+        if (add.inputs[3 - k] is not node.outputs[0] or not isinstance(bias, gs.Constant) or y_dec is None
+                or len(bias.outputs) != 1 or np.size(bias.values) != np.shape(b.values)[1]
+                or np.shape(bias.values)[-1] != np.size(bias.values) or _decoding(add, k + 1, k + 2) is None):
+            return None
+        weight = decode_integer(b, b_scale, b_zp, 1)
+        bias_scale, bias_zp = add.inputs[k + 1], _present(add, k + 2)
+        after = decode_integer(bias, bias_scale, bias_zp, np.ndim(bias.values) - 1)
+        if weight is None or after is None:
+            return None
+        info = LinearInfo(data=0, data_axis=-1, weight=3, in_axis=0, out_axis=1, out_channel_axis=-1,
+                          bias=None, kernel="dense")
+        return RescaledLinear(info, node.inputs[0], add.outputs[0], weight, data_decoding=x_dec,
+                              output_decoding=y_dec, bias_after=after)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         b = node.inputs[3]
@@ -161,6 +275,32 @@ class QGemmRule(GemmRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """The float Gemm of the integer one: ``A`` decoded with its scale, ``B`` per tensor
+        or per output column, ``C`` as ``c * a_scale * b_scale``; a float output or one
+        requantized with ``y_scale``. ``None`` for a transposed ``A`` or a computed operand."""
+        if len(node.inputs) < 6 or int(node.attrs.get("transA", 0)):
+            return None
+        x_dec = _decoding(node, 1, 2)
+        y_dec = _decoding(node, 7, 8) if _present(node, 7) is not None else None
+        b, b_scale, b_zp = (_present(node, k) for k in (3, 4, 5))
+        if (x_dec is None or (_present(node, 7) is not None and y_dec is None) or not isinstance(b, gs.Constant)
+                or not isinstance(b_scale, gs.Constant) or (b_zp is not None and not isinstance(b_zp, gs.Constant))
+                or np.ndim(b.values) != 2):
+            return None
+        trans = int(node.attrs.get("transB", 0))
+        weight = decode_integer(b, b_scale, b_zp, 0 if trans else 1)
+        bias = _present(node, 6)
+        if weight is None or (bias is not None and (not isinstance(bias, gs.Constant) or np.ndim(bias.values) != 1
+                                                    or np.size(bias.values) != np.shape(b.values)[0 if trans else 1])):
+            return None
+        if bias is None:
+            bias = gs.Constant(f"{node.name}_gp_int32_bias", np.zeros(np.shape(b.values)[0 if trans else 1], dtype=np.int32))
+        info = LinearInfo(data=0, data_axis=-1, weight=3, in_axis=1 if trans else 0, out_axis=0 if trans else 1,
+                          out_channel_axis=-1, bias=6, kernel="dense", alpha=float(node.attrs.get("alpha", 1.0)))
+        return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
+                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight))
 
     def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
                      ) -> tuple[list, int] | None:

@@ -136,7 +136,8 @@ class Dequantized(StoredWeight):
     def _set_scale(self, scale: np.ndarray) -> None:
         self.scale = scale
         shape = np.shape(self.scale_tensor.values)
-        self.scale_tensor.values = np.ascontiguousarray(scale.reshape(shape).astype(self.dtype))
+        # (np.ascontiguousarray makes a 0-d array 1-d: a per-tensor scale must stay a scalar)
+        self.scale_tensor.values = np.ascontiguousarray(scale.astype(self.dtype)).reshape(shape)
 
     def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
         v = np.asarray(values, dtype=np.float64)
@@ -156,7 +157,7 @@ class Dequantized(StoredWeight):
         q = np.rint(v / step) + self.zero_point
         clipped = (q < low) | (q > high)
         stored = np.asarray(self.constant.values).dtype
-        self.constant.values = np.ascontiguousarray(np.clip(q, low, high).astype(stored))
+        self.constant.values = np.ascontiguousarray(np.clip(q, low, high).astype(stored)).reshape(np.shape(self.constant.values))
         return (float(clipped.mean()) if clipped.size else 0.0), factor
 
     def rescale(self, factor: np.ndarray) -> bool:

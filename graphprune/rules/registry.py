@@ -99,9 +99,11 @@ class StoredWeight:
 @dataclass
 class RescaledLinear:
     """An integer linear op as the float layer it stands for (:meth:`OpRule.rescaled_linear`):
-    it quantizes the float tensor ``data`` at run time, applies ``weight`` (an integer
-    constant decoded as a :class:`StoredWeight`) as ``info`` says, and ``output`` is the float
-    tensor that carries the rescaled result."""
+    it reads the tensor ``data``, applies ``weight`` (an integer constant decoded as a
+    :class:`StoredWeight`) as ``info`` says, and ``output`` is the tensor that carries the
+    result. ``data`` is a float tensor the graph quantizes at run time, or an integer
+    activation read as the float ``(q - zero_point) * scale`` (``data_decoding``); likewise
+    ``output`` (``output_decoding``: the op requantizes its result)."""
 
     info: LinearInfo
     data: gs.Tensor
@@ -110,6 +112,15 @@ class RescaledLinear:
     #: a float bias constant that the graph quantizes at run time and adds in the integer
     #: domain (``None``: none inside the pattern)
     bias: gs.Constant | None = None
+    #: ``(scale, zero_point)`` of an integer ``data`` / ``output`` (``None``: a float tensor)
+    data_decoding: tuple[float, float] | None = None
+    output_decoding: tuple[float, float] | None = None
+    #: the bias input ``info.bias`` as a stored (integer) weight; its constant may not be an
+    #: input yet (a layer without a bias: the first bias written attaches it)
+    bias_stored: StoredWeight | None = None
+    #: a stored bias added to the op's result by the node that produces ``output`` (a
+    #: ``QLinearAdd`` of an integer constant), read and written with its own encoding
+    bias_after: StoredWeight | None = None
 
 
 class OpRule:
