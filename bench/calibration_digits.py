@@ -146,29 +146,12 @@ def accuracy(model: onnx.ModelProto | str, x: np.ndarray, y: np.ndarray) -> floa
 def quantized(path: Path, kind: str, images: np.ndarray) -> Path:
     """``path`` quantized to int8 by ONNX Runtime: ``dynamic`` (``ConvInteger``/``MatMulInteger``),
     or static per-channel ``qdq`` / ``qop`` (QOperator: ``QLinearConv``, the ReLUs folded into
-    the output ranges) calibrated on ``images`` (training images)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    the output ranges) calibrated on 128 of ``images`` (training images)."""
+    from ort_quantize import quantize
 
-    out = path.with_name(f"{path.stem}_{kind}.onnx")
-    if kind == "dynamic":
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
-        return out
-    feeds = iter({"image": images[i : i + 1]} for i in range(min(len(images), 128)))
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict | None:
-            return next(feeds, None)
-
-    quantize_static(str(path), str(out), Reader(), per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8,
-                    quant_format=QuantFormat.QOperator if kind == "qop" else QuantFormat.QDQ)
-    return out
+    feeds = ({"image": images[i : i + 1]} for i in range(min(len(images), 128)))
+    # (dynamic: per tensor, as quantize_dynamic's default)
+    return quantize(path, path.with_name(f"{path.stem}_{kind}.onnx"), kind, feeds, per_channel=kind != "dynamic")
 
 
 def cli_prune(src: Path, out: Path, calib: Path | None, extra: list[str]) -> dict:

@@ -176,32 +176,11 @@ SETTINGS = (
 
 def quantized(path: Path, kind: str, calib: Path) -> Path:
     """``path`` quantized to int8 by ONNX Runtime (weights int8; activations dynamic, or
-    static uint8 QDQ calibrated on the calibration sentences)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    static uint8 QDQ / QOperator calibrated on the calibration sentences)."""
+    from ort_quantize import quantize
 
-    out = path.with_name(f"minilm_{kind}.onnx")
-    if kind == "dynamic":
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
-        return out
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.files = iter(sorted(calib.glob("*.npz")))
-
-        def get_next(self):
-            file = next(self.files, None)
-            return None if file is None else dict(np.load(file))
-
-    fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
-    quantize_static(str(path), str(out), Reader(), quant_format=fmt, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    return out
+    feeds = (dict(np.load(file)) for file in sorted(calib.glob("*.npz")))
+    return quantize(path, path.with_name(f"minilm_{kind}.onnx"), kind, feeds, per_channel=kind != "dynamic")
 
 
 def main() -> int:
@@ -213,12 +192,15 @@ def main() -> int:
     parser.add_argument("--api-only", action="store_true", help="skip the command-line runs")
     parser.add_argument("--only", default="",
                         help="run only these settings (1-based, comma-separated: 1 = MLP 0.25, 2 = MLP 0.5, 3 = heads)")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="results file (default: calibration_minilm.json, or "
+                        "calibration_minilm_int8_<kind>.json with --quantize)")
     parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop"), default=None,
                         help="prune the int8 model instead (ONNX Runtime quantize_dynamic, or static QDQ / "
                              "QOperator calibrated on the calibration sentences); the reference is the int8 "
                              "original")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS if not args.quantize else RESULTS.with_name(f"calibration_minilm_int8_{args.quantize}.json"))
     import onnx
 
     import graphprune
