@@ -455,6 +455,19 @@ class WeightStore:
         return copy
 
 
+def load_whole(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The model file at ``path`` with every external tensor's bytes loaded into the proto
+    (read directly: the files may be the store's hard links, which onnx's loader refuses)."""
+    model = onnx.load_model(os.fspath(path), load_external_data=False)
+    root = Path(os.fspath(path)).parent
+    for tensor in _all_tensors(model):
+        if _external(tensor):
+            tensor.raw_data = _read_bytes(tensor, root)
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
+    return model
+
+
 def _read_bytes(stub: onnx.TensorProto, root: Path) -> bytes:
     """The bytes of an external ``stub`` whose file lies in ``root`` (onnx's own reader
     refuses the store's hard links)."""

@@ -40,7 +40,14 @@ from graphprune.rules.elementwise import couple_softmax
 from graphprune.rules.linear import GemmRule, MatMulRule
 from graphprune.rules.pool import PoolRule, pooled_shape
 from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis
-from graphprune.rules.registry import LinearInfo, OpRule, RescaledLinear, StoredWeight, register
+from graphprune.rules.registry import (
+    LinearInfo,
+    OpRule,
+    PairSummed,
+    RescaledLinear,
+    StoredWeight,
+    register,
+)
 from graphprune.rules.shape_ops import ConcatRule
 
 if TYPE_CHECKING:
@@ -148,6 +155,19 @@ class ProductScaledBias(StoredWeight):
         return True
 
 
+def _pair_summed(node: gs.Node, bias_index: int | None) -> PairSummed | None:
+    """An integer kernel's int8 weight (input 3, zero point 0 at input 5), its scale (input 4)
+    and int32 bias, on u8 activations (zero point at input 2)."""
+    w, scale, w_zp, x_zp = (_present(node, k) for k in (3, 4, 5, 2))
+    bias = _present(node, bias_index) if bias_index is not None else None
+    if (not isinstance(w, gs.Constant) or np.asarray(w.values).dtype != np.int8 or not isinstance(scale, gs.Constant)
+            or not isinstance(x_zp, gs.Constant) or np.asarray(x_zp.values).dtype != np.uint8
+            or (w_zp is not None and (not isinstance(w_zp, gs.Constant) or np.any(np.asarray(w_zp.values))))
+            or (bias is not None and (not isinstance(bias, gs.Constant) or np.asarray(bias.values).dtype != np.int32))):
+        return None
+    return PairSummed(w, scale, bias)
+
+
 def _scalar_value(t: gs.Tensor | None, default: float | None = None) -> float | None:
     if t is None:
         return default
@@ -176,6 +196,9 @@ class QLinearConvRule(ConvRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        return _pair_summed(node, 8)
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float convolution of the integer one (see the module docstring); ``None`` for
@@ -217,6 +240,9 @@ class QLinearMatMulRule(MatMulRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        return _pair_summed(node, None)
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float layer ``x W + c`` of ``QLinearMatMul(x, W)`` followed by the
@@ -275,6 +301,9 @@ class QGemmRule(GemmRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        return _pair_summed(node, 6)
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float Gemm of the integer one: ``A`` decoded with its scale, ``B`` per tensor

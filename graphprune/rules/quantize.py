@@ -67,6 +67,7 @@ from graphprune.rules.linear import MatMulRule
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
+    PairSummed,
     RescaledLinear,
     StoredWeight,
     lookup,
@@ -388,6 +389,20 @@ def _decode_rescaled(node: gs.Node, ctx: CouplingContext, found: RescaledLinear 
         ctx.decoded(node.inputs[1], found.weight.scale, found.weight.zero_point)
 
 
+def _pair_summed(node: gs.Node, found: RescaledLinear | None) -> PairSummed | None:
+    """A dynamic-quantized kernel (u8 activations from ``DynamicQuantizeLinear``) with an int8
+    weight of zero point 0 and the scale of its rescaling; with a bias quantized at run time
+    only where the scale is read by the rescaling alone (a doubled scale would halve the
+    bias's integer value along with the weight's: it stays right)."""
+    if not isinstance(found, RescaledLinear) or not isinstance(found.weight, Dequantized):
+        return None
+    weight = found.weight
+    q = np.asarray(weight.constant.values)
+    if q.dtype != np.int8 or np.any(weight.zero_point) or len(weight.scale_tensor.outputs) != 1:
+        return None
+    return PairSummed(weight.constant, weight.scale_tensor)
+
+
 def _only_consumer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     users = tensor.outputs
     return users[0] if len(users) == 1 and users[0].op == op else None
@@ -463,6 +478,9 @@ class MatMulIntegerRule(MatMulRule):
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
 
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        return _pair_summed(node, self.rescaled_linear(node))
+
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         info = LinearInfo(data=0, data_axis=-1, weight=1, in_axis=0, out_axis=1, out_channel_axis=-1,
                           bias=None, kernel="dense")
@@ -489,6 +507,9 @@ class ConvIntegerRule(ConvRule):
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
+
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        return _pair_summed(node, self.rescaled_linear(node))
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The integer result rescaled straight away, or after a bias quantized at run time

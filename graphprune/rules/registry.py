@@ -97,6 +97,18 @@ class StoredWeight:
 
 
 @dataclass
+class PairSummed:
+    """The constants of an integer kernel that ONNX Runtime's x86 u8 x s8 code computes by
+    adding the products of adjacent input channels in saturating 16-bit arithmetic
+    (:meth:`OpRule.pair_summed`): its int8 ``weight`` (zero point 0), the float ``scale`` its
+    result is rescaled with, and an int32 ``bias`` whose step is that scale times the input's."""
+
+    weight: gs.Constant
+    scale: gs.Constant
+    bias: gs.Constant | None = None
+
+
+@dataclass
 class RescaledLinear:
     """An integer linear op as the float layer it stands for (:meth:`OpRule.rescaled_linear`):
     it reads the tensor ``data``, applies ``weight`` (an integer constant decoded as a
@@ -220,6 +232,12 @@ class OpRule:
         """The float layer an integer linear op (data quantized at run time, integer weight,
         result rescaled to float) stands for (:class:`RescaledLinear`). ``None`` (the default):
         none, or the pattern around the node is not the one the rule knows."""
+        return None
+
+    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+        """The node as an integer kernel whose result depends on which input channels its
+        x86 implementation pairs (u8 activations x s8 weights: :class:`PairSummed`,
+        ``verify/saturation.py``). ``None`` (the default): no such kernel."""
         return None
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:

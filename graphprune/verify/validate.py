@@ -249,10 +249,20 @@ def compare(
     # segment's weights at a time); the candidate runs whole, as it will be used, unless
     # ``segment_candidate`` says it is an intermediate model too
     optimize = False if emulate_quantization else None
-    ref_outs = run_many(reference, feeds_list, what, reference_overrides,
-                        False if emulate_quantization else optimize_reference, segmented=True)
-    outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model", optimize=optimize,
-                                         segmented=segment_candidate)
+    pair_safe = None if candidate_outputs else _pair_safe(candidate, reference, reference_overrides)
+    pair_safe_used = pair_safe is not None
+    if pair_safe is not None:  # integer kernels that saturate pair sums: compare 7-bit copies
+        candidate_copy, reference_copy, copy_overrides = pair_safe
+        del pair_safe
+        ref_outs = run_many(reference_copy, feeds_list, what, copy_overrides, optimize=False)
+        outs = run_many(candidate_copy, feeds_list, "the pruned model (7-bit weight copy)", optimize=False)
+        del candidate_copy, reference_copy, copy_overrides
+        run_many(candidate, feeds_list[:1], "the pruned model")
+    else:
+        ref_outs = run_many(reference, feeds_list, what, reference_overrides,
+                            False if emulate_quantization else optimize_reference, segmented=True)
+        outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model", optimize=optimize,
+                                             segmented=segment_candidate)
     if emulate_quantization:
         run_many(candidate, feeds_list[:1], "the pruned model (optimised)")
     max_abs = max_rel = 0.0
@@ -282,7 +292,34 @@ def compare(
         "tolerance": tolerance,
         **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
            if emulate_quantization else {}),
+        **({"compared": "copies with the int8 weights of u8 x s8 kernels halved (ONNX Runtime's x86 "
+                        "kernels saturate 16-bit pair sums, which depend on the channel count)"}
+           if pair_safe_used else {}),
     }
+
+
+def _pair_safe(candidate: ModelRef, reference: ModelRef, overrides: dict[str, np.ndarray] | None
+               ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray] | None] | None:
+    """Copies of both models free of saturating pair sums, and the reference's overrides
+    likewise (:mod:`graphprune.verify.saturation`); ``None`` when neither has such a kernel."""
+    from graphprune.io import weights
+    from graphprune.verify import saturation
+
+    def load(model: ModelRef) -> onnx.ModelProto:
+        return weights.load_whole(model) if _is_path(model) else model
+
+    def skeleton(model: ModelRef) -> onnx.ModelProto:
+        return onnx.load(os.fspath(model), load_external_data=False) if _is_path(model) else model
+
+    if not (saturation.may_saturate(skeleton(candidate)) or saturation.may_saturate(skeleton(reference))):
+        return None
+    cand, ref = load(candidate), load(reference)
+    cand_tensors, ref_tensors = saturation.paired_tensors(cand), saturation.paired_tensors(ref)
+    if not cand_tensors and not ref_tensors:
+        return None
+    copied = None if overrides is None else {
+        name: saturation.halve(ref_tensors[name], v) if name in ref_tensors else v for name, v in overrides.items()}
+    return saturation.pair_safe_copy(cand, cand_tensors), saturation.pair_safe_copy(ref, ref_tensors), copied
 
 
 def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
