@@ -412,3 +412,17 @@ def test_verification_is_free_of_saturating_pair_sums() -> None:
     assert np.abs(weights["w2"]).max() <= 64 and np.allclose(weights["w2s"], 0.02)
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones((1, 3, 4, 4), np.float32)})[0].shape == (1, 4, 4, 4)
+
+
+def test_dynamic_quantized_kernels_are_compared_on_7bit_copies_too(tmp_path) -> None:
+    """``quantize_dynamic``'s ConvInteger / MatMulInteger are u8 x s8 kernels as well: their
+    int8 weights and the scales of their rescaling are halved / doubled in the copies."""
+    from graphprune.verify import saturation
+
+    model = _quantized(_cnn(), tmp_path, "dynamic", per_channel=False)
+    tensors = saturation.paired_tensors(model)
+    integer_ops = [n for n in model.graph.node if n.op_type in ("ConvInteger", "MatMulInteger")]
+    assert integer_ops and {n.input[1] for n in integer_ops} <= {k for k, v in tensors.items() if v == saturation.WEIGHT}
+    assert sum(v == saturation.SCALE for v in tensors.values()) == len(integer_ops)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and "halved" in result.report["verification"]["compared"]
