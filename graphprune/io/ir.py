@@ -71,11 +71,29 @@ def import_graph(model: onnx.ModelProto, store: Any = None) -> gs.Graph:
     return graph
 
 
+#: numpy (ml_dtypes) dtypes of ONNX's sub-byte element types, one element per byte in numpy,
+#: packed two (or four) to a byte in a TensorProto
+SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
+
+
+def _pack_sub_byte(graph: gs.Graph) -> None:
+    """Constants of a sub-byte type that a rewrite changed (int4 weights) as packed protos:
+    graphsurgeon would write numpy's one byte per element as the raw data (a tensor that
+    fails its own size check)."""
+    from onnx import numpy_helper
+
+    for tensor in graph_constants(graph):
+        values = tensor._values
+        if isinstance(values, np.ndarray) and values.dtype.name in SUB_BYTE:
+            tensor._values = gs.ir.tensor.LazyValues(numpy_helper.from_array(values, tensor.name))
+
+
 def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) -> onnx.ModelProto:
     """Export ``graph`` keeping the template's opsets, IR version and metadata.
 
     With a weight ``store``, new large weights are written to the store first and every
     weight is exported as a reference to the store, never copied into the proto."""
+    _pack_sub_byte(graph)
     if store is not None:
         store.spill(graph)
         restore_stubs(graph)

@@ -54,7 +54,7 @@ rest of the graph is still analysed.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -130,7 +130,7 @@ class Dequantized(StoredWeight):
         return ((q - self.zero_point) * step).astype(self.dtype)
 
     def _range(self) -> tuple[float, float]:
-        info = np.iinfo(np.asarray(self.constant.values).dtype)
+        info = _iinfo(np.asarray(self.constant.values).dtype)
         low = info.min + 1 if info.min < 0 and not np.any(self.zero_point) else info.min  # symmetric int8: +-127
         return float(low), float(info.max)
 
@@ -173,13 +173,25 @@ class Dequantized(StoredWeight):
         return True
 
 
+def _iinfo(dtype: np.dtype) -> Any:
+    """The integer range of ``dtype``: numpy's integers and ONNX's sub-byte ``int4`` / ``uint4``
+    (ml_dtypes, one element per byte in numpy); ``None`` for any other dtype."""
+    if np.issubdtype(dtype, np.integer):
+        return np.iinfo(dtype)
+    if dtype.name in ("int4", "uint4", "int2", "uint2"):
+        import ml_dtypes
+
+        return ml_dtypes.iinfo(dtype)
+    return None
+
+
 def decode_integer(q: gs.Constant, scale: gs.Constant, zero_point: gs.Constant | None,
               axis: int | None) -> Dequantized | None:
     """``q`` (integer) decoded as ``(q - zero_point) * scale``: scale and zero point per tensor
     or one per index of ``axis`` (``axis=None``: broadcast to ``q`` as numpy does, no zero
     point). ``None`` where the values do not fit that reading or a scale is not positive."""
     qv, sv = np.asarray(q.values), np.asarray(scale.values)
-    if (not np.issubdtype(qv.dtype, np.integer) or not np.issubdtype(sv.dtype, np.floating)
+    if (_iinfo(qv.dtype) is None or not np.issubdtype(sv.dtype, np.floating)
             or not np.all(np.isfinite(sv)) or np.any(sv <= 0)):
         return None
     zv = np.zeros((), dtype=np.float64) if zero_point is None else np.asarray(zero_point.values).astype(np.float64)
@@ -279,7 +291,7 @@ class QuantizeLinearRule(OpRule):
         zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         where = f"{node.op} '{node.name}'"
         if int(node.attrs.get("block_size", 0) or 0) > 0:
-            ctx.freeze_node(node, f"blocked quantization at {where}")
+            self._couple_blocked(node, ctx, scale, zp, where)
             return
         kinds = {is_per_axis(ctx, scale), is_per_axis(ctx, zp) if zp is not None else False}
         rank = ctx.rank(x)
@@ -304,6 +316,36 @@ class QuantizeLinearRule(OpRule):
             weight = dequantized(node)
             if weight is not None:
                 ctx.decoded(x, weight.scale, weight.zero_point)
+
+    def _couple_blocked(self, node: gs.Node, ctx: CouplingContext, scale: gs.Tensor | None,
+                        zp: gs.Tensor | None, where: str) -> None:
+        """Blocked quantization (``block_size``: one scale per block of ``block_size`` elements
+        along ``axis``, per index of every other axis; opset 21 int4 weights): the other axes
+        are channels with their scale and zero point (role channelwise); the blocked axis is
+        frozen (removing channels there would re-form the blocks)."""
+        x, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(x)
+        axis = int(node.attrs.get("axis", 1))
+        weight = node.op == "DequantizeLinear" and isinstance(x, gs.Constant)
+        if (rank is None or scale is None or ctx.rank(scale) != rank or not -rank <= axis < rank
+                or (zp is not None and ctx.rank(zp) != rank)):
+            if weight:
+                ctx.share_roles(y, x, f"blocked quantization not understood at {where}")
+            ctx.freeze_node(node, f"blocked quantization not understood at {where}")
+            return
+        axis %= rank
+        ctx.couple_all_axes(x, y)
+        for t in (scale, zp):
+            for a in range(rank):
+                if t is not None and a != axis:
+                    ctx.couple(t, a, y, a)
+                    ctx.role(t, a, CHANNELWISE)
+        reason = f"blocked quantization along axis {axis} at {where}"
+        for t in (x, y):
+            ctx.freeze(t, axis, reason)
+        if weight:
+            ctx.share_roles(y, x, None if _zero_point_is_zero(zp) else (
+                f"quantized weight '{x.name}' with a non-zero zero point at {where}"))
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
         return dequantized(node) if node.op == "DequantizeLinear" else None
