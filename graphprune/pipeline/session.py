@@ -41,7 +41,7 @@ from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
 from graphprune.planning.plan import Plan
-from graphprune.verify import validate
+from graphprune.verify import saturation, validate
 from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
@@ -388,6 +388,7 @@ class Session:
                     original=self.path_of(self.prepared), optimize_reference=optimize_reference,
                     emulate_quantization=emulate_quantization,
                     segment_candidate=segment_candidate,
+                    pair_safe=saturation.may_saturate(self.prepared),
                 )
                 result["checker"] = result["checker"] or checked
                 return result

@@ -226,6 +226,7 @@ def compare(
     optimize_reference: bool | None = None,
     emulate_quantization: bool = False,
     segment_candidate: bool = False,
+    pair_safe: bool = False,
 ) -> dict[str, Any]:
     """Check ``candidate`` against ``reference`` on the same feeds.
 
@@ -242,6 +243,10 @@ def compare(
     x86 u8s8 kernel sums adjacent channel pairs in saturating 16-bit arithmetic, so removing a
     channel can move an output by one quantization step); the candidate still runs once
     optimised, as it will be deployed.
+
+    ``pair_safe`` (models with integer kernels that saturate pair sums, :mod:`.saturation`):
+    both models are compared as copies with their int8 weights halved; the candidate still
+    runs as it is.
     """
     if check:
         check_model(candidate, original)
@@ -249,11 +254,11 @@ def compare(
     # segment's weights at a time); the candidate runs whole, as it will be used, unless
     # ``segment_candidate`` says it is an intermediate model too
     optimize = False if emulate_quantization else None
-    pair_safe = None if candidate_outputs else _pair_safe(candidate, reference, reference_overrides)
-    pair_safe_used = pair_safe is not None
-    if pair_safe is not None:  # integer kernels that saturate pair sums: compare 7-bit copies
-        candidate_copy, reference_copy, copy_overrides = pair_safe
-        del pair_safe
+    copies = _pair_safe(candidate, reference, reference_overrides) if pair_safe and not candidate_outputs else None
+    pair_safe_used = copies is not None
+    if copies is not None:  # integer kernels that saturate pair sums: compare 7-bit copies
+        candidate_copy, reference_copy, copy_overrides = copies
+        del copies
         ref_outs = run_many(reference_copy, feeds_list, what, copy_overrides, optimize=False)
         outs = run_many(candidate_copy, feeds_list, "the pruned model (7-bit weight copy)", optimize=False)
         del candidate_copy, reference_copy, copy_overrides
@@ -301,18 +306,14 @@ def compare(
 def _pair_safe(candidate: ModelRef, reference: ModelRef, overrides: dict[str, np.ndarray] | None
                ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray] | None] | None:
     """Copies of both models free of saturating pair sums, and the reference's overrides
-    likewise (:mod:`graphprune.verify.saturation`); ``None`` when neither has such a kernel."""
+    likewise (:mod:`graphprune.verify.saturation`); ``None`` when neither has such a kernel
+    whose constants it can change."""
     from graphprune.io import weights
     from graphprune.verify import saturation
 
     def load(model: ModelRef) -> onnx.ModelProto:
         return weights.load_whole(model) if _is_path(model) else model
 
-    def skeleton(model: ModelRef) -> onnx.ModelProto:
-        return onnx.load(os.fspath(model), load_external_data=False) if _is_path(model) else model
-
-    if not (saturation.may_saturate(skeleton(candidate)) or saturation.may_saturate(skeleton(reference))):
-        return None
     cand, ref = load(candidate), load(reference)
     cand_tensors, ref_tensors = saturation.paired_tensors(cand), saturation.paired_tensors(ref)
     if not cand_tensors and not ref_tensors:
