@@ -211,6 +211,27 @@ def test_other_integer_ops_have_a_frozen_rule() -> None:
         assert any(f"integer op {node.op_type} 'n'" in r for r in reasons), (node.op_type, reasons)
 
 
+def test_groups_through_fused_integer_matmuls_are_reported_frozen() -> None:
+    """An MLP of ORT's fused ``DynamicQuantizeMatMul`` (int8 weights): the hidden channels are
+    a group of both weights, reported frozen with the ops' reason (they had no weight the
+    analysis knew, and the report said "0 channel groups")."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, (16, 32)).astype(np.int8), "B1"),
+             numpy_helper.from_array(np.float32(0.01), "s1"),
+             numpy_helper.from_array(rng.integers(-127, 127, (32, 8)).astype(np.int8), "B2"),
+             numpy_helper.from_array(np.float32(0.01), "s2")]
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "B1", "s1"], ["h"], domain="com.microsoft"),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("DynamicQuantizeMatMul", ["a", "B2", "s2"], ["y"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    hidden = [g for g in graphprune.analyze(model).groups if g.num_units == 32]
+    assert len(hidden) == 1 and any("integer op DynamicQuantizeMatMul" in r for r in hidden[0].frozen)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 0 and result.report["verification"]["ok"]
+
+
 def _dynamic_quantized(float_model: onnx.ModelProto, tmp_path, **options) -> onnx.ModelProto:
     from onnxruntime.quantization import quantize_dynamic
 

@@ -363,13 +363,23 @@ CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 @register
-class IntegerOpRule(OpRule):
-    """Integer-arithmetic ops without a rule of their own: frozen, with a reason that says why."""
+class IntegerOpRule(MatMulRule):
+    """com.microsoft ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat(A, B, ...)``: MatMuls
+    whose integer ``B`` is read with scales from the data or fused with it. Mapped as a MatMul
+    (so that the groups through them are reported) and frozen, with a reason that says why."""
 
     op_types = CONTRIB_INTEGER_OPS
     domain = "com.microsoft"
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        super().couple(node, ctx)
+        if isinstance(node.inputs[1], gs.Constant):
+            ctx.integer_param(node.inputs[1])  # a weight, so that its groups are reported
         ctx.freeze_node(node, f"integer op {node.op} '{node.name}' (scales from the data or "
                               "fused with the weights: removing is not zeroing)")
 
