@@ -57,8 +57,8 @@ class BiasCompensationPass(Pass):
             if self.only is not None and node.name not in self.only:
                 continue
             view = linear_view(node, ctx.opset)
-            if view is None or view.group != 1 or view.is_transpose:  # a transposed conv's
-                continue  # positions read different kernel offsets: no single per-channel shift
+            if view is None or view.group != 1 or view.is_transpose or view.bias_fixed:  # a transposed
+                continue  # conv's positions read different kernel offsets: no single per-channel shift
             cut = self.removed.get((view.weight.name, view.info.in_axis))
             layer = self.stats.get(node.name)
             source = originals.get(node.name)

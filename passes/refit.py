@@ -70,8 +70,7 @@ class RefitPass(Pass):
             stats["skipped"] = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
         elif not targets:
             stats["skipped"] = ["no linear layer with a float or dequantized constant weight reads the "
-                                "changed tensors (a QLinearMatMul without a constant QLinearAdd "
-                                "bias after it, and weights computed in the graph, are not refit)"]
+                                "changed tensors (weights computed in the graph are not refit)"]
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)

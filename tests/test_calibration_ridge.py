@@ -65,3 +65,19 @@ def test_a_given_ridge_is_used_as_given() -> None:
     reconstructor = Reconstructor.__new__(Reconstructor)
     reconstructor.ridge = 0.5
     assert reconstructor._choose_ridge(acc, anchor, [1.0]) == 0.5
+
+
+def test_a_fit_with_the_bias_held_recovers_the_weights_under_that_bias() -> None:
+    """``fit_fixed_bias``: data made by ``y = W x + b0`` with ``b0`` the anchor's bias row gives
+    back ``W`` (a free-bias fit on data without a bias column would absorb a mean instead)."""
+    from graphprune.calibration.ridge import fit_fixed_bias
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 5)) + 2.0  # not centred: the bias matters
+    w, b0 = rng.standard_normal((5, 3)), np.array([0.5, -1.0, 2.0])
+    y = x @ w + b0
+    xt = np.concatenate([x, np.ones((400, 1))], axis=1)
+    anchor = np.concatenate([np.zeros((5, 3)), b0[None]], axis=0)
+    solved = fit_fixed_bias(xt.T @ xt, xt.T @ y, anchor, 1e-9)
+    np.testing.assert_allclose(solved[:5], w, atol=1e-6)
+    np.testing.assert_array_equal(solved[5], b0)

@@ -331,6 +331,22 @@ def test_calibration_refits_qlinearmatmul_into_its_qlinearadd_bias(tmp_path) -> 
     assert np.isfinite(session.run(None, feeds[0])[0]).all()
 
 
+def test_a_qlinearmatmul_without_a_bias_is_refit_with_its_bias_held_at_zero(tmp_path) -> None:
+    """A bias-less QLinearMatMul (its integer output read as it is) cannot be given a bias:
+    the refit fits its weights with the bias held at zero and adds nothing to the graph."""
+    model = _quantized(_mlp(), tmp_path, "qop", per_channel=False)
+    assert [n.op_type for n in model.graph.node].count("QLinearMatMul") == 2
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((4, 12)).astype(np.float32)} for _ in range(60)]
+    result = graphprune.prune(model, ratio=0.5, calibration=feeds)
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert result.report["verification"]["ok"] and refit["layers"] == 1 and refit["quantized_layers"] == 1, refit
+    assert _ops(result.model) == _ops(model)  # no bias Add written after an integer output
+    onnx.checker.check_model(result.model, full_check=True)
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
 def test_a_product_scaled_bias_keeps_its_float_value_when_the_weight_step_grows() -> None:
     """``rescale`` after the weight's per-channel step grew: the int32 bias is re-encoded so
     that ``b * x_scale * w_scale`` stays what it was (to the rounding of the new step)."""

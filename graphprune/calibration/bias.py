@@ -15,16 +15,19 @@ from graphprune.calibration.linear import LinearView
 from graphprune.io.names import fresh_name
 
 
-def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> None:
+def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> bool:
     """Give ``view``'s layer the effective bias ``bias`` (creating the input, or an ``Add``
     after a MatMul, when the layer has none). A float bias constant is always a fresh one; a
-    stored (quantized) bias that only this layer reads is re-encoded in place."""
+    stored (quantized) bias that only this layer reads is re-encoded in place. ``False``: the
+    layer can take no bias (:attr:`LinearView.bias_fixed`), nothing was written."""
+    if view.bias_fixed:
+        return False
     node, info = view.node, view.info
     dtype = view.dtype
     if view.bias_after is not None:  # an integer constant added after the layer (QLinearAdd)
         after = view.bias_after
         after.encode(np.asarray(bias).reshape(np.shape(after.constant.values)), grow=True)
-        return
+        return True
     stored = view.bias_stored
     attached = stored is not None and info.bias is not None and info.bias < len(node.inputs) \
         and node.inputs[info.bias] is stored.constant
@@ -37,13 +40,13 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
             while len(node.inputs) <= info.bias:
                 node.inputs.append(gs.Variable.empty())
             node.inputs[info.bias] = stored.constant
-        return
+        return True
     if view.bias_constant is not None:  # a float bias the graph quantizes at run time
         const = view.bias_constant
         const.values = np.ascontiguousarray(np.asarray(bias).reshape(np.shape(const.values)).astype(const.values.dtype))
-        return
+        return True
     if info.bias is None and _add_to_next_bias(view, bias):
-        return
+        return True
     if info.bias is None:  # MatMul: y = x W, then + b in a new Add (a conv: per channel, axis 1)
         out = view.output
         producer = out.inputs[0]
@@ -53,7 +56,7 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
         const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray(bias.astype(dtype)))
         producer.outputs[producer.outputs.index(out)] = inner
         graph.nodes.append(gs.Node("Add", fresh_name(f"{node.name}_gp_bias_add", names), inputs=[inner, const], outputs=[out]))
-        return
+        return True
     beta = info.beta if info.beta != 0.0 else 1.0
     if info.beta == 0.0:
         node.attrs["beta"] = 1.0
@@ -61,6 +64,7 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     while len(node.inputs) <= info.bias:
         node.inputs.append(gs.Variable.empty())
     node.inputs[info.bias] = const
+    return True
 
 
 def _add_to_next_bias(view: LinearView, bias: np.ndarray) -> bool:

@@ -53,6 +53,8 @@ class LinearView:
     output_decoding: tuple[float, float] | None = None
     #: a stored bias added after the layer (:attr:`RescaledLinear.bias_after`)
     bias_after: StoredWeight | None = None
+    #: no bias can be written (:attr:`RescaledLinear.bias_fixed`)
+    bias_fixed: bool = False
 
     def read_data(self, x: np.ndarray) -> np.ndarray:
         """The float values of an array of :attr:`data` (the array itself when it is float)."""
@@ -341,7 +343,8 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
         if bias is not None and np.size(bias.values) != values.shape[info.out_axis]:
             return None
         return LinearView(node, info, stored, rescaled.bias_stored, rescaled.data, rescaled.output, opset, bias,
-                          rescaled.data_decoding, rescaled.output_decoding, rescaled.bias_after)
+                          rescaled.data_decoding, rescaled.output_decoding, rescaled.bias_after,
+                          rescaled.bias_fixed)
     bias_stored = None
     if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
         tensor = node.inputs[info.bias]

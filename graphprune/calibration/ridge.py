@@ -88,6 +88,20 @@ def fit(gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray, lam: float) -> 
         return np.linalg.lstsq(reg, rhs, rcond=None)[0]
 
 
+def fit_fixed_bias(gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge solution towards ``anchor`` with the bias row held at the anchor's (a layer
+    that can take no other bias)."""
+    k = gram.shape[0] - 1
+    reg = gram[:k, :k].copy()
+    reg[np.arange(k), np.arange(k)] += lam + 1e-12
+    rhs = cross[:k] - np.outer(gram[:k, k], anchor[k]) + lam * anchor[:k]
+    try:
+        w = np.linalg.solve(reg, rhs)
+    except np.linalg.LinAlgError:
+        w = np.linalg.lstsq(reg, rhs, rcond=None)[0]
+    return np.concatenate([w, anchor[k:k + 1]], axis=0)
+
+
 def fit_error(gram: np.ndarray, cross: np.ndarray, y2: float, w: np.ndarray) -> float:
     """``sum ||y - w^T x~||^2`` from the statistics."""
     return float(y2 + np.sum(w * (gram @ w)) - 2 * np.sum(w * cross))

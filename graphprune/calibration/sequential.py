@@ -44,7 +44,7 @@ from graphprune.calibration import runner
 from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
-from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error
+from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error, fit_fixed_bias
 from graphprune.calibration.stats import channel_sums
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
@@ -475,8 +475,12 @@ class Reconstructor:
         cur = np.concatenate([np.swapaxes(current, 1, 2), bias.reshape(g, 1, -1)], axis=1)  # [g, K+1, og]
         gram, cross, y2 = a.gram.sum(0), a.cross.sum(0), float(a.y2.sum())
         scale = [max(float(np.mean(np.diag(gram[j])[:k])), 1e-30) if k else 0.0 for j in range(g)]
-        ridge = self._choose_ridge(a, cur, scale)
-        solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
+        if view.bias_fixed:  # no bias can be written: fit the weights with the bias held
+            ridge = DEFAULT_RIDGE
+            solved = np.stack([fit_fixed_bias(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
+        else:
+            ridge = self._choose_ridge(a, cur, scale)
+            solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
         norm = max(y2, 1e-30)
         before = sum(fit_error(gram[j], cross[j], 0.0, cur[j]) for j in range(g)) + y2
         after = sum(fit_error(gram[j], cross[j], 0.0, solved[j]) for j in range(g)) + y2
@@ -551,6 +555,8 @@ class Reconstructor:
             scale = np.clip(scale, 0.1, 10.0)
             shift = mu_o - scale * mu_p
             view = t.view
+            if view.bias_fixed:  # the shift has nowhere to go: the layer is left as it is
+                continue
             mats = view.matrices()
             g, og, _ = mats.shape
             view.store(mats * scale.reshape(g, og, 1))

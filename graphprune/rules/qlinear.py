@@ -248,32 +248,48 @@ class QLinearMatMulRule(MatMulRule):
         """The float layer ``x W + c`` of ``QLinearMatMul(x, W)`` followed by the
         ``QLinearAdd`` of a per-channel integer constant ``c`` (ONNX Runtime's quantized
         ``MatMul`` + bias ``Add``): ``output`` is the addition's, ``c`` the bias written
-        back on its own grid. ``None`` without that addition (no bias to refit into)."""
-        if len(node.inputs) < 8 or len(node.outputs[0].outputs) != 1:
+        back on its own grid. Without that addition the layer is ``x W`` with its bias held
+        at zero (``bias_fixed``: its integer output can take none)."""
+        if len(node.inputs) < 8:
             return None
         x_dec = _decoding(node, 1, 2)
         b, b_scale, b_zp = (_present(node, k) for k in (3, 4, 5))
         if (x_dec is None or not isinstance(b, gs.Constant) or np.ndim(b.values) != 2
                 or not isinstance(b_scale, gs.Constant) or (b_zp is not None and not isinstance(b_zp, gs.Constant))):
             return None
-        add = node.outputs[0].outputs[0]
-        if add.op != "QLinearAdd" or len(add.inputs) < 8:
+        info = LinearInfo(data=0, data_axis=-1, weight=3, in_axis=0, out_axis=1, out_channel_axis=-1,
+                          bias=None, kernel="dense")
+        weight = decode_integer(b, b_scale, b_zp, 1)
+        if weight is None:
+            return None
+        found = self._bias_after(node, np.shape(b.values)[1])
+        if found is not None:
+            add, after, y_dec = found
+            return RescaledLinear(info, node.inputs[0], add.outputs[0], weight, data_decoding=x_dec,
+                                  output_decoding=y_dec, bias_after=after)
+        y_dec = _decoding(node, 6, 7)
+        if y_dec is None:
+            return None
+        return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
+                              output_decoding=y_dec, bias_fixed=True)
+
+    @staticmethod
+    def _bias_after(node: gs.Node, channels: int) -> tuple[gs.Node, Dequantized, tuple[float, float]] | None:
+        """The ``QLinearAdd`` that alone reads the result and adds a per-channel integer
+        constant only it reads (with constant scalar quantization parameters): the addition,
+        the constant decoded, and the addition's output decoding."""
+        readers = node.outputs[0].outputs
+        add = readers[0] if len(readers) == 1 else None
+        if add is None or add.op != "QLinearAdd" or len(add.inputs) < 8:
             return None
         k = 3 if add.inputs[0] is node.outputs[0] else 0
         bias, y_dec = add.inputs[k], _decoding(add, 6, 7)
         if (add.inputs[3 - k] is not node.outputs[0] or not isinstance(bias, gs.Constant) or y_dec is None
-                or len(bias.outputs) != 1 or np.size(bias.values) != np.shape(b.values)[1]
+                or len(bias.outputs) != 1 or np.size(bias.values) != channels
                 or np.shape(bias.values)[-1] != np.size(bias.values) or _decoding(add, k + 1, k + 2) is None):
             return None
-        weight = decode_integer(b, b_scale, b_zp, 1)
-        bias_scale, bias_zp = add.inputs[k + 1], _present(add, k + 2)
-        after = decode_integer(bias, bias_scale, bias_zp, np.ndim(bias.values) - 1)
-        if weight is None or after is None:
-            return None
-        info = LinearInfo(data=0, data_axis=-1, weight=3, in_axis=0, out_axis=1, out_channel_axis=-1,
-                          bias=None, kernel="dense")
-        return RescaledLinear(info, node.inputs[0], add.outputs[0], weight, data_decoding=x_dec,
-                              output_decoding=y_dec, bias_after=after)
+        after = decode_integer(bias, add.inputs[k + 1], _present(add, k + 2), np.ndim(bias.values) - 1)
+        return None if after is None else (add, after, y_dec)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         b = node.inputs[3]

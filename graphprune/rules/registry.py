@@ -133,6 +133,9 @@ class RescaledLinear:
     #: a stored bias added to the op's result by the node that produces ``output`` (a
     #: ``QLinearAdd`` of an integer constant), read and written with its own encoding
     bias_after: StoredWeight | None = None
+    #: the layer has no bias and none can be given to it (its output is an integer tensor
+    #: read as it is): a refit keeps the bias at zero, a bias compensation skips it
+    bias_fixed: bool = False
 
 
 class OpRule:
