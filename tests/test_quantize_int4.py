@@ -62,13 +62,37 @@ def test_int4_weights_prune_and_stay_packed(w2_block_axis) -> None:
     assert out[0].shape == (4, 8) and np.isfinite(out[0]).all()
 
 
-def test_blocks_along_the_pruned_axis_freeze_it_with_the_reason() -> None:
-    """w2's scales run in blocks of 8 hidden channels: removing a channel would re-form the
-    blocks, so the hidden group is frozen and says why (not dropped from the report)."""
-    analysis = graphprune.analyze(_int4_mlp(w1_blocks=8, w2_block_axis=0))
-    hidden = [g for g in analysis.groups if g.num_units == 32]
-    assert hidden and all(g.frozen for g in hidden)
-    assert any("blocked quantization along axis 0" in r for g in hidden for r in g.frozen), hidden
+def test_blocks_along_the_pruned_axis_are_removed_whole() -> None:
+    """w2's scales run in blocks of 8 hidden channels: the hidden group's units are the
+    blocks (4 of 8 channels), a prune removes whole blocks (w2's rows and one scale row per
+    block, w1's columns with their per-channel scales) and equals the zeroed original."""
+    model = _int4_mlp(w1_blocks=8, w2_block_axis=0)
+    analysis = graphprune.analyze(model)
+    hidden = [g for g in analysis.groups if any(d == ("w2", 0) for d in g.dims)]
+    assert len(hidden) == 1 and not hidden[0].frozen and hidden[0].num_units == 4, hidden
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    onnx.checker.check_model(result.model, full_check=True)
+    inits = {i.name: i for i in result.model.graph.initializer}
+    assert list(inits["w2"].dims) == [16, 8] and list(inits["w2_scale"].dims) == [2, 8]
+    assert list(inits["w1"].dims) == [16, 16] and list(inits["w1_scale"].dims) == [2, 16]
+
+
+def test_blocks_that_do_not_tile_the_axis_freeze_it_with_the_reason() -> None:
+    """A block size that does not divide the blocked axis (a last, partial block): the map
+    between the blocks and the channels does not hold, the group is frozen and says so."""
+    model = _int4_mlp(w1_blocks=8, w2_block_axis=0)
+    for node in model.graph.node:
+        if node.input[0] == "w2":
+            for attr in node.attribute:
+                if attr.name == "block_size":
+                    attr.i = 5  # 32 channels in blocks of 5: 7 blocks, the last one partial
+    scale = next(i for i in model.graph.initializer if i.name == "w2_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.full((7, 8), 0.05, np.float32), "w2_scale"))
+    analysis = graphprune.analyze(model)
+    hidden = [g for g in analysis.groups if any(d == ("w2", 0) for d in g.dims)]
+    assert len(hidden) == 1 and hidden[0].frozen
+    assert any("digit map" in r for r in hidden[0].frozen), hidden[0].frozen
 
 
 def test_int4_weights_are_refit_on_their_grid() -> None:
@@ -84,3 +108,30 @@ def test_int4_weights_are_refit_on_their_grid() -> None:
     assert w2.min() >= -8 and w2.max() <= 7
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
+def test_onnxruntime_4bit_qdq_mlp_prunes_whole_blocks() -> None:
+    """ONNX Runtime's own 4-bit quantizer in QDQ format (``MatMulNBitsQuantizer``, blocks of
+    32 along each weight's input axis): the hidden channels prune in whole blocks of the
+    second weight, verified against the zeroed original."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 2 and _int4_weights(model)
+    hidden = [g for g in graphprune.analyze(model).groups if g.num_units == 4]
+    assert len(hidden) == 1 and not hidden[0].frozen
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    assert result.report["params_after"] < 0.6 * result.report["params_before"]

@@ -61,6 +61,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from graphprune.analysis.index_maps import IDENTITY, Digit
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
@@ -228,6 +229,26 @@ def dequantized(node: gs.Node) -> Dequantized | None:
     return decode_integer(x, scale, zp, int(node.attrs.get("axis", 1)))
 
 
+def _blocked_decoding(q: gs.Constant, scale: gs.Tensor, zp: gs.Tensor | None, axis: int,
+                      block: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-element scale and zero point of a blocked weight (each block's repeated along
+    ``axis``), for scoring it as the float weight it decodes to; ``None`` when they are not
+    constants that tile the weight."""
+    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)) or block <= 0:
+        return None
+    shape = np.shape(q.values)
+    full = []
+    for t in (scale, zp):
+        if t is None:
+            full.append(np.zeros((), dtype=np.float64))
+            continue
+        values = np.repeat(np.asarray(t.values).astype(np.float64), block, axis=axis)
+        if values.shape[axis] < shape[axis]:
+            return None
+        full.append(np.take(values, np.arange(shape[axis]), axis=axis))
+    return full[0], full[1]
+
+
 def cast_scaled(node: gs.Node) -> Dequantized | None:
     """``Mul(Cast(q), scale)`` of an integer constant ``q`` and a float constant ``scale``
     that broadcasts to it (an exporter's int8 weight): the float weight ``q * scale``."""
@@ -320,12 +341,15 @@ class QuantizeLinearRule(OpRule):
     def _couple_blocked(self, node: gs.Node, ctx: CouplingContext, scale: gs.Tensor | None,
                         zp: gs.Tensor | None, where: str) -> None:
         """Blocked quantization (``block_size``: one scale per block of ``block_size`` elements
-        along ``axis``, per index of every other axis; opset 21 int4 weights): the other axes
-        are channels with their scale and zero point (role channelwise); the blocked axis is
-        frozen (removing channels there would re-form the blocks)."""
+        along ``axis``, per index of every other axis; opset 21 int4 weights). The other axes
+        are channels with their scale and zero point (role channelwise). Along the blocked axis
+        the scale's index ``j`` goes with elements ``[j * block, (j + 1) * block)`` (index map
+        ``Digit(block)``): only whole blocks are removed, a unit per block (a blocked axis whose
+        size the blocks do not divide is frozen by the map's check)."""
         x, y = node.inputs[0], node.outputs[0]
         rank = ctx.rank(x)
         axis = int(node.attrs.get("axis", 1))
+        block = int(node.attrs.get("block_size", 0))
         weight = node.op == "DequantizeLinear" and isinstance(x, gs.Constant)
         if (rank is None or scale is None or ctx.rank(scale) != rank or not -rank <= axis < rank
                 or (zp is not None and ctx.rank(zp) != rank)):
@@ -336,16 +360,17 @@ class QuantizeLinearRule(OpRule):
         axis %= rank
         ctx.couple_all_axes(x, y)
         for t in (scale, zp):
+            if t is None:
+                continue
             for a in range(rank):
-                if t is not None and a != axis:
-                    ctx.couple(t, a, y, a)
-                    ctx.role(t, a, CHANNELWISE)
-        reason = f"blocked quantization along axis {axis} at {where}"
-        for t in (x, y):
-            ctx.freeze(t, axis, reason)
+                ctx.couple(t, a, y, a, Digit(block) if a == axis else IDENTITY)
+                ctx.role(t, a, CHANNELWISE)
         if weight:
             ctx.share_roles(y, x, None if _zero_point_is_zero(zp) else (
                 f"quantized weight '{x.name}' with a non-zero zero point at {where}"))
+            decoded = _blocked_decoding(x, scale, zp, axis, block)
+            if decoded is not None:
+                ctx.decoded(x, *decoded)
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
         return dequantized(node) if node.op == "DequantizeLinear" else None

@@ -430,8 +430,12 @@ def zeroed_reference(
                                                       or inits[n].data_type in narrow)]:
         init = inits[name]
         if init.data_location == onnx.TensorProto.EXTERNAL and store is not None:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            values = np.frombuffer(store.tensor_bytes(init), dtype=dtype).reshape(tuple(init.dims)).copy()
+            loaded = onnx.TensorProto()  # through onnx's decoder: it unpacks sub-byte (int4) data
+            loaded.CopyFrom(init)
+            loaded.raw_data = store.tensor_bytes(init)
+            loaded.ClearField("data_location")
+            del loaded.external_data[:]
+            values = np.array(numpy_helper.to_array(loaded), copy=True)
         else:
             values = np.array(numpy_helper.to_array(init), copy=True)
         values = _zeroed_values(values, cuts.pop(name), analysis.context.zero_points.get(name))
