@@ -116,17 +116,10 @@ def test_onnxruntime_4bit_qdq_mlp_prunes_whole_blocks() -> None:
     second weight, verified against the zeroed original."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
     from onnxruntime.quantization.quant_utils import QuantFormat
+    from test_rule_matmul_nbits import float_mlp
 
-    rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "W1"),
-             numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "W2")]
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
-             helper.make_node("MatMul", ["a", "W2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ)
-    quantizer = nbits.MatMulNBitsQuantizer(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), algo_config=config)
+    quantizer = nbits.MatMulNBitsQuantizer(float_mlp(opset=21, seed=3), algo_config=config)
     quantizer.process()
     model = quantizer.model.model
     assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 2 and _int4_weights(model)

@@ -14,18 +14,23 @@ import graphprune
 OPS_UNDER_TEST = ("com.microsoft::MatMulNBits",)
 
 
-def _nbits_mlp() -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    rng = np.random.default_rng(0)
+def float_mlp(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """x [4, 64] -> MatMul W1 [64, 128] -> Relu -> MatMul W2 [128, 64] (float weights, for ONNX
+    Runtime's 4-bit quantizer: tests/test_quantize_int4.py uses it too)."""
+    rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "W1"),
              numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "W2")]
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
              helper.make_node("MatMul", ["a", "W2"], ["y"])]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
-    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                                     block_size=32)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _nbits_mlp() -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(float_mlp(), block_size=32)
     quantizer.process()
     model = quantizer.model.model
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits"]
