@@ -1,4 +1,4 @@
-"""com.microsoft ``MatMulNBits`` (graphprune/rules/matmul_nbits.py), as ONNX Runtime's own
+"""com.microsoft ``MatMulNBits`` (graphprune/rules/integer_matmul.py), as ONNX Runtime's own
 4-bit quantizer (``MatMulNBitsQuantizer``) writes it for an MLP's MatMuls: the channel groups
 through it are mapped and reported frozen with the reason, not lost from the report."""
 

@@ -372,11 +372,7 @@ class WeightStore:
         """A copy of ``model`` with every external tensor's bytes loaded into the proto."""
         full = onnx.ModelProto()
         full.CopyFrom(model)
-        for tensor in _all_tensors(full):
-            if _external(tensor):
-                tensor.raw_data = _read_bytes(tensor, self.root)
-                tensor.ClearField("data_location")
-                del tensor.external_data[:]
+        _inline_external(full, self.root)
         return full
 
     def hoist_source_stubs(self, model: onnx.ModelProto) -> None:
@@ -459,13 +455,17 @@ def load_whole(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """The model file at ``path`` with every external tensor's bytes loaded into the proto
     (read directly: the files may be the store's hard links, which onnx's loader refuses)."""
     model = onnx.load_model(os.fspath(path), load_external_data=False)
-    root = Path(os.fspath(path)).parent
+    _inline_external(model, Path(os.fspath(path)).parent)
+    return model
+
+
+def _inline_external(model: onnx.ModelProto, root: Path) -> None:
+    """Load every external tensor of ``model`` (files in ``root``) into the proto."""
     for tensor in _all_tensors(model):
         if _external(tensor):
             tensor.raw_data = _read_bytes(tensor, root)
             tensor.ClearField("data_location")
             del tensor.external_data[:]
-    return model
 
 
 def _read_bytes(stub: onnx.TensorProto, root: Path) -> bytes:

@@ -48,7 +48,8 @@ run time and added in the integer domain as its float bias).
 ``DynamicQuantizeMatMul`` ...): their output scales are fused with the weights' (or with
 the gates of a recurrent cell), so removing channels is not the same as zeroing them. They
 freeze with a reason that names the kind of op (the base class would say "no rule"); the
-rest of the graph is still analysed.
+rest of the graph is still analysed. The fused integer MatMuls and ``MatMulNBits`` are mapped
+and frozen in ``integer_matmul.py``.
 """
 
 from __future__ import annotations
@@ -381,32 +382,6 @@ class ContribQuantizeLinearRule(QuantizeLinearRule):
     """ONNX Runtime's com.microsoft QuantizeLinear / DequantizeLinear (the same maths)."""
 
     domain = "com.microsoft"
-
-
-#: ONNX Runtime's integer ops whose scales come from the data or are fused with the weights
-CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
-
-
-@register
-class IntegerOpRule(MatMulRule):
-    """com.microsoft ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat(A, B, ...)``: MatMuls
-    whose integer ``B`` is read with scales from the data or fused with it. Mapped as a MatMul
-    (so that the groups through them are reported) and frozen, with a reason that says why."""
-
-    op_types = CONTRIB_INTEGER_OPS
-    domain = "com.microsoft"
-    zero_behaviour = "none"
-    zero_output = OpRule.zero_output
-
-    def linear(self, node: gs.Node) -> LinearInfo | None:
-        return None
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        super().couple(node, ctx)
-        if isinstance(node.inputs[1], gs.Constant):
-            ctx.integer_param(node.inputs[1])  # a weight, so that its groups are reported
-        ctx.freeze_node(node, f"integer op {node.op} '{node.name}' (scales from the data or "
-                              "fused with the weights: removing is not zeroing)")
 
 
 @register

@@ -1,4 +1,5 @@
-"""ONNX Runtime's com.microsoft ``MatMulNBits``: a MatMul with a 2-8 bit weight packed in blocks.
+"""ONNX Runtime's integer MatMuls that are mapped but not pruned: ``MatMulNBits`` (a 2-8 bit
+weight packed in blocks) and the fused ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``.
 
 ``MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?)`` with attributes ``K``, ``N``,
 ``bits``, ``block_size``: ``A [..., K]`` times the weight ``B [N, K / block_size, blob]``
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.roles import CONSUMER, PRODUCER
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.linear import MatMulRule
+from graphprune.rules.registry import LinearInfo, OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -60,3 +62,29 @@ class MatMulNBitsRule(OpRule):
         bits = node.attrs.get("bits", 4)
         ctx.freeze(y, -1, f"{bits}-bit weight rows with scales flattened across rows and blocks at {where}")
         ctx.freeze(a, -1, f"{bits}-bit weight inputs quantized in blocks of {node.attrs.get('block_size')} at {where}")
+
+
+#: ONNX Runtime's integer ops whose scales come from the data or are fused with the weights
+CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+@register
+class IntegerOpRule(MatMulRule):
+    """com.microsoft ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat(A, B, ...)``: MatMuls
+    whose integer ``B`` is read with scales from the data or fused with it. Mapped as a MatMul
+    (so that the groups through them are reported) and frozen, with a reason that says why."""
+
+    op_types = CONTRIB_INTEGER_OPS
+    domain = "com.microsoft"
+    zero_behaviour = "none"
+    zero_output = OpRule.zero_output
+
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        super().couple(node, ctx)
+        if isinstance(node.inputs[1], gs.Constant):
+            ctx.integer_param(node.inputs[1])  # a weight, so that its groups are reported
+        ctx.freeze_node(node, f"integer op {node.op} '{node.name}' (scales from the data or "
+                              "fused with the weights: removing is not zeroing)")
