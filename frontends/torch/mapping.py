@@ -13,9 +13,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import onnx
+from graphprune.frontends.torch.errors import PlanMappingError
 from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
 from torch import nn
 
+from graphprune.io.shared_constants import TIE, tied_origin
 from graphprune.planning.plan import GroupPlan, Plan
 
 __all__ = ["map_plan", "map_plan_with", "plan_cuts"]
@@ -50,13 +52,17 @@ def map_plan_with(plan: Plan, sources: ParameterSources) -> Plan:
     out = Plan(erase=list(plan.erase), meta={**plan.meta, "keys": "torch state_dict"})
     unmapped: set[str] = set()
     param_cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    reader_cuts: dict[str, dict[str, dict[int, frozenset[int]]]] = defaultdict(lambda: defaultdict(dict))
     for gp in plan.groups:
         channels: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
         if gp.remove:
             for tensor, axes in gp.channels.items():
                 for axis, idx in axes.items():
-                    mapped = sources.map_cut(tensor, int(axis), idx)
-                    if not mapped and not sources.owners(tensor):
+                    origin = tied_origin(tensor)  # a reader's own copy of a shared constant
+                    if origin in sources.readers:
+                        reader_cuts[origin][tensor][int(axis)] = frozenset(int(i) for i in idx)
+                    mapped = sources.map_cut(origin, int(axis), idx)
+                    if not mapped and not sources.owners(origin):
                         unmapped.add(tensor)
                     for name, paxis, pidx in mapped:
                         channels[name][str(paxis)].update(pidx)
@@ -70,7 +76,22 @@ def map_plan_with(plan: Plan, sources: ParameterSources) -> Plan:
                 },
             )
         )
+    _check_shared(reader_cuts, sources)
     sources.check(plan_cuts(plan), param_cuts)
     if unmapped:
         out.meta["unmapped"] = sorted(unmapped)
     return out
+
+
+def _check_shared(reader_cuts: dict[str, dict[str, dict[int, frozenset[int]]]],
+                  sources: ParameterSources) -> None:
+    """A parameter that several nodes read (each with its own copy in the prepared export)
+    is one tensor of the module: every reader must lose the same slices."""
+    for name, uses in reader_cuts.items():
+        if not any(TIE in tensor for tensor in uses):
+            continue
+        if len(uses) < sources.readers.get(name, 1) or len({frozenset(c.items()) for c in uses.values()}) > 1:
+            raise PlanMappingError(
+                f"parameter '{name}' is read by {sources.readers.get(name, 1)} nodes of the export "
+                "and the plan cuts them differently; protect one use with keep=[...]"
+            )

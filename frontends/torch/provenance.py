@@ -30,6 +30,7 @@ computed from, is refused with :class:`PlanMappingError` naming the op (fail clo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -73,6 +74,9 @@ class ParameterSources:
     untraced: set[str] = field(default_factory=set)
     #: literals of the export (constants no parameter owns), known before any chain search
     literals: set[str] = field(default_factory=set)
+    #: how many node inputs of the export read each parameter (a vector read twice gets a
+    #: copy per reader in the prepared export: :mod:`graphprune.io.shared_constants`)
+    readers: dict[str, int] = field(default_factory=dict)
     #: the export without parameter data and the parameters' tensors, while the chains are
     #: still to be searched (see :func:`parameter_sources`)
     pending: tuple[onnx.ModelProto, dict[str, onnx.TensorProto]] | None = field(
@@ -317,8 +321,10 @@ def parameter_sources(model: onnx.ModelProto, names: Iterable[str]) -> Parameter
     inits = {t.name: t for t in model.graph.initializer if t.name in wanted}
     light = without_data(model, set(inits))
     literals, may_chain = _quick_look(light, set(inits))
+    readers = Counter(name for node in model.graph.node for name in node.input if name in inits)
     sources = ParameterSources(
-        names=list(inits), direct=set(inits), literals=literals, pending=(light, inits)
+        names=list(inits), direct=set(inits), literals=literals, readers=dict(readers),
+        pending=(light, inits),
     )
     return sources.complete() if may_chain else sources
 

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.dims import Coupling, Dim, ShapeElement
 from graphprune.analysis.roles import PRODUCER
+from graphprune.io.shared_constants import TIE
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -63,8 +64,10 @@ class ChannelGroup:
 
     @property
     def anchor(self) -> Dim:
-        """A stable member that names the group (first producer parameter, else first param)."""
-        return (self.producers or self.params or self.dims)[0]
+        """A stable member that names the group (first producer parameter, else first param;
+        a constant's own name before a copy made by untying it)."""
+        members = self.producers or self.params or self.dims
+        return next((d for d in members if TIE not in d[0]), members[0])
 
     def removed_elements(self, units: Iterable[int]) -> dict[Dim, np.ndarray]:
         """Map removed unit ids to the element indices each member loses."""

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import model_io
 from graphprune.io.segments import trim
+from graphprune.io.shared_constants import untie_shared_constants
 from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.rules import registry
 
@@ -240,6 +241,7 @@ def prepare(
         del graph
         model = model_io.infer_shapes(model, inplace=True)
         trim()  # and what the folding session freed
+    untie_shared_constants(model)
     return model
 
 

@@ -1,4 +1,18 @@
-"""Share constants that subgraphs hold as copies of each other or of a main-graph weight.
+"""Constants read by several nodes: untie exporters' de-duplication, share subgraph copies.
+
+Exporters store equal tensors once (the TorchScript exporter and the dynamo exporter both
+de-duplicate initializers): every all-zero bias of one width, every fresh norm weight, a
+Reshape target used by each attention layer becomes one initializer that many nodes read.
+Read by several layers, such a vector would couple their channels into one group (a
+random-initialised BERT's attention heads with its residual stream: no head prunable).
+:func:`untie_shared_constants` gives every reader of a shared vector constant its own copy
+(a reference to the same bytes; the values do not change), and :func:`retie_constants` makes
+the copies that are still equal after a rewrite one initializer again. Tensors with two or
+more axes longer than 1 stay shared: a weight matrix read twice is more likely tied on
+purpose (ALBERT's layers, tied embeddings), and its copies would grow the model. A model can
+name constants that are shared on purpose in its metadata (:func:`mark_shared`; the PyTorch
+frontend marks parameters that several nodes read: one tensor of the module).
+
 
 Constant folding computes a value read by an ``If``/``Loop`` body (an ``Unsqueeze`` of an
 outer LSTM weight, a ``Cast`` of a shared table) inside each body that reads it: two
@@ -14,16 +28,23 @@ one has the dtype and shape of a candidate: a model without subgraphs costs noth
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import onnx
 from onnx import helper
 
 from graphprune.io.names import fresh_name
 
-__all__ = ["share_subgraph_constants"]
+__all__ = ["SHARED_KEY", "TIE", "mark_shared", "retie_constants", "share_subgraph_constants", "tied_origin", "untie_shared_constants"]
+
+#: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
+TIE = "__gp_tie"
+
+#: metadata key of a model: a JSON list of initializers shared on purpose (never untied)
+SHARED_KEY = "graphprune.shared"
 
 #: smaller constants are left alone (a scalar or a shape is not worth a shared name)
 MIN_ELEMENTS = 64
@@ -104,3 +125,93 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
     return dropped
 
 
+
+
+def tied_origin(name: str) -> str:
+    """The name of the constant that ``name`` (a copy made by untying, or any name) copies."""
+    return name.split(TIE, 1)[0] if TIE in name else name
+
+
+def mark_shared(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    """Record in ``model``'s metadata that the initializers ``names`` are shared on purpose:
+    :func:`untie_shared_constants` leaves them shared (their readers prune together)."""
+    names = sorted(set(names) | _marked(model))
+    kept = [p for p in model.metadata_props if p.key != SHARED_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if names:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = SHARED_KEY, json.dumps(names)
+
+
+def _marked(model: onnx.ModelProto) -> set[str]:
+    for entry in model.metadata_props:
+        if entry.key == SHARED_KEY:
+            try:
+                return {str(n) for n in json.loads(entry.value)}
+            except (ValueError, TypeError):
+                return set()
+    return set()
+
+
+def untie_shared_constants(model: onnx.ModelProto) -> int:
+    """Give each main-graph node that reads a shared vector initializer (exactly one axis
+    longer than 1) its own copy; returns the copies made. A constant that a subgraph reads,
+    that is a graph output, or that the model marks as shared (:func:`mark_shared`) stays as
+    it is."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in inits:
+                readers[name].append((node, k))
+    shared = [name for name, slots in readers.items()
+              if len(slots) > 1 and sum(d > 1 for d in inits[name].dims) == 1]
+    if not shared:
+        return 0
+    inner: set[str] = set()
+    for sub in _subgraphs(graph):
+        inner |= {name for node in sub.node for name in node.input}
+    keep = inner | {o.name for o in graph.output} | _marked(model)
+    taken = _defined(graph)
+    made = 0
+    for name in shared:
+        if name in keep:
+            continue
+        for node, k in readers[name][1:]:
+            copy_ = onnx.TensorProto()
+            copy_.CopyFrom(inits[name])
+            copy_.name = fresh_name(f"{name}{TIE}", taken)
+            graph.initializer.append(copy_)
+            node.input[k] = copy_.name
+            made += 1
+    return made
+
+
+def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes]) -> int:
+    """Make the copies :func:`untie_shared_constants` made one initializer again where they
+    are still equal (the original's name first); returns the copies dropped."""
+    graph = model.graph
+    families: dict[str, list[onnx.TensorProto]] = defaultdict(list)
+    for tensor in graph.initializer:
+        families[tied_origin(tensor.name)].append(tensor)
+    dropped: set[str] = set()
+    for members in families.values():
+        if len(members) < 2 or not any(TIE in t.name for t in members):
+            continue
+        equal: dict[tuple, list[onnx.TensorProto]] = defaultdict(list)
+        for tensor in members:
+            digest = hashlib.blake2b(read(tensor), digest_size=16).digest()
+            equal[(tensor.data_type, tuple(tensor.dims), digest)].append(tensor)
+        for same in equal.values():
+            survivor = min(same, key=lambda t: (TIE in t.name, len(t.name), t.name))
+            for tensor in same:
+                if tensor is not survivor:
+                    _rename(graph, tensor.name, survivor.name)
+                    dropped.add(tensor.name)
+    if dropped:
+        kept = [t for t in graph.initializer if t.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return len(dropped)

@@ -36,7 +36,7 @@ from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import RewriteError, UsageError, VerificationError
 from graphprune.io import ir, model_io
 from graphprune.io.feeds import make_feeds
-from graphprune.io.shared_constants import share_subgraph_constants
+from graphprune.io.shared_constants import retie_constants, share_subgraph_constants
 from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
@@ -260,6 +260,7 @@ class Session:
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         model = ir.export_graph(self.graph, self.prepared, self.store)
         share_subgraph_constants(model, self.store.tensor_bytes)
+        retie_constants(model, self.store.tensor_bytes)
         # graphsurgeon knows only tensors: outputs that are sequences or maps (skl2onnx's
         # ZipMap) keep the original's type (graph outputs never lose channels)
         declared = {v.name: v for v in self.prepared.graph.output

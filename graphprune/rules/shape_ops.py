@@ -88,17 +88,25 @@ class ConcatRule(OpRule):
             return
         rank = ranks[0]
         axis = int(node.attrs["axis"]) % rank
-        offset = 0
-        for x in self.joined(node):
+        joined = self.joined(node)
+        for x in joined:
             for a in range(rank):
                 if a != axis:
                     ctx.couple(y, a, x, a)
-            size = ctx.size(x, axis)
-            if size is None:
-                ctx.freeze_node(node, f"input size unknown at {node.op} '{node.name}'")
-                return
+        if len(joined) == 1:  # torch.cat of an empty cache and one tensor: the tensor itself
+            ctx.couple(y, axis, joined[0], axis)
+            return
+        sizes = [ctx.size(x, axis) for x in joined]
+        if any(size is None for size in sizes):
+            # the other axes are joined element by element all the same (a key cache
+            # concatenated along the sequence keeps its heads)
+            for t in (*joined, y):
+                ctx.freeze(t, axis, f"input size unknown at {node.op} '{node.name}'")
+            return
+        offset = 0
+        for x, size in zip(joined, sizes, strict=True):
             ctx.couple(y, axis, x, axis, Offset(offset))
-            offset += size
+            offset += int(size)  # type: ignore[arg-type]
 
 
 @register
@@ -216,6 +224,11 @@ class SqueezeRule(OpRule):
         if node.op == "Squeeze":
             if axes is None:
                 shape = ctx.shape(x) or []
+                if not all(isinstance(n, int) and n >= 0 for n in shape):
+                    # an axis of unknown size is squeezed or not depending on the run:
+                    # the output's axes are not known to be the input's
+                    ctx.freeze_node(node, f"Squeeze without axes of a dynamic shape at '{node.name}'")
+                    return
                 dropped = {a for a, n in enumerate(shape) if n == 1}
             else:
                 dropped = {a % rx for a in axes}

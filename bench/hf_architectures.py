@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Breadth check: 38 Hugging Face architectures as their own code initialises them, both exporters.
+
+Each architecture is built from a tiny config (2 layers, hidden 64, 4 heads where it has
+them) with ``AutoModel.from_config`` and **HF's own initialisation** (zero biases, unit
+norm weights: exactly what the exporters de-duplicate into shared initializers, unlike
+``bench/transformers_zoo.py``, which adds noise to every weight first), exported by the
+TorchScript exporter (opset 17, dynamic batch and sequence for text) and the dynamo
+exporter, and pruned by the CLI in a fresh process::
+
+    graphprune prune M.onnx -o P.onnx --ratio 0.5 --report R.json     # verification on
+
+Then, independently of the tool: ``onnx.checker`` (full check) on the written file, ONNX
+Runtime on it at the export's shape and (text models) at another sequence length, output
+shapes against the original's. Recorded per model: exit code, parameters after/before,
+prunable groups and units per kind (head / mlp / hidden / channel), and the first reason
+that keeps heads frozen where none are prunable.
+
+Usage (exports go to ``bench/cache/hf_architectures/``, git-ignored)::
+
+    python bench/hf_architectures.py                       # -> bench/results/hf_architectures.json
+    python bench/hf_architectures.py --only bert,gpt2 --exporters dynamo
+    python bench/hf_architectures.py --markdown-only       # -> docs/hf_architectures.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache" / "hf_architectures"
+RESULTS = HERE / "results" / "hf_architectures.json"
+DOC = ROOT / "docs" / "hf_architectures.md"
+EXPORTERS = ("torchscript", "dynamo")
+
+_TXT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=128)
+_VIT = dict(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128)
+_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              conv_dim=[32, 32], conv_stride=[5, 2], conv_kernel=[10, 3],
+              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+_SEQ2SEQ = dict(vocab_size=1000, d_model=64, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                decoder_ffn_dim=128, max_position_embeddings=128)
+
+
+def _txt(**kw: object) -> dict:
+    return {**_TXT, **kw}
+
+
+#: model_type -> (config overrides, input kind)
+SPECS: dict[str, tuple[dict, str]] = {
+    "bert": (_txt(), "text"),
+    "roberta": (_txt(), "text"),
+    "xlm-roberta": (_txt(), "text"),
+    "camembert": (_txt(), "text"),
+    "distilbert": (dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                        max_position_embeddings=128), "text"),
+    "albert": (_txt(embedding_size=32), "text"),
+    "electra": (_txt(embedding_size=32), "text"),
+    "mobilebert": (_txt(embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
+                        num_feedforward_networks=2), "text"),
+    "mpnet": (_txt(), "text"),
+    "deberta-v2": (_txt(relative_attention=True, position_buckets=32,
+                        pos_att_type=["p2c", "c2p"]), "text"),
+    "convbert": (_txt(embedding_size=64), "text"),
+    "clip_text_model": (_txt(), "text"),
+    "bart": (_SEQ2SEQ, "seq2seq"),
+    "gpt2": (dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128), "text"),
+    "gpt_neox": (_txt(rotary_pct=0.25), "text"),
+    "gptj": (dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                  n_positions=128), "text"),
+    "gpt_bigcode": (dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                         multi_query=True), "text"),
+    "opt": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128), "text"),
+    "bloom": (dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4), "text"),
+    "falcon": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4), "text"),
+    "phi": (_txt(), "text"),
+    "llama": (_txt(num_key_value_heads=2), "text"),
+    "qwen2": (_txt(num_key_value_heads=2), "text"),
+    "mistral": (_txt(num_key_value_heads=2), "text"),
+    "gemma": (_txt(num_key_value_heads=2, head_dim=16), "text"),
+    "vit": (_VIT, "image"),
+    "deit": (_VIT, "image"),
+    "beit": ({**_VIT, "use_relative_position_bias": True}, "image"),
+    "dinov2": ({k: v for k, v in _VIT.items() if k != "intermediate_size"}, "image"),
+    "clip_vision_model": (_VIT, "image"),
+    "swin": (dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                  window_size=4), "image"),
+    "levit": (dict(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4],
+                   depths=[1, 1, 1], key_dim=[8, 8, 8]), "image"),
+    "mobilevit": (dict(image_size=64, hidden_sizes=[32, 48, 64],
+                       neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=4), "image"),
+    "segformer": (dict(hidden_sizes=[16, 32, 64, 128], num_attention_heads=[1, 2, 4, 8],
+                       depths=[1, 1, 1, 1], decoder_hidden_size=64), "image"),
+    "convnext": (dict(image_size=64, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]), "image"),
+    "resnet": (dict(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]), "image"),
+    "regnet": (dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                    groups_width=8), "image"),
+    "mobilenet_v2": (dict(image_size=64, depth_multiplier=0.35), "image"),
+    "poolformer": (dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]), "image"),
+    "wav2vec2": (_AUDIO, "audio"),
+    "hubert": (_AUDIO, "audio"),
+}
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def export(name: str, exporter: str) -> Path:
+    import torch
+    import transformers
+
+    overrides, kind = SPECS[name]
+    config = transformers.AutoConfig.for_model(name, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            if kind == "text":
+                out = self.m(input_ids=args[0], attention_mask=args[1])
+            elif kind == "seq2seq":
+                out = self.m(input_ids=args[0], attention_mask=args[1], decoder_input_ids=args[0])
+            elif kind == "image":
+                out = self.m(pixel_values=args[0])
+            else:
+                out = self.m(input_values=args[0])
+            return out.last_hidden_state
+
+    ids = torch.randint(5, 900, (1, 16))
+    feeds = {"text": ((ids, torch.ones(1, 16, dtype=torch.long)), ["input_ids", "attention_mask"]),
+             "image": ((torch.randn(1, 3, 64, 64),), ["pixel_values"]),
+             "audio": ((torch.randn(1, 1600),), ["input_values"])}
+    args, names = feeds["text" if kind == "seq2seq" else kind]
+    path = CACHE / f"{name}_{exporter}.onnx"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            dynamic = {n: {0: "batch", 1: "sequence"} for n in names} if kind in ("text", "seq2seq") else None
+            torch.onnx.export(Wrapped().eval(), args, str(path), input_names=names, output_names=["out"],
+                              opset_version=17, dynamo=False, dynamic_axes=dynamic)
+        else:
+            torch.onnx.export(Wrapped().eval(), args, str(path), input_names=names, output_names=["out"],
+                              dynamo=True, external_data=False, verbose=False)
+    return path
+
+
+# ------------------------------------------------------------------------------ check
+
+
+def independent_check(original: Path, pruned: Path) -> str:
+    """``ok`` or the first problem: full checker, ORT runs, output shapes."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(pruned), full_check=True)
+        a, b = ort.InferenceSession(str(original)), ort.InferenceSession(str(pruned))
+        text = "attention_mask" in [i.name for i in a.get_inputs()]
+        rng = np.random.default_rng(0)
+        for seq in ((16, 9) if text else (None,)):
+            feeds = {}
+            for i in a.get_inputs():
+                shape = [d if isinstance(d, int) else (seq if k else 1) for k, d in enumerate(i.shape)]
+                if "int" in i.type:
+                    feeds[i.name] = (np.ones(shape, np.int64) if i.name == "attention_mask"
+                                     else rng.integers(5, 900, shape).astype(np.int64))
+                else:
+                    feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+            if a.run(None, feeds)[0].shape != b.run(None, feeds)[0].shape:
+                return f"output shape differs at sequence {seq}"
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def run_one(name: str, exporter: str, timeout: float) -> dict:
+    entry: dict = {"model": name, "exporter": exporter}
+    t0 = time.perf_counter()
+    try:
+        path = export(name, exporter)
+    except Exception as exc:  # noqa: BLE001
+        entry["export"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return entry
+    entry["export_s"] = round(time.perf_counter() - t0, 1)
+    out, report = path.with_suffix(".pruned.onnx"), path.with_suffix(".report.json")
+    report.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
+                           "--ratio", "0.5", "--report", str(report)],
+                          capture_output=True, text=True, timeout=timeout)
+    entry["prune_s"] = round(time.perf_counter() - t0, 1)
+    entry["rc"] = proc.returncode
+    if proc.returncode != 0:
+        entry["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return entry
+    rep = json.loads(report.read_text())
+    entry["params"] = round(rep["params_after"] / rep["params_before"], 3)
+    entry["kinds"] = {k: [v["prunable"], v["units"]] for k, v in sorted((rep.get("kinds") or {}).items())}
+    if "head" in entry["kinds"] and not entry["kinds"]["head"][0]:
+        reasons = [r for g in rep["frozen"] for r in g["reasons"] if "graph output" not in r]
+        entry["heads_frozen_by"] = reasons[0][:160] if reasons else "?"
+    entry["check"] = independent_check(path, out)
+    return entry
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def summary(results: list[dict]) -> dict:
+    done = [r for r in results if "rc" in r]
+    ok = [r for r in done if r["rc"] == 0 and r.get("check") == "ok"]
+    with_heads = [r for r in ok if "head" in r.get("kinds", {})]
+    params = sorted(r["params"] for r in ok)
+    return {"exports": len(done), "ok": len(ok), "with_heads": len(with_heads),
+            "heads_prunable": sum(1 for r in with_heads if r["kinds"]["head"][0]),
+            "median_params": params[len(params) // 2] if params else None}
+
+
+def markdown(results: list[dict], previous: dict | None = None) -> str:
+    done = [r for r in results if "rc" in r]
+    ok = [r for r in done if r["rc"] == 0 and r.get("check") == "ok"]
+    with_heads = [r for r in ok if "head" in r.get("kinds", {})]
+    heads = [r for r in with_heads if r["kinds"]["head"][0]]
+    lines = [
+        "# Hugging Face architectures as initialised by their own code",
+        "",
+        "Generated by `bench/hf_architectures.py` from `bench/results/hf_architectures.json`; do not edit.",
+        "Tiny configs (2 layers, hidden 64, 4 heads), `AutoModel.from_config` with HF's own "
+        "initialisation (zero biases and unit norm weights, which both exporters store once and "
+        "share between layers), TorchScript (opset 17) and dynamo exports, "
+        "`graphprune prune --ratio 0.5` with verification, then `onnx.checker` (full) and ONNX "
+        "Runtime on the written file at the export's and another sequence length.",
+        "",
+        f"**{len(ok)} / {len(done)} exports pruned, verified and checked**; attention heads prunable in "
+        f"{len(heads)} of the {len(with_heads)} with heads; {len(results) - len(done)} failed to export.",
+        "",
+    ]
+    now = summary(results)
+    lines.append(f"Median parameters after/before: {now['median_params']}.")
+    if previous:
+        lines.append(f"Before untying the exporters' shared constants ({previous['commit']}, same exports): "
+                     f"{previous['ok']} / {previous['exports']} checked, heads prunable in "
+                     f"{previous['heads_prunable']} of {previous['with_heads']}, median parameters "
+                     f"after/before {previous['median_params']}.")
+    lines += [
+        "",
+        "| model | exporter | exit | check | params after/before | prunable groups · units per kind | heads frozen by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "rc" not in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | – | export failed: {r.get('export', '?')} | | | |")
+            continue
+        kinds = ", ".join(f"{k} {v[0]} · {v[1]}" for k, v in r.get("kinds", {}).items())
+        lines.append(f"| {r['model']} | {r['exporter']} | {r['rc']} | {r.get('check', r.get('error', ''))} | "
+                     f"{r.get('params', '')} | {kinds} | {r.get('heads_frozen_by', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated model types")
+    ap.add_argument("--exporters", default=",".join(EXPORTERS))
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--markdown", type=Path, default=DOC)
+    ap.add_argument("--markdown-only", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.markdown_only:
+        names = args.only.split(",") if args.only else list(SPECS)
+        old = {(r["model"], r["exporter"]): r for r in
+               (json.loads(args.results.read_text())["results"] if args.results.exists() else [])}
+        for name in names:
+            for exporter in args.exporters.split(","):
+                entry = run_one(name, exporter, args.timeout)
+                print(json.dumps(entry), flush=True)
+                old[(name, exporter)] = entry
+        order = {n: i for i, n in enumerate(SPECS)}
+        results = sorted(old.values(), key=lambda r: (order.get(r["model"], 99), r["exporter"]))
+        import transformers
+
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        kept = json.loads(args.results.read_text()) if args.results.exists() else {}
+        args.results.write_text(json.dumps({**kept, "transformers": transformers.__version__,
+                                            "results": results}, indent=1) + "\n")
+    data = json.loads(args.results.read_text())
+    args.markdown.write_text(markdown(data["results"], data.get("previous")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
