@@ -21,6 +21,7 @@ Usage (exports go to ``bench/cache/hf_architectures/``, git-ignored)::
     python bench/hf_architectures.py                       # -> bench/results/hf_architectures.json
     python bench/hf_architectures.py --only bert,gpt2 --exporters dynamo
     python bench/hf_architectures.py --markdown-only       # -> docs/hf_architectures.md
+    python bench/hf_architectures.py --attention sdpa --results R.json --markdown R.md
 """
 
 from __future__ import annotations
@@ -117,13 +118,14 @@ SPECS: dict[str, tuple[dict, str]] = {
 # ------------------------------------------------------------------------------ export
 
 
-def export(name: str, exporter: str) -> Path:
+def export(name: str, exporter: str, attention: str = "eager") -> Path:
     import torch
     import transformers
 
     overrides, kind = SPECS[name]
     config = transformers.AutoConfig.for_model(name, **overrides)
-    config._attn_implementation = "eager"
+    if attention != "default":
+        config._attn_implementation = attention
     torch.manual_seed(0)
     model = transformers.AutoModel.from_config(config).eval()
 
@@ -148,7 +150,7 @@ def export(name: str, exporter: str) -> Path:
              "image": ((torch.randn(1, 3, 64, 64),), ["pixel_values"]),
              "audio": ((torch.randn(1, 1600),), ["input_values"])}
     args, names = feeds["text" if kind == "seq2seq" else kind]
-    path = CACHE / f"{name}_{exporter}.onnx"
+    path = CACHE / f"{name}_{exporter}{'' if attention == 'eager' else '_' + attention}.onnx"
     CACHE.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -192,11 +194,11 @@ def independent_check(original: Path, pruned: Path) -> str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
-def run_one(name: str, exporter: str, timeout: float) -> dict:
-    entry: dict = {"model": name, "exporter": exporter}
+def run_one(name: str, exporter: str, timeout: float, attention: str = "eager") -> dict:
+    entry: dict = {"model": name, "exporter": exporter, "attention": attention}
     t0 = time.perf_counter()
     try:
-        path = export(name, exporter)
+        path = export(name, exporter, attention)
     except Exception as exc:  # noqa: BLE001
         entry["export"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return entry
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated model types")
     ap.add_argument("--exporters", default=",".join(EXPORTERS))
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--attention", default="eager",
+                    help="attn_implementation: eager (math ops), sdpa, or default (the config's)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=DOC)
     ap.add_argument("--markdown-only", action="store_true")
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                (json.loads(args.results.read_text())["results"] if args.results.exists() else [])}
         for name in names:
             for exporter in args.exporters.split(","):
-                entry = run_one(name, exporter, args.timeout)
+                entry = run_one(name, exporter, args.timeout, args.attention)
                 print(json.dumps(entry), flush=True)
                 old[(name, exporter)] = entry
         order = {n: i for i, n in enumerate(SPECS)}

@@ -205,6 +205,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      f"{report.get('prunable_fraction', 0):.1%}")
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
+    if report.get("untied_constants"):
+        lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
+                     "(equal values the exporter stored once; the layers prune apart)")
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

@@ -488,8 +488,10 @@ def _case_table() -> dict[str, Case]:
     add("Gather", gather(2, ints(0, 2)))
     add("Gather(channels)", gather(1, ints(2, 0), head_in=2), FROZEN, "gathered axis at Gather",
         ops=["Gather"])
-    add("GatherElements", index_op("GatherElements", ["a", "idx"], {"idx": SAME_INDEX}, axis=2),
-        FROZEN, "computed positions at GatherElements")
+    # along its axis a position lookup; the channel axis goes element for element (indices sliced too)
+    add("GatherElements", index_op("GatherElements", ["a", "idx"], {"idx": SAME_INDEX}, axis=2))
+    add("GatherElements(channels)", index_op("GatherElements", ["a", "idx"], {"idx": SAME_INDEX}, axis=1),
+        FROZEN, "computed positions at GatherElements", ops=["GatherElements"])
     add("GatherND", index_op("GatherND", ["a", "idx"], {"idx": ints(0).reshape(1, 1)}), FROZEN,
         "computed positions at GatherND")
     add("ScatterND", index_op("ScatterND", ["a", "idx", "a"], {"idx": ints(0).reshape(1, 1)}),

@@ -50,6 +50,7 @@ def test_a_bias_two_convs_share_no_longer_couples_them() -> None:
 
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"] is True
+    assert result.report["untied_constants"] == 1  # conv2's copy of conv1's bias
     onnx.checker.check_model(result.model, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     assert run_ort(result.model, feeds)[0].shape == run_ort(model, feeds)[0].shape

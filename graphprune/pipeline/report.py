@@ -8,6 +8,8 @@ Keys every report has::
     macs_input_shapes         (only when the inputs leave sizes open) the input shapes MACs are
                               counted at: the calibration samples', else the default guess
     nodes_before/after        node counts
+    untied_constants          readers of a vector constant the exporter stored once that got a
+                              copy of their own (so that the layers reading it prune apart)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
@@ -31,6 +33,7 @@ import onnx
 
 from graphprune.analysis import PRODUCER, Analysis
 from graphprune.analysis.explain import nothing_prunable
+from graphprune.io.shared_constants import TIE
 from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
@@ -134,6 +137,7 @@ def base_report(
         "macs_after": macs_after,
         "nodes_before": len(before.graph.node),
         "nodes_after": len(after.graph.node),
+        "untied_constants": sum(TIE in t.name for t in before.graph.initializer),
     }
     if input_shapes and sized:  # the inputs leave sizes open: the MACs are counted at these
         report["macs_input_shapes"] = {k: list(v) for k, v in input_shapes.items()}

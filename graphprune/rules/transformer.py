@@ -533,10 +533,42 @@ class RangeRule(OpRule):
 
 
 @register
-class DataDependentIndexRule(OpRule):
-    """Element-wise gathers and scatters move data by computed indices: frozen."""
+class GatherElementsRule(OpRule):
+    """``GatherElements`` picks, along ``axis``, the element each index names; every other
+    axis of data, indices and output is element for element (DeBERTa's relative-position
+    lookups ``gather(c2p, -1, pos.expand(B*H, S, S))`` keep their heads). The gathered axis
+    of data is frozen, and the indices' and output's ``axis`` are positions, never channels."""
 
-    op_types = ("GatherElements", "GatherND", "ScatterND", "ScatterElements", "Scatter")
+    op_types = ("GatherElements",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        ranks = ctx.known_ranks(node, data, indices, y)
+        if ranks is None:
+            return
+        rank = ranks[0]
+        axis = int(node.attrs.get("axis", 0)) % rank
+        reason = f"indexed by computed positions at {node.op} '{node.name}'"
+        for a in range(rank):
+            if a == axis:
+                ctx.freeze(data, a, reason)
+                ctx.freeze(indices, a, reason)
+                ctx.freeze(y, a, reason)
+                continue
+            sizes = {ctx.size(t, a) for t in (data, indices, y)}
+            if len(sizes) != 1 or None in sizes:  # a smaller or unknown index extent
+                for t in (data, indices, y):
+                    ctx.freeze(t, a, reason)
+                continue
+            ctx.couple(data, a, y, a)
+            ctx.couple(indices, a, y, a)
+
+
+@register
+class DataDependentIndexRule(OpRule):
+    """Gathers and scatters by computed multi-axis indices: frozen."""
+
+    op_types = ("GatherND", "ScatterND", "ScatterElements", "Scatter")
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")
