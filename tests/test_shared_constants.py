@@ -60,6 +60,13 @@ def test_a_bias_two_convs_share_no_longer_couples_them() -> None:
     assert names.count("b") == 1
 
 
+def test_keeping_a_shared_constant_keeps_every_reader() -> None:
+    analysis = graphprune.analyze(convs_sharing(), keep=["b"])
+    for weight in ("W1", "W2"):
+        group = group_with(analysis, weight, 0)
+        assert not group.prunable and any("protected by keep: tensor 'b'" in r for r in group.frozen)
+
+
 def test_lossless_output_keeps_one_shared_initializer() -> None:
     model = convs_sharing()
     result = graphprune.prune(model, lossless=True)

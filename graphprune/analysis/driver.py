@@ -25,6 +25,7 @@ from graphprune.analysis.coupling import CouplingContext
 from graphprune.analysis.dims import Dim, describe_node
 from graphprune.analysis.groups import ChannelGroup, form_groups
 from graphprune.analysis.shape_probe import refine_shapes
+from graphprune.io.shared_constants import tied_origin
 from graphprune.rules import registry
 
 
@@ -164,8 +165,9 @@ def analyze_graph(
         for node in graph.nodes:
             if node.name in keep_set:
                 ctx.freeze_node(node, f"protected by keep: {describe_node(node)}")
-        for name in keep_set & set(ctx.tensors):
-            ctx.freeze(ctx.tensors[name], None, f"protected by keep: tensor '{name}'")
+        for name in ctx.tensors:  # a kept constant's copies (one per reader) are kept too
+            if name in keep_set or tied_origin(name) in keep_set:
+                ctx.freeze(ctx.tensors[name], None, f"protected by keep: tensor '{tied_origin(name)}'")
 
     groups = form_groups(ctx)
     if not position_convs:
