@@ -174,7 +174,9 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
         lines.append(f"warning: {len(failed)} candidate allocation(s) not chosen because their "
                      f"{failed[0]['error']} (all in --report)")
     for r in budget.get("latency_rounds") or []:
-        lines.append(f"  latency round: modelled {r['modelled_fraction']:.3f} -> measured {r['measured_ratio']:.3f}")
+        again = (f", side by side {r['side_by_side_ratio']:.3f}" if "side_by_side_ratio" in r else "")
+        lines.append(f"  latency round: modelled {r['modelled_fraction']:.3f} -> measured {r['measured_ratio']:.3f}"
+                     f"{again}{' (chosen)' if r.get('chosen') else ''}")
     widths = [w for w in budget.get("widths") or []]
     if widths:
         rows = [[str(w["group"]), str(w["anchor"])[:48], str(w.get("kind", "")), str(w["units"]),
