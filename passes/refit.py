@@ -10,6 +10,7 @@ from Gram statistics, wave by wave in topological order. See
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,12 @@ import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.calibration import runner, sequential
+
+
+def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
+    """Names of the constants that channel removal sliced."""
+    tensors = graph.tensors()
+    return {name for name, _ in removed if isinstance(tensors.get(name), gs.Constant)}
 
 
 class RefitPass(Pass):
@@ -57,7 +64,7 @@ class RefitPass(Pass):
             return PassResult(graph, False, {"layers": 0})
         skipped: dict[str, str] = {}
         targets = sequential.find_targets(
-            graph, ctx.opset, changed=sequential.sliced_parameters(self.removed, graph),
+            graph, ctx.opset, changed=sliced_parameters(self.removed, graph),
             removed=self.removed, consumers_only=self.consumers_only, skipped=skipped,
         )
         engine = sequential.Reconstructor(

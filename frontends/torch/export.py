@@ -14,7 +14,6 @@ import io
 import logging
 import re
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from graphprune.errors import GraphPruneError, UsageError
-from graphprune.io.shared_constants import mark_shared
+from graphprune.io.shared_constants import mark_shared, readers
 
 __all__ = [
     "EXPORTERS",
@@ -141,9 +140,8 @@ def to_onnx(
             torch_logger.setLevel(level)
     _castlike_to_cast(model)
     check_names(model, module)
-    params = set(module.state_dict())
-    readers = Counter(name for node in model.graph.node for name in node.input if name in params)
-    mark_shared(model, [name for name, count in readers.items() if count > 1])  # one tensor of the module
+    counts = readers(model, module.state_dict())
+    mark_shared(model, [name for name, count in counts.items() if count > 1])  # one tensor of the module
     return model
 
 

@@ -30,7 +30,6 @@ computed from, is refused with :class:`PlanMappingError` naming the op (fail clo
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphprune.analysis import Analysis, ChannelGroup, Dim, analyze_graph, describe_node
 from graphprune.io import ir
+from graphprune.io.shared_constants import readers
 from graphprune.rules import registry
 
 __all__ = ["ParameterSources", "parameter_sources"]
@@ -321,9 +321,8 @@ def parameter_sources(model: onnx.ModelProto, names: Iterable[str]) -> Parameter
     inits = {t.name: t for t in model.graph.initializer if t.name in wanted}
     light = without_data(model, set(inits))
     literals, may_chain = _quick_look(light, set(inits))
-    readers = Counter(name for node in model.graph.node for name in node.input if name in inits)
     sources = ParameterSources(
-        names=list(inits), direct=set(inits), literals=literals, readers=dict(readers),
+        names=list(inits), direct=set(inits), literals=literals, readers=dict(readers(model, inits)),
         pending=(light, inits),
     )
     return sources.complete() if may_chain else sources

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -580,12 +579,6 @@ def _finish(entry: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     n = max(float(entry[2][0]), 1.0)
     mean = entry[0] / n
     return mean, np.maximum(entry[1] / n - mean**2, 0.0)
-
-
-def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
-    """Names of the constants that channel removal sliced."""
-    tensors = graph.tensors()
-    return {name for name, _ in removed if isinstance(tensors.get(name), gs.Constant)}
 
 
 def _coarse_ridge(a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 import onnx
@@ -38,7 +38,7 @@ from onnx import helper
 
 from graphprune.io.names import fresh_name
 
-__all__ = ["SHARED_KEY", "TIE", "mark_shared", "retie_constants", "share_subgraph_constants", "tied_origin", "untie_shared_constants"]
+__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "share_subgraph_constants", "tied_origin", "untie_shared_constants"]
 
 #: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
 TIE = "__gp_tie"
@@ -130,6 +130,12 @@ def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.Tensor
 def tied_origin(name: str) -> str:
     """The name of the constant that ``name`` (a copy made by untying, or any name) copies."""
     return name.split(TIE, 1)[0] if TIE in name else name
+
+
+def readers(model: onnx.ModelProto, names: Iterable[str]) -> Counter[str]:
+    """How many main-graph node inputs read each of the initializers ``names``."""
+    wanted = set(names)
+    return Counter(name for node in model.graph.node for name in node.input if name in wanted)
 
 
 def mark_shared(model: onnx.ModelProto, names: Iterable[str]) -> None:
