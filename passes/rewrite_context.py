@@ -62,7 +62,8 @@ class RewriteContext:
         """Give ``node`` a private constant at input ``index`` (others sharing it keep theirs)."""
         self._counter += 1
         name = f"{node.name or node.op}_gp_{index}_{self._counter}"
-        const = gs.Constant(name, np.ascontiguousarray(values))
+        # ascontiguousarray would make a scalar (a divisor, a head count) 1-D
+        const = gs.Constant(name, np.ascontiguousarray(values).reshape(np.shape(values)))
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = const

@@ -59,13 +59,24 @@ class ScaledRead:
 
 
 @dataclass(frozen=True)
+class QuotientRead:
+    """The size of axis ``axis`` of ``tensor`` divided by the literal ``divisor`` (DeBERTa's
+    ``query.size(0) // num_heads``: the batch of a merged ``[B*H]`` axis). Exact after
+    pruning only where the rule that reads it has the divisor rewritten with the new size."""
+
+    tensor: str
+    axis: int
+    divisor: ShapeLiteral
+
+
+@dataclass(frozen=True)
 class UnknownElement:
     """An element computed by arithmetic the trace does not follow."""
 
 
 UNKNOWN = UnknownElement()
 
-ShapeSource = ShapeLiteral | ShapeRead | ScaledRead | UnknownElement
+ShapeSource = ShapeLiteral | ShapeRead | ScaledRead | QuotientRead | UnknownElement
 
 
 class TracesShapes(Protocol):
@@ -205,3 +216,39 @@ def track_shape(
                 ctx.couple(src, element.axis, tensor, axis, Digit(element.factor))
         else:
             ctx.freeze(tensor, axis, f"shape element computed by arithmetic at {ctx.where()}")
+
+
+def dims_read(tensor: gs.Tensor, rule_for: RuleLookup) -> set[tuple[str, int]] | None:
+    """The dimensions whose sizes the values of the integer tensor ``tensor`` may depend on.
+
+    Exact where :class:`ShapeTrace` follows every element (a ``ShapeRead`` names its
+    dimension); through arithmetic it does not follow (``x.shape[-1] // 2``), the union
+    over the producer's inputs; a ``Shape`` reads the axes of its input it returns. The walk
+    stops at constants and at float tensors (values computed from data, not from sizes);
+    ``None`` when it cannot tell (rank unknown, or deeper than :data:`MAX_DEPTH`).
+    """
+    read: set[tuple[str, int]] = set()
+    stack, seen = [(tensor, 0)], set()
+    while stack:
+        t, depth = stack.pop()
+        if isinstance(t, gs.Constant) or t.name in seen or not t.inputs:
+            continue
+        seen.add(t.name)
+        if depth > MAX_DEPTH:
+            return None
+        if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating):
+            continue
+        sources = ShapeTrace(rule_for).of(t)
+        if sources is not None and all(isinstance(s, (ShapeRead, ScaledRead, ShapeLiteral)) for s in sources):
+            read.update((s.tensor, s.axis) for s in sources if isinstance(s, (ShapeRead, ScaledRead)))
+            continue
+        node = t.inputs[0]
+        rule = rule_for(node)
+        if rule is not None and getattr(rule, "reads_only_shape", False):
+            rank = ShapeTrace.rank(node.inputs[0])
+            if rank is None:
+                return None
+            read.update((node.inputs[0].name, a) for a in range(rank))
+            continue
+        stack.extend((i, depth + 1) for i in node.inputs if i.name)
+    return read

@@ -15,7 +15,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.shape_trace import UNKNOWN, ScaledRead, ShapeLiteral, ShapeRead
+from graphprune.analysis.shape_trace import (
+    UNKNOWN,
+    QuotientRead,
+    ScaledRead,
+    ShapeLiteral,
+    ShapeRead,
+    literals,
+)
 from graphprune.rules.registry import OpRule, StoredWeight, register
 from graphprune.rules.scale import ScaleContext
 
@@ -246,14 +253,16 @@ class BroadcastRule(OpRule):
                     ctx.decoded(decoded.constant, decoded.scale, decoded.zero_point)
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
-        """Arithmetic on shapes keeps the length and loses the values, except two idioms:
-        ``Shape`` reads times a constant (``Mul``) and TorchScript's ``Where(Equal(s, -1),
-        ones, s)`` (``Where``)."""
+        """Arithmetic on shapes keeps the length and loses the values, except three idioms:
+        ``Shape`` reads times a constant (``Mul``), a read divided by a literal (``Div``:
+        quotient reads) and TorchScript's ``Where(Equal(s, -1), ones, s)`` (``Where``)."""
         found = None
         if node.op == "Where":
             found = _trace_where_minus_one(node, trace)
         elif node.op == "Mul":
             found = _trace_scaled(node, trace)
+        elif node.op == "Div":
+            found = _trace_quotient(node, trace)
         return found if found is not None else trace.unknown(output)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
@@ -295,6 +304,21 @@ class BroadcastRule(OpRule):
             parts = ctx.resized([ctx.of(t) for t in node.inputs])
             return np.sqrt(sum(np.square(p) for p in parts))
         return None
+
+
+def _trace_quotient(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
+    """A ``Shape`` read divided by one integer literal (``q.size(0) // num_heads``)."""
+    divisor = node.inputs[1]
+    if not isinstance(divisor, gs.Constant) or np.asarray(divisor.values).size != 1:
+        return None
+    if not np.issubdtype(np.asarray(divisor.values).dtype, np.integer):
+        return None
+    data = trace.input(node, 0)
+    if data is None:
+        return None
+    literal = literals(node, 1)[0]
+    return [QuotientRead(e.tensor, e.axis, literal) if isinstance(e, ShapeRead) and literal.value > 0
+            else UNKNOWN for e in data]
 
 
 def _trace_scaled(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:

@@ -17,8 +17,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.index_maps import Offset
-from graphprune.analysis.shape_trace import ShapeRead
+from graphprune.analysis.dims import ShapeElement
+from graphprune.analysis.index_maps import Digit, Offset
+from graphprune.analysis.shape_trace import QuotientRead, ShapeLiteral, ShapeRead, ShapeTrace
 from graphprune.io.tensors import const_value
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.registry import OpRule, register
@@ -26,7 +27,7 @@ from graphprune.rules.registry import OpRule, register
 if TYPE_CHECKING:
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
-    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
+    from graphprune.analysis.shape_trace import ShapeSource
 
 
 def _axes_input(node: gs.Node, ctx: CouplingContext, index: int, attr: str = "axes") -> list[int] | None:
@@ -297,7 +298,8 @@ class TileRule(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         repeats = ctx.const(node.inputs[1])
         if repeats is None:
-            ctx.freeze_node(node, f"Tile '{node.name}' repeats not constant")
+            if not _couple_computed_tile(node, ctx):
+                ctx.freeze_node(node, f"Tile '{node.name}' repeats not constant")
             return
         for a, r in enumerate(repeats.reshape(-1)):
             if int(r) == 1:
@@ -305,6 +307,38 @@ class TileRule(OpRule):
             else:
                 ctx.freeze(x, a, f"tiled axis at Tile '{node.name}'")
                 ctx.freeze(y, a, f"tiled axis at Tile '{node.name}'")
+
+
+def _couple_computed_tile(node: gs.Node, ctx: CouplingContext) -> bool:
+    """Repeats computed as ``[T.size(k) // n, 1, ...]`` where ``n`` is the size of the tiled
+    axis (DeBERTa: per-head position keys ``[H, 2S, D]`` repeated ``B*H // H`` times to meet
+    the merged ``[B*H]`` axis of the queries): output index ``m`` holds input ``m % n``, and
+    the output axis is element for element the read axis of ``T``. The divisor is recorded
+    so the rewrite writes the new ``n``. False (the caller freezes the node) for any other
+    form."""
+    x, y = node.inputs[0], node.outputs[0]
+    shape = ctx.shape(x)
+    sources = ShapeTrace(ctx.rule_for).of(node.inputs[1])
+    if shape is None or sources is None or len(sources) != len(shape):
+        return False
+    plan = []
+    for a, element in enumerate(sources):
+        if isinstance(element, ShapeLiteral) and element.value == 1:
+            plan.append((a, None))
+        elif isinstance(element, QuotientRead) and element.divisor.value == shape[a] \
+                and ctx.tensors.get(element.tensor) is not None:
+            plan.append((a, element))
+        else:
+            return False
+    for a, element in plan:
+        if element is None:
+            ctx.couple(x, a, y, a)
+            continue
+        ctx.couple(x, a, y, a, Digit(1))
+        ctx.couple(ctx.tensors[element.tensor], element.axis, y, a)
+        ctx.add_shape_element(ShapeElement(element.divisor.node_name, element.divisor.input_index,
+                                           element.divisor.element, (x.name, a)))
+    return True
 
 
 @register

@@ -16,9 +16,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
+from graphprune.analysis import shape_trace
 from graphprune.analysis.index_maps import Offset
 from graphprune.analysis.roles import PRODUCER
 from graphprune.analysis.shape_trace import UNKNOWN
+from graphprune.io.tensors import static_size
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.registry import OpRule, register
 from graphprune.rules.reshape import couple_reshape
@@ -50,6 +52,19 @@ def _slice_params(node: gs.Node, ctx: CouplingContext | RewriteContext, rank: in
         axes = [int(v) for v in a] if a.size else list(range(len(starts)))
         steps = [int(v) for v in st] if st.size else [1] * len(starts)
     return [(ax % rank, starts[i], ends[i], steps[i]) for i, ax in enumerate(axes)]
+
+
+def _constant_axes(node: gs.Node, rank: int) -> set[int] | None:
+    """The axes a Slice with computed bounds cuts, when they are known without its bounds."""
+    if "starts" in node.attrs:
+        return None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = node.inputs[3]
+        if not isinstance(axes, gs.Constant):
+            return None
+        return {int(a) % rank for a in np.asarray(axes.values).reshape(-1)}
+    count = static_size(node.inputs[1], 0)
+    return None if count is None else set(range(int(count)))
 
 
 def _normalise(start: int, end: int, step: int, size: int) -> tuple[int, int]:
@@ -95,8 +110,11 @@ class SliceRule(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         rank = ctx.rank(x)
         params = None if rank is None else _slice_params(node, ctx, rank)
-        if rank is None or params is None:
-            ctx.freeze_node(node, f"Slice '{node.name}' bounds not constant")
+        if rank is None:
+            ctx.freeze_node(node, f"Slice '{node.name}' rank unknown")
+            return
+        if params is None:
+            self._couple_computed(node, ctx, rank)
             return
         sliced = {p[0]: p for p in params}
         for a in range(rank):
@@ -111,6 +129,30 @@ class SliceRule(OpRule):
                 continue
             start, _ = _normalise(start, end, step, size)
             ctx.couple(x, a, y, a, Offset(start))
+
+    def _couple_computed(self, node: gs.Node, ctx: CouplingContext, rank: int) -> None:
+        """Bounds computed at run time (``x[..., : x.shape[-1] // 2]``, rotary embeddings):
+        the sliced axes and every dimension the bounds are computed from are frozen; the
+        other axes pass through element for element. Unknown axes freeze the node."""
+        axes = _constant_axes(node, rank)
+        reads: set[tuple[str, int]] | None = set()
+        for i in (1, 2, 4):
+            if axes is not None and reads is not None and len(node.inputs) > i and node.inputs[i].name:
+                found = shape_trace.dims_read(node.inputs[i], ctx.rule_for)
+                reads = None if found is None else reads | found
+        if axes is None or reads is None:
+            ctx.freeze_node(node, f"Slice '{node.name}' bounds not constant")
+            return
+        x, y = node.inputs[0], node.outputs[0]
+        reason = f"Slice '{node.name}' with bounds computed at run time"
+        for name, axis in sorted(reads):
+            ctx.freeze(ctx.tensors.get(name), axis, reason)
+        for a in range(rank):
+            if a in axes:
+                ctx.freeze(x, a, reason)
+                ctx.freeze(y, a, reason)
+            else:
+                ctx.couple(x, a, y, a)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         x = node.inputs[0]

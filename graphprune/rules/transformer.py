@@ -555,7 +555,8 @@ class GatherElementsRule(OpRule):
                 ctx.freeze(indices, a, reason)
                 ctx.freeze(y, a, reason)
                 continue
-            sizes = {ctx.size(t, a) for t in (data, indices, y)}
+            # member sizes: a merged dynamic [B*H] axis counts by the shape probe
+            sizes = {ctx.member_size(t, a) for t in (data, indices, y)}
             if len(sizes) != 1 or None in sizes:  # a smaller or unknown index extent
                 for t in (data, indices, y):
                     ctx.freeze(t, a, reason)
