@@ -50,6 +50,17 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
     @property
+    def merges_batch(self) -> bool:
+        """A prunable group holds an axis without a static size: channels merged with a
+        dynamic batch (``[B*H, ...]``), laid out ``b * H + h``. Batch 1 cannot tell that
+        layout from another, so verification runs such a model at batch 2."""
+        ctx = self.context
+        return any(
+            ctx.size(ctx.tensors[name], axis) is None
+            for g in self.prunable_groups for name, axis in g.dims if name in ctx.tensors
+        )
+
+    @property
     def frozen_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.is_frozen]
 

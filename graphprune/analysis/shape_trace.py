@@ -51,11 +51,14 @@ class ShapeRead:
 
 @dataclass(frozen=True)
 class ScaledRead:
-    """``factor`` times the size of axis ``axis`` of ``tensor`` (``num_kv_heads * n_rep``)."""
+    """``factor`` times the size of axis ``axis`` of ``tensor`` (``num_kv_heads * n_rep``);
+    ``literal``: where the factor is one constant element (BLOOM's ``batch * num_heads``,
+    which a rule can have rewritten with a new head count)."""
 
     tensor: str
     axis: int
     factor: int
+    literal: ShapeLiteral | None = None
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,8 @@ class Session:
     # ------------------------------------------------------------------ verification
     def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
         """Random feeds for the original's inputs (the same for every comparison), at the
-        given input shapes and, for the sizes left open, sizes the original runs with."""
+        given input shapes and, for the sizes left open, sizes the original runs with; a
+        dynamic batch of 2 where channels are merged with it (:attr:`Analysis.merges_batch`)."""
         if self._probe_shapes is False:
             from graphprune.analysis.probe_sizes import choose_input_shapes
             from graphprune.io.feeds import input_specs
@@ -327,7 +328,8 @@ class Session:
             chosen = choose_input_shapes(self.path_of(self.original), specs, self.input_shapes)
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
-        return make_feeds(self.original, seed=seed, batch=1, count=count,
+        batch = 2 if self.analysis is not None and self.analysis.merges_batch else 1
+        return make_feeds(self.original, seed=seed, batch=batch, count=count,
                           input_shapes=self._probe_shapes or None)
 
     def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:

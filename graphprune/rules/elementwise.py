@@ -330,10 +330,11 @@ def _trace_scaled(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
         if factor is None or data is None or factor.size not in (1, len(data)):
             continue
         factors = np.broadcast_to(factor.reshape(-1), (len(data),))
+        literal = literals(node, 1 - data_index)[0] if factor.size == 1 else None
         out: list[ShapeSource] = []
         for element, f in zip(data, factors, strict=True):
             if isinstance(element, ShapeRead) and int(f) == f and f >= 1:
-                out.append(ScaledRead(element.tensor, element.axis, int(f)))
+                out.append(ScaledRead(element.tensor, element.axis, int(f), literal))
             elif isinstance(element, ScaledRead) and int(f) == f and f >= 1:
                 out.append(ScaledRead(element.tensor, element.axis, element.factor * int(f)))
             else:

@@ -11,18 +11,21 @@ that count channels are rewritten with the new sizes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
+from graphprune.analysis.dims import ShapeElement
 from graphprune.analysis.index_maps import Digit
+from graphprune.analysis.shape_trace import QuotientRead, ScaledRead, ShapeTrace
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
-    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
+    from graphprune.analysis.shape_trace import ShapeSource
 
 
 def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
@@ -103,8 +106,22 @@ def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[
     return candidates[0]
 
 
+@dataclass(frozen=True)
+class MergedBatch:
+    """A block coupled by :func:`_couple_dynamic_outer`: ``factored`` axes ``f_axes`` (the
+    ``dynamic`` ones outside ``chosen``, the channel factor) are one axis of ``merged``."""
+
+    factored: gs.Tensor
+    f_axes: tuple[int, ...]
+    dynamic: tuple[int, ...]
+    chosen: int
+    merged: gs.Tensor
+    m_axis: int
+
+
 def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
-                          in_shape: list[int | None], out_shape: list[int | None]) -> bool:
+                          in_shape: list[int | None], out_shape: list[int | None],
+                          found: list[MergedBatch] | None = None) -> bool:
     """A dynamic batch merged with static channel factors into one axis, or split back
     (the dynamo exporter's attention: ``[B, H, S, D] -> [-1, S, D]`` and back to
     ``[B, H, ...]``): every dynamic factor lies outside the static ones, so the merged
@@ -125,6 +142,8 @@ def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: 
     chosen = _channel_factor(ctx, factored, static)
     stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
     ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
+    if found is not None:
+        found.append(MergedBatch(factored, tuple(f_axes), tuple(dynamic), chosen, merged, m_axis))
     for a in f_axes:
         if a in dynamic:
             ctx.freeze(factored, a, f"dynamic axes re-factored at {ctx.where()}")
@@ -134,9 +153,11 @@ def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: 
 
 
 def couple_reshape(
-    ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node
+    ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node,
+    merged: list[MergedBatch] | None = None,
 ) -> bool:
-    """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood."""
+    """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood.
+    ``merged`` collects the blocks where a dynamic batch and a channel factor are merged."""
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     if in_shape is None or out_shape is None:
         return False
@@ -154,7 +175,7 @@ def couple_reshape(
             ctx.couple(x, bi[0], y, bj[0])
             continue
         if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
-            if _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape):
+            if _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape, merged):
                 continue
             # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
             for t, axes in ((x, bi), (y, bj)):
@@ -241,15 +262,55 @@ class ReshapeRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        if not couple_reshape(ctx, x, y, node):
+        merged: list[MergedBatch] = []
+        if not couple_reshape(ctx, x, y, node, merged):
             ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
             return
         rank = ctx.rank(y)
         if rank is not None:
-            ctx.track_shape(
-                node, 1, [(y, a) for a in range(rank)],
-                special_zero=not int(node.attrs.get("allowzero", 0)),
-            )
+            dims: list[tuple[gs.Tensor, int] | None] = [(y, a) for a in range(rank)]
+            for a in _batch_times_channels(ctx, node, merged):
+                dims[a] = None
+            ctx.track_shape(node, 1, dims, special_zero=not int(node.attrs.get("allowzero", 0)))
+
+
+def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[MergedBatch]) -> set[int]:
+    """Target elements that size a merged ``[B*H]`` axis from the batch (TorchScript's
+    BLOOM, DeBERTa): ``batch * H`` where the merged axis is made, ``size(m) // H`` where it
+    is split back. The literal ``H`` (the size of the channel factor) is recorded so the
+    rewrite writes the new count, and the batch read is not coupled to the channels.
+    Returns the output axes so handled (not tracked further)."""
+    target = node.inputs[1]
+    if not merged or isinstance(target, gs.Constant):
+        return set()
+    sources = ShapeTrace(ctx.rule_for).of(target)
+    y = node.outputs[0]
+    if sources is None or len(sources) != ctx.rank(y):
+        return set()
+    handled: set[int] = set()
+    for block in merged:
+        if set(block.f_axes) != {*block.dynamic, block.chosen} or len(block.dynamic) != 1:
+            continue  # more than the batch and one channel factor
+        size = ctx.size(block.factored, block.chosen)
+        heads = (block.factored.name, block.chosen)
+        if block.merged is y:  # [B, H, ...] -> [B*H, ...]: the element is batch * H
+            element = sources[block.m_axis]
+            if isinstance(element, ScaledRead) and element.literal is not None \
+                    and element.factor == size and element.literal.value == size \
+                    and ctx.size(ctx.tensors[element.tensor], element.axis) is None:
+                literal = element.literal
+                ctx.add_shape_element(ShapeElement(literal.node_name, literal.input_index, literal.element, heads))
+                handled.add(block.m_axis)
+        else:  # [B*H, ...] -> [B, H, ...]: the element is size(merged) // H
+            axis = block.dynamic[0]
+            element = sources[axis]
+            if isinstance(element, QuotientRead) and element.divisor.value == size \
+                    and element.tensor in ctx.tensors:
+                divisor = element.divisor
+                ctx.add_shape_element(ShapeElement(divisor.node_name, divisor.input_index, divisor.element, heads))
+                ctx.couple(ctx.tensors[element.tensor], element.axis, block.merged, block.m_axis)
+                handled.add(axis)
+    return handled
 
 
 @register

@@ -1,0 +1,103 @@
+"""Heads merged with the batch by a computed Reshape target: ``batch * H`` and ``size // H``.
+
+BLOOM as the TorchScript exporter writes it: the ALiBi bias ``[B, H, T]`` becomes ``[B*H, 1, T]``
+with the target ``batch_size * num_heads``, read from the mask's shape times the literal
+``H``; the merged scores come back as ``[B, H, ...]`` with ``size(0) // H``. The read batch
+used to be coupled to the merged axis (``b <-> b*H .. b*H+H-1``), which put the heads and the
+graph input's batch in one group: no head prunable. Now the literal ``H`` is recorded with the
+head axis (the rewrite writes the new count) and the batch stays out of the group. Such
+models verify at batch 2: at batch 1 the layout ``b*H + h`` cannot be told from another.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from conftest import group_with, make_model, run_ort
+from onnx import helper
+
+import graphprune
+
+OPS_UNDER_TEST = ["Reshape"]
+
+I64 = np.int64
+
+
+def alibi_attention() -> onnx.ModelProto:
+    """``x [N, T, 64]``, ``m [N, T]``: 4 heads of 16 merged with the batch, a per-head
+    bias ``slopes [4, 1] * m`` merged alike, attention, split back, a MatMul."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "i0"], ["n"], axis=0),
+        helper.make_node("Gather", ["xs", "i1"], ["t"], axis=0),
+        helper.make_node("Unsqueeze", ["t", "ax0"], ["t1"]),
+        helper.make_node("Mul", ["n", "heads"], ["nh"], name="batch_times_heads"),
+        helper.make_node("Unsqueeze", ["nh", "ax0"], ["nh1"]),
+        helper.make_node("MatMul", ["x", "Wq"], ["p"]),
+        helper.make_node("Reshape", ["p", "split_heads"], ["p4"]),
+        helper.make_node("Transpose", ["p4"], ["q4"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", ["nh1", "t1", "c16"], ["merge_q"], axis=0),
+        helper.make_node("Reshape", ["q4", "merge_q"], ["q"]),  # [N*4, T, 16]
+        helper.make_node("Unsqueeze", ["m", "ax1"], ["m1"]),  # [N, 1, T]
+        helper.make_node("Mul", ["slopes", "m1"], ["bias4"]),  # [N, 4, T]
+        helper.make_node("Concat", ["nh1", "one1", "t1"], ["merge_b"], axis=0),
+        helper.make_node("Reshape", ["bias4", "merge_b"], ["bias"]),  # [N*4, 1, T]
+        helper.make_node("Transpose", ["q"], ["qT"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qT"], ["s"]),
+        helper.make_node("Add", ["s", "bias"], ["sb"]),
+        helper.make_node("Softmax", ["sb"], ["a"], axis=-1),
+        helper.make_node("MatMul", ["a", "q"], ["c"]),  # [N*4, T, 16]
+        helper.make_node("Shape", ["c"], ["cs"]),
+        helper.make_node("Gather", ["cs", "i0"], ["bh"], axis=0),
+        helper.make_node("Div", ["bh", "heads"], ["b"], name="merged_by_heads"),
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+        helper.make_node("Concat", ["b1", "c4", "t1", "c16"], ["split_c"], axis=0),
+        helper.make_node("Reshape", ["c", "split_c"], ["c4h"]),  # [N, 4, T, 16]
+        helper.make_node("Transpose", ["c4h"], ["ct"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ct", "flat"], ["f"]),
+        helper.make_node("MatMul", ["f", "Wo"], ["y"]),
+    ]
+    params = {
+        "Wq": (64, 64), "Wo": (64, 16),
+        "slopes": np.array([[0.5], [0.25], [0.125], [0.0625]], np.float32),
+        "split_heads": np.array([0, 0, 4, 16], I64), "flat": np.array([0, 0, 64], I64),
+        "i0": np.array(0, I64), "i1": np.array(1, I64), "heads": np.array(4, I64),
+        "ax0": np.array([0], I64), "ax1": np.array([1], I64), "one1": np.array([1], I64),
+        "c4": np.array([4], I64), "c16": np.array([16], I64),
+    }
+    return make_model(nodes, {"x": ("N", "T", 64), "m": ("N", "T")}, {"y": None}, params)
+
+
+def _feeds(batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {"x": rng.standard_normal((batch, 6, 64)).astype(np.float32),
+            "m": rng.standard_normal((batch, 6)).astype(np.float32)}
+
+
+def test_batch_times_heads_keeps_the_batch_out_of_the_heads_group() -> None:
+    model = alibi_attention()
+    analysis = graphprune.analyze(model)
+    heads = group_with(analysis, "Wq", 1)
+    assert heads.prunable and heads.num_units == 4  # before: frozen with the graph inputs' batch
+    assert group_with(analysis, "slopes", 0) is heads
+    assert analysis.merges_batch
+
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    onnx.checker.check_model(result.model, full_check=True)
+    literals = {n.name: n.input[1] for n in result.model.graph.node
+                if n.name in ("batch_times_heads", "merged_by_heads")}
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert {name: int(values[v]) for name, v in literals.items()} == {
+        "batch_times_heads": 2, "merged_by_heads": 2}  # the head count, rewritten
+    batch = run_ort(result.model, _feeds(3))[0]
+    for b in range(3):
+        single = {k: v[b:b + 1] for k, v in _feeds(3).items()}
+        np.testing.assert_allclose(run_ort(result.model, single)[0], batch[b:b + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_merged_axes_verify_at_batch_one() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    model = make_model(nodes, {"x": ("N", 8)}, {"y": None}, {"W1": (8, 16), "W2": (16, 4)})
+    assert not graphprune.analyze(model).merges_batch
