@@ -237,7 +237,7 @@ def summary(results: list[dict]) -> dict:
             "median_params": params[len(params) // 2] if params else None}
 
 
-def markdown(results: list[dict], previous: dict | None = None) -> str:
+def markdown(results: list[dict], previous: dict | list[dict] | None = None) -> str:
     done = [r for r in results if "rc" in r]
     ok = [r for r in done if r["rc"] == 0 and r.get("check") == "ok"]
     with_heads = [r for r in ok if "head" in r.get("kinds", {})]
@@ -258,11 +258,12 @@ def markdown(results: list[dict], previous: dict | None = None) -> str:
     ]
     now = summary(results)
     lines.append(f"Median parameters after/before: {now['median_params']}.")
-    if previous:
-        lines.append(f"Before untying the exporters' shared constants ({previous['commit']}, same exports): "
-                     f"{previous['ok']} / {previous['exports']} checked, heads prunable in "
-                     f"{previous['heads_prunable']} of {previous['with_heads']}, median parameters "
-                     f"after/before {previous['median_params']}.")
+    for earlier in ([previous] if isinstance(previous, dict) else previous or []):
+        label = earlier.get("label", "before untying the exporters' shared constants")
+        lines.append(f"{label[0].upper()}{label[1:]} ({earlier['commit']}, same configurations): "
+                     f"{earlier['ok']} / {earlier['exports']} checked, heads prunable in "
+                     f"{earlier['heads_prunable']} of {earlier['with_heads']}, median parameters "
+                     f"after/before {earlier['median_params']}.")
     lines += [
         "",
         "| model | exporter | exit | check | params after/before | prunable groups · units per kind | heads frozen by |",

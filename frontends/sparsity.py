@@ -133,7 +133,7 @@ class GroupSparsity:
                     continue
                 tensor, axis = dim
                 labels = np.asarray(group.unit_of[dim])
-                for unit in np.unique(labels):
+                for unit in np.unique(labels[labels >= 0]):  # -1: pinned elements, never cut
                     idx = np.flatnonzero(labels == unit)
                     if tensor in params:
                         mapped = [(tensor, axis, [int(i) for i in idx])]

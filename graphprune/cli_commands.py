@@ -87,6 +87,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if g.prunable and not g.is_exact:
             status = "prunable*"
         reason = g.frozen[0] if g.frozen else (g.inexact[0] if g.inexact else "")
+        if g.pinned_units and not g.frozen:
+            reason = f"{g.pinned_units} units pinned: {g.pinned[0]}"
         rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", g.num_units, len(g.dims),
                      len(set(g.nodes)), status, reason[:70]])
     print(table(["group", "anchor", "units", "members", "ops", "status", "reason"], rows,

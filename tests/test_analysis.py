@@ -151,14 +151,28 @@ def test_group_and_analysis_summaries():
 
 
 def test_keep_protects_a_node():
+    """``--keep conv_b``: conv_b's five channels are pinned in the Concat group, conv_a's three
+    still prune (before pinning, the whole group froze); the reason is reported."""
     m = _concat_model()
     analysis = graphprune.analyze(m, keep=["conv_b"])
     group = group_with(analysis, "W_a", 0)
-    assert not group.prunable
-    assert any("protected by keep" in r and "conv_b" in r for r in group.frozen)
+    assert group.prunable and group.num_units == 3 and group.pinned_units == 5
+    assert any("protected by keep" in r and "conv_b" in r for r in group.pinned)
+    assert (group.unit_of[("W_b", 0)] == -1).all()
     res = graphprune.prune(m, ratio=0.5, keep=["conv_b"])
-    assert res.plan.units_removed == 0
-    assert initializer(res.model, "W_a").shape[0] == 3
+    assert res.report["verification"]["ok"] is True
+    assert initializer(res.model, "W_b").shape[0] == 5  # kept whole
+    assert initializer(res.model, "W_a").shape[0] == 2  # 3 units, ratio 0.5, one floor: one goes
+    assert res.report["pinned"][0]["pinned_units"] == 5
+
+
+def test_keep_of_every_member_freezes_the_group():
+    m = _concat_model()
+    analysis = graphprune.analyze(m, keep=["conv_a", "conv_b"])
+    group = group_with(analysis, "W_a", 0)
+    assert not group.prunable and group.pinned_units == 0
+    assert any("protected by keep" in r for r in group.frozen)
+    assert graphprune.prune(m, ratio=0.5, keep=["conv_a", "conv_b"]).plan.units_removed == 0
 
 
 def test_keep_protects_a_tensor():

@@ -101,3 +101,18 @@ def test_models_without_merged_axes_verify_at_batch_one() -> None:
              helper.make_node("MatMul", ["r", "W2"], ["y"])]
     model = make_model(nodes, {"x": ("N", 8)}, {"y": None}, {"W1": (8, 16), "W2": (16, 4)})
     assert not graphprune.analyze(model).merges_batch
+
+
+def test_a_model_that_runs_only_at_batch_one_is_verified_at_batch_one() -> None:
+    """A declared dynamic batch the graph cannot take (it squeezes the batch away): batch 2
+    does not run, so verification keeps batch 1 rather than failing the prune."""
+    base = alibi_attention()
+    graph = base.graph
+    graph.node[-1].output[0] = "y4"
+    graph.node.append(helper.make_node("Squeeze", ["y4", "ax0"], ["y"], name="drop_batch"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    model = onnx.shape_inference.infer_shapes(base)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    assert run_ort(result.model, _feeds(1))[0].shape == (6, 16)

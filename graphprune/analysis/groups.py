@@ -45,6 +45,10 @@ class ChannelGroup:
     #: integer (quantized) parameters' float readings, ``(scale, zero_point)`` per name
     #: (:meth:`CouplingContext.decoded`)
     decodings: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: elements no unit may take away (label -1 in ``unit_of``): how many units they made,
+    #: and the reasons (the freezes of the member dimensions they belong to)
+    pinned_units: int = 0
+    pinned: list[str] = field(default_factory=list)
 
     @property
     def is_frozen(self) -> bool:
@@ -81,7 +85,7 @@ class ChannelGroup:
 
     def units_of_elements(self, dim: Dim, elements: Iterable[int]) -> list[int]:
         labels = self.unit_of[dim]
-        return sorted({int(labels[i]) for i in elements})
+        return sorted({int(labels[i]) for i in elements if labels[i] >= 0})
 
     def summary(self) -> dict[str, object]:
         return {
@@ -96,6 +100,7 @@ class ChannelGroup:
             "prunable": self.prunable,
             "frozen": self.frozen[:10],
             "inexact": self.inexact[:10],
+            **({"pinned_units": self.pinned_units, "pinned_by": self.pinned[:10]} if self.pinned_units else {}),
         }
 
 
@@ -121,12 +126,15 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
         if all(sizes.get(d) == 1 for d in comp) and any(d in ctx.spatial_dims for d in comp):
             continue  # the batch axis met a constant's size-1 axis ([1, C, 1, 1]): no channel
         frozen: list[str] = []
+        frozen_at: set[Dim] = set()
         inexact: list[str] = []
         nodes: list[str] = []
         couplings: list[Coupling] = []
         for d in comp:
-            frozen.extend(ctx.dim_freeze.get(d, []))
-            frozen.extend(ctx.tensor_freeze.get(d[0], []))
+            reasons = [*ctx.dim_freeze.get(d, []), *ctx.tensor_freeze.get(d[0], [])]
+            if reasons:
+                frozen_at.add(d)
+                frozen.extend(reasons)
             inexact.extend(ctx.dim_inexact.get(d, []))
             if sizes.get(d) is None:
                 frozen.append(f"size of '{d[0]}' axis {d[1]} unknown")
@@ -154,6 +162,8 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
                 group.frozen.append(f"index maps inconsistent: {exc}")
                 group.unit_of = {}
                 group.num_units = 0
+            else:
+                _pin(group, frozen_at)
         groups.append(group)
     return groups
 
@@ -205,6 +215,35 @@ def _compute_units(group: ChannelGroup, couplings: list[Coupling]) -> None:
     _, unit = np.unique(labels, return_inverse=True)
     group.unit_of = {d: unit[offsets[d] : offsets[d] + n] for d, n in zip(dims, sizes, strict=True)}
     group.num_units = int(unit.max()) + 1 if total else 0
+
+
+def _pin(group: ChannelGroup, frozen_at: set[Dim]) -> None:
+    """A freeze says a dimension keeps its size: only the units its elements belong to are
+    bound by it. Where the other units are still two or more (a fused projection whose
+    key/value part is frozen while its query heads are not; a Concat of channels with a
+    graph input), those units stay prunable: the bound elements get label -1 (no unit),
+    the freezes become the group's ``pinned`` reasons. Otherwise the group stays frozen, and
+    so does an inexact one. A member of one element keeps its unit too (the planners' floors
+    would never take it): it is pinned, so that ratios count only units that can go."""
+    single = [d for d, labels in group.unit_of.items() if len(labels) == 1]  # kept by the floors anyway
+    bound_at = [d for d in (*frozen_at, *single) if d in group.unit_of]
+    if not bound_at or (frozen_at and (not group.frozen or group.inexact)):
+        return  # an inexact group (through a normalisation: YOLOv8's DFL bins) stays frozen whole
+    bound = np.unique(np.concatenate([group.unit_of[d] for d in bound_at]))
+    free = group.num_units - len(bound)
+    if free < 2:
+        return
+    if single and not frozen_at:
+        reasons = [f"'{single[0][0]}' axis {single[0][1]} has one element (a member keeps one unit)"]
+    else:
+        reasons = group.frozen
+    relabel = np.full(group.num_units, -1, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(group.num_units), bound.astype(np.int64))
+    relabel[keep] = np.arange(len(keep))
+    group.unit_of = {d: relabel[labels] for d, labels in group.unit_of.items()}
+    group.num_units = len(keep)
+    group.pinned_units = len(bound)
+    group.pinned, group.frozen = reasons, []
 
 
 def _compress(parent: np.ndarray) -> np.ndarray:

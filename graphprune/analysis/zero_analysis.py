@@ -196,9 +196,11 @@ def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[Gro
             use = ConsumerUse(dim, node, activation)
             info.consumers.append(use)
             labels = group.unit_of[dim]
+            free = labels >= 0  # -1: pinned elements, in no unit
+            labels = labels[free]
             w = np.asarray(weight.values)
             rows = np.moveaxis(w, dim[1], 0).reshape(w.shape[dim[1]], -1)
-            col_zero = ~(rows != 0).any(axis=1)
+            col_zero = ~(rows != 0).any(axis=1)[free]
             has_consumer[labels] = True
             # units whose every weight slice is zero
             unit_col_zero = np.ones(n, dtype=bool)
@@ -211,6 +213,8 @@ def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[Gro
                 if vector is not None:
                     read = vector
                     act_labels = group.unit_of[activation]
+                    vector = vector[act_labels >= 0]
+                    act_labels = act_labels[act_labels >= 0]
                     unit_zero = np.ones(n, dtype=bool)
                     np.logical_and.at(unit_zero, act_labels, vector == 0)
                     unit_known = np.ones(n, dtype=bool)
@@ -237,7 +241,7 @@ def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[Gro
             zero_there = np.zeros(n, dtype=bool)
             if vector is not None:
                 zero_there[:] = True
-                np.logical_and.at(zero_there, labels, vector == 0)
+                np.logical_and.at(zero_there, labels[labels >= 0], vector[labels >= 0] == 0)
             zero_ok &= zero_there
             const_ok &= zero_there
         info.zero_units = [int(u) for u in np.nonzero(zero_ok)[0]]

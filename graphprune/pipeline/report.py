@@ -15,6 +15,8 @@ Keys every report has::
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
     prunable_fraction_of      what it counts: "conv channels" or "channels"
     frozen                    frozen groups with their reasons (first 5 per group)
+    pinned                    groups that prune, but some of whose elements are bound by a freeze
+                              (units that take no part, the reasons: first 5 per group)
     nothing_prunable          (ratio mode, only when nothing was removed) the one-line reason
     unsupported_ops           op types without a rule, with counts
     erased_nodes              names of erased operators (the plan's ``erase``)
@@ -112,6 +114,16 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
                 "reasons": g.frozen[:5],
             }
             for g in analysis.frozen_groups
+        ],
+        "pinned": [
+            {
+                "group": g.id,
+                "anchor": f"{g.anchor[0]}:{g.anchor[1]}",
+                "pinned_units": g.pinned_units,
+                "prunable_units": g.num_units,
+                "reasons": g.pinned[:5],
+            }
+            for g in analysis.groups if g.pinned_units
         ],
         "unsupported_ops": {k: len(v) for k, v in sorted(analysis.unsupported.items())},
         "producer_role": PRODUCER,

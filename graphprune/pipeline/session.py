@@ -146,6 +146,7 @@ class Session:
         #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
         self.input_shapes = dict(input_shapes) if input_shapes else None
         self._probe_shapes: dict[str, Any] | None | bool = False
+        self._batch: int | None = None  # the verification's batch (see _verify_batch)
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
         self.debug = debug
@@ -328,9 +329,27 @@ class Session:
             chosen = choose_input_shapes(self.path_of(self.original), specs, self.input_shapes)
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
-        batch = 2 if self.analysis is not None and self.analysis.merges_batch else 1
-        return make_feeds(self.original, seed=seed, batch=batch, count=count,
+        return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count,
                           input_shapes=self._probe_shapes or None)
+
+    def _verify_batch(self) -> int:
+        """2 where channels are merged with a dynamic batch and the original runs at batch 2
+        (one run, once; a model exported for batch 1 only keeps batch 1), else 1."""
+        if self.analysis is None:
+            return 1  # nothing analysed, nothing merged (not cached: an analysis may follow)
+        if self._batch is None:
+            self._batch = 1
+            if self.analysis.merges_batch:
+                from graphprune.verify import validate
+
+                feeds = make_feeds(self.original, seed=0, batch=2, count=1,
+                                   input_shapes=self._probe_shapes or None)
+                try:
+                    validate.run(self.path_of(self.prepared), feeds[0], "the original")
+                    self._batch = 2
+                except Exception:  # VerificationError: batch 1 as before
+                    pass
+        return self._batch
 
     def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Concrete input shapes at which MACs are counted (report, budget, latency table)

@@ -101,7 +101,7 @@ def removal_order(group: ChannelGroup, scores: np.ndarray, limit: int, min_chann
     floors: list[int] = []
     unit_members: list[list[int]] = [[] for _ in range(group.num_units)]
     for labels in group.unit_of.values():
-        units = np.unique(labels)
+        units = np.unique(labels[labels >= 0])  # -1: pinned elements, never removed
         index = len(remaining)
         remaining.append(len(units))
         floors.append(max(min(min_channels, len(units)) if len(units) > 1 else len(units), 1))
@@ -199,7 +199,7 @@ class CostModel:
                 position = np.full(group.num_units, n_rem, dtype=np.int64)
                 position[order] = np.arange(n_rem)
                 for dim, labels in group.unit_of.items():
-                    pos = position[labels]
+                    pos = position[labels[labels >= 0]]  # pinned elements always stay
                     counts = np.bincount(pos[pos < n_rem], minlength=n_rem)
                     self.dim_cum[dim] = (si, np.concatenate([[0], np.cumsum(counts)]))
         self.items: list[Any] = []

@@ -164,7 +164,7 @@ def _greedy_columns(w: np.ndarray, hinv: np.ndarray, count: int) -> np.ndarray:
 def _greedy(w: np.ndarray, hinv: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Greedy optimal-brain-surgeon removal of whole units (see module doc); one score per
     element (its unit's)."""
-    units = [np.flatnonzero(labels == u) for u in np.unique(labels)]
+    units = [np.flatnonzero(labels == u) for u in np.unique(labels) if u >= 0]  # -1: pinned, kept
     if all(len(e) == 1 for e in units):  # one column per unit: its score is the column's
         return _greedy_columns(w, hinv, (len(units) + 1) // 2)
     return _greedy_units(w, hinv, units, len(labels))
@@ -291,8 +291,9 @@ def group_scores(
         mean = values.mean()
         if mean > 0:
             values = values / mean
-        sums = np.bincount(labels, weights=values, minlength=group.num_units)
-        counts = np.bincount(labels, minlength=group.num_units)
+        free = labels >= 0  # -1: a pinned element (no unit)
+        sums = np.bincount(labels[free], weights=values[free], minlength=group.num_units).astype(np.float64)
+        counts = np.bincount(labels[free], minlength=group.num_units)
         scores += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
         used += 1
     return scores if used else fallback(group)

@@ -60,8 +60,9 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
         if mean > 0:
             norms = norms / mean
         labels = group.unit_of[dim]
-        sums = np.bincount(labels, weights=norms, minlength=group.num_units)
-        counts = np.bincount(labels, minlength=group.num_units)
+        free = labels >= 0  # -1: a pinned element (no unit)
+        sums = np.bincount(labels[free], weights=norms[free], minlength=group.num_units).astype(np.float64)
+        counts = np.bincount(labels[free], minlength=group.num_units)
         scores += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     return scores
 

@@ -109,7 +109,7 @@ def select_units(
     remaining: list[int] = []
     unit_members: list[list[int]] = [[] for _ in range(group.num_units)]
     for labels in group.unit_of.values():
-        units = np.unique(labels)
+        units = np.unique(labels[labels >= 0])  # -1: pinned elements, never removed
         index = len(members)
         members.append(units)
         remaining.append(len(units))

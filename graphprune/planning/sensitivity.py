@@ -153,8 +153,15 @@ def correction(fix: Correction, removed_units: np.ndarray) -> np.ndarray:
 def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], roles: dict,
                 group: Any, mask_name: str, tag_id: str, current: dict[str, str],
                 nodes: list[onnx.NodeProto]) -> bool:
-    """Multiply every float producer/consumer weight of ``group`` by its unit mask."""
+    """Multiply every float producer/consumer weight of ``group`` by its unit mask (pinned
+    elements, label -1, read a 1 appended to the mask)."""
     used = False
+    source_mask = mask_name
+    if getattr(group, "pinned_units", 0):
+        source_mask = f"{mask_name}_ext"
+        graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype=np.float32), f"{mask_name}_one"))
+        nodes.append(onnx.helper.make_node("Concat", [mask_name, f"{mask_name}_one"], [source_mask], axis=0,
+                                           name=f"{mask_name}_concat"))
     for dim, labels in group.unit_of.items():
         name, axis = dim
         init = inits.get(name)
@@ -166,13 +173,14 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
         rank = len(init.dims)
         tag = f"{name}__gp_s{tag_id}_{axis}"
         index_name, shape_name = f"{tag}_idx", f"{tag}_shape"
-        graph.initializer.append(numpy_helper.from_array(np.asarray(labels, dtype=np.int64), index_name))
+        index = np.where(np.asarray(labels) >= 0, labels, group.num_units).astype(np.int64)
+        graph.initializer.append(numpy_helper.from_array(index, index_name))
         shape = [1] * rank
         shape[axis] = -1
         graph.initializer.append(numpy_helper.from_array(np.asarray(shape, dtype=np.int64), shape_name))
         source = current.get(name, name)
         gathered = f"{tag}_g"
-        nodes.append(onnx.helper.make_node("Gather", [mask_name, index_name], [gathered], name=f"{tag}_gather"))
+        nodes.append(onnx.helper.make_node("Gather", [source_mask, index_name], [gathered], name=f"{tag}_gather"))
         if init.data_type != onnx.TensorProto.FLOAT:
             nodes.append(onnx.helper.make_node("Cast", [gathered], [f"{gathered}_c"], to=init.data_type,
                                                name=f"{tag}_cast"))

@@ -190,6 +190,22 @@ class SliceRule(OpRule):
             ctx.set_input(node, 2, np.clip(new_ends, bound.min, bound.max).astype(dtype))
 
 
+def _constant_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
+    """``(start, count)`` where Gather's constant indices are 1-D and name ``count``
+    consecutive elements of an axis of ``size`` in order, fewer than all (negative ones
+    counted from the end); else ``None``."""
+    indices = node.inputs[1]
+    if not isinstance(indices, gs.Constant) or size is None or np.ndim(indices.values) != 1:
+        return None
+    flat = np.asarray(indices.values).astype(np.int64)
+    if not flat.size or flat.size >= size or ((flat < -size) | (flat >= size)).any():
+        return None
+    flat = np.where(flat < 0, flat + size, flat)
+    if not np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        return None
+    return int(flat[0]), int(flat.size)
+
+
 def _arange_indices(node: gs.Node, ctx: CouplingContext | RewriteContext, size: int | None) -> bool:
     indices = node.inputs[1]
     if not isinstance(indices, gs.Constant) or size is None:
@@ -254,7 +270,11 @@ class GatherRule(OpRule):
         axis = int(node.attrs.get("axis", 0)) % rd
         if _arange_indices(node, ctx, ctx.size(data, axis)) and couple_reshape(ctx, data, y, node):
             return
-        ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
+        run = _constant_run(node, ctx.size(data, axis))
+        if run is not None:  # fused_qkv[..., [-2], :]: a range of the axis, like a Slice
+            ctx.couple(data, axis, y, axis, Offset(run[0]))
+        else:
+            ctx.freeze(data, axis, f"gathered axis at Gather '{node.name}'")
         for a in range(rd):
             if a < axis:
                 ctx.couple(data, a, y, a)
@@ -262,6 +282,8 @@ class GatherRule(OpRule):
                 ctx.couple(data, a, y, a - 1 + ri)
                 if axis == 0 and isinstance(data, gs.Constant):
                     ctx.role(data, a, PRODUCER)  # an embedding table produces features
+        if run is not None:
+            return  # the rewrite writes the run anew; a shared index constant couples nothing
         for a in range(ri):
             ctx.couple(indices, a, y, axis + a)
 
@@ -271,7 +293,16 @@ class GatherRule(OpRule):
         if shape is None or not isinstance(indices, gs.Constant):
             return
         axis = int(node.attrs.get("axis", 0)) % len(shape)
-        if not ctx.removed(data, axis).size or not _arange_indices(node, ctx, shape[axis]):
+        removed = ctx.removed(data, axis)
+        run = _constant_run(node, shape[axis])
+        if removed.size and run is not None:  # the run moves down past removed elements
+            start = run[0] - int(np.count_nonzero(removed < run[0]))
+            count = ctx.new_size(y, axis)
+            if count is not None:
+                dtype = np.asarray(indices.values).dtype
+                ctx.set_input(node, 1, np.arange(start, start + int(count), dtype=dtype))
+            return
+        if not removed.size or not _arange_indices(node, ctx, shape[axis]):
             return
         index_rank = np.asarray(indices.values).ndim
         new_shape = [ctx.new_size(y, axis + k) for k in range(index_rank)]
