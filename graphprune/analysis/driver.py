@@ -49,16 +49,11 @@ class Analysis:
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
-    @property
-    def merges_batch(self) -> bool:
-        """A prunable group holds an axis without a static size: channels merged with a
-        dynamic batch (``[B*H, ...]``), laid out ``b * H + h``. Batch 1 cannot tell that
-        layout from another, so verification runs such a model at batch 2."""
-        ctx = self.context
-        return any(
-            ctx.size(ctx.tensors[name], axis) is None
-            for g in self.prunable_groups for name, axis in g.dims if name in ctx.tensors
-        )
+    #: a prunable group holds an activation axis without a static size: channels merged
+    #: with a dynamic batch (``[B*H, ...]``), laid out ``b * H + h``. Batch 1 cannot tell
+    #: that layout from another, so verification runs such a model at batch 2. Set when the
+    #: groups are formed (a rewrite clears the intermediate shapes later)
+    merges_batch: bool = False
 
     @property
     def frozen_groups(self) -> list[ChannelGroup]:
@@ -187,7 +182,12 @@ def analyze_graph(
             return analyze_graph(
                 graph, opset, keep=keep, position_convs=collapsed, _probes=probes
             )
-    return Analysis(graph, opset, groups, dict(unsupported), ctx)
+    merges = any(
+        ctx.size(t, axis) is None
+        for g in groups if g.prunable for name, axis in g.dims
+        if isinstance(t := ctx.tensors.get(name), gs.Variable)
+    )
+    return Analysis(graph, opset, groups, dict(unsupported), ctx, merges)
 
 
 def _collapsed_position_nodes(
