@@ -27,7 +27,8 @@ def multi_query(select: str = "split") -> onnx.ModelProto:
     head, attention with the key/value head shared by every query head, a MatMul out.
     ``select="split"``: Split [64, 16, 16] (gpt_bigcode); ``"gather"``: the projection as
     ``[N, T, 6, 16]``, queries ``[..., :4, :]`` by Slice, key ``[..., [4], :]`` and value
-    ``[..., [-1], :]`` by Gather (Falcon)."""
+    ``[..., [-1], :]`` by Gather (Falcon, TorchScript); ``"gathernd"``: the fused axis moved
+    first and the key and value picked by GatherND ``[[4]]``, ``[[-1]]`` (Falcon, dynamo)."""
     if select == "split":
         head = [
             helper.make_node("Split", ["p", "split"], ["q", "k", "v"], axis=2),
@@ -37,6 +38,20 @@ def multi_query(select: str = "split") -> onnx.ModelProto:
         ]
         params = {"split": np.array([64, 16, 16], I64), "heads": np.array([0, 0, 4, 16], I64),
                   "ax2": np.array([2], I64)}
+    elif select == "gathernd":  # the dynamo exporter's Falcon: the fused axis first, GatherND
+        head = [
+            helper.make_node("Reshape", ["p", "fused"], ["p6"]),
+            helper.make_node("Transpose", ["p6"], ["pt"], perm=[2, 0, 1, 3]),  # [6, N, T, 16]
+            helper.make_node("Slice", ["pt", "s0", "s4", "ax0"], ["qt"]),
+            helper.make_node("Transpose", ["qt"], ["q3"], perm=[1, 2, 0, 3]),
+            helper.make_node("GatherND", ["pt", "i4"], ["kt"]),  # [1, N, T, 16]
+            helper.make_node("Transpose", ["kt"], ["k3"], perm=[1, 2, 0, 3]),
+            helper.make_node("GatherND", ["pt", "im1"], ["vt"]),
+            helper.make_node("Transpose", ["vt"], ["v3"], perm=[1, 2, 0, 3]),
+        ]
+        params = {"fused": np.array([0, 0, 6, 16], I64), "s0": np.array([0], I64),
+                  "s4": np.array([4], I64), "ax0": np.array([0], I64),
+                  "i4": np.array([[4]], I64), "im1": np.array([[-1]], I64)}
     else:
         head = [
             helper.make_node("Reshape", ["p", "fused"], ["p6"]),  # [N, T, 6, 16]
@@ -68,7 +83,7 @@ def _feeds(seed: int) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((1, 7, 64)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("select", ["split", "gather"])
+@pytest.mark.parametrize("select", ["split", "gather", "gathernd"])
 def test_query_heads_prune_beside_a_pinned_key_value_head(select: str) -> None:
     model = multi_query(select)
     analysis = graphprune.analyze(model)

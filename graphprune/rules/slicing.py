@@ -310,3 +310,55 @@ class GatherRule(OpRule):
             return
         values = np.arange(int(np.prod(new_shape)), dtype=np.asarray(indices.values).dtype)
         ctx.set_input(node, 1, values.reshape(new_shape))
+
+
+def _leading_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
+    """``(start, count)`` where GatherND (``batch_dims`` 0) has constant indices of shape
+    ``[count, 1]`` naming consecutive elements of the first axis: ``data[start:start+count]``
+    (the dynamo exporter's ``fused_qkv[[-2]]`` after moving the fused axis first)."""
+    indices = node.inputs[1]
+    if int(node.attrs.get("batch_dims", 0)) or not isinstance(indices, gs.Constant) or size is None:
+        return None
+    values = np.asarray(indices.values)
+    if values.ndim != 2 or values.shape[1] != 1:
+        return None
+    flat = values.reshape(-1).astype(np.int64)
+    if not flat.size or flat.size >= size or ((flat < -size) | (flat >= size)).any():
+        return None
+    flat = np.where(flat < 0, flat + size, flat)
+    if not np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        return None
+    return int(flat[0]), int(flat.size)
+
+
+@register
+class GatherNDRule(OpRule):
+    """GatherND of a constant run of the first axis (``indices [k, 1]``) is a range of that
+    axis, coupled and rewritten like a Slice; any other GatherND indexes by computed
+    positions and is frozen."""
+
+    op_types = ("GatherND",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, y = node.inputs[0], node.outputs[0]
+        rank = ctx.rank(data)
+        run = None if rank is None or ctx.rank(y) != rank else _leading_run(node, ctx.size(data, 0))
+        if run is None:
+            ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")
+            return
+        ctx.couple(data, 0, y, 0, Offset(run[0]))
+        for a in range(1, rank):  # type: ignore[arg-type]
+            ctx.couple(data, a, y, a)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        data, indices = node.inputs[0], node.inputs[1]
+        shape = ctx.old_shape(data)
+        run = None if shape is None else _leading_run(node, shape[0])
+        removed = ctx.removed(data, 0)
+        if run is None or not removed.size:
+            return
+        start = run[0] - int(np.count_nonzero(removed < run[0]))
+        count = ctx.new_size(node.outputs[0], 0)
+        if count is not None:
+            values = np.arange(start, start + int(count), dtype=np.asarray(indices.values).dtype)
+            ctx.set_input(node, 1, values.reshape(-1, 1))

@@ -569,7 +569,7 @@ class GatherElementsRule(OpRule):
 class DataDependentIndexRule(OpRule):
     """Gathers and scatters by computed multi-axis indices: frozen."""
 
-    op_types = ("GatherND", "ScatterND", "ScatterElements", "Scatter")
+    op_types = ("ScatterND", "ScatterElements", "Scatter")  # GatherND: rules/slicing.py
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")
