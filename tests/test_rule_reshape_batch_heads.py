@@ -137,3 +137,41 @@ def test_a_model_that_runs_only_at_batch_one_is_verified_at_batch_one() -> None:
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"] is True
     assert run_ort(result.model, _feeds(1))[0].shape == (6, 16)
+
+
+def test_one_batch_times_heads_literal_read_by_two_blocks_ties_their_heads() -> None:
+    """``batch * 4`` computed once and read by the query Reshapes of two attention blocks
+    (BLOOM computes its ALiBi target once for all layers): the literal gives both head
+    counts, so both blocks must keep equal counts. Keeping one block's heads keeps the
+    other's; untied, the rewrite would write 2 into a target the kept block still reads."""
+    one = alibi_attention()
+    shared = {"x", "m", "xs", "n", "t", "t1", "nh", "nh1", "i0", "i1", "heads", "ax0", "ax1", "one1",
+              "c4", "c16", "split_heads", "flat", "slopes", ""}
+
+    def renamed(name: str) -> str:
+        return name if name in shared else f"{name}_2"
+
+    nodes = list(one.graph.node)
+    params = {t.name: onnx.numpy_helper.to_array(t) for t in one.graph.initializer}
+    second = []
+    for node in nodes:
+        if node.output[0] in ("xs", "n", "t", "t1", "nh", "nh1"):
+            continue  # the shared size computations
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{node.name}_2"
+        copy.input[:] = [renamed(i) for i in node.input]
+        copy.output[:] = [renamed(o) for o in node.output]
+        second.append(copy)
+    extra = {f"{k}_2": v for k, v in params.items() if renamed(k) != k}
+    total = helper.make_node("Add", ["y", "y_2"], ["out"])
+    model = make_model([*nodes, *second, total], {"x": ("N", "T", 64), "m": ("N", "T")},
+                       {"out": None}, {**params, **extra})
+    analysis = graphprune.analyze(model)
+    assert group_with(analysis, "Wq", 1) is group_with(analysis, "Wq_2", 1)
+    kept = graphprune.prune(model, ratio=0.5, keep=["Wq_2"])
+    assert kept.report["verification"]["ok"] is True
+    widths = {t.name: tuple(t.dims) for t in kept.model.graph.initializer}
+    assert widths["Wq"] == widths["Wq_2"] == (64, 64)  # both blocks keep their four heads
+    pruned = graphprune.prune(model, ratio=0.5)
+    assert pruned.report["verification"]["ok"] is True

@@ -84,6 +84,7 @@ class CouplingContext:
         self.spatial_dims: set[Dim] = set()
         self.head_dims: set[Dim] = set()
         self.shape_elements: list[ShapeElement] = []
+        self._literal_dims: dict[tuple[str, int, int], Dim] = {}  # a literal's first dimension
         self._rules = rules
         # phase-2 snapshot of the phase-1 components
         self._component_facts: dict[Dim, frozenset[str]] | None = None
@@ -375,7 +376,15 @@ class CouplingContext:
         shape_trace.track_shape(self, node, input_index, dims, special_zero=special_zero)
 
     def add_shape_element(self, element: ShapeElement) -> None:
-        """A literal that gives the size of ``element.dim``: the rewrite writes the new size."""
+        """A literal that gives the size of ``element.dim``: the rewrite writes the new size.
+        One literal that gives the sizes of two dimensions (a ``batch * H`` computed once
+        and read by several Reshapes) couples them: they must keep equal sizes."""
+        key = (element.node_name, element.input_index, element.element)
+        first = self._literal_dims.setdefault(key, element.dim)
+        if first != element.dim:
+            a, b = self.tensors.get(first[0]), self.tensors.get(element.dim[0])
+            if a is not None and b is not None:
+                self.couple(a, first[1], b, element.dim[1])
         self.shape_elements.append(element)
         self.dim_graph.add_node(element.dim)
 
