@@ -197,7 +197,13 @@ def _constant_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
     indices = node.inputs[1]
     if not isinstance(indices, gs.Constant) or size is None or np.ndim(indices.values) != 1:
         return None
-    flat = np.asarray(indices.values).astype(np.int64)
+    return _run(np.asarray(indices.values), size)
+
+
+def _run(values: np.ndarray, size: int) -> tuple[int, int] | None:
+    """``(start, count)`` where ``values`` (negative ones from the end) are ``count``
+    consecutive indices of an axis of ``size`` in order, fewer than all; else ``None``."""
+    flat = values.reshape(-1).astype(np.int64)
     if not flat.size or flat.size >= size or ((flat < -size) | (flat >= size)).any():
         return None
     flat = np.where(flat < 0, flat + size, flat)
@@ -322,13 +328,7 @@ def _leading_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
     values = np.asarray(indices.values)
     if values.ndim != 2 or values.shape[1] != 1:
         return None
-    flat = values.reshape(-1).astype(np.int64)
-    if not flat.size or flat.size >= size or ((flat < -size) | (flat >= size)).any():
-        return None
-    flat = np.where(flat < 0, flat + size, flat)
-    if not np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
-        return None
-    return int(flat[0]), int(flat.size)
+    return _run(values, size)
 
 
 @register
