@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.dims import ShapeElement
+from graphprune.analysis.dims import Dim, ShapeElement
 from graphprune.analysis.index_maps import Digit, IndexMap
 from graphprune.io.tensors import const_value, static_shape, static_size
 
@@ -39,6 +39,10 @@ class ShapeLiteral:
     input_index: int
     element: int
     value: int
+
+    def gives(self, dim: Dim) -> ShapeElement:
+        """This literal as the size of ``dim``: the rewrite writes ``dim``'s new size here."""
+        return ShapeElement(self.node_name, self.input_index, self.element, dim)
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ def track_shape(
                 continue
             dim = (tensor.name, axis % rank)
             ctx.add_shape_element(
-                ShapeElement(element.node_name, element.input_index, element.element, dim)
+                element.gives(dim)
             )
         elif isinstance(element, ShapeRead):
             src = ctx.tensors.get(element.tensor)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.dims import ShapeElement
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.shape_trace import QuotientRead, ScaledRead, ShapeTrace
 from graphprune.rules.registry import OpRule, register
@@ -298,16 +297,14 @@ def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[Merg
             if isinstance(element, ScaledRead) and element.literal is not None \
                     and element.factor == size and element.literal.value == size \
                     and ctx.size(ctx.tensors[element.tensor], element.axis) is None:
-                literal = element.literal
-                ctx.add_shape_element(ShapeElement(literal.node_name, literal.input_index, literal.element, heads))
+                ctx.add_shape_element(element.literal.gives(heads))
                 handled.add(block.m_axis)
         else:  # [B*H, ...] -> [B, H, ...]: the element is size(merged) // H
             axis = block.dynamic[0]
             element = sources[axis]
             if isinstance(element, QuotientRead) and element.divisor.value == size \
                     and element.tensor in ctx.tensors:
-                divisor = element.divisor
-                ctx.add_shape_element(ShapeElement(divisor.node_name, divisor.input_index, divisor.element, heads))
+                ctx.add_shape_element(element.divisor.gives(heads))
                 ctx.couple(ctx.tensors[element.tensor], element.axis, block.merged, block.m_axis)
                 handled.add(axis)
     return handled

@@ -17,7 +17,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.dims import ShapeElement
 from graphprune.analysis.index_maps import Digit, Offset
 from graphprune.analysis.shape_trace import QuotientRead, ShapeLiteral, ShapeRead, ShapeTrace
 from graphprune.io.tensors import const_value
@@ -336,8 +335,7 @@ def _couple_computed_tile(node: gs.Node, ctx: CouplingContext) -> bool:
             continue
         ctx.couple(x, a, y, a, Digit(1))
         ctx.couple(ctx.tensors[element.tensor], element.axis, y, a)
-        ctx.add_shape_element(ShapeElement(element.divisor.node_name, element.divisor.input_index,
-                                           element.divisor.element, (x.name, a)))
+        ctx.add_shape_element(element.divisor.gives((x.name, a)))
     return True
 
 
