@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import conv_node, make_model
@@ -225,6 +226,23 @@ def test_input_failing_the_checker_is_named_not_the_pruned_model(capsys, tmp_pat
     code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model)
     line = _assert_one_line_error(code, err)
     assert "the input model fails onnx.checker" in line and "HardSwish" in line
+    assert not out_model.exists()
+
+
+def test_input_that_does_not_run_is_named_not_the_zeroed_original(capsys, tmp_path):
+    """A graph that passes the checker but fails in ONNX Runtime as exported (the
+    TorchScript exporter's Cohere attention multiplies tensors that cannot broadcast): the
+    error blamed "the zeroed original" (exit 3). The input is what is wrong: exit 2, no file."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["b"]),
+             helper.make_node("Reshape", ["b", "shape"], ["y"])]  # 4 values per row into rows of 3
+    model = make_model(nodes, {"x": ["N", 8]}, {"y": None},
+                       {"W1": (8, 16), "W2": (16, 4), "shape": np.array([-1, 3], np.int64)})
+    path, out_model = tmp_path / "broken.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model)
+    line = _assert_one_line_error(code, err)
+    assert "the input model does not run in ONNX Runtime" in line and "Reshape" in line
     assert not out_model.exists()
 
 

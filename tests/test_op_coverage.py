@@ -492,8 +492,8 @@ def _case_table() -> dict[str, Case]:
     add("GatherElements", index_op("GatherElements", ["a", "idx"], {"idx": SAME_INDEX}, axis=2))
     add("GatherElements(channels)", index_op("GatherElements", ["a", "idx"], {"idx": SAME_INDEX}, axis=1),
         FROZEN, "computed positions at GatherElements", ops=["GatherElements"])
-    add("GatherND", index_op("GatherND", ["a", "idx"], {"idx": ints(0).reshape(1, 1)}), FROZEN,
-        "computed positions at GatherND")
+    # the positions index the batch axis; the channel axis after it passes through
+    add("GatherND", index_op("GatherND", ["a", "idx"], {"idx": ints(0).reshape(1, 1)}))
     add("ScatterND", index_op("ScatterND", ["a", "idx", "a"], {"idx": ints(0).reshape(1, 1)}),
         FROZEN, "computed positions at ScatterND")
     add("ScatterElements", index_op("ScatterElements", ["a", "idx", "a"], {"idx": SAME_INDEX},

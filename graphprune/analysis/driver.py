@@ -114,8 +114,8 @@ def analyze_graph(
     """Run every op rule over ``graph`` and form channel groups with their units.
 
     Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
-    group). Where that collapses a channel group to a single unit (a channel shuffle after
-    a grouped conv, as in ShuffleNet v1), those convs are re-analysed position by position.
+    group). Where that leaves a channel group unprunable (one unit, or frozen), those convs
+    are re-analysed position by position, and that analysis is kept if it prunes more.
     """
     keep = tuple(keep)
     # a retry analyses the same graph, whose shapes were refined by the first pass
@@ -179,9 +179,9 @@ def analyze_graph(
     if not position_convs:
         collapsed = _collapsed_position_nodes(graph, groups, rule_for)
         if collapsed:
-            return analyze_graph(
-                graph, opset, keep=keep, position_convs=collapsed, _probes=probes
-            )
+            retry = analyze_graph(graph, opset, keep=keep, position_convs=collapsed, _probes=probes)
+            if _prunable_units(retry.groups) > _prunable_units(groups):
+                return retry
     merges = any(
         ctx.size(t, axis) is None
         for g in groups if g.prunable for name, axis in g.dims
@@ -195,14 +195,21 @@ def _collapsed_position_nodes(
 ) -> frozenset[str]:
     """Nodes that tie units group by group but could prune by position
     (:meth:`OpRule.prunes_by_position`: grouped, not depthwise, convolutions) inside
-    unfrozen groups that ended with one unit."""
+    groups that cannot prune that way: frozen (SqueezeBERT's grouped 1-D convolutions read
+    and write the residual stream, which a graph output freezes: tied by conv group, the MLP
+    width is frozen with it) or left with one unit (a channel shuffle after a grouped conv,
+    as in ShuffleNet v1). The caller keeps the retry only where it prunes more units."""
     candidates = {
         n.name for n in graph.nodes
         if (rule := rule_for(n)) is not None and rule.prunes_by_position(n)
     }
     names: set[str] = set()
     for group in groups:
-        if group.frozen or group.num_units >= 2 or not group.producers:
+        if group.prunable or not group.producers:
             continue
         names |= {name for name in group.nodes if name in candidates}
     return frozenset(names)
+
+
+def _prunable_units(groups: list[ChannelGroup]) -> int:
+    return sum(g.num_units - g.pinned_units for g in groups if g.prunable)

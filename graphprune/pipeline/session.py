@@ -33,7 +33,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, analyze_graph
-from graphprune.errors import RewriteError, UsageError, VerificationError
+from graphprune.errors import (
+    GraphPruneError,
+    InvalidModelError,
+    RewriteError,
+    UsageError,
+    VerificationError,
+)
 from graphprune.io import ir, model_io
 from graphprune.io.feeds import make_feeds
 from graphprune.io.shared_constants import retie_constants, share_subgraph_constants
@@ -417,7 +423,20 @@ class Session:
                 result["checker"] = result["checker"] or checked
                 return result
             except VerificationError as exc:
-                return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
+                error = self._input_fault(exc, what) or exc
+                return {"ok": False, "reference": what, "error": str(error), "_error": error}
+
+    def _input_fault(self, exc: VerificationError, what: str) -> InvalidModelError | None:
+        """Where the reference does not run, whether the model as loaded runs at all: a
+        model that fails in ONNX Runtime before any change (an exporter's broken graph) is
+        bad input (exit 2), not a failed rewrite."""
+        if not str(exc).startswith(f"{what} does not run"):
+            return None
+        try:
+            validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
+        except VerificationError as fault:
+            return InvalidModelError(str(fault))
+        return None
 
     # ------------------------------------------------------------------ results
     def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:
@@ -442,7 +461,7 @@ class Session:
     ) -> PruneResult:
         """Attach verification and timings; raise :class:`VerificationError` on a failure
         (its ``result`` attribute carries the unverified result)."""
-        error: VerificationError | None = None
+        error: GraphPruneError | None = None  # InvalidModelError: the input does not run
         if verification is None:
             verification = {"ok": None, "skipped": True}
         else:

@@ -334,21 +334,39 @@ def _leading_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
 @register
 class GatherNDRule(OpRule):
     """GatherND of a constant run of the first axis (``indices [k, 1]``) is a range of that
-    axis, coupled and rewritten like a Slice; any other GatherND indexes by computed
-    positions and is frozen."""
+    axis, coupled and rewritten like a Slice. Any other GatherND indexes the ``k`` axes after
+    the batch axes by positions it cannot follow: those axes are frozen, while the batch
+    axes and the axes after the indexed ones pass through whatever the positions are
+    (SwinV2's ``bias_table[relative_position_index]``: the table's head axis)."""
 
     op_types = ("GatherND",)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        data, y = node.inputs[0], node.outputs[0]
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
         rank = ctx.rank(data)
         run = None if rank is None or ctx.rank(y) != rank else _leading_run(node, ctx.size(data, 0))
-        if run is None:
+        if run is not None:
+            ctx.couple(data, 0, y, 0, Offset(run[0]))
+            for a in range(1, rank):  # type: ignore[arg-type]
+                ctx.couple(data, a, y, a)
+            return
+        ranks = ctx.known_ranks(node, data, indices)
+        batch = int(node.attrs.get("batch_dims", 0))
+        depth = None if ranks is None else ctx.size(indices, ranks[1] - 1)
+        if ranks is None or depth is None or ctx.rank(y) != ranks[1] - 1 + ranks[0] - batch - depth:
             ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")
             return
-        ctx.couple(data, 0, y, 0, Offset(run[0]))
-        for a in range(1, rank):  # type: ignore[arg-type]
+        rd, ri = ranks
+        reason = f"indexed axis at {node.op} '{node.name}'"
+        for a in range(batch, batch + depth):
+            ctx.freeze(data, a, reason)
+        ctx.freeze(indices, ri - 1, reason)
+        for a in range(batch):
             ctx.couple(data, a, y, a)
+        for a in range(ri - 1):
+            ctx.couple(indices, a, y, a)
+        for a in range(batch + depth, rd):
+            ctx.couple(data, a, y, ri - 1 + a - batch - depth)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         data, indices = node.inputs[0], node.inputs[1]
