@@ -362,6 +362,7 @@ def _case_table() -> dict[str, Case]:
     add("ThresholdedRelu", unary("ThresholdedRelu", alpha=0.2))
     add("Shrink", unary("Shrink", lambd=0.3, bias=0.1))
     add("Mish", unary("Mish", opset=18))
+    add("Swish", unary("Swish", opset=24, alpha=1.5))
     add("Gelu", unary("Gelu", opset=20, approximate="tanh"))
     for op in ("Asin", "Acos", "Tan"):
         add(op, unary(op, before=TANH, src="t"), ops=[op])
@@ -494,6 +495,24 @@ def _case_table() -> dict[str, Case]:
         FROZEN, "computed positions at GatherElements", ops=["GatherElements"])
     # the positions index the batch axis; the channel axis after it passes through
     add("GatherND", index_op("GatherND", ["a", "idx"], {"idx": ints(0).reshape(1, 1)}))
+    # sampling at positions (RoiAlign, GridSample): the channel axis goes element for element
+    rois = np.array([[0, 0, 3, 3], [1, 1, 3, 2]], np.float32)
+    add("RoiAlign", lambda: cnn([n("RoiAlign", ["a", "rois", "roi_batch"], ["b"], output_height=2,
+                                   output_width=2)], {"rois": rois, "roi_batch": ints(0, 0)}))
+    grid = np.random.default_rng(3).uniform(-1, 1, (1, 3, 3, 2)).astype(np.float32)
+    add("GridSample", lambda: cnn([n("GridSample", ["a", "grid"], ["b"])], {"grid": grid}))
+    # selections along one axis: that axis freezes, the channel axis passes through
+    add("TopK", lambda: cnn([n("TopK", ["a", "k2"], ["b", "top_i"], axis=3)], {"k2": ints(2)}))
+    add("TopK(channels)", lambda: cnn([n("TopK", ["a", "k2"], ["b", "top_i"], axis=1)], {"k2": ints(2)},
+                                      head_in=2), FROZEN, "selected axis at TopK 'TopK'", ops=["TopK"])
+    for op in ("ArgMax", "ArgMin"):
+        add(op, lambda op=op: cnn([n(op, ["a"], ["i"], axis=2),
+                                   n("Cast", ["i"], ["b"], to=TensorProto.FLOAT)]), ops=[op])
+    add("ArgMax(channels)", lambda: cnn([n("ArgMax", ["a"], ["i"], axis=1), n("Cast", ["i"], ["b"], to=TensorProto.FLOAT)],
+                                        head_in=1), FROZEN, "selected axis at ArgMax 'ArgMax'", ops=["ArgMax"])
+    add("CumSum", lambda: cnn([n("CumSum", ["a", "ax2"], ["b"])], {"ax2": np.array(2, np.int64)}))
+    add("CumSum(channels)", lambda: cnn([n("CumSum", ["a", "ax1"], ["b"])], {"ax1": np.array(1, np.int64)}),
+        FROZEN, "summed axis at CumSum 'CumSum'", ops=["CumSum"])
     add("ScatterND", index_op("ScatterND", ["a", "idx", "a"], {"idx": ints(0).reshape(1, 1)}),
         FROZEN, "computed positions at ScatterND")
     add("ScatterElements", index_op("ScatterElements", ["a", "idx", "a"], {"idx": SAME_INDEX},

@@ -36,7 +36,7 @@ ZERO_PRESERVING_UNARY = (
     "Relu", "LeakyRelu", "Tanh", "Elu", "Selu", "Mish", "Gelu", "Erf", "Sqrt", "Neg", "Abs",
     "HardSwish", "Identity", "Dropout", "Cast", "Sign", "Ceil", "Floor", "Round", "Sin",
     "Asin", "Atan", "Sinh", "Asinh", "Atanh", "Tan", "Relu6", "Celu", "ThresholdedRelu",
-    "Shrink", "Softsign", "CastLike",
+    "Shrink", "Softsign", "CastLike", "Swish",
 )
 #: unary ops with f(0) a non-zero constant (or undefined)
 CONSTANT_UNARY = (
