@@ -208,7 +208,9 @@ class OpRule:
         """Can the node, which ties its units group by group (a grouped Conv: one unit is a
         whole conv group), remove the same positions in every group instead, when it is
         listed in ``ctx.position_convs``? The analysis retries that way where tying by group
-        leaves a channel group with one unit (a channel shuffle). Default: no."""
+        leaves a channel group with one unit (a channel shuffle) or frozen (grouped convs
+        that read and write a residual stream), and keeps the retry where it prunes more
+        units. Default: no."""
         return False
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
