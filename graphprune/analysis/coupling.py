@@ -229,6 +229,7 @@ class CouplingContext:
                 self.freeze(t, None, f"shape unknown at {self.where()}")
             return
         rank = len(out_shape)
+        several = sum(1 for t in inputs if t is not None and t.name) > 1
         for t in inputs:
             if t is None or t.name == "":
                 continue
@@ -242,6 +243,11 @@ class CouplingContext:
                 o = axis + lead
                 if n == 1 and out_shape[o] != 1:
                     continue  # broadcast: the size-1 axis stays valid
+                if n == 1 and out_shape[o] == 1 and several:
+                    # a size-1 axis never loses a unit (a member of one element is pinned):
+                    # coupling it would only join groups through a tensor both read (the
+                    # rotary table every layer's one key head is multiplied with)
+                    continue
                 if n is None or out_shape[o] is None:
                     if n is None and out_shape[o] is None and isinstance(t, gs.Variable):
                         self.couple(t, axis, output, o)
