@@ -169,6 +169,8 @@ def test_batches_stack_a_batch_separable_model():
     feeds = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(5)]
     b = runner.batches(model, feeds, 2)
     assert b.stacked and b.sizes == [2, 2, 1] and b.feeds[0]["x"].shape == (2, 4, 9, 9)
+    # never one batch: the refit's ridge is cross-validated on even against odd batches
+    assert runner.batches(model, feeds, 16).sizes == [3, 2]
 
 
 # ---------------------------------------------------------------------- linear rows

@@ -244,6 +244,13 @@ def test_input_that_does_not_run_is_named_not_the_zeroed_original(capsys, tmp_pa
     line = _assert_one_line_error(code, err)
     assert "the input model does not run in ONNX Runtime" in line and "Reshape" in line
     assert not out_model.exists()
+    # the same where calibration runs the original first ("the original model does not run")
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=np.random.default_rng(0).standard_normal((4, 2, 8)).astype(np.float32))
+    code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model, "--calibration", calibration)
+    line = _assert_one_line_error(code, err)
+    assert "the input model does not run in ONNX Runtime" in line
+    assert not out_model.exists()
 
 
 def test_bad_model_error_is_the_last_line_with_progress_on(capsys, models, tmp_path):

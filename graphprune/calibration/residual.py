@@ -98,8 +98,20 @@ def residual_of(view: LinearView, opset: int) -> Residual | None:
             continue
         if not other.name or from_constants(other):
             return None  # a bias the graph computes from constants is no residual stream
+        if _broadcasts(other, node.outputs[0]):
+            return None  # one row for many (position embeddings [1, T, C]): rows do not align
         return Residual(other.name, node.outputs[0].name, offset, _normalised(view, node.outputs[0], opset))
     return None
+
+
+def _broadcasts(operand: gs.Tensor, total: gs.Tensor) -> bool:
+    """Does ``operand`` broadcast in the sum ``total`` (a size-1 or missing axis where the sum
+    has more)? Unknown shapes say no: the refit checks the sizes it reads as well."""
+    if operand.shape is None or total.shape is None:
+        return False
+    if len(operand.shape) != len(total.shape):
+        return True
+    return any(a == 1 and b != 1 for a, b in zip(operand.shape, total.shape, strict=True))
 
 
 def _normalised(view: LinearView, total: gs.Tensor, opset: int) -> bool | None:

@@ -443,7 +443,8 @@ class Reconstructor:
                 rows, total = totals[(t.index, batch)]
                 stream = None
                 entry = pending.setdefault((t.index, batch), {})
-                if t.view.output_positions(x.shape) * t.view.out_channels() == x.size:
+                positions = t.view.output_positions(x.shape)
+                if positions * t.view.out_channels() == x.size and (not len(rows) or positions > rows.max()):
                     stream = total - t.view.output_rows(x, rows).reshape(len(rows), -1)
                     entry["w"] = t.residual.row_weights(total + t.residual.offset) if t.residual else None
                 entry["r"] = stream

@@ -91,9 +91,10 @@ class CalibratedRun:
             self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
             # MACs of open input sizes are counted at the data's sizes
             session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
-            self.batches = runner.batches(
-                session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
-            )
+            with session.blaming_input("the original model"):
+                self.batches = runner.batches(
+                    session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
+                )
         self.stats: stats_mod.LayerStats | None = None
         #: refit targets recorded by the statistics run (one run of the original for both)
         self.recorded: RecordedTargets | None = None
@@ -121,7 +122,7 @@ class CalibratedRun:
                 [v for n in analysis.graph.nodes if (v := linear_view(n, analysis.opset)) is not None],
                 self.batches.sizes, sequential.rows_budget, analysis.opset, self.data_dir,
             )
-        with self.session.stage("statistics"):
+        with self.session.stage("statistics"), self.session.blaming_input("the original model"):
             self.stats = stats_mod.collect(
                 self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir,
                 record=self.recorded,
@@ -206,7 +207,9 @@ class CalibratedRun:
         """``model`` against the original on the held-out samples (the original runs once)."""
         feeds = self.calib.holdout
         if feeds and self._reference is None:
-            self._reference = fidelity_mod.reference_outputs(self.session.prepared, feeds, data_dir=self.data_dir)
+            with self.session.blaming_input("the original model"):
+                self._reference = fidelity_mod.reference_outputs(self.session.prepared, feeds,
+                                                                 data_dir=self.data_dir)
         return fidelity_mod.fidelity(self.session.prepared, model, feeds, data_dir=self.data_dir,
                                      reference=self._reference)
 

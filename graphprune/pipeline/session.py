@@ -426,6 +426,18 @@ class Session:
                 error = self._input_fault(exc, what) or exc
                 return {"ok": False, "reference": what, "error": str(error), "_error": error}
 
+    @contextmanager
+    def blaming_input(self, what: str) -> Iterator[None]:
+        """Runs of ``what`` (the original, as loaded) that fail where the model as loaded
+        fails as well raise :class:`InvalidModelError` (see :meth:`_input_fault`)."""
+        try:
+            yield
+        except VerificationError as exc:
+            fault = self._input_fault(exc, what)
+            if fault is None:
+                raise
+            raise fault from exc
+
     def _input_fault(self, exc: VerificationError, what: str) -> InvalidModelError | None:
         """Where the reference does not run, whether the model as loaded runs at all: a
         model that fails in ONNX Runtime before any change (an exporter's broken graph) is
