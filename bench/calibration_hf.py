@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Calibrated pruning of every Hugging Face architecture export: does ``--calibration`` run?
+
+For each export of ``bench/hf_architectures.py`` (``bench/cache/hf_architectures/``, made by
+that script; 81 architectures x 2 exporters), in a fresh process::
+
+    graphprune prune M.onnx -o P.onnx --ratio 0.5 --calibration M.npz --report R.json
+
+with ``--samples`` (12) random feeds (token ids in 5..900 with a full attention mask and
+sequence 16, or standard-normal pixels / audio / features at the export's shape). The weights
+are HF's random initialisation and the feeds random, so the held-out fidelity (3 samples) is
+a robustness figure, not a quality one. Recorded per export: exit code, held-out cosine with
+and without the reconstruction, layers refit, and the fidelity warning when the refit made the
+held-out samples worse.
+
+    python bench/hf_architectures.py           # once: the exports
+    python bench/calibration_hf.py             # ~6 min on 2 CPU cores
+    python bench/calibration_hf.py --only bert,gpt2
+
+Results: ``bench/results/calibration_hf.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache" / "hf_architectures"
+RESULTS = HERE / "results" / "calibration_hf.json"
+
+
+def feeds(path: Path, samples: int) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in ort.InferenceSession(str(path)).get_inputs():
+        shape = [samples] + [d if isinstance(d, int) else (16 if k else 1) for k, d in enumerate(i.shape)]
+        if "int" in i.type:
+            out[i.name] = (np.ones(shape, np.int64) if i.name == "attention_mask"
+                           else rng.integers(5, 900, shape).astype(np.int64))
+        else:
+            out[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def run_one(path: Path, samples: int, timeout: float, work: Path) -> dict:
+    calib, report = work / f"{path.stem}.npz", work / f"{path.stem}.json"
+    np.savez(calib, **feeds(path, samples))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(work / "out.onnx"),
+                           "--ratio", "0.5", "--calibration", str(calib), "--report", str(report)],
+                          capture_output=True, text=True, timeout=timeout)
+    row: dict = {"export": path.stem, "rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return row
+    rep = json.loads(report.read_text())
+    fid, passes = rep.get("fidelity", {}), rep.get("calibration", {}).get("passes", {})
+    row.update(cosine=fid.get("cosine"), cosine_without=(fid.get("without_reconstruction") or {}).get("cosine"),
+               refit_layers=(passes.get("RefitPass") or {}).get("layers"), warning=bool(fid.get("warning")))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated model types")
+    ap.add_argument("--samples", type=int, default=12)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    only = [o for o in args.only.split(",") if o]
+    paths = sorted(p for p in CACHE.glob("*.onnx") if ".pruned" not in p.name and "_sdpa" not in p.name
+                   and (not only or any(p.stem.rsplit("_", 1)[0] == o for o in only)))
+    if not paths:
+        print(f"no exports in {CACHE}: run bench/hf_architectures.py first", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            row = run_one(path, args.samples, args.timeout, Path(tmp))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    done = [r for r in rows if r["rc"] == 0]
+    summary = {"exports": len(rows), "ok": len(done),
+               "refit_somewhere": sum(1 for r in done if r.get("refit_layers")),
+               "warnings": sum(1 for r in done if r.get("warning")),
+               "failed": {r["export"]: r.get("error", "") for r in rows if r["rc"] != 0}}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"command": "python bench/calibration_hf.py", "samples": args.samples,
+                                        "summary": summary, "rows": rows}, indent=1) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
