@@ -190,13 +190,24 @@ def tensor_constants(graph: onnx.GraphProto) -> None:
 
 def _computes_constants(model: onnx.ModelProto) -> bool:
     """Does the model hold a node that exporters use to compute constants (a Constant node,
-    an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``)?"""
+    an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``), or
+    a weight computed in the graph (``OpRule.folds_weights``)?"""
     opset = default_opset(model)
-    for node in model.graph.node:
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # graph order: a node's inputs are decided before it
         rule = registry.lookup(node.domain, node.op_type, opset)
         if rule is not None and node.op_type in rule.constant_ops:
             return True
+        computed = bool(node.input) and all(not name or name in constant for name in node.input)
+        if rule is not None and rule.folds_weights and computed:
+            return True
+        if computed and not _subgraph_reads(node):
+            constant.update(node.output)
     return False
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def prepare(

@@ -52,6 +52,7 @@ class _AffineNorm:
 class BatchNormRule(OpRule):
     op_types = ("BatchNormalization",)
     zero_behaviour = "map"
+    folds_weights = True  # weight standardization (BiT, NFNet): BatchNorm of a conv weight
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y = scale (x - mean) / sqrt(var + eps) + B``; a zero scale gives ``B`` for any x."""

@@ -164,6 +164,11 @@ class OpRule:
     #: an ``Identity`` of a shared weight, a ``Shape`` of a static shape): a model with one
     #: is constant-folded before the analysis
     constant_ops: ClassVar[frozenset[str]] = frozenset()
+    #: a node of this op whose inputs are all computed from constants is a weight computed
+    #: in the graph, and the model is constant-folded before the analysis (a
+    #: ``BatchNormalization`` of a conv weight: weight standardization, which the dynamo
+    #: exporter leaves unfolded)
+    folds_weights: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
