@@ -106,6 +106,12 @@ def unknown(size: int) -> np.ndarray:
     return np.full(size, np.nan)
 
 
+def zeros_only(x: np.ndarray) -> np.ndarray:
+    """Of per-channel constants, only the zeros stay known (an op that keeps 0 at 0 but
+    not other constants: Lp pooling, sampling with padding)."""
+    return np.where(x == 0, 0.0, np.nan)
+
+
 class ConstantContext:
     """What :meth:`OpRule.zero_output` sees: shapes, initializers and the vectors found so far."""
 

@@ -178,12 +178,12 @@ class UnaryRule(OpRule):
             if target is not None and target.kind == "f":
                 outs[0] = za.carry(state, lambda x: x.astype(target).astype(np.float64))
             else:  # to an integer or bool type: only an exact zero is certain
-                outs[0] = za.carry(state, lambda x: np.where(x == 0, 0.0, np.nan))
+                outs[0] = za.carry(state, za.zeros_only)
         elif op in UNARY_FUNCTIONS:
             fn = UNARY_FUNCTIONS[op]
             outs[0] = za.carry(state, za.float32(lambda x: fn(x, node)))
         elif op in ZERO_PRESERVING_UNARY:
-            outs[0] = za.carry(state, lambda x: np.where(x == 0, 0.0, np.nan))
+            outs[0] = za.carry(state, za.zeros_only)
         return outs
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:

@@ -24,10 +24,6 @@ _REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")
 _REDUCE_KEEPS_ZERO = ("ReduceL1", "ReduceL2", "ReduceSumSquare")
 
 
-def _zeros_only(x: np.ndarray) -> np.ndarray:
-    return np.where(x == 0, 0.0, np.nan)
-
-
 def _spatial(ctx: CouplingContext, tensors: list[gs.Tensor]) -> None:
     for t in tensors:
         rank = ctx.rank(t)
@@ -65,11 +61,11 @@ class PoolRule(OpRule):
         if x is None or node.op == "MaxRoiPool":
             return outs
         if node.op in ("LpPool", "GlobalLpPool"):
-            x = _zeros_only(x)
+            x = za.zeros_only(x)
         elif node.op == "AveragePool" and int(node.attrs.get("count_include_pad", 0)):
             kernel = [int(k) for k in node.attrs.get("kernel_shape", [])]
             if za.conv_is_padded(node, kernel, ctx.shape(node.inputs[0])):
-                x = _zeros_only(x)
+                x = za.zeros_only(x)
         outs[0] = za.values(1, x)
         return outs
 
@@ -121,11 +117,11 @@ class ReduceRule(OpRule):
         if node.op in _REDUCE_KEEPS:
             return [za.ChannelValues(axis, state.values)]
         if node.op in _REDUCE_KEEPS_ZERO:
-            return [za.values(axis, _zeros_only(state.values))]
+            return [za.values(axis, za.zeros_only(state.values))]
         if node.op == "ReduceSum":
             sizes = [shape[a] for a in axes]
             if any(n is None for n in sizes):
-                return [za.values(axis, _zeros_only(state.values))]
+                return [za.values(axis, za.zeros_only(state.values))]
             count = math.prod(sizes)  # type: ignore[arg-type]
             return [za.values(axis, (state.values * count).astype(np.float32))]
         return [None]

@@ -48,13 +48,12 @@ class SampleRule(OpRule):
         x = ctx.along(node.inputs[0], 1)
         if x is None:
             return [None]
-        return [za.values(1, np.where(x == 0, 0.0, np.nan))]
+        return [za.values(1, za.zeros_only(x))]
 
 
 @register
 class SelectAlongAxisRule(OpRule):
     op_types = ("TopK", "ArgMax", "ArgMin", "CumSum")
-    zero_behaviour = "none"
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
