@@ -299,6 +299,9 @@ CORPUS: tuple[Entry, ...] = (
           "ONNX Runtime static quantization (QOperator)", Derived("pplcnet_orientation", "quant_qop")),
     Entry("minilm_l6_qop", "all-MiniLM-L6-v2, QOperator int8",
           "ONNX Runtime static quantization (QOperator)", Derived("minilm_l6_torchscript", "quant_qop"), TEXT),
+    Entry("minilm_l6_int4", "all-MiniLM-L6-v2, MatMulNBits 4-bit in blocks of 32",
+          "ONNX Runtime 4-bit weight quantizer (MatMulNBitsQuantizer)",
+          Derived("minilm_l6_torchscript", "quant_int4"), TEXT),
     # ---------------------------------------------------------------- float16 converter
     Entry("nudenet_yolov8n_fp16", "YOLOv8n in float16 (fp32 I/O)", "ONNX Runtime float16 converter",
           Derived("nudenet_yolov8n", "fp16_keep_io"), Probe({"images": (1, 3, 320, 320)})),

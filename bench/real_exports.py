@@ -192,6 +192,12 @@ def _derived(entry: Entry, source: Derived, out: Path) -> None:
         quantize_static(str(base), str(out), _Reader(feeds), quant_format=fmt,
                         per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8)
+    elif source.recipe == "quant_int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(base)), bits=4, block_size=32, is_symmetric=False)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(out))
     elif source.recipe in ("fp16", "fp16_keep_io"):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 

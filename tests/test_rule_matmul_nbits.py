@@ -1,25 +1,35 @@
 """com.microsoft ``MatMulNBits`` (graphprune/rules/integer_matmul.py), as ONNX Runtime's own
-4-bit quantizer (``MatMulNBitsQuantizer``) writes it for an MLP's MatMuls: the channel groups
-through it are mapped and reported frozen with the reason, not lost from the report."""
+low-bit quantizer (``MatMulNBitsQuantizer``) writes it for an MLP's MatMuls and as other
+writers lay it out (flattened scales and zero points, a bias): rows and whole blocks of inputs
+are removed, the packed weights, scales and zero points are cut without re-quantizing, and
+the pruned model computes what the original computes with the removed neurons masked."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
+from graphprune.io.tensors import pack_bits, unpack_bits
 
 #: the op types this file covers (tests/test_op_coverage.py counts them)
 OPS_UNDER_TEST = ("com.microsoft::MatMulNBits",)
 
 
-def float_mlp(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+def float_mlp(opset: int = 17, seed: int = 0, weak_blocks: tuple[int, ...] = ()) -> onnx.ModelProto:
     """x [4, 64] -> MatMul W1 [64, 128] -> Relu -> MatMul W2 [128, 64] (float weights, for ONNX
-    Runtime's 4-bit quantizer: tests/test_quantize_int4.py uses it too)."""
+    Runtime's 4-bit quantizer: tests/test_quantize_int4.py uses it too). ``weak_blocks``: hidden
+    neurons ``32 j .. 32 j + 31`` get weights a thousand times smaller."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "W1"),
-             numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "W2")]
+    w1 = rng.standard_normal((64, 128)).astype(np.float32)
+    w2 = rng.standard_normal((128, 64)).astype(np.float32)
+    for j in weak_blocks:
+        w1[:, 32 * j:32 * (j + 1)] *= 1e-3
+        w2[32 * j:32 * (j + 1)] *= 1e-3
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
              helper.make_node("MatMul", ["a", "W2"], ["y"])]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
@@ -27,42 +37,155 @@ def float_mlp(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
-def _nbits_mlp() -> onnx.ModelProto:
+def _nbits_mlp(bits: int = 4, symmetric: bool = False, weak_blocks: tuple[int, ...] = ()) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(float_mlp(), block_size=32)
+    quantizer = MatMulNBitsQuantizer(float_mlp(weak_blocks=weak_blocks), bits=bits, block_size=32,
+                                     is_symmetric=symmetric)
     quantizer.process()
     model = quantizer.model.model
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits"]
     return model
 
 
-def test_groups_through_matmulnbits_are_reported_frozen_with_the_reason() -> None:
-    analysis = graphprune.analyze(_nbits_mlp())
-    hidden = [g for g in analysis.groups if g.num_units == 128]
-    assert len(hidden) == 1 and hidden[0].frozen
-    assert any("quantized in blocks of 32 at MatMulNBits" in r for r in hidden[0].frozen), hidden[0].frozen
-    result = graphprune.prune(_nbits_mlp(), ratio=0.5)
-    assert result.report["groups"]["frozen"] == 2 and result.report["groups"]["pruned"] == 0
-    assert result.report["verification"]["ok"]
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
 
 
-def test_rows_of_a_hand_built_matmulnbits_feeding_a_float_layer_are_frozen() -> None:
-    """``MatMulNBits`` rows (its output channels) read by a float MatMul: the group is the
-    packed weight's rows and the float weight's inputs, frozen (its scales are flattened
-    across rows and blocks); the model prunes nothing and stays valid."""
-    rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.integers(0, 255, (32, 2, 16)).astype(np.uint8), "B"),
-             numpy_helper.from_array((rng.random(64) * 0.01).astype(np.float32), "scales"),
-             numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W")]
-    nodes = [helper.make_node("MatMulNBits", ["x", "B", "scales"], ["h"], domain="com.microsoft",
-                              K=64, N=32, bits=4, block_size=32),
-             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["y"])]
-    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    analysis = graphprune.analyze(model)
-    rows = [g for g in analysis.groups if g.num_units == 32]
-    assert len(rows) == 1 and any("scales flattened across rows and blocks" in r for r in rows[0].frozen)
+def _masked(model: onnx.ModelProto, tensor: str, keep: np.ndarray, width: int) -> onnx.ModelProto:
+    """``model`` with the ``width`` channels of ``tensor`` (last axis) outside ``keep`` multiplied by 0."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    mask = np.zeros(width, np.float32)
+    mask[keep] = 1
+    graph.initializer.append(numpy_helper.from_array(mask, "gp_test_mask"))
+    for node in graph.node:
+        node.input[:] = [f"{tensor}_masked" if i == tensor else i for i in node.input]
+    position = next(k for k, n in enumerate(graph.node) if tensor in n.output) + 1
+    graph.node.insert(position, helper.make_node("Mul", [tensor, "gp_test_mask"], [f"{tensor}_masked"]))
+    return out
+
+
+def _kept_rows(original: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """Which rows of ``original`` survive in ``pruned`` (both packed weights, rows unique)."""
+    rows = {r.tobytes(): i for i, r in enumerate(original.reshape(original.shape[0], -1))}
+    return np.array([rows[r.tobytes()] for r in pruned.reshape(pruned.shape[0], -1)])
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False), (2, False)])
+def test_an_mlp_quantized_by_onnxruntime_loses_whole_blocks_of_neurons_exactly(bits: int, symmetric: bool) -> None:
+    model = _nbits_mlp(bits, symmetric)
+    hidden = [g for g in graphprune.analyze(model).groups if not g.frozen]
+    assert len(hidden) == 1 and hidden[0].num_units == 4  # 128 neurons in blocks of 32
+
     result = graphprune.prune(model, ratio=0.5)
-    assert result.report["groups"]["pruned"] == 0 and result.report["verification"]["ok"]
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    first, second = pruned.graph.node[0], pruned.graph.node[2]
+    attrs = [{a.name: a.i for a in n.attribute} for n in (first, second)]
+    assert (attrs[0]["N"], attrs[0]["K"], attrs[1]["N"], attrs[1]["K"]) == (64, 64, 64, 64)
+    inits = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits[second.input[1]].shape == (64, 2, 32 * bits // 8)
+    assert inits[second.input[2]].shape == (64, 2)
+    if not symmetric:  # two blocks' zero points repacked: 2 bits 4 to a byte, 4 bits 2, 8 bits 1
+        assert inits[second.input[3]].shape == (64, -(-2 * bits // 8))
+
+    # independent of graphprune's verifier: the original with the removed neurons masked
+    kept = _kept_rows(originals["W1_Q4" if bits == 4 else f"W1_Q{bits}"], inits[first.input[1]])
+    assert kept.size == 64 and len({int(k) // 32 for k in kept}) == 2  # whole blocks
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    want = _run(_masked(model, "a", kept, 128), x)
+    got = _run(pruned, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert not np.allclose(_run(model, x), want, atol=1e-3 * np.abs(want).max())  # the mask mattered
+
+
+def test_blocks_are_scored_by_the_weights_they_decode_to() -> None:
+    """Blocks 1 and 3 hold weights a thousand times smaller: their packed integers span the
+    same range as the others' (each block has its own scale), only the decoded weights tell."""
+    result = graphprune.prune(_nbits_mlp(weak_blocks=(1, 3)), ratio=0.5, criterion="l1")
+    model = _nbits_mlp(weak_blocks=(1, 3))
+    originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    kept = _kept_rows(originals["W1_Q4"], inits[result.model.graph.node[0].input[1]])
+    assert sorted({int(k) // 32 for k in kept}) == [0, 2]
+
+
+def _hand_built(hidden: int = 64, bias: bool = True, g_idx: bool = False, float_zero: bool = False) -> onnx.ModelProto:
+    """x [4, 64] -> MatMulNBits (4-bit, N ``hidden``, flattened scales and zero points, a bias)
+    -> Relu -> MatMulNBits (N 16) -> y, as a writer other than ONNX Runtime's quantizer lays it out."""
+    rng = np.random.default_rng(2)
+    inits, nodes = [], []
+    specs = (("1", 64, hidden, "x", "h"), ("2", hidden, 16, "a", "y"))
+    for tag, kk, n, src, dst in specs:
+        blocks = -(-kk // 32)
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, blocks, 16)).astype(np.uint8), f"B{tag}"))
+        inits.append(numpy_helper.from_array((rng.random(n * blocks) * 0.05 + 0.01).astype(np.float32), f"S{tag}"))
+        if float_zero:
+            inits.append(numpy_helper.from_array(np.full(n * blocks, 7.5, np.float32), f"Z{tag}"))
+        else:
+            zero = rng.integers(0, 16, (n, blocks)).astype(np.uint8)
+            inits.append(numpy_helper.from_array(pack_bits(zero, 4).reshape(-1), f"Z{tag}"))
+        inputs = [src, f"B{tag}", f"S{tag}", f"Z{tag}"]
+        if g_idx and tag == "2":
+            inits.append(numpy_helper.from_array((np.arange(kk) // 32).astype(np.int32), "G2"))
+            inputs.append("G2")
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"bias{tag}"))
+            inputs += [""] * (5 - len(inputs)) + [f"bias{tag}"]
+        nodes.append(helper.make_node("MatMulNBits", inputs, [dst], domain="com.microsoft",
+                                      K=kk, N=n, bits=4, block_size=32))
+        if tag == "1":
+            nodes.append(helper.make_node("Relu", ["h"], ["a"]))
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_flattened_scales_and_zero_points_and_a_bias_are_cut_with_the_rows() -> None:
+    model = _hand_built()
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    pruned = result.model
+    inits = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    first, second = pruned.graph.node[0], pruned.graph.node[2]
+    assert inits[first.input[1]].shape == (32, 2, 16) and inits[second.input[1]].shape == (16, 1, 16)
+    assert inits[first.input[2]].shape == (64,) and inits[first.input[3]].shape == (32,)  # 32 rows x 2 blocks
+    assert inits[second.input[2]].shape == (16,) and inits[second.input[3]].shape == (16,)
+    assert inits[first.input[5]].shape == (32,)
+    originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    kept = _kept_rows(originals["B1"], inits[first.input[1]])
+    # the kept rows keep their own scales, zero points and bias
+    np.testing.assert_array_equal(inits[first.input[2]].reshape(32, 2), originals["S1"].reshape(64, 2)[kept])
+    zero = unpack_bits(originals["Z1"].reshape(64, 1), 4)[:, :2]
+    np.testing.assert_array_equal(unpack_bits(inits[first.input[3]].reshape(32, 1), 4)[:, :2], zero[kept])
+    np.testing.assert_array_equal(inits[first.input[5]], originals["bias1"][kept])
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    want = _run(_masked(model, "a", kept, 64), x)
+    np.testing.assert_allclose(_run(pruned, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("variant, reason", [
+    (dict(g_idx=True), "act-order g_idx"),
+    (dict(float_zero=True), "zero points computed in the graph or stored as floats"),
+    (dict(hidden=48), "last block of 32 is padded past K"),
+])
+def test_layouts_that_cannot_lose_blocks_freeze_with_the_reason(variant: dict, reason: str) -> None:
+    model = _hand_built(**variant)
+    analysis = graphprune.analyze(model)
+    hidden = next(g for g in analysis.groups if ("B1", 0) in g.params)
+    assert any(reason in r for r in hidden.frozen), hidden.frozen
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 0
+
+
+def test_parameters_count_every_packed_weight() -> None:
+    from graphprune.verify.metrics import count_params
+
+    model = _nbits_mlp()
+    scales_and_zeros = sum(numpy_helper.to_array(i).size for i in model.graph.initializer if "_Q4" not in i.name)
+    assert count_params(model) == 2 * 64 * 128 + scales_and_zeros

@@ -293,12 +293,14 @@ class CouplingContext:
         if zero_point is not None and np.any(zero_point):
             self.zero_points[tensor.name] = zero_point
 
-    def decoded(self, tensor: gs.Tensor, scale: Any, zero_point: Any = 0) -> None:
+    def decoded(self, tensor: gs.Tensor, scale: Any, zero_point: Any = 0, bits: int = 8) -> None:
         """The integer constant ``tensor`` reads as ``(tensor - zero_point) * scale`` (both
         broadcastable against it; a per-channel scale makes channels of equal integers differ):
-        the float weight the data-free criteria score instead of the raw integers."""
+        the float weight the data-free criteria score instead of the raw integers. ``bits`` < 8:
+        ``tensor``'s bytes pack ``8 // bits`` fields each (:func:`~graphprune.io.tensors.
+        unpack_bits`), and ``scale`` and ``zero_point`` broadcast against the unpacked fields."""
         self.decodings[tensor.name] = (np.asarray(scale, dtype=np.float64),
-                                       np.asarray(zero_point, dtype=np.float64))
+                                       np.asarray(zero_point, dtype=np.float64), bits)
 
     def zero_in_reference(self, tensor: gs.Tensor) -> None:
         """The zeroed original zeroes the removed channels of ``tensor`` itself, not only the

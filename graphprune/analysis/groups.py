@@ -42,9 +42,9 @@ class ChannelGroup:
     #: per member dimension: the unit id of each of its elements
     unit_of: dict[Dim, np.ndarray] = field(default_factory=dict)
     num_units: int = 0
-    #: integer (quantized) parameters' float readings, ``(scale, zero_point)`` per name
+    #: integer (quantized) parameters' float readings, ``(scale, zero_point, bits)`` per name
     #: (:meth:`CouplingContext.decoded`)
-    decodings: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    decodings: dict[str, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
     #: elements no unit may take away (label -1 in ``unit_of``): how many units they made,
     #: and the reasons (the freezes of the member dimensions they belong to)
     pinned_units: int = 0

@@ -28,3 +28,30 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     return None
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The unsigned ``bits``-wide fields packed into the bytes of ``packed``, lowest bits
+    first (ONNX Runtime's ``MatMulNBits`` layout): the last axis grows ``8 // bits`` times."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def pack_bits(fields: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of :func:`unpack_bits`: ``fields`` along the last axis packed ``8 // bits``
+    to a byte (the last byte's unused fields are 0)."""
+    fields = np.asarray(fields, dtype=np.uint8)
+    if bits == 8:
+        return fields
+    per = 8 // bits
+    pad = -fields.shape[-1] % per
+    if pad:
+        fields = np.concatenate([fields, np.zeros((*fields.shape[:-1], pad), np.uint8)], axis=-1)
+    grouped = fields.reshape(*fields.shape[:-1], -1, per).astype(np.uint16)
+    shifts = np.arange(per, dtype=np.uint16) * bits
+    return (grouped << shifts).sum(axis=-1).astype(np.uint8)

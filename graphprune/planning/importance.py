@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import ChannelGroup
 from graphprune.errors import UsageError
+from graphprune.io.tensors import unpack_bits
 from graphprune.io.weights import release
 
 CRITERIA = ("l1", "l2", "random")
@@ -52,7 +53,8 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
             decoding = group.decodings.get(dim[0])
             if decoding is None:
                 continue
-            scale, zero = decoding  # a quantized weight: score the float weight it stands for
+            scale, zero, bits = decoding  # a quantized weight: score the float weight it stands for
+            values = unpack_bits(values, bits) if bits < 8 else values
             values = ((values.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32))
         norms = _slice_norms(values, dim[1], order)
         release(tensors[dim[0]].values)  # a mapped weight's pages go back to the kernel

@@ -1,31 +1,98 @@
-"""ONNX Runtime's integer MatMuls that are mapped but not pruned: ``MatMulNBits`` (a 2-8 bit
-weight packed in blocks) and the fused ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``.
+"""ONNX Runtime's integer MatMuls: ``MatMulNBits`` (a 2-8 bit weight packed in blocks), pruned
+by rows and by whole blocks of inputs, and the fused ``DynamicQuantizeMatMul`` /
+``MatMulIntegerToFloat``, mapped but not pruned.
 
 ``MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?)`` with attributes ``K``, ``N``,
 ``bits``, ``block_size``: ``A [..., K]`` times the weight ``B [N, K / block_size, blob]``
-(each row's ``K`` inputs quantized in blocks of ``block_size``, packed ``bits`` to a byte),
-``scales`` and ``zero_points`` flattened per row and block. What ONNX Runtime's 4-bit quantizer
-(``MatMulNBitsQuantizer``) and its GenAI model builder write for the MatMuls of an LLM.
+(each row's ``K`` inputs quantized in blocks of ``block_size``, packed ``bits`` to a byte,
+lowest bits first), ``scales`` ``[N, blocks]`` (or flattened), ``zero_points`` packed like
+``B`` (``[N, ceil(blocks * bits / 8)]`` bytes, or flattened; absent: ``2^(bits-1)``). What ONNX
+Runtime's 4-bit quantizer (``MatMulNBitsQuantizer``) and its GenAI model builder write for
+the MatMuls of an LLM.
 
-The rule maps the channels without pruning them: the output's last axis is ``B``'s rows, ``A``'s
-last axis ``B``'s blocked inputs. Both are frozen, with the reason: the scales are flattened
-across rows and blocks (no per-channel axis to slice) and the inputs run in blocks. The groups
-through the op are reported as frozen rather than lost (without a rule, an op with no weight
-the analysis knows leaves its groups without a weight, so nothing at all was reported).
+Pruning. ``B``'s rows are the output channels (role producer; the optional bias goes with
+them). Its block axis is a factor of ``A``'s last axis (index map ``Digit(block_size)``): the
+inputs go a whole block at a time, so a channel group read by a ``MatMulNBits`` has units of
+``block_size`` channels (an MLP's hidden neurons in blocks of 32; heads whose ``head_dim`` the
+block divides lose nothing). Both slice whole bytes of ``B``; :meth:`MatMulNBitsRule.rewrite`
+cuts the same rows and blocks from ``scales`` and ``zero_points`` (unpacking and repacking
+sub-byte zero points) and sets ``N`` and ``K``. Removing keeps every stored integer and scale
+of what stays, so the pruned layer computes exactly what the zeroed original does: there the
+removed rows and blocks hold their zero point (a field that reads as 0). Frozen, with the
+reason: computed weights or scales, float zero points (a zero that no stored integer may
+hold), ``g_idx`` (act-order: blocks are not contiguous inputs), fields that straddle bytes
+(3, 5, 6 or 7 bits) and a last block padded past ``K`` (inputs only).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.io.tensors import pack_bits, unpack_bits
 from graphprune.rules.linear import MatMulRule
 from graphprune.rules.registry import LinearInfo, OpRule, register
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from graphprune.analysis.coupling import CouplingContext
+    from graphprune.passes.rewrite_context import RewriteContext
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A ``MatMulNBits`` weight as stored: ``scale`` and ``zero`` (unpacked integers) are
+    ``[N, blocks]``; ``whole_blocks``: ``K`` is a whole number of blocks."""
+
+    bits: int
+    block: int
+    scale: np.ndarray
+    zero: np.ndarray
+    whole_blocks: bool
+
+    def zero_bytes(self) -> np.ndarray:
+        """``[N, blocks, 1]``: the byte whose every field holds its block's zero point."""
+        per = 8 // self.bits
+        zero = self.zero.astype(np.uint16)
+        return sum(zero << (self.bits * i) for i in range(per)).astype(np.uint8)[..., None]
+
+
+def _present(node: gs.Node, index: int) -> gs.Tensor | None:
+    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+
+
+def packed_weight(node: gs.Node) -> Packed | str:
+    """How ``node``'s weight is stored, or why it is not understood."""
+    bits, block = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 0) or 0)
+    n, k = node.attrs.get("N"), node.attrs.get("K")
+    b, scale = node.inputs[1], _present(node, 2)
+    if bits not in (1, 2, 4, 8) or block <= 0 or not isinstance(n, int) or not isinstance(k, int):
+        return f"{bits}-bit weight fields that straddle bytes"
+    if not isinstance(b, gs.Constant) or not isinstance(scale, gs.Constant):
+        return "a packed weight or scales computed in the graph"
+    blocks = -(-k // block)
+    if tuple(b.shape) != (n, blocks, block * bits // 8) or np.size(scale.values) != n * blocks:
+        return "a packed weight layout not understood"
+    if _present(node, 4) is not None:
+        return "act-order g_idx (blocks that are not contiguous inputs)"
+    zp = _present(node, 3)
+    if zp is None:
+        zero = np.full((n, blocks), 1 << (bits - 1), dtype=np.uint8)
+    elif not isinstance(zp, gs.Constant) or np.asarray(zp.values).dtype != np.uint8:
+        return "zero points computed in the graph or stored as floats"
+    else:
+        zero = unpack_bits(np.asarray(zp.values).reshape(n, -1), bits)[:, :blocks]
+        if zero.shape[1] != blocks:
+            return "zero points of a layout not understood"
+    values = np.asarray(scale.values).reshape(n, blocks)
+    return Packed(bits, block, values, zero, blocks * block == k)
 
 
 @register
@@ -42,6 +109,17 @@ class MatMulNBitsRule(OpRule):
             return None
         return [*a[:-1], n], 0
 
+    def packed_parameters(self, attrs: dict) -> dict[int, int]:
+        """``B`` holds ``N x K`` weights (``bits`` of each byte per weight)."""
+        n, k = attrs.get("N"), attrs.get("K")
+        return {1: int(n) * int(k)} if isinstance(n, int) and isinstance(k, int) else {}
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        y, k = shape(node.outputs[0]), node.attrs.get("K")
+        if y is None or not isinstance(k, int):
+            return None
+        return math.prod(y) * k
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
         found = self.output_shape(node.op, node.attrs, [ctx.shape(a)])
@@ -54,14 +132,54 @@ class MatMulNBitsRule(OpRule):
         if ranks[0] == ranks[1]:
             for axis in range(ranks[0] - 1):
                 ctx.couple(a, axis, y, axis)
+        ctx.role(a, -1, CONSUMER)
+        packed = packed_weight(node)
         if isinstance(b, gs.Constant) and ctx.rank(b) == 3:
             ctx.couple(b, 0, y, -1)
             ctx.role(b, 0, PRODUCER)
-            ctx.integer_param(b)  # a weight (packed integers), so that its groups are reported
-        ctx.role(a, -1, CONSUMER)
-        bits = node.attrs.get("bits", 4)
-        ctx.freeze(y, -1, f"{bits}-bit weight rows with scales flattened across rows and blocks at {where}")
-        ctx.freeze(a, -1, f"{bits}-bit weight inputs quantized in blocks of {node.attrs.get('block_size')} at {where}")
+            if isinstance(packed, str):
+                ctx.integer_param(b)  # a weight (packed integers), so that its groups are reported
+        if isinstance(packed, str):
+            ctx.freeze(y, -1, f"{packed} at {where}")
+            ctx.freeze(a, -1, f"{packed} at {where}")
+            return
+        ctx.integer_param(b, packed.zero_bytes())
+        ctx.decoded(b, packed.scale[..., None], packed.zero[..., None], packed.bits)
+        bias = _present(node, 5)
+        if isinstance(bias, gs.Constant) and ctx.rank(bias) == 1:
+            ctx.couple(bias, 0, y, -1)
+            ctx.role(bias, 0, PRODUCER)
+        elif bias is not None:
+            ctx.freeze(y, -1, f"a bias computed in the graph at {where}")
+        if not packed.whole_blocks:
+            ctx.freeze(a, -1, f"inputs whose last block of {packed.block} is padded past K at {where}")
+            return
+        ctx.couple(b, 1, a, -1, Digit(packed.block))  # a block holds block_size inputs
+        ctx.role(b, 1, CONSUMER)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        """Cut ``scales`` and ``zero_points`` like ``B`` (its rows and blocks are sliced
+        already), and set ``N`` and ``K``."""
+        b = node.inputs[1]
+        rows, blocks = ctx.removed(b, 0), ctx.removed(b, 1)
+        old = ctx.old_shape(b)
+        if old is None or not (rows.size or blocks.size):
+            return
+        n, nblocks = int(old[0]), int(old[1])
+        bits, block = int(node.attrs.get("bits", 4)), int(node.attrs["block_size"])
+        for index in (2, 3):
+            t = _present(node, index)
+            if not isinstance(t, gs.Constant):
+                continue
+            values = np.asarray(t.values)
+            packed = index == 3 and bits < 8
+            grid = unpack_bits(values.reshape(n, -1), bits)[:, :nblocks] if packed else values.reshape(n, nblocks)
+            grid = np.delete(np.delete(grid, rows, axis=0), blocks, axis=1)
+            if packed:
+                grid = pack_bits(grid, bits)
+            ctx.set_input(node, index, grid if values.ndim == 2 else grid.reshape(-1))
+        node.attrs["N"] = n - int(rows.size)
+        node.attrs["K"] = int(node.attrs["K"]) - int(blocks.size) * block
 
 
 #: ONNX Runtime's integer ops whose scales come from the data or are fused with the weights

@@ -307,6 +307,12 @@ class OpRule:
             return ()
         return (info.weight,) if info.bias is None else (info.weight, info.bias)
 
+    def packed_parameters(self, attrs: dict) -> dict[int, int]:
+        """Constant inputs that pack several parameters into an element (a 4-bit weight, two
+        to a byte), as input index -> parameters held, for the node's attributes ``attrs``:
+        what the parameter count reads instead of the element count. Default: none."""
+        return {}
+
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
         """Multiply-accumulates of one run (``shape(tensor)``: static dims, unknown ones as 1;
         ``None`` when not known). ``None`` (the default): not counted."""

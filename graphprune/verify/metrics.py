@@ -35,8 +35,24 @@ def count_params(model: onnx.ModelProto) -> int:
         onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
     }
 
+    opset = ir.default_opset(model)
+
+    def packed(graph: onnx.GraphProto) -> dict[str, int]:
+        """Initializers that pack several parameters to an element (a rule says how many)."""
+        out: dict[str, int] = {}
+        for node in graph.node:
+            rule = registry.lookup(node.domain, node.op_type, opset)
+            if rule is None or type(rule).packed_parameters is registry.OpRule.packed_parameters:
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for index, count in rule.packed_parameters(attrs).items():
+                if index < len(node.input) and node.input[index]:
+                    out[node.input[index]] = count
+        return out
+
     def walk(graph: onnx.GraphProto) -> int:
-        total = sum(math.prod(i.dims) for i in graph.initializer if i.data_type in float_types)
+        held = packed(graph)
+        total = sum(held.get(i.name, math.prod(i.dims)) for i in graph.initializer if i.data_type in float_types)
         for node in graph.node:
             for attr in node.attribute:
                 if node.op_type == "Constant" and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
