@@ -189,3 +189,46 @@ def test_parameters_count_every_packed_weight() -> None:
     model = _nbits_mlp()
     scales_and_zeros = sum(numpy_helper.to_array(i).size for i in model.graph.initializer if "_Q4" not in i.name)
     assert count_params(model) == 2 * 64 * 128 + scales_and_zeros
+
+
+def _fused_gate_up(opset: int = 17) -> onnx.ModelProto:
+    """Phi-3's MLP: one MatMul computes gate and up side by side, split in half by Slices whose
+    bounds are computed from the product's shape (``Shape -> Gather -> Div``), then
+    ``gate * Sigmoid(gate) * up -> down``; quantized by ONNX Runtime to ``MatMulNBits``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 256)).astype(np.float32), "Wgu"),
+             numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "Wd"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.array(2, np.int64), "two"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2**62], np.int64), "end")]
+    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"]),
+             helper.make_node("Shape", ["gu"], ["s"]),
+             helper.make_node("Gather", ["s", "last"], ["width"]),
+             helper.make_node("Div", ["width", "two"], ["half"]),
+             helper.make_node("Slice", ["gu", "zero", "half", "last"], ["gate"]),
+             helper.make_node("Slice", ["gu", "half", "end", "last"], ["up"]),
+             helper.make_node("Sigmoid", ["gate"], ["sg"]), helper.make_node("Mul", ["gate", "sg"], ["act"]),
+             helper.make_node("Mul", ["act", "up"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["y"])]
+    graph = helper.make_graph(nodes, "gate_up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])], inits)
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                                       ir_version=10), block_size=32)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def test_shapes_computed_behind_a_matmulnbits_fold_so_its_split_prunes() -> None:
+    """ONNX shape inference stops at ``MatMulNBits`` (a com.microsoft op): the Slices' bounds,
+    computed from its output's shape, stayed unfolded and froze the MLP ("bounds computed at
+    run time"). ONNX Runtime's symbolic inference sizes it (graphprune/io/contrib_shapes.py)."""
+    model = _fused_gate_up()
+    hidden = [g for g in graphprune.analyze(model).groups if ("Wd_Q4", 1) in g.params]
+    assert len(hidden) == 1 and not hidden[0].frozen, hidden[0].frozen if hidden else None
+    assert hidden[0].num_units == 4  # 128 neurons in blocks of 32
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    assert _run(result.model, x).shape == (3, 64)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.rules import registry
+from graphprune.io.contrib_shapes import contrib_shapes
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
 _PROBE_CONST_LIMIT = 4096
@@ -34,7 +33,7 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
                 dim.dim_value = sizes[(value.name, axis)]
     shapes: dict[str, list] = {}
     if any(n.domain == "com.microsoft" for n in probe.graph.node):
-        contrib = _contrib_shapes(probe)
+        contrib = contrib_shapes(probe)
         if contrib is not None:
             return contrib
     for _ in range(12):  # infer, fold the shape computations that became constant, repeat
@@ -68,55 +67,6 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
         if len(folded.nodes) == count:
             break
         probe = gs.export_onnx(folded, do_type_check=False)
-    return shapes
-
-
-def _add_rule_handlers(engine: Any) -> None:
-    """Teach ONNX Runtime's symbolic shape inference (which stops at the first op it does not
-    know) the ops whose rules give their output shape (:meth:`OpRule.output_shape`: the
-    com.microsoft QOperator ops), where it has no handler of its own."""
-    from onnx import helper
-
-    def handler(rule: registry.OpRule) -> Any:
-        def infer(node: onnx.NodeProto) -> None:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            shapes = [engine._get_shape(node, k) if name else None for k, name in enumerate(node.input)]
-            found = rule.output_shape(node.op_type, attrs, shapes)
-            if found is not None:
-                shape, like = found
-                elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
-                engine.known_vi_[node.output[0]].CopyFrom(
-                    helper.make_tensor_value_info(node.output[0], elem, shape))
-        return infer
-
-    for op, rule in registry.shape_rules().items():
-        engine.dispatcher_.setdefault(op, handler(rule))
-
-
-def _contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
-    """Shapes of a graph with com.microsoft ops (which ONNX inference does not know), from
-    ONNX Runtime's symbolic shape inference when it is available (it needs sympy)."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        # its ``infer_shapes`` writes a file into the working directory when some shape
-        # stays unknown; run its loop directly and keep the partial result instead
-        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        _add_rule_handlers(engine)
-        engine._preprocess(model)
-        while engine.run_:
-            engine._infer_impl()
-        engine._update_output_from_vi()
-        inferred = engine.out_mp_
-    except Exception:  # optional (it needs sympy): fused graphs keep their unknown sizes
-        return None
-    shapes: dict[str, list] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
-        t = value.type.tensor_type
-        if t.HasField("shape"):
-            shapes[value.name] = [
-                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
-            ]
     return shapes
 
 

@@ -36,7 +36,7 @@ def _head_group_ids(analysis: Analysis) -> set[int]:
 def classify_groups(analysis: Analysis) -> dict[int, str]:
     """The kind of every group of ``analysis``, by group id."""
     heads = _head_group_ids(analysis)
-    transformer = bool(heads)
+    transformer = bool(heads) or bool(analysis.context.head_dims)  # heads that no group maps
     kinds: dict[int, str] = {}
     for group in analysis.groups:
         if group.id in heads:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import model_io
+from graphprune.io import contrib_shapes, model_io
 from graphprune.io.segments import trim
 from graphprune.io.shared_constants import untie_shared_constants
 from graphprune.io.weights import graph_constants, release, restore_stubs
@@ -225,6 +225,8 @@ def prepare(
     name_nodes(model)
     tensor_constants(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
+    if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
+        model = model_io.infer_shapes(model, inplace=True)
     if fold and _computes_constants(model):
         graph = import_graph(model, store)
         _fold_sliced_shapes(graph)

@@ -447,8 +447,25 @@ class Session:
         try:
             validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
         except VerificationError as fault:
-            return InvalidModelError(str(fault))
+            return InvalidModelError(str(fault) + self._shape_hint())
         return None
+
+    def _shape_hint(self) -> str:
+        """Where some input sizes were chosen, not given: which, and how to give them (a model
+        that runs only at sizes the search did not try, e.g. a KV cache whose last axis must
+        be the head size)."""
+        from graphprune.analysis.probe_sizes import open_dimensions
+        from graphprune.io.feeds import input_specs
+
+        chosen = sorted({name for dims in open_dimensions(input_specs(self.original), self.input_shapes).values()
+                         for name, _ in dims})
+        if not chosen:
+            return ""
+        feeds = self.feeds()[0]
+        at = ", ".join(f"{n}={'x'.join(map(str, feeds[n].shape))}" for n in chosen[:4] if n in feeds)
+        more = ", ..." if len(chosen) > 4 else ""
+        return (f" (run at sizes chosen for the open dimensions: {at}{more}; if the model needs others, "
+                "give them with --input-shape NAME=d0,d1,...)")
 
     # ------------------------------------------------------------------ results
     def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:

@@ -252,6 +252,9 @@ class GroupQueryAttentionRule(OpRule):
             ctx.freeze_node(node, f"{count} heads, {kv_count} KV heads at GroupQueryAttention '{node.name}'")
             return
         if k is None or v is None:
+            # the heads are not mapped, but they are there: the model is a transformer (its
+            # other groups are MLP neurons and a residual stream, not plain channels)
+            ctx.mark_head(_virtual(ctx, node, "heads", count), 0)
             ctx.freeze_node(node, f"packed query/key/value at GroupQueryAttention '{node.name}'")
             return
         heads = _virtual(ctx, node, "heads", count)

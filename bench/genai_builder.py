@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""LLMs written by ONNX Runtime's own model builder (``onnxruntime_genai``), pruned.
+
+The builder is how ONNX Runtime ships LLMs (Phi, Llama, Qwen, Mistral, Gemma ... "-onnx" models):
+fused com.microsoft ops (``GroupQueryAttention`` with a packed query/key/value projection and a
+KV cache as graph inputs and outputs, ``SkipSimplifiedLayerNormalization``, ``MatMulNBits`` for
+int4), ``SimplifiedLayerNormalization`` in the ONNX domain, external data. For each architecture
+a small random-weight Hugging Face model (hidden 256, 4 heads of 64, 2 KV heads, MLP 512, 2
+layers, vocabulary 1,000; seeded) is saved locally and built at ``int4`` (``MatMulNBits``, blocks
+of 32) and ``fp32`` on CPU, then pruned in a fresh process with
+``graphprune prune --mlp-ratio 0.5`` (verification on) at the shapes of a decode step (8 new
+tokens after 8 cached, ``--input-shape``: the cache's last axis must be the head size, which no
+probe guesses) and checked independently: ``onnx.checker`` by path, ONNX Runtime at those shapes,
+output shapes as the original's.
+Heads do not prune here (the KV cache is part of the graph's inputs and outputs, and the
+projection is packed); the MLP neurons do.
+
+    python bench/genai_builder.py          # ~5 min; bench/results/genai_builder.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache" / "genai"
+SITE = CACHE / "site"
+RESULTS = HERE / "results" / "genai_builder.json"
+GENAI = "onnxruntime-genai==0.18.0"
+ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+         "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "SmolLM3ForCausalLM")
+PRECISIONS = ("int4", "fp32")
+
+
+def install() -> None:
+    if not (SITE / "onnxruntime_genai").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                        "--target", str(SITE), GENAI], check=True)
+
+
+def save_hf(arch: str, folder: Path) -> None:
+    """A small random-weight model of ``arch`` and a word-level tokenizer (the builder saves one)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    # pad_token_id inside the small vocabulary; Gemma 2's sliding window (4,096 by default: the
+    # builder's cache input must hold it) small enough for a probe-sized cache
+    extra: dict = {"sliding_window": PAST} if "Gemma2" in arch else {}
+    if "Phi3" in arch:  # a short-context Phi-3 (a longer max than the original means LongRoPE)
+        extra["original_max_position_embeddings"] = 256
+    config = config_cls(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                        pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    getattr(transformers, arch)(config).save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(1000)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1",
+                                         eos_token="w2").save_pretrained(folder)
+
+
+def build(arch: str, precision: str) -> Path:
+    folder, out = CACHE / "hf" / arch, CACHE / "onnx" / f"{arch}_{precision}"
+    if (out / "model.onnx").exists():
+        return out / "model.onnx"
+    if not (folder / "config.json").exists():
+        save_hf(arch, folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+                           "-p", precision, "-e", "cpu", "-c", str(CACHE / "builder_cache")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0 or not (out / "model.onnx").exists():
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1][:200])
+    return out / "model.onnx"
+
+
+#: a decode step with a cache: 8 new tokens after 8 cached ones (head size 64)
+PROMPT, PAST, HEAD = 8, 8, 64
+
+
+def shapes(path: Path) -> dict[str, list[int]]:
+    """Input shapes of that step (the builder leaves every size open; the cache's last axis
+    must be the head size, which no probe guesses)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+        if value.name == "attention_mask":
+            out[value.name] = [1, PROMPT + PAST]
+        elif value.name in ("input_ids", "position_ids"):
+            out[value.name] = [1, PROMPT]
+        else:  # past key/value [batch, kv heads, past, head size]
+            out[value.name] = [1, dims[1] if isinstance(dims[1], int) else 2, PAST, HEAD]
+    return out
+
+
+def feeds(path: Path) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in shapes(path).items():
+        if name == "input_ids":
+            out[name] = rng.integers(3, 999, shape).astype(np.int64)
+        elif name == "attention_mask":
+            out[name] = np.ones(shape, np.int64)
+        elif name == "position_ids":
+            out[name] = (PAST + np.arange(PROMPT, dtype=np.int64))[None]
+        else:
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def independent_check(original: Path, pruned: Path) -> str:
+    import onnx
+    import onnxruntime as ort
+
+    import graphprune.io  # noqa: F401  (ONNX Runtime's ONNX-domain ops for the checker)
+
+    try:
+        onnx.checker.check_model(str(pruned))
+        inputs = feeds(original)
+        a = ort.InferenceSession(str(original)).run(None, inputs)
+        b = ort.InferenceSession(str(pruned)).run(None, inputs)
+        if [x.shape for x in a] != [x.shape for x in b]:
+            return "output shapes differ"
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def run_one(arch: str, precision: str) -> dict:
+    row: dict = {"arch": arch, "precision": precision}
+    try:
+        path = build(arch, precision)
+    except Exception as exc:  # noqa: BLE001
+        row["build"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        return row
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    row["fused_ops"] = {k: v for k, v in sorted(ops.items()) if k.startswith("com.microsoft") or "Simplified" in k}
+    out, report = path.parent / "pruned.onnx", path.parent / "report.json"
+    report.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    given = [arg for name, shape in shapes(path).items()
+             for arg in ("--input-shape", f"{name}={','.join(map(str, shape))}")]
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
+                           "--mlp-ratio", "0.5", "--report", str(report), *given],
+                          capture_output=True, text=True, timeout=900)
+    row["prune_s"] = round(time.perf_counter() - t0, 1)
+    row["rc"] = proc.returncode
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return row
+    rep = json.loads(report.read_text())
+    row["params"] = round(rep["params_after"] / rep["params_before"], 3)
+    row["groups"] = rep["groups"]
+    row["kinds"] = {k: [v["prunable"], v["units"]] for k, v in sorted((rep.get("kinds") or {}).items())}
+    row["verified"] = bool(rep["verification"]["ok"])
+    row["max_rel_diff"] = rep["verification"].get("max_rel_diff")
+    row["frozen_by"] = sorted({r.split(" at ")[0] for g in rep["frozen"] for r in g["reasons"]})[:6]
+    row["check"] = independent_check(path, out)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated architectures (e.g. LlamaForCausalLM)")
+    args = parser.parse_args(argv)
+    install()
+    previous = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() and args.only else []
+    rows = [r for r in previous if r["arch"] not in (args.only or "").split(",")]
+    for arch in args.only.split(",") if args.only else ARCHS:
+        for precision in PRECISIONS:
+            row = run_one(arch, precision)
+            rows.append(row)
+            status = row.get("build") or row.get("error") or row.get("check")
+            print(f"{arch:22s} {precision:5s} {status[:70]:70s} params {row.get('params')} "
+                  f"mlp {row.get('kinds', {}).get('mlp')}", flush=True)
+    order = {a: i for i, a in enumerate(ARCHS)}
+    rows.sort(key=lambda r: (order.get(r["arch"], len(order)), PRECISIONS.index(r["precision"])))
+    ok = [r for r in rows if r.get("check") == "ok" and r.get("verified")]
+    summary = {"runs": len(rows), "built": sum(1 for r in rows if "build" not in r), "ok": len(ok),
+               "mlp_pruned": sum(1 for r in ok if r.get("kinds", {}).get("mlp", [0])[0])}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"builder": GENAI, "summary": summary, "results": rows}, indent=1) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

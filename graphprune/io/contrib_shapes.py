@@ -1,0 +1,107 @@
+"""Shapes behind the ops ONNX shape inference does not know (com.microsoft: ``MatMulNBits``,
+the QOperator ops, fused kernels).
+
+ONNX inference stops at such an op: its outputs, and every shape computed from them
+(``Shape -> Gather -> Div`` into a ``Slice`` or ``Reshape``), stay unknown, so constant folding
+cannot fold those computations and the analysis freezes what they touch ("bounds computed at
+run time"). ONNX Runtime's symbolic shape inference knows most of these ops, and is taught the
+rest by the rules that give an op's output shape (:meth:`OpRule.output_shape`).
+:func:`annotate` writes what it finds into the model's ``value_info``, for ONNX inference to go
+on from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from graphprune.io.ort_schemas import ORT_ONNX_DOMAIN_OPS
+from graphprune.io.tensor_protos import _detach
+from graphprune.rules import registry
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _add_rule_handlers(engine: Any) -> None:
+    """Teach the symbolic inference (which stops at the first op it does not know) the ops
+    whose rules give their output shape, where it has no handler of its own."""
+
+    def handler(rule: registry.OpRule) -> Any:
+        def infer(node: onnx.NodeProto) -> None:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            shapes = [engine._get_shape(node, k) if name else None for k, name in enumerate(node.input)]
+            found = rule.output_shape(node.op_type, attrs, shapes)
+            if found is not None:
+                shape, like = found
+                elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
+                engine.known_vi_[node.output[0]].CopyFrom(
+                    helper.make_tensor_value_info(node.output[0], elem, shape))
+        return infer
+
+    for op, rule in registry.shape_rules().items():
+        engine.dispatcher_.setdefault(op, handler(rule))
+
+
+def symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``model`` (a weightless skeleton will do) with ONNX Runtime's symbolic shape
+    inference's ``value_info``; ``None`` when it is not available or fails."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        # its ``infer_shapes`` writes a file into the working directory when some shape
+        # stays unknown; run its loop directly and keep the partial result instead
+        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        _add_rule_handlers(engine)
+        engine._preprocess(model)
+        while engine.run_:
+            engine._infer_impl()
+        engine._update_output_from_vi()
+        return engine.out_mp_
+    except Exception:  # optional (it needs sympy): fused graphs keep their unknown sizes
+        return None
+
+
+def contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
+    """Shapes (``None`` for a symbolic dim) of every tensor the symbolic inference sizes."""
+    inferred = symbolic_inference(model)
+    if inferred is None:
+        return None
+    shapes: dict[str, list] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def _shaped(graph: onnx.GraphProto) -> set[str]:
+    values = [*graph.value_info, *graph.input, *graph.output]
+    return {v.name for v in values if v.type.tensor_type.HasField("shape")} | {i.name for i in graph.initializer}
+
+
+def annotate(model: onnx.ModelProto) -> bool:
+    """Give the outputs of ops outside the ONNX domain (or ONNX Runtime's in it,
+    :mod:`.ort_schemas`) that ONNX inference left without a
+    shape the shape the symbolic inference finds, in ``model``'s ``value_info`` (in place).
+    ``True`` when any was added: infer again, for the shapes computed from them."""
+    graph = model.graph
+    shaped = _shaped(graph)
+    unknown = [n for n in graph.node if n.domain not in ONNX_DOMAINS or n.op_type in ORT_ONNX_DOMAIN_OPS]
+    if not any(o and o not in shaped for n in unknown for o in n.output):
+        return False
+    skeleton, _ = _detach(model)
+    inferred = symbolic_inference(skeleton)
+    if inferred is None:
+        return False
+    added = [v for v in inferred.graph.value_info
+             if v.name not in shaped and v.type.tensor_type.HasField("shape")
+             and v.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED]
+    for value in added:
+        dims = value.type.tensor_type.shape.dim
+        for dim in dims:  # the symbolic inference's own names for unknown sizes mean nothing here
+            if dim.HasField("dim_param"):
+                dim.Clear()
+    graph.value_info.extend(added)
+    return bool(added)
