@@ -15,7 +15,8 @@ output shapes as the original's.
 Heads do not prune here (the KV cache is part of the graph's inputs and outputs, and the
 projection is packed); the MLP neurons do.
 
-    python bench/genai_builder.py          # ~5 min; bench/results/genai_builder.json
+    python bench/genai_builder.py          # ~6 min; bench/results/genai_builder.json
+    python bench/genai_builder.py --large  # TinyLlama-1.1B's shape at int4: time and peak memory
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ def install() -> None:
                         "--target", str(SITE), GENAI], check=True)
 
 
-def save_hf(arch: str, folder: Path) -> None:
-    """A small random-weight model of ``arch`` and a word-level tokenizer (the builder saves one)."""
+#: ``--large``: TinyLlama-1.1B's shape (hidden, MLP, layers, heads, KV heads, vocabulary)
+LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000, head_dim=64, max_position_embeddings=2048)
+
+
+def save_hf(arch: str, folder: Path, shape: dict | None = None) -> None:
+    """A small random-weight model of ``arch`` (or of ``shape``) and a word-level tokenizer
+    (the builder saves one)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -56,24 +63,25 @@ def save_hf(arch: str, folder: Path) -> None:
     extra: dict = {"sliding_window": PAST} if "Gemma2" in arch else {}
     if "Phi3" in arch:  # a short-context Phi-3 (a longer max than the original means LongRoPE)
         extra["original_max_position_embeddings"] = 256
-    config = config_cls(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                        pad_token_id=0, **extra)
+    sizes = shape or dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
+    config = config_cls(**sizes, pad_token_id=0, **extra)
     torch.manual_seed(0)
     getattr(transformers, arch)(config).save_pretrained(folder)
-    vocab = {f"w{i}": i for i in range(1000)}
+    vocab = {f"w{i}": i for i in range(sizes["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1",
                                          eos_token="w2").save_pretrained(folder)
 
 
-def build(arch: str, precision: str) -> Path:
-    folder, out = CACHE / "hf" / arch, CACHE / "onnx" / f"{arch}_{precision}"
+def build(arch: str, precision: str, large: bool = False) -> Path:
+    tag = f"{arch}_large" if large else arch
+    folder, out = CACHE / "hf" / tag, CACHE / "onnx" / f"{tag}_{precision}"
     if (out / "model.onnx").exists():
         return out / "model.onnx"
     if not (folder / "config.json").exists():
-        save_hf(arch, folder)
+        save_hf(arch, folder, LARGE if large else None)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
                            "-p", precision, "-e", "cpu", "-c", str(CACHE / "builder_cache")],
@@ -179,11 +187,46 @@ def run_one(arch: str, precision: str) -> dict:
     return row
 
 
+def run_large() -> dict:
+    """TinyLlama-1.1B's shape at int4 (0.9 GB): pruned with ``--mlp-ratio 0.5`` in a child
+    process, wall time and peak RSS (``ru_maxrss`` of the child) beside the size on disk."""
+    import resource
+
+    path = build("LlamaForCausalLM", "int4", large=True)
+    size = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
+    out, report = path.parent / "pruned.onnx", path.parent / "report.json"
+    given = [arg for name, shape in shapes(path).items()
+             for arg in ("--input-shape", f"{name}={','.join(map(str, shape))}")]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
+                           "--mlp-ratio", "0.5", "--report", str(report), *given], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    row = {"model": "LlamaForCausalLM, TinyLlama-1.1B shape, int4 (MatMulNBits, blocks of 32)", "rc": proc.returncode,
+           "size_gb": round(size / 1e9, 3), "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 3),
+           "peak_over_size": round(peak / size, 2)}
+    if proc.returncode == 0:
+        rep = json.loads(report.read_text())
+        row.update(params=round(rep["params_after"] / rep["params_before"], 3), verified=rep["verification"]["ok"],
+                   stages=rep.get("timings"), check=independent_check(path, out))
+    else:
+        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated architectures (e.g. LlamaForCausalLM)")
+    parser.add_argument("--large", action="store_true", help="only the 1.1 B int4 run (build ~3 min, 5 GB of disk)")
     args = parser.parse_args(argv)
     install()
+    if args.large:
+        row = run_large()
+        data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"builder": GENAI}
+        data["large"] = row
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        print(json.dumps(row))
+        return 0
     previous = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() and args.only else []
     rows = [r for r in previous if r["arch"] not in (args.only or "").split(",")]
     for arch in args.only.split(",") if args.only else ARCHS:
@@ -199,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"runs": len(rows), "built": sum(1 for r in rows if "build" not in r), "ok": len(ok),
                "mlp_pruned": sum(1 for r in ok if r.get("kinds", {}).get("mlp", [0])[0])}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"builder": GENAI, "summary": summary, "results": rows}, indent=1) + "\n")
+    large = json.loads(RESULTS.read_text()).get("large") if RESULTS.exists() else None
+    data = {"builder": GENAI, "summary": summary, "results": rows, **({"large": large} if large else {})}
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(summary))
     return 0
 

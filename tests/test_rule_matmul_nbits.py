@@ -232,3 +232,28 @@ def test_shapes_computed_behind_a_matmulnbits_fold_so_its_split_prunes() -> None
     assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
     x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
     assert _run(result.model, x).shape == (3, 64)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_packed_weights_in_external_data_are_zeroed_on_disk_with_their_zero_point(tmp_path, symmetric: bool) -> None:
+    """An int4 LLM keeps its packed weights in external data: the zeroed original gets their
+    copies filled with each block's zero point on disk, a block of rows at a time
+    (``WeightStore.write_zeroed`` with ``fills``), not in memory. Filled with 0 instead, the
+    removed neurons would read ``-zero_point * scale`` and the check would fail."""
+    model = _nbits_mlp(symmetric=symmetric)
+    path = tmp_path / "m.onnx"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)  # onnx.save turns the tensors it writes out into references
+    onnx.save(stored, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    result = graphprune.prune(str(path), ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+    assert result.report["verification"]["max_abs_diff"] < 1e-4 * result.report["verification"]["per_output"][0]["scale"]
+    out = tmp_path / "p.onnx"
+    result.save(out)
+    x = np.random.default_rng(6).standard_normal((4, 64)).astype(np.float32)
+    pruned = onnx.load(str(out))
+    kept = _kept_rows(numpy_helper.to_array(model.graph.initializer[0]),
+                      numpy_helper.to_array(next(i for i in pruned.graph.initializer if i.name == pruned.graph.node[0].input[1])))
+    want = _run(_masked(model, "a", kept, 128), x)
+    np.testing.assert_allclose(_run(pruned, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

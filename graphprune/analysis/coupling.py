@@ -299,8 +299,10 @@ class CouplingContext:
         the float weight the data-free criteria score instead of the raw integers. ``bits`` < 8:
         ``tensor``'s bytes pack ``8 // bits`` fields each (:func:`~graphprune.io.tensors.
         unpack_bits`), and ``scale`` and ``zero_point`` broadcast against the unpacked fields."""
-        self.decodings[tensor.name] = (np.asarray(scale, dtype=np.float64),
-                                       np.asarray(zero_point, dtype=np.float64), bits)
+        scale, zero_point = np.asarray(scale), np.asarray(zero_point)  # views stay views: no copy
+        if not np.issubdtype(scale.dtype, np.floating):
+            scale = scale.astype(np.float64)
+        self.decodings[tensor.name] = (scale, zero_point, bits)
 
     def zero_in_reference(self, tensor: gs.Tensor) -> None:
         """The zeroed original zeroes the removed channels of ``tensor`` itself, not only the

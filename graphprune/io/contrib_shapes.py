@@ -12,6 +12,7 @@ on from.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -44,11 +45,32 @@ def _add_rule_handlers(engine: Any) -> None:
         engine.dispatcher_.setdefault(op, handler(rule))
 
 
+def _symbolic_shape_infer() -> Any:
+    """ONNX Runtime's ``tools/symbolic_shape_infer.py``, loaded as a module of its own: the
+    ``onnxruntime.tools`` package imports torch when it is installed (2-3 s and a few hundred
+    MB that pruning an ONNX file does not need)."""
+    import importlib.util
+    import sys
+
+    name = "graphprune._ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` (a weightless skeleton will do) with ONNX Runtime's symbolic shape
     inference's ``value_info``; ``None`` when it is not available or fails."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        SymbolicShapeInference = _symbolic_shape_infer().SymbolicShapeInference  # noqa: N806
 
         # its ``infer_shapes`` writes a file into the working directory when some shape
         # stays unknown; run its loop directly and keep the partial result instead

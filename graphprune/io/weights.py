@@ -296,12 +296,15 @@ class WeightStore:
         return written
 
     def write_zeroed(self, cuts: dict[str, tuple[onnx.TensorProto, list[tuple[int, Any]]]],
-                     chunk_bytes: int = 8 * 2**20) -> dict[str, onnx.TensorProto]:
+                     chunk_bytes: int = 8 * 2**20,
+                     fills: dict[str, np.ndarray] | None = None) -> dict[str, onnx.TensorProto]:
         """Zeroed copies of external tensors of this store, written to a data file of the
         store: ``cuts`` maps a name to its stub and the ``(axis, indices)`` to zero. Returns
         the new stubs (same name, type and shape) by name. Tensors are copied a block of
         leading-axis rows at a time, so memory holds one block, never a whole weight;
-        tensors whose type numpy cannot map are left out (the caller masks them instead)."""
+        tensors whose type numpy cannot map are left out (the caller masks them instead).
+        ``fills``: per name, the value that reads as zero (a quantized weight's zero point,
+        broadcastable against the tensor) written instead of 0."""
         todo = {name: (stub, axes) for name, (stub, axes) in cuts.items()
                 if _external(stub) and _np_dtype(stub.data_type) is not None and len(stub.dims)}
         if not todo:
@@ -321,15 +324,18 @@ class WeightStore:
                 indices = [(axis, _indices(idx, source.shape[axis])) for axis, idx in axes]
                 leading = [idx for axis, idx in indices if axis == 0]
                 others = [(axis, idx) for axis, idx in indices if axis != 0]
+                fill = (fills or {}).get(name)
+                full = None if fill is None else np.broadcast_to(np.asarray(fill).astype(source.dtype), source.shape)
                 for start in range(0, source.shape[0], rows):
                     block = np.array(source[start:start + rows])
+                    zero = 0 if full is None else full[start:start + len(block)]
                     for idx in leading:
                         local = idx[(idx >= start) & (idx < start + len(block))] - start
-                        block[local] = 0
+                        block[local] = 0 if full is None else zero[local]
                     for axis, idx in others:
                         index: list[Any] = [slice(None)] * block.ndim
                         index[axis] = idx
-                        block[tuple(index)] = 0
+                        block[tuple(index)] = 0 if full is None else zero[tuple(index)]
                     stream.write(block.tobytes())
                     release(source)
                 new = onnx.TensorProto()

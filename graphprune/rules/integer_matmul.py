@@ -60,6 +60,9 @@ class Packed:
     def zero_bytes(self) -> np.ndarray:
         """``[N, blocks, 1]``: the byte whose every field holds its block's zero point."""
         per = 8 // self.bits
+        if self.zero.strides == (0, 0):  # the default zero point, one value broadcast
+            byte = sum(int(self.zero[0, 0]) << (self.bits * i) for i in range(per))
+            return np.broadcast_to(np.uint8(byte), (*self.zero.shape, 1))
         zero = self.zero.astype(np.uint16)
         return sum(zero << (self.bits * i) for i in range(per)).astype(np.uint8)[..., None]
 
@@ -84,7 +87,7 @@ def packed_weight(node: gs.Node) -> Packed | str:
         return "act-order g_idx (blocks that are not contiguous inputs)"
     zp = _present(node, 3)
     if zp is None:
-        zero = np.full((n, blocks), 1 << (bits - 1), dtype=np.uint8)
+        zero = np.broadcast_to(np.uint8(1 << (bits - 1)), (n, blocks))  # no copy per weight
     elif not isinstance(zp, gs.Constant) or np.asarray(zp.values).dtype != np.uint8:
         return "zero points computed in the graph or stored as floats"
     else:

@@ -411,23 +411,24 @@ def zeroed_reference(
     model.CopyFrom(prepared)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    if store is not None:
-        sizes = {i.name: _nbytes(i) for i in graph.initializer
-                 if i.data_location == onnx.TensorProto.EXTERNAL}
-        large = sum(sizes.values()) * LARGE_SHARE
-        zeroed = store.write_zeroed({
-            name: (inits[name], axes) for name, axes in cuts.items()
-            if name in sizes and name not in analysis.context.zero_points
-            and (len({axis for axis, _ in axes}) > 1 or sizes[name] >= large)})
-        for name, stub in zeroed.items():
-            inits[name].CopyFrom(stub)
-            del cuts[name]
     # quantized weights whose zero is their zero point (a mask gives 0) or whose integer type
     # ONNX Runtime's Mul does not take (int8, uint8, ...): a filled copy
     narrow = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
               onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-    for name in [n for n in cuts if n in inits and (n in analysis.context.zero_points
-                                                      or inits[n].data_type in narrow)]:
+    zero_points = analysis.context.zero_points
+    if store is not None:
+        sizes = {i.name: _nbytes(i) for i in graph.initializer
+                 if i.data_location == onnx.TensorProto.EXTERNAL}
+        large = sum(sizes.values()) * LARGE_SHARE
+        picked = {name: (inits[name], axes) for name, axes in cuts.items()
+                  if name in sizes and (name in zero_points or inits[name].data_type in narrow
+                                        or len({axis for axis, _ in axes}) > 1 or sizes[name] >= large)}
+        # filled on disk a block at a time (an int4 LLM's packed weights: not a copy in memory)
+        zeroed = store.write_zeroed(picked, fills={n: zero_points[n] for n in picked if n in zero_points})
+        for name, stub in zeroed.items():
+            inits[name].CopyFrom(stub)
+            del cuts[name]
+    for name in [n for n in cuts if n in inits and (n in zero_points or inits[n].data_type in narrow)]:
         init = inits[name]
         if init.data_location == onnx.TensorProto.EXTERNAL and store is not None:
             loaded = onnx.TensorProto()  # through onnx's decoder: it unpacks sub-byte (int4) data
@@ -438,7 +439,7 @@ def zeroed_reference(
             values = np.array(numpy_helper.to_array(loaded), copy=True)
         else:
             values = np.array(numpy_helper.to_array(init), copy=True)
-        values = _zeroed_values(values, cuts.pop(name), analysis.context.zero_points.get(name))
+        values = _zeroed_values(values, cuts.pop(name), zero_points.get(name))
         init.CopyFrom(numpy_helper.from_array(values, name))
     renames: dict[str, str] = {}
     masks: dict[str, list[onnx.NodeProto]] = {}
