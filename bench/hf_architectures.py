@@ -255,6 +255,22 @@ def independent_check(original: Path, pruned: Path) -> str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
+def prune_cli(path: Path, out: Path, timeout: float) -> tuple[dict, dict | None]:
+    """``graphprune prune PATH -o OUT --ratio 0.5`` in a fresh process: ``prune_s`` and ``rc``
+    (and ``error``, the last line it printed) and the report (``None`` when it failed)."""
+    report = path.with_suffix(".report.json")
+    report.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
+                           "--ratio", "0.5", "--report", str(report)],
+                          capture_output=True, text=True, timeout=timeout)
+    ran: dict = {"prune_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode}
+    if proc.returncode != 0:
+        ran["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return ran, None
+    return ran, json.loads(report.read_text())
+
+
 def run_one(name: str, exporter: str, timeout: float, attention: str = "eager") -> dict:
     entry: dict = {"model": name, "exporter": exporter, "attention": attention}
     t0 = time.perf_counter()
@@ -264,21 +280,14 @@ def run_one(name: str, exporter: str, timeout: float, attention: str = "eager") 
         entry["export"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return entry
     entry["export_s"] = round(time.perf_counter() - t0, 1)
-    out, report = path.with_suffix(".pruned.onnx"), path.with_suffix(".report.json")
-    report.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
-                           "--ratio", "0.5", "--report", str(report)],
-                          capture_output=True, text=True, timeout=timeout)
-    entry["prune_s"] = round(time.perf_counter() - t0, 1)
-    entry["rc"] = proc.returncode
-    if proc.returncode != 0:
-        entry["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    out = path.with_suffix(".pruned.onnx")
+    ran, rep = prune_cli(path, out, timeout)
+    entry.update(ran)
+    if rep is None:
         if "the input model does not run" in entry["error"]:  # the exporter's fault: not a prune
             entry = {k: v for k, v in entry.items() if k not in ("rc", "prune_s")}
             entry["export"] = "does not run in ONNX Runtime: " + entry.pop("error").split("Runtime: ", 1)[-1][:140]
         return entry
-    rep = json.loads(report.read_text())
     entry["params"] = round(rep["params_after"] / rep["params_before"], 3)
     entry["kinds"] = {k: [v["prunable"], v["units"]] for k, v in sorted((rep.get("kinds") or {}).items())}
     if "head" in entry["kinds"] and not entry["kinds"]["head"][0]:

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from hf_architectures import CACHE, EXPORTERS, independent_check  # noqa: E402
+from hf_architectures import CACHE, EXPORTERS, independent_check, prune_cli  # noqa: E402
 
 RESULTS = HERE / "results" / "int4_architectures.json"
 FLOAT_RESULTS = HERE / "results" / "hf_architectures.json"
@@ -67,21 +65,14 @@ def run_one(name: str, exporter: str, timeout: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         entry["skipped"] = f"quantizer: {type(exc).__name__}: {str(exc).splitlines()[0][:140]}"
         return entry
-    out, report = path.with_suffix(".pruned.onnx"), path.with_suffix(".report.json")
-    report.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
-                           "--ratio", "0.5", "--report", str(report)],
-                          capture_output=True, text=True, timeout=timeout)
-    entry["prune_s"] = round(time.perf_counter() - t0, 1)
-    entry["rc"] = proc.returncode
-    if proc.returncode != 0:
-        entry["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    out = path.with_suffix(".pruned.onnx")
+    ran, rep = prune_cli(path, out, timeout)
+    entry.update(ran)
+    if rep is None:
         if "the input model does not run" in entry["error"]:  # the exporter's fault (the float too)
             entry = {k: v for k, v in entry.items() if k not in ("rc", "prune_s", "error")}
             entry["skipped"] = "the export does not run in ONNX Runtime (nor does its float original)"
         return entry
-    rep = json.loads(report.read_text())
     entry["params"] = round(rep["params_after"] / rep["params_before"], 3)
     entry["kinds"] = {k: [v["prunable"], v["units"]] for k, v in sorted((rep.get("kinds") or {}).items())}
     entry["verified"] = bool(rep["verification"]["ok"])

@@ -8,7 +8,9 @@ A transformer's channel groups are of three kinds, told apart from the analysis 
 - ``hidden``: any other group of a model with heads whose pruning is inexact: the residual
   stream, normalised by LayerNorm/RMSNorm. Pruned only when asked (``prune_hidden``).
 - ``mlp``: any other group of a model with heads (MLP neurons, gated MLPs included).
-- ``channel``: every group of a model without attention heads (CNNs keep their behaviour).
+- ``channel``: every group of a model without attention heads (CNNs keep their behaviour). A
+  model whose heads no group maps (frozen inside a fused attention op, a packed query/key/value
+  projection) is a transformer all the same: the rule marks them.
 
 :func:`ratio_for` maps a kind to the ratio that applies to it; :func:`ratio_function` builds
 the per-group callable that a ratio planner uses, and :func:`plan_targets` is that planner.
