@@ -257,3 +257,16 @@ def test_packed_weights_in_external_data_are_zeroed_on_disk_with_their_zero_poin
                       numpy_helper.to_array(next(i for i in pruned.graph.initializer if i.name == pruned.graph.node[0].input[1])))
     want = _run(_masked(model, "a", kept, 128), x)
     np.testing.assert_allclose(_run(pruned, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("target", ["target_macs", "target_params"])
+def test_a_budget_counts_packed_layers_at_their_pruned_widths(target: str) -> None:
+    """The budget's cost model reads a ``MatMulNBits``'s MACs from its input's pruned width
+    (its ``K`` attribute still says the full width while the allocator searches) and its
+    parameters as ``N x K`` weights (packed bytes of an integer type): half the cost is two of
+    the four blocks of 32 neurons. Before, the MACs target over-shot (0.25) and the parameter
+    target could not see the packed weights at all."""
+    result = graphprune.prune(_nbits_mlp(), **{target: 0.5})
+    budget = result.report["budget"]
+    assert budget["met"] and abs(budget["achieved"] - 0.5) <= 0.03, budget
+    assert budget["widths"][0]["kept"] == 2 and result.report["verification"]["ok"]

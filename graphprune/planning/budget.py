@@ -45,7 +45,9 @@ TARGET_KINDS = ("macs", "params", "latency")
 #: default largest share of one group the allocator may remove
 DEFAULT_MAX_RATIO = 0.9
 
-_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+#: the element types a parameter count counts (:func:`graphprune.verify.metrics.count_params`:
+#: float weights and 8-bit quantized ones)
+_PARAM_DTYPES = (np.float16, np.float32, np.float64, np.int8, np.uint8)
 
 
 def check_target(kind: str, fraction: Any) -> float:
@@ -164,19 +166,35 @@ def curve_loss(ratios: Sequence[float], deviations: Sequence[float], units: int,
 
 
 # ---------------------------------------------------------------------------- cost model
-def _is_float_constant(tensor: gs.Tensor) -> bool:
+def _is_parameter(tensor: gs.Tensor) -> bool:
     if not isinstance(tensor, gs.Constant):
         return False
     try:
-        return np.dtype(tensor.dtype).type in _FLOAT_DTYPES
+        return np.dtype(tensor.dtype).type in _PARAM_DTYPES
     except TypeError:
         return False
+
+
+def _parameters_per_element(graph: gs.Graph, opset: int) -> dict[str, float]:
+    """Constants that pack several parameters into an element (a 4-bit weight, two to a byte:
+    :meth:`OpRule.packed_parameters`), by name: parameters per element."""
+    out: dict[str, float] = {}
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        if rule is None or type(rule).packed_parameters is registry.OpRule.packed_parameters:
+            continue
+        for index, count in rule.packed_parameters(node.attrs, [bool(t.name) for t in node.inputs]).items():
+            tensor = node.inputs[index] if index < len(node.inputs) else None
+            if isinstance(tensor, gs.Constant) and tensor.shape is not None:
+                out[tensor.name] = count / max(math.prod(tensor.shape), 1)
+    return out
 
 
 class CostModel:
     """The graph's cost as a function of how many units each group has lost.
 
-    ``kind``: ``macs`` (the rules' MAC counts), ``params`` (elements of float constants) or
+    ``kind``: ``macs`` (the rules' MAC counts), ``params`` (parameters of float and 8-bit
+    constants, packed ones counted per parameter) or
     ``latency`` (``node_time[id(node)]`` seconds at full width, scaled by the node's work: its
     MACs where the rule counts them, else its output elements); ``shape_of``: full shapes."""
 
@@ -221,7 +239,8 @@ class CostModel:
     def _build_items(self, tensors: dict[str, gs.Tensor]) -> None:
         graph = self.analysis.graph
         if self.kind == "params":
-            consts = [t for t in graph.tensors().values() if _is_float_constant(t)]
+            consts = [t for t in graph.tensors().values() if _is_parameter(t)]
+            self.per_element = _parameters_per_element(graph, self.analysis.opset)
             index = {t.name: i for i, t in enumerate(consts)}
             self.items = consts
             for si, st in enumerate(self.states):
@@ -271,7 +290,7 @@ class CostModel:
     def _cost(self, i: int, shape: Callable[[gs.Tensor], list[int] | None]) -> float:
         if self.kind == "params":
             s = shape(self.items[i])
-            return float(math.prod(s)) if s is not None else 0.0
+            return float(math.prod(s)) * self.per_element.get(self.items[i].name, 1.0) if s is not None else 0.0
         node, rule = self.items[i]
         if self.kind == "macs":
             macs = rule.macs(node, shape) if rule is not None else None

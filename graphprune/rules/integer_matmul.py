@@ -40,7 +40,7 @@ from graphprune.rules.linear import MatMulRule
 from graphprune.rules.registry import LinearInfo, OpRule, register
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from graphprune.analysis.coupling import CouplingContext
     from graphprune.passes.rewrite_context import RewriteContext
@@ -112,13 +112,28 @@ class MatMulNBitsRule(OpRule):
             return None
         return [*a[:-1], n], 0
 
-    def packed_parameters(self, attrs: dict) -> dict[int, int]:
-        """``B`` holds ``N x K`` weights (``bits`` of each byte per weight)."""
-        n, k = attrs.get("N"), attrs.get("K")
-        return {1: int(n) * int(k)} if isinstance(n, int) and isinstance(k, int) else {}
+    def packed_parameters(self, attrs: dict, present: Sequence[bool]) -> dict[int, int]:
+        """``B`` holds ``N x K`` weights (``bits`` of each byte per weight), counted with its
+        scales and zero points (one per row and block; zero points packed like ``B``), which
+        lose what ``B`` loses."""
+        n, k, block = attrs.get("N"), attrs.get("K"), attrs.get("block_size")
+        if not (isinstance(n, int) and isinstance(k, int) and isinstance(block, int) and block > 0):
+            return {}
+        blocks, bits = -(-k // block), int(attrs.get("bits", 4))
+        counts = {1: n * k, 2: 0}
+        total = n * k + n * blocks
+        if len(present) > 3 and present[3]:
+            counts[3] = 0
+            total += n * -(-blocks * bits // 8)
+        counts[1] = total
+        return counts
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
-        y, k = shape(node.outputs[0]), node.attrs.get("K")
+        """``prod(Y) x K``, ``K`` read from ``A``'s shape where known (a budget's cost model
+        asks at pruned widths: the attribute still says the full width)."""
+        y, a, k = shape(node.outputs[0]), shape(node.inputs[0]), node.attrs.get("K")
+        if a:
+            k = a[-1]
         if y is None or not isinstance(k, int):
             return None
         return math.prod(y) * k

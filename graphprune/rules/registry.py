@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -307,10 +307,11 @@ class OpRule:
             return ()
         return (info.weight,) if info.bias is None else (info.weight, info.bias)
 
-    def packed_parameters(self, attrs: dict) -> dict[int, int]:
-        """Constant inputs that pack several parameters into an element (a 4-bit weight, two
-        to a byte), as input index -> parameters held, for the node's attributes ``attrs``:
-        what the parameter count reads instead of the element count. Default: none."""
+    def packed_parameters(self, attrs: dict, present: Sequence[bool]) -> dict[int, int]:
+        """Constant inputs whose parameter count is not their element count (a 4-bit weight,
+        two to a byte), as input index -> parameters held, for the node's attributes ``attrs``
+        and which inputs are ``present``. An input may be counted with another (0 here, its
+        count in the other's): a budget then shrinks it with that one. Default: none."""
         return {}
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:

@@ -45,7 +45,7 @@ def count_params(model: onnx.ModelProto) -> int:
             if rule is None or type(rule).packed_parameters is registry.OpRule.packed_parameters:
                 continue
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            for index, count in rule.packed_parameters(attrs).items():
+            for index, count in rule.packed_parameters(attrs, [bool(name) for name in node.input]).items():
                 if index < len(node.input) and node.input[index]:
                     out[node.input[index]] = count
         return out
