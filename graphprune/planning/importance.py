@@ -54,8 +54,9 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
             if decoding is None:
                 continue
             scale, zero, bits = decoding  # a quantized weight: score the float weight it stands for
-            values = unpack_bits(values, bits) if bits < 8 else values
-            values = ((values.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32))
+            values = (unpack_bits(values, bits) if bits < 8 else values).astype(np.float32)
+            values -= zero.astype(np.float32)  # in place: one float copy of the weight, not three
+            values *= scale.astype(np.float32)
         norms = _slice_norms(values, dim[1], order)
         release(tensors[dim[0]].values)  # a mapped weight's pages go back to the kernel
         mean = norms.mean()
