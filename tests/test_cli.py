@@ -253,6 +253,25 @@ def test_input_that_does_not_run_is_named_not_the_zeroed_original(capsys, tmp_pa
     assert not out_model.exists()
 
 
+def test_input_that_runs_only_at_sizes_no_probe_tries_asks_for_input_shape(capsys, tmp_path):
+    """An open size the model needs to be a multiple of 7 (a KV cache whose last axis must be
+    the head size is the real case): no candidate size runs, and the error says at which sizes
+    it ran and how to give others; given, the prune goes through."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    model = make_model(nodes, {"x": [1, "L"]}, {"y": None},
+                       {"shape": np.array([-1, 7], np.int64), "W1": (7, 16), "W2": (16, 4)})
+    path, out_model = tmp_path / "sevens.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model)
+    line = _assert_one_line_error(code, err)
+    assert "the input model does not run in ONNX Runtime" in line
+    assert "run at sizes chosen for the open dimensions: x=1x" in line and "--input-shape NAME=" in line
+    assert not out_model.exists()
+    code, _, _ = cli(capsys, "prune", "-q", path, "-o", out_model, "--input-shape", "x=1,14")
+    assert code == 0 and out_model.exists()
+
+
 def test_bad_model_error_is_the_last_line_with_progress_on(capsys, models, tmp_path):
     bad = BAD_MODELS["not_onnx"](tmp_path, models["cnn"])
     code, _, err = cli(capsys, "prune", bad, "-o", tmp_path / "out.onnx")
