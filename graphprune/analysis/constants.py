@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.io.tensors import const_value, static_shape, static_size
+from graphprune.io.tensors import const_value, present_input, static_shape, static_size
 
 #: dense re-factoring (Reshape/Flatten) is skipped above this many elements
 DENSE_LIMIT = 1 << 24
@@ -125,12 +125,7 @@ class ConstantContext:
     size = staticmethod(static_size)
     const = staticmethod(const_value)
 
-    @staticmethod
-    def present(node: gs.Node, index: int) -> gs.Tensor | None:
-        """Input ``index`` of ``node`` if it is given (optional inputs may be empty)."""
-        if index < len(node.inputs) and node.inputs[index].name:
-            return node.inputs[index]
-        return None
+    present = staticmethod(present_input)
 
     def state(self, tensor: gs.Tensor | None) -> ChannelValues | None:
         if tensor is None or isinstance(tensor, gs.Constant):

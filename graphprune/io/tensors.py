@@ -24,6 +24,13 @@ def static_size(tensor: gs.Tensor | None, axis: int) -> int | None:
     return shape[axis]
 
 
+def present_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """Input ``index`` of ``node`` if it is given (optional inputs may be empty)."""
+    if index < len(node.inputs) and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)

@@ -180,8 +180,8 @@ def _parameters_per_element(graph: gs.Graph, opset: int) -> dict[str, float]:
     :meth:`OpRule.packed_parameters`), by name: parameters per element."""
     out: dict[str, float] = {}
     for node in graph.nodes:
-        rule = registry.lookup(node.domain or "", node.op, opset)
-        if rule is None or type(rule).packed_parameters is registry.OpRule.packed_parameters:
+        rule = registry.packing_rule(node.domain or "", node.op, opset)
+        if rule is None:
             continue
         for index, count in rule.packed_parameters(node.attrs, [bool(t.name) for t in node.inputs]).items():
             tensor = node.inputs[index] if index < len(node.inputs) else None

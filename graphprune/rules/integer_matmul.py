@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.io.tensors import pack_bits, unpack_bits
+from graphprune.io.tensors import present_input as _present
 from graphprune.rules.linear import MatMulRule
 from graphprune.rules.registry import LinearInfo, OpRule, register
 
@@ -67,17 +68,15 @@ class Packed:
         return sum(zero << (self.bits * i) for i in range(per)).astype(np.uint8)[..., None]
 
 
-def _present(node: gs.Node, index: int) -> gs.Tensor | None:
-    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
-
-
 def packed_weight(node: gs.Node) -> Packed | str:
     """How ``node``'s weight is stored, or why it is not understood."""
     bits, block = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 0) or 0)
     n, k = node.attrs.get("N"), node.attrs.get("K")
     b, scale = node.inputs[1], _present(node, 2)
-    if bits not in (1, 2, 4, 8) or block <= 0 or not isinstance(n, int) or not isinstance(k, int):
+    if bits not in (1, 2, 4, 8):
         return f"{bits}-bit weight fields that straddle bytes"
+    if block <= 0 or not isinstance(n, int) or not isinstance(k, int):
+        return "attributes N, K or block_size missing"
     if not isinstance(b, gs.Constant) or not isinstance(scale, gs.Constant):
         return "a packed weight or scales computed in the graph"
     blocks = -(-k // block)
@@ -120,13 +119,9 @@ class MatMulNBitsRule(OpRule):
         if not (isinstance(n, int) and isinstance(k, int) and isinstance(block, int) and block > 0):
             return {}
         blocks, bits = -(-k // block), int(attrs.get("bits", 4))
-        counts = {1: n * k, 2: 0}
-        total = n * k + n * blocks
-        if len(present) > 3 and present[3]:
-            counts[3] = 0
-            total += n * -(-blocks * bits // 8)
-        counts[1] = total
-        return counts
+        zero_points = len(present) > 3 and present[3]
+        total = n * k + n * blocks + (n * -(-blocks * bits // 8) if zero_points else 0)
+        return {1: total, 2: 0, **({3: 0} if zero_points else {})}
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
         """``prod(Y) x K``, ``K`` read from ``A``'s shape where known (a budget's cost model

@@ -35,6 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.roles import CHANNELWISE
+from graphprune.io.tensors import present_input as _present
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.elementwise import couple_softmax
 from graphprune.rules.linear import GemmRule, MatMulRule
@@ -52,10 +53,6 @@ from graphprune.rules.shape_ops import ConcatRule
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
-
-
-def _present(node: gs.Node, k: int) -> gs.Tensor | None:
-    return node.inputs[k] if len(node.inputs) > k and node.inputs[k].name else None
 
 
 def _scalars(node: gs.Node, ctx: CouplingContext, indices: tuple[int, ...]) -> bool:

@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.io.tensors import present_input as _present
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -42,12 +43,6 @@ if TYPE_CHECKING:
     from graphprune.passes.rewrite_context import RewriteContext
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
-def _present(node: gs.Node, index: int) -> gs.Tensor | None:
-    if len(node.inputs) > index and node.inputs[index].name:
-        return node.inputs[index]
-    return None
 
 
 def _output(node: gs.Node, index: int) -> gs.Tensor | None:

@@ -371,6 +371,15 @@ def lookup(domain: str, op_type: str, opset: int) -> OpRule | None:
     return None
 
 
+def packing_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
+    """The rule of an op whose constants may pack several parameters to an element (it
+    overrides :meth:`OpRule.packed_parameters`), else ``None``: parameter counts ask only these."""
+    rule = lookup(domain, op_type, opset)
+    if rule is None or type(rule).packed_parameters is OpRule.packed_parameters:
+        return None
+    return rule
+
+
 def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
     """``tensor`` as a weight decoded from constants by the one node that computes it and
     read by one node only (``None``: it is not, or its producer's rule does not say)."""

@@ -42,6 +42,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import Digit, Offset
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.io.tensors import present_input as _present
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.norm import LayerNormRule
 from graphprune.rules.registry import OpRule, register
@@ -51,12 +52,6 @@ if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
 
 MS = "com.microsoft"
-
-
-def _present(node: gs.Node, index: int) -> gs.Tensor | None:
-    if index < len(node.inputs) and node.inputs[index].name:
-        return node.inputs[index]
-    return None
 
 
 def _used_output(node: gs.Node, index: int) -> gs.Tensor | None:

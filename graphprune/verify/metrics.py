@@ -41,8 +41,8 @@ def count_params(model: onnx.ModelProto) -> int:
         """Initializers that pack several parameters to an element (a rule says how many)."""
         out: dict[str, int] = {}
         for node in graph.node:
-            rule = registry.lookup(node.domain, node.op_type, opset)
-            if rule is None or type(rule).packed_parameters is registry.OpRule.packed_parameters:
+            rule = registry.packing_rule(node.domain, node.op_type, opset)
+            if rule is None:
                 continue
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             for index, count in rule.packed_parameters(attrs, [bool(name) for name in node.input]).items():
