@@ -16,6 +16,7 @@ held-out samples worse.
     python bench/hf_architectures.py           # once: the exports
     python bench/calibration_hf.py             # ~6 min on 2 CPU cores
     python bench/calibration_hf.py --only bert,gpt2
+    python bench/calibration_hf.py --int4      # the MatMulNBits copies of bench/int4_architectures.py
 
 Results: ``bench/results/calibration_hf.json``.
 """
@@ -75,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model types")
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--int4", action="store_true",
+                    help="the 4-bit MatMulNBits copies that bench/int4_architectures.py made instead "
+                         "(results: calibration_hf_int4.json)")
     args = ap.parse_args(argv)
+    if args.results is None:
+        args.results = RESULTS.with_name("calibration_hf_int4.json") if args.int4 else RESULTS
     only = [o for o in args.only.split(",") if o]
     paths = sorted(p for p in CACHE.glob("*.onnx") if ".pruned" not in p.name and "_sdpa" not in p.name
+                   and p.name.endswith(".int4.onnx") == args.int4
                    and (not only or any(p.stem.rsplit("_", 1)[0] == o for o in only)))
     if not paths:
         print(f"no exports in {CACHE}: run bench/hf_architectures.py first", file=sys.stderr)
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                "warnings": sum(1 for r in done if r.get("warning")),
                "failed": {r["export"]: r.get("error", "") for r in rows if r["rc"] != 0}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"command": "python bench/calibration_hf.py", "samples": args.samples,
+    command = "python bench/calibration_hf.py" + (" --int4" if args.int4 else "")
+    args.results.write_text(json.dumps({"command": command, "samples": args.samples,
                                         "summary": summary, "rows": rows}, indent=1) + "\n")
     print(json.dumps(summary))
     return 0

@@ -175,8 +175,18 @@ SETTINGS = (
 
 
 def quantized(path: Path, kind: str, calib: Path) -> Path:
-    """``path`` quantized to int8 by ONNX Runtime (weights int8; activations dynamic, or
-    static uint8 QDQ / QOperator calibrated on the calibration sentences)."""
+    """``path`` quantized by ONNX Runtime: weights int8 with activations dynamic, or static
+    uint8 QDQ / QOperator calibrated on the calibration sentences; or (``int4``) its MatMuls
+    as ``MatMulNBits`` (``MatMulNBitsQuantizer``: 4-bit, asymmetric, blocks of 32)."""
+    if kind == "int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=4, block_size=32, is_symmetric=False)
+        quantizer.process()
+        out = path.with_name("minilm_int4.onnx")
+        quantizer.model.save_model_to_file(str(out), False)
+        return out
     from ort_quantize import quantize
 
     feeds = (dict(np.load(file)) for file in sorted(calib.glob("*.npz")))
@@ -193,14 +203,15 @@ def main() -> int:
     parser.add_argument("--only", default="",
                         help="run only these settings (1-based, comma-separated: 1 = MLP 0.25, 2 = MLP 0.5, 3 = heads)")
     parser.add_argument("--out", default=None, help="results file (default: calibration_minilm.json, or "
-                        "calibration_minilm_int8_<kind>.json with --quantize)")
-    parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop"), default=None,
-                        help="prune the int8 model instead (ONNX Runtime quantize_dynamic, or static QDQ / "
-                             "QOperator calibrated on the calibration sentences); the reference is the int8 "
-                             "original")
+                        "calibration_minilm_int8_<kind>.json / calibration_minilm_int4.json with --quantize)")
+    parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop", "int4"), default=None,
+                        help="prune the quantized model instead (ONNX Runtime quantize_dynamic, static QDQ / "
+                             "QOperator calibrated on the calibration sentences, or 4-bit MatMulNBits); the "
+                             "reference is the quantized original")
     args = parser.parse_args()
     if args.out is None:
-        args.out = str(RESULTS if not args.quantize else RESULTS.with_name(f"calibration_minilm_int8_{args.quantize}.json"))
+        name = f"calibration_minilm_{'int4' if args.quantize == 'int4' else 'int8_' + str(args.quantize)}.json"
+        args.out = str(RESULTS if not args.quantize else RESULTS.with_name(name))
     import onnx
 
     import graphprune

@@ -69,6 +69,7 @@ class BiasCompensationPass(Pass):
                 continue
             mats = before.matrices()[0]
             columns = mats.reshape(mats.shape[0], before.in_channels(), -1)
+            cut = before.input_channels(cut)  # a packed weight's blocks: their channels
             if layer.total is None or layer.total.shape[0] != columns.shape[1]:
                 continue
             delta = columns[:, cut, :].sum(axis=2) @ layer.mean[cut]

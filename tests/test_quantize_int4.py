@@ -128,3 +128,67 @@ def test_onnxruntime_4bit_qdq_mlp_prunes_whole_blocks() -> None:
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
     assert result.report["params_after"] < 0.6 * result.report["params_before"]
+
+
+def _ort_qdq_mlp(symmetric: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    from onnxruntime.quantization.quant_utils import QuantFormat
+    from test_rule_matmul_nbits import float_mlp
+
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=symmetric, quant_format=QuantFormat.QDQ)
+    quantizer = nbits.MatMulNBitsQuantizer(float_mlp(opset=21, seed=3), algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_blocked_weight_decodes_and_re_encodes_as_onnxruntime_reads_it(symmetric: bool) -> None:
+    """A blocked DequantizeLinear's stored weight: the decoding is what ONNX Runtime computes
+    with it, and new values stored on fresh block scales (zero points where the node has
+    them; ONNX Runtime's symmetric quantizer writes negative scales) run as decoded, near the
+    values given."""
+    from graphprune.io import ir
+    from graphprune.rules.quantize_blocked import BlockDequantized, blocked_dequantized
+
+    model = _ort_qdq_mlp(symmetric)
+    graph = ir.import_graph(model)
+    first, second = (blocked_dequantized(n) for n in graph.nodes if n.op == "DequantizeLinear")
+    assert isinstance(first, BlockDequantized) and (first.zero_tensor is None) == symmetric
+    x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+
+    options = ort.SessionOptions()  # as written: ORT would fuse DequantizeLinear + MatMul into
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # an 8-bit-input kernel
+
+    def check() -> None:
+        want = np.maximum(x @ first.decode(), 0) @ second.decode()
+        got = ort.InferenceSession(ir.export_graph(graph, model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    check()
+    values = np.random.default_rng(5).standard_normal(first.shape) * 0.3
+    first.encode_fit(values, None)
+    check()
+    decoded = first.decode().astype(np.float64)
+    step = np.abs(values).reshape(-1, 32, values.shape[1]).max(axis=1) / 7  # blocks of 32 along axis 0
+    error = np.abs(decoded - values).reshape(-1, 32, values.shape[1]).max(axis=1)
+    assert np.all(error <= 0.51 * step + 1e-6)
+
+
+def test_blocked_4bit_weights_are_refit_on_fresh_block_scales() -> None:
+    """ONNX Runtime's 4-bit QDQ MLP (blocks of 32 along each weight's input axis) with
+    calibration: the second weight is refit (it was left as pruned before) and stays a
+    blocked int4 weight; on held-out samples the refit brings the outputs nearer."""
+    model = _ort_qdq_mlp(symmetric=True)  # (with zero points its groups freeze: a non-zero zero point)
+    rng = np.random.default_rng(5)
+    basis = rng.standard_normal((6, 64)).astype(np.float32)
+    feeds = [{"x": (rng.standard_normal((4, 6)) @ basis).astype(np.float32)} for _ in range(64)]
+    result = graphprune.prune(model, ratio=0.25, calibration=feeds)
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["quantized_layers"] >= 1, refit
+    onnx.checker.check_model(result.model, full_check=True)
+    weights = _int4_weights(result.model)
+    assert len(weights) == 2 and all(TensorProto.INT4 == w.data_type or TensorProto.UINT4 == w.data_type
+                                     for w in weights.values())
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < 0.5 * fidelity["without_reconstruction"]["rel_l2"], fidelity

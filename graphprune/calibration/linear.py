@@ -21,6 +21,7 @@ read the same positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,20 +90,48 @@ class LinearView:
         """The float weight in its stored layout."""
         return self.stored.decode() if self.stored is not None else np.asarray(self.weight.values)
 
-    def store(self, mats: np.ndarray) -> float:
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The float weight's shape (a packed weight's :attr:`StoredWeight.shape`)."""
+        return self.stored.shape if self.stored is not None else tuple(np.shape(self.weight.values))
+
+    @property
+    def in_block(self) -> int:
+        """Input channels per index of the weight's input axis (a block of a packed weight)."""
+        return self.stored.in_block if self.stored is not None else 1
+
+    def input_channels(self, elements: np.ndarray) -> np.ndarray:
+        """The input channels that indices ``elements`` of the weight's input axis stand for."""
+        b = self.in_block
+        elements = np.asarray(elements, dtype=np.int64)
+        return elements if b == 1 else (elements[:, None] * b + np.arange(b)).reshape(-1)
+
+    def store(self, mats: np.ndarray, gram: np.ndarray | None = None,
+              accept: Callable[[np.ndarray], bool] | None = None) -> float | None:
         """Write effective weights ``[group, og, K]`` back; returns the share of elements
         clipped to a stored encoding's range (0 for a float weight). A stored weight's
         quantization step may grow to fit the new values; a stored bias whose step derives
-        from it follows (or, when it cannot, is given up: the next bias written is float)."""
+        from it follows (or, when it cannot, is given up: the next bias written is float).
+        ``gram``: the inputs' second moments the values were fitted under (``[K, K]``, one
+        group), for an encoding that rounds with error feedback; ``accept``: judges the
+        weights as stored (``[group, og, K]``) — rejected, every constant is restored and
+        ``None`` returned."""
         values = self.set_matrices(mats)
         if self.stored is None:
             self.weight.values = values
             return 0.0
-        clipped, factor = self.stored.encode(values, grow=True)
+        saved = [(c, c.values) for s in (self.stored, self.bias_stored) if s is not None for c in s.constants()]
+        bias_stored = self.bias_stored
+        clipped, factor = self.stored.encode_fit(values, gram if self.info.kernel == "dense" else None, self.info.in_axis)
         if factor is not None and self.bias_stored is not None:
             per_channel = np.asarray(factor).reshape(-1)
             if not self.bias_stored.rescale(per_channel):
                 self.bias_stored = None
+        if accept is not None and not accept(self.matrices()):
+            for constant, before in saved:
+                constant.values = before
+            self.bias_stored = bias_stored
+            return None
         return clipped
 
     @property
@@ -150,15 +179,15 @@ class LinearView:
         return self.info.beta * values.reshape(-1)
 
     def out_channels(self) -> int:
-        return int(np.shape(self.weight.values)[self.info.out_axis])
+        return int(self.weight_shape[self.info.out_axis])
 
     def in_channels(self) -> int:
         """Input channels the node reads (all groups together)."""
-        w = np.shape(self.weight.values)
+        w = self.weight_shape
         return int(w[self.info.in_axis]) * (1 if self.is_transpose else self.group)
 
     def kernel_size(self) -> int:
-        shape = np.shape(self.weight.values)
+        shape = self.weight_shape
         return int(np.prod(shape[2:])) if self.is_conv else 1
 
     def matrices(self, values: np.ndarray | None = None) -> np.ndarray:
@@ -176,7 +205,7 @@ class LinearView:
     def set_matrices(self, mats: np.ndarray) -> np.ndarray:
         """Float weight values in the stored layout for effective weights ``[group, og, K]``
         (the layer's float dtype)."""
-        shape = np.shape(self.weight.values)
+        shape = self.weight_shape
         if self.is_transpose:
             new = np.swapaxes(mats.reshape(shape[1], shape[0], -1), 0, 1).reshape(shape)
         elif self.is_conv:
@@ -188,7 +217,7 @@ class LinearView:
 
     # ------------------------------------------------------------------ geometry
     def _conv_geometry(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-        kernel = list(np.shape(self.weight.values)[2:])
+        kernel = list(self.weight_shape[2:])
         geometry = conv_transpose_geometry if self.is_transpose else conv_geometry
         strides, dilations, pads, out = geometry(self.node.attrs, kernel, spatial)
         return kernel, strides, dilations, pads, out
@@ -331,6 +360,8 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     values = np.asarray(weight.values)
     if stored is None and not np.issubdtype(values.dtype, np.floating):
         return None
+    if stored is not None and stored.shape != values.shape:  # packed: judged by its float shape
+        values = np.broadcast_to(np.zeros((), np.float32), stored.shape)
     if info.kernel == "conv" and (values.ndim < 3 or values.shape[0] % max(info.group, 1)):
         return None
     if info.kernel == "conv_transpose" and (values.ndim < 3 or info.group != 1

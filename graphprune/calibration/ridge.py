@@ -17,6 +17,7 @@ explicit solve per candidate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +108,13 @@ def fit_error(gram: np.ndarray, cross: np.ndarray, y2: float, w: np.ndarray) -> 
     return float(y2 + np.sum(w * (gram @ w)) - 2 * np.sum(w * cross))
 
 
+def bias_for(gram: np.ndarray, cross: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The least-squares bias row for the weights ``w[:k]`` held fixed (``[K+1, og]`` layout)."""
+    k = gram.shape[0] - 1
+    n = float(gram[k, k])
+    return (cross[k] - gram[k, :k] @ w[:k]) / n if n > 0 else w[k]
+
+
 class RidgePath:
     """Validation error on fold ``o`` of the ridge fit on fold ``f``, for any strength."""
 
@@ -136,3 +144,19 @@ class RidgePath:
         b = (self.c - z.T @ self.q) / self.n
         return float(self.y2 + quad + 2.0 * b @ (z.T @ self.h) + self.no * b @ b
                      - 2.0 * (np.sum(z * self.f) + b @ self.co))
+
+
+def coarse_ridge(a: Accumulator, cur: np.ndarray, scale: list[float], grid: tuple[float, ...], default: float) -> float:
+    """The strength of ``grid`` with the smallest two-fold validation error, each fit
+    solved directly (no eigen-decomposition); ``default`` when a fold is empty."""
+    g, k = a.gram.shape[1], a.gram.shape[2] - 1
+    if (a.gram[:, :, k, k] <= 0).any():
+        return default
+    best, best_error = default, math.inf
+    for ridge in grid:
+        total = sum(fit_error(a.gram[1 - f, j], a.cross[1 - f, j], 0.0,
+                              fit(a.gram[f, j], a.cross[f, j], cur[j], ridge * scale[j]))
+                    for f in (0, 1) for j in range(g))
+        if total < best_error:
+            best, best_error = ridge, total
+    return best

@@ -43,8 +43,16 @@ from graphprune.calibration import runner
 from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
-from graphprune.calibration.ridge import Accumulator, RidgePath, fit, fit_error, fit_fixed_bias
-from graphprune.calibration.stats import channel_sums
+from graphprune.calibration.ridge import (
+    Accumulator,
+    RidgePath,
+    bias_for,
+    coarse_ridge,
+    fit,
+    fit_error,
+    fit_fixed_bias,
+)
+from graphprune.calibration.stats import add_moments, finish_moments
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
 
@@ -289,7 +297,7 @@ class Reconstructor:
                 return
             y = t.view.read_output(y)
             if self.mode == "affine":
-                _moments(moments, t, y, t.view)
+                add_moments(moments, t.index, y, t.view.is_conv)
                 return
             selected = selection(t, batch, y.shape)
             out = t.view.output_rows(y, selected).reshape(len(selected), -1)
@@ -481,19 +489,30 @@ class Reconstructor:
         else:
             ridge = self._choose_ridge(a, cur, scale)
             solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
-        norm = max(y2, 1e-30)
-        before = sum(fit_error(gram[j], cross[j], 0.0, cur[j]) for j in range(g)) + y2
-        after = sum(fit_error(gram[j], cross[j], 0.0, solved[j]) for j in range(g)) + y2
+
+        def error(w: np.ndarray) -> float:  # [g, K+1, og]
+            return sum(fit_error(gram[j], cross[j], 0.0, w[j]) for j in range(g)) + y2
+
+        norm, before, after = max(y2, 1e-30), error(cur), error(solved)
         if not np.isfinite(solved).all() or after > before:
             return
-        report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))
-        report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
-        report.ridges.append(ridge)
         mats = np.swapaxes(solved[:, :k, :], 1, 2)  # [g, og, K]
-        clipped = view.store(mats)
+        def accept(stored: np.ndarray) -> bool:  # as rounded on the weight's grid, with its bias refit
+            nonlocal after
+            solved[:, :k, :] = np.swapaxes(stored, 1, 2)
+            if not view.bias_fixed:
+                solved[:, k, :] = np.stack([bias_for(gram[j], cross[j], solved[j]) for j in range(g)])
+            after = error(solved)
+            return after <= before
+        clipped = view.store(mats, gram[0, :k, :k] if g == 1 else None, accept if view.stored is not None else None)
+        if clipped is None:  # stored on its grid, the fit is worse than the current weights
+            return
         if view.stored is not None:
             report.quantized += 1
             report.clipped.append(clipped)
+        report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))
+        report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
+        report.ridges.append(ridge)
         write_bias(graph, view, solved[:, k, :].reshape(-1), names)
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:
@@ -505,7 +524,7 @@ class Reconstructor:
         if self.ridge is not None or not (a.y2 > 0).all() or inputs > CV_MAX_INPUTS:
             return DEFAULT_RIDGE if self.ridge is None else self.ridge
         if rich:
-            return _coarse_ridge(a, cur, scale)
+            return coarse_ridge(a, cur, scale, COARSE_GRID, DEFAULT_RIDGE)
         try:  # every candidate from one eigen-decomposition per fold and group (.ridge)
             paths = [(RidgePath(a.gram[f, j], a.cross[f, j], cur[j], a.gram[1 - f, j], a.cross[1 - f, j],
                                 a.y2[1 - f]), scale[j]) for f in (0, 1) for j in range(g)]
@@ -537,7 +556,7 @@ class Reconstructor:
         pruned: dict[int, list[np.ndarray]] = {}
         kept = runner.stream(
             model, list(by_out), self.batches.feeds,
-            lambda _b, name, y: _moments(pruned, by_out[name], by_out[name].view.read_output(y), by_out[name].view),
+            lambda _b, name, y: add_moments(pruned, by_out[name].index, by_out[name].view.read_output(y), by_out[name].view.is_conv),
             what="the pruned model", data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes,
         )
         if cache is not None:
@@ -545,8 +564,8 @@ class Reconstructor:
         for t in members:
             if t.index not in pruned or t.index not in original:
                 continue
-            mu_p, var_p = _finish(pruned[t.index])
-            mu_o, var_o = _finish(original[t.index])
+            mu_p, var_p = finish_moments(pruned[t.index])
+            mu_o, var_o = finish_moments(original[t.index])
             if t.kept is not None:
                 mu_o, var_o = mu_o[t.kept], var_o[t.kept]
             if mu_o.shape != mu_p.shape:
@@ -564,35 +583,3 @@ class Reconstructor:
             bias = np.zeros_like(scale) if bias is None else bias
             write_bias(graph, view, scale * bias + shift, names)
         return kept
-
-
-def _moments(store: dict[int, list[np.ndarray]], t: Target, y: np.ndarray, view: LinearView) -> None:
-    axis = 1 if view.is_conv else y.ndim - 1
-    channels = y.shape[axis]
-    total, squares = channel_sums(y, axis)
-    entry = store.setdefault(t.index, [np.zeros(channels), np.zeros(channels), np.zeros(1)])
-    entry[0] += total
-    entry[1] += squares
-    entry[2] += y.size // max(channels, 1)
-
-
-def _finish(entry: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    n = max(float(entry[2][0]), 1.0)
-    mean = entry[0] / n
-    return mean, np.maximum(entry[1] / n - mean**2, 0.0)
-
-
-def _coarse_ridge(a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:
-    """The strength of COARSE_GRID with the smallest two-fold validation error, each fit
-    solved directly (no eigen-decomposition); the default when a fold is empty."""
-    g, k = a.gram.shape[1], a.gram.shape[2] - 1
-    if (a.gram[:, :, k, k] <= 0).any():
-        return DEFAULT_RIDGE
-    best, best_error = DEFAULT_RIDGE, math.inf
-    for ridge in COARSE_GRID:
-        total = sum(fit_error(a.gram[1 - f, j], a.cross[1 - f, j], 0.0,
-                              fit(a.gram[f, j], a.cross[f, j], cur[j], ridge * scale[j]))
-                    for f in (0, 1) for j in range(g))
-        if total < best_error:
-            best, best_error = ridge, total
-    return best

@@ -161,3 +161,22 @@ def collect(
 
 def summary(stats: LayerStats) -> dict[str, Any]:
     return {"layers": len(stats.layers), "samples": stats.samples}
+
+
+def add_moments(store: dict[int, list[np.ndarray]], key: int, y: np.ndarray, conv: bool) -> None:
+    """Add ``y``'s per-channel sums and sums of squares (channel axis 1 of a conv output, else
+    the last) to ``store[key]``."""
+    axis = 1 if conv else y.ndim - 1
+    channels = y.shape[axis]
+    total, squares = channel_sums(y, axis)
+    entry = store.setdefault(key, [np.zeros(channels), np.zeros(channels), np.zeros(1)])
+    entry[0] += total
+    entry[1] += squares
+    entry[2] += y.size // max(channels, 1)
+
+
+def finish_moments(entry: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance from :func:`add_moments`' sums."""
+    n = max(float(entry[2][0]), 1.0)
+    mean = entry[0] / n
+    return mean, np.maximum(entry[1] / n - mean**2, 0.0)

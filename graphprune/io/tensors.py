@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -63,3 +65,16 @@ def pack_bits(fields: np.ndarray, bits: int) -> np.ndarray:
     grouped = fields.reshape(*fields.shape[:-1], -1, per).astype(np.uint16)
     shifts = np.arange(per, dtype=np.uint16) * bits
     return (grouped << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def integer_info(dtype: np.dtype) -> Any:
+    """The integer range of ``dtype`` (``.min``, ``.max``): numpy's integers and ONNX's
+    sub-byte ``int4`` / ``uint4`` (ml_dtypes, one element per byte in numpy); ``None`` for any
+    other dtype."""
+    if np.issubdtype(dtype, np.integer):
+        return np.iinfo(dtype)
+    if dtype.name in ("int4", "uint4", "int2", "uint2"):
+        import ml_dtypes
+
+        return ml_dtypes.iinfo(dtype)
+    return None

@@ -268,8 +268,8 @@ def _consumers(
             continue
         layer = stats.get(view.node.name)
         labels = group.unit_of.get(dim)
-        if layer is not None and labels is not None:
-            out.append((view, layer, np.asarray(labels)))
+        if layer is not None and labels is not None:  # a packed weight's block: its channels
+            out.append((view, layer, np.repeat(np.asarray(labels), view.in_block)))
     return out
 
 

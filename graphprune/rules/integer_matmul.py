@@ -35,10 +35,11 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.io.block_quant import dequantize_blocks, quantize_blocks
 from graphprune.io.tensors import pack_bits, unpack_bits
 from graphprune.io.tensors import present_input as _present
 from graphprune.rules.linear import MatMulRule
-from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, RescaledLinear, StoredWeight, register
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -97,6 +98,62 @@ def packed_weight(node: gs.Node) -> Packed | str:
     return Packed(bits, block, values, zero, blocks * block == k)
 
 
+class NBitsWeight(StoredWeight):
+    """A ``MatMulNBits`` weight read as the float ``[N, K]`` it stands for (block by block
+    ``(q - zero_point) * scale``), for the refit and the data-aware criteria. New values are
+    quantized again on fresh per-block scales (and zero points, where they are stored; a
+    symmetric weight keeps its default one), with the rounding error spread over the inputs
+    not rounded yet when the input statistics are known (:mod:`graphprune.io.block_quant`)."""
+
+    def __init__(self, node: gs.Node, packed: Packed) -> None:
+        self.constant = node.inputs[1]
+        self.scale_tensor = node.inputs[2]
+        self.zero_tensor = _present(node, 3)
+        self.bits, self.in_block = packed.bits, packed.block
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.asarray(self.scale_tensor.values).dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n, blocks = np.shape(self.constant.values)[:2]
+        return int(n), int(blocks) * self.in_block
+
+    def constants(self) -> list[gs.Constant]:
+        return [c for c in (self.constant, self.scale_tensor, self.zero_tensor) if c is not None]
+
+    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
+        n, blocks = np.shape(self.constant.values)[:2]
+        scale = np.asarray(self.scale_tensor.values).reshape(n, blocks)
+        if self.zero_tensor is None:
+            return scale, np.full((n, blocks), 1 << (self.bits - 1), np.uint8)
+        zp = np.asarray(self.zero_tensor.values).reshape(n, -1)
+        return scale, (unpack_bits(zp, self.bits) if self.bits < 8 else zp)[:, :blocks]
+
+    def decode(self) -> np.ndarray:
+        n = np.shape(self.constant.values)[0]
+        q = unpack_bits(np.asarray(self.constant.values), self.bits).reshape(n, -1)
+        scale, zero = self._grid()
+        return dequantize_blocks(q, scale, zero, self.in_block).astype(self.dtype)
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        return self.encode_fit(values, None)
+
+    def encode_fit(self, values: np.ndarray, gram: np.ndarray | None,
+                   in_axis: int | None = None) -> tuple[float, np.ndarray | None]:
+        n, blocks = np.shape(self.constant.values)[:2]
+        fixed = self._grid()[1] if self.zero_tensor is None else None
+        q, scale, zero = quantize_blocks(np.asarray(values, np.float64), self.bits, self.in_block, gram=gram,
+                                         zero=fixed, scale_dtype=self.dtype)
+        self.constant.values = pack_bits(q.reshape(n, blocks, self.in_block), self.bits)
+        self.scale_tensor.values = np.ascontiguousarray(scale.reshape(np.shape(self.scale_tensor.values)))
+        if self.zero_tensor is not None:
+            packed = pack_bits(zero, self.bits)
+            self.zero_tensor.values = np.ascontiguousarray(packed.reshape(np.shape(self.zero_tensor.values)))
+        return 0.0, None
+
+
 @register
 class MatMulNBitsRule(OpRule):
     """com.microsoft ``MatMulNBits`` (see the module docstring)."""
@@ -132,6 +189,19 @@ class MatMulNBitsRule(OpRule):
         if y is None or not isinstance(k, int):
             return None
         return math.prod(y) * k
+
+    def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
+        """The float layer ``A @ W^T (+ bias)`` with ``W [N, K]`` decoded from the blocks
+        (:class:`NBitsWeight`), for the refit and the data-aware criteria."""
+        packed = packed_weight(node)
+        if isinstance(packed, str) or not packed.whole_blocks:
+            return None
+        bias = _present(node, 5)
+        if bias is not None and not isinstance(bias, gs.Constant):
+            return None
+        info = LinearInfo(data=0, data_axis=-1, weight=1, in_axis=1, out_axis=0, out_channel_axis=-1,
+                          bias=None, kernel="dense")
+        return RescaledLinear(info, node.inputs[0], node.outputs[0], NBitsWeight(node, packed), bias=bias)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]

@@ -55,7 +55,7 @@ and frozen in ``integer_matmul.py``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -64,8 +64,10 @@ from onnx import numpy_helper
 
 from graphprune.analysis.index_maps import IDENTITY, Digit
 from graphprune.analysis.roles import CHANNELWISE
+from graphprune.io.tensors import integer_info
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
+from graphprune.rules.quantize_blocked import blocked_dequantized
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
@@ -126,13 +128,16 @@ class Dequantized(StoredWeight):
     def dtype(self) -> np.dtype:
         return np.asarray(self.scale_tensor.values).dtype
 
+    def constants(self) -> list[gs.Constant]:
+        return [self.constant, self.scale_tensor]
+
     def decode(self) -> np.ndarray:
         q = np.asarray(self.constant.values).astype(np.float64)
         step = self.scale.astype(self.dtype).astype(np.float64)
         return ((q - self.zero_point) * step).astype(self.dtype)
 
     def _range(self) -> tuple[float, float]:
-        info = _iinfo(np.asarray(self.constant.values).dtype)
+        info = integer_info(np.asarray(self.constant.values).dtype)
         low = info.min + 1 if info.min < 0 and not np.any(self.zero_point) else info.min  # symmetric int8: +-127
         return float(low), float(info.max)
 
@@ -175,25 +180,13 @@ class Dequantized(StoredWeight):
         return True
 
 
-def _iinfo(dtype: np.dtype) -> Any:
-    """The integer range of ``dtype``: numpy's integers and ONNX's sub-byte ``int4`` / ``uint4``
-    (ml_dtypes, one element per byte in numpy); ``None`` for any other dtype."""
-    if np.issubdtype(dtype, np.integer):
-        return np.iinfo(dtype)
-    if dtype.name in ("int4", "uint4", "int2", "uint2"):
-        import ml_dtypes
-
-        return ml_dtypes.iinfo(dtype)
-    return None
-
-
 def decode_integer(q: gs.Constant, scale: gs.Constant, zero_point: gs.Constant | None,
               axis: int | None) -> Dequantized | None:
     """``q`` (integer) decoded as ``(q - zero_point) * scale``: scale and zero point per tensor
     or one per index of ``axis`` (``axis=None``: broadcast to ``q`` as numpy does, no zero
     point). ``None`` where the values do not fit that reading or a scale is not positive."""
     qv, sv = np.asarray(q.values), np.asarray(scale.values)
-    if (_iinfo(qv.dtype) is None or not np.issubdtype(sv.dtype, np.floating)
+    if (integer_info(qv.dtype) is None or not np.issubdtype(sv.dtype, np.floating)
             or not np.all(np.isfinite(sv)) or np.any(sv <= 0)):
         return None
     zv = np.zeros((), dtype=np.float64) if zero_point is None else np.asarray(zero_point.values).astype(np.float64)
@@ -374,7 +367,9 @@ class QuantizeLinearRule(OpRule):
                 ctx.decoded(x, *decoded)
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
-        return dequantized(node) if node.op == "DequantizeLinear" else None
+        if node.op != "DequantizeLinear":
+            return None
+        return blocked_dequantized(node) if int(node.attrs.get("block_size", 0) or 0) else dequantized(node)
 
 
 @register

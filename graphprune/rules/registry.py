@@ -72,15 +72,36 @@ class StoredWeight:
     pruning slices and that a refit rewrites."""
 
     constant: gs.Constant
+    #: input channels per index of the stored weight's input axis (a packed weight that is
+    #: cut a block of inputs at a time: its block size)
+    in_block: int = 1
 
     @property
     def dtype(self) -> np.dtype:
         """The float dtype of the decoded weight."""
         raise NotImplementedError
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The decoded weight's shape (``constant``'s unless the values are packed)."""
+        return tuple(self.constant.shape)
+
+    def constants(self) -> list[gs.Constant]:
+        """Every constant :meth:`encode` may rewrite (so that a caller can restore them)."""
+        return [self.constant]
+
     def decode(self) -> np.ndarray:
-        """The float weight (``constant``'s shape)."""
+        """The float weight (:attr:`shape`)."""
         raise NotImplementedError
+
+    def encode_fit(self, values: np.ndarray, gram: np.ndarray | None,
+                   in_axis: int | None = None) -> tuple[float, np.ndarray | None]:
+        """Store ``values`` fitted by least squares under the input second moments ``gram``
+        (``[K, K]`` of a dense layer whose input channels are axis ``in_axis`` of ``values``;
+        ``None``: unknown). The default rounds like
+        :meth:`encode` with ``grow``; an encoding with few levels may spread each element's
+        rounding error over the elements not rounded yet (:mod:`graphprune.io.block_quant`)."""
+        return self.encode(values, grow=True)
 
     def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
         """Store float ``values`` (``constant``'s shape) as near as the encoding allows.
