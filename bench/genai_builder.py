@@ -11,7 +11,9 @@ of 32) and ``fp32`` on CPU, then pruned in a fresh process with
 ``graphprune prune --mlp-ratio 0.5`` (verification on) at the shapes of a decode step (8 new
 tokens after 8 cached, ``--input-shape``: the cache's last axis must be the head size, which no
 probe guesses) and checked independently: ``onnx.checker`` by path, ONNX Runtime at those shapes,
-output shapes as the original's.
+output shapes as the original's. Then the same prune with ``--calibration`` (24 decode steps of
+random tokens, 5 held out): the data-aware criteria and the refit through the ``MatMulNBits``
+layers, with the held-out fidelity of the logits with and without the reconstruction.
 Heads do not prune here (the KV cache is part of the graph's inputs and outputs, and the
 projection is packed); the MLP neurons do.
 
@@ -184,6 +186,47 @@ def run_one(arch: str, precision: str) -> dict:
     row["max_rel_diff"] = rep["verification"].get("max_rel_diff")
     row["frozen_by"] = sorted({r.split(" at ")[0] for g in rep["frozen"] for r in g["reasons"]})[:6]
     row["check"] = independent_check(path, out)
+    row["calibrated"] = calibrated(path, given)
+    return row
+
+
+def calibrated(path: Path, given: list[str], samples: int = 24) -> dict:
+    """The same prune with ``--calibration`` (``samples`` decode steps of random tokens after a
+    random cache, 5 of them held out): the logits' fidelity to the original with and without
+    the reconstruction, and what the refit did (random weights and tokens: a robustness figure
+    for the path through the packed layers, not a quality one)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    steps = []
+    for _ in range(samples):
+        step = feeds(path)
+        step["input_ids"] = rng.integers(3, 999, step["input_ids"].shape).astype(np.int64)
+        for name in step:
+            if name.startswith("past_key_values"):
+                step[name] = rng.standard_normal(step[name].shape).astype(np.float32)
+        steps.append(step)
+    calib, out, report = path.parent / "calib.npz", path.parent / "pruned_cal.onnx", path.parent / "report_cal.json"
+    np.savez(calib, **{k: np.stack([s[k] for s in steps]) for k in steps[0]})
+    report.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out), "--mlp-ratio", "0.5",
+                           "--calibration", str(calib), "--report", str(report), *given],
+                          capture_output=True, text=True, timeout=900)
+    row: dict = {"rc": proc.returncode, "prune_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return row
+    rep = json.loads(report.read_text())
+    fidelity = rep.get("fidelity") or {}
+    logits = (fidelity.get("outputs") or {}).get("logits") or {}
+    without = fidelity.get("without_reconstruction") or {}
+    refit = (rep.get("calibration", {}).get("passes") or {}).get("RefitPass") or {}
+    row.update(logits_rel_l2=logits.get("rel_l2"), rel_l2=fidelity.get("rel_l2"),
+               rel_l2_without=without.get("rel_l2"), criteria=rep.get("calibration", {}).get("criteria_chosen"),
+               refit_layers=refit.get("layers"), quantized_layers=refit.get("quantized_layers"),
+               kept_weights=refit.get("kept_weights"), verified=bool(rep["verification"]["ok"]),
+               check=independent_check(path, out))
     return row
 
 
@@ -239,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     order = {a: i for i, a in enumerate(ARCHS)}
     rows.sort(key=lambda r: (order.get(r["arch"], len(order)), PRECISIONS.index(r["precision"])))
     ok = [r for r in rows if r.get("check") == "ok" and r.get("verified")]
+    cal = [r["calibrated"] for r in rows if (r.get("calibrated") or {}).get("check") == "ok"]
     summary = {"runs": len(rows), "built": sum(1 for r in rows if "build" not in r), "ok": len(ok),
-               "mlp_pruned": sum(1 for r in ok if r.get("kinds", {}).get("mlp", [0])[0])}
+               "mlp_pruned": sum(1 for r in ok if r.get("kinds", {}).get("mlp", [0])[0]),
+               "calibrated_ok": len(cal),
+               "calibrated_nearer": sum(1 for c in cal if (c.get("rel_l2") or 1) < (c.get("rel_l2_without") or 0))}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     large = json.loads(RESULTS.read_text()).get("large") if RESULTS.exists() else None
     data = {"builder": GENAI, "summary": summary, "results": rows, **({"large": large} if large else {})}

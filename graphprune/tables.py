@@ -139,6 +139,8 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
             text += f"; {stats['quantized_layers']} stored back quantized"
             if stats.get("clipped_max"):
                 text += f" (up to {100 * stats['clipped_max']:.2g} % of a weight clipped)"
+        if stats.get("kept_weights"):
+            text += f"; {stats['kept_weights']} kept their weights (no fit was better)"
         lines.append(text)
         skipped = stats.get("skipped") or []
         if skipped:

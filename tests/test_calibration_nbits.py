@@ -114,6 +114,7 @@ def test_a_calibrated_prune_of_a_4bit_mlp_refits_its_packed_layers() -> None:
     assert "data-free" not in " ".join(report["criteria_chosen"])
     refit = report["passes"]["RefitPass"]
     assert refit["quantized_layers"] >= 1 and refit["rel_error_after"] < refit["rel_error_before"]
+    assert refit.get("kept_weights", 0) == refit["layers"] - refit["quantized_layers"]  # only packed layers here
     onnx.checker.check_model(calibrated.model)
     # the refit's bias goes in an Add after the layer (a MatMulNBits bias input needs ORT 1.19+)
     assert [n.op_type for n in calibrated.model.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits", "Add"]

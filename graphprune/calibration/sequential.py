@@ -44,33 +44,19 @@ from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import LinearView, linear_view, select
 from graphprune.calibration.residual import Residual, residual_of
 from graphprune.calibration.ridge import (
+    DEFAULT_RIDGE,
     Accumulator,
-    RidgePath,
     bias_for,
-    coarse_ridge,
+    choose_ridge,
     fit,
     fit_error,
     fit_fixed_bias,
+    rounding_pays,
 )
 from graphprune.calibration.stats import add_moments, finish_moments
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
 
-#: ridge strength relative to the mean diagonal of the input Gram (the fit is pulled
-#: towards the current weights, not towards zero); chosen per layer by two-fold
-#: cross-validation over RIDGE_GRID unless the layer has more than CV_MAX_INPUTS inputs, or
-#: more than CV_RICH_INPUTS inputs and at least ROWS_PER_INPUT rows per input (a fit that
-#: well determined gains little from tuning the ridge, and each candidate costs a solve
-#: cubic in the inputs: the conv layers of a large CNN)
-DEFAULT_RIDGE = 1e-2
-RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-CV_MAX_INPUTS = 2048
-CV_RICH_INPUTS = 512
-#: the ridges a well-determined layer (see above) still chooses from, by the same two-fold
-#: validation with one solve per fold and strength: its rows are output positions of few
-#: samples, correlated within a sample, so "4 rows per input" can still over-fit (Magika's
-#: 960-input convolution: 0.01 -> 1.0 by validation, +1 to +3 points of top-1 agreement)
-COARSE_GRID = (DEFAULT_RIDGE, 0.1, 1.0)
 #: rows per fitted weight column (subsampled output positions), and their bounds
 ROWS_PER_INPUT = 4
 MIN_ROWS = 4096
@@ -121,6 +107,8 @@ class WaveReport:
     #: refit layers whose weight is stored encoded (quantized), and their clipped shares
     quantized: int = 0
     clipped: list[float] = field(default_factory=list)
+    #: layers that keep their weights: no fit (rounded on its grid, if stored) was better
+    kept: int = 0
 
 
 def affected_tensors(graph: gs.Graph, changed: set[str]) -> set[str]:
@@ -384,6 +372,8 @@ class Reconstructor:
             # refit in float, stored back on each weight's own quantization grid
             out["quantized_layers"] = report.quantized
             out["clipped_max"] = round(float(max(report.clipped)), 6)
+        if report.kept:
+            out["kept_weights"] = report.kept
         return out
 
     def _residual_rows(
@@ -484,19 +474,27 @@ class Reconstructor:
         gram, cross, y2 = a.gram.sum(0), a.cross.sum(0), float(a.y2.sum())
         scale = [max(float(np.mean(np.diag(gram[j])[:k])), 1e-30) if k else 0.0 for j in range(g)]
         if view.bias_fixed:  # no bias can be written: fit the weights with the bias held
-            ridge = DEFAULT_RIDGE
+            ridge, pays = DEFAULT_RIDGE, True
             solved = np.stack([fit_fixed_bias(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
         else:
-            ridge = self._choose_ridge(a, cur, scale)
+            ridge, pays = self._choose_ridge(a, cur, scale)
             solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
 
         def error(w: np.ndarray) -> float:  # [g, K+1, og]
             return sum(fit_error(gram[j], cross[j], 0.0, w[j]) for j in range(g)) + y2
 
         norm, before, after = max(y2, 1e-30), error(cur), error(solved)
-        if not np.isfinite(solved).all() or after > before:
+        if not pays or not np.isfinite(solved).all() or after > before:  # (pays: on held-out rows)
+            report.kept += 1
             return
         mats = np.swapaxes(solved[:, :k, :], 1, 2)  # [g, og, K]
+        def rounded(w: np.ndarray, f: int) -> np.ndarray:  # w's weights as stored on the grid (not written)
+            out: list[np.ndarray] = []
+            view.store(np.swapaxes(w[:, :k, :], 1, 2), a.gram[f, 0, :k, :k] if g == 1 else None, lambda m: out.append(m))
+            return np.concatenate([np.swapaxes(out[0], 1, 2), w[:, k:, :]], axis=1)
+        if view.stored is not None and not rounding_pays(a, cur, ridge, scale, rounded, not view.bias_fixed):
+            report.kept += 1
+            return
         def accept(stored: np.ndarray) -> bool:  # as rounded on the weight's grid, with its bias refit
             nonlocal after
             solved[:, :k, :] = np.swapaxes(stored, 1, 2)
@@ -506,6 +504,7 @@ class Reconstructor:
             return after <= before
         clipped = view.store(mats, gram[0, :k, :k] if g == 1 else None, accept if view.stored is not None else None)
         if clipped is None:  # stored on its grid, the fit is worse than the current weights
+            report.kept += 1
             return
         if view.stored is not None:
             report.quantized += 1
@@ -515,32 +514,9 @@ class Reconstructor:
         report.ridges.append(ridge)
         write_bias(graph, view, solved[:, k, :].reshape(-1), names)
 
-    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> float:
-        """The ridge (relative to the mean Gram diagonal) with the smallest two-fold
-        cross-validated error; the default when a fold is empty or the layer is wide."""
-        g, k1 = a.gram.shape[1], a.gram.shape[2]
-        inputs = (k1 - 1) * g
-        rich = inputs > CV_RICH_INPUTS and a.rows >= ROWS_PER_INPUT * (k1 - 1)
-        if self.ridge is not None or not (a.y2 > 0).all() or inputs > CV_MAX_INPUTS:
-            return DEFAULT_RIDGE if self.ridge is None else self.ridge
-        if rich:
-            return coarse_ridge(a, cur, scale, COARSE_GRID, DEFAULT_RIDGE)
-        try:  # every candidate from one eigen-decomposition per fold and group (.ridge)
-            paths = [(RidgePath(a.gram[f, j], a.cross[f, j], cur[j], a.gram[1 - f, j], a.cross[1 - f, j],
-                                a.y2[1 - f]), scale[j]) for f in (0, 1) for j in range(g)]
-        except np.linalg.LinAlgError:
-            return DEFAULT_RIDGE
-        best, best_error, worse = DEFAULT_RIDGE, math.inf, 0
-        for ridge in sorted(RIDGE_GRID, reverse=True):  # the error is unimodal in the ridge:
-            # walk down from the strongest and stop once it has risen twice
-            total = sum(path.error(ridge * s) for path, s in paths)
-            if total < best_error:
-                best, best_error, worse = ridge, total, 0
-            else:
-                worse += 1
-                if worse == 2:
-                    break
-        return best
+    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
+        """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`)."""
+        return choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT)
 
     def _affine_wave(
         self,
