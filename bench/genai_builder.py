@@ -11,8 +11,8 @@ of 32) and ``fp32`` on CPU, then pruned in a fresh process with
 ``graphprune prune --mlp-ratio 0.5`` (verification on) at the shapes of a decode step (8 new
 tokens after 8 cached, ``--input-shape``: the cache's last axis must be the head size, which no
 probe guesses) and checked independently: ``onnx.checker`` by path, ONNX Runtime at those shapes,
-output shapes as the original's. Then the same prune with ``--calibration`` (24 decode steps of
-random tokens, 5 held out): the data-aware criteria and the refit through the ``MatMulNBits``
+output shapes as the original's. Then the same prune with ``--calibration`` (64 steps of 32
+random tokens after a random cache, 13 held out): the data-aware criteria and the refit through the ``MatMulNBits``
 layers, with the held-out fidelity of the logits with and without the reconstruction.
 Heads do not prune here (the KV cache is part of the graph's inputs and outputs, and the
 projection is packed); the MLP neurons do.
@@ -190,21 +190,26 @@ def run_one(arch: str, precision: str) -> dict:
     return row
 
 
-def calibrated(path: Path, given: list[str], samples: int = 24) -> dict:
-    """The same prune with ``--calibration`` (``samples`` decode steps of random tokens after a
-    random cache, 5 of them held out): the logits' fidelity to the original with and without
-    the reconstruction, and what the refit did (random weights and tokens: a robustness figure
-    for the path through the packed layers, not a quality one)."""
+def calibrated(path: Path, given: list[str], samples: int = 64, tokens: int = 32) -> dict:
+    """The same prune with ``--calibration``: ``samples`` steps of ``tokens`` random tokens after
+    a random cache of ``PAST`` (13 held out), the logits' fidelity to the original with and
+    without the reconstruction, and what the refit did (random weights and tokens: a robustness
+    figure for the path through the packed layers, not a quality one)."""
     import numpy as np
 
     rng = np.random.default_rng(1)
     steps = []
     for _ in range(samples):
-        step = feeds(path)
-        step["input_ids"] = rng.integers(3, 999, step["input_ids"].shape).astype(np.int64)
-        for name in step:
-            if name.startswith("past_key_values"):
-                step[name] = rng.standard_normal(step[name].shape).astype(np.float32)
+        step = {}
+        for name, shape in shapes(path).items():
+            if name == "input_ids":
+                step[name] = rng.integers(3, 999, (1, tokens)).astype(np.int64)
+            elif name == "attention_mask":
+                step[name] = np.ones((1, PAST + tokens), np.int64)
+            elif name == "position_ids":
+                step[name] = (PAST + np.arange(tokens, dtype=np.int64))[None]
+            else:
+                step[name] = rng.standard_normal(shape).astype(np.float32)
         steps.append(step)
     calib, out, report = path.parent / "calib.npz", path.parent / "pruned_cal.onnx", path.parent / "report_cal.json"
     np.savez(calib, **{k: np.stack([s[k] for s in steps]) for k in steps[0]})
