@@ -140,7 +140,7 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
             if stats.get("clipped_max"):
                 text += f" (up to {100 * stats['clipped_max']:.2g} % of a weight clipped)"
         if stats.get("kept_weights"):
-            text += f"; {stats['kept_weights']} kept their weights (no fit was better)"
+            text += f"; {stats['kept_weights']} kept their weights (the fit did not pay on held-out rows)"
         lines.append(text)
         skipped = stats.get("skipped") or []
         if skipped:

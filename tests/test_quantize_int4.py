@@ -40,7 +40,7 @@ def _int4_mlp(w1_blocks: int | None, w2_block_axis: int | None) -> onnx.ModelPro
 
 
 def _int4_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.INT4}
+    return {i.name: i for i in model.graph.initializer if i.data_type in (TensorProto.INT4, TensorProto.UINT4)}
 
 
 @pytest.mark.parametrize("w2_block_axis", [None, 1])
@@ -110,18 +110,13 @@ def test_int4_weights_are_refit_on_their_grid() -> None:
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
 
 
-def test_onnxruntime_4bit_qdq_mlp_prunes_whole_blocks() -> None:
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnxruntime_4bit_qdq_mlp_prunes_whole_blocks(symmetric: bool) -> None:
     """ONNX Runtime's own 4-bit quantizer in QDQ format (``MatMulNBitsQuantizer``, blocks of
-    32 along each weight's input axis): the hidden channels prune in whole blocks of the
-    second weight, verified against the zeroed original."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
-    from onnxruntime.quantization.quant_utils import QuantFormat
-    from test_rule_matmul_nbits import float_mlp
-
-    config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ)
-    quantizer = nbits.MatMulNBitsQuantizer(float_mlp(opset=21, seed=3), algo_config=config)
-    quantizer.process()
-    model = quantizer.model.model
+    32 along each weight's input axis; asymmetric, its default, with a zero point per block):
+    the hidden channels prune in whole blocks of the second weight, verified against the
+    zeroed original (removed entries at their block's zero point)."""
+    model = _ort_qdq_mlp(symmetric)
     assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 2 and _int4_weights(model)
     hidden = [g for g in graphprune.analyze(model).groups if g.num_units == 4]
     assert len(hidden) == 1 and not hidden[0].frozen
@@ -175,11 +170,12 @@ def test_a_blocked_weight_decodes_and_re_encodes_as_onnxruntime_reads_it(symmetr
     assert np.all(error <= 0.51 * step + 1e-6)
 
 
-def test_blocked_4bit_weights_are_refit_on_fresh_block_scales() -> None:
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocked_4bit_weights_are_refit_on_fresh_block_scales(symmetric: bool) -> None:
     """ONNX Runtime's 4-bit QDQ MLP (blocks of 32 along each weight's input axis) with
     calibration: the second weight is refit (it was left as pruned before) and stays a
     blocked int4 weight; on held-out samples the refit brings the outputs nearer."""
-    model = _ort_qdq_mlp(symmetric=True)  # (with zero points its groups freeze: a non-zero zero point)
+    model = _ort_qdq_mlp(symmetric)
     rng = np.random.default_rng(5)
     basis = rng.standard_normal((6, 64)).astype(np.float32)
     feeds = [{"x": (rng.standard_normal((4, 6)) @ basis).astype(np.float32)} for _ in range(64)]
@@ -187,8 +183,8 @@ def test_blocked_4bit_weights_are_refit_on_fresh_block_scales() -> None:
     refit = result.report["calibration"]["passes"]["RefitPass"]
     assert refit["quantized_layers"] >= 1, refit
     onnx.checker.check_model(result.model, full_check=True)
-    weights = _int4_weights(result.model)
-    assert len(weights) == 2 and all(TensorProto.INT4 == w.data_type or TensorProto.UINT4 == w.data_type
-                                     for w in weights.values())
+    weights = _int4_weights(result.model)  # (and, asymmetric, their zero points)
+    dequantized = [n.input[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) == 2 and all(name in weights for name in dequantized)
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < 0.5 * fidelity["without_reconstruction"]["rel_l2"], fidelity

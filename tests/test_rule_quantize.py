@@ -138,10 +138,31 @@ def test_qdq_channels_prune_through_the_pairs(contrib: bool) -> None:
         np.testing.assert_allclose(_run(pruned, feeds, optimize)[0], reference, rtol=0, atol=1e-5)
 
 
-def test_weight_with_a_non_zero_zero_point_freezes() -> None:
-    analysis = graphprune.analyze(qdq_model(weight_zero_point=3))
-    group = group_with(analysis, "w1_q", 0)
-    assert group.frozen and any("non-zero zero point" in r for r in group.frozen)
+def test_a_weight_with_a_non_zero_zero_point_prunes_exactly() -> None:
+    """Per-channel zero points of 3 (an asymmetric weight): a removed row is zero where its
+    integers hold the zero point, which is what the self-check's zeroed original writes; the
+    pruned model equals the original with those rows set to 3 and the consumer's columns to 0,
+    built here independently of graphprune."""
+    model = qdq_model(weight_zero_point=3)
+    group = group_with(graphprune.analyze(model), "w1_q", 0)
+    assert group.prunable and not group.frozen
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    inits = _inits(result.model)
+    kept = C_MID // 2
+    assert inits["w1_q"].shape == (kept, C_IN, 3, 3) and list(inits["w1_z"]) == [3] * kept
+    original = _inits(model)["w1_q"]
+    survivors = {i for i in range(C_MID) for k in range(kept) if np.array_equal(original[i], inits["w1_q"][k])}
+    removed = sorted(set(range(C_MID)) - survivors)
+    reference = _zeroed(model, removed)
+    for init in reference.graph.initializer:
+        if init.name == "w1_q":
+            values = numpy_helper.to_array(init).copy()
+            values[removed] = 3  # reads as 0 with a zero point of 3
+            init.CopyFrom(numpy_helper.from_array(values, "w1_q"))
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, C_IN, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(result.model, feeds, False)[0], _run(reference, feeds, False)[0],
+                               rtol=0, atol=1e-5)
 
 
 def test_blocked_quantization_freezes() -> None:

@@ -11,8 +11,10 @@ takes over the role (producer, consumer, channelwise) the consuming op gives to 
 dequantized value (``CouplingContext.share_roles``), so a pruned Conv or MatMul loses the
 rows of its int8 weight and the entries of its per-channel scales, and the self-check
 zeroes the int8 values. Zeroing a quantized weight zeroes its value only when its zero point
-is 0 (symmetric quantization, the usual for weights): a producer or consumer axis of a weight
-with a non-zero zero point freezes with that reason.
+is 0 (symmetric quantization, the usual for weights); a weight with constant non-zero zero
+points (asymmetric, per tensor, per axis or per block) has its removed entries set to their
+zero point instead (``CouplingContext.integer_param``), and one whose zero point is computed
+freezes with that reason.
 
 Exactness: a zeroed channel quantizes to the zero point and dequantizes back to exactly 0,
 whatever the per-tensor scale, so pruning through Q/DQ pairs equals zeroing.
@@ -324,13 +326,12 @@ class QuantizeLinearRule(OpRule):
                     ctx.couple(t, 0, y, axis)
                     ctx.role(t, 0, CHANNELWISE)
         if node.op == "DequantizeLinear" and isinstance(x, gs.Constant):
-            freeze = None if _zero_point_is_zero(zp) else (
-                f"quantized weight '{x.name}' with a non-zero zero point at {where}"
-            )
-            ctx.share_roles(y, x, freeze)
-            weight = dequantized(node)
+            weight = dequantized(node)  # a constant zero point: removed entries hold it
+            ctx.share_roles(y, x, None if weight is not None or _zero_point_is_zero(zp) else (
+                f"quantized weight '{x.name}' with a zero point not understood at {where}"))
             if weight is not None:
                 ctx.decoded(x, weight.scale, weight.zero_point)
+                ctx.integer_param(x, weight.zero_point)
 
     def _couple_blocked(self, node: gs.Node, ctx: CouplingContext, scale: gs.Tensor | None,
                         zp: gs.Tensor | None, where: str) -> None:
@@ -360,11 +361,12 @@ class QuantizeLinearRule(OpRule):
                 ctx.couple(t, a, y, a, Digit(block) if a == axis else IDENTITY)
                 ctx.role(t, a, CHANNELWISE)
         if weight:
-            ctx.share_roles(y, x, None if _zero_point_is_zero(zp) else (
-                f"quantized weight '{x.name}' with a non-zero zero point at {where}"))
             decoded = _blocked_decoding(x, scale, zp, axis, block)
+            ctx.share_roles(y, x, None if decoded is not None or _zero_point_is_zero(zp) else (
+                f"quantized weight '{x.name}' with a zero point not understood at {where}"))
             if decoded is not None:
                 ctx.decoded(x, *decoded)
+                ctx.integer_param(x, decoded[1])  # removed entries hold their block's zero point
 
     def stored_weight(self, node: gs.Node) -> StoredWeight | None:
         if node.op != "DequantizeLinear":
