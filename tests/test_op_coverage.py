@@ -430,6 +430,11 @@ def _case_table() -> dict[str, Case]:
     add("LpNormalization", lambda: cnn([n("LpNormalization", ["a"], ["b"], axis=1)]), INEXACT,
         "normalised axis")
     add("LRN", lambda: cnn([n("LRN", ["a"], ["b"], size=3)]), INEXACT, "LRN")
+    add("MeanVarianceNormalization", lambda: cnn([n("MeanVarianceNormalization", ["a"], ["b"], axes=[0, 2, 3])]),
+        FROZEN, "normalises to NaN")
+    add("MeanVarianceNormalization over the channels",
+        lambda: cnn([n("MeanVarianceNormalization", ["a"], ["b"], axes=[1, 2, 3])]), INEXACT,
+        "normalised axis", ops=["MeanVarianceNormalization"])
     for name, op, domain, opset, runs in (
         ("LayerNormalization", "LayerNormalization", "", 17, True),
         ("RMSNormalization", "RMSNormalization", "", 23, True),

@@ -4,6 +4,8 @@ BatchNormalization and InstanceNormalization act per channel: every parameter fo
 channel (exact). GroupNormalization ties channels conv-group-wise (a unit is a whole group;
 ``num_groups`` shrinks). LayerNormalization / LpNormalization normalise over an axis: those
 axes may be pruned but not exactly (the statistics change), so they are marked inexact.
+MeanVarianceNormalization normalises over ``axes``: the others (the channels, by default)
+are per position, exact.
 """
 
 from __future__ import annotations
@@ -212,3 +214,36 @@ class LRNRule(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         ctx.couple_all_axes(x, y)
         ctx.inexact(x, 1, "LRN mixes neighbouring channels")
+
+
+@register
+class MeanVarianceNormRule(OpRule):
+    """``MeanVarianceNormalization``: ``(x - mean) / std`` over ``axes`` (default ``0, 2, 3``,
+    every channel on its own). ONNX's shape inference of the op's function fails without
+    ``axes``, which left every tensor after it without a rank: the rule gives the output the
+    input's shape. A normalised axis is prunable but inexact (the statistics change). An axis
+    outside ``axes`` (the channels) is frozen: ONNX Runtime divides by the standard deviation
+    without an epsilon, so a zeroed channel reads NaN in the zeroed original the self-check
+    compares with (the mask that zeroes a removed activation cannot zero a NaN)."""
+
+    op_types = ("MeanVarianceNormalization",)
+
+    def output_shape(self, op: str, attrs: dict, shapes: list[list | None]) -> tuple[list, int] | None:
+        return (list(shapes[0]), 0) if shapes and shapes[0] else None
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        shape = ctx.shape(x)
+        if shape is not None:
+            ctx.derive_shape(y, [d if isinstance(d, int) else None for d in shape])
+        ctx.couple_all_axes(x, y)
+        rank = ctx.rank(x)
+        if rank is None:
+            return
+        axes = {int(a) % rank for a in node.attrs.get("axes", [0, 2, 3]) if -rank <= int(a) < rank}
+        for axis in range(rank):
+            if axis in axes:
+                ctx.inexact(x, axis, "normalised axis")
+            else:
+                ctx.freeze(x, axis, f"a zeroed channel normalises to NaN (no epsilon) at "
+                                    f"MeanVarianceNormalization '{node.name}'")
