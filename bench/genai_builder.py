@@ -115,18 +115,19 @@ def shapes(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def feeds(path: Path) -> dict:
+def feeds(path: Path, tokens: int = PROMPT, rng=None) -> dict:
+    """One step of ``tokens`` random tokens after a random cache of ``PAST``."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0) if rng is None else rng
     out = {}
     for name, shape in shapes(path).items():
         if name == "input_ids":
-            out[name] = rng.integers(3, 999, shape).astype(np.int64)
+            out[name] = rng.integers(3, 999, (1, tokens)).astype(np.int64)
         elif name == "attention_mask":
-            out[name] = np.ones(shape, np.int64)
+            out[name] = np.ones((1, PAST + tokens), np.int64)
         elif name == "position_ids":
-            out[name] = (PAST + np.arange(PROMPT, dtype=np.int64))[None]
+            out[name] = (PAST + np.arange(tokens, dtype=np.int64))[None]
         else:
             out[name] = rng.standard_normal(shape).astype(np.float32)
     return out
@@ -198,19 +199,7 @@ def calibrated(path: Path, given: list[str], samples: int = 64, tokens: int = 32
     import numpy as np
 
     rng = np.random.default_rng(1)
-    steps = []
-    for _ in range(samples):
-        step = {}
-        for name, shape in shapes(path).items():
-            if name == "input_ids":
-                step[name] = rng.integers(3, 999, (1, tokens)).astype(np.int64)
-            elif name == "attention_mask":
-                step[name] = np.ones((1, PAST + tokens), np.int64)
-            elif name == "position_ids":
-                step[name] = (PAST + np.arange(tokens, dtype=np.int64))[None]
-            else:
-                step[name] = rng.standard_normal(shape).astype(np.float32)
-        steps.append(step)
+    steps = [feeds(path, tokens, rng) for _ in range(samples)]
     calib, out, report = path.parent / "calib.npz", path.parent / "pruned_cal.onnx", path.parent / "report_cal.json"
     np.savez(calib, **{k: np.stack([s[k] for s in steps]) for k in steps[0]})
     report.unlink(missing_ok=True)

@@ -134,6 +134,15 @@ class LinearView:
             return None
         return clipped
 
+    def as_stored(self, mats: np.ndarray, gram: np.ndarray | None = None) -> np.ndarray:
+        """Effective weights ``[group, og, K]`` as :meth:`store` would store them (rounded on
+        a stored weight's grid), nothing written."""
+        if self.stored is None:
+            return np.asarray(mats, dtype=np.float64)
+        out: list[np.ndarray] = []
+        self.store(mats, gram, lambda stored: out.append(stored) and False)  # judged, then restored
+        return out[0]
+
     @property
     def data(self) -> gs.Tensor:
         return self.data_tensor if self.data_tensor is not None else self.node.inputs[self.info.data]
@@ -357,21 +366,19 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
             return None
     if isinstance(data, gs.Constant):
         return None
-    values = np.asarray(weight.values)
-    if stored is None and not np.issubdtype(values.dtype, np.floating):
+    if stored is None and not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
         return None
-    if stored is not None and stored.shape != values.shape:  # packed: judged by its float shape
-        values = np.broadcast_to(np.zeros((), np.float32), stored.shape)
-    if info.kernel == "conv" and (values.ndim < 3 or values.shape[0] % max(info.group, 1)):
+    shape = stored.shape if stored is not None else tuple(np.shape(weight.values))  # (packed: its float shape)
+    if info.kernel == "conv" and (len(shape) < 3 or shape[0] % max(info.group, 1)):
         return None
-    if info.kernel == "conv_transpose" and (values.ndim < 3 or info.group != 1
-                                            or conv_transpose_geometry(node.attrs, values.shape[2:], None) is None):
+    if info.kernel == "conv_transpose" and (len(shape) < 3 or info.group != 1
+                                            or conv_transpose_geometry(node.attrs, shape[2:], None) is None):
         return None
-    if info.kernel == "dense" and values.ndim != 2:
+    if info.kernel == "dense" and len(shape) != 2:
         return None
     if rescaled is not None:
         bias = rescaled.bias
-        if bias is not None and np.size(bias.values) != values.shape[info.out_axis]:
+        if bias is not None and np.size(bias.values) != shape[info.out_axis]:
             return None
         return LinearView(node, info, stored, rescaled.bias_stored, rescaled.data, rescaled.output, opset, bias,
                           rescaled.data_decoding, rescaled.output_decoding, rescaled.bias_after,

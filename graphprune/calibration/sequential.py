@@ -489,9 +489,8 @@ class Reconstructor:
             return
         mats = np.swapaxes(solved[:, :k, :], 1, 2)  # [g, og, K]
         def rounded(w: np.ndarray, f: int) -> np.ndarray:  # w's weights as stored on the grid (not written)
-            out: list[np.ndarray] = []
-            view.store(np.swapaxes(w[:, :k, :], 1, 2), a.gram[f, 0, :k, :k] if g == 1 else None, lambda m: out.append(m))
-            return np.concatenate([np.swapaxes(out[0], 1, 2), w[:, k:, :]], axis=1)
+            stored = view.as_stored(np.swapaxes(w[:, :k, :], 1, 2), a.gram[f, 0, :k, :k] if g == 1 else None)
+            return np.concatenate([np.swapaxes(stored, 1, 2), w[:, k:, :]], axis=1)
         if view.stored is not None and not rounding_pays(a, cur, ridge, scale, rounded, not view.bias_fixed):
             report.kept += 1
             return

@@ -69,6 +69,14 @@ class Packed:
         return sum(zero << (self.bits * i) for i in range(per)).astype(np.uint8)[..., None]
 
 
+def _zero_grid(zp: gs.Constant | None, n: int, blocks: int, bits: int) -> np.ndarray:
+    """Zero points ``[N, >= blocks]`` unpacked from ``zp`` (packed like ``B``, 2-D or
+    flattened), or the default ``2^(bits-1)`` broadcast (no copy) without one."""
+    if zp is None:
+        return np.broadcast_to(np.uint8(1 << (bits - 1)), (n, blocks))
+    return unpack_bits(np.asarray(zp.values).reshape(n, -1), bits)[:, :blocks]
+
+
 def packed_weight(node: gs.Node) -> Packed | str:
     """How ``node``'s weight is stored, or why it is not understood."""
     bits, block = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 0) or 0)
@@ -86,14 +94,11 @@ def packed_weight(node: gs.Node) -> Packed | str:
     if _present(node, 4) is not None:
         return "act-order g_idx (blocks that are not contiguous inputs)"
     zp = _present(node, 3)
-    if zp is None:
-        zero = np.broadcast_to(np.uint8(1 << (bits - 1)), (n, blocks))  # no copy per weight
-    elif not isinstance(zp, gs.Constant) or np.asarray(zp.values).dtype != np.uint8:
+    if zp is not None and (not isinstance(zp, gs.Constant) or np.asarray(zp.values).dtype != np.uint8):
         return "zero points computed in the graph or stored as floats"
-    else:
-        zero = unpack_bits(np.asarray(zp.values).reshape(n, -1), bits)[:, :blocks]
-        if zero.shape[1] != blocks:
-            return "zero points of a layout not understood"
+    zero = _zero_grid(zp, n, blocks, bits)
+    if zero.shape[1] != blocks:
+        return "zero points of a layout not understood"
     values = np.asarray(scale.values).reshape(n, blocks)
     return Packed(bits, block, values, zero, blocks * block == k)
 
@@ -124,12 +129,10 @@ class NBitsWeight(StoredWeight):
         return [c for c in (self.constant, self.scale_tensor, self.zero_tensor) if c is not None]
 
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scales and zero points ``[N, blocks]`` as currently stored."""
         n, blocks = np.shape(self.constant.values)[:2]
         scale = np.asarray(self.scale_tensor.values).reshape(n, blocks)
-        if self.zero_tensor is None:
-            return scale, np.full((n, blocks), 1 << (self.bits - 1), np.uint8)
-        zp = np.asarray(self.zero_tensor.values).reshape(n, -1)
-        return scale, (unpack_bits(zp, self.bits) if self.bits < 8 else zp)[:, :blocks]
+        return scale, _zero_grid(self.zero_tensor, n, blocks, self.bits)
 
     def decode(self) -> np.ndarray:
         n = np.shape(self.constant.values)[0]

@@ -69,7 +69,7 @@ from graphprune.analysis.roles import CHANNELWISE
 from graphprune.io.tensors import integer_info
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
-from graphprune.rules.quantize_blocked import blocked_dequantized
+from graphprune.rules.quantize_blocked import blocked_decoding, blocked_dequantized
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
@@ -225,26 +225,6 @@ def dequantized(node: gs.Node) -> Dequantized | None:
     return decode_integer(x, scale, zp, int(node.attrs.get("axis", 1)))
 
 
-def _blocked_decoding(q: gs.Constant, scale: gs.Tensor, zp: gs.Tensor | None, axis: int,
-                      block: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The per-element scale and zero point of a blocked weight (each block's repeated along
-    ``axis``), for scoring it as the float weight it decodes to; ``None`` when they are not
-    constants that tile the weight."""
-    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)) or block <= 0:
-        return None
-    shape = np.shape(q.values)
-    full = []
-    for t in (scale, zp):
-        if t is None:
-            full.append(np.zeros((), dtype=np.float64))
-            continue
-        values = np.repeat(np.asarray(t.values).astype(np.float64), block, axis=axis)
-        if values.shape[axis] < shape[axis]:
-            return None
-        full.append(np.take(values, np.arange(shape[axis]), axis=axis))
-    return full[0], full[1]
-
-
 def cast_scaled(node: gs.Node) -> Dequantized | None:
     """``Mul(Cast(q), scale)`` of an integer constant ``q`` and a float constant ``scale``
     that broadcasts to it (an exporter's int8 weight): the float weight ``q * scale``."""
@@ -361,7 +341,7 @@ class QuantizeLinearRule(OpRule):
                 ctx.couple(t, a, y, a, Digit(block) if a == axis else IDENTITY)
                 ctx.role(t, a, CHANNELWISE)
         if weight:
-            decoded = _blocked_decoding(x, scale, zp, axis, block)
+            decoded = blocked_decoding(x, scale, zp, axis, block)
             ctx.share_roles(y, x, None if decoded is not None or _zero_point_is_zero(zp) else (
                 f"quantized weight '{x.name}' with a zero point not understood at {where}"))
             if decoded is not None:

@@ -20,6 +20,26 @@ from graphprune.io.tensors import integer_info
 from graphprune.rules.registry import StoredWeight
 
 
+def blocked_decoding(q: gs.Constant, scale: gs.Tensor, zp: gs.Tensor | None, axis: int,
+                      block: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-element scale and zero point of a blocked weight (each block's repeated along
+    ``axis``), for scoring it as the float weight it decodes to; ``None`` when they are not
+    constants that tile the weight."""
+    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)) or block <= 0:
+        return None
+    shape = np.shape(q.values)
+    full = []
+    for t in (scale, zp):
+        if t is None:
+            full.append(np.zeros((), dtype=np.float64))
+            continue
+        values = np.repeat(np.asarray(t.values).astype(np.float64), block, axis=axis)
+        if values.shape[axis] < shape[axis]:
+            return None
+        full.append(np.take(values, np.arange(shape[axis]), axis=axis))
+    return full[0], full[1]
+
+
 class BlockDequantized(StoredWeight):
     """``DequantizeLinear(q, scale, zero_point?)`` with ``block_size``: the float weight
     ``(q - zero_point) * scale`` with each block's scale and zero point (see the module doc)."""
@@ -49,11 +69,8 @@ class BlockDequantized(StoredWeight):
         return np.moveaxis(rows.reshape(moved), -1, self.axis)
 
     def decode(self) -> np.ndarray:
-        q = self._rows(np.asarray(self.constant.values).astype(np.float64))
-        scale = np.repeat(self._rows(np.asarray(self.scale_tensor.values).astype(np.float64)), self.block, axis=1)
-        zero = 0.0 if self.zero_tensor is None else np.repeat(
-            self._rows(np.asarray(self.zero_tensor.values).astype(np.float64)), self.block, axis=1)
-        return self._back((q - zero) * scale, self.constant.values).astype(self.dtype)
+        scale, zero = blocked_decoding(self.constant, self.scale_tensor, self.zero_tensor, self.axis, self.block)
+        return ((np.asarray(self.constant.values).astype(np.float64) - zero) * scale).astype(self.dtype)
 
     def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
         return self.encode_fit(values, None)
