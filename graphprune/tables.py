@@ -191,6 +191,22 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def branch_lines(branches: Mapping[str, Any] | None) -> list[str]:
+    """What was pruned inside ``If`` branches (pruned on their own: the groups above are the
+    main graph's)."""
+    if not branches or not (branches.get("pruned") or branches.get("skipped")):
+        return []
+    lines = []
+    for b in branches.get("pruned") or []:
+        lines.append(f"If '{b['if']}' {b['branch']}: {b['units_removed']} units removed, params "
+                     f"{human(b['params_before'])} -> {human(b['params_after'])} (pruned as a model of its own)")
+    for reason in branches.get("skipped") or []:
+        lines.append(f"not pruned: {reason}")
+    if branches.get("hoisted_constants"):
+        lines.append(f"constants equal in both branches stored once: {branches['hoisted_constants']}")
+    return lines
+
+
 def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
     """The table and lines ``graphprune prune`` prints."""
     rows = result_rows(report)
@@ -209,6 +225,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      f"{report.get('prunable_fraction', 0):.1%}")
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
+    lines.extend(branch_lines(report.get("branches")))
     if report.get("untied_constants"):
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")

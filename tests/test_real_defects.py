@@ -301,6 +301,10 @@ def test_if_branches_are_pruned(outer_weights: bool) -> None:
     assert report["verification"]["ok"] is True
     assert [b["branch"] for b in report["branches"]["pruned"]] == ["then_branch", "else_branch"]
     assert "nothing_prunable" not in report
+    from graphprune.tables import prune_summary
+
+    summary = prune_summary(report)  # the CLI says where the removed units went
+    assert "If 'if' then_branch: 8 units removed" in summary and "If 'if' else_branch" in summary, summary
     pruned = result.model
     onnx.checker.check_model(pruned, full_check=True)
     assert count_params(pruned) < count_params(model)

@@ -17,9 +17,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import contrib_shapes, model_io
+from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.segments import trim
 from graphprune.io.shared_constants import untie_shared_constants
 from graphprune.io.weights import graph_constants, release, restore_stubs
+from graphprune.io.zero_inputs import drop_zero_inputs, has_zero_defaults
 from graphprune.rules import registry
 
 logger = logging.getLogger(__name__)
@@ -227,8 +229,19 @@ def prepare(
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
-    if fold and _computes_constants(model):
-        graph = import_graph(model, store)
+    folding = fold and _computes_constants(model)
+    if folding or has_zero_defaults(model, default_opset(model)) or has_concat_selects(model, default_opset(model)):
+        model = _normalise_graph(model, store, folding)
+    untie_shared_constants(model)
+    return model
+
+
+def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.ModelProto:
+    """Fold constant subgraphs (``folding``) and drop optional inputs that are provably zero
+    (:func:`graphprune.io.zero_inputs.drop_zero_inputs`); ``model`` itself when neither changes
+    anything."""
+    graph = import_graph(model, store)
+    if folding:
         _fold_sliced_shapes(graph)
         if store is not None:
             _load_fold_inputs(graph)
@@ -247,14 +260,17 @@ def prepare(
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
             graph = import_graph(model, store)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        for tensor in graph_constants(graph):  # the weights folding read go back to the kernel
-            release(tensor._values)
-        model = export_graph(graph, model, store)
-        del graph
-        model = model_io.infer_shapes(model, inplace=True)
-        trim()  # and what the folding session freed
-    untie_shared_constants(model)
+    changed = drop_zero_inputs(graph, default_opset(model))
+    changed += bypass_concat_selects(graph, default_opset(model))
+    if not changed and not folding:
+        return model
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    for tensor in graph_constants(graph):  # the weights folding read go back to the kernel
+        release(tensor._values)
+    model = export_graph(graph, model, store)
+    del graph
+    model = model_io.infer_shapes(model, inplace=True)
+    trim()  # and what the folding session freed
     return model
 
 

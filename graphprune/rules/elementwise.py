@@ -9,6 +9,7 @@ Softmax-like ops normalise over an axis: pruning it is allowed but inexact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -154,6 +155,10 @@ class UnaryRule(OpRule):
         if node.op in ("Identity", "Cast"):
             return trace.input(node, 0)
         return trace.unknown(output)
+
+    def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
+        """``f(0) = 0`` of a zero input (one output: Dropout's mask is not zero)."""
+        return node.op in ZERO_PRESERVING_UNARY and len(node.outputs) == 1 and zero(node.inputs[0])
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state = ctx.state(node.inputs[0])

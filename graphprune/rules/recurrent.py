@@ -131,6 +131,12 @@ class RecurrentRule(OpRule):
         gates_axis, input_axis = 3 - self.hidden_axis, self.hidden_axis
         return math.prod(x[:2]) * w[0] * w[gates_axis] * (w[input_axis] + r[self.hidden_axis])
 
+    def zero_default_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """The initial states (absent: zeros). Exporters build a zero state from the batch
+        size for all layers at once and slice it per layer, which couples the hidden units
+        of every layer (and, behind a computed ``Tile``, leaves their size unknown)."""
+        return (5, 6) if node.op.endswith("LSTM") else (5,)
+
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return tuple(i for i in (1, 2, 3, 7) if _present(node, i) is not None
                      and (i != 7 or node.op == "LSTM"))

@@ -309,6 +309,26 @@ class OpRule:
         are not)."""
         return None
 
+    def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
+        """Is every element of every output 0 when ``zero(tensor)`` tells which inputs are
+        all zeros? Default: data movement (``zero_behaviour == "move"``) of a zero input 0;
+        for any other op, not known (False)."""
+        return self.zero_behaviour == "move" and bool(node.inputs) and zero(node.inputs[0])
+
+    def zero_default_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """Optional inputs that mean zeros when absent (a recurrent layer's initial state):
+        one that is provably all zeros is dropped before the analysis
+        (:func:`graphprune.io.zero_inputs.drop_zero_inputs`). Default: none."""
+        return ()
+
+    def selected_range(self, node: gs.Node) -> tuple[int, int, int, bool] | None:
+        """``(axis, start, stop, squeezed)`` when output 0 is the index range ``start:stop``
+        (step 1) of input 0 along ``axis``, that axis dropped when ``squeezed`` (a ``Gather``
+        of a constant scalar index, a ``Slice`` with constant bounds); ``None``: it is not
+        (known). A selection within one input of a concatenation reads that input directly
+        (:mod:`graphprune.io.concat_selects`)."""
+        return None
+
     def aliased_input(self, node: gs.Node) -> int | None:
         """The input that output 0 equals unchanged (``Identity``): a constant read
         through it is read directly instead of being folded into a second copy."""

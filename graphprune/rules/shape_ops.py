@@ -48,6 +48,9 @@ class ConcatRule(OpRule):
     def concat_axis(self, node: gs.Node) -> int | None:
         return int(node.attrs["axis"])
 
+    def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
+        return bool(node.inputs) and all(zero(t) for t in node.inputs)
+
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Along the concat axis the vectors are joined; along another, they must agree."""
         shape = ctx.shape(node.outputs[0])
@@ -344,6 +347,16 @@ class PadRule(OpRule):
     op_types = ("Pad",)
     zero_behaviour = "move"
 
+    def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
+        """Zeros padded with zeros (or by edge/reflect/wrap) stay zeros."""
+        mode = node.attrs.get("mode", "constant")
+        if not zero(node.inputs[0]) or (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return bool(node.inputs) and zero(node.inputs[0])
+        if "pads" in node.attrs:
+            return float(node.attrs.get("value", 0.0)) == 0.0
+        value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        return value is None or zero(value)
+
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Constant padding adds the pad value; edge/reflect/wrap keep a constant channel."""
         state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
@@ -535,6 +548,11 @@ class SizeRule(OpRule):
 @register
 class ConstantOfShapeRule(OpRule):
     op_types = ("ConstantOfShape",)
+
+    def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
+        value = node.attrs.get("value")  # absent: a float 0
+        values = getattr(value, "values", value)
+        return value is None or (values is not None and not np.asarray(values).any())
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]

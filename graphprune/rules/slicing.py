@@ -82,6 +82,22 @@ class SliceRule(OpRule):
     op_types = ("Slice",)
     zero_behaviour = "move"
 
+    def selected_range(self, node: gs.Node) -> tuple[int, int, int, bool] | None:
+        """Constant bounds with step 1 that cut one axis of a static size."""
+        shape = node.inputs[0].shape
+        params = _slice_params(node, None, len(shape)) if shape is not None else None  # type: ignore[arg-type]
+        if params is None:
+            return None
+        cut = []
+        for axis, start, end, step in params:
+            size = shape[axis]
+            if not isinstance(size, int) or size < 0 or step != 1:
+                return None
+            start, end = _normalise(start, end, step, size)
+            if (start, end) != (0, size):
+                cut.append((axis, start, max(start, end)))
+        return (*cut[0], False) if len(cut) == 1 else None
+
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """The elements ``start:end:step`` of a 1-D shape."""
         data = trace.input(node, 0)
@@ -227,6 +243,20 @@ class GatherRule(OpRule):
 
     op_types = ("Gather",)
     phase = 2
+
+    def selected_range(self, node: gs.Node) -> tuple[int, int, int, bool] | None:
+        """A constant scalar index, or constant consecutive ascending indices."""
+        data, indices = node.inputs[0], node.inputs[1]
+        if not isinstance(indices, gs.Constant) or data.shape is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % len(data.shape)
+        size, flat = data.shape[axis], np.asarray(indices.values).reshape(-1)
+        if not isinstance(size, int) or size < 1 or flat.size < 1 or np.ndim(indices.values) > 1:
+            return None
+        flat = np.where(flat < 0, flat + size, flat)
+        if flat.min() < 0 or flat.max() >= size or (np.diff(flat) != 1).any():
+            return None
+        return axis, int(flat[0]), int(flat[-1]) + 1, np.ndim(indices.values) == 0
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """The elements of a 1-D shape at constant indices."""
