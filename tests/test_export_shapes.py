@@ -52,3 +52,51 @@ def test_the_written_model_declares_no_probe_shape(kwargs: dict) -> None:
     for batch in (1, 3):  # the written model runs at any batch, like the original
         feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 1, 6)).astype(np.float32)}
         np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(m, feeds)[0], rtol=1e-6)
+
+
+def small_height_model() -> onnx.ModelProto:
+    """A recogniser's neck in miniature (opset 12, as paddle2onnx writes it): the backbone's
+    height is pooled by 64 and joined with a copy reshaped to height 1, so the model only
+    runs for heights up to 64. ONNX inference leaves everything after the computed
+    ``Reshape`` without a rank; at the analysis's usual probe heights (224, 288) the join's
+    heights disagree and the probes stop there."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["y"], kernel_shape=[1, 1], strides=[64, 1]),
+        helper.make_node("Shape", ["y"], ["ys"]),
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Slice", ["ys", "s0", "s2"], ["nc"]),
+        helper.make_node("Slice", ["xs", "s3", "s4"], ["w"]),
+        helper.make_node("Concat", ["nc", "m1"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["y", "flat_shape"], ["flat"]),
+        helper.make_node("Concat", ["nc", "one", "w"], ["back_shape"], axis=0),
+        helper.make_node("Reshape", ["flat", "back_shape"], ["back"]),
+        helper.make_node("Concat", ["y", "back"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"], name="c2"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["out"], name="c3"),
+    ]
+    params = {"w1": (16, 3, 3, 3), "b1": (16,), "w2": (8, 32, 1, 1), "b2": (8,), "w3": (4, 8, 1, 1),
+              "s0": ints(0), "s2": ints(2), "s3": ints(3), "s4": ints(4), "m1": ints(-1), "one": ints(1)}
+    return make_model(nodes, {"x": ["N", 3, "H", "W"]}, {"out": ["N", 4, 1, "W"]}, params, opset=12)
+
+
+def test_probes_fall_back_to_small_image_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the usual probe heights leave tensors without a rank, smaller ones are tried: the
+    layers after the neck prune (before: three groups frozen, 'coupled with an axis of unknown
+    rank')."""
+    from graphprune.analysis import shape_probe
+
+    model = small_height_model()
+    frozen = [g.frozen[0] for g in graphprune.analyze(model).groups if g.is_frozen]
+    assert not any("unknown rank" in reason for reason in frozen), frozen
+    monkeypatch.setattr(shape_probe, "IMAGE_PROBES", shape_probe.IMAGE_PROBES[:1])
+    frozen = [g.frozen[0] for g in graphprune.analyze(model).groups if g.is_frozen]
+    assert any("unknown rank" in reason for reason in frozen), "the usual heights alone size it: not a test"
+    monkeypatch.undo()
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 48, 40)).astype(np.float32)}
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    assert result.report["groups"]["pruned"] == 2
+    assert run_ort(result.model, feeds)[0].shape == (1, 4, 1, 40)

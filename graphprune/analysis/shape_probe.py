@@ -114,6 +114,48 @@ def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[i
             if all(isinstance(d, int) and d >= 0 for d in shape)}
 
 
+#: pairs of sizes for open image axes (base a, base b, step per further symbol), tried in
+#: order while a probe leaves tensors unsized: 224/288 first (large enough that downsampling
+#: does not collapse them), then small ones for models that only run at small sizes (an OCR
+#: recogniser's height 32 or 48, pooled to 1 before its sequence neck: at 224 its shapes stop
+#: at the neck, and every group after it loses its rank)
+IMAGE_PROBES = ((224, 288, 32), (32, 48, 16), (48, 64, 16), (16, 24, 8))
+
+
+def _image_axes(graph: gs.Graph, symbolic: list[tuple[str, int]]) -> list[bool]:
+    """Per open input axis: is it a spatial axis of a 4-D float input (an image axis)?"""
+    by_name = {t.name: t for t in graph.inputs}
+    return [key[1] != 0 and len(by_name[key[0]].shape) == 4
+            and np.issubdtype(np.dtype(by_name[key[0]].dtype), np.floating) for key in symbolic]
+
+
+def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: tuple[int, int, int]
+                 ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """One pair of sizes per symbol: batch axes 2/3, image axes ``image_sizes`` (+ a step per
+    symbol), other axes (sequences) 16/24 (+8 per symbol): distinct within a probe, small
+    enough for position tables."""
+    chosen: dict[object, tuple[int, int]] = {}
+    sizes_a: dict[tuple[str, int], int] = {}
+    sizes_b: dict[tuple[str, int], int] = {}
+    by_name = {t.name: t for t in graph.inputs}
+    base_a, base_b, step = image_sizes
+    images = 0
+    for key, image in zip(symbolic, _image_axes(graph, symbolic), strict=True):
+        t = by_name[key[0]]
+        symbol = t.shape[key[1]] if isinstance(t.shape[key[1]], str) else key
+        if symbol not in chosen:
+            # the first pair steps with every symbol (as it always has), the small ones with
+            # the image symbols only: a height that must stay small stays small
+            k = len(chosen) if image_sizes == IMAGE_PROBES[0] else images
+            images += bool(image)
+            chosen[symbol] = (
+                (2, 3) if key[1] == 0 else (base_a + step * k, base_b + step * k) if image
+                else (16 + 8 * len(chosen), 24 + 8 * len(chosen))
+            )
+        sizes_a[key], sizes_b[key] = chosen[symbol]
+    return sizes_a, sizes_b
+
+
 def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
@@ -136,30 +178,24 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
         if isinstance(t, gs.Variable)
     ):
         return {}
-    # one pair of sizes per symbol: batch axes 2/3, image axes 224/288 (+32 per symbol),
-    # other axes (sequences) 16/24 (+8 per symbol): distinct within a probe, small enough for
-    # position tables, large enough that downsampling does not collapse them
-    chosen: dict[object, tuple[int, int]] = {}
-    sizes_a: dict[tuple[str, int], int] = {}
-    sizes_b: dict[tuple[str, int], int] = {}
-    by_name = {t.name: t for t in graph.inputs}
-    for key in symbolic:
-        t = by_name[key[0]]
-        symbol = t.shape[key[1]] if isinstance(t.shape[key[1]], str) else key
-        if symbol not in chosen:
-            k = len(chosen)
-            image = len(t.shape) == 4 and np.issubdtype(np.dtype(t.dtype), np.floating)
-            chosen[symbol] = (
-                (2, 3) if key[1] == 0 else (224 + 32 * k, 288 + 32 * k) if image
-                else (16 + 8 * k, 24 + 8 * k)
-            )
-        sizes_a[key], sizes_b[key] = chosen[symbol]
+    inputs = {t.name for t in graph.inputs}
+    variables = [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in inputs]
+    rankless = [n for n in variables if graph.tensors()[n].shape is None]
     try:
         model = _probe_model(graph)
-        with _quiet_ort():
-            probe_a = _probe_shapes(model, sizes_a)
-            # static inputs: one probe (of folded shape computations) says it all
-            probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
+        best: tuple[int, dict, dict] | None = None
+        for image_sizes in IMAGE_PROBES if symbolic else IMAGE_PROBES[:1]:
+            sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
+            with _quiet_ort():
+                probe_a = _probe_shapes(model, sizes_a)
+                # static inputs: one probe (of folded shape computations) says it all
+                probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
+            sized = sum(1 for n in variables if n in probe_a and n in probe_b)
+            if best is None or sized > best[0]:
+                best = (sized, probe_a, probe_b)
+            if all(n in probe_a and n in probe_b for n in rankless) or not any(_image_axes(graph, symbolic)):
+                break  # nothing left without a rank that other image sizes could give one
+        _, probe_a, probe_b = best  # type: ignore[misc]
     except Exception:  # a refinement only; the analysis copes with unknown sizes
         return {}
     for name, tensor in graph.tensors().items():
