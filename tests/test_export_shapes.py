@@ -100,3 +100,32 @@ def test_probes_fall_back_to_small_image_sizes(monkeypatch: pytest.MonkeyPatch) 
     assert result.report["verification"]["ok"] is True
     assert result.report["groups"]["pruned"] == 2
     assert run_ort(result.model, feeds)[0].shape == (1, 4, 1, 40)
+
+
+def test_minus_one_sizes_written_by_the_exporter_do_not_stop_the_probes() -> None:
+    """paddle2onnx declares a dynamic size as -1 (the input, and every intermediate
+    value_info); its classifier head flattens with a computed target
+    ``Concat(Cast(Shape(x)[0:1]), [C])``. Probing kept the -1 as a size, the target folded to
+    ``[-1, C]`` with the -1 taken literally, the Reshape's output stayed without a rank and the
+    C channels froze ("Reshape not understood")."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["pool"]),
+        helper.make_node("Shape", ["pool"], ["ps"]),
+        helper.make_node("Slice", ["ps", "s0", "s1"], ["n"]),
+        helper.make_node("Cast", ["n"], ["n64"], to=onnx.TensorProto.INT64),
+        helper.make_node("Concat", ["n64", "c"], ["target"], axis=0),
+        helper.make_node("Reshape", ["pool", "target"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w2"], ["out"], name="fc"),
+    ]
+    params = {"w1": (12, 3, 3, 3), "b1": (12,), "w2": (12, 2), "s0": ints(0), "s1": ints(1), "c": ints(12)}
+    model = make_model(nodes, {"x": [-1, 3, "H", "W"]}, {"out": [-1, 2]}, params, opset=12,
+                       value_info={"c1": [-1, 12, -1, -1], "r1": [-1, 12, -1, -1], "pool": [-1, 12, 1, 1]},
+                       check=False)
+    groups = {g.num_units: g for g in graphprune.analyze(model).groups}
+    assert groups[12].prunable, groups[12].frozen
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 20)).astype(np.float32)
+    assert run_ort(result.model, {"x": x})[0].shape == (2, 2)

@@ -76,6 +76,11 @@ def _probe_model(graph: gs.Graph) -> onnx.ModelProto:
     be followed from an in-memory model)."""
     probe_graph = graph.copy()
     for t in list(probe_graph.tensors().values()):
+        if isinstance(t, gs.Variable) and t.shape is not None and any(
+                isinstance(d, int) and d < 0 for d in t.shape):
+            # paddle2onnx writes -1 for a dynamic size: ONNX inference keeps it as a size
+            # (a Reshape target then folds to a negative count) instead of inferring one
+            t.shape = [d if not (isinstance(d, int) and d < 0) else None for d in t.shape]
         if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > _PROBE_CONST_LIMIT:
             t.to_variable(dtype=t.dtype, shape=list(t.shape))
             t.type = "tensor_type"  # to_variable leaves it unset
