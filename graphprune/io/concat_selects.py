@@ -61,8 +61,9 @@ def bypass_concat_selects(graph: gs.Graph, opset: int) -> int:
         rule = registry.lookup(node.domain or "", node.op, opset)
         selected = rule.selected_range(node) if rule is not None else None
         data = node.inputs[0] if node.inputs else None
-        if selected is None or data is None or len(data.inputs) != 1 or data.shape is None:
-            continue
+        if selected is None or data is None or len(data.inputs) != 1 or data.shape is None \
+                or data.dtype is None or not np.issubdtype(np.dtype(data.dtype), np.floating):
+            continue  # activations only: shape computations are traced as they are
         concat = data.inputs[0]
         joiner = registry.lookup(concat.domain or "", concat.op, opset)
         axis, start, stop, squeezed = selected
