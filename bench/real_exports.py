@@ -16,6 +16,7 @@ import onnx
 from real_corpus import (
     CREPE,
     MINILM_WHEEL,
+    RESEMBLYZER,
     SITE,
     Derived,
     Entry,
@@ -95,6 +96,36 @@ def _crepe(size: str, exporter: str, out: Path) -> None:
     else:
         torch.onnx.export(net.eval(), (frames,), str(out), dynamo=True, external_data=False,
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
+
+
+def _resemblyzer(exporter: str, out: Path) -> None:
+    """Resemblyzer's GE2E speaker encoder with its shipped weights: mel frames -> a 3-layer
+    LSTM (no initial state) -> the last layer's final state -> Linear + ReLU -> L2-normalised
+    embedding, as ``resemblyzer.VoiceEncoder.forward`` computes it."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(40, 256, 3, batch_first=True)
+            self.linear = torch.nn.Linear(256, 256)
+
+        def forward(self, mels):
+            _, (hidden, _) = self.lstm(mels)
+            embeds = torch.relu(self.linear(hidden[-1]))
+            return embeds / torch.norm(embeds, dim=1, keepdim=True)
+
+    state = torch.load(wheel_dir(RESEMBLYZER) / "resemblyzer" / "pretrained.pt", map_location="cpu")
+    net = Encoder()
+    net.load_state_dict({k: v for k, v in state["model_state"].items() if not k.startswith("similarity")})
+    mels = torch.rand(2, 160, 40)
+    names = {"input_names": ["mels"], "output_names": ["embedding"]}
+    if exporter == "torchscript":
+        torch.onnx.export(net.eval(), (mels,), str(out), dynamo=False, opset_version=17,
+                          dynamic_axes={"mels": {0: "batch", 1: "frames"}}, **names)
+    else:
+        torch.onnx.export(net.eval(), (mels,), str(out), dynamo=True, external_data=False,
+                          dynamic_shapes={"mels": {0: torch.export.Dim("batch")}}, **names)
 
 
 def _tflite(source: Export, out: Path) -> None:
@@ -222,6 +253,8 @@ def run_recipe(entry: Entry, out: Path) -> None:
             _minilm(recipe.split("_", 1)[1], tmp)
         elif recipe.startswith("crepe_"):
             _crepe(*recipe.split("_")[1:], tmp)  # type: ignore[call-arg]
+        elif recipe.startswith("resemblyzer_"):
+            _resemblyzer(recipe.split("_", 1)[1], tmp)
         elif recipe.startswith("tflite:"):
             _tflite(source, tmp)
         elif recipe.startswith("keras_"):
