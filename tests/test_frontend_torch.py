@@ -367,6 +367,56 @@ def test_transformer_round_trip(attention, exporter, tmp_path):
     train_steps(pruned, (ids,))
 
 
+class StackedRNN(nn.Module):
+    """A sequence classifier: a Linear, a stacked (bidirectional) LSTM/GRU without initial
+    states, read as its last layer's final states (``h_n[-1]``, or both directions'
+    ``h_n[-2:]``), and a Linear head."""
+
+    def __init__(self, cell: type[nn.Module], bidirectional: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.rnn = cell(12, 16, 3, bidirectional=bidirectional)
+        self.head = nn.Linear(32 if bidirectional else 16, 4)
+        self.bidirectional = bidirectional
+
+    def forward(self, x):
+        state = self.rnn(torch.relu(self.inp(x)))[1]
+        h = state[0] if isinstance(state, tuple) else state
+        last = torch.cat((h[-2], h[-1]), dim=1) if self.bidirectional else h[-1]
+        return self.head(last)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_stacked_recurrent_round_trip(cell, bidirectional):
+    """Each layer prunes on its own (the exported zero state and the final-state read no
+    longer tie them), every layer keeps as many units at a ratio, and the module keeps one
+    hidden_size: the sliced module computes what the pruned ONNX computes, and trains."""
+    torch.manual_seed(3)
+    model = StackedRNN(cell, bidirectional)
+    x = torch.randn(7, 2, 6)
+    if cell is nn.RNN and bidirectional:
+        # the dynamo exporter unrolls nn.RNN into matrix products: each layer's two directions
+        # are one group of 32 units, cut unevenly between them, which one hidden_size cannot hold
+        result = gpt.prune_module(model.eval(), (x,), ratio=0.5)
+        with pytest.raises(gpt.PlanMappingError, match="one hidden_size"):
+            gpt.apply_plan(copy.deepcopy(model), result.plan)
+        return
+    pruned, result = round_trip(model, (x,), ratio=0.5)
+    assert result.report["groups"]["pruned"] == 4  # the input Linear and three recurrent layers
+    assert pruned.rnn.hidden_size == 8 and pruned.rnn.input_size == pruned.inp.out_features == 6
+    assert pruned.head.in_features == (16 if bidirectional else 8)
+    train_steps(pruned, (x,))
+
+
+def test_recurrent_layers_kept_at_different_widths_are_refused():
+    model = StackedRNN(nn.GRU, False)
+    cuts = {"rnn.weight_hh_l0": {1: [0, 1]}, "rnn.weight_hh_l1": {1: [0]}}
+    with pytest.raises(gpt.PlanMappingError, match="one hidden_size"):
+        gpt.apply_plan(model, cuts)
+    assert model.rnn.hidden_size == 16 and model.rnn.weight_hh_l0.shape == (48, 16)
+
+
 def test_mixed_layers_round_trip():
     torch.manual_seed(4)
     model = randomise_batchnorm(Mixed())

@@ -203,3 +203,35 @@ class MultiheadAttentionHandler(ModuleHandler):
     def update(self, module, cuts, old):
         PrunedMultiheadAttention.convert(module, mha_row_cuts(module, cuts, old))
 
+
+
+@register_module_handler
+class RecurrentHandler(ModuleHandler):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: a hidden unit of layer ``k`` owns rows
+    ``g * H + h`` of its ``weight_ih_lk``, ``weight_hh_lk`` and biases, column ``h`` of
+    ``weight_hh_lk`` and of the next layer's ``weight_ih``. The layers prune apart (each layer
+    is a channel group of its own), but the module has one ``hidden_size``: every layer and
+    direction must keep as many units (a ratio does; a budget may not, and then this refuses)."""
+
+    module_types = (nn.LSTM, nn.GRU, nn.RNN)
+    prefixes = ("weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l")
+
+    def check(self, module, cuts, where):
+        if getattr(module, "proj_size", 0):
+            raise PlanMappingError(f"cannot prune {type(module).__name__} '{where}' with proj_size")
+        for name, by_axis in cuts.items():
+            allowed = (0,) if name.startswith("bias") else (0, 1)
+            if not name.startswith(self.prefixes) or any(a not in allowed for a in by_axis):
+                raise PlanMappingError(f"cannot cut {name} axes {sorted(by_axis)} of "
+                                       f"{type(module).__name__} '{where}'")
+        kept = {module.hidden_size - len(cuts.get(name, {}).get(1, ()))
+                for name in module._flat_weights_names if name.startswith("weight_hh_l")}
+        if len(kept) > 1:
+            raise PlanMappingError(
+                f"{type(module).__name__} '{where}' would keep {sorted(kept)} hidden units in different "
+                "layers, but it has one hidden_size: prune it with a ratio, or keep=[...] it")
+
+    def update(self, module, cuts, old):
+        module.hidden_size = int(module.weight_hh_l0.shape[1])
+        module.input_size = int(module.weight_ih_l0.shape[1])
+        module._init_flat_weights()  # the parameters were replaced under the module's list
