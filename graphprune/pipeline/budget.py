@@ -507,8 +507,9 @@ def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[
                                  if any("side_by_side_ratio" in r for r in rounds) else ""))
     else:
         out["achieved"] = out[f"{options.kind}_fraction"]
-        out["measured_by"] = ("multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul on the exported "
-                              "models (graphprune.verify.metrics)" if options.kind == "macs" else
+        out["measured_by"] = ("multiply-accumulates of the layers with weights (Conv, ConvTranspose, Gemm, "
+                              "MatMul, their quantized forms, LSTM/GRU/RNN) on the exported models "
+                              "(graphprune.verify.metrics)" if options.kind == "macs" else
                               "elements of float initializers and constants of the exported models")
     achieved = out["achieved"]
     out["met"] = achieved is not None and achieved <= options.target + 0.03 and (
