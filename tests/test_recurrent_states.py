@@ -212,3 +212,40 @@ def test_torch_stacked_lstm_reading_h_n_last(tmp_path, dynamo):
     assert result.report["groups"]["pruned"] == 3
     out = run_ort(result.model, {"x": x.numpy()})[0]
     assert out.shape == (BATCH, OUT)
+
+
+@pytest.mark.parametrize(("chain", "dropped"), [
+    ("pad0", True), ("pad1", False), ("relu", True), ("sigmoid", False), ("concat", True),
+])
+def test_which_computed_states_are_zero(chain, dropped):
+    """Each rule's ``zero_filled``: a zero state padded with zeros, through ``Relu`` or joined
+    with zeros is still zero and is dropped; padded with ones or through ``Sigmoid`` it is 0.5
+    or 1 somewhere and stays (the model computes the same either way)."""
+    rng = np.random.default_rng(2)
+    params: dict[str, object] = {**{f"{k}_a": v for k, v in _gru_weights(rng, IN).items()},
+                                 "zshape": np.array([1, BATCH, H - 2], np.int64),
+                                 "half": np.array([1, BATCH, H // 2], np.int64),
+                                 "pads": np.array([0, 0, 1, 0, 0, 1], np.int64),
+                                 "one": np.array(1.0, np.float32), "W_head": (H, OUT)}
+    zero = helper.make_tensor("z", onnx.TensorProto.FLOAT, [1], [0.0])
+    nodes = {
+        "pad0": [helper.make_node("ConstantOfShape", ["zshape"], ["z0"], value=zero),
+                 helper.make_node("Pad", ["z0", "pads"], ["h0"])],
+        "pad1": [helper.make_node("ConstantOfShape", ["zshape"], ["z0"], value=zero),
+                 helper.make_node("Pad", ["z0", "pads", "one"], ["h0"])],
+        "relu": [helper.make_node("ConstantOfShape", ["zshape"], ["z0"], value=zero),
+                 helper.make_node("Pad", ["z0", "pads"], ["p0"]), helper.make_node("Relu", ["p0"], ["h0"])],
+        "sigmoid": [helper.make_node("ConstantOfShape", ["zshape"], ["z0"], value=zero),
+                    helper.make_node("Pad", ["z0", "pads"], ["p0"]), helper.make_node("Sigmoid", ["p0"], ["h0"])],
+        "concat": [helper.make_node("ConstantOfShape", ["half"], ["z0"]),
+                   helper.make_node("Concat", ["z0", "z0"], ["h0"], axis=2)],
+    }[chain]
+    nodes += [helper.make_node("GRU", ["x", "W_a", "R_a", "B_a", "", "h0"], ["y_a", "h_a"], name="gru_a", hidden_size=H),
+              helper.make_node("Squeeze", ["h_a", "zero_axis"], ["last"]),
+              helper.make_node("MatMul", ["last", "W_head"], ["out"], name="head")]
+    params["zero_axis"] = np.array([0], np.int64)
+    model = make_model(nodes, {"x": [SEQ, BATCH, IN]}, {"out": None}, params, opset=17)
+    graph = ir.import_graph(model)
+    assert drop_zero_inputs(graph, 17) == int(dropped)
+    prepared = ir.prepare(model)
+    assert relative_difference(run_ort(model, feeds(model)), run_ort(prepared, feeds(model))) < 1e-6

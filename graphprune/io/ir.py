@@ -3,7 +3,9 @@
 ``prepare`` normalises a model for analysis: initializers are removed from the graph inputs
 (old exporters list them there), Constant nodes are lifted to initializers, constant
 subgraphs (TorchScript's Identity on shared weights, the dynamo exporter's
-Shape/Gather/Concat chains over static shapes) are folded, shapes are inferred.
+Shape/Gather/Concat chains over static shapes) are folded, optional inputs that are provably
+zero are dropped (an exported zero initial state) and selections within one input of a
+concatenation read that input (``h_n[-1]``), shapes are inferred.
 """
 
 from __future__ import annotations
@@ -230,16 +232,18 @@ def prepare(
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
     folding = fold and _computes_constants(model)
-    if folding or has_zero_defaults(model, default_opset(model)) or has_concat_selects(model, default_opset(model)):
+    opset = default_opset(model)
+    if folding or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
         model = _normalise_graph(model, store, folding)
     untie_shared_constants(model)
     return model
 
 
 def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.ModelProto:
-    """Fold constant subgraphs (``folding``) and drop optional inputs that are provably zero
-    (:func:`graphprune.io.zero_inputs.drop_zero_inputs`); ``model`` itself when neither changes
-    anything."""
+    """Fold constant subgraphs (``folding``), drop optional inputs that are provably zero
+    (:func:`graphprune.io.zero_inputs.drop_zero_inputs`) and read selections within one input
+    of a concatenation from that input (:func:`graphprune.io.concat_selects.bypass_concat_selects`);
+    ``model`` itself when nothing changes."""
     graph = import_graph(model, store)
     if folding:
         _fold_sliced_shapes(graph)

@@ -349,9 +349,11 @@ class PadRule(OpRule):
 
     def zero_filled(self, node: gs.Node, zero: Callable[[gs.Tensor], bool]) -> bool:
         """Zeros padded with zeros (or by edge/reflect/wrap) stay zeros."""
+        if not zero(node.inputs[0]):
+            return False
         mode = node.attrs.get("mode", "constant")
-        if not zero(node.inputs[0]) or (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-            return bool(node.inputs) and zero(node.inputs[0])
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return True
         if "pads" in node.attrs:
             return float(node.attrs.get("value", 0.0)) == 0.0
         value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
