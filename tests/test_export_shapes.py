@@ -129,3 +129,24 @@ def test_minus_one_sizes_written_by_the_exporter_do_not_stop_the_probes() -> Non
     assert result.report["verification"]["ok"] is True
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 20)).astype(np.float32)
     assert run_ort(result.model, {"x": x})[0].shape == (2, 2)
+
+
+def test_small_probe_sizes_do_not_fix_axes_that_only_collapse_there() -> None:
+    """At the small probe heights 32 and 48 a height pooled by 48 is 1 in both probes; it is
+    2 at 64, so it stays open (a third probe confirms what the small pair calls static)."""
+    from graphprune.analysis.shape_probe import refine_shapes
+    from graphprune.io import ir
+
+    model = small_height_model()
+    model.graph.node.extend([
+        helper.make_node("MaxPool", ["r1"], ["y2"], kernel_shape=[1, 1], strides=[48, 1]),
+        helper.make_node("Conv", ["y2", "w4"], ["out2"], name="c4"),
+    ])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.random.default_rng(3).standard_normal((2, 16, 1, 1)).astype(np.float32), "w4"))
+    model.graph.output.append(helper.make_tensor_value_info("out2", onnx.TensorProto.FLOAT, None))
+    graph = ir.import_graph(ir.prepare(model))
+    refine_shapes(graph)
+    tensors = graph.tensors()
+    assert tensors["cat"].shape is not None and tensors["cat"].shape[1] == 32  # the fallback sized it
+    assert not isinstance(tensors["y2"].shape[2], int), tensors["y2"].shape

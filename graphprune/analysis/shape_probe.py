@@ -188,7 +188,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     rankless = [n for n in variables if graph.tensors()[n].shape is None]
     try:
         model = _probe_model(graph)
-        best: tuple[int, dict, dict] | None = None
+        best: tuple[int, dict, dict, tuple[int, int, int]] | None = None
         for image_sizes in IMAGE_PROBES if symbolic else IMAGE_PROBES[:1]:
             sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
             with _quiet_ort():
@@ -197,10 +197,17 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
                 probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
             sized = sum(1 for n in variables if n in probe_a and n in probe_b)
             if best is None or sized > best[0]:
-                best = (sized, probe_a, probe_b)
+                best = (sized, probe_a, probe_b, image_sizes)
             if all(n in probe_a and n in probe_b for n in rankless) or not any(_image_axes(graph, symbolic)):
                 break  # nothing left without a rank that other image sizes could give one
-        _, probe_a, probe_b = best  # type: ignore[misc]
+        _, probe_a, probe_b, image_sizes = best  # type: ignore[misc]
+        confirm = None
+        if image_sizes != IMAGE_PROBES[0]:
+            # small sizes collapse downsampled axes to equal sizes in both probes (32 and 48
+            # pooled by 32 are both 1): a size is static only where a third, larger probe agrees
+            base_a, base_b, step = image_sizes
+            with _quiet_ort():
+                confirm = _probe_shapes(model, _probe_sizes(graph, symbolic, (base_b + base_b - base_a, 0, step))[0])
     except Exception:  # a refinement only; the analysis copes with unknown sizes
         return {}
     for name, tensor in graph.tensors().items():
@@ -209,6 +216,9 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
         a, b = probe_a.get(name), probe_b.get(name)
         if a is None or b is None or len(a) != len(b):
             continue
+        c = confirm.get(name) if confirm is not None else None
+        if c is not None and len(c) == len(a):  # a size the third probe contradicts stays open
+            b = [db if c[axis] == db else None for axis, db in enumerate(b)]
         shape: list | None = list(tensor.shape) if tensor.shape is not None else None
         if shape is not None and len(shape) != len(a):
             continue
