@@ -184,8 +184,8 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     ):
         return {}
     inputs = {t.name for t in graph.inputs}
-    variables = [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in inputs]
-    rankless = [n for n in variables if graph.tensors()[n].shape is None]
+    variables = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in inputs}
+    rankless = [n for n, t in variables.items() if t.shape is None]
     try:
         model = _probe_model(graph)
         best: tuple[int, dict, dict, tuple[int, int, int]] | None = None

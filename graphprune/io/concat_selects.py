@@ -31,8 +31,7 @@ def has_concat_selects(model: onnx.ModelProto, opset: int) -> bool:
     """Whether a main-graph node that may select a range reads a node that may join its
     inputs (cheap: nothing is imported)."""
     def overrides(node: onnx.NodeProto, method: str) -> bool:
-        rule = registry.lookup(node.domain or "", node.op_type, opset)
-        return rule is not None and getattr(type(rule), method) is not getattr(registry.OpRule, method)
+        return registry.overriding_rule(node.domain or "", node.op_type, opset, method) is not None
 
     joined = {o for node in model.graph.node if overrides(node, "concat_axis") for o in node.output}
     return bool(joined) and any(node.input and node.input[0] in joined and overrides(node, "selected_range")

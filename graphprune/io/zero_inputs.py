@@ -36,12 +36,8 @@ READ_LIMIT = 1 << 22
 def has_zero_defaults(model: onnx.ModelProto, opset: int) -> bool:
     """Whether a main-graph node's rule has optional inputs that mean zeros when absent
     (cheap: nothing is imported)."""
-    base = registry.OpRule.zero_default_inputs
-    for node in model.graph.node:
-        rule = registry.lookup(node.domain or "", node.op_type, opset)
-        if rule is not None and type(rule).zero_default_inputs is not base:
-            return True
-    return False
+    return any(registry.overriding_rule(node.domain or "", node.op_type, opset, "zero_default_inputs")
+               for node in model.graph.node)
 
 
 def drop_zero_inputs(graph: gs.Graph, opset: int) -> int:

@@ -412,13 +412,19 @@ def lookup(domain: str, op_type: str, opset: int) -> OpRule | None:
     return None
 
 
+def overriding_rule(domain: str, op_type: str, opset: int, method: str) -> OpRule | None:
+    """The op's rule when it overrides ``OpRule.<method>`` (it has something to say there),
+    else ``None``: cheap scans of a model ask only these rules."""
+    rule = lookup(domain, op_type, opset)
+    if rule is None or getattr(type(rule), method) is getattr(OpRule, method):
+        return None
+    return rule
+
+
 def packing_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
     """The rule of an op whose constants may pack several parameters to an element (it
     overrides :meth:`OpRule.packed_parameters`), else ``None``: parameter counts ask only these."""
-    rule = lookup(domain, op_type, opset)
-    if rule is None or type(rule).packed_parameters is OpRule.packed_parameters:
-        return None
-    return rule
+    return overriding_rule(domain, op_type, opset, "packed_parameters")
 
 
 def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
