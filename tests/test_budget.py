@@ -425,3 +425,30 @@ def test_budget_lines_name_the_chosen_allocation_and_warn_about_failed_candidate
     assert "allocation: search 1.2, the nearest of 2 measured after reconstruction (held-out rel-L2 0.2000)" in lines
     assert any(line.startswith("warning: 1 candidate allocation(s) not chosen because their reconstruction "
                                "failed: ValueError: x") for line in lines)
+
+
+def test_candidates_do_not_land_further_under_the_goal_than_the_greedy_allocation(cnn):
+    """With coarse steps (widths in multiples of 8 here), the shape of an allocation can land
+    far under the goal; a cheaper model would then be chosen for its fidelity and miss the
+    target (a 0.6 MACs target landed at 0.53 while the greedy allocation met it)."""
+    from graphprune.planning import search
+
+    session = Session(cnn)
+    analysis = session.analyze()
+    rng = np.random.default_rng(0)
+    states = budget.build_states(analysis, lambda g: score_group(g, analysis.context.tensors, "l1", rng),
+                                 eligible=lambda g: True, round_to=8)
+    model = budget.CostModel(analysis, states, "macs")
+    dropped = 0
+    for fraction in np.linspace(0.3, 0.9, 25):
+        budget.allocate(model, float(fraction))
+        greedy = model.total
+        floor = min(greedy, (fraction - budget.LANDING_SLACK) * model.full_total)
+        found = search.candidates(model, float(fraction))
+        assert model.total == greedy  # left at the greedy allocation
+        for _, indexes in found:
+            budget.restore(model, indexes)
+            assert model.total >= floor - 1e-6, (fraction, model.total / model.full_total)
+        budget.restore(model, found[0][1])
+        dropped += len(search.CANDIDATE_BLENDS) + 1 - len(found)
+    assert dropped < 25 * len(search.CANDIDATE_BLENDS)  # the shapes still offer candidates

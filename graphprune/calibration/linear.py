@@ -337,6 +337,26 @@ def select(total: int, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(total, size=count, replace=False))
 
 
+def map_rows(selected: np.ndarray, shape: tuple[int, ...], cuts: dict[int, np.ndarray]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a dense layer's output whose row axes (all but the last) lost elements:
+    ``selected`` flat positions over ``shape[:-1]`` of the original output, ``cuts`` the
+    removed indices per row axis. Returns the positions in the pruned output of the selected
+    rows that remain, and the mask of those rows among ``selected``."""
+    rows = tuple(int(n) for n in shape[:-1])
+    index = np.unravel_index(selected, rows)
+    valid = np.ones(len(selected), dtype=bool)
+    kept_index = list(index)
+    new_rows = list(rows)
+    for axis, cut in cuts.items():
+        cut = np.unique(np.asarray(cut, dtype=np.int64))
+        valid &= ~np.isin(index[axis], cut)
+        kept_index[axis] = index[axis] - np.searchsorted(cut, index[axis])
+        new_rows[axis] = rows[axis] - len(cut)
+    mapped = np.ravel_multi_index(tuple(i[valid] for i in kept_index), tuple(new_rows)) if len(rows) else selected[valid]
+    return np.asarray(mapped, dtype=np.int64), valid
+
+
 def linear_view(node: gs.Node, opset: int) -> LinearView | None:
     """A :class:`LinearView` of ``node`` when it is a supported linear layer with a constant
     (or decoded, :meth:`OpRule.stored_weight`) weight and a computed (non-constant) input, or

@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
 from graphprune.calibration.bias import write_bias
-from graphprune.calibration.linear import LinearView, linear_view, select
+from graphprune.calibration.linear import LinearView, linear_view, map_rows, select
 from graphprune.calibration.residual import Residual, residual_of
 from graphprune.calibration.ridge import (
     DEFAULT_RIDGE,
@@ -91,6 +91,9 @@ class Target:
     kept: np.ndarray | None = None
     #: the residual addition after the layer (refit target on the stream, see .residual)
     residual: Residual | None = None
+    #: removed elements per row axis of a dense layer's output (``None``: rows unchanged;
+    #: e.g. a token-mixing MatMul whose rows are the pruned channels)
+    row_cuts: dict[int, np.ndarray] | None = None
 
     @property
     def name(self) -> str:
@@ -169,10 +172,30 @@ def find_targets(
         if cut is not None and len(cut):
             total = view.out_channels() + len(cut)
             kept = np.setdiff1d(np.arange(total), cut)
-        residual = residual_of(view, opset) if kept is None and residual_targets else None
-        targets.append(Target(view, len(targets), kept=kept, residual=residual))
+        rows = _row_cuts(view, removed, kept is not None)
+        if isinstance(rows, str):
+            skipped[node.name] = rows
+            continue
+        residual = residual_of(view, opset) if kept is None and rows is None and residual_targets else None
+        targets.append(Target(view, len(targets), kept=kept, residual=residual, row_cuts=rows))
     _assign_waves(graph, targets)
     return targets
+
+
+def _row_cuts(view: LinearView, removed: dict[tuple[str, int], np.ndarray], channel_cut: bool
+              ) -> dict[int, np.ndarray] | str | None:
+    """Removed elements per axis of ``view``'s output when some of them run along its rows
+    (a token-mixing MatMul reading pruned channels as rows), or why such a layer is not
+    refit. The rows are the axes before the last (resolved when the output is read)."""
+    axes = {axis: cut for (tensor, axis), cut in removed.items() if tensor == view.output.name and len(cut)}
+    if view.is_conv:
+        if any(axis != 1 for axis in axes):
+            return ("the pruned channels run along the positions of its output, which the refit "
+                    "cannot map: not refit")
+        return None
+    if len(axes) <= int(channel_cut):
+        return None  # at most the output channels' own cut
+    return axes
 
 
 def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
@@ -267,7 +290,7 @@ class Reconstructor:
             return select(t.view.output_positions(shape), count(t, batch), _seed(t, batch))
 
         if self.recorded is not None and self.mode == "refit":
-            members = [t for t in members if not self._recorded(t, count, rows, totals)]
+            members = [t for t in members if t.row_cuts or not self._recorded(t, count, rows, totals)]
         by_out = {t.view.output.name: t for t in members}
         by_total = {t.residual.total: t for t in members if t.residual is not None and self.mode == "refit"}
         if not by_out and not by_total:
@@ -291,6 +314,10 @@ class Reconstructor:
             out = t.view.output_rows(y, selected).reshape(len(selected), -1)
             if t.kept is not None:
                 out = out[:, t.kept]
+            if t.row_cuts:  # positions in the pruned output, of the rows it still has
+                cuts = {a % y.ndim: c for a, c in t.row_cuts.items() if a % y.ndim != y.ndim - 1}
+                selected, valid = map_rows(selected, y.shape, cuts)
+                out = out[valid]
             rows[(t.index, batch)] = (selected, np.ascontiguousarray(out))
 
         graph = self.reference.graph

@@ -71,9 +71,13 @@ def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CAND
     """Allocations at the same cost to choose from by measurement: the model's current one
     (the greedy allocation, ``global``), and per blend ``a`` the one whose removed shares
     are ``(1 - a) * uniform + a * global`` scaled to the goal (``a = 0``: ``uniform``, every
-    group the same share). Distinct allocations only; the model is left at the greedy one."""
+    group the same share). Distinct allocations only, none landing further under the goal
+    than the greedy one and :data:`LANDING_SLACK`; the model is left at the greedy one."""
     greedy = snapshot(model)
     goal = fraction * model.full_total
+    # coarse steps can land a shape far under the goal: not the same cost (and a cheaper
+    # model chosen for its fidelity would miss the target); the greedy landing is the bar
+    floor = min(model.total, goal - LANDING_SLACK * model.full_total)
     shares = _shares(model)
     mean = float(np.mean(shares)) if len(shares) else 0.0
     out = [("global", greedy)]
@@ -82,6 +86,8 @@ def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CAND
     for a in blends:
         shape = (1.0 - a) + a * shares / mean
         indexes = _shaped(model, goal, np.maximum(shape, 0.0))
+        if model.total < floor - 1e-9:
+            continue
         if all(indexes != other for _, other in out):
             out.append(("uniform" if a == 0 else f"blend {a:g}", indexes))
     restore(model, greedy)
