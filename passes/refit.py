@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
-from graphprune.calibration import runner, sequential
+from graphprune.calibration import refit_targets, runner, sequential
 
 
 def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
@@ -63,9 +63,10 @@ class RefitPass(Pass):
         if self._done or not self.removed:
             return PassResult(graph, False, {"layers": 0})
         skipped: dict[str, str] = {}
-        targets = sequential.find_targets(
+        targets = refit_targets.find_targets(
             graph, ctx.opset, changed=sliced_parameters(self.removed, graph),
             removed=self.removed, consumers_only=self.consumers_only, skipped=skipped,
+            shared=self.mode == "refit",
         )
         engine = sequential.Reconstructor(
             self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,

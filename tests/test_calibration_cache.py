@@ -10,7 +10,7 @@ from graphprune.passes.prune_channels import removed_elements
 from graphprune.passes.refit import sliced_parameters
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.calibration import runner, sequential
+from graphprune.calibration import refit_targets, runner, sequential
 from graphprune.calibration.data import load_calibration
 from graphprune.io import ir
 from graphprune.pipeline.session import Session
@@ -87,7 +87,7 @@ def _refit_weights(model: onnx.ModelProto, use_cache: bool, cache_bytes: int) ->
     removed = removed_elements(analysis, plan)
     calib = load_calibration({"x": data}, s.prepared)
     batches = runner.batches(s.prepared, calib.samples, 8)
-    targets = sequential.find_targets(s.graph, s.opset, changed=sliced_parameters(removed, s.graph),
+    targets = refit_targets.find_targets(s.graph, s.opset, changed=sliced_parameters(removed, s.graph),
                                       removed=removed)
     engine = sequential.Reconstructor(s.prepared, batches, store=s.store)
     engine.use_cache, engine.cache_bytes = use_cache, cache_bytes
@@ -162,7 +162,7 @@ def prune_and_refit(model: onnx.ModelProto, data: np.ndarray, **options) -> tupl
     calib = load_calibration({"x": data}, s.prepared, holdout=0.0625)
     batches = runner.batches(s.prepared, calib.samples, 8)
     ridge = options.pop("ridge", None)
-    targets = sequential.find_targets(s.graph, s.opset, changed=sliced_parameters(removed, s.graph),
+    targets = refit_targets.find_targets(s.graph, s.opset, changed=sliced_parameters(removed, s.graph),
                                       removed=removed, **options)
     stats = sequential.Reconstructor(s.prepared, batches, store=s.store, ridge=ridge).run(s.graph, s.prepared, targets)
     out = ir.export_graph(s.graph, s.prepared, s.store)

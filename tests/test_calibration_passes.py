@@ -114,12 +114,12 @@ def test_a_layer_too_large_to_refit_is_bias_compensated(monkeypatch):
     """A consumer with more inputs (channels x kernel) than the refit's Gram can hold
     (CREPE's 1,024-channel conv with 64 taps: K = 65,537, 69 GB) is bias-compensated
     instead, says so in the report, and the others are still refit."""
-    from graphprune.calibration import sequential
+    from graphprune.calibration import refit_targets
 
     calib = {"x": images()}
     options = dict(ratio=0.5, round_to=1, criterion="l1", calibration=calib)
     plain = graphprune.prune(cnn(), reconstruction="none", **options)
-    monkeypatch.setattr(sequential, "MAX_REFIT_INPUTS", 40)  # conv2 keeps 8 x 9 = 72 inputs
+    monkeypatch.setattr(refit_targets, "MAX_REFIT_INPUTS", 40)  # conv2 keeps 8 x 9 = 72 inputs
     result = graphprune.prune(cnn(), **options)
     assert result.report["verification"]["ok"]
     passes = result.report["calibration"]["passes"]

@@ -41,8 +41,11 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
 from graphprune.calibration.bias import write_bias
-from graphprune.calibration.linear import LinearView, linear_view, map_rows, select
-from graphprune.calibration.residual import Residual, residual_of
+from graphprune.calibration.linear import LinearView, map_rows, select
+from graphprune.calibration.refit_targets import (
+    Target,
+    refit_inputs,
+)
 from graphprune.calibration.ridge import (
     DEFAULT_RIDGE,
     Accumulator,
@@ -61,45 +64,6 @@ from graphprune.io import ir
 ROWS_PER_INPUT = 4
 MIN_ROWS = 4096
 MAX_ROWS = 8192
-#: most inputs per output (channels x kernel per conv group) a layer is refit with: its
-#: two Gram folds take 16 K^2 bytes (1 GB here) and each solve K^3 / 3 (CREPE's 1,024-channel
-#: conv with a 64-tap kernel has K = 65,537: 69 GB). Beyond it the layer is bias-compensated
-#: (:func:`too_large`, ``pipeline/calibrated.py``)
-MAX_REFIT_INPUTS = 8192
-
-
-def refit_inputs(view: LinearView) -> int:
-    """Inputs per output of the least-squares problem (with the bias column)."""
-    return view.in_channels() * view.kernel_size() // max(view.group, 1) + 1
-
-
-def too_large(view: LinearView) -> str | None:
-    """Why ``view`` is too large to refit (``None``: it is not)."""
-    k = refit_inputs(view)
-    if k - 1 <= MAX_REFIT_INPUTS:  # CREPE's 128 channels x 64 taps are refit
-        return None
-    return (f"{k - 1} inputs per output (channels x kernel) exceed the refit's {MAX_REFIT_INPUTS} "
-            f"(a {k} x {k} Gram): bias-compensated instead")
-
-
-@dataclass
-class Target:
-    view: LinearView
-    index: int
-    wave: int = 0
-    #: original output channels that the pruned layer still computes (``None``: all)
-    kept: np.ndarray | None = None
-    #: the residual addition after the layer (refit target on the stream, see .residual)
-    residual: Residual | None = None
-    #: removed elements per row axis of a dense layer's output (``None``: rows unchanged;
-    #: e.g. a token-mixing MatMul whose rows are the pruned channels)
-    row_cuts: dict[int, np.ndarray] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.view.node.name
-
-
 @dataclass
 class WaveReport:
     targets: int = 0
@@ -112,123 +76,6 @@ class WaveReport:
     clipped: list[float] = field(default_factory=list)
     #: layers that keep their weights: no fit (rounded on its grid, if stored) was better
     kept: int = 0
-
-
-def affected_tensors(graph: gs.Graph, changed: set[str]) -> set[str]:
-    """Names of tensors computed from a node that reads a changed parameter."""
-    affected: set[str] = set()
-    for node in graph.nodes:  # topological order
-        if any(t.name in changed or t.name in affected for t in node.inputs):
-            affected.update(o.name for o in node.outputs)
-    return affected
-
-
-def find_targets(
-    graph: gs.Graph,
-    opset: int,
-    *,
-    changed: set[str],
-    removed: dict[tuple[str, int], np.ndarray],
-    consumers_only: bool = False,
-    skipped: dict[str, str] | None = None,
-    residual_targets: bool = True,
-) -> list[Target]:
-    """Linear layers whose input differs from the original's, in waves.
-
-    ``changed``: parameter tensors the pruning sliced; ``removed``: element indices removed
-    per ``(tensor, axis)``; ``consumers_only``: only layers whose own input channels were
-    cut (default: every linear layer downstream of a change); ``residual_targets``: a layer
-    followed by a residual addition is refit towards the original stream after the
-    addition (:mod:`.residual`).
-    """
-    skipped = {} if skipped is None else skipped
-    affected = affected_tensors(graph, changed)
-    uses: dict[str, int] = defaultdict(int)
-    for node in graph.nodes:
-        for t in node.inputs:
-            uses[t.name] += 1
-    targets: list[Target] = []
-    for node in graph.nodes:
-        view = linear_view(node, opset)
-        if view is None:
-            reason = _not_refit(node, opset, affected)
-            if reason:
-                skipped[node.name] = reason
-            continue
-        if view.data.name not in affected:
-            continue
-        wname = view.weight.name
-        if consumers_only and (wname, view.info.in_axis) not in removed:
-            continue
-        if uses[wname] > 1:
-            skipped[node.name] = f"weight '{wname}' is shared by several nodes"
-            continue
-        large = too_large(view)
-        if large:
-            skipped[node.name] = large
-            continue
-        cut = removed.get((wname, view.info.out_axis))
-        kept = None
-        if cut is not None and len(cut):
-            total = view.out_channels() + len(cut)
-            kept = np.setdiff1d(np.arange(total), cut)
-        rows = _row_cuts(view, removed, kept is not None)
-        if isinstance(rows, str):
-            skipped[node.name] = rows
-            continue
-        residual = residual_of(view, opset) if kept is None and rows is None and residual_targets else None
-        targets.append(Target(view, len(targets), kept=kept, residual=residual, row_cuts=rows))
-    _assign_waves(graph, targets)
-    return targets
-
-
-def _row_cuts(view: LinearView, removed: dict[tuple[str, int], np.ndarray], channel_cut: bool
-              ) -> dict[int, np.ndarray] | str | None:
-    """Removed elements per axis of ``view``'s output when some of them run along its rows
-    (a token-mixing MatMul reading pruned channels as rows), or why such a layer is not
-    refit. The rows are the axes before the last (resolved when the output is read)."""
-    axes = {axis: cut for (tensor, axis), cut in removed.items() if tensor == view.output.name and len(cut)}
-    if view.is_conv:
-        if any(axis != 1 for axis in axes):
-            return ("the pruned channels run along the positions of its output, which the refit "
-                    "cannot map: not refit")
-        return None
-    if len(axes) <= int(channel_cut):
-        return None  # at most the output channels' own cut
-    return axes
-
-
-def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
-    """Why a linear layer downstream of a change is not refit (``None``: not such a layer)."""
-    from graphprune.rules import registry
-
-    rule = registry.lookup(node.domain or "", node.op, opset)
-    info = rule.linear(node) if rule is not None else None
-    if info is None or info.data >= len(node.inputs) or node.inputs[info.data].name not in affected:
-        return None
-    weight = node.inputs[info.weight] if info.weight < len(node.inputs) else None
-    if not isinstance(weight, gs.Constant):
-        return ("its weight is computed in the graph in a way the refit cannot write back (it writes "
-                "constants, DequantizeLinear of integer constants and Mul(Cast(integer), scale)): not refit")
-    if not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
-        return f"{node.op} has an integer weight: not refit"
-    if info.kernel == "conv_transpose":
-        return (f"{node.op} is refit only ungrouped with explicit pads (its padding here comes from "
-                "output_shape or SAME auto-padding, or it is grouped): not refit")
-    return f"{node.op} is not refit (no least-squares view of this layer kind)"
-
-
-def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
-    by_node = {t.name: t for t in targets}
-    depth: dict[str, int] = {}
-    for node in graph.nodes:
-        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
-        target = by_node.get(node.name)
-        if target is not None:
-            target.wave = depth.get(target.view.data.name, 0) + 1
-            level = max(level, target.wave)
-        for out in node.outputs:
-            depth[out.name] = level
 
 
 def rows_budget(view: LinearView) -> int:
@@ -454,9 +301,9 @@ class Reconstructor:
             if weights is not None:  # rows weighted as the normalisation after the sum sees them
                 root = np.sqrt(weights).astype(np.float32)[:, None, None]
                 xt, y = xt * root, y * root
-            a = acc.get(t.index)
+            a = acc.get(t.key)
             if a is None:
-                a = acc[t.index] = Accumulator.empty(g, k, og)
+                a = acc[t.key] = Accumulator.empty(g, k, og)
             a.add(batch % 2, xt, y)
 
         def take(batch: int, name: str, x: np.ndarray) -> None:
@@ -479,18 +326,24 @@ class Reconstructor:
                              data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes)
         if cache is not None:
             cache.close()
+        fits: dict[int | str, list[Target]] = defaultdict(list)  # a shared weight: one fit
         for t in members:
-            a = acc.get(t.index)
+            fits[t.key].append(t)
+        for key, group in fits.items():
+            a = acc.get(key)
             if a is None or a.rows == 0:
                 continue
             a.flush()
-            self._solve(graph, t, a, names, report)
-            if t.index in residual:
+            self._solve(graph, group, a, names, report)
+            if group[0].index in residual:
                 report.residual += 1
         return kept
 
-    def _solve(self, graph: gs.Graph, t: Target, a: Accumulator, names: set[str], report: WaveReport) -> None:
-        view = t.view
+    def _solve(self, graph: gs.Graph, group: list[Target], a: Accumulator, names: set[str],
+               report: WaveReport) -> None:
+        """Fit the weight (and bias) of ``group``'s layers (one, or the readers of a shared
+        weight) to the statistics ``a`` of all their rows; written where it pays."""
+        view = group[0].view
         _, g, k1, _ = a.gram.shape
         k = k1 - 1
         current = view.matrices()  # [g, og, K]
@@ -538,7 +391,8 @@ class Reconstructor:
         report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))
         report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
         report.ridges.append(ridge)
-        write_bias(graph, view, solved[:, k, :].reshape(-1), names)
+        for t in group:  # the readers of a shared weight each get the fitted bias
+            write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
         """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`)."""

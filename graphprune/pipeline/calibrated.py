@@ -30,7 +30,7 @@ import numpy as np
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.calibration import fidelity as fidelity_mod
-from graphprune.calibration import runner, sequential
+from graphprune.calibration import refit_targets, runner, sequential
 from graphprune.calibration import stats as stats_mod
 from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
 from graphprune.calibration.linear import linear_view
@@ -145,12 +145,12 @@ class CalibratedRun:
 
     def _too_large_to_refit(self, removed: dict) -> set[str]:
         """Consumers of removed channels in the pruned graph that are too large to refit
-        (:data:`~graphprune.calibration.sequential.MAX_REFIT_INPUTS`)."""
+        (:data:`~graphprune.calibration.refit_targets.MAX_REFIT_INPUTS`)."""
         large = set()
         for node in self.session.graph.nodes if self.session.graph is not None else ():
             view = linear_view(node, self.session.opset)
             cut = removed.get((view.weight.name, view.info.in_axis)) if view is not None else None
-            if view is not None and cut is not None and len(cut) and sequential.too_large(view):
+            if view is not None and cut is not None and len(cut) and refit_targets.too_large(view):
                 large.add(node.name)
         return large
 

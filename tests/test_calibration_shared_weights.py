@@ -1,0 +1,78 @@
+"""Layers that share one weight are refit together.
+
+A detection head applied to every level of a feature pyramid, or the two branches of a
+siamese network, read one weight from several nodes. The refit skipped them ("weight is
+shared by several nodes"), so the layers right after the pruned channels kept their
+weights: on a small pyramid at ratio 0.5 the outputs' cosine to the original stayed at
+0.63-0.73 (refit elsewhere) where the joint fit reaches 0.82-0.93. One least-squares
+problem over the rows of every reader gives the shared weight; each reader gets the
+fitted bias. Readers that feed one another cannot be fit together and are named.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import make_model
+from onnx import helper
+
+import graphprune
+
+
+def siamese():
+    """Two inputs through the same two convolutions (shared ``W1``, ``W2`` and biases)."""
+    nodes = []
+    for side in ("a", "b"):
+        nodes += [
+            helper.make_node("Conv", [side, "W1", "B1"], [f"h{side}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"h{side}"], [f"r{side}"]),
+            helper.make_node("Conv", [f"r{side}", "W2", "B2"], [f"y{side}"]),
+        ]
+    params = {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (4, 16, 1, 1), "B2": (4,)}
+    return make_model(nodes, {"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, {"ya": None, "yb": None}, params)
+
+
+def twice():
+    """``y = W_o relu(W relu(W x1))``: one square weight applied twice in a row."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W_in"], ["x1"]),
+        helper.make_node("Relu", ["x1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "W"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r3"]),
+        helper.make_node("MatMul", ["r3", "W_o"], ["y"]),
+    ]
+    params = {"W_in": (6, 12), "W": (12, 12), "W_o": (12, 3)}
+    return make_model(nodes, {"x": ("N", 6)}, {"y": None}, params)
+
+
+def _feeds(shapes: dict, count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(count)]
+
+
+def test_readers_of_a_shared_weight_are_refit_together() -> None:
+    model = siamese()
+    calibration = _feeds({"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, 40)
+    result = graphprune.prune(model, ratio=0.5, calibration=calibration)
+    assert result.report["verification"]["ok"] is True
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert not refit.get("skipped"), refit.get("skipped")
+    assert refit["layers"] == 2  # both readers of W2, one fit
+    assert refit["rel_error_after"] < refit["rel_error_before"]
+    fidelity = result.report["fidelity"]
+    assert fidelity["rel_l2"] < 0.9 * fidelity["without_reconstruction"]["rel_l2"]
+    # the weight is still one constant, read by both convolutions
+    pruned = result.model
+    readers = [n for n in pruned.graph.node if n.op_type == "Conv" and n.input[1] == "W2"]
+    assert len(readers) == 2
+    assert sum(1 for init in pruned.graph.initializer if init.name == "W2") == 1
+
+
+def test_readers_that_feed_one_another_are_named_and_left() -> None:
+    calibration = {"x": np.random.default_rng(1).standard_normal((40, 8, 6)).astype(np.float32)}
+    result = graphprune.prune(twice(), ratio=0.5, calibration=calibration)
+    assert result.report["verification"]["ok"] is True
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    skipped = " ".join(refit.get("skipped", []))
+    assert "shared by layers that read each other's outputs" in skipped
