@@ -76,3 +76,11 @@ def test_readers_that_feed_one_another_are_named_and_left() -> None:
     refit = result.report["calibration"]["passes"]["RefitPass"]
     skipped = " ".join(refit.get("skipped", []))
     assert "shared by layers that read each other's outputs" in skipped
+
+
+def test_readers_of_a_shared_weight_share_the_fitted_bias() -> None:
+    result = graphprune.prune(siamese(), ratio=0.5, calibration=_feeds({"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, 40))
+    readers = [n for n in result.model.graph.node if n.op_type == "Conv" and n.input[1] == "W2"]
+    assert len(readers) == 2 and readers[0].input[2] == readers[1].input[2]
+    biases = {init.name for init in result.model.graph.initializer}
+    assert readers[0].input[2] in biases

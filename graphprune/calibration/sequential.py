@@ -78,6 +78,25 @@ class WaveReport:
     kept: int = 0
 
 
+def _same_bias(written: LinearView, other: LinearView) -> bool:
+    """Give ``other`` the float bias input just written to ``written`` (one constant for
+    the readers of a shared weight); ``False`` where the bias is not such an input."""
+    slot = written.info.bias
+    simple = all(v.bias_stored is None and v.bias_after is None and v.bias_constant is None
+                 and v.info.bias == slot and v.info.beta == written.info.beta for v in (written, other))
+    if not simple or slot is None or slot >= len(written.node.inputs):
+        return False
+    constant = written.node.inputs[slot]
+    if not isinstance(constant, gs.Constant):
+        return False
+    while len(other.node.inputs) <= slot:
+        other.node.inputs.append(gs.Variable.empty())
+    other.node.inputs[slot] = constant
+    if "beta" in written.node.attrs:
+        other.node.attrs["beta"] = written.node.attrs["beta"]
+    return True
+
+
 def rows_budget(view: LinearView) -> int:
     k = refit_inputs(view)
     return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
@@ -391,8 +410,10 @@ class Reconstructor:
         report.rel_error_before.append(math.sqrt(max(before, 0.0) / norm))
         report.rel_error_after.append(math.sqrt(max(after, 0.0) / norm))
         report.ridges.append(ridge)
-        for t in group:  # the readers of a shared weight each get the fitted bias
-            write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
+        write_bias(graph, view, solved[:, k, :].reshape(-1), names)
+        for t in group[1:]:  # the other readers of a shared weight: the same bias
+            if not _same_bias(view, t.view):
+                write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
         """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`)."""
