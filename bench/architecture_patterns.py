@@ -1,0 +1,686 @@
+"""Architecture patterns: 29 small PyTorch modules, each built around one pattern that real
+models use (pixel shuffle, channel shuffle, U-Net skips, GLU, Instance/GroupNorm, einsum
+attention, shifted windows, token mixing, 3D convolutions, weight norm, a head shared by
+the levels of a feature pyramid, ...), exported with both torch exporters and pruned every
+way the tool offers. Random weights: this probes robustness and coverage (does every mode
+run and verify; what is frozen and why; what the refit restores), not accuracy.
+
+    python bench/architecture_patterns.py [--only a,b]
+
+Per export: the analysis (groups, prunable, frozen reasons other than the graph's inputs
+and outputs, inexact reasons); ``--ratio 0.5`` data-free, ``--lossless``, ``--target-params
+0.6``, and with 48 random calibration feeds ``--ratio 0.5`` (refit vs no reconstruction:
+held-out cosine per output) and ``--target-macs 0.6``. Results:
+``bench/results/architecture_patterns.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations as P
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "architecture_patterns.json"
+
+
+class PixelShuffleSR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 5, padding=2)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 3 * 4, 3, padding=1)
+        self.ps = nn.PixelShuffle(2)
+        self.c4 = nn.Conv2d(32, 64, 3, padding=1)
+        self.ps2 = nn.PixelShuffle(2)
+        self.c5 = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        a = self.ps(self.c3(h))
+        b = self.c5(F.relu(self.ps2(self.c4(h))))
+        return a + b
+
+
+class ShuffleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 48, 3, padding=1)
+        self.b = nn.Sequential(
+            nn.Conv2d(24, 24, 1),
+            nn.BatchNorm2d(24),
+            nn.ReLU(),
+            nn.Conv2d(24, 24, 3, padding=1, groups=24),
+            nn.BatchNorm2d(24),
+            nn.Conv2d(24, 24, 1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.b(b)], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.e2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.m = nn.Conv2d(32, 32, 3, padding=1)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.d1 = nn.Conv2d(32, 16, 3, padding=1)
+        self.o = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        a = F.relu(self.e1(x))
+        b = F.relu(self.e2(a))
+        b = F.relu(self.m(b))
+        u = self.up(b)
+        return self.o(F.relu(self.d1(torch.cat([u, a], 1))))
+
+
+class ConformerConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(40, 64)
+        self.ln = nn.LayerNorm(64)
+        self.pw1 = nn.Conv1d(64, 128, 1)
+        self.dw = nn.Conv1d(64, 64, 7, padding=3, groups=64)
+        self.gn = nn.GroupNorm(8, 64)
+        self.pw2 = nn.Conv1d(64, 64, 1)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x):  # x [B,T,40]
+        h = self.inp(x)
+        y = self.ln(h).transpose(1, 2)
+        y = F.glu(self.pw1(y), dim=1)
+        y = self.pw2(F.silu(self.gn(self.dw(y))))
+        h = h + y.transpose(1, 2)
+        return self.out(h)
+
+
+class NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.n1 = nn.InstanceNorm2d(32, affine=True)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.n2 = nn.GroupNorm(4, 32)
+        self.c3 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.n2(self.c2(F.relu(self.n1(self.c1(x)))))))
+
+
+class EinsumAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(32, 64)
+        self.k = nn.Linear(32, 64)
+        self.v = nn.Linear(32, 64)
+        self.o = nn.Linear(64, 32)
+        self.ff = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, 4, 16)
+        k = self.k(x).view(B, T, 4, 16)
+        v = self.v(x).view(B, T, 4, 16)
+        a = torch.einsum("bthd,bshd->bhts", q, k).softmax(-1)
+        o = torch.einsum("bhts,bshd->bthd", a, v).reshape(B, T, 64)
+        x = x + self.o(o)
+        return x + self.ff(x)
+
+
+class SwinLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Conv2d(3, 32, 4, stride=4)
+        self.ln = nn.LayerNorm(32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.emb(x).permute(0, 2, 3, 1)  # B,H,W,C  H=W=8
+        B, H, W, C = x.shape
+        y = torch.roll(self.ln(x), shifts=(-2, -2), dims=(1, 2))
+        y = y.view(B, 2, 4, 2, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, C)
+        q, k, v = self.qkv(y).chunk(3, -1)
+        a = (q @ k.transpose(-1, -2) / 5.6).softmax(-1)
+        y = self.proj(a @ v)
+        y = y.view(B, 2, 2, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        y = torch.roll(y, shifts=(2, 2), dims=(1, 2))
+        x = x + y
+        x = x + self.mlp(self.ln(x))
+        return self.head(x.mean((1, 2)))
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Conv2d(3, 32, 4, stride=4)
+        self.ln1 = nn.LayerNorm(32)
+        self.tok = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16))
+        self.ln2 = nn.LayerNorm(32)
+        self.ch = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.emb(x).flatten(2).transpose(1, 2)  # B,16,32
+        x = x + self.tok(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.ch(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+class PointNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 64, 1)
+        self.b1 = nn.BatchNorm1d(64)
+        self.c2 = nn.Conv1d(64, 128, 1)
+        self.b2 = nn.BatchNorm1d(128)
+        self.f1 = nn.Linear(128, 64)
+        self.f2 = nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+        x = x.max(2)[0]
+        return self.f2(F.relu(self.f1(x)))
+
+
+class TCN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(8, 32, 1)
+        self.l = nn.ModuleList([nn.Conv1d(32, 32, 3, padding=d, dilation=d) for d in (1, 2, 4)])
+        self.out = nn.Conv1d(32, 2, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for c in self.l:
+            x = x + F.relu(c(x))
+        return self.out(x)
+
+
+class CBAM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc1 = nn.Conv2d(32, 8, 1)
+        self.fc2 = nn.Conv2d(8, 32, 1)
+        self.sp = nn.Conv2d(2, 1, 7, padding=3)
+        self.o = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        ca = torch.sigmoid(
+            self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+            + self.fc2(F.relu(self.fc1(x.amax((2, 3), keepdim=True))))
+        )
+        x = x * ca
+        sa = torch.sigmoid(
+            self.sp(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1))
+        )
+        return self.o(x * sa)
+
+
+class ECA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.k = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.o = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        y = x.mean((2, 3), keepdim=True)
+        y = self.k(y.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        return self.o(x * torch.sigmoid(y))
+
+
+class TextCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(100, 32)
+        self.cs = nn.ModuleList([nn.Conv1d(32, 24, k) for k in (2, 3, 4)])
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, t):
+        x = self.e(t).transpose(1, 2)
+        return self.fc(torch.cat([F.relu(c(x)).max(2)[0] for c in self.cs], 1))
+
+
+class VAEDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32 * 4 * 4)
+        self.d1 = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1)
+        self.d2 = nn.ConvTranspose2d(16, 3, 4, stride=2, padding=1)
+
+    def forward(self, z):
+        return torch.sigmoid(self.d2(F.relu(self.d1(F.relu(self.fc(z)).view(-1, 32, 4, 4)))))
+
+
+class SplitHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.h = nn.Conv2d(32, 4 + 1 + 6, 1)
+        self.h2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.h(F.relu(self.c(x)))
+        box, obj, cls = torch.split(y, [4, 1, 6], 1)
+        return self.h2(box), torch.sigmoid(obj), cls.softmax(1)
+
+
+class Upsamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.l = nn.Conv2d(32, 32, 1)
+        self.o = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        u = F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False) + self.l(a)
+        return self.o(F.interpolate(u, size=x.shape[-2:], mode="nearest"))
+
+
+class Siamese(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 8)
+
+    def embed(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c(x)))).mean((2, 3)))
+
+    def forward(self, a, b):
+        return (self.embed(a) - self.embed(b)).pow(2).sum(1)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(50, 32)
+        self.ff = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.ln = nn.LayerNorm(32)
+
+    def forward(self, t):
+        h = self.e(t)
+        h = h + self.ff(self.ln(h))
+        return h @ self.e.weight.t()
+
+
+class SliceChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        return self.a(y[:, :16]) + self.b(y[:, 16:])
+
+
+class Video3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(3, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm3d(16)
+        self.c2 = nn.Conv3d(16, 32, (1, 3, 3), padding=(0, 1, 1), stride=(1, 2, 2))
+        self.b2 = nn.BatchNorm3d(32)
+        self.up = nn.ConvTranspose3d(32, 8, 2, stride=2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        a = F.relu(self.b1(self.c1(x)))
+        b = F.relu(self.b2(self.c2(a)))
+        return self.fc(b.mean((2, 3, 4))), self.up(b)
+
+
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.o = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.att(h, h, h, need_weights=False)
+        h = h + a
+        h = h + self.ff(h)
+        return self.o(h)
+
+
+class TEL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+            2,
+            enable_nested_tensor=False,
+        )
+        self.o = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.o(self.enc(self.inp(x)))
+
+
+class WeightNormAudio(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = P.weight_norm(nn.Conv1d(1, 32, 7, padding=3))
+        self.c2 = P.weight_norm(nn.Conv1d(32, 32, 3, padding=1, dilation=1))
+        self.up = P.weight_norm(nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1))
+        self.o = P.weight_norm(nn.Conv1d(16, 1, 7, padding=3))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.c1(x), 0.1)
+        h = h + self.c2(F.leaky_relu(h, 0.1))
+        return torch.tanh(self.o(F.leaky_relu(self.up(h), 0.1)))
+
+
+class DWTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.dt = nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1, groups=32)
+        self.gt = nn.ConvTranspose2d(32, 16, 3, padding=1, groups=4)
+        self.o = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.o(F.relu(self.gt(F.relu(self.dt(F.relu(self.c(x)))))))
+
+
+class CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(8, 24)
+        self.o = nn.Linear(24, 2)
+
+    def forward(self, x):  # [B,T,8], T=5
+        h = torch.zeros(x.shape[0], 24)
+        for t in range(5):
+            h = self.cell(x[:, t], h)
+        return self.o(h)
+
+
+class PReLUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.p = nn.PReLU(32)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.h = nn.Hardswish()
+        self.o = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.o(self.h(self.c2(self.p(self.c(x)))))
+
+
+class GatedTCN(nn.Module):  # WaveNet-style gated activation
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(1, 16, 1)
+        self.dil = nn.ModuleList([nn.Conv1d(16, 32, 2, dilation=d, padding=d) for d in (1, 2)])
+        self.res = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(2)])
+        self.skip = nn.ModuleList([nn.Conv1d(16, 24, 1) for _ in range(2)])
+        self.o = nn.Conv1d(24, 4, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        T = x.shape[-1]
+        sk = 0
+        for d, r, k in zip(self.dil, self.res, self.skip, strict=True):
+            z = d(h)[..., :T]
+            a, b = z.chunk(2, 1)
+            g = torch.tanh(a) * torch.sigmoid(b)
+            h = h + r(g)
+            sk = sk + k(g)
+        return self.o(F.relu(sk))
+
+
+class ClassTokenViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pe = nn.Conv2d(3, 32, 8, stride=8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.pos = nn.Parameter(torch.randn(1, 17, 32) * 0.1)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True),
+            2,
+            enable_nested_tensor=False,
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.pe(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.enc(t)[:, 0])
+
+
+class FPN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.c2 = nn.Conv2d(16, 32, 3, 2, 1)
+        self.c3 = nn.Conv2d(32, 64, 3, 2, 1)
+        self.l1 = nn.Conv2d(16, 24, 1)
+        self.l2 = nn.Conv2d(32, 24, 1)
+        self.l3 = nn.Conv2d(64, 24, 1)
+        self.o = nn.Conv2d(24, 3, 3, padding=1)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        c = F.relu(self.c3(b))
+        p3 = self.l3(c)
+        p2 = self.l2(b) + F.interpolate(p3, scale_factor=2.0)
+        p1 = self.l1(a) + F.interpolate(p2, scale_factor=2.0)
+        return self.o(p1), self.o(p2), self.o(p3)
+
+
+IMG = (1, 3, 32, 32)
+MODELS = {
+    "pixelshuffle_sr": (PixelShuffleSR, [IMG]),
+    "shufflenet_block": (ShuffleBlock, [IMG]),
+    "unet": (UNet, [IMG]),
+    "conformer_conv": (ConformerConv, [(1, 20, 40)]),
+    "instance_group_norm": (NormNet, [IMG]),
+    "einsum_attention": (EinsumAttn, [(1, 10, 32)]),
+    "swin_window": (SwinLike, [IMG]),
+    "mlp_mixer": (Mixer, [(1, 3, 16, 16)]),
+    "pointnet": (PointNet, [(1, 3, 100)]),
+    "tcn": (TCN, [(1, 8, 50)]),
+    "cbam": (CBAM, [IMG]),
+    "eca": (ECA, [IMG]),
+    "textcnn": (TextCNN, [("long", (1, 20))]),
+    "vae_decoder": (VAEDec, [(1, 16)]),
+    "split_heads": (SplitHeads, [IMG]),
+    "upsample": (Upsamp, [IMG]),
+    "siamese": (Siamese, [IMG, IMG]),
+    "tied_lm": (TiedLM, [("long", (1, 12))]),
+    "slice_channels": (SliceChannels, [IMG]),
+    "video3d": (Video3D, [(1, 3, 4, 16, 16)]),
+    "mha": (MHA, [(1, 10, 16)]),
+    "transformer_encoder": (TEL, [(1, 10, 16)]),
+    "weight_norm_audio": (WeightNormAudio, [(1, 1, 64)]),
+    "dw_transpose": (DWTranspose, [IMG]),
+    "grucell_loop": (CellLoop, [(1, 5, 8)]),
+    "prelu_hardswish": (PReLUNet, [IMG]),
+    "wavenet_gated": (GatedTCN, [(1, 1, 64)]),
+    "vit_cls": (ClassTokenViT, [IMG]),
+    "fpn_shared_head": (FPN, [IMG]),
+}
+
+
+def export(name: str, folder: Path) -> dict[str, Path]:
+    cls, specs = MODELS[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    args = tuple(torch.randint(0, 20, s[1]) if s[0] == "long" else torch.randn(*s) for s in specs)
+    names = [f"in{i}" for i in range(len(args))]
+    out = {}
+    for exporter, dynamo in (("torchscript", False), ("dynamo", True)):
+        path = folder / f"{name}__{exporter}.onnx"
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            dynamo=dynamo,
+            opset_version=18 if dynamo else 17,
+            input_names=names,
+        )
+        out[exporter] = path
+    return out
+
+
+def feeds_for(path: Path, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for value in graph.input:
+            tensor = value.type.tensor_type
+            shape = [d.dim_value or 1 for d in tensor.shape.dim]
+            if tensor.elem_type == onnx.TensorProto.INT64:
+                feed[value.name] = rng.integers(0, 20, shape).astype(np.int64)
+            else:
+                feed[value.name] = rng.standard_normal(shape).astype(np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def measure(path: Path) -> dict:
+    import graphprune
+
+    row: dict = {}
+    analysis = graphprune.analyze(str(path))
+    summary = analysis.summary()
+    row["groups"], row["prunable"] = summary["groups"], summary["prunable"]
+    row["frozen"] = sorted(
+        {
+            g.frozen[0][:120]
+            for g in analysis.groups
+            if g.frozen and not g.frozen[0].startswith(("graph input", "graph output"))
+        }
+    )
+    row["inexact"] = sorted({g.inexact[0][:120] for g in analysis.groups if g.inexact})
+    feeds = feeds_for(path, 48)
+    runs = {
+        "ratio": {"ratio": 0.5},
+        "lossless": {"lossless": True},
+        "target_params": {"target_params": 0.6},
+        "calibrated": {"ratio": 0.5, "calibration": feeds},
+        "calibrated_none": {"ratio": 0.5, "calibration": feeds, "reconstruction": "none"},
+        "calibrated_macs": {"target_macs": 0.6, "calibration": feeds},
+    }
+    for label, kwargs in runs.items():
+        try:
+            report = graphprune.prune(str(path), **kwargs).report
+        except Exception as exc:  # noqa: BLE001 - recorded, the probe goes on
+            row[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        entry = {"verified": bool(report.get("verification", {}).get("ok"))}
+        budget = report.get("budget")
+        if budget:
+            entry["achieved"], entry["met"] = budget.get("achieved"), budget.get("met")
+        fidelity = report.get("fidelity")
+        if fidelity:
+            entry["cosine"] = {k: v.get("cosine") for k, v in fidelity.get("outputs", {}).items()}
+            refit = report.get("calibration", {}).get("passes", {}).get("RefitPass", {})
+            entry["refit_layers"], entry["not_refit"] = (
+                refit.get("layers"),
+                refit.get("not_refit", 0),
+            )
+        row[label] = entry
+    return row
+
+
+def _worst(row: dict, label: str) -> float | None:
+    """The lowest held-out cosine over the outputs of one run."""
+    return min(row.get(label, {}).get("cosine", {}).values(), default=None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated pattern names")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(MODELS)
+    rows = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            for exporter, path in export(name, Path(tmp)).items():
+                key = f"{name}__{exporter}"
+                rows[key] = measure(path)
+                r = rows[key]
+                runs = [k for k in r if isinstance(r[k], dict)]
+                ok = sum(1 for k in runs if r[k].get("verified"))
+                print(
+                    f"{key:38s} groups {r['groups']:2d} prunable {r['prunable']:2d}  verified {ok}/{len(runs)}  "
+                    f"cosine refit {_worst(r, 'calibrated')} / none {_worst(r, 'calibrated_none')}",
+                    flush=True,
+                )
+    previous = json.loads(RESULTS.read_text()).get("rows", {}) if RESULTS.exists() else {}
+    previous.update(rows)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python bench/architecture_patterns.py " + " ".join(sys.argv[1:]),
+                "rows": previous,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
+    runs = [v for r in rows.values() for v in r.values() if isinstance(v, dict)]
+    print(
+        json.dumps(
+            {
+                "exports": len(rows),
+                "runs": len(runs),
+                "verified": sum(1 for v in runs if v.get("verified")),
+                "errors": sum(1 for v in runs if "error" in v),
+                "seconds": round(time.time() - started),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
