@@ -164,6 +164,9 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if not budget.get("reached_by_width", True):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
+    if budget.get("widths_aligned") is False:
+        lines.append("note: widths in multiples of 8 could not land within 0.03 of the target: any "
+                     "width allowed (--round-to 8 keeps them aligned)")
     measured = [c for c in budget.get("candidates") or [] if "rel_l2" in c]
     chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
     if chosen is not None:

@@ -452,3 +452,35 @@ def test_candidates_do_not_land_further_under_the_goal_than_the_greedy_allocatio
         budget.restore(model, found[0][1])
         dropped += len(search.CANDIDATE_BLENDS) + 1 - len(found)
     assert dropped < 25 * len(search.CANDIDATE_BLENDS)  # the shapes still offer candidates
+
+
+def _two_wide_convs():
+    from conftest import make_model
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "W2", "B2"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["s"]),
+        helper.make_node("Conv", ["s", "W3"], ["y"]),
+    ]
+    params = {"W1": (48, 3, 3, 3), "B1": (48,), "W2": (48, 48, 3, 3), "B2": (48,), "W3": (10, 48, 1, 1)}
+    return make_model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, params)
+
+
+def test_widths_leave_the_fast_alignment_when_it_cannot_land_near_the_target():
+    """Two 48-channel groups: widths in multiples of 8 reach 0.574 or 0.674 of the MACs, not
+    0.64 +- 0.03; any width is allowed then (the report says so), not with --round-to 8."""
+    result = graphprune.prune(_two_wide_convs(), target_macs=0.64)
+    budget_info = result.report["budget"]
+    assert result.report["verification"]["ok"]
+    assert budget_info["met"] and abs(_fraction(result.report, "macs") - 0.64) <= 0.03
+    assert budget_info["widths_aligned"] is False
+    assert any(w["kept"] % 8 for w in budget_info["widths"])
+    from graphprune.tables import budget_lines
+
+    assert any("any width allowed" in line for line in budget_lines(budget_info))
+    aligned = graphprune.prune(_two_wide_convs(), target_macs=0.64, round_to=8).report["budget"]
+    assert aligned["widths_aligned"] is True and all(w["kept"] % 8 == 0 for w in aligned["widths"])
+    assert not aligned["met"]

@@ -176,6 +176,9 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
         # MACs/params: a coarse last step may land a little over the target when nearer
         allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else LANDING_ABOVE)
         if table is None:
+            if options.round_to is None:  # aligned widths too coarse to land near the goal
+                allocation = budget_mod.unaligned(model, fraction, allocation, options.min_channels,
+                                                  LANDING_ABOVE) or allocation
             break
         _choose_fast_widths(model, table, analysis.opset)
         full = sum(node_time.values()) if node_time else 0.0
@@ -327,6 +330,7 @@ def prune_budget(
     if estimate is not None:
         info["table_estimate"] = round(estimate, 4)
     info["reached_by_width"] = allocation.reached
+    info["widths_aligned"] = allocation.aligned
     info["widths"] = allocation.widths
     report["budget"] = info
     if calibrated is not None:
