@@ -196,6 +196,23 @@ def _check_ops(model: onnx.ModelProto) -> None:
         raise ConversionError(f"tf2onnx left ops that are not ONNX: {', '.join(bad[:5])}{hint}")
 
 
+def _erfc(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """tf2onnx handler for ``Erfc`` (Keras 3's exact ``gelu`` computes ``erfc``; tf2onnx
+    has no handler for it): ``1 - Erf(x)``."""
+    from tf2onnx import utils
+
+    x = node.input[0]
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(x))
+    erf = ctx.make_node("Erf", [x])
+    one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+    node.type = "Sub"
+    ctx.replace_inputs(node, [one.output[0], erf.output[0]])
+
+
+#: TensorFlow ops tf2onnx does not convert, written as ONNX ops here
+CUSTOM_OPS = {"Erfc": (_erfc, [])}
+
+
 def to_onnx(
     model: Any,
     *,
@@ -224,7 +241,8 @@ def to_onnx(
         function, specs = _saved_model_function(model, input_shapes, batch_size, signature)
         what = "SavedModel"
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset,
+                                                 custom_op_handlers=CUSTOM_OPS)
         _freeze_captured_inputs(proto, function.get_concrete_function(*specs), len(specs))
     except GraphPruneError:
         raise

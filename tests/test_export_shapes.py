@@ -150,3 +150,24 @@ def test_small_probe_sizes_do_not_fix_axes_that_only_collapse_there() -> None:
     tensors = graph.tensors()
     assert tensors["cat"].shape is not None and tensors["cat"].shape[1] == 32  # the fallback sized it
     assert not isinstance(tensors["y2"].shape[2], int), tensors["y2"].shape
+
+
+def test_broadcast_and_product_of_shape_reads():
+    """tf2onnx's einsum lowering computes reshape targets as ``ReduceProd`` and ``Max`` of
+    shape reads; where one factor is a size-1 axis (a batch of 1) the result is the other read;
+    a read against a literal of its own size is the literal (the rewrite writes it)."""
+    from graphprune.analysis.shape_trace import UNKNOWN, ShapeLiteral, ShapeRead, product_of_reads
+    from graphprune.rules.elementwise import _broadcast_size
+
+    batch, heads, other = ShapeRead("t", 0, 1), ShapeRead("t", 1, 4), ShapeRead("u", 2, 4)
+    dynamic = ShapeRead("t", 0, None)
+    assert product_of_reads([batch, heads]) == heads
+    assert product_of_reads([dynamic, heads]) is UNKNOWN  # a true merge of two sizes
+    assert product_of_reads([heads, other]) is UNKNOWN
+    four, one = ShapeLiteral("m", 1, 0, 4), ShapeLiteral("m", 1, 1, 1)
+    assert _broadcast_size(batch, heads) == heads and _broadcast_size(heads, batch) == heads
+    assert _broadcast_size(heads, other) == heads  # equal static sizes: broadcast together
+    assert _broadcast_size(heads, four) == four and _broadcast_size(four, heads) == four
+    assert _broadcast_size(heads, one) == heads
+    assert _broadcast_size(ShapeRead("t", 1, 3), four) is UNKNOWN
+    assert _broadcast_size(dynamic, heads) is UNKNOWN

@@ -118,6 +118,35 @@ def test_values_captured_by_the_trace_become_initializers():
     assert gtf.check_conversion(model, proto, [x]) < 1e-5
 
 
+def test_exact_gelu_converts_and_a_keras_transformer_block_prunes():
+    """Keras 3's ``gelu`` (exact) computes ``erfc``, which tf2onnx does not convert ("Tensorflow
+    op Erfc is not supported"): a Keras transformer block failed to convert. Its heads froze
+    ("shape element computed by arithmetic": tf2onnx lowers the attention einsums with
+    ``ReduceProd`` / ``Max`` of shape reads merging the batch of 1 with the heads) and its
+    hidden size too (tf2onnx lowers LayerNormalization to a GlobalAveragePool over
+    ``[batch, tokens, hidden]``: a reduction over the hidden axis, not an image axis)."""
+    keras.utils.set_random_seed(4)
+    tokens = keras.Input((12, 16))
+    h = keras.layers.Dense(32)(tokens)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(4, 8)(h, h))
+    f = keras.layers.Dense(32)(keras.layers.Dense(64, activation="gelu")(h))
+    h = keras.layers.LayerNormalization()(h + f)
+    model = keras.Model(tokens, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h)))
+    proto = gtf.to_onnx(model)
+    assert "Erf" in {n.op_type for n in proto.graph.node}
+    x = np.random.default_rng(4).standard_normal((1, 12, 16)).astype(np.float32)
+    assert gtf.check_conversion(model, proto, [x]) < 1e-4
+    analysis = graphprune.analyze(proto)
+    hidden = [g for g in analysis.groups if g.num_units == 32]
+    assert len(hidden) == 1 and not hidden[0].frozen
+    assert any("GlobalAveragePool reduces this axis" in r for r in hidden[0].inexact)
+    result = graphprune.prune(proto, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert result.report["verification"]["max_abs_diff"] < 1e-4
+    assert result.report["kinds"]["head"]["prunable"] == 1 and result.report["kinds"]["head"]["units"] == 4
+    assert result.report["params_after"] < 0.6 * result.report["params_before"]
+
+
 def test_grouped_conv_is_refused_with_a_clear_error():
     image = keras.Input((8, 8, 4))
     model = keras.Model(image, keras.layers.Conv2D(4, 3, groups=2, name="grouped")(image))

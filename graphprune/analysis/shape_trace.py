@@ -17,7 +17,7 @@ This module knows no op: it asks the rule of each producer, through a lookup it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -47,10 +47,12 @@ class ShapeLiteral:
 
 @dataclass(frozen=True)
 class ShapeRead:
-    """The size of axis ``axis`` of tensor ``tensor`` (read by a ``Shape`` node)."""
+    """The size of axis ``axis`` of tensor ``tensor`` (read by a ``Shape`` node); ``size``:
+    its static size when known (a size-1 factor of a product, :func:`product_of_reads`)."""
 
     tensor: str
     axis: int
+    size: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,20 @@ class UnknownElement:
 UNKNOWN = UnknownElement()
 
 ShapeSource = ShapeLiteral | ShapeRead | ScaledRead | QuotientRead | UnknownElement
+
+
+def product_of_reads(factors: list[ShapeSource]) -> ShapeSource:
+    """The product of shape elements where all factors but one are reads of size-1 axes (a
+    batch of 1 merged with the heads by tf2onnx's einsum lowering: ``ReduceProd([B, H])``):
+    that one read, which a size-1 factor never changes (no group of one unit is pruned);
+    anything else is :data:`UNKNOWN`."""
+    reads = [f for f in factors if isinstance(f, ShapeRead)]
+    if len(reads) != len(factors) or not reads:
+        return UNKNOWN
+    others = [r for r in reads if r.size != 1]
+    if len(others) > 1:
+        return UNKNOWN
+    return others[0] if others else reads[0]
 
 
 class TracesShapes(Protocol):

@@ -23,6 +23,7 @@ from graphprune.analysis.shape_trace import (
     ShapeLiteral,
     ShapeRead,
     literals,
+    product_of_reads,
 )
 from graphprune.rules.registry import OpRule, StoredWeight, register
 from graphprune.rules.scale import ScaleContext
@@ -258,9 +259,10 @@ class BroadcastRule(OpRule):
                     ctx.decoded(decoded.constant, decoded.scale, decoded.zero_point)
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
-        """Arithmetic on shapes keeps the length and loses the values, except three idioms:
+        """Arithmetic on shapes keeps the length and loses the values, except four idioms:
         ``Shape`` reads times a constant (``Mul``), a read divided by a literal (``Div``:
-        quotient reads) and TorchScript's ``Where(Equal(s, -1), ones, s)`` (``Where``)."""
+        quotient reads), TorchScript's ``Where(Equal(s, -1), ones, s)`` (``Where``) and the
+        broadcast size of two reads one of which is 1 (``Max``: tf2onnx's einsum)."""
         found = None
         if node.op == "Where":
             found = _trace_where_minus_one(node, trace)
@@ -268,6 +270,8 @@ class BroadcastRule(OpRule):
             found = _trace_scaled(node, trace)
         elif node.op == "Div":
             found = _trace_quotient(node, trace)
+        elif node.op == "Max" and len(node.inputs) == 2:
+            found = _trace_broadcast_max(node, trace)
         return found if found is not None else trace.unknown(output)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
@@ -309,6 +313,35 @@ class BroadcastRule(OpRule):
             parts = ctx.resized([ctx.of(t) for t in node.inputs])
             return np.sqrt(sum(np.square(p) for p in parts))
         return None
+
+
+def _trace_broadcast_max(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
+    """``Max(a, b)`` of two shape vectors (the size two axes broadcast to; tf2onnx's einsum),
+    per element: the same read twice, that read; a read and a 1 (a read or a literal), the
+    read; two reads of one static size greater than 1, the first (axes broadcast together
+    are equal or 1, and the op that broadcasts them couples them); a read and a literal of
+    its static size (a folded ``Shape``), the literal, which the rewrite then writes."""
+    a, b = trace.input(node, 0), trace.input(node, 1)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return [_broadcast_size(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def _broadcast_size(x: ShapeSource, y: ShapeSource) -> ShapeSource:
+    if isinstance(y, ShapeRead) and not isinstance(x, ShapeRead):
+        x, y = y, x
+    if not isinstance(x, ShapeRead):
+        return UNKNOWN
+    if isinstance(y, ShapeRead):
+        if x == y or (x.size == y.size and x.size is not None and x.size > 1):
+            return x
+        return product_of_reads([x, y]) if 1 in (x.size, y.size) else UNKNOWN
+    if isinstance(y, ShapeLiteral):
+        if y.value == 1:
+            return x
+        if x.size is not None and y.value == x.size:
+            return y
+    return UNKNOWN
 
 
 def _trace_quotient(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:

@@ -13,11 +13,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
+from graphprune.analysis.shape_trace import product_of_reads
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
+    from graphprune.analysis.shape_trace import ShapeSource, ShapeTrace
 
 #: reductions whose value on a constant channel c is c (any count), and those that keep only 0
 _REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")
@@ -74,7 +76,17 @@ class PoolRule(OpRule):
         ctx.derive_shape(y, pooled_shape(node.op, node.attrs, ctx.shape(x)))
         ctx.couple(x, 0, y, 0)
         ctx.couple(x, 1, y, 1)
-        _spatial(ctx, [x, y])
+        rank = ctx.rank(x)
+        if node.op.startswith("Global") and rank is not None:
+            # a global pool reduces every axis after the channels: what reaches them (a
+            # LayerNorm that tf2onnx lowers to a GlobalAveragePool over [batch, tokens,
+            # hidden]) is reduced like a mean over channels, not cut along an image axis
+            ctx.spatial(x, [0], "batch")
+            for a in range(2, rank):
+                ctx.inexact(x, a, f"{node.op} reduces this axis")
+            _spatial(ctx, [y])
+        else:
+            _spatial(ctx, [x, y])
         for extra in node.outputs[1:]:
             if extra.outputs:
                 ctx.freeze_node(node, f"pooling indices used at {node.op} '{node.name}'")
@@ -125,6 +137,15 @@ class ReduceRule(OpRule):
             count = math.prod(sizes)  # type: ignore[arg-type]
             return [za.values(axis, (state.values * count).astype(np.float32))]
         return [None]
+
+    def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
+        """``ReduceProd`` of a whole shape vector (tf2onnx's einsum merges batch axes with
+        it): a product of reads all of size 1 but one is that read."""
+        if node.op == "ReduceProd" and len(node.inputs) == 1 and list(node.attrs.get("axes", [0])) in ([0], [-1]):
+            factors = trace.input(node, 0)
+            if factors is not None:
+                return [product_of_reads(factors)]
+        return trace.unknown(output)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

@@ -527,7 +527,7 @@ class ShapeRule(OpRule):
             return None
         start = _clamp(int(node.attrs.get("start", 0)), rank)
         end = _clamp(int(node.attrs.get("end", rank)), rank)
-        return [ShapeRead(src.name, a) for a in range(start, end)]
+        return [ShapeRead(src.name, a, trace.size(src, a)) for a in range(start, end)]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         return
