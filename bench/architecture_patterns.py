@@ -1,17 +1,19 @@
-"""Architecture patterns: 29 small PyTorch modules, each built around one pattern that real
-models use (pixel shuffle, channel shuffle, U-Net skips, GLU, Instance/GroupNorm, einsum
-attention, shifted windows, token mixing, 3D convolutions, weight norm, a head shared by
-the levels of a feature pyramid, ...), exported with both torch exporters and pruned every
-way the tool offers. Random weights: this probes robustness and coverage (does every mode
-run and verify; what is frozen and why; what the refit restores), not accuracy.
+"""Architecture patterns: 29 small PyTorch modules (and 7 Keras models for tf2onnx, where
+TensorFlow is installed), each built around one pattern that real models use (pixel shuffle,
+channel shuffle, U-Net skips, GLU, Instance/GroupNorm, einsum attention, shifted windows,
+token mixing, 3D convolutions, weight norm, a head shared by the levels of a feature
+pyramid, Keras multi-head attention, ...), exported with both torch exporters and pruned
+every way the tool offers. Random weights: this probes robustness and coverage (does every
+mode run and verify; what is frozen and why; what the refit restores), not accuracy.
 
     python bench/architecture_patterns.py [--only a,b]
 
-Per export: the analysis (groups, prunable, frozen reasons other than the graph's inputs
-and outputs, inexact reasons); ``--ratio 0.5`` data-free, ``--lossless``, ``--target-params
-0.6``, and with 48 random calibration feeds ``--ratio 0.5`` (refit vs no reconstruction:
-held-out cosine per output) and ``--target-macs 0.6``. Results:
-``bench/results/architecture_patterns.json``.
+Keras models are converted by ``graphprune.frontends.tensorflow`` twice: with the batch
+fixed to 1 (the frontend's default) and left open. Per export: the analysis (groups,
+prunable, frozen reasons other than the graph's inputs and outputs, inexact reasons);
+``--ratio 0.5`` data-free, ``--lossless``, ``--target-params 0.6``, and with 48 random
+calibration feeds ``--ratio 0.5`` (refit vs no reconstruction: held-out cosine per output)
+and ``--target-macs 0.6``. Results: ``bench/results/architecture_patterns.json``.
 """
 
 from __future__ import annotations
@@ -539,6 +541,76 @@ MODELS = {
 }
 
 
+def keras_patterns() -> dict:
+    """Keras models for tf2onnx (built when TensorFlow is installed)."""
+    import keras
+    from keras import layers as kl
+
+    def transformer():
+        x = keras.Input((12, 16))
+        h = kl.Dense(32)(x)
+        h = kl.LayerNormalization()(h + kl.MultiHeadAttention(4, 8)(h, h))
+        f = kl.Dense(32)(kl.Dense(64, activation="gelu")(h))
+        h = kl.LayerNormalization()(h + f)
+        return keras.Model(x, kl.Dense(3)(kl.GlobalAveragePooling1D()(h)))
+
+    def cross_attention():
+        q, kv = keras.Input((12, 16)), keras.Input((7, 20))
+        h = kl.Dense(32)(q)
+        h = kl.LayerNormalization()(h + kl.MultiHeadAttention(4, 8, value_dim=6)(h, kv))
+        return keras.Model([q, kv], kl.Dense(3)(h))
+
+    def separable():
+        x = keras.Input((32, 32, 3))
+        h = kl.SeparableConv2D(24, 3, padding="same", activation="relu")(x)
+        h = kl.BatchNormalization()(kl.DepthwiseConv2D(3, padding="same")(h))
+        h = kl.Conv2D(16, 1, activation="relu")(h)
+        return keras.Model(x, kl.Conv2D(2, 1)(kl.Conv2DTranspose(8, 3, strides=2, padding="same")(h)))
+
+    def causal_conv1d():
+        x = keras.Input((64, 4))
+        h = kl.Conv1D(16, 5, padding="causal", dilation_rate=2, activation="relu")(x)
+        h = kl.LayerNormalization()(kl.Conv1DTranspose(8, 4, strides=2, padding="same")(h))
+        return keras.Model(x, kl.Dense(2)(h))
+
+    def text_cnn():
+        x = keras.Input((20,), dtype="int32")
+        h = kl.Conv1D(32, 3, activation="relu")(kl.Embedding(100, 24)(x))
+        return keras.Model(x, kl.Dense(5, activation="softmax")(kl.GlobalMaxPooling1D()(h)))
+
+    def se_residual():
+        x = keras.Input((32, 32, 3))
+        h = kl.Conv2D(32, 3, padding="same", activation="relu")(x)
+        s = kl.Dense(32, activation="sigmoid")(kl.Dense(8, activation="relu")(kl.GlobalAveragePooling2D()(h)))
+        h2 = kl.Multiply()([h, kl.Reshape((1, 1, 32))(s)])
+        h = kl.Concatenate()([kl.Add()([h, kl.Conv2D(32, 3, padding="same")(h2)]), kl.Conv2D(16, 1)(x)])
+        return keras.Model(x, kl.Dense(10)(kl.Flatten()(kl.MaxPooling2D(4)(h))))
+
+    def bidirectional_rnn():
+        x = keras.Input((10, 8))
+        h = kl.Bidirectional(kl.GRU(12))(kl.Bidirectional(kl.LSTM(16, return_sequences=True))(x))
+        return keras.Model(x, kl.Dense(4)(h))
+
+    return {"keras_" + f.__name__: f for f in (transformer, cross_attention, separable, causal_conv1d,
+                                                 text_cnn, se_residual, bidirectional_rnn)}
+
+
+def export_keras(name: str, build, folder: Path) -> dict[str, Path]:
+    """tf2onnx with the batch fixed to 1 (the frontend's default) and left open."""
+    import keras
+    import onnx
+    from graphprune.frontends import tensorflow as gtf
+
+    keras.utils.set_random_seed(0)
+    model = build()
+    out = {}
+    for label, batch in (("tf2onnx", 1), ("tf2onnx_dynamic_batch", None)):
+        path = folder / f"{name}__{label}.onnx"
+        onnx.save(gtf.to_onnx(model, batch_size=batch), str(path))
+        out[label] = path
+    return out
+
+
 def export(name: str, folder: Path) -> dict[str, Path]:
     cls, specs = MODELS[name]
     torch.manual_seed(0)
@@ -575,8 +647,9 @@ def feeds_for(path: Path, count: int, seed: int = 0) -> list[dict[str, np.ndarra
         for value in graph.input:
             tensor = value.type.tensor_type
             shape = [d.dim_value or 1 for d in tensor.shape.dim]
-            if tensor.elem_type == onnx.TensorProto.INT64:
-                feed[value.name] = rng.integers(0, 20, shape).astype(np.int64)
+            if tensor.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                dtype = np.int64 if tensor.elem_type == onnx.TensorProto.INT64 else np.int32
+                feed[value.name] = rng.integers(0, 20, shape).astype(dtype)
             else:
                 feed[value.name] = rng.standard_normal(shape).astype(np.float32)
         feeds.append(feed)
@@ -638,12 +711,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated pattern names")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(MODELS)
+    try:
+        keras_models = keras_patterns()
+    except ImportError:  # no TensorFlow here: the torch patterns only
+        keras_models = {}
+    names = [n for n in args.only.split(",") if n] or [*MODELS, *keras_models]
     rows = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            for exporter, path in export(name, Path(tmp)).items():
+            exports = (export_keras(name, keras_models[name], Path(tmp)) if name in keras_models
+                       else export(name, Path(tmp)))
+            for exporter, path in exports.items():
                 key = f"{name}__{exporter}"
                 rows[key] = measure(path)
                 r = rows[key]
