@@ -156,15 +156,22 @@ def test_broadcast_and_product_of_shape_reads():
     """tf2onnx's einsum lowering computes reshape targets as ``ReduceProd`` and ``Max`` of
     shape reads; where one factor is a size-1 axis (a batch of 1) the result is the other read;
     a read against a literal of its own size is the literal (the rewrite writes it)."""
-    from graphprune.analysis.shape_trace import UNKNOWN, ShapeLiteral, ShapeRead, product_of_reads
+    from graphprune.analysis.shape_trace import (
+        UNKNOWN,
+        ProductRead,
+        ShapeLiteral,
+        ShapeRead,
+        product_of_reads,
+    )
     from graphprune.rules.elementwise import _broadcast_size
 
     batch, heads, other = ShapeRead("t", 0, 1), ShapeRead("t", 1, 4), ShapeRead("u", 2, 4)
     dynamic = ShapeRead("t", 0, None)
     assert product_of_reads([batch, heads]) == heads
-    assert product_of_reads([dynamic, heads]) is UNKNOWN  # a true merge of two sizes
-    assert product_of_reads([heads, other]) is UNKNOWN
+    # a true merge of two sizes: the reshape rule accepts it where it merges those axes
+    assert product_of_reads([dynamic, batch, heads]) == ProductRead((dynamic, heads))
     four, one = ShapeLiteral("m", 1, 0, 4), ShapeLiteral("m", 1, 1, 1)
+    assert product_of_reads([heads, four]) is UNKNOWN
     assert _broadcast_size(batch, heads) == heads and _broadcast_size(heads, batch) == heads
     assert _broadcast_size(heads, other) == heads  # equal static sizes: broadcast together
     assert _broadcast_size(heads, four) == four and _broadcast_size(four, heads) == four

@@ -147,6 +147,29 @@ def test_exact_gelu_converts_and_a_keras_transformer_block_prunes():
     assert result.report["params_after"] < 0.6 * result.report["params_before"]
 
 
+def test_keras_attention_heads_prune_with_an_open_batch():
+    """With the batch left open, tf2onnx's einsums merge it with the heads as
+    ``ReduceProd([B, H])`` of shape reads: a product recomputed at run time, exact after
+    pruning where the reshape merges exactly those axes (before: the heads froze)."""
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(5)
+    q, kv = keras.Input((12, 16)), keras.Input((7, 20))
+    h = keras.layers.Dense(32)(q)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(4, 8, value_dim=6)(h, kv))
+    model = keras.Model([q, kv], keras.layers.Dense(3)(h))
+    proto = gtf.to_onnx(model, batch_size=None)
+    result = graphprune.prune(proto, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert result.report["kinds"]["head"]["prunable"] == 1
+    session = ort.InferenceSession(result.model.SerializeToString())
+    rng = np.random.default_rng(5)
+    feeds = {i.name: rng.standard_normal((3, *i.shape[1:])).astype(np.float32) for i in session.get_inputs()}
+    batched = session.run(None, feeds)[0]
+    single = [session.run(None, {k: v[b:b + 1] for k, v in feeds.items()})[0] for b in range(3)]
+    np.testing.assert_allclose(batched, np.concatenate(single), atol=1e-5)
+
+
 def test_grouped_conv_is_refused_with_a_clear_error():
     image = keras.Input((8, 8, 4))
     model = keras.Model(image, keras.layers.Conv2D(4, 3, groups=2, name="grouped")(image))

@@ -79,26 +79,36 @@ class QuotientRead:
 
 
 @dataclass(frozen=True)
+class ProductRead:
+    """The product of the sizes of several axes (tf2onnx's einsum: ``ReduceProd`` of a
+    dynamic batch and the heads, ``[B, H, ...] -> [B*H, ...]``). Recomputed at run time: exact
+    after pruning where the rule that reads it merges exactly those axes."""
+
+    reads: tuple[ShapeRead, ...]
+
+
+@dataclass(frozen=True)
 class UnknownElement:
     """An element computed by arithmetic the trace does not follow."""
 
 
 UNKNOWN = UnknownElement()
 
-ShapeSource = ShapeLiteral | ShapeRead | ScaledRead | QuotientRead | UnknownElement
+ShapeSource = ShapeLiteral | ShapeRead | ScaledRead | QuotientRead | ProductRead | UnknownElement
 
 
 def product_of_reads(factors: list[ShapeSource]) -> ShapeSource:
-    """The product of shape elements where all factors but one are reads of size-1 axes (a
-    batch of 1 merged with the heads by tf2onnx's einsum lowering: ``ReduceProd([B, H])``):
-    that one read, which a size-1 factor never changes (no group of one unit is pruned);
-    anything else is :data:`UNKNOWN`."""
+    """The product of shape reads (tf2onnx's einsum lowering merges the batch with the
+    heads: ``ReduceProd([B, H])``): with every factor but one a size-1 axis, that read (no
+    group of one unit is pruned, so the size-1 factors never change); else the
+    :class:`ProductRead` of the factors that are not size 1. Anything but reads is
+    :data:`UNKNOWN`."""
     reads = [f for f in factors if isinstance(f, ShapeRead)]
     if len(reads) != len(factors) or not reads:
         return UNKNOWN
     others = [r for r in reads if r.size != 1]
     if len(others) > 1:
-        return UNKNOWN
+        return ProductRead(tuple(others))
     return others[0] if others else reads[0]
 
 

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit
-from graphprune.analysis.shape_trace import QuotientRead, ScaledRead, ShapeTrace
+from graphprune.analysis.shape_trace import ProductRead, QuotientRead, ScaledRead, ShapeTrace
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -276,7 +276,8 @@ class ReshapeRule(OpRule):
 def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[MergedBatch]) -> set[int]:
     """Target elements that size a merged ``[B*H]`` axis from the batch (TorchScript's
     BLOOM, DeBERTa): ``batch * H`` where the merged axis is made, ``size(m) // H`` where it
-    is split back. The literal ``H`` (the size of the channel factor) is recorded so the
+    is split back; or the product of the merged axes' sizes read at run time (tf2onnx's
+    einsum: ``ReduceProd`` of ``Shape`` reads, nothing to rewrite). The literal ``H`` (the size of the channel factor) is recorded so the
     rewrite writes the new count, and the batch read is not coupled to the channels.
     Returns the output axes so handled (not tracked further)."""
     target = node.inputs[1]
@@ -299,6 +300,9 @@ def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[Merg
                     and ctx.size(ctx.tensors[element.tensor], element.axis) is None:
                 ctx.add_shape_element(element.literal.gives(heads))
                 handled.add(block.m_axis)
+            elif isinstance(element, ProductRead) and {(r.tensor, r.axis) for r in element.reads} \
+                    == {(block.factored.name, a) for a in (*block.dynamic, block.chosen)}:
+                handled.add(block.m_axis)  # the size of each factor, read at run time
         else:  # [B*H, ...] -> [B, H, ...]: the element is size(merged) // H
             axis = block.dynamic[0]
             element = sources[axis]
