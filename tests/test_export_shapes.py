@@ -178,3 +178,33 @@ def test_broadcast_and_product_of_shape_reads():
     assert _broadcast_size(heads, one) == heads
     assert _broadcast_size(ShapeRead("t", 1, 3), four) is UNKNOWN
     assert _broadcast_size(dynamic, heads) is UNKNOWN
+
+
+def test_product_of_a_shape_vector_with_axes_as_an_input():
+    """``ReduceProd`` of a whole shape vector is traced with its axes as an attribute, an
+    input (opset 18) or absent; axes computed in the graph are not followed."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.analysis.shape_trace import UNKNOWN, ShapeRead, ShapeTrace
+    from graphprune.rules import registry
+
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 4, 6])
+    shape = gs.Variable("s", dtype=np.int64, shape=[3])
+    picked = gs.Variable("p", dtype=np.int64, shape=[2])
+    nodes = [gs.Node("Shape", "shape", inputs=[x], outputs=[shape]),
+             gs.Node("Gather", "gather", inputs=[shape, gs.Constant("i", np.array([0, 1], np.int64))],
+                     outputs=[picked], attrs={"axis": 0})]
+    outs = {}
+    for label, extra, attrs in (("attr", [], {"axes": [0]}), ("input", [gs.Constant("a", np.array([0], np.int64))], {}),
+                                ("none", [], {}), ("computed", [gs.Variable("c", dtype=np.int64, shape=[1])], {})):
+        out = gs.Variable(f"prod_{label}", dtype=np.int64, shape=[1])
+        nodes.append(gs.Node("ReduceProd", f"prod_{label}", inputs=[picked, *extra], outputs=[out], attrs=attrs))
+        outs[label] = out
+    gs.Graph(nodes=nodes, inputs=[x], opset=18)
+
+    def rule_for(node):
+        return registry.lookup("", node.op, 18)
+
+    for label in ("attr", "input", "none"):
+        assert ShapeTrace(rule_for).of(outs[label]) == [ShapeRead("x", 1)], label
+    assert ShapeTrace(rule_for).of(outs["computed"]) == [UNKNOWN]

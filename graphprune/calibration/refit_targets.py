@@ -116,7 +116,8 @@ def find_targets(
         if consumers_only and (wname, view.info.in_axis) not in removed:
             continue
         if uses[wname] > 1 and wname not in shares:
-            skipped[node.name] = f"weight '{wname}' is shared by several nodes (not all of them linear layers of one kind)"
+            skipped[node.name] = (f"weight '{wname}' is shared by several nodes (refit together only when all "
+                                  "of them are float linear layers of one kind and nothing else reads it)")
             continue
         large = too_large(view)
         if large:

@@ -141,8 +141,14 @@ class ReduceRule(OpRule):
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """``ReduceProd`` of a whole shape vector (tf2onnx's einsum merges batch axes with
         it): a product of reads all of size 1 but one is that read."""
-        if node.op == "ReduceProd" and len(node.inputs) == 1 and list(node.attrs.get("axes", [0])) in ([0], [-1]):
-            factors = trace.input(node, 0)
+        if node.op == "ReduceProd":
+            axes = node.attrs.get("axes")
+            given = len(node.inputs) > 1 and node.inputs[1].name  # opset 18: axes as an input
+            if given:
+                axes = trace.const(node.inputs[1])
+            whole = (axes is None and not given) or (
+                axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] in ([0], [-1]))
+            factors = trace.input(node, 0) if whole else None
             if factors is not None:
                 return [product_of_reads(factors)]
         return trace.unknown(output)
