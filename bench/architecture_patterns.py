@@ -1,10 +1,12 @@
-"""Architecture patterns: 29 small PyTorch modules (and 7 Keras models for tf2onnx, where
+"""Architecture patterns: 38 small PyTorch modules (and 7 Keras models for tf2onnx, where
 TensorFlow is installed), each built around one pattern that real models use (pixel shuffle,
 channel shuffle, U-Net skips, GLU, Instance/GroupNorm, einsum attention, shifted windows,
 token mixing, 3D convolutions, weight norm, a head shared by the levels of a feature
-pyramid, Keras multi-head attention, ...), exported with both torch exporters and pruned
-every way the tool offers. Random weights: this probes robustness and coverage (does every
-mode run and verify; what is frozen and why; what the refit restores), not accuracy.
+pyramid, top-2 mixture of experts, FiLM, CondConv, Perceiver latents, MobileViT unfolding,
+relative position bias, SwiGLU with RMSNorm, Keras multi-head attention, ...), exported with
+both torch exporters and pruned every way the tool offers. Random weights: this probes
+robustness and coverage (does every mode run and verify; what is frozen and why; what the
+refit restores), not accuracy.
 
     python bench/architecture_patterns.py [--only a,b]
 
@@ -507,6 +509,163 @@ class FPN(nn.Module):
         return self.o(p1), self.o(p2), self.o(p3)
 
 
+class MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.gate = nn.Linear(32, 4)
+        self.experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)) for _ in range(4)]
+        )
+        self.o = nn.Linear(32, 3)
+
+    def forward(self, x):  # [T,16]
+        h = self.inp(x)
+        w = self.gate(h).softmax(-1)
+        top, idx = w.topk(2, -1)
+        out = torch.zeros_like(h)
+        for e, ex in enumerate(self.experts):
+            m = ((idx == e).float() * top).sum(-1, keepdim=True)
+            out = out + m * ex(h)
+        return self.o(h + out)
+
+
+class FiLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.cond = nn.Linear(6, 64)
+        self.c2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.o = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x, z):
+        h = F.relu(self.c(x))
+        g, b = self.cond(z).chunk(2, -1)
+        h = h * g[:, :, None, None] + b[:, :, None, None]
+        return self.o(F.relu(self.c2(h)))
+
+
+class CondConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.experts = nn.Parameter(torch.randn(3, 24, 16, 3, 3) * 0.1)
+        self.route = nn.Linear(16, 3)
+        self.o = nn.Conv2d(24, 2, 1)
+
+    def forward(self, x):  # batch 1
+        h = F.relu(self.c(x))
+        r = torch.sigmoid(self.route(h.mean((2, 3))))[0]
+        w = (r[:, None, None, None, None] * self.experts).sum(0)
+        return self.o(F.relu(F.conv2d(h, w, padding=1)))
+
+
+class Perceiver(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 32)
+        self.lat = nn.Parameter(torch.randn(1, 8, 32))
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.o = nn.Linear(32, 5)
+
+    def forward(self, x):
+        kv = self.inp(x)
+        q = self.lat.expand(x.shape[0], -1, -1)
+        a, _ = self.att(q, kv, kv, need_weights=False)
+        h = q + a
+        h = h + self.ff(h)
+        return self.o(h.mean(1))
+
+
+class PosEnc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.freq = 2.0 ** torch.arange(6).float()
+        self.l1 = nn.Linear(3 + 36, 64)
+        self.l2 = nn.Linear(64, 64)
+        self.o = nn.Linear(64 + 39, 4)
+
+    def forward(self, p):  # [N,3]
+        e = (p[..., None] * self.freq).flatten(-2)
+        enc = torch.cat([p, e.sin(), e.cos()], -1)
+        h = F.relu(self.l2(F.relu(self.l1(enc))))
+        return self.o(torch.cat([h, enc], -1))
+
+
+class MobileViTBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 24, 3, padding=1)
+        self.proj = nn.Conv2d(24, 32, 1)
+        self.ln = nn.LayerNorm(32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 32))
+        self.back = nn.Conv2d(32, 24, 1)
+        self.fuse = nn.Conv2d(48, 24, 3, padding=1)
+        self.o = nn.Conv2d(24, 2, 1)
+
+    def forward(self, x):
+        h = F.silu(self.c(x))
+        y = self.proj(h)
+        B, C, H, W = y.shape
+        p = (
+            y.reshape(B, C, H // 2, 2, W // 2, 2)
+            .permute(0, 3, 5, 2, 4, 1)
+            .reshape(B * 4, (H // 2) * (W // 2), C)
+        )
+        p = p + self.mlp(self.ln(p))
+        y = p.reshape(B, 2, 2, H // 2, W // 2, C).permute(0, 5, 3, 1, 4, 2).reshape(B, C, H, W)
+        return self.o(F.silu(self.fuse(torch.cat([h, self.back(y)], 1))))
+
+
+class RelPosBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.table = nn.Parameter(torch.randn(2 * 8 - 1, 4) * 0.1)
+        self.proj = nn.Linear(16, 16)
+        self.o = nn.Linear(16, 3)
+        idx = torch.arange(8)
+        self.register_buffer("rel", (idx[:, None] - idx[None, :] + 7))
+
+    def forward(self, x):  # [1,8,16]
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) * 0.5 + self.table[self.rel].permute(2, 0, 1)[None]
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        return self.o(x + self.proj(y))
+
+
+class Unfold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 9, 16)
+        self.o = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = F.relu(self.c(x))
+        u = F.unfold(h, 3, padding=1).transpose(1, 2)
+        return self.o(F.relu(self.fc(u)))
+
+
+class Gated(nn.Module):  # SwiGLU MLP + RMSNorm on a CNN stream
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.w = nn.Parameter(torch.ones(32))
+        self.up = nn.Linear(32, 64, bias=False)
+        self.g = nn.Linear(32, 64, bias=False)
+        self.down = nn.Linear(64, 32, bias=False)
+        self.o = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+        h = h + self.down(F.silu(self.g(n)) * self.up(n))
+        return self.o(h)
+
+
 IMG = (1, 3, 32, 32)
 MODELS = {
     "pixelshuffle_sr": (PixelShuffleSR, [IMG]),
@@ -538,6 +697,15 @@ MODELS = {
     "wavenet_gated": (GatedTCN, [(1, 1, 64)]),
     "vit_cls": (ClassTokenViT, [IMG]),
     "fpn_shared_head": (FPN, [IMG]),
+    "moe_topk": (MoE, [(10, 16)]),
+    "film": (FiLM, [(1, 3, 16, 16), (1, 6)]),
+    "condconv": (CondConv, [(1, 3, 16, 16)]),
+    "perceiver": (Perceiver, [(1, 20, 12)]),
+    "posenc_nerf": (PosEnc, [(50, 3)]),
+    "mobilevit": (MobileViTBlock, [(1, 3, 16, 16)]),
+    "relpos_bias": (RelPosBias, [(1, 8, 16)]),
+    "unfold": (Unfold, [(1, 3, 8, 8)]),
+    "swiglu_rmsnorm": (Gated, [(1, 10, 16)]),
 }
 
 
