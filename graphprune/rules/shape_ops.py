@@ -116,6 +116,9 @@ class ConcatRule(OpRule):
 class SplitRule(OpRule):
     op_types = ("Split",)
     zero_behaviour = "move"
+    #: the dynamo exporter splits ``nn.MultiheadAttention``'s packed ``in_proj_weight`` in
+    #: the graph when query and key differ: folded, each part is a weight of its own
+    folds_weights = True
 
     def split_axis(self, node: gs.Node) -> int | None:
         return int(node.attrs.get("axis", 0))
@@ -173,6 +176,7 @@ class SplitRule(OpRule):
 class TransposeRule(OpRule):
     op_types = ("Transpose",)
     zero_behaviour = "move"
+    folds_weights = True  # the parts of a split weight are transposed in the graph too
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
