@@ -68,7 +68,9 @@ class CouplingContext:
         #: roles stated for axes of computed tensors (a dequantized weight), and the
         #: constants that take them over (:meth:`share_roles`)
         self.variable_roles: dict[Dim, str] = {}
-        self.role_links: list[tuple[str, gs.Tensor, str | None]] = []
+        self.role_links: list[tuple[str, gs.Tensor, str | None, list[int] | None]] = []
+        #: tensors that are a float weight moved by data movement (:meth:`weight_view`)
+        self.view_values: set[str] = set()
         #: integer constants that are parameters all the same (quantized weights)
         self.quantized_params: set[str] = set()
         #: quantized weights whose zero is not 0: name -> the zero point's value, which
@@ -271,9 +273,24 @@ class CouplingContext:
         ``source`` (a quantized weight and its dequantized value); with ``weight_freeze``,
         an axis that would be a producer or consumer axis freezes with that reason instead
         (zeroing it would not zero the weight). Resolved by :meth:`resolve_role_links`."""
-        self.role_links.append((source.name, target, weight_freeze))
+        self.role_links.append((source.name, target, weight_freeze, None))
         if isinstance(target, gs.Constant):
             self.quantized_params.add(target.name)
+
+    def weight_view(self, value: gs.Tensor, source: gs.Tensor, axes: list[int] | None = None) -> None:
+        """``value`` is the float weight ``source`` (or a view of one) moved by data movement
+        the exporter left in the graph (the dynamo exporter splits and transposes
+        ``nn.MultiheadAttention``'s packed ``in_proj_weight`` when query and key differ):
+        ``source`` takes the roles ``value``'s consumers give it, its axis ``k`` the role of
+        axis ``axes[k]`` of ``value`` (default: the same axis)."""
+        self.view_values.add(value.name)
+        self.role_links.append((value.name, source, None, axes))
+
+    def is_weight_view(self, tensor: gs.Tensor) -> bool:
+        """A float constant, or a view of one (:meth:`weight_view`)."""
+        if isinstance(tensor, gs.Constant):
+            return np.issubdtype(np.asarray(tensor.values).dtype, np.floating)
+        return tensor.name in self.view_values
 
     def weight_expression(self, value: gs.Tensor, source: gs.Tensor) -> None:
         """``value`` is a weight computed from the weight ``source`` (an integer weight cast to
@@ -315,9 +332,9 @@ class CouplingContext:
         """Apply :meth:`share_roles` once every rule has stated its roles: last link first,
         so a chain (``MatMul`` <- ``Mul`` by a scale <- ``Cast`` <- int8 weight; rules state
         links in graph order) hands the roles down to the constant."""
-        for source, target, weight_freeze in reversed(self.role_links):
+        for source, target, weight_freeze, axes in reversed(self.role_links):
             for axis in range(self.rank(target) or 0):
-                role = self.variable_roles.get((source, axis))
+                role = self.variable_roles.get((source, axes[axis] if axes else axis))
                 if role is None:
                     continue
                 if weight_freeze and role in (PRODUCER, CONSUMER):

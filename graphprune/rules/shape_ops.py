@@ -116,9 +116,6 @@ class ConcatRule(OpRule):
 class SplitRule(OpRule):
     op_types = ("Split",)
     zero_behaviour = "move"
-    #: the dynamo exporter splits ``nn.MultiheadAttention``'s packed ``in_proj_weight`` in
-    #: the graph when query and key differ: folded, each part is a weight of its own
-    folds_weights = True
 
     def split_axis(self, node: gs.Node) -> int | None:
         return int(node.attrs.get("axis", 0))
@@ -157,6 +154,8 @@ class SplitRule(OpRule):
                 return
             ctx.couple(x, axis, y, axis, Offset(offset))
             offset += size
+            if ctx.is_weight_view(x):  # a packed weight split in the graph: its parts' roles
+                ctx.weight_view(y, x)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         x = node.inputs[0]
@@ -176,7 +175,6 @@ class SplitRule(OpRule):
 class TransposeRule(OpRule):
     op_types = ("Transpose",)
     zero_behaviour = "move"
-    folds_weights = True  # the parts of a split weight are transposed in the graph too
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
@@ -194,6 +192,8 @@ class TransposeRule(OpRule):
         perm = list(node.attrs.get("perm", list(reversed(range(rank)))))
         for o, i in enumerate(perm):
             ctx.couple(x, int(i), y, o)
+        if ctx.is_weight_view(x):  # a weight transposed in the graph: its axes' roles
+            ctx.weight_view(y, x, [perm.index(i) for i in range(rank)])
 
 
 @register

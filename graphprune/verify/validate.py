@@ -477,7 +477,7 @@ def _computed_weights(analysis: Analysis) -> set[str]:
     from graphprune.rules.linear import from_constants
 
     ctx = analysis.context
-    linked = {source for source, _, _ in ctx.role_links}
+    linked = {link[0] for link in ctx.role_links}
     out = set()
     for (name, _axis), role in ctx.variable_roles.items():
         tensor = ctx.tensors.get(name)
