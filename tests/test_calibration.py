@@ -311,3 +311,25 @@ def test_fidelity_figures():
     result = fidelity.compare_outputs(["logits"], scores, other)
     assert result["top1_agreement"] == 0.5
     assert 0 < result["cosine"] < 1 and result["rel_l2"] > 0
+
+
+def test_an_output_that_is_a_constant_is_compared_as_one():
+    """An exporter's ``Identity`` of a weight as a graph output folds into an initializer that
+    is the output: no run computes it, and the calibrated prune stopped with "the original
+    model does not run in ONNX Runtime: tensor 'cout' is not computed by the model"."""
+    from conftest import make_model
+
+    import graphprune
+
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "W2"], ["y"]),
+             helper.make_node("Identity", ["C"], ["cout"])]
+    model = make_model(nodes, {"x": (1, 3, 8, 8)}, {"y": None, "cout": None},
+                       {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (4, 16, 1, 1), "C": (5,)})
+    calibration = {"x": np.random.default_rng(0).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)}
+    result = graphprune.prune(model, ratio=0.5, calibration=calibration)
+    assert result.report["verification"]["ok"]
+    outputs = result.report["fidelity"]["outputs"]
+    assert outputs["cout"]["rel_l2"] == 0.0 and outputs["y"]["rel_l2"] > 0.0
+    assert [o.name for o in result.model.graph.output] == ["y", "cout"]

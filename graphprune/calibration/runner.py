@@ -424,8 +424,17 @@ def outputs(
     def take(index: int, name: str, value: np.ndarray) -> None:
         result[index][position[name]] = output_array(value)
 
-    # as deployed: ORT's optimizations on (QDQ patterns run as integer kernels)
-    stream(model, names, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir, optimize=True)
+    # an output that is a constant (an exporter's Identity of a weight, folded) is no
+    # tensor a run computes: its value is the same for every feed
+    constants = {t.name: t for t in model.graph.initializer if t.name in position}
+    for name, tensor in constants.items():
+        value = onnx.numpy_helper.to_array(tensor, base_dir=str(data_dir) if data_dir else "")
+        for index in range(len(feeds)):
+            take(index, name, value)
+    computed = [name for name in names if name not in constants]
+    if computed:
+        # as deployed: ORT's optimizations on (QDQ patterns run as integer kernels)
+        stream(model, computed, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir, optimize=True)
     return result
 
 
