@@ -219,13 +219,18 @@ def _not_refit(node: gs.Node, opset: int, affected: set[str]) -> str | None:
     return f"{node.op} is not refit (no least-squares view of this layer kind)"
 
 
+#: passes that may move the readers of shared weights to a common wave (each pass moves every
+#: share apart to its latest reader; readers that read one another never settle)
+MAX_WAVE_ROUNDS = 16
+
+
 def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
     """A target's wave is one more than the latest wave its input depends on; the layers of
     a shared weight are fit together, in the latest of their waves. Where they cannot be
     (one's input depends on another's output) their wave is -1."""
     by_node = {t.name: t for t in targets}
     forced: dict[str, int] = {}
-    for _ in range(len(targets) + 1):
+    for _ in range(min(len(targets) + 1, MAX_WAVE_ROUNDS)):
         depth: dict[str, int] = {}
         for node in graph.nodes:
             level = max((depth.get(t.name, 0) for t in node.inputs), default=0)

@@ -30,6 +30,7 @@ from graphprune.analysis import Analysis, targets
 from graphprune.pipeline.ratio import DEFAULT_TOLERANCE, channel_passes, verify_zeroed
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning import budget as budget_mod
+from graphprune.planning import search
 from graphprune.planning.importance import score_group
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import replay
@@ -177,8 +178,8 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
         allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else LANDING_ABOVE)
         if table is None:
             if options.round_to is None:  # aligned widths too coarse to land near the goal
-                allocation = budget_mod.unaligned(model, fraction, allocation, options.min_channels,
-                                                  LANDING_ABOVE) or allocation
+                allocation = search.unaligned(model, fraction, allocation, options.min_channels,
+                                              LANDING_ABOVE) or allocation
             break
         _choose_fast_widths(model, table, analysis.opset)
         full = sum(node_time.values()) if node_time else 0.0
@@ -390,7 +391,6 @@ def _choose(session: Session, analysis: Analysis, states: list, model: budget_mo
 
     from graphprune.calibration import fidelity as fidelity_mod
     from graphprune.calibration import runner
-    from graphprune.planning import search
 
     first = search.candidates(model, fraction)
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]

@@ -342,7 +342,7 @@ class Allocation:
     steps_taken: int
     widths: list[dict[str, Any]] = field(default_factory=list)
     #: widths kept to multiples of ORT's fast kernels where the group is large enough
-    #: (``False``: :func:`unaligned` allowed any width to land near the goal)
+    #: (``False``: :func:`graphprune.planning.search.unaligned` allowed any width to land near the goal)
     aligned: bool = True
 
 
@@ -380,36 +380,6 @@ def take_steps(model: CostModel, goal: float, frozen: frozenset[int] = frozenset
             version[other] += 1
             push(other)
     return taken
-
-
-#: how near the goal a landing meets it (the reports' ``met``)
-MET_WITHIN = 0.03
-
-
-def unaligned(model: CostModel, fraction: float, landed: Allocation, min_channels: int = 1,
-              above: float = 0.0) -> Allocation | None:
-    """Where widths aligned to ORT's fast kernels (:func:`auto_round_to`) land further than
-    :data:`MET_WITHIN` from the goal (few groups, coarse steps), allocate again with every
-    width allowed: the new allocation when it lands nearer (the states keep the fine
-    steps), else ``None`` with the states as they were."""
-    if abs(landed.achieved - fraction) <= MET_WITHIN:
-        return None
-    saved = [(st.steps, st.index) for st in model.states]
-
-    def reset(steps_of: Callable[[GroupState], list[int]]) -> None:
-        for si, st in enumerate(model.states):
-            st.steps, st.index = steps_of(st), 0
-            model.set_index(si, 0)
-
-    reset(lambda st: allowed_steps(st.group.num_units, len(st.order), 1, min_channels))
-    fine = allocate(model, fraction, above)
-    if abs(fine.achieved - fraction) < abs(landed.achieved - fraction) - 1e-9:
-        fine.aligned = False
-        return fine
-    steps = iter(saved)
-    reset(lambda st: next(steps)[0])
-    restore(model, [index for _, index in saved])
-    return None
 
 
 def snapshot(model: CostModel) -> list[int]:

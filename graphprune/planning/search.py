@@ -8,6 +8,8 @@ worse than uniform after reconstruction). So the calibrated budget prune measure
 trusting the model:
 
 - :func:`candidates`: the greedy allocation, uniform at the same cost, and a blend;
+- :func:`unaligned`: where widths aligned to ORT's fast kernels cannot land near the goal,
+  the allocation again with every width allowed;
 - :func:`neighbours`: random perturbations of the best allocation so far (each group's
   removed share scaled by a log-normal factor, the whole rescaled to the same cost), a
   (1 + lambda) evolution strategy whose step shrinks when a round finds nothing better.
@@ -18,13 +20,17 @@ modelled cost is at most the goal; the cost model is left where it was found.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from graphprune.planning.budget import (
     LANDING_SLACK,
+    Allocation,
     CostModel,
+    GroupState,
+    allocate,
+    allowed_steps,
     give_back,
     restore,
     snapshot,
@@ -121,3 +127,33 @@ def neighbours(model: CostModel, fraction: float, base: list[int], rng: np.rando
                 out.append(indexes)
     restore(model, here)
     return out
+
+
+#: how near the goal a landing meets it (the reports' ``met``)
+MET_WITHIN = 0.03
+
+
+def unaligned(model: CostModel, fraction: float, landed: Allocation, min_channels: int = 1,
+              above: float = 0.0) -> Allocation | None:
+    """Where widths aligned to ORT's fast kernels (:func:`auto_round_to`) land further than
+    :data:`MET_WITHIN` from the goal (few groups, coarse steps), allocate again with every
+    width allowed: the new allocation when it lands nearer (the states keep the fine
+    steps), else ``None`` with the states as they were."""
+    if abs(landed.achieved - fraction) <= MET_WITHIN:
+        return None
+    saved = [(st.steps, st.index) for st in model.states]
+
+    def reset(steps_of: Callable[[GroupState], list[int]]) -> None:
+        for si, st in enumerate(model.states):
+            st.steps, st.index = steps_of(st), 0
+            model.set_index(si, 0)
+
+    reset(lambda st: allowed_steps(st.group.num_units, len(st.order), 1, min_channels))
+    fine = allocate(model, fraction, above)
+    if abs(fine.achieved - fraction) < abs(landed.achieved - fraction) - 1e-9:
+        fine.aligned = False
+        return fine
+    steps = iter(saved)
+    reset(lambda st: next(steps)[0])
+    restore(model, [index for _, index in saved])
+    return None
