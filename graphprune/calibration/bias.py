@@ -67,6 +67,25 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     return True
 
 
+def share_bias(written: LinearView, other: LinearView) -> bool:
+    """Give ``other`` the float bias input just written to ``written`` (one constant for
+    the readers of a shared weight); ``False`` where the bias is not such an input."""
+    slot = written.info.bias
+    simple = all(v.bias_stored is None and v.bias_after is None and v.bias_constant is None
+                 and v.info.bias == slot and v.info.beta == written.info.beta for v in (written, other))
+    if not simple or slot is None or slot >= len(written.node.inputs):
+        return False
+    constant = written.node.inputs[slot]
+    if not isinstance(constant, gs.Constant):
+        return False
+    while len(other.node.inputs) <= slot:
+        other.node.inputs.append(gs.Variable.empty())
+    other.node.inputs[slot] = constant
+    if "beta" in written.node.attrs:
+        other.node.attrs["beta"] = written.node.attrs["beta"]
+    return True
+
+
 def _add_to_next_bias(view: LinearView, bias: np.ndarray) -> bool:
     """Add ``bias`` to the per-channel constant of the addition that already follows a layer
     without a bias input (an exporter's ``MatMul`` then ``Add(b)``), instead of a second

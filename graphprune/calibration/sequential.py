@@ -40,7 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
-from graphprune.calibration.bias import write_bias
+from graphprune.calibration.bias import share_bias, write_bias
 from graphprune.calibration.linear import LinearView, map_rows, select
 from graphprune.calibration.refit_targets import (
     Target,
@@ -76,25 +76,6 @@ class WaveReport:
     clipped: list[float] = field(default_factory=list)
     #: layers that keep their weights: no fit (rounded on its grid, if stored) was better
     kept: int = 0
-
-
-def _same_bias(written: LinearView, other: LinearView) -> bool:
-    """Give ``other`` the float bias input just written to ``written`` (one constant for
-    the readers of a shared weight); ``False`` where the bias is not such an input."""
-    slot = written.info.bias
-    simple = all(v.bias_stored is None and v.bias_after is None and v.bias_constant is None
-                 and v.info.bias == slot and v.info.beta == written.info.beta for v in (written, other))
-    if not simple or slot is None or slot >= len(written.node.inputs):
-        return False
-    constant = written.node.inputs[slot]
-    if not isinstance(constant, gs.Constant):
-        return False
-    while len(other.node.inputs) <= slot:
-        other.node.inputs.append(gs.Variable.empty())
-    other.node.inputs[slot] = constant
-    if "beta" in written.node.attrs:
-        other.node.attrs["beta"] = written.node.attrs["beta"]
-    return True
 
 
 def rows_budget(view: LinearView) -> int:
@@ -412,7 +393,7 @@ class Reconstructor:
         report.ridges.append(ridge)
         write_bias(graph, view, solved[:, k, :].reshape(-1), names)
         for t in group[1:]:  # the other readers of a shared weight: the same bias
-            if not _same_bias(view, t.view):
+            if not share_bias(view, t.view):
                 write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
