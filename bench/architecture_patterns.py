@@ -1,14 +1,19 @@
-"""Architecture patterns: 38 small PyTorch modules (and 7 Keras models for tf2onnx, where
+"""Architecture patterns: 58 small PyTorch modules (and 15 Keras models for tf2onnx, where
 TensorFlow is installed), each built around one pattern that real models use (pixel shuffle,
 channel shuffle, U-Net skips, GLU, Instance/GroupNorm, einsum attention, shifted windows,
 token mixing, 3D convolutions, weight norm, a head shared by the levels of a feature
 pyramid, top-2 mixture of experts, FiLM, CondConv, Perceiver latents, MobileViT unfolding,
-relative position bias, SwiGLU with RMSNorm, Keras multi-head attention, ...), exported with
-both torch exporters and pruned every way the tool offers. Random weights: this probes
-robustness and coverage (does every mode run and verify; what is frozen and why; what the
-refit restores), not accuracy.
+relative position bias, SwiGLU with RMSNorm, Keras multi-head attention, and the second
+batch of ``patterns_more.py``: diffusion ResBlocks, ConvNeXt, detection heads, causal SDPA,
+Ghost and Res2Net modules, channel and non-local attention, ...), exported with both torch
+exporters and pruned every way the tool offers. Random weights: this probes robustness and
+coverage (does every mode run and verify; what is frozen and why; what the refit
+restores), not accuracy. ``--variant`` re-runs the torch patterns' TorchScript exports at
+opset 9 or 11, in float16, or quantized by ONNX Runtime (QDQ, dynamic int8).
 
     python bench/architecture_patterns.py [--only a,b]
+    python bench/architecture_patterns.py --variant qdq     # opset9|opset11|fp16|fp16-io|qdq|dynamic
+    python bench/architecture_patterns.py --tables          # the docs' tables from the results
 
 Keras models are converted by ``graphprune.frontends.tensorflow`` twice: with the batch
 fixed to 1 (the frontend's default) and left open. Per export: the analysis (groups,
@@ -32,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patterns_more  # noqa: E402 - the second batch of patterns, beside this file
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "architecture_patterns.json"
@@ -707,6 +715,7 @@ MODELS = {
     "unfold": (Unfold, [(1, 3, 8, 8)]),
     "swiglu_rmsnorm": (Gated, [(1, 10, 16)]),
 }
+MODELS.update(patterns_more.MODELS)
 
 
 def keras_patterns() -> dict:
@@ -759,8 +768,9 @@ def keras_patterns() -> dict:
         h = kl.Bidirectional(kl.GRU(12))(kl.Bidirectional(kl.LSTM(16, return_sequences=True))(x))
         return keras.Model(x, kl.Dense(4)(h))
 
-    return {"keras_" + f.__name__: f for f in (transformer, cross_attention, separable, causal_conv1d,
-                                                 text_cnn, se_residual, bidirectional_rnn)}
+    models = {"keras_" + f.__name__: f for f in (transformer, cross_attention, separable, causal_conv1d,
+                                                   text_cnn, se_residual, bidirectional_rnn)}
+    return {**models, **patterns_more.keras_patterns()}
 
 
 def export_keras(name: str, build, folder: Path) -> dict[str, Path]:
@@ -779,7 +789,34 @@ def export_keras(name: str, build, folder: Path) -> dict[str, Path]:
     return out
 
 
-def export(name: str, folder: Path) -> dict[str, Path]:
+#: ``--variant``: the TorchScript export at an older opset, converted to float16 (weights and
+#: compute; ``fp16-io``: inputs and outputs too), or quantized by ONNX Runtime (QDQ, dynamic)
+VARIANTS = ("opset9", "opset11", "fp16", "fp16-io", "qdq", "dynamic")
+
+
+def export_variant(name: str, folder: Path, variant: str) -> dict[str, Path]:
+    """One file of pattern ``name`` in ``variant`` (an exporter or quantizer that cannot
+    make it raises: the row records why)."""
+    import onnx
+
+    opset = int(variant.removeprefix("opset")) if variant.startswith("opset") else 17
+    path = export(name, folder, exporters=(("torchscript", False),), opset=opset)["torchscript"]
+    out = folder / f"{name}__{variant}.onnx"
+    if variant.startswith("fp16"):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=variant == "fp16"), str(out))
+    elif variant in ("qdq", "dynamic"):
+        from ort_quantize import quantize
+
+        quantize(path, out, variant, feeds_for(path, 16, seed=5))
+    else:
+        path.rename(out)
+    return {variant: out}
+
+
+def export(name: str, folder: Path, exporters=(("torchscript", False), ("dynamo", True)),
+           opset: int | None = None) -> dict[str, Path]:
     cls, specs = MODELS[name]
     torch.manual_seed(0)
     model = cls().eval()
@@ -787,17 +824,22 @@ def export(name: str, folder: Path) -> dict[str, Path]:
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    args = tuple(torch.randint(0, 20, s[1]) if s[0] == "long" else torch.randn(*s) for s in specs)
+    args = tuple(
+        torch.randint(0, 20, s[1]) if s[0] == "long"
+        else (torch.rand(*s[1]) > 0.3).float() if s[0] == "mask"
+        else torch.randn(*s)
+        for s in specs
+    )
     names = [f"in{i}" for i in range(len(args))]
     out = {}
-    for exporter, dynamo in (("torchscript", False), ("dynamo", True)):
+    for exporter, dynamo in exporters:
         path = folder / f"{name}__{exporter}.onnx"
         torch.onnx.export(
             model,
             args,
             str(path),
             dynamo=dynamo,
-            opset_version=18 if dynamo else 17,
+            opset_version=opset or (18 if dynamo else 17),
             input_names=names,
         )
         out[exporter] = path
@@ -819,7 +861,8 @@ def feeds_for(path: Path, count: int, seed: int = 0) -> list[dict[str, np.ndarra
                 dtype = np.int64 if tensor.elem_type == onnx.TensorProto.INT64 else np.int32
                 feed[value.name] = rng.integers(0, 20, shape).astype(dtype)
             else:
-                feed[value.name] = rng.standard_normal(shape).astype(np.float32)
+                half = tensor.elem_type == onnx.TensorProto.FLOAT16
+                feed[value.name] = rng.standard_normal(shape).astype(np.float16 if half else np.float32)
         feeds.append(feed)
     return feeds
 
@@ -875,12 +918,78 @@ def _worst(row: dict, label: str) -> float | None:
     return min(row.get(label, {}).get("cosine", {}).values(), default=None)
 
 
+def _reasons(row: dict) -> list[str]:
+    """Frozen and inexact reasons without their locations, in first-seen order."""
+    out: list[str] = []
+    for reason in [*row.get("frozen", []), *row.get("inexact", [])]:
+        short = reason.split(" at ")[0]
+        if short not in out:
+            out.append(short)
+    return out
+
+
+def tables(rows: dict) -> str:
+    """The markdown tables of ``docs/architecture_patterns.md`` from the results' rows."""
+
+    def cell(exporters: tuple[str, str], name: str, what) -> str:
+        return " · ".join(what(rows[f"{name}__{e}"]) for e in exporters if f"{name}__{e}" in rows)
+
+    def groups(r: dict) -> str:
+        return f"{r['groups']}/{r['prunable']}"
+
+    def cosine(r: dict) -> str:
+        none, refit = _worst(r, "calibrated_none"), _worst(r, "calibrated")
+        return "—" if none is None or refit is None else f"{none:.3f} → **{refit:.3f}**"
+
+    def verified(name: str, exporters: tuple[str, str]) -> str:
+        runs = [v for e in exporters for v in rows.get(f"{name}__{e}", {}).values() if isinstance(v, dict)]
+        return f"{sum(1 for v in runs if v.get('verified'))}/{len(runs)}"
+
+    names = list(dict.fromkeys(k.split("__")[0] for k in rows))
+    torch_names = [n for n in names if not n.startswith("keras_")]
+    keras_names = [n for n in names if n.startswith("keras_")]
+    lines = [
+        "| pattern | groups / prunable (TorchScript · dynamo) | verified runs | held-out cosine at ratio 0.5: "
+        "no reconstruction → refit (worst output, TorchScript · dynamo) | frozen or inexact (besides the "
+        "graph's inputs and outputs) |",
+        "|---|---|---|---|---|",
+    ]
+    pair = ("torchscript", "dynamo")
+    for name in torch_names:
+        reasons = "; ".join(dict.fromkeys(x for e in pair for x in _reasons(rows.get(f"{name}__{e}", {})))) or "—"
+        lines.append(f"| {name} | {cell(pair, name, groups)} | {verified(name, pair)} | "
+                     f"{cell(pair, name, cosine)} | {reasons} |")
+    lines += [
+        "",
+        "Keras 3 through tf2onnx (`graphprune.frontends.tensorflow.to_onnx`), batch fixed to 1 · left open:",
+        "",
+        "| pattern | groups / prunable (batch 1 · open) | verified runs | held-out cosine: no reconstruction → "
+        "refit (batch 1 · open) | frozen or inexact, batch 1 | frozen, open batch only |",
+        "|---|---|---|---|---|---|",
+    ]
+    pair = ("tf2onnx", "tf2onnx_dynamic_batch")
+    for name in keras_names:
+        fixed = _reasons(rows.get(f"{name}__{pair[0]}", {}))
+        open_only = [x for x in _reasons(rows.get(f"{name}__{pair[1]}", {})) if x not in fixed]
+        lines.append(f"| {name.removeprefix('keras_')} | {cell(pair, name, groups)} | {verified(name, pair)} | "
+                     f"{cell(pair, name, cosine)} | {'; '.join(fixed) or '—'} | {'; '.join(open_only) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated pattern names")
+    parser.add_argument("--tables", action="store_true", help="print the markdown tables of the results and stop")
+    parser.add_argument("--variant", choices=VARIANTS, default=None,
+                        help="the torch patterns' TorchScript export at an older opset, in float16 or "
+                             "quantized (results: architecture_patterns_VARIANT.json)")
     args = parser.parse_args()
+    results = RESULTS if args.variant is None else RESULTS.with_name(f"architecture_patterns_{args.variant}.json")
+    if args.tables:
+        print(tables(json.loads(RESULTS.read_text())["rows"]), end="")
+        return 0
     try:
-        keras_models = keras_patterns()
+        keras_models = keras_patterns() if args.variant is None else {}
     except ImportError:  # no TensorFlow here: the torch patterns only
         keras_models = {}
     names = [n for n in args.only.split(",") if n] or [*MODELS, *keras_models]
@@ -888,8 +997,14 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            exports = (export_keras(name, keras_models[name], Path(tmp)) if name in keras_models
-                       else export(name, Path(tmp)))
+            try:
+                exports = (export_keras(name, keras_models[name], Path(tmp)) if name in keras_models
+                           else export(name, Path(tmp)) if args.variant is None
+                           else export_variant(name, Path(tmp), args.variant))
+            except Exception as exc:  # noqa: BLE001 - the exporter or quantizer cannot: recorded
+                rows[f"{name}__{args.variant}"] = {"skipped": f"{type(exc).__name__}: {exc}"[:200]}
+                print(f"{name:38s} skipped: {rows[f'{name}__{args.variant}']['skipped'][:100]}", flush=True)
+                continue
             for exporter, path in exports.items():
                 key = f"{name}__{exporter}"
                 rows[key] = measure(path)
@@ -901,9 +1016,9 @@ def main() -> int:
                     f"cosine refit {_worst(r, 'calibrated')} / none {_worst(r, 'calibrated_none')}",
                     flush=True,
                 )
-    previous = json.loads(RESULTS.read_text()).get("rows", {}) if RESULTS.exists() else {}
+    previous = json.loads(results.read_text()).get("rows", {}) if results.exists() else {}
     previous.update(rows)
-    RESULTS.write_text(
+    results.write_text(
         json.dumps(
             {
                 "command": "python bench/architecture_patterns.py " + " ".join(sys.argv[1:]),
@@ -918,7 +1033,8 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "exports": len(rows),
+                "exports": sum(1 for r in rows.values() if "skipped" not in r),
+                "skipped": sum(1 for r in rows.values() if "skipped" in r),
                 "runs": len(runs),
                 "verified": sum(1 for v in runs if v.get("verified")),
                 "errors": sum(1 for v in runs if "error" in v),

@@ -484,3 +484,25 @@ def test_widths_leave_the_fast_alignment_when_it_cannot_land_near_the_target():
     aligned = graphprune.prune(_two_wide_convs(), target_macs=0.64, round_to=8).report["budget"]
     assert aligned["widths_aligned"] is True and all(w["kept"] % 8 == 0 for w in aligned["widths"])
     assert not aligned["met"]
+
+
+def test_a_coarse_step_lands_over_the_target_when_the_landing_under_it_misses():
+    """One 16-channel group carries the MACs: 9 channels keep 0.5625 of them (0.0375 under
+    0.6, missed), 10 keep 0.625 (0.025 over, within the +-0.03 that meets a target)."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": (1, 3, 8, 8)}, {"y": None},
+                       {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (2, 16, 1, 1)})
+    result = graphprune.prune(model, target_macs=0.6)
+    info = result.report["budget"]
+    assert result.report["verification"]["ok"]
+    assert [w["kept"] for w in info["widths"]] == [10]
+    assert info["met"] and abs(_fraction(result.report, "macs") - 0.625) < 1e-3
+    # a landing under the goal that meets it is still preferred: 0.55 lands at 0.5625
+    under = graphprune.prune(model, target_macs=0.55).report
+    assert [w["kept"] for w in under["budget"]["widths"]] == [9]

@@ -311,6 +311,14 @@ def test_fidelity_figures():
     result = fidelity.compare_outputs(["logits"], scores, other)
     assert result["top1_agreement"] == 0.5
     assert 0 < result["cosine"] < 1 and result["rel_l2"] > 0
+    # a score-shaped output that is the same for every sample (a constant) is no classifier:
+    # it reported a top-1 agreement of 1.0
+    const = np.array([[0.0, 1.0]])
+    both = fidelity.compare_outputs(["logits", "prior"], [[s[0], const] for s in scores],
+                                    [[o[0], const] for o in other])
+    assert "top1_agreement" not in both["outputs"]["prior"] and both["top1_agreement"] == 0.5
+    alone = fidelity.compare_outputs(["prior"], [[const], [const]], [[const], [const]])
+    assert alone["top1_agreement"] is None
 
 
 def test_an_output_that_is_a_constant_is_compared_as_one():

@@ -239,3 +239,44 @@ def test_a_bias_added_in_the_integer_domain_is_refit_as_a_float_bias() -> None:
                                                         for n in result.model.graph.node)
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"], fidelity
+
+
+def _float_concat_mlp() -> onnx.ModelProto:
+    """NeRF-style: the input concatenated to hidden features, so the concat's group has units
+    pinned by the graph input (``posenc_nerf`` of ``bench/architecture_patterns.py``)."""
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.standard_normal((3, 32)) * 0.5, "b1": rng.standard_normal(32) * 0.1,
+             "w2": rng.standard_normal((35, 24)) * 0.2, "b2": rng.standard_normal(24) * 0.1,
+             "w3": rng.standard_normal((24, 4)) * 0.2}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Concat", ["x", "r1"], ["cat"], axis=1),
+             helper.make_node("MatMul", ["cat", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "concat_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "dynamic"])
+def test_calibrated_budget_sweeps_quantized_weights(fmt, tmp_path) -> None:
+    """The calibrated budget's sensitivity sweep multiplies each group's weights by a unit
+    mask: a QDQ model's weights are int8 constants, so the sweep masks their dequantized
+    floats (placed after the ``DequantizeLinear``); where nothing can be masked (the integer
+    weights of ``MatMulInteger``), the group goes unmeasured. The mask of a group with pinned
+    units (a 1 appended by a ``Concat``) was made even then and read an input that was never
+    added: ORT refused the sweep model and the prune stopped."""
+    samples = np.random.default_rng(0).standard_normal((40, 16, 3)).astype(np.float32)
+    model = (_qdq(_float_concat_mlp(), samples, tmp_path) if fmt == "qdq"
+             else _dynamic(_float_concat_mlp(), tmp_path))
+    analysis = graphprune.analyze(model)
+    assert any(g.pinned_units for g in analysis.prunable_groups)
+    result = graphprune.prune(model, target_macs=0.6, calibration=[{"x": s} for s in samples])
+    assert result.report["verification"]["ok"]
+    budget = result.report["budget"]
+    assert budget["met"]
+    if fmt == "qdq":
+        assert budget["sensitivity"]["groups_measured"] == budget["sensitivity"]["groups"] > 0

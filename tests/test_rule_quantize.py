@@ -504,3 +504,32 @@ def test_a_weight_with_an_offset_prunes_exactly(cast: bool) -> None:
     weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     assert weights["q2" if cast else "f2"].shape == (32, 16) and weights["w1"].shape == (32, 32)
     onnx.checker.check_model(result.model, full_check=True)
+
+
+@pytest.mark.torch
+def test_a_dynamic_quantized_cell_with_a_constant_state_verifies(tmp_path) -> None:
+    """An unrolled ``nn.GRUCell`` starts from a constant zero state; ``quantize_dynamic``
+    quantizes it at run time, so the zeroed original zeroes the state's removed channels
+    itself. The rewrite had already sliced the analysed constant: the mask was made at the
+    pruned width and the verification raised ``IndexError``."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    class Cell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.o = torch.nn.GRUCell(8, 24), torch.nn.Linear(24, 2)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 24)
+            for t in range(3):
+                h = self.cell(x[:, t], h)
+            return self.o(h)
+
+    torch.manual_seed(0)
+    src, dst = tmp_path / "cell.onnx", tmp_path / "cell_dynamic.onnx"
+    torch.onnx.export(Cell().eval(), (torch.randn(1, 3, 8),), str(src), dynamo=False, opset_version=17)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    result = graphprune.prune(str(dst), ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert result.report["groups"]["pruned"] >= 1

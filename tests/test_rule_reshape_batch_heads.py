@@ -175,3 +175,22 @@ def test_one_batch_times_heads_literal_read_by_two_blocks_ties_their_heads() -> 
     assert widths["Wq"] == widths["Wq_2"] == (64, 64)  # both blocks keep their four heads
     pruned = graphprune.prune(model, ratio=0.5)
     assert pruned.report["verification"]["ok"] is True
+
+
+def test_a_reshape_of_an_input_with_an_open_batch_is_understood():
+    """tf2onnx's Dense on a 3-D input: ``[N, 8, 16] -> [-1, 16]``, then MatMul. The input
+    has no shape in the probes' inferred tensors; it now takes the probes' sizes, so the
+    features are frozen as the graph input's (not as a Reshape "not understood")."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat"], ["f"]),
+        helper.make_node("MatMul", ["f", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": ["N", 8, 16]}, {"y": None},
+                       {"flat": np.array([-1, 16], I64), "W1": [16, 24], "W2": [24, 4]})
+    analysis = graphprune.analyze(model)
+    features = group_with(analysis, "W1", 0)
+    assert any("graph input 'x'" in r for r in features.frozen)
+    assert not any("not understood" in r for r in features.frozen)
+    assert group_with(analysis, "W1", 1).prunable

@@ -343,6 +343,43 @@ def test_cnn_has_no_transformer_kinds():
     assert targets.ratio_function(analysis, 0.5, prune_hidden=False)(analysis.groups[0]) == 0.5
 
 
+def _channel_attention_cnn(batch) -> onnx.ModelProto:
+    """DANet's channel attention on a conv: ``[B, C, HW] @ [B, HW, C]`` is a product of
+    activations whose batch axis is the graph's batch, not attention heads."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "flat"], ["q"]),  # [B, 8, 64]
+        helper.make_node("Transpose", ["q"], ["qT"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qT"], ["energy"]),  # [B, 8, 8]
+        helper.make_node("Softmax", ["energy"], ["att"], axis=-1),
+        helper.make_node("MatMul", ["att", "q"], ["o"]),
+        helper.make_node("Reshape", ["o", "back"], ["o4"]),
+        helper.make_node("Add", ["o4", "r"], ["s"]),
+        helper.make_node("Conv", ["s", "w2"], ["y"], kernel_shape=[1, 1]),
+    ]
+    params = {"w1": [8, 3, 3, 3], "b1": [8], "w2": [4, 8, 1, 1],
+              "flat": np.array([0, 8, 64], np.int64), "back": np.array([0, 8, 8, 8], np.int64)}
+    return make_model(nodes, {"x": [batch, 3, 8, 8]}, {"y": [batch, 4, 8, 8]}, params)
+
+
+@pytest.mark.parametrize("batch", [1, "batch"])
+def test_a_cnn_with_channel_attention_is_no_transformer(batch):
+    """Its channels prune at ``--ratio`` like any CNN's (they were taken for a transformer's
+    hidden size, which is pruned only when asked: nothing was removed)."""
+    model = _channel_attention_cnn(batch)
+    analysis = graphprune.analyze(model)
+    assert not analysis.context.head_dims
+    assert set(targets.classify_groups(analysis).values()) == {"channel"}
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert result.report["groups"]["pruned"] == 1
+    assert result.report["params_after"] < result.report["params_before"]
+    # a frozen spatial axis says where it was met
+    reasons = analysis.context.dim_freeze[("h", 2)]
+    assert reasons and all(r.startswith("spatial axis at ") and "Conv" in r for r in reasons)
+
+
 # ----------------------------------------------------------------------------- fused ops
 
 E, FF = 16, 32

@@ -30,6 +30,7 @@ from graphprune.analysis import shape_trace
 from graphprune.analysis.dims import Coupling, Dim, ShapeElement, describe_node
 from graphprune.analysis.index_maps import IDENTITY, IndexMap
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
+from graphprune.analysis.shape_probe import BATCH_PROBE
 from graphprune.io.tensors import const_value, static_shape, static_size
 
 
@@ -126,6 +127,16 @@ class CouplingContext:
         if isinstance(first, int) and isinstance(second, int) and first != second:
             return int(first)
         return None
+
+    def is_batch(self, tensor: gs.Tensor, axis: int) -> bool:
+        """Does an activation axis hold the batch alone: static size 1, or the sizes an open
+        batch takes in the shape probes (a merged ``[B*H]`` axis takes a multiple)?"""
+        if self.size(tensor, axis) == 1:
+            return True
+        probe = self.probes.get(tensor.name)
+        if probe is None or not all(-len(p) <= axis < len(p) for p in probe):
+            return False
+        return (probe[0][axis], probe[1][axis]) == BATCH_PROBE
 
     def derive_shape(self, output: gs.Tensor, shape: list[int | None] | None) -> None:
         """Give ``output`` the shape its rule derives (``None`` for unknown dims) where shape
@@ -380,7 +391,7 @@ class CouplingContext:
                 dim = (tensor.name, axis % rank)
                 self.dim_graph.add_node(dim)
                 self.spatial_dims.add(dim)
-                self.dim_freeze[dim].append(f"{what} axis")
+                self.dim_freeze[dim].append(f"{what} axis at {self.where()}")
 
     def mark_head(self, tensor: gs.Tensor, axis: int) -> None:
         """``axis`` of ``tensor`` counts attention heads (a batch axis of an attention product)."""

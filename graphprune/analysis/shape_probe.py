@@ -134,6 +134,10 @@ def _image_axes(graph: gs.Graph, symbolic: list[tuple[str, int]]) -> list[bool]:
             and np.issubdtype(np.dtype(by_name[key[0]].dtype), np.floating) for key in symbolic]
 
 
+#: the sizes an open batch axis takes in the two probes
+BATCH_PROBE = (2, 3)
+
+
 def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: tuple[int, int, int]
                  ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
     """One pair of sizes per symbol: batch axes 2/3, image axes ``image_sizes`` (+ a step per
@@ -154,7 +158,7 @@ def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: 
             k = len(chosen) if image_sizes == IMAGE_PROBES[0] else images
             images += bool(image)
             chosen[symbol] = (
-                (2, 3) if key[1] == 0 else (base_a + step * k, base_b + step * k) if image
+                BATCH_PROBE if key[1] == 0 else (base_a + step * k, base_b + step * k) if image
                 else (16 + 8 * len(chosen), 24 + 8 * len(chosen))
             )
         sizes_a[key], sizes_b[key] = chosen[symbol]
@@ -235,4 +239,14 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
                 shape[axis] = f"gp_{name}_{axis}"
         if changed or tensor.shape is None:
             tensor.shape = shape
-    return {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}
+    probes = {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}
+    # the graph's inputs at the sizes the probes gave them (a Reshape of an input)
+    sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
+    for t in graph.inputs:
+        if t.name not in probes and t.shape is not None:
+            probes[t.name] = tuple(  # type: ignore[assignment]
+                [sizes.get((t.name, axis), d if isinstance(d, int) and d >= 0 else None)
+                 for axis, d in enumerate(t.shape)]
+                for sizes in (sizes_a, sizes_b)
+            )
+    return probes

@@ -6,8 +6,8 @@ flattened):
 - ``cosine``: ``<y, p> / (|y| |p|)``, averaged over samples (``min_cosine``: the worst);
 - ``rel_l2``: ``|p - y| / |y|``, averaged over samples;
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
-  at least 2 classes, a single row per sample), the share of samples whose arg-max class is
-  the same.
+  at least 2 classes, a single row per sample, not the same for every sample), the share of
+  samples whose arg-max class is the same.
 
 The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
 (``None`` when no output qualifies).
@@ -64,7 +64,10 @@ def compare_outputs(
             "min_cosine": round(float(np.min(cosines)), 6) if cosines else None,
             "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
         }
-        if scores and agree:
+        # an output the inputs do not change (a constant, a folded weight) scores no class
+        varies = len(original) < 2 or any(not np.array_equal(np.asarray(original[0][k]), np.asarray(r[k]))
+                                          for r in original[1:])
+        if scores and agree and varies:
             entry["top1_agreement"] = round(float(np.mean(agree)), 6)
         outputs[name] = entry
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}

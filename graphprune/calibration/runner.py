@@ -139,9 +139,24 @@ def fed_names(
     return sorted(n for n in given if n in read and n not in computed and n not in inputs)
 
 
-def session(data: bytes, data_dir: Path | None = None, optimize: bool = True) -> ort.InferenceSession:
+#: ONNX Runtime 1.32 crashes (a segmentation fault, no exception) building a session of a
+#: float16 graph that ends in ``Transpose -> MatMul``, as a truncated calibration graph can:
+#: the fused MatMul it makes of them breaks its NCHWc layout pass. Not made for float16.
+HALF_DISABLED = ["MatmulTransposeFusion"]
+
+
+def computes_half(model: onnx.ModelProto) -> bool:
+    """Does ``model`` hold float16 weights or inputs (reads the stubs, not the bytes)?"""
+    half = onnx.TensorProto.FLOAT16
+    return any(t.data_type == half for t in model.graph.initializer) or any(
+        v.type.tensor_type.elem_type == half for v in model.graph.input)
+
+
+def session(data: bytes, data_dir: Path | None = None, optimize: bool = True,
+            half: bool = False) -> ort.InferenceSession:
     """A CPU session; a model whose weights are external files of ``data_dir`` (a weight
-    store) is written there for ORT to load, and the file removed once loaded."""
+    store) is written there for ORT to load, and the file removed once loaded. ``half``: the
+    model computes in float16 (:data:`HALF_DISABLED`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: run errors come back as exceptions
     if not optimize:
@@ -150,12 +165,13 @@ def session(data: bytes, data_dir: Path | None = None, optimize: bool = True) ->
     # work (statistics, solves) that needs the cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
+    disabled = HALF_DISABLED if half else None
     if data_dir is None:
-        return ort.InferenceSession(data, options, providers=providers)
+        return ort.InferenceSession(data, options, providers=providers, disabled_optimizers=disabled)
     path = Path(data_dir) / f"gp-calibration-{uuid.uuid4().hex}.onnx"
     path.write_bytes(data)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
     finally:
         path.unlink(missing_ok=True)
 
@@ -262,6 +278,7 @@ def _run_chunks(
     order = _producers(model.graph)
     run.sort(key=lambda n: order.get(n, -1))
     parts = chunks(model, run, max(batch, 1), chunk_bytes)
+    half = computes_half(model)
     inner: TensorCache | None = None  # frontier between chunks: later chunks skip the prefix
     try:
         for number, chunk in enumerate(parts):
@@ -276,7 +293,7 @@ def _run_chunks(
             outputs_ = [*chunk, *extra]
             try:
                 fed = fed_names(model.graph, outputs_, available)
-                sess = session(exposed_model(model, outputs_, available), data_dir, optimize)
+                sess = session(exposed_model(model, outputs_, available), data_dir, optimize, half)
             except Exception as exc:
                 raise VerificationError(
                     f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc

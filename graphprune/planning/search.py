@@ -26,6 +26,7 @@ import numpy as np
 
 from graphprune.planning.budget import (
     LANDING_SLACK,
+    MET_WITHIN,
     Allocation,
     CostModel,
     GroupState,
@@ -127,10 +128,6 @@ def neighbours(model: CostModel, fraction: float, base: list[int], rng: np.rando
                 out.append(indexes)
     restore(model, here)
     return out
-
-
-#: how near the goal a landing meets it (the reports' ``met``)
-MET_WITHIN = 0.03
 
 
 def unaligned(model: CostModel, fraction: float, landed: Allocation, min_channels: int = 1,

@@ -68,6 +68,9 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
     inits = {init.name: init for init in graph.initializer}
     current: dict[str, str] = {}  # weight -> name of its masked version so far
     nodes: list[onnx.NodeProto] = []
+    # masks of weights the graph computes (a dequantized int8 weight), placed after their producer
+    computed = _computed_weights(analysis, inits)
+    late: dict[str, list[onnx.NodeProto]] = {}
     sweep = Sweep(masks=[])
     corrected: set[str] = set()
     for si, st in enumerate(states):
@@ -75,7 +78,8 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
         fixes: list[Correction] = []
         for gi, (group, order) in enumerate(st.members):
             mask_name = f"__gp_sens_mask_{si}_{gi}"
-            if _mask_group(graph, inits, roles, group, mask_name, f"{si}_{gi}", current, nodes):
+            if _mask_group(graph, inits, roles, group, mask_name, f"{si}_{gi}", current, nodes,
+                           computed, late):
                 graph.input.append(onnx.helper.make_tensor_value_info(
                     mask_name, onnx.TensorProto.FLOAT, [group.num_units]))
                 masks.append((mask_name, order))
@@ -96,8 +100,32 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
     validate._rename_uses(graph, current)
     original = list(graph.node)
     del graph.node[:]
-    graph.node.extend(nodes + original)
+    graph.node.extend(nodes)
+    for node in original:
+        graph.node.append(node)
+        for out in node.output:
+            graph.node.extend(late.get(out, []))
     return model, sweep
+
+
+def _computed_weights(analysis: Analysis, inits: dict[str, onnx.TensorProto]) -> dict[str, tuple[int, int]]:
+    """Float weights the graph computes from constants (an int8 weight's DequantizeLinear, a
+    cast and scaled integer weight) that a producer or consumer reads: name -> (ONNX element
+    type, rank). Their integer constants cannot be masked by a float Mul; these can."""
+    from graphprune.rules.linear import from_constants
+
+    ctx = analysis.context
+    out: dict[str, tuple[int, int]] = {}
+    for (name, _axis), role in ctx.variable_roles.items():
+        tensor = ctx.tensors.get(name)
+        if (role not in (PRODUCER, CONSUMER) or name in inits or name in out or tensor is None
+                or hasattr(tensor, "values") or tensor.dtype is None or tensor.shape is None
+                or not from_constants(tensor)):
+            continue
+        dtype = np.dtype(tensor.dtype)
+        if dtype.kind == "f":
+            out[name] = (onnx.helper.np_dtype_to_tensor_dtype(dtype), len(tensor.shape))
+    return out
 
 
 def _corrections(group: Any, member: int, refit: tuple[dict[str, Any], Any],
@@ -152,25 +180,30 @@ def correction(fix: Correction, removed_units: np.ndarray) -> np.ndarray:
 
 def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], roles: dict,
                 group: Any, mask_name: str, tag_id: str, current: dict[str, str],
-                nodes: list[onnx.NodeProto]) -> bool:
+                nodes: list[onnx.NodeProto], computed: dict[str, tuple[int, int]] | None = None,
+                late: dict[str, list[onnx.NodeProto]] | None = None) -> bool:
     """Multiply every float producer/consumer weight of ``group`` by its unit mask (pinned
-    elements, label -1, read a 1 appended to the mask)."""
+    elements, label -1, read a 1 appended to the mask); a weight the graph computes
+    (``computed``) is masked by nodes that ``late`` places after its producer."""
+    computed = computed or {}
     used = False
     source_mask = mask_name
-    if getattr(group, "pinned_units", 0):
+    pinned = bool(getattr(group, "pinned_units", 0))
+    if pinned:
         source_mask = f"{mask_name}_ext"
-        graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype=np.float32), f"{mask_name}_one"))
-        nodes.append(onnx.helper.make_node("Concat", [mask_name, f"{mask_name}_one"], [source_mask], axis=0,
-                                           name=f"{mask_name}_concat"))
     for dim, labels in group.unit_of.items():
         name, axis = dim
         init = inits.get(name)
-        if init is None or roles.get(dim) not in (PRODUCER, CONSUMER):
+        if init is not None:
+            if roles.get(dim) not in (PRODUCER, CONSUMER):
+                continue
+            data_type, rank = init.data_type, len(init.dims)
+        elif name in computed:
+            data_type, rank = computed[name]
+        else:
             continue
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                  onnx.TensorProto.DOUBLE):
+        if data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             continue
-        rank = len(init.dims)
         tag = f"{name}__gp_s{tag_id}_{axis}"
         index_name, shape_name = f"{tag}_idx", f"{tag}_shape"
         index = np.where(np.asarray(labels) >= 0, labels, group.num_units).astype(np.int64)
@@ -178,15 +211,23 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
         shape = [1] * rank
         shape[axis] = -1
         graph.initializer.append(numpy_helper.from_array(np.asarray(shape, dtype=np.int64), shape_name))
+        if pinned and not used:  # the mask with a 1 appended, made once a weight reads it
+            graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype=np.float32), f"{mask_name}_one"))
+            nodes.append(onnx.helper.make_node("Concat", [mask_name, f"{mask_name}_one"], [source_mask], axis=0,
+                                               name=f"{mask_name}_concat"))
         source = current.get(name, name)
         gathered = f"{tag}_g"
         nodes.append(onnx.helper.make_node("Gather", [source_mask, index_name], [gathered], name=f"{tag}_gather"))
-        if init.data_type != onnx.TensorProto.FLOAT:
-            nodes.append(onnx.helper.make_node("Cast", [gathered], [f"{gathered}_c"], to=init.data_type,
+        if data_type != onnx.TensorProto.FLOAT:
+            nodes.append(onnx.helper.make_node("Cast", [gathered], [f"{gathered}_c"], to=data_type,
                                                name=f"{tag}_cast"))
             gathered = f"{gathered}_c"
         nodes.append(onnx.helper.make_node("Reshape", [gathered, shape_name], [f"{tag}_m"], name=f"{tag}_reshape"))
-        nodes.append(onnx.helper.make_node("Mul", [source, f"{tag}_m"], [f"{tag}_w"], name=f"{tag}_mul"))
+        mul = onnx.helper.make_node("Mul", [source, f"{tag}_m"], [f"{tag}_w"], name=f"{tag}_mul")
+        if init is None and late is not None:
+            late.setdefault(name, []).append(mul)
+        else:
+            nodes.append(mul)
         current[name] = f"{tag}_w"
         used = True
     return used

@@ -265,5 +265,6 @@ class MatMulRule(OpRule):
                     continue
                 ctx.couple(t, axis, y, axis + lead)
                 attention = not isinstance(a, gs.Constant) and not isinstance(b, gs.Constant)
-                if attention and (axis > 0 or rank == 3):  # [B, H, S, D] or [B*H, S, D]
+                # [B, H, S, D] or [B*H, S, D]; not [B, C, HW] of a CNN's non-local block
+                if attention and (axis > 0 or rank == 3 and not ctx.is_batch(t, axis)):
                     ctx.mark_head(t, axis)

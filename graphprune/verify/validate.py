@@ -499,10 +499,14 @@ def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[
         if name in names and len(idx):
             cuts.setdefault(name, []).append((axis, idx))
     inferred: dict[str, tuple[list[Any], Any]] | None = None
+    # a constant's own dims: the analysed graph's constant may be the rewrite's sliced one
+    constants = {i.name: i for i in graph.initializer if i.name in cuts}
     for name, axes in cuts.items():
         tensor = analysis.context.tensors.get(name)
         shape = getattr(tensor, "shape", None)
         dtype = getattr(tensor, "dtype", None)
+        if name in constants:
+            shape, dtype = list(constants[name].dims), onnx.helper.tensor_dtype_to_np_dtype(constants[name].data_type)
         if shape is None or dtype is None:  # a rewrite of the analysed graph dropped it
             if inferred is None:
                 inferred = _value_infos(graph, opsets)
