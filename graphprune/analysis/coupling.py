@@ -27,10 +27,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import shape_trace
-from graphprune.analysis.dims import Coupling, Dim, ShapeElement, describe_node
+from graphprune.analysis.dims import BATCH_PROBE, Coupling, Dim, ShapeElement, describe_node
 from graphprune.analysis.index_maps import IDENTITY, IndexMap
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
-from graphprune.analysis.shape_probe import BATCH_PROBE
 from graphprune.io.tensors import const_value, static_shape, static_size
 
 

@@ -14,6 +14,9 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.index_maps import IndexMap
 
+#: the sizes an open batch axis takes in the two shape probes (:mod:`.shape_probe`)
+BATCH_PROBE = (2, 3)
+
 Dim = tuple[str, int]
 
 

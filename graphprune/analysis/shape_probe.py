@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.dims import BATCH_PROBE
 from graphprune.io.contrib_shapes import contrib_shapes
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
@@ -132,10 +133,6 @@ def _image_axes(graph: gs.Graph, symbolic: list[tuple[str, int]]) -> list[bool]:
     by_name = {t.name: t for t in graph.inputs}
     return [key[1] != 0 and len(by_name[key[0]].shape) == 4
             and np.issubdtype(np.dtype(by_name[key[0]].dtype), np.floating) for key in symbolic]
-
-
-#: the sizes an open batch axis takes in the two probes
-BATCH_PROBE = (2, 3)
 
 
 def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: tuple[int, int, int]

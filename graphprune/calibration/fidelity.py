@@ -65,9 +65,8 @@ def compare_outputs(
             "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
         }
         # an output the inputs do not change (a constant, a folded weight) scores no class
-        varies = len(original) < 2 or any(not np.array_equal(np.asarray(original[0][k]), np.asarray(r[k]))
-                                          for r in original[1:])
-        if scores and agree and varies:
+        if scores and agree and (len(original) < 2 or any(
+                not np.array_equal(np.asarray(original[0][k]), np.asarray(r[k])) for r in original[1:])):
             entry["top1_agreement"] = round(float(np.mean(agree)), 6)
         outputs[name] = entry
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}

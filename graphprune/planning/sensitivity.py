@@ -112,19 +112,11 @@ def _computed_weights(analysis: Analysis, inits: dict[str, onnx.TensorProto]) ->
     """Float weights the graph computes from constants (an int8 weight's DequantizeLinear, a
     cast and scaled integer weight) that a producer or consumer reads: name -> (ONNX element
     type, rank). Their integer constants cannot be masked by a float Mul; these can."""
-    from graphprune.rules.linear import from_constants
-
-    ctx = analysis.context
     out: dict[str, tuple[int, int]] = {}
-    for (name, _axis), role in ctx.variable_roles.items():
-        tensor = ctx.tensors.get(name)
-        if (role not in (PRODUCER, CONSUMER) or name in inits or name in out or tensor is None
-                or hasattr(tensor, "values") or tensor.dtype is None or tensor.shape is None
-                or not from_constants(tensor)):
-            continue
-        dtype = np.dtype(tensor.dtype)
-        if dtype.kind == "f":
-            out[name] = (onnx.helper.np_dtype_to_tensor_dtype(dtype), len(tensor.shape))
+    for name in validate._computed_weights(analysis, linked=True) - set(inits):
+        tensor = analysis.context.tensors[name]
+        if tensor.dtype is not None and tensor.shape is not None and np.dtype(tensor.dtype).kind == "f":
+            out[name] = (onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)), len(tensor.shape))
     return out
 
 
@@ -180,12 +172,11 @@ def correction(fix: Correction, removed_units: np.ndarray) -> np.ndarray:
 
 def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], roles: dict,
                 group: Any, mask_name: str, tag_id: str, current: dict[str, str],
-                nodes: list[onnx.NodeProto], computed: dict[str, tuple[int, int]] | None = None,
-                late: dict[str, list[onnx.NodeProto]] | None = None) -> bool:
+                nodes: list[onnx.NodeProto], computed: dict[str, tuple[int, int]],
+                late: dict[str, list[onnx.NodeProto]]) -> bool:
     """Multiply every float producer/consumer weight of ``group`` by its unit mask (pinned
     elements, label -1, read a 1 appended to the mask); a weight the graph computes
     (``computed``) is masked by nodes that ``late`` places after its producer."""
-    computed = computed or {}
     used = False
     source_mask = mask_name
     pinned = bool(getattr(group, "pinned_units", 0))
@@ -224,7 +215,7 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
             gathered = f"{gathered}_c"
         nodes.append(onnx.helper.make_node("Reshape", [gathered, shape_name], [f"{tag}_m"], name=f"{tag}_reshape"))
         mul = onnx.helper.make_node("Mul", [source, f"{tag}_m"], [f"{tag}_w"], name=f"{tag}_mul")
-        if init is None and late is not None:
+        if init is None:
             late.setdefault(name, []).append(mul)
         else:
             nodes.append(mul)

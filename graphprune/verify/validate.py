@@ -469,15 +469,15 @@ def zeroed_reference(
     return model
 
 
-def _computed_weights(analysis: Analysis) -> set[str]:
+def _computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
     """Weights the graph computes from constants (``Add(W, c)``, ``A @ B``) that a consumer or
     producer reads and whose constants do not take that role themselves (a dequantized or
-    cast-and-scaled weight's integer constant does): zeroing their constants would not zero
-    the weight, so the zeroed original zeroes the computed weight itself."""
+    cast-and-scaled weight's integer constant does; ``linked``: those too): zeroing their
+    constants would not zero the weight, so the zeroed original zeroes the computed weight."""
     from graphprune.rules.linear import from_constants
 
     ctx = analysis.context
-    linked = {link[0] for link in ctx.role_links}
+    linked = set() if linked else {link[0] for link in ctx.role_links}
     out = set()
     for (name, _axis), role in ctx.variable_roles.items():
         tensor = ctx.tensors.get(name)
