@@ -10,8 +10,8 @@ with ``--samples`` (12) random feeds (token ids in 5..900 with a full attention 
 sequence 16, or standard-normal pixels / audio / features at the export's shape). The weights
 are HF's random initialisation and the feeds random, so the held-out fidelity (3 samples) is
 a robustness figure, not a quality one. Recorded per export: exit code, held-out cosine with
-and without the reconstruction, layers refit, and the fidelity warning when the refit made the
-held-out samples worse.
+and without the reconstruction, layers refit, and whether the refit made the held-out samples
+worse (then the model written is the one without it: ``reverted``).
 
     python bench/hf_architectures.py           # once: the exports
     python bench/calibration_hf.py             # ~6 min on 2 CPU cores
@@ -66,8 +66,12 @@ def run_one(path: Path, samples: int, timeout: float, work: Path) -> dict:
         return row
     rep = json.loads(report.read_text())
     fid, passes = rep.get("fidelity", {}), rep.get("calibration", {}).get("passes", {})
-    row.update(cosine=fid.get("cosine"), cosine_without=(fid.get("without_reconstruction") or {}).get("cosine"),
-               refit_layers=(passes.get("RefitPass") or {}).get("layers"), warning=bool(fid.get("warning")))
+    reverted = bool(fid.get("reconstruction_reverted"))  # the model written is the one without
+    row.update(cosine=fid.get("cosine"),
+               cosine_without=fid.get("cosine") if reverted else (fid.get("without_reconstruction") or {}).get("cosine"),
+               cosine_with=(fid.get("with_reconstruction") or {}).get("cosine") if reverted else fid.get("cosine"),
+               refit_layers=(passes.get("RefitPass") or {}).get("layers"), warning=bool(fid.get("warning")),
+               reverted=reverted)
     return row
 
 
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"exports": len(rows), "ok": len(done),
                "refit_somewhere": sum(1 for r in done if r.get("refit_layers")),
                "warnings": sum(1 for r in done if r.get("warning")),
+               "reverted": sum(1 for r in done if r.get("reverted")),
                "failed": {r["export"]: r.get("error", "") for r in rows if r["rc"] != 0}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/calibration_hf.py" + (" --int4" if args.int4 else "")

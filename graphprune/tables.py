@@ -146,6 +146,8 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         if skipped:
             more = stats.get("not_refit", len(skipped)) - 1
             lines.append(f"    not refit: {skipped[0]}" + (f" (and {more} more, see --report)" if more > 0 else ""))
+    if calibration.get("reconstruction_reverted"):
+        lines.append("  undone: the held-out samples fit worse with the reconstruction than without (see fidelity)")
     return lines
 
 

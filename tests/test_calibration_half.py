@@ -75,3 +75,38 @@ def test_calibrated_prune_of_a_half_model_runs_and_verifies(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["layers"] >= 1
     assert result["params"][1] < result["params"][0]
+
+
+def test_float16_activation_moments_do_not_overflow():
+    """A float16 activation's per-channel sum of squares over a feature map passes float16's
+    65,504 long before a real image model's activations do anything unusual (ISNet at
+    1024x1024: variances came out NaN and the criteria scored NaN); the moments are summed in
+    float32 at least and match numpy's float64 sums of the same float16 values."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.calibration import stats
+    from graphprune.calibration.linear import linear_view
+
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16),
+        helper.make_node("Conv", ["xh", "W1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["a"]),
+        helper.make_node("Conv", ["a", "W2"], ["d"], name="conv2"),
+        helper.make_node("Cast", ["d"], ["y"], to=TensorProto.FLOAT),
+    ]
+    params = {"W1": (rng.standard_normal((6, 3, 3, 3)) * 0.5).astype(np.float16),
+              "W2": (rng.standard_normal((4, 6, 1, 1)) * 0.1).astype(np.float16)}
+    model = make_model(nodes, {"x": [1, 3, 96, 96]}, {"y": None}, params)
+    view = linear_view(next(n for n in gs.import_onnx(model).nodes if n.name == "conv2"), 17)
+    feeds = [{"x": (rng.standard_normal((1, 3, 96, 96)) * 40).astype(np.float32)} for _ in range(3)]
+    layer = stats.collect(model, [view], runner.Batches(feeds, [1] * 3, False)).get("conv2")
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    cut.graph.output.append(helper.make_tensor_value_info("a", TensorProto.FLOAT16, None))
+    acts = np.concatenate([o[1] for o in runner.outputs(cut, feeds)])
+    assert acts.dtype == np.float16 and float(np.square(acts.astype(np.float64)).max()) > 65504
+    per_channel = np.moveaxis(acts, 1, -1).reshape(-1, 6).astype(np.float64)
+    assert np.all(np.isfinite(layer.variance))
+    np.testing.assert_allclose(layer.mean, per_channel.mean(0), rtol=1e-3)
+    np.testing.assert_allclose(layer.variance, per_channel.var(0), rtol=1e-3)

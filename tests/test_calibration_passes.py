@@ -385,3 +385,29 @@ def test_ridge_path_errors_equal_explicit_solves():
     for lam in (1e-6, 1e-3, 0.1, 1.0, 100.0):
         want = ridge.fit_error(g1, c1, y1, ridge.fit(g0, c0, anchor, lam))
         assert abs(path.error(lam) - want) <= 1e-9 * abs(want), (lam, path.error(lam), want)
+
+
+def test_a_reconstruction_that_fits_the_held_out_samples_worse_is_undone():
+    """Held-out samples unlike the ones fitted (here: blank images, where the refit's
+    compensated biases are all that is left): the reconstructed model is further from the
+    original on them than the model without reconstruction, so that one is the result, and
+    the report says what was undone and by how much."""
+    from graphprune.calibration.data import holdout_indices
+    from graphprune.tables import calibration_lines
+
+    x = images()
+    x[holdout_indices(len(x), 0.2)] = 0.0
+    kept = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration={"x": x})
+    plain = graphprune.prune(cnn(), ratio=0.5, round_to=1, criterion="l1", calibration={"x": x},
+                             reconstruction="none")
+    report, fid = kept.report, kept.report["fidelity"]
+    assert report["verification"]["ok"]
+    assert fid["reconstruction_reverted"] and report["calibration"]["reconstruction_reverted"]
+    assert fid["rel_l2"] == plain.report["fidelity"]["rel_l2"] < fid["with_reconstruction"]["rel_l2"]
+    assert "written without it" in fid["warning"] and "without_reconstruction" not in fid
+    assert report["params_after"] == plain.report["params_after"]
+    weights = {i.name: numpy_helper.to_array(i) for i in plain.model.graph.initializer}
+    for init in kept.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), weights[init.name])
+    assert any(line.startswith("  undone:") for line in calibration_lines(report["calibration"]))
+    onnx.checker.check_model(kept.model, full_check=True)

@@ -79,12 +79,13 @@ class LinearView:
 
     def written_constants(self) -> list[str]:
         """The constants a refit of the layer may rewrite besides its output (weight, a stored
-        or run-time-quantized bias): what is computed from them is stale after it."""
+        or run-time-quantized bias, and every constant of their encodings: a grown weight scale
+        reaches the op's rescaling product): what is computed from them is stale after it."""
         after = self.bias_after
-        extra = [c.name for c in (self.bias_stored.constant if self.bias_stored is not None else None,
-                                  self.bias_constant, after.constant if after is not None else None,
-                                  getattr(after, "scale_tensor", None)) if c is not None]
-        return [self.weight.name, *extra]
+        found = [self.weight, self.bias_constant, getattr(after, "scale_tensor", None)]
+        for encoded in (self.stored, self.bias_stored, after):
+            found.extend(encoded.constants() if encoded is not None else ())
+        return list(dict.fromkeys(c.name for c in found if c is not None))
 
     def weight_values(self) -> np.ndarray:
         """The float weight in its stored layout."""

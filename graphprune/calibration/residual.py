@@ -47,6 +47,7 @@ class Residual:
         outlier tokens) do not dominate the fit."""
         if self.normalised is None:
             return None
+        total = np.asarray(total, dtype=np.promote_types(total.dtype, np.float32))  # no float16 overflow
         spread = total.var(axis=1) if self.normalised else np.square(total).mean(axis=1)
         spread = np.maximum(spread.astype(np.float64), 1e-6 * max(float(np.median(spread)), 1e-30))
         return 1.0 / spread

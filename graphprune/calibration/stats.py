@@ -94,14 +94,17 @@ class ChannelStats:
 def channel_sums(rows: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel sum and sum of squares (float64) of ``rows`` along ``axis``. A channel
     axis before contiguous positions (NCHW) is summed per sample and channel first, in the
-    array's own precision (pairwise over the positions), then in float64 over samples."""
+    array's own precision (pairwise over the positions; float32 at least: float16 squares and
+    sums overflow at 65,504), then in float64 over samples."""
     others = tuple(a for a in range(rows.ndim) if a != axis)
+    inner = np.float32 if rows.dtype.itemsize < 4 else None
     if 0 < axis < rows.ndim - 1 and rows.flags["C_CONTIGUOUS"]:
         lead = int(np.prod(rows.shape[:axis]))
         view = rows.reshape(lead, rows.shape[axis], -1)
-        return (view.sum(axis=2).sum(axis=0, dtype=np.float64),
-                np.square(view).sum(axis=2).sum(axis=0, dtype=np.float64))
-    return rows.sum(axis=others, dtype=np.float64), np.square(rows).sum(axis=others, dtype=np.float64)
+        return (view.sum(axis=2, dtype=inner).sum(axis=0, dtype=np.float64),
+                np.square(view, dtype=inner).sum(axis=2).sum(axis=0, dtype=np.float64))
+    return (rows.sum(axis=others, dtype=np.float64),
+            np.square(rows, dtype=np.float64 if inner else None).sum(axis=others, dtype=np.float64))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.calibration import fidelity as fidelity_mod
@@ -104,6 +105,11 @@ class CalibratedRun:
         self._reference: list | None = None
         #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``)
         self.unreconstructed: dict[str, Any] | None = None
+        #: that model, until :meth:`fidelity` decides which of the two is kept
+        self._unreconstructed_model: onnx.ModelProto | None = None
+        self._fidelity: dict[str, Any] | None = None
+        #: the reconstruction was undone (:meth:`fidelity`)
+        self.reverted = False
 
     @property
     def criterion(self) -> str:
@@ -190,6 +196,7 @@ class CalibratedRun:
             passes = self.passes(analysis, plan)
             if passes and compare and self.calib.holdout and self.session.model is not None:
                 self.unreconstructed = self._compare(self.session.model)
+                self._unreconstructed_model = self.session.model
             if passes:
                 before = dict(self.session.ctx.stats)
                 self.session.apply(passes)
@@ -214,18 +221,31 @@ class CalibratedRun:
                                      reference=self._reference)
 
     def fidelity(self) -> dict[str, Any]:
-        """The final model against the original on the held-out samples; with the figures
-        before reconstruction when they were measured, and a warning when the
-        reconstruction made them worse (it fits the calibration samples, it can overfit)."""
+        """The final model against the original on the held-out samples, with the figures
+        before reconstruction when they were measured. Where the reconstruction made the
+        held-out relative L2 worse (it fits the calibration samples: it can overfit them,
+        or fit samples unlike the held-out ones), the model without it is the result: the
+        session's model goes back and the report says so. Decided once; later calls return
+        the same figures."""
+        if self._fidelity is not None:
+            return self._fidelity
         with self.session.stage("fidelity"):
             result = self._compare(self.session.model)
-        before = self.unreconstructed
+        before, unreconstructed = self.unreconstructed, self._unreconstructed_model
+        self._unreconstructed_model = None
         if before is not None:
-            result["without_reconstruction"] = {k: before.get(k) for k in ("cosine", "rel_l2", "top1_agreement")}
+            figures = ("cosine", "rel_l2", "top1_agreement")
             worse, better = before.get("rel_l2"), result.get("rel_l2")
-            if worse is not None and better is not None and better > worse:
-                result["warning"] = (f"the reconstruction made the held-out fidelity worse (relative L2 {worse:.4g} "
-                                     f"-> {better:.4g}); --reconstruction none keeps the data-aware selection only")
+            if worse is not None and better is not None and better > worse and unreconstructed is not None:
+                self.session.model, self.session.graph = unreconstructed, None
+                self.reverted = True
+                result = {**before, "with_reconstruction": {k: result.get(k) for k in figures},
+                          "reconstruction_reverted": True,
+                          "warning": (f"the reconstruction made the held-out fidelity worse (relative L2 "
+                                      f"{worse:.4g} -> {better:.4g}): the model is written without it")}
+            else:
+                result["without_reconstruction"] = {k: before.get(k) for k in figures}
+        self._fidelity = result
         return result
 
     def report(self) -> dict[str, Any]:
@@ -239,4 +259,5 @@ class CalibratedRun:
             "ridge": self.options.ridge,
             "statistics": stats_mod.summary(self.stats) if self.stats is not None else None,
             "passes": self.pass_stats,
+            **({"reconstruction_reverted": True} if self.reverted else {}),
         }

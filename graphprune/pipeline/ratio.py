@@ -269,6 +269,7 @@ def prune_ratio(
         verification = verify_zeroed(session, analysis, the_plan, tolerance, allow_noise=allow_noise)
     if calibrated is not None and (verification is None or verification.get("ok")):
         calibrated.reconstruct(analysis, the_plan, compare=True)
+        calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
     if branches is not None:

@@ -123,8 +123,19 @@ class Dequantized(StoredWeight):
                  zero_point: np.ndarray) -> None:
         self.constant = constant
         self.scale_tensor = scale_tensor
-        self.scale = scale  # float64, broadcastable to the constant
+        self._scale_shape = np.shape(scale)  # broadcastable to the constant
         self.zero_point = zero_point
+
+    @property
+    def scale(self) -> np.ndarray:
+        """The scale as stored now (float64, broadcastable to the constant): read from the
+        tensor, so that restoring the :meth:`constants` after a rejected encoding restores it
+        (a cached copy kept the grown step, and the next encoding rounded on a grid the
+        graph no longer had)."""
+        values, shape = np.asarray(self.scale_tensor.values, dtype=np.float64), self._scale_shape
+        if values.size != math.prod(shape):  # sliced since, along its one channel axis
+            shape = tuple(-1 if size != 1 else 1 for size in shape)
+        return values.reshape(shape)
 
     @property
     def dtype(self) -> np.dtype:
@@ -144,7 +155,6 @@ class Dequantized(StoredWeight):
         return float(low), float(info.max)
 
     def _set_scale(self, scale: np.ndarray) -> None:
-        self.scale = scale
         shape = np.shape(self.scale_tensor.values)
         # (np.ascontiguousarray makes a 0-d array 1-d: a per-tensor scale must stay a scalar)
         self.scale_tensor.values = np.ascontiguousarray(scale.astype(self.dtype)).reshape(shape)
