@@ -300,7 +300,8 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
 
 
 def test_allocation_search_proposes_distinct_allocations_at_the_same_cost(cnn):
-    from graphprune.pipeline.budget import BudgetOptions, _search_count, search_count
+    from graphprune.pipeline.budget import BudgetOptions
+    from graphprune.pipeline.choose import _search_count, search_count
     from graphprune.planning import search
 
     _, analysis, states, model = _macs_model(cnn)

@@ -411,3 +411,27 @@ def test_a_reconstruction_that_fits_the_held_out_samples_worse_is_undone():
         np.testing.assert_array_equal(numpy_helper.to_array(init), weights[init.name])
     assert any(line.startswith("  undone:") for line in calibration_lines(report["calibration"]))
     onnx.checker.check_model(kept.model, full_check=True)
+
+
+def test_a_budget_candidate_whose_reconstruction_does_worse_is_taken_without_it():
+    """The budget's choice by measurement judges each candidate with and without its
+    reconstruction on the held-out samples and keeps the nearer: blank held-out images make
+    the refit's biases all that is left, so the chosen allocation comes without reconstruction,
+    as a budget prune with ``reconstruction="none"`` gives it."""
+    from graphprune.calibration.data import holdout_indices
+    from graphprune.tables import calibration_lines
+
+    x = images()
+    x[holdout_indices(len(x), 0.2)] = 0.0
+    kept = graphprune.prune(cnn(), target_macs=0.5, calibration={"x": x})
+    plain = graphprune.prune(cnn(), target_macs=0.5, calibration={"x": x}, reconstruction="none")
+    report = kept.report
+    assert report["verification"]["ok"] and report["budget"]["met"]
+    chosen = next(c for c in report["budget"]["candidates"] if c["allocation"] == report["budget"]["chosen"])
+    assert chosen["reconstruction_reverted"]["rel_l2"] > chosen["rel_l2"]
+    assert report["fidelity"]["reconstruction_reverted"] and report["calibration"]["reconstruction_reverted"]
+    assert report["fidelity"]["rel_l2"] == plain.report["fidelity"]["rel_l2"]
+    weights = {i.name: numpy_helper.to_array(i) for i in plain.model.graph.initializer}
+    for init in kept.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), weights[init.name])
+    assert any(line.startswith("  undone:") for line in calibration_lines(report["calibration"]))

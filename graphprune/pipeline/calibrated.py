@@ -237,7 +237,7 @@ class CalibratedRun:
             figures = ("cosine", "rel_l2", "top1_agreement")
             worse, better = before.get("rel_l2"), result.get("rel_l2")
             if worse is not None and better is not None and better > worse and unreconstructed is not None:
-                self.session.model, self.session.graph = unreconstructed, None
+                self.session.adopt(unreconstructed)
                 self.reverted = True
                 result = {**before, "with_reconstruction": {k: result.get(k) for k in figures},
                           "reconstruction_reverted": True,
@@ -245,6 +245,8 @@ class CalibratedRun:
                                       f"{worse:.4g} -> {better:.4g}): the model is written without it")}
             else:
                 result["without_reconstruction"] = {k: before.get(k) for k in figures}
+        elif self.reverted:  # undone for the allocation a budget chose (pipeline.choose)
+            result["reconstruction_reverted"] = True
         self._fidelity = result
         return result
 

@@ -204,6 +204,13 @@ class Session:
         self.analysis = None
         return self.graph
 
+    def adopt(self, model: onnx.ModelProto) -> None:
+        """Make ``model`` (one this session exported) the working model and graph again, the
+        analysis kept (a reconstruction undone)."""
+        analysis = self.analysis
+        self.import_graph(model)
+        self.model, self.analysis = model, analysis
+
     def analyze(self, *, stage: str = "analysis") -> Analysis:
         """Analyse the working graph as it is now (imported from the prepared model first)."""
         with self.stage(stage):

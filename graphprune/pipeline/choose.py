@@ -1,0 +1,195 @@
+"""Choosing a budget's allocation by measurement (calibrated MACs and parameter targets).
+
+The greedy allocation, the uniform one at the same cost and a blend of the two
+(:func:`graphprune.planning.search.candidates`), then perturbations of the best so far
+(:func:`graphprune.planning.search.neighbours`), are each rewritten on a sibling session,
+checked against their zeroed original, reconstructed, and compared with the original on the
+held-out calibration samples; the nearest is kept. A candidate is also measured before its
+reconstruction, and where that is nearer the reconstruction is undone for it (the held-out
+samples decide, as for a ratio prune: :meth:`~graphprune.pipeline.calibrated.CalibratedRun.fidelity`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from graphprune.analysis import Analysis
+from graphprune.pipeline.ratio import channel_passes, verify_zeroed
+from graphprune.pipeline.session import Session
+from graphprune.planning import budget as budget_mod
+from graphprune.planning import search
+from graphprune.planning.plan import Plan
+from graphprune.planning.planner import replay
+
+#: calibration samples a candidate allocation is judged on when none are held out
+CHOICE_SAMPLES = 64
+#: with calibration, allocations searched beyond the first three by default: as many as fit
+#: in SEARCH_SECONDS by a deterministic estimate of one candidate's cost (rewrite, check and
+#: sequential refit: per node of the graph, plus per multiply-accumulate of the model on
+#: every calibration sample; fitted on 2 CPU cores), at most SEARCH_MAX. The digits CNNs: 12;
+#: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
+#: a ResNet-50 on 128 images at 224x224: 1
+SEARCH_SECONDS = 60.0
+SEARCH_SECONDS_PER_NODE = 0.04
+SEARCH_SECONDS_PER_MAC = 8e-11
+SEARCH_MAX = 12
+#: allocations evaluated per search round (perturbations of the best so far)
+SEARCH_ROUND = 4
+#: a round that finds nothing better narrows the next round's perturbations by this factor
+SEARCH_SHRINK = 0.6
+
+
+def apply_plan(session: Session, plan: Plan) -> Any:
+    """The structural rewrite of ``plan`` on a fresh working graph of a sibling session."""
+    candidate = session.sibling()
+    fresh = candidate.analyze(stage="prune")
+    replayed = replay(fresh, plan)
+    with candidate.stage("prune"):
+        candidate.apply(channel_passes(fresh, replayed))
+        candidate.export()
+    return candidate, fresh, replayed
+
+
+def search_count(nodes: int, macs: float, samples: int) -> int:
+    """Allocations searched beyond the first candidates by default: as many as fit in
+    :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
+    each = SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
+    return int(min(SEARCH_MAX, SEARCH_SECONDS // max(each, 1e-3)))
+
+
+def _search_count(analysis: Analysis, states: list, model: budget_mod.CostModel, options: Any,
+                  samples: int) -> int:
+    """``options.search``, else :func:`search_count` of this graph (its MACs from ``model``
+    when that counts MACs; a MACs cost model is built only for a parameter target)."""
+    if options.search is not None:
+        return options.search
+    macs = model if model.kind == "macs" else budget_mod.CostModel(analysis, states, "macs", shape_of=model.shape_of)
+    return search_count(len(analysis.graph.nodes), macs.full_total, samples)
+
+
+@dataclass
+class _Measured:
+    """One measured candidate allocation of :func:`choose`."""
+
+    #: relative L2 of its outputs to the original's on the held-out samples (-inf: its
+    #: structural check failed, adopted as it is so that the failure is reported)
+    error: float
+    label: str
+    session: Session
+    analysis: Analysis
+    plan: Plan
+    verification: dict[str, Any] | None
+    pass_stats: dict[str, Any]
+    #: the allocation (step index per group state)
+    indexes: list[int]
+    #: its reconstruction was undone (the held-out samples were nearer without it)
+    reverted: bool = False
+
+
+def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
+    """The fidelity figures of ``outputs`` and their relative L2 (``inf`` when none)."""
+    from graphprune.calibration import fidelity as fidelity_mod
+
+    score = fidelity_mod.compare_outputs(names, reference, outputs)
+    return score, score["rel_l2"] if score["rel_l2"] is not None else math.inf
+
+
+def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
+            calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
+            options: Any) -> tuple:
+    """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
+    greedy one, uniform at the same cost, a blend; then :func:`_search_count` perturbations of
+    the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
+    against its zeroed original, reconstructed, and compared with the original on the
+    held-out calibration samples (the fidelity metric: relative L2 of the outputs); the
+    nearest is adopted by ``session`` (with the states at its allocation). A candidate that
+    fails its check is adopted as it is, so that the failure is reported; one whose
+    reconstruction fails is not chosen (the error is in its row; raised when all fail).
+
+    Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
+    import numpy as np
+
+    from graphprune.calibration import runner
+
+    first = search.candidates(model, fraction)
+    feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
+    names = [o.name for o in session.prepared.graph.output]
+    with session.stage("candidates"):
+        reference = runner.outputs(session.prepared, feeds, "the original model", data_dir=calibrated.data_dir)
+    rows: list[dict[str, Any]] = []
+    best: _Measured | None = None
+    failed: Exception | None = None
+
+    def evaluate(label: str, indexes: list[int]) -> bool:
+        """Rewrite, check and reconstruct one allocation; ``True`` when the search must stop
+        (a failed structural check, adopted as it is)."""
+        nonlocal best, failed
+        budget_mod.restore(model, indexes)
+        candidate, fresh, plan = apply_plan(session, budget_mod.to_plan(analysis, states, meta))
+        verification = verify_zeroed(candidate, fresh, plan, tolerance) if verify else None
+        row: dict[str, Any] = {"allocation": label, "modelled_fraction": round(model.total / model.full_total, 4),
+                               "kept": [st.kept for st in states]}
+        rows.append(row)
+        if verification is not None and not verification.get("ok"):
+            row["verified"] = False
+            best = _Measured(-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
+            return True
+        unreconstructed, plain = candidate.model, None
+        if calibrated.options.reconstruction != "none":
+            with session.stage("candidates"):
+                plain = runner.outputs(unreconstructed, feeds, "a candidate", data_dir=calibrated.data_dir)
+        calibrated.session, calibrated.pass_stats = candidate, {}
+        try:
+            calibrated.reconstruct(fresh, plan)
+        except Exception as exc:  # noqa: BLE001 - this candidate cannot be reconstructed: not chosen
+            failed = failed or exc
+            row["error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
+            return False
+        finally:
+            calibrated.session = session
+        with session.stage("candidates"):
+            outputs = runner.outputs(candidate.model, feeds, "a candidate", data_dir=calibrated.data_dir)
+        score, error = _score(names, reference, outputs)
+        reverted = False
+        if plain is not None and candidate.model is not unreconstructed:
+            plain_score, plain_error = _score(names, reference, plain)
+            reverted = plain_error < error
+            if reverted:  # the held-out samples are nearer without this candidate's reconstruction
+                candidate.adopt(unreconstructed)
+                row["reconstruction_reverted"] = {"rel_l2": round(error, 6), "cosine": score["cosine"]}
+                score, error = plain_score, plain_error
+        row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
+        if best is None or error < best.error:
+            best = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes,
+                             reverted)
+        return False
+
+    stop = any(evaluate(label, indexes) for label, indexes in first)
+    left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
+    rng = np.random.default_rng(options.seed)
+    seen = {tuple(indexes) for _, indexes in first}
+    sigma, round_index = search.SEARCH_SIGMA, 0
+    while left > 0 and best is not None and not stop:
+        round_index += 1
+        before = best.error
+        proposals = search.neighbours(model, fraction, best.indexes, rng, min(SEARCH_ROUND, left), sigma, seen)
+        if not proposals:
+            break
+        left -= len(proposals)
+        for k, indexes in enumerate(proposals):
+            if evaluate(f"search {round_index}.{k + 1}", indexes):
+                stop = True
+                break
+        if best.error >= before:
+            sigma *= SEARCH_SHRINK
+    if best is None:  # no candidate could be reconstructed: the first failure is the error
+        assert failed is not None
+        raise failed
+    budget_mod.restore(model, best.indexes)
+    calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
+    candidate = best.session
+    session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
+    session.ctx = candidate.ctx
+    return best.plan, best.analysis, best.verification, rows, best.label
