@@ -136,10 +136,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             row["verified"] = False
             best = _Measured(-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
             return True
-        unreconstructed, plain = candidate.model, None
-        if calibrated.options.reconstruction != "none":
-            with session.stage("candidates"):
-                plain = runner.outputs(unreconstructed, feeds, "a candidate", data_dir=calibrated.data_dir)
+        unreconstructed = candidate.model
         calibrated.session, calibrated.pass_stats = candidate, {}
         try:
             calibrated.reconstruct(fresh, plan)
@@ -153,7 +150,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             outputs = runner.outputs(candidate.model, feeds, "a candidate", data_dir=calibrated.data_dir)
         score, error = _score(names, reference, outputs)
         reverted = False
-        if plain is not None and candidate.model is not unreconstructed:
+        if candidate.model is not unreconstructed:  # measured without it only where it changed something
+            with session.stage("candidates"):
+                plain = runner.outputs(unreconstructed, feeds, "a candidate", data_dir=calibrated.data_dir)
             plain_score, plain_error = _score(names, reference, plain)
             reverted = plain_error < error
             if reverted:  # the held-out samples are nearer without this candidate's reconstruction
