@@ -18,7 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
-from graphprune.calibration import refit_targets, runner, sequential
+from graphprune.calibration import recurrent, refit_targets, runner, sequential
+from graphprune.io import ir
 
 
 def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
@@ -54,6 +55,7 @@ class RefitPass(Pass):
         #: original outputs recorded by the statistics run (graphprune.calibration.targets)
         self.recorded = recorded
         self._done = False
+        self._reference_outputs: list | None = None
 
     def __repr__(self) -> str:
         ridge = "cross-validated" if self.ridge is None else f"{self.ridge:g}"
@@ -68,17 +70,127 @@ class RefitPass(Pass):
             removed=self.removed, consumers_only=self.consumers_only, skipped=skipped,
             shared=self.mode == "refit",
         )
-        engine = sequential.Reconstructor(
-            self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,
-            recorded=self.recorded if self.mode == "refit" else None,
-        )
-        stats = engine.run(graph, self.reference, targets)
+        rec = (recurrent.find_targets(graph, ctx.opset, changed=sliced_parameters(self.removed, graph),
+                                      removed=self.removed, skipped=skipped) if self.mode == "refit" else [])
+        if rec:
+            stats = self._with_recurrent(graph, targets, rec, skipped)
+        else:
+            stats = self._engine().run(graph, self.reference, targets)
         if skipped:
             stats["not_refit"] = len(skipped)
             stats["skipped"] = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
-        elif not targets:
+        elif not targets and not stats.get("layers"):
             stats["skipped"] = ["no linear layer with a float or dequantized constant weight reads the "
                                 "changed tensors (weights computed in the graph are not refit)"]
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)
+
+    def _engine(self) -> sequential.Reconstructor:
+        return sequential.Reconstructor(
+            self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,
+            recorded=self.recorded if self.mode == "refit" else None,
+        )
+
+    def _with_recurrent(self, graph: gs.Graph, targets: list[refit_targets.Target],
+                        rec: list[recurrent.RecurrentTarget], skipped: dict[str, str]) -> dict[str, Any]:
+        """The refit with recurrent layers (:mod:`graphprune.calibration.recurrent`): the linear
+        layers not downstream of a recurrent one first, then the linear layers after them twice
+        (without, and after the recurrent layers' input projections are refit); the recurrent
+        refit is kept only where the model's outputs on the calibration samples come closer to
+        the original's (a change of the input sequence feeds back through time)."""
+        after_rec = refit_targets.affected_tensors(graph, {t.node.inputs[1].name for t in rec})
+        later = [t for t in targets if t.view.data.name in after_rec
+                 or (t.residual is not None and t.residual.stream in after_rec)]
+        runs = [self._engine().run(graph, self.reference, [t for t in targets if t not in later])]
+        start = _Snapshot(graph)
+        if later:
+            runs.append(self._engine().run(graph, self.reference, later))
+        plain, plain_error = _Snapshot(graph), self._output_error(graph)
+        start.restore()
+        stats, changed = recurrent.refit(graph, self.reference, self.reference, self.batches, rec,
+                                         store=self.store, ridge=self.ridge, skipped=skipped)
+        if changed:
+            again = self._engine().run(graph, self.reference, later) if later else {}
+            error = self._output_error(graph)
+            stats["output_error_without"], stats["output_error"] = round(plain_error, 6), round(error, 6)
+            if error < plain_error:
+                runs[1:] = [again] if later else []
+                runs.append({"layers": stats["layers"]})
+            else:  # the outputs moved away: the linear refit without it
+                plain.restore()
+                stats["undone"] = True
+        else:
+            plain.restore()
+        merged = _merge(runs)
+        merged["recurrent"] = stats
+        return merged
+
+    def _output_error(self, graph: gs.Graph) -> float:
+        """Mean relative squared error of the float graph outputs on the calibration samples
+        (``inf`` where there are none)."""
+        if self._reference_outputs is None:
+            self._reference_outputs = runner.outputs(self.reference, self.batches.feeds, "the original model",
+                                                     getattr(self.store, "root", None))
+        graph.toposort()
+        model = ir.export_graph(graph, self.reference, self.store)
+        pruned = runner.outputs(model, self.batches.feeds, "the pruned model", getattr(self.store, "root", None))
+        errors = []
+        for ref, got in zip(self._reference_outputs, pruned, strict=True):
+            for o, p in zip(ref, got, strict=True):
+                o, p = np.asarray(o), np.asarray(p)
+                if o.dtype.kind == "f" and o.shape == p.shape and o.size:
+                    errors.append(float(np.square(p - o, dtype=np.float64).sum()
+                                        / max(float(np.square(o, dtype=np.float64).sum()), 1e-30)))
+        return float(np.mean(errors)) if errors else float("inf")
+
+
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of several refit runs: counts added, mean errors weighted by layers."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        for key, value in run.items():
+            if key in ("rel_error_before", "rel_error_after"):
+                continue
+            if key == "clipped_max":
+                out[key] = max(out.get(key, 0.0), value)
+            elif key == "ridge_median":
+                out.setdefault(key, value)
+            else:
+                out[key] = out.get(key, 0) + value
+    weights = [(run.get("layers", 0), run) for run in runs if "rel_error_before" in run]
+    total = sum(w for w, _ in weights)
+    for key in ("rel_error_before", "rel_error_after"):
+        if total:
+            out[key] = round(sum(w * run[key] for w, run in weights) / total, 5)
+    out.setdefault("layers", 0)
+    return out
+
+
+class _Snapshot:
+    """The nodes, their links and attributes, and every constant's values of ``graph``, to
+    put back (the refit replaces values and inputs; it never changes an array in place)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.nodes = list(graph.nodes)
+        self.links = [(n, list(n.inputs), list(n.outputs), dict(n.attrs)) for n in self.nodes]
+        self.values = [(t, t._values) for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+
+    def restore(self) -> None:
+        known = {id(n) for n in self.nodes}
+        for node in self.graph.nodes:  # nodes added since (a bias Add): unlinked
+            if id(node) not in known:
+                node.inputs.clear()
+                node.outputs.clear()
+        self.graph.nodes.clear()
+        self.graph.nodes.extend(self.nodes)
+        for node, inputs, outputs, attrs in self.links:
+            node.inputs.clear()
+            node.inputs.extend(inputs)
+            node.outputs.clear()
+            node.outputs.extend(outputs)
+            node.attrs.clear()
+            node.attrs.update(attrs)
+        for tensor, values in self.values:
+            tensor._values = values

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.io.tensors import present_input as _present
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import OpRule, RecurrentInfo, register
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -117,6 +117,17 @@ class RecurrentRule(OpRule):
         if _present(node, 4) is not None:
             ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
 
+    def recurrent(self, node: gs.Node) -> RecurrentInfo | str:
+        """The input projection ``W x_t + Wb`` of a float LSTM/GRU/RNN with constant ``W``
+        (and ``B``); otherwise why a refit cannot rewrite it."""
+        bias = _present(node, 3)
+        if int(node.attrs.get("layout", 0)) != 0:
+            return f"{node.op} with layout 1"
+        if any(t is not None and (not isinstance(t, gs.Constant) or np.asarray(t.values).dtype.kind != "f")
+               for t in (node.inputs[1], bias)):
+            return f"{node.op} weights are not float constants"
+        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0))
+
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         r = node.inputs[2]
         old, new = ctx.old_size(r, self.hidden_axis), ctx.new_size(r, self.hidden_axis)
@@ -191,6 +202,9 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
                 zp = values.reshape(values.shape[0], 1, -1)  # broadcasts over [dirs, rows, cols]
             ctx.integer_param(weight, zp)
         self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
+
+    def recurrent(self, node: gs.Node) -> str:
+        return "DynamicQuantizeLSTM weights are stored as integers (not refit)"
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return ()  # quantized: nothing a float optimiser trains

@@ -66,6 +66,19 @@ class LinearInfo:
     beta: float = 1.0
 
 
+@dataclass(frozen=True)
+class RecurrentInfo:
+    """A fused recurrent op (ONNX ``LSTM``, ``GRU``, ``RNN``) whose input projection a refit
+    can rewrite (:mod:`graphprune.calibration.recurrent`). Inputs are ONNX's: ``X`` 0 (``[seq,
+    batch, input]``), ``W`` 1 (``[dirs, gates*hidden, input]``), ``B`` 3 (``[dirs,
+    2*gates*hidden]``: ``Wb`` then ``Rb``). Every gate reads the step's input through
+    ``W x_t + Wb``, a linear layer applied at every step, whatever the gate's activation and
+    whatever it reads of the previous state."""
+
+    gates: int
+    hidden: int
+
+
 class StoredWeight:
     """A float weight that a node decodes from constant inputs (a dequantized integer weight,
     :meth:`OpRule.stored_weight`). ``constant`` holds the stored values: the tensor that
@@ -257,6 +270,12 @@ class OpRule:
         ``None`` (the default) means "not a linear layer with a weight": bias folding,
         reconstruction and MAC counting then leave the node alone (fail closed).
         """
+        return None
+
+    def recurrent(self, node: gs.Node) -> RecurrentInfo | str | None:
+        """The node's gates as :class:`RecurrentInfo`, for a recurrent op whose float weights
+        a refit can rewrite; a string says why it cannot; ``None`` (the default): not a
+        recurrent op."""
         return None
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:

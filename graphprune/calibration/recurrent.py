@@ -1,0 +1,205 @@
+"""Least-squares refit of the input projection of recurrent layers (ONNX ``LSTM``, ``GRU``,
+``RNN``) after pruning.
+
+Every gate of a recurrent layer reads the step's input through ``W x_t + Wb``
+(:class:`~graphprune.rules.registry.RecurrentInfo`): a linear layer applied at every step,
+whose input ``X`` is a tensor a run shows. When the layers before it lost channels (or were
+refit), ``W`` and ``Wb`` of the kept hidden units are refit like any linear layer: inputs
+``[x_p, 1]`` from the pruned model (upstream layers already refit), target the ORIGINAL
+projection ``W_o x_o + Wb_o`` (original weights, the original's ``X``) at every kept gate row,
+ridge least squares from Gram statistics (:mod:`.ridge`), the ridge chosen by two-fold
+validation over the sequences; a fit is written only where it pays on the sequences it was
+not fitted on. The recurrence (``R``, ``Rb``) is left as it is: refitting the kept units
+towards their own original pre-activations (inputs ``[x_p, h_p]``) brings each layer's
+output sequence closer and yet, measured on small LSTM/GRU networks, the model's outputs
+further away (the states of the pruned recurrence carry what the next layers read of the
+removed units), so it is not done.
+
+The layers are refit one after the other in graph order, each run seeing the ones before it
+refit. Because a recurrent layer feeds its changes back through time, :class:`~graphprune.
+passes.refit.RefitPass` keeps the whole step (and the refit of the linear layers after it)
+only where the model's outputs on the calibration samples come closer to the original's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.calibration import runner
+from graphprune.calibration.linear import select
+from graphprune.calibration.refit_targets import affected_tensors
+from graphprune.calibration.ridge import Accumulator, choose_ridge, fit, fit_error
+from graphprune.io import ir
+from graphprune.io.names import fresh_name
+from graphprune.rules.registry import RecurrentInfo
+
+ROWS_PER_INPUT = 4
+MIN_ROWS = 4096
+MAX_ROWS = 8192
+
+
+@dataclass
+class RecurrentTarget:
+    node: gs.Node
+    info: RecurrentInfo
+    #: hidden units of the original that the pruned layer keeps
+    kept: np.ndarray
+
+
+def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dict[tuple[str, int], np.ndarray],
+                 skipped: dict[str, str]) -> list[RecurrentTarget]:
+    """Recurrent layers whose input changed, in graph order (``skipped``: those that cannot
+    be refit, with why)."""
+    from graphprune.rules import registry
+
+    affected = affected_tensors(graph, changed)
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            uses[t.name] = uses.get(t.name, 0) + 1
+    out: list[RecurrentTarget] = []
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        info = rule.recurrent(node) if rule is not None else None
+        if info is None or node.inputs[0].name not in affected:
+            continue
+        if isinstance(info, str):
+            skipped[node.name] = f"{info}: not refit"
+            continue
+        if any(t.name and uses.get(t.name, 0) > 1 for t in node.inputs[1:4:2]):
+            skipped[node.name] = f"{node.op} weights shared with other nodes: not refit"
+            continue
+        cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
+        out.append(RecurrentTarget(node, info, np.setdiff1d(np.arange(info.hidden + len(cut)), cut)))
+    return out
+
+
+def _inputs(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: int, what: str,
+            data_dir: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``[N, I]`` of the sequence tensor ``name`` (``[seq, batch, I]``) at the
+    selected steps (the same for both models: they depend on the shape only), and each row's
+    fold (the parity of its sequence)."""
+    got: dict[int, np.ndarray] = {}
+    runner.stream(model, [name], batches.feeds, lambda b, _n, v: got.__setitem__(b, np.asarray(v)),
+                  what=what, data_dir=data_dir)
+    samples = max(1, sum(batches.sizes))
+    rows, folds, offset = [], [], 0
+    for b in range(len(batches.feeds)):
+        x = got[b]
+        steps, batch = x.shape[0], x.shape[1]
+        flat = select(steps * batch, math.ceil(budget * batches.sizes[b] / samples), 7919 + b)
+        t, s = np.divmod(flat, batch)
+        rows.append(x[t, s].astype(np.float64))
+        folds.append((offset + s) % 2)
+        offset += batch
+    return np.concatenate(rows), np.concatenate(folds)
+
+
+def _original_projection(reference: onnx.ModelProto, node: gs.Node, store: Any
+                         ) -> tuple[str, np.ndarray, np.ndarray | None] | None:
+    """The original node's input name, ``W`` and ``Wb`` (``None``: not constants there)."""
+    names = {o.name for o in node.outputs if o.name}
+    proto = next((n for n in reference.graph.node if names & set(n.output)), None)
+    if proto is None:
+        return None
+    inits = {t.name: t for t in reference.graph.initializer}
+    w_name = proto.input[1]
+    b_name = proto.input[3] if len(proto.input) > 3 else ""
+    if w_name not in inits or (b_name and b_name not in inits):
+        return None
+    return proto.input[0], _array(inits[w_name], store), _array(inits[b_name], store) if b_name else None
+
+
+def _array(tensor: onnx.TensorProto, store: Any) -> np.ndarray:
+    """A reference initializer's values (read from the weight store where it lives there)."""
+    if store is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return np.asarray(store.mapped(tensor).load(), np.float64)
+    return np.asarray(onnx.numpy_helper.to_array(tensor), np.float64)
+
+
+def _fit(xp: np.ndarray, target: np.ndarray, fold: np.ndarray, cur: np.ndarray, ridge: float | None
+         ) -> tuple[np.ndarray, float, float] | None:
+    """Ridge fit of ``target`` ``[N, D, og]`` on ``[xp, 1]`` towards ``cur`` ``[D, K+1, og]``
+    (one fit per direction, one ridge); ``None`` where it does not pay on held-out rows or
+    on all of them. Also the squared error before and after."""
+    n, k = xp.shape
+    dirs = target.shape[1]
+    xt = np.broadcast_to(np.concatenate([xp, np.ones((n, 1))], axis=1)[:, None], (n, dirs, k + 1))
+    acc = Accumulator.empty(dirs, k, target.shape[2])
+    for f in (0, 1):
+        if (fold == f).any():
+            acc.add(f, np.ascontiguousarray(xt[fold == f]), np.ascontiguousarray(target[fold == f]))
+    acc.flush()
+    gram, cross, y2 = acc.gram.sum(0), acc.cross.sum(0), float(acc.y2.sum())
+    scale = [max(float(np.mean(np.diag(gram[j])[:k])), 1e-30) for j in range(dirs)]
+    strength, pays = choose_ridge(acc, cur, scale, ridge, ROWS_PER_INPUT)
+    solved = np.stack([fit(gram[j], cross[j], cur[j], strength * scale[j]) for j in range(dirs)])
+    before = sum(fit_error(gram[j], cross[j], 0.0, cur[j]) for j in range(dirs)) + y2
+    after = sum(fit_error(gram[j], cross[j], 0.0, solved[j]) for j in range(dirs)) + y2
+    if not pays or not np.isfinite(solved).all() or after >= before:
+        return None
+    return solved, before, after
+
+
+def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto, batches: runner.Batches,
+          targets: list[RecurrentTarget], *, store: Any = None, ridge: float | None = None,
+          skipped: dict[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Refit the input projections of ``targets`` one after the other. Returns the statistics
+    (``layers`` refit, ``kept_weights`` where no fit paid, ``rel_error_before``/``after`` of the
+    projections on the calibration rows) and the names of the constants written; ``skipped``
+    gets the layers whose original weights are not constants."""
+    data_dir = getattr(store, "root", None)
+    names = set(graph.tensors())
+    skipped = {} if skipped is None else skipped
+    done, kept_weights, before_all, after_all, changed = 0, 0, [], [], set()
+    for t in targets:
+        node, info = t.node, t.info
+        original = _original_projection(reference, node, store)
+        if original is None:
+            skipped[node.name] = "the original's input weights are not constants: not refit"
+            continue
+        x_name, w_o, b_o = original
+        w = np.asarray(node.inputs[1].values)
+        dirs, k = w.shape[0], w.shape[2]
+        budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
+        xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
+        graph.toposort()
+        model = ir.export_graph(graph, template, store)
+        xp, fold = _inputs(model, node.inputs[0].name, batches, budget, "the pruned model", data_dir)
+        hidden_o = w_o.shape[1] // info.gates
+        rows_o = np.concatenate([g * hidden_o + t.kept for g in range(info.gates)])
+        gh = w.shape[1]
+        bias = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        b = np.zeros((dirs, 2 * gh)) if bias is None else np.asarray(bias.values, np.float64)
+        target = np.stack([xo @ w_o[d][rows_o].T + (0.0 if b_o is None else b_o[d, rows_o]) for d in range(dirs)], axis=1)
+        cur = np.stack([np.concatenate([w[d].T.astype(np.float64), b[d, :gh][None]]) for d in range(dirs)])
+        result = _fit(xp, target, fold, cur, ridge)
+        if result is None:
+            kept_weights += 1
+            continue
+        solved, before, after = result
+        new_b = b.copy()
+        new_b[:, :gh] = solved[:, -1]
+        node.inputs[1].values = np.ascontiguousarray(np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype))
+        constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(new_b.astype(w.dtype)))
+        while len(node.inputs) <= 3:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[3] = constant
+        changed.update((node.inputs[1].name, constant.name))
+        norm = max(float(np.square(target).sum()), 1e-30)
+        before_all.append(math.sqrt(max(before, 0.0) / norm))
+        after_all.append(math.sqrt(max(after, 0.0) / norm))
+        done += 1
+    out: dict[str, Any] = {"layers": done}
+    if kept_weights:
+        out["kept_weights"] = kept_weights
+    if before_all:
+        out["rel_error_before"] = round(float(np.mean(before_all)), 5)
+        out["rel_error_after"] = round(float(np.mean(after_all)), 5)
+    return out, changed

@@ -1,0 +1,126 @@
+"""Calibrated refit of recurrent layers (``graphprune/calibration/recurrent.py``): the input
+projection ``W x_t + Wb`` of an LSTM/GRU/RNN whose input lost channels is refit by least
+squares towards the original's projection, the linear layers after it are refit on its new
+outputs, and the whole step is undone where the model's outputs move away. Real ONNX Runtime
+runs of small graphs built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.calibration import recurrent
+from graphprune.rules import registry
+
+S, IN, C, H, OUT = 12, 6, 16, 10, 4
+
+
+def model(op: str = "LSTM", direction: str = "forward", seed: int = 0) -> onnx.ModelProto:
+    """MatMul(6->16) Add Relu -> {op}(16->10) -> Y as [S, 1, D*10] -> MatMul(->4)."""
+    rng = np.random.default_rng(seed)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    dirs = 2 if direction == "bidirectional" else 1
+    values = {
+        "w_in": rng.standard_normal((IN, C)) * 0.5, "b_in": rng.standard_normal(C) * 0.1,
+        "W": rng.standard_normal((dirs, gates * H, C)) * 0.3, "R": rng.standard_normal((dirs, gates * H, H)) * 0.1,
+        "B": rng.standard_normal((dirs, 2 * gates * H)) * 0.1, "w_out": rng.standard_normal((dirs * H, OUT)) * 0.5,
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items()]
+    inits.append(numpy_helper.from_array(np.array([S, 1, dirs * H], np.int64), "shape"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["m"]), helper.make_node("Add", ["m", "b_in"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node(op, ["r", "W", "R", "B"], ["y", ""], hidden_size=H, direction=direction),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w_out"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "rec", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [S, 1, IN])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [S, 1, OUT])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def sequences(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(rng.standard_normal((n, S, 1, IN)), axis=1) * 0.4).astype(np.float32)
+
+
+def outputs(m: onnx.ModelProto, feeds: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.stack([sess.run(None, {"x": x})[0] for x in feeds])
+
+
+def prune(m: onnx.ModelProto):
+    return graphprune.prune(m, ratio=0.5, round_to=1, calibration={"x": sequences(64, 1)})
+
+
+def weight(m: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)
+
+
+@pytest.mark.parametrize("op,direction", [("LSTM", "forward"), ("GRU", "forward"), ("RNN", "forward"),
+                                          ("LSTM", "bidirectional"), ("GRU", "reverse")])
+def test_the_input_projection_of_a_recurrent_layer_is_refit(op, direction, monkeypatch):
+    m = model(op, direction)
+    result = prune(m)
+    stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
+    assert stats["layers"] == 1 and not stats.get("undone")
+    assert stats["rel_error_after"] < stats["rel_error_before"]
+    assert stats["output_error"] < stats["output_error_without"]
+    monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
+    plain = prune(m)
+    assert "recurrent" not in plain.report["calibration"]["passes"]["RefitPass"]
+    # the recurrence is not touched, the input projection is
+    assert np.array_equal(weight(result.model, "R"), weight(plain.model, "R"))
+    assert weight(result.model, "W").shape == weight(plain.model, "W").shape
+    assert not np.allclose(weight(result.model, "W"), weight(plain.model, "W"))
+    if (op, direction) in (("GRU", "forward"), ("LSTM", "bidirectional")):  # clear margins on held-out data
+        test = sequences(40, 9)
+        ref = outputs(m, test)
+        err = [np.linalg.norm(outputs(r.model, test) - ref) / np.linalg.norm(ref) for r in (result, plain)]
+        assert err[0] < 0.95 * err[1]
+
+
+def test_a_recurrent_refit_that_moves_the_outputs_away_is_undone(monkeypatch):
+    m = model("GRU")
+    real = recurrent.refit
+
+    def spoiled(graph, *args, **kwargs):
+        stats, changed = real(graph, *args, **kwargs)
+        for node in graph.nodes:
+            if node.op == "GRU":
+                node.inputs[1].values = node.inputs[1].values * 4.0
+        return stats, changed
+
+    monkeypatch.setattr(recurrent, "refit", spoiled)
+    result = prune(m)
+    stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
+    assert stats["undone"] and stats["output_error"] > stats["output_error_without"]
+    monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
+    plain = prune(m)
+    test = sequences(8, 9)
+    assert np.array_equal(outputs(result.model, test), outputs(plain.model, test))
+    assert len(result.model.graph.node) == len(plain.model.graph.node)
+
+
+def _rule_answer(node: gs.Node):
+    return registry.lookup(node.domain or "", node.op, 17).recurrent(node)
+
+
+def test_the_rule_says_why_a_recurrent_layer_cannot_be_refit():
+    x = gs.Variable("x", np.float32, [S, 1, C])
+    w = gs.Constant("W", np.zeros((1, 4 * H, C), np.float32))
+    r = gs.Constant("R", np.zeros((1, 4 * H, H), np.float32))
+    y = gs.Variable("y", np.float32)
+    info = _rule_answer(gs.Node("LSTM", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H}))
+    assert info.gates == 4 and info.hidden == H
+    assert "layout" in _rule_answer(gs.Node("LSTM", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H, "layout": 1}))
+    computed = gs.Variable("Wc", np.float32, [1, 4 * H, C])
+    assert "float constants" in _rule_answer(gs.Node("LSTM", inputs=[x, computed, r], outputs=[y], attrs={"hidden_size": H}))
+    quantized = gs.Node("DynamicQuantizeLSTM", domain="com.microsoft", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H})
+    assert "integers" in _rule_answer(quantized)
