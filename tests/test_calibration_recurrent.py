@@ -94,7 +94,7 @@ def test_a_recurrent_refit_that_moves_the_outputs_away_is_undone(monkeypatch):
         stats, changed = real(graph, *args, **kwargs)
         for node in graph.nodes:
             if node.op == "GRU":
-                node.inputs[1].values = node.inputs[1].values * 4.0
+                node.inputs[1].values = np.zeros_like(node.inputs[1].values)  # the input ignored
         return stats, changed
 
     monkeypatch.setattr(recurrent, "refit", spoiled)
@@ -124,3 +124,16 @@ def test_the_rule_says_why_a_recurrent_layer_cannot_be_refit():
     assert "float constants" in _rule_answer(gs.Node("LSTM", inputs=[x, computed, r], outputs=[y], attrs={"hidden_size": H}))
     quantized = gs.Node("DynamicQuantizeLSTM", domain="com.microsoft", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H})
     assert "integers" in _rule_answer(quantized)
+
+
+def test_channels_read_only_by_a_recurrent_layer_are_scored_from_data(monkeypatch):
+    """The 16 channels before the LSTM have one consumer, its input projection: scored from
+    the statistics of the LSTM's input (before round 20: data-free, "no consumer with
+    statistics")."""
+    from graphprune.planning import data_aware
+
+    chosen = prune(model("LSTM")).report["calibration"]["criteria_chosen"]
+    assert data_aware.NO_STATISTICS not in chosen and sum(chosen.values()) == 2
+    monkeypatch.setattr(data_aware, "recurrent_consumers", lambda *a, **k: [])
+    chosen = prune(model("LSTM")).report["calibration"]["criteria_chosen"]
+    assert chosen.get(data_aware.NO_STATISTICS) == 1

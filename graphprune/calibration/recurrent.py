@@ -44,6 +44,74 @@ MIN_ROWS = 4096
 MAX_ROWS = 8192
 
 
+class RecurrentConsumerView:
+    """A recurrent layer's weight as a consumer for the data-aware criteria and their
+    statistics (duck-typing the parts of :class:`~graphprune.calibration.linear.LinearView` that
+    :mod:`graphprune.planning.data_aware` and :func:`graphprune.calibration.stats.collect` read):
+    ``W`` over the rows of ``X`` (``[seq, batch, input]``) or ``R`` over the rows of ``Y``
+    (``[seq, 1, batch, hidden]``: the previous states, but for the first), each read as one
+    dense layer ``[gates * hidden, channels]``. Its statistics are kept under ``node.name``,
+    a name of its own (``<node>/W``, ``<node>/R``). Not a refit target."""
+
+    is_conv = False
+    group = 1
+    in_block = 1
+    stored = None
+
+    def __init__(self, node: gs.Node, weight: int, data: gs.Tensor) -> None:
+        self.layer, self._weight, self.data = node, weight, data
+        self.node = _Named(f"{node.name}/{'W' if weight == 1 else 'R'}")
+        self.info = _ConsumerInfo()
+
+    @property
+    def weight(self) -> gs.Constant:
+        return self.layer.inputs[self._weight]
+
+    def read_data(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def in_channels(self) -> int:
+        return int(np.shape(self.weight.values)[2])
+
+    def matrices(self) -> np.ndarray:
+        w = np.asarray(self.weight.values, dtype=np.float64)
+        return w.reshape(-1, w.shape[2])[None]
+
+    def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > limit:
+            rows = rows[np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=limit, replace=False))]
+        return np.asarray(rows, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _ConsumerInfo:
+    in_axis: int = 2  # the input axis of W, the hidden axis of R
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
+def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
+    """The node's weights as consumers when it is a recurrent layer a refit can read: ``W``,
+    and ``R`` of a one-directional layer whose ``Y`` is computed and whose ``R`` is a float
+    constant."""
+    from graphprune.rules import registry
+
+    rule = registry.lookup(node.domain or "", node.op, opset)
+    info = rule.recurrent(node) if rule is not None else None
+    if not isinstance(info, RecurrentInfo):
+        return []
+    views = [RecurrentConsumerView(node, 1, node.inputs[0])]
+    r, y = node.inputs[2], node.outputs[0] if node.outputs and node.outputs[0].name else None
+    if (y is not None and isinstance(r, gs.Constant) and np.asarray(r.values).dtype.kind == "f"
+            and np.shape(r.values)[0] == 1):
+        views.append(RecurrentConsumerView(node, 2, y))
+    return views
+
+
 @dataclass
 class RecurrentTarget:
     node: gs.Node

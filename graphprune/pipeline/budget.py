@@ -203,9 +203,11 @@ def prune_budget(
         with session.stage("sensitivity"):
             refit = None
             if calibrated.options.reconstruction == "refit" and calibrated.stats is not None:
+                from graphprune.calibration.linear import LinearView
                 from graphprune.planning.data_aware import consumer_views
 
-                refit = (consumer_views(analysis), calibrated.stats)
+                linear = {k: v for k, v in consumer_views(analysis).items() if isinstance(v, LinearView)}
+                refit = (linear, calibrated.stats)  # (the sweep corrects linear layers only)
             masked, sweep = sensitivity.masked_model(session.prepared, analysis, states, refit)
             # judged on the held-out calibration samples: the refit's Grams never saw them, so
             # a consumer refit that over-fits its samples is not mistaken for a harmless cut

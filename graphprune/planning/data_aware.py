@@ -39,11 +39,13 @@ with no consumer that has statistics falls back to the data-free ``l2`` score.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from graphprune.analysis import CONSUMER, Analysis, ChannelGroup
 from graphprune.calibration.linear import LinearView, linear_view
+from graphprune.calibration.recurrent import consumer_views as recurrent_consumers
 from graphprune.calibration.stats import ChannelStats, LayerStats
 from graphprune.planning.importance import norm_scores
 
@@ -60,18 +62,19 @@ GRAM_RIDGE = 1e-2
 
 
 def consumer_views(analysis: Analysis) -> dict[str, LinearView]:
-    """The linear layers that consume a prunable group, keyed by their weight's name."""
+    """The linear layers that consume a prunable group, keyed by their weight's name (and the
+    weights of recurrent layers: :class:`~graphprune.calibration.recurrent.RecurrentConsumerView`)."""
     wanted: set[tuple[str, int]] = set()
     for group in analysis.groups:
         if group.prunable:
             wanted.update(d for d in group.params if group.roles.get(d) == CONSUMER)
     views: dict[str, LinearView] = {}
     for node in analysis.graph.nodes:
-        view = linear_view(node, analysis.opset)
-        if view is None or view.group != 1:
-            continue
-        if (view.weight.name, view.info.in_axis) in wanted:
-            views[view.weight.name] = view
+        linear = linear_view(node, analysis.opset)
+        found: list[Any] = [linear] if linear is not None else recurrent_consumers(node, analysis.opset)
+        for view in found:
+            if view.group == 1 and (view.weight.name, view.info.in_axis) in wanted:
+                views[view.weight.name] = view
     return views
 
 
