@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrizations as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patterns_jax  # noqa: E402 - Flax models through jax2onnx, where installed
 import patterns_more  # noqa: E402 - the second batch of patterns, beside this file
 
 HERE = Path(__file__).resolve().parent
@@ -946,8 +947,9 @@ def tables(rows: dict) -> str:
         return f"{sum(1 for v in runs if v.get('verified'))}/{len(runs)}"
 
     names = list(dict.fromkeys(k.split("__")[0] for k in rows))
-    torch_names = [n for n in names if not n.startswith("keras_")]
+    torch_names = [n for n in names if not n.startswith(("keras_", "jax_"))]
     keras_names = [n for n in names if n.startswith("keras_")]
+    jax_names = [n for n in names if n.startswith("jax_")]
     lines = [
         "| pattern | groups / prunable (TorchScript · dynamo) | verified runs | held-out cosine at ratio 0.5: "
         "no reconstruction → refit (worst output, TorchScript · dynamo) | frozen or inexact (besides the "
@@ -967,12 +969,27 @@ def tables(rows: dict) -> str:
         "refit (batch 1 · open) | frozen or inexact, batch 1 | frozen, open batch only |",
         "|---|---|---|---|---|---|",
     ]
-    pair = ("tf2onnx", "tf2onnx_dynamic_batch")
-    for name in keras_names:
-        fixed = _reasons(rows.get(f"{name}__{pair[0]}", {}))
-        open_only = [x for x in _reasons(rows.get(f"{name}__{pair[1]}", {})) if x not in fixed]
-        lines.append(f"| {name.removeprefix('keras_')} | {cell(pair, name, groups)} | {verified(name, pair)} | "
-                     f"{cell(pair, name, cosine)} | {'; '.join(fixed) or '—'} | {'; '.join(open_only) or '—'} |")
+    for title, prefix, pair, family in (
+        ("Keras 3 through tf2onnx (`graphprune.frontends.tensorflow.to_onnx`)", "keras_",
+         ("tf2onnx", "tf2onnx_dynamic_batch"), keras_names),
+        ("Flax NNX through jax2onnx (`bench/patterns_jax.py`)", "jax_",
+         ("jax2onnx", "jax2onnx_dynamic_batch"), jax_names),
+    ):
+        if not family:
+            continue
+        lines += [
+            "",
+            f"{title}, batch fixed to 1 · left open:",
+            "",
+            "| pattern | groups / prunable (batch 1 · open) | verified runs | held-out cosine: no reconstruction → "
+            "refit (batch 1 · open) | frozen or inexact, batch 1 | frozen, open batch only |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in family:
+            fixed = _reasons(rows.get(f"{name}__{pair[0]}", {}))
+            open_only = [x for x in _reasons(rows.get(f"{name}__{pair[1]}", {})) if x not in fixed]
+            lines.append(f"| {name.removeprefix(prefix)} | {cell(pair, name, groups)} | {verified(name, pair)} | "
+                         f"{cell(pair, name, cosine)} | {'; '.join(fixed) or '—'} | {'; '.join(open_only) or '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -992,13 +1009,18 @@ def main() -> int:
         keras_models = keras_patterns() if args.variant is None else {}
     except ImportError:  # no TensorFlow here: the torch patterns only
         keras_models = {}
-    names = [n for n in args.only.split(",") if n] or [*MODELS, *keras_models]
+    try:  # Flax models through jax2onnx, where both are installed (patterns_jax.py)
+        jax_models = patterns_jax.jax_patterns() if args.variant is None else {}
+    except ImportError:
+        jax_models = {}
+    names = [n for n in args.only.split(",") if n] or [*MODELS, *keras_models, *jax_models]
     rows = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             try:
                 exports = (export_keras(name, keras_models[name], Path(tmp)) if name in keras_models
+                           else patterns_jax.export_jax(name, jax_models[name], Path(tmp)) if name in jax_models
                            else export(name, Path(tmp)) if args.variant is None
                            else export_variant(name, Path(tmp), args.variant))
             except Exception as exc:  # noqa: BLE001 - the exporter or quantizer cannot: recorded

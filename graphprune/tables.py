@@ -142,6 +142,12 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         if stats.get("kept_weights"):
             text += f"; {stats['kept_weights']} kept their weights (the fit did not pay on held-out rows)"
         lines.append(text)
+        rec = stats.get("recurrent") or {}
+        if rec.get("layers"):
+            compare = (f"; outputs on the calibration samples {rec['output_error_without']:.3g} -> {rec['output_error']:.3g}"
+                       if "output_error" in rec else "")
+            state = "undone, the outputs moved away" if rec.get("undone") else "kept"
+            lines.append(f"    recurrent: {rec['layers']} input projection(s) refit, {state}{compare}")
         skipped = stats.get("skipped") or []
         if skipped:
             more = stats.get("not_refit", len(skipped)) - 1

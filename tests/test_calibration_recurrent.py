@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from graphprune.calibration import recurrent
 from graphprune.rules import registry
+from graphprune.tables import calibration_lines
 
 S, IN, C, H, OUT = 12, 6, 16, 10, 4
 
@@ -70,6 +71,8 @@ def test_the_input_projection_of_a_recurrent_layer_is_refit(op, direction, monke
     result = prune(m)
     stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
     assert stats["layers"] == 1 and not stats.get("undone")
+    assert any(line.startswith("    recurrent: 1 input projection(s) refit, kept")
+               for line in calibration_lines(result.report["calibration"]))
     assert stats["rel_error_after"] < stats["rel_error_before"]
     assert stats["output_error"] < stats["output_error_without"]
     monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
@@ -101,6 +104,7 @@ def test_a_recurrent_refit_that_moves_the_outputs_away_is_undone(monkeypatch):
     result = prune(m)
     stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
     assert stats["undone"] and stats["output_error"] > stats["output_error_without"]
+    assert any("undone, the outputs moved away" in line for line in calibration_lines(result.report["calibration"]))
     monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
     plain = prune(m)
     test = sequences(8, 9)
@@ -137,3 +141,25 @@ def test_channels_read_only_by_a_recurrent_layer_are_scored_from_data(monkeypatc
     monkeypatch.setattr(data_aware, "recurrent_consumers", lambda *a, **k: [])
     chosen = prune(model("LSTM")).report["calibration"]["criteria_chosen"]
     assert chosen.get(data_aware.NO_STATISTICS) == 1
+
+
+def test_a_bidirectional_recurrence_is_read_per_direction():
+    """``R`` of a bidirectional layer as a consumer: direction ``d`` reads only its own
+    states, so unit ``h`` owns the input channels ``2h`` and ``2h + 1`` (in_block 2) and the
+    matrix is block-sparse; ``Y [seq, 2, batch, H]`` is read with those channels."""
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, [S, 1, C])
+    w = gs.Constant("W", rng.standard_normal((2, 4 * H, C)).astype(np.float32))
+    r = gs.Constant("R", rng.standard_normal((2, 4 * H, H)).astype(np.float32))
+    y = gs.Variable("y", np.float32, [S, 2, 1, H])
+    node = gs.Node("LSTM", name="lstm", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H, "direction": "bidirectional"})
+    views = recurrent.consumer_views(node, 17)
+    assert [v.weight.name for v in views] == ["W", "R"] and views[0].in_block == 1
+    rv = views[1]
+    assert rv.in_block == 2 and rv.in_channels() == 2 * H and rv.node.name == "lstm/R"
+    m = rv.matrices()[0]
+    assert np.allclose(m[:4 * H, 0::2], r.values[0]) and not m[:4 * H, 1::2].any()
+    assert np.allclose(m[4 * H:, 1::2], r.values[1]) and not m[4 * H:, 0::2].any()
+    states = rng.standard_normal((S, 2, 3, H))
+    read = rv.read_data(states)
+    assert read.shape == (S, 3, 2 * H) and np.array_equal(read[:, :, 2 * 4 + 1], states[:, 1, :, 4])

@@ -106,3 +106,44 @@ def test_without_axes_the_first_axes_are_sliced() -> None:
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"] is True
     assert run_ort(result.model, _feeds())[0].shape == run_ort(model, _feeds())[0].shape
+
+
+def flipped_transposed_conv() -> onnx.ModelProto:
+    """``Conv(3->8) Relu ConvTranspose(8->6, k2 s2) Relu Conv(6->2)`` where the transposed
+    convolution's weight is computed as jax2onnx writes it: the HWIO kernel flipped along its
+    spatial axes by a ``Slice`` with step -1, then transposed to IOHW."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Slice", ["K", "fs", "fe", "fa", "fstep"], ["Kflip"]),
+        helper.make_node("Transpose", ["Kflip"], ["Kt"], perm=[2, 3, 0, 1]),
+        helper.make_node("ConvTranspose", ["r1", "Kt"], ["u"], strides=[2, 2]),
+        helper.make_node("Add", ["u", "Bu"], ["ub"]),
+        helper.make_node("Relu", ["ub"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["y"]),
+    ]
+    params = {
+        "W1": (8, 3, 3, 3), "B1": (8,), "K": (2, 2, 8, 6), "Bu": np.zeros((1, 6, 1, 1), np.float32) + 0.1,
+        "W3": (2, 6, 1, 1),
+        "fs": np.array([-1, -1], I64), "fe": np.array([-(2**62), -(2**62)], I64),
+        "fa": np.array([0, 1], I64), "fstep": np.array([-1, -1], I64),
+    }
+    return make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": None}, params)
+
+
+def test_a_weight_flipped_by_a_slice_keeps_its_channel_roles():
+    """The sliced (spatial) axes freeze; the kernel's channel axes still produce and consume
+    the transposed convolution's channels (before: its 6 output channels had no producer,
+    not prunable and no reason given)."""
+    model = flipped_transposed_conv()
+    analysis = graphprune.analyze(model)
+    outputs = group_with(analysis, "K", 3)
+    assert outputs.prunable and outputs.roles.get(("K", 3)) == "producer"
+    assert group_with(analysis, "K", 2).prunable
+    assert not group_with(analysis, "K", 0).prunable  # the flipped kernel height
+    result = graphprune.prune(model, ratio=0.5, round_to=1)
+    assert result.report["verification"]["ok"]
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["K"] == [2, 2, 4, 3]
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert run_ort(result.model, {"x": x})[0].shape == (1, 2, 16, 16)

@@ -48,34 +48,46 @@ class RecurrentConsumerView:
     """A recurrent layer's weight as a consumer for the data-aware criteria and their
     statistics (duck-typing the parts of :class:`~graphprune.calibration.linear.LinearView` that
     :mod:`graphprune.planning.data_aware` and :func:`graphprune.calibration.stats.collect` read):
-    ``W`` over the rows of ``X`` (``[seq, batch, input]``) or ``R`` over the rows of ``Y``
-    (``[seq, 1, batch, hidden]``: the previous states, but for the first), each read as one
-    dense layer ``[gates * hidden, channels]``. Its statistics are kept under ``node.name``,
-    a name of its own (``<node>/W``, ``<node>/R``). Not a refit target."""
+    ``W`` over the rows of ``X`` (``[seq, batch, input]``: every direction reads them), read as
+    one dense layer ``[dirs * gates * hidden, input]``; or ``R`` over the rows of ``Y`` (``[seq,
+    dirs, batch, hidden]``: the previous states, but for the first), where direction ``d``
+    reads only its own states: its input channels are ``hidden * dirs`` (unit ``h`` owns the
+    block ``h * dirs + d``, :attr:`in_block`) and its matrix is block-sparse. Statistics are
+    kept under ``node.name``, a name of its own (``<node>/W``, ``<node>/R``). Not a refit
+    target."""
 
     is_conv = False
     group = 1
-    in_block = 1
     stored = None
 
     def __init__(self, node: gs.Node, weight: int, data: gs.Tensor) -> None:
         self.layer, self._weight, self.data = node, weight, data
         self.node = _Named(f"{node.name}/{'W' if weight == 1 else 'R'}")
         self.info = _ConsumerInfo()
+        self.in_block = 1 if weight == 1 else int(np.shape(node.inputs[2].values)[0])
 
     @property
     def weight(self) -> gs.Constant:
         return self.layer.inputs[self._weight]
 
     def read_data(self, x: np.ndarray) -> np.ndarray:
-        return x
+        if self.in_block == 1 or x.ndim != 4:
+            return x if self._weight == 1 or x.ndim != 4 else x[:, 0]
+        moved = np.moveaxis(x, 1, -1)  # [seq, batch, hidden, dirs]
+        return moved.reshape(*moved.shape[:2], -1)
 
     def in_channels(self) -> int:
-        return int(np.shape(self.weight.values)[2])
+        return int(np.shape(self.weight.values)[2]) * self.in_block
 
     def matrices(self) -> np.ndarray:
-        w = np.asarray(self.weight.values, dtype=np.float64)
-        return w.reshape(-1, w.shape[2])[None]
+        w = np.asarray(self.weight.values, dtype=np.float64)  # [dirs, gates*hidden, channels]
+        if self.in_block == 1:
+            return w.reshape(-1, w.shape[2])[None]
+        dirs, rows, hidden = w.shape
+        out = np.zeros((dirs * rows, hidden * dirs))
+        for d in range(dirs):
+            out[d * rows:(d + 1) * rows, d::dirs] = w[d]
+        return out[None]
 
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
         rows = x.reshape(-1, x.shape[-1])
@@ -96,8 +108,7 @@ class _Named:
 
 def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
     """The node's weights as consumers when it is a recurrent layer a refit can read: ``W``,
-    and ``R`` of a one-directional layer whose ``Y`` is computed and whose ``R`` is a float
-    constant."""
+    and ``R`` where ``Y`` is computed and ``R`` is a float constant."""
     from graphprune.rules import registry
 
     rule = registry.lookup(node.domain or "", node.op, opset)
@@ -106,8 +117,7 @@ def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
         return []
     views = [RecurrentConsumerView(node, 1, node.inputs[0])]
     r, y = node.inputs[2], node.outputs[0] if node.outputs and node.outputs[0].name else None
-    if (y is not None and isinstance(r, gs.Constant) and np.asarray(r.values).dtype.kind == "f"
-            and np.shape(r.values)[0] == 1):
+    if y is not None and isinstance(r, gs.Constant) and np.asarray(r.values).dtype.kind == "f":
         views.append(RecurrentConsumerView(node, 2, y))
     return views
 

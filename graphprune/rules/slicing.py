@@ -145,6 +145,8 @@ class SliceRule(OpRule):
                 continue
             start, _ = _normalise(start, end, step, size)
             ctx.couple(x, a, y, a, Offset(start))
+        if ctx.is_weight_view(x):  # a weight sliced in the graph (jax2onnx flips a transposed
+            ctx.weight_view(y, x)  # convolution's kernel with step -1): its axes' roles
 
     def _couple_computed(self, node: gs.Node, ctx: CouplingContext, rank: int) -> None:
         """Bounds computed at run time (``x[..., : x.shape[-1] // 2]``, rotary embeddings):
