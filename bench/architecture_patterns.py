@@ -1014,6 +1014,9 @@ def main() -> int:
     except ImportError:
         jax_models = {}
     names = [n for n in args.only.split(",") if n] or [*MODELS, *keras_models, *jax_models]
+    unknown = [n for n in names if n not in MODELS and n not in keras_models and n not in jax_models]
+    if unknown:  # (a wrong name used to leave a "NAME__None" row in the results)
+        parser.error(f"unknown pattern(s) {', '.join(unknown)} (or their exporter is not installed here)")
     rows = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -99,7 +99,7 @@ class RefitPass(Pass):
         (without, and after the recurrent layers' input projections are refit); the recurrent
         refit is kept only where the model's outputs on the calibration samples come closer to
         the original's (a change of the input sequence feeds back through time)."""
-        after_rec = refit_targets.affected_tensors(graph, {t.node.inputs[1].name for t in rec})
+        after_rec = refit_targets.affected_tensors(graph, {t.node.inputs[2].name for t in rec})
         later = [t for t in targets if t.view.data.name in after_rec
                  or (t.residual is not None and t.residual.stream in after_rec)]
         runs = [self._engine().run(graph, self.reference, [t for t in targets if t not in later])]

@@ -125,7 +125,12 @@ def test_the_rule_says_why_a_recurrent_layer_cannot_be_refit():
     assert info.gates == 4 and info.hidden == H
     assert "layout" in _rule_answer(gs.Node("LSTM", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H, "layout": 1}))
     computed = gs.Variable("Wc", np.float32, [1, 4 * H, C])
-    assert "float constants" in _rule_answer(gs.Node("LSTM", inputs=[x, computed, r], outputs=[y], attrs={"hidden_size": H}))
+    info = _rule_answer(gs.Node("LSTM", inputs=[x, computed, r], outputs=[y], attrs={"hidden_size": H}))
+    assert "float constants" in info.not_refit
+    # its recurrence is still a consumer the criteria read (the dynamo exporter's W)
+    views = recurrent.consumer_views(gs.Node("LSTM", name="l", inputs=[x, computed, r], outputs=[y],
+                                             attrs={"hidden_size": H}), 17)
+    assert [v.weight.name for v in views] == ["R"]
     quantized = gs.Node("DynamicQuantizeLSTM", domain="com.microsoft", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H})
     assert "integers" in _rule_answer(quantized)
 

@@ -53,26 +53,23 @@ class RecurrentConsumerView:
     dirs, batch, hidden]``: the previous states, but for the first), where direction ``d``
     reads only its own states: its input channels are ``hidden * dirs`` (unit ``h`` owns the
     block ``h * dirs + d``, :attr:`in_block`) and its matrix is block-sparse. Statistics are
-    kept under ``node.name``, a name of its own (``<node>/W``, ``<node>/R``). Not a refit
-    target."""
+    kept under ``node.name``, a name of its own (``<node>/<weight>``). ``W`` may come in parts
+    (a bidirectional layer's directions concatenated in the graph): one view per part. Not a
+    refit target."""
 
     is_conv = False
     group = 1
     stored = None
 
-    def __init__(self, node: gs.Node, weight: int, data: gs.Tensor) -> None:
-        self.layer, self._weight, self.data = node, weight, data
-        self.node = _Named(f"{node.name}/{'W' if weight == 1 else 'R'}")
+    def __init__(self, node: gs.Node, weight: gs.Constant, data: gs.Tensor, recurrence: bool) -> None:
+        self.layer, self.weight, self.data, self.recurrence = node, weight, data, recurrence
+        self.node = _Named(f"{node.name}/{weight.name}")
         self.info = _ConsumerInfo()
-        self.in_block = 1 if weight == 1 else int(np.shape(node.inputs[2].values)[0])
-
-    @property
-    def weight(self) -> gs.Constant:
-        return self.layer.inputs[self._weight]
+        self.in_block = int(np.shape(weight.values)[0]) if recurrence else 1
 
     def read_data(self, x: np.ndarray) -> np.ndarray:
-        if self.in_block == 1 or x.ndim != 4:
-            return x if self._weight == 1 or x.ndim != 4 else x[:, 0]
+        if not self.recurrence or x.ndim != 4:
+            return x
         moved = np.moveaxis(x, 1, -1)  # [seq, batch, hidden, dirs]
         return moved.reshape(*moved.shape[:2], -1)
 
@@ -107,19 +104,23 @@ class _Named:
 
 
 def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
-    """The node's weights as consumers when it is a recurrent layer a refit can read: ``W``,
-    and ``R`` where ``Y`` is computed and ``R`` is a float constant."""
+    """The node's weights as consumers when it is a recurrent layer in ONNX's layout: ``W``
+    where it is made of float constants, ``R`` where it is one and ``Y`` is computed."""
     from graphprune.rules import registry
 
     rule = registry.lookup(node.domain or "", node.op, opset)
     info = rule.recurrent(node) if rule is not None else None
     if not isinstance(info, RecurrentInfo):
         return []
-    views = [RecurrentConsumerView(node, 1, node.inputs[0])]
-    r, y = node.inputs[2], node.outputs[0] if node.outputs and node.outputs[0].name else None
-    if y is not None and isinstance(r, gs.Constant) and np.asarray(r.values).dtype.kind == "f":
-        views.append(RecurrentConsumerView(node, 2, y))
+    views = [RecurrentConsumerView(node, part, node.inputs[0], False) for part in info.input_weights]
+    y = node.outputs[0] if node.outputs and node.outputs[0].name else None
+    if y is not None and _float_constant(node.inputs[2]):
+        views.append(RecurrentConsumerView(node, node.inputs[2], y, True))
     return views
+
+
+def _float_constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and np.asarray(tensor.values).dtype.kind == "f"
 
 
 @dataclass
@@ -147,10 +148,10 @@ def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dic
         info = rule.recurrent(node) if rule is not None else None
         if info is None or node.inputs[0].name not in affected:
             continue
-        if isinstance(info, str):
-            skipped[node.name] = f"{info}: not refit"
+        if isinstance(info, str) or info.not_refit:
+            skipped[node.name] = f"{info if isinstance(info, str) else info.not_refit}: not refit"
             continue
-        if any(t.name and uses.get(t.name, 0) > 1 for t in node.inputs[1:4:2]):
+        if any(t.name and uses.get(t.name, 0) > 1 for t in (*info.input_weights, *node.inputs[2:4])):
             skipped[node.name] = f"{node.op} weights shared with other nodes: not refit"
             continue
         cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
@@ -179,19 +180,20 @@ def _inputs(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: 
     return np.concatenate(rows), np.concatenate(folds)
 
 
-def _original_projection(reference: onnx.ModelProto, node: gs.Node, store: Any
+def _original_projection(reference: onnx.ModelProto, node: gs.Node, parts: tuple[gs.Constant, ...], store: Any
                          ) -> tuple[str, np.ndarray, np.ndarray | None] | None:
-    """The original node's input name, ``W`` and ``Wb`` (``None``: not constants there)."""
+    """The original node's input name, ``W`` (its ``parts`` read from the reference by name)
+    and ``B`` (``None``: not constants there)."""
     names = {o.name for o in node.outputs if o.name}
     proto = next((n for n in reference.graph.node if names & set(n.output)), None)
     if proto is None:
         return None
     inits = {t.name: t for t in reference.graph.initializer}
-    w_name = proto.input[1]
     b_name = proto.input[3] if len(proto.input) > 3 else ""
-    if w_name not in inits or (b_name and b_name not in inits):
+    if any(p.name not in inits for p in parts) or (b_name and b_name not in inits):
         return None
-    return proto.input[0], _array(inits[w_name], store), _array(inits[b_name], store) if b_name else None
+    w = np.concatenate([_array(inits[p.name], store) for p in parts])
+    return proto.input[0], w, _array(inits[b_name], store) if b_name else None
 
 
 def _array(tensor: onnx.TensorProto, store: Any) -> np.ndarray:
@@ -238,12 +240,13 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
     done, kept_weights, before_all, after_all, changed = 0, 0, [], [], set()
     for t in targets:
         node, info = t.node, t.info
-        original = _original_projection(reference, node, store)
+        parts = info.input_weights
+        original = _original_projection(reference, node, parts, store)
         if original is None:
             skipped[node.name] = "the original's input weights are not constants: not refit"
             continue
         x_name, w_o, b_o = original
-        w = np.asarray(node.inputs[1].values)
+        w = np.concatenate([np.asarray(p.values) for p in parts])
         dirs, k = w.shape[0], w.shape[2]
         budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
         xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
@@ -264,12 +267,17 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
         solved, before, after = result
         new_b = b.copy()
         new_b[:, :gh] = solved[:, -1]
-        node.inputs[1].values = np.ascontiguousarray(np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype))
+        fitted = np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype)  # [dirs, G*H, input]
+        start = 0
+        for part in parts:  # W itself, or its directions concatenated in the graph
+            size = int(np.shape(part.values)[0])
+            part.values = np.ascontiguousarray(fitted[start:start + size])
+            start += size
         constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(new_b.astype(w.dtype)))
         while len(node.inputs) <= 3:
             node.inputs.append(gs.Variable.empty())
         node.inputs[3] = constant
-        changed.update((node.inputs[1].name, constant.name))
+        changed.update((*(p.name for p in parts), constant.name))
         norm = max(float(np.square(target).sum()), 1e-30)
         before_all.append(math.sqrt(max(before, 0.0) / norm))
         after_all.append(math.sqrt(max(after, 0.0) / norm))

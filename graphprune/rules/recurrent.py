@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+def _float_constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and np.asarray(tensor.values).dtype.kind == "f"
+
+
 def _output(node: gs.Node, index: int) -> gs.Tensor | None:
     if len(node.outputs) > index and node.outputs[index].name:
         return node.outputs[index]
@@ -118,15 +122,18 @@ class RecurrentRule(OpRule):
             ctx.freeze(node.inputs[4], None, f"sequence lengths of {where}")
 
     def recurrent(self, node: gs.Node) -> RecurrentInfo | str:
-        """The input projection ``W x_t + Wb`` of a float LSTM/GRU/RNN with constant ``W``
-        (and ``B``); otherwise why a refit cannot rewrite it."""
-        bias = _present(node, 3)
+        """The layer in ONNX's layout, and why its input projection ``W x_t + Wb`` cannot be
+        refit where ``W``, ``R`` or ``B`` is no float constant (the dynamo exporter computes a
+        bidirectional layer's ``W`` in the graph: its gates reordered by ``Slice``s and its
+        directions stacked by ``Concat``); ``layout`` 1: a string."""
         if int(node.attrs.get("layout", 0)) != 0:
             return f"{node.op} with layout 1"
-        if any(t is not None and (not isinstance(t, gs.Constant) or np.asarray(t.values).dtype.kind != "f")
-               for t in (node.inputs[1], bias)):
-            return f"{node.op} weights are not float constants"
-        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0))
+        w, bias = node.inputs[1], _present(node, 3)
+        parts: tuple[gs.Constant, ...] = (w,) if _float_constant(w) else ()
+        reason = ""
+        if not parts or not _float_constant(node.inputs[2]) or (bias is not None and not _float_constant(bias)):
+            reason = f"{node.op} weights are not float constants"
+        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0), reason, parts)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         r = node.inputs[2]

@@ -68,15 +68,21 @@ class LinearInfo:
 
 @dataclass(frozen=True)
 class RecurrentInfo:
-    """A fused recurrent op (ONNX ``LSTM``, ``GRU``, ``RNN``) whose input projection a refit
-    can rewrite (:mod:`graphprune.calibration.recurrent`). Inputs are ONNX's: ``X`` 0 (``[seq,
-    batch, input]``), ``W`` 1 (``[dirs, gates*hidden, input]``), ``B`` 3 (``[dirs,
-    2*gates*hidden]``: ``Wb`` then ``Rb``). Every gate reads the step's input through
+    """A fused recurrent op (ONNX ``LSTM``, ``GRU``, ``RNN``) in ONNX's layout, for the
+    calibration (:mod:`graphprune.calibration.recurrent`). Inputs are ONNX's: ``X`` 0 (``[seq,
+    batch, input]``), ``W`` 1 (``[dirs, gates*hidden, input]``), ``R`` 2 (``[dirs,
+    gates*hidden, hidden]``), ``B`` 3 (``[dirs, 2*gates*hidden]``: ``Wb`` then ``Rb``); output
+    ``Y`` 0 (``[seq, dirs, batch, hidden]``). Every gate reads the step's input through
     ``W x_t + Wb``, a linear layer applied at every step, whatever the gate's activation and
-    whatever it reads of the previous state."""
+    whatever it reads of the previous state. ``not_refit``: why a refit cannot rewrite that
+    projection (empty: it can)."""
 
     gates: int
     hidden: int
+    not_refit: str = ""
+    #: the float constants whose rows make ``W`` along its direction axis (``W`` itself; empty:
+    #: ``W`` is computed in the graph)
+    input_weights: tuple[gs.Constant, ...] = ()
 
 
 class StoredWeight:
@@ -273,8 +279,8 @@ class OpRule:
         return None
 
     def recurrent(self, node: gs.Node) -> RecurrentInfo | str | None:
-        """The node's gates as :class:`RecurrentInfo`, for a recurrent op whose float weights
-        a refit can rewrite; a string says why it cannot; ``None`` (the default): not a
+        """The node as :class:`RecurrentInfo`, for a recurrent op in ONNX's float layout; a
+        string says why the calibration cannot read it; ``None`` (the default): not a
         recurrent op."""
         return None
 
