@@ -168,3 +168,54 @@ def test_a_bidirectional_recurrence_is_read_per_direction():
     states = rng.standard_normal((S, 2, 3, H))
     read = rv.read_data(states)
     assert read.shape == (S, 3, 2 * H) and np.array_equal(read[:, :, 2 * 4 + 1], states[:, 1, :, 4])
+
+
+def dynamo_bilstm() -> onnx.ModelProto:
+    """``Linear(6->128) Relu -> bidirectional LSTM(128->32) -> Linear(64->4)`` through the dynamo
+    exporter, weights large enough that its optimizer does not fold the LSTM's ``W``: it stays
+    an expression (gates reordered by ``Slice``s, ``Concat``, ``Unsqueeze``, directions stacked
+    by ``Concat``)."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(IN, 128)
+            self.rnn = torch.nn.LSTM(128, 32, bidirectional=True)
+            self.out = torch.nn.Linear(64, OUT)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.relu(self.inp(x)))
+            return self.out(y)
+
+    torch.manual_seed(0)
+    m = torch.onnx.export(Net().eval(), (torch.from_numpy(sequences(1, 0)[0]),), dynamo=True,
+                          verbose=False).model_proto
+    assert any(n.op_type == "Concat" for n in m.graph.node)  # the W computed in the graph
+    return m
+
+
+def test_a_dynamo_exported_bidirectional_lstm_is_folded_and_refit():
+    """The model is constant-folded before the analysis (``OpRule.computed_parameters``), so the
+    criteria read the LSTM's input and its input projection is refit (before: "weights are not
+    float constants: not refit", the channels before it scored data-free)."""
+    from graphprune.planning import data_aware
+
+    result = prune(dynamo_bilstm())
+    passes = result.report["calibration"]["passes"]["RefitPass"]
+    assert not any("LSTM" in s for s in passes.get("skipped", []))
+    assert passes["recurrent"]["layers"] == 1
+    assert data_aware.NO_STATISTICS not in result.report["calibration"]["criteria_chosen"]
+    assert result.report["verification"]["ok"]
+
+
+def test_a_weight_computed_four_nodes_deep_is_zeroed_in_the_reference(monkeypatch):
+    """Unfolded, the LSTM's input channels prune exactly; the zeroed original must zero its
+    computed ``W``'s removed columns (the input channels keep ``relu(bias)``: their producer's
+    bias is not zeroed). The verifier recognised computed weights 3 nodes deep and refused the
+    correct rewrite (relative difference 0.24)."""
+    from graphprune.io import ir
+
+    monkeypatch.setattr(ir, "_computes_constants", lambda model: False)
+    result = graphprune.prune(dynamo_bilstm(), ratio=0.5, round_to=1)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 2

@@ -194,16 +194,21 @@ def tensor_constants(graph: onnx.GraphProto) -> None:
 
 def _computes_constants(model: onnx.ModelProto) -> bool:
     """Does the model hold a node that exporters use to compute constants (a Constant node,
-    an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``), or
-    a weight computed in the graph (``OpRule.folds_weights``)?"""
+    an Identity of a shared weight, a Shape of a static shape: ``OpRule.constant_ops``), a
+    weight computed in the graph (``OpRule.folds_weights``), or a parameter computed from
+    constants (``OpRule.computed_parameters``)?"""
     opset = default_opset(model)
-    constant = {t.name for t in model.graph.initializer}
+    initializers = {t.name for t in model.graph.initializer}
+    constant = set(initializers)
     for node in model.graph.node:  # graph order: a node's inputs are decided before it
         rule = registry.lookup(node.domain, node.op_type, opset)
         if rule is not None and node.op_type in rule.constant_ops:
             return True
         computed = bool(node.input) and all(not name or name in constant for name in node.input)
         if rule is not None and rule.folds_weights and computed:
+            return True
+        if rule is not None and any(k < len(node.input) and node.input[k] in constant
+                                    and node.input[k] not in initializers for k in rule.computed_parameters):
             return True
         if computed and not _subgraph_reads(node):
             constant.update(node.output)

@@ -58,6 +58,7 @@ def _output(node: gs.Node, index: int) -> gs.Tensor | None:
 @register
 class RecurrentRule(OpRule):
     op_types = ("LSTM", "GRU", "RNN")
+    computed_parameters = (1, 2, 3)  # W, R, B
     #: the axis of ``R`` that indexes hidden units (ONNX: ``R [dirs, G*H, H]``)
     hidden_axis = 2
 
@@ -172,6 +173,7 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
     where the op reads them (their range), and a weight's zero is its zero point."""
 
     op_types = ("DynamicQuantizeLSTM",)
+    computed_parameters = ()
     quantizes_at_run_time = True
     domain = "com.microsoft"
     hidden_axis = 1  # R [dirs, H, 4H]

@@ -209,6 +209,11 @@ class OpRule:
     #: ``BatchNormalization`` of a conv weight: weight standardization, which the dynamo
     #: exporter leaves unfolded)
     folds_weights: ClassVar[bool] = False
+    #: input indices of parameters that exporters may compute from constants in the graph (the
+    #: dynamo exporter reorders a bidirectional LSTM's gates with ``Slice`` and ``Concat``): a
+    #: model with such a node is constant-folded before the analysis, so that the parameter is
+    #: a constant the criteria and the refit can read
+    computed_parameters: ClassVar[tuple[int, ...]] = ()
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError

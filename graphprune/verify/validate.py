@@ -1,16 +1,16 @@
 """Validation of a pruned model: checker, ORT run, output shapes, zero-equivalence.
 
-This is the one verifier of every mode: :func:`compare` checks a candidate against a
-reference (the zeroed original, the original, or the original with erased branches
-zeroed) on the same feeds. Models are given as protos or as file paths; a path (a model
-with external data, one over 2 GB) is checked and run from the file, never serialised.
+This is the one verifier of every mode: :func:`compare` checks a candidate against a reference
+(the zeroed original, the original, or the original with erased branches zeroed) on the same
+feeds. Models are given as protos or as file paths; a path (a model with external data, one over
+2 GB) is checked and run from the file, never serialised.
 
-The self-check: removing a channel is equivalent to zeroing its producer (weights, bias)
-and consumer (input weights) in the original — exactly, for groups whose channels meet
-only channel-separable ops. The validator builds that *zeroed reference* from the
-prepared original, runs both with ONNX Runtime on the same random inputs and reports the
-largest absolute and relative difference. Groups marked inexact (a normalisation over the
-pruned axis) are left out of the check and listed with the reason.
+The self-check: removing a channel is equivalent to zeroing its producer (weights, bias) and
+consumer (input weights) in the original — exactly, for groups whose channels meet only
+channel-separable ops. The validator builds that *zeroed reference* from the prepared original,
+runs both with ONNX Runtime on the same random inputs and reports the largest absolute and
+relative difference. Groups marked inexact (a normalisation over the pruned axis) are left out
+of the check and listed with the reason.
 """
 
 from __future__ import annotations
@@ -470,10 +470,11 @@ def zeroed_reference(
 
 
 def _computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
-    """Weights the graph computes from constants (``Add(W, c)``, ``A @ B``) that a consumer or
-    producer reads and whose constants do not take that role themselves (a dequantized or
-    cast-and-scaled weight's integer constant does; ``linked``: those too): zeroing their
-    constants would not zero the weight, so the zeroed original zeroes the computed weight."""
+    """Weights the graph computes from constants (``Add(W, c)``, ``A @ B``; up to 8 nodes deep:
+    dynamo's bidirectional LSTM ``W`` takes 4) that a consumer or producer reads and whose
+    constants do not take that role themselves (a dequantized or cast-and-scaled weight's integer
+    constant does; ``linked``: those too): zeroing their constants would not zero the weight, so
+    the zeroed original zeroes the computed weight."""
     from graphprune.rules.linear import from_constants
 
     ctx = analysis.context
@@ -482,7 +483,7 @@ def _computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
     for (name, _axis), role in ctx.variable_roles.items():
         tensor = ctx.tensors.get(name)
         if (role in (PRODUCER, CONSUMER) and name not in linked and tensor is not None
-                and not hasattr(tensor, "values") and from_constants(tensor)):
+                and not hasattr(tensor, "values") and from_constants(tensor, 8)):
             out.add(name)
     return out
 
