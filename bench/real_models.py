@@ -592,13 +592,17 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="drop earlier results")
     parser.add_argument("--markdown-only", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
-    parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="markdown table file")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="markdown table file (default: the docs page; with --results elsewhere, "
+                             "that file with .md: a side run leaves the docs alone)")
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "MODE", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], Path(args.worker[2]))
         return 0
+    if args.markdown is None:
+        args.markdown = MARKDOWN if args.results == RESULTS else args.results.with_suffix(".md")
     RESULTS, MARKDOWN = args.results, args.markdown
     if args.markdown_only:
         write_markdown(load_results())
