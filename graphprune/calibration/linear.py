@@ -301,11 +301,7 @@ class LinearView:
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
         """``[R, C]``: input channel vectors at up to ``limit`` positions (statistics)."""
         if not self.is_conv:
-            moved = x.reshape(-1, x.shape[-1])
-            if moved.shape[0] > limit:
-                rng = np.random.default_rng(seed)
-                moved = moved[np.sort(rng.choice(moved.shape[0], size=limit, replace=False))]
-            return np.asarray(moved, dtype=np.float32)
+            return dense_rows(x, limit, seed)
         total = x.shape[0] * int(np.prod(x.shape[2:]))
         if total > limit:
             rows = np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
@@ -327,6 +323,14 @@ def _gather(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     sample, position = np.divmod(rows, flat.shape[2])
     return flat[sample, :, position]
+
+
+def dense_rows(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """``[R, C]``: the channel vectors (last axis) of ``x`` at up to ``limit`` positions."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > limit:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=limit, replace=False))]
+    return np.asarray(rows, dtype=np.float32)
 
 
 def select(total: int, count: int, seed: int) -> np.ndarray:

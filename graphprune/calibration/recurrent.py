@@ -32,16 +32,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
-from graphprune.calibration.linear import select
+from graphprune.calibration.linear import dense_rows, select
 from graphprune.calibration.refit_targets import affected_tensors
 from graphprune.calibration.ridge import Accumulator, choose_ridge, fit, fit_error
+from graphprune.calibration.sequential import MAX_ROWS, MIN_ROWS, ROWS_PER_INPUT
 from graphprune.io import ir
 from graphprune.io.names import fresh_name
 from graphprune.rules.registry import RecurrentInfo
-
-ROWS_PER_INPUT = 4
-MIN_ROWS = 4096
-MAX_ROWS = 8192
 
 
 class RecurrentConsumerView:
@@ -53,9 +50,7 @@ class RecurrentConsumerView:
     dirs, batch, hidden]``: the previous states, but for the first), where direction ``d``
     reads only its own states: its input channels are ``hidden * dirs`` (unit ``h`` owns the
     block ``h * dirs + d``, :attr:`in_block`) and its matrix is block-sparse. Statistics are
-    kept under ``node.name``, a name of its own (``<node>/<weight>``). ``W`` may come in parts
-    (a bidirectional layer's directions concatenated in the graph): one view per part. Not a
-    refit target."""
+    kept under ``node.name``, a name of its own (``<node>/<weight>``). Not a refit target."""
 
     is_conv = False
     group = 1
@@ -87,10 +82,7 @@ class RecurrentConsumerView:
         return out[None]
 
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > limit:
-            rows = rows[np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=limit, replace=False))]
-        return np.asarray(rows, dtype=np.float32)
+        return dense_rows(x, limit, seed)
 
 
 @dataclass(frozen=True)
@@ -105,22 +97,18 @@ class _Named:
 
 def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
     """The node's weights as consumers when it is a recurrent layer in ONNX's layout: ``W``
-    where it is made of float constants, ``R`` where it is one and ``Y`` is computed."""
+    where it is a float constant, ``R`` where it is one and ``Y`` is computed."""
     from graphprune.rules import registry
 
     rule = registry.lookup(node.domain or "", node.op, opset)
     info = rule.recurrent(node) if rule is not None else None
     if not isinstance(info, RecurrentInfo):
         return []
-    views = [RecurrentConsumerView(node, part, node.inputs[0], False) for part in info.input_weights]
+    views = [] if info.input_weight is None else [RecurrentConsumerView(node, info.input_weight, node.inputs[0], False)]
     y = node.outputs[0] if node.outputs and node.outputs[0].name else None
-    if y is not None and _float_constant(node.inputs[2]):
-        views.append(RecurrentConsumerView(node, node.inputs[2], y, True))
+    if y is not None and info.recurrence is not None:
+        views.append(RecurrentConsumerView(node, info.recurrence, y, True))
     return views
-
-
-def _float_constant(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) and np.asarray(tensor.values).dtype.kind == "f"
 
 
 @dataclass
@@ -151,7 +139,7 @@ def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dic
         if isinstance(info, str) or info.not_refit:
             skipped[node.name] = f"{info if isinstance(info, str) else info.not_refit}: not refit"
             continue
-        if any(t.name and uses.get(t.name, 0) > 1 for t in (*info.input_weights, *node.inputs[2:4])):
+        if any(t.name and uses.get(t.name, 0) > 1 for t in node.inputs[1:4]):
             skipped[node.name] = f"{node.op} weights shared with other nodes: not refit"
             continue
         cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
@@ -180,20 +168,18 @@ def _inputs(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: 
     return np.concatenate(rows), np.concatenate(folds)
 
 
-def _original_projection(reference: onnx.ModelProto, node: gs.Node, parts: tuple[gs.Constant, ...], store: Any
+def _original_projection(reference: onnx.ModelProto, node: gs.Node, store: Any
                          ) -> tuple[str, np.ndarray, np.ndarray | None] | None:
-    """The original node's input name, ``W`` (its ``parts`` read from the reference by name)
-    and ``B`` (``None``: not constants there)."""
+    """The original node's input name, ``W`` and ``B`` (``None``: not constants there)."""
     names = {o.name for o in node.outputs if o.name}
     proto = next((n for n in reference.graph.node if names & set(n.output)), None)
     if proto is None:
         return None
     inits = {t.name: t for t in reference.graph.initializer}
     b_name = proto.input[3] if len(proto.input) > 3 else ""
-    if any(p.name not in inits for p in parts) or (b_name and b_name not in inits):
+    if proto.input[1] not in inits or (b_name and b_name not in inits):
         return None
-    w = np.concatenate([_array(inits[p.name], store) for p in parts])
-    return proto.input[0], w, _array(inits[b_name], store) if b_name else None
+    return proto.input[0], _array(inits[proto.input[1]], store), _array(inits[b_name], store) if b_name else None
 
 
 def _array(tensor: onnx.TensorProto, store: Any) -> np.ndarray:
@@ -240,13 +226,12 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
     done, kept_weights, before_all, after_all, changed = 0, 0, [], [], set()
     for t in targets:
         node, info = t.node, t.info
-        parts = info.input_weights
-        original = _original_projection(reference, node, parts, store)
-        if original is None:
+        original = _original_projection(reference, node, store)
+        if original is None or info.input_weight is None:
             skipped[node.name] = "the original's input weights are not constants: not refit"
             continue
         x_name, w_o, b_o = original
-        w = np.concatenate([np.asarray(p.values) for p in parts])
+        w = np.asarray(info.input_weight.values)
         dirs, k = w.shape[0], w.shape[2]
         budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
         xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
@@ -267,17 +252,12 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
         solved, before, after = result
         new_b = b.copy()
         new_b[:, :gh] = solved[:, -1]
-        fitted = np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype)  # [dirs, G*H, input]
-        start = 0
-        for part in parts:  # W itself, or its directions concatenated in the graph
-            size = int(np.shape(part.values)[0])
-            part.values = np.ascontiguousarray(fitted[start:start + size])
-            start += size
+        info.input_weight.values = np.ascontiguousarray(np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype))
         constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(new_b.astype(w.dtype)))
         while len(node.inputs) <= 3:
             node.inputs.append(gs.Variable.empty())
         node.inputs[3] = constant
-        changed.update((*(p.name for p in parts), constant.name))
+        changed.update((info.input_weight.name, constant.name))
         norm = max(float(np.square(target).sum()), 1e-30)
         before_all.append(math.sqrt(max(before, 0.0) / norm))
         after_all.append(math.sqrt(max(after, 0.0) / norm))

@@ -129,12 +129,11 @@ class RecurrentRule(OpRule):
         directions stacked by ``Concat``); ``layout`` 1: a string."""
         if int(node.attrs.get("layout", 0)) != 0:
             return f"{node.op} with layout 1"
-        w, bias = node.inputs[1], _present(node, 3)
-        parts: tuple[gs.Constant, ...] = (w,) if _float_constant(w) else ()
-        reason = ""
-        if not parts or not _float_constant(node.inputs[2]) or (bias is not None and not _float_constant(bias)):
-            reason = f"{node.op} weights are not float constants"
-        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0), reason, parts)
+        w, r = (t if _float_constant(t) else None for t in node.inputs[1:3])
+        bias = _present(node, 3)
+        reason = ("" if w is not None and r is not None and (bias is None or _float_constant(bias))
+                  else f"{node.op} weights are not float constants")
+        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0), reason, w, r)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         r = node.inputs[2]

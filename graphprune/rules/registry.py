@@ -80,9 +80,9 @@ class RecurrentInfo:
     gates: int
     hidden: int
     not_refit: str = ""
-    #: the float constants whose rows make ``W`` along its direction axis (``W`` itself; empty:
-    #: ``W`` is computed in the graph)
-    input_weights: tuple[gs.Constant, ...] = ()
+    #: ``W`` and ``R`` where they are float constants (``None``: computed in the graph)
+    input_weight: gs.Constant | None = None
+    recurrence: gs.Constant | None = None
 
 
 class StoredWeight:
