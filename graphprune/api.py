@@ -124,7 +124,8 @@ def prune(
     ``debug=True`` verifies the graph after every pass that changes it.
 
     ``calibration`` (a ``.npz`` path, a folder of ``.npz`` files, a dict of stacked arrays
-    or an iterable of feed dicts; see :mod:`graphprune.calibration.data`) makes the prune
+    or an iterable of feed dicts; see :mod:`graphprune.calibration.data`; or ``"random"`` /
+    ``"random:N"`` where there is no data: synthetic feeds, :mod:`graphprune.calibration.synthetic`) makes the prune
     data-aware: the criterion defaults to ``auto`` (a reconstruction-aware score from
     activation statistics; ``criterion`` overrides it), the structural rewrite is still
     checked exactly against the zeroed original, then ``reconstruction`` (``refit``:

@@ -299,8 +299,10 @@ def _add_prune_parser(sub: Any) -> None:
                         "--calibration auto)")
     p.add_argument("--calibration", metavar="CALIB",
                    help="calibration data: a .npz with one array per graph input (leading sample "
-                        "axis) or a folder of .npz files (one feed each); enables data-aware "
-                        "criteria, reconstruction and the fidelity report")
+                        "axis) or a folder of .npz files (one feed each); or random[:N] with no "
+                        "data (N synthetic feeds, default 128: normal floats, token ids over the "
+                        "embedding table); enables data-aware criteria, reconstruction and the "
+                        "fidelity report")
     p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "bn", "none"], default="refit",
                    help="with --calibration: least-squares refit of the affected layers, "
                         "statistics correction, bias compensation, bias compensation from "
@@ -369,7 +371,7 @@ def _add_sweep_parser(sub: Any) -> None:
                             "in (0, 1)), instead of --ratios")
     if sweep.api_accepts("calibration"):
         p.add_argument("--calibration", metavar="CALIB",
-                       help="calibration data (.npz or a folder of .npz), passed to every point")
+                       help="calibration data (.npz, a folder of .npz, or random[:N]), passed to every point")
     p.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
                    help="as in prune: kept units a multiple of N (default: automatic)")
     p.add_argument("--keep", nargs="+", metavar="NAME", help="as in prune: protected names")

@@ -131,6 +131,8 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     picked = f" ({', '.join(f'{k} x{v}' for k, v in chosen.items())})" if chosen else ""
     lines = [f"calibration: {calibration.get('used', '?')} samples used, {calibration.get('held_out', 0)} held out; "
              f"criterion {calibration.get('criterion')}{picked}; reconstruction {calibration.get('reconstruction')}"]
+    if str(calibration.get("source", "")).startswith("random"):
+        lines.append(f"  data: {calibration['source']}; no real data: the fidelity below is on random inputs")
     for name, stats in (calibration.get("passes") or {}).items():
         text = f"  {name}: {stats.get('layers', 0)} layers"
         if "rel_error_before" in stats:
@@ -257,7 +259,8 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     lines.extend(calibration_lines(report.get("calibration")))
     fidelity = _fidelity_lines(report.get("fidelity"))
     if fidelity:
-        lines.append("fidelity (vs the original on held-out inputs):")
+        random = str((report.get("calibration") or {}).get("source", "")).startswith("random")
+        lines.append(f"fidelity (vs the original on held-out {'random ' if random else ''}inputs):")
         lines.extend(fidelity)
     t = report.get("timings", {})
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))

@@ -31,13 +31,14 @@ import onnx
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.calibration import fidelity as fidelity_mod
-from graphprune.calibration import refit_targets, runner, sequential
+from graphprune.calibration import refit_targets, runner, sequential, synthetic
 from graphprune.calibration import stats as stats_mod
 from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
 from graphprune.calibration.linear import linear_view
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.errors import UsageError
 from graphprune.io import ir
+from graphprune.io.feeds import input_specs
 from graphprune.passes.prune_channels import removed_elements
 from graphprune.planning.data_aware import (
     AUTO_CRITERION,
@@ -89,7 +90,10 @@ class CalibratedRun:
         check_options(self.options.criterion, self.options.reconstruction)
         self.data_dir = getattr(getattr(session, "store", None), "root", None)
         with session.stage("calibration"):
+            source, described = self._synthetic(source)
             self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
+            if described:
+                self.calib.source = described
             # MACs of open input sizes are counted at the data's sizes
             session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
             with session.blaming_input("the original model"):
@@ -110,6 +114,19 @@ class CalibratedRun:
         self._fidelity: dict[str, Any] | None = None
         #: the reconstruction was undone (:meth:`fidelity`)
         self.reverted = False
+
+    def _synthetic(self, source: Any) -> tuple[Any, str | None]:
+        """Random feeds and their description for ``random[:N]`` (:mod:`.synthetic`), else
+        ``(source, None)``."""
+        count = synthetic.synthetic_count(source)
+        if count is None:
+            return source, None
+        session = self.session
+        shapes = {k: tuple(np.shape(v)) for k, v in session.feeds(count=1)[0].items()}
+        graph = session.graph if session.graph is not None else session.import_graph()
+        bounds = synthetic.index_bounds(graph, session.opset)
+        feeds = synthetic.synthetic_feeds(input_specs(session.prepared), shapes, bounds, count)
+        return feeds, synthetic.describe(count, shapes, bounds)
 
     @property
     def criterion(self) -> str:

@@ -212,6 +212,9 @@ class UnaryRule(OpRule):
     def aliased_input(self, node: gs.Node) -> int | None:
         return 0 if node.op == "Identity" else None
 
+    def carries_values(self, node: gs.Node) -> tuple[int, ...]:
+        return (0,) if node.op in ("Identity", "Cast", "CastLike", "Dropout") else ()
+
     def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """A Cast of an int8 weight stays: the weight stays int8 in the file, and the
         analysis follows the cast and the scale applied after it (``couple``)."""

@@ -364,6 +364,22 @@ class OpRule:
         through it is read directly instead of being folded into a second copy."""
         return None
 
+    def index_bound(self, node: gs.Node, index: int) -> int | None:
+        """The number of entries of the table that input ``index`` indexes (a ``Gather`` of
+        a constant table: its rows), so its values lie in ``[0, bound)``: what a synthetic
+        calibration feed gives a graph input read this way (token ids). ``None`` (the
+        default): the input is no such index."""
+        return None
+
+    def carries_values(self, node: gs.Node) -> tuple[int, ...]:
+        """Inputs whose values output 0 holds unchanged, only moved or cast (a ``Reshape``,
+        ``Unsqueeze``, ``Cast``): an index bound found past the node applies to them.
+        Default: input 0 of data movement (``zero_behaviour == "move"``), every input of a
+        concatenation; nothing for other ops."""
+        if self.zero_behaviour != "move" or not node.inputs:
+            return ()
+        return tuple(range(len(node.inputs))) if self.concat_axis(node) is not None else (0,)
+
     def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """Constant inputs that constant folding must not fold through this node (an int8
         weight cast to float: folding would store it as float, 4x the bytes)."""

@@ -246,6 +246,15 @@ class GatherRule(OpRule):
     op_types = ("Gather",)
     phase = 2
 
+    def index_bound(self, node: gs.Node, index: int) -> int | None:
+        """The indices address the table's rows along ``axis`` (a constant table, or one
+        computed with a static size: a dequantized embedding)."""
+        data = node.inputs[0]
+        if index != 1 or not data.shape:
+            return None
+        size = data.shape[int(node.attrs.get("axis", 0)) % len(data.shape)]
+        return int(size) if isinstance(size, int) and size > 0 else None
+
     def selected_range(self, node: gs.Node) -> tuple[int, int, int, bool] | None:
         """A constant scalar index, or constant consecutive ascending indices."""
         data, indices = node.inputs[0], node.inputs[1]

@@ -416,6 +416,13 @@ class EmbedLayerNormRule(OpRule):
         if total is not None:
             ctx.couple_all_axes(y, total)
 
+    def index_bound(self, node: gs.Node, index: int) -> int | None:
+        """Input ids index the word table (input 2), segment ids the segment table (4)."""
+        table = _present(node, {0: 2, 1: 4}[index]) if index in (0, 1) else None
+        if not isinstance(table, gs.Constant) or not table.shape:
+            return None
+        return int(table.shape[0])
+
 
 # ----------------------------------------------------------------------------- activations
 
