@@ -98,8 +98,9 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
                          "the function changed)")
         else:
             lines.append("  (that checks the rewrite is exact; the pruned network still computes "
-                         "another function than the original: measuring by how much needs "
-                         "calibration data)")
+                         "another function than the original: measuring by how much, and "
+                         "refitting it, needs --calibration DATA, or --calibration random "
+                         "without data)")
     for entry in v.get("inexact_groups", [])[:5]:
         why = entry["why"][0] if entry.get("why") else ""
         lines.append(f"  inexact group {entry['anchor']} not compared: {why}")

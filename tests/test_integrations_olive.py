@@ -58,3 +58,31 @@ def test_olive_run_prunes_model_onnx(tmp_path):
     before = json.loads((tmp_path / "pruned" / "input_model_metrics.json").read_text())
     after = json.loads((tmp_path / "pruned" / "metrics.json").read_text())
     assert "latency-avg" in json.dumps(before) and "latency-avg" in json.dumps(after)
+
+
+@pytest.mark.olive
+def test_olive_pass_calibrates_on_random_feeds_to_a_macs_budget(tmp_path):
+    """The pass takes calibration (here random synthetic feeds) and a budget instead of ratio."""
+    pytest.importorskip("olive")
+    olive = shutil.which("olive")
+    assert olive is not None
+    workflow = json.loads((EXAMPLE / "workflow.json").read_text())
+    workflow["passes"] = {"prune": {"type": "GraphPrune", "target_macs": 0.5, "calibration": "random:12"}}
+    workflow["evaluate_input_model"] = False
+    workflow.pop("evaluator")
+    (tmp_path / "workflow.json").write_text(json.dumps(workflow))
+    shutil.copy(EXAMPLE / "package_config.json", tmp_path / "package_config.json")
+    onnx.save(example_cnn(), tmp_path / "model.onnx")
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run(
+        [olive, "run", "--config", "workflow.json", "--package-config", "package_config.json",
+         "--disable_telemetry"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (report_path,) = tmp_path.rglob("graphprune_report.json")  # beside the pass output (Olive cache)
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["source"].startswith("random (12 synthetic feeds")
+    assert report["budget"]["target"] == "macs" and abs(report["budget"]["achieved"] - 0.5) <= 0.03
+    assert report["verification"]["ok"] and "fidelity" in report
+    onnx.checker.check_model(str(tmp_path / "pruned" / "model.onnx"), full_check=True)

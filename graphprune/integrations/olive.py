@@ -39,7 +39,15 @@ REPORT_NAME = "graphprune_report.json"
 #: the pass options: name -> (type, default, description); all go to graphprune.prune
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "ratio": (float, 0.5, "Fraction of the units of every prunable channel group to remove, in [0, 1)."),
-    "criterion": (str, "l1", "Importance criterion: l1, l2 or random."),
+    "criterion": (str, None, "Importance criterion: l1, l2 or random; with calibration also auto, "
+                  "activation, wanda, flap, reconstruction, obs (default: l1, with calibration auto)."),
+    "calibration": (str, None, "Calibration data: a .npz with one array per input (leading sample axis), "
+                    "a folder of .npz files, or random[:N] (synthetic feeds) when there is no data; "
+                    "enables data-aware criteria, reconstruction and the fidelity report."),
+    "reconstruction": (str, "refit", "With calibration: refit, stats, bias, bn or none."),
+    "target_macs": (float, None, "Budget instead of ratio: fraction of the original MACs, in (0, 1)."),
+    "target_params": (float, None, "Budget instead of ratio: fraction of the original parameters."),
+    "target_latency": (float, None, "Budget instead of ratio: fraction of the measured ORT latency."),
     "round_to": (int, None, "Keep a multiple of N units per group (default: 8 for groups of 32 or more)."),
     "min_channels": (int, 1, "Minimum units kept per group."),
     "keep": (list[str], None, "Node or tensor names whose channels must not be pruned."),
@@ -73,6 +81,8 @@ class GraphPrunePass(Pass):
 
         options = {name: getattr(config, name) for name in OPTIONS}
         options["keep"] = options["keep"] or ()
+        if any(options[name] is not None for name in ("target_macs", "target_params", "target_latency")):
+            del options["ratio"]  # a budget replaces the uniform ratio
         erase = options.get("erase_blocks")
         if erase is not None and erase >= 1 and erase == int(erase):
             options["erase_blocks"] = int(erase)
