@@ -18,6 +18,17 @@ from graphprune.verify.metrics import count_params
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "olive"
 
 
+def _olive_run(olive: str, folder: Path) -> None:
+    """``olive run`` of the workflow and package config in ``folder``; it must succeed."""
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run(
+        [olive, "run", "--config", "workflow.json", "--package-config", "package_config.json",
+         "--disable_telemetry"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
 def test_example_files_name_the_pass_and_the_latency_evaluator():
     workflow = json.loads((EXAMPLE / "workflow.json").read_text())
     package = json.loads((EXAMPLE / "package_config.json").read_text())
@@ -38,13 +49,7 @@ def test_olive_run_prunes_model_onnx(tmp_path):
         shutil.copy(EXAMPLE / name, tmp_path / name)
     original = example_cnn()
     onnx.save(original, tmp_path / "model.onnx")
-    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run(
-        [olive, "run", "--config", "workflow.json", "--package-config", "package_config.json",
-         "--disable_telemetry"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    _olive_run(olive, tmp_path)
     output = tmp_path / "pruned" / "model.onnx"
     pruned = onnx.load(output)
     onnx.checker.check_model(pruned, full_check=True)
@@ -73,13 +78,7 @@ def test_olive_pass_calibrates_on_random_feeds_to_a_macs_budget(tmp_path):
     (tmp_path / "workflow.json").write_text(json.dumps(workflow))
     shutil.copy(EXAMPLE / "package_config.json", tmp_path / "package_config.json")
     onnx.save(example_cnn(), tmp_path / "model.onnx")
-    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run(
-        [olive, "run", "--config", "workflow.json", "--package-config", "package_config.json",
-         "--disable_telemetry"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    _olive_run(olive, tmp_path)
     (report_path,) = tmp_path.rglob("graphprune_report.json")  # beside the pass output (Olive cache)
     report = json.loads(report_path.read_text())
     assert report["calibration"]["source"].startswith("random (12 synthetic feeds")
