@@ -10,7 +10,9 @@ standard normal floats, token ids over the embedding table, masks of ones), and 
   scikit-learn's digits, TorchScript export): test accuracy;
 * the 2-layer LSTM / GRU digits classifiers of ``bench/calibration_recurrent.py``: test accuracy;
 * all-MiniLM-L6-v2 (``bench/calibration_minilm.py``: docstring sentences): mean cosine of the
-  sentence embeddings to the original's and nearest-neighbour agreement.
+  sentence embeddings to the original's and nearest-neighbour agreement;
+* PaddleOCR's PP-OCRv5 recogniser (real-model corpus; ``bench/calibration_ocr_rec.py``'s
+  rendered word crops, needs Pillow): the share of 200 crops read as the original reads them.
 
     python bench/calibration_synthetic.py          # ~10 min on 2 CPU cores
     python bench/calibration_synthetic.py --only minilm
@@ -99,6 +101,35 @@ def recurrent_rows(kind: str) -> list[dict]:
     return rows
 
 
+def ocr_rows() -> list[dict]:
+    """PP-OCRv5's recogniser (real-model corpus) on rendered word crops: share read the same."""
+    import calibration_ocr_rec as co
+    import onnx
+    from real_corpus import model_path
+
+    import graphprune
+
+    (calib, _), (crops, truth) = co.render(SAMPLES, seed=1), co.render(200, seed=2)
+    path = model_path("ppocrv5_rec")
+    table = co.characters(path)
+    reference = co.read(onnx.load(str(path)), crops, table)
+    sources = {"data-free (l1)": None, f"random:{SAMPLES}": f"random:{SAMPLES}",
+               f"{SAMPLES} real samples": [{"x": c} for c in calib]}
+    rows = []
+    for label, source in sources.items():
+        started = time.perf_counter()
+        res = graphprune.prune(str(path), ratio=0.3, calibration=source,
+                               **({"criterion": "l1"} if source is None else {}))
+        judged = co.judge(reference, co.read(res.model, crops, table), truth)
+        rows.append({"model": "PP-OCRv5 rec", "setting": "--ratio 0.3", "run": label,
+                     "macs": round(res.report["params_after"] / res.report["params_before"], 3),
+                     "metric": "same text", "original": 100.0, "value": round(100 * judged["same_text"], 1),
+                     "report_cosine": (res.report.get("fidelity") or {}).get("cosine"),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def minilm_rows(tmp: Path) -> list[dict]:
     import calibration_minilm as cm
     import onnx
@@ -142,6 +173,7 @@ def table(rows: list[dict]) -> str:
 
         def cell(r: dict) -> str:
             text = f"{r['value']:.4f}" if r["metric"] == "mean cosine" else f"{r['value']:.1f} %"
+            text += " same text" if r["metric"] == "same text" else ""
             return text + (f" · NN {100 * r['nn_agreement']:.1f} %" if "nn_agreement" in r else "")
 
         by = {("free" if r["run"].startswith("data-free") else "random" if r["run"].startswith("random")
@@ -155,14 +187,15 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated: cnn, resnet, lstm, gru, minilm")
+    parser.add_argument("--only", default="", help="comma-separated: cnn, resnet, lstm, gru, minilm, ocr")
     args = parser.parse_args()
-    chosen = set(filter(None, args.only.split(","))) or {"cnn", "resnet", "lstm", "gru", "minilm"}
+    chosen = set(filter(None, args.only.split(","))) or {"cnn", "resnet", "lstm", "gru", "minilm", "ocr"}
     rows: list[dict] = []
     if RESULTS.exists() and args.only:
         kept = json.loads(RESULTS.read_text())["rows"]
         rows = [r for r in kept if r["model"].split()[-1].lower() not in chosen
-                and not (r["model"].startswith("all-MiniLM") and "minilm" in chosen)]
+                and not (r["model"].startswith("all-MiniLM") and "minilm" in chosen)
+                and not (r["model"].startswith("PP-OCR") and "ocr" in chosen)]
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("cnn", "resnet"):
             if arch in chosen:
@@ -172,6 +205,8 @@ def main() -> int:
                 rows += recurrent_rows(kind)
         if "minilm" in chosen:
             rows += minilm_rows(Path(tmp))
+        if "ocr" in chosen:
+            rows += ocr_rows()
     print()
     print(table(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

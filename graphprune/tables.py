@@ -133,7 +133,8 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     lines = [f"calibration: {calibration.get('used', '?')} samples used, {calibration.get('held_out', 0)} held out; "
              f"criterion {calibration.get('criterion')}{picked}; reconstruction {calibration.get('reconstruction')}"]
     if str(calibration.get("source", "")).startswith("random"):
-        lines.append(f"  data: {calibration['source']}; no real data: the fidelity below is on random inputs")
+        lines.append(f"  data: {calibration['source']}; no real data: the fidelity below is on random "
+                     "inputs and says little about real ones")
     for name, stats in (calibration.get("passes") or {}).items():
         text = f"  {name}: {stats.get('layers', 0)} layers"
         if "rel_error_before" in stats:
