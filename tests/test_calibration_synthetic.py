@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from graphprune.calibration import synthetic
 from graphprune.errors import UsageError
-from graphprune.io.feeds import input_specs
+from graphprune.io.feeds import InputSpec, input_specs
 from graphprune.verify.validate import session
 
 VOCAB = 50
@@ -90,7 +90,7 @@ def test_random_calibration_refits_and_beats_the_data_free_prune():
     model = token_model()
     calibrated = graphprune.prune(model, ratio=0.5, calibration="random:48")
     report = calibrated.report["calibration"]
-    assert report["source"].startswith("random (48 synthetic feeds: input_ids [1, 8] ids < 50")
+    assert report["source"] == "random (48 synthetic feeds: input_ids [1, 8] ids < 50, attention_mask [1, 8] = 1)"
     assert report["used"] + report["held_out"] == 48
     assert report["passes"]["RefitPass"]["layers"] >= 1
     assert calibrated.report["verification"]["ok"]
@@ -111,3 +111,16 @@ def test_cli_random_calibration(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(tmp_path / "q.onnx"),
                           "--calibration", "random:1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "at least 2" in bad.stderr and not (tmp_path / "q.onnx").exists()
+
+
+def test_lengths_and_sample_rates_get_plausible_values():
+    specs = [InputSpec("token_ids", [1, "seq"], np.dtype(np.int64)), InputSpec("length", [1], np.dtype(np.int64)),
+             InputSpec("audio", [1, "time", 40], np.dtype(np.float32)), InputSpec("sr", [], np.dtype(np.int64)),
+             InputSpec("x_lens", [1], np.dtype(np.int32))]
+    shapes = {"token_ids": (1, 12), "length": (1,), "audio": (1, 30, 40), "sr": (), "x_lens": (1,)}
+    (feed,) = synthetic.synthetic_feeds(specs, shapes, {"token_ids": 100}, count=1)
+    assert feed["length"].tolist() == [12] and feed["x_lens"].tolist() == [12]  # the token ids' length
+    assert int(feed["sr"]) == 16000
+    (feed,) = synthetic.synthetic_feeds(specs[1:], {k: v for k, v in shapes.items() if k != "token_ids"}, {}, count=1)
+    assert feed["length"].tolist() == [30]  # no token ids: the longest second axis
+    assert synthetic.describe([feed], {}).endswith("sr [] = 16000, x_lens [1] = 30)")

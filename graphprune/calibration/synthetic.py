@@ -18,6 +18,9 @@ with (batch 1; ``--input-shape`` fixes them), deterministic for a model:
   uniform over the table's rows; one named like a position (``position``) counts up along its
   last axis, one named like a segment (``token_type``, ``segment``) is all zeros;
 * integer or boolean inputs named like a mask (``mask``): all ones (everything attended);
+* a small integer input named like a length (``len``): the sequence length of the other
+  inputs (the token ids' last axis, else the longest second axis); one named like a sample
+  rate (``sr``, ``sample_rate``): 16000;
 * any other integer or boolean input: 0 or 1 at random, as verification feeds it.
 
 The fidelity the report gives is then measured on held-out *random* inputs: how well the
@@ -44,6 +47,11 @@ DEFAULT_COUNT = 128
 MAX_DEPTH = 6
 
 _SPEC = re.compile(r"random(?::(\d+))?")
+#: integer inputs that state a sequence length, or an audio sample rate (names)
+_LENGTH = re.compile(r"len")
+_RATE = re.compile(r"^sr$|sample_?rate|sampling_?rate")
+#: the sample rate such an input gets (what speech models mostly run at)
+SAMPLE_RATE = 16000
 
 
 def synthetic_count(source: Any) -> int | None:
@@ -86,11 +94,24 @@ def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
     return bounds
 
 
+def _sequence_length(name: str, shapes: Mapping[str, tuple[int, ...]], bounds: Mapping[str, int]) -> int:
+    """The length a ``*len*`` input states: the last axis of a token-id input, else the
+    longest second axis (``[batch, time, ...]``) of the other inputs (at least 1)."""
+    tokens = [shape[-1] for other, shape in shapes.items() if other in bounds and other != name and shape]
+    if tokens:
+        return max(tokens)
+    return max([shape[1] for other, shape in shapes.items() if other != name and len(shape) > 1] or [1])
+
+
 def _integers(spec: InputSpec, shape: tuple[int, ...], bound: int | None,
-              rng: np.random.Generator) -> np.ndarray:
+              rng: np.random.Generator, length: int) -> np.ndarray:
     name = spec.name.lower()
     if "mask" in name:
         return np.ones(shape, dtype=spec.dtype)
+    if _LENGTH.search(name) and bound is None and int(np.prod(shape)) <= 8:
+        return np.full(shape, length, dtype=spec.dtype)
+    if _RATE.search(name) and bound is None and int(np.prod(shape)) == 1:
+        return np.full(shape, SAMPLE_RATE, dtype=spec.dtype)
     if bound is not None and "position" in name and shape:
         return np.broadcast_to(np.arange(shape[-1]) % bound, shape).astype(spec.dtype)
     if bound is not None and ("token_type" in name or "segment" in name):
@@ -118,7 +139,8 @@ def synthetic_feeds(
             elif np.issubdtype(spec.dtype, np.floating):
                 value = rng.standard_normal(shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
-                value = _integers(spec, shape, bounds.get(spec.name), rng)
+                value = _integers(spec, shape, bounds.get(spec.name), rng,
+                                  _sequence_length(spec.name, shapes, bounds))
             else:
                 raise UsageError(f"--calibration random cannot make values for input '{spec.name}' "
                                  f"of dtype {spec.dtype}: give calibration data")
@@ -127,8 +149,15 @@ def synthetic_feeds(
     return feeds
 
 
-def describe(count: int, shapes: Mapping[str, tuple[int, ...]], bounds: Mapping[str, int]) -> str:
-    """The source line of the report: what the random feeds were."""
-    parts = [f"{name} {list(shape)}" + (f" ids < {bounds[name]}" if name in bounds else "")
-             for name, shape in shapes.items()]
-    return f"random ({count} synthetic feeds: {', '.join(parts)})"
+def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int]) -> str:
+    """The source line of the report: what the random feeds were (an integer input filled
+    with one value: ``= value``)."""
+    parts = []
+    for name, value in feeds[0].items():
+        text = f"{name} {list(value.shape)}"
+        if name in bounds:
+            text += f" ids < {bounds[name]}"
+        elif value.size and not np.issubdtype(value.dtype, np.floating) and (value == value.flat[0]).all():
+            text += f" = {value.flat[0].item()}"
+        parts.append(text)
+    return f"random ({len(feeds)} synthetic feeds: {', '.join(parts)})"

@@ -126,7 +126,7 @@ class CalibratedRun:
         graph = session.graph if session.graph is not None else session.import_graph()
         bounds = synthetic.index_bounds(graph, session.opset)
         feeds = synthetic.synthetic_feeds(input_specs(session.prepared), shapes, bounds, count)
-        return feeds, synthetic.describe(count, shapes, bounds)
+        return feeds, synthetic.describe(feeds, bounds)
 
     @property
     def criterion(self) -> str:
