@@ -249,7 +249,11 @@ def _fidelity(report: Mapping[str, Any]) -> str:
                 "with the original on real inputs; the verification above is the structural check.</p>")
     rows: list[list[object]] = []
     _flatten("", fidelity, rows)
-    return _table(["measure", "value"], rows)
+    source = str((report.get("calibration") or {}).get("source", ""))
+    note = (f'<p class="note">Measured on held-out synthetic inputs ({_e(source)}): how closely the pruned '
+            "model follows the original on random inputs, which says little about real ones.</p>"
+            if source.startswith("random") else "")
+    return _table(["measure", "value"], rows) + note
 
 
 def _latency(latency: Mapping[str, Any] | None) -> str:

@@ -105,9 +105,11 @@ def test_cli_random_calibration(tmp_path):
     src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
     onnx.save(token_model(), src)
     run = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(out), "--ratio", "0.5",
-                          "--calibration", "random:16"], capture_output=True, text=True)
+                          "--calibration", "random:16", "--html", str(tmp_path / "r.html")],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "random inputs" in run.stdout and out.exists()
+    assert "Measured on held-out synthetic inputs (random (16 synthetic feeds" in (tmp_path / "r.html").read_text()
     bad = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(tmp_path / "q.onnx"),
                           "--calibration", "random:1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "at least 2" in bad.stderr and not (tmp_path / "q.onnx").exists()
