@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """No data at all: ``--calibration random`` against the data-free prune and real calibration.
 
-Each model is pruned three ways at the same setting: data-free (``l1``, the default without
+Each model is pruned three or four ways at the same setting: data-free (``l1``, the default without
 ``--calibration``), calibrated on ``random:128`` synthetic feeds (``graphprune/calibration/synthetic.py``:
-standard normal floats, token ids over the embedding table, masks of ones), and calibrated on
-128 real samples. Judged on real held-out data the calibration never saw:
+standard normal floats, token ids over the embedding table, masks of ones), on
+``random:128:LO,HI`` (floats uniform over the inputs' real range, where a user would know it),
+and calibrated on 128 real samples. Judged on real held-out data the calibration never saw:
 
 * the digits CNN and residual net of ``bench/calibration_digits.py`` (trained here on
   scikit-learn's digits, TorchScript export): test accuracy;
@@ -53,6 +54,7 @@ def digits_rows(arch: str, tmp: Path) -> list[dict]:
     original = cd.accuracy(str(path), xte, yte)
     real = xtr[np.random.default_rng(0).choice(len(xtr), SAMPLES, replace=False)]
     sources = {"data-free (l1)": None, f"random:{SAMPLES}": f"random:{SAMPLES}",
+               f"random:{SAMPLES}:0,1": f"random:{SAMPLES}:0,1",
                f"{SAMPLES} real images": [{"image": im[None]} for im in real]}
     rows = []
     for ratio in (0.3, 0.5):
@@ -84,6 +86,7 @@ def recurrent_rows(kind: str) -> list[dict]:
     ref = cr.logits(model, images[test_idx])
     original = float((ref.argmax(1) == labels[test_idx]).mean()) * 100
     sources = {"data-free (l1)": None, f"random:{SAMPLES}": f"random:{SAMPLES}",
+               f"random:{SAMPLES}:0,1": f"random:{SAMPLES}:0,1",
                f"{SAMPLES} real sequences": {"x": images[train_idx[:SAMPLES]][:, :, None, :]}}
     rows = []
     for label, source in sources.items():
@@ -114,6 +117,7 @@ def ocr_rows() -> list[dict]:
     table = co.characters(path)
     reference = co.read(onnx.load(str(path)), crops, table)
     sources = {"data-free (l1)": None, f"random:{SAMPLES}": f"random:{SAMPLES}",
+               f"random:{SAMPLES}:-1,1": f"random:{SAMPLES}:-1,1",
                f"{SAMPLES} real samples": [{"x": c} for c in calib]}
     rows = []
     for label, source in sources.items():
@@ -165,22 +169,33 @@ def minilm_rows(tmp: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | setting | original | data-free (l1) | `--calibration random:128` | 128 real samples | held-out cosine the report gives (random inputs) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | setting | original | data-free (l1) | `--calibration random:128` | `random:128:LO,HI` (the inputs' range) "
+             "| 128 real samples | held-out cosine the report gives (random inputs) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     keys = list(dict.fromkeys((r["model"], r["setting"]) for r in rows))
     for model, setting in keys:
         group = [r for r in rows if r["model"] == model and r["setting"] == setting]
 
-        def cell(r: dict) -> str:
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "—"
             text = f"{r['value']:.4f}" if r["metric"] == "mean cosine" else f"{r['value']:.1f} %"
             text += " same text" if r["metric"] == "same text" else ""
             return text + (f" · NN {100 * r['nn_agreement']:.1f} %" if "nn_agreement" in r else "")
 
-        by = {("free" if r["run"].startswith("data-free") else "random" if r["run"].startswith("random")
-               else "real"): r for r in group}
+        def kind(run: str) -> str:
+            if run.startswith("data-free"):
+                return "free"
+            if run.startswith("random"):
+                return "range" if run.count(":") == 2 else "random"
+            return "real"
+
+        by = {kind(r["run"]): r for r in group}
+        ranged = by.get("range")
         original = "1" if group[0]["metric"] == "mean cosine" else f"{group[0]['original']:.1f} %"
         rc = by["random"].get("report_cosine")
         lines.append(f"| {model} | `{setting}` | {original} | {cell(by['free'])} | **{cell(by['random'])}** "
+                     f"| {cell(ranged)}{'' if ranged is None else ' (' + ranged['run'].split(':', 2)[2] + ')'} "
                      f"| {cell(by['real'])} | {rc if rc is None else round(rc, 4)} |")
     return "\n".join(lines)
 

@@ -299,10 +299,10 @@ def _add_prune_parser(sub: Any) -> None:
                         "--calibration auto)")
     p.add_argument("--calibration", metavar="CALIB",
                    help="calibration data: a .npz with one array per graph input (leading sample "
-                        "axis) or a folder of .npz files (one feed each); or random[:N] with no "
-                        "data (N synthetic feeds, default 128: normal floats, token ids over the "
-                        "embedding table); enables data-aware criteria, reconstruction and the "
-                        "fidelity report")
+                        "axis) or a folder of .npz files (one feed each); or random[:N[:LO,HI]] "
+                        "with no data (N synthetic feeds, default 128: normal floats, or uniform "
+                        "in [LO, HI]; token ids over the embedding table); enables data-aware "
+                        "criteria, reconstruction and the fidelity report")
     p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "bn", "none"], default="refit",
                    help="with --calibration: least-squares refit of the affected layers, "
                         "statistics correction, bias compensation, bias compensation from "

@@ -51,15 +51,27 @@ def token_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_spec_parsing(tmp_path, monkeypatch):
-    assert synthetic.synthetic_count("random") == synthetic.DEFAULT_COUNT
-    assert synthetic.synthetic_count("random:16") == 16
-    assert synthetic.synthetic_count("calib.npz") is None
-    assert synthetic.synthetic_count(["random"]) is None
-    with pytest.raises(UsageError, match="at least 2"):
-        synthetic.synthetic_count("random:1")
+    assert synthetic.parse("random") == synthetic.Spec(synthetic.DEFAULT_COUNT)
+    assert synthetic.parse("random:16") == synthetic.Spec(16)
+    assert synthetic.parse("random:16:-1,1.5") == synthetic.Spec(16, (-1.0, 1.5))
+    assert synthetic.parse("calib.npz") is None
+    assert synthetic.parse(["random"]) is None
+    for bad, message in [("random:1", "at least 2"), ("random:8:1,0", "LO < HI"), ("random:x", "random:N:LO,HI")]:
+        with pytest.raises(UsageError, match=message):
+            synthetic.parse(bad)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "random").mkdir()  # a folder of that name is calibration data, not the spec
-    assert synthetic.synthetic_count("random") is None
+    assert synthetic.parse("random") is None
+
+
+def test_a_float_range_gives_uniform_floats():
+    spec = InputSpec("image", [1, 1, 8, 8], np.dtype(np.float32))
+    feeds = synthetic.synthetic_feeds([spec], {"image": (1, 1, 8, 8)}, {}, count=8, float_range=(0.0, 1.0))
+    values = np.stack([f["image"] for f in feeds])
+    assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1 and values.std() > 0.2
+    assert synthetic.describe(feeds, {}, (0.0, 1.0)) == "random (8 synthetic feeds: image [1, 1, 8, 8] uniform [0, 1])"
+    assert synthetic.describe(synthetic.synthetic_feeds([spec], {"image": (1, 1, 8, 8)}, {}, count=2), {}).endswith(
+        "image [1, 1, 8, 8] normal)")
 
 
 def test_index_bounds_are_found_through_casts():

@@ -12,7 +12,8 @@ random tokens, 0.98 on real sentences): ``docs/calibration.md``.
 with (batch 1; ``--input-shape`` fixes them), deterministic for a model:
 
 * floating-point inputs: standard normal values (what a normalised image, spectrogram or
-  feature vector roughly looks like; a user with real data should pass it);
+  feature vector roughly looks like), or uniform in ``[LO, HI]`` with ``random:N:LO,HI``
+  where the user knows the range (images in [0, 1]: ``random:128:0,1``);
 * integer inputs that index a table (token ids into an embedding ``Gather``, found through
   reshapes and casts by the rule registry's :meth:`~graphprune.rules.registry.OpRule.index_bound`):
   uniform over the table's rows; one named like a position (``position``) counts up along its
@@ -32,7 +33,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -46,7 +47,8 @@ DEFAULT_COUNT = 128
 #: how many nodes past a graph input an index bound is looked for
 MAX_DEPTH = 6
 
-_SPEC = re.compile(r"random(?::(\d+))?")
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?"
+_SPEC = re.compile(rf"random(?::(\d+)(?::({_NUMBER}),({_NUMBER}))?)?")
 #: integer inputs that state a sequence length, or an audio sample rate (names)
 _LENGTH = re.compile(r"len")
 _RATE = re.compile(r"^sr$|sample_?rate|sampling_?rate")
@@ -54,18 +56,33 @@ _RATE = re.compile(r"^sr$|sample_?rate|sampling_?rate")
 SAMPLE_RATE = 16000
 
 
-def synthetic_count(source: Any) -> int | None:
-    """The number of feeds ``source`` asks for when it is ``"random"`` or ``"random:N"`` (and
-    no file or folder of that name exists); ``None`` when it is other calibration data."""
+class Spec(NamedTuple):
+    """``random[:N[:LO,HI]]``: N feeds; floats uniform in [LO, HI] when given, else normal."""
+
+    count: int
+    float_range: tuple[float, float] | None = None
+
+
+def parse(source: Any) -> Spec | None:
+    """``source`` as a synthetic spec when it is ``random``, ``random:N`` or ``random:N:LO,HI``
+    (and no file or folder of that name exists); ``None`` when it is other calibration data."""
     if not isinstance(source, str) or os.path.exists(source):
         return None
     match = _SPEC.fullmatch(source.strip())
     if match is None:
+        if source.strip().startswith("random:"):
+            raise UsageError(f"--calibration {source}: write random, random:N or random:N:LO,HI "
+                             "(e.g. random:128:0,1 for floats uniform in [0, 1])")
         return None
     count = DEFAULT_COUNT if match.group(1) is None else int(match.group(1))
     if count < 2:
         raise UsageError(f"--calibration {source}: at least 2 random samples are needed (one is held out)")
-    return count
+    if match.group(2) is None:
+        return Spec(count)
+    low, high = float(match.group(2)), float(match.group(3))
+    if not low < high:
+        raise UsageError(f"--calibration {source}: the float range needs LO < HI")
+    return Spec(count, (low, high))
 
 
 def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
@@ -125,6 +142,7 @@ def synthetic_feeds(
     bounds: Mapping[str, int],
     count: int,
     seed: int = 0,
+    float_range: tuple[float, float] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for ``specs`` at ``shapes`` (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -137,7 +155,8 @@ def synthetic_feeds(
                 value = (np.ones(shape, dtype=bool) if "mask" in spec.name.lower()
                          else rng.random(shape) < 0.5)
             elif np.issubdtype(spec.dtype, np.floating):
-                value = rng.standard_normal(shape).astype(spec.dtype)
+                value = (rng.standard_normal(shape) if float_range is None
+                         else rng.uniform(*float_range, size=shape)).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
                 value = _integers(spec, shape, bounds.get(spec.name), rng,
                                   _sequence_length(spec.name, shapes, bounds))
@@ -149,7 +168,8 @@ def synthetic_feeds(
     return feeds
 
 
-def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int]) -> str:
+def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int],
+             float_range: tuple[float, float] | None = None) -> str:
     """The source line of the report: what the random feeds were (an integer input filled
     with one value: ``= value``)."""
     parts = []
@@ -159,5 +179,7 @@ def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int
             text += f" ids < {bounds[name]}"
         elif value.size and not np.issubdtype(value.dtype, np.floating) and (value == value.flat[0]).all():
             text += f" = {value.flat[0].item()}"
+        elif np.issubdtype(value.dtype, np.floating):
+            text += " normal" if float_range is None else f" uniform [{float_range[0]:g}, {float_range[1]:g}]"
         parts.append(text)
     return f"random ({len(feeds)} synthetic feeds: {', '.join(parts)})"

@@ -42,7 +42,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "criterion": (str, None, "Importance criterion: l1, l2 or random; with calibration also auto, "
                   "activation, wanda, flap, reconstruction, obs (default: l1, with calibration auto)."),
     "calibration": (str, None, "Calibration data: a .npz with one array per input (leading sample axis), "
-                    "a folder of .npz files, or random[:N] (synthetic feeds) when there is no data; "
+                    "a folder of .npz files, or random[:N[:LO,HI]] (synthetic feeds) when there is no data; "
                     "enables data-aware criteria, reconstruction and the fidelity report."),
     "reconstruction": (str, "refit", "With calibration: refit, stats, bias, bn or none."),
     "target_macs": (float, None, "Budget instead of ratio: fraction of the original MACs, in (0, 1)."),

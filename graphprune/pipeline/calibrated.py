@@ -116,17 +116,18 @@ class CalibratedRun:
         self.reverted = False
 
     def _synthetic(self, source: Any) -> tuple[Any, str | None]:
-        """Random feeds and their description for ``random[:N]`` (:mod:`.synthetic`), else
+        """Random feeds and their description for ``random[:N[:LO,HI]]`` (:mod:`.synthetic`), else
         ``(source, None)``."""
-        count = synthetic.synthetic_count(source)
-        if count is None:
+        spec = synthetic.parse(source)
+        if spec is None:
             return source, None
         session = self.session
         shapes = {k: tuple(np.shape(v)) for k, v in session.feeds(count=1)[0].items()}
         graph = session.graph if session.graph is not None else session.import_graph()
         bounds = synthetic.index_bounds(graph, session.opset)
-        feeds = synthetic.synthetic_feeds(input_specs(session.prepared), shapes, bounds, count)
-        return feeds, synthetic.describe(feeds, bounds)
+        feeds = synthetic.synthetic_feeds(input_specs(session.prepared), shapes, bounds, spec.count,
+                                          float_range=spec.float_range)
+        return feeds, synthetic.describe(feeds, bounds, spec.float_range)
 
     @property
     def criterion(self) -> str:
