@@ -13,7 +13,8 @@ and calibrated on 128 real samples. Judged on real held-out data the calibration
 * all-MiniLM-L6-v2 (``bench/calibration_minilm.py``: docstring sentences): mean cosine of the
   sentence embeddings to the original's and nearest-neighbour agreement;
 * PaddleOCR's PP-OCRv5 recogniser (real-model corpus; ``bench/calibration_ocr_rec.py``'s
-  rendered word crops, needs Pillow): the share of 200 crops read as the original reads them.
+  rendered word crops, needs Pillow): the share of 200 crops read as the original reads them;
+* scikit-learn's MLP digits classifier through skl2onnx (real-model corpus): test accuracy.
 
     python bench/calibration_synthetic.py          # ~10 min on 2 CPU cores
     python bench/calibration_synthetic.py --only minilm
@@ -134,6 +135,39 @@ def ocr_rows() -> list[dict]:
     return rows
 
 
+def sklearn_rows() -> list[dict]:
+    """scikit-learn's MLP classifier through skl2onnx (real-model corpus): test accuracy of
+    its label output on the digits it was not trained on (raw pixel counts 0-16)."""
+    import onnx
+    from real_corpus import model_path
+    from sklearn.datasets import load_digits
+
+    import graphprune
+    from graphprune.verify.validate import session
+
+    images, labels = load_digits(return_X_y=True)
+    images = images.astype(np.float32)
+    model = onnx.load(str(model_path("sklearn_digits_mlp")))
+
+    def accuracy(m: onnx.ModelProto) -> float:
+        return float((np.asarray(session(m).run(None, {"X": images[1000:]})[0]) == labels[1000:]).mean()) * 100
+
+    sources = {"data-free (l1)": None, f"random:{SAMPLES}": f"random:{SAMPLES}",
+               f"random:{SAMPLES}:0,16": f"random:{SAMPLES}:0,16",
+               f"{SAMPLES} real samples": [{"X": images[i:i + 1]} for i in range(SAMPLES)]}
+    rows = []
+    for label, source in sources.items():
+        started = time.perf_counter()
+        res = graphprune.prune(model, ratio=0.5, calibration=source, **({"criterion": "l1"} if source is None else {}))
+        rows.append({"model": "scikit-learn MLP (skl2onnx)", "setting": "--ratio 0.5", "run": label,
+                     "macs": round(res.report["params_after"] / res.report["params_before"], 3),
+                     "metric": "test accuracy", "original": round(accuracy(model), 2), "value": round(accuracy(res.model), 2),
+                     "report_cosine": (res.report.get("fidelity") or {}).get("cosine"),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def minilm_rows(tmp: Path) -> list[dict]:
     import calibration_minilm as cm
     import onnx
@@ -202,15 +236,16 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated: cnn, resnet, lstm, gru, minilm, ocr")
+    parser.add_argument("--only", default="", help="comma-separated: cnn, resnet, lstm, gru, minilm, ocr, sklearn")
     args = parser.parse_args()
-    chosen = set(filter(None, args.only.split(","))) or {"cnn", "resnet", "lstm", "gru", "minilm", "ocr"}
+    chosen = set(filter(None, args.only.split(","))) or {"cnn", "resnet", "lstm", "gru", "minilm", "ocr", "sklearn"}
     rows: list[dict] = []
     if RESULTS.exists() and args.only:
         kept = json.loads(RESULTS.read_text())["rows"]
         rows = [r for r in kept if r["model"].split()[-1].lower() not in chosen
                 and not (r["model"].startswith("all-MiniLM") and "minilm" in chosen)
-                and not (r["model"].startswith("PP-OCR") and "ocr" in chosen)]
+                and not (r["model"].startswith("PP-OCR") and "ocr" in chosen)
+                and not (r["model"].startswith("scikit") and "sklearn" in chosen)]
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("cnn", "resnet"):
             if arch in chosen:
@@ -222,6 +257,8 @@ def main() -> int:
             rows += minilm_rows(Path(tmp))
         if "ocr" in chosen:
             rows += ocr_rows()
+        if "sklearn" in chosen:
+            rows += sklearn_rows()
     print()
     print(table(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
