@@ -147,6 +147,7 @@ def synthetic_feeds(
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for ``specs`` at ``shapes`` (see the module docstring)."""
     rng = np.random.default_rng(seed)
+    lengths = {spec.name: _sequence_length(spec.name, shapes, bounds) for spec in specs}
     feeds = []
     for _ in range(count):
         feed = {}
@@ -159,8 +160,7 @@ def synthetic_feeds(
                 value = (rng.standard_normal(shape) if float_range is None
                          else rng.uniform(*float_range, size=shape)).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
-                value = _integers(spec, shape, bounds.get(spec.name), rng,
-                                  _sequence_length(spec.name, shapes, bounds))
+                value = _integers(spec, shape, bounds.get(spec.name), rng, lengths[spec.name])
             else:
                 raise UsageError(f"--calibration random cannot make values for input '{spec.name}' "
                                  f"of dtype {spec.dtype}: give calibration data")

@@ -366,7 +366,7 @@ class OpRule:
 
     def index_bound(self, node: gs.Node, index: int) -> int | None:
         """The number of entries of the table that input ``index`` indexes (a ``Gather`` of
-        a constant table: its rows), so its values lie in ``[0, bound)``: what a synthetic
+        a table of static size: its rows), so its values lie in ``[0, bound)``: what a synthetic
         calibration feed gives a graph input read this way (token ids). ``None`` (the
         default): the input is no such index."""
         return None
