@@ -170,13 +170,15 @@ def _sorted(model):
     return out
 
 
-def worker(name: str, mode: str, out: Path) -> None:
+def worker(name: str, mode: str, out: Path, path: Path | None = None) -> None:
+    """Prune entry ``name`` (or the file ``path`` fed like it: a variant of the entry's
+    model) in ``mode``; the row goes to ``out`` as JSON."""
     import onnx
 
     import graphprune
 
     entry = BY_NAME[name]
-    path = model_path(name)
+    path = model_path(name) if path is None else path
     row: dict = {"entry": name, "mode": mode, "valid": False, "reduced": False}
     original = onnx.load(str(path))
     feeds = probe_feeds(original, entry.probe, seed=0)[0]
@@ -258,10 +260,11 @@ def worker(name: str, mode: str, out: Path) -> None:
 # ------------------------------------------------------------------------------------ driver
 
 
-def run_one(name: str, mode: str, timeout: int) -> dict:
+def run_one(name: str, mode: str, timeout: int, path: Path | None = None) -> dict:
     handle, result = tempfile.mkstemp(prefix=f"{name}-{mode}-", suffix=".json")
     os.close(handle)
-    cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__)), "--worker", name, mode, result]
+    cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__)), "--worker", name, mode, result,
+           *([str(path)] if path is not None else [])]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -595,11 +598,11 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, default=None,
                         help="markdown table file (default: the docs page; with --results elsewhere, "
                              "that file with .md: a side run leaves the docs alone)")
-    parser.add_argument("--worker", nargs=3, metavar=("NAME", "MODE", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", metavar="NAME MODE OUT [PATH]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], Path(args.worker[2]))
+        worker(args.worker[0], args.worker[1], Path(args.worker[2]),
+               Path(args.worker[3]) if len(args.worker) > 3 else None)
         return 0
     if args.markdown is None:
         args.markdown = MARKDOWN if args.results == RESULTS else args.results.with_suffix(".md")

@@ -244,6 +244,12 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     if report.get("untied_constants"):
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
+    normalised = report.get("normalised") or {}
+    if normalised.get("inlined_functions"):
+        lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
+    if normalised.get("lowered_ops"):
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(normalised["lowered_ops"].items()))
+        lines.append(f"fused kernels written as standard ops: {ops} (ONNX Runtime fuses them again at load)")
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

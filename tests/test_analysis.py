@@ -273,8 +273,9 @@ FOO = helper.make_function(
 )
 
 
-def _foo_model() -> onnx.ModelProto:
-    """stem -> com.example::Foo (a model-local function: ORT can run it) -> head."""
+def _foo_model(function: bool = True) -> onnx.ModelProto:
+    """stem -> com.example::Foo (a model-local function: ORT can run it; without
+    ``function``, an op the file does not define) -> head."""
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
         helper.make_node("Foo", ["a"], ["b"], name="foo", domain="com.example"),
@@ -282,7 +283,8 @@ def _foo_model() -> onnx.ModelProto:
     ]
     return make_model(
         nodes, {"x": [1, 3, HW, HW]}, {"y": None}, {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)},
-        extra_opsets={"com.example": 1}, functions=[FOO],
+        extra_opsets={"com.example": 1}, functions=[FOO] if function else [],
+        value_info=None if function else {"b": [1, C, HW, HW]}, check=function,
     )
 
 
@@ -304,11 +306,23 @@ def foo_rule():
 
 
 def test_custom_op_is_frozen_without_a_rule():
-    analysis = graphprune.analyze(_foo_model())
+    analysis = graphprune.analyze(_foo_model(function=False))
     group = group_with(analysis, "W_stem", 0)
     assert not group.prunable
     assert group.frozen and all("Foo 'foo'" in r for r in group.frozen)
     assert analysis.unsupported == {"com.example::Foo": ["foo"]}
+
+
+def test_a_function_op_without_a_rule_is_inlined_and_prunes():
+    """A call of a model-local function that no rule covers is inlined
+    (:mod:`graphprune.io.lowering`): its body's ops have rules, and the group prunes."""
+    analysis = graphprune.analyze(_foo_model())
+    assert analysis.unsupported == {}
+    assert group_with(analysis, "W_stem", 0).prunable
+    res = assert_prunes_exactly(_foo_model())
+    assert not res.model.functions and not any(n.op_type == "Foo" for n in res.model.graph.node)
+    assert res.report["normalised"] == {"inlined_functions": ["com.example::Foo"]}
+    assert initializer(res.model, "W_stem").shape[0] < C
 
 
 def test_user_rule_for_a_custom_op_makes_it_prunable(foo_rule):
@@ -332,7 +346,7 @@ SHAPE_PASS = helper.make_function(
 )
 
 
-def _shape_pass_model() -> onnx.ModelProto:
+def _shape_pass_model(function: bool = True) -> onnx.ModelProto:
     """stem -> Reshape(a, ShapePass(Shape(a))) -> head; the batch is dynamic, so the shape is
     computed at run time (never folded) and the Reshape target must be traced."""
     nodes = [
@@ -342,12 +356,15 @@ def _shape_pass_model() -> onnx.ModelProto:
         helper.make_node("Reshape", ["a", "t"], ["b"], name="reshape"),
         conv_node("b", "W_head", "y", name="head"),
     ]
-    return make_model(
+    model = make_model(
         nodes, {"x": ["N", 3, HW, HW]}, {"y": ["N", 4, HW, HW]},
         {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)},
-        extra_opsets={"com.example": 1}, functions=[SHAPE_PASS],
+        extra_opsets={"com.example": 1}, functions=[SHAPE_PASS] if function else [],
         value_info={"b": ["N", C, HW, HW]}, check=False,
     )
+    if not function:  # what inference found through the function body
+        model.graph.value_info.append(helper.make_tensor_value_info("t", onnx.TensorProto.INT64, [4]))
+    return model
 
 
 class ShapePassRule(OpRule):
@@ -364,7 +381,7 @@ class ShapePassRule(OpRule):
 
 
 def test_a_shape_computed_by_an_op_without_a_rule_freezes_what_it_sizes():
-    group = group_with(graphprune.analyze(_shape_pass_model()), "W_stem", 0)
+    group = group_with(graphprune.analyze(_shape_pass_model(function=False)), "W_stem", 0)
     assert not group.prunable
     assert group.frozen == ["shape element computed by arithmetic at Reshape 'reshape'"]
 
@@ -411,7 +428,7 @@ def mystery_rule():
     unregister(MysteryRule)
 
 
-def _mystery_model() -> onnx.ModelProto:
+def _mystery_model(function: bool = True) -> onnx.ModelProto:
     nodes = [
         conv_node("x", "W_stem", "a", name="stem"),
         helper.make_node("Mystery", ["a"], ["b"], name="mystery", domain="com.example"),
@@ -419,7 +436,8 @@ def _mystery_model() -> onnx.ModelProto:
     ]
     return make_model(nodes, {"x": [1, 3, HW, HW]}, {"y": None},
                       {"W_stem": (C, 3, 3, 3), "W_head": (4, C, 3, 3)},
-                      extra_opsets={"com.example": 1}, functions=[MYSTERY])
+                      extra_opsets={"com.example": 1}, functions=[MYSTERY] if function else [],
+                      value_info=None if function else {"b": [1, C, HW, HW]}, check=function)
 
 
 def test_user_rule_with_spatial_axes_prunes_exactly(mystery_rule):
@@ -429,7 +447,7 @@ def test_user_rule_with_spatial_axes_prunes_exactly(mystery_rule):
 
 
 def test_without_the_user_rule_the_op_freezes():
-    group = group_with(graphprune.analyze(_mystery_model()), "W_stem", 0)
+    group = group_with(graphprune.analyze(_mystery_model(function=False)), "W_stem", 0)
     assert group.frozen and any("Mystery 'mystery'" in r for r in group.frozen)
 
 

@@ -115,3 +115,74 @@ def test_a_builder_llm_layer_is_a_transformer_its_mlp_prunes_and_its_residual_st
     assert result.report["verification"]["ok"]
     widths = {i.name: list(i.dims) for i in result.model.graph.initializer}
     assert widths["Wd"] == [32, 32] and widths["g1"] == [32]  # MLP halved, residual stream kept
+
+
+# --------------------------------------------------------------------------- symbolic shapes
+def _shape_of(model: onnx.ModelProto, name: str) -> list | None:
+    for value in model.graph.value_info:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    return None
+
+
+def test_contrib_shapes_read_past_a_weight_in_the_store(tmp_path) -> None:
+    """ONNX Runtime's symbolic inference reads the values of every constant input of an
+    ``Add``; a bias held in the weight store (a model loaded from a file) raised there and
+    lost every contrib-op shape of the model. External values now count as unknown."""
+    from graphprune.pipeline.session import Session
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 2048)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal(2048).astype(np.float32), "b1"),  # 8 KB: stored
+             numpy_helper.from_array(rng.standard_normal((2048, 32)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("QuickGelu", ["hb"], ["a"], domain="com.microsoft", alpha=1.702),
+             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert _shape_of(Session(str(path)).prepared, "a") == [2, 5, 2048]
+    result = graphprune.prune(str(path), ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+
+
+def test_contrib_shapes_keep_what_was_found_before_a_node_the_inference_cannot_read(tmp_path) -> None:
+    """An ``If`` whose branch output has no type stops ONNX Runtime's symbolic inference
+    (ONNX Runtime itself runs it); the shapes it found before are kept: the opset-13
+    LayerNormalization over the hidden layer (which ONNX inference does not know) has its
+    rank, and the hidden layer prunes (ONNX Runtime's saved openWakeWord classifier)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W1"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(64)).astype(np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(64, np.float32), "bias"),
+             numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+             numpy_helper.from_array(np.array([16, 2, 2], np.int64), "square"),
+             numpy_helper.from_array(np.array([2, 32], np.int64), "flat")]
+    # com.microsoft::Inverse: ONNX Runtime runs it, its symbolic inference has no handler
+    untyped = onnx.ValueInfoProto(name="branch_out")
+    then = helper.make_graph([helper.make_node("Reshape", ["y", "square"], ["m"]),
+                              helper.make_node("Inverse", ["m"], ["inv"], domain="com.microsoft"),
+                              helper.make_node("Reshape", ["inv", "flat"], ["branch_out"])], "then", [], [untyped])
+    other = helper.make_graph([helper.make_node("Neg", ["y"], ["branch_out"])], "else", [], [untyped])
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "scale", "bias"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("Relu", ["n"], ["a"]), helper.make_node("MatMul", ["a", "W2"], ["y"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["z"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "normed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})  # ONNX Runtime runs it
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = graphprune.prune(str(path), ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] >= 1
+    widths = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert widths["W1"][1] == 32  # the hidden layer lost half its neurons, through the norm

@@ -21,12 +21,27 @@ def _kind(reason: str) -> str:
     return re.sub(r"\s*'[^']*'", "", reason).strip()
 
 
+#: what an op domain without rules means, where it has a known cause and cure
+DOMAIN_NOTES = {
+    "com.microsoft.nchwc": "ONNX Runtime's NCHWc layout, written for one CPU when a model is saved at "
+                           "ORT_ENABLE_ALL: prune the model saved at ORT_ENABLE_EXTENDED (or the original)",
+}
+
+
+def unsupported_ops(analysis: Analysis) -> str:
+    """The three most frequent op types without a rule, with counts and what a known
+    domain of them means (empty when every op has a rule)."""
+    ranked = sorted(analysis.unsupported.items(), key=lambda kv: -len(kv[1]))
+    text = ", ".join(f"{op} (x{len(names)})" for op, names in ranked[:3])
+    notes = {DOMAIN_NOTES[op.partition("::")[0]] for op, _ in ranked if op.partition("::")[0] in DOMAIN_NOTES}
+    return "; ".join([text, *sorted(notes)]) if text else ""
+
+
 def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) -> str | None:
     """The one-line explanation when nothing was removed (``None`` otherwise)."""
     if units_removed or erased:
         return None
-    unsupported = ", ".join(f"{op} (x{len(names)})" for op, names in
-                            sorted(analysis.unsupported.items(), key=lambda kv: -len(kv[1]))[:3])
+    unsupported = unsupported_ops(analysis)
     if not analysis.groups:
         why = "no channel group found (no layer with float weights that the analysis understands)"
         if unsupported:
@@ -49,4 +64,5 @@ def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) ->
         else:
             counts["no weight that creates the channels"] += 1
     top = "; ".join(f"{kind} (x{n})" for kind, n in counts.most_common(3))
-    return f"nothing prunable: every channel group is frozen or unprunable: {top}"
+    return (f"nothing prunable: every channel group is frozen or unprunable: {top}"
+            + (f"; ops without a rule: {unsupported}" if unsupported else ""))

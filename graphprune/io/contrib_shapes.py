@@ -68,21 +68,32 @@ def _symbolic_shape_infer() -> Any:
 
 def symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` (a weightless skeleton will do) with ONNX Runtime's symbolic shape
-    inference's ``value_info``; ``None`` when it is not available or fails."""
+    inference's ``value_info``; ``None`` when it is not available. Where it stops at a node it
+    cannot handle (an ``If`` whose branch outputs carry no type), what it found before stands."""
     try:
         SymbolicShapeInference = _symbolic_shape_infer().SymbolicShapeInference  # noqa: N806
-
         # its ``infer_shapes`` writes a file into the working directory when some shape
         # stays unknown; run its loop directly and keep the partial result instead
         engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
         _add_rule_handlers(engine)
         engine._preprocess(model)
-        while engine.run_:
-            engine._infer_impl()
-        engine._update_output_from_vi()
-        return engine.out_mp_
     except Exception:  # optional (it needs sympy): fused graphs keep their unknown sizes
         return None
+    # the values of external tensors (a weight store's, a skeleton's) cannot be read here:
+    # they are unknown like a computed tensor's (their shapes stay known); reading one
+    # raised and lost every shape (a bias added to a computed tensor)
+    engine.initializers_ = {k: v for k, v in engine.initializers_.items()
+                            if v.data_location != onnx.TensorProto.EXTERNAL}
+    try:
+        while engine.run_:
+            engine._infer_impl()
+    except Exception:  # noqa: BLE001 - the node it failed on ends the loop, not the results
+        pass
+    try:
+        engine._update_output_from_vi()
+    except Exception:  # noqa: BLE001
+        return None
+    return engine.out_mp_
 
 
 def contrib_shapes(model: onnx.ModelProto) -> dict[str, list] | None:

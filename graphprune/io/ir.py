@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import contrib_shapes, model_io
+from graphprune.io import contrib_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.segments import trim
 from graphprune.io.shared_constants import untie_shared_constants
@@ -105,6 +105,13 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) 
     model = gs.export_onnx(graph, do_type_check=False)
     if store is not None:
         store.hoist_source_stubs(model)
+    # graphsurgeon knows only tensors: graph inputs and outputs that are sequences or maps
+    # (skl2onnx's ZipMap) keep the template's type (they never lose channels)
+    for mine, theirs in ((model.graph.input, template.graph.input), (model.graph.output, template.graph.output)):
+        declared = {v.name: v for v in theirs if v.type.WhichOneof("value") not in (None, "tensor_type")}
+        for value in mine:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
     # a shape a rule derived behind an op ONNX does not know comes without a type: not a
     # value_info the checker accepts (``CouplingContext.derive_shape``)
     typed = [v for v in model.graph.value_info
@@ -220,28 +227,62 @@ def _subgraph_reads(node: onnx.NodeProto) -> bool:
 
 
 def prepare(
-    model: onnx.ModelProto, *, fold: bool = True, copy_model: bool = True, store: Any = None
+    model: onnx.ModelProto, *, fold: bool = True, copy_model: bool = True, store: Any = None,
+    notes: dict[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """Return a normalised, shape-inferred copy of ``model`` ready for analysis.
 
     ``copy_model=False`` normalises the caller's model in place (no copy of its weights);
     ``store`` (a :class:`graphprune.io.weights.WeightStore`) holds the weights of a model
-    whose tensors are external stubs of the store.
+    whose tensors are external stubs of the store. ``notes`` (a dict) receives what the
+    normalisation rewrote in ways a reader of the result should know: the local functions
+    inlined (``inlined_functions``) and the fused kernels lowered (``lowered_ops``,
+    :mod:`graphprune.io.lowering`).
     """
     if copy_model:
         model = copy.deepcopy(model)
+    model, inlined = lowering.inline_functions(model, default_opset(model))
     strip_initializer_inputs(model)
     name_nodes(model)
     tensor_constants(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
+    lowered: dict[str, int] = {}
+    if lowering.has_lowered_ops(model, default_opset(model)):
+        model, lowered = _lower(model, store)
+    if notes is not None:
+        if inlined:
+            notes["inlined_functions"] = inlined
+        if lowered:
+            notes["lowered_ops"] = lowered
     folding = fold and _computes_constants(model)
     opset = default_opset(model)
     if folding or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
         model = _normalise_graph(model, store, folding)
     untie_shared_constants(model)
     return model
+
+
+def _lower(model: onnx.ModelProto, store: Any) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """``model`` with its fused kernels as standard ops (:func:`lowering.lower_fused`), shapes
+    inferred again through them. The kernels' rules give their output shapes
+    (:meth:`OpRule.output_shape`) to ONNX Runtime's symbolic inference
+    (:func:`contrib_shapes.annotate`, run before), so a kernel behind another has the ranks and
+    types its lowering needs; one that still lacks them waits for the next round."""
+    lowered: dict[str, int] = {}
+    while lowering.has_lowered_ops(model, default_opset(model)):
+        graph = import_graph(model, store)
+        done = lowering.lower_fused(graph, default_opset(model))
+        if not done:
+            break
+        for op, count in done.items():
+            lowered[op] = lowered.get(op, 0) + count
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        model = export_graph(graph, model, store)
+        del graph
+        model = model_io.infer_shapes(model, inplace=True)
+    return model, lowered
 
 
 def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.ModelProto:

@@ -10,6 +10,9 @@ Keys every report has::
     nodes_before/after        node counts
     untied_constants          readers of a vector constant the exporter stored once that got a
                               copy of their own (so that the layers reading it prune apart)
+    normalised                (only when it happened) ``inlined_functions``: local functions
+                              whose calls were inlined; ``lowered_ops``: fused kernels written
+                              as standard ops, with counts (graphprune.io.lowering)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)

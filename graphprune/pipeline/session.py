@@ -169,7 +169,10 @@ class Session:
             #: parameters as the model came (constant folding may change the count)
             self.params_as_loaded = count_params(loaded)
             #: the normalised model; its weights are references into ``store``
-            self.prepared = ir.prepare(loaded, copy_model=False, store=self.store)
+            #: what the normalisation rewrote that a reader of the result should know
+            #: (local functions inlined, fused kernels lowered: :func:`ir.prepare`)
+            self.normalised: dict[str, Any] = {}
+            self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
             if self.input_shapes:  # a name or shape that does not fit: a usage error now
@@ -275,13 +278,6 @@ class Session:
         model = ir.export_graph(self.graph, self.prepared, self.store)
         share_subgraph_constants(model, self.store.tensor_bytes)
         retie_constants(model, self.store.tensor_bytes)
-        # graphsurgeon knows only tensors: outputs that are sequences or maps (skl2onnx's
-        # ZipMap) keep the original's type (graph outputs never lose channels)
-        declared = {v.name: v for v in self.prepared.graph.output
-                    if v.type.WhichOneof("value") != "tensor_type"}
-        for value in model.graph.output:
-            if value.name in declared:
-                value.CopyFrom(declared[value.name])
         # intermediate shapes are the prepared model's where they did not change, else
         # inferred afresh: the analysis refines them with two probe sizes
         # (``shape_probe.refine_shapes``), and a size that agrees at batch 2 and 3 can still
@@ -484,6 +480,8 @@ class Session:
             input_shapes=self.cost_shapes(),
         )
         report["params_before"] = self.params_as_loaded  # what the user's file held
+        if self.normalised:
+            report["normalised"] = dict(self.normalised)
         return report
 
     def finish(

@@ -212,20 +212,29 @@ class UnaryRule(OpRule):
     def aliased_input(self, node: gs.Node) -> int | None:
         return 0 if node.op == "Identity" else None
 
+    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+        """A float weight cast to another float type, refit in its stored type."""
+        if not _casts_a_weight(node) or is_quantized_weight(node.inputs[0]):
+            return None
+        target = self._cast_target(node, None)  # type: ignore[arg-type]
+        return CastWeight(node.inputs[0], target) if target is not None else None
+
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
         return (0,) if node.op in ("Identity", "Cast", "CastLike", "Dropout") else ()
 
     def unfolded_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """A Cast of an int8 weight stays: the weight stays int8 in the file, and the
-        analysis follows the cast and the scale applied after it (``couple``)."""
-        return (0,) if node.op == "Cast" and is_quantized_weight(node.inputs[0]) else ()
+        analysis follows the cast and the scale applied after it (``couple``); so does a
+        float weight cast to another float type (ONNX Runtime's saved float16 models for
+        the CPU cast every weight to float32): folded, the file would hold both."""
+        return (0,) if _casts_a_weight(node) else ()
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
         ctx.derive_shape(y, ctx.shape(x))
         ctx.couple_all_axes(x, y)
-        if node.op == "Cast" and is_quantized_weight(x):
-            ctx.weight_expression(y, x)  # an int8 weight cast to float (kept unfolded)
+        if _casts_a_weight(node):
+            ctx.weight_expression(y, x)  # an int8 or float weight cast to float (kept unfolded)
         for extra in node.outputs[1:]:  # Dropout mask
             if extra.outputs:
                 ctx.couple_all_axes(x, extra)
@@ -461,6 +470,48 @@ def couple_softmax(node: gs.Node, ctx: CouplingContext, x: gs.Tensor, y: gs.Tens
 QUANTIZED_WEIGHT_TYPES = frozenset({np.dtype(np.int8), np.dtype(np.uint8)})
 #: smaller integer constants are lookup tables or shape arithmetic, folded as usual
 QUANTIZED_WEIGHT_MIN_ELEMENTS = 64
+
+
+class CastWeight(StoredWeight):
+    """A float constant read through a Cast to another float type (a float16 weight computed
+    in float32): decoded by the cast; new values are stored in the constant's own type,
+    clipped to its finite range."""
+
+    def __init__(self, constant: gs.Constant, target: np.dtype) -> None:
+        self.constant = constant
+        self._dtype = target
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def decode(self) -> np.ndarray:
+        return np.asarray(self.constant.values).astype(self._dtype)
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        stored = np.asarray(self.constant.values).dtype
+        limit = float(np.finfo(stored).max)
+        values = np.asarray(values, dtype=np.float64)
+        clipped = float(np.mean(np.abs(values) > limit)) if values.size else 0.0
+        self.constant.values = np.clip(values, -limit, limit).astype(stored)
+        return clipped, None
+
+
+def _casts_a_weight(node: gs.Node) -> bool:
+    """A Cast of an int8 weight, or of a float constant to another float type (a weight
+    stored in float16 and computed in float32: ONNX Runtime's ``InsertedPrecisionFreeCast``)."""
+    if node.op != "Cast" or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    if is_quantized_weight(node.inputs[0]):
+        return True
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        source = np.dtype(node.inputs[0].dtype)
+        target = np.dtype(tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except (TypeError, KeyError, ValueError):
+        return False
+    return source.kind == "f" and target.kind == "f" and len(node.inputs[0].shape or ()) > 0
 
 
 def is_quantized_weight(tensor: gs.Tensor) -> bool:

@@ -239,6 +239,15 @@ class OpRule:
         the shape probe teaches these ops. Default: not known."""
         return None
 
+    def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
+        """The node written as standard ONNX ops that compute the same outputs (new nodes
+        that read the node's inputs and write its output tensors; every check is made
+        before the first is built, since a built node attaches to its tensors), for a fused
+        kernel whose parts the rules know (ONNX Runtime's ``FusedConv``: a Conv and an
+        activation): the prepared model is lowered before the analysis
+        (:func:`graphprune.io.lowering.lower_fused`). ``None`` (the default): the node stays."""
+        return None
+
     def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
         """Give outputs that ONNX shape inference left without a shape the shape the op
         gives them (``ctx.derive_shape``), in graph order before any rule couples: a phase-2
