@@ -6,7 +6,8 @@ the Q/DQ pair: W1's int8 rows, its per-channel scales and zero points, b1's int3
 W2's int8 columns are sliced together, and the result equals the original with those
 channels zeroed. Dynamic quantization (DynamicQuantizeLinear -> MatMulInteger / ConvInteger,
 from ``onnxruntime.quantization.quantize_dynamic``) prunes through the integer ops where the
-weight zero point is 0; the other integer ops (DynamicQuantizeMatMul, ...) freeze
+weight zero point is 0; ORT's fused DynamicQuantizeMatMul / MatMulIntegerToFloat are written as that
+pattern again; the other integer ops freeze
 with a reason (the QOperator ops: tests/test_rule_qlinear.py), and a model where that leaves nothing says "nothing prunable: ...".
 """
 
@@ -232,25 +233,60 @@ def test_other_integer_ops_have_a_frozen_rule() -> None:
         assert any(f"integer op {node.op_type} 'n'" in r for r in reasons), (node.op_type, reasons)
 
 
-def test_groups_through_fused_integer_matmuls_are_reported_frozen() -> None:
-    """An MLP of ORT's fused ``DynamicQuantizeMatMul`` (int8 weights): the hidden channels are
-    a group of both weights, reported frozen with the ops' reason (they had no weight the
-    analysis knew, and the report said "0 channel groups")."""
+def test_fused_integer_matmuls_prune_as_the_dynamic_quantization_pattern() -> None:
+    """An MLP of ORT's fused ``DynamicQuantizeMatMul`` (int8 weights): before, the hidden
+    channels were a group of both weights, reported frozen ("removing is not zeroing"). The
+    fused ops are written as ONNX's pattern again (``DynamicQuantizeLinear``,
+    ``MatMulInteger``, ``Cast``, ``Mul``, ``Add``), which prunes exactly."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.integers(-127, 127, (16, 32)).astype(np.int8), "B1"),
              numpy_helper.from_array(np.float32(0.01), "s1"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
              numpy_helper.from_array(rng.integers(-127, 127, (32, 8)).astype(np.int8), "B2"),
-             numpy_helper.from_array(np.float32(0.01), "s2")]
-    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "B1", "s1"], ["h"], domain="com.microsoft"),
+             numpy_helper.from_array(np.full(8, 0.01, np.float32), "s2")]
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "B1", "s1", "", "b1"], ["h"], domain="com.microsoft"),
              helper.make_node("Relu", ["h"], ["a"]),
              helper.make_node("DynamicQuantizeMatMul", ["a", "B2", "s2"], ["y"], domain="com.microsoft")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    hidden = [g for g in graphprune.analyze(model).groups if g.num_units == 32]
-    assert len(hidden) == 1 and any("integer op DynamicQuantizeMatMul" in r for r in hidden[0].frozen)
     result = graphprune.prune(model, ratio=0.5)
-    assert result.report["groups"]["pruned"] == 0 and result.report["verification"]["ok"]
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    assert result.report["normalised"] == {"lowered_ops": {"DynamicQuantizeMatMul": 2}}
+    widths = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert widths["B1"] == [16, 16] and widths["B2"] == [16, 8] and widths["b1"] == [16]
+
+
+@pytest.mark.parametrize("op", ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"])
+@pytest.mark.parametrize("with_options", [False, True])
+def test_fused_integer_matmuls_lower_to_the_same_function(op, with_options) -> None:
+    """ONNX Runtime runs the fused op and its lowered pattern on the same inputs (zero points,
+    per-column scales and a bias with ``with_options``)."""
+    from graphprune.io.ir import prepare
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, (16, 8)).astype(np.int8), "B"),
+             numpy_helper.from_array((0.01 + 0.01 * rng.random(8 if with_options else ())).astype(np.float32), "b_scale"),
+             numpy_helper.from_array(np.full(8 if with_options else (), 3, np.int8), "b_zero"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias"),
+             numpy_helper.from_array(np.float32(0.02), "a_scale"), numpy_helper.from_array(np.uint8(120), "a_zero")]
+    if op == "DynamicQuantizeMatMul":
+        inputs, x = ["x", "B", "b_scale", *(["b_zero", "bias"] if with_options else [])], TensorProto.FLOAT
+    else:
+        inputs = ["x", "B", "a_scale", "b_scale", *(["a_zero", "b_zero", "bias"] if with_options else [])]
+        x = TensorProto.UINT8
+    node = helper.make_node(op, inputs, ["y"], name="n", domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", x, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": rng.standard_normal((4, 16)).astype(np.float32) if x == TensorProto.FLOAT
+             else rng.integers(0, 255, (4, 16)).astype(np.uint8)}
+    lowered = prepare(model)
+    assert not any(n.domain == "com.microsoft" for n in lowered.graph.node)
+    onnx.checker.check_model(lowered, full_check=True)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+           for m in (model, lowered)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
 
 
 def _dynamic_quantized(float_model: onnx.ModelProto, tmp_path, **options) -> onnx.ModelProto:
@@ -298,6 +334,28 @@ def test_dynamic_quantized_matmuls_prune_through_the_integer_ops(tmp_path) -> No
     assert int8 == [(24, 10), (32, 24), (32, 32)], int8
     feeds = {"x": np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)}
     assert _run(result.model, feeds)[0].shape == (4, 10)
+
+
+def test_a_dynamic_quantized_model_saved_by_onnx_runtime_prunes_like_the_quantizer_output(tmp_path) -> None:
+    """ONNX Runtime saves the quantizer's pattern as ``DynamicQuantizeMatMul`` and
+    ``MatMulIntegerToFloat`` (extended optimisations): written back as the pattern, the
+    model prunes as far as the quantizer's own output, and the calibration refits it."""
+    from onnxruntime.quantization import QuantType
+
+    model = _dynamic_quantized(_float_mlp(), tmp_path, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    saved = onnx.load(tmp_path / "saved.onnx")
+    fused = {n.op_type for n in saved.graph.node if n.domain == "com.microsoft"}
+    assert fused & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}, fused
+    want = graphprune.prune(model, ratio=0.5)
+    got = graphprune.prune(saved, ratio=0.5)
+    assert got.report["verification"]["ok"]
+    assert got.report["params_after"] == want.report["params_after"]
+    calibrated = graphprune.prune(saved, ratio=0.5, calibration="random:16")
+    assert calibrated.report["pass_stats"]["RefitPass"]["layers"] >= 2
 
 
 def test_dynamic_quantized_weights_with_a_zero_point_prune(tmp_path) -> None:

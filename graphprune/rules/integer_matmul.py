@@ -1,6 +1,7 @@
 """ONNX Runtime's integer MatMuls: ``MatMulNBits`` (a 2-8 bit weight packed in blocks), pruned
 by rows and by whole blocks of inputs, and the fused ``DynamicQuantizeMatMul`` /
-``MatMulIntegerToFloat``, mapped but not pruned.
+``MatMulIntegerToFloat``, written as ONNX's dynamic quantization pattern again (mapped and
+frozen where they cannot be).
 
 ``MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?)`` with attributes ``K``, ``N``,
 ``bits``, ``block_size``: ``A [..., K]`` times the weight ``B [N, K / block_size, blob]``
@@ -274,14 +275,55 @@ CONTRIB_INTEGER_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 @register
 class IntegerOpRule(MatMulRule):
-    """com.microsoft ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat(A, B, ...)``: MatMuls
-    whose integer ``B`` is read with scales from the data or fused with it. Mapped as a MatMul
-    (so that the groups through them are reported) and frozen, with a reason that says why."""
+    """com.microsoft ``DynamicQuantizeMatMul(A, B, b_scale, b_zero_point?, bias?)`` /
+    ``MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?, bias?)``: what
+    ONNX Runtime fuses ONNX's dynamic quantization pattern into (``DynamicQuantizeLinear`` of
+    the float input, ``MatMulInteger``, ``Cast`` to float, ``Mul`` by the product of the
+    scales, ``Add`` of the bias). :meth:`lowered` writes them as that pattern again, which the
+    rules prune exactly and the refit reads (:meth:`OpRule.rescaled_linear`); an instance it
+    cannot lower is mapped as a MatMul (so that the groups through it are reported) and frozen,
+    with a reason that says why."""
 
     op_types = CONTRIB_INTEGER_OPS
     domain = "com.microsoft"
     zero_behaviour = "none"
     zero_output = OpRule.zero_output
+
+    def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
+        dynamic = node.op == "DynamicQuantizeMatMul"
+        a, b = node.inputs[0], node.inputs[1]
+        # DynamicQuantizeMatMul: B's scale and zero point at 2, 3, bias 4; MatMulIntegerToFloat:
+        # A's scale 2, B's 3, A's zero point 4, B's 5, bias 6
+        b_scale, b_zero, bias = (_present(node, 2), _present(node, 3), _present(node, 4)) if dynamic else \
+            (_present(node, 3), _present(node, 5), _present(node, 6))
+        y = node.outputs[0]
+        if b_scale is None or opset < 11 or (dynamic and a.dtype is not None and np.dtype(a.dtype) != np.float32):
+            return None  # DynamicQuantizeLinear (opset 11) quantizes float32 only
+        name = node.name
+        nodes: list[gs.Node] = []
+        if dynamic:
+            a_q = gs.Variable(f"{name}__gp_a_q", dtype=np.uint8)
+            a_scale, a_zero = gs.Variable(f"{name}__gp_a_scale", dtype=np.float32), \
+                gs.Variable(f"{name}__gp_a_zero_point", dtype=np.uint8)
+            nodes.append(gs.Node("DynamicQuantizeLinear", f"{name}/quantize", inputs=[a],
+                                 outputs=[a_q, a_scale, a_zero]))
+        else:
+            a_q, a_scale, a_zero = a, node.inputs[2], _present(node, 4)
+        empty = gs.Variable.empty()
+        product = gs.Variable(f"{name}__gp_int32", dtype=np.int32)
+        nodes.append(gs.Node("MatMulInteger", f"{name}/matmul", outputs=[product], inputs=[
+            a_q, b, a_zero if a_zero is not None else empty, b_zero if b_zero is not None else empty]))
+        while nodes[-1].inputs and nodes[-1].inputs[-1] is empty:
+            nodes[-1].inputs.pop()
+        as_float = gs.Variable(f"{name}__gp_float", dtype=np.float32)
+        scales = gs.Variable(f"{name}__gp_scales", dtype=np.float32)
+        nodes += [gs.Node("Cast", f"{name}/cast", attrs={"to": 1}, inputs=[product], outputs=[as_float]),
+                  gs.Node("Mul", f"{name}/scales", inputs=[a_scale, b_scale], outputs=[scales])]
+        if bias is None:
+            return [*nodes, gs.Node("Mul", f"{name}/rescale", inputs=[as_float, scales], outputs=[y])]
+        scaled = gs.Variable(f"{name}__gp_scaled", dtype=np.float32)
+        return [*nodes, gs.Node("Mul", f"{name}/rescale", inputs=[as_float, scales], outputs=[scaled]),
+                gs.Node("Add", f"{name}/bias", inputs=[scaled, bias], outputs=[y])]
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return None
