@@ -208,3 +208,33 @@ def test_product_of_a_shape_vector_with_axes_as_an_input():
     for label in ("attr", "input", "none"):
         assert ShapeTrace(rule_for).of(outs[label]) == [ShapeRead("x", 1)], label
     assert ShapeTrace(rule_for).of(outs["computed"]) == [UNKNOWN]
+
+
+def test_a_product_of_two_shape_reads_sizes_a_merge():
+    """ONNX Runtime's transpose optimiser reads an LSTM output's ``directions * hidden`` as
+    ``Mul`` of two slices of ``Gather(Shape(Y), perm)``, two reads (not a read times a
+    constant): with the size-1 axis as one factor it is the other read, and the hidden layer
+    behind the merge prunes (before: "shape element computed by arithmetic")."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
+        helper.make_node("Unsqueeze", ["h", "one"], ["u"]),  # [N, 1, 16]
+        helper.make_node("Shape", ["u"], ["s"]),
+        helper.make_node("Gather", ["s", "perm"], ["g"], axis=0),  # the whole shape, permuted
+        helper.make_node("Slice", ["g", "i0", "i1"], ["n"]),
+        helper.make_node("Slice", ["g", "i1", "i2"], ["d"]),
+        helper.make_node("Slice", ["g", "i2", "i3"], ["c"]),
+        helper.make_node("Mul", ["d", "c"], ["p"]),
+        helper.make_node("Concat", ["n", "p"], ["t"], axis=0),
+        helper.make_node("Reshape", ["u", "t"], ["r"]),  # [N, 16]
+        helper.make_node("Relu", ["r"], ["a"]),
+        helper.make_node("MatMul", ["a", "W2"], ["y"], name="down"),
+    ]
+    params = {"W1": (8, 16), "W2": (16, 4), "one": ints(1), "perm": ints(0, 1, 2), "i0": ints(0), "i1": ints(1),
+              "i2": ints(2), "i3": ints(3)}
+    model = make_model(nodes, {"x": ("N", 8)}, {"y": ("N", 4)}, params, opset=13)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    widths = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert widths["W1"] == [8, 8] and widths["W2"] == [8, 4]
+    feeds = {"x": np.ones((3, 8), np.float32)}
+    assert run_ort(result.model, feeds)[0].shape == (3, 4)

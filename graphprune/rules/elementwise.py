@@ -271,15 +271,16 @@ class BroadcastRule(OpRule):
                     ctx.decoded(decoded.constant, decoded.scale, decoded.zero_point)
 
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
-        """Arithmetic on shapes keeps the length and loses the values, except four idioms:
-        ``Shape`` reads times a constant (``Mul``), a read divided by a literal (``Div``:
+        """Arithmetic on shapes keeps the length and loses the values, except five idioms:
+        ``Shape`` reads times a constant (``Mul``), reads times reads (``Mul``: a product of
+        reads, :func:`product_of_reads`), a read divided by a literal (``Div``:
         quotient reads), TorchScript's ``Where(Equal(s, -1), ones, s)`` (``Where``) and the
         broadcast size of two reads one of which is 1 (``Max``: tf2onnx's einsum)."""
         found = None
         if node.op == "Where":
             found = _trace_where_minus_one(node, trace)
         elif node.op == "Mul":
-            found = _trace_scaled(node, trace)
+            found = _trace_scaled(node, trace) or _trace_product(node, trace)
         elif node.op == "Div":
             found = _trace_quotient(node, trace)
         elif node.op == "Max" and len(node.inputs) == 2:
@@ -391,6 +392,21 @@ def _trace_scaled(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
                 out.append(UNKNOWN)
         return out
     return None
+
+
+def _trace_product(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
+    """Shape reads multiplied element by element (an LSTM output's ``directions * hidden``,
+    which ONNX Runtime's transpose optimiser reads as ``Gather(Shape(Y), perm)``): the read
+    where the other factor is a size-1 axis, else the product of the reads."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = trace.input(node, 0), trace.input(node, 1)
+    if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+        return None
+    size = max(len(a), len(b))
+    a, b = a * size if len(a) == 1 else a, b * size if len(b) == 1 else b
+    out = [product_of_reads([x, y]) for x, y in zip(a, b, strict=True)]
+    return None if all(element is UNKNOWN for element in out) else out
 
 
 def _trace_where_minus_one(node: gs.Node, trace: ShapeTrace) -> list[ShapeSource] | None:
