@@ -172,6 +172,28 @@ def _assert_one_line_error(code: int, err: str, *, exit_code: int = 2) -> str:
     return lines[0]
 
 
+def test_a_file_in_another_format_says_what_it_is(capsys, tmp_path):
+    """An ONNX Runtime ``.ort`` file (ORT writes one where the optimised model's path ends in
+    .ort) and a zip archive: a one-line usage error that names the format and what to do."""
+    import onnxruntime as ort
+
+    source = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), source)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "cnn.ort")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    code, _, err = cli(capsys, "prune", str(tmp_path / "cnn.ort"), "-o", str(tmp_path / "out.onnx"))
+    line = _assert_one_line_error(code, err)
+    assert "ONNX Runtime .ort file" in line and "give the .onnx model" in line, line
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "weights.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", b"not a model")
+    code, _, err = cli(capsys, "prune", str(tmp_path / "weights.pt"), "-o", str(tmp_path / "out.onnx"))
+    assert "graphprune export torch|keras" in _assert_one_line_error(code, err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def _external_data_model(folder: Path) -> Path:
     path = folder / "ext.onnx"
     onnx.save(example_cnn(), path, save_as_external_data=True, all_tensors_to_one_file=True,

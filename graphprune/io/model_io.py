@@ -117,6 +117,31 @@ def load_model(source: ModelSource, *, load_external_data: bool = True) -> onnx.
     )
 
 
+#: files people mistake for ONNX models, by their first bytes: what they are and what to do
+_OTHER_FORMATS = (
+    (4, b"ORTM", "an ONNX Runtime .ort file, the flatbuffer format of its mobile builds: give the "
+                 ".onnx model it was converted from"),
+    (4, b"TFL3", "a TensorFlow Lite model: convert it first with python -m tf2onnx.convert --tflite FILE "
+                 "--output FILE.onnx"),
+    (0, b"PK\x03\x04", "a zip archive, a PyTorch checkpoint or a .keras file perhaps: export the model "
+                        "to ONNX first with graphprune export torch|keras"),
+)
+
+
+def _format_hint(path: Path) -> str:
+    """``"; it is ..."`` (what the file is instead, and what to do) for a known other format,
+    else empty."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+    except OSError:
+        return ""
+    for offset, magic, what in _OTHER_FORMATS:
+        if head[offset:offset + len(magic)] == magic:
+            return f"; it is {what}"
+    return ""
+
+
 def _load_path(path: Path, *, load_external_data: bool) -> onnx.ModelProto:
     if not path.exists():
         raise InvalidModelError(f"no such file: {path}")
@@ -127,7 +152,7 @@ def _load_path(path: Path, *, load_external_data: bool) -> onnx.ModelProto:
     except OSError as exc:
         raise InvalidModelError(f"cannot read '{path}': {_short(exc)}") from exc
     except Exception as exc:  # DecodeError, or onnx's own parse errors for text formats
-        raise InvalidModelError(f"'{path}' is not a valid ONNX model: {_short(exc)}") from exc
+        raise InvalidModelError(f"'{path}' is not a valid ONNX model: {_short(exc)}{_format_hint(path)}") from exc
     _check_structure(model, f"'{path}'")
     if load_external_data:
         _load_external_data(model, path.parent, f"'{path}'")
