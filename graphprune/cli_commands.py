@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graphprune.analysis.explain import DOMAIN_NOTES
+from graphprune.analysis.explain import domain_notes
 from graphprune.errors import UsageError
 from graphprune.tables import ANALYZE_LEGEND, prune_summary, result_rows, table
 
@@ -101,8 +101,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if analysis.unsupported:
         ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
         print(f"ops without a rule (their dimensions are frozen): {ops}")
-        for note in sorted({DOMAIN_NOTES[k.partition("::")[0]] for k in analysis.unsupported
-                            if k.partition("::")[0] in DOMAIN_NOTES}):
+        for note in domain_notes(analysis.unsupported):
             print(f"  {note}")
     if not args.no_legend:
         print("\n" + ANALYZE_LEGEND)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,13 +29,17 @@ DOMAIN_NOTES = {
 }
 
 
+def domain_notes(ops: Iterable[str]) -> list[str]:
+    """What the known domains among ``ops`` (``domain::Op`` keys) mean, once each, sorted."""
+    return sorted({DOMAIN_NOTES[d] for d in (op.partition("::")[0] for op in ops) if d in DOMAIN_NOTES})
+
+
 def unsupported_ops(analysis: Analysis) -> str:
     """The three most frequent op types without a rule, with counts and what a known
     domain of them means (empty when every op has a rule)."""
     ranked = sorted(analysis.unsupported.items(), key=lambda kv: -len(kv[1]))
     text = ", ".join(f"{op} (x{len(names)})" for op, names in ranked[:3])
-    notes = {DOMAIN_NOTES[op.partition("::")[0]] for op, _ in ranked if op.partition("::")[0] in DOMAIN_NOTES}
-    return "; ".join([text, *sorted(notes)]) if text else ""
+    return "; ".join([text, *domain_notes(analysis.unsupported)]) if text else ""
 
 
 def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) -> str | None:

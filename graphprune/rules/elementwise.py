@@ -198,13 +198,8 @@ class UnaryRule(OpRule):
 
     @staticmethod
     def _cast_target(node: gs.Node, ctx: ConstantContext) -> np.dtype | None:
-        import onnx
-
         if node.op == "Cast":
-            try:
-                return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
-            except Exception:
-                return None
+            return _cast_dtype(node)
         like = node.inputs[1] if len(node.inputs) > 1 else None
         dtype = getattr(like, "dtype", None)
         return np.dtype(dtype) if dtype is not None else None
@@ -216,7 +211,7 @@ class UnaryRule(OpRule):
         """A float weight cast to another float type, refit in its stored type."""
         if not _casts_a_weight(node) or is_quantized_weight(node.inputs[0]):
             return None
-        target = self._cast_target(node, None)  # type: ignore[arg-type]
+        target = _cast_dtype(node)
         return CastWeight(node.inputs[0], target) if target is not None else None
 
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
@@ -520,14 +515,22 @@ def _casts_a_weight(node: gs.Node) -> bool:
         return False
     if is_quantized_weight(node.inputs[0]):
         return True
+    try:
+        source = np.dtype(node.inputs[0].dtype)
+    except TypeError:
+        return False
+    target = _cast_dtype(node)
+    return source.kind == "f" and target is not None and target.kind == "f" and len(node.inputs[0].shape or ()) > 0
+
+
+def _cast_dtype(node: gs.Node) -> np.dtype | None:
+    """The numpy type a ``Cast`` converts to (``None``: one numpy has not)."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
     try:
-        source = np.dtype(node.inputs[0].dtype)
-        target = np.dtype(tensor_dtype_to_np_dtype(int(node.attrs["to"])))
-    except (TypeError, KeyError, ValueError):
-        return False
-    return source.kind == "f" and target.kind == "f" and len(node.inputs[0].shape or ()) > 0
+        return np.dtype(tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except Exception:  # noqa: BLE001 - an unknown or missing type
+        return None
 
 
 def is_quantized_weight(tensor: gs.Tensor) -> bool:
