@@ -94,7 +94,7 @@ def derive_missing_shapes(graph: gs.Graph, opset: int) -> None:
     ctx = CouplingContext(graph, opset, rule_for, probes={})
     for node in graph.nodes:
         rule = rule_for(node)
-        if rule is None:
+        if rule is None or not rule.couples:
             continue
         ctx.node = node
         try:
@@ -141,7 +141,7 @@ def analyze_graph(
         for name in outer:
             ctx.tensor_freeze[name].append(f"used inside a subgraph of {describe_node(node)}")
         rule = rule_for(node)
-        if rule is None:
+        if rule is None or not rule.couples:
             domain = node.domain or ""
             key = f"{domain}::{node.op}" if domain not in ("", "ai.onnx") else node.op
             unsupported[key].append(node.name)

@@ -54,9 +54,15 @@ def lower_fused(graph: gs.Graph, opset: int) -> dict[str, int]:
     the node's place in the order); returns how many of each op type were lowered."""
     done: dict[str, int] = {}
     nodes: list[gs.Node] = []
+    kept = {t.name for t in graph.outputs} | _read_in_subgraphs(graph)
     for node in list(graph.nodes):
         rule = registry.overriding_rule(node.domain or "", node.op, opset, "lowered")
         parts = rule.lowered(node, opset) if rule is not None else None
+        if parts and _unwritten(node, parts, kept):
+            for part in parts:  # a lowering that leaves a read output unwritten is not taken
+                part.inputs.clear()
+                part.outputs.clear()
+            parts = None
         if not parts:
             nodes.append(node)
             continue
@@ -66,3 +72,21 @@ def lower_fused(graph: gs.Graph, opset: int) -> dict[str, int]:
         done[node.op] = done.get(node.op, 0) + 1
     graph.nodes = nodes
     return done
+
+
+def _read_in_subgraphs(graph: gs.Graph) -> set[str]:
+    """Names that a subgraph (an ``If`` branch, a ``Loop`` body) reads, at any depth."""
+    names: set[str] = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    names |= {t.name for n in sub.nodes for t in n.inputs} | _read_in_subgraphs(sub)
+    return names
+
+
+def _unwritten(node: gs.Node, parts: list[gs.Node], kept: set[str]) -> bool:
+    """Whether an output of ``node`` that is read (by a node, a subgraph or as a graph
+    output) is written by none of ``parts`` (a ``Loop``'s final loop counter)."""
+    written = {id(t) for part in parts for t in part.outputs}
+    return any(t.name and id(t) not in written and (t.outputs or t.name in kept) for t in node.outputs)

@@ -214,6 +214,9 @@ class OpRule:
     #: model with such a node is constant-folded before the analysis, so that the parameter is
     #: a constant the criteria and the refit can read
     computed_parameters: ClassVar[tuple[int, ...]] = ()
+    #: ``False``: the rule only lowers the op (:meth:`lowered`); an instance that stays is an op
+    #: without a rule to the analysis (its groups freeze, it is listed as unsupported)
+    couples: ClassVar[bool] = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError

@@ -10,6 +10,11 @@ channel is zero (a constant one is not: a sample outside the input reads padding
 Selections along one axis (``TopK``, ``ArgMax``/``ArgMin``, ``CumSum``) compare, index or
 accumulate the positions of that axis: removing one would change which position is chosen,
 or every sum after it, so that axis freezes; every other axis passes through to each output.
+
+``ReverseSequence`` reverses the first ``sequence_lens[b]`` steps of each batch entry along
+the time axis (Keras's ``go_backwards`` and ``Bidirectional`` through tf2onnx): time and batch
+are never channels; every other axis passes through element for element, and a channel that
+is one constant everywhere stays that constant.
 """
 
 from __future__ import annotations
@@ -81,3 +86,35 @@ class SelectAlongAxisRule(OpRule):
                     ctx.couple(x, a, y, a if kept or a < axis else a - 1)
         for t in node.inputs[1:]:
             ctx.freeze(t, None, reason)
+
+
+@register
+class ReverseSequenceRule(OpRule):
+    op_types = ("ReverseSequence",)
+    zero_behaviour = "map"
+
+    def _axes(self, node: gs.Node, rank: int) -> tuple[int, int]:
+        return int(node.attrs.get("time_axis", 0)) % rank, int(node.attrs.get("batch_axis", 1)) % rank
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ranks = ctx.known_ranks(node, x, y)
+        if ranks is None:
+            return
+        rank = ranks[0]
+        time, batch = self._axes(node, rank)
+        for t in (x, y):
+            ctx.spatial(t, [time], "time")
+            ctx.spatial(t, [batch], "batch")
+        for a in range(rank):
+            if a not in (time, batch):
+                ctx.couple(x, a, y, a)
+        ctx.freeze(node.inputs[1], None, f"sequence lengths at {node.op} '{node.name}'")
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        shape = ctx.shape(node.inputs[0])
+        if shape is None or len(shape) != 3:
+            return [None]
+        axis = 3 - sum(self._axes(node, 3))  # the one axis that is neither time nor batch
+        x = ctx.along(node.inputs[0], axis)
+        return [None] if x is None else [za.values(axis, x)]
