@@ -25,8 +25,9 @@ OPS_UNDER_TEST = ["Loop", "ReverseSequence"]
 T, B, IN, H = 5, 2, 6, 8
 
 
-def _cell_body(act: str, masked: bool, carried: bool = False) -> onnx.GraphProto:
-    """h' = act(x_t @ Wx + h @ Wh + b), scanned; ``masked``: h' = where(x_t[0] > 0, h', h).
+def _cell_body(act: str, masked: str | None, carried: bool = False) -> onnx.GraphProto:
+    """h' = act(x_t @ Wx + h @ Wh + b), scanned; ``masked``: ``"where"``: h' = where(x_t[0] > 0, h', h);
+    ``"threshold"``: h' = h' * (x_t[0] < 1e6), a comparison of data that random inputs never trip.
     ``carried`` (as jax2onnx writes a scan): the sequence and the kernel are loop-carried values
     passed on by an Identity, and the kernel is read by a Gemm whose ``C`` is ignored (beta 0)."""
     n = helper.make_node
@@ -39,13 +40,19 @@ def _cell_body(act: str, masked: bool, carried: bool = False) -> onnx.GraphProto
         n(act, ["z"], ["h_next" if not masked else "h_cell"]),
         n("Identity", ["cond"], ["cond_out"]),
     ]
-    if masked:  # a step whose first feature is not positive keeps the previous state
+    if masked == "where":  # a step whose first feature is not positive keeps the previous state
         nodes += [n("Slice", ["x_t", "s0", "s1", "s2"], ["x0"]),
                   n("Greater", ["x0", "zero"], ["keep"]),
                   n("Where", ["keep", "h_cell", "h"], ["h_next"])]
+    elif masked == "threshold":  # zero the state where the first feature is huge: no random input is
+        nodes += [n("Slice", ["x_t", "s0", "s1", "s2"], ["x0"]),
+                  n("Less", ["x0", "zero"], ["small"]),
+                  n("Cast", ["small"], ["small_f"], to=TensorProto.FLOAT),
+                  n("Mul", ["h_cell", "small_f"], ["h_next"])]
     nodes.append(n("Identity", ["h_next"], ["h_scan"]))
     f = TensorProto.FLOAT
-    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero")] if masked else []
+    inits = [numpy_helper.from_array(np.array(1e6 if masked == "threshold" else 0.0, np.float32), "zero")] \
+        if masked else []
     passed, passed_out = [], []
     if carried:
         nodes += [n("Identity", ["xs"], ["xs_out"]), n("Identity", ["wx"], ["wx_out"])]
@@ -66,7 +73,7 @@ def _cell_body(act: str, masked: bool, carried: bool = False) -> onnx.GraphProto
         inits)
 
 
-def _model(act: str = "Tanh", masked: bool = False, carried: bool = False, seed: int = 0) -> onnx.ModelProto:
+def _model(act: str = "Tanh", masked: str | None = None, carried: bool = False, seed: int = 0) -> onnx.ModelProto:
     """x [B, T, IN] -> MatMul W_in -> time-major -> Loop(cell) -> ReverseSequence -> mean (+ last state)
     -> MatMul W_out."""
     rng = np.random.default_rng(seed)
@@ -147,8 +154,9 @@ def test_reverse_sequence_couples_the_channels_and_freezes_time_and_batch():
     assert group.prunable and (rev.outputs[0].name, 2) in group.dims
 
 
-def test_a_masked_cell_stays_a_loop_and_its_groups_freeze():
-    model = _model(masked=True)
+@pytest.mark.parametrize("masked", ["where", "threshold"])
+def test_a_masked_cell_stays_a_loop_and_its_groups_freeze(masked):
+    model = _model(masked=masked)
     notes: dict = {}
     lowered = ir.prepare(model, notes=notes)
     assert "lowered_ops" not in notes and _ops(lowered)["Loop"] == 1

@@ -17,7 +17,8 @@ Recognising is two steps, both before anything is built:
    (``Gather`` on axis 0 by a loop counter), the kernel ``[input, G*H]`` read from the step's
    input and the recurrent kernel ``[H, G*H]`` from one float state (G = 1 RNN, 3 GRU, 4
    LSTM with a second state), at most one bias of ``G*H`` or ``2*G*H`` values, every other
-   input constant or an initial state;
+   input constant or an initial state, comparisons only of the loop's counters (a comparison
+   of data, a mask or an early stop, might never fire on the check's random inputs);
 2. **the same function**: the ``Loop`` (with what computes its trip count and condition from
    constants and the sequence's shape) and each candidate standard op run in ONNX Runtime on
    the same random sequence and random initial states, at the sequence length of the model
@@ -50,6 +51,8 @@ BODY_OPS = frozenset({
 TOLERANCE = 1e-4
 #: the ops that may read a value from outside the loop other than the sequence (its length)
 _BOUND_READERS = frozenset({"Cast", "Less", "LessOrEqual", "Greater", "And"})
+#: comparisons: in a cell's body only on the loop's counters (:func:`_compares_counters_only`)
+_COMPARISONS = frozenset({"Less", "LessOrEqual", "Greater", "And"})
 #: ONNX LSTM's gate order (i, o, f, c) from Keras's (i, f, c, o)
 _LSTM_ORDER = (0, 3, 1, 2)
 #: most nodes computing a Loop's trip count and condition that the check reproduces
@@ -148,9 +151,27 @@ def _recognise(node: gs.Node) -> _Cell | None:
     bounds = [t for name, t in outer.items() if name != x.name]
     if any(b.op not in _BOUND_READERS for b in body.nodes for t in b.inputs if t.name in outer and t.name != x.name):
         return None  # the sequence is the one value read from outside the loop but its bounds (no mask)
+    counted = {body.inputs[0].name, body.inputs[1].name, *(carried[i].name for i in counters),
+               *(carried[i].name for i, t in invariants.items() if t is not x and (k := _dtype(t)) is not None and k.kind != "f"),
+               *(t.name for t in bounds)}
+    if not _compares_counters_only(body, counted):
+        return None
     return _Cell(x, kx, kh, next(iter(unique.values()), None), [h, *(i for i in states if i != h)],
                  counters, invariants, bounds,
                  frozenset(b.op for b in body.nodes))
+
+
+def _compares_counters_only(body: gs.Graph, counted: set[str]) -> bool:
+    """Whether every comparison in the body (and the loop condition) reads only values computed
+    from the loop's counters, bounds and constants: a comparison of data (a mask, an early
+    stop) may never fire on the check's random inputs and yet on real ones."""
+    derived = set(counted)
+    for b in body.nodes:  # a body is in topological order
+        if all(isinstance(t, gs.Constant) or not t.name or t.name in derived for t in b.inputs):
+            derived |= {t.name for t in b.outputs}
+        elif b.op in _COMPARISONS:
+            return False
+    return body.outputs[0].name in derived
 
 
 def _passed_on(out: gs.Tensor, carried: gs.Tensor) -> bool:
