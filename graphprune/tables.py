@@ -247,9 +247,11 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     normalised = report.get("normalised") or {}
     if normalised.get("inlined_functions"):
         lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
-    if normalised.get("lowered_ops"):
-        ops = ", ".join(f"{op} x{n}" for op, n in sorted(normalised["lowered_ops"].items()))
-        lines.append(f"fused kernels written as standard ops: {ops} (ONNX Runtime fuses them again at load)")
+    described = normalised.get("lowered_as") or {}
+    kinds: dict[str, list[str]] = {}
+    for op, n in sorted((normalised.get("lowered_ops") or {}).items()):
+        kinds.setdefault(described.get(op, "ops written as standard ops"), []).append(f"{op} x{n}")
+    lines.extend(f"{kind}: {', '.join(ops)}" for kind, ops in kinds.items())
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

@@ -135,6 +135,7 @@ def test_the_lowered_cell_prunes_through_reverse_sequence_and_verifies():
     result = graphprune.prune(model, ratio=0.5)
     report = result.report
     assert report["verification"]["ok"] and report["normalised"]["lowered_ops"] == {"Loop": 1}
+    assert "LSTM/GRU/RNN" in report["normalised"]["lowered_as"]["Loop"]  # what the CLI prints
     rnn = next(n for n in result.model.graph.node if n.op_type == "RNN")
     assert next(a.i for a in rnn.attribute if a.name == "hidden_size") == H // 2
     # the hidden units crossed ReverseSequence to W_out's rows

@@ -249,13 +249,15 @@ def prepare(
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
     lowered: dict[str, int] = {}
+    described: dict[str, str] = {}
     if lowering.has_lowered_ops(model, default_opset(model)):
-        model, lowered = _lower(model, store)
+        model, lowered = _lower(model, store, described)
     if notes is not None:
         if inlined:
             notes["inlined_functions"] = inlined
         if lowered:
             notes["lowered_ops"] = lowered
+            notes["lowered_as"] = described
     folding = fold and _computes_constants(model)
     opset = default_opset(model)
     if folding or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
@@ -264,7 +266,7 @@ def prepare(
     return model
 
 
-def _lower(model: onnx.ModelProto, store: Any) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _lower(model: onnx.ModelProto, store: Any, described: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, int]]:
     """``model`` with its fused kernels as standard ops (:func:`lowering.lower_fused`), shapes
     inferred again through them. The kernels' rules give their output shapes
     (:meth:`OpRule.output_shape`) to ONNX Runtime's symbolic inference
@@ -273,7 +275,7 @@ def _lower(model: onnx.ModelProto, store: Any) -> tuple[onnx.ModelProto, dict[st
     lowered: dict[str, int] = {}
     while lowering.has_lowered_ops(model, default_opset(model)):
         graph = import_graph(model, store)
-        done = lowering.lower_fused(graph, default_opset(model))
+        done = lowering.lower_fused(graph, default_opset(model), described)
         if not done:
             break
         for op, count in done.items():

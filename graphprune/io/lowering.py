@@ -49,9 +49,10 @@ def has_lowered_ops(model: onnx.ModelProto, opset: int) -> bool:
                for node in model.graph.node)
 
 
-def lower_fused(graph: gs.Graph, opset: int) -> dict[str, int]:
+def lower_fused(graph: gs.Graph, opset: int, described: dict[str, str] | None = None) -> dict[str, int]:
     """Replace every main-graph node whose rule lowers it by the standard ops (in place, in
-    the node's place in the order); returns how many of each op type were lowered."""
+    the node's place in the order); returns how many of each op type were lowered, and
+    fills ``described`` with what each op type's lowering is (``OpRule.lowered_as``)."""
     done: dict[str, int] = {}
     nodes: list[gs.Node] = []
     kept = {t.name for t in graph.outputs} | _read_in_subgraphs(graph)
@@ -70,6 +71,8 @@ def lower_fused(graph: gs.Graph, opset: int) -> dict[str, int]:
         node.outputs.clear()
         nodes.extend(parts)
         done[node.op] = done.get(node.op, 0) + 1
+        if described is not None:
+            described[node.op] = rule.lowered_as
     graph.nodes = nodes
     return done
 

@@ -11,8 +11,10 @@ Keys every report has::
     untied_constants          readers of a vector constant the exporter stored once that got a
                               copy of their own (so that the layers reading it prune apart)
     normalised                (only when it happened) ``inlined_functions``: local functions
-                              whose calls were inlined; ``lowered_ops``: fused kernels written
-                              as standard ops, with counts (graphprune.io.lowering)
+                              whose calls were inlined; ``lowered_ops``: ops written as
+                              standard ops (fused kernels, recurrent layers exported as Loops),
+                              with counts, and ``lowered_as``: what each op's lowering is
+                              (graphprune.io.lowering)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)

@@ -471,6 +471,7 @@ class LoopRule(OpRule):
 
     op_types = ("Loop",)
     couples = False
+    lowered_as = "recurrent layers the exporter wrote as Loops, written as ONNX's LSTM/GRU/RNN"
 
     def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
         cell = _recognise(node)

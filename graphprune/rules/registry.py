@@ -217,6 +217,8 @@ class OpRule:
     #: ``False``: the rule only lowers the op (:meth:`lowered`); an instance that stays is an op
     #: without a rule to the analysis (its groups freeze, it is listed as unsupported)
     couples: ClassVar[bool] = True
+    #: what a lowering by :meth:`lowered` is, as the report and the command line say it
+    lowered_as: ClassVar[str] = "fused kernels written as standard ops (ONNX Runtime fuses them again at load)"
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
