@@ -164,6 +164,9 @@ def test_a_masked_cell_stays_a_loop_and_its_groups_freeze(masked):
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"]
     assert result.report["unsupported_ops"] == {"Loop": 1}
+    why = {"where": "its body has Where", "threshold": "a comparison of data"}[masked]
+    reasons = [r for found in graphprune.analyze(model).context.tensor_freeze.values() for r in found]
+    assert any(f"(not a recurrent cell: {why}" in r for r in reasons), reasons
 
 
 def test_a_wrong_trip_count_is_caught_by_the_check():

@@ -145,7 +145,8 @@ def analyze_graph(
             domain = node.domain or ""
             key = f"{domain}::{node.op}" if domain not in ("", "ai.onnx") else node.op
             unsupported[key].append(node.name)
-            ctx.freeze_node(node, f"no rule for {describe_node(node)}")
+            why = rule.unlowered_reason(node) if rule is not None else ""
+            ctx.freeze_node(node, f"no rule for {describe_node(node)}" + (f" ({why})" if why else ""))
             continue
         if rule.phase == 1:
             run(node, rule)

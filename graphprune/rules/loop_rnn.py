@@ -90,14 +90,16 @@ def _dtype(tensor: gs.Tensor) -> np.dtype | None:
         return None
 
 
-def _recognise(node: gs.Node) -> _Cell | None:
-    """The cell of a Loop whose body is a recurrent layer's step (``None``: it is not)."""
+def _recognise(node: gs.Node) -> _Cell | str:
+    """The cell of a Loop whose body is a recurrent layer's step, or why it is not one."""
     body = node.attrs.get("body")
     n = len(node.inputs) - 2
     if not isinstance(body, gs.Graph) or n < 1 or len(body.inputs) != n + 2 or len(body.outputs) != n + 2:
-        return None  # exactly one scan output: the sequence of hidden states
-    if any(b.op not in BODY_OPS or (b.domain or "") not in ("", "ai.onnx") or _subgraphs(b) for b in body.nodes):
-        return None
+        return "no carried state or not one scanned output"  # a cell scans its hidden states
+    other = sorted({b.op for b in body.nodes
+                    if b.op not in BODY_OPS or (b.domain or "") not in ("", "ai.onnx") or _subgraphs(b)})
+    if other:
+        return f"its body has {', '.join(other[:4])}"
     carried = body.inputs[2:]
     invariants = {i: node.inputs[2 + i] for i in range(n) if _passed_on(body.outputs[1 + i], carried[i])}
     by_name = {t.name: i for i, t in enumerate(carried)}
@@ -116,46 +118,46 @@ def _recognise(node: gs.Node) -> _Cell | None:
     sequences = {**outer, **{carried[i].name: t for i, t in invariants.items() if not isinstance(t, gs.Constant)}}
     gathers = [b for b in body.nodes if b.op == "Gather" and b.inputs[0].name in sequences]
     if len(gathers) != 1 or int(gathers[0].attrs.get("axis", 0)) != 0:
-        return None
+        return "no one step read from a sequence"
     gather = gathers[0]
     x = sequences[gather.inputs[0].name]
     if any(not isinstance(t, gs.Constant) and t is not x and (k := _dtype(t)) is not None and k.kind == "f"
            for t in invariants.values()):
-        return None  # another float value carried unchanged is a weight: computed, it is not one here
+        return "a weight computed outside the loop"  # a float carried unchanged, not the sequence
     index = gather.inputs[1].name
     varying = [i for i in range(n) if i not in invariants]
     kinds = {i: _dtype(node.inputs[2 + i]) for i in varying}
     if any(k is None for k in kinds.values()):
-        return None
+        return "a carried value of unknown type"
     counters = [i for i in varying if kinds[i].kind in "iu"]
     states = [i for i in varying if kinds[i].kind == "f"]
     if len(counters) + len(states) != len(varying) or index not in (body.inputs[0].name, *(carried[i].name for i in counters)):
-        return None
+        return "the step is not read by the loop counter"
     found = _kernel(gather.outputs[0], constant)
     readers = [(i, k) for i, k in ((i, _kernel(carried[i], constant)) for i in states) if k is not None]
     if found is None or len(readers) != 1:
-        return None
+        return "no constant kernel read from the step and the state"
     kx, x_source = found
     h, (kh, h_source) = readers[0]
     units, width = kh.shape
     gates = width // units if units else 0
     if gates not in (1, 3, 4) or gates * units != width or kx.shape[1] != width or len(states) != (2 if gates == 4 else 1):
-        return None
+        return "kernels of no LSTM/GRU/RNN's shape"
     unique: dict[str, np.ndarray] = {}  # the bias: any other float constant of the gates' size
     for t in {t.name: t for b in body.nodes for t in b.inputs if t.name not in (x_source, h_source)}.values():
         v = constant(t)
         if v is not None and v.dtype.kind == "f" and v.size in (width, 2 * width) and v.size > 1:
             unique[t.name] = v
     if len(unique) > 1:
-        return None
+        return "more than one bias"
     bounds = [t for name, t in outer.items() if name != x.name]
     if any(b.op not in _BOUND_READERS for b in body.nodes for t in b.inputs if t.name in outer and t.name != x.name):
-        return None  # the sequence is the one value read from outside the loop but its bounds (no mask)
+        return "another value read from outside the loop (a mask?)"  # only the sequence and its bounds
     counted = {body.inputs[0].name, body.inputs[1].name, *(carried[i].name for i in counters),
                *(carried[i].name for i, t in invariants.items() if t is not x and (k := _dtype(t)) is not None and k.kind != "f"),
                *(t.name for t in bounds)}
     if not _compares_counters_only(body, counted):
-        return None
+        return "a comparison of data (a mask or an early stop)"
     return _Cell(x, kx, kh, next(iter(unique.values()), None), [h, *(i for i in states if i != h)],
                  counters, invariants, bounds,
                  frozenset(b.op for b in body.nodes))
@@ -475,5 +477,12 @@ class LoopRule(OpRule):
 
     def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
         cell = _recognise(node)
-        found = _matches(node, cell, opset) if cell is not None else None
+        found = _matches(node, cell, opset) if isinstance(cell, _Cell) else None
         return _lower(node, cell, found, opset) if found is not None else None
+
+    def unlowered_reason(self, node: gs.Node) -> str:
+        """Why a Loop that stayed is not a recurrent layer (one that looks like one failed the
+        check: no standard op computes what it computes, or it writes an output the op has not)."""
+        cell = _recognise(node)
+        return ("not lowered: no LSTM/GRU/RNN computes what it computes, checked in ONNX Runtime"
+                if isinstance(cell, _Cell) else f"not a recurrent cell: {cell}")

@@ -253,6 +253,11 @@ class OpRule:
         (:func:`graphprune.io.lowering.lower_fused`). ``None`` (the default): the node stays."""
         return None
 
+    def unlowered_reason(self, node: gs.Node) -> str:
+        """Why a node this rule could only lower (``couples`` false) stayed, for its freeze
+        reason. Default: nothing to add."""
+        return ""
+
     def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
         """Give outputs that ONNX shape inference left without a shape the shape the op
         gives them (``ctx.derive_shape``), in graph order before any rule couples: a phase-2
