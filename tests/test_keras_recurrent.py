@@ -57,6 +57,9 @@ CASES = {
     "lstm_backwards": ("lstm", {"go_backwards": True}),
     "lstm_bidirectional": ("lstm", {"bidirectional": True, "return_sequences": True}),
     "simple_rnn": ("rnn", {}),
+    # with dropout Keras computes each gate's products apart (Split/Slice parts of one kernel)
+    "lstm_dropout": ("lstm", {"dropout": 0.1, "recurrent_dropout": 0.2}),
+    "gru_dropout": ("gru", {"recurrent_dropout": 0.2, "return_sequences": True}),
 }
 EXPECTED = {"gru": "GRU", "lstm": "LSTM", "rnn": "RNN"}
 

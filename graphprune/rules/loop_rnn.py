@@ -184,17 +184,31 @@ def _passed_on(out: gs.Tensor, carried: gs.Tensor) -> bool:
 
 
 def _kernel(value: gs.Tensor, constant) -> tuple[np.ndarray, str] | None:
-    """The 2-D constant weight ``[in, out]`` of the one MatMul/Gemm that reads ``value`` first,
-    with the name of the body tensor holding it."""
+    """The 2-D constant weight ``[in, out]`` that the MatMul/Gemm readers of ``value`` apply,
+    with the name of the body tensor holding it: one reader, or several that each read a
+    ``Slice``/``Split`` part of one weight (Keras's per-gate products when dropout is set, a GRU
+    without ``reset_after`` slicing its z, r gates' part)."""
     readers = [b for b in value.outputs if b.op in ("MatMul", "Gemm")]
-    if len(readers) != 1 or readers[0].inputs[0] is not value or len(readers[0].inputs) < 2:
+    if not readers or any(r.inputs[0] is not value or len(r.inputs) < 2 for r in readers):
         return None
-    reader = readers[0]
+    found = [_reader_weight(r, constant) for r in readers]
+    if any(f is None for f in found) or len({name for _, name, _ in found}) != 1:
+        return None
+    w, held, sliced = found[0]
+    if len(readers) > 1 and not all(s for _, _, s in found):
+        return None  # several readers of one unsliced weight: not one product
+    return w, held
+
+
+def _reader_weight(reader: gs.Node, constant) -> tuple[np.ndarray, str, bool] | None:
+    """The weight a MatMul/Gemm applies to its first input (through a ``Slice`` or ``Split`` of
+    a constant: the whole constant), its tensor's name and whether it was sliced."""
     held = reader.inputs[1]
     w = constant(held)
     source = held.inputs[0] if held.inputs else None
-    if w is None and source is not None and source.op == "Slice":
-        held = source.inputs[0]  # a GRU without reset_after slices its z, r gates' part
+    sliced = w is None and source is not None and source.op in ("Slice", "Split")
+    if sliced:
+        held = source.inputs[0]
         w = constant(held)
     if w is None or w.ndim != 2 or w.dtype.kind != "f":
         return None
@@ -205,7 +219,7 @@ def _kernel(value: gs.Tensor, constant) -> tuple[np.ndarray, str] | None:
             return None  # beta 0: C is not read (jax2onnx); 1: C is added (the bias, or h's part)
         if int(attrs.get("transB", 0)):
             w = w.T
-    return w, held.name
+    return w, held.name, sliced
 
 
 def _gate_order(a: np.ndarray, gates: int) -> np.ndarray:
