@@ -13,10 +13,11 @@ feeds), with the Keras gate order and bias layout converted (GRU ``reset_after``
 Recognising is two steps, both before anything is built:
 
 1. **shape of the body**: only the ops a cell uses (:data:`BODY_OPS`: no ``Where`` of a
-   masked sequence, no nested subgraph), exactly one sequence read from the outer scope
-   (``Gather`` on axis 0 by a loop counter), the kernel ``[input, G*H]`` read from the step's
-   input and the recurrent kernel ``[H, G*H]`` from one float state (G = 1 RNN, 3 GRU, 4
-   LSTM with a second state), at most one bias of ``G*H`` or ``2*G*H`` values, every other
+   masked sequence, no nested subgraph), exactly one sequence read (``Gather`` on axis 0 by a
+   loop counter) from the outer scope (tf2onnx) or carried unchanged through the loop
+   (jax2onnx), the kernel ``[input, G*H]`` read from the step's input and the recurrent kernel
+   ``[H, G*H]`` from one float state (G = 1 RNN, 3 GRU, 4 LSTM with a second state), in one
+   product each or one per gate on ``Split``/``Slice`` parts (Keras with dropout), at most one bias of ``G*H`` or ``2*G*H`` values, every other
    input constant or an initial state, comparisons only of the loop's counters (a comparison
    of data, a mask or an early stop, might never fire on the check's random inputs);
 2. **the same function**: the ``Loop`` (with what computes its trip count and condition from
@@ -26,7 +27,8 @@ Recognising is two steps, both before anything is built:
    outputs match (relative difference :data:`TOLERANCE`) is the lowering.
 
 A ``Loop`` that is anything else stays, and its groups freeze as before (``no rule for
-Loop``: :attr:`LoopRule.couples` is false, the rule only lowers).
+Loop``: :attr:`LoopRule.couples` is false, the rule only lowers), with what it lacks in the
+reason (:meth:`LoopRule.unlowered_reason`).
 """
 
 from __future__ import annotations
@@ -365,7 +367,8 @@ def _op_model(node: gs.Node, cell: _Cell, check: _Check, op: str, attrs: dict, w
         _squeezed(nodes, init, source, axis, name, opset)
     graph = helper.make_graph(nodes, "lowered", [_value_info(t.name, dtype) for t in check.inputs],
                               [_value_info(n, dtype) for n in names], init)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
 def _unsqueezed(nodes: list, init: list, name: str, out: str, opset: int) -> str:
