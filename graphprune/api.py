@@ -43,7 +43,9 @@ def load_and_prepare(model: ModelSource) -> Session:
 def analyze(model: ModelSource, *, keep: Iterable[str] | str = ()) -> Analysis:
     """Dependency analysis of ``model``: channel groups, frozen groups and reasons."""
     session = Session(model, keep=keep)
-    return session.analyze()
+    analysis = session.analyze()
+    analysis.normalised = dict(session.normalised)
+    return analysis
 
 
 def _number(name: str, value: Any, low: float, high: float, *, high_open: bool = True) -> float:

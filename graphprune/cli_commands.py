@@ -20,7 +20,7 @@ from typing import Any
 
 from graphprune.analysis.explain import domain_notes
 from graphprune.errors import UsageError
-from graphprune.tables import ANALYZE_LEGEND, prune_summary, result_rows, table
+from graphprune.tables import ANALYZE_LEGEND, normalised_lines, prune_summary, result_rows, table
 
 
 class _Progress:
@@ -80,6 +80,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "prunable_fraction_of": prunable_label(analysis),
             "groups": groups,
             "unsupported": analysis.unsupported,
+            "normalised": analysis.normalised,
         }))
         return 0
     rows = []
@@ -98,6 +99,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"\n{s['groups']} channel groups: {s['prunable']} prunable "
           f"({s['inexact']} inexact, marked *), {s['frozen']} frozen; "
           f"prunable {prunable_label(analysis)}: {prunable_fraction(analysis):.1%}")
+    for line in normalised_lines(analysis.normalised):
+        print(line)
     if analysis.unsupported:
         ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
         print(f"ops without a rule (their dimensions are frozen): {ops}")

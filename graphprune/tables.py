@@ -222,6 +222,21 @@ def branch_lines(branches: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
+    """What the normalisation rewrote before the analysis (local functions inlined, ops written
+    as standard ops), one line each (``report["normalised"]``)."""
+    normalised = normalised or {}
+    lines = []
+    if normalised.get("inlined_functions"):
+        lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
+    described = normalised.get("lowered_as") or {}
+    kinds: dict[str, list[str]] = {}
+    for op, n in sorted((normalised.get("lowered_ops") or {}).items()):
+        kinds.setdefault(described.get(op, "ops written as standard ops"), []).append(f"{op} x{n}")
+    lines.extend(f"{kind}: {', '.join(ops)}" for kind, ops in kinds.items())
+    return lines
+
+
 def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
     """The table and lines ``graphprune prune`` prints."""
     rows = result_rows(report)
@@ -244,14 +259,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     if report.get("untied_constants"):
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
-    normalised = report.get("normalised") or {}
-    if normalised.get("inlined_functions"):
-        lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
-    described = normalised.get("lowered_as") or {}
-    kinds: dict[str, list[str]] = {}
-    for op, n in sorted((normalised.get("lowered_ops") or {}).items()):
-        kinds.setdefault(described.get(op, "ops written as standard ops"), []).append(f"{op} x{n}")
-    lines.extend(f"{kind}: {', '.join(ops)}" for kind, ops in kinds.items())
+    lines.extend(normalised_lines(report.get("normalised")))
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

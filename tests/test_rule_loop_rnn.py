@@ -177,3 +177,17 @@ def test_a_wrong_trip_count_is_caught_by_the_check():
     notes: dict = {}
     lowered = ir.prepare(model, notes=notes)
     assert "lowered_ops" not in notes and _ops(lowered)["Loop"] == 1
+
+
+def test_analyze_and_prune_say_the_loop_was_lowered(tmp_path, capsys):
+    from graphprune.cli import main
+
+    path = tmp_path / "loop_rnn.onnx"
+    onnx.save(_model(), path)
+    analysis = graphprune.analyze(str(path))
+    assert analysis.normalised["lowered_ops"] == {"Loop": 1}
+    assert main(["analyze", str(path), "--no-legend"]) == 0
+    line = "recurrent layers the exporter wrote as Loops, written as ONNX's LSTM/GRU/RNN: Loop x1"
+    assert line in capsys.readouterr().out
+    assert main(["prune", str(path), "-o", str(tmp_path / "pruned.onnx")]) == 0
+    assert line in capsys.readouterr().out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
@@ -54,6 +54,9 @@ class Analysis:
     #: that layout from another, so verification runs such a model at batch 2. Set when the
     #: groups are formed (a rewrite clears the intermediate shapes later)
     merges_batch: bool = False
+    #: what the normalisation rewrote before the analysis (``report["normalised"]``: local
+    #: functions inlined, ops lowered); filled by :func:`graphprune.api.analyze`
+    normalised: dict = field(default_factory=dict)
 
     @property
     def frozen_groups(self) -> list[ChannelGroup]:
