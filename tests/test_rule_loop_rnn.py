@@ -191,3 +191,61 @@ def test_analyze_and_prune_say_the_loop_was_lowered(tmp_path, capsys):
     assert line in capsys.readouterr().out
     assert main(["prune", str(path), "-o", str(tmp_path / "pruned.onnx")]) == 0
     assert line in capsys.readouterr().out
+
+
+def _lstm_model() -> onnx.ModelProto:
+    """A Keras-style LSTM step (gates i, f, c, o of one product) as a Loop whose initial h and
+    c are one tensor (a state graph input read twice)."""
+    rng = np.random.default_rng(4)
+    n, f = helper.make_node, TensorProto.FLOAT
+    body = helper.make_graph(
+        [n("Gather", ["x", "i"], ["x_t"], axis=0), n("MatMul", ["x_t", "Wx"], ["xw"]),
+         n("MatMul", ["h", "Wh"], ["hw"]), n("Add", ["xw", "hw"], ["s"]), n("Add", ["s", "b"], ["z"]),
+         n("Split", ["z"], ["zi", "zf", "zc", "zo"], axis=-1),
+         n("Sigmoid", ["zi"], ["gi"]), n("Sigmoid", ["zf"], ["gf"]), n("Tanh", ["zc"], ["gc"]),
+         n("Sigmoid", ["zo"], ["go"]), n("Mul", ["gf", "c"], ["fc"]), n("Mul", ["gi", "gc"], ["ic"]),
+         n("Add", ["fc", "ic"], ["c_next"]), n("Tanh", ["c_next"], ["tc"]), n("Mul", ["go", "tc"], ["h_next"]),
+         n("Identity", ["h_next"], ["h_scan"]), n("Identity", ["cond"], ["cond_out"])],
+        "lstm_cell",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h", f, [B, H]), helper.make_tensor_value_info("c", f, [B, H])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_next", f, [B, H]), helper.make_tensor_value_info("c_next", f, [B, H]),
+         helper.make_tensor_value_info("h_scan", f, [B, H])])
+    weights = {
+        "W_in": rng.standard_normal((IN, IN)).astype(np.float32) * 0.5,
+        "Wx": rng.standard_normal((IN, 4 * H)).astype(np.float32) * 0.4,
+        "Wh": rng.standard_normal((H, 4 * H)).astype(np.float32) * 0.3,
+        "b": rng.standard_normal(4 * H).astype(np.float32) * 0.1,
+        "W_out": rng.standard_normal((H, 3)).astype(np.float32),
+        "trips": np.array(T, np.int64), "true": np.array(True),
+    }
+    graph = helper.make_graph(
+        [n("MatMul", ["inp", "W_in"], ["proj"]), n("Transpose", ["proj"], ["x"], perm=[1, 0, 2]),
+         helper.make_node("Loop", ["trips", "true", "state", "state"], ["h_last", "c_last", "hs"], body=body),
+         n("ReduceMean", ["hs"], ["pooled"], axes=[0], keepdims=0), n("Add", ["pooled", "c_last"], ["both"]),
+         n("MatMul", ["both", "W_out"], ["y"])],
+        "loop_lstm",
+        [helper.make_tensor_value_info("inp", f, [B, T, IN]), helper.make_tensor_value_info("state", f, [B, H])],
+        [helper.make_tensor_value_info("y", f, [B, 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_an_lstm_whose_initial_h_and_c_are_one_tensor_lowers():
+    model = _lstm_model()
+    notes: dict = {}
+    lowered = ir.prepare(model, notes=notes)
+    assert notes["lowered_ops"] == {"Loop": 1} and _ops(lowered)["LSTM"] == 1
+    rng = np.random.default_rng(5)
+    feeds = {"inp": rng.standard_normal((B, T, IN)).astype(np.float32),
+             "state": rng.standard_normal((B, H)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    np.testing.assert_allclose(run(lowered), run(model), rtol=1e-5, atol=1e-6)

@@ -302,7 +302,7 @@ def _plan_check(node: gs.Node, cell: _Cell) -> _Check | None:
     n = len(node.inputs) - 2
     stop = {cell.x.name}
     inits = [node.inputs[2 + i] for i in cell.states]
-    fed = [cell.x, *(t for t in inits if not isinstance(t, gs.Constant))]
+    fed = list({t.name: t for t in (cell.x, *inits) if not isinstance(t, gs.Constant)}.values())  # h0 = c0 once
     stop |= {t.name for t in fed}
     cone = _cone([node.inputs[0], node.inputs[1], *(node.inputs[2 + i] for i in cell.counters),
                   *cell.invariants.values(), *cell.limits], stop)
