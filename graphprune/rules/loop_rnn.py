@@ -51,10 +51,10 @@ BODY_OPS = frozenset({
 })
 #: largest relative difference between the Loop and its lowered form on the check's inputs
 TOLERANCE = 1e-4
-#: the ops that may read a value from outside the loop other than the sequence (its length)
-_BOUND_READERS = frozenset({"Cast", "Less", "LessOrEqual", "Greater", "And"})
 #: comparisons: in a cell's body only on the loop's counters (:func:`_compares_counters_only`)
 _COMPARISONS = frozenset({"Less", "LessOrEqual", "Greater", "And"})
+#: the ops that may read a value from outside the loop other than the sequence (its length)
+_BOUND_READERS = _COMPARISONS | {"Cast"}
 #: ONNX LSTM's gate order (i, o, f, c) from Keras's (i, f, c, o)
 _LSTM_ORDER = (0, 3, 1, 2)
 #: most nodes computing a Loop's trip count and condition that the check reproduces
@@ -349,43 +349,26 @@ def _materialise(proto: onnx.GraphProto, graph: gs.Graph) -> None:
     fix(proto)
 
 
-def _op_model(node: gs.Node, cell: _Cell, check: _Check, op: str, attrs: dict, weights: list[np.ndarray],
+def _op_model(node: gs.Node, cell: _Cell, check: _Check, found: tuple[str, dict, list[np.ndarray]],
               dtype: np.dtype, opset: int) -> onnx.ModelProto:
-    """The candidate op on the check's inputs, writing the compared outputs' names."""
-    init: list[onnx.TensorProto] = [onnx.numpy_helper.from_array(a, f"__gp_{k}") for k, a in zip("WRB", weights, strict=True)]
-    nodes: list[onnx.NodeProto] = []
-    states = []
-    for k, i in enumerate(cell.states):
-        t = node.inputs[2 + i]
-        if isinstance(t, gs.Constant):
-            init.append(onnx.numpy_helper.from_array(np.asarray(t.values), t.name))
-        states.append(_unsqueezed(nodes, init, t.name, f"__gp_state{k}", opset))
-    outs = ["__gp_Y", "__gp_Y_h", *(["__gp_Y_c"] if op == "LSTM" else [])]
-    nodes.append(helper.make_node(op, [cell.x.name, "__gp_W", "__gp_R", "__gp_B", "", *states], outs, **attrs))
-    names = [node.outputs[i].name for i in check.outputs]
-    for source, axis, name in zip([*outs[1:], outs[0]], [*([0] * (len(outs) - 1)), 1], names, strict=True):
-        _squeezed(nodes, init, source, axis, name, opset)
-    graph = helper.make_graph(nodes, "lowered", [_value_info(t.name, dtype) for t in check.inputs],
-                              [_value_info(n, dtype) for n in names], init)
-    opsets = [helper.make_opsetid("", opset)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    """The nodes :func:`_build` writes for a candidate, on stand-ins of the Loop's tensors (the
+    same names; building on the real ones would attach the nodes to the graph), writing the
+    compared outputs: the check runs exactly what the lowering emits."""
+    stand: dict[str, gs.Tensor] = {}
 
+    def like(t: gs.Tensor) -> gs.Tensor:
+        if t.name not in stand:
+            stand[t.name] = gs.Constant(t.name, np.asarray(t.values)) if isinstance(t, gs.Constant) \
+                else gs.Variable(t.name, dtype=dtype)
+        return stand[t.name]
 
-def _unsqueezed(nodes: list, init: list, name: str, out: str, opset: int) -> str:
-    if opset >= 13:
-        init.append(onnx.numpy_helper.from_array(np.array([0], np.int64), f"{out}_axes"))
-        nodes.append(helper.make_node("Unsqueeze", [name, f"{out}_axes"], [out]))
-    else:
-        nodes.append(helper.make_node("Unsqueeze", [name], [out], axes=[0]))
-    return out
-
-
-def _squeezed(nodes: list, init: list, name: str, axis: int, out: str, opset: int) -> None:
-    if opset >= 13:
-        init.append(onnx.numpy_helper.from_array(np.array([axis], np.int64), f"{out}__gp_axes"))
-        nodes.append(helper.make_node("Squeeze", [name, f"{out}__gp_axes"], [out]))
-    else:
-        nodes.append(helper.make_node("Squeeze", [name], [out], axes=[axis]))
+    states = [like(node.inputs[2 + i]) for i in cell.states]
+    outs = [gs.Variable(node.outputs[i].name, dtype=dtype) for i in check.outputs]  # states, then the sequence
+    nodes = _build(node.name, cell, found, opset, like(cell.x), states, outs[:-1], outs[-1], [])
+    graph = gs.Graph(nodes=nodes, inputs=[stand[t.name] for t in check.inputs], outputs=outs, opset=opset)
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    return model
 
 
 def _lengths(cell: _Cell) -> tuple[tuple[int, ...], int]:
@@ -399,12 +382,12 @@ def _matches(node: gs.Node, cell: _Cell, opset: int) -> tuple[str, dict, list[np
     """The first candidate that computes what the Loop computes (``None``: none does)."""
     import onnxruntime as ort
 
-    check = _plan_check(node, cell)
-    if check is None:
-        return None
     dtype = cell.kx.dtype
     if dtype != np.float32:
         return None  # ONNX Runtime's LSTM/GRU/RNN run float32 (and the check with them)
+    check = _plan_check(node, cell)
+    if check is None:
+        return None
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a candidate that fails is expected, not an error
     try:
@@ -425,7 +408,7 @@ def _matches(node: gs.Node, cell: _Cell, opset: int) -> tuple[str, dict, list[np
     for op, attrs, weights in _candidates(cell):
         try:
             session = ort.InferenceSession(
-                _op_model(node, cell, check, op, attrs, weights, dtype, opset).SerializeToString(), options,
+                _op_model(node, cell, check, (op, attrs, weights), dtype, opset).SerializeToString(), options,
                 providers=["CPUExecutionProvider"])
             got = [session.run(None, f) for f in feeds]
         except Exception:  # noqa: BLE001
@@ -443,9 +426,13 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return float(np.abs(a - b).max(initial=0.0)) <= TOLERANCE * scale
 
 
-def _lower(node: gs.Node, cell: _Cell, found: tuple[str, dict, list[np.ndarray]], opset: int) -> list[gs.Node]:
+def _build(name: str, cell: _Cell, found: tuple[str, dict, list[np.ndarray]], opset: int, x: gs.Tensor,
+           inits: list[gs.Tensor], finals: list[gs.Tensor], sequence: gs.Tensor,
+           carried: list[tuple[gs.Tensor, gs.Tensor]]) -> list[gs.Node]:
+    """The standard op computing the Loop: reads ``x`` and the initial states ``inits`` (h, c),
+    writes the final states ``finals``, the scanned ``sequence`` and each carried-unchanged
+    value (``carried``: input, output)."""
     op, attrs, weights = found
-    name = node.name
     dtype = cell.kx.dtype
     consts = [gs.Constant(f"{name}__gp_{k}", a) for k, a in zip("WRB", weights, strict=True)]
     nodes: list[gs.Node] = []
@@ -457,8 +444,7 @@ def _lower(node: gs.Node, cell: _Cell, found: tuple[str, dict, list[np.ndarray]]
         return {} if opset >= 13 else {"axes": [axis]}
 
     states: list[gs.Tensor] = []
-    for k, i in enumerate(cell.states):
-        t = node.inputs[2 + i]
+    for k, t in enumerate(inits):
         if isinstance(t, gs.Constant) and not np.any(np.asarray(t.values)):
             states.append(gs.Variable.empty())  # zeros: the op's default
             continue
@@ -469,18 +455,24 @@ def _lower(node: gs.Node, cell: _Cell, found: tuple[str, dict, list[np.ndarray]]
     while states and not states[-1].name:
         states.pop()
     y = gs.Variable(f"{name}__gp_Y", dtype=dtype)
-    finals = [gs.Variable(f"{name}__gp_Y_{c}", dtype=dtype) for c in ("h", "c")[:len(cell.states)]]
-    inputs = [cell.x, *consts, *([gs.Variable.empty(), *states] if states else [])]
-    nodes.append(gs.Node(op, name, attrs=attrs, inputs=inputs, outputs=[y, *finals]))
-    n = len(node.inputs) - 2
-    for k, i in enumerate(cell.states):
+    ys = [gs.Variable(f"{name}__gp_Y_{c}", dtype=dtype) for c in ("h", "c")[:len(inits)]]
+    inputs = [x, *consts, *([gs.Variable.empty(), *states] if states else [])]
+    nodes.append(gs.Node(op, name, attrs=attrs, inputs=inputs, outputs=[y, *ys]))
+    for k, final in enumerate(finals):
         nodes.append(gs.Node("Squeeze", f"{name}/state_{k}", attrs=axes_attr(0),
-                             inputs=[finals[k], *axes_input(0, f"state_{k}")], outputs=[node.outputs[i]]))
+                             inputs=[ys[k], *axes_input(0, f"state_{k}")], outputs=[final]))
     nodes.append(gs.Node("Squeeze", f"{name}/sequence", attrs=axes_attr(1),
-                         inputs=[y, *axes_input(1, "sequence")], outputs=[node.outputs[n]]))
-    for i, t in cell.invariants.items():
-        nodes.append(gs.Node("Identity", f"{name}/carried_{i}", inputs=[t], outputs=[node.outputs[i]]))
+                         inputs=[y, *axes_input(1, "sequence")], outputs=[sequence]))
+    for k, (t, out) in enumerate(carried):
+        nodes.append(gs.Node("Identity", f"{name}/carried_{k}", inputs=[t], outputs=[out]))
     return nodes
+
+
+def _lower(node: gs.Node, cell: _Cell, found: tuple[str, dict, list[np.ndarray]], opset: int) -> list[gs.Node]:
+    n = len(node.inputs) - 2
+    return _build(node.name, cell, found, opset, cell.x, [node.inputs[2 + i] for i in cell.states],
+                  [node.outputs[i] for i in cell.states], node.outputs[n],
+                  [(t, node.outputs[i]) for i, t in cell.invariants.items()])
 
 
 @register
