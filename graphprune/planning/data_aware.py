@@ -42,12 +42,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.analysis import CONSUMER, Analysis, ChannelGroup
 from graphprune.calibration.linear import LinearView, linear_view
 from graphprune.calibration.recurrent import consumer_views as recurrent_consumers
 from graphprune.calibration.stats import ChannelStats, LayerStats
-from graphprune.planning.importance import norm_scores
+from graphprune.planning.importance import UnitVotes, norm_scores
 
 DATA_CRITERIA = ("activation", "wanda", "flap", "reconstruction", "obs")
 #: what ``auto`` is called in the report: a choice among AUTO_CANDIDATES per group
@@ -295,9 +296,10 @@ def group_scores(
     stats: LayerStats,
     criterion: str,
     fallback: Callable[[ChannelGroup], np.ndarray],
+    tensors: dict[str, gs.Tensor],
 ) -> np.ndarray:
     """Data-aware scores of every unit of ``group`` (``fallback`` without statistics)."""
-    scores = np.zeros(group.num_units, dtype=np.float64)
+    votes = UnitVotes(group, tensors)
     used = 0
     for view, layer, labels in _consumers(group, views, stats):
         values = element_scores(view, layer, criterion, labels)
@@ -307,12 +309,9 @@ def group_scores(
         mean = values.mean()
         if mean > 0:
             values = values / mean
-        free = labels >= 0  # -1: a pinned element (no unit)
-        sums = np.bincount(labels[free], weights=values[free], minlength=group.num_units).astype(np.float64)
-        counts = np.bincount(labels[free], minlength=group.num_units)
-        scores += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        votes.add(labels, values)
         used += 1
-    return scores if used else fallback(group)
+    return votes.scores() if used else fallback(group)
 
 
 def plan_error(
@@ -355,11 +354,11 @@ class DataAwareScorer:
             self.chosen[NO_STATISTICS] = self.chosen.get(NO_STATISTICS, 0) + 1
             return self.fallback(group)
         if self.criterion != AUTO_CRITERION:
-            return group_scores(group, self.views, self.stats, self.criterion, self.fallback)
+            return group_scores(group, self.views, self.stats, self.criterion, self.fallback, self.tensors)
         best: tuple[float, str, np.ndarray] | None = None
         seen: dict[bytes, float] = {}
         for name in AUTO_CANDIDATES:
-            scores = group_scores(group, self.views, self.stats, name, self.fallback)
+            scores = group_scores(group, self.views, self.stats, name, self.fallback, self.tensors)
             key = np.argsort(scores, kind="stable").tobytes()
             error = seen.get(key)
             if error is None:

@@ -5,7 +5,8 @@ Data-free criteria read the parameters of every member of the group:
 - ``l1`` / ``l2``: for each weight member (a Conv/Gemm/MatMul weight, rank >= 2), the L1 / L2
   norm of each slice along the member axis, normalised by the member's mean so that layers
   of different scale weigh the same; a unit's score is the sum over members of the mean
-  normalised norm of its elements. Groups without rank-2 weights use their 1-D parameters.
+  normalised norm of its elements (:class:`UnitVotes`). Groups without rank-2 weights use their
+  1-D parameters.
   A quantized (integer) weight is scored as the float weight it decodes to (its per-channel
   scales and zero points applied); one without a known decoding is not scored.
 - ``random``: seeded uniform scores (a baseline).
@@ -43,8 +44,61 @@ def _slice_norms(values: np.ndarray, axis: int, order: int) -> np.ndarray:
     return out
 
 
+def widened_stream(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> bool:
+    """Whether some units of ``group`` are written by more weights than others: a residual
+    stream that a ``Pad`` widens (BlazeFace: every block writes the channels it holds; the
+    channels padded in later exist only in the later blocks). Producer members of rank >= 2
+    count (all producers where no weight holds a unit). A dense block's ``Concat`` is not one:
+    each of its channels has one writer, however many later layers read it."""
+    producers = group.producers
+    weights = [d for d in producers if len(getattr(tensors.get(d[0]), "shape", None) or ()) >= 2]
+    counts = np.zeros(group.num_units, dtype=np.int64)
+    for dims in (weights, producers):
+        for dim in dims:
+            labels = group.unit_of.get(dim)
+            if labels is not None:
+                counts[np.unique(labels[labels >= 0])] += 1
+        if counts.any():
+            break
+    held = counts[counts > 0]
+    return held.size > 0 and bool((held != held[0]).any())
+
+
+class UnitVotes:
+    """Per-unit scores of a group: the sum over its members of each member's vote, the mean
+    score of the unit's elements in that member (a member's votes are normalised by the
+    caller). In a widened residual stream (:func:`widened_stream`) a sum would rank a unit by
+    how many blocks hold it: a ratio would empty the late blocks' channels and leave the early,
+    costly ones whole (MediaPipe's face detector at ratio 0.5: 0.79x MACs). There a unit that
+    only some members hold is scored by its mean vote, scaled to the largest member count
+    (``bench/offset_groups.py``). Elsewhere the sum stands: a dense block's early channel
+    that every later layer reads is worth more than a late one that one layer reads."""
+
+    def __init__(self, group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> None:
+        self.sums = np.zeros(group.num_units, dtype=np.float64)
+        self.voters = np.zeros(group.num_units, dtype=np.int64)
+        self.balance = widened_stream(group, tensors)
+
+    def add(self, labels: np.ndarray, values: np.ndarray) -> None:
+        """One member's element scores; ``labels[i]``: the unit of element ``i`` (-1: pinned)."""
+        free = labels >= 0
+        n = len(self.sums)
+        sums = np.bincount(labels[free], weights=values[free], minlength=n).astype(np.float64)
+        counts = np.bincount(labels[free], minlength=n)
+        self.sums += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        self.voters += counts > 0
+
+    def scores(self) -> np.ndarray:
+        out = self.sums.copy()
+        if self.balance:
+            full = self.voters.max(initial=0)
+            partial = (self.voters > 0) & (self.voters < full)
+            out[partial] *= full / self.voters[partial]
+        return out
+
+
 def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:
-    scores = np.zeros(group.num_units, dtype=np.float64)
+    votes = UnitVotes(group, tensors)
     members = [d for d in group.params if isinstance(tensors.get(d[0]), gs.Constant)]
     weights = [d for d in members if np.asarray(tensors[d[0]].values).ndim >= 2]
     for dim in weights or members:
@@ -62,12 +116,8 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
         mean = norms.mean()
         if mean > 0:
             norms = norms / mean
-        labels = group.unit_of[dim]
-        free = labels >= 0  # -1: a pinned element (no unit)
-        sums = np.bincount(labels[free], weights=norms[free], minlength=group.num_units).astype(np.float64)
-        counts = np.bincount(labels[free], minlength=group.num_units)
-        scores += np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    return scores
+        votes.add(group.unit_of[dim], norms)
+    return votes.scores()
 
 
 def score_group(
