@@ -577,3 +577,33 @@ def test_calibrated_prune_of_a_classifier_with_zipmap_and_label_outputs() -> Non
     assert "top1_agreement" in outputs["probs"] and "top1_agreement" not in outputs["label"]
     assert outputs["probs"]["cosine"] > 0.9
     assert result.report["params_after"] < result.report["params_before"]
+
+
+def test_a_graph_output_declared_with_another_rank_than_its_reshape_gives() -> None:
+    """ddddocr's int8 CRNN declares its output ``[1, seqlen]`` while its last ``Reshape``
+    (target computed from ``Shape``) makes it rank 3: the shape probes' blocks were matched
+    against the declared rank and the rule crashed ("list index out of range"); the axes
+    now freeze as a re-factoring it does not understand, and the rest prunes."""
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Gelu", ["h"], ["r"], domain="com.microsoft"),  # probed by ORT's inference
+            helper.make_node("MatMul", ["r", "w2"], ["m"]),
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "i0"], ["t"], axis=0),
+            helper.make_node("Unsqueeze", ["t", "ax"], ["t1"]),
+            helper.make_node("Concat", ["t1", "one", "six"], ["target"], axis=0),
+            helper.make_node("Reshape", ["m", "target"], ["y"]),
+        ],
+        {"x": ["T", 4]}, {"y": [1, "seqlen"]},
+        {"w1": (4, 8), "w2": (8, 6), "i0": np.array(0, np.int64), "ax": np.array([0], np.int64),
+         "one": np.array([1], np.int64), "six": np.array([6], np.int64)},
+        extra_opsets={"com.microsoft": 1}, check=False,
+    )
+    analysis = graphprune.analyze(model)
+    reasons = [r for g in analysis.groups for r in g.frozen]
+    assert not [r for r in reasons if "failed" in r], reasons
+    hidden = next(g for g in analysis.groups if ("w1", 1) in g.params)
+    assert hidden.prunable
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True

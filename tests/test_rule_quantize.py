@@ -491,6 +491,55 @@ def test_dynamic_quantized_lstm_hidden_units_prune(tmp_path) -> None:
     assert weights[lstm.input[2]].shape == (1, hidden // 2, 4 * hidden // 2)
 
 
+def test_shapes_computed_after_a_dynamic_quantized_lstm(tmp_path) -> None:
+    """A CRNN's head (ddddocr's int8 CRNN): the bidirectional ``DynamicQuantizeLSTM``'s output
+    is flattened by a ``Reshape`` whose target is computed from its ``Shape``
+    (``[T*B, 2H]``). ONNX Runtime's symbolic inference does not know the op and stopped at it,
+    so the probe sized nothing after it, the ``Reshape`` was not understood and the layer's
+    input features and hidden units froze; the rule now gives the op's output shapes."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 12
+    inits = [numpy_helper.from_array(rng.standard_normal((6, features)).astype(np.float32), "W0"),
+             numpy_helper.from_array(rng.standard_normal((2, 4 * hidden, features)).astype(np.float32) * 0.3, "W"),
+             numpy_helper.from_array(rng.standard_normal((2, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat"),
+             numpy_helper.from_array(np.array(0, np.int64), "i0"),
+             numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array(2, np.int64), "i2"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(rng.standard_normal((2 * hidden, 4)).astype(np.float32), "head")]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["f"]), helper.make_node("Relu", ["f"], ["fr"]),
+             helper.make_node("LSTM", ["fr", "W", "R"], ["y"], hidden_size=hidden, direction="bidirectional"),
+             helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["yt", "flat"], ["seq"]),
+             helper.make_node("Shape", ["seq"], ["shape"]),
+             *[helper.make_node("Gather", ["shape", f"i{k}"], [f"d{k}"], axis=0) for k in range(3)],
+             helper.make_node("Mul", ["d0", "d1"], ["tb"]),
+             helper.make_node("Unsqueeze", ["tb", "ax"], ["u0"]), helper.make_node("Unsqueeze", ["d2", "ax"], ["u2"]),
+             helper.make_node("Concat", ["u0", "u2"], ["target"], axis=0),
+             helper.make_node("Reshape", ["seq", "target"], ["rows"]),
+             helper.make_node("MatMul", ["rows", "head"], ["out"])]
+    graph = helper.make_graph(nodes, "crnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    source, quantized = tmp_path / "crnn.onnx", tmp_path / "crnn_int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), source)
+    quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM"])
+    model = onnx.load(quantized)
+    del model.graph.value_info[:]  # as shipped: no shapes recorded past the op
+    lstm = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    analysis = graphprune.analyze(model)
+    for dim in ((lstm.input[1], 1), (lstm.input[2], 1)):  # input features, hidden units
+        group = next(g for g in analysis.groups if dim in g.params)
+        assert group.prunable, (dim, group.frozen)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert weights[lstm.input[1]].shape == (2, features // 2, 4 * hidden // 2)
+    assert weights["head"].shape == (hidden, 4)
+
+
 def test_a_dynamic_quantized_lstm_it_does_not_understand_freezes() -> None:
     """Weights that do not have the shapes of ``hidden_size``: frozen with that reason."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])

@@ -33,12 +33,11 @@ def _add_rule_handlers(engine: Any) -> None:
         def infer(node: onnx.NodeProto) -> None:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             shapes = [engine._get_shape(node, k) if name else None for k, name in enumerate(node.input)]
-            found = rule.output_shape(node.op_type, attrs, shapes)
-            if found is not None:
-                shape, like = found
-                elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
-                engine.known_vi_[node.output[0]].CopyFrom(
-                    helper.make_tensor_value_info(node.output[0], elem, shape))
+            for output, found in zip(node.output, rule.output_shapes(node.op_type, attrs, shapes), strict=False):
+                if found is not None and output:
+                    shape, like = found
+                    elem = engine.known_vi_[node.input[like]].type.tensor_type.elem_type
+                    engine.known_vi_[output].CopyFrom(helper.make_tensor_value_info(output, elem, shape))
         return infer
 
     for op, rule in registry.shape_rules().items():

@@ -211,6 +211,17 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
             ctx.integer_param(weight, zp)
         self.couple_unit_members(node, ctx, b, p, (h0, c0, y_h, y_c), y, where)
 
+    def output_shapes(self, op: str, attrs: dict, shapes: list[list | None]) -> list[tuple[list, int] | None]:
+        """``Y [seq, dirs, batch, H]``, ``Y_h`` and ``Y_c [dirs, batch, H]``, as ONNX's LSTM
+        (ONNX Runtime's symbolic inference does not know the op and stopped at it: the shapes
+        computed from ``Y`` stayed unknown and froze the layer's input features)."""
+        x, w = (shapes[k] if len(shapes) > k else None for k in (0, 1))
+        hidden = attrs.get("hidden_size")
+        if not x or len(x) != 3 or not w or len(w) != 3 or not isinstance(hidden, int):
+            return [None]
+        seq, batch, dirs = x[0], x[1], w[0]
+        return [([seq, dirs, batch, hidden], 0), ([dirs, batch, hidden], 0), ([dirs, batch, hidden], 0)]
+
     def recurrent(self, node: gs.Node) -> str:
         return "DynamicQuantizeLSTM weights are stored as integers (not refit)"
 

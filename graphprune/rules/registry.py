@@ -244,6 +244,11 @@ class OpRule:
         the shape probe teaches these ops. Default: not known."""
         return None
 
+    def output_shapes(self, op: str, attrs: dict, shapes: list[list | None]) -> list[tuple[list, int] | None]:
+        """:meth:`output_shape` for every output (an op with several, a recurrent kernel's
+        ``Y``, ``Y_h``, ``Y_c``, gives each). Default: output 0's."""
+        return [self.output_shape(op, attrs, shapes)]
+
     def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
         """The node written as standard ONNX ops that compute the same outputs (new nodes
         that read the node's inputs and write its output tensors; every check is made
@@ -503,9 +508,11 @@ def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
 
 
 def shape_rules() -> dict[str, OpRule]:
-    """op type -> the rule that gives its output shape (:meth:`OpRule.output_shape`)."""
+    """op type -> the rule that gives its output shapes (:meth:`OpRule.output_shape`,
+    :meth:`OpRule.output_shapes`)."""
     return {op: rule for (_, op), rules in _RULES.items() for rule in rules
-            if type(rule).output_shape is not OpRule.output_shape}
+            if type(rule).output_shape is not OpRule.output_shape
+            or type(rule).output_shapes is not OpRule.output_shapes}
 
 
 def registered_ops() -> list[str]:

@@ -85,8 +85,8 @@ def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
 def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
     """Blocks from the concrete sizes of two shape probes (dynamic axes), if they agree."""
     px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
-    if px is None or py is None:
-        return None
+    if px is None or py is None or len(px[0]) != ctx.rank(x) or len(py[0]) != ctx.rank(y):
+        return None  # a declared shape of another rank (a graph output declared [1, seqlen])
     first, second = _blocks(px[0], py[0]), _blocks(px[1], py[1])
     return first if first is not None and first == second else None
 
