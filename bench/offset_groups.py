@@ -9,7 +9,7 @@ members hold it, so a ratio removes the late layers' channels and leaves the ear
 layers whole (MediaPipe's face detector at ``--ratio 0.5``: 0.79x MACs). Round 24 scores such a
 unit by the *mean* vote of the members that hold it (``planning.importance.UnitVotes``).
 
-This benchmark trains two small digits networks of that shape (scikit-learn's bundled digits,
+This benchmark trains three small digits networks of those shapes (scikit-learn's bundled digits,
 8x8, 75 % train / 25 % test), exports them with the TorchScript exporter and prunes them at
 ratios 0.2-0.7 (``--round-to 1``) and at ``--target-macs`` 0.5 and 0.3, data-free (``l1``) and
 calibrated (512 unlabelled training images, ``auto`` + refit), with three scorings: ``sum``
@@ -108,7 +108,43 @@ class DenseNet(nn.Module):
         return self.head(self.norm(x).mean(dim=(2, 3)))
 
 
-ARCHS = {"blaze": BlazeNet, "dense": DenseNet}
+class OptionABlock(nn.Module):
+    """A CIFAR ResNet basic block with the "option A" shortcut (He et al.; the popular CIFAR
+    ResNet-20/56 code): where the stage widens, the shortcut subsamples and zero-pads the
+    channels on both sides."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.stride, self.pad = stride, (cout - cin) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        short = x[:, :, ::2, ::2] if self.stride == 2 else x
+        if self.pad:
+            short = F.pad(short, (0, 0, 0, 0, self.pad, self.pad))
+        return torch.relu(self.body(x) + short)
+
+
+class OptionANet(nn.Module):
+    """Stem 16 and three stages of two option-A blocks (16, 32, 64 channels at 8, 4, 2 px)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks += [OptionABlock(cin, cout, stride), OptionABlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+ARCHS = {"blaze": BlazeNet, "dense": DenseNet, "option_a": OptionANet}
 
 
 def prune_curve(path: Path, calib: Path | None, scoring: str, xte: np.ndarray, yte: np.ndarray,
@@ -252,7 +288,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", help="blaze,dense")
+    parser.add_argument("--only", help="blaze,dense,option_a")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--real", nargs="?", const=",".join(REAL), default=None,
                         help="corpus models fed with photographs instead (default: the nine it changes)")
@@ -301,6 +337,9 @@ def main() -> int:
                     print(name, mode, scoring, "budget", " ".join(
                         f"t{r['target_macs']}:M{r['macs']:.2f}/{r['accuracy']:.1f}" for r in rows), flush=True)
             result["models"][name] = entry
+    if args.only and Path(args.out).exists():  # a partial run replaces its models, keeps the others
+        kept = json.loads(Path(args.out).read_text()).get("models", {})
+        result["models"] = {**kept, **result["models"]}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("\n| model | mode | scoring | " + " | ".join(f"acc @ {lv}x MACs" for lv in LEVELS) + " | MACs at ratio 0.5 |")
     print("|---|---|---|" + "---|" * (len(LEVELS) + 1))

@@ -10,6 +10,7 @@ early (costly) blocks whole (MediaPipe's face detector: 0.79x MACs). A dense blo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import assert_prunes_exactly, initializer, make_model
 from onnx import helper
 
@@ -20,8 +21,10 @@ HW = 6
 WIDTHS = (8, 8, 12, 16, 24)  # the stream's width after each block
 
 
-def blaze_stream() -> object:
-    """stem (8) -> four blocks ``relu(pw(dw(x)) + pad_channels(x))`` widening 8 -> 24 -> head."""
+def blaze_stream(both_sides: bool = False) -> object:
+    """stem (8) -> four blocks ``relu(pw(dw(x)) + pad_channels(x))`` widening 8 -> 24 -> head;
+    ``both_sides``: the pad split before and after the channels (a CIFAR ResNet's "option A"
+    shortcut), so the stream's first channels sit in the middle of the late blocks'."""
     nodes = [helper.make_node("Conv", ["x", "W_stem", "B_stem"], ["s0"], name="stem",
                               kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     params: dict[str, object] = {"W_stem": (WIDTHS[0], 3, 3, 3), "B_stem": (WIDTHS[0],)}
@@ -38,7 +41,8 @@ def blaze_stream() -> object:
         short = x
         if cout > cin:
             nodes.append(helper.make_node("Pad", [x, f"pads{k}"], [f"sp{k}"], name=f"pad{k}", mode="constant"))
-            params[f"pads{k}"] = np.array([0, 0, 0, 0, 0, cout - cin, 0, 0], dtype=np.int64)
+            before = (cout - cin) // 2 if both_sides else 0
+            params[f"pads{k}"] = np.array([0, before, 0, 0, 0, cout - cin - before, 0, 0], dtype=np.int64)
             short = f"sp{k}"
         nodes += [helper.make_node("Add", [f"p{k}", short], [f"r{k}"], name=f"add{k}"),
                   helper.make_node("Relu", [f"r{k}"], [f"s{k}"], name=f"relu{k}")]
@@ -94,10 +98,11 @@ def test_widened_stream_is_told_from_a_dense_concat():
     assert cat.num_units == 20 and not widened_stream(cat, dense.context.tensors)
 
 
-def test_ratio_halves_every_block_of_a_widened_stream():
+@pytest.mark.parametrize("both_sides", [False, True], ids=["blazeface", "option_a"])
+def test_ratio_halves_every_block_of_a_widened_stream(both_sides):
     """At ratio 0.5 every block of the stream loses about half of its channels (before: the
     eight channels every block holds were all kept, the late blocks' lost all theirs)."""
-    model = blaze_stream()
+    model = blaze_stream(both_sides)
     res = assert_prunes_exactly(model, 0.5, round_to=1)
     assert initializer(res.model, "W_stem").shape[0] <= 6  # of 8
     for k in range(1, len(WIDTHS)):
