@@ -32,9 +32,11 @@ pruned model's outputs (the worst output of a detector's several; scalar outputs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,15 +149,26 @@ class OptionANet(nn.Module):
 ARCHS = {"blaze": BlazeNet, "dense": DenseNet, "option_a": OptionANet}
 
 
-def prune_curve(path: Path, calib: Path | None, scoring: str, xte: np.ndarray, yte: np.ndarray,
-                budget: bool = False) -> list[dict]:
-    import graphprune
+@contextlib.contextmanager
+def scoring_as(scoring: str) -> Iterator[None]:
+    """``now``: the package's scoring; ``sum``: the scoring before round 24 (no group
+    balanced); ``mean``: every group balanced."""
     from graphprune.planning import importance
 
     original = importance.widened_stream
-    if scoring != "now":  # "sum": the scoring before round 24; "mean": balanced in every group
+    if scoring != "now":
         importance.widened_stream = lambda group, tensors: scoring == "mean"  # type: ignore[assignment]
     try:
+        yield
+    finally:
+        importance.widened_stream = original  # type: ignore[assignment]
+
+
+def prune_curve(path: Path, calib: Path | None, scoring: str, xte: np.ndarray, yte: np.ndarray,
+                budget: bool = False) -> list[dict]:
+    import graphprune
+
+    with scoring_as(scoring):
         rows = []
         for level in TARGETS if budget else RATIOS:
             kwargs: dict = {"calibration": str(calib)} if calib is not None else {"criterion": "l1"}
@@ -166,8 +179,6 @@ def prune_curve(path: Path, calib: Path | None, scoring: str, xte: np.ndarray, y
                          "params": rep["params_after"] / rep["params_before"],
                          "accuracy": accuracy(res.model, xte, yte)})
         return rows
-    finally:
-        importance.widened_stream = original  # type: ignore[assignment]
 
 
 def at_macs(rows: list[dict], level: float) -> float | None:
@@ -238,7 +249,6 @@ def real_models(names: list[str], seed: int) -> dict:
     from real_corpus import model_path
 
     import graphprune
-    from graphprune.planning import importance
 
     calib_photos, held_photos = photos()
     out = {}
@@ -260,10 +270,7 @@ def real_models(names: list[str], seed: int) -> dict:
             np.savez(calib, **{inp.name: calib_x})
             rows = {}
             for scoring in ("sum", "now"):
-                original = importance.widened_stream
-                if scoring == "sum":
-                    importance.widened_stream = lambda group, tensors: False  # type: ignore[assignment]
-                try:
+                with scoring_as(scoring):
                     for label, kwargs in (("ratio 0.5, data-free", {"ratio": 0.5}),
                                           ("ratio 0.5, calibrated", {"ratio": 0.5, "calibration": str(calib)}),
                                           ("target-macs 0.5, data-free", {"target_macs": 0.5}),
@@ -277,8 +284,6 @@ def real_models(names: list[str], seed: int) -> dict:
                         rows[f"{label}/{scoring}"] = row
                         print(name, label, scoring, f"M {row['macs']:.3f} P {row['params']:.3f} "
                               f"cos {row['cosine']:.4f}", flush=True)
-                finally:
-                    importance.widened_stream = original  # type: ignore[assignment]
         out[name] = rows
     return out
 
