@@ -10,7 +10,8 @@ never overlap. Fidelity is the top-1 agreement with the unpruned model's label o
 evaluation files (the model's own answer is the reference; the files carry no ground truth).
 
 Runs at two levels each: graphprune data-free and calibrated (``ratio``; the default refit and
-the statistics correction), onnxsim 0.8's L2
+the statistics correction, each followed by the softmax-head distillation; with
+``--ablate-head`` also without it, as before round 25), onnxsim 0.8's L2
 and calibrated Wanda at the same sparsity, and graphprune at the MACs onnxsim reached.
 MACs and parameters by one counter (``bench/vs_onnxsim._cost``).
 
@@ -36,6 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
+from judged_bench import without_softmax_head  # noqa: E402
 from real_corpus import fetch, model_path  # noqa: E402
 from vs_onnxsim import _cost  # noqa: E402
 
@@ -96,6 +98,8 @@ def file_corpus() -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-onnxsim", action="store_true", help="graphprune rows only")
+    parser.add_argument("--ablate-head", action="store_true",
+                        help="also run the calibrated prunes without the softmax-head distillation (round 25)")
     parser.add_argument("--out", default=str(HERE / "results" / "calibration_magika.json"))
     args = parser.parse_args()
 
@@ -149,6 +153,11 @@ def main() -> int:
         ours("graphprune calibrated, ratio", level, ratio=level, calibration=feeds)
         ours("graphprune calibrated, ratio, reconstruction=stats", level, ratio=level, calibration=feeds,
              reconstruction="stats")
+        if args.ablate_head:
+            with without_softmax_head():
+                ours("graphprune calibrated, ratio, no softmax head", level, ratio=level, calibration=feeds)
+                ours("graphprune calibrated, ratio, reconstruction=stats, no softmax head", level, ratio=level,
+                     calibration=feeds, reconstruction="stats")
         if args.no_onnxsim:
             continue
         import onnxsim.pruning as pruning

@@ -10,8 +10,10 @@ and padded to 48 x 320 the way PaddleOCR prepares a crop. Calibration and evalua
 come from different seeds and never overlap. Per model and ratio:
 
 - ``data-free``: ``graphprune.prune(path, ratio=r)`` (l1, no calibration);
-- ``calibrated``: ``graphprune.prune(path, ratio=r, calibration=feeds)`` (auto criterion and
-  least-squares refit, the default with calibration).
+- ``calibrated``: ``graphprune.prune(path, ratio=r, calibration=feeds)`` (auto criterion,
+  least-squares refit and the softmax-head distillation: the defaults with calibration);
+- with ``--ablate-head``, ``calibrated, no softmax head``: the same without the distillation
+  of the CTC head (``passes/softmax_head.py``, round 25), as before it.
 
 With ``--onnxsim`` (needs ``onnxsim==0.8.1``), side by side with onnxsim's structured pruning
 (L2, and Wanda with the same calibration crops) at the same sparsity, and graphprune at the
@@ -25,6 +27,7 @@ the same way for every output (``graphprune.verify.metrics`` at 1 x 3 x 48 x 320
 
     .venv-bench/bin/python bench/calibration_ocr_rec.py --onnxsim   # needs Pillow
     .venv-bench/bin/python bench/calibration_ocr_rec.py --models ppocrv6_rec_small --ratios 0.3
+    python bench/calibration_ocr_rec.py --ablate-head --out bench/results/calibration_ocr_rec_head.json
 
 Results: ``bench/results/calibration_ocr_rec.json``.
 """
@@ -143,12 +146,15 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=64, help="calibration crops (seed 1)")
     parser.add_argument("--evaluation", type=int, default=200, help="evaluation crops (seed 2)")
     parser.add_argument("--onnxsim", action="store_true", help="side by side with onnxsim.pruning")
+    parser.add_argument("--ablate-head", action="store_true",
+                        help="also run each calibrated prune without the softmax-head distillation (round 25)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     (calib, _), (crops, truth) = render(args.calibration, seed=1), render(args.evaluation, seed=2)
     rows = []
     for name in args.models.split(","):
         bench = Bench(name, calib, crops, truth)
+        bench.ablate_head = args.ablate_head
         print(f"{name}: the original reads {bench.original_accuracy:.1%} of the crops", flush=True)
         for ratio in args.ratios:
             rows.extend(bench.run(ratio, args.onnxsim))

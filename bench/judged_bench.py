@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,26 @@ from real_corpus import model_path
 from vs_onnxsim import _cost
 
 
+@contextmanager
+def without_softmax_head() -> Iterator[None]:
+    """Calibrated prunes as before round 25, without the softmax-head distillation
+    (``passes/softmax_head.py``): no head is found. For side-by-side measurement only."""
+    from graphprune.calibration import softmax_head
+
+    saved = softmax_head.candidates
+    softmax_head.candidates = lambda graph, opset: []
+    try:
+        yield
+    finally:
+        softmax_head.candidates = saved
+
+
 class JudgedBench:
     #: the graph input the calibration samples feed, and the shapes MACs are counted at
     input_name = "x"
     shapes: dict[str, tuple[int, ...]] = {}
+    #: also run each calibrated ratio prune without the softmax-head distillation
+    ablate_head = False
 
     def __init__(self, name: str, calib: np.ndarray) -> None:
         import onnx
@@ -57,11 +75,19 @@ class JudgedBench:
             refit = report["calibration"].get("passes", {}).get("RefitPass", {})
             extra.update(criteria=report["calibration"].get("criteria_chosen"),
                          refit_layers=refit.get("layers"), holdout_cosine=report["fidelity"].get("cosine"))
+            heads = report["calibration"].get("passes", {}).get("SoftmaxHeadPass", {}).get("heads")
+            if heads:
+                extra["softmax_head"] = [{k: h.get(k) for k in ("classes", "active_classes", "rows", "lambda",
+                                                                "cv_cross_entropy", "written", "seconds")}
+                                         for h in heads]
         return self.row(level, kind, result.model, started, **extra)
 
     def run(self, ratio: float, onnxsim: bool, *, global_allocation: bool = False) -> list[dict]:
         rows = [self.graphprune(ratio, "data-free", False, ratio=ratio),
                 self.graphprune(ratio, "calibrated", True, ratio=ratio)]
+        if self.ablate_head:
+            with without_softmax_head():
+                rows.append(self.graphprune(ratio, "calibrated, no softmax head", True, ratio=ratio))
         if global_allocation:  # non-uniform allocation at the uniform prune's MACs, same data
             rows.append(self.graphprune(ratio, "calibrated, global at the same MACs", True,
                                         target_macs=rows[-1]["macs_ratio"]))

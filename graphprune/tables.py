@@ -124,6 +124,13 @@ def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def _reason(head: Mapping[str, Any]) -> str:
+    """Why a softmax head kept its weights."""
+    if head.get("reason"):
+        return f" ({head['reason']})"
+    return " (the fit did not lower the cross-validated cross-entropy)" if "cv_cross_entropy" in head else ""
+
+
 def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     """Samples, the criterion chosen and what each reconstruction pass changed."""
     if not calibration:
@@ -152,6 +159,13 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
                        if "output_error" in rec else "")
             state = "undone, the outputs moved away" if rec.get("undone") else "kept"
             lines.append(f"    recurrent: {rec['layers']} input projection(s) refit, {state}{compare}")
+        for head in stats.get("heads") or []:
+            text = (f"    head '{head['layer']}' -> {head['kind']} '{head['output']}' ({head['classes']} classes, "
+                    f"{head.get('active_classes', head['classes'])} fitted, {head.get('rows', 0)} rows)")
+            if "cv_cross_entropy" in head:
+                (ce0, ce1), (top0, top1) = head["cv_cross_entropy"], head["cv_top1_agreement"]
+                text += f": cross-validated cross-entropy {ce0:.4g} -> {ce1:.4g}, top-1 {top0:.3g} -> {top1:.3g}"
+            lines.append(text + ("" if head.get("written") else f"; kept as it was{_reason(head)}"))
         skipped = stats.get("skipped") or []
         if skipped:
             more = stats.get("not_refit", len(skipped)) - 1

@@ -38,6 +38,7 @@ from graphprune.passes.erase_operators import EraseOperatorsPass
 from graphprune.passes.fold_constants import FoldConstantsPass, constant_folds
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.passes.refit import RefitPass
+from graphprune.passes.softmax_head import SoftmaxHeadPass
 from graphprune.passes.stats_correction import StatsCorrectionPass
 from onnx import helper
 from test_calibration_bn import _bn_cnn
@@ -45,6 +46,7 @@ from test_calibration_passes import _pruned_session, cnn, images, mlp, tokens
 from test_lossless import resnet_like, vector, weight
 from test_lossless_passes import sigmoid_into_1x1
 from test_passes import _model
+from test_softmax_head import _classifier, _inputs
 
 from graphprune.analysis.blocks import find_residual_blocks
 from graphprune.analysis.zero_analysis import analyze_constants, find_zero_groups
@@ -173,6 +175,14 @@ def stats_correction() -> Case:
     return Case(session, session.graph, p)
 
 
+def softmax_head() -> Case:
+    """The pruned classifier as the structural rewrite leaves it: its softmax head has room."""
+    session, _, _ = _pruned_session(_classifier("softmax"), ratio=0.6)
+    calib = load_calibration({"x": _inputs(256, 1)}, session.prepared, holdout=0.0)
+    p = SoftmaxHeadPass(session.prepared, _batches(session, calib.samples), store=session.store)
+    return Case(session, session.graph, p)
+
+
 def bias_compensation() -> Case:
     session, analysis, plan = _pruned_session(mlp())
     calib = load_calibration({"x": tokens(16)}, session.prepared, holdout=0.0)
@@ -201,6 +211,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "EraseBlocksPass": erase_blocks,
     "RefitPass": refit,
     "StatsCorrectionPass": stats_correction,
+    "SoftmaxHeadPass": softmax_head,
     "BiasCompensationPass": bias_compensation,
     "BatchNormCompensationPass": bn_compensation,
 }

@@ -181,6 +181,7 @@ class CalibratedRun:
     def passes(self, analysis: Analysis, plan: Plan) -> list:
         from graphprune.passes.bias_compensation import BiasCompensationPass
         from graphprune.passes.refit import RefitPass
+        from graphprune.passes.softmax_head import SoftmaxHeadPass
         from graphprune.passes.stats_correction import StatsCorrectionPass
 
         removed = removed_elements(analysis, plan)
@@ -204,7 +205,8 @@ class CalibratedRun:
                                              removed, only=large)]
         return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
                     store=store, consumers_only=self.options.scope == "consumers",
-                    **({"recorded": self.recorded} if kind == "refit" else {}))]
+                    **({"recorded": self.recorded} if kind == "refit" else {})),
+                SoftmaxHeadPass(self.session.prepared, self.batches, store=store)]
 
     def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False) -> dict[str, Any]:
         """Run the reconstruction passes on the session's pruned graph and re-export it

@@ -1,0 +1,74 @@
+"""Distil a softmax head: the layer whose output's softmax is a graph output, refit to the
+original's class distribution on the calibration samples (after the least-squares refit or
+the statistics correction). See :mod:`graphprune.calibration.softmax_head` for the maths and
+how the head is found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+from graphprune.passes.base import Pass, PassContext, PassResult
+
+from graphprune.calibration import runner
+from graphprune.calibration import softmax_head as heads
+from graphprune.io import ir
+
+
+class SoftmaxHeadPass(Pass):
+    """Refit each confirmed softmax head (``reference``: the original model, whose outputs
+    are the targets; ``batches``: the calibration samples)."""
+
+    def __init__(self, reference: onnx.ModelProto, batches: runner.Batches, *, store: Any = None) -> None:
+        self.reference = reference
+        self.batches = batches
+        self.store = store
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"{self.name}(samples={sum(self.batches.sizes)})"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self._done:
+            return PassResult(graph, False, {"layers": 0})
+        self._done = True
+        found = heads.candidates(graph, ctx.opset)
+        if not found:
+            return PassResult(graph, False, {"layers": 0})
+        data_dir = getattr(self.store, "root", None)
+        graph.toposort()
+        model = ir.export_graph(graph, self.reference, self.store)
+        first: dict[str, Any] = {}
+        names = [n for h in found for n in (h.view.output.name, h.output)]
+        runner.stream(model, names, self.batches.feeds[:1], lambda _, name, value: first.__setitem__(name, value),
+                      what="the pruned model", data_dir=data_dir)
+        confirmed = [h for h in found if h.view.output.name in first and h.output in first
+                     and heads.confirm(h, first[h.view.output.name], first[h.output])]
+        if not confirmed:
+            return PassResult(graph, False, {"layers": 0})
+        count = len(self.batches.feeds)
+        per_batch = {id(h): heads.rows_per_batch(h, count) for h in confirmed}
+        rows = {id(h): heads.Rows() for h in confirmed}
+        by_input: dict[str, list[heads.Head]] = {}
+        by_output: dict[str, list[heads.Head]] = {}
+        for h in confirmed:
+            by_input.setdefault(h.view.data.name, []).append(h)
+            by_output.setdefault(h.output, []).append(h)
+
+        def take_x(batch: int, name: str, value: Any) -> None:
+            for h in by_input.get(name, ()):
+                heads.take_rows(h, rows[id(h)], batch, per_batch[id(h)], x=value)
+
+        def take_p(batch: int, name: str, value: Any) -> None:
+            for h in by_output.get(name, ()):
+                heads.take_rows(h, rows[id(h)], batch, per_batch[id(h)], out=value)
+
+        runner.stream(model, list(by_input), self.batches.feeds, take_x, what="the pruned model", data_dir=data_dir)
+        runner.stream(self.reference, list(by_output), self.batches.feeds, take_p, what="the original model",
+                      data_dir=data_dir)
+        names_in_graph = set(graph.tensors())
+        done = [heads.distil(h, rows[id(h)], graph, names_in_graph) for h in confirmed]
+        written = sum(1 for d in done if d["written"])
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, bool(written), {"layers": written, "heads": done})
