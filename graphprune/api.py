@@ -95,6 +95,7 @@ def prune(
     calibration: Any = None,
     reconstruction: str = "refit",
     holdout: float = 0.2,
+    class_scores: Iterable[str] | str = (),
     target_macs: float | None = None,
     target_params: float | None = None,
     target_latency: float | None = None,
@@ -134,8 +135,12 @@ def prune(
     least-squares refit of the affected layers, ``stats``: statistics correction, ``bias``:
     bias compensation, ``none``) restores the function without fine-tuning, and
     ``report["fidelity"]`` compares the result with the original on the ``holdout`` share
-    of the samples (``report["calibration"]`` says what was used and changed). Without
-    ``calibration`` nothing of this runs.
+    of the samples (``report["calibration"]`` says what was used and changed). A layer whose
+    output's softmax is a graph output is then refit to the original's class distribution
+    (:mod:`graphprune.calibration.softmax_head`); ``class_scores`` names graph outputs that
+    are class *logits* (the softmax is applied outside the model, as torchvision's and timm's
+    classifiers leave it), whose layer is distilled the same way. Without ``calibration``
+    nothing of this runs.
 
     Budgets: ``target_macs``, ``target_params`` or ``target_latency`` (a fraction of the
     original in (0, 1); one of them, instead of ``ratio``) allocate the removal across all
@@ -168,6 +173,8 @@ def prune(
         # silently ignored
         raise UsageError(f"reconstruction '{reconstruction}' needs calibration data (--calibration); "
                          "without it no reconstruction runs")
+    if calibration is None and class_scores:
+        raise UsageError("class_scores (--class-scores) needs calibration data (--calibration)")
     budget = _budget(target_macs, target_params, target_latency)
     if budget is not None and (lossless or erase_blocks is not None or plan is not None):
         raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "
@@ -197,6 +204,7 @@ def prune(
         calibration_options = CalibrationOptions(
             criterion=criterion or "auto", reconstruction=reconstruction,
             holdout=_number("holdout", holdout, 0.0, 1.0),
+            class_scores=(class_scores,) if isinstance(class_scores, str) else tuple(class_scores),
         )
         criterion = criterion if criterion in CRITERIA else "l1"
     criterion = criterion or "l1"

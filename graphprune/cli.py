@@ -307,6 +307,10 @@ def _add_prune_parser(sub: Any) -> None:
                    help="with --calibration: least-squares refit of the affected layers, "
                         "statistics correction, bias compensation, bias compensation from "
                         "BatchNormalization statistics (bn, data-free), or none (default: %(default)s)")
+    p.add_argument("--class-scores", nargs="+", default=None, metavar="OUTPUT",
+                   help="with --calibration: graph outputs that are class logits (a classifier "
+                        "exported without its softmax); the layer computing each is refit to the "
+                        "original's class distribution, as it is where the softmax is in the graph")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
                         "report (default: %(default)s)")

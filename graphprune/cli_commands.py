@@ -183,7 +183,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         hidden_ratio=args.hidden_ratio, prune_hidden=args.prune_hidden,
         lossless=args.lossless, erase_blocks=args.erase_blocks,
         debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
-        holdout=args.holdout, target_macs=targets["macs"], target_params=targets["params"],
+        holdout=args.holdout, class_scores=args.class_scores or (), target_macs=targets["macs"], target_params=targets["params"],
         target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
         search=args.search,
         provider=args.provider,

@@ -5,6 +5,7 @@ how the head is found."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import onnx
@@ -18,12 +19,16 @@ from graphprune.io import ir
 
 class SoftmaxHeadPass(Pass):
     """Refit each confirmed softmax head (``reference``: the original model, whose outputs
-    are the targets; ``batches``: the calibration samples)."""
+    are the targets; ``batches``: the calibration samples; ``logits``: graph outputs that
+    are class logits, whose layer is distilled to their softmax)."""
 
-    def __init__(self, reference: onnx.ModelProto, batches: runner.Batches, *, store: Any = None) -> None:
+    def __init__(self, reference: onnx.ModelProto, batches: runner.Batches, *, store: Any = None,
+                 logits: Iterable[str] = ()) -> None:
         self.reference = reference
         self.batches = batches
         self.store = store
+        #: graph outputs that are class logits (the softmax is applied outside the model)
+        self.logits = frozenset(logits)
         self._done = False
 
     def __repr__(self) -> str:
@@ -35,7 +40,7 @@ class SoftmaxHeadPass(Pass):
         self._done = True
         found = heads.candidates(graph, ctx.opset)
         if not found:
-            return PassResult(graph, False, {"layers": 0})
+            return PassResult(graph, False, self._unserved({"layers": 0}, []))
         data_dir = getattr(self.store, "root", None)
         graph.toposort()
         model = ir.export_graph(graph, self.reference, self.store)
@@ -44,9 +49,9 @@ class SoftmaxHeadPass(Pass):
         runner.stream(model, names, self.batches.feeds[:1], lambda _, name, value: first.__setitem__(name, value),
                       what="the pruned model", data_dir=data_dir)
         confirmed = [h for h in found if h.view.output.name in first and h.output in first
-                     and heads.confirm(h, first[h.view.output.name], first[h.output])]
+                     and heads.confirm(h, first[h.view.output.name], first[h.output], h.output in self.logits)]
         if not confirmed:
-            return PassResult(graph, False, {"layers": 0})
+            return PassResult(graph, False, self._unserved({"layers": 0}, []))
         count = len(self.batches.feeds)
         per_batch = {id(h): heads.rows_per_batch(h, count) for h in confirmed}
         rows = {id(h): heads.Rows() for h in confirmed}
@@ -71,4 +76,14 @@ class SoftmaxHeadPass(Pass):
         done = [heads.distil(h, rows[id(h)], graph, names_in_graph) for h in confirmed]
         written = sum(1 for d in done if d["written"])
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(graph, bool(written), {"layers": written, "heads": done})
+        return PassResult(graph, bool(written), self._unserved({"layers": written, "heads": done}, confirmed))
+
+    def _unserved(self, stats: dict[str, Any], confirmed: list[heads.Head]) -> dict[str, Any]:
+        """``stats``, with the outputs declared to be class logits that no confirmed head
+        computes (a linear layer with a float weight of its own, plus per-channel constants)."""
+        served = {h.output for h in confirmed}
+        missing = sorted(self.logits - served)
+        if missing:
+            stats["skipped"] = [f"class scores '{name}': not the output of a linear layer with a float weight of "
+                                "its own (plus per-channel constants): not distilled" for name in missing]
+        return stats

@@ -107,6 +107,54 @@ def test_logits_as_the_graph_output_are_left_to_the_least_squares_refit(tmp_path
     assert result.report["calibration"]["passes"]["RefitPass"]["layers"] >= 1
 
 
+def test_logits_named_as_class_scores_are_distilled_to_their_softmax(tmp_path):
+    """A classifier exported without its softmax (torchvision's, timm's): ``class_scores``
+    names the output, and its layer is fitted to the original's softmax."""
+    model = _classifier("logits")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_inputs(512, 1))
+    result = graphprune.prune(model, ratio=0.6, calibration=str(calib), class_scores="logits")
+    (head,) = result.report["calibration"]["passes"]["SoftmaxHeadPass"]["heads"]
+    assert (head["layer"], head["kind"], head["written"]) == ("head", "logits", True)
+    plain = graphprune.prune(model, ratio=0.6, calibration=str(calib))
+    softmax = _classifier("softmax")  # the same weights: the softmax of the logits of each
+    as_probs = []
+    for m in (result.model, plain.model):
+        probs = onnx.ModelProto()
+        probs.CopyFrom(m)
+        probs.graph.output[0].name = "raw"
+        for node in probs.graph.node:
+            node.output[:] = ["raw" if o == "logits" else o for o in node.output]
+        probs.graph.node.append(helper.make_node("Softmax", ["raw"], ["probs"], axis=-1))
+        probs.graph.output[0].name = "probs"
+        as_probs.append(probs)
+    assert _cross_entropy(softmax, as_probs[0], False) < _cross_entropy(softmax, as_probs[1], False)
+
+
+def test_class_scores_must_name_a_graph_output(tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_inputs(64, 1))
+    with pytest.raises(graphprune.UsageError, match="'scores' is not a graph output"):
+        graphprune.prune(_classifier("logits"), ratio=0.6, calibration=str(calib), class_scores=["scores"])
+    with pytest.raises(graphprune.UsageError, match="needs calibration data"):
+        graphprune.prune(_classifier("logits"), ratio=0.6, class_scores=["logits"])
+
+
+def test_class_scores_on_the_command_line(tmp_path, capsys):
+    from graphprune.cli import main
+
+    source, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "p.onnx"
+    onnx.save(_classifier("logits"), source)
+    np.savez(calib, x=_inputs(512, 1))
+    assert main(["prune", str(source), "-o", str(out), "--ratio", "0.6", "--calibration", str(calib),
+                 "--class-scores", "logits"]) == 0
+    assert "head 'head' -> logits 'logits'" in capsys.readouterr().out
+    assert main(["prune", str(source), "-o", str(tmp_path / "q.onnx"), "--calibration", str(calib),
+                 "--class-scores", "nope"]) == 2
+    assert "'nope' is not a graph output" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_a_softmax_over_another_axis_is_not_taken_for_the_head():
     """The numbers confirm the head: a softmax over the rows (axis 0) is not the classes'."""
     model = _classifier("softmax")
@@ -153,3 +201,38 @@ def test_the_active_class_restriction_computes_the_full_cross_entropy():
     assert top == pytest.approx(float(np.mean(logq.argmax(1) == p.argmax(1))))
     fitted = problem.fit(rows, 0.01, fixed_bias=False)
     assert problem.cross_entropy(rows, fitted)[0] < ce
+
+
+def _segmenter() -> onnx.ModelProto:
+    """x[n, 3, 8, 8] -> Conv 3x3 (24) -> Relu -> Conv 3x3 (24) -> Relu -> Conv 1x1 (6 classes,
+    bias) -> Softmax over the channels (axis 1): a per-pixel classifier."""
+    rng = np.random.default_rng(1)
+
+    def init(name, shape, scale):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [init("w1", (24, 3, 3, 3), 0.4), init("w2", (24, 24, 3, 3), 0.15), init("w3", (6, 24, 1, 1), 0.6),
+             init("b3", (6,), 0.3)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["logits"], name="classify"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "segmenter", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 6, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_per_pixel_softmax_over_the_channels_of_a_convolution(tmp_path):
+    """Every pixel is a row: the 1x1 convolution before a softmax over axis 1 is the head."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((64, 1, 3, 8, 8)).astype(np.float32))
+    result = graphprune.prune(_segmenter(), ratio=0.6, calibration=str(calib))
+    assert result.report["verification"]["ok"]
+    (head,) = result.report["calibration"]["passes"]["SoftmaxHeadPass"]["heads"]
+    assert (head["layer"], head["classes"]) == ("classify", 6)
+    assert head["rows"] > 51 * 8  # positions of every held-in sample, not one row per sample
+    onnx.checker.check_model(result.model, full_check=True)

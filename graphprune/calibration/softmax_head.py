@@ -23,8 +23,9 @@ The head is found from the graph and confirmed by the numbers: a linear layer wi
 weight of its own (not shared, not quantized, one group) whose output reaches a graph output
 without another linear layer on the way, where ``softmax(z + c)`` (or ``log_softmax``) over
 the layer's channel axis equals that output on the first calibration batch within
-:data:`TOLERANCE`. Logits that are a graph output themselves are not touched: nothing in the
-graph says they are class scores rather than a regression.
+:data:`TOLERANCE`. Logits that are a graph output themselves are left alone unless the user
+names that output as class scores (``class_scores``, ``--class-scores``; then ``z + c`` must
+equal it): nothing in the graph says they are class scores rather than a regression.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Head:
     output: str
     #: per-channel constants added between the layer and the softmax
     offset: np.ndarray
-    #: ``softmax`` or ``log_softmax``
+    #: ``softmax``, ``log_softmax``, or ``logits`` (an output declared to be class logits)
     kind: str = "softmax"
 
 
@@ -147,20 +148,25 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def confirm(head: Head, z: np.ndarray, out: np.ndarray) -> bool:
+def confirm(head: Head, z: np.ndarray, out: np.ndarray, logits: bool = False) -> bool:
     """Is ``out`` (the graph output) the softmax (or log-softmax) of the layer's output
-    ``z`` plus the head's offset over the channel axis? Sets ``head.kind``."""
+    ``z`` plus the head's offset over the channel axis — or, for an output the user declared
+    to be class ``logits``, that sum itself? Sets ``head.kind``."""
     if np.shape(z) != np.shape(out) or np.asarray(out).dtype.kind != "f":
         return False
     rows = np.arange(min(head.view.output_positions(np.shape(z)), CONFIRM_ROWS))
-    logits = head.view.output_rows(np.asarray(z, dtype=np.float64), rows).astype(np.float64) + head.offset
+    logits_of = head.view.output_rows(np.asarray(z, dtype=np.float64), rows).astype(np.float64) + head.offset
     given = head.view.output_rows(np.asarray(out, dtype=np.float64), rows).astype(np.float64)
-    if not (np.isfinite(logits).all() and np.isfinite(given).all()) or logits.shape[1] < 2:
+    if not (np.isfinite(logits_of).all() and np.isfinite(given).all()) or logits_of.shape[1] < 2:
         return False
-    if np.abs(_softmax(logits) - given).max() <= TOLERANCE:
+    scale = max(1.0, float(np.abs(given).max()))
+    if logits:
+        head.kind = "logits"
+        return bool(np.abs(logits_of - given).max() <= TOLERANCE * scale)
+    if np.abs(_softmax(logits_of) - given).max() <= TOLERANCE:
         head.kind = "softmax"
         return True
-    if np.abs(_log_softmax(logits) - given).max() <= TOLERANCE * max(1.0, float(np.abs(given).max())):
+    if np.abs(_log_softmax(logits_of) - given).max() <= TOLERANCE * scale:
         head.kind = "log_softmax"
         return True
     return False
@@ -185,7 +191,7 @@ def take_rows(head: Head, rows: Rows, batch: int, per_batch: int, *, x: np.ndarr
     if out is not None:
         selected = select(view.output_positions(np.shape(out)), per_batch, seed=batch)
         p = view.output_rows(np.asarray(out), selected).astype(np.float64)
-        rows.p.append(np.exp(p) if head.kind == "log_softmax" else p)
+        rows.p.append(np.exp(p) if head.kind == "log_softmax" else _softmax(p) if head.kind == "logits" else p)
 
 
 def current(view: LinearView) -> np.ndarray:
@@ -306,7 +312,7 @@ def distil(head: Head, rows: Rows, graph: gs.Graph, names: set[str]) -> dict[str
     keep = select(len(x), int(MAX_FLOPS / per_row), seed=0)
     info.update({"active_classes": active, "rows": int(len(keep))})
     if len(keep) < MIN_ROWS:
-        info["reason"] = f"{len(keep)} rows within the work limit (at least {MIN_ROWS})"
+        info["reason"] = f"{len(keep)} rows (at least {MIN_ROWS} needed)"
         return done(False)
     folds = folds[keep]
     if not all((folds == f).any() for f in (0, 1)):  # one batch: the rows alternate

@@ -66,6 +66,8 @@ class CalibrationOptions:
     #: refit every linear layer downstream of a change (``downstream``) or only the direct
     #: consumers of removed channels (``consumers``)
     scope: str = "downstream"
+    #: graph outputs that are class logits: their layer is distilled like a softmax head's
+    class_scores: tuple[str, ...] = ()
 
 
 def check_options(criterion: str, reconstruction: str) -> None:
@@ -89,6 +91,11 @@ class CalibratedRun:
         self.options = options or CalibrationOptions()
         check_options(self.options.criterion, self.options.reconstruction)
         self.data_dir = getattr(getattr(session, "store", None), "root", None)
+        outputs = [o.name for o in session.prepared.graph.output]
+        unknown = [n for n in self.options.class_scores if n not in outputs]
+        if unknown:
+            raise UsageError(f"--class-scores: {', '.join(map(repr, unknown))} is not a graph output "
+                             f"(the outputs: {', '.join(outputs)})")
         with session.stage("calibration"):
             source, described = self._synthetic(source)
             self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
@@ -206,7 +213,8 @@ class CalibratedRun:
         return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
                     store=store, consumers_only=self.options.scope == "consumers",
                     **({"recorded": self.recorded} if kind == "refit" else {})),
-                SoftmaxHeadPass(self.session.prepared, self.batches, store=store)]
+                SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
+                                logits=self.options.class_scores)]
 
     def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False) -> dict[str, Any]:
         """Run the reconstruction passes on the session's pruned graph and re-export it
