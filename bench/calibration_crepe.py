@@ -116,16 +116,20 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=256, help="calibration frames (seed 1)")
     parser.add_argument("--evaluation", type=int, default=1000, help="evaluation frames (seed 2)")
     parser.add_argument("--onnxsim", action="store_true", help="side by side with onnxsim.pruning")
+    parser.add_argument("--ablate-head", action="store_true",
+                        help="also run each calibrated prune without the sigmoid-head distillation (round 25)")
+    parser.add_argument("--no-global", action="store_true", help="skip the global allocation at the same MACs")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     (calib, _), (frames, truth) = synthesise(args.calibration, 1), synthesise(args.evaluation, 2)
     rows = []
     for name in args.models.split(","):
         bench = Bench(name, calib, frames, truth)
+        bench.ablate_head = args.ablate_head
         print(f"{name}: the original reads {bench.original_rpa:.1%} of the frames within 50 cents",
               flush=True)
         for ratio in args.ratios:
-            rows.extend(bench.run(ratio, args.onnxsim, global_allocation=True))
+            rows.extend(bench.run(ratio, args.onnxsim, global_allocation=not args.no_global))
     Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0
 

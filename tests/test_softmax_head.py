@@ -18,7 +18,8 @@ CLASSES = 40
 def _classifier(ending: str) -> onnx.ModelProto:
     """x[n, 16] -> Gemm 48 -> Relu -> Gemm 48 -> Relu -> MatMul + Add (40 classes) -> ``ending``:
     ``softmax`` (the op), ``decomposed`` (ReduceMax, Sub, Exp, ReduceSum, Div: tf2onnx's
-    and jax2tf's), ``log_softmax``, or ``logits`` (the graph output is the logits)."""
+    and jax2tf's), ``log_softmax``, ``sigmoid`` (multi-label), or ``logits`` (the graph output
+    is the logits)."""
     rng = np.random.default_rng(0)
 
     def init(name, shape, scale):
@@ -38,6 +39,9 @@ def _classifier(ending: str) -> onnx.ModelProto:
     out = "logits"
     if ending == "softmax":
         nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1))
+        out = "probs"
+    elif ending == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["logits"], ["probs"], name="sigmoid"))
         out = "probs"
     elif ending == "log_softmax":
         nodes.append(helper.make_node("LogSoftmax", ["logits"], ["logp"], name="log_softmax", axis=-1))
@@ -236,3 +240,25 @@ def test_a_per_pixel_softmax_over_the_channels_of_a_convolution(tmp_path):
     assert (head["layer"], head["classes"]) == ("classify", 6)
     assert head["rows"] > 51 * 8  # positions of every held-in sample, not one row per sample
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_a_sigmoid_head_is_fitted_class_by_class(tmp_path, monkeypatch):
+    """A multi-label output (a pitch tracker's bins, a wake-word score): each class an
+    independent binary cross-entropy to the original's probability."""
+    model = _classifier("sigmoid")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_inputs(512, 1))
+    result = graphprune.prune(model, ratio=0.6, calibration=str(calib))
+    (head,) = result.report["calibration"]["passes"]["SoftmaxHeadPass"]["heads"]
+    assert (head["layer"], head["kind"], head["written"]) == ("head", "sigmoid", True)
+    assert head["cv_cross_entropy"][1] < head["cv_cross_entropy"][0]
+    monkeypatch.setattr(heads, "candidates", lambda graph, opset: [])
+    plain = graphprune.prune(model, ratio=0.6, calibration=str(calib))
+
+    def bce(pruned: onnx.ModelProto) -> float:
+        feeds = [{"x": x} for x in _inputs(400, 9)]
+        p = np.concatenate([o[0] for o in runner.outputs(model, feeds)]).astype(np.float64)
+        q = np.clip(np.concatenate([o[0] for o in runner.outputs(pruned, feeds)]).astype(np.float64), 1e-7, 1 - 1e-7)
+        return float(-(p * np.log(q) + (1 - p) * np.log(1 - q)).sum(axis=1).mean())
+
+    assert bce(result.model) < bce(plain.model)

@@ -1,4 +1,5 @@
-"""Distillation of a softmax head: the last linear layer refit to the original's class distribution.
+"""Distillation of a softmax (or sigmoid) head: the last linear layer refit to the class
+distribution of the original.
 
 A classifier's output is the softmax of its last linear layer (plus per-channel constants).
 The least-squares refit (:mod:`.sequential`) makes that layer's *logits* match the
@@ -18,6 +19,9 @@ solved by Nesterov's accelerated gradient with a fixed step (the Hessian of the 
 in the logits is at most 1/2) and adaptive restart. ``lam`` is chosen among
 :data:`LAMBDAS` by two-fold cross-validation over the batches (even / odd), and the fit is
 written only where it lowers the cross-validated cross-entropy of the weights as they were.
+Where the output is ``sigmoid(z + c)`` instead (a multi-label output, a pitch tracker's bins,
+a wake-word score), every class is an independent binary cross-entropy to the original's
+probability (:class:`SigmoidProblem`), fitted the same way.
 
 The head is found from the graph and confirmed by the numbers: a linear layer with a float
 weight of its own (not shared, not quantized, one group) whose output reaches a graph output
@@ -94,7 +98,7 @@ def candidates(graph: gs.Graph, opset: int) -> list[Head]:
             continue
         if view.data_tensor is not None or view.output_tensor is not None or view.bias_constant is not None:
             continue  # an integer op standing for a float layer
-        if len(view.weight.outputs) != 1 or view.out_channels() < 2:
+        if len(view.weight.outputs) != 1:
             continue  # a weight shared with another layer (tied embeddings) is not this head's alone
         for name in _reached_outputs(view, outputs, opset):
             found.append(Head(view, name, _offset(view, opset)))
@@ -143,6 +147,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -157,7 +165,12 @@ def confirm(head: Head, z: np.ndarray, out: np.ndarray, logits: bool = False) ->
     rows = np.arange(min(head.view.output_positions(np.shape(z)), CONFIRM_ROWS))
     logits_of = head.view.output_rows(np.asarray(z, dtype=np.float64), rows).astype(np.float64) + head.offset
     given = head.view.output_rows(np.asarray(out, dtype=np.float64), rows).astype(np.float64)
-    if not (np.isfinite(logits_of).all() and np.isfinite(given).all()) or logits_of.shape[1] < 2:
+    if not (np.isfinite(logits_of).all() and np.isfinite(given).all()):
+        return False
+    if np.abs(_sigmoid(logits_of) - given).max() <= TOLERANCE and not logits:
+        head.kind = "sigmoid"
+        return True
+    if logits_of.shape[1] < 2:  # a softmax over one class is 1 whatever the layer does
         return False
     scale = max(1.0, float(np.abs(given).max()))
     if logits:
@@ -270,18 +283,65 @@ class Problem:
                 grad[-1] = 0.0
             return value, grad
 
-        theta, momentum, t = theta0.copy(), theta0.copy(), 1.0
-        last = value_and_grad(theta)[0]
-        for _ in range(ITERATIONS):
-            value, grad = value_and_grad(momentum)
-            if value > last:  # adaptive restart: the momentum overshot
-                momentum, t = theta.copy(), 1.0
-                continue
-            nxt = momentum - step * grad
-            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-            momentum = nxt + ((t - 1.0) / t_next) * (nxt - theta)
-            theta, t, last = nxt, t_next, value
-        return theta
+        return _accelerated(value_and_grad, theta0, step)
+
+
+class SigmoidProblem:
+    """The fit of a sigmoid head: every class an independent binary cross-entropy to the
+    original's probability (a multi-label output, a pitch tracker's bins, a wake-word score);
+    the same interface as :class:`Problem`, every class fitted."""
+
+    def __init__(self, x: np.ndarray, p: np.ndarray, theta0: np.ndarray, offset: np.ndarray) -> None:
+        self.x, self.p, self.theta0, self.offset = x, np.clip(p, 0.0, 1.0), theta0, offset
+        self.active = np.ones(p.shape[1], dtype=bool)
+
+    def _z(self, rows: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        return self.x[rows] @ theta + self.offset
+
+    def _loss(self, z: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Per-row binary cross-entropy summed over the classes (``log(1 + e^z) - p z``)."""
+        return (np.logaddexp(0.0, z) - p * z).sum(axis=1)
+
+    def cross_entropy(self, rows: np.ndarray, theta: np.ndarray) -> tuple[float, float]:
+        """Mean binary cross-entropy and the share of rows whose strongest class (with one
+        class: whether it is above 0.5) is the original's."""
+        z, p = self._z(rows, theta), self.p[rows]
+        agree = (z.argmax(axis=1) == p.argmax(axis=1)) if z.shape[1] > 1 else ((z[:, 0] > 0) == (p[:, 0] > 0.5))
+        return float(self._loss(z, p).mean()), float(np.mean(agree))
+
+    def fit(self, rows: np.ndarray, lam: float, fixed_bias: bool) -> np.ndarray:
+        x, p, theta0 = self.x[rows], self.p[rows], self.theta0
+        n = len(x)
+        reg = lam * float(np.mean(np.square(x)))
+        step = 1.0 / (0.25 * float(np.linalg.eigvalsh(x.T @ x / n)[-1]) + reg + 1e-30)
+
+        def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            z = x @ theta + self.offset
+            diff = theta - theta0
+            value = float(self._loss(z, p).sum() / n + 0.5 * reg * np.square(diff).sum())
+            grad = x.T @ (_sigmoid(z) - p) / n + reg * diff
+            if fixed_bias:
+                grad[-1] = 0.0
+            return value, grad
+
+        return _accelerated(value_and_grad, theta0, step)
+
+
+def _accelerated(value_and_grad: Any, theta0: np.ndarray, step: float) -> np.ndarray:
+    """Nesterov's accelerated gradient from ``theta0`` with a fixed step and adaptive restart
+    (:data:`ITERATIONS` steps)."""
+    theta, momentum, t = theta0.copy(), theta0.copy(), 1.0
+    last = value_and_grad(theta)[0]
+    for _ in range(ITERATIONS):
+        value, grad = value_and_grad(momentum)
+        if value > last:  # adaptive restart: the momentum overshot
+            momentum, t = theta.copy(), 1.0
+            continue
+        nxt = momentum - step * grad
+        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+        momentum = nxt + ((t - 1.0) / t_next) * (nxt - theta)
+        theta, t, last = nxt, t_next, value
+    return theta
 
 
 def distil(head: Head, rows: Rows, graph: gs.Graph, names: set[str]) -> dict[str, Any]:
@@ -305,7 +365,8 @@ def distil(head: Head, rows: Rows, graph: gs.Graph, names: set[str]) -> dict[str
 
     # float32 for the fits (the cross-entropies compared are means over rows)
     f32 = np.float32
-    problem = Problem(x.astype(f32), p.astype(f32), theta0.astype(f32), offset.astype(f32))
+    kind = SigmoidProblem if head.kind == "sigmoid" else Problem
+    problem = kind(x.astype(f32), p.astype(f32), theta0.astype(f32), offset.astype(f32))
     active = int(problem.active.sum())
     # rows within MAX_FLOPS for the cross-validated fits (each on half the rows) and the final one
     per_row = 4.0 * x.shape[1] * active * ITERATIONS * (len(LAMBDAS) + 1)
