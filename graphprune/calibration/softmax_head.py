@@ -268,22 +268,14 @@ class Problem:
 
     def fit(self, rows: np.ndarray, lam: float, fixed_bias: bool) -> np.ndarray:
         """The regularised cross-entropy fit (module doc) from ``theta0``, on ``rows``."""
-        x, p, theta0 = self.x[rows], self.p[rows], self.theta0
-        n = len(x)
-        reg = lam * float(np.mean(np.square(x)))
-        step = 1.0 / (0.5 * float(np.linalg.eigvalsh(x.T @ x / n)[-1]) + reg + 1e-30)
+        p, rest_mass = self.p[rows], self.rest_mass[rows]
 
-        def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        def data(theta: np.ndarray) -> tuple[float, np.ndarray]:
             z, lse = self.log_q(rows, theta)
-            diff = theta - theta0
-            value = float(((p * -(z - lse[:, None])).sum() + (self.rest_mass[rows] * lse).sum()) / n
-                          + 0.5 * reg * np.square(diff).sum())
-            grad = x.T @ (np.exp(z - lse[:, None]) - p) / n + reg * diff
-            if fixed_bias:
-                grad[-1] = 0.0
-            return value, grad
+            loss = float((p * -(z - lse[:, None])).sum() + (rest_mass * lse).sum())
+            return loss, np.exp(z - lse[:, None]) - p
 
-        return _accelerated(value_and_grad, theta0, step)
+        return _regularised(self.x[rows], self.theta0, lam, 0.5, fixed_bias, data)
 
 
 class SigmoidProblem:
@@ -310,21 +302,36 @@ class SigmoidProblem:
         return float(self._loss(z, p).mean()), float(np.mean(agree))
 
     def fit(self, rows: np.ndarray, lam: float, fixed_bias: bool) -> np.ndarray:
-        x, p, theta0 = self.x[rows], self.p[rows], self.theta0
-        n = len(x)
-        reg = lam * float(np.mean(np.square(x)))
-        step = 1.0 / (0.25 * float(np.linalg.eigvalsh(x.T @ x / n)[-1]) + reg + 1e-30)
+        """The regularised binary cross-entropy fit from ``theta0``, on ``rows``."""
+        x, p = self.x[rows], self.p[rows]
 
-        def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        def data(theta: np.ndarray) -> tuple[float, np.ndarray]:
             z = x @ theta + self.offset
-            diff = theta - theta0
-            value = float(self._loss(z, p).sum() / n + 0.5 * reg * np.square(diff).sum())
-            grad = x.T @ (_sigmoid(z) - p) / n + reg * diff
-            if fixed_bias:
-                grad[-1] = 0.0
-            return value, grad
+            return float(self._loss(z, p).sum()), _sigmoid(z) - p
 
-        return _accelerated(value_and_grad, theta0, step)
+        return _regularised(x, self.theta0, lam, 0.25, fixed_bias, data)
+
+
+def _regularised(x: np.ndarray, theta0: np.ndarray, lam: float, curvature: float, fixed_bias: bool,
+                 data: Any) -> np.ndarray:
+    """Minimise ``loss(theta) / n + lam s / 2 ||theta - theta0||^2`` from ``theta0``, where
+    ``data(theta)`` gives the summed loss over the ``n`` rows of ``x`` and its gradient in the
+    logits (``[n, C]``); ``curvature`` bounds the loss's second derivative in a logit (1/2 for
+    the softmax cross-entropy, 1/4 for the sigmoid's): the step is the inverse of the
+    gradient's Lipschitz constant."""
+    n = len(x)
+    reg = lam * float(np.mean(np.square(x)))
+    step = 1.0 / (curvature * float(np.linalg.eigvalsh(x.T @ x / n)[-1]) + reg + 1e-30)
+
+    def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, residual = data(theta)
+        diff = theta - theta0
+        grad = x.T @ residual / n + reg * diff
+        if fixed_bias:
+            grad[-1] = 0.0
+        return loss / n + 0.5 * reg * float(np.square(diff).sum()), grad
+
+    return _accelerated(value_and_grad, theta0, step)
 
 
 def _accelerated(value_and_grad: Any, theta0: np.ndarray, step: float) -> np.ndarray:
