@@ -44,6 +44,8 @@ class SoftmaxHeadPass(Pass):
         data_dir = getattr(self.store, "root", None)
         graph.toposort()
         model = ir.export_graph(graph, self.reference, self.store)
+        # the first batch alone confirms the heads: an unconfirmed candidate (an LLM's logits)
+        # is not run over every sample
         first: dict[str, Any] = {}
         names = [n for h in found for n in (h.view.output.name, h.output)]
         runner.stream(model, names, self.batches.feeds[:1], lambda _, name, value: first.__setitem__(name, value),
@@ -52,9 +54,8 @@ class SoftmaxHeadPass(Pass):
                      and heads.confirm(h, first[h.view.output.name], first[h.output], h.output in self.logits)]
         if not confirmed:
             return PassResult(graph, False, self._unserved({"layers": 0}, []))
-        count = len(self.batches.feeds)
-        per_batch = {id(h): heads.rows_per_batch(h, count) for h in confirmed}
-        rows = {id(h): heads.Rows() for h in confirmed}
+        for h in confirmed:
+            h.per_batch = heads.rows_per_batch(h, len(self.batches.feeds))
         by_input: dict[str, list[heads.Head]] = {}
         by_output: dict[str, list[heads.Head]] = {}
         for h in confirmed:
@@ -63,17 +64,17 @@ class SoftmaxHeadPass(Pass):
 
         def take_x(batch: int, name: str, value: Any) -> None:
             for h in by_input.get(name, ()):
-                heads.take_rows(h, rows[id(h)], batch, per_batch[id(h)], x=value)
+                heads.take_rows(h, batch, x=value)
 
         def take_p(batch: int, name: str, value: Any) -> None:
             for h in by_output.get(name, ()):
-                heads.take_rows(h, rows[id(h)], batch, per_batch[id(h)], out=value)
+                heads.take_rows(h, batch, out=value)
 
         runner.stream(model, list(by_input), self.batches.feeds, take_x, what="the pruned model", data_dir=data_dir)
         runner.stream(self.reference, list(by_output), self.batches.feeds, take_p, what="the original model",
                       data_dir=data_dir)
         names_in_graph = set(graph.tensors())
-        done = [heads.distil(h, rows[id(h)], graph, names_in_graph) for h in confirmed]
+        done = [heads.distil(h, graph, names_in_graph) for h in confirmed]
         written = sum(1 for d in done if d["written"])
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, bool(written), self._unserved({"layers": written, "heads": done}, confirmed))

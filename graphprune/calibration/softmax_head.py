@@ -69,23 +69,27 @@ MIN_GAIN = 1e-3
 
 
 @dataclass
-class Head:
-    view: LinearView
-    #: the graph output that is the softmax of the layer's output (plus ``offset``)
-    output: str
-    #: per-channel constants added between the layer and the softmax
-    offset: np.ndarray
-    #: ``softmax``, ``log_softmax``, or ``logits`` (an output declared to be class logits)
-    kind: str = "softmax"
-
-
-@dataclass
 class Rows:
     """Rows of one head gathered over the calibration batches."""
 
     x: list[np.ndarray] = field(default_factory=list)  # [R_b, K] per batch
     p: list[np.ndarray] = field(default_factory=list)  # [R_b, C]
     batch: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Head:
+    view: LinearView
+    #: the graph output that is the softmax of the layer's output (plus ``offset``)
+    output: str
+    #: per-channel constants added between the layer and the softmax
+    offset: np.ndarray
+    #: ``softmax``, ``log_softmax``, ``sigmoid``, or ``logits`` (an output declared to be
+    #: class logits)
+    kind: str = "softmax"
+    #: rows taken from each calibration batch (:func:`rows_per_batch`), and those taken
+    per_batch: int = 0
+    rows: Rows = field(default_factory=Rows)
 
 
 def candidates(graph: gs.Graph, opset: int) -> list[Head]:
@@ -192,11 +196,11 @@ def rows_per_batch(head: Head, batches: int) -> int:
     return max(min(MAX_ROWS, MAX_VALUES // k) // max(batches, 1), 1)
 
 
-def take_rows(head: Head, rows: Rows, batch: int, per_batch: int, *, x: np.ndarray | None = None,
-              out: np.ndarray | None = None) -> None:
-    """Add batch ``batch``'s rows: the layer's input ``x`` (pruned model) or the original's
-    output ``out``; the same positions for both (a deterministic choice per batch)."""
-    view = head.view
+def take_rows(head: Head, batch: int, *, x: np.ndarray | None = None, out: np.ndarray | None = None) -> None:
+    """Add batch ``batch``'s rows to ``head.rows``: the layer's input ``x`` (pruned model) or
+    the original's output ``out``; the same ``head.per_batch`` positions for both (a
+    deterministic choice per batch)."""
+    view, rows, per_batch = head.view, head.rows, head.per_batch
     if x is not None:
         selected = select(view.positions(np.shape(x)), per_batch, seed=batch)
         rows.x.append(view.input_rows(view.read_data(x), selected)[:, 0, :].astype(np.float64))
@@ -351,12 +355,12 @@ def _accelerated(value_and_grad: Any, theta0: np.ndarray, step: float) -> np.nda
     return theta
 
 
-def distil(head: Head, rows: Rows, graph: gs.Graph, names: set[str]) -> dict[str, Any]:
+def distil(head: Head, graph: gs.Graph, names: set[str]) -> dict[str, Any]:
     """Cross-validate ``lam``, fit on every row, and write the weights and bias of the
     layer in ``graph`` where the fit pays. Returns what was done (``written``: whether the
     layer changed)."""
     started = time.perf_counter()
-    view = head.view
+    view, rows = head.view, head.rows
     x = np.concatenate(rows.x)
     x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
     p = np.concatenate(rows.p)
