@@ -123,6 +123,39 @@ def test_the_parameter_count_never_grows(mode: dict) -> None:
     assert result.report["params_before"] == before
 
 
+def computed_lookup_model(n: int = 96) -> onnx.ModelProto:
+    """WavLM's relative-position bias (TorchScript, fixed input length): the table lookup of
+    :func:`table_lookup_model` by indices *computed* from a stored ``[n, n]`` matrix of relative
+    positions (``min(|i - j|, 6)``), so the lookup's indices are constant only once folded.
+    Folded whole, the ``[heads, n, n]`` bias would be written into the pruned model (WavLM's
+    tiny-config export came out at 1.9x its parameters)."""
+    positions = np.arange(n, dtype=np.int64)
+    one = helper.make_node("Constant", [], ["one"],
+                           value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]))
+    nodes = [one, helper.make_node("Abs", ["rel"], ["dist"]), helper.make_node("Min", ["dist", "six"], ["idx"]),
+             helper.make_node("Gather", ["table", "idx"], ["bias"], axis=1),
+             helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "one"], ["s"]),
+             helper.make_node("Add", ["s", "bias"], ["y"])]
+    return make_model(nodes, {"x": [1, 4, n, n]}, {"y": None},
+                      {"table": (4, 7), "rel": positions[:, None] - positions[None, :],
+                       "six": np.array(6, np.int64), "W": (n, n)})
+
+
+@pytest.mark.parametrize("mode", [{"lossless": True}, {"ratio": 0.5}], ids=["lossless", "ratio"])
+def test_a_computed_expansion_is_not_folded_into_the_model(mode: dict) -> None:
+    from graphprune.io import ir
+
+    model = computed_lookup_model()
+    before = count_params(model)
+    assert 4 * 96 * 96 > ir.FOLD_GROWTH * 96 * 96  # the bias is larger than the fold may write
+    result = graphprune.prune(model, **mode)
+    assert count_params(result.model) <= before
+    assert "Gather" in {node.op_type for node in result.model.graph.node}  # computed at run time
+    x = np.random.default_rng(1).standard_normal((1, 4, 96, 96)).astype(np.float32)
+    got = run_ort(result.model, {"x": x})[0]
+    assert got.shape == run_ort(model, {"x": x})[0].shape
+
+
 # --------------------------------------------------------------------------- cause 8: exporters
 
 

@@ -305,7 +305,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.
             # branch outputs used later (the result fails the checker)
             _read_aliases_directly(graph, default_opset(model))
             held = _hold_unfolded(graph, default_opset(model))
-            graph.fold_constants(fold_shapes=True, size_threshold=None, error_ok=False,
+            graph.fold_constants(fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
                                  flatten_subgraphs=False)
             for node, index, constant in held:
                 node.inputs[index] = constant
@@ -324,6 +324,23 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.
     model = model_io.infer_shapes(model, inplace=True)
     trim()  # and what the folding session freed
     return model
+
+
+#: a folded tensor may hold this many float32s per element of the largest stored tensor
+#: (a weight's dtype cast, dequantisation or a concatenation of three projections stays
+#: foldable) and never fewer bytes than FOLD_FLOOR (shapes, indices, small tables)
+FOLD_GROWTH = 3
+FOLD_FLOOR = 1 << 12
+
+
+def _fold_limit(graph: gs.Graph) -> int:
+    """Bytes above which a computed constant is left to its subgraph: a fold that makes a
+    tensor several times larger than anything the model stores (a relative-position bias or a
+    causal mask of a fixed sequence length, computed from a small table) would write the
+    expansion into the pruned model, which could then be larger than the original."""
+    largest = max((int(np.prod(t.shape, dtype=np.int64)) for t in graph_constants(graph)
+                   if t.shape is not None), default=0)
+    return max(FOLD_FLOOR, FOLD_GROWTH * 4 * largest)
 
 
 def _read_aliases_directly(graph: gs.Graph, opset: int) -> None:
