@@ -6,7 +6,7 @@ mistakes), converted with :func:`graphprune.frontends.tensorflow.to_onnx`, check
 Keras, then pruned with ``graphprune.prune(ratio=0.5)``, whose self-check compares the pruned
 model with the zeroed original (exact for every exact group).
 
-    python bench/keras_applications.py                      # all models, ~3-6 min on 2 cores
+    python bench/keras_applications.py                      # all models, ~10-15 min on 2 cores
     python bench/keras_applications.py --models MobileNetV2 --size 96
 
 Writes ``bench/results/keras_applications.json`` (``--out``) and prints a Markdown table.
@@ -27,7 +27,11 @@ import graphprune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-MODELS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "functional")
+MODELS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "functional",
+          # round 26: the other families keras.applications ships (ConvNeXt's depthwise
+          # convolutions are Conv2D(groups=channels): refused before, docs/frontends.md)
+          "Xception", "VGG16", "ResNet50V2", "InceptionV3", "InceptionResNetV2", "MobileNet",
+          "MobileNetV3Large", "DenseNet121", "NASNetMobile", "EfficientNetV2B0", "ConvNeXtTiny")
 
 
 def build(name: str, size: int):

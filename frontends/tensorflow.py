@@ -7,10 +7,15 @@ The conversion goes through tf2onnx, with three known problems handled here:
   ``tf.function`` that returns a dict keyed by the output layers' names and convert it
   with ``from_function``: graph inputs and outputs are named after the Keras inputs and
   output layers, for Sequential and functional models alike.
-- **Grouped convolutions.** A ``Conv1D/2D/3D`` with ``groups > 1`` (not a depthwise conv)
-  converts on no route: tf2onnx leaves a ``StatefulPartitionedCall`` that no runtime runs.
-  :func:`to_onnx` refuses such models up front (and any result with an op outside ONNX)
-  with :class:`ConversionError` naming the layer.
+- **Grouped convolutions.** Keras 3 runs a ``Conv1D/2D/3D`` with ``groups > 1`` (ConvNeXt's
+  depthwise convolutions, RegNet's and ResNeXt's grouped ones) inside a nested XLA-compiled
+  function (TensorFlow's CPU kernel cannot run it), which tf2onnx leaves as a
+  ``StatefulPartitionedCall`` that no runtime runs. The conversion traces the model with
+  those convolutions as plain ``tf.nn.convolution`` (:func:`_grouped_convs_traced_plain`;
+  the trace is converted, never run), which tf2onnx writes as an ONNX ``Conv`` with its
+  ``group``. A ``Conv3D`` with groups (tf2onnx drops its ``group``), and any grouped
+  convolution where that hook is missing (another Keras), is refused up front with
+  :class:`ConversionError` naming the layer; any result with an op outside ONNX is refused too.
 - **Layout.** Keras is NHWC; tf2onnx inserts Transposes around the NCHW ONNX Conv and
   pushes most of them away. ``Flatten`` before ``Dense`` flattens an NHWC tensor, so the
   features are ordered H, W, C and channel ``c`` owns every ``C``-th feature; graphprune's
@@ -22,8 +27,9 @@ pruning and deployment, not for mapping back to Keras variables (left for later)
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +99,49 @@ def _all_layers(model: Any) -> Iterable[Any]:
         stack.extend(getattr(layer, "layers", []))
 
 
-def _refuse_grouped_convs(model: Any) -> None:
+@contextlib.contextmanager
+def _grouped_convs_traced_plain() -> Iterator[bool]:
+    """While tracing, Keras' TensorFlow backend computes a grouped convolution (the kernel's
+    input channels fewer than the input's) with ``tf.nn.convolution`` itself instead of its
+    XLA-compiled wrapper; every other convolution as before. Yields whether the hook exists."""
+    try:
+        from keras.src.backend.tensorflow import nn as backend_nn
+    except ImportError:
+        yield False
+        return
+    original = getattr(backend_nn, "conv", None)
+    to_tf = getattr(backend_nn, "_convert_data_format", None)
+    standard = getattr(getattr(backend_nn, "backend", None), "standardize_data_format", None)
+    if original is None or to_tf is None or standard is None:
+        yield False
+        return
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        last = standard(data_format) == "channels_last"
+        channels = inputs.shape[-1] if last else inputs.shape[1]
+        if channels == kernel.shape[-2] or len(inputs.shape) > 4:  # tf2onnx drops a 3-D one's group
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        return tf.nn.convolution(inputs, kernel, strides, padding.upper(),
+                                 data_format=to_tf(data_format, len(inputs.shape)), dilations=dilation_rate)
+
+    backend_nn.conv = conv
+    try:
+        yield True
+    finally:
+        backend_nn.conv = original
+
+
+def _refuse_grouped_convs(model: Any, hooked: bool) -> None:
+    """Refuse the grouped convolutions that do not convert: every one without the tracing
+    hook, a 3-D one with it (tf2onnx writes its ONNX ``Conv`` without the ``group``)."""
     keras = _keras()
-    plain = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    plain = (keras.layers.Conv3D,) if hooked else (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
     for layer in _all_layers(model):
         if isinstance(layer, plain) and int(getattr(layer, "groups", 1)) > 1:
             raise ConversionError(
-                f"{type(layer).__name__} '{layer.name}' has groups={layer.groups}: grouped "
-                "(non-depthwise) convolutions do not convert to ONNX on any route (tf2onnx "
-                "leaves a StatefulPartitionedCall); use DepthwiseConv2D or split the layer"
+                f"{type(layer).__name__} '{layer.name}' has groups={layer.groups}: this grouped "
+                "convolution does not convert to ONNX (tf2onnx leaves a StatefulPartitionedCall"
+                + (" or drops the group" if hooked else "") + "); use a depthwise layer or split it"
             )
 
 
@@ -231,8 +271,9 @@ def to_onnx(
     import tf2onnx
 
     keras = _keras()
+    traced = contextlib.nullcontext(True)
     if isinstance(model, keras.Model):
-        _refuse_grouped_convs(model)
+        traced = _grouped_convs_traced_plain()
         if not getattr(model, "built", True) or not getattr(model, "inputs", None):
             raise UsageError("the Keras model has no defined inputs: build or call it first")
         function, specs = _keras_function(model, input_shapes, batch_size)
@@ -241,9 +282,12 @@ def to_onnx(
         function, specs = _saved_model_function(model, input_shapes, batch_size, signature)
         what = "SavedModel"
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset,
-                                                 custom_op_handlers=CUSTOM_OPS)
-        _freeze_captured_inputs(proto, function.get_concrete_function(*specs), len(specs))
+        with traced as hooked:
+            if isinstance(model, keras.Model):
+                _refuse_grouped_convs(model, hooked)
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset,
+                                                     custom_op_handlers=CUSTOM_OPS)
+            _freeze_captured_inputs(proto, function.get_concrete_function(*specs), len(specs))
     except GraphPruneError:
         raise
     except Exception as exc:

@@ -170,7 +170,51 @@ def test_keras_attention_heads_prune_with_an_open_batch():
     np.testing.assert_allclose(batched, np.concatenate(single), atol=1e-5)
 
 
-def test_grouped_conv_is_refused_with_a_clear_error():
+def grouped_model():
+    """ConvNeXt's depthwise convolution written as ``Conv2D(groups=channels)`` and a RegNet-style
+    grouped one: Keras 3 runs both in a nested XLA function that tf2onnx cannot convert."""
+    keras.utils.set_random_seed(3)
+    image = keras.Input((10, 10, 8))
+    x = keras.layers.Conv2D(16, 1, activation="relu")(image)
+    x = keras.layers.Conv2D(16, 7, padding="same", groups=16, name="depthwise")(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", groups=4, activation="relu", name="grouped")(x)
+    x = keras.layers.Conv2D(8, 1)(x)
+    return keras.Model(image, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+
+
+def test_grouped_convs_convert_to_grouped_onnx_convs_and_prune():
+    from keras.src.backend.tensorflow import nn as backend_nn
+
+    conv = backend_nn.conv
+    model = grouped_model()
+    proto = gtf.to_onnx(model)
+    assert backend_nn.conv is conv  # the tracing hook is gone once converted
+    groups = sorted(next((a.i for a in n.attribute if a.name == "group"), 1)
+                    for n in proto.graph.node if n.op_type == "Conv")
+    assert groups == [1, 1, 4, 16]
+    x = np.random.default_rng(0).standard_normal((2, 10, 10, 8)).astype(np.float32)
+    assert gtf.check_conversion(model, gtf.to_onnx(model, batch_size=2), [x]) < 1e-4
+    result = graphprune.prune(proto, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] >= 2
+
+
+def test_a_grouped_conv3d_is_refused_rather_than_converted_wrong():
+    """tf2onnx writes a grouped 3-D convolution as an ONNX ``Conv`` without its ``group``
+    (ONNX Runtime then refuses the model): it is refused before conversion."""
+    volume = keras.Input((6, 6, 6, 4))
+    model = keras.Model(volume, keras.layers.Conv3D(4, 3, groups=2, name="grouped3d")(volume))
+    with pytest.raises(gtf.ConversionError, match="Conv3D 'grouped3d' has groups=2"):
+        gtf.to_onnx(model)
+
+
+def test_grouped_conv_is_refused_where_keras_has_no_hook(monkeypatch):
+    import contextlib
+
+    @contextlib.contextmanager
+    def missing():
+        yield False
+
+    monkeypatch.setattr(gtf, "_grouped_convs_traced_plain", missing)
     image = keras.Input((8, 8, 4))
     model = keras.Model(image, keras.layers.Conv2D(4, 3, groups=2, name="grouped")(image))
     with pytest.raises(gtf.ConversionError, match="Conv2D 'grouped' has groups=2"):

@@ -156,6 +156,54 @@ def test_a_computed_expansion_is_not_folded_into_the_model(mode: dict) -> None:
     assert got.shape == run_ort(model, {"x": x})[0].shape
 
 
+def precomputed_table_model() -> onnx.ModelProto:
+    """The dynamo exporter's SwinV2 attention bias: a small MLP applied to a stored coordinate
+    table, its first layer already folded by the exporter into a ``[49, 64]`` table, so the
+    graph goes on with ``Add(bias) -> Relu -> MatMul -> Transpose -> Reshape`` of constants
+    only (no ``Constant`` node) before the result is added to an activation."""
+    nodes = [conv_node("x", "W1", "a", "B1", name="conv1"),
+             helper.make_node("Add", ["table", "tb"], ["t1"]), helper.make_node("Relu", ["t1"], ["t2"]),
+             helper.make_node("MatMul", ["t2", "tw"], ["t3"]), helper.make_node("Transpose", ["t3"], ["t4"], perm=[1, 0]),
+             helper.make_node("Reshape", ["t4", "shape"], ["bias"]),
+             helper.make_node("Add", ["a", "bias"], ["b"]), helper.make_node("Relu", ["b"], ["r"]),
+             conv_node("r", "W2", "y", "B2", k=1, name="conv2")]
+    return make_model(nodes, {"x": [1, 3, 7, 7]}, {"y": None},
+                      {"W1": (8, 3, 3, 3), "B1": (8,), "table": (49, 64), "tb": (64,), "tw": (64, 8),
+                       "shape": np.array([1, 8, 7, 7], np.int64), "W2": (4, 8, 1, 1), "B2": (4,)})
+
+
+def test_an_exporters_left_over_weight_computation_is_folded() -> None:
+    """Folded, the chain is one ``[1, 8, 7, 7]`` constant (392 values instead of 3,720 in the
+    table, its bias and the MLP's weight) and the channels of ``conv1`` prune through it."""
+    from graphprune.io import ir
+
+    model = precomputed_table_model()
+    prepared = ir.prepare(model)
+    assert {"Relu", "MatMul", "Transpose"} & {n.op_type for n in prepared.graph.node} == {"Relu"}
+    assert "table" not in {t.name for t in prepared.graph.initializer}
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert count_params(result.model) < count_params(model) - 3000
+    x = np.random.default_rng(1).standard_normal((1, 3, 7, 7)).astype(np.float32)
+    assert run_ort(result.model, {"x": x})[0].shape == (1, 4, 7, 7)
+
+
+def test_a_fold_that_stores_as_much_is_not_taken() -> None:
+    """The dynamo exporter's LLMs keep a stored ``full`` matrix and take its ``Trilu`` in the
+    graph (the causal mask): folded, the model would store the same number of values again
+    under another name. That graph is left as it came."""
+    from graphprune.io import ir
+
+    nodes = [helper.make_node("Trilu", ["full", "one"], ["mask"], upper=1),
+             helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "mask"], ["y"])]
+    model = make_model(nodes, {"x": [1, 32, 32]}, {"y": None},
+                       {"full": (32, 32), "one": np.array(1, np.int64), "W": (32, 32)})
+    assert ir._computes_from_weights(model)
+    prepared = ir.prepare(model)
+    assert "Trilu" in {n.op_type for n in prepared.graph.node}
+    assert count_params(prepared) == count_params(model)
+
+
 # --------------------------------------------------------------------------- cause 8: exporters
 
 

@@ -222,6 +222,62 @@ def _computes_constants(model: onnx.ModelProto) -> bool:
     return False
 
 
+def _computes_from_weights(model: onnx.ModelProto) -> bool:
+    """Does a node compute a floating-point tensor from stored floating-point tensors (and
+    other constants) alone? An exporter's own optimiser leaves such chains (the dynamo
+    exporter's SwinV2: a position-bias MLP applied to a stored coordinate table, its first
+    layer already folded into a ``[1, 7, 7, 512]`` table); folded, the model computes and
+    stores less. Only adopted where it does (``_normalise_graph(shrink_only=True)``), and only
+    tried where the weights such nodes read are at least SHRINK of the model's (a fold cannot
+    save more than they hold: an LLM's stored causal mask is not worth a pass over its graph)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16}
+    stored = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
+              if t.data_type in floats and len(t.dims) >= 1}
+    constant = {t.name for t in model.graph.initializer}
+    read: set[str] = set()
+    for node in model.graph.node:
+        if not node.input or _subgraph_reads(node) or not all(not n or n in constant for n in node.input):
+            continue
+        read.update(n for n in node.input if n in stored)
+        constant.update(node.output)
+    return bool(read) and sum(stored[n] for n in read) >= SHRINK * sum(stored.values())
+
+
+def _computed_parameters(graph: gs.Graph, stored: set[str], opset: int) -> bool:
+    """Does a linear layer read a folded constant (not one of ``stored``) as its weight or
+    bias (``OpRule.linear``)? Such a weight was computed in the graph from the stored one
+    (sliced, split, transposed, dequantised); the rules follow that computation to the stored
+    weight, which the pruned model and the frontends' parameter maps keep, so an optional
+    fold leaves it alone."""
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        info = rule.linear(node) if rule is not None else None
+        if info is None:
+            continue
+        for k in (info.weight, info.bias):
+            tensor = node.inputs[k] if k is not None and k < len(node.inputs) else None
+            if isinstance(tensor, gs.Constant) and tensor.name not in stored:
+                return True
+    return False
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the floating-point constants of ``graph`` by their shapes and types (nothing
+    is read; shapes and indices that a fold turns into constants do not count)."""
+    total = 0
+    for tensor in graph_constants(graph):
+        if tensor.shape is None or tensor.dtype is None:
+            continue
+        try:
+            dtype = np.dtype(tensor.dtype)
+        except TypeError:  # a type numpy does not know (bfloat16, float8): 2 bytes or fewer
+            dtype = np.dtype(np.float16)
+        if dtype.kind == "f":
+            total += int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
 def _subgraph_reads(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
@@ -259,9 +315,10 @@ def prepare(
             notes["lowered_ops"] = lowered
             notes["lowered_as"] = described
     folding = fold and _computes_constants(model)
+    shrinking = fold and not folding and _computes_from_weights(model)
     opset = default_opset(model)
-    if folding or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
-        model = _normalise_graph(model, store, folding)
+    if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
+        model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking)
     untie_shared_constants(model)
     return model
 
@@ -287,12 +344,17 @@ def _lower(model: onnx.ModelProto, store: Any, described: dict[str, str]) -> tup
     return model, lowered
 
 
-def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.ModelProto:
-    """Fold constant subgraphs (``folding``), drop optional inputs that are provably zero
+def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
+                     shrink_only: bool = False) -> onnx.ModelProto:
+    """Fold constant subgraphs (``folding``; with ``shrink_only``, kept only where the
+    constants then take at least SHRINK less space and no learned parameter of a node is a
+    folded value), drop optional inputs that are provably zero
     (:func:`graphprune.io.zero_inputs.drop_zero_inputs`) and read selections within one input
     of a concatenation from that input (:func:`graphprune.io.concat_selects.bypass_concat_selects`);
     ``model`` itself when nothing changes."""
     graph = import_graph(model, store)
+    before = _constant_bytes(graph) if shrink_only else 0
+    stored = {t.name for t in graph_constants(graph)} if shrink_only else set()
     if folding:
         _fold_sliced_shapes(graph)
         if store is not None:
@@ -311,7 +373,10 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.
                 node.inputs[index] = constant
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
-            graph = import_graph(model, store)
+            graph, folding = import_graph(model, store), False
+        if folding and shrink_only and (_constant_bytes(graph.cleanup()) > (1 - SHRINK) * before
+                                        or _computed_parameters(graph, stored, default_opset(model))):
+            graph, folding = import_graph(model, store), False  # as it came: see _computes_from_weights
     changed = drop_zero_inputs(graph, default_opset(model))
     changed += bypass_concat_selects(graph, default_opset(model))
     if not changed and not folding:
@@ -326,6 +391,9 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool) -> onnx.
     return model
 
 
+#: a fold that only an exporter's left-over weight computation asks for is kept when the
+#: constants shrink by at least this share (else the graph stays as it came)
+SHRINK = 0.01
 #: a folded tensor may hold this many float32s per element of the largest stored tensor
 #: (a weight's dtype cast, dequantisation or a concatenation of three projections stays
 #: foldable) and never fewer bytes than FOLD_FLOOR (shapes, indices, small tables)
