@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 MODELS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "functional",
           # round 26: the other families keras.applications ships (ConvNeXt's depthwise
-          # convolutions are Conv2D(groups=channels): refused before, docs/frontends.md)
-          "Xception", "VGG16", "ResNet50V2", "InceptionV3", "InceptionResNetV2", "MobileNet",
+          # convolutions are Conv2D(groups=channels): refused before, docs/frontends.md). VGG16 is
+          # left out: tf2onnx's optimiser keeps a copy of every constant per pass, its 138 M
+          # parameters need over 20 GB at 224 (docs/frontends.md)
+          "Xception", "ResNet50V2", "InceptionV3", "InceptionResNetV2", "MobileNet",
           "MobileNetV3Large", "DenseNet121", "NASNetMobile", "EfficientNetV2B0", "ConvNeXtTiny")
 
 
