@@ -270,10 +270,9 @@ def to_onnx(
         model = load(model)
     import tf2onnx
 
-    keras = _keras()
-    traced = contextlib.nullcontext(True)
-    if isinstance(model, keras.Model):
-        traced = _grouped_convs_traced_plain()
+    keras_model = isinstance(model, _keras().Model)
+    traced = _grouped_convs_traced_plain() if keras_model else contextlib.nullcontext(True)
+    if keras_model:
         if not getattr(model, "built", True) or not getattr(model, "inputs", None):
             raise UsageError("the Keras model has no defined inputs: build or call it first")
         function, specs = _keras_function(model, input_shapes, batch_size)
@@ -283,7 +282,7 @@ def to_onnx(
         what = "SavedModel"
     try:
         with traced as hooked:
-            if isinstance(model, keras.Model):
+            if keras_model:
                 _refuse_grouped_convs(model, hooked)
             proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset,
                                                      custom_op_handlers=CUSTOM_OPS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -206,20 +207,28 @@ def _computes_constants(model: onnx.ModelProto) -> bool:
     constants (``OpRule.computed_parameters``)?"""
     opset = default_opset(model)
     initializers = {t.name for t in model.graph.initializer}
-    constant = set(initializers)
-    for node in model.graph.node:  # graph order: a node's inputs are decided before it
+    for node, computed, constant in _constant_walk(model):
         rule = registry.lookup(node.domain, node.op_type, opset)
         if rule is not None and node.op_type in rule.constant_ops:
             return True
-        computed = bool(node.input) and all(not name or name in constant for name in node.input)
         if rule is not None and rule.folds_weights and computed:
             return True
         if rule is not None and any(k < len(node.input) and node.input[k] in constant
                                     and node.input[k] not in initializers for k in rule.computed_parameters):
             return True
+    return False
+
+
+def _constant_walk(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, bool, set[str]]]:
+    """Every node in graph order (a node's inputs are decided before it), whether all its
+    inputs are constants (stored, or computed from constants by earlier nodes), and the names
+    known constant before it."""
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        computed = bool(node.input) and all(not name or name in constant for name in node.input)
+        yield node, computed, constant
         if computed and not _subgraph_reads(node):
             constant.update(node.output)
-    return False
 
 
 def _computes_from_weights(model: onnx.ModelProto) -> bool:
@@ -234,13 +243,8 @@ def _computes_from_weights(model: onnx.ModelProto) -> bool:
               onnx.TensorProto.BFLOAT16}
     stored = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
               if t.data_type in floats and len(t.dims) >= 1}
-    constant = {t.name for t in model.graph.initializer}
-    read: set[str] = set()
-    for node in model.graph.node:
-        if not node.input or _subgraph_reads(node) or not all(not n or n in constant for n in node.input):
-            continue
-        read.update(n for n in node.input if n in stored)
-        constant.update(node.output)
+    read = {n for node, computed, _ in _constant_walk(model) if computed and not _subgraph_reads(node)
+            for n in node.input if n in stored}
     return bool(read) and sum(stored[n] for n in read) >= SHRINK * sum(stored.values())
 
 
@@ -374,9 +378,11 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
             graph, folding = import_graph(model, store), False
-        if folding and shrink_only and (_constant_bytes(graph.cleanup()) > (1 - SHRINK) * before
-                                        or _computed_parameters(graph, stored, default_opset(model))):
-            graph, folding = import_graph(model, store), False  # as it came: see _computes_from_weights
+        if folding and shrink_only:
+            graph.cleanup()
+            if (_constant_bytes(graph) > (1 - SHRINK) * before
+                    or _computed_parameters(graph, stored, default_opset(model))):
+                graph, folding = import_graph(model, store), False  # as it came: see _computes_from_weights
     changed = drop_zero_inputs(graph, default_opset(model))
     changed += bypass_concat_selects(graph, default_opset(model))
     if not changed and not folding:
