@@ -291,7 +291,8 @@ def run_one(name: str, exporter: str, timeout: float, attention: str = "eager") 
     entry["params"] = round(rep["params_after"] / rep["params_before"], 3)
     entry["kinds"] = {k: [v["prunable"], v["units"]] for k, v in sorted((rep.get("kinds") or {}).items())}
     if "head" in entry["kinds"] and not entry["kinds"]["head"][0]:
-        reasons = [r for g in rep["frozen"] for r in g["reasons"] if "graph output" not in r]
+        heads = [g for g in rep["frozen"] if g.get("kind") == "head"] or rep["frozen"]
+        reasons = [r for g in heads for r in g["reasons"] if "graph output" not in r]
         entry["heads_frozen_by"] = reasons[0][:160] if reasons else "?"
     entry["check"] = independent_check(path, out)
     return entry

@@ -194,3 +194,75 @@ def test_a_reshape_of_an_input_with_an_open_batch_is_understood():
     assert any("graph input 'x'" in r for r in features.frozen)
     assert not any("not understood" in r for r in features.frozen)
     assert group_with(analysis, "W1", 1).prunable
+
+
+def windowed_attention(*, keys_first: bool = False) -> onnx.ModelProto:
+    """``x [1, 16, 16]``: 4 windows of 4 tokens, 2 heads of 8, attention per window. The keys
+    are transposed the way the dynamo exporter writes SDPA (Swin): ``[nW, H, S, D] -> [-1, S, D]
+    -> Transpose -> [nW, H, D, S]``; windows times heads in one axis, split back behind.
+    ``keys_first``: the merge's Reshape comes before any op that marks heads in graph order."""
+    key_nodes = [
+        helper.make_node("MatMul", ["w", "Wk"], ["k"]),
+        helper.make_node("Reshape", ["k", "split"], ["k4"]),
+        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3]),  # [4, 2, 4, 8]
+        helper.make_node("Reshape", ["kt", "merge"], ["km"], name="merge_windows_heads"),  # [8, 4, 8]
+        helper.make_node("Transpose", ["km"], ["kmt"], perm=[0, 2, 1]),  # [8, 8, 4]
+        helper.make_node("Reshape", ["kmt", "unmerge"], ["kT"], name="split_windows_heads"),
+        helper.make_node("Mul", ["kT", "scale"], ["kTs"]),
+    ]
+    nodes = [helper.make_node("Reshape", ["x", "windows"], ["w"])]  # [4, 4, 16]
+    query_nodes = [
+        helper.make_node("MatMul", ["w", "Wq"], ["q"]),
+        helper.make_node("Reshape", ["q", "split"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+    ]
+    nodes += key_nodes + query_nodes if keys_first else query_nodes + key_nodes
+    nodes += [
+        helper.make_node("MatMul", ["qt", "kTs"], ["s"]),  # [4, 2, 4, 4]
+        helper.make_node("Add", ["s", "bias"], ["sb"]),  # a relative position bias per head
+        helper.make_node("Softmax", ["sb"], ["a"], axis=-1),
+        helper.make_node("MatMul", ["w", "Wv"], ["v"]),
+        helper.make_node("Reshape", ["v", "split"], ["v4"]),
+        helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["a", "vt"], ["c"]),  # [4, 2, 4, 8]
+        helper.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ct", "join"], ["cj"]),  # [4, 4, 16]
+        helper.make_node("MatMul", ["cj", "Wo"], ["o"]),
+        helper.make_node("Reshape", ["o", "tokens"], ["y"]),
+    ]
+    params = {
+        "Wq": (16, 16), "Wk": (16, 16), "Wv": (16, 16), "Wo": (16, 16), "bias": (1, 2, 4, 4),
+        "scale": np.array(0.35, np.float32), "windows": np.array([4, 4, 16], I64),
+        "split": np.array([4, 4, -1, 8], I64), "merge": np.array([-1, 4, 8], I64),
+        "unmerge": np.array([4, 2, 8, 4], I64), "join": np.array([4, 4, -1], I64),
+        "tokens": np.array([1, 16, 16], I64),
+    }
+    return make_model(nodes, {"x": [1, 16, 16]}, {"y": None}, params)
+
+
+@pytest.mark.parametrize("keys_first", [False, True])
+def test_heads_merged_with_the_windows_of_windowed_attention_prune(keys_first: bool) -> None:
+    """Swin's dynamo SDPA export: the merge Reshape ``[nW, H] -> [nW*H]`` sees no head fact
+    on its own side (the heads are marked behind the Reshape that splits it back), and chose
+    the windows as the channel factor, freezing the heads ("inner factor of a reshaped
+    axis"). It now takes the factor the undoing Reshape knows as heads."""
+    model = windowed_attention(keys_first=keys_first)
+    analysis = graphprune.analyze(model)
+    heads = group_with(analysis, "Wk", 1)
+    assert heads.prunable and heads.num_units == 2, heads.frozen
+    assert group_with(analysis, "Wq", 1) is heads and group_with(analysis, "bias", 1) is heads
+
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    onnx.checker.check_model(result.model, full_check=True)
+    widths = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert widths["Wk"] == (16, 8) and widths["bias"] == (1, 1, 4, 4)
+    literals = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}
+    unmerge = next(n.input[1] for n in result.model.graph.node if n.name == "split_windows_heads")
+    assert literals[unmerge] == [4, 1, 8, 4]  # the head count, rewritten
+    x = np.random.default_rng(0).standard_normal((1, 16, 16)).astype(np.float32)
+    assert run_ort(result.model, {"x": x})[0].shape == (1, 16, 16)
+
+    kept = graphprune.prune(model, ratio=0.5, keep=["Wk"])  # the report says which kind froze
+    frozen = {f["kind"] for f in kept.report["frozen"] if any("protected by keep" in r for r in f["reasons"])}
+    assert "head" in frozen

@@ -40,6 +40,7 @@ import onnx
 
 from graphprune.analysis import PRODUCER, Analysis
 from graphprune.analysis.explain import nothing_prunable
+from graphprune.analysis.targets import classify_groups
 from graphprune.io.shared_constants import TIE
 from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
@@ -95,6 +96,7 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
             "channels": {"removed": plan.units_removed},
         }
     by_id = {g.id: g for g in analysis.groups}
+    kinds = classify_groups(analysis)
     pruned_groups = [g for g in plan.groups if g.remove]
     prunable = analysis.prunable_groups
     return {
@@ -116,6 +118,7 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
                 "group": g.id,
                 "anchor": f"{g.anchor[0]}:{g.anchor[1]}",
                 "size": g.num_units,
+                "kind": kinds[g.id],
                 "reasons": g.frozen[:5],
             }
             for g in analysis.frozen_groups

@@ -91,18 +91,79 @@ def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
     return first if first is not None and first == second else None
 
 
-def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int]) -> int:
+def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int],
+                    undone: list[frozenset[str]] | None = None) -> int:
     """The factor of a split axis that carries channels: an attention-head axis first
-    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), else the outermost factor
-    not already frozen (the q/k/v index picked by a Gather), else the outermost."""
+    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), also where only the reshape
+    that undoes this one (``undone``: its factors' facts, one per candidate) knows it, else the
+    outermost factor not already frozen (the q/k/v index picked by a Gather), else the outermost."""
     facts = [ctx.component_facts(factored, a) for a in candidates]
     for a, f in zip(candidates, facts, strict=True):
         if "head" in f:
             return a
+    if undone is not None and len(undone) == len(candidates):
+        for a, f in zip(candidates, undone, strict=True):
+            if "head" in f:
+                return a
     for a, f in zip(candidates, facts, strict=True):
         if "frozen" not in f:
             return a
     return candidates[0]
+
+
+def _axis_through(ctx: CouplingContext, node: gs.Node, tensor: gs.Tensor, axis: int,
+                  forward: bool) -> tuple[gs.Tensor, int] | None:
+    """Where ``axis`` of ``tensor`` is on the other side of ``node`` when the node only moves
+    or maps elements (a Transpose, or an op of one same-shaped variable input and scalar
+    constants: the exporter's scaling of q and k); None otherwise."""
+    other = node.outputs[0] if forward else node.inputs[0]
+    if len(node.outputs) != 1 or not node.inputs or (node.inputs[0] if forward else node.outputs[0]) is not tensor:
+        return None
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        if perm is None:
+            return None
+        perm = [int(p) for p in perm]
+        return (other, perm.index(axis)) if forward else (other, perm[axis])
+    shape_in, shape_out = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    scalars = all(isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs[1:])
+    if shape_in is None or shape_in != shape_out or not scalars:
+        return None
+    return other, axis
+
+
+def _undoing_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: list[int | None],
+                   *, forward: bool, depth: int = 4) -> list[frozenset[str]] | None:
+    """The facts of the factors of the Reshape that undoes a merge of ``sizes`` into axis
+    ``m_axis`` of ``merged`` (``forward``: ``merged`` is made here, look downstream; else look
+    upstream for the merge). The dynamo exporter transposes the keys of windowed attention
+    as ``[nW, H, S, D] -> [nW*H, S, D] -> Transpose -> [nW, H, D, S]``: the head facts live on
+    the far side only. None where no such Reshape is found."""
+    tensor, axis = merged, m_axis
+    for _ in range(depth):
+        nodes = list(tensor.outputs) if forward else list(tensor.inputs)
+        if len(nodes) != 1:
+            return None
+        node = nodes[0]
+        if node.op == "Reshape":
+            x, y = node.inputs[0], node.outputs[0]
+            near, far = (x, y) if forward else (y, x)
+            if near is not tensor:
+                return None
+            shape_near, shape_far = ctx.shape(near), ctx.shape(far)
+            if shape_near is None or shape_far is None:
+                return None
+            blocks = _blocks(*((shape_near, shape_far) if forward else (shape_far, shape_near)))
+            for bi, bj in blocks or ():
+                near_axes, far_axes = (bi, bj) if forward else (bj, bi)
+                if near_axes == [axis] and [shape_far[a] for a in far_axes] == sizes:
+                    return [ctx.component_facts(far, a) for a in far_axes]
+            return None
+        step = _axis_through(ctx, node, tensor, axis, forward)
+        if step is None:
+            return None
+        tensor, axis = step
+    return None
 
 
 @dataclass(frozen=True)
@@ -188,7 +249,9 @@ def couple_reshape(
             )
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            chosen = _channel_factor(ctx, factored, candidates) if candidates else f_axes[0]
+            undone = _undoing_facts(ctx, merged, m_axis, [f_shape[a] for a in candidates],
+                                    forward=merged_is_out) if candidates == f_axes else None
+            chosen = _channel_factor(ctx, factored, candidates, undone) if candidates else f_axes[0]
             if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
                 # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
                 # Pruning the inner factor removes the same position from every group,
