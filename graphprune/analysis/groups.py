@@ -45,6 +45,9 @@ class ChannelGroup:
     #: integer (quantized) parameters' float readings, ``(scale, zero_point, bits)`` per name
     #: (:meth:`CouplingContext.decoded`)
     decodings: dict[str, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    #: constant members that an op reads as a per-channel scale or shift, not as a weight
+    #: (:meth:`OpRule.affine_operands`)
+    affine: set[str] = field(default_factory=set)
     #: elements no unit may take away (label -1 in ``unit_of``): how many units they made,
     #: and the reasons (the freezes of the member dimensions they belong to)
     pinned_units: int = 0
@@ -154,6 +157,7 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
             inexact=list(dict.fromkeys(inexact)),
             shape_elements=[s for d in comp for s in shape_by_dim.get(d, [])],
             decodings={d[0]: ctx.decodings[d[0]] for d in params if d[0] in ctx.decodings},
+            affine={d[0] for d in params if _affine_operand(ctx, ctx.tensors.get(d[0]))},
         )
         if all(sizes.get(d) is not None for d in comp):
             try:
@@ -166,6 +170,17 @@ def form_groups(ctx: CouplingContext) -> list[ChannelGroup]:
                 _pin(group, frozen_at)
         groups.append(group)
     return groups
+
+
+def _affine_operand(ctx: CouplingContext, tensor: gs.Tensor | None) -> bool:
+    """Does some op read ``tensor`` as a per-channel scale or shift of another input?"""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    for node in tensor.outputs:
+        rule = ctx.rule_for(node)
+        if rule is not None and any(node.inputs[i] is tensor for i in rule.affine_operands(node)):
+            return True
+    return False
 
 
 def _is_float_param(tensor: gs.Tensor | None) -> bool:

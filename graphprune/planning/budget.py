@@ -562,12 +562,13 @@ def build_states(
 
 
 def _weight_members(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> int:
-    """How many weight tensors (rank >= 2) a unit of ``group`` spans: a residual-stream unit
-    is a channel of every block it passes through, and weighs that much."""
+    """How many weight tensors (rank >= 2, no per-channel scale or shift) a unit of ``group``
+    spans: a residual-stream unit is a channel of every block it passes through, and weighs
+    that much."""
     count = 0
     for dim in group.params:
         t = tensors.get(dim[0])
-        if isinstance(t, gs.Constant) and len(t.shape or ()) >= 2:
+        if isinstance(t, gs.Constant) and len(t.shape or ()) >= 2 and dim[0] not in group.affine:
             count += 1
     return max(count, 1)
 

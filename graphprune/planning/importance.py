@@ -6,7 +6,9 @@ Data-free criteria read the parameters of every member of the group:
   norm of each slice along the member axis, normalised by the member's mean so that layers
   of different scale weigh the same; a unit's score is the sum over members of the mean
   normalised norm of its elements (:class:`UnitVotes`). Groups without rank-2 weights use their
-  1-D parameters.
+  1-D parameters. A per-channel scale or shift is no weight, whatever its rank (``group.affine``:
+  tf2onnx's ``[1, C, 1, 1]`` BatchNorm ``Mul`` and ``Add``, a bias ``Add``): its values do not
+  rank channels (measured on real data: ``docs/vs_onnxsim.md``, round 27).
   A quantized (integer) weight is scored as the float weight it decodes to (its per-channel
   scales and zero points applied); one without a known decoding is not scored.
 - ``random``: seeded uniform scores (a baseline).
@@ -100,7 +102,7 @@ class UnitVotes:
 def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:
     votes = UnitVotes(group, tensors)
     members = [d for d in group.params if isinstance(tensors.get(d[0]), gs.Constant)]
-    weights = [d for d in members if np.asarray(tensors[d[0]].values).ndim >= 2]
+    weights = [d for d in members if np.asarray(tensors[d[0]].values).ndim >= 2 and d[0] not in group.affine]
     for dim in weights or members:
         values = np.asarray(tensors[dim[0]].values)
         if not np.issubdtype(values.dtype, np.floating):

@@ -294,6 +294,15 @@ class BroadcastRule(OpRule):
         neutral = NEUTRAL_OPERANDS.get(node.op)
         return None if neutral is None else neutral[index]
 
+    def affine_operands(self, node: gs.Node) -> tuple[int, ...]:
+        """The constant operand of ``x * c``, ``x / c``, ``x + c``, ``x - c`` or ``c - x``."""
+        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
+            return ()
+        constant = [i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
+        if len(constant) != 1 or (node.op == "Div" and constant[0] == 0):
+            return ()
+        return (constant[0],)
+
     def broadcasts(self, node: gs.Node, index: int) -> bool:
         if node.op not in BROADCAST_FUNCTIONS:
             return False

@@ -344,6 +344,13 @@ class OpRule:
         it. ``None`` (the default): the node is no such normalisation."""
         return None
 
+    def affine_operands(self, node: gs.Node) -> tuple[int, ...]:
+        """Constant inputs that scale or shift the channels of another input, one value per
+        channel or one for all (a ``Mul`` or ``Add`` by a constant: the BatchNorm tf2onnx writes
+        as ``[1, C, 1, 1]`` scale and shift, a bias ``Add``). They are no weights: magnitude
+        criteria do not read their values as a channel's size. Default: none."""
+        return ()
+
     def neutral_operand(self, node: gs.Node, index: int) -> float | None:
         """The constant that, as input ``index``, makes the node return its other operand
         (``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``); ``None``: there is none."""
