@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(path, args.samples, args.timeout, Path(tmp))
             print(json.dumps(row), flush=True)
             rows.append(row)
+    if only and args.results.exists():  # an --only run replaces its rows and keeps the others
+        ran = {r["export"] for r in rows}
+        earlier = json.loads(args.results.read_text()).get("rows", [])
+        rows = sorted([r for r in earlier if r.get("export") not in ran] + rows, key=lambda r: r["export"])
     done = [r for r in rows if r["rc"] == 0]
     summary = {"exports": len(rows), "ok": len(done),
                "refit_somewhere": sum(1 for r in done if r.get("refit_layers")),
