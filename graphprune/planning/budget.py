@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.analysis.dims import Dim
 from graphprune.errors import UsageError
+from graphprune.planning.importance import weight_members
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import auto_round_to, group_plan
 from graphprune.rules import registry
@@ -548,7 +549,9 @@ def build_states(
             scores = np.asarray(scores_of(g), dtype=np.float64)
             order = removal_order(g, scores, limit, min_channels)
             orders.append(order)
-            part = data_free_loss(scores, order) * _weight_members(g, tensors)
+            # a residual-stream unit is a channel of every block it passes through: it weighs
+            # as many weights as it spans
+            part = data_free_loss(scores, order) * max(len(weight_members(g, tensors)), 1)
             size = min(len(loss), len(part)) if len(loss) > 1 else len(part)
             loss = (loss[:size] if len(loss) > 1 else np.zeros(size)) + part[:size]
         removable = min(len(o) for o in orders)
@@ -559,18 +562,6 @@ def build_states(
                                  loss=loss[: removable + 1], kind=(kinds or {}).get(group.id, ""),
                                  extra=[(g, o[:removable]) for g, o in zip(members[1:], orders[1:], strict=True)]))
     return states
-
-
-def _weight_members(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> int:
-    """How many weight tensors (rank >= 2, no per-channel scale or shift) a unit of ``group``
-    spans: a residual-stream unit is a channel of every block it passes through, and weighs
-    that much."""
-    count = 0
-    for dim in group.params:
-        t = tensors.get(dim[0])
-        if isinstance(t, gs.Constant) and len(t.shape or ()) >= 2 and dim[0] not in group.affine:
-            count += 1
-    return max(count, 1)
 
 
 def to_plan(analysis: Analysis, states: list[GroupState], meta: dict[str, Any]) -> Plan:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import ChannelGroup
+from graphprune.analysis.dims import Dim
 from graphprune.errors import UsageError
 from graphprune.io.tensors import unpack_bits
 from graphprune.io.weights import release
@@ -99,10 +100,17 @@ class UnitVotes:
         return out
 
 
+def weight_members(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> list[Dim]:
+    """The members of ``group`` that are weights: constants of rank >= 2 that no op reads as a
+    per-channel scale or shift (``group.affine``)."""
+    return [d for d in group.params if isinstance(t := tensors.get(d[0]), gs.Constant)
+            and len(t.shape or ()) >= 2 and d[0] not in group.affine]
+
+
 def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) -> np.ndarray:
     votes = UnitVotes(group, tensors)
     members = [d for d in group.params if isinstance(tensors.get(d[0]), gs.Constant)]
-    weights = [d for d in members if np.asarray(tensors[d[0]].values).ndim >= 2 and d[0] not in group.affine]
+    weights = weight_members(group, tensors)
     for dim in weights or members:
         values = np.asarray(tensors[dim[0]].values)
         if not np.issubdtype(values.dtype, np.floating):

@@ -11,7 +11,9 @@ that count channels are rewritten with the new sizes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
@@ -92,17 +94,19 @@ def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
 
 
 def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int],
-                    undone: list[frozenset[str]] | None = None) -> int:
+                    undone: Callable[[], list[frozenset[str]] | None] | None = None) -> int:
     """The factor of a split axis that carries channels: an attention-head axis first
     (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), also where only the reshape
-    that undoes this one (``undone``: its factors' facts, one per candidate) knows it, else the
-    outermost factor not already frozen (the q/k/v index picked by a Gather), else the outermost."""
+    that undoes this one knows it (``undone()``: its factors' facts, one per candidate; asked
+    only when this side has no head), else the outermost factor not already frozen (the q/k/v
+    index picked by a Gather), else the outermost."""
     facts = [ctx.component_facts(factored, a) for a in candidates]
     for a, f in zip(candidates, facts, strict=True):
         if "head" in f:
             return a
-    if undone is not None and len(undone) == len(candidates):
-        for a, f in zip(candidates, undone, strict=True):
+    far = undone() if undone is not None else None
+    if far is not None and len(far) == len(candidates):
+        for a, f in zip(candidates, far, strict=True):
             if "head" in f:
                 return a
     for a, f in zip(candidates, facts, strict=True):
@@ -249,8 +253,8 @@ def couple_reshape(
             )
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            undone = _undoing_facts(ctx, merged, m_axis, [f_shape[a] for a in candidates],
-                                    forward=merged_is_out) if candidates == f_axes else None
+            undone = partial(_undoing_facts, ctx, merged, m_axis, [f_shape[a] for a in candidates],
+                             forward=merged_is_out) if candidates == f_axes else None
             chosen = _channel_factor(ctx, factored, candidates, undone) if candidates else f_axes[0]
             if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
                 # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
