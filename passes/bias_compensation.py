@@ -24,6 +24,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 from graphprune.calibration.bias import write_bias
 from graphprune.calibration.linear import linear_view
 from graphprune.calibration.stats import LayerStats
+from graphprune.io.order import toposort_model
 
 
 class BiasCompensationPass(Pass):
@@ -83,7 +84,7 @@ class BiasCompensationPass(Pass):
             write_bias(graph, view, bias + delta, names)
             changed += 1
             shift = max(shift, float(np.abs(delta).max(initial=0.0)))
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         self._done = True
         stats: dict[str, Any] = {"layers": changed, "max_bias_shift": round(shift, 6)}
         return PassResult(graph, changed > 0, stats)

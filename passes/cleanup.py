@@ -6,6 +6,7 @@ import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.io.ir import redirect_uses
+from graphprune.io.order import toposort_model
 
 
 class IdentityEliminationPass(Pass):
@@ -25,7 +26,7 @@ class IdentityEliminationPass(Pass):
             node.inputs.clear()
             removed += 1
         if removed:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, bool(removed), {"identities_removed": removed})
 
 
@@ -34,6 +35,6 @@ class DeadCodeEliminationPass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         before = len(graph.nodes)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         removed = before - len(graph.nodes)
         return PassResult(graph, removed > 0, {"nodes_removed": removed})

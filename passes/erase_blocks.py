@@ -18,6 +18,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis.blocks import ResidualBlock
 from graphprune.io.ir import redirect_uses
+from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 
 __all__ = ["EraseBlocksPass"]
@@ -41,7 +42,7 @@ class EraseBlocksPass(Pass):
             if node is not None and self._bypass(node, block.skip, outputs, ctx.opset):
                 erased += 1
         if erased:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, erased > 0, {"blocks_erased": erased})
 
     @staticmethod

@@ -39,6 +39,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 from graphprune.analysis.constants import ChannelValues, ConstantContext
 from graphprune.analysis.zero_analysis import analyze_constants, ensure_shapes
 from graphprune.io.names import fresh_name
+from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 
 
@@ -143,7 +144,7 @@ class EraseOperatorsPass(Pass):
             if not changed:
                 break
             modified = True
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return modified
 
     # ------------------------------------------------------------------ rewrites

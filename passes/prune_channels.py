@@ -21,6 +21,7 @@ from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.analysis import Analysis, Dim
 from graphprune.errors import RewriteError
 from graphprune.io.ir import clear_intermediate_shapes
+from graphprune.io.order import toposort_model
 from graphprune.io.weights import release
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
@@ -143,7 +144,7 @@ class PruneChannelsPass(Pass):
                 rule.rewrite(node, rctx)
 
         clear_intermediate_shapes(graph)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         count = sum(
             len(gp.remove) for gp in self.plan.groups if gp.remove
         )

@@ -20,6 +20,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.calibration import recurrent, refit_targets, runner, sequential
 from graphprune.io import ir
+from graphprune.io.order import toposort_model
 
 
 def sliced_parameters(removed: Iterable[tuple[str, int]], graph: gs.Graph) -> set[str]:
@@ -82,7 +83,7 @@ class RefitPass(Pass):
         elif not targets and not stats.get("layers"):
             stats["skipped"] = ["no linear layer with a float or dequantized constant weight reads the "
                                 "changed tensors (weights computed in the graph are not refit)"]
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)
 
@@ -132,7 +133,7 @@ class RefitPass(Pass):
         if self._reference_outputs is None:
             self._reference_outputs = runner.outputs(self.reference, self.batches.feeds, "the original model",
                                                      getattr(self.store, "root", None))
-        graph.toposort()
+        toposort_model(graph)
         model = ir.export_graph(graph, self.reference, self.store)
         pruned = runner.outputs(model, self.batches.feeds, "the pruned model", getattr(self.store, "root", None))
         errors = []

@@ -15,6 +15,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 from graphprune.calibration import runner
 from graphprune.calibration import softmax_head as heads
 from graphprune.io import ir
+from graphprune.io.order import toposort_model
 
 
 class SoftmaxHeadPass(Pass):
@@ -42,7 +43,7 @@ class SoftmaxHeadPass(Pass):
         if not found:
             return PassResult(graph, False, self._unserved({"layers": 0}, []))
         data_dir = getattr(self.store, "root", None)
-        graph.toposort()
+        toposort_model(graph)
         model = ir.export_graph(graph, self.reference, self.store)
         # the first batch alone confirms the heads: an unconfirmed candidate (an LLM's logits)
         # is not run over every sample
@@ -76,7 +77,7 @@ class SoftmaxHeadPass(Pass):
         names_in_graph = set(graph.tensors())
         done = [heads.distil(h, graph, names_in_graph) for h in confirmed]
         written = sum(1 for d in done if d["written"])
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, bool(written), self._unserved({"layers": written, "heads": done}, confirmed))
 
     def _unserved(self, stats: dict[str, Any], confirmed: list[heads.Head]) -> dict[str, Any]:

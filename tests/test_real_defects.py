@@ -244,15 +244,15 @@ def test_a_difference_within_the_models_own_float_noise_is_accepted() -> None:
     on random input its sigmoid map is ~1e-7 and the model run with and without ORT's graph
     optimizations differs from itself by 4.6e-4. A difference within a few times the
     model's own float noise passes, and says so; a larger one still fails."""
-    from graphprune.pipeline import ratio as ratio_mode
-
     session = Session(decomposed_layernorm_model())
-    failed = {"ok": False, "max_abs_diff": 1e-6, "max_rel_diff": 1e-7}
-    accepted = ratio_mode._within_float_noise(session, session.prepared, failed, 1e-8)
+    def failed(diff: float) -> dict:
+        return {"ok": False, "samples": 1, "tolerance": 1e-12, "max_abs_diff": diff, "max_rel_diff": diff,
+                "per_output": [{"max_abs_diff": diff, "scale": 1.0}]}
+
+    accepted = session.within_float_noise(session.prepared, failed(1e-7))
     assert accepted["ok"] is True and 0 < accepted["float_noise"] < 1e-5
     assert "float noise" in accepted["scale"]
-    too_far = {**failed, "max_rel_diff": 100 * accepted["float_noise"]}
-    rejected = ratio_mode._within_float_noise(session, session.prepared, too_far, 1e-8)
+    rejected = session.within_float_noise(session.prepared, failed(100 * accepted["float_noise"]))
     assert rejected["ok"] is False and rejected["float_noise"] == accepted["float_noise"]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 from graphprune.rules.scale import ScaleContext, rms_of
 
@@ -103,7 +104,7 @@ def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.
 
 def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
     """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add)."""
-    graph.toposort()
+    toposort_model(graph)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
     blocks: list[ResidualBlock] = []
@@ -180,7 +181,7 @@ def relative_branch_scales(graph: gs.Graph, blocks: list[ResidualBlock]) -> list
     One RMS estimate is pushed through the whole graph from unit-RMS inputs, so every branch
     is judged against the size of the stream it is added to (the default depth-pruning score).
     """
-    graph.toposort()
+    toposort_model(graph)
     rms = propagate_rms(
         list(graph.nodes), {t.name: _unit_rms(t) for t in graph.inputs}, graph.opset
     )

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.constants import ChannelValues, ConstantContext, conv_is_padded
 from graphprune.analysis.roles import CONSUMER
+from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def ensure_shapes(graph: gs.Graph, opset: int) -> None:
 
     from graphprune.io import model_io
 
-    graph.toposort()
+    toposort_model(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
@@ -78,7 +79,7 @@ def ensure_shapes(graph: gs.Graph, opset: int) -> None:
 def analyze_constants(graph: gs.Graph, opset: int) -> ConstantContext:
     """Run every rule's ``zero_output`` over ``graph`` in topological order."""
     ctx = ConstantContext(opset)
-    graph.toposort()
+    toposort_model(graph)
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
         if rule is None:

@@ -38,6 +38,7 @@ from graphprune.calibration.ridge import Accumulator, choose_ridge, fit, fit_err
 from graphprune.calibration.sequential import MAX_ROWS, MIN_ROWS, ROWS_PER_INPUT
 from graphprune.io import ir
 from graphprune.io.names import fresh_name
+from graphprune.io.order import toposort_model
 from graphprune.rules.registry import RecurrentInfo
 
 
@@ -235,7 +236,7 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
         dirs, k = w.shape[0], w.shape[2]
         budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
         xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
-        graph.toposort()
+        toposort_model(graph)
         model = ir.export_graph(graph, template, store)
         xp, fold = _inputs(model, node.inputs[0].name, batches, budget, "the pruned model", data_dir)
         hidden_o = w_o.shape[1] // info.gates

@@ -59,6 +59,7 @@ from graphprune.calibration.ridge import (
 from graphprune.calibration.stats import add_moments, finish_moments
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.io import ir
+from graphprune.io.order import toposort_model
 
 #: rows per fitted weight column (subsampled output positions), and their bounds
 ROWS_PER_INPUT = 4
@@ -215,7 +216,7 @@ class Reconstructor:
                 if ref_cache is not None:
                     ref_cache.close()
                 ref_cache = ref_next
-                graph.toposort()  # a bias Add written by the last wave comes last
+                toposort_model(graph)  # a bias Add written by the last wave comes last
                 model = ir.export_graph(graph, template, self.store)
                 # what this and later waves rewrite: their outputs, and everything computed from
                 # the constants they store (a dequantized weight is a tensor the graph computes)
@@ -235,7 +236,7 @@ class Reconstructor:
             for c in (ref_cache, cache):
                 if c is not None:
                     c.close()
-        graph.toposort()
+        toposort_model(graph)
         out: dict[str, Any] = {"layers": report.targets, "waves": len(waves)}
         if report.rel_error_before:
             out["rel_error_before"] = round(float(np.mean(report.rel_error_before)), 5)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import contrib_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
+from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.shared_constants import untie_shared_constants
 from graphprune.io.weights import graph_constants, release, restore_stubs
@@ -341,7 +342,7 @@ def _lower(model: onnx.ModelProto, store: Any, described: dict[str, str]) -> tup
             break
         for op, count in done.items():
             lowered[op] = lowered.get(op, 0) + count
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         model = export_graph(graph, model, store)
         del graph
         model = model_io.infer_shapes(model, inplace=True)
@@ -387,7 +388,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
     changed += bypass_concat_selects(graph, default_opset(model))
     if not changed and not folding:
         return model
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
     for tensor in graph_constants(graph):  # the weights folding read go back to the kernel
         release(tensor._values)
     model = export_graph(graph, model, store)

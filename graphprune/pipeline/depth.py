@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.blocks import ResidualBlock, find_residual_blocks, relative_branch_scales
 from graphprune.errors import UsageError
 from graphprune.io import ir
+from graphprune.io.order import toposort_model
 from graphprune.passes.erase_blocks import EraseBlocksPass
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
@@ -147,5 +148,5 @@ def zeroed_branches(session: Session, blocks: list[ResidualBlock]) -> onnx.Model
                 out = gs.Variable(f"{block.add}_gp_zeroed", dtype=t.dtype, shape=t.shape)
                 graph.nodes.append(gs.Node("Mul", name=f"{block.add}_gp_mul0", inputs=[t, zero], outputs=[out]))
                 add.inputs[k] = out
-    graph.toposort()
+    toposort_model(graph)
     return ir.export_graph(graph, session.prepared, session.store)

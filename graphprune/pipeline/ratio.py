@@ -19,7 +19,7 @@ from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminati
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.pipeline import branches as branches_mode
 from graphprune.pipeline.branches import has_branches
-from graphprune.pipeline.session import PruneResult, Session
+from graphprune.pipeline.session import NOISE_MULTIPLE, PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
@@ -91,7 +91,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
     """The self-check of a structural rewrite: pruned model vs the zeroed original (with its
     ``If`` branches zeroed as the pruned branches were, :mod:`graphprune.pipeline.branches`).
     ``allow_noise``: a difference within the model's own float noise passes
-    (:func:`_within_float_noise`); off when the user set the tolerance."""
+    (:meth:`Session.within_float_noise`); off when the user set the tolerance."""
     by_id = {g.id: g for g in analysis.groups}
     pruned_groups = [by_id[g.group] for g in plan.groups if g.remove]
     inexact = [g for g in pruned_groups if not g.is_exact]
@@ -122,7 +122,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
     if verification.get("ok") is False and "max_abs_diff" in verification:
         verification = _relative_to_original(session, verification, tolerance)
     if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
-        verification = _within_float_noise(session, candidate, verification, tolerance)
+        verification = session.within_float_noise(candidate, verification)
     if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
         verification = _within_quantization_steps(session, verification)
     if inexact and verification.get("ok"):
@@ -173,33 +173,6 @@ def _relative_to_original(session: Session, verification: dict[str, Any], tolera
         return verification
     return {**verification, "ok": True, "scale": "each output's range in the original",
             "max_rel_diff_to_original_range": worst}
-
-
-#: a difference within this multiple of the model's own float noise is float noise
-NOISE_MULTIPLE = 4.0
-
-
-def _within_float_noise(session: Session, candidate: Any, verification: dict[str, Any],
-                        tolerance: float) -> dict[str, Any]:
-    """Accept a difference that is float noise of this model: the pruned model run with and
-    without ORT's graph optimizations (other kernels, fused ops, another summation order)
-    differs from itself by ``noise``; a difference to the zeroed original within
-    ``NOISE_MULTIPLE`` x ``noise`` is no evidence of a rewrite error. Models whose outputs
-    amplify rounding (a detector's saturated sigmoid map on random input: outputs ~1e-7
-    that differ by 5e-4 of their size between two kernel paths) fail a fixed tolerance
-    otherwise. A rewrite error moves outputs by orders of magnitude more than rounding."""
-    ref = session.path_of(candidate, keep=candidate is session.model)
-    try:
-        fast = validate.run_many(ref, session.feeds(), "the pruned model", optimize=True)
-        plain = validate.run_many(ref, session.feeds(), "the pruned model", optimize=False)
-    except Exception:  # VerificationError: the verdict stands
-        return verification
-    noise = max((validate.differences(a, b)[1] for a, b in zip(fast, plain, strict=True)), default=0.0)
-    if verification["max_rel_diff"] > NOISE_MULTIPLE * noise:
-        return {**verification, "float_noise": noise}
-    return {**verification, "ok": True, "float_noise": noise,
-            "scale": f"within {NOISE_MULTIPLE:g}x the model's own float noise ({noise:.3g}: "
-                     "its outputs with and without ORT's graph optimizations)"}
 
 
 def _within_quantization_steps(session: Session, verification: dict[str, Any]) -> dict[str, Any]:
