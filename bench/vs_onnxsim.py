@@ -290,13 +290,47 @@ def digits() -> list[dict]:
     return rows
 
 
+def _cell(part: dict | None, *, function: bool = False, digits: int = 3) -> str:
+    """One table cell: ``function · valid · MACs · params · cosine`` (the function for onnxsim)."""
+    if not part:
+        return "—"
+    head = [part.get("function", "").replace("apply_structured_pruning", "").lstrip("_") or "plain"] if function else []
+    if not part.get("valid"):
+        why = part.get("error") or part.get("checker_error") or ""
+        return " · ".join([*head, f"**invalid**: {why[:60]}"])
+
+    def number(key: str, places: int = 3) -> str:
+        value = part.get(key)
+        return "n/a" if value is None else f"{value:.{places}f}"
+
+    return " · ".join([*head, "✓", number("macs_ratio"), number("params_ratio"), number("cosine", digits)])
+
+
+def markdown(rows: list[dict]) -> str:
+    """The per-entry table of ``docs/vs_onnxsim.md``."""
+    lines = ["| entry | onnxsim: function · valid · MACs · params · cosine | graphprune `ratio=0.5`: valid · MACs · "
+             "params · cosine | graphprune at onnxsim's MACs: MACs · params · cosine |", "|---|---|---|---|"]
+    for row in rows:
+        at = row.get("graphprune_at_onnxsim_macs")
+        at_cell = "—" if not at else " · ".join(_cell(at, digits=4).split(" · ")[1:]) if at.get("valid") else _cell(at)
+        lines.append(f"| {row['entry']} | {_cell(row.get('onnxsim'), function=True)} | {_cell(row.get('graphprune'))} "
+                     f"| {at_cell} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated entry names")
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--digits", action="store_true", help="the Keras digits CNN on real digits")
+    parser.add_argument("--markdown", action="store_true", help="print the table of the results file (--only: those rows)")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        rows = json.loads(RESULTS.read_text())["rows"]
+        wanted = set(args.only.split(",")) if args.only else None
+        print(markdown([r for r in rows if wanted is None or r["entry"] in wanted]))
+        return 0
     if args.digits:
         digits()
         return 0

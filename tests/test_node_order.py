@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from conftest import conv_node, make_model
 from onnx import helper
+from test_real_defects import decomposed_layernorm_model
 
 import graphprune
 from graphprune.io.order import toposort_model
@@ -92,17 +93,9 @@ def test_one_outputs_float_noise_does_not_excuse_another() -> None:
     """Each output is held to its own noise: a decomposed LayerNorm (ORT fuses it when it
     optimizes: another summation order) has some, a Relu of the input has none, and a
     difference in the Relu's output is not excused by the LayerNorm's rounding."""
-    rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node("ReduceMean", ["h"], ["m"], axes=[-1]), helper.make_node("Sub", ["h", "m"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1]),
-             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
-             helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
-             helper.make_node("Add", ["ng", "b"], ["noisy"]), helper.make_node("Relu", ["x"], ["exact"])]
-    model = make_model(nodes, {"x": [4, 16, 64]}, {"noisy": None, "exact": None},
-                       {"w": (rng.standard_normal((64, 256)) * 10 + 50).astype(np.float32),
-                        "two": np.array(2, np.float32), "eps": np.array(1e-5, np.float32),
-                        "g": [256], "b": [256]}, opset=13)
+    model = decomposed_layernorm_model()
+    model.graph.node.append(helper.make_node("Relu", ["x"], ["exact"], name="exact"))
+    model.graph.output.append(helper.make_tensor_value_info("exact", onnx.TensorProto.FLOAT, [4, 16, 64]))
     session = Session(model)
 
     def verdict(noisy_diff: float, exact_diff: float) -> dict:

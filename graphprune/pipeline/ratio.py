@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, targets
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
@@ -23,6 +24,7 @@ from graphprune.pipeline.session import NOISE_MULTIPLE, PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
+from graphprune.rules.registry import lookup
 from graphprune.verify import validate
 
 #: verification tolerance on the relative difference (float32 models)
@@ -125,6 +127,8 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
         verification = session.within_float_noise(candidate, verification)
     if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
         verification = _within_quantization_steps(session, verification)
+    if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
+        verification = _within_selection_flips(session, candidate, reference, verification, tolerance)
     if inexact and verification.get("ok"):
         # the model that is returned must itself pass the checker and run
         try:
@@ -173,6 +177,50 @@ def _relative_to_original(session: Session, verification: dict[str, Any], tolera
         return verification
     return {**verification, "ok": True, "scale": "each output's range in the original",
             "max_rel_diff_to_original_range": worst}
+
+
+#: further random inputs on which outputs after a selection are compared, and how many must agree
+SELECTION_FEEDS, SELECTION_AGREE = 3, 2
+
+
+def _within_selection_flips(session: Session, candidate: Any, reference: Any, verification: dict[str, Any],
+                            tolerance: float) -> dict[str, Any]:
+    """Outputs computed from what a selection picks (a detector's boxes at the ``TopK`` peaks of
+    its heatmap: the rules' :meth:`~graphprune.rules.registry.OpRule.ranks_inputs`) jump when
+    rounding flips a near-tie between two entries: a pruned convolution sums in another order,
+    and the box of another peak comes out (a relative difference of 0.99 on a TF.js CenterNet
+    whose other outputs agreed to 1e-6). Where every failing output is downstream of a
+    selection, the two models are compared on further random inputs; agreement on most of them
+    passes, and says so. A rewrite error shows on every input."""
+    from graphprune.calibration.runner import downstream
+
+    graph = session.prepared.graph
+    selections = [n for n in gs.import_onnx(session.prepared).nodes
+                  if (rule := lookup(n.domain or "", n.op, session.opset)) is not None and rule.ranks_inputs(n)]
+    per_output = verification.get("per_output") or []
+    if not selections or len(per_output) != len(graph.output):
+        return verification
+    after = downstream(graph, [t.name for n in selections for t in n.outputs if t.name])
+    failing = [graph.output[j].name for j, entry in enumerate(per_output)
+               if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
+    if not failing or any(name not in after for name in failing):
+        return verification
+    feeds = session.feeds(count=SELECTION_FEEDS + 1)[1:]
+    try:
+        pruned = validate.run_many(session.path_of(candidate, keep=candidate is session.model), feeds,
+                                   "the pruned model", optimize=True)
+        zeroed = validate.run_many(session.path_of(reference, keep=False), feeds, "the zeroed original",
+                                   optimize=False)
+    except Exception:  # VerificationError: the verdict stands
+        return verification
+    agree = sum(1 for a, b in zip(pruned, zeroed, strict=True) if validate.differences(b, a)[1] <= tolerance)
+    found = {**verification, "selection_agreement": f"{agree}/{len(feeds)}"}
+    if agree < SELECTION_AGREE:
+        return found
+    names = ", ".join(f"{n.op} '{n.name}'" for n in selections[:2])
+    return {**found, "ok": True,
+            "scale": f"outputs after a selection ({names}) flip near-ties on one input; equal on {agree} of "
+                     f"{len(feeds)} further inputs"}
 
 
 def _within_quantization_steps(session: Session, verification: dict[str, Any]) -> dict[str, Any]:

@@ -376,6 +376,13 @@ class OpRule:
         for any other op, not known (False)."""
         return self.zero_behaviour == "move" and bool(node.inputs) and zero(node.inputs[0])
 
+    def ranks_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        """Inputs whose values the op ranks to choose positions (``TopK``, ``ArgMax``): what is
+        computed from its choice jumps when rounding flips a near-tie, so the structural check
+        compares such outputs on further inputs (:mod:`graphprune.pipeline.ratio`). Default:
+        none."""
+        return ()
+
     def zero_default_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """Optional inputs that mean zeros when absent (a recurrent layer's initial state):
         one that is provably all zeros is dropped before the analysis

@@ -60,6 +60,9 @@ class SampleRule(OpRule):
 class SelectAlongAxisRule(OpRule):
     op_types = ("TopK", "ArgMax", "ArgMin", "CumSum")
 
+    def ranks_inputs(self, node: gs.Node) -> tuple[int, ...]:
+        return () if node.op == "CumSum" else (0,)
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
         ranks = ctx.known_ranks(node, x)
