@@ -375,6 +375,14 @@ def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, Any]) -> dic
     return shapes
 
 
+def keep_value_info(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` with the main graph's ``value_info`` cut to ``names`` (in place)."""
+    kept = [v for v in model.graph.value_info if v.name in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return model
+
+
 def _copy_inferred(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
     """Copy inferred value_info and input/output types from ``source`` into ``target``."""
     del target.value_info[:]

@@ -204,6 +204,8 @@ class Session:
             #: the outputs' types as the user's file declares them (see :meth:`export`)
             self._declared_outputs = {v.name: onnx.TypeProto.FromString(v.type.SerializeToString())
                                       for v in loaded.graph.output}
+            #: the intermediate tensors whose shapes the user's file declares
+            self.declared_shapes = {v.name for v in loaded.graph.value_info}
             #: the normalised model; its weights are references into ``store``
             #: what the normalisation rewrote that a reader of the result should know
             #: (local functions inlined, fused kernels lowered: :func:`ir.prepare`)
@@ -305,8 +307,11 @@ class Session:
         self.graph = result.graph
         return result
 
-    def export(self) -> onnx.ModelProto:
-        """The working graph as a shape-inferred ``ModelProto`` (also kept as ``self.model``)."""
+    def export(self, *, declared_only: bool = False) -> onnx.ModelProto:
+        """The working graph as a shape-inferred ``ModelProto`` (also kept as ``self.model``);
+        ``declared_only``: with the intermediate shapes the user's file declares and no others
+        (a final model that must compute as its original does: ONNX Runtime's layout pass
+        chooses kernels from the shapes it is told)."""
         if self.graph is None:
             self.import_graph()
         assert self.graph is not None
@@ -326,6 +331,8 @@ class Session:
             model.graph.value_info.extend(kept)
         self.model = model_io.infer_shapes(model, inplace=True)
         _keep_open_dims(self.model, self._declared_outputs)
+        if declared_only:
+            model_io.keep_value_info(self.model, self.declared_shapes)
         return self.model
 
     def _debug_check(self, graph: gs.Graph, pass_name: str) -> None:
