@@ -103,6 +103,17 @@ def test_channels_last_image() -> None:
     assert resolve_shapes([spec]) == {"img": (1, 3, 224, 224)}
 
 
+def test_integer_pixels_are_an_image_too() -> None:
+    """MoveNet multipose (int32) and FaceBoxes (uint8) take ``[1, ?, ?, 3]`` integer images:
+    sized 8 x 8 like a sequence, MoveNet's feature pyramid failed to add its levels, and a
+    ``--target-latency`` prune of it exited 2."""
+    for dtype in (np.uint8, np.int32):
+        spec = InputSpec("image", [1, None, "w", 3], np.dtype(dtype))
+        assert resolve_shapes([spec]) == {"image": (1, 224, 224, 3)}
+    ids = InputSpec("ids", [1, None, None, None], np.dtype(np.int64))  # no declared channels: not an image
+    assert resolve_shapes([ids]) == {"ids": (1, DEFAULT_LENGTH, DEFAULT_LENGTH, DEFAULT_LENGTH)}
+
+
 def test_shared_symbols_and_dtypes() -> None:
     (feeds,) = make_feeds(text_model(), batch=3)
     assert feeds["input_ids"].shape == (3, DEFAULT_LENGTH)

@@ -109,7 +109,9 @@ def _default_dim(spec: InputSpec, axis: int, batch: int) -> int:
     shape = spec.shape or []
     if axis == 0:
         return batch
-    if len(shape) == 4 and np.issubdtype(spec.dtype, np.floating):
+    # an image: float, or integer pixels (uint8/int32) with 1, 3 or 4 declared channels last
+    # (TF detection and pose models: MoveNet multipose, FaceBoxes)
+    if len(shape) == 4 and (np.issubdtype(spec.dtype, np.floating) or _channels_last(shape)):
         channel_axis = 3 if _channels_last(shape) else 1
         return DEFAULT_CHANNELS if axis == channel_axis else DEFAULT_SPATIAL
     return DEFAULT_LENGTH
