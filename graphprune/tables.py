@@ -190,6 +190,8 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if not budget.get("reached_by_width", True):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
+    if budget.get("latency_unstable"):
+        lines.append(f"note: {budget['latency_unstable']}")
     if budget.get("widths_aligned") is False:
         lines.append("note: widths in multiples of 8 could not land within 0.03 of the target: any "
                      "width allowed (--round-to 8 keeps them aligned)")

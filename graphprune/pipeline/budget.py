@@ -274,6 +274,9 @@ def prune_budget(
             ratios = _side_by_side_ratios(session, [t[1] for t in tried], options)
             for entry, value in zip(rounds, ratios, strict=True):
                 entry["side_by_side_ratio"] = round(value, 4)
+            unstable = unstable_timing(rounds)
+            if unstable:
+                info["latency_unstable"] = unstable
             tried = [(value, *rest[1:]) for value, rest in zip(ratios, tried, strict=True)]
         chosen_index = 0
         for index, entry in enumerate(tried):
@@ -312,6 +315,19 @@ def prune_budget(
         report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()
     return session.finish(report, plan, verification)
+
+
+def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:
+    """Why the latency measurements cannot be trusted, where a candidate timed twice (in its
+    round and side by side) differs more than 2x: its run time follows its values, not its widths
+    (FaceBoxes' NMS loop over the boxes it outputs); ``None`` where they agree."""
+    for entry in rounds:
+        pair = (entry["measured_ratio"], entry.get("side_by_side_ratio", entry["measured_ratio"]))
+        if max(pair) > 2 * min(pair):
+            return (f"one candidate timed {pair[0]:.3g} and {pair[1]:.3g} of the original: the run time "
+                    "depends on the values (a loop or NMS over the outputs); the measured fraction may "
+                    "not hold on real inputs")
+    return None
 
 
 def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:
