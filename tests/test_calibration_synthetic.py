@@ -138,3 +138,49 @@ def test_lengths_and_sample_rates_get_plausible_values():
     (feed,) = synthetic.synthetic_feeds(specs[1:], {k: v for k, v in shapes.items() if k != "token_ids"}, {}, count=1)
     assert feed["length"].tolist() == [30]  # no token ids: the longest second axis
     assert synthetic.describe([feed], {}).endswith("sr [] = 16000, x_lens [1] = 30)")
+
+
+def rate_switched_model() -> onnx.ModelProto:
+    """``h = MLP(x)`` for ``x [1, T, 4]``; at ``sr == 16000`` the output sums ``h`` in frames of
+    16 steps (``Reshape [1, -1, 64]``: T must be a multiple of 16), else per step. Like Silero
+    VAD v6, whose 16 kHz branch needs 512 samples where its 8 kHz one runs on 128."""
+    rng = np.random.default_rng(0)
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+    axes = np.array([2], np.int64)
+    framed = helper.make_graph(
+        [const("frame_shape", np.array([1, -1, 64], np.int64)), const("axes_a", axes),
+         helper.make_node("Reshape", ["h", "frame_shape"], ["frames"]),
+         helper.make_node("ReduceSum", ["frames", "axes_a"], ["ya"], keepdims=0)],
+        "framed", [], [helper.make_tensor_value_info("ya", TensorProto.FLOAT, None)])
+    stepped = helper.make_graph(
+        [const("axes_b", axes), helper.make_node("ReduceSum", ["h", "axes_b"], ["yb"], keepdims=0)],
+        "stepped", [], [helper.make_tensor_value_info("yb", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["h"]),
+             helper.make_node("Equal", ["sr", "rate"], ["is_16k"]),
+             helper.make_node("If", ["is_16k"], ["y"], then_branch=framed, else_branch=stepped)]
+    graph = helper.make_graph(
+        nodes, "rate_switched",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 4]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])],
+        [numpy_helper.from_array(rng.standard_normal((4, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "w2"),
+         numpy_helper.from_array(np.array(16000, np.int64), "rate")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_synthetic_feeds_run_at_sizes_chosen_with_their_own_values():
+    """Verification's random ``sr`` (0 or 1) runs the model at T = 8; the synthetic 16000 takes
+    the framed branch, which cannot run there ("the original model does not run", exit 3). The
+    sizes are chosen again with the synthetic values."""
+    result = graphprune.prune(rate_switched_model(), ratio=0.5, calibration="random:8")
+    assert result.report["verification"]["ok"]
+    source = result.report["calibration"]["source"]
+    assert "x [1, 16, 4]" in source and "sr [] = 16000" in source, source
+    assert result.report["channels"]["removed"] > 0

@@ -23,7 +23,7 @@ hint to give shapes, ``--input-shape NAME=d0,d1,...``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,9 +115,11 @@ def choose_input_shapes(
     given: Mapping[str, Sequence[int]] | None = None,
     *,
     seed: int = 0,
+    feed: Callable[[dict[str, tuple[int, ...]]], dict] | None = None,
 ) -> dict[str, tuple[int, ...]] | None:
     """Input shapes the model at ``model_path`` runs with (ONNX Runtime, CPU), or ``None``
-    when nothing needed choosing or no candidate runs (the caller's guess stays)."""
+    when nothing needed choosing or no candidate runs (the caller's guess stays). ``feed``
+    makes the values tried at some shapes (default: verification's random feeds)."""
     tries = candidate_shapes(specs, given)
     if len(tries) == 1:
         return None
@@ -134,7 +136,7 @@ def choose_input_shapes(
         if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
             break
         try:
-            feeds = make_feeds_from_specs(specs, seed=seed, input_shapes=shapes)[0]
+            feeds = feed(shapes) if feed is not None else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes)[0]
             session.run(None, feeds)
         except Exception:
             continue

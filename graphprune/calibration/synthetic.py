@@ -10,7 +10,9 @@ random tokens, 0.98 on real sentences), and not at all on a text recogniser (PP-
 ``bench/calibration_synthetic.py``, ``docs/calibration.md``.
 
 ``N`` feeds (default :data:`DEFAULT_COUNT`), each at the sizes verification runs the model
-with (batch 1; ``--input-shape`` fixes them), deterministic for a model:
+with (batch 1; ``--input-shape`` fixes them) or, where the model does not run there on these
+values (a sample rate of 16000 takes a branch that needs longer audio), at sizes chosen by
+running it on them; deterministic for a model:
 
 * floating-point inputs: standard normal values (what a normalised image, spectrogram or
   feature vector roughly looks like), or uniform in ``[LO, HI]`` with ``random:N:LO,HI``

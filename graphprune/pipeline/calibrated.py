@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from graphprune.analysis import Analysis, ChannelGroup
+from graphprune.analysis.probe_sizes import choose_input_shapes
 from graphprune.calibration import fidelity as fidelity_mod
 from graphprune.calibration import refit_targets, runner, sequential, synthetic
 from graphprune.calibration import stats as stats_mod
@@ -48,6 +49,7 @@ from graphprune.planning.data_aware import (
 )
 from graphprune.planning.importance import CRITERIA
 from graphprune.planning.plan import Plan
+from graphprune.verify import validate
 
 RECONSTRUCTIONS = ("refit", "stats", "bias", "bn", "none")
 CALIBRATED_CRITERIA = (AUTO_CRITERION, *DATA_CRITERIA)
@@ -132,8 +134,21 @@ class CalibratedRun:
         shapes = {k: tuple(np.shape(v)) for k, v in session.feeds(count=1)[0].items()}
         graph = session.graph if session.graph is not None else session.import_graph()
         bounds = synthetic.index_bounds(graph, session.opset)
-        feeds = synthetic.synthetic_feeds(input_specs(session.prepared), shapes, bounds, spec.count,
-                                          float_range=spec.float_range)
+        specs = input_specs(session.prepared)
+
+        def feeds_at(at: dict[str, tuple[int, ...]], count: int) -> list[dict[str, np.ndarray]]:
+            return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range)
+
+        # the sizes verification runs at were chosen with its own values; where the synthetic
+        # ones choose another branch (silero's sample rate: 16000 needs 512 samples, not 128),
+        # choose sizes with them
+        path = session.path_of(session.prepared)
+        try:
+            validate.run(path, feeds_at(shapes, 1)[0], "the original model")
+        except Exception:  # VerificationError
+            shapes = choose_input_shapes(path, specs, session.input_shapes,
+                                         feed=lambda at: feeds_at(at, 1)[0]) or shapes
+        feeds = feeds_at(shapes, spec.count)
         return feeds, synthetic.describe(feeds, bounds, spec.float_range)
 
     @property
