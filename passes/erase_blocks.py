@@ -6,7 +6,8 @@ skip input. The sum's readers read the skip instead (a sum that is a graph outpu
 the original with the branch multiplied by zero, which is how depth pruning verifies it.
 
 The pass bypasses a node only while it is still a sum whose other operand is neutral at 0
-(:meth:`OpRule.neutral_operand`), so a second run is a no-op.
+(:meth:`OpRule.neutral_operand`), so a second run is a no-op. Consecutive blocks erase
+together: a block's skip is followed through the sums erased before it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,20 @@ class EraseBlocksPass(Pass):
         nodes = {n.name: n for n in graph.nodes}
         outputs = {t.name for t in graph.outputs}
         erased = 0
+        # a bypassed sum's output -> the skip its readers read now: a block right after an
+        # erased one reads the earlier skip (two consecutive MobileFaceNet blocks: the second
+        # was left in place, its nodes reported erased)
+        moved: dict[str, str] = {}
         for block in self.blocks:
             node = nodes.get(block.add)
-            if node is not None and self._bypass(node, block.skip, outputs, ctx.opset):
+            skip = block.skip
+            while skip in moved:
+                skip = moved[skip]
+            y = node.outputs[0].name if node is not None and node.outputs else None
+            if node is not None and self._bypass(node, skip, outputs, ctx.opset):
                 erased += 1
+                if y is not None and y not in outputs:
+                    moved[y] = skip
         if erased:
             toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, erased > 0, {"blocks_erased": erased})

@@ -111,3 +111,30 @@ def test_an_operand_that_does_not_depend_on_the_other_is_no_branch() -> None:
     """The mask addition ``s + mask`` is a sum of two variables, neither computed from the
     other: not a block (and neither is the sum of two convolutions of one input)."""
     assert "mask_add" not in _blocks(attention_model())
+
+
+def test_two_consecutive_blocks_erase_together() -> None:
+    """TF.js MobileFaceNet with ``--erase-blocks 2``: the two chosen blocks follow each other; the
+    first one's sum was bypassed, so the second's skip input had a new name, it was left in place
+    (its nodes reported erased) and the self-check failed (relative difference 0.45). Both go now,
+    and the result is the original with both branches zeroed."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    nodes = [conv_node("x", "w0", "s0", "b0")]
+    params = {"w0": w(4, 3, 3, 3), "b0": w(4)}
+    for k in range(3):
+        nodes += [conv_node(f"s{k}", f"wa{k}", f"h{k}", f"ba{k}"), helper.make_node("Relu", [f"h{k}"], [f"r{k}"]),
+                  conv_node(f"r{k}", f"wb{k}", f"o{k}", f"bb{k}"),
+                  helper.make_node("Add", [f"o{k}", f"s{k}"], [f"s{k + 1}"], name=f"block{k}")]
+        params.update({f"wa{k}": w(4, 4, 3, 3), f"ba{k}": w(4), f"wb{k}": w(4, 4, 3, 3), f"bb{k}": w(4)})
+    model = make_model(nodes, {"x": [1, 3, 6, 6]}, {"s3": None}, params)
+    order = {"block0": 0.0, "block1": 0.1, "block2": 1.0}
+    result = erase_blocks(model, 2, scorer=lambda graph, block: order[block.add])
+    assert result.report["depth"]["blocks_erased"] == ["block0", "block1"]
+    assert result.report["verification"]["ok"], result.report["verification"]
+    kept = {n.name for n in result.model.graph.node}
+    assert not {"block0", "block1"} & kept and "block2" in kept
+    assert not {"wa0", "wb0", "wa1", "wb1"} & {i.name for i in result.model.graph.initializer}

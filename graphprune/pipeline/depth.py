@@ -93,6 +93,7 @@ def erase_blocks(
     ``report["depth"]["max_rel_diff_vs_original"]`` says how much the function changed.
     """
     session = Session(model, progress=progress, input_shapes=input_shapes)
+    allow_noise = tolerance is None  # a tolerance the user set is the last word
     if tolerance is None:
         tolerance = session.default_tolerance(DEPTH_TOLERANCE)
     graph = session.import_graph()
@@ -129,6 +130,8 @@ def erase_blocks(
             zeroed_branches(session, chosen),
             "the original with the erased branches zeroed", tolerance=tolerance, feeds=feeds,
         )
+        if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
+            verification = session.within_float_noise(session.model, verification)
         reference = validate.run(session.path_of(session.original), feeds[0], "the original")
         pruned = validate.run(session.path_of(session.model), feeds[0], "the pruned model")
         report["depth"]["max_rel_diff_vs_original"] = validate.differences(reference, pruned)[1]
