@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, ChannelGroup
@@ -37,8 +36,6 @@ from graphprune.analysis.zero_analysis import (
     find_zero_groups,
 )
 from graphprune.errors import UsageError, VerificationError
-from graphprune.io import model_io
-from graphprune.io.shared_constants import retie_constants
 from graphprune.passes.base import Pass, PassResult
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.drop_concat_inputs import DropConcatInputsPass
@@ -238,12 +235,8 @@ def prune_lossless(
     }
     verification = None
     if verify:
-        # the original as the user's file has it: its shared constants tied, its declared shapes only
-        original = model_io.keep_value_info(onnx.ModelProto.FromString(session.original.SerializeToString()),
-                                            session.declared_shapes)
-        retie_constants(original, session.store.tensor_bytes)
         verification = session.verify_against(
-            original, "the original", tolerance=tolerance, feeds=session.feeds(count=2)
+            session.original, "the original", tolerance=tolerance, feeds=session.feeds(count=2)
         )
         if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
             verification = session.within_float_noise(session.model, verification)
