@@ -95,7 +95,8 @@ def test_prune_html_report(cnn, tmp_path, capsys):
     assert table["parameters"][2] == f"{data['params_after'] / data['params_before']:.3f}"
     assert table["MACs"][2] == f"{data['macs_after'] / data['macs_before']:.3f}"
     assert any(key.startswith("latency (cpu") for key in table)
-    assert float(table["median ms"][0]) == pytest.approx(data["latency"]["before"]["median_ms"], rel=1e-3)
+    # the page prints three decimals: it may differ from the JSON by half a unit in the last place
+    assert float(table["median ms"][0]) == pytest.approx(data["latency"]["before"]["median_ms"], abs=5.01e-4)
 
     # verification: what it compared with
     assert table["compared with"] == [data["verification"]["reference"]]
