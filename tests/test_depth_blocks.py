@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from conftest import conv_node, make_model, positive
 from onnx import helper
@@ -138,3 +139,52 @@ def test_two_consecutive_blocks_erase_together() -> None:
     kept = {n.name for n in result.model.graph.node}
     assert not {"block0", "block1"} & kept and "block2" in kept
     assert not {"wa0", "wb0", "wa1", "wb1"} & {i.name for i in result.model.graph.initializer}
+
+
+def test_a_skip_whose_open_dims_have_other_names_is_a_block() -> None:
+    """TF.js MoveNet MultiPose (tf2onnx): every tensor of an image-sized graph names its open
+    dims afresh (``unk__10`` on the skip, ``unk__18`` on the sum), so no block was found and
+    ``--erase-blocks`` had nothing to erase. The declared shapes disagree only in open dims:
+    the concrete shapes at the verification sizes decide (equal: a block, also where the
+    branch is the broadcast operand: a per-channel ``1x1`` map added to its own input)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    nodes = [conv_node("x", "w0", "s0", "b0"),
+             conv_node("s0", "wa", "h", "ba"), helper.make_node("Relu", ["h"], ["r"]),
+             conv_node("r", "wb", "o", "bb"),
+             helper.make_node("Add", ["o", "s0"], ["s1"], name="block"),
+             helper.make_node("ReduceMean", ["s1"], ["m"], axes=[2, 3], keepdims=1),
+             conv_node("m", "wc", "g", "bc", k=1),
+             helper.make_node("Add", ["g", "s1"], ["out"], name="broadcast")]
+    params = {"w0": w(4, 3, 3, 3), "b0": w(4), "wa": w(4, 4, 3, 3), "ba": w(4), "wb": w(4, 4, 3, 3),
+              "bb": w(4), "wc": w(4, 4, 1, 1), "bc": w(4)}
+    named = {"s0": [1, 4, "unk__1", "unk__2"], "h": [1, 4, "unk__3", "unk__4"], "r": [1, 4, "unk__5", "unk__6"],
+             "o": [1, 4, "unk__7", "unk__8"], "s1": [1, 4, "unk__9", "unk__10"], "g": [1, 4, 1, 1]}
+    model = make_model(nodes, {"x": [1, 3, "height", "width"]}, {"out": [1, 4, "unk__11", "unk__12"]}, params,
+                       value_info=named, opset=17)
+    assert _blocks(model) == []  # the declared shapes alone cannot tell
+    result = erase_blocks(model, 1, scorer=lambda graph, block: 0.0 if block.add == "block" else 1.0)
+    assert [b["add"] for b in result.report["depth"]["blocks"]] == ["block", "broadcast"]
+    assert result.report["depth"]["blocks_erased"] == ["block"]
+    assert result.report["verification"]["ok"], result.report["verification"]
+    assert not {"wa", "wb"} & {i.name for i in result.model.graph.initializer}
+
+
+def test_undeclared_shapes_are_compared_at_the_verification_sizes() -> None:
+    """paddle2onnx declares no intermediate shapes, and ONNX inference stops at a computed
+    ``Reshape`` (PP-OCRv4's recogniser: its four SVTR sums had no shape, no block was found).
+    The concrete shapes decide: equal is a block, a broadcast skip (fewer positions) is not,
+    and without concrete shapes nothing is guessed."""
+    from graphprune.analysis.blocks import _same_shape
+
+    skip, y = gs.Variable("skip", np.float32, None), gs.Variable("y", np.float32, None)
+    sizes = {"skip": [1, 112, 120], "y": [1, 112, 120]}
+    assert _same_shape(skip, y, lambda t: sizes.get(t.name))
+    assert not _same_shape(skip, y, None)
+    sizes["skip"] = [1, 1, 120]
+    assert not _same_shape(skip, y, lambda t: sizes.get(t.name))
+    declared = gs.Variable("skip", np.float32, [1, "a", 120])
+    assert not _same_shape(declared, gs.Variable("y", np.float32, [1, "b", 121]), lambda t: [1, 112, 120])

@@ -15,6 +15,7 @@ branch's output RMS over the skip's (:func:`relative_branch_scales`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "ResidualBlock",
     "branch_scale",
     "find_residual_blocks",
+    "shapes_at",
     "propagate_rms",
     "relative_branch_scales",
 ]
@@ -102,8 +104,50 @@ def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.
     return list(found.values())
 
 
-def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
-    """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add)."""
+def _same_shape(skip: gs.Tensor, y: gs.Tensor,
+                shape_of: Callable[[gs.Tensor], list[int] | None] | None) -> bool:
+    """Is the skip as large as the sum (no broadcast, so erasing the branch keeps the sum's
+    shape)? Declared shapes decide where they agree; where they differ only in open dims (two
+    exporter-made symbols for what is one size, ``unk__12`` and ``unk__34``) or are not
+    declared at all (paddle2onnx), the concrete shapes at the verification sizes
+    (``shape_of``) decide."""
+    a, b = skip.shape, y.shape
+    if a is not None and b is not None:
+        if len(a) != len(b):
+            return False
+        if list(a) == list(b):
+            return True
+        if any(isinstance(p, int) and isinstance(q, int) and p != q for p, q in zip(a, b, strict=True)):
+            return False
+    if shape_of is None:
+        return False
+    ca, cb = shape_of(skip), shape_of(y)
+    return (ca is not None and cb is not None and list(ca) == list(cb)
+            and (a is None or len(a) == len(ca)) and all(isinstance(d, int) and d > 0 for d in ca))
+
+
+def shapes_at(model: Any, graph: gs.Graph, input_shapes: dict[str, Any] | None
+              ) -> Callable[[gs.Tensor], list[int] | None] | None:
+    """Concrete shapes of ``graph``'s tensors (imported from ``model``) when its inputs have
+    ``input_shapes`` (ONNX inference, else folding the shape computations at those sizes);
+    ``None`` when no input size is open. A tensor left unsized gets ``None``."""
+    if not input_shapes:
+        return None
+    from graphprune.analysis.shape_probe import probe_concrete_shapes
+    from graphprune.io.model_io import concrete_shapes
+
+    sizes = concrete_shapes(model, input_shapes)
+    sums = [t for n in graph.nodes if _is_sum(n, graph.opset) for t in (*n.inputs, *n.outputs)]
+    if any(t.name not in sizes for t in sums if isinstance(t, gs.Variable)):
+        sizes = {**probe_concrete_shapes(graph, input_shapes), **sizes}
+    return lambda t: sizes.get(t.name)
+
+
+def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[int] | None] | None = None
+                         ) -> list[ResidualBlock]:
+    """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add).
+    ``shape_of``: concrete shapes at the verification sizes, for skips whose declared shape
+    names its open dims differently from the sum's (:func:`_same_shape`)."""
     toposort_model(graph)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
@@ -116,7 +160,7 @@ def find_residual_blocks(graph: gs.Graph) -> list[ResidualBlock]:
             continue
         y = node.outputs[0]
         for skip, out in ((a, b), (b, a)):
-            if skip.shape is None or list(skip.shape) != list(y.shape or []):
+            if not _same_shape(skip, y, shape_of):
                 continue
             nodes = _branch(out, skip, order)
             if nodes is None:

@@ -409,7 +409,7 @@ def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_optio
     until the width allocation can reach what is left, then allocate the width on the
     erased model. ``report["depth"]`` lists the blocks; budget fractions stay relative to
     the original."""
-    from graphprune.analysis.blocks import find_residual_blocks
+    from graphprune.analysis.blocks import find_residual_blocks, shapes_at
     from graphprune.errors import UsageError
     from graphprune.pipeline import depth as depth_mode
 
@@ -419,7 +419,8 @@ def prune_budget_with_depth(model: Any, options: BudgetOptions, *, session_optio
     if reachable(session, options, options.target):
         return prune_budget(session.sibling(), options, verify=verify, tolerance=tolerance,
                             calibration=calibration, calibration_options=calibration_options)
-    blocks = find_residual_blocks(session.import_graph())
+    graph = session.import_graph()
+    blocks = find_residual_blocks(graph, shapes_at(session.prepared, graph, session.cost_shapes()))
     for k in range(1, len(blocks) + 1):
         try:
             erased = depth_mode.erase_blocks(model, k, verify=verify, tolerance=tolerance,

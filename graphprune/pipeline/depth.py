@@ -19,7 +19,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.blocks import ResidualBlock, find_residual_blocks, relative_branch_scales
+from graphprune.analysis.blocks import (
+    ResidualBlock,
+    find_residual_blocks,
+    relative_branch_scales,
+    shapes_at,
+)
 from graphprune.errors import UsageError
 from graphprune.io import ir
 from graphprune.io.order import toposort_model
@@ -98,7 +103,7 @@ def erase_blocks(
         tolerance = session.default_tolerance(DEPTH_TOLERANCE)
     graph = session.import_graph()
     with session.stage("blocks"):
-        blocks = find_residual_blocks(graph)
+        blocks = find_residual_blocks(graph, shapes_at(session.prepared, graph, session.cost_shapes()))
         if scorer is None:
             for block, value in zip(blocks, relative_branch_scales(graph, blocks), strict=True):
                 block.score = float(value)
