@@ -142,3 +142,27 @@ def choose_input_shapes(
             continue
         return None if count == 0 else shapes
     return None
+
+
+def counting_shapes(model: Any, graph: Any, specs: Sequence[InputSpec],
+                    given: Mapping[str, Sequence[int]] | None,
+                    run_shapes: Callable[[], Mapping[str, Sequence[int]] | None]) -> dict[str, Any] | None:
+    """Input shapes to count ``model``'s MACs at: the default guess
+    (:func:`~graphprune.io.feeds.resolve_shapes`) where the model runs there, else the sizes
+    it runs with (``run_shapes()``: verification's, one run of the original whether or not
+    verification follows) where the count can size the model there. A text recogniser built
+    for height 48 does not run at 224x224; counted there, its sequence neck stays unsized and
+    a MACs budget was steered by the per-pixel cost of its layers. ``graph``: ``model``
+    imported (or analysed)."""
+    from graphprune.verify.metrics import sized_shapes
+
+    try:
+        guess = resolve_shapes(specs, input_shapes=given)
+    except Exception:  # an input the guess cannot size: count as before
+        return None
+    runs = run_shapes()
+    if runs:
+        chosen = {**guess, **{name: tuple(int(d) for d in shape) for name, shape in runs.items()}}
+        if chosen != guess and sized_shapes(model, graph, chosen, or_none=True) is not None:
+            return chosen
+    return guess

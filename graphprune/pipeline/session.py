@@ -14,9 +14,8 @@ The session times each stage (``progress`` is told the stage name as it starts),
 passes through one :class:`~graphprune.passes.base.PassManager` context (so statistics and
 timings of every pass end up in the report), verifies with the one verifier
 (:mod:`graphprune.verify.validate`) and builds the one report shape
-(:mod:`graphprune.pipeline.report`). With ``debug=True`` every pass that changes the graph
-is followed by an export, ``onnx.checker`` and an ONNX Runtime session, naming the pass that
-broke the graph.
+(:mod:`graphprune.pipeline.report`). With ``debug=True`` every pass that changes the graph is
+followed by an export, ``onnx.checker`` and an ONNX Runtime session, naming the pass that broke it.
 """
 
 from __future__ import annotations
@@ -185,6 +184,7 @@ class Session:
         #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
         self.input_shapes = dict(input_shapes) if input_shapes else None
         self._probe_shapes: dict[str, Any] | None | bool = False
+        self._counting: dict[str, Any] | None | bool = False  # see cost_shapes
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
@@ -206,10 +206,8 @@ class Session:
                                       for v in loaded.graph.output}
             #: the intermediate tensors whose shapes the user's file declares
             self.declared_shapes = {v.name for v in loaded.graph.value_info}
-            #: the normalised model; its weights are references into ``store``
             #: what the normalisation rewrote that a reader of the result should know
-            #: (local functions inlined, fused kernels lowered: :func:`ir.prepare`)
-            self.normalised: dict[str, Any] = {}
+            self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
@@ -369,21 +367,25 @@ class Session:
                              self.store.write_checker_model(self.prepared))
 
     # ------------------------------------------------------------------ verification
-    def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
-        """Random feeds for the original's inputs (the same for every comparison), at the
-        given input shapes and, for the sizes left open, sizes the original runs with; a
-        dynamic batch of 2 where channels are merged with it (:attr:`Analysis.merges_batch`)."""
+    def run_shapes(self) -> dict[str, Any] | None:
+        """The input shapes verification runs at: the given ones, and for sizes left open, sizes
+        the original runs with (:func:`~graphprune.analysis.probe_sizes.choose_input_shapes`)."""
         if self._probe_shapes is False:
             from graphprune.analysis.probe_sizes import choose_input_shapes
             from graphprune.io.feeds import input_specs
 
             started = time.perf_counter()  # no progress line: part of the stage running
-            specs = input_specs(self.original)
-            chosen = choose_input_shapes(self.path_of(self.original), specs, self.input_shapes)
+            chosen = choose_input_shapes(self.path_of(self.original), input_specs(self.original), self.input_shapes)
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
-        return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count,
-                          input_shapes=self._probe_shapes or None)
+        return self._probe_shapes or None
+
+    def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        """Random feeds for the original's inputs (the same for every comparison), at
+        :meth:`run_shapes`; a dynamic batch of 2 where channels are merged with it
+        (:attr:`Analysis.merges_batch`)."""
+        shapes = self.run_shapes()  # first: the batch is tried at these sizes
+        return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes)
 
     def _verify_batch(self) -> int:
         """2 where channels are merged with a dynamic batch and the original runs at batch 2
@@ -393,10 +395,7 @@ class Session:
         if self._batch is None:
             self._batch = 1
             if self.analysis.merges_batch:
-                from graphprune.verify import validate
-
-                feeds = make_feeds(self.original, seed=0, batch=2, count=1,
-                                   input_shapes=self._probe_shapes or None)
+                feeds = make_feeds(self.original, seed=0, batch=2, count=1, input_shapes=self.run_shapes())
                 if not any(v.ndim and v.shape[0] == 2 for v in feeds[0].values()):
                     return self._batch  # the given shapes fix the batch: nothing to try
                 try:
@@ -410,20 +409,24 @@ class Session:
         """Concrete input shapes at which MACs are counted (report, budget, latency table)
         where the original's inputs leave sizes open beyond the batch axis: the calibration
         samples' shapes when there are any, else the given shapes completed by the default
-        guess (images 224, sequences 8; :func:`~graphprune.io.feeds.resolve_shapes`) — no
-        run of the model, so the same with and without verification. ``None``: nothing open."""
-        from graphprune.analysis.probe_sizes import open_dimensions
-        from graphprune.io.feeds import input_specs, resolve_shapes
+        guess (images 224, sequences 8; :func:`~graphprune.io.feeds.resolve_shapes`), or where
+        the count cannot size the model there, :meth:`run_shapes`
+        (:func:`~graphprune.analysis.probe_sizes.counting_shapes`). ``None``: nothing open."""
+        from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
+        from graphprune.io.feeds import input_specs
 
         specs = input_specs(self.original)
         if not open_dimensions(specs):
             return None
         if self.data_shapes:
             return dict(self.data_shapes)
-        try:
-            return resolve_shapes(specs, input_shapes=self.input_shapes)
-        except Exception:  # an input the guess cannot size: count as before
-            return None
+        if self._counting is False:  # decided on the analysed graph (its shapes derived) once there is one
+            graph = self.analysis.graph if self.analysis is not None else ir.import_graph(self.prepared, self.store)
+            shapes = counting_shapes(self.prepared, graph, specs, self.input_shapes, self.run_shapes)
+            if self.analysis is None:
+                return shapes
+            self._counting = shapes
+        return self._counting
 
     def cost_shape(self, graph: gs.Graph) -> Any:
         """The shape function that counts ``graph`` (the prepared model's) at

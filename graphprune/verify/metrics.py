@@ -74,15 +74,15 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
-def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None
-                 ) -> Callable[[gs.Tensor], list[int] | None]:
+def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None,
+                 *, or_none: bool = False) -> Callable[[gs.Tensor], list[int] | None] | None:
     """The shape function for counting ``graph`` (imported from ``model``) at
     ``input_shapes``: every tensor with an open dim gets its concrete shape (from ONNX
     inference, else from folding the shape computations at those sizes:
     :func:`graphprune.analysis.shape_probe.probe_concrete_shapes`). When a tensor that a
     MAC-counting node reads or writes stays open (an op neither can size upstream of it), no
     tensor gets one — a count with some layers at their real size and others at size 1 would
-    be worse than either — and :func:`counted_shape` stays."""
+    be worse than either — and :func:`counted_shape` stays (``or_none``: ``None`` instead)."""
     if not input_shapes:
         return counted_shape
 
@@ -108,7 +108,7 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
 
         sizes = {**probe_concrete_shapes(graph, input_shapes), **sizes}
         if missing(sizes):
-            return counted_shape
+            return None if or_none else counted_shape
     return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
 
 
