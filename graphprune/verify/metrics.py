@@ -91,11 +91,17 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
 
     opset = ir.default_opset(model)
     counted: list[gs.Tensor] = []
+    #: tensors of MAC-counting ops without any shape (ONNX inference stopped before them: an
+    #: LSTM behind a computed Reshape): sized where the folding below can, else left uncounted
+    unknown: list[gs.Tensor] = []
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
         if rule is not None and rule.macs(node, counted_shape) is not None:
             counted.extend(t for t in (*node.inputs, *node.outputs) if is_open(t))
-    if not counted:
+        elif rule is not None and type(rule).macs is not registry.OpRule.macs:
+            unknown.extend(t for t in (*node.inputs, *node.outputs)
+                           if isinstance(t, gs.Variable) and t.name and t.shape is None)
+    if not counted and not unknown:
         return counted_shape
     from graphprune.io.model_io import concrete_shapes
 
@@ -103,7 +109,8 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
         return any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted)
 
     sizes = concrete_shapes(model, input_shapes)
-    if missing(sizes):  # a computed Reshape target: fold the shape computations at these sizes
+    if missing(sizes) or any(t.name not in sizes for t in unknown):  # a computed Reshape target:
+        # fold the shape computations at these sizes
         from graphprune.analysis.shape_probe import probe_concrete_shapes
 
         sizes = {**probe_concrete_shapes(graph, input_shapes), **sizes}
