@@ -105,16 +105,8 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
         return counted_shape
     from graphprune.io.model_io import concrete_shapes
 
-    # a tensor open only in its leading (batch) axis is 1 there when every open batch is 1
-    # (Silero VAD: its decoder after an `If` is known as [batch, 128, 1])
-    batch_one = all(int(input_shapes[t.name][0]) == 1 for t in graph.inputs
-                    if t.name in input_shapes and t.shape and not isinstance(t.shape[0], int)
-                    and len(input_shapes[t.name]))
-
     def missing(sizes: dict[str, list[int]]) -> bool:
-        return any((t.name not in sizes or len(sizes[t.name]) != len(t.shape))
-                   and not (batch_one and all(isinstance(d, int) and d >= 0 for d in t.shape[1:]))
-                   for t in counted)
+        return any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted)
 
     sizes = concrete_shapes(model, input_shapes)
     if missing(sizes) or any(t.name not in sizes for t in unknown):  # a computed Reshape target:
