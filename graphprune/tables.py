@@ -198,10 +198,15 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     measured = [c for c in budget.get("candidates") or [] if "rel_l2" in c]
     chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
     if chosen is not None:
+        def final(c: Mapping[str, Any]) -> float:  # after the finalists' second reconstruction
+            return (c.get("refit") or {}).get("rel_l2", c["rel_l2"])
+
         uniform = next((c for c in measured if c["allocation"] == "uniform"), None)
-        versus = f"; uniform {uniform['rel_l2']:.4f}" if uniform is not None and uniform is not chosen else ""
+        versus = f"; uniform {final(uniform):.4f}" if uniform is not None and uniform is not chosen else ""
+        how = ("a screening reconstruction; the two nearest reconstructed again with cross-validated ridges"
+               if any("refit" in c for c in measured) else "reconstruction")
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
-                     f"reconstruction (held-out rel-L2 {chosen['rel_l2']:.4f}{versus})")
+                     f"{how} (held-out rel-L2 {final(chosen):.4f}{versus})")
     failed = [c for c in budget.get("candidates") or [] if c.get("error")]
     if failed:
         lines.append(f"warning: {len(failed)} candidate allocation(s) not chosen because their "

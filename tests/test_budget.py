@@ -271,7 +271,16 @@ def test_sensitivity_is_measured_after_the_consumers_refit(cnn):
     assert sum(sum(a[1]) for a, _ in pairs) < 0.9 * sum(sum(b[1]) for _, b in pairs)
 
 
-def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
+def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monkeypatch):
+    from graphprune.calibration import ridge, sequential
+
+    ridges = []  # the refit's ridge argument per layer: the default (screening) or None (validated)
+
+    def recording(a, cur, scale, fixed, rows_per_input):
+        ridges.append(fixed)
+        return ridge.choose_ridge(a, cur, scale, fixed, rows_per_input)
+
+    monkeypatch.setattr(sequential, "choose_ridge", recording)
     result = graphprune.prune(cnn, target_macs=0.5, calibration=_calibration(cnn), criterion="activation", search=3)
     report = result.report
     assert report["verification"]["ok"]
@@ -285,17 +294,25 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn):
     searched = [r for r in rows if r["allocation"].startswith("search ")]
     assert 1 <= len(searched) <= 3 and labels.index(searched[0]["allocation"]) >= 2
     assert len({tuple(r["kept"]) for r in rows}) == len(rows)
-    # every candidate costs the same (within 0.01), the chosen one is the nearest on the
-    # held-out calibration samples, and the report's fidelity is that same measurement
+    # every candidate costs the same (within 0.01); they are ranked after a screening refit
+    # (one ridge), the two nearest are reconstructed again with cross-validated ridges, the
+    # chosen one is the nearer of those on the held-out calibration samples, and the
+    # report's fidelity is that same measurement
     assert max(r["modelled_fraction"] for r in rows) - min(r["modelled_fraction"] for r in rows) <= 0.01
+    finalists = [r for r in rows if "refit" in r]
+    assert len(finalists) == 2
+    assert sorted(r["rel_l2"] for r in finalists) == sorted(r["rel_l2"] for r in rows)[:2]
+    assert all(r["refit"]["ridge"] == "cross-validated" for r in finalists)
     chosen = next(r for r in rows if r["allocation"] == report["budget"]["chosen"])
-    assert chosen["rel_l2"] == min(r["rel_l2"] for r in rows if "rel_l2" in r)
-    assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["rel_l2"], rel=1e-3)
+    assert chosen["refit"]["rel_l2"] == min(r["refit"]["rel_l2"] for r in finalists)
+    assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["refit"]["rel_l2"], rel=1e-3)
+    assert set(ridges) == {ridge.DEFAULT_RIDGE, None}
     assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
     from graphprune.tables import budget_lines
 
-    assert any(line.startswith(f"allocation: {chosen['allocation']}, the nearest of {len(rows)} measured")
+    assert any(line.startswith(f"allocation: {chosen['allocation']}, the nearest of {len(rows)} measured after "
+                               "a screening reconstruction; the two nearest reconstructed again")
                for line in budget_lines(report["budget"]))
 
 
@@ -426,6 +443,12 @@ def test_budget_lines_name_the_chosen_allocation_and_warn_about_failed_candidate
     assert "allocation: search 1.2, the nearest of 2 measured after reconstruction (held-out rel-L2 0.2000)" in lines
     assert any(line.startswith("warning: 1 candidate allocation(s) not chosen because their reconstruction "
                                "failed: ValueError: x") for line in lines)
+    # finalists reconstructed again: their second figures are the ones compared
+    info["candidates"][0]["refit"] = {"rel_l2": 0.25, "ridge": "cross-validated"}
+    info["candidates"][2]["refit"] = {"rel_l2": 0.15, "ridge": "cross-validated"}
+    info["candidates"][1] = {"allocation": "uniform", "kept": [5], "rel_l2": 0.4}
+    assert ("allocation: search 1.2, the nearest of 3 measured after a screening reconstruction; the two nearest "
+            "reconstructed again with cross-validated ridges (held-out rel-L2 0.1500; uniform 0.4000)") in budget_lines(info)
 
 
 def test_candidates_do_not_land_further_under_the_goal_than_the_greedy_allocation(cnn):

@@ -36,6 +36,7 @@ from graphprune.calibration import refit_targets, runner, sequential, synthetic
 from graphprune.calibration import stats as stats_mod
 from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
 from graphprune.calibration.linear import linear_view
+from graphprune.calibration.ridge import DEFAULT_RIDGE
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.errors import UsageError
 from graphprune.io import ir
@@ -200,7 +201,10 @@ class CalibratedRun:
                 large.add(node.name)
         return large
 
-    def passes(self, analysis: Analysis, plan: Plan) -> list:
+    def passes(self, analysis: Analysis, plan: Plan, *, screening: bool = False) -> list:
+        """The reconstruction passes for ``plan`` (``screening``: the refit takes the default
+        ridge instead of cross-validating one per layer, unless a ridge was given — the
+        cheap reconstruction a budget ranks its candidate allocations with)."""
         from graphprune.passes.bias_compensation import BiasCompensationPass
         from graphprune.passes.refit import RefitPass
         from graphprune.passes.softmax_head import SoftmaxHeadPass
@@ -225,18 +229,24 @@ class CalibratedRun:
             original = ir.import_graph(self.session.prepared, store)
             fallback = [BiasCompensationPass(original, self._bias_stats(original, removed),
                                              removed, only=large)]
-        return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=self.options.ridge,
+        ridge = self.options.ridge
+        if screening and ridge is None:
+            ridge = DEFAULT_RIDGE
+        return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=ridge,
                     store=store, consumers_only=self.options.scope == "consumers",
                     **({"recorded": self.recorded} if kind == "refit" else {})),
                 SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
                                 logits=self.options.class_scores)]
 
-    def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False) -> dict[str, Any]:
+    def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False, screening: bool = False,
+                    keep_recorded: bool = False) -> dict[str, Any]:
         """Run the reconstruction passes on the session's pruned graph and re-export it
         (``compare``: first measure the pruned model on the held-out samples, so that the
-        fidelity report can say what the reconstruction changed)."""
+        fidelity report can say what the reconstruction changed; ``screening``: see
+        :meth:`passes`; ``keep_recorded``: keep the refit targets the statistics run recorded
+        for further reconstructions of other allocations, until :meth:`close_recorded`)."""
         with self.session.stage("reconstruction"):
-            passes = self.passes(analysis, plan)
+            passes = self.passes(analysis, plan, screening=screening)
             if passes and compare and self.calib.holdout and self.session.model is not None:
                 self.unreconstructed = self._compare(self.session.model)
                 self._unreconstructed_model = self.session.model
@@ -247,10 +257,15 @@ class CalibratedRun:
                 for p in passes:
                     stats = self.session.ctx.stats.get(p.name, before.get(p.name, {}))
                     self.pass_stats[p.name] = stats
-            if self.recorded is not None:  # a later reconstruction runs the original itself
-                self.recorded.close()
-                self.recorded = None
+            if not keep_recorded:  # a later reconstruction runs the original itself
+                self.close_recorded()
         return self.pass_stats
+
+    def close_recorded(self) -> None:
+        """Release the refit targets recorded by the statistics run."""
+        if self.recorded is not None:
+            self.recorded.close()
+            self.recorded = None
 
     # ------------------------------------------------------------------ report
     def _compare(self, model: Any) -> dict[str, Any]:
