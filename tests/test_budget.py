@@ -307,6 +307,9 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
     assert chosen["refit"]["rel_l2"] == min(r["refit"]["rel_l2"] for r in finalists)
     assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["refit"]["rel_l2"], rel=1e-3)
     assert set(ridges) == {ridge.DEFAULT_RIDGE, None}
+    # the report counts the kept reconstruction once (not the screening one as well)
+    linear = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in result.model.graph.node)
+    assert 0 < report["calibration"]["passes"]["RefitPass"]["layers"] <= linear
     assert [w["kept"] for w in report["budget"]["widths"]] == chosen["kept"]
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
     from graphprune.tables import budget_lines

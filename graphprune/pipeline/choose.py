@@ -231,12 +231,15 @@ def _refit_chosen(session: Session, best: _Measured, calibrated: Any, feeds: lis
 
     candidate = best.session
     screened, screened_stats = candidate.model, best.pass_stats
+    # the session's per-pass figures add up over runs: the screening ones leave
+    counted = {name: candidate.ctx.stats.pop(name) for name in screened_stats if name in candidate.ctx.stats}
     candidate.adopt(best.unreconstructed)
     calibrated.session, calibrated.pass_stats = candidate, {}
     try:
         calibrated.reconstruct(best.analysis, best.plan, keep_recorded=True)
     except Exception as exc:  # noqa: BLE001 - the screening reconstruction stays
         candidate.adopt(screened)
+        candidate.ctx.stats.update(counted)
         calibrated.pass_stats = screened_stats
         row["refit_error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
         return
