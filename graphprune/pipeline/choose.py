@@ -5,9 +5,9 @@ The greedy allocation, the uniform one at the same cost and a blend of the two
 (:func:`graphprune.planning.search.neighbours`), are each rewritten on a sibling session,
 checked against their zeroed original, reconstructed, and compared with the original on the
 held-out calibration samples; the nearest is kept. Candidates are ranked after a screening
-refit (one default ridge for every layer), and the chosen one is then reconstructed again
+refit (one default ridge for every layer), and the two nearest are then reconstructed again
 with the ridges cross-validated per layer (most of a refit's time on convolutions and wide
-MLPs is that validation: ddddocr's YOLOX detector, six candidates: 434 -> 36 s). A candidate is also measured before its
+MLPs is that validation; docs/budgets.md, "Screening refit"). A candidate is also measured before its
 reconstruction, and where that is nearer the reconstruction is undone for it (the held-out
 samples decide, as for a ratio prune: :meth:`~graphprune.pipeline.calibrated.CalibratedRun.fidelity`).
 """
@@ -124,7 +124,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     first = search.candidates(model, fraction)
     # candidates are ranked after a screening refit (the default ridge for every layer: the
     # per-layer cross-validation of the ridge is most of a refit's time on convolutions and
-    # wide MLPs), and the chosen one is reconstructed again with cross-validated ridges
+    # wide MLPs), and the two nearest are reconstructed again with cross-validated ridges
     screening = calibrated.options.reconstruction == "refit" and calibrated.options.ridge is None
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
     names = [o.name for o in session.prepared.graph.output]
@@ -208,7 +208,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         # the two nearest after the screening refit, reconstructed again: the nearer is kept
         finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
         for m in finalists:
-            _refit_chosen(session, m, calibrated, feeds, names, reference,
+            _refit_finalist(session, m, calibrated, feeds, names, reference,
                           next(r for r in rows if r["allocation"] == m.label))
         best = min(finalists, key=lambda m: m.error)
     calibrated.close_recorded()
@@ -220,23 +220,23 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     return best.plan, best.analysis, best.verification, rows, best.label
 
 
-def _refit_chosen(session: Session, best: _Measured, calibrated: Any, feeds: list, names: list[str],
+def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feeds: list, names: list[str],
                   reference: list, row: dict[str, Any]) -> None:
     """Reconstruct a finalist allocation again, from its rewrite, with cross-validated ridges
     (it was ranked after a screening refit); the result replaces the screening one, unless
     the held-out samples are nearer without any reconstruction (then it is undone, as for
-    every candidate), and ``best.error`` becomes its error. Where this reconstruction fails,
+    every candidate), and ``finalist.error`` becomes its error. Where this reconstruction fails,
     the screening one stays."""
     from graphprune.calibration import runner
 
-    candidate = best.session
-    screened, screened_stats = candidate.model, best.pass_stats
+    candidate = finalist.session
+    screened, screened_stats = candidate.model, finalist.pass_stats
     # the session's per-pass figures add up over runs: the screening ones leave
     counted = {name: candidate.ctx.stats.pop(name) for name in screened_stats if name in candidate.ctx.stats}
-    candidate.adopt(best.unreconstructed)
+    candidate.adopt(finalist.unreconstructed)
     calibrated.session, calibrated.pass_stats = candidate, {}
     try:
-        calibrated.reconstruct(best.analysis, best.plan, keep_recorded=True)
+        calibrated.reconstruct(finalist.analysis, finalist.plan, keep_recorded=True)
     except Exception as exc:  # noqa: BLE001 - the screening reconstruction stays
         candidate.adopt(screened)
         candidate.ctx.stats.update(counted)
@@ -248,10 +248,10 @@ def _refit_chosen(session: Session, best: _Measured, calibrated: Any, feeds: lis
     with session.stage("candidates"):
         outputs = runner.outputs(candidate.model, feeds, "a finalist allocation", data_dir=calibrated.data_dir)
     score, error = _score(names, reference, outputs)
-    best.pass_stats, best.reverted, best.error = calibrated.pass_stats, False, error
+    finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
     row["refit"] = {"rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
-    if best.plain_error < error:  # nearer without it: undone
-        candidate.adopt(best.unreconstructed)
-        best.reverted, best.error = True, best.plain_error
-        row["refit"].update(rel_l2=round(best.plain_error, 6), cosine=best.plain_cosine,
+    if finalist.plain_error < error:  # nearer without it: undone
+        candidate.adopt(finalist.unreconstructed)
+        finalist.reverted, finalist.error = True, finalist.plain_error
+        row["refit"].update(rel_l2=round(finalist.plain_error, 6), cosine=finalist.plain_cosine,
                             reconstruction_reverted={"rel_l2": round(error, 6), "cosine": score["cosine"]})

@@ -569,15 +569,8 @@ class Session:
             report["normalised"] = dict(self.normalised)
         return report
 
-    def finish(
-        self,
-        report: dict[str, Any],
-        plan: Plan,
-        verification: dict[str, Any] | None,
-        *,
-        analysis: Analysis | None = None,
-        model: onnx.ModelProto | None = None,
-    ) -> PruneResult:
+    def finish(self, report: dict[str, Any], plan: Plan, verification: dict[str, Any] | None, *,
+               analysis: Analysis | None = None, model: onnx.ModelProto | None = None) -> PruneResult:
         """Attach verification and timings; raise :class:`VerificationError` on a failure
         (its ``result`` attribute carries the unverified result)."""
         error: GraphPruneError | None = None  # InvalidModelError: the input does not run
