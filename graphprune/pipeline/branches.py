@@ -25,14 +25,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
+from graphprune.io.branch_models import BRANCH_ATTRS, IF_OPS, outer_reads, standalone_branch
 from graphprune.io.shared_constants import share_subgraph_constants
-
-BRANCH_ATTRS = ("then_branch", "else_branch")
-IF_OPS = ("If",)
 
 
 def has_branches(model: onnx.ModelProto) -> bool:
@@ -68,61 +66,6 @@ class BranchReport:
                        for b in self.pruned],
             "skipped": self.skipped,
         }
-
-
-def _reads(graph: onnx.GraphProto) -> set[str]:
-    """Names a graph reads from outside itself (nested subgraphs included)."""
-    made = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    made |= {o for n in graph.node for o in n.output}
-    used: set[str] = set()
-    for node in graph.node:
-        used |= {i for i in node.input if i}
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= _reads(sub)
-    return used - made
-
-
-def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name in renames:
-                node.input[k] = renames[name]
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _rename(sub, renames)
-
-
-def _standalone(model: onnx.ModelProto, node: onnx.NodeProto, attr: str,
-                types: dict[str, onnx.TypeProto], constants: dict[str, onnx.TensorProto]
-                ) -> tuple[onnx.ModelProto, list[str]] | None:
-    branch = next(a.g for a in node.attribute if a.name == attr)
-    graph = onnx.GraphProto()
-    graph.CopyFrom(branch)
-    graph.name = f"{node.name}_{attr}"
-    outer = sorted(_reads(branch))
-    renames = {name: f"{name}__gp_{node.name}_{attr}" for name in outer if name in constants}
-    for name, new in renames.items():
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(constants[name])
-        tensor.name = new
-        graph.initializer.append(tensor)
-    _rename(graph, renames)
-    inputs = [name for name in outer if name not in renames]
-    for name in inputs:
-        if name not in types or not types[name].tensor_type.HasField("shape"):
-            return None
-        graph.input.append(helper.make_value_info(name, types[name]))
-    for out in graph.output:  # a branch output without a shape takes the inferred one
-        known = types.get(out.name)
-        if not out.type.tensor_type.HasField("shape") and known is not None \
-                and known.tensor_type.HasField("shape"):
-            out.type.CopyFrom(known)
-    if any(not o.type.tensor_type.HasField("shape") for o in graph.output):
-        return None
-    standalone = helper.make_model(graph, opset_imports=list(model.opset_import),
-                                   ir_version=model.ir_version)
-    return standalone, inputs
 
 
 def _zeroed(graph: onnx.GraphProto, result: Any) -> onnx.GraphProto | None:
@@ -181,7 +124,7 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
     for node in ifs:
         for attr in BRANCH_ATTRS:
             where = f"If '{node.name}' {attr}"
-            built = _standalone(model, node, attr, types, constants)
+            built = standalone_branch(model, node, attr, types, constants)
             if built is None:
                 report.skipped.append(f"{where}: outer values or outputs of unknown shape")
                 continue
@@ -227,7 +170,7 @@ def apply_to_graph(graph: onnx.GraphProto, branches: BranchReport, *, zeroed: bo
             key = (node.name, attr.name)
             if key in chosen:
                 attr.g.CopyFrom(chosen[key])
-    used = _reads(model.graph) | {i for n in model.graph.node for i in n.input}
+    used = outer_reads(model.graph) | {i for n in model.graph.node for i in n.input}
     used |= {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     if len(kept) != len(model.graph.initializer):

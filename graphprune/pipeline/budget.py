@@ -27,8 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
+from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
-from graphprune.pipeline.ratio import DEFAULT_TOLERANCE, channel_passes, verify_zeroed
+from graphprune.pipeline.ratio import (
+    DEFAULT_TOLERANCE,
+    branch_summary,
+    channel_passes,
+    prune_session_branches,
+    verify_with_branches,
+)
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
@@ -288,16 +295,26 @@ def prune_budget(
         # the fastest candidate becomes the session's result
         session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
         session.ctx = candidate.ctx
+    branches = unbranched = None
+    if chosen is None and calibrated is None and options.kind != "latency" and session.model is not None \
+            and has_branches(session.model):
+        # each If branch to the same fraction of its own cost: the whole run then meets it
+        # whichever branch runs (the MAC count takes the costlier)
+        branches, unbranched = prune_session_branches(
+            session, lambda branch, _: prune_budget(branch, options, verify=True, tolerance=tolerance))
     if chosen is None:
-        verification = verify_zeroed(session, fresh, plan, tolerance) if verify else None
+        verification = (verify_with_branches(session, fresh, plan, tolerance, branches, unbranched)
+                        if verify else None)
         if calibrated is not None and (verification is None or verification.get("ok")):
             calibrated.reconstruct(fresh, plan)
     report = session.report("budget", plan, analysis=fresh)
     report["kinds"] = targets.kind_summary(fresh)
+    branch_summary(report, branches)
     info.update(_achieved(report, options, rounds))
     info["modelled_fraction"] = round(allocation.achieved, 4)
     counted_full = report.get(f"{options.kind}_before") if options.kind != "latency" else None
-    if counted_full is not None and abs(counted_full - allocation.full) > 0.01 * max(allocation.full, 1.0):
+    if counted_full is not None and not has_branches(session.prepared) \
+            and abs(counted_full - allocation.full) > 0.01 * max(allocation.full, 1.0):
         # the exported models lack shapes the analysis inferred (e.g. after contrib ops
         # that ONNX shape inference does not know): their count is not the model's cost
         info["counted_fraction"] = info["achieved"]
@@ -314,7 +331,9 @@ def prune_budget(
     if calibrated is not None:
         report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()
-    return session.finish(report, plan, verification)
+    result = session.finish(report, plan, verification)
+    result.branches = branches  # nested If branches: their zeroed versions for the caller
+    return result
 
 
 def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:
@@ -380,8 +399,8 @@ def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[
     else:
         out["achieved"] = out[f"{options.kind}_fraction"]
         out["measured_by"] = ("multiply-accumulates of the layers with weights (Conv, ConvTranspose, Gemm, "
-                              "MatMul, their quantized forms, LSTM/GRU/RNN) on the exported models "
-                              "(graphprune.verify.metrics)" if options.kind == "macs" else
+                              "MatMul, their quantized forms, LSTM/GRU/RNN) on the exported models, an If by its "
+                              "costlier branch (graphprune.verify.metrics)" if options.kind == "macs" else
                               "elements of float initializers and constants of the exported models")
     achieved = out["achieved"]
     out["met"] = achieved is not None and achieved <= options.target + 0.03 and (

@@ -70,22 +70,49 @@ def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
         return plan
 
 
-def _prune_branches(session: Session, options: RatioOptions, tolerance: float) -> tuple[Any, Any]:
-    """Prune the ``If`` branches of the exported model (:mod:`graphprune.pipeline.branches`),
-    each verified on its own; return the branch report and the model without them."""
-    def prune_one(model: Any, ratio: float) -> PruneResult:
-        return prune_ratio(Session(model), options, verify=True, tolerance=tolerance)
+def prune_session_branches(session: Session, prune_one: Any, ratio: float = 0.5) -> tuple[Any, Any]:
+    """Prune the ``If`` branches of the session's exported model
+    (:mod:`graphprune.pipeline.branches`) with ``prune_one(branch_session, ratio)``, each
+    verified on its own; the branch sessions get the caller's input shapes of the outer
+    values they read. Return the branch report and the model without them."""
+    def prune_branch(model: Any, ratio: float) -> PruneResult:
+        names = {i.name for i in model.graph.input}
+        shapes = {k: v for k, v in (session.input_shapes or {}).items() if k in names}
+        return prune_one(Session(model, input_shapes=shapes or None), ratio)
 
     assert session.model is not None
     unbranched = session.model
     with session.stage("branches"):
         model = session.materialize(session.model)
-        found = branches_mode.prune_branches(model, options.ratio, prune_one)
+        found = branches_mode.prune_branches(model, ratio, prune_branch)
         branches_mode.apply(model, found)
         found.hoisted = branches_mode.hoist_shared_constants(model)
         if found.pruned or found.hoisted:
             session.model = model
     return found, unbranched
+
+
+def verify_with_branches(session: Session, analysis: Analysis, plan: Plan, tolerance: float,
+                         branches: Any, unbranched: Any, *, allow_noise: bool = True) -> dict[str, Any]:
+    """:func:`verify_zeroed` of the model with its pruned branches; when that fails, fail
+    closed: the main graph's rewrite alone, branches as they were (said in the report)."""
+    verification = verify_zeroed(session, analysis, plan, tolerance, branches, allow_noise=allow_noise)
+    if branches is not None and (branches.pruned or branches.hoisted) and not verification.get("ok"):
+        branches.skipped.append("the whole model's self-check failed: branches left as they were: "
+                                + str(verification.get("error") or verification.get("max_rel_diff"))[:160])
+        branches.pruned.clear()
+        branches.hoisted = 0
+        session.model = unbranched
+        verification = verify_zeroed(session, analysis, plan, tolerance, allow_noise=allow_noise)
+    return verification
+
+
+def branch_summary(report: dict[str, Any], branches: Any) -> None:
+    """The branches' part of ``report`` (in place)."""
+    if branches is not None:
+        report["branches"] = branches.summary()
+        if branches.pruned:
+            report.pop("nothing_prunable", None)
 
 
 def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: float,
@@ -274,29 +301,19 @@ def prune_ratio(
     with session.stage("prune"):
         session.apply(channel_passes(analysis, the_plan))
         session.export()
-    branches = None
+    branches = unbranched = None
     if plan is None and calibrated is None and session.model is not None and has_branches(session.model):
-        branches, unbranched = _prune_branches(session, options, tolerance)
-    verification = (verify_zeroed(session, analysis, the_plan, tolerance, branches, allow_noise=allow_noise)
-                    if verify else None)
-    if branches is not None and (branches.pruned or branches.hoisted) and verification is not None \
-            and not verification.get("ok"):
-        # fail closed: the main graph's rewrite alone, branches as they were
-        branches.skipped.append("the whole model's self-check failed: branches left as they were: "
-                                + str(verification.get("error") or verification.get("max_rel_diff"))[:160])
-        branches.pruned.clear()
-        branches.hoisted = 0
-        session.model = unbranched
-        verification = verify_zeroed(session, analysis, the_plan, tolerance, allow_noise=allow_noise)
+        branches, unbranched = prune_session_branches(
+            session, lambda branch, _: prune_ratio(branch, options, verify=True, tolerance=tolerance),
+            options.ratio)
+    verification = (verify_with_branches(session, analysis, the_plan, tolerance, branches, unbranched,
+                                         allow_noise=allow_noise) if verify else None)
     if calibrated is not None and (verification is None or verification.get("ok")):
         calibrated.reconstruct(analysis, the_plan, compare=True)
         calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
-    if branches is not None:
-        report["branches"] = branches.summary()
-        if branches.pruned:
-            report.pop("nothing_prunable", None)
+    branch_summary(report, branches)
     if calibrated is not None:
         report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()

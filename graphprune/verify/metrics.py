@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
+from graphprune.io.branch_models import branch_models
 from graphprune.rules import registry
 
 __all__ = ["count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
@@ -120,7 +121,9 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
 
 
 def count_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None) -> int:
-    """Multiply-accumulates of one run (the main graph's nodes, as their rules count them).
+    """Multiply-accumulates of one run (the main graph's nodes, as their rules count them; an
+    ``If`` counts the costlier of its branches, each as a model of its own at the sizes its
+    outer values have).
     ``store``: the weight store that ``model``'s external weights refer to (shapes behind a
     com.microsoft op are derived by probing, which reads the small constants);
     ``input_shapes``: concrete shapes for inputs with open sizes (:func:`sized_shapes`)."""
@@ -155,4 +158,17 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
         rule = registry.lookup(node.domain or "", node.op, opset)
         macs = rule.macs(node, shape) if rule is not None else None
         total += macs or 0
-    return int(total), shape is not counted_shape
+    sized = shape is not counted_shape
+    found = branch_models(model, input_shapes)
+    if input_shapes and any(b is None for branches in found for b in branches):
+        # an outer value ONNX inference leaves open (an If's output whose branches differ
+        # in rank): its size from folding the shape computations at these sizes
+        from graphprune.analysis.shape_probe import probe_concrete_shapes
+
+        found = branch_models(model, input_shapes, probe_concrete_shapes(graph, input_shapes))
+    for branches in found:
+        # the branch a run takes depends on a value, not on the graph: its costlier one
+        counts = [_count(b[0], store, b[1] or None) if b is not None else (0, False) for b in branches]
+        total += max(c[0] for c in counts)
+        sized = sized or any(c[1] for c in counts)
+    return int(total), sized
