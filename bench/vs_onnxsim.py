@@ -60,14 +60,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _cost(model, shapes: dict) -> tuple[int | None, int]:
-    """MACs at the probe shapes and parameters, the same counter for every output. No MACs
-    for a graph with control flow (``If``/``Loop``/``Scan``): the counter reads the main graph
-    only, and a rewrite that inlines a branch would look like more work."""
+    """MACs at the probe shapes and parameters, the same counter for every output (an ``If``
+    by its costlier branch). No MACs for a graph with a loop (``Loop``/``Scan``): the counter
+    does not read their bodies, and a rewrite that unrolls one would look like more work."""
     import onnx
 
     from graphprune.verify.metrics import count_params as params_of
 
-    if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph.node):
+    if any(n.op_type in ("Loop", "Scan") for n in model.graph.node):
         return None, params_of(model)
 
     from graphprune.io import model_io

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["BRANCH_ATTRS", "IF_OPS", "branch_models", "outer_reads", "rename_reads", "standalone_branch"]
+__all__ = ["BRANCH_ATTRS", "IF_OPS", "all_reads", "branch_models", "outer_reads", "rename_reads", "standalone_branch"]
 
 BRANCH_ATTRS = ("then_branch", "else_branch")
 IF_OPS = ("If",)
@@ -39,6 +39,16 @@ def outer_reads(graph: onnx.GraphProto) -> set[str]:
         for sub in _subgraphs(node):
             used |= outer_reads(sub)
     return used - made
+
+
+def all_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names the nodes of ``graph`` and of its nested subgraphs read (wherever made)."""
+    used: set[str] = set()
+    for node in graph.node:
+        used |= {i for i in node.input if i}
+        for sub in _subgraphs(node):
+            used |= all_reads(sub)
+    return used
 
 
 def rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:

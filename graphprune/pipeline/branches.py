@@ -25,11 +25,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
-from graphprune.io.branch_models import BRANCH_ATTRS, IF_OPS, outer_reads, standalone_branch
+from graphprune.io.branch_models import (
+    BRANCH_ATTRS,
+    IF_OPS,
+    all_reads,
+    outer_reads,
+    standalone_branch,
+)
 from graphprune.io.shared_constants import share_subgraph_constants
 
 
@@ -49,6 +55,8 @@ class BranchPrune:
     removed: int
     params_before: int
     params_after: int
+    #: the branch's own held-out fidelity when it was pruned with calibration data
+    fidelity: dict[str, Any] | None = None
 
 
 @dataclass
@@ -62,7 +70,8 @@ class BranchReport:
         return {
             "hoisted_constants": self.hoisted,
             "pruned": [{"if": b.node, "branch": b.attr, "units_removed": b.removed,
-                        "params_before": b.params_before, "params_after": b.params_after}
+                        "params_before": b.params_before, "params_after": b.params_after,
+                        **({"fidelity": b.fidelity} if b.fidelity else {})}
                        for b in self.pruned],
             "skipped": self.skipped,
         }
@@ -110,7 +119,8 @@ def _as_branch(graph: onnx.GraphProto, name: str) -> onnx.GraphProto:
 
 def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: Any) -> BranchReport:
     """Prune every ``If`` branch of ``model`` (materialised, main graph only) with
-    ``prune(branch_model, ratio=ratio, **options)``; see the module docstring."""
+    ``prune(branch_model, ratio=ratio, branch=(if_name, attr), **options)``; see the module
+    docstring."""
     from graphprune.io import model_io
 
     report = BranchReport()
@@ -130,7 +140,7 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
                 continue
             standalone, _ = built
             try:
-                result = prune(standalone, ratio=ratio, **options)
+                result = prune(standalone, ratio=ratio, branch=(node.name, attr), **options)
             except GraphPruneError as exc:
                 report.skipped.append(f"{where}: {str(exc).splitlines()[0][:200]}")
                 continue
@@ -145,11 +155,48 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
             if zeroed is None:
                 report.skipped.append(f"{where}: a pruned weight is not a constant of the branch")
                 continue
+            fidelity = result.report.get("fidelity") or {}
             report.pruned.append(BranchPrune(
                 node.name, attr, _as_branch(result.model.graph, standalone.graph.name),
                 _as_branch(zeroed, standalone.graph.name),
-                removed, result.report["params_before"], result.report["params_after"]))
+                removed, result.report["params_before"], result.report["params_after"],
+                {k: fidelity[k] for k in ("samples", "cosine", "rel_l2") if k in fidelity} or None))
     return report
+
+
+def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]
+                       ) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
+    """The calibration data of each ``If`` branch of ``model`` (materialised) pruned as a
+    model of its own: per sample, the outer values the branch reads, for the samples whose
+    condition takes that branch (ONNX Runtime runs the main graph with those values and the
+    conditions exposed). A branch that no sample takes has none."""
+    import onnxruntime as ort
+
+    ifs = [n for n in model.graph.node if n.op_type in IF_OPS]
+    constants = {t.name for t in model.graph.initializer}
+    given = {i.name for i in model.graph.input}
+    reads = {(n.name, a.name): sorted(outer_reads(a.g) - constants)
+             for n in ifs for a in n.attribute if a.name in BRANCH_ATTRS}
+    wanted = sorted(({n.input[0] for n in ifs} | {r for names in reads.values() for r in names})
+                    - given - constants)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in wanted if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {key: [] for key in reads}
+    fixed = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+             if t.name in {n.input[0] for n in ifs}}  # a condition folded to a constant
+    for sample in samples:
+        values = {**fixed, **sample}
+        if wanted:
+            values.update(zip(wanted, session.run(wanted, sample), strict=True))
+        for node in ifs:
+            attr = BRANCH_ATTRS[0] if bool(np.asarray(values[node.input[0]]).reshape(-1)[0]) else BRANCH_ATTRS[1]
+            out[(node.name, attr)].append({name: values[name] for name in reads[(node.name, attr)]})
+    return out
 
 
 def apply(model: onnx.ModelProto, branches: BranchReport, *, zeroed: bool = False) -> None:
@@ -170,7 +217,7 @@ def apply_to_graph(graph: onnx.GraphProto, branches: BranchReport, *, zeroed: bo
             key = (node.name, attr.name)
             if key in chosen:
                 attr.g.CopyFrom(chosen[key])
-    used = outer_reads(model.graph) | {i for n in model.graph.node for i in n.input}
+    used = all_reads(model.graph)  # (an unpruned branch may read an outer constant)
     used |= {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     if len(kept) != len(model.graph.initializer):

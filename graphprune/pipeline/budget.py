@@ -31,6 +31,7 @@ from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
 from graphprune.pipeline.ratio import (
     DEFAULT_TOLERANCE,
+    attach_branches,
     branch_summary,
     channel_passes,
     prune_session_branches,
@@ -235,6 +236,14 @@ def prune_budget(
     with session.stage("plan"):
         allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target,
                                                        shape_of)
+    early = None
+    if calibrated is None and options.kind != "latency" and has_branches(session.prepared):
+        early, info["branches_first"] = _branches_first(session, options, tolerance, allocation.full)
+        goal = info["branches_first"]["main_graph_goal"]
+        if states and goal != options.target:
+            with session.stage("plan"):
+                allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, goal,
+                                                               shape_of)
     plan = budget_mod.to_plan(analysis, states, meta)
     rounds: list[dict[str, Any]] = []
     fresh = analysis
@@ -296,12 +305,8 @@ def prune_budget(
         session.graph, session.analysis, session.model = candidate.graph, fresh, candidate.model
         session.ctx = candidate.ctx
     branches = unbranched = None
-    if chosen is None and calibrated is None and options.kind != "latency" and session.model is not None \
-            and has_branches(session.model):
-        # each If branch to the same fraction of its own cost: the whole run then meets it
-        # whichever branch runs (the MAC count takes the costlier)
-        branches, unbranched = prune_session_branches(
-            session, lambda branch, _: prune_budget(branch, options, verify=True, tolerance=tolerance))
+    if early is not None and session.model is not None:
+        branches, unbranched = early, attach_branches(session, early)
     if chosen is None:
         verification = (verify_with_branches(session, fresh, plan, tolerance, branches, unbranched)
                         if verify else None)
@@ -334,6 +339,36 @@ def prune_budget(
     result = session.finish(report, plan, verification)
     result.branches = branches  # nested If branches: their zeroed versions for the caller
     return result
+
+
+def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
+                    main_full: float) -> tuple[Any, dict[str, Any]]:
+    """Prune the ``If`` branches of the original, each to the target fraction of its own cost
+    (a model of its own: :func:`prune_budget`), before the main graph is allocated; and the
+    main graph's goal that brings the whole model to the target: what the branches could not
+    remove (a recurrent layer bound to the model's state, a branch that cannot be pruned) is
+    taken from the main graph's own cost (``main_full``, as its cost model counts it) where
+    it can be."""
+    from graphprune.pipeline import branches as branches_mode
+    from graphprune.verify.metrics import count_macs, count_params
+
+    def cost(model: Any) -> float:
+        if options.kind == "params":
+            return float(count_params(model))
+        return float(count_macs(model, None, session.cost_shapes()))
+
+    model = session.materialize(session.prepared)
+    before = cost(model)
+    found, _ = prune_session_branches(
+        session, lambda branch_session, _, **__: prune_budget(branch_session, options, verify=True, tolerance=tolerance),
+        model=model)
+    branches_mode.apply(model, found)
+    after = cost(model)
+    goal = options.target
+    if main_full > 0 and before > 0:
+        goal = min(1.0, max(1e-3, (options.target * before - after + main_full) / main_full))
+    return found, {"cost_before": before, "cost_with_pruned_branches": after, "main_graph_cost": main_full,
+                   "main_graph_goal": round(goal, 4)}
 
 
 def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:

@@ -70,26 +70,72 @@ def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
         return plan
 
 
-def prune_session_branches(session: Session, prune_one: Any, ratio: float = 0.5) -> tuple[Any, Any]:
+def prune_session_branches(session: Session, prune_one: Any, ratio: float = 0.5,
+                           model: Any = None) -> tuple[Any, Any]:
     """Prune the ``If`` branches of the session's exported model
     (:mod:`graphprune.pipeline.branches`) with ``prune_one(branch_session, ratio)``, each
     verified on its own; the branch sessions get the caller's input shapes of the outer
-    values they read. Return the branch report and the model without them."""
-    def prune_branch(model: Any, ratio: float) -> PruneResult:
-        names = {i.name for i in model.graph.input}
+    values they read. ``model``: prune the branches of this model (materialised: weights in
+    the proto) and leave the session's model alone (:func:`attach_branches` puts them in
+    later). Return the branch report and the session's model without them. ``prune_one``
+    may take ``branch=(if_name, attr)`` (which branch it prunes)."""
+    def prune_branch(branch_model: Any, ratio: float, branch: tuple[str, str]) -> PruneResult:
+        names = {i.name for i in branch_model.graph.input}
         shapes = {k: v for k, v in (session.input_shapes or {}).items() if k in names}
-        return prune_one(Session(model, input_shapes=shapes or None), ratio)
+        return prune_one(Session(branch_model, input_shapes=shapes or None), ratio, branch=branch)
 
-    assert session.model is not None
-    unbranched = session.model
     with session.stage("branches"):
+        if model is not None:
+            return branches_mode.prune_branches(model, ratio, prune_branch), session.model
+        assert session.model is not None
         model = session.materialize(session.model)
         found = branches_mode.prune_branches(model, ratio, prune_branch)
+    return found, attach_branches(session, found, model)
+
+
+def attach_branches(session: Session, found: Any, model: Any = None) -> Any:
+    """Put the pruned branches of ``found`` into the session's model (``model``: its
+    materialised copy, if made already) and share the constants they copy; return the
+    session's model without them."""
+    unbranched = session.model
+    with session.stage("branches"):
+        model = session.materialize(session.model) if model is None else model
         branches_mode.apply(model, found)
         found.hoisted = branches_mode.hoist_shared_constants(model)
         if found.pruned or found.hoisted:
             session.model = model
-    return found, unbranched
+    return unbranched
+
+
+#: fewer calibration samples than this take a branch: it is left as it is
+MIN_BRANCH_SAMPLES = 4
+
+
+def _calibrated_branches(session: Session, calibrated: Any, options: RatioOptions, tolerance: float) -> Any:
+    """The ``If`` branches pruned with calibration data: each as a model of its own, with the
+    outer values it reads on the samples (used and held out) whose condition takes it
+    (:func:`graphprune.pipeline.branches.branch_calibration`); a branch too few samples take
+    is left as it is (said in the report)."""
+    import dataclasses
+
+    from graphprune.errors import GraphPruneError
+
+    model = session.materialize(session.model)
+    samples = [*calibrated.calib.samples, *calibrated.calib.holdout]
+    with session.stage("branches"):
+        feeds = branches_mode.branch_calibration(model, samples)
+    branch_options = dataclasses.replace(calibrated.options, class_scores=())
+
+    def prune_one(branch_session: Session, _: float, branch: tuple[str, str]) -> PruneResult:
+        data = feeds.get(branch) or []
+        if len(data) < MIN_BRANCH_SAMPLES:
+            raise GraphPruneError(f"{len(data)} of {len(samples)} calibration samples take this branch "
+                                  f"(at least {MIN_BRANCH_SAMPLES} needed): left as it is")
+        return prune_ratio(branch_session, options, verify=True, tolerance=tolerance, calibration=data,
+                           calibration_options=branch_options)
+
+    found, _ = prune_session_branches(session, prune_one, options.ratio, model=model)
+    return found
 
 
 def verify_with_branches(session: Session, analysis: Analysis, plan: Plan, tolerance: float,
@@ -301,15 +347,26 @@ def prune_ratio(
     with session.stage("prune"):
         session.apply(channel_passes(analysis, the_plan))
         session.export()
-    branches = unbranched = None
-    if plan is None and calibrated is None and session.model is not None and has_branches(session.model):
-        branches, unbranched = prune_session_branches(
-            session, lambda branch, _: prune_ratio(branch, options, verify=True, tolerance=tolerance),
-            options.ratio)
+    branches = unbranched = calibrated_branches = None
+    if plan is None and session.model is not None and has_branches(session.model):
+        if calibrated is None:
+            branches, unbranched = prune_session_branches(
+                session, lambda branch_session, _, **__: prune_ratio(branch_session, options, verify=True, tolerance=tolerance),
+                options.ratio)
+        else:  # each branch with the samples that take it, reconstructed on its own
+            calibrated_branches = _calibrated_branches(session, calibrated, options, tolerance)
     verification = (verify_with_branches(session, analysis, the_plan, tolerance, branches, unbranched,
                                          allow_noise=allow_noise) if verify else None)
+    if calibrated_branches is not None and calibrated_branches.pruned and (verification is None
+                                                                         or verification.get("ok")):
+        # the main graph's rewrite was checked on its own, each branch's inside its prune;
+        # the whole model (with the reconstructed branches) is judged by the fidelity below
+        branches = calibrated_branches
+        attach_branches(session, branches)
     if calibrated is not None and (verification is None or verification.get("ok")):
         calibrated.reconstruct(analysis, the_plan, compare=True)
+        if branches is not None and branches.pruned:
+            attach_branches(session, branches)  # the reconstruction re-exported the main graph
         calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
