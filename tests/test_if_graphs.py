@@ -171,3 +171,25 @@ def test_calibration_reaches_both_branches_when_samples_take_both() -> None:
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     for flag in (True, False):
         assert run(result.model, flag, x).shape == (1, 4, 8, 8)
+
+
+def test_a_calibrated_budget_counts_the_branches_its_data_takes() -> None:
+    """Every sample takes the then branch: it is pruned to half of its cost with them and
+    the budget is judged on it (the else branch, which no sample takes and which stays whole,
+    is not what this data runs)."""
+    model = if_model(8)
+    result = graphprune.prune(model, target_macs=0.5, calibration=calibration([True]))
+    report = result.report
+    assert report["verification"]["ok"] is True
+    assert [b["branch"] for b in report["branches"]["pruned"]] == ["then_branch"]
+    budget = report["budget"]
+    assert budget["met"] is True, budget
+    then_macs = 3 * 64 * 3 + 16 * 64 * 27 + 4 * 64 * 16 * 9  # main conv + the then branch
+    assert report["macs_before"] == then_macs
+    infer = onnx.shape_inference.infer_shapes
+    taken = {"if": {"then_branch"}}
+    fraction = count_macs(infer(result.model), taken=taken) / count_macs(infer(model), taken=taken)
+    assert abs(fraction - 0.5) <= 0.03 and abs(budget["achieved"] - fraction) < 1e-3, (fraction, budget)
+    assert report["fidelity"]["samples"] > 0
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(result.model, False, x), run(model, False, x))

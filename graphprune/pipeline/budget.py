@@ -34,6 +34,7 @@ from graphprune.pipeline.ratio import (
     attach_branches,
     branch_summary,
     channel_passes,
+    prune_branches_with_data,
     prune_session_branches,
     verify_with_branches,
 )
@@ -236,9 +237,9 @@ def prune_budget(
     with session.stage("plan"):
         allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target,
                                                        shape_of)
-    early = None
-    if calibrated is None and options.kind != "latency" and has_branches(session.prepared):
-        early, info["branches_first"] = _branches_first(session, options, tolerance, allocation.full)
+    early, goal = None, options.target
+    if options.kind != "latency" and has_branches(session.prepared):
+        early, info["branches_first"] = _branches_first(session, options, tolerance, allocation.full, calibrated)
         goal = info["branches_first"]["main_graph_goal"]
         if states and goal != options.target:
             with session.stage("plan"):
@@ -250,7 +251,7 @@ def prune_budget(
     verification: dict[str, Any] | None = None
     chosen = None
     if options.kind != "latency" and calibrated is not None and states:
-        fraction = max(options.target, allocation.achieved)  # the greedy landing's budget for every candidate
+        fraction = max(goal, allocation.achieved)  # the greedy landing's budget for every candidate
         chosen = choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify,
                          options)
         plan, fresh, verification, info["candidates"], info["chosen"] = chosen
@@ -306,12 +307,19 @@ def prune_budget(
         session.ctx = candidate.ctx
     branches = unbranched = None
     if early is not None and session.model is not None:
-        branches, unbranched = early, attach_branches(session, early)
+        # with calibration each branch was refit on its own: the structural check is the main
+        # graph's (the chosen candidate's, or below), and the fidelity judges the whole model
+        branches = early
+        if calibrated is None or chosen is not None:
+            unbranched = attach_branches(session, early)
     if chosen is None:
-        verification = (verify_with_branches(session, fresh, plan, tolerance, branches, unbranched)
+        checked = branches if calibrated is None else None
+        verification = (verify_with_branches(session, fresh, plan, tolerance, checked, unbranched)
                         if verify else None)
         if calibrated is not None and (verification is None or verification.get("ok")):
             calibrated.reconstruct(fresh, plan)
+            if branches is not None:
+                attach_branches(session, branches)
     report = session.report("budget", plan, analysis=fresh)
     report["kinds"] = targets.kind_summary(fresh)
     branch_summary(report, branches)
@@ -342,32 +350,42 @@ def prune_budget(
 
 
 def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
-                    main_full: float) -> tuple[Any, dict[str, Any]]:
+                    main_full: float, calibrated: Any = None) -> tuple[Any, dict[str, Any]]:
     """Prune the ``If`` branches of the original, each to the target fraction of its own cost
-    (a model of its own: :func:`prune_budget`), before the main graph is allocated; and the
+    (a model of its own: :func:`prune_budget`; with calibration, on the samples that take it:
+    :func:`~graphprune.pipeline.ratio.prune_branches_with_data`), before the main graph is
+    allocated; and the
     main graph's goal that brings the whole model to the target: what the branches could not
     remove (a recurrent layer bound to the model's state, a branch that cannot be pruned) is
-    taken from the main graph's own cost (``main_full``, as its cost model counts it) where
-    it can be."""
+    taken from the main graph's own cost where it can be (MACs: its share counted like the
+    rest; ``main_full``, the cost model's, says whether there is any)."""
     from graphprune.pipeline import branches as branches_mode
-    from graphprune.verify.metrics import count_macs, count_params
+    from graphprune.verify.metrics import count_if_macs, count_macs, count_params
 
     def cost(model: Any) -> float:
         if options.kind == "params":
             return float(count_params(model))
-        return float(count_macs(model, None, session.cost_shapes()))
+        return float(count_macs(model, None, session.cost_shapes(), session.branches_taken))
 
     model = session.materialize(session.prepared)
-    before = cost(model)
-    found, _ = prune_session_branches(
-        session, lambda branch_session, _, **__: prune_budget(branch_session, options, verify=True, tolerance=tolerance),
-        model=model)
+    if calibrated is None:
+        found, _ = prune_session_branches(
+            session, lambda branch_session, _, **__: prune_budget(branch_session, options, verify=True,
+                                                                  tolerance=tolerance), model=model)
+    else:
+        found = prune_branches_with_data(
+            session, calibrated, lambda branch_session, data, branch_options: prune_budget(
+                branch_session, options, verify=True, tolerance=tolerance, calibration=data,
+                calibration_options=branch_options), model=model)
+    before = cost(model)  # (with calibration, counting the branches its samples take)
+    main = main_full if options.kind == "params" else before - float(
+        count_if_macs(model, None, session.cost_shapes(), session.branches_taken))
     branches_mode.apply(model, found)
     after = cost(model)
     goal = options.target
-    if main_full > 0 and before > 0:
-        goal = min(1.0, max(1e-3, (options.target * before - after + main_full) / main_full))
-    return found, {"cost_before": before, "cost_with_pruned_branches": after, "main_graph_cost": main_full,
+    if main_full > 0 and main > 0:
+        goal = min(1.0, max(1e-3, (options.target * before - after + main) / main))
+    return found, {"cost_before": before, "cost_with_pruned_branches": after, "main_graph_cost": main,
                    "main_graph_goal": round(goal, 4)}
 
 

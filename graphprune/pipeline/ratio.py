@@ -111,19 +111,24 @@ def attach_branches(session: Session, found: Any, model: Any = None) -> Any:
 MIN_BRANCH_SAMPLES = 4
 
 
-def _calibrated_branches(session: Session, calibrated: Any, options: RatioOptions, tolerance: float) -> Any:
-    """The ``If`` branches pruned with calibration data: each as a model of its own, with the
-    outer values it reads on the samples (used and held out) whose condition takes it
+def prune_branches_with_data(session: Session, calibrated: Any, prune_with: Any, model: Any = None) -> Any:
+    """The ``If`` branches pruned with calibration data: each as a model of its own by
+    ``prune_with(branch_session, samples, calibration_options)``, with the outer values it
+    reads on the samples (used and held out) whose condition takes it
     (:func:`graphprune.pipeline.branches.branch_calibration`); a branch too few samples take
-    is left as it is (said in the report)."""
+    is left as it is (said in the report). ``model``: the session's model materialised (by
+    default its exported one)."""
     import dataclasses
 
     from graphprune.errors import GraphPruneError
 
-    model = session.materialize(session.model)
+    model = session.materialize(session.model) if model is None else model
     samples = [*calibrated.calib.samples, *calibrated.calib.holdout]
     with session.stage("branches"):
         feeds = branches_mode.branch_calibration(model, samples)
+    session.branches_taken = {}  # MACs count the branches the data takes
+    for (name, attr), data in feeds.items():
+        session.branches_taken.setdefault(name, set()).update([attr] if data else [])
     branch_options = dataclasses.replace(calibrated.options, class_scores=())
 
     def prune_one(branch_session: Session, _: float, branch: tuple[str, str]) -> PruneResult:
@@ -131,10 +136,9 @@ def _calibrated_branches(session: Session, calibrated: Any, options: RatioOption
         if len(data) < MIN_BRANCH_SAMPLES:
             raise GraphPruneError(f"{len(data)} of {len(samples)} calibration samples take this branch "
                                   f"(at least {MIN_BRANCH_SAMPLES} needed): left as it is")
-        return prune_ratio(branch_session, options, verify=True, tolerance=tolerance, calibration=data,
-                           calibration_options=branch_options)
+        return prune_with(branch_session, data, branch_options)
 
-    found, _ = prune_session_branches(session, prune_one, options.ratio, model=model)
+    found, _ = prune_session_branches(session, prune_one, model=model)
     return found
 
 
@@ -351,10 +355,14 @@ def prune_ratio(
     if plan is None and session.model is not None and has_branches(session.model):
         if calibrated is None:
             branches, unbranched = prune_session_branches(
-                session, lambda branch_session, _, **__: prune_ratio(branch_session, options, verify=True, tolerance=tolerance),
+                session, lambda branch_session, _, **__: prune_ratio(branch_session, options, verify=True,
+                                                                     tolerance=tolerance),
                 options.ratio)
         else:  # each branch with the samples that take it, reconstructed on its own
-            calibrated_branches = _calibrated_branches(session, calibrated, options, tolerance)
+            calibrated_branches = prune_branches_with_data(
+                session, calibrated, lambda branch_session, data, branch_options: prune_ratio(
+                    branch_session, options, verify=True, tolerance=tolerance, calibration=data,
+                    calibration_options=branch_options))
     verification = (verify_with_branches(session, analysis, the_plan, tolerance, branches, unbranched,
                                          allow_noise=allow_noise) if verify else None)
     if calibrated_branches is not None and calibrated_branches.pruned and (verification is None

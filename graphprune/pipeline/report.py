@@ -147,8 +147,9 @@ def base_report(
     ctx: PassContext | None,
     store: Any = None,
     input_shapes: dict[str, Any] | None = None,
+    taken: dict[str, set[str]] | None = None,
 ) -> dict[str, Any]:
-    macs_before, macs_after, sized = count_macs_pair(before, after, store, input_shapes)
+    macs_before, macs_after, sized = count_macs_pair(before, after, store, input_shapes, taken)
     report: dict[str, Any] = {
         "mode": mode,
         "params_before": count_params(before),

@@ -188,6 +188,7 @@ class Session:
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
+        self.branches_taken: dict[str, set[str]] | None = None  # If branches the data takes
         self.debug = debug
         self.keep = normalize_keep(keep)
         self.timings: dict[str, float] = {}
@@ -562,7 +563,7 @@ class Session:
         report = reports.base_report(
             mode, self.prepared, self.model, plan,
             analysis if analysis is not None else self.analysis, self.ctx, self.store,
-            input_shapes=self.cost_shapes(),
+            input_shapes=self.cost_shapes(), taken=self.branches_taken,
         )
         report["params_before"] = self.params_as_loaded  # what the user's file held
         if self.normalised:

@@ -21,10 +21,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
-from graphprune.io.branch_models import branch_models
+from graphprune.io.branch_models import BRANCH_ATTRS, IF_OPS, branch_models
 from graphprune.rules import registry
 
-__all__ = ["count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
+__all__ = ["count_if_macs", "count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -120,31 +120,42 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
     return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
 
 
-def count_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None) -> int:
+def count_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None,
+               taken: dict[str, set[str]] | None = None) -> int:
     """Multiply-accumulates of one run (the main graph's nodes, as their rules count them; an
     ``If`` counts the costlier of its branches, each as a model of its own at the sizes its
     outer values have).
     ``store``: the weight store that ``model``'s external weights refer to (shapes behind a
     com.microsoft op are derived by probing, which reads the small constants);
-    ``input_shapes``: concrete shapes for inputs with open sizes (:func:`sized_shapes`)."""
-    return _count(model, store, input_shapes)[0]
+    ``input_shapes``: concrete shapes for inputs with open sizes (:func:`sized_shapes`);
+    ``taken``: the branches the model's data takes per ``If`` of the main graph (an ``If``
+    named there counts the costlier of those)."""
+    return _count(model, store, input_shapes, taken)[0]
+
+
+def count_if_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None,
+                  taken: dict[str, set[str]] | None = None) -> int:
+    """The part of :func:`count_macs` that the main graph's ``If`` nodes hold."""
+    return _count(model, store, input_shapes, taken, main=False)[0]
 
 
 def count_macs_pair(before: onnx.ModelProto, after: onnx.ModelProto, store: Any = None,
-                    input_shapes: dict[str, Any] | None = None) -> tuple[int, int, bool]:
+                    input_shapes: dict[str, Any] | None = None,
+                    taken: dict[str, set[str]] | None = None) -> tuple[int, int, bool]:
     """MACs of a model before and after a rewrite, both at ``input_shapes`` or — when either
     cannot be sized there (:func:`sized_shapes`) — both as :func:`counted_shape` counts them, so
     that their ratio compares like with like; the flag says whether they were sized."""
-    b, sized_b = _count(before, store, input_shapes)
-    a, sized_a = _count(after, store, input_shapes)
+    b, sized_b = _count(before, store, input_shapes, taken)
+    a, sized_a = _count(after, store, input_shapes, taken)
     if sized_a and sized_b:
         return b, a, True
     if sized_a or sized_b:
-        b, a = _count(before, store, None)[0], _count(after, store, None)[0]
+        b, a = _count(before, store, None, taken)[0], _count(after, store, None, taken)[0]
     return b, a, False
 
 
-def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | None) -> tuple[int, bool]:
+def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | None,
+           taken: dict[str, set[str]] | None = None, *, main: bool = True) -> tuple[int, bool]:
     graph = ir.import_graph(model, store)
     opset = ir.default_opset(model)
     if any((n.domain or "") not in ("", "ai.onnx") for n in graph.nodes) and any(
@@ -158,6 +169,7 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
         rule = registry.lookup(node.domain or "", node.op, opset)
         macs = rule.macs(node, shape) if rule is not None else None
         total += macs or 0
+    total = total if main else 0
     sized = shape is not counted_shape
     found = branch_models(model, input_shapes)
     if input_shapes and any(b is None for branches in found for b in branches):
@@ -166,8 +178,11 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
         from graphprune.analysis.shape_probe import probe_concrete_shapes
 
         found = branch_models(model, input_shapes, probe_concrete_shapes(graph, input_shapes))
-    for branches in found:
-        # the branch a run takes depends on a value, not on the graph: its costlier one
+    for node, branches in zip([n for n in model.graph.node if n.op_type in IF_OPS], found, strict=True):
+        # the branch a run takes depends on a value, not on the graph: its costlier one (of
+        # those the data takes, where that is known)
+        branches = [b for b, attr in zip(branches, BRANCH_ATTRS, strict=True)
+                    if taken is None or node.name not in taken or attr in taken[node.name]] or branches
         counts = [_count(b[0], store, b[1] or None) if b is not None else (0, False) for b in branches]
         total += max(c[0] for c in counts)
         sized = sized or any(c[1] for c in counts)
