@@ -430,11 +430,13 @@ class Session:
         return self._counting
 
     def cost_shape(self, graph: gs.Graph) -> Any:
-        """The shape function that counts ``graph`` (the prepared model's) at
-        :meth:`cost_shapes` (:func:`graphprune.verify.metrics.sized_shapes`)."""
+        """The shape function that counts ``graph`` (the prepared model's) at :meth:`cost_shapes`
+        (:func:`graphprune.verify.metrics.sized_shapes`); where the analysed graph cannot be
+        sized there (behind an ``If`` whose branches differ in rank), the loaded one's sizes."""
         from graphprune.verify.metrics import sized_shapes
 
-        return sized_shapes(self.prepared, graph, self.cost_shapes())
+        shape = sized_shapes(self.prepared, graph, self.cost_shapes(), or_none=True)
+        return shape or sized_shapes(self.prepared, ir.import_graph(self.prepared, self.store), self.cost_shapes())
 
     def verify_against(
         self,
