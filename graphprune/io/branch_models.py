@@ -13,10 +13,16 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["BRANCH_ATTRS", "IF_OPS", "all_reads", "branch_models", "outer_reads", "rename_reads", "standalone_branch"]
+__all__ = ["BRANCH_ATTRS", "IF_OPS", "all_reads", "branch_models", "if_nodes", "outer_reads", "rename_reads",
+           "standalone_branch"]
 
 BRANCH_ATTRS = ("then_branch", "else_branch")
 IF_OPS = ("If",)
+
+
+def if_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The ``If`` nodes of ``graph`` (not those of its subgraphs)."""
+    return [n for n in graph.node if n.op_type in IF_OPS]
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -116,7 +122,7 @@ def branch_models(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | N
     a branch whose outer values have no known shape."""
     from graphprune.io.tensor_protos import _detach
 
-    ifs = [n for n in model.graph.node if n.op_type in IF_OPS]
+    ifs = if_nodes(model.graph)
     if not ifs:
         return []
     skeleton, _ = _detach(model)

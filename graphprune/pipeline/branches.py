@@ -31,8 +31,8 @@ from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
 from graphprune.io.branch_models import (
     BRANCH_ATTRS,
-    IF_OPS,
     all_reads,
+    if_nodes,
     outer_reads,
     standalone_branch,
 )
@@ -41,7 +41,7 @@ from graphprune.io.shared_constants import share_subgraph_constants
 
 def has_branches(model: onnx.ModelProto) -> bool:
     """Whether the main graph has an ``If`` (whose branches :func:`prune_branches` prunes)."""
-    return any(n.op_type in IF_OPS for n in model.graph.node)
+    return bool(if_nodes(model.graph))
 
 
 @dataclass
@@ -124,7 +124,7 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
     from graphprune.io import model_io
 
     report = BranchReport()
-    ifs = [n for n in model.graph.node if n.op_type in IF_OPS]
+    ifs = if_nodes(model.graph)
     if not ifs:
         return report
     inferred = model_io.infer_shapes(model, inplace=False)
@@ -172,7 +172,7 @@ def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarra
     conditions exposed). A branch that no sample takes has none."""
     import onnxruntime as ort
 
-    ifs = [n for n in model.graph.node if n.op_type in IF_OPS]
+    ifs = if_nodes(model.graph)
     constants = {t.name for t in model.graph.initializer}
     given = {i.name for i in model.graph.input}
     reads = {(n.name, a.name): sorted(outer_reads(a.g) - constants)
@@ -182,7 +182,8 @@ def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarra
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in wanted if name not in outputs)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name)
+                              for name in wanted if name not in outputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -194,7 +195,8 @@ def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarra
         if wanted:
             values.update(zip(wanted, session.run(wanted, sample), strict=True))
         for node in ifs:
-            attr = BRANCH_ATTRS[0] if bool(np.asarray(values[node.input[0]]).reshape(-1)[0]) else BRANCH_ATTRS[1]
+            condition = bool(np.asarray(values[node.input[0]]).reshape(-1)[0])
+            attr = BRANCH_ATTRS[0] if condition else BRANCH_ATTRS[1]
             out[(node.name, attr)].append({name: values[name] for name in reads[(node.name, attr)]})
     return out
 

@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
-from graphprune.io.branch_models import BRANCH_ATTRS, IF_OPS, branch_models
+from graphprune.io.branch_models import BRANCH_ATTRS, branch_models, if_nodes
 from graphprune.rules import registry
 
 __all__ = ["count_if_macs", "count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
@@ -178,7 +178,7 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
         from graphprune.analysis.shape_probe import probe_concrete_shapes
 
         found = branch_models(model, input_shapes, probe_concrete_shapes(graph, input_shapes))
-    for node, branches in zip([n for n in model.graph.node if n.op_type in IF_OPS], found, strict=True):
+    for node, branches in zip(if_nodes(model.graph), found, strict=True):
         # the branch a run takes depends on a value, not on the graph: its costlier one (of
         # those the data takes, where that is known)
         branches = [b for b, attr in zip(branches, BRANCH_ATTRS, strict=True)
