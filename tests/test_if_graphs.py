@@ -150,6 +150,10 @@ def test_calibration_prunes_each_branch_with_the_samples_that_take_it() -> None:
     pruned = report["branches"]["pruned"]
     assert [b["branch"] for b in pruned] == ["then_branch"], report["branches"]
     assert pruned[0]["fidelity"]["samples"] > 0 and 0 < pruned[0]["fidelity"]["cosine"] <= 1
+    from graphprune.tables import prune_summary
+
+    assert "then_branch: 8 units removed" in prune_summary(report), prune_summary(report)
+    assert "its own held-out fidelity on" in prune_summary(report)
     assert any("else_branch: 0 of 24 calibration samples take this branch" in s
                for s in report["branches"]["skipped"]), report["branches"]["skipped"]
     assert report["fidelity"]["samples"] > 0 and report["fidelity"]["cosine"] > 0.5
