@@ -22,8 +22,11 @@ recurrences and counts the contrib ops) is the better one.
 
     python bench/budget_real.py                      # ~15 min on 2 CPU cores, target 0.5
     python bench/budget_real.py --target 0.7 --only ppocrv4_rec,ddddocr_crnn_lstm
+    python bench/budget_real.py --given-shapes --only silero_vad_v6   # as a user who gives the sizes
 
-Results: ``bench/results/budget_real.json`` (rows merged per entry and target) and a summary.
+Results: ``bench/results/budget_real.json`` (rows merged per entry and target) and a summary;
+with ``--given-shapes`` (graphprune is given the probe feed's shapes, ``--input-shape``, for the
+inputs that leave sizes open) ``bench/results/budget_real_given.json``.
 """
 
 from __future__ import annotations
@@ -135,7 +138,22 @@ def independent_macs(model, feed: dict) -> int:
     return total
 
 
-def worker(name: str, target: float) -> dict:
+def open_inputs(model) -> set[str]:
+    """Graph inputs with a dimension left open (a symbol, -1 or nothing)."""
+    inits = {i.name for i in model.graph.initializer}
+    found = set()
+    for value in model.graph.input:
+        if value.name in inits or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") or d.dim_value < 0
+                                                                for d in dims):
+            found.add(value.name)
+    return found
+
+
+def worker(name: str, target: float, given_shapes: bool = False) -> dict:
+    import numpy as np
     import onnx
 
     import graphprune
@@ -144,8 +162,12 @@ def worker(name: str, target: float) -> dict:
     original = onnx.load(str(path))
     feed = probe_feeds(original, BY_NAME[name].probe, seed=1, count=1)[0]
     row: dict = {"entry": name, "target": target, "feed": {k: list(v.shape) for k, v in feed.items()}}
+    given = ({k: list(v.shape) for k, v in feed.items() if k in open_inputs(original) and np.ndim(v)}
+             if given_shapes else None)
+    if given:
+        row["given_shapes"] = given
     try:
-        result = graphprune.prune(str(path), target_macs=target)
+        result = graphprune.prune(str(path), target_macs=target, input_shapes=given or None)
     except Exception as exc:  # a GraphPruneError is a clean refusal, anything else a crash
         row.update(ok=False, crash=not isinstance(exc, graphprune.GraphPruneError),
                    error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
@@ -168,15 +190,19 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated entry names")
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--given-shapes", action="store_true",
+                        help="give graphprune the probe feed's shapes of the inputs with open sizes")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("ROW " + json.dumps(worker(args.worker, args.target), default=str))
+        print("ROW " + json.dumps(worker(args.worker, args.target, args.given_shapes), default=str))
         return 0
+    results = RESULTS.with_name("budget_real_given.json") if args.given_shapes else RESULTS
     names = [n for n in args.only.split(",") if n] or [e.name for e in CORPUS if model_path(e.name).exists()]
     rows = []
     for name in names:
-        cmd = ["nice", "-n", "10", sys.executable, __file__, "--worker", name, "--target", str(args.target)]
+        cmd = ["nice", "-n", "10", sys.executable, __file__, "--worker", name, "--target", str(args.target),
+               *(["--given-shapes"] if args.given_shapes else [])]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout).stdout
             found = [line[4:] for line in out.splitlines() if line.startswith("ROW ")]
@@ -187,7 +213,7 @@ def main() -> int:
                    "error": f"timeout {args.timeout} s"}
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
-    old = json.loads(RESULTS.read_text()).get("rows", []) if RESULTS.exists() else []
+    old = json.loads(results.read_text()).get("rows", []) if results.exists() else []
     fresh = {(r["entry"], r["target"]): r for r in rows}
     merged = [fresh.pop((r["entry"], r["target"]), r) for r in old] + list(fresh.values())
     summary = {}
@@ -201,9 +227,9 @@ def main() -> int:
             "within_0.03_independently": sum(abs(r["indep_fraction"] - target) <= 0.03 for r in seen),
             "crashes": sum(bool(r.get("crash")) for r in these)}
     print(json.dumps(summary))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python bench/budget_real.py", "summary": summary, "rows": merged},
-                                  indent=1))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    command = "python bench/budget_real.py" + (" --given-shapes" if args.given_shapes else "")
+    results.write_text(json.dumps({"command": command, "summary": summary, "rows": merged}, indent=1))
     return 0
 
 

@@ -211,8 +211,11 @@ examples:
   graphprune bench model.onnx small.onnx                 interleaved, median and p90
   graphprune bench model.onnx small.onnx --threads 1 --runs 200
   graphprune bench model.onnx --batch 8 --provider cuda
+  graphprune bench rec.onnx small.onnx --input-shape x=1,3,48,320        sizes the model runs at
 
-A model whose batch axis is fixed runs its own batch; the table's batch column says which."""
+A model whose batch axis is fixed runs its own batch; the table's batch column says which. Where
+the first model does not run at the guessed sizes (images 224, sequences 8), sizes it runs at
+are chosen (and a mode switch the graph tests, such as a sample rate, gets the tested value)."""
 
 SWEEP_EPILOG = """\
 examples:
@@ -429,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed runs first, >= 0 (default: %(default)s)")
     p.add_argument("--batch", type=_int_at_least(1), default=1, metavar="N",
                    help="batch size for models with an open batch axis, >= 1 (default: %(default)s)")
+    p.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=1,3,48,320",
+                   help="the shape to time an input at (repeat per input; open sizes not given are "
+                        "guessed, or chosen so the first model runs)")
     _add_output_options(p)
     p.set_defaults(func=cmd_bench)
 

@@ -145,10 +145,14 @@ def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> Non
         taken[real] = option
 
 
-def _measure_latency(models: list[Any], provider: str, threads: int | None, runs: int) -> dict[str, Any]:
+def _measure_latency(models: list[Any], provider: str, threads: int | None, runs: int,
+                     input_shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Both models timed side by side, at ``input_shapes`` (the sizes the MACs were counted
+    at, where the inputs leave sizes open) or at sizes the original runs at."""
     from graphprune.verify.timing import time_models
 
-    before, after = time_models(models, provider=provider, warmup=5, runs=runs, threads=threads)
+    before, after = time_models(models, provider=provider, warmup=5, runs=runs, threads=threads,
+                                input_shapes=input_shapes)
     return {"before": before.to_dict(), "after": after.to_dict()}
 
 
@@ -197,7 +201,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.html or args.latency or args.provider != "cpu":
         progress("latency")
         latency = _measure_latency([source if original is not None else args.model, result.model],
-                                   args.provider, args.threads, args.latency_runs)
+                                   args.provider, args.threads, args.latency_runs,
+                                   {**(report.get("macs_input_shapes") or {}), **_shapes(args)[1]} or None)
         report["latency"] = latency
     result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
     if args.report:
@@ -258,9 +263,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         def progress(done: int, total: int) -> None:
             print(f"\rtiming {done}/{total}", end="" if done < total else "\n",
                   file=sys.stderr, flush=True)
+    if _shapes(args)[0]:
+        raise UsageError("bench --input-shape takes NAME=d0,d1,... (a graph input's name)")
     results = time_models(args.models, provider=args.provider, warmup=args.warmup,
                           runs=args.runs, batch=args.batch, threads=args.threads,
-                          progress=progress)
+                          progress=progress, input_shapes=_shapes(args)[1] or None)
     if args.json:
         print(_dump([{**r.to_dict(), "requested_batch": args.batch} for r in results]))
         return 0

@@ -66,8 +66,9 @@ def result_rows(report: Mapping[str, Any]) -> list[list[object]]:
 
 
 def macs_label(report: Mapping[str, Any]) -> str:
-    """"MACs", or with the input shapes they were counted at where the inputs leave sizes open."""
-    sized = report.get("macs_input_shapes")
+    """"MACs", or with the input shapes they were counted at where the inputs leave sizes open
+    (scalars, which have no size to say, left out)."""
+    sized = {name: shape for name, shape in (report.get("macs_input_shapes") or {}).items() if len(shape)}
     return "MACs" if not sized else "MACs at " + ", ".join(
         f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in sized.items())
 

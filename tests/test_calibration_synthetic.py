@@ -176,11 +176,38 @@ def rate_switched_model() -> onnx.ModelProto:
 
 
 def test_synthetic_feeds_run_at_sizes_chosen_with_their_own_values():
-    """Verification's random ``sr`` (0 or 1) runs the model at T = 8; the synthetic 16000 takes
-    the framed branch, which cannot run there ("the original model does not run", exit 3). The
-    sizes are chosen again with the synthetic values."""
+    """The synthetic 16000 takes the framed branch, which cannot run at the guessed T = 8:
+    the sizes are chosen with that value (verification feeds it too: the graph tests ``sr``
+    for 16000)."""
     result = graphprune.prune(rate_switched_model(), ratio=0.5, calibration="random:8")
     assert result.report["verification"]["ok"]
     source = result.report["calibration"]["source"]
     assert "x [1, 16, 4]" in source and "sr [] = 16000" in source, source
     assert result.report["channels"]["removed"] > 0
+
+
+def test_tested_values_are_found_through_casts_for_small_integer_inputs():
+    """``Equal(Cast(sr), 16000)`` and ``Equal(flag, True)`` name their constants; a token-id
+    matrix compared with a pad id is no mode switch, and neither is a comparison of two
+    computed values."""
+    nodes = [helper.make_node("Cast", ["sr"], ["sr32"], to=TensorProto.INT32),
+             helper.make_node("Equal", ["sr32", "rate"], ["is_16k"]),
+             helper.make_node("Equal", ["sr32", "rate8"], ["is_8k"]),
+             helper.make_node("Equal", ["flag", "yes"], ["on"]),
+             helper.make_node("Equal", ["ids", "pad"], ["is_pad"]),
+             helper.make_node("Equal", ["other", "sr"], ["same"])]
+    graph = helper.make_graph(
+        nodes, "switches",
+        [helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [1]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "seq"]),
+         helper.make_tensor_value_info("other", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info(n, TensorProto.BOOL, None) for n in ("is_16k", "is_8k", "on", "is_pad", "same")],
+        [numpy_helper.from_array(np.array(16000, np.int32), "rate"),
+         numpy_helper.from_array(np.array([8000], np.int32), "rate8"),
+         numpy_helper.from_array(np.array(True), "yes"), numpy_helper.from_array(np.array(0, np.int64), "pad")])
+    found = synthetic.tested_values(gs.import_onnx(helper.make_model(graph)), 17)
+    assert found == {"sr": [16000, 8000], "flag": [True]}
+    specs = [InputSpec("sr", [], np.dtype(np.int64)), InputSpec("flag", [1], np.dtype(np.bool_))]
+    (feed,) = synthetic.synthetic_feeds(specs, {"sr": (), "flag": (1,)}, {}, count=1, tested=found)
+    assert feed["sr"].dtype == np.int64 and int(feed["sr"]) == 16000 and feed["flag"].tolist() == [True]

@@ -197,3 +197,106 @@ def test_a_calibrated_budget_counts_the_branches_its_data_takes() -> None:
     assert report["fidelity"]["samples"] > 0
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(run(result.model, False, x), run(model, False, x))
+
+
+def mode_switch_model() -> onnx.ModelProto:
+    """A silero-like mode switch: ``If(Equal(mode, 2))`` over an int64 scalar ``mode``; the
+    then branch reshapes the signal ``x`` ``[1, n]`` to ``[1, 8, 64]`` (it runs only at
+    n = 512), the else branch to ``[1, 8, 32]`` (n = 256); each then ``Conv1d(8 -> 16) ->
+    Relu -> Conv1d(16 -> 4)``. A random 0 or 1 for ``mode`` takes the else branch."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    def branch(tag: str, length: int) -> onnx.GraphProto:
+        nodes = [helper.make_node("Reshape", ["x", f"s{tag}"], [f"f{tag}"]),
+                 helper.make_node("Conv", [f"f{tag}", f"w1{tag}"], [f"a{tag}"], name=f"c1{tag}", pads=[1, 1]),
+                 helper.make_node("Relu", [f"a{tag}"], [f"r{tag}"]),
+                 helper.make_node("Conv", [f"r{tag}", f"w2{tag}"], [f"y{tag}"], name=f"c2{tag}", pads=[1, 1])]
+        return helper.make_graph(nodes, f"branch{tag}", [],
+                                 [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, None)],
+                                 [numpy_helper.from_array(np.array([1, 8, length], np.int64), f"s{tag}"),
+                                  weight(f"w1{tag}", (16, 8, 3)), weight(f"w2{tag}", (4, 16, 3))])
+
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["mode", "two"], ["is_two"]),
+         helper.make_node("If", ["is_two"], ["y"], name="if", then_branch=branch("t", 64),
+                          else_branch=branch("e", 32))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"]),
+              helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "length"])],
+        [numpy_helper.from_array(np.array(2, np.int64), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_mode(model: onnx.ModelProto, mode: int, n: int) -> np.ndarray:
+    x = np.random.default_rng(3).standard_normal((1, n)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "mode": np.array(mode, np.int64)})[0]
+
+
+def test_a_mode_switch_is_fed_the_value_the_graph_tests_for() -> None:
+    """Verification feeds ``mode`` the 2 the graph compares it with (a random 0 or 1 takes
+    the else branch, which does not run on the 512 samples given), and the else branch,
+    which does not run at the given size, is pruned at sizes of its own."""
+    from graphprune.calibration.synthetic import tested_values
+    from graphprune.io import ir
+
+    model = mode_switch_model()
+    assert tested_values(ir.import_graph(model), 17) == {"mode": [2]}
+    result = graphprune.prune(model, ratio=0.5, input_shapes={"x": [1, 512]})
+    report = result.report
+    assert report["verification"]["ok"] is True
+    assert sorted(b["branch"] for b in report["branches"]["pruned"]) == ["else_branch", "then_branch"]
+    onnx.checker.check_model(result.model, full_check=True)
+    assert run_mode(result.model, 2, 512).shape == run_mode(model, 2, 512).shape == (1, 4, 64)
+    assert run_mode(result.model, 0, 256).shape == run_mode(model, 0, 256).shape == (1, 4, 32)
+    # the then branch at 512 samples: (16 x 8 + 4 x 16) x 3 taps x 64 positions
+    assert report["macs_before"] == (16 * 8 + 4 * 16) * 3 * 64
+
+
+def test_synthetic_calibration_feeds_a_mode_switch_the_tested_value() -> None:
+    model = mode_switch_model()
+    result = graphprune.prune(model, ratio=0.5, input_shapes={"x": [1, 512]}, calibration="random:16")
+    report = result.report
+    assert report["verification"]["ok"] is True
+    assert "mode [] = 2" in report["calibration"]["source"], report["calibration"]
+    assert [b["branch"] for b in report["branches"]["pruned"]] == ["then_branch"]
+    assert report["fidelity"]["samples"] > 0
+
+
+def test_timing_chooses_the_tested_value_and_sizes_the_model_runs_at(tmp_path) -> None:
+    """The guessed feed (``x [1, 8]``, ``mode`` 0 or 1) does not run: timing feeds ``mode`` the
+    tested 2 and sizes ``x`` where the model runs (before: ``InvalidModelError``), or at the
+    given sizes; at sizes where no branch runs it says to give them."""
+    from graphprune.errors import InvalidModelError
+    from graphprune.verify.timing import time_models
+
+    model = mode_switch_model()
+    path = tmp_path / "switch.onnx"
+    onnx.save(model, path)
+    for given in (None, {"x": [1, 512]}, {"x": [1, 256]}):
+        (result,) = time_models([path], warmup=1, runs=2, input_shapes=given)
+        assert result.median_ms > 0
+    with pytest.raises(InvalidModelError, match="--input-shape"):
+        time_models([path], warmup=1, runs=2, input_shapes={"x": [1, 100]})
+
+
+def test_cli_prune_with_latency_on_a_model_that_needs_chosen_inputs(tmp_path) -> None:
+    """``prune --latency`` times at the sizes the MACs were counted at, with the mode switch
+    at its tested value (before: exit 2 after a successful prune, and no output written)."""
+    import json
+
+    from graphprune.cli import main
+
+    source, out, report = tmp_path / "switch.onnx", tmp_path / "small.onnx", tmp_path / "report.json"
+    onnx.save(mode_switch_model(), source)
+    code = main(["prune", str(source), "-o", str(out), "--input-shape", "x=1,512", "--latency",
+                 "--latency-runs", "3", "--report", str(report), "-q"])
+    assert code == 0 and out.is_file()
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["before"]["median_ms"] > 0 and latency["after"]["median_ms"] > 0
+    assert main(["bench", str(source), str(out), "--runs", "2", "--warmup", "1", "-q"]) == 0

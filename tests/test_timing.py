@@ -87,7 +87,7 @@ def test_models_share_feeds(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ort.InferenceSession, "run", spy)
     time_models([conv_relu_model(4, "a"), conv_relu_model(8, "b")], warmup=0, runs=2)
-    assert len(seen) == 4
+    assert len(seen) == 5  # a trial run of the first model (does it run at these sizes?), then 2 rounds of 2
     assert all(array is seen[0] for array in seen)
 
 

@@ -116,27 +116,33 @@ def choose_input_shapes(
     *,
     seed: int = 0,
     feed: Callable[[dict[str, tuple[int, ...]]], dict] | None = None,
+    values: Mapping[str, Any] | None = None,
+    session: Any = None,
 ) -> dict[str, tuple[int, ...]] | None:
     """Input shapes the model at ``model_path`` runs with (ONNX Runtime, CPU), or ``None``
     when nothing needed choosing or no candidate runs (the caller's guess stays). ``feed``
-    makes the values tried at some shapes (default: verification's random feeds)."""
+    makes the values tried at some shapes (default: verification's random feeds, with the
+    inputs of ``values`` filled with those); ``session``: an ONNX Runtime session of the model
+    to run them with (default: one on the CPU from ``model_path``)."""
     tries = candidate_shapes(specs, given)
     if len(tries) == 1:
         return None
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception:
-        return None
+    if session is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception:
+            return None
     started = time.perf_counter()
     for count, shapes in enumerate(tries):
         if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
             break
         try:
-            feeds = feed(shapes) if feed is not None else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes)[0]
+            feeds = (feed(shapes) if feed is not None
+                     else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values)[0])
             session.run(None, feeds)
         except Exception:
             continue

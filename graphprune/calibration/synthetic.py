@@ -22,9 +22,12 @@ running it on them; deterministic for a model:
   uniform over the table's rows; one named like a position (``position``) counts up along its
   last axis, one named like a segment (``token_type``, ``segment``) is all zeros;
 * integer or boolean inputs named like a mask (``mask``): all ones (everything attended);
+* a small integer or boolean input that the graph tests for equality with a constant (a mode
+  switch ahead of an ``If``: silero's ``Equal(sr, 16000)``, :func:`tested_values`): that
+  constant, as verification feeds it;
 * a small integer input named like a length (``len``): the sequence length of the other
   inputs (the token ids' last axis, else the longest second axis); one named like a sample
-  rate (``sr``, ``sample_rate``): 16000;
+  rate (``sr``, ``sample_rate``) that the graph does not test: 16000;
 * any other integer or boolean input: 0 or 1 at random, as verification feeds it.
 
 The fidelity the report gives is then measured on held-out *random* inputs: how well the
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,7 +46,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.errors import UsageError
 from graphprune.io.feeds import InputSpec
-from graphprune.rules.registry import lookup
+from graphprune.rules.registry import OpRule, lookup
 
 #: feeds made when ``random`` names no count
 DEFAULT_COUNT = 128
@@ -88,10 +91,10 @@ def parse(source: Any) -> Spec | None:
     return Spec(count, (low, high))
 
 
-def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
-    """Graph input name -> number of table rows its values index (the smallest table found
-    within :data:`MAX_DEPTH` nodes, through nodes that carry values unchanged)."""
-    bounds: dict[str, int] = {}
+def _readers(graph: gs.Graph, opset: int) -> Iterator[tuple[gs.Tensor, gs.Node, OpRule, int]]:
+    """``(graph input, node, its rule, input index)`` for every node that reads a graph
+    input's values within :data:`MAX_DEPTH` nodes, through nodes that carry values unchanged
+    (reshapes, casts: :meth:`~graphprune.rules.registry.OpRule.carries_values`)."""
     for source in graph.inputs:
         frontier, seen = [(source, 0)], {source.name}
         while frontier:
@@ -102,16 +105,76 @@ def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
                     continue
                 positions = [i for i, t in enumerate(node.inputs) if t is tensor]
                 for index in positions:
-                    bound = rule.index_bound(node, index)
-                    if bound:
-                        bounds[source.name] = min(bound, bounds.get(source.name, bound))
+                    yield source, node, rule, index
                 if depth + 1 >= MAX_DEPTH or not set(positions) & set(rule.carries_values(node)):
                     continue
                 out = node.outputs[0] if node.outputs else None
                 if out is not None and out.name not in seen:
                     seen.add(out.name)
                     frontier.append((out, depth + 1))
+
+
+def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
+    """Graph input name -> number of table rows its values index (the smallest table found
+    within :data:`MAX_DEPTH` nodes, through nodes that carry values unchanged)."""
+    bounds: dict[str, int] = {}
+    for source, node, rule, index in _readers(graph, opset):
+        bound = rule.index_bound(node, index)
+        if bound:
+            bounds[source.name] = min(bound, bounds.get(source.name, bound))
     return bounds
+
+
+def tested_values(graph: gs.Graph, opset: int) -> dict[str, list[Any]]:
+    """Graph input name -> the constants its value is tested for equality with (in graph
+    order, each once), for integer and boolean inputs of at most one element: a mode switch
+    such as silero's ``Equal(sr, 16000)`` ahead of an ``If``
+    (:meth:`~graphprune.rules.registry.OpRule.tested_value`). Such an input is fed the first
+    of them, by verification and by synthetic calibration alike, so the model takes a branch
+    a real feed takes."""
+    found: dict[str, list[Any]] = {}
+    for source, node, rule, index in _readers(graph, opset):
+        if not _small_switch(source):
+            continue
+        value = rule.tested_value(node, index)
+        if value is None:
+            continue
+        values = found.setdefault(source.name, [])
+        if value.item() not in values:
+            values.append(value.item())
+    return found
+
+
+def first_tested_values(model: Any) -> dict[str, Any]:
+    """:func:`tested_values` of ``model`` (a ModelProto or a path; weights not read), the
+    first value of each input: what verification and timing feed a mode switch."""
+    import onnx
+
+    from graphprune.io.feeds import input_specs
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    small = [s for s in input_specs(model) if (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)
+             and s.shape is not None and all(d == 1 for d in s.shape)]
+    if not small:
+        return {}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    try:
+        found = tested_values(gs.import_onnx(model), opset)
+    except Exception:  # a graph graphsurgeon cannot read (its constants in external data): no values
+        return {}
+    return {name: values[0] for name, values in found.items()}
+
+
+def _small_switch(tensor: gs.Tensor) -> bool:
+    """An integer or boolean tensor declared with at most one element."""
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        return False
+    if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_) or tensor.shape is None:
+        return False
+    return all(isinstance(d, int | np.integer) and d == 1 for d in tensor.shape)
 
 
 def _sequence_length(name: str, shapes: Mapping[str, tuple[int, ...]], bounds: Mapping[str, int]) -> int:
@@ -146,8 +209,10 @@ def synthetic_feeds(
     count: int,
     seed: int = 0,
     float_range: tuple[float, float] | None = None,
+    tested: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``count`` random feeds for ``specs`` at ``shapes`` (see the module docstring)."""
+    """``count`` random feeds for ``specs`` at ``shapes`` (see the module docstring);
+    ``tested``: :func:`tested_values` (an input listed there gets its first value)."""
     rng = np.random.default_rng(seed)
     lengths = {spec.name: _sequence_length(spec.name, shapes, bounds) for spec in specs}
     feeds = []
@@ -155,7 +220,9 @@ def synthetic_feeds(
         feed = {}
         for spec in specs:
             shape = tuple(shapes[spec.name])
-            if spec.dtype == np.bool_:
+            if tested and tested.get(spec.name):
+                value = np.full(shape, tested[spec.name][0], dtype=spec.dtype)
+            elif spec.dtype == np.bool_:
                 value = (np.ones(shape, dtype=bool) if "mask" in spec.name.lower()
                          else rng.random(shape) < 0.5)
             elif np.issubdtype(spec.dtype, np.floating):

@@ -19,7 +19,7 @@ is an ``np.ndarray``, a scalar input one of shape ``()``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -210,6 +210,7 @@ def make_feeds_from_specs(
     count: int = 1,
     int_high: int = 2,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` feeds of random values for ``specs`` (see :func:`make_feeds`)."""
     if count < 1:
@@ -220,7 +221,9 @@ def make_feeds_from_specs(
     rng = np.random.default_rng(seed)
     return [
         {
-            spec.name: _random(rng, shapes[spec.name], spec.dtype, int_high, spec.name)
+            spec.name: (np.full(shapes[spec.name], values[spec.name], dtype=spec.dtype)
+                        if values and spec.name in values
+                        else _random(rng, shapes[spec.name], spec.dtype, int_high, spec.name))
             for spec in specs
         }
         for _ in range(count)
@@ -236,11 +239,13 @@ def make_feeds(
     count: int = 1,
     int_high: int = 2,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for every non-initializer graph input of ``model``.
 
     Floats are standard normal, integers uniform in ``[0, int_high)`` (token ids, indices),
-    booleans fair coin flips. The same seed gives the same feeds.
+    booleans fair coin flips; an input named in ``values`` is filled with that value (a mode
+    switch the graph tests: a sample rate). The same seed gives the same feeds.
     """
     return make_feeds_from_specs(
         input_specs(model),
@@ -250,6 +255,7 @@ def make_feeds(
         count=count,
         int_high=int_high,
         input_shapes=input_shapes,
+        values=values,
     )
 
 

@@ -408,7 +408,8 @@ def _measured_latency_ratio(session: Session, candidate: Session, options: Budge
     with session.stage("latency check"):
         original, pruned = time_models(
             [session.path_of(session.prepared), candidate.path_of(candidate.model)],
-            provider=options.provider, warmup=3, runs=options.latency_runs, threads=options.threads)
+            provider=options.provider, warmup=3, runs=options.latency_runs, threads=options.threads,
+            input_shapes=session.cost_shapes(), values=session.tested_values() or None)
     return pruned.median_ms / original.median_ms if original.median_ms > 0 else 1.0
 
 
@@ -419,7 +420,8 @@ def _side_by_side_ratios(session: Session, candidates: list[Session], options: B
     with session.stage("latency check"):
         paths = [session.path_of(session.prepared), *(c.path_of(c.model) for c in candidates)]
         original, *timed = time_models(paths, provider=options.provider, warmup=3,
-                                       runs=options.latency_runs, threads=options.threads)
+                                       runs=options.latency_runs, threads=options.threads,
+                                       input_shapes=session.cost_shapes(), values=session.tested_values() or None)
     return [t.median_ms / original.median_ms if original.median_ms > 0 else 1.0 for t in timed]
 
 

@@ -135,10 +135,11 @@ class CalibratedRun:
         shapes = {k: tuple(np.shape(v)) for k, v in session.feeds(count=1)[0].items()}
         graph = session.graph if session.graph is not None else session.import_graph()
         bounds = synthetic.index_bounds(graph, session.opset)
+        tested = synthetic.tested_values(graph, session.opset)
         specs = input_specs(session.prepared)
 
         def feeds_at(at: dict[str, tuple[int, ...]], count: int) -> list[dict[str, np.ndarray]]:
-            return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range)
+            return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range, tested=tested)
 
         # the sizes verification runs at were chosen with its own values; where the synthetic
         # ones choose another branch (silero's sample rate: 16000 needs 512 samples, not 128),

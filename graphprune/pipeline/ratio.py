@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, targets
+from graphprune.errors import InvalidModelError
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.pipeline import branches as branches_mode
@@ -74,15 +75,29 @@ def prune_session_branches(session: Session, prune_one: Any, ratio: float = 0.5,
                            model: Any = None) -> tuple[Any, Any]:
     """Prune the ``If`` branches of the session's exported model
     (:mod:`graphprune.pipeline.branches`) with ``prune_one(branch_session, ratio)``, each
-    verified on its own; the branch sessions get the caller's input shapes of the outer
-    values they read. ``model``: prune the branches of this model (materialised: weights in
+    verified on its own; the branch sessions get the sizes of the outer values they read
+    that the whole model is counted at (the caller's input shapes, else
+    :meth:`Session.cost_shapes`: a budget prunes each branch to a fraction of its cost
+    there, and a fixed-cost LSTM beside convolutions makes that fraction depend on the
+    length), and choose their own where the branch does not run at those (the branch a mode
+    switch takes for other inputs: silero's 8 kHz branch does not run on the 512 samples
+    given for 16 kHz). ``model``: prune the branches of this model (materialised: weights in
     the proto) and leave the session's model alone (:func:`attach_branches` puts them in
     later). Return the branch report and the session's model without them. ``prune_one``
     may take ``branch=(if_name, attr)`` (which branch it prunes)."""
     def prune_branch(branch_model: Any, ratio: float, branch: tuple[str, str]) -> PruneResult:
         names = {i.name for i in branch_model.graph.input}
-        shapes = {k: v for k, v in (session.input_shapes or {}).items() if k in names}
-        return prune_one(Session(branch_model, input_shapes=shapes or None), ratio, branch=branch)
+        sizes = session.input_shapes or session.cost_shapes() or {}
+        shapes = {k: v for k, v in sizes.items() if k in names}
+        try:
+            return prune_one(Session(branch_model, input_shapes=shapes or None), ratio, branch=branch)
+        except InvalidModelError as exc:
+            if not shapes:
+                raise
+            try:
+                return prune_one(Session(branch_model), ratio, branch=branch)
+            except InvalidModelError:
+                raise exc from None
 
     with session.stage("branches"):
         if model is not None:

@@ -186,6 +186,7 @@ class Session:
         self._probe_shapes: dict[str, Any] | None | bool = False
         self._counting: dict[str, Any] | None | bool = False  # see cost_shapes
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
+        self._tested: dict[str, Any] | None = None  # see tested_values
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
         self.branches_taken: dict[str, set[str]] | None = None  # If branches the data takes
@@ -376,7 +377,8 @@ class Session:
             from graphprune.io.feeds import input_specs
 
             started = time.perf_counter()  # no progress line: part of the stage running
-            chosen = choose_input_shapes(self.path_of(self.original), input_specs(self.original), self.input_shapes)
+            chosen = choose_input_shapes(self.path_of(self.original), input_specs(self.original), self.input_shapes,
+                                         values=self.tested_values())
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
         return self._probe_shapes or None
@@ -386,7 +388,24 @@ class Session:
         :meth:`run_shapes`; a dynamic batch of 2 where channels are merged with it
         (:attr:`Analysis.merges_batch`)."""
         shapes = self.run_shapes()  # first: the batch is tried at these sizes
-        return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes)
+        return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes,
+                          values=self.tested_values())
+
+    def tested_values(self) -> dict[str, Any]:
+        """Small integer or boolean inputs the graph tests for equality with a constant (a
+        mode switch ahead of an ``If``: silero's ``Equal(sr, 16000)``), each with the first
+        such constant: verification feeds them that, not a random 0 or 1 that takes a branch
+        no real feed takes (:func:`graphprune.calibration.synthetic.tested_values`)."""
+        if self._tested is None:
+            from graphprune.calibration.synthetic import tested_values
+            from graphprune.io.feeds import input_specs
+
+            self._tested = {}
+            if any((np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_) and s.shape is not None
+                   and all(d == 1 for d in s.shape) for s in input_specs(self.original)):
+                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
+                self._tested = {name: values[0] for name, values in tested_values(graph, self.opset).items()}
+        return self._tested
 
     def _verify_batch(self) -> int:
         """2 where channels are merged with a dynamic batch and the original runs at batch 2
@@ -396,7 +415,8 @@ class Session:
         if self._batch is None:
             self._batch = 1
             if self.analysis.merges_batch:
-                feeds = make_feeds(self.original, seed=0, batch=2, count=1, input_shapes=self.run_shapes())
+                feeds = make_feeds(self.original, seed=0, batch=2, count=1, input_shapes=self.run_shapes(),
+                                   values=self.tested_values())
                 if not any(v.ndim and v.shape[0] == 2 for v in feeds[0].values()):
                     return self._batch  # the given shapes fix the batch: nothing to try
                 try:

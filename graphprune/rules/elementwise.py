@@ -288,6 +288,18 @@ class BroadcastRule(OpRule):
             return [None]
         return za.elementwise(node, ctx, za.float32(fn), absorbing_zero=node.op == "Mul")
 
+    def tested_value(self, node: gs.Node, index: int) -> np.ndarray | None:
+        """``Equal(x, c)`` with a constant ``c`` of one element: ``c`` for ``x``."""
+        if node.op != "Equal" or len(node.inputs) != 2 or index not in (0, 1):
+            return None
+        other = node.inputs[1 - index]
+        if not isinstance(other, gs.Constant) and len(other.inputs) == 1 and other.inputs[0].op == "Constant":
+            other = other.inputs[0].attrs.get("value")  # an unfolded Constant node (a model as loaded)
+        if not isinstance(other, gs.Constant):
+            return None
+        value = np.asarray(other.values)
+        return value.reshape(()) if value.size == 1 else None
+
     def neutral_operand(self, node: gs.Node, index: int) -> float | None:
         if len(node.inputs) != 2:
             return None

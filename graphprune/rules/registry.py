@@ -409,6 +409,14 @@ class OpRule:
         default): the input is no such index."""
         return None
 
+    def tested_value(self, node: gs.Node, index: int) -> np.ndarray | None:
+        """The constant that input ``index`` is tested for equality with (``Equal(sr, 16000)``
+        ahead of an ``If``: a mode switch), so that value is one the input is meant to take:
+        what verification and synthetic calibration feed a small integer graph input read
+        this way, instead of a random 0 or 1 that takes a branch no real feed takes. ``None``
+        (the default): no such test."""
+        return None
+
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
         """Inputs whose values output 0 holds unchanged, only moved or cast (a ``Reshape``,
         ``Unsqueeze``, ``Cast``): an index bound found past the node applies to them.

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +162,15 @@ FeedCache = dict[tuple[str, tuple[int, ...], str], np.ndarray]
 
 
 def _feeds(
-    specs: list[InputSpec], cache: FeedCache, *, seed: int, batch: int
+    specs: list[InputSpec], cache: FeedCache, *, seed: int, batch: int,
+    input_shapes: Mapping[str, Sequence[int]] | None = None, values: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Feeds for one model; inputs with the same name, shape and dtype share one array."""
-    shapes = resolve_shapes(specs, batch=batch)
+    """Feeds for one model; inputs with the same name, shape and dtype share one array.
+    ``input_shapes``: sizes for some inputs (others guessed); ``values``: inputs filled with
+    one value (a mode switch the graph tests)."""
+    names = {spec.name for spec in specs}
+    given = {name: shape for name, shape in (input_shapes or {}).items() if name in names}
+    shapes = resolve_shapes(specs, batch=batch, input_shapes=given or None)
     feeds = {}
     for spec in specs:
         shape = shapes[spec.name]
@@ -173,9 +178,45 @@ def _feeds(
         if key not in cache:
             concrete = InputSpec(spec.name, list(shape), spec.dtype)
             input_seed = seed + zlib.crc32(spec.name.encode())
-            cache[key] = make_feeds_from_specs([concrete], seed=input_seed)[0][spec.name]
+            cache[key] = make_feeds_from_specs([concrete], seed=input_seed, values=values)[0][spec.name]
         feeds[spec.name] = cache[key]
     return feeds
+
+
+def _runnable_feeds(
+    model: str | Path | onnx.ModelProto, session: ort.InferenceSession, name: str, specs: list[InputSpec],
+    feeds: dict[str, np.ndarray], *, seed: int, input_shapes: Mapping[str, Sequence[int]] | None,
+    values: Mapping[str, Any] | None,
+) -> tuple[dict[str, tuple[int, ...]] | None, Mapping[str, Any] | None]:
+    """The input sizes and values to time at: ``None`` (as guessed) where the first model runs
+    on ``feeds``; else the values its graph tests its mode switches for (unless given) and,
+    where it still does not run, sizes it runs at
+    (:func:`~graphprune.analysis.probe_sizes.choose_input_shapes`) — an OCR recogniser built
+    for height 48, silero's 16 kHz branch. Raises :class:`InvalidModelError` when none runs."""
+    from graphprune.analysis.probe_sizes import choose_input_shapes
+    from graphprune.calibration.synthetic import first_tested_values
+
+    try:
+        session.run(None, feeds)
+        return None, values
+    except Exception as exc:
+        failure = exc
+    if values is None:
+        values = first_tested_values(model) or None
+    if values:
+        try:
+            session.run(None, _feeds(specs, {}, seed=seed, batch=1, input_shapes=input_shapes, values=values))
+            return dict(input_shapes or {}), values
+        except Exception as exc:
+            failure = exc
+    names = {spec.name for spec in specs}
+    given = {k: v for k, v in (input_shapes or {}).items() if k in names} or None
+    chosen = choose_input_shapes(None, specs, given, seed=seed, values=values, session=session)
+    if chosen is None:
+        raise InvalidModelError(
+            f"ONNX Runtime failed to run '{name}': {failure} (give the input sizes it runs at with "
+            "--input-shape NAME=d0,d1,...)") from failure
+    return chosen, values
 
 
 def time_models(
@@ -188,10 +229,16 @@ def time_models(
     threads: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> list[TimingResult]:
     """Time each model with ONNX Runtime; one result per model, in the order given.
 
     ``progress(done, total)`` is called after each round (``total = warmup + runs``).
+    ``input_shapes``: sizes of inputs the models leave open (others guessed: batch ``batch``,
+    images 224, sequences 8); ``values``: inputs fed one value (a mode switch). Where the first
+    model does not run at the guess, the values its graph tests for and sizes it runs at are
+    chosen, and every model is timed at those.
     """
     if not models:
         raise UsageError("no models to time")
@@ -213,7 +260,17 @@ def time_models(
         ]
         cache: FeedCache = {}
         specs = [_specs(session, name) for session, name in zip(sessions, names, strict=True)]
-        feeds = [_feeds(spec, cache, seed=seed, batch=batch) for spec in specs]
+        feeds = [_feeds(spec, cache, seed=seed, batch=batch, input_shapes=input_shapes, values=values)
+                 for spec in specs]
+        chosen, values = _runnable_feeds(models[0], sessions[0], names[0], specs[0], feeds[0], seed=seed,
+                                         input_shapes=input_shapes, values=values)
+        if chosen is not None:  # at the batch asked for where the batch axis is open
+            opened = {spec.name for spec in specs[0] if spec.shape and not isinstance(spec.shape[0], int)}
+            chosen = {k: (batch, *v[1:]) if k in opened and len(v) and k not in (input_shapes or {}) else tuple(v)
+                      for k, v in chosen.items()}
+            cache = {}
+            feeds = [_feeds(spec, cache, seed=seed, batch=batch, input_shapes=chosen, values=values)
+                     for spec in specs]
         batches = [
             _actual_batch(spec, {key: value.shape for key, value in feed.items()}, batch)
             for spec, feed in zip(specs, feeds, strict=True)
