@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -145,22 +145,23 @@ def tested_values(graph: gs.Graph, opset: int) -> dict[str, list[Any]]:
     return found
 
 
-def first_tested_values(model: Any) -> dict[str, Any]:
+def first_tested_values(model: Any, graph: Callable[[], gs.Graph] | None = None) -> dict[str, Any]:
     """:func:`tested_values` of ``model`` (a ModelProto or a path; weights not read), the
-    first value of each input: what verification and timing feed a mode switch."""
+    first value of each input: what verification and timing feed a mode switch. ``graph``
+    gives the model's graph (default: graphsurgeon's import of it); it is made only where
+    the model has a small integer or boolean input."""
     import onnx
 
     from graphprune.io.feeds import input_specs
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
-    small = [s for s in input_specs(model) if (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)
-             and s.shape is not None and all(d == 1 for d in s.shape)]
-    if not small:
+    if not any((np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_) and s.shape is not None
+               and all(d == 1 for d in s.shape) for s in input_specs(model)):
         return {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:
-        found = tested_values(gs.import_onnx(model), opset)
+        found = tested_values(graph() if graph is not None else gs.import_onnx(model), opset)
     except Exception:  # a graph graphsurgeon cannot read (its constants in external data): no values
         return {}
     return {name: values[0] for name, values in found.items()}

@@ -32,6 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, analyze_graph
+from graphprune.calibration.synthetic import first_tested_values
 from graphprune.errors import (
     GraphPruneError,
     InvalidModelError,
@@ -392,19 +393,11 @@ class Session:
                           values=self.tested_values())
 
     def tested_values(self) -> dict[str, Any]:
-        """Small integer or boolean inputs the graph tests for equality with a constant (a
-        mode switch ahead of an ``If``: silero's ``Equal(sr, 16000)``), each with the first
-        such constant: verification feeds them that, not a random 0 or 1 that takes a branch
-        no real feed takes (:func:`graphprune.calibration.synthetic.tested_values`)."""
+        """Mode switches fed the constant the graph tests them for (silero's ``Equal(sr, 16000)``),
+        not a random 0 or 1 (:func:`graphprune.calibration.synthetic.first_tested_values`)."""
         if self._tested is None:
-            from graphprune.calibration.synthetic import tested_values
-            from graphprune.io.feeds import input_specs
-
-            self._tested = {}
-            if any((np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_) and s.shape is not None
-                   and all(d == 1 for d in s.shape) for s in input_specs(self.original)):
-                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
-                self._tested = {name: values[0] for name, values in tested_values(graph, self.opset).items()}
+            graph = lambda: self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)  # noqa: E731
+            self._tested = first_tested_values(self.original, graph)
         return self._tested
 
     def _verify_batch(self) -> int:
