@@ -305,6 +305,11 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         random = str((report.get("calibration") or {}).get("source", "")).startswith("random")
         lines.append(f"fidelity (vs the original on held-out {'random ' if random else ''}inputs):")
         lines.extend(fidelity)
+        other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
+        if other:
+            lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "
+                         "another shape from the pruned model, e.g. a decoder stopping at another step: each counts "
+                         "as cosine 0)")
     t = report.get("timings", {})
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     return "\n".join(lines)

@@ -341,3 +341,80 @@ def test_an_output_that_is_a_constant_is_compared_as_one():
     outputs = result.report["fidelity"]["outputs"]
     assert outputs["cout"]["rel_l2"] == 0.0 and outputs["y"]["rel_l2"] > 0.0
     assert [o.name for o in result.model.graph.output] == ["y", "cout"]
+
+
+def data_dependent_length_model() -> onnx.ModelProto:
+    """An MLP whose output keeps the top ``k`` of each row, ``k`` computed from the whole
+    batch's values: a sample's output length depends on the data and on what it is batched
+    with (a decoder loop that stops at a data-dependent step)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32) * 0.3, "w2"),
+             numpy_helper.from_array(np.array([8.0], np.float32), "eight"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"]),
+             helper.make_node("Sigmoid", ["y"], ["s"]),
+             helper.make_node("ReduceMean", ["s"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "eight"], ["m8"]),
+             helper.make_node("Ceil", ["m8"], ["c"]),
+             helper.make_node("Cast", ["c"], ["k"], to=TensorProto.INT64),
+             helper.make_node("TopK", ["y", "k"], ["top", "idx"], axis=1)]
+    graph = helper.make_graph(nodes, "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("top", TensorProto.FLOAT, ["n", "k"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_outputs_of_data_dependent_length():
+    """SLANet (a table-structure decoder in a ``Loop``): two samples' outputs of different
+    lengths stopped the calibrated prune ("all the input array dimensions except for the
+    concatenation axis must match exactly") while testing whether samples can be batched; a
+    pruned model that answers with another length is reported, counted as cosine 0."""
+    import graphprune
+
+    model = data_dependent_length_model()
+    rng = np.random.default_rng(1)
+    feeds = [{"x": (rng.standard_normal((1, 8)) * (1 + 3 * i)).astype(np.float32)} for i in range(6)]
+    lengths = {runner.outputs(model, [f])[0][0].shape[1] for f in feeds}
+    assert len(lengths) > 1  # the premise: samples differ in output length
+    assert not runner.batch_separable(model, feeds)
+    assert not runner.batches(model, feeds, 4).stacked
+
+    short = [[np.zeros((1, 2), np.float32)], [np.ones((1, 3), np.float32)]]
+    long = [[np.zeros((1, 3), np.float32)], [np.ones((1, 3), np.float32)]]
+    result = fidelity.compare_outputs(["top"], long, short)
+    assert result["outputs"]["top"]["other_shape"] == 1
+    assert result["outputs"]["top"]["min_cosine"] == 0.0 and result["rel_l2"] == 0.5
+    assert "other_shape" not in fidelity.compare_outputs(["top"], long, long)["outputs"]["top"]
+
+    calibration = {"x": np.concatenate([(rng.standard_normal((1, 1, 8)) * (1 + i % 4)) for i in range(40)]
+                                       ).astype(np.float32)}
+    pruned = graphprune.prune(model, ratio=0.5, calibration=calibration)
+    assert pruned.report["verification"]["ok"]
+    assert pruned.report["fidelity"]["samples"] > 0
+    from graphprune.tables import prune_summary
+
+    report = {**pruned.report, "fidelity": result}
+    assert "1 of 2 held-out samples got an output of another shape" in prune_summary(report)
+
+
+def test_budget_sensitivity_with_outputs_of_data_dependent_length():
+    """The calibrated budget's sensitivity sweep compared outputs of different lengths
+    element by element ("operands could not be broadcast together"): another length is a
+    deviation of 1, as in the fidelity report; the sweep's random-input fidelity counts it."""
+    import graphprune
+    from graphprune import sweep
+    from graphprune.planning.sensitivity import _deviation
+
+    ref = np.ones((1, 3), np.float32)
+    assert _deviation([ref], [np.ones((1, 2), np.float32)]) == 1.0
+    assert _deviation([ref], [ref]) == 0.0
+    model = data_dependent_length_model()
+    rng = np.random.default_rng(2)
+    calibration = {"x": np.concatenate([(rng.standard_normal((1, 1, 8)) * (1 + i % 4)) for i in range(40)]
+                                       ).astype(np.float32)}
+    pruned = graphprune.prune(model, target_macs=0.6, calibration=calibration)
+    assert pruned.report["verification"]["ok"] and abs(pruned.report["budget"]["achieved"] - 0.6) < 0.05
+    figures = sweep.fidelity(model, pruned.model, count=8)
+    assert figures["cosine_mean"] is not None and 0.0 <= figures["cosine_min"] <= 1.0

@@ -18,8 +18,9 @@ from onnx import helper
 
 import graphprune
 from graphprune.pipeline import ratio as ratio_mode
-from graphprune.pipeline.session import Session, _nudged
+from graphprune.pipeline.session import Session
 from graphprune.verify import validate
+from graphprune.verify.noise import nudged
 
 
 def saturated_model():
@@ -37,9 +38,9 @@ def test_rounding_at_the_inputs_is_part_of_the_noise() -> None:
     path, feeds = session.path_of(session.prepared), session.feeds()
     fast = validate.run_many(path, feeds, "m", optimize=True)[0][0]
     plain = validate.run_many(path, feeds, "m", optimize=False)[0][0]
-    nudged = validate.run_many(path, [_nudged(feeds[0])], "m", optimize=True)[0][0]
+    shifted = validate.run_many(path, [nudged(feeds[0])], "m", optimize=True)[0][0]
     scale = float(np.abs(fast).max())
-    moved = float(np.abs(nudged - fast).max())
+    moved = float(np.abs(shifted - fast).max())
     assert float(np.abs(fast - plain).max()) == 0.0 < moved  # only the nudge shows the noise
 
     def verdict(diff: float) -> dict:

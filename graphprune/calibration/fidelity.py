@@ -5,6 +5,8 @@ flattened):
 
 - ``cosine``: ``<y, p> / (|y| |p|)``, averaged over samples (``min_cosine``: the worst);
 - ``rel_l2``: ``|p - y| / |y|``, averaged over samples;
+- ``other_shape``: how many samples the pruned model answers with an output of another shape
+  (a decoder loop that stops at another step); each counts as cosine 0 and ``rel_l2`` 1;
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
   at least 2 classes, a single row per sample, not the same for every sample), the share of
   samples whose arg-max class is the same.
@@ -42,12 +44,13 @@ def compare_outputs(
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
         cosines, rels, agree = [], [], []
-        scores = True
+        scores, other_shape = True, 0
         for ref_list, out_list in zip(original, pruned, strict=True):
             y = np.asarray(ref_list[k])
             p = np.asarray(out_list[k])
             if y.shape != p.shape or y.dtype.kind not in "fc":
                 scores = False
+                other_shape += y.shape != p.shape
                 cosines.append(float(np.array_equal(y, p)))
                 rels.append(0.0 if np.array_equal(y, p) else 1.0)
                 continue
@@ -64,6 +67,8 @@ def compare_outputs(
             "min_cosine": round(float(np.min(cosines)), 6) if cosines else None,
             "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
         }
+        if other_shape:  # a decoder that stops at another step: counted as cosine 0, rel_l2 1
+            entry["other_shape"] = other_shape
         # an output the inputs do not change (a constant, a folded weight) scores no class
         if scores and agree and (len(original) < 2 or any(
                 not np.array_equal(np.asarray(original[0][k]), np.asarray(r[k])) for r in original[1:])):

@@ -500,8 +500,8 @@ def batch_separable(
         return False
     for k, value in enumerate(joint):
         parts = [s[k] for s in single]
-        if value.shape[:1] != (2,) or any(p.shape[:1] != (1,) for p in parts):
-            return False
+        if value.shape[:1] != (2,) or any(p.shape != (1, *value.shape[1:]) for p in parts):
+            return False  # one sample per row, and rows of one size (a decoder's outputs may not be)
         ref = np.concatenate(parts, 0).astype(np.float64)
         scale = max(float(np.abs(ref).max()), 1e-12) if ref.size else 1.0
         if ref.shape != value.shape or float(np.abs(ref - value).max(initial=0.0)) > tolerance * scale:

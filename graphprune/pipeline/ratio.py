@@ -21,12 +21,13 @@ from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminati
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.pipeline import branches as branches_mode
 from graphprune.pipeline.branches import has_branches
-from graphprune.pipeline.session import NOISE_MULTIPLE, PruneResult, Session
+from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
 from graphprune.rules.registry import lookup
 from graphprune.verify import validate
+from graphprune.verify.noise import NOISE_MULTIPLE
 
 #: verification tolerance on the relative difference (float32 models)
 DEFAULT_TOLERANCE = 1e-4

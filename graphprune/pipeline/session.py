@@ -48,7 +48,7 @@ from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
 from graphprune.planning.plan import Plan
-from graphprune.verify import saturation, validate
+from graphprune.verify import noise, saturation, validate
 from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
@@ -59,8 +59,6 @@ UPGRADE_TO = 13
 #: default verification tolerance of models that compute in float16/bfloat16 (their
 #: rounding step is ~1e-3 relative; a pruned and a zeroed model round differently)
 LOW_PRECISION_TOLERANCE = 1e-2
-#: a difference within this multiple of the model's own float noise is float noise
-NOISE_MULTIPLE = 4.0
 
 
 class PruneResult:
@@ -123,19 +121,6 @@ def _load_into(store: WeightStore, source: Any) -> onnx.ModelProto:
     small = onnx.ModelProto()
     small.ParseFromString(model.SerializeToString())
     return small
-
-
-def _nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
-    """``feed`` with every float input moved by ``ulps`` units in the last place, up or down
-    at random (seeded): what rounding does to a value."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, value in feed.items():
-        if value.dtype.kind == "f" and value.size:
-            step = np.spacing(np.abs(value)).astype(value.dtype) * ulps
-            value = (value + step * rng.choice(np.array([-1, 1], value.dtype), size=value.shape)).astype(value.dtype)
-        out[name] = value
-    return out
 
 
 def _keep_open_dims(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> None:
@@ -493,42 +478,10 @@ class Session:
                 return {"ok": False, "reference": what, "error": str(error), "_error": error}
 
     def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
-        """Accept a difference that is float noise of this model. ``candidate`` run with and
-        without ORT's graph optimizations (other kernels, fused ops, another summation order,
-        the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
-        with every float input moved by two units in the last place, differs from itself by
-        ``noise``; an output whose difference to the reference is within ``NOISE_MULTIPLE`` x
-        its own noise (or within the tolerance) is no evidence of a rewrite error. Models whose
-        outputs amplify rounding (a detector's saturated sigmoid map on random input: outputs
-        ~1e-7 that differ by 5e-4 of their size between two kernel paths; a face mesh's
-        confidence ~1e-5 that moves by 6e-8 when its input moves by one ulp, as it does when a
-        convolution sums fewer channels in another order) fail a fixed tolerance otherwise.
-        Each output is held to its own noise, so one noisy output does not excuse another; a
-        rewrite error moves outputs by orders of magnitude more."""
+        """Accept a difference that is float noise of this model: ``candidate`` on this session's
+        feeds (:func:`graphprune.verify.noise.excuse_float_noise`)."""
         ref = self.path_of(candidate, keep=candidate is self.model)
-        feeds = self.feeds(count=verification.get("samples", 1))
-        try:
-            fast = validate.run_many(ref, feeds, "the pruned model", optimize=True)
-            plain = validate.run_many(ref, feeds, "the pruned model", optimize=False)
-            nudged = validate.run_many(ref, [_nudged(feed) for feed in feeds], "the pruned model", optimize=True)
-        except Exception:  # VerificationError: the verdict stands
-            return verification
-        per_output = verification.get("per_output") or []
-        noise = [0.0] * len(fast[0]) if fast else []
-        for a, b, c in zip(fast, plain, nudged, strict=True):
-            for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
-                noise[j] = max(noise[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
-        if len(per_output) != len(noise):
-            return verification
-        tolerance = verification.get("tolerance", 0.0)
-        excused = [j for j, entry in enumerate(per_output)
-                   if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
-        relative = max((noise[j] / max(per_output[j]["scale"], 1e-12) for j in excused), default=0.0)
-        if any(per_output[j]["max_abs_diff"] > NOISE_MULTIPLE * noise[j] for j in excused):
-            return {**verification, "float_noise": relative}
-        return {**verification, "ok": True, "float_noise": relative,
-                "scale": f"within {NOISE_MULTIPLE:g}x the model's own float noise ({relative:.3g}: "
-                         "its outputs with and without ORT's graph optimizations and with its inputs moved by rounding)"}
+        return noise.excuse_float_noise(ref, self.feeds(count=verification.get("samples", 1)), verification)
 
     @contextmanager
     def blaming_input(self, what: str) -> Iterator[None]:

@@ -1,0 +1,68 @@
+"""Float noise of a model: is a verification difference evidence of a rewrite error?
+
+A pruned model computes the same function as the zeroed original in another order (fewer
+channels summed, other kernels chosen from other shapes); on models whose outputs amplify
+rounding that differs by more than a fixed tolerance. :func:`excuse_float_noise` measures
+the model's own noise and holds each output to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphprune.verify import validate
+
+#: a difference within this multiple of the model's own float noise is float noise
+NOISE_MULTIPLE = 4.0
+
+
+def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
+    """``feed`` with every float input moved by ``ulps`` units in the last place, up or down
+    at random (seeded): what rounding does to a value."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, value in feed.items():
+        if value.dtype.kind == "f" and value.size:
+            step = np.spacing(np.abs(value)).astype(value.dtype) * ulps
+            value = (value + step * rng.choice(np.array([-1, 1], value.dtype), size=value.shape)).astype(value.dtype)
+        out[name] = value
+    return out
+
+
+def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any]) -> dict[str, Any]:
+    """Accept a difference that is float noise of the model at ``path``. It run on ``feeds``
+    with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
+    the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
+    with every float input moved by two units in the last place, differs from itself by
+    ``noise``; an output whose difference to the reference is within ``NOISE_MULTIPLE`` x
+    its own noise (or within the tolerance) is no evidence of a rewrite error. Models whose
+    outputs amplify rounding (a detector's saturated sigmoid map on random input: outputs
+    ~1e-7 that differ by 5e-4 of their size between two kernel paths; a face mesh's
+    confidence ~1e-5 that moves by 6e-8 when its input moves by one ulp, as it does when a
+    convolution sums fewer channels in another order) fail a fixed tolerance otherwise.
+    Each output is held to its own noise, so one noisy output does not excuse another; a
+    rewrite error moves outputs by orders of magnitude more."""
+    try:
+        fast = validate.run_many(path, feeds, "the pruned model", optimize=True)
+        plain = validate.run_many(path, feeds, "the pruned model", optimize=False)
+        moved = validate.run_many(path, [nudged(feed) for feed in feeds], "the pruned model", optimize=True)
+    except Exception:  # VerificationError: the verdict stands
+        return verification
+    per_output = verification.get("per_output") or []
+    noise = [0.0] * len(fast[0]) if fast else []
+    for a, b, c in zip(fast, plain, moved, strict=True):
+        for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
+            noise[j] = max(noise[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
+    if len(per_output) != len(noise):
+        return verification
+    tolerance = verification.get("tolerance", 0.0)
+    excused = [j for j, entry in enumerate(per_output)
+               if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
+    relative = max((noise[j] / max(per_output[j]["scale"], 1e-12) for j in excused), default=0.0)
+    if any(per_output[j]["max_abs_diff"] > NOISE_MULTIPLE * noise[j] for j in excused):
+        return {**verification, "float_noise": relative}
+    return {**verification, "ok": True, "float_noise": relative,
+            "scale": f"within {NOISE_MULTIPLE:g}x the model's own float noise ({relative:.3g}: "
+                     "its outputs with and without ORT's graph optimizations and with its inputs moved by rounding)"}
