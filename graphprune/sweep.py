@@ -100,6 +100,7 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
     """How close ``pruned`` computes to ``original`` on ``count`` random inputs: mean and
     smallest cosine of the outputs, largest relative L2 difference, and top-1 agreement for
     outputs shaped like class scores ``[batch, classes]``."""
+    from graphprune.calibration.fidelity import pair_figures
     from graphprune.io.feeds import make_feeds
     from graphprune.verify import validate
 
@@ -112,15 +113,10 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
         for ref, out in zip(ref_list, out_list, strict=True):
             if ref.dtype.kind not in "fc" or ref.size == 0:
                 continue
-            if ref.shape != out.shape:  # a decoder that stops at another step: as far as it gets
-                cosines.append(0.0)
-                relative.append(1.0)
-                continue
-            a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-            na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-            cosines.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb))
-            relative.append(float(np.linalg.norm(a - b)) / max(na, 1e-12))
-            if ref.ndim == 2 and ref.shape[1] > 1:
+            cosine, rel = pair_figures(ref, out)  # another shape (a decoder's other length): 0, 1
+            cosines.append(cosine)
+            relative.append(rel)
+            if ref.shape == out.shape and ref.ndim == 2 and ref.shape[1] > 1:
                 top1.append(float(np.mean(np.argmax(ref, 1) == np.argmax(out, 1))))
     return {
         "inputs": f"{count} random inputs (seed {seed})",

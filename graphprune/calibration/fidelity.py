@@ -37,6 +37,17 @@ def looks_like_scores(value: np.ndarray) -> bool:
     )
 
 
+def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """Cosine and relative L2 of one float output ``p`` against the original's ``y``; an output
+    of another shape (a decoder loop that stops at another step) is (0, 1)."""
+    if y.shape != p.shape:
+        return 0.0, 1.0
+    a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    cosine = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    return cosine, (float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
+
+
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
 ) -> dict[str, Any]:
@@ -54,12 +65,11 @@ def compare_outputs(
                 cosines.append(float(np.array_equal(y, p)))
                 rels.append(0.0 if np.array_equal(y, p) else 1.0)
                 continue
-            a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
-            na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-            cosines.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb))
-            rels.append(float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
+            cosine, rel = pair_figures(y, p)
+            cosines.append(cosine)
+            rels.append(rel)
             if scores and looks_like_scores(y):
-                agree.append(float(np.argmax(a) == np.argmax(b)))
+                agree.append(float(np.argmax(y) == np.argmax(p)))
             else:
                 scores = False
         entry: dict[str, Any] = {

@@ -32,8 +32,8 @@ def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
 
 
 def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any]) -> dict[str, Any]:
-    """Accept a difference that is float noise of the model at ``path``. It run on ``feeds``
-    with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
+    """Accept a difference that is float noise of the model at ``path``. The model, run on
+    ``feeds`` with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
     the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
     with every float input moved by two units in the last place, differs from itself by
     ``noise``; an output whose difference to the reference is within ``NOISE_MULTIPLE`` x
