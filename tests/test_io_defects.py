@@ -230,3 +230,30 @@ def test_callers_external_data_model_stays_loadable_while_a_result_lives(tmp_pat
     onnx.load(str(path))  # loads its external data
     onnx.checker.check_model(str(path), full_check=True)
     assert result.model is not None and result.report["verification"]["ok"]
+
+
+# --------------------------------------------------------------------------- IR 3
+
+
+def test_ir3_initializers_listed_as_inputs_are_weights(tmp_path: Path) -> None:
+    """IR 3 lists every initializer as a graph input (old exporters; tools that write IR 3
+    whatever the opset). The analysis strips them but kept IR 3, where ONNX's rules take an
+    initializer's type only from its input: with opset 11 or later every weight lost its
+    shape for the MAC count (144 MACs, those of nothing but the biases, before and after)."""
+    model = conv_chain([1, 3, 16, 16])
+    model.ir_version, model.opset_import[0].version = 3, 11
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.checker.check_model(model)
+    src, out = tmp_path / "ir3.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    result = graphprune.prune(str(src), ratio=0.5)
+    result.save(out)
+    assert result.report["groups"]["pruned"] == 1
+    assert 0 < result.report["macs_after"] < result.report["macs_before"]
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned)
+    assert [i.name for i in pruned.graph.input] == ["x"]  # the weights are no longer inputs
+    assert pruned.ir_version >= 4
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16), dtype=np.float32)}
+    assert _session(pruned).run(None, feed)[0].shape == (1, 4, 16, 16)

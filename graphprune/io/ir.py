@@ -61,6 +61,9 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(inputs) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(inputs)
+        # below IR 4, ONNX's shape inference reads the type of an initializer only from its
+        # graph input: without this the weights would have no shape (every conv "unknown rank")
+        model.ir_version = max(model.ir_version, 4)
     used = _used_names(model.graph, set())
     if any(init.name not in used for init in model.graph.initializer):
         kept = [init for init in model.graph.initializer if init.name in used]
