@@ -323,7 +323,8 @@ def check_pruned(
     from graphprune.passes.prune_channels import removed_elements
 
     from graphprune import api
-    from graphprune.verify.validate import differences, run, zeroed_reference
+    from graphprune.verify.validate import differences, run
+    from graphprune.verify.zeroed import zeroed_reference
 
     prep = api.load_and_prepare(str(path))
     removed = removed_elements(res.analysis, res.plan)

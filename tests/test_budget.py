@@ -122,15 +122,24 @@ def test_cost_model_matches_the_mac_counter(cnn):
     assert model.full_total == pytest.approx(count_macs(ir.export_graph(analysis.graph, session.prepared)))
 
 
-def test_calibrated_budget_measures_group_sensitivity(cnn, tmp_path):
+def test_calibrated_budget_measures_group_sensitivity(cnn, tmp_path, monkeypatch):
+    from graphprune.pipeline.session import Session
+
+    monkeypatch.setattr(Session, "COUNTER_EVERY", 0.0)  # every group, not every 10 s
     rng = np.random.default_rng(0)
     name = cnn.graph.input[0].name
     dims = [d.dim_value or 1 for d in cnn.graph.input[0].type.tensor_type.shape.dim]
     samples = rng.standard_normal((24, *dims)).astype(np.float32)
-    result = graphprune.prune(cnn, target_macs=0.6, calibration={name: samples}, reconstruction="stats", search=0)
+    messages: list[str] = []
+    result = graphprune.prune(cnn, target_macs=0.6, calibration={name: samples}, reconstruction="stats", search=0,
+                              progress=messages.append)
     report = result.report
     assert report["verification"]["ok"]
-    assert report["budget"]["sensitivity"]["groups_measured"] >= 1
+    measured = report["budget"]["sensitivity"]["groups_measured"]
+    assert measured >= 2
+    # the sweep (minutes on a model that cannot be batched) says how far it is
+    steps = [m for m in messages if m.startswith("sensitivity: groups measured")]
+    assert steps == [f"sensitivity: groups measured {k}/{measured}" for k in range(1, measured)]
     assert abs(_fraction(report, "macs") - 0.6) <= 0.03
     assert "cosine" in json.dumps(report["fidelity"])
 

@@ -1,5 +1,5 @@
 """Weights held once (graphprune.io.weights, graphprune.io.wire) and the zeroed reference
-built from the store's files (graphprune.verify.validate.zeroed_reference)."""
+built from the store's files (graphprune.verify.zeroed.zeroed_reference)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from graphprune.io import model_io, segments, wire
 from graphprune.io.weights import MAP_THRESHOLD, WeightStore
 from graphprune.pipeline.ratio import RatioOptions, make_plan
 from graphprune.pipeline.session import Session
-from graphprune.verify import validate
+from graphprune.verify import validate, zeroed
 
 
 def cnn(seed: int = 0, constant: bool = False) -> onnx.ModelProto:
@@ -155,8 +155,8 @@ def _zeroed_pair(path: Path) -> tuple[Session, onnx.ModelProto, onnx.ModelProto,
     analysis = session.analyze()
     plan = make_plan(session, analysis, RatioOptions(ratio=0.5))
     removed = removed_elements(analysis, plan)
-    masked = validate.zeroed_reference(session.prepared, analysis, removed)
-    stored = validate.zeroed_reference(session.prepared, analysis, removed, store=session.store)
+    masked = zeroed.zeroed_reference(session.prepared, analysis, removed)
+    stored = zeroed.zeroed_reference(session.prepared, analysis, removed, store=session.store)
     return session, masked, stored, removed
 
 

@@ -42,10 +42,10 @@ from graphprune.io.tensor_protos import (  # noqa: F401  (re-exported for the te
     _graph_tensors,
     _is_repeated,
     _model_tensors,
-    _nbytes,
     _node_tensors,
     _raw_size,
     _reattach,
+    nbytes,
 )
 
 __all__ = [
@@ -484,7 +484,7 @@ def save_model(
     inline = None
     if unloaded and store is not None:
         # weights held by a graphprune.io.weights.WeightStore: stream them from there
-        size = model_size_bytes(model) + sum(_nbytes(t) for t in _external_tensors(model))
+        size = model_size_bytes(model) + sum(nbytes(t) for t in _external_tensors(model))
         if (size <= EXTERNAL_DATA_THRESHOLD if external_data is None else not external_data):
             # one protobuf, written field by field with each weight streamed into it
             model, inline, unloaded = store.inlinable(model), store, []
@@ -494,7 +494,7 @@ def save_model(
             "load the model with load_external_data=True before saving it"
         )
 
-    size = model_size_bytes(model) + sum(_nbytes(t) for t in _external_tensors(model))
+    size = model_size_bytes(model) + sum(nbytes(t) for t in _external_tensors(model))
     use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     use_external = use_external or bool(unloaded)
     if not use_external and size >= PROTOBUF_LIMIT:
@@ -524,7 +524,7 @@ def save_model(
                 from graphprune.io.wire import write_inline
 
                 write_inline(model, stream, inline.copy_bytes,
-                             external_data_helper.uses_external_data, _nbytes)
+                             external_data_helper.uses_external_data, nbytes)
             else:
                 stream.write(model_bytes)
             _sync(stream)
@@ -566,7 +566,7 @@ def _write_external(
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
         nonlocal offset
         if store is not None and external_data_helper.uses_external_data(tensor):
-            length = _nbytes(tensor)
+            length = nbytes(tensor)
             alignment = _LARGE_ALIGNMENT if length >= _DETACH_THRESHOLD else _ALIGNMENT
             padding = -offset % alignment
             if padding:

@@ -26,6 +26,7 @@ import onnx
 from onnx import helper
 
 from graphprune.io.feeds import output_array
+from graphprune.io.tensor_protos import nbytes
 
 #: a segment holds at most this share of the model's weights (or its largest weight)
 SHARE = 1 / 8
@@ -80,19 +81,11 @@ def ordered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return ordered
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:
-        itemsize = 4
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
 def plan(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     """Ranges ``[start, end)`` of :func:`ordered_nodes` for the segments, or ``None`` (run
     the model whole)."""
     graph = model.graph
-    external = {t.name: _nbytes(t) for t in graph.initializer
+    external = {t.name: nbytes(t) for t in graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}
     total = sum(external.values())
     if total < MIN_WEIGHTS or len(graph.node) < 2:

@@ -133,7 +133,7 @@ def _copy_model(model: onnx.ModelProto, convert: TensorConverter) -> onnx.ModelP
     return result
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def nbytes(tensor: onnx.TensorProto) -> int:
     """Bytes of ``tensor``'s data from its dims and type (external or not)."""
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -223,7 +223,8 @@ def prune_budget(
             held = calibrated.calib.holdout
             feeds = (runner.batches(session.prepared, held, calibrated.options.batch_size, calibrated.data_dir).feeds
                      if held else calibrated.batches.feeds[:SENSITIVITY_BATCHES])
-            curves = sensitivity.measure(session.path_of(masked), states, sweep, feeds)
+            curves = sensitivity.measure(session.path_of(masked), states, sweep, feeds,
+                                         progress=session.counter("sensitivity: groups measured"))
             info["sensitivity"] = sensitivity.apply_curves(states, curves)
             # deviations measured after each consumer's least-squares refit
             info["sensitivity"]["consumers_refit"] = sum(len(f) for f in sweep.corrections)

@@ -26,7 +26,7 @@ from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
 from graphprune.rules.registry import lookup
-from graphprune.verify import validate
+from graphprune.verify import validate, zeroed
 from graphprune.verify.noise import NOISE_MULTIPLE
 
 #: verification tolerance on the relative difference (float32 models)
@@ -201,11 +201,11 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
         candidate = check.export()
         if branches is not None and branches.pruned:
             branches_mode.apply(candidate, branches)
-        reference = validate.zeroed_reference(session.prepared, fresh, removed_elements(fresh, exact_plan),
+        reference = zeroed.zeroed_reference(session.prepared, fresh, removed_elements(fresh, exact_plan),
                                               store=session.store)
         what = "the zeroed original (exact groups only)"
     else:
-        reference = validate.zeroed_reference(session.prepared, analysis, removed_elements(analysis, plan),
+        reference = zeroed.zeroed_reference(session.prepared, analysis, removed_elements(analysis, plan),
                                               store=session.store)
     if branches is not None and branches.pruned:
         branches_mode.apply(reference, branches, zeroed=True)

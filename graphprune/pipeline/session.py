@@ -221,6 +221,24 @@ class Session:
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
 
+    #: seconds between two progress lines inside a stage (:meth:`counter`)
+    COUNTER_EVERY = 10.0
+
+    def counter(self, label: str) -> Callable[[int, int], None] | None:
+        """Progress inside a long stage: ``(done, total)`` reported as ``"label done/total"``
+        at most every :attr:`COUNTER_EVERY` seconds (``None`` without a progress callback)."""
+        if self.progress is None:
+            return None
+        last = [time.perf_counter()]
+
+        def report(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= self.COUNTER_EVERY and done < total:
+                last[0] = now
+                self.progress(f"{label} {done}/{total}")
+
+        return report
+
     def elapsed(self) -> float:
         return round(time.perf_counter() - self._start, 4)
 

@@ -2,7 +2,7 @@
 
 One model serves the whole sweep: each group gets a unit mask as an extra graph input, and
 every producer/consumer weight of the group is multiplied by its mask (gathered from units
-to elements, the zeroed-original construction of :func:`graphprune.verify.validate.zeroed_reference`
+to elements, the zeroed-original construction of :func:`graphprune.verify.zeroed.zeroed_reference`
 with the mask fed at run time). ONNX Runtime then runs the calibration batches once per
 (group, ratio) with all masks at one except that group's first removed units; the deviation
 is the mean squared relative L2 difference of the float outputs from the unmasked run.
@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis
 from graphprune.planning.budget import GroupState, curve_loss
-from graphprune.verify import validate
+from graphprune.verify import validate, zeroed
 
 #: ratios of each group at which the deviation is measured
 SWEEP_RATIOS = (0.25, 0.5, 0.75)
@@ -97,7 +97,7 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
             current[weight] = out
             graph.input.append(onnx.helper.make_tensor_value_info(fix.name, onnx.TensorProto.FLOAT,
                                                                   list(fix.shape)))
-    validate._rename_uses(graph, current)
+    zeroed.rename_uses(graph, current)
     original = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -113,7 +113,7 @@ def _computed_weights(analysis: Analysis, inits: dict[str, onnx.TensorProto]) ->
     cast and scaled integer weight) that a producer or consumer reads: name -> (ONNX element
     type, rank). Their integer constants cannot be masked by a float Mul; these can."""
     out: dict[str, tuple[int, int]] = {}
-    for name in validate._computed_weights(analysis, linked=True) - set(inits):
+    for name in zeroed.computed_weights(analysis, linked=True) - set(inits):
         tensor = analysis.context.tensors[name]
         if tensor.dtype is not None and tensor.shape is not None and np.dtype(tensor.dtype).kind == "f":
             out[name] = (onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)), len(tensor.shape))
