@@ -37,6 +37,7 @@ __all__ = [
     "erase_blocks",
     "load_model",
     "prune",
+    "register_custom_ops",
     "save_model",
 ]
 
@@ -50,6 +51,10 @@ def __getattr__(name: str):  # lazy: keep ``import graphprune`` cheap and cycle-
         from graphprune.pipeline import depth
 
         return depth.erase_blocks
+    if name == "register_custom_ops":
+        from graphprune.io import runtime
+
+        return runtime.register_custom_ops
     if name in ("load_model", "save_model"):
         from graphprune.io import model_io
 

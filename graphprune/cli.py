@@ -140,11 +140,19 @@ def _input_shape(text: str) -> tuple[int, ...] | tuple[str, tuple[int, ...]]:
     return (name, shape) if sep else shape
 
 
+def _add_custom_ops_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--custom-ops", action="append", metavar="LIB",
+                   help="a custom-op shared library ONNX Runtime needs to run the model (repeat "
+                        "per library; onnxruntime-extensions' ai.onnx.contrib ops load by "
+                        "themselves when that package is installed)")
+
+
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=1,3,48,320",
                    help="the shape to verify an ONNX input with (repeat per input; open sizes "
                         "are chosen so the model runs); framework sources (MODULE:FACTORY): "
                         "1,3,224,224, once per input")
+    _add_custom_ops_option(p)
     try:
         import graphprune.frontends.cli  # noqa: F401
     except ImportError:
@@ -435,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=1,3,48,320",
                    help="the shape to time an input at (repeat per input; open sizes not given are "
                         "guessed, or chosen so the first model runs)")
+    _add_custom_ops_option(p)
     _add_output_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -501,6 +510,11 @@ def _main(arguments: list[str], json_mode: bool) -> int:
     if _wants_user_module(args) and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: modules in the current folder import
     try:
+        if getattr(args, "custom_ops", None):
+            from graphprune.io.runtime import register_custom_ops
+
+            for library in args.custom_ops:
+                register_custom_ops(library)
         return int(args.func(args) or 0)
     except GraphPruneError as exc:
         if args.debug:

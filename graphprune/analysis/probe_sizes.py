@@ -129,8 +129,10 @@ def choose_input_shapes(
         return None
     import onnxruntime as ort
 
+    from graphprune.io import runtime
+
     if session is None:
-        options = ort.SessionOptions()
+        options = runtime.session_options()
         options.log_severity_level = 4
         try:
             session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

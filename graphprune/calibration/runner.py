@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
+from graphprune.io import runtime
 from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
@@ -157,7 +158,7 @@ def session(data: bytes, data_dir: Path | None = None, optimize: bool = True,
     """A CPU session; a model whose weights are external files of ``data_dir`` (a weight
     store) is written there for ORT to load, and the file removed once loaded. ``half``: the
     model computes in float16 (:data:`HALF_DISABLED`)."""
-    options = ort.SessionOptions()
+    options = runtime.session_options()
     options.log_severity_level = 4  # fatal only: run errors come back as exceptions
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -296,7 +297,7 @@ def _run_chunks(
                 sess = session(exposed_model(model, outputs_, available), data_dir, optimize, half)
             except Exception as exc:
                 raise VerificationError(
-                    f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+                    f"{what} does not run in ONNX Runtime: {runtime.describe(exc)}") from exc
             inputs = {i.name for i in sess.get_inputs()}
             following = TensorCache(cache_bytes or CACHE_BYTES, data_dir) if extra or carry else None
             for index, feed in enumerate(feeds):
@@ -308,7 +309,7 @@ def _run_chunks(
                     values = sess.run(outputs_, run_feed)
                 except Exception as exc:  # ORT's own exception types: one line, our type
                     raise VerificationError(
-                        f"{what} does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+                        f"{what} does not run in ONNX Runtime: {runtime.describe(exc)}") from exc
                 for name, value in zip(outputs_, values, strict=True):
                     value = np.asarray(value)
                     if name in keep_set:

@@ -172,6 +172,8 @@ def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarra
     conditions exposed). A branch that no sample takes has none."""
     import onnxruntime as ort
 
+    from graphprune.io import runtime
+
     ifs = if_nodes(model.graph)
     constants = {t.name for t in model.graph.initializer}
     given = {i.name for i in model.graph.input}
@@ -184,7 +186,7 @@ def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarra
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name)
                               for name in wanted if name not in outputs)
-    options = ort.SessionOptions()
+    options = runtime.session_options()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {key: [] for key in reads}

@@ -40,7 +40,7 @@ from graphprune.errors import (
     UsageError,
     VerificationError,
 )
-from graphprune.io import ir, model_io
+from graphprune.io import ir, model_io, runtime
 from graphprune.io.feeds import make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, share_subgraph_constants
@@ -184,6 +184,7 @@ class Session:
         with self.stage("load"):
             loaded = _load_into(self.store, model)
             self.opset = model_io.check_opset(loaded)
+            runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             if self.opset < UPGRADE_BELOW:
                 loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
                 self.opset = UPGRADE_TO

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import InvalidModelError, UsageError
+from graphprune.io import runtime
 from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, output_array, resolve_shapes
 from graphprune.io.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
 
@@ -92,7 +93,7 @@ def resolve_providers(provider: str) -> list[str]:
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
+    options = runtime.session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 4  # fatal only: errors come back as exceptions, not log lines
@@ -129,7 +130,11 @@ def _session(
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:
-        raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {exc}") from exc
+        library = runtime.registered_for(exc)
+        if library is None:
+            raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {runtime.describe(exc)}") from exc
+        options.register_custom_ops_library(library)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     if providers[0] not in session.get_providers():
         raise UsageError(
             f"ONNX Runtime did not enable {providers[0]} for '{name}' "

@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import InvalidModelError, VerificationError
-from graphprune.io import model_io, segments
+from graphprune.io import model_io, runtime, segments
 from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
@@ -100,7 +100,7 @@ def session(
     copying the model (only honoured with ``optimize=False``: ORT's optimizers read the
     stored initializers). A proto too large to serialise goes through a temporary file with
     external data, removed when the session is released."""
-    options = ort.SessionOptions()
+    options = runtime.session_options()
     options.log_severity_level = 4  # fatal only: ORT's errors come back as exceptions, not log lines
     # a verification session runs a few times: plain allocations that go back when a tensor
     # dies beat an arena that keeps its high-water mark (a masked weight, a large activation)
@@ -178,7 +178,7 @@ def run_many(
         segments.trim()  # what the session freed goes back to the system
         return outputs
     except Exception as exc:
-        raise VerificationError(f"{what} does not run in ONNX Runtime: {_first_line(exc)}") from exc
+        raise VerificationError(f"{what} does not run in ONNX Runtime: {runtime.describe(exc)}") from exc
 
 
 def _run_segmented(model: ModelRef, feeds_list: list[dict[str, np.ndarray]],
@@ -200,11 +200,6 @@ def _run_segmented(model: ModelRef, feeds_list: list[dict[str, np.ndarray]],
                                         lambda file: session(file, optimize=optimize))
     except Exception:  # the whole model gets its own chance (and reports its own error)
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def compare(
