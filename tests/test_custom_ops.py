@@ -122,3 +122,74 @@ def test_bench_registers_the_extensions_for_a_path(tmp_path, capsys, fresh_regis
     rows = json.loads(capsys.readouterr().out)
     assert rows
     assert runtime.libraries()
+
+
+# --------------------------------------------------------------------------- a tokenizer in front
+
+
+def _tokenizer_model() -> onnx.ModelProto:
+    """Text in, a tokenizer (onnxruntime-extensions' ``BertTokenizer``, letters as word
+    pieces), an embedding and a two-layer MLP out: how an end-to-end text model ships. ONNX
+    inference knows no shape after the tokenizer; its token count depends on the text."""
+    letters = [chr(c) for c in range(97, 123)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *("##" + c for c in letters)]
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("BertTokenizer", ["text"], ["ids", "types", "mask"], domain=runtime.EXTENSIONS_DOMAIN,
+                              vocab_file="\n".join(vocab), do_lower_case=1, name="tokenizer"),
+             helper.make_node("Unsqueeze", ["ids", "zero"], ["ids2"]),
+             helper.make_node("Gather", ["emb", "ids2"], ["x"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+             numpy_helper.from_array(rng.standard_normal((len(vocab), 16)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "text_e2e", [helper.make_tensor_value_info("text", TensorProto.STRING, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(runtime.EXTENSIONS_DOMAIN, 1)])
+    model.ir_version = 8
+    return model
+
+
+def _widths(result) -> tuple[int, int]:
+    inits = {t.name: t for t in result.model.graph.initializer}
+    return int(inits["w1"].dims[0]), int(inits["w1"].dims[1])
+
+
+def test_network_behind_a_tokenizer_is_analysed_and_counted(fresh_registry):
+    """The tokenizer's outputs get their rank from two runs (custom_shapes): the network
+    behind it is analysed, pruned and its MACs counted like any text model's (before: no shape
+    after the tokenizer, and the pruned model's MACs counted as 0)."""
+    result = graphprune.prune(_tokenizer_model(), ratio=0.5)
+    report = result.report
+    assert report["verification"]["ok"]
+    hidden, mlp = _widths(result)
+    assert (hidden, mlp) == (8, 16)  # the embedding width and the MLP, both halved
+    # x @ w1 and r @ w2 per token, the same token count before and after
+    assert report["macs_after"] / report["macs_before"] == pytest.approx((hidden * mlp + mlp * 16) / (2 * 16 * 32))
+    text = np.array(["graphprune prunes the network behind a tokenizer"], dtype=object)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(extensions.get_library_path())
+    (y,) = ort.InferenceSession(result.model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, {"text": text})
+    assert y.shape[0] == 1 and y.shape[2] == 16 and y.shape[1] > 10
+
+
+def test_calibration_with_text(tmp_path, fresh_registry):
+    """Calibration data for a string input: numpy str arrays (np.savez keeps them without
+    pickles), or --calibration random (random words)."""
+    words = ["pruning", "graph", "tokens", "model", "onnx", "runtime", "data", "layers", "weights", "text"]
+    rng = np.random.default_rng(3)
+    texts = np.array([[" ".join(rng.choice(words, size=int(rng.integers(3, 12))))] for _ in range(40)])
+    assert texts.dtype.kind == "U"
+    np.savez(tmp_path / "calib.npz", text=texts)
+    src = tmp_path / "m.onnx"
+    onnx.save(_tokenizer_model(), src)
+    result = graphprune.prune(str(src), ratio=0.5, calibration=str(tmp_path / "calib.npz"))
+    report = result.report
+    assert report["verification"]["ok"] and report["calibration"]["held_out"] == 8
+    assert report["fidelity"]["rel_l2"] < report["fidelity"]["without_reconstruction"]["rel_l2"]
+    random = graphprune.prune(str(src), ratio=0.5, calibration="random").report
+    assert "random words" in random["calibration"]["source"]
+    assert random["fidelity"]["samples"] > 0

@@ -200,6 +200,14 @@ def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
 
 
 def test_unfeedable_dtype() -> None:
-    spec = InputSpec("s", [2], np.dtype(object))
+    spec = InputSpec("s", [2], np.dtype("M8[s]"))
     with pytest.raises(UsageError, match="cannot make random values for input 's'"):
         make_feeds_from_specs([spec])
+
+
+def test_string_inputs_get_random_words() -> None:
+    """A string input (a tokenizer in the graph) is fed words of lowercase letters."""
+    (feed,) = make_feeds_from_specs([InputSpec("text", [2, 3], np.dtype(object))])
+    value = feed["text"]
+    assert value.shape == (2, 3) and value.dtype == object
+    assert all(isinstance(t, str) and 3 <= len(t.split()) <= 12 and t.replace(" ", "").isalpha() for t in value.flat)

@@ -71,11 +71,29 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
     return shapes
 
 
+def _custom_cuts(graph: gs.Graph) -> list[gs.Variable]:
+    """Outputs of custom operators (no schema; a tokenizer in front of a text encoder) whose
+    rank is known (:mod:`graphprune.io.custom_shapes` ran them): the probes treat them as
+    inputs, with sizes of their own for their open axes."""
+    from graphprune.io.custom_shapes import is_custom
+
+    return [t for node in graph.nodes if is_custom(node.domain, node.op) for t in node.outputs
+            if isinstance(t, gs.Variable) and t.shape is not None]
+
+
+def _probe_inputs(graph: gs.Graph) -> list[gs.Variable]:
+    return [*graph.inputs, *_custom_cuts(graph)]
+
+
 def _probe_model(graph: gs.Graph) -> onnx.ModelProto:
     """``graph`` for shape probing: large constants become inputs (only their shapes count),
     small ones carry their bytes (ORT folds them in memory; a weight-store reference cannot
-    be followed from an in-memory model)."""
+    be followed from an in-memory model); custom operators' outputs become inputs."""
     probe_graph = graph.copy()
+    cuts = _custom_cuts(probe_graph)
+    for t in cuts:
+        t.inputs.clear()
+    probe_graph.inputs.extend(cuts)
     for t in list(probe_graph.tensors().values()):
         if isinstance(t, gs.Variable) and t.shape is not None and any(
                 isinstance(d, int) and d < 0 for d in t.shape):
@@ -111,6 +129,11 @@ def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[i
     sizes = {(t.name, axis): int(input_shapes[t.name][axis])
              for t in graph.inputs if t.name in input_shapes
              for axis, d in enumerate(t.shape or []) if not (isinstance(d, int) and d >= 0)}
+    from graphprune.io.custom_shapes import observed_size
+
+    # custom operators' outputs (a tokenizer's ids): at the sizes their run on random data gave
+    sizes.update({(t.name, axis): observed_size(d) for t in _custom_cuts(graph)
+                  for axis, d in enumerate(t.shape or []) if observed_size(d) is not None})
     try:
         with _quiet_ort():
             shapes = _probe_shapes(_probe_model(graph), sizes)
@@ -130,7 +153,7 @@ IMAGE_PROBES = ((224, 288, 32), (32, 48, 16), (48, 64, 16), (16, 24, 8))
 
 def _image_axes(graph: gs.Graph, symbolic: list[tuple[str, int]]) -> list[bool]:
     """Per open input axis: is it a spatial axis of a 4-D float input (an image axis)?"""
-    by_name = {t.name: t for t in graph.inputs}
+    by_name = {t.name: t for t in _probe_inputs(graph)}
     return [key[1] != 0 and len(by_name[key[0]].shape) == 4
             and np.issubdtype(np.dtype(by_name[key[0]].dtype), np.floating) for key in symbolic]
 
@@ -143,7 +166,7 @@ def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: 
     chosen: dict[object, tuple[int, int]] = {}
     sizes_a: dict[tuple[str, int], int] = {}
     sizes_b: dict[tuple[str, int], int] = {}
-    by_name = {t.name: t for t in graph.inputs}
+    by_name = {t.name: t for t in _probe_inputs(graph)}
     base_a, base_b, step = image_sizes
     images = 0
     for key, image in zip(symbolic, _image_axes(graph, symbolic), strict=True):
@@ -174,7 +197,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     """
     symbolic = [
         (t.name, axis)
-        for t in graph.inputs
+        for t in _probe_inputs(graph)
         for axis, d in enumerate(t.shape or [])
         if not (isinstance(d, int) and d >= 0)
     ]
@@ -184,7 +207,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
         if isinstance(t, gs.Variable)
     ):
         return {}
-    inputs = {t.name for t in graph.inputs}
+    inputs = {t.name for t in _probe_inputs(graph)}
     variables = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in inputs}
     rankless = [n for n, t in variables.items() if t.shape is None]
     try:
@@ -239,7 +262,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
     probes = {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}
     # the graph's inputs at the sizes the probes gave them (a Reshape of an input)
     sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
-    for t in graph.inputs:
+    for t in _probe_inputs(graph):
         if t.name not in probes and t.shape is not None:
             probes[t.name] = tuple(  # type: ignore[assignment]
                 [sizes.get((t.name, axis), d if isinstance(d, int) and d >= 0 else None)

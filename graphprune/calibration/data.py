@@ -158,7 +158,8 @@ def validate_feed(
         value = feed[spec.name]
         if value.dtype != spec.dtype:
             kinds = {value.dtype.kind, np.dtype(spec.dtype).kind}
-            if not (len(kinds) == 1 or kinds <= {"i", "u"}):
+            # a string input (object in ONNX Runtime) takes numpy's str and bytes arrays
+            if not (len(kinds) == 1 or kinds <= {"i", "u"} or kinds in ({"O", "U"}, {"O", "S"})):
                 raise UsageError(
                     f"calibration input '{spec.name}' has dtype {value.dtype}; "
                     f"the model expects {spec.dtype}"

@@ -45,7 +45,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.errors import UsageError
-from graphprune.io.feeds import InputSpec
+from graphprune.io.feeds import InputSpec, random_text
 from graphprune.rules.registry import OpRule, lookup
 
 #: feeds made when ``random`` names no count
@@ -231,6 +231,8 @@ def synthetic_feeds(
                          else rng.uniform(*float_range, size=shape)).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
                 value = _integers(spec, shape, bounds.get(spec.name), rng, lengths[spec.name])
+            elif spec.dtype == np.object_:  # a string input (a tokenizer in the graph)
+                value = random_text(rng, shape)
             else:
                 raise UsageError(f"--calibration random cannot make values for input '{spec.name}' "
                                  f"of dtype {spec.dtype}: give calibration data")
@@ -248,6 +250,8 @@ def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int
         text = f"{name} {list(value.shape)}"
         if name in bounds:
             text += f" ids < {bounds[name]}"
+        elif value.dtype == np.object_:
+            text += " random words"
         elif value.size and not np.issubdtype(value.dtype, np.floating) and (value == value.flat[0]).all():
             text += f" = {value.flat[0].item()}"
         elif np.issubdtype(value.dtype, np.floating):

@@ -198,7 +198,21 @@ def _random(
         return rng.integers(0, int_high, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.complexfloating):
         return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    if dtype == np.object_ or np.issubdtype(dtype, np.str_):  # a string input: a tokenizer in the graph
+        return random_text(rng, shape)
     raise UsageError(f"cannot make random values for input '{name}' of dtype {dtype}")
+
+
+def random_text(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Strings of 3-12 random lowercase words (what a tokenizer or a string-keyed lookup in
+    the graph reads: no meaning, every character one a vocabulary knows)."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    count = int(np.prod(shape, dtype=np.int64))
+    texts = [" ".join("".join(rng.choice(letters, size=int(rng.integers(2, 9))))
+                      for _ in range(int(rng.integers(3, 13)))) for _ in range(count)]
+    out = np.empty(count, dtype=object)
+    out[:] = texts
+    return out.reshape(shape)
 
 
 def make_feeds_from_specs(

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import contrib_shapes, lowering, model_io
+from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
@@ -311,6 +311,8 @@ def prepare(
     tensor_constants(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
+        model = model_io.infer_shapes(model, inplace=True)
+    if custom_shapes.annotate(model):  # a custom op (a tokenizer in front) stopped it: run them
         model = model_io.infer_shapes(model, inplace=True)
     lowered: dict[str, int] = {}
     described: dict[str, str] = {}

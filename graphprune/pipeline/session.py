@@ -40,7 +40,7 @@ from graphprune.errors import (
     UsageError,
     VerificationError,
 )
-from graphprune.io import ir, model_io, runtime
+from graphprune.io import custom_shapes, ir, model_io, runtime
 from graphprune.io.feeds import make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, share_subgraph_constants
@@ -334,7 +334,13 @@ class Session:
         if len(kept) < len(model.graph.value_info):
             del model.graph.value_info[:]
             model.graph.value_info.extend(kept)
+        # what custom operators' runs gave (a tokenizer's outputs): inference cannot redo it
+        learnt = custom_shapes.learnt(self.prepared.graph.value_info, model.graph)
+        custom_shapes.put(model, learnt)
         self.model = model_io.infer_shapes(model, inplace=True)
+        if learnt:
+            custom_shapes.put(self.model, learnt)
+            self.model = model_io.infer_shapes(self.model, inplace=True)
         _keep_open_dims(self.model, self._declared_outputs)
         if declared_only:
             model_io.keep_value_info(self.model, self.declared_shapes)

@@ -75,6 +75,15 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
+def custom_symbols(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` has sizes that custom operators give (:mod:`graphprune.io.custom_shapes`):
+    they are counted at the sizes their run saw, like open input sizes at the given ones."""
+    from graphprune.io.custom_shapes import observed_size
+
+    return any(observed_size(d.dim_param) is not None for v in model.graph.value_info
+               if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim)
+
+
 def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None,
                  *, or_none: bool = False) -> Callable[[gs.Tensor], list[int] | None] | None:
     """The shape function for counting ``graph`` (imported from ``model``) at
@@ -84,8 +93,9 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
     MAC-counting node reads or writes stays open (an op neither can size upstream of it), no
     tensor gets one — a count with some layers at their real size and others at size 1 would
     be worse than either — and :func:`counted_shape` stays (``or_none``: ``None`` instead)."""
-    if not input_shapes:
+    if not input_shapes and not custom_symbols(model):
         return counted_shape
+    input_shapes = input_shapes or {}
 
     def is_open(t: gs.Tensor) -> bool:
         return t.shape is not None and any(not (isinstance(d, int) and d >= 0) for d in t.shape)

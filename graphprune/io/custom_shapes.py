@@ -1,0 +1,155 @@
+"""Shapes behind custom operators, learnt by running them.
+
+An operator of a custom domain (onnxruntime-extensions' ``BertTokenizer`` in front of a text
+encoder, an image decoder in front of a CNN) has no schema: ONNX shape inference stops there,
+and every tensor computed from its outputs -- the whole network behind a tokenizer -- stays
+without a shape, so the analysis freezes its heads ("Reshape not understood") and the MACs
+cannot be counted. :func:`annotate` runs the part of the graph that computes those outputs
+(a preprocessing front: small, no large weights) twice in ONNX Runtime, on two random feeds,
+with the registered custom-op libraries (:mod:`graphprune.io.runtime`), and writes each
+output's rank and type into ``value_info``: sizes that agree between the two runs as numbers,
+the others as symbolic dims (a token count, which depends on the text). ONNX inference then
+goes on from there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphprune.io.ort_schemas import ORT_ONNX_DOMAIN_OPS
+
+#: the sub-graph that computes a custom operator's outputs is run only when its constants
+#: take at most this many bytes (a preprocessing front, not a network)
+RUN_LIMIT = 32 * 2**20
+
+#: the symbolic sizes :func:`annotate` writes are ``custom_A_B``: the sizes the two runs saw
+SYMBOL = "custom_"
+
+
+def observed_size(dim: object) -> int | None:
+    """The size the first run saw for a symbolic size :func:`annotate` wrote (the MACs are
+    counted at it), ``None`` for any other dim."""
+    if isinstance(dim, str) and dim.startswith(SYMBOL):
+        first = dim[len(SYMBOL):].split("_")[0]
+        if first.isdigit():
+            return int(first)
+    return None
+
+
+def learnt(values: Iterable[onnx.ValueInfoProto], graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The entries of ``values`` that :func:`annotate` wrote for outputs of ``graph``'s custom
+    operators (a rewritten model keeps them: ONNX inference cannot find them again; what is
+    computed from them it infers afresh)."""
+    outputs = {o for n in graph.node if is_custom(n.domain, n.op_type) for o in n.output}
+    return [v for v in values if v.name in outputs and v.type.HasField("tensor_type")
+            and any(observed_size(d.dim_param) is not None for d in v.type.tensor_type.shape.dim)]
+
+
+def put(model: onnx.ModelProto, values: list[onnx.ValueInfoProto]) -> None:
+    """Make ``values`` the ``value_info`` of their tensors in ``model`` (in place)."""
+    if not values:
+        return
+    names = {v.name for v in values}
+    kept = [v for v in model.graph.value_info if v.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([*kept, *values])
+
+
+def is_custom(domain: str | None, op: str) -> bool:
+    """An operator without a schema in ONNX or in ONNX Runtime's symbolic inference
+    (``domain``: ``None`` or ``""`` is ONNX's, as graphsurgeon and protobuf write it)."""
+    domain = domain or ""
+    if domain.startswith("com.microsoft") or op in ORT_ONNX_DOMAIN_OPS:
+        return False
+    return not onnx.defs.has(op, "" if domain == "ai.onnx" else domain)
+
+
+def _shaped(graph: onnx.GraphProto) -> set[str]:
+    values = [*graph.value_info, *graph.input, *graph.output]
+    return {v.name for v in values if v.type.tensor_type.HasField("shape")} | {i.name for i in graph.initializer}
+
+
+def _needed(graph: onnx.GraphProto, names: set[str]) -> list[int]:
+    """Indices of the nodes (in graph order) that ``names`` are computed from."""
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    wanted, stack, seen = set(), list(names), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        k = producer[name]
+        if k in wanted:
+            continue
+        wanted.add(k)
+        node = graph.node[k]
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:  # what a subgraph reads from outside
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                stack.extend(i for n in sub.node for i in n.input if i)
+    return sorted(wanted)
+
+
+def _sub_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto | None:
+    graph = model.graph
+    kept = [graph.node[k] for k in _needed(graph, set(outputs))]
+    read = {i for n in kept for i in n.input if i}
+    for node in kept:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                read.update(i for n in sub.node for i in n.input if i)
+    inits = [t for t in graph.initializer if t.name in read]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
+        return None
+    if sum(t.ByteSize() for t in inits) > RUN_LIMIT:
+        return None
+    sub = helper.make_graph(kept, "custom_shapes", [i for i in graph.input if i.name in read],
+                            [helper.make_empty_tensor_value_info(o) for o in outputs], inits)
+    out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
+def annotate(model: onnx.ModelProto) -> bool:
+    """Write the shapes of custom operators' outputs that inference left unknown into
+    ``model``'s ``value_info`` (in place), learnt by running them. ``True`` when any was
+    added: infer again."""
+    graph = model.graph
+    shaped = _shaped(graph)
+    missing = [o for n in graph.node if is_custom(n.domain, n.op_type) for o in n.output if o and o not in shaped]
+    if not missing:
+        return False
+    sub = _sub_model(model, missing)
+    if sub is None:
+        return False
+    import onnxruntime as ort
+
+    from graphprune.io import runtime
+    from graphprune.io.feeds import make_feeds
+
+    try:
+        options = runtime.session_options()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runs = [session.run(missing, feeds) for feeds in make_feeds(sub, count=2, seed=0)]
+    except Exception as exc:  # noqa: BLE001 - no shapes learnt: the analysis freezes what it cannot size
+        warnings.warn(f"custom operators not run for their shapes: {str(exc).splitlines()[0] if str(exc) else exc}",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    added = []
+    for k, name in enumerate(missing):
+        first, second = (np.asarray(run[k]) for run in runs)
+        if first.ndim != second.ndim:
+            continue
+        elem = onnx.TensorProto.STRING if first.dtype.kind in "OUS" else helper.np_dtype_to_tensor_dtype(first.dtype)
+        # a size that differs between the runs is symbolic; sizes that differ alike are one
+        # symbol (a tokenizer's ids and attention mask: the same token count)
+        dims = [a if a == b else f"{SYMBOL}{a}_{b}" for a, b in zip(first.shape, second.shape, strict=True)]
+        added.append(helper.make_tensor_value_info(name, elem, dims))
+    graph.value_info.extend(added)
+    return bool(added)
