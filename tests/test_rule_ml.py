@@ -36,3 +36,47 @@ def test_a_scaler_in_front_of_an_mlp_hides_nothing() -> None:
     scaler = next(n for n in result.model.graph.node if n.op_type == "Scaler")
     assert len(helper.get_attribute_value(scaler.attribute[0])) == 3
     onnx.checker.check_model(result.model)  # (no full check: Scaler has no type inference)
+
+
+def _pipeline() -> onnx.ModelProto:
+    """skl2onnx's shape of a ColumnTransformer + MLPClassifier: a string column one-hot
+    encoded (``OneHotEncoder``), float columns scaled (``Scaler``), concatenated, an MLP."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("OneHotEncoder", ["c"], ["oh"], domain="ai.onnx.ml",
+                              cats_strings=["red", "green", "blue"], zeros=1),
+             helper.make_node("Reshape", ["oh", "flat"], ["oh2"]),
+             helper.make_node("Scaler", ["x"], ["xs"], domain="ai.onnx.ml", offset=[0.1, -0.2, 0.3, 0.0],
+                              scale=[1.5, 0.5, 2.0, 1.0]),
+             helper.make_node("Concat", ["oh2", "xs"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["m3"]), helper.make_node("Softmax", ["m3"], ["p"], axis=1)]
+    inits = [onnx.numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "flat")]
+    inits += [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+              for name, shape in (("w1", (7, 32)), ("b1", (32,)), ("w2", (32, 16)), ("b2", (16,)), ("w3", (16, 3)))]
+    graph = helper.make_graph(nodes, "pipeline", [helper.make_tensor_value_info("c", TensorProto.STRING, [None, 1]),
+                                                  helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [None, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_one_hot_string_column_in_front_of_an_mlp() -> None:
+    """ONNX infers no shape after ``Scaler``, so the ``Concat`` of the encoded columns, and
+    the whole MLP behind it, had none: no group found, MACs 0. The ONNX-ML front is now run
+    for its output shapes (graphprune.io.custom_shapes) and the MLP is pruned; the string
+    column gets random words as probe and calibration values."""
+    model = _pipeline()
+    result = graphprune.prune(model, ratio=0.5)
+    report = result.report
+    assert report["verification"]["ok"] and report["groups"]["pruned"] == 2
+    inits = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert inits["w1"] == (7, 16) and inits["w2"] == (16, 8) and inits["w3"] == (8, 3)
+    assert report["macs_after"] / report["macs_before"] == (7 * 16 + 16 * 8 + 8 * 3) / (7 * 32 + 32 * 16 + 16 * 3)
+    calibrated = graphprune.prune(model, ratio=0.5, calibration="random").report
+    assert "c [1, 1] random words" in calibrated["calibration"]["source"]
+    assert calibrated["fidelity"]["cosine"] > calibrated["fidelity"]["without_reconstruction"]["cosine"]

@@ -75,9 +75,9 @@ def _custom_cuts(graph: gs.Graph) -> list[gs.Variable]:
     """Outputs of custom operators (no schema; a tokenizer in front of a text encoder) whose
     rank is known (:mod:`graphprune.io.custom_shapes` ran them): the probes treat them as
     inputs, with sizes of their own for their open axes."""
-    from graphprune.io.custom_shapes import is_custom
+    from graphprune.io.custom_shapes import opaque
 
-    return [t for node in graph.nodes if is_custom(node.domain, node.op) for t in node.outputs
+    return [t for node in graph.nodes if opaque(node.domain, node.op) for t in node.outputs
             if isinstance(t, gs.Variable) and t.shape is not None]
 
 

@@ -41,11 +41,15 @@ def observed_size(dim: object) -> int | None:
     return None
 
 
-def learnt(values: Iterable[onnx.ValueInfoProto], graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    """The entries of ``values`` that :func:`annotate` wrote for outputs of ``graph``'s custom
-    operators (a rewritten model keeps them: ONNX inference cannot find them again; what is
-    computed from them it infers afresh)."""
-    outputs = {o for n in graph.node if is_custom(n.domain, n.op_type) for o in n.output}
+def learnt(values: Iterable[onnx.ValueInfoProto], graph: onnx.GraphProto, opset: int) -> list[onnx.ValueInfoProto]:
+    """The entries of ``values`` that :func:`annotate` wrote for outputs of ``graph``'s opaque
+    operators without a rule (a rewritten model keeps them: ONNX inference cannot find them
+    again, and channels never pass such an operator; an operator with a rule, ONNX-ML's
+    ``Scaler``, may pass pruned channels: its shape is derived afresh)."""
+    from graphprune.rules import registry
+
+    outputs = {o for n in graph.node if opaque(n.domain, n.op_type)
+               and registry.lookup(n.domain or "", n.op_type, opset) is None for o in n.output}
     return [v for v in values if v.name in outputs and v.type.HasField("tensor_type")
             and any(observed_size(d.dim_param) is not None for d in v.type.tensor_type.shape.dim)]
 
@@ -60,10 +64,14 @@ def put(model: onnx.ModelProto, values: list[onnx.ValueInfoProto]) -> None:
     model.graph.value_info.extend([*kept, *values])
 
 
-def is_custom(domain: str | None, op: str) -> bool:
-    """An operator without a schema in ONNX or in ONNX Runtime's symbolic inference
-    (``domain``: ``None`` or ``""`` is ONNX's, as graphsurgeon and protobuf write it)."""
+def opaque(domain: str | None, op: str) -> bool:
+    """An operator whose outputs ONNX inference does not size: one without a schema in ONNX
+    or in ONNX Runtime's symbolic inference (a custom library's), or one of ONNX-ML's, whose
+    schemas mostly infer no shape (scikit-learn's ``Scaler`` in front of an MLP).
+    ``domain``: ``None`` or ``""`` is ONNX's, as graphsurgeon and protobuf write it."""
     domain = domain or ""
+    if domain == "ai.onnx.ml":
+        return True
     if domain.startswith("com.microsoft") or op in ORT_ONNX_DOMAIN_OPS:
         return False
     return not onnx.defs.has(op, "" if domain == "ai.onnx" else domain)
@@ -121,7 +129,7 @@ def annotate(model: onnx.ModelProto) -> bool:
     added: infer again."""
     graph = model.graph
     shaped = _shaped(graph)
-    missing = [o for n in graph.node if is_custom(n.domain, n.op_type) for o in n.output if o and o not in shaped]
+    missing = [o for n in graph.node if opaque(n.domain, n.op_type) for o in n.output if o and o not in shaped]
     if not missing:
         return False
     sub = _sub_model(model, missing)
@@ -136,7 +144,8 @@ def annotate(model: onnx.ModelProto) -> bool:
         options = runtime.session_options()
         options.log_severity_level = 4
         session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        runs = [session.run(missing, feeds) for feeds in make_feeds(sub, count=2, seed=0)]
+        # batch 1, then 2 (and other random values): a batch axis is told from a fixed size
+        runs = [session.run(missing, make_feeds(sub, seed=batch, batch=batch)[0]) for batch in (1, 2)]
     except Exception as exc:  # noqa: BLE001 - no shapes learnt: the analysis freezes what it cannot size
         warnings.warn(f"custom operators not run for their shapes: {str(exc).splitlines()[0] if str(exc) else exc}",
                       RuntimeWarning, stacklevel=2)

@@ -335,11 +335,14 @@ class Session:
             del model.graph.value_info[:]
             model.graph.value_info.extend(kept)
         # what custom operators' runs gave (a tokenizer's outputs): inference cannot redo it
-        learnt = custom_shapes.learnt(self.prepared.graph.value_info, model.graph)
+        learnt = custom_shapes.learnt(self.prepared.graph.value_info, model.graph, self.opset)
         custom_shapes.put(model, learnt)
         self.model = model_io.infer_shapes(model, inplace=True)
         if learnt:
             custom_shapes.put(self.model, learnt)
+            self.model = model_io.infer_shapes(self.model, inplace=True)
+        # an ONNX-ML op that passes pruned channels (a Scaler) has new sizes: run it again
+        if custom_shapes.annotate(self.model):
             self.model = model_io.infer_shapes(self.model, inplace=True)
         _keep_open_dims(self.model, self._declared_outputs)
         if declared_only:
