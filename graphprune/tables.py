@@ -281,6 +281,11 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
     lines.extend(branch_lines(report.get("branches")))
+    uncounted = report.get("macs_uncounted")
+    if uncounted:
+        what = ", ".join(f"{n} {op}{'s' if n > 1 else ''}" for op, n in sorted(uncounted.items()))
+        lines.append(f"MACs leave out the layers inside {what}: the data decides how many times "
+                     f"{'a body runs' if sum(uncounted.values()) > 1 else 'its body runs'}")
     if report.get("untied_constants"):
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")

@@ -114,3 +114,44 @@ def test_a_layer_behind_an_uninferred_reshape_is_counted() -> None:
     conv = 8 * 9 * 8 * width  # outputs x (inputs x kernel)
     lstm = width * 4 * 8 * (64 + 8)  # steps x gates x hidden x (input + hidden)
     assert count_macs(model, None, {"x": (1, 1, 8, width)}) == conv + lstm
+
+
+def test_layers_inside_a_loop_are_said_to_be_left_out(capsys) -> None:
+    """A decoder run step by step (a ``Loop`` whose body holds a MatMul) runs its body as many
+    times as the data decides: the count leaves it out and the report and CLI say so."""
+    from graphprune.cli import main
+
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["s_in", "wb"], ["m"]), helper.make_node("Relu", ["m"], ["s_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "step", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 8])])
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w1"], ["s0"]),
+             helper.make_node("Loop", ["trips", "go", "s0"], ["s"], body=body),
+             helper.make_node("MatMul", ["s", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(3, dtype=np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    inits += [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+              for name, shape in (("w0", (4, 16)), ("w1", (16, 8)), ("wb", (8, 8)), ("w2", (8, 2)))]
+    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    result = graphprune.prune(model, ratio=0.5)
+    report = result.report
+    assert report["verification"]["ok"] and report["macs_uncounted"] == {"Loop": 1}
+    assert 4 * 16 + 16 * 8 <= report["macs_before"] <= 4 * 16 + 16 * 8 + 8 * 2  # not the body's 8 x 8
+    assert "macs_uncounted" not in graphprune.prune(_model(), ratio=0.5).report
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, Path(tmp) / "m.onnx")
+        assert main(["prune", str(Path(tmp) / "m.onnx"), "-o", str(Path(tmp) / "p.onnx"), "--quiet"]) == 0
+    assert "MACs leave out the layers inside 1 Loop" in capsys.readouterr().out

@@ -456,7 +456,8 @@ def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[
         out["achieved"] = out[f"{options.kind}_fraction"]
         out["measured_by"] = ("multiply-accumulates of the layers with weights (Conv, ConvTranspose, Gemm, "
                               "MatMul, their quantized forms, LSTM/GRU/RNN) on the exported models, an If by its "
-                              "costlier branch (graphprune.verify.metrics)" if options.kind == "macs" else
+                              "costlier branch, the body of a Loop or Scan not at all (graphprune.verify.metrics)"
+                              if options.kind == "macs" else
                               "elements of float initializers and constants of the exported models")
     achieved = out["achieved"]
     out["met"] = achieved is not None and achieved <= options.target + 0.03 and (

@@ -7,6 +7,9 @@ Keys every report has::
     macs_before/after         multiply-accumulates of Conv/Gemm/MatMul (graphprune.verify.metrics)
     macs_input_shapes         (only when the inputs leave sizes open) the input shapes MACs are
                               counted at: the calibration samples', else the default guess
+    macs_uncounted            (only when there are some) Loop/Scan nodes, by op type, whose
+                              bodies hold layers that the MACs leave out (the data decides how
+                              many times a body runs: a decoder run step by step)
     nodes_before/after        node counts
     untied_constants          readers of a vector constant the exporter stored once that got a
                               copy of their own (so that the layers reading it prune apart)
@@ -46,7 +49,7 @@ from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
 from graphprune.rules.quantize import optimizer_fuses_quantization
-from graphprune.verify.metrics import count_macs_pair, count_params
+from graphprune.verify.metrics import count_macs_pair, count_params, uncounted_bodies
 
 CONV_KERNELS = ("conv", "conv_transpose")
 
@@ -162,6 +165,9 @@ def base_report(
     }
     if input_shapes and sized:  # the inputs leave sizes open: the MACs are counted at these
         report["macs_input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
+    uncounted = uncounted_bodies(before)
+    if uncounted:  # a decoder run step by step: its steps are not in the count
+        report["macs_uncounted"] = uncounted
     report.update(analysis_sections(analysis, plan))
     if mode == "ratio" and analysis is not None:
         why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))

@@ -149,6 +149,32 @@ def count_if_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[
     return _count(model, store, input_shapes, taken, main=False)[0]
 
 
+def uncounted_bodies(model: onnx.ModelProto) -> dict[str, int]:
+    """Per op type, the ``Loop`` and ``Scan`` nodes of the main graph whose bodies hold layers
+    the count would include (a decoder run step by step): their MACs are not counted, since how
+    many times a body runs is decided by the data (a ``Loop``'s condition) or by an input's
+    length. Recurrent layers exported as ``Loop`` are lowered to standard ops first
+    (:mod:`graphprune.io.lowering`) and are counted."""
+    opset = ir.default_opset(model)
+
+    def has_layers(graph: onnx.GraphProto) -> bool:
+        for node in graph.node:
+            rule = registry.lookup(node.domain or "", node.op_type, opset)
+            if rule is not None and type(rule).macs is not registry.OpRule.macs:
+                return True
+            if any(has_layers(sub) for attr in node.attribute
+                   for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))):
+                return True
+        return False
+
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if (node.domain or "") in ("", "ai.onnx") and node.op_type in ("Loop", "Scan") and any(
+                has_layers(attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH):
+            out[node.op_type] = out.get(node.op_type, 0) + 1
+    return out
+
+
 def count_macs_pair(before: onnx.ModelProto, after: onnx.ModelProto, store: Any = None,
                     input_shapes: dict[str, Any] | None = None,
                     taken: dict[str, set[str]] | None = None) -> tuple[int, int, bool]:
