@@ -147,6 +147,8 @@ def annotate(model: onnx.ModelProto) -> bool:
         # batch 1, then 2 (and other random values): a batch axis is told from a fixed size
         runs = [session.run(missing, make_feeds(sub, seed=batch, batch=batch)[0]) for batch in (1, 2)]
     except Exception as exc:  # noqa: BLE001 - no shapes learnt: the analysis freezes what it cannot size
+        if runtime.missing_op_hint(str(exc)):  # a library is missing: the first run says so
+            return False
         warnings.warn(f"custom operators not run for their shapes: {str(exc).splitlines()[0] if str(exc) else exc}",
                       RuntimeWarning, stacklevel=2)
         return False
