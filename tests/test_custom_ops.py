@@ -193,3 +193,11 @@ def test_calibration_with_text(tmp_path, fresh_registry):
     random = graphprune.prune(str(src), ratio=0.5, calibration="random").report
     assert "random words" in random["calibration"]["source"]
     assert random["fidelity"]["samples"] > 0
+
+
+def test_bench_times_a_text_model(tmp_path, capsys, fresh_registry):
+    """``graphprune bench`` (and sweep's timing) feeds a string input random words."""
+    src = tmp_path / "text.onnx"
+    onnx.save(_tokenizer_model(), src)
+    assert main(["bench", str(src), "--runs", "2", "--warmup", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)

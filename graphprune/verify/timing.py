@@ -52,6 +52,7 @@ _ORT_TYPES = {
     "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,  # a tokenizer in the graph: random words
 }
 
 
