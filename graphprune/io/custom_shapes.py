@@ -129,7 +129,9 @@ def annotate(model: onnx.ModelProto) -> bool:
     added: infer again."""
     graph = model.graph
     shaped = _shaped(graph)
-    missing = [o for n in graph.node if opaque(n.domain, n.op_type) for o in n.output if o and o not in shaped]
+    outputs = {o.name for o in graph.output}  # nothing reads them: their declared types stand
+    missing = [o for n in graph.node if opaque(n.domain, n.op_type) for o in n.output
+               if o and o not in shaped and o not in outputs]
     if not missing:
         return False
     sub = _sub_model(model, missing)
@@ -154,7 +156,9 @@ def annotate(model: onnx.ModelProto) -> bool:
         return False
     added = []
     for k, name in enumerate(missing):
-        first, second = (np.asarray(run[k]) for run in runs)
+        if not all(isinstance(run[k], np.ndarray) for run in runs):  # a sequence or a map (ZipMap)
+            continue
+        first, second = (run[k] for run in runs)
         if first.ndim != second.ndim:
             continue
         elem = onnx.TensorProto.STRING if first.dtype.kind in "OUS" else helper.np_dtype_to_tensor_dtype(first.dtype)
