@@ -21,6 +21,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,15 +134,17 @@ class WeightStore:
     """A private folder holding a model's weights (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="graphprune-")
-        self.root = Path(self._tmp.name)
+        self.root = Path(tempfile.mkdtemp(prefix="graphprune-"))
+        # removed with the last object that refers to the store (a result outlives its
+        # session), or at exit; silently: letting it go is how a result is released
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)
         self._work_count = 0
         self._models = 0
         #: the model came with its weights in external data files (save it the same way)
         self.external_source = False
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        self._cleanup()
 
     # ------------------------------------------------------------------ intake
     def load(self, path: str | os.PathLike[str]) -> onnx.ModelProto:
