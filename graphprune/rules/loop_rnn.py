@@ -482,6 +482,7 @@ class LoopRule(OpRule):
 
     op_types = ("Loop",)
     couples = False
+    repeats_body = True
     lowered_as = "recurrent layers the exporter wrote as Loops, written as ONNX's LSTM/GRU/RNN"
 
     def lowered(self, node: gs.Node, opset: int) -> list[gs.Node] | None:
@@ -495,3 +496,14 @@ class LoopRule(OpRule):
         cell = _recognise(node)
         return ("not lowered: no LSTM/GRU/RNN computes what it computes, checked in ONNX Runtime"
                 if isinstance(cell, _Cell) else f"not a recurrent cell: {cell}")
+
+
+@register
+class ScanRule(OpRule):
+    """``Scan``: an op without a rule to the analysis (its groups freeze); its body runs once
+    per element of the scanned sequence (not counted as MACs)."""
+
+    op_types = ("Scan",)
+    since_opset = 9
+    couples = False
+    repeats_body = True

@@ -219,6 +219,10 @@ class OpRule:
     couples: ClassVar[bool] = True
     #: what a lowering by :meth:`lowered` is, as the report and the command line say it
     lowered_as: ClassVar[str] = "fused kernels written as standard ops (ONNX Runtime fuses them again at load)"
+    #: the op runs its body graph as many times as the data decides (``Loop``'s condition,
+    #: ``Scan``'s sequence length): the layers inside are left out of the MAC count, and the
+    #: report says so (:func:`graphprune.verify.metrics.uncounted_bodies`)
+    repeats_body: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError

@@ -150,10 +150,10 @@ def count_if_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[
 
 
 def uncounted_bodies(model: onnx.ModelProto) -> dict[str, int]:
-    """Per op type, the ``Loop`` and ``Scan`` nodes of the main graph whose bodies hold layers
-    the count would include (a decoder run step by step): their MACs are not counted, since how
-    many times a body runs is decided by the data (a ``Loop``'s condition) or by an input's
-    length. Recurrent layers exported as ``Loop`` are lowered to standard ops first
+    """Per op type, the nodes of the main graph that repeat a body (``Loop``, ``Scan``: the
+    rules' ``repeats_body``) whose bodies hold layers the count would include (a decoder run
+    step by step): their MACs are not counted, since how many times a body runs is decided by
+    the data (a ``Loop``'s condition) or by an input's length. Recurrent layers exported as ``Loop`` are lowered to standard ops first
     (:mod:`graphprune.io.lowering`) and are counted."""
     opset = ir.default_opset(model)
 
@@ -169,7 +169,8 @@ def uncounted_bodies(model: onnx.ModelProto) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for node in model.graph.node:
-        if (node.domain or "") in ("", "ai.onnx") and node.op_type in ("Loop", "Scan") and any(
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        if rule is not None and rule.repeats_body and any(
                 has_layers(attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH):
             out[node.op_type] = out.get(node.op_type, 0) + 1
     return out
