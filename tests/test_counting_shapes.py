@@ -116,11 +116,8 @@ def test_a_layer_behind_an_uninferred_reshape_is_counted() -> None:
     assert count_macs(model, None, {"x": (1, 1, 8, width)}) == conv + lstm
 
 
-def test_layers_inside_a_loop_are_said_to_be_left_out(capsys) -> None:
-    """A decoder run step by step (a ``Loop`` whose body holds a MatMul) runs its body as many
-    times as the data decides: the count leaves it out and the report and CLI say so."""
-    from graphprune.cli import main
-
+def _loop_model() -> onnx.ModelProto:
+    """x [1, 4] -> MatMul -> Relu -> MatMul -> Loop (3 steps of s = Relu(s @ wb)) -> MatMul -> y."""
     rng = np.random.default_rng(0)
     body = helper.make_graph(
         [helper.make_node("MatMul", ["s_in", "wb"], ["m"]), helper.make_node("Relu", ["m"], ["s_out"]),
@@ -143,6 +140,15 @@ def test_layers_inside_a_loop_are_said_to_be_left_out(capsys) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_layers_inside_a_loop_are_said_to_be_left_out(capsys) -> None:
+    """A decoder run step by step (a ``Loop`` whose body holds a MatMul) runs its body as many
+    times as the data decides: the count leaves it out and the report and CLI say so."""
+    from graphprune.cli import main
+
+    model = _loop_model()
     result = graphprune.prune(model, ratio=0.5)
     report = result.report
     assert report["verification"]["ok"] and report["macs_uncounted"] == {"Loop": 1}
@@ -155,3 +161,18 @@ def test_layers_inside_a_loop_are_said_to_be_left_out(capsys) -> None:
         onnx.save(model, Path(tmp) / "m.onnx")
         assert main(["prune", str(Path(tmp) / "m.onnx"), "-o", str(Path(tmp) / "p.onnx"), "--quiet"]) == 0
     assert "MACs leave out the layers inside 1 Loop" in capsys.readouterr().out
+
+
+def test_budget_sweep_runs_fewer_samples_through_a_stepped_body() -> None:
+    """A model that repeats a body with layers (a decoder in a Loop) runs the sensitivity
+    sweep on at most SENSITIVITY_STEPPED_SAMPLES held-out samples: each (group, ratio) runs
+    every sample through every step. Other models keep all of theirs."""
+    from graphprune.pipeline.budget import SENSITIVITY_STEPPED_SAMPLES
+
+    model = _loop_model()
+    x = np.random.default_rng(1).standard_normal((60, 1, 4)).astype(np.float32)
+    report = graphprune.prune(model, target_macs=0.6, calibration={"x": x}, search=0).report
+    assert report["verification"]["ok"]
+    assert report["budget"]["sensitivity"]["samples"] == SENSITIVITY_STEPPED_SAMPLES < 12  # of 12 held out
+    plain = graphprune.prune(_model(), target_macs=0.6, calibration="random", search=0).report
+    assert plain["budget"]["sensitivity"]["samples"] == plain["calibration"]["held_out"]
