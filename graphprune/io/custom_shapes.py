@@ -1,15 +1,19 @@
-"""Shapes behind custom operators, learnt by running them.
+"""Shapes behind operators ONNX inference cannot size, learnt by running them.
 
 An operator of a custom domain (onnxruntime-extensions' ``BertTokenizer`` in front of a text
-encoder, an image decoder in front of a CNN) has no schema: ONNX shape inference stops there,
-and every tensor computed from its outputs -- the whole network behind a tokenizer -- stays
+encoder) has no schema, and most ONNX-ML operators (scikit-learn's ``Scaler`` and
+``OneHotEncoder`` in front of an MLP) have no shape inference: ONNX inference stops there, and
+every tensor computed from their outputs -- the whole network behind a tokenizer -- stays
 without a shape, so the analysis freezes its heads ("Reshape not understood") and the MACs
 cannot be counted. :func:`annotate` runs the part of the graph that computes those outputs
-(a preprocessing front: small, no large weights) twice in ONNX Runtime, on two random feeds,
-with the registered custom-op libraries (:mod:`graphprune.io.runtime`), and writes each
-output's rank and type into ``value_info``: sizes that agree between the two runs as numbers,
-the others as symbolic dims (a token count, which depends on the text). ONNX inference then
-goes on from there.
+(a preprocessing front: at most :data:`RUN_LIMIT` bytes of constants) twice in ONNX Runtime,
+at batch 1 and 2 on random feeds (string inputs get random words), with the registered
+custom-op libraries (:mod:`graphprune.io.runtime`), and writes each output's rank and type
+into ``value_info``: sizes that agree between the two runs as numbers, the others as symbols
+(a token count, which depends on the text; a batch axis). ONNX inference then goes on from
+there, the analysis' shape probes treat those outputs as inputs
+(:mod:`graphprune.analysis.shape_probe`), and the MACs are counted at the sizes the first run
+saw (:func:`observed_size`).
 """
 
 from __future__ import annotations
