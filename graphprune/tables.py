@@ -259,6 +259,11 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     for op, n in sorted((normalised.get("lowered_ops") or {}).items()):
         kinds.setdefault(described.get(op, "ops written as standard ops"), []).append(f"{op} x{n}")
     lines.extend(f"{kind}: {', '.join(ops)}" for kind, ops in kinds.items())
+    ran = normalised.get("shapes_run") or {}
+    if ran:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(ran.items()))
+        lines.append(f"output shapes learnt by running ops ONNX cannot size (at batch 1 and 2 on random "
+                     f"inputs; sizes that differ stay open): {ops}")
     return lines
 
 

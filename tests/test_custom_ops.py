@@ -166,6 +166,7 @@ def test_network_behind_a_tokenizer_is_analysed_and_counted(fresh_registry):
     assert report["verification"]["ok"]
     hidden, mlp = _widths(result)
     assert (hidden, mlp) == (8, 16)  # the embedding width and the MLP, both halved
+    assert report["normalised"]["shapes_run"] == {"ai.onnx.contrib::BertTokenizer": 1}
     # x @ w1 and r @ w2 per token, the same token count before and after
     assert report["macs_after"] / report["macs_before"] == pytest.approx((hidden * mlp + mlp * 16) / (2 * 16 * 32))
     text = np.array(["graphprune prunes the network behind a tokenizer"], dtype=object)

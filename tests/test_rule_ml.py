@@ -74,6 +74,8 @@ def test_a_one_hot_string_column_in_front_of_an_mlp() -> None:
     result = graphprune.prune(model, ratio=0.5)
     report = result.report
     assert report["verification"]["ok"] and report["groups"]["pruned"] == 2
+    assert set(report["normalised"]["shapes_run"]) <= {"ai.onnx.ml::Scaler", "ai.onnx.ml::OneHotEncoder"}
+    assert "ai.onnx.ml::Scaler" in report["normalised"]["shapes_run"]
     inits = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
     assert inits["w1"] == (7, 16) and inits["w2"] == (16, 8) and inits["w3"] == (8, 3)
     assert report["macs_after"] / report["macs_before"] == (7 * 16 + 16 * 8 + 8 * 3) / (7 * 32 + 32 * 16 + 16 * 3)

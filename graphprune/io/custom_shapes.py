@@ -127,10 +127,11 @@ def _sub_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto | 
     return out
 
 
-def annotate(model: onnx.ModelProto) -> bool:
+def annotate(model: onnx.ModelProto, ran: dict[str, int] | None = None) -> bool:
     """Write the shapes of custom operators' outputs that inference left unknown into
     ``model``'s ``value_info`` (in place), learnt by running them. ``True`` when any was
-    added: infer again."""
+    added: infer again. ``ran`` (a dict) receives, per operator (``domain::op``), how many of
+    its nodes had output shapes learnt."""
     graph = model.graph
     shaped = _shaped(graph)
     outputs = {o.name for o in graph.output}  # nothing reads them: their declared types stand
@@ -171,4 +172,10 @@ def annotate(model: onnx.ModelProto) -> bool:
         dims = [a if a == b else f"{SYMBOL}{a}_{b}" for a, b in zip(first.shape, second.shape, strict=True)]
         added.append(helper.make_tensor_value_info(name, elem, dims))
     graph.value_info.extend(added)
+    if ran is not None and added:
+        names = {v.name for v in added}
+        for node in graph.node:
+            if opaque(node.domain, node.op_type) and names & set(node.output):
+                key = f"{node.domain or 'ai.onnx'}::{node.op_type}"
+                ran[key] = ran.get(key, 0) + 1
     return bool(added)

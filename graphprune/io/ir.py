@@ -300,8 +300,9 @@ def prepare(
     ``store`` (a :class:`graphprune.io.weights.WeightStore`) holds the weights of a model
     whose tensors are external stubs of the store. ``notes`` (a dict) receives what the
     normalisation rewrote in ways a reader of the result should know: the local functions
-    inlined (``inlined_functions``) and the fused kernels lowered (``lowered_ops``,
-    :mod:`graphprune.io.lowering`).
+    inlined (``inlined_functions``), the fused kernels lowered (``lowered_ops``,
+    :mod:`graphprune.io.lowering`) and the operators run for their output shapes
+    (``shapes_run``, :mod:`graphprune.io.custom_shapes`).
     """
     if copy_model:
         model = copy.deepcopy(model)
@@ -312,7 +313,8 @@ def prepare(
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
-    if custom_shapes.annotate(model):  # a custom op (a tokenizer in front) stopped it: run them
+    ran: dict[str, int] = {}
+    if custom_shapes.annotate(model, ran):  # a custom op (a tokenizer in front) stopped it: run them
         model = model_io.infer_shapes(model, inplace=True)
     lowered: dict[str, int] = {}
     described: dict[str, str] = {}
@@ -324,6 +326,8 @@ def prepare(
         if lowered:
             notes["lowered_ops"] = lowered
             notes["lowered_as"] = described
+        if ran:
+            notes["shapes_run"] = ran
     folding = fold and _computes_constants(model)
     shrinking = fold and not folding and _computes_from_weights(model)
     opset = default_opset(model)

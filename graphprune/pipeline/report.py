@@ -16,8 +16,10 @@ Keys every report has::
     normalised                (only when it happened) ``inlined_functions``: local functions
                               whose calls were inlined; ``lowered_ops``: ops written as
                               standard ops (fused kernels, recurrent layers exported as Loops),
-                              with counts, and ``lowered_as``: what each op's lowering is
-                              (graphprune.io.lowering)
+                              with counts, ``lowered_as``: what each op's lowering is
+                              (graphprune.io.lowering), and ``shapes_run``: ops ONNX cannot size
+                              (custom, ONNX-ML) run for their output shapes, with counts
+                              (graphprune.io.custom_shapes)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
