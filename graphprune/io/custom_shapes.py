@@ -45,6 +45,22 @@ def observed_size(dim: object) -> int | None:
     return None
 
 
+def at_observed_sizes(values: Iterable[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+    """The entries of ``values`` with symbolic sizes :func:`annotate` wrote, each set to the
+    size the first run saw (in place): where the MACs are counted."""
+    out = []
+    for value in values:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if any(observed_size(d.dim_param) is not None for d in dims):
+            for d in dims:
+                size = observed_size(d.dim_param)
+                if size is not None:
+                    d.Clear()
+                    d.dim_value = size
+            out.append(value)
+    return out
+
+
 def learnt(values: Iterable[onnx.ValueInfoProto], graph: onnx.GraphProto, opset: int) -> list[onnx.ValueInfoProto]:
     """The entries of ``values`` that :func:`annotate` wrote for outputs of ``graph``'s opaque
     operators without a rule (a rewritten model keeps them: ONNX inference cannot find them

@@ -357,20 +357,10 @@ def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, Any]) -> dic
         declared.ClearField("dim")
         for size in shape:
             declared.dim.add().dim_value = int(size)
-    from graphprune.io.custom_shapes import observed_size
+    from graphprune.io.custom_shapes import at_observed_sizes
 
-    # custom operators' outputs (a tokenizer's ids) at the sizes their run on random data gave
-    # (:mod:`graphprune.io.custom_shapes`): ONNX inference goes on from them
-    custom = []
-    for value in skeleton.graph.value_info:
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if any(observed_size(d.dim_param) is not None for d in dims):
-            for d in dims:
-                size = observed_size(d.dim_param)
-                if size is not None:
-                    d.Clear()
-                    d.dim_value = size
-            custom.append(value)
+    # custom operators' outputs (a tokenizer's ids) at the sizes their run gave: inference goes on
+    custom = at_observed_sizes(skeleton.graph.value_info)
     del skeleton.graph.value_info[:]
     skeleton.graph.value_info.extend(custom)
     for value in skeleton.graph.output:
