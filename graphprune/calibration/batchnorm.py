@@ -26,6 +26,7 @@ from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView, linear_view
 from graphprune.calibration.stats import ChannelStats, LayerStats
 from graphprune.errors import VerificationError
+from graphprune.io.order import needed_nodes, node_inputs
 
 #: synthetic draws per BN input channel
 SAMPLES = 512
@@ -52,7 +53,7 @@ def _reason(
 ) -> str | None:
     """Why ``name`` cannot be computed from the BN inputs ``given`` alone (``None``: it can)."""
     graph = model.graph
-    needed = runner.needed_nodes(graph, [name], given)
+    needed = needed_nodes(graph, [name], given)
     producers = runner.produced(graph)
     initializers = {t.name for t in graph.initializer}
     read: set[str] = set()
@@ -60,7 +61,7 @@ def _reason(
         node = graph.node[index]
         if node.name in linear_nodes:
             return f"a linear layer ('{node.name}') lies between the BatchNormalization and the consumer"
-        read.update(n for n in runner.node_inputs(node) if n)
+        read.update(n for n in node_inputs(node) if n)
     if name in given:
         return None
     if not read & given:

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from graphprune.errors import VerificationError
 from graphprune.io import runtime
 from graphprune.io.feeds import output_array
+from graphprune.io.order import needed_nodes, node_inputs, producers
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
 Feed = dict[str, np.ndarray]
@@ -40,42 +41,6 @@ Feed = dict[str, np.ndarray]
 CHUNK_BYTES = 512 << 20
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.output:
-            if name:
-                out[name] = index
-    return out
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Names a node reads, including the outer names its subgraphs read."""
-    inputs = list(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in sub.node:
-                inputs.extend(node_inputs(inner))
-    return inputs
-
-
-def _needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[str] = ()) -> list[int]:
-    """Indices (graph order) of the nodes that the tensors ``names`` depend on, not looking
-    past the tensors ``given`` (fed from a cache)."""
-    producers = _producers(graph)
-    stop = set(given)
-    needed: set[int] = set()
-    stack = [producers[n] for n in names if n in producers and n not in stop]
-    while stack:
-        index = stack.pop()
-        if index in needed:
-            continue
-        needed.add(index)
-        stack.extend(producers[n] for n in node_inputs(graph.node[index]) if n in producers and n not in stop)
-    return sorted(needed)
-
-
-needed_nodes = _needed_nodes
 
 
 def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str, int] | None = None) -> bytes:
@@ -86,13 +51,13 @@ def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str,
     computes anyway is not fed). :func:`fed_names` tells which were used."""
     graph = model.graph
     given = dict(given or {})
-    known = set(_producers(graph)) | {i.name for i in graph.input} | set(given)
+    known = set(producers(graph)) | {i.name for i in graph.input} | set(given)
     missing = [n for n in names if n not in known]
     if missing:
         raise VerificationError(f"tensor '{missing[0]}' is not computed by the model")
     types = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
     saved_outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in graph.output]
-    needed = _needed_nodes(graph, names, given)
+    needed = needed_nodes(graph, names, given)
     fed = fed_names(graph, names, given, needed)
     trim = len(needed) < len(graph.node)
     saved_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node] if trim else []
@@ -133,7 +98,7 @@ def fed_names(
     graph: onnx.GraphProto, names: Sequence[str], given: dict[str, int], needed: list[int] | None = None
 ) -> list[str]:
     """The cached tensors that the run of ``names`` reads (kept nodes do not compute them)."""
-    needed = _needed_nodes(graph, names, given) if needed is None else needed
+    needed = needed_nodes(graph, names, given) if needed is None else needed
     computed = {o for i in needed for o in graph.node[i].output}
     read = {n for i in needed for n in node_inputs(graph.node[i])} | set(names)
     inputs = {i.name for i in graph.input}
@@ -276,7 +241,7 @@ def _run_chunks(
 ) -> None:
     """The runs of :func:`stream`: ``run`` in chunks, each feeding the next its frontier."""
     batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
-    order = _producers(model.graph)
+    order = producers(model.graph)
     run.sort(key=lambda n: order.get(n, -1))
     parts = chunks(model, run, max(batch, 1), chunk_bytes)
     half = computes_half(model)
@@ -407,12 +372,12 @@ def downstream(graph: onnx.GraphProto, sources: Iterable[str]) -> set[str]:
 
 def produced(graph: onnx.GraphProto) -> set[str]:
     """Every tensor a node computes."""
-    return set(_producers(graph))
+    return set(producers(graph))
 
 
 def computed(graph: onnx.GraphProto, names: Sequence[str], given: dict[str, int]) -> set[str]:
     """Tensors a run of ``names`` has at hand: what its nodes compute and what it is fed."""
-    needed = _needed_nodes(graph, names, given)
+    needed = needed_nodes(graph, names, given)
     return {o for i in needed for o in graph.node[i].output} | set(given)
 
 
@@ -421,12 +386,12 @@ def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -
     ``unstable`` (they will not change before then) that a node computing an unstable
     tensor on the way to ``later`` reads, and the stable ``later`` tensors themselves."""
     later = list(later)
-    producers = _producers(graph)
-    out = {n for n in later if n not in unstable and n in producers}
-    for index in _needed_nodes(graph, later):
+    made = producers(graph)
+    out = {n for n in later if n not in unstable and n in made}
+    for index in needed_nodes(graph, later):
         node = graph.node[index]
         if any(o in unstable for o in node.output):
-            out.update(n for n in node_inputs(node) if n in producers and n not in unstable)
+            out.update(n for n in node_inputs(node) if n in made and n not in unstable)
     return sorted(out)
 
 

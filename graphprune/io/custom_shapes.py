@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphprune.io.order import needed_nodes, node_inputs
 from graphprune.io.ort_schemas import ORT_ONNX_DOMAIN_OPS
 
 #: the sub-graph that computes a custom operator's outputs is run only when its constants
@@ -102,35 +103,12 @@ def _shaped(graph: onnx.GraphProto) -> set[str]:
     return {v.name for v in values if v.type.tensor_type.HasField("shape")} | {i.name for i in graph.initializer}
 
 
-def _needed(graph: onnx.GraphProto, names: set[str]) -> list[int]:
-    """Indices of the nodes (in graph order) that ``names`` are computed from."""
-    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-    wanted, stack, seen = set(), list(names), set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in producer:
-            continue
-        seen.add(name)
-        k = producer[name]
-        if k in wanted:
-            continue
-        wanted.add(k)
-        node = graph.node[k]
-        stack.extend(i for i in node.input if i)
-        for attr in node.attribute:  # what a subgraph reads from outside
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                stack.extend(i for n in sub.node for i in n.input if i)
-    return sorted(wanted)
-
-
 def _sub_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto | None:
+    """``model`` cut to the nodes that compute ``outputs``; ``None`` when their constants are
+    external (a weight store's) or over :data:`RUN_LIMIT`."""
     graph = model.graph
-    kept = [graph.node[k] for k in _needed(graph, set(outputs))]
-    read = {i for n in kept for i in n.input if i}
-    for node in kept:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                read.update(i for n in sub.node for i in n.input if i)
+    kept = [graph.node[k] for k in needed_nodes(graph, outputs)]
+    read = {i for n in kept for i in node_inputs(n) if i}
     inits = [t for t in graph.initializer if t.name in read]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
         return None
@@ -172,7 +150,7 @@ def annotate(model: onnx.ModelProto, ran: dict[str, int] | None = None) -> bool:
     except Exception as exc:  # noqa: BLE001 - no shapes learnt: the analysis freezes what it cannot size
         if runtime.missing_op_hint(str(exc)):  # a library is missing: the first run says so
             return False
-        warnings.warn(f"custom operators not run for their shapes: {str(exc).splitlines()[0] if str(exc) else exc}",
+        warnings.warn(f"custom operators not run for their shapes: {runtime.describe(exc)}",
                       RuntimeWarning, stacklevel=2)
         return False
     added = []

@@ -13,8 +13,9 @@ order exactly, and a node a pass appended goes right before its first consumer's
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -86,3 +87,40 @@ def toposort_model(graph: gs.Graph) -> gs.Graph:
     for function in graph.functions:
         toposort(function)
     return toposort(graph)
+
+
+# ----------------------------------------------------------------- dependencies of a proto graph
+def producers(graph: onnx.GraphProto) -> dict[str, int]:
+    """The index (graph order) of the node that computes each tensor."""
+    out: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                out[name] = index
+    return out
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node reads, including the outer names its subgraphs read."""
+    inputs = list(node.input)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                inputs.extend(node_inputs(inner))
+    return inputs
+
+
+def needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[str] = ()) -> list[int]:
+    """Indices (graph order) of the nodes that the tensors ``names`` depend on, not looking
+    past the tensors ``given`` (fed from a cache)."""
+    producers_ = producers(graph)
+    stop = set(given)
+    needed: set[int] = set()
+    stack = [producers_[n] for n in names if n in producers_ and n not in stop]
+    while stack:
+        index = stack.pop()
+        if index in needed:
+            continue
+        needed.add(index)
+        stack.extend(producers_[n] for n in node_inputs(graph.node[index]) if n in producers_ and n not in stop)
+    return sorted(needed)

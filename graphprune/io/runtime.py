@@ -47,8 +47,7 @@ def register_custom_ops(path: str | os.PathLike[str]) -> str:
         try:  # a library ONNX Runtime cannot load: said now, not at the first session
             ort.SessionOptions().register_custom_ops_library(name)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
-            raise UsageError(f"ONNX Runtime cannot load the custom-op library {path}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise UsageError(f"ONNX Runtime cannot load the custom-op library {path}: {describe(exc)}") from exc
         _LIBRARIES.append(name)
     return name
 

@@ -338,9 +338,7 @@ class Session:
         learnt = custom_shapes.learnt(self.prepared.graph.value_info, model.graph, self.opset)
         custom_shapes.put(model, learnt)
         self.model = model_io.infer_shapes(model, inplace=True)
-        if learnt:
-            custom_shapes.put(self.model, learnt)
-            self.model = model_io.infer_shapes(self.model, inplace=True)
+        custom_shapes.put(self.model, learnt)  # the inference wrote them back without a shape
         # an ONNX-ML op that passes pruned channels (a Scaler) has new sizes: run it again
         if custom_shapes.annotate(self.model):
             self.model = model_io.infer_shapes(self.model, inplace=True)

@@ -153,8 +153,8 @@ def uncounted_bodies(model: onnx.ModelProto) -> dict[str, int]:
     """Per op type, the nodes of the main graph that repeat a body (``Loop``, ``Scan``: the
     rules' ``repeats_body``) whose bodies hold layers the count would include (a decoder run
     step by step): their MACs are not counted, since how many times a body runs is decided by
-    the data (a ``Loop``'s condition) or by an input's length. Recurrent layers exported as ``Loop`` are lowered to standard ops first
-    (:mod:`graphprune.io.lowering`) and are counted."""
+    the data (a ``Loop``'s condition) or by an input's length. Recurrent layers exported as
+    ``Loop`` are lowered to standard ops first (:mod:`graphprune.io.lowering`) and are counted."""
     opset = ir.default_opset(model)
 
     def has_layers(graph: onnx.GraphProto) -> bool:
