@@ -274,6 +274,9 @@ def main() -> int:
             if chosen and number not in chosen:
                 continue
             runs = [("l1 (data-free)", {"criterion": "l1"})]
+            if not args.api_only:  # the same calibrated prune with every layer cut alike, beside the CLI's
+                runs.append(("auto + refit, uniform allocation",
+                             {"criterion": "auto", "calibration": str(calib), "allocation": "uniform"}))
             runs += [(f"{c} + refit", {"criterion": c, "calibration": str(calib)})
                      for c in args.criteria.split(",") if c]
             for label, kwargs in runs:
@@ -313,6 +316,8 @@ def main() -> int:
                     "nn_agreement": round(nn_agreement(reference, pruned), 4),
                     "params_ratio": round(rep["params_after"] / rep["params_before"], 4),
                     "verified": bool(rep["verification"].get("ok")), "seconds": round(wall, 1),
+                    "allocation": {k: rep.get("allocation", {}).get(k) for k in ("mode", "chosen", "why")},
+                    "kept": [w["kept"] for w in rep.get("allocation", {}).get("widths") or []],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

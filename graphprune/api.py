@@ -105,6 +105,7 @@ def prune(
     input_shapes: dict[str, Any] | None = None,
     allow_depth: bool = False,
     search: int | None = None,
+    allocation: str = "auto",
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
@@ -158,6 +159,13 @@ def prune(
     (default ``None``: as many as fit in about a minute by an estimate of their cost from the
     graph's size and the MACs on the calibration samples, at most 12).
 
+    ``allocation`` (ratio prunes with ``calibration``): ``auto`` (default) allocates the
+    removal across groups by measurement where every group cut is an attention-head group of
+    one size (``head_ratio=0.25, mlp_ratio=0``: a quarter of all heads, not necessarily a
+    quarter of each layer's; :mod:`graphprune.pipeline.measured_ratio`), ``measured`` does the
+    same for MLP neurons too, ``uniform`` cuts every group by the same share.
+    ``report["allocation"]`` says which ran and why.
+
     ``input_shapes`` (``{input name: shape}``) fixes the shapes verification feeds; sizes
     the model leaves open otherwise are chosen so that it runs
     (:mod:`graphprune.analysis.probe_sizes`).
@@ -186,6 +194,12 @@ def prune(
             raise UsageError(f"search must be an integer >= 0, got {search!r}")
         if budget is None or budget[0] == "latency" or calibration is None:
             raise UsageError("search applies to a MACs/params target with calibration data only")
+    from graphprune.pipeline.measured_ratio import ALLOCATIONS
+
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+    if allocation != "auto" and (budget is not None or calibration is None):
+        raise UsageError("allocation applies to a ratio prune with calibration data only")
     if lossless or erase_blocks is not None:
         if plan is not None:
             raise UsageError("a plan cannot be combined with lossless mode or erase_blocks")
@@ -213,7 +227,7 @@ def prune(
     options = RatioOptions(
         ratio=ratio, criterion=criterion, round_to=round_to, min_channels=int(min_channels),
         seed=seed, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio,
-        prune_hidden=prune_hidden,
+        prune_hidden=prune_hidden, allocation=allocation,
     )
     session_options = {"keep": keep, "progress": progress, "debug": debug, "input_shapes": input_shapes}
     if budget is not None:

@@ -322,6 +322,11 @@ def _add_prune_parser(sub: Any) -> None:
                    help="with --calibration: graph outputs that are class logits (a classifier "
                         "exported without its softmax); the layer computing each is refit to the "
                         "original's class distribution, as it is where the softmax is in the graph")
+    p.add_argument("--allocation", choices=["auto", "measured", "uniform"], default="auto",
+                   help="with --calibration and a ratio: auto shares the removal of attention "
+                        "heads across layers by measurement (--head-ratio 0.25: a quarter of all "
+                        "heads, not of each layer's), measured does so for MLP neurons too, uniform "
+                        "cuts each group by the ratio (default: %(default)s)")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
                         "report (default: %(default)s)")

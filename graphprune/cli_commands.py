@@ -172,6 +172,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if (args.max_ratio is not None or args.allow_depth) and not budget:
         raise UsageError("--max-ratio and --allow-depth apply with --target-macs/--target-params/"
                          "--target-latency only")
+    if args.allocation != "auto" and (budget or not args.calibration):
+        raise UsageError("--allocation applies to a ratio prune with --calibration only")
     stages = ["load", "analysis", "plan", "prune", "verify"]
     if args.calibration:
         stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
@@ -189,7 +191,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
         holdout=args.holdout, class_scores=args.class_scores or (), target_macs=targets["macs"], target_params=targets["params"],
         target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
-        search=args.search,
+        search=args.search, allocation=args.allocation,
         provider=args.provider,
         threads=args.threads, input_shapes=_shapes(args)[1] or None,
     )

@@ -196,6 +196,28 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if budget.get("widths_aligned") is False:
         lines.append("note: widths in multiples of 8 could not land within 0.03 of the target: any "
                      "width allowed (--round-to 8 keeps them aligned)")
+    lines.extend(_allocation_detail(budget))
+    return lines
+
+
+def allocation_lines(allocation: Mapping[str, Any] | None) -> list[str]:
+    """How a calibrated ratio prune shared the removal across its groups
+    (:mod:`graphprune.pipeline.measured_ratio`)."""
+    if not allocation:
+        return []
+    if allocation.get("mode") != "measured":
+        if not set(allocation.get("kinds") or ()) & {"head", "mlp"}:
+            return []  # (CNN channels: the ratio applies to every group, as always)
+        return [f"allocation: uniform ({allocation.get('why', '')})"]
+    lines = [f"allocation across {allocation['groups']} {allocation['kind']} groups by measurement: "
+             f"{allocation['units_removed']} units removed (uniform: {allocation['units_removed_uniform']}), "
+             f"at most {allocation['max_share']:g} of any group"]
+    return lines + _allocation_detail(allocation)
+
+
+def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
+    """The measured candidates, the chosen one and the kept widths per group."""
+    lines: list[str] = []
     measured = [c for c in budget.get("candidates") or [] if "rel_l2" in c]
     chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
     if chosen is not None:
@@ -308,6 +330,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
         lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
     lines.extend(budget_lines(report.get("budget")))
+    lines.extend(allocation_lines(report.get("allocation")))
     lines.extend(verification_lines(report))
     lines.extend(calibration_lines(report.get("calibration")))
     fidelity = _fidelity_lines(report.get("fidelity"))

@@ -78,6 +78,13 @@ class BudgetOptions:
     latency_runs: int = 20
     #: with calibration: allocations searched beyond the first candidates (``None``: by size)
     search: int | None = None
+    #: only these groups are allocated (``None``: every group the head/mlp/hidden ratios allow)
+    groups: frozenset[int] | None = None
+    #: the target is the cost of removing this many units per group (group id -> count;
+    #: a calibrated ratio prune allocated by measurement, :mod:`.measured_ratio`), not ``target``
+    removed: dict[int, int] | None = None
+    #: MACs/params: how far over the target a landing may be (share of the original)
+    landing_above: float = LANDING_ABOVE
 
 
 def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer: Any) -> list:
@@ -95,9 +102,25 @@ def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer
         return scorer(group) if scorer is not None else score_group(group, tensors, options.criterion, rng)
 
     return budget_mod.build_states(
-        analysis, scores_of, eligible=lambda g: bool(ratio_of(g)),
+        analysis, scores_of,
+        eligible=lambda g: bool(ratio_of(g)) and (options.groups is None or g.id in options.groups),
         kinds={k: str(v) for k, v in kinds.items()}, round_to=options.round_to,
         min_channels=options.min_channels, max_ratio=options.max_ratio)
+
+
+def _at_removed(analysis: Analysis, states: list, options: BudgetOptions, shape_of: Any) -> BudgetOptions:
+    """``options`` with the target set to the modelled cost of removing ``options.removed``
+    units per group (where a count is not an allowed step, the nearest allowed one below)."""
+    import bisect
+
+    model = budget_mod.CostModel(analysis, states, options.kind, None, shape_of)
+    for si, st in enumerate(states):
+        want = options.removed.get(st.group.id, 0)
+        model.set_index(si, max(0, bisect.bisect_right(st.steps, want) - 1))
+    target = model.total / model.full_total if model.full_total > 0 else 1.0
+    for si in range(len(states)):
+        model.set_index(si, 0)
+    return BudgetOptions(**{**options.__dict__, "target": min(target, 1.0 - 1e-9)})
 
 
 def _node_times(session: Session, analysis: Analysis, options: BudgetOptions,
@@ -171,11 +194,11 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
             st.index = 0
         model = budget_mod.CostModel(analysis, states, options.kind, node_time, shape_of)
         # MACs/params: a coarse last step may land a little over the target when nearer
-        allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else LANDING_ABOVE)
+        allocation = budget_mod.allocate(model, fraction, above=0.0 if table is not None else options.landing_above)
         if table is None:
-            if options.round_to is None:  # aligned widths too coarse to land near the goal
+            if options.round_to is None and options.removed is None:  # aligned widths too coarse to land near
                 allocation = search.unaligned(model, fraction, allocation, options.min_channels,
-                                              LANDING_ABOVE) or allocation
+                                              options.landing_above) or allocation
             break
         _choose_fast_widths(model, table, analysis.opset)
         full = sum(node_time.values()) if node_time else 0.0
@@ -195,11 +218,13 @@ def prune_budget(
     tolerance: float | None = None,
     calibration: Any = None,
     calibration_options: Any = None,
+    calibrated: Any = None,
 ) -> PruneResult:
+    """``calibrated``: a :class:`~graphprune.pipeline.calibrated.CalibratedRun` already made
+    on ``session`` (instead of ``calibration``)."""
     if tolerance is None:
         tolerance = session.default_tolerance(DEFAULT_TOLERANCE)
-    calibrated = None
-    if calibration is not None:
+    if calibration is not None and calibrated is None:
         from graphprune.pipeline.calibrated import CalibratedRun
 
         calibrated = CalibratedRun(session, calibration, calibration_options)
@@ -207,6 +232,8 @@ def prune_budget(
     shape_of = session.cost_shape(analysis.graph)
     scorer = calibrated.scorer(analysis) if calibrated is not None else None
     states = _states(session, analysis, options, scorer)
+    if options.removed is not None:
+        options = _at_removed(analysis, states, options, shape_of)
     info: dict[str, Any] = {"target": options.kind, "fraction": options.target,
                             "max_ratio": options.max_ratio, "groups_allocated": len(states)}
     if calibrated is not None and states:

@@ -44,6 +44,9 @@ class RatioOptions:
     mlp_ratio: float | None = None
     hidden_ratio: float | None = None
     prune_hidden: bool = False
+    #: with calibration: ``auto`` allocates interchangeable groups by measurement where it
+    #: applies (:mod:`graphprune.pipeline.measured_ratio`), ``uniform`` never
+    allocation: str = "auto"
 
 
 def channel_passes(analysis: Analysis, plan: Plan) -> list:
@@ -360,6 +363,16 @@ def prune_ratio(
 
         calibrated = CalibratedRun(session, calibration, calibration_options)
     analysis = session.analyze()
+    allocation = None
+    if calibrated is not None and plan is None:
+        from graphprune.pipeline import measured_ratio
+
+        counts = measured_ratio.uniform_counts(analysis, options)
+        why = measured_ratio.why_uniform(session, analysis, options, calibrated, counts)
+        if why is None:
+            return measured_ratio.prune_measured(session, analysis, options, calibrated, counts,
+                                                 verify=verify, tolerance=None if allow_noise else tolerance)
+        allocation = {"mode": "uniform", "why": why, "kinds": measured_ratio.cut_kinds(analysis, counts)}
     scorer = calibrated.scorer(analysis) if calibrated is not None and plan is None else None
     the_plan = make_plan(session, analysis, options, plan, scorer=scorer)
     if calibrated is not None and scorer is not None:
@@ -395,6 +408,8 @@ def prune_ratio(
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)
     branch_summary(report, branches)
+    if allocation is not None:
+        report["allocation"] = allocation
     if calibrated is not None:
         report["calibration"] = calibrated.report()
         report["fidelity"] = calibrated.fidelity()

@@ -1,0 +1,172 @@
+"""Calibrated ratio prunes of one transformer kind: the removal shared across layers by
+measurement (graphprune.pipeline.measured_ratio).
+
+A three-block encoder exported by torch, whose middle block's attention output is scaled
+down: its heads matter least, so a measured allocation of a quarter of all heads takes
+them there, and lands nearer the original than a quarter of every block's.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+import graphprune
+from graphprune.errors import UsageError
+from graphprune.examples import example_cnn
+from graphprune.tables import allocation_lines
+
+HIDDEN, HEADS, HEAD_DIM, MLP, BLOCKS = 32, 4, 8, 64, 3
+#: the attention output of each block is scaled by this: the middle one barely matters
+ATTENTION_SCALE = (1.0, 0.02, 1.0)
+
+
+def _export() -> onnx.ModelProto:
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+            self.ln1, self.ln2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
+            self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
+            self.fc1, self.fc2 = nn.Linear(HIDDEN, MLP), nn.Linear(MLP, HIDDEN)
+
+        def forward(self, x):
+            b, s = x.shape[0], x.shape[1]
+            h = self.ln1(x)
+            q, k, v = (f(h).view(b, s, HEADS, HEAD_DIM).transpose(1, 2) for f in (self.q, self.k, self.v))
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM), dim=-1)
+            x = x + self.scale * self.o((att @ v).transpose(1, 2).reshape(b, s, HIDDEN))
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(HIDDEN, HIDDEN)
+            self.blocks = nn.ModuleList(Block(s) for s in ATTENTION_SCALE)
+            self.head = nn.Linear(HIDDEN, 8)
+
+        def forward(self, x):
+            x = self.embed(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    module = Encoder().eval()
+    with torch.no_grad():
+        for block in module.blocks:  # sharp attention: each head reads its own positions
+            block.q.weight.mul_(4.0)
+    import io
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, 6, HIDDEN),), buffer, dynamo=False, input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamic_axes={"x": {0: "batch", 1: "sequence"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def encoder() -> onnx.ModelProto:
+    return _export()
+
+
+def _calibration(count: int = 40) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).normal(size=(count, 1, 6, HIDDEN)).astype(np.float32)}
+
+
+def _heads_removed(result) -> list[int]:
+    from graphprune.analysis import targets
+
+    kinds = targets.classify_groups(result.analysis)
+    removed = {g.group: len(g.remove) for g in result.plan.groups}
+    return [removed.get(g.id, 0) for g in result.analysis.groups if kinds.get(g.id) == "head"]
+
+
+@pytest.fixture(scope="module")
+def runs(encoder):
+    calib = _calibration()
+    measured = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=calib)
+    uniform = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=calib,
+                               allocation="uniform")
+    return measured, uniform
+
+
+def test_a_quarter_of_all_heads_goes_where_it_costs_least(runs):
+    measured, uniform = runs
+    allocation = measured.report["allocation"]
+    assert allocation["mode"] == "measured" and allocation["kind"] == "head"
+    assert measured.report["mode"] == "ratio" and "budget" not in measured.report
+    assert measured.report["verification"]["ok"]
+    onnx.checker.check_model(measured.model, full_check=True)
+    # the same number of heads as a quarter of every block's, never more than half of one
+    assert _heads_removed(uniform) == [1, 1, 1]
+    by_block = _heads_removed(measured)
+    assert sum(by_block) == 3 == allocation["units_removed"] == allocation["units_removed_uniform"]
+    assert max(by_block) <= 2 and allocation["max_share"] == 0.5
+    assert by_block[1] == 2  # the block whose attention barely reaches the output
+    assert {c["allocation"] for c in allocation["candidates"]} >= {"global", "uniform"}
+    # nearer the original on the held-out samples than the uniform prune
+    assert measured.report["fidelity"]["rel_l2"] < uniform.report["fidelity"]["rel_l2"]
+    assert measured.report["params_after"] == uniform.report["params_after"]
+    lines = allocation_lines(allocation)
+    assert lines[0].startswith("allocation across 3 head groups by measurement: 3 units removed (uniform: 3)")
+
+
+def test_uniform_allocation_says_why(runs, encoder):
+    _, uniform = runs
+    assert uniform.report["allocation"] == {"mode": "uniform", "why": "allocation 'uniform' asked for",
+                                            "kinds": ["head"]}
+    assert allocation_lines(uniform.report["allocation"]) == ["allocation: uniform (allocation 'uniform' asked for)"]
+    # random inputs, and heads with MLP neurons together, keep the uniform allocation too
+    rnd = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration="random:20")
+    assert rnd.report["allocation"]["mode"] == "uniform" and "random" in rnd.report["allocation"]["why"]
+    few = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=_calibration(24))
+    assert few.report["allocation"]["why"].startswith("5 held-out calibration samples; the choice needs 8")
+    both = graphprune.prune(encoder, ratio=0.25, calibration=_calibration(20))
+    assert both.report["allocation"]["mode"] == "uniform"
+    assert both.report["allocation"]["kinds"] == ["head", "mlp"]
+
+
+def test_mlp_neurons_are_measured_only_when_asked(encoder):
+    calib = _calibration(40)
+    auto = graphprune.prune(encoder, ratio=0.0, head_ratio=0.0, mlp_ratio=0.25, calibration=calib)
+    assert auto.report["allocation"]["mode"] == "uniform"
+    assert "allocation 'measured' adds mlp" in auto.report["allocation"]["why"]
+    asked = graphprune.prune(encoder, ratio=0.0, head_ratio=0.0, mlp_ratio=0.25, calibration=calib,
+                             allocation="measured")
+    allocation = asked.report["allocation"]
+    assert allocation["mode"] == "measured" and allocation["kind"] == "mlp"
+    assert allocation["units_removed"] == allocation["units_removed_uniform"] == 3 * 16
+    assert asked.report["verification"]["ok"]
+    assert asked.report["params_after"] == auto.report["params_after"]
+
+
+def test_cnn_channels_keep_the_ratio_of_every_group():
+    model = onnx.shape_inference.infer_shapes(example_cnn())
+    x = np.random.default_rng(0).normal(size=(16, 1, 3, 64, 64)).astype(np.float32)
+    result = graphprune.prune(model, ratio=0.5, calibration={model.graph.input[0].name: x})
+    assert result.report["allocation"]["mode"] == "uniform"
+    assert allocation_lines(result.report["allocation"]) == []
+
+
+def test_allocation_needs_a_calibrated_ratio_prune(encoder, tmp_path):
+    with pytest.raises(UsageError, match="allocation applies"):
+        graphprune.prune(encoder, head_ratio=0.25, allocation="uniform")
+    with pytest.raises(UsageError, match="unknown allocation"):
+        graphprune.prune(encoder, head_ratio=0.25, calibration=_calibration(), allocation="greedy")
+    path = tmp_path / "m.onnx"
+    onnx.save(encoder, path)
+    out = tmp_path / "p.onnx"
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
+                           "--allocation", "uniform"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--allocation applies" in proc.stderr and not out.exists()
