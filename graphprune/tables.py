@@ -209,9 +209,12 @@ def allocation_lines(allocation: Mapping[str, Any] | None) -> list[str]:
         if not set(allocation.get("kinds") or ()) & {"head", "mlp"}:
             return []  # (CNN channels: the ratio applies to every group, as always)
         return [f"allocation: uniform ({allocation.get('why', '')})"]
+    others = allocation.get("uniform_groups") or {}
+    rest = ("; " + ", ".join(f"{n} {k} group{'s' if n != 1 else ''}" for k, n in others.items())
+            + " cut by the ratio in every candidate") if others else ""
     lines = [f"allocation across {allocation['groups']} {allocation['kind']} groups by measurement: "
              f"{allocation['units_removed']} units removed (uniform: {allocation['units_removed_uniform']}), "
-             f"at most {allocation['max_share']:g} of any group"]
+             f"at most {allocation['max_share']:g} of any group{rest}"]
     return lines + _allocation_detail(allocation)
 
 

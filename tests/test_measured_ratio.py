@@ -127,21 +127,18 @@ def test_uniform_allocation_says_why(runs, encoder):
     assert uniform.report["allocation"] == {"mode": "uniform", "why": "allocation 'uniform' asked for",
                                             "kinds": ["head"]}
     assert allocation_lines(uniform.report["allocation"]) == ["allocation: uniform (allocation 'uniform' asked for)"]
-    # random inputs, and heads with MLP neurons together, keep the uniform allocation too
+    # random inputs and few held-out samples keep the uniform allocation too
     rnd = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration="random:20")
     assert rnd.report["allocation"]["mode"] == "uniform" and "random" in rnd.report["allocation"]["why"]
     few = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=_calibration(24))
     assert few.report["allocation"]["why"].startswith("5 held-out calibration samples; the choice needs 8")
-    both = graphprune.prune(encoder, ratio=0.25, calibration=_calibration(20))
-    assert both.report["allocation"]["mode"] == "uniform"
-    assert both.report["allocation"]["kinds"] == ["head", "mlp"]
 
 
 def test_mlp_neurons_are_measured_only_when_asked(encoder):
     calib = _calibration(40)
     auto = graphprune.prune(encoder, ratio=0.0, head_ratio=0.0, mlp_ratio=0.25, calibration=calib)
     assert auto.report["allocation"]["mode"] == "uniform"
-    assert "allocation 'measured' adds mlp" in auto.report["allocation"]["why"]
+    assert auto.report["allocation"]["why"] == "no head group is cut; allocation 'measured' adds mlp"
     asked = graphprune.prune(encoder, ratio=0.0, head_ratio=0.0, mlp_ratio=0.25, calibration=calib,
                              allocation="measured")
     allocation = asked.report["allocation"]
@@ -149,6 +146,25 @@ def test_mlp_neurons_are_measured_only_when_asked(encoder):
     assert allocation["units_removed"] == allocation["units_removed_uniform"] == 3 * 16
     assert asked.report["verification"]["ok"]
     assert asked.report["params_after"] == auto.report["params_after"]
+
+
+def test_heads_are_measured_beside_mlp_neurons_cut_by_the_ratio(encoder, runs):
+    measured, uniform = runs
+    both = graphprune.prune(encoder, ratio=0.25, calibration=_calibration())
+    allocation = both.report["allocation"]
+    assert allocation["mode"] == "measured" and allocation["kind"] == "head"
+    assert allocation["uniform_groups"] == {"mlp": 3}
+    assert both.report["verification"]["ok"]
+    # the heads as in the heads-only prune, every MLP a quarter
+    assert sum(_heads_removed(both)) == 3 and max(_heads_removed(both)) <= 2
+    from graphprune.analysis import targets
+
+    kinds = targets.classify_groups(both.analysis)
+    mlp = [len(g.remove) for g in both.plan.groups if kinds.get(g.group) == "mlp"]
+    assert mlp == [16, 16, 16]
+    assert all(c["kept"] and len(c["kept"]) == 3 for c in allocation["candidates"])
+    assert "3 mlp groups cut by the ratio in every candidate" in allocation_lines(allocation)[0]
+    onnx.checker.check_model(both.model, full_check=True)
 
 
 def test_cnn_channels_keep_the_ratio_of_every_group():

@@ -42,6 +42,7 @@ from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
 from graphprune.planning.importance import score_group
+from graphprune.planning.planner import share_plans
 from graphprune.verify.metrics import counted_shape, uncounted_bodies
 
 #: rounds of re-allocation when the measured latency misses its target
@@ -85,6 +86,17 @@ class BudgetOptions:
     removed: dict[int, int] | None = None
     #: MACs/params: how far over the target a landing may be (share of the original)
     landing_above: float = LANDING_ABOVE
+    #: groups cut by a fixed share outside the allocation, in every candidate (group id ->
+    #: share; their units chosen by the scores as the ratio planner does)
+    fixed: dict[int, float] | None = None
+
+
+def _scores(analysis: Analysis, options: BudgetOptions, scorer: Any, group: Any) -> Any:
+    import numpy as np
+
+    if scorer is not None:
+        return scorer(group)
+    return score_group(group, analysis.context.tensors, options.criterion, np.random.default_rng(options.seed))
 
 
 def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer: Any) -> list:
@@ -106,21 +118,6 @@ def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer
         eligible=lambda g: bool(ratio_of(g)) and (options.groups is None or g.id in options.groups),
         kinds={k: str(v) for k, v in kinds.items()}, round_to=options.round_to,
         min_channels=options.min_channels, max_ratio=options.max_ratio)
-
-
-def _at_removed(analysis: Analysis, states: list, options: BudgetOptions, shape_of: Any) -> BudgetOptions:
-    """``options`` with the target set to the modelled cost of removing ``options.removed``
-    units per group (where a count is not an allowed step, the nearest allowed one below)."""
-    import bisect
-
-    model = budget_mod.CostModel(analysis, states, options.kind, None, shape_of)
-    for si, st in enumerate(states):
-        want = options.removed.get(st.group.id, 0)
-        model.set_index(si, max(0, bisect.bisect_right(st.steps, want) - 1))
-    target = model.total / model.full_total if model.full_total > 0 else 1.0
-    for si in range(len(states)):
-        model.set_index(si, 0)
-    return BudgetOptions(**{**options.__dict__, "target": min(target, 1.0 - 1e-9)})
 
 
 def _node_times(session: Session, analysis: Analysis, options: BudgetOptions,
@@ -232,8 +229,16 @@ def prune_budget(
     shape_of = session.cost_shape(analysis.graph)
     scorer = calibrated.scorer(analysis) if calibrated is not None else None
     states = _states(session, analysis, options, scorer)
-    if options.removed is not None:
-        options = _at_removed(analysis, states, options, shape_of)
+    if options.removed is not None:  # the target: the cost of these removals
+        target = budget_mod.fraction_at(analysis, states, options.kind, options.removed, shape_of)
+        options = BudgetOptions(**{**options.__dict__, "target": min(target, 1.0 - 1e-9)})
+    fixed = share_plans(analysis, options.fixed or {}, lambda g: _scores(analysis, options, scorer, g),
+                        options.round_to, options.min_channels)
+
+    def to_plan(meta: dict[str, Any]) -> Any:
+        plan = budget_mod.to_plan(analysis, states, meta)
+        plan.groups.extend(fixed)
+        return plan
     info: dict[str, Any] = {"target": options.kind, "fraction": options.target,
                             "max_ratio": options.max_ratio, "groups_allocated": len(states)}
     if calibrated is not None and states:
@@ -280,7 +285,7 @@ def prune_budget(
             with session.stage("plan"):
                 allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, goal,
                                                                shape_of)
-    plan = budget_mod.to_plan(analysis, states, meta)
+    plan = to_plan(meta)
     rounds: list[dict[str, Any]] = []
     fresh = analysis
     verification: dict[str, Any] | None = None
@@ -288,7 +293,7 @@ def prune_budget(
     if options.kind != "latency" and calibrated is not None and states:
         fraction = max(goal, allocation.achieved)  # the greedy landing's budget for every candidate
         chosen = choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify,
-                         options)
+                         options, fixed)
         plan, fresh, verification, info["candidates"], info["chosen"] = chosen
         allocation.achieved = cost_model.total / allocation.full if allocation.full > 0 else 1.0
         allocation.widths = budget_mod.width_table(states)
@@ -318,7 +323,7 @@ def prune_budget(
             with session.stage("plan"):
                 allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, internal,
                                                                shape_of)
-            plan = budget_mod.to_plan(analysis, states, meta)
+            plan = to_plan(meta)
             candidate, fresh, plan = apply_plan(session, plan)
         if len(tried) > 1:
             # rounds were timed minutes apart, and the machine's speed drifts more than the

@@ -15,6 +15,7 @@ samples decide, as for a ratio prune: :meth:`~graphprune.pipeline.calibrated.Cal
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from graphprune.pipeline.ratio import channel_passes, verify_zeroed
 from graphprune.pipeline.session import Session
 from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
-from graphprune.planning.plan import Plan
+from graphprune.planning.plan import GroupPlan, Plan
 from graphprune.planning.planner import replay
 
 #: calibration samples a candidate allocation is judged on when none are held out
@@ -106,7 +107,7 @@ def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
             calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
-            options: Any) -> tuple:
+            options: Any, fixed: Sequence[GroupPlan] = ()) -> tuple:
     """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
     greedy one, uniform at the same cost, a blend; then :func:`_search_count` perturbations of
     the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
@@ -115,6 +116,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     nearest is adopted by ``session`` (with the states at its allocation). A candidate that
     fails its check is adopted as it is, so that the failure is reported; one whose
     reconstruction fails is not chosen (the error is in its row; raised when all fail).
+
+    ``fixed``: group plans outside the allocation, part of every candidate.
 
     Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
     import numpy as np
@@ -140,7 +143,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         (a failed structural check, adopted as it is)."""
         nonlocal best, runner_up, failed
         budget_mod.restore(model, indexes)
-        candidate, fresh, plan = apply_plan(session, budget_mod.to_plan(analysis, states, meta))
+        plan = budget_mod.to_plan(analysis, states, meta)
+        plan.groups.extend(fixed)
+        candidate, fresh, plan = apply_plan(session, plan)
         verification = verify_zeroed(candidate, fresh, plan, tolerance) if verify else None
         row: dict[str, Any] = {"allocation": label, "modelled_fraction": round(model.total / model.full_total, 4),
                                "kept": [st.kept for st in states]}

@@ -5,8 +5,9 @@ quarter of every layer's. With calibration data the layers need not lose the sam
 heads of one size cost the same parameters and MACs in every layer, while layers differ
 widely in how much they need them (all-MiniLM-L6-v2, 18 of 72 heads removed, 150 sentences:
 mean cosine of the sentence embeddings 0.964 with three per layer, 0.989 with 6, 3, 5, 4, 0,
-0). So when every group a calibrated ratio prune cuts is an attention-head group of one size,
-the budget driver (:mod:`graphprune.pipeline.budget`) allocates the same total across them:
+0). So where a calibrated ratio prune cuts attention-head groups of one size, the budget
+driver (:mod:`graphprune.pipeline.budget`) allocates the same total across them (the other
+groups it cuts, MLP neurons say, keep their share in every candidate):
 the greedy allocation by measured sensitivity, the uniform one (the ratio driver's widths), a
 blend and perturbations, each rewritten, checked and reconstructed, and the one nearest the
 original on the held-out calibration samples is kept. The uniform allocation is always a
@@ -18,11 +19,12 @@ all-MiniLM-L6-v2 at 25 % of its MLP the measured allocation raised the mean cosi
 on two corpora, at five times the time, and lowered the nearest-neighbour agreement (by 1 and
 4 of 150 sentences; docs/calibration.md, round 35).
 
-Left to the ratio driver (``report["allocation"]["why"]`` says which): groups of several kinds
-or sizes (their units do not cost the same: a channel of a wide convolution against one of a
-narrow one), fewer than two independent groups, random calibration inputs (they say nothing
-about which layers matter on real data), fewer than :data:`MIN_HOLDOUT` held-out samples to
-choose on, models with ``If`` branches, and ``allocation="uniform"``.
+Left to the ratio driver (``report["allocation"]["why"]`` says which): no head group cut (CNN
+channels: a channel of a wide convolution does not cost what one of a narrow one does), head
+groups of different sizes, fewer than two that can take different widths, a cut hidden size,
+random calibration inputs (they say nothing about which layers matter on real data), fewer
+than :data:`MIN_HOLDOUT` held-out samples to choose on, models with ``If`` branches, and
+``allocation="uniform"``.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ MIN_HOLDOUT = 8
 MAX_SHARE_FACTOR = 2.0
 
 
-def uniform_counts(analysis: Analysis, options: Any) -> dict[int, int]:
-    """Units the ratio driver removes per group (group id -> count), as its plan would."""
+def cut_shares(analysis: Analysis, options: Any) -> dict[int, tuple[float, int]]:
+    """What the ratio driver cuts: group id -> (share asked, units it removes), as its plan would."""
     ratio_of = targets.ratio_function(
         analysis, options.ratio, head_ratio=options.head_ratio, mlp_ratio=options.mlp_ratio,
         hidden_ratio=options.hidden_ratio, prune_hidden=options.prune_hidden)
-    counts = {}
+    out = {}
     for group in analysis.groups:
         share = ratio_of(group) if group.prunable else None
         if not share:
@@ -59,72 +61,81 @@ def uniform_counts(analysis: Analysis, options: Any) -> dict[int, int]:
         align = auto_round_to(group.num_units) if options.round_to is None else options.round_to
         removed = group.num_units - kept_count(group.num_units, share, align, options.min_channels)
         if removed > 0:
-            counts[group.id] = removed
-    return counts
+            out[group.id] = (float(share), removed)
+    return out
 
 
-def why_uniform(session: Session, analysis: Analysis, options: Any, calibrated: Any,
-                counts: dict[int, int]) -> str | None:
-    """Why this calibrated ratio prune keeps the uniform allocation, or ``None`` where the
-    allocation is measured."""
-    if not counts:
-        return "no group is cut"
-    if getattr(options, "allocation", "auto") == "uniform":
-        return "allocation 'uniform' asked for"
+def measured_groups(session: Session, analysis: Analysis, options: Any, calibrated: Any,
+                    cut: dict[int, tuple[float, int]]) -> tuple[str | None, set[int]]:
+    """The groups whose allocation is measured (the others in ``cut`` keep their share), or
+    why none is: ``(None, ids)`` or ``(reason, set())``. One kind is measured: attention
+    heads, or with ``allocation="measured"`` MLP neurons where no head is cut."""
+    if not cut:
+        return "no group is cut", set()
+    mode = getattr(options, "allocation", "auto")
+    if mode == "uniform":
+        return "allocation 'uniform' asked for", set()
     if str(getattr(calibrated.calib, "source", "")).startswith("random"):
-        return "random calibration inputs say nothing about which layers matter on real data"
+        return "random calibration inputs say nothing about which layers matter on real data", set()
     if len(calibrated.calib.holdout) < MIN_HOLDOUT:
         return (f"{len(calibrated.calib.holdout)} held-out calibration samples; the choice needs "
-                f"{MIN_HOLDOUT} (more samples or a larger --holdout)")
+                f"{MIN_HOLDOUT} (more samples or a larger --holdout)"), set()
     if has_branches(session.prepared):
-        return "the model has If branches (each branch is pruned on its own)"
+        return "the model has If branches (each branch is pruned on its own)", set()
     kinds = targets.classify_groups(analysis)
+    if any(kinds.get(i) == "hidden" for i in cut):
+        return "the hidden size is cut (inexact: verified apart)", set()
+    measurable = INTERCHANGEABLE[mode]
+    kind = next((k for k in measurable if any(kinds.get(i) == k for i in cut)), None)
+    if kind is None:
+        return ("no " + " or ".join(f"{k} group" for k in measurable) + " is cut"
+                + ("; allocation 'measured' adds mlp" if "mlp" not in measurable else ""), set())
+    ids = {i for i in cut if kinds.get(i) == kind}
     by_id = {g.id: g for g in analysis.groups}
-    cut = {kinds.get(i) for i in counts}
-    measurable = INTERCHANGEABLE[getattr(options, "allocation", "auto")]
-    if len(cut) != 1 or not cut <= set(measurable):
-        return ("the groups cut are of kinds " + ", ".join(sorted(str(k) for k in cut))
-                + " (measured allocation: groups of one kind among " + ", ".join(measurable)
-                + ("; allocation 'measured' adds mlp" if "mlp" not in measurable else "") + ")")
-    if len({by_id[i].num_units for i in counts}) != 1 or len(set(counts.values())) != 1:
-        return "the groups cut differ in size"
+    if len({by_id[i].num_units for i in ids}) != 1 or len({cut[i][1] for i in ids}) != 1:
+        return f"the {kind} groups cut differ in size", set()
     tied = {g.id: k for k, cls in enumerate(budget_mod.tied_groups(analysis)) for g in cls}
-    independent = {tied.get(i, f"own {i}") for i in counts}
-    if len(independent) < 2:
-        return "fewer than two groups that can take different widths"
-    return None
+    if len({tied.get(i, f"own {i}") for i in ids}) < 2:
+        return f"fewer than two {kind} groups that can take different widths", set()
+    return None, ids
 
 
-def cut_kinds(analysis: Analysis, counts: dict[int, int]) -> list[str]:
-    """The kinds of the groups in ``counts`` (for the report)."""
+def cut_kinds(analysis: Analysis, cut: dict[int, Any]) -> list[str]:
+    """The kinds of the groups in ``cut`` (for the report)."""
     kinds = targets.classify_groups(analysis)
-    return sorted({str(kinds.get(i)) for i in counts})
+    return sorted({str(kinds.get(i)) for i in cut})
 
 
 def prune_measured(session: Session, analysis: Analysis, options: Any, calibrated: Any,
-                   counts: dict[int, int], *, verify: bool, tolerance: float | None) -> PruneResult:
-    """The budget driver at the uniform prune's parameter cost over the groups in ``counts``;
-    the report is a ratio prune's, with ``report["allocation"]`` (candidates, the chosen one,
-    widths) in place of ``report["budget"]``."""
+                   cut: dict[int, tuple[float, int]], ids: set[int], *, verify: bool,
+                   tolerance: float | None) -> PruneResult:
+    """The budget driver at the uniform prune's parameter cost over the groups ``ids``, the
+    rest of ``cut`` at its share in every candidate; the report is a ratio prune's, with
+    ``report["allocation"]`` (candidates, the chosen one, widths) in place of
+    ``report["budget"]``."""
     from graphprune.pipeline.budget import BudgetOptions, prune_budget
 
     kinds = targets.classify_groups(analysis)
-    kind = kinds[next(iter(counts))]
-    share = max(counts.values()) / next(g.num_units for g in analysis.groups if g.id in counts)
+    kind = kinds[next(iter(ids))]
+    share = max(cut[i][0] for i in ids)
     budget_options = BudgetOptions(
         kind="params", target=0.5, criterion=options.criterion, round_to=options.round_to,
         min_channels=options.min_channels, seed=options.seed, head_ratio=options.head_ratio,
         mlp_ratio=options.mlp_ratio, prune_hidden=options.prune_hidden,
         max_ratio=min(budget_mod.DEFAULT_MAX_RATIO, MAX_SHARE_FACTOR * share),
-        groups=frozenset(counts), removed=dict(counts), landing_above=0.0)
+        groups=frozenset(ids), removed={i: cut[i][1] for i in ids}, landing_above=0.0,
+        fixed={i: cut[i][0] for i in cut if i not in ids})
     result = prune_budget(session, budget_options, verify=verify, tolerance=tolerance, calibrated=calibrated)
     report = result.report
     info = report.pop("budget")
     report["mode"] = "ratio"
+    fixed = sorted(cut_kinds(analysis, {i: 0 for i in cut if i not in ids}))
     report["allocation"] = {
-        "mode": "measured", "kind": kind, "groups": len(counts), "units_removed_uniform": sum(counts.values()),
+        "mode": "measured", "kind": kind, "groups": len(ids), "units_removed_uniform": sum(cut[i][1] for i in ids),
         "units_removed": sum(w["units"] - w["kept"] for w in info.get("widths") or []),
         "max_share": round(budget_options.max_ratio, 4),
+        **({"uniform_groups": {k: sum(1 for i in cut if i not in ids and kinds.get(i) == k) for k in fixed}}
+           if fixed else {}),
         **{k: info[k] for k in ("candidates", "chosen", "sensitivity", "params_fraction", "macs_fraction",
                                 "widths") if k in info},
     }

@@ -367,12 +367,12 @@ def prune_ratio(
     if calibrated is not None and plan is None:
         from graphprune.pipeline import measured_ratio
 
-        counts = measured_ratio.uniform_counts(analysis, options)
-        why = measured_ratio.why_uniform(session, analysis, options, calibrated, counts)
+        cut = measured_ratio.cut_shares(analysis, options)
+        why, ids = measured_ratio.measured_groups(session, analysis, options, calibrated, cut)
         if why is None:
-            return measured_ratio.prune_measured(session, analysis, options, calibrated, counts,
+            return measured_ratio.prune_measured(session, analysis, options, calibrated, cut, ids,
                                                  verify=verify, tolerance=None if allow_noise else tolerance)
-        allocation = {"mode": "uniform", "why": why, "kinds": measured_ratio.cut_kinds(analysis, counts)}
+        allocation = {"mode": "uniform", "why": why, "kinds": measured_ratio.cut_kinds(analysis, cut)}
     scorer = calibrated.scorer(analysis) if calibrated is not None and plan is None else None
     the_plan = make_plan(session, analysis, options, plan, scorer=scorer)
     if calibrated is not None and scorer is not None:

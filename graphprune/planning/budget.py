@@ -385,6 +385,21 @@ def take_steps(model: CostModel, goal: float, frozen: frozenset[int] = frozenset
     return taken
 
 
+def fraction_at(analysis: Analysis, states: list[GroupState], kind: str, removed: dict[int, int],
+                shape_of: Callable[[gs.Tensor], list[int] | None] | None = None) -> float:
+    """The modelled cost (a fraction of the full one) with ``removed[group id]`` units removed
+    from each state's group (where a count is not an allowed step: the nearest one below)."""
+    import bisect
+
+    model = CostModel(analysis, states, kind, None, shape_of)
+    for si, st in enumerate(states):
+        model.set_index(si, max(0, bisect.bisect_right(st.steps, removed.get(st.group.id, 0)) - 1))
+    fraction = model.total / model.full_total if model.full_total > 0 else 1.0
+    for si in range(len(states)):
+        model.set_index(si, 0)
+    return fraction
+
+
 def snapshot(model: CostModel) -> list[int]:
     return [st.index for st in model.states]
 

@@ -81,21 +81,29 @@ def plan_ratio(
         if not group_ratio:
             continue
         scores = scorer(group) if scorer is not None else score_group(group, tensors, criterion, rng)
-        align = auto_round_to(group.num_units) if round_to is None else round_to
-        keep = kept_count(group.num_units, group_ratio, align, min_channels)
-        n_remove = group.num_units - keep
-        if n_remove <= 0:
-            continue
-        remove = select_units(group, scores, n_remove, min_channels)
-        excess = (group.num_units - len(remove)) % align
-        if align > 1 and excess:
-            # floors stopped early: give back the most important removals to stay aligned
-            give_back = align - excess
-            by_score = sorted(remove, key=lambda u: scores[u])
-            remove = sorted(by_score[: max(0, len(by_score) - give_back)])
-        if remove:
-            plan.groups.append(group_plan(group, remove, tensors))
+        entry = ratio_group_plan(group, scores, group_ratio, round_to, min_channels, tensors)
+        if entry is not None:
+            plan.groups.append(entry)
     return plan
+
+
+def ratio_group_plan(group: ChannelGroup, scores: np.ndarray, ratio: float, round_to: int | None,
+                     min_channels: int, tensors: dict[str, gs.Tensor]) -> GroupPlan | None:
+    """``ratio`` of ``group``'s units, lowest ``scores`` first, the kept count aligned
+    (``round_to=None``: :func:`auto_round_to`); ``None`` when nothing is removed."""
+    align = auto_round_to(group.num_units) if round_to is None else round_to
+    keep = kept_count(group.num_units, ratio, align, min_channels)
+    n_remove = group.num_units - keep
+    if n_remove <= 0:
+        return None
+    remove = select_units(group, scores, n_remove, min_channels)
+    excess = (group.num_units - len(remove)) % align
+    if align > 1 and excess:
+        # floors stopped early: give back the most important removals to stay aligned
+        give_back = align - excess
+        by_score = sorted(remove, key=lambda u: scores[u])
+        remove = sorted(by_score[: max(0, len(by_score) - give_back)])
+    return group_plan(group, remove, tensors) if remove else None
 
 
 def select_units(
@@ -143,4 +151,19 @@ def replay(analysis: Analysis, plan: Plan) -> Plan:
         if any(u < 0 or u >= group.num_units for u in gp.remove) or len(gp.remove) >= group.num_units:
             raise UsageError(f"plan removes invalid units from group '{gp.anchor}'")
         out.groups.append(group_plan(group, gp.remove, tensors))
+    return out
+
+
+def share_plans(analysis: Analysis, shares: dict[int, float], scores_of: Callable[[ChannelGroup], np.ndarray],
+                round_to: int | None, min_channels: int) -> list[GroupPlan]:
+    """Group plans removing ``shares[group id]`` of each of those groups, lowest
+    ``scores_of(group)`` first (as :func:`plan_ratio` does)."""
+    tensors = analysis.context.tensors
+    out = []
+    for group in analysis.groups:
+        share = shares.get(group.id)
+        if share and group.prunable:
+            entry = ratio_group_plan(group, scores_of(group), share, round_to, min_channels, tensors)
+            if entry is not None:
+                out.append(entry)
     return out
