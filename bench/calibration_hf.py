@@ -71,7 +71,8 @@ def run_one(path: Path, samples: int, timeout: float, work: Path) -> dict:
                cosine_without=fid.get("cosine") if reverted else (fid.get("without_reconstruction") or {}).get("cosine"),
                cosine_with=(fid.get("with_reconstruction") or {}).get("cosine") if reverted else fid.get("cosine"),
                refit_layers=(passes.get("RefitPass") or {}).get("layers"), warning=bool(fid.get("warning")),
-               reverted=reverted)
+               reverted=reverted, allocation=(rep.get("allocation") or {}).get("mode"),
+               allocation_why=(rep.get("allocation") or {}).get("why"))
     return row
 
 
