@@ -127,11 +127,15 @@ def test_uniform_allocation_says_why(runs, encoder):
     assert uniform.report["allocation"] == {"mode": "uniform", "why": "allocation 'uniform' asked for",
                                             "kinds": ["head"]}
     assert allocation_lines(uniform.report["allocation"]) == ["allocation: uniform (allocation 'uniform' asked for)"]
-    # random inputs and few held-out samples keep the uniform allocation too
-    rnd = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration="random:20")
-    assert rnd.report["allocation"]["mode"] == "uniform" and "random" in rnd.report["allocation"]["why"]
+    # few held-out samples keep the uniform allocation too
     few = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=_calibration(24))
     assert few.report["allocation"]["why"].startswith("5 held-out calibration samples; the choice needs 8")
+
+
+def test_random_calibration_inputs_are_measured_too(encoder):
+    rnd = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration="random:40")
+    assert rnd.report["allocation"]["mode"] == "measured"
+    assert rnd.report["verification"]["ok"] and sum(_heads_removed(rnd)) == 3
 
 
 def test_mlp_neurons_are_measured_only_when_asked(encoder):

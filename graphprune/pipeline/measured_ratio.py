@@ -22,9 +22,10 @@ on two corpora, at five times the time, and lowered the nearest-neighbour agreem
 Left to the ratio driver (``report["allocation"]["why"]`` says which): no head group cut (CNN
 channels: a channel of a wide convolution does not cost what one of a narrow one does), head
 groups of different sizes, fewer than two that can take different widths, a cut hidden size,
-random calibration inputs (they say nothing about which layers matter on real data), fewer
-than :data:`MIN_HOLDOUT` held-out samples to choose on, models with ``If`` branches, and
-``allocation="uniform"``.
+fewer than :data:`MIN_HOLDOUT` held-out samples to choose on, models with ``If`` branches, and
+``allocation="uniform"``. Random calibration inputs (``--calibration random``) are measured
+too: on all-MiniLM-L6-v2 the allocation chosen on random token ids lands nearer the original
+on real sentences than the uniform one (cosine 0.913 against 0.865).
 """
 
 from __future__ import annotations
@@ -75,8 +76,6 @@ def measured_groups(session: Session, analysis: Analysis, options: Any, calibrat
     mode = getattr(options, "allocation", "auto")
     if mode == "uniform":
         return "allocation 'uniform' asked for", set()
-    if str(getattr(calibrated.calib, "source", "")).startswith("random"):
-        return "random calibration inputs say nothing about which layers matter on real data", set()
     if len(calibrated.calib.holdout) < MIN_HOLDOUT:
         return (f"{len(calibrated.calib.holdout)} held-out calibration samples; the choice needs "
                 f"{MIN_HOLDOUT} (more samples or a larger --holdout)"), set()
