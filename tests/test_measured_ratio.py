@@ -190,3 +190,18 @@ def test_allocation_needs_a_calibrated_ratio_prune(encoder, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out),
                            "--allocation", "uniform"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--allocation applies" in proc.stderr and not out.exists()
+
+
+def test_auto_leaves_a_costly_measurement_to_allocation_measured(encoder, monkeypatch):
+    from graphprune.pipeline import measured_ratio
+
+    monkeypatch.setattr(measured_ratio, "AUTO_CANDIDATE_SECONDS", 1e-3)
+    calib = _calibration()
+    auto = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=calib)
+    why = auto.report["allocation"]["why"]
+    assert auto.report["allocation"]["mode"] == "uniform"
+    assert why.startswith("a measured allocation reconstructs at least 4 candidates, estimated at ")
+    assert why.endswith("s each here; --allocation measured runs it")
+    asked = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=calib,
+                             allocation="measured")
+    assert asked.report["allocation"]["mode"] == "measured" and asked.report["verification"]["ok"]

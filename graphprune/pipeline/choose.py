@@ -56,11 +56,15 @@ def apply_plan(session: Session, plan: Plan) -> Any:
     return candidate, fresh, replayed
 
 
+def candidate_seconds(nodes: int, macs: float, samples: int) -> float:
+    """Estimated seconds to rewrite, check and reconstruct one candidate allocation."""
+    return SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
+
+
 def search_count(nodes: int, macs: float, samples: int) -> int:
     """Allocations searched beyond the first candidates by default: as many as fit in
     :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
-    each = SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
-    return int(min(SEARCH_MAX, SEARCH_SECONDS // max(each, 1e-3)))
+    return int(min(SEARCH_MAX, SEARCH_SECONDS // max(candidate_seconds(nodes, macs, samples), 1e-3)))
 
 
 def _search_count(analysis: Analysis, states: list, model: budget_mod.CostModel, options: Any,

@@ -22,10 +22,12 @@ on two corpora, at five times the time, and lowered the nearest-neighbour agreem
 Left to the ratio driver (``report["allocation"]["why"]`` says which): no head group cut (CNN
 channels: a channel of a wide convolution does not cost what one of a narrow one does), head
 groups of different sizes, fewer than two that can take different widths, a cut hidden size,
-fewer than :data:`MIN_HOLDOUT` held-out samples to choose on, models with ``If`` branches, and
-``allocation="uniform"``. Random calibration inputs (``--calibration random``) are measured
-too: on all-MiniLM-L6-v2 the allocation chosen on random token ids lands nearer the original
-on real sentences than the uniform one (cosine 0.913 against 0.865).
+fewer than :data:`MIN_HOLDOUT` held-out samples to choose on, models with ``If`` branches,
+``allocation="uniform"``, and under ``auto`` a model and data set so large that one candidate
+is estimated to take over :data:`AUTO_CANDIDATE_SECONDS` (``allocation="measured"`` runs it).
+Random calibration inputs (``--calibration random``) are measured too: on all-MiniLM-L6-v2
+the allocation chosen on random token ids lands nearer the original on real sentences than
+the uniform one (cosine 0.913 against 0.865).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ INTERCHANGEABLE = {"auto": ("head",), "measured": ("head", "mlp")}
 MIN_HOLDOUT = 8
 #: no group loses more than this multiple of the asked share (at most the budget's max ratio)
 MAX_SHARE_FACTOR = 2.0
+#: ``auto`` measures only where one candidate is estimated to cost at most this many seconds
+#: (:func:`graphprune.pipeline.choose.candidate_seconds`; at least four are reconstructed:
+#: all-MiniLM-L6-v2 on 150 sentences, 17 s; a BERT-base on 128 samples of 128 tokens, ~140 s)
+AUTO_CANDIDATE_SECONDS = 120.0
 
 
 def cut_shares(analysis: Analysis, options: Any) -> dict[int, tuple[float, int]]:
@@ -96,6 +102,14 @@ def measured_groups(session: Session, analysis: Analysis, options: Any, calibrat
     tied = {g.id: k for k, cls in enumerate(budget_mod.tied_groups(analysis)) for g in cls}
     if len({tied.get(i, f"own {i}") for i in ids}) < 2:
         return f"fewer than two {kind} groups that can take different widths", set()
+    if mode == "auto":
+        from graphprune.pipeline.choose import candidate_seconds
+
+        macs = budget_mod.CostModel(analysis, [], "macs", shape_of=session.cost_shape(analysis.graph)).full_total
+        each = candidate_seconds(len(analysis.graph.nodes), macs, calibrated.calib.total)
+        if each > AUTO_CANDIDATE_SECONDS:
+            return (f"a measured allocation reconstructs at least 4 candidates, estimated at {each:.0f} s each "
+                    "here; --allocation measured runs it"), set()
     return None, ids
 
 
