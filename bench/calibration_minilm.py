@@ -294,6 +294,9 @@ def main() -> int:
                     "heads_pruned": heads_pruned(res),
                     "verified": bool(res.report["verification"].get("ok")),
                     "seconds": round(wall, 1),
+                    **({"allocation": res.report["allocation"].get("mode"),
+                        "kept": [w["kept"] for w in res.report["allocation"].get("widths") or []]}
+                       if res.report.get("allocation") else {}),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -205,3 +205,81 @@ def test_auto_leaves_a_costly_measurement_to_allocation_measured(encoder, monkey
     asked = graphprune.prune(encoder, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=calib,
                              allocation="measured")
     assert asked.report["allocation"]["mode"] == "measured" and asked.report["verification"]["ok"]
+
+
+def test_dynamic_int8_heads_are_measured(encoder, tmp_path):
+    """``quantize_dynamic``'s int8 weights (``MatMulInteger``) are masked around their zero
+    point in the sensitivity sweep: every head group is measured, not left to the median."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(encoder, src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)  # uint8: a zero point off 0
+    quantized = onnx.load(str(dst))
+    assert any(n.op_type == "MatMulInteger" for n in quantized.graph.node)
+    result = graphprune.prune(quantized, ratio=0.0, head_ratio=0.25, mlp_ratio=0.0, calibration=_calibration())
+    allocation = result.report["allocation"]
+    assert allocation["mode"] == "measured" and result.report["verification"]["ok"]
+    assert allocation["sensitivity"]["groups_measured"] == 3
+    assert sum(_heads_removed(result)) == 3
+
+
+def _int4(encoder):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(encoder, block_size=16, is_symmetric=False)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _uint8(encoder, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(encoder, src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+    return onnx.load(str(dst))
+
+
+@pytest.mark.parametrize("kind", ["uint8", "int4"])
+def test_the_sweep_masks_integer_weights_as_the_zeroed_original_zeroes_them(encoder, tmp_path, kind):
+    """The sweep model with one group's mask at zero computes what the zeroed original of that
+    removal computes, on ``quantize_dynamic``'s uint8 weights (zero point 128-ish) and on packed
+    4-bit ``MatMulNBits`` weights with a zero point per block."""
+    from graphprune.pipeline.session import Session
+    from graphprune.planning import budget, sensitivity
+    from graphprune.planning.importance import score_group
+    from graphprune.verify import zeroed
+    from graphprune.verify.validate import session as ort_session
+
+    model = _uint8(encoder, tmp_path) if kind == "uint8" else _int4(encoder)
+    session = Session(model)
+    analysis = session.analyze()
+    tensors = analysis.context.tensors
+    rng = np.random.default_rng(0)
+    states = budget.build_states(analysis, lambda g: score_group(g, tensors, "l1", rng), eligible=lambda g: True)
+    masked, sweep = sensitivity.masked_model(session.prepared, analysis, states)
+    measured = [(st, masks) for st, masks in zip(states, sweep.masks, strict=True) if masks]
+    inits = {i.name: i for i in session.prepared.graph.initializer}
+    integer = [(st, masks) for st, masks in measured
+               if any(dim[0] in inits and inits[dim[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                      for g, _ in st.members for dim in g.unit_of)]
+    assert integer  # groups whose only weights are integers are measured
+    x = {"x": np.random.default_rng(2).normal(size=(1, 6, HIDDEN)).astype(np.float32)}
+    ones = {name: np.ones(st.group.num_units, np.float32) for st, masks in measured for name, _ in masks}
+    sweep_session = ort_session(session.path_of(masked))
+    for st, masks in integer:
+        m = st.steps[len(st.steps) // 2]
+        feed = dict(ones)
+        removed = {}
+        for name, order in masks:
+            feed[name] = np.ones(st.group.num_units, np.float32)
+            feed[name][order[:m]] = 0.0
+        for group, order in st.members:
+            removed.update(group.removed_elements(sorted(int(u) for u in order[:m])))
+        got = sweep_session.run(None, {**x, **feed})[0]
+        reference = zeroed.zeroed_reference(session.prepared, analysis, removed)
+        want = ort_session(reference, optimize=False).run(None, x)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        full = ort_session(session.prepared).run(None, x)[0]
+        assert np.abs(full - want).max() > 1e-3  # the removal changes the output

@@ -79,7 +79,7 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
         for gi, (group, order) in enumerate(st.members):
             mask_name = f"__gp_sens_mask_{si}_{gi}"
             if _mask_group(graph, inits, roles, group, mask_name, f"{si}_{gi}", current, nodes,
-                           computed, late):
+                           computed, late, analysis.context.zero_points):
                 graph.input.append(onnx.helper.make_tensor_value_info(
                     mask_name, onnx.TensorProto.FLOAT, [group.num_units]))
                 masks.append((mask_name, order))
@@ -173,10 +173,12 @@ def correction(fix: Correction, removed_units: np.ndarray) -> np.ndarray:
 def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], roles: dict,
                 group: Any, mask_name: str, tag_id: str, current: dict[str, str],
                 nodes: list[onnx.NodeProto], computed: dict[str, tuple[int, int]],
-                late: dict[str, list[onnx.NodeProto]]) -> bool:
+                late: dict[str, list[onnx.NodeProto]], zero_points: dict[str, np.ndarray] | None = None) -> bool:
     """Multiply every float producer/consumer weight of ``group`` by its unit mask (pinned
     elements, label -1, read a 1 appended to the mask); a weight the graph computes
-    (``computed``) is masked by nodes that ``late`` places after its producer."""
+    (``computed``) is masked by nodes that ``late`` places after its producer. An 8-bit integer
+    weight (``quantize_dynamic``'s ``MatMulInteger`` / ``ConvInteger``) is masked around its
+    zero point in int32, ``(w - zp) * mask + zp``, and cast back: a masked unit reads as zero."""
     used = False
     source_mask = mask_name
     pinned = bool(getattr(group, "pinned_units", 0))
@@ -193,7 +195,9 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
             data_type, rank = computed[name]
         else:
             continue
-        if data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        integer = init is not None and data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        if data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
+                and not integer:
             continue
         tag = f"{name}__gp_s{tag_id}_{axis}"
         index_name, shape_name = f"{tag}_idx", f"{tag}_shape"
@@ -210,10 +214,23 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
         gathered = f"{tag}_g"
         nodes.append(onnx.helper.make_node("Gather", [source_mask, index_name], [gathered], name=f"{tag}_gather"))
         if data_type != onnx.TensorProto.FLOAT:
-            nodes.append(onnx.helper.make_node("Cast", [gathered], [f"{gathered}_c"], to=data_type,
+            nodes.append(onnx.helper.make_node("Cast", [gathered], [f"{gathered}_c"],
+                                               to=onnx.TensorProto.INT32 if integer else data_type,
                                                name=f"{tag}_cast"))
             gathered = f"{gathered}_c"
         nodes.append(onnx.helper.make_node("Reshape", [gathered, shape_name], [f"{tag}_m"], name=f"{tag}_reshape"))
+        if integer:
+            zp = np.asarray(0 if zero_points is None or name not in zero_points else zero_points[name])
+            graph.initializer.append(numpy_helper.from_array(zp.astype(np.int32), f"{tag}_zp"))
+            nodes.extend([
+                onnx.helper.make_node("Cast", [source], [f"{tag}_i"], to=onnx.TensorProto.INT32, name=f"{tag}_to32"),
+                onnx.helper.make_node("Sub", [f"{tag}_i", f"{tag}_zp"], [f"{tag}_c"], name=f"{tag}_centre"),
+                onnx.helper.make_node("Mul", [f"{tag}_c", f"{tag}_m"], [f"{tag}_cm"], name=f"{tag}_mul"),
+                onnx.helper.make_node("Add", [f"{tag}_cm", f"{tag}_zp"], [f"{tag}_a"], name=f"{tag}_back"),
+                onnx.helper.make_node("Cast", [f"{tag}_a"], [f"{tag}_w"], to=data_type, name=f"{tag}_to8")])
+            current[name] = f"{tag}_w"
+            used = True
+            continue
         mul = onnx.helper.make_node("Mul", [source, f"{tag}_m"], [f"{tag}_w"], name=f"{tag}_mul")
         if init is None:
             late.setdefault(name, []).append(mul)
