@@ -252,6 +252,11 @@ def prune(
         return prune_budget(Session(model, **session_options), budget_options, verify=verify, tolerance=tolerance,
                             calibration=calibration, calibration_options=calibration_options)
     session = Session(model, **session_options)
+    if calibration is not None and plan is None:
+        from graphprune.pipeline.measured_ratio import prune_calibrated
+
+        return prune_calibrated(session, options, calibration, calibration_options, verify=verify,
+                                tolerance=tolerance)
     return prune_ratio(session, options, plan=plan, verify=verify,
                        tolerance=tolerance, calibration=calibration, calibration_options=calibration_options)
 

@@ -119,6 +119,24 @@ def cut_kinds(analysis: Analysis, cut: dict[int, Any]) -> list[str]:
     return sorted({str(kinds.get(i)) for i in cut})
 
 
+def prune_calibrated(session: Session, options: Any, calibration: Any, calibration_options: Any, *,
+                     verify: bool = True, tolerance: float | None = None) -> PruneResult:
+    """A calibrated ratio prune: its head groups allocated by measurement where that applies
+    (:func:`measured_groups`), else the ratio driver's, with the reason in
+    ``report["allocation"]``."""
+    from graphprune.pipeline.calibrated import CalibratedRun
+    from graphprune.pipeline.ratio import prune_ratio
+
+    calibrated = CalibratedRun(session, calibration, calibration_options)
+    analysis = session.analyze()
+    cut = cut_shares(analysis, options)
+    why, ids = measured_groups(session, analysis, options, calibrated, cut)
+    if why is None:
+        return prune_measured(session, analysis, options, calibrated, cut, ids, verify=verify, tolerance=tolerance)
+    return prune_ratio(session, options, verify=verify, tolerance=tolerance, calibrated=calibrated,
+                       allocation={"mode": "uniform", "why": why, "kinds": cut_kinds(analysis, cut)})
+
+
 def prune_measured(session: Session, analysis: Analysis, options: Any, calibrated: Any,
                    cut: dict[int, tuple[float, int]], ids: set[int], *, verify: bool,
                    tolerance: float | None) -> PruneResult:

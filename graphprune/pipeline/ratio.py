@@ -345,6 +345,8 @@ def prune_ratio(
     tolerance: float | None = None,
     calibration: Any = None,
     calibration_options: Any = None,
+    calibrated: Any = None,
+    allocation: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Plan (or replay) and apply a ratio prune on ``session``; verify and report.
 
@@ -353,26 +355,18 @@ def prune_ratio(
     With ``calibration`` (see :mod:`graphprune.pipeline.calibrated`) the plan uses a
     data-aware criterion, the structural rewrite is checked against the zeroed original as
     always, then reconstruction passes run and the report gains ``calibration`` and
-    ``fidelity`` (held-out samples against the original)."""
+    ``fidelity`` (held-out samples against the original). ``calibrated``: a
+    :class:`~graphprune.pipeline.calibrated.CalibratedRun` already made on ``session`` (instead
+    of ``calibration``); ``allocation``: ``report["allocation"]``
+    (:mod:`graphprune.pipeline.measured_ratio` decides it)."""
     allow_noise = tolerance is None  # a tolerance the user set is the last word
     if tolerance is None:
         tolerance = session.default_tolerance(DEFAULT_TOLERANCE)
-    calibrated = None
-    if calibration is not None:
+    if calibration is not None and calibrated is None:
         from graphprune.pipeline.calibrated import CalibratedRun
 
         calibrated = CalibratedRun(session, calibration, calibration_options)
     analysis = session.analyze()
-    allocation = None
-    if calibrated is not None and plan is None:
-        from graphprune.pipeline import measured_ratio
-
-        cut = measured_ratio.cut_shares(analysis, options)
-        why, ids = measured_ratio.measured_groups(session, analysis, options, calibrated, cut)
-        if why is None:
-            return measured_ratio.prune_measured(session, analysis, options, calibrated, cut, ids,
-                                                 verify=verify, tolerance=None if allow_noise else tolerance)
-        allocation = {"mode": "uniform", "why": why, "kinds": measured_ratio.cut_kinds(analysis, cut)}
     scorer = calibrated.scorer(analysis) if calibrated is not None and plan is None else None
     the_plan = make_plan(session, analysis, options, plan, scorer=scorer)
     if calibrated is not None and scorer is not None:
