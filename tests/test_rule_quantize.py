@@ -636,7 +636,10 @@ def test_a_dynamic_quantized_cell_with_a_constant_state_verifies(tmp_path) -> No
     torch.manual_seed(0)
     src, dst = tmp_path / "cell.onnx", tmp_path / "cell_dynamic.onnx"
     torch.onnx.export(Cell().eval(), (torch.randn(1, 3, 8),), str(src), dynamo=False, opset_version=17)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    # reduce_range (7-bit weights): on x86 CPUs without VNNI (AVX2) ONNX Runtime's u8 x s8
+    # kernel sums pairs of products in int16 and saturates, so which channels sit side by side
+    # changes the result (1.2 % here on an AVX2 EPYC, none with VNNI): ORT's advice for such CPUs
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
     result = graphprune.prune(str(dst), ratio=0.5)
     assert result.report["verification"]["ok"]
     assert result.report["groups"]["pruned"] >= 1
