@@ -106,6 +106,7 @@ def prune(
     allow_depth: bool = False,
     search: int | None = None,
     allocation: str = "auto",
+    final_refit: str = "auto",
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes or ``onnx.ModelProto``) and verify the result.
 
@@ -166,6 +167,13 @@ def prune(
     same for MLP neurons too, ``uniform`` cuts every group by the same share.
     ``report["allocation"]`` says which ran and why.
 
+    ``final_refit`` (with ``calibration``): once the reconstruction is kept, it runs again with
+    every sample, the held-out ones too, and that model is written; ``report["fidelity"]``
+    stays the figures of the same prune reconstructed without the held-out samples (measured
+    on samples it never saw). ``auto`` (default) does so where one reconstruction is
+    estimated cheap (:data:`graphprune.pipeline.calibrated.FINAL_REFIT_SECONDS`), ``on``
+    always, ``off`` never; ``report["calibration"]["final_refit"]`` says what ran.
+
     ``input_shapes`` (``{input name: shape}``) fixes the shapes verification feeds; sizes
     the model leaves open otherwise are chosen so that it runs
     (:mod:`graphprune.analysis.probe_sizes`).
@@ -183,6 +191,8 @@ def prune(
                          "without it no reconstruction runs")
     if calibration is None and class_scores:
         raise UsageError("class_scores (--class-scores) needs calibration data (--calibration)")
+    if calibration is None and final_refit != "auto":
+        raise UsageError("final_refit (--final-refit) applies with calibration data (--calibration) only")
     budget = _budget(target_macs, target_params, target_latency)
     if budget is not None and (lossless or erase_blocks is not None or plan is not None):
         raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "
@@ -214,9 +224,9 @@ def prune(
     if calibration is not None:
         from graphprune.pipeline.calibrated import CalibrationOptions, check_options
 
-        check_options(criterion or "auto", reconstruction)
+        check_options(criterion or "auto", reconstruction, final_refit)
         calibration_options = CalibrationOptions(
-            criterion=criterion or "auto", reconstruction=reconstruction,
+            criterion=criterion or "auto", reconstruction=reconstruction, final_refit=final_refit,
             holdout=_number("holdout", holdout, 0.0, 1.0),
             class_scores=(class_scores,) if isinstance(class_scores, str) else tuple(class_scores),
         )

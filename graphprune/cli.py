@@ -327,6 +327,11 @@ def _add_prune_parser(sub: Any) -> None:
                         "heads across layers by measurement (--head-ratio 0.25: a quarter of all "
                         "heads, not of each layer's), measured does so for MLP neurons too, uniform "
                         "cuts each group by the ratio (default: %(default)s)")
+    p.add_argument("--final-refit", choices=["auto", "on", "off"], default="auto",
+                   help="with --calibration: once the reconstruction is kept, run it again with every "
+                        "sample, the held-out ones too, and write that model (the fidelity reported "
+                        "stays the one measured without them); auto: where one reconstruction is "
+                        "estimated at 30 s or less (default: %(default)s)")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
                         "report (default: %(default)s)")

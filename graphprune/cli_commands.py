@@ -174,10 +174,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          "--target-latency only")
     if args.allocation != "auto" and (budget or not args.calibration):
         raise UsageError("--allocation applies to a ratio prune with --calibration only")
+    if args.final_refit != "auto" and not args.calibration:
+        raise UsageError("--final-refit applies with --calibration only")
     stages = ["load", "analysis", "plan", "prune", "verify"]
     if args.calibration:
         stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
-                  "reconstruction", "fidelity"]
+                  "reconstruction", "fidelity", "final refit"]
     progress = _Progress(not args.quiet and not args.json, stages)
     source = _source(args)
     result = prune(
@@ -191,7 +193,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         debug=args.debug, calibration=args.calibration, reconstruction=args.reconstruction,
         holdout=args.holdout, class_scores=args.class_scores or (), target_macs=targets["macs"], target_params=targets["params"],
         target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
-        search=args.search, allocation=args.allocation,
+        search=args.search, allocation=args.allocation, final_refit=args.final_refit,
         provider=args.provider,
         threads=args.threads, input_shapes=_shapes(args)[1] or None,
     )

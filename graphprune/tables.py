@@ -173,6 +173,12 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
             lines.append(f"    not refit: {skipped[0]}" + (f" (and {more} more, see --report)" if more > 0 else ""))
     if calibration.get("reconstruction_reverted"):
         lines.append("  undone: the held-out samples fit worse with the reconstruction than without (see fidelity)")
+    final = calibration.get("final_refit") or {}
+    if final.get("kept"):
+        lines.append(f"  final refit on all {final['samples']} samples, the held-out ones too: the model written; "
+                     "the fidelity below is the same prune's reconstructed without them")
+    elif final.get("ran"):
+        lines.append(f"  final refit on all samples not kept: {final.get('why')}")
     return lines
 
 

@@ -382,8 +382,10 @@ def prune_budget(
     info["widths"] = allocation.widths
     report["budget"] = info
     if calibrated is not None:
+        if branches is not None:
+            calibrated.no_final_refit("If branches: each branch was refit on the samples that take it")
+        report["fidelity"] = calibrated.fidelity()  # (with the final refit: before the calibration report)
         report["calibration"] = calibrated.report()
-        report["fidelity"] = calibrated.fidelity()
     result = session.finish(report, plan, verification)
     result.branches = branches  # nested If branches: their zeroed versions for the caller
     return result

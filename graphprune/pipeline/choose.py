@@ -26,6 +26,7 @@ from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
 from graphprune.planning.plan import GroupPlan, Plan
 from graphprune.planning.planner import replay
+from graphprune.planning.search import candidate_seconds
 
 #: calibration samples a candidate allocation is judged on when none are held out
 CHOICE_SAMPLES = 64
@@ -36,8 +37,6 @@ CHOICE_SAMPLES = 64
 #: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
 #: a ResNet-50 on 128 images at 224x224: 1
 SEARCH_SECONDS = 60.0
-SEARCH_SECONDS_PER_NODE = 0.04
-SEARCH_SECONDS_PER_MAC = 8e-11
 SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
 SEARCH_ROUND = 4
@@ -54,11 +53,6 @@ def apply_plan(session: Session, plan: Plan) -> Any:
         candidate.apply(channel_passes(fresh, replayed))
         candidate.export()
     return candidate, fresh, replayed
-
-
-def candidate_seconds(nodes: int, macs: float, samples: int) -> float:
-    """Estimated seconds to rewrite, check and reconstruct one candidate allocation."""
-    return SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
 
 
 def search_count(nodes: int, macs: float, samples: int) -> int:
@@ -99,6 +93,8 @@ class _Measured:
     unreconstructed: Any = None
     plain_error: float = math.inf
     plain_cosine: float | None = None
+    #: the rewrite before any reconstruction (what the final refit of the chosen one starts from)
+    rewrite: Any = None
 
 
 def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
@@ -184,7 +180,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 score, error = plain_score, plain_error
         row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         measured = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes,
-                             reverted, unreconstructed if screening else None, plain_error, plain_cosine)
+                             reverted, unreconstructed if screening else None, plain_error, plain_cosine,
+                             unreconstructed)
         if best is None or error < best.error:
             best, runner_up = measured, best
         elif runner_up is None or error < runner_up.error:
@@ -223,6 +220,10 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     calibrated.close_recorded()
     budget_mod.restore(model, best.indexes)
     calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
+    if best.reverted or best.rewrite is None:
+        calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
+    else:
+        calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
     candidate = best.session
     session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
     session.ctx = candidate.ctx

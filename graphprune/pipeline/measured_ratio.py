@@ -50,7 +50,7 @@ MIN_HOLDOUT = 8
 #: no group loses more than this multiple of the asked share (at most the budget's max ratio)
 MAX_SHARE_FACTOR = 2.0
 #: ``auto`` measures only where one candidate is estimated to cost at most this many seconds
-#: (:func:`graphprune.pipeline.choose.candidate_seconds`; at least four are reconstructed:
+#: (:func:`graphprune.planning.search.candidate_seconds`; at least four are reconstructed:
 #: all-MiniLM-L6-v2 on 150 sentences, 17 s; a BERT-base on 128 samples of 128 tokens, ~140 s)
 AUTO_CANDIDATE_SECONDS = 120.0
 
@@ -103,7 +103,7 @@ def measured_groups(session: Session, analysis: Analysis, options: Any, calibrat
     if len({tied.get(i, f"own {i}") for i in ids}) < 2:
         return f"fewer than two {kind} groups that can take different widths", set()
     if mode == "auto":
-        from graphprune.pipeline.choose import candidate_seconds
+        from graphprune.planning.search import candidate_seconds
 
         macs = budget_mod.CostModel(analysis, [], "macs", shape_of=session.cost_shape(analysis.graph)).full_total
         each = candidate_seconds(len(analysis.graph.nodes), macs, calibrated.calib.total)

@@ -148,7 +148,8 @@ def prune_branches_with_data(session: Session, calibrated: Any, prune_with: Any,
     session.branches_taken = {}  # MACs count the branches the data takes
     for (name, attr), data in feeds.items():
         session.branches_taken.setdefault(name, set()).update([attr] if data else [])
-    branch_options = dataclasses.replace(calibrated.options, class_scores=())
+    # no final refit inside a branch: the whole model's fidelity is measured after them
+    branch_options = dataclasses.replace(calibrated.options, class_scores=(), final_refit="off")
 
     def prune_one(branch_session: Session, _: float, branch: tuple[str, str]) -> PruneResult:
         data = feeds.get(branch) or []
@@ -398,6 +399,7 @@ def prune_ratio(
         calibrated.reconstruct(analysis, the_plan, compare=True)
         if branches is not None and branches.pruned:
             attach_branches(session, branches)  # the reconstruction re-exported the main graph
+            calibrated.no_final_refit("If branches: each branch was refit on the samples that take it")
         calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
     report = session.report("ratio", the_plan)
     report["kinds"] = targets.kind_summary(analysis)

@@ -47,6 +47,18 @@ SEARCH_SIGMA = 0.35
 #: a group with no removed share is perturbed around this fraction of the mean share
 SHARE_FLOOR = 0.1
 
+#: a deterministic estimate of the seconds one candidate allocation costs to rewrite, check
+#: and reconstruct (fitted on 2 CPU cores): per node of the graph, plus per multiply-accumulate
+#: of the model on every calibration sample
+SEARCH_SECONDS_PER_NODE = 0.04
+SEARCH_SECONDS_PER_MAC = 8e-11
+
+
+def candidate_seconds(nodes: int, macs: float, samples: int) -> float:
+    """Estimated seconds to rewrite, check and reconstruct one candidate allocation (or to
+    reconstruct one prune again: the final refit)."""
+    return SEARCH_SECONDS_PER_NODE * nodes + SEARCH_SECONDS_PER_MAC * macs * max(samples, 1)
+
 
 def _shaped(model: CostModel, goal: float, shape: np.ndarray) -> list[int]:
     """Indexes where every state removes about ``s * shape[i]`` of its units, ``s`` the
