@@ -342,7 +342,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     lines.extend(allocation_lines(report.get("allocation")))
     lines.extend(verification_lines(report))
     lines.extend(calibration_lines(report.get("calibration")))
-    fidelity = _fidelity_lines(report.get("fidelity"))
+    # (the final refit's note is the calibration lines' "final refit" line)
+    fidelity = _fidelity_lines({k: v for k, v in (report.get("fidelity") or {}).items()
+                                if k != "measured_before_final_refit"})
     if fidelity:
         random = str((report.get("calibration") or {}).get("source", "")).startswith("random")
         lines.append(f"fidelity (vs the original on held-out {'random ' if random else ''}inputs):")
