@@ -73,6 +73,9 @@ def run_one(path: Path, samples: int, timeout: float, work: Path) -> dict:
                refit_layers=(passes.get("RefitPass") or {}).get("layers"), warning=bool(fid.get("warning")),
                reverted=reverted, allocation=(rep.get("allocation") or {}).get("mode"),
                allocation_why=(rep.get("allocation") or {}).get("why"))
+    final = rep.get("calibration", {}).get("final_refit") or {}
+    row["final_refit"] = ("kept" if final.get("kept") else
+                          f"{'not kept' if final.get('ran') else 'not run'}: {final.get('why')}" if final else None)
     return row
 
 
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                "refit_somewhere": sum(1 for r in done if r.get("refit_layers")),
                "warnings": sum(1 for r in done if r.get("warning")),
                "reverted": sum(1 for r in done if r.get("reverted")),
+               "final_refit_kept": sum(1 for r in done if r.get("final_refit") == "kept"),
                "failed": {r["export"]: r.get("error", "") for r in rows if r["rc"] != 0}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/calibration_hf.py" + (" --int4" if args.int4 else "")

@@ -410,6 +410,9 @@ def test_a_reconstruction_that_fits_the_held_out_samples_worse_is_undone():
     for init in kept.model.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(init), weights[init.name])
     assert any(line.startswith("  undone:") for line in calibration_lines(report["calibration"]))
+    # nor is it reconstructed again on every sample (the final refit)
+    assert report["calibration"]["final_refit"]["ran"] is False
+    assert "undone" in report["calibration"]["final_refit"]["why"]
     onnx.checker.check_model(kept.model, full_check=True)
 
 

@@ -339,6 +339,9 @@ class CalibratedRun:
             result["reconstruction_reverted"] = True
         if not self.reverted:
             self._final_refit(result)
+        else:
+            self.final = {"ran": False, "why": "the reconstruction was undone: the held-out samples were "
+                                                "nearer the original without it"}
         self._fidelity = result
         return result
 
