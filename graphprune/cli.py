@@ -334,7 +334,8 @@ def _add_prune_parser(sub: Any) -> None:
                         "estimated at 30 s or less (default: %(default)s)")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
-                        "report (default: %(default)s)")
+                        "report and the choices made on it (the final refit uses them too: "
+                        "--final-refit) (default: %(default)s)")
     p.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
                    help="keep a multiple of N units per group, N >= 1; 1 turns rounding off "
                         "(default: 8 for groups of 32 units or more, else 1)")

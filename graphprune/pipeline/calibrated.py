@@ -372,6 +372,22 @@ class CalibratedRun:
                         "final_refit on runs it")
         return None
 
+    def _record_targets(self) -> None:
+        """For the final refit: the refit targets on :attr:`batches` (every sample) recorded by
+        one run of the original, as the statistics run records them, instead of the refit
+        running the original again in every wave (all-MiniLM-L6-v2: 27 -> 15 s)."""
+        if self.options.reconstruction != "refit" or not self.record_targets:
+            return
+        session = self.session
+        original = ir.import_graph(session.prepared, getattr(session, "store", None))
+        views = [v for n in original.nodes if (v := linear_view(n, session.opset)) is not None]
+        if not views:
+            return
+        self.recorded = RecordedTargets(session.prepared, views, self.batches.sizes, sequential.rows_budget,
+                                        session.opset, self.data_dir)
+        with session.blaming_input("the original model"):
+            stats_mod.collect(session.prepared, [], self.batches, data_dir=self.data_dir, record=self.recorded)
+
     def _final_refit(self, held_out: dict[str, Any]) -> None:
         """Reconstruct again from the rewrite with every sample (the held-out ones too) and
         keep that model; ``held_out`` (the fidelity of the model fitted without them) stays
@@ -393,20 +409,21 @@ class CalibratedRun:
             session.ctx.stats.update(counted)
             self.pass_stats, self.final = fitted_stats, {"ran": True, "kept": False, "why": why}
 
-        with session.stage("final refit"):
-            try:
-                with session.blaming_input("the original model"):
-                    self.batches = runner.batches(session.prepared, every, self.options.batch_size, self.data_dir)
+        try:  # (every step is timed as the stage "final refit")
+            with session.stage("final refit"), session.blaming_input("the original model"):
+                self.batches = runner.batches(session.prepared, every, self.options.batch_size, self.data_dir)
                 self.close_recorded()  # recorded for the samples without the held-out ones
-                session.adopt(rewrite)
-                self.pass_stats = {}
-                self.reconstruct(analysis, plan, stage="final refit")
+                self._record_targets()
+            session.adopt(rewrite)
+            self.pass_stats = {}
+            self.reconstruct(analysis, plan, stage="final refit")
+            with session.stage("final refit"):
                 after = self._compare(session.model)
-            except Exception as exc:  # noqa: BLE001 - the model fitted without the held-out samples stays
-                back(f"the final refit failed: {type(exc).__name__}: {exc}"[:300])
-                return
-            finally:
-                self.batches = batches
+        except Exception as exc:  # noqa: BLE001 - the model fitted without the held-out samples stays
+            back(f"the final refit failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        finally:
+            self.batches = batches
         before_l2, after_l2 = held_out.get("rel_l2"), after.get("rel_l2")
         if before_l2 is None or after_l2 is None or not after_l2 <= before_l2:
             back(f"refit on every sample, the held-out samples were further from the original "
