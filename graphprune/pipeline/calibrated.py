@@ -19,7 +19,7 @@ A ratio prune with calibration data runs as:
    reconstruction run again from the rewrite with EVERY sample, the held-out ones too, and
    that model written. The refit is data-limited wherever a layer has few rows per input (a
    transformer's MLP on a few hundred sentences): all-MiniLM-L6-v2, a quarter of its MLP
-   neurons, 120 -> 150 sentences: mean cosine 0.9773 -> 0.9788 on 150 others. The fidelity
+   neurons, 120 -> 150 sentences: mean cosine 0.9778 -> 0.9791 on 150 others. The fidelity
    reported stays the honest one, measured on held-out samples the measured model never saw
    (the same prune refit without them); ``report["calibration"]["final_refit"]`` gives the
    samples, the written model's (in-sample) figures on the held-out samples, or why it did
@@ -66,9 +66,9 @@ RECONSTRUCTIONS = ("refit", "stats", "bias", "bn", "none")
 FINAL_REFITS = ("auto", "on", "off")
 #: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
 #: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer: it
-#: costs one reconstruction more, with the original run again (all-MiniLM-L6-v2 on 150
-#: sentences ~20 s; a ResNet-50 on 128 samples at 224x224 ~50 s, whose convolutions have
-#: thousands of rows per input without it)
+#: costs one reconstruction more and a run of the original that records its targets
+#: (all-MiniLM-L6-v2 on 150 sentences ~21 s; a ResNet-50 on 128 samples at 224x224 ~47 s,
+#: whose convolutions have thousands of rows per input without it)
 FINAL_REFIT_SECONDS = 30.0
 CALIBRATED_CRITERIA = (AUTO_CRITERION, *DATA_CRITERIA)
 
@@ -195,11 +195,7 @@ class CalibratedRun:
             return None
         views = consumer_views(analysis)
         if self.options.reconstruction == "refit" and self.record_targets:
-            self.recorded = RecordedTargets(
-                self.session.prepared,
-                [v for n in analysis.graph.nodes if (v := linear_view(n, analysis.opset)) is not None],
-                self.batches.sizes, sequential.rows_budget, analysis.opset, self.data_dir,
-            )
+            self.recorded = self._recorder(analysis.graph)
         with self.session.stage("statistics"), self.session.blaming_input("the original model"):
             self.stats = stats_mod.collect(
                 self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir,
@@ -372,21 +368,25 @@ class CalibratedRun:
                         "final_refit on runs it")
         return None
 
+    def _recorder(self, graph: Any) -> RecordedTargets:
+        """Refit targets of every linear layer of ``graph`` (the original's) on :attr:`batches`,
+        to be filled by a run of the original."""
+        opset = self.session.opset
+        views = [v for n in graph.nodes if (v := linear_view(n, opset)) is not None]
+        return RecordedTargets(self.session.prepared, views, self.batches.sizes, sequential.rows_budget, opset,
+                               self.data_dir)
+
     def _record_targets(self) -> None:
         """For the final refit: the refit targets on :attr:`batches` (every sample) recorded by
         one run of the original, as the statistics run records them, instead of the refit
-        running the original again in every wave (all-MiniLM-L6-v2: 27 -> 15 s)."""
+        running the original again in every wave."""
         if self.options.reconstruction != "refit" or not self.record_targets:
             return
         session = self.session
-        original = ir.import_graph(session.prepared, getattr(session, "store", None))
-        views = [v for n in original.nodes if (v := linear_view(n, session.opset)) is not None]
-        if not views:
-            return
-        self.recorded = RecordedTargets(session.prepared, views, self.batches.sizes, sequential.rows_budget,
-                                        session.opset, self.data_dir)
-        with session.blaming_input("the original model"):
-            stats_mod.collect(session.prepared, [], self.batches, data_dir=self.data_dir, record=self.recorded)
+        recorded = self._recorder(ir.import_graph(session.prepared, getattr(session, "store", None)))
+        if recorded.views:
+            self.recorded = recorded
+            stats_mod.collect(session.prepared, [], self.batches, data_dir=self.data_dir, record=recorded)
 
     def _final_refit(self, held_out: dict[str, Any]) -> None:
         """Reconstruct again from the rewrite with every sample (the held-out ones too) and
