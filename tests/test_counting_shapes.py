@@ -176,3 +176,37 @@ def test_budget_sweep_runs_fewer_samples_through_a_stepped_body() -> None:
     assert report["budget"]["sensitivity"]["samples"] == SENSITIVITY_STEPPED_SAMPLES < 12  # of 12 held out
     plain = graphprune.prune(_model(), target_macs=0.6, calibration="random", search=0).report
     assert plain["budget"]["sensitivity"]["samples"] == plain["calibration"]["held_out"]
+
+
+def _shapeless_cnn() -> onnx.ModelProto:
+    """NHWC input with a symbolic batch, Transpose -> Conv -> Relu -> Conv, and no
+    ``value_info`` (what keras2onnx wrote for MTCNN's networks)."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), name)
+             for name, s in (("w0", (8, 3, 3, 3)), ("w1", (4, 8, 3, 3)))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "w0"], ["c0"]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 12, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_without_inferred_shapes_is_counted_and_left_as_it_was() -> None:
+    """Counting read the layers' shapes from ``value_info`` only: a file as its exporter wrote
+    it counted 0 MACs, and a lossless prune of it (which keeps the file's own ``value_info``)
+    reported "MACs 12.91M -> 0" on MTCNN's O-Net."""
+    from graphprune.verify.metrics import count_macs
+
+    model = _shapeless_cnn()
+    before = model.SerializeToString()
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 12, 12, 3)).astype(np.float32)}
+    expected = _independent_macs(model, feed)  # 8*10*10*27 + 4*8*8*72
+    assert count_macs(model) == expected == 21600 + 18432
+    assert model.SerializeToString() == before  # counting annotated a copy of the shapes only
+
+    result = graphprune.prune(model, lossless=True)
+    assert result.report["macs_before"] == result.report["macs_after"] == expected

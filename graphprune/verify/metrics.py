@@ -14,12 +14,14 @@ rule does not count (elementwise ops, ops without a rule) add nothing.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.errors import InvalidModelError
 from graphprune.io import ir
 from graphprune.io.branch_models import BRANCH_ATTRS, branch_models, if_nodes
 from graphprune.rules import registry
@@ -191,9 +193,52 @@ def count_macs_pair(before: onnx.ModelProto, after: onnx.ModelProto, store: Any 
     return b, a, False
 
 
+def _unshaped(model: onnx.ModelProto) -> bool:
+    """Whether a node of the main graph that counts MACs writes a tensor without a shape
+    (a file as an exporter wrote it, with no ``value_info``; a lossless result keeps only
+    the input file's own)."""
+    opset = ir.default_opset(model)
+    shaped = {v.name for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)
+              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    for node in model.graph.node:
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        if (rule is not None and type(rule).macs is not registry.OpRule.macs
+                and any(o and o not in shaped for o in node.output)):
+            return True
+    return False
+
+
+def _import_shaped(model: onnx.ModelProto, store: Any) -> gs.Graph:
+    """``model`` as a graph whose tensors carry ONNX-inferred shapes where the model has
+    none: inferred on a weightless skeleton and annotated on the caller's model only for
+    the import (its ``value_info`` and output types are put back: counting does not change it)."""
+    if not _unshaped(model):
+        return ir.import_graph(model, store)
+    from graphprune.io import model_io
+
+    saved = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in model.graph.value_info]
+    ends = {field: [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in getattr(model.graph, field)]
+            for field in ("input", "output")}
+    try:
+        with warnings.catch_warnings():  # a model inference cannot read is counted as it is
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                model_io.infer_shapes(model, inplace=True)
+            except InvalidModelError:
+                pass
+        return ir.import_graph(model, store)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(saved)
+        for field, values in ends.items():
+            target = getattr(model.graph, field)
+            for current, value in zip(target, values, strict=True):
+                current.CopyFrom(value)
+
+
 def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | None,
            taken: dict[str, set[str]] | None = None, *, main: bool = True) -> tuple[int, bool]:
-    graph = ir.import_graph(model, store)
+    graph = _import_shaped(model, store)
     opset = ir.default_opset(model)
     if any((n.domain or "") not in ("", "ai.onnx") for n in graph.nodes) and any(
             t.shape is None for n in graph.nodes for t in n.outputs):
