@@ -175,7 +175,7 @@ SPECS: dict[str, tuple[dict, str]] = {
 # ------------------------------------------------------------------------------ export
 
 
-def export(name: str, exporter: str, attention: str = "eager") -> Path:
+def export(name: str, exporter: str, attention: str = "eager", opset: int | None = None) -> Path:
     import torch
     import transformers
 
@@ -211,7 +211,8 @@ def export(name: str, exporter: str, attention: str = "eager") -> Path:
              "speech_seq2seq": ((torch.randn(1, 16, 64), ids[:, :8]), ["input_features", "decoder_input_ids"]),
              "spectrogram": ((torch.randn(1, 64, 16),), ["input_values"])}
     args, names = feeds["text" if kind == "seq2seq" else kind]
-    path = CACHE / f"{name}_{exporter}{'' if attention == 'eager' else '_' + attention}.onnx"
+    suffix = ("" if attention == "eager" else "_" + attention) + (f"_op{opset}" if opset and exporter == "dynamo" else "")
+    path = CACHE / f"{name}_{exporter}{suffix}.onnx"
     CACHE.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -221,7 +222,8 @@ def export(name: str, exporter: str, attention: str = "eager") -> Path:
                               opset_version=17, dynamo=False, dynamic_axes=dynamic)
         else:
             torch.onnx.export(Wrapped().eval(), args, str(path), input_names=names, output_names=["out"],
-                              dynamo=True, external_data=False, verbose=False)
+                              dynamo=True, external_data=False, verbose=False,
+                              **({"opset_version": opset} if opset else {}))
     return path
 
 
@@ -271,11 +273,13 @@ def prune_cli(path: Path, out: Path, timeout: float) -> tuple[dict, dict | None]
     return ran, json.loads(report.read_text())
 
 
-def run_one(name: str, exporter: str, timeout: float, attention: str = "eager") -> dict:
+def run_one(name: str, exporter: str, timeout: float, attention: str = "eager", opset: int | None = None) -> dict:
     entry: dict = {"model": name, "exporter": exporter, "attention": attention}
+    if opset and exporter == "dynamo":
+        entry["opset"] = opset
     t0 = time.perf_counter()
     try:
-        path = export(name, exporter, attention)
+        path = export(name, exporter, attention, opset)
     except Exception as exc:  # noqa: BLE001
         entry["export"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return entry
@@ -360,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--attention", default="eager",
                     help="attn_implementation: eager (math ops), sdpa, or default (the config's)")
+    ap.add_argument("--opset", type=int, default=None,
+                    help="dynamo exporter: this opset (23 writes ONNX Attention, RMSNormalization and "
+                         "RotaryEmbedding); default: the exporter's")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=DOC)
     ap.add_argument("--markdown-only", action="store_true")
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                (json.loads(args.results.read_text())["results"] if args.results.exists() else [])}
         for name in names:
             for exporter in args.exporters.split(","):
-                entry = run_one(name, exporter, args.timeout, args.attention)
+                entry = run_one(name, exporter, args.timeout, args.attention, args.opset)
                 print(json.dumps(entry), flush=True)
                 old[(name, exporter)] = entry
         order = {n: i for i, n in enumerate(SPECS)}

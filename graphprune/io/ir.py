@@ -23,7 +23,7 @@ from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
-from graphprune.io.shared_constants import untie_shared_constants
+from graphprune.io.shared_constants import untie_shared_constants, untie_shared_shapes
 from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.io.zero_inputs import drop_zero_inputs, has_zero_defaults
 from graphprune.rules import registry
@@ -334,6 +334,7 @@ def prepare(
     if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
         model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking)
     untie_shared_constants(model)
+    untie_shared_shapes(model)
     return model
 
 

@@ -38,7 +38,8 @@ from onnx import helper
 
 from graphprune.io.names import fresh_name
 
-__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "share_subgraph_constants", "tied_origin", "untie_shared_constants"]
+__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "retie_shapes", "share_subgraph_constants",
+           "tied_origin", "untie_shared_constants", "untie_shared_shapes"]
 
 #: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
 TIE = "__gp_tie"
@@ -193,6 +194,124 @@ def untie_shared_constants(model: onnx.ModelProto) -> int:
             node.input[k] = copy_.name
             made += 1
     return made
+
+
+#: longest shape tensor :func:`untie_shared_shapes` copies (a shape has one entry per axis)
+MAX_SHAPE_LENGTH = 16
+
+
+def untie_shared_shapes(model: onnx.ModelProto) -> int:
+    """Give each main-graph node that reads a shape joined in the graph (a 1-D integer
+    ``Concat`` of literals and read sizes: ``[1, num_kv_heads, n_rep, seq, head_size]``, the
+    ``Expand`` target of grouped-query attention) its own copy of the joining node; returns
+    the copies made. An exporter that computes such a shape once for every layer (the dynamo
+    exporter's common-subexpression pass) would otherwise tie the layers' heads into one
+    group: a literal of the shared shape gives the size of every axis it sets. The copy reads
+    the same inputs, so the values do not change; :func:`retie_shapes` merges the copies
+    that are still equal after a rewrite."""
+    from graphprune.io.ir import default_opset
+    from graphprune.rules import registry
+
+    graph = model.graph
+    opset = default_opset(model)
+    readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name:
+                readers_of[name].append((node, k))
+    inner: set[str] = set()
+    for sub in _subgraphs(graph):
+        inner |= {name for node in sub.node for name in node.input}
+    keep = inner | {o.name for o in graph.output}
+    info = {v.name: v for v in graph.value_info}
+    taken = _defined(graph) | {n.name for n in graph.node}
+    made = 0
+    ordered: list[onnx.NodeProto] = []
+    for node in list(graph.node):
+        ordered.append(node)
+        if len(node.output) != 1 or node.output[0] in keep or len(readers_of[node.output[0]]) < 2:
+            continue
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        if rule is None or type(rule).concat_axis is registry.OpRule.concat_axis:
+            continue
+        value = info.get(node.output[0])
+        tensor = value.type.tensor_type if value is not None and value.type.HasField("tensor_type") else None
+        if (tensor is None or tensor.elem_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+                or len(tensor.shape.dim) != 1 or not 0 < tensor.shape.dim[0].dim_value <= MAX_SHAPE_LENGTH):
+            continue
+        for reader, k in readers_of[node.output[0]][1:]:
+            copy_ = onnx.NodeProto()
+            copy_.CopyFrom(node)
+            copy_.name = fresh_name(f"{node.name or node.op_type}{TIE}", taken)
+            copy_.output[0] = fresh_name(f"{node.output[0]}{TIE}", taken)
+            taken |= {copy_.name, copy_.output[0]}
+            shape = onnx.ValueInfoProto()
+            shape.CopyFrom(value)
+            shape.name = copy_.output[0]
+            graph.value_info.append(shape)
+            ordered.append(copy_)  # right after the node it copies: the order stays topological
+            reader.input[k] = copy_.output[0]
+            made += 1
+    if made:
+        del graph.node[:]
+        graph.node.extend(ordered)
+    return made
+
+
+def retie_shapes(model: onnx.ModelProto) -> int:
+    """Merge the copies :func:`untie_shared_shapes` made that still compute the same thing
+    (same op, inputs and attributes) back into one node; returns the copies dropped."""
+    graph = model.graph
+    if not any(TIE in o for n in graph.node for o in n.output):
+        return 0
+    small = {t.name: t for t in graph.initializer
+             if math.prod(t.dims) <= MAX_SHAPE_LENGTH and not t.external_data}
+
+    def operand(name: str) -> tuple:
+        """An input by its value where it is a small constant (a rewrite gives each copy its
+        own literal tensor), else by its name."""
+        t = small.get(name)
+        return ("name", name) if t is None else ("value", t.data_type, tuple(t.dims), _values(t))
+
+    families: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        if len(node.output) == 1:
+            attrs = tuple(a.SerializeToString(deterministic=True) for a in node.attribute)
+            key = (tied_origin(node.output[0]), node.domain, node.op_type, tuple(map(operand, node.input)), attrs)
+            families[key].append(node)
+    outputs = {o.name for o in graph.output}
+    dropped: set[str] = set()
+    for members in families.values():
+        if len(members) < 2 or not any(TIE in n.output[0] for n in members):
+            continue
+        survivor = min(members, key=lambda n: (TIE in n.output[0], len(n.output[0]), n.output[0]))
+        for node in members:
+            if node is not survivor and node.output[0] not in outputs:
+                _rename(graph, node.output[0], survivor.output[0])
+                dropped.add(node.output[0])
+    if dropped:
+        gone = [n for n in graph.node if len(n.output) == 1 and n.output[0] in dropped]
+        kept = [n for n in graph.node if not (len(n.output) == 1 and n.output[0] in dropped)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        values = [v for v in graph.value_info if v.name not in dropped]
+        del graph.value_info[:]
+        graph.value_info.extend(values)
+        read = {name for n in kept for name in n.input}
+        for sub in _subgraphs(graph):
+            read |= {name for n in sub.node for name in n.input}
+        unread = {name for n in gone for name in n.input if name in small and name not in read}
+        if unread:  # the literals only the merged copies read
+            inits = [t for t in graph.initializer if t.name not in unread]
+            del graph.initializer[:]
+            graph.initializer.extend(inits)
+    return len(dropped)
+
+
+def _values(tensor: onnx.TensorProto) -> tuple:
+    from onnx import numpy_helper
+
+    return tuple(numpy_helper.to_array(tensor).reshape(-1).tolist())
 
 
 def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes]) -> int:

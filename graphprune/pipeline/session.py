@@ -43,7 +43,7 @@ from graphprune.errors import (
 from graphprune.io import custom_shapes, ir, model_io, runtime
 from graphprune.io.feeds import make_feeds
 from graphprune.io.order import toposort_model
-from graphprune.io.shared_constants import retie_constants, share_subgraph_constants
+from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
 from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
@@ -324,6 +324,7 @@ class Session:
         model = ir.export_graph(self.graph, self.prepared, self.store)
         share_subgraph_constants(model, self.store.tensor_bytes)
         retie_constants(model, self.store.tensor_bytes)
+        retie_shapes(model)
         # intermediate shapes are the prepared model's where they did not change, else
         # inferred afresh: the analysis refines them with two probe sizes
         # (``shape_probe.refine_shapes``), and a size that agrees at batch 2 and 3 can still
