@@ -209,11 +209,10 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
     group: a literal of the shared shape gives the size of every axis it sets. The copy reads
     the same inputs, so the values do not change; :func:`retie_shapes` merges the copies
     that are still equal after a rewrite."""
-    from graphprune.io.ir import default_opset
     from graphprune.rules import registry
 
     graph = model.graph
-    opset = default_opset(model)
+    opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
     readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
     for node in graph.node:
         for k, name in enumerate(node.input):
