@@ -175,7 +175,8 @@ SPECS: dict[str, tuple[dict, str]] = {
 # ------------------------------------------------------------------------------ export
 
 
-def export(name: str, exporter: str, attention: str = "eager", opset: int | None = None) -> Path:
+def export(name: str, exporter: str, attention: str = "eager", opset: int | None = None,
+           dynamic: bool = False) -> Path:
     import torch
     import transformers
 
@@ -212,6 +213,7 @@ def export(name: str, exporter: str, attention: str = "eager", opset: int | None
              "spectrogram": ((torch.randn(1, 64, 16),), ["input_values"])}
     args, names = feeds["text" if kind == "seq2seq" else kind]
     suffix = ("" if attention == "eager" else "_" + attention) + (f"_op{opset}" if opset and exporter == "dynamo" else "")
+    suffix += "_dyn" if dynamic and exporter == "dynamo" and kind in ("text", "seq2seq") else ""
     path = CACHE / f"{name}_{exporter}{suffix}.onnx"
     CACHE.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -223,8 +225,18 @@ def export(name: str, exporter: str, attention: str = "eager", opset: int | None
         else:
             torch.onnx.export(Wrapped().eval(), args, str(path), input_names=names, output_names=["out"],
                               dynamo=True, external_data=False, verbose=False,
-                              **({"opset_version": opset} if opset else {}))
+                              **({"opset_version": opset} if opset else {}), **_dynamic_shapes(kind, names, dynamic))
     return path
+
+
+def _dynamic_shapes(kind: str, names: list[str], dynamic: bool) -> dict:
+    """``dynamic_shapes`` for the dynamo exporter: an open sequence length on text inputs."""
+    if not dynamic or kind not in ("text", "seq2seq"):
+        return {}
+    import torch
+
+    seq = torch.export.Dim("sequence", min=2, max=128)
+    return {"dynamic_shapes": (({1: seq},) * len(names),)}  # forward(*args): one entry, the args
 
 
 # ------------------------------------------------------------------------------ check
@@ -273,13 +285,16 @@ def prune_cli(path: Path, out: Path, timeout: float) -> tuple[dict, dict | None]
     return ran, json.loads(report.read_text())
 
 
-def run_one(name: str, exporter: str, timeout: float, attention: str = "eager", opset: int | None = None) -> dict:
+def run_one(name: str, exporter: str, timeout: float, attention: str = "eager", opset: int | None = None,
+            dynamic: bool = False) -> dict:
     entry: dict = {"model": name, "exporter": exporter, "attention": attention}
     if opset and exporter == "dynamo":
         entry["opset"] = opset
+    if dynamic and exporter == "dynamo":
+        entry["dynamic_sequence"] = True
     t0 = time.perf_counter()
     try:
-        path = export(name, exporter, attention, opset)
+        path = export(name, exporter, attention, opset, dynamic)
     except Exception as exc:  # noqa: BLE001
         entry["export"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return entry
@@ -367,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int, default=None,
                     help="dynamo exporter: this opset (23 writes ONNX Attention, RMSNormalization and "
                          "RotaryEmbedding); default: the exporter's")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="dynamo exporter: text inputs with an open sequence length (the exporter then "
+                         "fuses rotary embeddings into RotaryEmbedding at opset 23)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=DOC)
     ap.add_argument("--markdown-only", action="store_true")
@@ -377,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                (json.loads(args.results.read_text())["results"] if args.results.exists() else [])}
         for name in names:
             for exporter in args.exporters.split(","):
-                entry = run_one(name, exporter, args.timeout, args.attention, args.opset)
+                entry = run_one(name, exporter, args.timeout, args.attention, args.opset, args.dynamic)
                 print(json.dumps(entry), flush=True)
                 old[(name, exporter)] = entry
         order = {n: i for i, n in enumerate(SPECS)}
