@@ -283,6 +283,10 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     as standard ops), one line each (``report["normalised"]``)."""
     normalised = normalised or {}
     lines = []
+    converted = normalised.get("opset_converted")
+    if converted:
+        lines.append(f"opset {converted['from']} converted to {converted['to']} by ONNX's version converter "
+                     "(the output is written at the new opset)")
     if normalised.get("inlined_functions"):
         lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
     described = normalised.get("lowered_as") or {}

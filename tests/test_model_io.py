@@ -235,20 +235,62 @@ class TestOpset:
         model.opset_import[0].domain = "ai.onnx"
         assert check_opset(model) == 13
 
-    def test_old_opset_is_rejected(self) -> None:
+    def test_every_opset_is_accepted(self) -> None:
         graph = helper.make_graph(
             [helper.make_node("Relu", ["x"], ["y"])],
             "old",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=8)
-        with pytest.raises(
-            UnsupportedOpsetError,
-            match=r"^model uses opset 6; graphprune supports opset >= 7$",
-        ):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+        assert check_opset(model) == 6 and MIN_OPSET == 1
+        model.opset_import[0].version = 0
+        with pytest.raises(UnsupportedOpsetError, match=r"^model uses opset 0; graphprune supports opset >= 1$"):
             check_opset(model)
-        assert MIN_OPSET == 7
+
+    def test_an_opset_6_model_is_converted_and_pruned(self) -> None:
+        """Old exports (ONNX IR 3, opset 6: BatchNormalization with ``is_test``, Pad with a
+        ``pads`` attribute, Gemm with ``broadcast``) were refused ("supports opset >= 7");
+        they are converted by ONNX's version converter, whose ``Pad`` adds a constant that an
+        IR-3 model would have to list as a graph input (the IR version is raised)."""
+        import graphprune
+
+        rng = np.random.default_rng(2)
+        arrays = {
+            "W1": rng.standard_normal((8, 3, 3, 3)), "s": rng.uniform(0.5, 1.5, 8), "b": rng.standard_normal(8),
+            "m": rng.standard_normal(8) * 0.1, "v": rng.uniform(0.5, 1.5, 8),
+            "W2": rng.standard_normal((6, 8, 3, 3)), "G": rng.standard_normal((5, 6 * 5 * 5)), "C": rng.standard_normal(5),
+        }
+        inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+        nodes = [
+            helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c1", "s", "b", "m", "v"], ["n1"], is_test=1),
+            helper.make_node("Relu", ["n1"], ["r1"]),
+            helper.make_node("Pad", ["r1"], ["p1"], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant"),
+            helper.make_node("Conv", ["p1", "W2"], ["c2"], strides=[2, 2]),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("Flatten", ["r2"], ["f"], axis=1),
+            helper.make_node("Gemm", ["f", "G", "C"], ["y"], transB=1, broadcast=1),
+        ]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])]
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+        graph = helper.make_graph(nodes, "old", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+        reference = model_io.upgrade_opset(model, 13)  # what ONNX's converter makes of it
+        x = rng.standard_normal((1, 3, 10, 10)).astype(np.float32)
+        (expected,) = run(reference, {"x": x})
+
+        lossless = graphprune.prune(model, lossless=True)
+        assert lossless.report["normalised"]["opset_converted"] == {"from": 6, "to": 13}
+        np.testing.assert_allclose(run(lossless.model, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+        pruned = graphprune.prune(model, ratio=0.5)
+        assert pruned.report["verification"]["ok"], pruned.report["verification"]
+        assert pruned.report["params_after"] < 0.6 * pruned.report["params_before"]
+        assert check_opset(pruned.model) == 13 and pruned.model.ir_version >= 7
+        onnx.checker.check_model(pruned.model, full_check=True)
+        assert run(pruned.model, {"x": x})[0].shape == (1, 5)
 
     def test_no_default_opset(self) -> None:
         model = conv_relu_model()

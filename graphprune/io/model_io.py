@@ -60,8 +60,17 @@ __all__ = [
     "upgrade_opset",
 ]
 
-MIN_OPSET = 7
-"""The oldest default-domain opset graphprune accepts."""
+MIN_OPSET = 1
+"""The oldest default-domain opset graphprune accepts: every one ONNX defines. Models below
+``pipeline.session.UPGRADE_BELOW`` are converted (:func:`upgrade_opset`); one that ONNX's
+version converter cannot convert is refused with its reason."""
+
+MIN_TARGET_OPSET = 7
+"""The oldest opset :func:`upgrade_opset` converts to (the rules know opsets from 7 on)."""
+
+#: the IR version a converted model gets at least: from IR 4 on, initializers need not be
+#: listed as graph inputs (the converter adds constants, e.g. ``Pad``'s pads from opset 11)
+MIN_CONVERTED_IR = 7
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 """Anything :func:`load_model` accepts."""
@@ -291,8 +300,8 @@ def check_opset(model: onnx.ModelProto) -> int:
 def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     """Convert the model to default opset ``target`` if it is older; otherwise return it as is."""
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= target <= newest:
-        raise UsageError(f"target opset must be between {MIN_OPSET} and {newest}, got {target}")
+    if not MIN_TARGET_OPSET <= target <= newest:
+        raise UsageError(f"target opset must be between {MIN_TARGET_OPSET} and {newest}, got {target}")
     current = check_opset(model)
     if current >= target:
         return model
@@ -304,6 +313,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
             f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}"
         ) from exc
     _reattach(converted, detached)
+    converted.ir_version = max(converted.ir_version, MIN_CONVERTED_IR)
     return converted
 
 

@@ -185,9 +185,10 @@ class Session:
             loaded = _load_into(self.store, model)
             self.opset = model_io.check_opset(loaded)
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
+            converted_from = None
             if self.opset < UPGRADE_BELOW:
                 loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
-                self.opset = UPGRADE_TO
+                converted_from, self.opset = self.opset, UPGRADE_TO
             #: parameters as the model came (constant folding may change the count)
             self.params_as_loaded = count_params(loaded)
             #: the outputs' types as the user's file declares them (see :meth:`export`)
@@ -197,6 +198,8 @@ class Session:
             self.declared_shapes = {v.name for v in loaded.graph.value_info}
             #: what the normalisation rewrote that a reader of the result should know
             self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
+            if converted_from is not None:  # by ONNX's version converter, before anything else
+                self.normalised["opset_converted"] = {"from": converted_from, "to": UPGRADE_TO}
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
@@ -531,7 +534,10 @@ class Session:
         try:
             validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
         except VerificationError as fault:
-            return InvalidModelError(str(fault) + self._shape_hint())
+            converted = self.normalised.get("opset_converted")
+            hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
+                    f"{converted['to']})") if converted else ""
+            return InvalidModelError(str(fault) + hint + self._shape_hint())
         return None
 
     def _shape_hint(self) -> str:
