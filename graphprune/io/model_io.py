@@ -1,9 +1,6 @@
 """Load, check, upgrade, shape-infer and save ONNX models.
 
-Everything that touches files or the protobuf size limit lives here, so the rest of
-graphprune can work on an in-memory ``onnx.ModelProto`` with its weights loaded.
-
-Two facts shape this module:
+Everything that touches files or the protobuf size limit lives here. Two facts shape this module:
 
 * protobuf cannot serialize a message of 2 GiB or more (``ByteSize()`` itself fails), so
   large models keep their weights in an external data file, and every C++ round trip
@@ -61,16 +58,9 @@ __all__ = [
 ]
 
 MIN_OPSET = 1
-"""The oldest default-domain opset graphprune accepts: every one ONNX defines. Models below
-``pipeline.session.UPGRADE_BELOW`` are converted (:func:`upgrade_opset`); one that ONNX's
-version converter cannot convert is refused with its reason."""
-
+"""The oldest default-domain opset accepted (old ones are converted: :func:`upgrade_opset`)."""
 MIN_TARGET_OPSET = 7
 """The oldest opset :func:`upgrade_opset` converts to (the rules know opsets from 7 on)."""
-
-#: the IR version a converted model gets at least: from IR 4 on, initializers need not be
-#: listed as graph inputs (the converter adds constants, e.g. ``Pad``'s pads from opset 11)
-MIN_CONVERTED_IR = 7
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 """Anything :func:`load_model` accepts."""
@@ -313,7 +303,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
             f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}"
         ) from exc
     _reattach(converted, detached)
-    converted.ir_version = max(converted.ir_version, MIN_CONVERTED_IR)
+    # IR >= 4: the constants the converter adds (Pad's pads) need not be graph inputs
+    converted.ir_version = max(converted.ir_version, 7)
     return converted
 
 

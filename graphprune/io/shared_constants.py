@@ -209,10 +209,11 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
     group: a literal of the shared shape gives the size of every axis it sets. The copy reads
     the same inputs, so the values do not change; :func:`retie_shapes` merges the copies
     that are still equal after a rewrite."""
+    from graphprune.io.model_io import default_opset
     from graphprune.rules import registry
 
     graph = model.graph
-    opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
+    opset = default_opset(model)
     readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
     for node in graph.node:
         for k, name in enumerate(node.input):
@@ -261,7 +262,8 @@ def retie_shapes(model: onnx.ModelProto) -> int:
     """Merge the copies :func:`untie_shared_shapes` made that still compute the same thing
     (same op, inputs and attributes) back into one node; returns the copies dropped."""
     graph = model.graph
-    if not any(TIE in o for n in graph.node for o in n.output):
+    origins = {tied_origin(o) for n in graph.node for o in n.output if TIE in o}
+    if not origins:
         return 0
     small = {t.name: t for t in graph.initializer
              if math.prod(t.dims) <= MAX_SHAPE_LENGTH and not t.external_data}
@@ -274,7 +276,7 @@ def retie_shapes(model: onnx.ModelProto) -> int:
 
     families: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
-        if len(node.output) == 1:
+        if len(node.output) == 1 and tied_origin(node.output[0]) in origins:
             attrs = tuple(a.SerializeToString(deterministic=True) for a in node.attribute)
             key = (tied_origin(node.output[0]), node.domain, node.op_type, tuple(map(operand, node.input)), attrs)
             families[key].append(node)

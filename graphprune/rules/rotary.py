@@ -11,7 +11,8 @@ turn together by the angle of cache column ``i``. ``Y`` has the shape of ``X``:
   frozen (its channels are paired with each other and with the caches' columns);
 - 3-D ``X [B, S, H*D]`` with the ``num_heads`` attribute: the hidden axis is heads x
   ``head_size`` (head-major), so a unit is a whole head (``Digit(D)`` from a virtual head
-  dimension), and the rewrite sets ``num_heads`` from the pruned width.
+  dimension, as the fused attention rules split heads: :mod:`.transformer`), and the
+  rewrite sets ``num_heads`` from the pruned width.
 
 The caches' columns and rows (positions) are never pruned: every axis of theirs that the
 rotation reads is frozen, so the constants they are computed from (``inv_freq``) stay whole.
@@ -21,24 +22,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.index_maps import Digit
 from graphprune.io.tensors import present_input
 from graphprune.rules.registry import OpRule, register
+from graphprune.rules.transformer import MS, _batch_and_sequence, _set_heads, _split_heads, _virtual
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
     from graphprune.passes.rewrite_context import RewriteContext
 
-MS = "com.microsoft"
-
 
 class _RotaryRule(OpRule):
     #: input indices of the cosine and sine caches, and of the position ids
-    caches: tuple[int, int] = (1, 2)
-    positions: int = 3
+    caches: tuple[int, int]
+    positions: int
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -54,18 +52,15 @@ class _RotaryRule(OpRule):
             ctx.mark_head(y, 1)
             ctx.freeze(x, 3, f"head_size channels rotated in pairs at {where}")
             return
-        heads = int(node.attrs.get("num_heads", 0))
-        hidden = ctx.size(x, 2) if rank == 3 else None
-        if rank != 3 or heads <= 0 or hidden is None or hidden % heads or (hidden // heads) % 2:
+        count = int(node.attrs.get("num_heads", 0))
+        if rank != 3 or count <= 0:
             ctx.freeze_node(node, f"heads of the hidden axis unknown at {where}")
             return
-        count = gs.Variable(f"{node.name or node.op}::heads", dtype=np.float32, shape=[heads])
-        ctx.tensors[count.name] = count
-        ctx.mark_head(count, 0)
-        for axis in (0, 1):
-            ctx.couple(x, axis, y, axis)
-        ctx.couple(count, 0, x, 2, Digit(hidden // heads))
-        ctx.couple(count, 0, y, 2, Digit(hidden // heads))
+        heads = _virtual(ctx, node, "heads", count)
+        ctx.mark_head(heads, 0)
+        _batch_and_sequence(ctx, x, y)
+        _split_heads(ctx, heads, x, 2)
+        _split_heads(ctx, heads, y, 2)
 
     def index_bound(self, node: gs.Node, index: int) -> int | None:
         """Position ids index the rows of a 2-D cache (``max_position_id + 1``)."""
@@ -78,19 +73,14 @@ class _RotaryRule(OpRule):
         """``num_heads`` from the pruned width: of the hidden axis (3-D input), or the head
         axis itself where a 4-D input's attribute states it (exporters set it; only 3-D
         inputs need it)."""
-        heads = int(node.attrs.get("num_heads", 0))
         x = node.inputs[0]
         rank = len(x.shape) if x.shape is not None else None
-        if not heads or rank not in (3, 4):
-            return
-        axis = 2 if rank == 3 else 1
-        old, new = ctx.old_size(x, axis), ctx.new_size(x, axis)
-        if not old or new is None or old == new:
-            return
         if rank == 3:
-            node.attrs["num_heads"] = new // (old // heads)
-        elif heads == old:
-            node.attrs["num_heads"] = new
+            _set_heads(node, ctx, "num_heads", x, 2)
+        elif rank == 4:
+            old, new = ctx.old_size(x, 1), ctx.new_size(x, 1)
+            if old and new is not None and int(node.attrs.get("num_heads", 0)) == old:
+                node.attrs["num_heads"] = new
 
 
 @register
