@@ -8,8 +8,7 @@ and keeps the sizes that agree; both probes stay available to the rules
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -17,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.dims import BATCH_PROBE
 from graphprune.io.contrib_shapes import contrib_shapes
+from graphprune.io.runtime import quiet_ort
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
 _PROBE_CONST_LIMIT = 4096
@@ -109,18 +109,6 @@ def _probe_model(graph: gs.Graph) -> onnx.ModelProto:
     return gs.export_onnx(probe_graph, do_type_check=False)
 
 
-@contextlib.contextmanager
-def _quiet_ort() -> Iterator[None]:
-    """Folding runs ORT sessions whose optimizers warn about shape-only subgraphs."""
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
-    try:
-        yield
-    finally:
-        onnxruntime.set_default_logger_severity(2)  # ORT's default
-
-
 def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """Shapes of ``graph``'s tensors with every dim known when its inputs have
     ``input_shapes``, folding the shape computations that become constant round by round:
@@ -135,7 +123,7 @@ def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[i
     sizes.update({(t.name, axis): observed_size(d) for t in _custom_cuts(graph)
                   for axis, d in enumerate(t.shape or []) if observed_size(d) is not None})
     try:
-        with _quiet_ort():
+        with quiet_ort():
             shapes = _probe_shapes(_probe_model(graph), sizes)
     except Exception:  # a refinement only: the caller keeps what ONNX inference gave
         return {}
@@ -215,7 +203,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
         best: tuple[int, dict, dict, tuple[int, int, int]] | None = None
         for image_sizes in IMAGE_PROBES if symbolic else IMAGE_PROBES[:1]:
             sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
-            with _quiet_ort():
+            with quiet_ort():
                 probe_a = _probe_shapes(model, sizes_a)
                 # static inputs: one probe (of folded shape computations) says it all
                 probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
@@ -230,7 +218,7 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
             # small sizes collapse downsampled axes to equal sizes in both probes (32 and 48
             # pooled by 32 are both 1): a size is static only where a third, larger probe agrees
             base_a, base_b, step = image_sizes
-            with _quiet_ort():
+            with quiet_ort():
                 confirm = _probe_shapes(model, _probe_sizes(graph, symbolic, (base_b + base_b - base_a, 0, step))[0])
     except Exception:  # a refinement only; the analysis copes with unknown sizes
         return {}

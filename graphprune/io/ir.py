@@ -375,15 +375,15 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
         if store is not None:
             _load_fold_inputs(graph)
         try:
-            import onnxruntime as ort
+            from graphprune.io.runtime import quiet_ort
 
-            ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise
             # flatten_subgraphs=False: inlining an If with a constant condition drops
             # branch outputs used later (the result fails the checker)
             _read_aliases_directly(graph, default_opset(model))
             held = _hold_unfolded(graph, default_opset(model))
-            graph.fold_constants(fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
-                                 flatten_subgraphs=False)
+            with quiet_ort():
+                graph.fold_constants(fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
+                                     flatten_subgraphs=False)
             for node, index, constant in held:
                 node.inputs[index] = constant
         except Exception as exc:  # folding is an optimisation; analysis copes without it

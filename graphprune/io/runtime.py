@@ -18,10 +18,12 @@ A library adds operators and nothing else: models that do not use it run as befo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,19 @@ def registered_for(exc: Any) -> str | None:
     if library is None or str(Path(library).resolve()) in _LIBRARIES:
         return None
     return register_custom_ops(library)
+
+
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[None]:
+    """ONNX Runtime's default logger at fatal only, for the sessions that onnx-graphsurgeon's
+    constant folding builds itself: their optimizers warn about shape-only subgraphs, and a
+    fold that fails (a ``Range`` at a probe size it cannot take) logs an error line although
+    the folding goes on without it. Restored to ORT's default (warnings) afterwards."""
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default
 
 
 def session_options() -> ort.SessionOptions:
