@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,26 @@ def quantized(path: Path, kind: str, images: np.ndarray) -> Path:
     return quantize(path, path.with_name(f"{path.stem}_{kind}.onnx"), kind, feeds, per_channel=kind != "dynamic")
 
 
+def quantization_aware(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> nn.Module:
+    """``net`` fine-tuned with PyTorch's eager-mode quantization-aware training (conv-BN-ReLU
+    fused, per-channel int8 weights, uint8 activations, plain ``FakeQuantize`` modules: the
+    fused observer does not export): its export quantizes the float weights in the graph
+    (``QuantizeLinear -> DequantizeLinear`` of each float weight, the BatchNorms kept)."""
+    import copy
+
+    import torch.ao.quantization as tq
+
+    model = copy.deepcopy(net).train()
+    for index, block in enumerate(model.features):
+        if isinstance(block, nn.Sequential):
+            tq.fuse_modules_qat(model.features[index], [["0", "1", "2"]], inplace=True)
+    model.qconfig = tq.QConfig(activation=tq.default_fake_quant, weight=tq.default_per_channel_weight_fake_quant)
+    tq.prepare_qat(model, inplace=True)
+    train(model, x, y, epochs, seed)
+    model.apply(tq.disable_observer)
+    return model.eval()
+
+
 def cli_prune(src: Path, out: Path, calib: Path | None, extra: list[str]) -> dict:
     report = out.with_suffix(".json")
     cmd = [sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(out), "--ratio", "0.3",
@@ -175,9 +196,11 @@ def main() -> int:
     parser.add_argument("--api-only", action="store_true", help="skip the command-line runs")
     parser.add_argument("--all", action="store_true",
                         help="also every data-aware criterion and reconstruction through the API")
-    parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop"), default=None,
+    parser.add_argument("--quantize", choices=("dynamic", "qdq", "qop", "qat"), default=None,
                         help="prune each export quantized to int8 by ONNX Runtime (static ones calibrated on "
-                             "128 training images) instead; results default to calibration_digits_<kind>.json")
+                             "128 training images) instead, or (qat) the network after 5 epochs of PyTorch's "
+                             "quantization-aware training, exported with its weights quantized in the graph; "
+                             "results default to calibration_digits_<kind>.json")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.out is None:
@@ -195,11 +218,23 @@ def main() -> int:
         tmpdir = Path(tmp)
         calib = tmpdir / "calib.npz"
         np.savez(calib, image=calib_images[:, None])  # [samples, 1, 1, 8, 8]: batch-1 feeds
+        qat = quantization_aware(net, xtr, ytr, 5, args.seed) if args.quantize == "qat" else None
         for exporter in ("torchscript", "dynamo"):
             path = tmpdir / f"digits_{exporter}.onnx"
             export(net, exporter, path)
             row = {"exporter": exporter}
-            if args.quantize:
+            if qat is not None:
+                row["float_accuracy"] = round(accuracy(str(path), xte, yte), 2)
+                row["quantized"] = "qat"
+                path = tmpdir / f"digits_qat_{exporter}.onnx"
+                try:
+                    export(qat, exporter, path)
+                except Exception as exc:  # torch.export cannot trace FakeQuantize's data-dependent branch
+                    row["export_error"] = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])[:200]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+            elif args.quantize:
                 row["float_accuracy"] = round(accuracy(str(path), xte, yte), 2)
                 path = quantized(path, args.quantize, xtr)
                 row["quantized"] = args.quantize

@@ -60,7 +60,7 @@ class BiasCompensationPass(Pass):
             view = linear_view(node, ctx.opset)
             if view is None or view.group != 1 or view.is_transpose or view.bias_fixed:  # a transposed
                 continue  # conv's positions read different kernel offsets: no single per-channel shift
-            cut = self.removed.get((view.weight.name, view.info.in_axis))
+            cut = self.removed.get(view.weight_dim(view.info.in_axis))
             layer = self.stats.get(node.name)
             source = originals.get(node.name)
             if cut is None or not len(cut) or layer is None or source is None:
@@ -74,7 +74,7 @@ class BiasCompensationPass(Pass):
             if layer.total is None or layer.total.shape[0] != columns.shape[1]:
                 continue
             delta = columns[:, cut, :].sum(axis=2) @ layer.mean[cut]
-            out_cut = self.removed.get((view.weight.name, view.info.out_axis))
+            out_cut = self.removed.get(view.weight_dim(view.info.out_axis))
             if out_cut is not None and len(out_cut):
                 delta = np.delete(delta, out_cut)
             if delta.shape[0] != view.out_channels():

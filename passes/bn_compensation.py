@@ -47,7 +47,7 @@ class BatchNormCompensationPass(BiasCompensationPass):
             views = []
             for node in self.original.nodes:
                 view = linear_view(node, ctx.opset)
-                if view is not None and view.group == 1 and (view.weight.name, view.info.in_axis) in self.removed:
+                if view is not None and view.group == 1 and view.weight_dim(view.info.in_axis) in self.removed:
                     views.append(view)
             self.stats, self.skipped = expected_inputs(self.model, self.original, views, ctx.opset,
                                                        data_dir=self.data_dir)

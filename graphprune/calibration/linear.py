@@ -72,6 +72,11 @@ class LinearView:
         tensor that pruning slices)."""
         return self.stored.constant if self.stored is not None else self.node.inputs[self.info.weight]
 
+    def weight_dim(self, axis: int) -> tuple[str, int]:
+        """The dimension of :attr:`weight` (the constant that pruning slices) that axis
+        ``axis`` of the weight as the layer reads it is (a stored weight may be transposed)."""
+        return self.weight.name, self.stored.axis_of(axis) if self.stored is not None else axis
+
     @property
     def dtype(self) -> np.dtype:
         """The float dtype of the weight as the layer applies it."""

@@ -72,6 +72,9 @@ class RecurrentConsumerView:
     def in_channels(self) -> int:
         return int(np.shape(self.weight.values)[2]) * self.in_block
 
+    def weight_dim(self, axis: int) -> tuple[str, int]:
+        return self.weight.name, axis
+
     def matrices(self) -> np.ndarray:
         w = np.asarray(self.weight.values, dtype=np.float64)  # [dirs, gates*hidden, channels]
         if self.in_block == 1:

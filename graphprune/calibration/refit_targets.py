@@ -113,7 +113,7 @@ def find_targets(
         wname = view.weight.name
         if view.data.name not in affected and wname not in shares:
             continue
-        if consumers_only and (wname, view.info.in_axis) not in removed:
+        if consumers_only and view.weight_dim(view.info.in_axis) not in removed:
             continue
         if uses[wname] > 1 and wname not in shares:
             skipped[node.name] = (f"weight '{wname}' is shared by several nodes (refit together only when all "
@@ -123,7 +123,7 @@ def find_targets(
         if large:
             skipped[node.name] = large
             continue
-        cut = removed.get((wname, view.info.out_axis))
+        cut = removed.get(view.weight_dim(view.info.out_axis))
         kept = None
         if cut is not None and len(cut):
             total = view.out_channels() + len(cut)

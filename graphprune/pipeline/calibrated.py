@@ -211,7 +211,7 @@ class CalibratedRun:
         views = []
         for node in original.nodes:
             view = linear_view(node, self.session.opset)
-            if view is not None and (view.weight.name, view.info.in_axis) in removed:
+            if view is not None and view.weight_dim(view.info.in_axis) in removed:
                 views.append(view)
         return stats_mod.collect(
             self.session.prepared, views, self.batches, gram=False, data_dir=self.data_dir
@@ -223,7 +223,7 @@ class CalibratedRun:
         large = set()
         for node in self.session.graph.nodes if self.session.graph is not None else ():
             view = linear_view(node, self.session.opset)
-            cut = removed.get((view.weight.name, view.info.in_axis)) if view is not None else None
+            cut = removed.get(view.weight_dim(view.info.in_axis)) if view is not None else None
             if view is not None and cut is not None and len(cut) and refit_targets.too_large(view):
                 large.add(node.name)
         return large

@@ -56,14 +56,17 @@ from graphprune.verify.metrics import count_macs_pair, count_params, uncounted_b
 CONV_KERNELS = ("conv", "conv_transpose")
 
 
-def _conv_weights(analysis: Analysis) -> set[str]:
-    names = set()
+def _conv_outputs(analysis: Analysis) -> set[tuple[str, int]]:
+    """The output-channel dimension of every conv's weight input, as the conv reads it: the
+    stored constant, or what computes it (a quantized weight's ``DequantizeLinear``, a
+    ``Clip`` of QCDQ exports): the analysis couples both to the same group."""
+    dims = set()
     for node in analysis.graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, analysis.opset)
         info = rule.linear(node) if rule is not None else None
         if info is not None and info.kernel in CONV_KERNELS and len(node.inputs) > info.weight:
-            names.add(node.inputs[info.weight].name)
-    return names
+            dims.add((node.inputs[info.weight].name, info.out_axis))
+    return dims
 
 
 def prunable_fraction(analysis: Analysis) -> float:
@@ -71,15 +74,12 @@ def prunable_fraction(analysis: Analysis) -> float:
     counted at the sizes the analysis found (the same before and after a rewrite, which
     slices the graph's tensors in place)."""
     tensors = analysis.context.tensors
-    conv_weights = _conv_weights(analysis)
+    convs = _conv_outputs(analysis)
     total = prunable = 0
     for group in analysis.groups:
-        for dim in group.producers:
-            shape = getattr(tensors.get(dim[0]), "shape", None)
-            if shape is None or len(shape) < 2:
-                continue
-            if conv_weights and dim[0] not in conv_weights:
-                continue
+        members = [d for d in group.dims if d in convs] if convs else [
+            d for d in group.producers if len(getattr(tensors.get(d[0]), "shape", None) or ()) >= 2]
+        for dim in members:
             n = group.sizes.get(dim)
             if n is None:
                 continue
@@ -91,7 +91,7 @@ def prunable_fraction(analysis: Analysis) -> float:
 
 def prunable_label(analysis: Analysis) -> str:
     """What :func:`prunable_fraction` counts: "conv channels", or "channels" (no conv)."""
-    return "conv channels" if _conv_weights(analysis) else "channels"
+    return "conv channels" if _conv_outputs(analysis) else "channels"
 
 
 def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def consumer_views(analysis: Analysis) -> dict[str, LinearView]:
         linear = linear_view(node, analysis.opset)
         found: list[Any] = [linear] if linear is not None else recurrent_consumers(node, analysis.opset)
         for view in found:
-            if view.group == 1 and (view.weight.name, view.info.in_axis) in wanted:
+            if view.group == 1 and view.weight_dim(view.info.in_axis) in wanted:
                 views[view.weight.name] = view
     return views
 
@@ -281,7 +281,7 @@ def _consumers(
         if group.roles.get(dim) != CONSUMER:
             continue
         view = views.get(dim[0])
-        if view is None or dim[1] != view.info.in_axis:
+        if view is None or dim != view.weight_dim(view.info.in_axis):
             continue
         layer = stats.get(view.node.name)
         labels = group.unit_of.get(dim)

@@ -207,7 +207,7 @@ class UnaryRule(OpRule):
     def aliased_input(self, node: gs.Node) -> int | None:
         return 0 if node.op == "Identity" else None
 
-    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         """A float weight cast to another float type, refit in its stored type."""
         if not _casts_a_weight(node) or is_quantized_weight(node.inputs[0]):
             return None
@@ -320,7 +320,7 @@ class BroadcastRule(OpRule):
             return False
         return node.op != "PRelu" or index == 1  # PRelu's slope broadcasts to x, not x itself
 
-    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         """``Mul(Cast(int8 constant), scale)``: an int8 weight an exporter decodes in the graph."""
         from graphprune.rules.quantize import cast_scaled
 

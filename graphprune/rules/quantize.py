@@ -70,6 +70,7 @@ from graphprune.io.tensors import integer_info
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule
 from graphprune.rules.quantize_blocked import blocked_decoding, blocked_dequantized
+from graphprune.rules.quantize_fake import fake_quantized
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
@@ -322,6 +323,12 @@ class QuantizeLinearRule(OpRule):
             if weight is not None:
                 ctx.decoded(x, weight.scale, weight.zero_point)
                 ctx.integer_param(x, weight.zero_point)
+        elif node.op == "DequantizeLinear":
+            fake = fake_quantized(node)
+            if fake is not None:  # the float weight takes the roles of what it dequantizes to
+                ctx.weight_view(y, fake[0].constant)
+                if fake[1]:
+                    ctx.freeze(fake[0].constant, None, f"{fake[1]} at {where}")
 
     def _couple_blocked(self, node: gs.Node, ctx: CouplingContext, scale: gs.Tensor | None,
                         zp: gs.Tensor | None, where: str) -> None:
@@ -358,10 +365,15 @@ class QuantizeLinearRule(OpRule):
                 ctx.decoded(x, *decoded)
                 ctx.integer_param(x, decoded[1])  # removed entries hold their block's zero point
 
-    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         if node.op != "DequantizeLinear":
             return None
-        return blocked_dequantized(node) if int(node.attrs.get("block_size", 0) or 0) else dequantized(node)
+        if int(node.attrs.get("block_size", 0) or 0):
+            return blocked_dequantized(node)
+        if isinstance(node.inputs[0], gs.Constant):
+            return dequantized(node)
+        fake = fake_quantized(node)
+        return fake[0] if fake is not None and not fake[1] else None
 
 
 @register

@@ -109,6 +109,10 @@ class StoredWeight:
         """Every constant :meth:`encode` may rewrite (so that a caller can restore them)."""
         return [self.constant]
 
+    def axis_of(self, axis: int) -> int:
+        """The axis of :attr:`constant` that axis ``axis`` of the decoded weight reads."""
+        return axis
+
     def decode(self) -> np.ndarray:
         """The float weight (:attr:`shape`)."""
         raise NotImplementedError
@@ -329,9 +333,10 @@ class OpRule:
         ``verify/saturation.py``). ``None`` (the default): no such kernel."""
         return None
 
-    def stored_weight(self, node: gs.Node) -> StoredWeight | None:
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         """Output 0 as a float weight decoded from constant inputs that a refit can read
-        and write back (:class:`StoredWeight`). ``None`` (the default): it is no such weight."""
+        and write back (:class:`StoredWeight`; ``opset``: the model's, for a rule that asks
+        the rule of its input's producer). ``None`` (the default): it is no such weight."""
         return None
 
     # ---- what rewrites and metrics ask about a node (all fail closed) ----------------
@@ -530,7 +535,7 @@ def stored_weight_of(tensor: gs.Tensor, opset: int) -> StoredWeight | None:
         return None
     producer = tensor.inputs[0]
     rule = lookup(producer.domain or "", producer.op, opset)
-    return rule.stored_weight(producer) if rule is not None else None
+    return rule.stored_weight(producer, opset) if rule is not None else None
 
 
 def shape_rules() -> dict[str, OpRule]:

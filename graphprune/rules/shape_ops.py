@@ -21,7 +21,7 @@ from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, Offset
 from graphprune.analysis.shape_trace import QuotientRead, ShapeLiteral, ShapeRead, ShapeTrace
 from graphprune.passes.rewrite_context import RewriteContext
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import OpRule, StoredWeight, register, stored_weight_of
 
 if TYPE_CHECKING:
     from graphprune.analysis.constants import ChannelValues, ConstantContext
@@ -191,6 +191,41 @@ class SplitRule(OpRule):
             node.attrs["split"] = [int(s) for s in sizes]
 
 
+class TransposedWeight(StoredWeight):
+    """A stored weight read through a ``Transpose`` (``perm``): the layout the layer reads
+    is ``perm`` of the stored one; values go back through the inverse permutation."""
+
+    def __init__(self, inner: StoredWeight, perm: list[int]) -> None:
+        self.inner, self.perm = inner, list(perm)
+        self.constant = inner.constant
+        self.inverse = [self.perm.index(i) for i in range(len(self.perm))]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.inner.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.inner.shape[p] for p in self.perm)
+
+    def constants(self) -> list[gs.Constant]:
+        return self.inner.constants()
+
+    def axis_of(self, axis: int) -> int:
+        return self.inner.axis_of(self.perm[axis])
+
+    def decode(self) -> np.ndarray:
+        return np.transpose(self.inner.decode(), self.perm)
+
+    def encode_fit(self, values: np.ndarray, gram: np.ndarray | None,
+                   in_axis: int | None = None) -> tuple[float, np.ndarray | None]:
+        return self.inner.encode_fit(np.transpose(values, self.inverse), gram,
+                                     None if in_axis is None else self.perm[in_axis])
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        return self.inner.encode(np.transpose(values, self.inverse), grow)
+
+
 @register
 class TransposeRule(OpRule):
     op_types = ("Transpose",)
@@ -214,6 +249,15 @@ class TransposeRule(OpRule):
             ctx.couple(x, int(i), y, o)
         if ctx.is_weight_view(x):  # a weight transposed in the graph: its axes' roles
             ctx.weight_view(y, x, [perm.index(i) for i in range(rank)])
+
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
+        """A stored weight (a quantized one, decoded in the graph) transposed for the layer that
+        reads it: a torch ``Linear`` whose weight is fake-quantized, then transposed for a MatMul."""
+        inner = stored_weight_of(node.inputs[0], opset)
+        if inner is None or inner.in_block != 1 or len(inner.shape) < 2:
+            return None
+        perm = [int(p) for p in node.attrs.get("perm", list(reversed(range(len(inner.shape)))))]
+        return TransposedWeight(inner, perm) if sorted(perm) == list(range(len(inner.shape))) else None
 
 
 @register
