@@ -181,3 +181,32 @@ def test_the_transposed_reading_is_the_layers_weight() -> None:
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_a_float8_fake_quantized_weight_decodes_as_onnx_runtime_computes_and_prunes() -> None:
+    """float8 (E4M3FN, opset 21, what FP8 exports for TensorRT write): rounded to the nearest
+    float8 and saturated. Before float8 was known, such weights froze (a regression of this
+    round's first version: a biased conv of them had pruned through its bias)."""
+    rng = np.random.default_rng(4)
+    w = (rng.normal(size=(8, 3, 3, 3)) * 40).astype(np.float32)  # some beyond float8's 448 at scale 0.05
+    w_zp = helper.make_tensor("z", onnx.TensorProto.FLOAT8E4M3FN, [8], [0.0] * 8)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=0),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["wd"], axis=0),
+         helper.make_node("Conv", ["x", "wd"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])],
+        "fp8", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("wd", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.full(8, 0.05, np.float32), "s"), w_zp,
+         onnx.numpy_helper.from_array(rng.normal(size=(4, 8, 3, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    stored, reason = fake_quantized(next(n for n in gs.import_onnx(model).nodes if n.op == "DequantizeLinear"))
+    assert reason == ""
+    expected = run_ort(model, {"x": np.zeros((1, 3, 6, 6), np.float32)})[1]
+    np.testing.assert_allclose(stored.decode(), expected, rtol=0, atol=0)
+    pruning = onnx.ModelProto()
+    pruning.CopyFrom(model)
+    del pruning.graph.output[1]
+    result = graphprune.prune(pruning, ratio=0.5)
+    assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]

@@ -12,6 +12,7 @@ into ``W`` (:class:`FakeQuantized`), which the graph quantizes as it did the ori
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -25,9 +26,12 @@ class FakeQuantized(StoredWeight):
     gives what the chain computes from it, :meth:`encode` stores float values in ``W``."""
 
     def __init__(self, constant: gs.Constant, quantize: gs.Node, clip: tuple[float | None, float | None],
-                 dequantize: gs.Node, low: float, high: float) -> None:
+                 dequantize: gs.Node, levels: np.dtype) -> None:
         self.constant = constant
         self.quantize, self.dequantize = quantize, dequantize
+        self.levels = levels  # the quantized type: integer, or a float8 one
+        info = integer_info(levels) or ml_dtypes.finfo(levels)
+        low, high = float(info.min), float(info.max)
         self.low = max(low, clip[0]) if clip[0] is not None else low
         self.high = min(high, clip[1]) if clip[1] is not None else high
 
@@ -38,7 +42,10 @@ class FakeQuantized(StoredWeight):
     def _levels(self, values: np.ndarray) -> np.ndarray:
         """``values`` quantized as the graph does (round half to even, saturated, clipped)."""
         scale, zero = _per_axis(self.quantize, np.ndim(values))
-        return np.clip(np.rint(values / scale) + zero, self.low, self.high)
+        if integer_info(self.levels) is not None:
+            return np.clip(np.rint(values / scale) + zero, self.low, self.high)
+        # float8: rounded to the nearest representable value, saturated (the default)
+        return np.clip(values / scale + zero, self.low, self.high).astype(self.levels).astype(np.float64)
 
     def decode(self) -> np.ndarray:
         values = np.asarray(self.constant.values, dtype=np.float64)
@@ -48,7 +55,7 @@ class FakeQuantized(StoredWeight):
     def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
         values = np.asarray(values, dtype=np.float64)
         scale, zero = _per_axis(self.quantize, values.ndim)
-        raw = np.rint(values / scale) + zero
+        raw = values / scale + zero
         clipped = float(np.mean((raw < self.low) | (raw > self.high))) if raw.size else 0.0
         self.constant.values = values.astype(self.dtype)
         return clipped, None
@@ -122,8 +129,8 @@ def _chain(weight: gs.Constant, quantize: gs.Node, clip: gs.Node | None,
     zero_points = [_per_axis(n, rank)[1] for n in (quantize, node)]
     if not np.array_equal(*np.broadcast_arrays(*zero_points)):
         return "quantize and dequantize zero points differ"
-    limits = _integer_range(quantize)
-    if limits is None:
+    levels = _quantized_type(quantize)
+    if levels is None:
         return "a quantized type the refit does not know"
     bounds = (None, None) if clip is None else _clip_range(clip)
     if isinstance(bounds, str):
@@ -131,20 +138,24 @@ def _chain(weight: gs.Constant, quantize: gs.Node, clip: gs.Node | None,
     zero = zero_points[0]
     if any(b is not None and np.any(zero < b if i == 0 else zero > b) for i, b in enumerate(bounds)):
         return "the clip range excludes the zero point"
-    return FakeQuantized(weight, quantize, bounds, node, *limits)
+    return FakeQuantized(weight, quantize, bounds, node, levels)
 
 
-def _integer_range(quantize: gs.Node) -> tuple[float, float] | None:
-    """The range a ``QuantizeLinear`` saturates to: its zero point's type, else
-    ``output_dtype``, else uint8."""
+def _quantized_type(quantize: gs.Node) -> np.dtype | None:
+    """The type a ``QuantizeLinear`` writes: its zero point's, else ``output_dtype``, else
+    uint8; ``None`` unless an integer or float8 type (``saturate=0`` float8: not modelled)."""
     zp = quantize.inputs[2] if len(quantize.inputs) > 2 and quantize.inputs[2].name else None
     if zp is not None:
         dtype = np.asarray(zp.values).dtype
     else:
         code = int(quantize.attrs.get("output_dtype", 0) or 0)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(code) if code else np.dtype(np.uint8)
-    info = integer_info(np.dtype(dtype))
-    return None if info is None else (float(info.min), float(info.max))
+    dtype = np.dtype(dtype)
+    if integer_info(dtype) is not None:
+        return dtype
+    if dtype.name.startswith("float8") and int(quantize.attrs.get("saturate", 1)) == 1:
+        return dtype
+    return None
 
 
 def _clip_range(clip: gs.Node) -> tuple[float | None, float | None] | str:
