@@ -110,7 +110,7 @@ def test_the_decoded_weight_is_what_onnx_runtime_computes() -> None:
     model = make_model(nodes, {"x": [3, 6]}, {"wd": [6, 4], "y": None}, params)
     graph = gs.import_onnx(model)
     dequantize = next(n for n in graph.nodes if n.op == "DequantizeLinear")
-    stored, reason = fake_quantized(dequantize)
+    _, reason, stored = fake_quantized(dequantize)
     assert reason == ""
     expected = run_ort(model, {"x": np.zeros((3, 6), np.float32)})[0]
     np.testing.assert_allclose(stored.decode(), expected, rtol=0, atol=1e-7)
@@ -201,7 +201,7 @@ def test_a_float8_fake_quantized_weight_decodes_as_onnx_runtime_computes_and_pru
         [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.full(8, 0.05, np.float32), "s"), w_zp,
          onnx.numpy_helper.from_array(rng.normal(size=(4, 8, 3, 3)).astype(np.float32), "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    stored, reason = fake_quantized(next(n for n in gs.import_onnx(model).nodes if n.op == "DequantizeLinear"))
+    _, reason, stored = fake_quantized(next(n for n in gs.import_onnx(model).nodes if n.op == "DequantizeLinear"))
     assert reason == ""
     expected = run_ort(model, {"x": np.zeros((1, 3, 6, 6), np.float32)})[1]
     np.testing.assert_allclose(stored.decode(), expected, rtol=0, atol=0)
@@ -210,3 +210,29 @@ def test_a_float8_fake_quantized_weight_decodes_as_onnx_runtime_computes_and_pru
     del pruning.graph.output[1]
     result = graphprune.prune(pruning, ratio=0.5)
     assert result.report["groups"]["pruned"] == 1 and result.report["verification"]["ok"]
+
+
+def test_a_weight_quantized_with_a_scale_computed_from_itself_prunes_without_a_refit() -> None:
+    """``scale = ReduceMax(Abs(W)) / 127`` per output channel, computed in the graph (the
+    dynamo exporter leaves it unfolded): zeroing a row of ``W`` gives it a zero scale, and
+    what the dequantize writes for it is still 0, so the weight prunes; the refit, which needs
+    constant scales to read and write the weight, leaves such a layer as pruned."""
+    rng = np.random.default_rng(5)
+    params, nodes = {}, []
+    for name, shape in {"W1": (8, 3, 3, 3), "W2": (4, 8, 3, 3)}.items():
+        params[f"{name}_f"] = rng.normal(size=shape).astype(np.float32)
+        params[f"{name}_z"] = np.zeros(shape[0], np.int8)
+        nodes += [helper.make_node("Abs", [f"{name}_f"], [f"{name}_abs"]),
+                  helper.make_node("ReduceMax", [f"{name}_abs", "axes"], [f"{name}_max"], keepdims=0),
+                  helper.make_node("Div", [f"{name}_max", "c127"], [f"{name}_s"]),
+                  helper.make_node("QuantizeLinear", [f"{name}_f", f"{name}_s", f"{name}_z"], [f"{name}_q"], axis=0),
+                  helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], axis=0)]
+    params["axes"], params["c127"] = np.array([1, 2, 3], np.int64), np.array(127.0, np.float32)
+    nodes += [conv_node("x", "W1", "a"), helper.make_node("Relu", ["a"], ["r"]), conv_node("r", "W2", "y")]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": None}, params, opset=18)
+    analysis = graphprune.analyze(model)
+    assert [g.anchor for g in analysis.prunable_groups] == [("W1_f", 0)]
+    result = graphprune.prune(model, ratio=0.5, calibration="random:32")
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    assert any("not refit" in s or "cannot write back" in s
+               for s in result.report["pass_stats"]["RefitPass"].get("skipped", []))

@@ -326,9 +326,9 @@ class QuantizeLinearRule(OpRule):
         elif node.op == "DequantizeLinear":
             fake = fake_quantized(node)
             if fake is not None:  # the float weight takes the roles of what it dequantizes to
-                ctx.weight_view(y, fake[0].constant)
+                ctx.weight_view(y, fake[0])
                 if fake[1]:
-                    ctx.freeze(fake[0].constant, None, f"{fake[1]} at {where}")
+                    ctx.freeze(fake[0], None, f"{fake[1]} at {where}")
 
     def _couple_blocked(self, node: gs.Node, ctx: CouplingContext, scale: gs.Tensor | None,
                         zp: gs.Tensor | None, where: str) -> None:
@@ -373,7 +373,7 @@ class QuantizeLinearRule(OpRule):
         if isinstance(node.inputs[0], gs.Constant):
             return dequantized(node)
         fake = fake_quantized(node)
-        return fake[0] if fake is not None and not fake[1] else None
+        return fake[2] if fake is not None else None
 
 
 @register

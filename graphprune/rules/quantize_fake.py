@@ -62,27 +62,28 @@ class FakeQuantized(StoredWeight):
 
 
 def _per_axis(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (de)quantize node's scale and zero point (float64), shaped to broadcast against a
-    weight of ``rank`` along the node's ``axis``."""
-    scale = np.asarray(node.inputs[1].values, dtype=np.float64)
-    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    zero = np.zeros(()) if zp is None else np.asarray(zp.values, dtype=np.float64)
-    axis = int(node.attrs.get("axis", 1)) % max(rank, 1)
-    shaped = []
-    for v in (scale, zero):
-        if v.size == 1:
-            shaped.append(v.reshape(()))
-        else:
-            shape = [1] * rank
-            shape[axis] = -1
-            shaped.append(v.reshape(shape))
-    return shaped[0], shaped[1]
+    """A (de)quantize node's constant scale and zero point (float64), shaped to broadcast
+    against a weight of ``rank`` along the node's ``axis`` (checked by :func:`_chain`)."""
+    return _along_axis(np.asarray(node.inputs[1].values, dtype=np.float64), node, rank), _zero_point(node, rank)
 
 
-def fake_quantized(node: gs.Node) -> tuple[FakeQuantized, str] | None:
-    """The weight that ``DequantizeLinear`` ``node`` reads through ``QuantizeLinear`` of a
-    float constant (maybe clipped), with the reason that zeroing it would not zero what the
-    node writes ("" when it would); ``None`` when ``node`` does not read such a chain."""
+def _along_axis(values: np.ndarray, node: gs.Node, rank: int) -> np.ndarray | None:
+    """Per-tensor ``values`` as a scalar, per-axis ones shaped along ``node``'s ``axis``."""
+    if values.size == 1:
+        return values.reshape(())
+    if values.ndim != 1 or rank == 0:
+        return None
+    shape = [1] * rank
+    shape[int(node.attrs.get("axis", 1)) % rank] = -1
+    return values.reshape(shape)
+
+
+def fake_quantized(node: gs.Node) -> tuple[gs.Constant, str, FakeQuantized | None] | None:
+    """The float constant that ``DequantizeLinear`` ``node`` reads through ``QuantizeLinear``
+    (maybe clipped), the reason that zeroing it would not zero what the node writes ("" when
+    it would), and the weight as a refit reads and writes it (``None`` where it cannot: a scale
+    the graph computes, from the weight itself say). ``None`` when ``node`` does not read such
+    a chain."""
     x = node.inputs[0]
     clip = None
     if len(x.inputs) == 1 and x.inputs[0].op == "Clip" and len(x.outputs) == 1:
@@ -98,25 +99,25 @@ def fake_quantized(node: gs.Node) -> tuple[FakeQuantized, str] | None:
         return None
     found = _chain(weight, quantize, clip, node)
     if isinstance(found, str):
-        return _Frozen(weight), found
-    return found, ""
-
-
-class _Frozen(StoredWeight):
-    """A fake-quantized weight that does not prune (its constant, to freeze it)."""
-
-    def __init__(self, constant: gs.Constant) -> None:
-        self.constant = constant
+        return weight, found, None
+    return weight, "", found
 
 
 def _chain(weight: gs.Constant, quantize: gs.Node, clip: gs.Node | None,
-           node: gs.Node) -> FakeQuantized | str:
+           node: gs.Node) -> FakeQuantized | str | None:
+    """The chain as a :class:`FakeQuantized` weight, ``None`` when zeroing the weight zeroes
+    what it writes but its scale is computed (no refit), or why zeroing does not."""
     rank = np.ndim(weight.values)
+    computed = False
     for n in (quantize, node):
         if int(n.attrs.get("block_size", 0) or 0):
             return "blocked quantization of a float weight"
-        if any(not isinstance(t, gs.Constant) for t in n.inputs[1:] if t.name):
-            return "a computed scale or zero point"
+        zp = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2].name else None
+        if zp is not None and not isinstance(zp, gs.Constant):
+            return "a computed zero point"
+        if not isinstance(n.inputs[1], gs.Constant):  # a zero scale of a zeroed row writes 0 too
+            computed = True
+            continue
         scale = np.asarray(n.inputs[1].values)
         if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
             return "a scale that is not positive"
@@ -126,7 +127,9 @@ def _chain(weight: gs.Constant, quantize: gs.Node, clip: gs.Node | None,
             if size != 1 and (np.ndim(t.values) != 1 or not -rank <= axis < rank
                               or size != np.shape(weight.values)[axis]):
                 return "a scale or zero point not per tensor or per axis"
-    zero_points = [_per_axis(n, rank)[1] for n in (quantize, node)]
+    zero_points = [_zero_point(n, rank) for n in (quantize, node)]
+    if zero_points[0] is None or zero_points[1] is None:
+        return "a zero point not per tensor or per axis"
     if not np.array_equal(*np.broadcast_arrays(*zero_points)):
         return "quantize and dequantize zero points differ"
     levels = _quantized_type(quantize)
@@ -138,7 +141,14 @@ def _chain(weight: gs.Constant, quantize: gs.Node, clip: gs.Node | None,
     zero = zero_points[0]
     if any(b is not None and np.any(zero < b if i == 0 else zero > b) for i, b in enumerate(bounds)):
         return "the clip range excludes the zero point"
-    return FakeQuantized(weight, quantize, bounds, node, levels)
+    return None if computed else FakeQuantized(weight, quantize, bounds, node, levels)
+
+
+def _zero_point(node: gs.Node, rank: int) -> np.ndarray | None:
+    """A (de)quantize node's constant zero point (float64; 0 when it has none), shaped along
+    its ``axis`` for a weight of ``rank``; ``None`` when it is not per tensor or per axis."""
+    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    return np.zeros(()) if zp is None else _along_axis(np.asarray(zp.values, dtype=np.float64), node, rank)
 
 
 def _quantized_type(quantize: gs.Node) -> np.dtype | None:
