@@ -236,3 +236,25 @@ def test_a_weight_quantized_with_a_scale_computed_from_itself_prunes_without_a_r
     assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
     assert any("not refit" in s or "cannot write back" in s
                for s in result.report["pass_stats"]["RefitPass"].get("skipped", []))
+
+
+def test_sixteen_bit_quantized_weights_are_counted_as_parameters() -> None:
+    """ONNX Runtime's 16-bit QDQ (``QuantType.QInt16``) stores int16 weights: they were not
+    counted (the parameter count of such a CNN was its scales alone, and a parameter budget
+    steered by it meant nothing)."""
+    from graphprune.verify.metrics import count_params
+
+    rng = np.random.default_rng(6)
+    params, nodes = {}, []
+    for name, shape in {"W1": (32, 3, 3, 3), "W2": (32, 32, 3, 3), "W3": (4, 32, 3, 3)}.items():
+        params[f"{name}_q"] = rng.integers(-3000, 3000, size=shape).astype(np.int16)
+        params[f"{name}_s"] = np.full(shape[0], 1e-4, np.float32)
+        params[f"{name}_z"] = np.zeros(shape[0], np.int16)
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], axis=0))
+    nodes += [conv_node("x", "W1", "a"), helper.make_node("Relu", ["a"], ["r"]), conv_node("r", "W2", "b"),
+              helper.make_node("Relu", ["b"], ["rb"]), conv_node("rb", "W3", "y")]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": None}, params, opset=21)
+    assert count_params(model) == sum(v.size for v in params.values())  # weights, scales, zero points
+    result = graphprune.prune(model, target_params=0.6)
+    achieved = result.report["params_after"] / result.report["params_before"]
+    assert result.report["verification"]["ok"] and abs(achieved - 0.6) <= 0.03

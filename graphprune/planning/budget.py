@@ -39,17 +39,12 @@ from graphprune.planning.importance import weight_members
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import auto_round_to, group_plan
 from graphprune.rules import registry
-from graphprune.verify.metrics import counted_shape
+from graphprune.verify.metrics import counted_shape, is_parameter_dtype
 
 TARGET_KINDS = ("macs", "params", "latency")
 
 #: default largest share of one group the allocator may remove
 DEFAULT_MAX_RATIO = 0.9
-
-#: the element types a parameter count counts (:func:`graphprune.verify.metrics.count_params`:
-#: float weights and 8-bit quantized ones)
-_PARAM_DTYPES = (np.float16, np.float32, np.float64, np.int8, np.uint8)
-
 
 def check_target(kind: str, fraction: Any) -> float:
     if kind not in TARGET_KINDS:
@@ -168,12 +163,8 @@ def curve_loss(ratios: Sequence[float], deviations: Sequence[float], units: int,
 
 # ---------------------------------------------------------------------------- cost model
 def _is_parameter(tensor: gs.Tensor) -> bool:
-    if not isinstance(tensor, gs.Constant):
-        return False
-    try:
-        return np.dtype(tensor.dtype).type in _PARAM_DTYPES
-    except TypeError:
-        return False
+    """A constant of an element type the parameter count counts (:func:`count_params`)."""
+    return isinstance(tensor, gs.Constant) and tensor.dtype is not None and is_parameter_dtype(tensor.dtype)
 
 
 def _parameters_per_element(graph: gs.Graph, opset: int) -> dict[str, float]:

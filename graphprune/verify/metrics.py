@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -26,17 +27,35 @@ from graphprune.io import ir
 from graphprune.io.branch_models import BRANCH_ATTRS, branch_models, if_nodes
 from graphprune.rules import registry
 
-__all__ = ["count_if_macs", "count_macs", "count_macs_pair", "count_params", "counted_shape", "sized_shapes"]
+__all__ = ["PARAMETER_TYPES", "count_if_macs", "count_macs", "count_macs_pair", "count_params", "counted_shape",
+           "is_parameter_dtype", "sized_shapes"]
+
+
+#: element types whose initializers are parameters: floats, and 16/8/4/2-bit integers and
+#: 8/4-bit floats (quantized weights; int16 from ONNX Runtime's 16-bit QDQ). 32- and 64-bit
+#: integers are shapes, indices and quantized biases
+PARAMETER_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+    onnx.TensorProto.INT2, onnx.TensorProto.UINT2, onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ,
+    onnx.TensorProto.FLOAT4E2M1,
+})
+
+
+def is_parameter_dtype(dtype: Any) -> bool:
+    """Whether constants of numpy ``dtype`` count as parameters (:data:`PARAMETER_TYPES`)."""
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) in PARAMETER_TYPES
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Number of elements in floating-point initializers (weights, biases, norm params) and
-    8/4-bit integer ones (quantized weights), those of If/Loop/Scan bodies included."""
-    float_types = {
-        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-        onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
-    }
+    """Number of elements in the initializers of :data:`PARAMETER_TYPES` (weights, biases,
+    norm params, quantized weights), those of If/Loop/Scan bodies included."""
+    float_types = PARAMETER_TYPES
 
     opset = ir.default_opset(model)
 
