@@ -856,3 +856,49 @@ def test_resolve_source_exports_factories_and_passes_onnx_paths(tmp_path):
     assert resolve_source(str(tmp_path / "model.onnx")) is None
     with pytest.raises(UsageError, match="input-shape"):
         resolve_source(f"{source}:make")
+
+
+class _FakeQuantConv(nn.Conv2d):
+    """A conv whose weight is fake-quantized per output channel, with the scale a literal
+    (``scale_from_weight=False``) or computed from the weight in ``forward``."""
+
+    def __init__(self, *args, scale_from_weight: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale_from_weight = scale_from_weight
+
+    def forward(self, x):
+        if self.scale_from_weight:
+            scale = self.weight.detach().abs().amax((1, 2, 3)) / 127
+        else:
+            scale = torch.full((self.weight.shape[0],), 0.01)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        w = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -128, 127)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _fake_quant_net(scale_from_weight: bool) -> nn.Module:
+    torch.manual_seed(0)
+    conv = [_FakeQuantConv(3, 16, 3, padding=1, scale_from_weight=scale_from_weight),
+            _FakeQuantConv(16, 16, 3, padding=1, scale_from_weight=scale_from_weight),
+            _FakeQuantConv(16, 4, 1, scale_from_weight=scale_from_weight)]
+    return nn.Sequential(conv[0], nn.ReLU(), conv[1], nn.BatchNorm2d(16), nn.ReLU(), conv[2]).eval()
+
+
+def test_a_fake_quantized_module_maps_its_plan_and_matches_the_pruned_onnx() -> None:
+    module = _fake_quant_net(scale_from_weight=False)
+    example = (torch.randn(2, 3, 8, 8),)
+    result = gpt.prune_module(module, example, ratio=0.5)
+    pruned = gpt.apply_plan(copy.deepcopy(module), result.plan)
+    assert pruned[0].weight.shape[0] == 8 and pruned[2].weight.shape[1] == 8
+    gpt.check_module(pruned, result.model, example)
+
+
+def test_a_scale_folded_from_the_weight_is_refused_not_mismatched() -> None:
+    """The export's ``ReduceMax(Abs(W)) / 127`` is folded into a constant by preparation, from
+    the whole weight; the module recomputes it from the sliced one. A ``ReduceMax`` of values
+    >= 0 is exact where the graph computes it at run time, not in a folded chain: mapping a
+    plan that cuts the reduced axis is refused (with the change to the reduction alone, the
+    module and the pruned ONNX differed by 0.2 %)."""
+    module = _fake_quant_net(scale_from_weight=True)
+    with pytest.raises(gpt.PlanMappingError, match="ReduceMax reduces this axis"):
+        gpt.prune_module(module, (torch.randn(2, 3, 8, 8),), ratio=0.5)

@@ -419,6 +419,14 @@ def _case_table() -> dict[str, Case]:
         add(op, reduce(op))
     # exp first: a removed channel is zero in the zeroed original, and log(0) is not finite
     add("ReduceLogSum", reduce("ReduceLogSum", before=[n("Exp", ["a"], ["t"])], src="t"))
+    # over the channels: the largest of values >= 0 (a Relu's) is the same with zeros among
+    # them (exact: a weight's per-row quantization scale ReduceMax(Abs(W))); of any values not
+    add("ReduceMax over non-negative channels", lambda: cnn(
+        [n("Relu", ["a"], ["r"]), n("ReduceMax", ["r", "axes"], ["b"], keepdims=1)], {"axes": ints(1)},
+        head_in=1, opset=18), ops=["ReduceMax"])
+    add("ReduceMax over the channels", lambda: cnn(
+        [n("ReduceMax", ["a", "axes"], ["b"], keepdims=1)], {"axes": ints(1)}, head_in=1, opset=18),
+        INEXACT, "ReduceMax reduces this axis", ops=["ReduceMax"])
 
     # normalisations (norm.py, transformer.py)
     add("BatchNormalization", lambda: cnn(

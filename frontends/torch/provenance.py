@@ -374,7 +374,7 @@ def _analyse_chains(light: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) 
     analysis = None
     if chain:
         sub = gs.Graph(nodes=chain, opset=graph.opset, name="parameter_chains")
-        analysis = analyze_graph(sub, ir.default_opset(prepared))
+        analysis = analyze_graph(sub, ir.default_opset(prepared), folded=True)
     untraced = {n for n in downstream if n not in derived}
     return ParameterSources(
         names=params,

@@ -50,8 +50,13 @@ class CouplingContext:
         *,
         probes: dict[str, tuple[list, list]] | None = None,
         position_convs: frozenset[str] = frozenset(),
+        folded: bool = False,
     ) -> None:
         self.opset = opset
+        #: the graph is computed once, from constants, before any pruning (a chain that
+        #: preparation folds): a value reduced over an axis keeps what the removed elements
+        #: gave it, where a graph that computes it at run time recomputes it
+        self.folded = folded
         self.tensors: dict[str, gs.Tensor] = graph.tensors()
         self._graph_outputs = {t.name for t in graph.outputs}
         self.probes: dict[str, tuple[list, list]] = probes or {}

@@ -112,9 +112,12 @@ def analyze_graph(
     *,
     keep: Iterable[str] = (),
     position_convs: frozenset[str] = frozenset(),
+    folded: bool = False,
     _probes: dict[str, tuple[list, list]] | None = None,
 ) -> Analysis:
-    """Run every op rule over ``graph`` and form channel groups with their units.
+    """Run every op rule over ``graph`` and form channel groups with their units
+    (``folded``: ``graph`` is a chain that preparation folds into constants,
+    :attr:`CouplingContext.folded`).
 
     Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
     group). Where that leaves a channel group unprunable (one unit, or frozen), those convs
@@ -127,7 +130,7 @@ def analyze_graph(
     def rule_for(node: gs.Node) -> registry.OpRule | None:
         return registry.lookup(node.domain or "", node.op, opset)
 
-    ctx = CouplingContext(graph, opset, rule_for, probes=probes, position_convs=position_convs)
+    ctx = CouplingContext(graph, opset, rule_for, probes=probes, position_convs=position_convs, folded=folded)
     unsupported: dict[str, list[str]] = defaultdict(list)
     deferred: list[tuple[gs.Node, registry.OpRule]] = []
 
@@ -183,7 +186,7 @@ def analyze_graph(
     if not position_convs:
         collapsed = _collapsed_position_nodes(graph, groups, rule_for)
         if collapsed:
-            retry = analyze_graph(graph, opset, keep=keep, position_convs=collapsed, _probes=probes)
+            retry = analyze_graph(graph, opset, keep=keep, position_convs=collapsed, folded=folded, _probes=probes)
             if _prunable_units(retry.groups) > _prunable_units(groups):
                 return retry
     merges = any(

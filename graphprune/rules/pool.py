@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 #: reductions whose value on a constant channel c is c (any count), and those that keep only 0
 _REDUCE_KEEPS = ("ReduceMean", "ReduceMax", "ReduceMin")
 _REDUCE_KEEPS_ZERO = ("ReduceL1", "ReduceL2", "ReduceSumSquare")
+#: ops whose outputs are never negative (a ``ReduceMax`` of them over a pruned axis is exact)
+_NONNEGATIVE = ("Abs", "Relu", "Sigmoid", "Softmax", "Exp", "Softplus")
 
 
 def _spatial(ctx: CouplingContext, tensors: list[gs.Tensor]) -> None:
@@ -175,10 +177,15 @@ class ReduceRule(OpRule):
             axes_value = list(range(rank))
         axes = sorted({int(a) % rank for a in axes_value})
         keepdims = int(node.attrs.get("keepdims", 1))
+        # computed at run time, the largest of values >= 0 is the same with zeros among them
+        # (exact); folded once from the whole tensor, it keeps what removed elements gave it
+        exact = (node.op == "ReduceMax" and not ctx.folded and len(x.inputs) == 1
+                 and x.inputs[0].op in _NONNEGATIVE)
         out = 0
         for a in range(rank):
             if a in axes:
-                ctx.inexact(x, a, f"{node.op} reduces this axis")
+                if not exact:
+                    ctx.inexact(x, a, f"{node.op} reduces this axis")
                 if keepdims:
                     out += 1
                 continue
