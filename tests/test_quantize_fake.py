@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import conv_node, make_model, run_ort
+from conftest import conv_node, initializers, make_model, run_ort
 from onnx import helper
 
 import graphprune
@@ -173,14 +173,10 @@ def test_the_transposed_reading_is_the_layers_weight() -> None:
     expected = run_ort(make_model(
         [*[helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
                             **n.attrs) for n in graph.nodes if n.outputs[0].name.startswith("W1")]],
-        {}, {"W1_t": [16, 32]}, {k: v for k, v in _initializers(model).items() if k.startswith("W1")}), {})[0]
+        {}, {"W1_t": [16, 32]}, {k: v for k, v in initializers(model).items() if k.startswith("W1")}), {})[0]
     np.testing.assert_allclose(stored.decode(), expected, rtol=0, atol=1e-7)
     stored.encode(np.zeros((16, 32)))
     assert stored.constant.values.shape == (32, 16) and not stored.constant.values.any()
-
-
-def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
 def test_a_float8_fake_quantized_weight_decodes_as_onnx_runtime_computes_and_prunes() -> None:

@@ -46,6 +46,7 @@ TARGET_KINDS = ("macs", "params", "latency")
 #: default largest share of one group the allocator may remove
 DEFAULT_MAX_RATIO = 0.9
 
+
 def check_target(kind: str, fraction: Any) -> float:
     if kind not in TARGET_KINDS:
         raise UsageError(f"unknown target '{kind}' (choose from {', '.join(TARGET_KINDS)})")

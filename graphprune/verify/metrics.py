@@ -55,8 +55,6 @@ def is_parameter_dtype(dtype: Any) -> bool:
 def count_params(model: onnx.ModelProto) -> int:
     """Number of elements in the initializers of :data:`PARAMETER_TYPES` (weights, biases,
     norm params, quantized weights), those of If/Loop/Scan bodies included."""
-    float_types = PARAMETER_TYPES
-
     opset = ir.default_opset(model)
 
     def packed(graph: onnx.GraphProto) -> dict[str, int]:
@@ -74,11 +72,11 @@ def count_params(model: onnx.ModelProto) -> int:
 
     def walk(graph: onnx.GraphProto) -> int:
         held = packed(graph)
-        total = sum(held.get(i.name, math.prod(i.dims)) for i in graph.initializer if i.data_type in float_types)
+        total = sum(held.get(i.name, math.prod(i.dims)) for i in graph.initializer if i.data_type in PARAMETER_TYPES)
         for node in graph.node:
             for attr in node.attribute:
                 if node.op_type == "Constant" and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    total += math.prod(attr.t.dims) if attr.t.data_type in float_types else 0
+                    total += math.prod(attr.t.dims) if attr.t.data_type in PARAMETER_TYPES else 0
                 elif attr.type == onnx.AttributeProto.GRAPH:
                     total += walk(attr.g)
                 elif attr.type == onnx.AttributeProto.GRAPHS:
