@@ -146,4 +146,6 @@ def describe(exc: Any) -> str:
     """The first line of ONNX Runtime's error ``exc`` with :func:`missing_op_hint`."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
+    # the file ONNX Runtime loaded is graphprune's temporary copy: its path says nothing
+    first = re.sub(r"Load model from \S+ failed: ?", "", first)
     return first + missing_op_hint(text)

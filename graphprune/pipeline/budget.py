@@ -22,11 +22,14 @@ kept widths (``widths``: a table, the data for a plot).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
+from graphprune.errors import InvalidModelError
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
 from graphprune.pipeline.ratio import (
@@ -444,10 +447,23 @@ def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _blaming_input(session: Session) -> Iterator[None]:
+    """Timing is the first run of the original in a latency budget: where it cannot load a
+    model, the input's own fault (an op no runtime has) is the error, not a temporary path."""
+    try:
+        yield
+    except InvalidModelError:
+        fault = session.input_fault()
+        if fault is None:
+            raise
+        raise fault from None
+
+
 def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:
     from graphprune.verify.timing import time_models
 
-    with session.stage("latency check"):
+    with session.stage("latency check"), _blaming_input(session):
         original, pruned = time_models(
             [session.path_of(session.prepared), candidate.path_of(candidate.model)],
             provider=options.provider, warmup=3, runs=options.latency_runs, threads=options.threads,
@@ -459,7 +475,7 @@ def _side_by_side_ratios(session: Session, candidates: list[Session], options: B
     """Latency ratios of ``candidates`` to the original, all timed in one interleaved run."""
     from graphprune.verify.timing import time_models
 
-    with session.stage("latency check"):
+    with session.stage("latency check"), _blaming_input(session):
         paths = [session.path_of(session.prepared), *(c.path_of(c.model) for c in candidates)]
         original, *timed = time_models(paths, provider=options.provider, warmup=3,
                                        runs=options.latency_runs, threads=options.threads,

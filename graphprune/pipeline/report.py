@@ -45,7 +45,9 @@ import onnx
 
 from graphprune.analysis import PRODUCER, Analysis
 from graphprune.analysis.explain import nothing_prunable
+from graphprune.analysis.probe_sizes import open_dimensions
 from graphprune.analysis.targets import classify_groups
+from graphprune.io.feeds import input_specs
 from graphprune.io.shared_constants import TIE
 from graphprune.passes.base import PassContext
 from graphprune.planning.plan import Plan
@@ -165,7 +167,9 @@ def base_report(
         "nodes_after": len(after.graph.node),
         "untied_constants": sum(TIE in t.name for t in before.graph.initializer),
     }
-    if input_shapes and sized:  # the inputs leave sizes open: the MACs are counted at these
+    if input_shapes and sized and open_dimensions(input_specs(before)):
+        # the inputs leave sizes open beyond the batch: the MACs are counted at these (a batch
+        # alone is counted at 1, as always, even where sizing it found layers the count missed)
         report["macs_input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
     uncounted = uncounted_bodies(before)
     if uncounted:  # a decoder run step by step: its steps are not in the count

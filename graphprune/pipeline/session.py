@@ -436,18 +436,17 @@ class Session:
 
     def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Concrete input shapes at which MACs are counted (report, budget, latency table)
-        where the original's inputs leave sizes open beyond the batch axis: the calibration
-        samples' shapes when there are any, else the given shapes completed by the default
-        guess (images 224, sequences 8; :func:`~graphprune.io.feeds.resolve_shapes`), or where
-        the count cannot size the model there, :meth:`run_shapes`
-        (:func:`~graphprune.analysis.probe_sizes.counting_shapes`). ``None``: nothing open."""
+        where the original's inputs leave sizes open beyond the batch axis, or a layer has a
+        size no input names: the calibration samples' shapes when there are any, else
+        :func:`~graphprune.analysis.probe_sizes.counting_shapes`. ``None``: nothing to size."""
         from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
         from graphprune.io.feeds import input_specs
 
         specs = input_specs(self.original)
-        if not open_dimensions(specs):
+        opened = bool(open_dimensions(specs))
+        if not opened and self.analysis is None:
             return None
-        if self.data_shapes:
+        if opened and self.data_shapes:
             return dict(self.data_shapes)
         if self._counting is False:  # decided on the analysed graph (its shapes derived) once there is one
             graph = self.analysis.graph if self.analysis is not None else ir.import_graph(self.prepared, self.store)
@@ -504,7 +503,8 @@ class Session:
                 result["checker"] = result["checker"] or checked
                 return result
             except VerificationError as exc:
-                error = self._input_fault(exc, what) or exc
+                fault = self.input_fault() if str(exc).startswith(f"{what} does not run") else None
+                error = fault or exc
                 return {"ok": False, "reference": what, "error": str(error), "_error": error}
 
     def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
@@ -516,24 +516,24 @@ class Session:
     @contextmanager
     def blaming_input(self, what: str) -> Iterator[None]:
         """Runs of ``what`` (the original, as loaded) that fail where the model as loaded
-        fails as well raise :class:`InvalidModelError` (see :meth:`_input_fault`)."""
+        fails as well raise :class:`InvalidModelError` (see :meth:`input_fault`)."""
         try:
             yield
         except VerificationError as exc:
-            fault = self._input_fault(exc, what)
+            fault = self.input_fault() if str(exc).startswith(f"{what} does not run") else None
             if fault is None:
                 raise
             raise fault from exc
 
-    def _input_fault(self, exc: VerificationError, what: str) -> InvalidModelError | None:
-        """Where the reference does not run, whether the model as loaded runs at all: a
-        model that fails in ONNX Runtime before any change (an exporter's broken graph) is
-        bad input (exit 2), not a failed rewrite."""
-        if not str(exc).startswith(f"{what} does not run"):
-            return None
+    def input_fault(self) -> InvalidModelError | None:
+        """Where the model as loaded fails ``onnx.checker`` or ONNX Runtime before any change
+        (an exporter's broken graph): bad input (exit 2), not a failed rewrite; else ``None``."""
         try:
             validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
         except VerificationError as fault:
+            unknown = validate.unregistered_op(self.prepared)  # says more than ORT's loader
+            if unknown:
+                return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
             converted = self.normalised.get("opset_converted")
             hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
                     f"{converted['to']})") if converted else ""

@@ -129,8 +129,7 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
         if rule is not None and rule.macs(node, counted_shape) is not None:
             counted.extend(t for t in (*node.inputs, *node.outputs) if is_open(t))
         elif rule is not None and type(rule).macs is not registry.OpRule.macs:
-            unknown.extend(t for t in (*node.inputs, *node.outputs)
-                           if isinstance(t, gs.Variable) and t.name and t.shape is None)
+            unknown.extend(_unshaped_tensors(node))
     if not counted and not unknown:
         return counted_shape
     from graphprune.io.model_io import concrete_shapes
@@ -147,6 +146,31 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
         if missing(sizes):
             return None if or_none else counted_shape
     return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
+
+
+def _unshaped_tensors(node: gs.Node) -> list[gs.Variable]:
+    return [t for t in (*node.inputs, *node.outputs) if isinstance(t, gs.Variable) and t.name and t.shape is None]
+
+
+def unsized_layers(graph: gs.Graph, opset: int) -> bool:
+    """Whether a node that counts MACs in ``graph`` reads or writes a tensor without a shape,
+    or with a size that no graph input names (a symbol ONNX inference made up for a size the
+    graph computes: tf2onnx flattens a Keras ``Dense`` on a sequence to ``[batch*8, 32]``, and
+    its attention reshapes to ``[batch*heads, 8, 8]``). :func:`counted_shape` counts such a
+    size as 1, as if the layer ran on one row; :func:`sized_shapes` sizes them when it is
+    given input shapes."""
+    inputs = {d for t in graph.inputs if t.shape is not None for d in t.shape if isinstance(d, str)}
+
+    def derived(t: gs.Tensor) -> bool:
+        return isinstance(t, gs.Variable) and bool(t.name) and (t.shape is None or any(
+            not (isinstance(d, int) and d >= 0) and d not in inputs for d in t.shape))
+
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        if (rule is not None and type(rule).macs is not registry.OpRule.macs
+                and any(derived(t) for t in (*node.inputs, *node.outputs))):
+            return True
+    return False
 
 
 def count_macs(model: onnx.ModelProto, store: Any = None, input_shapes: dict[str, Any] | None = None,

@@ -65,6 +65,20 @@ def check_model(model: ModelRef, original: ModelRef | None = None) -> None:
             raise VerificationError(f"pruned model fails onnx.checker: {first}") from exc
 
 
+def unregistered_op(model: onnx.ModelProto) -> str | None:
+    """``onnx.checker``'s complaint about the first node of ``model``'s main graph that names
+    a standard-domain op ONNX does not have at the model's opset (tf2onnx leaves TF's
+    ``Erfc`` in the graph), else ``None``: read from the graph alone, weights untouched."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    for node in model.graph.node if opset is not None else ():
+        if node.domain in ("", "ai.onnx"):
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                return f"No Op registered for {node.op_type} with domain_version of {opset}"
+    return None
+
+
 def _full_check(model: ModelRef) -> None:
     try:
         if _is_path(model):
