@@ -27,7 +27,8 @@ Keys every report has::
     frozen                    frozen groups with their reasons (first 5 per group)
     pinned                    groups that prune, but some of whose elements are bound by a freeze
                               (units that take no part, the reasons: first 5 per group)
-    nothing_prunable          (ratio mode, only when nothing was removed) the one-line reason
+    nothing_prunable          (only when nothing was removed, in ratio mode or where a budget
+                              had no prunable group) the one-line reason
     unsupported_ops           op types without a rule, with counts
     erased_nodes              names of erased operators (the plan's ``erase``)
     passes                    seconds per pass;  pass_stats: what each pass reported
@@ -175,7 +176,8 @@ def base_report(
     if uncounted:  # a decoder run step by step: its steps are not in the count
         report["macs_uncounted"] = uncounted
     report.update(analysis_sections(analysis, plan))
-    if mode == "ratio" and analysis is not None:
+    if analysis is not None and (mode == "ratio" or (mode == "budget" and not analysis.prunable_groups)):
+        # (a budget with prunable groups says itself why it stopped where it did)
         why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))
         if why:
             report["nothing_prunable"] = why
