@@ -22,7 +22,7 @@ from conftest import (
 )
 from graphprune.passes.base import PassContext
 from graphprune.passes.erase_operators import EraseOperatorsPass
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import graphprune
 from graphprune.analysis.blocks import branch_scale, find_residual_blocks
@@ -555,3 +555,30 @@ def test_dynamic_batch_zero_branch_and_channels():
     assert conv_shapes(result.model)["s"] == [3, 3, 3, 3]
     feeds = default_feeds(model, batch=3)
     assert relative_difference(run_ort(model, feeds), run_ort(result.model, feeds)) <= 1e-5
+
+
+def test_weights_behind_a_pruning_mask_are_folded_and_their_zeros_removed() -> None:
+    """``torch.nn.utils.prune`` keeps ``weight_orig * weight_mask``; the dynamo exporter leaves
+    the product unfolded above its size limit, so every layer read a computed weight:
+    lossless mode found none of the channels the masks zero, the file kept both tensors, and
+    calibration refit no layer it could not write. The mask is applied to the weight now (as
+    ``prune.remove`` does): the masked channels go, the outputs stay the same."""
+    rng = np.random.default_rng(0)
+    mask1 = np.ones((16, 3, 3, 3), np.float32)
+    mask1[::2] = 0  # structured: every other output channel of the first conv
+    mask2 = (rng.random((8, 16, 3, 3)) > 0.3).astype(np.float32)  # unstructured
+    bias1 = rng.standard_normal(16).astype(np.float32)
+    bias1[::2] = 0
+    nodes = [helper.make_node("Mul", ["w1_orig", "w1_mask"], ["w1"]), conv_node("x", "w1", "a", "b1"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Mul", ["w2_orig", "w2_mask"], ["w2"]), conv_node("r", "w2", "y", "b2")]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 8, 8, 8]},
+                       {"w1_orig": (16, 3, 3, 3), "w1_mask": mask1, "b1": bias1,
+                        "w2_orig": (8, 16, 3, 3), "w2_mask": mask2, "b2": (8,)})
+    result = graphprune.prune(model, lossless=True)
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert not any("mask" in name or "orig" in name for name in weights), sorted(weights)
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
+    assert weights[conv.input[1]].shape[0] == 8  # the 8 masked channels are gone
+    feed = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(result.model, feed)[0], run_ort(model, feed)[0], rtol=1e-5, atol=1e-5)

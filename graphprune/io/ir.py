@@ -270,6 +270,27 @@ def _computed_parameters(graph: gs.Graph, stored: set[str], opset: int) -> bool:
     return False
 
 
+def _masked_weights(graph: gs.Graph) -> set[str]:
+    """Outputs of ``Mul`` of two stored float tensors of one shape, one of them only 0s and
+    1s: a weight and its pruning mask (``torch.nn.utils.prune`` reparametrises ``weight`` as
+    ``weight_orig * weight_mask``, which the dynamo exporter leaves unfolded above its size
+    limit). Folded, the product is the weight, as ``prune.remove`` makes it: the file holds
+    one tensor instead of two, and the analysis sees the channels the mask zeroes (lossless
+    mode removes them) and can refit the layer; the torch frontend maps the product back to
+    both (``frontends.torch.provenance``)."""
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "Mul" or len(node.inputs) != 2 or not all(
+                isinstance(t, gs.Constant) and t.shape is not None for t in node.inputs):
+            continue
+        a, b = node.inputs
+        if tuple(a.shape) != tuple(b.shape) or not (a.dtype == b.dtype and np.issubdtype(a.dtype, np.floating)):
+            continue
+        if any(np.isin(np.asarray(t.values), (0, 1)).all() for t in (a, b)):
+            found.add(node.outputs[0].name)
+    return found
+
+
 def _constant_bytes(graph: gs.Graph) -> int:
     """Bytes of the floating-point constants of ``graph`` by their shapes and types (nothing
     is read; shapes and indices that a fold turns into constants do not count)."""
@@ -374,6 +395,8 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
         _fold_sliced_shapes(graph)
         if store is not None:
             _load_fold_inputs(graph)
+        if shrink_only:
+            stored |= _masked_weights(graph)
         try:
             from graphprune.io.runtime import quiet_ort
 
