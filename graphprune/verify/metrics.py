@@ -286,6 +286,10 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
         from graphprune.analysis.driver import derive_missing_shapes
 
         derive_missing_shapes(graph, opset)  # ONNX inference stops at com.microsoft ops
+    if not input_shapes and unsized_layers(graph, opset):
+        # layers of sizes the inputs do not name (the model's own shapes are incomplete):
+        # counted at batch 1, every open input size 1, as counted_shape counts the rest
+        input_shapes = {t.name: tuple(counted_shape(t)) for t in graph.inputs if t.shape is not None}
     shape = sized_shapes(model, graph, input_shapes)
     total = 0
     for node in graph.nodes:
