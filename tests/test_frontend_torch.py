@@ -325,6 +325,30 @@ def test_resnet_style_torchscript_exporter_and_keep_by_module_name():
     train_steps(pruned, (x,))
 
 
+def test_layers_pruned_with_torch_masks_round_trip():
+    """``torch.nn.utils.prune`` keeps ``weight_orig`` and ``weight_mask`` and multiplies them
+    in a forward pre-hook; the plan cuts both, and the handlers know only ``weight``:
+    apply_plan refused ("cannot cut weight_mask"). The masked channels are the ones cut, and
+    the module with the plan applied computes what the pruned export does."""
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10))
+    for layer in (model[2], model[4]):
+        torch_prune.ln_structured(layer, "weight", amount=0.5, n=2, dim=0)
+    masked = {i for i in range(64) if not model[2].weight_mask[i].any()}
+    model.eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = gpt.prune_module(model, (x,), ratio=0.5)
+    cut = set(next(gp.remove for gp in result.plan.groups if "0" in gp.channels.get("2.weight_orig", {})))
+    assert cut == masked  # the l1 criterion sees the masked weight
+    gpt.apply_plan(model, result.plan)  # in place: torch cannot deepcopy a masked module
+    assert model[2].weight_orig.shape[0] == model[2].weight_mask.shape[0] == model[2].out_channels == 32
+    gpt.check_module(model, result.model, (x,), tolerance=1e-4)
+
+
 def test_mobilenet_style_round_trip_depthwise():
     torch.manual_seed(2)
     model = randomise_batchnorm(MobileNetish())

@@ -95,7 +95,7 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
                 f"no handler for {type(sub).__name__} '{prefix}' (cut: {sorted(sub_cuts)}); "
                 "register one with register_module_handler or protect it with keep=[...]"
             )
-        handler.check(sub, sub_cuts, prefix or type(sub).__name__)
+        handler.check(sub, _as_handled(sub, sub_cuts), prefix or type(sub).__name__)
     # slice
     new: dict[int, torch.Tensor] = {}
     for key, by_axis in per_tensor.items():
@@ -120,7 +120,10 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
                 sub._parameters[local] = new[id(t)]  # type: ignore[assignment]  # a Parameter
             else:
                 sub._buffers[local] = new[id(t)]
-        handler_for(sub).update(sub, sub_cuts, old)  # type: ignore[union-attr]
+        for name in set(_pruning_masks(sub).values()) & set(_as_handled(sub, sub_cuts)):
+            # the pruning hook computes the weight before each forward: now, for the handler
+            setattr(sub, name, getattr(sub, f"{name}_orig") * getattr(sub, f"{name}_mask"))
+        handler_for(sub).update(sub, _as_handled(sub, sub_cuts), _as_handled(sub, old))  # type: ignore[union-attr]
     for prefix, sub in module.named_modules():
         handler = handler_for(sub)
         if handler is None or not handler.container:
@@ -131,3 +134,20 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
             handler.update(sub, below, {})
     return module
 
+
+
+def _pruning_masks(module: nn.Module) -> dict[str, str]:
+    """``{"weight_orig": "weight", "weight_mask": "weight"}`` for each tensor that
+    ``torch.nn.utils.prune`` reparametrises on ``module`` (the stored tensor and its mask,
+    multiplied by a forward pre-hook): the plan cuts both where the handler knows ``weight``."""
+    from torch.nn.utils import prune
+
+    names = [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+    return {f"{n}{suffix}": n for n in names for suffix in ("_orig", "_mask")}
+
+
+def _as_handled(module: nn.Module, by_name: Mapping[str, Any]) -> dict[str, Any]:
+    """``by_name`` keyed as the module's handler knows its tensors (a pruning mask and the
+    tensor it masks under the masked tensor's name)."""
+    aliases = _pruning_masks(module)
+    return {aliases.get(name, name): value for name, value in by_name.items()}
