@@ -325,11 +325,14 @@ def test_resnet_style_torchscript_exporter_and_keep_by_module_name():
     train_steps(pruned, (x,))
 
 
-def test_layers_pruned_with_torch_masks_round_trip():
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_layers_pruned_with_torch_masks_round_trip(exporter):
     """``torch.nn.utils.prune`` keeps ``weight_orig`` and ``weight_mask`` and multiplies them
     in a forward pre-hook; the plan cuts both, and the handlers know only ``weight``:
-    apply_plan refused ("cannot cut weight_mask"). The masked channels are the ones cut, and
-    the module with the plan applied computes what the pruned export does."""
+    apply_plan refused ("cannot cut weight_mask"); through TorchScript (which writes a
+    ``Cast`` of each mask to its own type) the map refused too ("the two would be cut
+    differently"). The masked channels are the ones cut, and the module with the plan
+    applied computes what the pruned export does."""
     from torch.nn.utils import prune as torch_prune
 
     torch.manual_seed(0)
@@ -341,7 +344,7 @@ def test_layers_pruned_with_torch_masks_round_trip():
     masked = {i for i in range(64) if not model[2].weight_mask[i].any()}
     model.eval()
     x = torch.randn(1, 3, 16, 16)
-    result = gpt.prune_module(model, (x,), ratio=0.5)
+    result = gpt.prune_module(model, (x,), ratio=0.5, exporter=exporter)
     cut = set(next(gp.remove for gp in result.plan.groups if "0" in gp.channels.get("2.weight_orig", {})))
     assert cut == masked  # the l1 criterion sees the masked weight
     gpt.apply_plan(model, result.plan)  # in place: torch cannot deepcopy a masked module

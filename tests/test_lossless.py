@@ -557,21 +557,26 @@ def test_dynamic_batch_zero_branch_and_channels():
     assert relative_difference(run_ort(model, feeds), run_ort(result.model, feeds)) <= 1e-5
 
 
-def test_weights_behind_a_pruning_mask_are_folded_and_their_zeros_removed() -> None:
+@pytest.mark.parametrize("cast", [False, True])
+def test_weights_behind_a_pruning_mask_are_folded_and_their_zeros_removed(cast: bool) -> None:
     """``torch.nn.utils.prune`` keeps ``weight_orig * weight_mask``; the dynamo exporter leaves
     the product unfolded above its size limit, so every layer read a computed weight:
     lossless mode found none of the channels the masks zero, the file kept both tensors, and
     calibration refit no layer it could not write. The mask is applied to the weight now (as
-    ``prune.remove`` does): the masked channels go, the outputs stay the same."""
+    ``prune.remove`` does): the masked channels go, the outputs stay the same. ``cast``: the
+    masks read through a ``Cast`` to their own type, as TorchScript writes them without
+    constant folding (that cast was kept unfolded as if it changed the type)."""
     rng = np.random.default_rng(0)
     mask1 = np.ones((16, 3, 3, 3), np.float32)
     mask1[::2] = 0  # structured: every other output channel of the first conv
     mask2 = (rng.random((8, 16, 3, 3)) > 0.3).astype(np.float32)  # unstructured
     bias1 = rng.standard_normal(16).astype(np.float32)
     bias1[::2] = 0
-    nodes = [helper.make_node("Mul", ["w1_orig", "w1_mask"], ["w1"]), conv_node("x", "w1", "a", "b1"),
+    casts = [helper.make_node("Cast", [f"w{i}_mask"], [f"m{i}"], to=onnx.TensorProto.FLOAT) for i in (1, 2)]
+    m1, m2 = ("m1", "m2") if cast else ("w1_mask", "w2_mask")
+    nodes = [*(casts if cast else []), helper.make_node("Mul", ["w1_orig", m1], ["w1"]), conv_node("x", "w1", "a", "b1"),
              helper.make_node("Relu", ["a"], ["r"]),
-             helper.make_node("Mul", ["w2_orig", "w2_mask"], ["w2"]), conv_node("r", "w2", "y", "b2")]
+             helper.make_node("Mul", ["w2_orig", m2], ["w2"]), conv_node("r", "w2", "y", "b2")]
     model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 8, 8, 8]},
                        {"w1_orig": (16, 3, 3, 3), "w1_mask": mask1, "b1": bias1,
                         "w2_orig": (8, 16, 3, 3), "w2_mask": mask2, "b2": (8,)})

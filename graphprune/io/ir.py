@@ -278,12 +278,21 @@ def _masked_weights(graph: gs.Graph) -> set[str]:
     one tensor instead of two, and the analysis sees the channels the mask zeroes (lossless
     mode removes them) and can refit the layer; the torch frontend maps the product back to
     both (``frontends.torch.provenance``)."""
+    def stored(t: gs.Tensor) -> gs.Tensor:  # through a Cast to the type it has (TorchScript's)
+        cast = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+        if cast is not None and cast.op == "Cast" and isinstance(cast.inputs[0], gs.Constant):
+            to = onnx.helper.tensor_dtype_to_np_dtype(int(cast.attrs.get("to", 0))) if cast.attrs.get("to") else None
+            if to is not None and np.dtype(to) == np.dtype(cast.inputs[0].dtype):
+                return cast.inputs[0]
+        return t
+
     found: set[str] = set()
     for node in graph.nodes:
-        if node.op != "Mul" or len(node.inputs) != 2 or not all(
-                isinstance(t, gs.Constant) and t.shape is not None for t in node.inputs):
+        if node.op != "Mul" or len(node.inputs) != 2:
             continue
-        a, b = node.inputs
+        a, b = (stored(t) for t in node.inputs)
+        if not all(isinstance(t, gs.Constant) and t.shape is not None for t in (a, b)):
+            continue
         if tuple(a.shape) != tuple(b.shape) or not (a.dtype == b.dtype and np.issubdtype(a.dtype, np.floating)):
             continue
         if any(np.isin(np.asarray(t.values), (0, 1)).all() for t in (a, b)):

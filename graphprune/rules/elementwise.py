@@ -541,7 +541,10 @@ def _casts_a_weight(node: gs.Node) -> bool:
     except TypeError:
         return False
     target = _cast_dtype(node)
-    return source.kind == "f" and target is not None and target.kind == "f" and len(node.inputs[0].shape or ()) > 0
+    # (a cast to the type the weight has is no cast: TorchScript writes one for every
+    # torch.nn.utils.prune mask when it does not fold constants)
+    return (source.kind == "f" and target is not None and target.kind == "f" and target != source
+            and len(node.inputs[0].shape or ()) > 0)
 
 
 def _cast_dtype(node: gs.Node) -> np.dtype | None:
