@@ -135,7 +135,6 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
     return module
 
 
-
 def _pruning_masks(module: nn.Module) -> dict[str, str]:
     """``{"weight_orig": "weight", "weight_mask": "weight"}`` for each tensor that
     ``torch.nn.utils.prune`` reparametrises on ``module`` (the stored tensor and its mask,

@@ -280,10 +280,10 @@ def _masked_weights(graph: gs.Graph) -> set[str]:
     both (``frontends.torch.provenance``)."""
     def stored(t: gs.Tensor) -> gs.Tensor:  # through a Cast to the type it has (TorchScript's)
         cast = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-        if cast is not None and cast.op == "Cast" and isinstance(cast.inputs[0], gs.Constant):
-            to = onnx.helper.tensor_dtype_to_np_dtype(int(cast.attrs.get("to", 0))) if cast.attrs.get("to") else None
-            if to is not None and np.dtype(to) == np.dtype(cast.inputs[0].dtype):
-                return cast.inputs[0]
+        if (cast is not None and cast.op == "Cast" and isinstance(cast.inputs[0], gs.Constant)
+                and "to" in cast.attrs
+                and onnx.helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"])) == np.dtype(cast.inputs[0].dtype)):
+            return cast.inputs[0]
         return t
 
     found: set[str] = set()
