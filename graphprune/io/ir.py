@@ -270,32 +270,17 @@ def _computed_parameters(graph: gs.Graph, stored: set[str], opset: int) -> bool:
     return False
 
 
-def _masked_weights(graph: gs.Graph) -> set[str]:
-    """Outputs of ``Mul`` of two stored float tensors of one shape, one of them only 0s and
-    1s: a weight and its pruning mask (``torch.nn.utils.prune`` reparametrises ``weight`` as
-    ``weight_orig * weight_mask``, which the dynamo exporter leaves unfolded above its size
-    limit). Folded, the product is the weight, as ``prune.remove`` makes it: the file holds
-    one tensor instead of two, and the analysis sees the channels the mask zeroes (lossless
-    mode removes them) and can refit the layer; the torch frontend maps the product back to
-    both (``frontends.torch.provenance``)."""
-    def stored(t: gs.Tensor) -> gs.Tensor:  # through a Cast to the type it has (TorchScript's)
-        cast = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-        if (cast is not None and cast.op == "Cast" and isinstance(cast.inputs[0], gs.Constant)
-                and "to" in cast.attrs
-                and onnx.helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"])) == np.dtype(cast.inputs[0].dtype)):
-            return cast.inputs[0]
-        return t
-
+def _masked_weights(graph: gs.Graph, opset: int) -> set[str]:
+    """Outputs of nodes that apply a pruning mask to a stored weight (``OpRule.masks_weight``:
+    ``torch.nn.utils.prune``'s ``weight_orig * weight_mask``, which the dynamo exporter leaves
+    unfolded above its size limit). Their fold is kept although a layer then reads a folded
+    weight (:func:`_computed_parameters`): the file holds one tensor instead of two, and the
+    analysis sees the channels the mask zeroes (lossless mode removes them) and can refit the
+    layer; the torch frontend maps the product back to both (``frontends.torch.provenance``)."""
     found: set[str] = set()
     for node in graph.nodes:
-        if node.op != "Mul" or len(node.inputs) != 2:
-            continue
-        a, b = (stored(t) for t in node.inputs)
-        if not all(isinstance(t, gs.Constant) and t.shape is not None for t in (a, b)):
-            continue
-        if tuple(a.shape) != tuple(b.shape) or not (a.dtype == b.dtype and np.issubdtype(a.dtype, np.floating)):
-            continue
-        if any(np.isin(np.asarray(t.values), (0, 1)).all() for t in (a, b)):
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        if rule is not None and rule.masks_weight(node):
             found.add(node.outputs[0].name)
     return found
 
@@ -404,14 +389,14 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
         _fold_sliced_shapes(graph)
         if store is not None:
             _load_fold_inputs(graph)
-        if shrink_only:
-            stored |= _masked_weights(graph)
         try:
             from graphprune.io.runtime import quiet_ort
 
             # flatten_subgraphs=False: inlining an If with a constant condition drops
             # branch outputs used later (the result fails the checker)
             _read_aliases_directly(graph, default_opset(model))
+            if shrink_only:  # a weight and its pruning mask: folded, the product is the weight
+                stored |= _masked_weights(graph, default_opset(model))
             held = _hold_unfolded(graph, default_opset(model))
             with quiet_ort():
                 graph.fold_constants(fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,

@@ -205,7 +205,14 @@ class UnaryRule(OpRule):
         return np.dtype(dtype) if dtype is not None else None
 
     def aliased_input(self, node: gs.Node) -> int | None:
-        return 0 if node.op == "Identity" else None
+        """``Identity``, and a ``Cast`` of a constant to the type it has (TorchScript writes
+        one for every ``torch.nn.utils.prune`` mask when it does not fold constants)."""
+        if node.op == "Identity":
+            return 0
+        source = node.inputs[0] if node.op == "Cast" and node.inputs else None
+        if isinstance(source, gs.Constant) and source.dtype is not None and _cast_dtype(node) == np.dtype(source.dtype):
+            return 0
+        return None
 
     def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         """A float weight cast to another float type, refit in its stored type."""
@@ -248,6 +255,15 @@ class BroadcastRule(OpRule):
     )
 
     zero_behaviour = "map"
+
+    def masks_weight(self, node: gs.Node) -> bool:
+        if node.op != "Mul" or len(node.inputs) != 2 or not all(
+                isinstance(t, gs.Constant) and t.shape is not None and t.dtype is not None for t in node.inputs):
+            return False
+        a, b = node.inputs
+        if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype) or np.dtype(a.dtype).kind != "f":
+            return False
+        return any(np.isin(np.asarray(t.values), (0, 1)).all() for t in (a, b))
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.derive_shape(node.outputs[0], ctx.broadcast_shape(node.inputs))

@@ -411,6 +411,12 @@ class OpRule:
         through it is read directly instead of being folded into a second copy."""
         return None
 
+    def masks_weight(self, node: gs.Node) -> bool:
+        """Whether output 0 is a stored float weight with a stored 0/1 mask of its shape
+        applied (``torch.nn.utils.prune``'s ``weight_orig * weight_mask``): preparation folds
+        it into one weight, as ``prune.remove`` does (:func:`graphprune.io.ir.prepare`)."""
+        return False
+
     def index_bound(self, node: gs.Node, index: int) -> int | None:
         """The number of entries of the table that input ``index`` indexes (a ``Gather`` of
         a table of static size: its rows), so its values lie in ``[0, bound)``: what a synthetic
