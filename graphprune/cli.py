@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from graphprune.cli_commands import cmd_analyze, cmd_bench, cmd_demo, cmd_prune, cmd_sweep
@@ -23,6 +26,34 @@ from graphprune.tables import ANALYZE_LEGEND
 
 #: exit code when stdout is closed under us (128 + SIGPIPE, as C tools exit)
 BROKEN_PIPE_EXIT = 141
+#: exit code after SIGTERM (128 + 15, as the default handler would report it)
+TERMINATED_EXIT = 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the work unwinds as on Ctrl-C: the temporary
+    weight folders and half-written files are removed (the default handler ends the process
+    at once and leaves them, a model's weights among them, in the temporary directory).
+    A ``BaseException``, so that no ``except Exception`` on the way takes it for a failure."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while the command runs, where the process
+    still has the default handler (an application embedding ``main`` keeps its own)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _error_json(message: str, exit_code: int, kind: str) -> str:
@@ -504,12 +535,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_mode = "--json" in arguments
     _Parser.json_errors = json_mode
     try:
-        code = _main(arguments, json_mode)
+        with _terminate_unwinds():
+            code = _main(arguments, json_mode)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return code
     except BrokenPipeError:
         _quiet_stdout()
         return BROKEN_PIPE_EXIT
+    except _Terminated:
+        return _fail("terminated", TERMINATED_EXIT, "Terminated", json_mode)
 
 
 def _main(arguments: list[str], json_mode: bool) -> int:

@@ -136,6 +136,7 @@ def run_point(source: Any, options: Mapping[str, Any], common: Mapping[str, Any]
 
     start = time.perf_counter()
     record: dict[str, Any] = {"options": dict(options), "label": _label(options)}
+    result = None
     try:
         original = model_io.load_model(source)
         result = prune(original, **{k: v for k, v in common.items() if v is not None}, **options)
@@ -156,9 +157,13 @@ def run_point(source: Any, options: Mapping[str, Any], common: Mapping[str, Any]
                 record[f"report_{section}"] = report[section]
         data: bytes | None = result.model.SerializeToString()
     except GraphPruneError as exc:
+        result = result or getattr(exc, "result", None)  # a verification failure carries one
         record.update({"ok": False, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                        "exit_code": exc.exit_code})
         data = None
+    finally:
+        if result is not None:  # a Ray worker ends without exit handlers: its weight folder goes now
+            result.close()
     record["seconds"] = round(time.perf_counter() - start, 3)
     record["model"] = data
     return record

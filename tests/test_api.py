@@ -235,6 +235,35 @@ def test_prune_leaves_the_callers_model_alone():
     assert m == before
 
 
+def test_close_deletes_the_weight_folder_at_once(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), path)
+    # read, then closed: the model stays
+    with graphprune.prune(path, ratio=0.5) as read:
+        folder = read.store.root
+        assert folder.is_dir() and any(folder.iterdir())
+        model = read.model
+    assert not folder.exists()
+    assert read.model is model
+    onnx.checker.check_model(model, full_check=True)
+    # saved, then closed: the file is complete
+    saved = graphprune.prune(path, ratio=0.5)
+    folder = saved.store.root
+    saved.save(tmp_path / "p.onnx")
+    saved.close()
+    saved.close()  # twice is harmless
+    assert not folder.exists()
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+    # closed before either: a clear error, not a missing file
+    unread = graphprune.prune(path, ratio=0.5)
+    unread.close()
+    with pytest.raises(UsageError, match="closed before its model was read or saved"):
+        _ = unread.model
+    with pytest.raises(UsageError, match="closed before"):
+        unread.save(tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_example_cnn_prunes_exactly_with_a_full_report():
     m = example_cnn()
     stages = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -592,6 +594,59 @@ def test_demo_leaves_no_temporary_folder(tmp_path):
         # (onnxruntime itself keeps a small '.ses' file in TMPDIR on import: a file, not ours)
         assert [p.name for p in scratch.iterdir() if p.is_dir() or "graphprune" in p.name] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+
+
+SLOW_VERIFY = """
+import sys, time
+from pathlib import Path
+from graphprune.pipeline import session
+from graphprune.cli import main
+
+checked = session.Session.verify_against
+
+def held(self, *args, **kwargs):  # the prune is under way: weights in TMPDIR, output not yet written
+    Path(sys.argv[1]).write_text("verifying")
+    time.sleep(120)
+    return checked(self, *args, **kwargs)
+
+session.Session.verify_against = held
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mode):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    model = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), model)
+    (tmp_path / "held.py").write_text(SLOW_VERIFY)
+    marker = tmp_path / "marker"
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    args = ["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5",
+            "--report", str(tmp_path / "report.json"), *(["--json"] if json_mode else [])]
+    process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), *args],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if marker.exists() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), process.communicate()
+        assert any(p.name.startswith("graphprune-") for p in scratch.iterdir())  # the weights are there
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, (out, err)
+    if json_mode:
+        assert json.loads(out) == {"error": "terminated", "exit_code": 143, "type": "Terminated"}
+    else:
+        assert err.strip().splitlines()[-1] == "graphprune: error: terminated"
+    assert [p.name for p in scratch.iterdir() if p.is_dir() or "graphprune" in p.name] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "held.py", "marker", "tmp"]
 
 
 # --------------------------------------------------------------------------- MODULE:FACTORY from the current folder

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -98,8 +100,13 @@ def test_fidelity_of_a_model_to_itself_is_perfect():
 
 
 @pytest.mark.ray
-def test_sweep_as_ray_tasks_on_a_local_instance(cnn, tmp_path, capsys):
+def test_sweep_as_ray_tasks_on_a_local_instance(cnn, tmp_path, capsys, monkeypatch, request):
     ray = pytest.importorskip("ray")  # in the test extra: CI has it
+    # the workers' temporary directory (they inherit TMPDIR); short: Ray's socket paths live there
+    scratch = Path(tempfile.mkdtemp(prefix="gpt-"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     # graphprune starts a small local instance (2 CPUs, no dashboard) and stops it
     code = main(["sweep", str(cnn), "-o", str(tmp_path / "r"), "--ratios", "0.25,0.5", "--ray",
                  "--jobs", "2", "--runs", "2", "--threads", "1", "-q"])
@@ -110,3 +117,5 @@ def test_sweep_as_ray_tasks_on_a_local_instance(cnn, tmp_path, capsys):
     check_outputs(tmp_path / "r", data, [{"ratio": 0.25, "criterion": "l1"},
                                          {"ratio": 0.5, "criterion": "l1"}])
     assert not ray.is_initialized()
+    # Ray ends its workers without exit handlers: each point released its weight folder itself
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("graphprune-")] == []

@@ -83,4 +83,6 @@ def prune_module(
         keep=expand_keep(keep, names, sources, onnx_names), **prune_options,
     )
     mapped = map_plan_with(result.plan, sources)
-    return TorchPruneResult(result.model, mapped, result.plan, result.report, exported, result)
+    model = result.model  # the weights are in the proto now: the temporary folder can go
+    result.close()
+    return TorchPruneResult(model, mapped, result.plan, result.report, exported, result)

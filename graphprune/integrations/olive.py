@@ -91,6 +91,7 @@ class GraphPrunePass(Pass):
         output_path.parent.mkdir(parents=True, exist_ok=True)
         (output_path.parent / REPORT_NAME).write_text(json.dumps(result.report, indent=1, default=str))
         pruned = model_proto_to_olive_model(result.model, output_path, config)
+        result.close()  # the model is written: its temporary weight folder goes at once
         report = result.report
         pruned.model_attributes = {
             **(model.model_attributes or {}),

@@ -85,12 +85,12 @@ class PrunePass(InPlacePass):
 
         if MARK in model.metadata_props:
             return PassResult(model, modified=False)
-        result = prune(_to_proto(model), **self.options)
-        self.report = result.report
-        plan = result.plan
-        if not plan.units_removed and not plan.erase:
-            return PassResult(model, modified=False)
-        pruned = ir.from_proto(result.model)
+        with prune(_to_proto(model), **self.options) as result:  # its weight folder goes at once
+            self.report = result.report
+            plan = result.plan
+            if not plan.units_removed and not plan.erase:
+                return PassResult(model, modified=False)
+            pruned = ir.from_proto(result.model)
         model.graph = pruned.graph
         model.functions.clear()
         model.functions.update(pruned.functions)

@@ -47,6 +47,7 @@ from graphprune.io.shared_constants import retie_constants, retie_shapes, share_
 from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
+from graphprune.pipeline.result import PruneResult
 from graphprune.planning.plan import Plan
 from graphprune.verify import noise, saturation, validate
 from graphprune.verify.metrics import count_params
@@ -59,55 +60,6 @@ UPGRADE_TO = 13
 #: default verification tolerance of models that compute in float16/bfloat16 (their
 #: rounding step is ~1e-3 relative; a pruned and a zeroed model round differently)
 LOW_PRECISION_TOLERANCE = 1e-2
-
-
-class PruneResult:
-    """What every mode returns: the model, the report (one shape) and the plan.
-
-    When the weights are held by a :class:`~graphprune.io.weights.WeightStore` (every
-    session's model), ``model`` is built with its weights in the proto on first access;
-    :meth:`save` streams them to the output file instead, without that copy.
-    """
-
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        report: dict[str, Any],
-        plan: Plan,
-        analysis: Analysis | None = None,
-        *,
-        store: WeightStore | None = None,
-    ) -> None:
-        self._model = model
-        self.report = report
-        self.plan = plan
-        self.analysis = analysis
-        self.store = store
-
-    @property
-    def model(self) -> onnx.ModelProto:
-        if self.store is not None:
-            self._model = self.store.materialize(self._model)
-            self.store = None
-        return self._model
-
-    @model.setter
-    def model(self, value: onnx.ModelProto) -> None:
-        self._model, self.store = value, None
-
-    @property
-    def skeleton(self) -> onnx.ModelProto:
-        """The model with its weights as references to the store (cheap to inspect)."""
-        return self._model
-
-    def save(self, path: Any, *, input_path: Any = None) -> Any:
-        """Write the model atomically (weights streamed from the store, never copied)."""
-        external = True if self.store is not None and self.store.external_source else None
-        return model_io.save_model(self._model, path, input_path=input_path, store=self.store,
-                                   external_data=external)
-
-    def __repr__(self) -> str:
-        return f"PruneResult(mode={self.report.get('mode')!r}, groups={len(self.plan.groups)})"
 
 
 def _load_into(store: WeightStore, source: Any) -> onnx.ModelProto:
