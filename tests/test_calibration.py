@@ -79,6 +79,36 @@ def test_folder_and_feed_iterables(tmp_path):
     assert load_calibration({"x": np.zeros((4, 1, 3, 8), np.float32)}, model).total == 4
 
 
+def test_one_input_takes_an_unnamed_array(tmp_path):
+    """``np.savez(path, a)`` names the array ``arr_0`` and ``np.save`` names none: for a model
+    with one input there is only one place for it."""
+    model = mlp_model()
+    stacked = np.random.default_rng(2).standard_normal((5, 1, 3, 8)).astype(np.float32)
+    np.savez(tmp_path / "positional.npz", stacked)
+    np.save(tmp_path / "stacked.npy", stacked)
+    for name in ("positional.npz", "stacked.npy"):
+        calib = load_calibration(str(tmp_path / name), model)
+        assert calib.total == 5
+        feeds = calib.samples + calib.holdout
+        assert all(set(f) == {"x"} for f in feeds)
+        assert sorted(float(f["x"].sum()) for f in feeds) == sorted(float(a.sum()) for a in stacked)
+    # a model with two inputs: an unnamed array names no input
+    two = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])]))
+    np.save(tmp_path / "two.npy", np.zeros((3, 1, 4), np.float32))
+    with pytest.raises(UsageError, match="'arr_0' is not a graph input"):
+        load_calibration(str(tmp_path / "two.npy"), two)
+    # rows of a batch without the sample axis: refused, with the fix in the message
+    np.savez(tmp_path / "rows.npz", x=stacked[:, 0])
+    with pytest.raises(UsageError, match=r"has rank 3; expected 4 .*add that axis: array\[:, None\]$"):
+        load_calibration(str(tmp_path / "rows.npz"), model)
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    with pytest.raises(UsageError, match="cannot read calibration file"):
+        load_calibration(str(tmp_path / "broken.npy"), model)
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

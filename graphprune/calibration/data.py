@@ -7,6 +7,8 @@ A calibration source is one of
   feed);
 - a folder of ``.npz`` files, one feed each (arrays of the input's own rank), read in name
   order;
+- for a model with one input, the array may also come unnamed: saved as ``np.savez(path, a)``
+  (numpy names it ``arr_0``) or as a ``.npy`` file of stacked samples (``np.save``);
 - (API) a mapping of stacked arrays like the ``.npz`` file, or an iterable of feed dicts.
 
 Every feed is checked against the model's declared inputs: names (no missing, no extra
@@ -39,6 +41,8 @@ Feed = dict[str, np.ndarray]
 
 #: default share of the samples held out for the fidelity report
 DEFAULT_HOLDOUT = 0.2
+#: numpy's name for an array saved without one (``np.savez(path, a)``)
+UNNAMED = "arr_0"
 
 
 @dataclass
@@ -81,6 +85,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except (OSError, ValueError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
+
+
 def _unstack(arrays: Mapping[str, Any], what: str) -> list[Feed]:
     """Stacked arrays (leading sample axis) -> one feed per sample."""
     if not arrays:
@@ -112,6 +124,8 @@ def read_feeds(source: Any) -> tuple[list[Feed], bool, str]:
             return [_read_npz(p) for p in files], False, str(path)
         if not path.exists():
             raise UsageError(f"no such calibration file or folder: {path}")
+        if path.suffix == ".npy":  # one unnamed stacked array (a model with one input)
+            return _unstack({UNNAMED: _read_npy(path)}, f"'{path}'"), True, str(path)
         if path.suffix != ".npz":
             raise UsageError(f"calibration data must be a .npz file or a folder of them, got '{path}'")
         return _unstack(_read_npz(path), f"'{path}'"), True, str(path)
@@ -143,6 +157,8 @@ def validate_feed(
 ) -> Feed:
     """Check ``feed`` against the model inputs; return it with same-kind casts applied."""
     wanted = {s.name for s in specs}
+    if len(specs) == 1 and set(feed) == {UNNAMED}:  # np.savez(path, a) / np.save: the one input
+        feed = {specs[0].name: feed[UNNAMED]}
     extra = sorted(set(feed) - wanted)
     if extra:
         raise UsageError(
@@ -170,10 +186,14 @@ def validate_feed(
             if value.ndim != len(shape):
                 lead = " plus a leading sample axis" if stacked else ""
                 got = value.ndim + (1 if stacked else 0)
+                hint = ""
+                if stacked and value.ndim + 1 == len(shape) and (not isinstance(shape[0], int) or shape[0] == 1):
+                    # [N, C, H, W] for an input [batch, C, H, W]: the rows are samples
+                    hint = "; to feed each row as one sample of batch 1, add that axis: array[:, None]"
                 raise UsageError(
                     f"calibration input '{spec.name}' has rank {got}; expected "
                     f"{len(shape) + (1 if stacked else 0)} (the input's shape "
-                    f"{_shape_text(shape)}{lead})"
+                    f"{_shape_text(shape)}{lead}){hint}"
                 )
             for axis, dim in enumerate(shape):
                 size = int(value.shape[axis])
