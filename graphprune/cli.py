@@ -341,7 +341,8 @@ def _add_prune_parser(sub: Any) -> None:
                         "--calibration auto)")
     p.add_argument("--calibration", metavar="CALIB",
                    help="calibration data: a .npz with one array per graph input (leading sample "
-                        "axis) or a folder of .npz files (one feed each); or random[:N[:LO,HI]] "
+                        "axis; one unnamed array, or a .npy, for a one-input model) or a folder of "
+                        ".npz files (one feed each); or random[:N[:LO,HI]] "
                         "with no data (N synthetic feeds, default 128: normal floats, or uniform "
                         "in [LO, HI]; token ids over the embedding table); enables data-aware "
                         "criteria, reconstruction and the fidelity report")
