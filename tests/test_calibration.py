@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -371,6 +373,22 @@ def test_an_output_that_is_a_constant_is_compared_as_one():
     outputs = result.report["fidelity"]["outputs"]
     assert outputs["cout"]["rel_l2"] == 0.0 and outputs["y"]["rel_l2"] > 0.0
     assert [o.name for o in result.model.graph.output] == ["y", "cout"]
+
+
+def test_an_output_listed_twice():
+    """ONNX lets a graph list one tensor as two outputs (ONNX Runtime returns it twice): the
+    calibrated prune stopped with an internal error ("'NoneType' object has no attribute
+    'shape'"): the runner kept one slot per name."""
+    import graphprune
+    from graphprune.examples import example_cnn
+
+    model = example_cnn()
+    model.graph.output.append(copy.deepcopy(model.graph.output[0]))
+    for kwargs in ({"ratio": 0.5}, {"target_macs": 0.6}):
+        result = graphprune.prune(model, calibration="random:8", **kwargs)
+        assert result.report["verification"]["ok"]
+        assert [o.name for o in result.model.graph.output] == ["logits", "logits"]
+        assert result.report["fidelity"]["cosine"] > 0.9
 
 
 def data_dependent_length_model() -> onnx.ModelProto:

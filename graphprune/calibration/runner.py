@@ -401,11 +401,15 @@ def outputs(
     """The graph outputs of ``model`` on every feed, in the graph's output order (a sequence
     of maps, ZipMap's, as a samples x labels array)."""
     names = [o.name for o in model.graph.output]
-    position = {name: k for k, name in enumerate(names)}
+    position: dict[str, list[int]] = {}  # a graph may list one output twice
+    for k, name in enumerate(names):
+        position.setdefault(name, []).append(k)
     result: list[list[Any]] = [[None] * len(names) for _ in feeds]
 
     def take(index: int, name: str, value: np.ndarray) -> None:
-        result[index][position[name]] = output_array(value)
+        array = output_array(value)
+        for k in position[name]:
+            result[index][k] = array
 
     # an output that is a constant (an exporter's Identity of a weight, folded) is no
     # tensor a run computes: its value is the same for every feed
@@ -414,7 +418,7 @@ def outputs(
         value = onnx.numpy_helper.to_array(tensor, base_dir=str(data_dir) if data_dir else "")
         for index in range(len(feeds)):
             take(index, name, value)
-    computed = [name for name in names if name not in constants]
+    computed = [name for name in position if name not in constants]
     if computed:
         # as deployed: ORT's optimizations on (QDQ patterns run as integer kernels)
         stream(model, computed, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir, optimize=True)
