@@ -287,6 +287,11 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     if converted:
         lines.append(f"opset {converted['from']} converted to {converted['to']} by ONNX's version converter "
                      "(the output is written at the new opset)")
+    stale = normalised.get("stale_shapes_dropped") or []
+    if stale:
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        lines.append(f"declared shapes the graph contradicts, dropped (stale value_info): "
+                     f"{', '.join(stale[:3])}{more}")
     if normalised.get("inlined_functions"):
         lines.append(f"local functions inlined: {', '.join(normalised['inlined_functions'])}")
     described = normalised.get("lowered_as") or {}

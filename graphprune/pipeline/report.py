@@ -19,7 +19,9 @@ Keys every report has::
                               with counts, ``lowered_as``: what each op's lowering is
                               (graphprune.io.lowering), and ``shapes_run``: ops ONNX cannot size
                               (custom, ONNX-ML) run for their output shapes, with counts
-                              (graphprune.io.custom_shapes)
+                              (graphprune.io.custom_shapes); ``stale_shapes_dropped``: tensors
+                              whose declared value_info the nodes contradict (dropped,
+                              graphprune.io.stale_shapes)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)

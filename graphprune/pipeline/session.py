@@ -40,7 +40,7 @@ from graphprune.errors import (
     UsageError,
     VerificationError,
 )
-from graphprune.io import custom_shapes, ir, model_io, runtime
+from graphprune.io import custom_shapes, ir, model_io, runtime, stale_shapes
 from graphprune.io.feeds import make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
@@ -146,10 +146,13 @@ class Session:
             #: the outputs' types as the user's file declares them (see :meth:`export`)
             self._declared_outputs = {v.name: onnx.TypeProto.FromString(v.type.SerializeToString())
                                       for v in loaded.graph.output}
-            #: the intermediate tensors whose shapes the user's file declares
-            self.declared_shapes = {v.name for v in loaded.graph.value_info}
             #: what the normalisation rewrote that a reader of the result should know
             self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
+            stale = stale_shapes.drop_stale(loaded)  # declared shapes the nodes contradict
+            if stale:
+                self.normalised["stale_shapes_dropped"] = stale
+            #: the intermediate tensors whose shapes the user's file declares
+            self.declared_shapes = {v.name for v in loaded.graph.value_info}
             if converted_from is not None:  # by ONNX's version converter, before anything else
                 self.normalised["opset_converted"] = {"from": converted_from, "to": UPGRADE_TO}
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
