@@ -287,6 +287,10 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     if converted:
         lines.append(f"opset {converted['from']} converted to {converted['to']} by ONNX's version converter "
                      "(the output is written at the new opset)")
+    densified = normalised.get("sparse_densified") or []
+    if densified:
+        more = f" and {len(densified) - 3} more" if len(densified) > 3 else ""
+        lines.append(f"sparse initializers stored dense: {', '.join(densified[:3])}{more}")
     stale = normalised.get("stale_shapes_dropped") or []
     if stale:
         more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""

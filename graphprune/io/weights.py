@@ -142,6 +142,8 @@ class WeightStore:
         self._models = 0
         #: the model came with its weights in external data files (save it the same way)
         self.external_source = False
+        #: sparse initializers of the model, stored dense (graphprune.io.sparse)
+        self.densified: list[str] = []
 
     def close(self) -> None:
         self._cleanup()
@@ -195,7 +197,10 @@ class WeightStore:
     def adopt(self, model: onnx.ModelProto, source_dir: str | os.PathLike[str] | None) -> None:
         """Move ``model``'s weights into the store (in place): tensors already external are
         linked from ``source_dir``; large in-proto tensors are written to a data file and
-        cleared from the proto."""
+        cleared from the proto. Sparse initializers become dense ones first (:attr:`densified`)."""
+        from graphprune.io import sparse
+
+        self.densified.extend(sparse.densify(model.graph, source_dir))
         linked: set[str] = set()
         data_name = "weights.data"
         stream = None

@@ -21,7 +21,8 @@ Keys every report has::
                               (custom, ONNX-ML) run for their output shapes, with counts
                               (graphprune.io.custom_shapes); ``stale_shapes_dropped``: tensors
                               whose declared value_info the nodes contradict (dropped,
-                              graphprune.io.stale_shapes)
+                              graphprune.io.stale_shapes); ``sparse_densified``: sparse
+                              initializers written as dense ones (graphprune.io.sparse)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)

@@ -148,6 +148,8 @@ class Session:
                                       for v in loaded.graph.output}
             #: what the normalisation rewrote that a reader of the result should know
             self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
+            if self.store.densified:
+                self.normalised["sparse_densified"] = list(self.store.densified)
             stale = stale_shapes.drop_stale(loaded)  # declared shapes the nodes contradict
             if stale:
                 self.normalised["stale_shapes_dropped"] = stale
