@@ -287,6 +287,10 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     if converted:
         lines.append(f"opset {converted['from']} converted to {converted['to']} by ONNX's version converter "
                      "(the output is written at the new opset)")
+    ranks = normalised.get("input_ranks_declared") or {}
+    if ranks:
+        lines.append("graph inputs that declared no shape, given the rank of --input-shape (sizes open): "
+                     + ", ".join(f"{name} (rank {rank})" for name, rank in ranks.items()))
     densified = normalised.get("sparse_densified") or []
     if densified:
         more = f" and {len(densified) - 3} more" if len(densified) > 3 else ""

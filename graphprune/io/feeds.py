@@ -97,6 +97,31 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def declare_ranks(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
+    """Give (in place) each tensor graph input that declares no shape the rank of its sizes
+    in ``input_shapes``, every size left open (ONNX requires a shape there; ONNX Runtime runs
+    such an input at any rank, so only the caller knows it); return ``{name: rank}``. An
+    input without a shape that ``input_shapes`` does not cover is a :class:`UsageError`."""
+    declared: dict[str, int] = {}
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type" or value.type.tensor_type.HasField("shape") or value.name in initializers:
+            continue
+        sizes = (input_shapes or {}).get(value.name)
+        if sizes is None:
+            raise UsageError(
+                f"graph input '{value.name}' declares no shape (ONNX requires one; ONNX Runtime runs "
+                f"it at any rank): give its sizes with --input-shape {value.name}=d0,d1,... "
+                f"(API: input_shapes)"
+            )
+        shape = value.type.tensor_type.shape
+        for _ in sizes:
+            shape.dim.add()
+        declared[value.name] = len(sizes)
+    return declared
+
+
 def _channels_last(shape: Sequence[Dim]) -> bool:
     last, second = shape[3], shape[1]
     def small(dim: Dim) -> bool:  # a known size of at most 4 (-1 counts as unknown)

@@ -22,7 +22,9 @@ Keys every report has::
                               (graphprune.io.custom_shapes); ``stale_shapes_dropped``: tensors
                               whose declared value_info the nodes contradict (dropped,
                               graphprune.io.stale_shapes); ``sparse_densified``: sparse
-                              initializers written as dense ones (graphprune.io.sparse)
+                              initializers written as dense ones (graphprune.io.sparse);
+                              ``input_ranks_declared``: graph inputs that declared no shape,
+                              given the rank of their ``input_shapes`` (sizes open)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)

@@ -41,7 +41,7 @@ from graphprune.errors import (
     VerificationError,
 )
 from graphprune.io import custom_shapes, ir, model_io, runtime, stale_shapes
-from graphprune.io.feeds import make_feeds
+from graphprune.io.feeds import declare_ranks, make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
 from graphprune.io.weights import WeightStore
@@ -148,6 +148,9 @@ class Session:
                                       for v in loaded.graph.output}
             #: what the normalisation rewrote that a reader of the result should know
             self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
+            ranks = declare_ranks(loaded, self.input_shapes)  # inputs that declare no shape
+            if ranks:
+                self.normalised["input_ranks_declared"] = ranks
             if self.store.densified:
                 self.normalised["sparse_densified"] = list(self.store.densified)
             stale = stale_shapes.drop_stale(loaded)  # declared shapes the nodes contradict
