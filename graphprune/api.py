@@ -29,6 +29,8 @@ Progress = Callable[[str], None]
 
 #: verification tolerance on the relative difference (ratio mode)
 DEFAULT_TOLERANCE = 1e-4
+#: the share of every group a ratio prune removes when no ratio is given
+DEFAULT_RATIO = 0.5
 
 __all__ = ["DEFAULT_TOLERANCE", "PruneResult", "analyze", "load_and_prepare",
            "prunable_fraction", "prune"]
@@ -75,7 +77,7 @@ def _validate_args(ratio: Any, criterion: str, round_to: int | None, min_channel
 def prune(
     model: ModelSource,
     *,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     criterion: str | None = None,
     round_to: int | None = None,
     min_channels: int = 1,
@@ -116,7 +118,8 @@ def prune(
     ``criterion`` and ``plan`` do not apply then. ``erase_blocks=K`` erases the K (or the
     fraction K < 1) least important residual blocks (depth pruning), verified against the
     original with those branches zeroed; with ``lossless`` the lossless pass runs after it.
-    Otherwise every prunable group loses about ``ratio`` of its units and the result must
+    Otherwise every prunable group loses about ``ratio`` (default 0.5; an error together with a
+    target, ``lossless`` or ``erase_blocks``) of its units and the result must
     match the original with those channels zeroed (1e-4). ``round_to=None`` (default) keeps
     multiples of 8 in groups of 32 units or more (ORT's blocked CPU kernels), no rounding
     below; ``round_to=1`` turns rounding off.
@@ -194,6 +197,11 @@ def prune(
     if calibration is None and final_refit != "auto":
         raise UsageError("final_refit (--final-refit) applies with calibration data (--calibration) only")
     budget = _budget(target_macs, target_params, target_latency)
+    if ratio is not None and (budget is not None or lossless or erase_blocks is not None):
+        # it would be ignored: say so rather than prune to something else than asked
+        mode = "a MACs/params/latency target" if budget is not None else (
+            "lossless mode" if lossless else "erase_blocks")
+        raise UsageError(f"ratio does not apply with {mode} (give one or the other)")
     if budget is not None and (lossless or erase_blocks is not None or plan is not None):
         raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "
                          "erase_blocks or a saved plan")
@@ -232,7 +240,7 @@ def prune(
         )
         criterion = criterion if criterion in CRITERIA else "l1"
     criterion = criterion or "l1"
-    ratio = _validate_args(ratio, criterion, round_to, min_channels, tolerance)
+    ratio = _validate_args(DEFAULT_RATIO if ratio is None else ratio, criterion, round_to, min_channels, tolerance)
     targets.check_ratios(head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio)
     options = RatioOptions(
         ratio=ratio, criterion=criterion, round_to=round_to, min_channels=int(min_channels),

@@ -303,7 +303,7 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
     p.add_argument("--ratio", type=_ratio, default=None, metavar="R",
                    help="fraction of the units of every prunable group to remove, in [0, 1); "
-                        "exclusive with --target-* (default: 0.5)")
+                        "exclusive with --target-*, --lossless and --erase-blocks (default: 0.5)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-macs", type=_fraction, default=None, metavar="F",
                         help="prune to F of the original's multiply-accumulates, 0 < F < 1, with "

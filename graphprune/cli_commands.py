@@ -183,7 +183,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     progress = _Progress(not args.quiet and not args.json, stages)
     source = _source(args)
     result = prune(
-        source, ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion,
+        source, ratio=args.ratio, criterion=args.criterion,
         round_to=args.round_to,
         min_channels=args.min_channels, keep=args.keep or (), plan=args.plan,
         verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed,

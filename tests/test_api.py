@@ -235,6 +235,17 @@ def test_prune_leaves_the_callers_model_alone():
     assert m == before
 
 
+@pytest.mark.parametrize("kwargs", [{"target_macs": 0.5}, {"lossless": True}, {"erase_blocks": 1}])
+def test_a_ratio_that_would_be_ignored_is_refused(kwargs):
+    """``ratio`` with a target, lossless mode or erase_blocks was silently dropped (the prune
+    did something else than the caller asked); without ``ratio`` each runs as before."""
+    with pytest.raises(UsageError, match="ratio does not apply with"):
+        graphprune.prune(example_cnn(), ratio=0.3, **kwargs)
+    assert graphprune.prune(example_cnn(), **kwargs).report["verification"]["ok"]
+    assert graphprune.prune(example_cnn()).report["channels"] == \
+        graphprune.prune(example_cnn(), ratio=0.5).report["channels"]  # the default ratio
+
+
 def test_close_deletes_the_weight_folder_at_once(tmp_path):
     path = tmp_path / "cnn.onnx"
     onnx.save(example_cnn(), path)

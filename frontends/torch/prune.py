@@ -52,7 +52,7 @@ def prune_module(
     module: nn.Module,
     example_inputs: ExampleInputs,
     *,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     criterion: str = "l1",
     keep: Iterable[str] = (),
     plan: Plan | str | None = None,
@@ -66,7 +66,8 @@ def prune_module(
 
     ``keep`` takes ONNX node/tensor names and module or parameter names (``"head"``,
     ``"layer4.1.conv2.weight"``). The module itself is not changed: pass the returned
-    ``plan`` to :func:`~graphprune.frontends.torch.apply_plan`.
+    ``plan`` to :func:`~graphprune.frontends.torch.apply_plan`. ``ratio`` defaults to 0.5,
+    as in :func:`graphprune.prune` (where it says which options exclude it).
     """
     from graphprune.api import prune
 

@@ -81,8 +81,9 @@ class GraphPrunePass(Pass):
 
         options = {name: getattr(config, name) for name in OPTIONS}
         options["keep"] = options["keep"] or ()
-        if any(options[name] is not None for name in ("target_macs", "target_params", "target_latency")):
-            del options["ratio"]  # a budget replaces the uniform ratio
+        if any(options[name] is not None for name in ("target_macs", "target_params", "target_latency")) \
+                or options.get("lossless") or options.get("erase_blocks") is not None:
+            del options["ratio"]  # a budget, lossless mode or erasing blocks replaces the uniform ratio
         erase = options.get("erase_blocks")
         if erase is not None and erase >= 1 and erase == int(erase):
             options["erase_blocks"] = int(erase)

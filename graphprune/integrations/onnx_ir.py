@@ -63,13 +63,13 @@ def _to_proto(model: ir.Model) -> onnx.ModelProto:
 class PrunePass(InPlacePass):
     """Prune an ``onnx_ir.Model`` with graphprune (see the module docstring)."""
 
-    def __init__(self, ratio: float = 0.5, **options: Any) -> None:
+    def __init__(self, ratio: float | None = None, **options: Any) -> None:
         super().__init__()
         unknown = sorted(set(options) - _prune_options())
         if unknown:
             raise TypeError(f"PrunePass got unknown option(s) {', '.join(unknown)}; it takes the "
                             f"options of graphprune.prune: {', '.join(sorted(_prune_options()))}")
-        self.options: dict[str, Any] = {"ratio": ratio, **options}
+        self.options: dict[str, Any] = {**({"ratio": ratio} if ratio is not None else {}), **options}
         self.report: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
