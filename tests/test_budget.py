@@ -176,9 +176,50 @@ def _check_latency_choice(b: dict, target: float) -> None:
     ratio = [r.get("side_by_side_ratio", r["measured_ratio"]) for r in rounds]
     chosen = [k for k, r in enumerate(rounds) if r.get("chosen")]
     assert len(chosen) == 1 and b["achieved"] == ratio[chosen[0]]
-    # the candidate kept is the least pruned one that meets the target, else the fastest
+    # the candidate kept is the least pruned one that meets the target, else the least pruned
+    # of those within the timing's noise (0.03) of the fastest
     meeting = [v for v in ratio if v <= target]
-    assert b["achieved"] == (max(meeting) if meeting else min(ratio))
+    if meeting:
+        assert b["achieved"] == max(meeting)
+    else:
+        near = [k for k, v in enumerate(ratio) if v <= min(ratio) + 0.03]
+        assert chosen[0] in near
+        assert rounds[chosen[0]]["units_removed"] == min(rounds[k]["units_removed"] for k in near)
+
+
+def test_latency_choice():
+    from graphprune.pipeline.latency_rounds import latency_choice
+
+    # the least pruned under the target
+    assert latency_choice([0.7, 0.55, 0.45], [10, 20, 30], 0.6) == 1
+    # none under it: the least pruned of those within 0.03 of the fastest
+    assert latency_choice([0.85, 0.78, 0.76, 0.77], [10, 20, 40, 60], 0.6) == 1
+    assert latency_choice([0.85, 0.70, 0.76], [10, 20, 40], 0.6) == 1
+
+
+def test_a_latency_that_stops_following_the_widths_ends_the_rounds(cnn, tmp_path, monkeypatch):
+    """On a GPU at batch 1 the run is bound by kernel launches: an H200 ran ResNet-18 at 0.85,
+    0.78, 0.76 and 0.76 of the original while the rounds cut it to 21 %, 10 % and 5 % of its
+    MACs, and the last, most pruned one was kept for the target 0.6 it could not reach. The
+    timings here are scripted (the machine's own are not this steady); the rounds, rewrites
+    and verification are real."""
+    from graphprune.pipeline import budget as pipeline_budget
+    from graphprune.tables import budget_lines
+
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "cache"))
+    script = iter([0.85, 0.78, 0.77, 0.7])
+    monkeypatch.setattr(pipeline_budget, "measured_ratio", lambda *args, **kwargs: next(script))
+    monkeypatch.setattr(pipeline_budget, "side_by_side_ratios",
+                        lambda session, candidates, *args: [0.85, 0.78, 0.77][: len(candidates)])
+    result = graphprune.prune(cnn, target_latency=0.6)
+    b = result.report["budget"]
+    assert result.report["verification"]["ok"]
+    assert [r["side_by_side_ratio"] for r in b["latency_rounds"]] == [0.85, 0.78, 0.77]  # no fourth round
+    assert b["latency_floor"] is True and b["met"] is False
+    removed = [r["units_removed"] for r in b["latency_rounds"]]
+    assert removed[1] < removed[2]
+    assert b["latency_rounds"][1].get("chosen") and b["achieved"] == 0.78  # as fast, less cut
+    assert any("stopped following the widths" in line for line in budget_lines(b))
 
 
 def test_latency_rounds_are_compared_side_by_side(cnn, tmp_path, monkeypatch):

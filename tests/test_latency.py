@@ -260,7 +260,7 @@ def test_a_candidate_whose_two_timings_disagree_is_reported() -> None:
     """FaceBoxes (TF.js, NMS in a ``Loop``) with ``--target-latency 0.6``: the same candidate timed
     0.78 of the original in its round and 0.08 side by side, since its run time follows the boxes
     it outputs; the report now says the measured fraction may not hold on real inputs."""
-    from graphprune.pipeline.budget import unstable_timing
+    from graphprune.pipeline.latency_rounds import unstable_timing
 
     steady = [{"measured_ratio": 0.62, "side_by_side_ratio": 0.58}, {"measured_ratio": 0.55}]
     assert unstable_timing(steady) is None

@@ -22,16 +22,20 @@ kept widths (``widths``: a table, the data for a plot).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
-from graphprune.errors import InvalidModelError
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
+from graphprune.pipeline.latency_rounds import (
+    LATENCY_SLACK,
+    latency_choice,
+    measured_ratio,
+    side_by_side_ratios,
+    unstable_timing,
+)
 from graphprune.pipeline.ratio import (
     DEFAULT_TOLERANCE,
     attach_branches,
@@ -311,12 +315,15 @@ def prune_budget(
         internal = options.target
         tried = []
         for round_index in range(LATENCY_ROUNDS):
-            ratio = _measured_latency_ratio(session, candidate, options)
+            ratio = measured_ratio(session, candidate, options.provider, options.latency_runs, options.threads)
             rounds.append({"goal": round(internal, 4), "modelled_fraction": round(allocation.achieved, 4),
                            "table_estimate": None if estimate is None else round(estimate, 4),
                            "measured_ratio": round(ratio, 4)})
             tried.append((ratio, candidate, fresh, plan, allocation))
             if RELAX_BELOW * options.target <= ratio <= options.target or round_index == LATENCY_ROUNDS - 1:
+                break
+            if len(tried) > 1 and ratio > options.target and tried[-2][0] - ratio < LATENCY_SLACK:
+                info["latency_floor"] = True  # narrower, no faster: launch- or memory-bound here
                 break
             if ratio > options.target:
                 # the table misses per-run overheads: aim its estimate lower by what was measured
@@ -331,17 +338,17 @@ def prune_budget(
         if len(tried) > 1:
             # rounds were timed minutes apart, and the machine's speed drifts more than the
             # candidates differ: time them all again side by side, interleaved, and choose on that
-            ratios = _side_by_side_ratios(session, [t[1] for t in tried], options)
+            ratios = side_by_side_ratios(session, [t[1] for t in tried], options.provider, options.latency_runs,
+                                          options.threads)
             for entry, value in zip(rounds, ratios, strict=True):
                 entry["side_by_side_ratio"] = round(value, 4)
             unstable = unstable_timing(rounds)
             if unstable:
                 info["latency_unstable"] = unstable
             tried = [(value, *rest[1:]) for value, rest in zip(ratios, tried, strict=True)]
-        chosen_index = 0
-        for index, entry in enumerate(tried):
-            if _closer(entry[0], tried[chosen_index][0], options.target):
-                chosen_index = index
+        for entry, (_, _, _, tried_plan, _) in zip(rounds, tried, strict=True):
+            entry["units_removed"] = tried_plan.units_removed
+        chosen_index = latency_choice([t[0] for t in tried], [r["units_removed"] for r in rounds], options.target)
         _, candidate, fresh, plan, allocation = tried[chosen_index]
         rounds[chosen_index]["chosen"] = True
         info["latency_rounds"] = rounds
@@ -432,63 +439,6 @@ def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
         goal = min(1.0, max(1e-3, (options.target * before - after + main) / main))
     return found, {"cost_before": before, "cost_with_pruned_branches": after, "main_graph_cost": main,
                    "main_graph_goal": round(goal, 4)}
-
-
-def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:
-    """Why the latency measurements cannot be trusted, where a candidate timed twice (in its
-    round and side by side) differs more than 2x: its run time follows its values, not its widths
-    (FaceBoxes' NMS loop over the boxes it outputs); ``None`` where they agree."""
-    for entry in rounds:
-        pair = (entry["measured_ratio"], entry.get("side_by_side_ratio", entry["measured_ratio"]))
-        if max(pair) > 2 * min(pair):
-            return (f"one candidate timed {pair[0]:.3g} and {pair[1]:.3g} of the original: the run time "
-                    "depends on the values (a loop or NMS over the outputs); the measured fraction may "
-                    "not hold on real inputs")
-    return None
-
-
-@contextlib.contextmanager
-def _blaming_input(session: Session) -> Iterator[None]:
-    """Timing is the first run of the original in a latency budget: where it cannot load a
-    model, the input's own fault (an op no runtime has) is the error, not a temporary path."""
-    try:
-        yield
-    except InvalidModelError:
-        fault = session.input_fault()
-        if fault is None:
-            raise
-        raise fault from None
-
-
-def _measured_latency_ratio(session: Session, candidate: Session, options: BudgetOptions) -> float:
-    from graphprune.verify.timing import time_models
-
-    with session.stage("latency check"), _blaming_input(session):
-        original, pruned = time_models(
-            [session.path_of(session.prepared), candidate.path_of(candidate.model)],
-            provider=options.provider, warmup=3, runs=options.latency_runs, threads=options.threads,
-            input_shapes=session.cost_shapes(), values=session.tested_values() or None)
-    return pruned.median_ms / original.median_ms if original.median_ms > 0 else 1.0
-
-
-def _side_by_side_ratios(session: Session, candidates: list[Session], options: BudgetOptions) -> list[float]:
-    """Latency ratios of ``candidates`` to the original, all timed in one interleaved run."""
-    from graphprune.verify.timing import time_models
-
-    with session.stage("latency check"), _blaming_input(session):
-        paths = [session.path_of(session.prepared), *(c.path_of(c.model) for c in candidates)]
-        original, *timed = time_models(paths, provider=options.provider, warmup=3,
-                                       runs=options.latency_runs, threads=options.threads,
-                                       input_shapes=session.cost_shapes(), values=session.tested_values() or None)
-    return [t.median_ms / original.median_ms if original.median_ms > 0 else 1.0 for t in timed]
-
-
-def _closer(ratio: float, best: float, target: float) -> bool:
-    """Is a measured latency ratio a better result than ``best``: at or under the target and
-    nearer to it (less pruned), or nearer from above while neither meets it?"""
-    if (ratio <= target) != (best <= target):
-        return ratio <= target
-    return ratio > best if ratio <= target else ratio < best
 
 
 def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""The measured rounds of a latency budget: timing candidates against the original, and
+choosing among them (:func:`graphprune.pipeline.budget.prune_budget` with a latency target).
+
+Each round's candidate is timed with the original, interleaved, on the execution provider
+in use; when there were several rounds they are timed again all together (the machine's
+speed drifts between rounds more than candidates differ), and :func:`latency_choice`
+keeps one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from graphprune.errors import InvalidModelError
+from graphprune.pipeline.session import Session
+
+#: measured latency ratios this close are equally fast (when none meets the target)
+LATENCY_SLACK = 0.03
+
+
+def unstable_timing(rounds: list[dict[str, Any]]) -> str | None:
+    """Why the latency measurements cannot be trusted, where a candidate timed twice (in its
+    round and side by side) differs more than 2x: its run time follows its values, not its widths
+    (FaceBoxes' NMS loop over the boxes it outputs); ``None`` where they agree."""
+    for entry in rounds:
+        pair = (entry["measured_ratio"], entry.get("side_by_side_ratio", entry["measured_ratio"]))
+        if max(pair) > 2 * min(pair):
+            return (f"one candidate timed {pair[0]:.3g} and {pair[1]:.3g} of the original: the run time "
+                    "depends on the values (a loop or NMS over the outputs); the measured fraction may "
+                    "not hold on real inputs")
+    return None
+
+
+@contextlib.contextmanager
+def blaming_input(session: Session) -> Iterator[None]:
+    """Timing is the first run of the original in a latency budget: where it cannot load a
+    model, the input's own fault (an op no runtime has) is the error, not a temporary path."""
+    try:
+        yield
+    except InvalidModelError:
+        fault = session.input_fault()
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def measured_ratio(session: Session, candidate: Session, provider: str, runs: int, threads: int | None) -> float:
+    """Latency ratio of ``candidate`` to the original, timed interleaved on ``provider``."""
+    from graphprune.verify.timing import time_models
+
+    with session.stage("latency check"), blaming_input(session):
+        original, pruned = time_models(
+            [session.path_of(session.prepared), candidate.path_of(candidate.model)],
+            provider=provider, warmup=3, runs=runs, threads=threads,
+            input_shapes=session.cost_shapes(), values=session.tested_values() or None)
+    return pruned.median_ms / original.median_ms if original.median_ms > 0 else 1.0
+
+
+def side_by_side_ratios(session: Session, candidates: list[Session], provider: str, runs: int,
+                        threads: int | None) -> list[float]:
+    """Latency ratios of ``candidates`` to the original, all timed in one interleaved run."""
+    from graphprune.verify.timing import time_models
+
+    with session.stage("latency check"), blaming_input(session):
+        paths = [session.path_of(session.prepared), *(c.path_of(c.model) for c in candidates)]
+        original, *timed = time_models(paths, provider=provider, warmup=3, runs=runs, threads=threads,
+                                       input_shapes=session.cost_shapes(), values=session.tested_values() or None)
+    return [t.median_ms / original.median_ms if original.median_ms > 0 else 1.0 for t in timed]
+
+
+def latency_choice(ratios: list[float], removed: list[int], target: float) -> int:
+    """The candidate to keep: the least pruned one that meets the target (the nearest under
+    it); where none does, the one that removes least among those within ``LATENCY_SLACK`` of
+    the fastest (a GPU run at batch 1 is bound by kernel launches: its latency stops following
+    the widths, and the last rounds only cut more of the model for the timing's noise)."""
+    meeting = [k for k, r in enumerate(ratios) if r <= target]
+    if meeting:
+        return max(meeting, key=lambda k: ratios[k])
+    near = [k for k, r in enumerate(ratios) if r <= min(ratios) + LATENCY_SLACK]
+    return min(near, key=lambda k: (removed[k], ratios[k]))
