@@ -200,8 +200,8 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if budget.get("latency_floor"):
         lines.append("note: the measured latency stopped following the widths (a narrower round was no "
                      "faster): the run is bound by something else here, such as kernel launches on a GPU "
-                     "at batch 1; the least pruned of the fastest rounds is kept (--allow-depth also "
-                     "erases residual blocks)")
+                     "at batch 1; the least pruned of the fastest rounds is kept (fewer layers run faster "
+                     "there: --erase-blocks K)")
     if budget.get("latency_unstable"):
         lines.append(f"note: {budget['latency_unstable']}")
     if budget.get("widths_aligned") is False:

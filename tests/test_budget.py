@@ -216,9 +216,12 @@ def test_a_latency_that_stops_following_the_widths_ends_the_rounds(cnn, tmp_path
     assert result.report["verification"]["ok"]
     assert [r["side_by_side_ratio"] for r in b["latency_rounds"]] == [0.85, 0.78, 0.77]  # no fourth round
     assert b["latency_floor"] is True and b["met"] is False
+    # as fast within 0.03, and no more cut (the allocations follow this machine's latency table:
+    # rounds may remove the same units)
+    _check_latency_choice(b, 0.6)
     removed = [r["units_removed"] for r in b["latency_rounds"]]
-    assert removed[1] < removed[2]
-    assert b["latency_rounds"][1].get("chosen") and b["achieved"] == 0.78  # as fast, less cut
+    assert removed[0] <= removed[1] <= removed[2]
+    assert b["achieved"] == (0.78 if removed[1] < removed[2] else 0.77)
     assert any("stopped following the widths" in line for line in budget_lines(b))
 
 
