@@ -30,8 +30,8 @@ from graphprune.analysis import Analysis, targets
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
 from graphprune.pipeline.latency_rounds import (
-    LATENCY_SLACK,
     latency_choice,
+    latency_floor,
     measured_ratio,
     side_by_side_ratios,
     unstable_timing,
@@ -322,7 +322,8 @@ def prune_budget(
             tried.append((ratio, candidate, fresh, plan, allocation))
             if RELAX_BELOW * options.target <= ratio <= options.target or round_index == LATENCY_ROUNDS - 1:
                 break
-            if len(tried) > 1 and ratio > options.target and tried[-2][0] - ratio < LATENCY_SLACK:
+            if len(tried) > 1 and latency_floor(tried[-2][0], ratio, options.target, tried[-2][4].achieved,
+                                                allocation.achieved, tried[-2][3].units_removed == plan.units_removed):
                 info["latency_floor"] = True  # narrower, no faster: launch- or memory-bound here
                 break
             if ratio > options.target:
