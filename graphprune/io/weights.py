@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 
 from graphprune.errors import InvalidModelError
+from graphprune.io import sparse
 
 #: tensors at least this large are kept in files (smaller ones stay in the proto)
 MAP_THRESHOLD = 4096
@@ -198,8 +199,6 @@ class WeightStore:
         """Move ``model``'s weights into the store (in place): tensors already external are
         linked from ``source_dir``; large in-proto tensors are written to a data file and
         cleared from the proto. Sparse initializers become dense ones first (:attr:`densified`)."""
-        from graphprune.io import sparse
-
         self.densified.extend(sparse.densify(model.graph, source_dir))
         linked: set[str] = set()
         data_name = "weights.data"
