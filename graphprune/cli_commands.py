@@ -89,6 +89,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if g.prunable and not g.is_exact:
             status = "prunable*"
         reason = g.frozen[0] if g.frozen else (g.inexact[0] if g.inexact else "")
+        if not g.prunable and not g.frozen:
+            reason = ("one unit" if g.num_units < 2 else "a weight's own axis, no channel"
+                      if analysis.weight_only(g) else "no weight creates these channels")
         if g.pinned_units and not g.frozen:
             reason = f"{g.pinned_units} units pinned: {g.pinned[0]}"
         rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", g.num_units, len(g.dims),

@@ -336,6 +336,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      f"{ch.get('prunable', 0)} prunable; prunable "
                      f"{report.get('prunable_fraction_of', 'conv channels')}: "
                      f"{report.get('prunable_fraction', 0):.1%}")
+        if report.get("unprunable"):
+            lines.append(f"  {len(report['unprunable'])} more group(s) neither frozen nor prunable: no weight "
+                         "creates their channels (report: unprunable)")
     else:
         lines.append(f"groups pruned: {g.get('pruned', 0)}; units removed: {ch.get('removed', 0)}")
     lines.extend(branch_lines(report.get("branches")))

@@ -62,6 +62,19 @@ class Analysis:
     def frozen_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.is_frozen]
 
+    def weight_only(self, group: ChannelGroup) -> bool:
+        """No activation has this group's axis: it couples a weight with its own decoding
+        only (the kernel axes of an int8 weight and its ``DequantizeLinear``), not a channel."""
+        tensors = self.context.tensors
+        return all(_from_constants(tensors.get(name)) for name, _ in group.dims)
+
+    @property
+    def unprunable_groups(self) -> list[ChannelGroup]:
+        """Groups of two or more units of an activation axis that nothing froze but no weight
+        creates (no producer), so that nothing removes them: reported, never silent."""
+        return [g for g in self.groups
+                if not g.frozen and not g.prunable and g.num_units >= 2 and not self.weight_only(g)]
+
     def summary(self) -> dict[str, object]:
         return {
             "groups": len(self.groups),
@@ -70,6 +83,15 @@ class Analysis:
             "inexact": sum(1 for g in self.groups if g.prunable and not g.is_exact),
             "unsupported_ops": {k: len(v) for k, v in sorted(self.unsupported.items())},
         }
+
+
+def _from_constants(tensor: gs.Tensor | None, depth: int = 3) -> bool:
+    """A constant, or computed from constants alone through at most ``depth`` nodes."""
+    if tensor is None or isinstance(tensor, gs.Constant):
+        return True
+    if depth == 0 or len(tensor.inputs) != 1:
+        return False
+    return all(_from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
 
 
 def _subgraph_outer_names(node: gs.Node, outer: dict[str, gs.Tensor]) -> set[str]:

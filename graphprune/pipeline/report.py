@@ -30,6 +30,13 @@ Keys every report has::
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
     prunable_fraction_of      what it counts: "conv channels" or "channels"
     frozen                    frozen groups with their reasons (first 5 per group)
+    unprunable                groups neither frozen nor prunable although they have two or more
+                              units of an activation axis: no weight of theirs creates the channels
+                              (a one-hot encoding's classes, a weight read through an op that
+                              hides its role), so nothing removes them; listed so none goes
+                              unreported (a weight's own axis that no activation has, such as
+                              the kernel axes of an int8 weight and its DequantizeLinear, is no
+                              channel and is not listed)
     pinned                    groups that prune, but some of whose elements are bound by a freeze
                               (units that take no part, the reasons: first 5 per group)
     nothing_prunable          (only when nothing was removed, in ratio mode or where a budget
@@ -135,6 +142,16 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
                 "reasons": g.frozen[:5],
             }
             for g in analysis.frozen_groups
+        ],
+        "unprunable": [
+            {
+                "group": g.id,
+                "anchor": f"{g.anchor[0]}:{g.anchor[1]}",
+                "size": g.num_units,
+                "kind": kinds[g.id],
+                "reason": "no weight creates these channels",
+            }
+            for g in analysis.unprunable_groups
         ],
         "pinned": [
             {
