@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Breadth check: 81 Hugging Face architectures as their own code initialises them, both exporters.
+"""Breadth check: 97 Hugging Face architectures as their own code initialises them, both exporters.
 
 Each architecture is built from a tiny config (2 layers, hidden 64, 4 heads where it has
 them) with ``AutoModel.from_config`` and **HF's own initialisation** (zero biases, unit
@@ -169,6 +169,27 @@ SPECS: dict[str, tuple[dict, str]] = {
     "audio-spectrogram-transformer": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                            intermediate_size=128, num_mel_bins=16, max_length=64, patch_size=16,
                                            frequency_stride=10, time_stride=10), "spectrogram"),
+    # mixtures of experts (exported with the "batched_mm" experts: see export()), state spaces
+    "mixtral": (_txt(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), "text"),
+    "qwen2_moe": (_txt(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=128), "text"),
+    "olmoe": (_txt(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2), "text"),
+    "qwen3_moe": (_txt(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=64), "text"),
+    "granitemoe": (_txt(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), "text"),
+    "phimoe": (_txt(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), "text"),
+    "jetmoe": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+                    intermediate_size=128, num_local_experts=4, num_experts_per_tok=2), "text"),
+    "mamba": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2), "text"),
+    "gemma3_text": (_txt(num_key_value_heads=2, head_dim=16), "text"),
+    "mpt": (dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, max_seq_len=128), "text"),
+    "persimmon": (_txt(), "text"),
+    "biogpt": (_txt(), "text"),
+    "ibert": (_txt(), "text"),
+    "rembert": (_txt(input_embedding_size=32, output_embedding_size=32), "text"),
+    "siglip_vision_model": (_VIT, "image"),
+    "dpt": ({**_VIT, "neck_hidden_sizes": [16, 32, 64, 64], "fusion_hidden_size": 32,
+             "backbone_out_indices": [0, 1, 1, 1]}, "image"),
 }
 
 
@@ -184,6 +205,8 @@ def export(name: str, exporter: str, attention: str = "eager", opset: int | None
     config = transformers.AutoConfig.for_model(name, **overrides)
     if attention != "default":
         config._attn_implementation = attention
+    if hasattr(config, "_experts_implementation"):  # the per-expert loop does not export (aten::histc,
+        config._experts_implementation = "batched_mm"  # data-dependent shapes); this one does
     torch.manual_seed(0)
     model = transformers.AutoModel.from_config(config).eval()
 
@@ -253,6 +276,7 @@ def independent_check(original: Path, pruned: Path) -> str:
         a, b = ort.InferenceSession(str(original)), ort.InferenceSession(str(pruned))
         text = "attention_mask" in [i.name for i in a.get_inputs()]
         rng = np.random.default_rng(0)
+        skipped = ""
         for seq in ((16, 9) if text else (None,)):
             feeds = {}
             for i in a.get_inputs():
@@ -262,9 +286,16 @@ def independent_check(original: Path, pruned: Path) -> str:
                                      else rng.integers(5, 900, shape).astype(np.int64))
                 else:
                     feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
-            if a.run(None, feeds)[0].shape != b.run(None, feeds)[0].shape:
+            try:
+                reference = a.run(None, feeds)[0]
+            except Exception:  # noqa: BLE001 - the exporter fixed that length: not the prune's
+                if seq is None or seq == 16:
+                    raise
+                skipped = f" (the original itself does not run at sequence {seq})"
+                continue
+            if reference.shape != b.run(None, feeds)[0].shape:
                 return f"output shape differs at sequence {seq}"
-        return "ok"
+        return "ok" + skipped
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
@@ -322,7 +353,7 @@ def run_one(name: str, exporter: str, timeout: float, attention: str = "eager", 
 
 def summary(results: list[dict]) -> dict:
     done = [r for r in results if "rc" in r]
-    ok = [r for r in done if r["rc"] == 0 and r.get("check") == "ok"]
+    ok = [r for r in done if r["rc"] == 0 and str(r.get("check", "")).startswith("ok")]
     with_heads = [r for r in ok if "head" in r.get("kinds", {})]
     params = sorted(r["params"] for r in ok)
     return {"exports": len(done), "ok": len(ok), "with_heads": len(with_heads),
@@ -332,7 +363,7 @@ def summary(results: list[dict]) -> dict:
 
 def markdown(results: list[dict], previous: dict | list[dict] | None = None) -> str:
     done = [r for r in results if "rc" in r]
-    ok = [r for r in done if r["rc"] == 0 and r.get("check") == "ok"]
+    ok = [r for r in done if r["rc"] == 0 and str(r.get("check", "")).startswith("ok")]
     with_heads = [r for r in ok if "head" in r.get("kinds", {})]
     heads = [r for r in with_heads if r["kinds"]["head"][0]]
     lines = [

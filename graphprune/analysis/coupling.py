@@ -292,12 +292,13 @@ class CouplingContext:
         if isinstance(target, gs.Constant):
             self.quantized_params.add(target.name)
 
-    def weight_view(self, value: gs.Tensor, source: gs.Tensor, axes: list[int] | None = None) -> None:
+    def weight_view(self, value: gs.Tensor, source: gs.Tensor, axes: list[int | None] | None = None) -> None:
         """``value`` is the float weight ``source`` (or a view of one) moved by data movement
         the exporter left in the graph (the dynamo exporter splits and transposes
         ``nn.MultiheadAttention``'s packed ``in_proj_weight`` when query and key differ):
         ``source`` takes the roles ``value``'s consumers give it, its axis ``k`` the role of
-        axis ``axes[k]`` of ``value`` (default: the same axis)."""
+        axis ``axes[k]`` of ``value`` (default: the same axis; ``None``: no role, an axis the
+        view does not keep)."""
         self.view_values.add(value.name)
         self.role_links.append((value.name, source, None, axes))
 
@@ -349,6 +350,8 @@ class CouplingContext:
         links in graph order) hands the roles down to the constant."""
         for source, target, weight_freeze, axes in reversed(self.role_links):
             for axis in range(self.rank(target) or 0):
+                if axes and axes[axis] is None:
+                    continue
                 role = self.variable_roles.get((source, axes[axis] if axes else axis))
                 if role is None:
                     continue

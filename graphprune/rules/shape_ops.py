@@ -143,15 +143,24 @@ class SplitRule(OpRule):
             return
         rank = ranks[0]
         axis = int(node.attrs.get("axis", 0)) % rank
+        if any(ctx.size(y, axis) is None for y in node.outputs):
+            # sizes known only at run time (a mixture of experts splits its tokens by the count
+            # routed to each expert): the split axis freezes, the other axes pass through
+            reason = f"output size unknown at Split '{node.name}'"
+            ctx.freeze(x, axis, reason)
+            for y in node.outputs:
+                ctx.freeze(y, axis, reason)
+                for a in range(rank):
+                    if a != axis:
+                        ctx.couple(x, a, y, a)
+            return
         offset = 0
         for y in node.outputs:
             for a in range(rank):
                 if a != axis:
                     ctx.couple(x, a, y, a)
             size = ctx.size(y, axis)
-            if size is None:
-                ctx.freeze_node(node, f"output size unknown at Split '{node.name}'")
-                return
+            assert size is not None
             ctx.couple(x, axis, y, axis, Offset(offset))
             offset += size
             if ctx.is_weight_view(x):  # a packed weight split in the graph: its parts' roles

@@ -408,6 +408,11 @@ class GatherNDRule(OpRule):
             ctx.couple(indices, a, y, a)
         for a in range(batch + depth, rd):
             ctx.couple(data, a, y, ri - 1 + a - batch - depth)
+        if not batch and ctx.is_weight_view(data):
+            # a weight read at computed positions (a mixture of experts' stacked expert weights
+            # picked per token, as the dynamo exporter writes them): the kept axes take the roles
+            # that the gathered weight's readers give them
+            ctx.weight_view(y, data, [None if a < depth else ri - 1 + a - depth for a in range(rd)])
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         data, indices = node.inputs[0], node.inputs[1]
