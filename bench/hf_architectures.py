@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Breadth check: 97 Hugging Face architectures as their own code initialises them, both exporters.
+"""Breadth check: 105 Hugging Face architectures as their own code initialises them, both exporters.
 
 Each architecture is built from a tiny config (2 layers, hidden 64, 4 heads where it has
 them) with ``AutoModel.from_config`` and **HF's own initialisation** (zero biases, unit
@@ -181,6 +181,21 @@ SPECS: dict[str, tuple[dict, str]] = {
     "jetmoe": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                     intermediate_size=128, num_local_experts=4, num_experts_per_tok=2), "text"),
     "mamba": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2), "text"),
+    "gpt_oss": (_txt(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=8), "text"),
+    "deepseek_v3": (_txt(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1), "text"),
+    "hunyuan_v1_moe": (_txt(num_key_value_heads=2, num_experts=4, moe_topk=2, head_dim=16), "text"),
+    "ernie4_5_moe": (_txt(num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=64), "text"),
+    "jamba": (_txt(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                   attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                   mamba_expand=2, use_mamba_kernels=False), "text"),
+    "bamba": (_txt(num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16,
+                   mamba_d_state=8, mamba_expand=2), "text"),
+    "mamba2": (dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, head_dim=16,
+                    num_heads=8, n_groups=1), "text"),
+    "olmo2": (_txt(num_key_value_heads=2), "text"),
     "gemma3_text": (_txt(num_key_value_heads=2, head_dim=16), "text"),
     "mpt": (dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, max_seq_len=128), "text"),
     "persimmon": (_txt(), "text"),

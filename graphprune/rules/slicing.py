@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis import shape_trace
-from graphprune.analysis.index_maps import Offset
+from graphprune.analysis.index_maps import Digit, Offset
 from graphprune.analysis.roles import PRODUCER
 from graphprune.analysis.shape_trace import UNKNOWN
 from graphprune.io.tensors import static_size
@@ -139,6 +139,13 @@ class SliceRule(OpRule):
                 continue
             _, start, end, step = sliced[a]
             size = ctx.size(x, a)
+            lattice = None if size is None else _lattice(start, end, step, size)
+            if lattice is not None:
+                # every step-th element from the first block to the end: one unit per block of
+                # ``step`` elements, so the kept blocks keep the stride (interleaved gate and up
+                # projections, x[..., ::2] and x[..., 1::2])
+                ctx.couple(y, a, x, a, Digit(step))
+                continue
             if size is None or step != 1:
                 ctx.freeze(x, a, f"Slice '{node.name}' with step {step} or unknown size")
                 ctx.freeze(y, a, f"Slice '{node.name}' with step {step} or unknown size")
@@ -186,7 +193,12 @@ class SliceRule(OpRule):
         for axis, start, end, step in params:
             removed = ctx.removed(x, axis)
             size = shape[axis]
-            if removed.size and size is not None:
+            if removed.size and size is not None and _lattice(start, end, step, size) is not None:
+                start_n, _ = _normalise(start, end, step, size)  # whole blocks went: same offset
+                new_starts.append(start_n)
+                new_ends.append(size - int(removed.size))
+                changed = True
+            elif removed.size and size is not None:
                 start_n, _ = _normalise(start, end, step, size)
                 start_new = start_n - int(np.count_nonzero(removed < start_n))
                 out_new = ctx.new_size(node.outputs[0], axis)
@@ -206,6 +218,17 @@ class SliceRule(OpRule):
             bound = np.iinfo(dtype)
             ctx.set_input(node, 1, np.clip(new_starts, bound.min, bound.max).astype(dtype))
             ctx.set_input(node, 2, np.clip(new_ends, bound.min, bound.max).astype(dtype))
+
+
+def _lattice(start: int, end: int, step: int, size: int) -> int | None:
+    """``step`` where ``start:end:step`` (step above 1) picks one element of every block of
+    ``step`` elements of an axis of ``size``, from the first block to the last; else ``None``."""
+    if step <= 1 or size <= 0 or size % step:
+        return None
+    start, end = _normalise(start, end, step, size)
+    if not 0 <= start < step or len(range(start, min(end, size), step)) != size // step:
+        return None
+    return step
 
 
 def _constant_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
