@@ -539,8 +539,20 @@ def test_slice_to_the_end_with_negative_start():
     assert start % kept == (kept - initializer(res.model, "W_head").shape[1]) % kept
 
 
-def test_slice_with_step_freezes():
+def test_slice_with_step_over_whole_blocks_prunes_blocks():
+    """Every second channel of 16 from the first: each picked channel stands for its block of
+    two (the other one is read by nothing), so a removed unit takes the block and the slice
+    keeps its start and step (``tests/test_rule_slice_lattice.py`` has the interleaved case)."""
     m = _slice_model([0], [16], head_in=8, steps=[2])
+    group = group_with(graphprune.analyze(m), "W_stem", 0)
+    assert group.prunable and group.num_units == 8
+    np.testing.assert_array_equal(group.unit_of[("W_stem", 0)], np.arange(16) // 2)
+    res = assert_prunes_exactly(m)
+    assert initializer(res.model, "W_stem").shape[0] == 2 * initializer(res.model, "W_head").shape[1]
+
+
+def test_slice_with_step_that_skips_a_block_freezes():
+    m = _slice_model([2], [16], head_in=7, steps=[2])  # starts in the second block of two
     group = group_with(graphprune.analyze(m), "W_stem", 0)
     assert not group.prunable
     assert any("Slice 'slice'" in r for r in group.frozen)

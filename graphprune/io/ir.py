@@ -23,6 +23,7 @@ from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
+from graphprune.io.sequences import slice_sequence_reads
 from graphprune.io.shared_constants import untie_shared_constants, untie_shared_shapes
 from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.io.zero_inputs import drop_zero_inputs, has_zero_defaults
@@ -316,8 +317,9 @@ def prepare(
     whose tensors are external stubs of the store. ``notes`` (a dict) receives what the
     normalisation rewrote in ways a reader of the result should know: the local functions
     inlined (``inlined_functions``), the fused kernels lowered (``lowered_ops``,
-    :mod:`graphprune.io.lowering`) and the operators run for their output shapes
-    (``shapes_run``, :mod:`graphprune.io.custom_shapes`).
+    :mod:`graphprune.io.lowering`), the operators run for their output shapes
+    (``shapes_run``, :mod:`graphprune.io.custom_shapes`) and the tensors split into a sequence
+    that are read as slices now (``sequences_sliced``, :mod:`graphprune.io.sequences`).
     """
     if copy_model:
         model = copy.deepcopy(model)
@@ -325,6 +327,7 @@ def prepare(
     strip_initializer_inputs(model)
     name_nodes(model)
     tensor_constants(model.graph)
+    sequences = slice_sequence_reads(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
@@ -343,6 +346,8 @@ def prepare(
             notes["lowered_as"] = described
         if ran:
             notes["shapes_run"] = ran
+        if sequences:
+            notes["sequences_sliced"] = sequences
     folding = fold and _computes_constants(model)
     shrinking = fold and not folding and _computes_from_weights(model)
     opset = default_opset(model)

@@ -24,7 +24,9 @@ Keys every report has::
                               graphprune.io.stale_shapes); ``sparse_densified``: sparse
                               initializers written as dense ones (graphprune.io.sparse);
                               ``input_ranks_declared``: graph inputs that declared no shape,
-                              given the rank of their ``input_shapes`` (sizes open)
+                              given the rank of their ``input_shapes`` (sizes open);
+                              ``sequences_sliced``: SplitToSequence read back by SequenceAt at
+                              constant positions, written as slices (graphprune.io.sequences)
     groups                    total / prunable / pruned / frozen / inexact (from the analysis)
     channels                  prunable / removed units
     prunable_fraction         prunable share of conv output channels (all producers if no conv)
