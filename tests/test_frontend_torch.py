@@ -506,13 +506,13 @@ def test_apply_plan_refuses_unknown_names_and_leaves_the_module_alone():
 
 
 def test_apply_plan_refuses_unsupported_modules_and_axes():
-    class Scale(nn.Module):
+    class Scale(nn.Module):  # a matrix parameter: no handler, not even one found by its parameters
         def __init__(self):
             super().__init__()
-            self.gain = nn.Parameter(torch.ones(4))
+            self.gain = nn.Parameter(torch.ones(4, 1))
 
         def forward(self, x):
-            return x * self.gain
+            return x * self.gain.T
 
     model = nn.Sequential(nn.Linear(3, 4), Scale())
     with pytest.raises(gpt.PlanMappingError, match="no handler for Scale"):
