@@ -26,6 +26,7 @@ from graphprune.analysis.dims import Dim, describe_node
 from graphprune.analysis.groups import ChannelGroup, form_groups
 from graphprune.analysis.shape_probe import refine_shapes
 from graphprune.io.shared_constants import tied_origin
+from graphprune.io.tensors import from_constants
 from graphprune.rules import registry
 
 
@@ -66,7 +67,7 @@ class Analysis:
         """No activation has this group's axis: it couples a weight with its own decoding
         only (the kernel axes of an int8 weight and its ``DequantizeLinear``), not a channel."""
         tensors = self.context.tensors
-        return all(_from_constants(tensors.get(name)) for name, _ in group.dims)
+        return all(t is None or from_constants(t) for t in (tensors.get(name) for name, _ in group.dims))
 
     @property
     def unprunable_groups(self) -> list[ChannelGroup]:
@@ -83,15 +84,6 @@ class Analysis:
             "inexact": sum(1 for g in self.groups if g.prunable and not g.is_exact),
             "unsupported_ops": {k: len(v) for k, v in sorted(self.unsupported.items())},
         }
-
-
-def _from_constants(tensor: gs.Tensor | None, depth: int = 3) -> bool:
-    """A constant, or computed from constants alone through at most ``depth`` nodes."""
-    if tensor is None or isinstance(tensor, gs.Constant):
-        return True
-    if depth == 0 or len(tensor.inputs) != 1:
-        return False
-    return all(_from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
 
 
 def _subgraph_outer_names(node: gs.Node, outer: dict[str, gs.Tensor]) -> set[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration.linear import LinearView
-from graphprune.rules.linear import from_constants
+from graphprune.io.tensors import from_constants
 
 #: constant additions followed from the layer output to the residual addition
 MAX_CHAIN = 3

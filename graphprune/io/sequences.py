@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.io.names import fresh_name
+from graphprune.io.shared_constants import subgraphs
 
 __all__ = ["slice_sequence_reads"]
 
@@ -33,16 +34,6 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     if found[0].data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
         return None
     return numpy_helper.to_array(found[0])
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                names |= {name for inner in sub.node for name in inner.input} | _subgraph_reads(sub)
-    return names
 
 
 def _bounds(split: np.ndarray, position: int) -> tuple[int, int] | None:
@@ -69,7 +60,7 @@ def slice_sequence_reads(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    kept = {o.name for o in graph.output} | _subgraph_reads(graph)
+    kept = {o.name for o in graph.output} | {name for sub in subgraphs(graph) for n in sub.node for name in n.input}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {
         i.name for i in graph.input}
     done = 0

@@ -38,7 +38,7 @@ from onnx import helper
 
 from graphprune.io.names import fresh_name
 
-__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "retie_shapes", "share_subgraph_constants",
+__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "subgraphs", "retie_constants", "retie_shapes", "share_subgraph_constants",
            "tied_origin", "untie_shared_constants", "untie_shared_shapes"]
 
 #: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
@@ -51,23 +51,23 @@ SHARED_KEY = "graphprune.shared"
 MIN_ELEMENTS = 64
 
 
-def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield attr.g
-                yield from _subgraphs(attr.g)
+                yield from subgraphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield sub
-                    yield from _subgraphs(sub)
+                    yield from subgraphs(sub)
 
 
 def _defined(graph: onnx.GraphProto) -> set[str]:
     """Names a graph or any graph inside it defines (they would shadow an outer name)."""
     names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
     names |= {o for n in graph.node for o in n.output}
-    for sub in _subgraphs(graph):
+    for sub in subgraphs(graph):
         names |= {t.name for t in sub.initializer} | {i.name for i in sub.input}
         names |= {o for n in sub.node for o in n.output}
     return names
@@ -91,7 +91,7 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes]) -> int:
     """Make equal subgraph constants one main-graph initializer (see the module docstring);
     ``read`` gives a tensor's bytes (external ones included). Returns the copies dropped."""
-    subs = [(sub, t) for sub in _subgraphs(model.graph) for t in sub.initializer
+    subs = [(sub, t) for sub in subgraphs(model.graph) for t in sub.initializer
             if len(t.dims) and math.prod(t.dims) >= MIN_ELEMENTS]
     if not subs:
         return 0
@@ -178,7 +178,7 @@ def untie_shared_constants(model: onnx.ModelProto) -> int:
     if not shared:
         return 0
     inner: set[str] = set()
-    for sub in _subgraphs(graph):
+    for sub in subgraphs(graph):
         inner |= {name for node in sub.node for name in node.input}
     keep = inner | {o.name for o in graph.output} | _marked(model)
     taken = _defined(graph)
@@ -220,7 +220,7 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
             if name:
                 readers_of[name].append((node, k))
     inner: set[str] = set()
-    for sub in _subgraphs(graph):
+    for sub in subgraphs(graph):
         inner |= {name for node in sub.node for name in node.input}
     keep = inner | {o.name for o in graph.output}
     info = {v.name: v for v in graph.value_info}
@@ -299,7 +299,7 @@ def retie_shapes(model: onnx.ModelProto) -> int:
         del graph.value_info[:]
         graph.value_info.extend(values)
         read = {name for n in kept for name in n.input}
-        for sub in _subgraphs(graph):
+        for sub in subgraphs(graph):
             read |= {name for n in sub.node for name in n.input}
         unread = {name for n in gone for name in n.input if name in small and name not in read}
         if unread:  # the literals only the merged copies read

@@ -33,6 +33,16 @@ def present_input(node: gs.Node, index: int) -> gs.Tensor | None:
     return None
 
 
+def from_constants(tensor: gs.Tensor, depth: int = 3) -> bool:
+    """Is ``tensor`` a constant, or computed (through at most ``depth`` nodes) from constants
+    alone?"""
+    if isinstance(tensor, gs.Constant):
+        return True
+    if depth == 0 or len(tensor.inputs) != 1:
+        return False
+    return all(from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
+
+
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.roles import CONSUMER, PRODUCER
+from graphprune.io.tensors import from_constants
 from graphprune.rules.registry import LinearInfo, OpRule, register
 from graphprune.rules.scale import ScaleContext, rms_of
 
@@ -42,16 +43,6 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     out = np.full(weight.shape[1], np.nan)
     out[ok] = total
     return out
-
-
-def from_constants(tensor: gs.Tensor, depth: int = 3) -> bool:
-    """Is ``tensor`` a constant, or computed (through at most ``depth`` nodes) from constants
-    alone?"""
-    if isinstance(tensor, gs.Constant):
-        return True
-    if depth == 0 or len(tensor.inputs) != 1:
-        return False
-    return all(from_constants(t, depth - 1) for t in tensor.inputs[0].inputs if t.name)
 
 
 def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> np.ndarray | None:

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
 from graphprune.io.tensor_protos import nbytes
+from graphprune.io.tensors import from_constants
 
 #: :func:`zeroed_reference` writes a zeroed copy of a weight (instead of masking it at run
 #: time) when the weight is cut on several axes or holds at least this share of the weights
@@ -131,8 +132,6 @@ def computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
     constants do not take that role themselves (a dequantized or cast-and-scaled weight's integer
     constant does; ``linked``: those too): zeroing their constants would not zero the weight, so
     the zeroed original zeroes the computed weight."""
-    from graphprune.rules.linear import from_constants
-
     ctx = analysis.context
     linked = set() if linked else {link[0] for link in ctx.role_links}
     out = set()
