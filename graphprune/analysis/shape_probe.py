@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.dims import BATCH_PROBE
 from graphprune.io.contrib_shapes import contrib_shapes
+from graphprune.io.folding import fold_constants
 from graphprune.io.runtime import quiet_ort
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
@@ -51,7 +52,7 @@ def _probe_shapes(model: onnx.ModelProto, sizes: dict[tuple[str, int], int]) -> 
         folded = gs.import_onnx(inferred)
         count = len(folded.nodes)
         tensors = folded.tensors()
-        folded.fold_constants(fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
+        fold_constants(folded, fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
         # a tensor folded into a constant has its exact shape, and one computed from
         # constants alone is kept (as an output of the probe) for the next inference to
         # size: a zero initial state ``ConstantOfShape([layers, batch, hidden])`` sliced

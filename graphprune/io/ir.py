@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
+from graphprune.io.folding import fold_constants
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
@@ -353,6 +354,13 @@ def prepare(
     opset = default_opset(model)
     if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
         model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking)
+        for _ in range(FOLD_ROUNDS if folding else 0):  # what the folded values let inference size
+            if not _reads_static_shapes(model):
+                break
+            size = len(model.graph.node)
+            model = _normalise_graph(model, store, True)
+            if len(model.graph.node) >= size:
+                break
     untie_shared_constants(model)
     untie_shared_shapes(model)
     return model
@@ -377,6 +385,27 @@ def _lower(model: onnx.ModelProto, store: Any, described: dict[str, str]) -> tup
         del graph
         model = model_io.infer_shapes(model, inplace=True)
     return model, lowered
+
+
+#: more folding rounds at most, each after shape inference learnt what the previous one folded
+FOLD_ROUNDS = 4
+
+
+def _reads_static_shapes(model: onnx.ModelProto) -> bool:
+    """Is the shape of a fully sized tensor still read by a node (``OpRule.reads_only_shape``)?
+    One fold cannot see it where inference sized the tensor only from values that fold computed:
+    a TorchScript export's window partition reshapes by ``Shape -> Gather -> Div`` of its own
+    input (Swin, SAM), and the padding behind it stayed computed ("pads not constant")."""
+    static = {vi.name for vi in [*model.graph.value_info, *model.graph.input]
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+              and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    static.update(t.name for t in model.graph.initializer)
+    opset = default_opset(model)
+    for node in model.graph.node:
+        rule = registry.lookup(node.domain, node.op_type, opset)
+        if rule is not None and rule.reads_only_shape and node.input and node.input[0] in static:
+            return True
+    return False
 
 
 def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
@@ -404,8 +433,8 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
                 stored |= _masked_weights(graph, default_opset(model))
             held = _hold_unfolded(graph, default_opset(model))
             with quiet_ort():
-                graph.fold_constants(fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
-                                     flatten_subgraphs=False)
+                fold_constants(graph, fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
+                               flatten_subgraphs=False)
             for node, index, constant in held:
                 node.inputs[index] = constant
         except Exception as exc:  # folding is an optimisation; analysis copes without it

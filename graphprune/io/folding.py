@@ -1,0 +1,90 @@
+"""Constant folding with onnx-graphsurgeon, without its unsound cast elision.
+
+With ``fold_shapes=True``, ``Graph.fold_constants`` first rewrites
+``Cast(int -> float) -> Sub -> Cast(-> int)`` to run the ``Sub`` on the integers (TensorRT
+wants integer shape tensors). It checks only the inputs that come from such casts: another
+float input stays float, so the op is handed an integer and a float (ONNX Runtime then
+refuses the whole fold: OPT's ``(cumsum(mask) * mask - 1).long()``, which froze its heads),
+and a float constant is truncated (``(n.float() * 0.5).long()`` would compute ``n * 0``).
+:func:`fold_constants` puts an ``Identity`` behind such an op, which the elision does not
+look through, and takes it out again after folding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.io.names import fresh_name
+
+__all__ = ["fold_constants"]
+
+#: the ops onnx-graphsurgeon 0.5-0.6 elides casts around (``run_cast_elision``)
+_ELIDED = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Greater", "Less", "Concat"})
+_TO_INT = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+
+
+def fold_constants(graph: gs.Graph, **options: Any) -> gs.Graph:
+    """``graph.fold_constants(**options)`` with the unsound cast elisions prevented."""
+    guards = _guard_cast_elision(graph) if options.get("fold_shapes", True) else []
+    try:
+        graph.fold_constants(**options)
+    finally:
+        for guard in guards:
+            _remove(graph, guard)
+    return graph
+
+
+def _cast_to(tensor: gs.Tensor, to: tuple[int, ...]) -> bool:
+    return len(tensor.inputs) == 1 and tensor.inputs[0].op == "Cast" and tensor.inputs[0].attrs.get("to") in to
+
+
+def _whole(tensor: gs.Tensor) -> bool:
+    """A constant that casting to an integer type leaves unchanged."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    values = np.asarray(tensor.values)
+    return not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.floor(values) == values))
+
+
+def _guard_cast_elision(graph: gs.Graph) -> list[gs.Node]:
+    """An ``Identity`` between each op the elision would get wrong and the integer casts
+    that read it (the elision needs every reader to be such a cast)."""
+    taken = set(graph.tensors())
+    names = {node.name for node in graph.nodes}
+    guards = []
+    for node in list(graph.nodes):
+        if node.op not in _ELIDED or any(out in graph.outputs for out in node.outputs):
+            continue
+        readers = [reader for out in node.outputs for reader in out.outputs]
+        if not readers or not all(r.op == "Cast" and r.attrs.get("to") in _TO_INT for r in readers):
+            continue
+        cast = [t for t in node.inputs if _cast_to(t, (onnx.TensorProto.FLOAT,))]
+        if not cast or all(t in cast or _whole(t) for t in node.inputs):
+            continue  # nothing to elide, or an elision that computes the same
+        for out in node.outputs:
+            through = gs.Variable(fresh_name(f"{out.name}__gp_kept", taken), out.dtype, out.shape)
+            for reader in list(out.outputs):
+                reader.inputs[reader.inputs.index(out)] = through
+            guard = gs.Node("Identity", name=fresh_name(f"{node.name}__gp_kept", names), inputs=[out],
+                            outputs=[through])
+            graph.nodes.append(guard)
+            guards.append(guard)
+    return guards
+
+
+def _remove(graph: gs.Graph, guard: gs.Node) -> None:
+    """Take a guard out: its readers read its input again (unless folding made it a constant)."""
+    if not guard.outputs or not isinstance(guard.outputs[0], gs.Variable) or not guard.inputs:
+        return
+    source, through = guard.inputs[0], guard.outputs[0]
+    for reader in list(through.outputs):
+        for index, tensor in enumerate(reader.inputs):
+            if tensor is through:
+                reader.inputs[index] = source
+    guard.inputs.clear()
+    guard.outputs.clear()
+    graph.nodes.remove(guard)
