@@ -16,6 +16,9 @@ channel group into its prunable *units* (one unit = the set of elements that go 
 - ``GroupTie(groups)``: ``a`` and ``b`` are the input and output channels of a grouped
   convolution; every channel of conv group ``j`` on either side goes together.
 - ``Modulo(period)``: ``a[i] <-> b[i % period]``; the same position in every conv group.
+- ``SharedDigit(size, stride_a, stride_b)``: ``a[i] <-> b[j]`` when both hold the same digit of
+  one factor of ``size`` that each contains at its own place (``nn.MultiheadAttention``'s
+  heads: the outer factor of the projection's width, the inner one of ``batch x heads``).
 """
 
 from __future__ import annotations
@@ -124,3 +127,31 @@ class Modulo(IndexMap):
 
 
 IDENTITY = Identity()
+
+
+@dataclass(frozen=True)
+class SharedDigit(IndexMap):
+    """``a[i] <-> b[j]`` when ``(i // stride_a) % size == (j // stride_b) % size``: a factor of
+    ``size`` that both merged axes contain, at different places. ``[S, B, H*D] -> [S, B*H, D]``
+    (``torch.nn.functional.multi_head_attention_forward``) moves the heads from the outer
+    factor of the width (stride ``D``) to the inner factor of ``B*H`` (stride 1): a head owns
+    ``D`` consecutive features on one side and every ``H``-th row on the other."""
+
+    size: int
+    stride_a: int
+    stride_b: int
+
+    def pairs(self, n_a: int, n_b: int) -> tuple[np.ndarray, np.ndarray]:
+        ia = np.arange(n_a, dtype=np.int64)
+        ib = np.arange(n_b, dtype=np.int64)
+        da = (ia // self.stride_a) % self.size
+        db = (ib // self.stride_b) % self.size
+        # every index joins the first index of the other side that holds its digit
+        return np.concatenate([ia, db * self.stride_a]), np.concatenate([da * self.stride_b, ib])
+
+    def check(self, n_a: int, n_b: int) -> str | None:
+        if min(self.size, self.stride_a, self.stride_b) <= 0 or n_a % (self.size * self.stride_a) \
+                or n_b % (self.size * self.stride_b):
+            return (f"shared digit of {self.size} (strides {self.stride_a}, {self.stride_b}) between sizes "
+                    f"{n_a} and {n_b}")
+        return None

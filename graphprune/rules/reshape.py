@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.index_maps import Digit
+from graphprune.analysis.index_maps import Digit, SharedDigit
 from graphprune.analysis.shape_trace import ProductRead, QuotientRead, ScaledRead, ShapeTrace
 from graphprune.rules.registry import OpRule, register
 
@@ -143,6 +143,14 @@ def _undoing_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: 
     upstream for the merge). The dynamo exporter transposes the keys of windowed attention
     as ``[nW, H, S, D] -> [nW*H, S, D] -> Transpose -> [nW, H, D, S]``: the head facts live on
     the far side only. None where no such Reshape is found."""
+    found = _undoing_split(ctx, merged, m_axis, sizes, forward=forward, depth=depth)
+    return None if found is None else [ctx.component_facts(found[0], a) for a in found[1]]
+
+
+def _undoing_split(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: list[int | None],
+                   *, forward: bool, depth: int = 4) -> tuple[gs.Tensor, list[int]] | None:
+    """The far side of the Reshape that undoes a merge (see :func:`_undoing_facts`): the tensor
+    and its axes that hold ``sizes``."""
     tensor, axis = merged, m_axis
     for _ in range(depth):
         nodes = list(tensor.outputs) if forward else list(tensor.inputs)
@@ -161,13 +169,58 @@ def _undoing_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: 
             for bi, bj in blocks or ():
                 near_axes, far_axes = (bi, bj) if forward else (bj, bi)
                 if near_axes == [axis] and [shape_far[a] for a in far_axes] == sizes:
-                    return [ctx.component_facts(far, a) for a in far_axes]
+                    return far, far_axes
             return None
         step = _axis_through(ctx, node, tensor, axis, forward)
         if step is None:
             return None
         tensor, axis = step
     return None
+
+
+def _factor_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, factored: gs.Tensor, f_axes: list[int],
+                  sizes: list[int | None], merged_is_out: bool) -> list[frozenset[str]] | None:
+    """The facts of the factors as the Reshape that undoes this one knows them; for a split
+    whose factors are merged again right away (``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D]``,
+    the unoptimised dynamo export's keys), as the Reshape that undoes that merge knows them."""
+    facts = _undoing_facts(ctx, merged, m_axis, sizes, forward=merged_is_out)
+    if facts is None and not merged_is_out:
+        again = _remerged(ctx, factored, f_axes)
+        facts = None if again is None else _undoing_facts(ctx, *again, sizes, forward=True)
+    return facts
+
+
+def _remerged(ctx: CouplingContext, tensor: gs.Tensor, axes: list[int]) -> tuple[gs.Tensor, int] | None:
+    """The axis that a Reshape reading only ``tensor`` merges ``axes`` (consecutive) into."""
+    readers = list(tensor.outputs)
+    if len(readers) != 1 or readers[0].op != "Reshape" or readers[0].inputs[0] is not tensor:
+        return None
+    y = readers[0].outputs[0]
+    shape_x, shape_y = ctx.shape(tensor), ctx.shape(y)
+    if shape_x is None or shape_y is None:
+        return None
+    for bi, bj in _blocks(shape_x, shape_y) or ():
+        if bi == axes and len(bj) == 1:
+            return y, bj[0]
+    return None
+
+
+def _leads_to_heads(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, batch: int, heads: int,
+                    *, forward: bool) -> bool:
+    """Does the Reshape that splits ``batch x heads`` again give the heads a factor that the
+    attention product counts as heads? Followed through one split-and-merge-again (the
+    unoptimised dynamo export's keys: ``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D] ->
+    Transpose -> [B, H, D, S]``)."""
+    found = _undoing_split(ctx, merged, m_axis, [batch, heads], forward=forward)
+    for _ in range(2):
+        if found is None:
+            return False
+        far, axes = found
+        if "head" in ctx.component_facts(far, axes[1]):
+            return True
+        again = _remerged(ctx, far, axes) if forward else None
+        found = None if again is None else _undoing_split(ctx, *again, [batch, heads], forward=True)
+    return False
 
 
 @dataclass(frozen=True)
@@ -253,8 +306,8 @@ def couple_reshape(
             )
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            undone = partial(_undoing_facts, ctx, merged, m_axis, [f_shape[a] for a in candidates],
-                             forward=merged_is_out) if candidates == f_axes else None
+            undone = partial(_factor_facts, ctx, merged, m_axis, factored, candidates,
+                             [f_shape[a] for a in candidates], merged_is_out) if candidates == f_axes else None
             chosen = _channel_factor(ctx, factored, candidates, undone) if candidates else f_axes[0]
             if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
                 # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
@@ -266,6 +319,8 @@ def couple_reshape(
             for a in f_axes:
                 if a != chosen and not ctx.is_spatial(factored, a):
                     ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
+            continue
+        if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape):
             continue
         # many-to-many: couple the outer factors when one divides the other
         sa, sb = in_shape[bi[0]], out_shape[bj[0]]
@@ -284,6 +339,38 @@ def couple_reshape(
             for a in axes:
                 if (t.name, a) not in coupled and not ctx.is_spatial(t, a):
                     ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
+    return True
+
+
+def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
+                        in_shape: list[int | None], out_shape: list[int | None]) -> bool:
+    """Attention heads moved between the width and the batch: ``[S, B, H*D] -> [S, B*H, D]``
+    (``torch.nn.functional.multi_head_attention_forward``, so every ``nn.MultiheadAttention``,
+    and fairseq's attention), or back. The factor ``H`` is the outer digit of the width and the
+    inner digit of ``B*H``: the two axes are coupled by that shared digit (a head is a unit),
+    the batch is not coupled to ``B*H`` (it freezes), nor is ``D`` (the head size stays whole).
+    Only where the reshape that splits ``B*H`` again says ``H`` counts heads (its far side
+    holds the attention product's head axis); False otherwise."""
+    if len(bi) != 2 or len(bj) != 2:
+        return False
+    (a_in, w_in), (a_out, w_out) = (in_shape[bi[0]], in_shape[bi[1]]), (out_shape[bj[0]], out_shape[bj[1]])
+    if None in (a_in, w_in, a_out, w_out):
+        return False
+    if a_out > a_in and a_out % a_in == 0 and w_in == (a_out // a_in) * w_out:  # heads into the batch
+        heads = a_out // a_in
+        width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = x, bi[1], y, bj[0], x, bi[0], y, bj[1]
+    elif a_in > a_out and a_in % a_out == 0 and w_out == (a_in // a_out) * w_in:  # heads out of the batch
+        heads = a_in // a_out
+        width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = y, bj[1], x, bi[0], y, bj[0], x, bi[1]
+    else:
+        return False
+    batch = (a_out if merged is y else a_in) // heads
+    if ctx.is_spatial(width, w_axis) or not _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y):
+        return False
+    ctx.couple(width, w_axis, merged, m_axis, SharedDigit(heads, ctx.shape(head_size)[h_axis], 1))  # type: ignore[index]
+    ctx.freeze(outer, o_axis, f"batch re-factored with the heads at {ctx.where()}")
+    if not ctx.is_spatial(head_size, h_axis):
+        ctx.freeze(head_size, h_axis, f"inner factor of a reshaped axis at {ctx.where()}")
     return True
 
 

@@ -1,0 +1,74 @@
+"""The heads of ``nn.MultiheadAttention`` (``torch.nn.functional.multi_head_attention_forward``).
+
+PyTorch's own attention views the projected queries as ``[S, B, H*D] -> [S, B*H, D]``: the head
+factor moves from the outer digit of the width to the inner digit of ``batch x heads``. The
+Reshape rule coupled the width with the head size there (a unit of ``D`` positions, one in each
+head) and froze the heads, so no ``nn.TransformerEncoderLayer`` (nor torchvision's ViT) exported
+with fixed shapes had prunable heads, through either exporter. The width and ``B*H`` are now
+coupled by the shared head digit (``SharedDigit``) where the reshape that splits ``B*H`` again
+leads to the attention product's head axis.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+from graphprune.frontends.torch import apply_plan, check_module, prune_module
+from graphprune.frontends.torch.export import to_onnx
+from torch import nn
+
+import graphprune
+from graphprune.analysis.index_maps import SharedDigit
+
+WIDTH, HEADS, LAYERS = 32, 4, 2
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 64, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        torch.manual_seed(0)
+        for p in self.parameters():  # the layers are copies of one: make them differ
+            nn.init.normal_(p, std=0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def _example(batch_first: bool) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 6, WIDTH) if batch_first else torch.randn(6, 2, WIDTH)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multi_head_attention_heads_are_prunable_and_verified(exporter, batch_first):
+    model: onnx.ModelProto = to_onnx(Encoder(batch_first).eval(), (_example(batch_first),), exporter=exporter)
+    analysis = graphprune.analyze(model)
+    heads = [g for g in analysis.groups if g.num_units == HEADS and g.prunable]
+    assert len(heads) == LAYERS, [(g.anchor, g.num_units, g.frozen[:1]) for g in analysis.groups]
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert result.report["kinds"]["head"]["prunable"] == LAYERS
+
+
+def test_prune_module_removes_multi_head_attention_heads():
+    model = Encoder(batch_first=True).eval()
+    x = _example(True)
+    result = prune_module(model, (x,), ratio=0.5, exporter="torchscript")
+    pruned = apply_plan(copy.deepcopy(model), result.plan)
+    assert check_module(pruned, result.model, (x,)) < 1e-4
+    attention = pruned.encoder.layers[0].self_attn
+    assert attention.num_heads < HEADS and attention.out_proj.in_features == attention.num_heads * WIDTH // HEADS
+
+
+def test_shared_digit_pairs_a_head_with_its_rows_and_columns():
+    a, b = SharedDigit(4, 8, 1).pairs(32, 8)  # width H*D = 4*8, batch x heads = 2*4
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        assert i // 8 == j % 4
+    assert SharedDigit(4, 8, 1).check(32, 8) is None
+    assert SharedDigit(4, 8, 1).check(30, 8) is not None
