@@ -506,13 +506,14 @@ def test_apply_plan_refuses_unknown_names_and_leaves_the_module_alone():
 
 
 def test_apply_plan_refuses_unsupported_modules_and_axes():
-    class Scale(nn.Module):  # a matrix parameter: no handler, not even one found by its parameters
+    class Scale(nn.Module):  # a float buffer beside its parameter: no handler, not even one found by what it holds
         def __init__(self):
             super().__init__()
             self.gain = nn.Parameter(torch.ones(4, 1))
+            self.register_buffer("shift", torch.zeros(4))
 
         def forward(self, x):
-            return x * self.gain.T
+            return x * self.gain.T + self.shift
 
     model = nn.Sequential(nn.Linear(3, 4), Scale())
     with pytest.raises(gpt.PlanMappingError, match="no handler for Scale"):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from graphprune.frontends.torch.errors import PlanMappingError
 from graphprune.frontends.torch.handlers import handler_for
+from graphprune.frontends.torch.module_handler import ModuleHandler
 from torch import nn
 
 from graphprune.planning.plan import Plan
@@ -88,6 +89,7 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
         for full, sub, local in owners[key]:
             prefix = full[: -len(local) - 1] if full != local else ""
             touched.setdefault(id(sub), (prefix, sub, {}))[2][local] = by_axis
+    chosen: dict[int, ModuleHandler] = {}  # asked once: a duck handler may not match the sliced module
     for prefix, sub, sub_cuts in touched.values():
         handler = handler_for(sub)
         if handler is None:
@@ -96,6 +98,17 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
                 "register one with register_module_handler or protect it with keep=[...]"
             )
         handler.check(sub, _as_handled(sub, sub_cuts), prefix or type(sub).__name__)
+        chosen[id(sub)] = handler
+    containers = []
+    for prefix, sub in module.named_modules():
+        handler = handler_for(sub)
+        if handler is None or not handler.container:
+            continue
+        start = f"{prefix}." if prefix else ""
+        below = {n[len(start):]: c for n, c in cuts.items() if n.startswith(start)}
+        if below:
+            handler.check_below(sub, below, prefix or type(sub).__name__)
+            containers.append((handler, sub, below))
     # slice
     new: dict[int, torch.Tensor] = {}
     for key, by_axis in per_tensor.items():
@@ -123,15 +136,9 @@ def apply_plan(module: nn.Module, plan: Plan | Mapping[str, Mapping[Any, Sequenc
         for name in set(_pruning_masks(sub).values()) & set(_as_handled(sub, sub_cuts)):
             # the pruning hook computes the weight before each forward: now, for the handler
             setattr(sub, name, getattr(sub, f"{name}_orig") * getattr(sub, f"{name}_mask"))
-        handler_for(sub).update(sub, _as_handled(sub, sub_cuts), _as_handled(sub, old))  # type: ignore[union-attr]
-    for prefix, sub in module.named_modules():
-        handler = handler_for(sub)
-        if handler is None or not handler.container:
-            continue
-        start = f"{prefix}." if prefix else ""
-        below = {n[len(start):]: c for n, c in cuts.items() if n.startswith(start)}
-        if below:
-            handler.update(sub, below, {})
+        chosen[id(sub)].update(sub, _as_handled(sub, sub_cuts), _as_handled(sub, old))
+    for handler, sub, below in containers:
+        handler.update(sub, below, {})
     return module
 
 

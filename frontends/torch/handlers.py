@@ -7,47 +7,23 @@ One :class:`ModuleHandler` per module type, registered with :func:`register_modu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from graphprune.frontends.torch.attention import PrunedMultiheadAttention, mha_layout, mha_row_cuts
+from graphprune.frontends.torch.duck_handlers import (
+    DUCK_HANDLERS,
+    Conv1DHandler,
+    ExpertsHandler,
+    HeadCountsHandler,
+    OwnParametersHandler,
+)
 from graphprune.frontends.torch.errors import PlanMappingError
+from graphprune.frontends.torch.module_handler import ModuleHandler
 from torch import nn
 
 from graphprune.errors import UsageError
 
-__all__ = ["DUCK_HANDLERS", "HANDLERS", "ExpertsHandler", "ModuleHandler", "VectorParametersHandler", "handler_for",
-           "register_module_handler"]
-
-
-class ModuleHandler:
-    """How one module type is sliced: prunable axes per parameter, attributes to update.
-
-    A handler with ``container = True`` is for a module whose *children* own the
-    parameters but which keeps sizes of its own (a head count in a custom attention): its
-    :meth:`update` runs after the children were sliced, with ``cuts`` keyed by the
-    descendants' names relative to it.
-    """
-
-    module_types: tuple[type[nn.Module], ...] = ()
-    #: local parameter/buffer name -> axes a plan may cut
-    axes: dict[str, tuple[int, ...]] = {}
-    container: bool = False
-
-    def check(self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]], where: str) -> None:
-        for name, by_axis in cuts.items():
-            allowed = self.axes.get(name)
-            if allowed is None or any(a not in allowed for a in by_axis):
-                raise PlanMappingError(
-                    f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} "
-                    f"'{where}' (prunable: {self.axes or 'none'})"
-                )
-
-    def update(
-        self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]],
-        old: Mapping[str, tuple[int, ...]],
-    ) -> None:
-        """Fix the attributes after slicing (``old`` holds shapes before the cut)."""
+__all__ = ["DUCK_HANDLERS", "HANDLERS", "Conv1DHandler", "ExpertsHandler", "HeadCountsHandler", "ModuleHandler",
+           "OwnParametersHandler", "handler_for", "register_module_handler"]
 
 
 HANDLERS: dict[type[nn.Module], ModuleHandler] = {}
@@ -236,84 +212,3 @@ class RecurrentHandler(ModuleHandler):
         module.hidden_size = int(module.weight_hh_l0.shape[1])
         module.input_size = int(module.weight_ih_l0.shape[1])
         module._init_flat_weights()  # the parameters were replaced under the module's list
-
-
-class ExpertsHandler(ModuleHandler):
-    """A mixture of experts' stacked expert weights as Hugging Face's ``*Experts`` modules hold
-    them: 3-D ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, ``[experts, ...]``, optional
-    ``*_bias``, and the inner width in an attribute (``intermediate_dim``,
-    ``intermediate_size``, ``expert_dim``). Each model family has its own class
-    (``MixtralExperts``, ``OlmoeExperts``, ...), so it is found by those parameters
-    (:meth:`matches`), not by type. The plan may cut the inner axis only (never the experts,
-    never the hidden size): ``k`` neurons off ``down_proj``, ``2 k`` elements off
-    ``gate_up_proj`` (``k`` off ``up_proj``)."""
-
-    INNER = ("intermediate_dim", "intermediate_size", "expert_dim")
-    WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        params = module._parameters
-        down = params.get("down_proj")
-        up = params.get("gate_up_proj", params.get("up_proj"))
-        return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
-
-    def _inner(self, module: nn.Module) -> int | None:
-        return next((v for a in self.INNER if isinstance(v := getattr(module, a, None), int)), None)
-
-    def check(self, module, cuts, where):
-        inner = self._inner(module)
-        if inner is None:
-            raise PlanMappingError(f"{type(module).__name__} '{where}' keeps its inner width in no attribute "
-                                   f"({', '.join(self.INNER)}): register a handler for it")
-        removed: dict[str, int] = {}
-        for name, by_axis in cuts.items():
-            t = getattr(module, name, None)
-            packed = name.startswith("gate_up_proj")
-            axes = [a for a, idx in by_axis.items() if len(idx)]
-            ok = (name.removesuffix("_bias") in self.WEIGHTS and name != "down_proj_bias" and t is not None
-                  and len(axes) == 1 and axes[0] != 0 and int(t.shape[axes[0]]) == (2 if packed else 1) * inner)
-            if not ok:
-                raise PlanMappingError(f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} "
-                                       f"'{where}' (only the experts' inner width, {inner})")
-            removed[name] = len(by_axis[axes[0]]) // (2 if packed else 1)
-        if "down_proj" not in removed or len(set(removed.values())) != 1:
-            raise PlanMappingError(f"the plan cuts the experts of '{where}' unevenly: {removed}")
-
-    def update(self, module, cuts, old):
-        inner = self._inner(module)
-        removed = sum(len(idx) for idx in cuts["down_proj"].values())
-        for name in self.INNER:
-            if getattr(module, name, None) == inner:
-                setattr(module, name, inner - removed)
-
-
-#: handlers found by what a module holds rather than by its type (:meth:`matches`)
-DUCK_HANDLERS: list[ModuleHandler] = [ExpertsHandler()]
-
-
-class VectorParametersHandler(ModuleHandler):
-    """A module whose own parameters are all vectors over one channel axis and that keeps no
-    width of its own: Hugging Face's per-model RMSNorm classes (``LlamaRMSNorm``,
-    ``OlmoeRMSNorm``: ``weight`` and ``variance_epsilon``), a learned per-channel scale.
-    Found by what it holds (:meth:`matches`). A module with an integer attribute equal to the
-    width it loses may read that width in ``forward``: refused, it needs a handler of its own."""
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        params = [p for p in module._parameters.values() if p is not None]
-        return (bool(params) and all(p.dim() == 1 for p in params)
-                and not any(True for _ in module.children()) and not module._buffers)
-
-    def check(self, module, cuts, where):
-        sizes = {int(getattr(module, name).shape[0]) for name in cuts}
-        for name, by_axis in cuts.items():
-            if name not in module._parameters or set(by_axis) - {0}:
-                raise PlanMappingError(f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} '{where}'")
-        widths = [a for a, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool) and v in sizes]
-        if widths:
-            raise PlanMappingError(f"{type(module).__name__} '{where}' keeps its width in {widths}: register a "
-                                   "handler for it or protect it with keep=[...]")
-
-
-DUCK_HANDLERS.append(VectorParametersHandler())

@@ -47,8 +47,12 @@ def map_plan(plan: Plan, model: onnx.ModelProto, module: nn.Module | Iterable[st
     return map_plan_with(plan, parameter_sources(model, names))
 
 
-def map_plan_with(plan: Plan, sources: ParameterSources) -> Plan:
-    """:func:`map_plan` with the export's :func:`parameter_sources` already at hand."""
+def map_plan_with(plan: Plan, sources: ParameterSources, *, constants: Iterable[str] | None = None) -> Plan:
+    """:func:`map_plan` with the export's :func:`parameter_sources` already at hand.
+    ``constants``: the constants of the prepared graph the plan was made on (a shared
+    constant's per-reader copies by their own names), where known: a tensor the preparation
+    left computed from a parameter is then not expected in the plan (see
+    :meth:`ParameterSources.check`)."""
     out = Plan(erase=list(plan.erase), meta={**plan.meta, "keys": "torch state_dict"})
     unmapped: set[str] = set()
     param_cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
@@ -77,7 +81,8 @@ def map_plan_with(plan: Plan, sources: ParameterSources) -> Plan:
             )
         )
     _check_shared(reader_cuts, sources)
-    sources.check(plan_cuts(plan), param_cuts)
+    stored = None if constants is None else {tied_origin(name) for name in constants}
+    sources.check(plan_cuts(plan), param_cuts, stored)
     if unmapped:
         out.meta["unmapped"] = sorted(unmapped)
     return out

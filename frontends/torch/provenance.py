@@ -183,6 +183,7 @@ class ParameterSources:
         self,
         onnx_cuts: Mapping[str, Mapping[int, Iterable[int]]],
         param_cuts: Mapping[str, Mapping[int, Iterable[int]]],
+        constants: set[str] | None = None,
     ) -> None:
         """Every constant the plan can see loses exactly what its parameters lose.
 
@@ -191,9 +192,14 @@ class ParameterSources:
         removes the union of their units; every leaf and direct parameter in that group must
         be cut by exactly those elements (a parameter used twice, pruned in one use only, is
         refused), and a cut parameter that a chain reads must be coupled to that chain.
+        ``constants``: the constants of the graph the plan was made on, where known. A leaf
+        that graph computes rather than stores (its preparation folded nothing: a ConvNeXt's
+        ``Transpose`` of a ``Linear`` weight stays a node) is no constant a plan can name;
+        its cut follows from its parameter's through the op's rule.
         """
         touched: dict[int, set[int]] = {}
         groups: dict[int, ChannelGroup] = {}
+        visible = self.visible if constants is None else self.direct | (self.leaves & constants)
 
         def touch(group: ChannelGroup, dim: Dim, indices: Iterable[int]) -> None:
             idx = np.asarray(sorted(set(indices)), dtype=np.int64)
@@ -208,7 +214,6 @@ class ParameterSources:
             for axis, idx in axes.items():
                 why = f"the plan cuts parameter '{name}' axis {axis}"
                 touch(self.group(name, int(axis), why=why), (name, int(axis)), idx)
-        visible = self.visible
         for tensor, axes in onnx_cuts.items():
             if tensor not in visible:
                 continue  # literals; parameters that only chains read came in param_cuts

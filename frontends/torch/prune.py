@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 from graphprune.frontends.torch.export import ExampleInputs, to_onnx
 from graphprune.frontends.torch.mapping import map_plan_with
 from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
@@ -83,7 +84,9 @@ def prune_module(
         exported, ratio=ratio, criterion=criterion, plan=plan,
         keep=expand_keep(keep, names, sources, onnx_names), **prune_options,
     )
-    mapped = map_plan_with(result.plan, sources)
+    analysed = result.analysis.graph if result.analysis is not None else None
+    constants = None if analysed is None else [n for n, t in analysed.tensors().items() if isinstance(t, gs.Constant)]
+    mapped = map_plan_with(result.plan, sources, constants=constants)
     model = result.model  # the weights are in the proto now: the temporary folder can go
     result.close()
     return TorchPruneResult(model, mapped, result.plan, result.report, exported, result)
