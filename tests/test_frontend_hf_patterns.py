@@ -1,6 +1,8 @@
 """``prune_module`` -> ``apply_plan`` -> ``check_module`` on the module patterns of Hugging Face's
 model families, built here in plain PyTorch (the suite does not install transformers):
 
+- BERT-style self-attention (RemBERT, RoFormer, DPT, YOLOS, GLPN, SwinV2) reshaping by
+  ``self.num_attention_heads`` and ``self.all_head_size``, its output projection a sibling;
 - GPT-2's transposed linear layer (``Conv1D``: ``weight [in, out]``, width in ``nf``) and an
   attention that splits its fused projection by ``self.split_size`` and reshapes by
   ``self.num_heads`` (GPT-2, OPT, Bloom, Falcon, StableLM keep their counts in attributes);
@@ -159,6 +161,65 @@ def test_a_cut_of_part_of_a_head_is_refused_before_anything_changes():
         apply_plan(model, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.blocks[0].attn.num_heads == HEADS
+
+
+class BertSelfAttention(nn.Module):
+    """RemBERT's, RoFormer's, DPT's: q, k, v here, the output projection in a sibling module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = HEADS, HEAD
+        self.all_head_size = HEADS * HEAD
+        self.query, self.key, self.value = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)
+        q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        out = _attend(q, k, v).transpose(1, 2).contiguous()
+        return out.view(out.size()[:-2] + (self.all_head_size,))
+
+
+class BertAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self = BertSelfAttention()
+        self.output = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x))
+
+
+def test_a_self_attention_whose_output_projection_is_a_sibling():
+    torch.manual_seed(5)
+    model = Decoder(BertAttention).eval()
+    pruned, _ = _prune(model, torch.randn(1, 6, HIDDEN), "torchscript", ratio=0.5)
+    attn = pruned.blocks[0].attn.self
+    assert attn.num_attention_heads < HEADS and attn.all_head_size == attn.num_attention_heads * HEAD
+
+
+class OneHeadAttention(nn.Module):
+    """SegFormer's first stage: one head, reshaped by ``self.head_dim``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_attention_heads, self.head_dim = 1, HIDDEN
+        self.scaling = HIDDEN**-0.5
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+        self.o_proj = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, -1, self.head_dim).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
+        out = torch.softmax(q @ k.transpose(-1, -2) * self.scaling, dim=-1) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_the_size_of_a_single_head_follows_its_cut():
+    torch.manual_seed(4)
+    model = Decoder(OneHeadAttention).eval()
+    pruned, _ = _prune(model, torch.randn(1, 6, HIDDEN), "torchscript", ratio=0.5)
+    attn = pruned.blocks[0].attn
+    assert attn.num_attention_heads == 1 and attn.head_dim == attn.o_proj.in_features < HIDDEN
 
 
 class LayerScaleBlock(nn.Module):

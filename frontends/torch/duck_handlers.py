@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 from graphprune.frontends.torch.errors import PlanMappingError
@@ -93,6 +94,15 @@ class Conv1DHandler(ModuleHandler):
         module.nx, module.nf = (int(s) for s in module.weight.shape)
 
 
+class _Counts(NamedTuple):
+    heads: int
+    new: int
+    kv: int | None
+    new_kv: int | None
+    size: int
+    new_size: int
+
+
 def _linear_axes(child: nn.Module) -> tuple[int, int] | None:
     """``(input axis, output axis)`` of a child linear layer's weight (``None``: not one)."""
     weight = child._parameters.get("weight") if isinstance(child, nn.Module) else None
@@ -107,15 +117,19 @@ class HeadCountsHandler(ModuleHandler):
     ``FalconAttention``, ``BloomAttention``, ``T5Attention``, GPT-2's, Phi-3's, StableLM's),
     which reshape by ``self.num_heads`` or split by ``self.split_size``. Found by what it
     holds (:meth:`matches`): an integer head size and head count, and an output projection
-    among its children.
+    among its children (or, for BERT's self-attention, whose output is a sibling module, a
+    value projection).
 
     After its children lost whole heads, the counts follow: query heads from the output
-    projection's input width, key/value heads from the key projection's output width (or a
+    projection's input width (the value projection's output width), key/value heads from the key projection's output width (or a
     fused projection's: ``q + 2 kv`` heads). The widths kept as ``heads x head size``
     (``split_size``, ``all_head_size``, ``inner_dim``; not ``embed_dim``, which CodeGen lays
     its fused projection out by and GPT-BigCode splits it by) and ``num_key_value_groups`` follow
     too, and a module that reads its counts from the model's ``config`` (Phi-3) gets a copy
-    of it with its own counts (the model's other layers keep theirs). Its own per-head
+    of it with its own counts (the model's other layers keep theirs). Where there is one head,
+    its size may be cut instead (SegFormer's first stage): the head size follows, where the
+    module keeps its score scale (``scaling``) rather than computing it from the head size
+    (GLPN, PVTv2: refused). Its own per-head
     vectors (GPT-OSS's attention sinks) are cut with it. A cut that is not whole heads is
     refused before anything changes. What it cannot know is a count kept outside the
     module (Bloom's and MPT's ALiBi slopes, built by the model for all layers at once): run
@@ -130,7 +144,9 @@ class HeadCountsHandler(ModuleHandler):
     #: attributes that hold query heads x head size
     WIDTHS = ("split_size", "all_head_size", "inner_dim")
     OUTPUT = ("o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out_lin")
+    QUERY_PROJ = ("q_proj", "query", "q", "q_lin", "query_proj")
     KEY = ("k_proj", "key", "k", "k_lin", "key_proj")
+    VALUE = ("v_proj", "value", "v", "v_lin", "value_proj")
     FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")
 
     @classmethod
@@ -156,20 +172,22 @@ class HeadCountsHandler(ModuleHandler):
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return (not isinstance(module, nn.MultiheadAttention) and cls._first(module, cls.HEAD_SIZE) is not None
-                and cls._heads(module) is not None and cls._child(module, cls.OUTPUT) is not None)
+                and cls._heads(module) is not None
+                and (cls._child(module, cls.OUTPUT) is not None or cls._child(module, cls.VALUE) is not None))
 
     def check(self, module, cuts, where):
-        """Its own parameters: per-head vectors only (``[heads]``, cut along the heads)."""
+        """Its own parameters: per-head ones only (``[heads, ...]``, cut along the heads:
+        GPT-OSS's sinks, SwinV2's logit scale)."""
         heads = self._heads(module)
         for name, by_axis in cuts.items():
             t = module._parameters.get(name)
-            if t is None or t.dim() != 1 or int(t.shape[0]) != heads or set(by_axis) - {0}:
+            if t is None or int(t.shape[0]) != heads or set(by_axis) - {0}:
                 raise PlanMappingError(f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} "
-                                       f"'{where}' (its own parameters: per-head vectors of {heads} only)")
+                                       f"'{where}' (its own parameters: per-head ones of {heads} only)")
 
-    def _counts(self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]], where: str
-                ) -> tuple[int, int, int | None, int | None]:
-        """``(old query heads, new, old key/value heads, new)``; raises on a cut of part of a head."""
+    def _counts(self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]], where: str) -> _Counts:
+        """The head counts and head size before and after ``cuts``; raises on a cut of part of
+        a head (except where there is one head: its size may shrink, SegFormer's first stage)."""
         size = self._first(module, self.HEAD_SIZE)[1]  # type: ignore[index]
         heads = self._heads(module)
         assert heads is not None  # matches() found them
@@ -185,7 +203,19 @@ class HeadCountsHandler(ModuleHandler):
                 raise PlanMappingError(f"the plan cuts {count} {what} of '{where}', not whole heads of {size}")
             return count // size
 
-        dq = whole(removed(self._child(module, self.OUTPUT), 1), "inputs of its output projection")
+        output = self._child(module, self.OUTPUT)  # BERT's self-attention: the value projection
+        out_cut = removed(output, 1) if output is not None else removed(self._child(module, self.VALUE), 2)
+        if heads == 1 and out_cut % size:  # one head whose size is cut: q, k and v must lose as much
+            projections = [self._child(module, names) for names in (self.QUERY_PROJ, self.KEY, self.VALUE)]
+            if None in projections or {removed(p, 2) for p in projections} != {out_cut} or kv is not None:
+                raise PlanMappingError(f"the plan cuts the one head of '{where}' to different sizes in its "
+                                       "projections")
+            if not any(isinstance(getattr(module, a, None), float) for a in ("scaling", "scale")):
+                raise PlanMappingError(f"the plan cuts the size of the one head of '{where}', which keeps no score "
+                                       "scale of its own (it may compute it from the head size): protect it with "
+                                       "keep=[...]")
+            return _Counts(1, 1, None, None, size, size - out_cut)
+        dq = whole(out_cut, "inputs of its output projection")
         for name, by_axis in cuts.items():  # own per-head vectors lose the same heads
             if "." not in name and len(by_axis.get(0, ())) != dq:
                 raise PlanMappingError(f"the plan cuts '{where}.{name}' by {len(by_axis.get(0, ()))} heads and "
@@ -206,7 +236,7 @@ class HeadCountsHandler(ModuleHandler):
         new = heads - dq
         if new < 1 or (new_kv is not None and (new_kv < 1 or new % new_kv)):
             raise PlanMappingError(f"the plan leaves '{where}' {new} query heads and {new_kv} key/value heads")
-        return heads, new, None if kv is None else kv[1], new_kv
+        return _Counts(heads, new, None if kv is None else kv[1], new_kv, size, size)
 
     def check_below(self, module, cuts, where):
         self._counts(module, cuts, where)
@@ -214,33 +244,28 @@ class HeadCountsHandler(ModuleHandler):
     def update(self, module, cuts, old):
         if old:  # its own vectors were sliced; the counts follow once its children are (old == {})
             return
-        heads, new, kv, new_kv = self._counts(module, cuts, type(module).__name__)
-        if new == heads and new_kv == kv:
+        c = self._counts(module, cuts, type(module).__name__)
+        if c.new == c.heads and c.new_kv == c.kv and c.new_size == c.size:
             return
-        size = self._first(module, self.HEAD_SIZE)[1]  # type: ignore[index]
         changes: dict[str, int] = {}
-        for name in self.QUERY:
-            if _int(getattr(module, name, None)) == heads:
-                changes[name] = new
-        for name in self.KV:
-            if kv is not None and _int(getattr(module, name, None)) == kv:
-                changes[name] = new_kv  # type: ignore[assignment]
-        for name in self.WIDTHS:
-            if _int(getattr(module, name, None)) == heads * size:
-                changes[name] = new * size
-        for name in self.KV_WIDTHS:
-            if kv is not None and _int(getattr(module, name, None)) == kv * size:
-                changes[name] = new_kv * size  # type: ignore[operator]
-        if new_kv and _int(getattr(module, "num_key_value_groups", None)) is not None:
-            changes["num_key_value_groups"] = new // new_kv
+        for names, before, after in ((self.QUERY, c.heads, c.new), (self.KV, c.kv, c.new_kv),
+                                     (self.HEAD_SIZE, c.size, c.new_size),
+                                     (self.WIDTHS, c.heads * c.size, c.new * c.new_size),
+                                     (self.KV_WIDTHS, None if c.kv is None else c.kv * c.size,
+                                      None if c.new_kv is None else c.new_kv * c.new_size)):
+            for name in names:
+                if before is not None and after is not None and _int(getattr(module, name, None)) == before:
+                    changes[name] = after
+        if c.new_kv and _int(getattr(module, "num_key_value_groups", None)) is not None:
+            changes["num_key_value_groups"] = c.new // c.new_kv
         for name, value in changes.items():
             setattr(module, name, value)
         config = getattr(module, "config", None)
-        if config is not None and _int(getattr(config, "num_attention_heads", None)) == heads:
+        if config is not None and _int(getattr(config, "num_attention_heads", None)) == c.heads and c.new != c.heads:
             config = copy.copy(config)  # this layer's counts; the model's other layers keep theirs
-            config.num_attention_heads = new
-            if kv is not None and _int(getattr(config, "num_key_value_heads", None)) == kv:
-                config.num_key_value_heads = new_kv
+            config.num_attention_heads = c.new
+            if c.kv is not None and _int(getattr(config, "num_key_value_heads", None)) == c.kv:
+                config.num_key_value_heads = c.new_kv
             module.config = config
 
 

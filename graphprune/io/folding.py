@@ -68,7 +68,9 @@ def _guard_cast_elision(graph: gs.Graph) -> list[gs.Node]:
         for out in node.outputs:
             through = gs.Variable(fresh_name(f"{out.name}__gp_kept", taken), out.dtype, out.shape)
             for reader in list(out.outputs):
-                reader.inputs[reader.inputs.index(out)] = through
+                for index, tensor in enumerate(reader.inputs):
+                    if tensor is out:
+                        reader.inputs[index] = through
             guard = gs.Node("Identity", name=fresh_name(f"{node.name}__gp_kept", names), inputs=[out],
                             outputs=[through])
             graph.nodes.append(guard)
