@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Breadth check: 105 Hugging Face architectures as their own code initialises them, both exporters.
+"""Breadth check: 142 Hugging Face architectures as their own code initialises them, both exporters.
 
 Each architecture is built from a tiny config (2 layers, hidden 64, 4 heads where it has
 them) with ``AutoModel.from_config`` and **HF's own initialisation** (zero biases, unit
@@ -54,6 +54,11 @@ _SEQ2SEQ = dict(vocab_size=1000, d_model=64, encoder_layers=1, decoder_layers=1,
 
 
 _T5 = dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=1, num_heads=4)
+_RESNET = {"model_type": "resnet", "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "embedding_size": 16,
+           "out_features": ["stage4"]}
+_DETR = dict(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False, backbone_config=_RESNET, d_model=64,
+             encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=10)
 
 
 def _txt(**kw: object) -> dict:
@@ -205,6 +210,52 @@ SPECS: dict[str, tuple[dict, str]] = {
     "siglip_vision_model": (_VIT, "image"),
     "dpt": ({**_VIT, "neck_hidden_sizes": [16, 32, 64, 64], "fusion_hidden_size": 32,
              "backbone_out_indices": [0, 1, 1, 1]}, "image"),
+    # round 42: detection transformers (a ResNet backbone, encoder-decoder over object queries),
+    # newer vision backbones, encoders and decoders
+    "detr": (_DETR, "image"),
+    "conditional_detr": (_DETR, "image"),
+    "table-transformer": (_DETR, "image"),
+    "dab-detr": ({**_DETR, "hidden_size": 64}, "image"),
+    "deformable_detr": ({**_DETR, "backbone_config": {**_RESNET, "out_features": ["stage2", "stage3", "stage4"]},
+                         "num_feature_levels": 3, "encoder_n_points": 2, "decoder_n_points": 2}, "image"),
+    "data2vec-vision": (_VIT, "image"),
+    "ijepa": (_VIT, "image"),
+    "aimv2_vision_model": (_VIT, "image"),
+    "dinov3_vit": ({**_VIT, "num_register_tokens": 2}, "image"),
+    "dinov3_convnext": (dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]), "image"),
+    "pvt": (dict(image_size=64, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 4, 8],
+                 sequence_reduction_ratios=[8, 4, 2, 1], patch_sizes=[4, 2, 2, 2], strides=[4, 2, 2, 2],
+                 mlp_ratios=[2, 2, 2, 2]), "image"),
+    "swin2sr": (dict(image_size=64, patch_size=1, embed_dim=32, depths=[1, 1], num_heads=[2, 2], window_size=8,
+                     upscale=2, upsampler="pixelshuffle"), "image"),
+    "donut-swin": (dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4),
+                   "image"),
+    "swiftformer": (dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 64, 128]), "image"),
+    "textnet": ({}, "image"),
+    "longt5": ({**_T5, "local_radius": 4}, "seq2seq"),
+    "umt5": (_T5, "seq2seq"),
+    "esm": (_txt(pad_token_id=1), "text"),
+    "big_bird": (_txt(attention_type="original_full"), "text"),
+    "luke": (_txt(entity_vocab_size=100, entity_emb_size=32), "text"),
+    "megatron-bert": (_txt(), "text"),
+    "xlm": (dict(vocab_size=1000, emb_dim=64, n_layers=2, n_heads=4, max_position_embeddings=128), "text"),
+    "canine": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    downsampling_rate=4, num_hash_buckets=64, num_hash_functions=4), "text"),
+    "nemotron": (_txt(num_key_value_heads=2), "text"),
+    "cohere2": (_txt(num_key_value_heads=2, sliding_window=8), "text"),
+    "helium": (_txt(num_key_value_heads=2, head_dim=16), "text"),
+    "arcee": (_txt(num_key_value_heads=2), "text"),
+    "exaone4": (_txt(num_key_value_heads=2, sliding_window=8), "text"),
+    "seed_oss": (_txt(num_key_value_heads=2, head_dim=16), "text"),
+    "apertus": (_txt(num_key_value_heads=2), "text"),
+    "ministral": (_txt(num_key_value_heads=2, head_dim=16), "text"),
+    "lfm2": (_txt(num_key_value_heads=2, layer_types=["conv", "full_attention"]), "text"),
+    "minimax": (_txt(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, head_dim=16), "text"),
+    "recurrent_gemma": (_txt(num_key_value_heads=1, lru_width=64, attention_window_size=8,
+                             block_types=["recurrent", "attention"]), "text"),
+    "wav2vec2-conformer": (_AUDIO, "audio"),
+    "unispeech-sat": (_AUDIO, "audio"),
+    "sew-d": ({**_AUDIO, "squeeze_factor": 2}, "audio"),
 }
 
 
