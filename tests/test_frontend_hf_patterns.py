@@ -9,8 +9,9 @@ model families, built here in plain PyTorch (the suite does not install transfor
 - Phi-3's attention, which slices its fused q/k/v projection at
   ``self.config.num_attention_heads * head_dim`` (the config is shared by every layer) and
   repeats ``self.num_key_value_heads`` for grouped-query attention;
-- ConvNeXt's per-channel ``layer_scale_parameter`` beside its child layers and Swin's table of
-  per-head position biases read through an index buffer;
+- ConvNeXt's per-channel ``layer_scale_parameter`` beside its child layers, Swin's table of
+  per-head position biases read through an index buffer, and DETR's batch norm whose tensors
+  are all buffers;
 - a ``Linear`` on a channels-last 4-D input, which the dynamo exporter writes as
   ``MatMul(x, Transpose(weight))``: a graph with nothing else to fold is analysed with the
   ``Transpose`` left in place, and the plan names the weight, not the transposed copy.
@@ -256,6 +257,29 @@ def test_channels_last_linear_layers_and_a_layer_scale_beside_child_layers(expor
     scale = pruned.layers[0].layer_scale_parameter
     assert scale.shape[0] < 16 and scale.shape[0] == pruned.stem.out_channels  # the stream was cut
     assert pruned.layers[0].pwconv1.out_features < 64
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """DETR's backbone norm: statistics and affine are all buffers."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n) * 0.1)
+        self.register_buffer("running_mean", torch.randn(n) * 0.1)
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def test_a_norm_whose_tensors_are_all_buffers():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), FrozenBatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    pruned, _ = _prune(model, torch.randn(1, 3, 8, 8), "torchscript", ratio=0.5)
+    assert pruned[1].running_var.shape[0] == pruned[0].out_channels < 16
 
 
 class RelativePositionBias(nn.Module):

@@ -506,7 +506,7 @@ def test_apply_plan_refuses_unknown_names_and_leaves_the_module_alone():
 
 
 def test_apply_plan_refuses_unsupported_modules_and_axes():
-    class Scale(nn.Module):  # a float buffer beside its parameter: no handler, not even one found by what it holds
+    class Scale(nn.Module):  # a float buffer of its width that the plan leaves whole: refused
         def __init__(self):
             super().__init__()
             self.gain = nn.Parameter(torch.ones(4, 1))
@@ -516,7 +516,7 @@ def test_apply_plan_refuses_unsupported_modules_and_axes():
             return x * self.gain.T + self.shift
 
     model = nn.Sequential(nn.Linear(3, 4), Scale())
-    with pytest.raises(gpt.PlanMappingError, match="no handler for Scale"):
+    with pytest.raises(gpt.PlanMappingError, match="Scale '1' keeps \\['shift'\\] whole"):
         gpt.apply_plan(model, {"1.gain": {0: [1]}})
     grouped = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(gpt.PlanMappingError, match="grouped"):

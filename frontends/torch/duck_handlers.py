@@ -176,14 +176,14 @@ class HeadCountsHandler(ModuleHandler):
                 and (cls._child(module, cls.OUTPUT) is not None or cls._child(module, cls.VALUE) is not None))
 
     def check(self, module, cuts, where):
-        """Its own parameters: per-head ones only (``[heads, ...]``, cut along the heads:
-        GPT-OSS's sinks, SwinV2's logit scale)."""
+        """Its own parameters: per-head ones only, cut along their heads axis (GPT-OSS's sinks,
+        SwinV2's logit scale, Donut-Swin's position bias table, MiniMax's decay rates)."""
         heads = self._heads(module)
         for name, by_axis in cuts.items():
             t = module._parameters.get(name)
-            if t is None or int(t.shape[0]) != heads or set(by_axis) - {0}:
+            if t is None or len(by_axis) != 1 or any(int(t.shape[a]) != heads for a in by_axis):
                 raise PlanMappingError(f"cannot cut {name} axes {sorted(by_axis)} of {type(module).__name__} "
-                                       f"'{where}' (its own parameters: per-head ones of {heads} only)")
+                                       f"'{where}' (its own parameters: along an axis of its {heads} heads only)")
 
     def _counts(self, module: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]], where: str) -> _Counts:
         """The head counts and head size before and after ``cuts``; raises on a cut of part of
@@ -216,10 +216,11 @@ class HeadCountsHandler(ModuleHandler):
                                        "keep=[...]")
             return _Counts(1, 1, None, None, size, size - out_cut)
         dq = whole(out_cut, "inputs of its output projection")
-        for name, by_axis in cuts.items():  # own per-head vectors lose the same heads
-            if "." not in name and len(by_axis.get(0, ())) != dq:
-                raise PlanMappingError(f"the plan cuts '{where}.{name}' by {len(by_axis.get(0, ()))} heads and "
-                                       f"its output projection by {dq}")
+        for name, by_axis in cuts.items():  # its own per-head parameters lose the same heads
+            lost = sum(len(idx) for idx in by_axis.values())
+            if "." not in name and lost != dq:
+                raise PlanMappingError(f"the plan cuts '{where}.{name}' by {lost} heads and its output projection "
+                                       f"by {dq}")
         if kv is None:
             new_kv = None
         else:
@@ -270,33 +271,40 @@ class HeadCountsHandler(ModuleHandler):
 
 
 class OwnParametersHandler(ModuleHandler):
-    """A module whose own parameters are cut along their channel axes and that keeps no width
-    of its own: Hugging Face's per-model RMSNorm classes (``LlamaRMSNorm``: ``weight`` and
+    """A module whose own tensors are cut along their channel axes and that keeps no width of
+    its own: Hugging Face's per-model RMSNorm classes (``LlamaRMSNorm``: ``weight`` and
     ``variance_epsilon``), a learned per-channel scale beside child layers (ConvNeXt's
     ``layer_scale_parameter``), a table of per-head biases (Swin's relative position bias),
-    a ViT's class token and position embeddings. Found by what it holds (:meth:`matches`):
-    float parameters of its own and no float buffer (an index buffer is fine). A module with
-    an integer attribute equal to a width it loses may read that width in ``forward``:
-    refused, it needs a handler of its own."""
+    a ViT's class token and position embeddings, a batch norm whose statistics and affine are
+    all buffers (DETR's ``FrozenBatchNorm2d``). Found by what it holds (:meth:`matches`): float
+    tensors of its own (an index buffer beside them is fine). Refused: a module with an integer
+    attribute equal to a width it loses (it may read that width in ``forward``), or with a float
+    tensor of such a width that the plan leaves whole (a buffer the module computes with)."""
 
     @staticmethod
-    def matches(module: nn.Module) -> bool:
-        params = [p for p in module._parameters.values() if p is not None]
-        buffers = [b for b in module._buffers.values() if b is not None]
-        return (bool(params) and all(p.dim() >= 1 and p.is_floating_point() for p in params)
-                and not any(b.is_floating_point() for b in buffers))
+    def _tensors(module: nn.Module) -> dict[str, object]:
+        return {n: t for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        floats = [t for t in cls._tensors(module).values() if t.is_floating_point()]  # type: ignore[attr-defined]
+        return bool(floats) and all(t.dim() >= 1 for t in floats)  # type: ignore[attr-defined]
 
     def check(self, module, cuts, where):
+        tensors = self._tensors(module)
         widths: set[int] = set()
         for name, by_axis in cuts.items():
-            t = module._parameters.get(name)
+            t = tensors.get(name)
             if t is None:
                 raise PlanMappingError(f"cannot cut {name} of {type(module).__name__} '{where}'")
-            widths.update(int(t.shape[a]) for a in by_axis)
+            widths.update(int(t.shape[a]) for a in by_axis)  # type: ignore[attr-defined]
         kept = [a for a, v in vars(module).items() if _int(v) is not None and v in widths]
-        if kept:
-            raise PlanMappingError(f"{type(module).__name__} '{where}' keeps its width in {kept}: register a "
-                                   "handler for it or protect it with keep=[...]")
+        whole = [n for n, t in tensors.items() if n not in cuts and t.is_floating_point()  # type: ignore[attr-defined]
+                 and any(int(d) in widths for d in t.shape)]  # type: ignore[attr-defined]
+        if kept or whole:
+            what = f"keeps its width in {kept}" if kept else f"keeps {whole} whole"
+            raise PlanMappingError(f"{type(module).__name__} '{where}' {what}: register a handler for it or "
+                                   "protect it with keep=[...]")
 
 
 #: handlers found by what a module holds rather than by its type, in the order they are asked
