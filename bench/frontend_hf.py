@@ -27,10 +27,9 @@ KINDS = ("text", "seq2seq", "image")
 
 
 def run_one(name: str, exporter: str) -> dict:
+    import hf_architectures as hf
     import torch
     import transformers
-
-    import hf_architectures as hf
     from graphprune.frontends.torch import apply_plan, check_module, prune_module
 
     overrides, kind = hf.SPECS[name]

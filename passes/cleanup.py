@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
-from graphprune.io.ir import redirect_uses
+from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.order import toposort_model
 
 

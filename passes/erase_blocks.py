@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis.blocks import ResidualBlock
-from graphprune.io.ir import redirect_uses
+from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 

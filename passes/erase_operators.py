@@ -38,6 +38,7 @@ from graphprune.passes.base import Pass, PassContext, PassResult
 
 from graphprune.analysis.constants import ChannelValues, ConstantContext
 from graphprune.analysis.zero_analysis import analyze_constants, ensure_shapes
+from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.names import fresh_name
 from graphprune.io.order import toposort_model
 from graphprune.rules import registry
@@ -304,10 +305,7 @@ class EraseOperatorsPass(Pass):
             node.inputs.clear()
             node.inputs.extend([other])
             return True
-        for consumer in list(y.outputs):
-            for k, t in enumerate(consumer.inputs):
-                if t is y:
-                    consumer.inputs[k] = other
+        redirect_uses(y, other)
         node.inputs.clear()
         node.outputs.clear()
         return True

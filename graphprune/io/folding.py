@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.names import fresh_name
 
 __all__ = ["fold_constants"]
@@ -67,10 +68,7 @@ def _guard_cast_elision(graph: gs.Graph) -> list[gs.Node]:
             continue  # nothing to elide, or an elision that computes the same
         for out in node.outputs:
             through = gs.Variable(fresh_name(f"{out.name}__gp_kept", taken), out.dtype, out.shape)
-            for reader in list(out.outputs):
-                for index, tensor in enumerate(reader.inputs):
-                    if tensor is out:
-                        reader.inputs[index] = through
+            redirect_uses(out, through)
             guard = gs.Node("Identity", name=fresh_name(f"{node.name}__gp_kept", names), inputs=[out],
                             outputs=[through])
             graph.nodes.append(guard)
@@ -82,11 +80,7 @@ def _remove(graph: gs.Graph, guard: gs.Node) -> None:
     """Take a guard out: its readers read its input again (unless folding made it a constant)."""
     if not guard.outputs or not isinstance(guard.outputs[0], gs.Variable) or not guard.inputs:
         return
-    source, through = guard.inputs[0], guard.outputs[0]
-    for reader in list(through.outputs):
-        for index, tensor in enumerate(reader.inputs):
-            if tensor is through:
-                reader.inputs[index] = source
+    redirect_uses(guard.outputs[0], guard.inputs[0])
     guard.inputs.clear()
     guard.outputs.clear()
     graph.nodes.remove(guard)

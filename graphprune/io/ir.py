@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
+from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
@@ -158,14 +159,6 @@ def name_nodes(model: onnx.ModelProto) -> None:
                 name, k = f"{base}_{k}", k + 1
             node.name = name
         seen.add(name)
-
-
-def redirect_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every node that reads ``old`` read ``new`` instead."""
-    for consumer in list(old.outputs):
-        for index, tensor in enumerate(consumer.inputs):
-            if tensor is old:
-                consumer.inputs[index] = new
 
 
 def clear_intermediate_shapes(graph: gs.Graph) -> None:
