@@ -114,25 +114,25 @@ def _linear_axes(child: nn.Module) -> tuple[int, int] | None:
 class HeadCountsHandler(ModuleHandler):
     """An attention module that keeps its head counts in attributes and whose children are
     its projections: Hugging Face's per-family attention classes (``OPTAttention``,
-    ``FalconAttention``, ``BloomAttention``, ``T5Attention``, GPT-2's, Phi-3's, StableLM's),
-    which reshape by ``self.num_heads`` or split by ``self.split_size``. Found by what it
-    holds (:meth:`matches`): an integer head size and head count, and an output projection
-    among its children (or, for BERT's self-attention, whose output is a sibling module, a
-    value projection).
+    ``FalconAttention``, ``T5Attention``, GPT-2's, Phi-3's, StableLM's), which reshape by
+    ``self.num_heads`` or split by ``self.split_size``. Found by what it holds
+    (:meth:`matches`): an integer head size and head count, and an output projection among its
+    children (or, for BERT's self-attention, whose output is a sibling module, a value
+    projection).
 
     After its children lost whole heads, the counts follow: query heads from the output
-    projection's input width (the value projection's output width), key/value heads from the key projection's output width (or a
-    fused projection's: ``q + 2 kv`` heads). The widths kept as ``heads x head size``
-    (``split_size``, ``all_head_size``, ``inner_dim``; not ``embed_dim``, which CodeGen lays
-    its fused projection out by and GPT-BigCode splits it by) and ``num_key_value_groups`` follow
-    too, and a module that reads its counts from the model's ``config`` (Phi-3) gets a copy
-    of it with its own counts (the model's other layers keep theirs). Where there is one head,
-    its size may be cut instead (SegFormer's first stage): the head size follows, where the
-    module keeps its score scale (``scaling``) rather than computing it from the head size
-    (GLPN, PVTv2: refused). Its own per-head
-    vectors (GPT-OSS's attention sinks) are cut with it. A cut that is not whole heads is
-    refused before anything changes. What it cannot know is a count kept outside the
-    module (Bloom's and MPT's ALiBi slopes, built by the model for all layers at once): run
+    projection's input width (or the value projection's output width), key/value heads from
+    the key projection's output width (or a fused projection's: ``q + 2 kv`` heads). The
+    widths kept as ``heads x head size`` (``split_size``, ``all_head_size``, ``inner_dim``,
+    ``kv_dim``; not ``embed_dim``, which CodeGen lays its fused projection out by) and
+    ``num_key_value_groups`` follow too; a module that reads its counts from the model's
+    ``config`` (Phi-3) gets a copy of it with its own counts (the model's other layers keep
+    theirs). Where there is one head, its size may be cut instead (SegFormer's first stage):
+    the head size follows where the module keeps its score scale (``scaling``), and the plan
+    is refused where it computes the scale from the head size (GLPN, PVTv2). Its own per-head
+    parameters (GPT-OSS's sinks) are cut with it. A cut that is not whole heads is refused
+    before anything changes. What it cannot know is a count kept outside the module (Bloom's
+    and MPT's ALiBi slopes, built by the model for all layers at once): run
     :func:`~graphprune.frontends.torch.check_module` after :func:`apply_plan`."""
 
     container = True

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-import onnx_graphsurgeon as gs
 from graphprune.frontends.torch.export import ExampleInputs, to_onnx
 from graphprune.frontends.torch.mapping import map_plan_with
 from graphprune.frontends.torch.provenance import ParameterSources, parameter_sources
 from torch import nn
 
+from graphprune.io.weights import graph_constants
 from graphprune.planning.plan import Plan
 
 __all__ = ["TorchPruneResult", "expand_keep", "prune_module"]
@@ -85,7 +85,7 @@ def prune_module(
         keep=expand_keep(keep, names, sources, onnx_names), **prune_options,
     )
     analysed = result.analysis.graph if result.analysis is not None else None
-    constants = None if analysed is None else [n for n, t in analysed.tensors().items() if isinstance(t, gs.Constant)]
+    constants = None if analysed is None else [t.name for t in graph_constants(analysed)]
     mapped = map_plan_with(result.plan, sources, constants=constants)
     model = result.model  # the weights are in the proto now: the temporary folder can go
     result.close()

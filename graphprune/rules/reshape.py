@@ -212,15 +212,14 @@ def _leads_to_heads(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, batch:
     unoptimised dynamo export's keys: ``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D] ->
     Transpose -> [B, H, D, S]``)."""
     found = _undoing_split(ctx, merged, m_axis, [batch, heads], forward=forward)
-    for _ in range(2):
-        if found is None:
-            return False
-        far, axes = found
-        if "head" in ctx.component_facts(far, axes[1]):
-            return True
-        again = _remerged(ctx, far, axes) if forward else None
-        found = None if again is None else _undoing_split(ctx, *again, [batch, heads], forward=True)
-    return False
+    if found is None:
+        return False
+    far, axes = found
+    if "head" in ctx.component_facts(far, axes[1]):
+        return True
+    again = _remerged(ctx, far, axes) if forward else None
+    facts = None if again is None else _undoing_facts(ctx, *again, [batch, heads], forward=True)
+    return facts is not None and "head" in facts[1]
 
 
 @dataclass(frozen=True)
@@ -357,17 +356,16 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     if None in (a_in, w_in, a_out, w_out):
         return False
     if a_out > a_in and a_out % a_in == 0 and w_in == (a_out // a_in) * w_out:  # heads into the batch
-        heads = a_out // a_in
+        heads, batch, size = a_out // a_in, a_in, w_out
         width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = x, bi[1], y, bj[0], x, bi[0], y, bj[1]
     elif a_in > a_out and a_in % a_out == 0 and w_out == (a_in // a_out) * w_in:  # heads out of the batch
-        heads = a_in // a_out
+        heads, batch, size = a_in // a_out, a_out, w_in
         width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = y, bj[1], x, bi[0], y, bj[0], x, bi[1]
     else:
         return False
-    batch = (a_out if merged is y else a_in) // heads
     if ctx.is_spatial(width, w_axis) or not _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y):
         return False
-    ctx.couple(width, w_axis, merged, m_axis, SharedDigit(heads, ctx.shape(head_size)[h_axis], 1))  # type: ignore[index]
+    ctx.couple(width, w_axis, merged, m_axis, SharedDigit(heads, size, 1))
     ctx.freeze(outer, o_axis, f"batch re-factored with the heads at {ctx.where()}")
     if not ctx.is_spatial(head_size, h_axis):
         ctx.freeze(head_size, h_axis, f"inner factor of a reshaped axis at {ctx.where()}")
