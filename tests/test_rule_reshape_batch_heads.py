@@ -139,11 +139,13 @@ def test_a_model_that_runs_only_at_batch_one_is_verified_at_batch_one() -> None:
     assert run_ort(result.model, _feeds(1))[0].shape == (6, 16)
 
 
-def test_one_batch_times_heads_literal_read_by_two_blocks_ties_their_heads() -> None:
+def test_one_batch_times_heads_literal_read_by_two_blocks_is_copied_for_each() -> None:
     """``batch * 4`` computed once and read by the query Reshapes of two attention blocks
-    (BLOOM computes its ALiBi target once for all layers): the literal gives both head
-    counts, so both blocks must keep equal counts. Keeping one block's heads keeps the
-    other's; untied, the rewrite would write 2 into a target the kept block still reads."""
+    (BLOOM computes its ALiBi target once for all layers, torch.export the ``batch * H`` of
+    ``nn.MultiheadAttention``): the preparation gives each reader its own copy of the scaling
+    node (``untie_shared_shapes``), so each block's heads are a group of their own; keeping
+    one block's heads leaves the other free, and the rewrite writes each block's count into
+    its own copy. (Before the copies the literal tied both blocks to one count.)"""
     one = alibi_attention()
     shared = {"x", "m", "xs", "n", "t", "t1", "nh", "nh1", "i0", "i1", "heads", "ax0", "ax1", "one1",
               "c4", "c16", "split_heads", "flat", "slopes", ""}
@@ -168,11 +170,14 @@ def test_one_batch_times_heads_literal_read_by_two_blocks_ties_their_heads() -> 
     model = make_model([*nodes, *second, total], {"x": ("N", "T", 64), "m": ("N", "T")},
                        {"out": None}, {**params, **extra})
     analysis = graphprune.analyze(model)
-    assert group_with(analysis, "Wq", 1) is group_with(analysis, "Wq_2", 1)
+    first, second_group = group_with(analysis, "Wq", 1), group_with(analysis, "Wq_2", 1)
+    assert first is not second_group and first.prunable and second_group.prunable
     kept = graphprune.prune(model, ratio=0.5, keep=["Wq_2"])
     assert kept.report["verification"]["ok"] is True
     widths = {t.name: tuple(t.dims) for t in kept.model.graph.initializer}
-    assert widths["Wq"] == widths["Wq_2"] == (64, 64)  # both blocks keep their four heads
+    assert widths["Wq_2"] == (64, 64) and widths["Wq"] == (64, 32)  # only the first block lost heads
+    for n in (1, 3):
+        assert run_ort(kept.model, _feeds(n))[0].shape[0] == n  # each copy scales the batch it reads
     pruned = graphprune.prune(model, ratio=0.5)
     assert pruned.report["verification"]["ok"] is True
 

@@ -6,7 +6,10 @@ Reshape rule coupled the width with the head size there (a unit of ``D`` positio
 head) and froze the heads, so no ``nn.TransformerEncoderLayer`` (nor torchvision's ViT) exported
 with fixed shapes had prunable heads, through either exporter. The width and ``B*H`` are now
 coupled by the shared head digit (``SharedDigit``) where the reshape that splits ``B*H`` again
-leads to the attention product's head axis.
+leads to the attention product's head axis. With a dynamic batch, TorchScript computes
+``B*H`` as ``batch * H`` in the view's shape (the literal ``H`` is rewritten with the new head
+count) and the dynamo export infers it (``-1``); the heads were frozen there ("dynamic axes
+re-factored") until the moved heads were read from the two shape probes too.
 """
 
 from __future__ import annotations
@@ -66,9 +69,52 @@ def test_prune_module_removes_multi_head_attention_heads():
     assert attention.num_heads < HEADS and attention.out_proj.in_features == attention.num_heads * WIDTH // HEADS
 
 
+def _dynamic_batch(exporter: str, batch_first: bool) -> dict:
+    axis = 0 if batch_first else 1
+    if exporter == "torchscript":
+        return {"dynamic_axes": {"x": {axis: "batch"}}}  # TorchScript names inputs as forward does
+    return {"dynamic_shapes": ({axis: torch.export.Dim("batch", min=1, max=64)},)}
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_heads_prune_with_a_dynamic_batch(exporter, batch_first):
+    model = Encoder(batch_first).eval()
+    x = _example(batch_first)
+    result = prune_module(model, (x,), ratio=0.5, exporter=exporter, **_dynamic_batch(exporter, batch_first))
+    assert result.report["verification"]["ok"]
+    assert result.report["kinds"]["head"]["prunable"] == LAYERS
+    pruned = apply_plan(copy.deepcopy(model), result.plan)
+    assert pruned.encoder.layers[0].self_attn.num_heads < HEADS
+    torch.manual_seed(2)
+    for batch in (1, 5):  # batch sizes the export never saw: B*H is rewritten, not fixed
+        other = torch.randn(batch, 6, WIDTH) if batch_first else torch.randn(6, batch, WIDTH)
+        assert check_module(pruned, result.model, (other,)) < 1e-4
+
+
 def test_shared_digit_pairs_a_head_with_its_rows_and_columns():
     a, b = SharedDigit(4, 8, 1).pairs(32, 8)  # width H*D = 4*8, batch x heads = 2*4
     for i, j in zip(a.tolist(), b.tolist(), strict=True):
         assert i // 8 == j % 4
     assert SharedDigit(4, 8, 1).check(32, 8) is None
     assert SharedDigit(4, 8, 1).check(30, 8) is not None
+
+
+def test_each_layer_keeps_its_own_heads_in_an_optimised_dynamo_export(tmp_path):
+    """torch.export computes ``batch * H`` once for every layer (and the optimiser reshapes it
+    to ``[1]`` once): the copies per reader (``untie_shared_shapes``) keep the layers' head
+    groups apart, and the pruned model runs at other batch sizes and lengths."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = tmp_path / "encoder.onnx"
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("sequence", min=2, max=64)}
+    torch.onnx.export(Encoder(True).eval(), (_example(True),), str(path), dynamo=True, external_data=False,
+                      dynamic_shapes=(dims,))
+    analysis = graphprune.analyze(str(path))
+    assert len([g for g in analysis.groups if g.num_units == HEADS and g.prunable]) == LAYERS
+    result = graphprune.prune(str(path), ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["kinds"]["head"]["prunable"] == LAYERS
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 9, WIDTH)).astype(np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (3, 9, WIDTH)

@@ -10,6 +10,7 @@ exactly that tensor.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import re
@@ -104,6 +105,10 @@ def to_onnx(
         kwargs["input_names"] = list(input_names)
     if output_names is not None:
         kwargs["output_names"] = list(output_names)
+    if exporter == "torchscript" and dynamic_axes is not None and input_names is None:
+        names = _argument_names(module, args)  # else TorchScript picks names the caller cannot know
+        if names is not None:
+            kwargs["input_names"] = names
     torch_logger = logging.getLogger("torch.onnx")
     level = torch_logger.level
     torch_logger.setLevel(logging.ERROR)  # "torchvision is not installed" and the like
@@ -138,11 +143,39 @@ def to_onnx(
             ) from exc
         finally:
             torch_logger.setLevel(level)
+    _check_dynamic_names(model, dynamic_axes)
     _castlike_to_cast(model)
     check_names(model, module)
     counts = readers(model, module.state_dict())
     mark_shared(model, [name for name, count in counts.items() if count > 1])  # one tensor of the module
     return model
+
+
+def _argument_names(module: nn.Module, args: tuple[Any, ...]) -> list[str] | None:
+    """The names of ``module.forward``'s parameters that ``args`` fill, where every one is a
+    tensor (one graph input each); None otherwise."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(args) or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    return positional[: len(args)]
+
+
+def _check_dynamic_names(model: onnx.ModelProto, dynamic_axes: Mapping[str, Any] | None) -> None:
+    """TorchScript ignores a ``dynamic_axes`` key that names no input or output (with a
+    warning): the export would be silently static. Raise instead."""
+    if not dynamic_axes:
+        return
+    known = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    unknown = sorted(set(dynamic_axes) - set(known))
+    if unknown:
+        raise UsageError(
+            f"dynamic_axes names {', '.join(map(repr, unknown))}, not an input or output of the export "
+            f"(inputs: {', '.join(v.name for v in model.graph.input)}; pass input_names)"
+        )
 
 
 def _castlike_to_cast(model: onnx.ModelProto) -> None:

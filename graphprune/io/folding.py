@@ -8,6 +8,12 @@ refuses the whole fold: OPT's ``(cumsum(mask) * mask - 1).long()``, which froze 
 and a float constant is truncated (``(n.float() * 0.5).long()`` would compute ``n * 0``).
 :func:`fold_constants` puts an ``Identity`` behind such an op, which the elision does not
 look through, and takes it out again after folding.
+
+The same shape folding reads ``Shape(x)`` as all of ``x``'s shape, ignoring the ``start`` and
+``end`` attributes (opset 15; the dynamo exporter's ``sym_size``): ``Shape(x, start=0,
+end=1)`` of a static ``x`` folded to the whole shape, and ``Gather(Shape(x, start=1), 1)`` to
+``x.shape[1]`` instead of ``x.shape[2]``. :func:`fold_constants` folds such a ``Shape`` itself
+where the sizes it reads are static, and guards the others like the casts.
 """
 
 from __future__ import annotations
@@ -30,13 +36,56 @@ _TO_INT = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
 
 def fold_constants(graph: gs.Graph, **options: Any) -> gs.Graph:
     """``graph.fold_constants(**options)`` with the unsound cast elisions prevented."""
-    guards = _guard_cast_elision(graph) if options.get("fold_shapes", True) else []
+    guards = []
+    if options.get("fold_shapes", True):
+        guards = _fold_sliced_shapes(graph) + _guard_cast_elision(graph)
     try:
         graph.fold_constants(**options)
     finally:
         for guard in guards:
             _remove(graph, guard)
     return graph
+
+
+def _fold_sliced_shapes(graph: gs.Graph) -> list[gs.Node]:
+    """Fold each ``Shape`` with ``start`` / ``end`` whose sizes are static into its constant;
+    put an ``Identity`` guard behind the others (onnx-graphsurgeon would read them whole)."""
+    taken = set(graph.tensors())
+    names = {node.name for node in graph.nodes}
+    guards = []
+    for node in list(graph.nodes):
+        if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)) or len(node.outputs) != 1:
+            continue
+        out, shape = node.outputs[0], node.inputs[0].shape
+        if shape is None and "end" not in node.attrs and int(node.attrs["start"]) == 0:
+            continue  # the whole shape
+        if shape is not None:
+            rank = len(shape)
+            start, end = (int(node.attrs.get(k, d)) for k, d in (("start", 0), ("end", rank)))
+            start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+            if (start, end) == (0, rank):
+                continue  # the whole shape: folded right
+            sizes = list(shape[start:end])
+            if all(isinstance(d, int) and d >= 0 for d in sizes):
+                const = gs.Constant(fresh_name(f"{out.name}__gp_shape", taken), np.array(sizes, dtype=np.int64))
+                taken.add(const.name)
+                redirect_uses(out, const)
+                if any(o is out for o in graph.outputs):  # the output keeps its name
+                    node.op, node.attrs = "Identity", {}
+                    node.inputs[:] = [const]
+                else:
+                    node.outputs.clear()
+                    node.inputs.clear()
+                    graph.nodes.remove(node)
+                continue
+        if not out.outputs:
+            continue
+        through = gs.Variable(fresh_name(f"{out.name}__gp_kept", taken), out.dtype, out.shape)
+        redirect_uses(out, through)
+        guard = gs.Node("Identity", name=fresh_name(f"{node.name}__gp_kept", names), inputs=[out], outputs=[through])
+        graph.nodes.append(guard)
+        guards.append(guard)
+    return guards
 
 
 def _cast_to(tensor: gs.Tensor, to: tuple[int, ...]) -> bool:

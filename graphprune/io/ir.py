@@ -413,7 +413,6 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
     before = _constant_bytes(graph) if shrink_only else 0
     stored = {t.name for t in graph_constants(graph)} if shrink_only else set()
     if folding:
-        _fold_sliced_shapes(graph)
         if store is not None:
             _load_fold_inputs(graph)
         try:
@@ -505,29 +504,3 @@ def _load_fold_inputs(graph: gs.Graph) -> None:
     Mapping costs nothing until a weight is read, and only folded ones are."""
     for tensor in graph_constants(graph):
         _ = tensor.values
-
-
-def _fold_sliced_shapes(graph: gs.Graph) -> None:
-    """Fold ``Shape(x, start, end)`` of a static ``x`` to its constant slice ourselves:
-    graphsurgeon's shape folding ignores ``start``/``end`` (opset 15) and would fold the
-    whole shape."""
-    for node in graph.nodes:
-        if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
-            continue
-        shape = node.inputs[0].shape if node.inputs else None
-        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-            continue
-        start = int(node.attrs.get("start", 0))
-        end = node.attrs.get("end")
-        dims = list(shape)[slice(start, None if end is None else int(end))]
-        out = node.outputs[0]
-        const = gs.Constant(f"{out.name}__gp_shape", np.array(dims, dtype=np.int64))
-        redirect_uses(out, const)
-        for g_out in graph.outputs:
-            if g_out is out:
-                node.op, node.attrs = "Identity", {}
-                node.inputs[:] = [const]
-                break
-        else:
-            node.outputs.clear()
-            node.inputs.clear()

@@ -203,8 +203,9 @@ MAX_SHAPE_LENGTH = 16
 def untie_shared_shapes(model: onnx.ModelProto) -> int:
     """Give each main-graph node that reads a shape joined in the graph (a 1-D integer
     ``Concat`` of literals and read sizes: ``[1, num_kv_heads, n_rep, seq, head_size]``, the
-    ``Expand`` target of grouped-query attention) its own copy of the joining node; returns
-    the copies made. An exporter that computes such a shape once for every layer (the dynamo
+    ``Expand`` target of grouped-query attention), or a shape scaled by a literal (the
+    dynamo exporter's ``batch * num_heads`` of ``nn.MultiheadAttention``, computed once for
+    every layer), its own copy of the joining or scaling node; returns the copies made. An exporter that computes such a shape once for every layer (the dynamo
     exporter's common-subexpression pass) would otherwise tie the layers' heads into one
     group: a literal of the shared shape gives the size of every axis it sets. The copy reads
     the same inputs, so the values do not change; :func:`retie_shapes` merges the copies
@@ -224,20 +225,46 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
         inner |= {name for node in sub.node for name in node.input}
     keep = inner | {o.name for o in graph.output}
     info = {v.name: v for v in graph.value_info}
+    literals = {t.name for t in graph.initializer if math.prod(t.dims) <= MAX_SHAPE_LENGTH
+                and t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
     taken = _defined(graph) | {n.name for n in graph.node}
-    made = 0
-    ordered: list[onnx.NodeProto] = []
-    for node in list(graph.node):
-        ordered.append(node)
-        if len(node.output) != 1 or node.output[0] in keep or len(readers_of[node.output[0]]) < 2:
+
+    def int_value(name: str, scalar_ok: bool) -> onnx.ValueInfoProto | None:
+        """The value info of an integer shape (1-D, short) or, with ``scalar_ok``, a scalar."""
+        value = info.get(name)
+        tensor = value.type.tensor_type if value is not None and value.type.HasField("tensor_type") else None
+        if tensor is None or tensor.elem_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            return None
+        dims = tensor.shape.dim
+        if len(dims) == 1 and 0 < dims[0].dim_value <= MAX_SHAPE_LENGTH:
+            return value
+        return value if scalar_ok and (not dims or (len(dims) == 1 and dims[0].dim_value == 1)) else None
+
+    # what a literal scales, and the single values carried on from it (``Reshape(b * H, [-1])``)
+    scaled: set[str] = set()
+    kinds: dict[int, str] = {}
+    for node in graph.node:
+        if len(node.output) != 1:
             continue
         rule = registry.lookup(node.domain or "", node.op_type, opset)
-        if rule is None or type(rule).concat_axis is registry.OpRule.concat_axis:
+        if rule is not None and type(rule).concat_axis is not registry.OpRule.concat_axis:
+            kinds[id(node)] = "joins"
+        elif rule is not None and node.op_type in rule.shape_scaling_ops \
+                and any(name in literals for name in node.input) and int_value(node.output[0], True):
+            kinds[id(node)] = "scales"
+            scaled.add(node.output[0])
+        elif any(name in scaled for name in node.input) and int_value(node.output[0], True) is not None \
+                and sum(name not in literals for name in node.input if name) == 1:
+            kinds[id(node)] = "carries"
+            scaled.add(node.output[0])
+    made = 0
+    copies: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for node in reversed(list(graph.node)):  # readers first: a copied reader reads its own copy
+        kind = kinds.get(id(node))
+        if kind is None or node.output[0] in keep or len(readers_of[node.output[0]]) < 2:
             continue
-        value = info.get(node.output[0])
-        tensor = value.type.tensor_type if value is not None and value.type.HasField("tensor_type") else None
-        if (tensor is None or tensor.elem_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-                or len(tensor.shape.dim) != 1 or not 0 < tensor.shape.dim[0].dim_value <= MAX_SHAPE_LENGTH):
+        value = int_value(node.output[0], kind != "joins")
+        if value is None:
             continue
         for reader, k in readers_of[node.output[0]][1:]:
             copy_ = onnx.NodeProto()
@@ -249,10 +276,15 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
             shape.CopyFrom(value)
             shape.name = copy_.output[0]
             graph.value_info.append(shape)
-            ordered.append(copy_)  # right after the node it copies: the order stays topological
+            copies[id(node)].append(copy_)  # right after the node it copies: the order stays topological
             reader.input[k] = copy_.output[0]
+            for j, name in enumerate(copy_.input):
+                if name:
+                    readers_of[name].append((copy_, j))
             made += 1
+        readers_of[node.output[0]] = readers_of[node.output[0]][:1]
     if made:
+        ordered = [n for node in graph.node for n in (node, *copies.get(id(node), ()))]
         del graph.node[:]
         graph.node.extend(ordered)
     return made

@@ -255,6 +255,7 @@ class BroadcastRule(OpRule):
     )
 
     zero_behaviour = "map"
+    shape_scaling_ops = frozenset({"Mul"})
 
     def masks_weight(self, node: gs.Node) -> bool:
         if node.op != "Mul" or len(node.inputs) != 2 or not all(

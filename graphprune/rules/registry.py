@@ -204,6 +204,11 @@ class OpRule:
     #: the op reads only the shapes of its inputs, never their values (``Shape``): a channel
     #: that reaches it reaches nothing
     reads_only_shape: ClassVar[bool] = False
+    #: op types of this rule that scale a shape value by a literal (``batch * num_heads``:
+    #: :meth:`trace_shape` gives a ``ScaledRead``, whose literal a rewrite may change): a
+    #: node computed once and read for several layers is copied per reader
+    #: (:func:`graphprune.io.shared_constants.untie_shared_shapes`)
+    shape_scaling_ops: ClassVar[frozenset[str]] = frozenset()
     #: op types of this rule that exporters use to compute constants (a ``Constant`` node,
     #: an ``Identity`` of a shared weight, a ``Shape`` of a static shape): a model with one
     #: is constant-folded before the analysis

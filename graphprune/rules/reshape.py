@@ -20,7 +20,14 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
 from graphprune.analysis.index_maps import Digit, SharedDigit
-from graphprune.analysis.shape_trace import ProductRead, QuotientRead, ScaledRead, ShapeTrace
+from graphprune.analysis.shape_trace import (
+    ProductRead,
+    QuotientRead,
+    ScaledRead,
+    ShapeLiteral,
+    ShapeRead,
+    ShapeTrace,
+)
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -165,7 +172,8 @@ def _undoing_split(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: 
             shape_near, shape_far = ctx.shape(near), ctx.shape(far)
             if shape_near is None or shape_far is None:
                 return None
-            blocks = _blocks(*((shape_near, shape_far) if forward else (shape_far, shape_near)))
+            in_out = (shape_near, shape_far) if forward else (shape_far, shape_near)
+            blocks = _blocks(*in_out) or _probe_blocks(ctx, x, y)
             for bi, bj in blocks or ():
                 near_axes, far_axes = (bi, bj) if forward else (bj, bi)
                 if near_axes == [axis] and [shape_far[a] for a in far_axes] == sizes:
@@ -191,35 +199,38 @@ def _factor_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, factored
 
 
 def _remerged(ctx: CouplingContext, tensor: gs.Tensor, axes: list[int]) -> tuple[gs.Tensor, int] | None:
-    """The axis that a Reshape reading only ``tensor`` merges ``axes`` (consecutive) into."""
-    readers = list(tensor.outputs)
+    """The axis that a Reshape, the only reader of ``tensor``'s values, merges ``axes``
+    (consecutive) into."""
+    readers = [n for n in tensor.outputs if n.op != "Shape"]
     if len(readers) != 1 or readers[0].op != "Reshape" or readers[0].inputs[0] is not tensor:
         return None
     y = readers[0].outputs[0]
     shape_x, shape_y = ctx.shape(tensor), ctx.shape(y)
     if shape_x is None or shape_y is None:
         return None
-    for bi, bj in _blocks(shape_x, shape_y) or ():
+    for bi, bj in _blocks(shape_x, shape_y) or _probe_blocks(ctx, tensor, y) or ():
         if bi == axes and len(bj) == 1:
             return y, bj[0]
     return None
 
 
-def _leads_to_heads(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, batch: int, heads: int,
-                    *, forward: bool) -> bool:
+def _leads_to_heads(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, batch: int | None, heads: int,
+                    *, forward: bool) -> tuple[str, int] | None:
     """Does the Reshape that splits ``batch x heads`` again give the heads a factor that the
     attention product counts as heads? Followed through one split-and-merge-again (the
     unoptimised dynamo export's keys: ``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D] ->
-    Transpose -> [B, H, D, S]``)."""
+    Transpose -> [B, H, D, S]``). Returns that split's head axis (its size is the head
+    count), or None."""
     found = _undoing_split(ctx, merged, m_axis, [batch, heads], forward=forward)
     if found is None:
-        return False
+        return None
     far, axes = found
+    count = (far.name, axes[1])
     if "head" in ctx.component_facts(far, axes[1]):
-        return True
+        return count
     again = _remerged(ctx, far, axes) if forward else None
     facts = None if again is None else _undoing_facts(ctx, *again, [batch, heads], forward=True)
-    return facts is not None and "head" in facts[1]
+    return count if facts is not None and "head" in facts[1] else None
 
 
 @dataclass(frozen=True)
@@ -270,10 +281,11 @@ def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: 
 
 def couple_reshape(
     ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node,
-    merged: list[MergedBatch] | None = None,
+    merged: list[MergedBatch] | None = None, moved: list[MovedHeads] | None = None,
 ) -> bool:
     """Couple the axes of ``x`` and its re-factored view ``y``. False if not understood.
-    ``merged`` collects the blocks where a dynamic batch and a channel factor are merged."""
+    ``merged`` collects the blocks where a dynamic batch and a channel factor are merged,
+    ``moved`` those where attention heads move between the width and the batch."""
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     if in_shape is None or out_shape is None:
         return False
@@ -291,7 +303,8 @@ def couple_reshape(
             ctx.couple(x, bi[0], y, bj[0])
             continue
         if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
-            if _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape, merged):
+            if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape, moved) \
+                    or _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape, merged):
                 continue
             # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
             for t, axes in ((x, bi), (y, bj)):
@@ -319,7 +332,7 @@ def couple_reshape(
                 if a != chosen and not ctx.is_spatial(factored, a):
                     ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
             continue
-        if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape):
+        if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape, moved):
             continue
         # many-to-many: couple the outer factors when one divides the other
         sa, sb = in_shape[bi[0]], out_shape[bj[0]]
@@ -341,34 +354,85 @@ def couple_reshape(
     return True
 
 
+@dataclass(frozen=True)
+class MovedHeads:
+    """A block coupled by :func:`_couple_moved_heads`: ``merged`` axis ``m_axis`` is
+    ``batch x heads``; ``outer`` axis ``o_axis`` the batch alone on the other side; ``count``
+    a dimension whose size is the head count (the head axis of the reshape that splits
+    ``batch x heads`` again); ``dynamic``: the batch is a dynamic axis."""
+
+    merged: gs.Tensor
+    m_axis: int
+    outer: gs.Tensor
+    o_axis: int
+    heads: int
+    count: tuple[str, int]
+    dynamic: bool
+
+
+def _moved_sizes(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
+                 in_shape: list[int | None], out_shape: list[int | None]
+                 ) -> tuple[int, int | None, int, bool] | None:
+    """``(heads, batch, size, into_batch)`` of a block ``[B, H*D] <-> [B*H, D]``, from the
+    static sizes, or where the batch is dynamic from the two shape probes (which must agree
+    on ``H`` and ``D``; ``batch`` is then None). None when the block is not of that form."""
+    if len(bi) != 2 or len(bj) != 2:
+        return None
+    static = (in_shape[bi[0]], in_shape[bi[1]], out_shape[bj[0]], out_shape[bj[1]])
+    if None in static[1::2]:
+        return None  # the widths are static, only the batch may be dynamic
+    dynamic = None in static
+    if dynamic:
+        px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
+        if px is None or py is None or len(px[0]) != len(in_shape) or len(py[0]) != len(out_shape):
+            return None
+        shapes = [(p[bi[0]], p[bi[1]], q[bj[0]], q[bj[1]]) for p, q in zip(px, py, strict=True)]
+        if any(s[1::2] != static[1::2] or None in s for s in shapes):
+            return None
+    else:
+        shapes = [static]
+    found = set()
+    for a_in, w_in, a_out, w_out in shapes:
+        if a_out > a_in and a_out % a_in == 0 and w_in == (a_out // a_in) * w_out:  # heads into the batch
+            found.add((a_out // a_in, None if dynamic else a_in, w_out, True))
+        elif a_in > a_out and a_in % a_out == 0 and w_out == (a_in // a_out) * w_in:  # heads out of the batch
+            found.add((a_in // a_out, None if dynamic else a_out, w_in, False))
+        else:
+            return None
+    return found.pop() if len(found) == 1 else None
+
+
 def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
-                        in_shape: list[int | None], out_shape: list[int | None]) -> bool:
+                        in_shape: list[int | None], out_shape: list[int | None],
+                        moved: list[MovedHeads] | None = None) -> bool:
     """Attention heads moved between the width and the batch: ``[S, B, H*D] -> [S, B*H, D]``
     (``torch.nn.functional.multi_head_attention_forward``, so every ``nn.MultiheadAttention``,
-    and fairseq's attention), or back. The factor ``H`` is the outer digit of the width and the
-    inner digit of ``B*H``: the two axes are coupled by that shared digit (a head is a unit),
-    the batch is not coupled to ``B*H`` (it freezes), nor is ``D`` (the head size stays whole).
-    Only where the reshape that splits ``B*H`` again says ``H`` counts heads (its far side
-    holds the attention product's head axis); False otherwise."""
-    if len(bi) != 2 or len(bj) != 2:
+    and fairseq's attention), or back; the batch static or dynamic. The factor ``H`` is the
+    outer digit of the width and the inner digit of ``B*H``: the two axes are coupled by that
+    shared digit (a head is a unit), the batch is not coupled to ``B*H`` (it freezes), nor is
+    ``D`` (the head size stays whole). Only where the reshape that splits ``B*H`` again says
+    ``H`` counts heads (its far side holds the attention product's head axis); False
+    otherwise. ``moved`` collects what was coupled (a dynamic batch's ``B*H`` is computed
+    in the target, which the rule rewrites)."""
+    sizes = _moved_sizes(ctx, x, y, bi, bj, in_shape, out_shape)
+    if sizes is None:
         return False
-    (a_in, w_in), (a_out, w_out) = (in_shape[bi[0]], in_shape[bi[1]]), (out_shape[bj[0]], out_shape[bj[1]])
-    if None in (a_in, w_in, a_out, w_out):
-        return False
-    if a_out > a_in and a_out % a_in == 0 and w_in == (a_out // a_in) * w_out:  # heads into the batch
-        heads, batch, size = a_out // a_in, a_in, w_out
+    heads, batch, size, into_batch = sizes
+    if into_batch:
         width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = x, bi[1], y, bj[0], x, bi[0], y, bj[1]
-    elif a_in > a_out and a_in % a_out == 0 and w_out == (a_in // a_out) * w_in:  # heads out of the batch
-        heads, batch, size = a_in // a_out, a_out, w_in
-        width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = y, bj[1], x, bi[0], y, bj[0], x, bi[1]
     else:
+        width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = y, bj[1], x, bi[0], y, bj[0], x, bi[1]
+    if ctx.is_spatial(width, w_axis):
         return False
-    if ctx.is_spatial(width, w_axis) or not _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y):
+    count = _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
+    if count is None:
         return False
     ctx.couple(width, w_axis, merged, m_axis, SharedDigit(heads, size, 1))
     ctx.freeze(outer, o_axis, f"batch re-factored with the heads at {ctx.where()}")
     if not ctx.is_spatial(head_size, h_axis):
         ctx.freeze(head_size, h_axis, f"inner factor of a reshaped axis at {ctx.where()}")
+    if moved is not None:
+        moved.append(MovedHeads(merged, m_axis, outer, o_axis, heads, count, batch is None))
     return True
 
 
@@ -414,13 +478,14 @@ class ReshapeRule(OpRule):
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
         merged: list[MergedBatch] = []
-        if not couple_reshape(ctx, x, y, node, merged):
+        moved: list[MovedHeads] = []
+        if not couple_reshape(ctx, x, y, node, merged, moved):
             ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
             return
         rank = ctx.rank(y)
         if rank is not None:
             dims: list[tuple[gs.Tensor, int] | None] = [(y, a) for a in range(rank)]
-            for a in _batch_times_channels(ctx, node, merged):
+            for a in _batch_times_channels(ctx, node, merged) | _batch_with_moved_heads(ctx, node, moved):
                 dims[a] = None
             ctx.track_shape(node, 1, dims, special_zero=not int(node.attrs.get("allowzero", 0)))
 
@@ -463,6 +528,37 @@ def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[Merg
                 ctx.add_shape_element(element.divisor.gives(heads))
                 ctx.couple(ctx.tensors[element.tensor], element.axis, block.merged, block.m_axis)
                 handled.add(axis)
+    return handled
+
+
+def _batch_with_moved_heads(ctx: CouplingContext, node: gs.Node, moved: list[MovedHeads]) -> set[int]:
+    """The target element that sizes the batch side of heads moved with a dynamic batch
+    (:func:`_couple_moved_heads`; TorchScript's ``nn.MultiheadAttention``): ``batch * H``
+    where ``B*H`` is made (the literal ``H`` is rewritten with the new head count),
+    ``size(B*H) // H`` where the batch comes out of it again (the divisor is); ``-1`` or a
+    read of another axis needs nothing. Any other element freezes the heads: the new
+    size could not be written. Returns the output axes so handled (not tracked further)."""
+    target = node.inputs[1]
+    y = node.outputs[0]
+    if isinstance(target, gs.Constant) or not any(m.dynamic for m in moved):
+        return set()
+    sources = ShapeTrace(ctx.rule_for).of(target)
+    handled: set[int] = set()
+    for block in (m for m in moved if m.dynamic):
+        axis = block.m_axis if block.merged is y else block.o_axis
+        element = sources[axis] if sources is not None and len(sources) == ctx.rank(y) else None
+        if isinstance(element, ShapeRead) or (isinstance(element, ShapeLiteral) and element.value == -1):
+            continue  # re-read at run time, or inferred from the element count
+        if block.merged is y and isinstance(element, ScaledRead) and element.literal is not None \
+                and element.factor == block.heads == element.literal.value \
+                and ctx.size(ctx.tensors[element.tensor], element.axis) is None:
+            ctx.add_shape_element(element.literal.gives(block.count))
+        elif block.merged is not y and isinstance(element, QuotientRead) \
+                and element.divisor.value == block.heads and element.tensor in ctx.tensors:
+            ctx.add_shape_element(element.divisor.gives(block.count))
+        else:
+            ctx.freeze(block.merged, block.m_axis, f"batch x heads computed, not rewritten at {ctx.where()}")
+        handled.add(axis)
     return handled
 
 
