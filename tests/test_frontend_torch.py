@@ -288,6 +288,22 @@ def test_export_rejects_unknown_exporter_and_wrong_dynamic_argument():
         gpt.to_onnx(nn.Linear(2, 2), (torch.randn(1, 2),), dynamic_axes={"x": {0: "b"}})
 
 
+def test_torchscript_dynamic_axes_name_forwards_parameters_or_fail():
+    """TorchScript ignored a ``dynamic_axes`` key that names no input (with a warning) and
+    exported fixed sizes; the inputs are now named after ``forward``'s parameters, and an
+    unknown key is a usage error."""
+    class Scale(nn.Module):
+        def forward(self, features):
+            return features * 2
+
+    model = gpt.to_onnx(Scale(), (torch.randn(2, 3),), exporter="torchscript",
+                        dynamic_axes={"features": {0: "batch"}})
+    assert model.graph.input[0].name == "features"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    with pytest.raises(UsageError, match="'x'"):
+        gpt.to_onnx(Scale(), (torch.randn(2, 3),), exporter="torchscript", dynamic_axes={"x": {0: "batch"}})
+
+
 @pytest.mark.parametrize("exporter", gpt.EXPORTERS)
 def test_export_failure_is_a_graphprune_error(exporter):
     class Bad(nn.Module):
