@@ -27,6 +27,7 @@ from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
 from graphprune.io.shared_constants import untie_shared_constants, untie_shared_shapes
+from graphprune.io.strided_gathers import bypass_identity_gathers, has_indexed_flat_reads
 from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.io.zero_inputs import drop_zero_inputs, has_zero_defaults
 from graphprune.rules import registry
@@ -345,7 +346,8 @@ def prepare(
     folding = fold and _computes_constants(model)
     shrinking = fold and not folding and _computes_from_weights(model)
     opset = default_opset(model)
-    if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset):
+    if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset) \
+            or has_indexed_flat_reads(model, opset):
         model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking)
         for _ in range(FOLD_ROUNDS if folding else 0):  # what the folded values let inference size
             if not _reads_static_shapes(model):
@@ -407,8 +409,10 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
     constants then take at least SHRINK less space and no learned parameter of a node is a
     folded value), drop optional inputs that are provably zero
     (:func:`graphprune.io.zero_inputs.drop_zero_inputs`) and read selections within one input
-    of a concatenation from that input (:func:`graphprune.io.concat_selects.bypass_concat_selects`);
-    ``model`` itself when nothing changes."""
+    of a concatenation from that input (:func:`graphprune.io.concat_selects.bypass_concat_selects`)
+    and a flattened tensor gathered back in its own order as that tensor
+    (:func:`graphprune.io.strided_gathers.bypass_identity_gathers`); ``model`` itself when
+    nothing changes."""
     graph = import_graph(model, store)
     before = _constant_bytes(graph) if shrink_only else 0
     stored = {t.name for t in graph_constants(graph)} if shrink_only else set()
@@ -439,6 +443,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
                 graph, folding = import_graph(model, store), False  # as it came: see _computes_from_weights
     changed = drop_zero_inputs(graph, default_opset(model))
     changed += bypass_concat_selects(graph, default_opset(model))
+    changed += bypass_identity_gathers(graph, default_opset(model))
     if not changed and not folding:
         return model
     toposort_model(graph.cleanup(remove_unused_graph_inputs=False))

@@ -411,6 +411,17 @@ class OpRule:
         (:mod:`graphprune.io.concat_selects`)."""
         return None
 
+    def indexed_rows(self, node: gs.Node) -> bool:
+        """Whether output 0 holds the elements of input 0 (along axis 0) that the index
+        tensor input 1 names (``Gather``): the dynamo exporter's ``as_strided`` lowering
+        (:mod:`graphprune.io.strided_gathers`). Default: no."""
+        return False
+
+    def row_major_flat(self, node: gs.Node) -> bool:
+        """Whether output 0 is input 0 read in row-major order as one axis (a ``Reshape`` to
+        rank 1). Default: no."""
+        return False
+
     def aliased_input(self, node: gs.Node) -> int | None:
         """The input that output 0 equals unchanged (``Identity``): a constant read
         through it is read directly instead of being folded into a second copy."""

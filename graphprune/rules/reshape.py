@@ -461,6 +461,10 @@ class ReshapeRule(OpRule):
     phase = 2
     zero_behaviour = "move"
 
+    def row_major_flat(self, node: gs.Node) -> bool:
+        shape = node.outputs[0].shape
+        return shape is not None and len(shape) == 1
+
     def trace_shape(self, node: gs.Node, output: gs.Tensor, trace: ShapeTrace) -> list[ShapeSource] | None:
         """A 1-D shape re-viewed as 1-D keeps its elements; other views keep only the length."""
         if trace.rank(output) == 1:

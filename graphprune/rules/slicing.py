@@ -278,6 +278,9 @@ class GatherRule(OpRule):
         size = data.shape[int(node.attrs.get("axis", 0)) % len(data.shape)]
         return int(size) if isinstance(size, int) and size > 0 else None
 
+    def indexed_rows(self, node: gs.Node) -> bool:
+        return int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) == 2
+
     def selected_range(self, node: gs.Node) -> tuple[int, int, int, bool] | None:
         """A constant scalar index, or constant consecutive ascending indices."""
         data, indices = node.inputs[0], node.inputs[1]
