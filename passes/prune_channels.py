@@ -115,7 +115,13 @@ class PruneChannelsPass(Pass):
                 if se.dim not in removed:
                     continue
                 t = tensors.get(se.dim[0])
-                new = rctx.new_size(t, se.dim[1]) if t is not None else None
+                if t is not None:
+                    new = rctx.new_size(t, se.dim[1])
+                else:  # a dimension only the analysis has (a head count no tensor holds)
+                    virtual = actx.tensors.get(se.dim[0])
+                    shape = actx.shape(virtual) if virtual is not None else None
+                    size = None if shape is None else shape[se.dim[1]]
+                    new = None if size is None else size - int(removed[se.dim].size)
                 if new is None:
                     raise RewriteError(f"cannot size '{se.dim[0]}' axis {se.dim[1]}")
                 slot = edits[(se.node_name, se.input_index)]

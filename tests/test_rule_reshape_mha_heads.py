@@ -118,3 +118,38 @@ def test_each_layer_keeps_its_own_heads_in_an_optimised_dynamo_export(tmp_path):
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((3, 9, WIDTH)).astype(np.float32)
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (3, 9, WIDTH)
+
+
+class FairseqAttention(nn.Module):
+    """fairseq's (and FSMT's) self-attention: the ``[T, B*H, D]`` views are multiplied as
+    they are (``bmm``), so ``B*H`` is itself the attention product's head axis, and no
+    reshape splits it again before the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.q, self.k, self.v, self.out = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
+        self.heads, self.size = HEADS, WIDTH // HEADS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, c = x.shape
+        q = (self.q(x) * self.size**-0.5).contiguous().view(t, b * self.heads, self.size).transpose(0, 1)
+        k = self.k(x).contiguous().view(-1, b * self.heads, self.size).transpose(0, 1)
+        v = self.v(x).contiguous().view(-1, b * self.heads, self.size).transpose(0, 1)
+        weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        return self.out(torch.bmm(weights, v).transpose(0, 1).contiguous().view(t, b, c))
+
+
+def test_fairseq_attention_heads_prune_with_a_dynamic_batch_and_length(tmp_path):
+    path = tmp_path / "fairseq.onnx"
+    torch.onnx.export(FairseqAttention().eval(), (torch.randn(6, 2, WIDTH),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "length", 1: "batch"}})
+    result = graphprune.prune(str(path), ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["kinds"]["head"]["prunable"] == 1
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((5, 3, WIDTH)).astype(np.float32)
+    assert session.run(None, {"x": x})[0].shape == reference.run(None, {"x": x})[0].shape == (5, 3, WIDTH)

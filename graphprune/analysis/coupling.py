@@ -132,6 +132,15 @@ class CouplingContext:
             return int(first)
         return None
 
+    def virtual(self, node: gs.Node, label: str, size: int) -> gs.Variable:
+        """A dimension that no tensor of the graph has (the head index of a fused op, the
+        heads of a width that a reshape moves into the batch): a 1-D tensor of ``size``
+        known to the analysis only."""
+        name = f"{node.name or node.op}::{label}"
+        tensor = gs.Variable(name, dtype=np.float32, shape=[size])
+        self.tensors[name] = tensor
+        return tensor
+
     def is_batch(self, tensor: gs.Tensor, axis: int) -> bool:
         """Does an activation axis hold the batch alone: static size 1, or the sizes an open
         batch takes in the shape probes (a merged ``[B*H]`` axis takes a multiple)?"""

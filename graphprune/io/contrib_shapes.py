@@ -137,3 +137,45 @@ def annotate(model: onnx.ModelProto) -> bool:
                 dim.Clear()
     graph.value_info.extend(added)
     return bool(added)
+
+
+def annotate_read_sizes(model: onnx.ModelProto, opset: int) -> bool:
+    """Give the tensors whose shape a node reads (``OpRule.reads_only_shape``: ``Shape``) the
+    static sizes the symbolic inference finds where ONNX inference left a size open (in
+    place). A TorchScript export with a dynamic batch computes its views from ``Shape``
+    reads (ShuffleNet's ``chunk`` and channel shuffle: ``C // 2``, ``C // groups``); ONNX
+    inference does not follow ``Div`` and ``Cast`` on sizes, so the channels after the first
+    shuffle stay open, the ``Shape`` reads of them cannot fold and every later split froze
+    ("bounds computed at run time"). The symbolic inference keeps the batch a symbol: a size
+    it gives as a number does not depend on the inputs' open sizes. ``True`` when any was
+    given: infer and fold again."""
+    graph = model.graph
+    values = {v.name: v for v in graph.value_info}
+    read = set()
+    for node in graph.node:
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        if rule is not None and rule.reads_only_shape and node.input and node.input[0] in values:
+            dims = values[node.input[0]].type.tensor_type.shape.dim
+            # a size ONNX inference lost (it names those ``unk__N``), not an input's own symbol
+            if any(not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__"))
+                   for d in dims):
+                read.add(node.input[0])
+    if not read:
+        return False
+    skeleton, _ = _detach(model)
+    inferred = symbolic_inference(skeleton)
+    if inferred is None:
+        return False
+    given = False
+    for found in inferred.graph.value_info:
+        if found.name not in read or not found.type.tensor_type.HasField("shape"):
+            continue
+        dims, known = values[found.name].type.tensor_type.shape.dim, found.type.tensor_type.shape.dim
+        if len(dims) != len(known):
+            continue
+        for dim, size in zip(dims, known, strict=True):
+            if not dim.HasField("dim_value") and size.HasField("dim_value") and size.dim_value > 0:
+                dim.Clear()
+                dim.dim_value = size.dim_value
+                given = True
+    return given

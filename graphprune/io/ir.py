@@ -326,6 +326,8 @@ def prepare(
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
+    if contrib_shapes.annotate_read_sizes(model, default_opset(model)):  # sizes behind Div/Cast
+        model = model_io.infer_shapes(model, inplace=True)
     ran: dict[str, int] = {}
     if custom_shapes.annotate(model, ran):  # a custom op (a tokenizer in front) stopped it: run them
         model = model_io.infer_shapes(model, inplace=True)

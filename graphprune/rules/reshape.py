@@ -411,8 +411,8 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     outer digit of the width and the inner digit of ``B*H``: the two axes are coupled by that
     shared digit (a head is a unit), the batch is not coupled to ``B*H`` (it freezes), nor is
     ``D`` (the head size stays whole). Only where the reshape that splits ``B*H`` again says
-    ``H`` counts heads (its far side holds the attention product's head axis); False
-    otherwise. ``moved`` collects what was coupled (a dynamic batch's ``B*H`` is computed
+    ``H`` counts heads (its far side holds the attention product's head axis), or where
+    ``B*H`` is itself the head axis of a 3-D attention product; False otherwise. ``moved`` collects what was coupled (a dynamic batch's ``B*H`` is computed
     in the target, which the rule rewrites)."""
     sizes = _moved_sizes(ctx, x, y, bi, bj, in_shape, out_shape)
     if sizes is None:
@@ -425,6 +425,12 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     if ctx.is_spatial(width, w_axis):
         return False
     count = _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
+    if count is None and "head" in ctx.component_facts(merged, m_axis):
+        # fairseq's attention multiplies the [B*H, S, D] views as they are (a 3-D product
+        # whose batch axis holds the heads); the head count is a dimension of its own
+        counted = ctx.virtual(ctx.node, f"heads_{merged.name}_{m_axis}", heads)
+        ctx.couple(counted, 0, width, w_axis, Digit(size))
+        count = (counted.name, 0)
     if count is None:
         return False
     ctx.couple(width, w_axis, merged, m_axis, SharedDigit(heads, size, 1))

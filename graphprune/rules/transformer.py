@@ -63,10 +63,7 @@ def _used_output(node: gs.Node, index: int) -> gs.Tensor | None:
 
 def _virtual(ctx: CouplingContext, node: gs.Node, label: str, size: int) -> gs.Variable:
     """A dimension that no tensor of the graph has (the head index of a fused op)."""
-    name = f"{node.name or node.op}::{label}"
-    tensor = gs.Variable(name, dtype=np.float32, shape=[size])
-    ctx.tensors[name] = tensor
-    return tensor
+    return ctx.virtual(node, label, size)
 
 
 def _couple_sections(
