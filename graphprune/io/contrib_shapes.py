@@ -139,7 +139,8 @@ def annotate(model: onnx.ModelProto) -> bool:
     return bool(added)
 
 
-def annotate_read_sizes(model: onnx.ModelProto, opset: int) -> bool:
+def annotate_read_sizes(model: onnx.ModelProto, opset: int,
+                        probes: Any = None) -> bool:
     """Give the tensors whose shape a node reads (``OpRule.reads_only_shape``: ``Shape``) the
     static sizes the symbolic inference finds where ONNX inference left a size open (in
     place). A TorchScript export with a dynamic batch computes its views from ``Shape``
@@ -147,8 +148,11 @@ def annotate_read_sizes(model: onnx.ModelProto, opset: int) -> bool:
     inference does not follow ``Div`` and ``Cast`` on sizes, so the channels after the first
     shuffle stay open, the ``Shape`` reads of them cannot fold and every later split froze
     ("bounds computed at run time"). The symbolic inference keeps the batch a symbol: a size
-    it gives as a number does not depend on the inputs' open sizes. ``True`` when any was
-    given: infer and fold again."""
+    it gives as a number is meant not to depend on the inputs' open sizes, but it also
+    guesses sizes behind data-dependent ops (JetMoE's routed token counts came out as 32):
+    a size is given only where ``probes(model)`` (the two shape probes, ``{name: (shape at
+    one set of input sizes, shape at another)}``) finds that same number at both. ``True``
+    when any was given: infer and fold again."""
     graph = model.graph
     values = {v.name: v for v in graph.value_info}
     read = set()
@@ -164,7 +168,11 @@ def annotate_read_sizes(model: onnx.ModelProto, opset: int) -> bool:
         return False
     skeleton, _ = _detach(model)
     inferred = symbolic_inference(skeleton)
-    if inferred is None:
+    if inferred is None or probes is None:
+        return False
+    try:
+        probed = probes(model)
+    except Exception:  # noqa: BLE001 - no confirmation, nothing given
         return False
     given = False
     for found in inferred.graph.value_info:
@@ -173,8 +181,12 @@ def annotate_read_sizes(model: onnx.ModelProto, opset: int) -> bool:
         dims, known = values[found.name].type.tensor_type.shape.dim, found.type.tensor_type.shape.dim
         if len(dims) != len(known):
             continue
-        for dim, size in zip(dims, known, strict=True):
-            if not dim.HasField("dim_value") and size.HasField("dim_value") and size.dim_value > 0:
+        pair = probed.get(found.name)
+        if pair is None or any(len(p) != len(dims) for p in pair):
+            continue
+        for dim, size, a, b in zip(dims, known, *pair, strict=True):
+            if not dim.HasField("dim_value") and size.HasField("dim_value") and size.dim_value > 0 \
+                    and a == b == size.dim_value:
                 dim.Clear()
                 dim.dim_value = size.dim_value
                 given = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -326,7 +327,7 @@ def prepare(
     model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
-    if contrib_shapes.annotate_read_sizes(model, default_opset(model)):  # sizes behind Div/Cast
+    if contrib_shapes.annotate_read_sizes(model, default_opset(model), partial(_probes, store=store)):
         model = model_io.infer_shapes(model, inplace=True)
     ran: dict[str, int] = {}
     if custom_shapes.annotate(model, ran):  # a custom op (a tokenizer in front) stopped it: run them
@@ -511,3 +512,10 @@ def _load_fold_inputs(graph: gs.Graph) -> None:
     Mapping costs nothing until a weight is read, and only folded ones are."""
     for tensor in graph_constants(graph):
         _ = tensor.values
+
+
+def _probes(model: onnx.ModelProto, *, store: Any) -> dict[str, tuple[list, list]]:
+    """The two shape probes of ``model`` (:func:`graphprune.analysis.shape_probe.refine_shapes`)."""
+    from graphprune.analysis.shape_probe import refine_shapes
+
+    return refine_shapes(import_graph(model, store))

@@ -425,7 +425,8 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     if ctx.is_spatial(width, w_axis):
         return False
     count = _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
-    if count is None and "head" in ctx.component_facts(merged, m_axis):
+    facts = ctx.component_facts(merged, m_axis)
+    if count is None and "head" in facts and "frozen" not in facts:
         # fairseq's attention multiplies the [B*H, S, D] views as they are (a 3-D product
         # whose batch axis holds the heads); the head count is a dimension of its own
         counted = ctx.virtual(ctx.node, f"heads_{merged.name}_{m_axis}", heads)
