@@ -12,6 +12,7 @@ on from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def annotate(model: onnx.ModelProto) -> bool:
 
 
 def annotate_read_sizes(model: onnx.ModelProto, opset: int,
-                        probes: Any = None) -> bool:
+                        probes: Callable[[onnx.ModelProto], dict[str, tuple[list, list]]]) -> bool:
     """Give the tensors whose shape a node reads (``OpRule.reads_only_shape``: ``Shape``) the
     static sizes the symbolic inference finds where ONNX inference left a size open (in
     place). A TorchScript export with a dynamic batch computes its views from ``Shape``
@@ -168,26 +169,30 @@ def annotate_read_sizes(model: onnx.ModelProto, opset: int,
         return False
     skeleton, _ = _detach(model)
     inferred = symbolic_inference(skeleton)
-    if inferred is None or probes is None:
+    if inferred is None:
         return False
-    try:
-        probed = probes(model)
-    except Exception:  # noqa: BLE001 - no confirmation, nothing given
-        return False
-    given = False
+    candidates: dict[tuple[str, int], int] = {}  # (name, axis): the size the symbolic inference gives
     for found in inferred.graph.value_info:
         if found.name not in read or not found.type.tensor_type.HasField("shape"):
             continue
         dims, known = values[found.name].type.tensor_type.shape.dim, found.type.tensor_type.shape.dim
         if len(dims) != len(known):
             continue
-        pair = probed.get(found.name)
-        if pair is None or any(len(p) != len(dims) for p in pair):
-            continue
-        for dim, size, a, b in zip(dims, known, *pair, strict=True):
-            if not dim.HasField("dim_value") and size.HasField("dim_value") and size.dim_value > 0 \
-                    and a == b == size.dim_value:
-                dim.Clear()
-                dim.dim_value = size.dim_value
-                given = True
+        for axis, (dim, size) in enumerate(zip(dims, known, strict=True)):
+            if not dim.HasField("dim_value") and size.dim_value > 0:
+                candidates[(found.name, axis)] = size.dim_value
+    if not candidates:
+        return False
+    try:
+        probed = probes(model)
+    except Exception:  # noqa: BLE001 - no confirmation, nothing given
+        return False
+    given = False
+    for (name, axis), size in candidates.items():
+        pair = probed.get(name)
+        if pair is not None and all(len(p) > axis and p[axis] == size for p in pair):
+            dim = values[name].type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = size
+            given = True
     return given

@@ -204,8 +204,9 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
     """Give each main-graph node that reads a shape joined in the graph (a 1-D integer
     ``Concat`` of literals and read sizes: ``[1, num_kv_heads, n_rep, seq, head_size]``, the
     ``Expand`` target of grouped-query attention), or a shape scaled by a literal (the
-    dynamo exporter's ``batch * num_heads`` of ``nn.MultiheadAttention``, computed once for
-    every layer), its own copy of the joining or scaling node; returns the copies made. An exporter that computes such a shape once for every layer (the dynamo
+    dynamo exporter's ``batch * num_heads`` of ``nn.MultiheadAttention``) and the single
+    values carried on from it, its own copy of the joining or scaling node; returns the
+    copies made. An exporter that computes such a shape once for every layer (the dynamo
     exporter's common-subexpression pass) would otherwise tie the layers' heads into one
     group: a literal of the shared shape gives the size of every axis it sets. The copy reads
     the same inputs, so the values do not change; :func:`retie_shapes` merges the copies
@@ -240,31 +241,31 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
             return value
         return value if scalar_ok and (not dims or (len(dims) == 1 and dims[0].dim_value == 1)) else None
 
-    # what a literal scales, and the single values carried on from it (``Reshape(b * H, [-1])``)
+    # the copyable nodes and their outputs' value info: joins, what a literal scales, and the
+    # single values carried on from it (``Reshape(b * H, [-1])``)
     scaled: set[str] = set()
-    kinds: dict[int, str] = {}
+    copyable: dict[int, onnx.ValueInfoProto] = {}
     for node in graph.node:
         if len(node.output) != 1:
             continue
         rule = registry.lookup(node.domain or "", node.op_type, opset)
+        value = None
         if rule is not None and type(rule).concat_axis is not registry.OpRule.concat_axis:
-            kinds[id(node)] = "joins"
-        elif rule is not None and node.op_type in rule.shape_scaling_ops \
-                and any(name in literals for name in node.input) and int_value(node.output[0], True):
-            kinds[id(node)] = "scales"
-            scaled.add(node.output[0])
-        elif any(name in scaled for name in node.input) and int_value(node.output[0], True) is not None \
-                and sum(name not in literals for name in node.input if name) == 1:
-            kinds[id(node)] = "carries"
-            scaled.add(node.output[0])
+            value = int_value(node.output[0], False)
+        elif (rule is not None and node.op_type in rule.shape_scaling_ops
+              and any(name in literals for name in node.input)) \
+                or (any(name in scaled for name in node.input)
+                    and sum(name not in literals for name in node.input if name) == 1):
+            value = int_value(node.output[0], True)
+            if value is not None:
+                scaled.add(node.output[0])
+        if value is not None:
+            copyable[id(node)] = value
     made = 0
     copies: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for node in reversed(list(graph.node)):  # readers first: a copied reader reads its own copy
-        kind = kinds.get(id(node))
-        if kind is None or node.output[0] in keep or len(readers_of[node.output[0]]) < 2:
-            continue
-        value = int_value(node.output[0], kind != "joins")
-        if value is None:
+        value = copyable.get(id(node))
+        if value is None or node.output[0] in keep or len(readers_of[node.output[0]]) < 2:
             continue
         for reader, k in readers_of[node.output[0]][1:]:
             copy_ = onnx.NodeProto()

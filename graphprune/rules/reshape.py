@@ -412,8 +412,9 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     shared digit (a head is a unit), the batch is not coupled to ``B*H`` (it freezes), nor is
     ``D`` (the head size stays whole). Only where the reshape that splits ``B*H`` again says
     ``H`` counts heads (its far side holds the attention product's head axis), or where
-    ``B*H`` is itself the head axis of a 3-D attention product; False otherwise. ``moved`` collects what was coupled (a dynamic batch's ``B*H`` is computed
-    in the target, which the rule rewrites)."""
+    ``B*H`` is itself the head axis of a 3-D attention product; False otherwise. ``moved``
+    collects what was coupled (a dynamic batch's ``B*H`` is computed in the target, which the
+    rule rewrites)."""
     sizes = _moved_sizes(ctx, x, y, bi, bj, in_shape, out_shape)
     if sizes is None:
         return False
