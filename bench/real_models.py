@@ -212,7 +212,7 @@ def worker(name: str, mode: str, out: Path, path: Path | None = None) -> None:
     row["unsupported_ops"] = report.get("unsupported_ops")
     row["frozen_reasons"] = _frozen_reasons(report)
     verification = report.get("verification") or {}
-    row["verification"] = {k: verification.get(k) for k in ("ok", "max_rel_diff", "tolerance")}
+    row["verification"] = {k: verification.get(k) for k in ("ok", "max_rel_diff", "tolerance", "preparation")}
     if report.get("nothing_prunable") or report.get("message"):
         row["message"] = report.get("nothing_prunable") or report.get("message")
     pa, pb = row.get("params_after"), row.get("params_before")

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
 from graphprune.rules import registry
-from graphprune.tables import difference_to_original, human, macs_label
+from graphprune.tables import difference_to_original, human, macs_label, preparation_summary
 
 __all__ = ["LayerWidth", "bar_chart_svg", "layer_widths", "render_prune_report", "scatter_svg"]
 
@@ -215,6 +215,9 @@ def _verification(report: Mapping[str, Any]) -> str:
     real = difference_to_original(report)
     if real is not None:
         rows.append(["max rel diff to the original itself", f"{real:.3g}"])
+    prepared = preparation_summary(v.get("preparation"))
+    if prepared:
+        rows.append(["preparation", prepared])
     parts = [f"<p>Verification: {status}. The pruned model was compared with "
              f"<b>{_e(reference)}</b>.</p>", _table(["", ""], rows)]
     if v.get("error"):

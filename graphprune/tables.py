@@ -102,6 +102,9 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
                          "another function than the original: measuring by how much, and "
                          "refitting it, needs --calibration DATA, or --calibration random "
                          "without data)")
+    prepared = preparation_summary(v.get("preparation"))
+    if prepared:
+        lines.append("  " + prepared)
     for entry in v.get("inexact_groups", [])[:5]:
         why = entry["why"][0] if entry.get("why") else ""
         lines.append(f"  inexact group {entry['anchor']} not compared: {why}")
@@ -110,6 +113,19 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"  on {agreement['provider']}: agrees with the CPU run "
                      f"(max rel diff {agreement['max_rel_diff']:.3g})")
     return lines
+
+
+def preparation_summary(check: Mapping[str, Any] | None) -> str | None:
+    """How the prepared graph (the rewrite's reference) compares with the model as loaded."""
+    if not check:
+        return None
+    if check.get("identical"):
+        return "the model as loaded is the graph checked against (its preparation changed no node)"
+    if not check.get("checked"):
+        return f"the prepared graph was not compared with the model as loaded: {check.get('why', '')}"
+    grounds = ", within its float noise" if check.get("max_rel_diff", 0) > check.get("tolerance", 0) else ""
+    return (f"the prepared graph computes what the model as loaded computes (max rel diff "
+            f"{check.get('max_rel_diff', 0):.3g}{grounds})")
 
 
 def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:

@@ -49,7 +49,7 @@ from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import report as reports
 from graphprune.pipeline.result import PruneResult
 from graphprune.planning.plan import Plan
-from graphprune.verify import noise, saturation, validate
+from graphprune.verify import noise, preparation, saturation, validate
 from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
@@ -160,6 +160,10 @@ class Session:
             self.declared_shapes = {v.name for v in loaded.graph.value_info}
             if converted_from is not None:  # by ONNX's version converter, before anything else
                 self.normalised["opset_converted"] = {"from": converted_from, "to": UPGRADE_TO}
+            #: the graph as loaded (weights are references into the store: a small copy), which
+            #: the prepared one is checked against (:mod:`graphprune.verify.preparation`)
+            self.loaded = onnx.ModelProto()
+            self.loaded.CopyFrom(loaded)
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
@@ -467,6 +471,15 @@ class Session:
                 error = fault or exc
                 return {"ok": False, "reference": what, "error": str(error), "_error": error}
 
+    def check_preparation(self, tolerance: float) -> dict[str, Any]:
+        """The prepared original against the graph as loaded, on the verification's feeds
+        (:func:`graphprune.verify.preparation.check_preparation`): the rewrite was checked
+        against the prepared graph, so this makes the whole chain checked against the input."""
+        if preparation.same_computation(self.loaded, self.prepared):
+            return {"checked": True, "ok": True, "identical": True}
+        with self.stage("verify"):
+            return preparation.check_preparation(self.loaded, self.prepared, self.path_of, self.feeds(), tolerance)
+
     def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
         """Accept a difference that is float noise of this model: ``candidate`` on this session's
         feeds (:func:`graphprune.verify.noise.excuse_float_noise`)."""
@@ -485,12 +498,23 @@ class Session:
                 raise
             raise fault from exc
 
-    def input_fault(self) -> InvalidModelError | None:
+    def input_fault(self) -> GraphPruneError | None:
         """Where the model as loaded fails ``onnx.checker`` or ONNX Runtime before any change
-        (an exporter's broken graph): bad input (exit 2), not a failed rewrite; else ``None``."""
+        (an exporter's broken graph): bad input (exit 2), not a failed rewrite; else ``None``.
+        Where only the prepared graph fails, the preparation is at fault: a
+        :class:`VerificationError` that says so (exit 3)."""
         try:
             validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
         except VerificationError as fault:
+            if not preparation.same_computation(self.loaded, self.prepared):
+                try:
+                    validate.run(self.path_of(self.loaded), self.feeds()[0], preparation.AS_LOADED)
+                except Exception:  # VerificationError: the input's own fault, as below
+                    pass
+                else:
+                    return VerificationError(preparation.failure_message(
+                        {"error": "it does not run in ONNX Runtime, the model as loaded does: "
+                                  + str(fault).removeprefix("the input model does not run in ONNX Runtime: ")}))
             unknown = validate.unregistered_op(self.prepared)  # says more than ORT's loader
             if unknown:
                 return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
@@ -540,6 +564,12 @@ class Session:
             verification = {"ok": None, "skipped": True}
         else:
             error = verification.pop("_error", None)
+        if not verification.get("skipped") and verification.get("ok"):
+            verification["preparation"] = self.check_preparation(verification.get("tolerance", 1e-5))
+            if verification["preparation"].get("ok") is False:
+                verification["ok"] = False
+                verification["error"] = preparation.failure_message(verification["preparation"])
+                error = VerificationError(verification["error"])
         report["verification"] = verification
         report["timings"] = {**self.timings, "total": self.elapsed()}
         result = PruneResult(

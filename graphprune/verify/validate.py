@@ -227,6 +227,7 @@ def compare(
     check: bool = True,
     original: ModelRef | None = None,
     candidate_outputs: list[list[np.ndarray]] | None = None,
+    reference_outputs: list[list[np.ndarray]] | None = None,
     optimize_reference: bool | None = None,
     emulate_quantization: bool = False,
     segment_candidate: bool = False,
@@ -251,6 +252,9 @@ def compare(
     ``pair_safe`` (models with integer kernels that saturate pair sums, :mod:`.saturation`):
     both models are compared as copies with their int8 weights halved; the candidate still
     runs as it is.
+
+    ``candidate_outputs`` / ``reference_outputs``: outputs already computed on ``feeds_list``
+    (that model is not run again).
     """
     if check:
         check_model(candidate, original)
@@ -258,7 +262,9 @@ def compare(
     # segment's weights at a time); the candidate runs whole, as it will be used, unless
     # ``segment_candidate`` says it is an intermediate model too
     optimize = False if emulate_quantization else None
-    copies = _pair_safe(candidate, reference, reference_overrides) if pair_safe and not candidate_outputs else None
+    copies = None
+    if pair_safe and not candidate_outputs and not reference_outputs:
+        copies = _pair_safe(candidate, reference, reference_overrides)
     pair_safe_used = copies is not None
     if copies is not None:  # integer kernels that saturate pair sums: compare 7-bit copies
         candidate_copy, reference_copy, copy_overrides = copies
@@ -268,8 +274,9 @@ def compare(
         del candidate_copy, reference_copy, copy_overrides
         run_many(candidate, feeds_list[:1], "the pruned model")
     else:
-        ref_outs = run_many(reference, feeds_list, what, reference_overrides,
-                            False if emulate_quantization else optimize_reference, segmented=True)
+        ref_outs = reference_outputs or run_many(reference, feeds_list, what, reference_overrides,
+                                                 False if emulate_quantization else optimize_reference,
+                                                 segmented=True)
         outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model", optimize=optimize,
                                              segmented=segment_candidate)
     if emulate_quantization:
