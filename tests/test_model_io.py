@@ -331,7 +331,7 @@ class TestOpset:
         def fail(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             raise RuntimeError("adapter missing\nmore detail")
 
-        monkeypatch.setattr(model_io.version_converter, "convert_version", fail)
+        monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
         with pytest.raises(
             InvalidModelError, match=r"from opset 9 to opset 13: adapter missing$"
         ) as info:

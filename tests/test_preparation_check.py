@@ -141,3 +141,40 @@ def test_a_loaded_graph_that_does_not_run_as_it_is_is_reported_unchecked(monkeyp
     monkeypatch.setattr(preparation.validate, "run_many", run_many)
     check = graphprune.prune(_cnn(), ratio=0.5).report["verification"]["preparation"]
     assert check == {"checked": False, "why": "the model as loaded does not run in ONNX Runtime: planted"}
+
+
+def _opset9_cnn() -> onnx.ModelProto:
+    """Conv, BatchNormalization, ReLU, Upsample (opset 9, below the version the tool converts to)."""
+    rng = np.random.default_rng(0)
+    arrays = {"W1": rng.standard_normal((8, 3, 3, 3)), "s": rng.uniform(0.5, 1.5, 8), "b": rng.standard_normal(8),
+              "m": rng.standard_normal(8) * 0.1, "v": rng.uniform(0.5, 1.5, 8), "W2": rng.standard_normal((4, 8, 3, 3)),
+              "scales": np.array([1, 1, 2, 2])}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "s", "b", "m", "v"], ["n1"]),
+             helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Upsample", ["r1", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Conv", ["u", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    return model
+
+
+def test_a_converted_model_is_checked_against_the_graph_before_conversion(monkeypatch):
+    report = graphprune.prune(_opset9_cnn(), ratio=0.5).report
+    assert report["normalised"]["opset_converted"] == {"from": 9, "to": 13}
+    check = report["verification"]["preparation"]
+    assert check["checked"] and check["ok"] and not check.get("identical"), check
+
+    real = session_module.model_io.upgrade_opset
+
+    def converter_with_a_defect(model, version):
+        converted = real(model, version)
+        _relu_as_abs(converted.graph)
+        return converted
+
+    monkeypatch.setattr(session_module.model_io, "upgrade_opset", converter_with_a_defect)
+    with pytest.raises(VerificationError, match="prepared graph does not compute"):
+        graphprune.prune(_opset9_cnn(), ratio=0.5)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import external_data_helper, version_converter
+from onnx import external_data_helper
 
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
 from graphprune.io._atomic import create_temporary
@@ -295,9 +295,11 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     current = check_opset(model)
     if current >= target:
         return model
+    from graphprune.io.converter_semantics import convert  # (imports the rules)
+
     skeleton, detached = _detach(model)
     try:
-        converted = version_converter.convert_version(skeleton, target)
+        converted = convert(skeleton, current, target)
     except Exception as exc:
         raise InvalidModelError(
             f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}"

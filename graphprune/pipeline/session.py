@@ -138,7 +138,10 @@ class Session:
             self.opset = model_io.check_opset(loaded)
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             converted_from = None
+            as_loaded = None  # the graph the prepared one is checked against, when converted
             if self.opset < UPGRADE_BELOW:
+                as_loaded = onnx.ModelProto()
+                as_loaded.CopyFrom(loaded)
                 loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
                 converted_from, self.opset = self.opset, UPGRADE_TO
             #: parameters as the model came (constant folding may change the count)
@@ -161,9 +164,11 @@ class Session:
             if converted_from is not None:  # by ONNX's version converter, before anything else
                 self.normalised["opset_converted"] = {"from": converted_from, "to": UPGRADE_TO}
             #: the graph as loaded (weights are references into the store: a small copy), which
-            #: the prepared one is checked against (:mod:`graphprune.verify.preparation`)
-            self.loaded = onnx.ModelProto()
-            self.loaded.CopyFrom(loaded)
+            #: the prepared one is checked against (:mod:`graphprune.verify.preparation`);
+            #: before ONNX's version converter, where it ran
+            self.loaded = as_loaded if as_loaded is not None else onnx.ModelProto()
+            if as_loaded is None:
+                self.loaded.CopyFrom(loaded)
             self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
@@ -506,6 +511,9 @@ class Session:
         try:
             validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
         except VerificationError as fault:
+            converted = self.normalised.get("opset_converted")
+            hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
+                    f"{converted['to']})") if converted else ""
             if not preparation.same_computation(self.loaded, self.prepared):
                 try:
                     validate.run(self.path_of(self.loaded), self.feeds()[0], preparation.AS_LOADED)
@@ -513,14 +521,11 @@ class Session:
                     pass
                 else:
                     return VerificationError(preparation.failure_message(
-                        {"error": "it does not run in ONNX Runtime, the model as loaded does: "
+                        {"error": f"it does not run in ONNX Runtime{hint}, the model as loaded does: "
                                   + str(fault).removeprefix("the input model does not run in ONNX Runtime: ")}))
             unknown = validate.unregistered_op(self.prepared)  # says more than ORT's loader
             if unknown:
                 return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
-            converted = self.normalised.get("opset_converted")
-            hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
-                    f"{converted['to']})") if converted else ""
             return InvalidModelError(str(fault) + hint + self._shape_hint())
         return None
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import numpy as np
+    import onnx
     import onnx_graphsurgeon as gs
 
     from graphprune.analysis.constants import ChannelValues, ConstantContext
@@ -447,6 +448,15 @@ class OpRule:
         this way, instead of a random 0 or 1 that takes a branch no real feed takes. ``None``
         (the default): no such test."""
         return None
+
+    def converter_attributes(self, node: onnx.NodeProto,
+                             constant: Callable[[str], np.ndarray | None]) -> dict[str, object]:
+        """Attributes that ``node`` (of a model below opset 11, as loaded) needs once ONNX's
+        version converter has taken it to the newer opset, to compute what it computed: the
+        ones the converter leaves to new defaults that mean another function (``Upsample``'s
+        coordinate mapping). ``constant`` gives an input's value where it is a constant.
+        Asked by :mod:`graphprune.io.converter_semantics`; default: none."""
+        return {}
 
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
         """Inputs whose values output 0 holds unchanged, only moved or cast (a ``Reshape``,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
@@ -432,6 +433,22 @@ class ResizeRule(OpRule):
         if ctx.size(node.outputs[0], state.axis) != state.values.size:
             return [None]
         return [state]
+
+    def converter_attributes(self, node: onnx.NodeProto,
+                             constant: Callable[[str], np.ndarray | None]) -> dict[str, object]:
+        """``Upsample`` (opsets 7-9) and opset-10 ``Resize`` map output to input coordinates
+        asymmetrically (``x_in = x_out / scale``) and floor the nearest pixel when upsampling
+        (ONNX Runtime's opset-10 ``Resize`` rounds up when it shrinks). The converter's
+        opset-11+ ``Resize`` defaults to ``half_pixel`` and ``round_prefer_floor``: a bilinear
+        PyTorch opset-9 export moved by 0.04 on values of 0.39, a nearest one by a pixel at
+        fractional scales."""
+        mode = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"nearest")
+        attributes: dict[str, object] = {"coordinate_transformation_mode": "asymmetric"}
+        if (mode.decode() if isinstance(mode, bytes) else mode) == "nearest":
+            scales = constant(node.input[1]) if node.op_type == "Resize" and len(node.input) > 1 else None
+            shrinks = scales is not None and scales.size and np.all(scales <= 1) and np.any(scales < 1)
+            attributes["nearest_mode"] = "ceil" if shrinks else "floor"
+        return attributes
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

@@ -1,0 +1,105 @@
+"""What ONNX's version converter leaves to new defaults (see :meth:`OpRule.converter_attributes`).
+
+Models below opset 11 are converted before analysis (:func:`graphprune.io.model_io.upgrade_opset`).
+The converter renames and re-wires ops, but some ops' newer forms take attributes whose
+defaults mean another function: ``Upsample`` (opsets 7-9) becomes a ``Resize`` with
+``half_pixel`` coordinates, where ``Upsample`` maps them asymmetrically. The preparation check
+(:mod:`graphprune.verify.preparation`) found that on PyTorch opset-9 exports. :func:`convert`
+runs the converter; :func:`record`
+asks each node's rule, before the conversion, what its converted form needs; :func:`restore`
+gives it to the node the converter made in its place (matched by order: the converter renames
+tensors), where the converter did not set it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from graphprune.rules import registry
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's initializers and Constant-node values held in the proto, by name."""
+    found = {t.name: t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    for node in graph.node:  # a Constant: no input, one output, a tensor "value"
+        if node.domain in ("", "ai.onnx") and not node.input and len(node.output) == 1:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                         None)
+            if value is not None:
+                found[node.output[0]] = value
+    return found
+
+
+Needed = list[list[tuple[registry.OpRule, dict[str, object]]]]
+
+
+def record(model: onnx.ModelProto, opset: int) -> Needed:
+    """Per graph (in :func:`_graphs` order), the attributes each node of ``model`` (at
+    ``opset``, before conversion) whose rule overrides ``converter_attributes`` needs in its
+    converted form, with that rule, in node order."""
+    needed: Needed = []
+    for graph in _graphs(model.graph):
+        found: list[tuple[registry.OpRule, dict[str, object]]] = []
+        constants = None
+        for node in graph.node:
+            rule = registry.overriding_rule(node.domain or "", node.op_type, opset, "converter_attributes")
+            if rule is None:
+                continue
+            if constants is None:
+                constants = _constants(graph)
+            table = constants
+
+            def constant(name: str, table: dict[str, onnx.TensorProto] = table) -> np.ndarray | None:
+                return numpy_helper.to_array(table[name]) if name in table else None
+
+            found.append((rule, rule.converter_attributes(node, constant)))
+        needed.append(found)
+    return needed
+
+
+def restore(converted: onnx.ModelProto, needed: Needed, opset: int) -> int:
+    """Give each node of ``converted`` (at ``opset``) that took the place of a recorded one
+    the attributes it needs and does not set; returns how many nodes changed. The converter
+    renames tensors, so nodes are matched by order: the k-th node of a rule in a graph is the
+    converted k-th recorded node of that rule (where the counts differ, that graph is left
+    as the converter wrote it, for the preparation check to judge)."""
+    changed = 0
+    for graph, found in zip(_graphs(converted.graph), needed, strict=False):
+        if not found:
+            continue
+        nodes = [(registry.lookup(n.domain or "", n.op_type, opset), n) for n in graph.node]
+        for rule in {id(r): r for r, _ in found}.values():
+            wanted = [attributes for r, attributes in found if r is rule]
+            made = [n for r, n in nodes if r is rule]
+            if len(made) != len(wanted):
+                continue
+            for node, attributes in zip(made, wanted, strict=True):
+                present = {a.name for a in node.attribute}
+                missing = {k: v for k, v in attributes.items() if k not in present}
+                node.attribute.extend(helper.make_attribute(k, v) for k, v in missing.items())
+                changed += bool(missing)
+    return changed
+
+
+def convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto:
+    """``model`` (at ``opset``) converted to ``target`` by ONNX's version converter, each
+    converted node given what its rule says it needs (:func:`record`, :func:`restore`)."""
+    needed = record(model, opset)
+    converted = version_converter.convert_version(model, target)
+    restore(converted, needed, target)
+    return converted
