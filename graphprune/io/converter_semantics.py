@@ -4,11 +4,12 @@ Models below opset 11 are converted before analysis (:func:`graphprune.io.model_
 The converter renames and re-wires ops, but some ops' newer forms take attributes whose
 defaults mean another function: ``Upsample`` (opsets 7-9) becomes a ``Resize`` with
 ``half_pixel`` coordinates, where ``Upsample`` maps them asymmetrically. The preparation check
-(:mod:`graphprune.verify.preparation`) found that on PyTorch opset-9 exports. :func:`convert`
-runs the converter; :func:`record`
-asks each node's rule, before the conversion, what its converted form needs; :func:`restore`
-gives it to the node the converter made in its place (matched by order: the converter renames
-tensors), where the converter did not set it.
+(:mod:`graphprune.verify.preparation`) found that on PyTorch opset-9 exports.
+
+:func:`convert` runs the converter. :func:`record` asks each node's rule, before the
+conversion, what its converted form needs; :func:`restore` gives it to the node the converter
+made in its place (matched by order: the converter renames tensors), where the converter did
+not set it.
 """
 
 from __future__ import annotations
