@@ -80,3 +80,36 @@ def test_an_opset9_upsampling_model_prunes_and_keeps_its_function():
     check = pruned.report["verification"]["preparation"]
     assert check["checked"] and check["ok"] and check["max_rel_diff"] <= 1e-6, check
     assert pruned.report["params_after"] < pruned.report["params_before"]
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3])
+def test_an_opset9_hardmax_keeps_its_flattened_axes(axis):
+    """Below opset 13 Hardmax takes the maximum over every axis from ``axis`` on (its input
+    flattened to 2-D); the converter's opset-13 Hardmax reads one axis (a difference of 1)."""
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"], axis=axis)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    x = np.random.default_rng(axis).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    converted = upgrade_opset(model, 13)
+    out = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, session.run(None, {"x": x})[0])
+    assert [n.op_type for n in model.graph.node] == ["Hardmax"]  # the caller's model is left alone
+
+
+def test_an_opset9_classifier_with_a_hardmax_prunes_and_passes_the_check():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W1", (8, 3, 3, 3)), ("W2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "W2"], ["b"]), helper.make_node("Hardmax", ["b"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    pruned = graphprune.prune(model, ratio=0.5)
+    check = pruned.report["verification"]["preparation"]
+    assert check["checked"] and check["ok"], check
+    assert pruned.report["params_after"] < pruned.report["params_before"]

@@ -6,7 +6,9 @@ defaults mean another function: ``Upsample`` (opsets 7-9) becomes a ``Resize`` w
 ``half_pixel`` coordinates, where ``Upsample`` maps them asymmetrically. The preparation check
 (:mod:`graphprune.verify.preparation`) found that on PyTorch opset-9 exports.
 
-:func:`convert` runs the converter. :func:`record` asks each node's rule, before the
+:func:`convert` runs the converter. :func:`rewrite` first writes the nodes whose conversion
+would change their function another way (``Hardmax``, whose input below opset 13 is flattened
+to 2-D; the rules say how). :func:`record` asks each node's rule, before the
 conversion, what its converted form needs; :func:`restore` gives it to the node the converter
 made in its place (matched by order: the converter renames tensors), where the converter did
 not set it.
@@ -97,9 +99,42 @@ def restore(converted: onnx.ModelProto, needed: Needed, opset: int) -> int:
     return changed
 
 
+def rewrite(model: onnx.ModelProto, opset: int) -> int:
+    """Replace (in place) each node whose rule writes it another way for the converter
+    (:meth:`OpRule.converter_rewrite`); returns how many were replaced."""
+    names = {name for graph in _graphs(model.graph) for n in graph.node for name in (*n.input, *n.output)}
+
+    def fresh(hint: str) -> str:
+        name, k = hint, 0
+        while name in names:
+            k += 1
+            name = f"{hint}_{k}"
+        names.add(name)
+        return name
+
+    replaced = 0
+    for graph in _graphs(model.graph):
+        nodes: list[onnx.NodeProto] = []
+        here = 0
+        for node in graph.node:
+            rule = registry.overriding_rule(node.domain or "", node.op_type, opset, "converter_rewrite")
+            written = rule.converter_rewrite(node, fresh) if rule is not None else None
+            nodes.extend(written if written else [node])
+            here += bool(written)
+        replaced += here
+        if here:  # copies: the old nodes go with the cleared field
+            copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+            del graph.node[:]
+            graph.node.extend(copies)
+    return replaced
+
+
 def convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto:
-    """``model`` (at ``opset``) converted to ``target`` by ONNX's version converter, each
-    converted node given what its rule says it needs (:func:`record`, :func:`restore`)."""
+    """``model`` (at ``opset``) converted to ``target`` by ONNX's version converter: nodes it
+    would convert into another function written another way first (:func:`rewrite`; ``model``
+    is changed), each converted node given what its rule says it needs (:func:`record`,
+    :func:`restore`)."""
+    rewrite(model, opset)
     needed = record(model, opset)
     converted = version_converter.convert_version(model, target)
     restore(converted, needed, target)

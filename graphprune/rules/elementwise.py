@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
@@ -500,6 +501,19 @@ class SoftmaxRule(OpRule):
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)
+
+    def converter_rewrite(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto] | None:
+        """An old ``Hardmax`` (input flattened to 2-D at ``axis``; the converter's reads one axis,
+        Softmax and LogSoftmax it converts faithfully) as ``Flatten`` -> ``Hardmax(axis=1)`` -> ``Reshape``."""
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+        if node.op_type != "Hardmax" or node.domain not in ("", "ai.onnx") or axis < 0:  # < 0: invalid here
+            return None
+        x, y, name = node.input[0], node.output[0], node.name or node.output[0]
+        flat, top, shape = fresh(f"{y}_flat"), fresh(f"{y}_2d"), fresh(f"{y}_shape")
+        return [onnx.helper.make_node("Flatten", [x], [flat], axis=axis, name=f"{name}_flatten"),
+                onnx.helper.make_node("Hardmax", [flat], [top], axis=1, name=name),
+                onnx.helper.make_node("Shape", [x], [shape], name=f"{name}_shape"),
+                onnx.helper.make_node("Reshape", [top, shape], [y], name=f"{name}_reshape")]
 
 
 def couple_softmax(node: gs.Node, ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, opset: int) -> None:

@@ -449,14 +449,15 @@ class OpRule:
         (the default): no such test."""
         return None
 
-    def converter_attributes(self, node: onnx.NodeProto,
-                             constant: Callable[[str], np.ndarray | None]) -> dict[str, object]:
-        """Attributes that ``node`` (of a model below opset 11, as loaded) needs once ONNX's
-        version converter has taken it to the newer opset, to compute what it computed: the
-        ones the converter leaves to new defaults that mean another function (``Upsample``'s
-        coordinate mapping). ``constant`` gives an input's value where it is a constant.
-        Asked by :mod:`graphprune.io.converter_semantics`; default: none."""
+    def converter_attributes(self, node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> dict[str, object]:
+        """Attributes ``node`` (below opset 11) needs after ONNX's version converter to compute what it did, where
+        the converter leaves defaults meaning another function (:mod:`graphprune.io.converter_semantics`)."""
         return {}
+
+    def converter_rewrite(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto] | None:
+        """Nodes at the model's opset (below 11) computing what ``node`` does that the converter
+        converts faithfully where it would not convert ``node`` so; ``fresh(hint)`` names a tensor."""
+        return None
 
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
         """Inputs whose values output 0 holds unchanged, only moved or cast (a ``Reshape``,
