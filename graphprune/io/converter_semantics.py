@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
+from graphprune.io.names import fresh_name
 from graphprune.rules import registry
 
 
@@ -105,12 +106,7 @@ def rewrite(model: onnx.ModelProto, opset: int) -> int:
     names = {name for graph in _graphs(model.graph) for n in graph.node for name in (*n.input, *n.output)}
 
     def fresh(hint: str) -> str:
-        name, k = hint, 0
-        while name in names:
-            k += 1
-            name = f"{hint}_{k}"
-        names.add(name)
-        return name
+        return fresh_name(hint, names)
 
     replaced = 0
     for graph in _graphs(model.graph):
