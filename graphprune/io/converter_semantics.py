@@ -16,25 +16,18 @@ not set it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from graphprune.io.names import fresh_name
+from graphprune.io.shared_constants import subgraphs
 from graphprune.rules import registry
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs, each before the ones inside it."""
+    return [graph, *subgraphs(graph)]
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -109,19 +102,22 @@ def rewrite(model: onnx.ModelProto, opset: int) -> int:
         return fresh_name(hint, names)
 
     replaced = 0
+    written: list[tuple[onnx.GraphProto, list[onnx.NodeProto]]] = []
     for graph in _graphs(model.graph):
         nodes: list[onnx.NodeProto] = []
-        here = 0
+        count = replaced
         for node in graph.node:
             rule = registry.overriding_rule(node.domain or "", node.op_type, opset, "converter_rewrite")
-            written = rule.converter_rewrite(node, fresh) if rule is not None else None
-            nodes.extend(written if written else [node])
-            here += bool(written)
-        replaced += here
-        if here:  # copies: the old nodes go with the cleared field
-            copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
-            del graph.node[:]
-            graph.node.extend(copies)
+            rewritten = rule.converter_rewrite(node, fresh) if rule is not None else None
+            nodes.extend(rewritten or [node])
+            replaced += bool(rewritten)
+        if replaced > count:
+            written.append((graph, nodes))
+    # innermost graphs first: a graph's new node list copies the subgraphs already rewritten
+    for graph, nodes in reversed(written):
+        copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+        del graph.node[:]
+        graph.node.extend(copies)
     return replaced
 
 

@@ -503,8 +503,7 @@ class SoftmaxRule(OpRule):
         couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)
 
     def converter_rewrite(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto] | None:
-        """An old ``Hardmax`` (input flattened to 2-D at ``axis``; the converter's reads one axis,
-        Softmax and LogSoftmax it converts faithfully) as ``Flatten`` -> ``Hardmax(axis=1)`` -> ``Reshape``."""
+        """An old ``Hardmax`` (2-D at ``axis``; the converter's reads one axis) as Flatten -> Hardmax -> Reshape."""
         axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
         if node.op_type != "Hardmax" or node.domain not in ("", "ai.onnx") or axis < 0:  # < 0: invalid here
             return None
