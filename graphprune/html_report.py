@@ -208,7 +208,7 @@ def _verification(report: Mapping[str, Any]) -> str:
     reference = v.get("reference", "the reference")
     rows = [["compared with", reference],
             ["checks", "onnx.checker (full), ONNX Runtime run, output shapes, outputs"],
-            ["samples (random inputs)", v.get("samples", "-")],
+            [f"samples ({'calibration samples' if v.get('feeds') else 'random inputs'})", v.get("samples", "-")],
             ["max abs diff", f"{v.get('max_abs_diff', float('nan')):.3g}"],
             ["max rel diff", f"{v.get('max_rel_diff', float('nan')):.3g}"],
             ["tolerance", f"{v.get('tolerance', float('nan')):g}"]]

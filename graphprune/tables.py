@@ -84,8 +84,11 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
     lines = [
         f"verification: ok against {reference} (onnx.checker, ORT run, output shapes; "
         f"max abs diff {v.get('max_abs_diff', 0):.3g}, max rel diff {v.get('max_rel_diff', 0):.3g}, "
-        f"tolerance {v.get('tolerance', 0):g}, {v.get('samples', 1)} random inputs)"
+        f"tolerance {v.get('tolerance', 0):g}, {v.get('samples', 1)} "
+        f"{'calibration samples' if v.get('feeds') else 'random inputs'})"
     ]
+    if v.get("feeds"):
+        lines.append(f"  inputs: {v['feeds']}")
     if v.get("scale"):  # accepted above the tolerance: say on what grounds
         grounds = v["scale"]
         lines.append(f"  accepted: {'relative to ' if grounds.startswith('the ') else ''}{grounds}")

@@ -128,6 +128,8 @@ class CalibratedRun:
                 self.calib.source = described
             # MACs of open input sizes are counted at the data's sizes
             session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
+            # verification's inputs where the original does not run on generated ones
+            session.data_feeds = (self.calib.holdout or self.calib.samples)[:4]
             with session.blaming_input("the original model"):
                 self.batches = runner.batches(
                     session.prepared, self.calib.samples, self.options.batch_size, self.data_dir

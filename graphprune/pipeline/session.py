@@ -127,6 +127,10 @@ class Session:
         self._tested: dict[str, Any] | None = None  # see tested_values
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
+        #: a few calibration samples (set by calibration), and whether verification runs on
+        #: them instead of generated feeds (see :meth:`use_data_feeds`)
+        self.data_feeds: list[dict[str, np.ndarray]] | None = None
+        self.feeds_from_data: str | None = None
         self.branches_taken: dict[str, set[str]] | None = None  # If branches the data takes
         self.debug = debug
         self.keep = normalize_keep(keep)
@@ -371,10 +375,29 @@ class Session:
     def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
         """Random feeds for the original's inputs (the same for every comparison), at
         :meth:`run_shapes`; a dynamic batch of 2 where channels are merged with it
-        (:attr:`Analysis.merges_batch`)."""
+        (:attr:`Analysis.merges_batch`). Once :meth:`use_data_feeds` switched, the calibration
+        samples instead (repeated where there are fewer than ``count``)."""
+        if self.feeds_from_data and self.data_feeds:
+            return [self.data_feeds[(seed + i) % len(self.data_feeds)] for i in range(count)]
         shapes = self.run_shapes()  # first: the batch is tried at these sizes
         return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes,
                           values=self.tested_values())
+
+    def use_data_feeds(self, fault: Exception) -> bool:
+        """Where the original does not run on the generated feeds (``fault``) but runs on the
+        calibration samples, verify on those from now on and return True: an input whose values
+        the model needs (a shape, a count, indices into a table it cannot know) is fed what
+        the user gave, not random 0s and 1s that make it fail. False where there are no
+        samples, they are in use already, or the original fails on them as well."""
+        if not self.data_feeds or self.feeds_from_data:
+            return False
+        try:
+            validate.run(self.path_of(self.prepared), self.data_feeds[0], "the original")
+        except Exception:  # VerificationError: the input's fault after all
+            return False
+        first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
+        self.feeds_from_data = (f"calibration samples (the original does not run on generated inputs: {first})")
+        return True
 
     def tested_values(self) -> dict[str, Any]:
         """Mode switches fed the constant the graph tests them for (silero's ``Equal(sr, 16000)``),
@@ -454,6 +477,21 @@ class Session:
         kept for :meth:`finish` to raise.
         """
         candidate = self.model if candidate is None else candidate
+        args = (reference, what, tolerance, candidate, overrides, feeds, stage, optimize_reference,
+                emulate_quantization, segment_candidate)
+        switch = feeds is None and bool(self.data_feeds) and not self.feeds_from_data
+        result = self._verify(*args, blame=not switch)
+        error = result.get("_error")
+        if switch and error is not None and str(error).startswith(f"{what} does not run"):
+            result = self._verify(*args) if self.use_data_feeds(error) else self._blamed(result, what)
+        if self.feeds_from_data and feeds is None:
+            result["feeds"] = self.feeds_from_data
+        return result
+
+    def _verify(self, reference: Any, what: str, tolerance: float, candidate: Any,
+                overrides: dict[str, np.ndarray] | None, feeds: list[dict[str, np.ndarray]] | None, stage: str,
+                optimize_reference: bool | None, emulate_quantization: bool,
+                segment_candidate: bool, *, blame: bool = True) -> dict[str, Any]:
         with self.stage(stage):
             try:
                 checked = isinstance(candidate, onnx.ModelProto)
@@ -472,9 +510,14 @@ class Session:
                 result["checker"] = result["checker"] or checked
                 return result
             except VerificationError as exc:
-                fault = self.input_fault() if str(exc).startswith(f"{what} does not run") else None
-                error = fault or exc
-                return {"ok": False, "reference": what, "error": str(error), "_error": error}
+                failed = {"ok": False, "reference": what, "error": str(exc), "_error": exc}
+                return self._blamed(failed, what) if blame else failed
+
+    def _blamed(self, failed: dict[str, Any], what: str) -> dict[str, Any]:
+        """``failed`` with its error replaced by :meth:`input_fault`'s where ``what`` did not
+        run because the model as loaded (or its preparation) does not."""
+        fault = self.input_fault() if str(failed["_error"]).startswith(f"{what} does not run") else None
+        return failed if fault is None else {**failed, "error": str(fault), "_error": fault}
 
     def check_preparation(self, tolerance: float) -> dict[str, Any]:
         """The prepared original against the graph as loaded, on the verification's feeds
@@ -526,8 +569,24 @@ class Session:
             unknown = validate.unregistered_op(self.prepared)  # says more than ORT's loader
             if unknown:
                 return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
-            return InvalidModelError(str(fault) + hint + self._shape_hint())
+            return InvalidModelError(str(fault) + hint + self._shape_hint() + self._values_hint())
         return None
+
+    def _values_hint(self) -> str:
+        """Where integer inputs were fed random 0s and 1s: which, and how to feed real values (an
+        input read as a shape, a count or indices may need particular ones)."""
+        from graphprune.io.feeds import input_specs
+
+        if self.data_feeds:
+            return ""
+        tested = self.tested_values()
+        guessed = [s.name for s in input_specs(self.original)
+                   if np.issubdtype(s.dtype, np.integer) and s.name not in tested]
+        if not guessed:
+            return ""
+        names = ", ".join(guessed[:4]) + (", ..." if len(guessed) > 4 else "")
+        return (f" (integer inputs were fed random 0s and 1s: {names}; if the model needs particular values "
+                "there, give real inputs with --calibration FILE)")
 
     def _shape_hint(self) -> str:
         """Where some input sizes were chosen, not given: which, and how to give them (a model

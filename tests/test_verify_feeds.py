@@ -1,0 +1,105 @@
+"""Verification on the calibration samples where the model does not run on generated inputs.
+
+Verification feeds random inputs; an integer input is fed 0s and 1s. A model that reads such an
+input as a shape (``Expand``'s target, here) does not run on them, and the prune failed with
+"the input model does not run" although the user's calibration samples run it: a false claim
+and a dead end. Now verification switches to those samples and says so; without samples the
+error names the integer inputs that were guessed and how to give real ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_node, make_model
+from onnx import TensorProto, helper
+
+import graphprune
+from graphprune.cli import main
+from graphprune.errors import InvalidModelError
+
+TARGET = np.array([2, 4, 8, 8], np.int64)  # the Expand's target: batch 1 -> 2
+
+
+def _expanding_cnn() -> onnx.ModelProto:
+    """Two convolutions whose output is broadcast to the batch an int64 input ``target`` gives."""
+    nodes = [
+        conv_node("x", "W1", "a", "B1", name="conv1"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        conv_node("r", "W2", "b", "B2", name="conv2"),
+        helper.make_node("Expand", ["b", "target"], ["y"], name="expand"),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 8, 8], "target": [4]}, {"y": [2, 4, 8, 8]},
+                       {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (4, 16, 3, 3), "B2": (4,)}, check=False)
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.INT64
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _samples(count: int = 12) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "target": TARGET.copy()}
+            for _ in range(count)]
+
+
+def test_generated_inputs_do_not_run_it() -> None:
+    """The premise: the model fails on 0/1 targets and runs on the real one."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(_expanding_cnn().SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, _samples(1)[0])[0].shape == (2, 4, 8, 8)
+    with pytest.raises(Exception, match="(?i)expand"):
+        session.run(None, {"x": _samples(1)[0]["x"], "target": np.array([1, 0, 1, 1], np.int64)})
+
+
+def test_calibrated_prune_verifies_on_the_samples() -> None:
+    result = graphprune.prune(_expanding_cnn(), ratio=0.5, calibration=_samples())
+    verification = result.report["verification"]
+    assert verification["ok"], verification
+    assert verification["feeds"].startswith("calibration samples (the original does not run on generated inputs")
+    assert verification["preparation"]["ok"]
+    assert result.report["groups"]["pruned"] == 1
+    # the pruned model is smaller and runs on the user's inputs
+    weights = {t.name: t for t in result.model.graph.initializer}
+    assert weights["W1"].dims[0] < 16
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, _samples(1)[0])[0].shape == (2, 4, 8, 8)
+
+
+def test_cli_says_which_inputs_it_verified_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "p.onnx"
+    onnx.save(_expanding_cnn(), model)
+    samples = _samples()
+    np.savez(calib, **{name: np.stack([s[name] for s in samples]) for name in ("x", "target")})
+    assert main(["prune", str(model), "-o", str(out), "--ratio", "0.5", "--calibration", str(calib)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration samples)" in printed and "inputs: calibration samples" in printed
+    assert out.exists()
+
+
+def test_without_samples_the_error_names_the_guessed_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(_expanding_cnn(), model)
+    assert main(["prune", str(model), "-o", str(out), "--ratio", "0.5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "integer inputs were fed random 0s and 1s: target" in error and "--calibration" in error
+    assert not out.exists()
+    with pytest.raises(InvalidModelError, match="target"):
+        graphprune.prune(_expanding_cnn(), ratio=0.5)
+
+
+def test_samples_that_do_not_run_it_either_keep_the_input_blamed() -> None:
+    """A model that fails on the generated inputs and on the samples is still the input's fault
+    (exit 2), not a verification failure. The samples' target cannot broadcast the output."""
+    bad = [{**s, "target": np.array([2, 4, 8, 8], np.int64)} for s in _samples()]
+    model = _expanding_cnn()
+    # a second Expand reads the target against another shape: runs on no target but all-ones
+    model.graph.node.append(helper.make_node("Expand", ["x", "target"], ["z"], name="expand_x"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    with pytest.raises(InvalidModelError, match="does not run"):
+        graphprune.prune(model, ratio=0.5, calibration=bad)
