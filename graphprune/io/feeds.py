@@ -302,12 +302,16 @@ def output_array(value: object) -> np.ndarray:
     """An ONNX Runtime output as an array. A sequence of maps (``ZipMap``'s class
     probabilities: one ``{label: score}`` per sample) becomes a samples x labels float array
     with the labels in sorted order, so outputs compare numerically instead of as Python
-    objects (where any rounding difference is a mismatch)."""
+    objects (where any rounding difference is a mismatch). A sequence of tensors of different
+    shapes (``SplitToSequence`` of uneven parts) becomes their elements in one flat array."""
     if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 1:
         value = value.tolist()
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys = sorted(value[0])
         if all(sorted(v) == keys for v in value):
             return np.array([[v[k] for k in keys] for v in value], dtype=np.float64)
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value) \
+            and len({v.shape for v in value}) > 1:  # a sequence of tensors of several shapes: one flat array
+        return np.concatenate([v.ravel() for v in value])
     return np.asarray(value)
 

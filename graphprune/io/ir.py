@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io
+from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io, value_types
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_edits import redirect_uses
@@ -94,12 +94,13 @@ SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
 def _pack_sub_byte(graph: gs.Graph) -> None:
     """Constants of a sub-byte type that a rewrite changed (int4 weights) as packed protos:
     graphsurgeon would write numpy's one byte per element as the raw data (a tensor that
-    fails its own size check)."""
+    fails its own size check). Strings too (a constant read or folded as an object array):
+    graphsurgeon writes every array as raw data, which ONNX has no form of for strings."""
     from onnx import numpy_helper
 
     for tensor in graph_constants(graph):
         values = tensor._values
-        if isinstance(values, np.ndarray) and values.dtype.name in SUB_BYTE:
+        if isinstance(values, np.ndarray) and (values.dtype.name in SUB_BYTE or values.dtype.kind in "OUS"):
             tensor._values = gs.ir.tensor.LazyValues(numpy_helper.from_array(values, tensor.name))
 
 
@@ -112,16 +113,17 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) 
     if store is not None:
         store.spill(graph)
         restore_stubs(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    hidden = value_types.hide(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        value_types.unhide(hidden)
     if store is not None:
         store.hoist_source_stubs(model)
-    # graphsurgeon knows only tensors: graph inputs and outputs that are sequences or maps
-    # (skl2onnx's ZipMap) keep the template's type (they never lose channels)
-    for mine, theirs in ((model.graph.input, template.graph.input), (model.graph.output, template.graph.output)):
-        declared = {v.name: v for v in theirs if v.type.WhichOneof("value") not in (None, "tensor_type")}
-        for value in mine:
-            if value.name in declared:
-                value.CopyFrom(declared[value.name])
+    # graphsurgeon knows only tensors: graph inputs and outputs that are sequences, maps
+    # (skl2onnx's ZipMap) or optionals keep the template's type (they never lose channels)
+    value_types.restore(model, template)
+    value_types.drop_outer_value_info(model)
     # a shape a rule derived behind an op ONNX does not know comes without a type: not a
     # value_info the checker accepts (``CouplingContext.derive_shape``)
     typed = [v for v in model.graph.value_info
@@ -317,6 +319,7 @@ def prepare(
     (``shapes_run``, :mod:`graphprune.io.custom_shapes`) and the tensors split into a sequence
     that are read as slices now (``sequences_sliced``, :mod:`graphprune.io.sequences`).
     """
+    value_types.refuse_unwritable(model)
     if copy_model:
         model = copy.deepcopy(model)
     model, inlined = lowering.inline_functions(model, default_opset(model))
@@ -325,6 +328,8 @@ def prepare(
     tensor_constants(model.graph)
     sequences = slice_sequence_reads(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
+    if value_types.reshape_scalar_reads(model, default_opset(model)):
+        model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate_read_sizes(model, default_opset(model), partial(_probes, store=store)):

@@ -214,11 +214,12 @@ class OpRule:
     #: an ``Identity`` of a shared weight, a ``Shape`` of a static shape): a model with one
     #: is constant-folded before the analysis
     constant_ops: ClassVar[frozenset[str]] = frozenset()
-    #: a node of this op whose inputs are all computed from constants is a weight computed
-    #: in the graph, and the model is constant-folded before the analysis (a
-    #: ``BatchNormalization`` of a conv weight: weight standardization, which the dynamo
-    #: exporter leaves unfolded)
+    #: a node of this op whose inputs are all computed from constants is a weight computed in the graph, and the
+    #: model is constant-folded before the analysis (weight standardization the dynamo exporter leaves unfolded)
     folds_weights: ClassVar[bool] = False
+    #: inputs that must be scalars, which ONNX Runtime runs as one-element tensors while their shapes are unknown
+    #: and refuses once they are constants (``Range``'s): folding writes such a folded input as a scalar
+    scalar_inputs: ClassVar[tuple[int, ...]] = ()
     #: input indices of parameters that exporters may compute from constants in the graph (the
     #: dynamo exporter reorders a bidirectional LSTM's gates with ``Slice`` and ``Concat``): a
     #: model with such a node is constant-folded before the analysis, so that the parameter is
@@ -227,7 +228,7 @@ class OpRule:
     #: ``False``: the rule only lowers the op (:meth:`lowered`); an instance that stays is an op
     #: without a rule to the analysis (its groups freeze, it is listed as unsupported)
     couples: ClassVar[bool] = True
-    #: what a lowering by :meth:`lowered` is, as the report and the command line say it
+    #: what a lowering by :meth:`lowered` is, as the command line says it
     lowered_as: ClassVar[str] = "fused kernels written as standard ops (ONNX Runtime fuses them again at load)"
     #: the op runs its body graph as many times as the data decides (``Loop``'s condition,
     #: ``Scan``'s sequence length): the layers inside are left out of the MAC count, and the

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Every operator test case of the installed ``onnx`` wheel, pruned.
+
+``onnx.backend.test.case.node.collect_testcases()`` builds ONNX's own test models (about 1,900:
+every operator, its expanded function bodies, old and new opsets) with their inputs and
+expected outputs. Each case's inputs after the first become initializers (weights, shapes,
+indices: what a real graph holds as constants), so the preparation folds them and the
+analysis sees constants. Then, in this process, each model is pruned twice:
+
+* ``graphprune.prune(model, lossless=True)`` and ``graphprune.prune(model, ratio=0.5)``;
+* the result runs in ONNX Runtime on the case's real first input. A lossless result must equal
+  the original there (relative 1e-3, absolute 1e-4); a ratio prune changes what it computes
+  wherever it removes something, so it counts as ``pruned`` when it differs.
+
+What counts as a defect: an internal error (``crash``), exit 3 (a check failed), a written model
+that does not run on the real input, a lossless result that differs. Exit 2 (the input refused
+with its reason) and cases ONNX Runtime cannot run as given (``skip``) are listed, not defects.
+
+    python bench/onnx_node_cases.py                  # ~8 min; bench/results/onnx_node_cases.json
+    python bench/onnx_node_cases.py --only affine_grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "onnx_node_cases.json"
+DEFECTS = ("crash", "exit 3", "timeout", "does not run", "lossless differs")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(*_: object) -> None:
+    raise _Timeout()
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, list) or isinstance(b, list):  # a sequence output
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+            _equal(x, y) for x, y in zip(a, b, strict=True))
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fc":
+        return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def run_case(case: object, onnx: object, ort: object, graphprune: object, seconds: int) -> dict[str, list[str]]:
+    from onnx import numpy_helper
+
+    from graphprune.errors import GraphPruneError
+
+    inputs, _ = case.data_sets[0]
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    graph = model.graph
+    if len(inputs) != len(graph.input) or not all(isinstance(x, np.ndarray) for x in inputs) \
+            or not all(i.type.HasField("tensor_type") for i in graph.input):
+        return {"": ["skip", "inputs that are not tensors"]}
+    names = [i.name for i in graph.input]
+    for name, value in zip(names[1:], inputs[1:], strict=True):
+        if name:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    feeds = {names[0]: inputs[0]} if names else {}
+
+    def run(m: object) -> list:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    try:
+        reference = run(model)
+    except Exception as exc:  # ONNX Runtime cannot run the case as given
+        return {"": ["skip", f"ONNX Runtime: {str(exc).splitlines()[0][:160]}"]}
+    out: dict[str, list[str]] = {}
+    for mode, options in (("lossless", {"lossless": True}), ("ratio", {"ratio": 0.5})):
+        signal.alarm(seconds)
+        try:
+            result = graphprune.prune(model, **options)
+            signal.alarm(0)
+            try:
+                same = all(_equal(a, b) for a, b in zip(reference, run(result.model), strict=True))
+                status = "ok" if same else ("lossless differs" if mode == "lossless" else "pruned")
+                out[mode] = [status, ""]
+            except Exception as exc:
+                out[mode] = ["does not run", str(exc).splitlines()[0][:200]]
+        except GraphPruneError as exc:
+            signal.alarm(0)
+            out[mode] = [f"exit {exc.exit_code}", str(exc).splitlines()[0][:200]]
+        except _Timeout:
+            out[mode] = ["timeout", f"over {seconds} s"]
+        except Exception as exc:
+            signal.alarm(0)
+            out[mode] = ["crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="cases whose name contains this")
+    parser.add_argument("--seconds", type=int, default=120, help="time limit per prune")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import onnx
+    import onnxruntime as ort
+    from onnx.backend.test.case.node import collect_testcases
+
+    import graphprune
+
+    ort.set_default_logger_severity(3)
+    signal.signal(signal.SIGALRM, _alarm)
+    cases = [c for c in collect_testcases() if c.kind == "node" and c.data_sets
+             and (args.only is None or args.only in c.name)]
+    started, rows = time.time(), {}
+    for index, case in enumerate(cases):
+        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds).items():
+            rows[f"{case.name} {mode}".strip()] = entry
+            if entry[0] in DEFECTS or entry[0].startswith("exit 3"):
+                print(f"[{index + 1}/{len(cases)}] {case.name} {mode}: {entry[0]} {entry[1]}", flush=True)
+    counts = collections.Counter(v[0] for v in rows.values())
+    summary = {"cases": len(cases), "runs": dict(sorted(counts.items())),
+               "defects": sum(n for k, n in counts.items() if k in DEFECTS),
+               "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+               "wall_s": round(time.time() - started, 1)}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"summary": summary, "rows": rows}, indent=0, sort_keys=True) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 1 if summary["defects"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
