@@ -16,7 +16,8 @@ What counts as a defect: an internal error (``crash``), exit 3 (a check failed),
 that does not run on the real input, a lossless result that differs. Exit 2 (the input refused
 with its reason) and cases ONNX Runtime cannot run as given (``skip``) are listed, not defects.
 
-    python bench/onnx_node_cases.py                  # ~8 min; bench/results/onnx_node_cases.json
+    python bench/onnx_node_cases.py                  # ~2 min; bench/results/onnx_node_cases.json
+    python bench/onnx_node_cases.py --inputs         # every input fed: onnx_node_cases_inputs.json
     python bench/onnx_node_cases.py --only affine_grid
 """
 
@@ -57,7 +58,8 @@ def _equal(a: object, b: object) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def run_case(case: object, onnx: object, ort: object, graphprune: object, seconds: int) -> dict[str, list[str]]:
+def run_case(case: object, onnx: object, ort: object, graphprune: object, seconds: int,
+             constants: bool = True) -> dict[str, list[str]]:
     from onnx import numpy_helper
 
     from graphprune.errors import GraphPruneError
@@ -70,10 +72,11 @@ def run_case(case: object, onnx: object, ort: object, graphprune: object, second
             or not all(i.type.HasField("tensor_type") for i in graph.input):
         return {"": ["skip", "inputs that are not tensors"]}
     names = [i.name for i in graph.input]
-    for name, value in zip(names[1:], inputs[1:], strict=True):
+    kept = 1 if constants else len(names)
+    for name, value in zip(names[kept:], inputs[kept:], strict=True):
         if name:
             graph.initializer.append(numpy_helper.from_array(value, name))
-    feeds = {names[0]: inputs[0]} if names else {}
+    feeds = {n: v for n, v in zip(names[:kept], inputs[:kept], strict=True) if n}
 
     def run(m: object) -> list:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -109,7 +112,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="cases whose name contains this")
     parser.add_argument("--seconds", type=int, default=120, help="time limit per prune")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--inputs", action="store_true",
+                        help="keep every input a graph input (verification feeds generated values to all)")
+    parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import onnx
@@ -124,17 +129,19 @@ def main() -> int:
              and (args.only is None or args.only in c.name)]
     started, rows = time.time(), {}
     for index, case in enumerate(cases):
-        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds).items():
+        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds, not args.inputs).items():
             rows[f"{case.name} {mode}".strip()] = entry
             if entry[0] in DEFECTS or entry[0].startswith("exit 3"):
                 print(f"[{index + 1}/{len(cases)}] {case.name} {mode}: {entry[0]} {entry[1]}", flush=True)
     counts = collections.Counter(v[0] for v in rows.values())
-    summary = {"cases": len(cases), "runs": dict(sorted(counts.items())),
+    summary = {"cases": len(cases), "inputs": "all graph inputs" if args.inputs else "the first; the others initializers",
+               "runs (skip: per case)": dict(sorted(counts.items())),
                "defects": sum(n for k, n in counts.items() if k in DEFECTS),
                "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                "wall_s": round(time.time() - started, 1)}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"summary": summary, "rows": rows}, indent=0, sort_keys=True) + "\n")
+    results = args.results or RESULTS.with_name(f"onnx_node_cases{'_inputs' if args.inputs else ''}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"summary": summary, "rows": rows}, indent=0, sort_keys=True) + "\n")
     print(json.dumps(summary, indent=1))
     return 1 if summary["defects"] else 0
 

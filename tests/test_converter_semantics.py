@@ -113,3 +113,25 @@ def test_an_opset9_classifier_with_a_hardmax_prunes_and_passes_the_check():
     check = pruned.report["verification"]["preparation"]
     assert check["checked"] and check["ok"], check
     assert pruned.report["params_after"] < pruned.report["params_before"]
+
+
+def test_a_conversion_that_changes_the_inputs_is_refused() -> None:
+    """``Scan`` below opset 9 has a batch axis; ONNX's version converter drops it from the graph's
+    inputs, so the converted model would not take the user's inputs. Refused (exit 2), not
+    pruned into a model of another interface."""
+    from graphprune.errors import InvalidModelError
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
+         helper.make_node("Identity", ["sum_out"], ["scan_out"])], "body",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_in", "next")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_out", "scan_out")])
+    scan = helper.make_node("Scan", ["", "initial", "x"], ["y", "z"], num_scan_inputs=1, body=body)
+    graph = helper.make_graph(
+        [scan], "g", [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [1, 2]),
+                      helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    with pytest.raises(InvalidModelError, match="version converter changes the graph's 'initial' from 1x2 to 2"):
+        graphprune.prune(model, lossless=True)

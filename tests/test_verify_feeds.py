@@ -103,3 +103,26 @@ def test_samples_that_do_not_run_it_either_keep_the_input_blamed() -> None:
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
     with pytest.raises(InvalidModelError, match="does not run"):
         graphprune.prune(model, ratio=0.5, calibration=bad)
+
+
+def _cumsum() -> onnx.ModelProto:
+    """A cumulative sum along the axis an int64 input names: 0 runs on the 1-D input, 1 does not."""
+    graph = helper.make_graph(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5]), helper.make_tensor_value_info("axis", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_input_is_blamed_on_whichever_feed_failed() -> None:
+    """A comparison runs on two feeds; where the second one fails (a random axis out of range),
+    the input is blamed for that feed (exit 2). Before, only the first was tried, it ran, and the
+    failure was reported as a failed check (exit 3: "the original does not run")."""
+    from graphprune.pipeline.session import Session
+
+    session = Session(_cumsum())
+    x = np.arange(5, dtype=np.float32)
+    good, bad = {"x": x, "axis": np.array(0)}, {"x": x, "axis": np.array(1)}
+    assert session.input_fault([good]) is None
+    fault = session.input_fault([good, bad])
+    assert isinstance(fault, InvalidModelError) and "does not run" in str(fault)

@@ -130,4 +130,26 @@ def convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto:
     needed = record(model, opset)
     converted = version_converter.convert_version(model, target)
     restore(converted, needed, target)
+    same_interface(model, converted)
     return converted
+
+
+def _declared(graph: onnx.GraphProto) -> dict[str, list[int | str | None]]:
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*graph.input, *graph.output)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def same_interface(model: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """A ``ValueError`` where the converter changed a graph input or output's declared rank or
+    size: ``Scan`` below opset 9 has a batch axis, and the converter drops it from the graph's
+    inputs (``x: 1x3x2`` becomes ``3x2``), so the converted model no longer takes the user's
+    inputs. Names it does not keep are left to the checks that follow."""
+    before, after = _declared(model.graph), _declared(converted.graph)
+    for name, dims in before.items():
+        now = after.get(name)
+        if now is not None and (len(now) != len(dims) or any(a is not None and b is not None and a != b
+                                                              for a, b in zip(dims, now, strict=True))):
+            show = lambda d: "x".join("?" if x is None else str(x) for x in d) or "scalar"  # noqa: E731
+            raise ValueError(f"ONNX's version converter changes the graph's '{name}' from {show(dims)} "
+                             f"to {show(now)}, so the converted model would not take the model's inputs")

@@ -75,7 +75,7 @@ def refuse_unwritable(model: onnx.ModelProto) -> None:
 
 def reshape_scalar_reads(model: onnx.ModelProto, opset: int) -> int:
     """Read every 1-D tensor (of one element, or of a length inference left open) that is read
-    where a scalar must be (:attr:`OpRule.scalar_inputs`) through a ``Reshape`` to a scalar,
+    where a scalar must be (:attr:`OpRule.strict_scalar_inputs`) through a ``Reshape`` to a scalar,
     which computes the same where the original runs (the op takes one element) and fails where
     it fails; the number of reads.
     An exporter may compute one (ONNX's own ``AffineGrid`` function: ``Range(0, W, 1)`` with
@@ -96,7 +96,7 @@ def reshape_scalar_reads(model: onnx.ModelProto, opset: int) -> int:
     empty, nodes, count = None, [], 0
     for node in graph.node:
         rule = registry.lookup(node.domain, node.op_type, opset)
-        for index in rule.scalar_inputs if rule is not None else ():
+        for index in rule.strict_scalar_inputs if rule is not None else ():
             if index < len(node.input) and shapes.get(node.input[index]) in ([1], [None]):
                 if empty is None:
                     empty = fresh_name("scalar_shape", taken)

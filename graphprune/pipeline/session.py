@@ -511,12 +511,14 @@ class Session:
                 return result
             except VerificationError as exc:
                 failed = {"ok": False, "reference": what, "error": str(exc), "_error": exc}
-                return self._blamed(failed, what) if blame else failed
+                return self._blamed(failed, what, feeds) if blame else failed
 
-    def _blamed(self, failed: dict[str, Any], what: str) -> dict[str, Any]:
-        """``failed`` with its error replaced by :meth:`input_fault`'s where ``what`` did not
-        run because the model as loaded (or its preparation) does not."""
-        fault = self.input_fault() if str(failed["_error"]).startswith(f"{what} does not run") else None
+    def _blamed(self, failed: dict[str, Any], what: str,
+                feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+        """``failed`` with its error replaced by :meth:`input_fault`'s (on ``feeds``, default
+        the session's) where ``what`` did not run because the model as loaded (or its
+        preparation) does not."""
+        fault = self.input_fault(feeds) if str(failed["_error"]).startswith(f"{what} does not run") else None
         return failed if fault is None else {**failed, "error": str(fault), "_error": fault}
 
     def check_preparation(self, tolerance: float) -> dict[str, Any]:
@@ -546,20 +548,23 @@ class Session:
                 raise
             raise fault from exc
 
-    def input_fault(self) -> GraphPruneError | None:
+    def input_fault(self, feeds: list[dict[str, np.ndarray]] | None = None) -> GraphPruneError | None:
         """Where the model as loaded fails ``onnx.checker`` or ONNX Runtime before any change
-        (an exporter's broken graph): bad input (exit 2), not a failed rewrite; else ``None``.
-        Where only the prepared graph fails, the preparation is at fault: a
-        :class:`VerificationError` that says so (exit 3)."""
+        (an exporter's broken graph), on any of ``feeds`` (default: the first of the session's):
+        bad input (exit 2), not a failed rewrite; else ``None``. Where only the prepared graph
+        fails, the preparation is at fault: a :class:`VerificationError` that says so (exit 3)."""
+        tried = feeds or self.feeds()[:1]  # every feed a comparison ran with (a second random axis may be out of range)
+        feed = tried[0]
         try:
-            validate.run(self.path_of(self.prepared), self.feeds()[0], "the input model")
+            for feed in tried:  # noqa: B007 - the feed that failed is run on the loaded graph below
+                validate.run(self.path_of(self.prepared), feed, "the input model")
         except VerificationError as fault:
             converted = self.normalised.get("opset_converted")
             hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
                     f"{converted['to']})") if converted else ""
             if not preparation.same_computation(self.loaded, self.prepared):
                 try:
-                    validate.run(self.path_of(self.loaded), self.feeds()[0], preparation.AS_LOADED)
+                    validate.run(self.path_of(self.loaded), feed, preparation.AS_LOADED)
                 except Exception:  # VerificationError: the input's own fault, as below
                     pass
                 else:

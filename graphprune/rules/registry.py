@@ -217,9 +217,8 @@ class OpRule:
     #: a node of this op whose inputs are all computed from constants is a weight computed in the graph, and the
     #: model is constant-folded before the analysis (weight standardization the dynamo exporter leaves unfolded)
     folds_weights: ClassVar[bool] = False
-    #: inputs that must be scalars, which ONNX Runtime runs as one-element tensors while their shapes are unknown
-    #: and refuses once they are constants (``Range``'s): folding writes such a folded input as a scalar
-    scalar_inputs: ClassVar[tuple[int, ...]] = ()
+    #: inputs that must be scalars, which ONNX Runtime runs as 1-D tensors only while their shape is unknown (Range's)
+    strict_scalar_inputs: ClassVar[tuple[int, ...]] = ()
     #: input indices of parameters that exporters may compute from constants in the graph (the
     #: dynamo exporter reorders a bidirectional LSTM's gates with ``Slice`` and ``Concat``): a
     #: model with such a node is constant-folded before the analysis, so that the parameter is

@@ -529,7 +529,7 @@ class RangeRule(OpRule):
     """``Range`` makes an index sequence (positions, masks): never a channel."""
 
     op_types = ("Range",)
-    scalar_inputs = (0, 1, 2)
+    strict_scalar_inputs = (0, 1, 2)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         ctx.freeze(node.outputs[0], None, f"index sequence from Range '{node.name}'")
