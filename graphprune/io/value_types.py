@@ -1,11 +1,14 @@
-"""Graph inputs and outputs that are not tensors, through graphsurgeon's export.
+"""How graph values are declared, through graphsurgeon's export and ONNX Runtime's loader.
 
-graphsurgeon writes a value's type from its ``type`` and ``dtype``, and knows three kinds
-(tensor, sequence, sparse tensor); an optional (``If`` branches returning an
-``optional(sequence)``) has no branch there and its export fails. Such values never lose
-channels, so :func:`hide` exports them untyped and :func:`restore` gives every graph input and
-output the type the prepared model declares for it, in the main graph (skl2onnx's ``ZipMap``
-maps, sequence outputs) and in every subgraph.
+* Non-tensor inputs and outputs: graphsurgeon writes a value's type from its ``type`` and
+  ``dtype`` and knows three kinds (tensor, sequence, sparse tensor); an optional (``If``
+  branches returning an ``optional(sequence)``) made its export fail. Such values never lose
+  channels: :func:`hide` exports them untyped and :func:`restore` gives every graph input and
+  output, main graph (skl2onnx's ``ZipMap`` maps) and subgraphs, the type the template declares.
+  A type *attribute* (``Optional(type=...)``) graphsurgeon cannot carry: :func:`refuse_unwritable`.
+* Declared shapes that make ONNX Runtime refuse a graph it ran undeclared:
+  :func:`reshape_scalar_reads` (a 1-D tensor where a scalar must be) and
+  :func:`drop_outer_value_info` (outer tensors declared inside a branch that never runs for them).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io.shared_constants import subgraphs
 
-__all__ = ["hide", "refuse_unwritable", "reshape_scalar_reads", "restore", "unhide"]
+__all__ = ["drop_outer_value_info", "hide", "refuse_unwritable", "reshape_scalar_reads", "restore", "unhide"]
 
 #: the kinds of value graphsurgeon's exporter writes
 WRITTEN = ("tensor_type", "sequence_type", "sparse_tensor_type")

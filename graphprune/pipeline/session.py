@@ -396,7 +396,7 @@ class Session:
         except Exception:  # VerificationError: the input's fault after all
             return False
         first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
-        self.feeds_from_data = (f"calibration samples (the original does not run on generated inputs: {first})")
+        self.feeds_from_data = f"calibration samples (the original does not run on generated inputs: {first})"
         return True
 
     def tested_values(self) -> dict[str, Any]:
