@@ -149,13 +149,14 @@ def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> Non
 
 
 def _measure_latency(models: list[Any], provider: str, threads: int | None, runs: int,
-                     input_shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+                     input_shapes: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Both models timed side by side, at ``input_shapes`` (the sizes the MACs were counted
-    at, where the inputs leave sizes open) or at sizes the original runs at."""
+    at, where the inputs leave sizes open) or at sizes the original runs at; on ``data`` (a
+    calibration sample) where the original does not run on generated inputs."""
     from graphprune.verify.timing import time_models
 
     before, after = time_models(models, provider=provider, warmup=5, runs=runs, threads=threads,
-                                input_shapes=input_shapes)
+                                input_shapes=input_shapes, data=data)
     return {"before": before.to_dict(), "after": after.to_dict()}
 
 
@@ -207,9 +208,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     latency = None
     if args.html or args.latency or args.provider != "cpu":
         progress("latency")
+        data = None
+        if (report.get("verification") or {}).get("feeds"):  # verified on calibration samples: timed on one
+            from graphprune.calibration.data import read_feeds
+
+            data = read_feeds(args.calibration)[0][0]
         latency = _measure_latency([source if original is not None else args.model, result.model],
                                    args.provider, args.threads, args.latency_runs,
-                                   {**(report.get("macs_input_shapes") or {}), **_shapes(args)[1]} or None)
+                                   {**(report.get("macs_input_shapes") or {}), **_shapes(args)[1]} or None, data)
         report["latency"] = latency
     result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
     if args.report:

@@ -126,3 +126,31 @@ def test_the_input_is_blamed_on_whichever_feed_failed() -> None:
     assert session.input_fault([good]) is None
     fault = session.input_fault([good, bad])
     assert isinstance(fault, InvalidModelError) and "does not run" in str(fault)
+
+
+def test_timing_runs_on_a_sample_where_generated_inputs_fail(tmp_path: Path) -> None:
+    """``time_models(data=...)``: timed on the given feed where the first model does not run on
+    generated ones; without it, the one-line error as before."""
+    from graphprune.verify.timing import time_models
+
+    model = _expanding_cnn()
+    with pytest.raises(InvalidModelError, match="failed to run"):
+        time_models([model, model], warmup=0, runs=2)
+    timed = time_models([model, model], warmup=0, runs=2, data=_samples(1)[0])
+    assert len(timed) == 2 and all(t.median_ms > 0 for t in timed)
+
+
+def test_cli_latency_with_samples(tmp_path: Path) -> None:
+    """``--latency`` (and ``--target-latency``) with calibration samples on a model that does
+    not run on generated inputs: timed on a sample (before: "ONNX Runtime failed to run")."""
+    import json
+
+    model, calib, out, report = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save(_expanding_cnn(), model)
+    samples = _samples()
+    np.savez(calib, **{name: np.stack([s[name] for s in samples]) for name in ("x", "target")})
+    assert main(["prune", str(model), "-o", str(out), "--ratio", "0.5", "--calibration", str(calib),
+                 "--latency", "--latency-runs", "3", "--report", str(report), "-q"]) == 0
+    assert json.loads(report.read_text())["latency"]["after"]["median_ms"] > 0
+    assert main(["prune", str(model), "-o", str(out), "--target-latency", "0.9", "--calibration", str(calib),
+                 "--latency-runs", "3", "-q"]) == 0

@@ -56,7 +56,8 @@ def measured_ratio(session: Session, candidate: Session, provider: str, runs: in
         original, pruned = time_models(
             [session.path_of(session.prepared), candidate.path_of(candidate.model)],
             provider=provider, warmup=3, runs=runs, threads=threads,
-            input_shapes=session.cost_shapes(), values=session.tested_values() or None)
+            input_shapes=session.cost_shapes(), values=session.tested_values() or None,
+            data=session.data_feeds[0] if session.data_feeds else None)
     return pruned.median_ms / original.median_ms if original.median_ms > 0 else 1.0
 
 
@@ -68,7 +69,8 @@ def side_by_side_ratios(session: Session, candidates: list[Session], provider: s
     with session.stage("latency check"), blaming_input(session):
         paths = [session.path_of(session.prepared), *(c.path_of(c.model) for c in candidates)]
         original, *timed = time_models(paths, provider=provider, warmup=3, runs=runs, threads=threads,
-                                       input_shapes=session.cost_shapes(), values=session.tested_values() or None)
+                                       input_shapes=session.cost_shapes(), values=session.tested_values() or None,
+                                       data=session.data_feeds[0] if session.data_feeds else None)
     return [t.median_ms / original.median_ms if original.median_ms > 0 else 1.0 for t in timed]
 
 

@@ -189,6 +189,14 @@ def _feeds(
     return feeds
 
 
+def _runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> bool:
+    try:
+        session.run(None, feeds)
+    except Exception:  # ONNX Runtime's errors have no common class
+        return False
+    return True
+
+
 def _runnable_feeds(
     model: str | Path | onnx.ModelProto, session: ort.InferenceSession, name: str, specs: list[InputSpec],
     feeds: dict[str, np.ndarray], *, seed: int, input_shapes: Mapping[str, Sequence[int]] | None,
@@ -237,6 +245,7 @@ def time_models(
     progress: Callable[[int, int], None] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None,
+    data: Mapping[str, np.ndarray] | None = None,
 ) -> list[TimingResult]:
     """Time each model with ONNX Runtime; one result per model, in the order given.
 
@@ -244,7 +253,8 @@ def time_models(
     ``input_shapes``: sizes of inputs the models leave open (others guessed: batch ``batch``,
     images 224, sequences 8); ``values``: inputs fed one value (a mode switch). Where the first
     model does not run at the guess, the values its graph tests for and sizes it runs at are
-    chosen, and every model is timed at those.
+    chosen, and every model is timed at those; or, where ``data`` is given (a feed the caller
+    knows runs: a calibration sample), on that feed.
     """
     if not models:
         raise UsageError("no models to time")
@@ -268,8 +278,13 @@ def time_models(
         specs = [_specs(session, name) for session, name in zip(sessions, names, strict=True)]
         feeds = [_feeds(spec, cache, seed=seed, batch=batch, input_shapes=input_shapes, values=values)
                  for spec in specs]
-        chosen, values = _runnable_feeds(models[0], sessions[0], names[0], specs[0], feeds[0], seed=seed,
-                                         input_shapes=input_shapes, values=values)
+        chosen = None
+        if data is not None and all(x.name in data for spec in specs for x in spec) \
+                and not _runs(sessions[0], feeds[0]):  # an input whose values the model needs (a shape)
+            feeds = [{x.name: np.asarray(data[x.name]) for x in spec} for spec in specs]
+        else:
+            chosen, values = _runnable_feeds(models[0], sessions[0], names[0], specs[0], feeds[0], seed=seed,
+                                             input_shapes=input_shapes, values=values)
         if chosen is not None:  # at the batch asked for where the batch axis is open
             opened = {spec.name for spec in specs[0] if spec.shape and not isinstance(spec.shape[0], int)}
             chosen = {k: (batch, *v[1:]) if k in opened and len(v) and k not in (input_shapes or {}) else tuple(v)
