@@ -3,21 +3,24 @@
 
 ``onnx.backend.test.case.node.collect_testcases()`` builds ONNX's own test models (about 1,900:
 every operator, its expanded function bodies, old and new opsets) with their inputs and
-expected outputs. Each case's inputs after the first become initializers (weights, shapes,
-indices: what a real graph holds as constants), so the preparation folds them and the
-analysis sees constants. Then, in this process, each model is pruned twice:
+expected outputs. Each case's inputs after the first become initializers and stop being graph
+inputs (IR 4; weights, shapes, indices: what a real graph holds as constants), so the
+preparation folds them and the analysis sees constants (``--inputs``: every input stays one;
+``--fp16``: float32 constants and arithmetic converted to float16, inputs and outputs kept).
+Then, in this process, each model is pruned twice:
 
 * ``graphprune.prune(model, lossless=True)`` and ``graphprune.prune(model, ratio=0.5)``;
 * the result runs in ONNX Runtime on the case's real first input. A lossless result must equal
-  the original there (relative 1e-3, absolute 1e-4); a ratio prune changes what it computes
+  the original there (relative 1e-3, absolute 1e-4; float16 1e-2, 1e-3); a ratio prune changes what it computes
   wherever it removes something, so it counts as ``pruned`` when it differs.
 
 What counts as a defect: an internal error (``crash``), exit 3 (a check failed), a written model
 that does not run on the real input, a lossless result that differs. Exit 2 (the input refused
 with its reason) and cases ONNX Runtime cannot run as given (``skip``) are listed, not defects.
 
-    python bench/onnx_node_cases.py                  # ~2 min; bench/results/onnx_node_cases.json
+    python bench/onnx_node_cases.py                  # ~1-2 min; bench/results/onnx_node_cases.json
     python bench/onnx_node_cases.py --inputs         # every input fed: onnx_node_cases_inputs.json
+    python bench/onnx_node_cases.py --fp16           # float32 constants as float16: onnx_node_cases_fp16.json
     python bench/onnx_node_cases.py --only affine_grid
 """
 
@@ -46,20 +49,23 @@ def _alarm(*_: object) -> None:
     raise _Timeout()
 
 
-def _equal(a: object, b: object) -> bool:
+def _equal(a: object, b: object, half: bool = False) -> bool:
+    """Equal outputs; floats within 1e-3 relative (float16 graphs: 1e-2, graphprune's own float16
+    tolerance; ONNX Runtime picks another fp16 kernel where it knows more shapes)."""
     if isinstance(a, list) or isinstance(b, list):  # a sequence output
         return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-            _equal(x, y) for x, y in zip(a, b, strict=True))
+            _equal(x, y, half) for x, y in zip(a, b, strict=True))
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return False
     if a.dtype.kind in "fc":
-        return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4, equal_nan=True))
+        rtol, atol = (1e-2, 1e-3) if half else (1e-3, 1e-4)
+        return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
     return bool(np.array_equal(a, b))
 
 
 def run_case(case: object, onnx: object, ort: object, graphprune: object, seconds: int,
-             constants: bool = True) -> dict[str, list[str]]:
+             constants: bool = True, half: bool = False) -> dict[str, list[str]]:
     from onnx import numpy_helper
 
     from graphprune.errors import GraphPruneError
@@ -76,7 +82,19 @@ def run_case(case: object, onnx: object, ort: object, graphprune: object, second
     for name, value in zip(names[kept:], inputs[kept:], strict=True):
         if name:
             graph.initializer.append(numpy_helper.from_array(value, name))
+    if len(graph.input) > kept:  # constants, not inputs that happen to have a default (IR 4 and later)
+        del graph.input[kept:]
+        model.ir_version = max(model.ir_version, 4)
     feeds = {n: v for n, v in zip(names[:kept], inputs[:kept], strict=True) if n}
+    if half:  # float32 weights and arithmetic in float16, float32 inputs and outputs kept
+        if not any(t.data_type == onnx.TensorProto.FLOAT for t in graph.initializer):
+            return {"": ["skip", "no float32 constant to convert"]}
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        try:
+            model = convert_float_to_float16(model, keep_io_types=True)
+        except Exception as exc:
+            return {"": ["skip", f"float16 conversion: {str(exc).splitlines()[0][:160]}"]}
 
     def run(m: object) -> list:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -92,7 +110,7 @@ def run_case(case: object, onnx: object, ort: object, graphprune: object, second
             result = graphprune.prune(model, **options)
             signal.alarm(0)
             try:
-                same = all(_equal(a, b) for a, b in zip(reference, run(result.model), strict=True))
+                same = all(_equal(a, b, half) for a, b in zip(reference, run(result.model), strict=True))
                 status = "ok" if same else ("lossless differs" if mode == "lossless" else "pruned")
                 out[mode] = [status, ""]
             except Exception as exc:
@@ -114,6 +132,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=120, help="time limit per prune")
     parser.add_argument("--inputs", action="store_true",
                         help="keep every input a graph input (verification feeds generated values to all)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="cases with float32 constants converted to float16 (inputs and outputs kept float32)")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -129,17 +149,19 @@ def main() -> int:
              and (args.only is None or args.only in c.name)]
     started, rows = time.time(), {}
     for index, case in enumerate(cases):
-        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds, not args.inputs).items():
+        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds, not args.inputs, args.fp16).items():
             rows[f"{case.name} {mode}".strip()] = entry
             if entry[0] in DEFECTS or entry[0].startswith("exit 3"):
                 print(f"[{index + 1}/{len(cases)}] {case.name} {mode}: {entry[0]} {entry[1]}", flush=True)
     counts = collections.Counter(v[0] for v in rows.values())
     summary = {"cases": len(cases), "inputs": "all graph inputs" if args.inputs else "the first; the others initializers",
+               "float16": args.fp16,
                "runs (skip: per case)": dict(sorted(counts.items())),
                "defects": sum(n for k, n in counts.items() if k in DEFECTS),
                "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                "wall_s": round(time.time() - started, 1)}
-    results = args.results or RESULTS.with_name(f"onnx_node_cases{'_inputs' if args.inputs else ''}.json")
+    suffix = ("_inputs" if args.inputs else "") + ("_fp16" if args.fp16 else "")
+    results = args.results or RESULTS.with_name(f"onnx_node_cases{suffix}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"summary": summary, "rows": rows}, indent=0, sort_keys=True) + "\n")
     print(json.dumps(summary, indent=1))
