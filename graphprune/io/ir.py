@@ -91,7 +91,7 @@ def import_graph(model: onnx.ModelProto, store: Any = None) -> gs.Graph:
 SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
 
 
-def _pack_sub_byte(graph: gs.Graph) -> None:
+def _as_protos(graph: gs.Graph) -> None:
     """Constants of a sub-byte type that a rewrite changed (int4 weights) as packed protos:
     graphsurgeon would write numpy's one byte per element as the raw data (a tensor that
     fails its own size check). Strings too (a constant read or folded as an object array):
@@ -109,7 +109,7 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) 
 
     With a weight ``store``, new large weights are written to the store first and every
     weight is exported as a reference to the store, never copied into the proto."""
-    _pack_sub_byte(graph)
+    _as_protos(graph)
     if store is not None:
         store.spill(graph)
         restore_stubs(graph)

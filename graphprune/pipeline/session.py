@@ -35,7 +35,6 @@ from graphprune.analysis import Analysis, analyze_graph
 from graphprune.calibration.synthetic import first_tested_values
 from graphprune.errors import (
     GraphPruneError,
-    InvalidModelError,
     RewriteError,
     UsageError,
     VerificationError,
@@ -46,6 +45,7 @@ from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
 from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
+from graphprune.pipeline import blame
 from graphprune.pipeline import report as reports
 from graphprune.pipeline.result import PruneResult
 from graphprune.planning.plan import Plan
@@ -477,21 +477,21 @@ class Session:
         kept for :meth:`finish` to raise.
         """
         candidate = self.model if candidate is None else candidate
-        args = (reference, what, tolerance, candidate, overrides, feeds, stage, optimize_reference,
-                emulate_quantization, segment_candidate)
-        switch = feeds is None and bool(self.data_feeds) and not self.feeds_from_data
-        result = self._verify(*args, blame=not switch)
+        compare = {"tolerance": tolerance, "reference_overrides": overrides, "optimize_reference": optimize_reference,
+                   "emulate_quantization": emulate_quantization, "segment_candidate": segment_candidate}
+        result = self._verify(reference, what, candidate, feeds, stage, compare)
         error = result.get("_error")
-        if switch and error is not None and str(error).startswith(f"{what} does not run"):
-            result = self._verify(*args) if self.use_data_feeds(error) else self._blamed(result, what)
+        if feeds is None and blame.did_not_run(error, what) and self.use_data_feeds(error):
+            result = self._verify(reference, what, candidate, feeds, stage, compare)
+        if blame.did_not_run(result.get("_error"), what):  # the input's fault, or the preparation's?
+            fault = self.input_fault(feeds)
+            result = result if fault is None else {**result, "error": str(fault), "_error": fault}
         if self.feeds_from_data and feeds is None:
             result["feeds"] = self.feeds_from_data
         return result
 
-    def _verify(self, reference: Any, what: str, tolerance: float, candidate: Any,
-                overrides: dict[str, np.ndarray] | None, feeds: list[dict[str, np.ndarray]] | None, stage: str,
-                optimize_reference: bool | None, emulate_quantization: bool,
-                segment_candidate: bool, *, blame: bool = True) -> dict[str, Any]:
+    def _verify(self, reference: Any, what: str, candidate: Any, feeds: list[dict[str, np.ndarray]] | None,
+                stage: str, compare: dict[str, Any]) -> dict[str, Any]:
         with self.stage(stage):
             try:
                 checked = isinstance(candidate, onnx.ModelProto)
@@ -499,27 +499,14 @@ class Session:
                     self.check(candidate)
                 result = validate.compare(
                     self.path_of(candidate), self.path_of(reference, keep=False),
-                    feeds if feeds is not None else self.feeds(),
-                    what=what, tolerance=tolerance, reference_overrides=overrides,
-                    check=not isinstance(candidate, onnx.ModelProto),
-                    original=self.path_of(self.prepared), optimize_reference=optimize_reference,
-                    emulate_quantization=emulate_quantization,
-                    segment_candidate=segment_candidate,
-                    pair_safe=saturation.may_saturate(self.prepared),
+                    feeds if feeds is not None else self.feeds(), what=what,
+                    check=not isinstance(candidate, onnx.ModelProto), original=self.path_of(self.prepared),
+                    pair_safe=saturation.may_saturate(self.prepared), **compare,
                 )
                 result["checker"] = result["checker"] or checked
                 return result
             except VerificationError as exc:
-                failed = {"ok": False, "reference": what, "error": str(exc), "_error": exc}
-                return self._blamed(failed, what, feeds) if blame else failed
-
-    def _blamed(self, failed: dict[str, Any], what: str,
-                feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-        """``failed`` with its error replaced by :meth:`input_fault`'s (on ``feeds``, default
-        the session's) where ``what`` did not run because the model as loaded (or its
-        preparation) does not."""
-        fault = self.input_fault(feeds) if str(failed["_error"]).startswith(f"{what} does not run") else None
-        return failed if fault is None else {**failed, "error": str(fault), "_error": fault}
+                return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
 
     def check_preparation(self, tolerance: float) -> dict[str, Any]:
         """The prepared original against the graph as loaded, on the verification's feeds
@@ -543,72 +530,14 @@ class Session:
         try:
             yield
         except VerificationError as exc:
-            fault = self.input_fault() if str(exc).startswith(f"{what} does not run") else None
+            fault = self.input_fault() if blame.did_not_run(exc, what) else None
             if fault is None:
                 raise
             raise fault from exc
 
     def input_fault(self, feeds: list[dict[str, np.ndarray]] | None = None) -> GraphPruneError | None:
-        """Where the model as loaded fails ``onnx.checker`` or ONNX Runtime before any change
-        (an exporter's broken graph), on any of ``feeds`` (default: the first of the session's):
-        bad input (exit 2), not a failed rewrite; else ``None``. Where only the prepared graph
-        fails, the preparation is at fault: a :class:`VerificationError` that says so (exit 3)."""
-        tried = feeds or self.feeds()[:1]  # every feed a comparison ran with (a second random axis may be out of range)
-        feed = tried[0]
-        try:
-            for feed in tried:  # noqa: B007 - the feed that failed is run on the loaded graph below
-                validate.run(self.path_of(self.prepared), feed, "the input model")
-        except VerificationError as fault:
-            converted = self.normalised.get("opset_converted")
-            hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
-                    f"{converted['to']})") if converted else ""
-            if not preparation.same_computation(self.loaded, self.prepared):
-                try:
-                    validate.run(self.path_of(self.loaded), feed, preparation.AS_LOADED)
-                except Exception:  # VerificationError: the input's own fault, as below
-                    pass
-                else:
-                    return VerificationError(preparation.failure_message(
-                        {"error": f"it does not run in ONNX Runtime{hint}, the model as loaded does: "
-                                  + str(fault).removeprefix("the input model does not run in ONNX Runtime: ")}))
-            unknown = validate.unregistered_op(self.prepared)  # says more than ORT's loader
-            if unknown:
-                return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
-            return InvalidModelError(str(fault) + hint + self._shape_hint() + self._values_hint())
-        return None
-
-    def _values_hint(self) -> str:
-        """Where integer inputs were fed random 0s and 1s: which, and how to feed real values (an
-        input read as a shape, a count or indices may need particular ones)."""
-        from graphprune.io.feeds import input_specs
-
-        if self.data_feeds:
-            return ""
-        tested = self.tested_values()
-        guessed = [s.name for s in input_specs(self.original)
-                   if np.issubdtype(s.dtype, np.integer) and s.name not in tested]
-        if not guessed:
-            return ""
-        names = ", ".join(guessed[:4]) + (", ..." if len(guessed) > 4 else "")
-        return (f" (integer inputs were fed random 0s and 1s: {names}; if the model needs particular values "
-                "there, give real inputs with --calibration FILE)")
-
-    def _shape_hint(self) -> str:
-        """Where some input sizes were chosen, not given: which, and how to give them (a model
-        that runs only at sizes the search did not try, e.g. a KV cache whose last axis must
-        be the head size)."""
-        from graphprune.analysis.probe_sizes import open_dimensions
-        from graphprune.io.feeds import input_specs
-
-        chosen = sorted({name for dims in open_dimensions(input_specs(self.original), self.input_shapes).values()
-                         for name, _ in dims})
-        if not chosen:
-            return ""
-        feeds = self.feeds()[0]
-        at = ", ".join(f"{n}={'x'.join(map(str, feeds[n].shape))}" for n in chosen[:4] if n in feeds)
-        more = ", ..." if len(chosen) > 4 else ""
-        return (f" (run at sizes chosen for the open dimensions: {at}{more}; if the model needs others, "
-                "give them with --input-shape NAME=d0,d1,...)")
+        """:func:`graphprune.pipeline.blame.input_fault` of this session."""
+        return blame.input_fault(self, feeds)
 
     # ------------------------------------------------------------------ results
     def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:

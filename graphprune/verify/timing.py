@@ -279,9 +279,9 @@ def time_models(
         feeds = [_feeds(spec, cache, seed=seed, batch=batch, input_shapes=input_shapes, values=values)
                  for spec in specs]
         chosen = None
-        if data is not None and all(x.name in data for spec in specs for x in spec) \
-                and not _runs(sessions[0], feeds[0]):  # an input whose values the model needs (a shape)
-            feeds = [{x.name: np.asarray(data[x.name]) for x in spec} for spec in specs]
+        if data is not None and all(x.name in data for spec in specs for x in spec):
+            if not _runs(sessions[0], feeds[0]):  # an input whose values the model needs (a shape)
+                feeds = [{x.name: np.asarray(data[x.name]) for x in spec} for spec in specs]
         else:
             chosen, values = _runnable_feeds(models[0], sessions[0], names[0], specs[0], feeds[0], seed=seed,
                                              input_shapes=input_shapes, values=values)

@@ -1,0 +1,88 @@
+"""Who is at fault when the original does not run during a prune.
+
+A comparison whose reference does not run is not a failed rewrite: the model as loaded may
+not run (an exporter's broken graph, inputs whose values verification cannot guess: exit 2),
+or only the prepared graph fails (a defect of graphprune's preparation: exit 3). Where some
+input sizes or integer values were guessed, the error says which and how to give real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphprune.errors import GraphPruneError, InvalidModelError, VerificationError
+from graphprune.verify import preparation, validate
+
+__all__ = ["did_not_run", "input_fault"]
+
+
+def did_not_run(error: BaseException | None, what: str) -> bool:
+    """Is ``error`` the failure of ``what`` to run at all (not a difference in its outputs)?"""
+    return error is not None and str(error).startswith(f"{what} does not run")
+
+
+def input_fault(session: Any, feeds: list[dict[str, np.ndarray]] | None = None) -> GraphPruneError | None:
+    """Where the model as loaded fails ``onnx.checker`` or ONNX Runtime before any change, on
+    any of ``feeds`` (default: the session's first): bad input (exit 2), not a failed rewrite;
+    else ``None``. Where only the prepared graph fails, the preparation is at fault: a
+    :class:`VerificationError` that says so (exit 3)."""
+    tried = feeds or session.feeds()[:1]  # every feed a comparison ran with (a second random axis may be out of range)
+    feed = tried[0]
+    try:
+        for feed in tried:  # noqa: B007 - the feed that failed is run on the loaded graph below
+            validate.run(session.path_of(session.prepared), feed, "the input model")
+    except VerificationError as fault:
+        converted = session.normalised.get("opset_converted")
+        hint = (f" (as ONNX's version converter wrote it, from opset {converted['from']} to "
+                f"{converted['to']})") if converted else ""
+        if not preparation.same_computation(session.loaded, session.prepared):
+            try:
+                validate.run(session.path_of(session.loaded), feed, preparation.AS_LOADED)
+            except Exception:  # VerificationError: the input's own fault, as below
+                pass
+            else:
+                return VerificationError(preparation.failure_message(
+                    {"error": f"it does not run in ONNX Runtime{hint}, the model as loaded does: "
+                              + str(fault).removeprefix("the input model does not run in ONNX Runtime: ")}))
+        unknown = validate.unregistered_op(session.prepared)  # says more than ORT's loader
+        if unknown:
+            return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
+        return InvalidModelError(str(fault) + hint + _shape_hint(session) + _values_hint(session))
+    return None
+
+
+def _values_hint(session: Any) -> str:
+    """Where integer inputs were fed random 0s and 1s: which, and how to feed real values (an
+    input read as a shape, a count or indices may need particular ones)."""
+    from graphprune.io.feeds import input_specs
+
+    if session.data_feeds:
+        return ""
+    tested = session.tested_values()
+    guessed = [s.name for s in input_specs(session.original)
+               if np.issubdtype(s.dtype, np.integer) and s.name not in tested]
+    if not guessed:
+        return ""
+    names = ", ".join(guessed[:4]) + (", ..." if len(guessed) > 4 else "")
+    return (f" (integer inputs were fed random 0s and 1s: {names}; if the model needs particular values "
+            "there, give real inputs with --calibration FILE)")
+
+
+def _shape_hint(session: Any) -> str:
+    """Where some input sizes were chosen, not given: which, and how to give them (a model
+    that runs only at sizes the search did not try, e.g. a KV cache whose last axis must
+    be the head size)."""
+    from graphprune.analysis.probe_sizes import open_dimensions
+    from graphprune.io.feeds import input_specs
+
+    chosen = sorted({name for dims in open_dimensions(input_specs(session.original), session.input_shapes).values()
+                     for name, _ in dims})
+    if not chosen:
+        return ""
+    feeds = session.feeds()[0]
+    at = ", ".join(f"{n}={'x'.join(map(str, feeds[n].shape))}" for n in chosen[:4] if n in feeds)
+    more = ", ..." if len(chosen) > 4 else ""
+    return (f" (run at sizes chosen for the open dimensions: {at}{more}; if the model needs others, "
+            "give them with --input-shape NAME=d0,d1,...)")
