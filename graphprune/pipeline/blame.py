@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import version_converter
 
 from graphprune.errors import GraphPruneError, InvalidModelError, VerificationError
 from graphprune.verify import preparation, validate
 
-__all__ = ["did_not_run", "input_fault"]
+__all__ = ["conversion_fault", "did_not_run", "input_fault"]
 
 
 def did_not_run(error: BaseException | None, what: str) -> bool:
@@ -43,7 +44,7 @@ def input_fault(session: Any, feeds: list[dict[str, np.ndarray]] | None = None) 
             except Exception:  # VerificationError: the input's own fault, as below
                 pass
             else:
-                return VerificationError(preparation.failure_message(
+                return conversion_fault(session, 1e-5, [feed]) or VerificationError(preparation.failure_message(
                     {"error": f"it does not run in ONNX Runtime{hint}, the model as loaded does: "
                               + str(fault).removeprefix("the input model does not run in ONNX Runtime: ")}))
         unknown = validate.unregistered_op(session.prepared)  # says more than ORT's loader
@@ -51,6 +52,36 @@ def input_fault(session: Any, feeds: list[dict[str, np.ndarray]] | None = None) 
             return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
         return InvalidModelError(str(fault) + hint + _shape_hint(session) + _values_hint(session))
     return None
+
+
+def conversion_fault(session: Any, tolerance: float,
+                     feeds: list[dict[str, np.ndarray]] | None = None) -> InvalidModelError | None:
+    """Where the prepared graph fails the preparation check and ONNX's version converter ran:
+    if the graph as the converter wrote it already fails the same check against the model as
+    loaded (does not run, or computes something else: ``Scan`` below opset 9 converted with
+    float16 casts around it), the model is one graphprune cannot take at its opset (exit 2),
+    not a defect of graphprune's own preparation (exit 3), provided ONNX's converter alone,
+    without graphprune's fixes to it, fails the check too; else ``None``."""
+    converted = session.normalised.get("opset_converted")
+    if not converted or getattr(session, "as_converted", None) is None:
+        return None
+    feeds = feeds or session.feeds()
+    check = preparation.check_preparation(session.loaded, session.as_converted, session.path_of,
+                                          feeds, tolerance, label="the converted graph")
+    if check.get("ok") is not False:
+        return None
+    try:  # ONNX's converter alone, without graphprune's fixes to it: is it ONNX's doing?
+        raw = version_converter.convert_version(session.loaded, converted["to"])
+    except Exception:  # noqa: BLE001 - graphprune's fixes are what made it convert: theirs
+        return None
+    if preparation.check_preparation(session.loaded, raw, session.path_of, feeds, tolerance).get("ok") is not False:
+        return None
+    what = check.get("error") or (f"max relative difference {check.get('max_rel_diff', float('nan')):.3g} > "
+                                  f"{check.get('tolerance', 0):g}")
+    return InvalidModelError(
+        f"ONNX's version converter does not convert this model from opset {converted['from']} to "
+        f"{converted['to']} (graphprune works at opset {converted['to']} and up) without changing what it "
+        f"computes ({what}); export the model at opset {converted['to']} or later")
 
 
 def _values_hint(session: Any) -> str:

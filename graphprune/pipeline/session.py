@@ -143,11 +143,16 @@ class Session:
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             converted_from = None
             as_loaded = None  # the graph the prepared one is checked against, when converted
+            #: the graph as ONNX's version converter wrote it, before the rest of the
+            #: preparation (a skeleton), where it ran: who is at fault when the prepared one fails
+            self.as_converted: onnx.ModelProto | None = None
             if self.opset < UPGRADE_BELOW:
                 as_loaded = onnx.ModelProto()
                 as_loaded.CopyFrom(loaded)
                 loaded = model_io.upgrade_opset(loaded, UPGRADE_TO)
                 converted_from, self.opset = self.opset, UPGRADE_TO
+                self.as_converted = onnx.ModelProto()
+                self.as_converted.CopyFrom(loaded)
             #: parameters as the model came (constant folding may change the count)
             self.params_as_loaded = count_params(loaded)
             #: the outputs' types as the user's file declares them (see :meth:`export`)
@@ -566,8 +571,9 @@ class Session:
             verification["preparation"] = self.check_preparation(verification.get("tolerance", 1e-5))
             if verification["preparation"].get("ok") is False:
                 verification["ok"] = False
-                verification["error"] = preparation.failure_message(verification["preparation"])
-                error = VerificationError(verification["error"])
+                error = (blame.conversion_fault(self, verification.get("tolerance", 1e-5))
+                         or VerificationError(preparation.failure_message(verification["preparation"])))
+                verification["error"] = str(error)
         report["verification"] = verification
         report["timings"] = {**self.timings, "total": self.elapsed()}
         result = PruneResult(

@@ -61,10 +61,11 @@ def same_computation(loaded: onnx.ModelProto, prepared: onnx.ModelProto) -> bool
 
 def check_preparation(
     loaded: onnx.ModelProto, prepared: onnx.ModelProto, path_of: Any,
-    feeds: list[dict[str, np.ndarray]], tolerance: float,
+    feeds: list[dict[str, np.ndarray]], tolerance: float, label: str = "the prepared graph",
 ) -> dict[str, Any]:
     """The prepared graph against ``loaded`` (the graph as loaded, before preparation) on
-    ``feeds``; ``path_of`` writes a model of the session to a file of its store.
+    ``feeds``; ``path_of`` writes a model of the session to a file of its store; ``label``
+    names ``prepared`` in the errors (another stage of the preparation may be checked).
 
     Returns ``{"checked": True, "ok": bool, "max_rel_diff": ..., ...}``, or ``{"checked":
     False, "why": ...}`` where the comparison cannot be made (the loaded graph does not run
@@ -90,13 +91,13 @@ def check_preparation(
     except VerificationError as exc:
         return {"checked": False, "why": str(exc)[:300]}
     try:
-        outputs = validate.run_many(path_of(prepared), fed, "the prepared graph", optimize=optimize, segmented=True)
+        outputs = validate.run_many(path_of(prepared), fed, label, optimize=optimize, segmented=True)
     except VerificationError as exc:
         return {"checked": True, "ok": False, "error": str(exc)}
     for ref, out in zip(reference, outputs, strict=True):
         if not validate.output_shapes_match(ref, out):
             return {"checked": True, "ok": False, "error": (
-                f"the prepared graph's output shapes {[o.shape for o in out]} differ from {AS_LOADED}'s "
+                f"{label}'s output shapes {[o.shape for o in out]} differ from {AS_LOADED}'s "
                 f"{[o.shape for o in ref]}")}
     result = validate.compare(prepared, loaded, fed, what=AS_LOADED, tolerance=tolerance, check=False,
                               candidate_outputs=outputs, reference_outputs=reference)
