@@ -24,7 +24,13 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import ir
 from graphprune.rules import registry
-from graphprune.tables import difference_to_original, human, macs_label, preparation_summary
+from graphprune.tables import (
+    difference_to_original,
+    feeds_label,
+    human,
+    macs_label,
+    preparation_summary,
+)
 
 __all__ = ["LayerWidth", "bar_chart_svg", "layer_widths", "render_prune_report", "scatter_svg"]
 
@@ -208,7 +214,7 @@ def _verification(report: Mapping[str, Any]) -> str:
     reference = v.get("reference", "the reference")
     rows = [["compared with", reference],
             ["checks", "onnx.checker (full), ONNX Runtime run, output shapes, outputs"],
-            [f"samples ({'calibration samples' if v.get('feeds') else 'random inputs'})", v.get("samples", "-")],
+            [f"samples ({feeds_label(v)})", v.get("samples", "-")],
             ["max abs diff", f"{v.get('max_abs_diff', float('nan')):.3g}"],
             ["max rel diff", f"{v.get('max_rel_diff', float('nan')):.3g}"],
             ["tolerance", f"{v.get('tolerance', float('nan')):g}"]]

@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, analyze_graph
-from graphprune.calibration.synthetic import first_tested_values
+from graphprune.calibration.synthetic import first_tested_values, named_feeds
 from graphprune.errors import (
     GraphPruneError,
     RewriteError,
@@ -390,18 +390,26 @@ class Session:
 
     def use_data_feeds(self, fault: Exception) -> bool:
         """Where the original does not run on the generated feeds (``fault``) but runs on the
-        calibration samples, verify on those from now on and return True: an input whose values
-        the model needs (a shape, a count, indices into a table it cannot know) is fed what
-        the user gave, not random 0s and 1s that make it fail. False where there are no
-        samples, they are in use already, or the original fails on them as well."""
-        if not self.data_feeds or self.feeds_from_data:
+        calibration samples (without any: on :func:`~graphprune.calibration.synthetic.named_feeds`),
+        verify on those from now on and return True: an input whose values the model needs (a
+        shape, a length, indices into a table) is not fed random 0s and 1s that make it fail.
+        False where they are in use already, or the original fails on them as well."""
+        if self.feeds_from_data:
             return False
+        source = "calibration samples"
+        if not self.data_feeds:
+            graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
+            named = named_feeds(self.prepared, graph, self.opset, {k: v.shape for k, v in self.feeds()[0].items()})
+            if named is None:
+                return False
+            samples, source = named
         try:
-            validate.run(self.path_of(self.prepared), self.data_feeds[0], "the original")
+            validate.run(self.path_of(self.prepared), (self.data_feeds or samples)[0], "the original")
         except Exception:  # VerificationError: the input's fault after all
             return False
+        self.data_feeds = self.data_feeds or samples
         first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
-        self.feeds_from_data = f"calibration samples (the original does not run on generated inputs: {first})"
+        self.feeds_from_data = f"{source} (the original does not run on generated inputs: {first})"
         return True
 
     def tested_values(self) -> dict[str, Any]:
@@ -580,6 +588,7 @@ class Session:
             self.model if model is None else model, report, plan,
             analysis if analysis is not None else self.analysis, store=self.store,
         )
+        result.verification_feeds = self.data_feeds if self.feeds_from_data else None
         if not verification.get("skipped") and not verification.get("ok"):
             exc = error or VerificationError(
                 f"pruned model differs from {verification.get('reference', 'the reference')}: "
