@@ -64,8 +64,21 @@ def _equal(a: object, b: object, half: bool = False) -> bool:
     return bool(np.array_equal(a, b))
 
 
+def _samples(feeds: dict[str, np.ndarray], count: int = 8) -> list[dict[str, np.ndarray]]:
+    """Calibration samples near the case's own input: floats moved by 10 % noise, the rest as given."""
+    rng = np.random.default_rng(0)
+
+    def near(value: np.ndarray) -> np.ndarray:
+        if value.dtype.kind != "f":
+            return value
+        scale = 0.1 * (float(np.abs(value).mean()) if value.size else 0.0) or 0.1
+        return (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+
+    return [{name: near(value) for name, value in feeds.items()} for _ in range(count)]
+
+
 def run_case(case: object, onnx: object, ort: object, graphprune: object, seconds: int,
-             constants: bool = True, half: bool = False) -> dict[str, list[str]]:
+             constants: bool = True, half: bool = False, calibrated: bool = False) -> dict[str, list[str]]:
     from onnx import numpy_helper
 
     from graphprune.errors import GraphPruneError
@@ -104,7 +117,9 @@ def run_case(case: object, onnx: object, ort: object, graphprune: object, second
     except Exception as exc:  # ONNX Runtime cannot run the case as given
         return {"": ["skip", f"ONNX Runtime: {str(exc).splitlines()[0][:160]}"]}
     out: dict[str, list[str]] = {}
-    for mode, options in (("lossless", {"lossless": True}), ("ratio", {"ratio": 0.5})):
+    modes = (("lossless", {"lossless": True}), ("ratio", {"ratio": 0.5})) if not calibrated else \
+        (("calibrated", {"ratio": 0.5, "calibration": _samples(feeds)}),)
+    for mode, options in modes:
         signal.alarm(seconds)
         try:
             result = graphprune.prune(model, **options)
@@ -134,6 +149,9 @@ def main() -> int:
                         help="keep every input a graph input (verification feeds generated values to all)")
     parser.add_argument("--fp16", action="store_true",
                         help="cases with float32 constants converted to float16 (inputs and outputs kept float32)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="a calibrated ratio prune instead (8 samples near the case's own input): statistics, "
+                             "data-aware criteria, refit and fidelity on every case")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -149,18 +167,19 @@ def main() -> int:
              and (args.only is None or args.only in c.name)]
     started, rows = time.time(), {}
     for index, case in enumerate(cases):
-        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds, not args.inputs, args.fp16).items():
+        for mode, entry in run_case(case, onnx, ort, graphprune, args.seconds, not args.inputs, args.fp16,
+                                     args.calibration).items():
             rows[f"{case.name} {mode}".strip()] = entry
             if entry[0] in DEFECTS or entry[0].startswith("exit 3"):
                 print(f"[{index + 1}/{len(cases)}] {case.name} {mode}: {entry[0]} {entry[1]}", flush=True)
     counts = collections.Counter(v[0] for v in rows.values())
     summary = {"cases": len(cases), "inputs": "all graph inputs" if args.inputs else "the first; the others initializers",
-               "float16": args.fp16,
+               "float16": args.fp16, "calibrated": args.calibration,
                "runs (skip: per case)": dict(sorted(counts.items())),
                "defects": sum(n for k, n in counts.items() if k in DEFECTS),
                "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                "wall_s": round(time.time() - started, 1)}
-    suffix = ("_inputs" if args.inputs else "") + ("_fp16" if args.fp16 else "")
+    suffix = ("_inputs" if args.inputs else "") + ("_fp16" if args.fp16 else "") + ("_calibrated" if args.calibration else "")
     results = args.results or RESULTS.with_name(f"onnx_node_cases{suffix}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"summary": summary, "rows": rows}, indent=0, sort_keys=True) + "\n")

@@ -13,6 +13,8 @@ Runtime on the case's inputs:
   (an internal error).
 * a sequence of tensors of different shapes as an output: blamed on the input ("does not run").
 * a type attribute (``Optional``'s): an internal error in the export; now a one-line refusal.
+* with calibration samples (round 46, ``--calibration``): a scalar input made 1-D, and a sequence
+  output read by the fidelity run with ``np.asarray``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,36 @@ def test_sequence_of_tensors_of_several_shapes() -> None:
     assert result.model.graph.output[1].type.HasField("sequence_type")
     parts = _run(result.model, {"x": np.ones((1, 3, 8, 8), np.float32), "t": np.arange(6, dtype=np.float32).reshape(3, 2)})[1]
     assert [p.shape for p in parts] == [(1, 2), (2, 2)]
+
+
+def _calibration(extra: dict[str, object], count: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), **extra} for _ in range(count)]
+
+
+def test_calibrated_prune_of_a_sequence_output() -> None:
+    """The same model with calibration samples (``bench/onnx_node_cases.py --calibration``): the
+    fidelity run read the sequence output with ``np.asarray`` (an internal error)."""
+    model = _with_convs(
+        [helper.make_node("SplitToSequence", ["t", "parts"], ["seq"], axis=0)],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3, 2])],
+        [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1, 2], np.int64), "parts")])
+    result = graphprune.prune(model, ratio=0.5, calibration=_calibration({"t": np.ones((3, 2), np.float32)}))
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    assert result.report["fidelity"]["outputs"]["seq"]["cosine"] == pytest.approx(1.0)
+
+
+def test_calibrated_prune_of_a_scalar_input() -> None:
+    """A scalar input (``Einsum("->")``, ONNX's ``test_einsum_scalar``) in calibration samples:
+    ``np.ascontiguousarray`` made it 1-D, and the original did not run on the samples (exit 3)."""
+    model = _with_convs(
+        [helper.make_node("Einsum", ["gain"], ["g"], equation="->")],
+        [helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("g", TensorProto.FLOAT, [])], [], opset=12)
+    result = graphprune.prune(model, ratio=0.5, calibration=_calibration({"gain": np.array(2.5, np.float32)}))
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    assert result.report["fidelity"]["outputs"]["g"]["rel_l2"] == pytest.approx(0.0)
 
 
 def _optional_branches(typed: bool) -> onnx.ModelProto:

@@ -209,7 +209,7 @@ def validate_feed(
                             f"calibration input '{spec.name}' ({where}) has {dim}={size} but "
                             f"'{seen[1]}' has {dim}={seen[0]}"
                         )
-        out[spec.name] = np.ascontiguousarray(value)
+        out[spec.name] = np.ascontiguousarray(value) if value.ndim else np.asarray(value)  # (the former makes 0-d 1-d)
     return out
 
 

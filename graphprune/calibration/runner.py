@@ -240,7 +240,8 @@ def _run_chunks(
     optimize: bool = True,
 ) -> None:
     """The runs of :func:`stream`: ``run`` in chunks, each feeding the next its frontier."""
-    batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
+    first = np.shape(next(iter(feeds[0].values()))) if feeds and feeds[0] else ()
+    batch = int(first[0]) if first else 1  # a scalar input: one sample
     order = producers(model.graph)
     run.sort(key=lambda n: order.get(n, -1))
     parts = chunks(model, run, max(batch, 1), chunk_bytes)
@@ -276,7 +277,7 @@ def _run_chunks(
                     raise VerificationError(
                         f"{what} does not run in ONNX Runtime: {runtime.describe(exc)}") from exc
                 for name, value in zip(outputs_, values, strict=True):
-                    value = np.asarray(value)
+                    value = output_array(value)  # a sequence of several shapes: one flat array
                     if name in keep_set:
                         kept.put(name, index, value)  # type: ignore[union-attr]
                     if name in wanted:
