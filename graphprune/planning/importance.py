@@ -24,27 +24,11 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import ChannelGroup
 from graphprune.analysis.dims import Dim
 from graphprune.errors import UsageError
+from graphprune.io.blocks import axis_norms
 from graphprune.io.tensors import unpack_bits
 from graphprune.io.weights import release
 
 CRITERIA = ("l1", "l2", "random")
-
-
-def _slice_norms(values: np.ndarray, axis: int, order: int) -> np.ndarray:
-    """Per-slice L1/L2 norms along ``axis``, in chunks (no full-size temporaries)."""
-    values = np.asarray(values)
-    moved = np.moveaxis(values, axis, 0)
-    out = np.empty(moved.shape[0], dtype=np.float64)
-    chunk = max(1, (1 << 22) // max(1, moved[0].size))
-    for start in range(0, moved.shape[0], chunk):
-        block = np.asarray(moved[start : start + chunk], dtype=np.float32).reshape(
-            min(chunk, moved.shape[0] - start), -1
-        )
-        if order == 1:
-            out[start : start + chunk] = np.abs(block).sum(axis=1, dtype=np.float64)
-        else:
-            out[start : start + chunk] = np.sqrt(np.square(block).sum(axis=1, dtype=np.float64))
-    return out
 
 
 def widened_stream(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> bool:
@@ -112,7 +96,7 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
     members = [d for d in group.params if isinstance(tensors.get(d[0]), gs.Constant)]
     weights = weight_members(group, tensors)
     for dim in weights or members:
-        values = np.asarray(tensors[dim[0]].values)
+        values = tensors[dim[0]].values  # a memory map stays one: its pages are released as read
         if not np.issubdtype(values.dtype, np.floating):
             decoding = group.decodings.get(dim[0])
             if decoding is None:
@@ -121,8 +105,8 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
             values = (unpack_bits(values, bits) if bits < 8 else values).astype(np.float32)
             values -= zero.astype(np.float32)  # in place: one float copy of the weight, not three
             values *= scale.astype(np.float32)
-        norms = _slice_norms(values, dim[1], order)
-        release(tensors[dim[0]].values)  # a mapped weight's pages go back to the kernel
+        norms = axis_norms(values, dim[1], order)  # a block at a time: a mapped weight's pages go back as read
+        release(tensors[dim[0]].values)  # and a decoded one's source
         mean = norms.mean()
         if mean > 0:
             norms = norms / mean
