@@ -181,6 +181,15 @@ def nn_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((nearest(a) == nearest(b)).mean())
 
 
+def nn_margins(reference: np.ndarray) -> np.ndarray:
+    """Per sentence, how far its nearest neighbour is ahead of the second nearest (cosine) under
+    the original: a pruned model whose similarities move by more than that may swap them."""
+    sim = reference @ reference.T
+    np.fill_diagonal(sim, -np.inf)
+    top = np.sort(sim, axis=1)[:, ::-1]
+    return top[:, 0] - top[:, 1]
+
+
 def calibration_folder(texts: list[str], tok, folder: Path) -> None:
     """One ``.npz`` per sentence (``[1, tokens]``, no padding): padded positions would enter
     the statistics as rows like any other, and graphprune cannot know they are padding."""
@@ -229,6 +238,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=150)
     parser.add_argument("--evaluation", type=int, default=150)
+    parser.add_argument("--extra", type=int, default=0,
+                        help="this many more calibration sentences, taken after the evaluation ones (how the "
+                             "figures move with more data; the evaluation set is unchanged)")
     parser.add_argument("--criteria", default="",
                         help="data-aware criteria to run through the API as well (e.g. wanda,flap)")
     parser.add_argument("--api-only", action="store_true", help="skip the command-line runs")
@@ -255,6 +267,8 @@ def main() -> int:
 
     sentences = corpus() if args.corpus == "docstrings" else news_corpus()
     calib_texts = sentences[: args.calibration]
+    start = args.calibration + args.evaluation
+    calib_texts += sentences[start : start + args.extra]
     eval_texts = sentences[args.calibration : args.calibration + args.evaluation]
     assert not set(calib_texts) & set(eval_texts)
     tok = tokenizer()
@@ -269,6 +283,8 @@ def main() -> int:
             path = quantized(path, args.quantize, calib)
         original = onnx.load(str(path))
         reference = embed(original, eval_texts, tok)
+        margins = nn_margins(reference)
+        print(json.dumps({"nn_margin_under": {str(t): int((margins < t).sum()) for t in (0.005, 0.01, 0.02)}}), flush=True)
         chosen = {int(i) for i in args.only.split(",") if i}
         for number, (flags, ratios) in enumerate(SETTINGS, 1):
             if chosen and number not in chosen:
@@ -327,6 +343,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "corpus": args.corpus, "calibration_sentences": len(calib_texts), "evaluation_sentences": len(eval_texts),
+        "nn_margin_under": {str(t): int((margins < t).sum()) for t in (0.005, 0.01, 0.02)},
         "rows": rows}, indent=1))
     return 0
 
