@@ -115,52 +115,49 @@ def test_an_opset9_classifier_with_a_hardmax_prunes_and_passes_the_check():
     assert pruned.report["params_after"] < pruned.report["params_before"]
 
 
+def _scan8(wrapped: bool) -> onnx.ModelProto:
+    """A running sum by ``Scan`` at opset 8 (batch axis first); ``wrapped``: behind element-wise
+    nodes on both sides, as a float16 conversion's casts put it."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
+         helper.make_node("Identity", ["sum_out"], ["scan_out"])], "body",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_in", "next")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_out", "scan_out")])
+    if wrapped:
+        nodes = [helper.make_node("Relu", ["initial"], ["i"]), helper.make_node("Relu", ["x"], ["xr"]),
+                 helper.make_node("Scan", ["", "i", "xr"], ["s", "t"], num_scan_inputs=1, body=body),
+                 helper.make_node("Relu", ["s"], ["y"]), helper.make_node("Relu", ["t"], ["z"])]
+    else:
+        nodes = [helper.make_node("Scan", ["", "initial", "x"], ["y", "z"], num_scan_inputs=1, body=body)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [1, 2]),
+                     helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+
+
 def test_a_conversion_that_changes_the_inputs_is_refused() -> None:
     """``Scan`` below opset 9 has a batch axis; ONNX's version converter drops it from the graph's
     inputs, so the converted model would not take the user's inputs. Refused (exit 2), not
     pruned into a model of another interface."""
     from graphprune.errors import InvalidModelError
 
-    body = helper.make_graph(
-        [helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
-         helper.make_node("Identity", ["sum_out"], ["scan_out"])], "body",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_in", "next")],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_out", "scan_out")])
-    scan = helper.make_node("Scan", ["", "initial", "x"], ["y", "z"], num_scan_inputs=1, body=body)
-    graph = helper.make_graph(
-        [scan], "g", [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [1, 2]),
-                      helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
     with pytest.raises(InvalidModelError, match="version converter changes the graph's 'initial' from 1x2 to 2"):
-        graphprune.prune(model, lossless=True)
+        graphprune.prune(_scan8(wrapped=False), lossless=True)
 
 
 def test_a_conversion_that_breaks_the_model_is_the_converters_fault(tmp_path) -> None:
-    """The same ``Scan``-8 behind element-wise nodes (as a float16 conversion's casts put it):
-    the graph's inputs keep their shapes, but the converted ``Scan`` does not run. That is the
-    version converter's doing, not graphprune's preparation: a one-line refusal, exit 2 (it was
-    "a defect of graphprune's preparation", exit 3)."""
+    """The same ``Scan``-8 behind element-wise nodes: the graph's inputs keep their shapes, but
+    the converted ``Scan`` does not run. That is the version converter's doing, not graphprune's
+    preparation: a one-line refusal, exit 2 (it was "a defect of graphprune's preparation",
+    exit 3)."""
     import subprocess
     import sys
 
     from graphprune.errors import InvalidModelError
 
-    body = helper.make_graph(
-        [helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
-         helper.make_node("Identity", ["sum_out"], ["scan_out"])], "body",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_in", "next")],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("sum_out", "scan_out")])
-    nodes = [helper.make_node("Relu", ["initial"], ["i"]), helper.make_node("Relu", ["x"], ["xr"]),
-             helper.make_node("Scan", ["", "i", "xr"], ["s", "t"], num_scan_inputs=1, body=body),
-             helper.make_node("Relu", ["s"], ["y"]), helper.make_node("Relu", ["t"], ["z"])]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [1, 2]),
-                     helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model = _scan8(wrapped=True)
     with pytest.raises(InvalidModelError, match="version converter does not convert this model from opset 8 to 13"):
         graphprune.prune(model, lossless=True)
     path, out = tmp_path / "scan8.onnx", tmp_path / "out.onnx"
