@@ -62,9 +62,9 @@ def conversion_fault(session: Any, tolerance: float,
     float16 casts around it), the model is one graphprune cannot take at its opset (exit 2),
     not a defect of graphprune's own preparation (exit 3), provided ONNX's converter alone,
     without graphprune's fixes to it, fails the check too; else ``None``."""
-    converted = session.normalised.get("opset_converted")
-    if not converted or getattr(session, "as_converted", None) is None:
+    if session.as_converted is None:  # no conversion ran
         return None
+    converted = session.normalised["opset_converted"]
     feeds = feeds or session.feeds()
     check = preparation.check_preparation(session.loaded, session.as_converted, session.path_of,
                                           feeds, tolerance, label="the converted graph")
@@ -76,8 +76,7 @@ def conversion_fault(session: Any, tolerance: float,
         return None
     if preparation.check_preparation(session.loaded, raw, session.path_of, feeds, tolerance).get("ok") is not False:
         return None
-    what = check.get("error") or (f"max relative difference {check.get('max_rel_diff', float('nan')):.3g} > "
-                                  f"{check.get('tolerance', 0):g}")
+    what = preparation.failure_detail(check)
     return InvalidModelError(
         f"ONNX's version converter does not convert this model from opset {converted['from']} to "
         f"{converted['to']} (graphprune works at opset {converted['to']} and up) without changing what it "

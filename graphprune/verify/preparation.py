@@ -113,10 +113,14 @@ def check_preparation(
     return {"checked": True, **{k: result[k] for k in keep if k in result}}
 
 
+def failure_detail(check: dict[str, Any]) -> str:
+    """What a failed check found: its error, or how far the outputs were apart."""
+    return check.get("error") or (f"max relative difference {check.get('max_rel_diff', float('nan')):.3g} > "
+                                  f"{check.get('tolerance', 0):g}")
+
+
 def failure_message(check: dict[str, Any]) -> str:
     """The one-line error of a failed preparation check."""
-    what = check.get("error") or (f"max relative difference {check.get('max_rel_diff', float('nan')):.3g} > "
-                                  f"{check.get('tolerance', 0):g}")
-    return ("the prepared graph does not compute what the model as loaded computes (" + what
+    return ("the prepared graph does not compute what the model as loaded computes (" + failure_detail(check)
             + "): a defect of graphprune's preparation, not of the pruning; please report it "
               "with the model")
