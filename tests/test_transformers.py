@@ -477,6 +477,130 @@ def test_ms_group_query_attention_prunes_kv_groups():
             _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == (2, 1)
 
 
+def _gqa_decoder(heads: int, kv_heads: int, head_dim: int = 8, *, packed: bool = False,
+                 cache: bool = True, open_cache: bool = False) -> onnx.ModelProto:
+    """A decoder step as ONNX Runtime GenAI writes it: the key/value cache is a graph input
+    (``past_*``) and output (``present_*``), so its KV head count is the model's interface
+    (``cache=False``: no cache fed, the present values unused). ``packed``: one projection
+    makes ``[q | k | v]``, the attention's only query/key/value input. ``open_cache``: the
+    head size of the cache left open, ``kv_cache_dim``, as GenAI declares it."""
+    width = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+    if packed:
+        projections = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"])]
+        params = {"wqkv": [E, sum(width.values())]}
+        qkv = ["qkv", "", ""]
+    else:
+        projections = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"]
+        params = {f"w{n}": [E, w] for n, w in width.items()}
+        qkv = ["q", "k", "v"]
+    past = ["past_k", "past_v"] if cache else ["", ""]
+    nodes = [
+        *projections,
+        helper.make_node("GroupQueryAttention", [*qkv, *past, "seqlens_k", "total"],
+                         ["att", "present_k", "present_v"], num_heads=heads,
+                         kv_num_heads=kv_heads, domain="com.microsoft"),
+        helper.make_node("MatMul", ["att", "wo"], ["y"]),
+    ]
+    shape = ["batch", kv_heads, "past", "kv_cache_dim" if open_cache else head_dim]
+    inputs = {"x": ["batch", "seq", E], **({"past_k": shape, "past_v": shape} if cache else {})}
+    outputs = {"y": ["batch", "seq", E], **({"present_k": None, "present_v": None} if cache else {})}
+    model = make_model(nodes, inputs, outputs, {**params, "wo": [heads * head_dim, E]},
+                       extra_opsets={"com.microsoft": 1}, check=False)
+    int32 = helper.make_tensor_value_info
+    model.graph.input.extend([int32("seqlens_k", onnx.TensorProto.INT32, ["batch"]),
+                              int32("total", onnx.TensorProto.INT32, [])])
+    return model
+
+
+def _decode_step(kv_heads: int, batch: int, past: int, head_dim: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(past)
+    cache = (batch, kv_heads, past, head_dim)
+    return {"x": rng.standard_normal((batch, 1, E)).astype(np.float32),
+            "past_k": rng.standard_normal(cache).astype(np.float32),
+            "past_v": rng.standard_normal(cache).astype(np.float32),
+            "seqlens_k": np.full(batch, past, np.int32), "total": np.array(past + 1, np.int32)}
+
+
+def test_ms_group_query_attention_with_cache_in_the_interface_prunes_query_heads():
+    """With the KV cache a graph input and output, KV heads cannot go; a unit is then one
+    query head of every KV group (the same position in each), so the cache keeps its shape
+    and every KV head keeps as many query heads as the others."""
+    heads, kv_heads = 8, 2
+    model = _gqa_decoder(heads, kv_heads)
+    analysis = graphprune.analyze(model)
+    (group,) = [g for g in analysis.prunable_groups if targets.classify_group(g, analysis) == "head"]
+    assert group.num_units == heads // kv_heads  # 4 positions, each 2 query heads (one per KV head)
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5), verify=False)
+    assert (_attr(res.model, "GroupQueryAttention", "num_heads"),
+            _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == (4, 2)
+    assert [tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim)
+            for i in res.model.graph.input] == [tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim)
+                                                 for i in model.graph.input]
+    # query heads 0..7 read KV heads 0,0,0,0,1,1,1,1: the removed ones are one position of each group
+    wq = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}["wq"]
+    kept = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}["wq"]
+    columns = [next(h for h in range(heads) if np.array_equal(kept[:, 8 * j], wq[:, 8 * h])) for j in range(4)]
+    assert sorted(h // 4 for h in columns) == [0, 0, 1, 1]
+    reference = zeroed_original(model, res.plan)
+    for batch, past in [(1, 3), (2, 6)]:
+        feeds = _decode_step(kv_heads, batch, past)
+        assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
+        assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])
+def test_ms_group_query_attention_packed_qkv(cache):
+    """``[q | k | v]`` packed into the query input (ONNX Runtime GenAI's builder): the sections
+    map to the heads. With the cache in the interface the key/value columns of the projection
+    are pinned and the query heads prune by position; without, whole KV groups go and
+    ``kv_num_heads`` follows."""
+    heads, kv_heads = 8, 2
+    model = _gqa_decoder(heads, kv_heads, packed=True, cache=cache)
+    analysis = graphprune.analyze(model)
+    (group,) = [g for g in analysis.prunable_groups if targets.classify_group(g, analysis) == "head"]
+    assert group.num_units == (heads // kv_heads if cache else kv_heads)
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5), verify=False)
+    assert (_attr(res.model, "GroupQueryAttention", "num_heads"),
+            _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == ((4, 2) if cache else (4, 1))
+    reference = zeroed_original(model, res.plan)
+    for batch, past in [(1, 3), (2, 6)]:
+        feeds = _decode_step(kv_heads, batch, past)
+        if not cache:  # a prompt of 1 + past tokens, no cache
+            feeds = {"x": np.random.default_rng(past).standard_normal((batch, past + 1, E)).astype(np.float32),
+                     "seqlens_k": feeds["seqlens_k"], "total": feeds["total"]}
+        assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
+        assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
+    assert graphprune.prune(model, head_ratio=0.5).report["verification"]["ok"]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_open_kv_cache_sizes_come_from_the_attention(packed):
+    """GenAI declares the cache ``[batch_size, H_kv, past_sequence_length, kv_cache_dim]``: a
+    4-D float input whose open sizes the image guess (224) gets wrong, so the original did not
+    run and the prune stopped with exit 2. ``GroupQueryAttention`` says what it requires
+    (``OpRule.required_sizes``), and verification feeds that."""
+    from graphprune.analysis.probe_sizes import required_sizes
+    from graphprune.io.feeds import input_specs
+
+    model = _gqa_decoder(8, 2, 16, packed=packed, open_cache=True)
+    assert required_sizes(model, input_specs(model), 17) == {"kv_cache_dim": 16, "past": 0}
+    res = graphprune.prune(model, head_ratio=0.5)
+    assert res.report["verification"]["ok"]
+    assert _attr(res.model, "GroupQueryAttention", "num_heads") == 4
+    # a given shape holds over what the op requires, and a wrong one is the model's fault
+    with pytest.raises(graphprune.GraphPruneError, match="does not run"):
+        graphprune.prune(model, head_ratio=0.5, input_shapes={"past_k": (1, 2, 4, 8)})
+
+
+def test_ms_group_query_attention_one_query_head_per_kv_head_with_cache_in_the_interface():
+    """Every query head has its own KV head and the cache is an input and output: no head can
+    go, and the analysis says which graph input or output holds them."""
+    analysis = graphprune.analyze(_gqa_decoder(2, 2))
+    (group,) = [g for g in analysis.groups if any(name.endswith("::heads") for name, _ in g.dims)]
+    assert not group.prunable
+    assert any(r.startswith(("graph input 'past_", "graph output 'present_")) for r in group.frozen), group.frozen
+
+
 def test_onnx_attention_23_with_head_counts():
     nodes = [
         helper.make_node("MatMul", ["x", "wq"], ["q"]),

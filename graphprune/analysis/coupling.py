@@ -59,6 +59,7 @@ class CouplingContext:
         self.folded = folded
         self.tensors: dict[str, gs.Tensor] = graph.tensors()
         self._graph_outputs = {t.name for t in graph.outputs}
+        self._graph_inputs = {t.name for t in graph.inputs}
         self.probes: dict[str, tuple[list, list]] = probes or {}
         self.position_convs = position_convs
         #: the node whose rule is running (messages name it)
@@ -182,6 +183,11 @@ class CouplingContext:
     def rule_for(self, node: gs.Node) -> shape_trace.TracesShapes | None:
         """The rule of ``node`` (``None``: it has none)."""
         return self._rules(node)
+
+    def at_boundary(self, tensor: gs.Tensor | None) -> bool:
+        """``tensor`` is a graph input (fed by the caller) or a graph output: its sizes are
+        part of the model's interface, which a prune never changes."""
+        return tensor is not None and (tensor.name in self._graph_inputs or tensor.name in self._graph_outputs)
 
     # ------------------------------------------------------------------ couplings
     def _unread(self, tensor: gs.Tensor) -> bool:

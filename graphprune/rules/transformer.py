@@ -15,7 +15,10 @@ axis that counts heads, so the rule creates *virtual* dimensions ``<node>::heads
   ``h*d .. h*d + d - 1``);
 - the output features with the heads by ``Digit(d_v)``;
 - query heads with KV heads by ``Digit(H / H_kv)`` (query head ``h`` reads KV head
-  ``h // n_rep``): a unit is one KV head with its query heads;
+  ``h // n_rep``): a unit is one KV head with its query heads; where the KV cache is a
+  graph input or output (a decoder exported for generation), the KV heads are the model's
+  interface and a unit is one query head of every KV group instead (``Digit(1)`` onto a
+  virtual ``head_in_kv_group`` axis of size ``n_rep``: ``GroupQueryAttention``);
 - head axes of attention biases and KV caches with the heads by identity.
 
 The rewrite sets ``num_heads`` (``kv_num_heads``, ``qkv_hidden_sizes``) from the pruned
@@ -72,17 +75,19 @@ def _couple_sections(
     packed: gs.Tensor,
     axis: int,
     sections: list[tuple[str, int, gs.Variable]],
-    role: str,
+    role: str | None = None,
 ) -> None:
     """``packed`` axis ``axis`` is ``[q | k | v]``: section ``(label, size, heads)`` after
-    section, each head owning ``size // len(heads)`` consecutive entries."""
+    section, each head owning ``size // len(heads)`` consecutive entries (``role``: of a
+    packed weight; an activation has none)."""
     offset = 0
     for label, size, heads in sections:
         part = _virtual(ctx, node, f"{label}_{packed.name}", size)
         ctx.couple(packed, axis, part, 0, Offset(offset))
         ctx.couple(heads, 0, part, 0, Digit(size // int(heads.shape[0])))
         offset += size
-    ctx.role(packed, axis, role)
+    if role is not None:
+        ctx.role(packed, axis, role)
 
 
 def _split_heads(
@@ -110,6 +115,32 @@ def _head_axis(
     if size == 1 and int(heads.shape[0]) != 1:
         return
     ctx.couple(heads, 0, tensor, axis)
+
+
+def _kv_cache_in_interface(node: gs.Node, ctx: CouplingContext) -> bool:
+    """The key/value cache of a grouped-query attention is a graph input (``past_key``,
+    ``past_value``: inputs 3, 4) or output (``present_key``, ``present_value``: outputs 1,
+    2), as in every decoder exported for generation: its KV head count is part of the
+    model's interface and cannot change."""
+    cache = [_present(node, 3), _present(node, 4), *node.outputs[1:3]]
+    return any(ctx.at_boundary(t) for t in cache if t is not None and t.name)
+
+
+def _couple_query_heads(ctx: CouplingContext, node: gs.Node, heads: gs.Variable,
+                        kv_heads: gs.Variable, kv_fixed: bool) -> None:
+    """Query head ``h`` reads KV head ``h // n_rep``. Normally a unit is one KV head with its
+    ``n_rep`` query heads. Where the KV heads cannot change (``kv_fixed``: the cache is in
+    the model's interface) a unit is instead one *position within the KV groups*: query heads
+    ``r, n_rep + r, 2 n_rep + r, ...``, one of every group, so each KV head keeps the same
+    number of query heads (``num_heads`` stays a multiple of ``kv_num_heads``) and the cache
+    is untouched. Removing such a head is exact as any head's removal is."""
+    count, kv_count = int(heads.shape[0]), int(kv_heads.shape[0])
+    n_rep = count // kv_count
+    if kv_fixed and n_rep > 1:
+        position = _virtual(ctx, node, "head_in_kv_group", n_rep)
+        ctx.couple(position, 0, heads, 0, Digit(1))
+        return
+    ctx.couple(kv_heads, 0, heads, 0, Digit(n_rep))
 
 
 def _batch_and_sequence(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor) -> None:
@@ -231,7 +262,10 @@ class MultiHeadAttentionRule(OpRule):
 
 @register
 class GroupQueryAttentionRule(OpRule):
-    """com.microsoft ``GroupQueryAttention``: a unit is one KV head with its query heads."""
+    """com.microsoft ``GroupQueryAttention``: a unit is one KV head with its query heads (one
+    query head of every KV group where the KV cache is a graph input or output). Query, key
+    and value come separately, or packed into the query input as ``[q | k | v]`` (what ONNX
+    Runtime GenAI's builder writes), sections of ``H``, ``H_kv`` and ``H_kv`` heads."""
 
     op_types = ("GroupQueryAttention",)
     domain = MS
@@ -243,20 +277,29 @@ class GroupQueryAttentionRule(OpRule):
         if count <= 0 or kv_count <= 0 or count % kv_count:
             ctx.freeze_node(node, f"{count} heads, {kv_count} KV heads at GroupQueryAttention '{node.name}'")
             return
-        if k is None or v is None:
-            # the heads are not mapped, but they are there: the model is a transformer (its
-            # other groups are MLP neurons and a residual stream, not plain channels)
-            ctx.mark_head(_virtual(ctx, node, "heads", count), 0)
-            ctx.freeze_node(node, f"packed query/key/value at GroupQueryAttention '{node.name}'")
-            return
         heads = _virtual(ctx, node, "heads", count)
         kv_heads = _virtual(ctx, node, "kv_heads", kv_count)
         ctx.mark_head(heads, 0)
-        ctx.couple(kv_heads, 0, heads, 0, Digit(count // kv_count))
-        _split_heads(ctx, heads, q, 2)
+        if (k is None) != (v is None):
+            ctx.freeze_node(node, f"key without value at GroupQueryAttention '{node.name}'")
+            return
+        if k is None:
+            packed = ctx.size(q, 2)
+            if packed is None or packed % (count + 2 * kv_count):
+                ctx.freeze_node(node, f"packed query/key/value of {packed} features are not "
+                                      f"{count} + 2 x {kv_count} heads at GroupQueryAttention '{node.name}'")
+                return
+            size = packed // (count + 2 * kv_count)
+            _couple_sections(ctx, node, q, 2, [("q", count * size, heads), ("k", kv_count * size, kv_heads),
+                                             ("v", kv_count * size, kv_heads)])
+        else:
+            _split_heads(ctx, heads, q, 2)
+            _split_heads(ctx, kv_heads, k, 2)
+            _split_heads(ctx, kv_heads, v, 2)
+            ctx.couple(k, 0, y, 0)
+            ctx.couple(v, 0, y, 0)
+        _couple_query_heads(ctx, node, heads, kv_heads, _kv_cache_in_interface(node, ctx))
         _split_heads(ctx, heads, y, 2)
-        _split_heads(ctx, kv_heads, k, 2)
-        _split_heads(ctx, kv_heads, v, 2)
         for index in (3, 4):  # past_key, past_value [B, H_kv, P, D]
             _head_axis(ctx, kv_heads, _present(node, index), 1)
         for index in (1, 2):  # present_key, present_value
@@ -264,14 +307,37 @@ class GroupQueryAttentionRule(OpRule):
                 _head_axis(ctx, kv_heads, node.outputs[index], 1)
         _head_axis(ctx, heads, _present(node, 10), 1)  # attention_bias
         _batch_and_sequence(ctx, q, y)
-        ctx.couple(k, 0, y, 0)
-        ctx.couple(v, 0, y, 0)
+
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """``past_key`` / ``past_value`` are ``[B, H_kv, P, head_size]``: the head size is the
+        query width over ``H`` (packed: over ``H + 2 H_kv``). The cache is fed empty (``P = 0``,
+        a prompt step; a sliding window's, as long as the window): at other lengths the op reads
+        the total length from another input (GenAI: from the attention mask's width, through the
+        graph), and where that total does not exceed ``P`` it treats the cache as a static buffer
+        and leaves the rest of its ``present`` outputs unwritten, so two runs of one model differ
+        there."""
+        count, kv_count = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+        shape = node.inputs[0].shape
+        width = shape[-1] if shape else None
+        heads = count + 2 * kv_count if _present(node, 1) is None else count
+        if count <= 0 or kv_count <= 0 or not isinstance(width, int) or width <= 0 or width % heads:
+            return {}
+        window = int(node.attrs.get("local_window_size", -1))  # a sliding window's cache holds it at least
+        return {(index, axis): size for index in (3, 4) if _present(node, index) is not None
+                for axis, size in ((1, kv_count), (2, max(window, 0)), (3, width // heads))}
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        count, kv_count = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
         _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
         k = _present(node, 1)
         if k is not None:
             _set_heads(node, ctx, "kv_num_heads", k, 2)
+            return
+        q = node.inputs[0]  # packed: what the query heads leave of the new width is 2 H_kv heads
+        old, new = ctx.old_size(q, 2), ctx.new_size(q, 2)
+        if old and new is not None and old != new and count and kv_count:
+            size = old // (count + 2 * kv_count)
+            node.attrs["kv_num_heads"] = (new // size - int(node.attrs["num_heads"])) // 2
 
 
 @register
