@@ -83,3 +83,21 @@ def test_outputs_after_a_selection_are_compared_on_further_inputs() -> None:
     assert wrong["ok"] is False and wrong["selection_agreement"] == "0/3"
     elsewhere = {**flipped, "per_output": [{"max_abs_diff": 0.0, "scale": 50.0}, {"max_abs_diff": 1.0, "scale": 1.0}]}
     assert ratio_mode._within_selection_flips(session, result.model, zeroed, elsewhere, 1e-4) == elsewhere
+
+
+def test_a_model_that_does_not_reproduce_itself_is_refused_not_blamed_on_the_rewrite() -> None:
+    """Outputs that differ between two runs of one model on one input (a seedless random draw
+    here; in ONNX Runtime GenAI's Gemma 2, a sliding-window KV cache partly left unwritten at
+    some sizes) make every comparison meaningless: exit 2 with that reason, not exit 3 ("pruned
+    model differs") and not a pass excused as float noise."""
+    nodes = [conv_node("x", "w1", "a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+             conv_node("r", "w2", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("RandomNormalLike", ["c"], ["n"]), helper.make_node("Add", ["c", "n"], ["y"])]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, {"w1": [8, 3, 3, 3], "w2": [4, 8, 3, 3]})
+    try:
+        graphprune.prune(model, ratio=0.5)
+    except graphprune.GraphPruneError as exc:
+        assert isinstance(exc, graphprune.InvalidModelError), exc
+        assert exc.exit_code == 2 and "not reproducible" in str(exc) and "output 0" in str(exc)
+    else:
+        raise AssertionError("a model whose outputs are random was verified")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from graphprune.errors import UsageError
 from graphprune.io.feeds import InputSpec, make_feeds_from_specs, resolve_shapes
 
 IMAGE_SIZES = (224, 32, 48, 64, 96, 128, 160, 256, 320, 512, 640)
@@ -58,6 +59,40 @@ def open_dimensions(
     return {k: v for k, v in found.items() if k not in batch_symbols}
 
 
+def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[str, int]:
+    """Sizes of the input symbols that the ops reading those inputs require
+    (:meth:`~graphprune.rules.registry.OpRule.required_sizes`: ONNX Runtime GenAI's decoders
+    declare their KV cache ``[batch_size, H_kv, past_sequence_length, kv_cache_dim]``, and
+    only ``GroupQueryAttention`` knows that ``kv_cache_dim`` is its head size). ``model``: a
+    ModelProto, its weights not read (ONNX shape inference gives the ops' input shapes)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from graphprune.rules import registry
+
+    def rule(domain: str, op: str) -> Any:
+        return registry.overriding_rule(domain or "", op, opset, "required_sizes")
+
+    by_name = {s.name: s for s in specs if s.shape}
+    if not any(isinstance(d, str) for s in by_name.values() for d in s.shape[1:]) or not any(
+        rule(n.domain, n.op_type) for n in model.graph.node
+    ):
+        return {}
+    try:
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    except Exception:  # noqa: BLE001 - a graph inference or graphsurgeon cannot read: nothing known
+        return {}
+    found: dict[str, int] = {}
+    for node in graph.nodes:
+        if (found_rule := rule(node.domain, node.op)) is None:
+            continue
+        for (index, axis), size in found_rule.required_sizes(node).items():
+            spec = by_name.get(node.inputs[index].name) if index < len(node.inputs) else None
+            if spec is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], str):
+                found.setdefault(spec.shape[axis], int(size))
+    return found
+
+
 def _is_image_axis(spec: InputSpec, axis: int) -> bool:
     return bool(spec.shape) and len(spec.shape) == 4 and np.issubdtype(spec.dtype, np.floating) and axis >= 1
 
@@ -73,12 +108,17 @@ def _assign(
 
 
 def candidate_shapes(
-    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None,
+    required: Mapping[str, int] | None = None,
 ) -> list[dict[str, tuple[int, ...]]]:
     """The input shapes to try, in order (the guess first); without open dimensions only
-    the guess."""
-    base = resolve_shapes(specs, batch=1, input_shapes=given)
-    keys = open_dimensions(specs, given)
+    the guess. ``required``: sizes of symbols the graph's ops fix (:func:`required_sizes`),
+    kept in every try unless a given shape sizes the symbol otherwise."""
+    try:
+        base = resolve_shapes(specs, batch=1, input_shapes=given, dim_values=required)
+    except UsageError:  # a given shape sizes a required symbol otherwise: the given one holds
+        base, required = resolve_shapes(specs, batch=1, input_shapes=given), None
+    keys = {k: v for k, v in open_dimensions(specs, given).items() if k not in (required or {})}
     by_name = {s.name: s for s in specs}
     tries = [base]
     if not keys:
@@ -118,15 +158,18 @@ def choose_input_shapes(
     feed: Callable[[dict[str, tuple[int, ...]]], dict] | None = None,
     values: Mapping[str, Any] | None = None,
     session: Any = None,
+    required: Mapping[str, int] | None = None,
 ) -> dict[str, tuple[int, ...]] | None:
     """Input shapes the model at ``model_path`` runs with (ONNX Runtime, CPU), or ``None``
     when nothing needed choosing or no candidate runs (the caller's guess stays). ``feed``
     makes the values tried at some shapes (default: verification's random feeds, with the
     inputs of ``values`` filled with those); ``session``: an ONNX Runtime session of the model
-    to run them with (default: one on the CPU from ``model_path``)."""
-    tries = candidate_shapes(specs, given)
+    to run them with (default: one on the CPU from ``model_path``). ``required``: see
+    :func:`candidate_shapes`; where it sizes a symbol, the guess with those sizes is returned
+    too, also where no candidate runs (the values tried may be what fails)."""
+    tries = candidate_shapes(specs, given, required)
     if len(tries) == 1:
-        return None
+        return tries[0] if required else None
     import onnxruntime as ort
 
     from graphprune.io import runtime
@@ -139,17 +182,40 @@ def choose_input_shapes(
         except Exception:
             return None
     started = time.perf_counter()
+    runs: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the first that runs, if none reproduces
     for count, shapes in enumerate(tries):
         if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
             break
         try:
             feeds = (feed(shapes) if feed is not None
                      else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values)[0])
-            session.run(None, feeds)
+            outputs = session.run(None, feeds)
+            again = session.run(None, feeds) if _finite(outputs) else None
         except Exception:
             continue
-        return None if count == 0 else shapes
-    return None
+        if again is None or not _same(outputs, again):  # runs, but overflows, or leaves part of an
+            runs = runs or (count, shapes)              # output unwritten: nothing to compare there
+            continue
+        return None if count == 0 and not required else shapes
+    if runs is not None:
+        return None if runs[0] == 0 and not required else runs[1]
+    return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
+
+
+def _same(first: Sequence[Any], second: Sequence[Any]) -> bool:
+    """Two runs' outputs equal to the bit (a static KV cache's ``present`` beyond its total
+    length is memory the kernel never wrote: it differs from run to run)."""
+    return all(not isinstance(a, np.ndarray) or np.array_equal(a, b, equal_nan=True)
+               for a, b in zip(first, second, strict=True))
+
+
+def _finite(outputs: Sequence[Any]) -> bool:
+    """Every floating-point output finite (non-tensor outputs, sequences and maps, count as so)."""
+    for value in outputs:
+        array = np.asarray(value) if isinstance(value, np.ndarray) else None
+        if array is not None and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return False
+    return True
 
 
 def counting_shapes(model: Any, graph: Any, specs: Sequence[InputSpec],

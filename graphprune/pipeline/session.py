@@ -367,12 +367,12 @@ class Session:
         """The input shapes verification runs at: the given ones, and for sizes left open, sizes
         the original runs with (:func:`~graphprune.analysis.probe_sizes.choose_input_shapes`)."""
         if self._probe_shapes is False:
-            from graphprune.analysis.probe_sizes import choose_input_shapes
+            from graphprune.analysis.probe_sizes import choose_input_shapes, required_sizes
             from graphprune.io.feeds import input_specs
 
             started = time.perf_counter()  # no progress line: part of the stage running
-            chosen = choose_input_shapes(self.path_of(self.original), input_specs(self.original), self.input_shapes,
-                                         values=self.tested_values())
+            chosen = choose_input_shapes(self.path_of(self.original), specs := input_specs(self.original), self.input_shapes,
+                                         values=self.tested_values(), required=required_sizes(self.original, specs, self.opset))
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
         return self._probe_shapes or None

@@ -449,6 +449,14 @@ class OpRule:
         (the default): no such test."""
         return None
 
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """Sizes the op requires of axes of its inputs, ``{(input index, axis): size}``, that
+        only its attributes and other inputs fix (a KV cache's head count and head size): what
+        verification, timing and synthetic calibration feed a graph input read here whose
+        declaration leaves that size open, instead of a guess the op refuses. Empty (the
+        default): nothing required."""
+        return {}
+
     def converter_attributes(self, node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> dict[str, object]:
         """Attributes ``node`` (below opset 11) needs after ONNX's version converter to compute what it did, where
         the converter leaves defaults meaning another function (:mod:`graphprune.io.converter_semantics`)."""

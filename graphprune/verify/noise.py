@@ -12,10 +12,28 @@ from typing import Any
 
 import numpy as np
 
+from graphprune.errors import InvalidModelError
 from graphprune.verify import validate
 
 #: a difference within this multiple of the model's own float noise is float noise
 NOISE_MULTIPLE = 4.0
+
+
+def _unreproducible(path: Any, feeds: list[dict[str, np.ndarray]], tolerance: float) -> tuple[int, float] | None:
+    """``(output index, difference relative to its size)`` where the model, run twice in one
+    session on each of ``feeds``, differs from itself by more than ``tolerance``, else ``None``
+    (a kernel that leaves part of an output unwritten, a random generator without a seed)."""
+    try:
+        runs = validate.run_many(path, [*feeds, *feeds], "the pruned model", optimize=True)
+    except Exception:  # VerificationError: nothing to say
+        return None
+    for a, b in zip(runs[: len(feeds)], runs[len(feeds):], strict=True):
+        for j, (x, y) in enumerate(zip(a, b, strict=True)):
+            if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.size:
+                moved = validate.differences([x], [y])[1]
+                if moved > tolerance:
+                    return j, moved
+    return None
 
 
 def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
@@ -61,6 +79,16 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     excused = [j for j, entry in enumerate(per_output)
                if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
     relative = max((noise[j] / max(per_output[j]["scale"], 1e-12) for j in excused), default=0.0)
+    if excused:  # does the model disagree with itself? then no difference means anything
+        unwritten = _unreproducible(path, feeds, tolerance)
+        if unwritten is not None:
+            return {**verification, "float_noise": relative, "_error": InvalidModelError(
+                f"the model's outputs are not reproducible at the inputs verification ran with (output "
+                f"{unwritten[0]} differs by {unwritten[1]:.3g} of its size between two runs of one model on one "
+                "input: an operator draws random numbers, or leaves part of it unwritten there, e.g. a KV cache "
+                "longer than the total length it is told), so no comparison is evidence of anything; where "
+                "that depends on the sizes, give the ones the model is used at with --input-shape "
+                "NAME=d0,d1,... (or calibration data)")}
     if any(per_output[j]["max_abs_diff"] > NOISE_MULTIPLE * noise[j] for j in excused):
         return {**verification, "float_noise": relative}
     return {**verification, "ok": True, "float_noise": relative,

@@ -207,8 +207,9 @@ def _runnable_feeds(
     where it still does not run, sizes it runs at
     (:func:`~graphprune.analysis.probe_sizes.choose_input_shapes`) — an OCR recogniser built
     for height 48, silero's 16 kHz branch. Raises :class:`InvalidModelError` when none runs."""
-    from graphprune.analysis.probe_sizes import choose_input_shapes
+    from graphprune.analysis.probe_sizes import choose_input_shapes, required_sizes
     from graphprune.calibration.synthetic import first_tested_values
+    from graphprune.io.ir import default_opset
 
     try:
         session.run(None, feeds)
@@ -225,7 +226,9 @@ def _runnable_feeds(
             failure = exc
     names = {spec.name for spec in specs}
     given = {k: v for k, v in (input_shapes or {}).items() if k in names} or None
-    chosen = choose_input_shapes(None, specs, given, seed=seed, values=values, session=session)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    chosen = choose_input_shapes(None, specs, given, seed=seed, values=values, session=session,
+                                 required=required_sizes(proto, specs, default_opset(proto)))
     if chosen is None:
         raise InvalidModelError(
             f"ONNX Runtime failed to run '{name}': {failure} (give the input sizes it runs at with "
