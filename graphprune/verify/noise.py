@@ -29,7 +29,7 @@ def _unreproducible(path: Any, feeds: list[dict[str, np.ndarray]], tolerance: fl
         return None
     for a, b in zip(runs[: len(feeds)], runs[len(feeds):], strict=True):
         for j, (x, y) in enumerate(zip(a, b, strict=True)):
-            if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.size:
+            if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.size and not np.array_equal(x, y, equal_nan=True):
                 moved = validate.differences([x], [y])[1]
                 if moved > tolerance:
                     return j, moved
