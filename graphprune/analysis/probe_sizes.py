@@ -211,11 +211,8 @@ def _same(first: Sequence[Any], second: Sequence[Any]) -> bool:
 
 def _finite(outputs: Sequence[Any]) -> bool:
     """Every floating-point output finite (non-tensor outputs, sequences and maps, count as so)."""
-    for value in outputs:
-        array = np.asarray(value) if isinstance(value, np.ndarray) else None
-        if array is not None and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            return False
-    return True
+    return all(not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating)
+               or np.isfinite(value).all() for value in outputs)
 
 
 def counting_shapes(model: Any, graph: Any, specs: Sequence[InputSpec],

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from graphprune.io.tensors import present_input
+from graphprune.rules.attention import _batch_and_sequence, _set_heads, _split_heads, _virtual
 from graphprune.rules.registry import OpRule, register
-from graphprune.rules.transformer import MS, _batch_and_sequence, _set_heads, _split_heads, _virtual
+from graphprune.rules.transformer import MS
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
