@@ -478,6 +478,8 @@ class CouplingContext:
                 self.dim_freeze.get(d) or self.tensor_freeze.get(d[0]) for d in comp
             ):
                 found.add("frozen")
+            if any(d[0] in self._graph_inputs or d[0] in self._graph_outputs for d in comp):
+                found.add("interface")
             if found:
                 facts.update(dict.fromkeys(comp, frozenset(found)))
         return facts
@@ -493,8 +495,9 @@ class CouplingContext:
         return dim in self._spatial_components
 
     def component_facts(self, tensor: gs.Tensor, axis: int) -> frozenset[str]:
-        """Phase 2 only: ``"head"`` / ``"frozen"`` when the dimension's phase-1 component
-        holds an attention head axis / a frozen dimension. Reshape rules use it to pick the
+        """Phase 2 only: ``"head"`` / ``"frozen"`` / ``"interface"`` when the dimension's
+        phase-1 component holds an attention head axis / a frozen dimension / a dimension of
+        a graph input or output (frozen once phase 2 ends). Reshape rules use it to pick the
         factor of a split axis that carries channels (heads, not the q/k/v index)."""
         rank = self.rank(tensor)
         if rank is None or self._component_facts is None:

@@ -11,7 +11,6 @@ that count channels are rewritten with the new sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -29,208 +28,19 @@ from graphprune.analysis.shape_trace import (
     ShapeTrace,
 )
 from graphprune.rules.registry import OpRule, register
+from graphprune.rules.reshape_blocks import (
+    axis_blocks,
+    channel_factor,
+    factor_facts,
+    factors_reordered,
+    leads_to_heads,
+    probe_blocks,
+)
 
 if TYPE_CHECKING:
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
     from graphprune.analysis.shape_trace import ShapeSource
-
-
-def _blocks(in_shape: list[int | None], out_shape: list[int | None]):
-    """Split two shapes into blocks of consecutive axes with equal products."""
-    blocks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    n_in, n_out = len(in_shape), len(out_shape)
-    while i < n_in or j < n_out:
-        if i < n_in and j < n_out and in_shape[i] is None and out_shape[j] is None:
-            blocks.append(([i], [j]))
-            i, j = i + 1, j + 1
-            continue
-        if i < n_in and in_shape[i] == 1 and (j >= n_out or out_shape[j] != 1):
-            i += 1
-            continue
-        if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
-            j += 1
-            continue
-        if i >= n_in or j >= n_out:
-            return None
-        bi, bj = [i], [j]
-        pa, pb = in_shape[i], out_shape[j]
-        i, j = i + 1, j + 1
-        if pa is None or pb is None:
-            return None
-        while pa != pb:
-            if pa < pb:
-                if i >= n_in or in_shape[i] is None:
-                    return None
-                pa *= in_shape[i]  # type: ignore[operator]
-                bi.append(i)
-                i += 1
-            else:
-                if j >= n_out or out_shape[j] is None:
-                    return None
-                pb *= out_shape[j]  # type: ignore[operator]
-                bj.append(j)
-                j += 1
-        blocks.append((bi, bj))
-    return blocks
-
-
-def _factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
-    """True if every consumer of ``y`` is a Transpose that changes the order of ``axes``."""
-    consumers = list(y.outputs)
-    if not consumers:
-        return False
-    for node in consumers:
-        if node.op != "Transpose" or "perm" not in node.attrs:
-            return False
-        perm = [int(p) for p in node.attrs["perm"]]
-        order = [p for p in perm if p in axes]
-        if order == sorted(order):
-            return False
-    return True
-
-
-def _probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
-    """Blocks from the concrete sizes of two shape probes (dynamic axes), if they agree."""
-    px, py = ctx.probes.get(x.name), ctx.probes.get(y.name)
-    if px is None or py is None or len(px[0]) != ctx.rank(x) or len(py[0]) != ctx.rank(y):
-        return None  # a declared shape of another rank (a graph output declared [1, seqlen])
-    first, second = _blocks(px[0], py[0]), _blocks(px[1], py[1])
-    return first if first is not None and first == second else None
-
-
-def _channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int],
-                    undone: Callable[[], list[frozenset[str]] | None] | None = None) -> int:
-    """The factor of a split axis that carries channels: an attention-head axis first
-    (``[B, S, 3*H*D] -> [B, S, 3, H, D]`` keeps ``3`` and ``D``), also where only the reshape
-    that undoes this one knows it (``undone()``: its factors' facts, one per candidate; asked
-    only when this side has no head), else the outermost factor not already frozen (the q/k/v
-    index picked by a Gather), else the outermost."""
-    facts = [ctx.component_facts(factored, a) for a in candidates]
-    for a, f in zip(candidates, facts, strict=True):
-        if "head" in f:
-            return a
-    far = undone() if undone is not None else None
-    if far is not None and len(far) == len(candidates):
-        for a, f in zip(candidates, far, strict=True):
-            if "head" in f:
-                return a
-    for a, f in zip(candidates, facts, strict=True):
-        if "frozen" not in f:
-            return a
-    return candidates[0]
-
-
-def _axis_through(ctx: CouplingContext, node: gs.Node, tensor: gs.Tensor, axis: int,
-                  forward: bool) -> tuple[gs.Tensor, int] | None:
-    """Where ``axis`` of ``tensor`` is on the other side of ``node`` when the node only moves
-    or maps elements (a Transpose, or an op of one same-shaped variable input and scalar
-    constants: the exporter's scaling of q and k); None otherwise."""
-    other = node.outputs[0] if forward else node.inputs[0]
-    if len(node.outputs) != 1 or not node.inputs or (node.inputs[0] if forward else node.outputs[0]) is not tensor:
-        return None
-    if node.op == "Transpose":
-        perm = node.attrs.get("perm")
-        if perm is None:
-            return None
-        perm = [int(p) for p in perm]
-        return (other, perm.index(axis)) if forward else (other, perm[axis])
-    shape_in, shape_out = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-    scalars = all(isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs[1:])
-    if shape_in is None or shape_in != shape_out or not scalars:
-        return None
-    return other, axis
-
-
-def _undoing_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: list[int | None],
-                   *, forward: bool, depth: int = 4) -> list[frozenset[str]] | None:
-    """The facts of the factors of the Reshape that undoes a merge of ``sizes`` into axis
-    ``m_axis`` of ``merged`` (``forward``: ``merged`` is made here, look downstream; else look
-    upstream for the merge). The dynamo exporter transposes the keys of windowed attention
-    as ``[nW, H, S, D] -> [nW*H, S, D] -> Transpose -> [nW, H, D, S]``: the head facts live on
-    the far side only. None where no such Reshape is found."""
-    found = _undoing_split(ctx, merged, m_axis, sizes, forward=forward, depth=depth)
-    return None if found is None else [ctx.component_facts(found[0], a) for a in found[1]]
-
-
-def _undoing_split(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, sizes: list[int | None],
-                   *, forward: bool, depth: int = 4) -> tuple[gs.Tensor, list[int]] | None:
-    """The far side of the Reshape that undoes a merge (see :func:`_undoing_facts`): the tensor
-    and its axes that hold ``sizes``."""
-    tensor, axis = merged, m_axis
-    for _ in range(depth):
-        nodes = list(tensor.outputs) if forward else list(tensor.inputs)
-        if len(nodes) != 1:
-            return None
-        node = nodes[0]
-        if node.op == "Reshape":
-            x, y = node.inputs[0], node.outputs[0]
-            near, far = (x, y) if forward else (y, x)
-            if near is not tensor:
-                return None
-            shape_near, shape_far = ctx.shape(near), ctx.shape(far)
-            if shape_near is None or shape_far is None:
-                return None
-            in_out = (shape_near, shape_far) if forward else (shape_far, shape_near)
-            blocks = _blocks(*in_out) or _probe_blocks(ctx, x, y)
-            for bi, bj in blocks or ():
-                near_axes, far_axes = (bi, bj) if forward else (bj, bi)
-                if near_axes == [axis] and [shape_far[a] for a in far_axes] == sizes:
-                    return far, far_axes
-            return None
-        step = _axis_through(ctx, node, tensor, axis, forward)
-        if step is None:
-            return None
-        tensor, axis = step
-    return None
-
-
-def _factor_facts(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, factored: gs.Tensor, f_axes: list[int],
-                  sizes: list[int | None], merged_is_out: bool) -> list[frozenset[str]] | None:
-    """The facts of the factors as the Reshape that undoes this one knows them; for a split
-    whose factors are merged again right away (``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D]``,
-    the unoptimised dynamo export's keys), as the Reshape that undoes that merge knows them."""
-    facts = _undoing_facts(ctx, merged, m_axis, sizes, forward=merged_is_out)
-    if facts is None and not merged_is_out:
-        again = _remerged(ctx, factored, f_axes)
-        facts = None if again is None else _undoing_facts(ctx, *again, sizes, forward=True)
-    return facts
-
-
-def _remerged(ctx: CouplingContext, tensor: gs.Tensor, axes: list[int]) -> tuple[gs.Tensor, int] | None:
-    """The axis that a Reshape, the only reader of ``tensor``'s values, merges ``axes``
-    (consecutive) into."""
-    readers = [n for n in tensor.outputs if n.op != "Shape"]
-    if len(readers) != 1 or readers[0].op != "Reshape" or readers[0].inputs[0] is not tensor:
-        return None
-    y = readers[0].outputs[0]
-    shape_x, shape_y = ctx.shape(tensor), ctx.shape(y)
-    if shape_x is None or shape_y is None:
-        return None
-    for bi, bj in _blocks(shape_x, shape_y) or _probe_blocks(ctx, tensor, y) or ():
-        if bi == axes and len(bj) == 1:
-            return y, bj[0]
-    return None
-
-
-def _leads_to_heads(ctx: CouplingContext, merged: gs.Tensor, m_axis: int, batch: int | None, heads: int,
-                    *, forward: bool) -> tuple[str, int] | None:
-    """Does the Reshape that splits ``batch x heads`` again give the heads a factor that the
-    attention product counts as heads? Followed through one split-and-merge-again (the
-    unoptimised dynamo export's keys: ``[B*H, S, D] -> [B, H, S, D] -> [B*H, S, D] ->
-    Transpose -> [B, H, D, S]``). Returns that split's head axis (its size is the head
-    count), or None."""
-    found = _undoing_split(ctx, merged, m_axis, [batch, heads], forward=forward)
-    if found is None:
-        return None
-    far, axes = found
-    count = (far.name, axes[1])
-    if "head" in ctx.component_facts(far, axes[1]):
-        return count
-    again = _remerged(ctx, far, axes) if forward else None
-    facts = None if again is None else _undoing_facts(ctx, *again, [batch, heads], forward=True)
-    return count if facts is not None and "head" in facts[1] else None
 
 
 @dataclass(frozen=True)
@@ -266,7 +76,7 @@ def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: 
     static = [a for a in f_axes if f_shape[a] is not None and not ctx.is_spatial(factored, a)]
     if not dynamic or not static or max(dynamic) > min(a for a in f_axes if f_shape[a] is not None):
         return False
-    chosen = _channel_factor(ctx, factored, static)
+    chosen = channel_factor(ctx, factored, static)
     stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
     ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
     if found is not None:
@@ -289,9 +99,9 @@ def couple_reshape(
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     if in_shape is None or out_shape is None:
         return False
-    blocks = _blocks(in_shape, out_shape)
+    blocks = axis_blocks(in_shape, out_shape)
     if blocks is None:
-        blocks = _probe_blocks(ctx, x, y)
+        blocks = probe_blocks(ctx, x, y)
     if blocks is None:
         return False
     for bi, bj in blocks:
@@ -318,10 +128,10 @@ def couple_reshape(
             )
             f_shape = in_shape if merged_is_out else out_shape
             candidates = [a for a in f_axes if not ctx.is_spatial(factored, a)]
-            undone = partial(_factor_facts, ctx, merged, m_axis, factored, candidates,
+            undone = partial(factor_facts, ctx, merged, m_axis, factored, candidates,
                              [f_shape[a] for a in candidates], merged_is_out) if candidates == f_axes else None
-            chosen = _channel_factor(ctx, factored, candidates, undone) if candidates else f_axes[0]
-            if not merged_is_out and len(candidates) > 1 and _factors_reordered(y, candidates):
+            chosen = channel_factor(ctx, factored, candidates, undone, (merged, m_axis)) if candidates else f_axes[0]
+            if not merged_is_out and len(candidates) > 1 and factors_reordered(y, candidates):
                 # channel shuffle: Reshape [N, g, C/g, ...] -> Transpose swapping g and C/g.
                 # Pruning the inner factor removes the same position from every group,
                 # which keeps the shuffle a valid permutation.
@@ -329,7 +139,9 @@ def couple_reshape(
             stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
             ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
             for a in f_axes:
-                if a != chosen and not ctx.is_spatial(factored, a):
+                # a factor of the model's interface freezes there, with that reason
+                if a != chosen and not ctx.is_spatial(factored, a) \
+                        and "interface" not in ctx.component_facts(factored, a):
                     ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
             continue
         if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape, moved):
@@ -425,7 +237,7 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
         width, w_axis, merged, m_axis, outer, o_axis, head_size, h_axis = y, bj[1], x, bi[0], y, bj[0], x, bi[1]
     if ctx.is_spatial(width, w_axis):
         return False
-    count = _leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
+    count = leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
     facts = ctx.component_facts(merged, m_axis)
     if count is None and "head" in facts and "frozen" not in facts:
         # fairseq's attention multiplies the [B*H, S, D] views as they are (a 3-D product
