@@ -478,12 +478,14 @@ def test_ms_group_query_attention_prunes_kv_groups():
 
 
 def _gqa_decoder(heads: int, kv_heads: int, head_dim: int = 8, *, packed: bool = False,
-                 cache: bool = True, open_cache: bool = False) -> onnx.ModelProto:
+                 cache: bool = True, open_cache: bool = False, qk_norm: bool = False) -> onnx.ModelProto:
     """A decoder step as ONNX Runtime GenAI writes it: the key/value cache is a graph input
     (``past_*``) and output (``present_*``), so its KV head count is the model's interface
     (``cache=False``: no cache fed, the present values unused). ``packed``: one projection
     makes ``[q | k | v]``, the attention's only query/key/value input. ``open_cache``: the
-    head size of the cache left open, ``kv_cache_dim``, as GenAI declares it."""
+    head size of the cache left open, ``kv_cache_dim``, as GenAI declares it. ``qk_norm``:
+    each head of q and k normalised as GenAI writes Qwen3's q/k norms, in a view that moves
+    the heads into the sequence axis (``[B, S, H*D] -> [B, S*H, D]`` and back)."""
     width = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
     if packed:
         projections = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"])]
@@ -493,6 +495,16 @@ def _gqa_decoder(heads: int, kv_heads: int, head_dim: int = 8, *, packed: bool =
         projections = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"]
         params = {f"w{n}": [E, w] for n, w in width.items()}
         qkv = ["q", "k", "v"]
+        for n in "qk" if qk_norm else "":
+            projections += [
+                helper.make_node("Reshape", [n, "per_head"], [f"{n}_heads"]),
+                helper.make_node("SimplifiedLayerNormalization", [f"{n}_heads", f"{n}_norm"], [f"{n}_normed"],
+                                 axis=-1, epsilon=1e-6),
+                helper.make_node("Reshape", [f"{n}_normed", f"{n}_width"], [f"{n}_n"])]
+            params[f"{n}_norm"] = np.random.default_rng(3).uniform(0.5, 1.5, head_dim).astype(np.float32)
+            params[f"{n}_width"] = np.array([0, -1, width[n]], np.int64)
+            params["per_head"] = np.array([0, -1, head_dim], np.int64)
+        qkv = ["q_n", "k_n", "v"] if qk_norm else qkv
     past = ["past_k", "past_v"] if cache else ["", ""]
     nodes = [
         *projections,
@@ -504,8 +516,9 @@ def _gqa_decoder(heads: int, kv_heads: int, head_dim: int = 8, *, packed: bool =
     shape = ["batch", kv_heads, "past", "kv_cache_dim" if open_cache else head_dim]
     inputs = {"x": ["batch", "seq", E], **({"past_k": shape, "past_v": shape} if cache else {})}
     outputs = {"y": ["batch", "seq", E], **({"present_k": None, "present_v": None} if cache else {})}
+    normed = {f"{n}_normed": ["batch", "seq_heads", head_dim] for n in "qk"} if qk_norm else None
     model = make_model(nodes, inputs, outputs, {**params, "wo": [heads * head_dim, E]},
-                       extra_opsets={"com.microsoft": 1}, check=False)
+                       extra_opsets={"com.microsoft": 1}, check=False, value_info=normed)
     int32 = helper.make_tensor_value_info
     model.graph.input.extend([int32("seqlens_k", onnx.TensorProto.INT32, ["batch"]),
                               int32("total", onnx.TensorProto.INT32, [])])
@@ -546,6 +559,30 @@ def test_ms_group_query_attention_with_cache_in_the_interface_prunes_query_heads
         feeds = _decode_step(kv_heads, batch, past)
         assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
         assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])
+def test_ms_group_query_attention_with_per_head_qk_norms(cache):
+    """ONNX Runtime GenAI's Qwen3 normalises each head of q and k in a ``[B, S*H, D]`` view,
+    moved back to ``[B, S, H*D]`` for the attention: the heads of the view are the
+    attention's, so they prune (were frozen: "dynamic axes re-factored")."""
+    heads, kv_heads = 8, 2
+    model = _gqa_decoder(heads, kv_heads, cache=cache, qk_norm=True)
+    analysis = graphprune.analyze(model)
+    (group,) = [g for g in analysis.prunable_groups if targets.classify_group(g, analysis) == "head"]
+    assert group.num_units == (heads // kv_heads if cache else kv_heads)
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5), verify=False)
+    assert (_attr(res.model, "GroupQueryAttention", "num_heads"),
+            _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == ((4, 2) if cache else (4, 1))
+    reference = zeroed_original(model, res.plan)
+    for batch, past in [(1, 3), (2, 6)]:
+        feeds = _decode_step(kv_heads, batch, past)
+        if not cache:
+            feeds = {"x": np.random.default_rng(past).standard_normal((batch, past + 1, E)).astype(np.float32),
+                     "seqlens_k": feeds["seqlens_k"], "total": feeds["total"]}
+        assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
+        assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
+    assert graphprune.prune(model, head_ratio=0.5).report["verification"]["ok"]
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])

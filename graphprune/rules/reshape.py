@@ -239,9 +239,12 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
         return False
     count = leads_to_heads(ctx, merged, m_axis, batch, heads, forward=merged is y)
     facts = ctx.component_facts(merged, m_axis)
-    if count is None and "head" in facts and "frozen" not in facts:
+    if count is None and "frozen" not in facts and (
+            "head" in facts or _moved_back(ctx, merged, heads, size, width, w_axis, forward=merged is y)):
         # fairseq's attention multiplies the [B*H, S, D] views as they are (a 3-D product
-        # whose batch axis holds the heads); the head count is a dimension of its own
+        # whose batch axis holds the heads); ONNX Runtime GenAI's Qwen3 normalises each head
+        # of q and k in such a view and moves the heads back for the attention: the head
+        # count is a dimension of its own
         counted = ctx.virtual(ctx.node, f"heads_{merged.name}_{m_axis}", heads)
         ctx.couple(counted, 0, width, w_axis, Digit(size))
         count = (counted.name, 0)
@@ -254,6 +257,42 @@ def _couple_moved_heads(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: li
     if moved is not None:
         moved.append(MovedHeads(merged, m_axis, outer, o_axis, heads, count, batch is None))
     return True
+
+
+def _moved_back(ctx: CouplingContext, merged: gs.Tensor, heads: int, size: int, width: gs.Tensor, w_axis: int,
+                *, forward: bool, depth: int = 4) -> bool:
+    """Heads moved into the batch (``[B, S, H*D] -> [B, S*H, D]``) that a Reshape moves back
+    into a width (``[B, S*H, D] -> [B, S, H*D]``), past ops that keep the view's shape (a norm
+    over each head: ONNX Runtime GenAI's Qwen3 q/k norms), where either width counts heads
+    (the query or key input of a fused attention). ``forward``: ``merged`` is made here,
+    look downstream; else upstream."""
+    def counts_heads(tensor: gs.Tensor, axis: int) -> bool:
+        return "head" in ctx.component_facts(tensor, axis)
+
+    tensor = merged
+    for _ in range(depth):
+        nodes = [n for n in tensor.outputs if n.op != "Shape"] if forward else list(tensor.inputs)
+        if len(nodes) != 1 or len(nodes[0].outputs) != 1 or not nodes[0].inputs:
+            return False
+        node = nodes[0]
+        x, y = node.inputs[0], node.outputs[0]
+        if (x if forward else y) is not tensor:
+            return False
+        shape_x, shape_y = ctx.shape(x), ctx.shape(y)
+        if shape_x is None or shape_y is None:
+            return False
+        if node.op != "Reshape":
+            if shape_x != shape_y:
+                return False
+            tensor = y if forward else x
+            continue
+        for bi, bj in axis_blocks(shape_x, shape_y) or probe_blocks(ctx, x, y) or ():
+            sizes = _moved_sizes(ctx, x, y, bi, bj, shape_x, shape_y)
+            if sizes is not None and sizes[0] == heads and sizes[2] == size and sizes[3] != forward:
+                far, f_axis = (y, bj[1]) if forward else (x, bi[1])
+                return counts_heads(width, w_axis) or counts_heads(far, f_axis)
+        return False
+    return False
 
 
 def _couple_inner(ctx: CouplingContext, small: gs.Tensor, s_axes: list[int], big: gs.Tensor,
