@@ -39,7 +39,7 @@ def mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
             ctx.spatial(t, range(2, rank))
 
 
-def _rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.Tensor) -> None:
+def rewrite_group(node: gs.Node, ctx: RewriteContext, channels_axis_tensor: gs.Tensor) -> None:
     group = int(node.attrs.get("group", 1))
     if group == 1:
         return
@@ -147,7 +147,7 @@ class ConvRule(OpRule):
         w = node.inputs[self.weight_index]
         if int(node.attrs.get("group", 1)) > 1 and ctx.removed(w, 1).size:
             return  # position mode: the group count is unchanged
-        _rewrite_group(node, ctx, node.inputs[self.data_index])
+        rewrite_group(node, ctx, node.inputs[self.data_index])
 
 
 @register
@@ -213,4 +213,4 @@ class ConvTransposeRule(OpRule):
         return linear_scale(node, self.linear(node), ctx)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        _rewrite_group(node, ctx, node.inputs[0])
+        rewrite_group(node, ctx, node.inputs[0])

@@ -6,6 +6,7 @@ width); removing a fill channel shrinks the pad. Pads computed at run time (tf2o
 padding of a dynamic input: ``Concat`` of zeros and ``Max(0, ...)`` of shape arithmetic,
 permuted by ``Split``) are followed with :class:`~graphprune.analysis.shape_trace.ShapeTrace`:
 an axis whose two pads are literal zeros passes through, every other axis is frozen.
+CenterCropPad freezes the axes it crops or pads and passes the others through.
 """
 
 from __future__ import annotations
@@ -184,3 +185,27 @@ class PadRule(OpRule):
             node.attrs["pads"] = pads
         else:
             ctx.set_input(node, 1, np.asarray(pads, dtype=np.int64))
+
+
+@register
+class CenterCropPadRule(OpRule):
+    """``CenterCropPad(x, shape, axes)``: each axis in ``axes`` (all where not given) is cropped
+    or padded about its centre to ``shape``; the other axes pass through. The cropped or
+    padded axes are frozen (their sizes are literals of ``shape``), the others coupled."""
+
+    op_types = ("CenterCropPad",)
+    zero_behaviour = "move"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ranks = ctx.known_ranks(node, x)
+        if ranks is None:
+            return
+        rank = ranks[0]
+        axes = {int(a) % rank for a in node.attrs.get("axes", range(rank))}
+        for a in range(rank):
+            if a in axes:
+                ctx.freeze(x, a, f"cropped or padded axis at CenterCropPad '{node.name}'")
+                ctx.freeze(y, a, f"cropped or padded axis at CenterCropPad '{node.name}'")
+            else:
+                ctx.couple(x, a, y, a)
