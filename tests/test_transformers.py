@@ -562,37 +562,17 @@ def test_ms_group_query_attention_with_cache_in_the_interface_prunes_query_heads
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])
-def test_ms_group_query_attention_with_per_head_qk_norms(cache):
-    """ONNX Runtime GenAI's Qwen3 normalises each head of q and k in a ``[B, S*H, D]`` view,
-    moved back to ``[B, S, H*D]`` for the attention: the heads of the view are the
-    attention's, so they prune (were frozen: "dynamic axes re-factored")."""
+@pytest.mark.parametrize("layout", ["packed", "qk-norm"])
+def test_ms_group_query_attention_layouts(layout, cache):
+    """``packed``: ``[q | k | v]`` packed into the query input (ONNX Runtime GenAI's builder):
+    the sections map to the heads. With the cache in the interface the key/value columns of
+    the projection are pinned and the query heads prune by position; without, whole KV
+    groups go and ``kv_num_heads`` follows. ``qk-norm``: GenAI's Qwen3 normalises each head
+    of q and k in a ``[B, S*H, D]`` view, moved back to ``[B, S, H*D]`` for the attention:
+    the heads of the view are the attention's, so they prune (were frozen: "dynamic axes
+    re-factored")."""
     heads, kv_heads = 8, 2
-    model = _gqa_decoder(heads, kv_heads, cache=cache, qk_norm=True)
-    analysis = graphprune.analyze(model)
-    (group,) = [g for g in analysis.prunable_groups if targets.classify_group(g, analysis) == "head"]
-    assert group.num_units == (heads // kv_heads if cache else kv_heads)
-    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5), verify=False)
-    assert (_attr(res.model, "GroupQueryAttention", "num_heads"),
-            _attr(res.model, "GroupQueryAttention", "kv_num_heads")) == ((4, 2) if cache else (4, 1))
-    reference = zeroed_original(model, res.plan)
-    for batch, past in [(1, 3), (2, 6)]:
-        feeds = _decode_step(kv_heads, batch, past)
-        if not cache:
-            feeds = {"x": np.random.default_rng(past).standard_normal((batch, past + 1, E)).astype(np.float32),
-                     "seqlens_k": feeds["seqlens_k"], "total": feeds["total"]}
-        assert relative_difference(run_ort(reference, feeds), run_ort(res.model, feeds)) < 1e-5
-        assert relative_difference(run_ort(model, feeds), run_ort(res.model, feeds)) > 1e-4
-    assert graphprune.prune(model, head_ratio=0.5).report["verification"]["ok"]
-
-
-@pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])
-def test_ms_group_query_attention_packed_qkv(cache):
-    """``[q | k | v]`` packed into the query input (ONNX Runtime GenAI's builder): the sections
-    map to the heads. With the cache in the interface the key/value columns of the projection
-    are pinned and the query heads prune by position; without, whole KV groups go and
-    ``kv_num_heads`` follows."""
-    heads, kv_heads = 8, 2
-    model = _gqa_decoder(heads, kv_heads, packed=True, cache=cache)
+    model = _gqa_decoder(heads, kv_heads, packed=layout == "packed", cache=cache, qk_norm=layout == "qk-norm")
     analysis = graphprune.analyze(model)
     (group,) = [g for g in analysis.prunable_groups if targets.classify_group(g, analysis) == "head"]
     assert group.num_units == (heads // kv_heads if cache else kv_heads)
