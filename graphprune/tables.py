@@ -347,6 +347,18 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def frozen_head_lines(report: Mapping[str, Any]) -> list[str]:
+    """A model with attention heads none of which can go (asked for or not: ``--ratio`` cuts
+    heads too): how many head groups froze, and the first reason (multi-head attention over a
+    KV cache that is a graph input: each query head has its own cache head)."""
+    heads = (report.get("kinds") or {}).get("head") or {}
+    if not heads.get("groups") or heads.get("prunable"):
+        return []
+    reasons = [r for g in report.get("frozen") or () if g.get("kind") == "head" for r in g.get("reasons") or ()]
+    why = f" (first reason: {reasons[0]})" if reasons else ""
+    return [f"attention heads: none prunable, {heads['groups']} head group(s) frozen{why}"]
+
+
 def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
     """The table and lines ``graphprune prune`` prints."""
     rows = result_rows(report)
@@ -378,6 +390,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
     lines.extend(normalised_lines(report.get("normalised")))
+    lines.extend(frozen_head_lines(report))
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

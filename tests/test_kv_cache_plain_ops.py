@@ -21,6 +21,7 @@ from conftest import relative_difference, run_ort, zeroed_original
 
 import graphprune
 from graphprune.analysis import targets
+from graphprune.tables import prune_summary
 
 HIDDEN, HEAD_DIM, MLP, LAYERS, VOCAB = 32, 8, 48, 2, 50
 
@@ -165,3 +166,6 @@ def test_one_query_head_per_kv_head_keeps_its_heads(dynamo):
     res = graphprune.prune(model, head_ratio=0.5, mlp_ratio=0.5)
     assert res.report["verification"]["ok"]
     assert res.report["params_after"] < res.report["params_before"]
+    # the CLI says why no head went
+    assert "attention heads: none prunable, 2 head group(s) frozen (first reason: graph " \
+        in prune_summary(res.report)
