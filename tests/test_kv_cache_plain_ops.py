@@ -135,7 +135,7 @@ def test_query_heads_prune_by_position_in_their_kv_group(dynamo):
     assert [g.num_units for g in query] == [heads // kv_heads] * LAYERS
     # the KV heads are the cache's: frozen, and the reason names the cache
     kv = [g for g in analysis.groups if not g.prunable and g.num_units == kv_heads]
-    assert len(kv) == 2 * LAYERS
+    assert len(kv) == 2 * LAYERS and all(kinds[g.id] == "head" for g in kv)
     assert all(any(name in " ".join(g.frozen) for name in CACHE + PRESENT) for g in kv), [g.frozen for g in kv]
 
     res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5, mlp_ratio=0.5))

@@ -33,6 +33,7 @@ from graphprune.rules.reshape_blocks import (
     channel_factor,
     factor_facts,
     factors_reordered,
+    facts_along,
     leads_to_heads,
     probe_blocks,
 )
@@ -139,10 +140,14 @@ def couple_reshape(
             stride = math.prod(f_shape[a] for a in f_axes if a > chosen)  # type: ignore[misc]
             ctx.couple(factored, chosen, merged, m_axis, Digit(stride))
             for a in f_axes:
-                # a factor of the model's interface freezes there, with that reason
-                if a != chosen and not ctx.is_spatial(factored, a) \
-                        and "interface" not in ctx.component_facts(factored, a):
+                if a == chosen or ctx.is_spatial(factored, a):
+                    continue
+                if "interface" not in ctx.component_facts(factored, a):
                     ctx.freeze(factored, a, f"inner factor of a reshaped axis at {ctx.where()}")
+                elif "head" in facts_along(ctx, merged, m_axis):
+                    # the model's interface freezes it, with that reason: the KV heads of a
+                    # cache beside the query heads that ride the other factor
+                    ctx.mark_head(factored, a)
             continue
         if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape, moved):
             continue

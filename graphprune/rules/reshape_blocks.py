@@ -95,7 +95,7 @@ def channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[i
     def unless_interface(a: int, f: frozenset[str]) -> int:
         if "interface" not in f or merged is None:
             return a
-        inner = _beside_the_interface(ctx, factored, candidates, facts, _facts_along(ctx, *merged))
+        inner = _beside_the_interface(ctx, factored, candidates, facts, facts_along(ctx, *merged))
         return a if inner is None else inner
 
     for a, f in zip(candidates, facts, strict=True):
@@ -130,7 +130,7 @@ def _beside_the_interface(ctx: CouplingContext, factored: gs.Tensor, candidates:
     return None
 
 
-def _facts_along(ctx: CouplingContext, tensor: gs.Tensor, axis: int, depth: int = 4) -> frozenset[str]:
+def facts_along(ctx: CouplingContext, tensor: gs.Tensor, axis: int, depth: int = 4) -> frozenset[str]:
     """The facts of ``axis`` of ``tensor`` and of the axis it becomes through the ops that
     only move its elements (:func:`_axis_through`) and Reshapes that keep it whole, read
     forward from a Reshape's output, or backward from its input, until one holds a head. The
