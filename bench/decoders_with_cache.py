@@ -5,7 +5,8 @@ Each causal-LM architecture is built from a tiny config (2 layers, hidden 64, 4 
 2 KV heads where the architecture has grouped-query attention) with HF's own code and
 initialisation, wrapped so that the cache is ``past_key_values.N.key`` / ``.value`` in and
 ``present.N.key`` / ``.value`` out (as Optimum and hand-written exports give it), and
-exported by the TorchScript exporter (dynamic batch, sequence and past length) and the
+exported by the TorchScript exporter (dynamic batch, sequence and past length, named as
+Optimum names them: the mask is ``past_sequence_length + sequence_length`` wide) and the
 dynamo exporter (``dynamic_shapes`` on the same axes; at opset 18, and at opset 23 where
 ``scaled_dot_product_attention`` becomes ONNX ``Attention``). Pruned by the CLI in a fresh
 process, verification on::
@@ -115,9 +116,13 @@ def export(name: str, exporter: str, spec: dict | None = None, tag: str = "") ->
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
-                    **{n: {0: "batch", 2: "past"} for n in cache_names},
-                    **{n: {0: "batch", 2: "total"} for n in outputs[1:]}, "logits": {0: "batch", 1: "sequence"}}
+            # Optimum's names: the mask's width is the arithmetic of the other two
+            total = "past_sequence_length + sequence_length"
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                    "attention_mask": {0: "batch_size", 1: total},
+                    **{n: {0: "batch_size", 2: "past_sequence_length"} for n in cache_names},
+                    **{n: {0: "batch_size", 2: total} for n in outputs[1:]},
+                    "logits": {0: "batch_size", 1: "sequence_length"}}
             torch.onnx.export(WithCache(), args, str(path), input_names=["input_ids", "attention_mask", *cache_names],
                               output_names=outputs, opset_version=17, dynamo=False, dynamic_axes=axes)
         else:

@@ -211,3 +211,25 @@ def test_string_inputs_get_random_words() -> None:
     value = feed["text"]
     assert value.shape == (2, 3) and value.dtype == object
     assert all(isinstance(t, str) and 3 <= len(t.split()) <= 12 and t.replace(" ", "").isalpha() for t in value.flat)
+
+
+def test_a_symbol_that_is_arithmetic_of_others_takes_its_value() -> None:
+    """Optimum names a decoder's attention-mask width ``past_sequence_length +
+    sequence_length``: it must cover the cache and the new tokens, so it follows from their
+    sizes (and is no open dimension of its own for the size search)."""
+    from graphprune.analysis.probe_sizes import open_dimensions
+    from graphprune.io.feeds import derived_from
+
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    specs = [InputSpec("input_ids", ["batch_size", "sequence_length"], i64),
+             InputSpec("attention_mask", ["batch_size", "past_sequence_length + sequence_length"], i64),
+             InputSpec("past_key_values.0.key", ["batch_size", 2, "past_sequence_length", 16], f32)]
+    shapes = resolve_shapes(specs, batch=2, input_shapes={"past_key_values.0.key": (2, 2, 5, 16)})
+    assert shapes["attention_mask"] == (2, 5 + DEFAULT_LENGTH)
+    assert resolve_shapes(specs, dim_values={"sequence_length": 3, "past_sequence_length": 0})["attention_mask"] == (1, 3)
+    assert set(open_dimensions(specs)) == {"sequence_length", "past_sequence_length"}
+    symbols = {"a", "b", "s0", "s1"}
+    assert derived_from("s0 + s1", symbols) == ("s0", "s1")
+    assert derived_from("2*a - 1", symbols) == ("a",)
+    for plain in ("a", "?", "unk__3", "a + c", "Min(a, b)", "a.b", "__import__('os')"):
+        assert derived_from(plain, symbols) == ()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from graphprune.errors import UsageError
-from graphprune.io.feeds import InputSpec, make_feeds_from_specs, resolve_shapes
+from graphprune.io.feeds import InputSpec, derived_from, make_feeds_from_specs, resolve_shapes
 
 IMAGE_SIZES = (224, 32, 48, 64, 96, 128, 160, 256, 320, 512, 640)
 OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
@@ -46,12 +46,13 @@ def open_dimensions(
     """The open dimensions of ``specs`` (see the module docstring), each with the
     ``(input, axis)`` positions it sizes; inputs in ``given`` are not open."""
     found: dict[Key, list[tuple[str, int]]] = {}
+    symbols = {d for spec in specs for d in spec.shape or () if isinstance(d, str)}
     for spec in specs:
         if spec.shape is None or (given and spec.name in given):
             continue
         for axis, dim in enumerate(spec.shape):
-            if axis == 0 or (isinstance(dim, int) and dim >= 0):
-                continue
+            if axis == 0 or (isinstance(dim, int) and dim >= 0) or (isinstance(dim, str) and derived_from(dim, symbols)):
+                continue  # known, the batch, or arithmetic of other symbols (sized with them)
             key: Key = dim if isinstance(dim, str) else (spec.name, axis)
             found.setdefault(key, []).append((spec.name, axis))
     # a symbol that also sits on an axis 0 is a batch size

@@ -10,7 +10,9 @@ Unknown dimensions are resolved once per symbol, so inputs that share a symbolic
 * on a 4-D floating-point input (an image), an unknown channel axis takes 3 and unknown
   spatial axes take 224 (channels-first, or channels-last when the last axis is known
   and at most 4);
-* anything else (sequence lengths, feature sizes) takes 8.
+* anything else (sequence lengths, feature sizes) takes 8;
+* a symbol that is arithmetic of other symbols (``past_sequence_length + sequence_length``,
+  Optimum's attention-mask width; ``s0 + s1``) takes the value of that arithmetic.
 
 A declared size of ``-1`` (older exporters, e.g. paddle2onnx) counts as unknown. Every feed
 is an ``np.ndarray``, a scalar input one of shape ``()``.
@@ -18,6 +20,7 @@ is an ``np.ndarray``, a scalar input one of shape ``()``.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -191,7 +194,9 @@ def resolve_shapes(
     for spec in specs:
         if spec.shape and isinstance(spec.shape[0], str):
             chosen.setdefault(spec.shape[0], batch)
+    symbols = {d for spec in specs for d in spec.shape or () if isinstance(d, str)}
     shapes: dict[str, tuple[int, ...]] = {}
+    derived: list[tuple[str, int, str]] = []
     for spec in specs:
         if spec.name in given:
             shapes[spec.name] = given[spec.name]
@@ -204,12 +209,60 @@ def resolve_shapes(
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int) and dim >= 0:
                 sizes.append(dim)
+            elif isinstance(dim, str) and dim not in chosen and derived_from(dim, symbols):
+                derived.append((spec.name, axis, dim))  # sized once the symbols it names are
+                sizes.append(0)
             elif isinstance(dim, str):
                 sizes.append(chosen.setdefault(dim, _default_dim(spec, axis, batch)))
             else:
                 sizes.append(_default_dim(spec, axis, batch))
         shapes[spec.name] = tuple(sizes)
+    for name, axis, dim in derived:
+        names = derived_from(dim, symbols)
+        spec = next(s for s in specs if s.name == name)
+        for symbol in names:
+            chosen.setdefault(symbol, _default_dim(spec, axis, batch))
+        size = chosen.setdefault(dim, max(_evaluate(dim, chosen), 0))
+        shapes[name] = (*shapes[name][:axis], size, *shapes[name][axis + 1:])
     return shapes
+
+
+_ARITHMETIC = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Name, ast.Load, ast.Constant)
+
+
+def derived_from(symbol: str, symbols: set[str]) -> tuple[str, ...]:
+    """The symbols that ``symbol`` is an arithmetic expression of (Optimum names an attention
+    mask's width ``past_sequence_length + sequence_length``; ``torch.export`` writes
+    ``s0 + s1``), where every name in it is a symbol of the graph's inputs too; ``()`` for a
+    plain name or anything else. Such a size follows from theirs (a decoder runs only where
+    the mask covers the cache and the new tokens)."""
+    try:
+        tree = ast.parse(symbol.strip(), mode="eval")
+    except SyntaxError:
+        return ()
+    if isinstance(tree.body, ast.Name) or not all(isinstance(n, _ARITHMETIC) for n in ast.walk(tree)):
+        return ()
+    names = tuple(dict.fromkeys(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)))
+    return names if names and all(n in symbols and n != symbol for n in names) else ()
+
+
+def _evaluate(symbol: str, sizes: Mapping[str, int]) -> int:
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return int(sizes[node.id])
+        if isinstance(node, ast.BinOp):
+            a, b = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            return a // b if b else 0
+        raise ValueError(symbol)
+    return value(ast.parse(symbol.strip(), mode="eval").body)
 
 
 def _random(
