@@ -233,3 +233,7 @@ def test_a_symbol_that_is_arithmetic_of_others_takes_its_value() -> None:
     assert derived_from("2*a - 1", symbols) == ("a",)
     for plain in ("a", "?", "unk__3", "a + c", "Min(a, b)", "a.b", "__import__('os')"):
         assert derived_from(plain, symbols) == ()
+    # ONNX Runtime GenAI's mask width, by its convention, where the other two are symbols too
+    genai = {"total_sequence_length", "past_sequence_length", "sequence_length"}
+    assert derived_from("total_sequence_length", genai) == ("past_sequence_length", "sequence_length")
+    assert derived_from("total_sequence_length", genai - {"past_sequence_length"}) == ()

@@ -12,7 +12,8 @@ Unknown dimensions are resolved once per symbol, so inputs that share a symbolic
   and at most 4);
 * anything else (sequence lengths, feature sizes) takes 8;
 * a symbol that is arithmetic of other symbols (``past_sequence_length + sequence_length``,
-  Optimum's attention-mask width; ``s0 + s1``) takes the value of that arithmetic.
+  Optimum's attention-mask width; ``s0 + s1``; GenAI's ``total_sequence_length``, by its
+  convention) takes the value of that arithmetic.
 
 A declared size of ``-1`` (older exporters, e.g. paddle2onnx) counts as unknown. Every feed
 is an ``np.ndarray``, a scalar input one of shape ``()``.
@@ -230,14 +231,20 @@ def resolve_shapes(
 _ARITHMETIC = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Name, ast.Load, ast.Constant)
 
 
+#: symbols that name a sum by convention: ONNX Runtime GenAI's decoders declare the attention
+#: mask ``[batch_size, total_sequence_length]`` beside ``past_sequence_length`` caches and
+#: ``sequence_length`` tokens
+CONVENTIONS = {"total_sequence_length": "past_sequence_length + sequence_length"}
+
+
 def derived_from(symbol: str, symbols: set[str]) -> tuple[str, ...]:
     """The symbols that ``symbol`` is an arithmetic expression of (Optimum names an attention
     mask's width ``past_sequence_length + sequence_length``; ``torch.export`` writes
-    ``s0 + s1``), where every name in it is a symbol of the graph's inputs too; ``()`` for a
-    plain name or anything else. Such a size follows from theirs (a decoder runs only where
-    the mask covers the cache and the new tokens)."""
+    ``s0 + s1``; :data:`CONVENTIONS`), where every name in it is a symbol of the graph's inputs
+    too; ``()`` for a plain name or anything else. Such a size follows from theirs (a decoder
+    runs only where the mask covers the cache and the new tokens)."""
     try:
-        tree = ast.parse(symbol.strip(), mode="eval")
+        tree = ast.parse(CONVENTIONS.get(symbol, symbol).strip(), mode="eval")
     except SyntaxError:
         return ()
     if isinstance(tree.body, ast.Name) or not all(isinstance(n, _ARITHMETIC) for n in ast.walk(tree)):
@@ -262,7 +269,7 @@ def _evaluate(symbol: str, sizes: Mapping[str, int]) -> int:
                 return a * b
             return a // b if b else 0
         raise ValueError(symbol)
-    return value(ast.parse(symbol.strip(), mode="eval").body)
+    return value(ast.parse(CONVENTIONS.get(symbol, symbol).strip(), mode="eval").body)
 
 
 def _random(
