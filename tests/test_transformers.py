@@ -634,6 +634,47 @@ def test_onnx_attention_23_with_head_counts():
             _attr(res.model, "Attention", "kv_num_heads")) == (2, 1)
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-in-interface", "no-cache"])
+def test_onnx_attention_23_grouped_query_heads_with_a_cache(cache):
+    """ONNX ``Attention`` with 4-D inputs and fewer KV heads than query heads (the dynamo
+    exporter's SDPA with ``enable_gqa``), its keys and values concatenated with a cache that
+    is a graph input and output: a unit is one query head of every KV group, the cache keeps
+    its shape. Without a cache a unit is a KV head with its query heads."""
+    heads, kv_heads, size = 4, 2, 8
+    split = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"] + [
+        node for n, count in (("q", heads), ("k", kv_heads), ("v", kv_heads)) for node in (
+            helper.make_node("Reshape", [n, f"s{n}"], [f"{n}4"]),
+            helper.make_node("Transpose", [f"{n}4"], [f"{n}t"], perm=[0, 2, 1, 3]))]
+    joined = [helper.make_node("Concat", [f"past_{n}", f"{n}t"], [f"present_{n}"], axis=2) for n in "kv"]
+    nodes = [*split, *(joined if cache else []),
+             helper.make_node("Attention", ["qt", *(["present_k", "present_v"] if cache else ["kt", "vt"])], ["a"]),
+             helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["at", "so"], ["a3"]),
+             helper.make_node("MatMul", ["a3", "wo"], ["y"])]
+    params = {"wq": [E, heads * size], "wk": [E, kv_heads * size], "wv": [E, kv_heads * size],
+              "wo": [heads * size, E], "so": np.array([0, 0, heads * size], np.int64),
+              **{f"s{n}": np.array([0, 0, c, size], np.int64) for n, c in (("q", heads), ("k", kv_heads), ("v", kv_heads))}}
+    shape = ["batch", kv_heads, "past", size]
+    inputs = {"x": ["batch", "seq", E], **({"past_k": shape, "past_v": shape} if cache else {})}
+    outputs = {"y": ["batch", "seq", E], **({"present_k": None, "present_v": None} if cache else {})}
+    model = make_model(nodes, inputs, outputs, params, opset=23)
+    analysis = graphprune.analyze(model)
+    assert [g.num_units for g in analysis.prunable_groups] == [heads // kv_heads if cache else kv_heads]
+    res = graphprune.prune(model, plan=targets.plan_targets(analysis, head_ratio=0.5))
+    assert res.report["verification"]["ok"]
+    reference = zeroed_original(model, res.plan)
+    rng = np.random.default_rng(0)
+    for batch, seq, past in [(1, 3, 5), (2, 1, 0)]:
+        feeds = {"x": rng.standard_normal((batch, seq, E)).astype(np.float32)}
+        if cache:
+            feeds |= {n: rng.standard_normal((batch, kv_heads, past, size)).astype(np.float32) for n in ("past_k", "past_v")}
+        got = run_ort(res.model, feeds)
+        assert relative_difference(run_ort(reference, feeds), got) < 1e-5
+        assert relative_difference(run_ort(model, feeds), got) > 1e-4
+        if cache:
+            assert got[1].shape == (batch, kv_heads, past + seq, size)
+
+
 def test_einsum_mlp_and_attention():
     nodes = [
         helper.make_node("Einsum", ["x", "wq"], ["q"], equation="bsd,dhe->bhse"),

@@ -102,6 +102,26 @@ def _kv_cache_in_interface(node: gs.Node, ctx: CouplingContext) -> bool:
     return any(ctx.at_boundary(t) for t in cache if t is not None and t.name)
 
 
+def _from_the_interface(ctx: CouplingContext, tensor: gs.Tensor, depth: int = 4) -> bool:
+    """``tensor`` (a key or value fed to an attention op) is a graph input or output, or is
+    made from one by a ``Concat`` (the cache and the new keys: ``present = Concat(past, k)``)
+    through ops that only move its elements: its head count is then the model's interface."""
+    moves = ("Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand")
+    for _ in range(depth):
+        if ctx.at_boundary(tensor):
+            return True
+        producers = list(tensor.inputs)
+        if len(producers) != 1:
+            return False
+        node = producers[0]
+        if node.op == "Concat":
+            return any(ctx.at_boundary(t) for t in node.inputs)
+        if node.op not in moves or not node.inputs:
+            return False
+        tensor = node.inputs[0]
+    return False
+
+
 def _couple_query_heads(ctx: CouplingContext, node: gs.Node, heads: gs.Variable,
                         kv_heads: gs.Variable, kv_fixed: bool) -> None:
     """Query head ``h`` reads KV head ``h // n_rep``. Normally a unit is one KV head with its
@@ -340,7 +360,12 @@ class OnnxAttentionRule(OpRule):
                 ctx.mark_head(t, 1)
             ctx.couple(q, 1, y, 1)
             ctx.couple(k, 1, v, 1)
-            ctx.couple(k, 1, q, 1, Digit(hq // hkv))
+            if hq > hkv and (_from_the_interface(ctx, k) or _from_the_interface(ctx, v)):
+                # the cache is the model's: one query head of every KV group is a unit
+                position = _virtual(ctx, node, "head_in_kv_group", hq // hkv)
+                ctx.couple(position, 0, q, 1, Digit(1))
+            else:
+                ctx.couple(k, 1, q, 1, Digit(hq // hkv))
             for axis in (0,):
                 for t in (k, v, y):
                     ctx.couple(q, axis, t, axis)
