@@ -14,22 +14,16 @@ declares no :class:`LinearInfo`, so calibration scores and refits its neighbours
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants as za
-from graphprune.analysis.index_maps import GroupTie
-from graphprune.analysis.roles import CONSUMER, PRODUCER
-from graphprune.passes.rewrite_context import RewriteContext
-from graphprune.rules.conv import mark_spatial, rewrite_group
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.conv import ConvRule
+from graphprune.rules.registry import LinearInfo, register
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
 
@@ -41,9 +35,12 @@ def _present(node: gs.Node, index: int) -> gs.Tensor | None:
 
 
 @register
-class DeformConvRule(OpRule):
+class DeformConvRule(ConvRule):
+    """A Conv's couplings for ``X``, ``W`` and the bias (input 3), with the offset and mask
+    channels frozen and, with several offset groups, the input channels too."""
+
     op_types = ("DeformConv",)
-    zero_behaviour = "affine"  # a zero input channel samples zeros wherever the taps move
+    bias_index = _B
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Output channel ``o`` is its bias where every input channel it reads is zero (a
@@ -66,37 +63,19 @@ class DeformConvRule(OpRule):
         return [za.values(1, np.where(zero, b, np.nan).astype(np.float32))]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x, w, y = node.inputs[_X], node.inputs[_W], node.outputs[0]
-        group = int(node.attrs.get("group", 1))
-        offset_group = int(node.attrs.get("offset_group", 1))
-        ctx.couple(w, 0, y, 1)
-        ctx.role(w, 0, PRODUCER)
-        bias = _present(node, _B)
-        if bias is not None:
-            ctx.couple(bias, 0, y, 1)
-            ctx.role(bias, 0, PRODUCER)
+        super().couple(node, ctx)
         for index, what in ((_OFFSET, "offsets"), (_MASK, "mask")):
             t = _present(node, index)
             if t is not None and ctx.rank(t) is not None:
                 ctx.freeze(t, 1, f"sampling {what} (per offset group and kernel tap) at {ctx.where()}")
                 ctx.spatial(t, [0], "batch")
                 ctx.spatial(t, range(2, ctx.rank(t) or 2))
+        offset_group = int(node.attrs.get("offset_group", 1))
         if offset_group > 1:
-            ctx.freeze(x, 1, f"input channels split into {offset_group} offset groups at {ctx.where()}")
-        elif group == 1:
-            ctx.couple(x, 1, w, 1)
-            ctx.role(w, 1, CONSUMER)
-        else:
-            ctx.couple(x, 1, y, 1, GroupTie(group))
-        mark_spatial(ctx, node)
+            ctx.freeze(node.inputs[_X], 1, f"input channels split into {offset_group} offset groups at {ctx.where()}")
 
-    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
-        """Every output element sums ``Cin/g * prod(kernel)`` products (the bilinear sampling
-        of each tap not counted)."""
-        w, y = shape(node.inputs[_W]), shape(node.outputs[0])
-        if w is None or y is None:
-            return None
-        return math.prod(y) * math.prod(w[1:])
+    def linear(self, node: gs.Node) -> LinearInfo | None:
+        return None  # the taps move with the data: no unfolded patches describe it
 
-    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        rewrite_group(node, ctx, node.inputs[_X])
+    def prunes_by_position(self, node: gs.Node) -> bool:
+        return False
