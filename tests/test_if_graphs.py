@@ -133,6 +133,26 @@ def test_what_the_branches_cannot_remove_is_taken_from_the_main_graph() -> None:
         assert run(result.model, flag, x).shape == (1, 4, 8, 8)
 
 
+def test_a_branch_without_operators_is_reported_as_such() -> None:
+    """torchvision's detectors export ``If(numel == 0)`` whose then branch is one
+    ``Constant`` (an empty result); once folded, the branch has no node: the report says
+    so, instead of the checker's complaint about a model without nodes, and the other
+    branch prunes."""
+    model = if_model(8)
+    empty = numpy_helper.from_array(np.zeros((1, 4, 8, 8), np.float32), "nothing")
+    then = next(a for a in model.graph.node[1].attribute if a.name == "then_branch")
+    then.g.CopyFrom(helper.make_graph([], "empty", [], [helper.make_tensor_value_info("nothing", TensorProto.FLOAT, None)],
+                                      [empty]))  # (as graphprune's preparation folds it)
+    onnx.checker.check_model(model, full_check=True)
+    result = graphprune.prune(model, ratio=0.5)
+    branches = result.report["branches"]
+    assert [b["branch"] for b in branches["pruned"]] == ["else_branch"]
+    assert branches["skipped"] == ["If 'if' then_branch: no operators (it returns a constant or an outer value)"]
+    assert result.report["verification"]["ok"] is True
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert not run(result.model, True, x).any() and run(result.model, False, x).shape == (1, 4, 8, 8)
+
+
 def calibration(flags: list[bool], count: int = 24) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(7)
     return [{"flag": np.array(flags[i % len(flags)]), "x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}

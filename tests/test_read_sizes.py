@@ -68,3 +68,28 @@ def test_shuffle_units_with_a_dynamic_batch_prune(tmp_path):
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     assert session.run(None, {"x": x})[0].shape == (3, 10)
+
+
+def test_size_expressions_too_large_to_simplify_are_kept_as_they_are() -> None:
+    """ONNX Runtime's symbolic inference simplifies every size it computes with sympy, whose
+    ``simplify`` is exponential in the expression: torchvision's Faster R-CNN counts its
+    anchors through a dozen ``floor``s of the padded image size (200 operations, 11 s per
+    simplification, 230 s of a 290 s prune). Above ``SIMPLIFY_MAX_OPS`` the expression is
+    kept (the same value, unsimplified); small ones still simplify."""
+    import sympy
+
+    from graphprune.io import contrib_shapes
+
+    bounded = contrib_shapes._symbolic_shape_infer().sympy
+    h, w = (sympy.Symbol(n, integer=True, nonnegative=True) for n in ("h", "w"))
+    levels = []
+    for side in (h, w):
+        size = side
+        for _ in range(6):  # six stride-2 stages, as ``(size - 1) // 2 + 1`` in a Conv
+            size = sympy.floor((size - 1) / 2) + 1
+            levels.append(size)
+    anchors = sum(3 * a * b for a, b in zip(levels[:6], levels[6:], strict=True))
+    assert sympy.count_ops(anchors) > contrib_shapes.SIMPLIFY_MAX_OPS
+    assert bounded.simplify(anchors) is anchors
+    assert bounded.simplify(2 * h / 2 + 0 * w) == h
+    assert bounded.floor is sympy.floor  # everything else is sympy's own

@@ -12,6 +12,7 @@ on from.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,36 @@ def _add_rule_handlers(engine: Any) -> None:
         engine.dispatcher_.setdefault(op, handler(rule))
 
 
+# Above this many operations an expression the symbolic inference asks sympy to simplify is
+# kept as it is (the same value, unsimplified). Its expressions grow with every size a graph
+# computes from another, and ``sympy.simplify`` is exponential in them: torchvision's Faster
+# R-CNN computes its anchor counts through a dozen ``floor``s of the padded image size
+# (200 operations, 11 s per simplification, 230 s of a 290 s prune; 3.8 s with the bound and
+# not one size fewer found as a number). Expressions this large never simplify to a number.
+SIMPLIFY_MAX_OPS = 40
+
+
+class _BoundedSympy(types.ModuleType):
+    """``sympy`` as the symbolic inference sees it: ``simplify`` bounded by
+    :data:`SIMPLIFY_MAX_OPS`, everything else sympy's own."""
+
+    def __init__(self, sympy: types.ModuleType) -> None:
+        super().__init__("sympy")
+        self._sympy = sympy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sympy, name)
+
+    def simplify(self, expr: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._sympy.count_ops(expr) > SIMPLIFY_MAX_OPS:
+            return expr
+        return self._sympy.simplify(expr, *args, **kwargs)
+
+
 def _symbolic_shape_infer() -> Any:
     """ONNX Runtime's ``tools/symbolic_shape_infer.py``, loaded as a module of its own: the
     ``onnxruntime.tools`` package imports torch when it is installed (2-3 s and a few hundred
-    MB that pruning an ONNX file does not need)."""
+    MB that pruning an ONNX file does not need). Its ``sympy`` is :class:`_BoundedSympy`."""
     import importlib.util
     import sys
 
@@ -62,6 +89,7 @@ def _symbolic_shape_infer() -> Any:
             raise ImportError(f"no {path}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        module.sympy = _BoundedSympy(module.sympy)
         sys.modules[name] = module
     return sys.modules[name]
 

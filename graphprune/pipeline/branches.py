@@ -134,6 +134,10 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
     for node in ifs:
         for attr in BRANCH_ATTRS:
             where = f"If '{node.name}' {attr}"
+            if not next(a.g for a in node.attribute if a.name == attr).node:
+                # (torchvision's detectors: the empty-input case, its Constant folded)
+                report.skipped.append(f"{where}: no operators (it returns a constant or an outer value)")
+                continue
             built = standalone_branch(model, node, attr, types, constants)
             if built is None:
                 report.skipped.append(f"{where}: outer values or outputs of unknown shape")
