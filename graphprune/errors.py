@@ -41,3 +41,12 @@ class VerificationError(GraphPruneError):
     """The pruned model failed a check (checker, ORT run, shapes or equivalence)."""
 
     exit_code = 3
+
+
+class OutputShapesDiffer(VerificationError):
+    """The pruned model ran, and some of its outputs have other shapes than the reference's:
+    ``outputs``, their indices (after a selection by value: one box more or fewer)."""
+
+    def __init__(self, message: str, outputs: list[int]) -> None:
+        super().__init__(message)
+        self.outputs = outputs

@@ -97,6 +97,10 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
     ]
     if v.get("feeds"):
         lines.append(f"  inputs: {v['feeds']}")
+    if v.get("empty_outputs"):
+        names = ", ".join(v["empty_outputs"][:4]) + (", ..." if len(v["empty_outputs"]) > 4 else "")
+        lines.append(f"  outputs with no element on any input compared: {names} (nothing was compared "
+                     "there; --calibration with real inputs checks them on those)")
     if v.get("scale"):  # accepted above the tolerance: say on what grounds
         grounds = v["scale"]
         lines.append(f"  accepted: {'relative to ' if grounds.startswith('the ') else ''}{grounds}")

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphprune.errors import InvalidModelError, VerificationError
+from graphprune.errors import InvalidModelError, OutputShapesDiffer, VerificationError
 from graphprune.io import model_io, runtime, segments
 from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
@@ -285,9 +285,11 @@ def compare(
     per_output: list[list[float]] = []  # [largest absolute difference, reference scale]
     for ref_out, out in zip(ref_outs, outs, strict=True):
         if not output_shapes_match(ref_out, out):
-            raise VerificationError(
+            differ = [j for j, (a, b) in enumerate(zip(ref_out, out, strict=False)) if a.shape != b.shape]
+            raise OutputShapesDiffer(
                 f"pruned model output shapes differ from {what}: "
-                f"{[o.shape for o in ref_out]} vs {[o.shape for o in out]}"
+                f"{[o.shape for o in ref_out]} vs {[o.shape for o in out]}",
+                differ if len(ref_out) == len(out) else list(range(max(len(ref_out), len(out)))),
             )
         for j, (ref, o) in enumerate(zip(ref_out, out, strict=True)):
             if len(per_output) <= j:
@@ -306,6 +308,10 @@ def compare(
         "max_rel_diff": max_rel,
         "per_output": [{"max_abs_diff": a, "scale": sc} for a, sc in per_output],
         "tolerance": tolerance,
+        # outputs with no element on any feed (a detector whose scores pass no threshold on
+        # random inputs): nothing was compared there
+        **({"empty_outputs": empty} if (empty := [j for j in range(len(per_output))
+                                                  if all(out[j].size == 0 for out in ref_outs)]) else {}),
         **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
            if emulate_quantization else {}),
         **({"compared": "copies with the int8 weights of u8 x s8 kernels halved (ONNX Runtime's x86 "
