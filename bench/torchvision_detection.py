@@ -71,9 +71,12 @@ def prune(path: Path) -> dict:
         report = json.loads(done.stdout)
     except json.JSONDecodeError:
         return {**row, "error": (done.stderr.strip().splitlines() or [""])[-1][:300]}
+    if "params_after" not in report:  # the error object of a failed run
+        return {**row, "error": str(report.get("error", ""))[:300]}
     verification = report.get("verification") or {}
+    macs = report.get("macs_before"), report.get("macs_after")
     return {**row, "params_ratio": round(report["params_after"] / report["params_before"], 3),
-            "macs_ratio": report.get("macs_ratio"), "groups": report.get("groups"),
+            "macs_ratio": round(macs[1] / macs[0], 3) if all(macs) else None, "groups": report.get("groups"),
             "verified": verification.get("ok"), "max_rel_diff": verification.get("max_rel_diff"),
             "accepted": verification.get("scale"), "empty_outputs": verification.get("empty_outputs", []),
             "not_pruned": (report.get("branches") or {}).get("skipped", [])}
