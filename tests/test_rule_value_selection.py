@@ -153,7 +153,7 @@ def test_the_size_names_shape_inference_invents_stay_out_of_what_ort_reads() -> 
     tensor without elements: torchvision's Faster R-CNN with no region proposal ran as
     exported and failed with inferred shapes). The returned model carries none; the prepared
     graph keeps them (the analysis reads them) and hands ORT a file without them."""
-    from graphprune.io import invented_symbols
+    from graphprune.io import declared_shapes
 
     model = _detector(selection="NonZero")
     session = Session(model)
@@ -165,7 +165,7 @@ def test_the_size_names_shape_inference_invents_stay_out_of_what_ort_reads() -> 
     assert before > 0  # (NonZero's count, and what is gathered with it)
     written = onnx.load(str(session.path_of(session.prepared)), load_external_data=False)
     assert invented(written) == 0 and invented(session.prepared) == before
-    with invented_symbols.cleared(session.prepared) as cleared:
+    with declared_shapes.invented_cleared(session.prepared) as cleared:
         assert invented(cleared) == 0
     assert invented(session.prepared) == before
     result = graphprune.prune(model, ratio=0.5)

@@ -187,6 +187,21 @@ class WeightStore:
             _make_stub(inits[cut.index], _SOURCE_LOCATION, cut.offset, cut.length)
         return model
 
+    def take(self, source: Any) -> onnx.ModelProto:
+        """A model from a path (:meth:`load`) or from anything else
+        :func:`~graphprune.io.model_io.load_model` reads (:meth:`adopt`), with its weights in
+        the store, as a fresh message: the cleared weight bytes go back with the old one's memory."""
+        from graphprune.io import model_io
+
+        if isinstance(source, str | os.PathLike):
+            model = self.load(source)
+        else:
+            model = model_io.load_model(source)
+            self.adopt(model, None)
+        small = onnx.ModelProto()
+        small.ParseFromString(model.SerializeToString())
+        return small
+
     def _load_parsed(self, source: Path) -> onnx.ModelProto:
         from graphprune.io import model_io
 

@@ -317,7 +317,7 @@ def _within_selection_flips(session: Session, candidate: Any, reference: Any, ve
                                    optimize=False)
     except Exception:  # VerificationError: the verdict stands
         return verification
-    positions = [j for j, o in enumerate(graph.output) if o.name in set(failing)]
+    positions = [j for j, o in enumerate(graph.output) if o.name in failing]
     agreeing = [validate.differences(b, a) for a, b in zip(pruned, zeroed, strict=True)
                 if validate.output_shapes_match(b, a)
                 and all(j < len(b) and b[j].size for j in positions)]  # (an empty output compares nothing)

@@ -20,11 +20,9 @@ followed by an export, ``onnx.checker`` and an ONNX Runtime session, naming the 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,7 @@ from graphprune.errors import (
     UsageError,
     VerificationError,
 )
-from graphprune.io import custom_shapes, invented_symbols, ir, model_io, runtime, stale_shapes
+from graphprune.io import custom_shapes, declared_shapes, ir, model_io, runtime, stale_shapes
 from graphprune.io.feeds import declare_ranks, make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
@@ -63,36 +61,6 @@ UPGRADE_TO = 13
 LOW_PRECISION_TOLERANCE = 1e-2
 
 
-def _load_into(store: WeightStore, source: Any) -> onnx.ModelProto:
-    """Load ``source`` with its weights moved into ``store`` (the proto keeps references)."""
-    if isinstance(source, str | os.PathLike):
-        model = store.load(Path(os.fspath(source)))
-    else:
-        model = model_io.load_model(source)
-        store.adopt(model, None)
-    # a fresh message: the cleared weight bytes go back with the old one's memory
-    small = onnx.ModelProto()
-    small.ParseFromString(model.SerializeToString())
-    return small
-
-
-def _keep_open_dims(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> None:
-    """An output dimension the user's file leaves open (named or unknown) stays open: shape
-    inference with data propagation can find its size at the probe shapes (tf2onnx's SAME
-    padding of a dynamic input), and the written model would declare a fixed size its
-    original did not promise."""
-    for value in model.graph.output:
-        before = declared.get(value.name)
-        if before is None or not before.HasField("tensor_type") or not value.type.HasField("tensor_type") \
-                or not before.tensor_type.HasField("shape"):
-            continue
-        dims, open_dims = value.type.tensor_type.shape.dim, before.tensor_type.shape.dim
-        if len(dims) == len(open_dims):
-            for dim, was in zip(dims, open_dims, strict=True):
-                if not was.HasField("dim_value"):
-                    dim.CopyFrom(was)
-
-
 def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
     """``keep`` as a tuple of names (a single string is one name, not its characters)."""
     if keep is None:
@@ -108,6 +76,7 @@ def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
 
 #: calibration samples the structural check runs on where random inputs leave outputs empty
 DATA_CHECK_SAMPLES = 4
+
 
 class Session:
     """A model on its way through the pipeline (see the module docstring)."""
@@ -142,7 +111,7 @@ class Session:
         self._start = time.perf_counter()
         self.store = WeightStore()
         with self.stage("load"):
-            loaded = _load_into(self.store, model)
+            loaded = self.store.take(model)
             self.opset = model_io.check_opset(loaded)
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             converted_from = None
@@ -328,7 +297,7 @@ class Session:
         # an ONNX-ML op that passes pruned channels (a Scaler) has new sizes: run it again
         if custom_shapes.annotate(self.model):
             self.model = model_io.infer_shapes(self.model, inplace=True)
-        _keep_open_dims(self.model, self._declared_outputs)
+        declared_shapes.keep_open_outputs(self.model, self._declared_outputs)
         if declared_only:
             model_io.keep_value_info(self.model, self.declared_shapes)
         return self.model
@@ -354,7 +323,7 @@ class Session:
             cached = self._paths.get(id(model))
             if cached is not None and cached[0] is model:
                 return cached[1]
-            with invented_symbols.cleared(model):  # (ORT folds shapes on them: see the module)
+            with declared_shapes.invented_cleared(model):  # (ORT folds shapes on them: see the module)
                 path = self.store.write_model(model)
             if keep:
                 self._paths[id(model)] = (model, path)
@@ -536,18 +505,13 @@ class Session:
                     pair_safe=saturation.may_saturate(self.prepared), **compare,
                 )
                 result["checker"] = result["checker"] or checked
-                if "empty_outputs" in result:
-                    result["empty_outputs"] = self.output_names(result["empty_outputs"])
+                if "empty_outputs" in result:  # (by name: the prepared graph's outputs)
+                    result["empty_outputs"] = [self.prepared.graph.output[j].name for j in result["empty_outputs"]]
                 return result
             except OutputShapesDiffer as exc:
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc, "shapes_differ": exc.outputs}
             except VerificationError as exc:
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
-
-    def output_names(self, indices: list[int]) -> list[str]:
-        """The names of the prepared graph's outputs at ``indices``."""
-        outputs = self.prepared.graph.output
-        return [outputs[j].name if j < len(outputs) else str(j) for j in indices]
 
     def check_preparation(self, tolerance: float) -> dict[str, Any]:
         """The prepared original against the graph as loaded, on the verification's feeds
@@ -612,7 +576,7 @@ class Session:
                 verification["error"] = str(error)
         report["verification"] = verification
         report["timings"] = {**self.timings, "total": self.elapsed()}
-        invented_symbols.forget(self.model if model is None else model)
+        declared_shapes.forget_invented(self.model if model is None else model)
         result = PruneResult(
             self.model if model is None else model, report, plan,
             analysis if analysis is not None else self.analysis, store=self.store,
