@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 import graphprune
 from graphprune.analysis import analyze_graph
 from graphprune.io.ir import import_graph
-from graphprune.pipeline import ratio as ratio_mode
+from graphprune.pipeline import selections
 from graphprune.pipeline.session import Session
 from graphprune.tables import verification_lines
 
@@ -130,11 +130,11 @@ def test_one_box_more_after_a_selection_is_accepted_where_further_inputs_agree()
     zeroed, unzeroed = zeroed_original(model, result.plan), model
     flipped = {"ok": False, "reference": "the zeroed original", "error": "pruned model output shapes differ",
                "shapes_differ": [0]}
-    accepted = ratio_mode._within_selection_flips(session, result.model, zeroed, flipped, 1e-4)
+    accepted = selections.within_selection_flips(session, result.model, zeroed, flipped, 1e-4)
     assert accepted["ok"] is True and accepted["selection_agreement"] == "3/3", accepted
     assert "NonMaxSuppression" in accepted["scale"] and "error" not in accepted
     assert accepted["max_rel_diff"] <= 1e-4 and accepted["samples"] == 3
-    wrong = ratio_mode._within_selection_flips(session, result.model, unzeroed, flipped, 1e-4)
+    wrong = selections.within_selection_flips(session, result.model, unzeroed, flipped, 1e-4)
     assert wrong["ok"] is False and wrong["selection_agreement"] == "0/3"
 
 
@@ -170,3 +170,40 @@ def test_the_size_names_shape_inference_invents_stay_out_of_what_ort_reads() -> 
     assert invented(session.prepared) == before
     result = graphprune.prune(model, ratio=0.5)
     assert invented(result.model) == 0 and result.model.graph.value_info
+
+
+def test_flips_on_most_inputs_pass_where_the_values_the_selection_reads_agree() -> None:
+    """Scores saturated at 1.0 tie: rounding reorders NonMaxSuppression's choice on most
+    inputs (1 of 3 further inputs agree here). Then every value computed before the choice and
+    read after it (boxes and scores) is compared; they agree to rounding, and no layer after the
+    choice was pruned, so the rewrite is shown exact up to the choice. A wrong model differs
+    there too. Where a layer after the choice was pruned, nothing is accepted that way."""
+    model = _detector(selection="NonMaxSuppression")
+    result = graphprune.prune(model, ratio=0.5)
+    session = Session(model)
+    assert selections.selected_outputs(session) == {0}
+    flipped = {"ok": False, "samples": 1, "tolerance": 1e-4, "max_abs_diff": 5.0, "max_rel_diff": 0.5,
+               "per_output": [{"max_abs_diff": 5.0, "scale": 10.0}]}
+    accepted = selections.within_selection_flips(session, result.model, zeroed_original(model, result.plan),
+                                                 flipped, 1e-4)
+    assert accepted["ok"] is True and accepted["selection_agreement"] != "3/3", accepted
+    assert "every value computed before the choices and read after them agrees" in accepted["scale"]
+    assert accepted["max_rel_diff_read"] <= 1e-4
+    wrong = selections.within_selection_flips(session, result.model, model, flipped, 1e-4)
+    assert wrong["ok"] is False
+
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=0),
+             helper.make_node("TopK", ["s", "k"], ["top", "rows"]),
+             helper.make_node("Gather", ["r", "rows"], ["picked"], axis=0),
+             helper.make_node("MatMul", ["picked", "w_mid"], ["m"]), helper.make_node("Relu", ["m"], ["h"]),
+             helper.make_node("MatMul", ["h", "w_out"], ["y"])]
+    later = make_model(nodes, {"x": [6, 8]}, {"y": None},
+                       {"w_in": [8, 4], "w_mid": [4, 16], "w_out": [16, 2], "axes": np.array([1], np.int64),
+                        "k": np.array([3], np.int64)})
+    result = graphprune.prune(later, ratio=0.5)
+    assert any(t.dims[1] == 8 for t in result.model.graph.initializer if t.name == "w_mid")  # (after the TopK)
+    session = Session(later)
+    _, after = selections._selections(session)
+    assert selections._read_values_agree(session, result.model, zeroed_original(later, result.plan), after,
+                                         session.feeds(count=2), 1e-4) is None

@@ -13,19 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, targets
 from graphprune.errors import InvalidModelError
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
 from graphprune.pipeline import branches as branches_mode
+from graphprune.pipeline import selections
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
-from graphprune.rules.registry import lookup
 from graphprune.verify import validate, zeroed
 from graphprune.verify.noise import NOISE_MULTIPLE
 
@@ -226,7 +225,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
         verification = _within_quantization_steps(session, verification)
     if allow_noise and verification.get("ok") is False and (
             "max_abs_diff" in verification or verification.get("shapes_differ")):
-        verification = _within_selection_flips(session, candidate, reference, verification, tolerance)
+        verification = selections.within_selection_flips(session, candidate, reference, verification, tolerance)
     if inexact and verification.get("ok"):
         # the model that is returned must itself pass the checker and run
         try:
@@ -275,68 +274,6 @@ def _relative_to_original(session: Session, verification: dict[str, Any], tolera
         return verification
     return {**verification, "ok": True, "scale": "each output's range in the original",
             "max_rel_diff_to_original_range": worst}
-
-
-#: further random inputs on which outputs after a selection are compared, and how many must agree
-SELECTION_FEEDS, SELECTION_AGREE = 3, 2
-
-
-def _within_selection_flips(session: Session, candidate: Any, reference: Any, verification: dict[str, Any],
-                            tolerance: float) -> dict[str, Any]:
-    """Outputs computed from what a selection picks (a detector's boxes at the ``TopK`` peaks of
-    its heatmap, the boxes ``NonMaxSuppression`` keeps, the scores above a threshold: the
-    rules' :meth:`~graphprune.rules.registry.OpRule.ranks_inputs`) jump when rounding flips a
-    near-tie between two entries or moves a score across a threshold: a pruned convolution
-    sums in another order, and the box of another peak comes out (a relative difference of 0.99
-    on a TF.js CenterNet whose other outputs agreed to 1e-6), or one box more (the outputs'
-    shapes differ). Where every failing output is downstream of a selection, the two models are
-    compared on further random inputs; agreement on most of them passes, and says so. A rewrite
-    error shows on every input."""
-    from graphprune.calibration.runner import downstream
-
-    graph = session.prepared.graph
-    selections = [n for n in gs.import_onnx(session.prepared).nodes
-                  if (rule := lookup(n.domain or "", n.op, session.opset)) is not None and rule.ranks_inputs(n)]
-    per_output = verification.get("per_output") or []
-    shapes = verification.get("shapes_differ")
-    if not selections or (shapes is None and len(per_output) != len(graph.output)):
-        return verification
-    after = downstream(graph, [t.name for n in selections for t in n.outputs if t.name])
-    if shapes is not None:
-        failing = [graph.output[j].name if j < len(graph.output) else "" for j in shapes]
-    else:
-        failing = [graph.output[j].name for j, entry in enumerate(per_output)
-                   if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
-    if not failing or any(name not in after for name in failing):
-        return verification
-    feeds = session.feeds(count=SELECTION_FEEDS + 1)[1:]
-    try:
-        pruned = validate.run_many(session.path_of(candidate, keep=candidate is session.model), feeds,
-                                   "the pruned model", optimize=True)
-        zeroed = validate.run_many(session.path_of(reference, keep=False), feeds, "the zeroed original",
-                                   optimize=False)
-    except Exception:  # VerificationError: the verdict stands
-        return verification
-    positions = [j for j, o in enumerate(graph.output) if o.name in failing]
-    agreeing = [validate.differences(b, a) for a, b in zip(pruned, zeroed, strict=True)
-                if validate.output_shapes_match(b, a)
-                and all(j < len(b) and b[j].size for j in positions)]  # (an empty output compares nothing)
-    agreeing = [d for d in agreeing if d[1] <= tolerance]
-    found = {**verification, "selection_agreement": f"{len(agreeing)}/{len(feeds)}"}
-    if len(agreeing) < SELECTION_AGREE:
-        return found
-    names = ", ".join(f"{n.op} '{n.name}'" for n in selections[:2])
-    if shapes is None:
-        return {**found, "ok": True,
-                "scale": f"outputs after a selection ({names}) flip near-ties on one input; equal on "
-                         f"{len(agreeing)} of {len(feeds)} further inputs"}
-    accepted = {k: v for k, v in found.items() if k not in ("error", "_error")}
-    return {**accepted, "ok": True, "checker": True, "ort": True, "output_shapes_match": False,
-            "samples": len(agreeing), "tolerance": tolerance,
-            "max_abs_diff": max(d[0] for d in agreeing), "max_rel_diff": max(d[1] for d in agreeing),
-            "scale": f"outputs after a selection ({names}) have other shapes on one input (a near-tie or "
-                     f"threshold flipped by rounding: one entry more or fewer); equal on {len(agreeing)} "
-                     f"of {len(feeds)} further inputs"}
 
 
 def _within_quantization_steps(session: Session, verification: dict[str, Any]) -> dict[str, Any]:

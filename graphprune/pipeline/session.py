@@ -525,8 +525,11 @@ class Session:
     def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
         """Accept a difference that is float noise of this model: ``candidate`` on this session's
         feeds (:func:`graphprune.verify.noise.excuse_float_noise`)."""
+        from graphprune.pipeline.selections import selected_outputs
+
         ref = self.path_of(candidate, keep=candidate is self.model)
-        return noise.excuse_float_noise(ref, self.feeds(count=verification.get("samples", 1)), verification)
+        return noise.excuse_float_noise(ref, self.feeds(count=verification.get("samples", 1)), verification,
+                                        selected_outputs(self))
 
     @contextmanager
     def blaming_input(self, what: str) -> Iterator[None]:

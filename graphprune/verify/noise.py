@@ -49,7 +49,8 @@ def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
     return out
 
 
-def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any]) -> dict[str, Any]:
+def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any],
+                       selected: set[int] = frozenset()) -> dict[str, Any]:
     """Accept a difference that is float noise of the model at ``path``. The model, run on
     ``feeds`` with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
     the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
@@ -61,7 +62,9 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     confidence ~1e-5 that moves by 6e-8 when its input moves by one ulp, as it does when a
     convolution sums fewer channels in another order) fail a fixed tolerance otherwise.
     Each output is held to its own noise, so one noisy output does not excuse another; a
-    rewrite error moves outputs by orders of magnitude more."""
+    rewrite error moves outputs by orders of magnitude more. An output in ``selected`` (computed
+    from what a selection picks: :mod:`graphprune.pipeline.selections`) is never excused: its
+    "noise" is a flipped choice, as large as the output."""
     try:
         fast = validate.run_many(path, feeds, "the pruned model", optimize=True)
         plain = validate.run_many(path, feeds, "the pruned model", optimize=False)
@@ -78,6 +81,8 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     tolerance = verification.get("tolerance", 0.0)
     excused = [j for j, entry in enumerate(per_output)
                if entry["max_abs_diff"] > tolerance * max(entry["scale"], 1e-12)]
+    if any(j in selected for j in excused):
+        return verification
     relative = max((noise[j] / max(per_output[j]["scale"], 1e-12) for j in excused), default=0.0)
     if excused:  # does the model disagree with itself? then no difference means anything
         unwritten = _unreproducible(path, feeds, tolerance)
