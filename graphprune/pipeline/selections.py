@@ -23,7 +23,7 @@ A rewrite error shows on every input, and in the values the selections read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -31,9 +31,11 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from graphprune.io.order import node_inputs
-from graphprune.pipeline.session import Session
 from graphprune.rules.registry import lookup
 from graphprune.verify import validate
+
+if TYPE_CHECKING:
+    from graphprune.pipeline.session import Session
 
 #: further random inputs on which outputs after a selection are compared, and how many must agree
 SELECTION_FEEDS, SELECTION_AGREE = 3, 2

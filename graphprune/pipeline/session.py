@@ -47,6 +47,7 @@ from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import blame
 from graphprune.pipeline import report as reports
 from graphprune.pipeline.result import PruneResult
+from graphprune.pipeline.selections import selected_outputs
 from graphprune.planning.plan import Plan
 from graphprune.verify import noise, preparation, saturation, validate
 from graphprune.verify.metrics import count_params
@@ -525,8 +526,6 @@ class Session:
     def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
         """Accept a difference that is float noise of this model: ``candidate`` on this session's
         feeds (:func:`graphprune.verify.noise.excuse_float_noise`)."""
-        from graphprune.pipeline.selections import selected_outputs
-
         ref = self.path_of(candidate, keep=candidate is self.model)
         return noise.excuse_float_noise(ref, self.feeds(count=verification.get("samples", 1)), verification,
                                         selected_outputs(self))
