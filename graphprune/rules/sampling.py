@@ -7,8 +7,8 @@ element for element; batch and spatial axes are never channels; the regions, the
 indices and the grid carry no channel (frozen). Bilinear or nearest sampling of a zero
 channel is zero (a constant one is not: a sample outside the input reads padding).
 
-Selections along one axis (``TopK``, ``ArgMax``/``ArgMin``, ``CumSum``) compare, index or
-accumulate the positions of that axis: removing one would change which position is chosen,
+Selections along one axis (``TopK``, ``ArgMax``/``ArgMin``, ``CumSum``, ``CumProd``) compare,
+index or accumulate the positions of that axis: removing one would change which position is chosen,
 or every sum after it, so that axis freezes; every other axis passes through to each output.
 
 ``ReverseSequence`` reverses the first ``sequence_lens[b]`` steps of each batch entry along
@@ -58,10 +58,10 @@ class SampleRule(OpRule):
 
 @register
 class SelectAlongAxisRule(OpRule):
-    op_types = ("TopK", "ArgMax", "ArgMin", "CumSum")
+    op_types = ("TopK", "ArgMax", "ArgMin", "CumSum", "CumProd")
 
     def ranks_inputs(self, node: gs.Node) -> tuple[int, ...]:
-        return () if node.op == "CumSum" else (0,)
+        return () if node.op in ("CumSum", "CumProd") else (0,)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
@@ -69,12 +69,13 @@ class SelectAlongAxisRule(OpRule):
         if ranks is None:
             return
         rank = ranks[0]
-        if node.op == "CumSum":
+        if node.op in ("CumSum", "CumProd"):
             axis = ctx.const(node.inputs[1])
             if axis is None:
                 ctx.freeze_node(node, f"summed axis not constant at {node.op} '{node.name}'")
                 return
-            axis, kept, verb = int(np.asarray(axis).reshape(-1)[0]) % rank, True, "summed"
+            axis, kept = int(np.asarray(axis).reshape(-1)[0]) % rank, True
+            verb = "summed" if node.op == "CumSum" else "multiplied"
         else:
             axis = int(node.attrs.get("axis", -1 if node.op == "TopK" else 0)) % rank
             kept, verb = node.op == "TopK" or bool(int(node.attrs.get("keepdims", 1))), "selected"

@@ -1,0 +1,90 @@
+"""Ops that write at positions given by values, with every other axis passing through.
+
+``TensorScatter`` (opset 24: a key/value cache update) writes ``update [B, ..., s, ...]`` into
+``past_cache [B, ..., S, ...]`` along the sequence ``axis`` at each batch entry's
+``write_indices`` (``linear`` or ``circular``), giving ``present_cache`` of the cache's shape.
+The batch axis and the sequence axis are positions (frozen); every other axis (heads, head
+size, channels) couples element for element across the cache, the update and the output, so
+a head of the cache prunes with the head that fills it. A channel that is the same constant
+in the cache and the update stays that constant.
+
+``OneHot`` turns ``indices`` of rank ``r`` into an output of rank ``r + 1`` whose new ``axis``
+has ``depth`` positions (``values[1]`` at the index, ``values[0]`` elsewhere): the index axes
+pass through, the new axis counts classes chosen by value (frozen), and ``depth`` and
+``values`` carry no channel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.analysis import constants as za
+from graphprune.rules.registry import OpRule, register
+
+if TYPE_CHECKING:
+    from graphprune.analysis.constants import ChannelValues, ConstantContext
+    from graphprune.analysis.coupling import CouplingContext
+
+
+@register
+class TensorScatterRule(OpRule):
+    op_types = ("TensorScatter",)
+    since_opset = 24
+    zero_behaviour = "map"
+
+    def _axis(self, node: gs.Node, rank: int) -> int:
+        return int(node.attrs.get("axis", -2)) % rank
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        cache, update, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        ranks = ctx.known_ranks(node, cache, update, y)
+        if ranks is None:
+            return
+        rank = ranks[0]
+        axis = self._axis(node, rank)
+        if ranks != [rank] * 3 or rank < 2 or axis == 0:
+            ctx.freeze_node(node, f"TensorScatter '{node.name}' not understood (ranks {ranks}, axis {axis})")
+            return
+        for t in (cache, update, y):
+            ctx.spatial(t, [0], "batch")
+            ctx.spatial(t, [axis], "sequence")
+        for a in range(1, rank):
+            if a != axis:
+                ctx.couple(cache, a, y, a)
+                ctx.couple(update, a, y, a)
+        for t in node.inputs[2:]:
+            ctx.freeze(t, None, f"write positions at {node.op} '{node.name}'")
+
+    def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
+        state, shape = ctx.state(node.inputs[0]), ctx.shape(node.inputs[0])
+        if state is None or shape is None or state.axis in (0, self._axis(node, len(shape))):
+            return [None]
+        other = ctx.along(node.inputs[1], state.axis)
+        if other is None or other.size != state.values.size:
+            return [None]
+        return [za.values(state.axis, np.where(state.values == other, state.values, np.nan))]
+
+
+@register
+class OneHotRule(OpRule):
+    op_types = ("OneHot",)
+    since_opset = 9
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        indices, y = node.inputs[0], node.outputs[0]
+        ranks = ctx.known_ranks(node, indices, y)
+        if ranks is None:
+            return
+        rank, out_rank = ranks
+        if out_rank != rank + 1:
+            ctx.freeze_node(node, f"OneHot '{node.name}' not understood (ranks {rank} -> {out_rank})")
+            return
+        axis = int(node.attrs.get("axis", -1)) % out_rank
+        ctx.freeze(y, axis, f"classes of {node.op} '{node.name}'")
+        for a in range(rank):
+            ctx.couple(indices, a, y, a if a < axis else a + 1)
+        for t in node.inputs[1:]:
+            ctx.freeze(t, None, f"depth and values of {node.op} '{node.name}'")
