@@ -979,24 +979,28 @@ def test_channel_shuffle_between_grouped_convs():
 
 
 def test_op_without_a_rule_freezes_the_groups_it_touches():
-    """Trilu has no rule (ONNX Runtime runs it, so the prune verifies)."""
+    """DFT has no rule (ONNX Runtime runs it, so the prune verifies)."""
     nodes = [
         conv_node("x", "W_stem", "a", "B_stem", name="stem"),
-        helper.make_node("Trilu", ["a"], ["b"], name="mystery", upper=1),
+        helper.make_node("Unsqueeze", ["a", "last"], ["a1"], name="to_real"),
+        helper.make_node("DFT", ["a1", "", "width"], ["f"], name="mystery"),  # [1, C, HW, HW, 2]
+        helper.make_node("ReduceSum", ["f", "last"], ["b"], name="parts", keepdims=0),
         conv_node("b", "W_head", "y", "B_head", name="head"),
     ]
     m = make_model(
         nodes, {"x": [1, 3, HW, HW]}, {"y": None},
-        {"W_stem": (C, 3, 3, 3), "B_stem": (C,), "W_head": (4, C, 3, 3), "B_head": (4,)},
+        {"W_stem": (C, 3, 3, 3), "B_stem": (C,), "W_head": (4, C, 3, 3), "B_head": (4,),
+         "last": np.array([-1], np.int64), "width": np.array(3, np.int64)},
+        opset=20, value_info={"f": [1, C, HW, HW, 2], "b": [1, C, HW, HW]},
     )
     analysis = graphprune.analyze(m)
-    assert analysis.unsupported == {"Trilu": ["mystery"]}
+    assert analysis.unsupported == {"DFT": ["mystery"]}
     group = group_with(analysis, "W_stem", 0)
     assert not group.prunable
-    assert any("Trilu 'mystery'" in r for r in group.frozen)
+    assert any("DFT 'mystery'" in r for r in group.frozen)
     res = graphprune.prune(m, ratio=0.5)
     assert res.plan.units_removed == 0
-    assert res.report["unsupported_ops"] == {"Trilu": 1}
+    assert res.report["unsupported_ops"] == {"DFT": 1}
 
 
 def test_custom_domain_op_without_a_rule_freezes():
