@@ -133,3 +133,47 @@ def test_an_output_after_a_selection_is_never_excused_as_float_noise() -> None:
                "per_output": [{"max_abs_diff": moved, "scale": scale}]}
     assert excuse_float_noise(path, feeds, verdict)["ok"] is True
     assert excuse_float_noise(path, feeds, verdict, selected={0})["ok"] is False
+
+
+def _picked_then_saturated(largest: int = 1) -> onnx.ModelProto:
+    """``TopK`` picks the row of ``x [2, 256]`` with the largest (``largest=0``: smallest) sum,
+    then ``sigmoid(row @ W - 20)`` as in :func:`saturated_model`: an output after a selection,
+    with float noise of its own."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0),
+             helper.make_node("TopK", ["s", "k"], ["top", "row"], largest=largest),
+             helper.make_node("Gather", ["x", "row"], ["picked"], axis=0),
+             helper.make_node("MatMul", ["picked", "w"], ["h"]), helper.make_node("Add", ["h", "shift"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["y"])]
+    return make_model(nodes, {"x": [2, 256]}, {"y": None},
+                      {"axes": np.array([1], np.int64), "k": np.array([1], np.int64),
+                       "w": (rng.standard_normal((256, 8)) * 0.5).astype(np.float32),
+                       "shift": np.array(-20.0, np.float32)})
+
+
+def test_an_output_after_the_same_choices_is_held_to_its_own_noise() -> None:
+    """Where both models chose the same entries on the inputs compared, an output after the
+    selection is the same computation on the same choices: its noise is the model's own and
+    excuses as elsewhere. Where the reference chose otherwise (or none is given) it does not."""
+    model = _picked_then_saturated()
+    session = Session(model)
+    assert selections.selected_outputs(session) == {0}
+    path, feeds = session.path_of(session.prepared), session.feeds()
+    fast = validate.run_many(path, feeds, "m", optimize=True)[0][0]
+    moved = float(np.abs(validate.run_many(path, [nudged(feeds[0])], "m", optimize=True)[0][0] - fast).max())
+    scale = float(np.abs(fast).max())
+    assert moved > 0
+
+    def verdict(reference: onnx.ModelProto | None, diff: float = moved) -> dict:
+        return session.within_float_noise(session.prepared, {
+            "ok": False, "samples": 1, "tolerance": 0.0, "max_abs_diff": diff, "max_rel_diff": diff / scale,
+            "per_output": [{"max_abs_diff": diff, "scale": scale}]}, reference)
+
+    assert selections.choices_agree(session, session.prepared, model, feeds)
+    same = verdict(model)
+    assert same["ok"] is True and "every selection chose the same entries" in same["scale"], same
+    assert verdict(model, 100 * moved)["ok"] is False  # a rewrite error is still one
+    assert verdict(None)["ok"] is False
+    other = _picked_then_saturated(largest=0)
+    assert not selections.choices_agree(session, session.prepared, other, feeds)
+    assert verdict(other)["ok"] is False

@@ -144,12 +144,15 @@ def _shaped(graph: onnx.GraphProto) -> set[str]:
 
 def annotate(model: onnx.ModelProto) -> bool:
     """Give the outputs of ops outside the ONNX domain (or ONNX Runtime's in it,
-    :mod:`.ort_schemas`) that ONNX inference left without a
+    :mod:`.ort_schemas`, or ONNX ops whose rule gives their shape where ONNX's inference gives
+    up: ``STFT`` of a signal of open length) that ONNX inference left without a
     shape the shape the symbolic inference finds, in ``model``'s ``value_info`` (in place).
     ``True`` when any was added: infer again, for the shapes computed from them."""
     graph = model.graph
     shaped = _shaped(graph)
-    unknown = [n for n in graph.node if n.domain not in ONNX_DOMAINS or n.op_type in ORT_ONNX_DOMAIN_OPS]
+    given = registry.shape_rules()  # ONNX ops whose inference may give up (STFT of an open length)
+    unknown = [n for n in graph.node
+               if n.domain not in ONNX_DOMAINS or n.op_type in ORT_ONNX_DOMAIN_OPS or n.op_type in given]
     if not any(o and o not in shaped for n in unknown for o in n.output):
         return False
     skeleton, _ = _detach(model)

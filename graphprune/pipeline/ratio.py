@@ -220,7 +220,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
     if verification.get("ok") is False and "max_abs_diff" in verification:
         verification = _relative_to_original(session, verification, tolerance)
     if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
-        verification = session.within_float_noise(candidate, verification)
+        verification = session.within_float_noise(candidate, verification, reference)
     if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
         verification = _within_quantization_steps(session, verification)
     if allow_noise and verification.get("ok") is False and (

@@ -9,7 +9,11 @@ comes out (a relative difference of 0.99 on a TF.js CenterNet whose other output
 
 - such an output is never excused as the model's own float noise (:func:`selected_outputs`):
   moving the inputs by two units in the last place flips the same choices, and that "noise"
-  is as large as the outputs (2.7e14 on a random-weight RetinaNet), which would excuse anything;
+  is as large as the outputs (2.7e14 on a random-weight RetinaNet), which would excuse anything
+  -- unless both models chose the same entries on every input compared (:func:`choices_agree`):
+  then what follows is the same computation on the same choices, and its noise is the model's
+  own (Kokoro's vocoder after its duration expansion amplifies one unit in the last place to 5 %
+  of its output through the phase of an STFT);
 - where every failing output is downstream of a selection, the two models are compared on
   further random inputs, on which those outputs have elements; agreement on most passes
   (:func:`within_selection_flips`);
@@ -54,6 +58,26 @@ def selected_outputs(session: Session) -> set[int]:
     """The indices of the graph outputs computed from what a selection picks."""
     found, after = _selections(session)
     return {j for j, o in enumerate(session.prepared.graph.output) if o.name in after} if found else set()
+
+
+def choices_agree(session: Session, candidate: Any, reference: Any, feeds: list[dict[str, np.ndarray]]) -> bool:
+    """Did both models choose the same entries on ``feeds``: every integer output of every
+    selection (``NonZero``'s positions, ``TopK``'s and ``ArgMax``'s indices, the boxes
+    ``NonMaxSuppression`` keeps) equal? ``False`` where a selection has no such output
+    (``Compress`` gives the chosen values only) or a run fails."""
+    found, _ = _selections(session)
+    chosen_by = [[t.name for t in n.outputs if t.name and t.dtype is not None and np.dtype(t.dtype).kind in "iub"]
+                 for n in found]
+    if not found or not all(chosen_by):
+        return False
+    names = [name for names in chosen_by for name in names]
+    try:
+        chosen = [_run_exposed(session, model, names, feeds, optimize)
+                  for model, optimize in ((candidate, True), (reference, False))]
+    except Exception:  # VerificationError: nothing compared
+        return False
+    return all(x.shape == y.shape and np.array_equal(x, y)
+               for a, b in zip(*chosen, strict=True) for x, y in zip(a, b, strict=True))
 
 
 def within_selection_flips(session: Session, candidate: Any, reference: Any, verification: dict[str, Any],

@@ -47,7 +47,7 @@ from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import blame
 from graphprune.pipeline import report as reports
 from graphprune.pipeline.result import PruneResult
-from graphprune.pipeline.selections import selected_outputs
+from graphprune.pipeline.selections import choices_agree, selected_outputs
 from graphprune.planning.plan import Plan
 from graphprune.verify import noise, preparation, saturation, validate
 from graphprune.verify.metrics import count_params
@@ -523,12 +523,20 @@ class Session:
         with self.stage("verify"):
             return preparation.check_preparation(self.loaded, self.prepared, self.path_of, self.feeds(), tolerance)
 
-    def within_float_noise(self, candidate: Any, verification: dict[str, Any]) -> dict[str, Any]:
+    def within_float_noise(self, candidate: Any, verification: dict[str, Any],
+                           reference: Any = None) -> dict[str, Any]:
         """Accept a difference that is float noise of this model: ``candidate`` on this session's
-        feeds (:func:`graphprune.verify.noise.excuse_float_noise`)."""
+        feeds (:func:`graphprune.verify.noise.excuse_float_noise`). Outputs after a selection
+        are held to their noise too where ``reference`` (what ``candidate`` was compared with)
+        and ``candidate`` chose the same entries on those feeds (:func:`selections.choices_agree`)."""
         ref = self.path_of(candidate, keep=candidate is self.model)
-        return noise.excuse_float_noise(ref, self.feeds(count=verification.get("samples", 1)), verification,
-                                        selected_outputs(self))
+        feeds = self.feeds(count=verification.get("samples", 1))
+        selected = selected_outputs(self)
+        same = bool(selected) and reference is not None and choices_agree(self, candidate, reference, feeds)
+        result = noise.excuse_float_noise(ref, feeds, verification, set() if same else selected)
+        if same and result.get("ok") and not verification.get("ok"):
+            result["scale"] += "; every selection chose the same entries in both models"
+        return result
 
     @contextmanager
     def blaming_input(self, what: str) -> Iterator[None]:

@@ -281,6 +281,37 @@ def compare(
                                              segmented=segment_candidate)
     if emulate_quantization:
         run_many(candidate, feeds_list[:1], "the pruned model (optimised)")
+    result = _differences(ref_outs, outs, what, tolerance)
+    if pair_safe_used and not result["ok"]:
+        # The 7-bit copies compute another function than the models, and where the model
+        # amplifies small differences (an inverse STFT's division by its window sum, a
+        # rounded duration) they can differ more than the models do. Saturation can only
+        # make the models themselves differ, never agree where the rewrite is wrong: where
+        # they are nearer as they are, that comparison is the verdict (and the one the
+        # model's own float noise, measured on the model as it is, is held against).
+        ref_outs = run_many(reference, feeds_list, what, reference_overrides, optimize_reference, segmented=True)
+        outs = run_many(candidate, feeds_list, "the pruned model", optimize=optimize, segmented=segment_candidate)
+        plain = _differences(ref_outs, outs, what, tolerance)
+        if plain["max_rel_diff"] < result["max_rel_diff"]:  # the nearer of the two is the verdict
+            return {"ok": plain["ok"], "reference": what, "checker": check, **plain, "compared": (
+                "the models as they are (their copies with the int8 weights of u8 x s8 kernels halved, "
+                f"which avoid ONNX Runtime's saturating pair sums, differ by {result['max_rel_diff']:.3g})")}
+    return {
+        "ok": result["ok"],
+        "reference": what,
+        "checker": check,
+        **result,
+        **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
+           if emulate_quantization else {}),
+        **({"compared": "copies with the int8 weights of u8 x s8 kernels halved (ONNX Runtime's x86 "
+                        "kernels saturate 16-bit pair sums, which depend on the channel count)"}
+           if pair_safe_used else {}),
+    }
+
+
+def _differences(ref_outs: list[list[np.ndarray]], outs: list[list[np.ndarray]], what: str,
+                 tolerance: float) -> dict[str, Any]:
+    """The comparison of two models' outputs on the same feeds (see :func:`compare`)."""
     max_abs = max_rel = 0.0
     per_output: list[list[float]] = []  # [largest absolute difference, reference scale]
     for ref_out, out in zip(ref_outs, outs, strict=True):
@@ -300,10 +331,9 @@ def compare(
     return {
         "ok": bool(max_rel <= tolerance),
         "reference": what,
-        "checker": check,
         "ort": True,
         "output_shapes_match": True,
-        "samples": len(feeds_list),
+        "samples": len(ref_outs),
         "max_abs_diff": max_abs,
         "max_rel_diff": max_rel,
         "per_output": [{"max_abs_diff": a, "scale": sc} for a, sc in per_output],
@@ -312,11 +342,6 @@ def compare(
         # random inputs): nothing was compared there
         **({"empty_outputs": empty} if (empty := [j for j in range(len(per_output))
                                                   if all(out[j].size == 0 for out in ref_outs)]) else {}),
-        **({"compared": "unoptimised (ONNX QuantizeLinear/DequantizeLinear semantics)"}
-           if emulate_quantization else {}),
-        **({"compared": "copies with the int8 weights of u8 x s8 kernels halved (ONNX Runtime's x86 "
-                        "kernels saturate 16-bit pair sums, which depend on the channel count)"}
-           if pair_safe_used else {}),
     }
 
 
