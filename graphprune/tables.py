@@ -184,6 +184,9 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
                 text += f" (up to {100 * stats['clipped_max']:.2g} % of a weight clipped)"
         if stats.get("kept_weights"):
             text += f"; {stats['kept_weights']} kept their weights (the fit did not pay on held-out rows)"
+        if stats.get("not_refit_positions_differ"):
+            text += (f"; {len(stats['not_refit_positions_differ'])} not refit: the pruned model computes other "
+                     "positions there (sizes chosen by value, a duration or a selection, changed)")
         lines.append(text)
         rec = stats.get("recurrent") or {}
         if rec.get("layers"):

@@ -77,6 +77,9 @@ class WaveReport:
     clipped: list[float] = field(default_factory=list)
     #: layers that keep their weights: no fit (rounded on its grid, if stored) was better
     kept: int = 0
+    #: layers not fit: the pruned model computed fewer positions there than the original did
+    #: (sizes chosen by value, a duration or a selection, that the prune changed)
+    misplaced: list[str] = field(default_factory=list)
 
 
 def rows_budget(view: LinearView) -> int:
@@ -121,6 +124,10 @@ class Reconstructor:
         self.mode = mode
         self.ridge = ridge
         self.samples = max(1, sum(batches.sizes))
+        #: (target, batch) -> the original's output positions there, which the pruned
+        #: model's must equal for its rows to be the same positions (sizes chosen by value
+        #: -- a duration, a selection -- may differ once pruned)
+        self._positions: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ original
     def _original(self, members: list[Target], later: list[str], cache: runner.TensorCache | None
@@ -159,6 +166,7 @@ class Reconstructor:
                 add_moments(moments, t.index, y, t.view.is_conv)
                 return
             selected = selection(t, batch, y.shape)
+            self._positions[(t.index, batch)] = t.view.output_positions(y.shape)
             out = t.view.output_rows(y, selected).reshape(len(selected), -1)
             if t.kept is not None:
                 out = out[:, t.kept]
@@ -190,6 +198,9 @@ class Reconstructor:
         for b, entry in enumerate(got):
             assert entry is not None
             positions, out, summed = entry
+            known = self.recorded.positions.get((t.view.output.name, b))
+            if known is not None:
+                self._positions[(t.index, b)] = known
             if t.kept is not None:
                 out = out[:, t.kept]
             rows[(t.index, b)] = (positions, np.ascontiguousarray(out))
@@ -249,6 +260,8 @@ class Reconstructor:
             out["clipped_max"] = round(float(max(report.clipped)), 6)
         if report.kept:
             out["kept_weights"] = report.kept
+        if report.misplaced:
+            out["not_refit_positions_differ"] = report.misplaced
         return out
 
     def _residual_rows(
@@ -307,9 +320,16 @@ class Reconstructor:
                 a = acc[t.key] = Accumulator.empty(g, k, og)
             a.add(batch % 2, xt, y)
 
+        misplaced: set[int | str] = set()
+
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):
                 rows, _ = targets_rows[(t.index, batch)]
+                here = t.view.positions(t.view.read_data(x).shape)
+                there = None if t.row_cuts else self._positions.get((t.index, batch))
+                if (len(rows) and rows.max() >= here) or (there is not None and here != there):
+                    misplaced.add(t.key)  # the original's rows are not the pruned model's positions
+                    continue
                 pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(t.view.read_data(x), rows)  # [R, g, K]
                 add(t, batch)
             for t in by_stream.get(name, ()):
@@ -332,6 +352,9 @@ class Reconstructor:
             fits[t.key].append(t)
         for key, group in fits.items():
             a = acc.get(key)
+            if key in misplaced:
+                report.misplaced += [t.name for t in group]
+                continue
             if a is None or a.rows == 0:
                 continue
             a.flush()

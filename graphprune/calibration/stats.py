@@ -86,7 +86,11 @@ class ChannelStats:
             return
         rows = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
         self.pending = []
-        g = rows.T @ rows
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = rows.T @ rows
+        if not np.isfinite(g).all() and np.isfinite(rows).all():  # float32 sums overflow past ~1e19 per value
+            wide = rows.astype(np.float64)
+            g = wide.T @ wide
         self.gram = g.astype(np.float64) if self.gram is None else self.gram + g
         self.gram_rows += rows.shape[0]
 
@@ -101,10 +105,16 @@ def channel_sums(rows: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     if 0 < axis < rows.ndim - 1 and rows.flags["C_CONTIGUOUS"]:
         lead = int(np.prod(rows.shape[:axis]))
         view = rows.reshape(lead, rows.shape[axis], -1)
-        return (view.sum(axis=2, dtype=inner).sum(axis=0, dtype=np.float64),
-                np.square(view, dtype=inner).sum(axis=2).sum(axis=0, dtype=np.float64))
-    return (rows.sum(axis=others, dtype=np.float64),
-            np.square(rows, dtype=np.float64 if inner else None).sum(axis=others, dtype=np.float64))
+        with np.errstate(over="ignore"):
+            squares = np.square(view, dtype=inner).sum(axis=2).sum(axis=0, dtype=np.float64)
+        if not np.isfinite(squares).all():  # (past ~1e19 per value): in float64
+            squares = np.square(view, dtype=np.float64).sum(axis=2).sum(axis=0)
+        return view.sum(axis=2, dtype=inner).sum(axis=0, dtype=np.float64), squares
+    with np.errstate(over="ignore"):
+        squares = np.square(rows, dtype=np.float64 if inner else None).sum(axis=others, dtype=np.float64)
+    if not np.isfinite(squares).all():
+        squares = np.square(rows, dtype=np.float64).sum(axis=others)
+    return rows.sum(axis=others, dtype=np.float64), squares
 
 
 @dataclass

@@ -57,6 +57,8 @@ class RecordedTargets:
             if residual is not None and residual.total not in self.views:
                 self.totals.setdefault(residual.total, view.output.name)
         self.selected: dict[tuple[str, int], np.ndarray] = {}
+        #: (layer, batch) -> the number of output positions the rows were selected from
+        self.positions: dict[tuple[str, int], int] = {}
         self.cache = runner.TensorCache(runner.CACHE_BYTES, data_dir)
 
     def names(self) -> list[str]:
@@ -68,7 +70,8 @@ class RecordedTargets:
         if key not in self.selected:
             view = self.views[layer]
             count = math.ceil(self.budget(view) * self.sizes[batch] / self.samples)
-            self.selected[key] = select(view.output_positions(shape), count, seed(layer, batch))
+            self.positions[key] = view.output_positions(shape)
+            self.selected[key] = select(self.positions[key], count, seed(layer, batch))
         return self.selected[key]
 
     def take(self, batch: int, name: str, value: np.ndarray) -> None:
@@ -102,3 +105,4 @@ class RecordedTargets:
     def close(self) -> None:
         self.cache.close()
         self.selected.clear()
+        self.positions.clear()

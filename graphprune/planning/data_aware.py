@@ -93,6 +93,8 @@ def _inverse_gram(stats: ChannelStats) -> np.ndarray | None:
     if cached is not None:
         return cached
     gram = stats.gram / stats.gram_rows
+    if not np.isfinite(gram).all():  # activations that overflow (or are infinite) tell nothing
+        return None
     gram = gram + GRAM_RIDGE * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(len(gram))
     try:
         inverse = np.linalg.inv(gram)
