@@ -221,3 +221,34 @@ def test_targets_recorded_by_the_statistics_run_equal_a_second_run(name, monkeyp
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[1].items():
         np.testing.assert_allclose(weights[0][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_cached_resize_size_is_fed_with_its_length():
+    """A PyTorch export's ``interpolate(size=skip.shape[2:])`` computes Resize's ``sizes``; fed
+    from the cache, it was declared without a shape and ONNX Runtime refused the model
+    ("Number of elements of input 'sizes' (0)": CRAFT's final refit failed so). The cache
+    keeps each tensor's sizes and the fed input declares them."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Slice", ["shape", "two", "four"], ["hw"], name="hw"),
+             helper.make_node("Mul", ["hw", "twice"], ["hw2"], name="double"),
+             helper.make_node("Concat", ["nc", "hw2"], ["sizes"], name="sizes", axis=0),
+             helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Resize", ["r", "roi", "scales", "sizes"], ["y"], name="resize", mode="linear")]
+    inits = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("two", 2), ("four", 4), ("twice", 2))]
+    inits += [numpy_helper.from_array(np.array([1, 2], np.int64), "nc"),
+              numpy_helper.from_array(np.zeros(0, np.float32), "roi"), numpy_helper.from_array(np.zeros(0, np.float32), "scales")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 2, 3 + i, 4)).astype(np.float32)} for i in range(2)]
+    plain: list[np.ndarray] = []
+    runner.stream(model, ["y"], feeds, lambda _i, _n, v: plain.append(v))
+    cache = runner.stream(model, ["r"], feeds, lambda *_: None, keep=["sizes", "r"])
+    assert cache is not None
+    again: list[np.ndarray] = []
+    runner.stream(model, ["y"], feeds, lambda _i, _n, v: again.append(v), cache=cache)
+    assert cache.shapes() == {"sizes": [4], "r": [1, 2, None, 4]}
+    cache.close()
+    for a, b in zip(plain, again, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -43,12 +43,16 @@ CHUNK_BYTES = 512 << 20
 
 
 
-def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str, int] | None = None) -> bytes:
+def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str, int] | None = None,
+                  shapes: dict[str, list[int | None]] | None = None) -> bytes:
     """Serialised ``model`` with outputs ``names`` and only the nodes they need.
 
     ``given``: tensors fed from a cache (name -> ONNX element type): they become graph
     inputs and the nodes upstream of them are left out (a cached tensor that a kept node
-    computes anyway is not fed). :func:`fed_names` tells which were used."""
+    computes anyway is not fed). :func:`fed_names` tells which were used. ``shapes``: their
+    sizes where known (:meth:`TensorCache.shapes`), declared on those inputs: ONNX Runtime's
+    ``Resize`` refuses a ``sizes`` input of unknown length ("Number of elements of input
+    'sizes' (0)"), as a PyTorch export's ``interpolate(size=x.shape[2:])`` fed from a cache is."""
     graph = model.graph
     given = dict(given or {})
     known = set(producers(graph)) | {i.name for i in graph.input} | set(given)
@@ -78,6 +82,13 @@ def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str,
         for name in fed:
             value = onnx.ValueInfoProto(name=name)
             value.type.tensor_type.elem_type = given[name]
+            dims = (shapes or {}).get(name)
+            if dims is not None:
+                value.type.tensor_type.shape.SetInParent()
+                for size in dims:
+                    dim = value.type.tensor_type.shape.dim.add()
+                    if size is not None:
+                        dim.dim_value = size
             graph.input.append(value)
         if trim:
             kept = [saved_nodes[i] for i in needed]
@@ -250,6 +261,7 @@ def _run_chunks(
     try:
         for number, chunk in enumerate(parts):
             available = {**given, **(inner.types() if inner is not None else {})}
+            sizes = {**(cache.shapes() if cache is not None else {}), **(inner.shapes() if inner is not None else {})}
             later = [n for part in parts[number + 1 :] for n in part]
             cut: list[str] = []
             if later:
@@ -260,7 +272,7 @@ def _run_chunks(
             outputs_ = [*chunk, *extra]
             try:
                 fed = fed_names(model.graph, outputs_, available)
-                sess = session(exposed_model(model, outputs_, available), data_dir, optimize, half)
+                sess = session(exposed_model(model, outputs_, available, sizes), data_dir, optimize, half)
             except Exception as exc:
                 raise VerificationError(
                     f"{what} does not run in ONNX Runtime: {runtime.describe(exc)}") from exc
@@ -312,14 +324,24 @@ class TensorCache:
         self.held = 0
         self._values: dict[str, dict[int, np.ndarray | Path]] = {}
         self._types: dict[str, int] = {}
+        #: cached names -> the size of each axis where every batch has the same (else None)
+        self._shapes: dict[str, list[int | None]] = {}
         self._folder: tempfile.TemporaryDirectory | None = None
 
     def types(self) -> dict[str, int]:
         """Cached names -> ONNX element type."""
         return dict(self._types)
 
+    def shapes(self) -> dict[str, list[int | None]]:
+        """Cached names -> each axis' size where every batch agrees on it (``None``: not)."""
+        return {name: list(dims) for name, dims in self._shapes.items()}
+
     def put(self, name: str, batch: int, value: np.ndarray) -> None:
         self._types[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        seen = self._shapes.get(name)
+        self._shapes[name] = list(value.shape) if seen is None else (
+            [a if a == b else None for a, b in zip(seen, value.shape, strict=True)]
+            if len(seen) == value.ndim else [None] * value.ndim)
         if self.held + value.nbytes <= self.limit:
             self._values.setdefault(name, {})[batch] = value
             self.held += value.nbytes
@@ -334,9 +356,12 @@ class TensorCache:
         """Move ``name`` (every batch) from ``other``: arrays by reference, files by rename."""
         values = other._values.pop(name, {})
         dtype = other._types.pop(name, None)
+        shape = other._shapes.pop(name, None)
         if dtype is None:
             return
         self._types[name] = dtype
+        if shape is not None:
+            self._shapes[name] = shape
         for batch, value in values.items():
             if isinstance(value, Path):
                 if self._folder is None:
