@@ -14,10 +14,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+import pytest
 from conftest import conv_node, make_model, positive
 from onnx import helper
 
 from graphprune.analysis.blocks import find_residual_blocks
+from graphprune.errors import UsageError
 from graphprune.pipeline.depth import erase_blocks
 from graphprune.pipeline.session import Session
 
@@ -188,3 +190,38 @@ def test_undeclared_shapes_are_compared_at_the_verification_sizes() -> None:
     assert not _same_shape(skip, y, lambda t: sizes.get(t.name))
     declared = gs.Variable("skip", np.float32, [1, "a", 120])
     assert not _same_shape(declared, gs.Variable("y", np.float32, [1, "b", 121]), lambda t: [1, 112, 120])
+
+
+def _squaring_blocks(count: int, gain: float) -> onnx.ModelProto:
+    """``count`` blocks ``x + Mul(c, c)`` with ``c = Clip(x @ W, -1, 1)`` (``|W|`` scaled by
+    ``gain``): the values stay small, but the data-free RMS estimate (which does not bound
+    ``Clip``) squares at every block and overflows after a few."""
+    rng = np.random.default_rng(0)
+    nodes, x = [], "x"
+    params = {"lo": np.array(-1.0, np.float32), "hi": np.array(1.0, np.float32)}
+    for k in range(count):
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]),
+                  helper.make_node("Clip", [f"h{k}", "lo", "hi"], [f"c{k}"]),
+                  helper.make_node("Mul", [f"c{k}", f"c{k}"], [f"sq{k}"]),
+                  helper.make_node("Add", [x, f"sq{k}"], [f"x{k}"], name=f"add{k}")]
+        params[f"w{k}"] = (rng.standard_normal((8, 8)) * gain / 8).astype(np.float32)
+        x = f"x{k}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    return make_model(nodes, {"x": [1, 8]}, {"y": [1, 8]}, params)
+
+
+def test_blocks_whose_estimate_overflows_are_not_ranked() -> None:
+    """A network whose data-free RMS estimate overflows (scales multiplied layer after layer:
+    PP-OCRv4's recogniser, TF.js selfie segmentation) scored those blocks inf or NaN, chose
+    among them, and wrote NaN into the report. Such a block's score is now unknown (``None`` in
+    the report) and only ranked blocks are erased; none ranked is a usage error."""
+    import json
+
+    result = erase_blocks(_squaring_blocks(12, 40.0), 1)
+    scores = [b["score"] for b in result.report["depth"]["blocks"]]
+    assert scores[0] is not None and None in scores, scores
+    json.dumps(result.report["depth"], allow_nan=False)  # (strict JSON; the model's values stay finite)
+    erased = result.report["depth"]["blocks_erased"]
+    assert all(b["score"] is not None for b in result.report["depth"]["blocks"] if b["add"] in erased)
+    with pytest.raises(UsageError, match="can be ranked"):
+        erase_blocks(_squaring_blocks(12, 40.0), 11)

@@ -47,7 +47,10 @@ class ResidualBlock:
     score: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "num_nodes": len(self.nodes)}
+        out = {**asdict(self), "num_nodes": len(self.nodes)}
+        if not math.isfinite(self.score):  # (JSON has no NaN or infinity: unknown)
+            out["score"] = None
+        return out
 
 
 def _rule(node: gs.Node, opset: int) -> registry.OpRule | None:
@@ -226,12 +229,16 @@ def relative_branch_scales(graph: gs.Graph, blocks: list[ResidualBlock]) -> list
     is judged against the size of the stream it is added to (the default depth-pruning score).
     """
     toposort_model(graph)
-    rms = propagate_rms(
-        list(graph.nodes), {t.name: _unit_rms(t) for t in graph.inputs}, graph.opset
-    )
-    scores = []
-    for block in blocks:
-        branch = rms_of(rms.get(block.branch_output, np.zeros(1)))
-        skip = rms_of(rms.get(block.skip, np.ones(1)))
-        scores.append(branch / skip if skip > 0 else math.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rms = propagate_rms(
+            list(graph.nodes), {t.name: _unit_rms(t) for t in graph.inputs}, graph.opset
+        )
+        scores = []
+        for block in blocks:
+            branch = rms_of(rms.get(block.branch_output, np.zeros(1)))
+            skip = rms_of(rms.get(block.skip, np.ones(1)))
+            # an estimate that overflowed (scales multiplied layer after layer in a network with
+            # folded normalisations) ranks nothing: NaN, unknown
+            scores.append(branch / skip if skip > 0 and math.isfinite(branch) and math.isfinite(skip)
+                          else math.inf if skip == 0 and math.isfinite(branch) else math.nan)
     return scores

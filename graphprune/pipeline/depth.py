@@ -65,7 +65,11 @@ def choose_blocks(blocks: list[ResidualBlock], k: int | float) -> list[ResidualB
     n = _count(k, len(blocks))
     chosen: list[ResidualBlock] = []
     taken: set[str] = set()
-    for block in sorted(blocks, key=lambda b: (b.score, b.add)):
+    ranked = [b for b in blocks if not math.isnan(b.score)]
+    if len(ranked) < n:
+        raise UsageError(f"only {len(ranked)} of {len(blocks)} residual blocks can be ranked, asked {n}: the "
+                         "data-free estimate of the others overflows (scales multiplied layer after layer)")
+    for block in sorted(ranked, key=lambda b: (b.score, b.add)):
         if len(chosen) == n:
             break
         if block.add in taken or taken & set(block.nodes):
