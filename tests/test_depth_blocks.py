@@ -225,3 +225,40 @@ def test_blocks_whose_estimate_overflows_are_not_ranked() -> None:
     assert all(b["score"] is not None for b in result.report["depth"]["blocks"] if b["add"] in erased)
     with pytest.raises(UsageError, match="can be ranked"):
         erase_blocks(_squaring_blocks(12, 40.0), 11)
+
+
+def test_int8_and_masked_blocks_score_as_their_float_model(tmp_path) -> None:
+    """The data-free block scores of a dynamic-int8 model (``DynamicQuantizeLinear`` ->
+    ``MatMulInteger`` -> rescaling ``Mul``s) are those of its float model: the run-time scale
+    counted as the input's RMS squared the estimate at every layer (a T5's int8 FFN blocks
+    scored 1e-92 and were always erased first). An additive mask of -1e30 before a Softmax no
+    longer swamps the stream (the Softmax bounds its output)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from graphprune.analysis.blocks import relative_branch_scales
+
+    rng = np.random.default_rng(0)
+    nodes, x = [], "x"
+    params: dict = {"mask": np.full((1, 16), -1e30, np.float32)}
+    for k in range(3):
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]), helper.make_node("Relu", [f"h{k}"], [f"r{k}"]),
+                  helper.make_node("MatMul", [f"r{k}", f"v{k}"], [f"o{k}"]),
+                  helper.make_node("Add", [x, f"o{k}"], [f"x{k}"], name=f"add{k}")]
+        params[f"w{k}"] = (rng.standard_normal((16, 64)) / 4).astype(np.float32)
+        params[f"v{k}"] = (rng.standard_normal((64, 16)) / (8 * (k + 1))).astype(np.float32)
+        x = f"x{k}"
+    nodes += [helper.make_node("Add", [x, "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "pv"], ["po"]), helper.make_node("Add", [x, "po"], ["y"], name="add_attn")]
+    params["pv"] = (rng.standard_normal((16, 16))).astype(np.float32)
+    model = make_model(nodes, {"x": [4, 16]}, {"y": [4, 16]}, params)
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+
+    def scores(path) -> list[float]:
+        graph = Session(str(path)).import_graph()
+        return relative_branch_scales(graph, find_residual_blocks(graph))
+
+    floats, ints = scores(tmp_path / "f.onnx"), scores(tmp_path / "q.onnx")
+    assert len(floats) == len(ints) == 4, (floats, ints)
+    assert all(0.05 < f < 20 for f in floats), floats  # (the mask's -1e30 does not reach the stream)
+    assert all(abs(np.log(i / f)) < np.log(1.5) for f, i in zip(floats, ints, strict=True)), (floats, ints)

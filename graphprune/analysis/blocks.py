@@ -207,8 +207,9 @@ def propagate_rms(
         out = rule.propagate_rms(node, ctx) if rule is not None else None
         if out is None:
             out = ctx.of(node.inputs[0])
-        for o in node.outputs:
-            ctx.rms[o.name] = np.asarray(out, dtype=np.float64).reshape(-1)
+        each = out if isinstance(out, list) else [out] * len(node.outputs)
+        for o, value in zip(node.outputs, each, strict=False):
+            ctx.rms[o.name] = np.asarray(value, dtype=np.float64).reshape(-1)
     return ctx.rms
 
 

@@ -502,6 +502,16 @@ class SoftmaxRule(OpRule):
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)
 
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """At most ``1 / sqrt(n)`` over ``n`` entries that sum to 1, whatever the input (an
+        additive attention mask of -3.4e38 passed through made every stream after it 1e39)."""
+        shape = node.inputs[0].shape
+        if node.op == "LogSoftmax" or not shape:
+            return None
+        axis = int(node.attrs.get("axis", -1))  # (before opset 13 the default was 1, flattened: a wider
+        size = shape[axis] if -len(shape) <= axis < len(shape) else None  # n, a looser bound)
+        return np.ones(1) / np.sqrt(size) if isinstance(size, int) and size > 0 else np.ones(1)
+
     def converter_rewrite(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto] | None:
         """An old ``Hardmax`` (2-D at ``axis``; the converter's reads one axis) as Flatten -> Hardmax -> Reshape."""
         axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)

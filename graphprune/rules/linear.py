@@ -214,7 +214,16 @@ class MatMulRule(OpRule):
         return out * max(a[-1], b[-2] if len(b) > 1 else b[0])
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
-        return linear_scale(node, self.linear(node), ctx)
+        """A constant weight: :func:`linear_scale`. Two activations (attention's ``Q K^T`` and
+        ``P V``): ``rms(a) rms(b) sqrt(K)``, independent entries summed over ``K``."""
+        found = linear_scale(node, self.linear(node), ctx)
+        a, b = node.inputs[0], node.inputs[self.weight_index]
+        if found is not None or isinstance(b, gs.Constant) or node.op != "MatMul":
+            return found
+        k = a.shape[-1] if a.shape else None
+        if not isinstance(k, int) or k <= 0:
+            return None
+        return np.full(1, rms_of(ctx.of(a)) * rms_of(ctx.of(b)) * np.sqrt(k))
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         a, b, y = node.inputs[0], node.inputs[self.weight_index], node.outputs[0]

@@ -367,10 +367,10 @@ class OpRule:
         ``None`` when not known). ``None`` (the default): not counted."""
         return None
 
-    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
-        """Per-channel RMS of output 0 from the inputs' estimates (``ctx.of(tensor, size)``;
-        see :mod:`graphprune.rules.scale`). ``None`` (the default): unknown, and the caller
-        passes input 0's estimate through."""
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | list[np.ndarray] | None:
+        """Per-channel RMS of output 0 (every output gets it), or a list with one per output,
+        from the inputs' estimates (``ctx.of(tensor, size)``; see :mod:`graphprune.rules.scale`).
+        ``None`` (the default): unknown, and the caller passes input 0's estimate through."""
         return None
 
     def __repr__(self) -> str:
