@@ -36,7 +36,7 @@ from onnx import helper
 
 from graphprune.io.order import node_inputs
 from graphprune.rules.registry import lookup
-from graphprune.verify import validate
+from graphprune.verify import noise, validate
 
 if TYPE_CHECKING:
     from graphprune.pipeline.session import Session
@@ -78,6 +78,22 @@ def choices_agree(session: Session, candidate: Any, reference: Any, feeds: list[
         return False
     return all(x.shape == y.shape and np.array_equal(x, y)
                for a, b in zip(*chosen, strict=True) for x, y in zip(a, b, strict=True))
+
+
+def within_own_noise(session: Session, candidate: Any, verification: dict[str, Any],
+                     reference: Any = None) -> dict[str, Any]:
+    """Accept a difference that is float noise of the model: ``candidate`` on the session's
+    feeds (:func:`graphprune.verify.noise.excuse_float_noise`). Outputs after a selection are
+    held to their noise too where ``reference`` (what ``candidate`` was compared with) and
+    ``candidate`` chose the same entries on those feeds (:func:`choices_agree`), else never."""
+    path = session.path_of(candidate, keep=candidate is session.model)
+    feeds = session.feeds(count=verification.get("samples", 1))
+    selected = selected_outputs(session)
+    same = bool(selected) and reference is not None and choices_agree(session, candidate, reference, feeds)
+    result = noise.excuse_float_noise(path, feeds, verification, set() if same else selected)
+    if same and result.get("ok") and not verification.get("ok"):
+        result["scale"] += "; every selection chose the same entries in both models"
+    return result
 
 
 def within_selection_flips(session: Session, candidate: Any, reference: Any, verification: dict[str, Any],

@@ -47,9 +47,9 @@ from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import blame
 from graphprune.pipeline import report as reports
 from graphprune.pipeline.result import PruneResult
-from graphprune.pipeline.selections import choices_agree, selected_outputs
+from graphprune.pipeline.selections import within_own_noise
 from graphprune.planning.plan import Plan
-from graphprune.verify import noise, preparation, saturation, validate
+from graphprune.verify import preparation, saturation, validate
 from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
@@ -525,18 +525,8 @@ class Session:
 
     def within_float_noise(self, candidate: Any, verification: dict[str, Any],
                            reference: Any = None) -> dict[str, Any]:
-        """Accept a difference that is float noise of this model: ``candidate`` on this session's
-        feeds (:func:`graphprune.verify.noise.excuse_float_noise`). Outputs after a selection
-        are held to their noise too where ``reference`` (what ``candidate`` was compared with)
-        and ``candidate`` chose the same entries on those feeds (:func:`selections.choices_agree`)."""
-        ref = self.path_of(candidate, keep=candidate is self.model)
-        feeds = self.feeds(count=verification.get("samples", 1))
-        selected = selected_outputs(self)
-        same = bool(selected) and reference is not None and choices_agree(self, candidate, reference, feeds)
-        result = noise.excuse_float_noise(ref, feeds, verification, set() if same else selected)
-        if same and result.get("ok") and not verification.get("ok"):
-            result["scale"] += "; every selection chose the same entries in both models"
-        return result
+        """Accept a difference that is float noise of this model (:func:`selections.within_own_noise`)."""
+        return within_own_noise(self, candidate, verification, reference)
 
     @contextmanager
     def blaming_input(self, what: str) -> Iterator[None]:

@@ -45,8 +45,10 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> np.ndarray | None:
-    """Output RMS of a linear layer with a constant weight (``None`` otherwise).
+def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext,
+                 weight: np.ndarray | None = None) -> np.ndarray | None:
+    """Output RMS of a linear layer with a constant weight (``None`` otherwise; ``weight``:
+    its values, where they are not the constant's own: an integer weight less its zero point).
 
     ``y[o] = alpha sum_i W[o, i] x[i] + beta b[o]``, independent inputs: the output channel
     ``o`` gets ``sqrt(alpha^2 sum_i r_i^2 sum_k W[o, i, k]^2 + beta^2 b_o^2)``, where ``i``
@@ -54,7 +56,7 @@ def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext) -> n
     """
     if info is None or not isinstance(node.inputs[info.weight], gs.Constant):
         return None
-    w = np.asarray(node.inputs[info.weight].values, dtype=np.float64)
+    w = np.asarray(node.inputs[info.weight].values if weight is None else weight, dtype=np.float64)
     x = node.inputs[info.data]
     if info.kernel == "dense":
         if w.ndim != 2:
