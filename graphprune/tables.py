@@ -410,6 +410,10 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         names = blocks if isinstance(blocks, list) else []
         shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
         lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
+    stages = (report.get("depth") or {}).get("stages_not_erased") or []
+    if stages:
+        lines.append(f"not erased: {len(stages)} skip{'s' if len(stages) > 1 else ''} over a stage of blocks "
+                     f"(a branch holding blocks, such as '{stages[0]['add']}' holding {stages[0]['contains']})")
     lines.extend(budget_lines(report.get("budget")))
     lines.extend(allocation_lines(report.get("allocation")))
     lines.extend(verification_lines(report))

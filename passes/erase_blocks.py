@@ -6,14 +6,18 @@ skip input. The sum's readers read the skip instead (a sum that is a graph outpu
 the original with the branch multiplied by zero, which is how depth pruning verifies it.
 
 The pass bypasses a node only while it is still a sum whose other operand is neutral at 0
-(:meth:`OpRule.neutral_operand`), so a second run is a no-op. Consecutive blocks erase
-together: a block's skip is followed through the sums erased before it.
+(:meth:`OpRule.neutral_operand`), so a second run is a no-op. A quantized sum
+(``QLinearAdd``) requantizes its skip to its own scale, so it stays, reading its zero point
+(:meth:`OpRule.zero_operand`) where the branch was: exactly the original with the branch
+zeroed. Consecutive blocks erase together: a block's skip is followed through the sums
+erased before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_graphsurgeon as gs
 from graphprune.passes.base import Pass, PassContext, PassResult
 
@@ -48,33 +52,42 @@ class EraseBlocksPass(Pass):
             while skip in moved:
                 skip = moved[skip]
             y = node.outputs[0].name if node is not None and node.outputs else None
-            if node is not None and self._bypass(node, skip, outputs, ctx.opset):
+            readers_read = self._erase(node, skip, outputs, ctx.opset) if node is not None else None
+            if readers_read is not None:
                 erased += 1
-                if y is not None and y not in outputs:
-                    moved[y] = skip
+                if y is not None and y not in outputs and readers_read != y:
+                    moved[y] = readers_read
         if erased:
             toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, erased > 0, {"blocks_erased": erased})
 
     @staticmethod
-    def _bypass(node: gs.Node, skip_name: str, outputs: set[str], opset: int) -> bool:
-        if len(node.inputs) != 2 or len(node.outputs) != 1:
-            return False
-        names = [t.name for t in node.inputs]
-        if skip_name not in names:
-            return False
-        branch = 1 - names.index(skip_name)
+    def _erase(node: gs.Node, skip_name: str, outputs: set[str], opset: int) -> str | None:
+        """Erase the branch of the sum ``node``; the name its readers read now (the skip where
+        the sum is bypassed, its own output where a quantized sum stays to requantize the
+        skip), ``None`` when there is nothing to erase."""
         rule = registry.lookup(node.domain or "", node.op, opset)
-        if rule is None or rule.neutral_operand(node, branch) != 0.0:
-            return False
-        skip, y = node.inputs[1 - branch], node.outputs[0]
+        operands = rule.summed_operands(node) if rule is not None else None
+        names = [node.inputs[k].name for k in operands] if operands is not None else []
+        if skip_name not in names:
+            return None
+        branch = operands[1 - names.index(skip_name)]
+        skip, y = node.inputs[operands[names.index(skip_name)]], node.outputs[0]
+        zero = rule.zero_operand(node, branch)
+        if zero is not None:
+            if isinstance(node.inputs[branch], gs.Constant):  # erased before
+                return None
+            node.inputs[branch] = gs.Constant(f"{node.name}_gp_erased", np.asarray(zero))
+            return y.name
+        if rule.neutral_operand(node, branch) != 0.0:
+            return None
         if y.name in outputs:
             node.op = "Identity"
             node.attrs.clear()
             node.inputs.clear()
             node.inputs.extend([skip])
-            return True
+            return skip.name
         redirect_uses(y, skip)
         node.inputs.clear()
         node.outputs.clear()
-        return True
+        return skip.name

@@ -193,15 +193,15 @@ def test_undeclared_shapes_are_compared_at_the_verification_sizes() -> None:
 
 
 def _squaring_blocks(count: int, gain: float) -> onnx.ModelProto:
-    """``count`` blocks ``x + Mul(c, c)`` with ``c = Clip(x @ W, -1, 1)`` (``|W|`` scaled by
+    """``count`` blocks ``x + Mul(c, c)`` with ``c = Atan(x @ W)`` (``|W|`` scaled by
     ``gain``): the values stay small, but the data-free RMS estimate (which does not bound
-    ``Clip``) squares at every block and overflows after a few."""
+    ``Atan``) squares at every block and overflows after a few."""
     rng = np.random.default_rng(0)
     nodes, x = [], "x"
-    params = {"lo": np.array(-1.0, np.float32), "hi": np.array(1.0, np.float32)}
+    params = {}
     for k in range(count):
         nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]),
-                  helper.make_node("Clip", [f"h{k}", "lo", "hi"], [f"c{k}"]),
+                  helper.make_node("Atan", [f"h{k}"], [f"c{k}"]),
                   helper.make_node("Mul", [f"c{k}", f"c{k}"], [f"sq{k}"]),
                   helper.make_node("Add", [x, f"sq{k}"], [f"x{k}"], name=f"add{k}")]
         params[f"w{k}"] = (rng.standard_normal((8, 8)) * gain / 8).astype(np.float32)
@@ -225,6 +225,47 @@ def test_blocks_whose_estimate_overflows_are_not_ranked() -> None:
     assert all(b["score"] is not None for b in result.report["depth"]["blocks"] if b["add"] in erased)
     with pytest.raises(UsageError, match="can be ranked"):
         erase_blocks(_squaring_blocks(12, 40.0), 11)
+
+
+def _activation(kind: str, h: str, out: str) -> list:
+    """``out = act(h)`` written as exporters write it (see the test below)."""
+    if kind == "hardswish":  # paddle2onnx, TF.js
+        return [helper.make_node("Add", [h, "three"], [f"{h}_p"]), helper.make_node("Clip", [f"{h}_p", "zero", "six"], [f"{h}_c"]),
+                helper.make_node("Mul", [h, f"{h}_c"], [f"{h}_m"]), helper.make_node("Div", [f"{h}_m", "six"], [out])]
+    if kind == "gelu":  # PaddleOCR v6, TorchScript
+        return [helper.make_node("Div", [h, "sqrt2"], [f"{h}_d"]), helper.make_node("Erf", [f"{h}_d"], [f"{h}_e"]),
+                helper.make_node("Add", [f"{h}_e", "one"], [f"{h}_a"]), helper.make_node("Mul", [h, f"{h}_a"], [f"{h}_m"]),
+                helper.make_node("Mul", [f"{h}_m", "half"], [out])]
+    # prelu, TF.js: Min(0, x) * a + Max(0, x)
+    return [helper.make_node("Min", ["zero", h], [f"{h}_n"]), helper.make_node("Mul", [f"{h}_n", "slope"], [f"{h}_s"]),
+            helper.make_node("Max", ["zero", h], [f"{h}_x"]), helper.make_node("Add", [f"{h}_s", f"{h}_x"], [out])]
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "gelu", "prelu"])
+def test_activations_written_as_products_keep_the_estimate_finite(kind) -> None:
+    """Exporters write activations as a tensor times a bounded function of itself: HardSwish
+    ``x * Clip(x + 3, 0, 6) / 6`` (paddle2onnx), GELU ``x * (1 + Erf(x / sqrt 2)) / 2``
+    (PaddleOCR v6), PReLU ``Min(0, x) a + Max(0, x)`` (TF.js). The estimate took the ``Clip``
+    and ``Erf`` as unbounded, so the product squared the stream's scale at every layer (all of
+    PP-OCRv4's recogniser blocks scored ``inf``), and read ``Min`` / ``Max`` as their constant
+    0 (every MobileFaceNet block 0/0). Now every block of 40 is ranked, within a small range."""
+    rng = np.random.default_rng(0)
+    nodes, x = [], "x"
+    params = {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+              "six": np.array(6.0, np.float32), "sqrt2": np.array(np.sqrt(2), np.float32),
+              "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32),
+              "slope": np.full((8,), 0.25, np.float32)}
+    for k in range(40):
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]), *_activation(kind, f"h{k}", f"a{k}"),
+                  helper.make_node("MatMul", [f"a{k}", f"v{k}"], [f"o{k}"]),
+                  helper.make_node("Add", [x, f"o{k}"], [f"x{k}"], name=f"add{k}")]
+        params[f"w{k}"] = (rng.standard_normal((8, 8)) * 4 / np.sqrt(8)).astype(np.float32)
+        params[f"v{k}"] = (rng.standard_normal((8, 8)) / np.sqrt(8) / (1 + k % 3)).astype(np.float32)
+        x = f"x{k}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    result = erase_blocks(make_model(nodes, {"x": [1, 8]}, {"y": [1, 8]}, params), 1)
+    scores = [b["score"] for b in result.report["depth"]["blocks"]]
+    assert len(scores) == 40 and all(s is not None and 0.01 < s < 10 for s in scores), scores
 
 
 def test_int8_and_masked_blocks_score_as_their_float_model(tmp_path) -> None:
@@ -262,3 +303,100 @@ def test_int8_and_masked_blocks_score_as_their_float_model(tmp_path) -> None:
     assert len(floats) == len(ints) == 4, (floats, ints)
     assert all(0.05 < f < 20 for f in floats), floats  # (the mask's -1e30 does not reach the stream)
     assert all(abs(np.log(i / f)) < np.log(1.5) for f, i in zip(floats, ints, strict=True)), (floats, ints)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_static_int8_blocks_score_as_their_float_model_and_erase(tmp_path, fmt) -> None:
+    """ONNX Runtime's static int8 models: in QDQ form the weights are ``DequantizeLinear``s of
+    integer constants, which the estimate read as the integers (an FFN block of a QDQ MiniLM
+    scored 1e11, its attention blocks 1.3); in QOperator form the residual sums are
+    ``QLinearAdd``s, which depth pruning did not see ("the model has 0" blocks). Both now score
+    as the float model, and an erased ``QLinearAdd`` block reads its zero point where the
+    branch was: the original with the branch zeroed, exactly."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from graphprune.analysis.blocks import relative_branch_scales
+
+    rng = np.random.default_rng(1)
+    nodes, x, params = [], "x", {}
+    for k in range(3):
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]), helper.make_node("Add", [f"h{k}", f"b{k}"], [f"hb{k}"]),
+                  helper.make_node("Relu", [f"hb{k}"], [f"r{k}"]),
+                  helper.make_node("MatMul", [f"r{k}", f"v{k}"], [f"o{k}"]),
+                  helper.make_node("Add", [x, f"o{k}"], [f"x{k}"], name=f"add{k}")]
+        params[f"w{k}"] = (rng.standard_normal((16, 64)) / 4).astype(np.float32)
+        params[f"b{k}"] = (rng.standard_normal(64) / 10).astype(np.float32)
+        params[f"v{k}"] = (rng.standard_normal((64, 16)) / (8 * (k + 1))).astype(np.float32)
+        x = f"x{k}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    onnx.save(make_model(nodes, {"x": [4, 16]}, {"y": [4, 16]}, params), tmp_path / "f.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    if fmt == "qoperator":
+        assert "QLinearAdd" in {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+
+    def scores(path) -> list[float]:
+        graph = Session(str(path)).import_graph()
+        return relative_branch_scales(graph, find_residual_blocks(graph))
+
+    floats, ints = scores(tmp_path / "f.onnx"), scores(tmp_path / "q.onnx")
+    assert len(floats) == len(ints) == 3, (floats, ints)
+    assert all(abs(np.log(i / f)) < np.log(1.2) for f, i in zip(floats, ints, strict=True)), (floats, ints)
+
+    result = erase_blocks(str(tmp_path / "q.onnx"), 1)
+    assert result.report["depth"]["blocks_erased"] == [result.report["depth"]["blocks"][int(np.argmin(ints))]["add"]]
+    assert result.report["verification"]["ok"], result.report["verification"]
+    if fmt == "qoperator":  # the same QLinearAdd on the same integers (QDQ fuses otherwise after the erase)
+        assert result.report["verification"]["max_abs_diff"] == 0
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("MatMul" if fmt == "qdq" else "QLinearMatMul") == 4  # one block's two layers gone
+    feed = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    again = erase_blocks(result.model, 1)  # the QLinearAdd that reads its zero point is no block
+    assert len(again.report["depth"]["blocks"]) == 2
+
+
+def test_a_skip_over_blocks_is_a_stage_not_a_block() -> None:
+    """``y = x + backbone(x)`` whose backbone holds residual blocks (MAXIM's global skip; an
+    attention mask added to a later layer's scores, whose "branch" is every layer before, in
+    chython-rxnmap) was a block too, scored lowest, and erased: the whole network went (22.2 M
+    parameters -> 0), exit 0. Such a sum is a stage: listed, never erased; the inner blocks are
+    the ones to erase."""
+    rng = np.random.default_rng(0)
+    nodes, x, params = [], "x", {}
+    for k in range(3):
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"]), helper.make_node("Relu", [f"h{k}"], [f"r{k}"]),
+                  helper.make_node("MatMul", [f"r{k}", f"v{k}"], [f"o{k}"]),
+                  helper.make_node("Add", [x, f"o{k}"], [f"x{k}"], name=f"add{k}")]
+        params[f"w{k}"] = (rng.standard_normal((8, 8)) / 3).astype(np.float32)
+        params[f"v{k}"] = (rng.standard_normal((8, 8)) / 3).astype(np.float32)
+        x = f"x{k}"
+    nodes += [helper.make_node("MatMul", [x, "head"], ["tail"]), helper.make_node("Mul", ["tail", "tiny"], ["small"]),
+              helper.make_node("Add", ["x", "small"], ["y"], name="global_skip")]
+    params["head"] = (rng.standard_normal((8, 8)) / 3).astype(np.float32)
+    params["tiny"] = np.array(1e-3, np.float32)  # the backbone adds little: the lowest score
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 8]}, params)
+    stages: list = []
+    blocks = find_residual_blocks(Session(model).import_graph(), stages=stages)
+    assert [b.add for b in blocks] == ["add0", "add1", "add2"]
+    assert [s.add for s in stages] == ["global_skip"] and sorted(stages[0].contains) == ["add0", "add1", "add2"]
+    result = erase_blocks(model, 1)
+    depth = result.report["depth"]
+    assert depth["blocks_erased"][0] in ("add0", "add1", "add2")
+    assert depth["stages_not_erased"] == [{"add": "global_skip", "skip": "x", "num_nodes": len(stages[0].nodes),
+                                           "contains": 3}]
+    assert result.report["params_after"] > 0.7 * result.report["params_before"]

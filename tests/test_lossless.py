@@ -409,6 +409,8 @@ def test_erase_blocks_counts_fractions_and_refuses_too_many():
     model = resnet_like()
     assert len(erase_blocks(model, 0.5).report["depth"]["blocks_erased"]) == 2
     assert erase_blocks(model, 0).report["depth"]["blocks_erased"] == []
+    with pytest.raises(UsageError, match="erases no block of 3"):  # a fraction that rounds to none: not a copy
+        erase_blocks(model, 0.1)
     with pytest.raises(UsageError):
         erase_blocks(model, 4)
     with pytest.raises(UsageError):

@@ -1,22 +1,24 @@
 """Residual blocks and their data-free importance (for depth pruning).
 
-A residual block is ``y = x + branch(x)``: a sum (an op whose operands are both neutral at
-0, :meth:`OpRule.neutral_operand`) of a tensor ``x`` and a branch computed from ``x`` (and from
-context that does not depend on ``x``: constants, an attention mask, position tables), whose
-nodes feed nothing but the sum, with at least one layer with a weight in the branch. Erasing
-the block leaves ``x``, which is exactly the original with the branch multiplied by zero.
+A residual block is ``y = x + branch(x)``: a sum (:meth:`OpRule.summed_operands`: an op
+whose operands are both neutral at 0, or ONNX Runtime's ``QLinearAdd``) of a tensor ``x`` and
+a branch computed from ``x`` (and from context that does not depend on ``x``: constants, an
+attention mask, position tables), whose nodes feed nothing but the sum, with at least one
+layer with a weight in the branch. Erasing the block leaves ``x`` (a quantized sum:
+``x`` requantized to the sum's scale), which is exactly the original with the branch
+multiplied by zero.
 
 A branch is scored by how much it adds: per-channel RMS estimates are pushed through the
 graph from unit-RMS inputs (each op's rule says how, :meth:`OpRule.propagate_rms`; an op
-that does not know passes its first input's estimate through), and the default score is the
-branch's output RMS over the skip's (:func:`relative_branch_scales`).
+that does not know passes the estimate of its first input that is no constant through), and
+the default score is the branch's output RMS over the skip's (:func:`relative_branch_scales`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,9 +47,13 @@ class ResidualBlock:
     branch_output: str
     nodes: list[str]
     score: float = math.nan
+    #: the blocks inside the branch (a skip over a stage, not erased)
+    contains: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "num_nodes": len(self.nodes)}
+        if not self.contains:
+            out.pop("contains")
         if not math.isfinite(self.score):  # (JSON has no NaN or infinity: unknown)
             out["score"] = None
         return out
@@ -57,13 +63,12 @@ def _rule(node: gs.Node, opset: int) -> registry.OpRule | None:
     return registry.lookup(node.domain or "", node.op, opset)
 
 
-def _is_sum(node: gs.Node, opset: int) -> bool:
-    """Two operands, each neutral at 0: ``Add`` or a two-input ``Sum``."""
+def summed(node: gs.Node, opset: int) -> list[gs.Tensor] | None:
+    """The two operands of a sum (``Add``, a two-input ``Sum``, a ``QLinearAdd``:
+    :meth:`OpRule.summed_operands`); ``None`` for any other node."""
     rule = _rule(node, opset)
-    return (
-        rule is not None and len(node.inputs) == 2 and len(node.outputs) == 1
-        and all(rule.neutral_operand(node, k) == 0.0 for k in (0, 1))
-    )
+    operands = rule.summed_operands(node) if rule is not None else None
+    return None if operands is None else [node.inputs[k] for k in operands]
 
 
 def _has_weight(node: gs.Node, opset: int) -> bool:
@@ -140,25 +145,33 @@ def shapes_at(model: Any, graph: gs.Graph, input_shapes: dict[str, Any] | None
     from graphprune.io.model_io import concrete_shapes
 
     sizes = concrete_shapes(model, input_shapes)
-    sums = [t for n in graph.nodes if _is_sum(n, graph.opset) for t in (*n.inputs, *n.outputs)]
+    sums = [t for n in graph.nodes for t in (*(summed(n, graph.opset) or ()), *n.outputs)
+            if summed(n, graph.opset) is not None]
     if any(t.name not in sizes for t in sums if isinstance(t, gs.Variable)):
         sizes = {**probe_concrete_shapes(graph, input_shapes), **sizes}
     return lambda t: sizes.get(t.name)
 
 
-def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[int] | None] | None = None
-                         ) -> list[ResidualBlock]:
-    """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add).
-    ``shape_of``: concrete shapes at the verification sizes, for skips whose declared shape
-    names its open dims differently from the sum's (:func:`_same_shape`)."""
+def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[int] | None] | None = None,
+                         stages: list[ResidualBlock] | None = None) -> list[ResidualBlock]:
+    """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add) and
+    holds no other block. ``shape_of``: concrete shapes at the verification sizes, for skips
+    whose declared shape names its open dims differently from the sum's (:func:`_same_shape`).
+
+    A sum whose branch holds blocks is a skip over a stage, not a block: a U-Net's or MAXIM's
+    global ``input + backbone(input)`` (erasing it left the identity), or an attention mask
+    added to the scores of a later layer, whose "branch" is every layer before (erasing it
+    left a softmax of the mask). Blocks are taken innermost first; such sums go to ``stages``
+    (when given), each with the blocks it holds in ``contains``."""
     toposort_model(graph)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
     blocks: list[ResidualBlock] = []
     for node in graph.nodes:
-        if not _is_sum(node, graph.opset):
+        operands = summed(node, graph.opset)
+        if operands is None:
             continue
-        a, b = node.inputs
+        a, b = operands
         if not all(isinstance(t, gs.Variable) for t in (a, b)) or a is b:
             continue
         y = node.outputs[0]
@@ -178,7 +191,16 @@ def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[i
             nodes.sort(key=lambda n: order[id(n)])
             blocks.append(ResidualBlock(node.name, skip.name, out.name, [n.name for n in nodes]))
             break
-    return blocks
+    kept: set[str] = set()
+    for block in sorted(blocks, key=lambda b: len(b.nodes)):  # innermost first
+        inner = [name for name in block.nodes if name in kept]
+        if inner:
+            block.contains = inner
+            if stages is not None:
+                stages.append(block)
+        else:
+            kept.add(block.add)
+    return [b for b in blocks if b.add in kept]
 
 
 def _unit_rms(tensor: gs.Tensor) -> np.ndarray:
@@ -196,17 +218,19 @@ def propagate_rms(
     (:meth:`~graphprune.rules.registry.OpRule.propagate_rms`: a Conv/Gemm/MatMul output
     channel gets ``sqrt(sum_i r_i^2 sum_k W[o, i, k]^2 + b_o^2)``, BN scales and shifts,
     rectifiers halve the energy, gates give 0.5, a product multiplies scales and a sum adds
-    energies); an op whose rule does not know passes its first input's estimate through.
+    energies); an op whose rule does not know passes its first input's estimate through
+    (the first that is no constant).
     Returns the estimates of ``rms`` and of every output computed.
     """
-    ctx = ScaleContext(rms)
+    ctx = ScaleContext(rms, opset)
     for node in nodes:
         if not node.inputs:
             continue
         rule = _rule(node, opset)
         out = rule.propagate_rms(node, ctx) if rule is not None else None
-        if out is None:
-            out = ctx.of(node.inputs[0])
+        if out is None:  # the first input that is no constant (a Max(0, x) read x, not the 0)
+            live = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+            out = ctx.of(live[0] if live else node.inputs[0])
         each = out if isinstance(out, list) else [out] * len(node.outputs)
         for o, value in zip(node.outputs, each, strict=False):
             ctx.rms[o.name] = np.asarray(value, dtype=np.float64).reshape(-1)

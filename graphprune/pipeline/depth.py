@@ -31,6 +31,7 @@ from graphprune.io.order import toposort_model
 from graphprune.passes.erase_blocks import EraseBlocksPass
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
+from graphprune.rules import registry
 from graphprune.verify import validate
 
 Progress = Callable[[str], None]
@@ -107,14 +108,24 @@ def erase_blocks(
         tolerance = session.default_tolerance(DEPTH_TOLERANCE)
     graph = session.import_graph()
     with session.stage("blocks"):
-        blocks = find_residual_blocks(graph, shapes_at(session.prepared, graph, session.cost_shapes()))
+        stages: list[ResidualBlock] = []
+        blocks = find_residual_blocks(graph, shapes_at(session.prepared, graph, session.cost_shapes()), stages)
         if scorer is None:
             for block, value in zip(blocks, relative_branch_scales(graph, blocks), strict=True):
                 block.score = float(value)
         else:
             for block in blocks:
                 block.score = float(scorer(graph, block))
-    chosen = choose_blocks(blocks, k)
+    try:
+        chosen = choose_blocks(blocks, k)
+    except UsageError as exc:
+        if not stages:
+            raise
+        raise UsageError(f"{exc} ({len(stages)} skip{'s' if len(stages) > 1 else ''} over a stage of blocks, "
+                         f"such as '{stages[0].add}', {'are' if len(stages) > 1 else 'is'} not one)") from None
+    if not chosen and k > 0:  # a fraction of a few blocks that rounds to none
+        raise UsageError(f"--erase-blocks {k} erases no block of {len(blocks)} (give a count, or a fraction "
+                         f"of at least {1 / (2 * len(blocks)):.2g})")
     with session.stage("erase"):
         session.apply([EraseBlocksPass(chosen)])
         session.export()
@@ -132,6 +143,9 @@ def erase_blocks(
         ],
         "score": _score_name(scorer),
     }
+    if stages:  # sums whose branch holds blocks: skips over a stage, never erased
+        report["depth"]["stages_not_erased"] = [
+            {"add": b.add, "skip": b.skip, "num_nodes": len(b.nodes), "contains": len(b.contains)} for b in stages]
     verification = None
     if verify:
         feeds = session.feeds(count=2)
@@ -149,16 +163,23 @@ def erase_blocks(
 
 def zeroed_branches(session: Session, blocks: list[ResidualBlock]) -> onnx.ModelProto:
     """The session's (prepared) original with each erased branch's output multiplied by zero
-    before its sum (the working graph is left alone)."""
+    before its sum (a quantized sum reads its zero point there instead; the working graph is
+    left alone)."""
     graph = ir.import_graph(session.prepared, session.store)
     nodes = {n.name: n for n in graph.nodes}
     for block in blocks:
         add = nodes[block.add]
+        rule = registry.lookup(add.domain or "", add.op, graph.opset)
         for k, t in enumerate(add.inputs):
-            if t.name == block.branch_output:
-                zero = gs.Constant(f"{block.add}_gp_zero", np.zeros((), dtype=np.dtype(t.dtype or np.float32)))
-                out = gs.Variable(f"{block.add}_gp_zeroed", dtype=t.dtype, shape=t.shape)
-                graph.nodes.append(gs.Node("Mul", name=f"{block.add}_gp_mul0", inputs=[t, zero], outputs=[out]))
-                add.inputs[k] = out
+            if t.name != block.branch_output:
+                continue
+            zero = rule.zero_operand(add, k) if rule is not None else None
+            if zero is not None:  # a quantized sum: its zero point reads as 0
+                add.inputs[k] = gs.Constant(f"{block.add}_gp_zero", np.asarray(zero))
+                continue
+            zero = gs.Constant(f"{block.add}_gp_zero", np.zeros((), dtype=np.dtype(t.dtype or np.float32)))
+            out = gs.Variable(f"{block.add}_gp_zeroed", dtype=t.dtype, shape=t.shape)
+            graph.nodes.append(gs.Node("Mul", name=f"{block.add}_gp_mul0", inputs=[t, zero], outputs=[out]))
+            add.inputs[k] = out
     toposort_model(graph)
     return ir.export_graph(graph, session.prepared, session.store)

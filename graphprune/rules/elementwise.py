@@ -108,7 +108,8 @@ UNARY_FUNCTIONS = {
 }
 
 
-def _halved_energy(r: np.ndarray) -> np.ndarray:
+def halved_energy(r: np.ndarray) -> np.ndarray:
+    """A rectifier's output RMS estimate: about half the energy of a zero-mean input."""
     return r / math.sqrt(2)
 
 
@@ -122,12 +123,33 @@ RMS_FUNCTIONS = {
     **dict.fromkeys(
         ("Relu", "LeakyRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
          "Softplus"),
-        _halved_energy,
+        halved_energy,
     ),
     "Sigmoid": _gate,
     "HardSigmoid": _gate,
     "Tanh": lambda r: np.minimum(r, 1.0),
+    # bounded by 1: a GELU written as x * (1 + Erf(x / sqrt 2)) / 2; tf2onnx's Atan2 of a
+    # rotation then Sin and Cos of it; signs
+    **dict.fromkeys(("Erf", "Sin", "Cos"), lambda r: np.minimum(r, 1.0)),
+    "Sign": lambda r: np.minimum(r, 1.0),
 }
+
+
+def _constant_clip_bound(node: gs.Node) -> float | None:
+    """The largest magnitude a ``Clip`` lets through (``None``: a bound is open or computed)."""
+    if "min" in node.attrs or "max" in node.attrs:  # opset < 11
+        lo, hi = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    else:
+        values = []
+        for index in (1, 2):
+            t = node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
+            if t is not None and (not isinstance(t, gs.Constant) or np.size(t.values) != 1):
+                return None
+            values.append(None if t is None else float(np.asarray(t.values).reshape(-1)[0]))
+        lo = -np.inf if values[0] is None else values[0]
+        hi = np.inf if values[1] is None else values[1]
+    bound = max(abs(lo), abs(hi))
+    return bound if np.isfinite(bound) else None
 
 
 def _clip_bounds(node: gs.Node, ctx: ConstantContext) -> tuple[float, float] | None:
@@ -195,7 +217,14 @@ class UnaryRule(OpRule):
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         fn = RMS_FUNCTIONS.get(node.op)
-        return None if fn is None else fn(ctx.of(node.inputs[0]))
+        if fn is None:
+            return None
+        out = fn(ctx.of(node.inputs[0]))
+        if node.op == "Clip":  # bounded: HardSwish written as x * Clip(x + 3, 0, 6) / 6 is no square
+            bound = _constant_clip_bound(node)
+            if bound is not None:
+                out = np.minimum(out, bound)
+        return out
 
     @staticmethod
     def _cast_target(node: gs.Node, ctx: ConstantContext) -> np.dtype | None:
@@ -352,13 +381,24 @@ class BroadcastRule(OpRule):
         return tuple(k for k, t in enumerate(node.inputs) if isinstance(t, gs.Constant))
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
-        """A product multiplies the operands' scales, a sum adds their energies."""
+        """A product multiplies the operands' scales, a sum adds their energies, ``Max`` /
+        ``Min`` against a constant 0 rectifies."""
         if node.op in ("Mul", "Div") and len(node.inputs) == 2:
             a, b = ctx.resized([ctx.of(t) for t in node.inputs])
             return a * b if node.op == "Mul" else a / np.maximum(b, 1e-12)
         if node.op in ("Add", "Sub", "Sum"):
             parts = ctx.resized([ctx.of(t) for t in node.inputs])
             return np.sqrt(sum(np.square(p) for p in parts))
+        if node.op in ("Max", "Min") and len(node.inputs) == 2:
+            # against a constant 0 a rectifier (a PReLU written as Min(0, x) a + Max(0, x));
+            # of two activations, about half of their energies each
+            live = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+            if len(live) == 1:
+                other = node.inputs[1 - node.inputs.index(live[0])]
+                zero = np.size(other.values) == 1 and float(np.asarray(other.values).reshape(-1)[0]) == 0.0
+                return halved_energy(ctx.of(live[0])) if zero else ctx.of(live[0])
+            a, b = ctx.resized([ctx.of(t) for t in node.inputs])
+            return np.sqrt((np.square(a) + np.square(b)) / 2)
         return None
 
 
@@ -506,8 +546,10 @@ class SoftmaxRule(OpRule):
         """At most ``1 / sqrt(n)`` over ``n`` entries that sum to 1, whatever the input (an
         additive attention mask of -3.4e38 passed through made every stream after it 1e39)."""
         shape = node.inputs[0].shape
-        if node.op == "LogSoftmax" or not shape:
+        if node.op == "LogSoftmax":
             return None
+        if not shape:  # (entries in [0, 1] whatever their number)
+            return np.ones(1)
         axis = int(node.attrs.get("axis", -1))  # (before opset 13 the default was 1, flattened: a wider
         size = shape[axis] if -len(shape) <= axis < len(shape) else None  # n, a looser bound)
         return np.ones(1) / np.sqrt(size) if isinstance(size, int) and size > 0 else np.ones(1)

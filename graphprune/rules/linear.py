@@ -47,16 +47,20 @@ def _linear_values(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext,
                  weight: np.ndarray | None = None) -> np.ndarray | None:
-    """Output RMS of a linear layer with a constant weight (``None`` otherwise; ``weight``:
-    its values, where they are not the constant's own: an integer weight less its zero point).
+    """Output RMS of a linear layer with a constant weight, or one decoded from constants
+    (:meth:`ScaleContext.weight_values`; ``None`` otherwise; ``weight``: its values, where they
+    are not the constant's own: an integer weight less its zero point).
 
     ``y[o] = alpha sum_i W[o, i] x[i] + beta b[o]``, independent inputs: the output channel
     ``o`` gets ``sqrt(alpha^2 sum_i r_i^2 sum_k W[o, i, k]^2 + beta^2 b_o^2)``, where ``i``
     runs over the input channels of ``o``'s conv group.
     """
-    if info is None or not isinstance(node.inputs[info.weight], gs.Constant):
+    if info is None:
         return None
-    w = np.asarray(node.inputs[info.weight].values if weight is None else weight, dtype=np.float64)
+    w = ctx.weight_values(node.inputs[info.weight]) if weight is None else weight
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float64)
     x = node.inputs[info.data]
     if info.kernel == "dense":
         if w.ndim != 2:
@@ -83,8 +87,9 @@ def linear_scale(node: gs.Node, info: LinearInfo | None, ctx: ScaleContext,
         out = np.sqrt((energy * np.square(r_in)).sum(axis=1))
     out = abs(info.alpha) * out
     bias = node.inputs[info.bias] if info.bias is not None and len(node.inputs) > info.bias else None
-    if isinstance(bias, gs.Constant):
-        c = abs(info.beta) * np.abs(np.asarray(bias.values, dtype=np.float64)).reshape(-1)
+    bias_values = ctx.weight_values(bias) if bias is not None and bias.name else None
+    if bias_values is not None:
+        c = abs(info.beta) * np.abs(np.asarray(bias_values, dtype=np.float64)).reshape(-1)
         out = np.sqrt(np.square(out) + np.square(c if c.size == out.size else rms_of(c)))
     return out
 

@@ -29,18 +29,20 @@ bias-free pruning and the exact self-check apply to every op here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.roles import CHANNELWISE
+from graphprune.io.tensors import from_constants
 from graphprune.io.tensors import present_input as _present
 from graphprune.rules.conv import ConvRule
-from graphprune.rules.elementwise import couple_softmax
-from graphprune.rules.linear import GemmRule, MatMulRule
+from graphprune.rules.elementwise import SoftmaxRule, couple_softmax
+from graphprune.rules.linear import GemmRule, MatMulRule, linear_scale
 from graphprune.rules.pool import PoolRule, pooled_shape
-from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis
+from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis, rectified_rms
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
@@ -49,10 +51,12 @@ from graphprune.rules.registry import (
     StoredWeight,
     register,
 )
+from graphprune.rules.scale import rms_of
 from graphprune.rules.shape_ops import ConcatRule
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
+    from graphprune.rules.scale import ScaleContext
 
 
 def _scalars(node: gs.Node, ctx: CouplingContext, indices: tuple[int, ...]) -> bool:
@@ -180,6 +184,24 @@ def _decoding(node: gs.Node, scale: int, zero_point: int) -> tuple[float, float]
     return None if s is None or z is None or not np.isfinite(s) or s <= 0 else (s, z)
 
 
+def rescaled_rms(rule: OpRule, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+    """The RMS estimate of an integer layer's output as the float layer it stands for
+    (:meth:`OpRule.rescaled_linear`; activations are estimated in their real units, so
+    ``QuantizeLinear`` / ``DequantizeLinear`` leave them alone): the decoded weight, and the
+    int32 bias as ``b * x_scale * w_scale``; an output zero point that clips at zero (a fused
+    ``ReLU``) rectifies (:func:`~graphprune.rules.quantize.rectified_rms`)."""
+    found = rule.rescaled_linear(node)
+    if found is None:
+        return None
+    out = linear_scale(node, replace(found.info, bias=None), ctx, weight=found.weight.decode())
+    if out is not None and found.bias_stored is not None:
+        c = np.abs(np.asarray(found.bias_stored.decode(), dtype=np.float64)).reshape(-1)
+        out = np.sqrt(np.square(out) + np.square(c if c.size == out.size else rms_of(c)))
+    y = node.outputs[0]
+    zero_point = _present(node, 8 if node.op == "QGemm" else 7)
+    return out if out is None else rectified_rms(y, y, zero_point, out, ctx.opset)
+
+
 @register
 class QLinearConvRule(ConvRule):
     """``QLinearConv(x, x_scale, x_zp, W, w_scale, w_zp, y_scale, y_zp, B)``: a Conv on
@@ -196,6 +218,9 @@ class QLinearConvRule(ConvRule):
 
     def pair_summed(self, node: gs.Node) -> PairSummed | None:
         return _pair_summed(node, 8)
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return rescaled_rms(self, node, ctx)
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float convolution of the integer one (see the module docstring); ``None`` for
@@ -240,6 +265,16 @@ class QLinearMatMulRule(MatMulRule):
 
     def pair_summed(self, node: gs.Node) -> PairSummed | None:
         return _pair_summed(node, None)
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """A constant weight: :func:`rescaled_rms`; two activations (attention's ``Q K^T``,
+        ``P V``): ``rms(a) rms(b) sqrt(K)`` as the float MatMul's."""
+        found = rescaled_rms(self, node, ctx)
+        a, b = node.inputs[0], node.inputs[3]
+        k = a.shape[-1] if a.shape else None
+        if found is not None or from_constants(b) or not isinstance(k, int) or k <= 0:
+            return found
+        return np.full(1, rms_of(ctx.of(a)) * rms_of(ctx.of(b)) * np.sqrt(k))
 
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float layer ``x W + c`` of ``QLinearMatMul(x, W)`` followed by the
@@ -318,6 +353,9 @@ class QGemmRule(GemmRule):
     def pair_summed(self, node: gs.Node) -> PairSummed | None:
         return _pair_summed(node, 6)
 
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        return rescaled_rms(self, node, ctx)
+
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         """The float Gemm of the integer one: ``A`` decoded with its scale, ``B`` per tensor
         or per output column, ``C`` as ``c * a_scale * b_scale``; a float output or one
@@ -392,6 +430,44 @@ class QLinearBinaryRule(_ScalarQuantized, OpRule):
     op_types = ("QLinearAdd", "QLinearMul")
     domain = "com.microsoft"
     scalar_inputs = (1, 2, 4, 5, 6, 7)
+
+    def summed_operands(self, node: gs.Node) -> tuple[int, int] | None:
+        """``QLinearAdd``'s ``A`` and ``B``, where each has a constant zero point to stand for
+        an erased branch (:meth:`zero_operand`)."""
+        if node.op != "QLinearAdd" or len(node.outputs) != 1:
+            return None
+        ok = all(self.zero_operand(node, k) is not None for k in (0, 3))
+        return (0, 3) if ok else None
+
+    def zero_operand(self, node: gs.Node, index: int) -> np.ndarray | None:
+        """``QLinearAdd``: the operand's zero point (0 of its type where it has none), which
+        reads as 0; the sum still requantizes the other operand to the output's scale."""
+        if node.op != "QLinearAdd" or index not in (0, 3) or len(node.inputs) < 7:
+            return None
+        data, zp = node.inputs[index], _present(node, index + 2)
+        if zp is None:
+            return np.zeros((), dtype=np.dtype(data.dtype)) if data.dtype is not None else None
+        if not isinstance(zp, gs.Constant) or np.size(zp.values) != 1:
+            return None
+        return np.asarray(zp.values).reshape(())
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """In real units (a constant operand decoded with its scale and zero point): a sum
+        adds the energies, a product multiplies the scales; an output zero point that clips
+        at zero rectifies (:func:`~graphprune.rules.quantize.rectified_rms`)."""
+        parts = []
+        for k in (0, 3):
+            t, dec = node.inputs[k], _decoding(node, k + 1, k + 2)
+            if isinstance(t, gs.Constant):
+                if dec is None:
+                    return None
+                parts.append(np.abs((np.asarray(t.values, dtype=np.float64) - dec[1]) * dec[0]).reshape(-1))
+            else:
+                parts.append(ctx.of(t))
+        a, b = ctx.resized(parts)
+        y = node.outputs[0]
+        return rectified_rms(y, y, _present(node, 7),
+                             np.sqrt(np.square(a) + np.square(b)) if node.op == "QLinearAdd" else a * b, ctx.opset)
 
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         operands = [node.inputs[0], node.inputs[3]]
@@ -470,6 +546,10 @@ class QLinearSoftmaxRule(_ScalarQuantized, OpRule):
     domain = "com.microsoft"
     scalar_inputs = (1, 2, 3, 4)
     output_shape = QLinearUnaryRule.output_shape
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """The float Softmax's bound, ``1 / sqrt(n)``."""
+        return SoftmaxRule.propagate_rms(self, node, ctx)  # type: ignore[arg-type]
 
     def couple_data(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

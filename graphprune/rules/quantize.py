@@ -48,7 +48,9 @@ from onnx import numpy_helper
 
 from graphprune.analysis.index_maps import IDENTITY, Digit
 from graphprune.analysis.roles import CHANNELWISE
-from graphprune.io.tensors import integer_info
+from graphprune.io.tensors import from_constants, integer_info
+from graphprune.io.tensors import present_input as _present
+from graphprune.rules.elementwise import halved_energy
 from graphprune.rules.quantize_blocked import blocked_decoding, blocked_dequantized
 from graphprune.rules.quantize_fake import fake_quantized
 from graphprune.rules.registry import (
@@ -264,12 +266,71 @@ def output_quantization_steps(model: onnx.ModelProto) -> list[float] | None:
     return steps or None
 
 
+def clips_at_zero(output: gs.Tensor, zero_point: gs.Tensor | None) -> bool:
+    """Does quantizing to ``output`` with ``zero_point`` clip every negative value (a zero
+    point at the integer type's minimum, uint8's default 0: ONNX Runtime's quantizers fold a
+    ReLU into it), so that, to an input that could be negative, it is a rectifier?"""
+    if zero_point is not None and not isinstance(zero_point, gs.Constant):
+        return False
+    dtype = np.dtype(zero_point.values.dtype) if zero_point is not None else np.dtype(output.dtype or np.uint8)
+    if dtype.kind not in "iu":
+        return False
+    value = np.asarray(zero_point.values).reshape(-1) if zero_point is not None else np.zeros(1)
+    return value.size >= 1 and bool(np.all(value == np.iinfo(dtype).min))
+
+
+def signed_result(tensor: gs.Tensor, opset: int | None) -> bool:
+    """Can ``tensor`` be negative, as far as what computes it tells: a layer with a weight
+    (a Conv, a MatMul, their integer forms), a bias added to one, a sum of two activations (a
+    residual), each read through quantization. Not a map that is bounded below or positive
+    (``1 + Erf(x)``, a Softmax, a ReLU), which a quantizer gives the zero point 0 too."""
+    if opset is None:
+        return False
+    for _ in range(8):
+        if len(tensor.inputs) != 1:
+            return False
+        node = tensor.inputs[0]
+        if node.op in QuantizeLinearRule.op_types and node.inputs:
+            tensor = node.inputs[0]
+            continue
+        rule = lookup(node.domain or "", node.op, opset)
+        if rule is None:
+            return False
+        if rule.linear(node) is not None or rule.rescaled_linear(node) is not None:
+            return True
+        operands = rule.summed_operands(node)
+        live = [] if operands is None else [node.inputs[k] for k in operands if not from_constants(node.inputs[k])]
+        if len(live) != 1:
+            return len(live) == 2
+        tensor = live[0]
+    return False
+
+
+def rectified_rms(data: gs.Tensor, output: gs.Tensor, zero_point: gs.Tensor | None,
+                  estimate: np.ndarray, opset: int | None) -> np.ndarray:
+    """``estimate`` of ``data`` quantized to ``output``: halved in energy where the
+    quantization clips at zero (:func:`clips_at_zero`) a result that can be negative
+    (:func:`signed_result`): the ReLU ONNX Runtime's quantizers fold into it."""
+    if clips_at_zero(output, zero_point) and signed_result(data, opset):
+        return halved_energy(estimate)
+    return estimate
+
+
 @register
 class QuantizeLinearRule(OpRule):
     """QuantizeLinear / DequantizeLinear: an elementwise map with per-tensor or per-axis
     scale and zero point (see the module docstring)."""
 
     op_types = ("QuantizeLinear", "DequantizeLinear")
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        """Estimates are in real units, so both leave them alone; except that a quantization
+        that clips at zero is a rectifier (ONNX Runtime's QDQ quantizer removes a ``ReLU``
+        before it), :func:`rectified_rms`."""
+        x = node.inputs[0]
+        if node.op != "QuantizeLinear" or isinstance(x, gs.Constant):
+            return None
+        return rectified_rms(x, node.outputs[0], _present(node, 2), ctx.of(x), ctx.opset)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

@@ -236,6 +236,22 @@ class OpRule:
         (``Add(x, 0)``, ``Sub(x, 0)``, ``Mul(x, 1)``, ``Div(x, 1)``); ``None``: there is none."""
         return None
 
+    def summed_operands(self, node: gs.Node) -> tuple[int, int] | None:
+        """The inputs of a sum ``y = a + b`` (where depth pruning finds a residual block's skip
+        and branch). Default: the two inputs of a two-input node whose operands are both
+        neutral at 0 (``Add``, a two-input ``Sum``); ``None``: the node is no sum."""
+        if (len(node.inputs) == 2 and len(node.outputs) == 1
+                and all(self.neutral_operand(node, k) == 0.0 for k in (0, 1))):
+            return (0, 1)
+        return None
+
+    def zero_operand(self, node: gs.Node, index: int) -> np.ndarray | None:
+        """A sum whose other operand does not pass through unchanged (a quantized sum
+        requantizes it): the constant that, as input ``index``, adds nothing (the operand's
+        zero point), which an erased branch is replaced with. ``None`` (the default): the sum
+        is bypassed, its readers read the other operand (:meth:`neutral_operand`)."""
+        return None
+
     def broadcasts(self, node: gs.Node, index: int) -> bool:
         """Is input ``index`` read with numpy broadcasting, so that a smaller tensor that
         broadcasts to the same output shape (a ``[C, 1, 1]`` constant) gives the same result?"""

@@ -27,17 +27,41 @@ def rms_of(values: np.ndarray) -> float:
 class ScaleContext:
     """Per-channel RMS estimates by tensor name (a tensor not seen yet counts as RMS 1)."""
 
-    def __init__(self, rms: dict[str, np.ndarray]) -> None:
+    def __init__(self, rms: dict[str, np.ndarray], opset: int | None = None) -> None:
         self.rms = dict(rms)
+        self.opset = opset
+        self._decoded: dict[str, np.ndarray | None] = {}
+
+    def weight_values(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The float values of a weight: a constant's, or those a node decodes from constants
+        (a ``DequantizeLinear`` of an int8 weight in a QDQ model: the integers times their
+        scales, not the integers); ``None`` for an activation."""
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        if self.opset is None or len(tensor.inputs) != 1:
+            return None
+        if tensor.name not in self._decoded:
+            from graphprune.rules.registry import stored_weight_of
+
+            stored = stored_weight_of(tensor, self.opset)
+            values = None if stored is None else np.asarray(stored.decode())
+            shape = tensor.shape
+            if values is not None and shape is not None and (len(shape) != values.ndim or any(
+                    isinstance(d, int) and d != v for d, v in zip(shape, values.shape, strict=True))):
+                values = None
+            self._decoded[tensor.name] = values
+        return self._decoded[tensor.name]
 
     def of(self, tensor: gs.Tensor, size: int | None = None) -> np.ndarray:
         """The per-channel RMS of ``tensor``; with ``size``, a vector of that length.
 
-        A constant gives its absolute values when they are ``size`` channels, else its RMS; an
-        estimate of another length is replaced by its overall RMS, repeated ``size`` times.
+        A constant, or a weight decoded from constants (:meth:`weight_values`), gives its
+        absolute values when they are ``size`` channels, else its RMS; an estimate of another
+        length is replaced by its overall RMS, repeated ``size`` times.
         """
-        if isinstance(tensor, gs.Constant):
-            values = np.abs(np.asarray(tensor.values, dtype=np.float64))
+        weight = self.weight_values(tensor)
+        if weight is not None:
+            values = np.abs(np.asarray(weight, dtype=np.float64))
             if size is not None and values.ndim >= 1 and values.size == size:
                 return values.reshape(-1)
             return np.array([rms_of(values.reshape(-1))])
