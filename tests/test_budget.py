@@ -601,3 +601,22 @@ def test_a_coarse_step_lands_over_the_target_when_the_landing_under_it_misses():
     # a landing under the goal that meets it is still preferred: 0.55 lands at 0.5625
     under = graphprune.prune(model, target_macs=0.55).report
     assert [w["kept"] for w in under["budget"]["widths"]] == [9]
+
+
+def test_a_target_of_a_cost_the_model_does_not_have_is_a_usage_error(tmp_path) -> None:
+    """A MACs target on a model without layers with weights (a tree ensemble, elementwise
+    maths) wrote an unchanged copy, exit 0, "achieved - (MISSED)"; it is a usage error now
+    (exit 2, no file written)."""
+    from onnx import helper
+
+    model = make_model([helper.make_node("Add", ["x", "c"], ["s"]), helper.make_node("Relu", ["s"], ["y"])],
+                       {"x": [1, 4]}, {"y": [1, 4]}, {"c": [1, 4]})
+    with pytest.raises(UsageError, match="--target-macs has nothing to reduce: the model has no multiply"):
+        graphprune.prune(model, target_macs=0.5)
+    import onnx
+
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    run = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(out), "--target-macs", "0.5"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "nothing to reduce" in run.stderr and not out.exists()

@@ -353,6 +353,27 @@ def test_fidelity_figures():
     assert alone["top1_agreement"] is None
 
 
+def test_audio_is_not_class_scores():
+    """A waveform of one row (Kokoro's ``audio``, declared ``[audio_length]``) reported a top-1
+    agreement, the arg-max sample of two sounds: an output whose length changes with the input,
+    or whose last axis is declared with a named size, is not class scores."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    waves = [[rng.standard_normal((1, n))] for n in (300, 420)]
+    noisy = [[w[0] + 0.1 * rng.standard_normal(w[0].shape)] for w in waves]
+    assert fidelity.compare_outputs(["audio"], waves, noisy)["top1_agreement"] is None
+    fixed = [[rng.standard_normal((1, 300))] for _ in range(2)]
+    assert fidelity.compare_outputs(["audio"], fixed, fixed)["top1_agreement"] == 1.0
+    assert fidelity.compare_outputs(["audio"], fixed, fixed, not_scores={"audio"})["top1_agreement"] is None
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["audio"]), helper.make_node("Identity", ["x"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, "audio_length"]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 300])])
+    assert fidelity.open_length(helper.make_model(graph)) == {"audio"}
+
+
 def test_an_output_that_is_a_constant_is_compared_as_one():
     """An exporter's ``Identity`` of a weight as a graph output folds into an initializer that
     is the output: no run computes it, and the calibrated prune stopped with "the original

@@ -211,3 +211,28 @@ def test_tested_values_are_found_through_casts_for_small_integer_inputs():
     specs = [InputSpec("sr", [], np.dtype(np.int64)), InputSpec("flag", [1], np.dtype(np.bool_))]
     (feed,) = synthetic.synthetic_feeds(specs, {"sr": (), "flag": (1,)}, {}, count=1, tested=found)
     assert feed["sr"].dtype == np.int64 and int(feed["sr"]) == 16000 and feed["flag"].tolist() == [True]
+
+
+def test_integers_whose_range_no_table_tells_are_held_where_random_ones_do_not_run():
+    """A graph network's node -> graph ids index a ``ScatterElements`` into as many graphs as
+    another input has rows (minimol: ``batch`` into ``graph_slots[num_graphs]``): random ids
+    in {0, 1} with one graph do not run, and ``--calibration random`` stopped with exit 3,
+    "the original model does not run". Those integers are now held at the values verification
+    runs the original with (said in the source line), the float features random."""
+    feat = helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["num_nodes", 6])
+    batch = helper.make_tensor_value_info("batch", TensorProto.INT64, ["num_nodes"])
+    slots = helper.make_tensor_value_info("graph_slots", TensorProto.FLOAT, ["num_graphs"])
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes = [helper.make_node("MatMul", ["feat", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["s2"]), helper.make_node("Squeeze", ["s2", "one"], ["s"]),
+             helper.make_node("ScatterElements", ["graph_slots", "batch", "s"], ["y"], axis=0, reduction="add")]
+    graph = helper.make_graph(nodes, "gnn", [feat, batch, slots],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["num_graphs"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = graphprune.prune(model, ratio=0.5, calibration="random:16")
+    source = result.report["calibration"]["source"]
+    assert "batch held at the values verification runs the original with" in source, source
+    assert result.report["verification"]["ok"] and result.report["params_after"] < result.report["params_before"]

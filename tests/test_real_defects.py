@@ -66,6 +66,43 @@ class TestProbeSizes:
         shapes = choose_input_shapes(path, input_specs(model))
         assert shapes is not None and 32 <= shapes["x"][2] < 64
 
+    def test_sizes_at_which_the_input_reaches_the_outputs_are_chosen(self, tmp_path: Path) -> None:
+        """Silero VAD v5 runs at 256 samples but answers from its state alone there, so the
+        verification (and ``--calibration random``'s feeds) at that size never saw its encoder:
+        a calibrated prune reported cosine 1, relative L2 0. Here the output is the state until
+        the input has more than 256 samples; sizes at which it is not are chosen (512), and a model
+        whose input reaches nothing at any size keeps the guess."""
+        def vad(start: int) -> onnx.ModelProto:
+            nodes = [helper.make_node("Slice", ["x", "start", "end", "axis"], ["tail"]),
+                     helper.make_node("ReduceSumSquare", ["tail"], ["gate"], axes=[1], keepdims=1),  # 0 when empty
+                     helper.make_node("Unsqueeze", ["x", "one"], ["x3"]),
+                     helper.make_node("Conv", ["x3", "w1", "b1"], ["c1"], kernel_shape=[1]),
+                     helper.make_node("Relu", ["c1"], ["r1"]),
+                     helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[1]),
+                     helper.make_node("ReduceSum", ["c2", "last"], ["s"], keepdims=0),
+                     helper.make_node("Mul", ["s", "gate"], ["g"]),
+                     helper.make_node("Add", ["state", "g"], ["y"])]
+            params = {"start": np.array([start], np.int64), "end": np.array([np.iinfo(np.int64).max], np.int64),
+                      "axis": np.array([1], np.int64), "one": np.array([1], np.int64),
+                      "last": np.array([-1], np.int64), "w1": [8, 1, 1], "b1": [8], "w2": [4, 8, 1], "b2": [4]}
+            model = make_model(nodes, {"x": [1, 600], "state": [1, 4]}, {"y": [1, 4]}, params)
+            dim = model.graph.input[0].type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_param = "samples"
+            return model
+
+        model = vad(256)
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        shapes = choose_input_shapes(path, input_specs(model))
+        assert shapes is not None and shapes["x"] == (1, 512), shapes
+        result = graphprune.prune(model, ratio=0.5)
+        assert result.report["verification"]["ok"] is True
+        assert result.report["params_after"] < result.report["params_before"]
+        never = vad(10**9)  # an input that reaches the outputs at no size: the guess stays
+        onnx.save(never, path)
+        assert choose_input_shapes(path, input_specs(never)) is None
+
     def test_prune_runs_at_the_chosen_sizes(self) -> None:
         result = graphprune.prune(fixed_height_model(), ratio=0.5)
         assert result.report["verification"]["ok"] is True

@@ -5,7 +5,9 @@ needs a size. :func:`graphprune.io.feeds.resolve_shapes` guesses (batch 1, image
 sequences 8), but many real models only run at some sizes: an OCR recogniser whose
 height must be 32 or 48, a voice detector that pads its 8-sample input by 96. When the
 guess does not run, :func:`choose_input_shapes` tries other sizes with ONNX Runtime on the
-original model and keeps the first that runs:
+original model and keeps the first that runs, reproducibly, with every input reaching the
+outputs (new values in the inputs an open dimension sizes change some output; where none
+does, the first that runs):
 
 1. the guess (shapes given by the caller always stay as given);
 2. every open dimension at the same candidate size (32, 48, 64, ... for image axes,
@@ -36,6 +38,10 @@ OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
 #: at most this many runs of the original, and this much time, are spent looking
 MAX_TRIES = 100
 MAX_SECONDS = 30.0
+#: after the first sizes at which an input does not reach the outputs, this many more tries
+#: and this much time in all are spent looking for sizes at which it does
+BLIND_TRIES = 12
+BLIND_SECONDS = 10.0
 
 Key = tuple[str, int] | str  # a symbol, or (input name, axis) for an unnamed dimension
 
@@ -184,8 +190,12 @@ def choose_input_shapes(
             return None
     started = time.perf_counter()
     runs: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the first that runs, if none reproduces
+    blind: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the first that reproduces, if none is seen
+    keys = {k: v for k, v in open_dimensions(specs, given).items() if k not in (required or {})}
     for count, shapes in enumerate(tries):
         if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
+            break
+        if blind is not None and (count - blind[0] > BLIND_TRIES or time.perf_counter() - started > BLIND_SECONDS):
             break
         try:
             feeds = (feed(shapes) if feed is not None
@@ -197,10 +207,35 @@ def choose_input_shapes(
         if again is None or not _same(outputs, again):  # runs, but overflows, or leaves part of an
             runs = runs or (count, shapes)              # output unwritten: nothing to compare there
             continue
+        if feed is None and not _inputs_reach_outputs(session, specs, keys, shapes, feeds, outputs, seed, values):
+            blind = blind or (count, shapes)
+            continue
         return None if count == 0 and not required else shapes
-    if runs is not None:
-        return None if runs[0] == 0 and not required else runs[1]
+    if blind is not None or runs is not None:
+        count, shapes = blind or runs
+        return None if count == 0 and not required else shapes
     return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
+
+
+def _inputs_reach_outputs(session: Any, specs: Sequence[InputSpec], keys: Mapping[Key, list[tuple[str, int]]],
+                          shapes: dict[str, tuple[int, ...]], feeds: dict, outputs: Sequence[Any], seed: int,
+                          values: Mapping[str, Any] | None) -> bool:
+    """Do the inputs sized by each open dimension change some output at ``shapes``? Silero VAD
+    v5 runs at 256 samples and answers from its state alone there: verification at that size
+    would not see its encoder (nor the calibration's random feeds). Inputs whose values are
+    fixed (a mask of ones) are not varied; a run that fails counts as seen."""
+    other = make_feeds_from_specs(specs, seed=seed + 1, input_shapes=shapes, values=values)[0]
+    for positions in keys.values():
+        names = {name for name, _ in positions}
+        varied = {**feeds, **{n: other[n] for n in names}}
+        if all(np.array_equal(varied[n], feeds[n]) for n in names):
+            continue
+        try:
+            if _same(outputs, session.run(None, varied)):
+                return False
+        except Exception:
+            continue
+    return True
 
 
 def _same(first: Sequence[Any], second: Sequence[Any]) -> bool:

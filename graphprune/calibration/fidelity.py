@@ -8,8 +8,9 @@ flattened):
 - ``other_shape``: how many samples the pruned model answers with an output of another shape
   (a decoder loop that stops at another step); each counts as cosine 0 and ``rel_l2`` 1;
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
-  at least 2 classes, a single row per sample, not the same for every sample), the share of
-  samples whose arg-max class is the same.
+  at least 2 classes and the same length on every sample, a single row per sample, not the
+  same for every sample, and not declared with a named, open length: audio, a sequence), the
+  share of samples whose arg-max class is the same.
 
 The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
 (``None`` when no output qualifies).
@@ -48,14 +49,29 @@ def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return cosine, (float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
 
 
+def open_length(model: onnx.ModelProto) -> set[str]:
+    """The outputs whose last axis is declared with a named size (``audio_length``, ``s1``):
+    a length the inputs choose, not a number of classes."""
+    names = set()
+    for out in model.graph.output:
+        tensor = out.type.tensor_type
+        if tensor.HasField("shape") and tensor.shape.dim and tensor.shape.dim[-1].dim_param:
+            names.add(out.name)
+    return names
+
+
 def compare_outputs(
-    names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
+    names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
+    *, not_scores: set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k)."""
+    """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k;
+    ``not_scores``: outputs never taken for class scores, see :func:`open_length`)."""
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
         cosines, rels, agree = [], [], []
-        scores, other_shape = True, 0
+        scores, other_shape = name not in not_scores, 0
+        widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
+        scores = scores and len(widths) == 1  # a class count does not change with the input
         for ref_list, out_list in zip(original, pruned, strict=True):
             y = np.asarray(ref_list[k])
             p = np.asarray(out_list[k])
@@ -115,4 +131,4 @@ def fidelity(
     names = [o.name for o in original.graph.output]
     ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
-    return compare_outputs(names, ref, out)
+    return compare_outputs(names, ref, out, not_scores=open_length(original))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
+from graphprune.analysis.explain import unsupported_ops
+from graphprune.errors import UsageError
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose
 from graphprune.pipeline.latency_rounds import (
@@ -284,6 +286,12 @@ def prune_budget(
     with session.stage("plan"):
         allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target,
                                                        shape_of)
+    if options.kind != "latency" and not allocation.full and not has_branches(session.prepared):
+        what = ("multiply-accumulates counted (layers with weights; a Loop or Scan body is not counted)"
+                if options.kind == "macs" else "parameters (float initializers and constants)")
+        unsupported = unsupported_ops(analysis)
+        raise UsageError(f"--target-{options.kind} has nothing to reduce: the model has no {what}"
+                         + (f" (ops without a rule: {unsupported})" if unsupported else ""))
     early, goal = None, options.target
     if options.kind != "latency" and has_branches(session.prepared):
         early, info["branches_first"] = _branches_first(session, options, tolerance, allocation.full, calibrated)

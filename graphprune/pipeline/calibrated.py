@@ -177,13 +177,37 @@ class CalibratedRun:
         # ones choose another branch (silero's sample rate: 16000 needs 512 samples, not 128),
         # choose sizes with them
         path = session.path_of(session.prepared)
-        try:
-            validate.run(path, feeds_at(shapes, 1)[0], "the original model")
-        except Exception:  # VerificationError
+
+        def run(feed: dict[str, np.ndarray]) -> bool:
+            try:
+                validate.run(path, feed, "the original model")
+                return True
+            except Exception:  # VerificationError
+                return False
+
+        verified = shapes
+        if not run(feeds_at(shapes, 1)[0]):
             shapes = choose_input_shapes(path, specs, session.input_shapes,
                                          feed=lambda at: feeds_at(at, 1)[0]) or shapes
         feeds = feeds_at(shapes, spec.count)
-        return feeds, synthetic.describe(feeds, bounds, spec.float_range)
+        text = synthetic.describe(feeds, bounds, spec.float_range)
+        # integers whose range nothing in the graph tells (a GNN's node -> graph ids, read by a
+        # ScatterElements into as many graphs as another input has rows): where random ones do
+        # not run, held at the values verification runs the original with, the rest random
+        fixed = [s.name for s in specs if s.name not in bounds and s.name not in tested
+                 and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
+        if fixed and not all(run(f) for f in feeds):
+            fresh = feeds_at(verified, spec.count)
+            for held in session.feeds(count=4):  # the first of verification's feeds whose integers run
+                candidate = [{**f, **{n: held[n] for n in fixed}} for f in fresh]
+                if not run(candidate[0]):  # (every one holds the same integers)
+                    continue
+                feeds = candidate
+                text = (synthetic.describe(feeds, bounds, spec.float_range)
+                        + f"; {', '.join(fixed)} held at the values verification runs the original with "
+                          "(random values of them do not run)")
+                break
+        return feeds, text
 
     @property
     def criterion(self) -> str:

@@ -181,8 +181,9 @@ def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[
         nodes, masked = _mask_nodes(graph, name, masks)
         rename_uses(graph, {name: masked})
         for node in nodes:  # the masks read the original name, not the masked one
-            if node.input[0] == masked:
-                node.input[0] = name
+            for k, used in enumerate(node.input):
+                if used == masked:
+                    node.input[k] = name
         position = next((k + 1 for k, n in enumerate(graph.node) if name in n.output), 0)
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
@@ -214,19 +215,36 @@ def _value_infos(graph: onnx.GraphProto, opsets: Any) -> dict[str, tuple[list[An
 
 def _mask_nodes(graph: onnx.GraphProto, name: str,
                 masks: list[np.ndarray]) -> tuple[list[onnx.NodeProto], str]:
-    """``Mul`` nodes that zero ``name`` where any of the (broadcastable, 0/1) ``masks`` is 0,
-    one small mask per axis (their product would be as large as the weight); their masks are
-    added to ``graph``. Returns the nodes and the name of the zeroed weight."""
+    """Nodes that zero ``name`` where any of the (broadcastable, 0/1) ``masks`` is 0, one
+    small mask per axis (their product would be as large as the weight); their masks are
+    added to ``graph``. Returns the nodes and the name of the zeroed weight.
+
+    ``Where(mask, x, 0)``, not ``x * mask``: a trained weight may hold ``-inf`` (an attention
+    bias table's row for "no path"), and ``-inf * 0`` is NaN, which the removed channel then
+    carried into every output (chython-rxnmap's heads: "relative difference inf", exit 3).
+    A type ``Where`` does not take (bfloat16) keeps the ``Mul``."""
     nodes, current = [], name
     for k, mask in enumerate(masks):
         suffix = str(k) if k else ""
         mask_name = f"{name}__gp_mask{suffix}"
-        graph.initializer.append(numpy_helper.from_array(mask, mask_name))
         target = f"{name}__gp_zeroed{suffix}"
-        nodes.append(onnx.helper.make_node("Mul", [current, mask_name], [target],
-                                           name=f"{name}__gp_zero{suffix}"))
+        if mask.dtype in WHERE_TYPES:
+            zero_name = f"{name}__gp_zero_value{suffix}"
+            graph.initializer.append(numpy_helper.from_array(mask != 0, mask_name))
+            graph.initializer.append(numpy_helper.from_array(np.zeros((), mask.dtype), zero_name))
+            nodes.append(onnx.helper.make_node("Where", [mask_name, current, zero_name], [target],
+                                               name=f"{name}__gp_zero{suffix}"))
+        else:
+            graph.initializer.append(numpy_helper.from_array(mask, mask_name))
+            nodes.append(onnx.helper.make_node("Mul", [current, mask_name], [target],
+                                               name=f"{name}__gp_zero{suffix}"))
         current = target
     return nodes, current
+
+
+#: the types ONNX Runtime's CPU ``Where`` takes, which zeroed channels use
+WHERE_TYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.uint8,
+                                               np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64))
 
 
 def rename_uses(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
