@@ -231,6 +231,11 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if not budget.get("reached_by_width", True):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
+    if budget.get("branches_first") and achieved is not None and not budget.get("met"):
+        first = budget["branches_first"]
+        lines.append("note: each If branch was pruned to the target on its own, and what the branches keep (a "
+                     "recurrent layer tied to the model's state, frozen groups) is more than the main graph can "
+                     f"give up (its cost {first.get('main_graph_cost', 0):.4g} of {first.get('cost_before', 0):.4g})")
     if budget.get("latency_floor"):
         lines.append("note: the measured latency stopped following the widths (a narrower round was no "
                      "faster): the run is bound by something else here, such as kernel launches on a GPU "

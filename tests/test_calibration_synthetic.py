@@ -236,3 +236,28 @@ def test_integers_whose_range_no_table_tells_are_held_where_random_ones_do_not_r
     source = result.report["calibration"]["source"]
     assert "batch held at the values verification runs the original with" in source, source
     assert result.report["verification"]["ok"] and result.report["params_after"] < result.report["params_before"]
+
+
+def test_verification_feeds_ids_across_the_table_they_index():
+    """Verification fed every integer input 0s and 1s; on chython-rxnmap ids 0 and 1 are
+    padding and a ``-inf`` bias, and the original's output was the mask's softmax whatever the
+    network computed, so the structural check compared nothing. Ids that index a table now
+    span it (where the original runs on them); the mask, indexing nothing, stays 0/1; and a
+    model that does not run on such ids keeps 0s and 1s."""
+    from graphprune.pipeline.session import Session
+
+    session = Session(token_model())
+    feeds = session.feeds(count=2)
+    ids = np.concatenate([f["input_ids"].ravel() for f in feeds])
+    assert session.index_highs() == {"input_ids": VOCAB}
+    assert ids.max() >= 2 and ids.max() < VOCAB and feeds[0]["input_ids"].dtype == np.int32
+    assert set(np.concatenate([f["attention_mask"].ravel() for f in feeds])) <= {0, 1}
+    # the same ids also scatter into two slots: ids past 1 do not run, so 0s and 1s stay
+    model = token_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 2), np.float32), "slots"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((1, 8), np.float32), "ones"))
+    model.graph.node.extend([
+        helper.make_node("Cast", ["ones"], ["ones_f"], to=TensorProto.FLOAT),
+        helper.make_node("ScatterElements", ["slots", "ids64", "ones_f"], ["scattered"], axis=1)])
+    model.graph.output.append(helper.make_tensor_value_info("scattered", TensorProto.FLOAT, None))
+    assert Session(model, input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)}).index_highs() == {}

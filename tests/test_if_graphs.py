@@ -133,6 +133,17 @@ def test_what_the_branches_cannot_remove_is_taken_from_the_main_graph() -> None:
         assert run(result.model, flag, x).shape == (1, 4, 8, 8)
 
 
+def test_a_target_the_branches_keep_out_of_reach_says_why() -> None:
+    """At 0.2 of the MACs the main graph would have to go below nothing (the branches keep
+    6,912 of 19,200): the target is missed, and the CLI says why (the legacy Silero VAD, its
+    LSTM inside the If, said "MISSED" and nothing more, with ``reached_by_width: true``)."""
+    from graphprune.tables import budget_lines
+
+    budget = graphprune.prune(unprunable_branch_model(), target_macs=0.2).report["budget"]
+    assert budget["met"] is False and budget["branches_first"]["main_graph_cost"] == 12288
+    assert any("each If branch was pruned to the target on its own" in line for line in budget_lines(budget))
+
+
 def test_a_branch_without_operators_is_reported_as_such() -> None:
     """torchvision's detectors export ``If(numel == 0)`` whose then branch is one
     ``Constant`` (an empty result); once folded, the branch has no node: the report says

@@ -310,6 +310,7 @@ def make_feeds_from_specs(
     int_high: int = 2,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None,
+    int_highs: Mapping[str, int] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` feeds of random values for ``specs`` (see :func:`make_feeds`)."""
     if count < 1:
@@ -322,7 +323,8 @@ def make_feeds_from_specs(
         {
             spec.name: (np.full(shapes[spec.name], values[spec.name], dtype=spec.dtype)
                         if values and spec.name in values
-                        else _random(rng, shapes[spec.name], spec.dtype, int_high, spec.name))
+                        else _random(rng, shapes[spec.name], spec.dtype,
+                                     (int_highs or {}).get(spec.name, int_high), spec.name))
             for spec in specs
         }
         for _ in range(count)
@@ -339,12 +341,14 @@ def make_feeds(
     int_high: int = 2,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None,
+    int_highs: Mapping[str, int] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for every non-initializer graph input of ``model``.
 
-    Floats are standard normal, integers uniform in ``[0, int_high)`` (token ids, indices),
-    booleans fair coin flips; an input named in ``values`` is filled with that value (a mode
-    switch the graph tests: a sample rate). The same seed gives the same feeds.
+    Floats are standard normal, integers uniform in ``[0, int_high)`` (``int_highs``: a bound
+    per input, the rows of the table it indexes), booleans fair coin flips; an input named in
+    ``values`` is filled with that value (a mode switch the graph tests: a sample rate). The
+    same seed gives the same feeds.
     """
     return make_feeds_from_specs(
         input_specs(model),
@@ -355,6 +359,7 @@ def make_feeds(
         int_high=int_high,
         input_shapes=input_shapes,
         values=values,
+        int_highs=int_highs,
     )
 
 

@@ -39,7 +39,7 @@ from graphprune.errors import (
     VerificationError,
 )
 from graphprune.io import custom_shapes, declared_shapes, ir, model_io, runtime, stale_shapes
-from graphprune.io.feeds import declare_ranks, make_feeds
+from graphprune.io.feeds import declare_ranks, input_specs, make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
 from graphprune.io.weights import WeightStore
@@ -99,6 +99,7 @@ class Session:
         self._counting: dict[str, Any] | None | bool = False  # see cost_shapes
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
         self._tested: dict[str, Any] | None = None  # see tested_values
+        self._index_highs: dict[str, int] | None = None  # see index_highs
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
         #: a few calibration samples (set by calibration), and whether verification runs on
@@ -361,7 +362,7 @@ class Session:
             return [self.data_feeds[(seed + i) % len(self.data_feeds)] for i in range(count)]
         shapes = self.run_shapes()  # first: the batch is tried at these sizes
         return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes,
-                          values=self.tested_values())
+                          values=self.tested_values(), int_highs=self.index_highs())
 
     def use_data_feeds(self, fault: Exception) -> bool:
         """Where the original does not run on the generated feeds (``fault``) but runs on the
@@ -386,6 +387,30 @@ class Session:
         first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
         self.feeds_from_data = f"{source} (the original does not run on generated inputs: {first})"
         return True
+
+    def index_highs(self) -> dict[str, int]:
+        """Integer inputs that index a table (token ids, positions) and its number of rows
+        (:func:`graphprune.calibration.synthetic.index_bounds`): verification feeds them ids
+        across the table, not 0s and 1s, on which a network can compute nothing of its own
+        (chython-rxnmap: ids 0 and 1 map to a ``-inf`` attention bias and padding, and the
+        original's output was the mask's softmax whatever the layers did). Where the original
+        does not run on such feeds, none (0s and 1s, as before)."""
+        if self._index_highs is None:
+            self._index_highs = {}
+            if any(np.issubdtype(s.dtype, np.integer) for s in input_specs(self.original)):
+                from graphprune.calibration.synthetic import index_bounds
+
+                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
+                bounds = {k: int(v) for k, v in index_bounds(graph, self.opset).items() if int(v) > 2}
+                if bounds:
+                    feed = make_feeds(self.original, batch=self._verify_batch(), input_shapes=self.run_shapes(),
+                                      values=self.tested_values(), int_highs=bounds)[0]
+                    try:
+                        validate.run(self.path_of(self.prepared), feed, "the original")
+                        self._index_highs = bounds
+                    except Exception:  # VerificationError: 0s and 1s, as before
+                        pass
+        return self._index_highs
 
     def tested_values(self) -> dict[str, Any]:
         """Mode switches fed the constant the graph tests them for (silero's ``Equal(sr, 16000)``),
