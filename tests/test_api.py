@@ -280,7 +280,7 @@ def test_example_cnn_prunes_exactly_with_a_full_report():
     stages = []
     res = assert_prunes_exactly(m, 0.5, progress=stages.append)
     report = res.report
-    assert stages == ["load", "analysis", "plan", "prune", "verify"]
+    assert stages == ["load", "analysis", "plan", "prune", "verify", "count"]
     assert report["macs_after"] < 0.5 * report["macs_before"]
     assert report["params_after"] < report["params_before"]
     assert report["groups"]["pruned"] == report["groups"]["prunable"] > 0

@@ -120,7 +120,7 @@ def test_prune_shows_progress_on_stderr(capsys, models, tmp_path, monkeypatch):
     code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "o.onnx")
     assert code == 0
     assert [line.split()[1] for line in err.splitlines()] == [
-        "load", "analysis", "plan", "prune", "verify",
+        "load", "analysis", "plan", "prune", "verify", "count",
     ]
     code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "q.onnx", "-q")
     assert code == 0 and err == ""

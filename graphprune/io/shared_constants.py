@@ -75,17 +75,25 @@ def _defined(graph: onnx.GraphProto) -> set[str]:
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make ``graph`` (nested subgraphs included) read ``new`` where it reads ``old``."""
+    _rename_all(graph, {old: new})
+
+
+def _rename_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Make ``graph`` (nested subgraphs included) read ``renames[x]`` where it reads ``x``, in
+    one pass (one pass per name was 3,824 walks of MAXIM's 40 k nodes: 100 s of a prune)."""
+    if not renames:
+        return
     for node in graph.node:
         for k, name in enumerate(node.input):
-            if name == old:
-                node.input[k] = new
+            if name in renames:
+                node.input[k] = renames[name]
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subs:
-                _rename(sub, old, new)
-    for out in graph.output:  # an output that was the constant itself
-        if out.name == old:
-            graph.node.append(helper.make_node("Identity", [new], [old]))
+                _rename_all(sub, renames)
+    for out in list(graph.output):  # an output that was the constant itself
+        if out.name in renames:
+            graph.node.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
 
 
 def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes]) -> int:
@@ -315,14 +323,16 @@ def retie_shapes(model: onnx.ModelProto) -> int:
             families[key].append(node)
     outputs = {o.name for o in graph.output}
     dropped: set[str] = set()
+    renames: dict[str, str] = {}
     for members in families.values():
         if len(members) < 2 or not any(TIE in n.output[0] for n in members):
             continue
         survivor = min(members, key=lambda n: (TIE in n.output[0], len(n.output[0]), n.output[0]))
         for node in members:
             if node is not survivor and node.output[0] not in outputs:
-                _rename(graph, node.output[0], survivor.output[0])
+                renames[node.output[0]] = survivor.output[0]
                 dropped.add(node.output[0])
+    _rename_all(graph, renames)
     if dropped:
         gone = [n for n in graph.node if len(n.output) == 1 and n.output[0] in dropped]
         kept = [n for n in graph.node if not (len(n.output) == 1 and n.output[0] in dropped)]
@@ -356,6 +366,7 @@ def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], b
     for tensor in graph.initializer:
         families[tied_origin(tensor.name)].append(tensor)
     dropped: set[str] = set()
+    renames: dict[str, str] = {}
     for members in families.values():
         if len(members) < 2 or not any(TIE in t.name for t in members):
             continue
@@ -367,8 +378,9 @@ def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], b
             survivor = min(same, key=lambda t: (TIE in t.name, len(t.name), t.name))
             for tensor in same:
                 if tensor is not survivor:
-                    _rename(graph, tensor.name, survivor.name)
+                    renames[tensor.name] = survivor.name
                     dropped.add(tensor.name)
+    _rename_all(graph, renames)
     if dropped:
         kept = [t for t in graph.initializer if t.name not in dropped]
         del graph.initializer[:]
