@@ -405,8 +405,8 @@ class Session:
                 if bounds:
                     feed = make_feeds(self.original, batch=self._verify_batch(), input_shapes=self.run_shapes(),
                                       values=self.tested_values(), int_highs=bounds)[0]
-                    try:
-                        validate.run(self.path_of(self.prepared), feed, "the original")
+                    try:  # (a large model one segment of weights at a time, as verification runs it)
+                        validate.run_many(self.path_of(self.prepared), [feed], "the original", segmented=True)
                         self._index_highs = bounds
                     except Exception:  # VerificationError: 0s and 1s, as before
                         pass
