@@ -222,7 +222,11 @@ def propagate_rms(
     (the first that is no constant).
     Returns the estimates of ``rms`` and of every output computed.
     """
-    ctx = ScaleContext(rms, opset)
+    def decode(tensor: gs.Tensor) -> np.ndarray | None:
+        stored = registry.stored_weight_of(tensor, opset)
+        return None if stored is None else np.asarray(stored.decode())
+
+    ctx = ScaleContext(rms, opset, decode)
     for node in nodes:
         if not node.inputs:
             continue

@@ -50,7 +50,6 @@ from graphprune.analysis.index_maps import IDENTITY, Digit
 from graphprune.analysis.roles import CHANNELWISE
 from graphprune.io.tensors import from_constants, integer_info
 from graphprune.io.tensors import present_input as _present
-from graphprune.rules.elementwise import halved_energy
 from graphprune.rules.quantize_blocked import blocked_decoding, blocked_dequantized
 from graphprune.rules.quantize_fake import fake_quantized
 from graphprune.rules.registry import (
@@ -59,6 +58,7 @@ from graphprune.rules.registry import (
     lookup,
     register,
 )
+from graphprune.rules.scale import halved_energy
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext

@@ -13,10 +13,17 @@ multiplies scales. They rank branches; they are not exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["ScaleContext", "rms_of"]
+__all__ = ["ScaleContext", "halved_energy", "rms_of"]
+
+
+def halved_energy(r: np.ndarray) -> np.ndarray:
+    """A rectifier's output RMS estimate: about half the energy of a zero-mean input."""
+    return r / np.sqrt(2)
 
 
 def rms_of(values: np.ndarray) -> float:
@@ -27,9 +34,13 @@ def rms_of(values: np.ndarray) -> float:
 class ScaleContext:
     """Per-channel RMS estimates by tensor name (a tensor not seen yet counts as RMS 1)."""
 
-    def __init__(self, rms: dict[str, np.ndarray], opset: int | None = None) -> None:
+    def __init__(self, rms: dict[str, np.ndarray], opset: int | None = None,
+                 decode: Callable[[gs.Tensor], np.ndarray | None] | None = None) -> None:
+        """``opset``: the model's (rules that ask other rules); ``decode``: the float values of
+        a weight a node computes from constants (``None``: not one), see :meth:`weight_values`."""
         self.rms = dict(rms)
         self.opset = opset
+        self._decode = decode
         self._decoded: dict[str, np.ndarray | None] = {}
 
     def weight_values(self, tensor: gs.Tensor) -> np.ndarray | None:
@@ -38,13 +49,10 @@ class ScaleContext:
         scales, not the integers); ``None`` for an activation."""
         if isinstance(tensor, gs.Constant):
             return np.asarray(tensor.values)
-        if self.opset is None or len(tensor.inputs) != 1:
+        if self._decode is None or len(tensor.inputs) != 1:
             return None
         if tensor.name not in self._decoded:
-            from graphprune.rules.registry import stored_weight_of
-
-            stored = stored_weight_of(tensor, self.opset)
-            values = None if stored is None else np.asarray(stored.decode())
+            values = self._decode(tensor)
             shape = tensor.shape
             if values is not None and shape is not None and (len(shape) != values.ndim or any(
                     isinstance(d, int) and d != v for d, v in zip(shape, values.shape, strict=True))):
