@@ -71,3 +71,18 @@ def test_a_sliced_shape_of_a_static_tensor_folds_to_its_slice(start, end, expect
     folded = fold_constants(gs.import_onnx(helper.make_model(graph)), fold_shapes=True)
     y = folded.tensors()["y"]
     assert isinstance(y, gs.Constant) and y.values.tolist() == expected
+
+
+def test_a_sliced_shape_that_is_an_output_folds_in_place():
+    """A ``Shape(x, start=1)`` of a static ``x`` that is also a graph output becomes an
+    ``Identity`` of the constant (it keeps its name); graphsurgeon's lists refused the slice
+    assignment that rewired it (the shape probes make such tensors outputs)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6, 32])],
+                              [helper.make_tensor_value_info("s", TensorProto.INT64, [2])])
+    folded = gs.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    fold_constants(folded, fold_shapes=True)
+    exported = gs.export_onnx(folded.cleanup())
+    session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((3, 6, 32), np.float32)})[0].tolist() == [6, 32]
+    assert [o.name for o in exported.graph.output] == ["s"]

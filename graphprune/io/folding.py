@@ -72,7 +72,8 @@ def _fold_sliced_shapes(graph: gs.Graph) -> list[gs.Node]:
                 redirect_uses(out, const)
                 if any(o is out for o in graph.outputs):  # the output keeps its name
                     node.op, node.attrs = "Identity", {}
-                    node.inputs[:] = [const]
+                    node.inputs.clear()  # (a slice assignment fails in graphsurgeon's lists)
+                    node.inputs.append(const)
                 else:
                     node.outputs.clear()
                     node.inputs.clear()
