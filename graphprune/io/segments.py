@@ -58,7 +58,7 @@ def ordered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     weights = {t.name for t in graph.initializer}
     free: dict[str, int] = {}  # output name -> index of a weights-only node
     for k, node in enumerate(nodes):
-        if node.output and _reads(node) <= weights | set(free):
+        if node.output and all(n in weights or n in free for n in _reads(node)):
             free.update((o, k) for o in node.output if o)
     deferred = set(free.values())
     placed: set[int] = set()
