@@ -101,6 +101,11 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
         names = ", ".join(v["empty_outputs"][:4]) + (", ..." if len(v["empty_outputs"]) > 4 else "")
         lines.append(f"  outputs with no element on any input compared: {names} (nothing was compared "
                      "there; --calibration with real inputs checks them on those)")
+    if v.get("constant_outputs"):
+        names = ", ".join(v["constant_outputs"][:4]) + (", ..." if len(v["constant_outputs"]) > 4 else "")
+        lines.append(f"  outputs of one value throughout on every input compared: {names} (little was compared "
+                     "there: the inputs may lie outside what the model was made for; --calibration with real "
+                     "inputs checks them on those)")
     if v.get("scale"):  # accepted above the tolerance: say on what grounds
         grounds = v["scale"]
         lines.append(f"  accepted: {'relative to ' if grounds.startswith('the ') else ''}{grounds}")

@@ -166,11 +166,13 @@ def choose_input_shapes(
     values: Mapping[str, Any] | None = None,
     session: Any = None,
     required: Mapping[str, int] | None = None,
+    float_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, tuple[int, ...]] | None:
     """Input shapes the model at ``model_path`` runs with (ONNX Runtime, CPU), or ``None``
     when nothing needed choosing or no candidate runs (the caller's guess stays). ``feed``
     makes the values tried at some shapes (default: verification's random feeds, with the
-    inputs of ``values`` filled with those); ``session``: an ONNX Runtime session of the model
+    inputs of ``values`` filled with those, and those of ``float_ranges`` uniform in their
+    range); ``session``: an ONNX Runtime session of the model
     to run them with (default: one on the CPU from ``model_path``). ``required``: see
     :func:`candidate_shapes`; where it sizes a symbol, the guess with those sizes is returned
     too, also where no candidate runs (the values tried may be what fails)."""
@@ -199,7 +201,8 @@ def choose_input_shapes(
             break
         try:
             feeds = (feed(shapes) if feed is not None
-                     else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values)[0])
+                     else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values,
+                                                  float_ranges=float_ranges)[0])
             outputs = session.run(None, feeds)
             again = session.run(None, feeds) if _finite(outputs) else None
         except Exception:
@@ -207,7 +210,8 @@ def choose_input_shapes(
         if again is None or not _same(outputs, again):  # runs, but overflows, or leaves part of an
             runs = runs or (count, shapes)              # output unwritten: nothing to compare there
             continue
-        if feed is None and not _inputs_reach_outputs(session, specs, keys, shapes, feeds, outputs, seed, values):
+        if feed is None and not _inputs_reach_outputs(session, specs, keys, shapes, feeds, outputs, seed, values,
+                                                        float_ranges):
             blind = blind or (count, shapes)
             continue
         return None if count == 0 and not required else shapes
@@ -219,12 +223,14 @@ def choose_input_shapes(
 
 def _inputs_reach_outputs(session: Any, specs: Sequence[InputSpec], keys: Mapping[Key, list[tuple[str, int]]],
                           shapes: dict[str, tuple[int, ...]], feeds: dict, outputs: Sequence[Any], seed: int,
-                          values: Mapping[str, Any] | None) -> bool:
+                          values: Mapping[str, Any] | None,
+                          float_ranges: Mapping[str, tuple[float, float]] | None = None) -> bool:
     """Do the inputs sized by each open dimension change some output at ``shapes``? Silero VAD
     v5 runs at 256 samples and answers from its state alone there: verification at that size
     would not see its encoder (nor the calibration's random feeds). Inputs whose values are
     fixed (a mask of ones) are not varied; a run that fails counts as seen."""
-    other = make_feeds_from_specs(specs, seed=seed + 1, input_shapes=shapes, values=values)[0]
+    other = make_feeds_from_specs(specs, seed=seed + 1, input_shapes=shapes, values=values,
+                                  float_ranges=float_ranges)[0]
     for positions in keys.values():
         names = {name for name, _ in positions}
         varied = {**feeds, **{n: other[n] for n in names}}

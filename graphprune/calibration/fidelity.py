@@ -4,13 +4,20 @@ For every graph output and every held-out sample ``i`` (``y`` original, ``p`` pr
 flattened):
 
 - ``cosine``: ``<y, p> / (|y| |p|)``, averaged over samples (``min_cosine``: the worst);
+  ``None`` for an output of one element per sample (a score, a probability: its cosine is
+  its sign's agreement, 1 whatever the value);
 - ``rel_l2``: ``|p - y| / |y|``, averaged over samples;
 - ``other_shape``: how many samples the pruned model answers with an output of another shape
   (a decoder loop that stops at another step); each counts as cosine 0 and ``rel_l2`` 1;
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
   at least 2 classes and the same length on every sample, a single row per sample, not the
-  same for every sample, and not declared with a named, open length: audio, a sequence), the
-  share of samples whose arg-max class is the same.
+  same for every sample, and not declared with a named, open length: audio, a sequence, nor
+  shaped like an input: a recurrent state fed back), the share of samples whose arg-max class
+  is the same;
+- ``constant``: the original's output is the same on every held-out sample (a quantized model
+  fed values its input quantizer maps to one level answers 0 to everything): the figures
+  compare what a constant became; where every output is so, ``note`` says that the figures
+  say nothing about what the model computes.
 
 The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
 (``None`` when no output qualifies).
@@ -60,6 +67,29 @@ def open_length(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def fed_back(model: onnx.ModelProto) -> set[str]:
+    """The outputs of rank 3 or more shaped like an input of the same type (rank, element
+    type and every size both declare as a number): a recurrent state the caller feeds back
+    (silero's ``hn``, ``[1, 1, 128]`` like its ``h``), not class scores."""
+    def signature(value: onnx.ValueInfoProto) -> tuple | None:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            return None
+        return tensor.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+    inputs = [sig for v in model.graph.input if (sig := signature(v)) is not None]
+    names = set()
+    for out in model.graph.output:
+        sig = signature(out)
+        if sig is None:
+            continue
+        for kind, dims in inputs:
+            if kind == sig[0] and len(dims) == len(sig[1]) > 2 and all(
+                    a is None or b is None or a == b for a, b in zip(dims, sig[1], strict=True)):
+                names.add(out.name)
+    return names
+
+
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
     *, not_scores: set[str] = frozenset(),
@@ -82,17 +112,20 @@ def compare_outputs(
                 rels.append(0.0 if np.array_equal(y, p) else 1.0)
                 continue
             cosine, rel = pair_figures(y, p)
-            cosines.append(cosine)
+            cosines.append(cosine if y.size > 1 else None)
             rels.append(rel)
             if scores and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
             else:
                 scores = False
+        cosines = [c for c in cosines if c is not None]  # (one element: no cosine)
         entry: dict[str, Any] = {
             "cosine": round(float(np.mean(cosines)), 6) if cosines else None,
             "min_cosine": round(float(np.min(cosines)), 6) if cosines else None,
             "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
         }
+        if len(original) > 1 and all(_equal(original[0][k], r[k]) for r in original[1:]):
+            entry["constant"] = True
         if other_shape:  # a decoder that stops at another step: counted as cosine 0, rel_l2 1
             entry["other_shape"] = other_shape
         # an output the inputs do not change (a constant, a folded weight) scores no class
@@ -107,7 +140,16 @@ def compare_outputs(
     worst["cosine"] = min(cos) if cos else None
     worst["rel_l2"] = max(rel) if rel else None
     worst["top1_agreement"] = min(top) if top else None
+    if outputs and all(e.get("constant") for e in outputs.values()):
+        worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
+                         "figures say nothing about what the model computes (give samples of the data it was "
+                         "made for)")
     return worst
+
+
+def _equal(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
 
 
 def reference_outputs(original: onnx.ModelProto, feeds: Sequence[Feed], *,
@@ -131,4 +173,4 @@ def fidelity(
     names = [o.name for o in original.graph.output]
     ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
-    return compare_outputs(names, ref, out, not_scores=open_length(original))
+    return compare_outputs(names, ref, out, not_scores=open_length(original) | fed_back(original))

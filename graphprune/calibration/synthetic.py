@@ -125,6 +125,22 @@ def index_bounds(graph: gs.Graph, opset: int) -> dict[str, int]:
     return bounds
 
 
+def value_ranges(graph: gs.Graph, opset: int) -> dict[str, tuple[float, float]]:
+    """Float graph input name -> the range of values it is meant to lie in
+    (:meth:`~graphprune.rules.registry.OpRule.value_range`: an input quantizer's), the
+    narrowest where several readers say (within :data:`MAX_DEPTH` nodes, through nodes that
+    carry values unchanged)."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for source, node, rule, index in _readers(graph, opset):
+        if source.dtype is None or not np.issubdtype(np.dtype(source.dtype), np.floating):
+            continue
+        found = rule.value_range(node, index)
+        if found is not None:
+            known = ranges.get(source.name)
+            ranges[source.name] = found if known is None or found[1] - found[0] < known[1] - known[0] else known
+    return ranges
+
+
 def tested_values(graph: gs.Graph, opset: int) -> dict[str, list[Any]]:
     """Graph input name -> the constants its value is tested for equality with (in graph
     order, each once), for integer and boolean inputs of at most one element: a mode switch
@@ -211,9 +227,12 @@ def synthetic_feeds(
     seed: int = 0,
     float_range: tuple[float, float] | None = None,
     tested: Mapping[str, Sequence[Any]] | None = None,
+    float_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for ``specs`` at ``shapes`` (see the module docstring);
-    ``tested``: :func:`tested_values` (an input listed there gets its first value)."""
+    ``tested``: :func:`tested_values` (an input listed there gets its first value);
+    ``float_ranges``: :func:`value_ranges` (where ``float_range`` does not give one range to
+    every float input, an input listed there is uniform in its own)."""
     rng = np.random.default_rng(seed)
     lengths = {spec.name: _sequence_length(spec.name, shapes, bounds) for spec in specs}
     feeds = []
@@ -227,8 +246,9 @@ def synthetic_feeds(
                 value = (np.ones(shape, dtype=bool) if "mask" in spec.name.lower()
                          else rng.random(shape) < 0.5)
             elif np.issubdtype(spec.dtype, np.floating):
-                value = (rng.standard_normal(shape) if float_range is None
-                         else rng.uniform(*float_range, size=shape)).astype(spec.dtype)
+                limits = float_range or (float_ranges or {}).get(spec.name)
+                value = (rng.standard_normal(shape) if limits is None
+                         else rng.uniform(*limits, size=shape)).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
                 value = _integers(spec, shape, bounds.get(spec.name), rng, lengths[spec.name])
             elif spec.dtype == np.object_:  # a string input (a tokenizer in the graph)
@@ -242,7 +262,8 @@ def synthetic_feeds(
 
 
 def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int],
-             float_range: tuple[float, float] | None = None) -> str:
+             float_range: tuple[float, float] | None = None,
+             float_ranges: Mapping[str, tuple[float, float]] | None = None) -> str:
     """The source line of the report: what the random feeds were (an integer input filled
     with one value: ``= value``)."""
     parts = []
@@ -255,7 +276,10 @@ def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int
         elif value.size and not np.issubdtype(value.dtype, np.floating) and (value == value.flat[0]).all():
             text += f" = {value.flat[0].item()}"
         elif np.issubdtype(value.dtype, np.floating):
-            text += " normal" if float_range is None else f" uniform [{float_range[0]:g}, {float_range[1]:g}]"
+            limits = float_range or (float_ranges or {}).get(name)
+            text += " normal" if limits is None else f" uniform [{limits[0]:g}, {limits[1]:g}]"
+            if float_range is None and limits is not None:
+                text += " (its quantizer's range)"
         parts.append(text)
     return f"random ({len(feeds)} synthetic feeds: {', '.join(parts)})"
 

@@ -273,11 +273,14 @@ def _evaluate(symbol: str, sizes: Mapping[str, int]) -> int:
 
 
 def _random(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, int_high: int, name: str
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, int_high: int, name: str,
+    float_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     if dtype == np.bool_:  # an ndarray even for shape (): ORT refuses numpy scalars
         return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.floating):
+        if float_range is not None:
+            return rng.uniform(*float_range, size=shape).astype(dtype)
         return rng.standard_normal(shape).astype(dtype)
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, int_high, size=shape).astype(dtype)
@@ -311,6 +314,7 @@ def make_feeds_from_specs(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None,
     int_highs: Mapping[str, int] | None = None,
+    float_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` feeds of random values for ``specs`` (see :func:`make_feeds`)."""
     if count < 1:
@@ -324,7 +328,8 @@ def make_feeds_from_specs(
             spec.name: (np.full(shapes[spec.name], values[spec.name], dtype=spec.dtype)
                         if values and spec.name in values
                         else _random(rng, shapes[spec.name], spec.dtype,
-                                     (int_highs or {}).get(spec.name, int_high), spec.name))
+                                     (int_highs or {}).get(spec.name, int_high), spec.name,
+                                     (float_ranges or {}).get(spec.name)))
             for spec in specs
         }
         for _ in range(count)
@@ -342,10 +347,12 @@ def make_feeds(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None,
     int_highs: Mapping[str, int] | None = None,
+    float_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for every non-initializer graph input of ``model``.
 
-    Floats are standard normal, integers uniform in ``[0, int_high)`` (``int_highs``: a bound
+    Floats are standard normal (``float_ranges``: uniform in a range per input, the range its
+    quantizer represents), integers uniform in ``[0, int_high)`` (``int_highs``: a bound
     per input, the rows of the table it indexes), booleans fair coin flips; an input named in
     ``values`` is filled with that value (a mode switch the graph tests: a sample rate). The
     same seed gives the same feeds.
@@ -360,6 +367,7 @@ def make_feeds(
         input_shapes=input_shapes,
         values=values,
         int_highs=int_highs,
+        float_ranges=float_ranges,
     )
 
 

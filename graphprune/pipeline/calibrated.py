@@ -169,9 +169,11 @@ class CalibratedRun:
         bounds = synthetic.index_bounds(graph, session.opset)
         tested = synthetic.tested_values(graph, session.opset)
         specs = input_specs(session.prepared)
+        ranges = session.value_ranges()  # (an input quantizer's range: what the model was made for)
 
         def feeds_at(at: dict[str, tuple[int, ...]], count: int) -> list[dict[str, np.ndarray]]:
-            return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range, tested=tested)
+            return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range, tested=tested,
+                                             float_ranges=ranges)
 
         # the sizes verification runs at were chosen with its own values; where the synthetic
         # ones choose another branch (silero's sample rate: 16000 needs 512 samples, not 128),
@@ -190,7 +192,7 @@ class CalibratedRun:
             shapes = choose_input_shapes(path, specs, session.input_shapes,
                                          feed=lambda at: feeds_at(at, 1)[0]) or shapes
         feeds = feeds_at(shapes, spec.count)
-        text = synthetic.describe(feeds, bounds, spec.float_range)
+        text = synthetic.describe(feeds, bounds, spec.float_range, ranges)
         # integers whose range nothing in the graph tells (a GNN's node -> graph ids, read by a
         # ScatterElements into as many graphs as another input has rows): where random ones do
         # not run, held at the values verification runs the original with, the rest random
@@ -203,7 +205,7 @@ class CalibratedRun:
                 if not run(candidate[0]):  # (every one holds the same integers)
                     continue
                 feeds = candidate
-                text = (synthetic.describe(feeds, bounds, spec.float_range)
+                text = (synthetic.describe(feeds, bounds, spec.float_range, ranges)
                         + f"; {', '.join(fixed)} held at the values verification runs the original with "
                           "(random values of them do not run)")
                 break

@@ -100,6 +100,7 @@ class Session:
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
         self._tested: dict[str, Any] | None = None  # see tested_values
         self._index_highs: dict[str, int] | None = None  # see index_highs
+        self._ranges: dict[str, tuple[float, float]] | None = None  # see value_ranges
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
         #: a few calibration samples (set by calibration), and whether verification runs on
@@ -348,7 +349,8 @@ class Session:
 
             started = time.perf_counter()  # no progress line: part of the stage running
             chosen = choose_input_shapes(self.path_of(self.original), specs := input_specs(self.original), self.input_shapes,
-                                         values=self.tested_values(), required=required_sizes(self.original, specs, self.opset))
+                                         values=self.tested_values(), required=required_sizes(self.original, specs, self.opset),
+                                         float_ranges=self.value_ranges())
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
             self._probe_shapes = chosen or self.input_shapes
         return self._probe_shapes or None
@@ -362,7 +364,7 @@ class Session:
             return [self.data_feeds[(seed + i) % len(self.data_feeds)] for i in range(count)]
         shapes = self.run_shapes()  # first: the batch is tried at these sizes
         return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes,
-                          values=self.tested_values(), int_highs=self.index_highs())
+                          values=self.tested_values(), int_highs=self.index_highs(), float_ranges=self.value_ranges())
 
     def use_data_feeds(self, fault: Exception) -> bool:
         """Where the original does not run on the generated feeds (``fault``) but runs on the
@@ -404,13 +406,28 @@ class Session:
                 bounds = {k: int(v) for k, v in index_bounds(graph, self.opset).items() if int(v) > 2}
                 if bounds:
                     feed = make_feeds(self.original, batch=self._verify_batch(), input_shapes=self.run_shapes(),
-                                      values=self.tested_values(), int_highs=bounds)[0]
+                                      values=self.tested_values(), int_highs=bounds,
+                                      float_ranges=self.value_ranges())[0]
                     try:  # (a large model one segment of weights at a time, as verification runs it)
                         validate.run_many(self.path_of(self.prepared), [feed], "the original", segmented=True)
                         self._index_highs = bounds
                     except Exception:  # VerificationError: 0s and 1s, as before
                         pass
         return self._index_highs
+
+    def value_ranges(self) -> dict[str, tuple[float, float]]:
+        """Float inputs with a range of values they are meant to lie in (an input quantizer's:
+        :func:`graphprune.calibration.synthetic.value_ranges`): verification feeds them values
+        uniform across it, not standard normal ones that a quantizer calibrated on 0-255 pixels
+        maps to one level (the original's outputs all 0, every check comparing zeros)."""
+        if self._ranges is None:
+            self._ranges = {}
+            if any(np.issubdtype(s.dtype, np.floating) for s in input_specs(self.original)):
+                from graphprune.calibration.synthetic import value_ranges
+
+                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
+                self._ranges = value_ranges(graph, self.opset)
+        return self._ranges
 
     def tested_values(self) -> dict[str, Any]:
         """Mode switches fed the constant the graph tests them for (silero's ``Equal(sr, 16000)``),
@@ -429,7 +446,7 @@ class Session:
             self._batch = 1
             if self.analysis.merges_batch:
                 feeds = make_feeds(self.original, seed=0, batch=2, count=1, input_shapes=self.run_shapes(),
-                                   values=self.tested_values())
+                                   values=self.tested_values(), float_ranges=self.value_ranges())
                 if not any(v.ndim and v.shape[0] == 2 for v in feeds[0].values()):
                     return self._batch  # the given shapes fix the batch: nothing to try
                 try:
@@ -501,21 +518,27 @@ class Session:
             result = result if fault is None else {**result, "error": str(fault), "_error": fault}
         if self.feeds_from_data and feeds is None:
             result["feeds"] = self.feeds_from_data
-        elif feeds is None and result.get("empty_outputs") and self.data_feeds:
+        elif feeds is None and (result.get("empty_outputs") or result.get("constant_outputs")) and self.data_feeds:
             result = self._verify_on_data(reference, what, candidate, stage, compare, result)
         return result
 
     def _verify_on_data(self, reference: Any, what: str, candidate: Any, stage: str, compare: dict[str, Any],
                         result: dict[str, Any]) -> dict[str, Any]:
         """Where some outputs had no element on the random feeds (a detector's boxes: no score
-        passes its threshold on noise), the comparison again on the calibration samples, kept
-        where fewer outputs are empty there (whatever its verdict)."""
+        passes its threshold on noise), or one value throughout (a quantized model's 0s), the
+        comparison again on the calibration samples, kept where fewer outputs are so there
+        (whatever its verdict)."""
         data = self.data_feeds[:DATA_CHECK_SAMPLES]
         again = self._verify(reference, what, candidate, data, stage, compare)
-        if len(again.get("empty_outputs", [])) >= len(result["empty_outputs"]):
+
+        def idle(found: dict[str, Any]) -> list[str]:
+            return [*found.get("empty_outputs", []), *found.get("constant_outputs", [])]
+
+        if len(idle(again)) >= len(idle(result)):
             return result
+        how = "had no element" if result.get("empty_outputs") else "were constant"
         return {**again, "feeds": f"{len(data)} calibration samples (on random inputs "
-                                  f"{', '.join(result['empty_outputs'][:3])} had no element)"}
+                                  f"{', '.join(idle(result)[:3])} {how})"}
 
     def _verify(self, reference: Any, what: str, candidate: Any, feeds: list[dict[str, np.ndarray]] | None,
                 stage: str, compare: dict[str, Any]) -> dict[str, Any]:
@@ -531,8 +554,9 @@ class Session:
                     pair_safe=saturation.may_saturate(self.prepared), **compare,
                 )
                 result["checker"] = result["checker"] or checked
-                if "empty_outputs" in result:  # (by name: the prepared graph's outputs)
-                    result["empty_outputs"] = [self.prepared.graph.output[j].name for j in result["empty_outputs"]]
+                for key in ("empty_outputs", "constant_outputs"):  # (by name: the prepared graph's outputs)
+                    if key in result:
+                        result[key] = [self.prepared.graph.output[j].name for j in result[key]]
                 return result
             except OutputShapesDiffer as exc:
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc, "shapes_differ": exc.outputs}

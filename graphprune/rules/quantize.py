@@ -332,6 +332,29 @@ class QuantizeLinearRule(OpRule):
             return None
         return rectified_rms(x, node.outputs[0], _present(node, 2), ctx.of(x), ctx.opset)
 
+    def value_range(self, node: gs.Node, index: int) -> tuple[float, float] | None:
+        """A ``QuantizeLinear``'s representable range, ``[(qmin - zp) * scale, (qmax - zp) *
+        scale]`` (the widest over its channels), where scale and zero point are constants;
+        the type is the zero point's, else ``output_dtype``, else uint8."""
+        if node.op != "QuantizeLinear" or index != 0 or len(node.inputs) < 2:
+            return None
+        scale, zp = node.inputs[1], _present(node, 2)
+        if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)):
+            return None
+        scales = np.asarray(scale.values, dtype=np.float64).reshape(-1)
+        if zp is not None:
+            points = np.asarray(zp.values)
+            info = integer_info(points.dtype)
+        else:
+            points = np.zeros(1)
+            dtype = int(node.attrs.get("output_dtype", 0) or onnx.TensorProto.UINT8)
+            info = integer_info(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)))
+        if info is None or not scales.size or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+            return None
+        points = np.broadcast_to(points.astype(np.float64).reshape(-1), scales.shape)
+        low, high = (float(np.min((info.min - points) * scales)), float(np.max((info.max - points) * scales)))
+        return (low, high) if low < high else None
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
         scale = node.inputs[1] if len(node.inputs) > 1 else None

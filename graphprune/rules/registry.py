@@ -322,6 +322,17 @@ class OpRule:
         default): the input is no such index."""
         return None
 
+    def value_range(self, node: gs.Node, index: int) -> tuple[float, float] | None:
+        """The range of real values that input ``index`` (a float) is meant to lie in, where
+        the node says (a ``QuantizeLinear`` with constant scale and zero point represents
+        ``[(qmin - zp) * scale, (qmax - zp) * scale]``; ONNX Runtime's static quantizer puts
+        one on every float input, calibrated on the data the model was made for): what
+        verification and synthetic calibration feed a graph input read this way, uniform
+        across it, instead of standard normal values that quantize to one or two levels
+        (an input quantized for 0-255 pixels: every output 0, and every check compared
+        zeros). ``None`` (the default): no range known."""
+        return None
+
     def tested_value(self, node: gs.Node, index: int) -> np.ndarray | None:
         """The constant that input ``index`` is tested for equality with (``Equal(sr, 16000)``
         ahead of an ``If``: a mode switch), so that value is one the input is meant to take:

@@ -342,7 +342,19 @@ def _differences(ref_outs: list[list[np.ndarray]], outs: list[list[np.ndarray]],
         # random inputs): nothing was compared there
         **({"empty_outputs": empty} if (empty := [j for j in range(len(per_output))
                                                   if all(out[j].size == 0 for out in ref_outs)]) else {}),
+        # float outputs of one value throughout on every feed (a quantized model fed values its
+        # input quantizer maps to one level answers 0 everywhere): little was compared there
+        **({"constant_outputs": constant} if (constant := [j for j in range(len(per_output))
+                                                        if _one_value([out[j] for out in ref_outs])]) else {}),
     }
+
+
+def _one_value(values: list[np.ndarray]) -> bool:
+    """Float arrays of more than one element in all, every element the same value."""
+    if not values or any(v.dtype.kind != "f" for v in values) or sum(v.size for v in values) < 2:
+        return False
+    first = values[0].reshape(-1)[:1]
+    return bool(first.size) and all(np.all(v == first[0]) for v in values)
 
 
 def _pair_safe(candidate: ModelRef, reference: ModelRef, overrides: dict[str, np.ndarray] | None

@@ -1,0 +1,140 @@
+"""Inputs fed the values a model was made for, and checks that say when they compared little.
+
+An ORT statically quantized model (QDQ) quantizes its float input with a scale calibrated on
+the data it was made for. An ESRGAN quantized for 0-255 pixels maps standard normal values to
+one level: its output was 0 for every random feed, so the structural check and the held-out
+fidelity of ``--calibration random`` compared zeros with zeros ("max abs diff 0", "cosine 1"),
+and the refit on those activations wrote a model that outputs 0 on real images. Verification,
+the size probes and synthetic calibration now feed such an input values uniform across its
+quantizer's range (``OpRule.value_range``); an output of one value throughout is reported
+(``constant_outputs``, the fidelity's ``constant`` and ``note``); a one-element output has no
+cosine (its cosine is its sign's agreement); a recurrent state fed back is never class scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.calibration import fidelity
+from graphprune.pipeline.session import Session
+from graphprune.rules.registry import lookup
+from graphprune.verify import validate
+
+SCALE = 16.0  # 0-4080 in 256 levels: standard normal values all quantize to 0
+
+
+def qdq_conv_model() -> onnx.ModelProto:
+    """``x [1, 3, 8, 8]`` quantized (uint8, scale 16), dequantized, two 3x3 convs with a ReLU."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(SCALE, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.01).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((4, 8, 3, 3)) * 0.1).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+        helper.make_node("Conv", ["xd", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantizer(zp: np.ndarray | None, **attrs) -> gs.Node:
+    inputs = [gs.Variable("x", np.float32), gs.Constant("s", np.array(0.5, np.float32))]
+    if zp is not None:
+        inputs.append(gs.Constant("zp", zp))
+    return gs.Node("QuantizeLinear", inputs=inputs, outputs=[gs.Variable("q")], attrs=attrs)
+
+
+@pytest.mark.parametrize(("zp", "attrs", "expected"), [
+    (np.array(0, np.uint8), {}, (0.0, 127.5)),
+    (np.array(128, np.uint8), {}, (-64.0, 63.5)),
+    (np.array(-3, np.int8), {}, (-62.5, 65.0)),
+    (None, {}, (0.0, 127.5)),  # no zero point: uint8
+    (None, {"output_dtype": TensorProto.INT8}, (-64.0, 63.5)),
+])
+def test_an_input_quantizer_says_the_range_it_represents(zp, attrs, expected):
+    node = _quantizer(zp, **attrs)
+    rule = lookup("", "QuantizeLinear", 21)
+    assert rule.value_range(node, 0) == pytest.approx(expected)
+    assert rule.value_range(node, 1) is None  # (the scale is no value the model reads)
+    assert lookup("", "Relu", 17).value_range(node, 0) is None  # (no range known: the default)
+
+
+def test_verification_and_random_calibration_feed_the_quantizers_range():
+    model = qdq_conv_model()
+    session = Session(model)
+    assert session.value_ranges() == {"x": pytest.approx((0.0, 255 * SCALE))}
+    x = np.concatenate([f["x"].ravel() for f in session.feeds(count=2)])
+    assert x.min() >= 0 and x.max() > 100 * SCALE  # across the range, not standard normal
+    result = graphprune.prune(model, ratio=0.5, calibration="random:8")
+    verification = result.report["verification"]
+    assert verification["ok"] and "constant_outputs" not in verification
+    held_out = result.report["fidelity"]
+    assert "note" not in held_out and not held_out["outputs"]["y"].get("constant")
+    assert "uniform [0, 4080] (its quantizer's range)" in result.report["calibration"]["source"]
+    # the model as written computes on real-range inputs: not the constant it was on noise
+    feed = {"x": np.random.default_rng(5).uniform(0, 255 * SCALE, (1, 3, 8, 8)).astype(np.float32)}
+    (out,) = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert np.ptp(out) > 0
+
+
+def test_an_output_of_one_value_throughout_is_reported():
+    """Compared on standard normal values (a range given otherwise), the quantized model's
+    output is its bias alone: the check says little was compared."""
+    model = qdq_conv_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    outs = [[np.full((1, 4, 8, 8), 0.25, np.float32)] for _ in feeds]
+    result = validate.compare(model, model, feeds, what="the original", tolerance=1e-5,
+                              candidate_outputs=outs, reference_outputs=outs, check=False)
+    assert result["ok"] and result["constant_outputs"] == [0]
+    varied = [[np.arange(256, dtype=np.float32).reshape(1, 4, 8, 8)] for _ in feeds]
+    assert "constant_outputs" not in validate.compare(model, model, feeds, what="the original", tolerance=1e-5,
+                                                      candidate_outputs=varied, reference_outputs=varied, check=False)
+
+
+def test_fidelity_figures_that_cannot_say_anything_are_not_given():
+    rng = np.random.default_rng(0)
+    names = ["prob", "logits"]
+    original = [[np.array([[0.3 + 0.1 * i]], np.float32), rng.standard_normal((1, 5)).astype(np.float32)]
+                for i in range(3)]
+    pruned = [[np.array([[0.9]], np.float32), o[1] * 1.01] for o in original]
+    result = fidelity.compare_outputs(names, original, pruned)
+    # a one-element output: no cosine (it would be 1), its relative L2 still
+    assert result["outputs"]["prob"]["cosine"] is None and result["outputs"]["prob"]["rel_l2"] > 0.5
+    assert result["cosine"] == pytest.approx(1.0) and result["rel_l2"] > 0.5
+    assert "note" not in result
+    zeros = [[np.zeros((1, 4), np.float32)] for _ in range(3)]
+    constant = fidelity.compare_outputs(["y"], zeros, zeros)
+    assert constant["outputs"]["y"]["constant"] and "same on all 3 held-out samples" in constant["note"]
+
+
+def test_a_recurrent_state_fed_back_is_not_class_scores():
+    state = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, 16])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["hn"]), helper.make_node("Identity", ["x"], ["scores"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5]), state],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 5]),
+         helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, "batch", 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fidelity.fed_back(model) == {"hn"}  # (scores shaped like a 2-D input stay scores)
+    outputs = [[np.eye(1, 5, i, dtype=np.float32), np.eye(1, 16, i, dtype=np.float32).reshape(1, 1, 16)]
+               for i in range(3)]
+    pruned = [[o[0], np.roll(o[1], 1)] for o in outputs]
+    result = fidelity.compare_outputs(["scores", "hn"], outputs, pruned, not_scores=fidelity.fed_back(model))
+    assert result["outputs"]["scores"]["top1_agreement"] == 1.0 and "top1_agreement" not in result["outputs"]["hn"]
