@@ -443,6 +443,11 @@ def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
         count_if_macs(model, None, session.cost_shapes(), session.branches_taken))
     branches_mode.apply(model, found)
     after = cost(model)
+    if options.kind == "params" and session.params_as_loaded:
+        # the target is a fraction of the file's parameters; the preparation gives each branch
+        # its own copy of the outer weights it reads (silero's two sample-rate branches: 310 k
+        # as loaded, 442 k prepared), which counted twice made the main graph's goal 0.005
+        before, after = float(session.params_as_loaded), float(session.params_as_loaded) - (before - after)
     goal = options.target
     if main_full > 0 and main > 0:
         goal = min(1.0, max(1e-3, (options.target * before - after + main) / main))
