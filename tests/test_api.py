@@ -291,6 +291,9 @@ def test_example_cnn_prunes_exactly_with_a_full_report():
     assert 0 < report["prunable_fraction"] <= 1
     assert {f["reasons"][0] for f in report["frozen"]} >= {"graph input 'image'"}
     assert set(report["timings"]) >= {"load", "analysis", "plan", "prune", "verify", "total"}
+    # the stages add up to no more than the whole: the size probe is not counted in the stage it ran in
+    stage_times = {k: v for k, v in report["timings"].items() if k != "total"}
+    assert sum(stage_times.values()) <= report["timings"]["total"] + 0.01, report["timings"]
     assert report["verification"]["max_rel_diff"] <= 1e-4
     assert json.loads(json.dumps(report)) == report, "the report is plain JSON"
 

@@ -138,3 +138,34 @@ def test_a_recurrent_state_fed_back_is_not_class_scores():
     pruned = [[o[0], np.roll(o[1], 1)] for o in outputs]
     result = fidelity.compare_outputs(["scores", "hn"], outputs, pruned, not_scores=fidelity.fed_back(model))
     assert result["outputs"]["scores"]["top1_agreement"] == 1.0 and "top1_agreement" not in result["outputs"]["hn"]
+
+
+def gnn_model() -> onnx.ModelProto:
+    """Atoms ``x [num_atoms, 4]``, the rows ``targets [num_targets, 6]`` gathered and run
+    through two layers: every open size is on axis 0, so verification runs one atom, and a
+    random id 1 indexes past it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 2)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gather", ["x", "targets"], ["g"], axis=0),
+             helper.make_node("MatMul", ["g", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_atoms", 4]),
+                       helper.make_tensor_value_info("targets", TensorProto.INT64, ["num_targets", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["num_targets", 6, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_ids_into_an_open_count_of_rows_are_fed_zeros_where_0s_and_1s_do_not_run():
+    """caustic-nmr's GNN was refused (exit 2, "the input model does not run") in every mode."""
+    model = gnn_model()
+    result = graphprune.prune(model, ratio=0.5)
+    verification = result.report["verification"]
+    assert verification["ok"] and "every integer input 0 (targets)" in verification["feeds"]
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    feed = {"x": x, "targets": np.array([[4, 0, 2, 1, 3, 3]], np.int64)}
+    (out,) = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert out.shape == (1, 6, 2)

@@ -111,6 +111,7 @@ class Session:
         self.debug = debug
         self.keep = normalize_keep(keep)
         self.timings: dict[str, float] = {}
+        self._timed_apart = 0.0  # seconds of sections timed apart from the stage they ran in (see stage)
         self._start = time.perf_counter()
         self.store = WeightStore()
         with self.stage("load"):
@@ -170,14 +171,16 @@ class Session:
     # ------------------------------------------------------------------ stages
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage (times of a stage entered twice add up)."""
+        """Time a stage (times of a stage entered twice add up; a section timed apart inside it,
+        the size probe, is not counted in it too: the listed times add up to the total)."""
         if self.progress is not None:
             self.progress(name)
-        t0 = time.perf_counter()
+        t0, apart = time.perf_counter(), self._timed_apart
         try:
             yield
         finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+            inner = self._timed_apart - apart
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0 - inner, 4)
 
     #: seconds between two progress lines inside a stage (:meth:`counter`)
     COUNTER_EVERY = 10.0
@@ -352,6 +355,7 @@ class Session:
                                          values=self.tested_values(), required=required_sizes(self.original, specs, self.opset),
                                          float_ranges=self.value_ranges())
             self.timings["probe sizes"] = round(time.perf_counter() - started, 4)
+            self._timed_apart += self.timings["probe sizes"]
             self._probe_shapes = chosen or self.input_shapes
         return self._probe_shapes or None
 
@@ -368,27 +372,39 @@ class Session:
 
     def use_data_feeds(self, fault: Exception) -> bool:
         """Where the original does not run on the generated feeds (``fault``) but runs on the
-        calibration samples (without any: on :func:`~graphprune.calibration.synthetic.named_feeds`),
-        verify on those from now on and return True: an input whose values the model needs (a
-        shape, a length, indices into a table) is not fed random 0s and 1s that make it fail.
-        False where they are in use already, or the original fails on them as well."""
+        calibration samples (without any: on :func:`~graphprune.calibration.synthetic.named_feeds`,
+        else on the generated feeds with every integer input 0: an index every table has, where
+        a GNN's atom ids index as many atoms as an open size gives, and verification's batch of 1
+        atom has no atom 1), verify on those from now on and return True: an input whose values
+        the model needs (a shape, a length, indices into a table) is not fed random 0s and 1s
+        that make it fail. False where they are in use already, or the original fails on them
+        as well."""
         if self.feeds_from_data:
             return False
-        source = "calibration samples"
-        if not self.data_feeds:
+        candidates: list[tuple[list[dict[str, np.ndarray]], str]] = []
+        if self.data_feeds:
+            candidates.append((self.data_feeds, "calibration samples"))
+        else:
+            generated = self.feeds(count=DATA_CHECK_SAMPLES)
             graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
-            named = named_feeds(self.prepared, graph, self.opset, {k: v.shape for k, v in self.feeds()[0].items()})
-            if named is None:
-                return False
-            samples, source = named
-        try:
-            validate.run(self.path_of(self.prepared), (self.data_feeds or samples)[0], "the original")
-        except Exception:  # VerificationError: the input's fault after all
-            return False
-        self.data_feeds = self.data_feeds or samples
-        first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
-        self.feeds_from_data = f"{source} (the original does not run on generated inputs: {first})"
-        return True
+            named = named_feeds(self.prepared, graph, self.opset, {k: v.shape for k, v in generated[0].items()})
+            if named is not None:
+                candidates.append(named)
+            integers = [k for k, v in generated[0].items() if np.issubdtype(v.dtype, np.integer)]
+            if integers:
+                zeros = [{k: np.zeros_like(v) if k in integers else v for k, v in f.items()} for f in generated]
+                candidates.append((zeros, f"the generated inputs with every integer input 0 ({', '.join(integers[:4])}"
+                                          f"{', ...' if len(integers) > 4 else ''})"))
+        for samples, source in candidates:
+            try:
+                validate.run(self.path_of(self.prepared), samples[0], "the original")
+            except Exception:  # VerificationError: the input's fault after all
+                continue
+            self.data_feeds = samples
+            first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
+            self.feeds_from_data = f"{source} (the original does not run on generated inputs: {first})"
+            return True
+        return False
 
     def index_highs(self) -> dict[str, int]:
         """Integer inputs that index a table (token ids, positions) and its number of rows
