@@ -3,7 +3,9 @@
 ``prepare`` normalises a model for analysis: initializers are removed from the graph inputs
 (old exporters list them there), Constant nodes are lifted to initializers, constant
 subgraphs (TorchScript's Identity on shared weights, the dynamo exporter's
-Shape/Gather/Concat chains over static shapes) are folded, optional inputs that are provably
+Shape/Gather/Concat chains over static shapes) are folded (never into a transformed copy of a
+weight that another node still reads: a tied embedding's ``Transpose`` stays,
+:func:`_hold_tied_weights`), optional inputs that are provably
 zero are dropped (an exported zero initial state) and selections within one input of a
 concatenation read that input (``h_n[-1]``), shapes are inferred.
 """
@@ -24,6 +26,7 @@ from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io, val
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_edits import redirect_uses
+from graphprune.io.names import fresh_name
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
@@ -436,6 +439,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
             if shrink_only:  # a weight and its pruning mask: folded, the product is the weight
                 stored |= _masked_weights(graph, default_opset(model))
             held = _hold_unfolded(graph, default_opset(model))
+            held += _hold_tied_weights(graph, default_opset(model))
             with quiet_ort():
                 fold_constants(graph, fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
                                flatten_subgraphs=False)
@@ -508,6 +512,91 @@ def _hold_unfolded(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.C
             if isinstance(constant, gs.Constant):
                 node.inputs[index] = gs.Variable(f"{constant.name}__gp_held", constant.dtype, constant.shape)
                 held.append((node, index, constant))
+    return held
+
+
+#: smaller weights are folded as before (a scalar or a short vector copied is no weight)
+TIED_MIN_ELEMENTS = 64
+
+
+def _hold_tied_weights(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.Constant]]:
+    """Hide from constant folding a stored float weight where one of its readers computes
+    only from constants (it would fold) and another reader stays (a node that reads the
+    graph's data, a subgraph, a graph output): folded, the first reader's output would be a
+    second weight of its own, a copy that the weight's other reader keeps beside it. The
+    dynamo exporter ties a word embedding to the output decoder as one table read by a
+    ``Gather`` and by a ``Transpose`` -> ``MatMul``: folding the ``Transpose`` stored the table
+    twice (the table and its transpose), and the pruned model was larger than the original
+    (re-tying cannot merge them: the transpose is no equal copy). Held, the graph keeps the
+    exporter's computation, which the rules follow to the stored weight
+    (``ctx.weight_view``), so the tied table's channels prune together. Only readers whose
+    output is at least as large as the weight are held (a transposed, cast or reshaped copy):
+    a reduction or a shape read from the weight is no copy of it. Each becomes a placeholder
+    variable until folding is done, like :func:`_hold_unfolded`."""
+    nodes = list(graph.nodes)
+    main = {id(node) for node in nodes}
+    outputs = {id(t) for t in graph.outputs}
+    folds: set[int] = set()  # ids of the main-graph nodes that compute from constants alone
+    computed: set[int] = set()  # ids of the variables they compute
+
+    def static(tensor: gs.Tensor) -> bool:
+        shape = tensor.shape
+        return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+    shapes_read = {id(node) for node in nodes
+                   if getattr(registry.lookup(node.domain or "", node.op, opset), "reads_only_shape", False)}
+
+    def shape_only(node: gs.Node) -> bool:
+        return id(node) in shapes_read
+
+    changed = True
+    while changed:  # a fixed point (one pass and a check where the nodes are in graph order)
+        changed = False
+        for node in nodes:
+            if id(node) in folds or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                continue
+            if shape_only(node):
+                constant = bool(node.inputs) and static(node.inputs[0])
+            else:
+                constant = bool(node.inputs) and all(
+                    isinstance(t, gs.Constant) or id(t) in computed or (not t.name and not t.inputs)
+                    for t in node.inputs)
+            if constant:
+                folds.add(id(node))
+                computed.update(id(t) for t in node.outputs)
+                changed = True
+
+    def elements(shape: Any) -> int | None:
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        return int(np.prod(shape, dtype=np.int64))
+
+    held: list[tuple[gs.Node, int, gs.Constant]] = []
+    taken = set(graph.tensors())
+    for tensor in list(graph.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor.dtype is None:
+            continue
+        try:
+            floating = np.dtype(tensor.dtype).kind == "f"
+        except TypeError:  # bfloat16, float8: numpy does not know them
+            floating = True
+        size = elements(tensor.shape)
+        if not floating or size is None or size < TIED_MIN_ELEMENTS:
+            continue
+        readers = list(tensor.outputs)
+        stays = id(tensor) in outputs or any(id(r) not in main or id(r) not in folds for r in readers)
+        if not stays:
+            continue  # every reader folds: the folded values replace the weight
+        copies = [r for r in readers if id(r) in folds and not shape_only(r)
+                  and any((elements(o.shape) or 0) >= size for o in r.outputs)]
+        if not copies:
+            continue
+        placeholder = gs.Variable(fresh_name(f"{tensor.name}__gp_held", taken), tensor.dtype, tensor.shape)
+        for reader in copies:
+            for index, value in enumerate(reader.inputs):
+                if value is tensor:
+                    reader.inputs[index] = placeholder
+                    held.append((reader, index, tensor))
     return held
 
 
