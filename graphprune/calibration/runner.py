@@ -12,7 +12,12 @@ under ``chunk_bytes`` (each chunk is one more run of the prefix it needs).
 
 :func:`batches` stacks samples along axis 0 when the model is batch-separable (checked by
 running two samples separately and stacked), which makes small models much faster to
-calibrate; otherwise every sample is its own batch.
+calibrate; otherwise every sample is its own batch. A stacked batch holds at most
+:data:`STACK_BYTES` of the tensors the model computes (estimated from its shapes at the
+samples' sizes, :func:`sample_bytes`): every run holds one batch's activations, so stacking
+more samples of a large model would make the memory of every calibration run grow with
+the number of samples (a 1024x1024 U-Net computes 3.2 GB of tensors per sample: its
+samples run one at a time).
 """
 
 from __future__ import annotations
@@ -505,13 +510,75 @@ def batch_separable(
     return True
 
 
+#: estimated bytes of the tensors a model computes on one stacked batch (:func:`sample_bytes`
+#: times the samples) above which fewer samples are stacked: ONNX Runtime holds a batch's
+#: activations while it runs it, so a batch of large activations multiplies the peak memory
+#: of every calibration run (statistics, refit, fidelity) by its samples
+STACK_BYTES = 2 << 30
+
+
+def _symbol_sizes(model: onnx.ModelProto, feed: Feed) -> dict[str, int]:
+    """The sizes that ``feed`` gives the symbolic dimensions of ``model``'s inputs."""
+    sizes: dict[str, int] = {}
+    for value in model.graph.input:
+        if value.name not in feed or not value.type.HasField("tensor_type"):
+            continue
+        dims, shape = value.type.tensor_type.shape.dim, np.shape(feed[value.name])
+        if len(dims) != len(shape):
+            continue
+        for dim, size in zip(dims, shape, strict=True):
+            if dim.HasField("dim_param") and dim.dim_param:
+                sizes.setdefault(dim.dim_param, int(size))
+    return sizes
+
+
+def sample_bytes(model: onnx.ModelProto, feed: Feed) -> int:
+    """Estimated bytes of every tensor that ``model`` computes on ``feed`` (one sample): the
+    shapes its ``value_info`` and outputs declare, symbolic sizes taken from the inputs' sizes
+    in ``feed``. A tensor without a shape or a size no input tells counts nothing (it can only
+    under-estimate: stacking is limited where sizes are known)."""
+    symbols = _symbol_sizes(model, feed)
+    total = 0
+    seen: set[str] = set()
+    for value in [*model.graph.value_info, *model.graph.output]:
+        if value.name in seen or not value.type.HasField("tensor_type"):
+            continue
+        seen.add(value.name)
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        except Exception:  # noqa: BLE001 - an undefined or exotic element type
+            itemsize = 4
+        count = 1
+        for dim in tensor.shape.dim:
+            if dim.HasField("dim_value"):
+                count *= max(int(dim.dim_value), 0)
+            else:
+                count *= symbols.get(dim.dim_param, 1)
+        total += count * itemsize
+    return total
+
+
+def stack_limit(model: onnx.ModelProto, feed: Feed, limit: int | None = None) -> int:
+    """The most samples like ``feed`` whose stacked batch stays under ``limit`` (default
+    :data:`STACK_BYTES`) of computed tensors; at least 1."""
+    limit = STACK_BYTES if limit is None else limit
+    return max(1, limit // max(sample_bytes(model, feed), 1))
+
+
 def batches(
     model: onnx.ModelProto, feeds: Sequence[Feed], size: int = 16, data_dir: Path | None = None
 ) -> Batches:
     """``feeds`` in batches of up to ``size`` samples when the model allows it, and in two
     batches at least (the refit cross-validates its ridge on even against odd batches: with
-    one batch it could not, and a few samples are where a fixed ridge overfits most)."""
+    one batch it could not, and a few samples are where a fixed ridge overfits most). A
+    batch holds at most :data:`STACK_BYTES` of computed tensors (:func:`stack_limit`), so
+    that the memory of a calibration run does not grow with the number of samples."""
     size = min(size, max(1, -(-len(feeds) // 2)))
+    if size > 1 and _stackable(feeds):
+        size = min(size, stack_limit(model, feeds[0]))
     if size > 1 and _stackable(feeds) and batch_separable(model, feeds, data_dir=data_dir):
         groups = [list(feeds[i : i + size]) for i in range(0, len(feeds), size)]
         return Batches([_stack(g) for g in groups], [len(g) for g in groups], True)
