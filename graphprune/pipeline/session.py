@@ -30,7 +30,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, analyze_graph
-from graphprune.calibration.synthetic import first_tested_values, named_feeds
 from graphprune.errors import (
     GraphPruneError,
     OutputShapesDiffer,
@@ -46,6 +45,7 @@ from graphprune.io.weights import WeightStore
 from graphprune.passes.base import Pass, PassContext, PassManager, PassResult
 from graphprune.pipeline import blame
 from graphprune.pipeline import report as reports
+from graphprune.pipeline.feed_values import DATA_CHECK_SAMPLES, FeedValues
 from graphprune.pipeline.result import PruneResult
 from graphprune.pipeline.selections import within_own_noise
 from graphprune.planning.plan import Plan
@@ -75,11 +75,9 @@ def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
     return names
 
 
-#: calibration samples the structural check runs on where random inputs leave outputs empty
-DATA_CHECK_SAMPLES = 4
 
 
-class Session:
+class Session(FeedValues):
     """A model on its way through the pipeline (see the module docstring)."""
 
     def __init__(
@@ -370,89 +368,6 @@ class Session:
         return make_feeds(self.original, seed=seed, batch=self._verify_batch(), count=count, input_shapes=shapes,
                           values=self.tested_values(), int_highs=self.index_highs(), float_ranges=self.value_ranges())
 
-    def use_data_feeds(self, fault: Exception) -> bool:
-        """Where the original does not run on the generated feeds (``fault``) but runs on the
-        calibration samples (without any: on :func:`~graphprune.calibration.synthetic.named_feeds`,
-        else on the generated feeds with every integer input 0: an index every table has, where
-        a GNN's atom ids index as many atoms as an open size gives, and verification's batch of 1
-        atom has no atom 1), verify on those from now on and return True: an input whose values
-        the model needs (a shape, a length, indices into a table) is not fed random 0s and 1s
-        that make it fail. False where they are in use already, or the original fails on them
-        as well."""
-        if self.feeds_from_data:
-            return False
-        candidates: list[tuple[list[dict[str, np.ndarray]], str]] = []
-        if self.data_feeds:
-            candidates.append((self.data_feeds, "calibration samples"))
-        else:
-            generated = self.feeds(count=DATA_CHECK_SAMPLES)
-            graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
-            named = named_feeds(self.prepared, graph, self.opset, {k: v.shape for k, v in generated[0].items()})
-            if named is not None:
-                candidates.append(named)
-            integers = [k for k, v in generated[0].items() if np.issubdtype(v.dtype, np.integer)]
-            if integers:
-                zeros = [{k: np.zeros_like(v) if k in integers else v for k, v in f.items()} for f in generated]
-                candidates.append((zeros, f"the generated inputs with every integer input 0 ({', '.join(integers[:4])}"
-                                          f"{', ...' if len(integers) > 4 else ''})"))
-        for samples, source in candidates:
-            try:
-                validate.run(self.path_of(self.prepared), samples[0], "the original")
-            except Exception:  # VerificationError: the input's fault after all
-                continue
-            self.data_feeds = samples
-            first = str(fault).split(": ", 1)[-1].splitlines()[0][:160]
-            self.feeds_from_data = f"{source} (the original does not run on generated inputs: {first})"
-            return True
-        return False
-
-    def index_highs(self) -> dict[str, int]:
-        """Integer inputs that index a table (token ids, positions) and its number of rows
-        (:func:`graphprune.calibration.synthetic.index_bounds`): verification feeds them ids
-        across the table, not 0s and 1s, on which a network can compute nothing of its own
-        (chython-rxnmap: ids 0 and 1 map to a ``-inf`` attention bias and padding, and the
-        original's output was the mask's softmax whatever the layers did). Where the original
-        does not run on such feeds, none (0s and 1s, as before)."""
-        if self._index_highs is None:
-            self._index_highs = {}
-            if any(np.issubdtype(s.dtype, np.integer) for s in input_specs(self.original)):
-                from graphprune.calibration.synthetic import index_bounds
-
-                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
-                bounds = {k: int(v) for k, v in index_bounds(graph, self.opset).items() if int(v) > 2}
-                if bounds:
-                    feed = make_feeds(self.original, batch=self._verify_batch(), input_shapes=self.run_shapes(),
-                                      values=self.tested_values(), int_highs=bounds,
-                                      float_ranges=self.value_ranges())[0]
-                    try:  # (a large model one segment of weights at a time, as verification runs it)
-                        validate.run_many(self.path_of(self.prepared), [feed], "the original", segmented=True)
-                        self._index_highs = bounds
-                    except Exception:  # VerificationError: 0s and 1s, as before
-                        pass
-        return self._index_highs
-
-    def value_ranges(self) -> dict[str, tuple[float, float]]:
-        """Float inputs with a range of values they are meant to lie in (an input quantizer's:
-        :func:`graphprune.calibration.synthetic.value_ranges`): verification feeds them values
-        uniform across it, not standard normal ones that a quantizer calibrated on 0-255 pixels
-        maps to one level (the original's outputs all 0, every check comparing zeros)."""
-        if self._ranges is None:
-            self._ranges = {}
-            if any(np.issubdtype(s.dtype, np.floating) for s in input_specs(self.original)):
-                from graphprune.calibration.synthetic import value_ranges
-
-                graph = self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)
-                self._ranges = value_ranges(graph, self.opset)
-        return self._ranges
-
-    def tested_values(self) -> dict[str, Any]:
-        """Mode switches fed the constant the graph tests them for (silero's ``Equal(sr, 16000)``),
-        not a random 0 or 1 (:func:`graphprune.calibration.synthetic.first_tested_values`)."""
-        if self._tested is None:
-            graph = lambda: self.graph if self.graph is not None else ir.import_graph(self.prepared, self.store)  # noqa: E731
-            self._tested = first_tested_values(self.original, graph)
-        return self._tested
-
     def _verify_batch(self) -> int:
         """2 where channels are merged with a dynamic batch and the original runs at batch 2
         (one run, once; a model exported for batch 1 only keeps batch 1), else 1."""
@@ -478,7 +393,6 @@ class Session:
         size no input names: the calibration samples' shapes when there are any, else
         :func:`~graphprune.analysis.probe_sizes.counting_shapes`. ``None``: nothing to size."""
         from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
-        from graphprune.io.feeds import input_specs
 
         specs = input_specs(self.original)
         opened = bool(open_dimensions(specs))
