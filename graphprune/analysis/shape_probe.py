@@ -8,7 +8,7 @@ and keeps the sizes that agree; both probes stay available to the rules
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.dims import BATCH_PROBE
 from graphprune.io.contrib_shapes import contrib_shapes
 from graphprune.io.folding import fold_constants
+from graphprune.io.graph_reads import node_reads, reads_of
 from graphprune.io.runtime import quiet_ort
 
 #: constants with more elements than this are replaced by typed inputs for shape probing
@@ -101,17 +102,6 @@ def _fold_whole(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx.Mode
     return gs.export_onnx(folded, do_type_check=False)
 
 
-def _read_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Every tensor name ``nodes`` and their subgraphs' nodes read."""
-    names: set[str] = set()
-    for node in nodes:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _read_names(sub.node)
-    return names
-
-
 def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx.ModelProto | None:
     """One folding round over the part of the graph that can fold: ``Shape`` nodes and the
     nodes (without subgraphs) whose inputs are constants or computed from those alone,
@@ -137,7 +127,7 @@ def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx
     read = {i for node in nodes for i in node.input if i} - produced
     taken = set(part)
     # its outputs: what the rest reads, the model's outputs, and what has no shape yet
-    wanted = _read_names(n for i, n in enumerate(graph.node) if i not in taken) | {v.name for v in graph.output}
+    wanted = reads_of(n for i, n in enumerate(graph.node) if i not in taken) | {v.name for v in graph.output}
     sub = onnx.helper.make_graph(
         nodes, "gp_shape_part",
         [types[n] if n in types else onnx.helper.make_empty_tensor_value_info(n)
@@ -166,7 +156,7 @@ def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx
     probe.CopyFrom(inferred)
     del probe.graph.node[:]
     probe.graph.node.extend(ordered)
-    used = _read_names(probe.graph.node) | {v.name for v in probe.graph.output}
+    used = reads_of(probe.graph.node) | {v.name for v in probe.graph.output}
     have = set(initializers)
     probe.graph.initializer.extend(init for init in done.initializer if init.name not in have and init.name in used)
     # the part's tensors carry the types its folding gave them (a cast it elided)
@@ -184,7 +174,7 @@ def _toposorted(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeP
     needs: list[set[int]] = []
     readers: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        names = _read_names([node])
+        names = node_reads(node)
         deps = {producer[n] for n in names if n in producer and n not in ready and producer[n] != i}
         needs.append(deps)
         for d in deps:

@@ -26,7 +26,8 @@ from graphprune.calibration import runner
 from graphprune.calibration.linear import LinearView, linear_view
 from graphprune.calibration.stats import ChannelStats, LayerStats
 from graphprune.errors import VerificationError
-from graphprune.io.order import needed_nodes, node_inputs
+from graphprune.io.graph_reads import node_reads
+from graphprune.io.order import needed_nodes
 
 #: synthetic draws per BN input channel
 SAMPLES = 512
@@ -61,7 +62,7 @@ def _reason(
         node = graph.node[index]
         if node.name in linear_nodes:
             return f"a linear layer ('{node.name}') lies between the BatchNormalization and the consumer"
-        read.update(n for n in node_inputs(node) if n)
+        read.update(n for n in node_reads(node) if n)
     if name in given:
         return None
     if not read & given:

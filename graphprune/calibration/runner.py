@@ -37,7 +37,8 @@ import onnxruntime as ort
 from graphprune.errors import VerificationError
 from graphprune.io import runtime
 from graphprune.io.feeds import output_array
-from graphprune.io.order import needed_nodes, node_inputs, producers
+from graphprune.io.graph_reads import node_reads
+from graphprune.io.order import needed_nodes, producers
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
 Feed = dict[str, np.ndarray]
@@ -70,7 +71,7 @@ def exposed_model(model: onnx.ModelProto, names: Sequence[str], given: dict[str,
     fed = fed_names(graph, names, given, needed)
     trim = len(needed) < len(graph.node)
     saved_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node] if trim else []
-    read = {n for i in needed for n in node_inputs(graph.node[i])} | set(names)
+    read = {n for i in needed for n in node_reads(graph.node[i])} | set(names)
     saved_inputs = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input]
     try:
         del graph.input[:]  # inputs no kept node reads are left out (ORT would ask for them)
@@ -116,7 +117,7 @@ def fed_names(
     """The cached tensors that the run of ``names`` reads (kept nodes do not compute them)."""
     needed = needed_nodes(graph, names, given) if needed is None else needed
     computed = {o for i in needed for o in graph.node[i].output}
-    read = {n for i in needed for n in node_inputs(graph.node[i])} | set(names)
+    read = {n for i in needed for n in node_reads(graph.node[i])} | set(names)
     inputs = {i.name for i in graph.input}
     return sorted(n for n in given if n in read and n not in computed and n not in inputs)
 
@@ -396,7 +397,7 @@ def downstream(graph: onnx.GraphProto, sources: Iterable[str]) -> set[str]:
     """``sources`` and every tensor computed from them (graph order is topological)."""
     out = set(sources)
     for node in graph.node:
-        if any(n in out for n in node_inputs(node)):
+        if any(n in out for n in node_reads(node)):
             out.update(o for o in node.output if o)
     return out
 
@@ -422,7 +423,7 @@ def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -
     for index in needed_nodes(graph, later):
         node = graph.node[index]
         if any(o in unstable for o in node.output):
-            out.update(n for n in node_inputs(node) if n in made and n not in unstable)
+            out.update(n for n in node_reads(node) if n in made and n not in unstable)
     return sorted(out)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["BRANCH_ATTRS", "IF_OPS", "all_reads", "branch_models", "if_nodes", "outer_reads", "rename_reads",
-           "standalone_branch"]
+from graphprune.io.graph_reads import outer_reads, rename_reads
+
+__all__ = ["BRANCH_ATTRS", "IF_OPS", "branch_models", "if_nodes", "standalone_branch"]
 
 BRANCH_ATTRS = ("then_branch", "else_branch")
 IF_OPS = ("If",)
@@ -23,48 +24,6 @@ IF_OPS = ("If",)
 def if_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The ``If`` nodes of ``graph`` (not those of its subgraphs)."""
     return [n for n in graph.node if n.op_type in IF_OPS]
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            out.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            out.extend(attr.graphs)
-    return out
-
-
-def outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names a graph reads from outside itself (nested subgraphs included)."""
-    made = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    made |= {o for n in graph.node for o in n.output}
-    used: set[str] = set()
-    for node in graph.node:
-        used |= {i for i in node.input if i}
-        for sub in _subgraphs(node):
-            used |= outer_reads(sub)
-    return used - made
-
-
-def all_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names the nodes of ``graph`` and of its nested subgraphs read (wherever made)."""
-    used: set[str] = set()
-    for node in graph.node:
-        used |= {i for i in node.input if i}
-        for sub in _subgraphs(node):
-            used |= all_reads(sub)
-    return used
-
-
-def rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    """Rename the values ``graph`` (and its nested subgraphs) reads, in place."""
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name in renames:
-                node.input[k] = renames[name]
-        for sub in _subgraphs(node):
-            rename_reads(sub, renames)
 
 
 def standalone_branch(model: onnx.ModelProto, node: onnx.NodeProto, attr: str,

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.io.order import needed_nodes, node_inputs
+from graphprune.io.graph_reads import node_reads
+from graphprune.io.order import needed_nodes
 from graphprune.io.ort_schemas import ORT_ONNX_DOMAIN_OPS
 
 #: the sub-graph that computes a custom operator's outputs is run only when its constants
@@ -108,7 +109,7 @@ def _sub_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto | 
     external (a weight store's) or over :data:`RUN_LIMIT`."""
     graph = model.graph
     kept = [graph.node[k] for k in needed_nodes(graph, outputs)]
-    read = {i for n in kept for i in node_inputs(n) if i}
+    read = {i for n in kept for i in node_reads(n) if i}
     inits = [t for t in graph.initializer if t.name in read]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
         return None

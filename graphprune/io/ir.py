@@ -26,6 +26,7 @@ from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io, val
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_edits import redirect_uses
+from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.names import fresh_name
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
@@ -52,12 +53,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 def _used_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _used_names(attr.g, names)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _used_names(sub, names)
+        for sub in subgraphs_of(node):
+            _used_names(sub, names)
     names.update(o.name for o in graph.output)
     return names
 
@@ -201,9 +198,8 @@ def tensor_constants(graph: onnx.GraphProto) -> None:
                 tensor = onnx.numpy_helper.from_array(array.reshape(-1) if rank else array.reshape(()))
                 node.attribute[k].CopyFrom(onnx.helper.make_attribute("value", tensor))
                 break
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                tensor_constants(sub)
+        for sub in subgraphs_of(node):
+            tensor_constants(sub)
 
 
 def _computes_constants(model: onnx.ModelProto) -> bool:

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.io.graph_reads import node_reads
+
 
 def _inner_tensors(node: gs.Node) -> Iterator[gs.Tensor]:
     """Every tensor ``node``'s subgraphs read (outer-scope values included) or return."""
@@ -100,16 +102,6 @@ def producers(graph: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Names a node reads, including the outer names its subgraphs read."""
-    inputs = list(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in sub.node:
-                inputs.extend(node_inputs(inner))
-    return inputs
-
-
 def needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[str] = ()) -> list[int]:
     """Indices (graph order) of the nodes that the tensors ``names`` depend on, not looking
     past the tensors ``given`` (fed from a cache)."""
@@ -122,5 +114,5 @@ def needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[s
         if index in needed:
             continue
         needed.add(index)
-        stack.extend(producers_[n] for n in node_inputs(graph.node[index]) if n in producers_ and n not in stop)
+        stack.extend(producers_[n] for n in node_reads(graph.node[index]) if n in producers_ and n not in stop)
     return sorted(needed)

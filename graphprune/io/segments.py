@@ -26,6 +26,7 @@ import onnx
 from onnx import helper
 
 from graphprune.io.feeds import output_array
+from graphprune.io.graph_reads import node_reads
 from graphprune.io.tensor_protos import nbytes
 
 #: a segment holds at most this share of the model's weights (or its largest weight)
@@ -38,18 +39,6 @@ class Unsegmentable(Exception):
     """A value crossing a cut that cannot be fed back (not a tensor)."""
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Names ``node`` reads, including those its subgraphs read from the outer scope."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
-            produced = {o for n in sub.node for o in n.output}
-            for child in sub.node:
-                names |= _reads(child) - inner - produced
-    return names
-
-
 def ordered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The graph's nodes in its order, except that a node computed from weights alone (a
     weight's mask, say) comes right before its first reader, so that it lands in the
@@ -58,7 +47,7 @@ def ordered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     weights = {t.name for t in graph.initializer}
     free: dict[str, int] = {}  # output name -> index of a weights-only node
     for k, node in enumerate(nodes):
-        if node.output and all(n in weights or n in free for n in _reads(node)):
+        if node.output and all(n in weights or n in free for n in node_reads(node)):
             free.update((o, k) for o in node.output if o)
     deferred = set(free.values())
     placed: set[int] = set()
@@ -68,7 +57,7 @@ def ordered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
         if k in placed:
             return
         placed.add(k)
-        for name in sorted(_reads(nodes[k])):
+        for name in sorted(node_reads(nodes[k])):
             if name in free:
                 place(free[name])
         ordered.append(nodes[k])
@@ -97,12 +86,12 @@ def plan(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     ranges: list[tuple[int, int]] = []
     start, held, seen = 0, 0, set()
     for k, node in enumerate(ordered_nodes(graph)):
-        new = {n for n in _reads(node) if n in external} - seen
+        new = {n for n in node_reads(node) if n in external} - seen
         cost = sum(external[n] for n in new)
         if held and held + cost > budget:
             ranges.append((start, k))
             start, held, seen = k, 0, set()
-            new = {n for n in _reads(node) if n in external}
+            new = {n for n in node_reads(node) if n in external}
             cost = sum(external[n] for n in new)
         held += cost
         seen |= new
@@ -122,7 +111,7 @@ def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: 
     graph = model.graph
     read: set[str] = set()
     for node in nodes:
-        read |= _reads(node)
+        read |= node_reads(node)
     seg = onnx.GraphProto()
     seg.name = graph.name
     seg.node.extend(nodes)
@@ -165,7 +154,7 @@ def run_in_segments(
     for start, end in reversed(ranges):
         later_reads.append(set(acc))
         for node in nodes[start:end]:
-            acc |= _reads(node)
+            acc |= node_reads(node)
     later_reads.reverse()
     states = [dict(feeds) for feeds in feeds_list]
     folder = Path(os.fspath(path)).parent
@@ -174,7 +163,7 @@ def run_in_segments(
         produced = [o for node in part for o in node.output if o]
         read: set[str] = set()
         for node in part:
-            read |= _reads(node)
+            read |= node_reads(node)
         needed = sorted(n for n in read - set(produced) - initializers if n in states[0])
         outputs = [o for o in produced if o in later_reads[k]]
         segment = _segment_model(model, part, {n: states[0][n] for n in needed}, outputs, known)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 import onnx
 from onnx import helper
 
+from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.names import fresh_name
 
 __all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "subgraphs", "retie_constants", "retie_shapes", "share_subgraph_constants",
@@ -52,15 +53,11 @@ MIN_ELEMENTS = 64
 
 
 def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph of ``graph``, nested ones included."""
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield attr.g
-                yield from subgraphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield sub
-                    yield from subgraphs(sub)
+        for sub in subgraphs_of(node):
+            yield sub
+            yield from subgraphs(sub)
 
 
 def _defined(graph: onnx.GraphProto) -> set[str]:
@@ -87,10 +84,8 @@ def _rename_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
         for k, name in enumerate(node.input):
             if name in renames:
                 node.input[k] = renames[name]
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                _rename_all(sub, renames)
+        for sub in subgraphs_of(node):
+            _rename_all(sub, renames)
     for out in list(graph.output):  # an output that was the constant itself
         if out.name in renames:
             graph.node.append(helper.make_node("Identity", [renames[out.name]], [out.name]))

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
+from graphprune.io.graph_reads import subgraphs_of
 
 
 def _dense(sparse: onnx.SparseTensorProto, base_dir: str) -> np.ndarray:
@@ -48,10 +49,6 @@ def densify(graph: onnx.GraphProto, base_dir: str | os.PathLike[str] | None = No
         names.append(name)
     del graph.sparse_initializer[:]
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                names.extend(densify(attribute.g, base_dir))
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for sub in attribute.graphs:
-                    names.extend(densify(sub, base_dir))
+        for sub in subgraphs_of(node):
+            names.extend(densify(sub, base_dir))
     return names

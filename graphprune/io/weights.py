@@ -33,6 +33,7 @@ from onnx import external_data_helper, helper, numpy_helper
 
 from graphprune.errors import InvalidModelError
 from graphprune.io import sparse
+from graphprune.io.graph_reads import subgraphs_of
 
 #: tensors at least this large are kept in files (smaller ones stay in the proto)
 MAP_THRESHOLD = 4096
@@ -415,23 +416,21 @@ class WeightStore:
 
         def walk(graph: onnx.GraphProto) -> None:
             for node in graph.node:
-                for attr in node.attribute:
-                    subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                    for sub in subs:
-                        moved = [t for t in sub.initializer if _external(t)
-                                 and external_data_helper.ExternalDataInfo(t).location == _SOURCE_LOCATION
-                                 and (t.name in present or t.name not in defined)]
-                        for tensor in moved:
-                            if tensor.name not in present:
-                                main.initializer.add().CopyFrom(tensor)
-                                present.add(tensor.name)
-                                defined.add(tensor.name)
-                        if moved:
-                            names = {t.name for t in moved}
-                            kept = [t for t in sub.initializer if t.name not in names]
-                            del sub.initializer[:]
-                            sub.initializer.extend(kept)
-                        walk(sub)
+                for sub in subgraphs_of(node):
+                    moved = [t for t in sub.initializer if _external(t)
+                             and external_data_helper.ExternalDataInfo(t).location == _SOURCE_LOCATION
+                             and (t.name in present or t.name not in defined)]
+                    for tensor in moved:
+                        if tensor.name not in present:
+                            main.initializer.add().CopyFrom(tensor)
+                            present.add(tensor.name)
+                            defined.add(tensor.name)
+                    if moved:
+                        names = {t.name for t in moved}
+                        kept = [t for t in sub.initializer if t.name not in names]
+                        del sub.initializer[:]
+                        sub.initializer.extend(kept)
+                    walk(sub)
 
         walk(main)
 

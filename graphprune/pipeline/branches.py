@@ -29,13 +29,8 @@ from onnx import helper, numpy_helper
 
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
-from graphprune.io.branch_models import (
-    BRANCH_ATTRS,
-    all_reads,
-    if_nodes,
-    outer_reads,
-    standalone_branch,
-)
+from graphprune.io.branch_models import BRANCH_ATTRS, if_nodes, standalone_branch
+from graphprune.io.graph_reads import all_reads, outer_reads
 from graphprune.io.shared_constants import share_subgraph_constants
 
 

@@ -34,7 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from graphprune.io.order import node_inputs
+from graphprune.io.graph_reads import node_reads
 from graphprune.rules.registry import lookup
 from graphprune.verify import noise, validate
 
@@ -165,7 +165,7 @@ def _frontier(graph: onnx.GraphProto, after: set[str]) -> list[str]:
     for node in graph.node:
         if not any(o in after for o in node.output):
             continue
-        for name in node_inputs(node):
+        for name in sorted(node_reads(node)):
             if not name or name in after or name in given or name not in made:
                 continue
             producer = made[name]
@@ -189,7 +189,7 @@ def _read_values_agree(session: Session, candidate: Any, reference: Any, after: 
     pruned = onnx.load(str(session.path_of(candidate, keep=candidate is session.model)), load_external_data=False)
     changed = {t.name for t in pruned.graph.initializer if original.get(t.name, list(t.dims)) != list(t.dims)}
     if any(name in changed for node in graph.node if any(o in after for o in node.output)
-           for name in node_inputs(node)):
+           for name in node_reads(node)):
         return None
     names = _frontier(graph, after)
     if not names:

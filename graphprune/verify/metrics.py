@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from graphprune.errors import InvalidModelError
 from graphprune.io import ir
 from graphprune.io.branch_models import BRANCH_ATTRS, branch_models, if_nodes
+from graphprune.io.graph_reads import subgraphs_of
 from graphprune.rules import registry
 
 __all__ = ["PARAMETER_TYPES", "count_if_macs", "count_macs", "count_macs_pair", "count_params", "counted_shape",
@@ -205,8 +206,7 @@ def uncounted_bodies(model: onnx.ModelProto) -> dict[str, int]:
             rule = registry.lookup(node.domain or "", node.op_type, opset)
             if rule is not None and type(rule).macs is not registry.OpRule.macs:
                 return True
-            if any(has_layers(sub) for attr in node.attribute
-                   for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))):
+            if any(has_layers(sub) for sub in subgraphs_of(node)):
                 return True
         return False
 

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
+from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.tensor_protos import nbytes
 from graphprune.io.tensors import from_constants
 
@@ -254,8 +255,7 @@ def rename_uses(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
         for k, name in enumerate(node.input):
             if name in renames and name not in local:
                 node.input[k] = renames[name]
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
-                rename_uses(sub, {k: v for k, v in renames.items() if k not in inner})
+        for sub in subgraphs_of(node):
+            inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
+            rename_uses(sub, {k: v for k, v in renames.items() if k not in inner})
+
