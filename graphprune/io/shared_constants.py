@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 import onnx
 from onnx import helper
 
-from graphprune.io.graph_reads import subgraphs_of
+from graphprune.io.graph_reads import rename_reads, subgraphs_of
 from graphprune.io.names import fresh_name
 
 __all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "subgraphs", "retie_constants", "retie_shapes", "share_subgraph_constants",
@@ -80,15 +80,11 @@ def _rename_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     one pass (one pass per name was 3,824 walks of MAXIM's 40 k nodes: 100 s of a prune)."""
     if not renames:
         return
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name in renames:
-                node.input[k] = renames[name]
-        for sub in subgraphs_of(node):
-            _rename_all(sub, renames)
-    for out in list(graph.output):  # an output that was the constant itself
-        if out.name in renames:
-            graph.node.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
+    rename_reads(graph, renames)
+    for each in (graph, *subgraphs(graph)):
+        for out in list(each.output):  # an output that was the constant itself
+            if out.name in renames:
+                each.node.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
 
 
 def share_subgraph_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes]) -> int:
