@@ -226,3 +226,46 @@ def test_values_a_selection_reads_are_held_to_their_own_noise() -> None:
     right = selections.within_selection_flips(Session(model), result.model, zeroed_original(model, result.plan),
                                               failed, 1e-4)
     assert right["ok"] is True and "own float noise" in right["scale"]
+
+
+def test_a_saturated_sigmoid_is_held_to_its_kernels_absolute_error() -> None:
+    """madmom's note CNN (three sigmoid outputs, two saturated at ~1e-6 on random input) was
+    refused with exit 3 after a calibrated prune: one of 300 scores moved by one of ONNX
+    Runtime's sigmoid steps (3e-8, 1 % of its size) while no run of the model itself, on its
+    inputs or moved by two units in the last place, happened to cross a step. The floor of
+    an output's noise is the absolute error of the kernel that computed it
+    (``OpRule.absolute_error``), followed back through ops that only move values."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.rules.elementwise import SIGMOID_ABSOLUTE_ERROR
+    from graphprune.verify.noise import error_floors
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "shift"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["s"]), helper.make_node("Reshape", ["s", "flat"], ["scores"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Reshape", ["r", "flat"], ["rf"]),
+             helper.make_node("Concat", ["scores", "rf"], ["both"], axis=0)]
+    model = make_model(nodes, {"x": [2, 64]}, {"scores": None, "rf": None, "both": None},
+                       {"w": (rng.standard_normal((64, 8)) * 0.05).astype(np.float32),
+                        "shift": np.array(-14.0, np.float32), "flat": np.array([-1], np.int64)})
+    floors = error_floors(gs.import_onnx(model), ["scores", "rf", "both", "z"], 17)
+    assert floors == [SIGMOID_ABSOLUTE_ERROR, 0.0, SIGMOID_ABSOLUTE_ERROR, 0.0]
+    session = Session(model)
+    path, feeds = session.path_of(session.prepared), session.feeds()
+    scale = float(np.abs(validate.run_many(path, feeds, "m")[0][0]).max())
+    assert scale < 1e-5  # saturated: one sigmoid step is more than 1e-4 of it
+
+    def verdict(diff: float, with_floors: bool) -> dict:
+        return excuse_float_noise(path, feeds, {
+            "ok": False, "samples": 1, "tolerance": 1e-4, "max_abs_diff": diff, "max_rel_diff": diff / scale,
+            "per_output": [{"max_abs_diff": diff, "scale": scale}, {"max_abs_diff": 0.0, "scale": 1.0},
+                           {"max_abs_diff": diff, "scale": scale}]},
+            floors=[SIGMOID_ABSOLUTE_ERROR, 0.0, SIGMOID_ABSOLUTE_ERROR] if with_floors else None)
+
+    step = 2.0**-25  # one of MLAS's sigmoid steps near 0
+    assert verdict(step, with_floors=True)["ok"] is True
+    assert verdict(100 * SIGMOID_ABSOLUTE_ERROR, with_floors=True)["ok"] is False
+    assert session.within_float_noise(session.prepared, {
+        "ok": False, "samples": 1, "tolerance": 1e-4, "max_abs_diff": step, "max_rel_diff": step / scale,
+        "per_output": [{"max_abs_diff": step, "scale": scale}, {"max_abs_diff": 0.0, "scale": 1.0},
+                       {"max_abs_diff": step, "scale": scale}]})["ok"] is True

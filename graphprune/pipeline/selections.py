@@ -90,7 +90,8 @@ def within_own_noise(session: Session, candidate: Any, verification: dict[str, A
     feeds = session.feeds(count=verification.get("samples", 1))
     selected = selected_outputs(session)
     same = bool(selected) and reference is not None and choices_agree(session, candidate, reference, feeds)
-    result = noise.excuse_float_noise(path, feeds, verification, set() if same else selected)
+    floors = _floors(session, [o.name for o in session.prepared.graph.output])
+    result = noise.excuse_float_noise(path, feeds, verification, set() if same else selected, floors)
     if same and result.get("ok") and not verification.get("ok"):
         result["scale"] += "; every selection chose the same entries in both models"
     return result
@@ -227,19 +228,26 @@ def _own_noise(session: Session, candidate: Any, names: list[str], feeds: list[d
     """How far each tensor ``names`` of ``candidate`` moves between its runs on ``feeds`` with
     ORT's graph optimizations (``fast``), without them, and with the float inputs moved by two
     units in the last place (as :func:`graphprune.verify.noise.excuse_float_noise` measures
-    outputs); ``None`` where a run fails."""
+    outputs), and at least the error its kernels leave whatever the size
+    (:func:`_floors`); ``None`` where a run fails."""
     try:
         plain = _run_exposed(session, candidate, names, feeds, False)
         moved = _run_exposed(session, candidate, names, [noise.nudged(feed) for feed in feeds], True)
     except Exception:  # VerificationError: nothing measured
         return None
-    out = [0.0] * len(names)
+    out = _floors(session, names)
     for a, b, c in zip(fast, plain, moved, strict=True):
         for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
             if x.shape != y.shape or x.shape != z.shape:
                 return None
             out[j] = max(out[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
     return out
+
+
+def _floors(session: Session, names: list[str]) -> list[float]:
+    """The absolute error the kernels that compute ``names`` leave, whatever their size
+    (:func:`graphprune.verify.noise.error_floors`: a saturated sigmoid's)."""
+    return noise.error_floors(gs.import_onnx(session.prepared), names, session.opset)
 
 
 def _run_exposed(session: Session, model: Any, names: list[str], feeds: list[dict[str, np.ndarray]],

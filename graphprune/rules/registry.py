@@ -333,6 +333,15 @@ class OpRule:
         zeros). ``None`` (the default): no range known."""
         return None
 
+    def absolute_error(self, node: gs.Node) -> float | None:
+        """How far ONNX Runtime's kernel may put output 0 from the exact value where that
+        error is absolute, whatever the value's size: ``Sigmoid`` is computed at the scale of
+        its range (MLAS rounds to steps of ~3e-8 and is off by up to 1.35e-7, so a saturated
+        score of 6e-7 comes out 20 % off, where float32 itself would be exact to 1e-13).
+        Verification holds a tensor read through such an op to at least this much noise.
+        ``None`` (the default): the kernel's error is relative to the value."""
+        return None
+
     def tested_value(self, node: gs.Node, index: int) -> np.ndarray | None:
         """The constant that input ``index`` is tested for equality with (``Equal(sr, 16000)``
         ahead of an ``If``: a mode switch), so that value is one the input is meant to take:

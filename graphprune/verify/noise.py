@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.errors import InvalidModelError
+from graphprune.rules.registry import lookup
 from graphprune.verify import validate
 
 #: a difference within this multiple of the model's own float noise is float noise
@@ -36,6 +38,35 @@ def _unreproducible(path: Any, feeds: list[dict[str, np.ndarray]], tolerance: fl
     return None
 
 
+def error_floors(graph: gs.Graph, names: list[str], opset: int) -> list[float]:
+    """The absolute error each tensor ``names`` of ``graph`` carries at least, whatever its
+    size: that of the op that computed it (:meth:`~graphprune.rules.registry.OpRule.absolute_error`),
+    followed back through ops that only move values (``carries_values``: a ``Squeeze``, a
+    ``Reshape``, a ``Concat`` of several); 0 where none is known."""
+    tensors = graph.tensors()
+    memo: dict[str, float] = {}
+
+    def floor(tensor: gs.Tensor, depth: int) -> float:
+        if tensor.name in memo:
+            return memo[tensor.name]
+        value = 0.0
+        if depth < _FLOOR_DEPTH and len(tensor.inputs) == 1:
+            node = tensor.inputs[0]
+            rule = lookup(node.domain or "", node.op, opset)
+            if rule is not None and node.outputs and node.outputs[0] is tensor:
+                own = rule.absolute_error(node)
+                value = own if own else max((floor(node.inputs[i], depth + 1) for i in rule.carries_values(node)
+                                             if i < len(node.inputs)), default=0.0)
+        memo[tensor.name] = value
+        return value
+
+    return [floor(tensors[name], 0) if name in tensors else 0.0 for name in names]
+
+
+#: ops followed back from a tensor to the one that computed it
+_FLOOR_DEPTH = 64
+
+
 def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
     """``feed`` with every float input moved by ``ulps`` units in the last place, up or down
     at random (seeded): what rounding does to a value."""
@@ -50,7 +81,7 @@ def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
 
 
 def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any],
-                       selected: set[int] = frozenset()) -> dict[str, Any]:
+                       selected: set[int] = frozenset(), floors: list[float] | None = None) -> dict[str, Any]:
     """Accept a difference that is float noise of the model at ``path``. The model, run on
     ``feeds`` with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
     the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
@@ -64,7 +95,8 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     Each output is held to its own noise, so one noisy output does not excuse another; a
     rewrite error moves outputs by orders of magnitude more. An output in ``selected`` (computed
     from what a selection picks: :mod:`graphprune.pipeline.selections`) is never excused: its
-    "noise" is a flipped choice, as large as the output."""
+    "noise" is a flipped choice, as large as the output. ``floors``: per output, the least
+    noise it has whatever the runs show (:func:`error_floors`)."""
     try:
         fast = validate.run_many(path, feeds, "the pruned model", optimize=True)
         plain = validate.run_many(path, feeds, "the pruned model", optimize=False)
@@ -76,6 +108,8 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     for a, b, c in zip(fast, plain, moved, strict=True):
         for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
             noise[j] = max(noise[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
+    if floors is not None and len(floors) == len(noise):
+        noise = [max(n, f) for n, f in zip(noise, floors, strict=True)]
     if len(per_output) != len(noise):
         return verification
     tolerance = verification.get("tolerance", 0.0)
