@@ -21,6 +21,7 @@ read the same positions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -273,7 +274,7 @@ class LinearView:
         patches = xp[(index[0][:, None], slice(None), *spatial)]  # [R, kprod, C]
         patches = np.ascontiguousarray(np.swapaxes(patches, 1, 2), dtype=np.float32)  # [R, C, kp]
         g = self.group
-        return patches.reshape(len(rows), g, -1)
+        return patches.reshape(len(rows), g, patches.shape[1] * patches.shape[2] // g)  # (no rows: a GNN without edges)
 
     def _transpose_rows(self, x: np.ndarray, index: tuple[np.ndarray, ...], kernel: list[int],
                         strides: list[int], dilations: list[int], pads: list[int]) -> np.ndarray:
@@ -292,7 +293,7 @@ class LinearView:
         patches = x[(index[0][:, None], slice(None), *spatial)]  # [R, kp, C]
         patches = patches * valid[:, :, None]
         patches = np.ascontiguousarray(np.swapaxes(patches, 1, 2), dtype=np.float32)  # [R, C, kp]
-        return patches.reshape(len(index[0]), 1, -1)
+        return patches.reshape(len(index[0]), 1, patches.shape[1] * patches.shape[2])
 
     def output_rows(self, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``[R, C]``: the selected output positions, every channel of ``y``. Not split by
@@ -301,7 +302,7 @@ class LinearView:
         if not self.is_conv:
             flat = y.reshape(-1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
             return np.asarray(flat[rows], dtype=np.float32)
-        return np.asarray(_gather(y, rows), dtype=np.float32).reshape(len(rows), -1)
+        return np.asarray(_gather(y, rows), dtype=np.float32).reshape(len(rows), y.shape[1])
 
     def channel_rows(self, x: np.ndarray, limit: int, seed: int) -> np.ndarray:
         """``[R, C]``: input channel vectors at up to ``limit`` positions (statistics)."""
@@ -325,7 +326,7 @@ def _decode(q: np.ndarray, decoding: tuple[float, float] | None) -> np.ndarray:
 def _gather(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``[R, C]``: the channel vectors of ``x`` (``[N, C, *spatial]``) at flat positions
     ``rows`` of ``[N, *spatial]``, without moving the channel axis of the whole tensor."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     sample, position = np.divmod(rows, flat.shape[2])
     return flat[sample, :, position]
 

@@ -155,7 +155,7 @@ class Reconstructor:
             t = by_total.get(name)
             if t is not None and t.residual is not None:
                 selected = selection(t, batch, y.shape)
-                out = t.view.output_rows(y, selected).reshape(len(selected), -1)
+                out = t.view.output_rows(y, selected)
                 if out.shape[1] == t.view.out_channels():
                     totals[(t.index, batch)] = (selected, np.ascontiguousarray(out - t.residual.offset))
             t = by_out.get(name)
@@ -167,7 +167,7 @@ class Reconstructor:
                 return
             selected = selection(t, batch, y.shape)
             self._positions[(t.index, batch)] = t.view.output_positions(y.shape)
-            out = t.view.output_rows(y, selected).reshape(len(selected), -1)
+            out = t.view.output_rows(y, selected)
             if t.kept is not None:
                 out = out[:, t.kept]
             if t.row_cuts:  # positions in the pruned output, of the rows it still has
@@ -338,7 +338,7 @@ class Reconstructor:
                 entry = pending.setdefault((t.index, batch), {})
                 positions = t.view.output_positions(x.shape)
                 if positions * t.view.out_channels() == x.size and (not len(rows) or positions > rows.max()):
-                    stream = total - t.view.output_rows(x, rows).reshape(len(rows), -1)
+                    stream = total - t.view.output_rows(x, rows)
                     entry["w"] = t.residual.row_weights(total + t.residual.offset) if t.residual else None
                 entry["r"] = stream
                 add(t, batch)

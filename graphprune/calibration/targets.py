@@ -84,7 +84,7 @@ class RecordedTargets:
                 continue
             rows = self._selection(layer, batch, value.shape)
             read = view.read_output(value) if key.startswith("out:") else value
-            self.cache.put(key, batch, view.output_rows(read, rows).reshape(len(rows), -1))
+            self.cache.put(key, batch, view.output_rows(read, rows))
 
     def rows(self, layer: str, total: str | None, batch: int, count: int, salt: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
