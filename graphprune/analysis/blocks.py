@@ -4,7 +4,10 @@ A residual block is ``y = x + branch(x)``: a sum (:meth:`OpRule.summed_operands`
 whose operands are both neutral at 0, or ONNX Runtime's ``QLinearAdd``) of a tensor ``x`` and
 a branch computed from ``x`` (and from context that does not depend on ``x``: constants, an
 attention mask, position tables), whose nodes feed nothing but the sum, with at least one
-layer with a weight in the branch. Erasing the block leaves ``x`` (a quantized sum:
+layer with a weight in the branch. ``x`` is a value, not one tensor: the skip and the branch
+may each read it through ops that carry it unchanged (:func:`carried_source`: an
+``Identity``, a ``Cast`` to the type it has, which PyTorch 2.13's exporter writes by the
+hundred, a ``Dropout`` at inference). Erasing the block leaves ``x`` (a quantized sum:
 ``x`` requantized to the sum's scale), which is exactly the original with the branch
 multiplied by zero.
 
@@ -31,6 +34,7 @@ from graphprune.rules.scale import ScaleContext, rms_of
 __all__ = [
     "ResidualBlock",
     "branch_scale",
+    "carried_source",
     "find_residual_blocks",
     "shapes_at",
     "propagate_rms",
@@ -79,11 +83,58 @@ def _has_weight(node: gs.Node, opset: int) -> bool:
     return rule is not None and (rule.linear(node) is not None or rule.rescaled_linear(node) is not None)
 
 
-def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.Node] | None:
+def _same_type(source: gs.Tensor, out: gs.Tensor) -> bool:
+    """Do ``out`` and ``source`` have one known element type (and, where both are declared,
+    one shape)?"""
+    if source.dtype is None or out.dtype is None or source.dtype != out.dtype:
+        return False
+    a, b = source.shape, out.shape
+    return a is None or b is None or list(a) == list(b)
+
+
+def carried_source(node: gs.Node, opset: int) -> gs.Tensor | None:
+    """The input that ``node``'s output 0 equals, value for value and of the same type:
+    the rule's :meth:`~graphprune.rules.registry.OpRule.aliased_input` (``Identity``), or
+    an input whose values the rule says the output holds only cast
+    (:meth:`~graphprune.rules.registry.OpRule.carries_values`) through a map (nothing
+    moved: ``zero_behaviour == "map"``) to the type it already has (a float->float ``Cast``,
+    ``CastLike``, ``Dropout`` at inference). ``None`` for any other node."""
+    rule = _rule(node, opset)
+    if rule is None or not node.outputs or not node.inputs:
+        return None
+    k = rule.aliased_input(node)
+    if k is None and rule.zero_behaviour == "map":
+        out = node.outputs[0]
+        k = next((i for i in rule.carries_values(node)
+                  if i < len(node.inputs) and _same_type(node.inputs[i], out)), None)
+    if k is None or k >= len(node.inputs) or not node.inputs[k].name:
+        return None
+    return node.inputs[k]
+
+
+def _carried_root(tensor: gs.Tensor, opset: int) -> gs.Tensor:
+    """The earliest tensor that ``tensor`` equals through ops that carry it unchanged
+    (:func:`carried_source`): itself when its producer is no such op."""
+    seen = {id(tensor)}
+    while isinstance(tensor, gs.Variable) and tensor.inputs:
+        node = tensor.inputs[0]
+        source = carried_source(node, opset) if node.outputs and node.outputs[0] is tensor else None
+        if source is None or id(source) in seen:
+            break
+        seen.add(id(source))
+        tensor = source
+    return tensor
+
+
+def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int],
+            is_start: Callable[[gs.Tensor], bool] | None = None) -> list[gs.Node] | None:
     """Nodes on the paths from ``start`` to ``out``; ``None`` if ``out`` does not depend on
     ``start``. What else those nodes read is *context* (it does not depend on ``start``: an
     attention mask, rotary tables, constants) and stays outside the branch: erasing the block
     leaves it in place, and the result is still the original with the branch zeroed.
+    ``is_start``: which tensors are ``start``'s value (its copies through ops that carry it
+    unchanged, :func:`carried_source`; ``start`` is the earliest of them); the ops between
+    them stay outside the branch.
 
     Only nodes after ``start``'s producer in topological order (``order``) can depend on it,
     so the walk never leaves the span between ``start`` and ``out``."""
@@ -94,6 +145,9 @@ def _branch(out: gs.Tensor, start: gs.Tensor, order: dict[int, int]) -> list[gs.
     while stack:
         t, expanded = stack.pop()
         if t.name in depends:
+            continue
+        if is_start is not None and is_start(t):
+            depends[t.name] = True
             continue
         node = t.inputs[0] if not isinstance(t, gs.Constant) and t.inputs else None
         if node is None or order.get(id(node), -1) <= first:
@@ -155,7 +209,9 @@ def shapes_at(model: Any, graph: gs.Graph, input_shapes: dict[str, Any] | None
 def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[int] | None] | None = None,
                          stages: list[ResidualBlock] | None = None) -> list[ResidualBlock]:
     """Every ``Add(x, branch(x))`` whose branch is private (its nodes feed only the Add) and
-    holds no other block. ``shape_of``: concrete shapes at the verification sizes, for skips
+    holds no other block. The skip and the branch may read ``x`` through ops that carry it
+    unchanged (:func:`carried_source`); those ops are no part of the branch, and the block's
+    ``skip`` is the sum's own operand. ``shape_of``: concrete shapes at the verification sizes, for skips
     whose declared shape names its open dims differently from the sum's (:func:`_same_shape`).
 
     A sum whose branch holds blocks is a skip over a stage, not a block: a U-Net's or MAXIM's
@@ -166,19 +222,29 @@ def find_residual_blocks(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list[i
     toposort_model(graph)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
+    roots: dict[int, gs.Tensor] = {}
+
+    def root(t: gs.Tensor) -> gs.Tensor:
+        if id(t) not in roots:
+            roots[id(t)] = _carried_root(t, graph.opset)
+        return roots[id(t)]
+
     blocks: list[ResidualBlock] = []
     for node in graph.nodes:
         operands = summed(node, graph.opset)
         if operands is None:
             continue
         a, b = operands
-        if not all(isinstance(t, gs.Variable) for t in (a, b)) or a is b:
+        if not all(isinstance(t, gs.Variable) for t in (a, b)) or root(a) is root(b):
             continue
         y = node.outputs[0]
         for skip, out in ((a, b), (b, a)):
             if not _same_shape(skip, y, shape_of):
                 continue
-            nodes = _branch(out, skip, order)
+            # the branch may start from the skip's value read through an Identity or a Cast to
+            # its own type, on either side (the erased sum's readers read the skip itself)
+            start = root(skip)
+            nodes = _branch(out, start, order, lambda t, start=start: root(t) is start)
             if nodes is None:
                 continue
             inside = {id(n) for n in nodes}
@@ -242,12 +308,17 @@ def propagate_rms(
 
 
 def branch_scale(graph: gs.Graph, block: ResidualBlock) -> float:
-    """Data-free importance: the branch's output RMS for a unit-RMS, zero-mean input."""
+    """Data-free importance: the branch's output RMS for a unit-RMS, zero-mean input (fed
+    to the skip and to its copies through ops that carry it unchanged, which the branch
+    may read instead)."""
     skip = graph.tensors()[block.skip]
     nodes = {n.name: n for n in graph.nodes}
-    rms = propagate_rms(
-        [nodes[name] for name in block.nodes], {block.skip: _unit_rms(skip)}, graph.opset
-    )
+    branch = [nodes[name] for name in block.nodes]
+    start = _carried_root(skip, graph.opset)
+    unit = _unit_rms(skip)
+    seeds = {t.name: unit for n in branch for t in n.inputs
+             if t.name and _carried_root(t, graph.opset) is start}
+    rms = propagate_rms(branch, {**seeds, block.skip: unit}, graph.opset)
     return rms_of(rms.get(block.branch_output, np.zeros(1)))
 
 
