@@ -16,7 +16,7 @@ This is the one module of the analysis that imports the rule registry.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -127,11 +127,13 @@ def analyze_graph(
     keep: Iterable[str] = (),
     position_convs: frozenset[str] = frozenset(),
     folded: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     _probes: dict[str, tuple[list, list]] | None = None,
 ) -> Analysis:
     """Run every op rule over ``graph`` and form channel groups with their units
     (``folded``: ``graph`` is a chain that preparation folds into constants,
-    :attr:`CouplingContext.folded`).
+    :attr:`CouplingContext.folded`; ``input_shapes``: sizes the user gave for open input
+    axes, tried where the probe sizes leave shapes unknown: :func:`refine_shapes`).
 
     Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
     group). Where that leaves a channel group unprunable (one unit, or frozen), those convs
@@ -139,7 +141,7 @@ def analyze_graph(
     """
     keep = tuple(keep)
     # a retry analyses the same graph, whose shapes were refined by the first pass
-    probes = refine_shapes(graph) if _probes is None else _probes
+    probes = refine_shapes(graph, input_shapes) if _probes is None else _probes
 
     def rule_for(node: gs.Node) -> registry.OpRule | None:
         return registry.lookup(node.domain or "", node.op, opset)

@@ -8,6 +8,9 @@ and keeps the sizes that agree; both probes stay available to the rules
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -290,15 +293,18 @@ def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: 
     return sizes_a, sizes_b
 
 
-def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
+def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
     Symbolic input sizes hide static sizes downstream: a Reshape to ``[B, S, -1, D]`` (the head
     count computed from ``H*D / D``), or a broadcast between two unrelated symbols. Shapes are
     inferred twice with concrete sizes for every symbolic input axis; an axis with the same
     size in both probes is static and gets that size (with static inputs, one probe fills in
-    sizes hidden behind computed shapes). Returns both probes per tensor name
-    (rules use them to match re-factored dynamic axes). Nothing changes when inference fails.
+    sizes hidden behind computed shapes). Where the probe sizes leave tensors unsized and the
+    user ``given`` the input sizes the model runs at, those are tried (:func:`_pin_given`: a
+    spectrogram's frequency axis that a dense layer fixes, left open in the file). Returns
+    both probes per tensor name (rules use them to match re-factored dynamic axes). Nothing
+    changes when inference fails.
     """
     symbolic = [
         (t.name, axis)
@@ -330,8 +336,12 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
             if all(n in probe_a and n in probe_b for n in rankless) or not any(_image_axes(graph, symbolic)):
                 break  # nothing left without a rank that other image sizes could give one
         _, probe_a, probe_b, image_sizes = best  # type: ignore[misc]
+        sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
+        pinned = _pin_given(graph, model, symbolic, given, (sizes_a, sizes_b)) if given else None
         confirm = None
-        if image_sizes != IMAGE_PROBES[0]:
+        if pinned is not None:
+            sizes_a, sizes_b, probe_a, probe_b = pinned
+        elif image_sizes != IMAGE_PROBES[0]:
             # small sizes collapse downsampled axes to equal sizes in both probes (32 and 48
             # pooled by 32 are both 1): a size is static only where a third, larger probe agrees
             base_a, base_b, step = image_sizes
@@ -366,7 +376,6 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
             tensor.shape = shape
     probes = {n: (a, probe_b[n]) for n, a in probe_a.items() if n in probe_b}
     # the graph's inputs at the sizes the probes gave them (a Reshape of an input)
-    sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
     for t in _probe_inputs(graph):
         if t.name not in probes and t.shape is not None:
             probes[t.name] = tuple(  # type: ignore[assignment]
@@ -375,3 +384,107 @@ def refine_shapes(graph: gs.Graph) -> dict[str, tuple[list, list]]:
                 for sizes in (sizes_a, sizes_b)
             )
     return probes
+
+
+def _pin_given(graph: gs.Graph, model: onnx.ModelProto, symbolic: list[tuple[str, int]],
+               given: Mapping[str, Sequence[int]], sizes: tuple[dict, dict]) -> tuple[dict, dict, dict, dict] | None:
+    """Probe sizes with the ``given`` input sizes where the generic ones are sizes the model
+    cannot run at (strict ONNX inference finds incompatible shapes: madmom's note CNN flattens
+    its spectrogram's 144 bins into a dense layer) and the given ones are not: every given
+    axis at its given size in both probes (static), except those that can be set free again
+    with the inference as clean (their generic pair, else the given size and twice it), so
+    that only the axes the model cannot run without stay static. ``(sizes_a, sizes_b,
+    probe_a, probe_b)``, or ``None`` where the given sizes do not help."""
+    by_name = {t.name: t for t in _probe_inputs(graph)}
+    groups: dict[object, list[tuple[str, int]]] = {}
+    for key in symbolic:
+        shape = given.get(key[0])
+        if shape is not None and len(shape) == len(by_name[key[0]].shape or ()) and int(shape[key[1]]) > 0:
+            dim = by_name[key[0]].shape[key[1]]
+            groups.setdefault(dim if isinstance(dim, str) else key, []).append(key)
+    if not groups:
+        return None
+    generic_a, generic_b = sizes
+
+    def at(pairs: dict[object, tuple[int, int] | None]) -> tuple[dict, dict]:
+        a, b = dict(generic_a), dict(generic_b)
+        for symbol, pair in pairs.items():
+            for key in groups[symbol]:
+                a[key], b[key] = pair if pair is not None else (generic_a[key], generic_b[key])
+        return a, b
+
+    value = {symbol: int(given[keys[0][0]][keys[0][1]]) for symbol, keys in groups.items()}
+    pinned = {symbol: (v, v) for symbol, v in value.items()}
+    freer = [(symbol, pair) for symbol, v in value.items() for pair in (None, (v, 2 * v))]
+    # one run of the checks: the generic sizes, all pinned, and each axis set free alone
+    trials = [(generic_a, generic_b), at(pinned), *(at({**pinned, symbol: pair}) for symbol, pair in freer)]
+    found = _inference_errors(model, [sizes for pair in trials for sizes in pair])
+    errors = [max(found[2 * i], found[2 * i + 1]) for i in range(len(trials))]
+    if not errors[0] or errors[1] >= errors[0]:
+        return None
+    pairs = dict(pinned)
+    for (symbol, pair), count in zip(freer, errors[2:], strict=True):
+        if pinned.get(symbol) == pairs[symbol] and count <= errors[1]:
+            pairs[symbol] = pair
+    a, b = at(pairs)
+    if sum(pairs[symbol] != pinned[symbol] for symbol in pairs) > 1 and max(_inference_errors(model, [a, b])) > errors[1]:
+        a, b = at(pinned)  # the axes are free one at a time, not together
+    return a, b, _probe_shapes(model, a), _probe_shapes(model, b)
+
+
+def _inference_errors(model: onnx.ModelProto, size_sets: list[dict[tuple[str, int], int]]) -> list[int]:
+    """Per entry of ``size_sets`` (graph input axis ``(name, axis)`` -> size), how many nodes
+    strict ONNX inference finds fault with at those sizes (the outputs' declared shapes left
+    out: an exporter's may be stale); 0 where it finds none. It runs in a process of its own:
+    at sizes a model cannot take, ONNX's inference can abort the process (a C++ assertion in
+    a ``std::clamp`` on madmom's onset CNN at 2 frames); such an entry counts as a fault
+    everywhere, and the entries after it are checked in a new process."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    del probe.graph.value_info[:]
+    body = probe.SerializeToString()
+    out: list[int] = []
+    while len(out) < len(size_sets):
+        todo = [[[name, axis, int(size)] for (name, axis), size in sizes.items()] for sizes in size_sets[len(out):]]
+        header = json.dumps(todo).encode()
+        try:
+            done = subprocess.run([sys.executable, "-c", _STRICT_INFERENCE], capture_output=True, check=False,
+                                  input=len(header).to_bytes(8, "little") + header + body, timeout=_STRICT_TIMEOUT)
+            lines = done.stdout.decode(errors="replace").split()
+        except (OSError, subprocess.TimeoutExpired):
+            lines = []
+        counts = [int(x) for x in lines if x.isdigit()][: len(todo)]
+        out += counts
+        if len(counts) < len(todo):
+            out.append(_ABORTED)  # the entry it died on
+    return out
+
+
+#: strict inference of the model read from stdin at each list of ``[input, axis, size]``
+#: (its JSON ahead of the model, after its length): one count per line, as it goes
+_STRICT_INFERENCE = """
+import json, sys, onnx
+data = sys.stdin.buffer.read()
+n = int.from_bytes(data[:8], "little")
+model = onnx.load_from_string(data[8 + n:])
+for entry in json.loads(data[8:8 + n]):
+    sizes = {(name, axis): size for name, axis, size in entry}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (value.name, axis) in sizes:
+                dim.Clear()
+                dim.dim_value = sizes[(value.name, axis)]
+    try:
+        onnx.shape_inference.infer_shapes(probe, strict_mode=True)
+        count = 0
+    except Exception as exc:
+        count = max(1, str(exc).count("node name:"))
+    print(count, flush=True)
+"""
+_STRICT_TIMEOUT = 300
+#: the fault count of an inference that aborted its process (or could not run)
+_ABORTED = 10**6

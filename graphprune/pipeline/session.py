@@ -222,7 +222,7 @@ class Session(FeedValues):
                 self.import_graph()
             assert self.graph is not None
             self.check_keep()
-            self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep)
+            self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep, input_shapes=self.input_shapes)
         return self.analysis
 
     @property
