@@ -6,7 +6,9 @@ flattened):
 - ``cosine``: ``<y, p> / (|y| |p|)``, averaged over samples (``min_cosine``: the worst);
   ``None`` for an output of one element per sample (a score, a probability: its cosine is
   its sign's agreement, 1 whatever the value);
-- ``rel_l2``: ``|p - y| / |y|``, averaged over samples;
+- ``rel_l2``: ``|p - y| / |y|``, averaged over samples; ``pooled_rel_l2``: the same over all
+  samples at once (``sqrt(sum |p - y|^2 / sum |y|^2)``), which a sample whose original output is
+  near zero (a text detector's map of a crop without text) cannot dominate;
 - ``other_shape``: how many samples the pruned model answers with an output of another shape
   (a decoder loop that stops at another step); each counts as cosine 0 and ``rel_l2`` 1;
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
@@ -99,6 +101,7 @@ def compare_outputs(
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
         cosines, rels, agree = [], [], []
+        error2 = total2 = 0.0  # (pooled over the samples)
         scores, other_shape = name not in not_scores, 0
         widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
         scores = scores and len(widths) == 1  # a class count does not change with the input
@@ -110,10 +113,15 @@ def compare_outputs(
                 other_shape += y.shape != p.shape
                 cosines.append(float(np.array_equal(y, p)))
                 rels.append(0.0 if np.array_equal(y, p) else 1.0)
+                if y.dtype.kind in "fc" and not np.array_equal(y, p):
+                    norm2 = float(np.sum(np.abs(y.astype(np.float64)) ** 2))
+                    error2, total2 = error2 + norm2, total2 + norm2
                 continue
             cosine, rel = pair_figures(y, p)
             cosines.append(cosine if y.size > 1 else None)
             rels.append(rel)
+            a, b = y.astype(np.float64), p.astype(np.float64)
+            error2, total2 = error2 + float(np.sum(np.abs(a - b) ** 2)), total2 + float(np.sum(np.abs(a) ** 2))
             if scores and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
             else:
@@ -123,6 +131,8 @@ def compare_outputs(
             "cosine": round(float(np.mean(cosines)), 6) if cosines else None,
             "min_cosine": round(float(np.min(cosines)), 6) if cosines else None,
             "rel_l2": round(float(np.mean(rels)), 6) if rels else None,
+            "pooled_rel_l2": (round(float(np.sqrt(error2 / total2)), 6) if total2 > 0
+                              else float(error2 > 0)) if rels else None,
         }
         if len(original) > 1 and all(_equal(original[0][k], r[k]) for r in original[1:]):
             entry["constant"] = True
@@ -136,9 +146,11 @@ def compare_outputs(
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}
     cos = [e["cosine"] for e in outputs.values() if e["cosine"] is not None]
     rel = [e["rel_l2"] for e in outputs.values() if e["rel_l2"] is not None]
+    pooled = [e["pooled_rel_l2"] for e in outputs.values() if e["pooled_rel_l2"] is not None]
     top = [e["top1_agreement"] for e in outputs.values() if "top1_agreement" in e]
     worst["cosine"] = min(cos) if cos else None
     worst["rel_l2"] = max(rel) if rel else None
+    worst["pooled_rel_l2"] = max(pooled) if pooled else None
     worst["top1_agreement"] = min(top) if top else None
     if outputs and all(e.get("constant") for e in outputs.values()):
         worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
