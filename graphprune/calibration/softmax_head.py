@@ -16,7 +16,11 @@ a sequence of class scores); ``x~ = [x, 1]``: the layer's input in the pruned mo
 the fit is held; ``s``: the mean square of the inputs (``lam`` is scale-free); ``c``: the
 per-channel constants added between the layer and the softmax. The problem is convex; it is
 solved by Nesterov's accelerated gradient with a fixed step (the Hessian of the cross-entropy
-in the logits is at most 1/2) and adaptive restart. ``lam`` is chosen among
+in the logits is at most 1/2) and adaptive restart, at most :data:`ITERATIONS` steps. Its
+steps stay in the row space of the inputs, so a head with fewer rows than inputs is solved in
+the rows' coordinates (one ``[R, R]`` product per step instead of two ``[R, K]`` ones); the
+fits of every strength are solved side by side (one product for all), and a fit stops where
+it reaches a fixed point of its float32 arithmetic. ``lam`` is chosen among
 :data:`LAMBDAS` by two-fold cross-validation over the batches (even / odd), and the fit is
 written only where it lowers the cross-validated cross-entropy of the weights as they were.
 Where the output is ``sigmoid(z + c)`` instead (a multi-label output, a pitch tracker's bins,
@@ -220,7 +224,60 @@ def current(view: LinearView) -> np.ndarray:
     return np.concatenate([w.T, bias[None, :]], axis=0)
 
 
-class Problem:
+class _Rows:
+    """The rows ``x`` of one fit, prepared for :func:`_regularised` (once for every strength).
+
+    Every step of the accelerated gradient from ``theta0`` moves the fitted weights (all
+    but the bias where it is fixed: the columns ``a`` of ``x``) by ``a.T @ (...)``: the
+    gradient is ``a.T @ residual`` plus the pull towards ``theta0``, itself such a sum. Where
+    a head has fewer rows than inputs, the fit is therefore solved in the rows' coordinates,
+    ``theta = theta0 + a.T @ alpha``: its logits are ``z0 + gram @ alpha`` (``gram = a @ a.T``)
+    and ``||theta - theta0||^2 = <alpha, gram @ alpha>``, the same iterates at one
+    ``[n, n]`` product per step instead of two ``[n, K]`` ones. Otherwise (``gram`` is
+    ``None``) over the weights themselves."""
+
+    def __init__(self, x: np.ndarray, fixed_bias: bool) -> None:
+        self.x = x
+        self.fitted = x.shape[1] - 1 if fixed_bias else x.shape[1]  # rows of theta fitted
+        a = x[:, :self.fitted].astype(np.float64)
+        n = max(len(x), 1)
+        self.gram: np.ndarray | None = None
+        if len(x) < self.fitted:
+            gram = a @ a.T
+            full = gram + np.outer(x[:, -1], x[:, -1]) if fixed_bias else gram
+            self.gram = gram.astype(x.dtype)
+        else:
+            full = x.astype(np.float64).T @ x.astype(np.float64)
+        #: the largest eigenvalue of ``x.T @ x / n`` (every column: the bound the step is
+        #: taken from), from the smaller of the two Gram matrices
+        self.top = float(np.linalg.eigvalsh(full / n)[-1]) if full.size else 0.0
+        #: the mean square of every input (the scale of the pull towards ``theta0``)
+        self.mean_square = float(np.mean(np.square(x)))
+
+
+class _Fit:
+    """What :class:`Problem` and :class:`SigmoidProblem` share: the rows of each fit, prepared
+    once for the cross-validated strengths (:class:`_Rows`)."""
+
+    x: np.ndarray
+
+    def _rows(self, rows: np.ndarray, fixed_bias: bool) -> _Rows:
+        cache = self.__dict__.setdefault("_prepared", {})
+        key = (rows.tobytes(), fixed_bias)
+        if key not in cache:
+            if len(cache) >= 2:  # the two folds alternate, then the final fit on every row
+                del cache[next(iter(cache))]
+            cache[key] = _Rows(self.x[rows], fixed_bias)
+        return cache[key]
+
+
+def _lse(z: np.ndarray, rest_max: np.ndarray, rest_lse: np.ndarray) -> np.ndarray:
+    """The log-normaliser over every class: the active logits ``z`` and the rest's constant."""
+    top = np.maximum(z.max(axis=1), rest_max)
+    return top + np.log(np.exp(z - top[:, None]).sum(axis=1) + np.exp(rest_lse - top))
+
+
+class Problem(_Fit):
     """The fit restricted to the *active* classes: those the original or the current head
     give a probability of :data:`ACTIVE` on some row. The other classes keep their weights;
     their logits are fixed per row and enter the normaliser as one constant, so a
@@ -257,9 +314,7 @@ class Problem:
     def log_q(self, rows: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Active logits and the log-normaliser over every class, for ``rows``."""
         z = self.x[rows] @ theta + self.offset
-        top = np.maximum(z.max(axis=1), self.rest_max[rows])
-        lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1) + np.exp(self.rest_lse[rows] - top))
-        return z, lse
+        return z, _lse(z, self.rest_max[rows], self.rest_lse[rows])
 
     def cross_entropy(self, rows: np.ndarray, theta: np.ndarray) -> tuple[float, float]:
         """Mean cross-entropy over every class, and the share of rows whose arg-max class is
@@ -272,17 +327,24 @@ class Problem:
 
     def fit(self, rows: np.ndarray, lam: float, fixed_bias: bool) -> np.ndarray:
         """The regularised cross-entropy fit (module doc) from ``theta0``, on ``rows``."""
-        p, rest_mass = self.p[rows], self.rest_mass[rows]
+        return self.fits(rows, (lam,), fixed_bias)[0]
 
-        def data(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            z, lse = self.log_q(rows, theta)
-            loss = float((p * -(z - lse[:, None])).sum() + (rest_mass * lse).sum())
-            return loss, np.exp(z - lse[:, None]) - p
+    def fits(self, rows: np.ndarray, lams: tuple[float, ...], fixed_bias: bool) -> list[np.ndarray]:
+        """:meth:`fit` for each of ``lams``, solved side by side (:func:`_regularised`)."""
+        p, rest_mass = self.p[rows][:, None, :], self.rest_mass[rows][:, None]
+        rest_max, rest_lse = self.rest_max[rows][:, None], self.rest_lse[rows][:, None]
 
-        return _regularised(self.x[rows], self.theta0, lam, 0.5, fixed_bias, data)
+        def data(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            top = np.maximum(z.max(axis=2), rest_max)  # [n, L]
+            lse = top + np.log(np.exp(z - top[..., None]).sum(axis=2) + np.exp(rest_lse - top))
+            loss = (p * -(z - lse[..., None])).sum(axis=(0, 2), dtype=np.float64) + (rest_mass * lse).sum(
+                axis=0, dtype=np.float64)
+            return loss, np.exp(z - lse[..., None]) - p
+
+        return _regularised(self._rows(rows, fixed_bias), self.theta0, self.offset, lams, 0.5, data)
 
 
-class SigmoidProblem:
+class SigmoidProblem(_Fit):
     """The fit of a sigmoid head: every class an independent binary cross-entropy to the
     original's probability (a multi-label output, a pitch tracker's bins, a wake-word score);
     the same interface as :class:`Problem`, every class fitted."""
@@ -307,51 +369,100 @@ class SigmoidProblem:
 
     def fit(self, rows: np.ndarray, lam: float, fixed_bias: bool) -> np.ndarray:
         """The regularised binary cross-entropy fit from ``theta0``, on ``rows``."""
-        x, p = self.x[rows], self.p[rows]
+        return self.fits(rows, (lam,), fixed_bias)[0]
 
-        def data(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            z = x @ theta + self.offset
-            return float(self._loss(z, p).sum()), _sigmoid(z) - p
+    def fits(self, rows: np.ndarray, lams: tuple[float, ...], fixed_bias: bool) -> list[np.ndarray]:
+        """:meth:`fit` for each of ``lams``, solved side by side (:func:`_regularised`)."""
+        p = self.p[rows][:, None, :]
 
-        return _regularised(x, self.theta0, lam, 0.25, fixed_bias, data)
+        def data(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return (np.logaddexp(0.0, z) - p * z).sum(axis=(0, 2), dtype=np.float64), _sigmoid(z) - p
 
-
-def _regularised(x: np.ndarray, theta0: np.ndarray, lam: float, curvature: float, fixed_bias: bool,
-                 data: Any) -> np.ndarray:
-    """Minimise ``loss(theta) / n + lam s / 2 ||theta - theta0||^2`` from ``theta0``, where
-    ``data(theta)`` gives the summed loss over the ``n`` rows of ``x`` and its gradient in the
-    logits (``[n, C]``); ``curvature`` bounds the loss's second derivative in a logit (1/2 for
-    the softmax cross-entropy, 1/4 for the sigmoid's): the step is the inverse of the
-    gradient's Lipschitz constant."""
-    n = len(x)
-    reg = lam * float(np.mean(np.square(x)))
-    step = 1.0 / (curvature * float(np.linalg.eigvalsh(x.T @ x / n)[-1]) + reg + 1e-30)
-
-    def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        loss, residual = data(theta)
-        diff = theta - theta0
-        grad = x.T @ residual / n + reg * diff
-        if fixed_bias:
-            grad[-1] = 0.0
-        return loss / n + 0.5 * reg * float(np.square(diff).sum()), grad
-
-    return _accelerated(value_and_grad, theta0, step)
+        return _regularised(self._rows(rows, fixed_bias), self.theta0, self.offset, lams, 0.25, data)
 
 
-def _accelerated(value_and_grad: Any, theta0: np.ndarray, step: float) -> np.ndarray:
-    """Nesterov's accelerated gradient from ``theta0`` with a fixed step and adaptive restart
-    (:data:`ITERATIONS` steps)."""
-    theta, momentum, t = theta0.copy(), theta0.copy(), 1.0
-    last = value_and_grad(theta)[0]
-    for _ in range(ITERATIONS):
-        value, grad = value_and_grad(momentum)
-        if value > last:  # adaptive restart: the momentum overshot
-            momentum, t = theta.copy(), 1.0
-            continue
-        nxt = momentum - step * grad
-        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-        momentum = nxt + ((t - 1.0) / t_next) * (nxt - theta)
-        theta, t, last = nxt, t_next, value
+def _regularised(rows: _Rows, theta0: np.ndarray, offset: np.ndarray, lams: tuple[float, ...], curvature: float,
+                 data: Any) -> list[np.ndarray]:
+    """Minimise ``loss(theta) / n + lam s / 2 ||theta - theta0||^2`` from ``theta0`` for each
+    ``lam`` of ``lams`` over the fitted rows of ``theta`` (all but the bias where it is fixed).
+    ``data(z)`` gives, for the logits ``z = x @ theta + offset`` of ``L`` fits (``[n, L, C]``),
+    the summed loss of each over the ``n`` rows of ``x`` (``[L]``) and its gradient in the
+    logits (``[n, L, C]``); ``curvature`` bounds the loss's second derivative in a logit (1/2
+    for the softmax cross-entropy, 1/4 for the sigmoid's): the step is the inverse of the
+    gradient's Lipschitz constant. Solved in the rows' coordinates where there are fewer rows
+    than inputs (:class:`_Rows`), and every ``lam`` at once: one product with the rows per
+    step (two over the weights) for all of them."""
+    n, c, dtype = len(rows.x), theta0.shape[1], theta0.dtype
+    reg = np.asarray(lams, dtype=np.float64) * rows.mean_square
+    step = 1.0 / (curvature * rows.top + reg + 1e-30)
+    z0 = (rows.x @ theta0 + offset)[:, None, :]
+    a = rows.x[:, :rows.fitted]
+    gram = rows.gram
+
+    def value_and_grad(beta: np.ndarray, fits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Objective (``[l]``) and gradient (``[r, l, C]``) of the fits ``fits`` at ``beta``
+        (``alpha`` in the rows' coordinates: the gradient's image there)."""
+        count = len(fits)
+        pull = reg[fits].astype(dtype)[:, None]
+        if gram is not None:  # theta - theta0 = a.T @ alpha
+            moved = (gram @ beta.reshape(n, count * c)).reshape(n, count, c)
+            loss, residual = data(z0 + moved)
+            norm = (beta * moved).sum(axis=(0, 2), dtype=np.float64)
+            return loss / n + 0.5 * reg[fits] * norm, residual / n + pull * beta
+        k = a.shape[1]
+        loss, residual = data(z0 + (a @ beta.reshape(k, count * c)).reshape(n, count, c))
+        grad = (a.T @ residual.reshape(n, count * c)).reshape(k, count, c) / n + pull * beta
+        return loss / n + 0.5 * reg[fits] * np.square(beta).sum(axis=(0, 2), dtype=np.float64), grad
+
+    size = n if gram is not None else a.shape[1]
+    beta = _accelerated(value_and_grad, np.zeros((size, len(lams), c), dtype=dtype), step)
+    flat = beta.reshape(size, len(lams) * c)
+    change = (flat if gram is None else a.T @ flat).reshape(rows.fitted, len(lams), c)
+    thetas = []
+    for k in range(len(lams)):
+        theta = theta0.copy()
+        theta[:rows.fitted] += change[:, k]
+        thetas.append(theta)
+    return thetas
+
+
+def _accelerated(value_and_grad: Any, beta0: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Nesterov's accelerated gradient from ``beta0`` (``[r, L, C]``: ``L`` independent fits,
+    ``step`` the fixed step of each) with adaptive restart, every fit on its own:
+    :data:`ITERATIONS` steps at most (the cap is part of the fit's regularisation where the
+    pull towards ``theta0`` is weak). A fit stops early at a fixed point of its arithmetic,
+    where every later iteration would repeat the last: the point evaluated is the current
+    one, and the step leaves it as it is or its value restarts (a strong pull gets there in
+    tens of steps, its value then as low as float32 can tell). ``value_and_grad(beta,
+    fits)`` gives the objectives and gradients of the fits ``fits`` (indices) at ``beta``
+    (theirs)."""
+    theta, momentum = beta0.copy(), beta0.copy()
+    t = np.ones(beta0.shape[1])
+    running = np.arange(beta0.shape[1])
+    value, grad = value_and_grad(momentum, running)  # the first step's point is ``beta0`` too
+    last = value.copy()
+    for i in range(ITERATIONS):
+        if i:
+            value, grad = value_and_grad(momentum[:, running], running)
+        now = momentum[:, running]
+        nxt = now - step[running][None, :, None].astype(now.dtype) * grad
+        restart = value > last[running]  # the momentum overshot: back to the last point
+        current = theta[:, running]
+        # at the current point, a restart (the same point, the same value) or a step that
+        # leaves it as it is repeats itself to the last iteration
+        done = (now == current).all(axis=(0, 2)) & (restart | (nxt == current).all(axis=(0, 2)))
+        restart &= ~done
+        go = ~restart & ~done
+        t_now = t[running]
+        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t_now * t_now))
+        ahead = nxt + ((t_now - 1.0) / t_next)[None, :, None].astype(now.dtype) * (nxt - current)
+        moved, restarted = running[go], running[restart]
+        theta[:, moved], momentum[:, moved] = nxt[:, go], ahead[:, go]
+        t[moved], last[moved] = t_next[go], value[go]
+        momentum[:, restarted], t[restarted] = theta[:, restarted], 1.0
+        running = running[~done]
+        if not len(running):
+            break
     return theta
 
 
@@ -391,16 +502,19 @@ def distil(head: Head, graph: gs.Graph, names: set[str]) -> dict[str, Any]:
         folds = np.arange(len(keep)) % 2
     split = [keep[folds == 0], keep[folds == 1]]
 
-    def held_out(lam: float | None) -> tuple[float, float]:
-        ce, top = 0.0, 0.0
+    def held_out(lams: tuple[float, ...]) -> list[tuple[float, float]]:
+        """Cross-validated cross-entropy and top-1 agreement of each of ``lams`` (none:
+        the weights as they are), the fits of one fold solved side by side."""
+        ce, top = np.zeros(max(len(lams), 1)), np.zeros(max(len(lams), 1))
         for train, test in ((split[0], split[1]), (split[1], split[0])):
-            theta = problem.theta0 if lam is None else problem.fit(train, lam, view.bias_fixed)
-            c, a = problem.cross_entropy(test, theta)
-            ce, top = ce + c * len(test), top + a * len(test)
-        return ce / len(keep), top / len(keep)
+            thetas = problem.fits(train, lams, view.bias_fixed) if lams else [problem.theta0]
+            for k, theta in enumerate(thetas):
+                c, a = problem.cross_entropy(test, theta)
+                ce[k], top[k] = ce[k] + c * len(test), top[k] + a * len(test)
+        return [(float(c) / len(keep), float(a) / len(keep)) for c, a in zip(ce, top, strict=True)]
 
-    before = held_out(None)
-    scores = {lam: held_out(lam) for lam in LAMBDAS}
+    before = held_out(())[0]
+    scores = dict(zip(LAMBDAS, held_out(LAMBDAS), strict=True))
     lam = min(scores, key=lambda k: scores[k][0])
     info.update({"lambda": lam, "cv_cross_entropy": [round(before[0], 6), round(scores[lam][0], 6)],
                  "cv_top1_agreement": [round(before[1], 4), round(scores[lam][1], 4)]})
