@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
+from graphprune.io.graph_reads import subgraphs
 from graphprune.io.names import fresh_name
-from graphprune.io.shared_constants import subgraphs
 from graphprune.rules import registry
 
 

@@ -8,11 +8,11 @@ subgraph. These are the walks every such place uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import onnx
 
-__all__ = ["all_reads", "node_reads", "outer_reads", "reads_of", "rename_reads", "subgraphs_of"]
+__all__ = ["all_reads", "node_reads", "outer_reads", "reads_of", "rename_reads", "subgraphs", "subgraphs_of"]
 
 
 def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -24,6 +24,14 @@ def subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
         elif attr.type == onnx.AttributeProto.GRAPHS:
             out.extend(attr.graphs)
     return out
+
+
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph of ``graph``, nested ones included."""
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            yield sub
+            yield from subgraphs(sub)
 
 
 def outer_reads(graph: onnx.GraphProto) -> set[str]:

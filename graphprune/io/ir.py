@@ -5,7 +5,7 @@
 subgraphs (TorchScript's Identity on shared weights, the dynamo exporter's
 Shape/Gather/Concat chains over static shapes) are folded (never into a transformed copy of a
 weight that another node still reads: a tied embedding's ``Transpose`` stays,
-:func:`_hold_tied_weights`), optional inputs that are provably
+:mod:`graphprune.io.fold_holds`), optional inputs that are provably
 zero are dropped (an exported zero initial state) and selections within one input of a
 concatenation read that input (``h_n[-1]``), shapes are inferred.
 """
@@ -22,12 +22,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import contrib_shapes, custom_shapes, lowering, model_io, value_types
+from graphprune.io import contrib_shapes, custom_shapes, fold_holds, lowering, model_io, value_types
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
-from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.graph_reads import subgraphs_of
-from graphprune.io.names import fresh_name
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
@@ -229,7 +227,7 @@ def _constant_walk(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, boo
     for node in model.graph.node:
         computed = bool(node.input) and all(not name or name in constant for name in node.input)
         yield node, computed, constant
-        if computed and not _subgraph_reads(node):
+        if computed and not subgraphs_of(node):
             constant.update(node.output)
 
 
@@ -245,7 +243,7 @@ def _computes_from_weights(model: onnx.ModelProto) -> bool:
               onnx.TensorProto.BFLOAT16}
     stored = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
               if t.data_type in floats and len(t.dims) >= 1}
-    read = {n for node, computed, _ in _constant_walk(model) if computed and not _subgraph_reads(node)
+    read = {n for node, computed, _ in _constant_walk(model) if computed and not subgraphs_of(node)
             for n in node.input if n in stored}
     return bool(read) and sum(stored[n] for n in read) >= SHRINK * sum(stored.values())
 
@@ -297,10 +295,6 @@ def _constant_bytes(graph: gs.Graph) -> int:
         if dtype.kind == "f":
             total += int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
     return total
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def prepare(
@@ -431,11 +425,11 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
 
             # flatten_subgraphs=False: inlining an If with a constant condition drops
             # branch outputs used later (the result fails the checker)
-            _read_aliases_directly(graph, default_opset(model))
+            fold_holds.read_aliases_directly(graph, default_opset(model))
             if shrink_only:  # a weight and its pruning mask: folded, the product is the weight
                 stored |= _masked_weights(graph, default_opset(model))
-            held = _hold_unfolded(graph, default_opset(model))
-            held += _hold_tied_weights(graph, default_opset(model))
+            held = fold_holds.hold_unfolded(graph, default_opset(model))
+            held += fold_holds.hold_tied_weights(graph, default_opset(model))
             with quiet_ort():
                 fold_constants(graph, fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
                                flatten_subgraphs=False)
@@ -482,118 +476,6 @@ def _fold_limit(graph: gs.Graph) -> int:
     largest = max((int(np.prod(t.shape, dtype=np.int64)) for t in graph_constants(graph)
                    if t.shape is not None), default=0)
     return max(FOLD_FLOOR, FOLD_GROWTH * 4 * largest)
-
-
-def _read_aliases_directly(graph: gs.Graph, opset: int) -> None:
-    """Consumers of an ``Identity`` of a constant (TorchScript's shared weights) read the
-    constant itself: folded, the Identity would become a second copy of the weight."""
-    outputs = {t.name for t in graph.outputs}
-    for node in graph.nodes:
-        rule = registry.lookup(node.domain or "", node.op, opset)
-        k = rule.aliased_input(node) if rule is not None else None
-        if k is None or len(node.outputs) != 1 or node.outputs[0].name in outputs:
-            continue
-        if isinstance(node.inputs[k], gs.Constant):
-            redirect_uses(node.outputs[0], node.inputs[k])
-
-
-def _hold_unfolded(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.Constant]]:
-    """Hide from constant folding the constant inputs a rule keeps unfolded
-    (``OpRule.unfolded_inputs``): each becomes a placeholder variable until folding is done."""
-    held = []
-    for node in graph.nodes:
-        rule = registry.lookup(node.domain or "", node.op, opset)
-        for index in rule.unfolded_inputs(node) if rule is not None else ():
-            constant = node.inputs[index]
-            if isinstance(constant, gs.Constant):
-                node.inputs[index] = gs.Variable(f"{constant.name}__gp_held", constant.dtype, constant.shape)
-                held.append((node, index, constant))
-    return held
-
-
-#: smaller weights are folded as before (a scalar or a short vector copied is no weight)
-TIED_MIN_ELEMENTS = 64
-
-
-def _hold_tied_weights(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.Constant]]:
-    """Hide from constant folding a stored float weight where one of its readers computes
-    only from constants (it would fold) and another reader stays (a node that reads the
-    graph's data, a subgraph, a graph output): folded, the first reader's output would be a
-    second weight of its own, a copy that the weight's other reader keeps beside it. The
-    dynamo exporter ties a word embedding to the output decoder as one table read by a
-    ``Gather`` and by a ``Transpose`` -> ``MatMul``: folding the ``Transpose`` stored the table
-    twice (the table and its transpose), and the pruned model was larger than the original
-    (re-tying cannot merge them: the transpose is no equal copy). Held, the graph keeps the
-    exporter's computation, which the rules follow to the stored weight
-    (``ctx.weight_view``), so the tied table's channels prune together. Only readers whose
-    output is at least as large as the weight are held (a transposed, cast or reshaped copy):
-    a reduction or a shape read from the weight is no copy of it. Each becomes a placeholder
-    variable until folding is done, like :func:`_hold_unfolded`."""
-    nodes = list(graph.nodes)
-    main = {id(node) for node in nodes}
-    outputs = {id(t) for t in graph.outputs}
-    folds: set[int] = set()  # ids of the main-graph nodes that compute from constants alone
-    computed: set[int] = set()  # ids of the variables they compute
-
-    def static(tensor: gs.Tensor) -> bool:
-        shape = tensor.shape
-        return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
-
-    shapes_read = {id(node) for node in nodes
-                   if getattr(registry.lookup(node.domain or "", node.op, opset), "reads_only_shape", False)}
-
-    def shape_only(node: gs.Node) -> bool:
-        return id(node) in shapes_read
-
-    changed = True
-    while changed:  # a fixed point (one pass and a check where the nodes are in graph order)
-        changed = False
-        for node in nodes:
-            if id(node) in folds or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
-                continue
-            if shape_only(node):
-                constant = bool(node.inputs) and static(node.inputs[0])
-            else:
-                constant = bool(node.inputs) and all(
-                    isinstance(t, gs.Constant) or id(t) in computed or (not t.name and not t.inputs)
-                    for t in node.inputs)
-            if constant:
-                folds.add(id(node))
-                computed.update(id(t) for t in node.outputs)
-                changed = True
-
-    def elements(shape: Any) -> int | None:
-        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-            return None
-        return int(np.prod(shape, dtype=np.int64))
-
-    held: list[tuple[gs.Node, int, gs.Constant]] = []
-    taken = set(graph.tensors())
-    for tensor in list(graph.tensors().values()):
-        if not isinstance(tensor, gs.Constant) or tensor.dtype is None:
-            continue
-        try:
-            floating = np.dtype(tensor.dtype).kind == "f"
-        except TypeError:  # bfloat16, float8: numpy does not know them
-            floating = True
-        size = elements(tensor.shape)
-        if not floating or size is None or size < TIED_MIN_ELEMENTS:
-            continue
-        readers = list(tensor.outputs)
-        stays = id(tensor) in outputs or any(id(r) not in main or id(r) not in folds for r in readers)
-        if not stays:
-            continue  # every reader folds: the folded values replace the weight
-        copies = [r for r in readers if id(r) in folds and not shape_only(r)
-                  and any((elements(o.shape) or 0) >= size for o in r.outputs)]
-        if not copies:
-            continue
-        placeholder = gs.Variable(fresh_name(f"{tensor.name}__gp_held", taken), tensor.dtype, tensor.shape)
-        for reader in copies:
-            for index, value in enumerate(reader.inputs):
-                if value is tensor:
-                    reader.inputs[index] = placeholder
-                    held.append((reader, index, tensor))
-    return held
 
 
 def _load_fold_inputs(graph: gs.Graph) -> None:

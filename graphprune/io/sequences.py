@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphprune.io.graph_reads import subgraphs
 from graphprune.io.names import fresh_name
-from graphprune.io.shared_constants import subgraphs
 
 __all__ = ["slice_sequence_reads"]
 

@@ -31,15 +31,15 @@ import hashlib
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import onnx
 from onnx import helper
 
-from graphprune.io.graph_reads import rename_reads, subgraphs_of
+from graphprune.io.graph_reads import rename_reads, subgraphs
 from graphprune.io.names import fresh_name
 
-__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "subgraphs", "retie_constants", "retie_shapes", "share_subgraph_constants",
+__all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "retie_shapes", "share_subgraph_constants",
            "tied_origin", "untie_shared_constants", "untie_shared_shapes"]
 
 #: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
@@ -50,14 +50,6 @@ SHARED_KEY = "graphprune.shared"
 
 #: smaller constants are left alone (a scalar or a shape is not worth a shared name)
 MIN_ELEMENTS = 64
-
-
-def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """Every subgraph of ``graph``, nested ones included."""
-    for node in graph.node:
-        for sub in subgraphs_of(node):
-            yield sub
-            yield from subgraphs(sub)
 
 
 def _defined(graph: onnx.GraphProto) -> set[str]:

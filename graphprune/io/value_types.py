@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io.shared_constants import subgraphs
+from graphprune.io.graph_reads import subgraphs
 
 __all__ = ["drop_outer_value_info", "hide", "refuse_unwritable", "reshape_scalar_reads", "restore", "unhide"]
 

@@ -235,13 +235,7 @@ def _own_noise(session: Session, candidate: Any, names: list[str], feeds: list[d
         moved = _run_exposed(session, candidate, names, [noise.nudged(feed) for feed in feeds], True)
     except Exception:  # VerificationError: nothing measured
         return None
-    out = _floors(session, names)
-    for a, b, c in zip(fast, plain, moved, strict=True):
-        for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
-            if x.shape != y.shape or x.shape != z.shape:
-                return None
-            out[j] = max(out[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
-    return out
+    return noise.spread(fast, plain, moved, _floors(session, names))
 
 
 def _floors(session: Session, names: list[str]) -> list[float]:

@@ -67,6 +67,21 @@ def error_floors(graph: gs.Graph, names: list[str], opset: int) -> list[float]:
 _FLOOR_DEPTH = 64
 
 
+def spread(fast: list[list[np.ndarray]], plain: list[list[np.ndarray]], moved: list[list[np.ndarray]],
+           floors: list[float] | None = None) -> list[float] | None:
+    """Per output, how far one model's runs on the same feeds move it: with ORT's graph
+    optimizations (``fast``) against without them (``plain``) and against the feeds moved by
+    rounding (``moved``, :func:`nudged`), the largest absolute difference over the feeds, and
+    at least ``floors`` (:func:`error_floors`); ``None`` where a run gave another shape."""
+    out = list(floors) if floors is not None else [0.0] * (len(fast[0]) if fast else 0)
+    for a, b, c in zip(fast, plain, moved, strict=True):
+        for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
+            if np.shape(x) != np.shape(y) or np.shape(x) != np.shape(z):
+                return None
+            out[j] = max(out[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
+    return out
+
+
 def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
     """``feed`` with every float input moved by ``ulps`` units in the last place, up or down
     at random (seeded): what rounding does to a value."""
@@ -104,12 +119,9 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
     except Exception:  # VerificationError: the verdict stands
         return verification
     per_output = verification.get("per_output") or []
-    noise = [0.0] * len(fast[0]) if fast else []
-    for a, b, c in zip(fast, plain, moved, strict=True):
-        for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
-            noise[j] = max(noise[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
-    if floors is not None and len(floors) == len(noise):
-        noise = [max(n, f) for n, f in zip(noise, floors, strict=True)]
+    noise = spread(fast, plain, moved, floors if floors is not None and fast and len(floors) == len(fast[0]) else None)
+    if noise is None:
+        return verification
     if len(per_output) != len(noise):
         return verification
     tolerance = verification.get("tolerance", 0.0)
