@@ -27,7 +27,7 @@ A rewrite error shows on every input, and in the values the selections read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -38,14 +38,25 @@ from graphprune.io.graph_reads import node_reads
 from graphprune.rules.registry import lookup
 from graphprune.verify import noise, validate
 
-if TYPE_CHECKING:
-    from graphprune.pipeline.session import Session
+
+class SessionLike(Protocol):
+    """What these checks read of a :class:`graphprune.pipeline.session.Session` (a protocol,
+    so that the session, which calls them, is not imported here)."""
+
+    prepared: onnx.ModelProto
+    model: Any
+    opset: int
+    store: Any
+
+    def path_of(self, model: Any, *, keep: bool = True) -> Any: ...
+
+    def feeds(self, count: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]: ...
 
 #: further random inputs on which outputs after a selection are compared, and how many must agree
 SELECTION_FEEDS, SELECTION_AGREE = 3, 2
 
 
-def _selections(session: Session) -> tuple[list[gs.Node], set[str]]:
+def _selections(session: SessionLike) -> tuple[list[gs.Node], set[str]]:
     """The main graph's selections and every tensor computed from their choice."""
     from graphprune.calibration.runner import downstream
 
@@ -54,13 +65,13 @@ def _selections(session: Session) -> tuple[list[gs.Node], set[str]]:
     return found, downstream(session.prepared.graph, [t.name for n in found for t in n.outputs if t.name])
 
 
-def selected_outputs(session: Session) -> set[int]:
+def selected_outputs(session: SessionLike) -> set[int]:
     """The indices of the graph outputs computed from what a selection picks."""
     found, after = _selections(session)
     return {j for j, o in enumerate(session.prepared.graph.output) if o.name in after} if found else set()
 
 
-def choices_agree(session: Session, candidate: Any, reference: Any, feeds: list[dict[str, np.ndarray]]) -> bool:
+def choices_agree(session: SessionLike, candidate: Any, reference: Any, feeds: list[dict[str, np.ndarray]]) -> bool:
     """Did both models choose the same entries on ``feeds``: every integer output of every
     selection (``NonZero``'s positions, ``TopK``'s and ``ArgMax``'s indices, the boxes
     ``NonMaxSuppression`` keeps) equal? ``False`` where a selection has no such output
@@ -80,7 +91,7 @@ def choices_agree(session: Session, candidate: Any, reference: Any, feeds: list[
                for a, b in zip(*chosen, strict=True) for x, y in zip(a, b, strict=True))
 
 
-def within_own_noise(session: Session, candidate: Any, verification: dict[str, Any],
+def within_own_noise(session: SessionLike, candidate: Any, verification: dict[str, Any],
                      reference: Any = None) -> dict[str, Any]:
     """Accept a difference that is float noise of the model: ``candidate`` on the session's
     feeds (:func:`graphprune.verify.noise.excuse_float_noise`). Outputs after a selection are
@@ -97,7 +108,7 @@ def within_own_noise(session: Session, candidate: Any, verification: dict[str, A
     return result
 
 
-def within_selection_flips(session: Session, candidate: Any, reference: Any, verification: dict[str, Any],
+def within_selection_flips(session: SessionLike, candidate: Any, reference: Any, verification: dict[str, Any],
                            tolerance: float) -> dict[str, Any]:
     """``verification`` accepted where every failing output follows a selection and the models
     agree on most further inputs, or agree on the values the selections read (see the module
@@ -182,7 +193,7 @@ def _frontier(graph: onnx.GraphProto, after: set[str]) -> list[str]:
 COMPARISONS = ("Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal")
 
 
-def _read_values_agree(session: Session, candidate: Any, reference: Any, after: set[str],
+def _read_values_agree(session: SessionLike, candidate: Any, reference: Any, after: set[str],
                        feeds: list[dict[str, np.ndarray]], tolerance: float) -> tuple[float, bool] | None:
     """The largest relative difference between the two models' :func:`_frontier` tensors on
     ``feeds``, and whether some of them needed their own float noise: each such tensor agrees
@@ -223,7 +234,7 @@ def _read_values_agree(session: Session, candidate: Any, reference: Any, after: 
     return worst, True
 
 
-def _own_noise(session: Session, candidate: Any, names: list[str], feeds: list[dict[str, np.ndarray]],
+def _own_noise(session: SessionLike, candidate: Any, names: list[str], feeds: list[dict[str, np.ndarray]],
                fast: list[list[np.ndarray]]) -> list[float] | None:
     """How far each tensor ``names`` of ``candidate`` moves between its runs on ``feeds`` with
     ORT's graph optimizations (``fast``), without them, and with the float inputs moved by two
@@ -238,13 +249,13 @@ def _own_noise(session: Session, candidate: Any, names: list[str], feeds: list[d
     return noise.spread(fast, plain, moved, _floors(session, names))
 
 
-def _floors(session: Session, names: list[str]) -> list[float]:
+def _floors(session: SessionLike, names: list[str]) -> list[float]:
     """The absolute error the kernels that compute ``names`` leave, whatever their size
     (:func:`graphprune.verify.noise.error_floors`: a saturated sigmoid's)."""
     return noise.error_floors(gs.import_onnx(session.prepared), names, session.opset)
 
 
-def _run_exposed(session: Session, model: Any, names: list[str], feeds: list[dict[str, np.ndarray]],
+def _run_exposed(session: SessionLike, model: Any, names: list[str], feeds: list[dict[str, np.ndarray]],
                  optimize: bool) -> list[list[np.ndarray]]:
     """The tensors ``names`` of ``model`` on ``feeds`` (exposed as outputs of a copy of its
     weightless skeleton, written beside its weights in the store)."""
