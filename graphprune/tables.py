@@ -278,18 +278,18 @@ def allocation_lines(allocation: Mapping[str, Any] | None) -> list[str]:
 def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
     """The measured candidates, the chosen one and the kept widths per group."""
     lines: list[str] = []
-    measured = [c for c in budget.get("candidates") or [] if "rel_l2" in c]
+    measured = [c for c in budget.get("candidates") or [] if "pooled_rel_l2" in c]
     chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
     if chosen is not None:
         def final(c: Mapping[str, Any]) -> float:  # after the finalists' second reconstruction
-            return (c.get("refit") or {}).get("rel_l2", c["rel_l2"])
+            return (c.get("refit") or {}).get("pooled_rel_l2", c["pooled_rel_l2"])
 
         uniform = next((c for c in measured if c["allocation"] == "uniform"), None)
         versus = f"; uniform {final(uniform):.4f}" if uniform is not None and uniform is not chosen else ""
         how = ("a screening reconstruction; the two nearest reconstructed again with cross-validated ridges"
                if any("refit" in c for c in measured) else "reconstruction")
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
-                     f"{how} (held-out rel-L2 {final(chosen):.4f}{versus})")
+                     f"{how} (held-out pooled rel-L2 {final(chosen):.4f}{versus})")
     failed = [c for c in budget.get("candidates") or [] if c.get("error")]
     if failed:
         lines.append(f"warning: {len(failed)} candidate allocation(s) not chosen because their "

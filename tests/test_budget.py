@@ -357,7 +357,7 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
     assert labels[0] == "global" and "uniform" in labels
     # every candidate reconstructs (the uniform one prunes a depthwise conv's groups to 24 of
     # 32: its refit reads the original's 32-channel output)
-    assert all("rel_l2" in r for r in rows), [r.get("error") for r in rows]
+    assert all("pooled_rel_l2" in r for r in rows), [r.get("error") for r in rows]
     # after the first candidates, perturbations of the best so far (distinct allocations)
     searched = [r for r in rows if r["allocation"].startswith("search ")]
     assert 1 <= len(searched) <= 3 and labels.index(searched[0]["allocation"]) >= 2
@@ -369,11 +369,11 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
     assert max(r["modelled_fraction"] for r in rows) - min(r["modelled_fraction"] for r in rows) <= 0.01
     finalists = [r for r in rows if "refit" in r]
     assert len(finalists) == 2
-    assert sorted(r["rel_l2"] for r in finalists) == sorted(r["rel_l2"] for r in rows)[:2]
+    assert sorted(r["pooled_rel_l2"] for r in finalists) == sorted(r["pooled_rel_l2"] for r in rows)[:2]
     assert all(r["refit"]["ridge"] == "cross-validated" for r in finalists)
     chosen = next(r for r in rows if r["allocation"] == report["budget"]["chosen"])
-    assert chosen["refit"]["rel_l2"] == min(r["refit"]["rel_l2"] for r in finalists)
-    assert report["fidelity"]["rel_l2"] == pytest.approx(chosen["refit"]["rel_l2"], rel=1e-3)
+    assert chosen["refit"]["pooled_rel_l2"] == min(r["refit"]["pooled_rel_l2"] for r in finalists)
+    assert report["fidelity"]["pooled_rel_l2"] == pytest.approx(chosen["refit"]["pooled_rel_l2"], rel=1e-3)
     assert set(ridges) == {ridge.DEFAULT_RIDGE, None}
     # the report counts the kept reconstruction once (not the screening one as well)
     linear = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in result.model.graph.node)
@@ -507,19 +507,19 @@ def test_budget_lines_name_the_chosen_allocation_and_warn_about_failed_candidate
     from graphprune.tables import budget_lines
 
     info = {"target": "macs", "fraction": 0.5, "achieved": 0.5, "met": True, "chosen": "search 1.2",
-            "candidates": [{"allocation": "global", "kept": [4], "rel_l2": 0.3},
+            "candidates": [{"allocation": "global", "kept": [4], "pooled_rel_l2": 0.3},
                            {"allocation": "uniform", "kept": [5], "error": "reconstruction failed: ValueError: x"},
-                           {"allocation": "search 1.2", "kept": [6], "rel_l2": 0.2}]}
+                           {"allocation": "search 1.2", "kept": [6], "pooled_rel_l2": 0.2}]}
     lines = budget_lines(info)
-    assert "allocation: search 1.2, the nearest of 2 measured after reconstruction (held-out rel-L2 0.2000)" in lines
+    assert "allocation: search 1.2, the nearest of 2 measured after reconstruction (held-out pooled rel-L2 0.2000)" in lines
     assert any(line.startswith("warning: 1 candidate allocation(s) not chosen because their reconstruction "
                                "failed: ValueError: x") for line in lines)
     # finalists reconstructed again: their second figures are the ones compared
-    info["candidates"][0]["refit"] = {"rel_l2": 0.25, "ridge": "cross-validated"}
-    info["candidates"][2]["refit"] = {"rel_l2": 0.15, "ridge": "cross-validated"}
-    info["candidates"][1] = {"allocation": "uniform", "kept": [5], "rel_l2": 0.4}
+    info["candidates"][0]["refit"] = {"pooled_rel_l2": 0.25, "ridge": "cross-validated"}
+    info["candidates"][2]["refit"] = {"pooled_rel_l2": 0.15, "ridge": "cross-validated"}
+    info["candidates"][1] = {"allocation": "uniform", "kept": [5], "pooled_rel_l2": 0.4}
     assert ("allocation: search 1.2, the nearest of 3 measured after a screening reconstruction; the two nearest "
-            "reconstructed again with cross-validated ridges (held-out rel-L2 0.1500; uniform 0.4000)") in budget_lines(info)
+            "reconstructed again with cross-validated ridges (held-out pooled rel-L2 0.1500; uniform 0.4000)") in budget_lines(info)
 
 
 def test_candidates_do_not_land_further_under_the_goal_than_the_greedy_allocation(cnn):

@@ -14,7 +14,8 @@ flattened):
 - ``top1_agreement``: where the output looks like class scores (floating point, last axis of
   at least 2 classes and the same length on every sample, a single row per sample, not the
   same for every sample, and not declared with a named, open length: audio, a sequence, nor
-  shaped like an input: a recurrent state fed back), the share of samples whose arg-max class
+  shaped like an input: a recurrent state fed back, nor an embedding: computed from a
+  normalisation with no linear layer after it), the share of samples whose arg-max class
   is the same;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
@@ -90,6 +91,42 @@ def fed_back(model: onnx.ModelProto) -> set[str]:
                     a is None or b is None or a == b for a, b in zip(dims, sig[1], strict=True)):
                 names.add(out.name)
     return names
+
+
+def feature_outputs(model: onnx.ModelProto) -> set[str]:
+    """The outputs computed from a normalisation of each sample's features (a LayerNorm, an
+    L2 normalisation: :attr:`~graphprune.rules.registry.OpRule.normalizes_features`) with no
+    linear layer after it: an embedding (a sentence encoder's mean-pooled ``[1, 384]``), whose
+    arg-max names no class. Followed back through ops that move values or map them channel by
+    channel (pooling, masking, dividing by a count), through their first input computed in
+    the graph; a linear layer, a softmax or an op without a rule ends the walk (scores)."""
+    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
+    from graphprune.rules.registry import lookup  # noqa: PLC0415
+
+    opset = default_opset(model)
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    stored = {t.name for t in model.graph.initializer}
+    stored |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+
+    def normalised(name: str) -> bool:
+        for _ in range(_FEATURE_DEPTH):
+            node = producer.get(name)
+            rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
+            if rule is None:
+                return False
+            if rule.normalizes_features:
+                return True
+            computed = [i for i in node.input if i and i not in stored and i in producer]
+            if rule.zero_behaviour not in ("move", "map") or not computed:
+                return False
+            name = computed[0]
+        return False
+
+    return {out.name for out in model.graph.output if normalised(out.name)}
+
+
+#: ops followed back from an output to the one that decides whether it is an embedding
+_FEATURE_DEPTH = 32
 
 
 def compare_outputs(
@@ -185,4 +222,5 @@ def fidelity(
     names = [o.name for o in original.graph.output]
     ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
-    return compare_outputs(names, ref, out, not_scores=open_length(original) | fed_back(original))
+    return compare_outputs(names, ref, out,
+                           not_scores=open_length(original) | fed_back(original) | feature_outputs(original))

@@ -75,7 +75,7 @@ def _search_count(analysis: Analysis, states: list, model: budget_mod.CostModel,
 class _Measured:
     """One measured candidate allocation of :func:`choose`."""
 
-    #: relative L2 of its outputs to the original's on the held-out samples (-inf: its
+    #: relative L2 of its outputs to the original's, pooled over the held-out samples (-inf: its
     #: structural check failed, adopted as it is so that the failure is reported)
     error: float
     label: str
@@ -98,11 +98,14 @@ class _Measured:
 
 
 def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
-    """The fidelity figures of ``outputs`` and their relative L2 (``inf`` when none)."""
+    """The fidelity figures of ``outputs`` and their relative L2 pooled over the samples
+    (``inf`` when none): the figure that keeps or undoes a reconstruction
+    (:meth:`~graphprune.pipeline.calibrated.CalibratedRun.fidelity`), which samples whose
+    original output is near zero cannot dominate as they do a per-sample mean."""
     from graphprune.calibration import fidelity as fidelity_mod
 
     score = fidelity_mod.compare_outputs(names, reference, outputs)
-    return score, score["rel_l2"] if score["rel_l2"] is not None else math.inf
+    return score, score["pooled_rel_l2"] if score["pooled_rel_l2"] is not None else math.inf
 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
@@ -176,9 +179,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             reverted = plain_error < error
             if reverted:  # the held-out samples are nearer without this candidate's reconstruction
                 candidate.adopt(unreconstructed)
-                row["reconstruction_reverted"] = {"rel_l2": round(error, 6), "cosine": score["cosine"]}
+                row["reconstruction_reverted"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]}
                 score, error = plain_score, plain_error
-        row.update({"rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
+        row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         measured = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes,
                              reverted, unreconstructed if screening else None, plain_error, plain_cosine,
                              unreconstructed)
@@ -259,9 +262,9 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
         outputs = runner.outputs(candidate.model, feeds, "a finalist allocation", data_dir=calibrated.data_dir)
     score, error = _score(names, reference, outputs)
     finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
-    row["refit"] = {"rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
+    row["refit"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
     if finalist.plain_error < error:  # nearer without it: undone
         candidate.adopt(finalist.unreconstructed)
         finalist.reverted, finalist.error = True, finalist.plain_error
-        row["refit"].update(rel_l2=round(finalist.plain_error, 6), cosine=finalist.plain_cosine,
-                            reconstruction_reverted={"rel_l2": round(error, 6), "cosine": score["cosine"]})
+        row["refit"].update(pooled_rel_l2=round(finalist.plain_error, 6), cosine=finalist.plain_cosine,
+                            reconstruction_reverted={"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]})

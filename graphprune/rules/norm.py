@@ -54,6 +54,7 @@ class _AffineNorm:
 class BatchNormRule(OpRule):
     op_types = ("BatchNormalization",)
     zero_behaviour = "map"
+    normalizes_features = True
     folds_weights = True  # weight standardization (BiT, NFNet): BatchNorm of a conv weight
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
@@ -109,6 +110,7 @@ class BatchNormRule(OpRule):
 class InstanceNormRule(_AffineNorm, OpRule):
     op_types = ("InstanceNormalization",)
     zero_behaviour = "map"
+    normalizes_features = True
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """A constant channel normalises to 0, so the output is ``B`` (also where scale is 0)."""
@@ -136,6 +138,7 @@ class InstanceNormRule(_AffineNorm, OpRule):
 @register
 class GroupNormRule(_AffineNorm, OpRule):
     op_types = ("GroupNormalization",)
+    normalizes_features = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -164,6 +167,7 @@ class GroupNormRule(_AffineNorm, OpRule):
 @register
 class LayerNormRule(_AffineNorm, OpRule):
     op_types = ("LayerNormalization",)
+    normalizes_features = True
     #: subtracts the mean before dividing (LayerNorm) rather than dividing by the RMS
     centred = True
 
@@ -197,6 +201,7 @@ class LayerNormRule(_AffineNorm, OpRule):
 @register
 class LpNormRule(OpRule):
     op_types = ("LpNormalization",)
+    normalizes_features = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -227,6 +232,7 @@ class MeanVarianceNormRule(OpRule):
     compares with (the mask that zeroes a removed activation cannot zero a NaN)."""
 
     op_types = ("MeanVarianceNormalization",)
+    normalizes_features = True
 
     def output_shape(self, op: str, attrs: dict, shapes: list[list | None]) -> tuple[list, int] | None:
         return (list(shapes[0]), 0) if shapes and shapes[0] else None

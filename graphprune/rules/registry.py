@@ -98,6 +98,11 @@ class OpRule:
     #: ``Scan``'s sequence length): the layers inside are left out of the MAC count, and the
     #: report says so (:func:`graphprune.verify.metrics.uncounted_bodies`)
     repeats_body: ClassVar[bool] = False
+    #: the op rescales each sample's features to fixed statistics (a LayerNorm, an L2
+    #: normalisation, the BatchNorm a face embedder ends with): a fixed-width output computed
+    #: from one with no linear layer after it is an embedding, whose arg-max names no class
+    #: (:func:`graphprune.calibration.fidelity.feature_outputs`)
+    normalizes_features: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError

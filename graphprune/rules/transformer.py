@@ -72,6 +72,7 @@ class SkipLayerNormRule(OpRule):
 
     op_types = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
     domain = MS
+    normalizes_features = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, skip, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -101,6 +102,7 @@ class EmbedLayerNormRule(OpRule):
 
     op_types = ("EmbedLayerNormalization",)
     domain = MS
+    normalizes_features = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         y = node.outputs[0]
