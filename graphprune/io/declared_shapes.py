@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import onnx
 
+from graphprune.io.graph_reads import subgraphs
+
 INVENTED = "unk__"
 
 
@@ -57,10 +59,13 @@ def invented_cleared(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
 
 def keep_open_outputs(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> None:
     """An output dimension the user's file leaves open (named or unknown; ``declared``: its
-    outputs' types) stays open in ``model`` (in place): shape inference with data propagation
-    can find its size at the probe shapes (tf2onnx's SAME padding of a dynamic input), and the
-    written model would declare a fixed size its original did not promise."""
-    for value in model.graph.output:
+    inputs' and outputs' types) stays open in ``model`` (in place): shape inference with data
+    propagation can find its size at the probe shapes (tf2onnx's SAME padding of a dynamic
+    input), and the written model would declare a fixed size its original did not promise.
+    An input or output size declared as -1 (paddle2onnx's open size, read as open while the
+    tool works: :func:`open_negative_sizes`) is declared as -1 again."""
+    outputs = len(model.graph.input)
+    for index, value in enumerate((*model.graph.input, *model.graph.output)):
         before = declared.get(value.name)
         if before is None or not before.HasField("tensor_type") or not value.type.HasField("tensor_type") \
                 or not before.tensor_type.HasField("shape"):
@@ -68,5 +73,39 @@ def keep_open_outputs(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto
         dims, open_dims = value.type.tensor_type.shape.dim, before.tensor_type.shape.dim
         if len(dims) == len(open_dims):
             for dim, was in zip(dims, open_dims, strict=True):
-                if not was.HasField("dim_value"):
+                if not was.HasField("dim_value") and index >= outputs or (
+                        was.HasField("dim_value") and was.dim_value < 0 and not dim.HasField("dim_value")):
                     dim.CopyFrom(was)
+
+
+def open_negative_sizes(model: onnx.ModelProto) -> int:
+    """Read a negative declared size as an open one (in place); how many shapes changed.
+    paddle2onnx declares an open size as -1 (``x: [-1, 3, -1, -1]``), and writes its
+    framework's intermediate shapes as ``value_info`` with sizes computed from that -1
+    (``[-1, 6, 0, 0]`` behind a strided conv). ONNX inference computes the same arithmetic on
+    a -1 input, and ONNX Runtime trusts a declared size: a part of the model run at real sizes
+    (the calibration runs a pruned model layer by layer, fed its earlier activations) met
+    ``[1, 6, 28, 112] + [-1, 6, 1, 0]`` and refused to load ("Incompatible dimensions"). Graph
+    inputs and outputs get open sizes there (the written model declares the -1 again:
+    :func:`keep_open_outputs`); intermediate shapes with one are dropped, inference computes
+    them again."""
+    changed = 0
+    for graph in (model.graph, *subgraphs(model.graph)):
+        for value in (*graph.input, *graph.output):
+            dims = _dims(value)
+            if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+                changed += 1
+                for d in dims:
+                    if d.HasField("dim_value") and d.dim_value < 0:
+                        d.ClearField("dim_value")
+        kept = [v for v in graph.value_info if not any(d.HasField("dim_value") and d.dim_value < 0 for d in _dims(v))]
+        if len(kept) < len(graph.value_info):
+            changed += len(graph.value_info) - len(kept)
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+    return changed
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    tensor = value.type.tensor_type if value.type.HasField("tensor_type") else None
+    return list(tensor.shape.dim) if tensor is not None and tensor.HasField("shape") else []

@@ -22,10 +22,19 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.io import contrib_shapes, custom_shapes, fold_holds, lowering, model_io, value_types
+from graphprune.io import (
+    contrib_shapes,
+    custom_shapes,
+    declared_shapes,
+    fold_holds,
+    lowering,
+    model_io,
+    value_types,
+)
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_reads import subgraphs_of
+from graphprune.io.gs_export import as_protos
 from graphprune.io.order import toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
@@ -85,29 +94,12 @@ def import_graph(model: onnx.ModelProto, store: Any = None) -> gs.Graph:
 
 
 #: numpy (ml_dtypes) dtypes of ONNX's sub-byte element types, one element per byte in numpy,
-#: packed two (or four) to a byte in a TensorProto
-SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn", "int2", "uint2"})
-
-
-def _as_protos(graph: gs.Graph) -> None:
-    """Constants of a sub-byte type that a rewrite changed (int4 weights) as packed protos:
-    graphsurgeon would write numpy's one byte per element as the raw data (a tensor that
-    fails its own size check). Strings too (a constant read or folded as an object array):
-    graphsurgeon writes every array as raw data, which ONNX has no form of for strings."""
-    from onnx import numpy_helper
-
-    for tensor in graph_constants(graph):
-        values = tensor._values
-        if isinstance(values, np.ndarray) and (values.dtype.name in SUB_BYTE or values.dtype.kind in "OUS"):
-            tensor._values = gs.ir.tensor.LazyValues(numpy_helper.from_array(values, tensor.name))
-
-
 def export_graph(graph: gs.Graph, template: onnx.ModelProto, store: Any = None) -> onnx.ModelProto:
     """Export ``graph`` keeping the template's opsets, IR version and metadata.
 
     With a weight ``store``, new large weights are written to the store first and every
     weight is exported as a reference to the store, never copied into the proto."""
-    _as_protos(graph)
+    as_protos(graph)
     if store is not None:
         store.spill(graph)
         restore_stubs(graph)
@@ -317,6 +309,7 @@ def prepare(
         model = copy.deepcopy(model)
     model, inlined = lowering.inline_functions(model, default_opset(model))
     strip_initializer_inputs(model)
+    declared_shapes.open_negative_sizes(model)
     name_nodes(model)
     tensor_constants(model.graph)
     sequences = slice_sequence_reads(model.graph)

@@ -130,9 +130,9 @@ class Session(FeedValues):
                 self.as_converted.CopyFrom(loaded)
             #: parameters as the model came (constant folding may change the count)
             self.params_as_loaded = count_params(loaded)
-            #: the outputs' types as the user's file declares them (see :meth:`export`)
+            #: the inputs' and outputs' types as the user's file declares them (see :meth:`export`)
             self._declared_outputs = {v.name: onnx.TypeProto.FromString(v.type.SerializeToString())
-                                      for v in loaded.graph.output}
+                                      for v in (*loaded.graph.input, *loaded.graph.output)}
             #: what the normalisation rewrote that a reader of the result should know
             self.normalised: dict[str, Any] = {}  # (functions inlined, fused kernels lowered)
             ranks = declare_ranks(loaded, self.input_shapes)  # inputs that declare no shape
