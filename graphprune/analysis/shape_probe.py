@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.dims import BATCH_PROBE
+from graphprune.io import gs_export
 from graphprune.io.contrib_shapes import contrib_shapes
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_reads import node_reads, reads_of
@@ -102,7 +103,7 @@ def _fold_whole(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx.Mode
     folded.cleanup(remove_unused_graph_inputs=False)
     if [(n.op, [t.name for t in n.outputs]) for n in folded.nodes] == before:
         return None  # (an If inlined as the one node of its branch leaves the count)
-    return gs.export_onnx(folded, do_type_check=False)
+    return gs_export.export_onnx(folded)
 
 
 def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx.ModelProto | None:
@@ -149,7 +150,7 @@ def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx
     folded.cleanup(remove_unused_graph_inputs=False)
     if len(folded.nodes) == count:
         return None
-    done = gs.export_onnx(folded, do_type_check=False).graph
+    done = gs_export.export_onnx(folded).graph
     # the rest of the graph and what is left of the part, in an order that runs
     rest = [node for i, node in enumerate(graph.node) if i not in taken]
     ordered = _toposorted([*rest, *done.node], set(initializers) | {v.name for v in graph.input})
@@ -226,7 +227,7 @@ def _probe_model(graph: gs.Graph) -> onnx.ModelProto:
             probe_graph.inputs.append(t)
         elif isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues):
             t.values = np.array(t._values.load())
-    return gs.export_onnx(probe_graph, do_type_check=False)
+    return gs_export.export_onnx(probe_graph)
 
 
 def probe_concrete_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:

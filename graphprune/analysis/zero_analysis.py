@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis.constants import ChannelValues, ConstantContext, conv_is_padded
 from graphprune.analysis.roles import CONSUMER
+from graphprune.io import gs_export
 from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 
@@ -56,7 +57,7 @@ def ensure_shapes(graph: gs.Graph, opset: int) -> None:
     from graphprune.io import model_io
 
     toposort_model(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = gs_export.export_onnx(graph)
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
     for entry in graph.import_domains or []:

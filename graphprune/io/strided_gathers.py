@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.io import gs_export
 from graphprune.io.graph_edits import redirect_uses
 from graphprune.rules import registry
 
@@ -128,7 +129,7 @@ def _enumerates(graph: gs.Graph, idx: gs.Tensor, source: gs.Tensor, opset: int) 
         for t in sub.tensors().values():  # a weight store's stubs: the values themselves
             if isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.LazyValues):
                 t.values = np.array(t._values.load())
-        model = gs.export_onnx(sub, do_type_check=False)
+        model = gs_export.export_onnx(sub)
         from graphprune.io.runtime import quiet_ort
 
         with quiet_ort():

@@ -313,8 +313,10 @@ def _plan_check(node: gs.Node, cell: _Cell) -> _Check | None:
 
 def _loop_model(node: gs.Node, check: _Check, dtype: np.dtype, opset: int) -> onnx.ModelProto:
     outputs = [node.outputs[i] for i in check.outputs]
+    from graphprune.io import gs_export  # noqa: PLC0415 (io imports the rules)
+
     graph = gs.Graph(nodes=[*check.cone, node], inputs=list(check.inputs), outputs=outputs, opset=opset)
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = gs_export.export_onnx(graph)
     _materialise(model.graph, graph)
     del model.graph.input[:]
     model.graph.input.extend(_value_info(t.name, dtype) for t in check.inputs)
@@ -366,7 +368,9 @@ def _op_model(node: gs.Node, cell: _Cell, check: _Check, found: tuple[str, dict,
     outs = [gs.Variable(node.outputs[i].name, dtype=dtype) for i in check.outputs]  # states, then the sequence
     nodes = _build(node.name, cell, found, opset, like(cell.x), states, outs[:-1], outs[-1], [])
     graph = gs.Graph(nodes=nodes, inputs=[stand[t.name] for t in check.inputs], outputs=outs, opset=opset)
-    model = gs.export_onnx(graph, do_type_check=False)
+    from graphprune.io import gs_export  # noqa: PLC0415 (io imports the rules)
+
+    model = gs_export.export_onnx(graph)
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     return model
 
