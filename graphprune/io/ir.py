@@ -35,7 +35,7 @@ from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selec
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.gs_export import as_protos
-from graphprune.io.order import toposort_model
+from graphprune.io.order import sort_proto, toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
 from graphprune.io.shared_constants import untie_shared_constants, untie_shared_shapes
@@ -310,6 +310,7 @@ def prepare(
     model, inlined = lowering.inline_functions(model, default_opset(model))
     strip_initializer_inputs(model)
     declared_shapes.open_negative_sizes(model)
+    sort_proto(model.graph)  # (ONNX inference reads the nodes in order)
     name_nodes(model)
     tensor_constants(model.graph)
     sequences = slice_sequence_reads(model.graph)
