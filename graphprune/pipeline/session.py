@@ -129,7 +129,7 @@ class Session(FeedValues):
                 self.as_converted = onnx.ModelProto()
                 self.as_converted.CopyFrom(loaded)
             #: parameters as the model came (constant folding may change the count)
-            self.params_as_loaded = count_params(loaded)
+            self.params_as_loaded = count_params(loaded, self.store.tensor_bytes)
             #: the inputs' and outputs' types as the user's file declares them (see :meth:`export`)
             self._declared_outputs = {v.name: onnx.TypeProto.FromString(v.type.SerializeToString())
                                       for v in (*loaded.graph.input, *loaded.graph.output)}

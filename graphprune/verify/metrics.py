@@ -53,10 +53,17 @@ def is_parameter_dtype(dtype: Any) -> bool:
         return False
 
 
-def count_params(model: onnx.ModelProto) -> int:
+def count_params(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], bytes] | None = None) -> int:
     """Number of elements in the initializers of :data:`PARAMETER_TYPES` (weights, biases,
-    norm params, quantized weights), those of If/Loop/Scan bodies included."""
+    norm params, quantized weights), those of If/Loop/Scan bodies included. With ``read`` (a
+    tensor's bytes), byte-equal copies of a constant in several bodies count once, as every
+    model the tool writes stores them (:func:`graphprune.io.shared_constants.subgraph_copies`)."""
     opset = ir.default_opset(model)
+    copies = 0
+    if read is not None:
+        from graphprune.io.shared_constants import subgraph_copies
+
+        copies = sum(math.prod(t.dims) for t in subgraph_copies(model, read) if t.data_type in PARAMETER_TYPES)
 
     def packed(graph: onnx.GraphProto) -> dict[str, int]:
         """Initializers that pack several parameters to an element (a rule says how many)."""
@@ -84,7 +91,7 @@ def count_params(model: onnx.ModelProto) -> int:
                     total += sum(walk(g) for g in attr.graphs)
         return total
 
-    return int(walk(model.graph))
+    return int(walk(model.graph)) - copies
 
 
 def counted_shape(tensor: gs.Tensor) -> list[int] | None:
