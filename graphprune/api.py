@@ -7,7 +7,9 @@
 (:mod:`graphprune.pipeline`): ratio (or a replayed plan), lossless, depth (erase residual
 blocks), or depth followed by lossless. Every driver runs on a
 :class:`~graphprune.pipeline.session.Session` and returns the same
-:class:`~graphprune.pipeline.session.PruneResult` with the same report shape.
+:class:`~graphprune.pipeline.session.PruneResult` with the same report shape. A model that
+holds no weight tensor (a tree ensemble keeps its parameters in node attributes) is answered
+before any session: nothing to prune (:mod:`graphprune.pipeline.weightless`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ def load_and_prepare(model: ModelSource) -> Session:
 
 
 def analyze(model: ModelSource, *, keep: Iterable[str] | str = ()) -> Analysis:
-    """Dependency analysis of ``model``: channel groups, frozen groups and reasons."""
+    """Dependency analysis of ``model``: channel groups, frozen groups and reasons (a model
+    that holds no weight tensor: no group, and ``nothing_prunable`` says why, without the
+    preparation; :mod:`graphprune.pipeline.weightless`)."""
+    from graphprune.pipeline import weightless
+
+    found = weightless.find(model)
+    if found is not None:
+        return weightless.analysis(found, keep=normalize_keep(keep))
     session = Session(model, keep=keep)
     analysis = session.analyze()
     analysis.normalised = dict(session.normalised)
@@ -181,6 +190,12 @@ def prune(
     the model leaves open otherwise are chosen so that it runs
     (:mod:`graphprune.analysis.probe_sizes`).
 
+    A model that holds no weight tensor (no initializer or constant of two or more numbers:
+    a tree ensemble, a tokenizer) has nothing to prune: after the argument checks it comes
+    back unchanged (same opset, same bytes), checked to load and run in ONNX Runtime, with
+    ``report["nothing_prunable"]`` saying so; a MACs or parameter target, or blocks to erase,
+    are usage errors there (:mod:`graphprune.pipeline.weightless`).
+
     Raises :class:`~graphprune.errors.VerificationError` when the pruned model fails a check;
     the exception's ``result`` attribute carries the (unverified) result for inspection.
     """
@@ -223,6 +238,11 @@ def prune(
             raise UsageError("a plan cannot be combined with lossless mode or erase_blocks")
         if calibration is not None:
             raise UsageError("calibration cannot be combined with lossless mode or erase_blocks")
+        mode = "lossless" if erase_blocks is None else "erase_blocks" + ("+lossless" if lossless else "")
+        answered = _weightless(model, mode, erase_blocks=erase_blocks, keep=keep, verify=verify,
+                               tolerance=tolerance, progress=progress, input_shapes=input_shapes)
+        if answered is not None:
+            return answered
         return _prune_exact(model, lossless=lossless, erase_blocks=erase_blocks, keep=keep,
                             verify=verify, tolerance=tolerance, progress=progress,
                             input_shapes=input_shapes)
@@ -261,6 +281,11 @@ def prune(
             max_ratio=DEFAULT_MAX_RATIO if max_ratio is None else _number("max_ratio", max_ratio, 0.0, 1.0),
             search=None if search is None else int(search),
         )
+        answered = _weightless(model, "budget", budget=budget, max_ratio=budget_options.max_ratio,
+                               calibration=calibration, holdout=holdout, keep=keep, progress=progress,
+                               input_shapes=input_shapes, verify=verify, tolerance=tolerance)
+        if answered is not None:
+            return answered
         if allow_depth:
             from graphprune.pipeline.budget import prune_budget_with_depth
 
@@ -269,6 +294,13 @@ def prune(
                 calibration_options=calibration_options, session_options=session_options)
         return prune_budget(Session(model, **session_options), budget_options, verify=verify, tolerance=tolerance,
                             calibration=calibration, calibration_options=calibration_options)
+    replayed = Plan.load(plan) if isinstance(plan, str) else plan  # (a plan that removes nothing replays as none)
+    empty = plan is None or (isinstance(replayed, Plan) and not replayed.groups and not replayed.erase)
+    answered = None if not empty else _weightless(
+        model, "ratio", calibration=calibration, holdout=holdout, keep=keep, progress=progress,
+        input_shapes=input_shapes, verify=verify, tolerance=tolerance)
+    if answered is not None:
+        return answered
     session = Session(model, **session_options)
     if calibration is not None and plan is None:
         from graphprune.pipeline.measured_ratio import prune_calibrated
@@ -277,6 +309,16 @@ def prune(
                                 tolerance=tolerance)
     return prune_ratio(session, options, plan=plan, verify=verify,
                        tolerance=tolerance, calibration=calibration, calibration_options=calibration_options)
+
+
+def _weightless(model: ModelSource, mode: str, **options: Any) -> PruneResult | None:
+    """``model`` returned unchanged, checked and reported, where it holds no weight tensor:
+    nothing to prune, no preparation run (:mod:`graphprune.pipeline.weightless`); ``None``
+    otherwise."""
+    from graphprune.pipeline import weightless
+
+    found = weightless.find(model)
+    return None if found is None else weightless.unchanged(found, mode, **options)
 
 
 def _budget(macs: Any, params: Any, latency: Any) -> tuple[str, float] | None:

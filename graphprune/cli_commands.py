@@ -73,6 +73,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     analysis = analyze(_source(args), keep=args.keep or ())
     groups = [g.summary() for g in analysis.groups]
+    # a model that holds no weight tensor says so (graphprune.pipeline.weightless)
+    weightless = getattr(analysis, "nothing_prunable", None)
     if args.json:
         print(_dump({
             "summary": analysis.summary(),
@@ -81,6 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "groups": groups,
             "unsupported": analysis.unsupported,
             "normalised": analysis.normalised,
+            **({"nothing_prunable": weightless} if weightless else {}),
         }))
         return 0
     rows = []
@@ -104,6 +107,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
           f"prunable {prunable_label(analysis)}: {prunable_fraction(analysis):.1%}")
     for line in normalised_lines(analysis.normalised):
         print(line)
+    if weightless:
+        print(weightless)
     if analysis.unsupported:
         ops = ", ".join(f"{k} x{len(v)}" for k, v in sorted(analysis.unsupported.items()))
         print(f"ops without a rule (their dimensions are frozen): {ops}")

@@ -129,11 +129,16 @@ def _scan8(wrapped: bool) -> onnx.ModelProto:
                  helper.make_node("Relu", ["s"], ["y"]), helper.make_node("Relu", ["t"], ["z"])]
     else:
         nodes = [helper.make_node("Scan", ["", "initial", "x"], ["y", "z"], num_scan_inputs=1, body=body)]
+    # a weight on the sum: a model without any would come back unchanged, never converted
+    # (graphprune.pipeline.weightless)
+    next(n for n in nodes if n.output[0] == "y").output[0] = "y_unscaled"
+    nodes.append(helper.make_node("Mul", ["y_unscaled", "scale"], ["y"]))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [1, 2]),
                      helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])],
+        [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "scale")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
 
 

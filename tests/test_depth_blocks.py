@@ -400,3 +400,17 @@ def test_a_skip_over_blocks_is_a_stage_not_a_block() -> None:
     assert depth["stages_not_erased"] == [{"add": "global_skip", "skip": "x", "num_nodes": len(stages[0].nodes),
                                            "contains": 3}]
     assert result.report["params_after"] > 0.7 * result.report["params_before"]
+
+
+def test_a_fraction_of_no_block_is_a_usage_error() -> None:
+    """``--erase-blocks 0.5`` on a model with weights and no residual block said
+    ``ZeroDivisionError`` (the hint divided by the number of blocks); now exit 2 with why."""
+    import graphprune
+
+    rng = np.random.default_rng(0)
+    nodes = [conv_node("x", "w0", "a", "b0"), helper.make_node("Relu", ["a"], ["r"]), conv_node("r", "w1", "y", "b1")]
+    params = {"w0": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b0": np.zeros(4, np.float32),
+              "w1": rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "b1": np.zeros(4, np.float32)}
+    model = make_model(nodes, {"x": [1, 3, 6, 6]}, {"y": None}, params)
+    with pytest.raises(UsageError, match="the model has 0 residual blocks"):
+        graphprune.prune(model, erase_blocks=0.5)

@@ -10,6 +10,9 @@ weights; the weights' pages are never read (the store refers to them in the file
 external references as one self-contained protobuf file, streaming each tensor's bytes
 into its ``raw_data`` field instead of building the message in memory.
 
+:func:`top_level_tensors` reads the dims and element type of the main graph's initializers
+without parsing the model (:mod:`graphprune.pipeline.weightless`: does the model hold a weight?).
+
 Field numbers (onnx.proto3): ModelProto.graph = 7; GraphProto.initializer = 5;
 TensorProto.raw_data = 9.
 """
@@ -200,3 +203,68 @@ def write_inline(model: Any, stream: Any, copy_bytes: Callable[[Any, Any], int],
             written = copy_bytes(stub, stream)
             if written != length:
                 raise OSError(f"external data of '{stub.name}' has {written} bytes, expected {length}")
+
+
+# ------------------------------------------------------------------ tensor headers
+
+#: GraphProto.sparse_initializer; TensorProto.dims, data_type; SparseTensorProto.values, dims
+_GRAPH_SPARSE_INITIALIZER = 15
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _SPARSE_VALUES, _SPARSE_DIMS = 1, 2, 1, 3
+
+
+def _integers(buf: Any, wire: int, start: int, end: int) -> list[int]:
+    """The values of a repeated integer field: one (varint) or packed."""
+    if wire == _VARINT:
+        return [_varint(buf, start, end)[0]]
+    values, pos = [], start
+    while pos < end:
+        value, pos = _varint(buf, pos, end)
+        values.append(value)
+    return values
+
+
+def _tensor_header(buf: Any, start: int, end: int, dims_field: int) -> tuple[list[int], int]:
+    """The dims and element type of a serialized tensor (``dims_field``: 1 for a
+    ``TensorProto``, 3 for a ``SparseTensorProto``, whose element type is its values')."""
+    dims: list[int] = []
+    data_type = 0  # (UNDEFINED)
+    for number, wire, _, v_start, v_end in _fields(buf, start, end):
+        if number == dims_field and wire in (_VARINT, _LEN):
+            dims += _integers(buf, wire, v_start, v_end)
+        elif dims_field == _TENSOR_DIMS and number == _TENSOR_DATA_TYPE and wire == _VARINT:
+            data_type = _varint(buf, v_start, v_end)[0]
+        elif dims_field == _SPARSE_DIMS and number == _SPARSE_VALUES and wire == _LEN:
+            data_type = _tensor_header(buf, v_start, v_end, _TENSOR_DIMS)[1]
+    return dims, data_type
+
+
+def top_level_tensors(buf: Any):
+    """``(dims, element type)`` of each of the main graph's initializers and sparse
+    initializers of a serialized ``ModelProto``, read from the wire format (nothing parsed,
+    no tensor's data read); raises :class:`WireError` (or ``IndexError``) on bytes it does not
+    understand."""
+    for number, wire, _, start, end in _fields(buf, 0, len(buf)):
+        if number != _MODEL_GRAPH or wire != _LEN:
+            continue
+        for field, kind, _, v_start, v_end in _fields(buf, start, end):
+            if kind == _LEN and field in (_GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER):
+                yield _tensor_header(buf, v_start, v_end,
+                                     _TENSOR_DIMS if field == _GRAPH_INITIALIZER else _SPARSE_DIMS)
+
+
+def in_file(path: str | os.PathLike[str], read: Callable[[memoryview], Any]) -> Any:
+    """``read`` of a file's bytes through a memory map (``None``: an empty or unreadable
+    file, which the ordinary load reports)."""
+    try:
+        with open(path, "rb") as stream:
+            if os.fstat(stream.fileno()).st_size == 0:
+                return None
+            with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    return read(view)
+                finally:
+                    view.release()
+    except (OSError, ValueError):
+        return None
+

@@ -123,6 +123,8 @@ def erase_blocks(
             raise
         raise UsageError(f"{exc} ({len(stages)} skip{'s' if len(stages) > 1 else ''} over a stage of blocks, "
                          f"such as '{stages[0].add}', {'are' if len(stages) > 1 else 'is'} not one)") from None
+    if not chosen and k > 0 and not blocks:  # a fraction of no block
+        raise UsageError(f"--erase-blocks {k} erases nothing: the model has 0 residual blocks")
     if not chosen and k > 0:  # a fraction of a few blocks that rounds to none
         raise UsageError(f"--erase-blocks {k} erases no block of {len(blocks)} (give a count, or a fraction "
                          f"of at least {1 / (2 * len(blocks)):.2g})")
