@@ -58,14 +58,13 @@ def invented_cleared(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
 
 
 def keep_open_outputs(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> None:
-    """An output dimension the user's file leaves open (named or unknown; ``declared``: its
-    inputs' and outputs' types) stays open in ``model`` (in place): shape inference with data
-    propagation can find its size at the probe shapes (tf2onnx's SAME padding of a dynamic
-    input), and the written model would declare a fixed size its original did not promise.
-    An input or output size declared as -1 (paddle2onnx's open size, read as open while the
-    tool works: :func:`open_negative_sizes`) is declared as -1 again."""
-    outputs = len(model.graph.input)
-    for index, value in enumerate((*model.graph.input, *model.graph.output)):
+    """An output dimension the user's file leaves open (named or unknown, or -1:
+    :func:`open_negative_sizes`; ``declared``: its inputs' and outputs' types) stays open in
+    ``model`` (in place): shape inference with data propagation can find its size at the probe
+    shapes (tf2onnx's SAME padding of a dynamic input; PP-OCRv3's recogniser's sequence axis,
+    declared -1, came out 1), and the written model would declare a fixed size its original
+    did not promise."""
+    for value in model.graph.output:
         before = declared.get(value.name)
         if before is None or not before.HasField("tensor_type") or not value.type.HasField("tensor_type") \
                 or not before.tensor_type.HasField("shape"):
@@ -73,9 +72,32 @@ def keep_open_outputs(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto
         dims, open_dims = value.type.tensor_type.shape.dim, before.tensor_type.shape.dim
         if len(dims) == len(open_dims):
             for dim, was in zip(dims, open_dims, strict=True):
-                if not was.HasField("dim_value") and index >= outputs or (
-                        was.HasField("dim_value") and was.dim_value < 0 and not dim.HasField("dim_value")):
+                if not was.HasField("dim_value"):
                     dim.CopyFrom(was)
+                elif was.dim_value < 0:
+                    dim.Clear()
+
+
+def restore_negative_sizes(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> int:
+    """Declare again as -1 the input sizes the user's file declares so and the tool read as
+    open (:func:`open_negative_sizes`), where ``model`` leaves them open (in place): what a
+    caller feeds reads as in the file. How many sizes. Outputs keep such sizes open, as
+    ONNX writes an open size: a declared -1 output contradicts what strict inference computes
+    from the -1 input (PP-OCRv3's recogniser fails ``onnx.checker``'s full check so; its
+    pruned model passes it)."""
+    restored = 0
+    for value in model.graph.input:
+        before = declared.get(value.name)
+        if before is None or not before.HasField("tensor_type") or not value.type.HasField("tensor_type") \
+                or not before.tensor_type.HasField("shape") or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims, was_dims = value.type.tensor_type.shape.dim, before.tensor_type.shape.dim
+        if len(dims) == len(was_dims):
+            for dim, was in zip(dims, was_dims, strict=True):
+                if was.HasField("dim_value") and was.dim_value < 0 and not dim.HasField("dim_value"):
+                    dim.dim_value = was.dim_value
+                    restored += 1
+    return restored
 
 
 def open_negative_sizes(model: onnx.ModelProto) -> int:
@@ -86,9 +108,9 @@ def open_negative_sizes(model: onnx.ModelProto) -> int:
     a -1 input, and ONNX Runtime trusts a declared size: a part of the model run at real sizes
     (the calibration runs a pruned model layer by layer, fed its earlier activations) met
     ``[1, 6, 28, 112] + [-1, 6, 1, 0]`` and refused to load ("Incompatible dimensions"). Graph
-    inputs and outputs get open sizes there (the written model declares the -1 again:
-    :func:`keep_open_outputs`); intermediate shapes with one are dropped, inference computes
-    them again."""
+    inputs and outputs get open sizes there (the written model declares an input's -1 again:
+    :func:`restore_negative_sizes`); intermediate shapes with one are dropped, inference
+    computes them again."""
     changed = 0
     for graph in (model.graph, *subgraphs(model.graph)):
         for value in (*graph.input, *graph.output):

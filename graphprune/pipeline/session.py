@@ -557,6 +557,7 @@ class Session(FeedValues):
         report["verification"] = verification
         report["timings"] = {**self.timings, "total": self.elapsed()}
         declared_shapes.forget_invented(self.model if model is None else model)
+        declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)
         result = PruneResult(
             self.model if model is None else model, report, plan,
             analysis if analysis is not None else self.analysis, store=self.store,
