@@ -87,6 +87,9 @@ class CouplingContext:
         self.decodings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         #: activations whose removed channels the zeroed original zeroes themselves
         self.zeroed_activations: set[str] = set()
+        #: (tensor, axis) whose removed channels the zeroed original zeroes on that axis only
+        #: (:meth:`zero_in_reference` with an axis)
+        self.zeroed_axes: set[tuple[str, int]] = set()
         #: variables that are weights computed from constants (:meth:`weight_expression`)
         self.weight_values: set[str] = set()
         self.spatial_dims: set[Dim] = set()
@@ -352,12 +355,19 @@ class CouplingContext:
             scale = scale.astype(np.float64)
         self.decodings[tensor.name] = (scale, zero_point, bits)
 
-    def zero_in_reference(self, tensor: gs.Tensor) -> None:
+    def zero_in_reference(self, tensor: gs.Tensor, axis: int | None = None) -> None:
         """The zeroed original zeroes the removed channels of ``tensor`` itself, not only the
         weights that make them: the op reading it computes from all its channels at once
         (``DynamicQuantizeLinear``'s range), where a removed channel that is not 0 (after a
-        BatchNormalization, a Sigmoid) would still count."""
-        self.zeroed_activations.add(tensor.name)
+        BatchNormalization, a Sigmoid) would still count. With ``axis``, on that axis only
+        (the axis a product of two activations sums over: a removed channel's bias, which no
+        consumer weight absorbs there, would still count)."""
+        if axis is None:
+            self.zeroed_activations.add(tensor.name)
+            return
+        rank = self.rank(tensor)
+        if rank:
+            self.zeroed_axes.add((tensor.name, axis % rank))
 
     def resolve_role_links(self) -> None:
         """Apply :meth:`share_roles` once every rule has stated its roles: last link first,

@@ -235,9 +235,10 @@ def find_zero_groups(analysis: Analysis, constants: ConstantContext) -> list[Gro
         # leak check above guarantees it reaches nothing else, so it is removable as well
         const_ok &= has_consumer
         # where the group's channels are read all at once (DynamicQuantizeLinear's range:
-        # CouplingContext.zeroed_activations), only a channel that is exactly 0 there goes
+        # CouplingContext.zeroed_activations), or summed over in a product of two activations
+        # (zeroed_axes), only a channel that is exactly 0 there goes
         for dim, labels in group.unit_of.items():
-            if dim[0] not in analysis.context.zeroed_activations:
+            if dim[0] not in analysis.context.zeroed_activations and dim not in analysis.context.zeroed_axes:
                 continue
             vector = constants.along(tensors[dim[0]], dim[1])
             zero_there = np.zeros(n, dtype=bool)

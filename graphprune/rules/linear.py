@@ -258,6 +258,12 @@ class MatMulRule(OpRule):
         if rb > 1:
             ctx.role(b, -1, PRODUCER)
         ctx.role(a, -1, CONSUMER)
+        if not from_constants(a) and not from_constants(b):
+            # a product of two activations (``A @ B^T`` of two projections) sums over their
+            # channels with no weight to zero: a removed channel's bias term ``b1[k] * B[:, k]``
+            # would stay in the zeroed original, which the rewrite drops. Zeroing one operand
+            # there drops it (lossless mode then removes a channel only where A is 0)
+            ctx.zero_in_reference(a, -1)
         if ra > 1:
             ctx.role(a, -2, PRODUCER)
         # batch axes broadcast against the output's leading axes

@@ -147,13 +147,14 @@ def computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
 def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[Dim, np.ndarray],
                       opsets: Any = ()) -> None:
     """Zero the removed channels of the activations the analysis names
-    (``CouplingContext.zeroed_activations``) and of weights the graph computes from constants
+    (``CouplingContext.zeroed_activations``, or on one axis: ``zeroed_axes``) and of weights the graph computes from constants
     (:func:`computed_weights`) with a mask ``Mul`` right after their producer; every reader
     reads the masked value."""
     names = analysis.context.zeroed_activations | computed_weights(analysis)
+    axes_named = analysis.context.zeroed_axes
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for (name, axis), idx in removed.items():
-        if name in names and len(idx):
+        if (name in names or (name, axis) in axes_named) and len(idx):
             cuts.setdefault(name, []).append((axis, idx))
     inferred: dict[str, tuple[list[Any], Any]] | None = None
     # a constant's own dims: the analysed graph's constant may be the rewrite's sliced one
