@@ -258,8 +258,9 @@ class CalibratedRun:
 
     def passes(self, analysis: Analysis, plan: Plan, *, screening: bool = False) -> list:
         """The reconstruction passes for ``plan`` (``screening``: the refit takes the default
-        ridge instead of cross-validating one per layer, unless a ridge was given — the
-        cheap reconstruction a budget ranks its candidate allocations with)."""
+        ridge instead of cross-validating one per layer, unless a ridge was given, and the
+        softmax head is not refit — the cheap reconstruction a budget ranks its candidate
+        allocations with)."""
         from graphprune.passes.bias_compensation import BiasCompensationPass
         from graphprune.passes.refit import RefitPass
         from graphprune.passes.softmax_head import SoftmaxHeadPass
@@ -287,11 +288,13 @@ class CalibratedRun:
         ridge = self.options.ridge
         if screening and ridge is None:
             ridge = DEFAULT_RIDGE
-        return [*fallback, cls(self.session.prepared, self.batches, removed, ridge=ridge,
-                    store=store, consumers_only=self.options.scope == "consumers",
-                    **({"recorded": self.recorded} if kind == "refit" else {})),
-                SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
-                                logits=self.options.class_scores)]
+        refit = cls(self.session.prepared, self.batches, removed, ridge=ridge, store=store,
+                    consumers_only=self.options.scope == "consumers",
+                    **({"recorded": self.recorded} if kind == "refit" else {}))
+        if screening:  # the head's refit (a CTC recogniser's 6,625 classes: 12 s a candidate) waits
+            return [*fallback, refit]  # for the finalists, reconstructed again in full
+        return [*fallback, refit, SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
+                                                  logits=self.options.class_scores)]
 
     def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False, screening: bool = False,
                     keep_recorded: bool = False, stage: str = "reconstruction") -> dict[str, Any]:
