@@ -106,7 +106,7 @@ def feature_outputs(model: onnx.ModelProto) -> set[str]:
     opset = default_opset(model)
     producer = {out: node for node in model.graph.node for out in node.output if out}
     stored = {t.name for t in model.graph.initializer}
-    stored |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+    stored |= {n.output[0] for n in model.graph.node if not n.input and n.output}  # (Constant nodes)
 
     def normalised(name: str) -> bool:
         for _ in range(_FEATURE_DEPTH):

@@ -127,8 +127,8 @@ def holds_weight_tensor(model: onnx.ModelProto) -> bool:
                 if (sparse.values.data_type not in NOT_NUMBERS and math.prod(sparse.dims) >= 2) or (
                         sparse.values.data_location == onnx.TensorProto.EXTERNAL):
                     return True
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and (
+        for node in graph.node:  # (a node that reads nothing and holds a tensor: a Constant)
+            if not node.input and (
                     _constant_holds_weight(node)
                     or any(a.t.data_location == onnx.TensorProto.EXTERNAL for a in node.attribute)):
                 return True
