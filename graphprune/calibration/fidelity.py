@@ -17,6 +17,14 @@ flattened):
   shaped like an input: a recurrent state fed back, nor an embedding: computed from a
   normalisation with no linear layer after it), the share of samples whose arg-max class
   is the same;
+- ``top1_per``: ``"row"`` where ``top1_agreement`` is over the rows of an output of several
+  rows of class probabilities (a CTC recogniser's softmax ``[1, 40, 18710]``: each position's
+  class), averaged over the samples;
+- ``balanced_cosine``: where an output's channels (axis 1) differ in size by
+  :data:`SPREAD` or more (a detector's ``[1, 4 + C, anchors]``: box coordinates in pixels beside
+  class scores in [0, 1], whose cosine measures the boxes only: 0.999 where a layout
+  detector had lost most detections), the cosine with each channel scaled to the original's
+  RMS 1, averaged over the samples;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -46,6 +54,50 @@ def looks_like_scores(value: np.ndarray) -> bool:
         value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2
         and int(np.prod(value.shape[:-1])) == 1
     )
+
+
+def rows_of_probabilities(value: np.ndarray) -> bool:
+    """Several rows of class probabilities (a CTC recogniser's ``[1, 40, 18710]`` after its
+    softmax): floating point, at least two classes on the last axis, more than one row, every
+    row non-negative and summing to 1."""
+    if value.dtype.kind != "f" or value.ndim < 2 or value.shape[-1] < 2 or value.size == value.shape[-1]:
+        return False
+    v = value.astype(np.float64)
+    return bool(np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
+    """The share of rows whose arg-max class is the same."""
+    return float(np.mean(np.argmax(y, axis=-1) == np.argmax(p, axis=-1)))
+
+
+def channel_spread(y: np.ndarray) -> float:
+    """How far apart the sizes (RMS) of an output's channels (axis 1) are: the largest over the
+    smallest non-zero one; 1 for an output of rank below 3. A detector's ``[1, 4 + C, anchors]``
+    holds box coordinates in pixels beside class scores in [0, 1]: its cosine measures the boxes."""
+    if y.ndim < 3 or y.shape[1] < 2:
+        return 1.0
+    rms = np.sqrt(np.mean(np.square(np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)), axis=1))
+    live = rms[rms > 0]
+    return float(live.max() / live.min()) if live.size >= 2 else 1.0
+
+
+def balanced_cosine(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Cosine with every channel (axis 1) scaled to the original's RMS 1 first, so that each
+    channel counts alike (``None``: no channel with a size)."""
+    a = np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)
+    b = np.moveaxis(p.astype(np.float64), 1, 0).reshape(p.shape[1], -1)
+    rms = np.sqrt(np.mean(np.square(a), axis=1))
+    live = rms > 0
+    if not live.any():
+        return None
+    a, b = a[live] / rms[live, None], b[live] / rms[live, None]
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(np.sum(a * b) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+
+
+#: channel sizes this far apart (largest RMS over the smallest) get a ``balanced_cosine``
+SPREAD = 100.0
 
 
 def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -137,9 +189,12 @@ def compare_outputs(
     ``not_scores``: outputs never taken for class scores, see :func:`open_length`)."""
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
-        cosines, rels, agree = [], [], []
+        cosines, rels, agree, balanced = [], [], [], []
         error2 = total2 = 0.0  # (pooled over the samples)
         scores, other_shape = name not in not_scores, 0
+        per_row = False  # top-1 agreement per row (position) of several rows of probabilities
+        spread = max((channel_spread(np.asarray(r[k])) for r in original[:4]
+                      if np.asarray(r[k]).dtype.kind == "f"), default=1.0)
         widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
         scores = scores and len(widths) == 1  # a class count does not change with the input
         for ref_list, out_list in zip(original, pruned, strict=True):
@@ -159,8 +214,13 @@ def compare_outputs(
             rels.append(rel)
             a, b = y.astype(np.float64), p.astype(np.float64)
             error2, total2 = error2 + float(np.sum(np.abs(a - b) ** 2)), total2 + float(np.sum(np.abs(a) ** 2))
-            if scores and looks_like_scores(y):
+            if spread >= SPREAD and (value := balanced_cosine(y, p)) is not None:
+                balanced.append(value)
+            if scores and not per_row and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
+            elif scores and (per_row or not agree) and rows_of_probabilities(y):
+                per_row = True
+                agree.append(row_agreement(y, p))
             else:
                 scores = False
         cosines = [c for c in cosines if c is not None]  # (one element: no cosine)
@@ -179,6 +239,10 @@ def compare_outputs(
         if scores and agree and (len(original) < 2 or any(
                 not np.array_equal(np.asarray(original[0][k]), np.asarray(r[k])) for r in original[1:])):
             entry["top1_agreement"] = round(float(np.mean(agree)), 6)
+            if per_row:  # (a sequence of class probabilities: every position counts)
+                entry["top1_per"] = "row"
+        if balanced and len(balanced) == len(original):
+            entry["balanced_cosine"] = round(float(np.mean(balanced)), 6)
         outputs[name] = entry
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}
     cos = [e["cosine"] for e in outputs.values() if e["cosine"] is not None]
@@ -189,6 +253,9 @@ def compare_outputs(
     worst["rel_l2"] = max(rel) if rel else None
     worst["pooled_rel_l2"] = max(pooled) if pooled else None
     worst["top1_agreement"] = min(top) if top else None
+    balanced = [e["balanced_cosine"] for e in outputs.values() if "balanced_cosine" in e]
+    if balanced:
+        worst["balanced_cosine"] = min(balanced)
     if outputs and all(e.get("constant") for e in outputs.values()):
         worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
                          "figures say nothing about what the model computes (give samples of the data it was "
