@@ -40,16 +40,21 @@ Scorer = Callable[[gs.Graph, ResidualBlock], float]
 #: the erased model equals the original with the branches zeroed: exact up to rounding
 DEPTH_TOLERANCE = 1e-4
 
-__all__ = ["DEPTH_TOLERANCE", "Scorer", "choose_blocks", "erase_blocks"]
+__all__ = ["DEPTH_TOLERANCE", "Scorer", "check_count", "choose_blocks", "erase_blocks"]
+
+
+def check_count(k: Any) -> None:
+    """``k`` must be a count of blocks or a fraction below 1 (a usage error otherwise)."""
+    if isinstance(k, bool) or not isinstance(k, int | float) or k < 0 or not math.isfinite(k):
+        raise UsageError(f"erase-blocks needs a count or a fraction >= 0, got {k!r}")
+    if not (isinstance(k, float) and k < 1) and float(k) != int(k):
+        raise UsageError(f"erase-blocks count must be an integer or a fraction below 1, got {k}")
 
 
 def _count(k: int | float, total: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | float) or k < 0 or not math.isfinite(k):
-        raise UsageError(f"erase-blocks needs a count or a fraction >= 0, got {k!r}")
+    check_count(k)
     if isinstance(k, float) and k < 1:
         return int(round(k * total))
-    if float(k) != int(k):
-        raise UsageError(f"erase-blocks count must be an integer or a fraction below 1, got {k}")
     if int(k) > total:
         raise UsageError(f"cannot erase {int(k)} residual blocks: the model has {total}")
     return int(k)

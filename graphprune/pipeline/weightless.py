@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from graphprune.analysis import Analysis
 from graphprune.analysis.coupling import CouplingContext
 from graphprune.errors import InvalidModelError, UsageError, VerificationError
 from graphprune.io import model_io, runtime, wire
+from graphprune.io.graph_reads import subgraphs
 from graphprune.pipeline.result import PruneResult
 from graphprune.planning.plan import Plan
 from graphprune.rules import registry
@@ -87,18 +88,10 @@ def _is_weight(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type not in NOT_NUMBERS and math.prod(tensor.dims) >= 2
 
 
-def _graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto | onnx.FunctionProto]:
+def _graphs(model: onnx.ModelProto) -> list[onnx.GraphProto | onnx.FunctionProto]:
     """The main graph, every local function and every subgraph of their nodes."""
-    stack: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
-    while stack:
-        graph = stack.pop()
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
+    tops = [model.graph, *model.functions]
+    return [*tops, *(sub for top in tops for sub in subgraphs(top))]
 
 
 def _constant_holds_weight(node: onnx.NodeProto) -> bool:
@@ -359,14 +352,10 @@ def _count(model: onnx.ModelProto) -> tuple[int, int]:
 
 def _check_erase_blocks(found: WeightlessModel, k: Any) -> None:
     """As depth pruning checks its count, on a model of no residual block."""
-    if isinstance(k, bool) or not isinstance(k, int | float) or k < 0 or not math.isfinite(k):
-        raise UsageError(f"erase-blocks needs a count or a fraction >= 0, got {k!r}")
-    if isinstance(k, float) and k < 1:
-        what = f"{k:g} of the residual blocks"
-    elif float(k) != int(k):
-        raise UsageError(f"erase-blocks count must be an integer or a fraction below 1, got {k}")
-    else:
-        what = f"{int(k)} residual blocks"
+    from graphprune.pipeline.depth import check_count
+
+    check_count(k)
+    what = f"{k:g} of the residual blocks" if isinstance(k, float) and k < 1 else f"{int(k)} residual blocks"
     if k > 0:
         raise UsageError(f"cannot erase {what}: the model has 0 (it holds no weight tensor; {found.where})")
 
