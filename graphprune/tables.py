@@ -320,8 +320,10 @@ def branch_lines(branches: Mapping[str, Any] | None) -> list[str]:
         fidelity = b.get("fidelity") or {}
         own = (f"; its own held-out fidelity on {fidelity['samples']} samples: cosine {fidelity['cosine']:.4g}, "
                f"rel-L2 {fidelity['rel_l2']:.4g}") if {"samples", "cosine", "rel_l2"} <= set(fidelity) else ""
+        inexact = (f"; {b['inexact_groups']} group(s) cut across a normalisation of that axis (inexact: "
+                   "its self-check held the exact groups only)") if b.get("inexact_groups") else ""
         lines.append(f"If '{b['if']}' {b['branch']}: {b['units_removed']} units removed, params "
-                     f"{human(b['params_before'])} -> {human(b['params_after'])} (pruned as a model of its own{own})")
+                     f"{human(b['params_before'])} -> {human(b['params_after'])} (pruned as a model of its own{own}{inexact})")
     for reason in branches.get("skipped") or []:
         lines.append(f"not pruned: {reason}")
     if branches.get("hoisted_constants"):

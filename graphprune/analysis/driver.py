@@ -159,10 +159,10 @@ def analyze_graph(
 
     for node in graph.nodes:
         ctx.node = node
-        outer = _subgraph_outer_names(node, ctx.tensors)
-        for name in outer:
-            ctx.tensor_freeze[name].append(f"used inside a subgraph of {describe_node(node)}")
         rule = rule_for(node)
+        if rule is None or not rule.couples or not rule.couples_subgraph_reads(node, ctx):
+            for name in _subgraph_outer_names(node, ctx.tensors):
+                ctx.tensor_freeze[name].append(f"used inside a subgraph of {describe_node(node)}")
         if rule is None or not rule.couples:
             domain = node.domain or ""
             key = f"{domain}::{node.op}" if domain not in ("", "ai.onnx") else node.op

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.errors import GraphPruneError
 from graphprune.io.branch_models import BRANCH_ATTRS, if_nodes, standalone_branch
-from graphprune.io.graph_reads import all_reads, outer_reads
+from graphprune.io.graph_reads import all_reads, outer_reads, subgraphs
 from graphprune.io.shared_constants import share_subgraph_constants
 
 
@@ -52,6 +52,9 @@ class BranchPrune:
     params_after: int
     #: the branch's own held-out fidelity when it was pruned with calibration data
     fidelity: dict[str, Any] | None = None
+    #: groups of the branch pruned across a normalisation over the cut axis (inexact: its
+    #: own self-check held only its exact groups to the zeroed branch)
+    inexact_groups: int = 0
 
 
 @dataclass
@@ -66,7 +69,8 @@ class BranchReport:
             "hoisted_constants": self.hoisted,
             "pruned": [{"if": b.node, "branch": b.attr, "units_removed": b.removed,
                         "params_before": b.params_before, "params_after": b.params_after,
-                        **({"fidelity": b.fidelity} if b.fidelity else {})}
+                        **({"fidelity": b.fidelity} if b.fidelity else {}),
+                        **({"inexact_groups": b.inexact_groups} if b.inexact_groups else {})}
                        for b in self.pruned],
             "skipped": self.skipped,
         }
@@ -103,6 +107,24 @@ def _zeroed(graph: onnx.GraphProto, result: Any) -> onnx.GraphProto | None:
     return zeroed
 
 
+def _holds_weights(branch: onnx.GraphProto, constants: dict[str, onnx.TensorProto]) -> bool:
+    """Whether ``branch`` (nested subgraphs included) holds or reads a constant of more than
+    one element: something a prune could cut. A branch without one (torch's
+    ``squeeze`` on a dynamic size: ``Squeeze(x)`` or ``Identity(x)``) passes channels the main
+    graph's analysis follows through it (:mod:`graphprune.rules.branching`)."""
+    def weight(tensor: onnx.TensorProto) -> bool:
+        return tensor.data_location == onnx.TensorProto.EXTERNAL or (
+            tensor.data_type != onnx.TensorProto.STRING and int(np.prod(tensor.dims)) > 1)
+
+    for graph in (branch, *subgraphs(branch)):
+        if any(weight(t) for t in graph.initializer):
+            return True
+        if any(a.name == "value" and a.type == onnx.AttributeProto.TENSOR and weight(a.t)
+               for n in graph.node if n.op_type == "Constant" for a in n.attribute):
+            return True
+    return any(weight(constants[name]) for name in outer_reads(branch) if name in constants)
+
+
 def _as_branch(graph: onnx.GraphProto, name: str) -> onnx.GraphProto:
     """A standalone graph back as a branch: no graph inputs (they are outer values)."""
     branch = onnx.GraphProto()
@@ -129,10 +151,13 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
     for node in ifs:
         for attr in BRANCH_ATTRS:
             where = f"If '{node.name}' {attr}"
-            if not next(a.g for a in node.attribute if a.name == attr).node:
+            branch = next(a.g for a in node.attribute if a.name == attr)
+            if not branch.node:
                 # (torchvision's detectors: the empty-input case, its Constant folded)
                 report.skipped.append(f"{where}: no operators (it returns a constant or an outer value)")
                 continue
+            if not _holds_weights(branch, constants):
+                continue  # nothing to cut inside (what passes through is the main graph's)
             built = standalone_branch(model, node, attr, types, constants)
             if built is None:
                 report.skipped.append(f"{where}: outer values or outputs of unknown shape")
@@ -148,7 +173,15 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
             if not removed:
                 report.skipped.append(f"{where}: {result.report.get('nothing_prunable', 'nothing removed')}")
                 continue
-            zeroed = _zeroed(standalone.graph, result)
+            inexact = len((result.report.get("verification") or {}).get("inexact_groups") or ())
+            if inexact:
+                # a normalisation over a cut axis: the branch cannot equal its zeroed self, and
+                # its own self-check held its exact groups to that; the whole model's
+                # self-check takes the branch as pruned (the main graph's cut stays checked)
+                zeroed: onnx.GraphProto | None = onnx.GraphProto()
+                zeroed.CopyFrom(result.model.graph)
+            else:
+                zeroed = _zeroed(standalone.graph, result)
             if zeroed is not None and inner is not None:  # nested Ifs: their zeroed branches
                 apply_to_graph(zeroed, inner, zeroed=True)
             if zeroed is None:
@@ -159,7 +192,7 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
                 node.name, attr, _as_branch(result.model.graph, standalone.graph.name),
                 _as_branch(zeroed, standalone.graph.name),
                 removed, result.report["params_before"], result.report["params_after"],
-                {k: fidelity[k] for k in ("samples", "cosine", "rel_l2") if k in fidelity} or None))
+                {k: fidelity[k] for k in ("samples", "cosine", "rel_l2") if k in fidelity} or None, inexact))
     return report
 
 

@@ -327,6 +327,12 @@ class OpRule:
         default): the input is no such index."""
         return None
 
+    def couples_subgraph_reads(self, node: gs.Node, ctx: CouplingContext) -> bool:
+        """Whether :meth:`couple` accounts for every outer value ``node``'s subgraphs read (an
+        ``If`` whose branches only move an input's axes), so that the analysis does not
+        freeze them for being read inside a subgraph. Default: ``False``."""
+        return False
+
     def value_range(self, node: gs.Node, index: int) -> tuple[float, float] | None:
         """The range of real values that input ``index`` (a float) is meant to lie in, where
         the node says (a ``QuantizeLinear`` with constant scale and zero point represents
