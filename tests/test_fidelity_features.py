@@ -121,3 +121,47 @@ def test_a_detector_output_mixing_pixels_and_scores_gets_a_balanced_cosine():
     assert result["balanced_cosine"] < 0.8
     plain = compare_outputs(["det"], [[o[0][:, :4]] for o in original], [[p[0][:, :4]] for p in pruned])
     assert "balanced_cosine" not in plain["outputs"]["det"]  # channels of one size: the cosine says it
+
+
+def _binary_classifier(noise: float) -> onnx.ModelProto:
+    """x [1, 16] -> Gemm [16, 2] (class 0 favoured by a bias of 6) -> Softmax: p(class 1), the
+    one a threshold reads, is small on every sample. ``noise``: added to the weight."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 2)).astype(np.float32) * 0.2
+    w += noise * np.random.default_rng(5).standard_normal(w.shape).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["prob"], axis=-1)],
+        "binary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([6.0, 0.0], np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_dominant_class_hides_nothing_from_the_rank_correlation():
+    """open_nsfw's two classes: cosine and top-1 read 1.0 while the minority class's
+    probability ranked new photos unlike the original's. The samples' order of each of a few
+    scores is compared (Spearman over the held-out samples)."""
+    rng = np.random.default_rng(6)
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(40)]
+    original = _binary_classifier(0.0)
+    report = fidelity(original, _binary_classifier(0.4), feeds)
+    assert report["cosine"] > 0.999 and report["top1_agreement"] == 1.0
+    assert report["rank_correlation"] < 0.3
+    assert fidelity(original, _binary_classifier(0.02), feeds)["rank_correlation"] > 0.95
+    assert fidelity(original, original, feeds)["rank_correlation"] == 1.0
+    assert "rank_correlation" not in fidelity(original, original, feeds[:4])  # too few samples
+
+
+def test_wide_outputs_get_no_rank_correlation():
+    """An output of more than a few numbers per sample (an embedding, 1000 classes) is judged
+    by its cosine and top-1, not number by number."""
+    from graphprune.calibration.fidelity import FEW_SCORES, compare_outputs
+
+    rng = np.random.default_rng(7)
+    wide = [[rng.standard_normal((1, FEW_SCORES + 1)).astype(np.float32)] for _ in range(10)]
+    few = [[y[0][:, :FEW_SCORES]] for y in wide]
+    assert "rank_correlation" not in compare_outputs(["y"], wide, wide)["outputs"]["y"]
+    assert compare_outputs(["y"], few, few)["outputs"]["y"]["rank_correlation"] == 1.0

@@ -25,6 +25,13 @@ flattened):
   class scores in [0, 1], whose cosine measures the boxes only: 0.999 where a layout
   detector had lost most detections), the cosine with each channel scaled to the original's
   RMS 1, averaged over the samples;
+- ``rank_correlation``: where an output holds a few numbers per sample (at most
+  :data:`FEW_SCORES`: a probability, a binary classifier's two classes, a handful of scores)
+  and at least :data:`RANK_SAMPLES` samples are held out, the Spearman correlation over the
+  samples of each number with the original's, averaged over those that vary: whether the
+  samples keep their order. A classifier whose one class dominates every sample keeps its
+  cosine and its arg-max while the minority class's probability, the one a threshold reads,
+  stops ranking the samples as it did;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -98,6 +105,32 @@ def balanced_cosine(y: np.ndarray, p: np.ndarray) -> float | None:
 
 #: channel sizes this far apart (largest RMS over the smallest) get a ``balanced_cosine``
 SPREAD = 100.0
+#: outputs of at most this many numbers per sample get a ``rank_correlation`` ...
+FEW_SCORES = 16
+#: ... over at least this many held-out samples
+RANK_SAMPLES = 5
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties given their average rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    average = np.cumsum(counts) - (counts + 1) / 2.0
+    return average[inverse]
+
+
+def rank_correlation(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Spearman correlation over the samples (rows of ``y``, the original's, and ``p``) of
+    each column with the same column of the other, averaged over the columns the original
+    varies in; ``None`` when it varies in none."""
+    found = []
+    for a, b in zip(y.T.astype(np.float64), p.T.astype(np.float64), strict=True):
+        if np.ptp(a) == 0:
+            continue
+        ra, rb = _ranks(a), _ranks(b)
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        scale = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
+        found.append(float(np.sum(ra * rb) / scale) if scale > 0 else 0.0)
+    return float(np.mean(found)) if found else None
 
 
 def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -181,6 +214,20 @@ def feature_outputs(model: onnx.ModelProto) -> set[str]:
 _FEATURE_DEPTH = 32
 
 
+def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
+                            ) -> float | None:
+    """:func:`rank_correlation` of output ``k`` where it qualifies (see the module docstring)."""
+    if len(original) < RANK_SAMPLES:
+        return None
+    ys = [np.asarray(r[k]) for r in original]
+    ps = [np.asarray(r[k]) for r in pruned]
+    shape = ys[0].shape
+    if (ys[0].dtype.kind != "f" or not 0 < ys[0].size <= FEW_SCORES
+            or any(v.shape != shape for v in (*ys, *ps))):
+        return None
+    return rank_correlation(np.stack([v.reshape(-1) for v in ys]), np.stack([v.reshape(-1) for v in ps]))
+
+
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
     *, not_scores: set[str] = frozenset(),
@@ -243,6 +290,8 @@ def compare_outputs(
                 entry["top1_per"] = "row"
         if balanced and len(balanced) == len(original):
             entry["balanced_cosine"] = round(float(np.mean(balanced)), 6)
+        if (value := _few_scores_correlation(k, original, pruned)) is not None:
+            entry["rank_correlation"] = round(value, 6)
         outputs[name] = entry
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}
     cos = [e["cosine"] for e in outputs.values() if e["cosine"] is not None]
@@ -253,9 +302,10 @@ def compare_outputs(
     worst["rel_l2"] = max(rel) if rel else None
     worst["pooled_rel_l2"] = max(pooled) if pooled else None
     worst["top1_agreement"] = min(top) if top else None
-    balanced = [e["balanced_cosine"] for e in outputs.values() if "balanced_cosine" in e]
-    if balanced:
-        worst["balanced_cosine"] = min(balanced)
+    for figure in ("balanced_cosine", "rank_correlation"):
+        found = [e[figure] for e in outputs.values() if figure in e]
+        if found:
+            worst[figure] = min(found)
     if outputs and all(e.get("constant") for e in outputs.values()):
         worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
                          "figures say nothing about what the model computes (give samples of the data it was "
