@@ -94,6 +94,17 @@ def _symbolic_shape_infer() -> Any:
     return sys.modules[name]
 
 
+def symbolic_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The ranks ONNX Runtime's symbolic inference gives ``model``'s tensors (weightless:
+    the weights are detached first); empty when it is not available."""
+    skeleton, _ = _detach(model)
+    inferred = symbolic_inference(skeleton)
+    if inferred is None:
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
 def symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` (a weightless skeleton will do) with ONNX Runtime's symbolic shape
     inference's ``value_info``; ``None`` when it is not available. Where it stops at a node it

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.io import (
     contrib_shapes,
+    converter_semantics,
     custom_shapes,
     declared_shapes,
     fold_holds,
@@ -315,6 +316,9 @@ def prepare(
     tensor_constants(model.graph)
     sequences = slice_sequence_reads(model.graph)
     model = model_io.infer_shapes(model, inplace=True)
+    if converter_semantics.unwrap_flattened(model, partial(contrib_shapes.symbolic_ranks, model)):
+        # (an old Softmax as ONNX's version converter wrote it, flattened)
+        model = model_io.infer_shapes(model, inplace=True)
     if value_types.reshape_scalar_reads(model, default_opset(model)):
         model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference

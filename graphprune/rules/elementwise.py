@@ -434,6 +434,7 @@ NEUTRAL_OPERANDS: dict[str, tuple[float | None, float | None]] = {
 @register
 class SoftmaxRule(OpRule):
     op_types = ("Softmax", "LogSoftmax", "Hardmax")
+    flattened_before_13 = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)

@@ -103,6 +103,12 @@ class OpRule:
     #: from one with no linear layer after it is an embedding, whose arg-max names no class
     #: (:func:`graphprune.calibration.fidelity.feature_outputs`)
     normalizes_features: ClassVar[bool] = False
+    #: below opset 13 the op normalises every axis from ``axis`` on, flattened; ONNX's version
+    #: converter writes it as ``Flatten -> op -> Reshape(Shape(x))`` where it does not know the
+    #: input's rank, which splits attention heads apart
+    #: (:func:`graphprune.io.converter_semantics.unwrap_flattened` undoes it where the op
+    #: reads the last axis only)
+    flattened_before_13: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
