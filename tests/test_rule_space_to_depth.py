@@ -23,7 +23,7 @@ from conftest import (
     relative_difference,
     run_ort,
 )
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.rules import lookup
@@ -97,3 +97,33 @@ def test_rms_of_an_output_channel_is_its_input_channel():
     rms = np.array([1.0, 2.0, 3.0, 4.0])
     out = lookup("", "SpaceToDepth", 17).propagate_rms(s2d, ScaleContext({"r": rms}))
     np.testing.assert_array_equal(out, [rms[oc % STEM] for oc in range(OUT)])
+
+
+def test_tf2onnx_dilated_convolution_prunes_channels_on_axis_0():
+    """tf2onnx writes a dilated convolution as space-to-batch (Transpose -> SpaceToDepth ->
+    Transpose), the convolution, then batch-to-space (Transpose -> DepthToSpace -> Transpose):
+    between the Transposes the convolution's channels are axis 0 of the block ops, which pass it
+    through. Both ops had marked it a batch axis, and the group froze."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.1).astype(np.float32), n)
+               for n, s in (("w1", (16, 8, 3, 3)), ("b1", (16,)), ("w2", (8, 16, 1, 1)))]
+    nodes = [helper.make_node("Transpose", ["x"], ["t0"], perm=[1, 0, 2, 3]),
+             helper.make_node("SpaceToDepth", ["t0"], ["s2d"], blocksize=2),
+             helper.make_node("Transpose", ["s2d"], ["t1"], perm=[1, 0, 2, 3]),
+             helper.make_node("Conv", ["t1", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c1"], ["t2"], perm=[1, 0, 2, 3]),
+             helper.make_node("DepthToSpace", ["t2"], ["d2s"], blocksize=2),
+             helper.make_node("Transpose", ["d2s"], ["t3"], perm=[1, 0, 2, 3]),
+             helper.make_node("Relu", ["t3"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "dilated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    analysis = graphprune.analyze(model)
+    group = next(g for g in analysis.groups if ("w1", 0) in g.dims)
+    assert group.prunable, group.frozen
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    w1 = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == "w1")
+    assert w1.shape == (8, 8, 3, 3)

@@ -25,7 +25,6 @@ import onnx_graphsurgeon as gs
 
 from graphprune.analysis import constants
 from graphprune.analysis.index_maps import Digit
-from graphprune.rules.conv import mark_spatial
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -62,7 +61,8 @@ class DepthToSpaceRule(OpRule):
         ctx.couple(x, 0, y, 0)
         # y is the factor, x the merged axis (x channel ic belongs to y channel (ic // s) % C')
         ctx.couple(y, 1, x, 1, Digit(1 if mode == "DCR" else block * block))
-        mark_spatial(ctx, node)
+        for t in (x, y):  # (axis 0 passes through as it is: after a Transpose it can hold
+            ctx.spatial(t, [2, 3])  # channels, tf2onnx's dilated convolution)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Output channel ``c`` is constant when its ``b²`` input channels share one value."""

@@ -40,9 +40,8 @@ class SpaceToDepthRule(OpRule):
             return
         ctx.couple(x, 0, y, 0)
         ctx.couple(x, 1, y, 1, Digit(1))  # x is the factor, y the merged axis
-        for t in (x, y):
-            ctx.spatial(t, [0], "batch")
-            ctx.spatial(t, [2, 3])
+        for t in (x, y):  # (axis 0 passes through as it is: after a Transpose it can hold
+            ctx.spatial(t, [2, 3])  # channels, tf2onnx's dilated convolution)
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """Output channel ``oc`` carries input channel ``oc % C``: the vector, ``b²`` times."""
