@@ -363,7 +363,7 @@ def _add_prune_parser(sub: Any) -> None:
                    help="with --calibration: once the reconstruction is kept, run it again with every "
                         "sample, the held-out ones too, and write that model (the fidelity reported "
                         "stays the one measured without them); auto: where one reconstruction is "
-                        "estimated at 30 s or less (default: %(default)s)")
+                        "estimated, and took, 30 s or less (default: %(default)s)")
     p.add_argument("--holdout", type=_ratio, default=0.2, metavar="F",
                    help="with --calibration: share of the samples held out for the fidelity "
                         "report and the choices made on it (the final refit uses them too: "

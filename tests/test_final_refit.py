@@ -96,6 +96,22 @@ def test_auto_skips_a_reconstruction_estimated_expensive(monkeypatch):
     assert forced.report["calibration"]["final_refit"]["kept"]
 
 
+def test_auto_skips_after_a_reconstruction_that_took_long(monkeypatch):
+    """The estimate counts runs, not least-squares fits (a quantized ResNet-50 at a small input:
+    177 s of reconstruction estimated under 30 s, then 175 s more of final refit): the time the
+    reconstruction took decides too. Here the threshold sits between the estimate and what
+    the reconstruction took."""
+    from graphprune.pipeline import calibrated
+    from graphprune.planning import search
+
+    monkeypatch.setattr(search, "SEARCH_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(search, "SEARCH_SECONDS_PER_MAC", 0.0)
+    monkeypatch.setattr(calibrated, "FINAL_REFIT_SECONDS", 1e-6)
+    result = graphprune.prune(cnn(), ratio=0.5, round_to=1, calibration={"x": images(40)})
+    info = result.report["calibration"]["final_refit"]
+    assert not info["ran"] and "the reconstruction took" in info["why"], info
+
+
 def test_a_budget_prune_refits_its_chosen_allocation_on_every_sample():
     calib = {"x": images(40)}
     options = dict(target_macs=0.5, calibration=calib, search=0)
