@@ -137,6 +137,18 @@ def test_question_mark_sizes_are_independent() -> None:
     assert make_feeds(model, input_shapes={"x": (1, 3, 32, 320)})[0]["x"].shape == (1, 3, 32, 320)
 
 
+def test_given_shapes_win_over_a_symbol_two_inputs_share() -> None:
+    """torch's copied ``dynamic_axes`` name unrelated axes alike: LORE's ``[batch, height,
+    width]`` on inputs of [1, N, 256] and [1, N, 8]. ONNX Runtime binds no symbol across
+    inputs; the given shapes were refused ("another input gives it 256"). Each input takes its
+    own, and an input not given takes the first binding."""
+    dims = ["batch", "height", "width"]
+    model = make_model([helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("feat", "dets", "more")])
+    specs = input_specs(model)
+    shapes = resolve_shapes(specs, input_shapes={"feat": (1, 54, 256), "dets": (1, 54, 8)})
+    assert shapes == {"feat": (1, 54, 256), "dets": (1, 54, 8), "more": (1, 54, 256)}
+
+
 def test_dim_values_and_int_high() -> None:
     (feeds,) = make_feeds(text_model(), dim_values={"seq": 5}, int_high=1000)
     assert feeds["input_ids"].shape == (1, 5)

@@ -162,9 +162,11 @@ def _given_shape(spec: InputSpec, shape: Sequence[int], chosen: dict[str, int]) 
                 raise UsageError(f"input_shapes['{spec.name}'] gives axis {axis} size {size}; "
                                  f"the graph input '{spec.name}' declares {dim}")
             if isinstance(dim, str):
-                if chosen.setdefault(dim, int(size)) != size:
-                    raise UsageError(f"input_shapes['{spec.name}'] gives '{dim}' size {size}, "
-                                     f"another input gives it {chosen[dim]}")
+                # a symbol two given inputs size differently stays the first one's for the
+                # inputs not given: exporters name unrelated axes alike (torch's copied
+                # ``dynamic_axes``: ``[batch, height, width]`` on [1, N, 256] and [1, N, 8]),
+                # and ONNX Runtime does not bind a symbol across inputs
+                chosen.setdefault(dim, int(size))
     return tuple(int(n) for n in sizes)
 
 
