@@ -15,6 +15,7 @@ samples decide, as for a ratio prune: :meth:`~graphprune.pipeline.calibrated.Cal
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,8 @@ CHOICE_SAMPLES = 64
 #: sequential refit: per node of the graph, plus per multiply-accumulate of the model on
 #: every calibration sample; fitted on 2 CPU cores), at most SEARCH_MAX. The digits CNNs: 12;
 #: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
-#: a ResNet-50 on 128 images at 224x224: 1
+#: a ResNet-50 on 128 images at 224x224: 1. Where the first three candidates took longer
+#: each than that estimate, the count is what fits at the time they took (since round 55)
 SEARCH_SECONDS = 60.0
 SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
@@ -191,8 +193,14 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             runner_up = measured
         return False
 
+    started = time.perf_counter()
     stop = any(evaluate(label, indexes) for label, indexes in first)
     left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
+    if options.search is None and first:  # where the first candidates took longer than estimated:
+        # as many more as fit in SEARCH_SECONDS at the time they took (a ResNet-18 on 64 images:
+        # estimated 11 s a candidate, measured about 40; the least-squares fits of wide layers)
+        each = (time.perf_counter() - started) / len(first)
+        left = min(left, int(SEARCH_SECONDS // max(each, 1e-3)))
     rng = np.random.default_rng(options.seed)
     seen = {tuple(indexes) for _, indexes in first}
     sigma, round_index = search.SEARCH_SIGMA, 0
