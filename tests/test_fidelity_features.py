@@ -155,13 +155,26 @@ def test_a_dominant_class_hides_nothing_from_the_rank_correlation():
     assert "rank_correlation" not in fidelity(original, original, feeds[:4])  # too few samples
 
 
-def test_wide_outputs_get_no_rank_correlation():
-    """An output of more than a few numbers per sample (an embedding, 1000 classes) is judged
-    by its cosine and top-1, not number by number."""
+def test_wide_outputs_get_a_rank_correlation_only_of_the_classes_given():
+    """An output of more than a few numbers per sample is not compared number by number (an
+    embedding gets none); a row of many class scores is, over the classes the original gives
+    the held-out samples (a malware classifier's 26 classes, every sample "benign": how
+    the benign score ranks the samples)."""
     from graphprune.calibration.fidelity import FEW_SCORES, compare_outputs
 
     rng = np.random.default_rng(7)
-    wide = [[rng.standard_normal((1, FEW_SCORES + 1)).astype(np.float32)] for _ in range(10)]
-    few = [[y[0][:, :FEW_SCORES]] for y in wide]
+    wide = [[rng.standard_normal((2, FEW_SCORES + 1)).astype(np.float32)] for _ in range(10)]
+    few = [[y[0][:1, :FEW_SCORES]] for y in wide]
     assert "rank_correlation" not in compare_outputs(["y"], wide, wide)["outputs"]["y"]
     assert compare_outputs(["y"], few, few)["outputs"]["y"]["rank_correlation"] == 1.0
+    logits = [rng.standard_normal((1, 26)).astype(np.float32) for _ in range(12)]
+    for y in logits:
+        y[0, 6] += 10.0  # every sample is class 6
+    shuffled = [logits[k].copy() for k in range(12)]
+    order = rng.permutation(12)
+    for k in range(12):
+        shuffled[k][0, 6] = logits[order[k]][0, 6]  # class 6's score ranks the samples anew
+    same = compare_outputs(["logits"], [[y] for y in logits], [[y] for y in logits])["outputs"]["logits"]
+    moved = compare_outputs(["logits"], [[y] for y in logits], [[y] for y in shuffled])["outputs"]["logits"]
+    assert same["rank_correlation"] == 1.0 and same["top1_agreement"] == 1.0
+    assert moved["top1_agreement"] == 1.0 and moved["rank_correlation"] < 0.6

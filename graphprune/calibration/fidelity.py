@@ -27,11 +27,12 @@ flattened):
   RMS 1, averaged over the samples;
 - ``rank_correlation``: where an output holds a few numbers per sample (at most
   :data:`FEW_SCORES`: a probability, a binary classifier's two classes, a handful of scores)
-  and at least :data:`RANK_SAMPLES` samples are held out, the Spearman correlation over the
+  or one row of class scores (then the classes the original gives the held-out samples), and
+  at least :data:`RANK_SAMPLES` samples are held out, the Spearman correlation over the
   samples of each number with the original's, averaged over those that vary: whether the
   samples keep their order. A classifier whose one class dominates every sample keeps its
-  cosine and its arg-max while the minority class's probability, the one a threshold reads,
-  stops ranking the samples as it did;
+  cosine and its arg-max while that class's score, the one a threshold reads, stops ranking
+  the samples as it did;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -222,10 +223,16 @@ def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: li
     ys = [np.asarray(r[k]) for r in original]
     ps = [np.asarray(r[k]) for r in pruned]
     shape = ys[0].shape
-    if (ys[0].dtype.kind != "f" or not 0 < ys[0].size <= FEW_SCORES
-            or any(v.shape != shape for v in (*ys, *ps))):
+    if ys[0].dtype.kind != "f" or not ys[0].size or any(v.shape != shape for v in (*ys, *ps)):
         return None
-    return rank_correlation(np.stack([v.reshape(-1) for v in ys]), np.stack([v.reshape(-1) for v in ps]))
+    y, p = np.stack([v.reshape(-1) for v in ys]), np.stack([v.reshape(-1) for v in ps])
+    if ys[0].size > FEW_SCORES:
+        if not looks_like_scores(ys[0]):
+            return None
+        # many classes: those the held-out samples are given (a malware classifier's "benign")
+        top = np.unique(np.argmax(y, axis=1))
+        y, p = y[:, top], p[:, top]
+    return rank_correlation(y, p)
 
 
 def compare_outputs(
