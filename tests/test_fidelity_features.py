@@ -100,6 +100,26 @@ def test_a_sequence_of_class_probabilities_gets_a_top1_agreement_per_position():
     assert 0.70 <= entry["top1_agreement"] <= 0.80  # 30 of 40 positions, give or take a tie
 
 
+def test_rows_of_log_probabilities_get_a_top1_agreement_per_row():
+    """A beam decoder's ``[beams, 160]`` log-softmax read cosine 0.999 where 31 % of the
+    decoded names changed: the scores of impossible tokens (about -20) are most of its size.
+    Each row's next token is compared."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(3)
+    original = [[np.log(_softmax(4 * rng.standard_normal((8, 160)))).astype(np.float32)] for _ in range(6)]
+    flipped = []
+    for (y,) in original:
+        p = y.copy()
+        p[:2] = p[:2, ::-1]  # two of the eight beams choose another token
+        flipped.append([p])
+    entry = compare_outputs(["logprobs"], original, flipped)["outputs"]["logprobs"]
+    assert entry["top1_per"] == "row" and 0.70 <= entry["top1_agreement"] <= 0.80
+    assert entry["cosine"] > entry["top1_agreement"]
+    logits = [[4 * rng.standard_normal((8, 160)).astype(np.float32)] for _ in range(6)]  # not normalised:
+    assert "top1_agreement" not in compare_outputs(["x"], logits, logits)["outputs"]["x"]  # nothing says classes
+
+
 def test_a_detector_output_mixing_pixels_and_scores_gets_a_balanced_cosine():
     """YOLOv8's ``[1, 4 + C, anchors]``: boxes in pixels beside class scores in [0, 1]. The
     cosine read 0.999 where most detections were gone; the balanced cosine counts each channel
@@ -178,3 +198,7 @@ def test_wide_outputs_get_a_rank_correlation_only_of_the_classes_given():
     moved = compare_outputs(["logits"], [[y] for y in logits], [[y] for y in shuffled])["outputs"]["logits"]
     assert same["rank_correlation"] == 1.0 and same["top1_agreement"] == 1.0
     assert moved["top1_agreement"] == 1.0 and moved["rank_correlation"] < 0.6
+    # ... and the report says that every held-out sample was one class
+    assert same["top1_one_class"] == 6
+    mixed = [[rng.standard_normal((1, 26)).astype(np.float32)] for _ in range(12)]
+    assert "top1_one_class" not in compare_outputs(["logits"], mixed, mixed)["outputs"]["logits"]

@@ -18,8 +18,13 @@ flattened):
   normalisation with no linear layer after it), the share of samples whose arg-max class
   is the same;
 - ``top1_per``: ``"row"`` where ``top1_agreement`` is over the rows of an output of several
-  rows of class probabilities (a CTC recogniser's softmax ``[1, 40, 18710]``: each position's
-  class), averaged over the samples;
+  rows of class probabilities or log-probabilities (a CTC recogniser's softmax
+  ``[1, 40, 18710]``: each position's class; a beam decoder's log-softmax ``[beams, 160]``:
+  each beam's next token), averaged over the samples;
+- ``top1_one_class``: the class the original gives every held-out sample, where it gives
+  them all one (a classifier fed random inputs it saturates on, or samples of one kind): the
+  ``top1_agreement`` then says whether that class stays on top, not whether the model still
+  tells classes apart;
 - ``balanced_cosine``: where an output's channels (axis 1) differ in size by
   :data:`SPREAD` or more (a detector's ``[1, 4 + C, anchors]``: box coordinates in pixels beside
   class scores in [0, 1], whose cosine measures the boxes only: 0.999 where a layout
@@ -66,12 +71,18 @@ def looks_like_scores(value: np.ndarray) -> bool:
 
 def rows_of_probabilities(value: np.ndarray) -> bool:
     """Several rows of class probabilities (a CTC recogniser's ``[1, 40, 18710]`` after its
-    softmax): floating point, at least two classes on the last axis, more than one row, every
-    row non-negative and summing to 1."""
+    softmax) or log-probabilities (a beam decoder's ``[beams, 160]`` after its log-softmax):
+    floating point, at least two classes on the last axis, more than one row, every row
+    non-negative and summing to 1, or non-positive with its exponentials summing to 1."""
     if value.dtype.kind != "f" or value.ndim < 2 or value.shape[-1] < 2 or value.size == value.shape[-1]:
         return False
     v = value.astype(np.float64)
-    return bool(np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=1e-3))
+    if np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=1e-3):
+        return True
+    if not np.all(np.isfinite(v) | (v == -np.inf)) or np.any(v > 1e-6):
+        return False
+    with np.errstate(under="ignore"):
+        return bool(np.allclose(np.exp(v).sum(axis=-1), 1.0, atol=1e-3))
 
 
 def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
@@ -244,6 +255,7 @@ def compare_outputs(
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
         cosines, rels, agree, balanced = [], [], [], []
+        classes: set[int] = set()  # the original's class on each sample (one row per sample)
         error2 = total2 = 0.0  # (pooled over the samples)
         scores, other_shape = name not in not_scores, 0
         per_row = False  # top-1 agreement per row (position) of several rows of probabilities
@@ -272,6 +284,7 @@ def compare_outputs(
                 balanced.append(value)
             if scores and not per_row and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
+                classes.add(int(np.argmax(y)))
             elif scores and (per_row or not agree) and rows_of_probabilities(y):
                 per_row = True
                 agree.append(row_agreement(y, p))
@@ -295,6 +308,10 @@ def compare_outputs(
             entry["top1_agreement"] = round(float(np.mean(agree)), 6)
             if per_row:  # (a sequence of class probabilities: every position counts)
                 entry["top1_per"] = "row"
+            elif len(classes) == 1 and len(agree) > 1:
+                # every held-out sample is one class: the agreement says whether that class
+                # stays on top, not whether the model still tells classes apart
+                entry["top1_one_class"] = classes.pop()
         if balanced and len(balanced) == len(original):
             entry["balanced_cosine"] = round(float(np.mean(balanced)), 6)
         if (value := _few_scores_correlation(k, original, pruned)) is not None:
