@@ -16,11 +16,12 @@ ONNX Runtime, and a model the tool returns, carry the exporter's size names only
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import onnx
 
 from graphprune.io.graph_reads import subgraphs
+from graphprune.io.tensor_protos import _detach
 
 INVENTED = "unk__"
 
@@ -126,6 +127,62 @@ def open_negative_sizes(model: onnx.ModelProto) -> int:
             del graph.value_info[:]
             graph.value_info.extend(kept)
     return changed
+
+
+def open_traced_output_sizes(model: onnx.ModelProto,
+                             symbolic: Callable[[onnx.ModelProto], onnx.ModelProto | None] | None = None) -> int:
+    """Where a graph output that nodes of the graph read too declares a fixed size that ONNX
+    inference computes as a size the inputs leave open, declare that open size instead (in
+    place); how many outputs changed. torch writes an output's sizes as traced: LORE's table
+    stage declares ``logic_axis: [batch, 54, 4]`` for the inputs' open number of cells, and
+    its second transformer reads that output. ONNX inference took the 54 for the tensor its
+    readers see, while every run (ONNX Runtime trusts no declared output size) has the
+    number of cells fed: the shapes behind it contradicted the size probes, and its
+    attention froze ("Reshape not understood"). ``symbolic(skeleton)``: ONNX Runtime's
+    symbolic inference, for the outputs ONNX's leaves unshaped (a Reshape to a computed
+    shape at opset 9)."""
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    fixed = [o for o in graph.output if o.name in read and any(d.HasField("dim_value") for d in _dims(o))]
+    if not fixed:
+        return 0
+    symbols = {d.dim_param for value in graph.input for d in _dims(value) if d.dim_param}
+    skeleton, _ = _detach(model)
+    del skeleton.graph.value_info[:]
+    for value in skeleton.graph.output:
+        if value.type.HasField("tensor_type"):
+            value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - nothing learnt: the declarations stand
+        return 0
+    computed = {v.name: _dims(v) for v in inferred.graph.output}
+    if symbolic is not None and not all(computed.get(o.name) for o in fixed):
+        more = symbolic(skeleton)
+        if more is not None:
+            computed.update({v.name: _dims(v) for v in more.graph.output if not computed.get(v.name)})
+    changed: set[str] = set()
+    for value in fixed:
+        dims, found = _dims(value), computed.get(value.name, [])
+        if len(found) != len(dims):
+            continue
+        opened = [(d, f.dim_param) for d, f in zip(dims, found, strict=True)
+                  if d.HasField("dim_value") and f.dim_param in symbols]
+        for d, name in opened:
+            d.dim_param = name  # (clears the fixed value)
+        if opened:
+            changed.add(value.name)
+    if changed:  # the shapes inferred from the traced size (ONNX's version converter writes
+        after, size = set(changed), 0  # them) are inferred again
+        while len(after) > size:  # (the nodes need not be sorted yet)
+            size = len(after)
+            for node in graph.node:
+                if after.intersection(node.input):
+                    after.update(node.output)
+        kept = [v for v in graph.value_info if v.name not in after]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return len(changed)
 
 
 def _dims(value: onnx.ValueInfoProto) -> list:

@@ -311,6 +311,7 @@ def prepare(
     model, inlined = lowering.inline_functions(model, default_opset(model))
     strip_initializer_inputs(model)
     declared_shapes.open_negative_sizes(model)
+    declared_shapes.open_traced_output_sizes(model, contrib_shapes.symbolic_inference)
     sort_proto(model.graph)  # (ONNX inference reads the nodes in order)
     name_nodes(model)
     tensor_constants(model.graph)
