@@ -125,7 +125,9 @@ class ViewBranchRule(OpRule):
     """An ``If`` whose outputs are views of outer values (a squeeze on a dynamic size)."""
 
     op_types = ("If",)
-    zero_behaviour = "move"
+    # (not "move": what the defaults of data movement read from input 0, the If reads from
+    # its branches; ``zero_output`` says what passes through)
+    zero_behaviour = "none"
 
     @staticmethod
     def _ranks(node: gs.Node, ctx: CouplingContext | ConstantContext) -> dict[str, int]:
