@@ -120,8 +120,10 @@ def quiet_ort() -> Iterator[None]:
 
 
 def session_options() -> ort.SessionOptions:
-    """Fresh session options with every registered custom-op library loaded."""
+    """Fresh session options with every registered custom-op library loaded, logging errors
+    only (the graph optimizer warns once per node it leaves, on every session)."""
     options = ort.SessionOptions()
+    options.log_severity_level = 3
     for path in _LIBRARIES:
         options.register_custom_ops_library(path)
     return options
