@@ -137,15 +137,14 @@ def convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto:
 
 
 def unwrap_flattened(model: onnx.ModelProto, more_ranks: Callable[[], dict[str, int]] = dict) -> int:
-    """Write each ``Reshape(op(Flatten(x, axis=r - 1), axis=-1), Shape(x))`` of ``model`` (at
-    opset 13 or later, shapes inferred; ``op`` a rule's :attr:`OpRule.flattened_before_13`,
-    ``x`` of rank ``r``, inferred or read from its ``Shape``) as ``op(x, axis=-1)``, in place;
-    return how many. ``more_ranks()``: ranks found otherwise (ONNX Runtime's symbolic
-    inference), asked once, where neither gives one. ONNX's version
-    converter writes an old ``Softmax`` that way where it does not know its input's rank
-    (a Reshape to a computed shape at opset 9 has none), and the flattening merges the heads of
-    an attention with its batch and queries: they froze. Over the last axis alone, the
-    flattened op and the per-axis one compute the same."""
+    """Write each node that ONNX's version converter wrapped to keep an old meaning, where its
+    rule says the wrapping changes nothing (:meth:`OpRule.converter_unwrap`: an old
+    ``Softmax(axis=3)`` written as ``Flatten -> Softmax -> Reshape(Shape(x))`` over the last
+    axis), as one node again, in place (at opset 13 or later, shapes inferred); return how
+    many. The converter wraps where it does not know the input's rank (a Reshape to a
+    computed shape at opset 9 has none), and the flattening merged the heads of an attention
+    with its batch and queries: they froze. ``more_ranks()``: ranks found otherwise (ONNX
+    Runtime's symbolic inference), asked once, where inference and the ``Shape`` give none."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         return 0
@@ -156,8 +155,8 @@ def unwrap_flattened(model: onnx.ModelProto, more_ranks: Callable[[], dict[str, 
                   if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
         def rank(x: str, shape_of_x: str, shapes: dict = shapes) -> int | None:
-            """``x``'s rank: inferred, else the length of its ``Shape``, else ``more_ranks``'
-            (ONNX inference does not rank a Reshape to a computed shape)."""
+            """``x``'s rank: inferred, else the length of its ``Shape`` (``shape_of_x``), else
+            ``more_ranks``' (ONNX inference does not rank a Reshape to a computed shape)."""
             if x in shapes:
                 return len(shapes[x])
             length = shapes.get(shape_of_x)
@@ -168,33 +167,27 @@ def unwrap_flattened(model: onnx.ModelProto, more_ranks: Callable[[], dict[str, 
             return found[0].get(x)
 
         made = {o: n for n in graph.node for o in n.output}
-        readers: dict[str, int] = {}
+        readers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
             for name in n.input:
-                readers[name] = readers.get(name, 0) + 1
-        for name in (o.name for o in graph.output):
-            readers[name] = readers.get(name, 0) + 1
+                readers.setdefault(name, []).append(n)
+        outputs = {o.name for o in graph.output}
+
+        def read_by(name: str, readers: dict = readers, outputs: set = outputs) -> list[onnx.NodeProto] | None:
+            """The nodes that read ``name``; ``None`` for a graph output (read outside too)."""
+            return None if name in outputs else readers.get(name, [])
+
         gone: set[int] = set()
-        for node in graph.node:
-            if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        for node in list(graph.node):
+            rule = registry.overriding_rule(node.domain or "", node.op_type, opset, "converter_unwrap")
+            if rule is None or id(node) in gone:
                 continue
-            op, shape = made.get(node.input[0]), made.get(node.input[1])
-            flat = made.get(op.input[0]) if op is not None and op.input else None
-            if op is None or shape is None or flat is None or id(op) in gone:
+            found_here = rule.converter_unwrap(node, made.get, read_by, rank)
+            if found_here is None:
                 continue
-            rule = registry.lookup(op.domain or "", op.op_type, opset)
-            axis = next((a.i for a in op.attribute if a.name == "axis"), -1)
-            at = next((a.i for a in flat.attribute if a.name == "axis"), 1)
-            if (rule is None or not rule.flattened_before_13 or axis not in (1, -1)
-                    or flat.op_type != "Flatten" or shape.op_type != "Shape" or shape.attribute
-                    or not flat.input or shape.input[0] != flat.input[0]
-                    or rank(flat.input[0], shape.output[0]) != at + 1 or at < 1
-                    or readers.get(op.output[0]) != 1 or readers.get(flat.output[0]) != 1):
-                continue
-            replaced = helper.make_node(op.op_type, [flat.input[0]], [node.output[0]], name=op.name or node.name,
-                                        axis=-1)
-            node.CopyFrom(replaced)
-            gone |= {id(op), id(flat)} | ({id(shape)} if readers.get(shape.output[0]) == 1 else set())
+            last, replacement, dead = found_here
+            last.CopyFrom(replacement)
+            gone |= {id(n) for n in dead}
             done += 1
         if gone:
             kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node if id(n) not in gone]

@@ -120,7 +120,7 @@ def _holds_weights(branch: onnx.GraphProto, constants: dict[str, onnx.TensorProt
         if any(weight(t) for t in graph.initializer):
             return True
         if any(a.name == "value" and a.type == onnx.AttributeProto.TENSOR and weight(a.t)
-               for n in graph.node if n.op_type == "Constant" for a in n.attribute):
+               for n in graph.node if not n.input for a in n.attribute):  # (a constant: reads nothing)
             return True
     return any(weight(constants[name]) for name in outer_reads(branch) if name in constants)
 

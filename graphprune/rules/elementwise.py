@@ -434,7 +434,6 @@ NEUTRAL_OPERANDS: dict[str, tuple[float | None, float | None]] = {
 @register
 class SoftmaxRule(OpRule):
     op_types = ("Softmax", "LogSoftmax", "Hardmax")
-    flattened_before_13 = True
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         couple_softmax(node, ctx, node.inputs[0], node.outputs[0], ctx.opset)
@@ -462,6 +461,31 @@ class SoftmaxRule(OpRule):
                 onnx.helper.make_node("Hardmax", [flat], [top], axis=1, name=name),
                 onnx.helper.make_node("Shape", [x], [shape], name=f"{name}_shape"),
                 onnx.helper.make_node("Reshape", [top, shape], [y], name=f"{name}_reshape")]
+
+
+    def converter_unwrap(self, node: onnx.NodeProto, producer: Callable[[str], onnx.NodeProto | None],
+                         readers: Callable[[str], list[onnx.NodeProto] | None],
+                         rank: Callable[[str, str], int | None]
+                         ) -> tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]] | None:
+        """Below opset 13 the op normalises every axis from ``axis`` on, flattened: the
+        converter writes ``Reshape(op(Flatten(x, axis=k), axis=-1), Shape(x))``. Where ``k`` is
+        ``x``'s last axis that is ``op(x, axis=-1)``."""
+        flat = producer(node.input[0]) if node.input else None
+        after = readers(node.output[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if flat is None or flat.op_type != "Flatten" or not after or len(after) != 1 or axis not in (1, -1):
+            return None
+        reshape, x = after[0], flat.input[0]
+        shape = producer(reshape.input[1]) if reshape.op_type == "Reshape" and len(reshape.input) == 2 else None
+        at = next((a.i for a in flat.attribute if a.name == "axis"), 1)
+        if (shape is None or shape.op_type != "Shape" or shape.attribute or shape.input[0] != x
+                or [id(n) for n in readers(flat.output[0]) or ()] != [id(node)] or at < 1
+                or rank(x, shape.output[0]) != at + 1):
+            return None
+        replacement = onnx.helper.make_node(node.op_type, [x], [reshape.output[0]], name=node.name or reshape.name,
+                                            axis=-1)
+        dead = [node, flat, *([shape] if [id(n) for n in readers(shape.output[0]) or ()] == [id(reshape)] else [])]
+        return reshape, replacement, dead
 
 
 def couple_softmax(node: gs.Node, ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, opset: int) -> None:

@@ -103,12 +103,6 @@ class OpRule:
     #: from one with no linear layer after it is an embedding, whose arg-max names no class
     #: (:func:`graphprune.calibration.fidelity.feature_outputs`)
     normalizes_features: ClassVar[bool] = False
-    #: below opset 13 the op normalises every axis from ``axis`` on, flattened; ONNX's version
-    #: converter writes it as ``Flatten -> op -> Reshape(Shape(x))`` where it does not know the
-    #: input's rank, which splits attention heads apart
-    #: (:func:`graphprune.io.converter_semantics.unwrap_flattened` undoes it where the op
-    #: reads the last axis only)
-    flattened_before_13: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         raise NotImplementedError
@@ -383,6 +377,19 @@ class OpRule:
     def converter_rewrite(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto] | None:
         """Nodes at the model's opset (below 11) computing what ``node`` does that the converter
         converts faithfully where it would not convert ``node`` so; ``fresh(hint)`` names a tensor."""
+        return None
+
+    def converter_unwrap(self, node: onnx.NodeProto, producer: Callable[[str], onnx.NodeProto | None],
+                         readers: Callable[[str], list[onnx.NodeProto] | None],
+                         rank: Callable[[str, str], int | None]
+                         ) -> tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]] | None:
+        """Where ONNX's version converter wrapped ``node`` (at the new opset) in nodes that keep
+        its old meaning, and the wrapping changes nothing here: ``(last, replacement, dead)``,
+        the node written in place of the wrapping's last node and the nodes left unread
+        (:func:`graphprune.io.converter_semantics.unwrap_flattened`). ``producer(name)``: the
+        node making a tensor; ``readers(name)``: the nodes reading it (``None``: a graph
+        output); ``rank(x, shape_of_x)``: ``x``'s rank, where known. ``None`` (the default):
+        nothing to undo."""
         return None
 
     def carries_values(self, node: gs.Node) -> tuple[int, ...]:
