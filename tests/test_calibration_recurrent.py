@@ -89,6 +89,36 @@ def test_the_input_projection_of_a_recurrent_layer_is_refit(op, direction, monke
         assert err[0] < 0.95 * err[1]
 
 
+@pytest.mark.parametrize("direction,per_channel", [("forward", False), ("bidirectional", True)])
+def test_the_int8_input_projection_of_a_dynamically_quantized_lstm_is_refit(direction, per_channel, tmp_path, monkeypatch):
+    """ONNX Runtime's ``quantize_dynamic`` writes an LSTM as ``DynamicQuantizeLSTM``: int8
+    ``W [dirs, input, 4H]`` with a scale and zero point per direction or per gate column. Its
+    input projection is refit like a float one's, stored back on its integer grid (before
+    round 56: "weights are stored as integers (not refit)")."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx.save(model("LSTM", direction), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["LSTM"], per_channel=per_channel)
+    m = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in m.graph.node].count("DynamicQuantizeLSTM") == 1
+    result = prune(m)
+    stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
+    assert stats["layers"] == 1 and not stats.get("undone")
+    assert stats["rel_error_after"] < 0.7 * stats["rel_error_before"]
+    monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
+    plain = prune(m)
+    assert "recurrent" not in plain.report["calibration"]["passes"]["RefitPass"]
+    refit_w, plain_w = weight(result.model, "W_quantized"), weight(plain.model, "W_quantized")
+    assert refit_w.dtype == np.int8 and refit_w.shape == plain_w.shape and not np.array_equal(refit_w, plain_w)
+    assert np.array_equal(weight(result.model, "R_quantized"), weight(plain.model, "R_quantized"))
+    onnx.checker.check_model(result.model, full_check=True)
+    test = sequences(40, 9)
+    ref = outputs(m, test)
+    err = [np.linalg.norm(outputs(r.model, test) - ref) / np.linalg.norm(ref) for r in (result, plain)]
+    assert err[0] < 0.96 * err[1]
+
+
 def test_a_recurrent_refit_that_moves_the_outputs_away_is_undone(monkeypatch):
     m = model("GRU")
     real = recurrent.refit
@@ -132,7 +162,7 @@ def test_the_rule_says_why_a_recurrent_layer_cannot_be_refit():
                                              attrs={"hidden_size": H}), 17)
     assert [v.weight.name for v in views] == ["R"]
     quantized = gs.Node("DynamicQuantizeLSTM", domain="com.microsoft", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": H})
-    assert "integers" in _rule_answer(quantized)
+    assert "not constants" in _rule_answer(quantized)  # no scale, no zero point
 
 
 def test_channels_read_only_by_a_recurrent_layer_are_scored_from_data(monkeypatch):

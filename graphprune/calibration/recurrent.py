@@ -121,6 +121,8 @@ class RecurrentTarget:
     info: RecurrentInfo
     #: hidden units of the original that the pruned layer keeps
     kept: np.ndarray
+    #: the node's rule (it reads the original layer's weights too)
+    rule: Any = None
 
 
 def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dict[tuple[str, int], np.ndarray],
@@ -147,7 +149,7 @@ def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dic
             skipped[node.name] = f"{node.op} weights shared with other nodes: not refit"
             continue
         cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
-        out.append(RecurrentTarget(node, info, np.setdiff1d(np.arange(info.hidden + len(cut)), cut)))
+        out.append(RecurrentTarget(node, info, np.setdiff1d(np.arange(info.hidden + len(cut)), cut), rule))
     return out
 
 
@@ -172,9 +174,10 @@ def _inputs(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: 
     return np.concatenate(rows), np.concatenate(folds)
 
 
-def _original_projection(reference: onnx.ModelProto, node: gs.Node, store: Any
+def _original_projection(reference: onnx.ModelProto, node: gs.Node, rule: Any, store: Any
                          ) -> tuple[str, np.ndarray, np.ndarray | None] | None:
-    """The original node's input name, ``W`` and ``B`` (``None``: not constants there)."""
+    """The original node's input name, ``W`` in ONNX's layout (as its rule reads it from the
+    original's constants: an integer weight decoded) and ``B`` (``None``: not constants there)."""
     names = {o.name for o in node.outputs if o.name}
     proto = next((n for n in reference.graph.node if names & set(n.output)), None)
     if proto is None:
@@ -183,14 +186,24 @@ def _original_projection(reference: onnx.ModelProto, node: gs.Node, store: Any
     b_name = proto.input[3] if len(proto.input) > 3 else ""
     if proto.input[1] not in inits or (b_name and b_name not in inits):
         return None
-    return proto.input[0], _array(inits[proto.input[1]], store), _array(inits[b_name], store) if b_name else None
+    inputs = [gs.Variable.empty() if not name else gs.Constant(name, _array(inits[name], store, raw=True))
+              if name in inits else gs.Variable(name) for name in proto.input]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in proto.attribute}
+    info = rule.recurrent(gs.Node(proto.op_type, proto.name, attrs, inputs, domain=proto.domain or None))
+    if not isinstance(info, RecurrentInfo) or (info.stored_input is None and info.input_weight is None):
+        return None
+    w = info.stored_input.decode() if info.stored_input is not None else info.input_weight.values
+    return proto.input[0], np.asarray(w, np.float64), _array(inits[b_name], store) if b_name else None
 
 
-def _array(tensor: onnx.TensorProto, store: Any) -> np.ndarray:
-    """A reference initializer's values (read from the weight store where it lives there)."""
+def _array(tensor: onnx.TensorProto, store: Any, raw: bool = False) -> np.ndarray:
+    """A reference initializer's values (read from the weight store where it lives there),
+    as float64 unless ``raw``."""
     if store is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return np.asarray(store.mapped(tensor).load(), np.float64)
-    return np.asarray(onnx.numpy_helper.to_array(tensor), np.float64)
+        values = np.asarray(store.mapped(tensor).load())
+    else:
+        values = onnx.numpy_helper.to_array(tensor)
+    return np.asarray(values) if raw else np.asarray(values, np.float64)
 
 
 def _fit(xp: np.ndarray, target: np.ndarray, fold: np.ndarray, cur: np.ndarray, ridge: float | None
@@ -230,12 +243,13 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
     done, kept_weights, before_all, after_all, changed = 0, 0, [], [], set()
     for t in targets:
         node, info = t.node, t.info
-        original = _original_projection(reference, node, store)
-        if original is None or info.input_weight is None:
+        original = _original_projection(reference, node, t.rule, store)
+        stored = info.stored_input
+        if original is None or (info.input_weight is None and stored is None):
             skipped[node.name] = "the original's input weights are not constants: not refit"
             continue
         x_name, w_o, b_o = original
-        w = np.asarray(info.input_weight.values)
+        w = stored.decode() if stored is not None else np.asarray(info.input_weight.values)
         dirs, k = w.shape[0], w.shape[2]
         budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
         xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
@@ -256,12 +270,18 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
         solved, before, after = result
         new_b = b.copy()
         new_b[:, :gh] = solved[:, -1]
-        info.input_weight.values = np.ascontiguousarray(np.swapaxes(solved[:, :-1], 1, 2).astype(w.dtype))
+        values = np.swapaxes(solved[:, :-1], 1, 2)
+        if stored is not None:  # an integer weight: on its grid, its scale grown where it must
+            stored.encode(values, grow=True)
+            changed.update(c.name for c in stored.constants())
+        else:
+            info.input_weight.values = np.ascontiguousarray(values.astype(w.dtype))
+            changed.add(info.input_weight.name)
         constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(new_b.astype(w.dtype)))
         while len(node.inputs) <= 3:
             node.inputs.append(gs.Variable.empty())
         node.inputs[3] = constant
-        changed.update((info.input_weight.name, constant.name))
+        changed.add(constant.name)
         norm = max(float(np.square(target).sum()), 1e-30)
         before_all.append(math.sqrt(max(before, 0.0) / norm))
         after_all.append(math.sqrt(max(after, 0.0) / norm))

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.io.tensors import present_input as _present
-from graphprune.rules.registry import OpRule, RecurrentInfo, register
+from graphprune.rules.registry import OpRule, RecurrentInfo, StoredWeight, register
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -222,8 +222,57 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
         seq, batch, dirs = x[0], x[1], w[0]
         return [([seq, dirs, batch, hidden], 0), ([dirs, batch, hidden], 0), ([dirs, batch, hidden], 0)]
 
-    def recurrent(self, node: gs.Node) -> str:
-        return "DynamicQuantizeLSTM weights are stored as integers (not refit)"
+    def recurrent(self, node: gs.Node) -> RecurrentInfo | str:
+        """The input projection decoded from its int8 ``W`` and its scale and zero point
+        (per direction ``[dirs]`` or per gate column ``[dirs, 4H]``), read in ONNX's layout
+        ``[dirs, 4H, input]`` (:class:`_TransposedWeight`): a refit stores new values on
+        that grid, its scale grown where they would not fit. ``R`` is not read."""
+        from graphprune.rules.quantize import Dequantized
+
+        w, scale, zero = node.inputs[1], _present(node, 8), _present(node, 9)
+        hidden = int(node.attrs.get("hidden_size", 0) or 0)
+        if not all(isinstance(t, gs.Constant) for t in (w, scale, zero)):
+            return "DynamicQuantizeLSTM weight, scale or zero point not constants (not refit)"
+        q, sv, zv = (np.asarray(t.values) for t in (w, scale, zero))
+        if (q.ndim != 3 or q.dtype.kind not in "iu" or sv.dtype.kind != "f" or np.any(sv <= 0)
+                or not np.all(np.isfinite(sv)) or sv.shape != zv.shape or sv.shape not in ((q.shape[0],), (q.shape[0], q.shape[2]))):
+            return "DynamicQuantizeLSTM weight quantized in a way not understood (not refit)"
+        bias = _present(node, 3)
+        if bias is not None and not _float_constant(bias):
+            return "DynamicQuantizeLSTM bias is not a float constant (not refit)"
+        shape = (q.shape[0], 1, -1 if sv.ndim == 2 else 1)
+        stored = Dequantized(w, scale, sv.astype(np.float64).reshape(shape), zv.astype(np.float64).reshape(shape))
+        return RecurrentInfo(4, hidden, "", None, None, _TransposedWeight(stored))
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return ()  # quantized: nothing a float optimiser trains
+
+
+class _TransposedWeight(StoredWeight):
+    """A weight stored ``[dirs, input, rows]`` (``DynamicQuantizeLSTM``'s) read as ONNX's
+    ``[dirs, rows, input]``: the stored weight's axes 1 and 2 swapped both ways."""
+
+    def __init__(self, stored: StoredWeight) -> None:
+        self.stored = stored
+        self.constant = stored.constant
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.stored.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        dirs, inputs, rows = self.stored.shape
+        return dirs, rows, inputs
+
+    def constants(self) -> list[gs.Constant]:
+        return self.stored.constants()
+
+    def axis_of(self, axis: int) -> int:
+        return self.stored.axis_of({1: 2, 2: 1}.get(axis, axis))
+
+    def decode(self) -> np.ndarray:
+        return np.swapaxes(self.stored.decode(), 1, 2)
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        return self.stored.encode(np.swapaxes(np.asarray(values), 1, 2), grow=grow)
