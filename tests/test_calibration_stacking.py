@@ -34,6 +34,24 @@ def test_sample_bytes_counts_every_computed_tensor_at_the_samples_sizes():
     assert runner.sample_bytes(model, stacked) == 3 * expected
 
 
+def test_sample_bytes_counts_tensors_whose_sizes_inference_leaves_open():
+    """Behind a size that no input names (a convolution over open height and width: the
+    inferred output has unknown sizes; paddle2onnx's detectors are all such), a tensor counts
+    its size at the feed's sizes, not 1 per unknown size."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+         onnx.helper.make_node("Relu", ["c"], ["y"])],
+        "open", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    model = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    feed = {"x": rng.standard_normal((2, 3, 64, 48)).astype(np.float32)}
+    assert runner.sample_bytes(model, feed) == 2 * 4 * (2 * 8 * 32 * 24)  # c and y
+    bare = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert runner.sample_bytes(bare, feed) == 2 * 4 * (2 * 8 * 32 * 24)  # no value_info at all
+
+
 def test_a_stacked_batch_holds_at_most_stack_bytes(monkeypatch):
     model = _inferred()
     feeds = _feeds(12)

@@ -38,6 +38,7 @@ from graphprune.errors import VerificationError
 from graphprune.io import runtime
 from graphprune.io.feeds import output_array
 from graphprune.io.graph_reads import node_reads
+from graphprune.io.model_io import concrete_shapes
 from graphprune.io.order import needed_nodes, producers
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
@@ -515,7 +516,7 @@ def batch_separable(
 #: times the samples) above which fewer samples are stacked: ONNX Runtime holds a batch's
 #: activations while it runs it, so a batch of large activations multiplies the peak memory
 #: of every calibration run (statistics, refit, fidelity) by its samples
-STACK_BYTES = 2 << 30
+STACK_BYTES = 512 << 20
 
 
 def _symbol_sizes(model: onnx.ModelProto, feed: Feed) -> dict[str, int]:
@@ -536,30 +537,44 @@ def _symbol_sizes(model: onnx.ModelProto, feed: Feed) -> dict[str, int]:
 def sample_bytes(model: onnx.ModelProto, feed: Feed) -> int:
     """Estimated bytes of every tensor that ``model`` computes on ``feed`` (one sample): the
     shapes its ``value_info`` and outputs declare, symbolic sizes taken from the inputs' sizes
-    in ``feed``. A tensor without a shape or a size no input tells counts nothing (it can only
-    under-estimate: stacking is limited where sizes are known)."""
+    in ``feed``, and where a size is a symbol no input names (inference invents one behind a
+    computed size: a paddle2onnx detector's every feature map) or a tensor has no shape, the
+    shape that inference at the feed's sizes gives it (:func:`concrete_shapes`). A size
+    that stays unknown counts 1 (the estimate can only fall short)."""
     symbols = _symbol_sizes(model, feed)
-    total = 0
-    seen: set[str] = set()
+    # name -> (itemsize, elements, whether every size is known): an unknown size counts 1
+    declared: dict[str, tuple[int, int, bool]] = {}
     for value in [*model.graph.value_info, *model.graph.output]:
-        if value.name in seen or not value.type.HasField("tensor_type"):
+        if value.name in declared or not value.type.HasField("tensor_type"):
             continue
-        seen.add(value.name)
         tensor = value.type.tensor_type
-        if not tensor.HasField("shape"):
-            continue
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
-        except Exception:  # noqa: BLE001 - an undefined or exotic element type
-            itemsize = 4
-        count = 1
-        for dim in tensor.shape.dim:
+        count, known = 1, tensor.HasField("shape")
+        for dim in tensor.shape.dim if known else ():
             if dim.HasField("dim_value"):
                 count *= max(int(dim.dim_value), 0)
             else:
                 count *= symbols.get(dim.dim_param, 1)
-        total += count * itemsize
+                known = known and dim.dim_param in symbols
+        declared[value.name] = (_itemsize(tensor.elem_type), count if tensor.HasField("shape") else 0, known)
+    computed = {name for node in model.graph.node for name in node.output if name} | set(declared)
+    computed -= {v.name for v in model.graph.input}
+    concrete: dict[str, list[int]] = {}
+    if any(not declared.get(name, (0, 0, False))[2] for name in computed):
+        concrete = concrete_shapes(model, {k: np.shape(v) for k, v in feed.items()})
+    total = 0
+    for name in computed:
+        itemsize, count, known = declared.get(name, (4, 0, False))
+        if not known and name in concrete:
+            count = int(np.prod(concrete[name], dtype=np.int64))
+        total += itemsize * count
     return total
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except Exception:  # noqa: BLE001 - an undefined or exotic element type
+        return 4
 
 
 def stack_limit(model: onnx.ModelProto, feed: Feed, limit: int | None = None) -> int:
