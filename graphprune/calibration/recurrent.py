@@ -39,7 +39,7 @@ from graphprune.calibration.sequential import MAX_ROWS, MIN_ROWS, ROWS_PER_INPUT
 from graphprune.io import ir
 from graphprune.io.names import fresh_name
 from graphprune.io.order import toposort_model
-from graphprune.rules.registry import RecurrentInfo
+from graphprune.rules.registry import RecurrentInfo, StoredWeight
 
 
 class RecurrentConsumerView:
@@ -57,11 +57,17 @@ class RecurrentConsumerView:
     group = 1
     stored = None
 
-    def __init__(self, node: gs.Node, weight: gs.Constant, data: gs.Tensor, recurrence: bool) -> None:
-        self.layer, self.weight, self.data, self.recurrence = node, weight, data, recurrence
-        self.node = _Named(f"{node.name}/{weight.name}")
+    def __init__(self, node: gs.Node, weight: gs.Constant | None, data: gs.Tensor, recurrence: bool,
+                 decoded: StoredWeight | None = None) -> None:
+        self.layer, self.data, self.recurrence, self.decoded = node, data, recurrence, decoded
+        # ``decoded``: the weight decoded from the constant an integer layer stores
+        self.weight = weight if weight is not None else decoded.constant
+        self.node = _Named(f"{node.name}/{self.weight.name}")
         self.info = _ConsumerInfo()
-        self.in_block = int(np.shape(weight.values)[0]) if recurrence else 1
+        self.in_block = int(self._shape()[0]) if recurrence else 1
+
+    def _shape(self) -> tuple[int, ...]:
+        return tuple(self.decoded.shape) if self.decoded is not None else tuple(np.shape(self.weight.values))
 
     def read_data(self, x: np.ndarray) -> np.ndarray:
         if not self.recurrence or x.ndim != 4:
@@ -70,13 +76,14 @@ class RecurrentConsumerView:
         return moved.reshape(*moved.shape[:2], -1)
 
     def in_channels(self) -> int:
-        return int(np.shape(self.weight.values)[2]) * self.in_block
+        return int(self._shape()[2]) * self.in_block
 
     def weight_dim(self, axis: int) -> tuple[str, int]:
-        return self.weight.name, axis
+        return self.weight.name, (axis if self.decoded is None else self.decoded.axis_of(axis))
 
     def matrices(self) -> np.ndarray:
-        w = np.asarray(self.weight.values, dtype=np.float64)  # [dirs, gates*hidden, channels]
+        values = self.weight.values if self.decoded is None else self.decoded.decode()
+        w = np.asarray(values, dtype=np.float64)  # [dirs, gates*hidden, channels]
         if self.in_block == 1:
             return w.reshape(-1, w.shape[2])[None]
         dirs, rows, hidden = w.shape
@@ -108,10 +115,12 @@ def consumer_views(node: gs.Node, opset: int) -> list[RecurrentConsumerView]:
     info = rule.recurrent(node) if rule is not None else None
     if not isinstance(info, RecurrentInfo):
         return []
-    views = [] if info.input_weight is None else [RecurrentConsumerView(node, info.input_weight, node.inputs[0], False)]
+    views = []
+    if info.input_weight is not None or info.stored_input is not None:
+        views.append(RecurrentConsumerView(node, info.input_weight, node.inputs[0], False, info.stored_input))
     y = node.outputs[0] if node.outputs and node.outputs[0].name else None
-    if y is not None and info.recurrence is not None:
-        views.append(RecurrentConsumerView(node, info.recurrence, y, True))
+    if y is not None and (info.recurrence is not None or info.stored_recurrence is not None):
+        views.append(RecurrentConsumerView(node, info.recurrence, y, True, info.stored_recurrence))
     return views
 
 

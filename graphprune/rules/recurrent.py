@@ -223,29 +223,40 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
         return [([seq, dirs, batch, hidden], 0), ([dirs, batch, hidden], 0), ([dirs, batch, hidden], 0)]
 
     def recurrent(self, node: gs.Node) -> RecurrentInfo | str:
-        """The input projection decoded from its int8 ``W`` and its scale and zero point
-        (per direction ``[dirs]`` or per gate column ``[dirs, 4H]``), read in ONNX's layout
-        ``[dirs, 4H, input]`` (:class:`_TransposedWeight`): a refit stores new values on
-        that grid, its scale grown where they would not fit. ``R`` is not read."""
-        from graphprune.rules.quantize import Dequantized
-
-        w, scale, zero = node.inputs[1], _present(node, 8), _present(node, 9)
+        """``W`` and ``R`` decoded from their int8 values, scale and zero point (per direction
+        ``[dirs]`` or per gate column ``[dirs, 4H]``) and read in ONNX's layout (``[dirs, 4H,
+        input]``, :class:`_TransposedWeight`): the criteria read them as consumers, and a
+        refit of the input projection stores its values on that grid, the scale grown where
+        they would not fit."""
+        w, r = node.inputs[1], node.inputs[2]
+        stored_w, stored_r = _transposed(w, _present(node, 8), _present(node, 9)), _transposed(r, _present(node, 10), _present(node, 11))
         hidden = int(node.attrs.get("hidden_size", 0) or 0)
-        if not all(isinstance(t, gs.Constant) for t in (w, scale, zero)):
-            return "DynamicQuantizeLSTM weight, scale or zero point not constants (not refit)"
-        q, sv, zv = (np.asarray(t.values) for t in (w, scale, zero))
-        if (q.ndim != 3 or q.dtype.kind not in "iu" or sv.dtype.kind != "f" or np.any(sv <= 0)
-                or not np.all(np.isfinite(sv)) or sv.shape != zv.shape or sv.shape not in ((q.shape[0],), (q.shape[0], q.shape[2]))):
-            return "DynamicQuantizeLSTM weight quantized in a way not understood (not refit)"
         bias = _present(node, 3)
-        if bias is not None and not _float_constant(bias):
-            return "DynamicQuantizeLSTM bias is not a float constant (not refit)"
-        shape = (q.shape[0], 1, -1 if sv.ndim == 2 else 1)
-        stored = Dequantized(w, scale, sv.astype(np.float64).reshape(shape), zv.astype(np.float64).reshape(shape))
-        return RecurrentInfo(4, hidden, "", None, None, _TransposedWeight(stored))
+        if stored_w is None:
+            reason = "DynamicQuantizeLSTM weight, scale or zero point not understood (not refit)"
+        elif bias is not None and not _float_constant(bias):
+            reason = "DynamicQuantizeLSTM bias is not a float constant (not refit)"
+        else:
+            reason = ""
+        return RecurrentInfo(4, hidden, reason, None, None, stored_w, stored_r)
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return ()  # quantized: nothing a float optimiser trains
+
+
+def _transposed(q: gs.Tensor, scale: gs.Tensor | None, zero: gs.Tensor | None) -> _TransposedWeight | None:
+    """The int8 constant ``q`` ``[dirs, inputs, rows]`` with a scale and zero point per
+    direction or per row, decoded and read as ``[dirs, rows, inputs]`` (``None``: not so)."""
+    from graphprune.rules.quantize import Dequantized
+
+    if not all(isinstance(t, gs.Constant) for t in (q, scale, zero)):
+        return None
+    qv, sv, zv = (np.asarray(t.values) for t in (q, scale, zero))
+    if (qv.ndim != 3 or qv.dtype.kind not in "iu" or sv.dtype.kind != "f" or not np.all(np.isfinite(sv))
+            or np.any(sv <= 0) or sv.shape != zv.shape or sv.shape not in ((qv.shape[0],), (qv.shape[0], qv.shape[2]))):
+        return None
+    shape = (qv.shape[0], 1, -1 if sv.ndim == 2 else 1)
+    return _TransposedWeight(Dequantized(q, scale, sv.astype(np.float64).reshape(shape), zv.astype(np.float64).reshape(shape)))
 
 
 class _TransposedWeight(StoredWeight):

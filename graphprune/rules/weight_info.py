@@ -57,9 +57,10 @@ class RecurrentInfo:
     #: ``W`` and ``R`` where they are float constants (``None``: computed in the graph)
     input_weight: gs.Constant | None = None
     recurrence: gs.Constant | None = None
-    #: ``W`` decoded from the constants an integer layer stores (in ONNX's layout; then
-    #: ``input_weight`` is ``None``)
+    #: ``W`` and ``R`` decoded from the constants an integer layer stores (in ONNX's layout;
+    #: then ``input_weight`` and ``recurrence`` are ``None``)
     stored_input: StoredWeight | None = None
+    stored_recurrence: StoredWeight | None = None
 
 
 class StoredWeight:
