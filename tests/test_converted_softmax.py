@@ -91,3 +91,64 @@ def test_only_a_softmax_over_the_last_axis_is_unwrapped() -> None:
         onnx.checker.check_model(converted)
         x = np.random.default_rng(2).standard_normal((2, S, D)).astype(np.float32)
         np.testing.assert_allclose(run(converted, x), run(attention(9, softmax_axis=axis), x), rtol=1e-5, atol=1e-6)
+
+
+def quantized_softmax(axis: int) -> onnx.ModelProto:
+    """An opset-10 ``Conv -> Transpose -> QuantizeLinear -> QLinearSoftmax(opset=10) ->
+    Transpose -> DequantizeLinear`` (how ``quantize_static``'s QOperator format writes a
+    softmax over channels)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s_in"), numpy_helper.from_array(np.array(0, np.int8), "z_in"),
+             numpy_helper.from_array(np.array(1 / 256, np.float32), "s_out"),
+             numpy_helper.from_array(np.array(-128, np.int8), "z_out")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("QuantizeLinear", ["t", "s_in", "z_in"], ["tq"]),
+             helper.make_node("QLinearSoftmax", ["tq", "s_in", "z_in", "s_out", "z_out"], ["sq"], domain="com.microsoft",
+                              axis=axis, opset=10),
+             helper.make_node("Transpose", ["sq"], ["st"], perm=[0, 3, 1, 2]),
+             helper.make_node("DequantizeLinear", ["st", "s_out", "z_out"], ["y"])]
+    graph = helper.make_graph(nodes, "qsoftmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 6
+    return model
+
+
+def _optimised(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("axis", [3, -1, 1])
+def test_a_quantized_softmax_keeps_its_function_at_the_new_opset(axis: int) -> None:
+    """ONNX's version converter leaves com.microsoft's ``QLinearSoftmax`` as it is, its
+    ``opset`` attribute (10: every axis from ``axis`` on, flattened) included, and ONNX
+    Runtime's optimizer moved the Transposes across it as the model's opset 13 reads a
+    softmax: the written model (``--lossless`` too) computed another function once optimised
+    (max difference 0.875 of a probability; unoptimised it was equal). It is written at
+    opset 13 now, wrapped in Flatten/Reshape unless ``axis`` is the last."""
+    model = quantized_softmax(axis)
+    x = np.random.default_rng(1).standard_normal((1, 8, 4, 4)).astype(np.float32)
+    out = graphprune.prune(model, lossless=True).model
+    assert {o.domain: o.version for o in out.opset_import}[""] == 13
+    soft = next(n for n in out.graph.node if n.op_type == "QLinearSoftmax")
+    assert {a.name: helper.get_attribute_value(a) for a in soft.attribute} == {"axis": -1, "opset": 13}
+    assert ("Flatten" in {n.op_type for n in out.graph.node}) == (axis == 1)
+    np.testing.assert_array_equal(_optimised(out, x), _optimised(model, x))
+    np.testing.assert_array_equal(run(out, x), run(model, x))
+
+
+def test_a_conversion_that_changes_the_optimised_function_fails_the_preparation_check(monkeypatch) -> None:
+    """Unoptimised, the converted model computed the same; the preparation check also runs
+    both models optimised where the opset was converted, and fails on a gross difference
+    (the old QLinearSoftmax conversion, put back here, changed it by 0.875 of a probability)."""
+    from graphprune.errors import GraphPruneError
+    from graphprune.rules.qlinear import QLinearSoftmaxRule
+
+    monkeypatch.setattr(QLinearSoftmaxRule, "converter_rewrite", lambda self, node, fresh: None)
+    with pytest.raises(GraphPruneError, match="optimizations off, but not with them on"):
+        graphprune.prune(quantized_softmax(3), lossless=True)

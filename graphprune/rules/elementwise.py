@@ -482,8 +482,10 @@ class SoftmaxRule(OpRule):
                 or [id(n) for n in readers(flat.output[0]) or ()] != [id(node)] or at < 1
                 or rank(x, shape.output[0]) != at + 1):
             return None
-        replacement = onnx.helper.make_node(node.op_type, [x], [reshape.output[0]], name=node.name or reshape.name,
-                                            axis=-1)
+        replacement = onnx.NodeProto.FromString(node.SerializeToString())  # other inputs and attributes kept
+        replacement.input[0], replacement.output[0] = x, reshape.output[0]
+        replacement.name = node.name or reshape.name
+        next(a for a in replacement.attribute if a.name == "axis").i = -1
         dead = [node, flat, *([shape] if [id(n) for n in readers(shape.output[0]) or ()] == [id(reshape)] else [])]
         return reshape, replacement, dead
 
