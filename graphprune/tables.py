@@ -234,8 +234,11 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     achieved = budget.get("achieved")
     shown = f"{achieved:.3f}" if isinstance(achieved, (int, float)) else "-"
     lines = [f"target: {budget['target']} {budget['fraction']:g} of the original -> achieved {shown} "
-             f"({'met' if budget.get('met') else 'MISSED'}; {budget.get('measured_by', '')})"]
-    if not budget.get("reached_by_width", True):
+             f"({'met: within 0.03' if budget.get('met') else 'MISSED'}; {budget.get('measured_by', '')})"]
+    if budget.get("dropped_by_preparation"):
+        lines.append(f"note: {budget['dropped_by_preparation']} parameters that nothing but a Shape read were "
+                     "dropped; the target counts them as the file held them")
+    if not budget.get("reached_by_width", True) and budget.get("groups_allocated", 1):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
     if budget.get("branches_first") and achieved is not None and not budget.get("met"):

@@ -293,6 +293,17 @@ def prune_budget(
         raise UsageError(f"--target-{options.kind} has nothing to reduce: the model has no {what}"
                          + (f" (ops without a rule: {unsupported})" if unsupported else ""))
     early, goal = None, options.target
+    dropped = _dropped_parameters(session, options, allocation.full)
+    if dropped:
+        # the preparation dropped weights that nothing reads but a Shape (tf2onnx's folded
+        # constants): the target is a fraction of what the file holds, so the planned graph
+        # keeps that many parameters, which is a larger fraction of what it holds itself
+        info["dropped_by_preparation"] = dropped
+        goal = min(1.0, options.target * (allocation.full + dropped) / allocation.full)
+        if states:
+            with session.stage("plan"):
+                allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, goal,
+                                                               shape_of)
     if options.kind != "latency" and has_branches(session.prepared):
         early, info["branches_first"] = _branches_first(session, options, tolerance, allocation.full, calibrated)
         goal = info["branches_first"]["main_graph_goal"]
@@ -384,7 +395,7 @@ def prune_budget(
     branch_summary(report, branches)
     info.update(_achieved(report, options, rounds))
     info["modelled_fraction"] = round(allocation.achieved, 4)
-    counted_full = report.get(f"{options.kind}_before") if options.kind != "latency" else None
+    counted_full = report.get(f"{options.kind}_before") if options.kind != "latency" and not dropped else None
     if counted_full is not None and not has_branches(session.prepared) \
             and abs(counted_full - allocation.full) > 0.01 * max(allocation.full, 1.0):
         # the exported models lack shapes the analysis inferred (e.g. after contrib ops
@@ -408,6 +419,16 @@ def prune_budget(
     result = session.finish(report, plan, verification)
     result.branches = branches  # nested If branches: their zeroed versions for the caller
     return result
+
+
+def _dropped_parameters(session: Session, options: BudgetOptions, full: float) -> int:
+    """Parameters the file holds that the prepared graph does not (weights only a ``Shape``
+    read, folded away) under a params target: ``0`` otherwise, or where ``If`` branches
+    share the budget (:func:`_branches_first` counts them)."""
+    if options.kind != "params" or full <= 0 or has_branches(session.prepared):
+        return 0
+    loaded = float(session.params_as_loaded or 0)
+    return int(loaded - full) if loaded > 1.01 * full else 0
 
 
 def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
