@@ -182,6 +182,41 @@ def annotate(model: onnx.ModelProto) -> bool:
     return bool(added)
 
 
+def annotate_ranks(model: onnx.ModelProto) -> bool:
+    """Give the main graph's computed tensors that ONNX inference left without any shape the
+    rank (only: every size unknown) that the symbolic inference finds, in ``value_info`` (in
+    place). A ``Reshape`` to a shape computed from open sizes (a TorchScript export's
+    ``data.view(b, c, 1, 1)``) has none from ONNX inference, nor has anything after it, and
+    every channel group behind it froze ("coupled with an axis of unknown rank"). ``True``
+    when any was given: infer again."""
+    graph = model.graph
+    shaped = _shaped(graph)
+    open_ = {o for n in graph.node for o in n.output if o and o not in shaped}
+    if not open_:
+        return False
+    skeleton, _ = _detach(model)
+    inferred = symbolic_inference(skeleton)
+    found = {v.name: v for v in (inferred.graph.value_info if inferred is not None else ())
+             if v.name in open_ and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+             and v.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED}
+    if not found:
+        return False
+    declared = {v.name: v for v in graph.value_info}
+    for name, value in found.items():
+        rank = len(value.type.tensor_type.shape.dim)
+        target = declared.get(name)
+        if target is None:
+            target = graph.value_info.add()
+            target.name = name
+            target.type.tensor_type.elem_type = value.type.tensor_type.elem_type
+        if not target.type.HasField("tensor_type"):
+            continue
+        shape = target.type.tensor_type.shape
+        shape.Clear()
+        shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in range(rank))
+    return True
+
+
 def annotate_read_sizes(model: onnx.ModelProto, opset: int,
                         probes: Callable[[onnx.ModelProto], dict[str, tuple[list, list]]]) -> bool:
     """Give the tensors whose shape a node reads (``OpRule.reads_only_shape``: ``Shape``) the

@@ -324,6 +324,8 @@ def prepare(
         model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate(model):  # a com.microsoft op stopped ONNX inference
         model = model_io.infer_shapes(model, inplace=True)
+    if contrib_shapes.annotate_ranks(model):  # a Reshape to a computed shape stopped it
+        model = model_io.infer_shapes(model, inplace=True)
     if contrib_shapes.annotate_read_sizes(model, default_opset(model), partial(_probes, store=store)):
         model = model_io.infer_shapes(model, inplace=True)
     ran: dict[str, int] = {}
