@@ -202,8 +202,9 @@ class CostModel:
         self.states = states
         self.node_time = node_time or {}
         tensors = analysis.context.tensors
-        # per member dimension: (state index, elements removed after the first m units)
-        self.dim_cum: dict[Dim, tuple[int, np.ndarray]] = {}
+        # per member dimension: (state index, elements removed after the first m units, its
+        # elements as the analysis labelled them)
+        self.dim_cum: dict[Dim, tuple[int, np.ndarray, int]] = {}
         for si, st in enumerate(states):
             for group, order in st.members:
                 n_rem = len(order)
@@ -212,7 +213,7 @@ class CostModel:
                 for dim, labels in group.unit_of.items():
                     pos = position[labels[labels >= 0]]  # pinned elements always stay
                     counts = np.bincount(pos[pos < n_rem], minlength=n_rem)
-                    self.dim_cum[dim] = (si, np.concatenate([[0], np.cumsum(counts)]))
+                    self.dim_cum[dim] = (si, np.concatenate([[0], np.cumsum(counts)]), len(labels))
         self.items: list[Any] = []
         self.items_of: list[set[int]] = [set() for _ in states]
         self._build_items(tensors)
@@ -261,8 +262,13 @@ class CostModel:
         for axis in range(len(base)):
             entry = self.dim_cum.get((tensor.name, axis))
             if entry is not None:
-                si, cum = entry
-                base[axis] = max(base[axis] - int(cum[self.states[si].removed]), 0)
+                si, cum, labelled = entry
+                removed = int(cum[self.states[si].removed])
+                if labelled and base[axis] != labelled:
+                    # an axis that merges an open size with the units (a TorchScript attention's
+                    # batch x heads) was labelled at the analysis' probe size: the share removed
+                    removed = round(removed * base[axis] / labelled)
+                base[axis] = max(base[axis] - removed, 0)
         return base
 
     def _work(self, i: int, shape: Callable[[gs.Tensor], list[int] | None]) -> float:
