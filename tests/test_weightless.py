@@ -300,3 +300,26 @@ def test_an_input_that_does_not_run_is_an_input_error(tmp_path) -> None:
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("graphprune: error: ")
     assert "the input model does not run in ONNX Runtime" in done.stderr
     assert not out.exists()
+
+
+def test_a_model_that_imports_only_the_ml_domain_is_answered(tmp_path: Path) -> None:
+    """A ``LinearClassifier`` importing only ``ai.onnx.ml`` (onnxruntime's own
+    ``datasets/logreg_iris.onnx``) is valid and runs; it was refused as invalid (exit 2:
+    "model does not import the default ONNX opset")."""
+    classifier = helper.make_node("LinearClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml",
+                                  classlabels_ints=[0, 1, 2], coefficients=[float(v) for v in range(12)],
+                                  intercepts=[0.1, 0.2, 0.3], multi_class=1)
+    graph = helper.make_graph([classifier], "ml", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [1]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    path, out = tmp_path / "ml.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    done = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(path), "-o", str(out), "--ratio", "0.5"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nothing prunable" in done.stdout
+    x = np.arange(4, dtype=np.float32)[None]
+    np.testing.assert_array_equal(_outputs(out, x)[1], _outputs(path, x)[1])

@@ -75,8 +75,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ALIGNMENT = 4096
 _LARGE_ALIGNMENT = 65536  # mmap allocation granularity on Windows; ORT can map such tensors
 _SHORT_CAUSE = 200
-#: onnx.load_model reads these as text formats, not as a binary protobuf
-TEXT_SUFFIXES = (".json", ".onnxtxt", ".txtpb", ".textproto", ".txt")
+TEXT_SUFFIXES = (".json", ".onnxtxt", ".txtpb", ".textproto", ".txt")  # onnx.load_model reads as text
 
 
 # --------------------------------------------------------------------------- errors
@@ -270,10 +269,13 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    """The default-domain ('' or 'ai.onnx') opset version the model imports."""
+    """The default-domain ('' or 'ai.onnx') opset the model imports (of other domains' ops only,
+    an ``ai.onnx.ml`` classifier need not import it: the newest ONNX knows)."""
     for opset in model.opset_import:
         if opset.domain in _DEFAULT_DOMAINS:
             return int(opset.version)
+    if model.opset_import and not any(n.domain in _DEFAULT_DOMAINS for n in model.graph.node):
+        return onnx.defs.onnx_opset_version()
     raise InvalidModelError("model does not import the default ONNX opset (domain '' or 'ai.onnx')")
 
 
@@ -281,9 +283,7 @@ def check_opset(model: onnx.ModelProto) -> int:
     """Return the default-domain opset; raise UnsupportedOpsetError below :data:`MIN_OPSET`."""
     version = default_opset(model)
     if version < MIN_OPSET:
-        raise UnsupportedOpsetError(
-            f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}"
-        )
+        raise UnsupportedOpsetError(f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}")
     return version
 
 
