@@ -120,6 +120,45 @@ def test_rows_of_log_probabilities_get_a_top1_agreement_per_row():
     assert "top1_agreement" not in compare_outputs(["x"], logits, logits)["outputs"]["x"]  # nothing says classes
 
 
+def _tagger(head: bool) -> onnx.ModelProto:
+    """tokens [1, 6, 8] -> MatMul + bias -> Relu -> (``head``: MatMul + bias, 4 classes per
+    position; else a LayerNorm: per-position features)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w_out"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b_out"),
+             numpy_helper.from_array(np.ones(8, np.float32), "gamma")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"])]
+    if head:
+        nodes += [helper.make_node("MatMul", ["r", "w_out"], ["m"]), helper.make_node("Add", ["m", "b_out"], ["y"])]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])
+    else:
+        nodes.append(helper.make_node("LayerNormalization", ["r", "gamma"], ["y"], axis=-1))
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])
+    graph = helper.make_graph(nodes, "tagger", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+                              [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_per_position_logits_of_a_dense_head_get_a_top1_agreement_per_row():
+    """A diacritiser's ``[1, T, 15]`` logits from a dense layer (no softmax) read cosine 0.964
+    where 24 % of the diacritics changed, with no top-1: each position's class is compared now.
+    Per-position features (a normalisation last) still get none."""
+    from graphprune.calibration.fidelity import logit_rows
+
+    feeds = [{"x": f["x"]} for f in _feeds(6)]
+    model = _tagger(head=True)
+    assert logit_rows(model) == {"y"}
+    entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
+    assert entry["top1_per"] == "row" and 0.0 < entry["top1_agreement"] < 1.0
+    assert fidelity(model, model, feeds)["outputs"]["y"]["top1_agreement"] == 1.0
+    features = _tagger(head=False)
+    assert logit_rows(features) == set()
+    assert "top1_agreement" not in fidelity(features, _moved(features), feeds)["outputs"]["y"]
+
+
 def test_a_detector_output_mixing_pixels_and_scores_gets_a_balanced_cosine():
     """YOLOv8's ``[1, 4 + C, anchors]``: boxes in pixels beside class scores in [0, 1]. The
     cosine read 0.999 where most detections were gone; the balanced cosine counts each channel
@@ -202,3 +241,37 @@ def test_wide_outputs_get_a_rank_correlation_only_of_the_classes_given():
     assert same["top1_one_class"] == 6
     mixed = [[rng.standard_normal((1, 26)).astype(np.float32)] for _ in range(12)]
     assert "top1_one_class" not in compare_outputs(["logits"], mixed, mixed)["outputs"]["logits"]
+
+
+def test_a_calibrated_prune_reports_the_per_position_top1_of_its_logits():
+    """Through the pipeline, where the original's weights live in the session's weight store
+    (the dense head's constants are read from there)."""
+    import graphprune
+
+    rng = np.random.default_rng(4)
+    result = graphprune.prune(_tagger(head=True), ratio=0.5, round_to=1,
+                              calibration={"x": rng.standard_normal((24, 1, 6, 8)).astype(np.float32)})
+    entry = result.report["fidelity"]["outputs"]["y"]
+    assert entry["top1_per"] == "row" and 0.0 < entry["top1_agreement"] <= 1.0
+
+
+def test_the_head_of_a_dynamic_int8_tagger_is_read_from_external_data(tmp_path):
+    """``quantize_dynamic`` writes the head as ``MatMulInteger`` rescaled to float; whether it
+    is a dense layer depends on its constants, which the pipeline keeps in files of its
+    weight store: the last nodes' constants are read from there."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from graphprune.calibration.fidelity import logit_rows
+
+    onnx.save(_tagger(head=True), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert "MatMulInteger" in {n.op_type for n in quantized.graph.node}
+    assert logit_rows(quantized) == {"y"}
+    store = tmp_path / "store"
+    store.mkdir()
+    onnx.save(quantized, store / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    stubs = onnx.load(store / "m.onnx", load_external_data=False)
+    assert logit_rows(stubs, store) == {"y"}
+    assert logit_rows(stubs) == set()  # (nothing read: no class, as before)

@@ -20,7 +20,8 @@ flattened):
 - ``top1_per``: ``"row"`` where ``top1_agreement`` is over the rows of an output of several
   rows of class probabilities or log-probabilities (a CTC recogniser's softmax
   ``[1, 40, 18710]``: each position's class; a beam decoder's log-softmax ``[beams, 160]``:
-  each beam's next token), averaged over the samples;
+  each beam's next token), or of logits a dense layer writes along the last axis (a
+  diacritiser's ``[1, T, 15]``, :func:`logit_rows`), averaged over the samples;
 - ``top1_one_class``: the class the original gives every held-out sample, where it gives
   them all one (a classifier fed random inputs it saturates on, or samples of one kind): the
   ``top1_agreement`` then says whether that class stays on top, not whether the model still
@@ -55,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
 
@@ -226,6 +228,94 @@ def feature_outputs(model: onnx.ModelProto) -> set[str]:
 _FEATURE_DEPTH = 32
 
 
+def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]:
+    """The outputs of rank 3 or more that a dense layer writes along their last axis (a float
+    one, or an integer one rescaled to float: :meth:`~graphprune.rules.registry.OpRule.
+    rescaled_linear`), through nothing but ops that map values one by one (its bias, an
+    activation, a cast): per-position logits (a token tagger's or a diacritiser's ``[1, T,
+    15]``, a CTC head without its softmax), whose rows' arg-max is each position's class. A
+    convolution's channels are not its last axis; an embedding ends in a normalisation.
+    ``data_dir``: where ``model``'s external tensors are (those the last nodes read are read)."""
+    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
+    from graphprune.rules.registry import lookup  # noqa: PLC0415
+
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.output if v.type.tensor_type.HasField("shape")}
+    wanted = [name for name, rank in ranks.items() if rank >= 3]
+    if not wanted:
+        return set()
+    near = _last_nodes(model, wanted)
+    opset, graph = default_opset(model), gs.import_onnx(_constants_read(model, near, data_dir))
+    rules = {id(n): lookup(n.domain or "", n.op, opset) for n in graph.nodes}
+    dense: set[str] = set()  # the tensors a dense layer writes along the last axis
+    for node in graph.nodes:
+        rule = rules[id(node)]
+        if rule is None or not node.outputs or node.outputs[0].name not in near:
+            continue
+        try:
+            info = rule.linear(node)
+            rescaled = rule.rescaled_linear(node) if info is None else None
+        except Exception:  # noqa: BLE001 - a constant it reads not at hand: no class
+            continue
+        if info is not None and info.kernel == "dense" and info.out_channel_axis == -1:
+            dense.add(node.outputs[0].name)
+        elif rescaled is not None and rescaled.info.kernel == "dense" and rescaled.info.out_channel_axis == -1:
+            dense.add(rescaled.output.name)
+
+    def from_dense(tensor: gs.Tensor) -> bool:
+        for _ in range(_HEAD_DEPTH):
+            if tensor.name in dense:
+                return True
+            node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+            rule = rules.get(id(node)) if node is not None else None
+            computed = [t for t in node.inputs if isinstance(t, gs.Variable) and t.inputs] if node is not None else []
+            if rule is None or rule.zero_behaviour != "map" or rule.normalizes_features or len(computed) != 1:
+                return False
+            tensor = computed[0]
+        return False
+
+    return {t.name for t in graph.outputs if t.name in wanted and from_dense(t)}
+
+
+#: nodes :func:`logit_rows` follows back from an output (a bias, an activation, a rescaling)
+_HEAD_DEPTH = 6
+
+
+def _last_nodes(model: onnx.ModelProto, outputs: list[str]) -> set[str]:
+    """The first output names of the nodes at most :data:`_HEAD_DEPTH` steps before ``outputs``."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    found: set[str] = set()
+    frontier = list(outputs)
+    for _ in range(_HEAD_DEPTH):
+        nodes = [producer[name] for name in frontier if name in producer]
+        frontier = [i for n in nodes if n.output[0] not in found for i in n.input if i]
+        found.update(n.output[0] for n in nodes)
+    return found
+
+
+def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | None) -> onnx.ModelProto:
+    """``model`` with the external tensors that the nodes writing ``near`` read, read from
+    ``data_dir`` (a copy; the others stay references)."""
+    if data_dir is None or not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model
+    read = {i for n in model.graph.node if n.output and n.output[0] in near for i in n.input}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in read:
+            continue
+        where = {e.key: e.value for e in tensor.external_data}
+        try:  # (the store's files may be links: ONNX's loader refuses those)
+            with open(Path(data_dir) / where["location"], "rb") as f:
+                f.seek(int(where.get("offset", 0)))
+                raw = f.read(int(where["length"])) if "length" in where else f.read()
+        except (OSError, KeyError, ValueError):  # left a reference: a rule reading it finds no class
+            continue
+        tensor.raw_data = raw
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return copy
+
+
 def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
                             ) -> float | None:
     """:func:`rank_correlation` of output ``k`` where it qualifies (see the module docstring)."""
@@ -248,10 +338,11 @@ def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: li
 
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
-    *, not_scores: set[str] = frozenset(),
+    *, not_scores: set[str] = frozenset(), logits: set[str] = frozenset(),
 ) -> dict[str, Any]:
     """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k;
-    ``not_scores``: outputs never taken for class scores, see :func:`open_length`)."""
+    ``not_scores``: outputs never taken for class scores, see :func:`open_length`;
+    ``logits``: outputs whose rows are class scores, see :func:`logit_rows`)."""
     outputs: dict[str, Any] = {}
     for k, name in enumerate(names):
         cosines, rels, agree, balanced = [], [], [], []
@@ -285,7 +376,8 @@ def compare_outputs(
             if scores and not per_row and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
                 classes.add(int(np.argmax(y)))
-            elif scores and (per_row or not agree) and rows_of_probabilities(y):
+            elif scores and (per_row or not agree) and (rows_of_probabilities(y) or (
+                    name in logits and y.ndim >= 2 and y.size > y.shape[-1] and y.shape[-1] >= 2)):
                 per_row = True
                 agree.append(row_agreement(y, p))
             else:
@@ -367,4 +459,5 @@ def fidelity(
     ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
     return compare_outputs(names, ref, out,
-                           not_scores=open_length(original) | fed_back(original) | feature_outputs(original))
+                           not_scores=open_length(original) | fed_back(original) | feature_outputs(original),
+                           logits=logit_rows(original, data_dir))
