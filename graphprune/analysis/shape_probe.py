@@ -294,6 +294,11 @@ def _probe_sizes(graph: gs.Graph, symbolic: list[tuple[str, int]], image_sizes: 
     return sizes_a, sizes_b
 
 
+def _known(shape: Sequence[int | None] | None) -> bool:
+    """A probed shape with every size known."""
+    return shape is not None and all(d is not None for d in shape)
+
+
 def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
@@ -321,7 +326,9 @@ def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = N
         return {}
     inputs = {t.name for t in _probe_inputs(graph)}
     variables = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and n not in inputs}
-    rankless = [n for n, t in variables.items() if t.shape is None]
+    # no size known (no rank, or only the rank ONNX Runtime's symbolic inference gave it:
+    # ``contrib_shapes.annotate_ranks``): what other image sizes may size
+    rankless = [n for n, t in variables.items() if t.shape is None or not any(isinstance(d, int) for d in t.shape)]
     try:
         model = _probe_model(graph)
         best: tuple[int, dict, dict, tuple[int, int, int]] | None = None
@@ -331,10 +338,11 @@ def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = N
                 probe_a = _probe_shapes(model, sizes_a)
                 # static inputs: one probe (of folded shape computations) says it all
                 probe_b = _probe_shapes(model, sizes_b) if symbolic else probe_a
-            sized = sum(1 for n in variables if n in probe_a and n in probe_b)
+            sized = sum(1 for n in variables if _known(probe_a.get(n)) and _known(probe_b.get(n)))
             if best is None or sized > best[0]:
                 best = (sized, probe_a, probe_b, image_sizes)
-            if all(n in probe_a and n in probe_b for n in rankless) or not any(_image_axes(graph, symbolic)):
+            if all(_known(probe_a.get(n)) and _known(probe_b.get(n)) for n in rankless) \
+                    or not any(_image_axes(graph, symbolic)):
                 break  # nothing left without a rank that other image sizes could give one
         _, probe_a, probe_b, image_sizes = best  # type: ignore[misc]
         sizes_a, sizes_b = _probe_sizes(graph, symbolic, image_sizes)
