@@ -157,10 +157,17 @@ class CouplingContext:
 
     def derive_shape(self, output: gs.Tensor, shape: list[int | None] | None) -> None:
         """Give ``output`` the shape its rule derives (``None`` for unknown dims) where shape
-        inference left it none: one op ONNX cannot infer (GroupNormalization-21, a custom
-        domain op) would otherwise hide every group after it."""
-        if shape is not None and isinstance(output, gs.Variable) and output.shape is None:
-            output.shape = [d if d is not None else f"gp_unk_{output.name}_{k}" for k, d in enumerate(shape)]
+        inference left it none, or only its rank (ONNX Runtime's symbolic inference gives that
+        much: ``contrib_shapes.annotate_ranks``), the sizes the rule knows: one op ONNX cannot
+        infer (GroupNormalization-21, a custom domain op) would otherwise hide every group
+        after it."""
+        if shape is None or not isinstance(output, gs.Variable):
+            return
+        current = output.shape if output.shape is not None else [None] * len(shape)
+        if len(current) != len(shape) or any(isinstance(d, int) and d >= 0 for d in current):
+            return
+        output.shape = [d if d is not None else c if c is not None else f"gp_unk_{output.name}_{k}"
+                        for k, (d, c) in enumerate(zip(shape, current, strict=True))]
 
     def broadcast_shape(self, tensors: Iterable[gs.Tensor]) -> list[int | None] | None:
         """The numpy broadcast of the tensors' shapes (``None``: a rank is unknown)."""

@@ -144,8 +144,7 @@ class GroupNormRule(_AffineNorm, OpRule):
         x, y = node.inputs[0], node.outputs[0]
         groups = int(node.attrs["num_groups"])
         channels = ctx.size(x, 1)
-        if ctx.shape(y) is None and isinstance(x, gs.Variable) and x.shape is not None:
-            y.shape = list(x.shape)  # inference gives no shape for the function op's output
+        ctx.derive_shape(y, ctx.shape(x))  # inference gives no shape for the function op's output
         ctx.couple_all_axes(x, y)
         ctx.couple(x, 1, y, 1, GroupTie(groups))
         for p in node.inputs[1:3]:
