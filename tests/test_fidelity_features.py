@@ -156,6 +156,10 @@ def test_per_position_logits_of_a_dense_head_get_a_top1_agreement_per_row():
     assert fidelity(model, model, feeds)["outputs"]["y"]["top1_agreement"] == 1.0
     features = _tagger(head=False)
     assert logit_rows(features) == set()
+    mask = _tagger(head=True)  # a sigmoid after the head: per-unit gains (a mask), no classes
+    mask.graph.node.append(helper.make_node("Sigmoid", ["y"], ["gains"]))
+    mask.graph.output[0].name = "gains"
+    assert logit_rows(mask) == set()
     assert "top1_agreement" not in fidelity(features, _moved(features), feeds)["outputs"]["y"]
 
 

@@ -231,8 +231,8 @@ _FEATURE_DEPTH = 32
 def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]:
     """The outputs of rank 3 or more that a dense layer writes along their last axis (a float
     one, or an integer one rescaled to float: :meth:`~graphprune.rules.registry.OpRule.
-    rescaled_linear`), through nothing but ops that map values one by one (its bias, an
-    activation, a cast): per-position logits (a token tagger's or a diacritiser's ``[1, T,
+    rescaled_linear`), through nothing but ops that add or scale by a constant (its bias):
+    per-position logits (a token tagger's or a diacritiser's ``[1, T,
     15]``, a CTC head without its softmax), whose rows' arg-max is each position's class. A
     convolution's channels are not its last axis; an embedding ends in a normalisation.
     ``data_dir``: where ``model``'s external tensors are (those the last nodes read are read)."""
@@ -268,7 +268,11 @@ def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]
             node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
             rule = rules.get(id(node)) if node is not None else None
             computed = [t for t in node.inputs if isinstance(t, gs.Variable) and t.inputs] if node is not None else []
-            if rule is None or rule.zero_behaviour != "map" or rule.normalizes_features or len(computed) != 1:
+            # a bias or a scale (a constant beside the one computed input) keeps each row's
+            # arg-max the class; an activation alone (a sigmoid mask of per-band gains, a
+            # multi-label head) says the rows are no one-of-N choice
+            if (rule is None or rule.zero_behaviour != "map" or rule.normalizes_features or len(computed) != 1
+                    or not any(isinstance(t, gs.Constant) for t in node.inputs)):
                 return False
             tensor = computed[0]
         return False
