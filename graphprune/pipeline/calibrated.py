@@ -361,13 +361,14 @@ class CalibratedRun:
         self._unreconstructed_model = None
         if before is not None:
             figures = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
-            worse, better = before.get("pooled_rel_l2"), result.get("pooled_rel_l2")
+            worse, better = fidelity_mod.deciding_rel_l2(before), fidelity_mod.deciding_rel_l2(result)
             if worse is not None and better is not None and better > worse and unreconstructed is not None:
                 self.session.adopt(unreconstructed)
                 self.reverted = True
+                which = "balanced" if "balanced_rel_l2" in result else "pooled"
                 result = {**before, "with_reconstruction": {k: result.get(k) for k in figures},
                           "reconstruction_reverted": True,
-                          "warning": (f"the reconstruction made the held-out fidelity worse (pooled relative L2 "
+                          "warning": (f"the reconstruction made the held-out fidelity worse ({which} relative L2 "
                                       f"{worse:.4g} -> {better:.4g}): the model is written without it")}
             else:
                 result["without_reconstruction"] = {k: before.get(k) for k in figures}
@@ -469,7 +470,7 @@ class CalibratedRun:
             return
         finally:
             self.batches = batches
-        before_l2, after_l2 = held_out.get("pooled_rel_l2"), after.get("pooled_rel_l2")
+        before_l2, after_l2 = fidelity_mod.deciding_rel_l2(held_out), fidelity_mod.deciding_rel_l2(after)
         if before_l2 is None or after_l2 is None or not after_l2 <= before_l2:
             back(f"refit on every sample, the held-out samples were further from the original "
                  f"(pooled relative L2 {before_l2} -> {after_l2})")

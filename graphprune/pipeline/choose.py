@@ -100,14 +100,16 @@ class _Measured:
 
 
 def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
-    """The fidelity figures of ``outputs`` and their relative L2 pooled over the samples
-    (``inf`` when none): the figure that keeps or undoes a reconstruction
+    """The fidelity figures of ``outputs`` and their relative L2 pooled over the samples,
+    channel by channel where channels differ in size (``inf`` when none:
+    :func:`~graphprune.calibration.fidelity.deciding_rel_l2`): the figure that keeps or undoes a reconstruction
     (:meth:`~graphprune.pipeline.calibrated.CalibratedRun.fidelity`), which samples whose
     original output is near zero cannot dominate as they do a per-sample mean."""
     from graphprune.calibration import fidelity as fidelity_mod
 
     score = fidelity_mod.compare_outputs(names, reference, outputs)
-    return score, score["pooled_rel_l2"] if score["pooled_rel_l2"] is not None else math.inf
+    error = fidelity_mod.deciding_rel_l2(score)
+    return score, error if error is not None else math.inf
 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
