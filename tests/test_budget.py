@@ -370,6 +370,28 @@ def test_sensitivity_is_measured_after_the_consumers_refit(cnn):
     assert sum(sum(a[1]) for a, _ in pairs) < 0.9 * sum(sum(b[1]) for _, b in pairs)
 
 
+def test_the_sensitivity_sweep_measures_every_kth_group_where_all_would_take_too_long(cnn, monkeypatch):
+    """The sweep runs the model at three widths of every group: a YOLOv8-seg at 640x640 spent
+    278 s there. At the first group's pace, where all would take longer than
+    ``SWEEP_SECONDS``, every k-th group is measured and the others take the median curve."""
+    from graphprune.pipeline.calibrated import CalibratedRun, CalibrationOptions
+    from graphprune.planning import sensitivity
+
+    session = Session(cnn)
+    calibrated = CalibratedRun(session, _calibration(cnn), CalibrationOptions(criterion="activation"))
+    analysis = session.analyze()
+    states = budget.build_states(analysis, calibrated.scorer(analysis), eligible=lambda g: True)
+    masked, sweep = sensitivity.masked_model(session.prepared, analysis, states)
+    feeds = calibrated.batches.feeds
+    every = sensitivity.measure(session.path_of(masked), states, sweep, feeds)
+    assert sum(c is not None for c in every) >= 3
+    monkeypatch.setattr(sensitivity, "SWEEP_SECONDS", 1e-9)  # any pace is too slow: the first group only
+    first = sensitivity.measure(session.path_of(masked), states, sweep, feeds)
+    assert sum(c is not None for c in first) == 1 and first[next(i for i, c in enumerate(every) if c)] is not None
+    assert sensitivity.apply_curves(states, first)["groups_measured"] == 1
+    assert all(st.loss is not None for st in states)
+
+
 def test_the_default_search_stops_where_candidates_take_longer_than_estimated(cnn, monkeypatch):
     """The estimate of a candidate's cost counts runs, not least-squares fits (a ResNet-18 on 64
     images: 11 s estimated, about 40 s taken, and 480 s were not enough): the count is also
