@@ -147,7 +147,7 @@ def test_a_conversion_that_changes_the_optimised_function_fails_the_preparation_
     both models optimised where the opset was converted, and fails on a gross difference
     (the old QLinearSoftmax conversion, put back here, changed it by 0.875 of a probability)."""
     from graphprune.errors import GraphPruneError
-    from graphprune.rules.qlinear import QLinearSoftmaxRule
+    from graphprune.rules.qlinear_softmax import QLinearSoftmaxRule
 
     monkeypatch.setattr(QLinearSoftmaxRule, "converter_rewrite", lambda self, node, fresh: None)
     with pytest.raises(GraphPruneError, match="optimizations off, but not with them on"):

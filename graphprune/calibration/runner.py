@@ -536,11 +536,10 @@ def _symbol_sizes(model: onnx.ModelProto, feed: Feed) -> dict[str, int]:
 
 def sample_bytes(model: onnx.ModelProto, feed: Feed) -> int:
     """Estimated bytes of every tensor that ``model`` computes on ``feed`` (one sample): the
-    shapes its ``value_info`` and outputs declare, symbolic sizes taken from the inputs' sizes
-    in ``feed``, and where a size is a symbol no input names (inference invents one behind a
-    computed size: a paddle2onnx detector's every feature map) or a tensor has no shape, the
-    shape that inference at the feed's sizes gives it (:func:`concrete_shapes`). A size
-    that stays unknown counts 1 (the estimate can only fall short)."""
+    shapes its ``value_info`` and outputs declare at the inputs' sizes in ``feed``, and where
+    a size is a symbol no input names (a paddle2onnx detector's every feature map) or a tensor
+    has no shape, its shape from inference at the feed's sizes (:func:`concrete_shapes`). A
+    size that stays unknown counts 1 (the estimate can only fall short)."""
     symbols = _symbol_sizes(model, feed)
     # name -> (itemsize, elements, whether every size is known): an unknown size counts 1
     declared: dict[str, tuple[int, int, bool]] = {}
