@@ -291,8 +291,9 @@ def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
         versus = f"; uniform {final(uniform):.4f}" if uniform is not None and uniform is not chosen else ""
         how = ("a screening reconstruction; the two nearest reconstructed again with cross-validated ridges"
                if any("refit" in c for c in measured) else "reconstruction")
+        kind = "balanced" if chosen.get("balanced") else "pooled"
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
-                     f"{how} (held-out pooled rel-L2 {final(chosen):.4f}{versus})")
+                     f"{how} (held-out {kind} rel-L2 {final(chosen):.4f}{versus})")
     failed = [c for c in budget.get("candidates") or [] if c.get("error")]
     if failed:
         lines.append(f"warning: {len(failed)} candidate allocation(s) not chosen because their "

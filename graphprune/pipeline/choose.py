@@ -186,6 +186,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 row["reconstruction_reverted"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]}
                 score, error = plain_score, plain_error
         row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
+        if "balanced_rel_l2" in score:  # (the figure in pooled_rel_l2: channel by channel)
+            row["balanced"] = True
         measured = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes,
                              reverted, unreconstructed if screening else None, plain_error, plain_cosine,
                              unreconstructed)
