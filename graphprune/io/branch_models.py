@@ -100,7 +100,9 @@ def branch_models(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | N
                                        *inferred.graph.output)}
     for name, shape in (known or {}).items():
         kind = types.get(name)
-        if kind is not None and kind.HasField("tensor_type") and not kind.tensor_type.HasField("shape"):
+        if kind is not None and kind.HasField("tensor_type") and not (  # (a rank alone is not a size)
+                kind.tensor_type.HasField("shape")
+                and all(d.HasField("dim_value") for d in kind.tensor_type.shape.dim)):
             types[name] = helper.make_tensor_type_proto(kind.tensor_type.elem_type, shape)
     sizes: dict[str, list[int]] = {}
     for name, kind in types.items():

@@ -191,7 +191,12 @@ def annotate_ranks(model: onnx.ModelProto) -> bool:
     when any was given: infer again."""
     graph = model.graph
     shaped = _shaped(graph)
-    open_ = {o for n in graph.node for o in n.output if o and o not in shaped}
+    # where inference stopped: outputs without a shape of a node whose inputs all have one
+    # (inference goes on from there); not of a node with a body (an If whose branches differ
+    # in rank has no one rank, whatever the symbolic inference picks)
+    open_ = {o for n in graph.node for o in n.output
+             if o and o not in shaped and all(not i or i in shaped for i in n.input)
+             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)}
     if not open_:
         return False
     skeleton, _ = _detach(model)

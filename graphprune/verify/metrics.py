@@ -306,9 +306,10 @@ def _count(model: onnx.ModelProto, store: Any, input_shapes: dict[str, Any] | No
     total = total if main else 0
     sized = shape is not counted_shape
     found = branch_models(model, input_shapes)
-    if input_shapes and any(b is None for branches in found for b in branches):
+    if input_shapes and any(b is None or len(b[1]) < len(b[0].graph.input) for branches in found for b in branches):
         # an outer value ONNX inference leaves open (an If's output whose branches differ
-        # in rank): its size from folding the shape computations at these sizes
+        # in rank; one it gives only a rank): its size from folding the shape computations
+        # at these sizes
         from graphprune.analysis.shape_probe import probe_concrete_shapes
 
         found = branch_models(model, input_shapes, probe_concrete_shapes(graph, input_shapes))
