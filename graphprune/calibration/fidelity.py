@@ -68,6 +68,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
+from graphprune.io.weights import read_external_bytes
 
 Feed = dict[str, np.ndarray]
 
@@ -330,12 +331,9 @@ def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | Non
     for tensor in copy.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in read:
             continue
-        where = {e.key: e.value for e in tensor.external_data}
         try:  # (the store's files may be links: ONNX's loader refuses those)
-            with open(Path(data_dir) / where["location"], "rb") as f:
-                f.seek(int(where.get("offset", 0)))
-                raw = f.read(int(where["length"])) if "length" in where else f.read()
-        except (OSError, KeyError, ValueError):  # left a reference: a rule reading it finds no class
+            raw = read_external_bytes(tensor, Path(data_dir))
+        except (OSError, ValueError):  # left a reference: a rule reading it finds no class
             continue
         tensor.raw_data = raw
         tensor.data_location = onnx.TensorProto.DEFAULT

@@ -437,7 +437,7 @@ class WeightStore:
     def tensor_bytes(self, tensor: onnx.TensorProto) -> bytes:
         """The bytes of a tensor of this store's models, external or in the proto."""
         if _external(tensor):
-            return _read_bytes(tensor, self.root)
+            return read_external_bytes(tensor, self.root)
         return tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
 
     def copy_bytes(self, stub: onnx.TensorProto, stream: Any, chunk: int = 4 * 2**20) -> int:
@@ -472,7 +472,7 @@ class WeightStore:
         for node in copy.graph.node:
             for tensor in _node_tensors(node):
                 if _external(tensor):
-                    tensor.raw_data = _read_bytes(tensor, self.root)
+                    tensor.raw_data = read_external_bytes(tensor, self.root)
                     tensor.ClearField("data_location")
                     del tensor.external_data[:]
         return copy
@@ -490,12 +490,12 @@ def _inline_external(model: onnx.ModelProto, root: Path) -> None:
     """Load every external tensor of ``model`` (files in ``root``) into the proto."""
     for tensor in _all_tensors(model):
         if _external(tensor):
-            tensor.raw_data = _read_bytes(tensor, root)
+            tensor.raw_data = read_external_bytes(tensor, root)
             tensor.ClearField("data_location")
             del tensor.external_data[:]
 
 
-def _read_bytes(stub: onnx.TensorProto, root: Path) -> bytes:
+def read_external_bytes(stub: onnx.TensorProto, root: Path) -> bytes:
     """The bytes of an external ``stub`` whose file lies in ``root`` (onnx's own reader
     refuses the store's hard links)."""
     info = external_data_helper.ExternalDataInfo(stub)
