@@ -17,6 +17,7 @@ raw deviation of zeroed channels.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,8 +272,6 @@ def measure(
 ) -> list[tuple[list[float], list[float]] | None]:
     """Per state: (ratios actually used, deviations) or ``None`` when it has no mask or was
     not measured (:data:`SWEEP_SECONDS`)."""
-    import time
-
     sess = validate.session(path, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     base = {name: np.ones(st.group.num_units, dtype=np.float32)
