@@ -227,8 +227,9 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
 WIDTH_ROWS = 30
 
 
-def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
-    """Target, achieved value and the per-group kept widths of a budget prune."""
+def budget_lines(budget: Mapping[str, Any] | None, notes: Sequence[str] = ()) -> list[str]:
+    """Target, achieved value and the per-group kept widths of a budget prune (``notes``:
+    more lines after its own notes, before the widths)."""
     if not budget:
         return []
     achieved = budget.get("achieved")
@@ -256,6 +257,7 @@ def budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
     if budget.get("widths_aligned") is False:
         lines.append("note: widths in multiples of 8 could not land within 0.03 of the target: any "
                      "width allowed (--round-to 8 keeps them aligned)")
+    lines.extend(notes)
     lines.extend(_allocation_detail(budget))
     return lines
 
@@ -384,6 +386,24 @@ def frozen_head_lines(report: Mapping[str, Any]) -> list[str]:
     return [f"attention heads: none prunable, {heads['groups']} head group(s) frozen{why}"]
 
 
+def missed_lines(report: Mapping[str, Any]) -> list[str]:
+    """A missed budget target with frozen groups: which reasons froze the most channels (what
+    stands between the widths and the target; ``graphprune analyze`` lists every group)."""
+    budget = report.get("budget") or {}
+    frozen = report.get("frozen") or []
+    if not budget or budget.get("met") or budget.get("achieved") is None or not frozen:
+        return []
+    units: dict[str, int] = {}
+    for g in frozen:
+        for reason in (g.get("reasons") or ())[:1]:
+            units[reason] = units.get(reason, 0) + int(g.get("size", 0))
+    shown = sorted(units.items(), key=lambda kv: -kv[1])[:3]
+    more = len(units) - len(shown)
+    text = "; ".join(f"{reason} ({n} channels)" for reason, n in shown) + (f"; {more} more" if more > 0 else "")
+    return [f"note: {len(frozen)} frozen group(s) cannot give anything to the target: {text} "
+            "(graphprune analyze lists them)"]
+
+
 def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None = None) -> str:
     """The table and lines ``graphprune prune`` prints."""
     rows = result_rows(report)
@@ -432,7 +452,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     if stages:
         lines.append(f"not erased: {len(stages)} skip{'s' if len(stages) > 1 else ''} over a stage of blocks "
                      f"(a branch holding blocks, such as '{stages[0]['add']}' holding {stages[0]['contains']})")
-    lines.extend(budget_lines(report.get("budget")))
+    lines.extend(budget_lines(report.get("budget"), missed_lines(report)))
     lines.extend(allocation_lines(report.get("allocation")))
     lines.extend(verification_lines(report))
     lines.extend(calibration_lines(report.get("calibration")))

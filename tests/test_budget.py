@@ -690,3 +690,23 @@ def test_a_target_of_a_cost_the_model_does_not_have_is_a_usage_error(tmp_path) -
     run = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(src), "-o", str(out), "--target-macs", "0.5"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "nothing to reduce" in run.stderr and not out.exists()
+
+
+def test_missed_target_names_what_froze() -> None:
+    """A missed target says which frozen groups stood in its way (the int8 VoiceFilter's
+    ``--target-macs 0.5`` landed at 0.807 with a note blaming --max-ratio only: most of its
+    channels are LSTM states that are graph inputs and outputs)."""
+    from conftest import conv_node
+
+    from graphprune.tables import missed_lines, prune_summary
+
+    model = make_model([conv_node("x", "w1", "a", "b1"), conv_node("a", "w2", "y", "b2")],
+                       {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]},
+                       {"w1": [16, 3, 3, 3], "b1": [16], "w2": [4, 16, 3, 3], "b2": [4]})
+    report = graphprune.prune(model, target_macs=0.05).report
+    assert not report["budget"]["met"]
+    lines = missed_lines(report)
+    assert len(lines) == 1 and "graph output 'y' (4 channels)" in lines[0] and "graph input 'x'" in lines[0]
+    assert lines[0] in prune_summary(report)
+    # a met target has no such line
+    assert missed_lines(graphprune.prune(model, target_macs=0.5).report) == []
