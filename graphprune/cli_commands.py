@@ -22,22 +22,29 @@ from graphprune.analysis.explain import domain_notes
 from graphprune.errors import UsageError
 from graphprune.tables import ANALYZE_LEGEND, normalised_lines, prune_summary, result_rows, table
 
+#: where stderr is not a terminal (a log, a pipe, a notebook cell), stage lines start once a
+#: run has taken this long: a quick run, or an input error, prints only its result
+PROGRESS_AFTER = 10.0
+
 
 class _Progress:
-    """Stage progress on stderr (``[2/5] analysis``), silent with --quiet."""
+    """Stage progress on stderr (``[2/5] analysis (+0.4s)``), silent with --quiet. On a
+    terminal from the start; elsewhere from :data:`PROGRESS_AFTER` seconds into the run.
+    ``GRAPHPRUNE_PROGRESS=1`` prints every stage anywhere, ``=0`` none."""
 
     def __init__(self, enabled: bool, stages: Sequence[str]) -> None:
-        # progress is for people watching a terminal; logs and pipes get the final report only
-        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("GRAPHPRUNE_PROGRESS") == "1")
+        setting = os.environ.get("GRAPHPRUNE_PROGRESS")
+        self.enabled = enabled and setting != "0"
+        self.after = 0.0 if setting == "1" or sys.stderr.isatty() else PROGRESS_AFTER
         self.stages = list(stages)
         self.start = time.perf_counter()
 
     def __call__(self, stage: str) -> None:
-        if not self.enabled:
+        elapsed = time.perf_counter() - self.start
+        if not self.enabled or elapsed < self.after:
             return
         index = self.stages.index(stage) + 1 if stage in self.stages else 0
         total = len(self.stages)
-        elapsed = time.perf_counter() - self.start
         prefix = f"[{index}/{total}]" if index else "[..]"
         print(f"{prefix} {stage} (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
 

@@ -124,6 +124,24 @@ def test_prune_shows_progress_on_stderr(capsys, models, tmp_path, monkeypatch):
     ]
     code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "q.onnx", "-q")
     assert code == 0 and err == ""
+    monkeypatch.setenv("GRAPHPRUNE_PROGRESS", "0")
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "r.onnx")
+    assert code == 0 and err == ""
+
+
+def test_long_runs_show_progress_in_logs(capsys, models, tmp_path, monkeypatch):
+    """Where stderr is no terminal (a pipe, a log, a notebook cell), a run that has taken
+    PROGRESS_AFTER seconds prints its stages from then on: a calibrated budget search printed
+    nothing for minutes."""
+    from graphprune import cli_commands
+
+    monkeypatch.delenv("GRAPHPRUNE_PROGRESS", raising=False)
+    monkeypatch.setattr(cli_commands, "PROGRESS_AFTER", 0.0)
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "s.onnx")
+    assert code == 0
+    assert [line.split()[1] for line in err.splitlines()] == [
+        "load", "analysis", "plan", "prune", "verify", "count",
+    ]
 
 
 # --------------------------------------------------------------------------- bench, demo
