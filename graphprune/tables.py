@@ -108,6 +108,11 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"  outputs of one value throughout on every input compared: {names} (little was compared "
                      "there: the inputs may lie outside what the model was made for; --calibration with real "
                      "inputs checks them on those)")
+    if v.get("non_finite_outputs"):
+        names = ", ".join(v["non_finite_outputs"][:4]) + (", ..." if len(v["non_finite_outputs"]) > 4 else "")
+        lines.append(f"  outputs NaN or infinite throughout on every input compared: {names} (nothing was compared "
+                     "there: the inputs lie outside what the model takes; --calibration with real inputs checks "
+                     "them on those)")
     if v.get("scale"):  # accepted above the tolerance: say on what grounds
         grounds = v["scale"]
         lines.append(f"  accepted: {'relative to ' if grounds.startswith('the ') else ''}{grounds}")

@@ -33,6 +33,7 @@ from graphprune.io import (
     value_types,
 )
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
+from graphprune.io.expansions import record as record_expansions
 from graphprune.io.folding import fold_constants
 from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.gs_export import as_protos
@@ -292,7 +293,7 @@ def _constant_bytes(graph: gs.Graph) -> int:
 
 def prepare(
     model: onnx.ModelProto, *, fold: bool = True, copy_model: bool = True, store: Any = None,
-    notes: dict[str, Any] | None = None,
+    notes: dict[str, Any] | None = None, expansions: dict[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """Return a normalised, shape-inferred copy of ``model`` ready for analysis.
 
@@ -304,6 +305,9 @@ def prepare(
     :mod:`graphprune.io.lowering`), the operators run for their output shapes
     (``shapes_run``, :mod:`graphprune.io.custom_shapes`) and the tensors split into a sequence
     that are read as slices now (``sequences_sliced``, :mod:`graphprune.io.sequences`).
+    ``expansions`` (a dict) receives the folded tensors far larger than what they were
+    computed from, for the written model to compute them again
+    (:mod:`graphprune.io.expansions`).
     """
     value_types.refuse_unwritable(model)
     if copy_model:
@@ -350,12 +354,12 @@ def prepare(
     opset = default_opset(model)
     if folding or shrinking or has_zero_defaults(model, opset) or has_concat_selects(model, opset) \
             or has_indexed_flat_reads(model, opset):
-        model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking)
+        model = _normalise_graph(model, store, folding or shrinking, shrink_only=shrinking, expansions=expansions)
         for _ in range(FOLD_ROUNDS if folding else 0):  # what the folded values let inference size
             if not _reads_static_shapes(model):
                 break
             size = len(model.graph.node)
-            model = _normalise_graph(model, store, True)
+            model = _normalise_graph(model, store, True, expansions=expansions)
             if len(model.graph.node) >= size:
                 break
     untie_shared_constants(model)
@@ -406,7 +410,7 @@ def _reads_static_shapes(model: onnx.ModelProto) -> bool:
 
 
 def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
-                     shrink_only: bool = False) -> onnx.ModelProto:
+                     shrink_only: bool = False, expansions: dict[str, Any] | None = None) -> onnx.ModelProto:
     """Fold constant subgraphs (``folding``; with ``shrink_only``, kept only where the
     constants then take at least SHRINK less space and no learned parameter of a node is a
     folded value), drop optional inputs that are provably zero
@@ -444,6 +448,8 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
             if (_constant_bytes(graph) > (1 - SHRINK) * before
                     or _computed_parameters(graph, stored, default_opset(model))):
                 graph, folding = import_graph(model, store), False  # as it came: see _computes_from_weights
+        if folding and expansions is not None:
+            expansions.update(_expansions(model, graph, expansions))
     changed = drop_zero_inputs(graph, default_opset(model))
     changed += bypass_concat_selects(graph, default_opset(model))
     changed += bypass_identity_gathers(graph, default_opset(model))
@@ -477,6 +483,15 @@ def _fold_limit(graph: gs.Graph) -> int:
     largest = max((int(np.prod(t.shape, dtype=np.int64)) for t in graph_constants(graph)
                    if t.shape is not None), default=0)
     return max(FOLD_FLOOR, FOLD_GROWTH * 4 * largest)
+
+
+def _expansions(model: onnx.ModelProto, graph: gs.Graph, earlier: dict[str, Any]) -> dict[str, Any]:
+    """The folds of ``graph`` (folded from ``model``) that
+    :func:`graphprune.io.expansions.record` keeps."""
+    stored = {t.name for t in model.graph.initializer}
+    folded = {tensor.name: tuple(int(d) for d in tensor.shape) for tensor in graph_constants(graph)
+              if tensor.name not in stored and tensor.shape is not None}
+    return record_expansions(model, folded, default_opset(model), earlier)
 
 
 def _load_fold_inputs(graph: gs.Graph) -> None:

@@ -37,7 +37,15 @@ from graphprune.errors import (
     UsageError,
     VerificationError,
 )
-from graphprune.io import custom_shapes, declared_shapes, ir, model_io, runtime, stale_shapes
+from graphprune.io import (
+    custom_shapes,
+    declared_shapes,
+    expansions,
+    ir,
+    model_io,
+    runtime,
+    stale_shapes,
+)
 from graphprune.io.feeds import declare_ranks, input_specs, make_feeds
 from graphprune.io.order import toposort_model
 from graphprune.io.shared_constants import retie_constants, retie_shapes, share_subgraph_constants
@@ -60,6 +68,9 @@ UPGRADE_TO = 13
 #: default verification tolerance of models that compute in float16/bfloat16 (their
 #: rounding step is ~1e-3 relative; a pruned and a zeroed model round differently)
 LOW_PRECISION_TOLERANCE = 1e-2
+#: the verification's lists of outputs where its feeds compared little or nothing (no
+#: element, one value throughout, no finite value): checked again on calibration samples
+IDLE_OUTPUTS = ("empty_outputs", "constant_outputs", "non_finite_outputs")
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -153,7 +164,11 @@ class Session(FeedValues):
             self.loaded = as_loaded if as_loaded is not None else onnx.ModelProto()
             if as_loaded is None:
                 self.loaded.CopyFrom(loaded)
-            self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised)
+            #: folded tensors far larger than the values they are computed from, written back as
+            #: their computation where the prune leaves them (:mod:`graphprune.io.expansions`)
+            self.expansions: dict[str, Any] = {}
+            self.prepared = ir.prepare(loaded, copy_model=False, store=self.store, notes=self.normalised,
+                                       expansions=self.expansions)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
             if self.input_shapes:  # a name or shape that does not fit: a usage error now
@@ -448,25 +463,27 @@ class Session(FeedValues):
             result = result if fault is None else {**result, "error": str(fault), "_error": fault}
         if self.feeds_from_data and feeds is None:
             result["feeds"] = self.feeds_from_data
-        elif feeds is None and (result.get("empty_outputs") or result.get("constant_outputs")) and self.data_feeds:
+        elif feeds is None and any(result.get(key) for key in IDLE_OUTPUTS) and self.data_feeds:
             result = self._verify_on_data(reference, what, candidate, stage, compare, result)
         return result
 
     def _verify_on_data(self, reference: Any, what: str, candidate: Any, stage: str, compare: dict[str, Any],
                         result: dict[str, Any]) -> dict[str, Any]:
         """Where some outputs had no element on the random feeds (a detector's boxes: no score
-        passes its threshold on noise), or one value throughout (a quantized model's 0s), the
+        passes its threshold on noise), one value throughout (a quantized model's 0s) or no
+        finite value (swift-f0's pitch for a negative frequency bound), the
         comparison again on the calibration samples, kept where fewer outputs are so there
         (whatever its verdict)."""
         data = self.data_feeds[:DATA_CHECK_SAMPLES]
         again = self._verify(reference, what, candidate, data, stage, compare)
 
         def idle(found: dict[str, Any]) -> list[str]:
-            return [*found.get("empty_outputs", []), *found.get("constant_outputs", [])]
+            return [name for key in IDLE_OUTPUTS for name in found.get(key, [])]
 
         if len(idle(again)) >= len(idle(result)):
             return result
-        how = "had no element" if result.get("empty_outputs") else "were constant"
+        how = ("had no element" if result.get("empty_outputs") else "were constant" if result.get("constant_outputs")
+               else "had no finite value")
         return {**again, "feeds": f"{len(data)} calibration samples (on random inputs "
                                   f"{', '.join(idle(result)[:3])} {how})"}
 
@@ -484,7 +501,7 @@ class Session(FeedValues):
                     pair_safe=saturation.may_saturate(self.prepared), **compare,
                 )
                 result["checker"] = result["checker"] or checked
-                for key in ("empty_outputs", "constant_outputs"):  # (by name: the prepared graph's outputs)
+                for key in IDLE_OUTPUTS:  # (by name: the prepared graph's outputs)
                     if key in result:
                         result[key] = [self.prepared.graph.output[j].name for j in result[key]]
                 return result
@@ -555,6 +572,12 @@ class Session(FeedValues):
                          or VerificationError(preparation.failure_message(verification["preparation"])))
                 verification["error"] = str(error)
         report["verification"] = verification
+        final = self.model if model is None else model
+        if final is not None and self.expansions:  # (checked bit for bit: expansions.restore)
+            recomputed = expansions.restore(final, self.expansions, self.store.tensor_bytes, self.check)
+            if recomputed:
+                report["params_after"], report["nodes_after"] = count_params(final), len(final.graph.node)
+                report["constants_recomputed"] = recomputed
         report["timings"] = {**self.timings, "total": self.elapsed()}
         declared_shapes.forget_invented(self.model if model is None else model)
         declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)

@@ -346,6 +346,10 @@ def _differences(ref_outs: list[list[np.ndarray]], outs: list[list[np.ndarray]],
         # input quantizer maps to one level answers 0 everywhere): little was compared there
         **({"constant_outputs": constant} if (constant := [j for j in range(len(per_output))
                                                         if _one_value([out[j] for out in ref_outs])]) else {}),
+        # outputs NaN or infinite throughout on every feed (the feeds lie outside the model's
+        # domain, such as a negative frequency bound): nothing was compared there
+        **({"non_finite_outputs": nan} if (nan := [j for j in range(len(per_output))
+                                                   if _no_finite([out[j] for out in ref_outs])]) else {}),
     }
 
 
@@ -389,16 +393,32 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
 def _difference(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
     """One output: largest absolute difference, that relative to the output's scale, and the
     scale (largest finite magnitude of ``ref``; 0 for a non-float output, whose differences
-    count mismatching elements)."""
+    count mismatching elements). Non-finite elements agree where both are NaN or the same
+    infinity (a model that answers NaN to an input out of its domain, swift-f0's pitch for a
+    negative ``fmin``, answers so pruned too); anywhere else they differ by ``inf``."""
     if ref.size == 0:
         return 0.0, 0.0, 0.0
     if ref.dtype.kind not in "fc":
         mismatch = float(np.count_nonzero(ref != out))
         return mismatch, mismatch / ref.size, 0.0
-    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-    d = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
-    scale = float(np.max(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 0.0
+    finite = np.isfinite(ref)
+    scale = float(np.max(np.abs(ref[finite]))) if finite.any() else 0.0
+    if not (finite.all() and np.isfinite(out).all()):
+        same = (np.isnan(ref) & np.isnan(out)) | (ref == out)
+        if not (same | (finite & np.isfinite(out))).all():  # non-finite on one side only
+            return float("inf"), float("inf"), scale
+        both = finite & np.isfinite(out)
+        ref, out = ref[both], out[both]
+        if ref.size == 0:
+            return 0.0, 0.0, scale
+    d = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
     return d, d / max(scale, 1e-12), scale
+
+
+def _no_finite(values: list[np.ndarray]) -> bool:
+    """Float arrays with elements, none of them finite (NaN or infinite throughout)."""
+    return (bool(values) and all(v.dtype.kind in "fc" for v in values) and sum(v.size for v in values) > 0
+            and not any(np.isfinite(v).any() for v in values))
 
 
 def output_shapes_match(reference: list[np.ndarray], other: list[np.ndarray]) -> bool:

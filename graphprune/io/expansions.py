@@ -1,0 +1,220 @@
+"""Folded expansions written back as their computation.
+
+The preparation folds constant subgraphs so that the analysis sees weights
+(:func:`graphprune.io.ir.prepare`). Some of them compute a tensor far larger than the stored
+values they read: swift-f0 builds four DCT bases of 32x32 to 64x64 as ``Cos`` of an outer
+product of two index vectors, 29.9 k stored values that fold into 53.7 k. A prune that
+leaves such a tensor as it was would write the expansion, and a ``--lossless`` model would
+hold twice the parameters of the original.
+
+:func:`record` keeps, for every folded tensor at least :data:`EXPANSION` times larger than
+the stored values it was computed from, the nodes that computed it and those values;
+:func:`restore` puts the computation back into the written model for each one that is still
+there as it was folded, after checking that ONNX Runtime computes it from them bit for bit.
+A tensor the rewrite sliced or refit stays a constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["EXPANSION", "Expansion", "record", "restore"]
+
+#: a folded tensor of more than this many times the elements of the stored values it is
+#: computed from is written back as its computation where it is left as it was (a weight's
+#: dtype cast, its dequantisation and a concatenation compute as many values as they read)
+EXPANSION = 4
+#: smaller folded tensors stay (shapes, indices, short tables)
+MIN_ELEMENTS = 256
+
+
+@dataclass
+class Expansion:
+    """How a folded tensor was computed: ``nodes`` in order, reading ``sources``."""
+
+    nodes: list[onnx.NodeProto]
+    sources: list[onnx.TensorProto]
+    opset: int
+    shape: tuple[int, ...] = field(default=())
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: int,
+           earlier: dict[str, Expansion] | None = None) -> dict[str, Expansion]:
+    """The expansions among ``folded`` (``{name: shape}`` of the constants a fold created), traced through ``model``, the graph before the fold, and through the expansions
+    of ``earlier`` folds (a stored tensor of ``model`` that one of them created is traced
+    through its nodes). A tensor computed from anything but stored values and nodes without
+    subgraphs (a graph input's shape) is left out."""
+    earlier = earlier or {}
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    stored = {t.name: t for t in model.graph.initializer}
+    found: dict[str, Expansion] = {}
+    for name, shape in folded.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        if size < MIN_ELEMENTS or name in stored or name not in producer:
+            continue
+        nodes: dict[str, onnx.NodeProto] = {}  # by first output
+        sources: dict[str, onnx.TensorProto] = {}
+        todo, ok = [name], True
+        while todo and ok:
+            tensor = todo.pop()
+            if not tensor or tensor in sources or tensor in nodes:
+                continue
+            if tensor in stored and tensor in earlier and earlier[tensor].opset == opset:
+                for node in earlier[tensor].nodes:
+                    nodes.setdefault(node.output[0], node)
+                for source in earlier[tensor].sources:
+                    sources.setdefault(source.name, source)
+                continue
+            if tensor in stored:
+                sources[tensor] = stored[tensor]
+                continue
+            node = producer.get(tensor)
+            if node is None or node.domain not in ("", "ai.onnx") or any(
+                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                ok = False
+                break
+            if node.output[0] not in nodes:
+                nodes[node.output[0]] = node
+                todo.extend(node.input)
+        if not ok or not nodes:
+            continue
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in sources.values()):
+            continue  # (the written model's store decides where those go)
+        if size <= EXPANSION * sum(_elements(t) for t in sources.values()):
+            continue
+        found[name] = Expansion([_copy(n) for n in _in_order(list(nodes.values()))],
+                                [_copy(t) for t in sources.values()], opset, tuple(shape))
+    return found
+
+
+def _in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` with every producer before its readers."""
+    made = {out: k for k, node in enumerate(nodes) for out in node.output if out}
+    placed: list[onnx.NodeProto] = []
+    done: set[int] = set()
+
+    def place(k: int) -> None:
+        if k in done:
+            return
+        done.add(k)
+        for tensor in nodes[k].input:
+            if tensor in made:
+                place(made[tensor])
+        placed.append(nodes[k])
+
+    for k in range(len(nodes)):
+        place(k)
+    return placed
+
+
+def _copy(proto):  # noqa: ANN001, ANN202 - a NodeProto or a TensorProto
+    other = type(proto)()
+    other.CopyFrom(proto)
+    return other
+
+
+def restore(model: onnx.ModelProto, expansions: dict[str, Expansion],
+            read: Callable[[onnx.TensorProto], bytes] | None = None,
+            check: Callable[[onnx.ModelProto], None] | None = None) -> int:
+    """Put each recorded expansion that ``model`` still holds as it was folded back as its
+    computation (in place); the number put back. Each is checked first: ONNX Runtime computes
+    it from the recorded nodes and values bit for bit, its names clash with nothing, and the
+    model passes the checker afterwards (else the model is left as it was). ``read``: the
+    bytes of a tensor of ``model`` (a weight store's reader, for tensors stored outside the
+    proto; default: only tensors in the proto are read); ``check``: the checker, raising on a
+    failure (default: ``onnx.checker.check_model``)."""
+    from graphprune.io.ir import default_opset
+
+    if not expansions:
+        return 0
+    graph = model.graph
+    held = {t.name: t for t in graph.initializer}
+    taken = {out for node in graph.node for out in node.output} | {i.name for i in graph.input}
+    candidates = {}
+    for name, exp in expansions.items():
+        tensor = held.get(name)
+        if tensor is None or exp.opset != default_opset(model) or tuple(tensor.dims) != exp.shape \
+                or (read is None and tensor.data_location == onnx.TensorProto.EXTERNAL):
+            continue
+        outputs = {out for node in exp.nodes for out in node.output if out}
+        if (outputs - {name}) & (taken | set(held)):
+            continue
+        if any(s.name in held and not _same(held[s.name], s, read) for s in exp.sources) \
+                or any(s.name in taken for s in exp.sources):
+            continue
+        candidates[name] = exp
+    equal = _recomputed_equal(candidates, held, read)
+    if not equal:
+        return 0
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    nodes: dict[str, onnx.NodeProto] = {}
+    sources: dict[str, onnx.TensorProto] = {}
+    for name in equal:
+        for node in expansions[name].nodes:
+            nodes.setdefault(node.output[0], node)
+        for source in expansions[name].sources:
+            sources.setdefault(source.name, source)
+    keep = [t for t in graph.initializer if t.name not in equal]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    graph.initializer.extend(s for n, s in sources.items() if n not in held)
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes.values())
+    graph.node.extend(rest)
+    try:
+        (check or onnx.checker.check_model)(model)
+    except Exception:  # noqa: BLE001 - any failure: the model stays as it was verified
+        model.CopyFrom(before)
+        return 0
+    return len(equal)
+
+
+def _array(tensor: onnx.TensorProto, read: Callable[[onnx.TensorProto], bytes] | None) -> np.ndarray:
+    if read is None or tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    return np.frombuffer(read(tensor), dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def _same(a: onnx.TensorProto, b: onnx.TensorProto, read: Callable[[onnx.TensorProto], bytes] | None) -> bool:
+    if tuple(a.dims) != tuple(b.dims) or a.data_type != b.data_type:
+        return False
+    return bool(np.array_equal(_array(a, read), _array(b, read), equal_nan=True))
+
+
+def _recomputed_equal(candidates: dict[str, Expansion], held: dict[str, onnx.TensorProto],
+                      read: Callable[[onnx.TensorProto], bytes] | None) -> list[str]:
+    """The names among ``candidates`` that ONNX Runtime computes from their nodes and values
+    exactly as ``held`` stores them."""
+    if not candidates:
+        return []
+    import onnxruntime as ort
+
+    equal = []
+    for name, exp in candidates.items():
+        target = held[name]
+        graph = onnx.helper.make_graph(
+            exp.nodes, "expansion", [], [onnx.helper.make_tensor_value_info(name, target.data_type, list(target.dims))],
+            list(exp.sources))
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", exp.opset)])
+        probe.ir_version = min(probe.ir_version, 10)
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            (value,) = session.run([name], {})
+            stored = _array(target, read)
+        except Exception:  # noqa: BLE001 - not recomputable here: it stays a constant
+            continue
+        if value.shape == stored.shape and value.dtype == stored.dtype and np.array_equal(value, stored, equal_nan=True):
+            equal.append(name)
+    return equal

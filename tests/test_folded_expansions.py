@@ -1,0 +1,112 @@
+"""Weights the model computes from far fewer stored values stay computed in the written model.
+
+swift-f0 (swift-f0 0.3.0) builds DCT bases as ``Cos`` of an outer product of two index
+vectors: 29.9 k stored values. The preparation folds them into 53.7 k, so ``--lossless``
+wrote 1.93x the parameters of the original and ``--ratio 0.5`` 1.36x. A folded tensor far
+larger than what it is computed from is written back as its computation where the prune left
+it as it was (``graphprune.io.expansions``); one the prune cut stays a constant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from conftest import make_model, run_ort
+from onnx import helper
+
+import graphprune
+from graphprune.io import expansions
+from graphprune.pipeline.session import Session
+from graphprune.verify.metrics import count_params
+
+K = np.arange(64, dtype=np.float32)
+
+
+def _model(basis_kept: bool) -> onnx.ModelProto:
+    """``cos(a b^T)``, a 64x64 basis computed from two vectors, read by a MatMul. With
+    ``basis_kept`` its columns are a graph output (``spectrum``) and a prunable hidden layer
+    of 64 follows; else the basis is the weight of the prunable hidden layer itself. The
+    ``Shape``/``Reshape`` is what makes the preparation fold (as an exporter's would)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Reshape", ["x", "xs"], ["x2"]),
+        helper.make_node("Mul", ["a", "b"], ["outer"]),
+        helper.make_node("Cos", ["outer"], ["basis"]),
+        helper.make_node("MatMul", ["x2", "basis"], ["spectrum"]),
+    ]
+    params: dict = {"a": (K / 64).reshape(64, 1), "b": (K + 0.5).reshape(1, 64)}
+    if basis_kept:
+        nodes += [helper.make_node("MatMul", ["spectrum", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                  helper.make_node("MatMul", ["r", "w2"], ["y"])]
+        params.update(w1=[64, 64], w2=[64, 8])
+        outputs = {"y": [2, 8], "spectrum": [2, 64]}
+    else:
+        nodes += [helper.make_node("Relu", ["spectrum"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+        params.update(w2=[64, 64])
+        outputs = {"y": [2, 64]}
+    return make_model(nodes, {"x": [2, 64]}, outputs, params)
+
+
+def _feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+
+
+def _stored(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {t.name: list(t.dims) for t in model.graph.initializer}
+
+
+def test_the_preparation_folds_the_basis() -> None:
+    """(What the rest is about: the analysis sees the basis as a constant weight.)"""
+    session = Session(_model(basis_kept=True))
+    assert _stored(session.prepared)["basis"] == [64, 64]
+    assert "basis" in session.expansions and len(session.expansions["basis"].sources) == 2
+
+
+def test_lossless_writes_no_more_parameters_than_the_original() -> None:
+    model = _model(basis_kept=True)
+    result = graphprune.prune(model, lossless=True)
+    assert result.report["params_before"] == count_params(model)
+    assert result.report["params_after"] == count_params(result.model) == result.report["params_before"]
+    assert result.report["constants_recomputed"] == 1
+    assert "basis" not in _stored(result.model) and any(n.op_type == "Cos" for n in result.model.graph.node)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert all(np.array_equal(a, b) for a, b in zip(run_ort(result.model, _feeds()), run_ort(model, _feeds()),
+                                                     strict=True))
+
+
+def test_a_pruned_model_computes_the_basis_it_did_not_cut() -> None:
+    model = _model(basis_kept=True)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    stored = _stored(result.model)
+    assert "basis" not in stored and stored["w1"] == [64, 32] and stored["w2"] == [32, 8]
+    assert result.report["params_after"] == count_params(result.model) == 64 + 64 + 64 * 32 + 32 * 8
+    onnx.checker.check_model(result.model, full_check=True)
+    # the frozen output reads the basis whole: it is the original's
+    assert np.array_equal(run_ort(result.model, _feeds())[1], run_ort(model, _feeds())[1])
+
+
+def test_a_basis_the_prune_cut_stays_a_constant() -> None:
+    """The basis is the hidden layer's weight: its columns are cut, so the written model
+    stores the sliced basis (no longer what the nodes compute)."""
+    result = graphprune.prune(_model(basis_kept=False), ratio=0.5)
+    assert result.report["verification"]["ok"]
+    assert _stored(result.model)["basis"] == [64, 32] and "constants_recomputed" not in result.report
+    assert not any(n.op_type == "Cos" for n in result.model.graph.node)
+
+
+def test_restore_checks_what_it_puts_back() -> None:
+    """A recorded expansion whose stored values differ from what its nodes compute is not
+    put back (here the values changed after the record)."""
+    session = Session(_model(basis_kept=True))
+    model = onnx.ModelProto()
+    model.CopyFrom(session.store.materialize(session.prepared))
+    basis = next(t for t in model.graph.initializer if t.name == "basis")
+    values = onnx.numpy_helper.to_array(basis).copy()
+    assert expansions.restore(model, session.expansions) == 1  # as folded: put back
+    model.CopyFrom(session.store.materialize(session.prepared))
+    values[0, 0] += 1.0
+    basis = next(t for t in model.graph.initializer if t.name == "basis")
+    basis.CopyFrom(onnx.numpy_helper.from_array(values, "basis"))
+    assert expansions.restore(model, session.expansions) == 0
+    assert "basis" in _stored(model)
