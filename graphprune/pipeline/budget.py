@@ -237,7 +237,8 @@ def prune_budget(
     analysis = session.analyze()
     shape_of = session.cost_shape(analysis.graph)
     scorer = calibrated.scorer(analysis) if calibrated is not None else None
-    states = _states(session, analysis, options, scorer)
+    with session.stage("scores"):  # (with calibration: the data-aware criteria, a minute on a MiniLM)
+        states = _states(session, analysis, options, scorer)
     if options.removed is not None:  # the target: the cost of these removals
         target = budget_mod.fraction_at(analysis, states, options.kind, options.removed, shape_of)
         options = BudgetOptions(**{**options.__dict__, "target": min(target, 1.0 - 1e-9)})
