@@ -526,11 +526,10 @@ def _case_table() -> dict[str, Case]:
     add("CumSum", lambda: cnn([n("CumSum", ["a", "ax2"], ["b"])], {"ax2": np.array(2, np.int64)}))
     add("CumSum(channels)", lambda: cnn([n("CumSum", ["a", "ax1"], ["b"])], {"ax1": np.array(1, np.int64)}),
         FROZEN, "summed axis at CumSum 'CumSum'", ops=["CumSum"])
-    add("ScatterND", index_op("ScatterND", ["a", "idx", "a"], {"idx": ints(0).reshape(1, 1)}),
-        FROZEN, "computed positions at ScatterND")
-    add("ScatterElements", index_op("ScatterElements", ["a", "idx", "a"], {"idx": SAME_INDEX},
-                                    axis=2), FROZEN, "computed positions")
-    add("Scatter", scatter_v10, FROZEN, "computed positions at Scatter", raw=True)
+    # (the written positions are in axis 0 / axis 2: the channels pass through)
+    add("ScatterND", index_op("ScatterND", ["a", "idx", "a"], {"idx": ints(0).reshape(1, 1)}))
+    add("ScatterElements", index_op("ScatterElements", ["a", "idx", "a"], {"idx": SAME_INDEX}, axis=2))
+    add("Scatter", scatter_v10, raw=True)
     return cases
 
 

@@ -8,6 +8,14 @@ size, channels) couples element for element across the cache, the update and the
 a head of the cache prunes with the head that fills it. A channel that is the same constant
 in the cache and the update stays that constant.
 
+``ScatterND`` writes ``updates`` into ``data`` at the positions ``indices [..., k]`` name in
+data's first ``k`` axes; data's other axes pass through element for element into the
+updates' trailing axes and the output (a torch export's in-place cache write ``buf[0] = x``:
+the channels of ``x`` prune with the buffer's). ``ScatterElements`` (``Scatter`` before opset
+11) writes each update along ``axis`` at the position its index names; its other axes are
+element for element across data, indices, updates and output where all four have data's
+extent. The written axes are positions (frozen); the indices are never read as channels.
+
 ``OneHot`` turns ``indices`` of rank ``r`` into an output of rank ``r + 1`` whose new ``axis``
 has ``depth`` positions (``values[1]`` at the index, ``values[0]`` elsewhere): the index axes
 pass through, the new axis counts classes chosen by value (frozen), and ``depth`` and
@@ -66,6 +74,59 @@ class TensorScatterRule(OpRule):
         if other is None or other.size != state.values.size:
             return [None]
         return [za.values(state.axis, np.where(state.values == other, state.values, np.nan))]
+
+
+@register
+class ScatterNDRule(OpRule):
+    op_types = ("ScatterND",)
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+        ranks = ctx.known_ranks(node, data, indices, updates, y)
+        if ranks is None:
+            return
+        rd, ri, ru, ry = ranks
+        depth = ctx.size(indices, ri - 1)
+        if depth is None or ry != rd or ru != ri - 1 + rd - depth:
+            ctx.freeze_node(node, f"{node.op} '{node.name}' not understood (ranks {ranks}, index depth {depth})")
+            return
+        reason = f"written positions at {node.op} '{node.name}'"
+        for a in range(depth):
+            ctx.freeze(data, a, reason)
+            ctx.freeze(y, a, reason)
+        for a in range(ri):
+            ctx.freeze(indices, a, reason)
+        for a in range(ri - 1):
+            ctx.freeze(updates, a, reason)
+        for a in range(depth, rd):
+            ctx.couple(data, a, y, a)
+            ctx.couple(updates, ri - 1 + a - depth, y, a)
+
+
+@register
+class ScatterElementsRule(OpRule):
+    op_types = ("ScatterElements", "Scatter")
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+        ranks = ctx.known_ranks(node, data, indices, updates, y)
+        if ranks is None:
+            return
+        if len(set(ranks)) != 1:
+            ctx.freeze_node(node, f"{node.op} '{node.name}' not understood (ranks {ranks})")
+            return
+        rank = ranks[0]
+        axis = int(node.attrs.get("axis", 0)) % rank
+        reason = f"written positions at {node.op} '{node.name}'"
+        tensors = (data, indices, updates, y)
+        for a in range(rank):
+            sizes = {ctx.member_size(t, a) for t in tensors}
+            if a == axis or len(sizes) != 1 or None in sizes:  # (a smaller index extent writes a part)
+                for t in tensors:
+                    ctx.freeze(t, a, reason)
+                continue
+            for t in tensors[:3]:
+                ctx.couple(t, a, y, a)
 
 
 @register

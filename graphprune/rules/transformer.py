@@ -278,13 +278,3 @@ class GatherElementsRule(OpRule):
                 continue
             ctx.couple(data, a, y, a)
             ctx.couple(indices, a, y, a)
-
-
-@register
-class DataDependentIndexRule(OpRule):
-    """Gathers and scatters by computed multi-axis indices: frozen."""
-
-    op_types = ("ScatterND", "ScatterElements", "Scatter")  # GatherND: rules/slicing.py
-
-    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        ctx.freeze_node(node, f"indexed by computed positions at {node.op} '{node.name}'")
