@@ -52,3 +52,18 @@ def test_given_sizes_unfreeze_what_the_probe_sizes_cannot_run():
     for frames in (5, 20, 63):  # the frames axis stays open
         (y,) = session.run(None, {"x": np.ones((frames, BINS), np.float32)})
         assert y.shape == (frames, 4)
+
+
+def test_macs_count_at_the_given_batch_however_the_file_names_it() -> None:
+    """``--input-shape input=4,6`` on ``[?, 6]``: a batch axis written as an unnamed dim or
+    a fixed 4 was counted at 4 (896), one named ``N`` at 1 (224)."""
+    counted = []
+    for dim in ("N", None, 4):
+        model = make_model([helper.make_node("MatMul", ["input", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+                            helper.make_node("MatMul", ["r", "w2"], ["y"])],
+                           {"input": [dim, 6]}, {"y": [dim, 1]}, {"w1": [6, 32], "w2": [32, 1]})
+        report = graphprune.prune(model, lossless=True, input_shapes={"input": (4, 6)}).report
+        counted.append((report["macs_before"], report["macs_input_shapes"]))
+        if dim == "N":  # without sizes given, the batch is counted at 1
+            assert graphprune.prune(model, lossless=True).report["macs_before"] == 6 * 32 + 32
+    assert counted == [(4 * (6 * 32 + 32), {"input": [4, 6]})] * 3

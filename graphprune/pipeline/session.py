@@ -410,7 +410,8 @@ class Session(FeedValues):
         from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
 
         specs = input_specs(self.original)
-        opened = bool(open_dimensions(specs))
+        # (sizes the user gave count, the batch too: four rows cost four times one)
+        opened = bool(open_dimensions(specs)) or bool(self.input_shapes)
         if not opened and self.analysis is None:
             return None
         if opened and self.data_shapes:
@@ -551,6 +552,9 @@ class Session(FeedValues):
                 input_shapes=self.cost_shapes(), taken=self.branches_taken,
             )
         report["params_before"] = self.params_as_loaded  # what the user's file held
+        shapes = self.cost_shapes() if self.input_shapes else None
+        if shapes and "macs_input_shapes" not in report:  # (the user's sizes, a batch too)
+            report["macs_input_shapes"] = {k: list(v) for k, v in shapes.items()}
         if self.normalised:
             report["normalised"] = dict(self.normalised)
         return report
