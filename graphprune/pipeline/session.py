@@ -68,8 +68,7 @@ UPGRADE_TO = 13
 #: default verification tolerance of models that compute in float16/bfloat16 (their
 #: rounding step is ~1e-3 relative; a pruned and a zeroed model round differently)
 LOW_PRECISION_TOLERANCE = 1e-2
-#: the verification's lists of outputs where its feeds compared little or nothing (no
-#: element, one value throughout, no finite value): checked again on calibration samples
+#: outputs the verification's feeds compared little or nothing of: checked again on data
 IDLE_OUTPUTS = ("empty_outputs", "constant_outputs", "non_finite_outputs")
 
 
