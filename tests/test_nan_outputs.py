@@ -57,3 +57,18 @@ def test_non_finite_elements_agree_only_where_both_are() -> None:
     nan = np.full(3, np.nan, dtype=np.float32)
     assert _difference(nan, nan.copy()) == (0.0, 0.0, 0.0)
     assert _difference(nan, np.zeros(3, dtype=np.float32))[0] == np.inf
+
+
+def test_fidelity_compares_the_finite_elements() -> None:
+    """The report's figures: NaN where the original has NaN is no error (it read cosine 0
+    and relative L2 0 together); a NaN where the original has a number is all error."""
+    from graphprune.calibration.fidelity import compare_outputs, pair_figures
+
+    y = np.array([1.0, np.nan, 2.0], dtype=np.float32)
+    assert pair_figures(y, y.copy()) == pytest.approx((1.0, 0.0))
+    assert pair_figures(y, np.array([1.0, 0.0, 2.0], dtype=np.float32)) == (0.0, 1.0)
+    assert pair_figures(np.array([1.0, 2.0]), np.array([np.nan, 2.0])) == (0.0, 1.0)
+    figures = compare_outputs(["o"], [[y], [2 * y]], [[y.copy()], [2 * y]])
+    assert figures["cosine"] == pytest.approx(1.0) and figures["pooled_rel_l2"] == 0.0
+    result = graphprune.prune(_model(always_nan=False), ratio=0.3, calibration="random:8")
+    assert all(np.isfinite(v) for v in (result.report["fidelity"]["cosine"], result.report["fidelity"]["rel_l2"]))

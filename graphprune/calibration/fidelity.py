@@ -208,12 +208,27 @@ def rank_correlation(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean(found)) if found else None
 
 
+def finite_pair(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both outputs flat in float64, less the elements where both are NaN or the same
+    infinity (swift-f0's pitch for a frequency bound out of its range: the pruned model
+    answers as the original did); ``(None, None)`` where one is non-finite and the other not."""
+    a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
+    finite = np.isfinite(a)
+    if finite.all() and np.isfinite(b).all():
+        return a, b
+    if not (finite == np.isfinite(b)).all() or not ((np.isnan(a) & np.isnan(b)) | (a == b) | finite).all():
+        return None, None
+    return a[finite], b[finite]
+
+
 def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """Cosine and relative L2 of one float output ``p`` against the original's ``y``; an output
     of another shape (a decoder loop that stops at another step) is (0, 1)."""
     if y.shape != p.shape:
         return 0.0, 1.0
-    a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
+    a, b = finite_pair(y, p)
+    if a is None:  # non-finite where the original is not, or the other way round
+        return 0.0, 1.0
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     cosine = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     return cosine, (float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
@@ -438,7 +453,9 @@ def compare_outputs(
             if offset:
                 centred.append(pair_figures(y - y.mean(dtype=np.float64), p - p.mean(dtype=np.float64))[0])
             rels.append(rel)
-            a, b = y.astype(np.float64), p.astype(np.float64)
+            a, b = finite_pair(y, p)
+            if a is None:  # (non-finite on one side only: all of it counts as error)
+                a, b = np.nan_to_num(y.reshape(-1).astype(np.float64)), np.zeros(y.size)
             error2, total2 = error2 + float(np.sum(np.abs(a - b) ** 2)), total2 + float(np.sum(np.abs(a) ** 2))
             if spread >= SPREAD and (value := balanced_cosine(y, p)) is not None:
                 balanced.append(value)
