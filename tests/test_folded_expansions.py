@@ -110,3 +110,17 @@ def test_restore_checks_what_it_puts_back() -> None:
     basis.CopyFrom(onnx.numpy_helper.from_array(values, "basis"))
     assert expansions.restore(model, session.expansions) == 0
     assert "basis" in _stored(model)
+
+
+def test_a_weight_stored_in_a_constant_node_is_no_expansion() -> None:
+    """paddle2onnx writes every weight as a ``Constant`` node: folded, it was taken for a tensor
+    computed from nothing and written back as a ``Constant`` node (18 in a PP-OCR classifier);
+    an outer product of two vectors is one."""
+    w1 = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w1"], value=onnx.numpy_helper.from_array(w1, "w1")),
+             helper.make_node("Mul", ["a", "b"], ["outer"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "outer"], ["y"])]
+    model = make_model(nodes, {"x": [2, 64]}, {"y": [2, 64]},
+                       {"a": (K / 64).reshape(64, 1), "b": K.reshape(1, 64)})
+    found = expansions.record(model, {"w1": (64, 64), "outer": (64, 64)}, 17)
+    assert list(found) == ["outer"]

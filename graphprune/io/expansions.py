@@ -47,6 +47,18 @@ def _elements(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64))
 
 
+def _stored_in(node: onnx.NodeProto) -> int:
+    """Values a node stores in its attributes (a ``Constant``'s tensor: paddle2onnx writes
+    every weight so; such a weight is no expansion)."""
+    stored = 0
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            stored += _elements(attr.t)
+        elif attr.type in (onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS):
+            stored += len(attr.floats) + len(attr.ints)
+    return stored
+
+
 def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: int,
            earlier: dict[str, Expansion] | None = None) -> dict[str, Expansion]:
     """The expansions among ``folded`` (``{name: shape}`` of the constants a fold created), traced through ``model``, the graph before the fold, and through the expansions
@@ -89,7 +101,8 @@ def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: in
             continue
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in sources.values()):
             continue  # (the written model's store decides where those go)
-        if size <= EXPANSION * sum(_elements(t) for t in sources.values()):
+        read = sum(_elements(t) for t in sources.values()) + sum(_stored_in(n) for n in nodes.values())
+        if size <= EXPANSION * read:
             continue
         found[name] = Expansion([_copy(n) for n in _in_order(list(nodes.values()))],
                                 [_copy(t) for t in sources.values()], opset, tuple(shape))
