@@ -78,6 +78,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
 from graphprune.io.weights import read_external_bytes
+from graphprune.verify.validate import finite_pair
 
 Feed = dict[str, np.ndarray]
 
@@ -206,19 +207,6 @@ def rank_correlation(y: np.ndarray, p: np.ndarray) -> float | None:
         scale = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
         found.append(float(np.sum(ra * rb) / scale) if scale > 0 else 0.0)
     return float(np.mean(found)) if found else None
-
-
-def finite_pair(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Both outputs flat in float64, less the elements where both are NaN or the same
-    infinity (swift-f0's pitch for a frequency bound out of its range: the pruned model
-    answers as the original did); ``(None, None)`` where one is non-finite and the other not."""
-    a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
-    finite = np.isfinite(a)
-    if finite.all() and np.isfinite(b).all():
-        return a, b
-    if not (finite == np.isfinite(b)).all() or not ((np.isnan(a) & np.isnan(b)) | (a == b) | finite).all():
-        return None, None
-    return a[finite], b[finite]
 
 
 def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphprune.io.model_io import default_opset
+
 __all__ = ["EXPANSION", "Expansion", "record", "restore"]
 
 #: a folded tensor of more than this many times the elements of the stored values it is
@@ -145,8 +147,6 @@ def restore(model: onnx.ModelProto, expansions: dict[str, Expansion],
     bytes of a tensor of ``model`` (a weight store's reader, for tensors stored outside the
     proto; default: only tensors in the proto are read); ``check``: the checker, raising on a
     failure (default: ``onnx.checker.check_model``)."""
-    from graphprune.io.ir import default_opset
-
     if not expansions:
         return 0
     graph = model.graph

@@ -490,7 +490,7 @@ def _expansions(model: onnx.ModelProto, graph: gs.Graph, earlier: dict[str, Any]
     :func:`graphprune.io.expansions.record` keeps."""
     stored = {t.name for t in model.graph.initializer}
     folded = {tensor.name: tuple(int(d) for d in tensor.shape) for tensor in graph_constants(graph)
-              if tensor.name not in stored and tensor.shape is not None}
+              if tensor.name not in stored and tensor.shape is not None and tensor.outputs}  # (read: not an intermediate)
     return record_expansions(model, folded, default_opset(model), earlier)
 
 

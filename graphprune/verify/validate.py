@@ -390,12 +390,25 @@ def differences(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[f
     return max_abs, max_rel
 
 
+def finite_pair(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both outputs flat in float64, less the elements where both are NaN or the same
+    infinity (a model that answers NaN to an input out of its domain, swift-f0's pitch for a
+    negative ``fmin``, answers so pruned too); ``(None, None)`` where one is non-finite and
+    the other not."""
+    a, b = y.reshape(-1).astype(np.float64), p.reshape(-1).astype(np.float64)
+    finite = np.isfinite(a)
+    if finite.all() and np.isfinite(b).all():
+        return a, b
+    if not (finite == np.isfinite(b)).all() or not ((np.isnan(a) & np.isnan(b)) | (a == b) | finite).all():
+        return None, None
+    return a[finite], b[finite]
+
+
 def _difference(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
     """One output: largest absolute difference, that relative to the output's scale, and the
     scale (largest finite magnitude of ``ref``; 0 for a non-float output, whose differences
     count mismatching elements). Non-finite elements agree where both are NaN or the same
-    infinity (a model that answers NaN to an input out of its domain, swift-f0's pitch for a
-    negative ``fmin``, answers so pruned too); anywhere else they differ by ``inf``."""
+    infinity (:func:`finite_pair`); anywhere else they differ by ``inf``."""
     if ref.size == 0:
         return 0.0, 0.0, 0.0
     if ref.dtype.kind not in "fc":
@@ -403,15 +416,10 @@ def _difference(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
         return mismatch, mismatch / ref.size, 0.0
     finite = np.isfinite(ref)
     scale = float(np.max(np.abs(ref[finite]))) if finite.any() else 0.0
-    if not (finite.all() and np.isfinite(out).all()):
-        same = (np.isnan(ref) & np.isnan(out)) | (ref == out)
-        if not (same | (finite & np.isfinite(out))).all():  # non-finite on one side only
-            return float("inf"), float("inf"), scale
-        both = finite & np.isfinite(out)
-        ref, out = ref[both], out[both]
-        if ref.size == 0:
-            return 0.0, 0.0, scale
-    d = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
+    a, b = finite_pair(ref, out)
+    if a is None:  # non-finite on one side only
+        return float("inf"), float("inf"), scale
+    d = float(np.max(np.abs(a - b))) if a.size else 0.0
     return d, d / max(scale, 1e-12), scale
 
 
