@@ -25,6 +25,7 @@ other layouts the rule does not model freeze the node, with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
@@ -151,6 +152,22 @@ def _set_heads(node: gs.Node, ctx: RewriteContext, attr: str, features: gs.Tenso
         node.attrs[attr] = new // (old // heads)
 
 
+def attention_macs(node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None],
+                   sizes: list[int], past_index: int) -> int | None:
+    """Multiply-accumulates of a fused ``Attention`` over ``input [B, S, in]``: its ``[q | k | v]``
+    projection (``B S in (q + k + v)``) and its two products per head (``B H S T (d_q + d_v)``,
+    ``T`` the keys: ``S``, plus a cache's ``past [2, B, H, P, d]``)."""
+    x, heads = shape(node.inputs[0]), int(node.attrs.get("num_heads", 0))
+    if x is None or len(x) != 3 or heads <= 0 or not all(sizes):
+        return None
+    batch, seq, width = x
+    past = _present(node, past_index)
+    past_shape = shape(past) if past is not None else None
+    keys = seq + (past_shape[3] if past_shape and len(past_shape) == 5 else 0)
+    products = batch * seq * keys * (sizes[0] + sizes[2])  # H heads x (d_q + d_v) = q + v
+    return batch * seq * width * sum(sizes) + products
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -161,20 +178,26 @@ class AttentionRule(OpRule):
     op_types = ("Attention",)
     domain = MS
 
+    #: the input holding a key/value cache (``past``), the one holding an attention bias
+    past_index: int = 4
+    bias_index: int | None = 5
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        self.couple_heads(node, ctx)
+
+    def couple_heads(self, node: gs.Node, ctx: CouplingContext) -> bool:
+        """Couple the weight's ``[q | k | v]`` columns, the bias and the output features with
+        the heads (False: the node is frozen, with the reason)."""
         x, w = node.inputs[0], node.inputs[1]
         b, y = _present(node, 2), node.outputs[0]
         heads_count = int(node.attrs.get("num_heads", 0))
         why = self._unsupported(node, ctx, heads_count)
         if why is not None:
-            ctx.freeze_node(node, f"{why} at Attention '{node.name}'")
-            return
-        sizes = [int(s) for s in node.attrs.get("qkv_hidden_sizes", [])]
-        if not sizes:
-            sizes = [int(w.shape[1]) // 3] * 3
+            ctx.freeze_node(node, f"{why} at {node.op} '{node.name}'")
+            return False
         heads = _virtual(ctx, node, "heads", heads_count)
         ctx.mark_head(heads, 0)
-        sections = [(lab, n, heads) for lab, n in zip(("q", "k", "v"), sizes, strict=True)]
+        sections = [(lab, n, heads) for lab, n in zip(("q", "k", "v"), self._sizes(node), strict=True)]
         ctx.couple(x, 2, w, 0)
         ctx.role(w, 0, CONSUMER)
         _couple_sections(ctx, node, w, 1, sections, PRODUCER)
@@ -182,10 +205,21 @@ class AttentionRule(OpRule):
             _couple_sections(ctx, node, b, 0, sections, PRODUCER)
         _batch_and_sequence(ctx, x, y)
         _split_heads(ctx, heads, y, 2)
-        _head_axis(ctx, heads, _present(node, 5), 1)  # attention_bias [B|1, H, S, T]
+        if self.bias_index is not None:
+            _head_axis(ctx, heads, _present(node, self.bias_index), 1)  # attention_bias [B|1, H, S, T]
+        return True
 
     @staticmethod
-    def _unsupported(node: gs.Node, ctx: CouplingContext, heads: int) -> str | None:
+    def _sizes(node: gs.Node) -> list[int]:
+        """The q, k and v widths (``qkv_hidden_sizes``, or a third of the weight's columns)."""
+        sizes = [int(s) for s in node.attrs.get("qkv_hidden_sizes", [])]
+        w = node.inputs[1]
+        return sizes or ([int(w.shape[1]) // 3] * 3 if w.shape and isinstance(w.shape[1], int) else [0, 0, 0])
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        return attention_macs(node, shape, self._sizes(node), self.past_index)
+
+    def _unsupported(self, node: gs.Node, ctx: CouplingContext, heads: int) -> str | None:
         w, b = node.inputs[1], _present(node, 2)
         if heads <= 0:
             return "num_heads unknown"
@@ -193,9 +227,9 @@ class AttentionRule(OpRule):
             return "weights are not constant"
         if ctx.rank(node.inputs[0]) != 3 or ctx.rank(node.outputs[0]) != 3:
             return "input is not [batch, sequence, features]"
-        if _present(node, 4) is not None or _used_output(node, 1) is not None:
+        if _present(node, self.past_index) is not None or _used_output(node, 1) is not None:
             return "a key/value cache (past/present) is used"
-        sizes = [int(s) for s in node.attrs.get("qkv_hidden_sizes", [])] or [int(w.shape[1]) // 3] * 3
+        sizes = self._sizes(node)
         if sum(sizes) != int(w.shape[1]) or any(s % heads for s in sizes):
             return f"q/k/v sizes {sizes} do not split into {heads} heads"
         if int(node.attrs.get("do_rotary", 0)) or int(node.attrs.get("past_present_share_buffer", 0)):
