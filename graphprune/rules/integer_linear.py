@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.roles import CHANNELWISE
+from graphprune.io.tensors import from_constants
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import MatMulRule, linear_scale
 from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis
@@ -93,6 +94,11 @@ def _pair_summed(node: gs.Node, found: RescaledLinear | None) -> PairSummed | No
     if q.dtype != np.int8 or np.any(weight.zero_point) or len(weight.scale_tensor.outputs) != 1:
         return None
     return PairSummed(weight.constant, weight.scale_tensor)
+
+
+def _quantized_at_run_time(tensor: gs.Tensor) -> bool:
+    """``tensor`` is what a ``DynamicQuantizeLinear`` makes of a float tensor."""
+    return len(tensor.inputs) == 1 and tensor.inputs[0].op == "DynamicQuantizeLinear"
 
 
 def _only_consumer(tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -164,6 +170,7 @@ class MatMulIntegerRule(MatMulRule):
     """``MatMulInteger(A, B, a_zp, b_zp)``: a MatMul on integers (see the module docstring)."""
 
     op_types = ("MatMulInteger",)
+    zeroes_summed_operand = False
     zero_behaviour = "none"
     zero_output = OpRule.zero_output
 
@@ -173,19 +180,39 @@ class MatMulIntegerRule(MatMulRule):
     def pair_summed(self, node: gs.Node) -> PairSummed | None:
         return _pair_summed(node, self.rescaled_linear(node))
 
-    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
-        return _integer_scale(node, _INTEGER_MATMUL, ctx, -1)
-
     def rescaled_linear(self, node: gs.Node) -> RescaledLinear | None:
         return rescaled(node, _INTEGER_MATMUL, out_axis=1) if len(getattr(node.inputs[1], "shape", None) or ()) == 2 else None
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        if all(_quantized_at_run_time(t) for t in node.inputs[:2]):
+            self._couple_product(node, ctx)
+            return
         if ctx.rank(node.inputs[1]) != 2:
             ctx.freeze_node(node, f"MatMulInteger '{node.name}' without a 2-D weight")
             return
         if _integer_operands(node, ctx, (node.outputs[0], -1)):
             _decode_rescaled(node, ctx, self.rescaled_linear(node))
             super().couple(node, ctx)
+
+    def _couple_product(self, node: gs.Node, ctx: CouplingContext) -> None:
+        """Both operands quantized at run time, each by a ``DynamicQuantizeLinear`` (one scale
+        and zero point per tensor), as ``quantize_dynamic`` writes attention's ``Q K^T`` and
+        ``P V`` where it quantizes every MatMul, or a float weight it quantizes when the
+        graph reads it a second time (DeBERTa's relative positions through the key
+        projection). They couple as a float MatMul of those operands. Exact: each
+        ``DynamicQuantizeLinear`` zeroes the removed channels of its float input in the zeroed
+        original, which then quantize to the zero point that the product subtracts, and leave
+        its range (which always holds 0) as the rewrite does."""
+        zero_points = [node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None for i in (2, 3)]
+        if any(is_per_axis(ctx, z) is not False for z in zero_points):
+            ctx.freeze_node(node, f"per-axis zero points of operands quantized at run time at MatMulInteger '{node.name}'")
+            return
+        super().couple(node, ctx)
+
+    def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
+        if not from_constants(node.inputs[1]):
+            return super().propagate_rms(node, ctx)
+        return _integer_scale(node, _INTEGER_MATMUL, ctx, -1)
 
 
 @register

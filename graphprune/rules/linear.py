@@ -170,6 +170,9 @@ class MatMulRule(OpRule):
     zero_behaviour = "affine"
     #: the input that holds the right operand (``QLinearMatMul``: 3, after A's scale and zero point)
     weight_index: int = 1
+    #: a product of two activations zeroes the removed channels of its left operand in the
+    #: zeroed original (below); an integer product's operands are zeroed where they are quantized
+    zeroes_summed_operand: bool = True
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[..., n] = sum_k a[..., k] B[k, n]`` for a constant 2-D ``B``."""
@@ -258,7 +261,7 @@ class MatMulRule(OpRule):
         if rb > 1:
             ctx.role(b, -1, PRODUCER)
         ctx.role(a, -1, CONSUMER)
-        if not from_constants(a) and not from_constants(b):
+        if self.zeroes_summed_operand and not from_constants(a) and not from_constants(b):
             # a product of two activations (``A @ B^T`` of two projections) sums over their
             # channels with no weight to zero: a removed channel's bias term ``b1[k] * B[:, k]``
             # would stay in the zeroed original, which the rewrite drops. Zeroing one operand

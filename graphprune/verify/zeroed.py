@@ -169,7 +169,14 @@ def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[
             if inferred is None:
                 inferred = _value_infos(graph, opsets)
             shape, dtype = inferred.get(name, (None, None))
-        if shape is None or dtype is None or any(not isinstance(shape[a], int) for a, _ in axes):
+        if shape is None or dtype is None:
+            continue
+        if any(not isinstance(shape[a], int) for a, _ in axes):
+            # an axis sized at run time (attention's merged [B*H]): a mask repeated to its size
+            nodes, masked = _runtime_mask_nodes(graph, name, len(shape), np.dtype(dtype), [
+                (axis, idx, analysis.context.member_size(tensor, axis) if tensor is not None else None)
+                for axis, idx in axes])
+            _insert_masks(graph, name, nodes, masked)
             continue
         masks = []
         for axis, idx in axes:
@@ -181,14 +188,72 @@ def _zero_activations(graph: onnx.GraphProto, analysis: Analysis, removed: dict[
             mask[tuple(index)] = 0
             masks.append(mask)
         nodes, masked = _mask_nodes(graph, name, masks)
-        rename_uses(graph, {name: masked})
-        for node in nodes:  # the masks read the original name, not the masked one
-            for k, used in enumerate(node.input):
-                if used == masked:
-                    node.input[k] = name
-        position = next((k + 1 for k, n in enumerate(graph.node) if name in n.output), 0)
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
+        _insert_masks(graph, name, nodes, masked)
+
+
+def _insert_masks(graph: onnx.GraphProto, name: str, nodes: list[onnx.NodeProto], masked: str) -> None:
+    """Every reader of ``name`` reads ``masked`` instead, which ``nodes`` compute right after
+    ``name``'s producer."""
+    rename_uses(graph, {name: masked})
+    for node in nodes:  # the masks read the original name, not the masked one
+        for k, used in enumerate(node.input):
+            if used == masked:
+                node.input[k] = name
+    position = next((k + 1 for k, n in enumerate(graph.node) if name in n.output), 0)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+
+
+def period(removed: np.ndarray, size: int) -> int | None:
+    """The shortest period ``p`` (dividing ``size``) with which the removed indices repeat
+    along an axis of ``size`` (the heads of ``[B*H]``, sized at the first shape probe's
+    batch: the same heads of every sample), or ``None`` where they do not."""
+    wanted = set(int(i) for i in removed)
+    for p in range(1, size + 1):
+        if size % p == 0 and wanted == {i + k * p for i in wanted if i < p for k in range(size // p)}:
+            return p
+    return None
+
+
+def _runtime_mask_nodes(graph: onnx.GraphProto, name: str, rank: int, dtype: np.dtype,
+                        axes: list[tuple[int, np.ndarray, int | None]]) -> tuple[list[onnx.NodeProto], str]:
+    """:func:`_mask_nodes` for axes whose size is known at run time only: the removed indices
+    (labelled at the analysis' size of the axis) repeat with a :func:`period`, and the mask
+    of one period is tiled to the axis' size when the reference runs. An axis whose removed
+    indices do not repeat, or whose size the analysis does not know, stays unmasked (the
+    comparison then shows the difference)."""
+    helper = onnx.helper
+    nodes: list[onnx.NodeProto] = []
+    current = name
+    for k, (axis, idx, size) in enumerate(axes):
+        step = period(idx, size) if size else None
+        if step is None:
+            continue
+        tag = f"{name}__gp_rmask{k}"
+        keep = np.ones(step, dtype=bool)
+        keep[[int(i) for i in idx if i < step]] = False
+        target = [1] * rank
+        target[axis] = -1
+        for suffix, value in (("period", keep), ("axis", np.array([axis], np.int64)),
+                              ("step", np.array([step], np.int64)), ("shape", np.array(target, np.int64)),
+                              ("zero", np.zeros((), dtype))):
+            graph.initializer.append(numpy_helper.from_array(value, f"{tag}_{suffix}"))
+        nodes += [
+            helper.make_node("Shape", [name], [f"{tag}_dims"], name=f"{tag}_dims"),
+            helper.make_node("Gather", [f"{tag}_dims", f"{tag}_axis"], [f"{tag}_size"], name=f"{tag}_size"),
+            helper.make_node("Div", [f"{tag}_size", f"{tag}_step"], [f"{tag}_reps"], name=f"{tag}_reps"),
+            helper.make_node("Tile", [f"{tag}_period", f"{tag}_reps"], [f"{tag}_tiled"], name=f"{tag}_tile"),
+            helper.make_node("Reshape", [f"{tag}_tiled", f"{tag}_shape"], [f"{tag}_mask"], name=f"{tag}_mask"),
+        ]
+        if dtype in WHERE_TYPES:
+            nodes.append(helper.make_node("Where", [f"{tag}_mask", current, f"{tag}_zero"], [f"{tag}_out"],
+                                          name=f"{tag}_zero"))
+        else:  # (bfloat16: no Where) a 0/1 factor of the tensor's type
+            to = helper.np_dtype_to_tensor_dtype(dtype)
+            nodes += [helper.make_node("Cast", [f"{tag}_mask"], [f"{tag}_factor"], name=f"{tag}_factor", to=to),
+                      helper.make_node("Mul", [current, f"{tag}_factor"], [f"{tag}_out"], name=f"{tag}_zero")]
+        current = f"{tag}_out"
+    return nodes, current
 
 
 def _value_infos(graph: onnx.GraphProto, opsets: Any) -> dict[str, tuple[list[Any], Any]]:
