@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from conftest import assert_prunes_exactly, make_model, zeroed_original
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.analysis import analyze_graph
@@ -170,6 +171,36 @@ def test_the_size_names_shape_inference_invents_stay_out_of_what_ort_reads() -> 
     assert invented(session.prepared) == before
     result = graphprune.prune(model, ratio=0.5)
     assert invented(result.model) == 0 and result.model.graph.value_info
+
+
+def test_size_names_the_users_file_gives_stay_in_the_written_model(tmp_path) -> None:
+    """ONNX Runtime's symbolic inference and Optimum write ``unk__N`` into the file's own
+    ``value_info``; with them ORT proves a residual ``Add``'s inputs equal in shape and fuses it
+    with the LayerNormalization after it. Cleared, the fusion was lost and a lossless int8
+    DeBERTa's logits moved by 1.4 % under ORT's default optimisations."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Reshape", ["a", "s"], ["r"]), helper.make_node("Add", ["r", "x"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    dims = ["unk__1", "unk__2", 16]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        [numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w"),
+         numpy_helper.from_array(np.ones(16, np.float32), "g"), numpy_helper.from_array(np.zeros(16, np.float32), "b")],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, dims)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    def fused(m: onnx.ModelProto) -> int:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return sum(n.op_type == "SkipLayerNormalization" for n in onnx.load(tmp_path / "optimised.onnx").graph.node)
+
+    result = graphprune.prune(model, lossless=True)
+    shape = next(v for v in result.model.graph.value_info if v.name == "r").type.tensor_type.shape
+    assert [d.dim_param or d.dim_value for d in shape.dim] == dims
+    assert fused(model) == fused(result.model) == 1
 
 
 def test_flips_on_most_inputs_pass_where_the_values_the_selection_reads_agree() -> None:

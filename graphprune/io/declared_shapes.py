@@ -36,12 +36,41 @@ def _invented(model: onnx.ModelProto) -> list[tuple[onnx.TensorShapeProto.Dimens
     return found
 
 
-def forget_invented(model: onnx.ModelProto) -> int:
-    """Clear the invented size names of ``model``'s intermediate shapes (in place); how many."""
-    found = _invented(model)
-    for dim, _ in found:
-        dim.ClearField("dim_param")
-    return len(found)
+def declared_sizes(model: onnx.ModelProto) -> dict[str, list[str | None]]:
+    """The size names the user's file itself gives its intermediate tensors (``value_info``:
+    ONNX Runtime's symbolic inference and Optimum write ``unk__N`` there), by tensor."""
+    found = {}
+    for value in model.graph.value_info:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            names = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
+            if any(names):
+                found[value.name] = names
+    return found
+
+
+def forget_invented(model: onnx.ModelProto, declared: dict[str, list[str | None]] | None = None) -> int:
+    """Clear the invented size names of ``model``'s intermediate shapes (in place); how many.
+    Where the user's file named that size of that tensor (``declared``: its
+    :func:`declared_sizes`), its name is written instead, invented or not: what the file
+    promised ONNX Runtime stays promised (two residual inputs of equal shape, which it fuses
+    with the LayerNormalization after them into a SkipLayerNormalization; without the
+    names, a lossless DeBERTa's int8 logits moved by 1.4 % under ORT's default
+    optimisations)."""
+    declared = declared or {}
+    cleared = 0
+    for value in model.graph.value_info:
+        if not value.type.HasField("tensor_type"):
+            continue
+        names = declared.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        for k, dim in enumerate(dims):
+            own = names[k] if names is not None and len(names) == len(dims) else None
+            if own is not None and not dim.HasField("dim_value"):
+                dim.dim_param = own
+            elif dim.HasField("dim_param") and dim.dim_param.startswith(INVENTED):
+                dim.ClearField("dim_param")
+                cleared += 1
+    return cleared
 
 
 @contextlib.contextmanager

@@ -582,7 +582,7 @@ class Session(FeedValues):
                 report["params_after"], report["nodes_after"] = count_params(final), len(final.graph.node)
                 report["constants_recomputed"] = recomputed
         report["timings"] = {**self.timings, "total": self.elapsed()}
-        declared_shapes.forget_invented(self.model if model is None else model)
+        declared_shapes.forget_invented(self.model if model is None else model, declared_shapes.declared_sizes(self.loaded))
         declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)
         result = PruneResult(
             self.model if model is None else model, report, plan,
