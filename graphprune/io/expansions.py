@@ -8,7 +8,8 @@ leaves such a tensor as it was would write the expansion, and a ``--lossless`` m
 hold twice the parameters of the original.
 
 :func:`record` keeps, for every folded tensor at least :data:`EXPANSION` times larger than
-the stored values it was computed from, the nodes that computed it and those values;
+the stored values it was computed from (with every other tensor folded from the same ones),
+the nodes that computed it and those values;
 :func:`restore` puts the computation back into the written model for each one that is still
 there as it was folded, after checking that ONNX Runtime computes it from them bit for bit.
 A tensor the rewrite sliced or refit stays a constant.
@@ -71,6 +72,7 @@ def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: in
     producer = {out: node for node in model.graph.node for out in node.output if out}
     stored = {t.name: t for t in model.graph.initializer}
     found: dict[str, Expansion] = {}
+    chains: dict[str, tuple[dict, dict, int, int]] = {}
     for name, shape in folded.items():
         size = int(np.prod(shape, dtype=np.int64))
         if size < MIN_ELEMENTS or name in stored or name not in producer:
@@ -101,13 +103,19 @@ def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: in
                 todo.extend(node.input)
         if not ok or not nodes:
             continue
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in sources.values()):
-            continue  # (the written model's store decides where those go)
         read = sum(_elements(t) for t in sources.values()) + sum(_stored_in(n) for n in nodes.values())
-        if size <= EXPANSION * read:
+        chains[name] = (nodes, sources, size, read)
+    # tensors folded from the same stored values count together: DeBERTa's layers each fold
+    # LayerNorm(relative embeddings) into a copy of their own (12 x the table, each the size of it)
+    together: dict[frozenset[str], int] = {}
+    for _, sources, size, _ in chains.values():
+        key = frozenset(sources)
+        together[key] = together.get(key, 0) + size
+    for name, (nodes, sources, _, read) in chains.items():
+        if together[frozenset(sources)] <= EXPANSION * read:
             continue
         found[name] = Expansion([_copy(n) for n in _in_order(list(nodes.values()))],
-                                [_copy(t) for t in sources.values()], opset, tuple(shape))
+                                [_copy(t) for t in sources.values()], opset, tuple(folded[name]))
     return found
 
 
@@ -217,9 +225,11 @@ def _recomputed_equal(candidates: dict[str, Expansion], held: dict[str, onnx.Ten
     equal = []
     for name, exp in candidates.items():
         target = held[name]
+        if read is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in exp.sources):
+            continue
         graph = onnx.helper.make_graph(
             exp.nodes, "expansion", [], [onnx.helper.make_tensor_value_info(name, target.data_type, list(target.dims))],
-            list(exp.sources))
+            [numpy_helper.from_array(_array(t, read), t.name) for t in exp.sources])
         probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", exp.opset)])
         probe.ir_version = min(probe.ir_version, 10)
         try:
