@@ -17,6 +17,8 @@ and the output share create them (producer).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -187,6 +189,25 @@ def _einsum_terms(equation: str, ranks: list[int | None]) -> tuple[list[str], st
 class EinsumRule(OpRule):
     op_types = ("Einsum",)
     zero_behaviour = "affine"
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """A product of two or more operands: one multiply-accumulate per combination of all
+        its subscripts (``btgi,gih->btgh``: ``b t g i h``); one operand alone (a transpose, a
+        trace) multiplies nothing."""
+        shapes = [shape(t) for t in node.inputs]
+        y = shape(node.outputs[0])
+        if len(shapes) < 2 or y is None or any(s is None for s in shapes):
+            return None
+        equation = node.attrs.get("equation", "")
+        parsed = _einsum_terms(equation.decode() if isinstance(equation, bytes) else str(equation),
+                               [len(s) for s in shapes])
+        if parsed is None or len(parsed[1]) != len(y):
+            return None
+        sizes: dict[str, int] = {}
+        for term, dims in zip([*parsed[0], parsed[1]], [*shapes, y], strict=True):
+            for label, size in zip(term, dims, strict=True):
+                sizes[label] = max(sizes.get(label, 1), int(size))
+        return math.prod(sizes.values())
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         equation = node.attrs.get("equation", "")
