@@ -69,6 +69,20 @@ def test_npz_is_validated_and_split(tmp_path):
     assert again.holdout_indices == calib.holdout_indices  # deterministic
 
 
+def test_calibration_with_no_finite_value_is_refused() -> None:
+    """All NaN (a file written from failed preprocessing) measured nothing and the fidelity read
+    perfect, NaN before and after; some NaN (missing values a tabular model imputes) is data."""
+    model = mlp_model()
+    nan = np.full((6, 1, 3, 8), np.nan, np.float32)
+    with pytest.raises(UsageError, match="'x' has no finite value in any of its 6 samples"):
+        load_calibration({"x": nan}, model)
+    with pytest.raises(UsageError, match="no finite value"):
+        load_calibration({"x": np.full((6, 1, 3, 8), np.inf, np.float32)}, model)
+    some = np.random.default_rng(0).standard_normal((6, 1, 3, 8)).astype(np.float32)
+    some[::2, 0, 0, 0] = np.nan
+    assert load_calibration({"x": some}, model).total == 6
+
+
 def test_folder_and_feed_iterables(tmp_path):
     model = mlp_model()
     rng = np.random.default_rng(1)

@@ -213,6 +213,19 @@ def validate_feed(
     return out
 
 
+def _some_finite(feeds: list[Feed]) -> None:
+    """A float input with no finite value in any sample (all NaN or infinite: a file written
+    from failed preprocessing) measures nothing, and its outputs (NaN both before and after)
+    would read as agreeing perfectly: a usage error. Some non-finite values (missing values
+    a tabular model imputes) are data."""
+    for name in feeds[0] if feeds else {}:
+        values = [np.asarray(f[name]) for f in feeds]
+        if values[0].dtype.kind == "f" and all(v.size for v in values) and \
+                not any(np.isfinite(v).any() for v in values):
+            raise UsageError(f"calibration input '{name}' has no finite value in any of its "
+                             f"{len(values)} samples (all NaN or infinite)")
+
+
 def holdout_indices(count: int, holdout: float) -> list[int]:
     """Evenly spaced indices of the held-out samples (none when ``count`` < 2)."""
     if count < 2 or holdout <= 0:
@@ -233,6 +246,7 @@ def load_calibration(
     feeds, stacked, what = read_feeds(source)
     specs = input_specs(model)
     checked = [validate_feed(f, specs, index=i, stacked=stacked) for i, f in enumerate(feeds)]
+    _some_finite(checked)
     held = holdout_indices(len(checked), float(holdout))
     held_set = set(held)
     return CalibrationSet(
