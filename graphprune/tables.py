@@ -247,8 +247,9 @@ def budget_lines(budget: Mapping[str, Any] | None, notes: Sequence[str] = ()) ->
     if not budget.get("reached_by_width", True) and budget.get("groups_allocated", 1):
         lines.append("note: width pruning alone could not reach the target within --max-ratio "
                      f"{budget.get('max_ratio')}")
-    if budget.get("branches_first") and achieved is not None and not budget.get("met"):
-        first = budget["branches_first"]
+    first = budget.get("branches_first") or {}
+    if first and achieved is not None and not budget.get("met") \
+            and first.get("main_graph_cost", 0) < first.get("cost_before", 0):  # (branches without cost: not them)
         lines.append("note: each If branch was pruned to the target on its own, and what the branches keep (a "
                      "recurrent layer tied to the model's state, frozen groups) is more than the main graph can "
                      f"give up (its cost {first.get('main_graph_cost', 0):.4g} of {first.get('cost_before', 0):.4g})")

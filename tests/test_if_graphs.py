@@ -142,6 +142,10 @@ def test_a_target_the_branches_keep_out_of_reach_says_why() -> None:
     budget = graphprune.prune(unprunable_branch_model(), target_macs=0.2).report["budget"]
     assert budget["met"] is False and budget["branches_first"]["main_graph_cost"] == 12288
     assert any("each If branch was pruned to the target on its own" in line for line in budget_lines(budget))
+    # branches without cost (DeBERTa's weight-free relative-position Ifs) are not what stands in the way
+    weightless = {**budget, "branches_first": {**budget["branches_first"], "main_graph_cost": 19200,
+                                               "cost_before": 19200}}
+    assert not any("each If branch" in line for line in budget_lines(weightless))
 
 
 def test_a_branch_without_operators_is_reported_as_such() -> None:
