@@ -355,6 +355,8 @@ class GatherRule(OpRule):
                 ctx.couple(data, a, y, a - 1 + ri)
                 if axis == 0 and isinstance(data, gs.Constant):
                     ctx.role(data, a, PRODUCER)  # an embedding table produces features
+        if axis == 0 and isinstance(data, gs.Constant) and np.asarray(data.values).dtype.kind in "iu":
+            _dequantized_table(data, y, ctx)
         if run is not None:
             return  # the rewrite writes the run anew; a shared index constant couples nothing
         for a in range(ri):
@@ -383,6 +385,25 @@ class GatherRule(OpRule):
             return
         values = np.arange(int(np.prod(new_shape)), dtype=np.asarray(indices.values).dtype)
         ctx.set_input(node, 1, values.reshape(new_shape))
+
+
+def _dequantized_table(table: gs.Constant, rows: gs.Tensor, ctx: CouplingContext) -> None:
+    """An integer embedding table whose gathered rows one ``DequantizeLinear`` reads with a
+    constant per-tensor scale and zero point (``quantize_dynamic`` of a ``Gather``): a
+    quantized weight like any other, whose removed features the zeroed original sets to the
+    zero point, scored as the floats it decodes to. Before, it created no channels ("no
+    weight creates these channels") where its float twin was prunable."""
+    readers = rows.outputs
+    if len(readers) != 1 or readers[0].op != "DequantizeLinear" or readers[0].inputs[0] is not rows:
+        return
+    scale = readers[0].inputs[1] if len(readers[0].inputs) > 1 else None
+    zero = readers[0].inputs[2] if len(readers[0].inputs) > 2 and readers[0].inputs[2].name else None
+    if not isinstance(scale, gs.Constant) or np.size(scale.values) != 1 or (
+            zero is not None and (not isinstance(zero, gs.Constant) or np.size(zero.values) != 1)):
+        return
+    point = np.asarray(zero.values).reshape(()) if zero is not None else np.zeros((), np.asarray(table.values).dtype)
+    ctx.integer_param(table, point)
+    ctx.decoded(table, np.asarray(scale.values).reshape(()), point)
 
 
 def _leading_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
