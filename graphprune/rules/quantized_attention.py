@@ -57,25 +57,23 @@ class QAttentionRule(AttentionRule):
         if is_per_axis(ctx, x_zp) is not False:
             ctx.freeze_node(node, f"per-row input zero point at {where}")
             return
-        columns = []
-        for t in (w_scale, w_zp):
-            per_axis = is_per_axis(ctx, t)
-            if per_axis is None or (t is not None and not isinstance(t, gs.Constant)):
-                ctx.freeze_node(node, f"weight scale or zero point not understood at {where}")
-                return
-            if per_axis:
-                columns.append(t)
+        per_column = [is_per_axis(ctx, t) for t in (w_scale, w_zp)]
+        if not isinstance(w_scale, gs.Constant) or None in per_column or (
+                w_zp is not None and not isinstance(w_zp, gs.Constant)):
+            ctx.freeze_node(node, f"weight scale or zero point not understood at {where}")
+            return
         if not super().couple_heads(node, ctx):
             return
         w = node.inputs[1]
-        for t in columns:  # one per weight column: the same [q | k | v] sections
-            ctx.couple(t, 0, w, 1)
-            ctx.role(t, 0, CHANNELWISE)
-        zero = None if w_zp is None else np.asarray(w_zp.values).reshape((1, -1) if w_zp in columns else ())
-        if w_zp in columns:
+        for t, per in zip((w_scale, w_zp), per_column, strict=True):
+            if per:  # one per weight column: the same [q | k | v] sections
+                ctx.couple(t, 0, w, 1)
+                ctx.role(t, 0, CHANNELWISE)
+        zero = None if w_zp is None else np.asarray(w_zp.values).reshape((1, -1) if per_column[1] else ())
+        if per_column[1]:
             ctx.integer_param(w_zp)
         ctx.integer_param(w, zero)
-        scale = np.asarray(w_scale.values).reshape((1, -1) if w_scale in columns else ())
+        scale = np.asarray(w_scale.values).reshape((1, -1) if per_column[0] else ())
         ctx.decoded(w, scale, 0 if zero is None else zero)
 
     def output_shapes(self, op: str, attrs: dict, shapes: list[list | None]) -> list[tuple[list, int] | None]:
