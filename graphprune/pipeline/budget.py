@@ -497,8 +497,9 @@ def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[
                                  if any("side_by_side_ratio" in r for r in rounds) else ""))
     else:
         out["achieved"] = out[f"{options.kind}_fraction"]
-        out["measured_by"] = ("multiply-accumulates of the layers with weights (Conv, ConvTranspose, Gemm, "
-                              "MatMul, their quantized forms, LSTM/GRU/RNN) on the exported models, an If by its "
+        out["measured_by"] = ("multiply-accumulates of the layers (Conv, ConvTranspose, Gemm, MatMul, Einsum, "
+                              "their quantized and fused forms, fused attention, LSTM/GRU/RNN) on the exported "
+                              "models, an If by its "
                               "costlier branch, the body of a Loop or Scan not at all (graphprune.verify.metrics)"
                               if options.kind == "macs" else
                               "elements of float initializers and constants of the exported models")

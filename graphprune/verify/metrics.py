@@ -7,8 +7,10 @@ dims count as 1 — which weighs every layer as if it ran on one position, so th
 a network whose stages run at different resolutions would be wrong.
 
 MACs are the multiply-accumulates each op's rule reports (:meth:`OpRule.macs`: Conv,
-ConvTranspose, Gemm and MatMul, the ops that dominate CNN and transformer cost); ops whose
-rule does not count (elementwise ops, ops without a rule) add nothing.
+ConvTranspose, Gemm, MatMul and Einsum, their quantized and fused forms, a fused
+``Attention``'s projection and products, recurrent layers: the ops that dominate CNN and
+transformer cost); ops whose rule does not count (elementwise ops, ops without a rule) add
+nothing.
 """
 
 from __future__ import annotations
