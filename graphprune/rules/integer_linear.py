@@ -113,7 +113,7 @@ def rescaled(node: gs.Node, info: LinearInfo, out_axis: int) -> RescaledLinear |
     on the integer grid of ``W_q`` (``w_scale`` / ``w_zp`` per tensor or along ``out_axis``)."""
     x_q, w = node.inputs[0], node.inputs[1]
     w_zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
-    if len(x_q.inputs) != 1 or x_q.inputs[0].op != "DynamicQuantizeLinear":
+    if not _quantized_at_run_time(x_q):
         return None
     quantize = x_q.inputs[0]
     if not isinstance(w, gs.Constant) or (w_zp is not None and not isinstance(w_zp, gs.Constant)):

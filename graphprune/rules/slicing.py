@@ -22,6 +22,7 @@ from graphprune.analysis.roles import PRODUCER
 from graphprune.analysis.shape_trace import UNKNOWN
 from graphprune.io.tensors import static_size
 from graphprune.passes.rewrite_context import RewriteContext
+from graphprune.rules.quantize import decode_integer
 from graphprune.rules.registry import OpRule, register
 from graphprune.rules.reshape import couple_reshape
 
@@ -401,9 +402,11 @@ def _dequantized_table(table: gs.Constant, rows: gs.Tensor, ctx: CouplingContext
     if not isinstance(scale, gs.Constant) or np.size(scale.values) != 1 or (
             zero is not None and (not isinstance(zero, gs.Constant) or np.size(zero.values) != 1)):
         return
-    point = np.asarray(zero.values).reshape(()) if zero is not None else np.zeros((), np.asarray(table.values).dtype)
-    ctx.integer_param(table, point)
-    ctx.decoded(table, np.asarray(scale.values).reshape(()), point)
+    found = decode_integer(table, scale, zero, None)
+    if found is None:
+        return
+    ctx.integer_param(table, np.asarray(zero.values).reshape(()) if zero is not None else None)
+    ctx.decoded(table, found.scale, found.zero_point)
 
 
 def _leading_run(node: gs.Node, size: int | None) -> tuple[int, int] | None:
