@@ -712,3 +712,69 @@ def test_heads_found_when_every_weight_lives_in_the_store(monkeypatch, dynamo):
     heads = kinds_of(analysis)["head"]
     assert [g.num_units for g in heads] == [EXPECTED["encoder"][0]]
     assert all(g.prunable for g in heads), heads[0].frozen
+
+
+def _fused_attention(form: str) -> tuple[onnx.ModelProto, int]:
+    """A fused attention op between MatMul projections at batch 1, 5 tokens (a cache of 3
+    where the form has one), and its two products per head as the unfused graph's MatMuls
+    count them: ``B H S T (d_q + d_v)``."""
+    batch, seq, past, heads, kv_heads, size = 1, 5, 3, 4, 2, 8
+    q_w, kv_w = heads * size, kv_heads * size
+    proj = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"]
+    params = {"wq": [E, q_w], "wk": [E, kv_w], "wv": [E, kv_w], "wo": [q_w, E]}
+    inputs = {"x": [batch, seq, E]}
+    ms = {"domain": "com.microsoft"}
+    opset, keys = 17, seq
+    if form == "mha":  # MultiHeadAttention has as many KV heads as query heads
+        params |= {"wk": [E, q_w], "wv": [E, q_w]}
+        op = [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["att"], num_heads=heads, **ms)]
+    elif form == "gqa":
+        op = [helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"],
+                               ["att", "present_k", "present_v"], num_heads=heads, kv_num_heads=kv_heads, **ms)]
+        params |= {"seqlens_k": np.full(batch, past + seq - 1, np.int32), "total": np.array(past + seq, np.int32)}
+        inputs |= {n: [batch, kv_heads, past, size] for n in ("past_k", "past_v")}
+        keys = past + seq
+    elif form == "onnx-3d":
+        opset = 23
+        op = [helper.make_node("Attention", ["q", "k", "v"], ["att"], q_num_heads=heads, kv_num_heads=kv_heads)]
+    else:  # ONNX Attention on [B, H, S, d], with a cache or without
+        cache = form.endswith("cache")
+        opset, keys = 23, past + seq if cache else seq
+        params |= {f"s{n}": np.array([0, 0, c, size], np.int64) for n, c in (("q", heads), ("k", kv_heads), ("v", kv_heads))}
+        params |= {"so": np.array([0, 0, q_w], np.int64)}
+        inputs |= {n: [batch, kv_heads, past, size] for n in ("past_k", "past_v") if cache}
+        op = [node for n in "qkv" for node in (helper.make_node("Reshape", [n, f"s{n}"], [f"{n}4"]),
+                                               helper.make_node("Transpose", [f"{n}4"], [f"{n}t"], perm=[0, 2, 1, 3]))]
+        op += [helper.make_node("Attention", ["qt", "kt", "vt", *(["", "past_k", "past_v"] if cache else [])],
+                                ["a4", *(["pk", "pv"] if cache else [])]),
+               helper.make_node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]),
+               helper.make_node("Reshape", ["at", "so"], ["att"])]
+    nodes = [*proj, *op, helper.make_node("MatMul", ["att", "wo"], ["y"])]
+    model = make_model(nodes, inputs, {"y": [batch, seq, E]}, params, opset=opset, extra_opsets={"com.microsoft": 1},
+                       check=False)
+    width = params["wk"][1]
+    projections = batch * seq * E * (2 * q_w + 2 * width)  # q, k, v and o
+    return model, projections + batch * heads * seq * keys * 2 * size
+
+
+@pytest.mark.parametrize("form", ["mha", "gqa", "onnx-3d", "onnx-4d", "onnx-4d-cache"])
+def test_fused_attention_counts_its_products(form):
+    """A fused attention op's ``Q K^T`` and ``P V`` count as the MatMuls of the graph it
+    replaces (they counted 0: a budget took a GQA decoder's attention for free), and fewer
+    heads count fewer (ONNX ``Attention`` with a cache of its own is frozen: no fewer)."""
+    from graphprune.verify.metrics import count_macs
+
+    model, expected = _fused_attention(form)
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    assert run_ort(model, feeds)[0].shape == (1, 5, E)
+    assert count_macs(model) == expected
+    result = graphprune.prune(model, head_ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["macs_before"] == expected
+    if form.endswith("cache"):
+        assert result.report["macs_after"] == expected
+        return
+    # half the query heads' projections (q and o: 2 x 5 x 16 x 16) and products went
+    heads_products = 4 * 5 * 5 * 2 * 8 if form == "gqa" else 4 * 5 * 5 * 2 * 8 // 2
+    assert result.report["macs_after"] <= expected - 2 * 5 * E * 16 - heads_products // 2, result.report["macs_after"]

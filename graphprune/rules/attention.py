@@ -168,6 +168,22 @@ def attention_macs(node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]
     return batch * seq * width * sum(sizes) + products
 
 
+def _products(x: list[int] | None, keys: int | None, q_width: int | None, v_width: int | None) -> int | None:
+    """``Q K^T`` and ``P V`` summed over the heads: ``B S T (d_q + d_v) H``, from ``x`` =
+    ``[B, S, ...]`` and the query and value widths of all heads together (``H d_q``, ``H d_v``)."""
+    if x is None or len(x) < 2 or keys is None or q_width is None or v_width is None:
+        return None
+    return x[0] * x[1] * keys * (q_width + v_width)
+
+
+def _length(shape: Callable[[gs.Tensor], list[int] | None], tensor: gs.Tensor | None,
+            axis: int, rank: int) -> int:
+    """The size of ``tensor``'s ``axis`` where it has rank ``rank`` (0 without one: an
+    absent cache adds no keys)."""
+    dims = shape(tensor) if tensor is not None else None
+    return int(dims[axis]) if dims is not None and len(dims) == rank else 0
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -286,6 +302,22 @@ class MultiHeadAttentionRule(OpRule):
         ctx.couple(k, 1, v, 1)
         _head_axis(ctx, heads, _present(node, 5), 1)  # attention_bias [B|1, H, S, T]
 
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """The two products per head (the projections are MatMuls of their own): query
+        ``[B, S, H d]``, key ``[B, T, H d]`` or ``[B, H, T, d]``, a cache adding its ``P``."""
+        q, k, y = shape(node.inputs[0]), _present(node, 1), shape(node.outputs[0])
+        if q is None or y is None or len(y) != 3:
+            return None
+        if k is None:  # packed [B, S, H, 3, d] (or [B, S, H, 2, d] keys and values with a query)
+            keys, q_width = (q[1], q[2] * q[4]) if len(q) == 5 else (None, None)
+        else:
+            k_shape = shape(k)
+            keys = None if k_shape is None or len(k_shape) not in (3, 4) else k_shape[len(k_shape) - 2]
+            q_width = q[2] if len(q) == 3 else None
+            if keys is not None:
+                keys += _length(shape, _present(node, 6), 2, 4)
+        return _products(y, keys, q_width, y[2])
+
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
 
@@ -356,6 +388,20 @@ class GroupQueryAttentionRule(OpRule):
         return {(index, axis): size for index in (3, 4) if _present(node, index) is not None
                 for axis, size in ((1, kv_count), (2, max(window, 0)), (3, width // heads))}
 
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """The two products per query head over the keys: ``total_sequence_length`` where it is
+        a constant, else the new ones and the cache's, ``S + P`` (a cache shared with
+        ``present`` is a buffer as long as the longest run: this counts that run)."""
+        q, y = shape(node.inputs[0]), shape(node.outputs[0])
+        if q is None or y is None or len(q) != 3 or len(y) != 3:
+            return None
+        total = _present(node, 6)
+        if isinstance(total, gs.Constant) and total.values.size == 1:
+            keys = int(total.values.reshape(-1)[0])
+        else:
+            keys = q[1] + _length(shape, _present(node, 3), 2, 4)
+        return _products(y, keys, y[2], y[2])
+
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         count, kv_count = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
         _set_heads(node, ctx, "num_heads", node.outputs[0], 2)
@@ -425,6 +471,18 @@ class OnnxAttentionRule(OpRule):
         _split_heads(ctx, kv_heads, v, 2)
         _batch_and_sequence(ctx, q, y)
         ctx.couple(k, 1, v, 1)
+
+    def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
+        """The two products per query head: 4-D ``q [B, H, S, d]``, ``k [B, H_kv, T, d]``,
+        ``y [B, H, S, d_v]``, or 3-D with the heads merged into the features; a cache
+        (``past_key [B, H_kv, P, d]``) adds its ``P`` keys."""
+        q, k, y = shape(node.inputs[0]), shape(node.inputs[1]), shape(node.outputs[0])
+        if q is None or k is None or y is None or len(q) not in (3, 4) or len(k) != len(q) or len(y) != len(q):
+            return None
+        past = _length(shape, _present(node, 4), 2, 4)
+        if len(q) == 4:
+            return _products([q[0], q[1] * q[2]], k[2] + past, q[3], y[3])
+        return _products(q, k[1] + past, q[2], y[2])
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         if "q_num_heads" in node.attrs:
