@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from graphprune.analysis.explain import domain_notes
 from graphprune.errors import UsageError
+from graphprune.io import scratch
 from graphprune.tables import ANALYZE_LEGEND, normalised_lines, prune_summary, result_rows, table
 
 #: where stderr is not a terminal (a log, a pipe, a notebook cell), stage lines start once a
@@ -354,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         return _demo_report(args, model, result, out_dir, keep=True)
-    with tempfile.TemporaryDirectory(prefix="graphprune-demo-") as temporary:
+    with scratch.Folder("graphprune-demo-") as temporary:
         return _demo_report(args, model, result, Path(temporary), keep=False)
 
 

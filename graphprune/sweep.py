@@ -26,7 +26,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import GraphPruneError, UsageError
+from graphprune.io.scratch import make as make_scratch
 
 __all__ = ["TARGET_OPTIONS", "api_accepts", "fidelity", "run_point", "run_sweep",
            "summary_table", "supported_targets", "sweep_points"]
@@ -207,7 +207,7 @@ def _run_ray(source: bytes, points: Sequence[Mapping[str, Any]], common: Mapping
         options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                    "log_to_driver": False}
         if address == "local":
-            scratch = tempfile.mkdtemp(prefix="gp-ray-")
+            scratch = str(make_scratch("gp-ray-"))
             cpus = jobs if jobs > 1 else (os.cpu_count() or 1)
             ray.init(num_cpus=cpus, _temp_dir=scratch, **options)
         else:

@@ -667,6 +667,49 @@ def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "held.py", "marker", "tmp"]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL") or not Path("/proc/self/stat").exists(), reason="Linux processes")
+def test_the_next_run_removes_what_a_killed_one_left(tmp_path):
+    """A prune killed outright (SIGKILL: a time limit, the out-of-memory killer) cannot remove
+    its weight folder; the next graphprune process in that temporary directory does. Folders
+    of a live process, and folders graphprune did not make, stay."""
+    from graphprune.io import scratch as scratch_folders
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    model = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), model)
+    (tmp_path / "held.py").write_text(SLOW_VERIFY)
+    marker = tmp_path / "marker"
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), "prune", str(model),
+                                "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if marker.exists() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), process.communicate()
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    left = [p for p in scratch.iterdir() if p.name.startswith("graphprune-")]
+    assert left and all((p / scratch_folders.OWNER).exists() for p in left)
+    assert sum(f.stat().st_size for p in left for f in p.iterdir()) > 0  # the model's weights among them
+    live = scratch_folders.make("graphprune-", scratch)  # this process': alive
+    foreign = scratch / "graphprune-not-ours"
+    foreign.mkdir()
+
+    done = subprocess.run([sys.executable, "-m", "graphprune", "analyze", str(model)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # (ONNX Runtime's import writes a '.ses' file there: not a folder)
+    assert sorted(p.name for p in scratch.iterdir() if p.is_dir()) == sorted([live.name, foreign.name])
+    assert not (tmp_path / "out.onnx").exists()
+
+
 # --------------------------------------------------------------------------- MODULE:FACTORY from the current folder
 
 MYNETS = '''

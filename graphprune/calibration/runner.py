@@ -23,7 +23,6 @@ samples run one at a time).
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
-from graphprune.io import runtime
+from graphprune.io import runtime, scratch
 from graphprune.io.feeds import output_array
 from graphprune.io.graph_reads import node_reads
 from graphprune.io.model_io import concrete_shapes
@@ -333,7 +332,7 @@ class TensorCache:
         self._types: dict[str, int] = {}
         #: cached names -> the size of each axis where every batch has the same (else None)
         self._shapes: dict[str, list[int | None]] = {}
-        self._folder: tempfile.TemporaryDirectory | None = None
+        self._folder: scratch.Folder | None = None
 
     def types(self) -> dict[str, int]:
         """Cached names -> ONNX element type."""
@@ -354,7 +353,7 @@ class TensorCache:
             self.held += value.nbytes
             return
         if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="gp-cache-", dir=self.data_dir)
+            self._folder = scratch.Folder("gp-cache-", self.data_dir)
         path = Path(self._folder.name) / f"{len(self._types)}-{uuid.uuid4().hex[:8]}-{batch}.npy"
         np.save(path, value)
         self._values.setdefault(name, {})[batch] = path
@@ -372,7 +371,7 @@ class TensorCache:
         for batch, value in values.items():
             if isinstance(value, Path):
                 if self._folder is None:
-                    self._folder = tempfile.TemporaryDirectory(prefix="gp-cache-", dir=self.data_dir)
+                    self._folder = scratch.Folder("gp-cache-", self.data_dir)
                 target = Path(self._folder.name) / value.name
                 os.replace(value, target)
                 value = target

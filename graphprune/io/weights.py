@@ -20,7 +20,6 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 
 from graphprune.errors import InvalidModelError
-from graphprune.io import sparse
+from graphprune.io import scratch, sparse
 from graphprune.io.graph_reads import subgraphs_of
 
 #: tensors at least this large are kept in files (smaller ones stay in the proto)
@@ -136,7 +135,7 @@ class WeightStore:
     """A private folder holding a model's weights (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="graphprune-"))
+        self.root = scratch.make("graphprune-")
         # removed with the last object that refers to the store (a result outlives its
         # session), or at exit; silently: letting it go is how a result is released
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +53,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import UsageError
 from graphprune.io._atomic import atomic_write_text
+from graphprune.io.scratch import Folder as scratch_folder
 from graphprune.planning.op_spec import (
     FORMAT,
     OperandSpec,
@@ -394,7 +394,7 @@ class LatencyTable:
 
     def _run_session(self, specs: list[OpSpec]) -> list[float | None]:
         built = _build(specs)
-        with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as scratch:
+        with scratch_folder("graphprune-latency-") as scratch:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -499,7 +499,7 @@ def fusion_groups(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecut
     handles = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
     if handles:
         options.add_external_initializers(list(external), handles)
-    with tempfile.TemporaryDirectory(prefix="graphprune-fusions-") as scratch:
+    with scratch_folder("graphprune-fusions-") as scratch:
         options.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")

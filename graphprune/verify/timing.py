@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from graphprune.errors import InvalidModelError, UsageError
 from graphprune.io import runtime
 from graphprune.io.feeds import Dim, InputSpec, make_feeds_from_specs, output_array, resolve_shapes
 from graphprune.io.model_io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
+from graphprune.io.scratch import Folder as scratch_folder
 
 __all__ = ["PROVIDERS", "PROVIDER_TOLERANCE", "TimingResult", "provider_agreement", "resolve_providers", "run_on_provider",
            "time_models"]
@@ -270,7 +270,7 @@ def time_models(
     providers = resolve_providers(provider)
     options = _session_options(threads)
 
-    with tempfile.TemporaryDirectory(prefix="graphprune-timing-") as temporary:
+    with scratch_folder("graphprune-timing-") as temporary:
         scratch = Path(temporary)  # only ModelProtos over 2 GiB are written here
         names = [_name(model, index) for index, model in enumerate(models)]
         sessions = [
@@ -345,7 +345,7 @@ def run_on_provider(
 ) -> list[list[np.ndarray]]:
     """Outputs of ``model`` on each feed dict, run on ``provider`` (one session for all)."""
     providers = resolve_providers(provider)
-    with tempfile.TemporaryDirectory(prefix="graphprune-run-") as temporary:
+    with scratch_folder("graphprune-run-") as temporary:
         name = _name(model, 0)
         session = _session(model, name, providers, _session_options(threads), Path(temporary))
         try:

@@ -16,7 +16,6 @@ over the pruned axis) are left out of the check and listed with the reason.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -25,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import InvalidModelError, OutputShapesDiffer, VerificationError
-from graphprune.io import model_io, runtime, segments
+from graphprune.io import model_io, runtime, scratch, segments
 from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
@@ -84,7 +83,7 @@ def _full_check(model: ModelRef) -> None:
         if _is_path(model):
             onnx.checker.check_model(os.fspath(model), full_check=True)
         elif model_io.model_size_bytes(model) > TWO_GB:
-            with tempfile.TemporaryDirectory() as tmp:
+            with scratch.Folder("graphprune-check-") as tmp:
                 path = Path(tmp) / "model.onnx"
                 model_io.save_model(model, path, external_data=True)
                 onnx.checker.check_model(str(path), full_check=True)
@@ -141,7 +140,7 @@ def session(
         except Exception:  # ValueError / protobuf EncodeError above the limit
             data = None
     if data is None or len(data) > TWO_GB:
-        tmp = tempfile.TemporaryDirectory(prefix="graphprune-verify-")
+        tmp = scratch.Folder("graphprune-verify-")
         try:
             path = Path(tmp.name) / "model.onnx"
             model_io.save_model(model, path, external_data=True)
