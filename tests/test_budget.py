@@ -414,9 +414,9 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
 
     ridges = []  # the refit's ridge argument per layer: the default (screening) or None (validated)
 
-    def recording(a, cur, scale, fixed, rows_per_input):
+    def recording(a, cur, scale, fixed, rows_per_input, bases=None):
         ridges.append(fixed)
-        return ridge.choose_ridge(a, cur, scale, fixed, rows_per_input)
+        return ridge.choose_ridge(a, cur, scale, fixed, rows_per_input, bases)
 
     monkeypatch.setattr(sequential, "choose_ridge", recording)
     result = graphprune.prune(cnn, target_macs=0.5, calibration=_calibration(cnn), criterion="activation", search=3)

@@ -121,3 +121,26 @@ def test_a_refit_that_does_not_generalise_is_not_written() -> None:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     np.testing.assert_array_equal(run(refit.model), run(plain.model))
+
+
+def test_layers_reading_one_input_share_its_eigen_decomposition() -> None:
+    """Three layers reading one input at the same rows (a transformer's query, key and value
+    projections) have equal Grams: the validation decomposes them once, and chooses what it
+    chose with a decomposition per layer."""
+    from graphprune.calibration.ridge import GramBases, choose_ridge
+
+    rng = np.random.default_rng(4)
+    k = 40
+    x = [rng.standard_normal((60, 1, k)) for _ in range(4)]
+    xt = [np.concatenate([b, np.ones((len(b), 1, 1))], axis=2) for b in x]
+    bases = GramBases()
+    for layer in range(3):
+        anchor = rng.standard_normal((1, k + 1, 6)) / np.sqrt(k)
+        moved = anchor[0] + (layer + 1) * 0.2 * rng.standard_normal(anchor[0].shape) / np.sqrt(k)
+        acc = Accumulator.empty(1, k, 6)
+        for batch, rows in enumerate(xt):
+            acc.add(batch % 2, rows, np.einsum("rgk,ko->rgo", rows, moved) + 0.5 * rng.standard_normal((60, 1, 6)))
+        acc.flush()
+        scale = [float(np.mean(np.diag(acc.gram.sum(0)[0])[:k]))]
+        assert choose_ridge(acc, anchor, scale, None, 4, bases) == choose_ridge(acc, anchor, scale, None, 4)
+    assert bases.hits == 4  # the second and third layer, each fold

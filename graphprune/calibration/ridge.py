@@ -17,7 +17,9 @@ explicit solve per candidate.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,25 +133,78 @@ def bias_for(gram: np.ndarray, cross: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (cross[k] - gram[k, :k] @ w[:k]) / n if n > 0 else w[k]
 
 
-class RidgePath:
-    """Validation error on fold ``o`` of the ridge fit on fold ``f``, for any strength."""
+@dataclass
+class GramBasis:
+    """What a :class:`RidgePath` takes from the two folds' Grams alone: the eigen-decomposition
+    of the centred fitting Gram and the held-out Gram in its basis. Layers that read one input
+    at the same rows (a transformer's query, key and value projections; its gate and up
+    projections: every position is a row of a short sequence) have equal Grams and share it."""
 
-    def __init__(self, gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray,
-                 gram_o: np.ndarray, cross_o: np.ndarray, y2_o: float) -> None:
+    d: np.ndarray
+    q: np.ndarray  # eigenvectors, as columns
+    n: float
+    qg: np.ndarray  # q^T g (the fitting fold's input sums)
+    h: np.ndarray  # q^T g_o (the held-out fold's)
+    hq: np.ndarray  # q^T A_o q
+    no: float
+
+    @classmethod
+    def of(cls, gram: np.ndarray, gram_o: np.ndarray) -> GramBasis:
         k = gram.shape[0] - 1
         a, g, n = gram[:k, :k], gram[:k, k], float(gram[k, k])
         if n <= 0:
             raise np.linalg.LinAlgError("empty fold")
         d, q = np.linalg.eigh(a - np.outer(g, g) / n)
-        self.d, self.n, self.y2 = d, n, float(y2_o)
+        return cls(d, q, n, q.T @ g, q.T @ gram_o[:k, k], q.T @ gram_o[:k, :k] @ q, float(gram_o[k, k]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.hq.nbytes
+
+
+class GramBases:
+    """The :class:`GramBasis` of recent Gram pairs, by their bytes' digest, up to
+    ``limit`` bytes (a reconstruction keeps one for its layers)."""
+
+    def __init__(self, limit: int = 256 << 20) -> None:
+        self.limit = limit
+        self._held: OrderedDict[bytes, GramBasis] = OrderedDict()
+        self.hits = 0
+
+    def get(self, gram: np.ndarray, gram_o: np.ndarray) -> GramBasis:
+        digest = hashlib.blake2b(digest_size=20)
+        for m in (gram, gram_o):
+            digest.update(str((m.shape, m.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(m).data)
+        key = digest.digest()
+        basis = self._held.get(key)
+        if basis is not None:
+            self._held.move_to_end(key)
+            self.hits += 1
+            return basis
+        basis = GramBasis.of(gram, gram_o)
+        self._held[key] = basis
+        while len(self._held) > 1 and sum(b.nbytes for b in self._held.values()) > self.limit:
+            self._held.popitem(last=False)
+        return basis
+
+
+class RidgePath:
+    """Validation error on fold ``o`` of the ridge fit on fold ``f``, for any strength."""
+
+    def __init__(self, gram: np.ndarray, cross: np.ndarray, anchor: np.ndarray,
+                 gram_o: np.ndarray, cross_o: np.ndarray, y2_o: float, basis: GramBasis | None = None) -> None:
+        k = gram.shape[0] - 1
+        basis = basis or GramBasis.of(gram, gram_o)
+        q, g, n = basis.q, gram[:k, k], basis.n
+        self.d, self.n, self.y2 = basis.d, n, float(y2_o)
         self.p = q.T @ (cross[:k] - np.outer(g, cross[k]) / n)
         self.r = q.T @ anchor[:k]
         self.c = cross[k]
-        self.q = q.T @ g
-        self.h = q.T @ gram_o[:k, k]
+        self.q, self.h = basis.qg, basis.h
         self.f = q.T @ cross_o[:k]
-        self.co, self.no = cross_o[k], float(gram_o[k, k])
-        h = q.T @ gram_o[:k, :k] @ q
+        self.co, self.no = cross_o[k], basis.no
+        h = basis.hq
         m = self.p @ self.r.T
         self.t0, self.t1, self.t2 = h * (self.p @ self.p.T), h * (m + m.T), h * (self.r @ self.r.T)
 
@@ -163,12 +218,13 @@ class RidgePath:
 
 
 def choose_ridge(a: Accumulator, cur: np.ndarray, scale: list[float], fixed: float | None,
-                 rows_per_input: int) -> tuple[float, bool]:
+                 rows_per_input: int, bases: GramBases | None = None) -> tuple[float, bool]:
     """The ridge (relative to the mean Gram diagonal, ``fixed`` if given) with the smallest
     two-fold cross-validated error, and whether that fit beats the current weights ``cur`` on
     the rows it was not fitted on (``True`` where nothing is validated: a fixed ridge, an empty
     fold, a layer wider than :data:`CV_MAX_INPUTS`). Layers over :data:`CV_RICH_INPUTS` inputs
-    with ``rows_per_input`` rows each choose from :data:`COARSE_GRID` by direct solves."""
+    with ``rows_per_input`` rows each choose from :data:`COARSE_GRID` by direct solves.
+    ``bases``: the eigen-decompositions of Grams seen before (layers reading one input)."""
     g, k1 = a.gram.shape[1], a.gram.shape[2]
     inputs = (k1 - 1) * g
     if fixed is not None or not (a.y2 > 0).all() or inputs > CV_MAX_INPUTS:
@@ -177,7 +233,8 @@ def choose_ridge(a: Accumulator, cur: np.ndarray, scale: list[float], fixed: flo
         return coarse_ridge(a, cur, scale, COARSE_GRID, DEFAULT_RIDGE)
     try:  # every candidate from one eigen-decomposition per fold and group
         paths = [(RidgePath(a.gram[f, j], a.cross[f, j], cur[j], a.gram[1 - f, j], a.cross[1 - f, j],
-                            a.y2[1 - f]), scale[j]) for f in (0, 1) for j in range(g)]
+                            a.y2[1 - f], bases.get(a.gram[f, j], a.gram[1 - f, j]) if bases else None), scale[j])
+                 for f in (0, 1) for j in range(g)]
     except np.linalg.LinAlgError:
         return DEFAULT_RIDGE, True
     best, best_error, worse = DEFAULT_RIDGE, math.inf, 0

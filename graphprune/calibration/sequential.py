@@ -31,6 +31,7 @@ folded into the layer's weight rows and bias.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ from graphprune.calibration.refit_targets import (
 from graphprune.calibration.ridge import (
     DEFAULT_RIDGE,
     Accumulator,
+    GramBases,
     bias_for,
     choose_ridge,
     fit,
@@ -88,7 +90,10 @@ def rows_budget(view: LinearView) -> int:
 
 
 def _seed(target: Target, batch: int) -> int:
-    return 7919 * (target.index + 1) + batch
+    """The rows a target's fit samples in ``batch``: chosen by its input, so that layers reading
+    one input at as many positions (a transformer's query, key and value) fit the same rows
+    and share their Gram's eigen-decomposition (:class:`~.ridge.GramBases`)."""
+    return zlib.crc32(target.view.data.name.encode()) + 7919 * batch
 
 
 class Reconstructor:
@@ -103,6 +108,7 @@ class Reconstructor:
     use_cache = True
     #: bytes of frontier tensors held in memory per model (beyond: temporary files)
     cache_bytes = runner.CACHE_BYTES
+    _bases: GramBases | None = None
 
     def __init__(
         self,
@@ -128,6 +134,8 @@ class Reconstructor:
         #: model's must equal for its rows to be the same positions (sizes chosen by value
         #: -- a duration, a selection -- may differ once pruned)
         self._positions: dict[tuple[int, int], int] = {}
+        #: eigen-decompositions of the Grams of layers that read one input at the same rows
+        self._bases = GramBases()
 
     # ------------------------------------------------------------------ original
     def _original(self, members: list[Target], later: list[str], cache: runner.TensorCache | None
@@ -422,7 +430,7 @@ class Reconstructor:
 
     def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
         """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`)."""
-        return choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT)
+        return choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT, self._bases)
 
     def _affine_wave(
         self,
