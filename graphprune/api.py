@@ -104,7 +104,7 @@ def prune(
     prune_hidden: bool = False,
     debug: bool = False,
     calibration: Any = None,
-    reconstruction: str = "refit",
+    reconstruction: str = "auto",
     holdout: float = 0.2,
     class_scores: Iterable[str] | str = (),
     target_macs: float | None = None,
@@ -147,7 +147,9 @@ def prune(
     activation statistics; ``criterion`` overrides it), the structural rewrite is still
     checked exactly against the zeroed original, then ``reconstruction`` (``refit``:
     least-squares refit of the affected layers, ``stats``: statistics correction, ``bias``:
-    bias compensation, ``none``) restores the function without fine-tuning, and
+    bias compensation, ``none``; ``auto``, the default: the refit, or the statistics
+    correction or nothing where the held-out samples are nearer the original with that)
+    restores the function without fine-tuning, and
     ``report["fidelity"]`` compares the result with the original on the ``holdout`` share
     of the samples (``report["calibration"]`` says what was used and changed). A layer whose
     output's softmax is a graph output is then refit to the original's class distribution
@@ -202,8 +204,8 @@ def prune(
     keep = normalize_keep(keep)
     if tolerance is not None:
         tolerance = _number("tolerance", tolerance, 0.0, math.inf)
-    if calibration is None and reconstruction not in ("refit", "none"):
-        # the default (refit) and none mean nothing without data; anything else would be
+    if calibration is None and reconstruction not in ("auto", "refit", "none"):
+        # the default (auto), refit and none mean nothing without data; anything else would be
         # silently ignored
         raise UsageError(f"reconstruction '{reconstruction}' needs calibration data (--calibration); "
                          "without it no reconstruction runs")

@@ -346,10 +346,12 @@ def _add_prune_parser(sub: Any) -> None:
                         "with no data (N synthetic feeds, default 128: normal floats, or uniform "
                         "in [LO, HI]; token ids over the embedding table); enables data-aware "
                         "criteria, reconstruction and the fidelity report")
-    p.add_argument("--reconstruction", choices=["refit", "stats", "bias", "bn", "none"], default="refit",
+    p.add_argument("--reconstruction", choices=["auto", "refit", "stats", "bias", "bn", "none"], default="auto",
                    help="with --calibration: least-squares refit of the affected layers, "
                         "statistics correction, bias compensation, bias compensation from "
-                        "BatchNormalization statistics (bn, data-free), or none (default: %(default)s)")
+                        "BatchNormalization statistics (bn, data-free), or none; auto: the refit, "
+                        "the statistics correction or none, whichever leaves the held-out samples "
+                        "nearest the original (default: %(default)s)")
     p.add_argument("--class-scores", nargs="+", default=None, metavar="OUTPUT",
                    help="with --calibration: graph outputs that are class logits (a classifier "
                         "exported without its softmax); the layer computing each is refit to the "

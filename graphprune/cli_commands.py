@@ -195,7 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stages = ["load", "analysis", "plan", "prune", "verify"]
     if args.calibration:
         stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
-                  "reconstruction", "fidelity", "final refit"]
+                  "reconstruction", "fidelity", "stats correction", "final refit"]
     progress = _Progress(not args.quiet and not args.json, stages)
     source = _source(args)
     result = prune(

@@ -175,6 +175,17 @@ def _reason(head: Mapping[str, Any]) -> str:
     return " (the fit did not lower the cross-validated cross-entropy)" if "cv_cross_entropy" in head else ""
 
 
+def _reconstruction(calibration: Mapping[str, Any]) -> str:
+    """The reconstruction kept; under ``auto``, with what each tried left on the held-out samples."""
+    kept, choice = calibration.get("reconstruction"), calibration.get("reconstruction_choice") or {}
+    errors = choice.get("pooled_rel_l2") or {}
+    if calibration.get("reconstruction_requested") != "auto" or not errors:
+        return str(kept)
+    shown = "none" if calibration.get("reconstruction_reverted") else kept
+    tried = ", ".join(f"{k} {v:.4g}" for k, v in errors.items() if v is not None)
+    return f"auto: {shown} (held-out relative L2: {tried})"
+
+
 def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     """Samples, the criterion chosen and what each reconstruction pass changed."""
     if not calibration:
@@ -182,7 +193,7 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     chosen = calibration.get("criteria_chosen") or {}
     picked = f" ({', '.join(f'{k} x{v}' for k, v in chosen.items())})" if chosen else ""
     lines = [f"calibration: {calibration.get('used', '?')} samples used, {calibration.get('held_out', 0)} held out; "
-             f"criterion {calibration.get('criterion')}{picked}; reconstruction {calibration.get('reconstruction')}"]
+             f"criterion {calibration.get('criterion')}{picked}; reconstruction {_reconstruction(calibration)}"]
     if str(calibration.get("source", "")).startswith("random"):
         lines.append(f"  data: {calibration['source']}; no real data: the fidelity below is on random "
                      "inputs and says little about real ones")

@@ -44,7 +44,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "calibration": (str, None, "Calibration data: a .npz with one array per input (leading sample axis), "
                     "a folder of .npz files, or random[:N[:LO,HI]] (synthetic feeds) when there is no data; "
                     "enables data-aware criteria, reconstruction and the fidelity report."),
-    "reconstruction": (str, "refit", "With calibration: refit, stats, bias, bn or none."),
+    "reconstruction": (str, "auto", "With calibration: auto (the refit, the statistics correction or none, "
+                                     "whichever the held-out samples prefer), refit, stats, bias, bn or none."),
     "target_macs": (float, None, "Budget instead of ratio: fraction of the original MACs, in (0, 1)."),
     "target_params": (float, None, "Budget instead of ratio: fraction of the original parameters."),
     "target_latency": (float, None, "Budget instead of ratio: fraction of the measured ORT latency."),
