@@ -55,6 +55,12 @@ flattened):
   samples keep their order. A classifier whose one class dominates every sample keeps its
   cosine and its arg-max while that class's score, the one a threshold reads, stops ranking
   the samples as it did;
+- ``threshold_agreement``: where an output's values all lie in [0, 1] on every held-out sample,
+  both sides of 0.5 occur and no ``top1_agreement`` applies (a sigmoid's: a word segmenter's
+  per-character boundary probability, a binary classifier's score, a mask), the share of its
+  elements on the same side of 0.5 as the original's, averaged over the samples: the decision
+  the model's users take from it (a Thai segmenter's cosine read 0.970 where 4 % of its
+  boundary decisions had flipped);
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -423,6 +429,8 @@ def compare_outputs(
         offset = all(on_offset(np.asarray(r[k])) for r in original[:4])
         centred: list[float] = []
         widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
+        # an output of values in [0, 1] (a sigmoid's): the decision at 0.5 per element
+        in_unit, decisions, sides = True, [], set()
         scores = scores and len(widths) == 1  # a class count does not change with the input
         for ref_list, out_list in zip(original, pruned, strict=True):
             y = np.asarray(ref_list[k])
@@ -438,6 +446,12 @@ def compare_outputs(
                 continue
             cosine, rel = pair_figures(y, p)
             cosines.append(cosine if y.size > 1 else None)
+            if in_unit and y.dtype.kind == "f" and y.size and bool(np.all((y >= 0) & (y <= 1))):
+                above = y > 0.5
+                decisions.append(float(np.mean(above == (p > 0.5))))
+                sides.update(np.unique(above).tolist())
+            else:
+                in_unit = False
             if offset:
                 centred.append(pair_figures(y - y.mean(dtype=np.float64), p - p.mean(dtype=np.float64))[0])
             rels.append(rel)
@@ -494,6 +508,11 @@ def compare_outputs(
                 # every held-out sample is one class: the agreement says whether that class
                 # stays on top, not whether the model still tells classes apart
                 entry["top1_one_class"] = classes.pop()
+        if in_unit and len(decisions) == len(original) and len(sides) == 2 and "top1_agreement" not in entry \
+                and not per_row:
+            # both decisions occur (else the share says nothing): a segmenter's per-character
+            # boundary probability, a binary classifier's score, a mask
+            entry["threshold_agreement"] = round(float(np.mean(decisions)), 6)
         if offset and centred and len(centred) == len(original):
             entry["centred_cosine"] = round(float(np.mean(centred)), 6)
         if balanced and len(balanced) == len(original):
@@ -513,7 +532,8 @@ def compare_outputs(
     worst["rel_l2"] = max(rel) if rel else None
     worst["pooled_rel_l2"] = max(pooled) if pooled else None
     worst["top1_agreement"] = min(top) if top else None
-    for figure in ("balanced_cosine", "centred_cosine", "rank_correlation", "top1_lower_bound", "sequence_agreement"):
+    for figure in ("balanced_cosine", "centred_cosine", "rank_correlation", "top1_lower_bound", "sequence_agreement",
+                   "threshold_agreement"):
         found = [e[figure] for e in outputs.values() if figure in e]
         if found:
             worst[figure] = min(found)
