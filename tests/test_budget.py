@@ -557,6 +557,13 @@ def test_target_macs_of_a_model_with_open_sizes_lands_at_real_sizes(target, tmp_
     calib = {"x": np.random.default_rng(1).standard_normal((6, 1, 3, 40, 48)).astype(np.float32)}
     calibrated = graphprune.prune(_stages_model(), ratio=0.25, calibration=calib).report
     assert calibrated["macs_input_shapes"] == {"x": [1, 3, 40, 48]}
+    # unless the user gave sizes: the same file's reports count at them, with data or without
+    # (a text segmenter counted at its first sample's 53 characters where 128 were asked for)
+    asked = {"x": (1, 3, 64, 64)}
+    given = graphprune.prune(_stages_model(), ratio=0.25, calibration=calib, input_shapes=asked).report
+    free = graphprune.prune(_stages_model(), ratio=0.25, input_shapes=asked).report
+    assert given["macs_input_shapes"] == free["macs_input_shapes"] == {"x": [1, 3, 64, 64]}
+    assert given["macs_before"] == free["macs_before"]
 
 
 def _fixed(model, path):
