@@ -135,6 +135,9 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
     for entry in v.get("inexact_groups", [])[:5]:
         why = entry["why"][0] if entry.get("why") else ""
         lines.append(f"  inexact group {entry['anchor']} not compared: {why}")
+    if v.get("inexact_groups") and not v.get("exact_groups_checked") and not report.get("fidelity"):
+        lines.append("  what the pruned groups changed is measured only with --calibration DATA (or "
+                     "--calibration random without data): the fidelity report")
     agreement = report.get("provider_check")
     if agreement:
         lines.append(f"  on {agreement['provider']}: agrees with the CPU run "

@@ -892,6 +892,26 @@ def test_softmax_over_channels_is_inexact_and_exact_groups_still_verify():
     assert initializer(res.model, "W_mid").shape == (3, 4, 3, 3)
 
 
+def test_a_prune_of_inexact_groups_only_says_nothing_pruned_was_compared():
+    """Every pruned group inexact (DTLN's 256 channels feed an instant LayerNorm): the exact
+    check compares none of what was pruned, and said 'ok against the zeroed original (exact
+    groups only)' while the denoiser fell below its noisy input. It says so now, and where to
+    measure it."""
+    from graphprune.tables import verification_lines
+
+    nodes = [helper.make_node("Softmax", ["a"], ["sm"], name="softmax", axis=1),
+             helper.make_node("Relu", ["sm"], ["b"], name="relu")]
+    m = sandwich(nodes)
+    res = graphprune.prune(m, ratio=0.5)
+    verification = res.report["verification"]
+    assert verification["ok"] is True and verification["exact_groups_checked"] == 0
+    assert len(verification["inexact_groups"]) == res.report["groups"]["pruned"] == 1
+    assert verification["reference"].startswith("the original (every pruned group is inexact")
+    lines = verification_lines(res.report)
+    assert "none of what was pruned was compared" in lines[0] and "--calibration" in lines[-1]
+    onnx.checker.check_model(res.model, full_check=True)
+
+
 def test_constant_nodes_are_lifted_and_sliced():
     k = np.random.default_rng(5).standard_normal((C, 1, 1)).astype(np.float32)
     nodes = [
