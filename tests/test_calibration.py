@@ -83,6 +83,26 @@ def test_calibration_with_no_finite_value_is_refused() -> None:
     assert load_calibration({"x": some}, model).total == 6
 
 
+def test_calibration_data_the_model_does_not_run_on_is_bad_input() -> None:
+    """Token ids past an embedding table's rows: the model runs (on the tool's own feeds), the
+    data does not fit it. Bad input, exit 2, saying which (it was exit 3, "the original model
+    does not run"); the same ids within the table prune."""
+    import graphprune
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="emb"), helper.make_node("MatMul", ["e", "W"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("E", (50, 16)), ("W", (16, 32)), ("W2", (32, 4)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    with pytest.raises(UsageError, match="the calibration data does not fit the model: .*Gather.*idx=999"):
+        graphprune.prune(model, ratio=0.3, calibration={"ids": np.full((6, 1, 8), 999, np.int64)})
+    fits = graphprune.prune(model, ratio=0.3, calibration={"ids": rng.integers(0, 50, (6, 1, 8))})
+    assert fits.report["verification"]["ok"]
+
+
 def test_folder_and_feed_iterables(tmp_path):
     model = mlp_model()
     rng = np.random.default_rng(1)

@@ -146,7 +146,7 @@ class CalibratedRun:
             session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
             # verification's inputs where the original does not run on generated ones
             session.data_feeds = (self.calib.holdout or self.calib.samples)[:4]
-            with session.blaming_input("the original model"):
+            with session.blaming_input("the original model", self.calib.samples):
                 self.batches = runner.batches(
                     session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
                 )
@@ -242,7 +242,7 @@ class CalibratedRun:
         views = consumer_views(analysis)
         if self.options.reconstruction == "refit" and self.record_targets:
             self.recorded = self._recorder(analysis.graph)
-        with self.session.stage("statistics"), self.session.blaming_input("the original model"):
+        with self.session.stage("statistics"), self.session.blaming_input("the original model", self.calib.samples):
             self.stats = stats_mod.collect(
                 self.session.prepared, list(views.values()), self.batches, data_dir=self.data_dir,
                 record=self.recorded,
@@ -354,7 +354,7 @@ class CalibratedRun:
         """``model`` against the original on the held-out samples (the original runs once)."""
         feeds = self.calib.holdout
         if feeds and self._reference is None:
-            with self.session.blaming_input("the original model"):
+            with self.session.blaming_input("the original model", feeds):
                 self._reference = fidelity_mod.reference_outputs(self.session.prepared, feeds,
                                                                  data_dir=self.data_dir)
         return fidelity_mod.fidelity(self.session.prepared, model, feeds, data_dir=self.data_dir,
@@ -530,7 +530,7 @@ class CalibratedRun:
             self.pass_stats, self.final = fitted_stats, {"ran": True, "kept": False, "why": why}
 
         try:  # (every step is timed as the stage "final refit")
-            with session.stage("final refit"), session.blaming_input("the original model"):
+            with session.stage("final refit"), session.blaming_input("the original model", every):
                 self.batches = runner.batches(session.prepared, every, self.options.batch_size, self.data_dir)
                 self.close_recorded()  # recorded for the samples without the held-out ones
                 self._record_targets()

@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import (
     GraphPruneError,
+    InvalidModelError,
     OutputShapesDiffer,
     RewriteError,
     UsageError,
@@ -70,6 +71,8 @@ UPGRADE_TO = 13
 LOW_PRECISION_TOLERANCE = 1e-2
 #: outputs the verification's feeds compared little or nothing of: checked again on data
 IDLE_OUTPUTS = ("empty_outputs", "constant_outputs", "non_finite_outputs")
+#: calibration samples run through the model as loaded to find the one it does not run on
+DATA_BLAME_SAMPLES = 32
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -527,13 +530,23 @@ class Session(FeedValues):
         return within_own_noise(self, candidate, verification, reference)
 
     @contextmanager
-    def blaming_input(self, what: str) -> Iterator[None]:
+    def blaming_input(self, what: str, data: list[dict[str, np.ndarray]] | None = None) -> Iterator[None]:
         """Runs of ``what`` (the original, as loaded) that fail where the model as loaded
-        fails as well raise :class:`InvalidModelError` (see :meth:`input_fault`)."""
+        fails as well raise :class:`InvalidModelError` (see :meth:`input_fault`). ``data``: the
+        samples those runs were given (calibration data); where the model as loaded runs on the
+        session's own feeds but not on one of the first :data:`DATA_BLAME_SAMPLES` of these, the
+        data is at fault: :class:`UsageError` (token ids past a vocabulary: it was exit 3, "the
+        original model does not run")."""
         try:
             yield
         except VerificationError as exc:
             fault = self.input_fault() if blame.did_not_run(exc, what) else None
+            if fault is None and data and blame.did_not_run(exc, what):
+                fault = self.input_fault(data[:DATA_BLAME_SAMPLES])
+                if isinstance(fault, InvalidModelError):
+                    detail = str(fault).removeprefix("the input model does not run in ONNX Runtime: ")
+                    fault = UsageError(f"the calibration data does not fit the model: the model as loaded does "
+                                       f"not run on it in ONNX Runtime: {detail}")
             if fault is None:
                 raise
             raise fault from exc
