@@ -18,6 +18,7 @@ where the sizes it reads are static, and guards the others like the casts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import onnx_graphsurgeon as gs
 from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.names import fresh_name
 
-__all__ = ["fold_constants"]
+__all__ = ["fold_constants", "fold_weight_computations"]
 
 #: the ops onnx-graphsurgeon 0.5-0.6 elides casts around (``run_cast_elision``)
 _ELIDED = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Greater", "Less", "Concat"})
@@ -45,6 +46,44 @@ def fold_constants(graph: gs.Graph, **options: Any) -> gs.Graph:
         for guard in guards:
             _remove(graph, guard)
     return graph
+
+
+def fold_weight_computations(graph: gs.Graph, computes_weight: Callable[[gs.Node], bool], opset: int) -> int:
+    """Run once, and replace by their outputs, the nodes of ``graph`` that read constants only
+    and that ``computes_weight`` says compute a weight, where onnx-graphsurgeon would not fold
+    them: it never folds a quantization op (a TensorRT engine wants its Q/DQ pairs). ONNX
+    Runtime's ``quantize_dynamic`` quantizes a weight stored as a ``Constant`` node (paddle2onnx
+    writes them so) like an activation, by a ``DynamicQuantizeLinear`` at every run: folded,
+    it is the integer weight, scale and zero point the rules read (unfolded, every layer froze:
+    "weight or zero point not understood"). ONNX Runtime computes them, so the values are the
+    ones the model computes, bit for bit. Returns how many nodes were folded."""
+    nodes = [n for n in graph.nodes if n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs if t.name)
+             and not any(isinstance(v, gs.Graph) for v in n.attrs.values()) and computes_weight(n)]
+    outputs = [t for n in nodes for t in n.outputs if t.name and t.dtype is not None]
+    if not outputs:
+        return 0
+    import onnxruntime as ort  # noqa: PLC0415 (only where such a node is)
+
+    from graphprune.io.runtime import quiet_ort  # noqa: PLC0415 (runtime imports io modules)
+
+    inputs = {t.name: t for n in nodes for t in n.inputs if t.name}
+    part = gs.Graph(nodes=[gs.Node(n.op, n.name, dict(n.attrs), list(n.inputs), list(n.outputs), domain=n.domain)
+                           for n in nodes], inputs=[], outputs=outputs, opset=opset)
+    model = gs.export_onnx(part, do_type_check=False)
+    del model.graph.value_info[:]
+    model.ir_version = min(model.ir_version, 9)
+    with quiet_ort():
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run([t.name for t in outputs], {})
+    del inputs
+    for tensor, value in zip(outputs, values, strict=True):
+        constant = gs.Constant(tensor.name, np.asarray(value))
+        redirect_uses(tensor, constant)
+    for node in nodes:
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.remove(node)
+    return len(nodes)
 
 
 def _fold_sliced_shapes(graph: gs.Graph) -> list[gs.Node]:

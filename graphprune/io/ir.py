@@ -34,7 +34,7 @@ from graphprune.io import (
 )
 from graphprune.io.concat_selects import bypass_concat_selects, has_concat_selects
 from graphprune.io.expansions import record as record_expansions
-from graphprune.io.folding import fold_constants
+from graphprune.io.folding import fold_constants, fold_weight_computations
 from graphprune.io.graph_reads import subgraphs_of
 from graphprune.io.gs_export import as_protos
 from graphprune.io.order import sort_proto, toposort_model
@@ -211,6 +211,12 @@ def _computes_constants(model: onnx.ModelProto) -> bool:
                                     and node.input[k] not in initializers for k in rule.computed_parameters):
             return True
     return False
+
+
+def _folds_weights(node: gs.Node, opset: int) -> bool:
+    """A node of constants that computes a weight (``OpRule.folds_weights``)."""
+    rule = registry.lookup(node.domain or "", node.op, opset)
+    return rule is not None and rule.folds_weights
 
 
 def _constant_walk(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, bool, set[str]]]:
@@ -435,9 +441,13 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
                 stored |= _masked_weights(graph, default_opset(model))
             held = fold_holds.hold_unfolded(graph, default_opset(model))
             held += fold_holds.hold_tied_weights(graph, default_opset(model))
-            with quiet_ort():
-                fold_constants(graph, fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
-                               flatten_subgraphs=False)
+            opset = default_opset(model)
+            for _ in range(2):  # again where a weight computation onnx-graphsurgeon leaves was folded
+                with quiet_ort():
+                    fold_constants(graph, fold_shapes=True, size_threshold=_fold_limit(graph), error_ok=False,
+                                   flatten_subgraphs=False)
+                if not fold_weight_computations(graph, partial(_folds_weights, opset=opset), opset):
+                    break
             for node, index, constant in held:
                 node.inputs[index] = constant
         except Exception as exc:  # folding is an optimisation; analysis copes without it

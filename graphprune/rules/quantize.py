@@ -453,6 +453,9 @@ class DynamicQuantizeLinearRule(OpRule):
 
     op_types = ("DynamicQuantizeLinear",)
     quantizes_at_run_time = True
+    #: of a constant (ONNX Runtime's quantize_dynamic of a weight stored as a Constant node): the
+    #: weight, scale and zero point of every run, folded (graphprune.io.folding)
+    folds_weights = True
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> list[np.ndarray]:
         """The quantized tensor in the input's units, scale and zero point neutral: with the
