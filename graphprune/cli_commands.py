@@ -69,6 +69,10 @@ def _source(args: argparse.Namespace) -> Any:
 def _shapes(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """``--input-shape`` values: unnamed (framework sources) and ``NAME=...`` (ONNX inputs)."""
     given = getattr(args, "input_shape", None) or []
+    names = [v[0] for v in given if isinstance(v[0], str)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # (the last one silently won)
+        raise UsageError(f"--input-shape given more than once for {', '.join(map(repr, twice))}")
     named = dict(v for v in given if isinstance(v[0], str))
     return [v for v in given if not isinstance(v[0], str)], named
 

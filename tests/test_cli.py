@@ -313,6 +313,9 @@ def test_input_that_runs_only_at_sizes_no_probe_tries_asks_for_input_shape(capsy
     assert "the input model does not run in ONNX Runtime" in line
     assert "run at sizes chosen for the open dimensions: x=1x" in line and "--input-shape NAME=" in line
     assert not out_model.exists()
+    code, _, err = cli(capsys, "prune", "-q", path, "-o", out_model, "--input-shape", "x=1,14", "--input-shape", "x=1,21")
+    assert "--input-shape given more than once for 'x'" in _assert_one_line_error(code, err)  # (the last one won)
+    assert not out_model.exists()
     code, _, _ = cli(capsys, "prune", "-q", path, "-o", out_model, "--input-shape", "x=1,14")
     assert code == 0 and out_model.exists()
 
