@@ -64,3 +64,15 @@ def test_a_reconstruction_asked_for_is_the_one_run():
     calibration = result.report["calibration"]
     assert calibration["reconstruction"] == "refit" and "reconstruction_choice" not in calibration
     assert "stats correction" not in result.report["timings"]
+
+
+def test_a_budget_weighs_its_chosen_allocation_the_same_way():
+    """A calibrated budget reconstructs its candidates itself; the one it keeps is weighed
+    against the statistics correction and no reconstruction as a ratio prune is."""
+    result = graphprune.prune(example_cnn(), target_macs=0.5, calibration="random:16")
+    calibration, fidelity = result.report["calibration"], result.report["fidelity"]
+    choice = calibration["reconstruction_choice"]
+    errors = choice["pooled_rel_l2"]
+    assert set(errors) == {"refit", "stats", "none"} and choice["kept"] == min(errors, key=errors.get)
+    assert fidelity["pooled_rel_l2"] == pytest.approx(errors[choice["kept"]], abs=1e-6)
+    assert result.report["budget"]["met"] and result.report["verification"]["ok"]

@@ -376,6 +376,9 @@ class CalibratedRun:
             result = self._compare(self.session.model)
         before, unreconstructed = self.unreconstructed, self._unreconstructed_model
         self._unreconstructed_model = None
+        if before is None and unreconstructed is not None and not self.reverted:  # (see weigh_later)
+            with self.session.stage("fidelity"):
+                before = self._compare(unreconstructed)
         stats_kept = False
         if before is not None and unreconstructed is not None and self.auto_reconstruction:
             result, stats_kept = self._weigh_stats(result, before, unreconstructed)
@@ -406,6 +409,14 @@ class CalibratedRun:
                                                 "nearer the original without it"}
         self._fidelity = result
         return result
+
+    def weigh_later(self, unreconstructed: onnx.ModelProto) -> None:
+        """Under ``auto``: the refit model that is the session's now was made from
+        ``unreconstructed``, which :meth:`fidelity` measures and weighs it against, with the
+        statistics correction (a budget's chosen allocation, reconstructed outside
+        :meth:`reconstruct`)."""
+        if self.auto_reconstruction and self.calib.holdout:
+            self.unreconstructed, self._unreconstructed_model = None, unreconstructed
 
     def _weigh_stats(self, refit: dict[str, Any], none: dict[str, Any], unreconstructed: onnx.ModelProto
                      ) -> tuple[dict[str, Any], bool]:

@@ -239,6 +239,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
     else:
         calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
+        calibrated.weigh_later(best.rewrite)  # (reconstruction auto: against the statistics correction)
     candidate = best.session
     session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
     session.ctx = candidate.ctx
