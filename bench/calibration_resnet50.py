@@ -3,8 +3,10 @@
 ResNet-50 (bottleneck blocks [3, 4, 6, 3], BatchNorm folded by the TorchScript exporter) is
 exported with a dynamic batch axis, ``--samples`` (128) random 224x224 images are written
 to a ``.npz`` and the model is pruned at ``--ratio 0.3`` with ``--calibration`` (criterion
-``auto``, least-squares refit). The figure is the wall time of the whole call and of the
-calibration stages (statistics, reconstruction, fidelity), plus the peak resident memory.
+``auto``; reconstruction ``auto``: the least-squares refit weighed against the statistics
+correction, or ``--reconstruction``). The figure is the wall time of the whole call and of
+the calibration stages (statistics, reconstruction, fidelity, stats correction), plus the
+peak resident memory.
 
     python bench/calibration_resnet50.py                 # a few minutes on 2 CPU cores
 """
@@ -66,6 +68,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--reconstruction", default="auto", help="auto (default), refit, stats, ...")
     parser.add_argument("--no-cache", action="store_true",
                         help="re-run the graph prefix in every refit wave (the frontier cache off)")
     args = parser.parse_args()
@@ -92,16 +95,19 @@ def main() -> int:
         np.savez(calib, image=rng.standard_normal((args.samples, 1, 3, 224, 224)).astype(np.float32))
         load0 = [round(x, 2) for x in os.getloadavg()]
         t0, c0 = time.perf_counter(), time.process_time()
-        result = graphprune.prune(str(path), ratio=args.ratio, calibration=str(calib))
+        result = graphprune.prune(str(path), ratio=args.ratio, calibration=str(calib),
+                                  reconstruction=args.reconstruction)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     report = result.report
     timings = report["timings"]
     row = {
-        "command": "python bench/calibration_resnet50.py" + (" --no-cache" if args.no_cache else ""),
+        "command": "python bench/calibration_resnet50.py" + (" --no-cache" if args.no_cache else "")
+                   + (f" --reconstruction {args.reconstruction}" if args.reconstruction != "auto" else ""),
         "samples": args.samples, "ratio": args.ratio, "frontier_cache": not args.no_cache,
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "calibration_stages_s": round(sum(timings.get(k, 0.0) for k in
-                                          ("calibration", "statistics", "reconstruction", "fidelity")), 1),
+                                          ("calibration", "statistics", "reconstruction", "fidelity",
+                                           "stats correction")), 1),
         "timings": timings, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "macs_ratio": round(report["macs_after"] / report["macs_before"], 3),
         "calibration": report["calibration"], "fidelity": {k: report["fidelity"][k] for k in ("cosine", "rel_l2", "top1_agreement")},

@@ -267,7 +267,7 @@ def test_calibration_refits_qlinearconv_as_the_float_conv_it_stands_for(drop_bia
             del node.input[8:]
     rng = np.random.default_rng(5)
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(40)]
-    result = graphprune.prune(model, ratio=0.5, calibration=feeds)
+    result = graphprune.prune(model, ratio=0.5, calibration=feeds, reconstruction="refit")
     report = result.report
     calibration = report["calibration"]
     assert report["verification"]["ok"]
