@@ -635,26 +635,35 @@ raise SystemExit(main(sys.argv[2:]))
 """
 
 
+def _held_prune(tmp_path, args: list[str]) -> subprocess.Popen:
+    """``graphprune ARGS`` on the example CNN (``tmp_path / "cnn.onnx"``) with ``TMPDIR`` at
+    ``tmp_path / "tmp"``, held in its verification (:data:`SLOW_VERIFY`): the weight folder is
+    there and no output is written yet."""
+    scratch, model, marker = tmp_path / "tmp", tmp_path / "cnn.onnx", tmp_path / "marker"
+    scratch.mkdir()
+    onnx.save(example_cnn(), model)
+    (tmp_path / "held.py").write_text(SLOW_VERIFY)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), *args],
+                               env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        if marker.exists() or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    if not marker.exists():
+        process.kill()
+        raise AssertionError(process.communicate())
+    return process
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mode):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    model = tmp_path / "cnn.onnx"
-    onnx.save(example_cnn(), model)
-    (tmp_path / "held.py").write_text(SLOW_VERIFY)
-    marker = tmp_path / "marker"
-    env = {**os.environ, "TMPDIR": str(scratch)}
+    scratch, model = tmp_path / "tmp", tmp_path / "cnn.onnx"
     args = ["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5",
             "--report", str(tmp_path / "report.json"), *(["--json"] if json_mode else [])]
-    process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), *args],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = _held_prune(tmp_path, args)
     try:
-        for _ in range(1200):
-            if marker.exists() or process.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), process.communicate()
         assert any(p.name.startswith("graphprune-") for p in scratch.iterdir())  # the weights are there
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
@@ -677,27 +686,11 @@ def test_the_next_run_removes_what_a_killed_one_left(tmp_path):
     of a live process, and folders graphprune did not make, stay."""
     from graphprune.io import scratch as scratch_folders
 
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    model = tmp_path / "cnn.onnx"
-    onnx.save(example_cnn(), model)
-    (tmp_path / "held.py").write_text(SLOW_VERIFY)
-    marker = tmp_path / "marker"
+    scratch, model = tmp_path / "tmp", tmp_path / "cnn.onnx"
     env = {**os.environ, "TMPDIR": str(scratch)}
-    process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), "prune", str(model),
-                                "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(1200):
-            if marker.exists() or process.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), process.communicate()
-        process.kill()
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = _held_prune(tmp_path, ["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"])
+    process.kill()
+    process.communicate(timeout=60)
     left = [p for p in scratch.iterdir() if p.name.startswith("graphprune-")]
     assert left and all((p / scratch_folders.OWNER).exists() for p in left)
     assert sum(f.stat().st_size for p in left for f in p.iterdir()) > 0  # the model's weights among them

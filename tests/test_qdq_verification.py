@@ -22,7 +22,12 @@ C, LAYERS = 32, 8
 
 @pytest.fixture(scope="module")
 def qdq_model(tmp_path_factory) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     rng = np.random.default_rng(0)
     nodes, inits, prev, cin = [], [], "x", 3

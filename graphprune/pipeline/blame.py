@@ -8,15 +8,17 @@ input sizes or integer values were guessed, the error says which and how to give
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from onnx import version_converter
 
-from graphprune.errors import GraphPruneError, InvalidModelError, VerificationError
+from graphprune.errors import GraphPruneError, InvalidModelError, UsageError, VerificationError
 from graphprune.verify import preparation, validate
 
-__all__ = ["conversion_fault", "did_not_run", "input_fault"]
+__all__ = ["blaming", "conversion_fault", "data_fault", "did_not_run", "input_fault"]
 
 
 def did_not_run(error: BaseException | None, what: str) -> bool:
@@ -52,6 +54,38 @@ def input_fault(session: Any, feeds: list[dict[str, np.ndarray]] | None = None) 
             return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
         return InvalidModelError(str(fault) + hint + _shape_hint(session) + _values_hint(session))
     return None
+
+
+@contextmanager
+def blaming(session: Any, what: str, data: list[dict[str, np.ndarray]] | None = None) -> Iterator[None]:
+    """Runs of ``what`` (the original, as loaded) that fail where the model as loaded fails as
+    well raise :class:`InvalidModelError` (:func:`input_fault`); on ``data`` (calibration
+    samples) alone, :func:`data_fault`."""
+    try:
+        yield
+    except VerificationError as exc:
+        ran = not did_not_run(exc, what)
+        fault = None if ran else input_fault(session) or (data_fault(session, data) if data else None)
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+#: calibration samples run through the model as loaded to find one it does not run on
+DATA_BLAME_SAMPLES = 32
+
+
+def data_fault(session: Any, data: list[dict[str, np.ndarray]]) -> GraphPruneError | None:
+    """Where the model as loaded runs on the session's own feeds but not on one of the first
+    :data:`DATA_BLAME_SAMPLES` of ``data`` (calibration samples: token ids past a vocabulary),
+    the data is at fault: :class:`UsageError` (it was exit 3, "the original model does not
+    run"); a failure of the prepared graph alone stays graphprune's (:func:`input_fault`)."""
+    fault = input_fault(session, data[:DATA_BLAME_SAMPLES])
+    if not isinstance(fault, InvalidModelError):
+        return fault
+    detail = str(fault).removeprefix("the input model does not run in ONNX Runtime: ")
+    return UsageError(f"the calibration data does not fit the model: the model as loaded does not run on it "
+                      f"in ONNX Runtime: {detail}")
 
 
 def conversion_fault(session: Any, tolerance: float,

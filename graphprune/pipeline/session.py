@@ -32,7 +32,6 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import (
     GraphPruneError,
-    InvalidModelError,
     OutputShapesDiffer,
     RewriteError,
     UsageError,
@@ -71,8 +70,6 @@ UPGRADE_TO = 13
 LOW_PRECISION_TOLERANCE = 1e-2
 #: outputs the verification's feeds compared little or nothing of: checked again on data
 IDLE_OUTPUTS = ("empty_outputs", "constant_outputs", "non_finite_outputs")
-#: calibration samples run through the model as loaded to find the one it does not run on
-DATA_BLAME_SAMPLES = 32
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -407,9 +404,8 @@ class Session(FeedValues):
     def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Concrete input shapes at which MACs are counted (report, budget, latency table)
         where the original's inputs leave sizes open beyond the batch axis, or a layer has a
-        size no input names: the sizes the user gave (``--input-shape``), else the calibration
-        samples' shapes when there are any, else
-        :func:`~graphprune.analysis.probe_sizes.counting_shapes`. ``None``: nothing to size."""
+        size no input names: the calibration samples' shapes where the user gave none
+        (``--input-shape``), else :func:`~graphprune.analysis.probe_sizes.counting_shapes`; ``None``: nothing to size."""
         from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
 
         specs = input_specs(self.original)
@@ -417,8 +413,7 @@ class Session(FeedValues):
         opened = bool(open_dimensions(specs)) or bool(self.input_shapes)
         if not opened and self.analysis is None:
             return None
-        if opened and self.data_shapes and not self.input_shapes:  # (a DeepCut counted at a
-            # text of 53 characters where --input-shape asked for 128: two reports of one file disagreed)
+        if opened and self.data_shapes and not self.input_shapes:
             return dict(self.data_shapes)
         if self._counting is False:  # decided on the analysed graph (its shapes derived) once there is one
             graph = self.analysis.graph if self.analysis is not None else ir.import_graph(self.prepared, self.store)
@@ -529,27 +524,9 @@ class Session(FeedValues):
         """Accept a difference that is float noise of this model (:func:`selections.within_own_noise`)."""
         return within_own_noise(self, candidate, verification, reference)
 
-    @contextmanager
-    def blaming_input(self, what: str, data: list[dict[str, np.ndarray]] | None = None) -> Iterator[None]:
-        """Runs of ``what`` (the original, as loaded) that fail where the model as loaded
-        fails as well raise :class:`InvalidModelError` (see :meth:`input_fault`). ``data``: the
-        samples those runs were given (calibration data); where the model as loaded runs on the
-        session's own feeds but not on one of the first :data:`DATA_BLAME_SAMPLES` of these, the
-        data is at fault: :class:`UsageError` (token ids past a vocabulary: it was exit 3, "the
-        original model does not run")."""
-        try:
-            yield
-        except VerificationError as exc:
-            fault = self.input_fault() if blame.did_not_run(exc, what) else None
-            if fault is None and data and blame.did_not_run(exc, what):
-                fault = self.input_fault(data[:DATA_BLAME_SAMPLES])
-                if isinstance(fault, InvalidModelError):
-                    detail = str(fault).removeprefix("the input model does not run in ONNX Runtime: ")
-                    fault = UsageError(f"the calibration data does not fit the model: the model as loaded does "
-                                       f"not run on it in ONNX Runtime: {detail}")
-            if fault is None:
-                raise
-            raise fault from exc
+    def blaming_input(self, what: str, data: list[dict[str, np.ndarray]] | None = None) -> Any:
+        """:func:`graphprune.pipeline.blame.blaming` of this session (a context manager)."""
+        return blame.blaming(self, what, data)
 
     def input_fault(self, feeds: list[dict[str, np.ndarray]] | None = None) -> GraphPruneError | None:
         """:func:`graphprune.pipeline.blame.input_fault` of this session."""
