@@ -181,10 +181,13 @@ def _reason(head: Mapping[str, Any]) -> str:
 def _reconstruction(calibration: Mapping[str, Any]) -> str:
     """The reconstruction kept; under ``auto``, with what each tried left on the held-out samples."""
     kept, choice = calibration.get("reconstruction"), calibration.get("reconstruction_choice") or {}
-    errors = choice.get("pooled_rel_l2") or {}
-    if calibration.get("reconstruction_requested") != "auto" or not errors:
+    if calibration.get("reconstruction_requested") != "auto":
         return str(kept)
     shown = "none" if calibration.get("reconstruction_reverted") else kept
+    errors = choice.get("rel_l2") or {}
+    if not errors:
+        why = choice.get("stats")
+        return f"auto: {shown}" + (f" (statistics correction {why})" if why else "")
     tried = ", ".join(f"{k} {v:.4g}" for k, v in errors.items() if v is not None)
     return f"auto: {shown} (held-out relative L2: {tried})"
 

@@ -36,7 +36,7 @@ def test_auto_keeps_the_reconstruction_nearest_the_original_on_held_out_samples(
     auto = graphprune.prune(model, ratio=0.5, calibration=data)
     calibration, fidelity = auto.report["calibration"], auto.report["fidelity"]
     choice = calibration["reconstruction_choice"]
-    errors = choice["pooled_rel_l2"]
+    errors = choice["rel_l2"]
     kept = min(errors, key=errors.get)
     assert choice["kept"] == kept == ("stats" if case == "stats nearest" else "refit"), choice
     assert calibration["reconstruction"] == kept and calibration["reconstruction_requested"] == "auto"
@@ -72,7 +72,23 @@ def test_a_budget_weighs_its_chosen_allocation_the_same_way():
     result = graphprune.prune(example_cnn(), target_macs=0.5, calibration="random:16")
     calibration, fidelity = result.report["calibration"], result.report["fidelity"]
     choice = calibration["reconstruction_choice"]
-    errors = choice["pooled_rel_l2"]
+    errors = choice["rel_l2"]
     assert set(errors) == {"refit", "stats", "none"} and choice["kept"] == min(errors, key=errors.get)
     assert fidelity["pooled_rel_l2"] == pytest.approx(errors[choice["kept"]], abs=1e-6)
     assert result.report["budget"]["met"] and result.report["verification"]["ok"]
+
+
+def test_models_of_large_activations_are_not_weighed_against_the_statistics_correction(monkeypatch):
+    """The statistics correction runs the original beside the pruned model wave by wave (U2-Net-p
+    at 320x320, 577 MB of activations a sample: 4.6 GB against the refit's 1.5 GB); past
+    AUTO_STATS_SAMPLE_BYTES a sample, auto weighs the refit against none only, and says why."""
+    from graphprune.pipeline import calibrated
+
+    monkeypatch.setattr(calibrated, "AUTO_STATS_SAMPLE_BYTES", 0)  # the MLP's few bytes are "large" here
+    result = graphprune.prune(_mlp(), ratio=0.5, calibration="random:8")
+    calibration = result.report["calibration"]
+    choice = calibration["reconstruction_choice"]
+    assert choice["tried"] == ["refit", "none"] and choice["stats"].startswith("not tried: ")
+    assert "stats correction" not in result.report["timings"] and "StatsCorrectionPass" not in calibration["passes"]
+    assert calibration_lines(calibration)[0].endswith(f"reconstruction auto: {calibration['reconstruction']} "
+                                                      f"(statistics correction {choice['stats']})")

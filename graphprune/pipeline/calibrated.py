@@ -71,6 +71,11 @@ from graphprune.verify import validate
 
 RECONSTRUCTIONS = ("auto", "refit", "stats", "bias", "bn", "none")
 FINAL_REFITS = ("auto", "on", "off")
+#: under ``reconstruction="auto"``, the statistics correction is weighed where one sample's
+#: computed tensors (``runner.sample_bytes``) stay under this: it runs the original beside the
+#: pruned model wave by wave, which took U2-Net-p at 320x320 (577 MB a sample) from the
+#: refit's 1.5 GB to 4.6 GB
+AUTO_STATS_SAMPLE_BYTES = 256 << 20
 #: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
 #: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer: it
 #: costs one reconstruction more and a run of the original that records its targets
@@ -410,6 +415,13 @@ class CalibratedRun:
         self._fidelity = result
         return result
 
+    def refit_undone(self) -> None:
+        """Under ``auto``: the refit was undone where it was made (a budget's candidate), so
+        the statistics correction is not weighed; the report says so."""
+        if self.auto_reconstruction:
+            self.choice = {"tried": ["refit", "none"], "kept": "none",
+                           "stats": "not tried: the chosen allocation's refit was undone (nearer without it)"}
+
     def weigh_later(self, unreconstructed: onnx.ModelProto) -> None:
         """Under ``auto``: the refit model that is the session's now was made from
         ``unreconstructed``, which :meth:`fidelity` measures and weighs it against, with the
@@ -429,6 +441,13 @@ class CalibratedRun:
         self.choice = {"tried": ["refit", "stats", "none"]}
         if self.refit_from is None or errors["refit"] is None or errors["none"] is None:
             self.choice["stats"] = "not tried: the held-out figures do not compare"
+            return refit, False
+        per_sample = runner.sample_bytes(self.session.prepared, self.calib.samples[0])
+        if per_sample > AUTO_STATS_SAMPLE_BYTES:
+            self.choice["tried"] = ["refit", "none"]
+            self.choice["stats"] = (f"not tried: {per_sample / 2**20:.0f} MB of activations per sample (the statistics "
+                                    "correction runs the original beside the pruned model: 2-3x the refit's memory on "
+                                    "U-Nets at 320x320; --reconstruction stats runs it)")
             return refit, False
         session, fitted, fitted_stats, seconds = self.session, self.session.model, self.pass_stats, self.refit_seconds
         refit_from = self.refit_from
@@ -451,7 +470,8 @@ class CalibratedRun:
             self.choice["stats"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             return refit, False
         errors["stats"] = fidelity_mod.deciding_rel_l2(stats)
-        self.choice["pooled_rel_l2"] = {k: (round(v, 6) if v is not None else None) for k, v in errors.items()}
+        # the deciding figure (fidelity.deciding_rel_l2: balanced where an output has one, else pooled)
+        self.choice["rel_l2"] = {k: (round(v, 6) if v is not None else None) for k, v in errors.items()}
         best = min(("refit", "none", "stats"), key=lambda k: math.inf if errors[k] is None else errors[k])
         self.choice["kept"] = best
         if best != "stats":

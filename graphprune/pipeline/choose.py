@@ -237,6 +237,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
     if best.reverted or best.rewrite is None:
         calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
+        calibrated.refit_undone()
     else:
         calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
         calibrated.weigh_later(best.rewrite)  # (reconstruction auto: against the statistics correction)
