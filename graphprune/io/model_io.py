@@ -2,13 +2,12 @@
 
 Everything that touches files or the protobuf size limit lives here. Two facts shape this module:
 
-* protobuf cannot serialize a message of 2 GiB or more (``ByteSize()`` itself fails), so
-  large models keep their weights in an external data file, and every C++ round trip
-  (shape inference, version conversion) must not carry the weights;
-* ``onnx.save_model(..., save_as_external_data=True)`` rewrites the tensors of the model it
-  is given. We never mutate a caller's model, so we build a *skeleton*: a copy of the
-  model whose large tensors are replaced by external-data references, without copying the
-  weight bytes.
+* protobuf cannot serialize a message of 2 GiB or more (``ByteSize()`` itself fails), so large
+  models keep their weights in an external data file, and no C++ round trip (shape inference,
+  version conversion) may carry the weights;
+* ``onnx.save_model(..., save_as_external_data=True)`` rewrites the tensors of the model it is
+  given; we never mutate a caller's model, so we build a *skeleton*: a copy whose large tensors
+  are external-data references, made without copying the weight bytes.
 """
 
 from __future__ import annotations
@@ -298,16 +297,13 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     from graphprune.io.converter_semantics import convert  # (imports the rules)
 
     skeleton, detached = _detach(model)
-    # IR 3 lists every initializer among the graph inputs; files that do not (OnnxMLTools'
-    # Keras exports) run in ONNX Runtime, but the converter refuses them ("input ... is
-    # undefined"): read as IR 4, where initializers need not be inputs (the output is IR 7+)
+    # IR 3 files without their initializers among the inputs (OnnxMLTools), converted as IR 4
     skeleton.ir_version = max(skeleton.ir_version, 4)
     try:
         converted = convert(skeleton, current, target)
     except Exception as exc:
-        raise InvalidModelError(
-            f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}"
-        ) from exc
+        raise InvalidModelError(f"cannot convert the model from opset {current} to opset {target}: {_short(exc)}") \
+            from exc
     _reattach(converted, detached)
     # IR >= 4: the constants the converter adds (Pad's pads) need not be graph inputs
     converted.ir_version = max(converted.ir_version, 7)

@@ -13,13 +13,10 @@ A ratio prune with calibration data runs as:
    (:class:`~graphprune.passes.stats_correction.StatsCorrectionPass`), ``bias``
    (:class:`~graphprune.passes.bias_compensation.BiasCompensationPass`), ``bn`` (the same from
    BatchNormalization statistics, no data: :class:`~graphprune.passes.bn_compensation.BatchNormCompensationPass`)
-   or ``none``; ``auto`` (default): the refit, weighed in ``fidelity()`` against the statistics
-   correction and no reconstruction;
+   or ``none``; ``auto`` (default): the refit, weighed in ``fidelity()`` (below);
 5. ``fidelity()``: the reconstructed model against the ORIGINAL on the held-out samples
-   (under ``auto``, of the refit, the statistics correction and no reconstruction, the one
-   nearest the original there is kept: the refit fits each layer to the calibration samples'
-   outputs, which is best where they are like the data the model will see, and a Thai
-   segmenter kept boundary F1 0.61 with the statistics correction where the refit left 0.48);
+   (under ``auto``, of the refit, the statistics correction and none, the nearest is kept: a
+   Thai segmenter kept F1 0.61 with the statistics correction where the refit left 0.48);
 6. the final refit (inside ``fidelity()``, once the reconstruction is kept): the same
    reconstruction run again from the rewrite with EVERY sample, the held-out ones too, and
    that model written. The refit is data-limited wherever a layer has few rows per input (a
@@ -71,10 +68,8 @@ from graphprune.verify import validate
 
 RECONSTRUCTIONS = ("auto", "refit", "stats", "bias", "bn", "none")
 FINAL_REFITS = ("auto", "on", "off")
-#: under ``reconstruction="auto"``, the statistics correction is weighed where one sample's
-#: computed tensors (``runner.sample_bytes``) stay under this: it runs the original beside the
-#: pruned model wave by wave, which took U2-Net-p at 320x320 (577 MB a sample) from the
-#: refit's 1.5 GB to 4.6 GB
+#: ``reconstruction="auto"`` weighs the statistics correction where a sample computes less than
+#: this (``runner.sample_bytes``; U2-Net-p's 577 MB took it from the refit's 1.5 GB to 4.6 GB)
 AUTO_STATS_SAMPLE_BYTES = 256 << 20
 #: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
 #: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer: it
