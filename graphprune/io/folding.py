@@ -64,18 +64,16 @@ def fold_weight_computations(graph: gs.Graph, computes_weight: Callable[[gs.Node
         return 0
     import onnxruntime as ort  # noqa: PLC0415 (only where such a node is)
 
-    from graphprune.io.runtime import quiet_ort  # noqa: PLC0415 (runtime imports io modules)
+    from graphprune.io.runtime import quiet_ort, session_options  # noqa: PLC0415 (runtime imports io modules)
 
-    inputs = {t.name: t for n in nodes for t in n.inputs if t.name}
     part = gs.Graph(nodes=[gs.Node(n.op, n.name, dict(n.attrs), list(n.inputs), list(n.outputs), domain=n.domain)
                            for n in nodes], inputs=[], outputs=outputs, opset=opset)
     model = gs.export_onnx(part, do_type_check=False)
     del model.graph.value_info[:]
     model.ir_version = min(model.ir_version, 9)
     with quiet_ort():
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         values = session.run([t.name for t in outputs], {})
-    del inputs
     for tensor, value in zip(outputs, values, strict=True):
         constant = gs.Constant(tensor.name, np.asarray(value))
         redirect_uses(tensor, constant)

@@ -71,6 +71,8 @@ FINAL_REFITS = ("auto", "on", "off")
 #: ``reconstruction="auto"`` weighs the statistics correction where a sample computes less than
 #: this (``runner.sample_bytes``; U2-Net-p's 577 MB took it from the refit's 1.5 GB to 4.6 GB)
 AUTO_STATS_SAMPLE_BYTES = 256 << 20
+#: the held-out figures kept of a model that is not the one written
+HELD_OUT_FIGURES = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
 #: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
 #: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer: it
 #: costs one reconstruction more and a run of the original that records its targets
@@ -382,10 +384,8 @@ class CalibratedRun:
         stats_kept = False
         if before is not None and unreconstructed is not None and self.auto_reconstruction:
             result, stats_kept = self._weigh_stats(result, before, unreconstructed)
-        if stats_kept:
-            pass
-        elif before is not None:
-            figures = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
+        if before is not None and not stats_kept:
+            figures = HELD_OUT_FIGURES
             worse, better = fidelity_mod.deciding_rel_l2(before), fidelity_mod.deciding_rel_l2(result)
             if worse is not None and better is not None and better > worse and unreconstructed is not None:
                 self.session.adopt(unreconstructed)
@@ -431,7 +431,7 @@ class CalibratedRun:
         held-out samples beside the refit (``refit``) and no reconstruction (``none``). Where it
         is nearer the original than both it is the session's model, with its figures (True);
         else the refit's state stays (False). Either way ``self.choice`` says what each gave."""
-        figures = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
+        figures = HELD_OUT_FIGURES
         errors = {"refit": fidelity_mod.deciding_rel_l2(refit), "none": fidelity_mod.deciding_rel_l2(none)}
         self.choice = {"tried": ["refit", "stats", "none"]}
         if self.refit_from is None or errors["refit"] is None or errors["none"] is None:
