@@ -246,7 +246,7 @@ def _own_noise(session: SessionLike, candidate: Any, names: list[str], feeds: li
         moved = _run_exposed(session, candidate, names, [noise.nudged(feed) for feed in feeds], True)
     except Exception:  # VerificationError: nothing measured
         return None
-    return noise.spread(fast, plain, moved, _floors(session, names))
+    return noise.spread(fast, plain, moved, floors=_floors(session, names))
 
 
 def _floors(session: SessionLike, names: list[str]) -> list[float]:

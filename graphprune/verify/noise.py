@@ -8,17 +8,27 @@ the model's own noise and holds each output to it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
+from graphprune.io.tensor_protos import nbytes
+from graphprune.io.weights import read_external_bytes
 from graphprune.rules.registry import lookup
 from graphprune.verify import validate
 
 #: a difference within this multiple of the model's own float noise is float noise
 NOISE_MULTIPLE = 4.0
+
+#: float weights up to this many bytes in all are moved by rounding for one more noise run
+#: (a moved copy of them is held while it runs); a larger model's noise leaves that run out
+NUDGE_WEIGHT_BYTES = 256 << 20
 
 
 def _unreproducible(path: Any, feeds: list[dict[str, np.ndarray]], tolerance: float) -> tuple[int, float] | None:
@@ -67,18 +77,20 @@ def error_floors(graph: gs.Graph, names: list[str], opset: int) -> list[float]:
 _FLOOR_DEPTH = 64
 
 
-def spread(fast: list[list[np.ndarray]], plain: list[list[np.ndarray]], moved: list[list[np.ndarray]],
+def spread(fast: list[list[np.ndarray]], *others: list[list[np.ndarray]],
            floors: list[float] | None = None) -> list[float] | None:
     """Per output, how far one model's runs on the same feeds move it: with ORT's graph
-    optimizations (``fast``) against without them (``plain``) and against the feeds moved by
-    rounding (``moved``, :func:`nudged`), the largest absolute difference over the feeds, and
-    at least ``floors`` (:func:`error_floors`); ``None`` where a run gave another shape."""
+    optimizations (``fast``) against each of ``others`` (without them, with the feeds moved by
+    rounding: :func:`nudged`, with the weights moved: :func:`nudged_weights`), the largest
+    absolute difference over the feeds, and at least ``floors`` (:func:`error_floors`);
+    ``None`` where a run gave another shape."""
     out = list(floors) if floors is not None else [0.0] * (len(fast[0]) if fast else 0)
-    for a, b, c in zip(fast, plain, moved, strict=True):
-        for j, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
-            if np.shape(x) != np.shape(y) or np.shape(x) != np.shape(z):
-                return None
-            out[j] = max(out[j], validate.differences([x], [y])[0], validate.differences([x], [z])[0])
+    for other in others:
+        for a, b in zip(fast, other, strict=True):
+            for j, (x, y) in enumerate(zip(a, b, strict=True)):
+                if np.shape(x) != np.shape(y):
+                    return None
+                out[j] = max(out[j], validate.differences([x], [y])[0])
     return out
 
 
@@ -95,12 +107,46 @@ def nudged(feed: dict[str, np.ndarray], ulps: int = 2) -> dict[str, np.ndarray]:
     return out
 
 
+def nudged_weights(path: Any, ulps: int = 1) -> dict[str, np.ndarray]:
+    """Every float weight (an initializer of rank 2 or more: not a threshold or a scale) of the
+    model file at ``path``, moved by ``ulps`` units in the last place up or down at random
+    (seeded): the rounding every layer
+    adds to what it computes (a product and a sum round at each layer, not only at the
+    inputs: a pruned convolution sums fewer channels in another order in all thirty layers of
+    a U-Net, whose outputs then move 7x more than when only its input is moved by rounding).
+    ``{}`` where those weights hold more than ``NUDGE_WEIGHT_BYTES``, or cannot be read."""
+    try:
+        skeleton = onnx.load(os.fspath(path), load_external_data=False)
+        floats = [t for t in skeleton.graph.initializer
+                  if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f" and len(t.dims) >= 2]
+        if not floats or sum(nbytes(t) for t in floats) > NUDGE_WEIGHT_BYTES:
+            return {}
+        root = Path(os.fspath(path)).parent
+        rng = np.random.default_rng(0)
+        out = {}
+        for tensor in floats:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:  # (onnx's reader refuses hard links)
+                stub, tensor = tensor, onnx.TensorProto()
+                tensor.CopyFrom(stub)
+                tensor.raw_data = read_external_bytes(stub, root)
+                tensor.ClearField("data_location")
+                del tensor.external_data[:]
+            value = numpy_helper.to_array(tensor)
+            step = np.spacing(np.abs(value)).astype(value.dtype) * ulps
+            out[tensor.name] = (value + step * rng.choice(np.array([-1, 1], value.dtype), size=value.shape)
+                                ).astype(value.dtype)
+        return out
+    except Exception:  # an unreadable weight: no such run
+        return {}
+
+
 def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verification: dict[str, Any],
                        selected: set[int] = frozenset(), floors: list[float] | None = None) -> dict[str, Any]:
     """Accept a difference that is float noise of the model at ``path``. The model, run on
     ``feeds`` with and without ORT's graph optimizations (other kernels, fused ops, another summation order,
-    the NCHWc layout ONNX Runtime chooses from the shapes it knows), and run on the feeds
-    with every float input moved by two units in the last place, differs from itself by
+    the NCHWc layout ONNX Runtime chooses from the shapes it knows), run on the feeds
+    with every float input moved by two units in the last place, and run with every float
+    weight moved by one (:func:`nudged_weights`), differs from itself by
     ``noise``; an output whose difference to the reference is within ``NOISE_MULTIPLE`` x
     its own noise (or within the tolerance) is no evidence of a rewrite error. Models whose
     outputs amplify rounding (a detector's saturated sigmoid map on random input: outputs
@@ -116,10 +162,14 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
         fast = validate.run_many(path, feeds, "the pruned model", optimize=True)
         plain = validate.run_many(path, feeds, "the pruned model", optimize=False)
         moved = validate.run_many(path, [nudged(feed) for feed in feeds], "the pruned model", optimize=True)
+        weights = nudged_weights(path)
+        rounded = [validate.run_many(path, feeds, "the pruned model", overrides=weights)] if weights else []
+        del weights
     except Exception:  # VerificationError: the verdict stands
         return verification
     per_output = verification.get("per_output") or []
-    noise = spread(fast, plain, moved, floors if floors is not None and fast and len(floors) == len(fast[0]) else None)
+    noise = spread(fast, plain, moved, *rounded,
+                   floors=floors if floors is not None and fast and len(floors) == len(fast[0]) else None)
     if noise is None:
         return verification
     if len(per_output) != len(noise):
@@ -144,4 +194,5 @@ def excuse_float_noise(path: Any, feeds: list[dict[str, np.ndarray]], verificati
         return {**verification, "float_noise": relative}
     return {**verification, "ok": True, "float_noise": relative,
             "scale": f"within {NOISE_MULTIPLE:g}x the model's own float noise ({relative:.3g}: "
-                     "its outputs with and without ORT's graph optimizations and with its inputs moved by rounding)"}
+                     "its outputs with and without ORT's graph optimizations and with its inputs and weights moved "
+                     "by rounding)"}
