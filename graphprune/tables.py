@@ -310,12 +310,16 @@ def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
     chosen = next((c for c in measured if c["allocation"] == budget.get("chosen")), None)
     if chosen is not None:
         def final(c: Mapping[str, Any]) -> float:  # after the finalists' second reconstruction
+            if c.get("reconstruction") == "stats":  # (reconstruction auto kept the statistics correction)
+                return c["stats"]["pooled_rel_l2"]
             return (c.get("refit") or {}).get("pooled_rel_l2", c["pooled_rel_l2"])
 
         uniform = next((c for c in measured if c["allocation"] == "uniform"), None)
         versus = f"; uniform {final(uniform):.4f}" if uniform is not None and uniform is not chosen else ""
         how = ("a screening reconstruction; the two nearest reconstructed again with cross-validated ridges"
                if any("refit" in c for c in measured) else "reconstruction")
+        if any(isinstance(c.get("stats"), dict) for c in measured):
+            how += " (each the nearest of the refit, the statistics correction and none)"
         kind = "balanced" if chosen.get("balanced") else "pooled"
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
                      f"{how} (held-out {kind} rel-L2 {final(chosen):.4f}{versus})")

@@ -167,7 +167,7 @@ def test_budget_sweep_runs_fewer_samples_through_a_stepped_body() -> None:
     """A model that repeats a body with layers (a decoder in a Loop) runs the sensitivity
     sweep on at most SENSITIVITY_STEPPED_SAMPLES held-out samples: each (group, ratio) runs
     every sample through every step. Other models keep all of theirs."""
-    from graphprune.pipeline.budget import SENSITIVITY_STEPPED_SAMPLES
+    from graphprune.pipeline.choose import SENSITIVITY_STEPPED_SAMPLES
 
     model = _loop_model()
     x = np.random.default_rng(1).standard_normal((60, 1, 4)).astype(np.float32)

@@ -114,7 +114,7 @@ def test_auto_skips_after_a_reconstruction_that_took_long(monkeypatch):
 
 def test_a_budget_prune_refits_its_chosen_allocation_on_every_sample():
     calib = {"x": images(40)}
-    options = dict(target_macs=0.5, calibration=calib, search=0)
+    options = dict(target_macs=0.5, calibration=calib, search=0, reconstruction="refit")
     held = graphprune.prune(cnn(), final_refit="off", **options)
     final = graphprune.prune(cnn(), final_refit="on", **options)
     assert final.report["budget"]["chosen"] == held.report["budget"]["chosen"]

@@ -78,6 +78,36 @@ def test_a_budget_weighs_its_chosen_allocation_the_same_way():
     assert result.report["budget"]["met"] and result.report["verification"]["ok"]
 
 
+def test_a_budget_weighs_the_three_for_every_allocation_it_measures():
+    """DeepCut under ``--target-macs 0.5``: auto searched allocations by their refit and weighed
+    the statistics correction on the chosen one only (held-out 0.2605 against its refit's
+    0.2374, so the refit stayed: boundary F1 0.695), where ``--reconstruction stats`` found an
+    allocation at 0.2037 (F1 0.722). Each candidate is now measured with the refit, the
+    statistics correction and none, and ranked by the nearest of its three."""
+    result = graphprune.prune(_mlp(), target_macs=0.5, calibration="random:8")
+    calibration, fidelity, budget = result.report["calibration"], result.report["fidelity"], result.report["budget"]
+    rows = [c for c in budget["candidates"] if "pooled_rel_l2" in c]
+    assert len(rows) >= 3 and all(isinstance(c["stats"], dict) for c in rows)
+    # a candidate more: the greedy allocation by the sensitivity without the refit's corrections
+    assert "global, uncorrected" in [c["allocation"] for c in rows]
+    for c in rows:  # each candidate keeps the nearest of its three (the stats one here: that or nearer)
+        assert c["pooled_rel_l2"] <= c["stats"]["pooled_rel_l2"] + 1e-6
+        assert (c["reconstruction"] == "stats") == (c["pooled_rel_l2"] == c["stats"]["pooled_rel_l2"])
+    choice = calibration["reconstruction_choice"]
+    assert choice["kept"] == "stats" == calibration["reconstruction"], choice  # (on this MLP it is)
+    assert choice["rel_l2"]["stats"] < min(choice["rel_l2"]["refit"], choice["rel_l2"]["none"])
+    assert fidelity["pooled_rel_l2"] == pytest.approx(choice["rel_l2"]["stats"], abs=1e-6)
+    assert "RefitPass" not in calibration["passes"] and "StatsCorrectionPass" in calibration["passes"]
+    assert calibration["final_refit"]["ran"] is False and result.report["verification"]["ok"]
+    # the model written is the chosen allocation with the statistics correction
+    chosen = next(c for c in rows if c["allocation"] == budget["chosen"])
+    assert chosen["reconstruction"] == "stats" and fidelity["pooled_rel_l2"] == pytest.approx(
+        chosen["stats"]["pooled_rel_l2"], abs=1e-6)
+    assert fidelity["without_reconstruction"]["pooled_rel_l2"] == pytest.approx(choice["rel_l2"]["none"], abs=1e-6)
+    explicit = graphprune.prune(_mlp(), target_macs=0.5, calibration="random:8", reconstruction="refit")
+    assert all("stats" not in c and c["allocation"] != "global, uncorrected" for c in explicit.report["budget"]["candidates"])
+
+
 def test_models_of_large_activations_are_not_weighed_against_the_statistics_correction(monkeypatch):
     """The statistics correction runs the original beside the pruned model wave by wave (U2-Net-p
     at 320x320, 577 MB of activations a sample: 4.6 GB against the refit's 1.5 GB); past

@@ -16,7 +16,8 @@ A ratio prune with calibration data runs as:
    or ``none``; ``auto`` (default): the refit, weighed in ``fidelity()`` (below);
 5. ``fidelity()``: the reconstructed model against the ORIGINAL on the held-out samples
    (under ``auto``, of the refit, the statistics correction and none, the nearest is kept: a
-   Thai segmenter kept F1 0.61 with the statistics correction where the refit left 0.48);
+   Thai segmenter kept F1 0.61 with the statistics correction where the refit left 0.48; a
+   budget weighs the three for each allocation it measures: :mod:`graphprune.pipeline.choose`);
 6. the final refit (inside ``fidelity()``, once the reconstruction is kept): the same
    reconstruction run again from the rewrite with EVERY sample, the held-out ones too, and
    that model written. The refit is data-limited wherever a layer has few rows per input (a
@@ -73,11 +74,9 @@ FINAL_REFITS = ("auto", "on", "off")
 AUTO_STATS_SAMPLE_BYTES = 256 << 20
 #: the held-out figures kept of a model that is not the one written
 HELD_OUT_FIGURES = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
-#: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
-#: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer: it
-#: costs one reconstruction more and a run of the original that records its targets
-#: (all-MiniLM-L6-v2 on 150 sentences ~21 s; a ResNet-50 on 128 samples at 224x224 ~47 s,
-#: whose convolutions have thousands of rows per input without it)
+#: under ``final_refit="auto"``, the final refit (one reconstruction more and a run of the
+#: original) runs where one reconstruction is estimated (:func:`graphprune.planning.search.candidate_seconds`)
+#: at this many seconds or fewer (all-MiniLM-L6-v2 on 150 sentences ~21 s; a ResNet-50 on 128 samples ~47 s)
 FINAL_REFIT_SECONDS = 30.0
 CALIBRATED_CRITERIA = (AUTO_CRITERION, *DATA_CRITERIA)
 
@@ -382,8 +381,8 @@ class CalibratedRun:
             with self.session.stage("fidelity"):
                 before = self._compare(unreconstructed)
         stats_kept = False
-        if before is not None and unreconstructed is not None and self.auto_reconstruction:
-            result, stats_kept = self._weigh_stats(result, before, unreconstructed)
+        if before is not None and unreconstructed is not None and self.auto_reconstruction and self.choice is None:
+            result, stats_kept = self._weigh_stats(result, before, unreconstructed)  # (else a budget chose)
         if before is not None and not stats_kept:
             figures = HELD_OUT_FIGURES
             worse, better = fidelity_mod.deciding_rel_l2(before), fidelity_mod.deciding_rel_l2(result)
@@ -411,38 +410,39 @@ class CalibratedRun:
         return result
 
     def refit_undone(self) -> None:
-        """Under ``auto``: the refit was undone where it was made (a budget's candidate), so
-        the statistics correction is not weighed; the report says so."""
+        """Under ``auto``: the refit was undone where it was made, the statistics correction not weighed."""
         if self.auto_reconstruction:
-            self.choice = {"tried": ["refit", "none"], "kept": "none",
-                           "stats": "not tried: the chosen allocation's refit was undone (nearer without it)"}
+            self.choice = {"tried": ["refit", "none"], "kept": "none", "stats": self.stats_unaffordable()}
+
+    def stats_unaffordable(self) -> str | None:
+        """Why ``auto`` does not try the statistics correction (``None``: it does)."""
+        per_sample = runner.sample_bytes(self.session.prepared, self.calib.samples[0])
+        if per_sample <= AUTO_STATS_SAMPLE_BYTES:
+            return None
+        return (f"not tried: {per_sample / 2**20:.0f} MB of activations per sample (the statistics correction runs "
+                "the original beside the pruned model: 2-3x the refit's memory on U-Nets at 320x320; "
+                "--reconstruction stats runs it)")
 
     def weigh_later(self, unreconstructed: onnx.ModelProto) -> None:
-        """Under ``auto``: the refit model that is the session's now was made from
-        ``unreconstructed``, which :meth:`fidelity` measures and weighs it against, with the
-        statistics correction (a budget's chosen allocation, reconstructed outside
-        :meth:`reconstruct`)."""
+        """Under ``auto``: the session's model (a budget's chosen allocation) was reconstructed from
+        ``unreconstructed``, which :meth:`fidelity` measures and weighs it against."""
         if self.auto_reconstruction and self.calib.holdout:
             self.unreconstructed, self._unreconstructed_model = None, unreconstructed
 
     def _weigh_stats(self, refit: dict[str, Any], none: dict[str, Any], unreconstructed: onnx.ModelProto
                      ) -> tuple[dict[str, Any], bool]:
-        """Under ``auto``: the statistics correction run from the same rewrite, measured on the
-        held-out samples beside the refit (``refit``) and no reconstruction (``none``). Where it
-        is nearer the original than both it is the session's model, with its figures (True);
-        else the refit's state stays (False). Either way ``self.choice`` says what each gave."""
+        """Under ``auto``: the statistics correction from the same rewrite, on the held-out samples
+        beside the refit (``refit``) and none (``none``); the nearest of the three is kept (True
+        where that is the correction, the session's model then). ``self.choice`` says each one's."""
         figures = HELD_OUT_FIGURES
         errors = {"refit": fidelity_mod.deciding_rel_l2(refit), "none": fidelity_mod.deciding_rel_l2(none)}
         self.choice = {"tried": ["refit", "stats", "none"]}
         if self.refit_from is None or errors["refit"] is None or errors["none"] is None:
             self.choice["stats"] = "not tried: the held-out figures do not compare"
             return refit, False
-        per_sample = runner.sample_bytes(self.session.prepared, self.calib.samples[0])
-        if per_sample > AUTO_STATS_SAMPLE_BYTES:
-            self.choice["tried"] = ["refit", "none"]
-            self.choice["stats"] = (f"not tried: {per_sample / 2**20:.0f} MB of activations per sample (the statistics "
-                                    "correction runs the original beside the pruned model: 2-3x the refit's memory on "
-                                    "U-Nets at 320x320; --reconstruction stats runs it)")
+        costly = self.stats_unaffordable()
+        if costly is not None:
+            self.choice["tried"], self.choice["stats"] = ["refit", "none"], costly
             return refit, False
         session, fitted, fitted_stats, seconds = self.session, self.session.model, self.pass_stats, self.refit_seconds
         refit_from = self.refit_from

@@ -28,9 +28,16 @@ from graphprune.planning import search
 from graphprune.planning.plan import GroupPlan, Plan
 from graphprune.planning.planner import replay
 from graphprune.planning.search import candidate_seconds
+from graphprune.verify.metrics import uncounted_bodies
 
 #: calibration samples a candidate allocation is judged on when none are held out
 CHOICE_SAMPLES = 64
+#: calibration batches the sensitivity sweep runs (each (group, ratio) runs all of them)
+SENSITIVITY_BATCHES = 4
+#: held-out samples the sweep runs on a model that repeats a body with layers (a decoder
+#: run step by step, ``Loop``): each (group, ratio) runs every sample, each up to hundreds of
+#: steps (SLANet's table decoder: 26 samples x 40 groups x 3 ratios took 635 s)
+SENSITIVITY_STEPPED_SAMPLES = 8
 #: with calibration, allocations searched beyond the first three by default: as many as fit
 #: in SEARCH_SECONDS by a deterministic estimate of one candidate's cost (rewrite, check and
 #: sequential refit: per node of the graph, plus per multiply-accumulate of the model on
@@ -44,6 +51,42 @@ SEARCH_MAX = 12
 SEARCH_ROUND = 4
 #: a round that finds nothing better narrows the next round's perturbations by this factor
 SEARCH_SHRINK = 0.6
+
+
+def measure_sensitivity(session: Session, analysis: Analysis, states: list, calibrated: Any
+                        ) -> tuple[dict[str, Any], list | None]:
+    """Each group's measured sensitivity (:mod:`graphprune.planning.sensitivity`) as its state's
+    loss; returns the report's figures and, under reconstruction ``auto``, the curves measured
+    without the refit's corrections (``None``: not measured)."""
+    from graphprune.calibration import runner
+    from graphprune.planning import sensitivity
+
+    with session.stage("sensitivity"):
+        refit = None
+        # reconstruction auto: the curves without the refit's corrections too (a candidate more)
+        uncorrected = [] if calibrated.auto_reconstruction and calibrated.stats_unaffordable() is None else None
+        if calibrated.options.reconstruction == "refit" and calibrated.stats is not None:
+            from graphprune.calibration.linear import LinearView
+            from graphprune.planning.data_aware import consumer_views
+
+            linear = {k: v for k, v in consumer_views(analysis).items() if isinstance(v, LinearView)}
+            refit = (linear, calibrated.stats)  # (the sweep corrects linear layers only)
+        masked, sweep = sensitivity.masked_model(session.prepared, analysis, states, refit)
+        # judged on the held-out calibration samples: the refit's Grams never saw them, so
+        # a consumer refit that over-fits its samples is not mistaken for a harmless cut
+        held = calibrated.calib.holdout
+        if uncounted_bodies(session.prepared):
+            held = held[:SENSITIVITY_STEPPED_SAMPLES]
+        feeds = (runner.batches(session.prepared, held, calibrated.options.batch_size, calibrated.data_dir).feeds
+                 if held else calibrated.batches.feeds[:SENSITIVITY_BATCHES])
+        curves = sensitivity.measure(session.path_of(masked), states, sweep, feeds,
+                                     progress=session.counter("sensitivity: groups measured"),
+                                     uncorrected=uncorrected)
+        info = sensitivity.apply_curves(states, curves)
+        info["samples"] = len(held) if held else sum(calibrated.batches.sizes[:SENSITIVITY_BATCHES])
+        # deviations measured after each consumer's least-squares refit
+        info["consumers_refit"] = sum(len(f) for f in sweep.corrections)
+    return info, uncorrected or None
 
 
 def apply_plan(session: Session, plan: Plan) -> Any:
@@ -97,6 +140,12 @@ class _Measured:
     plain_cosine: float | None = None
     #: the rewrite before any reconstruction (what the final refit of the chosen one starts from)
     rewrite: Any = None
+    #: under ``reconstruction="auto"``: what is kept ("refit", "stats" or "none") and each one's error
+    kind: str = "refit"
+    errors: dict[str, float] | None = None
+    #: the statistics-corrected model and its pass figures (to come back to after a finalist's refit)
+    stats_model: Any = None
+    stats_pass: dict[str, Any] | None = None
 
 
 def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
@@ -114,7 +163,7 @@ def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
             calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
-            options: Any, fixed: Sequence[GroupPlan] = ()) -> tuple:
+            options: Any, fixed: Sequence[GroupPlan] = (), more: Sequence[tuple[str, list[int]]] = ()) -> tuple:
     """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
     greedy one, uniform at the same cost, a blend; then :func:`_search_count` perturbations of
     the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
@@ -124,7 +173,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     fails its check is adopted as it is, so that the failure is reported; one whose
     reconstruction fails is not chosen (the error is in its row; raised when all fail).
 
-    ``fixed``: group plans outside the allocation, part of every candidate.
+    ``fixed``: group plans outside the allocation, part of every candidate; ``more``: further
+    first candidates (label, allocation), measured where they are not one of the others.
 
     Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
     import numpy as np
@@ -132,10 +182,13 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     from graphprune.calibration import runner
 
     first = search.candidates(model, fraction)
+    first += [(label, list(indexes)) for label, indexes in more if all(list(indexes) != i for _, i in first)]
     # candidates are ranked after a screening refit (the default ridge for every layer: the
     # per-layer cross-validation of the ridge is most of a refit's time on convolutions and
     # wide MLPs), and the two nearest are reconstructed again with cross-validated ridges
     screening = calibrated.options.reconstruction == "refit" and calibrated.options.ridge is None
+    # reconstruction auto: each candidate with the statistics correction too, nearest of three kept
+    weigh_stats = calibrated.auto_reconstruction and calibrated.stats_unaffordable() is None
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
     names = [o.name for o in session.prepared.graph.output]
     with session.stage("candidates"):
@@ -174,6 +227,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         with session.stage("candidates"):
             outputs = runner.outputs(candidate.model, feeds, "a candidate", data_dir=calibrated.data_dir)
         score, error = _score(names, reference, outputs)
+        refit_error = error
         reverted, plain_error, plain_cosine = False, error, score["cosine"]  # it may have changed nothing
         if candidate.model is not unreconstructed:  # measured without it only where it changed something
             with session.stage("candidates"):
@@ -185,12 +239,30 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 candidate.adopt(unreconstructed)
                 row["reconstruction_reverted"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]}
                 score, error = plain_score, plain_error
+        kind, errors, pass_stats, stats_model, stats_pass = "none" if reverted else "refit", None, \
+            calibrated.pass_stats, None, None
+        if weigh_stats:
+            errors = {"refit": refit_error, "none": plain_error}
+            corrected = _stats_correction(session, candidate, calibrated, fresh, plan, unreconstructed, feeds,
+                                          names, reference)
+            if isinstance(corrected, str):
+                row["stats"] = corrected
+            else:
+                stats_model, stats_pass, stats_score, errors["stats"] = corrected
+                row["stats"] = {"pooled_rel_l2": round(errors["stats"], 6), "cosine": stats_score["cosine"]}
+                dropped = pass_stats if errors["stats"] < error else stats_pass  # (the counters of the other)
+                for name in dropped:
+                    candidate.ctx.stats.pop(name, None)
+                if errors["stats"] < error:
+                    candidate.adopt(stats_model)
+                    kind, score, error, pass_stats, reverted = "stats", stats_score, errors["stats"], stats_pass, False
+            row["reconstruction"] = kind
         row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         if "balanced_rel_l2" in score:  # (the figure in pooled_rel_l2: channel by channel)
             row["balanced"] = True
-        measured = _Measured(error, label, candidate, fresh, plan, verification, calibrated.pass_stats, indexes,
+        measured = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
                              reverted, unreconstructed if screening else None, plain_error, plain_cosine,
-                             unreconstructed)
+                             unreconstructed, kind, errors, stats_model, stats_pass)
         if best is None or error < best.error:
             best, runner_up = measured, best
         elif runner_up is None or error < runner_up.error:
@@ -235,9 +307,17 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     calibrated.close_recorded()
     budget_mod.restore(model, best.indexes)
     calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
-    if best.reverted or best.rewrite is None:
+    if best.errors is not None:  # reconstruction auto, weighed for each candidate
+        calibrated.choice = {"tried": ["refit", "stats", "none"], "kept": best.kind, "rel_l2": {
+            k: round(v, 6) for k, v in best.errors.items() if math.isfinite(v)}, "weighed": "for each allocation"}
+    if best.kind == "stats":
+        calibrated.no_final_refit("the statistics correction was kept: the held-out samples were nearer the "
+                                  "original with it than with the refit")
+        calibrated.weigh_later(best.rewrite)  # (its figures without reconstruction)
+    elif best.reverted or best.rewrite is None:
         calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
-        calibrated.refit_undone()
+        if best.errors is None:
+            calibrated.refit_undone()
     else:
         calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
         calibrated.weigh_later(best.rewrite)  # (reconstruction auto: against the statistics correction)
@@ -245,6 +325,31 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
     session.ctx = candidate.ctx
     return best.plan, best.analysis, best.verification, rows, best.label
+
+
+def _stats_correction(session: Session, candidate: Session, calibrated: Any, analysis: Analysis, plan: Plan,
+                      unreconstructed: Any, feeds: list, names: list[str], reference: list
+                      ) -> tuple[Any, dict[str, Any], dict[str, Any], float] | str:
+    """A candidate's rewrite ``unreconstructed`` with the statistics correction instead of its
+    refit (reconstruction ``auto``): the model, its pass figures, its fidelity figures and
+    error on the held-out samples, or why there is none. The candidate keeps its model."""
+    from graphprune.calibration import runner
+
+    fitted, fitted_stats, seconds = candidate.model, calibrated.pass_stats, calibrated.refit_seconds
+    candidate.adopt(unreconstructed)
+    calibrated.session, calibrated.pass_stats = candidate, {}
+    try:
+        calibrated.reconstruct(analysis, plan, kind="stats", keep_recorded=True, stage="stats correction")
+        corrected, corrected_stats = candidate.model, calibrated.pass_stats
+        with session.stage("stats correction"):
+            outputs = runner.outputs(corrected, feeds, "a candidate", data_dir=calibrated.data_dir)
+    except Exception as exc:  # noqa: BLE001 - the candidate keeps its refit
+        return f"failed: {type(exc).__name__}: {exc}"[:300]
+    finally:
+        calibrated.session, calibrated.pass_stats, calibrated.refit_seconds = session, fitted_stats, seconds
+        candidate.adopt(fitted)
+    score, error = _score(names, reference, outputs)
+    return corrected, corrected_stats, score, error
 
 
 def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feeds: list, names: list[str],
@@ -277,8 +382,19 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
     score, error = _score(names, reference, outputs)
     finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
     row["refit"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
+    if finalist.errors is not None:  # (reconstruction auto)
+        finalist.errors["refit"], finalist.kind = error, "refit"
     if finalist.plain_error < error:  # nearer without it: undone
         candidate.adopt(finalist.unreconstructed)
-        finalist.reverted, finalist.error = True, finalist.plain_error
+        finalist.reverted, finalist.error, finalist.kind = True, finalist.plain_error, "none"
         row["refit"].update(pooled_rel_l2=round(finalist.plain_error, 6), cosine=finalist.plain_cosine,
                             reconstruction_reverted={"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]})
+    corrected = (finalist.errors or {}).get("stats", math.inf)
+    if corrected < finalist.error and finalist.stats_model is not None:  # the statistics correction stays
+        for name in calibrated.pass_stats:
+            candidate.ctx.stats.pop(name, None)
+        candidate.adopt(finalist.stats_model)
+        candidate.ctx.stats.update(finalist.stats_pass or {})
+        finalist.pass_stats, finalist.reverted = finalist.stats_pass or {}, False
+        finalist.error, finalist.kind = corrected, "stats"
+    row["reconstruction"] = finalist.kind

@@ -269,9 +269,13 @@ def measure(
     *,
     ratios: Sequence[float] = SWEEP_RATIOS,
     progress: Callable[[int, int], None] | None = None,
+    uncorrected: list[tuple[list[float], list[float]] | None] | None = None,
 ) -> list[tuple[list[float], list[float]] | None]:
     """Per state: (ratios actually used, deviations) or ``None`` when it has no mask or was
-    not measured (:data:`SWEEP_SECONDS`)."""
+    not measured (:data:`SWEEP_SECONDS`). ``uncorrected``: filled with the same curves measured
+    without the refit corrections (the deviation a reconstruction other than the refit starts
+    from), where the sweep has corrections and measures every group within its time; else left
+    empty (the runs it takes are not counted in that time)."""
     sess = validate.session(path, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     base = {name: np.ones(st.group.num_units, dtype=np.float32)
@@ -284,16 +288,24 @@ def measure(
 
     reference = run({})
     out: list[tuple[list[float], list[float]] | None] = []
+    raw: list[tuple[list[float], list[float]] | None] | None = (
+        [] if uncorrected is not None and any(sweep.corrections) else None)
     total = sum(1 for m in sweep.masks if m is not None)
-    done, stride, started = 0, 1, time.perf_counter()
+    done, stride, started, aside = 0, 1, time.perf_counter(), 0.0
+
+    def deviation(outputs: list[list[np.ndarray]]) -> float:
+        return float(np.mean([_deviation(a, b) for a, b in zip(reference, outputs, strict=True)]))
+
     for st, masks, fixes in zip(states, sweep.masks, sweep.corrections, strict=True):
         if masks is None or (done and done % stride):
             out.append(None)
+            if raw is not None:
+                raw.append(None)
             done += masks is not None
             continue
         n = st.group.num_units
         members = st.members
-        used, devs = [], []
+        used, devs, plain = [], [], []
         for r in ratios:
             m = max((s for s in st.steps if s <= r * n + 1e-9), default=0)
             if m == 0 or (used and m == round(used[-1] * n)):
@@ -303,17 +315,26 @@ def measure(
                 mask = np.ones(n, dtype=np.float32)
                 mask[order[:m]] = 0.0
                 extra[name] = mask
+            if raw is not None:
+                if fixes:
+                    began = time.perf_counter()
+                    plain.append(deviation(run(extra)))
+                    aside += time.perf_counter() - began
             for fix in fixes:
                 extra[fix.name] = correction(fix, members[fix.member][1][:m])
-            outputs = run(extra)
-            devs.append(float(np.mean([_deviation(a, b) for a, b in zip(reference, outputs, strict=True)])))
+            devs.append(deviation(run(extra)))
             used.append(m / n)
         out.append((used, devs) if used else None)
+        if raw is not None:
+            raw.append(((used, plain) if fixes else out[-1]) if used else None)
         done += 1
         if done == 1 and total > 1:  # what the whole sweep would take at the first group's pace
-            stride = max(1, int(np.ceil((time.perf_counter() - started) * total / SWEEP_SECONDS)))
+            stride = max(1, int(np.ceil((time.perf_counter() - started - aside) * total / SWEEP_SECONDS)))
+            raw = raw if stride == 1 else None  # (uncorrected curves of every group, or none)
         if progress is not None:
             progress(done, total)
+    if raw is not None and uncorrected is not None:
+        uncorrected.extend(raw)
     return out
 
 
