@@ -490,6 +490,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         random = str((report.get("calibration") or {}).get("source", "")).startswith("random")
         lines.append(f"fidelity (vs the original on held-out {'random ' if random else ''}inputs):")
         lines.extend(fidelity)
+        if collapsed := report["fidelity"].get("collapsed_outputs"):
+            lines.append(f"  warning: {', '.join(collapsed)} fell to under 1/1000 of the original's size on the "
+                         "held-out samples (a score that no longer passes its threshold): check that output")
         other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
         if other:
             lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "

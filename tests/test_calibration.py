@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.calibration import fidelity, runner, stats
+from graphprune.calibration import fidelity, output_kinds, runner, stats
 from graphprune.calibration.data import holdout_indices, load_calibration
 from graphprune.calibration.linear import linear_view, select
 from graphprune.errors import UsageError
@@ -405,7 +405,7 @@ def test_audio_is_not_class_scores():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
         [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, "audio_length"]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 300])])
-    assert fidelity.open_length(helper.make_model(graph)) == {"audio"}
+    assert output_kinds.open_length(helper.make_model(graph)) == {"audio"}
 
 
 def test_an_output_that_is_a_constant_is_compared_as_one():

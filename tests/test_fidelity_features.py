@@ -5,9 +5,11 @@ with no linear layer after it scores no class; a classifier's head after a Layer
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.calibration.fidelity import feature_outputs, fidelity
+from graphprune.calibration.fidelity import fidelity
+from graphprune.calibration.output_kinds import feature_outputs
 
 
 def _encoder(with_head: bool) -> onnx.ModelProto:
@@ -146,7 +148,7 @@ def test_per_position_logits_of_a_dense_head_get_a_top1_agreement_per_row():
     """A diacritiser's ``[1, T, 15]`` logits from a dense layer (no softmax) read cosine 0.964
     where 24 % of the diacritics changed, with no top-1: each position's class is compared now.
     Per-position features (a normalisation last) still get none."""
-    from graphprune.calibration.fidelity import logit_rows
+    from graphprune.calibration.output_kinds import logit_rows
 
     feeds = [{"x": f["x"]} for f in _feeds(6)]
     model = _tagger(head=True)
@@ -209,6 +211,33 @@ def test_the_deciding_figure_of_a_detector_counts_its_score_channel():
     from graphprune.pipeline.choose import _score  # the budget's candidates are ranked by it
 
     assert _score(["det"], original, scores_lost)[1] == deciding_rel_l2(lost)
+
+
+def test_the_deciding_figure_of_several_outputs_is_their_geometric_mean():
+    """swift-f0 (a pitch tracker: pitch in Hz, and a confidence in [0, 1]) at --ratio 0.3 with
+    calibration: the pitch is arbitrary on unvoiced frames, so its relative L2 sits near 1
+    however good the model (refit 1.19, none 0.98), and the worst output decided. The model
+    without reconstruction, whose confidence had fallen to 1e-5 (relative L2 1.0: never voiced
+    again, voicing F1 0), was kept over the refit (confidence 0.15: F1 0.93). Each output's
+    relative improvement now counts; an output that fell to nothing is named."""
+    from graphprune.calibration.fidelity import compare_outputs, deciding_rel_l2
+
+    rng = np.random.default_rng(4)
+    original, refit, dead = [], [], []
+    for _ in range(5):
+        pitch, confidence = rng.uniform(50, 500, (1, 200)), rng.uniform(0, 1, (1, 200))
+        original.append([pitch, confidence])
+        refit.append([rng.uniform(0, 1000, (1, 200)), confidence + rng.normal(0, 0.08, (1, 200))])
+        dead.append([pitch + rng.normal(0, 200, (1, 200)), 1e-5 * confidence])
+    good, bad = compare_outputs(["pitch", "confidence"], original, refit), compare_outputs(
+        ["pitch", "confidence"], original, dead)
+    assert good["pooled_rel_l2"] > bad["pooled_rel_l2"]  # the worst output prefers the dead model
+    assert deciding_rel_l2(good) < deciding_rel_l2(bad)
+    assert deciding_rel_l2(good) == good["deciding_rel_l2"] == pytest.approx(np.sqrt(
+        good["outputs"]["pitch"]["pooled_rel_l2"] * good["outputs"]["confidence"]["pooled_rel_l2"]), abs=1e-5)
+    assert bad["collapsed_outputs"] == ["confidence"] and "collapsed_outputs" not in good
+    one = compare_outputs(["confidence"], [o[1:] for o in original], [o[1:] for o in refit])
+    assert "deciding_rel_l2" not in one and deciding_rel_l2(one) == one["pooled_rel_l2"]  # one output: its own
 
 
 def _binary_classifier(noise: float) -> onnx.ModelProto:
@@ -290,7 +319,7 @@ def test_the_head_of_a_dynamic_int8_tagger_is_read_from_external_data(tmp_path):
     weight store: the last nodes' constants are read from there."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from graphprune.calibration.fidelity import logit_rows
+    from graphprune.calibration.output_kinds import logit_rows
 
     onnx.save(_tagger(head=True), tmp_path / "f.onnx")
     quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
-from graphprune.calibration import fidelity
+from graphprune.calibration import fidelity, output_kinds
 from graphprune.pipeline.session import Session
 from graphprune.rules.registry import lookup
 from graphprune.verify import validate
@@ -132,11 +132,11 @@ def test_a_recurrent_state_fed_back_is_not_class_scores():
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 5]),
          helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, "batch", 16])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert fidelity.fed_back(model) == {"hn"}  # (scores shaped like a 2-D input stay scores)
+    assert output_kinds.fed_back(model) == {"hn"}  # (scores shaped like a 2-D input stay scores)
     outputs = [[np.eye(1, 5, i, dtype=np.float32), np.eye(1, 16, i, dtype=np.float32).reshape(1, 1, 16)]
                for i in range(3)]
     pruned = [[o[0], np.roll(o[1], 1)] for o in outputs]
-    result = fidelity.compare_outputs(["scores", "hn"], outputs, pruned, not_scores=fidelity.fed_back(model))
+    result = fidelity.compare_outputs(["scores", "hn"], outputs, pruned, not_scores=output_kinds.fed_back(model))
     assert result["outputs"]["scores"]["top1_agreement"] == 1.0 and "top1_agreement" not in result["outputs"]["hn"]
 
 

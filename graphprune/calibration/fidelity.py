@@ -68,8 +68,13 @@ flattened):
 
 The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
 (``None`` when no output qualifies); the top-level ``balanced_rel_l2`` (where an output has
-one) is the worst of each output's balanced or else pooled relative L2: the figure that
-decides (:func:`deciding_rel_l2`).
+one) is the worst of each output's balanced or else pooled relative L2. ``deciding_rel_l2``
+(several outputs) is their geometric mean (each at least :data:`DECIDING_FLOOR`), the figure
+that decides (:func:`deciding_rel_l2`): the worst output decided before, and a pitch tracker's
+pitch, arbitrary on unvoiced frames (relative L2 ~1 however good the model), outvoted its
+confidence falling to 0 (a dead model kept over a refit whose confidence was at 0.13).
+``collapsed`` (an output) and ``collapsed_outputs``: the pruned output's size is under
+:data:`COLLAPSED` of the original's (a confidence that never passes its threshold again).
 """
 
 from __future__ import annotations
@@ -80,13 +85,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from graphprune.calibration import runner
-from graphprune.io.weights import read_external_bytes
+from graphprune.calibration.output_kinds import feature_outputs, fed_back, logit_rows, open_length
 from graphprune.verify.validate import finite_pair
 
 Feed = dict[str, np.ndarray]
+#: an output's relative L2 under this counts as this in ``deciding_rel_l2`` (float noise of an
+#: output no pruned layer reaches does not decide)
+DECIDING_FLOOR = 1e-3
+#: an output whose size (RMS over the held-out samples) fell under this share of the original's
+COLLAPSED = 1e-3
 
 
 def looks_like_scores(value: np.ndarray) -> bool:
@@ -228,165 +237,6 @@ def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return cosine, (float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
 
 
-def open_length(model: onnx.ModelProto) -> set[str]:
-    """The outputs whose last axis is declared with a named size (``audio_length``, ``s1``):
-    a length the inputs choose, not a number of classes."""
-    names = set()
-    for out in model.graph.output:
-        tensor = out.type.tensor_type
-        if tensor.HasField("shape") and tensor.shape.dim and tensor.shape.dim[-1].dim_param:
-            names.add(out.name)
-    return names
-
-
-def fed_back(model: onnx.ModelProto) -> set[str]:
-    """The outputs of rank 3 or more shaped like an input of the same type (rank, element
-    type and every size both declare as a number): a recurrent state the caller feeds back
-    (silero's ``hn``, ``[1, 1, 128]`` like its ``h``), not class scores."""
-    def signature(value: onnx.ValueInfoProto) -> tuple | None:
-        tensor = value.type.tensor_type
-        if not tensor.HasField("shape"):
-            return None
-        return tensor.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-
-    inputs = [sig for v in model.graph.input if (sig := signature(v)) is not None]
-    names = set()
-    for out in model.graph.output:
-        sig = signature(out)
-        if sig is None:
-            continue
-        for kind, dims in inputs:
-            if kind == sig[0] and len(dims) == len(sig[1]) > 2 and all(
-                    a is None or b is None or a == b for a, b in zip(dims, sig[1], strict=True)):
-                names.add(out.name)
-    return names
-
-
-def feature_outputs(model: onnx.ModelProto) -> set[str]:
-    """The outputs computed from a normalisation of each sample's features (a LayerNorm, an
-    L2 normalisation: :attr:`~graphprune.rules.registry.OpRule.normalizes_features`) with no
-    linear layer after it: an embedding (a sentence encoder's mean-pooled ``[1, 384]``), whose
-    arg-max names no class. Followed back through ops that move values or map them channel by
-    channel (pooling, masking, dividing by a count), through their first input computed in
-    the graph; a linear layer, a softmax or an op without a rule ends the walk (scores)."""
-    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
-    from graphprune.rules.registry import lookup  # noqa: PLC0415
-
-    opset = default_opset(model)
-    producer = {out: node for node in model.graph.node for out in node.output if out}
-    stored = {t.name for t in model.graph.initializer}
-    stored |= {n.output[0] for n in model.graph.node if not n.input and n.output}  # (Constant nodes)
-
-    def normalised(name: str) -> bool:
-        for _ in range(_FEATURE_DEPTH):
-            node = producer.get(name)
-            rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
-            if rule is None:
-                return False
-            if rule.normalizes_features:
-                return True
-            computed = [i for i in node.input if i and i not in stored and i in producer]
-            if rule.zero_behaviour not in ("move", "map") or not computed:
-                return False
-            name = computed[0]
-        return False
-
-    return {out.name for out in model.graph.output if normalised(out.name)}
-
-
-#: ops followed back from an output to the one that decides whether it is an embedding
-_FEATURE_DEPTH = 32
-
-
-def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]:
-    """The outputs of rank 3 or more that a dense layer writes along their last axis (a float
-    one, or an integer one rescaled to float: :meth:`~graphprune.rules.registry.OpRule.
-    rescaled_linear`), through nothing but ops that add or scale by a constant (its bias):
-    per-position logits (a token tagger's or a diacritiser's ``[1, T,
-    15]``, a CTC head without its softmax), whose rows' arg-max is each position's class. A
-    convolution's channels are not its last axis; an embedding ends in a normalisation.
-    ``data_dir``: where ``model``'s external tensors are (those the last nodes read are read)."""
-    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
-    from graphprune.rules.registry import lookup  # noqa: PLC0415
-
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.output if v.type.tensor_type.HasField("shape")}
-    wanted = [name for name, rank in ranks.items() if rank >= 3]
-    if not wanted:
-        return set()
-    near = _last_nodes(model, wanted)
-    opset, graph = default_opset(model), gs.import_onnx(_constants_read(model, near, data_dir))
-    rules = {id(n): lookup(n.domain or "", n.op, opset) for n in graph.nodes}
-    dense: set[str] = set()  # the tensors a dense layer writes along the last axis
-    for node in graph.nodes:
-        rule = rules[id(node)]
-        if rule is None or not node.outputs or node.outputs[0].name not in near:
-            continue
-        try:
-            info = rule.linear(node)
-            rescaled = rule.rescaled_linear(node) if info is None else None
-        except Exception:  # noqa: BLE001 - a constant it reads not at hand: no class
-            continue
-        if info is not None and info.kernel == "dense" and info.out_channel_axis == -1:
-            dense.add(node.outputs[0].name)
-        elif rescaled is not None and rescaled.info.kernel == "dense" and rescaled.info.out_channel_axis == -1:
-            dense.add(rescaled.output.name)
-
-    def from_dense(tensor: gs.Tensor) -> bool:
-        for _ in range(_HEAD_DEPTH):
-            if tensor.name in dense:
-                return True
-            node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-            rule = rules.get(id(node)) if node is not None else None
-            computed = [t for t in node.inputs if isinstance(t, gs.Variable) and t.inputs] if node is not None else []
-            # a bias or a scale (a constant beside the one computed input) keeps each row's
-            # arg-max the class; an activation alone (a sigmoid mask of per-band gains, a
-            # multi-label head) says the rows are no one-of-N choice
-            if (rule is None or rule.zero_behaviour != "map" or rule.normalizes_features or len(computed) != 1
-                    or not any(isinstance(t, gs.Constant) for t in node.inputs)):
-                return False
-            tensor = computed[0]
-        return False
-
-    return {t.name for t in graph.outputs if t.name in wanted and from_dense(t)}
-
-
-#: nodes :func:`logit_rows` follows back from an output (a bias, an activation, a rescaling)
-_HEAD_DEPTH = 6
-
-
-def _last_nodes(model: onnx.ModelProto, outputs: list[str]) -> set[str]:
-    """The first output names of the nodes at most :data:`_HEAD_DEPTH` steps before ``outputs``."""
-    producer = {out: node for node in model.graph.node for out in node.output if out}
-    found: set[str] = set()
-    frontier = list(outputs)
-    for _ in range(_HEAD_DEPTH):
-        nodes = [producer[name] for name in frontier if name in producer]
-        frontier = [i for n in nodes if n.output[0] not in found for i in n.input if i]
-        found.update(n.output[0] for n in nodes)
-    return found
-
-
-def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | None) -> onnx.ModelProto:
-    """``model`` with the external tensors that the nodes writing ``near`` read, read from
-    ``data_dir`` (a copy; the others stay references)."""
-    if data_dir is None or not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return model
-    read = {i for n in model.graph.node if n.output and n.output[0] in near for i in n.input}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in read:
-            continue
-        try:  # (the store's files may be links: ONNX's loader refuses those)
-            raw = read_external_bytes(tensor, Path(data_dir))
-        except (OSError, ValueError):  # left a reference: a rule reading it finds no class
-            continue
-        tensor.raw_data = raw
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
-    return copy
-
-
 def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
                             ) -> float | None:
     """:func:`rank_correlation` of output ``k`` where it qualifies (see the module docstring)."""
@@ -421,7 +271,7 @@ def compare_outputs(
         channel_error2: np.ndarray | None = None  # per channel (axis 1), pooled over the samples
         channel_total2: np.ndarray | None = None
         classes: set[int] = set()  # the original's class on each sample (one row per sample)
-        error2 = total2 = 0.0  # (pooled over the samples)
+        error2 = total2 = size2 = 0.0  # (pooled over the samples; size2: the pruned output's)
         scores, other_shape = name not in not_scores, 0
         per_row = False  # top-1 agreement per row (position) of several rows of probabilities
         spread = max((channel_spread(np.asarray(r[k])) for r in original[:4]
@@ -459,6 +309,7 @@ def compare_outputs(
             if a is None:  # (non-finite on one side only: all of it counts as error)
                 a, b = np.nan_to_num(y.reshape(-1).astype(np.float64)), np.zeros(y.size)
             error2, total2 = error2 + float(np.sum(np.abs(a - b) ** 2)), total2 + float(np.sum(np.abs(a) ** 2))
+            size2 += float(np.sum(np.abs(b) ** 2))
             if spread >= SPREAD and (value := balanced_cosine(y, p)) is not None:
                 balanced.append(value)
                 e2, y2 = _channel_squares(y, p)
@@ -487,6 +338,8 @@ def compare_outputs(
         }
         if len(original) > 1 and all(_equal(original[0][k], r[k]) for r in original[1:]):
             entry["constant"] = True
+        if total2 > 0 and size2 < COLLAPSED**2 * total2:
+            entry["collapsed"] = True
         if other_shape:  # a decoder that stops at another step: counted as cosine 0, rel_l2 1
             entry["other_shape"] = other_shape
         # an output the inputs do not change (a constant, a folded weight) scores no class
@@ -537,9 +390,13 @@ def compare_outputs(
         found = [e[figure] for e in outputs.values() if figure in e]
         if found:
             worst[figure] = min(found)
+    own = [v for e in outputs.values() if (v := e.get("balanced_rel_l2", e["pooled_rel_l2"])) is not None]
     if any("balanced_rel_l2" in e for e in outputs.values()):
-        worst["balanced_rel_l2"] = max(e.get("balanced_rel_l2", e["pooled_rel_l2"]) for e in outputs.values()
-                                       if e.get("balanced_rel_l2", e["pooled_rel_l2"]) is not None)
+        worst["balanced_rel_l2"] = max(own)
+    if len(own) > 1:
+        worst["deciding_rel_l2"] = round(float(np.exp(np.mean(np.log(np.maximum(own, DECIDING_FLOOR))))), 6)
+    if collapsed_outputs := [n for n, e in outputs.items() if e.get("collapsed")]:
+        worst["collapsed_outputs"] = collapsed_outputs
     if outputs and all(e.get("constant") for e in outputs.values()):
         worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
                          "figures say nothing about what the model computes (give samples of the data it was "
@@ -552,10 +409,12 @@ def compare_outputs(
 
 def deciding_rel_l2(figures: dict[str, Any]) -> float | None:
     """The figure that keeps or undoes a reconstruction and ranks a budget's candidates: the
-    ``balanced_rel_l2`` where an output has one (channels of sizes far apart), else the
-    ``pooled_rel_l2``."""
-    value = figures.get("balanced_rel_l2")
-    return value if value is not None else figures.get("pooled_rel_l2")
+    ``deciding_rel_l2`` of several outputs, else the ``balanced_rel_l2`` where the output has
+    one (channels of sizes far apart), else the ``pooled_rel_l2``."""
+    for key in ("deciding_rel_l2", "balanced_rel_l2", "pooled_rel_l2"):
+        if figures.get(key) is not None:
+            return figures[key]
+    return None
 
 
 def _channel_squares(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -389,7 +389,8 @@ class CalibratedRun:
             if worse is not None and better is not None and better > worse and unreconstructed is not None:
                 self.session.adopt(unreconstructed)
                 self.reverted = True
-                which = "balanced" if "balanced_rel_l2" in result else "pooled"
+                which = ("the outputs' (geometric mean)" if "deciding_rel_l2" in result
+                         else "balanced" if "balanced_rel_l2" in result else "pooled")
                 result = {**before, "with_reconstruction": {k: result.get(k) for k in figures},
                           "reconstruction_reverted": True,
                           "warning": (f"the reconstruction made the held-out fidelity worse ({which} relative L2 "
@@ -465,7 +466,6 @@ class CalibratedRun:
             self.choice["stats"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             return refit, False
         errors["stats"] = fidelity_mod.deciding_rel_l2(stats)
-        # the deciding figure (fidelity.deciding_rel_l2: balanced where an output has one, else pooled)
         self.choice["rel_l2"] = {k: (round(v, 6) if v is not None else None) for k, v in errors.items()}
         best = min(("refit", "none", "stats"), key=lambda k: math.inf if errors[k] is None else errors[k])
         self.choice["kept"] = best

@@ -101,7 +101,7 @@ class OpRule:
     #: the op rescales each sample's features to fixed statistics (a LayerNorm, an L2
     #: normalisation, the BatchNorm a face embedder ends with): a fixed-width output computed
     #: from one with no linear layer after it is an embedding, whose arg-max names no class
-    #: (:func:`graphprune.calibration.fidelity.feature_outputs`)
+    #: (:func:`graphprune.calibration.output_kinds.feature_outputs`)
     normalizes_features: ClassVar[bool] = False
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:

@@ -1,0 +1,172 @@
+"""Which outputs are what, read from the graph: a length the inputs choose
+(:func:`open_length`), a recurrent state fed back (:func:`fed_back`), an embedding
+(:func:`feature_outputs`), rows of class scores (:func:`logit_rows`). The fidelity report
+(:mod:`graphprune.calibration.fidelity`) reads an output's figures accordingly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.io.weights import read_external_bytes
+
+
+def open_length(model: onnx.ModelProto) -> set[str]:
+    """The outputs whose last axis is declared with a named size (``audio_length``, ``s1``):
+    a length the inputs choose, not a number of classes."""
+    names = set()
+    for out in model.graph.output:
+        tensor = out.type.tensor_type
+        if tensor.HasField("shape") and tensor.shape.dim and tensor.shape.dim[-1].dim_param:
+            names.add(out.name)
+    return names
+
+
+def fed_back(model: onnx.ModelProto) -> set[str]:
+    """The outputs of rank 3 or more shaped like an input of the same type (rank, element
+    type and every size both declare as a number): a recurrent state the caller feeds back
+    (silero's ``hn``, ``[1, 1, 128]`` like its ``h``), not class scores."""
+    def signature(value: onnx.ValueInfoProto) -> tuple | None:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            return None
+        return tensor.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+    inputs = [sig for v in model.graph.input if (sig := signature(v)) is not None]
+    names = set()
+    for out in model.graph.output:
+        sig = signature(out)
+        if sig is None:
+            continue
+        for kind, dims in inputs:
+            if kind == sig[0] and len(dims) == len(sig[1]) > 2 and all(
+                    a is None or b is None or a == b for a, b in zip(dims, sig[1], strict=True)):
+                names.add(out.name)
+    return names
+
+
+def feature_outputs(model: onnx.ModelProto) -> set[str]:
+    """The outputs computed from a normalisation of each sample's features (a LayerNorm, an
+    L2 normalisation: :attr:`~graphprune.rules.registry.OpRule.normalizes_features`) with no
+    linear layer after it: an embedding (a sentence encoder's mean-pooled ``[1, 384]``), whose
+    arg-max names no class. Followed back through ops that move values or map them channel by
+    channel (pooling, masking, dividing by a count), through their first input computed in
+    the graph; a linear layer, a softmax or an op without a rule ends the walk (scores)."""
+    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
+    from graphprune.rules.registry import lookup  # noqa: PLC0415
+
+    opset = default_opset(model)
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    stored = {t.name for t in model.graph.initializer}
+    stored |= {n.output[0] for n in model.graph.node if not n.input and n.output}  # (Constant nodes)
+
+    def normalised(name: str) -> bool:
+        for _ in range(_FEATURE_DEPTH):
+            node = producer.get(name)
+            rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
+            if rule is None:
+                return False
+            if rule.normalizes_features:
+                return True
+            computed = [i for i in node.input if i and i not in stored and i in producer]
+            if rule.zero_behaviour not in ("move", "map") or not computed:
+                return False
+            name = computed[0]
+        return False
+
+    return {out.name for out in model.graph.output if normalised(out.name)}
+
+
+#: ops followed back from an output to the one that decides whether it is an embedding
+_FEATURE_DEPTH = 32
+
+
+def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]:
+    """The outputs of rank 3 or more that a dense layer writes along their last axis (a float
+    one, or an integer one rescaled to float: :meth:`~graphprune.rules.registry.OpRule.
+    rescaled_linear`), through nothing but ops that add or scale by a constant (its bias):
+    per-position logits (a token tagger's or a diacritiser's ``[1, T,
+    15]``, a CTC head without its softmax), whose rows' arg-max is each position's class. A
+    convolution's channels are not its last axis; an embedding ends in a normalisation.
+    ``data_dir``: where ``model``'s external tensors are (those the last nodes read are read)."""
+    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
+    from graphprune.rules.registry import lookup  # noqa: PLC0415
+
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.output if v.type.tensor_type.HasField("shape")}
+    wanted = [name for name, rank in ranks.items() if rank >= 3]
+    if not wanted:
+        return set()
+    near = _last_nodes(model, wanted)
+    opset, graph = default_opset(model), gs.import_onnx(_constants_read(model, near, data_dir))
+    rules = {id(n): lookup(n.domain or "", n.op, opset) for n in graph.nodes}
+    dense: set[str] = set()  # the tensors a dense layer writes along the last axis
+    for node in graph.nodes:
+        rule = rules[id(node)]
+        if rule is None or not node.outputs or node.outputs[0].name not in near:
+            continue
+        try:
+            info = rule.linear(node)
+            rescaled = rule.rescaled_linear(node) if info is None else None
+        except Exception:  # noqa: BLE001 - a constant it reads not at hand: no class
+            continue
+        if info is not None and info.kernel == "dense" and info.out_channel_axis == -1:
+            dense.add(node.outputs[0].name)
+        elif rescaled is not None and rescaled.info.kernel == "dense" and rescaled.info.out_channel_axis == -1:
+            dense.add(rescaled.output.name)
+
+    def from_dense(tensor: gs.Tensor) -> bool:
+        for _ in range(_HEAD_DEPTH):
+            if tensor.name in dense:
+                return True
+            node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+            rule = rules.get(id(node)) if node is not None else None
+            computed = [t for t in node.inputs if isinstance(t, gs.Variable) and t.inputs] if node is not None else []
+            # a bias or a scale (a constant beside the one computed input) keeps each row's
+            # arg-max the class; an activation alone (a sigmoid mask of per-band gains, a
+            # multi-label head) says the rows are no one-of-N choice
+            if (rule is None or rule.zero_behaviour != "map" or rule.normalizes_features or len(computed) != 1
+                    or not any(isinstance(t, gs.Constant) for t in node.inputs)):
+                return False
+            tensor = computed[0]
+        return False
+
+    return {t.name for t in graph.outputs if t.name in wanted and from_dense(t)}
+
+
+#: nodes :func:`logit_rows` follows back from an output (a bias, an activation, a rescaling)
+_HEAD_DEPTH = 6
+
+
+def _last_nodes(model: onnx.ModelProto, outputs: list[str]) -> set[str]:
+    """The first output names of the nodes at most :data:`_HEAD_DEPTH` steps before ``outputs``."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    found: set[str] = set()
+    frontier = list(outputs)
+    for _ in range(_HEAD_DEPTH):
+        nodes = [producer[name] for name in frontier if name in producer]
+        frontier = [i for n in nodes if n.output[0] not in found for i in n.input if i]
+        found.update(n.output[0] for n in nodes)
+    return found
+
+
+def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | None) -> onnx.ModelProto:
+    """``model`` with the external tensors that the nodes writing ``near`` read, read from
+    ``data_dir`` (a copy; the others stay references)."""
+    if data_dir is None or not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model
+    read = {i for n in model.graph.node if n.output and n.output[0] in near for i in n.input}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in read:
+            continue
+        try:  # (the store's files may be links: ONNX's loader refuses those)
+            raw = read_external_bytes(tensor, Path(data_dir))
+        except (OSError, ValueError):  # left a reference: a rule reading it finds no class
+            continue
+        tensor.raw_data = raw
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return copy
