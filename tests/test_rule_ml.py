@@ -38,6 +38,48 @@ def test_a_scaler_in_front_of_an_mlp_hides_nothing() -> None:
     onnx.checker.check_model(result.model)  # (no full check: Scaler has no type inference)
 
 
+def test_a_scaler_in_front_of_an_mlp_quantized_at_run_time(tmp_path) -> None:
+    """The same MLP after ONNX Runtime's ``quantize_dynamic`` (a scikit-learn digits MLP):
+    ``Scaler -> Cast -> DynamicQuantizeLinear -> MatMulInteger``. The quantizer gave its
+    output no shape, so the layers behind it were hidden: data-free, 0 groups and the model
+    written unchanged; a MACs target exited 2 (nothing counted), while with calibration data
+    the same file pruned to 0.34x. The Scaler's output shape is learnt by running it; that
+    run took the classifier's label too (an ArrayFeatureExtractor after the whole network),
+    whose weights, over 4 kB, are in the weight store's files: nothing ran."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Scaler", ["x"], ["s"], domain="ai.onnx.ml",
+                              offset=[float(v) for v in rng.standard_normal(16)],
+                              scale=[float(v) for v in rng.uniform(0.5, 2, 16)]),
+             helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["c", "w1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"]),
+             # the classifier's label: the class of the arg-max (no shape inference for ArrayFeatureExtractor)
+             helper.make_node("ArgMax", ["y"], ["top"], axis=1),
+             helper.make_node("ArrayFeatureExtractor", ["classes", "top"], ["picked"], domain="ai.onnx.ml"),
+             helper.make_node("Reshape", ["picked", "flat"], ["label"])]
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (16, 300)), ("b1", (300,)), ("w2", (300, 3)))]
+    inits += [onnx.numpy_helper.from_array(np.array([3, 5, 7], np.int64), "classes"),
+              onnx.numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], inits)
+    # (skl2onnx declares its intermediate tensors' types, no shapes)
+    graph.value_info.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c", "m", "a", "r"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(tmp_path / "f.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert "MatMulInteger" in {n.op_type for n in quantized.graph.node}
+    assert [g.num_units for g in graphprune.analyze(quantized).groups if g.prunable] == [300]
+    result = graphprune.prune(quantized, target_macs=0.5)
+    assert result.report["verification"]["ok"] is True and result.report["budget"]["met"]
+    assert result.report["macs_before"] == 16 * 300 + 300 * 3
+
+
 def _pipeline() -> onnx.ModelProto:
     """skl2onnx's shape of a ColumnTransformer + MLPClassifier: a string column one-hot
     encoded (``OneHotEncoder``), float columns scaled (``Scaler``), concatenated, an MLP."""

@@ -135,6 +135,9 @@ def annotate(model: onnx.ModelProto, ran: dict[str, int] | None = None) -> bool:
     if not missing:
         return False
     sub = _sub_model(model, missing)
+    if sub is None:  # (a label's ArrayFeatureExtractor after the whole network: the front still runs)
+        missing = [o for o in missing if _sub_model(model, [o]) is not None]
+        sub = _sub_model(model, missing) if missing else None
     if sub is None:
         return False
     import onnxruntime as ort

@@ -466,5 +466,9 @@ class DynamicQuantizeLinearRule(OpRule):
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if ctx.known_ranks(node, node.inputs[0]) is None:
             return
+        # (after an op ONNX cannot infer, a Scaler of skl2onnx: the layers after it are not hidden)
+        ctx.derive_shape(node.outputs[0], ctx.shape(node.inputs[0]))
+        for scalar in node.outputs[1:3]:
+            ctx.derive_shape(scalar, [])
         ctx.couple_all_axes(node.inputs[0], node.outputs[0])
         ctx.zero_in_reference(node.inputs[0])
