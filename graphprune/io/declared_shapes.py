@@ -16,7 +16,7 @@ ONNX Runtime, and a model the tool returns, carry the exporter's size names only
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import onnx
 
@@ -48,15 +48,20 @@ def declared_sizes(model: onnx.ModelProto) -> dict[str, list[str | None]]:
     return found
 
 
-def forget_invented(model: onnx.ModelProto, declared: dict[str, list[str | None]] | None = None) -> int:
+def forget_invented(model: onnx.ModelProto, declared: dict[str, list[str | None]] | None = None,
+                    cut: Iterable[tuple[str, int]] = ()) -> int:
     """Clear the invented size names of ``model``'s intermediate shapes (in place); how many.
     Where the user's file named that size of that tensor (``declared``: its
     :func:`declared_sizes`), its name is written instead, invented or not: what the file
     promised ONNX Runtime stays promised (two residual inputs of equal shape, which it fuses
     with the LayerNormalization after them into a SkipLayerNormalization; without the
     names, a lossless DeBERTa's int8 logits moved by 1.4 % under ORT's default
-    optimisations)."""
+    optimisations). Not where the prune changed that size (``cut``: (tensor, axis)): a
+    dynamo export's ``4*batch`` of one attention block with a head removed would tell ONNX
+    Runtime that its ``3*batch`` tensors are the size of another block's ``4*batch`` ones,
+    and its memory planner fails ("Shape mismatch attempting to re-use buffer")."""
     declared = declared or {}
+    cut = set(cut)
     cleared = 0
     for value in model.graph.value_info:
         if not value.type.HasField("tensor_type"):
@@ -64,7 +69,8 @@ def forget_invented(model: onnx.ModelProto, declared: dict[str, list[str | None]
         names = declared.get(value.name)
         dims = value.type.tensor_type.shape.dim
         for k, dim in enumerate(dims):
-            own = names[k] if names is not None and len(names) == len(dims) else None
+            changed = (value.name, k) in cut or (value.name, k - len(dims)) in cut
+            own = names[k] if names is not None and len(names) == len(dims) and not changed else None
             if own is not None and not dim.HasField("dim_value"):
                 dim.dim_param = own
             elif dim.HasField("dim_param") and dim.dim_param.startswith(INVENTED):

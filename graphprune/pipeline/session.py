@@ -297,11 +297,8 @@ class Session(FeedValues):
         share_subgraph_constants(model, self.store.tensor_bytes)
         retie_constants(model, self.store.tensor_bytes)
         retie_shapes(model)
-        # intermediate shapes are the prepared model's where they did not change, else
-        # inferred afresh: the analysis refines them with two probe sizes
-        # (``shape_probe.refine_shapes``), and a size that agrees at batch 2 and 3 can still
-        # be the batch (``x[:2]``: 1 at batch 1), or contradict an output the exporter
-        # declared with the wrong rank. A model the tool writes never carries those.
+        # intermediate shapes are the prepared model's where they did not change, else inferred
+        # afresh: those the analysis refined at two probe sizes (``shape_probe.refine_shapes``) are never written
         known = {v.name: v for v in self.prepared.graph.value_info}
         kept = [v for v in model.graph.value_info if known.get(v.name) == v]
         if len(kept) < len(model.graph.value_info):
@@ -574,7 +571,8 @@ class Session(FeedValues):
                 report["params_after"], report["nodes_after"] = count_params(final), len(final.graph.node)
                 report["constants_recomputed"] = recomputed
         report["timings"] = {**self.timings, "total": self.elapsed()}
-        declared_shapes.forget_invented(self.model if model is None else model, declared_shapes.declared_sizes(self.loaded))
+        declared_shapes.forget_invented(final, declared_shapes.declared_sizes(self.loaded),
+                                        _cut_axes(analysis if analysis is not None else self.analysis, plan))
         declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)
         result = PruneResult(
             self.model if model is None else model, report, plan,
@@ -590,3 +588,13 @@ class Session(FeedValues):
             exc.result = result  # type: ignore[attr-defined]
             raise exc
         return result
+
+
+def _cut_axes(analysis: Analysis | None, plan: Plan | None) -> set[tuple[str, int]]:
+    """The (tensor, axis) pairs ``plan`` removes elements from (none where it does not apply)."""
+    from graphprune.passes.prune_channels import removed_elements
+    try:
+        removed = removed_elements(analysis, plan) if analysis is not None and plan is not None else {}
+    except Exception:  # noqa: BLE001 - a plan of another analysis (a lossless prune's): nothing cut here
+        return set()
+    return {(dim[0], dim[1]) for dim, idx in removed.items() if len(idx)}
