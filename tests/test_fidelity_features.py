@@ -385,3 +385,22 @@ def test_a_recogniser_line_reads_the_same_when_its_characters_move_a_frame() -> 
     figures = compare_outputs(["probs"], [[o] for o in original], [[moved], [changed]])["outputs"]["probs"]
     assert figures["top1_per"] == "row" and figures["top1_agreement"] == 0.85
     assert figures["sequence_agreement"] == 0.5 and figures["sequence_collapsed"] is True
+
+
+def test_an_original_that_is_not_finite_on_the_held_out_samples_is_said_so():
+    """A diffusion U-Net takes the log of its noise level; ``--calibration random`` fed it
+    negative ones, and its outputs were NaN: a 50 % prune read cosine 1 and relative L2 0 on
+    those samples, with a note that gave another reason. NaN on every sample leaves no figure;
+    on some, the note says on how many."""
+    from graphprune.calibration.fidelity import compare_outputs, deciding_rel_l2
+
+    rng = np.random.default_rng(5)
+    finite = [[rng.standard_normal((1, 8)).astype(np.float32)] for _ in range(4)]
+    nan = [[np.full((1, 8), np.nan, np.float32)] for _ in range(4)]
+    pruned = [[rng.standard_normal((1, 8)).astype(np.float32)] for _ in range(4)]
+    everywhere = compare_outputs(["y"], nan, pruned)
+    assert everywhere["cosine"] is None and deciding_rel_l2(everywhere) is None
+    assert everywhere["outputs"]["y"]["original_not_finite"] == 4 and "on 4 of the 4" in everywhere["note"]
+    some = compare_outputs(["y"], nan[:2] + finite[2:], pruned)
+    assert "on 2 of the 4" in some["note"] and some["cosine"] is not None
+    assert "note" not in compare_outputs(["y"], finite, pruned) or "NaN" not in compare_outputs(["y"], finite, pruned)["note"]
