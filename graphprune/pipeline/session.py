@@ -426,7 +426,7 @@ class Session(FeedValues):
         sized there (behind an ``If`` whose branches differ in rank), the loaded one's sizes."""
         from graphprune.verify.metrics import sized_shapes
 
-        shape = sized_shapes(self.prepared, graph, self.cost_shapes(), or_none=True)
+        shape = sized_shapes(self.prepared, graph, self.cost_shapes(), or_none=True, data_dir=self.store.root)
         return shape or sized_shapes(self.prepared, ir.import_graph(self.prepared, self.store), self.cost_shapes())
 
     def verify_against(
