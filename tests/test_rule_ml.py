@@ -9,7 +9,9 @@ from onnx import TensorProto, helper
 import graphprune
 
 #: the op types this file covers (tests/test_op_coverage.py counts them)
-OPS_UNDER_TEST = ("ai.onnx.ml::Scaler",)
+OPS_UNDER_TEST = ("ai.onnx.ml::Scaler", "ai.onnx.ml::LinearClassifier", "ai.onnx.ml::LinearRegressor",
+                  "ai.onnx.ml::SVMClassifier", "ai.onnx.ml::SVMRegressor", "ai.onnx.ml::TreeEnsembleClassifier",
+                  "ai.onnx.ml::TreeEnsembleRegressor", "ai.onnx.ml::TreeEnsemble")
 
 
 def test_a_scaler_in_front_of_an_mlp_hides_nothing() -> None:
@@ -124,3 +126,64 @@ def test_a_one_hot_string_column_in_front_of_an_mlp() -> None:
     calibrated = graphprune.prune(model, ratio=0.5, calibration="random").report
     assert "c [1, 1] random words" in calibrated["calibration"]["source"]
     assert calibrated["fidelity"]["cosine"] > calibrated["fidelity"]["without_reconstruction"]["cosine"]
+
+
+def test_fitted_values_held_in_attributes_are_parameters(tmp_path) -> None:
+    """skl2onnx writes a linear model's coefficients, an SVM's support vectors and a tree
+    ensemble's thresholds as attributes of ONNX-ML ops, not as constants: a profanity
+    classifier (a vectoriser, then ``LinearClassifier`` over 154 k coefficients) read as
+    ``params 12``. They count, and the ops stay as they are (nothing in them is pruned)."""
+    from graphprune.verify.metrics import count_params
+
+    rng = np.random.default_rng(3)
+    coefficients = [float(v) for v in rng.standard_normal(3 * 16)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("LinearClassifier", ["r"], ["label", "scores"], domain="ai.onnx.ml",
+                              coefficients=coefficients, intercepts=[0.1, 0.2, 0.3], classlabels_ints=[0, 1, 2]),
+             helper.make_node("LinearRegressor", ["r"], ["value"], domain="ai.onnx.ml",
+                              coefficients=coefficients[:16], intercepts=[0.5], targets=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [1]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 3]),
+                               helper.make_tensor_value_info("value", TensorProto.FLOAT, [1, 1])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    assert count_params(model) == 4 * 16 + (48 + 3) + (16 + 1)
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["params_before"] == count_params(model) == result.report["params_after"]
+    frozen = [g for g in graphprune.analyze(model).groups if not g.prunable]
+    assert frozen and any("LinearClassifier" in str(g.frozen) for g in frozen)
+
+    # a tree ensemble's split values and leaf weights, and an SVM's support vectors
+    trees = helper.make_node("TreeEnsembleRegressor", ["x"], ["t"], domain="ai.onnx.ml", n_targets=1,
+                             nodes_treeids=[0, 0, 0], nodes_nodeids=[0, 1, 2], nodes_featureids=[0, 0, 0],
+                             nodes_modes=["BRANCH_LEQ", "LEAF", "LEAF"], nodes_values=[0.5, 0.0, 0.0],
+                             nodes_truenodeids=[1, 0, 0], nodes_falsenodeids=[2, 0, 0],
+                             target_treeids=[0, 0], target_nodeids=[1, 2], target_ids=[0, 0],
+                             target_weights=[1.0, 2.0])
+    svm = helper.make_node("SVMRegressor", ["x"], ["s"], domain="ai.onnx.ml", coefficients=[1.0, -1.0],
+                           support_vectors=[float(v) for v in range(8)], rho=[0.1], n_supports=2,
+                           kernel_type="LINEAR")
+    svc = helper.make_node("SVMClassifier", ["x"], ["c", "cs"], domain="ai.onnx.ml", coefficients=[1.0, -1.0],
+                           support_vectors=[float(v) for v in range(8)], rho=[0.1], vectors_per_class=[1, 1],
+                           classlabels_ints=[0, 1], kernel_type="LINEAR")
+    tree_classes = helper.make_node("TreeEnsembleClassifier", ["x"], ["k", "ks"], domain="ai.onnx.ml",
+                                    nodes_treeids=[0], nodes_nodeids=[0], nodes_featureids=[0],
+                                    nodes_modes=["LEAF"], nodes_values=[0.0], nodes_truenodeids=[0],
+                                    nodes_falsenodeids=[0], class_treeids=[0], class_nodeids=[0], class_ids=[0],
+                                    class_weights=[1.0], classlabels_int64s=[0])
+    ensemble = helper.make_node("TreeEnsemble", ["x"], ["e"], domain="ai.onnx.ml", n_targets=1,
+                                nodes_splits=onnx.numpy_helper.from_array(np.array([0.5], np.float32)),
+                                leaf_weights=onnx.numpy_helper.from_array(np.array([1.0, 2.0], np.float32)),
+                                nodes_featureids=[0], nodes_modes=onnx.numpy_helper.from_array(np.array([0], np.uint8)),
+                                nodes_truenodeids=[0], nodes_trueleafs=[1], nodes_falsenodeids=[1],
+                                nodes_falseleafs=[1], leaf_targetids=[0, 0], tree_roots=[0])
+    graph = helper.make_graph([trees, svm, svc, tree_classes, ensemble], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "tsce"])
+    other = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 5)], ir_version=10)
+    # (values, not labels, ids or modes)
+    assert count_params(other) == (3 + 2) + (2 + 8 + 1) + (2 + 8 + 1) + (1 + 1) + (1 + 2)
+

@@ -422,6 +422,12 @@ class OpRule:
         count in the other's): a budget then shrinks it with that one. Default: none."""
         return {}
 
+    def attribute_parameters(self, attrs: dict) -> int:
+        """Learned values the node stores in its attributes (``attrs``: name -> value), not in
+        constants: a scikit-learn model's coefficients in an ONNX-ML ``LinearClassifier``.
+        Default: none."""
+        return 0
+
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
         """Multiply-accumulates of one run (``shape(tensor)``: static dims, unknown ones as 1;
         ``None`` when not known). ``None`` (the default): not counted."""

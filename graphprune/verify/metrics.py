@@ -84,6 +84,9 @@ def count_params(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], byte
         held = packed(graph)
         total = sum(held.get(i.name, math.prod(i.dims)) for i in graph.initializer if i.data_type in PARAMETER_TYPES)
         for node in graph.node:
+            rule = registry.overriding_rule(node.domain, node.op_type, opset, "attribute_parameters")
+            if rule is not None:  # (coefficients of an ONNX-ML op)
+                total += rule.attribute_parameters({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
             for attr in node.attribute:
                 if node.op_type == "Constant" and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     total += math.prod(attr.t.dims) if attr.t.data_type in PARAMETER_TYPES else 0
