@@ -318,9 +318,11 @@ def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
         versus = f"; uniform {final(uniform):.4f}" if uniform is not None and uniform is not chosen else ""
         how = ("a screening reconstruction; the two nearest reconstructed again with cross-validated ridges"
                if any("refit" in c for c in measured) else "reconstruction")
-        if any(isinstance(c.get("stats"), dict) for c in measured):
-            how += " (each the nearest of the refit, the statistics correction and none)"
-        kind = "balanced" if chosen.get("balanced") else "pooled"
+        weighed = sum(isinstance(c.get("stats"), dict) for c in measured)
+        if weighed:
+            how += (f" ({'each' if weighed == len(measured) else f'the first {weighed} each'} the nearest of the "
+                    "refit, the statistics correction and none)")
+        kind = "balanced" if chosen.get("balanced") else "geometric mean" if chosen.get("outputs_mean") else "pooled"
         lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
                      f"{how} (held-out {kind} rel-L2 {final(chosen):.4f}{versus})")
     failed = [c for c in budget.get("candidates") or [] if c.get("error")]

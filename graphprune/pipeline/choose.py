@@ -258,7 +258,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                     kind, score, error, pass_stats, reverted = "stats", stats_score, errors["stats"], stats_pass, False
             row["reconstruction"] = kind
         row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
-        if "balanced_rel_l2" in score:  # (the figure in pooled_rel_l2: channel by channel)
+        if "deciding_rel_l2" in score:  # (the figure in pooled_rel_l2: the outputs' geometric mean)
+            row["outputs_mean"] = True
+        elif "balanced_rel_l2" in score:  # (channel by channel)
             row["balanced"] = True
         measured = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
                              reverted, unreconstructed if screening else None, plain_error, plain_cosine,
@@ -271,6 +273,10 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
 
     started = time.perf_counter()
     stop = any(evaluate(label, indexes) for label, indexes in first)
+    if weigh_stats and not any(r.get("reconstruction") == "stats" for r in rows):
+        # the statistics correction nearer on none of the first: the search weighs refit and none
+        # (the allocation kept is weighed against it once more: CalibratedRun.weigh_later)
+        weigh_stats = False
     left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
     if options.search is None and first:  # where the first candidates took longer than estimated:
         # as many more as fit in SEARCH_SECONDS at the time they took (a ResNet-18 on 64 images:
