@@ -40,21 +40,30 @@ class _TwoBlocks(nn.Module):
         return self.out(self.a2(self.a1(self.inp(x))))
 
 
-def test_a_head_cut_in_one_block_clears_the_size_names_it_changed(tmp_path) -> None:
+def _exported(tmp_path) -> onnx.ModelProto:
     torch.manual_seed(0)
     path = tmp_path / "two.onnx"
     torch.onnx.export(_TwoBlocks().eval(), (torch.randn(2, 8, 16),), str(path), input_names=["x"],
                       output_names=["y"], dynamo=True, external_data=False,
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-    model = onnx.load(path)
+    return onnx.load(path)
+
+
+def _one_block(model: onnx.ModelProto) -> Plan:
+    """A head of block a1 removed, block a2 whole (as a budget may allocate)."""
+    both = graphprune.prune(model, head_ratio=0.25, mlp_ratio=0, ratio=0, verify=False)
+    return Plan(groups=[g for g in both.plan.groups if g.remove and g.anchor.startswith("a1.")])
+
+
+def test_a_head_cut_in_one_block_clears_the_size_names_it_changed(tmp_path) -> None:
+    model = _exported(tmp_path)
 
     def named(m: onnx.ModelProto) -> set[str]:
         return {v.name for v in m.graph.value_info
                 if any("*" in d.dim_param for d in v.type.tensor_type.shape.dim)}
 
     assert named(model)  # the exporter's '4*batch' (its spelling may vary)
-    both = graphprune.prune(model, head_ratio=0.25, mlp_ratio=0, ratio=0)
-    one_block = Plan(groups=[g for g in both.plan.groups if g.remove and g.anchor.startswith("a1.")])
+    one_block = _one_block(model)
     assert one_block.groups
     result = graphprune.prune(model, plan=one_block)
     assert result.report["verification"]["ok"]
@@ -65,3 +74,21 @@ def test_a_head_cut_in_one_block_clears_the_size_names_it_changed(tmp_path) -> N
     feeds = {"x": np.ones((2, 8, 16), np.float32)}  # (default session options: the memory planner on)
     out = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert out.shape == (2, 8, 16) and np.isfinite(out).all()
+
+
+def test_the_model_is_run_once_more_as_it_is_written(tmp_path, monkeypatch) -> None:
+    """What is written differs from what was verified by what goes back on it after (those
+    names). Were they written back on the cut block again, the prune fails (exit 3), naming the
+    model as written, instead of writing a file ONNX Runtime cannot run."""
+    from graphprune.pipeline import report
+
+    model = _exported(tmp_path)
+    plan = _one_block(model)
+    monkeypatch.setattr(report, "cut_axes", lambda *a, **k: set())  # (every declared name back)
+    try:
+        graphprune.prune(model, plan=plan)
+    except graphprune.GraphPruneError as exc:
+        assert exc.exit_code == 3 and "as written" in str(exc), exc
+    else:
+        raise AssertionError("a written model that does not run passed")
+

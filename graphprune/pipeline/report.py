@@ -244,3 +244,14 @@ def tolerance_hint(model: onnx.ModelProto, opset: int = 13) -> str:
         return (" (the model computes in 16-bit floats; the default tolerance already allows "
                 "for that: pass a looser --tolerance if this difference is acceptable)")
     return " (raise --tolerance if this difference is acceptable)"
+
+
+def cut_axes(analysis: Analysis | None, plan: Plan | None) -> set[tuple[str, int]]:
+    """The (tensor, axis) pairs ``plan`` removes elements from (none where it does not apply)."""
+    from graphprune.passes.prune_channels import removed_elements
+
+    try:
+        removed = removed_elements(analysis, plan) if analysis is not None and plan is not None else {}
+    except Exception:  # noqa: BLE001 - a plan of another analysis (a lossless prune's): nothing cut here
+        return set()
+    return {(dim[0], dim[1]) for dim, idx in removed.items() if len(idx)}

@@ -550,7 +550,7 @@ class Session(FeedValues):
     def finish(self, report: dict[str, Any], plan: Plan, verification: dict[str, Any] | None, *,
                analysis: Analysis | None = None, model: onnx.ModelProto | None = None) -> PruneResult:
         """Attach verification and timings; raise :class:`VerificationError` on a failure
-        (its ``result`` attribute carries the unverified result)."""
+        (its ``result`` attribute carries the unverified result; the model is run once more as written)."""
         error: GraphPruneError | None = None  # InvalidModelError: the input does not run
         if verification is None:
             verification = {"ok": None, "skipped": True}
@@ -572,8 +572,12 @@ class Session(FeedValues):
                 report["constants_recomputed"] = recomputed
         report["timings"] = {**self.timings, "total": self.elapsed()}
         declared_shapes.forget_invented(final, declared_shapes.declared_sizes(self.loaded),
-                                        _cut_axes(analysis if analysis is not None else self.analysis, plan))
+                                        reports.cut_axes(analysis if analysis is not None else self.analysis, plan))
         declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)
+        if verification.get("ok") and final is not None and (
+                fault := validate.written_fault(self.store.write_model, final, self.feeds()[0])) is not None:
+            verification.update(ok=False, error=str(fault))
+            error = fault
         result = PruneResult(
             self.model if model is None else model, report, plan,
             analysis if analysis is not None else self.analysis, store=self.store,
@@ -588,13 +592,3 @@ class Session(FeedValues):
             exc.result = result  # type: ignore[attr-defined]
             raise exc
         return result
-
-
-def _cut_axes(analysis: Analysis | None, plan: Plan | None) -> set[tuple[str, int]]:
-    """The (tensor, axis) pairs ``plan`` removes elements from (none where it does not apply)."""
-    from graphprune.passes.prune_channels import removed_elements
-    try:
-        removed = removed_elements(analysis, plan) if analysis is not None and plan is not None else {}
-    except Exception:  # noqa: BLE001 - a plan of another analysis (a lossless prune's): nothing cut here
-        return set()
-    return {(dim[0], dim[1]) for dim, idx in removed.items() if len(idx)}

@@ -29,6 +29,8 @@ from graphprune.io.feeds import output_array
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
 TWO_GB = 2**31 - 2**20
+#: a pruned model up to this size is run once more as it is written (:func:`written_fault`)
+WRITTEN_RUN_BYTES = 1 << 30
 #: model files larger than this hold their weights and are run whole
 SEGMENT_FILE_LIMIT = 16 * 2**20
 
@@ -153,6 +155,20 @@ def session(
         sess = ort.InferenceSession(data, options, providers=providers)
     sess._graphprune_keep_alive = keep_alive  # type: ignore[attr-defined]
     return sess
+
+
+def written_fault(write: Any, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> VerificationError | None:
+    """Why ``model`` as it is written (``write``: to a file ORT loads) does not run on ``feeds``,
+    else ``None``; models over :data:`WRITTEN_RUN_BYTES` are not run. What is written differs
+    from what was verified by what goes back on it after (the size names the user's file
+    declared: written back on a cut size, they made ONNX Runtime's memory planner fail)."""
+    if model_io.model_size_bytes(model) > WRITTEN_RUN_BYTES:
+        return None
+    try:
+        run(write(model), feeds, "the pruned model as written")
+    except VerificationError as exc:
+        return exc
+    return None
 
 
 def run(
