@@ -272,7 +272,7 @@ def compare_outputs(
         channel_total2: np.ndarray | None = None
         classes: set[int] = set()  # the original's class on each sample (one row per sample)
         error2 = total2 = size2 = 0.0  # (pooled over the samples; size2: the pruned output's)
-        unfinished = 0  # samples on which the original's output holds a NaN or an infinity
+        unfinished = hollow = 0  # samples on which the original's output holds a NaN or an infinity / nothing else
         scores, other_shape = name not in not_scores, 0
         per_row = False  # top-1 agreement per row (position) of several rows of probabilities
         spread = max((channel_spread(np.asarray(r[k])) for r in original[:4]
@@ -295,7 +295,8 @@ def compare_outputs(
                     norm2 = float(np.sum(np.abs(y.astype(np.float64)) ** 2))
                     error2, total2 = error2 + norm2, total2 + norm2
                 continue
-            unfinished += y.dtype.kind == "f" and not bool(np.isfinite(y).all())
+            if y.dtype.kind == "f" and not bool(np.isfinite(y).all()):
+                unfinished, hollow = unfinished + 1, hollow + (not np.isfinite(y).any())
             cosine, rel = pair_figures(y, p)
             cosines.append(cosine if y.size > 1 else None)
             if in_unit and y.dtype.kind == "f" and y.size and bool(np.all((y >= 0) & (y <= 1))):
@@ -344,8 +345,8 @@ def compare_outputs(
             entry["collapsed"] = True
         if unfinished:
             entry["original_not_finite"] = unfinished
-            if unfinished == len(original):  # (NaN on every sample: nothing compared)
-                entry.update(cosine=None, min_cosine=None, rel_l2=None, pooled_rel_l2=None)
+            if hollow == len(original):  # (nothing but NaN on every sample: nothing compared)
+                entry.update(cosine=None, min_cosine=None, rel_l2=None, pooled_rel_l2=None, no_finite_value=True)
         if other_shape:  # a decoder that stops at another step: counted as cosine 0, rel_l2 1
             entry["other_shape"] = other_shape
         # an output the inputs do not change (a constant, a folded weight) scores no class
@@ -408,7 +409,7 @@ def compare_outputs(
         worst["note"] = (f"the original's outputs hold NaN or infinite values on {unfinished} of the {len(original)} "
                          "held-out samples (inputs outside what the model was made for, e.g. the log of a negative "
                          "value): the figures compare the finite values only"
-                         + (", and say nothing here" if unfinished == len(original) else "")
+                         + (", and there are none" if any(e.get("no_finite_value") for e in outputs.values()) else "")
                          + "; give samples of the data it was made for")
     elif outputs and all(e.get("constant") for e in outputs.values()):
         worst["note"] = (f"the original's outputs are the same on all {len(original)} held-out samples: the "
