@@ -122,8 +122,7 @@ def nudged_weights(path: Any, ulps: int = 1) -> dict[str, np.ndarray]:
         if not floats or sum(nbytes(t) for t in floats) > NUDGE_WEIGHT_BYTES:
             return {}
         root = Path(os.fspath(path)).parent
-        rng = np.random.default_rng(0)
-        out = {}
+        values = {}
         for tensor in floats:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:  # (onnx's reader refuses hard links)
                 stub, tensor = tensor, onnx.TensorProto()
@@ -131,11 +130,8 @@ def nudged_weights(path: Any, ulps: int = 1) -> dict[str, np.ndarray]:
                 tensor.raw_data = read_external_bytes(stub, root)
                 tensor.ClearField("data_location")
                 del tensor.external_data[:]
-            value = numpy_helper.to_array(tensor)
-            step = np.spacing(np.abs(value)).astype(value.dtype) * ulps
-            out[tensor.name] = (value + step * rng.choice(np.array([-1, 1], value.dtype), size=value.shape)
-                                ).astype(value.dtype)
-        return out
+            values[tensor.name] = numpy_helper.to_array(tensor)
+        return nudged(values, ulps)  # (moved as the inputs are)
     except Exception:  # an unreadable weight: no such run
         return {}
 
