@@ -38,11 +38,13 @@ class _Progress:
         self.after = 0.0 if setting == "1" or sys.stderr.isatty() else PROGRESS_AFTER
         self.stages = list(stages)
         self.start = time.perf_counter()
+        self.last = ""
 
     def __call__(self, stage: str) -> None:
         elapsed = time.perf_counter() - self.start
-        if not self.enabled or elapsed < self.after:
+        if not self.enabled or elapsed < self.after or stage == self.last:  # (a stage entered again at once)
             return
+        self.last = stage
         index = self.stages.index(stage) + 1 if stage in self.stages else 0
         total = len(self.stages)
         prefix = f"[{index}/{total}]" if index else "[..]"

@@ -144,6 +144,24 @@ def test_long_runs_show_progress_in_logs(capsys, models, tmp_path, monkeypatch):
     ]
 
 
+def test_budget_search_progress_names_the_allocation(capsys, models, tmp_path, monkeypatch):
+    """A calibrated budget measures several allocations, each through prune, verify and
+    reconstruction: its stage lines say which allocation they belong to (they read as the
+    run's own stages going backwards, every stage line twice), and the run's own stages
+    read plainly again after the search."""
+    monkeypatch.setenv("GRAPHPRUNE_PROGRESS", "1")
+    code, _, err = cli(capsys, "prune", models["cnn"], "-o", tmp_path / "b.onnx", "--target-macs", "0.6",
+                       "--calibration", "random:24")
+    assert code == 0, err
+    stages = [line.split(" ", 1)[1].rsplit(" (+", 1)[0] for line in err.splitlines() if line.startswith("[")]
+    assert all(a != b for a, b in zip(stages, stages[1:], strict=False)), stages
+    measured = [s for s in stages if s.startswith("allocation ")]
+    assert any(s.startswith("allocation 1 (") and s.endswith(": prune") for s in measured), stages
+    assert any(s.startswith("allocation 2 (") for s in measured), stages
+    last = max(i for i, s in enumerate(stages) if s.startswith("allocation "))
+    assert "fidelity" in stages[last + 1:], stages
+
+
 # --------------------------------------------------------------------------- bench, demo
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,11 +197,13 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     best: _Measured | None = None
     runner_up: _Measured | None = None  # second by the screening refit
     failed: Exception | None = None
+    shown = _name_stages(session)  # progress lines name the allocation being measured (until the end)
 
     def evaluate(label: str, indexes: list[int]) -> bool:
         """Rewrite, check and reconstruct one allocation; ``True`` when the search must stop
         (a failed structural check, adopted as it is)."""
         nonlocal best, runner_up, failed
+        shown(f"allocation {len(rows) + 1} ({label})")
         budget_mod.restore(model, indexes)
         plan = budget_mod.to_plan(analysis, states, meta)
         plan.groups.extend(fixed)
@@ -271,66 +273,86 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             runner_up = measured
         return False
 
-    started = time.perf_counter()
-    stop = any(evaluate(label, indexes) for label, indexes in first)
-    if weigh_stats and not any(r.get("reconstruction") == "stats" for r in rows):
-        # the statistics correction nearer on none of the first: the search weighs refit and none
-        # (the allocation kept is weighed against it once more: CalibratedRun.weigh_later)
-        weigh_stats = False
-    left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
-    if options.search is None and first:  # where the first candidates took longer than estimated:
-        # as many more as fit in SEARCH_SECONDS at the time they took (a ResNet-18 on 64 images:
-        # estimated 11 s a candidate, measured about 40; the least-squares fits of wide layers)
-        each = (time.perf_counter() - started) / len(first)
-        left = min(left, int(SEARCH_SECONDS // max(each, 1e-3)))
-    rng = np.random.default_rng(options.seed)
-    seen = {tuple(indexes) for _, indexes in first}
-    sigma, round_index = search.SEARCH_SIGMA, 0
-    while left > 0 and best is not None and not stop:
-        round_index += 1
-        before = best.error
-        proposals = search.neighbours(model, fraction, best.indexes, rng, min(SEARCH_ROUND, left), sigma, seen)
-        if not proposals:
-            break
-        left -= len(proposals)
-        for k, indexes in enumerate(proposals):
-            if evaluate(f"search {round_index}.{k + 1}", indexes):
-                stop = True
+    outer_progress = session.progress
+    try:
+        started = time.perf_counter()
+        stop = any(evaluate(label, indexes) for label, indexes in first)
+        if weigh_stats and not any(r.get("reconstruction") == "stats" for r in rows):
+            # the statistics correction nearer on none of the first: the search weighs refit and none
+            # (the allocation kept is weighed against it once more: CalibratedRun.weigh_later)
+            weigh_stats = False
+        left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
+        if options.search is None and first:  # where the first candidates took longer than estimated:
+            # as many more as fit in SEARCH_SECONDS at the time they took (a ResNet-18 on 64 images:
+            # estimated 11 s a candidate, measured about 40; the least-squares fits of wide layers)
+            each = (time.perf_counter() - started) / len(first)
+            left = min(left, int(SEARCH_SECONDS // max(each, 1e-3)))
+        rng = np.random.default_rng(options.seed)
+        seen = {tuple(indexes) for _, indexes in first}
+        sigma, round_index = search.SEARCH_SIGMA, 0
+        while left > 0 and best is not None and not stop:
+            round_index += 1
+            before = best.error
+            proposals = search.neighbours(model, fraction, best.indexes, rng, min(SEARCH_ROUND, left), sigma, seen)
+            if not proposals:
                 break
-        if best.error >= before:
-            sigma *= SEARCH_SHRINK
-    if best is None:  # no candidate could be reconstructed: the first failure is the error
+            left -= len(proposals)
+            for k, indexes in enumerate(proposals):
+                if evaluate(f"search {round_index}.{k + 1}", indexes):
+                    stop = True
+                    break
+            if best.error >= before:
+                sigma *= SEARCH_SHRINK
+        if best is None:  # no candidate could be reconstructed: the first failure is the error
+            calibrated.close_recorded()
+            assert failed is not None
+            raise failed
+        if best.unreconstructed is not None and best.error > -math.inf:
+            # the two nearest after the screening refit, reconstructed again: the nearer is kept
+            finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
+            for m in finalists:
+                shown(f"allocation {m.label!r} again")
+                _refit_finalist(session, m, calibrated, feeds, names, reference,
+                              next(r for r in rows if r["allocation"] == m.label))
+            best = min(finalists, key=lambda m: m.error)
         calibrated.close_recorded()
-        assert failed is not None
-        raise failed
-    if best.unreconstructed is not None and best.error > -math.inf:
-        # the two nearest after the screening refit, reconstructed again: the nearer is kept
-        finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
-        for m in finalists:
-            _refit_finalist(session, m, calibrated, feeds, names, reference,
-                          next(r for r in rows if r["allocation"] == m.label))
-        best = min(finalists, key=lambda m: m.error)
-    calibrated.close_recorded()
-    budget_mod.restore(model, best.indexes)
-    calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
-    if best.errors is not None:  # reconstruction auto, weighed for each candidate
-        calibrated.choice = {"tried": ["refit", "stats", "none"], "kept": best.kind, "rel_l2": {
-            k: round(v, 6) for k, v in best.errors.items() if math.isfinite(v)}, "weighed": "for each allocation"}
-    if best.kind == "stats":
-        calibrated.no_final_refit("the statistics correction was kept: the held-out samples were nearer the "
-                                  "original with it than with the refit")
-        calibrated.weigh_later(best.rewrite)  # (its figures without reconstruction)
-    elif best.reverted or best.rewrite is None:
-        calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
-        if best.errors is None:
-            calibrated.refit_undone()
-    else:
-        calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
-        calibrated.weigh_later(best.rewrite)  # (reconstruction auto: against the statistics correction)
-    candidate = best.session
-    session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
-    session.ctx = candidate.ctx
-    return best.plan, best.analysis, best.verification, rows, best.label
+        budget_mod.restore(model, best.indexes)
+        calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
+        if best.errors is not None:  # reconstruction auto, weighed for each candidate
+            calibrated.choice = {"tried": ["refit", "stats", "none"], "kept": best.kind, "rel_l2": {
+                k: round(v, 6) for k, v in best.errors.items() if math.isfinite(v)}, "weighed": "for each allocation"}
+        if best.kind == "stats":
+            calibrated.no_final_refit("the statistics correction was kept: the held-out samples were nearer the "
+                                      "original with it than with the refit")
+            calibrated.weigh_later(best.rewrite)  # (its figures without reconstruction)
+        elif best.reverted or best.rewrite is None:
+            calibrated.no_final_refit("the chosen allocation is written without its reconstruction")
+            if best.errors is None:
+                calibrated.refit_undone()
+        else:
+            calibrated.refit_from = (best.analysis, best.plan, best.rewrite)
+            calibrated.weigh_later(best.rewrite)  # (reconstruction auto: against the statistics correction)
+        candidate = best.session
+        session.graph, session.analysis, session.model = candidate.graph, best.analysis, candidate.model
+        session.ctx = candidate.ctx
+        return best.plan, best.analysis, best.verification, rows, best.label
+    finally:
+        session.progress = outer_progress
+
+
+def _name_stages(session: Session) -> Callable[[str], None]:
+    """While allocations are measured, ``session``'s stage lines read ``"<what>: <stage>"``;
+    the returned function sets ``<what>`` (the caller puts the session's own callback back)."""
+    outer, what = session.progress, [""]
+    if outer is None:
+        return lambda _what: None
+
+    def line(stage: str) -> None:  # ("candidates": the run compared with the original)
+        outer(f"{what[0]}: {'compare' if stage == 'candidates' else stage}")
+
+    def show(now: str) -> None:
+        what[0], session.progress = now, line
+    return show
 
 
 def _stats_correction(session: Session, candidate: Session, calibrated: Any, analysis: Analysis, plan: Plan,
