@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 import graphprune
 
 #: the op types this file covers (tests/test_op_coverage.py counts them)
-OPS_UNDER_TEST = ("ai.onnx.ml::Scaler", "ai.onnx.ml::LinearClassifier", "ai.onnx.ml::LinearRegressor",
+OPS_UNDER_TEST = ("ai.onnx.ml::Scaler", "ai.onnx.ml::Normalizer", "ai.onnx.ml::LinearClassifier", "ai.onnx.ml::LinearRegressor",
                   "ai.onnx.ml::SVMClassifier", "ai.onnx.ml::SVMRegressor", "ai.onnx.ml::TreeEnsembleClassifier",
                   "ai.onnx.ml::TreeEnsembleRegressor", "ai.onnx.ml::TreeEnsemble")
 
@@ -132,7 +132,7 @@ def test_fitted_values_held_in_attributes_are_parameters(tmp_path) -> None:
     """skl2onnx writes a linear model's coefficients, an SVM's support vectors and a tree
     ensemble's thresholds as attributes of ONNX-ML ops, not as constants: a profanity
     classifier (a vectoriser, then ``LinearClassifier`` over 154 k coefficients) read as
-    ``params 12``. They count, and the ops stay as they are (nothing in them is pruned)."""
+    ``params 12``. They count; SVMs and trees stay as they are (nothing in them is pruned)."""
     from graphprune.verify.metrics import count_params
 
     rng = np.random.default_rng(3)
@@ -150,10 +150,12 @@ def test_fitted_values_held_in_attributes_are_parameters(tmp_path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
     assert count_params(model) == 4 * 16 + (48 + 3) + (16 + 1)
+    # a linear model reads the hidden layer as a MatMul would: its coefficient columns go with it
     result = graphprune.prune(model, ratio=0.5)
-    assert result.report["params_before"] == count_params(model) == result.report["params_after"]
-    frozen = [g for g in graphprune.analyze(model).groups if not g.prunable]
-    assert frozen and any("LinearClassifier" in str(g.frozen) for g in frozen)
+    assert result.report["verification"]["ok"] is True
+    assert result.report["params_before"] == count_params(model)
+    assert result.report["params_after"] == count_params(result.model) == 4 * 8 + (24 + 3) + (8 + 1)
+    assert "ai.onnx.ml::LinearClassifier" not in graphprune.analyze(model).unsupported
 
     # a tree ensemble's split values and leaf weights, and an SVM's support vectors
     trees = helper.make_node("TreeEnsembleRegressor", ["x"], ["t"], domain="ai.onnx.ml", n_targets=1,
@@ -187,3 +189,84 @@ def test_fitted_values_held_in_attributes_are_parameters(tmp_path) -> None:
     # (values, not labels, ids or modes)
     assert count_params(other) == (3 + 2) + (2 + 8 + 1) + (2 + 8 + 1) + (1 + 1) + (1 + 2)
 
+
+
+def _pca_classifier(norm: str = "L1") -> tuple[onnx.ModelProto, np.ndarray]:
+    """skl2onnx's ``StandardScaler + PCA + LogisticRegression``: ``Scaler``, ``Sub`` the mean,
+    ``MatMul`` the orthonormal components, ``LinearClassifier``, ``Normalizer``; and inputs
+    whose variance falls from the first component to the last, as a PCA's does."""
+    rng = np.random.default_rng(4)
+    features, components, classes = 12, 8, 3
+    basis = np.linalg.qr(rng.standard_normal((features, features)))[0][:, :components].astype(np.float32)
+    spread = np.linspace(3.0, 0.2, components)
+    x = (rng.standard_normal((96, components)) * spread) @ basis.T + rng.standard_normal((96, features)) * 0.05
+    coefficients = rng.standard_normal((classes, components))
+    nodes = [helper.make_node("Scaler", ["X"], ["s"], domain="ai.onnx.ml", offset=[0.0] * features,
+                              scale=[1.0] * features),
+             helper.make_node("Sub", ["s", "mean"], ["c"]), helper.make_node("MatMul", ["c", "components"], ["z"]),
+             helper.make_node("LinearClassifier", ["z"], ["label", "raw"], domain="ai.onnx.ml",
+                              coefficients=[float(v) for v in coefficients.ravel()],
+                              intercepts=[0.1, -0.2, 0.05], classlabels_ints=[0, 1, 2], post_transform="LOGISTIC"),
+             helper.make_node("Normalizer", ["raw"], ["probabilities"], domain="ai.onnx.ml", norm=norm)]
+    inits = [onnx.numpy_helper.from_array(np.zeros(features, np.float32), "mean"),
+             onnx.numpy_helper.from_array(basis, "components")]
+    graph = helper.make_graph(nodes, "pca", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, features])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, classes])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    return model, x.astype(np.float32)
+
+
+def test_components_read_by_a_linear_classifier_are_pruned(tmp_path) -> None:
+    """A PCA in front of a linear classifier: its components were frozen (``LinearClassifier``
+    and ``Normalizer`` had no rule). They prune now, exactly (a removed component is a zeroed
+    one: its coefficient column goes), and are ranked with the coefficients that read them
+    (orthonormal components alone tie: the first, the largest, went first)."""
+    model, x = _pca_classifier()
+    analysis = graphprune.analyze(model)
+    assert not analysis.unsupported
+    assert [g.num_units for g in analysis.groups if g.prunable] == [8]
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True
+    kept = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "components"))
+    assert kept.shape == (12, 4)
+    basis = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "components"))
+    coefficients = np.asarray(helper.get_attribute_value(
+        next(a for a in model.graph.node[3].attribute if a.name == "coefficients"))).reshape(3, 8)
+    strongest = np.sort(np.argsort(-np.linalg.norm(coefficients, axis=0))[:4])
+    np.testing.assert_array_equal(kept, basis[:, strongest])
+    classifier = next(n for n in result.model.graph.node if n.op_type == "LinearClassifier")
+    coefficients = next(a for a in classifier.attribute if a.name == "coefficients")
+    assert len(helper.get_attribute_value(coefficients)) == 3 * 4
+
+    # with calibration data the class ids are compared as what they are: the share that agrees
+    np.savez(tmp_path / "calib.npz", X=x[:, None])
+    report = graphprune.prune(model, ratio=0.25, calibration=str(tmp_path / "calib.npz")).report
+    label = report["fidelity"]["outputs"]["label"]
+    assert label["cosine"] is None and label["pooled_rel_l2"] is None and 0.5 <= label["agreement"] <= 1
+    probabilities = report["fidelity"]["outputs"]["probabilities"]
+    assert "deciding_rel_l2" not in report["fidelity"]  # (one float output: its own figure decides)
+    assert report["fidelity"]["pooled_rel_l2"] == probabilities["pooled_rel_l2"] > 0
+
+
+def test_a_max_normalizer_is_inexact() -> None:
+    """A ``Normalizer`` divides by a row's L1 or L2 norm, to which a zeroed entry adds nothing;
+    its maximum is not (a zero is the maximum of a row of negatives): that axis is inexact."""
+    from graphprune.verify.metrics import count_params
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Normalizer", ["h"], ["n"], domain="ai.onnx.ml", norm="MAX"),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                               for n, s in (("w", (4, 8)), ("w2", (8, 2)))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    [group] = [g for g in graphprune.analyze(model).groups if g.prunable]
+    assert group.inexact and "MAX normaliser" in group.inexact[0]
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] is True and count_params(result.model) == 4 * 4 + 4 * 2

@@ -283,9 +283,16 @@ def compare_outputs(
         # an output of values in [0, 1] (a sigmoid's): the decision at 0.5 per element
         in_unit, decisions, sides = True, [], set()
         scores = scores and len(widths) == 1  # a class count does not change with the input
+        differ = elements = 0  # an output of class ids, words, flags: the elements that changed
         for ref_list, out_list in zip(original, pruned, strict=True):
             y = np.asarray(ref_list[k])
             p = np.asarray(out_list[k])
+            if y.shape == p.shape and y.dtype.kind not in "fc" and p.dtype.kind not in "fc":
+                scores = False
+                changed = int(np.count_nonzero(y != p))
+                differ, elements = differ + changed, elements + y.size
+                rels.append(changed / y.size if y.size else 0.0)
+                continue
             if y.shape != p.shape or y.dtype.kind not in "fc":
                 scores = False
                 other_shape += y.shape != p.shape
@@ -331,6 +338,13 @@ def compare_outputs(
                 collapsed = collapsed or ctc
             else:
                 scores = False
+        if len(rels) == len(original) and not cosines and original:  # no float value: what agrees
+            # (a classifier's label beside its probabilities: a cosine or a relative L2 of class ids says
+            # nothing, and its 0 decided a geometric mean)
+            outputs[name] = {"cosine": None, "min_cosine": None, "rel_l2": None, "pooled_rel_l2": None,
+                             "agreement": round(1.0 - differ / elements, 6) if elements else 1.0,
+                             "discrete": True}
+            continue
         cosines = [c for c in cosines if c is not None]  # (one element: no cosine)
         entry: dict[str, Any] = {
             "cosine": round(float(np.mean(cosines)), 6) if cosines else None,
@@ -402,6 +416,10 @@ def compare_outputs(
         worst["balanced_rel_l2"] = max(own)
     if len(own) > 1:
         worst["deciding_rel_l2"] = round(float(np.exp(np.mean(np.log(np.maximum(own, DECIDING_FLOOR))))), 6)
+    if agreements := [e["agreement"] for e in outputs.values() if "agreement" in e]:
+        worst["agreement"] = min(agreements)
+        if not own:  # nothing but discrete outputs: the largest share of their elements that changed decides
+            worst["deciding_rel_l2"] = round(1.0 - min(agreements), 6)
     if collapsed_outputs := [n for n, e in outputs.items() if e.get("collapsed")]:
         worst["collapsed_outputs"] = collapsed_outputs
     unfinished = max((e.get("original_not_finite", 0) for e in outputs.values()), default=0)

@@ -1,5 +1,9 @@
 """Traditional-ML ops of the ``ai.onnx.ml`` domain (scikit-learn through skl2onnx).
 
+``LinearClassifier`` / ``LinearRegressor``: ``y = x @ coefficients.T + intercepts`` with the
+coefficients an attribute of ``[targets, features]`` row-major: a consumer of the features
+(a PCA's components, an MLP's last hidden layer), which lose their columns.
+
 ``Scaler``: ``y = (x - offset) * scale`` feature by feature along the last axis, with
 ``offset`` and ``scale`` as float-list attributes of one entry per feature (or one for all).
 Features pass through one to one; pruned features lose their attribute entries. ONNX shape
@@ -38,12 +42,12 @@ def fitted_values(attrs: dict, names: tuple[str, ...]) -> int:
 
 @register
 class FittedModelRule(OpRule):
-    """ONNX-ML models whose fitted values are attributes (skl2onnx's linear models, SVMs and
-    tree ensembles): not pruned (``couples`` false: their dimensions are frozen), and their
-    values counted as parameters (a profanity classifier's 154 k coefficients read as 12)."""
+    """ONNX-ML models whose fitted values are attributes (skl2onnx's SVMs and tree
+    ensembles): not pruned (``couples`` false: their dimensions are frozen; a feature removed
+    is not a feature zeroed under an RBF kernel or a split), and their values counted as
+    parameters (a profanity classifier's 154 k coefficients read as 12)."""
 
-    op_types = ("LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor", "TreeEnsembleClassifier",
-                "TreeEnsembleRegressor", "TreeEnsemble")
+    op_types = ("SVMClassifier", "SVMRegressor", "TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
     domain = "ai.onnx.ml"
     couples = False
     #: the attributes that hold fitted values (not labels, ids or modes)
@@ -54,6 +58,66 @@ class FittedModelRule(OpRule):
 
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
+
+
+@register
+class LinearModelRule(OpRule):
+    """A linear model over the last axis of its input: each feature is one column of the
+    coefficients (removing it is zeroing it, exactly); rows of the batch pass through."""
+
+    op_types = ("LinearClassifier", "LinearRegressor")
+    domain = "ai.onnx.ml"
+    FITTED = ("coefficients", "intercepts")
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x = node.inputs[0]
+        rank = ctx.rank(x)
+        features = ctx.size(x, -1) if rank in (1, 2) else None
+        coefficients = node.attrs.get("coefficients") or []
+        if features is None or not coefficients or len(coefficients) % features:
+            ctx.freeze_node(node, f"{len(coefficients)} coefficients for "
+                                  f"{'an unknown number of' if features is None else features} features "
+                                  f"at {node.op} '{node.name}'")
+            return
+        # the coefficients as the analysis sees them ([targets, features]): scored as the weight
+        # that reads the features (a PCA's components, orthonormal, tie on their own norms)
+        name = f"{node.name or node.op}::coefficients"
+        ctx.tensors[name] = gs.Constant(name, np.asarray(coefficients, dtype=np.float32).reshape(-1, features))
+        ctx.couple(x, rank - 1, ctx.tensors[name], 1)
+        if rank == 2:
+            for y in node.outputs:
+                if ctx.rank(y) in (1, 2):
+                    ctx.couple(x, 0, y, 0)
+
+    def attribute_parameters(self, attrs: dict) -> int:
+        return fitted_values(attrs, self.FITTED)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        removed, features = ctx.removed(x, -1), ctx.old_size(x, -1)
+        if not removed.size or not features:
+            return
+        columns = np.asarray(node.attrs["coefficients"], dtype=np.float64).reshape(-1, features)
+        node.attrs["coefficients"] = [float(v) for v in np.delete(columns, removed, axis=1).ravel()]
+
+
+@register
+class NormalizerRule(OpRule):
+    """``Normalizer``: each row divided by its L1 or L2 norm, or its maximum. A zero entry
+    adds nothing to a norm, so removing it is zeroing it; not to a maximum (a zero is the
+    maximum of a row of negatives): the axis is then inexact."""
+
+    op_types = ("Normalizer",)
+    domain = "ai.onnx.ml"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        ctx.derive_shape(y, ctx.shape(x))
+        ctx.couple_all_axes(x, y)
+        norm = node.attrs.get("norm", "MAX")
+        norm = norm.decode() if isinstance(norm, bytes) else str(norm)
+        if norm not in ("L1", "L2") and ctx.rank(x):
+            ctx.inexact(x, -1, f"a {norm} normaliser over the pruned axis at Normalizer '{node.name}'")
 
 
 @register
