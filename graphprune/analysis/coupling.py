@@ -145,6 +145,15 @@ class CouplingContext:
         self.tensors[name] = tensor
         return tensor
 
+    def attribute_weight(self, node: gs.Node, label: str, values: np.ndarray) -> gs.Constant:
+        """A weight the op holds in an attribute (an ONNX-ML linear model's coefficients) as
+        the analysis sees it: a constant that no node of the graph reads, which the criteria
+        score with the group it joins; the rule's rewrite slices the attribute itself."""
+        name = f"{node.name or node.op}::{label}"
+        tensor = gs.Constant(name, values)
+        self.tensors[name] = tensor
+        return tensor
+
     def is_batch(self, tensor: gs.Tensor, axis: int) -> bool:
         """Does an activation axis hold the batch alone: static size 1, or the sizes an open
         batch takes in the shape probes (a merged ``[B*H]`` axis takes a multiple)?"""

@@ -79,11 +79,10 @@ class LinearModelRule(OpRule):
                                   f"{'an unknown number of' if features is None else features} features "
                                   f"at {node.op} '{node.name}'")
             return
-        # the coefficients as the analysis sees them ([targets, features]): scored as the weight
-        # that reads the features (a PCA's components, orthonormal, tie on their own norms)
-        name = f"{node.name or node.op}::coefficients"
-        ctx.tensors[name] = gs.Constant(name, np.asarray(coefficients, dtype=np.float32).reshape(-1, features))
-        ctx.couple(x, rank - 1, ctx.tensors[name], 1)
+        # the coefficients ([targets, features]) scored as the weight that reads the features
+        # (a PCA's components are orthonormal: on their own norms they tie)
+        weight = ctx.attribute_weight(node, "coefficients", np.asarray(coefficients, np.float32).reshape(-1, features))
+        ctx.couple(x, rank - 1, weight, 1)
         if rank == 2:
             for y in node.outputs:
                 if ctx.rank(y) in (1, 2):
