@@ -9,7 +9,8 @@ from onnx import TensorProto, helper
 import graphprune
 
 #: the op types this file covers (tests/test_op_coverage.py counts them)
-OPS_UNDER_TEST = ("ai.onnx.ml::Scaler", "ai.onnx.ml::Normalizer", "ai.onnx.ml::LinearClassifier", "ai.onnx.ml::LinearRegressor",
+OPS_UNDER_TEST = ("ai.onnx.ml::Scaler", "ai.onnx.ml::Normalizer",
+                  "ai.onnx.ml::LinearClassifier", "ai.onnx.ml::LinearRegressor",
                   "ai.onnx.ml::SVMClassifier", "ai.onnx.ml::SVMRegressor", "ai.onnx.ml::TreeEnsembleClassifier",
                   "ai.onnx.ml::TreeEnsembleRegressor", "ai.onnx.ml::TreeEnsemble")
 
@@ -270,3 +271,36 @@ def test_a_max_normalizer_is_inexact() -> None:
     assert group.inexact and "MAX normaliser" in group.inexact[0]
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"] is True and count_params(result.model) == 4 * 4 + 4 * 2
+
+
+def test_support_vector_models_read_their_features_through_the_support_vectors() -> None:
+    """``SVMClassifier`` behind a hidden layer: each support vector is a row over the
+    features. A linear (or polynomial) kernel reads them by dot products, so a removed
+    feature is a zeroed one (exact); an RBF kernel reads distances, so the group is inexact:
+    pruned, and the prune is reported as not compared."""
+    rng = np.random.default_rng(6)
+
+    def model(kernel: str) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("SVMClassifier", ["r"], ["label", "scores"], domain="ai.onnx.ml",
+                                  kernel_type=kernel, kernel_params=[0.1, 0.0, 2.0],
+                                  support_vectors=[float(v) for v in rng.standard_normal(4 * 10)],
+                                  coefficients=[float(v) for v in rng.standard_normal(4)], rho=[0.1],
+                                  vectors_per_class=[2, 2], classlabels_ints=[0, 1])]
+        graph = helper.make_graph(nodes, "svm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+                                  [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                                   helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 2])],
+                                  [onnx.numpy_helper.from_array(rng.standard_normal((6, 10)).astype(np.float32), "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+
+    for kernel, exact in (("LINEAR", True), ("POLY", True), ("RBF", False)):
+        m = model(kernel)
+        [group] = [g for g in graphprune.analyze(m).groups if g.prunable]
+        assert group.is_exact == exact, kernel
+        result = graphprune.prune(m, ratio=0.5)
+        verification = result.report["verification"]
+        assert verification["ok"] is True and verification["exact_groups_checked"] == int(exact), kernel
+        svm = next(n for n in result.model.graph.node if n.op_type == "SVMClassifier")
+        vectors = next(a for a in svm.attribute if a.name == "support_vectors")
+        assert len(helper.get_attribute_value(vectors)) == 4 * 5, kernel

@@ -2,7 +2,9 @@
 
 ``LinearClassifier`` / ``LinearRegressor``: ``y = x @ coefficients.T + intercepts`` with the
 coefficients an attribute of ``[targets, features]`` row-major: a consumer of the features
-(a PCA's components, an MLP's last hidden layer), which lose their columns.
+(a PCA's components, an MLP's last hidden layer), which lose their columns. ``SVMClassifier``
+/ ``SVMRegressor`` read them likewise through their support vectors (exactly under linear,
+polynomial and sigmoid kernels; under RBF the groups are inexact).
 
 ``Scaler``: ``y = (x - offset) * scale`` feature by feature along the last axis, with
 ``offset`` and ``scale`` as float-list attributes of one entry per feature (or one for all).
@@ -42,12 +44,12 @@ def fitted_values(attrs: dict, names: tuple[str, ...]) -> int:
 
 @register
 class FittedModelRule(OpRule):
-    """ONNX-ML models whose fitted values are attributes (skl2onnx's SVMs and tree
-    ensembles): not pruned (``couples`` false: their dimensions are frozen; a feature removed
-    is not a feature zeroed under an RBF kernel or a split), and their values counted as
-    parameters (a profanity classifier's 154 k coefficients read as 12)."""
+    """Tree ensembles, whose fitted values are attributes: not pruned (``couples`` false: their
+    dimensions are frozen; a split on a removed feature is not a split on a zeroed one), and
+    their values counted as parameters (skl2onnx's linear models and SVMs hold theirs in
+    attributes too: a profanity classifier's 154 k coefficients read as 12)."""
 
-    op_types = ("SVMClassifier", "SVMRegressor", "TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
+    op_types = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble")
     domain = "ai.onnx.ml"
     couples = False
     #: the attributes that hold fitted values (not labels, ids or modes)
@@ -60,6 +62,35 @@ class FittedModelRule(OpRule):
         return fitted_values(attrs, self.FITTED)
 
 
+def _feature_weight(node: gs.Node, ctx: CouplingContext, values: list, label: str) -> bool:
+    """Couple the features (the input's last axis) with ``values`` read as ``[rows, features]``
+    (an attribute-held weight, :meth:`CouplingContext.attribute_weight`), and the rows of a 2-D
+    input with the outputs'; ``False`` (the node frozen) where the sizes do not fit."""
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    features = ctx.size(x, -1) if rank in (1, 2) else None
+    if features is None or not values or len(values) % features:
+        ctx.freeze_node(node, f"{len(values)} {label} for {'an unknown number of' if features is None else features} "
+                              f"features at {node.op} '{node.name}'")
+        return False
+    weight = ctx.attribute_weight(node, label, np.asarray(values, np.float32).reshape(-1, features))
+    ctx.couple(x, rank - 1, weight, 1)
+    if rank == 2:
+        for y in node.outputs:
+            if ctx.rank(y) in (1, 2):
+                ctx.couple(x, 0, y, 0)
+    return True
+
+
+def _drop_features(node: gs.Node, ctx: RewriteContext, name: str) -> None:
+    """Remove the removed features' columns of the attribute ``name`` (``[rows, features]``)."""
+    x = node.inputs[0]
+    removed, features = ctx.removed(x, -1), ctx.old_size(x, -1)
+    if removed.size and features:
+        columns = np.asarray(node.attrs[name], dtype=np.float64).reshape(-1, features)
+        node.attrs[name] = [float(v) for v in np.delete(columns, removed, axis=1).ravel()]
+
+
 @register
 class LinearModelRule(OpRule):
     """A linear model over the last axis of its input: each feature is one column of the
@@ -70,34 +101,48 @@ class LinearModelRule(OpRule):
     FITTED = ("coefficients", "intercepts")
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
-        x = node.inputs[0]
-        rank = ctx.rank(x)
-        features = ctx.size(x, -1) if rank in (1, 2) else None
-        coefficients = node.attrs.get("coefficients") or []
-        if features is None or not coefficients or len(coefficients) % features:
-            ctx.freeze_node(node, f"{len(coefficients)} coefficients for "
-                                  f"{'an unknown number of' if features is None else features} features "
-                                  f"at {node.op} '{node.name}'")
-            return
         # the coefficients ([targets, features]) scored as the weight that reads the features
         # (a PCA's components are orthonormal: on their own norms they tie)
-        weight = ctx.attribute_weight(node, "coefficients", np.asarray(coefficients, np.float32).reshape(-1, features))
-        ctx.couple(x, rank - 1, weight, 1)
-        if rank == 2:
-            for y in node.outputs:
-                if ctx.rank(y) in (1, 2):
-                    ctx.couple(x, 0, y, 0)
+        _feature_weight(node, ctx, node.attrs.get("coefficients") or [], "coefficients")
 
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
-        x = node.inputs[0]
-        removed, features = ctx.removed(x, -1), ctx.old_size(x, -1)
-        if not removed.size or not features:
+        _drop_features(node, ctx, "coefficients")
+
+
+@register
+class SupportVectorRule(OpRule):
+    """``SVMClassifier`` / ``SVMRegressor``: a kernel of the input with each support vector (a
+    row of ``support_vectors``), or without support vectors the linear weights
+    (``coefficients``, one row per class). Linear, polynomial and sigmoid kernels read the
+    input through dot products: a removed feature is a zeroed one. The RBF kernel reads
+    ``||x - s||^2``: a removed feature drops ``(x_f - s_f)^2`` where a zeroed one leaves
+    ``s_f^2`` (inexact: pruned, checked apart)."""
+
+    op_types = ("SVMClassifier", "SVMRegressor")
+    domain = "ai.onnx.ml"
+    FITTED = ("coefficients", "support_vectors", "rho", "prob_a", "prob_b", "kernel_params")
+
+    @staticmethod
+    def _held(node: gs.Node) -> str:
+        return "support_vectors" if node.attrs.get("support_vectors") else "coefficients"
+
+    def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
+        held = self._held(node)
+        if not _feature_weight(node, ctx, node.attrs.get(held) or [], held):
             return
-        columns = np.asarray(node.attrs["coefficients"], dtype=np.float64).reshape(-1, features)
-        node.attrs["coefficients"] = [float(v) for v in np.delete(columns, removed, axis=1).ravel()]
+        kernel = node.attrs.get("kernel_type", "LINEAR")
+        kernel = kernel.decode() if isinstance(kernel, bytes) else str(kernel)
+        if held == "support_vectors" and kernel not in ("LINEAR", "POLY", "SIGMOID"):
+            ctx.inexact(node.inputs[0], -1, f"an {kernel} kernel reads the distance to each support vector")
+
+    def attribute_parameters(self, attrs: dict) -> int:
+        return fitted_values(attrs, self.FITTED)
+
+    def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
+        _drop_features(node, ctx, self._held(node))
 
 
 @register
@@ -116,7 +161,7 @@ class NormalizerRule(OpRule):
         norm = node.attrs.get("norm", "MAX")
         norm = norm.decode() if isinstance(norm, bytes) else str(norm)
         if norm not in ("L1", "L2") and ctx.rank(x):
-            ctx.inexact(x, -1, f"a {norm} normaliser over the pruned axis at Normalizer '{node.name}'")
+            ctx.inexact(x, -1, f"a {norm} normaliser over the pruned axis")
 
 
 @register
