@@ -184,12 +184,12 @@ def _reconstruction(calibration: Mapping[str, Any]) -> str:
     if calibration.get("reconstruction_requested") != "auto":
         return str(kept)
     shown = "none" if calibration.get("reconstruction_reverted") else kept
-    errors = choice.get("rel_l2") or {}
+    errors, why = choice.get("rel_l2") or {}, choice.get("stats")
+    why = f"statistics correction {why}" if isinstance(why, str) else ""
     if not errors:
-        why = choice.get("stats")
-        return f"auto: {shown}" + (f" (statistics correction {why})" if why else "")
+        return f"auto: {shown}" + (f" ({why})" if why else "")
     tried = ", ".join(f"{k} {v:.4g}" for k, v in errors.items() if v is not None)
-    return f"auto: {shown} (held-out relative L2: {tried})"
+    return f"auto: {shown} (held-out relative L2: {tried}" + (f"; {why})" if why else ")")
 
 
 def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:

@@ -120,5 +120,27 @@ def test_models_of_large_activations_are_not_weighed_against_the_statistics_corr
     choice = calibration["reconstruction_choice"]
     assert choice["tried"] == ["refit", "none"] and choice["stats"].startswith("not tried: ")
     assert "stats correction" not in result.report["timings"] and "StatsCorrectionPass" not in calibration["passes"]
-    assert calibration_lines(calibration)[0].endswith(f"reconstruction auto: {calibration['reconstruction']} "
-                                                      f"(statistics correction {choice['stats']})")
+    assert calibration_lines(calibration)[0].endswith(f"; statistics correction {choice['stats']})")
+    assert choice["kept"] == min(choice["rel_l2"], key=choice["rel_l2"].get) == calibration["reconstruction"]
+
+
+def test_a_refit_that_leaves_almost_nothing_is_not_weighed_against_the_statistics_correction(monkeypatch):
+    """A ResNet-50's refit left 0.2 % of the held-out error without reconstruction; the statistics
+    correction then took 54 of 274 s and could win nothing that shows. Where the refit leaves at
+    most STATS_AFTER_REFIT of it, auto weighs refit against none only, and says so; likewise for
+    each allocation a budget measures."""
+    from graphprune.calibration import fidelity
+
+    assert fidelity.stats_needless(0.002, 0.4).startswith("not tried: the refit left 0.50% ")
+    assert fidelity.stats_needless(0.2, 0.4) is None and fidelity.stats_needless(0.0, 0.0) is None
+    monkeypatch.setattr(fidelity, "STATS_AFTER_REFIT", 1.0)  # (any refit nearer than none counts here)
+    result = graphprune.prune(example_cnn(), ratio=0.5, calibration="random:16")
+    calibration = result.report["calibration"]
+    choice = calibration["reconstruction_choice"]
+    assert choice["kept"] == calibration["reconstruction"] == "refit", choice
+    assert choice["tried"] == ["refit", "none"] and choice["stats"].startswith("not tried: the refit left ")
+    assert "stats correction" not in result.report["timings"]
+    budget = graphprune.prune(example_cnn(), target_macs=0.5, calibration="random:16").report
+    rows = [c for c in budget["budget"]["candidates"] if "pooled_rel_l2" in c]
+    assert rows and all(c["stats"].startswith("not tried: the refit left ") for c in rows if "stats" in c)
+    assert budget["verification"]["ok"] and budget["calibration"]["reconstruction"] == "refit"

@@ -94,6 +94,9 @@ Feed = dict[str, np.ndarray]
 #: an output's relative L2 under this counts as this in ``deciding_rel_l2`` (float noise of an
 #: output no pruned layer reaches does not decide)
 DECIDING_FLOOR = 1e-3
+#: ``reconstruction="auto"`` weighs the statistics correction only where the refit left more
+#: than this share of the held-out error without reconstruction (:func:`stats_needless`)
+STATS_AFTER_REFIT = 0.01
 #: an output whose size (RMS over the held-out samples) fell under this share of the original's
 COLLAPSED = 1e-3
 
@@ -446,6 +449,17 @@ def deciding_rel_l2(figures: dict[str, Any]) -> float | None:
     for key in ("deciding_rel_l2", "balanced_rel_l2", "pooled_rel_l2"):
         if figures.get(key) is not None:
             return figures[key]
+    return None
+
+
+def stats_needless(refit_error: float, none_error: float) -> str | None:
+    """Why ``reconstruction="auto"`` need not weigh the statistics correction against a refit whose
+    held-out error (:func:`deciding_rel_l2`) is ``refit_error``, ``none_error`` without
+    reconstruction (``None``: it must): the refit left so little that nothing the correction
+    could win would show (a ResNet-50's refit leaves 0.2 %; the correction took 54 of 274 s)."""
+    if none_error > 0 and refit_error <= STATS_AFTER_REFIT * none_error:
+        return (f"not tried: the refit left {refit_error / none_error:.2%} of the held-out error without "
+                f"reconstruction (at most {STATS_AFTER_REFIT:.0%})")
     return None
 
 

@@ -441,13 +441,13 @@ class CalibratedRun:
         if self.refit_from is None or errors["refit"] is None or errors["none"] is None:
             self.choice["stats"] = "not tried: the held-out figures do not compare"
             return refit, False
-        costly = self.stats_unaffordable()
-        if costly is not None:
-            self.choice["tried"], self.choice["stats"] = ["refit", "none"], costly
+        costly = fidelity_mod.stats_needless(errors["refit"], errors["none"]) or self.stats_unaffordable()
+        if costly is not None:  # (refit or none: fidelity() undoes a refit that is not nearer)
+            self.choice.update(tried=["refit", "none"], stats=costly, kept=min(("refit", "none"), key=errors.get),
+                               rel_l2={k: round(v, 6) for k, v in errors.items()})
             return refit, False
         session, fitted, fitted_stats, seconds = self.session, self.session.model, self.pass_stats, self.refit_seconds
-        refit_from = self.refit_from
-        analysis, plan, _ = refit_from
+        analysis, plan, _ = refit_from = self.refit_from
         counted = {name: session.ctx.stats.pop(name) for name in fitted_stats if name in session.ctx.stats}
 
         def back() -> None:

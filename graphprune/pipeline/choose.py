@@ -179,6 +179,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
     import numpy as np
 
+    from graphprune.calibration import fidelity as fidelity_mod
     from graphprune.calibration import runner
 
     first = search.candidates(model, fraction)
@@ -245,8 +246,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             calibrated.pass_stats, None, None
         if weigh_stats:
             errors = {"refit": refit_error, "none": plain_error}
-            corrected = _stats_correction(session, candidate, calibrated, fresh, plan, unreconstructed, feeds,
-                                          names, reference)
+            corrected = fidelity_mod.stats_needless(refit_error, plain_error) or _stats_correction(
+                session, candidate, calibrated, fresh, plan, unreconstructed, feeds, names, reference)
             if isinstance(corrected, str):
                 row["stats"] = corrected
             else:
