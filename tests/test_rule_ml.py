@@ -224,7 +224,8 @@ def test_components_read_by_a_linear_classifier_are_pruned(tmp_path) -> None:
     """A PCA in front of a linear classifier: its components were frozen (``LinearClassifier``
     and ``Normalizer`` had no rule). They prune now, exactly (a removed component is a zeroed
     one: its coefficient column goes), and are ranked with the coefficients that read them
-    (orthonormal components alone tie: the first, the largest, went first)."""
+    (orthonormal components alone tie: the first, the largest, went first), and with
+    calibration data by what they carry."""
     model, x = _pca_classifier()
     analysis = graphprune.analyze(model)
     assert not analysis.unsupported
@@ -239,11 +240,22 @@ def test_components_read_by_a_linear_classifier_are_pruned(tmp_path) -> None:
     strongest = np.sort(np.argsort(-np.linalg.norm(coefficients, axis=0))[:4])
     np.testing.assert_array_equal(kept, basis[:, strongest])
     classifier = next(n for n in result.model.graph.node if n.op_type == "LinearClassifier")
-    coefficients = next(a for a in classifier.attribute if a.name == "coefficients")
-    assert len(helper.get_attribute_value(coefficients)) == 3 * 4
+    written = next(a for a in classifier.attribute if a.name == "coefficients")
+    assert len(helper.get_attribute_value(written)) == 3 * 4
 
-    # with calibration data the class ids are compared as what they are: the share that agrees
+    # with calibration data the features' statistics count too: the coefficients are read as a
+    # consumer that nothing refits, and the components kept carry the most of the scores
     np.savez(tmp_path / "calib.npz", X=x[:, None])
+    from graphprune.planning.data_aware import NO_STATISTICS
+
+    calibrated = graphprune.prune(model, ratio=0.5, calibration=str(tmp_path / "calib.npz"))
+    assert NO_STATISTICS not in calibrated.report["calibration"]["criteria_chosen"]
+    carried = ((x @ basis) ** 2).mean(axis=0) * (coefficients**2).sum(axis=0)
+    kept = onnx.numpy_helper.to_array(next(t for t in calibrated.model.graph.initializer if t.name == "components"))
+    np.testing.assert_array_equal(kept, basis[:, np.sort(np.argsort(-carried)[:4])])
+    assert not np.array_equal(np.sort(np.argsort(-carried)[:4]), strongest)  # (the data changed the choice)
+
+    # the class ids are compared as what they are: the share that agrees
     report = graphprune.prune(model, ratio=0.25, calibration=str(tmp_path / "calib.npz")).report
     label = report["fidelity"]["outputs"]["label"]
     assert label["cosine"] is None and label["pooled_rel_l2"] is None and 0.5 <= label["agreement"] <= 1

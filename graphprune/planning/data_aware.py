@@ -45,6 +45,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis import CONSUMER, Analysis, ChannelGroup
+from graphprune.calibration.held import held_views
 from graphprune.calibration.linear import LinearView, linear_view
 from graphprune.calibration.recurrent import consumer_views as recurrent_consumers
 from graphprune.calibration.stats import ChannelStats, LayerStats
@@ -64,7 +65,8 @@ GRAM_RIDGE = 1e-2
 
 def consumer_views(analysis: Analysis) -> dict[str, LinearView]:
     """The linear layers that consume a prunable group, keyed by their weight's name (and the
-    weights of recurrent layers: :class:`~graphprune.calibration.recurrent.RecurrentConsumerView`)."""
+    weights of recurrent layers: :class:`~graphprune.calibration.recurrent.RecurrentConsumerView`;
+    weights held in attributes: :class:`~graphprune.calibration.held.HeldConsumerView`)."""
     wanted: set[tuple[str, int]] = set()
     for group in analysis.groups:
         if group.prunable:
@@ -72,7 +74,8 @@ def consumer_views(analysis: Analysis) -> dict[str, LinearView]:
     views: dict[str, LinearView] = {}
     for node in analysis.graph.nodes:
         linear = linear_view(node, analysis.opset)
-        found: list[Any] = [linear] if linear is not None else recurrent_consumers(node, analysis.opset)
+        found: list[Any] = [linear] if linear is not None else (
+            recurrent_consumers(node, analysis.opset) or held_views(node, analysis.opset, analysis.context.tensors))
         for view in found:
             if view.group == 1 and view.weight_dim(view.info.in_axis) in wanted:
                 views[view.weight.name] = view
@@ -254,18 +257,22 @@ def element_scores(
 
 def removal_error(view: LinearView, stats: ChannelStats, remove: np.ndarray) -> float | None:
     """Relative output error of ``view`` when input channels ``remove`` go and the others
-    are refit by least squares: ``tr(W_R [G^-1]_RR^-1 W_R^T) / tr(W G W^T)``."""
+    are refit by least squares: ``tr(W_R [G^-1]_RR^-1 W_R^T) / tr(W G W^T)``; for a consumer
+    that nothing refits (``view.refit`` false: a weight held in an attribute), what the removed
+    channels carried: ``tr(W_R G_RR W_R^T) / tr(W G W^T)``."""
     inverse = _inverse_gram(stats)
     if inverse is None or not len(remove):
         return None if inverse is None else 0.0
     cached = getattr(stats, "_energy", None)
+    gram = stats.gram / max(stats.gram_rows, 1)  # type: ignore[operator]
     if cached is None or cached[0] is not view:
         w = np.ascontiguousarray(compressed(_rows(view)))
-        gram = stats.gram / max(stats.gram_rows, 1)  # type: ignore[operator]
         cached = (view, w, float(np.sum(w * (w @ gram))))
         stats._energy = cached  # type: ignore[attr-defined]
     _, w, energy = cached
     wr = w[:, remove]
+    if not getattr(view, "refit", True):
+        return float(np.sum(wr * (wr @ gram[np.ix_(remove, remove)]))) / max(energy, 1e-30)
     block = inverse[np.ix_(remove, remove)]
     try:
         error = float(np.sum(wr.T * np.linalg.solve(block, wr.T)))

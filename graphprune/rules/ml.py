@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.roles import CONSUMER
 from graphprune.rules.registry import OpRule, register
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def _feature_weight(node: gs.Node, ctx: CouplingContext, values: list, label: st
         return False
     weight = ctx.attribute_weight(node, label, np.asarray(values, np.float32).reshape(-1, features))
     ctx.couple(x, rank - 1, weight, 1)
+    ctx.role(weight, 1, CONSUMER)  # (the data-aware criteria read it: OpRule.held_weight)
     if rank == 2:
         for y in node.outputs:
             if ctx.rank(y) in (1, 2):
@@ -108,6 +110,9 @@ class LinearModelRule(OpRule):
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
 
+    def held_weight(self, node: gs.Node) -> str | None:
+        return "coefficients"
+
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _drop_features(node, ctx, "coefficients")
 
@@ -140,6 +145,9 @@ class SupportVectorRule(OpRule):
 
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
+
+    def held_weight(self, node: gs.Node) -> str | None:
+        return self._held(node)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _drop_features(node, ctx, self._held(node))

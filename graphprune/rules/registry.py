@@ -191,6 +191,14 @@ class OpRule:
         """
         return None
 
+    def held_weight(self, node: gs.Node) -> str | None:
+        """The label of a weight the op holds in an attribute and reads its input's features
+        (the last axis of input 0) with, as :meth:`couple` gave it to
+        :meth:`~graphprune.analysis.coupling.CouplingContext.attribute_weight` (``[rows,
+        features]``): the data-aware criteria read it with the input's statistics
+        (:mod:`graphprune.calibration.held`); nothing refits it. ``None`` (the default): none."""
+        return None
+
     def recurrent(self, node: gs.Node) -> RecurrentInfo | str | None:
         """The node as :class:`RecurrentInfo`, for a recurrent op in ONNX's float layout; a
         string says why the calibration cannot read it; ``None`` (the default): not a
