@@ -1,3 +1,3 @@
-from graphprune.cli import main
+from graphprune.cli import guarded_main
 
-raise SystemExit(main())
+raise SystemExit(guarded_main())

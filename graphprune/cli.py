@@ -549,6 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("terminated", TERMINATED_EXIT, "Terminated", json_mode)
 
 
+def guarded_main() -> int:
+    """The ``graphprune`` command: :func:`main` in a child process whose crash in native code
+    (ONNX Runtime's segmentation fault on a model it cannot run) is said in one line
+    (:mod:`graphprune.crash_guard`)."""
+    from graphprune import crash_guard
+
+    json_mode = "--json" in sys.argv[1:]
+    return crash_guard.guarded(main, lambda message, code: _fail(message, code, "Crash", json_mode))
+
+
 def _main(arguments: list[str], json_mode: bool) -> int:
     parser = build_parser()
     try:

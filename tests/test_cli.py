@@ -636,24 +636,35 @@ def test_demo_leaves_no_temporary_folder(tmp_path):
 
 
 SLOW_VERIFY = """
-import sys, time
+import os, sys, time
 from pathlib import Path
-from graphprune.pipeline import session
-from graphprune.cli import main
 
-checked = session.Session.verify_against
+def patch():
+    from graphprune.pipeline import session
 
-def held(self, *args, **kwargs):  # the prune is under way: weights in TMPDIR, output not yet written
-    Path(sys.argv[1]).write_text("verifying")
-    time.sleep(120)
-    return checked(self, *args, **kwargs)
+    checked = session.Session.verify_against
 
-session.Session.verify_against = held
-raise SystemExit(main(sys.argv[2:]))
+    def held(self, *args, **kwargs):  # the prune is under way: weights in TMPDIR, output not yet written
+        Path(sys.argv[1]).write_text(str(os.getpid()))  # (the process doing the work)
+        time.sleep(120)
+        return checked(self, *args, **kwargs)
+
+    session.Session.verify_against = held
+
+from graphprune import cli
+
+if os.environ.get("GRAPHPRUNE_TEST_GUARDED"):  # as the console command: the work in a child (imports there)
+    from graphprune import crash_guard
+
+    json_mode = "--json" in sys.argv
+    raise SystemExit(crash_guard.guarded(lambda: patch() or cli.main(sys.argv[2:]),
+                                         lambda message, code: cli._fail(message, code, "Crash", json_mode)))
+patch()
+raise SystemExit(cli.main(sys.argv[2:]))
 """
 
 
-def _held_prune(tmp_path, args: list[str]) -> subprocess.Popen:
+def _held_prune(tmp_path, args: list[str], guarded: bool = False) -> subprocess.Popen:
     """``graphprune ARGS`` on the example CNN (``tmp_path / "cnn.onnx"``) with ``TMPDIR`` at
     ``tmp_path / "tmp"``, held in its verification (:data:`SLOW_VERIFY`): the weight folder is
     there and no output is written yet."""
@@ -662,7 +673,8 @@ def _held_prune(tmp_path, args: list[str]) -> subprocess.Popen:
     onnx.save(example_cnn(), model)
     (tmp_path / "held.py").write_text(SLOW_VERIFY)
     process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), *args],
-                               env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
+                               env={**os.environ, "TMPDIR": str(scratch),
+                                    **({"GRAPHPRUNE_TEST_GUARDED": "1"} if guarded else {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         if marker.exists() or process.poll() is not None:
@@ -675,12 +687,13 @@ def _held_prune(tmp_path, args: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
-@pytest.mark.parametrize("json_mode", [False, True])
-def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mode):
+@pytest.mark.parametrize(("json_mode", "guarded"), [(False, False), (True, False), (False, True)])
+def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mode, guarded):
+    """(``guarded``: the console command, whose work runs in a child: the signal is passed on.)"""
     scratch, model = tmp_path / "tmp", tmp_path / "cnn.onnx"
     args = ["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5",
             "--report", str(tmp_path / "report.json"), *(["--json"] if json_mode else [])]
-    process = _held_prune(tmp_path, args)
+    process = _held_prune(tmp_path, args, guarded)
     try:
         assert any(p.name.startswith("graphprune-") for p in scratch.iterdir())  # the weights are there
         process.send_signal(signal.SIGTERM)
@@ -695,6 +708,82 @@ def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mod
         assert err.strip().splitlines()[-1] == "graphprune: error: terminated"
     assert [p.name for p in scratch.iterdir() if p.is_dir() or "graphprune" in p.name] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "held.py", "marker", "tmp"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux processes")
+def test_the_guarded_work_ends_with_a_killed_command(tmp_path):
+    """SIGKILL cannot be passed on: the child that does the work is killed with the command
+    (else it would run to the end and write its output)."""
+    process = _held_prune(tmp_path, ["prune", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "out.onnx")], True)
+    worker = int((tmp_path / "marker").read_text())
+    assert worker != process.pid and Path(f"/proc/{worker}").exists()
+    process.kill()
+    process.communicate(timeout=60)
+    for _ in range(100):
+        if not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the worker outlived the command")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+CRASHING = """
+import os, signal, sys
+from graphprune import cli, crash_guard
+
+def crash(self, *args, **kwargs):  # as ONNX Runtime's segmentation fault on a model it cannot run
+    crash_guard.note(sys.argv[1])
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+def work():  # (imports in the child, as the console command's)
+    from graphprune.pipeline import session
+
+    session.Session.verify_against = crash
+    return cli.main(sys.argv[2:])
+
+json_mode = "--json" in sys.argv
+raise SystemExit(crash_guard.guarded(work, lambda message, code: cli._fail(message, code, "Crash", json_mode)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGSEGV"), reason="POSIX processes")
+@pytest.mark.parametrize(("running", "code", "says"), [
+    ("running the zeroed original", 2, "the input model does not run in ONNX Runtime"),
+    ("running the pruned model", 3, "the pruned model does not run"),
+    ("in the verify stage", 1, "the process crashed (SIGSEGV) while in the verify stage"),
+])
+def test_a_crash_in_native_code_is_one_line_and_writes_nothing(tmp_path, running, code, says):
+    """ONNX Runtime 1.32 crashes (SIGSEGV) on a model its own QOperator quantizer wrote (a
+    ``QLinearMul`` of an empty tensor): the command died with no message, exit 139. Its work now
+    runs in a child; the parent says what crashed, on what, and exits 2 for the input model."""
+    model, out = tmp_path / "cnn.onnx", tmp_path / "out.onnx"
+    onnx.save(example_cnn(), model)
+    (tmp_path / "crash.py").write_text(CRASHING)
+    for json_mode in (False, True):
+        done = subprocess.run([sys.executable, str(tmp_path / "crash.py"), running, "prune", str(model), "-o", str(out),
+                               *(["--json"] if json_mode else [])], env={**os.environ, "TMPDIR": str(tmp_path)},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == code, (done.stdout, done.stderr)
+        if json_mode:
+            error = json.loads(done.stdout.strip().splitlines()[-1])
+            assert error["exit_code"] == code and error["type"] == "Crash" and says in error["error"]
+        else:
+            line = done.stderr.strip().splitlines()[-1]
+            assert line.startswith("graphprune: error: ") and says in line and line.endswith("nothing was written")
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes")
+def test_the_guarded_command_passes_the_exit_code_and_output_through(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), model)
+    done = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(model), "-o", str(tmp_path / "p.onnx"),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout)["verification"]["ok"] is True, done.stderr
+    done = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(tmp_path / "missing.onnx"), "-o",
+                           str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL") or not Path("/proc/self/stat").exists(), reason="Linux processes")

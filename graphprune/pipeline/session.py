@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune import crash_guard
 from graphprune.analysis import Analysis, analyze_graph
 from graphprune.errors import (
     GraphPruneError,
@@ -187,6 +188,7 @@ class Session(FeedValues):
         the size probe, is not counted in it too: the listed times add up to the total)."""
         if self.progress is not None:
             self.progress(name)
+        crash_guard.note(f"in the {name} stage")
         t0, apart = time.perf_counter(), self._timed_apart
         try:
             yield

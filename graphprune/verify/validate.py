@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graphprune import crash_guard
 from graphprune.errors import InvalidModelError, OutputShapesDiffer, VerificationError
 from graphprune.io import model_io, runtime, scratch, segments
 from graphprune.io.feeds import output_array
@@ -191,6 +192,7 @@ def run_many(
     """Outputs of ``model`` on each feed dict (one session for all). ``segmented``: a model
     file with external weights may run one segment at a time (:func:`_run_segmented`; for
     a reference, never for a model that must be shown to load and run whole)."""
+    crash_guard.note(f"running {what}")
     try:
         # ORT's graph optimizers fold/pre-pack weights from the stored initializers and would
         # ignore overrides: the overridden reference runs unoptimised

@@ -1,0 +1,135 @@
+"""The command line's guard against a crash in native code.
+
+ONNX Runtime (or another native library) can crash the process outright on some models: a
+segmentation fault in ``QLinearMul`` on an empty tensor that ORT's own ``quantize_static``
+wrote. Python cannot catch that; the command died with no message and exit 139. So the
+``graphprune`` command runs its work in a forked child and waits for it: the child says what
+it is about to run (:func:`note`: the stage, the model ONNX Runtime runs) through a pipe, and
+where it dies by a signal the parent prints one line saying what crashed and on what, and
+exits 2 where that was the input model (it does not run in ONNX Runtime), 3 where it was the
+pruned model, 1 otherwise. Nothing is written then (outputs are written atomically), and
+the child's temporary folders are swept by the next run (:mod:`graphprune.io.scratch`).
+
+The guard is the console entry's only (:func:`guarded`); :func:`graphprune.cli.main` called
+from Python runs in the caller's process as before. ``GRAPHPRUNE_GUARD=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+from collections.abc import Callable
+
+#: signals that mean a crash (not a request to stop)
+CRASHES = {getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT") if hasattr(signal, name)}
+#: signals the parent passes on to the child (Ctrl-C reaches both: the parent ignores it)
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+
+_channel: int | None = None  # the child's end of the pipe
+
+
+def note(what: str) -> None:
+    """Say what the process is about to do (read only where it crashes): ``"running <model>"``
+    before ONNX Runtime runs a model (:func:`crash_line` reads which), else a stage."""
+    if _channel is None:
+        return
+    try:
+        os.write(_channel, (" ".join(what.split())[:300] + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def crash_line(signum: int, last: str) -> tuple[str, int]:
+    """The one-line message and exit code for a child killed by ``signum`` after ``last``."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    what = f" while {last}" if last else ""
+    lowered = last.lower()
+    if not lowered.startswith("running "):  # (a stage: no model run said)
+        return f"the process crashed ({name}){what}; nothing was written", 1
+    if any(w in lowered for w in ("as loaded", "original", "the input")):
+        return (f"ONNX Runtime crashed ({name}){what}: the input model does not run in ONNX Runtime "
+                "(run it there alone to see); nothing was written", 2)
+    if "pruned" in lowered or "candidate" in lowered:
+        return f"ONNX Runtime crashed ({name}){what}: the pruned model does not run; nothing was written", 3
+    return f"ONNX Runtime crashed ({name}){what}; nothing was written", 1
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the child is killed with its parent (a SIGKILL to the command, which cannot be
+    passed on, would leave it running to the end and writing its output)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # (it ended before the call)
+        os._exit(128 + signal.SIGKILL)
+
+
+def _last_line(last: str, data: bytes) -> tuple[str, bytes]:
+    """The last complete line in ``data`` (else ``last``), and what follows it."""
+    lines = data.split(b"\n")
+    pending = lines.pop()
+    complete = [line for line in lines if line]
+    return (complete[-1].decode("utf-8", "replace") if complete else last), pending
+
+
+def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
+    """``work()`` in a forked child (see the module docstring); its exit code, or where it
+    crashed, what ``report(message, exit_code)`` returns (it prints the line)."""
+    global _channel
+    if os.name != "posix" or os.environ.get("GRAPHPRUNE_GUARD") == "0" or not hasattr(os, "fork"):
+        return work()
+    read, write, parent = *os.pipe(), os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: the command itself, then a normal exit (its clean-up runs)
+        os.close(read)
+        _channel = write
+        _die_with(parent)
+        return work()
+    os.close(write)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, *FORWARDED)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the terminal sends it to the child too)
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except OSError:  # (it has ended)
+            pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    last, pending, status, open_ = "", b"", None, True
+    try:  # (a process the child forks may hold the pipe open past the child's end: wait on both)
+        while status is None:
+            if open_ and select.select([read], [], [], 0.5)[0]:
+                chunk = os.read(read, 65536)
+                open_ = bool(chunk)
+                last, pending = _last_line(last, pending + chunk)
+            elif not open_:
+                status = os.waitpid(pid, 0)[1]
+                break
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = code if done else None
+        while open_ and select.select([read], [], [], 0)[0]:  # what the child said last
+            chunk = os.read(read, 65536)
+            open_ = bool(chunk)
+            last, pending = _last_line(last, pending + chunk)
+    finally:
+        os.close(read)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    signum = os.WTERMSIG(status)
+    if signum not in CRASHES:
+        return 128 + signum
+    return report(*crash_line(signum, last))
