@@ -316,3 +316,26 @@ def test_support_vector_models_read_their_features_through_the_support_vectors()
         svm = next(n for n in result.model.graph.node if n.op_type == "SVMClassifier")
         vectors = next(a for a in svm.attribute if a.name == "support_vectors")
         assert len(helper.get_attribute_value(vectors)) == 4 * 5, kernel
+
+
+def test_a_removed_component_that_reads_an_offset_is_checked_against_zeroed_coefficients() -> None:
+    """skl2onnx's ``PCA -> MinMaxScaler -> LogisticRegression``: after the components, ``Mul``
+    and ``Add`` of the per-component minimum, so that a removed (zeroed) component reads its
+    offset, not 0. Every prune exited 3 ("differs from the zeroed original") though the file
+    was exact: no mask reached the classifier's coefficients, an attribute. The zeroed original
+    now zeroes their columns in the attribute, as a MatMul consumer's weight rows are."""
+    model, _ = _pca_classifier()
+    rng = np.random.default_rng(7)
+    graph = model.graph
+    matmul = next(n for n in graph.node if n.op_type == "MatMul")
+    matmul.output[0] = "z_raw"
+    at = list(graph.node).index(matmul) + 1
+    graph.node.insert(at, helper.make_node("Mul", ["z_raw", "minmax_scale"], ["z_scaled"]))
+    graph.node.insert(at + 1, helper.make_node("Add", ["z_scaled", "minmax_min"], ["z"]))
+    graph.initializer.extend([onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "minmax_scale"),
+                              onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "minmax_min")])
+    onnx.checker.check_model(model)
+    for kwargs in ({"ratio": 0.5}, {"target_params": 0.8}):
+        result = graphprune.prune(model, **kwargs)
+        assert result.report["verification"]["ok"] is True, kwargs
+        assert result.report["verification"]["max_rel_diff"] < 1e-5

@@ -90,6 +90,8 @@ class CouplingContext:
         #: (tensor, axis) whose removed channels the zeroed original zeroes on that axis only
         #: (:meth:`zero_in_reference` with an axis)
         self.zeroed_axes: set[tuple[str, int]] = set()
+        #: weights held in attributes (:meth:`attribute_weight`): name -> (node, attribute)
+        self.attribute_weights: dict[str, tuple[str, str]] = {}
         #: variables that are weights computed from constants (:meth:`weight_expression`)
         self.weight_values: set[str] = set()
         self.spatial_dims: set[Dim] = set()
@@ -146,12 +148,15 @@ class CouplingContext:
         return tensor
 
     def attribute_weight(self, node: gs.Node, label: str, values: np.ndarray) -> gs.Constant:
-        """A weight the op holds in an attribute (an ONNX-ML linear model's coefficients) as
-        the analysis sees it: a constant that no node of the graph reads, which the criteria
-        score with the group it joins; the rule's rewrite slices the attribute itself."""
+        """A weight the op holds in its attribute ``label`` (an ONNX-ML linear model's
+        coefficients, ``values`` the attribute's list shaped as the analysis reads it) as the
+        analysis sees it: a constant that no node of the graph reads, which the criteria score
+        with the group it joins and the zeroed original zeroes in the attribute
+        (:attr:`attribute_weights`); the rule's rewrite slices the attribute itself."""
         name = f"{node.name or node.op}::{label}"
         tensor = gs.Constant(name, values)
         self.tensors[name] = tensor
+        self.attribute_weights[name] = (node.name, label)
         return tensor
 
     def is_batch(self, tensor: gs.Tensor, axis: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from graphprune.analysis import CONSUMER, PRODUCER, Analysis, Dim
@@ -99,6 +100,7 @@ def zeroed_reference(
             values = np.array(numpy_helper.to_array(init), copy=True)
         values = _zeroed_values(values, cuts.pop(name), zero_points.get(name))
         init.CopyFrom(numpy_helper.from_array(values, name))
+    _zero_attributes(graph, analysis, cuts)
     renames: dict[str, str] = {}
     masks: dict[str, list[onnx.NodeProto]] = {}
     for name, axes in cuts.items():
@@ -125,6 +127,27 @@ def zeroed_reference(
     graph.node.extend([n for chain in masks.values() for n in chain] + nodes)
     _zero_activations(graph, analysis, removed, model.opset_import)
     return model
+
+
+def _zero_attributes(graph: onnx.GraphProto, analysis: Analysis, cuts: dict[str, list[tuple[int, np.ndarray]]]) -> None:
+    """Zero the removed channels of the weights ops hold in attributes (``CouplingContext.attribute_weights``:
+    a linear model's coefficient columns; no mask reaches an attribute, and a removed PCA component
+    after a MinMaxScaler is its offset, not 0), in ``graph``'s copy of the attribute."""
+    held = analysis.context.attribute_weights
+    nodes = {n.name: n for n in graph.node if n.name}
+    for name in [n for n in cuts if n in held]:
+        node_name, label = held[name]
+        attribute = next((a for a in nodes[node_name].attribute if a.name == label), None) if node_name in nodes else None
+        weight = analysis.context.tensors.get(name)
+        if attribute is None or not isinstance(weight, gs.Constant):
+            continue
+        values = np.array(attribute.floats, dtype=np.float32).reshape(weight.shape)
+        for axis, idx in cuts.pop(name):
+            index: list[Any] = [slice(None)] * values.ndim
+            index[axis] = idx
+            values[tuple(index)] = 0
+        del attribute.floats[:]
+        attribute.floats.extend(values.ravel().tolist())
 
 
 def computed_weights(analysis: Analysis, linked: bool = False) -> set[str]:
