@@ -169,3 +169,46 @@ def test_ids_into_an_open_count_of_rows_are_fed_zeros_where_0s_and_1s_do_not_run
     feed = {"x": x, "targets": np.array([[4, 0, 2, 1, 3, 3]], np.int64)}
     (out,) = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     assert out.shape == (1, 6, 2)
+
+
+def test_every_mode_falls_back_to_integer_zeros():
+    """minimol's GNN (a ScatterElements readout by the atoms' graph ids): ``--ratio`` fell back
+    to integer inputs 0 where random 0s and 1s index past one graph, but ``--lossless`` (two
+    feeds given to the check) and ``--calibration random`` (the ids held at verification's
+    random values) exited 2 "the input model does not run"."""
+    model = gnn_model()
+    lossless = graphprune.prune(model, lossless=True).report["verification"]
+    assert lossless["ok"] and "every integer input 0 (targets)" in lossless["feeds"]
+    calibrated = graphprune.prune(model, ratio=0.5, calibration="random:8").report
+    assert calibrated["verification"]["ok"]
+    source = calibrated["calibration"]["source"]
+    assert "targets [1, 6] = 0" in source and "targets held at " in source, source
+
+
+def test_random_calibration_holds_graph_ids_at_zero_where_random_ones_index_past_the_graphs():
+    """The scout's minimal readout: ``ScatterElements(add)`` of node features into as many rows
+    as ``graph_slots`` has (one), by the node -> graph ids ``batch``: random ids 1 index past it.
+    Random calibration holds them at 0 (an index every table has)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)), ("b2", (4,)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("one", [1]), ("c16", [16]), ("z1", [0]))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Unsqueeze", ["batch", "one"], ["b2d"]), helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Slice", ["xs", "z1", "one"], ["n"]), helper.make_node("Concat", ["n", "c16"], ["es"], axis=0),
+             helper.make_node("Expand", ["b2d", "es"], ["idx"]), helper.make_node("Shape", ["graph_slots"], ["g"]),
+             helper.make_node("Concat", ["g", "c16"], ["os"], axis=0),
+             helper.make_node("ConstantOfShape", ["os"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+             helper.make_node("ScatterElements", ["zeros", "idx", "h"], ["pooled"], axis=0, reduction="add"),
+             helper.make_node("Gemm", ["pooled", "w2", "b2"], ["y"])]
+    graph = helper.make_graph(nodes, "readout", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_nodes", 8]),
+        helper.make_tensor_value_info("batch", TensorProto.INT64, ["num_nodes"]),
+        helper.make_tensor_value_info("graph_slots", TensorProto.FLOAT, ["num_graphs"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["num_graphs", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    shapes = {"x": (20, 8), "batch": (20,), "graph_slots": (1,)}
+    for kwargs in ({"lossless": True}, {"ratio": 0.3, "calibration": "random:8"}):
+        report = graphprune.prune(model, input_shapes=shapes, **kwargs).report
+        assert report["verification"]["ok"], kwargs
+    assert "batch held at 0 (random values of them do not run)" in report["calibration"]["source"]

@@ -206,8 +206,7 @@ class CalibratedRun:
             except Exception:  # VerificationError
                 return False
 
-        verified = shapes
-        if not run(feeds_at(shapes, 1)[0]):
+        if not run(feeds_at(verified := shapes, 1)[0]):
             shapes = choose_input_shapes(path, specs, session.input_shapes,
                                          feed=lambda at: feeds_at(at, 1)[0]) or shapes
         feeds = feeds_at(shapes, spec.count)
@@ -219,14 +218,15 @@ class CalibratedRun:
                  and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
         if fixed and not all(run(f) for f in feeds):
             fresh = feeds_at(verified, spec.count)
-            for held in session.feeds(count=4):  # the first of verification's feeds whose integers run
-                candidate = [{**f, **{n: held[n] for n in fixed}} for f in fresh]
+            # the first of verification's feeds whose integers run, else 0 (an index every table has)
+            helds = [*({n: h[n] for n in fixed} for h in session.feeds(count=4)), {n: np.zeros_like(fresh[0][n]) for n in fixed}]
+            for k, held in enumerate(helds):
+                candidate = [{**f, **held} for f in fresh]
                 if not run(candidate[0]):  # (every one holds the same integers)
                     continue
-                feeds = candidate
+                feeds, at = candidate, "0" if k == len(helds) - 1 else "the values verification runs the original with"
                 text = (synthetic.describe(feeds, bounds, spec.float_range, ranges)
-                        + f"; {', '.join(fixed)} held at the values verification runs the original with "
-                          "(random values of them do not run)")
+                        + f"; {', '.join(fixed)} held at {at} (random values of them do not run)")
                 break
         return feeds, text
 

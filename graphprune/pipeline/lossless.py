@@ -236,7 +236,7 @@ def prune_lossless(
     verification = None
     if verify:
         verification = session.verify_against(
-            session.original, "the original", tolerance=tolerance, feeds=session.feeds(count=2)
+            session.original, "the original", tolerance=tolerance, samples=2
         )
         if allow_noise and verification.get("ok") is False and "max_abs_diff" in verification:
             verification = session.within_float_noise(session.model, verification)

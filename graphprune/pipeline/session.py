@@ -444,15 +444,16 @@ class Session(FeedValues):
         optimize_reference: bool | None = None,
         emulate_quantization: bool = False,
         segment_candidate: bool = False,
+        samples: int = 1,
     ) -> dict[str, Any]:
-        """Compare ``candidate`` (default: the exported model) with ``reference``.
-
+        """Compare ``candidate`` (default: the exported model) with ``reference``, on ``feeds``
+        or ``samples`` of :meth:`feeds` (their fallbacks where the original does not run on them).
         Failures to check or run become ``{"ok": False, "error": ...}`` with the exception
-        kept for :meth:`finish` to raise.
-        """
+        kept for :meth:`finish` to raise."""
         candidate = self.model if candidate is None else candidate
         compare = {"tolerance": tolerance, "reference_overrides": overrides, "optimize_reference": optimize_reference,
-                   "emulate_quantization": emulate_quantization, "segment_candidate": segment_candidate}
+                   "emulate_quantization": emulate_quantization, "segment_candidate": segment_candidate,
+                   "samples": samples}
         result = self._verify(reference, what, candidate, feeds, stage, compare)
         error = result.get("_error")
         if feeds is None and blame.did_not_run(error, what) and self.use_data_feeds(error):
@@ -488,6 +489,8 @@ class Session(FeedValues):
 
     def _verify(self, reference: Any, what: str, candidate: Any, feeds: list[dict[str, np.ndarray]] | None,
                 stage: str, compare: dict[str, Any]) -> dict[str, Any]:
+        compare = dict(compare)
+        samples = compare.pop("samples", 1)
         with self.stage(stage):
             try:
                 checked = isinstance(candidate, onnx.ModelProto)
@@ -495,7 +498,7 @@ class Session(FeedValues):
                     self.check(candidate)
                 result = validate.compare(
                     self.path_of(candidate), self.path_of(reference, keep=False),
-                    feeds if feeds is not None else self.feeds(), what=what,
+                    feeds if feeds is not None else self.feeds(count=samples), what=what,
                     check=not isinstance(candidate, onnx.ModelProto), original=self.path_of(self.prepared),
                     pair_safe=saturation.may_saturate(self.prepared), **compare,
                 )
