@@ -89,6 +89,11 @@ def test_qdq_weights_are_refit_and_stay_quantized(build, shape, tmp_path) -> Non
     assert set(after) and all(v.dtype == before[k].dtype for k, v in after.items() if k in before)
     assert not any(n.op_type in ("Conv", "MatMul") and n.input[1] in {i.name for i in result.model.graph.initializer}
                    for n in result.model.graph.node)
+    # and every refit bias is its int32 constant re-encoded, read through its DequantizeLinear (a float
+    # bias in its place left the layer out of ORT's QLinearConv fusion)
+    inits = {i.name: i for i in result.model.graph.initializer}
+    biases = [n.input[2] for n in result.model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert not any(b in inits for b in biases), biases
     from graphprune.tables import calibration_lines
 
     assert any("stored back quantized" in line for line in calibration_lines(report["calibration"]))

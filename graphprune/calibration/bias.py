@@ -31,12 +31,13 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     stored = view.bias_stored
     attached = stored is not None and info.bias is not None and info.bias < len(node.inputs) \
         and node.inputs[info.bias] is stored.constant
-    if stored is not None and info.bias is not None and (not stored.constant.outputs
+    decoded = stored is not None and info.bias is not None and _decoded_for(node, info.bias, stored.constant)
+    if stored is not None and info.bias is not None and (not stored.constant.outputs or decoded
                                                          or (attached and len(stored.constant.outputs) == 1)):
         stored.encode(np.asarray(bias / (info.beta if info.beta != 0.0 else 1.0)).reshape(np.shape(stored.constant.values)))
         if info.beta == 0.0:
             node.attrs["beta"] = 1.0
-        if not attached:  # a stored bias the layer did not have yet (an int32 QLinearConv bias)
+        if not attached and not decoded:  # a stored bias the layer did not have yet (an int32 QLinearConv bias)
             while len(node.inputs) <= info.bias:
                 node.inputs.append(gs.Variable.empty())
             node.inputs[info.bias] = stored.constant
@@ -65,6 +66,18 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
         node.inputs.append(gs.Variable.empty())
     node.inputs[info.bias] = const
     return True
+
+
+def _decoded_for(node: gs.Node, index: int, constant: gs.Constant) -> bool:
+    """Input ``index`` of ``node`` is decoded from ``constant`` by one node (a QDQ model's int32
+    bias and its ``DequantizeLinear``) that nothing else reads, nor ``constant``: the stored bias
+    is re-encoded in place (a fresh float bias left the layer out of ORT's QLinearConv fusion)."""
+    if index >= len(node.inputs) or isinstance(node.inputs[index], gs.Constant):
+        return False
+    decoded = node.inputs[index]
+    producers = decoded.inputs
+    return (len(producers) == 1 and len(decoded.outputs) == 1 and len(constant.outputs) == 1
+            and constant.outputs[0] is producers[0] and decoded.outputs[0] is node)
 
 
 def share_bias(written: LinearView, other: LinearView) -> bool:
