@@ -187,8 +187,8 @@ def test_fitted_values_held_in_attributes_are_parameters(tmp_path) -> None:
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "tsce"])
     other = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("ai.onnx.ml", 5)], ir_version=10)
-    # (values, not labels, ids or modes)
-    assert count_params(other) == (3 + 2) + (2 + 8 + 1) + (2 + 8 + 1) + (1 + 1) + (1 + 2)
+    # (values, not labels, ids or modes; a threshold only where a node splits, not the 0 of a leaf)
+    assert count_params(other) == (1 + 2) + (2 + 8 + 1) + (2 + 8 + 1) + (0 + 1) + (1 + 2)
 
 
 
