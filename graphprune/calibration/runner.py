@@ -38,7 +38,7 @@ from graphprune.io import runtime, scratch
 from graphprune.io.feeds import output_array
 from graphprune.io.graph_reads import node_reads
 from graphprune.io.model_io import concrete_shapes
-from graphprune.io.order import needed_nodes, producers
+from graphprune.io.order import needed_nodes, not_tensors, producers
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
 Feed = dict[str, np.ndarray]
@@ -424,7 +424,7 @@ def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -
         node = graph.node[index]
         if any(o in unstable for o in node.output):
             out.update(n for n in node_reads(node) if n in made and n not in unstable)
-    return sorted(out)
+    return sorted(out - not_tensors(graph))  # (no fed input can be declared a sequence)
 
 
 def outputs(

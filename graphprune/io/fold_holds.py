@@ -11,6 +11,7 @@ puts the constant back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,28 @@ def hold_unfolded(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, gs.Co
                 node.inputs[index] = gs.Variable(f"{constant.name}__gp_held", constant.dtype, constant.shape)
                 held.append((node, index, constant))
     return held
+
+
+def hold_sequences(graph: gs.Graph) -> Callable[[], None]:
+    """Hide from constant folding the nodes that make a sequence (or another non-tensor value)
+    from constants alone: TorchScript's list-append loop starts from ``SequenceEmpty``, which
+    onnx-graphsurgeon's folding evaluated as a tensor (ONNX Runtime refused the type, and all
+    folding was skipped). Each is detached until folding is done; the returned function puts
+    them back, in their places."""
+    held = []
+    for position, node in enumerate(graph.nodes):
+        if all(isinstance(t, gs.Constant) for t in node.inputs if t.name) and any(
+                getattr(t, "type", "tensor_type") != "tensor_type" for t in node.outputs):
+            held.append((position, node, list(node.outputs)))
+    for _, node, _ in held:
+        node.outputs.clear()
+        graph.nodes.remove(node)
+
+    def restore() -> None:
+        for position, node, outputs in held:
+            node.outputs.extend(outputs)
+            graph.nodes.insert(min(position, len(graph.nodes)), node)
+    return restore
 
 
 #: smaller weights are folded as before (a scalar or a short vector copied is no weight)

@@ -441,6 +441,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
                 stored |= _masked_weights(graph, default_opset(model))
             held = fold_holds.hold_unfolded(graph, default_opset(model))
             held += fold_holds.hold_tied_weights(graph, default_opset(model))
+            sequences_back = fold_holds.hold_sequences(graph)
             opset = default_opset(model)
             for _ in range(2):  # again where a weight computation onnx-graphsurgeon leaves was folded
                 with quiet_ort():
@@ -450,6 +451,7 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
                     break
             for node, index, constant in held:
                 node.inputs[index] = constant
+            sequences_back()
         except Exception as exc:  # folding is an optimisation; analysis copes without it
             logger.warning("constant folding skipped: %s", exc)
             graph, folding = import_graph(model, store), False
