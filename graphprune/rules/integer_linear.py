@@ -236,9 +236,6 @@ class ConvIntegerRule(ConvRule):
         and added in the integer domain (older ``quantize_dynamic``)."""
         return rescaled(node, _integer_conv(node), out_axis=0)
 
-    def prunes_by_position(self, node: gs.Node) -> bool:
-        return False
-
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         return _integer_scale(node, _integer_conv(node), ctx, 0)
 
