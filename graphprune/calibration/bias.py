@@ -61,11 +61,39 @@ def write_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[s
     beta = info.beta if info.beta != 0.0 else 1.0
     if info.beta == 0.0:
         node.attrs["beta"] = 1.0
-    const = gs.Constant(fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray((bias / beta).astype(dtype)))
+    const = _quantized_bias(graph, view, bias / beta, names) or gs.Constant(
+        fresh_name(f"{node.name}_gp_bias", names), np.ascontiguousarray((bias / beta).astype(dtype)))
     while len(node.inputs) <= info.bias:
         node.inputs.append(gs.Variable.empty())
     node.inputs[info.bias] = const
     return True
+
+
+def _quantized_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: set[str]) -> gs.Variable | None:
+    """A new bias for a QDQ layer (input and weight each read through a ``DequantizeLinear``) in
+    the form ONNX Runtime fuses into ``QLinearConv``: int32 on the step ``input scale x weight
+    scale``, read through a ``DequantizeLinear`` (a float bias took the layer out of the integer
+    kernel); ``None`` where the layer is no such one."""
+    from graphprune.rules.quantize import Dequantized
+
+    node, weight = view.node, view.stored
+    data = node.inputs[view.info.data] if view.info.data < len(node.inputs) else None
+    reader = data.inputs[0] if data is not None and len(data.inputs) == 1 else None
+    if not isinstance(weight, Dequantized) or reader is None or reader.op != "DequantizeLinear" \
+            or len(reader.inputs) < 2 or not isinstance(reader.inputs[1], gs.Constant) \
+            or np.size(reader.inputs[1].values) != 1:
+        return None
+    step = float(np.asarray(reader.inputs[1].values).reshape(())) * np.asarray(weight.scale, np.float64).reshape(-1)
+    if step.size not in (1, bias.size) or not np.all(step > 0):
+        return None
+    ints = np.clip(np.round(np.asarray(bias, np.float64).reshape(-1) / step), -(2**31), 2**31 - 1).astype(np.int32)
+    stem = f"{node.name}_gp_bias"
+    q = gs.Constant(fresh_name(f"{stem}_quantized", names), ints)
+    scale = gs.Constant(fresh_name(f"{stem}_scale", names), step.astype(np.float32))
+    out = gs.Variable(fresh_name(stem, names), dtype=np.float32, shape=[int(bias.size)])
+    graph.nodes.append(gs.Node("DequantizeLinear", fresh_name(f"{stem}_dequantize", names), attrs={"axis": 0},
+                               inputs=[q, scale], outputs=[out]))
+    return out
 
 
 def _decoded_for(node: gs.Node, index: int, constant: gs.Constant) -> bool:
