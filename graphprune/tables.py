@@ -495,6 +495,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         if collapsed := report["fidelity"].get("collapsed_outputs"):
             lines.append(f"  warning: {', '.join(collapsed)} fell to under 1/1000 of the original's size on the "
                          "held-out samples (a score that no longer passes its threshold): check that output")
+        for name, share in (report["fidelity"].get("positives_lost") or {}).items():
+            lines.append(f"  warning: {name} keeps {share:.0%} of the original's decisions above 0.5 on the held-out "
+                         "samples (the few positives: a detector's or a mask's): check that output")
         other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
         if other:
             lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "

@@ -240,6 +240,31 @@ def test_the_deciding_figure_of_several_outputs_is_their_geometric_mean():
     assert "deciding_rel_l2" not in one and deciding_rel_l2(one) == one["pooled_rel_l2"]  # one output: its own
 
 
+def test_a_detector_that_lost_its_few_positive_anchors_is_named():
+    """BlazeFace: a sigmoid score per 896 anchors, a face lighting up a few. A pruned detector
+    that finds no face kept 892 of 896 anchors on the same side of 0.5 (threshold agreement
+    0.9955, the same as one that still found them). The share of the original's positives kept
+    says so, and an output under POSITIVES_KEPT is named."""
+    from graphprune.calibration.fidelity import compare_outputs
+    from graphprune.tables import prune_summary
+
+    rng = np.random.default_rng(5)
+    original, working, dead = [], [], []
+    for _ in range(6):
+        scores = rng.uniform(0, 0.2, (1, 896, 1))  # (BlazeFace's: one score per anchor)
+        scores[0, rng.choice(896, 4, replace=False), 0] = rng.uniform(0.8, 1.0, 4)
+        original.append([scores])
+        working.append([np.clip(scores + rng.normal(0, 0.02, scores.shape), 0, 1)])
+        dead.append([scores * 0.3])
+    good, bad = compare_outputs(["scores"], original, working), compare_outputs(["scores"], original, dead)
+    assert bad["outputs"]["scores"]["threshold_agreement"] > 0.99  # (what it read before)
+    assert good["outputs"]["scores"]["positives_kept"] == 1.0 and "positives_lost" not in good
+    assert bad["outputs"]["scores"]["positives_kept"] == 0.0 and bad["positives_lost"] == {"scores": 0.0}
+    report = {"fidelity": bad, "timings": {}, "params_before": 1, "params_after": 1, "macs_before": 1, "macs_after": 1}
+    assert any("warning: scores keeps 0% of the original's decisions above 0.5" in line
+               for line in prune_summary(report).splitlines())
+
+
 def _binary_classifier(noise: float) -> onnx.ModelProto:
     """x [1, 16] -> Gemm [16, 2] (class 0 favoured by a bias of 6) -> Softmax: p(class 1), the
     one a threshold reads, is small on every sample. ``noise``: added to the weight."""

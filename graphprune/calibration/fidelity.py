@@ -60,7 +60,10 @@ flattened):
   per-character boundary probability, a binary classifier's score, a mask), the share of its
   elements on the same side of 0.5 as the original's, averaged over the samples: the decision
   the model's users take from it (a Thai segmenter's cosine read 0.970 where 4 % of its
-  boundary decisions had flipped);
+  boundary decisions had flipped); where the original's positive decisions are the fewer,
+  ``positives_kept``, the share of them the pruned model still takes (a face detector's
+  anchors: 99.6 % negatives, its threshold agreement 0.9955 whether it found the faces or
+  none), and under :data:`POSITIVES_KEPT` the top-level ``positives_lost`` names the output;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -94,6 +97,10 @@ Feed = dict[str, np.ndarray]
 #: an output's relative L2 under this counts as this in ``deciding_rel_l2`` (float noise of an
 #: output no pruned layer reaches does not decide)
 DECIDING_FLOOR = 1e-3
+#: an output in [0, 1] whose positive decisions (above 0.5) are the few keeps under this share of
+#: the original's: named in ``positives_lost`` (a face detector whose anchors all fell below its
+#: threshold read threshold agreement 0.9955: 892 of 896 anchors are negatives)
+POSITIVES_KEPT = 0.8
 #: ``reconstruction="auto"`` weighs the statistics correction only where the refit left more
 #: than this share of the held-out error without reconstruction (:func:`stats_needless`)
 STATS_AFTER_REFIT = 0.01
@@ -284,7 +291,7 @@ def compare_outputs(
         centred: list[float] = []
         widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
         # an output of values in [0, 1] (a sigmoid's): the decision at 0.5 per element
-        in_unit, decisions, sides = True, [], set()
+        in_unit, decisions, sides, kept = True, [], set(), [0, 0]  # kept: the original's positives still positive, of all
         scores = scores and len(widths) == 1  # a class count does not change with the input
         differ = elements = 0  # an output of class ids, words, flags: the elements that changed
         for ref_list, out_list in zip(original, pruned, strict=True):
@@ -313,6 +320,7 @@ def compare_outputs(
                 above = y > 0.5
                 decisions.append(float(np.mean(above == (p > 0.5))))
                 sides.update(np.unique(above).tolist())
+                kept[0], kept[1] = kept[0] + int(np.count_nonzero(p[above] > 0.5)), kept[1] + int(np.count_nonzero(above))
             else:
                 in_unit = False
             if offset:
@@ -390,6 +398,8 @@ def compare_outputs(
             # both decisions occur (else the share says nothing): a segmenter's per-character
             # boundary probability, a binary classifier's score, a mask
             entry["threshold_agreement"] = round(float(np.mean(decisions)), 6)
+            if kept[1] < 0.5 * sum(np.size(r[k]) for r in original):  # positives are the few: how many stay
+                entry["positives_kept"] = round(kept[0] / kept[1], 6)
         if offset and centred and len(centred) == len(original):
             entry["centred_cosine"] = round(float(np.mean(centred)), 6)
         if balanced and len(balanced) == len(original):
@@ -425,6 +435,8 @@ def compare_outputs(
             worst["deciding_rel_l2"] = round(1.0 - min(agreements), 6)
     if collapsed_outputs := [n for n, e in outputs.items() if e.get("collapsed")]:
         worst["collapsed_outputs"] = collapsed_outputs
+    if lost := {n: e["positives_kept"] for n, e in outputs.items() if e.get("positives_kept", 1.0) < POSITIVES_KEPT}:
+        worst["positives_lost"] = lost
     unfinished = max((e.get("original_not_finite", 0) for e in outputs.values()), default=0)
     if unfinished:
         worst["note"] = (f"the original's outputs hold NaN or infinite values on {unfinished} of the {len(original)} "
