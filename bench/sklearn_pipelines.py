@@ -93,7 +93,8 @@ def main() -> int:
             reference = predict(model)
 
             def judge(run: str, ratio: float, m: object, seconds: float, name: str = name, test_y: np.ndarray = test_y,
-                      reference: np.ndarray = reference, base: int = count_params(model), **extra: object) -> None:
+                      reference: np.ndarray = reference, base: int = count_params(model), classify: bool = classify,
+                      **extra: object) -> None:
                 p = predict(m)
                 if classify:
                     score = {"accuracy": round(float((p == test_y).mean()), 4),
