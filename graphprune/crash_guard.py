@@ -7,8 +7,8 @@ wrote. Python cannot catch that; the command died with no message and exit 139. 
 it is about to run (:func:`note`: the stage, the model ONNX Runtime runs) through a pipe, and
 where it dies by a signal the parent prints one line saying what crashed and on what, and
 exits 2 where that was the input model (it does not run in ONNX Runtime), 3 where it was the
-pruned model, 1 otherwise. Nothing is written then (outputs are written atomically), and
-the child's temporary folders are swept by the next run (:mod:`graphprune.io.scratch`).
+pruned model, 1 otherwise. Nothing is written then (outputs are written atomically), and the
+parent removes the child's temporary folders (:func:`graphprune.io.scratch.sweep`).
 
 The guard is the console entry's only (:func:`guarded`); :func:`graphprune.cli.main` called
 from Python runs in the caller's process as before. ``GRAPHPRUNE_GUARD=0`` turns it off.
@@ -73,6 +73,16 @@ def _die_with(parent: int) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def _sweep() -> None:
+    """Remove the temporary folders of graphprune processes that have ended (the child that
+    crashed or was killed: :func:`graphprune.io.scratch.sweep`)."""
+    import tempfile
+
+    from graphprune.io import scratch
+
+    scratch.sweep(tempfile.gettempdir())
+
+
 def _last_line(last: str, data: bytes) -> tuple[str, bytes]:
     """The last complete line in ``data`` (else ``last``), and what follows it."""
     lines = data.split(b"\n")
@@ -130,6 +140,7 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     signum = os.WTERMSIG(status)
+    _sweep()  # (what the child had in the temporary directory: it could not remove it)
     if signum not in CRASHES:
         return 128 + signum
     return report(*crash_line(signum, last))

@@ -756,7 +756,8 @@ raise SystemExit(crash_guard.guarded(work, lambda message, code: cli._fail(messa
 def test_a_crash_in_native_code_is_one_line_and_writes_nothing(tmp_path, running, code, says):
     """ONNX Runtime 1.32 crashes (SIGSEGV) on a model its own QOperator quantizer wrote (a
     ``QLinearMul`` of an empty tensor): the command died with no message, exit 139. Its work now
-    runs in a child; the parent says what crashed, on what, and exits 2 for the input model."""
+    runs in a child; the parent says what crashed, on what, exits 2 for the input model, and
+    removes what the child left in the temporary directory."""
     model, out = tmp_path / "cnn.onnx", tmp_path / "out.onnx"
     onnx.save(example_cnn(), model)
     (tmp_path / "crash.py").write_text(CRASHING)
@@ -772,6 +773,8 @@ def test_a_crash_in_native_code_is_one_line_and_writes_nothing(tmp_path, running
             line = done.stderr.strip().splitlines()[-1]
             assert line.startswith("graphprune: error: ") and says in line and line.endswith("nothing was written")
         assert not out.exists()
+        # the weight folder the child had made is removed by the parent (the child could not)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("graphprune-", "gp-"))]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes")
