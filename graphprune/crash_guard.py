@@ -97,6 +97,8 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
     global _channel
     if os.name != "posix" or os.environ.get("GRAPHPRUNE_GUARD") == "0" or not hasattr(os, "fork"):
         return work()
+    if hasattr(signal, "SIGCHLD"):  # (inherited as ignored, the child would be reaped unseen: no status)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     read, write, parent = *os.pipe(), os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()

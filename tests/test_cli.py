@@ -777,6 +777,18 @@ def test_a_crash_in_native_code_is_one_line_and_writes_nothing(tmp_path, running
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("graphprune-", "gp-"))]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGCHLD"), reason="POSIX signals")
+def test_the_guarded_command_runs_where_its_caller_ignores_sigchld(tmp_path):
+    """A caller that ignores SIGCHLD (some daemons) passes that on: the child was reaped unseen,
+    and waiting for it raised ChildProcessError (a traceback, exit 1)."""
+    model = tmp_path / "cnn.onnx"
+    onnx.save(example_cnn(), model)
+    done = subprocess.run([sys.executable, "-m", "graphprune", "prune", str(model), "-o", str(tmp_path / "p.onnx"), "-q"],
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))  # noqa: PLW1509
+    assert done.returncode == 0 and (tmp_path / "p.onnx").exists(), done.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes")
 def test_the_guarded_command_passes_the_exit_code_and_output_through(tmp_path):
     model = tmp_path / "cnn.onnx"
