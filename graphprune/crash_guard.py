@@ -102,7 +102,12 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
     read, write, parent = *os.pipe(), os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # (no process to spare: the work in this one)
+        os.close(read)
+        os.close(write)
+        return work()
     if pid == 0:  # the child: the command itself, then a normal exit (its clean-up runs)
         os.close(read)
         _channel = write

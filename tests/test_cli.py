@@ -789,6 +789,18 @@ def test_the_guarded_command_runs_where_its_caller_ignores_sigchld(tmp_path):
     assert done.returncode == 0 and (tmp_path / "p.onnx").exists(), done.stderr
 
 
+def test_without_a_process_to_spare_the_guarded_work_runs_in_this_one(monkeypatch):
+    from graphprune import crash_guard
+
+    def refused() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused, raising=False)
+    monkeypatch.delenv("GRAPHPRUNE_GUARD", raising=False)
+    monkeypatch.setattr(os, "name", "posix")
+    assert crash_guard.guarded(lambda: 7, lambda message, code: -1) == 7
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes")
 def test_the_guarded_command_passes_the_exit_code_and_output_through(tmp_path):
     model = tmp_path / "cnn.onnx"
