@@ -74,16 +74,17 @@ def _quantized_bias(graph: gs.Graph, view: LinearView, bias: np.ndarray, names: 
     the form ONNX Runtime fuses into ``QLinearConv``: int32 on the step ``input scale x weight
     scale``, read through a ``DequantizeLinear`` (a float bias took the layer out of the integer
     kernel); ``None`` where the layer is no such one."""
+    from graphprune.rules import registry
     from graphprune.rules.quantize import Dequantized
 
     node, weight = view.node, view.stored
     data = node.inputs[view.info.data] if view.info.data < len(node.inputs) else None
-    reader = data.inputs[0] if data is not None and len(data.inputs) == 1 else None
-    if not isinstance(weight, Dequantized) or reader is None or reader.op != "DequantizeLinear" \
-            or len(reader.inputs) < 2 or not isinstance(reader.inputs[1], gs.Constant) \
-            or np.size(reader.inputs[1].values) != 1:
+    producer = data.inputs[0] if data is not None and len(data.inputs) == 1 else None
+    rule = registry.lookup(producer.domain or "", producer.op, view.opset or 0) if producer is not None else None
+    data_step = rule.activation_step(producer) if rule is not None else None
+    if not isinstance(weight, Dequantized) or data_step is None:
         return None
-    step = float(np.asarray(reader.inputs[1].values).reshape(())) * np.asarray(weight.scale, np.float64).reshape(-1)
+    step = data_step * np.asarray(weight.scale, np.float64).reshape(-1)
     if step.size not in (1, bias.size) or not np.all(step > 0):
         return None
     ints = np.clip(np.round(np.asarray(bias, np.float64).reshape(-1) / step), -(2**31), 2**31 - 1).astype(np.int32)

@@ -5,7 +5,7 @@ vectors) as consumers for the data-aware criteria and their statistics.
 :class:`~graphprune.calibration.linear.LinearView` that :mod:`graphprune.planning.data_aware`
 and :func:`graphprune.calibration.stats.collect` read, as
 :class:`~graphprune.calibration.recurrent.RecurrentConsumerView` does: the weight is the constant
-the op's rule gave the analysis (:meth:`OpRule.held_weight`, ``[rows, features]``), read as one
+the op's rule gave the analysis (``CouplingContext.attribute_weights``, ``[rows, features]``), read as one
 dense layer over the rows of the op's input. Statistics are kept under a name of its own
 (``<node>/<weight>``). Not a refit target: the refit writes constants of the graph, and an
 SVM's kernel is no linear layer (its scores are a heuristic there, as a linear layer's are).
@@ -14,11 +14,15 @@ SVM's kernel is no linear layer (its scores are a heuristic there, as a linear l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.calibration.linear import dense_rows
+
+if TYPE_CHECKING:
+    from graphprune.analysis.coupling import CouplingContext
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,10 @@ class HeldConsumerView:
         return dense_rows(x, limit, seed)
 
 
-def held_views(node: gs.Node, opset: int, tensors: dict[str, gs.Tensor]) -> list[HeldConsumerView]:
-    """``node``'s attribute-held weight as a consumer (``tensors``: the analysis's, where the
-    rule's :meth:`~graphprune.analysis.coupling.CouplingContext.attribute_weight` put it)."""
-    from graphprune.rules import registry
-
-    rule = registry.lookup(node.domain or "", node.op, opset)
-    label = rule.held_weight(node) if rule is not None else None
-    weight = tensors.get(f"{node.name or node.op}::{label}") if label else None
-    if not isinstance(weight, gs.Constant) or not node.inputs or isinstance(node.inputs[0], gs.Constant):
+def held_views(node: gs.Node, context: CouplingContext) -> list[HeldConsumerView]:
+    """``node``'s attribute-held weights as consumers (the analysis's ``context``, where the rule's
+    :meth:`~graphprune.analysis.coupling.CouplingContext.attribute_weight` put them)."""
+    if not node.inputs or isinstance(node.inputs[0], gs.Constant):
         return []
-    return [HeldConsumerView(node, weight)]
+    return [HeldConsumerView(node, weight) for name, (owner, _) in context.attribute_weights.items()
+            if owner == node.name and isinstance(weight := context.tensors.get(name), gs.Constant)]

@@ -148,14 +148,8 @@ def needed_nodes(graph: onnx.GraphProto, names: Iterable[str], given: Iterable[s
     return sorted(needed)
 
 
-#: ops whose outputs are no tensors (a sequence, a map)
-NOT_TENSOR_OPS = ("SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "ZipMap",
-                  "Optional")
-
-
 def not_tensors(graph: onnx.GraphProto) -> set[str]:
-    """The values of ``graph`` that are no tensors: declared so, or made by :data:`NOT_TENSOR_OPS`
-    (a TorchScript list-append loop's sequence, carried through a ``Loop``: cached and fed back
-    as a tensor, ONNX Runtime refused the model)."""
-    declared = {v.name for v in [*graph.value_info, *graph.output] if v.type.WhichOneof("value") not in (None, "tensor_type")}
-    return declared | {name for node in graph.node if node.op_type in NOT_TENSOR_OPS for name in node.output if name}
+    """The values of ``graph`` declared as no tensors (a sequence, a map: a TorchScript
+    list-append loop's, carried through a ``Loop``; cached and fed back as a tensor, ONNX
+    Runtime refused the model)."""
+    return {v.name for v in [*graph.value_info, *graph.output] if v.type.WhichOneof("value") not in (None, "tensor_type")}

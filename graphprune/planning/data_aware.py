@@ -75,7 +75,7 @@ def consumer_views(analysis: Analysis) -> dict[str, LinearView]:
     for node in analysis.graph.nodes:
         linear = linear_view(node, analysis.opset)
         found: list[Any] = [linear] if linear is not None else (
-            recurrent_consumers(node, analysis.opset) or held_views(node, analysis.opset, analysis.context.tensors))
+            recurrent_consumers(node, analysis.opset) or held_views(node, analysis.context))
         for view in found:
             if view.group == 1 and view.weight_dim(view.info.in_axis) in wanted:
                 views[view.weight.name] = view

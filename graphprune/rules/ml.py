@@ -80,7 +80,7 @@ def _feature_weight(node: gs.Node, ctx: CouplingContext, values: list, label: st
         return False
     weight = ctx.attribute_weight(node, label, np.asarray(values, np.float32).reshape(-1, features))
     ctx.couple(x, rank - 1, weight, 1)
-    ctx.role(weight, 1, CONSUMER)  # (the data-aware criteria read it: OpRule.held_weight)
+    ctx.role(weight, 1, CONSUMER)  # (the data-aware criteria read it: calibration/held.py)
     if rank == 2:
         for y in node.outputs:
             if ctx.rank(y) in (1, 2):
@@ -114,9 +114,6 @@ class LinearModelRule(OpRule):
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
 
-    def held_weight(self, node: gs.Node) -> str | None:
-        return "coefficients"
-
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _drop_features(node, ctx, "coefficients")
 
@@ -149,9 +146,6 @@ class SupportVectorRule(OpRule):
 
     def attribute_parameters(self, attrs: dict) -> int:
         return fitted_values(attrs, self.FITTED)
-
-    def held_weight(self, node: gs.Node) -> str | None:
-        return self._held(node)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         _drop_features(node, ctx, self._held(node))

@@ -437,6 +437,14 @@ class QuantizeLinearRule(OpRule):
         fake = fake_quantized(node)
         return fake[2] if fake is not None else None
 
+    def activation_step(self, node: gs.Node) -> float | None:
+        """A ``DequantizeLinear`` of a computed tensor with one constant scale: that scale."""
+        scale = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op != "DequantizeLinear" or isinstance(node.inputs[0], gs.Constant) \
+                or not isinstance(scale, gs.Constant) or np.size(scale.values) != 1:
+            return None
+        return float(np.asarray(scale.values).reshape(()))
+
 
 @register
 class ContribQuantizeLinearRule(QuantizeLinearRule):

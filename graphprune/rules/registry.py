@@ -191,12 +191,11 @@ class OpRule:
         """
         return None
 
-    def held_weight(self, node: gs.Node) -> str | None:
-        """The label of a weight the op holds in an attribute and reads its input's features
-        (the last axis of input 0) with, as :meth:`couple` gave it to
-        :meth:`~graphprune.analysis.coupling.CouplingContext.attribute_weight` (``[rows,
-        features]``): the data-aware criteria read it with the input's statistics
-        (:mod:`graphprune.calibration.held`); nothing refits it. ``None`` (the default): none."""
+    def activation_step(self, node: gs.Node) -> float | None:
+        """Where the node's output is an activation decoded from integers on one step (a QDQ
+        model's ``DequantizeLinear`` of a computed tensor), that step: a bias given to the
+        layer that reads it is quantized on it times the weight's (:mod:`graphprune.calibration.bias`).
+        ``None`` (the default): no such output."""
         return None
 
     def recurrent(self, node: gs.Node) -> RecurrentInfo | str | None:
