@@ -44,16 +44,19 @@ def load_and_prepare(model: ModelSource) -> Session:
     return Session(model)
 
 
-def analyze(model: ModelSource, *, keep: Iterable[str] | str = ()) -> Analysis:
+def analyze(model: ModelSource, *, keep: Iterable[str] | str = (),
+            input_shapes: dict[str, Any] | None = None) -> Analysis:
     """Dependency analysis of ``model``: channel groups, frozen groups and reasons (a model
     that holds no weight tensor: no group, and ``nothing_prunable`` says why, without the
-    preparation; :mod:`graphprune.pipeline.weightless`)."""
+    preparation; :mod:`graphprune.pipeline.weightless`). ``input_shapes``: the sizes the
+    model runs at, as :func:`prune` takes them (the analysis reads a model that cannot run at
+    other sizes with them)."""
     from graphprune.pipeline import weightless
 
     found = weightless.find(model)
     if found is not None:
         return weightless.analysis(found, keep=normalize_keep(keep))
-    session = Session(model, keep=keep)
+    session = Session(model, keep=keep, input_shapes=input_shapes)
     analysis = session.analyze()
     analysis.normalised = dict(session.normalised)
     return analysis

@@ -84,7 +84,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.api import analyze, prunable_fraction
     from graphprune.pipeline.report import prunable_label
 
-    analysis = analyze(_source(args), keep=args.keep or ())
+    analysis = analyze(_source(args), keep=args.keep or (), input_shapes=_shapes(args)[1] or None)
     groups = [g.summary() for g in analysis.groups]
     # a model that holds no weight tensor says so (graphprune.pipeline.weightless)
     weightless = getattr(analysis, "nothing_prunable", None)

@@ -444,7 +444,9 @@ def _pin_given(graph: gs.Graph, model: onnx.ModelProto, symbolic: list[tuple[str
 def _inference_errors(model: onnx.ModelProto, size_sets: list[dict[tuple[str, int], int]]) -> list[int]:
     """Per entry of ``size_sets`` (graph input axis ``(name, axis)`` -> size), how many nodes
     strict ONNX inference finds fault with at those sizes (the outputs' declared shapes left
-    out: an exporter's may be stale); 0 where it finds none. It runs in a process of its own:
+    out: an exporter's may be stale); 0 where it finds none. Shape computations are propagated
+    (``data_prop``): a reshape to a shape made by Shape/Slice/Concat leaves sizes that a later
+    reshape with a size baked in cannot take otherwise unseen (a dynamo-exported bi-LSTM). It runs in a process of its own:
     at sizes a model cannot take, ONNX's inference can abort the process (a C++ assertion in
     a ``std::clamp`` on madmom's onset CNN at 2 frames); such an entry counts as a fault
     everywhere, and the entries after it are checked in a new process."""
@@ -488,7 +490,7 @@ for entry in json.loads(data[8:8 + n]):
                 dim.Clear()
                 dim.dim_value = sizes[(value.name, axis)]
     try:
-        onnx.shape_inference.infer_shapes(probe, strict_mode=True)
+        onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
         count = 0
     except Exception as exc:
         count = max(1, str(exc).count("node name:"))

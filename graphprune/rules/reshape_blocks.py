@@ -77,7 +77,29 @@ def probe_blocks(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor):
     if px is None or py is None or len(px[0]) != ctx.rank(x) or len(py[0]) != ctx.rank(y):
         return None  # a declared shape of another rank (a graph output declared [1, seqlen])
     first, second = axis_blocks(px[0], py[0]), axis_blocks(px[1], py[1])
-    return first if first is not None and first == second else None
+    if first is None or second is None:
+        return None
+    return first if first == second else joined_blocks(first, second)
+
+
+def joined_blocks(first: list[tuple[list[int], list[int]]], second: list[tuple[list[int], list[int]]]):
+    """The finest blocks that are each a union of blocks of ``first`` and of ``second``
+    (two probes that factor the dynamic axes apart differently: a reshape whose target bakes
+    one size, ``[T, B, 2, H] -> [64, -1, 2H]``, reads ``[T], [B]`` at ``T = 64`` and ``[T, B]``
+    at ``T = 128``); the blocks both agree on, the static ``[2, H] -> [2H]``, stay as they
+    are. ``None`` where the unions are not in the same order on both sides."""
+    blocks = [(set(bi), set(bj)) for bi, bj in (*first, *second)]
+    merged: list[tuple[set[int], set[int]]] = []
+    for bi, bj in blocks:  # (each union takes in every block it overlaps: they stay disjoint)
+        for other in [m for m in merged if m[0] & bi or m[1] & bj]:
+            merged.remove(other)
+            bi, bj = bi | other[0], bj | other[1]
+        merged.append((bi, bj))
+    out = sorted((sorted(bi), sorted(bj)) for bi, bj in merged)
+    for (bi, bj), (ci, cj) in zip(out, out[1:], strict=False):
+        if max(bi) >= min(ci) or max(bj) >= min(cj):
+            return None
+    return out
 
 
 def channel_factor(ctx: CouplingContext, factored: gs.Tensor, candidates: list[int],
