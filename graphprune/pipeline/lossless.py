@@ -224,14 +224,24 @@ def prune_lossless(
         raise VerificationError(f"lossless pruning did not reach a fixed point in {MAX_ROUNDS} rounds")
 
     with session.stage("cleanup"):
-        session.apply([IdentityEliminationPass(), DeadCodeEliminationPass()])
+        cleaned = session.apply([IdentityEliminationPass(), DeadCodeEliminationPass()])
         session.export(declared_only=True)  # computes as the original does, shapes included
     report = session.report("lossless", plan, analysis=first)
+    unchanged = not (plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds))
+    if unchanged:
+        # nothing removed: the model as it came, not its preparation (a Keras LSTM's Loop is
+        # analysed as ONNX's LSTM, which computes the same to within rounding and holds more);
+        # its figures are the original's (counted on the prepared graph, as before)
+        session.model = session.loaded
+        for figure in ("params", "macs", "nodes"):
+            if f"{figure}_before" in report:
+                report[f"{figure}_after"] = report[f"{figure}_before"]
     report["groups"]["inexact"] = 0  # only exact groups are ever removed
     report["lossless"] = {
         "rounds": rounds,
         "constants_folded": sum(r.get("constants_folded", 0) for r in rounds),
         "skipped_groups": [{"anchor": k, "why": v} for k, v in list(skipped.items())[:50]],
+        **({"unchanged": "nothing was removed: the model is written as it came"} if unchanged else {}),
     }
     verification = None
     if verify:
