@@ -257,3 +257,18 @@ def test_ir3_initializers_listed_as_inputs_are_weights(tmp_path: Path) -> None:
     assert pruned.ir_version >= 4
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16), dtype=np.float32)}
     assert _session(pruned).run(None, feed)[0].shape == (1, 4, 16, 16)
+
+
+def test_an_ir_version_newer_than_onnx_reads_is_one_line(tmp_path: Path, capsys) -> None:
+    """IR 99: exit 2 with the reason alone (a constant-folding warning from ONNX Runtime came
+    first, then a blank line), nothing written."""
+    from graphprune.cli import main
+
+    model = make_model([conv_node("x", "w", "y")], {"x": [1, 3, 8, 8]}, {"y": None}, {"w": (4, 3, 3, 3)})
+    model.ir_version = 99
+    path, out = tmp_path / "ir99.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "IR version 99" in err[0], err
+    assert not out.exists()

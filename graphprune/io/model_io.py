@@ -279,7 +279,12 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def check_opset(model: onnx.ModelProto) -> int:
-    """Return the default-domain opset; raise UnsupportedOpsetError below :data:`MIN_OPSET`."""
+    """Return the default-domain opset; raise UnsupportedOpsetError below :data:`MIN_OPSET`, and
+    InvalidModelError for an IR version newer than the ``onnx`` package reads (neither its
+    checker nor ONNX Runtime takes the file: one line now, not a folding warning first)."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise InvalidModelError(f"the model's IR version {model.ir_version} is newer than the installed onnx "
+                                f"package reads ({onnx.IR_VERSION}); it fails onnx.checker")
     version = default_opset(model)
     if version < MIN_OPSET:
         raise UnsupportedOpsetError(f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}")
