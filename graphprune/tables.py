@@ -464,6 +464,10 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
     lines.extend(normalised_lines(report.get("normalised")))
+    if report.get("nan_weights"):
+        names = ", ".join(report["nan_weights"][:4]) + (", ..." if len(report["nan_weights"]) > 4 else "")
+        lines.append(f"warning: NaN weights in {names}: the original computes NaN where they are read (the "
+                     "check compares with the zeroed original; a removed NaN channel no longer reaches the outputs)")
     lines.extend(frozen_head_lines(report))
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))

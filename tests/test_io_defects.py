@@ -272,3 +272,23 @@ def test_an_ir_version_newer_than_onnx_reads_is_one_line(tmp_path: Path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "IR version 99" in err[0], err
     assert not out.exists()
+
+
+def test_nan_weights_are_reported() -> None:
+    """One NaN filter makes every output of the model NaN. Scored as zeros, the filter is cut
+    and the pruned model is finite, checked against the zeroed original: the report says the
+    original held NaN weights (it said nothing)."""
+    from graphprune.tables import prune_summary
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[3] = np.nan
+    model = make_model([conv_node("x", "w", "a"), onnx.helper.make_node("Relu", ["a"], ["b"]),
+                        conv_node("b", "w2", "y", k=1)], {"x": [1, 4, 8, 8]}, {"y": None},
+                       {"w": w, "w2": (4, 8, 1, 1)})
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["nan_weights"] == ["w"]
+    assert "warning: NaN weights in w" in prune_summary(result.report)
+    clean = graphprune.prune(make_model([conv_node("x", "w", "y")], {"x": [1, 3, 8, 8]}, {"y": None},
+                                        {"w": (4, 3, 3, 3)}), ratio=0.5)
+    assert "nan_weights" not in clean.report

@@ -52,6 +52,9 @@ class ChannelGroup:
     #: and the reasons (the freezes of the member dimensions they belong to)
     pinned_units: int = 0
     pinned: list[str] = field(default_factory=list)
+    #: weight members found holding NaN when scored (:func:`graphprune.planning.importance.norm_scores`;
+    #: scored as 0 there): the original computes NaN where they are read
+    non_finite: list[str] = field(default_factory=list)
 
     @property
     def is_frozen(self) -> bool:

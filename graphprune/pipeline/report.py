@@ -206,6 +206,9 @@ def base_report(
         if why:
             report["nothing_prunable"] = why
     report["erased_nodes"] = list(plan.erase)
+    broken = sorted({name for g in (analysis.groups if analysis is not None else ()) for name in g.non_finite})
+    if broken:  # (the zeroed original is checked against; the original computes NaN there)
+        report["nan_weights"] = broken[:20]
     if ctx is not None:
         report["passes"] = {k: round(v, 4) for k, v in ctx.timings.items()}
         report["pass_stats"] = {k: dict(v) for k, v in ctx.stats.items()}

@@ -107,6 +107,8 @@ def norm_scores(group: ChannelGroup, tensors: dict[str, gs.Tensor], order: int) 
             values *= scale.astype(np.float32)
         norms = axis_norms(values, dim[1], order)  # a block at a time: a mapped weight's pages go back as read
         if not np.isfinite(norms).all():  # a -inf row (an attention bias's "no path") is no magnitude
+            if np.isnan(norms).any() and dim[0] not in group.non_finite:  # (NaN: a broken weight, said)
+                group.non_finite.append(dim[0])
             norms = axis_norms(np.where(np.isfinite(values), values, 0), dim[1], order)
         release(tensors[dim[0]].values)  # and a decoded one's source
         mean = norms.mean()
