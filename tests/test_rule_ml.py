@@ -339,3 +339,23 @@ def test_a_removed_component_that_reads_an_offset_is_checked_against_zeroed_coef
         result = graphprune.prune(model, **kwargs)
         assert result.report["verification"]["ok"] is True, kwargs
         assert result.report["verification"]["max_rel_diff"] < 1e-5
+
+
+def test_macs_behind_an_onnx_ml_op_are_counted_at_the_given_batch() -> None:
+    """ONNX does not size a ``Scaler``'s output: its shape is learnt from two runs (batch 1
+    and 2), and the layers after it were counted at the first run's batch 1 for
+    ``--input-shape x=8,4`` (112 MACs; 896 without the Scaler)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Scaler", ["x"], ["s"], domain="ai.onnx.ml", offset=[0.1] * 4, scale=[2.0] * 4),
+         helper.make_node("MatMul", ["s", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "w1"),
+         onnx.numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    for options in ({"ratio": 0.5}, {"lossless": True}):
+        report = graphprune.prune(model, input_shapes={"x": (8, 4)}, **options).report
+        assert report["macs_before"] == 8 * (4 * 16 + 16 * 3), (options, report["macs_before"])
+        assert report["macs_after"] == (8 * (4 * 8 + 8 * 3) if "ratio" in options else report["macs_before"])

@@ -47,16 +47,23 @@ def observed_size(dim: object) -> int | None:
     return None
 
 
-def at_observed_sizes(values: Iterable[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+def varies(dim: str) -> bool:
+    """Whether the two runs of :func:`annotate` saw different sizes (one that follows an input size)."""
+    return len(set(dim[len(SYMBOL):].split("_"))) > 1
+
+
+def at_observed_sizes(values: Iterable[onnx.ValueInfoProto], *, varying: bool = True) -> list[onnx.ValueInfoProto]:
     """The entries of ``values`` with symbolic sizes :func:`annotate` wrote, each set to the
-    size the first run saw (in place): where the MACs are counted."""
+    size the first run saw (in place): where the MACs are counted. ``varying=False``: only
+    the sizes both runs saw alike (the others follow the inputs: at other input sizes they
+    are not the first run's; an ONNX-ML ``Scaler``'s batch counted at 1 for ``--input-shape x=8,4``)."""
     out = []
     for value in values:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if any(observed_size(d.dim_param) is not None for d in dims):
+        if any(observed_size(d.dim_param) is not None and (varying or not varies(d.dim_param)) for d in dims):
             for d in dims:
                 size = observed_size(d.dim_param)
-                if size is not None:
+                if size is not None and (varying or not varies(d.dim_param)):
                     d.Clear()
                     d.dim_value = size
             out.append(value)

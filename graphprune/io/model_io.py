@@ -367,8 +367,9 @@ def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, Any]) -> dic
             declared.dim.add().dim_value = int(size)
     from graphprune.io.custom_shapes import at_observed_sizes
 
-    # custom operators' outputs (a tokenizer's ids) at the sizes their run gave: inference goes on
-    custom = at_observed_sizes(skeleton.graph.value_info)
+    # custom operators' outputs (a tokenizer's ids) at the sizes their run gave: inference goes
+    # on (those that followed the inputs' sizes stay open: the run at these sizes gives them)
+    custom = at_observed_sizes(skeleton.graph.value_info, varying=not input_shapes)
     del skeleton.graph.value_info[:]
     skeleton.graph.value_info.extend(custom)
     for value in skeleton.graph.output:

@@ -35,7 +35,7 @@ from graphprune.analysis.zero_analysis import (
     consumer_nodes,
     find_zero_groups,
 )
-from graphprune.errors import UsageError, VerificationError
+from graphprune.errors import GraphPruneError, UsageError, VerificationError
 from graphprune.passes.base import Pass, PassResult
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.drop_concat_inputs import DropConcatInputsPass
@@ -228,6 +228,11 @@ def prune_lossless(
         session.export(declared_only=True)  # computes as the original does, shapes included
     report = session.report("lossless", plan, analysis=first)
     unchanged = not (plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds))
+    if unchanged:
+        try:  # (a file whose outputs declare a type without a shape fails the checker: its preparation is written)
+            session.check(session.loaded)
+        except GraphPruneError:
+            unchanged = False
     if unchanged:
         # nothing removed: the model as it came, not its preparation (a Keras LSTM's Loop is
         # analysed as ONNX's LSTM, which computes the same to within rounding and holds more);

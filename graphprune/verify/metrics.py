@@ -107,13 +107,14 @@ def counted_shape(tensor: gs.Tensor) -> list[int] | None:
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
 
 
-def custom_symbols(model: onnx.ModelProto) -> bool:
+def custom_symbols(model: onnx.ModelProto, *, varying: bool = False) -> bool:
     """Whether ``model`` has sizes that custom operators give (:mod:`graphprune.io.custom_shapes`):
-    they are counted at the sizes their run saw, like open input sizes at the given ones."""
-    from graphprune.io.custom_shapes import observed_size
+    they are counted at the sizes their run saw, like open input sizes at the given ones
+    (``varying``: only sizes that differed between its two runs, which follow the inputs)."""
+    from graphprune.io.custom_shapes import observed_size, varies
 
-    return any(observed_size(d.dim_param) is not None for v in model.graph.value_info
-               if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim)
+    return any(observed_size(d.dim_param) is not None and (not varying or varies(d.dim_param))
+               for v in model.graph.value_info if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim)
 
 
 def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, Any] | None,
@@ -151,6 +152,13 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
     def missing(sizes: dict[str, list[int]]) -> bool:
         return any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted)
 
+    if input_shapes and custom_symbols(model, varying=True):
+        # sizes a custom operator's run saw follow the inputs' (an ONNX-ML Scaler's batch):
+        # at these inputs they are what a run at these sizes gives (the probes below would
+        # take the first run's, batch 1 for --input-shape x=8,4)
+        sizes = _run_sizes(model, [t.name for t in (*counted, *unknown)], input_shapes, data_dir)
+        if not missing(sizes) and all(t.name in sizes for t in unknown):
+            return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
     sizes = concrete_shapes(model, input_shapes)
     if missing(sizes) or any(t.name not in sizes for t in unknown):  # a computed Reshape target:
         # fold the shape computations at these sizes
