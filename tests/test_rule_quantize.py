@@ -680,25 +680,42 @@ def test_a_dynamic_quantized_cell_with_a_constant_state_verifies(tmp_path) -> No
     assert result.report["groups"]["pruned"] >= 1
 
 
-def test_a_dequantized_embedding_table_creates_its_features(tmp_path) -> None:
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_dequantized_embedding_table_creates_its_features(tmp_path, moved) -> None:
     """``quantize_dynamic`` of a ``Gather`` writes a uint8 table, the lookup, and a
     ``DequantizeLinear`` of the rows (pyfrspell's character embedding): the table is a weight
     like its float twin, whose removed features hold the zero point in the zeroed original.
-    Before, its features were "fixed: no weight creates these channels"."""
+    Before, its features were "fixed: no weight creates these channels". ``moved``: the rows
+    transposed before their ``DequantizeLinear``, still as integers (a Keras embedding)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("MatMul", ["e", "W1"], ["a"]),
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e0" if moved else "e"]),
+             *([helper.make_node("Transpose", ["e0"], ["e"], perm=[1, 0, 2])] if moved else []),
+             helper.make_node("MatMul", ["e", "W1"], ["a"]),
              helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
     params = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
               for name, shape in (("E", (50, 16)), ("W1", (16, 32)), ("W2", (32, 4)))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])], params)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, 4] if moved else [1, 8, 4])],
+                              params)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "f.onnx")
     quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8,
                      op_types_to_quantize=["Gather"])
     model = onnx.load(tmp_path / "q.onnx")
-    assert [n.op_type for n in model.graph.node][:2] == ["Gather", "DequantizeLinear"]
+    if moved and [n.op_type for n in model.graph.node][:3] != ["Gather", "Transpose", "DequantizeLinear"]:
+        # as quantize_dynamic writes it for a Keras embedding (this ORT may keep the order)
+        nodes = list(model.graph.node)
+        gather, transpose, dq = (next(n for n in nodes if n.op_type == op) for op in ("Gather", "Transpose",
+                                                                                     "DequantizeLinear"))
+        t_out = transpose.output[0]
+        transpose.input[0], transpose.output[0] = dq.input[0], "moved_q"
+        dq.input[0], dq.output[0] = "moved_q", t_out
+        rest = [n for n in nodes if n not in (gather, transpose, dq)]
+        del model.graph.node[:]
+        model.graph.node.extend([gather, transpose, dq, *rest])
+    assert [n.op_type for n in model.graph.node][:2 + moved] == ["Gather", *(["Transpose"] if moved else []),
+                                                               "DequantizeLinear"]
     result = graphprune.prune(model, ratio=0.5)  # verified against the zeroed original inside
     table = next(t for t in result.model.graph.initializer if t.name == model.graph.node[0].input[0])
     assert list(table.dims) == [50, 8] and table.data_type == TensorProto.UINT8

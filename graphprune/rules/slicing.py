@@ -388,13 +388,23 @@ class GatherRule(OpRule):
         ctx.set_input(node, 1, values.reshape(new_shape))
 
 
+#: ops that only move the elements of their first input (a per-tensor quantized value reads the same after them)
+_INTEGER_MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+
+
 def _dequantized_table(table: gs.Constant, rows: gs.Tensor, ctx: CouplingContext) -> None:
     """An integer embedding table whose gathered rows one ``DequantizeLinear`` reads with a
     constant per-tensor scale and zero point (``quantize_dynamic`` of a ``Gather``): a
     quantized weight like any other, whose removed features the zeroed original sets to the
     zero point, scored as the floats it decodes to. Before, it created no channels ("no
-    weight creates these channels") where its float twin was prunable."""
+    weight creates these channels") where its float twin was prunable. The rows may be moved
+    first, still as integers (``quantize_dynamic`` of a Keras embedding: ``Gather -> Transpose ->
+    DequantizeLinear``): a per-tensor scale reads every element alike."""
     readers = rows.outputs
+    while len(readers) == 1 and readers[0].op in _INTEGER_MOVES and readers[0].inputs[0] is rows \
+            and len(readers[0].outputs) == 1:
+        rows = readers[0].outputs[0]
+        readers = rows.outputs
     if len(readers) != 1 or readers[0].op != "DequantizeLinear" or readers[0].inputs[0] is not rows:
         return
     scale = readers[0].inputs[1] if len(readers[0].inputs) > 1 else None
