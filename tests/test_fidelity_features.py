@@ -429,3 +429,26 @@ def test_an_original_that_is_not_finite_on_the_held_out_samples_is_said_so():
     some = compare_outputs(["y"], nan[:2] + finite[2:], pruned)
     assert "on 2 of the 4" in some["note"] and some["cosine"] is not None
     assert "note" not in compare_outputs(["y"], finite, pruned) or "NaN" not in compare_outputs(["y"], finite, pruned)["note"]
+
+
+def test_outputs_beside_a_softmax_are_not_class_scores() -> None:
+    """An MTCNN O-Net answers box offsets ``[1, 4]``, landmarks ``[1, 10]`` and a face / non-face
+    softmax ``[1, 2]``: the offsets' and landmarks' arg-max was read as a class (top-level
+    ``top1_agreement`` 0.33 where the classifier agreed on every sample). Alone, a raw ``[1, 4]``
+    output still reads as class scores."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(0)
+
+    def softmax(v: np.ndarray) -> np.ndarray:
+        e = np.exp(v - v.max())
+        return (e / e.sum()).astype(np.float32)
+
+    original = [[rng.standard_normal((1, 4)).astype(np.float32), rng.standard_normal((1, 10)).astype(np.float32),
+                 softmax(rng.standard_normal((1, 2)))] for _ in range(6)]
+    pruned = [[b + rng.standard_normal(b.shape).astype(np.float32), m[::-1].copy(), p] for b, m, p in original]
+    score = compare_outputs(["box", "landmarks", "prob"], original, pruned)
+    assert "top1_agreement" not in score["outputs"]["box"] and "top1_agreement" not in score["outputs"]["landmarks"]
+    assert score["outputs"]["prob"]["top1_agreement"] == 1.0 == score["top1_agreement"]
+    alone = compare_outputs(["box"], [[o[0]] for o in original], [[p[0]] for p in pruned])
+    assert "top1_agreement" in alone["outputs"]["box"]

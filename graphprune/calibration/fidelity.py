@@ -15,8 +15,9 @@ flattened):
   at least 2 classes and the same length on every sample, a single row per sample, not the
   same for every sample, and not declared with a named, open length: audio, a sequence, nor
   shaped like an input: a recurrent state fed back, nor an embedding: computed from a
-  normalisation with no linear layer after it), the share of samples whose arg-max class
-  is the same;
+  normalisation with no linear layer after it, nor, beside an output of class
+  probabilities, an output that holds none: a face detector's box offsets and landmarks beside
+  its face / non-face softmax), the share of samples whose arg-max class is the same;
 - ``top1_per``: ``"row"`` where ``top1_agreement`` is over the rows of an output of several
   rows of class probabilities or log-probabilities (a CTC recogniser's softmax
   ``[1, 40, 18710]``: each position's class; a beam decoder's log-softmax ``[beams, 160]``:
@@ -116,12 +117,14 @@ def looks_like_scores(value: np.ndarray) -> bool:
     )
 
 
-def rows_of_probabilities(value: np.ndarray) -> bool:
+def rows_of_probabilities(value: np.ndarray, *, several: bool = True) -> bool:
     """Several rows of class probabilities (a CTC recogniser's ``[1, 40, 18710]`` after its
     softmax) or log-probabilities (a beam decoder's ``[beams, 160]`` after its log-softmax):
-    floating point, at least two classes on the last axis, more than one row, every row
-    non-negative and summing to 1, or non-positive with its exponentials summing to 1."""
-    if value.dtype.kind != "f" or value.ndim < 2 or value.shape[-1] < 2 or value.size == value.shape[-1]:
+    floating point, at least two classes on the last axis, more than one row (``several``;
+    else any number), every row non-negative and summing to 1, or non-positive with its
+    exponentials summing to 1."""
+    if value.dtype.kind != "f" or value.ndim < 1 or value.shape[-1] < 2 or (
+            several and (value.ndim < 2 or value.size == value.shape[-1])):
         return False
     v = value.astype(np.float64)
     if np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=1e-3):
@@ -275,6 +278,12 @@ def compare_outputs(
     ``not_scores``: outputs never taken for class scores, see :func:`open_length`;
     ``logits``: outputs whose rows are class scores, see :func:`logit_rows`)."""
     outputs: dict[str, Any] = {}
+    # beside an output of class probabilities, one that is none is no class scores (an MTCNN
+    # O-Net's box offsets and landmarks beside its face / non-face softmax read as classes)
+    distributions = {name for k, name in enumerate(names) if original and all(
+        rows_of_probabilities(np.asarray(r[k]), several=False) for r in original)}
+    if distributions:
+        not_scores = {*not_scores, *(n for n in names if n not in distributions and n not in logits)}
     for k, name in enumerate(names):
         cosines, rels, agree, balanced, sequences = [], [], [], [], []
         collapsed = False  # a sequence compared as a CTC recogniser's (see sequence_agreement)
