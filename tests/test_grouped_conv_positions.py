@@ -56,3 +56,33 @@ def test_calibrated_prune_refits_the_grouped_consumer() -> None:
     assert result.report["calibration"]["passes"]["RefitPass"]["layers"] == 1  # the grouped "down"
     fidelity = result.report["fidelity"]
     assert fidelity["rel_l2"] < fidelity["without_reconstruction"]["rel_l2"]
+
+
+def _mixer_stream(width: int = 16, groups: int = 4) -> onnx.ModelProto:
+    """SVTRv2's conv mixer: a LayerNorm'd residual stream read and written by two grouped
+    convolutions (``x + conv_g(relu(conv_g(norm(x))))``)."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["s0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("LayerNormalization", ["s0", "ln_s", "ln_b"], ["n"], axis=1),
+             helper.make_node("Conv", ["n", "wa"], ["m0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("Relu", ["m0"], ["r"]),
+             helper.make_node("Conv", ["r", "wb"], ["m1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("Add", ["s0", "m1"], ["s1"]),
+             helper.make_node("Conv", ["s1", "wh"], ["y"], kernel_shape=[1, 1])]
+    per = width // groups
+    params = {"w0": (width, 3, 3, 3), "ln_s": (width, 8, 8), "ln_b": (width, 8, 8),
+              "wa": (width, per, 3, 3), "wb": (width, per, 3, 3), "wh": (4, width, 1, 1)}
+    return make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": None}, params)
+
+
+def test_an_inexact_stream_of_whole_conv_groups_retries_by_position() -> None:
+    """Tied by conv group, the stream and both mixers were one inexact group of 4 units (the
+    conv groups). By position, the mixer's inner channels are a group of their own, exact,
+    of 4 units (one position of every conv group each), as onnxsim prunes SVTRv2's mixers."""
+    model = _mixer_stream()
+    inner = group_with(graphprune.analyze(model), "m0", 1)
+    assert inner.prunable and inner.is_exact and inner.num_units == 4
+    assert ("s0", 1) not in inner.dims
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"]
+    wa = next(i for i in result.model.graph.initializer if i.name == "wa")
+    assert list(wa.dims)[0] < 16 and attr(next(n for n in result.model.graph.node if n.input[1] == "wa"), "group") == 4

@@ -220,17 +220,24 @@ def _collapsed_position_nodes(
     (:meth:`OpRule.prunes_by_position`: grouped, not depthwise, convolutions) inside
     groups that cannot prune that way: frozen (SqueezeBERT's grouped 1-D convolutions read
     and write the residual stream, which a graph output freezes: tied by conv group, the MLP
-    width is frozen with it) or left with one unit (a channel shuffle after a grouped conv,
-    as in ShuffleNet v1). The caller keeps the retry only where it prunes more units."""
+    width is frozen with it), left with one unit (a channel shuffle after a grouped conv,
+    as in ShuffleNet v1), or inexact with no more units than a conv has groups. The caller
+    keeps the retry only where it prunes more units."""
     candidates = {
         n.name for n in graph.nodes
         if (rule := rule_for(n)) is not None and rule.prunes_by_position(n)
     }
+    conv_groups = {n.name: int(n.attrs.get("group", 1)) for n in graph.nodes if n.name in candidates}
     names: set[str] = set()
     for group in groups:
-        if group.prunable or not group.producers:
+        if not group.producers:
             continue
-        names |= {name for name in group.nodes if name in candidates}
+        inside = {name for name in group.nodes if name in candidates}
+        # or prunable only inexactly and by whole conv groups (SVTRv2's grouped mixer convs read
+        # and write its LayerNorm'd residual stream: 4 units, the conv groups, where each
+        # mixer's inner channels prune exactly position by position, as onnxsim prunes them)
+        if not group.prunable or (group.inexact and any(group.num_units <= conv_groups[name] for name in inside)):
+            names |= inside
     return frozenset(names)
 
 
