@@ -1,0 +1,58 @@
+"""com.microsoft ``GatherBlockQuantized``: an int4 embedding (``MatMulNBitsQuantizer`` with
+``Gather`` among the ops to quantize) prunes its features a block at a time, as its float twin
+prunes them one by one; its table stays int4. Before, the embedding width was frozen ("no rule
+for GatherBlockQuantized"): an int4 DistilBERT with ``--prune-hidden`` kept its hidden size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+
+
+def _embedding_mlp(tmp_path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "w1"], ["a"]),
+         helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 4])],
+        [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+         for name, shape in (("table", (100, 64)), ("w1", (64, 16)), ("w2", (16, 4)))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QOperator,
+                                          op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    path = tmp_path / "gbq.onnx"
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    return model, onnx.load(path)
+
+
+def test_an_int4_embedding_prunes_its_features_in_blocks(tmp_path) -> None:
+    float_model, model = _embedding_mlp(tmp_path)
+    assert [n.op_type for n in model.graph.node][0] == "GatherBlockQuantized"
+    width = next(g for g in graphprune.analyze(model).groups if ("e", 2) in g.dims)
+    assert width.prunable and width.num_units == 2  # two blocks of 32 features
+    shapes = {"ids": (2, 5)}
+    result = graphprune.prune(model, ratio=0.5, input_shapes=shapes)
+    twin = graphprune.prune(float_model, ratio=0.5, input_shapes=shapes)
+    assert result.report["verification"]["ok"]
+    ratio = result.report["params_after"] / result.report["params_before"]
+    assert ratio < 0.5 and abs(ratio - twin.report["params_after"] / twin.report["params_before"]) < 0.02
+    inits = {i.name: i for i in result.model.graph.initializer}
+    table = inits[result.model.graph.node[0].input[0]]
+    assert list(table.dims) == [100, 32] and table.data_type == TensorProto.INT4
+    assert list(inits[result.model.graph.node[0].input[2]].dims) == [100, 1]
+    onnx.checker.check_model(result.model, full_check=True)
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"ids": np.array([[1, 2, 3, 4, 99]], np.int64)})[0].shape == (1, 5, 4)
