@@ -153,3 +153,16 @@ def test_a_cell_the_standard_op_does_not_compute_is_not_lowered(monkeypatch, con
     notes: dict = {}
     lowered = ir.prepare(converted["lstm_backwards"], notes=notes)
     assert "lowered_ops" not in notes and _ops(lowered)["Loop"] == 1
+
+
+def test_lossless_of_a_keras_lstm_writes_its_loop_as_it_came(converted):
+    """Nothing to remove: the model as it came, not its preparation (the ``Loop`` written as
+    ONNX's ``LSTM`` held 5 % more parameters and differed from it by rounding), with the
+    original's figures."""
+    proto = converted["lstm_backwards"]
+    result = graphprune.prune(proto, lossless=True)
+    assert result.report["lossless"]["unchanged"]
+    assert _ops(result.model) == _ops(proto)
+    assert result.report["params_after"] == result.report["params_before"]
+    x = np.random.default_rng(0).standard_normal((1, 8, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(result.model, x), _run(proto, x))

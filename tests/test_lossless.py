@@ -590,23 +590,3 @@ def test_weights_behind_a_pruning_mask_are_folded_and_their_zeros_removed(cast: 
     feed = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(result.model, feed)[0], run_ort(model, feed)[0], rtol=1e-5, atol=1e-5)
 
-
-def test_lossless_that_removes_nothing_writes_the_model_as_it_came() -> None:
-    """Nothing to remove: the file as given, not its preparation (an opset-9 model upgraded to
-    13 with its Constant-node weight folded; a Keras LSTM's ``Loop`` analysed as ONNX's
-    ``LSTM``, whose outputs differ from the Loop's by rounding and which holds more
-    parameters), with the original's figures."""
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "wv")
-    nodes = [helper.make_node("Constant", [], ["w"], value=weight),
-             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
-    result = graphprune.prune(model, lossless=True)
-    assert result.report["normalised"]["opset_converted"] == {"from": 9, "to": 13}  # (it was prepared)
-    assert [n.op_type for n in result.model.graph.node] == ["Constant", "Conv", "Relu"]
-    assert result.model.opset_import[0].version == 9
-    assert result.report["lossless"]["unchanged"]
-    report = result.report
-    assert (report["params_after"], report["macs_after"]) == (report["params_before"], report["macs_before"])
-    assert report["verification"]["ok"]
