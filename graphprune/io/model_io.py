@@ -12,6 +12,7 @@ Everything that touches files or the protobuf size limit lives here. Two facts s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -83,9 +84,7 @@ TEXT_SUFFIXES = (".json", ".onnxtxt", ".txtpb", ".textproto", ".txt")  # onnx.lo
 def _short(exc: BaseException) -> str:
     """A one-line, bounded description of ``exc`` for an error message."""
     text = str(exc).strip().splitlines()
-    line = text[0].strip() if text else ""
-    if not line:
-        line = type(exc).__name__
+    line = (text[0].strip() if text else "") or type(exc).__name__
     if len(line) > _SHORT_CAUSE:
         line = line[: _SHORT_CAUSE - 3] + "..."
     return line
@@ -256,10 +255,8 @@ def _external_info(tensor: onnx.TensorProto, what: str) -> external_data_helper.
 def model_size_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of ``model`` in bytes; an estimate when it exceeds protobuf's limit."""
     if sum(_raw_size(t) for t in _model_tensors(model)) < PROTOBUF_LIMIT:
-        try:
+        with contextlib.suppress(Exception):  # upb refuses ByteSize() for messages of 2 GiB or more
             return int(model.ByteSize())
-        except Exception:  # upb refuses ByteSize() for messages of 2 GiB or more
-            pass
     skeleton, detached = _detach(model)
     return int(skeleton.ByteSize()) + sum(_raw_size(t) for t in detached)
 
@@ -279,12 +276,9 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def check_opset(model: onnx.ModelProto) -> int:
-    """Return the default-domain opset; raise UnsupportedOpsetError below :data:`MIN_OPSET`, and
-    InvalidModelError for an IR version newer than the ``onnx`` package reads (neither its
-    checker nor ONNX Runtime takes the file: one line now, not a folding warning first)."""
+    """The default-domain opset (UnsupportedOpsetError below it, InvalidModelError past onnx's IR version)."""
     if model.ir_version > onnx.IR_VERSION:
-        raise InvalidModelError(f"the model's IR version {model.ir_version} is newer than the installed onnx "
-                                f"package reads ({onnx.IR_VERSION}); it fails onnx.checker")
+        raise InvalidModelError(f"the model's IR version {model.ir_version} is newer than onnx reads ({onnx.IR_VERSION})")
     version = default_opset(model)
     if version < MIN_OPSET:
         raise UnsupportedOpsetError(f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}")
@@ -367,8 +361,7 @@ def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, Any]) -> dic
             declared.dim.add().dim_value = int(size)
     from graphprune.io.custom_shapes import at_observed_sizes
 
-    # custom operators' outputs (a tokenizer's ids) at the sizes their run gave: inference goes
-    # on (those that followed the inputs' sizes stay open: the run at these sizes gives them)
+    # custom operators' outputs at the sizes their run gave (those that follow the inputs: open)
     custom = at_observed_sizes(skeleton.graph.value_info, varying=not input_shapes)
     del skeleton.graph.value_info[:]
     skeleton.graph.value_info.extend(custom)
