@@ -12,6 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 
+OPS_UNDER_TEST = ("com.microsoft::GatherBlockQuantized",)
+
 
 def _embedding_mlp(tmp_path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     from onnxruntime.quantization import QuantFormat
