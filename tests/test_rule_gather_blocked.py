@@ -58,3 +58,22 @@ def test_an_int4_embedding_prunes_its_features_in_blocks(tmp_path) -> None:
     onnx.checker.check_model(result.model, full_check=True)
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"ids": np.array([[1, 2, 3, 4, 99]], np.int64)})[0].shape == (1, 5, 4)
+
+
+def test_a_packed_table_with_zero_points_stays_frozen_with_the_reason() -> None:
+    """A uint8 table (two int4 fields a byte) with zero points reads as 0 only at its zero
+    point: its features stay frozen, and the reason says so."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (100, 32), dtype=np.uint8), "table"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.1, (100, 2)).astype(np.float32), "scales"),
+             numpy_helper.from_array(np.full((100, 1), 0x88, np.uint8), "zeros"),
+             numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "w1")]
+    graph = helper.make_graph(
+        [helper.make_node("GatherBlockQuantized", ["table", "ids", "scales", "zeros"], ["e"], domain="com.microsoft",
+                          block_size=32, gather_axis=0, quantize_axis=1, bits=4),
+         helper.make_node("MatMul", ["e", "w1"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    width = next(g for g in graphprune.analyze(model).groups if ("w1", 0) in g.dims)
+    assert not width.prunable and any("not a signed integer constant" in why for why in width.frozen), width.frozen

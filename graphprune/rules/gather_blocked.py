@@ -44,7 +44,8 @@ class GatherBlockQuantizedRule(OpRule):
     domain = "com.microsoft"
 
     def output_shape(self, op: str, attrs: dict, shapes: list[list | None]) -> tuple[list, int] | None:
-        """``data``'s shape with the gathered axis replaced by ``indices``' shape."""
+        """``data``'s shape with the gathered axis replaced by ``indices``' shape (an int4 or int8
+        table's; a uint8 one packs two fields a byte)."""
         data, indices = (shapes + [None, None])[:2]
         if data is None or indices is None:
             return None
@@ -65,7 +66,9 @@ class GatherBlockQuantizedRule(OpRule):
         gather, quantized = _axes(node, rd)
         block = int(node.attrs.get("block_size", 128))
         where = f"GatherBlockQuantized '{node.name}'"
-        found = self.output_shape(node.op, node.attrs, [ctx.shape(data), ctx.shape(indices)])
+        values = np.asarray(data.values) if isinstance(data, gs.Constant) else None
+        packed = values is None or values.dtype == np.uint8  # (two int4 fields a byte: the width is not the table's)
+        found = None if packed else self.output_shape(node.op, node.attrs, [ctx.shape(data), ctx.shape(indices)])
         if found is not None:
             ctx.derive_shape(y, [d if isinstance(d, int) else None for d in found[0]])
 
@@ -80,7 +83,6 @@ class GatherBlockQuantizedRule(OpRule):
             ctx.couple(indices, k, y, gather + k)
         if quantized == gather:
             return
-        values = np.asarray(data.values) if isinstance(data, gs.Constant) else None
         size = ctx.size(data, quantized)
         why = None
         if values is None or not (values.dtype.kind == "i" or str(values.dtype) == "int4"):
