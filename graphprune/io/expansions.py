@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.io.model_io import default_opset
+from graphprune.rules import registry
 
 __all__ = ["EXPANSION", "Expansion", "record", "restore"]
 
@@ -96,10 +97,11 @@ def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: in
                 sources[tensor] = stored[tensor]
                 continue
             node = producer.get(tensor)
-            if node is not None and node.op_type == "Shape" and node.input[0] in stored:
+            value = _shape_value(node, stored, opset) if node is not None else None
+            if value is not None:
                 # a stored tensor's shape: its sizes are the values read, not its elements
                 # (skl2onnx's Gaussian process: 200 zeros of the shape of a 1200-value table)
-                sources[tensor] = _shape_of(node, stored[node.input[0]])
+                sources[tensor] = numpy_helper.from_array(value, tensor)
                 continue
             if node is None or node.domain not in ("", "ai.onnx") or any(
                     a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -126,11 +128,14 @@ def record(model: onnx.ModelProto, folded: dict[str, tuple[int, ...]], opset: in
     return found
 
 
-def _shape_of(node: onnx.NodeProto, stored: onnx.TensorProto) -> onnx.TensorProto:
-    """What ``Shape`` (its ``start`` / ``end``) computes of ``stored``, as a tensor named as its output."""
-    attrs = {a.name: a.i for a in node.attribute}
-    dims = list(stored.dims)
-    return numpy_helper.from_array(np.array(dims[attrs.get("start", 0):attrs.get("end")], np.int64), node.output[0])
+def _shape_value(node: onnx.NodeProto, stored: dict[str, onnx.TensorProto], opset: int) -> np.ndarray | None:
+    """What ``node`` computes from a stored input whose shape alone it reads
+    (:meth:`~graphprune.rules.registry.OpRule.shape_value`: ``Shape``); ``None`` otherwise."""
+    rule = registry.lookup(node.domain or "", node.op_type, opset)
+    if rule is None or not rule.reads_only_shape or not node.input or node.input[0] not in stored:
+        return None
+    return rule.shape_value({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
+                            list(stored[node.input[0]].dims))
 
 
 def _in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

@@ -120,6 +120,11 @@ class OpRule:
         """
         return trace.unknown(output)
 
+    def shape_value(self, attrs: dict, dims: Sequence[int]) -> np.ndarray | None:
+        """For an op that reads only the shape of its input (:attr:`reads_only_shape`): the
+        value it computes from an input of shape ``dims``. Default: not known."""
+        return None
+
     def output_shape(self, op: str, attrs: dict, shapes: list[list | None]) -> tuple[list, int] | None:
         """For an op ONNX shape inference does not know: the shape of output 0 from the
         inputs' shapes (``None``: unknown or absent; a dim that is no ``int`` is unknown) and the

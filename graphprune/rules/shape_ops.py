@@ -11,7 +11,7 @@ Flatten in :mod:`.reshape`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -488,6 +488,12 @@ class ShapeRule(OpRule):
         start = _clamp(int(node.attrs.get("start", 0)), rank)
         end = _clamp(int(node.attrs.get("end", rank)), rank)
         return [ShapeRead(src.name, a, trace.size(src, a)) for a in range(start, end)]
+
+    def shape_value(self, attrs: dict, dims: Sequence[int]) -> np.ndarray:
+        """The sizes of axes ``start`` to ``end``."""
+        rank = len(dims)
+        start, end = _clamp(int(attrs.get("start", 0)), rank), _clamp(int(attrs.get("end", rank)), rank)
+        return np.array(list(dims)[start:end], dtype=np.int64)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         return
