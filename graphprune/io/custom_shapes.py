@@ -57,13 +57,16 @@ def at_observed_sizes(values: Iterable[onnx.ValueInfoProto], *, varying: bool = 
     size the first run saw (in place): where the MACs are counted. ``varying=False``: only
     the sizes both runs saw alike (the others follow the inputs: at other input sizes they
     are not the first run's; an ONNX-ML ``Scaler``'s batch counted at 1 for ``--input-shape x=8,4``)."""
+    def pinned(dim: onnx.TensorShapeProto.Dimension) -> bool:
+        return observed_size(dim.dim_param) is not None and (varying or not varies(dim.dim_param))
+
     out = []
     for value in values:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if any(observed_size(d.dim_param) is not None and (varying or not varies(d.dim_param)) for d in dims):
+        if any(pinned(d) for d in dims):
             for d in dims:
-                size = observed_size(d.dim_param)
-                if size is not None and (varying or not varies(d.dim_param)):
+                if pinned(d):
+                    size = observed_size(d.dim_param)
                     d.Clear()
                     d.dim_value = size
             out.append(value)

@@ -132,7 +132,7 @@ def _shape_value(node: onnx.NodeProto, stored: dict[str, onnx.TensorProto], opse
     """What ``node`` computes from a stored input whose shape alone it reads
     (:meth:`~graphprune.rules.registry.OpRule.shape_value`: ``Shape``); ``None`` otherwise."""
     rule = registry.lookup(node.domain or "", node.op_type, opset)
-    if rule is None or not rule.reads_only_shape or not node.input or node.input[0] not in stored:
+    if rule is None or not node.input or node.input[0] not in stored:
         return None
     return rule.shape_value({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
                             list(stored[node.input[0]].dims))

@@ -144,6 +144,23 @@ def _run(session: Session, p: Pass) -> PassResult:
 
 
 # ---------------------------------------------------------------------- lossless entry
+def _as_it_came(session: Session) -> bool:
+    """Whether a lossless prune that removed nothing writes the model as it came: where the
+    preparation lowered ops to others (a Keras LSTM's Loop is analysed as ONNX's LSTM, which
+    computes the same to within rounding and holds 5 % more; a fused kernel as the pattern it
+    fuses). Not where ONNX's version converter ran (an opset ONNX Runtime no longer runs, a
+    QLinearSoftmax read at the new opset), nor for foldings alone (weights a quantizer left
+    to be quantized at run time: bit for bit), nor for a file that fails the checker as it
+    came (outputs that declare a type without a shape)."""
+    if not session.normalised.get("lowered_ops") or "opset_converted" in session.normalised:
+        return False
+    try:
+        session.check(session.loaded)
+    except GraphPruneError:
+        return False
+    return True
+
+
 def prune_lossless(
     model: Any,
     *,
@@ -227,18 +244,8 @@ def prune_lossless(
         cleaned = session.apply([IdentityEliminationPass(), DeadCodeEliminationPass()])
         session.export(declared_only=True)  # computes as the original does, shapes included
     report = session.report("lossless", plan, analysis=first)
-    # nothing removed, where the preparation lowered ops to others (a Keras LSTM's Loop is analysed
-    # as ONNX's LSTM, which computes the same to within rounding and holds 5 % more; a fused
-    # kernel as the pattern it fuses): the model as it came. Not where ONNX's version converter
-    # ran (an opset ONNX Runtime no longer runs, a QLinearSoftmax read at the new opset), nor
-    # for the foldings (weights a quantizer left to be quantized at run time: bit for bit)
-    unchanged = not (plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds)) \
-        and bool(session.normalised.get("lowered_ops")) and "opset_converted" not in session.normalised
-    if unchanged:
-        try:  # (a file whose outputs declare a type without a shape fails the checker: its preparation is written)
-            session.check(session.loaded)
-        except GraphPruneError:
-            unchanged = False
+    removed = plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds)
+    unchanged = not removed and _as_it_came(session)
     if unchanged:  # its figures are the original's (counted on the prepared graph, as before)
         session.model = session.loaded
         for figure in ("params", "macs", "nodes"):

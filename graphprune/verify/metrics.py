@@ -152,14 +152,12 @@ def sized_shapes(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str
     def missing(sizes: dict[str, list[int]]) -> bool:
         return any(t.name not in sizes or len(sizes[t.name]) != len(t.shape) for t in counted)
 
-    if input_shapes and custom_symbols(model, varying=True):
-        # sizes a custom operator's run saw follow the inputs' (an ONNX-ML Scaler's batch):
-        # at these inputs they are what a run at these sizes gives (the probes below would
-        # take the first run's, batch 1 for --input-shape x=8,4)
-        sizes = _run_sizes(model, [t.name for t in (*counted, *unknown)], input_shapes, data_dir)
-        if not missing(sizes) and all(t.name in sizes for t in unknown):
-            return lambda t: list(sizes[t.name]) if t.name in sizes else counted_shape(t)
-    sizes = concrete_shapes(model, input_shapes)
+    # sizes a custom operator's run saw that follow the inputs' (an ONNX-ML Scaler's batch) are,
+    # at these inputs, what a run at these sizes gives (inference and the probes take the first
+    # run's: batch 1 for --input-shape x=8,4)
+    follow = input_shapes and custom_symbols(model, varying=True)
+    sizes = (_run_sizes(model, [t.name for t in (*counted, *unknown)], input_shapes, data_dir) if follow else {}) \
+        or concrete_shapes(model, input_shapes)
     if missing(sizes) or any(t.name not in sizes for t in unknown):  # a computed Reshape target:
         # fold the shape computations at these sizes
         from graphprune.analysis.shape_probe import probe_concrete_shapes
