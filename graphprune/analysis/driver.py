@@ -223,11 +223,12 @@ def _collapsed_position_nodes(
     width is frozen with it), left with one unit (a channel shuffle after a grouped conv,
     as in ShuffleNet v1), or inexact with no more units than a conv has groups. The caller
     keeps the retry only where it prunes more units."""
-    candidates = {
-        n.name for n in graph.nodes
+    # each candidate's conv group count (its rule's LinearInfo)
+    conv_groups = {
+        n.name: (info.group if (info := rule.linear(n)) is not None else 1) for n in graph.nodes
         if (rule := rule_for(n)) is not None and rule.prunes_by_position(n)
     }
-    conv_groups = {n.name: int(n.attrs.get("group", 1)) for n in graph.nodes if n.name in candidates}
+    candidates = set(conv_groups)
     names: set[str] = set()
     for group in groups:
         if not group.producers:
