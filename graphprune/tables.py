@@ -403,16 +403,25 @@ def normalised_lines(normalised: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-def frozen_head_lines(report: Mapping[str, Any]) -> list[str]:
-    """A model with attention heads none of which can go (asked for or not: ``--ratio`` cuts
-    heads too): how many head groups froze, and the first reason (multi-head attention over a
-    KV cache that is a graph input: each query head has its own cache head)."""
-    heads = (report.get("kinds") or {}).get("head") or {}
-    if not heads.get("groups") or heads.get("prunable"):
-        return []
-    reasons = [r for g in report.get("frozen") or () if g.get("kind") == "head" for r in g.get("reasons") or ()]
-    why = f" (first reason: {reasons[0]})" if reasons else ""
-    return [f"attention heads: none prunable, {heads['groups']} head group(s) frozen{why}"]
+def frozen_kind_lines(report: Mapping[str, Any]) -> list[str]:
+    """Attention heads none of which can go (asked for or not: ``--ratio`` cuts heads too), and
+    a hidden size that ``--prune-hidden`` asked for and no group can give: how many groups
+    froze, and the first reason (multi-head attention over a KV cache that is a graph input;
+    a residual stream that is a graph output)."""
+    kinds = report.get("kinds") or {}
+    lines = []
+    if report.get("prune_hidden") and not kinds.get("hidden"):
+        lines.append("hidden size: --prune-hidden found none to prune (" + (
+            "no attention heads: every group prunes as channels, by --ratio or the target)" if "head" not in kinds
+            else "no inexact group beside the attention heads: no residual stream under a LayerNorm/RMSNorm)"))
+    for kind, label in (("head", "attention heads"), ("hidden", "hidden size (--prune-hidden)")):
+        row = kinds.get(kind) or {}
+        if not row.get("groups") or row.get("prunable") or (kind == "hidden" and not report.get("prune_hidden")):
+            continue
+        reasons = [r for g in report.get("frozen") or () if g.get("kind") == kind for r in g.get("reasons") or ()]
+        why = f" (first reason: {reasons[0]})" if reasons else ""
+        lines.append(f"{label}: none prunable, {row['groups']} {kind} group(s) frozen{why}")
+    return lines
 
 
 def missed_lines(report: Mapping[str, Any]) -> list[str]:
@@ -468,7 +477,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         names = ", ".join(report["nan_weights"][:4]) + (", ..." if len(report["nan_weights"]) > 4 else "")
         lines.append(f"warning: NaN weights in {names}: the original computes NaN where they are read (the "
                      "check compares with the zeroed original; a removed NaN channel no longer reaches the outputs)")
-    lines.extend(frozen_head_lines(report))
+    lines.extend(frozen_kind_lines(report))
     if report.get("nothing_prunable"):
         lines.append(str(report["nothing_prunable"]))
     if report.get("mode"):

@@ -265,6 +265,32 @@ def test_hidden_size_only_when_asked_and_inexact(dynamo):
     assert res.report["params_after"] < 0.85 * res.report["params_before"]
 
 
+def test_prune_hidden_says_why_no_hidden_size_goes(tmp_path):
+    """``--prune-hidden`` where the residual stream is the graph's output (an encoder without
+    its head): the hidden group is frozen, and the summary says so with the reason instead of
+    only "nothing prunable"; on a CNN it says the model has no hidden size."""
+    from graphprune.examples import example_cnn
+    from graphprune.tables import prune_summary
+
+    model = exported("encoder", False)
+    head = [n for n in model.graph.node if n.output[0] == model.graph.output[0].name][0]
+    matmul = [n for n in model.graph.node if head.input[1] in n.output or head.input[0] in n.output][0]
+    stream = matmul.input[0]
+    for node in (head, matmul):
+        model.graph.node.remove(node)
+    model.graph.output[0].name = stream
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = HIDDEN
+    res = graphprune.prune(model, head_ratio=0.0, mlp_ratio=0.0, prune_hidden=True,
+                           input_shapes={"x": (2, 6, HIDDEN)})
+    assert res.report["prune_hidden"] and res.report["kinds"]["hidden"]["prunable"] == 0
+    text = prune_summary(res.report)
+    assert f"hidden size (--prune-hidden): none prunable, 1 hidden group(s) frozen (first reason: graph output '{stream}')" in text
+    assert "hidden size" not in prune_summary(graphprune.prune(model, head_ratio=0.0, mlp_ratio=0.0,
+                                                                 input_shapes={"x": (2, 6, HIDDEN)}).report)
+    cnn = prune_summary(graphprune.prune(example_cnn(), ratio=0.5, prune_hidden=True).report)
+    assert "--prune-hidden found none to prune (no attention heads" in cnn
+
+
 # ----------------------------------------------------------------------------- pure ONNX
 
 

@@ -276,7 +276,8 @@ def prune_budget(
         with session.stage("latency table"):
             node_time, table = _node_times(session, analysis, options, shape_of)
             info["latency_table"] = dict(getattr(table, "stats", {}) or {})
-    meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion}
+    meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion,
+            **({"prune_hidden": True} if options.prune_hidden else {})}
     with session.stage("plan"):
         allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, options.target,
                                                        shape_of)

@@ -200,6 +200,8 @@ def base_report(
     if uncounted:  # a decoder run step by step: its steps are not in the count
         report["macs_uncounted"] = uncounted
     report.update(analysis_sections(analysis, plan))
+    if plan.meta.get("prune_hidden"):  # asked for: the summary says where no hidden group could go
+        report["prune_hidden"] = True
     if analysis is not None and (mode == "ratio" or (mode == "budget" and not analysis.prunable_groups)):
         # (a budget with prunable groups says itself why it stopped where it did)
         why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))
