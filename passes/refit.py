@@ -46,8 +46,11 @@ class RefitPass(Pass):
         consumers_only: bool = False,
         store: Any = None,
         recorded: Any = None,
+        ridges: Any = None,
     ) -> None:
         self.reference = reference
+        #: cross-validated ridges recorded or recalled (graphprune.calibration.ridge.RidgeChoices)
+        self.ridges = ridges
         self.batches = batches
         self.removed = removed
         self.ridge = ridge
@@ -91,6 +94,7 @@ class RefitPass(Pass):
         return sequential.Reconstructor(
             self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,
             recorded=self.recorded if self.mode == "refit" else None,
+            ridges=self.ridges if self.mode == "refit" else None,
         )
 
     def _with_recurrent(self, graph: gs.Graph, targets: list[refit_targets.Target],

@@ -125,6 +125,32 @@ def test_a_budget_prune_refits_its_chosen_allocation_on_every_sample():
         assert any(not np.array_equal(v, _weights(held.model)[k]) for k, v in _weights(final.model).items())
 
 
+@pytest.mark.parametrize("target", [dict(ratio=0.5, round_to=1), dict(target_macs=0.5, search=0)])
+def test_the_final_refit_takes_the_ridges_its_reconstruction_validated(monkeypatch, target):
+    """Each layer's ridge is validated once: the final refit of the same rewrite recalls the
+    choice (and whether the fit paid) instead of cross-validating again on its new folds."""
+    from graphprune.calibration import sequential
+
+    calls: list[int] = []
+    validate = sequential.choose_ridge
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "choose_ridge", counted)
+    options = dict(**target, calibration={"x": images(40)}, reconstruction="refit")
+    held = graphprune.prune(cnn(), final_refit="off", **options)
+    validated, calls[:] = len(calls), []
+    final = graphprune.prune(cnn(), final_refit="on", **options)
+    info = final.report["calibration"]["final_refit"]
+    assert validated > 0 and info["ran"] and info["samples"] == 40
+    assert len(calls) == validated  # the final refit's layers validated nothing
+    assert final.report["calibration"]["passes"]["RefitPass"]["ridge_median"] == \
+        held.report["calibration"]["passes"]["RefitPass"]["ridge_median"]
+    assert final.report["verification"]["ok"]
+
+
 def test_usage_errors():
     with pytest.raises(UsageError, match="final_refit"):
         graphprune.prune(cnn(), ratio=0.5, final_refit="on")

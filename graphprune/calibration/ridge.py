@@ -22,6 +22,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -187,6 +188,26 @@ class GramBases:
         while len(self._held) > 1 and sum(b.nbytes for b in self._held.values()) > self.limit:
             self._held.popitem(last=False)
         return basis
+
+
+@dataclass
+class RidgeChoices:
+    """Per refit layer, the ridge its cross-validation chose and whether that fit paid on
+    held-out rows (and, for a weight stored on an integer grid, whether the rounded fit paid:
+    :func:`rounding_pays`). A reconstruction records them; the final refit of the same rewrite on every
+    sample (:mod:`graphprune.pipeline.calibrated`) recalls them instead of validating again
+    (``recall``): its two folds would hold the same rows and more, and the eigen-decompositions
+    of a wide layer's Grams cost more than its fit (an SVTRv2's validation: a quarter of its
+    reconstruction)."""
+
+    chosen: dict[str, Any] = field(default_factory=dict)
+    recall: bool = False
+
+    def choose(self, key: str, validate: Callable[[], Any]) -> Any:
+        if self.recall and key in self.chosen:
+            return self.chosen[key]
+        self.chosen[key] = choice = validate()
+        return choice
 
 
 class RidgePath:

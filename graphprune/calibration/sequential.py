@@ -51,6 +51,7 @@ from graphprune.calibration.ridge import (
     DEFAULT_RIDGE,
     Accumulator,
     GramBases,
+    RidgeChoices,
     bias_for,
     choose_ridge,
     fit,
@@ -119,8 +120,11 @@ class Reconstructor:
         ridge: float | None = None,
         store: Any = None,
         recorded: RecordedTargets | None = None,
+        ridges: RidgeChoices | None = None,
     ) -> None:
         self.reference = reference
+        #: the cross-validated ridges, recorded or recalled (:class:`~.ridge.RidgeChoices`)
+        self.ridges = ridges
         #: original outputs recorded by the statistics run (:mod:`.targets`), used instead of
         #: running ``reference`` again where they cover a layer
         self.recorded = recorded if recorded is not None and recorded.model is reference else None
@@ -389,7 +393,7 @@ class Reconstructor:
             ridge, pays = DEFAULT_RIDGE, True
             solved = np.stack([fit_fixed_bias(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
         else:
-            ridge, pays = self._choose_ridge(a, cur, scale)
+            ridge, pays = self._choose_ridge(a, cur, scale, view.node.name)
             solved = np.stack([fit(gram[j], cross[j], cur[j], ridge * scale[j]) for j in range(g)])
 
         def error(w: np.ndarray) -> float:  # [g, K+1, og]
@@ -403,7 +407,8 @@ class Reconstructor:
         def rounded(w: np.ndarray, f: int) -> np.ndarray:  # w's weights as stored on the grid (not written)
             stored = view.as_stored(np.swapaxes(w[:, :k, :], 1, 2), a.gram[f, 0, :k, :k] if g == 1 else None)
             return np.concatenate([np.swapaxes(stored, 1, 2), w[:, k:, :]], axis=1)
-        if view.stored is not None and not rounding_pays(a, cur, ridge, scale, rounded, not view.bias_fixed):
+        if view.stored is not None and not self._validated(
+                f"{view.node.name}#rounded", lambda: rounding_pays(a, cur, ridge, scale, rounded, not view.bias_fixed)):
             report.kept += 1
             return
         def accept(stored: np.ndarray) -> bool:  # as rounded on the weight's grid, with its bias refit
@@ -428,9 +433,16 @@ class Reconstructor:
             if not share_bias(view, t.view):
                 write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
 
-    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float]) -> tuple[float, bool]:
-        """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`)."""
-        return choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT, self._bases)
+    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float], layer: str) -> tuple[float, bool]:
+        """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`;
+        recorded, or recalled, in :attr:`ridges` where it is validated)."""
+        return self._validated(layer, lambda: choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT, self._bases))
+
+    def _validated(self, key: str, validate: Any) -> Any:
+        """``validate()``, recorded or recalled in :attr:`ridges` where the ridge is validated."""
+        if self.ridges is None or self.ridge is not None:
+            return validate()
+        return self.ridges.choose(key, validate)
 
     def _affine_wave(
         self,

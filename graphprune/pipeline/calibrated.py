@@ -19,15 +19,14 @@ A ratio prune with calibration data runs as:
    Thai segmenter kept F1 0.61 with the statistics correction where the refit left 0.48; a
    budget weighs the three for each allocation it measures: :mod:`graphprune.pipeline.choose`);
 6. the final refit (inside ``fidelity()``, once the reconstruction is kept): the same
-   reconstruction run again from the rewrite with EVERY sample, the held-out ones too, and
-   that model written. The refit is data-limited wherever a layer has few rows per input (a
-   transformer's MLP on a few hundred sentences): all-MiniLM-L6-v2, a quarter of its MLP
-   neurons, 120 -> 150 sentences: mean cosine 0.9778 -> 0.9791 on 150 others. The fidelity
-   reported stays the honest one, measured on held-out samples the measured model never saw
-   (the same prune refit without them); ``report["calibration"]["final_refit"]`` gives the
-   samples, the written model's (in-sample) figures on the held-out samples, or why it did
-   not run (``final_refit="off"``; under ``auto`` a reconstruction estimated, or measured, at
-   over :data:`FINAL_REFIT_SECONDS`; ``If`` branches, each refit on its own samples).
+   reconstruction again from the rewrite with EVERY sample, the held-out ones too (each layer
+   takes the ridge its validation chose: :class:`~graphprune.calibration.ridge.RidgeChoices`),
+   and that model written. A layer with few rows per input is data-limited (all-MiniLM-L6-v2,
+   a quarter of its MLP, 120 -> 150 sentences: mean cosine 0.9778 -> 0.9791 on 150 others).
+   The fidelity reported stays the one measured on held-out samples the model never saw;
+   ``report["calibration"]["final_refit"]`` gives the samples, the in-sample figures, or why
+   it did not run (``final_refit="off"``; under ``auto`` a reconstruction estimated, or
+   measured, at over :data:`FINAL_REFIT_SECONDS`; ``If`` branches, each refit on its own samples).
 
 ``report()`` gives ``report["calibration"]`` (samples used and held out, criterion, passes
 and what each changed); ``fidelity()`` gives ``report["fidelity"]``.
@@ -51,7 +50,7 @@ from graphprune.calibration import refit_targets, runner, sequential, synthetic
 from graphprune.calibration import stats as stats_mod
 from graphprune.calibration.data import DEFAULT_HOLDOUT, load_calibration
 from graphprune.calibration.linear import linear_view
-from graphprune.calibration.ridge import DEFAULT_RIDGE
+from graphprune.calibration.ridge import DEFAULT_RIDGE, RidgeChoices
 from graphprune.calibration.targets import RecordedTargets
 from graphprune.errors import UsageError
 from graphprune.io import ir
@@ -74,9 +73,8 @@ FINAL_REFITS = ("auto", "on", "off")
 AUTO_STATS_SAMPLE_BYTES = 256 << 20
 #: the held-out figures kept of a model that is not the one written
 HELD_OUT_FIGURES = ("cosine", "rel_l2", "pooled_rel_l2", "top1_agreement")
-#: under ``final_refit="auto"``, the final refit (one reconstruction more and a run of the
-#: original) runs where one reconstruction is estimated (:func:`graphprune.planning.search.candidate_seconds`)
-#: at this many seconds or fewer (all-MiniLM-L6-v2 on 150 sentences ~21 s; a ResNet-50 on 128 samples ~47 s)
+#: under ``final_refit="auto"``, the final refit runs where one reconstruction is estimated
+#: (:func:`graphprune.planning.search.candidate_seconds`) at this many seconds or fewer
 FINAL_REFIT_SECONDS = 30.0
 CALIBRATED_CRITERIA = (AUTO_CRITERION, *DATA_CRITERIA)
 
@@ -86,8 +84,7 @@ class CalibrationOptions:
     #: ``auto`` (default: the best candidate per group, see data_aware), a data-aware criterion or a
     #: data-free one (``l1``, ``l2``, ``random``)
     criterion: str = "auto"
-    #: ``auto`` (default): the refit, kept where the held-out samples are nearer the original
-    #: with it than with the statistics correction or with no reconstruction
+    #: ``auto`` (default): the refit, the statistics correction or none, the nearest on held-out samples
     reconstruction: str = "auto"
     #: relative ridge of the refit (``None``: cross-validated per layer)
     ridge: float | None = None
@@ -158,23 +155,23 @@ class CalibratedRun:
         self._scorer: Any = None
         #: the original's outputs on the held-out samples (computed once)
         self._reference: list | None = None
-        #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``)
+        #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``), and that
+        #: model until :meth:`fidelity` decides which of the two is kept
         self.unreconstructed: dict[str, Any] | None = None
-        #: that model, until :meth:`fidelity` decides which of the two is kept
         self._unreconstructed_model: onnx.ModelProto | None = None
         self._fidelity: dict[str, Any] | None = None
         #: the reconstruction was undone (:meth:`fidelity`)
         self.reverted = False
-        #: what the final refit starts from: the analysis, plan and model of the rewrite whose
-        #: reconstruction is the session's model (set by :meth:`reconstruct`, by
-        #: :func:`~graphprune.pipeline.choose.choose` for the allocation it chose; ``None``:
-        #: no final refit, :attr:`final_refit_skipped` says why)
+        #: what the final refit starts from: analysis, plan and model of the rewrite whose reconstruction is the
+        #: session's model (by :meth:`reconstruct`, or ``choose`` for its allocation; ``None``: none, see below)
         self.refit_from: tuple[Analysis, Plan, onnx.ModelProto] | None = None
         self.final_refit_skipped: str | None = None
         #: seconds the latest full (not screening) reconstruction passes took here
         self.refit_seconds: float | None = None
         #: ``report["calibration"]["final_refit"]``
         self.final: dict[str, Any] | None = None
+        #: the plan last refit in full and its layers' validated ridges (the final refit recalls them)
+        self._ridges: tuple[Plan, RidgeChoices] | None = None
 
     def _synthetic(self, source: Any) -> tuple[Any, str | None]:
         """Random feeds and their description for ``random[:N[:LO,HI]]`` (:mod:`.synthetic`), else
@@ -260,9 +257,7 @@ class CalibratedRun:
             view = linear_view(node, self.session.opset)
             if view is not None and view.weight_dim(view.info.in_axis) in removed:
                 views.append(view)
-        return stats_mod.collect(
-            self.session.prepared, views, self.batches, gram=False, data_dir=self.data_dir
-        )
+        return stats_mod.collect(self.session.prepared, views, self.batches, gram=False, data_dir=self.data_dir)
 
     def _too_large_to_refit(self, removed: dict) -> set[str]:
         """Consumers of removed channels in the pruned graph that are too large to refit
@@ -275,7 +270,8 @@ class CalibratedRun:
                 large.add(node.name)
         return large
 
-    def passes(self, analysis: Analysis, plan: Plan, *, screening: bool = False, kind: str | None = None) -> list:
+    def passes(self, analysis: Analysis, plan: Plan, *, screening: bool = False, kind: str | None = None,
+               ridges: RidgeChoices | None = None) -> list:
         """The reconstruction passes for ``plan`` (``screening``: the refit takes the default
         ridge instead of cross-validating one per layer, unless a ridge was given, and the
         softmax head is not refit — the cheap reconstruction a budget ranks its candidate
@@ -309,7 +305,7 @@ class CalibratedRun:
             ridge = DEFAULT_RIDGE
         refit = cls(self.session.prepared, self.batches, removed, ridge=ridge, store=store,
                     consumers_only=self.options.scope == "consumers",
-                    **({"recorded": self.recorded} if kind == "refit" else {}))
+                    **({"recorded": self.recorded, "ridges": ridges} if kind == "refit" else {}))
         if screening:  # the head's refit (a CTC recogniser's 6,625 classes: 12 s a candidate) waits
             return [*fallback, refit]  # for the finalists, reconstructed again in full
         return [*fallback, refit, SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
@@ -319,13 +315,17 @@ class CalibratedRun:
                     keep_recorded: bool = False, stage: str = "reconstruction", kind: str | None = None
                     ) -> dict[str, Any]:
         """Run the reconstruction passes on the session's pruned graph and re-export it
-        (``compare``: first measure the pruned model on the held-out samples, so that the
-        fidelity report can say what the reconstruction changed; ``screening``: see
-        :meth:`passes`; ``keep_recorded``: keep the refit targets the statistics run recorded
-        for further reconstructions of other allocations, until :meth:`close_recorded`;
-        ``kind``: this reconstruction instead of the options')."""
+        (``compare``: first measure the pruned model on the held-out samples; ``screening``: see
+        :meth:`passes`; ``keep_recorded``: keep the refit targets the statistics run recorded,
+        until :meth:`close_recorded`; ``kind``: this reconstruction instead of the options').
+        A full refit records its layers' validated ridges; the final refit of its plan recalls them."""
         with self.session.stage(stage):
-            passes = self.passes(analysis, plan, screening=screening, kind=kind)
+            ridges = None
+            if (kind or self.options.reconstruction) == "refit" and not screening:
+                held = self._ridges if stage == "final refit" and self._ridges and self._ridges[0] is plan else None
+                ridges = RidgeChoices(held[1].chosen, recall=True) if held else RidgeChoices()
+                self._ridges = (plan, ridges)
+            passes = self.passes(analysis, plan, screening=screening, kind=kind, ridges=ridges)
             if passes and compare and self.calib.holdout and self.session.model is not None:
                 self.unreconstructed = self._compare(self.session.model)
                 self._unreconstructed_model = self.session.model
