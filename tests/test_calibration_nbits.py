@@ -94,6 +94,21 @@ def test_error_feedback_rounds_better_than_nearest_under_correlated_inputs() -> 
     assert error(gram) < 0.7 * error(None)
 
 
+@pytest.mark.parametrize("size", [5, 300])
+def test_the_error_feedback_factor_is_the_cholesky_factor_of_the_inverse(size: int) -> None:
+    """The sweep's factor from one Cholesky and a triangular inverse by halves (300 inputs:
+    two levels of halves) equals ``cholesky(inv(H)).T``, upper triangular."""
+    from graphprune.io.block_quant import inverse_cholesky_upper
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3 * size, size)) * np.exp(rng.uniform(-2, 2, size))
+    h = x.T @ x / len(x) + 1e-3 * np.eye(size)
+    u = inverse_cholesky_upper(h)
+    assert np.array_equal(u, np.triu(u)) and (np.diag(u) > 0).all()
+    expected = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_allclose(u, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
 def test_a_calibrated_prune_of_a_4bit_mlp_refits_its_packed_layers() -> None:
     """ONNX Runtime's 4-bit MLP loses a block of 32 hidden neurons: with calibration data
     the blocks are chosen from the activations and the second layer is refit and re-packed;

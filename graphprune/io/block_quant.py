@@ -38,6 +38,30 @@ def _block_params(w: np.ndarray, maxq: int, zero: np.ndarray | None, dtype: np.d
     return scale, z
 
 
+def _lower_inverse(low: np.ndarray) -> np.ndarray:
+    """The inverse of a lower triangular matrix, by halves (two triangular inverses and two
+    products a level: a third of the work of a general inverse, in matrix products)."""
+    k = len(low)
+    if k <= 128:
+        return np.tril(np.linalg.inv(low))
+    m = k // 2
+    top, bottom = _lower_inverse(low[:m, :m]), _lower_inverse(low[m:, m:])
+    out = np.zeros_like(low)
+    out[:m, :m], out[m:, m:] = top, bottom
+    out[m:, :m] = -(bottom @ low[m:, :m]) @ top
+    return out
+
+
+def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """``U`` upper triangular with ``U^T U = H^-1`` (the Cholesky factor of ``H^-1``,
+    transposed) without inverting ``H``: with the reversal ``P``, ``P H P = L L^T`` gives
+    ``H^-1 = (P L^-1 P)^T (P L^-1 P)``, and ``P L^-1 P`` is upper triangular with a positive
+    diagonal (the factor is unique). One Cholesky and one triangular inverse: about 1 K^3
+    operations where ``cholesky(inv(H))`` takes 2.3 K^3 (an LLM's 8192-input layer)."""
+    low = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    return np.ascontiguousarray(_lower_inverse(low)[::-1, ::-1])
+
+
 def quantize_blocks(
     w: np.ndarray, bits: int, block: int, *, gram: np.ndarray | None = None,
     zero: np.ndarray | None = None, scale_dtype: np.dtype | type = np.float32,
@@ -61,7 +85,7 @@ def quantize_blocks(
         w[:, dead] = 0.0
         h[np.diag_indices(k)] += DAMP * max(float(np.mean(np.diag(h))), 1e-30)
         try:  # upper Cholesky factor of H^-1: row i spreads column i's error over i+1..
-            u = np.linalg.cholesky(np.linalg.inv(h)).T
+            u = inverse_cholesky_upper(h)
         except np.linalg.LinAlgError:
             u = None
     chunk = max(block, CHUNK // block * block)
