@@ -572,3 +572,25 @@ class TestSave:
         assert model_io._raw_size(TensorProto(dims=[3], data_type=TensorProto.FLOAT)) == 0
         int4 = helper.make_tensor("q", TensorProto.INT4, [5], b"\x01\x02\x03", raw=True)
         assert model_io._raw_size(int4) == 3
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_model_path_that_is_a_symbolic_link_prunes(tmp_path, relative: bool) -> None:
+    """The Hugging Face cache links ``snapshots/<rev>/model.onnx`` to ``../../blobs/<sha>``: the
+    store holds the linked file's bytes, not a hard link to the link (which left ONNX Runtime a
+    dangling relative link, or an absolute one outside the store: exit 1 / exit 2)."""
+    import graphprune
+    from graphprune.examples import example_cnn
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    onnx.save(example_cnn(), blobs / "sha")
+    link = snapshot / "model.onnx"
+    link.symlink_to(Path("../../blobs/sha") if relative else blobs / "sha")
+    for options in (dict(ratio=0.5), dict(lossless=True)):
+        result = graphprune.prune(str(link), **options)
+        assert result.report["verification"]["ok"], result.report["verification"]
+        result.save(tmp_path / "out.onnx")
+        onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    assert link.is_symlink() and (blobs / "sha").read_bytes() == example_cnn().SerializeToString()

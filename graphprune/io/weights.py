@@ -253,6 +253,10 @@ class WeightStore:
                 stream.close()
 
     def _link(self, source: Path, location: str, *, copy: bool = False) -> None:
+        # the file a symbolic link names (the Hugging Face cache links snapshots to blobs): a
+        # hard link to the link itself would leave ONNX Runtime a relative link that resolves
+        # to nothing in the store, or an absolute one out of it
+        source = Path(os.path.realpath(source))
         target = self.root / location
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() or target.is_symlink():
