@@ -357,6 +357,13 @@ class CouplingContext:
     def is_weight_expression(self, tensor: gs.Tensor) -> bool:
         return tensor.name in self.weight_values
 
+    def is_weight_value(self, tensor: gs.Tensor) -> bool:
+        """A weight in any of the forms above, or the value a constant decodes to (a
+        dequantized integer weight: :meth:`share_roles` with that constant)."""
+        return (self.is_weight_view(tensor) or self.is_weight_expression(tensor)
+                or any(source == tensor.name and isinstance(target, gs.Constant)
+                       for source, target, _, _ in self.role_links))
+
     def integer_param(self, tensor: gs.Tensor, zero_point: np.ndarray | None = None) -> None:
         """``tensor`` (an integer constant) is a parameter all the same: a quantized weight
         that an integer op (``MatMulInteger``, ``ConvInteger``) reads directly. A non-zero

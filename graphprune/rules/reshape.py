@@ -27,7 +27,7 @@ from graphprune.analysis.shape_trace import (
     ShapeRead,
     ShapeTrace,
 )
-from graphprune.rules.registry import OpRule, register
+from graphprune.rules.registry import OpRule, StoredWeight, register, stored_weight_of
 from graphprune.rules.reshape_blocks import (
     axis_blocks,
     channel_factor,
@@ -39,6 +39,8 @@ from graphprune.rules.reshape_blocks import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
     from graphprune.analysis.shape_trace import ShapeSource
@@ -319,6 +321,40 @@ def _couple_inner(ctx: CouplingContext, small: gs.Tensor, s_axes: list[int], big
     return {(small.name, s_axis), (big.name, b_axis)}
 
 
+class ReshapedWeight(StoredWeight):
+    """A stored weight ``[O, I*K]`` read through a ``Reshape`` as the conv kernel ``[O, I, *k]``
+    it is (``K = prod(k)``; OpenCV Zoo's blocked-int8 files): the same values in the same order,
+    the input axis flattened with the kernel as a layer's fit reads it."""
+
+    def __init__(self, inner: StoredWeight, shape: tuple[int, ...]) -> None:
+        self.inner, self._shape = inner, shape
+        self.constant = inner.constant
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.inner.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def constants(self) -> list[gs.Constant]:
+        return self.inner.constants()
+
+    def axis_of(self, axis: int) -> int:
+        return self.inner.axis_of(min(axis, 1))
+
+    def decode(self) -> np.ndarray:
+        return self.inner.decode().reshape(self._shape)
+
+    def encode_fit(self, values: np.ndarray, gram: np.ndarray | None,
+                   in_axis: int | None = None) -> tuple[float, np.ndarray | None]:
+        return self.inner.encode_fit(values.reshape(self.inner.shape), gram, None if in_axis is None else 1)
+
+    def encode(self, values: np.ndarray, grow: bool = False) -> tuple[float, np.ndarray | None]:
+        return self.inner.encode(values.reshape(self.inner.shape), grow)
+
+
 @register
 class ReshapeRule(OpRule):
     op_types = ("Reshape",)
@@ -343,6 +379,15 @@ class ReshapeRule(OpRule):
         )
         return [za.refactor(ctx.state(x), ctx.shape(x), ctx.shape(node.outputs[0]), keeps_batch=keeps_batch)]
 
+    def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
+        """A stored weight ``[O, I*K]`` (a dequantized one) reshaped to a conv kernel."""
+        inner, shape = stored_weight_of(node.inputs[0], opset), node.outputs[0].shape
+        if inner is None or inner.in_block != 1 or len(inner.shape) != 2 or shape is None or len(shape) < 3 \
+                or not all(isinstance(d, int) for d in shape):
+            return None
+        ok = shape[0] == inner.shape[0] and math.prod(shape[1:]) == inner.shape[1]
+        return ReshapedWeight(inner, tuple(shape)) if ok else None
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
         merged: list[MergedBatch] = []
@@ -350,12 +395,27 @@ class ReshapeRule(OpRule):
         if not couple_reshape(ctx, x, y, node, merged, moved):
             ctx.freeze_node(node, f"Reshape '{node.name}' not understood")
             return
+        if _unflattened_kernel(ctx, x, y):  # a conv weight stored as [out, in * kernel] (OpenCV
+            # Zoo's blocked-int8 files): its rows are the output channels, its columns the
+            # input channels a kernel's worth at a time, as the Reshape couples them
+            ctx.weight_view(y, x, [0, 1])
         rank = ctx.rank(y)
         if rank is not None:
             dims: list[tuple[gs.Tensor, int] | None] = [(y, a) for a in range(rank)]
             for a in _batch_times_channels(ctx, node, merged) | _batch_with_moved_heads(ctx, node, moved):
                 dims[a] = None
             ctx.track_shape(node, 1, dims, special_zero=not int(node.attrs.get("allowzero", 0)))
+
+
+def _unflattened_kernel(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor) -> bool:
+    """``x`` is a weight (a float constant, a view or a decoding of one) ``[O, I*K]`` and
+    ``y`` the same values as ``[O, I, *k]`` with ``K = prod(k)``."""
+    if not ctx.is_weight_value(x):
+        return False
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    if xs is None or ys is None or len(xs) != 2 or len(ys) < 3 or None in xs or None in ys:
+        return False
+    return xs[0] == ys[0] and xs[1] == math.prod(ys[1:])
 
 
 def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[MergedBatch]) -> set[int]:
