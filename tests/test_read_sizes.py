@@ -93,3 +93,17 @@ def test_size_expressions_too_large_to_simplify_are_kept_as_they_are() -> None:
     assert bounded.simplify(anchors) is anchors
     assert bounded.simplify(2 * h / 2 + 0 * w) == h
     assert bounded.floor is sympy.floor  # everything else is sympy's own
+
+
+def test_symbolic_inference_keeps_its_warnings_off_stderr(capfd) -> None:
+    """ONNX Runtime's symbolic shape inference warns where it cannot compare two sizes ("Unable
+    to determine if a <= b, treat as equal": 11 lines on a successful prune of a post-processing
+    graph); its logger reports errors only, so stderr stays for progress and errors."""
+    import logging
+
+    from graphprune.io.contrib_shapes import _symbolic_shape_infer
+
+    module = _symbolic_shape_infer()
+    module.logger.warning("Unable to determine if a <= b, treat as equal")
+    assert "Unable to determine" not in capfd.readouterr().err
+    assert module.logger.getEffectiveLevel() == logging.ERROR

@@ -12,6 +12,7 @@ on from.
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,9 @@ def _symbolic_shape_infer() -> Any:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.sympy = _BoundedSympy(module.sympy)
+        # its warnings ("Unable to determine if a <= b, treat as equal") reached stderr through
+        # the root logger's last resort on successful runs: what it could not decide is ours to handle
+        logging.getLogger(name).setLevel(logging.ERROR)
         sys.modules[name] = module
     return sys.modules[name]
 
