@@ -11,9 +11,10 @@ Pruning. The table's feature axis produces the embedding's channels (role produc
 embedding's): its elements go with the output's, its scales a whole block at a time (index map
 ``Digit(block_size)``), so the channel group has units of ``block_size`` features. Removing
 keeps every stored integer and scale of what stays: the pruned lookup computes exactly what
-the zeroed original does, where the removed entries hold 0. Frozen, with the reason: a table
-that is not a signed integer constant without zero points (an unsigned or packed table reads
-as 0 only at its zero point), computed scales, a feature axis padded past the last block.
+the zeroed original does, where the removed entries hold what reads as 0 (0, or their block's
+zero point: ``MatMulNBitsQuantizer``'s default asymmetric uint4 table, its zero points sliced
+with the scales). Frozen, with the reason: a packed table (two 4-bit fields a byte: its width
+is not the features'), computed scales or zero points, a feature axis padded past the last block.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class GatherBlockQuantizedRule(OpRule):
         return [*data[:axis], *indices, *data[axis + 1:]], 0
 
     def affine_operands(self, node: gs.Node) -> tuple[int, ...]:
-        """The scales: one per block of the table's integers, no weight of their own."""
-        return (2,)
+        """The scales and zero points: one per block of the table's integers, no weight of their own."""
+        return (2, 3) if len(node.inputs) > 3 else (2,)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -85,10 +86,13 @@ class GatherBlockQuantizedRule(OpRule):
             return
         size = ctx.size(data, quantized)
         why = None
-        if values is None or not (values.dtype.kind == "i" or str(values.dtype) == "int4"):
-            why = "a table that is not a signed integer constant (it reads as 0 only at its zero point)"
-        elif zero is not None:
-            why = "a table with zero points"
+        zeros = np.asarray(zero.values).astype(np.int64) if isinstance(zero, gs.Constant) else None
+        if values is None or not (values.dtype.kind == "i" or str(values.dtype) in ("int4", "uint4")):
+            why = "a table that is not an integer constant of one field an element (a packed one reads as 0 only at its zero point)"
+        elif zero is not None and (zeros is None or zeros.shape != tuple(ctx.shape(scales) or ())):
+            why = "zero points computed in the graph or not one per block"
+        elif zero is None and str(values.dtype) == "uint4":
+            why = "an unsigned table without zero points"
         elif not isinstance(scales, gs.Constant) or ctx.rank(scales) != rd:
             why = "scales computed in the graph or of another rank"
         elif size is None or block <= 0 or size % block:
@@ -99,9 +103,11 @@ class GatherBlockQuantizedRule(OpRule):
                 ctx.integer_param(data)  # a weight, so that its groups are reported
             return
         ctx.role(data, quantized, PRODUCER)  # the table produces the features
-        ctx.integer_param(data)  # (a removed entry holds 0: the zero of a symmetric table)
-        for a in range(rd):
-            if a == quantized:
-                ctx.couple(scales, a, y, out_axis(a), Digit(block))  # one scale per block of features
-            elif a != gather:
-                ctx.couple(scales, a, y, out_axis(a))
+        # a removed entry holds what reads as 0: 0 in a symmetric table, its block's zero point
+        ctx.integer_param(data, None if zeros is None else np.repeat(zeros, block, axis=quantized))
+        for operand in (scales, zero) if zero is not None else (scales,):
+            for a in range(rd):
+                if a == quantized:
+                    ctx.couple(operand, a, y, out_axis(a), Digit(block))  # one per block of features
+                elif a != gather:
+                    ctx.couple(operand, a, y, out_axis(a))
