@@ -748,3 +748,35 @@ def test_data_free_budget_spares_the_residual_stream():
     inner = [widths.pop(f"a{b}", 0.0) for b in range(4)]
     (stream,) = widths.values()  # (the stream's group: w0, every c, the head's input)
     assert stream < 0.5 * min(inner), (inner, widths)  # (in proportion to the span: 0.25 of the stream, 0.31-0.38 inside)
+
+
+def test_the_uncorrected_candidate_leaves_the_greedy_allocation_as_it_was(cnn, monkeypatch):
+    """The greedy allocation on the curves measured without the refit's corrections is a
+    candidate of its own; computing it must leave the states and the cost model at the greedy
+    allocation. Where it could land only on unaligned widths (``search.unaligned`` replaces the
+    states' steps), the steps went back but not the model's costs: a calibrated
+    ``--target-macs 0.7`` on a bi-LSTM measured its 'global' candidate at 0.946 and kept it
+    (nearest the original: it removed least), achieved 0.946, MISSED."""
+    from graphprune.pipeline import budget as pipeline_budget
+    from graphprune.planning import search
+
+    _, analysis, states, model = _macs_model(cnn)
+    budget.allocate(model, 0.5)
+    here, total, steps = budget.snapshot(model), model.total, [list(st.steps) for st in states]
+
+    def unaligned(model, fraction, allocation, min_channels, above):  # the coarse case: any width
+        for st in model.states:
+            st.steps, st.index = budget.allowed_steps(st.group.num_units, len(st.order), 1, min_channels), 0
+        model.current = np.array([model.item_cost(i) for i in range(len(model.items))])
+        return budget.allocate(model, fraction, above)
+
+    monkeypatch.setattr(search, "unaligned", unaligned)
+    curves = [([0.25, 0.5, 0.75], [0.1 * (i + 1), 0.2, 0.9]) for i in range(len(states))]
+    options = pipeline_budget.BudgetOptions(kind="macs", target=0.5)
+    more = pipeline_budget._uncorrected_greedy(analysis, states, options, 0.5, None, model, curves)
+    assert budget.snapshot(model) == here and [list(st.steps) for st in states] == steps
+    assert model.total == pytest.approx(total)
+    assert model.total == pytest.approx(sum(model.item_cost(i) for i in range(len(model.items))))
+    for _, indexes in more:  # a candidate counts steps as every other does
+        budget.restore(model, indexes)
+        assert model.total <= (0.5 + budget.MET_WITHIN) * model.full_total

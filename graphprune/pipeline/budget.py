@@ -221,14 +221,18 @@ def _uncorrected_greedy(analysis: Analysis, states: list, options: BudgetOptions
 
     if not curves:
         return []
-    here, losses = budget_mod.snapshot(model), [st.loss for st in states]
+    # (the states' steps too: an allocation that cannot land on aligned widths moves to any
+    # width, :func:`search.unaligned`; the greedy one's indexes read its own steps)
+    here, kept = budget_mod.snapshot(model), [(st.loss, st.steps) for st in states]
     try:
         sensitivity.apply_curves(states, curves)
         _, _, other = _allocate(analysis, states, options, None, None, goal, shape_of)
+        if [st.steps for st in states] != [steps for _, steps in kept]:
+            return []  # its indexes count other steps than every other candidate's
         return [("global, uncorrected", budget_mod.snapshot(other))]
     finally:
-        for st, loss in zip(states, losses, strict=True):
-            st.loss = loss
+        for st, (loss, steps) in zip(states, kept, strict=True):
+            st.loss, st.steps = loss, steps
         budget_mod.restore(model, here)
 
 

@@ -146,6 +146,12 @@ class _Measured:
     #: the statistics-corrected model and its pass figures (to come back to after a finalist's refit)
     stats_model: Any = None
     stats_pass: dict[str, Any] | None = None
+    #: its allocation lands further above the goal than a met target allows (a greedy allocation
+    #: stopped short): chosen only where every candidate does
+    off_target: bool = False
+
+    def rank(self) -> tuple[bool, float]:
+        return self.off_target, self.error
 
 
 def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
@@ -267,10 +273,13 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             row["balanced"] = True
         measured = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
                              reverted, unreconstructed if screening else None, plain_error, plain_cosine,
-                             unreconstructed, kind, errors, stats_model, stats_pass)
-        if best is None or error < best.error:
+                             unreconstructed, kind, errors, stats_model, stats_pass,
+                             off_target=row["modelled_fraction"] > fraction + budget_mod.MET_WITHIN)
+        if measured.off_target:
+            row["off_target"] = True
+        if best is None or measured.rank() < best.rank():
             best, runner_up = measured, best
-        elif runner_up is None or error < runner_up.error:
+        elif runner_up is None or measured.rank() < runner_up.rank():
             runner_up = measured
         return False
 
@@ -315,7 +324,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 shown(f"allocation {m.label!r} again")
                 _refit_finalist(session, m, calibrated, feeds, names, reference,
                               next(r for r in rows if r["allocation"] == m.label))
-            best = min(finalists, key=lambda m: m.error)
+            best = min(finalists, key=lambda m: m.rank())
         calibrated.close_recorded()
         budget_mod.restore(model, best.indexes)
         calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
