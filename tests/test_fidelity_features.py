@@ -452,3 +452,25 @@ def test_outputs_beside_a_softmax_are_not_class_scores() -> None:
     assert score["outputs"]["prob"]["top1_agreement"] == 1.0 == score["top1_agreement"]
     alone = compare_outputs(["box"], [[o[0]] for o in original], [[p[0]] for p in pruned])
     assert "top1_agreement" in alone["outputs"]["box"]
+
+
+def test_independent_yes_no_probabilities_are_no_one_of_n_choice():
+    """A multi-label head (six sigmoids: toxic, insult, ...; rows in [0, 1] that do not sum to
+    1) read top-1 agreement 1.0, "1 of 6 classes seen", while a flag's F1 fell to 0.79: each
+    label is its own decision at 0.5 (``threshold_agreement``), not an arg-max. A softmax beside
+    it keeps its top-1 agreement."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(6)
+    original, pruned = [], []
+    for i in range(6):
+        labels = np.clip(rng.uniform(0.0, 0.3, (1, 6)) + (0.6 if i % 3 == 0 else 0.0) * np.eye(6)[[1]], 0, 1)
+        flipped = labels.copy()
+        flipped[0, 1] = 0.4 if i == 0 else labels[0, 1]  # one insult flag lost
+        logits = rng.normal(size=(1, 3))
+        soft = np.exp(logits) / np.exp(logits).sum()
+        original.append([labels.astype(np.float32), soft.astype(np.float32)])
+        pruned.append([flipped.astype(np.float32), soft.astype(np.float32)])
+    out = compare_outputs(["labels", "classes"], original, pruned)["outputs"]
+    assert "top1_agreement" not in out["labels"] and out["labels"]["threshold_agreement"] == pytest.approx(35 / 36)
+    assert out["classes"]["top1_agreement"] == 1.0

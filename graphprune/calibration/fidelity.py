@@ -135,6 +135,12 @@ def rows_of_probabilities(value: np.ndarray, *, several: bool = True) -> bool:
         return bool(np.allclose(np.exp(v).sum(axis=-1), 1.0, atol=1e-3))
 
 
+def in_unit_range(value: np.ndarray) -> bool:
+    """Floating point, at least two entries on the last axis, every value in [0, 1]."""
+    return value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2 and value.size > 0 \
+        and bool(np.all((value >= 0.0) & (value <= 1.0)))
+
+
 def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
     """The share of rows whose arg-max class is the same."""
     return float(np.mean(np.argmax(y, axis=-1) == np.argmax(p, axis=-1)))
@@ -284,6 +290,12 @@ def compare_outputs(
         rows_of_probabilities(np.asarray(r[k]), several=False) for r in original)}
     if distributions:
         not_scores = {*not_scores, *(n for n in names if n not in distributions and n not in logits)}
+    # values in [0, 1] whose rows do not sum to 1: independent yes / no probabilities (a
+    # multi-label head's sigmoids: toxic, insult, ...), decided each at 0.5, no one-of-N choice
+    # (six labels read top-1 agreement 1.0 while a flag's F1 fell to 0.79)
+    not_scores = {*not_scores, *(name for k, name in enumerate(names) if name not in logits and original and all(
+        in_unit_range(np.asarray(r[k])) for r in original) and not all(
+        rows_of_probabilities(np.asarray(r[k]), several=False) for r in original))}
     for k, name in enumerate(names):
         cosines, rels, agree, balanced, sequences = [], [], [], [], []
         collapsed = False  # a sequence compared as a CTC recogniser's (see sequence_agreement)
