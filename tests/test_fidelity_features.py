@@ -474,3 +474,21 @@ def test_independent_yes_no_probabilities_are_no_one_of_n_choice():
     out = compare_outputs(["labels", "classes"], original, pruned)["outputs"]
     assert "top1_agreement" not in out["labels"] and out["labels"]["threshold_agreement"] == pytest.approx(35 / 36)
     assert out["classes"]["top1_agreement"] == 1.0
+
+
+def test_an_output_the_prune_does_not_reach_decides_nothing():
+    """XFeat's keypoint output was left exactly as it was: at the floor it pulled the deciding
+    geometric mean to 0.036 while the two outputs the prune changed were 0.21 off."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(7)
+    original, pruned = [], []
+    for _ in range(4):
+        a, b, c = (rng.normal(size=(1, 64)).astype(np.float32) for _ in range(3))
+        original.append([a, b, c])
+        pruned.append([a + 0.2 * rng.normal(size=a.shape).astype(np.float32),
+                       b + 0.2 * rng.normal(size=b.shape).astype(np.float32), c.copy()])
+    figures = compare_outputs(["descriptors", "heat", "keypoints"], original, pruned)
+    changed = [figures["outputs"][n]["pooled_rel_l2"] for n in ("descriptors", "heat")]
+    assert figures["outputs"]["keypoints"]["pooled_rel_l2"] == 0.0
+    assert figures["deciding_rel_l2"] == pytest.approx(float(np.sqrt(changed[0] * changed[1])), abs=2e-6)

@@ -73,7 +73,8 @@ flattened):
 The top-level ``cosine`` / ``rel_l2`` / ``top1_agreement`` are the worst over the outputs
 (``None`` when no output qualifies); the top-level ``balanced_rel_l2`` (where an output has
 one) is the worst of each output's balanced or else pooled relative L2. ``deciding_rel_l2``
-(several outputs) is their geometric mean (each at least :data:`DECIDING_FLOOR`), the figure
+(several outputs) is their geometric mean (each at least :data:`DECIDING_FLOOR`; an output
+equal to the original's to the last digit, which the prune does not reach, left out), the figure
 that decides (:func:`deciding_rel_l2`): the worst output decided before, and a pitch tracker's
 pitch, arbitrary on unvoiced frames (relative L2 ~1 however good the model), outvoted its
 confidence falling to 0 (a dead model kept over a refit whose confidence was at 0.13).
@@ -448,8 +449,10 @@ def compare_outputs(
     own = [v for e in outputs.values() if (v := e.get("balanced_rel_l2", e["pooled_rel_l2"])) is not None]
     if any("balanced_rel_l2" in e for e in outputs.values()):
         worst["balanced_rel_l2"] = max(own)
-    if len(own) > 1:
-        worst["deciding_rel_l2"] = round(float(np.exp(np.mean(np.log(np.maximum(own, DECIDING_FLOOR))))), 6)
+    if len(own) > 1:  # (an output the prune does not reach, equal to the last digit, decides nothing: at the
+        # floor it divided XFeat's two changed outputs' 0.21 by 6)
+        reached = [v for v in own if v > 0] or own
+        worst["deciding_rel_l2"] = round(float(np.exp(np.mean(np.log(np.maximum(reached, DECIDING_FLOOR))))), 6)
     if agreements := [e["agreement"] for e in outputs.values() if "agreement" in e]:
         worst["agreement"] = min(agreements)
         if not own:  # nothing but discrete outputs: the largest share of their elements that changed decides
