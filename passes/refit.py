@@ -90,11 +90,13 @@ class RefitPass(Pass):
         self._done = True
         return PassResult(graph, bool(stats.get("layers")), stats)
 
-    def _engine(self) -> sequential.Reconstructor:
+    def _engine(self, recalled: bool = True) -> sequential.Reconstructor:
+        """``recalled``: the layers' validated ridges are recorded or recalled (not in a layer's
+        second refit, after the recurrent layers it reads were refit: kept only where it pays)."""
         return sequential.Reconstructor(
             self.reference, self.batches, mode=self.mode, ridge=self.ridge, store=self.store,
             recorded=self.recorded if self.mode == "refit" else None,
-            ridges=self.ridges if self.mode == "refit" else None,
+            ridges=self.ridges if self.mode == "refit" and recalled else None,
         )
 
     def _with_recurrent(self, graph: gs.Graph, targets: list[refit_targets.Target],
@@ -116,7 +118,7 @@ class RefitPass(Pass):
         stats, changed = recurrent.refit(graph, self.reference, self.reference, self.batches, rec,
                                          store=self.store, ridge=self.ridge, skipped=skipped)
         if changed:
-            again = self._engine().run(graph, self.reference, later) if later else {}
+            again = self._engine(recalled=False).run(graph, self.reference, later) if later else {}
             error = self._output_error(graph)
             stats["output_error_without"], stats["output_error"] = round(plain_error, 6), round(error, 6)
             if error < plain_error:

@@ -110,6 +110,7 @@ class Reconstructor:
     #: bytes of frontier tensors held in memory per model (beyond: temporary files)
     cache_bytes = runner.CACHE_BYTES
     _bases: GramBases | None = None
+    ridges: RidgeChoices | None = None
 
     def __init__(
         self,
@@ -433,14 +434,16 @@ class Reconstructor:
             if not share_bias(view, t.view):
                 write_bias(graph, t.view, solved[:, k, :].reshape(-1), names)
 
-    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float], layer: str) -> tuple[float, bool]:
+    def _choose_ridge(self, a: Accumulator, cur: np.ndarray, scale: list[float], layer: str | None = None
+                      ) -> tuple[float, bool]:
         """The ridge and whether the fit pays on held-out rows (:func:`.ridge.choose_ridge`;
         recorded, or recalled, in :attr:`ridges` where it is validated)."""
         return self._validated(layer, lambda: choose_ridge(a, cur, scale, self.ridge, ROWS_PER_INPUT, self._bases))
 
-    def _validated(self, key: str, validate: Any) -> Any:
-        """``validate()``, recorded or recalled in :attr:`ridges` where the ridge is validated."""
-        if self.ridges is None or self.ridge is not None:
+    def _validated(self, key: str | None, validate: Any) -> Any:
+        """``validate()``, recorded or recalled in :attr:`ridges` (under ``key``: the layer) where
+        the ridge is validated."""
+        if self.ridges is None or self.ridge is not None or key is None:
             return validate()
         return self.ridges.choose(key, validate)
 
