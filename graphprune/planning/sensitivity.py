@@ -246,18 +246,30 @@ def _mask_group(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], role
     return used
 
 
-def _deviation(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    values = []
-    for ref, out in zip(reference, other, strict=True):
+def _prepared(reference: list[np.ndarray]) -> list[tuple[np.ndarray, float] | None]:
+    """One sample's outputs as :func:`_deviation` reads them, once for every comparison: float
+    ones flattened in float64 with their squared norm (``None``: not compared)."""
+    out: list[tuple[np.ndarray, float] | None] = []
+    for ref in reference:
         if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        if ref.shape != out.shape:  # a decoder that stops at another step: all of it deviates
-            values.append(1.0)
+            out.append(None)
             continue
         r = ref.astype(np.float64).ravel()
-        o = out.astype(np.float64).ravel()
-        denom = float(np.dot(r, r)) + 1e-12
-        values.append(float(np.dot(r - o, r - o)) / denom)
+        out.append((r, float(np.dot(r, r)) + 1e-12))
+    return out
+
+
+def _deviation(reference: list[tuple[np.ndarray, float] | None], shapes: list[tuple[int, ...]],
+               other: list[np.ndarray]) -> float:
+    values = []
+    for ref, shape, out in zip(reference, shapes, other, strict=True):
+        if ref is None:
+            continue
+        if shape != out.shape:  # a decoder that stops at another step: all of it deviates
+            values.append(1.0)
+            continue
+        d = ref[0] - out.ravel()  # (in float64, as the reference)
+        values.append(float(np.dot(d, d)) / ref[1])
     return float(np.mean(values)) if values else 0.0
 
 
@@ -293,8 +305,10 @@ def measure(
     total = sum(1 for m in sweep.masks if m is not None)
     done, stride, started, aside = 0, 1, time.perf_counter(), 0.0
 
+    prepared = [(_prepared(a), [x.shape for x in a]) for a in reference]
+
     def deviation(outputs: list[list[np.ndarray]]) -> float:
-        return float(np.mean([_deviation(a, b) for a, b in zip(reference, outputs, strict=True)]))
+        return float(np.mean([_deviation(a, shapes, b) for (a, shapes), b in zip(prepared, outputs, strict=True)]))
 
     for st, masks, fixes in zip(states, sweep.masks, sweep.corrections, strict=True):
         if masks is None or (done and done % stride):
