@@ -590,3 +590,33 @@ def test_weights_behind_a_pruning_mask_are_folded_and_their_zeros_removed(cast: 
     feed = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(result.model, feed)[0], run_ort(model, feed)[0], rtol=1e-5, atol=1e-5)
 
+
+
+def test_a_buffer_read_through_static_slices_shrinks_beside_a_computed_layer_weight() -> None:
+    """The dynamo exporter's nn.Transformer: a 5,000-row positional buffer of which static
+    slices are read, and packed projections split in the graph. The optional fold (kept where
+    the constants shrink) was rejected whole because a layer then read a folded weight; the
+    layer weights' computations are held out of it now, and the buffer's unread rows go (a
+    quarter of the parameters, even under ``--lossless``), the layer still reading its stored
+    weight through the exporter's computation."""
+    rng = np.random.default_rng(9)
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["pe", "s0", "s1", "ax"], ["pos"]),
+         helper.make_node("Add", ["x", "pos"], ["h"]),
+         helper.make_node("Split", ["packed"], ["wq", "wk"], axis=0, num_outputs=2),
+         helper.make_node("Transpose", ["wq"], ["wqt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "wqt"], ["q"]), helper.make_node("Transpose", ["wk"], ["wkt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "wkt"], ["k"]), helper.make_node("Add", ["q", "k"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6, 8])],
+        [numpy_helper.from_array(rng.standard_normal((1, 500, 8)).astype(np.float32), "pe"),
+         numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([6], np.int64), "s1"),
+         numpy_helper.from_array(np.array([1], np.int64), "ax"),
+         numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "packed")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = graphprune.prune(model, lossless=True)
+    assert result.report["verification"]["ok"] and result.report["verification"]["max_abs_diff"] == 0.0
+    assert result.report["params_after"] == 6 * 8 + 16 * 8 < result.report["params_before"]
+    stored = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert stored.get("packed") == (16, 8) and "pe" not in stored
+    assert [n.op_type for n in result.model.graph.node].count("Split") == 1

@@ -156,3 +156,38 @@ def hold_tied_weights(graph: gs.Graph, opset: int) -> list[tuple[gs.Node, int, g
                     reader.inputs[index] = placeholder
                     held.append((reader, index, tensor))
     return held
+
+
+def hold_layer_weights(graph: gs.Graph, opset: int, kept: set[str]) -> list[tuple[gs.Node, int, gs.Constant]]:
+    """For an optional fold (one kept where the constants shrink): hide from it the stored
+    constants from which a linear layer's weight or bias is computed (a packed projection
+    split, a weight transposed or dequantised: ``OpRule.linear``), so that the fold leaves the
+    exporter's computation there, which the rules follow to the stored weight, and still folds
+    the rest. Before, one such layer rejected the whole fold: the dynamo exporter's
+    nn.Transformer kept a 5,000-row positional buffer of which two static slices of 16 and 10
+    rows are read (24 % of its parameters, even under ``--lossless``). ``kept``: outputs whose
+    fold is kept although a layer reads them (a pruning mask applied to its weight)."""
+    held: list[tuple[gs.Node, int, gs.Constant]] = []
+    seen: set[int] = set()
+    for node in graph.nodes:
+        rule = registry.lookup(node.domain or "", node.op, opset)
+        info = rule.linear(node) if rule is not None else None
+        if info is None:
+            continue
+        todo = [node.inputs[k] for k in (info.weight, info.bias) if k is not None and k < len(node.inputs)]
+        while todo:
+            tensor = todo.pop()
+            if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or tensor.name in kept:
+                continue
+            producer = tensor.inputs[0]
+            if id(producer) in seen or any(isinstance(v, gs.Graph) for v in producer.attrs.values()):
+                continue
+            seen.add(id(producer))
+            for index, source in enumerate(producer.inputs):
+                if isinstance(source, gs.Constant) and source.shape is not None and len(source.shape) >= 1 \
+                        and int(np.prod(source.shape)) > 1:  # (a weight, not a shape or an axis)
+                    producer.inputs[index] = gs.Variable(f"{source.name}__gp_held", source.dtype, source.shape)
+                    held.append((producer, index, source))
+                elif not isinstance(source, gs.Constant):
+                    todo.append(source)
+    return held

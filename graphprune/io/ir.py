@@ -437,9 +437,11 @@ def _normalise_graph(model: onnx.ModelProto, store: Any, folding: bool, *,
             # flatten_subgraphs=False: inlining an If with a constant condition drops
             # branch outputs used later (the result fails the checker)
             fold_holds.read_aliases_directly(graph, default_opset(model))
+            held = []
             if shrink_only:  # a weight and its pruning mask: folded, the product is the weight
                 stored |= _masked_weights(graph, default_opset(model))
-            held = fold_holds.hold_unfolded(graph, default_opset(model))
+                held = fold_holds.hold_layer_weights(graph, default_opset(model), stored)
+            held += fold_holds.hold_unfolded(graph, default_opset(model))
             held += fold_holds.hold_tied_weights(graph, default_opset(model))
             sequences_back = fold_holds.hold_sequences(graph)
             opset = default_opset(model)
