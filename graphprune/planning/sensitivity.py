@@ -259,13 +259,15 @@ def _prepared(reference: list[np.ndarray]) -> list[tuple[np.ndarray, float] | No
     return out
 
 
-def _deviation(reference: list[tuple[np.ndarray, float] | None], shapes: list[tuple[int, ...]],
-               other: list[np.ndarray]) -> float:
+def _deviation(reference: list[np.ndarray], other: list[np.ndarray],
+               prepared: list[tuple[np.ndarray, float] | None] | None = None) -> float:
+    """Mean squared deviation of ``other`` from ``reference`` relative to its norm, over the float
+    outputs (``prepared``: :func:`_prepared` of ``reference``, made once for many comparisons)."""
     values = []
-    for ref, shape, out in zip(reference, shapes, other, strict=True):
+    for ref, original, out in zip(prepared or _prepared(reference), reference, other, strict=True):
         if ref is None:
             continue
-        if shape != out.shape:  # a decoder that stops at another step: all of it deviates
+        if original.shape != out.shape:  # a decoder that stops at another step: all of it deviates
             values.append(1.0)
             continue
         d = ref[0] - out.ravel()  # (in float64, as the reference)
@@ -305,10 +307,10 @@ def measure(
     total = sum(1 for m in sweep.masks if m is not None)
     done, stride, started, aside = 0, 1, time.perf_counter(), 0.0
 
-    prepared = [(_prepared(a), [x.shape for x in a]) for a in reference]
+    prepared = [_prepared(a) for a in reference]
 
     def deviation(outputs: list[list[np.ndarray]]) -> float:
-        return float(np.mean([_deviation(a, shapes, b) for (a, shapes), b in zip(prepared, outputs, strict=True)]))
+        return float(np.mean([_deviation(a, b, p) for a, b, p in zip(reference, outputs, prepared, strict=True)]))
 
     for st, masks, fixes in zip(states, sweep.masks, sweep.corrections, strict=True):
         if masks is None or (done and done % stride):
