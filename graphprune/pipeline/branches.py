@@ -197,6 +197,20 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
     return report
 
 
+def _stored(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The tensors ``graph`` stores: initializers and ``Constant`` values, nested subgraphs too."""
+    out = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                out.append(attr.t)
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                out += _stored(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                out += [t for g in attr.graphs for t in _stored(g)]
+    return out
+
+
 def _elements(tensors: list[onnx.TensorProto]) -> int:
     """Elements of ``tensors``, byte-equal copies once (as the written model shares them)."""
     seen = {(t.data_type, tuple(t.dims), t.raw_data or numpy_helper.to_array(t).tobytes()): t for t in tensors}
@@ -220,7 +234,7 @@ def _undo_growth(node: onnx.NodeProto, report: BranchReport, constants: dict[str
         tensors: list[onnx.TensorProto] = []
         for attr, graph in branches.items():
             graph = pruned[attr] if use_pruned and attr in pruned else graph
-            tensors += list(graph.initializer) + [constants[n] for n in outer_reads(graph) if n in constants]
+            tensors += _stored(graph) + [constants[n] for n in outer_reads(graph) if n in constants]
         return _elements(tensors)
 
     before, after = held(False), held(True)
