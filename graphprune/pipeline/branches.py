@@ -193,56 +193,33 @@ def prune_branches(model: onnx.ModelProto, ratio: float, prune: Any, **options: 
                 _as_branch(zeroed, standalone.graph.name),
                 removed, result.report["params_before"], result.report["params_after"],
                 {k: fidelity[k] for k in ("samples", "cosine", "rel_l2") if k in fidelity} or None, inexact))
-        _undo_growth(node, report, constants)
+        _undo_growth(model, node, report)
     return report
 
 
-def _stored(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """The tensors ``graph`` stores: initializers and ``Constant`` values, nested subgraphs too."""
-    out = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                out.append(attr.t)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                out += _stored(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                out += [t for g in attr.graphs for t in _stored(g)]
-    return out
-
-
-def _elements(tensors: list[onnx.TensorProto]) -> int:
-    """Elements of ``tensors``, byte-equal copies once (as the written model shares them)."""
-    seen = {(t.data_type, tuple(t.dims), t.raw_data or numpy_helper.to_array(t).tobytes()): t for t in tensors}
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in seen.values())
-
-
-def _undo_growth(node: onnx.NodeProto, report: BranchReport, constants: dict[str, onnx.TensorProto]) -> None:
+def _undo_growth(model: onnx.ModelProto, node: onnx.NodeProto, report: BranchReport) -> None:
     """Both branches of ``node`` read outer weights; pruned, each holds its own copy of what
     it keeps of them. Where they keep different channels (their own data or heads choose), or
     one branch is not pruned and still reads the originals, the copies can hold more than the
     originals did: the written model would be larger than the input (params 1.036 at
-    ``--ratio 0.3``, 1.575 with calibration). Such a prune of ``node``'s branches is undone
-    and said so."""
+    ``--ratio 0.3``, 1.575 with calibration). Counted as the written model is (``apply``, the
+    shared copies hoisted, :func:`~graphprune.verify.metrics.count_params`); such a prune of
+    ``node``'s branches is undone and said so."""
+    from graphprune.verify.metrics import count_params
+
     mine = [b for b in report.pruned if b.node == node.name]
     if not mine:
         return
-    pruned = {b.attr: b.pruned for b in mine}
-    branches = {a.name: a.g for a in node.attribute if a.name in BRANCH_ATTRS}
-
-    def held(use_pruned: bool) -> int:
-        tensors: list[onnx.TensorProto] = []
-        for attr, graph in branches.items():
-            graph = pruned[attr] if use_pruned and attr in pruned else graph
-            tensors += _stored(graph) + [constants[n] for n in outer_reads(graph) if n in constants]
-        return _elements(tensors)
-
-    before, after = held(False), held(True)
+    written = onnx.ModelProto()
+    written.CopyFrom(model)
+    apply(written, BranchReport(pruned=mine))
+    hoist_shared_constants(written)
+    before, after = count_params(model, _bytes), count_params(written, _bytes)
     if after > before:
         report.pruned = [b for b in report.pruned if b.node != node.name]
         report.skipped.append(
             f"If '{node.name}': its branches read the same outer weights and keep different parts of them: "
-            f"their copies would hold {after} parameters where the originals hold {before}: left as they were")
+            f"their copies would hold {after} parameters where the model holds {before}: left as they were")
 
 
 def branch_calibration(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]
@@ -317,5 +294,9 @@ def hoist_shared_constants(model: onnx.ModelProto) -> int:
     become one initializer of the main graph that they read; return how many copies were
     dropped (:func:`graphprune.io.shared_constants.share_subgraph_constants` on a
     materialised model)."""
-    return share_subgraph_constants(
-        model, lambda t: t.raw_data or numpy_helper.to_array(t).tobytes())
+    return share_subgraph_constants(model, _bytes)
+
+
+def _bytes(tensor: onnx.TensorProto) -> bytes:
+    """A materialised constant's value bytes (what tells equal copies apart)."""
+    return tensor.raw_data or numpy_helper.to_array(tensor).tobytes()

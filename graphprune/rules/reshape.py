@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx_graphsurgeon as gs
 
@@ -382,11 +382,9 @@ class ReshapeRule(OpRule):
     def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:
         """A stored weight ``[O, I*K]`` (a dequantized one) reshaped to a conv kernel."""
         inner, shape = stored_weight_of(node.inputs[0], opset), node.outputs[0].shape
-        if inner is None or inner.in_block != 1 or len(inner.shape) != 2 or shape is None or len(shape) < 3 \
-                or not all(isinstance(d, int) for d in shape):
+        if inner is None or inner.in_block != 1 or not _unflattens_rows(inner.shape, shape):
             return None
-        ok = shape[0] == inner.shape[0] and math.prod(shape[1:]) == inner.shape[1]
-        return ReshapedWeight(inner, tuple(shape)) if ok else None
+        return ReshapedWeight(inner, tuple(shape))
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -407,15 +405,18 @@ class ReshapeRule(OpRule):
             ctx.track_shape(node, 1, dims, special_zero=not int(node.attrs.get("allowzero", 0)))
 
 
+def _unflattens_rows(flat: Any, shape: Any) -> bool:
+    """``flat`` is ``[O, I*K]`` and ``shape`` ``[O, I, *k]`` with ``K = prod(k)``, all sizes known."""
+    if flat is None or shape is None or len(flat) != 2 or len(shape) < 3 \
+            or not all(isinstance(d, int) for d in (*flat, *shape)):
+        return False
+    return flat[0] == shape[0] and flat[1] == math.prod(shape[1:])
+
+
 def _unflattened_kernel(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor) -> bool:
     """``x`` is a weight (a float constant, a view or a decoding of one) ``[O, I*K]`` and
-    ``y`` the same values as ``[O, I, *k]`` with ``K = prod(k)``."""
-    if not ctx.is_weight_value(x):
-        return False
-    xs, ys = ctx.shape(x), ctx.shape(y)
-    if xs is None or ys is None or len(xs) != 2 or len(ys) < 3 or None in xs or None in ys:
-        return False
-    return xs[0] == ys[0] and xs[1] == math.prod(ys[1:])
+    ``y`` the same values as ``[O, I, *k]``."""
+    return _unflattens_rows(ctx.shape(x), ctx.shape(y)) and ctx.is_weight_value(x)
 
 
 def _batch_times_channels(ctx: CouplingContext, node: gs.Node, merged: list[MergedBatch]) -> set[int]:
