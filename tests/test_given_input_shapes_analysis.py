@@ -141,13 +141,13 @@ def test_analyze_command_reads_the_given_sizes(tmp_path, capsys):
     named sizes were read for framework sources only)."""
     from graphprune.cli import main
 
-    path = tmp_path / "bilstm.onnx"
-    onnx.save(_stacked_bilstm(), path)
+    path = tmp_path / "spectrogram.onnx"
+    onnx.save(_spectrogram_cnn(), path)
 
     def frozen(*extra: str) -> list:
         assert main(["analyze", str(path), "--json", *extra]) == 0
         return [g for g in json.loads(capsys.readouterr().out)["groups"]
                 if any("Reshape" in why for why in g["frozen"])]
 
-    assert frozen()  # at the probe sizes the baked reshape cannot run
-    assert not frozen("--input-shape", f"x=1,5,{T_BAKED}")
+    assert frozen()  # at the probe sizes the flattened bins read as re-factored open axes
+    assert not frozen("--input-shape", f"x=20,{BINS}")

@@ -183,6 +183,15 @@ class CouplingContext:
         output.shape = [d if d is not None else c if c is not None else f"gp_unk_{output.name}_{k}"
                         for k, (d, c) in enumerate(zip(shape, current, strict=True))]
 
+    def fill_shape(self, output: gs.Tensor, sizes: list[int | None]) -> None:
+        """Give the axes of ``output`` that shape inference left unknown the sizes a rule
+        derives exactly (``None``: still unknown); known sizes and the rank stay as they are."""
+        current = output.shape if isinstance(output, gs.Variable) else None
+        if current is None or len(current) != len(sizes):
+            return
+        output.shape = [s if s is not None and not (isinstance(c, int) and c >= 0) else c
+                        for c, s in zip(current, sizes, strict=True)]
+
     def broadcast_shape(self, tensors: Iterable[gs.Tensor]) -> list[int | None] | None:
         """The numpy broadcast of the tensors' shapes (``None``: a rank is unknown)."""
         shapes = [self.shape(t) for t in tensors if t is not None and t.name]

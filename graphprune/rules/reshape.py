@@ -31,11 +31,13 @@ from graphprune.rules.registry import OpRule, StoredWeight, register, stored_wei
 from graphprune.rules.reshape_blocks import (
     axis_blocks,
     channel_factor,
+    end_blocks,
     factor_facts,
     factors_reordered,
     facts_along,
     leads_to_heads,
     probe_blocks,
+    traced_sizes,
 )
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ def couple_reshape(
     blocks = axis_blocks(in_shape, out_shape)
     if blocks is None:
         blocks = probe_blocks(ctx, x, y)
+    if blocks is None:
+        blocks = end_blocks(in_shape, out_shape)
     if blocks is None:
         return False
     for bi, bj in blocks:
@@ -385,6 +389,12 @@ class ReshapeRule(OpRule):
         if inner is None or inner.in_block != 1 or not _unflattens_rows(inner.shape, shape):
             return None
         return ReshapedWeight(inner, tuple(shape))
+
+    def derive_shapes(self, node: gs.Node, ctx: CouplingContext) -> None:
+        """The sizes a computed target gives where inference left them unknown."""
+        sizes = traced_sizes(ctx, node)
+        if sizes is not None:
+            ctx.fill_shape(node.outputs[0], sizes)
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x, y = node.inputs[0], node.outputs[0]

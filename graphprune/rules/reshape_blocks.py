@@ -7,10 +7,13 @@ undoes the merge. :mod:`graphprune.rules.reshape` couples what these find.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
+
+from graphprune.analysis.shape_trace import ShapeLiteral, ShapeRead, ShapeTrace, literals
 
 if TYPE_CHECKING:
     from graphprune.analysis.coupling import CouplingContext
@@ -54,6 +57,97 @@ def axis_blocks(in_shape: list[int | None], out_shape: list[int | None]):
                 j += 1
         blocks.append((bi, bj))
     return blocks
+
+
+def traced_sizes(ctx: CouplingContext, node: gs.Node) -> list[int | None] | None:
+    """The output sizes of the Reshape ``node`` read from its traced target, where shape
+    inference left some unknown: an element that reads an axis of the input itself (through
+    ``Shape``, or a literal ``0``) has that axis's size, and the ``-1`` is the product of the
+    axes no element reads, once every unknown one is read (a repeat-interleave after a
+    data-dependent frame count, ``[1, T, C, 2]`` reshaped by ``Concat(Slice(Shape(x), 0, 2),
+    [-1])``: ``[1, T, 2C]``). None when an element is neither a literal nor such a read and
+    its size is unknown, or when the ``-1`` does not follow."""
+    x, y = node.inputs[0], node.outputs[0]
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None or None not in out_shape or len(node.inputs) < 2:
+        return None
+    target = node.inputs[1]
+    elements = literals(node, 1) if isinstance(target, gs.Constant) else ShapeTrace(ctx.rule_for).of(target)
+    if elements is None or len(elements) != len(out_shape):
+        return None
+    copies_zero = not int(node.attrs.get("allowzero", 0))
+    sizes: list[int | None] = []
+    reads: dict[int, int] = {}  # input axis -> the output element that reads it first
+    rest = None
+    for k, (element, known) in enumerate(zip(elements, out_shape, strict=True)):
+        axis = None
+        if isinstance(element, ShapeLiteral) and element.value == -1 and rest is None:
+            rest = k
+        elif isinstance(element, ShapeLiteral) and element.value == 0 and copies_zero:
+            axis = k
+        elif isinstance(element, ShapeLiteral) and element.value > 0:
+            sizes.append(element.value)
+            continue
+        elif isinstance(element, ShapeRead) and element.tensor == x.name:
+            axis = element.axis
+        elif known is None:
+            return None
+        if axis is not None:
+            if not -len(in_shape) <= axis < len(in_shape):
+                return None
+            reads.setdefault(axis % len(in_shape), k)
+            sizes.append(in_shape[axis])
+        else:
+            sizes.append(known if rest != k else None)
+    if rest is not None:
+        left = [s for a, s in enumerate(in_shape) if a not in reads]
+        given = [s for k, s in enumerate(sizes) if k != rest and k not in reads.values()]
+        if None in left or None in given or 0 in given:
+            return None
+        whole, part = math.prod(left), math.prod(given)  # type: ignore[arg-type]
+        if whole % part:
+            return None
+        sizes[rest] = whole // part
+    return sizes
+
+
+def _static_run(a: list[int | None], b: list[int | None]) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """The blocks of equal products at the start of ``a`` and ``b`` up to the first unknown
+    size, and how many axes of each they take."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b) and a[i] is not None and b[j] is not None:
+        bi, bj, pa, pb = [i], [j], a[i], b[j]
+        ni, nj = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and ni < len(a) and a[ni] is not None:  # type: ignore[operator]
+                pa *= a[ni]  # type: ignore[operator]
+                bi.append(ni)
+                ni += 1
+            elif pb < pa and nj < len(b) and b[nj] is not None:  # type: ignore[operator]
+                pb *= b[nj]  # type: ignore[operator]
+                bj.append(nj)
+                nj += 1
+            else:
+                return blocks, i, j
+        blocks.append((bi, bj))
+        i, j = ni, nj
+    return blocks, i, j
+
+
+def end_blocks(in_shape: list[int | None], out_shape: list[int | None]):
+    """Blocks matched from both ends up to the first unknown size on each side, and the axes
+    between as one block: its products are equal because the rest are
+    (``[1, C, T, 2] -> [1, C, -1]``, a repeat-interleave along a data-dependent time axis:
+    ``[C] -> [C]`` and ``[T, 2] -> [2T]``). None when one side has nothing between."""
+    head, i, j = _static_run(in_shape, out_shape)
+    tail, ri, rj = _static_run(in_shape[i:][::-1], out_shape[j:][::-1])
+    n, m = len(in_shape), len(out_shape)
+    middle = (list(range(i, n - ri)), list(range(j, m - rj)))
+    if not middle[0] or not middle[1]:
+        return None
+    back = [([n - 1 - a for a in bi][::-1], [m - 1 - b for b in bj][::-1]) for bi, bj in tail[::-1]]
+    return [*head, middle, *back]
 
 
 def factors_reordered(y: gs.Tensor, axes: list[int]) -> bool:
