@@ -73,8 +73,8 @@ def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[s
     only ``GroupQueryAttention`` knows that ``kv_cache_dim`` is its head size). ``model``: a
     ModelProto, its weights not read (ONNX shape inference gives the ops' input shapes)."""
     import onnx
-    import onnx_graphsurgeon as gs
 
+    from graphprune.io import gs_export
     from graphprune.rules import registry
 
     def rule(domain: str, op: str) -> Any:
@@ -86,7 +86,7 @@ def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[s
     ):
         return {}
     try:
-        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+        graph = gs_export.import_onnx(onnx.shape_inference.infer_shapes(model))
     except Exception:  # noqa: BLE001 - a graph inference or graphsurgeon cannot read: nothing known
         return {}
     found: dict[str, int] = {}

@@ -86,7 +86,7 @@ def _record_constants(tensors: Mapping[str, gs.Tensor], shapes: dict[str, list])
 
 def _fold_whole(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx.ModelProto | None:
     """One folding round over the whole graph; ``None`` where nothing folded."""
-    folded = gs.import_onnx(inferred)
+    folded = gs_export.import_onnx(inferred)
     before = [(n.op, [t.name for t in n.outputs]) for n in folded.nodes]
     tensors = folded.tensors()
     fold_constants(folded, fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)
@@ -142,7 +142,7 @@ def _fold_shape_part(inferred: onnx.ModelProto, shapes: dict[str, list]) -> onnx
     )
     part_model = onnx.helper.make_model(sub, opset_imports=inferred.opset_import, ir_version=inferred.ir_version)
     part_model.functions.extend(inferred.functions)
-    folded = gs.import_onnx(part_model)
+    folded = gs_export.import_onnx(part_model)
     count = len(folded.nodes)
     tensors = folded.tensors()
     fold_constants(folded, fold_shapes=True, size_threshold=_PROBE_CONST_LIMIT)

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.io import gs_export
 from graphprune.io.weights import read_external_bytes
 
 
@@ -99,7 +100,7 @@ def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]
     if not wanted:
         return set()
     near = _last_nodes(model, wanted)
-    opset, graph = default_opset(model), gs.import_onnx(_constants_read(model, near, data_dir))
+    opset, graph = default_opset(model), gs_export.import_onnx(_constants_read(model, near, data_dir))
     rules = {id(n): lookup(n.domain or "", n.op, opset) for n in graph.nodes}
     dense: set[str] = set()  # the tensors a dense layer writes along the last axis
     for node in graph.nodes:

@@ -45,6 +45,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.errors import UsageError
+from graphprune.io import gs_export
 from graphprune.io.feeds import InputSpec, random_text
 from graphprune.rules.registry import OpRule, lookup
 
@@ -177,7 +178,7 @@ def first_tested_values(model: Any, graph: Callable[[], gs.Graph] | None = None)
         return {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:
-        found = tested_values(graph() if graph is not None else gs.import_onnx(model), opset)
+        found = tested_values(graph() if graph is not None else gs_export.import_onnx(model), opset)
     except Exception:  # a graph graphsurgeon cannot read (its constants in external data): no values
         return {}
     return {name: values[0] for name, values in found.items()}

@@ -28,6 +28,7 @@ from graphprune.io import (
     custom_shapes,
     declared_shapes,
     fold_holds,
+    gs_export,
     lowering,
     model_io,
     value_types,
@@ -89,7 +90,7 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def import_graph(model: onnx.ModelProto, store: Any = None) -> gs.Graph:
     """``model`` as a graphsurgeon graph; with a weight ``store`` its external weights are
     memory-mapped from the store when read."""
-    graph = gs.import_onnx(model)
+    graph = gs_export.import_onnx(model)
     if store is not None:
         store.map_graph(graph)
     return graph

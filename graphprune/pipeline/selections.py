@@ -34,6 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from graphprune.io import gs_export
 from graphprune.io.graph_reads import node_reads
 from graphprune.rules.registry import lookup
 from graphprune.verify import noise, validate
@@ -60,7 +61,7 @@ def _selections(session: SessionLike) -> tuple[list[gs.Node], set[str]]:
     """The main graph's selections and every tensor computed from their choice."""
     from graphprune.calibration.runner import downstream
 
-    found = [n for n in gs.import_onnx(session.prepared).nodes
+    found = [n for n in gs_export.import_onnx(session.prepared).nodes
              if (rule := lookup(n.domain or "", n.op, session.opset)) is not None and rule.ranks_inputs(n)]
     return found, downstream(session.prepared.graph, [t.name for n in found for t in n.outputs if t.name])
 
@@ -252,7 +253,7 @@ def _own_noise(session: SessionLike, candidate: Any, names: list[str], feeds: li
 def _floors(session: SessionLike, names: list[str]) -> list[float]:
     """The absolute error the kernels that compute ``names`` leave, whatever their size
     (:func:`graphprune.verify.noise.error_floors`: a saturated sigmoid's)."""
-    return noise.error_floors(gs.import_onnx(session.prepared), names, session.opset)
+    return noise.error_floors(gs_export.import_onnx(session.prepared), names, session.opset)
 
 
 def _run_exposed(session: SessionLike, model: Any, names: list[str], feeds: list[dict[str, np.ndarray]],

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.io import gs_export
 from graphprune.io.ir import default_opset
 from graphprune.rules.registry import OpRule, lookup
 
@@ -56,7 +57,7 @@ def paired_tensors(model: onnx.ModelProto) -> dict[str, str]:
     A constant that any node outside the kernel's reads as well is left out with its kernel
     (that kernel then keeps its weights: the copies stay equivalent to each other, only that
     kernel is not protected)."""
-    graph = gs.import_onnx(model)
+    graph = gs_export.import_onnx(model)
     found: dict[str, str] = {}
     for kernel in _kernels(graph, default_opset(model)):
         tensors = {kernel.weight.name: WEIGHT, kernel.scale.name: SCALE,
