@@ -168,6 +168,8 @@ def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
         return [f"  {prefix.rstrip('.')}: {fidelity:.4g}"]
     if isinstance(fidelity, int | str | bool):
         return [f"  {prefix.rstrip('.')}: {fidelity}"]
+    if isinstance(fidelity, list) and fidelity and all(isinstance(v, str) for v in fidelity):  # (the outputs
+        return [f"  {prefix.rstrip('.')}: {', '.join(fidelity)}"]  # a scores tensor decides)
     return []
 
 

@@ -520,4 +520,4 @@ def test_budget_sensitivity_with_outputs_of_data_dependent_length():
     pruned = graphprune.prune(model, target_macs=0.6, calibration=calibration)
     assert pruned.report["verification"]["ok"] and abs(pruned.report["budget"]["achieved"] - 0.6) < 0.05
     figures = sweep.fidelity(model, pruned.model, count=8)
-    assert figures["cosine_mean"] is not None and 0.0 <= figures["cosine_min"] <= 1.0
+    assert figures["cosine_mean"] is not None and -1.0 <= figures["cosine_min"] <= 1.0

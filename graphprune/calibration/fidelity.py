@@ -65,6 +65,11 @@ flattened):
   ``positives_kept``, the share of them the pruned model still takes (a face detector's
   anchors: 99.6 % negatives, its threshold agreement 0.9955 whether it found the faces or
   none), and under :data:`POSITIVES_KEPT` the top-level ``positives_lost`` names the output;
+- ``scores_of``: an entry that is no graph output but the scores outputs are chosen from by rank
+  (:func:`~graphprune.calibration.output_kinds.decision_scores`: a recogniser's per-frame softmax
+  behind its ``ArgMax`` ids), compared as rows of class scores along the ranked axis and counted
+  with the outputs: ids that agree on a few samples rank two models by a token or none (a
+  recogniser that read nothing agreed on its blank frames), their scores by how far they moved;
 - ``constant``: the original's output is the same on every held-out sample (a quantized model
   fed values its input quantizer maps to one level answers 0 to everything): the figures
   compare what a constant became; where every output is so, ``note`` says that the figures
@@ -92,7 +97,13 @@ import numpy as np
 import onnx
 
 from graphprune.calibration import runner
-from graphprune.calibration.output_kinds import feature_outputs, fed_back, logit_rows, open_length
+from graphprune.calibration.output_kinds import (
+    decision_scores,
+    feature_outputs,
+    fed_back,
+    logit_rows,
+    open_length,
+)
 from graphprune.verify.validate import finite_pair
 
 Feed = dict[str, np.ndarray]
@@ -277,13 +288,58 @@ def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: li
     return rank_correlation(y, p)
 
 
+def compared_names(original: onnx.ModelProto) -> tuple[list[str], dict[str, tuple[list[str], int]]]:
+    """What the fidelity compares: the graph outputs of ``original``, then the scores that
+    outputs are chosen from by rank (:func:`decision_scores`, with the outputs each decides
+    and the axis ranked), which :func:`graphprune.calibration.runner.outputs` fetches as
+    ``also`` and :func:`compare_outputs` takes as ``decided``."""
+    decided = decision_scores(original)
+    return [o.name for o in original.graph.output] + list(decided), decided
+
+
+def _decided_rows(names: Sequence[str], samples: list[list[Any]], decided: dict[str, tuple[list[str], int]]
+                  ) -> list[list[Any]]:
+    """``samples`` with each scores tensor of ``decided`` turned so that its ranked axis is the last."""
+    turn = {k: decided[name][1] for k, name in enumerate(names) if name in decided}
+    if not turn:
+        return samples
+    return [[np.moveaxis(np.asarray(v), turn[k], -1) if k in turn and v is not None and np.ndim(v) > 1 else v
+             for k, v in enumerate(row)] for row in samples]
+
+
+def _shown(k: int, names: Sequence[str], original: list[list[Any]], decided: dict) -> bool:
+    """The scores ``names[k]`` hold the values of an output compared anyway (a classifier's
+    probabilities beside its label, as ZipMap's maps): nothing to add."""
+    if not original or original[0][k] is None:
+        return False
+    scores = np.asarray(original[0][k])
+    return any(name not in decided and (value := np.asarray(original[0][j])).dtype.kind == "f"
+               and value.size == scores.size and np.array_equal(value.reshape(-1), scores.reshape(-1))
+               for j, name in enumerate(names) if j != k)
+
+
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
     *, not_scores: set[str] = frozenset(), logits: set[str] = frozenset(),
+    decided: dict[str, tuple[list[str], int]] | None = None,
 ) -> dict[str, Any]:
     """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k;
     ``not_scores``: outputs never taken for class scores, see :func:`open_length`;
-    ``logits``: outputs whose rows are class scores, see :func:`logit_rows`)."""
+    ``logits``: outputs whose rows are class scores, see :func:`logit_rows`; ``decided``: the
+    names that are the scores other outputs are chosen from, :func:`compared_names`: compared
+    as rows of class scores along the ranked axis, their figures under the scores' name with
+    ``scores_of``, and counted with the outputs; one that either model does not compute is
+    left out)."""
+    if decided:
+        absent = {k for k, name in enumerate(names) if name in decided and any(
+            row[k] is None for row in (*original, *pruned)) or _shown(k, names, original, decided)}
+        original, pruned = _decided_rows(names, original, decided), _decided_rows(names, pruned, decided)
+        if absent:
+            keep = [k for k in range(len(names)) if k not in absent]
+            names = [names[k] for k in keep]
+            original = [[row[k] for k in keep] for row in original]
+            pruned = [[row[k] for k in keep] for row in pruned]
+        logits = {*logits, *(name for name in names if name in decided)}
     outputs: dict[str, Any] = {}
     # beside an output of class probabilities, one that is none is no class scores (an MTCNN
     # O-Net's box offsets and landmarks beside its face / non-face softmax read as classes)
@@ -431,6 +487,8 @@ def compare_outputs(
                 entry["balanced_rel_l2"] = round(float(np.sqrt(np.mean(channel_error2[live] / channel_total2[live]))), 6)
         if (value := _few_scores_correlation(k, original, pruned)) is not None:
             entry["rank_correlation"] = round(value, 6)
+        if decided and name in decided:
+            entry["scores_of"] = list(decided[name][0])
         outputs[name] = entry
     worst: dict[str, Any] = {"samples": len(original), "outputs": outputs}
     cos = [e["cosine"] for e in outputs.values() if e["cosine"] is not None]
@@ -513,8 +571,10 @@ def _equal(a: Any, b: Any) -> bool:
 
 def reference_outputs(original: onnx.ModelProto, feeds: Sequence[Feed], *,
                       data_dir: Path | None = None) -> list[list[np.ndarray]]:
-    """The original's outputs on ``feeds``, to compare several pruned models with."""
-    return runner.outputs(original, feeds, "the original model", data_dir=data_dir)
+    """The original's outputs on ``feeds`` (and the scores its ids are chosen from:
+    :func:`compared_names`), to compare several pruned models with."""
+    return runner.outputs(original, feeds, "the original model", data_dir=data_dir,
+                          also=list(decision_scores(original)))
 
 
 def fidelity(
@@ -529,9 +589,9 @@ def fidelity(
     (``reference``: the original's outputs from :func:`reference_outputs`, not run again)."""
     if not feeds:
         return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None}
-    names = [o.name for o in original.graph.output]
+    names, decided = compared_names(original)
     ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
-    out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir)
+    out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir, also=list(decided))
     return compare_outputs(names, ref, out,
                            not_scores=open_length(original) | fed_back(original) | feature_outputs(original),
-                           logits=logit_rows(original, data_dir))
+                           logits=logit_rows(original, data_dir), decided=decided)

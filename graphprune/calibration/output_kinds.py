@@ -1,6 +1,7 @@
 """Which outputs are what, read from the graph: a length the inputs choose
 (:func:`open_length`), a recurrent state fed back (:func:`fed_back`), an embedding
-(:func:`feature_outputs`), rows of class scores (:func:`logit_rows`). The fidelity report
+(:func:`feature_outputs`), rows of class scores (:func:`logit_rows`), ids chosen from scores
+the graph computes (:func:`decision_scores`). The fidelity report
 (:mod:`graphprune.calibration.fidelity`) reads an output's figures accordingly."""
 
 from __future__ import annotations
@@ -134,6 +135,42 @@ def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]
         return False
 
     return {t.name for t in graph.outputs if t.name in wanted and from_dense(t)}
+
+
+def decision_scores(model: onnx.ModelProto) -> dict[str, tuple[list[str], int]]:
+    """The float tensors that outputs are chosen from by rank (an ``ArgMax`` of class scores:
+    a CTC recogniser's or a g2p model's ids; :meth:`~graphprune.rules.registry.OpRule.
+    ranks_inputs`), each with the outputs chosen from it and the axis ranked, followed back
+    from the outputs through ops that move or map values one input at a time (a ``Cast``). An
+    id changes only where a near-tie flips: the agreement of a few held-out samples' ids ranks
+    two models by a token or none (a recogniser that reads nothing still agrees on its blank
+    frames), the scores behind them by how far each is from the original's choices."""
+    from graphprune.io.model_io import default_opset  # noqa: PLC0415 (io imports calibration)
+    from graphprune.rules.registry import lookup  # noqa: PLC0415
+
+    opset = default_opset(model)
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    outputs = {o.name for o in model.graph.output}
+    found: dict[str, tuple[list[str], int]] = {}
+    for out in model.graph.output:
+        name = out.name
+        for _ in range(_HEAD_DEPTH):
+            node = producer.get(name)
+            rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
+            if rule is None:
+                break
+            ranked = rule.ranks_inputs(gs.Node(node.op_type, node.name))
+            if ranked:
+                scores = node.input[ranked[0]] if ranked[0] < len(node.input) else ""
+                if scores in producer and scores not in outputs and producer[scores].input:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if node.op_type == "TopK" else 0)
+                    found.setdefault(scores, ([], int(axis)))[0].append(out.name)
+                break
+            computed = [i for i in node.input if i in producer and producer[i].input]
+            if rule.zero_behaviour not in ("move", "map") or len(computed) != 1:
+                break
+            name = computed[0]
+    return found
 
 
 #: nodes :func:`logit_rows` follows back from an output (a bias, an activation, a rescaling)

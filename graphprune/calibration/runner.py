@@ -427,12 +427,12 @@ def frontier(graph: onnx.GraphProto, later: Iterable[str], unstable: set[str]) -
     return sorted(out - not_tensors(graph))  # (no fed input can be declared a sequence)
 
 
-def outputs(
-    model: onnx.ModelProto, feeds: Sequence[Feed], what: str = "the model", data_dir: Path | None = None
-) -> list[list[np.ndarray]]:
-    """The graph outputs of ``model`` on every feed, in the graph's output order (a sequence
-    of maps, ZipMap's, as a samples x labels array)."""
-    names = [o.name for o in model.graph.output]
+def outputs(model: onnx.ModelProto, feeds: Sequence[Feed], what: str = "the model", data_dir: Path | None = None,
+            also: Sequence[str] = ()) -> list[list[np.ndarray]]:
+    """The graph outputs of ``model`` on every feed, in the graph's output order (a sequence of maps,
+    ZipMap's, as a samples x labels array), then the tensors ``also`` names (``None``: no node computes it)."""
+    width, here = len(model.graph.output), {name for node in model.graph.node for name in node.output} if also else ()
+    names = [o.name for o in model.graph.output] + [name for name in also if name in here]
     position: dict[str, list[int]] = {}  # a graph may list one output twice
     for k, name in enumerate(names):
         position.setdefault(name, []).append(k)
@@ -454,7 +454,8 @@ def outputs(
     if computed:
         # as deployed: ORT's optimizations on (QDQ patterns run as integer kernels)
         stream(model, computed, feeds, take, chunk_bytes=1 << 62, what=what, data_dir=data_dir, optimize=True)
-    return result
+    at = {name: width + k for k, name in enumerate(names[width:])}  # (``also`` in its order, absent ones None)
+    return [row[:width] + [row[at[name]] if name in at else None for name in also] for row in result] if also else result
 
 
 # ---------------------------------------------------------------------- batching

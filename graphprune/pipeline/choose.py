@@ -154,7 +154,8 @@ class _Measured:
         return self.off_target, self.error
 
 
-def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, Any], float]:
+def _score(names: list[str], reference: list, outputs: list, decided: dict | None = None
+           ) -> tuple[dict[str, Any], float]:
     """The fidelity figures of ``outputs`` and their relative L2 pooled over the samples,
     channel by channel where channels differ in size (``inf`` when none:
     :func:`~graphprune.calibration.fidelity.deciding_rel_l2`): the figure that keeps or undoes a reconstruction
@@ -162,9 +163,27 @@ def _score(names: list[str], reference: list, outputs: list) -> tuple[dict[str, 
     original output is near zero cannot dominate as they do a per-sample mean."""
     from graphprune.calibration import fidelity as fidelity_mod
 
-    score = fidelity_mod.compare_outputs(names, reference, outputs)
+    score = fidelity_mod.compare_outputs(names, reference, outputs, decided=decided)
     error = fidelity_mod.deciding_rel_l2(score)
     return score, error if error is not None else math.inf
+
+
+@dataclass
+class Judged:
+    """What the candidates are compared on: the original's outputs and the scores its ids are
+    chosen from (:func:`~graphprune.calibration.fidelity.compared_names`)."""
+
+    names: list[str]
+    decided: dict[str, Any]
+    data_dir: Any
+
+    def run(self, model: Any, feeds: list, what: str) -> list:
+        from graphprune.calibration import runner
+
+        return runner.outputs(model, feeds, what, data_dir=self.data_dir, also=list(self.decided))
+
+    def score(self, reference: list, outputs: list) -> tuple[dict[str, Any], float]:
+        return _score(self.names, reference, outputs, self.decided)
 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
@@ -186,7 +205,6 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     import numpy as np
 
     from graphprune.calibration import fidelity as fidelity_mod
-    from graphprune.calibration import runner
 
     first = search.candidates(model, fraction)
     first += [(label, list(indexes)) for label, indexes in more if all(list(indexes) != i for _, i in first)]
@@ -197,9 +215,10 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     # reconstruction auto: each candidate with the statistics correction too, nearest of three kept
     weigh_stats = calibrated.auto_reconstruction and calibrated.stats_unaffordable() is None
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
-    names = [o.name for o in session.prepared.graph.output]
+    names, decided = fidelity_mod.compared_names(session.prepared)  # (and the scores ids are chosen from)
+    judged = Judged(names, decided, calibrated.data_dir)
     with session.stage("candidates"):
-        reference = runner.outputs(session.prepared, feeds, "the original model", data_dir=calibrated.data_dir)
+        reference = judged.run(session.prepared, feeds, "the original model")
     rows: list[dict[str, Any]] = []
     best: _Measured | None = None
     runner_up: _Measured | None = None  # second by the screening refit
@@ -234,14 +253,14 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         finally:
             calibrated.session = session
         with session.stage("candidates"):
-            outputs = runner.outputs(candidate.model, feeds, "a candidate", data_dir=calibrated.data_dir)
-        score, error = _score(names, reference, outputs)
+            outputs = judged.run(candidate.model, feeds, "a candidate")
+        score, error = judged.score(reference, outputs)
         refit_error = error
         reverted, plain_error, plain_cosine = False, error, score["cosine"]  # it may have changed nothing
         if candidate.model is not unreconstructed:  # measured without it only where it changed something
             with session.stage("candidates"):
-                plain = runner.outputs(unreconstructed, feeds, "a candidate", data_dir=calibrated.data_dir)
-            plain_score, plain_error = _score(names, reference, plain)
+                plain = judged.run(unreconstructed, feeds, "a candidate")
+            plain_score, plain_error = judged.score(reference, plain)
             plain_cosine = plain_score["cosine"]
             reverted = plain_error < error
             if reverted:  # the held-out samples are nearer without this candidate's reconstruction
@@ -253,7 +272,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         if weigh_stats:
             errors = {"refit": refit_error, "none": plain_error}
             corrected = fidelity_mod.stats_needless(refit_error, plain_error) or _stats_correction(
-                session, candidate, calibrated, fresh, plan, unreconstructed, feeds, names, reference)
+                session, candidate, calibrated, fresh, plan, unreconstructed, feeds, judged, reference)
             if isinstance(corrected, str):
                 row["stats"] = corrected
             else:
@@ -322,7 +341,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
             for m in finalists:
                 shown(f"allocation {m.label!r} again")
-                _refit_finalist(session, m, calibrated, feeds, names, reference,
+                _refit_finalist(session, m, calibrated, feeds, judged, reference,
                               next(r for r in rows if r["allocation"] == m.label))
             best = min(finalists, key=lambda m: m.rank())
         calibrated.close_recorded()
@@ -366,12 +385,11 @@ def _name_stages(session: Session) -> Callable[[str], None]:
 
 
 def _stats_correction(session: Session, candidate: Session, calibrated: Any, analysis: Analysis, plan: Plan,
-                      unreconstructed: Any, feeds: list, names: list[str], reference: list
+                      unreconstructed: Any, feeds: list, judged: Judged, reference: list
                       ) -> tuple[Any, dict[str, Any], dict[str, Any], float] | str:
     """A candidate's rewrite ``unreconstructed`` with the statistics correction instead of its
     refit (reconstruction ``auto``): the model, its pass figures, its fidelity figures and
     error on the held-out samples, or why there is none. The candidate keeps its model."""
-    from graphprune.calibration import runner
 
     fitted, fitted_stats, seconds = candidate.model, calibrated.pass_stats, calibrated.refit_seconds
     candidate.adopt(unreconstructed)
@@ -380,24 +398,23 @@ def _stats_correction(session: Session, candidate: Session, calibrated: Any, ana
         calibrated.reconstruct(analysis, plan, kind="stats", keep_recorded=True, stage="stats correction")
         corrected, corrected_stats = candidate.model, calibrated.pass_stats
         with session.stage("stats correction"):
-            outputs = runner.outputs(corrected, feeds, "a candidate", data_dir=calibrated.data_dir)
+            outputs = judged.run(corrected, feeds, "a candidate")
     except Exception as exc:  # noqa: BLE001 - the candidate keeps its refit
         return f"failed: {type(exc).__name__}: {exc}"[:300]
     finally:
         calibrated.session, calibrated.pass_stats, calibrated.refit_seconds = session, fitted_stats, seconds
         candidate.adopt(fitted)
-    score, error = _score(names, reference, outputs)
+    score, error = judged.score(reference, outputs)
     return corrected, corrected_stats, score, error
 
 
-def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feeds: list, names: list[str],
+def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feeds: list, judged: Judged,
                   reference: list, row: dict[str, Any]) -> None:
     """Reconstruct a finalist allocation again, from its rewrite, with cross-validated ridges
     (it was ranked after a screening refit); the result replaces the screening one, unless
     the held-out samples are nearer without any reconstruction (then it is undone, as for
     every candidate), and ``finalist.error`` becomes its error. Where this reconstruction fails,
     the screening one stays."""
-    from graphprune.calibration import runner
 
     candidate = finalist.session
     screened, screened_stats = candidate.model, finalist.pass_stats
@@ -416,8 +433,8 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
     finally:
         calibrated.session = session
     with session.stage("candidates"):
-        outputs = runner.outputs(candidate.model, feeds, "a finalist allocation", data_dir=calibrated.data_dir)
-    score, error = _score(names, reference, outputs)
+        outputs = judged.run(candidate.model, feeds, "a finalist allocation")
+    score, error = judged.score(reference, outputs)
     finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
     row["refit"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
     if finalist.errors is not None:  # (reconstruction auto)

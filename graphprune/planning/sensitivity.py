@@ -110,7 +110,23 @@ def masked_model(prepared: onnx.ModelProto, analysis: Analysis, states: list[Gro
         graph.node.append(node)
         for out in node.output:
             graph.node.extend(late.get(out, []))
+    _expose_scores(prepared, graph)
     return model, sweep
+
+
+def _expose_scores(prepared: onnx.ModelProto, graph: onnx.GraphProto) -> None:
+    """The scores that outputs are chosen from by rank, as outputs of the sweep model too: a model
+    whose only output is ids (a g2p model's ``ArgMax``) deviated by nothing, the ids being no float."""
+    from graphprune.calibration.output_kinds import decision_scores
+
+    types = {v.name: v for v in graph.value_info}
+    shown = {o.name for o in graph.output}
+    for name in decision_scores(prepared):
+        if name not in shown:
+            value = onnx.ValueInfoProto(name=name)
+            if name in types and types[name].type.HasField("tensor_type"):
+                value.type.tensor_type.elem_type = types[name].type.tensor_type.elem_type
+            graph.output.append(value)
 
 
 def _computed_weights(analysis: Analysis, inits: dict[str, onnx.TensorProto]) -> dict[str, tuple[int, int]]:
