@@ -83,6 +83,8 @@ class Analysis:
             "frozen": len(self.frozen_groups),
             "inexact": sum(1 for g in self.groups if g.prunable and not g.is_exact),
             "unsupported_ops": {k: len(v) for k, v in sorted(self.unsupported.items())},
+            **({"unranked_layers": {k: len(set(v)) for k, v in sorted(self.context.unranked.items())}}
+               if self.context.unranked else {}),
         }
 
 
@@ -129,11 +131,13 @@ def analyze_graph(
     folded: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     _probes: dict[str, tuple[list, list]] | None = None,
+    probe_cache: dict | None = None,
 ) -> Analysis:
     """Run every op rule over ``graph`` and form channel groups with their units
     (``folded``: ``graph`` is a chain that preparation folds into constants,
     :attr:`CouplingContext.folded`; ``input_shapes``: sizes the user gave for open input
-    axes, tried where the probe sizes leave shapes unknown: :func:`refine_shapes`).
+    axes, tried where the probe sizes leave shapes unknown: :func:`refine_shapes`;
+    ``probe_cache``: its probes kept for the next graph imported from the same model).
 
     Grouped convolutions are first tied conv group by conv group (a unit is a whole conv
     group). Where that leaves a channel group unprunable (one unit, or frozen), those convs
@@ -141,7 +145,7 @@ def analyze_graph(
     """
     keep = tuple(keep)
     # a retry analyses the same graph, whose shapes were refined by the first pass
-    probes = refine_shapes(graph, input_shapes) if _probes is None else _probes
+    probes = refine_shapes(graph, input_shapes, probe_cache) if _probes is None else _probes
 
     def rule_for(node: gs.Node) -> registry.OpRule | None:
         return registry.lookup(node.domain or "", node.op, opset)

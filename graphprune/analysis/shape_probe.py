@@ -299,7 +299,8 @@ def _known(shape: Sequence[int | None] | None) -> bool:
     return shape is not None and all(d is not None for d in shape)
 
 
-def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[list, list]]:
+def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = None,
+                  cache: dict | None = None) -> dict[str, tuple[list, list]]:
     """Fill in dimensions that ONNX inference leaves symbolic but that do not depend on inputs.
 
     Symbolic input sizes hide static sizes downstream: a Reshape to ``[B, S, -1, D]`` (the head
@@ -310,7 +311,9 @@ def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = N
     user ``given`` the input sizes the model runs at, those are tried (:func:`_pin_given`: a
     spectrogram's frequency axis that a dense layer fixes, left open in the file). Returns
     both probes per tensor name (rules use them to match re-factored dynamic axes). Nothing
-    changes when inference fails.
+    changes when inference fails. ``cache``: where the probes of this graph, as imported from
+    one model, are kept for the next graph imported from it (a budget's candidates: with the
+    sizes given, each took a second of ONNX Runtime inference on an 80 k-parameter VAD).
     """
     symbolic = [
         (t.name, axis)
@@ -329,6 +332,21 @@ def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = N
     # no size known (no rank, or only the rank ONNX Runtime's symbolic inference gave it:
     # ``contrib_shapes.annotate_ranks``): what other image sizes may size
     rankless = [n for n, t in variables.items() if t.shape is None or not any(isinstance(d, int) for d in t.shape)]
+    if cache is not None and "probes" in cache:
+        found = cache["probes"]
+    else:
+        found = _probes(graph, symbolic, variables, rankless, given)
+        if cache is not None:
+            cache["probes"] = found
+    if found is None:
+        return {}
+    return _apply_probes(graph, *found)
+
+
+def _probes(graph: gs.Graph, symbolic: list[tuple[str, int]], variables: Mapping[str, gs.Variable],
+            rankless: list[str], given: Mapping[str, Sequence[int]] | None) -> tuple | None:
+    """The two probes of :func:`refine_shapes`, the third that confirms sizes (or None) and the
+    input sizes of the two; None when inference fails."""
     try:
         model = _probe_model(graph)
         best: tuple[int, dict, dict, tuple[int, int, int]] | None = None
@@ -357,7 +375,13 @@ def refine_shapes(graph: gs.Graph, given: Mapping[str, Sequence[int]] | None = N
             with quiet_ort():
                 confirm = _probe_shapes(model, _probe_sizes(graph, symbolic, (base_b + base_b - base_a, 0, step))[0])
     except Exception:  # a refinement only; the analysis copes with unknown sizes
-        return {}
+        return None
+    return probe_a, probe_b, confirm, sizes_a, sizes_b
+
+
+def _apply_probes(graph: gs.Graph, probe_a: dict, probe_b: dict, confirm: dict | None, sizes_a: dict, sizes_b: dict
+                  ) -> dict[str, tuple[list, list]]:
+    """Give ``graph``'s tensors the sizes both probes agree on (see :func:`refine_shapes`)."""
     for name, tensor in graph.tensors().items():
         if not isinstance(tensor, gs.Variable):
             continue

@@ -104,6 +104,7 @@ class Session(FeedValues):
         #: shapes of graph inputs given by the caller; the other open sizes are chosen by
         #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
         self.input_shapes = dict(input_shapes) if input_shapes else None
+        self._probes: tuple[Any, dict] = (None, {})  # (a prepared model, its graphs' shape probes)
         self._probe_shapes: dict[str, Any] | None | bool = False
         self._counting: dict[str, Any] | None | bool = False  # see cost_shapes
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
@@ -225,8 +226,7 @@ class Session(FeedValues):
         return self.graph
 
     def adopt(self, model: onnx.ModelProto) -> None:
-        """Make ``model`` (one this session exported) the working model and graph again, the
-        analysis kept (a reconstruction undone)."""
+        """Make ``model`` (one this session exported) the working model and graph again, the analysis kept."""
         analysis = self.analysis
         self.import_graph(model)
         self.model, self.analysis = model, analysis
@@ -234,11 +234,13 @@ class Session(FeedValues):
     def analyze(self, *, stage: str = "analysis") -> Analysis:
         """Analyse the working graph as it is now (imported from the prepared model first)."""
         with self.stage(stage):
-            if self.graph is None:
-                self.import_graph()
-            assert self.graph is not None
+            fresh = self.graph is None  # as imported from the prepared model: its shape probes are reused
+            if fresh:
+                self.import_graph()  # (siblings share the parent's probes)
+                self._probes = self._probes if self._probes[0] is self.prepared else (self.prepared, {})
             self.check_keep()
-            self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep, input_shapes=self.input_shapes)
+            self.analysis = analyze_graph(self.graph, self.opset, keep=self.keep, input_shapes=self.input_shapes,
+                                          probe_cache=self._probes[1] if fresh else None)
         return self.analysis
 
     @property
@@ -333,9 +335,8 @@ class Session(FeedValues):
         return self.store.materialize(model)
 
     def path_of(self, model: Any, *, keep: bool = True) -> Any:
-        """A file of the store for a model proto (ORT and the checker read it with its
-        external weights); paths pass through. ``keep=False``: a one-off model, not
-        remembered (nor kept alive) for a later call."""
+        """A file of the store for a model proto (ORT and the checker read it with its external weights);
+        paths pass through. ``keep=False``: a one-off model, not remembered (nor kept alive) for a later call."""
         if isinstance(model, onnx.ModelProto):
             cached = self._paths.get(id(model))
             if cached is not None and cached[0] is model:
