@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graphprune.analysis.explain import domain_notes
+from graphprune.analysis.explain import domain_notes, unranked_layers
 from graphprune.errors import UsageError
 from graphprune.io import scratch
 from graphprune.tables import ANALYZE_LEGEND, normalised_lines, prune_summary, result_rows, table
@@ -127,6 +127,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"ops without a rule (their dimensions are frozen): {ops}")
         for note in domain_notes(analysis.unsupported):
             print(f"  {note}")
+    if unranked := unranked_layers(analysis):
+        print(f"layers no group holds, the rank of their input unknown (give --input-shape, or shapes in the file): "
+              f"{unranked}")
     if not args.no_legend:
         print("\n" + ANALYZE_LEGEND)
     return 0

@@ -94,6 +94,8 @@ class CouplingContext:
         self.attribute_weights: dict[str, tuple[str, str]] = {}
         #: variables that are weights computed from constants (:meth:`weight_expression`)
         self.weight_values: set[str] = set()
+        #: layers (nodes that read a weight) whose rule saw a rank unknown: op -> node names
+        self.unranked: dict[str, list[str]] = {}
         self.spatial_dims: set[Dim] = set()
         self.head_dims: set[Dim] = set()
         self.shape_elements: list[ShapeElement] = []
@@ -118,8 +120,19 @@ class CouplingContext:
         ranks = [self.rank(t) for t in tensors]
         if any(r is None for r in ranks):
             self.freeze_node(node, f"rank unknown at {node.op} '{node.name}'")
+            if self._is_layer(node):  # no group holds its weight: the report says so
+                self.unranked.setdefault(node.op, []).append(node.name)
             return None
         return ranks  # type: ignore[return-value]
+
+    def _is_layer(self, node: gs.Node) -> bool:
+        """``node`` applies a weight (its rule's :meth:`~graphprune.rules.registry.OpRule.linear`
+        or :meth:`~graphprune.rules.registry.OpRule.rescaled_linear` says so)."""
+        rule = self._rules(node)
+        try:
+            return rule is not None and (rule.linear(node) is not None or rule.rescaled_linear(node) is not None)
+        except Exception:  # noqa: BLE001 - a rule that cannot tell: no layer
+            return False
 
     def member_size(self, tensor: gs.Tensor, axis: int) -> int | None:
         """The size of an axis as a group member: the static size, or for an activation

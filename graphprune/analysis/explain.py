@@ -42,10 +42,24 @@ def unsupported_ops(analysis: Analysis) -> str:
     return "; ".join([text, *domain_notes(analysis.unsupported)]) if text else ""
 
 
+def unranked_layers(analysis: Analysis) -> str:
+    """The layers no group holds because the rank of a tensor they read is unknown (a Reshape
+    to a target of data-dependent length before them: a tf.ragged front-end), by op type with
+    counts (empty when none)."""
+    found = getattr(analysis.context, "unranked", {})
+    return ", ".join(f"{op} (x{len(set(names))})" for op, names in sorted(found.items()))
+
+
 def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) -> str | None:
     """The one-line explanation when nothing was removed (``None`` otherwise)."""
     if units_removed or erased:
         return None
+    unranked = unranked_layers(analysis)
+    line = _nothing_prunable(analysis)
+    return line + (f"; layers left out, the rank of their input unknown: {unranked}" if unranked else "")
+
+
+def _nothing_prunable(analysis: Analysis) -> str:
     unsupported = unsupported_ops(analysis)
     if not analysis.groups:
         why = "no channel group found (no layer with float weights that the analysis understands)"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
-from graphprune.analysis.explain import unsupported_ops
+from graphprune.analysis.explain import unranked_layers, unsupported_ops
 from graphprune.errors import UsageError
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.choose import apply_plan, choose, measure_sensitivity
@@ -288,9 +288,10 @@ def prune_budget(
     if options.kind != "latency" and not allocation.full and not has_branches(session.prepared):
         what = ("multiply-accumulates counted (layers with weights; a Loop or Scan body is not counted)"
                 if options.kind == "macs" else "parameters (float initializers and constants)")
-        unsupported = unsupported_ops(analysis)
+        unsupported, unranked = unsupported_ops(analysis), unranked_layers(analysis)
         raise UsageError(f"--target-{options.kind} has nothing to reduce: the model has no {what}"
-                         + (f" (ops without a rule: {unsupported})" if unsupported else ""))
+                         + (f" (ops without a rule: {unsupported})" if unsupported else "")
+                         + (f" (layers whose input rank is unknown: {unranked})" if unranked else ""))
     early, goal = None, options.target
     dropped = _dropped_parameters(session, options, allocation.full)
     if dropped:

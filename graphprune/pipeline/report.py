@@ -44,6 +44,7 @@ Keys every report has::
     nothing_prunable          (only when nothing was removed, in ratio mode or where a budget
                               had no prunable group) the one-line reason
     unsupported_ops           op types without a rule, with counts
+    unranked_layers           op types of layers no group holds, the rank of their input unknown
     erased_nodes              names of erased operators (the plan's ``erase``)
     passes                    seconds per pass;  pass_stats: what each pass reported
     verification              what was compared with what (``reference``), the differences
@@ -166,6 +167,8 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
             for g in analysis.groups if g.pinned_units
         ],
         "unsupported_ops": {k: len(v) for k, v in sorted(analysis.unsupported.items())},
+        **({"unranked_layers": {k: len(set(v)) for k, v in sorted(analysis.context.unranked.items())}}
+           if analysis.context.unranked else {}),
         "producer_role": PRODUCER,
     }
 
