@@ -804,3 +804,29 @@ def test_fused_attention_counts_its_products(form):
     # half the query heads' projections (q and o: 2 x 5 x 16 x 16) and products went
     heads_products = 4 * 5 * 5 * 2 * 8 if form == "gqa" else 4 * 5 * 5 * 2 * 8 // 2
     assert result.report["macs_after"] <= expected - 2 * 5 * E * 16 - heads_products // 2, result.report["macs_after"]
+
+
+def test_ms_attention_macs_follow_the_heads_a_budget_removes():
+    """A budget's cost model asks a fused ``Attention`` for its MACs at the weight's size with
+    heads removed; the rule read the weight's stored size, so removing heads saved nothing
+    there and ``--target-macs 0.5`` landed at 0.43 (MISSED) where the unfused export met it."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.rules import registry
+
+    ms = {"domain": "com.microsoft"}
+    model = _fused([helper.make_node("Attention", ["x", "w_qkv", "b_qkv"], ["att"], num_heads=4, **ms),
+                    helper.make_node("MatMul", ["att", "w_o"], ["y"])],
+                   {"w_qkv": [E, 3 * E], "b_qkv": [3 * E], "w_o": [E, E]})
+    node = next(n for n in gs.import_onnx(model).nodes if n.op == "Attention")
+    rule = registry.lookup("com.microsoft", "Attention", 17)
+    batch, seq = 2, 8
+
+    def shape(heads: int):
+        return lambda t: [E, 3 * E * heads // 4] if t is node.inputs[1] else [batch, seq, E] if t is node.inputs[0] else None
+
+    full, half = rule.macs(node, shape(4)), rule.macs(node, shape(2))
+    assert full == batch * seq * E * 3 * E + batch * seq * seq * 2 * E
+    assert half == batch * seq * E * 3 * E // 2 + batch * seq * seq * E
+    result = graphprune.prune(model, target_macs=0.75, input_shapes={"x": [batch, seq, E]})  # (one head of 4)
+    assert abs(result.report["budget"]["achieved"] - 0.75) <= 0.03

@@ -233,7 +233,11 @@ class AttentionRule(OpRule):
         return sizes or ([int(w.shape[1]) // 3] * 3 if w.shape and isinstance(w.shape[1], int) else [0, 0, 0])
 
     def macs(self, node: gs.Node, shape: Callable[[gs.Tensor], list[int] | None]) -> int | None:
-        return attention_macs(node, shape, self._sizes(node), self.past_index)
+        """At the weight's size ``shape`` gives (a budget's cost model: its heads removed)."""
+        sizes, full, now = self._sizes(node), node.inputs[1].shape, shape(node.inputs[1])
+        if full and now and len(now) == len(full) == 2 and isinstance(full[1], int) and full[1] and now[1] != full[1]:
+            sizes = [s * now[1] // full[1] for s in sizes]
+        return attention_macs(node, shape, sizes, self.past_index)
 
     def _unsupported(self, node: gs.Node, ctx: CouplingContext, heads: int) -> str | None:
         w, b = node.inputs[1], _present(node, 2)
