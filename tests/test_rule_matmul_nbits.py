@@ -270,3 +270,17 @@ def test_a_budget_counts_packed_layers_at_their_pruned_widths(target: str) -> No
     budget = result.report["budget"]
     assert budget["met"] and abs(budget["achieved"] - 0.5) <= 0.03, budget
     assert budget["widths"][0]["kept"] == 2 and result.report["verification"]["ok"]
+
+
+def test_the_default_alignment_counts_a_block_as_its_channels() -> None:
+    """A 4-bit layer's unit is a block of 32 input channels: the default alignment of 8
+    rounded to 8 blocks, 256 channels (``--ratio 0.25`` of 40 blocks kept 32, of 48 removed
+    16). Blocks of 32 channels are aligned already; units of 2 channels align by 4."""
+    from graphprune.planning.planner import auto_round_to
+
+    assert auto_round_to(48, 48 * 32) == 1 and auto_round_to(64, 64) == 8 and auto_round_to(32, 64) == 4
+    assert auto_round_to(16, 16) == 1  # (few units: no alignment)
+    result = graphprune.prune(_hand_built(hidden=40 * 32), ratio=0.25)
+    assert result.report["verification"]["ok"]
+    node = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits")
+    assert next(a.i for a in node.attribute if a.name == "N") == 30 * 32

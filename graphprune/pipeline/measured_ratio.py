@@ -38,7 +38,7 @@ from graphprune.analysis import Analysis, targets
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning import budget as budget_mod
-from graphprune.planning.planner import auto_round_to, kept_count
+from graphprune.planning.planner import group_round_to, kept_count
 
 #: the allocation modes of a ratio prune: ``auto`` measures heads where it applies (above),
 #: ``measured`` heads or MLP neurons, ``uniform`` never
@@ -65,7 +65,7 @@ def cut_shares(analysis: Analysis, options: Any) -> dict[int, tuple[float, int]]
         share = ratio_of(group) if group.prunable else None
         if not share:
             continue
-        align = auto_round_to(group.num_units) if options.round_to is None else options.round_to
+        align = group_round_to(group) if options.round_to is None else options.round_to
         removed = group.num_units - kept_count(group.num_units, share, align, options.min_channels)
         if removed > 0:
             out[group.id] = (float(share), removed)

@@ -37,7 +37,7 @@ from graphprune.analysis.dims import Dim
 from graphprune.errors import UsageError
 from graphprune.planning.importance import weight_members
 from graphprune.planning.plan import Plan
-from graphprune.planning.planner import auto_round_to, group_plan
+from graphprune.planning.planner import group_plan, group_round_to
 from graphprune.rules import registry
 from graphprune.verify.metrics import counted_shape, is_parameter_dtype
 
@@ -560,7 +560,7 @@ def build_states(
         if any(g.num_units != n for g in members):
             continue
         limit = min(n - 1, int(math.floor(max_ratio * n + 1e-9)))
-        align = auto_round_to(n) if round_to is None else round_to
+        align = group_round_to(group) if round_to is None else round_to
         orders, loss = [], np.zeros(1)
         for g in members:
             scores = np.asarray(scores_of(g), dtype=np.float64)

@@ -25,9 +25,21 @@ AUTO_ROUND_TO = 8
 AUTO_ROUND_MIN_UNITS = 32
 
 
-def auto_round_to(units: int) -> int:
-    """The alignment used when the caller does not choose one."""
-    return AUTO_ROUND_TO if units >= AUTO_ROUND_MIN_UNITS else 1
+def auto_round_to(units: int, channels: int | None = None) -> int:
+    """The alignment (in units) used when the caller does not choose one: :data:`AUTO_ROUND_TO`
+    channels where the group has :data:`AUTO_ROUND_MIN_UNITS` units or more. A unit of several
+    of its ``channels`` (a 4-bit layer's block of 32 input channels, a conv group) counts as
+    that many: blocks of 32 were rounded to 8 blocks, 256 channels (``--mlp-ratio 0.25`` of
+    1,536 removed a third)."""
+    if units < AUTO_ROUND_MIN_UNITS:
+        return 1
+    width = channels // units if channels and units and channels % units == 0 else 1
+    return AUTO_ROUND_TO // math.gcd(AUTO_ROUND_TO, width)
+
+
+def group_round_to(group: ChannelGroup) -> int:
+    """:func:`auto_round_to` of ``group`` (its channels: the anchor's size)."""
+    return auto_round_to(group.num_units, group.sizes.get(group.anchor))
 
 
 def kept_count(units: int, ratio: float, round_to: int, min_channels: int) -> int:
@@ -91,7 +103,7 @@ def ratio_group_plan(group: ChannelGroup, scores: np.ndarray, ratio: float, roun
                      min_channels: int, tensors: dict[str, gs.Tensor]) -> GroupPlan | None:
     """``ratio`` of ``group``'s units, lowest ``scores`` first, the kept count aligned
     (``round_to=None``: :func:`auto_round_to`); ``None`` when nothing is removed."""
-    align = auto_round_to(group.num_units) if round_to is None else round_to
+    align = group_round_to(group) if round_to is None else round_to
     keep = kept_count(group.num_units, ratio, align, min_channels)
     n_remove = group.num_units - keep
     if n_remove <= 0:
