@@ -159,12 +159,12 @@ def decision_scores(model: onnx.ModelProto) -> dict[str, tuple[list[str], int]]:
             rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
             if rule is None:
                 break
-            ranked = rule.ranks_inputs(gs.Node(node.op_type, node.name))
+            bare = gs.Node(node.op_type, node.name, attrs={a.name: a.i for a in node.attribute if a.name == "axis"})
+            ranked = rule.ranks_inputs(bare)
             if ranked:
                 scores = node.input[ranked[0]] if ranked[0] < len(node.input) else ""
                 if scores in producer and scores not in outputs and producer[scores].input:
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if node.op_type == "TopK" else 0)
-                    found.setdefault(scores, ([], int(axis)))[0].append(out.name)
+                    found.setdefault(scores, ([], int(rule.ranked_axis(bare) or 0)))[0].append(out.name)
                 break
             computed = [i for i in node.input if i in producer and producer[i].input]
             if rule.zero_behaviour not in ("move", "map") or len(computed) != 1:

@@ -296,6 +296,11 @@ class OpRule:
         none."""
         return ()
 
+    def ranked_axis(self, node: gs.Node) -> int | None:
+        """The axis along which :meth:`ranks_inputs` are ranked (``ArgMax``'s ``axis``). Default:
+        none."""
+        return None
+
     def zero_default_inputs(self, node: gs.Node) -> tuple[int, ...]:
         """Optional inputs that mean zeros when absent (a recurrent layer's initial state):
         one that is provably all zeros is dropped before the analysis

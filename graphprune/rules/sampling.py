@@ -63,6 +63,9 @@ class SelectAlongAxisRule(OpRule):
     def ranks_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return () if node.op in ("CumSum", "CumProd") else (0,)
 
+    def ranked_axis(self, node: gs.Node) -> int | None:
+        return int(node.attrs.get("axis", -1 if node.op == "TopK" else 0)) if self.ranks_inputs(node) else None
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         x = node.inputs[0]
         ranks = ctx.known_ranks(node, x)
