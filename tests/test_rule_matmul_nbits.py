@@ -275,10 +275,10 @@ def test_a_budget_counts_packed_layers_at_their_pruned_widths(target: str) -> No
 def test_the_default_alignment_counts_a_block_as_its_channels() -> None:
     """A 4-bit layer's unit is a block of 32 input channels: the default alignment of 8
     rounded to 8 blocks, 256 channels (``--ratio 0.25`` of 40 blocks kept 32, of 48 removed
-    16). Blocks of 32 channels are aligned already; units of 2 channels align by 4."""
+    16). Blocks of 32 channels are aligned already; other units keep the default."""
     from graphprune.planning.planner import auto_round_to
 
-    assert auto_round_to(48, 48 * 32) == 1 and auto_round_to(64, 64) == 8 and auto_round_to(32, 64) == 4
+    assert auto_round_to(48, 48 * 32) == 1 and auto_round_to(64, 64) == 8 and auto_round_to(200, 400) == 8
     assert auto_round_to(16, 16) == 1  # (few units: no alignment)
     result = graphprune.prune(_hand_built(hidden=40 * 32), ratio=0.25)
     assert result.report["verification"]["ok"]

@@ -27,14 +27,14 @@ AUTO_ROUND_MIN_UNITS = 32
 
 def auto_round_to(units: int, channels: int | None = None) -> int:
     """The alignment (in units) used when the caller does not choose one: :data:`AUTO_ROUND_TO`
-    channels where the group has :data:`AUTO_ROUND_MIN_UNITS` units or more. A unit of several
-    of its ``channels`` (a 4-bit layer's block of 32 input channels, a conv group) counts as
-    that many: blocks of 32 were rounded to 8 blocks, 256 channels (``--mlp-ratio 0.25`` of
-    1,536 removed a third)."""
+    units where the group has :data:`AUTO_ROUND_MIN_UNITS` units or more, and none where each
+    unit is already a multiple of that many of its ``channels`` (a 4-bit layer's block of 32
+    input channels: blocks were rounded to 8 blocks, 256 channels, and ``--mlp-ratio 0.25`` of
+    1,536 removed a third). A unit of fewer channels (an LSTM unit's gate rows) keeps the default."""
     if units < AUTO_ROUND_MIN_UNITS:
         return 1
     width = channels // units if channels and units and channels % units == 0 else 1
-    return AUTO_ROUND_TO // math.gcd(AUTO_ROUND_TO, width)
+    return 1 if width % AUTO_ROUND_TO == 0 else AUTO_ROUND_TO
 
 
 def group_round_to(group: ChannelGroup) -> int:
