@@ -590,7 +590,8 @@ def fidelity(
     if not feeds:
         return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None}
     names, decided = compared_names(original)
-    ref = reference if reference is not None else reference_outputs(original, feeds, data_dir=data_dir)
+    ref = reference if reference is not None else runner.outputs(original, feeds, "the original model",
+                                                                  data_dir=data_dir, also=list(decided))
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir, also=list(decided))
     return compare_outputs(names, ref, out,
                            not_scores=open_length(original) | fed_back(original) | feature_outputs(original),
