@@ -198,8 +198,15 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     """Samples, the criterion chosen and what each reconstruction pass changed."""
     if not calibration:
         return []
-    chosen = calibration.get("criteria_chosen") or {}
+    chosen, weighed = calibration.get("criteria_chosen") or {}, calibration.get("criterion_choice") or {}
     picked = f" ({', '.join(f'{k} x{v}' for k, v in chosen.items())})" if chosen else ""
+    if weighed.get("compared"):  # the whole plans of several criteria, on the held-out samples
+        tried = ", ".join(f"{k} {v['error']:.4g}" for k, v in weighed["held_out"].items() if isinstance(v["error"], float))
+        share = f"; nearer in {weighed['confidence']:.0%} of resamples" if weighed.get("confidence") is not None else ""
+        if weighed.get("nearest", weighed["kept"]) == weighed["kept"]:
+            picked += f", the nearest plan (held-out relative L2: {tried}{share})"
+        else:
+            picked += f" (held-out relative L2: {tried}{share} for {weighed['nearest']}, too few to leave auto)"
     lines = [f"calibration: {calibration.get('used', '?')} samples used, {calibration.get('held_out', 0)} held out; "
              f"criterion {calibration.get('criterion')}{picked}; reconstruction {_reconstruction(calibration)}"]
     if str(calibration.get("source", "")).startswith("random"):

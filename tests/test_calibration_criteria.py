@@ -30,10 +30,10 @@ def duplicated_mlp() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _removed(criterion: str):
+def _removed(criterion: str, reconstruction: str = "none"):
     calib = {"x": np.random.default_rng(1).standard_normal((40, 1, 6, 8)).astype(np.float32)}
     result = graphprune.prune(duplicated_mlp(), ratio=0.5, round_to=1, criterion=criterion, calibration=calib,
-                              reconstruction="none")
+                              reconstruction=reconstruction)
     (group,) = result.plan.groups
     return set(group.remove), result
 
@@ -46,10 +46,15 @@ def test_greedy_obs_keeps_one_of_two_duplicates():
 
 
 def test_auto_picks_the_criterion_with_the_least_refit_error():
-    auto, result = _removed("auto")
+    auto, result = _removed("auto", reconstruction="auto")  # (obs's saliency is the error left after a refit)
     cal = result.report["calibration"]
     assert cal["criterion"] == "auto" and cal["criteria_chosen"] == {"obs": 1}
     assert len({0, 1} & auto) == 1
+    # its whole plan was weighed against wanda's and l1's, refit the same way, and was the nearest
+    weighed = cal["criterion_choice"]
+    assert weighed["compared"] and weighed["kept"] == "auto"
+    errors = {k: v["error"] for k, v in weighed["held_out"].items()}
+    assert set(errors) == {"auto", "wanda", "l1"} and errors["auto"] == min(errors.values())
 
 
 def test_removal_error_is_the_least_squares_residual():

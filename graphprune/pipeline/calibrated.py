@@ -6,7 +6,8 @@ A ratio prune with calibration data runs as:
    the rest into batches (:mod:`graphprune.calibration.data`, :mod:`~graphprune.calibration.runner`);
 2. ``scorer(analysis)``: for a data-aware criterion, stream the samples through the original
    and score units from the input statistics of their consumers
-   (:mod:`graphprune.planning.data_aware`); the planner uses it instead of the weight norms;
+   (:mod:`graphprune.planning.data_aware`); the planner uses it instead of the weight norms
+   (under ``auto``, other criteria's whole plans are weighed: :mod:`.criterion_choice`);
 3. the structural rewrite and its exact check against the zeroed original (the ratio driver);
 4. ``reconstruct(analysis, plan)``: reconstruction passes on the pruned graph —
    ``refit`` (:class:`~graphprune.passes.refit.RefitPass`), ``stats``
@@ -21,12 +22,11 @@ A ratio prune with calibration data runs as:
 6. the final refit (inside ``fidelity()``, once the reconstruction is kept): the same
    reconstruction again from the rewrite with EVERY sample, the held-out ones too (each layer
    takes the ridge its validation chose: :class:`~graphprune.calibration.ridge.RidgeChoices`),
-   and that model written. A layer with few rows per input is data-limited (all-MiniLM-L6-v2,
-   a quarter of its MLP, 120 -> 150 sentences: mean cosine 0.9778 -> 0.9791 on 150 others).
+   and that model written (all-MiniLM-L6-v2, a quarter of its MLP: cosine 0.9778 -> 0.9791).
    The fidelity reported stays the one measured on held-out samples the model never saw;
    ``report["calibration"]["final_refit"]`` gives the samples, the in-sample figures, or why
-   it did not run (``final_refit="off"``; under ``auto`` a reconstruction estimated, or
-   measured, at over :data:`FINAL_REFIT_SECONDS`; ``If`` branches, each refit on its own samples).
+   it did not run (``final_refit="off"``; under ``auto`` a reconstruction estimated, or measured,
+   at over :data:`FINAL_REFIT_SECONDS`; ``If`` branches, each refit on its own samples).
 
 ``report()`` gives ``report["calibration"]`` (samples used and held out, criterion, passes
 and what each changed); ``fidelity()`` gives ``report["fidelity"]``.
@@ -105,9 +105,7 @@ def check_options(criterion: str, reconstruction: str, final_refit: str = "auto"
         choices = ", ".join((*CALIBRATED_CRITERIA, *CRITERIA))
         raise UsageError(f"unknown criterion '{criterion}' (choose from {choices})")
     if reconstruction not in RECONSTRUCTIONS:
-        raise UsageError(
-            f"unknown reconstruction '{reconstruction}' (choose from {', '.join(RECONSTRUCTIONS)})"
-        )
+        raise UsageError(f"unknown reconstruction '{reconstruction}' (choose from {', '.join(RECONSTRUCTIONS)})")
     if final_refit not in FINAL_REFITS:
         raise UsageError(f"unknown final refit '{final_refit}' (choose from {', '.join(FINAL_REFITS)})")
 
@@ -153,10 +151,12 @@ class CalibratedRun:
         self.recorded: RecordedTargets | None = None
         self.pass_stats: dict[str, Any] = {}
         self._scorer: Any = None
+        #: the criterion whose whole plan was kept, and ``report["calibration"]["criterion_choice"]``
+        self.kept_criterion, self.criterion_choice = None, None  # (pipeline.criterion_choice)
         #: the original's outputs on the held-out samples (computed once)
         self._reference: list | None = None
-        #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``), and that
-        #: model until :meth:`fidelity` decides which of the two is kept
+        #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``), and that model
+        #: until :meth:`fidelity` decides which of the two is kept
         self.unreconstructed: dict[str, Any] | None = None
         self._unreconstructed_model: onnx.ModelProto | None = None
         self._fidelity: dict[str, Any] | None = None
@@ -174,8 +174,7 @@ class CalibratedRun:
         self._ridges: tuple[Plan, RidgeChoices] | None = None
 
     def _synthetic(self, source: Any) -> tuple[Any, str | None]:
-        """Random feeds and their description for ``random[:N[:LO,HI]]`` (:mod:`.synthetic`), else
-        ``(source, None)``."""
+        """Random feeds and their description for ``random[:N[:LO,HI]]`` (:mod:`.synthetic`), else ``(source, None)``."""
         spec = synthetic.parse(source)
         if spec is None:
             return source, None
@@ -191,9 +190,8 @@ class CalibratedRun:
             return synthetic.synthetic_feeds(specs, at, bounds, count, float_range=spec.float_range, tested=tested,
                                              float_ranges=ranges)
 
-        # the sizes verification runs at were chosen with its own values; where the synthetic
-        # ones choose another branch (silero's sample rate: 16000 needs 512 samples, not 128),
-        # choose sizes with them
+        # the sizes verification runs at were chosen with its own values; where the synthetic ones choose
+        # another branch (silero's sample rate: 16000 needs 512 samples, not 128), choose sizes with them
         path = session.path_of(session.prepared)
 
         def run(feed: dict[str, np.ndarray]) -> bool:
@@ -208,9 +206,9 @@ class CalibratedRun:
                                          feed=lambda at: feeds_at(at, 1)[0]) or shapes
         feeds = feeds_at(shapes, spec.count)
         text = synthetic.describe(feeds, bounds, spec.float_range, ranges)
-        # integers whose range nothing in the graph tells (a GNN's node -> graph ids, read by a
-        # ScatterElements into as many graphs as another input has rows): where random ones do
-        # not run, held at the values verification runs the original with, the rest random
+        # integers whose range nothing in the graph tells (a GNN's node -> graph ids, read by a ScatterElements
+        # into as many graphs as another input has rows): where random ones do not run, held at the values
+        # verification runs the original with, the rest random
         fixed = [s.name for s in specs if s.name not in bounds and s.name not in tested
                  and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
         if fixed and not all(run(f) for f in feeds):
@@ -229,7 +227,7 @@ class CalibratedRun:
 
     @property
     def criterion(self) -> str:
-        name = self.options.criterion
+        name = self.kept_criterion or self.options.criterion
         return AUTO_CRITERION if name == "auto" else name
 
     # ------------------------------------------------------------------ planning
@@ -589,6 +587,7 @@ class CalibratedRun:
             "criterion": self.criterion,
             "criterion_requested": self.options.criterion,
             "criteria_chosen": dict(self._scorer.chosen) if self._scorer is not None and self._scorer.chosen else None,
+            **({"criterion_choice": self.criterion_choice} if self.criterion_choice else {}),
             "reconstruction": "stats" if (self.choice or {}).get("kept") == "stats" else self.options.reconstruction,
             **({"reconstruction_requested": "auto", "reconstruction_choice": self.choice}
                if self.auto_reconstruction else {}),

@@ -9,7 +9,7 @@ checked on a model built from the exact groups only, and the inexact ones are li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -136,7 +136,6 @@ def prune_branches_with_data(session: Session, calibrated: Any, prune_with: Any,
     (:func:`graphprune.pipeline.branches.branch_calibration`); a branch too few samples take
     is left as it is (said in the report). ``model``: the session's model materialised (by
     default its exported one)."""
-    import dataclasses
 
     from graphprune.errors import GraphPruneError
 
@@ -148,7 +147,7 @@ def prune_branches_with_data(session: Session, calibrated: Any, prune_with: Any,
     for (name, attr), data in feeds.items():
         session.branches_taken.setdefault(name, set()).update([attr] if data else [])
     # no final refit inside a branch: the whole model's fidelity is measured after them
-    branch_options = dataclasses.replace(calibrated.options, class_scores=(), final_refit="off")
+    branch_options = replace(calibrated.options, class_scores=(), final_refit="off")
 
     def prune_one(branch_session: Session, _: float, branch: tuple[str, str]) -> PruneResult:
         data = feeds.get(branch) or []
@@ -329,6 +328,11 @@ def prune_ratio(
     scorer = calibrated.scorer(analysis) if calibrated is not None and plan is None else None
     the_plan = make_plan(session, analysis, options, plan, scorer=scorer)
     if calibrated is not None and scorer is not None:
+        from graphprune.pipeline.criterion_choice import choose_criterion
+
+        the_plan = choose_criterion(session, analysis, options, calibrated, the_plan, lambda other, name: make_plan(
+            session, analysis, replace(options, criterion=name if other is None else options.criterion),
+            scorer=other))
         the_plan.meta["criterion"] = calibrated.criterion
     with session.stage("prune"):
         session.apply(channel_passes(analysis, the_plan))
