@@ -87,3 +87,20 @@ def test_another_plan_needs_most_resamples_of_the_held_out_samples():
     share = criterion_choice.nearer_share((lucky, size), auto)
     assert 0.5 < share < criterion_choice.CONFIDENCE
     assert criterion_choice.nearer_share(None, auto) is None
+
+
+def test_a_budget_measures_its_allocation_with_each_criterions_units():
+    """A calibrated budget measures the allocation it chose with wanda's and l1's units at the same
+    widths; without a reconstruction l1's are nearer, as for the ratio prune, and are written."""
+    result = graphprune.prune(duplicated_mlp(), target_macs=0.5, round_to=1, calibration=_calib(),
+                              reconstruction="none")
+    cal, budget = result.report["calibration"], result.report["budget"]
+    weighed = cal["criterion_choice"]
+    assert weighed["compared"] and weighed["kept"] == "l1" and weighed["confidence"] >= criterion_choice.CONFIDENCE
+    labels = [row["allocation"] for row in budget["candidates"]]
+    assert f"{weighed['allocation']} (wanda)" in labels and f"{weighed['allocation']} (l1)" in labels
+    assert cal["criterion"] == "l1" and weighed["auto_per_group"] == {"obs": 1}
+    ratio = _prune(reconstruction="none", criterion="l1")
+    assert [g.remove for g in result.plan.groups] == [g.remove for g in ratio.plan.groups]  # (the same widths here)
+    assert result.report["fidelity"]["pooled_rel_l2"] == weighed["held_out"]["l1"]["error"]
+    assert result.report["verification"]["ok"] and abs(budget["achieved"] - 0.5) <= 0.03

@@ -319,8 +319,11 @@ def prune_budget(
     if options.kind != "latency" and calibrated is not None and states:
         fraction = max(goal, allocation.achieved)  # the greedy landing's budget for every candidate
         more = _uncorrected_greedy(analysis, states, options, goal, shape_of, cost_model, uncorrected)
+        from graphprune.pipeline.criterion_choice import budget_criteria
+
+        criteria = budget_criteria(session, analysis, calibrated, options.criterion, options.seed)
         chosen = choose(session, analysis, states, cost_model, calibrated, meta, fraction, tolerance, verify,
-                         options, fixed, more)
+                         options, fixed, more, criteria)
         plan, fresh, verification, info["candidates"], info["chosen"] = chosen
         allocation.achieved = cost_model.total / allocation.full if allocation.full > 0 else 1.0
         allocation.widths = budget_mod.width_table(states)

@@ -188,7 +188,8 @@ class Judged:
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,
             calibrated: Any, meta: dict[str, Any], fraction: float, tolerance: float, verify: bool,
-            options: Any, fixed: Sequence[GroupPlan] = (), more: Sequence[tuple[str, list[int]]] = ()) -> tuple:
+            options: Any, fixed: Sequence[GroupPlan] = (), more: Sequence[tuple[str, list[int]]] = (),
+            criteria: dict[str, Any] | None = None) -> tuple:
     """Choose the allocation by measurement: each candidate (:func:`search.candidates`: the
     greedy one, uniform at the same cost, a blend; then :func:`_search_count` perturbations of
     the best so far, :func:`search.neighbours`) is rewritten on a sibling session, checked
@@ -199,7 +200,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     reconstruction fails is not chosen (the error is in its row; raised when all fail).
 
     ``fixed``: group plans outside the allocation, part of every candidate; ``more``: further
-    first candidates (label, allocation), measured where they are not one of the others.
+    first candidates (label, allocation), measured where they are not one of the others;
+    ``criteria``: other criteria's group scores (name -> scores), whose units the chosen allocation
+    is measured with too, at the same widths (:func:`_weigh_criteria`).
 
     Returns (plan, analysis of the rewrite, verification, candidate table, chosen label)."""
     import numpy as np
@@ -223,12 +226,14 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     best: _Measured | None = None
     runner_up: _Measured | None = None  # second by the screening refit
     failed: Exception | None = None
+    last: _Measured | None = None  # the latest candidate measured
     shown = _name_stages(session)  # progress lines name the allocation being measured (until the end)
 
-    def evaluate(label: str, indexes: list[int]) -> bool:
-        """Rewrite, check and reconstruct one allocation; ``True`` when the search must stop
-        (a failed structural check, adopted as it is)."""
-        nonlocal best, runner_up, failed
+    def evaluate(label: str, indexes: list[int], full: bool = False) -> bool:
+        """Rewrite, check and reconstruct one allocation (``full``: no screening refit); ``True`` when
+        the search must stop (a failed structural check, adopted as it is)."""
+        nonlocal best, runner_up, failed, last
+        last = None
         shown(f"allocation {len(rows) + 1} ({label})")
         budget_mod.restore(model, indexes)
         plan = budget_mod.to_plan(analysis, states, meta)
@@ -240,12 +245,12 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         rows.append(row)
         if verification is not None and not verification.get("ok"):
             row["verified"] = False
-            best = _Measured(-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
+            best = last = _Measured(-math.inf, label, candidate, fresh, plan, verification, {}, indexes)
             return True
         unreconstructed = candidate.model
         calibrated.session, calibrated.pass_stats = candidate, {}
         try:
-            calibrated.reconstruct(fresh, plan, screening=screening, keep_recorded=True)
+            calibrated.reconstruct(fresh, plan, screening=screening and not full, keep_recorded=True)
         except Exception as exc:  # noqa: BLE001 - this candidate cannot be reconstructed: not chosen
             failed = failed or exc
             row["error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
@@ -290,8 +295,8 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             row["outputs_mean"] = True
         elif "balanced_rel_l2" in score:  # (channel by channel)
             row["balanced"] = True
-        measured = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
-                             reverted, unreconstructed if screening else None, plain_error, plain_cosine,
+        measured = last = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
+                             reverted, unreconstructed if screening and not full else None, plain_error, plain_cosine,
                              unreconstructed, kind, errors, stats_model, stats_pass,
                              off_target=row["modelled_fraction"] > fraction + budget_mod.MET_WITHIN)
         if measured.off_target:
@@ -344,6 +349,9 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 _refit_finalist(session, m, calibrated, feeds, judged, reference,
                               next(r for r in rows if r["allocation"] == m.label))
             best = min(finalists, key=lambda m: m.rank())
+        if criteria and math.isfinite(best.error):
+            best = _weigh_criteria(best, criteria, states, options, evaluate, lambda: last, judged, feeds,
+                                   reference, calibrated, session)
         calibrated.close_recorded()
         budget_mod.restore(model, best.indexes)
         calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
@@ -453,3 +461,55 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
         finalist.pass_stats, finalist.reverted = finalist.stats_pass or {}, False
         finalist.error, finalist.kind = corrected, "stats"
     row["reconstruction"] = finalist.kind
+
+
+def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, options: Any,
+                    evaluate: Callable[..., bool], measured: Callable[[], _Measured | None], judged: Judged,
+                    feeds: list, reference: list, calibrated: Any, session: Session) -> _Measured:
+    """The chosen allocation ``prior`` measured again with each other criterion's units at its widths
+    (reconstructed in full), and the one kept: another only where it is nearer the original on
+    :data:`~graphprune.pipeline.criterion_choice.CONFIDENCE` of bootstrap draws of the held-out
+    samples (:mod:`graphprune.pipeline.criterion_choice`, which the report's ``criterion_choice``
+    follows)."""
+    from graphprune.pipeline import criterion_choice as cc
+
+    found: dict[str, _Measured] = {"auto": prior}
+    record: dict[str, Any] = {"compared": True, "allocation": prior.label, "samples": len(feeds)}
+    started = time.perf_counter()
+    for name, scores_of in criteria.items():
+        spent = time.perf_counter() - started
+        if len(found) > 1 and spent * len(found) / (len(found) - 1) > cc.MEASURED_SECONDS:
+            record.setdefault("not_measured", []).append(name)
+            continue
+        orders = cc.other_orders(states, scores_of, options.min_channels)
+        if orders is None:  # (the same units, or a floor leaves this criterion fewer)
+            record.setdefault("same_as", {})[name] = "auto"
+            continue
+        held = cc.swap_orders(states, orders)
+        try:
+            stop = evaluate(f"{prior.label} ({name})", prior.indexes, full=True)
+        finally:
+            cc.swap_orders(states, held)
+        got = measured()
+        if stop and got is not None:  # a structural check failed: adopted as it is, to be reported
+            return got
+        if got is not None:
+            found[name] = got
+    errors = {k: m.error for k, m in found.items()}
+    record["held_out"] = {k: {"error": round(v, 6) if math.isfinite(v) else None} for k, v in errors.items()}
+    nearest = min(errors, key=errors.get)  # (dict order: auto wins ties)
+    kept = "auto"
+    if nearest != "auto":
+        with session.stage("candidates"):
+            squares = {k: cc.sample_squares(reference, judged.run(found[k].session.model, feeds, "a candidate"))
+                       for k in ("auto", nearest)}
+        share = cc.nearer_share(squares[nearest], squares["auto"])
+        record["confidence"] = None if share is None else round(share, 4)
+        if share is not None and share >= cc.CONFIDENCE:
+            kept = nearest
+        else:
+            record.update(nearest=nearest, why=f"the held-out samples resampled favour {nearest!r} in "
+                                                f"{share or 0:.0%} of draws (auto is left for under {cc.CONFIDENCE:.0%})")
+    record["kept"] = kept
+    cc.keep_other(calibrated, kept, criteria.get(kept), record)
+    return found[kept]

@@ -221,3 +221,61 @@ def _measure(session: Session, calibrated: Any, plans: dict[str, Plan]
         row["error"] = error
         out[name] = row
     return out, squares
+
+
+# ---------------------------------------------------------------------- budgets
+def budget_criteria(session: Session, analysis: Analysis, calibrated: Any, criterion: str, seed: int = 0
+                    ) -> dict[str, Any]:
+    """For a calibrated budget (and a measured allocation) under ``auto``: the other criteria whose
+    units the chosen allocation is measured with (:func:`graphprune.pipeline.choose.choose`, at the
+    same widths), ``name -> group scores``; empty where they are not weighed (the report says why)."""
+    from graphprune.planning.data_aware import consumer_views, make_scorer
+    from graphprune.planning.importance import score_group
+
+    why = skip_reason(session, analysis, calibrated, 1 + len(ALTERNATIVES) + 1)
+    if why is not None:
+        calibrated.criterion_choice = {"compared": False, "why": why}
+        return {}
+    views, tensors, rng = consumer_views(analysis), analysis.context.tensors, np.random.default_rng(seed)
+    out: dict[str, Any] = {name: make_scorer(analysis, views, calibrated.stats, name) for name in ALTERNATIVES}
+    out[criterion] = lambda group: score_group(group, tensors, criterion, rng)
+    return out
+
+
+def other_orders(states: list, scores_of: Any, min_channels: int) -> list | None:
+    """Each state's removal orders (its group's and its tied groups') by ``scores_of``, as long as
+    the state's own (``None`` where one is shorter: a floor leaves fewer units, or where every
+    order is the state's own)."""
+    from graphprune.planning.budget import removal_order
+
+    out, same = [], True
+    for st in states:
+        orders = []
+        for group, order in st.members:
+            other = removal_order(group, np.asarray(scores_of(group), dtype=np.float64), len(order), min_channels)
+            if len(other) < len(order):
+                return None
+            orders.append(other)
+            same = same and set(other[: st.removed].tolist()) == set(order[: st.removed].tolist())
+        out.append(orders)
+    return None if same else out
+
+
+def swap_orders(states: list, orders: list) -> list:
+    """Put ``orders`` (:func:`other_orders`) into ``states``; returns the orders they had."""
+    held = []
+    for st, (first, *rest) in zip(states, orders, strict=True):
+        held.append([st.order, *(o for _, o in st.extra)])
+        st.order = first
+        st.extra = [(g, o) for (g, _), o in zip(st.extra, rest, strict=True)]
+    return held
+
+
+def keep_other(calibrated: Any, name: str, scorer: Any, record: dict[str, Any]) -> None:
+    """``calibrated`` reports ``name``'s units as the ones kept (``scorer``: its data-aware scorer, else
+    ``None``) and ``record`` as ``criterion_choice``."""
+    record["auto_per_group"] = dict(getattr(calibrated._scorer, "chosen", None) or {})
+    calibrated.criterion_choice = record
+    if name != "auto":
+        calibrated._scorer = scorer if name in ALTERNATIVES else None
+        calibrated.kept_criterion = name
