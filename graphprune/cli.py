@@ -338,7 +338,8 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("--criterion", default=None, metavar="NAME",
                    help=f"importance criterion: {', '.join(CRITERIA)}; with --calibration also "
                         "auto, activation, wanda, flap, reconstruction, obs (default: l1, with "
-                        "--calibration auto)")
+                        "--calibration auto: a choice per group, and where cheap the whole plans of auto, "
+                        "wanda and l1 weighed on the held-out samples)")
     p.add_argument("--calibration", metavar="CALIB",
                    help="calibration data: a .npz with one array per graph input (leading sample "
                         "axis; one unnamed array, or a .npy, for a one-input model) or a folder of "
