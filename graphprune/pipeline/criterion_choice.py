@@ -44,14 +44,13 @@ import numpy as np
 
 from graphprune.analysis import Analysis
 from graphprune.pipeline.branches import has_branches
+from graphprune.pipeline.measured_ratio import MIN_HOLDOUT  # (held-out samples a choice needs)
 from graphprune.pipeline.session import Session
 from graphprune.planning.plan import Plan
 
 #: data-aware criteria whose whole plans are compared with ``auto``'s (the data-free criterion of
 #: the ratio options is compared too)
 ALTERNATIVES = ("wanda",)
-#: held-out calibration samples the comparison needs
-MIN_HOLDOUT = 8
 #: the plans are compared where reconstructing all of them is estimated at this many seconds or fewer
 CRITERION_SECONDS = 30.0
 #: another plan than auto's is kept where it is the nearer on at least this share of bootstrap draws
