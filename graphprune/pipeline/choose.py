@@ -474,6 +474,7 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
     from graphprune.pipeline import criterion_choice as cc
 
     found: dict[str, _Measured] = {"auto": prior}
+    ridges = {"auto": calibrated._ridges}  # (each full refit's validated ridges: the final refit recalls the kept one's)
     record: dict[str, Any] = {"compared": True, "allocation": prior.label, "samples": len(feeds)}
     started = time.perf_counter()
     for name, scores_of in criteria.items():
@@ -494,7 +495,7 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
         if stop and got is not None:  # a structural check failed: adopted as it is, to be reported
             return got
         if got is not None:
-            found[name] = got
+            found[name], ridges[name] = got, calibrated._ridges
     errors = {k: m.error for k, m in found.items()}
     record["held_out"] = {k: {"error": round(v, 6) if math.isfinite(v) else None} for k, v in errors.items()}
     nearest = min(errors, key=errors.get)  # (dict order: auto wins ties)
@@ -511,5 +512,6 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
             record.update(nearest=nearest, why=f"the held-out samples resampled favour {nearest!r} in "
                                                 f"{share or 0:.0%} of draws (auto is left for under {cc.CONFIDENCE:.0%})")
     record["kept"] = kept
+    calibrated._ridges = ridges[kept]
     cc.keep_other(calibrated, kept, criteria.get(kept), record)
     return found[kept]
