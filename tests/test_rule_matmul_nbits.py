@@ -284,3 +284,30 @@ def test_the_default_alignment_counts_a_block_as_its_channels() -> None:
     assert result.report["verification"]["ok"]
     node = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits")
     assert next(a.i for a in node.attribute if a.name == "N") == 30 * 32
+
+
+def test_blocks_read_through_a_concat_keep_their_alignment() -> None:
+    """Three layers' outputs joined by a Concat feed one 4-bit layer: the group's unit is a block
+    of 32 of the 1,152 joined channels, while its anchor (one Concat operand) holds 384 of them,
+    12 blocks. Its width was read as 384 channels over all 36 blocks (no whole width: the default
+    alignment of 8 blocks), and ``ratio=0.25`` kept 24 blocks instead of 27."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 384)) / 8).astype(np.float32), f"a{i}") for i in range(3)]
+    inits.append(numpy_helper.from_array((rng.standard_normal((1152, 64)) / 40).astype(np.float32), "c"))
+    nodes = [n for i in range(3) for n in (helper.make_node("MatMul", ["x", f"a{i}"], [f"m{i}"]),
+                                         helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))]
+    nodes += [helper.make_node("Concat", ["r0", "r1", "r2"], ["j"], axis=-1), helper.make_node("MatMul", ["j", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, bits=4)
+    quantizer.process()
+    packed = quantizer.model.model
+    assert sum(n.op_type == "MatMulNBits" for n in packed.graph.node) == 4
+    result = graphprune.prune(packed, ratio=0.25)
+    assert result.report["verification"]["ok"]
+    joined = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits" and "j" in n.input)
+    assert next(a.i for a in joined.attribute if a.name == "K") == 27 * 32

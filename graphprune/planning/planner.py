@@ -25,21 +25,27 @@ AUTO_ROUND_TO = 8
 AUTO_ROUND_MIN_UNITS = 32
 
 
-def auto_round_to(units: int, channels: int | None = None) -> int:
+def auto_round_to(units: int, channels: int | None = None, spanned: int | None = None) -> int:
     """The alignment (in units) used when the caller does not choose one: :data:`AUTO_ROUND_TO`
     units where the group has :data:`AUTO_ROUND_MIN_UNITS` units or more, and none where each
     unit is already a multiple of that many of its ``channels`` (a 4-bit layer's block of 32
     input channels: blocks were rounded to 8 blocks, 256 channels, and ``--mlp-ratio 0.25`` of
-    1,536 removed a third). A unit of fewer channels (an LSTM unit's gate rows) keeps the default."""
+    1,536 removed a third). ``spanned``: the units those channels hold (a Concat operand holds
+    a share of the group's; default all). A unit of fewer channels (an LSTM unit's gate rows)
+    keeps the default."""
     if units < AUTO_ROUND_MIN_UNITS:
         return 1
-    width = channels // units if channels and units and channels % units == 0 else 1
+    spanned = spanned or units
+    width = channels // spanned if channels and channels % spanned == 0 else 1
     return 1 if width % AUTO_ROUND_TO == 0 else AUTO_ROUND_TO
 
 
 def group_round_to(group: ChannelGroup) -> int:
-    """:func:`auto_round_to` of ``group`` (its channels: the anchor's size)."""
-    return auto_round_to(group.num_units, group.sizes.get(group.anchor))
+    """:func:`auto_round_to` of ``group`` (its channels: the anchor's size, over the units the anchor
+    holds: one operand of a Concat of three 4-bit layers holds a third of the blocks)."""
+    labels = group.unit_of.get(group.anchor)
+    spanned = len(np.unique(labels[labels >= 0])) if labels is not None and len(labels) else None
+    return auto_round_to(group.num_units, group.sizes.get(group.anchor), spanned)
 
 
 def kept_count(units: int, ratio: float, round_to: int, min_channels: int) -> int:
