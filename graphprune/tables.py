@@ -422,7 +422,11 @@ def frozen_kind_lines(report: Mapping[str, Any]) -> list[str]:
     if report.get("prune_hidden") and not kinds.get("hidden"):
         lines.append("hidden size: --prune-hidden found none to prune (" + (
             "no attention heads: every group prunes as channels, by --ratio or the target)" if "head" not in kinds
-            else "no inexact group beside the attention heads: no residual stream under a LayerNorm/RMSNorm)"))
+            else "no residual stream beside the attention heads: no group carries the blocks' sums, none is normalised)"))
+    hidden = kinds.get("hidden") or {}
+    if hidden.get("prunable") and not report.get("prune_hidden"):  # (what --ratio and the kind ratios leave)
+        lines.append(f"hidden size (residual stream): {hidden['prunable']} group(s), {hidden.get('units', 0)} channels, "
+                     "left whole (--prune-hidden prunes it)")
     for kind, label in (("head", "attention heads"), ("hidden", "hidden size (--prune-hidden)")):
         row = kinds.get(kind) or {}
         if not row.get("groups") or row.get("prunable") or (kind == "hidden" and not report.get("prune_hidden")):

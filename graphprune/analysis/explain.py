@@ -50,16 +50,17 @@ def unranked_layers(analysis: Analysis) -> str:
     return ", ".join(f"{op} (x{len(set(names))})" for op, names in sorted(found.items()))
 
 
-def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0) -> str | None:
-    """The one-line explanation when nothing was removed (``None`` otherwise)."""
+def nothing_prunable(analysis: Analysis, units_removed: int, erased: int = 0, prune_hidden: bool = False) -> str | None:
+    """The one-line explanation when nothing was removed (``None`` otherwise; ``prune_hidden``: the hidden
+    size was asked for)."""
     if units_removed or erased:
         return None
     unranked = unranked_layers(analysis)
-    line = _nothing_prunable(analysis)
+    line = _nothing_prunable(analysis, prune_hidden)
     return line + (f"; layers left out, the rank of their input unknown: {unranked}" if unranked else "")
 
 
-def _nothing_prunable(analysis: Analysis) -> str:
+def _nothing_prunable(analysis: Analysis, prune_hidden: bool = False) -> str:
     unsupported = unsupported_ops(analysis)
     if not analysis.groups:
         why = "no channel group found (no layer with float weights that the analysis understands)"
@@ -72,8 +73,16 @@ def _nothing_prunable(analysis: Analysis) -> str:
         return f"nothing prunable: {why}" + (f"; frozen: {top}" if top else "")
     prunable = analysis.prunable_groups
     if prunable:
+        from graphprune.analysis.targets import classify_groups
+
+        kinds = classify_groups(analysis)
+        hidden = 0 if prune_hidden else sum(1 for g in prunable if kinds.get(g.id) == "hidden")
+        if hidden == len(prunable):
+            return (f"nothing prunable: the {hidden} prunable channel group(s) are the hidden size (the residual "
+                    "stream), which prunes only with --prune-hidden")
         return (f"nothing prunable: the ratio and rounding leave all {len(prunable)} prunable "
-                "channel groups whole (raise --ratio or lower --round-to/--min-channels)")
+                "channel groups whole (raise --ratio or lower --round-to/--min-channels"
+                + (f"; {hidden} of them, the hidden size, prune only with --prune-hidden)" if hidden else ")"))
     counts: Counter[str] = Counter()
     for group in analysis.groups:
         if group.frozen:

@@ -5,9 +5,13 @@ A transformer's channel groups are of three kinds, told apart from the analysis 
 - ``head``: the group holds an attention-head axis (a batch axis of an activation x
   activation MatMul such as ``Q Kᵀ`` or ``softmax(...) V``, or the heads of a fused attention
   op). Its unit is one head (with grouped-query attention, one KV head and its query heads).
-- ``hidden``: any other group of a model with heads whose pruning is inexact: the residual
-  stream, normalised by LayerNorm/RMSNorm. Pruned only when asked (``prune_hidden``).
-- ``mlp``: any other group of a model with heads (MLP neurons, gated MLPs included).
+- ``hidden``: the residual stream of a model with heads: the group that carries the sums of
+  two activations of its blocks, two or more (:func:`_residual_group_ids`), usually normalised
+  by LayerNorm/RMSNorm (its pruning is then inexact); where no group carries such sums, every
+  normalised (inexact) group. Pruned only when asked (``prune_hidden``).
+- ``mlp``: any other group of a model with heads (MLP neurons, gated MLPs included, also where a
+  norm sits between the two layers: LightGlue's feed-forward ``Linear -> LayerNorm -> GELU ->
+  Linear``, 63 % of its weights, was typed ``hidden`` and left whole by ``--ratio``).
 - ``channel``: every group of a model without attention heads (CNNs keep their behaviour). A
   model whose heads no group maps (frozen inside a fused attention op, a packed query/key/value
   projection) is a transformer all the same: the rule marks them.
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.analysis import Analysis, ChannelGroup
 from graphprune.errors import UsageError
@@ -35,17 +40,38 @@ def _head_group_ids(analysis: Analysis) -> set[int]:
     return {g.id for g in analysis.groups if any(d in heads for d in g.dims)}
 
 
+def _residual_group_ids(analysis: Analysis) -> set[int]:
+    """Groups that hold a sum of two activations and both its operands in two places or more: a
+    residual stream, which every block adds its branch back to (a tanh-GELU's ``x + 0.044715 x^3``
+    is one such sum inside a neuron axis)."""
+    from graphprune.analysis.blocks import summed
+
+    sums = []
+    for node in analysis.graph.nodes:
+        operands = summed(node, analysis.opset)
+        if operands is not None and all(isinstance(t, gs.Variable) for t in operands):
+            sums.append({node.outputs[0].name, *(t.name for t in operands)})
+    found = set()
+    for group in analysis.groups:
+        names = {d[0] for d in group.dims}
+        if sum(1 for tensors in sums if tensors <= names) >= 2:
+            found.add(group.id)
+    return found
+
+
 def classify_groups(analysis: Analysis) -> dict[int, str]:
     """The kind of every group of ``analysis``, by group id."""
     heads = _head_group_ids(analysis)
     transformer = bool(heads) or bool(analysis.context.head_dims)  # heads that no group maps
+    residual = _residual_group_ids(analysis) if transformer else set()
     kinds: dict[int, str] = {}
     for group in analysis.groups:
         if group.id in heads:
             kinds[group.id] = "head"
         elif not transformer:
             kinds[group.id] = "channel"
-        elif group.inexact:
+        elif group.id in residual or (group.inexact and not residual):
+            # (where no group carries the blocks' sums, a normalised group is taken for the stream)
             kinds[group.id] = "hidden"
         else:
             kinds[group.id] = "mlp"

@@ -89,7 +89,7 @@ def measured_groups(session: Session, analysis: Analysis, options: Any, calibrat
         return "the model has If branches (each branch is pruned on its own)", set()
     kinds = targets.classify_groups(analysis)
     if any(kinds.get(i) == "hidden" for i in cut):
-        return "the hidden size is cut (inexact: verified apart)", set()
+        return "the hidden size (the residual stream) is cut (verified apart where inexact)", set()
     measurable = INTERCHANGEABLE[mode]
     kind = next((k for k in measurable if any(kinds.get(i) == k for i in cut)), None)
     if kind is None:

@@ -207,7 +207,7 @@ def base_report(
         report["prune_hidden"] = True
     if analysis is not None and (mode == "ratio" or (mode == "budget" and not analysis.prunable_groups)):
         # (a budget with prunable groups says itself why it stopped where it did)
-        why = nothing_prunable(analysis, plan.units_removed, len(plan.erase))
+        why = nothing_prunable(analysis, plan.units_removed, len(plan.erase), bool(plan.meta.get("prune_hidden")))
         if why:
             report["nothing_prunable"] = why
     report["erased_nodes"] = list(plan.erase)
