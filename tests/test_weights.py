@@ -241,6 +241,31 @@ def test_run_many_uses_segments_and_verification_still_holds(tmp_path: Path, mon
     assert result.report["verification"]["max_rel_diff"] < 1e-5
 
 
+def test_a_reference_that_differs_in_segments_runs_whole_again(tmp_path: Path, monkeypatch) -> None:
+    """Fusions ORT makes across a cut in the whole model are made apart in the segments: an
+    unchanged LightGlue read 2.7e-4 against its segmented reference and ``--lossless`` exited 3.
+    Where the segmented reference differs, it runs whole (as the candidate does) and the nearer
+    comparison decides; a candidate that is wrong still fails."""
+    monkeypatch.setattr(segments, "MIN_WEIGHTS", 0)
+    monkeypatch.setattr(segments, "SHARE", 0.01)
+    original = segments.run_in_segments
+
+    def fused_apart(*args, **kwargs):  # (rounding of the segments' own kernels, amplified)
+        return [[o * np.float32(1 + 1e-3) for o in outs] for outs in original(*args, **kwargs)]
+
+    monkeypatch.setattr(segments, "run_in_segments", fused_apart)
+    session, path = _store_file(cnn(), tmp_path)
+    feeds = [{"x": X}]
+    same = validate.compare(path, path, feeds, what="the original", tolerance=1e-4, check=False)
+    assert same["ok"] and same["max_rel_diff"] == 0 and "segment by segment" in same["reference_run"]
+    other = tmp_path / "other.onnx"
+    onnx.save(cnn(seed=1), other)
+    wrong = validate.compare(other, path, feeds, what="the original", tolerance=1e-4, check=False)
+    assert not wrong["ok"]
+    lossless = graphprune.prune(os.fspath(tmp_path / "m.onnx"), lossless=True)
+    assert lossless.report["verification"]["ok"]
+
+
 def test_outer_scope_reads_of_subgraphs_cross_cuts(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(segments, "MIN_WEIGHTS", 0)
     monkeypatch.setattr(segments, "SHARE", 0.01)
