@@ -23,7 +23,9 @@ from graphprune.pipeline.session import Session
 D, HEADS, FFN = 32, 4, 64
 
 
-def _export(project: bool = True) -> onnx.ModelProto:
+def _export(project: bool = True, norm_stream: bool = True) -> onnx.ModelProto:
+    """Two blocks of attention and a feed-forward block that normalises its neurons; with
+    ``norm_stream`` a LayerNorm before the attention normalises the residual stream too."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
     torch.manual_seed(0)
@@ -33,10 +35,11 @@ def _export(project: bool = True) -> onnx.ModelProto:
             super().__init__()
             self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
             self.ffn = nn.Sequential(nn.Linear(D, FFN), nn.LayerNorm(FFN), nn.GELU(), nn.Linear(FFN, D))
+            self.norm = nn.LayerNorm(D) if norm_stream else nn.Identity()
 
         def forward(self, x):
             b, s, _ = x.shape
-            q, k, v = self.qkv(x).reshape(b, s, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv(self.norm(x)).reshape(b, s, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
             a = torch.softmax(q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5, -1) @ v
             x = x + self.out(a.transpose(1, 2).reshape(b, s, D))
             return x + self.ffn(x)
@@ -66,6 +69,7 @@ def _kinds(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def test_neurons_behind_a_norm_are_mlp_and_the_stream_hidden():
+    """Both the stream and the neurons are normalised (inexact); only the stream carries the sums."""
     model = _export()
     kinds = _kinds(model)
     assert sorted(kinds["mlp"]) == [FFN, FFN] and kinds["hidden"] == [D] and sorted(kinds["head"]) == [HEADS, HEADS]
@@ -92,7 +96,15 @@ def test_the_stream_left_whole_is_said(tmp_path):
 
 
 def test_a_stream_that_is_the_graph_input_leaves_the_neurons_prunable():
-    """Without an input projection the stream is the graph input (frozen); the neurons still prune."""
+    """Without an input projection the stream is the graph input (frozen); the neurons still prune
+    (they were typed hidden, and nothing-prunable blamed the ratio and the rounding)."""
     result = graphprune.prune(_export(project=False), mlp_ratio=0.5, head_ratio=0.0)
     assert result.report["verification"]["ok"] and result.report.get("nothing_prunable") is None
     assert {g.size: len(g.remove) for g in result.plan.groups} == {FFN: FFN // 2}
+
+
+def test_an_unnormalised_stream_prunes_as_before():
+    """LightGlue's stream is never normalised: exact, it prunes with the neurons, as it did (a
+    hybrid's convolutional residual channels are such groups too)."""
+    kinds = _kinds(_export(norm_stream=False))
+    assert sorted(kinds["mlp"]) == [D, FFN, FFN] and "hidden" not in kinds
