@@ -522,8 +522,11 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
             lines.append(f"  warning: {', '.join(collapsed)} fell to under 1/1000 of the original's size on the "
                          "held-out samples (a score that no longer passes its threshold): check that output")
         for name, share in (report["fidelity"].get("positives_lost") or {}).items():
+            peaks = ((report["fidelity"].get("outputs") or {}).get(name) or {}).get("peaks_kept")
+            where = ("" if peaks is None else f"; its peaks (the arg-max of each map, within a cell) stay in {peaks:.0%}, "
+                     "what a decoder that reads the peak sees")
             lines.append(f"  warning: {name} keeps {share:.0%} of the original's decisions above 0.5 on the held-out "
-                         "samples (the few positives: a detector's or a mask's): check that output")
+                         f"samples (the few positives: a detector's or a mask's){where}: check that output")
         other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
         if other:
             lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "

@@ -64,7 +64,8 @@ flattened):
   boundary decisions had flipped); where the original's positive decisions are the fewer,
   ``positives_kept``, the share of them the pruned model still takes (a face detector's
   anchors: 99.6 % negatives, its threshold agreement 0.9955 whether it found the faces or
-  none), and under :data:`POSITIVES_KEPT` the top-level ``positives_lost`` names the output;
+  none), and under :data:`POSITIVES_KEPT` the top-level ``positives_lost`` names the output (a map's
+  ``peaks_kept``: its arg-max within a cell of the original's, what a CenterNet reads);
 - ``scores_of``: an entry that is no graph output but the scores outputs are chosen from by rank
   (:func:`~graphprune.calibration.output_kinds.decision_scores`: a recogniser's per-frame softmax
   behind its ``ArgMax`` ids), compared as rows of class scores along the ranked axis and counted
@@ -96,7 +97,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphprune.calibration import runner
+from graphprune.calibration import output_kinds, runner
 from graphprune.calibration.output_kinds import (
     decision_scores,
     feature_outputs,
@@ -369,7 +370,7 @@ def compare_outputs(
         centred: list[float] = []
         widths = {np.shape(ref_list[k])[-1:] for ref_list in original}
         # an output of values in [0, 1] (a sigmoid's): the decision at 0.5 per element
-        in_unit, decisions, sides, kept = True, [], set(), [0, 0]  # kept: the original's positives still positive, of all
+        in_unit, decisions, sides, kept, peaks = True, [], set(), [0, 0], []  # kept: the original's positives still positive
         scores = scores and len(widths) == 1  # a class count does not change with the input
         differ = elements = 0  # an output of class ids, words, flags: the elements that changed
         for ref_list, out_list in zip(original, pruned, strict=True):
@@ -399,6 +400,7 @@ def compare_outputs(
                 decisions.append(float(np.mean(above == (p > 0.5))))
                 sides.update(np.unique(above).tolist())
                 kept[0], kept[1] = kept[0] + int(np.count_nonzero(p[above] > 0.5)), kept[1] + int(np.count_nonzero(above))
+                peaks.extend(output_kinds.peaks_kept(y, p))  # (a heatmap read by its arg-max: where its peaks went)
             else:
                 in_unit = False
             if offset:
@@ -428,11 +430,9 @@ def compare_outputs(
             else:
                 scores = False
         if len(rels) == len(original) and not cosines and original:  # no float value: what agrees
-            # (a classifier's label beside its probabilities: a cosine or a relative L2 of class ids says
-            # nothing, and its 0 decided a geometric mean)
+            # (a classifier's label beside its probabilities: a cosine or a relative L2 of class ids says nothing)
             outputs[name] = {"cosine": None, "min_cosine": None, "rel_l2": None, "pooled_rel_l2": None,
-                             "agreement": round(1.0 - differ / elements, 6) if elements else 1.0,
-                             "discrete": True}
+                             "agreement": round(1.0 - differ / elements, 6) if elements else 1.0, "discrete": True}
             continue
         cosines = [c for c in cosines if c is not None]  # (one element: no cosine)
         entry: dict[str, Any] = {
@@ -478,6 +478,8 @@ def compare_outputs(
             entry["threshold_agreement"] = round(float(np.mean(decisions)), 6)
             if kept[1] < 0.5 * sum(np.size(r[k]) for r in original):  # positives are the few: how many stay
                 entry["positives_kept"] = round(kept[0] / kept[1], 6)
+                if peaks:
+                    entry["peaks_kept"] = round(float(np.mean(peaks)), 6)
         if offset and centred and len(centred) == len(original):
             entry["centred_cosine"] = round(float(np.mean(centred)), 6)
         if balanced and len(balanced) == len(original):

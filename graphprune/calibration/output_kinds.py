@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -208,3 +209,15 @@ def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | Non
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
     return copy
+
+
+def peaks_kept(y: np.ndarray, p: np.ndarray) -> list[float]:
+    """Per channel of a map ``[N, C, *spatial]`` (at least two positions): 1.0 where the pruned
+    output's arg-max lies within one cell of the original's (a heatmap decoded by its peak, as a
+    CenterNet's or a keypoint detector's are), else 0.0; nothing for other shapes."""
+    if y.ndim < 3 or y.shape != p.shape or int(np.prod(y.shape[2:])) < 2:
+        return []
+    spatial = y.shape[2:]
+    a = np.stack(np.unravel_index(y.reshape(-1, int(np.prod(spatial))).argmax(axis=1), spatial), axis=1)
+    b = np.stack(np.unravel_index(p.reshape(-1, int(np.prod(spatial))).argmax(axis=1), spatial), axis=1)
+    return (np.abs(a - b).max(axis=1) <= 1).astype(float).tolist()
