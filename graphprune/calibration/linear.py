@@ -57,6 +57,9 @@ class LinearView:
     bias_after: StoredWeight | None = None
     #: no bias can be written (:attr:`RescaledLinear.bias_fixed`)
     bias_fixed: bool = False
+    #: the integer output reads no negative value (:attr:`RescaledLinear.rectified`): it is the
+    #: rectified layer, which a linear least-squares fit does not describe
+    rectified: bool = False
 
     def read_data(self, x: np.ndarray) -> np.ndarray:
         """The float values of an array of :attr:`data` (the array itself when it is float)."""
@@ -413,7 +416,7 @@ def linear_view(node: gs.Node, opset: int) -> LinearView | None:
             return None
         return LinearView(node, info, stored, rescaled.bias_stored, rescaled.data, rescaled.output, opset, bias,
                           rescaled.data_decoding, rescaled.output_decoding, rescaled.bias_after,
-                          rescaled.bias_fixed)
+                          rescaled.bias_fixed, rescaled.rectified)
     bias_stored = None
     if info.bias is not None and info.bias < len(node.inputs) and node.inputs[info.bias].name:
         tensor = node.inputs[info.bias]

@@ -69,8 +69,8 @@ def measure_sensitivity(session: Session, analysis: Analysis, states: list, cali
             from graphprune.calibration.linear import LinearView
             from graphprune.planning.data_aware import consumer_views
 
-            linear = {k: v for k, v in consumer_views(analysis).items() if isinstance(v, LinearView)}
-            refit = (linear, calibrated.stats)  # (the sweep corrects linear layers only)
+            linear = {k: v for k, v in consumer_views(analysis).items() if isinstance(v, LinearView) and not v.rectified}
+            refit = (linear, calibrated.stats)  # (the sweep corrects linear layers only, as the refit: no rectified one)
         masked, sweep = sensitivity.masked_model(session.prepared, analysis, states, refit)
         # judged on the held-out calibration samples: the refit's Grams never saw them, so
         # a consumer refit that over-fits its samples is not mistaken for a harmless cut

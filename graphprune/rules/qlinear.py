@@ -42,7 +42,13 @@ from graphprune.io.tensors import present_input as _present
 from graphprune.rules.conv import ConvRule
 from graphprune.rules.linear import GemmRule, MatMulRule, linear_scale
 from graphprune.rules.pool import PoolRule, pooled_shape
-from graphprune.rules.quantize import Dequantized, decode_integer, is_per_axis, rectified_rms
+from graphprune.rules.quantize import (
+    Dequantized,
+    clips_at_zero,
+    decode_integer,
+    is_per_axis,
+    rectified_rms,
+)
 from graphprune.rules.registry import (
     LinearInfo,
     OpRule,
@@ -241,7 +247,8 @@ class QLinearConvRule(ConvRule):
         info = LinearInfo(data=0, data_axis=1, weight=3, in_axis=1, out_axis=0, out_channel_axis=1,
                           bias=8, kernel="conv", group=int(node.attrs.get("group", 1)))
         return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
-                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight))
+                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight),
+                              rectified=clips_at_zero(node.outputs[0], _present(node, 7)))
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         if not _scalars(node, ctx, (1, 2, 6, 7)):
@@ -303,7 +310,8 @@ class QLinearMatMulRule(MatMulRule):
         if y_dec is None:
             return None
         return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
-                              output_decoding=y_dec, bias_fixed=True)
+                              output_decoding=y_dec, bias_fixed=True,
+                              rectified=clips_at_zero(node.outputs[0], _present(node, 7)))
 
     @staticmethod
     def _bias_after(node: gs.Node, channels: int) -> tuple[gs.Node, Dequantized, tuple[float, float]] | None:
@@ -380,7 +388,8 @@ class QGemmRule(GemmRule):
         info = LinearInfo(data=0, data_axis=-1, weight=3, in_axis=1 if trans else 0, out_axis=0 if trans else 1,
                           out_channel_axis=-1, bias=6, kernel="dense", alpha=float(node.attrs.get("alpha", 1.0)))
         return RescaledLinear(info, node.inputs[0], node.outputs[0], weight, data_decoding=x_dec,
-                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight))
+                              output_decoding=y_dec, bias_stored=ProductScaledBias(bias, x_dec[0], weight),
+                              rectified=y_dec is not None and clips_at_zero(node.outputs[0], _present(node, 8)))
 
     def output_shape(self, op: str, attrs: dict, shapes: list[list | None]
                      ) -> tuple[list, int] | None:

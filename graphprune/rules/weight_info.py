@@ -158,3 +158,6 @@ class RescaledLinear:
     #: the layer has no bias and none can be given to it (its output is an integer tensor
     #: read as it is): a refit keeps the bias at zero, a bias compensation skips it
     bias_fixed: bool = False
+    #: ``output``'s quantization reads no negative value (its zero point at the integer type's
+    #: minimum: a ``ReLU`` folded into it, :func:`~graphprune.rules.quantize.clips_at_zero`)
+    rectified: bool = False
