@@ -498,20 +498,13 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
             found[name], ridges[name] = got, calibrated._ridges
     errors = {k: m.error for k, m in found.items()}
     record["held_out"] = {k: {"error": round(v, 6) if math.isfinite(v) else None} for k, v in errors.items()}
-    nearest = min(errors, key=errors.get)  # (dict order: auto wins ties)
-    kept = "auto"
-    if nearest != "auto":
+
+    def squares_of(name: str) -> Any:  # (each allocation's held-out outputs again: only for the two compared)
         with session.stage("candidates"):
-            squares = {k: cc.sample_squares(reference, judged.run(found[k].session.model, feeds, "a candidate"))
-                       for k in ("auto", nearest)}
-        share = cc.nearer_share(squares[nearest], squares["auto"])
-        record["confidence"] = None if share is None else round(share, 4)
-        if share is not None and share >= cc.CONFIDENCE:
-            kept = nearest
-        else:
-            record.update(nearest=nearest, why=f"the held-out samples resampled favour {nearest!r} in "
-                                                f"{share or 0:.0%} of draws (auto is left for under {cc.CONFIDENCE:.0%})")
-    record["kept"] = kept
+            return cc.sample_squares(reference, judged.run(found[name].session.model, feeds, "a candidate"))
+
+    kept, decided = cc.decide(errors, squares_of)
+    record.update(kept=kept, **decided)
     calibrated._ridges = ridges[kept]
     cc.keep_other(calibrated, kept, criteria.get(kept), record)
     return found[kept]

@@ -118,16 +118,9 @@ def choose_criterion(session: Session, analysis: Analysis, options: Any, calibra
                                        "same_as": same}
         return plan
     errors, squares = _measure(session, calibrated, {k: p for k, (p, _) in plans.items()})
-    finite = {k: v for k, v in errors.items() if v["error"] is not None and math.isfinite(v["error"])}
-    nearest = min(finite, key=lambda k: finite[k]["error"]) if finite else "auto"  # (dict order: auto wins ties)
-    confidence = None if nearest == "auto" else nearer_share(squares.get(nearest), squares.get("auto"))
-    kept = nearest if confidence is not None and confidence >= CONFIDENCE else "auto"
+    kept, decided = decide({k: v["error"] for k, v in errors.items()}, squares.get)
     calibrated.criterion_choice = {
-        "compared": True, "kept": kept, "samples": len(calibrated.calib.holdout),
-        **({"nearest": nearest, "confidence": round(confidence, 4) if confidence is not None else None,
-            "why": f"the held-out samples resampled favour {nearest!r} in {confidence or 0:.0%} of draws "
-                   f"(auto is left for under {CONFIDENCE:.0%})"} if nearest != kept else
-           {"confidence": round(confidence, 4)} if confidence is not None else {}),
+        "compared": True, "kept": kept, "samples": len(calibrated.calib.holdout), **decided,
         "auto_per_group": dict(getattr(calibrated._scorer, "chosen", None) or {}),
         "held_out": {k: {f: ((round(x, 6) if math.isfinite(x) else None) if isinstance(x, float) else x)
                          for f, x in v.items()} for k, v in errors.items()},
@@ -138,6 +131,22 @@ def choose_criterion(session: Session, analysis: Analysis, options: Any, calibra
     chosen, calibrated._scorer = plans[kept]  # (the report's criteria_chosen: the kept scorer's)
     calibrated.kept_criterion = kept
     return chosen
+
+
+def decide(errors: dict[str, float | None], squares_of: Any) -> tuple[str, dict[str, Any]]:
+    """The plan kept of the measured ones (``errors``: name -> deciding relative L2, ``auto`` first)
+    and what the report says of it: the nearest where it is nearer than auto's on :data:`CONFIDENCE`
+    of the bootstrap draws (``squares_of(name)``: :func:`sample_squares` of its model), else auto's."""
+    finite = {k: v for k, v in errors.items() if v is not None and math.isfinite(v)}
+    nearest = min(finite, key=finite.__getitem__) if finite else "auto"  # (dict order: auto wins ties)
+    if nearest == "auto":
+        return "auto", {}
+    share = nearer_share(squares_of(nearest), squares_of("auto"))
+    if share is not None and share >= CONFIDENCE:
+        return nearest, {"confidence": round(share, 4)}
+    return "auto", {"nearest": nearest, "confidence": None if share is None else round(share, 4),
+                    "why": f"the held-out samples resampled favour {nearest!r} in {share or 0:.0%} of draws "
+                           f"(auto is left for under {CONFIDENCE:.0%})"}
 
 
 def sample_squares(reference: list, outputs: list) -> tuple[np.ndarray, np.ndarray] | None:
