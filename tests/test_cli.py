@@ -676,11 +676,11 @@ def _held_prune(tmp_path, args: list[str], guarded: bool = False) -> subprocess.
                                env={**os.environ, "TMPDIR": str(scratch),
                                     **({"GRAPHPRUNE_TEST_GUARDED": "1"} if guarded else {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    for _ in range(1200):
-        if marker.exists() or process.poll() is not None:
+    for _ in range(1200):  # (the marker is created, then its pid written: read it once written)
+        if (marker.exists() and marker.read_text().strip()) or process.poll() is not None:
             break
         time.sleep(0.1)
-    if not marker.exists():
+    if not marker.exists() or not marker.read_text().strip():
         process.kill()
         raise AssertionError(process.communicate())
     return process
