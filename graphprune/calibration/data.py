@@ -41,6 +41,8 @@ Feed = dict[str, np.ndarray]
 
 #: default share of the samples held out for the fidelity report
 DEFAULT_HOLDOUT = 0.2
+#: held-out samples a choice made on them needs (a measured allocation, the criteria's plans)
+MIN_HOLDOUT = 8
 #: numpy's name for an array saved without one (``np.savez(path, a)``)
 UNNAMED = "arr_0"
 

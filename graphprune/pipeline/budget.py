@@ -30,7 +30,8 @@ from graphprune.analysis import Analysis, targets
 from graphprune.analysis.explain import unranked_layers, unsupported_ops
 from graphprune.errors import UsageError
 from graphprune.pipeline.branches import has_branches
-from graphprune.pipeline.choose import apply_plan, choose, measure_sensitivity
+from graphprune.pipeline.candidates import apply_plan
+from graphprune.pipeline.choose import choose, measure_sensitivity
 from graphprune.pipeline.latency_rounds import (
     latency_choice,
     latency_floor,

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis
-from graphprune.pipeline.ratio import channel_passes, verify_zeroed
+from graphprune.pipeline.candidates import Judged, apply_plan
+from graphprune.pipeline.ratio import verify_zeroed
 from graphprune.pipeline.session import Session
 from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
 from graphprune.planning.plan import GroupPlan, Plan
-from graphprune.planning.planner import replay
 from graphprune.planning.search import candidate_seconds
 from graphprune.verify.metrics import uncounted_bodies
 
@@ -89,17 +89,6 @@ def measure_sensitivity(session: Session, analysis: Analysis, states: list, cali
     return info, uncorrected or None
 
 
-def apply_plan(session: Session, plan: Plan) -> Any:
-    """The structural rewrite of ``plan`` on a fresh working graph of a sibling session."""
-    candidate = session.sibling()
-    fresh = candidate.analyze(stage="prune")
-    replayed = replay(fresh, plan)
-    with candidate.stage("prune"):
-        candidate.apply(channel_passes(fresh, replayed))
-        candidate.export()
-    return candidate, fresh, replayed
-
-
 def search_count(nodes: int, macs: float, samples: int) -> int:
     """Allocations searched beyond the first candidates by default: as many as fit in
     :data:`SEARCH_SECONDS` at the estimated cost of one (at most :data:`SEARCH_MAX`)."""
@@ -152,38 +141,6 @@ class _Measured:
 
     def rank(self) -> tuple[bool, float]:
         return self.off_target, self.error
-
-
-def _score(names: list[str], reference: list, outputs: list, decided: dict | None = None
-           ) -> tuple[dict[str, Any], float]:
-    """The fidelity figures of ``outputs`` and their relative L2 pooled over the samples,
-    channel by channel where channels differ in size (``inf`` when none:
-    :func:`~graphprune.calibration.fidelity.deciding_rel_l2`): the figure that keeps or undoes a reconstruction
-    (:meth:`~graphprune.pipeline.calibrated.CalibratedRun.fidelity`), which samples whose
-    original output is near zero cannot dominate as they do a per-sample mean."""
-    from graphprune.calibration import fidelity as fidelity_mod
-
-    score = fidelity_mod.compare_outputs(names, reference, outputs, decided=decided)
-    error = fidelity_mod.deciding_rel_l2(score)
-    return score, error if error is not None else math.inf
-
-
-@dataclass
-class Judged:
-    """What the candidates are compared on: the original's outputs and the scores its ids are
-    chosen from (:func:`~graphprune.calibration.fidelity.compared_names`)."""
-
-    names: list[str]
-    decided: dict[str, Any]
-    data_dir: Any
-
-    def run(self, model: Any, feeds: list, what: str) -> list:
-        from graphprune.calibration import runner
-
-        return runner.outputs(model, feeds, what, data_dir=self.data_dir, also=list(self.decided))
-
-    def score(self, reference: list, outputs: list) -> tuple[dict[str, Any], float]:
-        return _score(self.names, reference, outputs, self.decided)
 
 
 def choose(session: Session, analysis: Analysis, states: list, model: budget_mod.CostModel,

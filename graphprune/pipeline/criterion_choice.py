@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from graphprune.analysis import Analysis
+from graphprune.calibration.data import MIN_HOLDOUT
 from graphprune.pipeline.branches import has_branches
-from graphprune.pipeline.measured_ratio import MIN_HOLDOUT  # (held-out samples a choice needs)
 from graphprune.pipeline.session import Session
 from graphprune.planning.plan import Plan
 
@@ -187,7 +187,7 @@ def _measure(session: Session, calibrated: Any, plans: dict[str, Plan]
     the reconstruction (``error``: the figure compared); and per plan the :func:`sample_squares` of
     the model compared."""
     from graphprune.calibration import fidelity as fidelity_mod
-    from graphprune.pipeline.choose import Judged, apply_plan
+    from graphprune.pipeline.candidates import Judged, apply_plan
 
     feeds = calibrated.calib.holdout
     judged = Judged(*fidelity_mod.compared_names(session.prepared), calibrated.data_dir)

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphprune.analysis import Analysis, targets
+from graphprune.calibration.data import MIN_HOLDOUT  # (fewer held out: the uniform allocation)
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning import budget as budget_mod
@@ -45,8 +46,6 @@ from graphprune.planning.planner import group_round_to, kept_count
 ALLOCATIONS = ("auto", "measured", "uniform")
 #: group kinds whose units cost the same in every group of one size, per allocation mode
 INTERCHANGEABLE = {"auto": ("head",), "measured": ("head", "mlp")}
-#: held-out calibration samples the choice needs (fewer: the uniform allocation)
-MIN_HOLDOUT = 8
 #: no group loses more than this multiple of the asked share (at most the budget's max ratio)
 MAX_SHARE_FACTOR = 2.0
 #: ``auto`` measures only where one candidate is estimated to cost at most this many seconds

@@ -16,11 +16,11 @@ import numpy as np
 
 from graphprune.analysis import Analysis, targets
 from graphprune.errors import InvalidModelError
-from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
-from graphprune.passes.prune_channels import PruneChannelsPass, removed_elements
+from graphprune.passes.prune_channels import removed_elements
 from graphprune.pipeline import branches as branches_mode
 from graphprune.pipeline import selections
 from graphprune.pipeline.branches import has_branches
+from graphprune.pipeline.candidates import channel_passes
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
@@ -46,11 +46,6 @@ class RatioOptions:
     #: with calibration: ``auto`` allocates interchangeable groups by measurement where it
     #: applies (:mod:`graphprune.pipeline.measured_ratio`), ``uniform`` never
     allocation: str = "auto"
-
-
-def channel_passes(analysis: Analysis, plan: Plan) -> list:
-    """The structural rewrite of a plan: channel removal, then cleanup."""
-    return [PruneChannelsPass(analysis, plan), IdentityEliminationPass(), DeadCodeEliminationPass()]
 
 
 def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
