@@ -208,7 +208,7 @@ def test_the_deciding_figure_of_a_detector_counts_its_score_channel():
     moved, lost = compare_outputs(["det"], original, boxes_moved), compare_outputs(["det"], original, scores_lost)
     assert lost["pooled_rel_l2"] < moved["pooled_rel_l2"]  # the pooled figure prefers losing the scores
     assert deciding_rel_l2(lost) > deciding_rel_l2(moved) == moved["balanced_rel_l2"]
-    from graphprune.pipeline.choose import _score  # the budget's candidates are ranked by it
+    from graphprune.pipeline.candidates import _score  # the budget's candidates are ranked by it
 
     assert _score(["det"], original, scores_lost)[1] == deciding_rel_l2(lost)
 
