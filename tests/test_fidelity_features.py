@@ -156,6 +156,10 @@ def test_per_position_logits_of_a_dense_head_get_a_top1_agreement_per_row():
     entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
     assert entry["top1_per"] == "row" and 0.0 < entry["top1_agreement"] < 1.0
     assert fidelity(model, model, feeds)["outputs"]["y"]["top1_agreement"] == 1.0
+    aliased = _tagger(head=True)  # paddle2onnx writes an Identity between the head and the output
+    aliased.graph.node.append(helper.make_node("Identity", ["y"], ["fetch"]))
+    aliased.graph.output[0].name = "fetch"
+    assert logit_rows(aliased) == {"fetch"}
     features = _tagger(head=False)
     assert logit_rows(features) == set()
     mask = _tagger(head=True)  # a sigmoid after the head: per-unit gains (a mask), no classes

@@ -125,6 +125,10 @@ def logit_rows(model: onnx.ModelProto, data_dir: Path | None = None) -> set[str]
                 return True
             node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
             rule = rules.get(id(node)) if node is not None else None
+            alias = rule.aliased_input(node) if rule is not None else None
+            if alias is not None and alias < len(node.inputs) and node.inputs[alias].inputs:
+                tensor = node.inputs[alias]  # (an exporter's Identity before the output: paddle2onnx's)
+                continue
             computed = [t for t in node.inputs if isinstance(t, gs.Variable) and t.inputs] if node is not None else []
             # a bias or a scale (a constant beside the one computed input) keeps each row's
             # arg-max the class; an activation alone (a sigmoid mask of per-band gains, a
