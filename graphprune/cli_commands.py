@@ -139,13 +139,78 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _check_paths(model: str, output: str) -> None:
     if not output:
         raise UsageError("an output path is required (-o OUT.onnx)")
-    if os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output):
+    try:
+        same = os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output)
+    except OSError as exc:
+        raise UsageError(f"-o: cannot use {_short(output)}: {exc.strerror or exc}") from None
+    if same or os.path.realpath(model) == os.path.realpath(output):
         raise UsageError(f"output path is the input path: {output}")
-    if os.path.realpath(model) == os.path.realpath(output):
-        raise UsageError(f"output path is the input path: {output}")
-    parent = Path(output).resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"output folder does not exist: {parent}")
+    _check_writable("-o", output, suffix=len(".data"))
+
+
+#: what an atomic write adds to a file's name for its temporary (``.NAME.<8 hex>.tmp``)
+_TEMPORARY_EXTRA = 14
+
+
+def _short(value: str, keep: int = 60) -> str:
+    return value if len(value) <= keep else f"{value[:keep]}... ({len(value)} characters)"
+
+
+def _check_writable(option: str, value: str, suffix: int = 0) -> None:
+    """``value`` can be written by an atomic write (:mod:`graphprune.io._atomic`), checked before
+    any work: its folder exists and takes a new file (one is created and removed: ``os.access``
+    says yes to root on a read-only or virtual file system), and its name (with ``suffix`` more
+    bytes: an external data file's) fits the file system's limit."""
+    from graphprune.io._atomic import create_temporary
+
+    path = Path(value)
+    try:
+        if path.is_dir():
+            raise UsageError(f"{option} {value} is a directory, not a file path")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"{option}: folder does not exist: {parent}")
+        limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot use {_short(value)}: {exc.strerror or exc}") from None
+    length, extra = len(os.fsencode(path.name)), suffix + _TEMPORARY_EXTRA
+    if length + extra > limit:
+        raise UsageError(f"{option}: file name too long: {length} bytes, at most {limit - extra} in this folder "
+                         f"(the files written beside it add {extra} to it): {_short(path.name)}")
+    try:
+        handle, temporary = create_temporary(path)
+    except OSError as exc:
+        raise UsageError(f"{option}: folder is not writable: {parent} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(temporary)
+
+
+def _check_folder(option: str, value: str) -> None:
+    """``value`` can be an output folder (made if missing), checked before any work: a folder or
+    nothing, its missing names within the file system's limit, the nearest existing folder
+    takes a new file."""
+    from graphprune.io._atomic import create_temporary
+
+    path = Path(value)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {value} is a file, not a folder")
+        existing, missing = path.absolute(), []
+        while not existing.exists():
+            missing.append(existing.name)
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"{option}: {existing} is a file, not a folder")
+        limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+        long = next((name for name in missing if len(os.fsencode(name)) > limit), None)
+        if long is not None:
+            raise UsageError(f"{option}: folder name too long: {len(os.fsencode(long))} bytes, at most {limit}: "
+                             f"{_short(long)}")
+        handle, temporary = create_temporary(existing / "graphprune-check")
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot use {_short(value)}: {exc.strerror or exc}") from None
+    os.close(handle)
+    os.unlink(temporary)
 
 
 def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> None:
@@ -156,13 +221,7 @@ def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> Non
         value = getattr(args, option.lstrip("-").replace("-", "_"), None)
         if not value:
             continue
-        path = Path(value)
-        if path.is_dir():
-            raise UsageError(f"{option} {value} is a directory, not a file path")
-        if not path.resolve().parent.is_dir():
-            raise UsageError(f"{option}: folder does not exist: {path.resolve().parent}")
-        if not os.access(path.resolve().parent, os.W_OK):
-            raise UsageError(f"{option}: folder is not writable: {path.resolve().parent}")
+        _check_writable(option, value)
         real = os.path.realpath(value)
         if real in taken:
             raise UsageError(f"{option} {value} is the same path as {taken[real]}")
@@ -235,15 +294,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                    args.provider, args.threads, args.latency_runs,
                                    {**(report.get("macs_input_shapes") or {}), **_shapes(args)[1]} or None, data)
         report["latency"] = latency
+    new = [Path(p) for p in (args.output, f"{args.output}.data", args.report, args.save_plan, args.html)
+           if p and not os.path.lexists(p)]
     result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
-    if args.report:
-        from graphprune.io._atomic import atomic_write_text
+    try:
+        if args.report:
+            from graphprune.io._atomic import atomic_write_text
 
-        atomic_write_text(Path(args.report), _dump(report))
-    if args.save_plan:
-        result.plan.save(args.save_plan)
-    if args.html:
-        _write_html(args, report, latency, original, getattr(result, "skeleton", None) or result.model)
+            atomic_write_text(Path(args.report), _dump(report))
+        if args.save_plan:
+            result.plan.save(args.save_plan)
+        if args.html:
+            _write_html(args, report, latency, original, getattr(result, "skeleton", None) or result.model)
+    except (UsageError, OSError):  # (checked before the work; a disk that filled up since)
+        for path in new:  # what this call wrote is taken back: an exit 2 writes nothing
+            path.unlink(missing_ok=True)
+        raise
     if args.json:
         print(_dump({"output": args.output, **report}))
     else:
@@ -327,6 +393,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                if getattr(args, name, None)}
     ratios = args.ratios if args.ratios is not None else ([] if targets else [0.25, 0.5])
     points = sweep.sweep_points(ratios=ratios, criteria=args.criteria, targets=targets)
+    _check_folder("-o", args.output)
     progress = None
     if not args.quiet and not args.json:
         def progress(message: str) -> None:
@@ -355,6 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from graphprune.verify.timing import resolve_providers
 
         resolve_providers(args.provider)  # a one-line error before any work
+    if args.output_dir:
+        _check_folder("--output-dir", args.output_dir)
     model = example_cnn()
     progress = _Progress(not args.quiet and not args.json,
                          ["load", "analysis", "plan", "prune", "verify"])

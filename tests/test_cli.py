@@ -596,6 +596,48 @@ def test_bad_side_output_path_exits_2_and_writes_nothing(capsys, models, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["-o", "--report", "--html", "--save-plan"])
+@pytest.mark.parametrize("bad", ["too_long", "refuses_files"])
+def test_an_output_the_file_system_refuses_exits_2_before_any_work(capsys, models, tmp_path, where, bad):
+    """A name over the file system's limit raised ENAMETOOLONG from ``Path.is_dir`` (exit 1,
+    "internal error"; for ``-o`` only after the whole prune), and a folder ``os.access`` calls
+    writable that takes no file (root on /proc, a read-only mount) failed after the model was
+    written: both are refused up front now."""
+    if bad == "refuses_files" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    target = {"too_long": tmp_path / ("r" * 300 + ".json"), "refuses_files": Path("/proc/graphprune.json")}[bad]
+    out_model = target if where == "-o" else tmp_path / "out.onnx"
+    extra = [] if where == "-o" else [where, target]
+    code, _, err = cli(capsys, "prune", "-q", models["small"], "-o", out_model, *extra)
+    line = _assert_one_line_error(code, err)
+    assert where in line and ("too long" in line.lower() or "cannot use" in line or "not writable" in line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    for command in (["sweep", models["small"], "--ratios", "0.3", "-o"], ["demo", "-q", "--output-dir"]):
+        code, _, err = cli(capsys, *command, tmp_path / ("d" * 300) if bad == "too_long" else "/proc/graphprune")
+        _assert_one_line_error(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_side_output_failing_after_the_model_takes_the_model_back(capsys, models, tmp_path, monkeypatch):
+    """A side output that fails once the model is written (a disk that filled up since the
+    check) exits 2 and leaves nothing this call wrote."""
+    from graphprune.errors import UsageError
+    from graphprune.io import _atomic
+
+    real = _atomic.atomic_write_text
+
+    def failing(path, text):
+        if Path(path).suffix == ".html":
+            raise UsageError(f"cannot write '{path}': No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(_atomic, "atomic_write_text", failing)
+    code, _, err = cli(capsys, "prune", "-q", models["small"], "-o", tmp_path / "out.onnx",
+                       "--report", tmp_path / "r.json", "--html", tmp_path / "r.html")
+    assert "No space left" in _assert_one_line_error(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- bench
 
 
