@@ -120,6 +120,8 @@ def verification_lines(report: Mapping[str, Any]) -> list[str]:
     if real is not None:
         lines.append(f"  the output differs from the original itself by max rel diff {real:.3g} "
                      "(the erased blocks are gone: that is the price of depth pruning)")
+    elif report.get("unchanged"):
+        pass  # (the model as it came: nothing to say of a function changed)
     elif not str(reference).startswith("the original") or "zeroed" in str(reference):
         if report.get("fidelity"):
             lines.append("  (that checks the rewrite is exact; the fidelity below says how much "
@@ -486,6 +488,8 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
     lines.extend(normalised_lines(report.get("normalised")))
+    if report.get("unchanged"):
+        lines.append(f"{report['unchanged']} (not its preparation)")
     if report.get("nan_weights"):
         names = ", ".join(report["nan_weights"][:4]) + (", ..." if len(report["nan_weights"]) > 4 else "")
         lines.append(f"warning: NaN weights in {names}: the original computes NaN where they are read (the "

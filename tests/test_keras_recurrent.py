@@ -166,3 +166,20 @@ def test_lossless_of_a_keras_lstm_writes_its_loop_as_it_came(converted):
     assert result.report["params_after"] == result.report["params_before"]
     x = np.random.default_rng(0).standard_normal((1, 8, 6)).astype(np.float32)
     np.testing.assert_array_equal(_run(result.model, x), _run(proto, x))
+
+
+@pytest.mark.parametrize("how", [{"ratio": 0.0}, {"ratio": 0.5, "keep": "all"}])
+def test_a_ratio_prune_that_removes_nothing_writes_the_loop_as_it_came(converted, how):
+    """The scout's code2vec: every group kept (``--keep``), "nothing prunable", and the file
+    written was its preparation (two ``Loop`` LSTMs as ONNX ``LSTM``s: larger, not bit for bit)."""
+    proto = converted["lstm_backwards"]
+    keep = ()
+    if how.get("keep") == "all":
+        analysis = graphprune.analyze(proto)
+        keep = sorted({g.anchor[0] for g in analysis.groups})
+    result = graphprune.prune(proto, ratio=how["ratio"], keep=keep)
+    assert result.report["unchanged"] and result.plan.units_removed == 0
+    assert _ops(result.model) == _ops(proto)
+    assert result.report["params_after"] == result.report["params_before"]
+    x = np.random.default_rng(0).standard_normal((1, 8, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(result.model, x), _run(proto, x))

@@ -49,6 +49,7 @@ from graphprune.pipeline.ratio import (
     verify_with_branches,
 )
 from graphprune.pipeline.session import PruneResult, Session
+from graphprune.pipeline.unchanged import write_unchanged
 from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
 from graphprune.planning.importance import score_group
@@ -396,6 +397,8 @@ def prune_budget(
             if branches is not None:
                 attach_branches(session, branches)
     report = session.report("budget", plan, analysis=fresh)
+    if calibrated is None and branches is None:
+        write_unchanged(session, report, plan)
     report["kinds"] = targets.kind_summary(fresh)
     branch_summary(report, branches)
     info.update(_achieved(report, options, rounds))

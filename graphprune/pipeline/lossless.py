@@ -35,7 +35,7 @@ from graphprune.analysis.zero_analysis import (
     consumer_nodes,
     find_zero_groups,
 )
-from graphprune.errors import GraphPruneError, UsageError, VerificationError
+from graphprune.errors import UsageError, VerificationError
 from graphprune.passes.base import Pass, PassResult
 from graphprune.passes.cleanup import DeadCodeEliminationPass, IdentityEliminationPass
 from graphprune.passes.drop_concat_inputs import DropConcatInputsPass
@@ -44,6 +44,7 @@ from graphprune.passes.fold_constants import FoldConstantsPass, constant_folds
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pipeline.depth import erase_blocks
 from graphprune.pipeline.session import PruneResult, Session
+from graphprune.pipeline.unchanged import NOTE, as_it_came, keep_loaded
 from graphprune.planning.plan import GroupPlan, Plan
 from graphprune.planning.planner import group_plan
 from graphprune.rules import registry
@@ -144,23 +145,6 @@ def _run(session: Session, p: Pass) -> PassResult:
 
 
 # ---------------------------------------------------------------------- lossless entry
-def _as_it_came(session: Session) -> bool:
-    """Whether a lossless prune that removed nothing writes the model as it came: where the
-    preparation lowered ops to others (a Keras LSTM's Loop is analysed as ONNX's LSTM, which
-    computes the same to within rounding and holds 5 % more; a fused kernel as the pattern it
-    fuses). Not where ONNX's version converter ran (an opset ONNX Runtime no longer runs, a
-    QLinearSoftmax read at the new opset), nor for foldings alone (weights a quantizer left
-    to be quantized at run time: bit for bit), nor for a file that fails the checker as it
-    came (outputs that declare a type without a shape)."""
-    if not session.normalised.get("lowered_ops") or "opset_converted" in session.normalised:
-        return False
-    try:
-        session.check(session.loaded)
-    except GraphPruneError:
-        return False
-    return True
-
-
 def prune_lossless(
     model: Any,
     *,
@@ -245,18 +229,16 @@ def prune_lossless(
         session.export(declared_only=True)  # computes as the original does, shapes included
     report = session.report("lossless", plan, analysis=first)
     removed = plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds)
-    unchanged = not removed and _as_it_came(session)
+    unchanged = not removed and as_it_came(session)
     if unchanged:  # its figures are the original's (counted on the prepared graph, as before)
-        session.model = session.loaded
-        for figure in ("params", "macs", "nodes"):
-            if f"{figure}_before" in report:
-                report[f"{figure}_after"] = report[f"{figure}_before"]
+        keep_loaded(session, report)
+        del report["unchanged"]  # (said in report["lossless"])
     report["groups"]["inexact"] = 0  # only exact groups are ever removed
     report["lossless"] = {
         "rounds": rounds,
         "constants_folded": sum(r.get("constants_folded", 0) for r in rounds),
         "skipped_groups": [{"anchor": k, "why": v} for k, v in list(skipped.items())[:50]],
-        **({"unchanged": "nothing was removed: the model is written as it came"} if unchanged else {}),
+        **({"unchanged": NOTE} if unchanged else {}),
     }
     verification = None
     if verify:

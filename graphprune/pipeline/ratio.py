@@ -22,6 +22,7 @@ from graphprune.pipeline import selections
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.candidates import channel_passes
 from graphprune.pipeline.session import PruneResult, Session
+from graphprune.pipeline.unchanged import write_unchanged
 from graphprune.planning.plan import Plan
 from graphprune.planning.planner import plan_ratio, replay
 from graphprune.rules.quantize import optimizer_fuses_quantization, output_quantization_steps
@@ -359,6 +360,8 @@ def prune_ratio(
             calibrated.no_final_refit("If branches: each branch was refit on the samples that take it")
         calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
     report = session.report("ratio", the_plan)
+    if calibrated is None and branches is None:
+        write_unchanged(session, report, the_plan)
     report["kinds"] = targets.kind_summary(analysis)
     branch_summary(report, branches)
     if allocation is not None:
