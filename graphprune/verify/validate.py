@@ -319,7 +319,7 @@ def compare(
         outs = candidate_outputs or run_many(candidate, feeds_list, "the pruned model", optimize=optimize,
                                              segmented=segment_candidate)
     result = _differences(ref_outs, outs, what, tolerance)
-    if not result["ok"] and copies is None and not reference_outputs and not segment_candidate \
+    if not result["ok"] and not pair_safe_used and not reference_outputs and not segment_candidate \
             and _rerun_whole(reference, False if emulate_quantization else optimize_reference, reference_overrides):
         whole = run_many(reference, feeds_list, what, reference_overrides,
                          False if emulate_quantization else optimize_reference)
