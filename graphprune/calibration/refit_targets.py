@@ -123,10 +123,6 @@ def find_targets(
         if large:
             skipped[node.name] = large
             continue
-        if view.rectified:  # (a QOperator digits CNN: refit, the held-out error 0.04 -> 0.35)
-            skipped[node.name] = (f"{node.op}'s integer output reads no negative value (a ReLU fused into its "
-                                  "quantization): a linear fit of it is no fit of the layer: not refit")
-            continue
         cut = removed.get(view.weight_dim(view.info.out_axis))
         kept = None
         if cut is not None and len(cut):
@@ -138,7 +134,7 @@ def find_targets(
             continue
         share = wname if wname in shares else None
         residual = (residual_of(view, opset) if kept is None and rows is None and share is None
-                    and residual_targets else None)
+                    and residual_targets and not view.rectified else None)
         targets.append(Target(view, len(targets), kept=kept, residual=residual, row_cuts=rows, share=share))
     targets = _complete_shares(targets, shares, skipped)
     _assign_waves(graph, targets)

@@ -85,6 +85,29 @@ class WaveReport:
     misplaced: list[str] = field(default_factory=list)
 
 
+def censored_targets(y: np.ndarray, xt: np.ndarray, current: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The targets of a layer whose output is rectified (:attr:`LinearView.rectified`: a ReLU
+    folded into a QOperator layer's output quantization), for a least-squares fit of its
+    pre-activation ``z``. Where the original's output is positive it is the original's ``z``;
+    where it is zero, ``z`` was anywhere at or below zero: the target is the pruned layer's
+    current ``z`` where that is at or below zero too (nothing to correct), else zero (one step
+    of a censored regression). Fitting the zeros themselves pulls every inactive unit up to
+    zero; leaving such layers alone leaves a model whose every layer rectifies unreconstructed.
+    ``y``: ``[R, g, og]``; ``xt``: ``[R, g, K + 1]`` (the rows, with the constant 1);
+    ``current``: the layer's weights ``[g, og, K]`` and bias ``[g, og]`` as they are (:func:`current_weights`)."""
+    matrices, bias = current
+    z = np.einsum("rgk,gok->rgo", xt[:, :, :-1], matrices) + bias[None]
+    return np.where(y > 0, y, np.minimum(z, 0.0)).astype(np.float32)
+
+
+def current_weights(view: LinearView) -> tuple[np.ndarray, np.ndarray]:
+    """``view``'s weights ``[g, og, K]`` and bias ``[g, og]`` (zeros where it has none), float32."""
+    matrices = np.asarray(view.matrices(), np.float32)
+    g, og, _ = matrices.shape
+    bias = view.bias_values()
+    return matrices, (np.zeros((g, og), np.float32) if bias is None else np.asarray(bias, np.float32).reshape(g, og))
+
+
 def rows_budget(view: LinearView) -> int:
     k = refit_inputs(view)
     return int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
@@ -310,6 +333,7 @@ class Reconstructor:
                 by_stream[t.residual.stream].append(t)
         acc: dict[int, Accumulator] = {}
         pending: dict[tuple[int, int], dict[str, Any]] = {}
+        rectified: dict[int | str, tuple[np.ndarray, np.ndarray]] = {}  # (censored_targets)
 
         def add(t: Target, batch: int) -> None:
             entry = pending[(t.index, batch)]
@@ -324,6 +348,10 @@ class Reconstructor:
             og = y.shape[1] // g
             xt = np.concatenate([xr, np.ones((r, g, 1), np.float32)], axis=2)
             y = y.reshape(r, g, og)
+            if t.view.rectified:
+                if t.key not in rectified:
+                    rectified[t.key] = current_weights(t.view)
+                y = censored_targets(y, xt, rectified[t.key])
             weights = entry.get("w")
             if weights is not None:  # rows weighted as the normalisation after the sum sees them
                 root = np.sqrt(weights).astype(np.float32)[:, None, None]
