@@ -496,3 +496,39 @@ def test_an_output_the_prune_does_not_reach_decides_nothing():
     changed = [figures["outputs"][n]["pooled_rel_l2"] for n in ("descriptors", "heat")]
     assert figures["outputs"]["keypoints"]["pooled_rel_l2"] == 0.0
     assert figures["deciding_rel_l2"] == pytest.approx(float(np.sqrt(changed[0] * changed[1])), abs=2e-6)
+
+
+def _quantized_softmax(classes: int = 64) -> onnx.ModelProto:
+    """x [1, 8] -> MatMul -> Softmax -> QuantizeLinear (uint8, steps of 1/255) -> DequantizeLinear:
+    a softmax whose rows, quantized, sum to 1 only within rounding."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(3 * rng.standard_normal((8, classes)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Softmax", ["m"], ["p"], axis=-1),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "qsoftmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_quantized_softmax_is_read_as_class_probabilities():
+    """A 256-class tempo softmax quantized to 8 bits summed to 0.961-0.996 per row: it was read as
+    independent yes / no probabilities (no top-1, a warning about its few "positives"). Its
+    values lie on one grid: rows may miss 1 by half a step per class."""
+    from graphprune.calibration.output_kinds import quantized_sum_error, rows_of_probabilities
+
+    model = _quantized_softmax()
+    feeds = [{"x": np.random.default_rng(k).standard_normal((1, 8)).astype(np.float32)} for k in range(12)]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [session.run(None, f)[0] for f in feeds]
+    assert any(abs(o.sum() - 1) > 1e-3 for o in outputs)  # (rounding: the plain check refuses them)
+    atol = quantized_sum_error(outputs)
+    assert 1e-3 < atol <= 0.5 * 64 / 255 + 1e-6
+    assert all(rows_of_probabilities(o, several=False, atol=atol) for o in outputs)
+    assert quantized_sum_error([np.random.default_rng(0).random((1, 64))]) == 1e-3  # floats: on no grid
+    entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
+    assert "top1_agreement" in entry and "positives_kept" not in entry, entry

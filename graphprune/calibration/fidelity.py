@@ -102,8 +102,11 @@ from graphprune.calibration.output_kinds import (
     decision_scores,
     feature_outputs,
     fed_back,
+    in_unit_range,
     logit_rows,
     open_length,
+    quantized_sum_error,
+    rows_of_probabilities,
 )
 from graphprune.verify.validate import finite_pair
 
@@ -128,30 +131,6 @@ def looks_like_scores(value: np.ndarray) -> bool:
         value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2
         and int(np.prod(value.shape[:-1])) == 1
     )
-
-
-def rows_of_probabilities(value: np.ndarray, *, several: bool = True) -> bool:
-    """Several rows of class probabilities (a CTC recogniser's ``[1, 40, 18710]`` after its
-    softmax) or log-probabilities (a beam decoder's ``[beams, 160]`` after its log-softmax):
-    floating point, at least two classes on the last axis, more than one row (``several``;
-    else any number), every row non-negative and summing to 1, or non-positive with its
-    exponentials summing to 1."""
-    if value.dtype.kind != "f" or value.ndim < 1 or value.shape[-1] < 2 or (
-            several and (value.ndim < 2 or value.size == value.shape[-1])):
-        return False
-    v = value.astype(np.float64)
-    if np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=1e-3):
-        return True
-    if not np.all(np.isfinite(v) | (v == -np.inf)) or np.any(v > 1e-6):
-        return False
-    with np.errstate(under="ignore"):
-        return bool(np.allclose(np.exp(v).sum(axis=-1), 1.0, atol=1e-3))
-
-
-def in_unit_range(value: np.ndarray) -> bool:
-    """Floating point, at least two entries on the last axis, every value in [0, 1]."""
-    return value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2 and value.size > 0 \
-        and bool(np.all((value >= 0.0) & (value <= 1.0)))
 
 
 def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
@@ -344,8 +323,9 @@ def compare_outputs(
     outputs: dict[str, Any] = {}
     # beside an output of class probabilities, one that is none is no class scores (an MTCNN
     # O-Net's box offsets and landmarks beside its face / non-face softmax read as classes)
+    atol = [quantized_sum_error([r[k] for r in original]) for k in range(len(names))]  # (a quantized softmax's)
     distributions = {name for k, name in enumerate(names) if original and all(
-        rows_of_probabilities(np.asarray(r[k]), several=False) for r in original)}
+        rows_of_probabilities(np.asarray(r[k]), several=False, atol=atol[k]) for r in original)}
     if distributions:
         not_scores = {*not_scores, *(n for n in names if n not in distributions and n not in logits)}
     # values in [0, 1] whose rows do not sum to 1: independent yes / no probabilities (a
@@ -353,7 +333,7 @@ def compare_outputs(
     # (six labels read top-1 agreement 1.0 while a flag's F1 fell to 0.79)
     not_scores = {*not_scores, *(name for k, name in enumerate(names) if name not in logits and original and all(
         in_unit_range(np.asarray(r[k])) for r in original) and not all(
-        rows_of_probabilities(np.asarray(r[k]), several=False) for r in original))}
+        rows_of_probabilities(np.asarray(r[k]), several=False, atol=atol[k]) for r in original))}
     for k, name in enumerate(names):
         cosines, rels, agree, balanced, sequences = [], [], [], [], []
         collapsed = False  # a sequence compared as a CTC recogniser's (see sequence_agreement)
@@ -420,7 +400,7 @@ def compare_outputs(
             if scores and not per_row and looks_like_scores(y):
                 agree.append(float(np.argmax(y) == np.argmax(p)))
                 classes.add(int(np.argmax(y)))
-            elif scores and (per_row or not agree) and (rows_of_probabilities(y) or (
+            elif scores and (per_row or not agree) and (rows_of_probabilities(y, atol=atol[k]) or (
                     name in logits and y.ndim >= 2 and y.size > y.shape[-1] and y.shape[-1] >= 2)):
                 per_row = True
                 agree.append(row_agreement(y, p))

@@ -1,7 +1,8 @@
 """Which outputs are what, read from the graph: a length the inputs choose
 (:func:`open_length`), a recurrent state fed back (:func:`fed_back`), an embedding
 (:func:`feature_outputs`), rows of class scores (:func:`logit_rows`), ids chosen from scores
-the graph computes (:func:`decision_scores`). The fidelity report
+the graph computes (:func:`decision_scores`); and from the values: rows of class probabilities
+(:func:`rows_of_probabilities`), values in [0, 1] (:func:`in_unit_range`). The fidelity report
 (:mod:`graphprune.calibration.fidelity`) reads an output's figures accordingly."""
 
 from __future__ import annotations
@@ -213,6 +214,52 @@ def _constants_read(model: onnx.ModelProto, near: set[str], data_dir: Path | Non
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
     return copy
+
+
+def rows_of_probabilities(value: np.ndarray, *, several: bool = True, atol: float = 1e-3) -> bool:
+    """Several rows of class probabilities (a CTC recogniser's ``[1, 40, 18710]`` after its
+    softmax) or log-probabilities (a beam decoder's ``[beams, 160]`` after its log-softmax):
+    floating point, at least two classes on the last axis, more than one row (``several``;
+    else any number), every row non-negative and summing to 1 (within ``atol``: see
+    :func:`quantized_sum_error`), or non-positive with its exponentials summing to 1."""
+    if value.dtype.kind != "f" or value.ndim < 1 or value.shape[-1] < 2 or (
+            several and (value.ndim < 2 or value.size == value.shape[-1])):
+        return False
+    v = value.astype(np.float64)
+    if np.all(v >= -1e-6) and np.allclose(v.sum(axis=-1), 1.0, atol=atol):
+        return True
+    if not np.all(np.isfinite(v) | (v == -np.inf)) or np.any(v > 1e-6):
+        return False
+    with np.errstate(under="ignore"):
+        return bool(np.allclose(np.exp(v).sum(axis=-1), 1.0, atol=1e-3))
+
+
+def quantized_sum_error(values: list[np.ndarray]) -> float:
+    """How far a row of an output may sum from 1 by rounding alone (``values``: the output on
+    several samples), where all its values lie on one grid of 8 to 256 levels (a softmax
+    quantized to 8 bits: a tempo classifier's 256 classes in steps of 1/255 summed to
+    0.961-0.996, and were read as independent yes / no probabilities): half a step per class, at
+    most 0.5; 1e-3 for values on no such grid."""
+    floats = [np.asarray(v, np.float64).ravel() for v in values if np.asarray(v).dtype.kind == "f" and np.size(v)]
+    if not floats:
+        return 1e-3
+    levels = np.unique(np.concatenate(floats))
+    if levels.size < 8 or levels.size > 256:
+        return 1e-3
+    offsets, smallest = levels - levels[0], float(np.diff(levels).min())
+    for parts in range(1, 256):  # (the levels present may skip some: the step divides their gaps)
+        step = smallest / parts
+        if offsets[-1] / step > 255.5:
+            break
+        if np.allclose(offsets / step, np.round(offsets / step), atol=1e-2):
+            return max(1e-3, min(0.5 * step * np.shape(values[0])[-1], 0.5))
+    return 1e-3
+
+
+def in_unit_range(value: np.ndarray) -> bool:
+    """Floating point, at least two entries on the last axis, every value in [0, 1]."""
+    return value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2 and value.size > 0 \
+        and bool(np.all((value >= 0.0) & (value <= 1.0)))
 
 
 def peaks_kept(y: np.ndarray, p: np.ndarray) -> list[float]:
