@@ -261,3 +261,57 @@ def test_verification_feeds_ids_across_the_table_they_index():
         helper.make_node("ScatterElements", ["slots", "ids64", "ones_f"], ["scattered"], axis=1)])
     model.graph.output.append(helper.make_tensor_value_info("scattered", TensorProto.FLOAT, None))
     assert Session(model, input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)}).index_highs() == {}
+
+
+def test_index_bounds_are_found_through_a_gather_of_the_ids():
+    """A decoder reads ``prefix[:, -1]`` (a Gather of the ids) before its embedding: its ids were
+    given 0 or 1 (the bound was not found past the Gather), and the refit fit two tokens."""
+    model = token_model()
+    last = numpy_helper.from_array(np.array(-1, np.int64), "last_token")
+    model.graph.initializer.append(last)
+    embed = next(n for n in model.graph.node if n.name == "embed")
+    model.graph.node.insert(list(model.graph.node).index(embed),
+                            helper.make_node("Gather", ["ids64", "last_token"], ["ids_last"], axis=1, name="pick"))
+    embed.input[1] = "ids_last"
+    graph = gs.import_onnx(model)
+    assert synthetic.index_bounds(graph, 17) == {"input_ids": VOCAB}
+
+
+def _key_padding(true_ignores: bool) -> onnx.ModelProto:
+    """memory [1, 6, 8] attended under a boolean mask [1, 6]: scores -> Where(mask) -> Softmax ->
+    weighted sum. ``true_ignores``: PyTorch's key-padding convention (True = padding), else True = keep."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 1)).astype(np.float32), "q"),
+             numpy_helper.from_array(np.array(-1e9, np.float32), "off"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2")]
+    where = ["mask", "off", "s"] if true_ignores else ["mask", "s", "off"]
+    nodes = [helper.make_node("MatMul", ["memory", "q"], ["s3"]),
+             helper.make_node("Squeeze", ["s3", "axis2"], ["s"]),
+             helper.make_node("Where", where, ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["a"], axis=-1),
+             helper.make_node("Unsqueeze", ["a", "axis2"], ["a3"]),
+             helper.make_node("Mul", ["a3", "memory"], ["weighted"]),
+             helper.make_node("ReduceSum", ["weighted", "axis1"], ["y"], keepdims=0)]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    graph = helper.make_graph(nodes, "attend", [
+        helper.make_tensor_value_info("memory", TensorProto.FLOAT, [1, 6, 8]),
+        helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    graph.node[2].input[0] = "src_mask"
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("true_ignores", [True, False])
+def test_a_boolean_key_padding_mask_is_fed_as_nothing_masked(true_ignores):
+    """A romanizer's decoder takes PyTorch's key-padding mask (True = padding): fed all True, every
+    source position was masked, the refit fit degenerate attention, and no name decoded as before.
+    Which value masks is read from the model: a position marked alone is ignored or not."""
+    model = _key_padding(true_ignores)
+    specs = input_specs(model)
+    feeds = synthetic.synthetic_feeds(specs, {"memory": (1, 6, 8), "src_mask": (1, 6)}, {}, count=4)
+    assert all(f["src_mask"].all() for f in feeds)  # (named like a mask: all True first)
+    sess = session(model)
+    unmasked, text = synthetic.unmask(specs, feeds, "random", lambda feed: sess.run(None, feed))
+    assert all((~f["src_mask"]).all() if true_ignores else f["src_mask"].all() for f in unmasked)
+    assert ("src_mask all False" in text) == true_ignores
+    assert all(np.array_equal(a["memory"], b["memory"]) for a, b in zip(feeds, unmasked, strict=True))

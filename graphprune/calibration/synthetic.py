@@ -21,7 +21,9 @@ running it on them; deterministic for a model:
   reshapes and casts by the rule registry's :meth:`~graphprune.rules.registry.OpRule.index_bound`):
   uniform over the table's rows; one named like a position (``position``) counts up along its
   last axis, one named like a segment (``token_type``, ``segment``) is all zeros;
-* integer or boolean inputs named like a mask (``mask``): all ones (everything attended);
+* integer or boolean inputs named like a mask (``mask``): all ones (everything attended); a
+  boolean one all False where all True makes the outputs ignore the input it masks and all
+  False does not (PyTorch's key-padding masks: True = padding; :func:`unmask`);
 * a small integer or boolean input that the graph tests for equality with a constant (a mode
   switch ahead of an ``If``: silero's ``Equal(sr, 16000)``, :func:`tested_values`): that
   constant, as verification feeds it;
@@ -260,6 +262,52 @@ def synthetic_feeds(
             feed[spec.name] = np.asarray(value)
         feeds.append(feed)
     return feeds
+
+
+def unmask(specs: Sequence[InputSpec], feeds: list[dict[str, np.ndarray]], text: str,
+           outputs: Callable[[dict[str, np.ndarray]], list[np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], str]:
+    """``feeds`` (and their description ``text``) with each boolean input named like a mask all
+    False where True marks what is ignored (PyTorch's key-padding convention): a position set
+    True alone makes the outputs ignore the float inputs that share the mask's axes there (a
+    decoder's ``memory [batch, src_len, 256]`` under its ``src_mask [batch, src_len]``), and one
+    set False alone does not. A romanizer's decoder calibrated with every source position so
+    masked was refit on degenerate attention and decoded no name as before. ``outputs(feed)``:
+    the original's outputs (raises where it does not run)."""
+    flipped = []
+    for spec in specs:
+        feed = feeds[0] if feeds else {}
+        mask = feed.get(spec.name)
+        if spec.dtype != np.bool_ or "mask" not in spec.name.lower() or mask is None or not mask.size:
+            continue
+        read = [s.name for s in specs if np.issubdtype(s.dtype, np.floating) and s.name in feed
+                and feed[s.name].shape[:mask.ndim] == mask.shape and feed[s.name].ndim > mask.ndim]
+        if read and _ignored_where(outputs, feed, spec.name, read, True) \
+                and not _ignored_where(outputs, feed, spec.name, read, False):
+            flipped.append(spec.name)
+    if not flipped:
+        return feeds, text
+    feeds = [{**f, **{name: np.zeros_like(f[name]) for name in flipped}} for f in feeds]
+    return feeds, f"{text}; {', '.join(flipped)} all False (True marks what the model ignores)"
+
+
+def _ignored_where(outputs: Callable[[dict[str, np.ndarray]], list[np.ndarray]], feed: dict[str, np.ndarray],
+                   mask: str, read: list[str], value: bool) -> bool:
+    """Whether, with ``mask`` set to ``value`` at its last position alone, the outputs stay the
+    same (and finite) when the inputs ``read`` change at that position."""
+    where = np.unravel_index(feed[mask].size - 1, feed[mask].shape)
+    marked = np.full(feed[mask].shape, not value)
+    marked[where] = value
+    at = {**feed, mask: marked}
+    moved = {}
+    for name in read:
+        moved[name] = feed[name].copy()
+        moved[name][where] += np.asarray(1.0 + np.abs(feed[name][where]), feed[name].dtype)
+    try:
+        before, after = outputs(at), outputs({**at, **moved})
+    except Exception:  # noqa: BLE001 - does not run so: no sign either way
+        return False
+    floats = [(b, a) for b, a in zip(before, after, strict=True) if np.asarray(b).dtype.kind == "f"]
+    return bool(floats) and all(np.isfinite(b).all() and np.array_equal(b, a) for b, a in floats)
 
 
 def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int],

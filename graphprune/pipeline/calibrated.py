@@ -223,7 +223,7 @@ class CalibratedRun:
                 text = (synthetic.describe(feeds, bounds, spec.float_range, ranges)
                         + f"; {', '.join(fixed)} held at {at} (random values of them do not run)")
                 break
-        return feeds, text
+        return synthetic.unmask(specs, feeds, text, lambda feed: validate.run(path, feed, "the original model"))
 
     @property
     def criterion(self) -> str:

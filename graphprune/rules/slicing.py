@@ -270,6 +270,11 @@ class GatherRule(OpRule):
     op_types = ("Gather",)
     phase = 2
 
+    def carries_values(self, node: gs.Node) -> tuple[int, ...]:
+        """The data's values, selected (a decoder's ``prefix[:, -1]``: the last token id, which
+        an embedding then reads)."""
+        return (0,) if node.inputs else ()
+
     def index_bound(self, node: gs.Node, index: int) -> int | None:
         """The indices address the table's rows along ``axis`` (a constant table, or one
         computed with a static size: a dequantized embedding)."""
