@@ -532,3 +532,10 @@ def test_a_quantized_softmax_is_read_as_class_probabilities():
     assert quantized_sum_error([np.random.default_rng(0).random((1, 64))]) == 1e-3  # floats: on no grid
     entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
     assert "top1_agreement" in entry and "positives_kept" not in entry, entry
+
+
+def test_no_held_out_sample_is_said_not_left_blank():
+    """One calibration sample holds none out: the report said ``samples: 0`` and nothing else."""
+    model = _tagger(head=True)
+    report = fidelity(model, _moved(model), [])
+    assert report["samples"] == 0 and report["cosine"] is None and "no held-out sample" in report["note"]

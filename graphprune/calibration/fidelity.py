@@ -570,7 +570,9 @@ def fidelity(
     """Run both models on ``feeds`` (one sample each) and compare every output
     (``reference``: the original's outputs from :func:`reference_outputs`, not run again)."""
     if not feeds:
-        return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None}
+        return {"samples": 0, "outputs": {}, "cosine": None, "rel_l2": None, "top1_agreement": None,
+                "note": "no held-out sample: nothing measured, and the reconstruction was kept unweighed "
+                        "(give 2 samples or more)"}
     names, decided = compared_names(original)
     ref = reference if reference is not None else runner.outputs(original, feeds, "the original model",
                                                                   data_dir=data_dir, also=list(decided))
