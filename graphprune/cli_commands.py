@@ -356,10 +356,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise UsageError(f"no such file: {path}")
     progress = None
-    if not args.quiet and not args.json:
+    if not args.quiet and not args.json and os.environ.get("GRAPHPRUNE_PROGRESS") != "0":
+        terminal, start, shown = sys.stderr.isatty() or os.environ.get("GRAPHPRUNE_PROGRESS") == "1", time.perf_counter(), [0.0]
+
         def progress(done: int, total: int) -> None:
-            print(f"\rtiming {done}/{total}", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
+            if terminal:  # one line rewritten in place
+                print(f"\rtiming {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+                return
+            elapsed = time.perf_counter() - start  # a log or a pipe: a line now and then, once it takes a while
+            if elapsed >= PROGRESS_AFTER and elapsed - shown[0] >= PROGRESS_AFTER:
+                shown[0] = elapsed
+                print(f"timing {done}/{total} (+{elapsed:.0f}s)", file=sys.stderr, flush=True)
     if _shapes(args)[0]:
         raise UsageError("bench --input-shape takes NAME=d0,d1,... (a graph input's name)")
     results = time_models(args.models, provider=args.provider, warmup=args.warmup,

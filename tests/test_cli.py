@@ -641,6 +641,17 @@ def test_a_side_output_failing_after_the_model_takes_the_model_back(capsys, mode
 # --------------------------------------------------------------------------- bench
 
 
+def test_bench_writes_no_carriage_returns_into_a_log(capsys, models, monkeypatch):
+    """Progress rewritten in place (``\\rtiming k/N``) belongs on a terminal; a log or a pipe got
+    it for a 3 s run. There a quick run prints only its table."""
+    monkeypatch.delenv("GRAPHPRUNE_PROGRESS", raising=False)
+    code, out, err = cli(capsys, "bench", models["small"], "--runs", "3", "--warmup", "0")
+    assert code == 0 and "\r" not in err and "timing" not in err, err
+    monkeypatch.setenv("GRAPHPRUNE_PROGRESS", "1")  # (asked for: on any stream)
+    code, out, err = cli(capsys, "bench", models["small"], "--runs", "3", "--warmup", "0")
+    assert code == 0 and "timing 3/3" in err
+
+
 def test_bench_threads_and_the_batch_that_really_ran(capsys, models):
     # the CNN has an open batch axis, the small model a fixed batch of 1
     code, out, err = cli(capsys, "bench", models["cnn"], models["small"], "--runs", "2",
