@@ -539,3 +539,25 @@ def test_no_held_out_sample_is_said_not_left_blank():
     model = _tagger(head=True)
     report = fidelity(model, _moved(model), [])
     assert report["samples"] == 0 and report["cosine"] is None and "no held-out sample" in report["note"]
+
+
+def test_a_label_per_token_is_compared_row_for_row_not_as_ctc_frames():
+    """A tagger's ``[1, T, tags]`` for its ids ``[1, T]`` (Baidu's LAC, a BIO tagger): its
+    commonest tag was dropped as a CTC blank and repeated tags merged before the sentences were
+    compared. An output with a row per token of an integer input compares every row."""
+    from graphprune.calibration.output_kinds import token_rows
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((20, 8)).astype(np.float32), "table"),
+             numpy_helper.from_array(np.array([4.0, 0, 0, 0], np.float32), "b")]  # (tag 0 the commonest)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "tagger", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"ids": rng.integers(0, 20, (1, t)).astype(np.int64)} for t in (6, 9, 7, 12)]
+    assert token_rows(["y"], feeds, [[np.zeros((1, int(f["ids"].shape[1]), 4))] for f in feeds]) == {"y"}
+    assert token_rows(["y"], feeds, [[np.zeros((1, 5, 4))] for _ in feeds]) == set()  # (rows of another length)
+    entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
+    assert "sequence_agreement" in entry and "sequence_collapsed" not in entry, entry

@@ -107,6 +107,7 @@ from graphprune.calibration.output_kinds import (
     open_length,
     quantized_sum_error,
     rows_of_probabilities,
+    token_rows,
 )
 from graphprune.verify.validate import finite_pair
 
@@ -138,15 +139,15 @@ def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(np.argmax(y, axis=-1) == np.argmax(p, axis=-1)))
 
 
-def sequence_agreement(y: np.ndarray, p: np.ndarray) -> tuple[bool, bool]:
+def sequence_agreement(y: np.ndarray, p: np.ndarray, ctc: bool = True) -> tuple[bool, bool]:
     """Whether a sample's rows give the same sequence of classes, and whether that sequence
     was read as a CTC recogniser's: where one class is the arg-max of most rows (the blank),
     repeats are merged and that class dropped before comparing (a line reads the same when
-    its characters move by a frame); else every row must agree."""
+    its characters move by a frame); else (or not ``ctc``: a label per token) every row must agree."""
     ya, pa = np.argmax(y, axis=-1).reshape(-1), np.argmax(p, axis=-1).reshape(-1)
     values, counts = np.unique(ya, return_counts=True)
     blank = int(values[np.argmax(counts)])
-    if counts.max() * 2 <= ya.size:
+    if not ctc or counts.max() * 2 <= ya.size:
         return bool(np.array_equal(ya, pa)), False
 
     def collapsed(a: np.ndarray) -> np.ndarray:
@@ -301,7 +302,7 @@ def _shown(k: int, names: Sequence[str], original: list[list[Any]], decided: dic
 def compare_outputs(
     names: Sequence[str], original: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
     *, not_scores: set[str] = frozenset(), logits: set[str] = frozenset(),
-    decided: dict[str, tuple[list[str], int]] | None = None,
+    decided: dict[str, tuple[list[str], int]] | None = None, tags: set[str] = frozenset(),
 ) -> dict[str, Any]:
     """Fidelity figures from per-sample outputs (``original[i][k]``: sample i, output k;
     ``not_scores``: outputs never taken for class scores, see :func:`open_length`;
@@ -309,7 +310,7 @@ def compare_outputs(
     names that are the scores other outputs are chosen from, :func:`compared_names`: compared
     as rows of class scores along the ranked axis, their figures under the scores' name with
     ``scores_of``, and counted with the outputs; one that either model does not compute is
-    left out)."""
+    left out; ``tags``: outputs with a row per token, see :func:`token_rows`)."""
     if decided:
         absent = {k for k, name in enumerate(names) if name in decided and any(
             row[k] is None for row in (*original, *pruned)) or _shown(k, names, original, decided)}
@@ -404,7 +405,7 @@ def compare_outputs(
                     name in logits and y.ndim >= 2 and y.size > y.shape[-1] and y.shape[-1] >= 2)):
                 per_row = True
                 agree.append(row_agreement(y, p))
-                same, ctc = sequence_agreement(y, p)
+                same, ctc = sequence_agreement(y, p, ctc=name not in tags)
                 sequences.append(float(same))
                 collapsed = collapsed or ctc
             else:
@@ -579,4 +580,5 @@ def fidelity(
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir, also=list(decided))
     return compare_outputs(names, ref, out,
                            not_scores=open_length(original) | fed_back(original) | feature_outputs(original),
-                           logits=logit_rows(original, data_dir), decided=decided)
+                           logits=logit_rows(original, data_dir), decided=decided,
+                           tags=token_rows(names, list(feeds), ref))

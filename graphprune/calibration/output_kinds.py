@@ -262,6 +262,21 @@ def in_unit_range(value: np.ndarray) -> bool:
         and bool(np.all((value >= 0.0) & (value <= 1.0)))
 
 
+def token_rows(names: list[str], feeds: list[dict[str, np.ndarray]], outputs: list[list[np.ndarray]]) -> set[str]:
+    """The outputs with one row per element of an integer input on every sample (a tagger's
+    ``[1, T, 59]`` for its token ids ``[1, T]``): a label per token, every row compared, not a
+    CTC recogniser's frames (whose repeats merge; Baidu's LAC read as one: BIO tags merged and
+    its commonest tag dropped as the blank)."""
+    found = set()
+    for k, name in enumerate(names):
+        rows = [np.shape(out[k])[-2] if np.ndim(out[k]) >= 2 else None for out in outputs]
+        lengths = [{np.shape(v)[-1] for v in feed.values() if np.asarray(v).dtype.kind in "iu" and np.ndim(v) >= 1}
+                   for feed in feeds]
+        if rows and all(r is not None and r > 1 and r in ls for r, ls in zip(rows, lengths, strict=True)):
+            found.add(name)
+    return found
+
+
 def peaks_kept(y: np.ndarray, p: np.ndarray) -> list[float]:
     """Per channel of a map ``[N, C, *spatial]`` (at least two positions): 1.0 where the pruned
     output's arg-max lies within one cell of the original's (a heatmap decoded by its peak, as a
