@@ -189,7 +189,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     def evaluate(label: str, indexes: list[int], full: bool = False) -> bool:
         """Rewrite, check and reconstruct one allocation (``full``: no screening refit); ``True`` when
         the search must stop (a failed structural check, adopted as it is)."""
-        nonlocal best, runner_up, failed, last
+        nonlocal best, runner_up, failed, last, weigh_stats
         last = None
         shown(f"allocation {len(rows) + 1} ({label})")
         budget_mod.restore(model, indexes)
@@ -247,6 +247,10 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                     candidate.adopt(stats_model)
                     kind, score, error, pass_stats, reverted = "stats", stats_score, errors["stats"], stats_pass, False
             row["reconstruction"] = kind
+            # not nearer here: the later candidates weigh refit and none, and the allocation kept is
+            # weighed against the correction once more where it was not here (CalibratedRun.weigh_later;
+            # a tempo CNN's budget spent 149 of 584 s on the correction of three candidates)
+            weigh_stats = kind == "stats"
         row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         if "deciding_rel_l2" in score:  # (the figure in pooled_rel_l2: the outputs' geometric mean)
             row["outputs_mean"] = True
@@ -268,10 +272,6 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     try:
         started = time.perf_counter()
         stop = any(evaluate(label, indexes) for label, indexes in first)
-        if weigh_stats and not any(r.get("reconstruction") == "stats" for r in rows):
-            # the statistics correction nearer on none of the first: the search weighs refit and none
-            # (the allocation kept is weighed against it once more: CalibratedRun.weigh_later)
-            weigh_stats = False
         left = 0 if stop else _search_count(analysis, states, model, options, calibrated.calib.total)
         if options.search is None and first:  # where the first candidates took longer than estimated:
             # as many more as fit in SEARCH_SECONDS at the time they took (a ResNet-18 on 64 images:
