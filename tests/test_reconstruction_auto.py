@@ -80,14 +80,19 @@ def test_a_budget_weighs_its_chosen_allocation_the_same_way():
 
 def test_a_budget_stops_weighing_the_correction_once_it_is_not_nearer():
     """The statistics correction of every candidate cost a tempo CNN's budget 149 of 584 s where
-    the refit was nearer each time. Once a candidate's correction is not the nearest, the later
-    candidates weigh refit and none, and the allocation kept is weighed against the correction
-    at the end (its three figures in ``reconstruction_choice``)."""
+    the refit was nearer each time. Once the correction lost on two candidates, or on one by a
+    wide margin (:data:`~graphprune.pipeline.choose.STATS_MARGIN`), the later candidates weigh
+    refit and none, and the allocation kept is weighed against the correction at the end (its
+    three figures in ``reconstruction_choice``)."""
+    from graphprune.pipeline.choose import STATS_MARGIN
+
     result = graphprune.prune(example_cnn(), target_macs=0.5, calibration="random:16")
     rows = [c for c in result.report["budget"]["candidates"] if "pooled_rel_l2" in c]
     weighed = [k for k, c in enumerate(rows) if isinstance(c.get("stats"), dict)]
-    assert weighed and rows[weighed[-1]]["reconstruction"] != "stats"  # (the refit nearer on this CNN)
-    assert all(rows[k]["reconstruction"] == "stats" for k in weighed[:-1])
+    lost = [k for k in weighed if rows[k]["reconstruction"] != "stats"]  # (the refit nearer on this CNN)
+    assert lost and lost[-1] == weighed[-1] and len(lost) <= 2
+    last = rows[lost[-1]]
+    assert len(lost) == 2 or last["stats"]["pooled_rel_l2"] >= STATS_MARGIN * last["pooled_rel_l2"]
     assert not any(isinstance(c.get("stats"), dict) for c in rows[weighed[-1] + 1:]) and len(rows) > len(weighed)
     choice = result.report["calibration"]["reconstruction_choice"]
     assert set(choice["rel_l2"]) == {"refit", "stats", "none"} and choice["kept"] == min(choice["rel_l2"],

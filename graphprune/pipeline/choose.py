@@ -45,6 +45,9 @@ SENSITIVITY_STEPPED_SAMPLES = 8
 #: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
 #: a ResNet-50 on 128 images at 224x224: 1. Where the first three candidates took longer
 #: each than that estimate, the count is what fits at the time they took (since round 55)
+#: a budget stops weighing the statistics correction for its candidates once it lost on two, or on
+#: one by this factor of the nearest reconstruction's held-out error (:func:`choose`)
+STATS_MARGIN = 1.25
 SEARCH_SECONDS = 60.0
 SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
@@ -174,6 +177,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
     screening = calibrated.options.reconstruction == "refit" and calibrated.options.ridge is None
     # reconstruction auto: each candidate with the statistics correction too, nearest of three kept
     weigh_stats = calibrated.auto_reconstruction and calibrated.stats_unaffordable() is None
+    stats_lost: list[float] = []  # per candidate where the correction lost: its error over the nearest's
     feeds = calibrated.calib.holdout or calibrated.calib.samples[:CHOICE_SAMPLES]
     names, decided = fidelity_mod.compared_names(session.prepared)  # (and the scores ids are chosen from)
     judged = Judged(names, decided, calibrated.data_dir)
@@ -247,10 +251,12 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                     candidate.adopt(stats_model)
                     kind, score, error, pass_stats, reverted = "stats", stats_score, errors["stats"], stats_pass, False
             row["reconstruction"] = kind
-            # not nearer here: the later candidates weigh refit and none, and the allocation kept is
-            # weighed against the correction once more where it was not here (CalibratedRun.weigh_later;
-            # a tempo CNN's budget spent 149 of 584 s on the correction of three candidates)
-            weigh_stats = kind == "stats"
+            # far from the nearest here (or not the nearest twice): the later candidates weigh refit and
+            # none, and the allocation kept is weighed against the correction once more where it was not
+            # here (CalibratedRun.weigh_later; a tempo CNN's budget spent 149 of 584 s correcting three)
+            if kind != "stats":
+                stats_lost.append(errors.get("stats", math.inf) / max(error, 1e-30))
+                weigh_stats = len(stats_lost) < 2 and stats_lost[-1] < STATS_MARGIN
         row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
         if "deciding_rel_l2" in score:  # (the figure in pooled_rel_l2: the outputs' geometric mean)
             row["outputs_mean"] = True
