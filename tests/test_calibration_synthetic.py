@@ -277,9 +277,10 @@ def test_index_bounds_are_found_through_a_gather_of_the_ids():
     assert synthetic.index_bounds(graph, 17) == {"input_ids": VOCAB}
 
 
-def _key_padding(true_ignores: bool) -> onnx.ModelProto:
+def _key_padding(true_ignores: bool, ids: bool = False) -> onnx.ModelProto:
     """memory [1, 6, 8] attended under a boolean mask [1, 6]: scores -> Where(mask) -> Softmax ->
-    weighted sum. ``true_ignores``: PyTorch's key-padding convention (True = padding), else True = keep."""
+    weighted sum. ``true_ignores``: PyTorch's key-padding convention (True = padding), else True = keep;
+    ``ids``: memory is the embedding of token ids [1, 6] (an encoder's input)."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 1)).astype(np.float32), "q"),
              numpy_helper.from_array(np.array(-1e9, np.float32), "off"),
@@ -293,25 +294,31 @@ def _key_padding(true_ignores: bool) -> onnx.ModelProto:
              helper.make_node("Mul", ["a3", "memory"], ["weighted"]),
              helper.make_node("ReduceSum", ["weighted", "axis1"], ["y"], keepdims=0)]
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
-    graph = helper.make_graph(nodes, "attend", [
-        helper.make_tensor_value_info("memory", TensorProto.FLOAT, [1, 6, 8]),
-        helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [1, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
-    graph.node[2].input[0] = "src_mask"
+    first = helper.make_tensor_value_info("memory", TensorProto.FLOAT, [1, 6, 8])
+    if ids:
+        inits.append(numpy_helper.from_array(rng.standard_normal((VOCAB, 8)).astype(np.float32), "table"))
+        nodes.insert(0, helper.make_node("Gather", ["table", "src"], ["memory"]))
+        first = helper.make_tensor_value_info("src", TensorProto.INT64, [1, 6])
+    graph = helper.make_graph(nodes, "attend", [first, helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    next(n for n in graph.node if n.op_type == "Where").input[0] = "src_mask"
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.parametrize("ids", [False, True])
 @pytest.mark.parametrize("true_ignores", [True, False])
-def test_a_boolean_key_padding_mask_is_fed_as_nothing_masked(true_ignores):
+def test_a_boolean_key_padding_mask_is_fed_as_nothing_masked(true_ignores, ids):
     """A romanizer's decoder takes PyTorch's key-padding mask (True = padding): fed all True, every
     source position was masked, the refit fit degenerate attention, and no name decoded as before.
     Which value masks is read from the model: a position marked alone is ignored or not."""
-    model = _key_padding(true_ignores)
+    model = _key_padding(true_ignores, ids)
     specs = input_specs(model)
-    feeds = synthetic.synthetic_feeds(specs, {"memory": (1, 6, 8), "src_mask": (1, 6)}, {}, count=4)
+    first = "src" if ids else "memory"
+    feeds = synthetic.synthetic_feeds(specs, {first: (1, 6) if ids else (1, 6, 8), "src_mask": (1, 6)},
+                                      {"src": VOCAB} if ids else {}, count=4)
     assert all(f["src_mask"].all() for f in feeds)  # (named like a mask: all True first)
     sess = session(model)
     unmasked, text = synthetic.unmask(specs, feeds, "random", lambda feed: sess.run(None, feed))
     assert all((~f["src_mask"]).all() if true_ignores else f["src_mask"].all() for f in unmasked)
     assert ("src_mask all False" in text) == true_ignores
-    assert all(np.array_equal(a["memory"], b["memory"]) for a, b in zip(feeds, unmasked, strict=True))
+    assert all(np.array_equal(a[first], b[first]) for a, b in zip(feeds, unmasked, strict=True))

@@ -268,8 +268,8 @@ def unmask(specs: Sequence[InputSpec], feeds: list[dict[str, np.ndarray]], text:
            outputs: Callable[[dict[str, np.ndarray]], list[np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], str]:
     """``feeds`` (and their description ``text``) with each boolean input named like a mask all
     False where True marks what is ignored (PyTorch's key-padding convention): a position set
-    True alone makes the outputs ignore the float inputs that share the mask's axes there (a
-    decoder's ``memory [batch, src_len, 256]`` under its ``src_mask [batch, src_len]``), and one
+    True alone makes the outputs ignore the inputs that share the mask's axes there (a decoder's
+    ``memory [batch, src_len, 256]``, an encoder's ids ``src`` under ``src_mask [batch, src_len]``), and one
     set False alone does not. A romanizer's decoder calibrated with every source position so
     masked was refit on degenerate attention and decoded no name as before. ``outputs(feed)``:
     the original's outputs (raises where it does not run)."""
@@ -279,8 +279,9 @@ def unmask(specs: Sequence[InputSpec], feeds: list[dict[str, np.ndarray]], text:
         mask = feed.get(spec.name)
         if spec.dtype != np.bool_ or "mask" not in spec.name.lower() or mask is None or not mask.size:
             continue
-        read = [s.name for s in specs if np.issubdtype(s.dtype, np.floating) and s.name in feed
-                and feed[s.name].shape[:mask.ndim] == mask.shape and feed[s.name].ndim > mask.ndim]
+        read = [s.name for s in specs if s.name != spec.name and s.name in feed and s.dtype != np.bool_
+                and (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer))
+                and feed[s.name].shape[:mask.ndim] == mask.shape]
         if read and _ignored_where(outputs, feed, spec.name, read, True) \
                 and not _ignored_where(outputs, feed, spec.name, read, False):
             flipped.append(spec.name)
@@ -300,14 +301,33 @@ def _ignored_where(outputs: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     at = {**feed, mask: marked}
     moved = {}
     for name in read:
-        moved[name] = feed[name].copy()
-        moved[name][where] += np.asarray(1.0 + np.abs(feed[name][where]), feed[name].dtype)
+        array = feed[name].copy()
+        if np.issubdtype(array.dtype, np.floating):
+            array[where] += np.asarray(1.0 + np.abs(array[where]), array.dtype)
+        else:  # token ids ([batch, len], as the mask): another id the feed holds (one the table has)
+            others = array[array != array[where]] if array.ndim == len(where) else array[:0]
+            if not others.size:
+                continue
+            array[where] = others.flat[0]
+        moved[name] = array
+    if not moved:
+        return False
     try:
         before, after = outputs(at), outputs({**at, **moved})
     except Exception:  # noqa: BLE001 - does not run so: no sign either way
         return False
-    floats = [(b, a) for b, a in zip(before, after, strict=True) if np.asarray(b).dtype.kind == "f"]
+    floats = [_elsewhere(np.asarray(b), np.asarray(a), feed[mask].shape[-1], int(where[-1]))
+              for b, a in zip(before, after, strict=True) if np.asarray(b).dtype.kind == "f"]
     return bool(floats) and all(np.isfinite(b).all() and np.array_equal(b, a) for b, a in floats)
+
+
+def _elsewhere(before: np.ndarray, after: np.ndarray, length: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both outputs without ``position`` on their one axis of the mask's ``length`` (an encoder's
+    output at the marked token is computed from that token whatever the mask says), else whole."""
+    axes = [k for k, size in enumerate(before.shape) if size == length and k > 0]
+    if len(axes) != 1 or before.shape != after.shape:
+        return before, after
+    return np.delete(before, position, axis=axes[0]), np.delete(after, position, axis=axes[0])
 
 
 def describe(feeds: Sequence[Mapping[str, np.ndarray]], bounds: Mapping[str, int],
