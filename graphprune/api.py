@@ -76,6 +76,12 @@ def _validate_args(ratio: Any, criterion: str, round_to: int | None, min_channel
                    tolerance: Any) -> float:
     ratio = _number("ratio", ratio, 0.0, 1.0)
     if criterion not in CRITERIA:
+        from graphprune.pipeline.calibrated import CALIBRATED_CRITERIA
+
+        if criterion in CALIBRATED_CRITERIA:  # (checked after check_options: no calibration here)
+            raise UsageError(f"criterion '{criterion}' reads activations: it needs calibration data "
+                             f"(--calibration DATA, or --calibration random); without it choose from "
+                             f"{', '.join(CRITERIA)}")
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
     if round_to is not None and (isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1):
         raise UsageError(f"round_to must be an integer >= 1, got {round_to}")

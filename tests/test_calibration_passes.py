@@ -239,8 +239,8 @@ def test_bad_options():
         graphprune.prune(cnn(), calibration={"x": images()}, reconstruction="magic")
     with pytest.raises(UsageError, match="unknown criterion 'wanda2'"):
         graphprune.prune(cnn(), calibration={"x": images()}, criterion="wanda2")
-    with pytest.raises(UsageError, match="unknown criterion 'wanda'"):
-        graphprune.prune(cnn(), criterion="wanda")  # data-aware needs calibration
+    with pytest.raises(UsageError, match="criterion 'wanda' reads activations: it needs calibration data"):
+        graphprune.prune(cnn(), criterion="wanda")  # data-aware needs calibration (it was "unknown")
     with pytest.raises(UsageError, match="lossless"):
         graphprune.prune(cnn(), lossless=True, calibration={"x": images()})
 
