@@ -148,10 +148,6 @@ def _check_paths(model: str, output: str) -> None:
     _check_writable("-o", output, suffix=len(".data"))
 
 
-#: what an atomic write adds to a file's name for its temporary (``.NAME.<8 hex>.tmp``)
-_TEMPORARY_EXTRA = 14
-
-
 def _short(value: str, keep: int = 60) -> str:
     return value if len(value) <= keep else f"{value[:keep]}... ({len(value)} characters)"
 
@@ -161,7 +157,7 @@ def _check_writable(option: str, value: str, suffix: int = 0) -> None:
     any work: its folder exists and takes a new file (one is created and removed: ``os.access``
     says yes to root on a read-only or virtual file system), and its name (with ``suffix`` more
     bytes: an external data file's) fits the file system's limit."""
-    from graphprune.io._atomic import create_temporary
+    from graphprune.io._atomic import TEMPORARY_NAME_EXTRA, try_writing
 
     path = Path(value)
     try:
@@ -173,23 +169,21 @@ def _check_writable(option: str, value: str, suffix: int = 0) -> None:
         limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     except OSError as exc:
         raise UsageError(f"{option}: cannot use {_short(value)}: {exc.strerror or exc}") from None
-    length, extra = len(os.fsencode(path.name)), suffix + _TEMPORARY_EXTRA
+    length, extra = len(os.fsencode(path.name)), suffix + TEMPORARY_NAME_EXTRA
     if length + extra > limit:
         raise UsageError(f"{option}: file name too long: {length} bytes, at most {limit - extra} in this folder "
                          f"(the files written beside it add {extra} to it): {_short(path.name)}")
     try:
-        handle, temporary = create_temporary(path)
+        try_writing(path)
     except OSError as exc:
         raise UsageError(f"{option}: folder is not writable: {parent} ({exc.strerror or exc})") from None
-    os.close(handle)
-    os.unlink(temporary)
 
 
 def _check_folder(option: str, value: str) -> None:
     """``value`` can be an output folder (made if missing), checked before any work: a folder or
     nothing, its missing names within the file system's limit, the nearest existing folder
     takes a new file."""
-    from graphprune.io._atomic import create_temporary
+    from graphprune.io._atomic import try_writing
 
     path = Path(value)
     try:
@@ -206,11 +200,9 @@ def _check_folder(option: str, value: str) -> None:
         if long is not None:
             raise UsageError(f"{option}: folder name too long: {len(os.fsencode(long))} bytes, at most {limit}: "
                              f"{_short(long)}")
-        handle, temporary = create_temporary(existing / "graphprune-check")
+        try_writing(existing / "graphprune-check")
     except OSError as exc:
         raise UsageError(f"{option}: cannot use {_short(value)}: {exc.strerror or exc}") from None
-    os.close(handle)
-    os.unlink(temporary)
 
 
 def _check_side_outputs(args: argparse.Namespace, options: Sequence[str]) -> None:

@@ -240,9 +240,9 @@ def quantized_sum_error(values: list[np.ndarray]) -> float:
     quantized to 8 bits: a tempo classifier's 256 classes in steps of 1/255 summed to
     0.961-0.996, and were read as independent yes / no probabilities): half a step per class, at
     most 0.5; 1e-3 for values on no such grid."""
-    floats = [np.asarray(v, np.float64).ravel() for v in values if np.asarray(v).dtype.kind == "f" and np.size(v)]
-    if not floats:
+    if not values or not all(in_unit_range(np.asarray(v)) for v in values):  # (no probabilities: nothing sorted)
         return 1e-3
+    floats = [np.asarray(v, np.float64).ravel() for v in values]
     levels = np.unique(np.concatenate(floats))
     if levels.size < 8 or levels.size > 256:
         return 1e-3
@@ -268,10 +268,10 @@ def token_rows(names: list[str], feeds: list[dict[str, np.ndarray]], outputs: li
     CTC recogniser's frames (whose repeats merge; Baidu's LAC read as one: BIO tags merged and
     its commonest tag dropped as the blank)."""
     found = set()
+    lengths = [{np.shape(v)[-1] for v in feed.values() if np.asarray(v).dtype.kind in "iu" and np.ndim(v) >= 1}
+               for feed in feeds]
     for k, name in enumerate(names):
         rows = [np.shape(out[k])[-2] if np.ndim(out[k]) >= 2 else None for out in outputs]
-        lengths = [{np.shape(v)[-1] for v in feed.values() if np.asarray(v).dtype.kind in "iu" and np.ndim(v) >= 1}
-                   for feed in feeds]
         if rows and all(r is not None and r > 1 and r in ls for r, ls in zip(rows, lengths, strict=True)):
             found.add(name)
     return found

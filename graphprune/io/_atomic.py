@@ -14,6 +14,9 @@ from pathlib import Path
 
 from graphprune.errors import UsageError
 
+#: bytes a temporary's name adds to its target's (``.NAME.<8 hex digits>.tmp``)
+TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
+
 
 def create_temporary(target: Path) -> tuple[int, str]:
     """Create an empty temporary file next to ``target``; return its descriptor and path."""
@@ -37,6 +40,14 @@ def create_temporary(target: Path) -> tuple[int, str]:
             raise
         return handle, str(path)
     raise FileExistsError(f"no free temporary name next to {target}")
+
+
+def try_writing(target: Path) -> None:
+    """Create and remove a temporary file next to ``target`` (``OSError`` where the folder takes
+    none: a read-only or virtual file system, which ``os.access`` calls writable for root)."""
+    handle, path = create_temporary(target)
+    os.close(handle)
+    os.unlink(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

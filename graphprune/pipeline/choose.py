@@ -45,11 +45,11 @@ SENSITIVITY_STEPPED_SAMPLES = 8
 #: all-MiniLM-L6-v2 on 150 sentences: 3; PP-OCRv4's detector on 16 images at 320x320: 4;
 #: a ResNet-50 on 128 images at 224x224: 1. Where the first three candidates took longer
 #: each than that estimate, the count is what fits at the time they took (since round 55)
+SEARCH_SECONDS = 60.0
+SEARCH_MAX = 12
 #: a budget stops weighing the statistics correction for its candidates once it lost on two, or on
 #: one by this factor of the nearest reconstruction's held-out error (:func:`choose`)
 STATS_MARGIN = 1.25
-SEARCH_SECONDS = 60.0
-SEARCH_MAX = 12
 #: allocations evaluated per search round (perturbations of the best so far)
 SEARCH_ROUND = 4
 #: a round that finds nothing better narrows the next round's perturbations by this factor

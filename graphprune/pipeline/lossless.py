@@ -231,8 +231,7 @@ def prune_lossless(
     removed = plan.groups or plan.erase or cleaned.modified or any(r.get("constants_folded") for r in rounds)
     unchanged = not removed and as_it_came(session)
     if unchanged:  # its figures are the original's (counted on the prepared graph, as before)
-        keep_loaded(session, report)
-        del report["unchanged"]  # (said in report["lossless"])
+        keep_loaded(session, report)  # (said in report["lossless"])
     report["groups"]["inexact"] = 0  # only exact groups are ever removed
     report["lossless"] = {
         "rounds": rounds,

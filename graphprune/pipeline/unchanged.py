@@ -33,12 +33,11 @@ def as_it_came(session: Any) -> bool:
 
 def keep_loaded(session: Any, report: dict[str, Any]) -> None:
     """``session`` writes the model as loaded; ``report``'s after-figures are its before-figures
-    (counted on the prepared graph, as before)."""
+    (counted on the prepared graph, as before). The caller says so in the report."""
     session.model = session.loaded
     for figure in ("params", "macs", "nodes"):
         if f"{figure}_before" in report:
             report[f"{figure}_after"] = report[f"{figure}_before"]
-    report["unchanged"] = NOTE
 
 
 def write_unchanged(session: Any, report: dict[str, Any], plan: Any) -> bool:
@@ -46,4 +45,5 @@ def write_unchanged(session: Any, report: dict[str, Any], plan: Any) -> bool:
     if plan.units_removed or plan.erase or not as_it_came(session):
         return False
     keep_loaded(session, report)
+    report["unchanged"] = NOTE
     return True
