@@ -101,6 +101,39 @@ def test_the_head_of_a_softmax_output_is_distilled(tmp_path, ending, kind, monke
     assert _cross_entropy(model, result.model, log) < _cross_entropy(model, plain.model, log)
 
 
+def test_the_original_runs_once_for_the_head_of_every_candidate(tmp_path, monkeypatch):
+    """Under ``auto`` every candidate (the criteria's plans, the refit, the statistics correction)
+    ends with the head's fit, to the same original rows: the original runs for them once (and
+    once more for the final refit, on every sample), and the result is the same as with a run
+    each."""
+    import traceback
+
+    from graphprune.passes.softmax_head import SoftmaxHeadPass
+    model = _classifier("softmax")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_inputs(256, 1))
+    real, runs = runner.stream, []
+
+    def stream(model, names, feeds, take, **kwargs):
+        if kwargs.get("what") == "the original model" and list(names) == ["probs"]:
+            if traceback.extract_stack(limit=2)[0].filename.endswith("softmax_head.py"):
+                runs.append(len(feeds))
+        return real(model, names, feeds, take, **kwargs)
+
+    monkeypatch.setattr(runner, "stream", stream)
+    result = graphprune.prune(model, ratio=0.6, calibration=str(calib), reconstruction="auto")
+    choice = result.report["calibration"]["reconstruction_choice"]
+    assert "stats" in choice["tried"] and isinstance(choice["rel_l2"]["stats"], float), choice
+    assert result.report["calibration"]["final_refit"]["kept"]
+    assert len(runs) == 2, runs
+    monkeypatch.setattr(SoftmaxHeadPass, "_held", lambda self: {})  # (nothing kept: the original runs again)
+    runs.clear()
+    again = graphprune.prune(model, ratio=0.6, calibration=str(calib), reconstruction="auto")
+    assert len(runs) >= 4 and runs.count(runs[-1]) == 1, runs
+    for a, b in zip(result.model.graph.initializer, again.model.graph.initializer, strict=True):
+        assert a.name == b.name and np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
 def test_logits_as_the_graph_output_are_left_to_the_least_squares_refit(tmp_path):
     """Nothing in the graph says raw logits are class scores rather than a regression."""
     calib = tmp_path / "calib.npz"

@@ -153,8 +153,9 @@ class CalibratedRun:
         self._scorer: Any = None
         #: the criterion whose whole plan was kept, and ``report["calibration"]["criterion_choice"]``
         self.kept_criterion, self.criterion_choice = None, None  # (pipeline.criterion_choice)
-        #: the original's outputs on the held-out samples (computed once)
+        #: the original's outputs on the held-out samples (computed once); the rows softmax heads are fitted to
         self._reference: list | None = None
+        self._head_rows: dict = {}  # (SoftmaxHeadPass's ``targets``: the original runs once for every candidate)
         #: fidelity of the pruned model before reconstruction (``reconstruct(compare=True)``), and that model
         #: until :meth:`fidelity` decides which of the two is kept
         self.unreconstructed: dict[str, Any] | None = None
@@ -307,7 +308,7 @@ class CalibratedRun:
         if screening:  # the head's refit (a CTC recogniser's 6,625 classes: 12 s a candidate) waits
             return [*fallback, refit]  # for the finalists, reconstructed again in full
         return [*fallback, refit, SoftmaxHeadPass(self.session.prepared, self.batches, store=store,
-                                                  logits=self.options.class_scores)]
+                                                  logits=self.options.class_scores, targets=self._head_rows)]
 
     def reconstruct(self, analysis: Analysis, plan: Plan, *, compare: bool = False, screening: bool = False,
                     keep_recorded: bool = False, stage: str = "reconstruction", kind: str | None = None
