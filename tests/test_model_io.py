@@ -594,3 +594,47 @@ def test_a_model_path_that_is_a_symbolic_link_prunes(tmp_path, relative: bool) -
         result.save(tmp_path / "out.onnx")
         onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
     assert link.is_symlink() and (blobs / "sha").read_bytes() == example_cnn().SerializeToString()
+
+
+@pytest.mark.parametrize("where", ["raw", "raw_large", "typed", "constant_node", "external"])
+def test_a_weight_whose_data_cannot_be_its_shape_is_refused_with_its_name(tmp_path, capsys, where: str) -> None:
+    """Bytes that do not fill a weight's shape (onnx.checker does not look) are an input error
+    naming the tensor, exit 2 and nothing written, not an internal error deep in the analysis."""
+    from graphprune.cli import main
+    from graphprune.examples import example_cnn
+
+    model = example_cnn()
+    init = max((t for t in model.graph.initializer if len(t.dims) == 4), key=lambda t: len(t.raw_data))
+    name = init.name
+    if where == "raw":
+        init.raw_data = init.raw_data[:100]
+    elif where == "raw_large":  # (read from the file where it lies, not parsed: the length the scan found)
+        init.raw_data = init.raw_data[: len(init.raw_data) // 2]
+    elif where == "typed":
+        values = numpy_helper.to_array(init).reshape(-1)[:-3].tolist()
+        init.ClearField("raw_data")
+        init.float_data[:] = values
+    elif where == "constant_node":  # (paddle2onnx's weights are Constant nodes)
+        model.graph.initializer.remove(init)
+        tensor = numpy_helper.from_array(np.zeros(5, np.float32), name)
+        tensor.dims[:] = list(init.dims)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=tensor))
+    path = tmp_path / "bad.onnx"
+    if where == "external":
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="bad.data",
+                  size_threshold=0)
+        model = onnx.load(path, load_external_data=False)
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                entry.value = str(int(entry.value) - 8)
+        onnx.save(model, path)
+    else:
+        onnx.save(model, path)
+    out = tmp_path / "out.onnx"
+    for command in (["prune", path, "-o", out, "--ratio", "0.5"], ["analyze", path]):
+        code = main([str(a) for a in command])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"tensor '{name}'" in err and "needs" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

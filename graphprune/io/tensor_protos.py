@@ -13,6 +13,8 @@ import onnx
 from google.protobuf.message import Message
 from onnx import external_data_helper
 
+from graphprune.errors import InvalidModelError
+
 _DETACH_THRESHOLD = 2**20
 """Tensors this large are detached (left out) when a model goes through C++ (inference, conversion)."""
 
@@ -144,6 +146,61 @@ def nbytes(tensor: onnx.TensorProto) -> int:
         count *= dim
     per_byte = _PACKED.get(tensor.data_type)
     return -(-count // per_byte) if per_byte is not None else count * itemsize
+
+
+#: the typed field that holds each element type's values when there is no ``raw_data``, and how
+#: many entries of it one element takes (a negative count: elements per entry, packed)
+_TYPED_FIELDS = {
+    **{getattr(onnx.TensorProto, name): ("int32_data", 1) for name in (
+        "INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(onnx.TensorProto, name)},
+    **{code: ("int32_data", -per_byte) for code, per_byte in _PACKED.items()},
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+}
+
+
+def data_misfit(tensor: onnx.TensorProto, raw_length: int | None = None) -> str | None:
+    """Why ``tensor``'s data cannot be its shape (``None``: it can, or it is not known here):
+    ``raw_length`` bytes of ``raw_data`` (read by the caller: reading it copies it; ``None``:
+    the typed fields hold the data, or it is external and its stated length is compared)."""
+    if tensor.HasField("segment"):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    shape = f"shape {list(tensor.dims)} of {onnx.TensorProto.DataType.Name(tensor.data_type)}" \
+        if tensor.data_type in onnx.TensorProto.DataType.values() else None
+    if shape is None or tensor.data_type == onnx.TensorProto.STRING and raw_length is not None:
+        return None
+    if external_data_helper.uses_external_data(tensor):
+        try:
+            length = external_data_helper.ExternalDataInfo(tensor).length
+        except ValueError:
+            return None  # (the loader says what is wrong with it)
+        need = nbytes(tensor)
+        return (f"its external data is {length} bytes, its {shape} needs {need}"
+                if length is not None and need and length != need else None)
+    if raw_length is not None:
+        need = nbytes(tensor)
+        return f"it holds {raw_length} bytes, its {shape} needs {need}" if need and raw_length != need else None
+    field, per = _TYPED_FIELDS.get(tensor.data_type, (None, 0))
+    if field is None:
+        return None
+    held = len(getattr(tensor, field))
+    need = count * per if per > 0 else -(-count // -per)
+    return f"it holds {held} values in {field}, its {shape} needs {need}" if held != need else None
+
+
+def check_fits(tensor: onnx.TensorProto, raw_length: int | None) -> None:
+    """An :class:`~graphprune.errors.InvalidModelError` where ``tensor``'s data cannot be its
+    shape (:func:`data_misfit`; onnx.checker does not look, and decoding it later fails deep
+    inside the analysis)."""
+    problem = data_misfit(tensor, raw_length)
+    if problem is not None:
+        raise InvalidModelError(f"the model is not valid: tensor '{tensor.name}': {problem}")
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:

@@ -33,6 +33,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from graphprune.errors import InvalidModelError
 from graphprune.io import scratch, sparse
 from graphprune.io.graph_reads import subgraphs_of
+from graphprune.io.tensor_protos import check_fits
 
 #: tensors at least this large are kept in files (smaller ones stay in the proto)
 MAP_THRESHOLD = 4096
@@ -181,7 +182,7 @@ class WeightStore:
         del skeleton
         model_io.check_structure(model, f"'{source}'")
         model_io.check_external_data(model, source)
-        self.adopt(model, source.parent)
+        self.adopt(model, source.parent, cut={inits[c.index].name: c.length for c in cuts})
         self._link(source, _SOURCE_LOCATION)
         for cut in cuts:
             _make_stub(inits[cut.index], _SOURCE_LOCATION, cut.offset, cut.length)
@@ -210,10 +211,12 @@ class WeightStore:
         self.adopt(model, source.parent)
         return model
 
-    def adopt(self, model: onnx.ModelProto, source_dir: str | os.PathLike[str] | None) -> None:
+    def adopt(self, model: onnx.ModelProto, source_dir: str | os.PathLike[str] | None, *,
+              cut: dict[str, int] | None = None) -> None:
         """Move ``model``'s weights into the store (in place): tensors already external are
         linked from ``source_dir``; large in-proto tensors are written to a data file and
-        cleared from the proto. Sparse initializers become dense ones first (:attr:`densified`)."""
+        cleared from the proto. Sparse initializers become dense ones first (:attr:`densified`).
+        Each tensor's data must fit its shape (``cut``: initializers whose bytes :meth:`load` left in the file: their length)."""
         self.densified.extend(sparse.densify(model.graph, source_dir))
         linked: set[str] = set()
         data_name = "weights.data"
@@ -229,6 +232,7 @@ class WeightStore:
                             f"('{location}') that was not loaded; give the model's file path"
                         )
                     self.external_source = True
+                    check_fits(tensor, None)
                     if location not in linked:
                         # copied, not linked: onnx refuses to read a data file with more
                         # than one link, so a link would break onnx.load / onnx.checker on
@@ -236,11 +240,12 @@ class WeightStore:
                         self._link(Path(os.fspath(source_dir)) / location, location, copy=True)
                         linked.add(location)
                     continue
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < MAP_THRESHOLD:
+                data = tensor.raw_data if tensor.HasField("raw_data") else None  # (a copy: read once)
+                check_fits(tensor, len(data) if data is not None else (cut or {}).get(tensor.name))
+                if data is None or len(data) < MAP_THRESHOLD:
                     continue
                 if stream is None:
                     stream = open(self.root / data_name, "wb")  # noqa: SIM115
-                data = tensor.raw_data
                 pad = -offset % _ALIGNMENT
                 if pad:
                     stream.write(b"\0" * pad)
