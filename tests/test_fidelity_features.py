@@ -383,6 +383,33 @@ def test_a_heat_map_on_an_offset_gets_a_centred_cosine():
     assert "centred_cosine" not in centred["outputs"]["map"] and centred["outputs"]["map"]["cosine"] < 0.6
 
 
+def test_ratings_on_a_scale_are_no_class_scores_and_get_a_centred_cosine():
+    """DNSMOS's [SIG, BAK, OVRL] opinion scores, each about 1-5: read as three classes, the
+    report gave a top-1 agreement (that pointed the wrong way) and a cosine of 0.997 where the
+    ratings' correlation with the original's had fallen to 0.69. A few numbers per sample that
+    each sit far from 0 against how they vary over the samples are ratings: no top-1, and a
+    cosine of both models' numbers less the original's mean over the samples."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(8)
+    base = np.array([3.3, 3.8, 2.9])
+    quality = rng.standard_normal((40, 1)) * 0.4
+    original = [[(base + q + 0.1 * rng.standard_normal(3))[None].astype(np.float32)] for q in quality]
+    drift = [[(base + 0.3 * q + 0.4 * rng.standard_normal((1, 3)) - 0.2).astype(np.float32)] for q in quality]
+    entry = compare_outputs(["mos"], original, drift)["outputs"]["mos"]
+    assert entry["cosine"] > 0.98 and entry["centred_cosine"] < 0.5, entry
+    assert not any(key.startswith("top1") for key in entry), entry
+    same = compare_outputs(["mos"], original, original)["outputs"]["mos"]
+    assert same["centred_cosine"] == 1.0
+    # class logits cross 0, or vary over the samples about as much as they sit away from it
+    for offset, spread in ((np.array([1.0, 0.0, -1.0]), 2.0), (np.array([6.0, 5.0, 7.0]), 2.0)):
+        logits = [[(rng.standard_normal((1, 3)) * spread + offset).astype(np.float32)] for _ in range(40)]
+        entry = compare_outputs(["logits"], logits, logits)["outputs"]["logits"]
+        assert entry["top1_agreement"] == 1.0 and "centred_cosine" not in entry
+    # too few samples to tell: read as before
+    assert "top1_agreement" in compare_outputs(["mos"], original[:4], drift[:4])["outputs"]["mos"]
+
+
 def test_few_agreeing_samples_give_a_lower_bound_and_the_classes_they_cover() -> None:
     """A direction classifier's 13 held-out lines all agreed (top-1 1.000) while 8 % of other
     lines flipped; a file-type classifier's held-out files covered 30 of its 214 classes."""

@@ -47,7 +47,10 @@ flattened):
 - ``centred_cosine``: where an output's values sit on an offset larger than their spread (a
   sigmoid heat map around 0.5: its cosine read 0.997 where the map's correlation with the
   original's had fallen to 0.43), the cosine of each sample's values less their mean (the
-  Pearson correlation), averaged over the samples;
+  Pearson correlation), averaged over the samples; and where a few numbers per sample each sit
+  far from 0 against how much they vary over the samples (ratings on a scale:
+  :func:`~graphprune.calibration.output_kinds.on_a_scale`, read as no class scores), the cosine of
+  both models' numbers less the original's mean over the samples;
 - ``rank_correlation``: where an output holds a few numbers per sample (at most
   :data:`FEW_SCORES`: a probability, a binary classifier's two classes, a handful of scores)
   or one row of class scores (then the classes the original gives the held-out samples), and
@@ -343,7 +346,9 @@ def compare_outputs(
         classes: set[int] = set()  # the original's class on each sample (one row per sample)
         error2 = total2 = size2 = 0.0  # (pooled over the samples; size2: the pruned output's)
         unfinished = hollow = 0  # samples on which the original's output holds a NaN or an infinity / nothing else
-        scores, other_shape = name not in not_scores, 0
+        scale = name not in logits and name not in distributions and output_kinds.on_a_scale(
+            [np.asarray(r[k]) for r in original], FEW_SCORES, RANK_SAMPLES)  # (ratings: no classes)
+        scores, other_shape = name not in not_scores and not scale, 0
         per_row = False  # top-1 agreement per row (position) of several rows of probabilities
         spread = max((channel_spread(np.asarray(r[k])) for r in original[:4]
                       if np.asarray(r[k]).dtype.kind == "f"), default=1.0)
@@ -463,6 +468,9 @@ def compare_outputs(
                     entry["peaks_kept"] = round(float(np.mean(peaks)), 6)
         if offset and centred and len(centred) == len(original):
             entry["centred_cosine"] = round(float(np.mean(centred)), 6)
+        elif scale:
+            entry["centred_cosine"] = round(output_kinds.centred_over_samples(
+                [r[k] for r in original], [r[k] for r in pruned]), 6)
         if balanced and len(balanced) == len(original):
             entry["balanced_cosine"] = round(float(np.mean(balanced)), 6)
             live = channel_total2 > 0

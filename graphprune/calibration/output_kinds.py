@@ -2,7 +2,8 @@
 (:func:`open_length`), a recurrent state fed back (:func:`fed_back`), an embedding
 (:func:`feature_outputs`), rows of class scores (:func:`logit_rows`), ids chosen from scores
 the graph computes (:func:`decision_scores`); and from the values: rows of class probabilities
-(:func:`rows_of_probabilities`), values in [0, 1] (:func:`in_unit_range`). The fidelity report
+(:func:`rows_of_probabilities`), values in [0, 1] (:func:`in_unit_range`), a few values on a
+scale (:func:`on_a_scale`). The fidelity report
 (:mod:`graphprune.calibration.fidelity`) reads an output's figures accordingly."""
 
 from __future__ import annotations
@@ -260,6 +261,43 @@ def in_unit_range(value: np.ndarray) -> bool:
     """Floating point, at least two entries on the last axis, every value in [0, 1]."""
     return value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2 and value.size > 0 \
         and bool(np.all((value >= 0.0) & (value <= 1.0)))
+
+
+#: a few values per sample, each this many times as far from 0 as it varies over the samples
+SCALE_OFFSET = 1.5
+
+
+def on_a_scale(values: list[np.ndarray], few: int, samples: int) -> bool:
+    """A few float values per sample (at most ``few``, over ``samples`` samples or more, each of
+    one shape), each of one sign on every sample and far from 0 against how much it varies over
+    the samples (``|mean|`` over :data:`SCALE_OFFSET` times the standard deviation, in every
+    column): ratings or measurements on a scale (DNSMOS's three opinion scores, each 1-5 over
+    speech from -5 to 30 dB SNR: means 1.9-2.4 standard deviations), not class scores, whose
+    logits cross 0. Their arg-max decides nothing, and their cosine measures the offset: 0.997
+    where the ratings' correlation with the original's had fallen to 0.69
+    (:func:`centred_over_samples` does not)."""
+    if len(values) < samples or values[0].dtype.kind != "f" or not 0 < values[0].size <= few:
+        return False
+    if any(v.shape != values[0].shape for v in values):
+        return False
+    y = np.stack([v.reshape(-1) for v in values]).astype(np.float64)
+    if not np.isfinite(y).all() or not np.all((y.min(axis=0) > 0) | (y.max(axis=0) < 0)):
+        return False
+    return bool(np.all(np.abs(y.mean(axis=0)) > SCALE_OFFSET * y.std(axis=0)))
+
+
+def centred_over_samples(original: list[np.ndarray], pruned: list[np.ndarray]) -> float:
+    """The cosine of both models' values less the original's mean over the samples (column by
+    column): how well the pruned values follow the original's from sample to sample, an offset
+    of their own counting against them (values of another shape: 0)."""
+    if any(np.shape(a) != np.shape(b) for a, b in zip(original, pruned, strict=True)):
+        return 0.0
+    y = np.stack([np.reshape(v, -1) for v in original]).astype(np.float64)
+    p = np.stack([np.reshape(v, -1) for v in pruned]).astype(np.float64)
+    mean = y.mean(axis=0)
+    a, b = (y - mean).reshape(-1), (p - mean).reshape(-1)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 and np.isfinite(a @ b) else float(na == nb)
 
 
 def token_rows(names: list[str], feeds: list[dict[str, np.ndarray]], outputs: list[list[np.ndarray]]) -> set[str]:
