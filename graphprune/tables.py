@@ -334,7 +334,13 @@ def _allocation_detail(budget: Mapping[str, Any]) -> list[str]:
             how += (f" ({'each' if weighed == len(measured) else f'the first {weighed} each'} the nearest of the "
                     "refit, the statistics correction and none)")
         kind = "balanced" if chosen.get("balanced") else "geometric mean" if chosen.get("outputs_mean") else "pooled"
-        lines.append(f"allocation: {chosen['allocation']}, the nearest of {len(measured)} measured after "
+        if (share := chosen.get("confidence_over_uniform")) is not None:
+            versus += f", nearer in {share:.0%} of bootstrap draws of the held-out samples"
+        ahead = next((c for c in measured if c.get("not_kept")), None)
+        which = "the nearest" if ahead is None else (
+            f"kept over {ahead['allocation']} (nearer in only {ahead.get('confidence_over_uniform') or 0:.0%} of "
+            f"bootstrap draws of the held-out samples, held-out {final(ahead):.4f})")
+        lines.append(f"allocation: {chosen['allocation']}, {which} of {len(measured)} measured after "
                      f"{how} (held-out {kind} rel-L2 {final(chosen):.4f}{versus})")
     failed = [c for c in budget.get("candidates") or [] if c.get("error")]
     if failed:

@@ -438,12 +438,16 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
     # chosen one is the nearer of those on the held-out calibration samples, and the
     # report's fidelity is that same measurement
     assert max(r["modelled_fraction"] for r in rows) - min(r["modelled_fraction"] for r in rows) <= 0.01
-    finalists = [r for r in rows if "refit" in r]
-    assert len(finalists) == 2
-    assert sorted(r["pooled_rel_l2"] for r in finalists) == sorted(r["pooled_rel_l2"] for r in rows)[:2]
+    finalists = sorted(rows, key=lambda r: r["pooled_rel_l2"])[:2]
     assert all(r["refit"]["ridge"] == "cross-validated" for r in finalists)
+    # (and the uniform one, where the nearer finalist's lead over its screened figure was not confident)
+    assert all(r["allocation"] == "uniform" for r in rows if "refit" in r and r not in finalists)
     chosen = next(r for r in rows if r["allocation"] == report["budget"]["chosen"])
-    assert chosen["refit"]["pooled_rel_l2"] == min(r["refit"]["pooled_rel_l2"] for r in finalists)
+    nearest = min(finalists, key=lambda r: r["refit"]["pooled_rel_l2"])
+    if chosen is nearest:
+        assert chosen["allocation"] == "uniform" or chosen["confidence_over_uniform"] >= 0.9
+    else:  # the uniform allocation, kept: the nearer one's lead was within the noise of the held-out samples
+        assert chosen["allocation"] == "uniform" and nearest["confidence_over_uniform"] < 0.9 and nearest["not_kept"]
     assert report["fidelity"]["pooled_rel_l2"] == pytest.approx(chosen["refit"]["pooled_rel_l2"], rel=1e-3)
     assert set(ridges) == {ridge.DEFAULT_RIDGE, None}
     # the report counts the kept reconstruction once (not the screening one as well)
@@ -453,8 +457,9 @@ def test_calibrated_budget_chooses_the_candidate_nearest_the_original(cnn, monke
     assert abs(_fraction(report, "macs") - 0.5) <= 0.03
     from graphprune.tables import budget_lines
 
-    assert any(line.startswith(f"allocation: {chosen['allocation']}, the nearest of {len(rows)} measured after "
-                               "a screening reconstruction; the two nearest reconstructed again")
+    which = "the nearest" if chosen is nearest else f"kept over {nearest['allocation']}"
+    assert any(line.startswith(f"allocation: {chosen['allocation']}, {which}") and f"of {len(rows)} measured after "
+               "a screening reconstruction; the two nearest reconstructed again" in line
                for line in budget_lines(report["budget"]))
 
 
