@@ -370,8 +370,10 @@ def branch_lines(branches: Mapping[str, Any] | None) -> list[str]:
     lines = []
     for b in branches.get("pruned") or []:
         fidelity = b.get("fidelity") or {}
-        own = (f"; its own held-out fidelity on {fidelity['samples']} samples: cosine {fidelity['cosine']:.4g}, "
-               f"rel-L2 {fidelity['rel_l2']:.4g}") if {"samples", "cosine", "rel_l2"} <= set(fidelity) else ""
+        figures = ", ".join(f"{name} {fidelity[key]:.4g}" for key, name in (("cosine", "cosine"), ("rel_l2", "rel-L2"))
+                            if fidelity.get(key) is not None)  # (one value per sample: no cosine)
+        own = f"; its own held-out fidelity on {fidelity['samples']} samples: {figures}" \
+            if figures and "samples" in fidelity else ""
         inexact = (f"; {b['inexact_groups']} group(s) cut across a normalisation of that axis (inexact: "
                    "its self-check held the exact groups only)") if b.get("inexact_groups") else ""
         lines.append(f"If '{b['if']}' {b['branch']}: {b['units_removed']} units removed, params "

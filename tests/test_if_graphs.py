@@ -382,3 +382,16 @@ def test_branches_with_an_inexact_group_stay_pruned_and_say_so() -> None:
     for flag in (True, False):
         assert run(result.model, flag, x).shape == (1, 1, 8, 8)
     assert any("1 group(s) cut across a normalisation" in line for line in branch_lines(report["branches"]))
+
+
+def test_a_branch_of_one_value_per_sample_is_told_without_a_cosine() -> None:
+    """openWakeWord's 'hey jarvis' head (one score per sample, in an If branch): its branch's
+    held-out cosine is None, and the table crashed on it (exit 1 after the model was written)."""
+    from graphprune.tables import branch_lines
+
+    branch = {"if": "If_32", "branch": "then_branch", "units_removed": 32, "params_before": 102850,
+              "params_after": 76370, "fidelity": {"samples": 14, "cosine": None, "rel_l2": 3.454}}
+    (line,) = branch_lines({"pruned": [branch]})
+    assert "held-out fidelity on 14 samples: rel-L2 3.454" in line and "cosine" not in line
+    branch["fidelity"].update(cosine=0.98)
+    assert "cosine 0.98, rel-L2 3.454" in branch_lines({"pruned": [branch]})[0]

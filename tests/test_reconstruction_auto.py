@@ -207,9 +207,9 @@ def test_an_allocation_is_kept_over_the_uniform_one_only_with_confidence():
     for twin, kept in ((_noisy(original, 0.05, 2), "uniform"), (_noisy(original, 0.005, 2), "search 1.1")):
         best = measured("search 1.1", twin)
         rows = [{"allocation": "uniform"}, {"allocation": "search 1.1"}]
-        refits = []
+        refits: list[int] = []
         chosen = _confident_over_uniform(best, uniform, rows, judged, feeds, reference, session,
-                                         refit=lambda: refits.append(1))
+                                         refit=lambda done=refits: done.append(1))
         assert chosen.label == kept, rows
         share = rows[1]["confidence_over_uniform"]
         assert (share >= 0.9) == (kept != "uniform") and ("not_kept" in rows[1]) == (kept == "uniform")
