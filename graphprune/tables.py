@@ -75,12 +75,18 @@ def result_rows(report: Mapping[str, Any]) -> list[list[object]]:
     ]
 
 
+#: input shapes the MACs row names before it counts the rest (all in the report)
+LABEL_SHAPES = 3
+
+
 def macs_label(report: Mapping[str, Any]) -> str:
     """"MACs", or with the input shapes they were counted at where the inputs leave sizes open
-    (scalars, which have no size to say, left out)."""
+    (scalars, which have no size to say, left out; past :data:`LABEL_SHAPES` of them, how many
+    more: a decoder's 48 cache inputs made a table 1,500 characters wide)."""
     sized = {name: shape for name, shape in (report.get("macs_input_shapes") or {}).items() if len(shape)}
-    return "MACs" if not sized else "MACs at " + ", ".join(
-        f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in sized.items())
+    named = [f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in list(sized.items())[:LABEL_SHAPES]]
+    more = f" and {len(sized) - LABEL_SHAPES} more inputs" if len(sized) > LABEL_SHAPES else ""
+    return "MACs" if not sized else "MACs at " + ", ".join(named) + more
 
 
 def verification_lines(report: Mapping[str, Any]) -> list[str]:

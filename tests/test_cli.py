@@ -998,3 +998,14 @@ def test_prune_with_cuda_checks_and_times_on_the_gpu(capsys, models, tmp_path):
     assert data["provider_check"]["ok"] and data["provider_check"]["provider"] == "cuda"
     assert data["latency"]["after"]["provider"] == "cuda"
     assert "on cuda: agrees with the CPU run" in out
+
+
+def test_the_macs_row_names_a_few_input_shapes_and_counts_the_rest():
+    """GPT-SoVITS's decoder step has 50 inputs (48 caches): the row named every one, and the
+    table was 1,500 characters wide."""
+    from graphprune.tables import LABEL_SHAPES, macs_label
+
+    shapes = {"iy": [1, 4], "scalar": [], **{f"past_{k}": [1, 1, 512] for k in range(48)}}
+    label = macs_label({"macs_input_shapes": shapes})
+    assert label == "MACs at iy=1x4, past_0=1x1x512, past_1=1x1x512 and 46 more inputs" and LABEL_SHAPES == 3
+    assert macs_label({"macs_input_shapes": {"x": [1, 3, 8, 8], "s": []}}) == "MACs at x=1x3x8x8"

@@ -10,12 +10,11 @@ lossless, depth, calibrated, budgeted) is a thin driver over a :class:`Session`:
 >>> verification = s.verify_against(s.prepared, "the original", tolerance=1e-5)  # doctest: +SKIP
 >>> result = s.finish("ratio", plan, verification)  # doctest: +SKIP
 
-The session times each stage (``progress`` is told the stage name as it starts), runs
-passes through one :class:`~graphprune.passes.base.PassManager` context (so statistics and
-timings of every pass end up in the report), verifies with the one verifier
-(:mod:`graphprune.verify.validate`) and builds the one report shape
-(:mod:`graphprune.pipeline.report`). With ``debug=True`` every pass that changes the graph is
-followed by an export, ``onnx.checker`` and an ONNX Runtime session, naming the pass that broke it.
+The session times each stage (``progress`` is told the stage name as it starts), runs passes through
+one :class:`~graphprune.passes.base.PassManager` context (so statistics and timings of every pass end up
+in the report), verifies with the one verifier (:mod:`graphprune.verify.validate`) and builds the one report
+shape (:mod:`graphprune.pipeline.report`). With ``debug=True`` every pass that changes the graph is followed
+by an export, ``onnx.checker`` and an ONNX Runtime session, naming the pass that broke it.
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ from graphprune.pipeline.feed_values import DATA_CHECK_SAMPLES, FeedValues
 from graphprune.pipeline.result import PruneResult
 from graphprune.pipeline.selections import within_own_noise
 from graphprune.planning.plan import Plan
+from graphprune.rules import random_draws
 from graphprune.verify import preparation, saturation, validate
 from graphprune.verify.metrics import count_params
 
@@ -101,8 +101,7 @@ class Session(FeedValues):
         input_shapes: dict[str, Any] | None = None,
     ) -> None:
         self.progress = progress
-        #: shapes of graph inputs given by the caller; the other open sizes are chosen by
-        #: :meth:`feeds` (:mod:`graphprune.analysis.probe_sizes`)
+        #: shapes of graph inputs given by the caller; :meth:`feeds` chooses the other open sizes (analysis.probe_sizes)
         self.input_shapes = dict(input_shapes) if input_shapes else None
         self._probes: tuple[Any, dict] = (None, {})  # (a prepared model, its graphs' shape probes)
         self._probe_shapes: dict[str, Any] | None | bool = False
@@ -113,8 +112,7 @@ class Session(FeedValues):
         self._ranges: dict[str, tuple[float, float]] | None = None  # see value_ranges
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
-        #: a few calibration samples (set by calibration), and whether verification runs on
-        #: them instead of generated feeds (see :meth:`use_data_feeds`)
+        #: a few calibration samples (set by calibration); verification runs on them instead of generated feeds where set
         self.data_feeds: list[dict[str, np.ndarray]] | None = None
         self.feeds_from_data: str | None = None
         self.branches_taken: dict[str, set[str]] | None = None  # If branches the data takes
@@ -126,6 +124,7 @@ class Session(FeedValues):
         self.store = WeightStore()
         with self.stage("load"):
             loaded = self.store.take(model)
+            self.seeded = random_draws.seed_unseeded(loaded)  # drawing ops, seeded for the work (not in the output)
             self.opset = model_io.check_opset(loaded)
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             converted_from = None
@@ -159,9 +158,8 @@ class Session(FeedValues):
             self.declared_shapes = {v.name for v in loaded.graph.value_info}
             if converted_from is not None:  # by ONNX's version converter, before anything else
                 self.normalised["opset_converted"] = {"from": converted_from, "to": UPGRADE_TO}
-            #: the graph as loaded (weights are references into the store: a small copy), which
-            #: the prepared one is checked against (:mod:`graphprune.verify.preparation`);
-            #: before ONNX's version converter, where it ran
+            #: the graph as loaded (weights are references into the store: a small copy), which the prepared one is
+            #: checked against (:mod:`graphprune.verify.preparation`); before ONNX's version converter, where it ran
             self.loaded = as_loaded if as_loaded is not None else onnx.ModelProto()
             if as_loaded is None:
                 self.loaded.CopyFrom(loaded)
@@ -555,8 +553,8 @@ class Session(FeedValues):
 
     def finish(self, report: dict[str, Any], plan: Plan, verification: dict[str, Any] | None, *,
                analysis: Analysis | None = None, model: onnx.ModelProto | None = None) -> PruneResult:
-        """Attach verification and timings; raise :class:`VerificationError` on a failure
-        (its ``result`` attribute carries the unverified result; the model is run once more as written)."""
+        """Attach verification and timings; raise :class:`VerificationError` on a failure (its ``result``
+        carries the unverified result; the model is run once more as written; drawing ops lose the seeds given)."""
         error: GraphPruneError | None = None  # InvalidModelError: the input does not run
         if verification is None:
             verification = {"ok": None, "skipped": True}
@@ -584,6 +582,8 @@ class Session(FeedValues):
                 fault := validate.written_fault(self.store.write_model, final, self.feeds()[0])) is not None:
             verification.update(ok=False, error=str(fault))
             error = fault
+        if self.seeded and final is not None:  # (checked seeded; written to draw anew, as it came)
+            random_draws.unseed(final)
         result = PruneResult(
             self.model if model is None else model, report, plan,
             analysis if analysis is not None else self.analysis, store=self.store,
