@@ -410,6 +410,29 @@ def test_ratings_on_a_scale_are_no_class_scores_and_get_a_centred_cosine():
     assert "top1_agreement" in compare_outputs(["mos"], original[:4], drift[:4])["outputs"]["mos"]
 
 
+def test_a_detector_whose_class_scores_all_fell_is_told_so():
+    """NudeNet's YOLOv8n ``[1, 4 + 18, 2100]``: box coordinates in pixels beside class scores in
+    [0, 1]. Pruned without reconstruction it found no box on 150 images while its held-out cosine
+    read 0.990 (the boxes decide it); the class channels' decisions at 0.5 are counted: 0 kept."""
+    from graphprune.calibration.fidelity import compare_outputs
+
+    rng = np.random.default_rng(9)
+    original, dead, fine = [], [], []
+    for _ in range(6):
+        boxes = rng.uniform(0, 320, (1, 4, 50))
+        scores = rng.uniform(0, 0.2, (1, 3, 50))
+        scores[0, rng.integers(0, 3), rng.integers(0, 50, 4)] = 0.9  # a few anchors see an object
+        y = np.concatenate([boxes, scores], axis=1).astype(np.float32)
+        original.append([y])
+        dead.append([np.concatenate([boxes * 1.01, scores * 0.3], axis=1).astype(np.float32)])
+        fine.append([np.concatenate([boxes * 1.01, scores * 0.95], axis=1).astype(np.float32)])
+    lost = compare_outputs(["output0"], original, dead)
+    assert lost["cosine"] > 0.99 and lost["outputs"]["output0"]["positives_kept"] == 0.0
+    assert lost["positives_lost"] == {"output0": 0.0}
+    kept = compare_outputs(["output0"], original, fine)
+    assert kept["outputs"]["output0"]["positives_kept"] == 1.0 and "positives_lost" not in kept
+
+
 def test_few_agreeing_samples_give_a_lower_bound_and_the_classes_they_cover() -> None:
     """A direction classifier's 13 held-out lines all agreed (top-1 1.000) while 8 % of other
     lines flipped; a file-type classifier's held-out files covered 30 of its 214 classes."""

@@ -399,6 +399,8 @@ def compare_outputs(
             size2 += float(np.sum(np.abs(b) ** 2))
             if spread >= SPREAD and (value := balanced_cosine(y, p)) is not None:
                 balanced.append(value)
+                if not in_unit:  # (the channels in [0, 1] beside the others: a detector's class scores)
+                    kept = [a + b for a, b in zip(kept, output_kinds.scores_kept(y, p), strict=True)]
                 e2, y2 = _channel_squares(y, p)
                 if channel_error2 is None or channel_error2.shape == e2.shape:
                     channel_error2 = e2 if channel_error2 is None else channel_error2 + e2
@@ -457,6 +459,8 @@ def compare_outputs(
                 # every held-out sample is one class: the agreement says whether that class
                 # stays on top, not whether the model still tells classes apart
                 entry["top1_one_class"] = classes.pop()
+        if not in_unit and balanced and kept[1]:  # (every class score of a detector fallen under 0.5: 0 boxes)
+            entry["positives_kept"] = round(kept[0] / kept[1], 6)
         if in_unit and len(decisions) == len(original) and len(sides) == 2 and "top1_agreement" not in entry \
                 and not per_row:
             # both decisions occur (else the share says nothing): a segmenter's per-character

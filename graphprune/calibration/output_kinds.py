@@ -300,6 +300,19 @@ def centred_over_samples(original: list[np.ndarray], pruned: list[np.ndarray]) -
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 and np.isfinite(a @ b) else float(na == nb)
 
 
+def scores_kept(y: np.ndarray, p: np.ndarray) -> tuple[int, int]:
+    """Where some channels (axis 1) of ``y`` lie in [0, 1] and others do not (a YOLOv8's
+    ``[1, 4 + C, anchors]``: box coordinates in pixels beside class scores): how many of those
+    channels' values above 0.5 stay above 0.5 in ``p``, and how many there are."""
+    a = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1)
+    b = np.moveaxis(p, 1, 0).reshape(p.shape[1], -1)
+    unit = (a.min(axis=1) >= 0) & (a.max(axis=1) <= 1)
+    if not unit.any() or unit.all():
+        return 0, 0
+    above = a[unit] > 0.5
+    return int(np.count_nonzero(b[unit][above] > 0.5)), int(np.count_nonzero(above))
+
+
 def token_rows(names: list[str], feeds: list[dict[str, np.ndarray]], outputs: list[list[np.ndarray]]) -> set[str]:
     """The outputs with one row per element of an integer input on every sample (a tagger's
     ``[1, T, 59]`` for its token ids ``[1, T]``): a label per token, every row compared, not a
