@@ -161,12 +161,13 @@ def decision_scores(model: onnx.ModelProto) -> dict[str, tuple[list[str], int]]:
     found: dict[str, tuple[list[str], int]] = {}
     for out in model.graph.output:
         name = out.name
-        for _ in range(_HEAD_DEPTH):
+        for _ in range(_DECISION_DEPTH):
             node = producer.get(name)
             rule = lookup(node.domain or "", node.op_type, opset) if node is not None else None
             if rule is None:
                 break
-            bare = gs.Node(node.op_type, node.name, attrs={a.name: a.i for a in node.attribute if a.name == "axis"})
+            bare = gs.Node(node.op_type, node.name, attrs={a.name: a.i for a in node.attribute if a.name == "axis"},
+                           inputs=[gs.Variable(i) for i in node.input])
             ranked = rule.ranks_inputs(bare)
             if ranked:
                 scores = node.input[ranked[0]] if ranked[0] < len(node.input) else ""
@@ -174,14 +175,19 @@ def decision_scores(model: onnx.ModelProto) -> dict[str, tuple[list[str], int]]:
                     found.setdefault(scores, ([], int(rule.ranked_axis(bare) or 0)))[0].append(out.name)
                 break
             computed = [i for i in node.input if i in producer and producer[i].input]
-            if rule.zero_behaviour not in ("move", "map") or len(computed) != 1:
+            carried = {node.input[i] for i in rule.carries_values(bare) if i < len(node.input)}  # (a Gather's data)
+            follow = [i for i in computed if i in carried] or computed  # (a Reshape's computed shape aside)
+            if len(follow) != 1 or (follow[0] not in carried and rule.zero_behaviour not in ("move", "map")):
                 break
-            name = computed[0]
+            name = follow[0]
     return found
 
 
 #: nodes :func:`logit_rows` follows back from an output (a bias, an activation, a rescaling)
 _HEAD_DEPTH = 6
+#: nodes :func:`decision_scores` follows back from an output to the ``ArgMax`` (GPT-SoVITS's VQ
+#: codes: a reshape, an unsqueeze, a concat, a transpose and two gathers after it)
+_DECISION_DEPTH = 12
 
 
 def _last_nodes(model: onnx.ModelProto, outputs: list[str]) -> set[str]:
