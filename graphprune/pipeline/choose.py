@@ -311,16 +311,26 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         if best.unreconstructed is not None and best.error > -math.inf:
             # the two nearest after the screening refit, reconstructed again: the nearer is kept
             finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
+            validated = {}  # each finalist's validated ridges: the final refit recalls the kept one's
             for m in finalists:
                 shown(f"allocation {m.label!r} again")
                 _refit_finalist(session, m, calibrated, feeds, judged, reference,
                               next(r for r in rows if r["allocation"] == m.label))
+                validated[id(m)] = calibrated._ridges
             best = min(finalists, key=lambda m: m.rank())
+            calibrated._ridges = validated[id(best)]
         if uniform is not None:
             screened = uniform.unreconstructed is not None and not any(m is uniform for m in finalists)
-            best = _confident_over_uniform(best, uniform, rows, judged, feeds, reference, session, refit=(lambda: (
-                shown("allocation 'uniform' again"), _refit_finalist(session, uniform, calibrated, feeds, judged, reference,
-                                                       _row(rows, "uniform")))) if screened else None)
+            ridges = [calibrated._ridges, None]  # (the final refit recalls the kept one's validated ridges)
+
+            def refit_uniform() -> None:
+                shown("allocation 'uniform' again")
+                _refit_finalist(session, uniform, calibrated, feeds, judged, reference, _row(rows, "uniform"))
+                ridges[1] = calibrated._ridges
+
+            best = _confident_over_uniform(best, uniform, rows, judged, feeds, reference, session,
+                                           refit=refit_uniform if screened else None)
+            calibrated._ridges = ridges[1] if best is uniform and ridges[1] is not None else ridges[0]
         if criteria and math.isfinite(best.error):
             best = _weigh_criteria(best, criteria, states, options, evaluate, lambda: last, judged, feeds,
                                    reference, calibrated, session)
