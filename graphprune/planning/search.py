@@ -85,6 +85,11 @@ def _shaped(model: CostModel, goal: float, shape: np.ndarray, over: bool = False
     return snapshot(model)
 
 
+#: how far over the goal (of the full cost) a candidate may land where coarse steps put its shape too far
+#: under it: two thirds of what a met target allows, so that the count outside keeps the margin
+OVER_GOAL = MET_WITHIN * 2 / 3
+
+
 def _shares(model: CostModel) -> np.ndarray:
     return np.array([st.removed / max(st.group.num_units, 1) for st in model.states])
 
@@ -96,7 +101,7 @@ def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CAND
     are ``(1 - a) * uniform + a * global`` scaled to the goal (``a = 0``: ``uniform``, every
     group the same share). Distinct allocations only, none landing further under the goal
     than the greedy one and :data:`LANDING_SLACK`: where coarse steps land a shape there, its
-    nearest landing above the goal is taken instead if it is within :data:`MET_WITHIN` of it
+    nearest landing above the goal is taken instead if it is within :data:`OVER_GOAL` of it
     (a wake-word head of two groups in steps of 8: uniform at 72/72 under the goal, 80/80 over
     it; the greedy allocation cut its cheap layer to 24 of 128 units to fill the last 2 %, 23x
     further from the original than 80/80); the model is left at the greedy one."""
@@ -115,7 +120,7 @@ def candidates(model: CostModel, fraction: float, blends: Sequence[float] = CAND
         indexes = _shaped(model, goal, np.maximum(shape, 0.0))
         if model.total < floor - 1e-9:
             indexes = _shaped(model, goal, np.maximum(shape, 0.0), over=True)
-            if model.total > goal + MET_WITHIN * model.full_total + 1e-9:
+            if model.total > goal + OVER_GOAL * model.full_total + 1e-9:
                 continue
         if all(indexes != other for _, other in out):
             out.append(("uniform" if a == 0 else f"blend {a:g}", indexes))
