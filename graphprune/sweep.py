@@ -265,6 +265,7 @@ def run_sweep(
     every point (``keep``, ``round_to``, ``tolerance``, ``calibration``, ...).
     """
     from graphprune.io import model_io
+    from graphprune.io.tensor_protos import uses_external_data
     from graphprune.verify.metrics import count_macs, count_params
     from graphprune.verify.timing import resolve_providers, time_models
 
@@ -284,10 +285,13 @@ def run_sweep(
         engine = f"process pool ({jobs} jobs)" if jobs > 1 else "in process"
 
     paths: list[Path] = []
+    # weights in a data file beside each point where the input kept them so (as prune writes them)
+    external = True if is_path and uses_external_data(model) else None
     for index, record in enumerate(records):
         data = record.pop("model")
         if data is not None:
-            path = model_io.save_model(onnx.load_from_string(data), folder / f"point-{index:02d}.onnx")
+            path = model_io.save_model(onnx.load_from_string(data), folder / f"point-{index:02d}.onnx",
+                                       external_data=external)
             record["file"] = path.name
             paths.append(path)
     if progress is not None:

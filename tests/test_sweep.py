@@ -119,3 +119,18 @@ def test_sweep_as_ray_tasks_on_a_local_instance(cnn, tmp_path, capsys, monkeypat
     assert not ray.is_initialized()
     # Ray ends its workers without exit handlers: each point released its weight folder itself
     assert [p.name for p in scratch.iterdir() if p.name.startswith("graphprune-")] == []
+
+
+def test_points_of_a_model_with_external_data_keep_their_weights_beside_them(cnn, tmp_path):
+    """``prune`` writes a model that came with external data the same way; the sweep's points
+    were written with their weights inside (icbc's dynamo export)."""
+    source = tmp_path / "in" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(cnn), source, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    data = run_sweep(source, tmp_path / "s", sweep_points(ratios=[0.5]), runs=1)
+    point = tmp_path / "s" / data["points"][0]["file"]
+    assert (point.parent / f"{point.name}.data").is_file()
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(point, load_external_data=False).graph.initializer)
+    onnx.checker.check_model(str(point), full_check=True)

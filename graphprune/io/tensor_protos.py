@@ -65,6 +65,13 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t in _model_tensors(model) if external_data_helper.uses_external_data(t))
 
 
+def uses_external_data(path: Any) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external data files (not loaded)."""
+    import os
+
+    return next(_external_tensors(onnx.load_model(os.fspath(path), load_external_data=False)), None) is not None
+
+
 # --------------------------------------------------------------------------- skeletons
 
 
