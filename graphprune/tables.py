@@ -220,6 +220,8 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     if str(calibration.get("source", "")).startswith("random"):
         lines.append(f"  data: {calibration['source']}; no real data: the fidelity below is on random "
                      "inputs and says little about real ones")
+    if calibration.get("note"):
+        lines.append(f"  note: {calibration['note']}")
     for name, stats in (calibration.get("passes") or {}).items():
         text = f"  {name}: {stats.get('layers', 0)} layers"
         if "rel_error_before" in stats:

@@ -83,6 +83,19 @@ def test_calibration_with_no_finite_value_is_refused() -> None:
     assert load_calibration({"x": some}, model).total == 6
 
 
+def test_calibration_samples_all_the_same_are_said_so() -> None:
+    """Eight all-zero images ran to exit 0 without a word on the data itself."""
+    from graphprune.tables import calibration_lines
+
+    model = mlp_model()
+    same = load_calibration({"x": np.zeros((8, 1, 3, 8), np.float32)}, model)
+    assert "all 8 calibration samples are the same" in same.summary()["note"]
+    assert any(line.startswith("  note: all 8 calibration samples") for line in calibration_lines(
+        {**same.summary(), "criterion": "auto"}))
+    varied = np.random.default_rng(0).standard_normal((8, 1, 3, 8)).astype(np.float32)
+    assert "note" not in load_calibration({"x": varied}, model).summary()
+
+
 def test_calibration_data_the_model_does_not_run_on_is_bad_input() -> None:
     """Token ids past an embedding table's rows: the model runs (on the tool's own feeds), the
     data does not fit it. Bad input, exit 2, saying which (it was exit 3, "the original model

@@ -56,6 +56,8 @@ class CalibrationSet:
     source: str = "feeds"
     #: index (in the source order) of every held-out sample
     holdout_indices: list[int] = field(default_factory=list)
+    #: what the report should know of the samples (every one the same: :func:`_alike`)
+    note: str | None = None
 
     @property
     def total(self) -> int:
@@ -67,6 +69,7 @@ class CalibrationSet:
             "samples": self.total,
             "used": len(self.samples),
             "held_out": len(self.holdout),
+            **({"note": self.note} if self.note else {}),
         }
 
 
@@ -228,6 +231,15 @@ def _some_finite(feeds: list[Feed]) -> None:
                              f"{len(values)} samples (all NaN or infinite)")
 
 
+def _alike(feeds: list[Feed]) -> str | None:
+    """A note where every sample is the same (8 all-zero images ran to exit 0 without a word)."""
+    first = feeds[0] if len(feeds) > 1 else None
+    if first is None or any(not np.array_equal(np.asarray(f[k]), np.asarray(first[k])) for f in feeds[1:] for k in first):
+        return None
+    return (f"all {len(feeds)} calibration samples are the same: the criteria and the reconstruction learn from one "
+            "input (give samples of the data the model will see)")
+
+
 def holdout_indices(count: int, holdout: float) -> list[int]:
     """Evenly spaced indices of the held-out samples (none when ``count`` < 2)."""
     if count < 2 or holdout <= 0:
@@ -256,4 +268,5 @@ def load_calibration(
         holdout=[checked[i] for i in held],
         source=what,
         holdout_indices=held,
+        note=_alike(checked),
     )
