@@ -13,8 +13,11 @@ nodes draw."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 
 import onnx
+
+from graphprune.io.graph_reads import subgraphs
 
 #: ops of the default domain that draw random numbers
 DRAWING = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -25,13 +28,7 @@ SEEDS = 4096
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _nodes(attribute.g)
-            for sub in attribute.graphs:
-                yield from _nodes(sub)
+    return chain(graph.node, *(sub.node for sub in subgraphs(graph)))
 
 
 def _draws(node: onnx.NodeProto) -> bool:
