@@ -155,18 +155,8 @@ def nbytes(tensor: onnx.TensorProto) -> int:
     return -(-count // per_byte) if per_byte is not None else count * itemsize
 
 
-#: the typed field that holds each element type's values when there is no ``raw_data``, and how
-#: many entries of it one element takes (a negative count: elements per entry, packed)
-_TYPED_FIELDS = {
-    **{getattr(onnx.TensorProto, name): ("int32_data", 1) for name in (
-        "INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN",
-        "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(onnx.TensorProto, name)},
-    **{code: ("int32_data", -per_byte) for code, per_byte in _PACKED.items()},
-    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
-    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
-    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
-    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
-}
+#: element types whose one value takes two entries of their typed field (real and imaginary parts)
+_PAIRED = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
 def data_misfit(tensor: onnx.TensorProto, raw_length: int | None = None) -> str | None:
@@ -193,11 +183,13 @@ def data_misfit(tensor: onnx.TensorProto, raw_length: int | None = None) -> str 
     if raw_length is not None:
         need = nbytes(tensor)
         return f"it holds {raw_length} bytes, its {shape} needs {need}" if need and raw_length != need else None
-    field, per = _TYPED_FIELDS.get(tensor.data_type, (None, 0))
-    if field is None:
+    try:  # (the field onnx stores the type's values in)
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    except Exception:  # noqa: BLE001 - an undefined element type: not known here
         return None
     held = len(getattr(tensor, field))
-    need = count * per if per > 0 else -(-count // -per)
+    packed = _PACKED.get(tensor.data_type)
+    need = -(-count // packed) if packed else count * (2 if tensor.data_type in _PAIRED else 1)
     return f"it holds {held} values in {field}, its {shape} needs {need}" if held != need else None
 
 
