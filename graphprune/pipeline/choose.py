@@ -141,6 +141,8 @@ class _Measured:
     #: its allocation lands further above the goal than a met target allows (a greedy allocation
     #: stopped short): chosen only where every candidate does
     off_target: bool = False
+    #: the ridges its full reconstruction validated (what the final refit recalls where it is kept)
+    ridges: Any = None
 
     def rank(self) -> tuple[bool, float]:
         return self.off_target, self.error
@@ -213,6 +215,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         calibrated.session, calibrated.pass_stats = candidate, {}
         try:
             calibrated.reconstruct(fresh, plan, screening=screening and not full, keep_recorded=True)
+            validated = None if screening and not full else calibrated._ridges
         except Exception as exc:  # noqa: BLE001 - this candidate cannot be reconstructed: not chosen
             failed = failed or exc
             row["error"] = f"reconstruction failed: {type(exc).__name__}: {exc}"[:300]
@@ -266,7 +269,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         measured = last = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
                              reverted, unreconstructed if screening and not full else None, plain_error, plain_cosine,
                              unreconstructed, kind, errors, stats_model, stats_pass,
-                             off_target=row["modelled_fraction"] > fraction + budget_mod.MET_WITHIN)
+                             off_target=row["modelled_fraction"] > fraction + budget_mod.MET_WITHIN, ridges=validated)
         if measured.off_target:
             row["off_target"] = True
         if label == "uniform":
@@ -311,26 +314,21 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         if best.unreconstructed is not None and best.error > -math.inf:
             # the two nearest after the screening refit, reconstructed again: the nearer is kept
             finalists = [m for m in (best, runner_up) if m is not None and m.unreconstructed is not None]
-            validated = {}  # each finalist's validated ridges: the final refit recalls the kept one's
             for m in finalists:
                 shown(f"allocation {m.label!r} again")
-                _refit_finalist(session, m, calibrated, feeds, judged, reference,
-                              next(r for r in rows if r["allocation"] == m.label))
-                validated[id(m)] = calibrated._ridges
+                _refit_finalist(session, m, calibrated, feeds, judged, reference, _row(rows, m.label))
             best = min(finalists, key=lambda m: m.rank())
-            calibrated._ridges = validated[id(best)]
         if uniform is not None:
             screened = uniform.unreconstructed is not None and not any(m is uniform for m in finalists)
-            ridges = [calibrated._ridges, None]  # (the final refit recalls the kept one's validated ridges)
 
             def refit_uniform() -> None:
                 shown("allocation 'uniform' again")
                 _refit_finalist(session, uniform, calibrated, feeds, judged, reference, _row(rows, "uniform"))
-                ridges[1] = calibrated._ridges
 
             best = _confident_over_uniform(best, uniform, rows, judged, feeds, reference, session,
                                            refit=refit_uniform if screened else None)
-            calibrated._ridges = ridges[1] if best is uniform and ridges[1] is not None else ridges[0]
+        if best.ridges is not None:  # (the final refit recalls the kept allocation's validated ridges)
+            calibrated._ridges = best.ridges
         if criteria and math.isfinite(best.error):
             best = _weigh_criteria(best, criteria, states, options, evaluate, lambda: last, judged, feeds,
                                    reference, calibrated, session)
@@ -426,6 +424,7 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
         outputs = judged.run(candidate.model, feeds, "a finalist allocation")
     score, error = judged.score(reference, outputs)
     finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
+    finalist.ridges = calibrated._ridges
     row["refit"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
     if finalist.errors is not None:  # (reconstruction auto)
         finalist.errors["refit"], finalist.kind = error, "refit"
@@ -494,7 +493,6 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
     from graphprune.pipeline import criterion_choice as cc
 
     found: dict[str, _Measured] = {"auto": prior}
-    ridges = {"auto": calibrated._ridges}  # (each full refit's validated ridges: the final refit recalls the kept one's)
     record: dict[str, Any] = {"compared": True, "allocation": prior.label, "samples": len(feeds)}
     started = time.perf_counter()
     for name, scores_of in criteria.items():
@@ -515,7 +513,7 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
         if stop and got is not None:  # a structural check failed: adopted as it is, to be reported
             return got
         if got is not None:
-            found[name], ridges[name] = got, calibrated._ridges
+            found[name] = got
     errors = {k: m.error for k, m in found.items()}
     record["held_out"] = {k: {"error": round(v, 6) if math.isfinite(v) else None} for k, v in errors.items()}
 
@@ -525,6 +523,7 @@ def _weigh_criteria(prior: _Measured, criteria: dict[str, Any], states: list, op
 
     kept, decided = cc.decide(errors, squares_of)
     record.update(kept=kept, **decided)
-    calibrated._ridges = ridges[kept]
+    if found[kept].ridges is not None:  # (the final refit recalls the kept one's validated ridges)
+        calibrated._ridges = found[kept].ridges
     cc.keep_other(calibrated, kept, criteria.get(kept), record)
     return found[kept]
