@@ -6,6 +6,7 @@ Kept apart from :mod:`graphprune.io.model_io` (load/save) so each module has one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,8 +68,6 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def uses_external_data(path: Any) -> bool:
     """Whether the model file at ``path`` keeps tensors in external data files (not loaded)."""
-    import os
-
     return next(_external_tensors(onnx.load_model(os.fspath(path), load_external_data=False)), None) is not None
 
 
