@@ -522,7 +522,11 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     if blocks:
         names = blocks if isinstance(blocks, list) else []
         shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
-        lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}")
+        share = (report.get("depth") or {}).get("macs_share_erased")
+        computed = f", which computed {100 * share:.3g} % of the MACs" if isinstance(share, float | int) else ""
+        lines.append(f"residual blocks erased: {len(names) if names else blocks}{shown}{computed}")
+        if (report.get("depth") or {}).get("warning"):
+            lines.append(f"warning: {report['depth']['warning']}")
     stages = (report.get("depth") or {}).get("stages_not_erased") or []
     if stages:
         lines.append(f"not erased: {len(stages)} skip{'s' if len(stages) > 1 else ''} over a stage of blocks "

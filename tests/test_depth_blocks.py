@@ -22,6 +22,7 @@ from graphprune.analysis.blocks import find_residual_blocks
 from graphprune.errors import UsageError
 from graphprune.pipeline.depth import erase_blocks
 from graphprune.pipeline.session import Session
+from graphprune.tables import prune_summary
 
 
 def _blocks(model: onnx.ModelProto) -> list[str]:
@@ -414,3 +415,62 @@ def test_a_fraction_of_no_block_is_a_usage_error() -> None:
     model = make_model(nodes, {"x": [1, 3, 6, 6]}, {"y": None}, params)
     with pytest.raises(UsageError, match="the model has 0 residual blocks"):
         graphprune.prune(model, erase_blocks=0.5)
+
+
+def _gated_and_conv_blocks() -> onnx.ModelProto:
+    """Two squeeze-and-excitation gates ``s + s * sigmoid(conv(GAP(s)))`` (PP-OCR's detector
+    neck has eight) around one block of two 3x3 convs."""
+    rng = np.random.default_rng(3)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    def gate(k: int) -> list:
+        params.update({f"wg{k}": w(8, 8, 1, 1), f"bg{k}": w(8)})
+        return [helper.make_node("GlobalAveragePool", [f"s{k}"], [f"p{k}"]),
+                conv_node(f"p{k}", f"wg{k}", f"g{k}", f"bg{k}", k=1),
+                helper.make_node("Sigmoid", [f"g{k}"], [f"sg{k}"]),
+                helper.make_node("Mul", [f"s{k}", f"sg{k}"], [f"m{k}"]),
+                helper.make_node("Add", [f"s{k}", f"m{k}"], [f"s{k + 1}"], name=f"gate{k}")]
+
+    params = {"w0": w(8, 3, 3, 3), "b0": w(8), "wa": w(8, 8, 3, 3), "ba": w(8), "wb": w(8, 8, 3, 3), "bb": w(8)}
+    nodes = [conv_node("x", "w0", "s0", "b0"), *gate(0),
+             conv_node("s1", "wa", "h", "ba"), helper.make_node("Relu", ["h"], ["r"]),
+             conv_node("r", "wb", "o", "bb"), helper.make_node("Add", ["o", "s1"], ["s2"], name="convblock"),
+             *gate(2)]
+    return make_model(nodes, {"x": [1, 3, 16, 16]}, {"s3": None}, params)
+
+
+def test_a_gate_that_computes_nearly_nothing_is_erased_after_blocks_that_do() -> None:
+    """PP-OCR's detector with ``--erase-blocks 2`` erased two gates ``x + x * gate(x)`` (MACs
+    1.000 after, the output 0.645 away): blocks are ranked by importance, and the gates ranked
+    lowest. A block whose branch computes under NEAR_FREE_SHARE of the MACs now comes after
+    every block that saves compute, and erasing only such blocks is warned about."""
+    model = _gated_and_conv_blocks()
+    order = {"gate0": 0.0, "gate2": 0.1, "convblock": 1.0}
+    result = erase_blocks(model, 1, scorer=lambda graph, block: order[block.add])
+    depth = result.report["depth"]
+    assert depth["blocks_erased"] == ["convblock"]
+    shares = {b["add"]: b["macs_share"] for b in depth["blocks"]}
+    assert shares["gate0"] < 1e-3 and shares["gate2"] < 1e-3 and shares["convblock"] > 0.5
+    assert depth["macs_share_erased"] == pytest.approx(shares["convblock"], rel=1e-4)
+    assert "warning" not in depth and result.report["verification"]["ok"]
+    assert result.report["macs_after"] < 0.5 * result.report["macs_before"]
+
+    both = erase_blocks(model, 2, scorer=lambda graph, block: order[block.add]).report
+    assert both["depth"]["blocks_erased"] == ["convblock", "gate0"]
+    gates = erase_blocks(_gated_and_conv_blocks(), 3, scorer=lambda graph, block: order[block.add]).report
+    assert "warning" not in gates["depth"]  # a block that computes was among them
+    only = erase_blocks(_gates_only(), 1).report
+    assert only["depth"]["macs_share_erased"] < 1e-3 and "saves nearly nothing" in only["depth"]["warning"]
+    assert "saves nearly nothing" in prune_summary(only)
+
+
+def _gates_only() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    nodes = [conv_node("x", "w0", "s0", "b0"), helper.make_node("GlobalAveragePool", ["s0"], ["p"]),
+             conv_node("p", "wg", "g", "bg", k=1), helper.make_node("Sigmoid", ["g"], ["sg"]),
+             helper.make_node("Mul", ["s0", "sg"], ["m"]), helper.make_node("Add", ["s0", "m"], ["y"], name="gate")]
+    params = {k: (rng.standard_normal(s) * 0.3).astype(np.float32)
+              for k, s in {"w0": (8, 3, 3, 3), "b0": (8,), "wg": (8, 8, 1, 1), "bg": (8,)}.items()}
+    return make_model(nodes, {"x": [1, 3, 32, 32]}, {"y": None}, params)

@@ -31,8 +31,15 @@ from graphprune.io.order import toposort_model
 from graphprune.rules import registry
 from graphprune.rules.scale import ScaleContext, rms_of
 
+#: a branch computing less than this share of the model's multiply-accumulates saves nearly
+#: nothing when erased (a squeeze-and-excitation gate ``x + x * gate(x)``, a learned scale):
+#: depth pruning erases such blocks last
+NEAR_FREE_SHARE = 1e-3
+
 __all__ = [
+    "NEAR_FREE_SHARE",
     "ResidualBlock",
+    "branch_macs_shares",
     "branch_scale",
     "carried_source",
     "find_residual_blocks",
@@ -53,11 +60,15 @@ class ResidualBlock:
     score: float = math.nan
     #: the blocks inside the branch (a skip over a stage, not erased)
     contains: list[str] = field(default_factory=list)
+    #: the share of the model's multiply-accumulates its branch computes (``None``: not counted)
+    macs_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "num_nodes": len(self.nodes)}
         if not self.contains:
             out.pop("contains")
+        if self.macs_share is None:
+            out.pop("macs_share")
         if not math.isfinite(self.score):  # (JSON has no NaN or infinity: unknown)
             out["score"] = None
         return out
@@ -305,6 +316,21 @@ def propagate_rms(
         for o, value in zip(node.outputs, each, strict=False):
             ctx.rms[o.name] = np.asarray(value, dtype=np.float64).reshape(-1)
     return ctx.rms
+
+
+def branch_macs_shares(graph: gs.Graph, blocks: list[ResidualBlock], shape: Callable[[gs.Tensor], Any]) -> None:
+    """Set each block's :attr:`ResidualBlock.macs_share`: its branch's multiply-accumulates
+    (each op's rule counts them, :meth:`OpRule.macs`, at the sizes ``shape`` gives) over the
+    whole graph's; left ``None`` where the graph counts none."""
+    macs: dict[str, int] = {}
+    for node in graph.nodes:
+        rule = _rule(node, graph.opset)
+        macs[node.name] = (rule.macs(node, shape) if rule is not None else None) or 0
+    total = sum(macs.values())
+    if total <= 0:
+        return
+    for block in blocks:
+        block.macs_share = sum(macs.get(name, 0) for name in block.nodes) / total
 
 
 def branch_scale(graph: gs.Graph, block: ResidualBlock) -> float:

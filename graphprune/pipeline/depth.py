@@ -20,7 +20,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.analysis.blocks import (
+    NEAR_FREE_SHARE,
     ResidualBlock,
+    branch_macs_shares,
     find_residual_blocks,
     relative_branch_scales,
     shapes_at,
@@ -66,8 +68,14 @@ def _score_name(scorer: Scorer | None) -> str:
     return getattr(scorer, "__name__", repr(scorer))
 
 
+def _near_free(block: ResidualBlock) -> bool:
+    return block.macs_share is not None and block.macs_share < NEAR_FREE_SHARE
+
+
 def choose_blocks(blocks: list[ResidualBlock], k: int | float) -> list[ResidualBlock]:
-    """The ``k`` (``k < 1``: that fraction) lowest-scored blocks that do not overlap."""
+    """The ``k`` (``k < 1``: that fraction) lowest-scored blocks that do not overlap; blocks
+    whose branch computes nearly nothing (:data:`~graphprune.analysis.blocks.NEAR_FREE_SHARE`
+    of the model's MACs: a gate ``x + x * gate(x)``) after every block that saves compute."""
     n = _count(k, len(blocks))
     chosen: list[ResidualBlock] = []
     taken: set[str] = set()
@@ -75,7 +83,7 @@ def choose_blocks(blocks: list[ResidualBlock], k: int | float) -> list[ResidualB
     if len(ranked) < n:
         raise UsageError(f"only {len(ranked)} of {len(blocks)} residual blocks can be ranked, asked {n}: the "
                          "data-free estimate of the others overflows (scales multiplied layer after layer)")
-    for block in sorted(ranked, key=lambda b: (b.score, b.add)):
+    for block in sorted(ranked, key=lambda b: (_near_free(b), b.score, b.add)):
         if len(chosen) == n:
             break
         if block.add in taken or taken & set(block.nodes):
@@ -121,6 +129,7 @@ def erase_blocks(
         else:
             for block in blocks:
                 block.score = float(scorer(graph, block))
+        branch_macs_shares(graph, blocks, session.cost_shape(graph))
     try:
         chosen = choose_blocks(blocks, k)
     except UsageError as exc:
@@ -150,6 +159,13 @@ def erase_blocks(
         ],
         "score": _score_name(scorer),
     }
+    if all(b.macs_share is not None for b in chosen):
+        share = sum(b.macs_share or 0.0 for b in chosen)
+        report["depth"]["macs_share_erased"] = round(share, 6)
+        if all(_near_free(b) for b in chosen):
+            report["depth"]["warning"] = (
+                "no residual block that computes much was left to erase: these are gates or scales "
+                "(x + x * gate(x)), and erasing them saves nearly nothing")
     if stages:  # sums whose branch holds blocks: skips over a stage, never erased
         report["depth"]["stages_not_erased"] = [
             {"add": b.add, "skip": b.skip, "num_nodes": len(b.nodes), "contains": len(b.contains)} for b in stages]
