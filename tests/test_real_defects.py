@@ -66,6 +66,26 @@ class TestProbeSizes:
         shapes = choose_input_shapes(path, input_specs(model))
         assert shapes is not None and 32 <= shapes["x"][2] < 64
 
+    def test_an_axis_that_needs_a_long_size_leaves_the_others_small(self, tmp_path: Path) -> None:
+        """The trials size every open dimension alike first: GPT-SoVITS's vocoder, whose reference
+        audio needs 705 samples, ran every verification and calibration with its text axes at 1024
+        too (907 GMACs, 222 s of verification). Each dimension is then shrunk alone to the smallest
+        candidate that still runs."""
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("Unsqueeze", ["audio", "one"], ["a3"]),
+                 helper.make_node("Conv", ["a3", "wide"], ["heard"], kernel_shape=[705]),
+                 helper.make_node("MatMul", ["text", "w"], ["said"])]
+        params = {"one": np.array([1], np.int64), "wide": rng.standard_normal((2, 1, 705)).astype(np.float32),
+                  "w": rng.standard_normal((4, 3)).astype(np.float32)}
+        model = make_model(nodes, {"audio": [1, 900], "text": [1, 8, 4]}, {"heard": None, "said": None}, params)
+        for name, axis, symbol in (("audio", 1, "samples"), ("text", 1, "tokens")):
+            dim = next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_param = symbol
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        assert choose_input_shapes(path, input_specs(model)) == {"audio": (1, 1024), "text": (1, 8, 4)}
+
     def test_sizes_at_which_the_input_reaches_the_outputs_are_chosen(self, tmp_path: Path) -> None:
         """Silero VAD v5 runs at 256 samples but answers from its state alone there, so the
         verification (and ``--calibration random``'s feeds) at that size never saw its encoder:

@@ -16,6 +16,10 @@ does, the first that runs):
 4. one open dimension at a time at each candidate size, the others at 1 (an unnamed batch
    axis of a recurrent state next to a sequence length).
 
+Sizes found past the guess are then shrunk one open dimension at a time, to the smallest
+candidate (not below the guess) that still works (:func:`_shrink`): one input that needs a
+long length leaves the others small.
+
 A dimension is *open* when the input declares a symbol, ``-1`` or nothing on an axis other
 than the batch axis (axis 0 stays at 1). Inputs that share a symbol keep one size. When no
 candidate runs, the guess stays and the caller reports the original's failure (with the
@@ -194,11 +198,10 @@ def choose_input_shapes(
     runs: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the smallest that runs, if none reproduces
     blind: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the first that reproduces, if none is seen
     keys = {k: v for k, v in open_dimensions(specs, given).items() if k not in (required or {})}
-    for count, shapes in enumerate(tries):
-        if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
-            break
-        if blind is not None and (count - blind[0] > BLIND_TRIES or time.perf_counter() - started > BLIND_SECONDS):
-            break
+
+    def outcome(shapes: dict[str, tuple[int, ...]]) -> str:
+        """"fails", "varies" (runs, but overflows, leaves part of an output unwritten or draws
+        random numbers), "blind" (an input sized by an open dimension reaches no output) or "ok"."""
         try:
             feeds = (feed(shapes) if feed is not None
                      else make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values,
@@ -206,22 +209,62 @@ def choose_input_shapes(
             outputs = session.run(None, feeds)
             again = session.run(None, feeds) if _finite(outputs) else None
         except Exception:
-            continue
-        if again is None or not _same(outputs, again):  # runs, but overflows, leaves part of an output
-            # unwritten or draws random numbers: the smallest such (a VITS vocoder whose reference
-            # audio needs 705 samples ran first with every axis at 1024: 5x the verification's time)
-            if runs is None or _elements(shapes, tries[0]) < _elements(runs[1], tries[0]):
-                runs = (count, shapes)
-            continue
+            return "fails"
+        if again is None or not _same(outputs, again):
+            return "varies"
         if feed is None and not _inputs_reach_outputs(session, specs, keys, shapes, feeds, outputs, seed, values,
                                                         float_ranges):
+            return "blind"
+        return "ok"
+
+    for count, shapes in enumerate(tries):
+        if count >= MAX_TRIES or time.perf_counter() - started > MAX_SECONDS:
+            break
+        if blind is not None and (count - blind[0] > BLIND_TRIES or time.perf_counter() - started > BLIND_SECONDS):
+            break
+        found = outcome(shapes)
+        if found == "varies":
+            # the smallest such (a VITS vocoder whose reference audio needs 705 samples ran first
+            # with every axis at 1024: 5x the verification's time)
+            if runs is None or _elements(shapes, tries[0]) < _elements(runs[1], tries[0]):
+                runs = (count, shapes)
+        elif found == "blind":
             blind = blind or (count, shapes)
-            continue
-        return None if count == 0 and not required else shapes
+        elif found == "ok":
+            if count == 0:
+                return shapes if required else None
+            by_name = {spec.name: spec for spec in specs}
+            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) == "ok", started,
+                           lambda name, axis: IMAGE_SIZES if _is_image_axis(by_name[name], axis) else OTHER_SIZES)
     if blind is not None or runs is not None:
         count, shapes = blind or runs
         return None if count == 0 and not required else shapes
     return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
+
+
+def _shrink(shapes: dict[str, tuple[int, ...]], guess: dict[str, tuple[int, ...]],
+            keys: Mapping[Key, list[tuple[str, int]]], works: Callable[[dict[str, tuple[int, ...]]], bool],
+            started: float, sizes: Callable[[str, int], Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (sizes that work) with each open dimension in turn set to the smallest
+    candidate size below its own that still works, the others as found: the trials size every
+    dimension alike first, so one input that needs a long length (VITS's reference audio,
+    705 samples) had every other axis at 1024 too, and every verification and calibration run
+    paid for it. Candidate sizes as the trials' (``sizes(input, axis)``), none below the
+    guess's. Within the probe's time (:data:`MAX_SECONDS`)."""
+    for key, positions in keys.items():
+        name, axis = positions[0]
+        current = shapes[name][axis]
+        floor = guess.get(name, shapes[name])[axis]
+        for size in sorted(sizes(name, axis)):
+            if time.perf_counter() - started > MAX_SECONDS:
+                return shapes
+            if size >= current or size < floor:
+                continue
+            smaller = _assign(shapes, {key: positions}, {key: size})
+            if works(smaller):
+                shapes = smaller
+                break
+    return shapes
 
 
 def _inputs_reach_outputs(session: Any, specs: Sequence[InputSpec], keys: Mapping[Key, list[tuple[str, int]]],

@@ -28,7 +28,15 @@ import onnx_graphsurgeon as gs
 from graphprune.io.graph_edits import redirect_uses
 from graphprune.io.names import fresh_name
 
-__all__ = ["fold_constants", "fold_weight_computations"]
+__all__ = ["FOLD_CHUNK_BYTES", "fold_constants", "fold_weight_computations"]
+
+#: weights computed in the graph (a transposed or weight-normalised layer's weight) are folded
+#: in rounds that each see at most this many bytes of them: one ONNX Runtime session holds its
+#: part of the model several times over (the exported model, its bytes, the session's copy,
+#: the results), so folding a 307 MB decoder's 73 transposed weights at once peaked at 5x it
+FOLD_CHUNK_BYTES = 64 << 20
+#: a constant smaller than this is folded in every round (a shape, a scale, a bias)
+_LARGE_BYTES = 1 << 20
 
 #: the ops onnx-graphsurgeon 0.5-0.6 elides casts around (``run_cast_elision``)
 _ELIDED = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Greater", "Less", "Concat"})
@@ -36,7 +44,92 @@ _TO_INT = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
 
 
 def fold_constants(graph: gs.Graph, **options: Any) -> gs.Graph:
-    """``graph.fold_constants(**options)`` with the unsound cast elisions prevented."""
+    """``graph.fold_constants(**options)`` with the unsound cast elisions prevented; where the
+    large constants that foldable nodes read exceed :data:`FOLD_CHUNK_BYTES`, in rounds that
+    each see one chunk of them (the others hidden behind placeholders; constants one node
+    reads, directly or through other foldable nodes, always in one chunk) before the round
+    that folds what is left. The same nodes fold, to the same values."""
+    chunks = _weight_chunks(graph)
+    for k, chunk in enumerate(chunks if len(chunks) > 1 else ()):
+        hidden = [c for other in chunks[:k] + chunks[k + 1:] for c in other]
+        held = _hide(graph, hidden)
+        try:
+            _fold_once(graph, **options)
+        finally:
+            for node, index, constant in held:
+                node.inputs[index] = constant
+    return _fold_once(graph, **options)
+
+
+def _weight_chunks(graph: gs.Graph) -> list[list[gs.Constant]]:
+    """The large constants that nodes of constants read, grouped (those one foldable node
+    depends on together) and packed into chunks of at most :data:`FOLD_CHUNK_BYTES` (a group
+    larger than that alone)."""
+    parent: dict[int, int] = {}
+
+    def find(key: int) -> int:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    by_id: dict[int, gs.Constant] = {}
+    roots: dict[int, set[int]] = {}  # a computed tensor: the large constants it is computed from
+    for node in graph.nodes:
+        inputs = [t for t in node.inputs if t.name]
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()) or not all(
+                isinstance(t, gs.Constant) or id(t) in roots for t in inputs):
+            continue  # (a node of no inputs, a Constant, computes a constant)
+        read = set().union(*(roots.get(id(t), set()) for t in inputs))
+        for t in inputs:
+            if isinstance(t, gs.Constant) and _nbytes(t) >= _LARGE_BYTES:
+                by_id[id(t)] = t
+                parent.setdefault(id(t), id(t))
+                read.add(id(t))
+        if read:
+            first = find(next(iter(read)))
+            for key in read:
+                parent[find(key)] = first
+        for out in node.outputs:
+            roots[id(out)] = read
+    groups: dict[int, list[gs.Constant]] = {}
+    for key, tensor in by_id.items():
+        groups.setdefault(find(key), []).append(tensor)
+    chunks: list[list[gs.Constant]] = []
+    size = 0
+    for group in groups.values():
+        bytes_ = sum(_nbytes(t) for t in group)
+        if not chunks or size + bytes_ > FOLD_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].extend(group)
+        size += bytes_
+    return chunks
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int) for d in shape) or tensor.dtype is None:
+        return 0
+    try:
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+    except TypeError:  # not a numpy type (bfloat16 in some onnx versions)
+        return 0
+
+
+def _hide(graph: gs.Graph, constants: list[gs.Constant]) -> list[tuple[gs.Node, int, gs.Constant]]:
+    """Each read of ``constants`` becomes a placeholder variable (folding leaves its readers)."""
+    hidden = {id(c) for c in constants}
+    held = []
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if id(tensor) in hidden:
+                node.inputs[index] = gs.Variable(f"{tensor.name}__gp_later", tensor.dtype, tensor.shape)
+                held.append((node, index, tensor))
+    return held
+
+
+def _fold_once(graph: gs.Graph, **options: Any) -> gs.Graph:
     guards = []
     if options.get("fold_shapes", True):
         guards = _fold_sliced_shapes(graph) + _guard_cast_elision(graph)
