@@ -233,13 +233,17 @@ def choose_input_shapes(
         elif found == "ok":
             if count == 0:
                 return shapes if required else None
-            by_name = {spec.name: spec for spec in specs}
-            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) == "ok", started,
-                           lambda name, axis: IMAGE_SIZES if _is_image_axis(by_name[name], axis) else OTHER_SIZES)
+            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) == "ok", started, _candidates(specs))
     if blind is not None or runs is not None:
         count, shapes = blind or runs
         return None if count == 0 and not required else shapes
     return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
+
+
+def _candidates(specs: Sequence[InputSpec]) -> Callable[[str, int], Sequence[int]]:
+    """The candidate sizes of an input's axis (the trials')."""
+    by_name = {spec.name: spec for spec in specs}
+    return lambda name, axis: IMAGE_SIZES if _is_image_axis(by_name[name], axis) else OTHER_SIZES
 
 
 def _shrink(shapes: dict[str, tuple[int, ...]], guess: dict[str, tuple[int, ...]],

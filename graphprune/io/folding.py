@@ -50,7 +50,7 @@ def fold_constants(graph: gs.Graph, **options: Any) -> gs.Graph:
     reads, directly or through other foldable nodes, always in one chunk) before the round
     that folds what is left. The same nodes fold, to the same values."""
     chunks = _weight_chunks(graph)
-    for k, chunk in enumerate(chunks if len(chunks) > 1 else ()):
+    for k in range(len(chunks) if len(chunks) > 1 else 0):
         hidden = [c for other in chunks[:k] + chunks[k + 1:] for c in other]
         held = _hide(graph, hidden)
         try:
