@@ -10,10 +10,12 @@ outputs (new values in the inputs an open dimension sizes change some output; wh
 does, the first that runs):
 
 1. the guess (shapes given by the caller always stay as given);
-2. every open dimension at the same candidate size (32, 48, 64, ... for image axes,
-   16, 32, ... 1024 for other axes);
-3. one open dimension at a time at each candidate size, the others guessed;
-4. one open dimension at a time at each candidate size, the others at 1 (an unnamed batch
+2. every open dimension at the same candidate size up to 256 (32, 48, 64, ... for image
+   axes, 16, 32, ... for other axes);
+3. one open dimension at a time at each candidate size (up to 640 for image axes, 1024 for
+   others), the others guessed;
+4. every open dimension at the same candidate size above 256;
+5. one open dimension at a time at each candidate size, the others at 1 (an unnamed batch
    axis of a recurrent state next to a sequence length).
 
 Sizes found past the guess are then shrunk one open dimension at a time, to the smallest
@@ -39,6 +41,10 @@ from graphprune.io.feeds import InputSpec, derived_from, make_feeds_from_specs, 
 
 IMAGE_SIZES = (224, 32, 48, 64, 96, 128, 160, 256, 320, 512, 640)
 OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
+#: every open dimension at the same size up to this one first; larger sizes for one dimension
+#: at a time before all of them (a run with every axis at 1024 took VITS 36 s and 2 GB, where
+#: only its reference audio needed more than 256 samples)
+JOINT_FIRST = 256
 #: at most this many runs of the original, and this much time, are spent looking
 MAX_TRIES = 100
 MAX_SECONDS = 30.0
@@ -148,11 +154,16 @@ def candidate_shapes(
             seen.add(marker)
             tries.append(shapes)
 
-    for index in range(max(len(IMAGE_SIZES), len(OTHER_SIZES))):
-        add({k: sizes_for(k)[min(index, len(sizes_for(k)) - 1)] for k in keys})
+    joint = [{k: sizes_for(k)[min(index, len(sizes_for(k)) - 1)] for k in keys}
+             for index in range(max(len(IMAGE_SIZES), len(OTHER_SIZES)))]
+    for sizes in joint:
+        if max(sizes.values()) <= JOINT_FIRST:
+            add(sizes)
     for key in keys:
         for size in sizes_for(key):
             add({key: size})
+    for sizes in joint:
+        add(sizes)
     if len(keys) > 1:  # the others at 1: an unnamed batch axis of a state next to a length
         for key in keys:
             for size in sizes_for(key):
@@ -233,10 +244,14 @@ def choose_input_shapes(
         elif found == "ok":
             if count == 0:
                 return shapes if required else None
-            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) == "ok", started, _candidates(specs))
+            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) == "ok", _candidates(specs))
     if blind is not None or runs is not None:
         count, shapes = blind or runs
-        return None if count == 0 and not required else shapes
+        if count == 0:
+            return shapes if required else None
+        if blind is None:  # sizes that run, none reproducibly: the smallest that still runs
+            return _shrink(shapes, tries[0], keys, lambda s: outcome(s) != "fails", _candidates(specs))
+        return shapes
     return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
 
 
@@ -248,21 +263,30 @@ def _candidates(specs: Sequence[InputSpec]) -> Callable[[str, int], Sequence[int
 
 def _shrink(shapes: dict[str, tuple[int, ...]], guess: dict[str, tuple[int, ...]],
             keys: Mapping[Key, list[tuple[str, int]]], works: Callable[[dict[str, tuple[int, ...]]], bool],
-            started: float, sizes: Callable[[str, int], Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    """``shapes`` (sizes that work) with each open dimension in turn set to the smallest
-    candidate size below its own that still works, the others as found: the trials size every
-    dimension alike first, so one input that needs a long length (VITS's reference audio,
-    705 samples) had every other axis at 1024 too, and every verification and calibration run
-    paid for it. Candidate sizes as the trials' (``sizes(input, axis)``), none below the
-    guess's. Within the probe's time (:data:`MAX_SECONDS`)."""
+            sizes: Callable[[str, int], Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (sizes that work) made smaller: the trials size every open dimension alike
+    first, so one input that needs a long length (VITS's reference audio, 705 samples) had
+    every other axis at 1024 too, and every verification and calibration run paid for it.
+    First one dimension at its size and the others at the guess's, for each in turn (a run
+    at the sizes found may take seconds; these are cheap); then each dimension alone at the
+    smallest candidate size (as the trials', ``sizes(input, axis)``, none below the guess's)
+    that still works. Within :data:`MAX_SECONDS` of its own."""
+    started = time.perf_counter()
+    floor = {key: guess[positions[0][0]][positions[0][1]] for key, positions in keys.items()}
+    if len(keys) > 1:
+        for key in keys:
+            alone = _assign(shapes, dict(keys), {k: size for k, size in floor.items() if k != key})
+            if alone != shapes and works(alone):
+                shapes = alone
+                break
+            if time.perf_counter() - started > MAX_SECONDS:
+                return shapes
     for key, positions in keys.items():
         name, axis = positions[0]
-        current = shapes[name][axis]
-        floor = guess.get(name, shapes[name])[axis]
         for size in sorted(sizes(name, axis)):
             if time.perf_counter() - started > MAX_SECONDS:
                 return shapes
-            if size >= current or size < floor:
+            if size >= shapes[name][axis] or size < floor[key]:
                 continue
             smaller = _assign(shapes, {key: positions}, {key: size})
             if works(smaller):
