@@ -160,6 +160,8 @@ def _check_writable(option: str, value: str, suffix: int = 0) -> None:
     from graphprune.io._atomic import TEMPORARY_NAME_EXTRA, try_writing
 
     path = Path(value)
+    if value.endswith(("/", os.sep)):  # (a Path drops the slash: 'sub/' became a file named 'sub')
+        raise UsageError(f"{option} {value} names a folder (it ends with '/'), not a file path")
     try:
         if path.is_dir():
             raise UsageError(f"{option} {value} is a directory, not a file path")

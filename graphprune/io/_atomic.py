@@ -19,8 +19,18 @@ TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
 
 
 def create_temporary(target: Path) -> tuple[int, str]:
-    """Create an empty temporary file next to ``target``; return its descriptor and path."""
+    """Create an empty temporary file next to ``target``; return its descriptor and path.
+    A ``target`` that exists and is no regular file (a device such as ``/dev/null``, a FIFO,
+    a socket) is refused: the rename would replace it with a file (root's ``-o /dev/null``
+    replaced the system's ``/dev/null``)."""
     target = Path(target)
+    try:
+        kind = os.stat(target).st_mode
+    except OSError:
+        kind = None
+    if kind is not None and not stat.S_ISREG(kind) and not stat.S_ISDIR(kind):
+        raise UsageError(f"cannot write '{target}': it is not a regular file (a device, a FIFO or a socket), "
+                         "which writing would replace with a file")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         path = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
