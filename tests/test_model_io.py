@@ -638,3 +638,45 @@ def test_a_weight_whose_data_cannot_be_its_shape_is_refused_with_its_name(tmp_pa
         assert code == 2, err
         assert f"tensor '{name}'" in err and "needs" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["name_not_utf8", "attribute_graph_name", "written_twice"])
+def test_a_name_that_is_not_text_or_a_tensor_written_twice_is_an_input_error(tmp_path, capsys, damage: str) -> None:
+    """A byte flipped inside a tensor's name (no longer UTF-8: protobuf hands it over as bytes)
+    ended ``prune`` and ``analyze`` in an internal error (exit 1, UnicodeDecodeError or
+    AttributeError); two nodes writing one tensor let ``analyze`` print a table while ``prune``
+    failed at the checker. Both are refused at load, exit 2, naming the problem."""
+    from graphprune.cli import main
+    from graphprune.examples import example_cnn
+
+    model = example_cnn()
+    data = None
+    if damage == "written_twice":
+        model.graph.node[1].output[0] = model.graph.node[0].output[0]
+    elif damage == "attribute_graph_name":  # a name inside an If's branch
+        x = model.graph.output[0].name
+        branch = helper.make_graph([helper.make_node("Identity", [x], ["inner_out"])], "branch", [],
+                                   [helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, None)])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        model.graph.initializer.append(cond)
+        model.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=branch, else_branch=branch))
+        model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    if damage != "written_twice":
+        target = "inner_out" if damage == "attribute_graph_name" else model.graph.node[0].output[0]
+        data = model.SerializeToString()
+        flipped = target[:-1] + "\udc90"  # the same length: the last byte replaced by 0x90
+        assert data.count(target.encode()) >= 1
+        data = data.replace(target.encode(), flipped.encode("utf-8", "surrogateescape"))
+    path = tmp_path / "bad.onnx"
+    if data is None:
+        onnx.save(model, path)
+    else:
+        path.write_bytes(data)
+    out = tmp_path / "out.onnx"
+    for command in (["prune", path, "-o", out, "--ratio", "0.5"], ["analyze", path]):
+        code = main([str(a) for a in command])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert ("not UTF-8 text" if damage != "written_twice" else "two nodes write") in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -192,12 +192,39 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
         problem = "its graph has no nodes"
     elif len(model.graph.output) == 0:
         problem = "its graph has no outputs"
+    else:
+        problem = _unreadable_names(model.graph)
     if problem is not None:
         verb = "are" if what.endswith("bytes") else "is"
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")
 
 
 check_structure = _check_structure
+
+
+def _unreadable_names(graph: onnx.GraphProto) -> str | None:
+    """A name that is not UTF-8 text (protobuf hands it over as bytes: a damaged file ended in an
+    internal error), or a tensor that two nodes of one graph write (not single assignment:
+    ``analyze`` went on, ``prune`` failed at the checker); ``None`` when neither."""
+    written: set[str] = set()
+    for node in graph.node:
+        for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if isinstance(name, bytes):
+                return f"the name {name[:60]!r} is not UTF-8 text"
+        for name in node.output:
+            if name and name in written:
+                return f"two nodes write '{name}' (a graph assigns each tensor once)"
+            written.add(name)
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                problem = _unreadable_names(sub)
+                if problem is not None:
+                    return problem
+    for name in (graph.name, *(t.name for t in graph.initializer),
+                 *(v.name for v in (*graph.input, *graph.output, *graph.value_info))):
+        if isinstance(name, bytes):
+            return f"the name {name[:60]!r} is not UTF-8 text"
+    return None
 
 
 def _load_external_data(
