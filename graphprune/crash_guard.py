@@ -7,7 +7,8 @@ wrote. Python cannot catch that; the command died with no message and exit 139. 
 it is about to run (:func:`note`: the stage, the model ONNX Runtime runs) through a pipe, and
 where it dies by a signal the parent prints one line saying what crashed and on what, and
 exits 2 where that was the input model (it does not run in ONNX Runtime), 3 where it was the
-pruned model, 1 otherwise. Nothing is written then (outputs are written atomically), and the
+pruned model, 1 otherwise. A child ended by a signal the command was not sent (the
+out-of-memory killer's SIGKILL) gets one line too, with exit ``128 + signal``. Nothing is written then (outputs are written atomically), and the
 parent removes the child's temporary folders (:func:`graphprune.io.scratch.sweep`).
 
 The guard is the console entry's only (:func:`guarded`); :func:`graphprune.cli.main` called
@@ -24,8 +25,10 @@ from collections.abc import Callable
 
 #: signals that mean a crash (not a request to stop)
 CRASHES = {getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT") if hasattr(signal, name)}
-#: signals the parent passes on to the child (Ctrl-C reaches both: the parent ignores it)
-FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+#: signals the parent passes on to the child (Ctrl-C reaches both; the child acts on the first
+#: SIGINT only, so one sent to the command's process alone stops it too)
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                  if hasattr(signal, name))
 
 _channel: int | None = None  # the child's end of the pipe
 
@@ -57,6 +60,25 @@ def crash_line(signum: int, last: str) -> tuple[str, int]:
     if "pruned" in lowered or "candidate" in lowered:
         return f"ONNX Runtime crashed ({name}){what}: the pruned model does not run; nothing was written", 3
     return f"ONNX Runtime crashed ({name}){what}; nothing was written", 1
+
+
+def killed_line(signum: int, last: str) -> str:
+    """The one-line message for a child ended by a signal the command was not sent (the
+    system's out-of-memory killer sends SIGKILL: the command had ended with no word)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    what = f" while {last}" if last else ""
+    hint = " (the system sends it when memory runs out)" if signum == getattr(signal, "SIGKILL", None) else ""
+    return f"the process was killed by {name}{what}{hint}; nothing was written"
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """The child's SIGINT: a KeyboardInterrupt the first time; a second one (Ctrl-C reaches the
+    child from the terminal and again from the parent) does not break the clean-up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _die_with(parent: int) -> None:
@@ -112,11 +134,15 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
         os.close(read)
         _channel = write
         _die_with(parent)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt_once)
         return work()
     os.close(write)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, *FORWARDED)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the terminal sends it to the child too)
+    previous = {s: signal.getsignal(s) for s in FORWARDED}
+    sent: set[int] = set()
+
     def forward(signum: int, _frame: object) -> None:
+        sent.add(signum)
         try:
             os.kill(pid, signum)
         except OSError:  # (it has ended)
@@ -148,6 +174,8 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
         return os.WEXITSTATUS(status)
     signum = os.WTERMSIG(status)
     _sweep()  # (what the child had in the temporary directory: it could not remove it)
-    if signum not in CRASHES:
+    if signum in CRASHES:
+        return report(*crash_line(signum, last))
+    if signum in sent or signum == getattr(signal, "SIGPIPE", None):  # (what the command was asked to do)
         return 128 + signum
-    return report(*crash_line(signum, last))
+    return report(killed_line(signum, last), 128 + signum)

@@ -788,6 +788,47 @@ def test_sigterm_removes_the_weight_folder_and_writes_nothing(tmp_path, json_mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "held.py", "marker", "tmp"]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_sigint_to_the_command_alone_stops_the_guarded_work(tmp_path):
+    """The guard's parent ignored SIGINT (Ctrl-C reaches the whole process group): one sent to the
+    command's process alone (a supervisor's graceful stop, Python's ``send_signal``) let the prune
+    finish and write its output, exit 0. It is passed on now; the child acts on the first SIGINT
+    only, so Ctrl-C's two (the terminal's and the parent's) still end in one line."""
+    scratch = tmp_path / "tmp"
+    args = ["prune", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"]
+    process = _held_prune(tmp_path, args, True)
+    try:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["graphprune: error: interrupted"], err
+    assert [p.name for p in scratch.iterdir() if p.is_dir() or "graphprune" in p.name] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "held.py", "marker", "tmp"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL") or os.name != "posix", reason="POSIX signals")
+def test_a_worker_killed_from_outside_ends_the_command_with_one_line(tmp_path):
+    """The out-of-memory killer sends the child doing the work SIGKILL: the command ended with
+    exit 137 and nothing said. It says what happened now (and still writes nothing)."""
+    args = ["prune", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"]
+    process = _held_prune(tmp_path, args, True)
+    worker = int((tmp_path / "marker").read_text())
+    try:
+        assert worker != process.pid
+        os.kill(worker, signal.SIGKILL)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 137, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "killed by SIGKILL" in lines[0] and "memory" in lines[0], err
+    assert "nothing was written" in lines[0] and not (tmp_path / "out.onnx").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux processes")
 def test_the_guarded_work_ends_with_a_killed_command(tmp_path):
     """SIGKILL cannot be passed on: the child that does the work is killed with the command
