@@ -66,6 +66,41 @@ class TestProbeSizes:
         shapes = choose_input_shapes(path, input_specs(model))
         assert shapes is not None and 32 <= shapes["x"][2] < 64
 
+    @staticmethod
+    def _batch_views(views: int) -> onnx.ModelProto:
+        """A classifier that averages ``views`` augmentations of each sample: its batch is
+        reshaped to ``[views, -1, 4]`` (mne-icalabel's ICLabel, ``views`` 4)."""
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Reshape", ["z", "views"], ["v"]),
+                 helper.make_node("ReduceMean", ["v"], ["y"], axes=[0], keepdims=0)]
+        params = {"w1": rng.standard_normal((6, 16)).astype(np.float32),
+                  "w2": rng.standard_normal((16, 4)).astype(np.float32), "views": np.array([views, -1, 4], np.int64)}
+        return make_model(nodes, {"x": ["batch", 6]}, {"y": None}, params, opset=17)
+
+    def test_a_model_that_runs_at_a_batch_of_four_only_is_probed_there(self, tmp_path: Path) -> None:
+        """ICLabel runs at batch 4, 8, ... only: the probe never varied axis 0, and every mode
+        exited 2 asking for nothing it could act on. The guess at batch 2, 4 and 8 is tried last."""
+        model = self._batch_views(4)
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        assert choose_input_shapes(path, input_specs(model)) == {"x": (4, 6)}
+        result = graphprune.prune(model, ratio=0.5)
+        assert result.report["verification"]["ok"] is True
+
+    def test_a_model_that_runs_at_no_tried_size_is_an_input_error_in_every_mode(self, tmp_path, capsys) -> None:
+        """Where the original runs at none of the sizes tried, a prune exits 2 saying so; with
+        ``--calibration random`` it exited 3 ("the original model does not run", a verification
+        error), with a calibrated budget 1 (an internal error from the sensitivity sweep)."""
+        path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+        onnx.save(self._batch_views(3), path)
+        for extra in (["--ratio", "0.5"], ["--ratio", "0.3", "--calibration", "random:8"],
+                      ["--target-macs", "0.5", "--calibration", "random:8"]):
+            code = main(["prune", str(path), "-o", str(out), *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and "the input model does not run in ONNX Runtime" in err, (extra, err)
+            assert len(err.strip().splitlines()) == 1 and not out.exists()
+
     def test_an_axis_that_needs_a_long_size_leaves_the_others_small(self, tmp_path: Path) -> None:
         """The trials size every open dimension alike first: GPT-SoVITS's vocoder, whose reference
         audio needs 705 samples, ran every verification and calibration with its text axes at 1024

@@ -16,14 +16,15 @@ does, the first that runs):
    others), the others guessed;
 4. every open dimension at the same candidate size above 256;
 5. one open dimension at a time at each candidate size, the others at 1 (an unnamed batch
-   axis of a recurrent state next to a sequence length).
+   axis of a recurrent state next to a sequence length);
+6. the guess at batch 2, 4 and 8 (a model that averages four views of each sample).
 
 Sizes found past the guess are then shrunk one open dimension at a time, to the smallest
 candidate (not below the guess) that still works (:func:`_shrink`): one input that needs a
 long length leaves the others small.
 
 A dimension is *open* when the input declares a symbol, ``-1`` or nothing on an axis other
-than the batch axis (axis 0 stays at 1). Inputs that share a symbol keep one size. When no
+than the batch axis (axis 0 stays at 1 but in the last tries). Inputs that share a symbol keep one size. When no
 candidate runs, the guess stays and the caller reports the original's failure (with the
 hint to give shapes, ``--input-shape NAME=d0,d1,...``).
 """
@@ -45,6 +46,8 @@ OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
 #: at a time before all of them (a run with every axis at 1024 took VITS 36 s and 2 GB, where
 #: only its reference audio needed more than 256 samples)
 JOINT_FIRST = 256
+#: batch sizes tried last, where nothing runs at batch 1
+BATCHES = (2, 4, 8)
 #: at most this many runs of the original, and this much time, are spent looking
 MAX_TRIES = 100
 MAX_SECONDS = 30.0
@@ -138,8 +141,9 @@ def candidate_shapes(
     keys = {k: v for k, v in open_dimensions(specs, given).items() if k not in (required or {})}
     by_name = {s.name: s for s in specs}
     tries = [base]
+    batched = _batched(specs, given, required)
     if not keys:
-        return tries
+        return tries + [t for t in batched if t != base]
 
     def sizes_for(key: Key) -> tuple[int, ...]:
         name, axis = keys[key][0]
@@ -168,7 +172,25 @@ def candidate_shapes(
         for key in keys:
             for size in sizes_for(key):
                 add({k: size if k == key else 1 for k in keys})
+    for shapes in batched:
+        if tuple(sorted(shapes.items())) not in seen:
+            seen.add(tuple(sorted(shapes.items())))
+            tries.append(shapes)
     return tries
+
+
+def _batched(specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None,
+             required: Mapping[str, int] | None) -> list[dict[str, tuple[int, ...]]]:
+    """The guess at each of :data:`BATCHES` on every open batch axis (ICLabel averages four
+    augmentations of each sample: it reshapes its batch to ``[4, -1]`` and runs at batch 4, 8...
+    only); tried last."""
+    out = []
+    for batch in BATCHES:
+        try:
+            out.append(resolve_shapes(specs, batch=batch, input_shapes=given, dim_values=required))
+        except UsageError:
+            continue
+    return out
 
 
 def choose_input_shapes(

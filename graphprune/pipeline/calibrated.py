@@ -120,8 +120,7 @@ class CalibratedRun:
         self.session = session
         self.options = options or CalibrationOptions()
         check_options(self.options.criterion, self.options.reconstruction, self.options.final_refit)
-        #: the reconstruction was left to the tool: the refit runs, and :meth:`fidelity` weighs it
-        #: against the statistics correction and against none on the held-out samples
+        #: reconstruction left to the tool: the refit runs; :meth:`fidelity` weighs it against the rest
         self.auto_reconstruction = self.options.reconstruction == "auto"
         if self.auto_reconstruction:
             self.options = replace(self.options, reconstruction="refit")
@@ -143,9 +142,10 @@ class CalibratedRun:
             # verification's inputs where the original does not run on generated ones
             session.data_feeds = (self.calib.holdout or self.calib.samples)[:4]
             with session.blaming_input("the original model", self.calib.samples):
-                self.batches = runner.batches(
-                    session.prepared, self.calib.samples, self.options.batch_size, self.data_dir
-                )
+                self.batches = runner.batches(session.prepared, self.calib.samples, self.options.batch_size,
+                                              self.data_dir)
+                # (before any mode's first run: a budget's sweep failed on it with an internal error)
+                validate.run(session.path_of(session.prepared), self.calib.samples[0], "the original model")
         self.stats: stats_mod.LayerStats | None = None
         #: refit targets recorded by the statistics run (one run of the original for both)
         self.recorded: RecordedTargets | None = None
