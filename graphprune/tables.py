@@ -275,8 +275,9 @@ def budget_lines(budget: Mapping[str, Any] | None, notes: Sequence[str] = ()) ->
         return []
     achieved = budget.get("achieved")
     shown = f"{achieved:.3f}" if isinstance(achieved, (int, float)) else "-"
+    met = f"met: within {budget.get('met_within', 0.03):g}" if budget.get("met") else "MISSED"
     lines = [f"target: {budget['target']} {budget['fraction']:g} of the original -> achieved {shown} "
-             f"({'met: within 0.03' if budget.get('met') else 'MISSED'}; {budget.get('measured_by', '')})"]
+             f"({met}; {budget.get('measured_by', '')})"]
     if budget.get("dropped_by_preparation"):
         lines.append(f"note: {budget['dropped_by_preparation']} parameters that nothing but a Shape read were "
                      "dropped; the target counts them as the file held them")

@@ -785,3 +785,21 @@ def test_the_uncorrected_candidate_leaves_the_greedy_allocation_as_it_was(cnn, m
     for _, indexes in more:  # a candidate counts steps as every other does
         budget.restore(model, indexes)
         assert model.total <= (0.5 + budget.MET_WITHIN) * model.full_total
+
+
+def test_a_small_target_is_met_within_a_share_of_itself():
+    """``--target-macs 0.02`` reported "achieved 0.040 (met: within 0.03)": twice the compute
+    asked for, called met by the absolute tolerance. A target is met within 0.03 or a tenth of
+    itself, whichever is less, and the table says which."""
+    from graphprune.examples import example_cnn
+    from graphprune.planning.budget import met_within
+    from graphprune.tables import prune_summary
+
+    assert met_within(0.5) == 0.03 and met_within(0.1) == pytest.approx(0.01) and met_within(0.02) == 0.002
+    report = graphprune.prune(example_cnn(), target_macs=0.1, max_ratio=0.66).report
+    budget = report["budget"]
+    assert 0.1 + 0.01 < budget["achieved"] <= 0.1 + 0.03  # met by the old rule
+    assert budget["met"] is False and budget["met_within"] == 0.01
+    assert "MISSED" in prune_summary(report)
+    met = graphprune.prune(example_cnn(), target_macs=0.1).report
+    assert met["budget"]["met"] and "met: within 0.01" in prune_summary(met)

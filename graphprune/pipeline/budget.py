@@ -412,7 +412,7 @@ def prune_budget(
         info["achieved"] = round(allocation.achieved, 4)
         info["measured_by"] = ("graphprune's cost model on the analysed shapes (the exported "
                                "models' own shape information is incomplete)")
-        info["met"] = abs(info["achieved"] - options.target) <= 0.03
+        info["met"] = abs(info["achieved"] - options.target) <= budget_mod.met_within(options.target)
     if estimate is not None:
         info["table_estimate"] = round(estimate, 4)
     info["reached_by_width"] = allocation.reached
@@ -511,8 +511,10 @@ def _achieved(report: dict[str, Any], options: BudgetOptions, rounds: list[dict[
                               if options.kind == "macs" else
                               "elements of float initializers and constants of the exported models")
     achieved = out["achieved"]
-    out["met"] = achieved is not None and achieved <= options.target + 0.03 and (
-        options.kind == "latency" or achieved >= options.target - 0.03)
+    within = budget_mod.met_within(options.target)
+    out["met_within"] = round(within, 4)
+    out["met"] = achieved is not None and achieved <= options.target + within and (
+        options.kind == "latency" or achieved >= options.target - within)
     if achieved is not None and not math.isfinite(achieved):
         out["met"] = False
     return out

@@ -269,7 +269,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         measured = last = _Measured(error, label, candidate, fresh, plan, verification, pass_stats, indexes,
                              reverted, unreconstructed if screening and not full else None, plain_error, plain_cosine,
                              unreconstructed, kind, errors, stats_model, stats_pass,
-                             off_target=row["modelled_fraction"] > fraction + budget_mod.MET_WITHIN, ridges=validated)
+                             off_target=row["modelled_fraction"] > fraction + budget_mod.met_within(fraction), ridges=validated)
         if measured.off_target:
             row["off_target"] = True
         if label == "uniform":

@@ -33,6 +33,7 @@ from graphprune.planning.budget import (
     allocate,
     allowed_steps,
     give_back,
+    met_within,
     restore,
     snapshot,
     take_steps,
@@ -160,10 +161,10 @@ def neighbours(model: CostModel, fraction: float, base: list[int], rng: np.rando
 def unaligned(model: CostModel, fraction: float, landed: Allocation, min_channels: int = 1,
               above: float = 0.0) -> Allocation | None:
     """Where widths aligned to ORT's fast kernels (:func:`auto_round_to`) land further than
-    :data:`MET_WITHIN` from the goal (few groups, coarse steps), allocate again with every
+    :func:`met_within` from the goal (few groups, coarse steps), allocate again with every
     width allowed: the new allocation when it lands nearer (the states keep the fine
     steps), else ``None`` with the states as they were."""
-    if abs(landed.achieved - fraction) <= MET_WITHIN:
+    if abs(landed.achieved - fraction) <= met_within(fraction):
         return None
     saved = [(st.steps, st.index) for st in model.states]
 
