@@ -706,3 +706,20 @@ def test_a_graph_output_declared_with_another_rank_than_its_reshape_gives() -> N
     assert hidden.prunable
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"] is True
+
+
+def test_a_ratio_prune_that_removes_nothing_writes_the_file_as_it_came_after_folding(tmp_path) -> None:
+    """sleepecg's Keras GRU classifier (every group frozen) came back from ``--ratio 0.5`` folded
+    and untied (67 -> 49 nodes, one parameter fewer): the model as it came was written only
+    where the preparation lowered ops. A ratio or budget prune that removes nothing writes the
+    file as it came whatever the preparation did (``--lossless`` keeps its foldings: they are
+    its job)."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, {"x": [1, 4]}, {"y": [1, 3]}, {})
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    for extra in (["--ratio", "0.5"], ["--target-params", "0.5"]):
+        assert main(["prune", str(path), "-o", str(out), *extra]) == 0
+        assert out.read_bytes() == path.read_bytes(), extra

@@ -16,13 +16,15 @@ from graphprune.errors import GraphPruneError
 NOTE = "nothing was removed: the model is written as it came"
 
 
-def as_it_came(session: Any) -> bool:
+def as_it_came(session: Any, *, lowered_only: bool = True) -> bool:
     """Whether a prune of ``session`` that removed nothing writes the model as it came: where
-    the preparation lowered ops to others. Not where ONNX's version converter ran (an opset
-    ONNX Runtime no longer runs, a QLinearSoftmax read at the new opset), nor for foldings
-    alone (weights a quantizer left to be quantized at run time: bit for bit), nor for a file
-    that fails the checker as it came (outputs that declare a type without a shape)."""
-    if not session.normalised.get("lowered_ops") or "opset_converted" in session.normalised:
+    the preparation lowered ops to others (``lowered_only=False``: whatever it changed; a ratio
+    or budget prune that removes nothing wrote a Keras GRU's folded, untied graph, 67 -> 49
+    nodes). Not where ONNX's version converter ran (an opset ONNX Runtime no longer runs, a
+    QLinearSoftmax read at the new opset), nor, for ``--lossless``, for foldings alone (weights a
+    quantizer left to be quantized at run time: bit for bit, which is what it is for), nor for
+    a file that fails the checker as it came (outputs that declare a type without a shape)."""
+    if (lowered_only and not session.normalised.get("lowered_ops")) or "opset_converted" in session.normalised:
         return False
     try:
         session.check(session.loaded)
@@ -42,7 +44,7 @@ def keep_loaded(session: Any, report: dict[str, Any]) -> None:
 
 def write_unchanged(session: Any, report: dict[str, Any], plan: Any) -> bool:
     """Where ``plan`` removes nothing and :func:`as_it_came` holds, :func:`keep_loaded`; whether it did."""
-    if plan.units_removed or plan.erase or not as_it_came(session):
+    if plan.units_removed or plan.erase or not as_it_came(session, lowered_only=False):
         return False
     keep_loaded(session, report)
     report["unchanged"] = NOTE
