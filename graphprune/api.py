@@ -231,6 +231,10 @@ def prune(
     if budget is not None and (lossless or erase_blocks is not None or plan is not None):
         raise UsageError("a MACs/params/latency target cannot be combined with lossless mode, "
                          "erase_blocks or a saved plan")
+    given = [n for n, v in (("ratio", ratio), ("head_ratio", head_ratio), ("mlp_ratio", mlp_ratio),
+                            ("hidden_ratio", hidden_ratio)) if v is not None]
+    if plan is not None and given:  # (they were ignored: the replay removed what the plan says)
+        raise UsageError(f"a saved plan says what to remove: {', '.join(given)} does not apply with it")
     if budget is None and (max_ratio is not None or allow_depth):
         raise UsageError("max_ratio and allow_depth apply to a MACs/params/latency target only")
     if search is not None:

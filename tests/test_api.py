@@ -184,6 +184,16 @@ def test_replaying_a_saved_plan_gives_an_identical_model(tmp_path):
     assert from_object.model.SerializeToString() == first.model.SerializeToString()
     assert from_path.model.SerializeToString() == first.model.SerializeToString()
     assert from_path.plan.to_dict()["groups"] == first.plan.to_dict()["groups"]
+    assert from_path.report["mode"] == "plan" and first.report["mode"] == "ratio"
+
+
+@pytest.mark.parametrize("given", ["ratio", "head_ratio", "mlp_ratio", "hidden_ratio"])
+def test_a_ratio_beside_a_saved_plan_is_refused(tmp_path, given):
+    """``--plan P --ratio 0.3`` replayed the plan and ignored the ratio (the report's mode said
+    "ratio"): the plan says what to remove, so a ratio beside it is a usage error."""
+    plan = graphprune.prune(example_cnn(), ratio=0.5).plan
+    with pytest.raises(UsageError, match=f"{given} does not apply"):
+        graphprune.prune(example_cnn(), plan=plan, **{given: 0.3})
 
 
 def test_a_plan_for_another_model_is_refused():

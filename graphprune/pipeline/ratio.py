@@ -359,7 +359,7 @@ def prune_ratio(
             attach_branches(session, branches)  # the reconstruction re-exported the main graph
             calibrated.no_final_refit("If branches: each branch was refit on the samples that take it")
         calibrated.fidelity()  # keeps the reconstruction only where it pays: before the model is counted
-    report = session.report("ratio", the_plan)
+    report = session.report("plan" if plan is not None else "ratio", the_plan)  # (a replay plans nothing)
     if calibrated is None and branches is None:
         write_unchanged(session, report, the_plan)
     report["kinds"] = targets.kind_summary(analysis)

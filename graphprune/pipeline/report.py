@@ -2,7 +2,7 @@
 
 Keys every report has::
 
-    mode                      "ratio" | "lossless" | "erase_blocks" | ...
+    mode                      "ratio" | "plan" (a saved plan replayed) | "lossless" | "erase_blocks" | ...
     params_before/after       parameter counts (initializers, If/Loop bodies included)
     macs_before/after         multiply-accumulates of Conv/Gemm/MatMul (graphprune.verify.metrics)
     macs_input_shapes         (only when the inputs leave sizes open) the input shapes MACs are
@@ -205,7 +205,7 @@ def base_report(
     report.update(analysis_sections(analysis, plan))
     if plan.meta.get("prune_hidden"):  # asked for: the summary says where no hidden group could go
         report["prune_hidden"] = True
-    if analysis is not None and (mode == "ratio" or (mode == "budget" and not analysis.prunable_groups)):
+    if analysis is not None and (mode in ("ratio", "plan") or (mode == "budget" and not analysis.prunable_groups)):
         # (a budget with prunable groups says itself why it stopped where it did)
         why = nothing_prunable(analysis, plan.units_removed, len(plan.erase), bool(plan.meta.get("prune_hidden")))
         if why:
