@@ -101,6 +101,34 @@ class TestProbeSizes:
             assert code == 2 and "the input model does not run in ONNX Runtime" in err, (extra, err)
             assert len(err.strip().splitlines()) == 1 and not out.exists()
 
+    @pytest.mark.parametrize("layer", ["lstm", "matmul", "gemm", "conv"])
+    def test_features_a_layer_weight_fixes_are_read_from_it(self, tmp_path: Path, layer: str) -> None:
+        """madmom's BLSTM reads an input ``[frames, features]`` through an Unsqueeze into an LSTM
+        whose ``W`` is ``[1, 100, 266]``: the probe tried 8, 16, ... 1024 features, none ran, and
+        the prune exited 2 ("give them with --input-shape"). The width a layer's stored weight
+        fixes is read from it (``OpRule.required_sizes``), through the ops that carry the
+        input's symbol."""
+        from graphprune.analysis.probe_sizes import required_sizes
+
+        rng = np.random.default_rng(0)
+        w = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+        inputs: dict = {"x": ["frames", "features"]}
+        if layer == "lstm":
+            nodes = [helper.make_node("Unsqueeze", ["x", "one"], ["x3"]),
+                     helper.make_node("LSTM", ["x3", "W", "R"], ["y"], hidden_size=4)]
+            params = {"one": np.array([1], np.int64), "W": w(1, 16, 266), "R": w(1, 16, 4)}
+        elif layer == "matmul":
+            nodes, params = [helper.make_node("MatMul", ["x", "W"], ["y"])], {"W": w(266, 4)}
+        elif layer == "gemm":
+            nodes, params = [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], {"W": w(4, 266)}
+        else:
+            inputs = {"x": [1, "features", 5, 5]}
+            nodes, params = [helper.make_node("Conv", ["x", "W"], ["y"], group=2)], {"W": w(4, 133, 1, 1)}
+        model = make_model(nodes, inputs, {"y": None}, params, opset=17)
+        assert required_sizes(model, input_specs(model), 17) == {"features": 266}
+        result = graphprune.prune(model, ratio=0.5)
+        assert result.report["verification"]["ok"] is True
+
     def test_an_axis_that_needs_a_long_size_leaves_the_others_small(self, tmp_path: Path) -> None:
         """The trials size every open dimension alike first: GPT-SoVITS's vocoder, whose reference
         audio needs 705 samples, ran every verification and calibration with its text axes at 1024
@@ -723,3 +751,23 @@ def test_a_ratio_prune_that_removes_nothing_writes_the_file_as_it_came_after_fol
     for extra in (["--ratio", "0.5"], ["--target-params", "0.5"]):
         assert main(["prune", str(path), "-o", str(out), *extra]) == 0
         assert out.read_bytes() == path.read_bytes(), extra
+
+
+def test_a_calibrated_budget_checks_the_written_model_on_a_calibration_sample(tmp_path) -> None:
+    """madmom's BLSTM (an input whose width no size the probe tries fits) pruned to a MACs budget
+    with calibration data: the search, the reconstruction and all were thrown away at the last
+    check, which ran the written model on generated feeds the original does not run on either
+    (exit 3, "the pruned model as written does not run"). It runs on a calibration sample, as the
+    verification did; so does the check of the preparation."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["r"]), helper.make_node("MatMul", ["r", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    params = {"rows": np.array([-1, 300], np.int64), "w1": rng.standard_normal((300, 32)).astype(np.float32),
+              "w2": rng.standard_normal((32, 4)).astype(np.float32)}
+    model = make_model(nodes, {"x": [1, "n"]}, {"y": None}, params, opset=17)
+    path, out, calib = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    onnx.save(model, path)
+    np.savez(calib, x=rng.standard_normal((40, 1, 600)).astype(np.float32))
+    assert main(["prune", str(path), "-o", str(out), "--target-macs", "0.6", "--calibration", str(calib),
+                 "--json"]) == 0
+    assert out.exists()

@@ -83,8 +83,9 @@ def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[s
     """Sizes of the input symbols that the ops reading those inputs require
     (:meth:`~graphprune.rules.registry.OpRule.required_sizes`: ONNX Runtime GenAI's decoders
     declare their KV cache ``[batch_size, H_kv, past_sequence_length, kv_cache_dim]``, and
-    only ``GroupQueryAttention`` knows that ``kv_cache_dim`` is its head size). ``model``: a
-    ModelProto, its weights not read (ONNX shape inference gives the ops' input shapes)."""
+    only ``GroupQueryAttention`` knows that ``kv_cache_dim`` is its head size; a layer's weight
+    fixes the features it reads), where ONNX shape inference carries the input's symbol to
+    that op. ``model``: a ModelProto, its weights not read."""
     import onnx
 
     from graphprune.io import gs_export
@@ -98,18 +99,24 @@ def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[s
         rule(n.domain, n.op_type) for n in model.graph.node
     ):
         return {}
-    try:
-        graph = gs_export.import_onnx(onnx.shape_inference.infer_shapes(model))
+    from graphprune.io.tensor_protos import _detach
+
+    try:  # (on a weightless skeleton: no weight goes through protobuf)
+        graph = gs_export.import_onnx(onnx.shape_inference.infer_shapes(_detach(model)[0]))
     except Exception:  # noqa: BLE001 - a graph inference or graphsurgeon cannot read: nothing known
         return {}
+    symbols = {d for s in by_name.values() for d in s.shape if isinstance(d, str)}
     found: dict[str, int] = {}
     for node in graph.nodes:
         if (found_rule := rule(node.domain, node.op)) is None:
             continue
         for (index, axis), size in found_rule.required_sizes(node).items():
-            spec = by_name.get(node.inputs[index].name) if index < len(node.inputs) else None
-            if spec is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], str):
-                found.setdefault(spec.shape[axis], int(size))
+            # the symbol an input declares there, carried by shape inference (an LSTM reads the
+            # features of an input [frames, features] through an Unsqueeze)
+            shape = node.inputs[index].shape if index < len(node.inputs) else None
+            dim = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            if isinstance(dim, str) and dim in symbols and size > 0:
+                found.setdefault(dim, int(size))
     return found
 
 

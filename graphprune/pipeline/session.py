@@ -512,13 +512,13 @@ class Session(FeedValues):
                 return {"ok": False, "reference": what, "error": str(exc), "_error": exc}
 
     def check_preparation(self, tolerance: float) -> dict[str, Any]:
-        """The prepared original against the graph as loaded, on the verification's feeds
-        (:func:`graphprune.verify.preparation.check_preparation`): the rewrite was checked
-        against the prepared graph, so this makes the whole chain checked against the input."""
+        """The prepared original against the loaded one on a calibration sample, else the verification's
+        feeds (:func:`graphprune.verify.preparation.check_preparation`): the whole chain, checked."""
         if preparation.same_computation(self.loaded, self.prepared):
             return {"checked": True, "ok": True, "identical": True}
         with self.stage("verify"):
-            return preparation.check_preparation(self.loaded, self.prepared, self.path_of, self.feeds(), tolerance)
+            return preparation.check_preparation(self.loaded, self.prepared, self.path_of,  # (on data: it runs)
+                                                 (self.data_feeds or [])[:1] or self.feeds(), tolerance)
 
     def within_float_noise(self, candidate: Any, verification: dict[str, Any],
                            reference: Any = None) -> dict[str, Any]:
@@ -578,8 +578,8 @@ class Session(FeedValues):
         declared_shapes.forget_invented(final, declared_shapes.declared_sizes(self.loaded),
                                         reports.cut_axes(analysis if analysis is not None else self.analysis, plan))
         declared_shapes.restore_negative_sizes(self.model if model is None else model, self._declared_outputs)
-        if verification.get("ok") and final is not None and (
-                fault := validate.written_fault(self.store.write_model, final, self.feeds()[0])) is not None:
+        if verification.get("ok") and final is not None and (fault := validate.written_fault(  # (on data: it runs)
+                self.store.write_model, final, (self.data_feeds or self.feeds())[0])) is not None:
             verification.update(ok=False, error=str(fault))
             error = fault
         if self.seeded and final is not None:  # (checked seeded; written to draw anew, as it came)

@@ -20,7 +20,7 @@ from graphprune.analysis.index_maps import Digit, GroupTie, Modulo
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.passes.rewrite_context import RewriteContext
 from graphprune.rules.linear import linear_scale
-from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, register, weight_size
 from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
@@ -60,6 +60,11 @@ class ConvRule(OpRule):
     data_index: int = 0
     weight_index: int = 1
     bias_index: int | None = 2
+
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """A stored weight ``[O, C / group, k...]`` fixes the input's channels at ``C``."""
+        size = weight_size(node.inputs[self.weight_index] if len(node.inputs) > self.weight_index else None, 1)
+        return {(self.data_index, 1): size * int(node.attrs.get("group", 1))} if size else {}
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[o] = b[o] + sum_i x[i] sum_k W[o, i, k]`` over the inputs ``W[o, i]`` reads.

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis import constants as za
 from graphprune.analysis.roles import CONSUMER, PRODUCER
 from graphprune.io.tensors import from_constants
-from graphprune.rules.registry import LinearInfo, OpRule, register
+from graphprune.rules.registry import LinearInfo, OpRule, register, weight_size
 from graphprune.rules.scale import ScaleContext, rms_of
 
 if TYPE_CHECKING:
@@ -101,6 +101,13 @@ class GemmRule(OpRule):
     #: the inputs that hold ``A``, ``B`` and ``C`` (``QGemm`` interleaves scales and zero points)
     operand_indices: tuple[int, int, int] = (0, 1, 2)
 
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """A stored ``B`` fixes ``A``'s summed axis (``transA``/``transB`` as the op reads them)."""
+        a, b = self.operand_indices[:2]
+        size = weight_size(node.inputs[b] if len(node.inputs) > b else None,
+                           1 if int(node.attrs.get("transB", 0)) else 0)
+        return {(a, 0 if int(node.attrs.get("transA", 0)) else 1): size} if size else {}
+
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[n] = alpha sum_k a[k] B[k, n] + beta C[n]`` for a constant ``B``."""
         a, b = node.inputs[0], ctx.const(node.inputs[1])
@@ -173,6 +180,11 @@ class MatMulRule(OpRule):
     #: a product of two activations zeroes the removed channels of its left operand in the
     #: zeroed original (below); an integer product's operands are zeroed where they are quantized
     zeroes_summed_operand: bool = True
+
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """A stored right operand ``[..., K, N]`` fixes the left operand's last axis at ``K``."""
+        size = weight_size(node.inputs[self.weight_index] if len(node.inputs) > self.weight_index else None, -2)
+        return {(0, -1): size} if size else {}
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         """``y[..., n] = sum_k a[..., k] B[k, n]`` for a constant 2-D ``B``."""

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.io.tensors import present_input as _present
-from graphprune.rules.registry import OpRule, RecurrentInfo, StoredWeight, register
+from graphprune.rules.registry import OpRule, RecurrentInfo, StoredWeight, register, weight_size
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,6 +61,13 @@ class RecurrentRule(OpRule):
     computed_parameters = (1, 2, 3)  # W, R, B
     #: the axis of ``R`` that indexes hidden units (ONNX: ``R [dirs, G*H, H]``)
     hidden_axis = 2
+    #: the axis of ``W`` that indexes the input's features (ONNX: ``W [dirs, G*H, input]``)
+    input_axis = 2
+
+    def required_sizes(self, node: gs.Node) -> dict[tuple[int, int], int]:
+        """A stored ``W`` fixes the features of ``X`` (``[seq, batch, input]``; layout 1 ``[batch, seq, input]``)."""
+        size = weight_size(node.inputs[1] if len(node.inputs) > 1 else None, self.input_axis)
+        return {(0, 2): size} if size else {}
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         gates = GATES[node.op]
@@ -176,6 +183,7 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
     quantizes_at_run_time = True
     domain = "com.microsoft"
     hidden_axis = 1  # R [dirs, H, 4H]
+    input_axis = 1  # W [dirs, input, 4H]
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         hidden = int(node.attrs.get("hidden_size", 0) or 0)

@@ -554,3 +554,17 @@ def discover(package: str, path: Iterable[str]) -> tuple[str, ...]:
     for name in names:
         importlib.import_module(f"{package}.{name}")
     return tuple(f"{package}.{name}" for name in names)
+
+
+def weight_size(tensor: gs.Tensor | None, axis: int) -> int | None:
+    """The size of a stored weight's ``axis`` (``None``: not a constant, or not sized there):
+    what :meth:`OpRule.required_sizes` reads a layer's input width from."""
+    import numbers
+
+    import onnx_graphsurgeon as gs  # noqa: PLC0415 (the registry imports no graph library at load)
+
+    shape = tensor.shape if isinstance(tensor, gs.Constant) else None
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    size = shape[axis]
+    return int(size) if isinstance(size, numbers.Integral) and size > 0 else None
