@@ -181,6 +181,31 @@ def _fidelity_lines(fidelity: Any, prefix: str = "") -> list[str]:
     return []
 
 
+#: a map's centred cosine under this, and this far under its cosine, is warned about
+CENTRED_WARN, LEVEL_GAP = 0.95, 0.05
+#: a map's peaks kept on fewer held-out samples than this are warned about
+PEAKS_WARN = 0.5
+
+
+def _level_and_peak_warnings(fidelity: Mapping[str, Any]) -> list[str]:
+    """Outputs whose cosine reads a level common to every value (a sigmoid saliency map around
+    0.43: cosine 0.996 where the maps' correlation was 0.894 and a region-of-interest mask
+    overlapped the original's by 0.61), and maps whose peaks moved (not already warned of
+    through the decisions above 0.5: the same map kept its peak on 23 % of the samples)."""
+    lines = []
+    lost = fidelity.get("positives_lost") or {}
+    for name, entry in (fidelity.get("outputs") or {}).items():
+        cosine, centred, peaks = entry.get("cosine"), entry.get("centred_cosine"), entry.get("peaks_kept")
+        if isinstance(cosine, float) and isinstance(centred, float) and centred < CENTRED_WARN \
+                and cosine - centred > LEVEL_GAP:
+            lines.append(f"  warning: {name}'s values sit on a common level, which its cosine {cosine:.3f} reads; "
+                         f"less that level (centred cosine, the correlation) it keeps {centred:.3f}: check that output")
+        if name not in lost and isinstance(peaks, float) and peaks < PEAKS_WARN:
+            lines.append(f"  warning: {name}'s peak (the arg-max of each map, within a cell) stays on {peaks:.0%} "
+                         "of the held-out samples: check that output where its peak is read")
+    return lines
+
+
 def _reason(head: Mapping[str, Any]) -> str:
     """Why a softmax head kept its weights."""
     if head.get("reason"):
@@ -552,6 +577,7 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      "what a decoder that reads the peak sees")
             lines.append(f"  warning: {name} keeps {share:.0%} of the original's decisions above 0.5 on the held-out "
                          f"samples (the few positives: a detector's or a mask's){where}: check that output")
+        lines.extend(_level_and_peak_warnings(report["fidelity"]))
         other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
         if other:
             lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "

@@ -42,3 +42,35 @@ def test_a_heatmap_whose_peaks_fall_under_one_half_keeps_them():
                            "macs_after": 1})
     assert "heatmap keeps 0% of the original's decisions above 0.5" in lines
     assert "its peaks (the arg-max of each map, within a cell) stay in 100%" in lines
+
+
+def test_a_map_on_a_common_level_whose_correlation_and_peaks_fell_is_warned_about():
+    """img-focus's saliency map (a sigmoid around 0.43) pruned with calibration: cosine 0.996,
+    decisions at 0.5 kept 0.987, no warning, while the maps' correlation (the centred cosine,
+    0.894) and their peaks (23 % kept) had fallen and a region-of-interest mask overlapped the
+    original's by 0.61. Both are said under the figures now, where they fall that far."""
+    rng = np.random.default_rng(1)
+    original, pruned = [], []
+    for _ in range(8):
+        level = rng.uniform(0.40, 0.46)
+        m = np.full((1, 1, 32, 32), level, np.float32) + rng.normal(0, 0.03, (1, 1, 32, 32)).astype(np.float32)
+        m[0, 0, rng.integers(4, 28), rng.integers(4, 28)] = 0.9
+        original.append(np.clip(m, 0, 1))
+        p = np.full((1, 1, 32, 32), level, np.float32) + rng.normal(0, 0.03, (1, 1, 32, 32)).astype(np.float32)
+        p[0, 0, rng.integers(4, 28), rng.integers(4, 28)] = 0.9  # another peak, another texture
+        pruned.append(np.clip(p, 0, 1))
+    figures = fidelity.compare_outputs(["saliency"], [[m] for m in original], [[m] for m in pruned])
+    entry = figures["outputs"]["saliency"]
+    assert entry["cosine"] > 0.95 and entry["centred_cosine"] < 0.5 and entry["peaks_kept"] < 0.5, entry
+    lines = prune_summary({"fidelity": figures, "timings": {}, "params_before": 1, "params_after": 1, "macs_before": 1,
+                           "macs_after": 1})
+    assert "saliency's values sit on a common level" in lines and "(the arg-max of each map, within a cell)" in lines
+    same = fidelity.compare_outputs(["saliency"], [[m] for m in original], [[m] for m in original])
+    quiet = prune_summary({"fidelity": same, "timings": {}, "params_before": 1, "params_after": 1, "macs_before": 1,
+                           "macs_after": 1})
+    assert "common level" not in quiet and "arg-max" not in quiet
+    # (the peaks alone, where the decisions above 0.5 are kept: said on their own)
+    figures["positives_lost"] = {}
+    alone = prune_summary({"fidelity": figures, "timings": {}, "params_before": 1, "params_after": 1, "macs_before": 1,
+                           "macs_after": 1})
+    assert "saliency's peak (the arg-max of each map, within a cell) stays on" in alone
