@@ -177,6 +177,8 @@ def _check_writable(option: str, value: str, suffix: int = 0) -> None:
                          f"(the files written beside it add {extra} to it): {_short(path.name)}")
     try:
         try_writing(path)
+        if suffix:  # (the weights' file beside it: a FIFO there was found only when the model was saved)
+            try_writing(path.with_name(path.name + ".data"))
     except OSError as exc:
         raise UsageError(f"{option}: folder is not writable: {parent} ({exc.strerror or exc})") from None
 

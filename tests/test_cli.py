@@ -597,13 +597,18 @@ def test_bad_side_output_path_exits_2_and_writes_nothing(capsys, models, tmp_pat
 
 
 @pytest.mark.parametrize("where", ["-o", "--report", "--html", "--save-plan"])
-@pytest.mark.parametrize("bad", ["fifo", "device", "folder_slash"])
+@pytest.mark.parametrize("bad", ["fifo", "device", "folder_slash", "fifo_data"])
 def test_an_output_that_is_no_regular_file_is_refused_and_left_alone(capsys, models, tmp_path, where, bad):
     """Run as root, ``-o /dev/null`` replaced the system's /dev/null with the pruned model (the
     atomic rename replaces whatever is at the target; ``--report /dev/full`` the same), a FIFO
     became a file, and ``-o DIR/sub/`` wrote a file named ``sub``. Each is refused before any
     work, and what is there stays what it was."""
     target = tmp_path / "target"
+    if bad == "fifo_data":  # (the weights' file beside -o: found only when the model was saved)
+        if where != "-o":
+            pytest.skip("-o's companion only")
+        target = tmp_path / "out.onnx.data"
+        os.mkfifo(target)
     if bad == "fifo":
         os.mkfifo(target)
     elif bad == "device":
@@ -611,14 +616,14 @@ def test_an_output_that_is_no_regular_file_is_refused_and_left_alone(capsys, mod
             pytest.skip("making a device node needs root")
         os.mknod(target, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # a private /dev/null
     before = os.stat(target).st_mode if target.exists() else None
-    value = f"{target}/" if bad == "folder_slash" else str(target)
+    value = f"{target}/" if bad == "folder_slash" else str(tmp_path / "out.onnx") if bad == "fifo_data" else str(target)
     out_model = value if where == "-o" else str(tmp_path / "out.onnx")
     extra = [] if where == "-o" else [where, value]
     code, _, err = cli(capsys, "prune", "-q", models["small"], "-o", out_model, *extra)
     line = _assert_one_line_error(code, err)
     assert ("not a regular file" in line) if bad != "folder_slash" else ("names a folder" in line), line
     assert (os.stat(target).st_mode if target.exists() else None) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["target"] if before is not None else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([target.name] if before is not None else [])
 
 
 @pytest.mark.parametrize("where", ["-o", "--report", "--html", "--save-plan"])

@@ -749,8 +749,10 @@ def test_a_ratio_prune_that_removes_nothing_writes_the_file_as_it_came_after_fol
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(model, path)
     for extra in (["--ratio", "0.5"], ["--target-params", "0.5"]):
-        assert main(["prune", str(path), "-o", str(out), *extra]) == 0
+        assert main(["prune", str(path), "-o", str(out), *extra, "--report", str(tmp_path / "r.json")]) == 0
         assert out.read_bytes() == path.read_bytes(), extra
+        report = __import__("json").loads((tmp_path / "r.json").read_text())
+        assert report["nodes_before"] == report["nodes_after"] == 2 and report["unchanged"]
 
 
 def test_a_calibrated_budget_checks_the_written_model_on_a_calibration_sample(tmp_path) -> None:
