@@ -110,7 +110,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       if analysis.weight_only(g) else "no weight creates these channels")
         if g.pinned_units and not g.frozen:
             reason = f"{g.pinned_units} units pinned: {g.pinned[0]}"
-        rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", g.num_units, len(g.dims),
+        # (a frozen group whose units were never told apart: its channels, not 0)
+        units = g.num_units or (f"{g.sizes[g.anchor]} ch" if g.sizes.get(g.anchor) else "?")
+        rows.append([g.id, f"{g.anchor[0]}:{g.anchor[1]}", units, len(g.dims),
                      len(set(g.nodes)), status, reason[:70]])
     print(table(["group", "anchor", "units", "members", "ops", "status", "reason"], rows,
                 align="rlrrrll"))
