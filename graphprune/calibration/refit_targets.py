@@ -159,13 +159,23 @@ def _shared_weights(graph: gs.Graph, views: dict[str, LinearView | None], uses: 
     shares: dict[str, int] = {}
     for name, group in readers.items():
         first = group[0]
-        same = all(v.stored is None and v.info.kernel == first.info.kernel and v.group == first.group
+        same = all(_same_storage(v, first) and v.info.kernel == first.info.kernel and v.group == first.group
                    and v.info.in_axis == first.info.in_axis and v.info.out_axis == first.info.out_axis
                    and v.info.alpha == first.info.alpha and v.bias_fixed == first.bias_fixed
                    and list(v.node.inputs).count(v.weight) == 1 for v in group)
         if same and len(group) == uses[name] and any(v.data.name in affected for v in group):
             shares[name] = len(group)
     return shares
+
+
+def _same_storage(view: LinearView, first: LinearView) -> bool:
+    """Both read a float weight, or decode the same stored constants the same way (an int8
+    weight that quantize_dynamic's unrolled time-distributed layer reads 21 times: one fit,
+    written once on its grid)."""
+    if view.stored is None or first.stored is None:
+        return view.stored is None and first.stored is None
+    return type(view.stored) is type(first.stored) and [id(c) for c in view.stored.constants()] == [
+        id(c) for c in first.stored.constants()]
 
 
 def _complete_shares(targets: list[Target], shares: dict[str, int], skipped: dict[str, str]) -> list[Target]:
