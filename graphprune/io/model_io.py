@@ -24,6 +24,7 @@ from onnx import external_data_helper
 
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
 from graphprune.io._atomic import create_temporary
+from graphprune.io.names import unreadable_names
 from graphprune.io.tensor_protos import (  # noqa: F401  (re-exported for the tests)
     _DETACH_THRESHOLD,
     _DETACHED_LOCATION,
@@ -45,17 +46,8 @@ from graphprune.io.tensor_protos import (  # noqa: F401  (re-exported for the te
     nbytes,
 )
 
-__all__ = [
-    "MIN_OPSET",
-    "ModelSource",
-    "check_opset",
-    "default_opset",
-    "infer_shapes",
-    "load_model",
-    "model_size_bytes",
-    "save_model",
-    "upgrade_opset",
-]
+__all__ = ["MIN_OPSET", "ModelSource", "check_opset", "default_opset", "infer_shapes", "load_model",
+           "model_size_bytes", "save_model", "upgrade_opset"]
 
 MIN_OPSET = 1
 """The oldest default-domain opset accepted (old ones are converted: :func:`upgrade_opset`)."""
@@ -192,39 +184,13 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
         problem = "its graph has no nodes"
     elif len(model.graph.output) == 0:
         problem = "its graph has no outputs"
-    else:
-        problem = _unreadable_names(model.graph)
+    problem = problem or unreadable_names(model.graph)
     if problem is not None:
         verb = "are" if what.endswith("bytes") else "is"
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")
 
 
 check_structure = _check_structure
-
-
-def _unreadable_names(graph: onnx.GraphProto) -> str | None:
-    """A name that is not UTF-8 text (protobuf hands it over as bytes: a damaged file ended in an
-    internal error), or a tensor that two nodes of one graph write (not single assignment:
-    ``analyze`` went on, ``prune`` failed at the checker); ``None`` when neither."""
-    written: set[str] = set()
-    for node in graph.node:
-        for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
-            if isinstance(name, bytes):
-                return f"the name {name[:60]!r} is not UTF-8 text"
-        for name in node.output:
-            if name and name in written:
-                return f"two nodes write '{name}' (a graph assigns each tensor once)"
-            written.add(name)
-        for attribute in node.attribute:
-            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
-                problem = _unreadable_names(sub)
-                if problem is not None:
-                    return problem
-    for name in (graph.name, *(t.name for t in graph.initializer),
-                 *(v.name for v in (*graph.input, *graph.output, *graph.value_info))):
-        if isinstance(name, bytes):
-            return f"the name {name[:60]!r} is not UTF-8 text"
-    return None
 
 
 def _load_external_data(

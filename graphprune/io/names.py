@@ -1,6 +1,11 @@
-"""Fresh tensor and node names for what a rewrite adds to a graph."""
+"""Fresh tensor and node names for what a rewrite adds to a graph; names a model cannot hold."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def fresh_name(base: str, taken: set[str]) -> str:
@@ -12,3 +17,28 @@ def fresh_name(base: str, taken: set[str]) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
+
+
+def unreadable_names(graph: onnx.GraphProto) -> str | None:
+    """A name that is not UTF-8 text (protobuf hands it over as bytes: a damaged file ended in an
+    internal error), or a tensor that two nodes of one graph write (not single assignment:
+    ``analyze`` went on, ``prune`` failed at the checker); ``None`` when neither."""
+    written: set[str] = set()
+    for node in graph.node:
+        for name in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if isinstance(name, bytes):
+                return f"the name {name[:60]!r} is not UTF-8 text"
+        for name in node.output:
+            if name and name in written:
+                return f"two nodes write '{name}' (a graph assigns each tensor once)"
+            written.add(name)
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                problem = unreadable_names(sub)
+                if problem is not None:
+                    return problem
+    for name in (graph.name, *(t.name for t in graph.initializer),
+                 *(v.name for v in (*graph.input, *graph.output, *graph.value_info))):
+        if isinstance(name, bytes):
+            return f"the name {name[:60]!r} is not UTF-8 text"
+    return None
