@@ -138,7 +138,8 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
             signal.signal(signal.SIGINT, _interrupt_once)
         return work()
     os.close(write)
-    previous = {s: signal.getsignal(s) for s in FORWARDED}
+    # (a signal the command was started ignoring stays ignored: a background job of a script)
+    previous = {s: signal.getsignal(s) for s in FORWARDED if signal.getsignal(s) is not signal.SIG_IGN}
     sent: set[int] = set()
 
     def forward(signum: int, _frame: object) -> None:
@@ -148,7 +149,7 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
         except OSError:  # (it has ended)
             pass
 
-    for s in FORWARDED:
+    for s in previous:
         signal.signal(s, forward)
     last, pending, status, open_ = "", b"", None, True
     try:  # (a process the child forks may hold the pipe open past the child's end: wait on both)

@@ -758,7 +758,9 @@ def _held_prune(tmp_path, args: list[str], guarded: bool = False) -> subprocess.
     process = subprocess.Popen([sys.executable, str(tmp_path / "held.py"), str(marker), *args],
                                env={**os.environ, "TMPDIR": str(scratch),
                                     **({"GRAPHPRUNE_TEST_GUARDED": "1"} if guarded else {})}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # (a suite run in the background of a script inherits SIGINT ignored)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(1200):  # (the marker is created, then its pid written: read it once written)
         if (marker.exists() and marker.read_text().strip()) or process.poll() is not None:
             break

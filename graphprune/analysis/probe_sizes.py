@@ -115,7 +115,7 @@ def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[s
             # features of an input [frames, features] through an Unsqueeze)
             shape = node.inputs[index].shape if index < len(node.inputs) else None
             dim = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
-            if isinstance(dim, str) and dim in symbols and size > 0:
+            if isinstance(dim, str) and dim in symbols and size >= 0:
                 found.setdefault(dim, int(size))
     return found
 
@@ -238,6 +238,8 @@ def choose_input_shapes(
     runs: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the smallest that runs, if none reproduces
     blind: tuple[int, dict[str, tuple[int, ...]]] | None = None  # the first that reproduces, if none is seen
     keys = {k: v for k, v in open_dimensions(specs, given).items() if k not in (required or {})}
+    if not keys and (feed is not None or _guess_runs(session, specs, tries[0], seed, values, float_ranges)):
+        return tries[0] if required else None  # only the batch is open: the guess, as before, where it runs
 
     def outcome(shapes: dict[str, tuple[int, ...]]) -> str:
         """"fails", "varies" (runs, but overflows, leaves part of an output unwritten or draws
@@ -282,6 +284,25 @@ def choose_input_shapes(
             return _shrink(shapes, tries[0], keys, lambda s: outcome(s) != "fails", _candidates(specs))
         return shapes
     return tries[0] if required else None  # nothing runs on these values: the sizes the ops need, at least
+
+
+def _guess_runs(session: Any, specs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], seed: int,
+                values: Mapping[str, Any] | None, float_ranges: Mapping[str, tuple[float, float]] | None) -> bool:
+    """Whether the model runs at ``shapes`` on verification's random feeds, or with its integer
+    inputs 0 (verification's own fallback: ids into a count of rows the batch sizes)."""
+    try:
+        feeds = make_feeds_from_specs(specs, seed=seed, input_shapes=shapes, values=values,
+                                      float_ranges=float_ranges)[0]
+    except Exception:  # noqa: BLE001 - feeds that cannot be made at the guess: none runs
+        return False
+    zeros = {k: np.zeros_like(v) if np.issubdtype(v.dtype, np.integer) else v for k, v in feeds.items()}
+    for attempt in (feeds, zeros):
+        try:
+            session.run(None, attempt)
+            return True
+        except Exception:  # noqa: BLE001 - ONNX Runtime's own types
+            continue
+    return False
 
 
 def _candidates(specs: Sequence[InputSpec]) -> Callable[[str, int], Sequence[int]]:
@@ -357,7 +378,7 @@ def _elements(shapes: Mapping[str, Sequence[int]], guess: Mapping[str, Sequence[
 def _same(first: Sequence[Any], second: Sequence[Any]) -> bool:
     """Two runs' outputs equal to the bit (a static KV cache's ``present`` beyond its total
     length is memory the kernel never wrote: it differs from run to run)."""
-    return all(not isinstance(a, np.ndarray) or np.array_equal(a, b, equal_nan=True)
+    return all(not isinstance(a, np.ndarray) or np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                for a, b in zip(first, second, strict=True))
 
 
