@@ -640,7 +640,8 @@ def test_a_weight_whose_data_cannot_be_its_shape_is_refused_with_its_name(tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["name_not_utf8", "attribute_graph_name", "written_twice"])
+@pytest.mark.parametrize("damage", ["name_not_utf8", "attribute_graph_name", "written_twice", "doc_string",
+                                    "producer_name"])
 def test_a_name_that_is_not_text_or_a_tensor_written_twice_is_an_input_error(tmp_path, capsys, damage: str) -> None:
     """A byte flipped inside a tensor's name (no longer UTF-8: protobuf hands it over as bytes)
     ended ``prune`` and ``analyze`` in an internal error (exit 1, UnicodeDecodeError or
@@ -661,8 +662,11 @@ def test_a_name_that_is_not_text_or_a_tensor_written_twice_is_an_input_error(tmp
         model.graph.initializer.append(cond)
         model.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=branch, else_branch=branch))
         model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    if damage in ("doc_string", "producer_name"):  # (the copies of the model carry them: exit 1 there)
+        setattr(model, damage, "MARKER_text")
     if damage != "written_twice":
-        target = "inner_out" if damage == "attribute_graph_name" else model.graph.node[0].output[0]
+        target = {"attribute_graph_name": "inner_out", "doc_string": "MARKER_text",
+                  "producer_name": "MARKER_text"}.get(damage, model.graph.node[0].output[0])
         data = model.SerializeToString()
         flipped = target[:-1] + "\udc90"  # the same length: the last byte replaced by 0x90
         assert data.count(target.encode()) >= 1

@@ -184,7 +184,7 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
         problem = "its graph has no nodes"
     elif len(model.graph.output) == 0:
         problem = "its graph has no outputs"
-    problem = problem or unreadable_names(model.graph)
+    problem = problem or unreadable_names(model.graph, model)
     if problem is not None:
         verb = "are" if what.endswith("bytes") else "is"
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")

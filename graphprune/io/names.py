@@ -19,9 +19,10 @@ def fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def unreadable_names(graph: onnx.GraphProto) -> str | None:
-    """A name that is not UTF-8 text (protobuf hands it over as bytes: a damaged file ended in an
-    internal error), or a tensor that two nodes of one graph write (not single assignment:
+def unreadable_names(graph: onnx.GraphProto, model: onnx.ModelProto | None = None) -> str | None:
+    """A name (or the model's producer, domain or doc string, which its copies carry) that is not
+    UTF-8 text (protobuf hands it over as bytes: a damaged file ended in an internal error), or a
+    tensor that two nodes of one graph write (not single assignment:
     ``analyze`` went on, ``prune`` failed at the checker); ``None`` when neither."""
     written: set[str] = set()
     for node in graph.node:
@@ -37,6 +38,10 @@ def unreadable_names(graph: onnx.GraphProto) -> str | None:
                 problem = unreadable_names(sub)
                 if problem is not None:
                     return problem
+    texts = (model.producer_name, model.producer_version, model.domain, model.doc_string) if model is not None else ()
+    for text in (*texts, graph.doc_string):
+        if isinstance(text, bytes):
+            return f"its producer, domain or doc string {text[:60]!r} is not UTF-8 text"
     for name in (graph.name, *(t.name for t in graph.initializer),
                  *(v.name for v in (*graph.input, *graph.output, *graph.value_info))):
         if isinstance(name, bytes):
