@@ -87,6 +87,10 @@ class TestProbeSizes:
         assert choose_input_shapes(path, input_specs(model)) == {"x": (4, 6)}
         result = graphprune.prune(model, ratio=0.5)
         assert result.report["verification"]["ok"] is True
+        # counted at the batch it runs at in every mode (a budget counted batch 1 first), and said
+        budget = graphprune.prune(model, target_macs=0.6).report
+        assert budget["macs_before"] == result.report["macs_before"] == 4 * (6 * 16 + 16 * 4)
+        assert budget["macs_input_shapes"] == result.report["macs_input_shapes"] == {"x": [4, 6]}
 
     def test_a_model_that_runs_at_no_tried_size_is_an_input_error_in_every_mode(self, tmp_path, capsys) -> None:
         """Where the original runs at none of the sizes tried, a prune exits 2 saying so; with

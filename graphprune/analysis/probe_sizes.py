@@ -397,21 +397,21 @@ def counting_shapes(model: Any, graph: Any, specs: Sequence[InputSpec],
     verification follows) where the count can size the model there. A text recogniser built
     for height 48 does not run at 224x224; counted there, its sequence neck stays unsized and
     a MACs budget was steered by the per-pixel cost of its layers. ``graph``: ``model``
-    imported (or analysed). ``None`` where no size is ``given``, only the batch is open (counted at 1) and every
-    layer has sizes the inputs name; where one does not
+    imported (or analysed). ``None`` where no size is ``given``, only the batch is open (counted at 1, unless the
+    model runs at another batch only: there) and every layer has sizes the inputs name; where one does not
     (:func:`~graphprune.verify.metrics.unsized_layers`: tf2onnx flattens a Keras ``Dense`` on
     a sequence to ``[batch*8, 32]``), the default sizes, at which it is counted in full."""
     from graphprune.io import ir
     from graphprune.verify.metrics import sized_shapes, unsized_layers
 
-    if not given and not open_dimensions(specs) and not unsized_layers(graph, ir.default_opset(model)):
-        return None
-
+    only_batch = not given and not open_dimensions(specs) and not unsized_layers(graph, ir.default_opset(model))
     try:
         guess = resolve_shapes(specs, input_shapes=given)
     except Exception:  # an input the guess cannot size: count as before
         return None
     runs = run_shapes()
+    if only_batch:  # counted at batch 1, unless the model runs at another batch only (ICLabel: 4)
+        return {**guess, **{n: tuple(int(d) for d in s) for n, s in runs.items()}} if runs else None
     if runs:
         chosen = {**guess, **{name: tuple(int(d) for d in shape) for name, shape in runs.items()}}
         if chosen != guess and sized_shapes(model, graph, chosen, or_none=True) is not None:

@@ -195,9 +195,11 @@ def base_report(
         "nodes_after": len(after.graph.node),
         "untied_constants": sum(TIE in t.name for t in before.graph.initializer),
     }
-    if input_shapes and sized and open_dimensions(input_specs(before)):
+    batch = any(len(v) and v[0] != 1 for v in input_shapes.values()) if input_shapes else False
+    if input_shapes and ((sized and open_dimensions(input_specs(before))) or batch):
         # the inputs leave sizes open beyond the batch: the MACs are counted at these (a batch
-        # alone is counted at 1, as always, even where sizing it found layers the count missed)
+        # alone is counted at 1, even where sizing it found layers the count missed, but for a
+        # model that runs at another batch only: said)
         report["macs_input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
     uncounted = uncounted_bodies(before)
     if uncounted:  # a decoder run step by step: its steps are not in the count
