@@ -382,7 +382,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           "warm-up, interleaved")
     for r in results:
         if r.batch != args.batch:
-            print(f"note: {r.name} has a fixed batch axis: it ran batch {r.batch}, not {args.batch}")
+            print(f"note: {r.name} ran batch {r.batch}, not {args.batch} (a fixed batch axis, the sizes "
+                  "given, or the only batch it runs at)")
     return 0
 
 

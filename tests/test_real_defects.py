@@ -91,6 +91,11 @@ class TestProbeSizes:
         budget = graphprune.prune(model, target_macs=0.6).report
         assert budget["macs_before"] == result.report["macs_before"] == 4 * (6 * 16 + 16 * 4)
         assert budget["macs_input_shapes"] == result.report["macs_input_shapes"] == {"x": [4, 6]}
+        # `graphprune bench` timed it at batch 1, which fails (its size probe now tries batch sizes too)
+        from graphprune.verify.timing import time_models
+
+        timed = time_models([model, result.model], warmup=1, runs=2, threads=1)
+        assert [t.batch for t in timed] == [4, 4]
 
     def test_a_model_that_runs_at_no_tried_size_is_an_input_error_in_every_mode(self, tmp_path, capsys) -> None:
         """Where the original runs at none of the sizes tried, a prune exits 2 saying so; with

@@ -159,8 +159,9 @@ def _actual_batch(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], re
     """The batch a model runs with: ``requested`` where an input has an open axis 0, else
     the fixed size of the first input's axis 0 (a fixed-batch model cannot run another)."""
     ranked = [spec for spec in specs if spec.shape]
-    if any(not isinstance((spec.shape or [0])[0], int) for spec in ranked):
-        return requested
+    open_batch = [spec for spec in ranked if not isinstance((spec.shape or [0])[0], int)]
+    if open_batch:  # (the batch fed: --input-shape, or the only one the model runs at, may differ)
+        return int(shapes[open_batch[0].name][0]) if open_batch[0].name in shapes else requested
     return shapes[ranked[0].name][0] if ranked else 1
 
 
@@ -288,10 +289,12 @@ def time_models(
         else:
             chosen, values = _runnable_feeds(models[0], sessions[0], names[0], specs[0], feeds[0], seed=seed,
                                              input_shapes=input_shapes, values=values)
-        if chosen is not None:  # at the batch asked for where the batch axis is open
+        if chosen is not None:  # at the batch asked for where the batch axis is open (and the model runs
             opened = {spec.name for spec in specs[0] if spec.shape and not isinstance(spec.shape[0], int)}
-            chosen = {k: (batch, *v[1:]) if k in opened and len(v) and k not in (input_shapes or {}) else tuple(v)
-                      for k, v in chosen.items()}
+            found = {v[0] for k, v in chosen.items() if k in opened and len(v)}  # at batch 1: ICLabel runs at 4 only)
+            keep = found != {1} and batch == 1
+            chosen = {k: (batch, *v[1:]) if k in opened and len(v) and k not in (input_shapes or {}) and not keep
+                      else tuple(v) for k, v in chosen.items()}
             cache = {}
             feeds = [_feeds(spec, cache, seed=seed, batch=batch, input_shapes=chosen, values=values)
                      for spec in specs]
