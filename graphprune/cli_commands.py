@@ -410,13 +410,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ray_address=args.ray, runs=args.runs, provider=args.provider, threads=args.threads,
         progress=progress,
     )
+    # every point failed: the command failed (it said "wrote ... 1 points" and exited 0), as a prune would
+    failed = [p for p in data["points"] if not p.get("ok")]
+    code = failed[0].get("exit_code", 1) if failed and len(failed) == len(data["points"]) else 0
     if args.json:
         print(_dump(data))
-        return 0
+        return code
     print(sweep.summary_table(data))
     print(f"\nwrote {Path(args.output) / 'sweep.json'}, sweep.svg and sweep.html "
           f"({len(data['points'])} points, engine: {data['engine']})")
-    return 0
+    if code:
+        print(f"graphprune: error: every point failed, the first: {failed[0].get('error', '')}", file=sys.stderr)
+    return code
 
 
 # ----------------------------------------------------------------------------- demo

@@ -106,7 +106,18 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
 
     reference_model = original if isinstance(original, onnx.ModelProto) else onnx.load(original)
     feeds = make_feeds(reference_model, seed=seed, count=count)
-    reference = validate.run_many(original, feeds, "the original")
+    try:
+        reference = validate.run_many(original, feeds, "the original")
+    except GraphPruneError:  # (at sizes the probe finds, as the prune's verification: ICLabel runs at batch 4)
+        from graphprune.analysis.probe_sizes import choose_input_shapes
+        from graphprune.io.feeds import input_specs, make_feeds_from_specs
+
+        specs = input_specs(reference_model)
+        shapes = choose_input_shapes(None, specs, session=validate.session(reference_model), seed=seed)
+        if not shapes:
+            raise
+        feeds = [make_feeds_from_specs(specs, seed=seed + k, input_shapes=shapes)[0] for k in range(count)]
+        reference = validate.run_many(original, feeds, "the original")
     outputs = validate.run_many(pruned, feeds, "the pruned model")
     cosines, relative, top1 = [], [], []
     for ref_list, out_list in zip(reference, outputs, strict=True):

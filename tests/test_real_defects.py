@@ -96,6 +96,11 @@ class TestProbeSizes:
 
         timed = time_models([model, result.model], warmup=1, runs=2, threads=1)
         assert [t.batch for t in timed] == [4, 4]
+        # `graphprune sweep`: its fidelity ran the original at batch 1 ("the original does not run")
+        assert main(["sweep", str(path), "-o", str(tmp_path / "sweep"), "--ratios", "0.5", "--runs", "2",
+                     "--json"]) == 0
+        point = __import__("json").loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][0]
+        assert point["ok"] and point["fidelity"]["cosine_mean"] is not None, point
 
     def test_a_model_that_runs_at_no_tried_size_is_an_input_error_in_every_mode(self, tmp_path, capsys) -> None:
         """Where the original runs at none of the sizes tried, a prune exits 2 saying so; with
@@ -109,6 +114,9 @@ class TestProbeSizes:
             err = capsys.readouterr().err
             assert code == 2 and "the input model does not run in ONNX Runtime" in err, (extra, err)
             assert len(err.strip().splitlines()) == 1 and not out.exists()
+        # so does a sweep (its baseline is timed first)
+        assert main(["sweep", str(path), "-o", str(tmp_path / "sweep"), "--ratios", "0.5", "--runs", "2", "-q"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
     @pytest.mark.parametrize("layer", ["lstm", "matmul", "gemm", "conv"])
     def test_features_a_layer_weight_fixes_are_read_from_it(self, tmp_path: Path, layer: str) -> None:

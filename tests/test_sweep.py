@@ -134,3 +134,24 @@ def test_points_of_a_model_with_external_data_keep_their_weights_beside_them(cnn
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(point, load_external_data=False).graph.initializer)
     onnx.checker.check_model(str(point), full_check=True)
+
+
+def test_a_sweep_whose_every_point_failed_fails(tmp_path, capsys):
+    """A sweep whose only point failed said "wrote ... (1 points)" and exited 0 (ICLabel, before
+    its batch was probed). Where every point failed, the command exits as its first point did,
+    with one line saying so; the files are still written (they record the failures)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(1.0, np.float32), "c")])
+    path = tmp_path / "weightless.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code = main(["sweep", str(path), "-o", str(tmp_path / "out"), "--target-macs", "0.5", "--runs", "2", "-q"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "every point failed" in lines[0], err
+    points = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]
+    assert len(points) == 1 and not points[0]["ok"] and points[0]["exit_code"] == 2
