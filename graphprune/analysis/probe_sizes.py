@@ -24,9 +24,9 @@ candidate (not below the guess) that still works (:func:`_shrink`): one input th
 long length leaves the others small.
 
 A dimension is *open* when the input declares a symbol, ``-1`` or nothing on an axis other
-than the batch axis (axis 0 stays at 1 but in the last tries). Inputs that share a symbol keep one size. When no
-candidate runs, the guess stays and the caller reports the original's failure (with the
-hint to give shapes, ``--input-shape NAME=d0,d1,...``).
+than the batch axis (axis 0 stays at 1 but in the last tries). Inputs that share a symbol
+keep one size. When no candidate runs, the guess stays and the caller reports the original's
+failure (with the hint to give shapes, ``--input-shape NAME=d0,d1,...``).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def candidate_shapes(
 
     seen = {tuple(sorted(base.items()))}
 
-    def add(sizes: dict[Key, int]) -> None:
-        shapes = _assign(base, keys, sizes)
+    def add(sizes: dict[Key, int], shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        shapes = _assign(base, keys, sizes) if shapes is None else shapes
         marker = tuple(sorted(shapes.items()))
         if marker not in seen:
             seen.add(marker)
@@ -180,9 +180,7 @@ def candidate_shapes(
             for size in sizes_for(key):
                 add({k: size if k == key else 1 for k in keys})
     for shapes in batched:
-        if tuple(sorted(shapes.items())) not in seen:
-            seen.add(tuple(sorted(shapes.items())))
-            tries.append(shapes)
+        add({}, shapes)
     return tries
 
 
