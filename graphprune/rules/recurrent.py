@@ -34,7 +34,14 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.index_maps import Digit
 from graphprune.analysis.roles import CHANNELWISE, CONSUMER, PRODUCER
 from graphprune.io.tensors import present_input as _present
-from graphprune.rules.registry import OpRule, RecurrentInfo, StoredWeight, register, weight_size
+from graphprune.rules.registry import (
+    OpRule,
+    PairSummed,
+    RecurrentInfo,
+    StoredWeight,
+    register,
+    weight_size,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -250,6 +257,19 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return ()  # quantized: nothing a float optimiser trains
+
+    def pair_summed(self, node: gs.Node) -> tuple[PairSummed, ...] | None:
+        """``W`` and ``R`` where int8 with zero points 0: ONNX Runtime multiplies them with the
+        input and the hidden state quantized to u8 in saturating pairs (an AMD EPYC without
+        VNNI: the pruned int8 LSTM differed from the zeroed original by 0.017 where the
+        channels re-paired)."""
+        kernels = []
+        for weight, scale, zero in ((1, 8, 9), (2, 10, 11)):
+            q, s, z = node.inputs[weight], _present(node, scale), _present(node, zero)
+            if (isinstance(q, gs.Constant) and isinstance(s, gs.Constant) and np.asarray(q.values).dtype == np.int8
+                    and len(s.outputs) == 1 and (z is None or (isinstance(z, gs.Constant) and not np.any(z.values)))):
+                kernels.append(PairSummed(q, s))
+        return tuple(kernels) or None
 
 
 def _transposed(q: gs.Tensor, scale: gs.Tensor | None, zero: gs.Tensor | None) -> _TransposedWeight | None:

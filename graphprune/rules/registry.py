@@ -215,10 +215,11 @@ class OpRule:
         none, or the pattern around the node is not the one the rule knows."""
         return None
 
-    def pair_summed(self, node: gs.Node) -> PairSummed | None:
+    def pair_summed(self, node: gs.Node) -> PairSummed | tuple[PairSummed, ...] | None:
         """The node as an integer kernel whose result depends on which input channels its
         x86 implementation pairs (u8 activations x s8 weights: :class:`PairSummed`,
-        ``verify/saturation.py``). ``None`` (the default): no such kernel."""
+        ``verify/saturation.py``); a tuple where it has several such weights (an int8 LSTM's
+        input and recurrence weights). ``None`` (the default): no such kernel."""
         return None
 
     def stored_weight(self, node: gs.Node, opset: int) -> StoredWeight | None:

@@ -1,7 +1,7 @@
 """Comparing integer models free of ONNX Runtime's saturating pair sums.
 
 ONNX Runtime's x86 kernels for u8 activations x s8 weights (``QLinearConv``, ``QLinearMatMul``,
-``QGemm``, ``ConvInteger``, ``MatMulInteger``: rules whose :meth:`OpRule.pair_summed` finds
+``QGemm``, ``ConvInteger``, ``MatMulInteger``, ``DynamicQuantizeLSTM``: rules whose :meth:`OpRule.pair_summed` finds
 the kernel's constants) multiply adjacent input channels in pairs and add each pair in
 saturating 16-bit arithmetic (``vpmaddubsw``; CPUs with VNNI do not). Removing a channel
 re-pairs the channels after it, so a pruned model and the original with that channel zeroed can
@@ -36,7 +36,7 @@ def _kernels(graph: gs.Graph, opset: int) -> list:
         rule = lookup(node.domain or "", node.op, opset)
         kernel = rule.pair_summed(node) if rule is not None else None
         if kernel is not None:
-            found.append(kernel)
+            found.extend(kernel if isinstance(kernel, tuple) else (kernel,))
     return found
 
 
