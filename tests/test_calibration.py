@@ -178,9 +178,21 @@ def test_bad_sources(tmp_path):
     model = mlp_model()
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     (tmp_path / "empty").mkdir()
+    # damaged archives: a zip header then junk, cut in half, a compressed member's bytes flipped
+    (tmp_path / "header.npz").write_bytes(b"PK\x03\x04garbage")
+    np.savez_compressed(tmp_path / "good.npz", x=np.random.default_rng(0).random((64, 1, 3, 8), np.float32))
+    whole = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(whole[: len(whole) // 2])
+    flipped = bytearray(whole)
+    for k in (200, 300, 400):
+        flipped[k] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
     for source, message in [
         (str(tmp_path / "missing.npz"), "no such calibration file"),
         (str(tmp_path / "junk.npz"), "cannot read calibration file"),
+        (str(tmp_path / "header.npz"), "cannot read calibration file '.*header.npz': File is not a zip file"),
+        (str(tmp_path / "half.npz"), "cannot read calibration file"),
+        (str(tmp_path / "flipped.npz"), "cannot read calibration file"),
         (str(tmp_path / "empty"), "holds no .npz files"),
         ([], "has no samples"),
         ([{"x": np.zeros((1, 3, 8), np.float32)}, 3], "sample 1 is a int"),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +81,18 @@ def _describe(source: Any) -> str:
     return type(source).__name__
 
 
+#: what numpy raises on a damaged ``.npz`` or ``.npy`` (a ``.npz`` is a zip archive: a file
+#: that is no zip, a truncated member, a compression it cannot read)
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: np.asarray(data[name]) for name in data.files}
     except FileNotFoundError as exc:
         raise UsageError(f"no such calibration file: {path}") from exc
-    except (OSError, ValueError, EOFError) as exc:
+    except _UNREADABLE as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
 
@@ -93,7 +100,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.asarray(np.load(path, allow_pickle=False))
-    except (OSError, ValueError, EOFError) as exc:
+    except _UNREADABLE as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
 
