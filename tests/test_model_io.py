@@ -684,3 +684,49 @@ def test_a_name_that_is_not_text_or_a_tensor_written_twice_is_an_input_error(tmp
         assert ("not UTF-8 text" if damage != "written_twice" else "two nodes write") in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["node_input", "graph_output", "branch_input"])
+def test_a_read_that_nothing_provides_is_an_input_error(tmp_path, capsys, damage: str) -> None:
+    """A node rewired to a name that does not exist (scout, round 69: on the branch that builds
+    a BiLSTM's zero state) was accepted: the preparation dropped that branch, and a valid model
+    was written and "verified" that was no pruned copy of the file given. Refused at load, exit 2,
+    naming the node and the name; a branch may still read what its enclosing graph computes."""
+    from graphprune.cli import main
+    from graphprune.examples import example_cnn
+
+    model = example_cnn()
+    last = model.graph.output[0].name
+    if damage == "node_input":
+        model.graph.node[2].input[0] = "nonexistent_tensor"
+    elif damage == "graph_output":
+        model.graph.output[0].name = "nonexistent_tensor"
+    branch = helper.make_graph([helper.make_node("Identity", [last if damage != "branch_input" else "nonexistent_tensor"],
+                                                 ["inner_out"])], "branch", [],
+                               [helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=branch, else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    path, out = tmp_path / "bad.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    for command in (["prune", path, "-o", out, "--ratio", "0.5"], ["analyze", path]):
+        code = main([str(a) for a in command])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "'nonexistent_tensor', which no node" in err or "'nonexistent_tensor' is written by no node" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    # the same model undamaged (the branch reading the outer graph's output), its nodes reversed
+    good = example_cnn()
+    good.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    fine = helper.make_graph([helper.make_node("Identity", [last], ["inner_out"])], "branch", [],
+                             [helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, None)])
+    good.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=fine, else_branch=fine))
+    good.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    from graphprune.io.names import undefined_reads
+
+    assert undefined_reads(good.graph) is None
+    nodes = list(good.graph.node)
+    del good.graph.node[:]
+    good.graph.node.extend(reversed(nodes))
+    assert undefined_reads(good.graph) is None

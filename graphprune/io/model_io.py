@@ -24,7 +24,7 @@ from onnx import external_data_helper
 
 from graphprune.errors import InvalidModelError, UnsupportedOpsetError, UsageError
 from graphprune.io._atomic import create_temporary
-from graphprune.io.names import unreadable_names
+from graphprune.io.names import undefined_reads, unreadable_names
 from graphprune.io.tensor_protos import (  # noqa: F401  (re-exported for the tests)
     _DETACH_THRESHOLD,
     _DETACHED_LOCATION,
@@ -184,7 +184,7 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
         problem = "its graph has no nodes"
     elif len(model.graph.output) == 0:
         problem = "its graph has no outputs"
-    problem = problem or unreadable_names(model.graph, model)
+    problem = problem or unreadable_names(model.graph, model) or undefined_reads(model.graph)
     if problem is not None:
         verb = "are" if what.endswith("bytes") else "is"
         raise InvalidModelError(f"{what} {verb} not a valid ONNX model: {problem}")

@@ -47,3 +47,33 @@ def unreadable_names(graph: onnx.GraphProto, model: onnx.ModelProto | None = Non
         if isinstance(name, bytes):
             return f"the name {name[:60]!r} is not UTF-8 text"
     return None
+
+
+def undefined_reads(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> str | None:
+    """A tensor that a node (or the graph's outputs) reads and that nothing provides: no node
+    of the graph writes it, it is no graph input or initializer, and no enclosing graph has it
+    (what a subgraph may read). A node rewired to a name that does not exist: the checker and
+    ONNX Runtime refuse such a file, and the preparation had dropped the branch it was on and
+    written a model that was no pruned copy of the input. ``None`` when every read is
+    provided (in whatever order the nodes come)."""
+    known = set(outer)
+    known.update(t.name for t in graph.input)
+    known.update(t.name for t in graph.initializer)
+    known.update(t.values.name for t in graph.sparse_initializer)
+    for node in graph.node:
+        known.update(node.output)
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in known:
+                return f"node '{node.name or node.op_type}' ({node.op_type}) reads '{name}', which no node, " \
+                       "graph input or initializer provides"
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                problem = undefined_reads(sub, frozenset(known))
+                if problem is not None:
+                    return problem
+    for output in graph.output:
+        if output.name and output.name not in known:
+            return f"the graph output '{output.name}' is written by no node and is no input or initializer"
+    return None
+
