@@ -84,14 +84,14 @@ def _decode_rescaled(node: gs.Node, ctx: CouplingContext, found: RescaledLinear 
 
 def _pair_summed(node: gs.Node, found: RescaledLinear | None) -> PairSummed | None:
     """A dynamic-quantized kernel (u8 activations from ``DynamicQuantizeLinear``) with an int8
-    weight of zero point 0 and the scale of its rescaling; with a bias quantized at run time
-    only where the scale is read by the rescaling alone (a doubled scale would halve the
-    bias's integer value along with the weight's: it stays right)."""
+    weight of zero point 0 and the scale of its rescaling (:func:`graphprune.verify.saturation.paired_tensors`
+    checks that nothing else reads them); a bias quantized at run time from that scale halves
+    its integer value along with the weight's where the scale doubles: it stays right."""
     if not isinstance(found, RescaledLinear) or not isinstance(found.weight, Dequantized):
         return None
     weight = found.weight
     q = np.asarray(weight.constant.values)
-    if q.dtype != np.int8 or np.any(weight.zero_point) or len(weight.scale_tensor.outputs) != 1:
+    if q.dtype != np.int8 or np.any(weight.zero_point):
         return None
     return PairSummed(weight.constant, weight.scale_tensor)
 

@@ -54,18 +54,27 @@ def may_saturate(model: onnx.ModelProto) -> bool:
 def paired_tensors(model: onnx.ModelProto) -> dict[str, str]:
     """Constant name -> kind (``weight``, ``scale``, ``bias``) of the int8 weights of the
     kernels that saturate pair sums on u8 activations, with their scales and int32 biases.
-    A constant that any node outside the kernel's reads as well is left out with its kernel
-    (that kernel then keeps its weights: the copies stay equivalent to each other, only that
-    kernel is not protected)."""
+    A constant that any node outside those kernels reads as well is left out with every
+    kernel that names it (those kernels then keep their weights: the copies stay equivalent to
+    each other, only those kernels are not protected). One weight may serve several kernels
+    (an unrolled decoder's recurrence, read once per step): each kernel's reader of it (the
+    kernel itself, or for a scale its rescaling) counts, and every reader must be one."""
     graph = gs_export.import_onnx(model)
+    kernels = _kernels(graph, default_opset(model))
+    named: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    readers: dict[str, int] = {}
+    for kernel in kernels:
+        for kind, constant in ((WEIGHT, kernel.weight), (SCALE, kernel.scale), (BIAS, kernel.bias)):
+            if constant is not None:
+                named.setdefault(constant.name, set()).add(kind)
+                counts[constant.name] = counts.get(constant.name, 0) + 1
+                readers[constant.name] = len(constant.outputs)
     found: dict[str, str] = {}
-    for kernel in _kernels(graph, default_opset(model)):
-        tensors = {kernel.weight.name: WEIGHT, kernel.scale.name: SCALE,
-                   **({kernel.bias.name: BIAS} if kernel.bias is not None else {})}
-        constants = [kernel.weight, kernel.scale, *([kernel.bias] if kernel.bias is not None else [])]
-        if any(len(c.outputs) != 1 or c.name in found for c in constants):
-            continue
-        found.update(tensors)
+    for kernel in kernels:
+        constants = [(WEIGHT, kernel.weight), (SCALE, kernel.scale), (BIAS, kernel.bias)]
+        if all(c is None or (len(named[c.name]) == 1 and counts[c.name] == readers[c.name]) for _, c in constants):
+            found.update((c.name, kind) for kind, c in constants if c is not None)
     return found
 
 
