@@ -145,7 +145,10 @@ def prune(
     Transformers: attention heads, MLP neurons and the hidden size (residual stream) are
     told apart (:mod:`graphprune.analysis.targets`); ``head_ratio`` and ``mlp_ratio`` default
     to ``ratio`` (0 means none); the hidden size is pruned only with ``prune_hidden`` (at
-    ``hidden_ratio``, default ``ratio``) and is reported inexact.
+    ``hidden_ratio``, default ``ratio``) and is reported inexact. Where only per-kind ratios
+    are given (``mlp_ratio=0.5`` and no ``ratio``), only those kinds are pruned, and a model
+    with no prunable group of those kinds is a :class:`UsageError` (it would have been cut by
+    the default ratio everywhere).
 
     ``debug=True`` verifies the graph after every pass that changes it.
 
@@ -275,12 +278,18 @@ def prune(
         )
         criterion = criterion if criterion in CRITERIA else "l1"
     criterion = criterion or "l1"
-    ratio = _validate_args(DEFAULT_RATIO if ratio is None else ratio, criterion, round_to, min_channels, tolerance)
+    # per-kind ratios alone name what to prune: every other group stays (with the default ratio,
+    # `--mlp-ratio 0.5` had halved the heads too, and a model without MLP groups was cut everywhere)
+    kinds_only = ratio is None and any(v is not None for v in (head_ratio, mlp_ratio, hidden_ratio))
+    if kinds_only and prune_hidden and hidden_ratio is None:
+        hidden_ratio = DEFAULT_RATIO
+    ratio = _validate_args((0.0 if kinds_only else DEFAULT_RATIO) if ratio is None else ratio, criterion, round_to,
+                           min_channels, tolerance)
     targets.check_ratios(head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio)
     options = RatioOptions(
         ratio=ratio, criterion=criterion, round_to=round_to, min_channels=int(min_channels),
         seed=seed, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio,
-        prune_hidden=prune_hidden, allocation=allocation,
+        prune_hidden=prune_hidden, allocation=allocation, require_kinds=kinds_only,
     )
     session_options = {"keep": keep, "progress": progress, "debug": debug, "input_shapes": input_shapes}
     if budget is not None:

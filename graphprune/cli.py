@@ -303,7 +303,8 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
     p.add_argument("--ratio", type=_ratio, default=None, metavar="R",
                    help="fraction of the units of every prunable group to remove, in [0, 1); "
-                        "exclusive with --target-*, --lossless and --erase-blocks (default: 0.5)")
+                        "exclusive with --target-*, --lossless and --erase-blocks (default: 0.5; "
+                        "with only --head-ratio/--mlp-ratio given, 0: only those kinds are pruned)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-macs", type=_fraction, default=None, metavar="F",
                         help="prune to F of the original's multiply-accumulates, 0 < F < 1, with "
@@ -327,9 +328,10 @@ def _add_prune_parser(sub: Any) -> None:
                         "(default: 0.9)")
     p.add_argument("--head-ratio", type=_ratio, default=None, metavar="R",
                    help="transformers: fraction of attention heads to remove, in [0, 1); 0: "
-                        "none (default: --ratio)")
+                        "none (default: --ratio if given, else 0)")
     p.add_argument("--mlp-ratio", type=_ratio, default=None, metavar="R",
-                   help="transformers: fraction of MLP neurons to remove, in [0, 1) (default: --ratio)")
+                   help="transformers: fraction of MLP neurons to remove, in [0, 1) (default: --ratio if "
+                        "given, else 0)")
     p.add_argument("--hidden-ratio", type=_ratio, default=None, metavar="R",
                    help="transformers: fraction of the hidden size to remove, with --prune-hidden "
                         "(default: --ratio)")

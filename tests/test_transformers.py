@@ -796,11 +796,14 @@ def test_fused_attention_counts_its_products(form):
              for i in model.graph.input}
     assert run_ort(model, feeds)[0].shape == (1, 5, E)
     assert count_macs(model) == expected
+    if form.endswith("cache"):  # no head group to prune: the head ratio alone is a usage error
+        with pytest.raises(graphprune.UsageError, match="--head-ratio prunes attention heads, and none were found"):
+            graphprune.prune(model, head_ratio=0.5)
+        result = graphprune.prune(model, ratio=0.5, head_ratio=0.5)
+        assert result.report["macs_after"] == result.report["macs_before"] == expected
+        return
     result = graphprune.prune(model, head_ratio=0.5)
     assert result.report["verification"]["ok"] and result.report["macs_before"] == expected
-    if form.endswith("cache"):
-        assert result.report["macs_after"] == expected
-        return
     # half the query heads' projections (q and o: 2 x 5 x 16 x 16) and products went
     heads_products = 4 * 5 * 5 * 2 * 8 if form == "gqa" else 4 * 5 * 5 * 2 * 8 // 2
     assert result.report["macs_after"] <= expected - 2 * 5 * E * 16 - heads_products // 2, result.report["macs_after"]
@@ -830,3 +833,27 @@ def test_ms_attention_macs_follow_the_heads_a_budget_removes():
     assert half == batch * seq * E * 3 * E // 2 + batch * seq * seq * E
     result = graphprune.prune(model, target_macs=0.75, input_shapes={"x": [batch, seq, E]})  # (one head of 4)
     assert abs(result.report["budget"]["achieved"] - 0.75) <= 0.03
+
+
+def test_per_kind_ratios_alone_prune_those_kinds_only(tmp_path, capsys):
+    """``--mlp-ratio 0.25`` alone prunes MLP neurons only: the other kinds had taken the default
+    ``--ratio`` 0.5 (half the heads went too), and a model with no head or MLP group (a conformer
+    whose linear attention has none, round 69) was cut everywhere by 0.5 with no word. With a
+    ``--ratio`` the other kinds take it, as before."""
+    from graphprune.cli import main
+    from graphprune.examples import example_cnn
+
+    model = exported("encoder", False)
+    alone = graphprune.prune(model, mlp_ratio=0.25)
+    no_heads = graphprune.prune(model, head_ratio=0.0, mlp_ratio=0.25)
+    with_ratio = graphprune.prune(model, ratio=0.5, mlp_ratio=0.25)
+    assert alone.report["params_after"] == no_heads.report["params_after"] < alone.report["params_before"]
+    assert with_ratio.report["params_after"] < alone.report["params_after"]
+    with pytest.raises(graphprune.UsageError, match="none were found in this model .its groups are plain channels"):
+        graphprune.prune(example_cnn(), head_ratio=0.0, mlp_ratio=0.25)
+    path, out = tmp_path / "cnn.onnx", tmp_path / "out.onnx"
+    onnx.save(example_cnn(), path)
+    assert main(["prune", str(path), "-o", str(out), "--head-ratio", "0", "--mlp-ratio", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "--mlp-ratio prunes MLP neurons" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--mlp-ratio", "0.25"]) == 0 and out.exists()

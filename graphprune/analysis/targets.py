@@ -25,6 +25,7 @@ the per-group callable that a ratio planner uses, and :func:`plan_targets` is th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -118,6 +119,29 @@ def check_ratios(**ratios: float | None) -> None:
     for name, value in ratios.items():
         if value is not None and not 0.0 <= float(value) < 1.0:
             raise UsageError(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+
+
+#: what each per-kind ratio names, for messages
+KIND_WORDS = {"head": "attention heads", "mlp": "MLP neurons", "hidden": "hidden size", "channel": "plain channels"}
+
+
+def require_kinds(analysis: Analysis, options: Any) -> None:
+    """Where only per-kind ratios were given (``options``), a :class:`UsageError` when no group
+    is of a kind that ``head_ratio`` or ``mlp_ratio`` gives a ratio above 0: the options would
+    prune nothing (a conformer whose linear attention has no head groups, every group plain
+    channels). Frozen groups of those kinds count: the report says why they stay, as for any
+    frozen group (``prune_hidden`` says why no hidden size goes)."""
+    named = [kind for kind, value in (("head", options.head_ratio), ("mlp", options.mlp_ratio)) if value]
+    if not named:
+        return
+    kinds = classify_groups(analysis)
+    present = sorted(set(kinds.values()))
+    if set(named) & set(present):
+        return  # (frozen ones too: the report gives their reasons, as for any frozen group)
+    flags = ", ".join(f"--{kind}-ratio" for kind in named) + (" prunes" if len(named) == 1 else " prune")
+    found = f"its groups are {', '.join(KIND_WORDS[k] for k in present)}" if present else "it has no channel group"
+    raise UsageError(f"{flags} {' and '.join(KIND_WORDS[k] for k in named)}, and none were found in this model "
+                     f"({found}; `graphprune analyze` lists why groups are frozen): give --ratio to prune its channels")
 
 
 def ratio_function(

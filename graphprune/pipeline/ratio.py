@@ -47,6 +47,10 @@ class RatioOptions:
     #: with calibration: ``auto`` allocates interchangeable groups by measurement where it
     #: applies (:mod:`graphprune.pipeline.measured_ratio`), ``uniform`` never
     allocation: str = "auto"
+    #: only per-kind ratios were given: a model with no prunable group of those kinds is a
+    #: usage error (:func:`graphprune.analysis.targets.require_kinds`; the whole model only, not
+    #: its ``If`` branches)
+    require_kinds: bool = False
 
 
 def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
@@ -54,6 +58,8 @@ def make_plan(session: Session, analysis: Analysis, options: RatioOptions,
     with session.stage("plan"):
         if saved is not None:
             return replay(analysis, Plan.load(saved) if isinstance(saved, str) else saved)
+        if options.require_kinds and not (session.model is not None and has_branches(session.model)):
+            targets.require_kinds(analysis, options)
         plan = plan_ratio(
             analysis, ratio=options.ratio, criterion=options.criterion,
             round_to=options.round_to, min_channels=options.min_channels, seed=options.seed,
@@ -337,14 +343,14 @@ def prune_ratio(
     if plan is None and session.model is not None and has_branches(session.model):
         if calibrated is None:
             branches, unbranched = prune_session_branches(
-                session, lambda branch_session, _, **__: prune_ratio(branch_session, options, verify=True,
-                                                                     tolerance=tolerance),
+                session, lambda branch_session, _, **__: prune_ratio(
+                    branch_session, replace(options, require_kinds=False), verify=True, tolerance=tolerance),
                 options.ratio)
         else:  # each branch with the samples that take it, reconstructed on its own
             calibrated_branches = prune_branches_with_data(
                 session, calibrated, lambda branch_session, data, branch_options: prune_ratio(
-                    branch_session, options, verify=True, tolerance=tolerance, calibration=data,
-                    calibration_options=branch_options))
+                    branch_session, replace(options, require_kinds=False), verify=True, tolerance=tolerance,
+                    calibration=data, calibration_options=branch_options))
     verification = (verify_with_branches(session, analysis, the_plan, tolerance, branches, unbranched,
                                          allow_noise=allow_noise) if verify else None)
     if calibrated_branches is not None and calibrated_branches.pruned and (verification is None
