@@ -252,6 +252,9 @@ def prune(
     if allocation != "auto" and (budget is not None or calibration is None):
         raise UsageError("allocation applies to a ratio prune with calibration data only")
     if lossless or erase_blocks is not None:
+        if given:  # (ratio is refused above): per-kind ratios were ignored
+            raise UsageError(f"{', '.join(given)} does not apply with "
+                             f"{'lossless mode' if erase_blocks is None else 'erase_blocks'} (give one or the other)")
         if plan is not None:
             raise UsageError("a plan cannot be combined with lossless mode or erase_blocks")
         if calibration is not None:

@@ -251,6 +251,10 @@ def test_a_ratio_that_would_be_ignored_is_refused(kwargs):
     did something else than the caller asked); without ``ratio`` each runs as before."""
     with pytest.raises(UsageError, match="ratio does not apply with"):
         graphprune.prune(example_cnn(), ratio=0.3, **kwargs)
+    if "target_macs" not in kwargs:  # per-kind ratios too (scout, round 69: exit 0, ignored)
+        for kind in ("head_ratio", "mlp_ratio", "hidden_ratio"):
+            with pytest.raises(UsageError, match=f"{kind} does not apply with"):
+                graphprune.prune(example_cnn(), **{kind: 0.25}, **kwargs)
     assert graphprune.prune(example_cnn(), **kwargs).report["verification"]["ok"]
     assert graphprune.prune(example_cnn()).report["channels"] == \
         graphprune.prune(example_cnn(), ratio=0.5).report["channels"]  # the default ratio
