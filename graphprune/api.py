@@ -389,4 +389,10 @@ def _prune_exact(
                                           progress=progress, keep=keep, input_shapes=input_shapes)
     result.report["depth"] = depth.report["depth"]
     result.report["mode"] = "erase_blocks+lossless"
+    # "before" is the model given, not the one with the blocks erased (the table read 1.000), and
+    # the lossless step's exact check is against that one
+    result.report.update({k: depth.report[k] for k in ("params_before", "macs_before", "nodes_before")
+                          if k in depth.report})
+    if isinstance(result.report.get("verification"), dict) and result.report["verification"].get("reference"):
+        result.report["verification"]["reference"] = "the model with the blocks erased"
     return result  # type: ignore[no-any-return]

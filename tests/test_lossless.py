@@ -405,6 +405,19 @@ def test_erase_blocks_erases_the_weakest_and_verifies_by_construction():
     assert report["mode"] == "erase_blocks" and report["erased_nodes"] == sorted(["add0", *find_residual_blocks(graph_of(model)[0])[0].nodes])
 
 
+def test_erase_blocks_with_lossless_reports_the_model_given_as_before() -> None:
+    """``--erase-blocks 1 --lossless``: the table's "before" was the model with the block
+    erased (ratio 1.000 where a block had gone) and the check said "against the original"."""
+    model = resnet_like()
+    depth = erase_blocks(model, 1).report
+    both = graphprune.prune(model, erase_blocks=1, lossless=True).report
+    assert both["mode"] == "erase_blocks+lossless"
+    for key in ("params_before", "macs_before", "nodes_before"):
+        assert both[key] == depth[key], key
+    assert both["params_after"] <= depth["params_after"] < both["params_before"]
+    assert both["verification"]["reference"] == "the model with the blocks erased"
+
+
 def test_erase_blocks_counts_fractions_and_refuses_too_many():
     model = resnet_like()
     assert len(erase_blocks(model, 0.5).report["depth"]["blocks_erased"]) == 2
