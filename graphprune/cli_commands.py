@@ -384,6 +384,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if r.batch != args.batch:
             print(f"note: {r.name} ran batch {r.batch}, not {args.batch} (a fixed batch axis, the sizes "
                   "given, or the only batch it runs at)")
+    sizes = [", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r.input_shapes.items()) for r in results]
+    if len(set(sizes)) > 1:  # (the models' inputs differ: unlike work, said rather than hidden)
+        print("note: the models ran at different input sizes: "
+              + "; ".join(f"{r.name}: {text}" for r, text in zip(results, sizes, strict=True)))
+    else:
+        print(f"inputs: {sizes[0]}")
     return 0
 
 
