@@ -94,6 +94,33 @@ def _couple_dynamic_outer(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: 
     return True
 
 
+def _couple_dynamic_inner(ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, bi: list[int], bj: list[int],
+                          in_shape: list[int | None], out_shape: list[int | None]) -> bool:
+    """Static outer factors of a block whose dynamic axes are all inside them: ``[B, C, T] ->
+    [B, G, C/G * T]`` and back (GroupNorm over a dynamic length as the TorchScript exporter
+    writes it: Reshape -> InstanceNormalization -> Reshape; FCPE's 512 channels froze). Index
+    ``p = c*T + t = g*M + m`` gives ``g = c // (C/G)`` whatever ``T`` is, so the outer factors
+    couple by a ``Digit`` as in a static block; the axes inside freeze (dynamic ones as such).
+    False when the block is not of that form."""
+    if len(bi) < 2 or len(bj) < 2:
+        return False
+    sa, sb = in_shape[bi[0]], out_shape[bj[0]]
+    if sa is None or sb is None or sa == sb or (sa % sb and sb % sa) \
+            or ctx.is_spatial(x, bi[0]) or ctx.is_spatial(y, bj[0]):
+        return False
+    if sa % sb == 0:
+        ctx.couple(y, bj[0], x, bi[0], Digit(sa // sb))
+    else:
+        ctx.couple(x, bi[0], y, bj[0], Digit(sb // sa))
+    for t, axes, shape in ((x, bi[1:], in_shape), (y, bj[1:], out_shape)):
+        for a in axes:
+            if shape[a] is None:
+                ctx.freeze(t, a, f"dynamic axes re-factored at {ctx.where()}")
+            elif not ctx.is_spatial(t, a):
+                ctx.freeze(t, a, f"inner factor of a reshaped axis at {ctx.where()}")
+    return True
+
+
 def couple_reshape(
     ctx: CouplingContext, x: gs.Tensor, y: gs.Tensor, node: gs.Node,
     merged: list[MergedBatch] | None = None, moved: list[MovedHeads] | None = None,
@@ -121,7 +148,8 @@ def couple_reshape(
             continue
         if any(in_shape[a] is None for a in bi) or any(out_shape[a] is None for a in bj):
             if _couple_moved_heads(ctx, x, y, bi, bj, in_shape, out_shape, moved) \
-                    or _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape, merged):
+                    or _couple_dynamic_outer(ctx, x, y, bi, bj, in_shape, out_shape, merged) \
+                    or _couple_dynamic_inner(ctx, x, y, bi, bj, in_shape, out_shape):
                 continue
             # dynamic axes merged or split ([B, S, C] -> [B*S, C]): batch/sequence, no channels
             for t, axes in ((x, bi), (y, bj)):
