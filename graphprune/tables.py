@@ -187,6 +187,10 @@ CENTRED_WARN, LEVEL_GAP = 0.95, 0.05
 PEAKS_WARN = 0.5
 
 
+#: a held-out cosine below which the table warns that the pruned model lost the original's function
+LOST_COSINE = 0.7
+
+
 def _level_and_peak_warnings(fidelity: Mapping[str, Any]) -> list[str]:
     """Outputs whose cosine reads a level common to every value (a sigmoid saliency map around
     0.43: cosine 0.996 where the maps' correlation was 0.894 and a region-of-interest mask
@@ -578,6 +582,10 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
             lines.append(f"  warning: {name} keeps {share:.0%} of the original's decisions above 0.5 on the held-out "
                          f"samples (the few positives: a detector's or a mask's){where}: check that output")
         lines.extend(_level_and_peak_warnings(report["fidelity"]))
+        cosine = report["fidelity"].get("cosine")
+        if isinstance(cosine, float) and cosine < LOST_COSINE:  # (g2p-en's unrolled GRU decoder: 0.31)
+            lines.append(f"  warning: the pruned model no longer follows the original on the held-out samples "
+                         f"(cosine {cosine:.3f}): prune less, or keep the groups it is sensitive to (--keep)")
         other = max((e.get("other_shape", 0) for e in (report["fidelity"].get("outputs") or {}).values()), default=0)
         if other:
             lines.append(f"  ({other} of {report['fidelity'].get('samples', '?')} held-out samples got an output of "
