@@ -196,8 +196,7 @@ class CalibratedRun:
         path = session.path_of(session.prepared)
 
         def run(*feeds: dict[str, np.ndarray]) -> bool:
-            """Whether the original runs on all ``feeds`` (one session: 128 had taken 40 s on a BERT)."""
-            try:
+            try:  # (one session for all: 128 had taken 40 s on a BERT)
                 validate.run_many(path, list(feeds), "the original model")
                 return True
             except Exception:  # VerificationError
