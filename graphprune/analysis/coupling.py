@@ -104,6 +104,8 @@ class CouplingContext:
         # phase-2 snapshot of the phase-1 components
         self._component_facts: dict[Dim, frozenset[str]] | None = None
         self._spatial_components: set[Dim] | None = None
+        #: couplings decided when phase 2 starts (:meth:`couple_unless_spatial`)
+        self._unless_spatial: list[tuple[gs.Node | None, gs.Tensor, int, gs.Tensor, int, str]] = []
 
     # ------------------------------------------------------------------ queries
     shape = staticmethod(static_shape)
@@ -520,7 +522,23 @@ class CouplingContext:
             if comp & self.spatial_dims:
                 spatial |= comp
         self._spatial_components = spatial
+        for node, x, x_axis, w, w_axis, role in self._unless_spatial:
+            self.node = node
+            if self._dim(x, x_axis) in spatial:  # (its component is already spatial: it stays so)
+                self.spatial(x, [x_axis])
+            else:
+                self.couple(x, x_axis, w, w_axis)
+                self.role(w, w_axis, role)
+        self.node = None
         self._component_facts = self._facts(previewed)
+
+    def couple_unless_spatial(self, x: gs.Tensor, x_axis: int, w: gs.Tensor, w_axis: int, role: str) -> None:
+        """Couple ``x``'s axis with ``w``'s (``w``'s axis taking ``role``) unless the phase-1
+        components find ``x``'s axis spatial, where it is marked so: a conv kernel that spans
+        an axis whole reads it like channels where the axis carries features (a transposed
+        channel axis), not where it is a convolution's spatial output. Decided when phase 2
+        starts."""
+        self._unless_spatial.append((self.node, x, x_axis, w, w_axis, role))
 
     def _facts(self, previewed: Iterable[tuple[list[tuple[Dim, Dim]], list[Dim]]]) -> dict[Dim, frozenset[str]]:
         """Head/frozen facts per phase-1 component, with the previewed couplings added."""
