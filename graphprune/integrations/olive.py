@@ -38,7 +38,8 @@ REPORT_NAME = "graphprune_report.json"
 
 #: the pass options: name -> (type, default, description); all go to graphprune.prune
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
-    "ratio": (float, 0.5, "Fraction of the units of every prunable channel group to remove, in [0, 1)."),
+    "ratio": (float, None, "Fraction of the units of every prunable channel group to remove, in [0, 1) "
+                           "(default: 0.5; with only head_ratio/mlp_ratio given, only those kinds are pruned)."),
     "criterion": (str, None, "Importance criterion: l1, l2 or random; with calibration also auto, "
                   "activation, wanda, flap, reconstruction, obs (default: l1, with calibration auto)."),
     "calibration": (str, None, "Calibration data: a .npz with one array per input (leading sample axis), "
@@ -54,8 +55,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "keep": (list[str], None, "Node or tensor names whose channels must not be pruned."),
     "lossless": (bool, False, "Only exact removals: zero-invariant groups and zero branches."),
     "erase_blocks": (float, None, "Depth pruning: erase K residual blocks (K >= 1) or that fraction (K < 1)."),
-    "head_ratio": (float, None, "Transformers: fraction of attention heads to remove (default: ratio)."),
-    "mlp_ratio": (float, None, "Transformers: fraction of MLP neurons to remove (default: ratio)."),
+    "head_ratio": (float, None, "Transformers: fraction of attention heads to remove (default: ratio if given, else 0)."),
+    "mlp_ratio": (float, None, "Transformers: fraction of MLP neurons to remove (default: ratio if given, else 0)."),
     "hidden_ratio": (float, None, "Transformers: fraction of the hidden size, with prune_hidden."),
     "prune_hidden": (bool, False, "Transformers: also prune the hidden size (inexact)."),
     "tolerance": (float, None, "Largest accepted relative difference in verification."),
@@ -84,7 +85,7 @@ class GraphPrunePass(Pass):
         options["keep"] = options["keep"] or ()
         if any(options[name] is not None for name in ("target_macs", "target_params", "target_latency")) \
                 or options.get("lossless") or options.get("erase_blocks") is not None:
-            del options["ratio"]  # a budget, lossless mode or erasing blocks replaces the uniform ratio
+            options.pop("ratio")  # a budget, lossless mode or erasing blocks replaces the uniform ratio
         erase = options.get("erase_blocks")
         if erase is not None and erase >= 1 and erase == int(erase):
             options["erase_blocks"] = int(erase)
