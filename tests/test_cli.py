@@ -518,7 +518,7 @@ def test_help_shows_examples_and_ranges(capsys, command):
     assert "examples:" in out
     out = " ".join(out.split())  # argparse wraps lines
     if command in ("prune", "demo"):
-        assert "in [0, 1)" in out and "(default: 0.5)" in out
+        assert "in [0, 1)" in out and ("(default: 0.5;" if command == "prune" else "(default: 0.5)") in out
     if command == "bench":
         assert "--threads" in out and "(default: 50)" in out
 
