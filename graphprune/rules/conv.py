@@ -24,19 +24,20 @@ from graphprune.rules.registry import LinearInfo, OpRule, register, weight_size
 from graphprune.rules.scale import ScaleContext
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from graphprune.analysis.constants import ChannelValues, ConstantContext
     from graphprune.analysis.coupling import CouplingContext
 
 
-def mark_spatial(ctx: CouplingContext, node: gs.Node) -> None:
-    """Batch and spatial axes of an NCHW op's input and output are never channels."""
-    for t in (node.inputs[0], node.outputs[0]):
+def mark_spatial(ctx: CouplingContext, node: gs.Node, kept: Iterable[int] = ()) -> None:
+    """Batch and spatial axes of an NCHW op's input and output are never channels (``kept``:
+    input axes left to :meth:`CouplingContext.couple_unless_spatial`)."""
+    for t, skip in ((node.inputs[0], set(kept)), (node.outputs[0], set())):
         rank = ctx.rank(t)
         if rank is not None:
             ctx.spatial(t, [0], "batch")
-            ctx.spatial(t, range(2, rank))
+            ctx.spatial(t, [a for a in range(2, rank) if a not in skip])
 
 
 def full_span_axes(node: gs.Node, x_shape: list | None, w_shape: list | None) -> list[int]:
@@ -147,11 +148,7 @@ class ConvRule(OpRule):
         spans = full_span_axes(node, x_shape, w_shape) if node.op == "Conv" and isinstance(w, gs.Constant) else []
         for a in spans:  # a dense layer over that axis: its positions go like input channels, unless it
             ctx.couple_unless_spatial(x, a, w, a, CONSUMER)  # is a convolution's spatial output
-        for t, kept in ((x, spans), (y, [])):  # batch and spatial axes are never channels
-            rank = ctx.rank(t)
-            if rank is not None:
-                ctx.spatial(t, [0], "batch")
-                ctx.spatial(t, [a for a in range(2, rank) if a not in kept])
+        mark_spatial(ctx, node, spans)
 
     def linear(self, node: gs.Node) -> LinearInfo | None:
         return LinearInfo(
