@@ -77,7 +77,13 @@ class RefitPass(Pass):
         rec = (recurrent.find_targets(graph, ctx.opset, changed=sliced_parameters(self.removed, graph),
                                       removed=self.removed, skipped=skipped) if self.mode == "refit" else [])
         if rec:
-            stats = self._with_recurrent(graph, targets, rec, skipped)
+            for t in targets:
+                if t.recurrent:
+                    skipped[t.name] = (f"weight '{t.share}' is read at every step of an unrolled recurrence, in a "
+                                       "model with recurrent operators as well: not refit")
+            stats = self._with_recurrent(graph, [t for t in targets if not t.recurrent], rec, skipped)
+        elif any(t.recurrent for t in targets):
+            stats = self._with_unrolled(graph, targets, skipped)
         else:
             stats = self._engine().run(graph, self.reference, targets)
         if skipped:
@@ -131,6 +137,39 @@ class RefitPass(Pass):
             plain.restore()
         merged = _merge(runs)
         merged["recurrent"] = stats
+        return merged
+
+    def _with_unrolled(self, graph: gs.Graph, targets: list[refit_targets.Target],
+                       skipped: dict[str, str]) -> dict[str, Any]:
+        """The refit with the readers of a weight that an unrolled recurrence reads at every
+        step (:attr:`~graphprune.calibration.refit_targets.Target.recurrent`): one fit over
+        all the steps on the original's inputs, then the layers after them again; kept only
+        where the model's outputs on the calibration samples come closer to the original's
+        than with the steps left as pruned (a step's change feeds the next ones)."""
+        unrolled = [t for t in targets if t.recurrent]
+        after = refit_targets.affected_tensors(graph, {t.view.output.name for t in unrolled})
+        later = [t for t in targets if not t.recurrent and (t.view.data.name in after
+                 or (t.residual is not None and t.residual.stream in after))]
+        runs = [self._engine().run(graph, self.reference, [t for t in targets if not t.recurrent and t not in later])]
+        start = _Snapshot(graph)
+        runs.append(self._engine().run(graph, self.reference, later))
+        plain, plain_error = _Snapshot(graph), self._output_error(graph)
+        start.restore()
+        fit = self._engine(recalled=False).run(graph, self.reference, unrolled)
+        again = self._engine(recalled=False).run(graph, self.reference, later)
+        error = self._output_error(graph)
+        stats = {"layers": fit.get("layers", 0), "output_error_without": round(plain_error, 6),
+                 "output_error": round(error, 6)}
+        if fit.get("layers") and error < plain_error:
+            runs[1:] = [fit, again]
+        else:
+            plain.restore()
+            stats["undone"] = True
+            for t in unrolled:
+                skipped[t.name] = (f"weight '{t.share}' is read at every step of an unrolled recurrence: "
+                                   "its fit over the steps did not bring the outputs nearer the original: not refit")
+        merged = _merge(runs)
+        merged["unrolled"] = stats
         return merged
 
     def _output_error(self, graph: gs.Graph) -> float:

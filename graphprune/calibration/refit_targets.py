@@ -53,6 +53,12 @@ class Target:
     row_cuts: dict[int, np.ndarray] | None = None
     #: the weight this layer shares with other targets (one joint fit of all their rows)
     share: str | None = None
+    #: the layers sharing the weight read one another's outputs (a recurrence unrolled over
+    #: its steps): they are fit on the ORIGINAL model's inputs, less the channels in
+    #: :attr:`input_cut` (a fit on the pruned model's own steps feeds its error back)
+    recurrent: bool = False
+    #: input channels (along the data's channel axis) that pruning removed
+    input_cut: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -141,6 +147,12 @@ def find_targets(
     for t in [t for t in targets if t.share is not None and t.wave < 0]:
         skipped[t.name] = (f"weight '{t.share}' is shared by layers that read each other's outputs "
                            "(no joint fit): not refit")
+    for t in targets:
+        if t.recurrent and t.row_cuts:  # the original's rows are not the pruned model's
+            t.wave = -1
+        elif t.recurrent and t.wave >= 0:
+            cut = removed.get(t.view.weight_dim(t.view.info.in_axis))
+            t.input_cut = t.view.input_channels(cut if cut is not None else np.zeros(0, np.int64))
     targets = [t for t in targets if t.wave >= 0]
     for index, t in enumerate(targets):
         t.index = index
@@ -236,30 +248,55 @@ MAX_WAVE_ROUNDS = 16
 
 def _assign_waves(graph: gs.Graph, targets: list[Target]) -> None:
     """A target's wave is one more than the latest wave its input depends on; the layers of
-    a shared weight are fit together, in the latest of their waves. Where they cannot be
-    (one's input depends on another's output) their wave is -1."""
+    a shared weight are fit together, in the latest of their waves.
+
+    Readers of a shared weight that read one another's outputs (a recurrence unrolled over
+    its steps: a decoder reads one weight at every step) never settle so: they are marked
+    :attr:`Target.recurrent` and fit together in the wave of their earliest reader, on the
+    original's inputs. Where even that leaves a share apart, its wave is -1."""
+    pinned: dict[str, int] = {}
+    for _ in range(2):
+        unequal = _settle(graph, targets, pinned)
+        if not unequal:
+            return
+        for t in targets:
+            if t.share in unequal:
+                pinned[t.share] = min(pinned.get(t.share, t.wave), t.wave)
+                t.recurrent = True
+    for t in targets:  # still apart: given up
+        if t.share in unequal:
+            t.wave = -1
+
+
+def _settle(graph: gs.Graph, targets: list[Target], pinned: dict[str, int]) -> set[str]:
+    """Waves from the inputs' depths, each share moved to its latest reader (a ``pinned``
+    share stays at its wave); the shares whose readers stay apart (at their first waves)."""
     by_node = {t.name: t for t in targets}
     forced: dict[str, int] = {}
-    for _ in range(min(len(targets) + 1, MAX_WAVE_ROUNDS)):
+    first: dict[str, int] = {}
+    unequal: set[str] = set()
+    for round_ in range(min(len(targets) + 1, MAX_WAVE_ROUNDS)):
         depth: dict[str, int] = {}
         for node in graph.nodes:
             level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
             target = by_node.get(node.name)
             if target is not None:
-                target.wave = max(depth.get(target.view.data.name, 0) + 1, forced.get(target.share or "", 0))
+                target.wave = pinned[target.share] if target.share in pinned else max(
+                    depth.get(target.view.data.name, 0) + 1, forced.get(target.share or "", 0))
                 level = max(level, target.wave)
             for out in node.outputs:
                 depth[out.name] = level
+        if not round_:
+            first = {t.name: t.wave for t in targets}
         latest: dict[str, int] = defaultdict(int)
         for t in targets:
             if t.share is not None:
                 latest[t.share] = max(latest[t.share], t.wave)
         unequal = {t.share for t in targets if t.share is not None and t.wave != latest[t.share]}
         if not unequal:
-            return
+            return unequal
         forced.update({name: latest[name] for name in unequal})
-    for t in targets:  # still apart: one of them reads another's output, whatever the waves
+    for t in targets:
         if t.share in unequal:
-            t.wave = -1
-
-
+            t.wave = first[t.name]
+    return unequal

@@ -326,9 +326,10 @@ class Reconstructor:
         keep: list[str],
     ) -> runner.TensorCache | None:
         by_input: dict[str, list[Target]] = defaultdict(list)
+        by_original: dict[str, list[Target]] = defaultdict(list)  # an unrolled recurrence's steps
         by_stream: dict[str, list[Target]] = defaultdict(list)
         for t in members:
-            by_input[t.view.data.name].append(t)
+            (by_original if t.recurrent else by_input)[t.view.data.name].append(t)
             if t.index in residual and t.residual is not None:
                 by_stream[t.residual.stream].append(t)
         acc: dict[int, Accumulator] = {}
@@ -363,16 +364,28 @@ class Reconstructor:
 
         misplaced: set[int | str] = set()
 
+        def take_input(t: Target, batch: int, x: np.ndarray) -> None:
+            rows, _ = targets_rows[(t.index, batch)]
+            here = t.view.positions(t.view.read_data(x).shape)
+            there = None if t.row_cuts else self._positions.get((t.index, batch))
+            if (len(rows) and rows.max() >= here) or (there is not None and here != there):
+                misplaced.add(t.key)  # the original's rows are not the pruned model's positions
+                return
+            pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(t.view.read_data(x), rows)  # [R, g, K]
+            add(t, batch)
+
+        def take_original(batch: int, name: str, x: np.ndarray) -> None:
+            for t in by_original.get(name, ()):
+                assert t.input_cut is not None
+                axis = t.view.info.data_axis % max(x.ndim, 1)
+                if x.ndim == 0 or (len(t.input_cut) and t.input_cut.max() >= x.shape[axis]):
+                    misplaced.add(t.key)
+                    continue
+                take_input(t, batch, np.delete(x, t.input_cut, axis=axis) if len(t.input_cut) else x)
+
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):
-                rows, _ = targets_rows[(t.index, batch)]
-                here = t.view.positions(t.view.read_data(x).shape)
-                there = None if t.row_cuts else self._positions.get((t.index, batch))
-                if (len(rows) and rows.max() >= here) or (there is not None and here != there):
-                    misplaced.add(t.key)  # the original's rows are not the pruned model's positions
-                    continue
-                pending.setdefault((t.index, batch), {})["x"] = t.view.input_rows(t.view.read_data(x), rows)  # [R, g, K]
-                add(t, batch)
+                take_input(t, batch, x)
             for t in by_stream.get(name, ()):
                 rows, total = totals[(t.index, batch)]
                 stream = None
@@ -384,6 +397,9 @@ class Reconstructor:
                 entry["r"] = stream
                 add(t, batch)
 
+        if by_original:
+            runner.stream(self.reference, list(by_original), self.batches.feeds, take_original,
+                          what="the original model", data_dir=self.data_dir)
         kept = runner.stream(model, [*by_input, *by_stream], self.batches.feeds, take, what="the pruned model",
                              data_dir=self.data_dir, cache=cache, keep=keep, cache_bytes=self.cache_bytes)
         if cache is not None:
