@@ -1,5 +1,4 @@
-"""Least-squares refit of the input projection of recurrent layers (ONNX ``LSTM``, ``GRU``,
-``RNN``) after pruning.
+"""Least-squares refit of recurrent layers (ONNX ``LSTM``, ``GRU``, ``RNN``) after pruning.
 
 Every gate of a recurrent layer reads the step's input through ``W x_t + Wb``
 (:class:`~graphprune.rules.registry.RecurrentInfo`): a linear layer applied at every step,
@@ -9,11 +8,17 @@ refit), ``W`` and ``Wb`` of the kept hidden units are refit like any linear laye
 projection ``W_o x_o + Wb_o`` (original weights, the original's ``X``) at every kept gate row,
 ridge least squares from Gram statistics (:mod:`.ridge`), the ridge chosen by two-fold
 validation over the sequences; a fit is written only where it pays on the sequences it was
-not fitted on. The recurrence (``R``, ``Rb``) is left as it is: refitting the kept units
-towards their own original pre-activations (inputs ``[x_p, h_p]``) brings each layer's
-output sequence closer and yet, measured on small LSTM/GRU networks, the model's outputs
-further away (the states of the pruned recurrence carry what the next layers read of the
-removed units), so it is not done.
+not fitted on.
+
+A layer that lost hidden units gets its recurrence ``R``, ``Rb`` refit too, teacher-forced:
+inputs the ORIGINAL's previous states ``h_o`` less the removed units, target the original's
+``R_o h_o + Rb_o`` at every kept row of the gates that read the state itself (a GRU with
+``linear_before_reset`` 0 reads ``r * h`` in its third gate: those rows stay). Fit on the
+pruned layer's own states instead (inputs ``h_p``), each layer's output sequence came
+closer and the model's outputs further away: a step's error feeds the fit of the next. On
+trained digits classifiers (a GRU and an LSTM of two layers, 64 units, half removed) the
+teacher-forced recurrence takes the outputs' squared error on the calibration samples from
+0.13 to 0.016 (GRU) and 0.11 to 0.026 (LSTM).
 
 The layers are refit one after the other in graph order, each run seeing the ones before it
 refit. Because a recurrent layer feeds its changes back through time, :class:`~graphprune.
@@ -132,6 +137,8 @@ class RecurrentTarget:
     kept: np.ndarray
     #: the node's rule (it reads the original layer's weights too)
     rule: Any = None
+    #: its input ``X`` differs from the original's (the input projection is refit)
+    input_changed: bool = True
 
 
 def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dict[tuple[str, int], np.ndarray],
@@ -149,7 +156,10 @@ def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dic
     for node in graph.nodes:
         rule = registry.lookup(node.domain or "", node.op, opset)
         info = rule.recurrent(node) if rule is not None else None
-        if info is None or node.inputs[0].name not in affected:
+        if info is None:
+            continue
+        cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
+        if node.inputs[0].name not in affected and not len(cut):
             continue
         if isinstance(info, str) or info.not_refit:
             skipped[node.name] = f"{info if isinstance(info, str) else info.not_refit}: not refit"
@@ -157,8 +167,8 @@ def find_targets(graph: gs.Graph, opset: int, *, changed: set[str], removed: dic
         if any(t.name and uses.get(t.name, 0) > 1 for t in node.inputs[1:4]):
             skipped[node.name] = f"{node.op} weights shared with other nodes: not refit"
             continue
-        cut = removed.get((node.inputs[2].name, getattr(rule, "hidden_axis", 2)), np.zeros(0, np.int64))
-        out.append(RecurrentTarget(node, info, np.setdiff1d(np.arange(info.hidden + len(cut)), cut), rule))
+        out.append(RecurrentTarget(node, info, np.setdiff1d(np.arange(info.hidden + len(cut)), cut), rule,
+                                   node.inputs[0].name in affected))
     return out
 
 
@@ -183,26 +193,45 @@ def _inputs(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: 
     return np.concatenate(rows), np.concatenate(folds)
 
 
-def _original_projection(reference: onnx.ModelProto, node: gs.Node, rule: Any, store: Any
-                         ) -> tuple[str, np.ndarray, np.ndarray | None] | None:
-    """The original node's input name, ``W`` in ONNX's layout (as its rule reads it from the
-    original's constants: an integer weight decoded) and ``B`` (``None``: not constants there)."""
+@dataclass
+class _Original:
+    """The original layer: its input and output names, ``W`` and ``R`` in ONNX's layout (as
+    its rule reads them from the original's constants: an integer weight decoded; ``None``
+    where they are computed there) and ``B`` (``None``: none, or no constant there)."""
+
+    x: str
+    y: str
+    w: np.ndarray | None
+    r: np.ndarray | None
+    b: np.ndarray | None
+    has_bias: bool
+
+
+def _original_layer(reference: onnx.ModelProto, node: gs.Node, rule: Any, store: Any) -> _Original | None:
+    """The original node of ``node`` (``None``: not found, or its bias is no constant)."""
     names = {o.name for o in node.outputs if o.name}
     proto = next((n for n in reference.graph.node if names & set(n.output)), None)
     if proto is None:
         return None
     inits = {t.name: t for t in reference.graph.initializer}
     b_name = proto.input[3] if len(proto.input) > 3 else ""
-    if proto.input[1] not in inits or (b_name and b_name not in inits):
+    if b_name and b_name not in inits:
         return None
     inputs = [gs.Variable.empty() if not name else gs.Constant(name, _array(inits[name], store, raw=True))
               if name in inits else gs.Variable(name) for name in proto.input]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in proto.attribute}
     info = rule.recurrent(gs.Node(proto.op_type, proto.name, attrs, inputs, domain=proto.domain or None))
-    if not isinstance(info, RecurrentInfo) or (info.stored_input is None and info.input_weight is None):
+    if not isinstance(info, RecurrentInfo):
         return None
-    w = info.stored_input.decode() if info.stored_input is not None else info.input_weight.values
-    return proto.input[0], np.asarray(w, np.float64), _array(inits[b_name], store) if b_name else None
+
+    def decoded(stored: StoredWeight | None, constant: gs.Constant | None) -> np.ndarray | None:
+        if stored is not None:
+            return np.asarray(stored.decode(), np.float64)
+        return None if constant is None else np.asarray(constant.values, np.float64)
+
+    return _Original(proto.input[0], proto.output[0] if proto.output else "",
+                     decoded(info.stored_input, info.input_weight), decoded(info.stored_recurrence, info.recurrence),
+                     _array(inits[b_name], store) if b_name else None, bool(b_name))
 
 
 def _array(tensor: onnx.TensorProto, store: Any, raw: bool = False) -> np.ndarray:
@@ -239,66 +268,177 @@ def _fit(xp: np.ndarray, target: np.ndarray, fold: np.ndarray, cur: np.ndarray, 
     return solved, before, after
 
 
+def _states(model: onnx.ModelProto, name: str, batches: runner.Batches, budget: int, reverse: tuple[bool, ...],
+            data_dir: Any) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per direction, rows ``[N, H]`` of the states ``Y`` (``[seq, dirs, batch, H]``) that a
+    next step reads as its previous state (a forward direction's steps but the last, a
+    reverse one's but the first), at positions chosen alike; and each row's fold."""
+    got: dict[int, np.ndarray] = {}
+    runner.stream(model, [name], batches.feeds, lambda b, _n, v: got.__setitem__(b, np.asarray(v)),
+                  what="the original model", data_dir=data_dir)
+    samples = max(1, sum(batches.sizes))
+    rows: list[list[np.ndarray]] = [[] for _ in reverse]
+    folds, offset = [], 0
+    for b in range(len(batches.feeds)):
+        y = got[b]
+        if y.ndim != 4 or y.shape[1] != len(reverse) or y.shape[0] < 2:
+            offset += y.shape[2] if y.ndim == 4 else 0
+            continue
+        steps, batch = y.shape[0] - 1, y.shape[2]
+        flat = select(steps * batch, math.ceil(budget * batches.sizes[b] / samples), 104729 + b)
+        t, s = np.divmod(flat, batch)
+        for d, backwards in enumerate(reverse):
+            rows[d].append(y[t + 1 if backwards else t, d, s].astype(np.float64))
+        folds.append((offset + s) % 2)
+        offset += batch
+    if not folds:
+        return [], np.zeros(0, np.int64)
+    return [np.concatenate(r) for r in rows], np.concatenate(folds)
+
+
+def _refit_recurrence(t: RecurrentTarget, original: _Original, reference: onnx.ModelProto, batches: runner.Batches,
+                      b: np.ndarray, ridge: float | None, data_dir: Any) -> tuple[np.ndarray, float, float, float] | None:
+    """Refit the kept units' rows of ``R`` (and ``Rb``) on the ORIGINAL's previous states, less
+    the removed units (teacher-forced: fit on the pruned layer's own states, a step's error
+    feeds the next one's fit and the outputs move away), towards the original's ``R h + Rb``.
+    Returns ``R`` fitted (ONNX's layout), the squared errors before and after and the targets'
+    squared norm; ``b`` gets the fitted ``Rb``. ``None``: nothing to fit, or no fit paid."""
+    info = t.info
+    stored = info.stored_recurrence
+    r = stored.decode() if stored is not None else (None if info.recurrence is None else np.asarray(info.recurrence.values))
+    if original.r is None or r is None or not original.y:
+        return None
+    hidden_o, hidden = original.r.shape[2], r.shape[2]
+    gates = info.state_gates if info.state_gates is not None else tuple(range(info.gates))
+    rows = np.concatenate([g * hidden + np.arange(hidden) for g in gates])
+    rows_o = np.concatenate([g * hidden_o + t.kept for g in gates])
+    gh = r.shape[1]
+    states, fold = _states(reference, original.y, batches, int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * hidden))),
+                           info.reverse, data_dir)
+    if len(states) != r.shape[0] or not len(fold):
+        return None
+    b_o = original.b if original.b is not None else np.zeros((r.shape[0], 2 * original.r.shape[1]))
+    fitted = np.asarray(r, np.float64).copy()
+    before_all = after_all = norm = 0.0
+    for d, h in enumerate(states):
+        target = (h @ original.r[d][rows_o].T + b_o[d, original.r.shape[1] + rows_o])[:, None]
+        cur = np.concatenate([fitted[d][rows].T, b[d, gh + rows][None]])[None]
+        result = _fit(np.ascontiguousarray(h[:, t.kept]), target, fold, cur, ridge)
+        if result is None:
+            continue
+        solved, before, after = result
+        fitted[d][rows] = solved[0, :-1].T
+        b[d, gh + rows] = solved[0, -1]
+        before_all, after_all, norm = before_all + before, after_all + after, norm + float(np.square(target).sum())
+    if not before_all:
+        return None
+    return fitted, before_all, after_all, max(norm, 1e-30)
+
+
 def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto, batches: runner.Batches,
           targets: list[RecurrentTarget], *, store: Any = None, ridge: float | None = None,
           skipped: dict[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
-    """Refit the input projections of ``targets`` one after the other. Returns the statistics
+    """Refit the input projections of ``targets`` whose input changed, and the recurrence of
+    those that lost hidden units, one layer after the other. Returns the statistics
     (``layers`` refit, ``kept_weights`` where no fit paid, ``rel_error_before``/``after`` of the
-    projections on the calibration rows) and the names of the constants written; ``skipped``
-    gets the layers whose original weights are not constants."""
+    projections on the calibration rows, ``recurrences`` refit) and the names of the
+    constants written; ``skipped`` gets the layers whose original weights are not constants."""
     data_dir = getattr(store, "root", None)
     names = set(graph.tensors())
     skipped = {} if skipped is None else skipped
-    done, kept_weights, before_all, after_all, changed = 0, 0, [], [], set()
+    done, kept_weights, changed = 0, 0, set()
+    before_all: list[float] = []
+    after_all: list[float] = []
+    rec_before: list[float] = []
+    rec_after: list[float] = []
     for t in targets:
         node, info = t.node, t.info
-        original = _original_projection(reference, node, t.rule, store)
-        stored = info.stored_input
-        if original is None or (info.input_weight is None and stored is None):
-            skipped[node.name] = "the original's input weights are not constants: not refit"
+        original = _original_layer(reference, node, t.rule, store)
+        if original is None:
+            skipped[node.name] = "the original's bias is not a constant: not refit"
             continue
-        x_name, w_o, b_o = original
-        w = stored.decode() if stored is not None else np.asarray(info.input_weight.values)
-        dirs, k = w.shape[0], w.shape[2]
-        budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
-        xo, _ = _inputs(reference, x_name, batches, budget, "the original model", data_dir)
-        toposort_model(graph)
-        model = ir.export_graph(graph, template, store)
-        xp, fold = _inputs(model, node.inputs[0].name, batches, budget, "the pruned model", data_dir)
-        hidden_o = w_o.shape[1] // info.gates
-        rows_o = np.concatenate([g * hidden_o + t.kept for g in range(info.gates)])
-        gh = w.shape[1]
         bias = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
-        b = np.zeros((dirs, 2 * gh)) if bias is None else np.asarray(bias.values, np.float64)
-        target = np.stack([xo @ w_o[d][rows_o].T + (0.0 if b_o is None else b_o[d, rows_o]) for d in range(dirs)], axis=1)
-        cur = np.stack([np.concatenate([w[d].T.astype(np.float64), b[d, :gh][None]]) for d in range(dirs)])
-        result = _fit(xp, target, fold, cur, ridge)
-        if result is None:
-            kept_weights += 1
+        gh = (info.stored_recurrence.shape[1] if info.stored_recurrence is not None
+              else np.shape(info.recurrence.values)[1] if info.recurrence is not None else 0)
+        dirs = len(info.reverse)
+        b = np.zeros((dirs, 2 * gh)) if bias is None else np.asarray(bias.values, np.float64).copy()
+        written = []  # (stored, constant, values) of the weights fitted
+        if t.input_changed:
+            result = _refit_input(t, original, graph, template, reference, batches, b, ridge, store)
+            if isinstance(result, str):
+                skipped[node.name] = result
+            elif result is None:
+                kept_weights += 1
+            else:
+                values, before, after, norm = result
+                written.append((info.stored_input, info.input_weight, values))
+                before_all.append(math.sqrt(max(before, 0.0) / norm))
+                after_all.append(math.sqrt(max(after, 0.0) / norm))
+        if original.r is not None and len(t.kept) < original.r.shape[2]:
+            fitted = _refit_recurrence(t, original, reference, batches, b, ridge, data_dir)
+            if fitted is not None:
+                values, before, after, norm = fitted
+                written.append((info.stored_recurrence, info.recurrence, values))
+                rec_before.append(math.sqrt(max(before, 0.0) / norm))
+                rec_after.append(math.sqrt(max(after, 0.0) / norm))
+        if not written:
             continue
-        solved, before, after = result
-        new_b = b.copy()
-        new_b[:, :gh] = solved[:, -1]
-        values = np.swapaxes(solved[:, :-1], 1, 2)
-        if stored is not None:  # an integer weight: on its grid, its scale grown where it must
-            stored.encode(values, grow=True)
-            changed.update(c.name for c in stored.constants())
-        else:
-            info.input_weight.values = np.ascontiguousarray(values.astype(w.dtype))
-            changed.add(info.input_weight.name)
-        constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(new_b.astype(w.dtype)))
+        for stored, constant, values in written:
+            if stored is not None:  # an integer weight: on its grid, its scale grown where it must
+                stored.encode(values, grow=True)
+                changed.update(c.name for c in stored.constants())
+            else:
+                constant.values = np.ascontiguousarray(values.astype(np.asarray(constant.values).dtype))
+                changed.add(constant.name)
+        dtype = np.asarray(bias.values).dtype if bias is not None else np.float32
+        constant = gs.Constant(fresh_name(f"{node.name}_gp_B", names), np.ascontiguousarray(b.astype(dtype)))
         while len(node.inputs) <= 3:
             node.inputs.append(gs.Variable.empty())
         node.inputs[3] = constant
         changed.add(constant.name)
-        norm = max(float(np.square(target).sum()), 1e-30)
-        before_all.append(math.sqrt(max(before, 0.0) / norm))
-        after_all.append(math.sqrt(max(after, 0.0) / norm))
         done += 1
     out: dict[str, Any] = {"layers": done}
+    if before_all:
+        out["input_projections"] = len(before_all)
+    if rec_before:  # the recurrences refit, and their error on the original's states
+        out["recurrences"] = len(rec_before)
+        out["recurrence_error_before"] = round(float(np.mean(rec_before)), 5)
+        out["recurrence_error_after"] = round(float(np.mean(rec_after)), 5)
     if kept_weights:
         out["kept_weights"] = kept_weights
     if before_all:
         out["rel_error_before"] = round(float(np.mean(before_all)), 5)
         out["rel_error_after"] = round(float(np.mean(after_all)), 5)
     return out, changed
+
+
+def _refit_input(t: RecurrentTarget, original: _Original, graph: gs.Graph, template: onnx.ModelProto,
+                 reference: onnx.ModelProto, batches: runner.Batches, b: np.ndarray, ridge: float | None,
+                 store: Any) -> tuple[np.ndarray, float, float, float] | str | None:
+    """Refit ``W`` (and ``Wb``, into ``b``) of the kept hidden units: inputs from the pruned
+    model, towards the original's projection. Returns ``W`` fitted, the squared errors before
+    and after and the target's squared norm; a string: why not; ``None``: no fit paid."""
+    node, info = t.node, t.info
+    stored = info.stored_input
+    if original.w is None or (info.input_weight is None and stored is None):
+        return "the original's input weights are not constants: not refit"
+    data_dir = getattr(store, "root", None)
+    w = stored.decode() if stored is not None else np.asarray(info.input_weight.values)
+    dirs, k = w.shape[0], w.shape[2]
+    budget = int(min(MAX_ROWS, max(MIN_ROWS, ROWS_PER_INPUT * k)))
+    xo, _ = _inputs(reference, original.x, batches, budget, "the original model", data_dir)
+    toposort_model(graph)
+    model = ir.export_graph(graph, template, store)
+    xp, fold = _inputs(model, node.inputs[0].name, batches, budget, "the pruned model", data_dir)
+    w_o, b_o = original.w, original.b
+    hidden_o = w_o.shape[1] // info.gates
+    rows_o = np.concatenate([g * hidden_o + t.kept for g in range(info.gates)])
+    gh = w.shape[1]
+    target = np.stack([xo @ w_o[d][rows_o].T + (0.0 if b_o is None else b_o[d, rows_o]) for d in range(dirs)], axis=1)
+    cur = np.stack([np.concatenate([w[d].T.astype(np.float64), b[d, :gh][None]]) for d in range(dirs)])
+    result = _fit(xp, target, fold, cur, ridge)
+    if result is None:
+        return None
+    solved, before, after = result
+    b[:, :gh] = solved[:, -1]
+    return np.swapaxes(solved[:, :-1], 1, 2), before, after, max(float(np.square(target).sum()), 1e-30)

@@ -147,7 +147,9 @@ class RecurrentRule(OpRule):
         bias = _present(node, 3)
         reason = ("" if w is not None and r is not None and (bias is None or _float_constant(bias))
                   else f"{node.op} weights are not float constants")
-        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0), reason, w, r)
+        gru_reset = node.op == "GRU" and not int(node.attrs.get("linear_before_reset", 0))
+        return RecurrentInfo(GATES[node.op], int(node.attrs.get("hidden_size", 0) or 0), reason, w, r,
+                             reverse=_reverse(node), state_gates=(0, 1) if gru_reset else None)
 
     def rewrite(self, node: gs.Node, ctx: RewriteContext) -> None:
         r = node.inputs[2]
@@ -253,7 +255,7 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
             reason = "DynamicQuantizeLSTM bias is not a float constant (not refit)"
         else:
             reason = ""
-        return RecurrentInfo(4, hidden, reason, None, None, stored_w, stored_r)
+        return RecurrentInfo(4, hidden, reason, None, None, stored_w, stored_r, reverse=_reverse(node))
 
     def parameter_inputs(self, node: gs.Node) -> tuple[int, ...]:
         return ()  # quantized: nothing a float optimiser trains
@@ -270,6 +272,13 @@ class DynamicQuantizeLSTMRule(RecurrentRule):
                     and len(s.outputs) == 1 and (z is None or (isinstance(z, gs.Constant) and not np.any(z.values)))):
                 kernels.append(PairSummed(q, s))
         return tuple(kernels) or None
+
+
+def _reverse(node: gs.Node) -> tuple[bool, ...]:
+    """Per direction of the layer, whether it runs backwards."""
+    direction = node.attrs.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    return {"reverse": (True,), "bidirectional": (False, True)}.get(direction, (False,))
 
 
 def _transposed(q: gs.Tensor, scale: gs.Tensor | None, zero: gs.Tensor | None) -> _TransposedWeight | None:

@@ -61,6 +61,11 @@ class RecurrentInfo:
     #: then ``input_weight`` and ``recurrence`` are ``None``)
     stored_input: StoredWeight | None = None
     stored_recurrence: StoredWeight | None = None
+    #: per direction, whether it runs backwards (its previous state is the next step's)
+    reverse: tuple[bool, ...] = (False,)
+    #: the gates whose rows of ``R`` read the previous state itself (``None``: all of them;
+    #: a GRU with ``linear_before_reset`` 0 reads ``r * h`` in its third gate)
+    state_gates: tuple[int, ...] | None = None
 
 
 class StoredWeight:
