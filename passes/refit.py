@@ -109,9 +109,10 @@ class RefitPass(Pass):
                         rec: list[recurrent.RecurrentTarget], skipped: dict[str, str]) -> dict[str, Any]:
         """The refit with recurrent layers (:mod:`graphprune.calibration.recurrent`): the linear
         layers not downstream of a recurrent one first, then the linear layers after them twice
-        (without, and after the recurrent layers' input projections are refit); the recurrent
-        refit is kept only where the model's outputs on the calibration samples come closer to
-        the original's (a change of the input sequence feeds back through time)."""
+        (without, and after the recurrent layers' input projections and recurrences are refit);
+        the recurrent refit is kept only where the model's outputs on the calibration samples
+        come closer to the original's (a change of the input sequence feeds back through time),
+        else the input projections alone, where that brings them closer."""
         after_rec = refit_targets.affected_tensors(graph, {t.node.inputs[2].name for t in rec})
         later = [t for t in targets if t.view.data.name in after_rec
                  or (t.residual is not None and t.residual.stream in after_rec)]
@@ -121,20 +122,26 @@ class RefitPass(Pass):
             runs.append(self._engine().run(graph, self.reference, later))
         plain, plain_error = _Snapshot(graph), self._output_error(graph)
         start.restore()
-        stats, changed = recurrent.refit(graph, self.reference, self.reference, self.batches, rec,
-                                         store=self.store, ridge=self.ridge, skipped=skipped)
-        if changed:
+        for recurrences in (True, False):  # the recurrences too, then (where that moved away) not
+            stats, changed = recurrent.refit(graph, self.reference, self.reference, self.batches, rec,
+                                             store=self.store, ridge=self.ridge, skipped=skipped,
+                                             recurrences=recurrences)
+            if not changed:
+                break
             again = self._engine(recalled=False).run(graph, self.reference, later) if later else {}
             error = self._output_error(graph)
             stats["output_error_without"], stats["output_error"] = round(plain_error, 6), round(error, 6)
             if error < plain_error:
                 runs[1:] = [again] if later else []
                 runs.append({"layers": stats["layers"]})
-            else:  # the outputs moved away: the linear refit without it
-                plain.restore()
-                stats["undone"] = True
-        else:
-            plain.restore()
+                if not recurrences:
+                    stats["recurrences_undone"] = True
+                return {**_merge(runs), "recurrent": stats}
+            start.restore()  # the outputs moved away
+            stats["undone"] = True
+            if not stats.get("recurrences") or not stats.get("input_projections"):
+                break
+        plain.restore()
         merged = _merge(runs)
         merged["recurrent"] = stats
         return merged

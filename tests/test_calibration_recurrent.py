@@ -201,6 +201,32 @@ def test_a_recurrent_refit_that_moves_the_outputs_away_is_undone(monkeypatch):
     assert len(result.model.graph.node) == len(plain.model.graph.node)
 
 
+def test_a_recurrence_refit_that_moves_the_outputs_away_leaves_the_input_projection_refit(monkeypatch):
+    """Where the outputs move away with the recurrences refit, the input projections alone are
+    tried: kept where they bring the outputs nearer, ``R`` as pruned."""
+    m = model("LSTM")
+    real = recurrent.refit
+
+    def spoiled(graph, *args, **kwargs):
+        stats, changed = real(graph, *args, **kwargs)
+        if kwargs.get("recurrences", True):
+            for node in graph.nodes:
+                if node.op == "LSTM":
+                    node.inputs[2].values = node.inputs[2].values + 2.0  # a recurrence that saturates
+        return stats, changed
+
+    monkeypatch.setattr(recurrent, "refit", spoiled)
+    result = prune(m)
+    stats = result.report["calibration"]["passes"]["RefitPass"]["recurrent"]
+    assert stats["recurrences_undone"] and not stats.get("undone") and stats["input_projections"] == 1
+    assert "recurrences" not in stats and stats["output_error"] < stats["output_error_without"]
+    monkeypatch.setattr(recurrent, "refit", real)
+    monkeypatch.setattr(recurrent, "find_targets", lambda *a, **k: [])
+    plain = prune(m)
+    np.testing.assert_array_equal(weight(result.model, "R"), weight(plain.model, "R"))
+    assert not np.allclose(weight(result.model, "W"), weight(plain.model, "W"))
+
+
 def _rule_answer(node: gs.Node):
     return registry.lookup(node.domain or "", node.op, 17).recurrent(node)
 

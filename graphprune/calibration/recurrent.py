@@ -337,12 +337,13 @@ def _refit_recurrence(t: RecurrentTarget, original: _Original, reference: onnx.M
 
 def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto, batches: runner.Batches,
           targets: list[RecurrentTarget], *, store: Any = None, ridge: float | None = None,
-          skipped: dict[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
+          skipped: dict[str, str] | None = None, recurrences: bool = True) -> tuple[dict[str, Any], set[str]]:
     """Refit the input projections of ``targets`` whose input changed, and the recurrence of
     those that lost hidden units, one layer after the other. Returns the statistics
     (``layers`` refit, ``kept_weights`` where no fit paid, ``rel_error_before``/``after`` of the
     projections on the calibration rows, ``recurrences`` refit) and the names of the
-    constants written; ``skipped`` gets the layers whose original weights are not constants."""
+    constants written; ``skipped`` gets the layers whose original weights are not constants;
+    ``recurrences``: False refits the input projections only."""
     data_dir = getattr(store, "root", None)
     names = set(graph.tensors())
     skipped = {} if skipped is None else skipped
@@ -374,7 +375,7 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
                 written.append((info.stored_input, info.input_weight, values))
                 before_all.append(math.sqrt(max(before, 0.0) / norm))
                 after_all.append(math.sqrt(max(after, 0.0) / norm))
-        if original.r is not None and len(t.kept) < original.r.shape[2]:
+        if recurrences and original.r is not None and len(t.kept) < original.r.shape[2]:
             fitted = _refit_recurrence(t, original, reference, batches, b, ridge, data_dir)
             if fitted is not None:
                 values, before, after, norm = fitted
