@@ -174,3 +174,24 @@ def test_readers_of_a_shared_int8_weight_are_refit_together(tmp_path) -> None:
     assert fidelity["rel_l2"] < 0.95 * fidelity["without_reconstruction"]["rel_l2"]
     readers = [n for n in result.model.graph.node if n.op_type == "ConvInteger" and n.input[1] == "W2_quantized"]
     assert len(readers) == 2 and sum(1 for i in result.model.graph.initializer if i.name == "W2_quantized") == 1
+
+
+def test_a_depthwise_weight_shared_by_stages_in_a_row_is_read_with_its_channels_cut() -> None:
+    """Weight-tied stages (one depthwise kernel applied three times in a row, as fracast's
+    dilated encoder does): a depthwise weight's input axis holds one channel, so the channels
+    removed from the original's input come from the input's own dimension (the first try
+    took the weight's and failed to reshape the rows: an internal error)."""
+    c = 8
+    nodes = [helper.make_node("Conv", ["x", "W_in"], ["s0"])]
+    for k in range(3):
+        nodes += [helper.make_node("Conv", [f"s{k}", "W_dw", "B_dw"], [f"d{k}"], group=c, pads=[1, 1]),
+                  helper.make_node("Tanh", [f"d{k}"], [f"s{k + 1}"])]
+    nodes.append(helper.make_node("Conv", ["s3", "W_out"], ["y"]))
+    params = {"W_in": (c, 3, 1), "W_dw": (c, 1, 3), "B_dw": (c,), "W_out": (2, c, 1)}
+    model = make_model(nodes, {"x": (1, 3, 16)}, {"y": None}, params)
+    result = graphprune.prune(model, ratio=0.5, calibration=_feeds({"x": (1, 3, 16)}, 40), reconstruction="refit")
+    assert result.report["verification"]["ok"] is True
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["unrolled"]["layers"] == 3, refit
+    assert not any("W_dw" in line and "positions" in line for line in refit.get("skipped", []))
+    assert refit.get("not_refit_positions_differ") is None

@@ -57,8 +57,11 @@ class Target:
     #: its steps): they are fit on the ORIGINAL model's inputs, less the channels in
     #: :attr:`input_cut` (a fit on the pruned model's own steps feeds its error back)
     recurrent: bool = False
-    #: input channels (along the data's channel axis) that pruning removed
-    input_cut: np.ndarray | None = None
+    #: elements that pruning removed from the layer's input, per axis (as the analysis
+    #: recorded them), and its input channels cut as the weight's input axis says (used where
+    #: the input's channel axis is not recorded)
+    input_cut: dict[int, np.ndarray] | None = None
+    channel_cut: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -152,7 +155,8 @@ def find_targets(
             t.wave = -1
         elif t.recurrent and t.wave >= 0:
             cut = removed.get(t.view.weight_dim(t.view.info.in_axis))
-            t.input_cut = t.view.input_channels(cut if cut is not None else np.zeros(0, np.int64))
+            t.input_cut = {axis: idx for (name, axis), idx in removed.items() if name == t.view.data.name}
+            t.channel_cut = t.view.input_channels(cut if cut is not None else np.zeros(0, np.int64))
     targets = [t for t in targets if t.wave >= 0]
     for index, t in enumerate(targets):
         t.index = index

@@ -376,12 +376,17 @@ class Reconstructor:
 
         def take_original(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_original.get(name, ()):
-                assert t.input_cut is not None
-                axis = t.view.info.data_axis % max(x.ndim, 1)
-                if x.ndim == 0 or (len(t.input_cut) and t.input_cut.max() >= x.shape[axis]):
-                    misplaced.add(t.key)
+                if x.ndim:
+                    channel = t.view.info.data_axis % x.ndim
+                    cuts = {a % x.ndim: c for a, c in (t.input_cut or {}).items()}
+                    cuts.setdefault(channel, t.channel_cut if t.channel_cut is not None else np.zeros(0, np.int64))
+                    for axis, cut in cuts.items():
+                        if len(cut) and cut.max() < x.shape[axis]:
+                            x = np.delete(x, cut, axis=axis)
+                if not x.ndim or x.shape[channel] != t.view.in_channels():
+                    misplaced.add(t.key)  # the original's input, less the cut, is not the layer's
                     continue
-                take_input(t, batch, np.delete(x, t.input_cut, axis=axis) if len(t.input_cut) else x)
+                take_input(t, batch, x)
 
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):
