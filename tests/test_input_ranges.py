@@ -212,3 +212,24 @@ def test_random_calibration_holds_graph_ids_at_zero_where_random_ones_index_past
         report = graphprune.prune(model, input_shapes=shapes, **kwargs).report
         assert report["verification"]["ok"], kwargs
     assert "batch held at 0 (random values of them do not run)" in report["calibration"]["source"]
+
+
+def test_erasing_blocks_falls_back_to_integer_zeros_too():
+    """pocketnet's GNN: ``--erase-blocks 1`` gave its verification two generated feeds, which
+    skip the fallback, and exited 3 "the original does not run" where every other mode ran."""
+    model = gnn_model()
+    rng = np.random.default_rng(2)
+    model.graph.initializer.extend([numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n)
+                                    for n in ("wa", "wb")])
+    y = model.graph.node[-1]
+    y.input[0] = "s"
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("MatMul", ["r", "wa"], ["ba"]))
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Relu", ["ba"], ["br"]))
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("MatMul", ["br", "wb"], ["bb"]))
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Add", ["r", "bb"], ["s"]))
+    onnx.checker.check_model(model)
+    report = graphprune.prune(model, erase_blocks=1).report
+    assert len(report["depth"]["blocks_erased"]) == 1
+    verification = report["verification"]
+    assert verification["ok"] and "every integer input 0 (targets)" in verification["feeds"]
+    assert report["depth"]["max_rel_diff_vs_original"] > 0
