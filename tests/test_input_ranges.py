@@ -233,3 +233,20 @@ def test_erasing_blocks_falls_back_to_integer_zeros_too():
     verification = report["verification"]
     assert verification["ok"] and "every integer input 0 (targets)" in verification["feeds"]
     assert report["depth"]["max_rel_diff_vs_original"] > 0
+
+
+def test_timing_and_a_sweep_fall_back_to_integer_zeros(tmp_path):
+    """pocketnet's GNN: ``bench`` exited 2 ("ONNX Runtime failed to run ... invalid index"), and
+    ``sweep`` pruned every point, then failed them all at their comparison with the original."""
+    from graphprune.sweep import fidelity, run_sweep
+    from graphprune.verify.timing import time_models
+
+    model = gnn_model()
+    (timing,) = time_models([model], warmup=0, runs=2)
+    assert timing.median_ms > 0 and timing.input_shapes["targets"][0] >= 1
+    pruned = graphprune.prune(model, ratio=0.5).model
+    figures = fidelity(model, pruned)
+    assert figures["inputs"].endswith("integers 0") and figures["cosine_mean"] > 0
+    result = run_sweep(model, tmp_path / "sweep", [{"ratio": 0.5, "criterion": "l1"}], runs=2)
+    (point,) = result["points"]
+    assert point["ok"] and point["latency_ratio"] > 0, point

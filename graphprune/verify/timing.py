@@ -223,8 +223,8 @@ def _runnable_feeds(
     values: Mapping[str, Any] | None,
 ) -> tuple[dict[str, tuple[int, ...]] | None, Mapping[str, Any] | None]:
     """The input sizes and values to time at: ``None`` (as guessed) where the first model runs
-    on ``feeds``; else the values its graph tests its mode switches for (unless given) and,
-    where it still does not run, sizes it runs at
+    on ``feeds``; else the values its graph tests its mode switches for (unless given), its
+    integer inputs 0 and, where it still does not run, sizes it runs at
     (:func:`~graphprune.analysis.probe_sizes.choose_input_shapes`) — an OCR recogniser built
     for height 48, silero's 16 kHz branch. Raises :class:`InvalidModelError` when none runs."""
     from graphprune.analysis.probe_sizes import choose_input_shapes, required_sizes
@@ -244,6 +244,11 @@ def _runnable_feeds(
             return dict(input_shapes or {}), values
         except Exception as exc:
             failure = exc
+    integers = {spec.name: 0 for spec in specs if np.issubdtype(spec.dtype, np.integer) and spec.name not in (values or {})}
+    if integers:  # ids that index an open count of rows (a GNN's atoms: 1 indexes past one atom)
+        zeros = {**(values or {}), **integers}
+        if _runs(session, _feeds(specs, {}, seed=seed, batch=1, input_shapes=input_shapes, values=zeros)):
+            return dict(input_shapes or {}), zeros
     names = {spec.name for spec in specs}
     given = {k: v for k, v in (input_shapes or {}).items() if k in names} or None
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
