@@ -52,3 +52,32 @@ def test_only_contradictions_are_dropped(changes, dropped):
     count = len(model.graph.value_info)
     assert drop_stale(model) == dropped
     assert len(model.graph.value_info) == count - len(dropped)
+
+
+def test_float_declarations_of_float16_weights_in_a_graph_out_of_order_are_dropped(tmp_path):
+    """fracast through a float16 converter (``keep_io_types``): the weights became float16, their
+    ``value_info`` still said float, and the input's Cast came last. ONNX Runtime runs it; the
+    stale check inferred the unsorted graph (nothing), and the load failed with the checker's
+    complaint about graphprune's own weight stubs ("should be stored in _gp_source.onnx")."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float16) for s in ((8, 16), (16, 4)))
+    nodes = [helper.make_node("MatMul", ["xh", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["yh"]), helper.make_node("Cast", ["yh"], ["y"], to=1),
+             helper.make_node("Cast", ["x"], ["xh"], to=10)]  # the input's Cast last
+    graph = helper.make_graph(
+        nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+        value_info=[helper.make_tensor_value_info("W1", TensorProto.FLOAT, [8, 16]),
+                    helper.make_tensor_value_info("W2", TensorProto.FLOAT, [16, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert sorted(drop_stale(onnx.ModelProto.FromString(model.SerializeToString()))) == ["W1", "W2"]
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] == 1
+    assert sorted(result.report["normalised"]["stale_shapes_dropped"]) == ["W1", "W2"]
+    onnx.checker.check_model(result.model, full_check=True)

@@ -325,6 +325,8 @@ def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.Model
         try:
             onnx.checker.check_model(skeleton)
         except Exception as check_exc:
+            if "should be stored in" in str(check_exc):  # the skeleton's own weight stubs, not the model
+                raise InvalidModelError(f"model fails ONNX shape inference: {_short(exc)}") from exc
             raise InvalidModelError(
                 f"model fails the ONNX checker: {_short(check_exc)}"
             ) from check_exc

@@ -9,12 +9,14 @@ with an axis of unknown rank"). Here the main graph is inferred once without its
 ``value_info``; a declaration whose element type, rank or a fixed size contradicts the
 inferred one is dropped (a symbolic size against a number is no contradiction, and a
 tensor inference cannot reach, such as a custom operator's output, keeps its declaration).
+A declaration of an initializer is checked against the initializer itself.
 """
 
 from __future__ import annotations
 
 import onnx
 
+from graphprune.io.order import sort_proto
 from graphprune.io.tensor_protos import _detach
 
 
@@ -39,12 +41,16 @@ def drop_stale(model: onnx.ModelProto) -> list[str]:
         return []
     skeleton, _ = _detach(model)
     del skeleton.graph.value_info[:]
+    sort_proto(skeleton.graph)  # (ONNX inference reads the nodes in order; a float16 converter left an input's Cast last)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False,
                                                      data_prop=True)
     except Exception:  # noqa: BLE001 - the ordinary inference reports it
         return []
     shapes = {v.name: v.type for v in inferred.graph.value_info}
+    for init in model.graph.initializer:  # a weight's declaration is its own type (a float16
+        # converter rewrote the weights and left their float declarations)
+        shapes[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
     stale = [v.name for v in model.graph.value_info
              if v.name in shapes and _contradicts(v.type, shapes[v.name])]
     if stale:
