@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "ONNX graphs.", epilog=MAIN_EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
     parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks on errors (and check the graph after every pass)")
+                        help="show tracebacks on errors, same exit codes (and check the graph after every pass)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 metavar="COMMAND")
 
@@ -578,8 +579,8 @@ def _main(arguments: list[str], json_mode: bool) -> int:
                 register_custom_ops(library)
         return int(args.func(args) or 0)
     except GraphPruneError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, and the exit code all the same
+            traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _fail(message + _explain_import_failure(exc), exc.exit_code, type(exc).__name__,
                      json_mode)
@@ -589,7 +590,7 @@ def _main(arguments: list[str], json_mode: bool) -> int:
         raise
     except Exception as exc:  # an internal error: still one line, traceback with --debug
         if args.debug:
-            raise
+            traceback.print_exc()
         detail = str(exc).splitlines()[0] if str(exc) else ""
         return _fail(f"{type(exc).__name__}: {detail} (run with --debug for a traceback)", 1,
                      "internal", json_mode)

@@ -1082,3 +1082,12 @@ def test_the_macs_row_names_a_few_input_shapes_and_counts_the_rest():
     label = macs_label({"macs_input_shapes": shapes})
     assert label == "MACs at iy=1x4, past_0=1x1x512, past_1=1x1x512 and 46 more inputs" and LABEL_SHAPES == 3
     assert macs_label({"macs_input_shapes": {"x": [1, 3, 8, 8], "s": []}}) == "MACs at x=1x3x8x8"
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, tmp_path):
+    """``--debug`` re-raised every error: a usage or input error (2) or a failed verification
+    (3) then exited 1, as an internal error does."""
+    code = main(["--debug", "prune", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err and "no such file" in err
+    assert not (tmp_path / "out.onnx").exists()
