@@ -398,7 +398,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from graphprune import sweep
 
     common: dict[str, Any] = {"keep": args.keep or (), "round_to": args.round_to,
-                              "tolerance": args.tolerance}
+                              "tolerance": args.tolerance, "input_shapes": _shapes(args)[1] or None}
     if getattr(args, "calibration", None):
         common["calibration"] = args.calibration
     targets = {name: getattr(args, name) for name in sweep.TARGET_OPTIONS

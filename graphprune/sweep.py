@@ -96,16 +96,17 @@ def sweep_points(
 
 
 # ----------------------------------------------------------------------------- one point
-def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed: int = 1) -> dict[str, Any]:
-    """How close ``pruned`` computes to ``original`` on ``count`` random inputs: mean and
-    smallest cosine of the outputs, largest relative L2 difference, and top-1 agreement for
-    outputs shaped like class scores ``[batch, classes]``."""
+def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed: int = 1,
+             input_shapes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """How close ``pruned`` computes to ``original`` on ``count`` random inputs (at
+    ``input_shapes`` where given): mean and smallest cosine of the outputs, largest relative
+    L2 difference, and top-1 agreement for outputs shaped like class scores ``[batch, classes]``."""
     from graphprune.calibration.fidelity import pair_figures
     from graphprune.io.feeds import make_feeds
     from graphprune.verify import validate
 
     reference_model = original if isinstance(original, onnx.ModelProto) else onnx.load(original)
-    feeds = make_feeds(reference_model, seed=seed, count=count)
+    feeds = make_feeds(reference_model, seed=seed, count=count, input_shapes=dict(input_shapes or {}) or None)
     zeros = [{k: np.zeros_like(v) if np.issubdtype(v.dtype, np.integer) else v for k, v in f.items()} for f in feeds]
     inputs = f"{count} random inputs (seed {seed})"
     reference, failure = None, None
@@ -142,6 +143,7 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
                 top1.append(float(np.mean(np.argmax(ref, 1) == np.argmax(out, 1))))
     return {
         "inputs": inputs,
+        "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
         "cosine_mean": float(np.mean(cosines)) if cosines else None,
         "cosine_min": float(np.min(cosines)) if cosines else None,
         "rel_l2_max": float(np.max(relative)) if relative else None,
@@ -172,7 +174,7 @@ def run_point(source: Any, options: Mapping[str, Any], common: Mapping[str, Any]
             "units_removed": (report.get("channels") or {}).get("removed"),
             "verification": {k: report["verification"].get(k) for k in
                              ("ok", "reference", "max_abs_diff", "max_rel_diff", "tolerance")},
-            "fidelity": fidelity(original, result.model),
+            "fidelity": fidelity(original, result.model, input_shapes=common.get("input_shapes")),
         })
         for section in ("fidelity", "calibration", "target", "budget"):
             if section in report:
@@ -319,7 +321,7 @@ def run_sweep(
     if progress is not None:
         progress(f"timing the original and {len(paths)} points ({provider}, interleaved)")
     timings = time_models([os.fspath(model) if is_path else original, *paths], provider=provider,
-                          warmup=3, runs=runs, threads=threads)
+                          warmup=3, runs=runs, threads=threads, input_shapes=common.get("input_shapes"))
     baseline = timings[0]
     by_file = {path.name: timing for path, timing in zip(paths, timings[1:], strict=True)}
     for record in records:
@@ -332,6 +334,7 @@ def run_sweep(
         "model": os.fspath(model) if is_path else "<in memory>",
         "engine": engine,
         "latency": {"provider": provider, "runs": runs, "threads": threads, "batch": baseline.batch,
+                    "input_shapes": baseline.input_shapes,
                     "how": "ONNX Runtime, original and all points interleaved, after pruning"},
         # the pipeline's own counts (on the prepared model), so that ratios agree with points
         "baseline": {"params": next((r["params_before"] for r in records if r.get("ok")), None)

@@ -155,3 +155,15 @@ def test_a_sweep_whose_every_point_failed_fails(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "every point failed" in lines[0], err
     points = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]
     assert len(points) == 1 and not points[0]["ok"] and points[0]["exit_code"] == 2
+
+
+def test_a_sweep_prunes_compares_and_times_at_the_input_shapes_given(cnn, tmp_path, capsys):
+    """``sweep --input-shape``: the sizes reached neither the points' prunes nor their timing (a
+    GNN's atom count: the timing ran one atom and failed, advising ``--input-shape``)."""
+    code = main(["sweep", str(cnn), "-o", str(tmp_path / "s"), "--ratios", "0.5", "--runs", "2",
+                 "--threads", "1", "-q", "--input-shape", "image=3,3,64,64"])
+    assert code == 0, capsys.readouterr()
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert data["latency"]["input_shapes"] == {"image": [3, 3, 64, 64]} and data["latency"]["batch"] == 3
+    (point,) = data["points"]
+    assert point["ok"] and point["fidelity"]["input_shapes"] == {"image": [3, 3, 64, 64]}
