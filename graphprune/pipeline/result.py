@@ -46,6 +46,9 @@ class PruneResult:
         self.plan = plan
         self.analysis = analysis
         self.store = store  # None once the model holds its own weights
+        #: the input kept its weights in a data file: so does the written model (also after
+        #: :attr:`model` was read, which brings the weights into memory)
+        self.external_source = bool(store is not None and store.external_source)
         self._owned = store  # the folder this result releases on close()
         self._closed = False
         #: the feeds verification ran on where it did not run on generated ones (calibration
@@ -74,7 +77,7 @@ class PruneResult:
         """Write the model atomically (weights streamed from the store, never copied)."""
         if self.store is not None:
             self._refuse_if_closed("save its model")
-        external = True if self.store is not None and self.store.external_source else None
+        external = True if self.external_source else None
         return model_io.save_model(self._model, path, input_path=input_path, store=self.store,
                                    external_data=external)
 
