@@ -250,3 +250,14 @@ def test_timing_and_a_sweep_fall_back_to_integer_zeros(tmp_path):
     result = run_sweep(model, tmp_path / "sweep", [{"ratio": 0.5, "criterion": "l1"}], runs=2)
     (point,) = result["points"]
     assert point["ok"] and point["latency_ratio"] > 0, point
+
+
+def test_calibration_ids_past_the_rows_are_the_data_s_fault_on_a_model_that_needs_integer_zeros():
+    """pocketnet with atom ids past its atoms in the calibration file: "the input model does not
+    run in ONNX Runtime" (the random feeds the blame tried do not run either), not naming the
+    data; the model runs where verification feeds it (integer inputs 0)."""
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((5, 4)).astype(np.float32), "targets": np.full((2, 6), 9, np.int64)}
+            for _ in range(8)]
+    with pytest.raises(graphprune.errors.UsageError, match="the calibration data does not fit the model"):
+        graphprune.prune(gnn_model(), ratio=0.5, calibration=data)
