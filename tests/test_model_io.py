@@ -730,3 +730,18 @@ def test_a_read_that_nothing_provides_is_an_input_error(tmp_path, capsys, damage
     del good.graph.node[:]
     good.graph.node.extend(reversed(nodes))
     assert undefined_reads(good.graph) is None
+
+
+def test_an_opset_newer_than_onnx_knows_is_one_line_exit_2(tmp_path, capsys) -> None:
+    """A file stamped opset 99: ONNX Runtime's 400-character C++ message on constant folding,
+    then the error, after 6 s; now refused at load, in one line."""
+    from graphprune.cli import main
+
+    path = tmp_path / "opset99.onnx"
+    model = conv_relu_model(opset=17)
+    model.opset_import[0].version = 99
+    onnx.save(model, path)
+    code = main(["prune", str(path), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "opset 99, newer than this onnx" in err, err
+    assert not (tmp_path / "out.onnx").exists()

@@ -269,12 +269,16 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def check_opset(model: onnx.ModelProto) -> int:
-    """The default-domain opset (UnsupportedOpsetError below it, InvalidModelError past onnx's IR version)."""
+    """The default-domain opset (UnsupportedOpsetError below it, InvalidModelError past onnx's IR
+    version or opset)."""
     if model.ir_version > onnx.IR_VERSION:
         raise InvalidModelError(f"the model's IR version {model.ir_version} is newer than onnx reads ({onnx.IR_VERSION})")
     version = default_opset(model)
     if version < MIN_OPSET:
         raise UnsupportedOpsetError(f"model uses opset {version}; graphprune supports opset >= {MIN_OPSET}")
+    if version > onnx.defs.onnx_opset_version():  # (ONNX Runtime then fails with a C++ message)
+        raise InvalidModelError(f"model uses opset {version}, newer than this onnx {onnx.__version__} knows "
+                                f"({onnx.defs.onnx_opset_version()})")
     return version
 
 
