@@ -68,3 +68,36 @@ def test_scatter_elements_couples_the_axes_it_does_not_write() -> None:
     result = assert_prunes_exactly(model, 0.5)
     stored = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert stored["idx"] == [1, 8, 64]
+
+
+def _scatter_add(reduction: str):
+    """A GNN's message sum: ``x [atoms, 8] -> MatMul(16) -> Relu`` gathered by edge source,
+    scattered with ``reduction`` into the edge targets (repeated), ``-> MatMul(4)``."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gather", ["r", "src"], ["m"], axis=0),
+             helper.make_node("ScatterND", ["zeros", "dst", "m"], ["agg"], reduction=reduction),
+             helper.make_node("MatMul", ["agg", "w2"], ["y"])]
+    params = {"w1": [8, 16], "w2": [16, 4], "zeros": np.zeros((50, 16), np.float32),
+              "src": rng.integers(0, 50, 400).astype(np.int64), "dst": rng.integers(0, 50, (400, 1)).astype(np.int64)}
+    return make_model(nodes, {"x": [50, 8]}, {"y": [50, 4]}, params, opset=18)
+
+
+def test_a_scatter_that_adds_into_repeated_indices_is_verified_on_one_thread() -> None:
+    """pocketnet's messages summed by ``ScatterND(reduction=add)``: ONNX Runtime adds repeated
+    indices in an order its threads decide, the model differed from itself by 1e-3 of its size,
+    and calibrated budgets failed verification or not from run to run (exit 3, 2 or 0). Its
+    verification sessions run on one thread; a scatter without reduction does not need to."""
+    from graphprune.pipeline.session import Session
+    from graphprune.verify import noise, validate
+
+    assert noise.verification_threads(_scatter_add("add")) == 1
+    assert noise.verification_threads(_scatter_add("none")) is None
+    session = Session(_scatter_add("add"))
+    assert session.verify_threads == 1
+    with session.stage("verify"):
+        options = validate.session(session.path_of(session.prepared)).get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert validate.session(session.path_of(session.prepared)).get_session_options().intra_op_num_threads == 0
+    result = graphprune.prune(_scatter_add("add"), ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["groups"]["pruned"] >= 1

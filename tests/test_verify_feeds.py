@@ -118,13 +118,14 @@ def test_the_input_is_blamed_on_whichever_feed_failed() -> None:
     """A comparison runs on two feeds; where the second one fails (a random axis out of range),
     the input is blamed for that feed (exit 2). Before, only the first was tried, it ran, and the
     failure was reported as a failed check (exit 3: "the original does not run")."""
+    from graphprune.pipeline.blame import input_fault
     from graphprune.pipeline.session import Session
 
     session = Session(_cumsum())
     x = np.arange(5, dtype=np.float32)
     good, bad = {"x": x, "axis": np.array(0)}, {"x": x, "axis": np.array(1)}
-    assert session.input_fault([good]) is None
-    fault = session.input_fault([good, bad])
+    assert input_fault(session, [good]) is None
+    fault = input_fault(session, [good, bad])
     assert isinstance(fault, InvalidModelError) and "does not run" in str(fault)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from graphprune.errors import InvalidModelError
+from graphprune.pipeline import blame
 from graphprune.pipeline.session import Session
 
 #: measured latency ratios this close are equally fast (when none meets the target)
@@ -42,7 +43,7 @@ def blaming_input(session: Session) -> Iterator[None]:
     try:
         yield
     except InvalidModelError:
-        fault = session.input_fault()
+        fault = blame.input_fault(session)
         if fault is None:
             raise
         raise fault from None

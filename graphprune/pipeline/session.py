@@ -58,7 +58,7 @@ from graphprune.pipeline.result import PruneResult
 from graphprune.pipeline.selections import within_own_noise
 from graphprune.planning.plan import Plan
 from graphprune.rules import random_draws
-from graphprune.verify import preparation, saturation, validate
+from graphprune.verify import noise, preparation, saturation, validate
 from graphprune.verify.metrics import count_params
 
 Progress = Callable[[str], None]
@@ -107,9 +107,10 @@ class Session(FeedValues):
         self._probe_shapes: dict[str, Any] | None | bool = False
         self._counting: dict[str, Any] | None | bool = False  # see cost_shapes
         self._batch: int | None = None  # the verification's batch (see _verify_batch)
-        self._tested: dict[str, Any] | None = None  # see tested_values
-        self._index_highs: dict[str, int] | None = None  # see index_highs
-        self._ranges: dict[str, tuple[float, float]] | None = None  # see value_ranges
+        self._tested: dict[str, Any] | None = None  # see tested_values (and index_highs, value_ranges:)
+        self._index_highs: dict[str, int] | None = None
+        self._ranges: dict[str, tuple[float, float]] | None = None
+        self.verify_threads: int | None = None  # verification sessions' threads (1: results depend on their order)
         #: input shapes of the data the model will see (set by calibration: its samples')
         self.data_shapes: dict[str, tuple[int, ...]] | None = None
         #: a few calibration samples (set by calibration); verification runs on them instead of generated feeds where set
@@ -129,8 +130,8 @@ class Session(FeedValues):
             runtime.use_extensions_for(loaded)  # onnxruntime-extensions' ops, where installed
             converted_from = None
             as_loaded = None  # the graph the prepared one is checked against, when converted
-            #: the graph as ONNX's version converter wrote it, before the rest of the
-            #: preparation (a skeleton), where it ran: who is at fault when the prepared one fails
+            #: the graph as ONNX's version converter wrote it, before the rest of the preparation (a
+            #: skeleton), where it ran: who is at fault when the prepared one fails
             self.as_converted: onnx.ModelProto | None = None
             if self.opset < UPGRADE_BELOW:
                 as_loaded = onnx.ModelProto()
@@ -170,6 +171,7 @@ class Session(FeedValues):
                                        expansions=self.expansions)
             #: the original, as far as comparisons go (the prepared model computes the same)
             self.original = self.prepared
+            self.verify_threads = noise.verification_threads(self.prepared)
             if self.input_shapes:  # a name or shape that does not fit: a usage error now
                 from graphprune.io.feeds import input_specs, resolve_shapes
 
@@ -190,7 +192,8 @@ class Session(FeedValues):
         crash_guard.note(f"in the {name} stage")
         t0, apart = time.perf_counter(), self._timed_apart
         try:
-            yield
+            with validate.threads(self.verify_threads):
+                yield
         finally:
             inner = self._timed_apart - apart
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0 - inner, 4)
@@ -458,7 +461,7 @@ class Session(FeedValues):
         if feeds is None and blame.did_not_run(error, what) and self.use_data_feeds(error):
             result = self._verify(reference, what, candidate, feeds, stage, compare)
         if blame.did_not_run(result.get("_error"), what):  # the input's fault, or the preparation's?
-            fault = self.input_fault(feeds)
+            fault = blame.input_fault(self, feeds)
             result = result if fault is None else {**result, "error": str(fault), "_error": fault}
         if self.feeds_from_data and feeds is None:
             result["feeds"] = self.feeds_from_data
@@ -523,15 +526,12 @@ class Session(FeedValues):
     def within_float_noise(self, candidate: Any, verification: dict[str, Any],
                            reference: Any = None) -> dict[str, Any]:
         """Accept a difference that is float noise of this model (:func:`selections.within_own_noise`)."""
-        return within_own_noise(self, candidate, verification, reference)
+        with validate.threads(self.verify_threads):
+            return within_own_noise(self, candidate, verification, reference)
 
     def blaming_input(self, what: str, data: list[dict[str, np.ndarray]] | None = None) -> Any:
         """:func:`graphprune.pipeline.blame.blaming` of this session (a context manager)."""
         return blame.blaming(self, what, data)
-
-    def input_fault(self, feeds: list[dict[str, np.ndarray]] | None = None) -> GraphPruneError | None:
-        """:func:`graphprune.pipeline.blame.input_fault` of this session."""
-        return blame.input_fault(self, feeds)
 
     # ------------------------------------------------------------------ results
     def report(self, mode: str, plan: Plan, *, analysis: Analysis | None = None) -> dict[str, Any]:

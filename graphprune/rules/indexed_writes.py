@@ -80,6 +80,11 @@ class TensorScatterRule(OpRule):
 class ScatterNDRule(OpRule):
     op_types = ("ScatterND",)
 
+    def sums_in_thread_order(self, node: gs.Node) -> bool:
+        """``reduction`` add or mul: repeated indices are summed in an order the threads decide."""
+        reduction = node.attrs.get("reduction", "none")
+        return (reduction.decode() if isinstance(reduction, bytes) else str(reduction)) in ("add", "mul")
+
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
         ranks = ctx.known_ranks(node, data, indices, updates, y)
@@ -106,6 +111,11 @@ class ScatterNDRule(OpRule):
 @register
 class ScatterElementsRule(OpRule):
     op_types = ("ScatterElements", "Scatter")
+
+    def sums_in_thread_order(self, node: gs.Node) -> bool:
+        """``reduction`` add or mul: repeated indices are summed in an order the threads decide."""
+        reduction = node.attrs.get("reduction", "none")
+        return (reduction.decode() if isinstance(reduction, bytes) else str(reduction)) in ("add", "mul")
 
     def couple(self, node: gs.Node, ctx: CouplingContext) -> None:
         data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]

@@ -332,6 +332,12 @@ class OpRule:
         through it is read directly instead of being folded into a second copy."""
         return None
 
+    def sums_in_thread_order(self, node: gs.Node) -> bool:
+        """Whether ONNX Runtime's result depends on how it splits the work over its threads (a
+        scatter that adds into repeated indices: a GNN's messages summed per atom in another
+        order each run), so that verification runs such a model on one thread. Default: no."""
+        return False
+
     def masks_weight(self, node: gs.Node) -> bool:
         """Whether output 0 is a stored float weight with a stored 0/1 mask of its shape
         applied (``torch.nn.utils.prune``'s ``weight_orig * weight_mask``): preparation folds

@@ -31,6 +31,29 @@ NOISE_MULTIPLE = 4.0
 NUDGE_WEIGHT_BYTES = 256 << 20
 
 
+def verification_threads(model: onnx.ModelProto) -> int | None:
+    """1 where a node of ``model`` (or of its subgraphs) computes a result that depends on how
+    ONNX Runtime splits its work over threads (:meth:`~graphprune.rules.registry.OpRule.
+    sums_in_thread_order`: a GNN's scatter-add, which differed from itself by 1e-3 of its size
+    between runs and failed every comparison), else ``None`` (ONNX Runtime's default)."""
+    from graphprune.io.graph_reads import subgraphs_of
+    from graphprune.io.ir import default_opset
+    from graphprune.rules import OpRule
+
+    opset, pending = default_opset(model), [model.graph]
+    while pending:
+        graph = pending.pop()
+        for node in graph.node:
+            pending.extend(subgraphs_of(node))
+            rule = lookup(node.domain or "", node.op_type, opset)
+            if rule is None or type(rule).sums_in_thread_order is OpRule.sums_in_thread_order:
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if rule.sums_in_thread_order(gs.Node(node.op_type, node.name, attrs)):
+                return 1
+    return None
+
+
 def _unreproducible(path: Any, feeds: list[dict[str, np.ndarray]], tolerance: float) -> tuple[int, float] | None:
     """``(output index, difference relative to its size)`` where the model, run twice in one
     session on each of ``feeds``, differs from itself by more than ``tolerance``, else ``None``

@@ -16,6 +16,8 @@ over the pruned axis) are left out of the check and listed with the reason.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -31,6 +33,21 @@ from graphprune.io.tensor_protos import nbytes
 from graphprune.rules.quantize import optimizer_fuses_quantization
 
 TWO_GB = 2**31 - 2**20
+
+#: intra-op threads of every verification session (``None``: ONNX Runtime's default); one for
+#: a model whose results depend on the threads' order (:func:`threads`)
+_THREADS: int | None = None
+
+
+@contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Verification sessions opened inside run on ``count`` threads (``None``: the default)."""
+    global _THREADS
+    before, _THREADS = _THREADS, count
+    try:
+        yield
+    finally:
+        _THREADS = before
 #: a pruned model up to this size is run once more as it is written (:func:`written_fault`)
 WRITTEN_RUN_BYTES = 1 << 30
 #: model files larger than this hold their weights and are run whole
@@ -130,6 +147,8 @@ def session(
     options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if _THREADS is not None:
+        options.intra_op_num_threads = _THREADS
     keep_alive = []
     for name, values in (overrides or {}).items():
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values))
