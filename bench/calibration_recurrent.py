@@ -104,11 +104,12 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 _REAL = (recurrent.find_targets, data_aware.recurrent_consumers, recurrent.refit, RefitPass._with_unrolled)
 
 
-def _unrolled_left(self, graph, targets, skipped):  # noqa: ANN001, ANN202 - rounds 17-69
+def _unrolled_left(self, graph, targets, skipped, rec):  # noqa: ANN001, ANN202 - rounds 17-69
     for t in targets:
         if t.recurrent:
             skipped[t.name] = "read at every step of an unrolled recurrence: not refit (the benchmark's rounds 17-69)"
-    return self._engine().run(graph, self.reference, [t for t in targets if not t.recurrent])
+    rest = [t for t in targets if not t.recurrent]
+    return self._with_recurrent(graph, rest, rec, skipped) if rec else self._engine().run(graph, self.reference, rest)
 
 
 def configure(refit: bool, scored: bool, recurrences: bool = True) -> None:

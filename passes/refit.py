@@ -76,14 +76,10 @@ class RefitPass(Pass):
         )
         rec = (recurrent.find_targets(graph, ctx.opset, changed=sliced_parameters(self.removed, graph),
                                       removed=self.removed, skipped=skipped) if self.mode == "refit" else [])
-        if rec:
-            for t in targets:
-                if t.recurrent:
-                    skipped[t.name] = (f"weight '{t.share}' is read at every step of an unrolled recurrence, in a "
-                                       "model with recurrent operators as well: not refit")
-            stats = self._with_recurrent(graph, [t for t in targets if not t.recurrent], rec, skipped)
-        elif any(t.recurrent for t in targets):
-            stats = self._with_unrolled(graph, targets, skipped)
+        if any(t.recurrent for t in targets):
+            stats = self._with_unrolled(graph, targets, skipped, rec)
+        elif rec:
+            stats = self._with_recurrent(graph, targets, rec, skipped)
         else:
             stats = self._engine().run(graph, self.reference, targets)
         if skipped:
@@ -146,19 +142,23 @@ class RefitPass(Pass):
         merged["recurrent"] = stats
         return merged
 
-    def _with_unrolled(self, graph: gs.Graph, targets: list[refit_targets.Target],
-                       skipped: dict[str, str]) -> dict[str, Any]:
+    def _with_unrolled(self, graph: gs.Graph, targets: list[refit_targets.Target], skipped: dict[str, str],
+                       rec: list[recurrent.RecurrentTarget]) -> dict[str, Any]:
         """The refit with the readers of a weight that an unrolled recurrence reads at every
-        step (:attr:`~graphprune.calibration.refit_targets.Target.recurrent`): one fit over
-        all the steps on the original's inputs, then the layers after them again; kept only
-        where the model's outputs on the calibration samples come closer to the original's
-        than with the steps left as pruned (a step's change feeds the next ones)."""
+        step (:attr:`~graphprune.calibration.refit_targets.Target.recurrent`): the other layers
+        first (with the recurrent layers ``rec``, as :meth:`_with_recurrent`: g2p-en's GRU
+        encoder before its unrolled decoder), then one fit over all the steps on the original's
+        inputs and the layers after them again; kept only where the model's outputs on the
+        calibration samples come closer to the original's than with the steps left as pruned
+        (a step's change feeds the next ones)."""
         unrolled = [t for t in targets if t.recurrent]
+        rest = [t for t in targets if not t.recurrent]
         after = refit_targets.affected_tensors(graph, {t.view.output.name for t in unrolled})
-        later = [t for t in targets if not t.recurrent and (t.view.data.name in after
-                 or (t.residual is not None and t.residual.stream in after))]
-        runs = [self._engine().run(graph, self.reference, [t for t in targets if not t.recurrent and t not in later])]
-        start = _Snapshot(graph)
+        later = [t for t in rest if t.view.data.name in after or (t.residual is not None and t.residual.stream in after)]
+        first = [t for t in rest if t not in later]
+        runs = [self._with_recurrent(graph, first, rec, skipped) if rec else
+                self._engine().run(graph, self.reference, first)]
+        start = _Snapshot(graph)  # (a refit layer's output is renamed: it is refit once, from here)
         runs.append(self._engine().run(graph, self.reference, later))
         plain, plain_error = _Snapshot(graph), self._output_error(graph)
         start.restore()
@@ -175,7 +175,10 @@ class RefitPass(Pass):
             for t in unrolled:
                 skipped[t.name] = (f"weight '{t.share}' is read at every step of an unrolled recurrence: "
                                    "its fit over the steps did not bring the outputs nearer the original: not refit")
+        fused = runs[0].pop("recurrent", None)
         merged = _merge(runs)
+        if fused is not None:
+            merged["recurrent"] = fused
         merged["unrolled"] = stats
         return merged
 

@@ -195,3 +195,33 @@ def test_a_depthwise_weight_shared_by_stages_in_a_row_is_read_with_its_channels_
     assert refit["unrolled"]["layers"] == 3, refit
     assert not any("W_dw" in line and "positions" in line for line in refit.get("skipped", []))
     assert refit.get("not_refit_positions_differ") is None
+
+
+def test_an_unrolled_decoder_after_a_recurrent_encoder_is_refit_too() -> None:
+    """g2p-en: a GRU encoder (one ONNX recurrent op) hands its last state to a decoder unrolled
+    step by step. A model with recurrent ops refit those alone and named the decoder's shared
+    weights "not refit"; the decoder's steps are now fit after the encoder, on the original's
+    inputs, and kept where the outputs come nearer."""
+    model = elman()
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.standard_normal((24, 6)))[0]
+    encoder = {"W_e": (basis @ rng.standard_normal((6, 4)) * 0.5)[None], "R_e": (basis @ basis.T * 0.5)[None],
+               "shape_h": np.array([-1, 24])}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.int64 if k == "shape_h" else np.float32), k)
+                                   for k, v in encoder.items())
+    # h0 = the encoder's last state over the sequence s, instead of tanh(x0 W_x)
+    first = [n for n in model.graph.node if n.output[0] in ("a0", "h0")]
+    for n in first:
+        model.graph.node.remove(n)
+    model.graph.node.insert(0, helper.make_node("RNN", ["s", "W_e", "R_e"], ["y_enc", "h_enc"], hidden_size=24))
+    model.graph.node.insert(1, helper.make_node("Reshape", ["h_enc", "shape_h"], ["h0"]))
+    model.graph.input.append(helper.make_tensor_value_info("s", 1, [5, "N", 4]))
+    feeds = [{**f, "s": np.random.default_rng(k).standard_normal((5, 8, 4)).astype(np.float32)}
+             for k, f in enumerate(_steps(40))]
+    result = graphprune.prune(model, ratio=0.5, calibration=feeds, reconstruction="refit")
+    assert result.report["verification"]["ok"] is True
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert refit["recurrent"]["recurrences"] == 1 and not refit["recurrent"].get("undone"), refit
+    unrolled = refit["unrolled"]
+    assert unrolled["layers"] == 5 and "undone" not in unrolled, unrolled
+    assert unrolled["output_error"] < 0.5 * unrolled["output_error_without"]
