@@ -611,3 +611,20 @@ def test_a_label_per_token_is_compared_row_for_row_not_as_ctc_frames():
     assert token_rows(["y"], feeds, [[np.zeros((1, 5, 4))] for _ in feeds]) == set()  # (rows of another length)
     entry = fidelity(model, _moved(model), feeds)["outputs"]["y"]
     assert "sequence_agreement" in entry and "sequence_collapsed" not in entry, entry
+
+
+def test_outputs_with_no_rows_compare_without_an_error_or_a_warning():
+    """g2p-fa's greedy decoder in a ``Loop`` run for 0 steps on every calibration sample: an
+    output ``[0, batch, 33]``, where the sequence agreement took the arg-max of no counts (an
+    internal error) after numpy's "Mean of empty slice" warnings."""
+    import warnings
+
+    from graphprune.calibration import fidelity
+
+    empty = [[np.zeros((0, 1, 33), np.float32)] for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fidelity.compare_outputs(["logits"], empty, [[a.copy() for a in r] for r in empty], logits={"logits"})
+        assert fidelity.sequence_agreement(empty[0][0], empty[0][0]) == (True, False)
+        assert fidelity.row_agreement(empty[0][0], np.zeros((2, 1, 33))) == 0.0
+    assert result["rel_l2"] == 0.0

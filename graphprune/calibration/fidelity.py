@@ -138,7 +138,9 @@ def looks_like_scores(value: np.ndarray) -> bool:
 
 
 def row_agreement(y: np.ndarray, p: np.ndarray) -> float:
-    """The share of rows whose arg-max class is the same."""
+    """The share of rows whose arg-max class is the same (no rows in either: 1; in one: 0)."""
+    if not y.size or not p.size:
+        return float(y.size == p.size)
     return float(np.mean(np.argmax(y, axis=-1) == np.argmax(p, axis=-1)))
 
 
@@ -148,6 +150,8 @@ def sequence_agreement(y: np.ndarray, p: np.ndarray, ctc: bool = True) -> tuple[
     repeats are merged and that class dropped before comparing (a line reads the same when
     its characters move by a frame); else (or not ``ctc``: a label per token) every row must agree."""
     ya, pa = np.argmax(y, axis=-1).reshape(-1), np.argmax(p, axis=-1).reshape(-1)
+    if not ya.size:  # no rows (a decoder run for 0 steps): the same where the pruned has none either
+        return not pa.size, False
     values, counts = np.unique(ya, return_counts=True)
     blank = int(values[np.argmax(counts)])
     if not ctc or counts.max() * 2 <= ya.size:
@@ -188,7 +192,7 @@ def channel_spread(y: np.ndarray) -> float:
     """How far apart the sizes (RMS) of an output's channels (axis 1) are: the largest over the
     smallest non-zero one; 1 for an output of rank below 3. A detector's ``[1, 4 + C, anchors]``
     holds box coordinates in pixels beside class scores in [0, 1]: its cosine measures the boxes."""
-    if y.ndim < 3 or y.shape[1] < 2:
+    if y.ndim < 3 or y.shape[1] < 2 or not y.size:
         return 1.0
     rms = np.sqrt(np.mean(np.square(np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)), axis=1))
     live = rms[rms > 0]
