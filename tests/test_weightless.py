@@ -167,7 +167,7 @@ def test_every_mode_answers_without_preparation() -> None:
     replayed = graphprune.prune(model, plan=unchecked.plan).report  # a plan that removes nothing
     assert replayed["nothing_prunable"].startswith(REASON)
     # what cannot be met is a usage error, as on any model without blocks or MACs
-    with pytest.raises(UsageError, match="cannot erase 1 residual blocks: the model has 0"):
+    with pytest.raises(UsageError, match="cannot erase 1 residual block: the model has 0"):
         graphprune.prune(model, erase_blocks=1)
     with pytest.raises(UsageError, match="cannot erase 0.5 of the residual blocks: the model has 0"):
         graphprune.prune(model, erase_blocks=0.5)

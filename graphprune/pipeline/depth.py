@@ -58,7 +58,7 @@ def _count(k: int | float, total: int) -> int:
     if isinstance(k, float) and k < 1:
         return int(round(k * total))
     if int(k) > total:
-        raise UsageError(f"cannot erase {int(k)} residual blocks: the model has {total}")
+        raise UsageError(f"cannot erase {int(k)} residual block{'s' if int(k) != 1 else ''}: the model has {total}")
     return int(k)
 
 

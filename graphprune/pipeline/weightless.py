@@ -355,7 +355,8 @@ def _check_erase_blocks(found: WeightlessModel, k: Any) -> None:
     from graphprune.pipeline.depth import check_count
 
     check_count(k)
-    what = f"{k:g} of the residual blocks" if isinstance(k, float) and k < 1 else f"{int(k)} residual blocks"
+    what = (f"{k:g} of the residual blocks" if isinstance(k, float) and k < 1
+            else f"{int(k)} residual block{'s' if int(k) != 1 else ''}")
     if k > 0:
         raise UsageError(f"cannot erase {what}: the model has 0 (it holds no weight tensor; {found.where})")
 
