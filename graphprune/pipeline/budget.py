@@ -435,8 +435,11 @@ def _dropped_parameters(session: Session, options: BudgetOptions, full: float) -
     share the budget (:func:`_branches_first` counts them)."""
     if options.kind != "params" or full <= 0 or has_branches(session.prepared):
         return 0
-    loaded = float(session.params_as_loaded or 0)
-    return int(loaded - full) if loaded > 1.01 * full else 0
+    from graphprune.verify.metrics import count_params
+
+    # (held: a Loop body's weights are no allocation's, but the prepared graph holds them)
+    loaded, held = float(session.params_as_loaded or 0), float(count_params(session.prepared, session.store.tensor_bytes))
+    return int(loaded - full) if loaded > 1.01 * full and loaded > 1.01 * held else 0
 
 
 def _branches_first(session: Session, options: BudgetOptions, tolerance: float,
