@@ -809,30 +809,11 @@ def test_weights_a_loop_body_reads_are_not_counted_as_dropped():
     """g2p-fa's greedy decoder in a ``Loop``: a params budget noted "841289 parameters that nothing
     but a Shape read were dropped" (the body's weights, which no allocation holds but the model
     does) and aimed at a goal raised by them: it pruned nothing (1.000, MISSED)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
+    from test_counting_shapes import _loop_model
 
     from graphprune.tables import budget_lines
 
-    rng = np.random.default_rng(0)
-    body = helper.make_graph(
-        [helper.make_node("MatMul", ["h_in", "wl"], ["m"]), helper.make_node("Tanh", ["m"], ["h_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [4, 64])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [4, 64])])
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.1, n)
-             for n, s in (("w1", (64, 128)), ("w2", (128, 64)), ("wl", (64, 64)))]
-    inits += [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "cond")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["b"]),
-             helper.make_node("Loop", ["trips", "cond", "b"], ["y"], body=body)]
-    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.checker.check_model(model)
+    model = _loop_model()
     report = graphprune.prune(model, target_params=0.8).report
     assert "dropped_by_preparation" not in report["budget"]
     assert not any("nothing but a Shape read" in line for line in budget_lines(report["budget"]))
