@@ -102,12 +102,11 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
     ``input_shapes`` where given): mean and smallest cosine of the outputs, largest relative
     L2 difference, and top-1 agreement for outputs shaped like class scores ``[batch, classes]``."""
     from graphprune.calibration.fidelity import pair_figures
-    from graphprune.io.feeds import make_feeds
+    from graphprune.io.feeds import integers_zeroed, make_feeds
     from graphprune.verify import validate
 
     reference_model = original if isinstance(original, onnx.ModelProto) else onnx.load(original)
     feeds = make_feeds(reference_model, seed=seed, count=count, input_shapes=dict(input_shapes or {}) or None)
-    zeros = [{k: np.zeros_like(v) if np.issubdtype(v.dtype, np.integer) else v for k, v in f.items()} for f in feeds]
     inputs = f"{count} random inputs (seed {seed})"
     reference, failure = None, None
     try:
@@ -116,6 +115,7 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
         failure = exc
     if reference is None and any(np.issubdtype(v.dtype, np.integer) for v in feeds[0].values()):
         try:  # ids into an open count of rows (a GNN's atoms), as the prune's verification feeds them
+            zeros = [integers_zeroed(f) for f in feeds]
             reference, feeds, inputs = validate.run_many(original, zeros, "the original"), zeros, inputs + ", integers 0"
         except GraphPruneError:
             pass

@@ -225,3 +225,31 @@ def test_an_unrolled_decoder_after_a_recurrent_encoder_is_refit_too() -> None:
     unrolled = refit["unrolled"]
     assert unrolled["layers"] == 5 and "undone" not in unrolled, unrolled
     assert unrolled["output_error"] < 0.5 * unrolled["output_error_without"]
+
+
+def test_two_shared_weights_reading_one_step_s_state_each_get_the_original_s_input() -> None:
+    """A greedy decoder's state ``h_t`` is read by the next step's recurrence ``W_h`` and by the
+    output projection ``W_o`` (whose output feeds the next step): two unrolled shares on one
+    tensor, each cutting the original's state for itself (a reader once got the copy the one
+    before it had cut: right only where the removed channels lay past the cut copy's end)."""
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.standard_normal((24, 6)))[0]
+    a = rng.standard_normal((6, 6))
+    a *= 0.8 / max(abs(np.linalg.eigvals(a)))
+    values = {"W_x": rng.standard_normal((4, 6)) @ basis.T * 0.5, "W_h": basis @ a @ basis.T,
+              "W_o": basis @ rng.standard_normal((6, 4)) * 0.5, "W_y": rng.standard_normal((4, 6)) @ basis.T * 0.3}
+    nodes = [helper.make_node("MatMul", ["x", "W_x"], ["a0"]), helper.make_node("Tanh", ["a0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "W_o"], ["y0"])]
+    for t in range(1, 5):
+        nodes += [helper.make_node("MatMul", [f"h{t - 1}", "W_h"], [f"v{t}"]),
+                  helper.make_node("MatMul", [f"y{t - 1}", "W_y"], [f"u{t}"]),
+                  helper.make_node("Add", [f"u{t}", f"v{t}"], [f"a{t}"]), helper.make_node("Tanh", [f"a{t}"], [f"h{t}"]),
+                  helper.make_node("MatMul", [f"h{t}", "W_o"], [f"y{t}"])]
+    model = make_model(nodes, {"x": ("N", 4)}, {"y4": None}, {k: v.shape for k, v in values.items()})
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(values[init.name].astype(np.float32), init.name))
+    result = graphprune.prune(model, ratio=0.5, calibration=_feeds({"x": (8, 4)}, 40), reconstruction="refit")
+    assert result.report["verification"]["ok"] is True
+    refit = result.report["calibration"]["passes"]["RefitPass"]
+    assert "not_refit_positions_differ" not in refit, refit
+    assert refit["unrolled"]["layers"] == 4 + 5 + 4, refit  # every reader of W_h, W_o and W_y

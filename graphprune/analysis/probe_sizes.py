@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 
 from graphprune.errors import UsageError
-from graphprune.io.feeds import InputSpec, derived_from, make_feeds_from_specs, resolve_shapes
+from graphprune.io.feeds import (
+    InputSpec,
+    derived_from,
+    integers_zeroed,
+    make_feeds_from_specs,
+    resolve_shapes,
+)
 
 IMAGE_SIZES = (224, 32, 48, 64, 96, 128, 160, 256, 320, 512, 640)
 OTHER_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1, 2, 4)
@@ -293,8 +299,7 @@ def _guess_runs(session: Any, specs: Sequence[InputSpec], shapes: dict[str, tupl
                                       float_ranges=float_ranges)[0]
     except Exception:  # noqa: BLE001 - feeds that cannot be made at the guess: none runs
         return False
-    zeros = {k: np.zeros_like(v) if np.issubdtype(v.dtype, np.integer) else v for k, v in feeds.items()}
-    for attempt in (feeds, zeros):
+    for attempt in (feeds, integers_zeroed(feeds)):
         try:
             session.run(None, attempt)
             return True

@@ -204,7 +204,6 @@ class _Original:
     w: np.ndarray | None
     r: np.ndarray | None
     b: np.ndarray | None
-    has_bias: bool
 
 
 def _original_layer(reference: onnx.ModelProto, node: gs.Node, rule: Any, store: Any) -> _Original | None:
@@ -231,7 +230,7 @@ def _original_layer(reference: onnx.ModelProto, node: gs.Node, rule: Any, store:
 
     return _Original(proto.input[0], proto.output[0] if proto.output else "",
                      decoded(info.stored_input, info.input_weight), decoded(info.stored_recurrence, info.recurrence),
-                     _array(inits[b_name], store) if b_name else None, bool(b_name))
+                     _array(inits[b_name], store) if b_name else None)
 
 
 def _array(tensor: onnx.TensorProto, store: Any, raw: bool = False) -> np.ndarray:
@@ -359,8 +358,7 @@ def refit(graph: gs.Graph, template: onnx.ModelProto, reference: onnx.ModelProto
             skipped[node.name] = "the original's bias is not a constant: not refit"
             continue
         bias = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
-        gh = (info.stored_recurrence.shape[1] if info.stored_recurrence is not None
-              else np.shape(info.recurrence.values)[1] if info.recurrence is not None else 0)
+        gh = info.gates * info.hidden
         dirs = len(info.reverse)
         b = np.zeros((dirs, 2 * gh)) if bias is None else np.asarray(bias.values, np.float64).copy()
         written = []  # (stored, constant, values) of the weights fitted

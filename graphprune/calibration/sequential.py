@@ -375,18 +375,17 @@ class Reconstructor:
             add(t, batch)
 
         def take_original(batch: int, name: str, x: np.ndarray) -> None:
-            for t in by_original.get(name, ()):
-                if x.ndim:
-                    channel = t.view.info.data_axis % x.ndim
-                    cuts = {a % x.ndim: c for a, c in (t.input_cut or {}).items()}
-                    cuts.setdefault(channel, t.channel_cut if t.channel_cut is not None else np.zeros(0, np.int64))
-                    for axis, cut in cuts.items():
-                        if len(cut) and cut.max() < x.shape[axis]:
-                            x = np.delete(x, cut, axis=axis)
-                if not x.ndim or x.shape[channel] != t.view.in_channels():
+            for t in by_original.get(name, ()):  # (each reader cuts the original's input for itself)
+                kept, channel = x, t.view.info.data_axis % max(x.ndim, 1)
+                cuts = {a % max(x.ndim, 1): c for a, c in (t.input_cut or {}).items()}
+                cuts.setdefault(channel, t.channel_cut if t.channel_cut is not None else np.zeros(0, np.int64))
+                for axis, cut in cuts.items():
+                    if x.ndim and len(cut) and cut.max() < kept.shape[axis]:
+                        kept = np.delete(kept, cut, axis=axis)
+                if not x.ndim or kept.shape[channel] != t.view.in_channels():
                     misplaced.add(t.key)  # the original's input, less the cut, is not the layer's
                     continue
-                take_input(t, batch, x)
+                take_input(t, batch, kept)
 
         def take(batch: int, name: str, x: np.ndarray) -> None:
             for t in by_input.get(name, ()):

@@ -373,6 +373,12 @@ def make_feeds(
     )
 
 
+def integers_zeroed(feed: Mapping[str, Any]) -> dict[str, Any]:
+    """``feed`` with every integer input 0: the fallback where random ids do not run (ids into
+    an open count of rows, a GNN's atoms: verification's batch of one atom has no atom 1)."""
+    return {k: np.zeros_like(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else v for k, v in feed.items()}
+
+
 def output_array(value: object) -> np.ndarray:
     """An ONNX Runtime output as an array. A sequence of maps (``ZipMap``'s class
     probabilities: one ``{label: score}`` per sample) becomes a samples x labels float array

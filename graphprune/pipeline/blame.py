@@ -16,6 +16,7 @@ import numpy as np
 from onnx import version_converter
 
 from graphprune.errors import GraphPruneError, InvalidModelError, UsageError, VerificationError
+from graphprune.io.feeds import integers_zeroed
 from graphprune.verify import preparation, validate
 
 __all__ = ["blaming", "conversion_fault", "data_fault", "did_not_run", "input_fault"]
@@ -62,9 +63,8 @@ def _runs_on_integer_zeros(session: Any, feed: dict[str, np.ndarray]) -> bool:
     """Whether the prepared model runs on ``feed`` with its integer inputs 0 (where it has any)."""
     if not any(np.issubdtype(np.asarray(v).dtype, np.integer) for v in feed.values()):
         return False
-    zeros = {k: np.zeros_like(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else v for k, v in feed.items()}
     try:
-        validate.run(session.path_of(session.prepared), zeros, "the input model")
+        validate.run(session.path_of(session.prepared), integers_zeroed(feed), "the input model")
     except VerificationError:
         return False
     return True

@@ -11,7 +11,7 @@ import numpy as np
 
 from graphprune.calibration.synthetic import first_tested_values, named_feeds
 from graphprune.io import ir
-from graphprune.io.feeds import input_specs, make_feeds
+from graphprune.io.feeds import input_specs, integers_zeroed, make_feeds
 from graphprune.verify import validate
 
 #: calibration samples the structural check runs on where random inputs leave outputs empty
@@ -45,7 +45,7 @@ class FeedValues:
                 candidates.append(named)
             integers = [k for k, v in generated[0].items() if np.issubdtype(v.dtype, np.integer)]
             if integers:
-                zeros = [{k: np.zeros_like(v) if k in integers else v for k, v in f.items()} for f in generated]
+                zeros = [integers_zeroed(f) for f in generated]
                 candidates.append((zeros, f"the generated inputs with every integer input 0 ({', '.join(integers[:4])}"
                                           f"{', ...' if len(integers) > 4 else ''})"))
         for samples, source in candidates:
