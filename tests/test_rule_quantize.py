@@ -720,3 +720,64 @@ def test_a_dequantized_embedding_table_creates_its_features(tmp_path, moved) -> 
     table = next(t for t in result.model.graph.initializer if t.name == model.graph.node[0].input[0])
     assert list(table.dims) == [50, 8] and table.data_type == TensorProto.UINT8
     assert result.report["verification"]["ok"]
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq", "qoperator"])
+def test_a_quantized_embedding_table_read_by_any_quantizer_prunes_its_features(tmp_path, form) -> None:
+    """An embedding table as each of ONNX Runtime's quantizers writes it, its rows feeding a
+    layer: ``quantize_dynamic`` gathers uint8 rows straight into a ``MatMulInteger`` that
+    subtracts the table's zero point; QDQ gathers from a ``DequantizeLinear`` of the table; the
+    QOperator form gathers into a ``QLinearMatMul``. Before, their features were "fixed: no
+    weight creates these channels" where the float file prunes them (g2p-en's int8 decoder).
+    The features kept are the float twin's (the table's columns ranked as the floats they
+    decode to), and the rewrite equals the zeroed original exactly."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 16)).astype(np.float32) * (0.2 * (1 + rng.permutation(16))).astype(np.float32)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32)
+    w1 /= np.linalg.norm(w1, axis=1, keepdims=True)  # the table alone ranks the features
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("MatMul", ["e", "W1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    params = [numpy_helper.from_array(table, "E"), numpy_helper.from_array(w1, "W1"),
+              numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "W2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])], params)
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    if form == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.feeds = iter([{"ids": rng.integers(0, 50, (1, 8))} for _ in range(8)])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        quantize_static(str(src), str(dst), Reader(),
+                        quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator)
+    model = onnx.load(dst)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    reader = {n.op_type for n in model.graph.node if gather.output[0] in n.input}
+    assert reader == {"dynamic": {"MatMulInteger"}, "qdq": {"QuantizeLinear"}, "qoperator": {"QLinearMatMul"}}[form]
+    name = gather.input[0] if form != "qdq" else next(
+        n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == gather.input[0])
+
+    result = graphprune.prune(model, ratio=0.5)  # verified against the zeroed original inside
+    assert result.report["verification"]["ok"] and result.report["verification"]["max_abs_diff"] == 0
+    pruned = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == name)
+    original = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+    assert pruned.shape == (50, 8) and pruned.dtype == original.dtype
+    kept = [next(k for k in range(16) if np.array_equal(original[:, k], pruned[:, j])) for j in range(8)]
+    float_table = next(numpy_helper.to_array(t) for t in graphprune.prune(str(src), ratio=0.5).model.graph.initializer
+                       if t.name == "E")
+    assert kept == [next(k for k in range(16) if np.array_equal(table[:, k], float_table[:, j])) for j in range(8)]
+    feeds = {"ids": rng.integers(0, 50, (1, 8))}
+    assert _run(result.model, feeds)[0].shape == (1, 8, 4)

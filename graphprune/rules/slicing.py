@@ -359,8 +359,8 @@ class GatherRule(OpRule):
                 ctx.couple(data, a, y, a)
             elif a > axis:
                 ctx.couple(data, a, y, a - 1 + ri)
-                if axis == 0 and isinstance(data, gs.Constant):
-                    ctx.role(data, a, PRODUCER)  # an embedding table produces features
+                if axis == 0 and (isinstance(data, gs.Constant) or ctx.is_weight_value(data)):
+                    ctx.role(data, a, PRODUCER)  # an embedding table produces features (a QDQ one too)
         if axis == 0 and isinstance(data, gs.Constant) and np.asarray(data.values).dtype.kind in "iu":
             _dequantized_table(data, y, ctx)
         if run is not None:
@@ -397,6 +397,30 @@ class GatherRule(OpRule):
 _INTEGER_MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
 
 
+#: integer layers that read integer data with a zero point of their own (input 2; the QLinear
+#: ones with its scale at input 1)
+_INTEGER_READERS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
+
+
+def _integer_read_table(table: gs.Constant, reader: gs.Node, ctx: CouplingContext) -> None:
+    """An integer embedding table whose gathered rows an integer layer reads as its data, with a
+    constant per-tensor data zero point (``quantize_dynamic`` of a ``Gather`` feeding a
+    ``MatMul``, or a QOperator ``QLinearMatMul``: the layer subtracts the table's own zero
+    point): a removed feature set to that zero point contributes exactly nothing, as removing
+    it does. The scale is one per tensor (a QLinear layer's data scale, else 1: the integers
+    minus the zero point rank the features as the floats do)."""
+    zero = reader.inputs[2] if len(reader.inputs) > 2 and reader.inputs[2].name else None
+    if zero is not None and (not isinstance(zero, gs.Constant) or np.size(zero.values) != 1):
+        return
+    scale = reader.inputs[1] if reader.op.startswith("QLinear") else None
+    if scale is not None and (not isinstance(scale, gs.Constant) or np.size(scale.values) != 1):
+        return
+    point = np.asarray(zero.values).reshape(()) if zero is not None else None
+    ctx.integer_param(table, point)
+    ctx.decoded(table, np.asarray(scale.values, np.float64).reshape(()) if scale is not None else np.float64(1.0),
+                point if point is not None else 0)
+
+
 def _dequantized_table(table: gs.Constant, rows: gs.Tensor, ctx: CouplingContext) -> None:
     """An integer embedding table whose gathered rows one ``DequantizeLinear`` reads with a
     constant per-tensor scale and zero point (``quantize_dynamic`` of a ``Gather``): a
@@ -410,6 +434,9 @@ def _dequantized_table(table: gs.Constant, rows: gs.Tensor, ctx: CouplingContext
             and len(readers[0].outputs) == 1:
         rows = readers[0].outputs[0]
         readers = rows.outputs
+    if len(readers) == 1 and readers[0].op in _INTEGER_READERS and readers[0].inputs[0] is rows:
+        _integer_read_table(table, readers[0], ctx)
+        return
     if len(readers) != 1 or readers[0].op != "DequantizeLinear" or readers[0].inputs[0] is not rows:
         return
     scale = readers[0].inputs[1] if len(readers[0].inputs) > 1 else None
