@@ -39,6 +39,7 @@ class _Progress:
         self.stages = list(stages)
         self.start = time.perf_counter()
         self.last = ""
+        self.reached = 0  # the furthest stage numbered so far: the count never goes back
 
     def __call__(self, stage: str) -> None:
         elapsed = time.perf_counter() - self.start
@@ -46,6 +47,9 @@ class _Progress:
             return
         self.last = stage
         index = self.stages.index(stage) + 1 if stage in self.stages else 0
+        if index < self.reached:  # entered again later (the check of the preparation after the final refit)
+            index = 0
+        self.reached = max(self.reached, index)
         total = len(self.stages)
         prefix = f"[{index}/{total}]" if index else "[..]"
         print(f"{prefix} {stage} (+{elapsed:.1f}s)", file=sys.stderr, flush=True)

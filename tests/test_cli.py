@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import conv_node, make_model
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.cli import main
 from graphprune.examples import example_cnn
@@ -142,6 +142,27 @@ def test_long_runs_show_progress_in_logs(capsys, models, tmp_path, monkeypatch):
     assert [line.split()[1] for line in err.splitlines()] == [
         "load", "analysis", "plan", "prune", "verify", "count",
     ]
+
+
+def test_stage_numbers_never_go_back(capsys, models, tmp_path, monkeypatch):
+    """A calibrated prune checks its preparation again after the final refit: that line read
+    "[7/11] verify" after "[11/11] final refit". A stage entered again after a later one is
+    unnumbered ("[..] verify")."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Constant", [], ["shift"], value=numpy_helper.from_array(np.full(1, 0.5, np.float32))),
+             helper.make_node("Add", ["x", "shift"], ["xs"]), helper.make_node("MatMul", ["xs", "W1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["b"]), helper.make_node("MatMul", ["b", "W2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (16, 32)), ("W2", (32, 4)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "k.onnx")
+    monkeypatch.setenv("GRAPHPRUNE_PROGRESS", "1")
+    code, _, err = cli(capsys, "prune", tmp_path / "k.onnx", "-o", tmp_path / "c.onnx", "--ratio", "0.3",
+                       "--calibration", "random:24")
+    assert code == 0, err
+    lines = [line.split(" (+")[0] for line in err.splitlines() if line.startswith("[")]
+    assert lines[-3:] == ["[11/11] final refit", "[..] count", "[..] verify"], lines  # (the preparation's check)
 
 
 def test_budget_search_progress_names_the_allocation(capsys, models, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
@@ -331,3 +332,33 @@ def test_ort_fused_int8_kernels_in_a_file_without_shapes_are_counted(tmp_path) -
     assert {n.op_type for n in fused.graph.node} & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
     del fused.graph.value_info[:]
     assert count_macs(fused) == expected
+
+
+def test_a_calibrated_budget_counts_an_open_leading_axis_at_the_data_size(tmp_path) -> None:
+    """A graph network reads ``x [atoms, 16]``: layers per atom, a mean over the atoms, layers
+    per graph. Its open axis 0 was taken for the batch and counted at one atom even where the
+    calibration samples hold 200, so a ``--target-macs 0.5`` budget cut the per-graph layers
+    (cheap on the data) and kept the per-atom ones: 0.83 of the MACs on the data, reported
+    "0.50". With calibration data that sizes that axis other than 1, MACs count at the data's
+    sizes (pocketnet's GNN, round 70)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "W2"], ["c"]),
+             helper.make_node("ReduceMean", ["c"], ["p"], axes=[0], keepdims=1),
+             helper.make_node("MatMul", ["p", "W3"], ["d"]), helper.make_node("Relu", ["d"], ["e"]),
+             helper.make_node("MatMul", ["e", "W4"], ["y"])]
+    shapes = {"W1": (16, 64), "W2": (64, 32), "W3": (32, 256), "W4": (256, 10)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["atoms", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((48, 200, 16)).astype(np.float32))
+    result = graphprune.prune(model, target_macs=0.5, calibration=str(tmp_path / "cal.npz"))
+    assert result.report["macs_input_shapes"] == {"x": [200, 16]}
+
+    def macs(m: onnx.ModelProto, atoms: int) -> int:  # counted here, at the data's 200 atoms
+        w = {i.name: i.dims for i in m.graph.initializer}
+        return atoms * (w["W1"][0] * w["W1"][1] + w["W2"][0] * w["W2"][1]) + w["W3"][0] * w["W3"][1] + \
+            w["W4"][0] * w["W4"][1]
+    assert abs(macs(result.model, 200) / macs(model, 200) - 0.5) <= 0.03
+    assert result.report["budget"]["achieved"] == pytest.approx(macs(result.model, 200) / macs(model, 200), abs=0.01)

@@ -85,6 +85,18 @@ def open_dimensions(
     return {k: v for k, v in found.items() if k not in batch_symbols}
 
 
+def leading_sizes(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Do ``shapes`` (one calibration sample's) size an open axis 0 other than 1? Such an axis
+    is no batch of one-sample feeds but a length of the data: a graph's atoms, a point cloud's
+    points, frames of a ``[T, F]`` input. :func:`open_dimensions` takes it for the batch, which
+    counts one atom: MACs per atom and per graph then weigh as they never do on the data."""
+    for spec in specs:
+        shape = shapes.get(spec.name)
+        if spec.shape and shape and not (isinstance(spec.shape[0], int) and spec.shape[0] >= 0) and shape[0] != 1:
+            return True
+    return False
+
+
 def required_sizes(model: Any, specs: Sequence[InputSpec], opset: int) -> dict[str, int]:
     """Sizes of the input symbols that the ops reading those inputs require
     (:meth:`~graphprune.rules.registry.OpRule.required_sizes`: ONNX Runtime GenAI's decoders

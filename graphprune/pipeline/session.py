@@ -405,16 +405,16 @@ class Session(FeedValues):
     def cost_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Concrete input shapes at which MACs are counted (report, budget, latency table)
         where the original's inputs leave sizes open beyond the batch axis, or a layer has a
-        size no input names: the calibration samples' shapes where the user gave none
-        (``--input-shape``), else :func:`~graphprune.analysis.probe_sizes.counting_shapes`; ``None``: nothing to size."""
-        from graphprune.analysis.probe_sizes import counting_shapes, open_dimensions
+        size no input names, or the calibration sizes an open axis 0 other than 1 (a graph's atoms):
+        the calibration samples' shapes where the user gave none (``--input-shape``), else :func:`~graphprune.analysis.probe_sizes.counting_shapes`; ``None``: nothing to size."""
+        from graphprune.analysis.probe_sizes import counting_shapes, leading_sizes, open_dimensions
 
         specs = input_specs(self.original)
         # (sizes the user gave count, the batch too: four rows cost four times one)
         opened = bool(open_dimensions(specs)) or bool(self.input_shapes)
         if not opened and self.analysis is None:
             return None
-        if opened and self.data_shapes and not self.input_shapes:
+        if self.data_shapes and not self.input_shapes and (opened or leading_sizes(specs, self.data_shapes)):
             return dict(self.data_shapes)
         if self._counting is False:  # decided on the analysed graph (its shapes derived) once there is one
             graph = self.analysis.graph if self.analysis is not None else ir.import_graph(self.prepared, self.store)
