@@ -191,3 +191,50 @@ def test_a_weight_split_and_transposed_in_the_graph_produces_its_channels() -> N
     result = graphprune.prune(model, ratio=0.5)
     assert result.report["verification"]["ok"]
     assert result.report["params_after"] < 0.6 * result.report["params_before"]
+
+
+def _layers_sharing_a_quantized_bias() -> onnx.ModelProto:
+    """``x -> MatMul(W1) + b -> Relu -> MatMul(W2) + b -> Relu -> MatMul(W3)``, ``b`` one int8
+    vector behind one ``DequantizeLinear`` that both layers read through an ``Identity`` each:
+    ONNX Runtime's ``quantize_static`` of a TorchScript export whose zero biases were stored
+    once (a random-initialised BERT)."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"], name="b_dq"),
+             helper.make_node("Identity", ["b"], ["b1"]), helper.make_node("Identity", ["b"], ["b2"]),
+             helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["a2"]), helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "W3"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (8, 16)), ("W2", (16, 16)), ("W3", (16, 4)))]
+    inits += [numpy_helper.from_array(rng.integers(-20, 20, 16).astype(np.int8), "bq"),
+              numpy_helper.from_array(np.array(0.05, np.float32), "bs"), numpy_helper.from_array(np.array(0, np.int8), "bz")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_quantized_vector_two_layers_share_no_longer_couples_them() -> None:
+    """The ``DequantizeLinear`` of a shared vector coupled every layer that reads it (a QDQ
+    BERT's heads, an MLP and its residual stream were one group). Each reader gets its own
+    ``DequantizeLinear`` of its own copy; equal copies are one node and one constant again in
+    the written model (no more ``DequantizeLinear`` nodes than the file had)."""
+    model = _layers_sharing_a_quantized_bias()
+    analysis = graphprune.analyze(model)
+    first, second = group_with(analysis, "W1", 1), group_with(analysis, "W2", 1)
+    assert first is not second and first.prunable and second.prunable
+
+    result = graphprune.prune(model, ratio=0.5)
+    assert result.report["verification"]["ok"] and result.report["verification"]["max_abs_diff"] == 0
+    onnx.checker.check_model(result.model, full_check=True)
+    weights = {t.name: t for t in result.model.graph.initializer}
+    assert list(weights["W1"].dims) == [8, 8] and list(weights["W2"].dims) == [8, 8]
+
+    lossless = graphprune.prune(model, lossless=True).model
+    dequantized = [n for n in lossless.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) == 1 and not any(TIE in n.name or TIE in n.output[0] for n in lossless.graph.node)
+    assert sorted(t.name for t in lossless.graph.initializer) == sorted(t.name for t in model.graph.initializer)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(lossless, feeds)[0], run_ort(model, feeds)[0])

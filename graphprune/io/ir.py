@@ -41,7 +41,11 @@ from graphprune.io.gs_export import as_protos
 from graphprune.io.order import sort_proto, toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
-from graphprune.io.shared_constants import untie_shared_constants, untie_shared_shapes
+from graphprune.io.shared_constants import (
+    untie_shared_constants,
+    untie_shared_dequantized,
+    untie_shared_shapes,
+)
 from graphprune.io.strided_gathers import bypass_identity_gathers, has_indexed_flat_reads
 from graphprune.io.weights import graph_constants, release, restore_stubs
 from graphprune.io.zero_inputs import drop_zero_inputs, has_zero_defaults
@@ -369,6 +373,7 @@ def prepare(
             model = _normalise_graph(model, store, True, expansions=expansions)
             if len(model.graph.node) >= size:
                 break
+    untie_shared_dequantized(model)
     untie_shared_constants(model)
     untie_shared_shapes(model)
     return model

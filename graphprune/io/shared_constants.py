@@ -40,7 +40,7 @@ from graphprune.io.graph_reads import rename_reads, subgraphs
 from graphprune.io.names import fresh_name
 
 __all__ = ["SHARED_KEY", "TIE", "mark_shared", "readers", "retie_constants", "retie_shapes", "share_subgraph_constants",
-           "subgraph_copies", "tied_origin", "untie_shared_constants", "untie_shared_shapes"]
+           "subgraph_copies", "tied_origin", "untie_shared_constants", "untie_shared_dequantized", "untie_shared_shapes"]
 
 #: the name of a copy made by :func:`untie_shared_constants`: ``NAME__gp_tie``, ``NAME__gp_tie_1``, ...
 TIE = "__gp_tie"
@@ -203,6 +203,86 @@ def untie_shared_constants(model: onnx.ModelProto) -> int:
             node.input[k] = copy_.name
             made += 1
     return made
+
+
+def _dequantized_vectors(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The main graph's ``DequantizeLinear`` nodes of initializers alone whose integer input is a
+    vector (exactly one axis longer than 1)."""
+    inits = {t.name: t for t in graph.initializer}
+    return [node for node in graph.node if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+            and node.input and all(not name or name in inits for name in node.input)
+            and sum(d > 1 for d in inits[node.input[0]].dims) == 1]
+
+
+def untie_shared_dequantized(model: onnx.ModelProto) -> int:
+    """A shared vector stored quantized: a QDQ quantizer's ``DequantizeLinear`` of an integer
+    initializer whose output several nodes read (ONNX Runtime's ``quantize_static`` of a
+    TorchScript export: the de-duplicated zero bias of every layer, read through one
+    ``Identity`` per layer, quantized once). Each further reader gets its own
+    ``DequantizeLinear`` of the same constants, which :func:`untie_shared_constants` then
+    copies; :func:`retie_constants` makes the copies one node again. Before, a random-initialised
+    BERT's QDQ copy coupled its heads and an MLP with its residual stream (one prunable group of
+    five, where the float file has four). Returns the nodes made."""
+    graph = model.graph
+    nodes = _dequantized_vectors(graph)
+    if not nodes:
+        return 0
+    slots: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            slots[name].append((node, k))
+    inner: set[str] = set()
+    for sub in subgraphs(graph):
+        inner |= {name for node in sub.node for name in node.input}
+    keep = inner | {o.name for o in graph.output} | _marked(model)
+    taken, names = _defined(graph), {n.name for n in graph.node}
+    copies: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for dq in nodes:
+        out = dq.output[0]
+        if len(slots[out]) < 2 or out in keep or dq.input[0] in keep:
+            continue
+        for node, k in slots[out][1:]:
+            copy_ = onnx.NodeProto()
+            copy_.CopyFrom(dq)
+            copy_.name = fresh_name(f"{dq.name or out}{TIE}", names)
+            copy_.output[0] = fresh_name(f"{out}{TIE}", taken)
+            names.add(copy_.name)
+            node.input[k] = copy_.output[0]
+            copies[id(dq)].append(copy_)
+    if not copies:
+        return 0
+    ordered = [m for node in graph.node for m in (node, *copies.get(id(node), ()))]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return sum(len(c) for c in copies.values())
+
+
+def _retie_dequantized(graph: onnx.GraphProto) -> int:
+    """Make the ``DequantizeLinear`` copies :func:`untie_shared_dequantized` made one node again
+    where they still read the same constants (after :func:`retie_constants` made those one)."""
+    same: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
+    for node in _dequantized_vectors(graph):
+        same[(tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))].append(node)
+    renames: dict[str, str] = {}
+    dropped: set[int] = set()
+    for members in same.values():
+        if len(members) < 2 or not any(TIE in n.name for n in members):
+            continue
+        survivor = min(members, key=lambda n: (TIE in n.name, len(n.name), n.name))
+        for node in members:
+            if node is not survivor and TIE in node.name:
+                renames[node.output[0]] = survivor.output[0]
+                dropped.add(id(node))
+    if not dropped:
+        return 0
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _rename_all(graph, renames)
+    infos = [v for v in graph.value_info if v.name not in renames]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    return len(dropped)
 
 
 #: longest shape tensor :func:`untie_shared_shapes` copies (a shape has one entry per axis)
@@ -386,4 +466,5 @@ def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], b
         kept = [t for t in graph.initializer if t.name not in dropped]
         del graph.initializer[:]
         graph.initializer.extend(kept)
+        _retie_dequantized(graph)
     return len(dropped)
