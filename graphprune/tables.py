@@ -248,6 +248,11 @@ def budget_lines(budget: Mapping[str, Any] | None, notes: Sequence[str] = ()) ->
     if budget.get("widths_aligned") is False:
         lines.append("note: widths in multiples of 8 could not land within 0.03 of the target: any "
                      "width allowed (--round-to 8 keeps them aligned)")
+    land = budget.get("steps_land")
+    if land and not budget.get("met") and isinstance(achieved, (int, float)) and achieved < budget["fraction"]:
+        lines.append(f"note: the widths go in steps (group {land['group']}: {land['step']} units a step): the "
+                     f"allocations nearest the target cost {land['under']:.3g} and {land['over']:.3g} of the original "
+                     "(modelled), none between")
     lines.extend(notes)
     lines.extend(_allocation_detail(budget))
     return lines

@@ -818,3 +818,29 @@ def test_weights_a_loop_body_reads_are_not_counted_as_dropped():
     assert "dropped_by_preparation" not in report["budget"]
     assert not any("nothing but a Shape read" in line for line in budget_lines(report["budget"]))
     assert report["verification"]["ok"] and report["params_after"] < report["params_before"]
+
+
+def test_a_target_between_two_steps_says_where_the_steps_land():
+    """Widths that go in coarse steps (``--round-to 32``, heads, a 4-bit weight's blocks) can leave
+    nothing near the target: a 4-bit GRU's ``--target-macs 0.6`` landed at 0.415, said only as
+    "MISSED" (with a note on frozen groups that had nothing to do with it). The report gives the
+    nearest landings on both sides and the group whose step lies between them."""
+    from onnx import TensorProto, numpy_helper
+
+    from graphprune.tables import prune_summary
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (16, 64)), ("W2", (64, 16)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    report = graphprune.prune(model, target_macs=0.7, round_to=32).report
+    assert report["budget"]["met"] is False and report["budget"]["achieved"] == pytest.approx(0.5)
+    group = report["budget"]["widths"][0]["group"]
+    assert report["budget"]["steps_land"] == {"under": 0.5, "over": 1.0, "group": group, "step": 32}
+    assert f"group {group}: 32 units a step): the allocations nearest the target cost 0.5 and 1 " in prune_summary(report)
+    met = graphprune.prune(model, target_macs=0.5, round_to=32).report["budget"]
+    assert met["met"] and "steps_land" not in met

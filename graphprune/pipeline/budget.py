@@ -33,9 +33,11 @@ from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.candidates import apply_plan
 from graphprune.pipeline.choose import choose, measure_sensitivity
 from graphprune.pipeline.latency_rounds import (
+    choose_fast_widths,
     latency_choice,
     latency_floor,
     measured_ratio,
+    node_times,
     side_by_side_ratios,
     unstable_timing,
 )
@@ -54,7 +56,6 @@ from graphprune.planning import budget as budget_mod
 from graphprune.planning import search
 from graphprune.planning.importance import score_group
 from graphprune.planning.planner import share_plans
-from graphprune.verify.metrics import counted_shape
 
 #: rounds of re-allocation when the measured latency misses its target
 LATENCY_ROUNDS = 4
@@ -125,64 +126,6 @@ def _states(session: Session, analysis: Analysis, options: BudgetOptions, scorer
         min_channels=options.min_channels, max_ratio=options.max_ratio)
 
 
-def _node_times(session: Session, analysis: Analysis, options: BudgetOptions,
-                shape_of: Any = counted_shape) -> tuple[dict[int, float], Any]:
-    from graphprune.planning.latency import LatencyTable, OpSpec
-
-    table = LatencyTable(provider=options.provider, threads=options.threads)
-    nodes, specs = [], []
-    for node in analysis.graph.nodes:
-        spec = OpSpec.from_node(node, shape_of, analysis.opset)
-        if spec is not None:
-            nodes.append(node)
-            specs.append(spec)
-    times = table.latency(specs) if specs else []
-    return {id(n): float(t) for n, t in zip(nodes, times, strict=True)}, table
-
-
-def _choose_fast_widths(model: budget_mod.CostModel, table: Any, opset: int) -> int:
-    """Move each group's kept width to the fastest measured width within 1/16 of it: ORT's
-    kernels run some widths much faster than their neighbours. Every candidate of every
-    group is measured in one batch (the other groups at their allocated widths), then the
-    moves are made together."""
-    from graphprune.planning.latency import OpSpec
-
-    plans: list[tuple[int, int, list[int], dict[int, list[Any]]]] = []
-    wanted: list[Any] = []
-    for si, st in enumerate(model.states):
-        if not st.removed:
-            continue
-        window = max(1, st.group.num_units // 16)
-        here = st.index
-        candidates = [i for i, s in enumerate(st.steps) if abs(s - st.removed) <= window and s > 0]
-        if len(candidates) < 2:
-            continue
-        nodes = [model.items[i][0] for i in model.items_of[si]]
-        specs: dict[int, list[Any]] = {}
-        for index in candidates:
-            st.index = index
-            specs[index] = [sp for sp in (OpSpec.from_node(nd, model.shape, opset) for nd in nodes)
-                            if sp is not None]
-            wanted.extend(specs[index])
-        st.index = here
-        plans.append((si, here, candidates, specs))
-    if not plans:
-        return 0
-    times = dict(zip(wanted, table.latency(wanted), strict=True))
-    changed = 0
-    for si, here, candidates, specs in plans:
-        st = model.states[si]
-        costs = {i: float(sum(times[sp] for sp in specs[i])) for i in candidates}
-        fastest = min(costs.values())
-        # the fastest candidate; among those within 5 % of it (the noise of a loaded machine), the widest
-        best = min(candidates, key=lambda i: (costs[i] > fastest * 1.05, st.steps[i]))
-        if best != here and (costs[best] < costs[here] * 0.95
-                             or (costs[best] <= costs[here] * 1.05 and st.steps[best] < st.removed)):
-            model.set_index(si, best)
-            changed += 1
-    return changed
-
-
 def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_time: Any, table: Any,
               goal: float, shape_of: Any = None) -> tuple[budget_mod.Allocation, float | None, budget_mod.CostModel]:
     """Allocate to ``goal`` of the modelled cost. For latency, the widths then move to
@@ -202,7 +145,7 @@ def _allocate(analysis: Analysis, states: list, options: BudgetOptions, node_tim
                 allocation = search.unaligned(model, fraction, allocation, options.min_channels,
                                               options.landing_above) or allocation
             break
-        _choose_fast_widths(model, table, analysis.opset)
+        choose_fast_widths(model, table, analysis.opset)
         full = sum(node_time.values()) if node_time else 0.0
         estimate = table.estimate(analysis.graph, model.shape, analysis.opset) / full if full > 0 else None
         if estimate is None or estimate <= goal * 1.01:
@@ -280,7 +223,7 @@ def prune_budget(
     table = None
     if options.kind == "latency":
         with session.stage("latency table"):
-            node_time, table = _node_times(session, analysis, options, shape_of)
+            node_time, table = node_times(analysis, options, shape_of)
             info["latency_table"] = dict(getattr(table, "stats", {}) or {})
     meta = {"target": options.kind, "fraction": options.target, "criterion": options.criterion,
             **({"prune_hidden": True} if options.prune_hidden else {})}
@@ -313,6 +256,7 @@ def prune_budget(
             with session.stage("plan"):
                 allocation, estimate, cost_model = _allocate(analysis, states, options, node_time, table, goal,
                                                                shape_of)
+    info.update(search.landings(cost_model, goal) if options.kind != "latency" and states else {})
     plan = to_plan(meta)
     rounds: list[dict[str, Any]] = []
     fresh = analysis

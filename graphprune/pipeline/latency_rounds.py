@@ -99,3 +99,61 @@ def latency_floor(before: float, ratio: float, target: float, modelled_before: f
         return False
     return same_plan or modelled <= FLOOR_CUT * modelled_before
 
+
+def node_times(analysis: Any, options: Any, shape_of: Any) -> tuple[dict[int, float], Any]:
+    """Each node's latency at its allocated shape from the latency table (measured where not cached),
+    and the table."""
+    from graphprune.planning.latency import LatencyTable, OpSpec
+
+    table = LatencyTable(provider=options.provider, threads=options.threads)
+    nodes, specs = [], []
+    for node in analysis.graph.nodes:
+        spec = OpSpec.from_node(node, shape_of, analysis.opset)
+        if spec is not None:
+            nodes.append(node)
+            specs.append(spec)
+    times = table.latency(specs) if specs else []
+    return {id(n): float(t) for n, t in zip(nodes, times, strict=True)}, table
+
+
+def choose_fast_widths(model: Any, table: Any, opset: int) -> int:
+    """Move each group's kept width to the fastest measured width within 1/16 of it: ORT's
+    kernels run some widths much faster than their neighbours. Every candidate of every
+    group is measured in one batch (the other groups at their allocated widths), then the
+    moves are made together."""
+    from graphprune.planning.latency import OpSpec
+
+    plans: list[tuple[int, int, list[int], dict[int, list[Any]]]] = []
+    wanted: list[Any] = []
+    for si, st in enumerate(model.states):
+        if not st.removed:
+            continue
+        window = max(1, st.group.num_units // 16)
+        here = st.index
+        candidates = [i for i, s in enumerate(st.steps) if abs(s - st.removed) <= window and s > 0]
+        if len(candidates) < 2:
+            continue
+        nodes = [model.items[i][0] for i in model.items_of[si]]
+        specs: dict[int, list[Any]] = {}
+        for index in candidates:
+            st.index = index
+            specs[index] = [sp for sp in (OpSpec.from_node(nd, model.shape, opset) for nd in nodes)
+                            if sp is not None]
+            wanted.extend(specs[index])
+        st.index = here
+        plans.append((si, here, candidates, specs))
+    if not plans:
+        return 0
+    times = dict(zip(wanted, table.latency(wanted), strict=True))
+    changed = 0
+    for si, here, candidates, specs in plans:
+        st = model.states[si]
+        costs = {i: float(sum(times[sp] for sp in specs[i])) for i in candidates}
+        fastest = min(costs.values())
+        # the fastest candidate; among those within 5 % of it (the noise of a loaded machine), the widest
+        best = min(candidates, key=lambda i: (costs[i] > fastest * 1.05, st.steps[i]))
+        if best != here and (costs[best] < costs[here] * 0.95
+                             or (costs[best] <= costs[here] * 1.05 and st.steps[best] < st.removed)):
+            model.set_index(si, best)
+            changed += 1
+    return changed

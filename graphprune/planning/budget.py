@@ -457,7 +457,7 @@ def allocate(model: CostModel, fraction: float, above: float = 0.0) -> Allocatio
             above = max(above, met_within(fraction) - 1e-6)
         for si, st in enumerate(model.states):
             if st.index:
-                over = model.total + _undo_cost(model, si) - goal
+                over = model.total + undo_cost(model, si) - goal
                 if 0 < over <= above * full and over < goal - model.total and (nearer is None or over < nearer[0]):
                     nearer = (over, si)
         if nearer is not None:
@@ -468,7 +468,7 @@ def allocate(model: CostModel, fraction: float, above: float = 0.0) -> Allocatio
                       widths=width_table(model.states))
 
 
-def _undo_cost(model: CostModel, si: int) -> float:
+def undo_cost(model: CostModel, si: int) -> float:
     """Cost added back if state ``si`` went one step back."""
     st = model.states[si]
     old = st.index
@@ -488,7 +488,7 @@ def give_back(model: CostModel, goal: float) -> int:
         for si, st in enumerate(model.states):
             if st.index == 0:
                 continue
-            added = _undo_cost(model, si)
+            added = undo_cost(model, si)
             if model.total + added > goal + 1e-9:
                 continue
             gain = float(st.loss[st.removed] - st.loss[st.steps[st.index - 1]])

@@ -21,6 +21,7 @@ modelled cost is at most the goal; the cost model is left where it was found.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from graphprune.planning.budget import (
     restore,
     snapshot,
     take_steps,
+    undo_cost,
 )
 
 #: blends between the uniform and the greedy allocation offered as candidates (0: uniform)
@@ -182,3 +184,22 @@ def unaligned(model: CostModel, fraction: float, landed: Allocation, min_channel
     reset(lambda st: next(steps)[0])
     restore(model, [index for _, index in saved])
     return None
+
+
+def landings(model: CostModel, fraction: float) -> dict[str, Any]:
+    """Where the steps the groups allow land around the goal ``fraction`` of the full cost, when the
+    allocation lands under it by more than :func:`met_within`: the nearest landing over it (one group
+    one step back: that group's id and the units of its step), as ``{"steps_land": {...}}``; ``{}``
+    where the goal is met or no step back lands over it. Coarse steps (``--round-to``, heads, blocks of
+    a 4-bit weight) can leave nothing between (a 4-bit GRU's hidden units go 16 at a time: a
+    ``--target-macs 0.6`` landed at 0.415, said only as "MISSED")."""
+    full = model.full_total
+    if full <= 0 or model.total >= (fraction - met_within(fraction)) * full:
+        return {}
+    over = min(((model.total + undo_cost(model, si), si) for si, st in enumerate(model.states) if st.index),
+               default=None)
+    if over is None or over[0] <= fraction * full:
+        return {}
+    st = model.states[over[1]]
+    return {"steps_land": {"under": round(model.total / full, 4), "over": round(over[0] / full, 4),
+                           "group": st.group.id, "step": st.steps[st.index] - st.steps[st.index - 1]}}
