@@ -1,3 +1,3 @@
-from graphprune.cli import guarded_main
+from graphprune.command import guarded_main
 
 raise SystemExit(guarded_main())

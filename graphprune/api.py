@@ -216,11 +216,15 @@ def prune(
     keep = normalize_keep(keep)
     if tolerance is not None:
         tolerance = _number("tolerance", tolerance, 0.0, math.inf)
-    if calibration is None and reconstruction not in ("auto", "refit", "none"):
-        # the default (auto), refit and none mean nothing without data; anything else would be
-        # silently ignored
+    if calibration is None and reconstruction not in ("auto", "none"):
+        # the default (auto) and none mean nothing without data; anything else would be silently ignored
         raise UsageError(f"reconstruction '{reconstruction}' needs calibration data (--calibration); "
                          "without it no reconstruction runs")
+    if calibration is None and holdout != 0.2:
+        raise UsageError("holdout (--holdout) applies with calibration data (--calibration) only")
+    if hidden_ratio is not None and not prune_hidden:
+        raise UsageError("hidden_ratio (--hidden-ratio) applies with prune_hidden (--prune-hidden): the hidden size "
+                         "(residual stream) is pruned only when asked")
     if calibration is None and class_scores:
         raise UsageError("class_scores (--class-scores) needs calibration data (--calibration)")
     if calibration is None and final_refit != "auto":

@@ -399,8 +399,11 @@ def summary_table(data: Mapping[str, Any]) -> str:
                          "ok" if (point.get("verification") or {}).get("ok") else "unverified"])
         else:
             rows.append([point["label"], "-", "-", "-", "-", "-", "-", f"failed: {point.get('error', '')[:50]}"])
+    missed = [f"{p['label']} MISSED its target: achieved {b['achieved']:.3f} of the asked {b['fraction']:g}"
+              for p in data["points"] if p.get("ok") and (b := p.get("report_budget") or {})
+              and b.get("met") is False and isinstance(b.get("achieved"), (int, float))]
     return table(["point", "params", "MACs", "latency ms", "latency", "cosine", "top-1", "verified"],
-                 rows, align="lrrrrrrl") + (
+                 rows, align="lrrrrrrl") + "".join(f"\nnote: {line}" for line in missed) + (
         f"\n\nbaseline latency {data['baseline']['latency_ms']:.3f} ms ({data['latency']['provider']}); "
         "params, MACs and latency as fractions of the original; cosine and top-1 vs the original on "
         "random inputs")

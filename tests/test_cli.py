@@ -1128,3 +1128,54 @@ def test_a_model_with_external_data_is_written_with_external_data_whatever_else_
     assert code == 0, capsys.readouterr()
     assert (tmp_path / "out.onnx.data").stat().st_size > out.stat().st_size
     onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--reconstruction", "refit"], "reconstruction 'refit' needs calibration data"),
+    (["--holdout", "0.5"], "--holdout) applies with calibration data"),
+    (["--hidden-ratio", "0.3"], "--hidden-ratio) applies with prune_hidden (--prune-hidden)"),
+])
+def test_options_that_would_be_ignored_are_refused(capsys, models, tmp_path, options, said):
+    """``--reconstruction refit`` and ``--holdout`` without calibration data, and ``--hidden-ratio``
+    without ``--prune-hidden``, were silently ignored (exit 0, the model written unchanged in the
+    last case) where ``--final-refit`` and ``--class-scores`` are refused: exit 2, nothing written."""
+    out = tmp_path / "o.onnx"
+    code, _, err = cli(capsys, "prune", models["small"], "-o", out, *options)
+    assert code == 2 and said in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("plan, said", [
+    ({"version": 1}, "'groups' must be a list"),
+    ({"version": 1, "groups": [{"group": 0, "anchor": "w", "size": 8, "remove": "abc"}]}, "'remove' must be a list"),
+    ({"version": 1, "groups": [{"group": 0, "anchor": "w", "size": 8, "remove": [1.5, 2]}]}, "unit indices (whole"),
+    ({"version": 1, "groups": [], "erase": "n"}, "'erase' must be a list of node names"),
+])
+def test_a_malformed_plan_is_refused_in_one_line(capsys, models, tmp_path, plan, said):
+    """A hand-edited plan whose ``remove`` was a string ended in "internal error: TypeError" (exit 1);
+    a unit 1.5 was taken as unit 1, and a plan without ``groups`` replayed as removing nothing."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "o.onnx", "--plan", path)
+    assert code == 2 and said in err and "internal error" not in err, err
+
+
+def test_ctrl_c_while_the_modules_load_ends_in_one_line(capsys, monkeypatch):
+    """SIGINT in the first seconds of a run, while onnx and ONNX Runtime load, printed Python's
+    traceback of the import under way (the entry point imported them before any handler): the
+    entry point (``graphprune.command``) is light and says it in one line, exit 130."""
+    from graphprune import command
+
+    class Interrupting:  # the import of graphprune.cli interrupted, as Ctrl-C does
+        def find_spec(self, name, path=None, target=None):
+            if name == "graphprune.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "graphprune.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(sys, "argv", ["graphprune", "prune", "m.onnx", "-o", "p.onnx"])
+    assert command.guarded_main() == 130
+    assert capsys.readouterr().err == "graphprune: error: interrupted\n"
+    monkeypatch.setattr(sys, "argv", ["graphprune", "analyze", "m.onnx", "--json"])
+    assert command.guarded_main() == 130
+    assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130, "type": "KeyboardInterrupt"}

@@ -167,3 +167,18 @@ def test_a_sweep_prunes_compares_and_times_at_the_input_shapes_given(cnn, tmp_pa
     assert data["latency"]["input_shapes"] == {"image": [3, 3, 64, 64]} and data["latency"]["batch"] == 3
     (point,) = data["points"]
     assert point["ok"] and point["fidelity"]["input_shapes"] == {"image": [3, 3, 64, 64]}
+
+
+def test_a_point_that_missed_its_target_says_so(cnn, tmp_path, capsys):
+    """A sweep's table printed a missed target like a met one (sweep.json had ``met: false``,
+    ``prune`` prints MISSED): a note under the table names the point."""
+    code = main(["sweep", str(cnn), "-o", str(tmp_path / "s"), "--target-macs", "0.95,0.6", "--round-to", "16",
+                 "--runs", "1", "-q"])  # (in steps of 16 channels: 0.849 and 0.546 of the MACs)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    met = {p["label"]: p["report_budget"]["met"] for p in data["points"]}
+    missed = [label for label, ok in met.items() if not ok]
+    assert missed == ["l1 macs=0.95", "l1 macs=0.6"], met
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert [n.split(" MISSED")[0][len("note: "):] for n in notes] == missed

@@ -49,11 +49,18 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
             raise UsageError(f"not a graphprune plan (version {PLAN_VERSION} expected)")
+        if not isinstance(data.get("groups"), list):
+            raise UsageError("malformed plan: 'groups' must be a list of groups (a plan that removes nothing has [])")
         try:
-            groups = [GroupPlan(**g) for g in data.get("groups", [])]
+            groups = [GroupPlan(**g) for g in data["groups"]]
         except TypeError as exc:
             raise UsageError(f"malformed plan: {exc}") from exc
-        return cls(groups=groups, erase=list(data.get("erase", [])), meta=dict(data.get("meta", {})))
+        for k, g in enumerate(groups):
+            _check_group(k, g)
+        erase, meta = data.get("erase", []), data.get("meta", {})
+        if not isinstance(erase, list) or not all(isinstance(n, str) for n in erase) or not isinstance(meta, dict):
+            raise UsageError("malformed plan: 'erase' must be a list of node names and 'meta' an object")
+        return cls(groups=groups, erase=list(erase), meta=dict(meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -64,3 +71,19 @@ class Plan:
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read plan '{path}': {exc}") from exc
         return cls.from_dict(data)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_group(k: int, group: GroupPlan) -> None:
+    """A group read from JSON holds what a saved plan holds: whole numbers where units are counted
+    (a unit 1.5 was taken as unit 1, a string made the replay fail with an internal error)."""
+    where = f"malformed plan: groups[{k}]"
+    if not _whole(group.group) or not _whole(group.size) or not isinstance(group.anchor, str):
+        raise UsageError(f"{where}: 'group' and 'size' must be whole numbers and 'anchor' a name")
+    if not isinstance(group.remove, list) or not all(_whole(u) for u in group.remove):
+        raise UsageError(f"{where}: 'remove' must be a list of unit indices (whole numbers), got {group.remove!r}"[:300])
+    if not isinstance(group.channels, dict):
+        raise UsageError(f"{where}: 'channels' must be an object")
