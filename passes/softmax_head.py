@@ -86,7 +86,7 @@ class SoftmaxHeadPass(Pass):
         for h in (h for hs in by_output.values() for h in hs):
             held[h.output, h.kind, h.per_batch] = list(h.rows.p)
         names_in_graph = set(graph.tensors())
-        done = [heads.distil(h, graph, names_in_graph) for h in confirmed]
+        done = [heads.distil(h, graph, names_in_graph, share=1.0 / len(confirmed)) for h in confirmed]
         written = sum(1 for d in done if d["written"])
         toposort_model(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, bool(written), self._unserved({"layers": written, "heads": done}, confirmed))
