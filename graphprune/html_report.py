@@ -265,7 +265,7 @@ def _fidelity(report: Mapping[str, Any]) -> str:
     return _table(["measure", "value"], rows) + note
 
 
-def _latency(latency: Mapping[str, Any] | None) -> str:
+def _latency(latency: Mapping[str, Any] | None, unchanged: bool = False) -> str:
     if not latency:
         return '<p class="note">Latency not measured.</p>'
     before, after = latency["before"], latency["after"]
@@ -276,6 +276,9 @@ def _latency(latency: Mapping[str, Any] | None) -> str:
     threads = after.get("threads")
     note = (f"ONNX Runtime, provider {after['provider']}, batch {after['batch']}, "
             f"{after['runs']} runs interleaved, threads {threads if threads else 'default'}")
+    if unchanged:  # (an unchanged copy timed at 0.815 of itself read as a speed-up)
+        note += ("; nothing was removed, so both are the same model: the ratio shows how much the timing "
+                 "varies on this machine")
     return _table(["", "original", "pruned", "ratio"], rows) + f'<p class="note">{_e(note)}</p>'
 
 
@@ -313,7 +316,7 @@ def render_prune_report(
         "<h2>Before and after</h2>", _table(["", "before", "after", "ratio"], rows, "summary"),
         "<h2>Verification</h2>", _verification(report),
         "<h2>Fidelity</h2>", _fidelity(report),
-        "<h2>Latency</h2>", _latency(latency),
+        "<h2>Latency</h2>", _latency(latency, bool(report.get("unchanged"))),
         "<h2>Kept widths per layer</h2>", bar_chart_svg(widths),
         "<h2>Channel groups</h2>",
         f"<p>{groups.get('total', '?')} groups found, {groups.get('prunable', '?')} prunable, "
@@ -323,7 +326,8 @@ def render_prune_report(
     if frozen:
         body.append("<p>Frozen groups and why:</p>")
         body.append(_table(["group", "anchor", "units", "reasons"],
-                           [[g.get("group"), g.get("anchor"), g.get("size"),
+                           [[g.get("group"), g.get("anchor"),
+                             g.get("size") or (f"{g['channels']} ch" if g.get("channels") else "?"),
                              "; ".join(g.get("reasons") or [])] for g in frozen], "frozen"))
     erased = report.get("erased_nodes") or []
     if erased:

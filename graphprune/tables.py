@@ -459,7 +459,9 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
                      "(equal values the exporter stored once; the layers prune apart)")
     lines.extend(normalised_lines(report.get("normalised")))
     if report.get("unchanged"):
-        lines.append(f"{report['unchanged']} (not its preparation)")
+        lines.append(f"{report['unchanged']} (not its preparation)"
+                     + ("; the latency ratio of a model to itself shows how much the timing varies here" if latency
+                        else ""))
     if report.get("nan_weights"):
         names = ", ".join(report["nan_weights"][:4]) + (", ..." if len(report["nan_weights"]) > 4 else "")
         lines.append(f"warning: NaN weights in {names}: the original computes NaN where they are read (the "

@@ -1179,3 +1179,17 @@ def test_ctrl_c_while_the_modules_load_ends_in_one_line(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["graphprune", "analyze", "m.onnx", "--json"])
     assert command.guarded_main() == 130
     assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130, "type": "KeyboardInterrupt"}
+
+
+def test_a_plan_whose_group_size_differs_says_so(capsys, models, tmp_path):
+    """A saved plan whose group has another size here was refused with "group '...' not found",
+    though the group is there: the message gives both sizes."""
+    plan = tmp_path / "plan.json"
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "a.onnx", "--save-plan", plan, "-q")
+    assert code == 0, err
+    data = json.loads(plan.read_text())
+    size = data["groups"][0]["size"]
+    data["groups"][0]["size"] = size + 1
+    plan.write_text(json.dumps(data))
+    code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "b.onnx", "--plan", plan)
+    assert code == 2 and f"has {size} units here, the plan says {size + 1}" in err, err

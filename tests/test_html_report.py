@@ -150,3 +150,34 @@ def test_charts_escape_names_and_handle_no_data():
     svg = scatter_svg([{"a": 0.5, "b": 0.9, "label": "p"}, {"a": None, "b": 1}], x="a", y="b",
                       x_label="a", y_label="b")
     assert svg.count("<circle") == 1
+
+
+def test_a_frozen_group_without_units_shows_its_channels_and_an_unchanged_model_its_timing_noise(tmp_path, capsys):
+    """A frozen group whose units were never told apart (a size behind a computed ``Reshape``
+    unknown) read "0 units" on the page and ``size: 0`` in the report, where ``analyze`` says
+    "16 ch"; and a prune that removed nothing timed its unchanged copy at 0.815 of itself, which
+    read as a speed-up (shakkala's BiLSTM, round 71)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["b"]), helper.make_node("MatMul", ["b", "W2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("W1", (8, 16)),
+                                                                                            ("W2", (16, 3)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8]),
+                                           helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["U", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    page, report = tmp_path / "p.html", tmp_path / "r.json"
+    code = main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--html", str(page),
+                 "--report", str(report), "--input-shape", "x=4,8", "--latency-runs", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads(report.read_text())
+    unseparated = [g for g in data["frozen"] if g["size"] == 0]
+    assert unseparated and all(g["channels"] == 16 for g in unseparated), data["frozen"]
+    text = page.read_text()
+    assert "<td>16 ch</td>" in text
+    assert data.get("unchanged") and "the ratio shows how much the timing varies on this machine" in text
+    assert "the latency ratio of a model to itself shows how much the timing varies here" in out

@@ -141,6 +141,8 @@ def analysis_sections(analysis: Analysis | None, plan: Plan) -> dict[str, Any]:
                 "group": g.id,
                 "anchor": f"{g.anchor[0]}:{g.anchor[1]}",
                 "size": g.num_units,
+                # (a frozen group whose units were never told apart has size 0: its channels say how wide)
+                "channels": g.sizes.get(g.anchor),
                 "kind": kinds[g.id],
                 "reasons": g.frozen[:5],
             }

@@ -162,8 +162,11 @@ def replay(analysis: Analysis, plan: Plan) -> Plan:
     out = Plan(erase=list(plan.erase), meta=dict(plan.meta))
     for gp in plan.groups:
         group = by_anchor.get(gp.anchor)
-        if group is None or group.num_units != gp.size:
+        if group is None:
             raise UsageError(f"plan does not match this model: group '{gp.anchor}' not found")
+        if group.num_units != gp.size:
+            raise UsageError(f"plan does not match this model: group '{gp.anchor}' has {group.num_units} units here, "
+                             f"the plan says {gp.size}")
         if not group.prunable and gp.remove:
             raise UsageError(f"plan prunes group '{gp.anchor}', which is frozen in this model")
         if any(u < 0 or u >= group.num_units for u in gp.remove) or len(gp.remove) >= group.num_units:
