@@ -113,9 +113,32 @@ def _last_line(last: str, data: bytes) -> tuple[str, bytes]:
     return (complete[-1].decode("utf-8", "replace") if complete else last), pending
 
 
-def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
+def crashes_alone(probe: Callable[[], object]) -> int | None:
+    """The crash signal ``probe()`` dies of in a forked child of its own (an exception is no
+    crash); ``None`` where it ends otherwise."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid == 0:
+        try:
+            probe()
+        except BaseException:  # noqa: BLE001, S110 - an error is an answer too: no crash
+            pass
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) and os.WTERMSIG(status) in CRASHES else None
+
+
+def guarded(work: Callable[[], int], report: Callable[[str, int], int],
+            blame: Callable[[], str | None] | None = None) -> int:
     """``work()`` in a forked child (see the module docstring); its exit code, or where it
-    crashed, what ``report(message, exit_code)`` returns (it prints the line)."""
+    crashed, what ``report(message, exit_code)`` returns (it prints the line). ``blame``: after a
+    crash whose line names no model, the message that puts it on the input (exit 2), or ``None``
+    (the model given crashes ONNX Runtime alone: an fp16 converter's LSTMs crashed it "in the
+    verify stage", exit 1)."""
     global _channel
     if os.name != "posix" or os.environ.get("GRAPHPRUNE_GUARD") == "0" or not hasattr(os, "fork"):
         return work()
@@ -176,7 +199,9 @@ def guarded(work: Callable[[], int], report: Callable[[str, int], int]) -> int:
     signum = os.WTERMSIG(status)
     _sweep()  # (what the child had in the temporary directory: it could not remove it)
     if signum in CRASHES:
-        return report(*crash_line(signum, last))
+        message, code = crash_line(signum, last)
+        found = blame() if blame is not None and code == 1 else None
+        return report(*((found, 2) if found else (message, code)))
     if signum in sent or signum == getattr(signal, "SIGPIPE", None):  # (what the command was asked to do)
         return 128 + signum
     return report(killed_line(signum, last), 128 + signum)
