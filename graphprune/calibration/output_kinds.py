@@ -344,3 +344,31 @@ def peaks_kept(y: np.ndarray, p: np.ndarray) -> list[float]:
     a = np.stack(np.unravel_index(y.reshape(-1, int(np.prod(spatial))).argmax(axis=1), spatial), axis=1)
     b = np.stack(np.unravel_index(p.reshape(-1, int(np.prod(spatial))).argmax(axis=1), spatial), axis=1)
     return (np.abs(a - b).max(axis=1) <= 1).astype(float).tolist()
+
+
+#: mean cosine over the samples above which an output shaped like an input follows it
+FOLLOWS_INPUT = 0.8
+
+
+def reconstructions(names: list[str], feeds: list[dict[str, np.ndarray]], outputs: list[list[np.ndarray]]) -> set[str]:
+    """The outputs shaped like a float input on every sample whose values follow it (mean cosine
+    over the samples of at least :data:`FOLLOWS_INPUT`): an autoencoder's reconstruction, a
+    denoiser's signal, not class scores whatever their rank (an autoencoder's ``[N, 30]`` for its
+    ``x [N, 30]`` was read as 30 class scores: "25 % top-1 agreement" where the anomaly scores
+    kept their order). Scores of as many classes as the input has features do not follow it."""
+    found = set()
+    for k, name in enumerate(names):
+        cosines = []
+        for feed, out in zip(feeds, outputs, strict=False):
+            y = np.asarray(out[k]) if k < len(out) else None
+            x = next((np.asarray(v) for v in feed.values() if y is not None and np.shape(v) == y.shape
+                      and np.asarray(v).dtype.kind == "f"), None)
+            if x is None or y is None or y.dtype.kind != "f":
+                break
+            a, b = x.ravel().astype(np.float64), y.ravel().astype(np.float64)
+            scale = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cosines.append(float(a @ b) / scale if scale > 0 else 0.0)
+        else:
+            if cosines and float(np.mean(cosines)) >= FOLLOWS_INPUT:
+                found.add(name)
+    return found
