@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from graphprune.calibration import fidelity
 from graphprune.calibration.output_kinds import peaks_kept
@@ -88,3 +89,23 @@ def test_a_pruned_model_that_lost_the_originals_function_is_warned_about():
     assert figures["cosine"] < 0.7
     assert "no longer follows the original" in prune_summary({**report, "fidelity": figures})
     assert "no longer follows" not in prune_summary({**report, "fidelity": fidelity.compare_outputs(["y"], original, near)})
+
+
+def test_a_binary_segmenters_logits_are_judged_by_their_mask():
+    """A U-Net exported without its sigmoid (``[N, 1, H, W]`` logits) read held-out cosine 0.986 and
+    nothing else, where its masks (logits above 0) overlapped the original's at IoU 0.78 (0.57 on
+    other photos): ``mask_iou`` gives that overlap. Maps of several channels, and probabilities
+    (judged at 0.5), get none."""
+    rng = np.random.default_rng(0)
+    original = [[rng.standard_normal((1, 1, 16, 16)).astype(np.float32)] for _ in range(4)]
+    pruned = [[o[0] + 0.5 * rng.standard_normal((1, 1, 16, 16)).astype(np.float32)] for o in original]
+    expected = np.mean([((o[0] > 0) & (p[0] > 0)).sum() / ((o[0] > 0) | (p[0] > 0)).sum()
+                        for o, p in zip(original, pruned, strict=True)])
+    result = fidelity.compare_outputs(["mask"], original, pruned)
+    assert result["outputs"]["mask"]["mask_iou"] == pytest.approx(expected, abs=1e-6) and 0.5 < expected < 0.95
+    assert result["mask_iou"] == result["outputs"]["mask"]["mask_iou"]
+    two = [[np.concatenate([o[0], -o[0]], axis=1)] for o in original]
+    assert "mask_iou" not in fidelity.compare_outputs(["m"], two, two)["outputs"]["m"]
+    probabilities = [[1 / (1 + np.exp(-o[0]))] for o in original]
+    judged = fidelity.compare_outputs(["p"], probabilities, [[1 / (1 + np.exp(-p[0]))] for p in pruned])["outputs"]["p"]
+    assert "mask_iou" not in judged and "threshold_agreement" in judged

@@ -69,6 +69,7 @@ flattened):
   anchors: 99.6 % negatives, its threshold agreement 0.9955 whether it found the faces or
   none), and under :data:`POSITIVES_KEPT` the top-level ``positives_lost`` names the output (a map's
   ``peaks_kept``: its arg-max within a cell of the original's, what a CenterNet reads);
+- ``mask_iou``: for a binary segmenter's map of logits ``[N, 1, H, W]``, the IoU of its region above 0 with the original's;
 - ``scores_of``: an entry that is no graph output but the scores outputs are chosen from by rank
   (:func:`~graphprune.calibration.output_kinds.decision_scores`: a recogniser's per-frame softmax
   behind its ``ArgMax`` ids), compared as rows of class scores along the ranked axis and counted
@@ -115,8 +116,7 @@ from graphprune.calibration.output_kinds import (
 from graphprune.verify.validate import finite_pair
 
 Feed = dict[str, np.ndarray]
-#: an output's relative L2 under this counts as this in ``deciding_rel_l2`` (float noise of an
-#: output no pruned layer reaches does not decide)
+#: an output's relative L2 under this counts as this in ``deciding_rel_l2`` (an unreached output's float noise)
 DECIDING_FLOOR = 1e-3
 #: an output in [0, 1] whose positive decisions (above 0.5) are the few keeps under this share of
 #: the original's: named in ``positives_lost`` (a face detector whose anchors all fell below its
@@ -474,6 +474,8 @@ def compare_outputs(
                 entry["positives_kept"] = round(kept[0] / kept[1], 6)
                 if peaks:
                     entry["peaks_kept"] = round(float(np.mean(peaks)), 6)
+        if not in_unit and (iou := output_kinds.logit_mask_iou([r[k] for r in original], [r[k] for r in pruned])):
+            entry["mask_iou"] = round(iou, 6)  # (a binary segmenter's logits: the region above 0, as it is read)
         if offset and centred and len(centred) == len(original):
             entry["centred_cosine"] = round(float(np.mean(centred)), 6)
         elif scale:
@@ -494,12 +496,10 @@ def compare_outputs(
     rel = [e["rel_l2"] for e in outputs.values() if e["rel_l2"] is not None]
     pooled = [e["pooled_rel_l2"] for e in outputs.values() if e["pooled_rel_l2"] is not None]
     top = [e["top1_agreement"] for e in outputs.values() if "top1_agreement" in e]
-    worst["cosine"] = min(cos) if cos else None
-    worst["rel_l2"] = max(rel) if rel else None
-    worst["pooled_rel_l2"] = max(pooled) if pooled else None
-    worst["top1_agreement"] = min(top) if top else None
+    worst["cosine"], worst["rel_l2"] = (min(cos) if cos else None), (max(rel) if rel else None)
+    worst["pooled_rel_l2"], worst["top1_agreement"] = (max(pooled) if pooled else None), (min(top) if top else None)
     for figure in ("balanced_cosine", "centred_cosine", "rank_correlation", "top1_lower_bound", "sequence_agreement",
-                   "threshold_agreement"):
+                   "threshold_agreement", "mask_iou"):
         found = [e[figure] for e in outputs.values() if figure in e]
         if found:
             worst[figure] = min(found)
