@@ -222,9 +222,6 @@ def prune(
                          "without it no reconstruction runs")
     if calibration is None and holdout != 0.2:
         raise UsageError("holdout (--holdout) applies with calibration data (--calibration) only")
-    if hidden_ratio is not None and not prune_hidden:
-        raise UsageError("hidden_ratio (--hidden-ratio) applies with prune_hidden (--prune-hidden): the hidden size "
-                         "(residual stream) is pruned only when asked")
     if calibration is None and class_scores:
         raise UsageError("class_scores (--class-scores) needs calibration data (--calibration)")
     if calibration is None and final_refit != "auto":
@@ -285,6 +282,9 @@ def prune(
         )
         criterion = criterion if criterion in CRITERIA else "l1"
     criterion = criterion or "l1"
+    if hidden_ratio is not None and not prune_hidden:
+        raise UsageError("hidden_ratio (--hidden-ratio) applies with prune_hidden (--prune-hidden): the hidden size "
+                         "(residual stream) is pruned only when asked")
     # per-kind ratios alone name what to prune: every other group stays (with the default ratio,
     # `--mlp-ratio 0.5` had halved the heads too, and a model without MLP groups was cut everywhere)
     kinds_only = ratio is None and any(v is not None for v in (head_ratio, mlp_ratio, hidden_ratio))
