@@ -83,6 +83,40 @@ def test_calibration_with_no_finite_value_is_refused() -> None:
     assert load_calibration({"x": some}, model).total == 6
 
 
+def test_samples_the_original_answers_with_nan_are_dropped() -> None:
+    """One NaN pixel in one of four images made every statistic NaN: the prune wrote 51 NaN biases and
+    a model that outputs NaN for every input, exit 0. A sample whose NaN inputs the original answers
+    with NaN is dropped (said in the note); one it answers with finite values (a model that imputes
+    its missing values) is data; every sample dropped is a usage error."""
+    import graphprune
+
+    model = mlp_model()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 3, 8)).astype(np.float32)
+    x[3, 0, 0, 0] = np.nan
+    result = graphprune.prune(model, ratio=0.5, calibration={"x": x})
+    note = result.report["calibration"]["note"]
+    assert note.startswith("1 of 8 samples dropped: their inputs hold NaN") and result.report["calibration"]["samples"] == 7
+    weights = [numpy_helper.to_array(t) for t in result.model.graph.initializer]
+    assert all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f")
+    out = session(result.model).run(None, {"x": x[0]})[0]
+    assert np.isfinite(out).all()
+    imputed = helper.make_model(helper.make_graph(  # NaN read as 0 before the layers: finite outputs
+        [helper.make_node("IsNaN", ["x"], ["missing"]), helper.make_node("Where", ["missing", "zero", "x"], ["x0"]),
+         *[n for n in model.graph.node]], "imputed", list(model.graph.input), list(model.graph.output),
+        [*model.graph.initializer, numpy_helper.from_array(np.zeros((), np.float32), "zero")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    for node in imputed.graph.node[2:]:
+        node.input[:] = ["x0" if name == "x" else name for name in node.input]
+    from graphprune.verify.validate import run_many
+
+    kept = load_calibration({"x": x}, imputed, run=lambda feeds: run_many(imputed, feeds, "the original model"))
+    assert kept.total == 8 and kept.note is None
+    x[:, 0, 0, 0] = np.nan
+    with pytest.raises(UsageError, match="every one of the 8 calibration samples holds NaN"):
+        load_calibration({"x": x}, model, run=lambda feeds: run_many(model, feeds, "the original model"))
+
+
 def test_calibration_samples_all_the_same_are_said_so() -> None:
     """Eight all-zero images ran to exit 0 without a word on the data itself."""
     from graphprune.tables import calibration_lines
@@ -180,6 +214,7 @@ def test_bad_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     # damaged archives: a zip header then junk, cut in half, a compressed member's bytes flipped
     (tmp_path / "header.npz").write_bytes(b"PK\x03\x04garbage")
+    (tmp_path / "text.npz").write_bytes(b"hi")  # (numpy took it for a pickle: "allow_pickle=False")
     np.savez_compressed(tmp_path / "good.npz", x=np.random.default_rng(0).random((64, 1, 3, 8), np.float32))
     whole = (tmp_path / "good.npz").read_bytes()
     (tmp_path / "half.npz").write_bytes(whole[: len(whole) // 2])
@@ -190,6 +225,7 @@ def test_bad_sources(tmp_path):
     for source, message in [
         (str(tmp_path / "missing.npz"), "no such calibration file"),
         (str(tmp_path / "junk.npz"), "cannot read calibration file"),
+        (str(tmp_path / "text.npz"), "'.*text.npz': not a .npz \\(zip archive of arrays\\) nor a .npy array file$"),
         (str(tmp_path / "header.npz"), "cannot read calibration file '.*header.npz': File is not a zip file"),
         (str(tmp_path / "half.npz"), "cannot read calibration file"),
         (str(tmp_path / "flipped.npz"), "cannot read calibration file"),

@@ -28,7 +28,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,15 @@ def _describe(source: Any) -> str:
 _UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
+def _unreadable(path: Path, exc: BaseException) -> UsageError:
+    """numpy's reason, in one line; a file that is neither a zip archive nor an array file
+    (numpy then takes it for a pickle and says so: "allow_pickle=False") is said to be that."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "pickle" in first:
+        first = "not a .npz (zip archive of arrays) nor a .npy array file"
+    return UsageError(f"cannot read calibration file '{path}': {first}")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -93,16 +102,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as exc:
         raise UsageError(f"no such calibration file: {path}") from exc
     except _UNREADABLE as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.asarray(np.load(path, allow_pickle=False))
     except _UNREADABLE as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"cannot read calibration file '{path}': {first}") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def _unstack(arrays: Mapping[str, Any], what: str) -> list[Feed]:
@@ -256,10 +263,37 @@ def holdout_indices(count: int, holdout: float) -> list[int]:
     return sorted({min(count - 1, int(step * i + step / 2)) for i in range(n)})
 
 
+def _unfinished(values: Any) -> bool:
+    return any(np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all() for v in values)
+
+
+def _drop_unfinished(feeds: list[Feed], run: Callable[[list[Feed]], list[list[np.ndarray]]] | None
+                     ) -> tuple[list[Feed], str | None]:
+    """The samples whose float inputs hold NaN or infinite values and on which the original's
+    outputs do too, dropped (``run``: the original's outputs on feeds): they measure nothing, and
+    one NaN pixel made every statistic NaN, so that a prune wrote 51 NaN biases and a model that
+    outputs NaN for every input (exit 0). Where the original's outputs stay finite the values
+    are data (missing values a tabular model imputes)."""
+    suspects = [i for i, f in enumerate(feeds) if _unfinished(f.values())]
+    if not suspects or run is None:
+        return feeds, None
+    bad = {i for i, outs in zip(suspects, run([feeds[i] for i in suspects]), strict=True) if _unfinished(outs)}
+    if not bad:
+        return feeds, None
+    if len(bad) == len(feeds):
+        raise UsageError(f"every one of the {len(feeds)} calibration samples holds NaN or infinite input values on "
+                         "which the original's outputs are NaN or infinite too: nothing to measure")
+    return ([f for i, f in enumerate(feeds) if i not in bad],
+            f"{len(bad)} of {len(feeds)} samples dropped: their inputs hold NaN or infinite values and so do the "
+            "original's outputs on them")
+
+
 def load_calibration(
-    source: Any, model: onnx.ModelProto, *, holdout: float = DEFAULT_HOLDOUT
+    source: Any, model: onnx.ModelProto, *, holdout: float = DEFAULT_HOLDOUT,
+    run: Callable[[list[Feed]], list[list[np.ndarray]]] | None = None,
 ) -> CalibrationSet:
-    """Read, validate and split ``source`` for ``model`` (see the module docstring)."""
+    """Read, validate and split ``source`` for ``model`` (see the module docstring); ``run``: the
+    original's outputs on feeds, to drop the samples it answers with NaN (:func:`_drop_unfinished`)."""
     if isinstance(source, CalibrationSet):
         return source
     if not 0.0 <= float(holdout) < 1.0:
@@ -268,6 +302,7 @@ def load_calibration(
     specs = input_specs(model)
     checked = [validate_feed(f, specs, index=i, stacked=stacked) for i, f in enumerate(feeds)]
     _some_finite(checked)
+    checked, dropped = _drop_unfinished(checked, run)
     held = holdout_indices(len(checked), float(holdout))
     held_set = set(held)
     return CalibrationSet(
@@ -275,5 +310,5 @@ def load_calibration(
         holdout=[checked[i] for i in held],
         source=what,
         holdout_indices=held,
-        note=_alike(checked),
+        note="; ".join(n for n in (dropped, _alike(checked)) if n) or None,
     )

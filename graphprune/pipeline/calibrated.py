@@ -134,11 +134,11 @@ class CalibratedRun:
                              f"(the outputs: {', '.join(outputs)})")
         with session.stage("calibration"):
             source, described = self._synthetic(source)
-            self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout)
+            self.calib = load_calibration(source, session.prepared, holdout=self.options.holdout, run=lambda feeds: (
+                validate.run_many(session.path_of(session.prepared), feeds, "the original model")))
             if described:
                 self.calib.source = described
-            # MACs of open input sizes are counted at the data's sizes
-            session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}
+            session.data_shapes = {k: tuple(np.shape(v)) for k, v in self.calib.samples[0].items()}  # (MACs count there)
             # verification's inputs where the original does not run on generated ones
             session.data_feeds = (self.calib.holdout or self.calib.samples)[:4]
             with session.blaming_input("the original model", self.calib.samples):
