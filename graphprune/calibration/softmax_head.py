@@ -53,11 +53,6 @@ from graphprune.calibration.residual import is_addition, per_channel
 LAMBDAS = (10.0, 1.0, 0.1, 0.01)
 #: iterations of the accelerated gradient per fit
 ITERATIONS = 200
-#: a fit also stops where, at the pace its best objective gained over the last PLATEAU
-#: iterations, the iterations left would gain less than a third of MIN_GAIN of it (a chord
-#: recogniser's four heads, which the least-squares refit had left near their optimum, ran all 200
-#: steps of every fit to move their objective in the fifth digit: 96 s of a 142 s prune)
-PLATEAU = 25
 #: floating-point operations allowed for all the fits of the heads of one model, shared alike
 #: (rows are subsampled to fit): per head, a chord recogniser's four heads took 48 s of a
 #: 142 s prune, twice (the refit's and the statistics correction's reconstruction)
@@ -448,19 +443,9 @@ def _accelerated(value_and_grad: Any, beta0: np.ndarray, step: np.ndarray) -> np
     running = np.arange(beta0.shape[1])
     value, grad = value_and_grad(momentum, running)  # the first step's point is ``beta0`` too
     last = value.copy()
-    best = np.full((ITERATIONS + 1, beta0.shape[1]), np.inf)  # best[i]: the best value of each fit before step i
     for i in range(ITERATIONS):
         if i:
             value, grad = value_and_grad(momentum[:, running], running)
-        best[i + 1] = best[i]
-        best[i + 1, running] = np.minimum(best[i, running], value)
-        if i >= PLATEAU:  # (the rest of a fit that gains next to nothing lately could not decide it)
-            pace = (best[i + 1 - PLATEAU, running] - best[i + 1, running]) / PLATEAU
-            flat = pace * (ITERATIONS - i - 1) <= MIN_GAIN / 3 * np.abs(best[i + 1, running])
-            running = running[~flat]
-            if not len(running):
-                break
-            value, grad = value[~flat], grad[:, ~flat]
         now = momentum[:, running]
         nxt = now - step[running][None, :, None].astype(now.dtype) * grad
         restart = value > last[running]  # the momentum overshot: back to the last point
