@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -553,42 +553,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("terminated", TERMINATED_EXIT, "Terminated", json_mode)
 
 
-def guarded_main() -> int:
+def guarded_main(blame: Callable[[], str | None] | None = None) -> int:
     """The ``graphprune`` command: :func:`main` in a child process whose crash in native code
     (ONNX Runtime's segmentation fault on a model it cannot run) is said in one line
-    (:mod:`graphprune.crash_guard`)."""
+    (:mod:`graphprune.crash_guard`; ``blame``: see :func:`graphprune.command.input_crashes`)."""
     from graphprune import crash_guard
 
     json_mode = "--json" in sys.argv[1:]
-    return crash_guard.guarded(main, lambda message, code: _fail(message, code, "Crash", json_mode), _input_crashes)
-
-
-def _input_crashes() -> str | None:
-    """After a crash whose line names no model: the message where the model given crashes ONNX
-    Runtime by itself, loaded and run once on generated inputs in a child of its own."""
-    from graphprune import crash_guard
-
-    try:
-        args, _ = build_parser().parse_known_args(sys.argv[1:])
-    except SystemExit:
-        return None
-    path = getattr(args, "model", None)
-    if not isinstance(path, str) or not path.endswith(".onnx") or not os.path.isfile(path):
-        return None
-
-    def run_alone() -> None:
-        import onnx
-
-        from graphprune.io.feeds import make_feeds
-        from graphprune.verify import validate
-
-        validate.run(path, make_feeds(onnx.load(path, load_external_data=False)), "the model given")
-
-    signum = crash_guard.crashes_alone(run_alone)
-    if signum is None:
-        return None
-    return (f"ONNX Runtime crashed ({signal.Signals(signum).name}) loading and running the model given on its "
-            "own: the input model does not run in ONNX Runtime; nothing was written")
+    return crash_guard.guarded(main, lambda message, code: _fail(message, code, "Crash", json_mode), blame)
 
 
 def _main(arguments: list[str], json_mode: bool) -> int:

@@ -877,7 +877,7 @@ def test_the_guarded_work_ends_with_a_killed_command(tmp_path):
 
 CRASHING = """
 import os, signal, sys
-from graphprune import cli, crash_guard
+from graphprune import cli, command, crash_guard
 from graphprune.verify import validate
 
 running = sys.argv.pop(1)  # (the rest is the command line)
@@ -901,7 +901,7 @@ def work():  # (imports in the child, as the console command's)
 validate.run = run
 json_mode = "--json" in sys.argv
 raise SystemExit(crash_guard.guarded(work, lambda message, code: cli._fail(message, code, "Crash", json_mode),
-                                     cli._input_crashes))
+                                     command.input_crashes))
 """
 
 
