@@ -194,11 +194,14 @@ LOST_COSINE = 0.7
 
 
 def _level_and_peak_warnings(fidelity: Mapping[str, Any]) -> list[str]:
-    """Outputs whose cosine reads a level common to every value (a sigmoid saliency map around
+    """Outputs NaN or infinite where the original's are finite; outputs whose cosine reads a level common to every value (a sigmoid saliency map around
     0.43: cosine 0.996 where the maps' correlation was 0.894 and a region-of-interest mask
     overlapped the original's by 0.61), and maps whose peaks moved (not already warned of
     through the decisions above 0.5: the same map kept its peak on 23 % of the samples)."""
     lines = []
+    if broken := fidelity.get("pruned_not_finite"):
+        lines.append(f"  warning: the pruned model's outputs are NaN or infinite where the original's are finite on "
+                     f"{broken} held-out sample(s): it does not compute what the original does; prune less")
     lost = fidelity.get("positives_lost") or {}
     for name, entry in (fidelity.get("outputs") or {}).items():
         cosine, centred, peaks = entry.get("cosine"), entry.get("centred_cosine"), entry.get("peaks_kept")

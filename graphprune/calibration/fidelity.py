@@ -94,6 +94,7 @@ confidence falling to 0 (a dead model kept over a refit whose confidence was at 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,14 @@ from graphprune.calibration.output_kinds import (
     quantized_sum_error,
     rows_of_probabilities,
     token_rows,
+)
+from graphprune.calibration.pair_figures import (
+    SPREAD,
+    balanced_cosine,
+    channel_spread,
+    channel_squares,
+    pair_figures,
+    rank_correlation,
 )
 from graphprune.verify.validate import finite_pair
 
@@ -188,72 +197,10 @@ def on_offset(y: np.ndarray) -> bool:
 OFFSET_VALUES = 64
 
 
-def channel_spread(y: np.ndarray) -> float:
-    """How far apart the sizes (RMS) of an output's channels (axis 1) are: the largest over the
-    smallest non-zero one; 1 for an output of rank below 3. A detector's ``[1, 4 + C, anchors]``
-    holds box coordinates in pixels beside class scores in [0, 1]: its cosine measures the boxes."""
-    if y.ndim < 3 or y.shape[1] < 2 or not y.size:
-        return 1.0
-    rms = np.sqrt(np.mean(np.square(np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)), axis=1))
-    live = rms[rms > 0]
-    return float(live.max() / live.min()) if live.size >= 2 else 1.0
-
-
-def balanced_cosine(y: np.ndarray, p: np.ndarray) -> float | None:
-    """Cosine with every channel (axis 1) scaled to the original's RMS 1 first, so that each
-    channel counts alike (``None``: no channel with a size)."""
-    a = np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)
-    b = np.moveaxis(p.astype(np.float64), 1, 0).reshape(p.shape[1], -1)
-    rms = np.sqrt(np.mean(np.square(a), axis=1))
-    live = rms > 0
-    if not live.any():
-        return None
-    a, b = a[live] / rms[live, None], b[live] / rms[live, None]
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(np.sum(a * b) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-
-
-#: channel sizes this far apart (largest RMS over the smallest) get a ``balanced_cosine``
-SPREAD = 100.0
 #: outputs of at most this many numbers per sample get a ``rank_correlation`` ...
 FEW_SCORES = 16
 #: ... over at least this many held-out samples
 RANK_SAMPLES = 5
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties given their average rank."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    average = np.cumsum(counts) - (counts + 1) / 2.0
-    return average[inverse]
-
-
-def rank_correlation(y: np.ndarray, p: np.ndarray) -> float | None:
-    """Spearman correlation over the samples (rows of ``y``, the original's, and ``p``) of
-    each column with the same column of the other, averaged over the columns the original
-    varies in; ``None`` when it varies in none."""
-    found = []
-    for a, b in zip(y.T.astype(np.float64), p.T.astype(np.float64), strict=True):
-        if np.ptp(a) == 0:
-            continue
-        ra, rb = _ranks(a), _ranks(b)
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        scale = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
-        found.append(float(np.sum(ra * rb) / scale) if scale > 0 else 0.0)
-    return float(np.mean(found)) if found else None
-
-
-def pair_figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """Cosine and relative L2 of one float output ``p`` against the original's ``y``; an output
-    of another shape (a decoder loop that stops at another step) is (0, 1)."""
-    if y.shape != p.shape:
-        return 0.0, 1.0
-    a, b = finite_pair(y, p)
-    if a is None:  # non-finite where the original is not, or the other way round
-        return 0.0, 1.0
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    cosine = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-    return cosine, (float(np.linalg.norm(a - b) / na) if na > 0 else float(nb > 0))
 
 
 def _few_scores_correlation(k: int, original: list[list[np.ndarray]], pruned: list[list[np.ndarray]]
@@ -349,7 +296,8 @@ def compare_outputs(
         channel_total2: np.ndarray | None = None
         classes: set[int] = set()  # the original's class on each sample (one row per sample)
         error2 = total2 = size2 = 0.0  # (pooled over the samples; size2: the pruned output's)
-        unfinished = hollow = 0  # samples on which the original's output holds a NaN or an infinity / nothing else
+        unfinished = hollow = broken = 0  # samples on which the original's output holds a NaN or an infinity / nothing
+        # else; broken: the pruned output's is non-finite where the original's is not
         scale = name not in logits and name not in distributions and output_kinds.on_a_scale(
             [np.asarray(r[k]) for r in original], FEW_SCORES, RANK_SAMPLES)  # (ratings: no classes)
         scores, other_shape = name not in not_scores and not scale, 0
@@ -399,13 +347,14 @@ def compare_outputs(
             a, b = finite_pair(y, p)
             if a is None:  # (non-finite on one side only: all of it counts as error)
                 a, b = np.nan_to_num(y.reshape(-1).astype(np.float64)), np.zeros(y.size)
+                broken += bool(np.any(np.isfinite(y) & ~np.isfinite(p)))
             error2, total2 = error2 + float(np.sum(np.abs(a - b) ** 2)), total2 + float(np.sum(np.abs(a) ** 2))
             size2 += float(np.sum(np.abs(b) ** 2))
             if spread >= SPREAD and (value := balanced_cosine(y, p)) is not None:
                 balanced.append(value)
                 if not in_unit:  # (the channels in [0, 1] beside the others: a detector's class scores)
                     kept = [a + b for a, b in zip(kept, output_kinds.scores_kept(y, p), strict=True)]
-                e2, y2 = _channel_squares(y, p)
+                e2, y2 = channel_squares(y, p)
                 if channel_error2 is None or channel_error2.shape == e2.shape:
                     channel_error2 = e2 if channel_error2 is None else channel_error2 + e2
                     channel_total2 = y2 if channel_total2 is None else channel_total2 + y2
@@ -442,6 +391,8 @@ def compare_outputs(
             entry["original_not_finite"] = unfinished
             if hollow == len(original):  # (nothing but NaN on every sample: nothing compared)
                 entry.update(cosine=None, min_cosine=None, rel_l2=None, pooled_rel_l2=None, no_finite_value=True)
+        if broken:  # (counted as zeros in the figures; no reconstruction may win with it: deciding_rel_l2)
+            entry["pruned_not_finite"] = broken
         if other_shape:  # a decoder that stops at another step: counted as cosine 0, rel_l2 1
             entry["other_shape"] = other_shape
         # an output the inputs do not change (a constant, a folded weight) scores no class
@@ -514,6 +465,8 @@ def compare_outputs(
         worst["agreement"] = min(agreements)
         if not own:  # nothing but discrete outputs: the largest share of their elements that changed decides
             worst["deciding_rel_l2"] = round(1.0 - min(agreements), 6)
+    if broken := max((e.get("pruned_not_finite", 0) for e in outputs.values()), default=0):
+        worst["pruned_not_finite"] = broken
     if collapsed_outputs := [n for n, e in outputs.items() if e.get("collapsed")]:
         worst["collapsed_outputs"] = collapsed_outputs
     if lost := {n: e["positives_kept"] for n, e in outputs.items() if e.get("positives_kept", 1.0) < POSITIVES_KEPT}:
@@ -538,11 +491,30 @@ def compare_outputs(
 def deciding_rel_l2(figures: dict[str, Any]) -> float | None:
     """The figure that keeps or undoes a reconstruction and ranks a budget's candidates: the
     ``deciding_rel_l2`` of several outputs, else the ``balanced_rel_l2`` where the output has
-    one (channels of sizes far apart), else the ``pooled_rel_l2``."""
+    one (channels of sizes far apart), else the ``pooled_rel_l2``; infinite where an output is
+    NaN or infinite where the original's is finite (one NaN bias makes every output NaN: as zeros
+    it scored relative L2 1, better than an honest reconstruction further off)."""
+    if figures.get("pruned_not_finite"):
+        return math.inf
     for key in ("deciding_rel_l2", "balanced_rel_l2", "pooled_rel_l2"):
         if figures.get(key) is not None:
             return figures[key]
     return None
+
+
+def reported_error(error: float | None) -> float | None:
+    """An error as the report holds it: rounded; ``None`` where it is infinite (JSON has no infinity)."""
+    return round(error, 6) if error is not None and math.isfinite(error) else None
+
+
+def made_worse(figures: dict[str, Any], worse: float, better: float) -> str:
+    """The warning of a reconstruction undone: the held-out ``figures`` with it, the deciding
+    relative L2 without (``worse``) and with it (``better``)."""
+    which = ("the outputs' (geometric mean)" if "deciding_rel_l2" in figures
+             else "balanced" if "balanced_rel_l2" in figures else "pooled")
+    broken = ", its outputs NaN or infinite where the original's are finite" if math.isinf(better) else ""
+    return (f"the reconstruction made the held-out fidelity worse ({which} relative L2 {worse:.4g} -> {better:.4g}"
+            f"{broken}): the model is written without it")
 
 
 def stats_needless(refit_error: float, none_error: float) -> str | None:
@@ -554,13 +526,6 @@ def stats_needless(refit_error: float, none_error: float) -> str | None:
         return (f"not tried: the refit left {refit_error / none_error:.2%} of the held-out error without "
                 f"reconstruction (at most {STATS_AFTER_REFIT:.0%})")
     return None
-
-
-def _channel_squares(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel (axis 1): the squared error and the original's squared size."""
-    a = np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)
-    b = np.moveaxis(p.astype(np.float64), 1, 0).reshape(p.shape[1], -1)
-    return np.square(b - a).sum(axis=1), np.square(a).sum(axis=1)
 
 
 def _equal(a: Any, b: Any) -> bool:

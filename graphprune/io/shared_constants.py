@@ -205,13 +205,20 @@ def untie_shared_constants(model: onnx.ModelProto) -> int:
     return made
 
 
-def _dequantized_vectors(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The main graph's ``DequantizeLinear`` nodes of initializers alone whose integer input is a
-    vector (exactly one axis longer than 1)."""
+def _dequantized_vectors(graph: onnx.GraphProto, opset: int) -> list[onnx.NodeProto]:
+    """The main graph's nodes that decode a stored constant (``DequantizeLinear``:
+    ``OpRule.decodes_constants``) of initializers alone whose integer input is a vector (exactly
+    one axis longer than 1)."""
+    from graphprune.rules import registry
+
     inits = {t.name: t for t in graph.initializer}
-    return [node for node in graph.node if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
-            and node.input and all(not name or name in inits for name in node.input)
-            and sum(d > 1 for d in inits[node.input[0]].dims) == 1]
+
+    def decodes(node: onnx.NodeProto) -> bool:
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        return rule is not None and node.op_type in rule.decodes_constants
+
+    return [node for node in graph.node if node.input and all(not name or name in inits for name in node.input)
+            and sum(d > 1 for d in inits[node.input[0]].dims) == 1 and decodes(node)]
 
 
 def untie_shared_dequantized(model: onnx.ModelProto) -> int:
@@ -223,8 +230,10 @@ def untie_shared_dequantized(model: onnx.ModelProto) -> int:
     copies; :func:`retie_constants` makes the copies one node again. Before, a random-initialised
     BERT's QDQ copy coupled its heads and an MLP with its residual stream (one prunable group of
     five, where the float file has four). Returns the nodes made."""
+    from graphprune.io.model_io import default_opset
+
     graph = model.graph
-    nodes = _dequantized_vectors(graph)
+    nodes = _dequantized_vectors(graph, default_opset(model))
     if not nodes:
         return 0
     slots: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
@@ -257,11 +266,11 @@ def untie_shared_dequantized(model: onnx.ModelProto) -> int:
     return sum(len(c) for c in copies.values())
 
 
-def _retie_dequantized(graph: onnx.GraphProto) -> int:
+def _retie_dequantized(graph: onnx.GraphProto, opset: int) -> int:
     """Make the ``DequantizeLinear`` copies :func:`untie_shared_dequantized` made one node again
     where they still read the same constants (after :func:`retie_constants` made those one)."""
     same: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
-    for node in _dequantized_vectors(graph):
+    for node in _dequantized_vectors(graph, opset):
         same[(tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))].append(node)
     renames: dict[str, str] = {}
     dropped: set[int] = set()
@@ -466,5 +475,7 @@ def retie_constants(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], b
         kept = [t for t in graph.initializer if t.name not in dropped]
         del graph.initializer[:]
         graph.initializer.extend(kept)
-        _retie_dequantized(graph)
+        from graphprune.io.model_io import default_opset
+
+        _retie_dequantized(graph, default_opset(model))
     return len(dropped)

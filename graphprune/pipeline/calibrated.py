@@ -388,12 +388,8 @@ class CalibratedRun:
             if worse is not None and better is not None and better > worse and unreconstructed is not None:
                 self.session.adopt(unreconstructed)
                 self.reverted = True
-                which = ("the outputs' (geometric mean)" if "deciding_rel_l2" in result
-                         else "balanced" if "balanced_rel_l2" in result else "pooled")
                 result = {**before, "with_reconstruction": {k: result.get(k) for k in figures},
-                          "reconstruction_reverted": True,
-                          "warning": (f"the reconstruction made the held-out fidelity worse ({which} relative L2 "
-                                      f"{worse:.4g} -> {better:.4g}): the model is written without it")}
+                          "reconstruction_reverted": True, "warning": fidelity_mod.made_worse(result, worse, better)}
             else:
                 result["without_reconstruction"] = {k: before.get(k) for k in figures}
         elif self.reverted:  # undone for the allocation a budget chose (pipeline.choose)
@@ -443,7 +439,7 @@ class CalibratedRun:
         costly = fidelity_mod.stats_needless(errors["refit"], errors["none"]) or self.stats_unaffordable()
         if costly is not None:  # (refit or none: fidelity() undoes a refit that is not nearer)
             self.choice.update(tried=["refit", "none"], stats=costly, kept=min(("refit", "none"), key=errors.get),
-                               rel_l2={k: round(v, 6) for k, v in errors.items()})
+                               rel_l2={k: fidelity_mod.reported_error(v) for k, v in errors.items()})
             return refit, False
         session, fitted, fitted_stats, seconds = self.session, self.session.model, self.pass_stats, self.refit_seconds
         analysis, plan, _ = refit_from = self.refit_from
@@ -465,7 +461,7 @@ class CalibratedRun:
             self.choice["stats"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             return refit, False
         errors["stats"] = fidelity_mod.deciding_rel_l2(stats)
-        self.choice["rel_l2"] = {k: (round(v, 6) if v is not None else None) for k, v in errors.items()}
+        self.choice["rel_l2"] = {k: fidelity_mod.reported_error(v) for k, v in errors.items()}
         best = min(("refit", "none", "stats"), key=lambda k: math.inf if errors[k] is None else errors[k])
         self.choice["kept"] = best
         if best != "stats":

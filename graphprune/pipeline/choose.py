@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis import Analysis
+from graphprune.calibration.fidelity import reported_error
 from graphprune.pipeline.candidates import Judged, apply_plan
 from graphprune.pipeline.ratio import verify_zeroed
 from graphprune.pipeline.session import Session
@@ -235,7 +236,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             reverted = plain_error < error
             if reverted:  # the held-out samples are nearer without this candidate's reconstruction
                 candidate.adopt(unreconstructed)
-                row["reconstruction_reverted"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]}
+                row["reconstruction_reverted"] = {"pooled_rel_l2": reported_error(error), "cosine": score["cosine"]}
                 score, error = plain_score, plain_error
         kind, errors, pass_stats, stats_model, stats_pass = "none" if reverted else "refit", None, \
             calibrated.pass_stats, None, None
@@ -247,7 +248,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
                 row["stats"] = corrected
             else:
                 stats_model, stats_pass, stats_score, errors["stats"] = corrected
-                row["stats"] = {"pooled_rel_l2": round(errors["stats"], 6), "cosine": stats_score["cosine"]}
+                row["stats"] = {"pooled_rel_l2": reported_error(errors["stats"]), "cosine": stats_score["cosine"]}
                 dropped = pass_stats if errors["stats"] < error else stats_pass  # (the counters of the other)
                 for name in dropped:
                     candidate.ctx.stats.pop(name, None)
@@ -261,7 +262,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
             if kind != "stats":
                 stats_lost.append(errors.get("stats", math.inf) / max(error, 1e-30))
                 weigh_stats = len(stats_lost) < 2 and stats_lost[-1] < STATS_MARGIN
-        row.update({"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "samples": len(feeds)})
+        row.update({"pooled_rel_l2": reported_error(error), "cosine": score["cosine"], "samples": len(feeds)})
         if "deciding_rel_l2" in score:  # (the figure in pooled_rel_l2: the outputs' geometric mean)
             row["outputs_mean"] = True
         elif "balanced_rel_l2" in score:  # (channel by channel)
@@ -337,7 +338,7 @@ def choose(session: Session, analysis: Analysis, states: list, model: budget_mod
         calibrated.pass_stats, calibrated.reverted = best.pass_stats, best.reverted
         if best.errors is not None:  # reconstruction auto, weighed for each candidate
             calibrated.choice = {"tried": ["refit", "stats", "none"], "kept": best.kind, "rel_l2": {
-                k: round(v, 6) for k, v in best.errors.items() if math.isfinite(v)}, "weighed": "for each allocation"}
+                k: reported_error(v) for k, v in best.errors.items()}, "weighed": "for each allocation"}
         if best.kind == "stats":
             calibrated.no_final_refit("the statistics correction was kept: the held-out samples were nearer the "
                                       "original with it than with the refit")
@@ -425,14 +426,14 @@ def _refit_finalist(session: Session, finalist: _Measured, calibrated: Any, feed
     score, error = judged.score(reference, outputs)
     finalist.pass_stats, finalist.reverted, finalist.error = calibrated.pass_stats, False, error
     finalist.ridges = calibrated._ridges
-    row["refit"] = {"pooled_rel_l2": round(error, 6), "cosine": score["cosine"], "ridge": "cross-validated"}
+    row["refit"] = {"pooled_rel_l2": reported_error(error), "cosine": score["cosine"], "ridge": "cross-validated"}
     if finalist.errors is not None:  # (reconstruction auto)
         finalist.errors["refit"], finalist.kind = error, "refit"
     if finalist.plain_error < error:  # nearer without it: undone
         candidate.adopt(finalist.unreconstructed)
         finalist.reverted, finalist.error, finalist.kind = True, finalist.plain_error, "none"
-        row["refit"].update(pooled_rel_l2=round(finalist.plain_error, 6), cosine=finalist.plain_cosine,
-                            reconstruction_reverted={"pooled_rel_l2": round(error, 6), "cosine": score["cosine"]})
+        row["refit"].update(pooled_rel_l2=reported_error(finalist.plain_error), cosine=finalist.plain_cosine,
+                            reconstruction_reverted={"pooled_rel_l2": reported_error(error), "cosine": score["cosine"]})
     corrected = (finalist.errors or {}).get("stats", math.inf)
     if corrected < finalist.error and finalist.stats_model is not None:  # the statistics correction stays
         for name in calibrated.pass_stats:

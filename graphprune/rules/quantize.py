@@ -322,6 +322,7 @@ class QuantizeLinearRule(OpRule):
     scale and zero point (see the module docstring)."""
 
     op_types = ("QuantizeLinear", "DequantizeLinear")
+    decodes_constants = frozenset({"DequantizeLinear"})
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         """Estimates are in real units, so both leave them alone; except that a quantization

@@ -79,6 +79,10 @@ class OpRule:
     #: an ``Identity`` of a shared weight, a ``Shape`` of a static shape): a model with one
     #: is constant-folded before the analysis
     constant_ops: ClassVar[frozenset[str]] = frozenset()
+    #: op types of this rule that decode an integer constant into the float weight it stores
+    #: (``DequantizeLinear``): a vector so stored that several nodes read is decoded once per
+    #: reader before the analysis (:func:`graphprune.io.shared_constants.untie_shared_dequantized`)
+    decodes_constants: ClassVar[frozenset[str]] = frozenset()
     #: a node of this op whose inputs are all computed from constants is a weight computed in the graph, and the
     #: model is constant-folded before the analysis (weight standardization the dynamo exporter leaves unfolded)
     folds_weights: ClassVar[bool] = False
