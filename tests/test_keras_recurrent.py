@@ -60,7 +60,12 @@ CASES = {
     # with dropout Keras computes each gate's products apart (Split/Slice parts of one kernel)
     "lstm_dropout": ("lstm", {"dropout": 0.1, "recurrent_dropout": 0.2}),
     "gru_dropout": ("gru", {"recurrent_dropout": 0.2, "return_sequences": True}),
+    # Keras's hard sigmoid, relu6(x + 3) / 6 (a Clip in the body): ONNX's HardSigmoid(1/6, 0.5)
+    "lstm_hard_sigmoid_gates": ("lstm", {"recurrent_activation": "hard_sigmoid"}),
+    "rnn_hard_sigmoid": ("rnn", {"activation": "hard_sigmoid"}),
 }
+#: the activations each case lowers with (the others: sigmoid gates and tanh)
+HARD = {"lstm_hard_sigmoid_gates": [b"HardSigmoid", b"Tanh", b"Tanh"], "rnn_hard_sigmoid": [b"HardSigmoid"]}
 EXPECTED = {"gru": "GRU", "lstm": "LSTM", "rnn": "RNN"}
 
 
@@ -79,11 +84,15 @@ def test_keras_loop_lowers_to_the_standard_op_with_the_same_outputs(converted, c
     ops = _ops(lowered)
     assert notes["lowered_ops"] == {"Loop": loops}
     assert "Loop" not in ops and ops[EXPECTED[CASES[case][0]]] == loops
+    if case in HARD:
+        cell = next(n for n in lowered.graph.node if n.op_type == EXPECTED[CASES[case][0]])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in cell.attribute}
+        assert attrs["activations"] == HARD[case] and np.allclose(attrs["activation_alpha"], 1 / 6)
     x = np.random.default_rng(1).standard_normal((1, 8, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(lowered, x), _run(proto, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["gru", "lstm_bidirectional", "simple_rnn"])
+@pytest.mark.parametrize("case", ["gru", "lstm_bidirectional", "simple_rnn", "lstm_hard_sigmoid_gates"])
 def test_keras_recurrent_hidden_units_prune_and_verify(converted, case):
     proto = converted[case]
     result = graphprune.prune(proto, ratio=0.5)

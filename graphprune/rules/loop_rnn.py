@@ -48,7 +48,11 @@ BODY_OPS = frozenset({
     "MatMul", "Gemm", "Add", "Sub", "Mul", "Sigmoid", "Tanh", "Relu", "Split", "Slice", "Squeeze",
     "Unsqueeze", "Gather", "Identity", "Cast", "Less", "LessOrEqual", "Greater", "And", "Constant",
     "Reshape", "Expand", "Concat",  # jax2onnx broadcasts the bias
+    "Clip", "Min", "Max", "Div",  # a hard sigmoid: Keras 3's relu6(x + 3) / 6, Keras 2's clip(0.2 x + 0.5, 0, 1)
 })
+#: the (alpha, beta) of ``HardSigmoid`` (``max(0, min(1, alpha x + beta))``) a body that clips may compute:
+#: Keras 3's ``relu6(x + 3) / 6``, and Keras 2's (ONNX's default)
+HARD_SIGMOIDS = ((1 / 6, 0.5), (0.2, 0.5))
 #: largest relative difference between the Loop and its lowered form on the check's inputs
 TOLERANCE = 1e-4
 #: comparisons: in a cell's body only on the loop's counters (:func:`_compares_counters_only`)
@@ -247,19 +251,35 @@ def _candidates(cell: _Cell) -> Iterator[tuple[str, dict, list[np.ndarray]]]:
         biases = [(pair[0], pair[1])]
     else:
         biases = [(cell.bias.reshape(width), zeros)]
-    # the cell's activation: tanh (Keras's default) or, where the body has one, relu
-    acts = [a for a in ("Tanh", "Relu") if a in cell.ops]
+    # the gates' activation and the cell's: sigmoid and tanh (Keras's defaults), relu where the body has
+    # one, a hard sigmoid where it clips (Keras's ``hard_sigmoid``: shakkala's diacritizers)
+    hard = [("HardSigmoid", ab) for ab in HARD_SIGMOIDS] if cell.ops & {"Clip", "Min", "Max"} else []
+    gate_acts = ([("Sigmoid", None)] if "Sigmoid" in cell.ops or not hard else []) + hard
+    acts = [(a, None) for a in ("Tanh", "Relu") if a in cell.ops] + hard
     for wb, rb in biases:
         b = np.concatenate([_gate_order(wb.astype(dtype), gates), _gate_order(rb.astype(dtype), gates)])[None]
         attrs = {"hidden_size": units}
         for act in acts:
             if gates == 1:
-                yield "RNN", {**attrs, "activations": [act]}, [w, r, b]
-            elif gates == 3:
-                for lbr in ((1,) if cell.bias is not None and cell.bias.size == 2 * width else (0, 1)):
-                    yield "GRU", {**attrs, "linear_before_reset": lbr, "activations": ["Sigmoid", act]}, [w, r, b]
-            else:
-                yield "LSTM", {**attrs, "activations": ["Sigmoid", act, act]}, [w, r, b]
+                yield "RNN", {**attrs, **_activations([act])}, [w, r, b]
+                continue
+            for gate in gate_acts:
+                if gates == 3:
+                    for lbr in ((1,) if cell.bias is not None and cell.bias.size == 2 * width else (0, 1)):
+                        yield "GRU", {**attrs, "linear_before_reset": lbr, **_activations([gate, act])}, [w, r, b]
+                else:
+                    yield "LSTM", {**attrs, **_activations([gate, act, act])}, [w, r, b]
+
+
+def _activations(acts: list[tuple[str, tuple[float, float] | None]]) -> dict:
+    """The ``activations`` attribute, with ``activation_alpha`` / ``_beta`` where one takes them
+    (listed in the order of the activations that do)."""
+    attrs: dict = {"activations": [name for name, _ in acts]}
+    taken = [ab for _, ab in acts if ab is not None]
+    if taken:
+        attrs["activation_alpha"] = [float(a) for a, _ in taken]
+        attrs["activation_beta"] = [float(b) for _, b in taken]
+    return attrs
 
 
 def _cone(tensors: list[gs.Tensor], stop: set[str]) -> list[gs.Node] | None:
