@@ -320,10 +320,13 @@ def run_sweep(
             paths.append(path)
     if progress is not None:
         progress(f"timing the original and {len(paths)} points ({provider}, interleaved)")
-    timings = time_models([os.fspath(model) if is_path else original, *paths], provider=provider,
+    # the original twice: its time against its own is the timing's noise on this machine (a shared
+    # one moved a point 1.44x -> 0.83x between runs without a word)
+    first = os.fspath(model) if is_path else original
+    timings = time_models([first, first, *paths], provider=provider,
                           warmup=3, runs=runs, threads=threads, input_shapes=common.get("input_shapes"))
     baseline = timings[0]
-    by_file = {path.name: timing for path, timing in zip(paths, timings[1:], strict=True)}
+    by_file = {path.name: timing for path, timing in zip(paths, timings[2:], strict=True)}
     for record in records:
         timing = by_file.get(record.get("file", ""))
         if timing is not None:
@@ -335,7 +338,8 @@ def run_sweep(
         "engine": engine,
         "latency": {"provider": provider, "runs": runs, "threads": threads, "batch": baseline.batch,
                     "input_shapes": baseline.input_shapes,
-                    "how": "ONNX Runtime, original and all points interleaved, after pruning"},
+                    "how": "ONNX Runtime, original and all points interleaved, after pruning",
+                    "original_against_itself": round(timings[1].median_ms / baseline.median_ms, 4)},
         # the pipeline's own counts (on the prepared model), so that ratios agree with points
         "baseline": {"params": next((r["params_before"] for r in records if r.get("ok")), None)
                      or count_params(original),
@@ -406,7 +410,20 @@ def summary_table(data: Mapping[str, Any]) -> str:
                  rows, align="lrrrrrrl") + "".join(f"\nnote: {line}" for line in missed) + (
         f"\n\nbaseline latency {data['baseline']['latency_ms']:.3f} ms ({data['latency']['provider']}); "
         "params, MACs and latency as fractions of the original; cosine and top-1 vs the original on "
-        "random inputs")
+        "random inputs" + _noise_line(data["latency"].get("original_against_itself")))
+
+
+def _noise_line(itself: float | None) -> str:
+    """How far the timing moves on its own: the original timed against a second copy of itself."""
+    if itself is None:
+        return ""
+    spread = abs(itself - 1.0)
+    return (f"\nthe original timed against itself: {itself:.3f}x (latency ratios within {spread:.0%} of 1 are this "
+            "machine's noise" + ("; give --threads, on a quiet machine" if spread > NOISY else "") + ")")
+
+
+#: a spread of the original against itself above which the table advises a quieter measurement
+NOISY = 0.05
 
 
 def sweep_html(data: Mapping[str, Any], svg: str) -> str:

@@ -68,6 +68,9 @@ def test_sweep_in_a_process_pool_from_the_command_line(cnn, tmp_path, capsys):
     check_outputs(tmp_path / "s", data, [{"ratio": 0.25, "criterion": "l1"},
                                          {"ratio": 0.5, "criterion": "l1"}])
     assert "l1 r=0.25" in out and "sweep.json" in out
+    # the original timed against a copy of itself: the noise the latency ratios carry
+    itself = data["latency"]["original_against_itself"]
+    assert 0 < itself and f"the original timed against itself: {itself:.3f}x" in out
 
 
 def test_a_failing_point_is_recorded_and_the_rest_go_on(cnn, tmp_path):
