@@ -549,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return BROKEN_PIPE_EXIT
+    except KeyboardInterrupt:  # (in the work, or while the parser is built: its imports)
+        return _fail("interrupted", 130, "KeyboardInterrupt", json_mode)
     except _Terminated:
         return _fail("terminated", TERMINATED_EXIT, "Terminated", json_mode)
 
@@ -584,8 +586,6 @@ def _main(arguments: list[str], json_mode: bool) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _fail(message + _explain_import_failure(exc), exc.exit_code, type(exc).__name__,
                      json_mode)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, "KeyboardInterrupt", json_mode)
     except BrokenPipeError:
         raise
     except Exception as exc:  # an internal error: still one line, traceback with --debug

@@ -137,7 +137,8 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
             if ref.dtype.kind not in "fc" or ref.size == 0:
                 continue
             cosine, rel = pair_figures(ref, out)  # another shape (a decoder's other length): 0, 1
-            cosines.append(cosine)
+            if ref.size > 1:  # (of one number, the cosine is its sign: 1.0 at a relative L2 of 106)
+                cosines.append(cosine)
             relative.append(rel)
             if ref.shape == out.shape and ref.ndim == 2 and ref.shape[1] > 1:
                 top1.append(float(np.mean(np.argmax(ref, 1) == np.argmax(out, 1))))
@@ -399,18 +400,19 @@ def summary_table(data: Mapping[str, Any]) -> str:
         if point.get("ok"):
             rows.append([point["label"], fmt(point.get("params_ratio")), fmt(point.get("macs_ratio")),
                          fmt(point.get("latency_ms")), fmt(point.get("latency_ratio")),
-                         fmt(fid.get("cosine_mean"), ".4f"), fmt(fid.get("top1_agreement"), ".2f"),
+                         fmt(fid.get("cosine_mean"), ".4f"), fmt(fid.get("rel_l2_max"), ".3g"),
+                         fmt(fid.get("top1_agreement"), ".2f"),
                          "ok" if (point.get("verification") or {}).get("ok") else "unverified"])
         else:
-            rows.append([point["label"], "-", "-", "-", "-", "-", "-", f"failed: {point.get('error', '')[:50]}"])
+            rows.append([point["label"], "-", "-", "-", "-", "-", "-", "-", f"failed: {point.get('error', '')[:50]}"])
     missed = [f"{p['label']} MISSED its target: achieved {b['achieved']:.3f} of the asked {b['fraction']:g}"
               for p in data["points"] if p.get("ok") and (b := p.get("report_budget") or {})
               and b.get("met") is False and isinstance(b.get("achieved"), (int, float))]
-    return table(["point", "params", "MACs", "latency ms", "latency", "cosine", "top-1", "verified"],
-                 rows, align="lrrrrrrl") + "".join(f"\nnote: {line}" for line in missed) + (
+    return table(["point", "params", "MACs", "latency ms", "latency", "cosine", "rel L2 max", "top-1", "verified"],
+                 rows, align="lrrrrrrrl") + "".join(f"\nnote: {line}" for line in missed) + (
         f"\n\nbaseline latency {data['baseline']['latency_ms']:.3f} ms ({data['latency']['provider']}); "
-        "params, MACs and latency as fractions of the original; cosine and top-1 vs the original on "
-        "random inputs" + _noise_line(data["latency"].get("original_against_itself")))
+        "params, MACs and latency as fractions of the original; cosine (outputs of more than one number), "
+        "largest relative L2 and top-1 vs the original on random inputs" + _noise_line(data["latency"].get("original_against_itself")))
 
 
 def _noise_line(itself: float | None) -> str:

@@ -1196,6 +1196,23 @@ def test_ctrl_c_while_the_modules_load_ends_in_one_line(capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130, "type": "KeyboardInterrupt"}
 
 
+@pytest.mark.parametrize("where", ["build_parser", "parse_args"])
+def test_ctrl_c_while_the_parser_is_built_ends_in_one_line(capsys, monkeypatch, where):
+    """SIGINT while the parser is built (``sweep``'s options import the API) or reads the
+    arguments, in the child that runs the work, printed a 40-60 line traceback."""
+    from graphprune import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "build_parser":
+        monkeypatch.setattr(cli, "build_parser", interrupted)
+    else:
+        monkeypatch.setattr(cli._Parser, "parse_args", interrupted)
+    assert cli.main(["prune", "m.onnx", "-o", "p.onnx"]) == 130
+    assert capsys.readouterr().err == "graphprune: error: interrupted\n"
+
+
 def test_a_plan_whose_group_size_differs_says_so(capsys, models, tmp_path):
     """A saved plan whose group has another size here was refused with "group '...' not found",
     though the group is there: the message gives both sizes."""

@@ -59,7 +59,7 @@ def _moved(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     w = numpy_helper.to_array(out.graph.initializer[0])
     out.graph.initializer[0].CopyFrom(numpy_helper.from_array(
-        (w + 0.5 * np.random.default_rng(2).standard_normal(w.shape)).astype(np.float32), "w"))
+        (w + 0.5 * np.random.default_rng(2).standard_normal(w.shape)).astype(np.float32), out.graph.initializer[0].name))
     return out
 
 
@@ -78,6 +78,44 @@ def test_a_classifier_head_after_the_norm_still_scores_classes():
     report = fidelity(model, _moved(model), _feeds(8))
     assert report["outputs"]["logits"]["top1_agreement"] is not None
     assert report["top1_agreement"] == report["outputs"]["logits"]["top1_agreement"]
+
+
+@pytest.mark.torch
+def test_an_embedding_normalised_by_torch_reports_no_top1_agreement(tmp_path):
+    """``F.normalize`` exports as ``ReduceL2 -> Clip -> Expand -> Div``, no normalisation op: its
+    unit rows say it (:func:`~graphprune.calibration.output_kinds.unit_rows`); a softmax's rows,
+    of length under 1, and a classifier's logits stay scores."""
+    torch = pytest.importorskip("torch")
+    from graphprune.calibration.output_kinds import unit_rows
+
+    class Embedder(torch.nn.Module):
+        def __init__(self, normalise: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.normalise = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                                            torch.nn.Linear(16, 12)), normalise
+
+        def forward(self, x):
+            y = self.body(x)
+            return torch.nn.functional.normalize(y, dim=-1) if self.normalise else y
+
+    feeds = [{"x": f["x"][:, 0]} for f in _feeds(8)]
+    models = {}
+    for normalise in (True, False):
+        path = tmp_path / f"{normalise}.onnx"
+        torch.onnx.export(Embedder(normalise).eval(), (torch.zeros(1, 8),), str(path), input_names=["x"],
+                          output_names=["y"], dynamo=False)
+        models[normalise] = onnx.load(str(path))
+    assert {n.op_type for n in models[True].graph.node} >= {"ReduceL2", "Div"}
+    assert feature_outputs(models[True]) == set()  # (no op of the registry's that normalises)
+    report = fidelity(models[True], _moved(models[True]), feeds)
+    assert "top1_agreement" not in report["outputs"]["y"] and report["outputs"]["y"]["cosine"] < 1.0
+    assert "top1_agreement" in fidelity(models[False], _moved(models[False]), feeds)["outputs"]["y"]
+    rng = np.random.default_rng(3)
+    probabilities = [[_softmax(rng.standard_normal((1, 12)) * 9)] for _ in range(4)]  # (confident: near 1)
+    assert unit_rows(["p"], probabilities) == set()
+    # all >= 0 but not summing to 1: an embedding after a ReLU
+    assert unit_rows(["e"], [[v[0] / np.linalg.norm(v[0])] for v in probabilities]) == {"e"}
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

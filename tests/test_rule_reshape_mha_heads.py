@@ -120,6 +120,49 @@ def test_each_layer_keeps_its_own_heads_in_an_optimised_dynamo_export(tmp_path):
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (3, 9, WIDTH)
 
 
+class MaskedEncoder(Encoder):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=mask)
+
+
+def test_a_padding_mask_expanded_once_for_every_layer_ties_no_heads(tmp_path):
+    """torch.export expands an ``nn.TransformerEncoder``'s padding mask to ``[B, H, 1, T]`` once
+    and every layer adds it to its scores: its head axis tied all layers' heads into one group.
+    Each reader gets its own copy of the expansion (``untie_shared_broadcasts``); copies that
+    still compute the same are one node again in the written file, and the pruned model runs
+    at other batch sizes and lengths with the mask."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    path = tmp_path / "masked.onnx"
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("sequence", min=2, max=64)}
+    x, mask = _example(True), torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, 4:] = True
+    torch.onnx.export(MaskedEncoder(True).eval(), (x, mask), str(path), dynamo=True, external_data=False,
+                      dynamic_shapes=(dims, dims), input_names=["x", "mask"])
+    original = onnx.load(str(path))
+    expands = collections.Counter(n.op_type for n in original.graph.node)["Expand"]
+    analysis = graphprune.analyze(str(path))
+    assert len([g for g in analysis.groups if g.num_units == HEADS and g.prunable]) == LAYERS
+    uniform = graphprune.prune(str(path), head_ratio=0.5, mlp_ratio=0.0)
+    assert uniform.report["verification"]["ok"] and uniform.report["kinds"]["head"]["prunable"] == LAYERS
+    # every layer lost the same heads' count: its copy of the mask's expansion merged again
+    assert collections.Counter(n.op_type for n in uniform.model.graph.node)["Expand"] == expands
+    first = next(g for g in analysis.groups if g.num_units == HEADS and g.prunable)
+    apart = graphprune.prune(str(path), head_ratio=0.5, mlp_ratio=0.0, keep=[first.anchor[0]])
+    assert apart.report["verification"]["ok"]
+    assert collections.Counter(n.op_type for n in apart.model.graph.node)["Expand"] == expands + 1
+    rng = np.random.default_rng(0)
+    for model in (uniform.model, apart.model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"x": rng.standard_normal((3, 9, WIDTH)).astype(np.float32), "mask": np.zeros((3, 9), bool)}
+        feed["mask"][2, 5:] = True
+        out = session.run(None, feed)[0]
+        assert out.shape == (3, 9, WIDTH) and np.isfinite(out).all()
+
+
 class FairseqAttention(nn.Module):
     """fairseq's (and FSMT's) self-attention: the ``[T, B*H, D]`` views are multiplied as
     they are (``bmm``), so ``B*H`` is itself the attention product's head axis, and no

@@ -185,3 +185,26 @@ def test_a_point_that_missed_its_target_says_so(cnn, tmp_path, capsys):
     assert missed == ["l1 macs=0.95", "l1 macs=0.6"], met
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     assert [n.split(" MISSED")[0][len("note: "):] for n in notes] == missed
+
+
+def test_an_output_of_one_number_gets_no_cosine_but_its_relative_l2(tmp_path, capsys):
+    """A regressor's one number per sample: its cosine is its sign (the table said 1.0000 for
+    every point where the relative L2 reached 106); the table gives the largest relative L2."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    path = tmp_path / "regressor.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert main(["sweep", str(path), "-o", str(tmp_path / "s"), "--ratios", "0.5", "--runs", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    point = json.loads((tmp_path / "s" / "sweep.json").read_text())["points"][0]
+    assert point["fidelity"]["cosine_mean"] is None and point["fidelity"]["rel_l2_max"] > 0
+    row = next(line for line in out.splitlines() if line.startswith("l1 r=0.5"))
+    assert f"{point['fidelity']['rel_l2_max']:.3g}" in row.split()

@@ -560,6 +560,7 @@ def fidelity(
                                                                   data_dir=data_dir, also=list(decided))
     out = runner.outputs(pruned, feeds, "the pruned model", data_dir=data_dir, also=list(decided))
     return compare_outputs(names, ref, out, not_scores=open_length(original) | fed_back(original)
-                           | feature_outputs(original) | output_kinds.reconstructions(names, list(feeds), ref),
+                           | feature_outputs(original) | output_kinds.reconstructions(names, list(feeds), ref)
+                           | output_kinds.unit_rows(names, ref),
                            logits=logit_rows(original, data_dir), decided=decided,
                            tags=token_rows(names, list(feeds), ref))

@@ -42,6 +42,7 @@ from graphprune.io.order import sort_proto, toposort_model
 from graphprune.io.segments import trim
 from graphprune.io.sequences import slice_sequence_reads
 from graphprune.io.shared_constants import (
+    untie_shared_broadcasts,
     untie_shared_constants,
     untie_shared_dequantized,
     untie_shared_shapes,
@@ -374,6 +375,7 @@ def prepare(
             if len(model.graph.node) >= size:
                 break
     untie_shared_dequantized(model)
+    untie_shared_broadcasts(model)  # (before the others: the copies' shapes and constants are untied too)
     untie_shared_constants(model)
     untie_shared_shapes(model)
     return model

@@ -266,6 +266,78 @@ def untie_shared_dequantized(model: onnx.ModelProto) -> int:
     return sum(len(c) for c in copies.values())
 
 
+#: nodes followed back from a value several layers read to the one that replicates it (a mask's reshapes)
+MAX_BROADCAST_CHAIN = 8
+
+
+def untie_shared_broadcasts(model: onnx.ModelProto) -> int:
+    """A value that several nodes read, replicated along a new axis (``Expand``, ``Tile``:
+    :attr:`~graphprune.rules.registry.OpRule.replicates`) and then only moved (reshapes:
+    rules whose ``zero_behaviour`` is ``move``): each further reader gets its own copy of
+    that chain, from the replicating node on; returns the nodes made. torch.export expands a
+    padding mask to ``[B, H, 1, T]`` once for an ``nn.TransformerEncoder`` and every layer adds
+    it to its scores: the mask's head axis tied all layers' heads into one group. The copies
+    read the same inputs (their shapes are untied after: :func:`untie_shared_shapes`), so the
+    values do not change; :func:`retie_shapes` merges those still equal after a rewrite."""
+    from graphprune.io.model_io import default_opset
+    from graphprune.rules import registry
+
+    graph = model.graph
+    opset = default_opset(model)
+    producer = {out: node for node in graph.node for out in node.output if out}
+    slots: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name:
+                slots[name].append((node, k))
+    inner: set[str] = set()
+    for sub in subgraphs(graph):
+        inner |= {name for node in sub.node for name in node.input}
+    keep = inner | {o.name for o in graph.output}
+
+    def chain(name: str) -> list[onnx.NodeProto]:
+        """The nodes from the one that replicates ``name``'s value to its producer, or none."""
+        found: list[onnx.NodeProto] = []
+        for _ in range(MAX_BROADCAST_CHAIN):
+            node = producer.get(name)
+            rule = registry.lookup(node.domain or "", node.op_type, opset) if node is not None else None
+            if rule is None or len(node.output) != 1 or rule.zero_behaviour != "move" or not node.input:
+                return []
+            found.append(node)
+            if node.op_type in rule.replicates:
+                return found[::-1]
+            name = node.input[0]
+        return []
+
+    def reads_values(node: onnx.NodeProto) -> bool:  # (a Shape of the value stays with the first reader)
+        rule = registry.lookup(node.domain or "", node.op_type, opset)
+        return rule is None or not rule.reads_only_shape
+
+    taken, names = _defined(graph), {n.name for n in graph.node}
+    copies: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # after the node they follow
+    for name, slots_of in slots.items():
+        readers = [(node, k) for node, k in slots_of if reads_values(node)]
+        nodes = chain(name) if len(readers) > 1 and name not in keep else []
+        for node, k in readers[1:] if nodes else ():
+            made = {}
+            for original in nodes:
+                copy_ = onnx.NodeProto()
+                copy_.CopyFrom(original)
+                copy_.name = fresh_name(f"{original.name or original.output[0]}{TIE}", names)
+                names.add(copy_.name)
+                for j, read in enumerate(copy_.input):
+                    copy_.input[j] = made.get(read, read)
+                copy_.output[0] = made[original.output[0]] = fresh_name(f"{original.output[0]}{TIE}", taken)
+                copies[id(nodes[-1])].append(copy_)
+            node.input[k] = made[name]
+    if not copies:
+        return 0
+    ordered = [m for node in graph.node for m in (node, *copies.get(id(node), ()))]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return sum(len(c) for c in copies.values())
+
+
 def _retie_dequantized(graph: onnx.GraphProto, opset: int) -> int:
     """Make the ``DequantizeLinear`` copies :func:`untie_shared_dequantized` made one node again
     where they still read the same constants (after :func:`retie_constants` made those one)."""
@@ -390,8 +462,19 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
 
 
 def retie_shapes(model: onnx.ModelProto) -> int:
-    """Merge the copies :func:`untie_shared_shapes` made that still compute the same thing
-    (same op, inputs and attributes) back into one node; returns the copies dropped."""
+    """Merge the copies :func:`untie_shared_shapes` and :func:`untie_shared_broadcasts` made
+    that still compute the same thing (same op, inputs and attributes) back into one node,
+    until none is left (a chain of copies merges from its first node on); returns the copies
+    dropped."""
+    dropped = total = _retie_shapes_once(model)
+    while dropped:
+        dropped = _retie_shapes_once(model)
+        total += dropped
+    return total
+
+
+def _retie_shapes_once(model: onnx.ModelProto) -> int:
+    """One pass of :func:`retie_shapes`."""
     graph = model.graph
     origins = {tied_origin(o) for n in graph.node for o in n.output if TIE in o}
     if not origins:

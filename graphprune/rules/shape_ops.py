@@ -327,6 +327,7 @@ class SqueezeRule(OpRule):
 class ExpandRule(OpRule):
     op_types = ("Expand",)
     zero_behaviour = "move"
+    replicates = frozenset({"Expand"})
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         x, out_shape = node.inputs[0], ctx.shape(node.outputs[0])
@@ -366,6 +367,7 @@ class ExpandRule(OpRule):
 class TileRule(OpRule):
     op_types = ("Tile",)
     zero_behaviour = "move"
+    replicates = frozenset({"Tile"})
 
     def zero_output(self, node: gs.Node, ctx: ConstantContext) -> list[ChannelValues | None]:
         state, repeats = ctx.state(node.inputs[0]), ctx.const(node.inputs[1])
