@@ -33,6 +33,11 @@ def test_non_finite_outputs_rank_below_any_finite_error():
     # NaN where the original is NaN too is no breakage (an input outside the model's domain)
     both = [[np.where(np.arange(10) < 3, np.nan, y[0]).astype(np.float32)] for y in original]
     assert "pruned_not_finite" not in compare_outputs(["y"], both, both)
+    # nor has an output the original answers with NaN a top-1 agreement (the arg-max of NaN is entry 0)
+    nan = [[np.full((1, 10), np.nan, np.float32)] for _ in range(6)]
+    assert "top1_agreement" not in compare_outputs(["y"], nan, far)["outputs"]["y"]
+    masked = [[np.where(np.arange(10) < 2, -np.inf, y[0]).astype(np.float32)] for y in original]
+    assert "top1_agreement" in compare_outputs(["y"], masked, masked)["outputs"]["y"]  # (-inf: a masked score)
 
 
 def test_a_reconstruction_that_writes_nan_biases_is_undone(monkeypatch):

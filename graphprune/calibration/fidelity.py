@@ -139,10 +139,12 @@ COLLAPSED = 1e-3
 
 
 def looks_like_scores(value: np.ndarray) -> bool:
-    """Floating point, at least two entries on the last axis, one row per sample."""
+    """Floating point, at least two entries on the last axis, one row per sample, no NaN (the
+    arg-max of NaN is the first entry: a regressor's NaN outputs agreed at 1.0; a masked logit's
+    minus infinity is a score)."""
     return (
         value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2
-        and int(np.prod(value.shape[:-1])) == 1
+        and int(np.prod(value.shape[:-1])) == 1 and not bool(np.isnan(value).any())
     )
 
 
