@@ -267,3 +267,44 @@ def test_an_input_without_a_shape_takes_the_rank_of_input_shapes(kwargs):
     onnx.checker.check_model(result.model, full_check=True)
     (out,) = run_ort(result.model, {"image": np.zeros((2, 3, 48, 48), np.float32)})
     assert out.shape == (2, 10)
+
+
+def test_size_names_the_file_gives_survive_where_inference_invents_its_own() -> None:
+    """A position table sliced to the input's length (bounds computed at run time): ONNX
+    inference cannot size the slice, and what follows gets invented names (``unk__N``) where
+    the prepared original says ``[1, seq, 8]``. ONNX Runtime 1.32 crashed building a session of
+    such a float16 transformer (a scouted Khmer segmenter: its skip-norm fusion, on an ``Add``
+    before a ``LayerNormalization``); the names go back (``names_back``), fixed sizes stay."""
+    from graphprune.io import model_io
+    from graphprune.io.declared_shapes import names_back
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "one"], ["length"]),
+        helper.make_node("Abs", ["length"], ["n"]),  # (what inference carries no value through)
+        helper.make_node("Slice", ["table", "zero", "n", "zero"], ["pos"]),  # [seq, 8]
+        helper.make_node("Add", ["x", "pos"], ["summed"]),
+        helper.make_node("MatMul", ["summed", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    params = {"table": (64, 8), "w1": (8, 16), "w2": (16, 4), "one": ints(1), "zero": ints(0)}
+    declared = make_model(nodes, {"x": (1, "seq", 8)}, {"y": (1, "seq", 4)}, params, opset=17,
+                          value_info={"pos": ("seq", 8), "summed": (1, "seq", 8), "h": (1, "seq", 16)})
+    bare = onnx.ModelProto()
+    bare.CopyFrom(declared)
+    del bare.graph.value_info[:]
+    inferred = model_io.infer_shapes(bare)
+
+    def dims(model: onnx.ModelProto) -> dict:
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+
+    assert dims(inferred)["summed"][1].startswith("unk__")
+    assert names_back(inferred, declared) == 3  # pos, summed, h; not r (the file does not name it)
+    assert dims(inferred)["summed"] == [1, "seq", 8] and dims(inferred)["h"] == [1, "seq", 16]
+    assert dims(inferred)["pos"][0] == "seq" and dims(inferred)["pos"][1].startswith("unk__")  # (a size: no name)
+    assert dims(inferred)["r"][1].startswith("unk__")
+    result = graphprune.prune(declared, ratio=0.5)
+    assert result.report["verification"]["ok"] and dims(result.model)["h"] == [1, "seq", 8]
+    x = np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)
+    assert run_ort(result.model, {"x": x})[0].shape == (1, 5, 4)
