@@ -102,6 +102,7 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
     ``input_shapes`` where given): mean and smallest cosine of the outputs, largest relative
     L2 difference, and top-1 agreement for outputs shaped like class scores ``[batch, classes]``."""
     from graphprune.calibration.fidelity import pair_figures
+    from graphprune.calibration.output_kinds import feature_outputs, unit_rows
     from graphprune.io.feeds import integers_zeroed, make_feeds
     from graphprune.verify import validate
 
@@ -132,15 +133,18 @@ def fidelity(original: Any, pruned: Any, *, count: int = FIDELITY_SAMPLES, seed:
         reference = validate.run_many(original, feeds, "the original")
     outputs = validate.run_many(pruned, feeds, "the pruned model")
     cosines, relative, top1 = [], [], []
+    # an embedding's arg-max names no class (a normalisation at its end, or rows of length 1)
+    names = [o.name for o in reference_model.graph.output]
+    embeddings = feature_outputs(reference_model) | unit_rows(names, reference)
     for ref_list, out_list in zip(reference, outputs, strict=True):
-        for ref, out in zip(ref_list, out_list, strict=True):
+        for name, ref, out in zip(names, ref_list, out_list, strict=True):
             if ref.dtype.kind not in "fc" or ref.size == 0:
                 continue
             cosine, rel = pair_figures(ref, out)  # another shape (a decoder's other length): 0, 1
             if ref.size > 1:  # (of one number, the cosine is its sign: 1.0 at a relative L2 of 106)
                 cosines.append(cosine)
             relative.append(rel)
-            if ref.shape == out.shape and ref.ndim == 2 and ref.shape[1] > 1:
+            if ref.shape == out.shape and ref.ndim == 2 and ref.shape[1] > 1 and name not in embeddings:
                 top1.append(float(np.mean(np.argmax(ref, 1) == np.argmax(out, 1))))
     return {
         "inputs": inputs,

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import graphprune
 from graphprune.cli import main
 from graphprune.errors import UsageError
 from graphprune.examples import example_cnn
@@ -208,3 +209,30 @@ def test_an_output_of_one_number_gets_no_cosine_but_its_relative_l2(tmp_path, ca
     assert point["fidelity"]["cosine_mean"] is None and point["fidelity"]["rel_l2_max"] > 0
     row = next(line for line in out.splitlines() if line.startswith("l1 r=0.5"))
     assert f"{point['fidelity']['rel_l2_max']:.3g}" in row.split()
+
+
+def test_an_embedding_gets_no_top1_agreement(tmp_path):
+    """A 12-number embedding normalised to length 1 (``F.normalize``'s ``ReduceL2`` and ``Div``):
+    its arg-max names no class, so the sweep gives it no top-1 (it gave one for a 1280-number
+    embedder)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 12)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["e"]),
+             helper.make_node("ReduceL2", ["e"], ["length"], axes=[-1], keepdims=1),
+             helper.make_node("Div", ["e", "length"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pruned = graphprune.prune(model, ratio=0.5).model
+    found = fidelity(model, pruned)
+    assert found["top1_agreement"] is None and found["cosine_mean"] is not None
+    logits = onnx.ModelProto()
+    logits.CopyFrom(model)
+    del logits.graph.node[3:]
+    logits.graph.output[0].name = "e"
+    assert fidelity(logits, graphprune.prune(logits, ratio=0.5).model)["top1_agreement"] is not None
