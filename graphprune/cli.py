@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from graphprune import crash_guard
 from graphprune.cli_commands import cmd_analyze, cmd_bench, cmd_demo, cmd_prune, cmd_sweep
 from graphprune.errors import GraphPruneError
 from graphprune.tables import ANALYZE_LEGEND
@@ -541,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in arguments
     _Parser.json_errors = json_mode
+    crash_guard.commit(False)
     try:
         with _terminate_unwinds():
             code = _main(arguments, json_mode)
@@ -549,8 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return BROKEN_PIPE_EXIT
-    except KeyboardInterrupt:  # (in the work, or while the parser is built: its imports)
-        return _fail("interrupted", 130, "KeyboardInterrupt", json_mode)
+    except KeyboardInterrupt:  # (in the work, or while the parser is built: its imports; after the files: done)
+        return 0 if crash_guard.committed() else _fail("interrupted", 130, "KeyboardInterrupt", json_mode)
     except _Terminated:
         return _fail("terminated", TERMINATED_EXIT, "Terminated", json_mode)
 
@@ -559,8 +561,6 @@ def guarded_main(blame: Callable[[], str | None] | None = None) -> int:
     """The ``graphprune`` command: :func:`main` in a child process whose crash in native code
     (ONNX Runtime's segmentation fault on a model it cannot run) is said in one line
     (:mod:`graphprune.crash_guard`; ``blame``: see :func:`graphprune.command.input_crashes`)."""
-    from graphprune import crash_guard
-
     json_mode = "--json" in sys.argv[1:]
     return crash_guard.guarded(main, lambda message, code: _fail(message, code, "Crash", json_mode), blame)
 

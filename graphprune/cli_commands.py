@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from graphprune import crash_guard
 from graphprune.analysis.explain import domain_notes, unranked_layers
 from graphprune.errors import UsageError
 from graphprune.io import scratch
@@ -298,8 +299,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report["latency"] = latency
     new = [Path(p) for p in (args.output, f"{args.output}.data", args.report, args.save_plan, args.html)
            if p and not os.path.lexists(p)]
-    result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
     try:
+        result.save(args.output, input_path=args.model if os.path.isfile(args.model) else None)
         if args.report:
             from graphprune.io._atomic import atomic_write_text
 
@@ -308,10 +309,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             result.plan.save(args.save_plan)
         if args.html:
             _write_html(args, report, latency, original, getattr(result, "skeleton", None) or result.model)
-    except (UsageError, OSError):  # (checked before the work; a disk that filled up since)
-        for path in new:  # what this call wrote is taken back: an exit 2 writes nothing
+    except (UsageError, OSError, KeyboardInterrupt):  # (checked before the work; a disk that filled up since;
+        for path in new:  # Ctrl-C) what this call wrote is taken back: an exit 2 or 130 writes nothing
             path.unlink(missing_ok=True)
         raise
+    crash_guard.commit()  # (a Ctrl-C from here on no longer undoes the command: its files are written)
     if args.json:
         print(_dump({"output": args.output, **report}))
     else:

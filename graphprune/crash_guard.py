@@ -74,11 +74,29 @@ def killed_line(signum: int, last: str) -> str:
     return f"the process was killed by {name}{what}{hint}; nothing was written"
 
 
+#: whether the command has written its files (:func:`commit`)
+_committed = False
+
+
+def commit(done: bool = True) -> None:
+    """Say that the command's files are written (``done``), or that a new command starts: a
+    Ctrl-C after it no longer stops the child (it exited 130, "nothing written", with every file
+    in place), and :func:`graphprune.cli.main` answers one that lands there with success."""
+    global _committed
+    _committed = done
+
+
+def committed() -> bool:
+    return _committed
+
+
 def _interrupt_once(signum: int, frame: object) -> None:
     """The child's SIGINT: a KeyboardInterrupt the first time; a second one (Ctrl-C reaches the
-    child from the terminal and again from the parent) does not break the clean-up."""
+    child from the terminal and again from the parent) does not break the clean-up; none once
+    the files are written (:func:`commit`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    if not _committed:
+        raise KeyboardInterrupt
 
 
 def _die_with(parent: int) -> None:

@@ -1213,6 +1213,27 @@ def test_ctrl_c_while_the_parser_is_built_ends_in_one_line(capsys, monkeypatch, 
     assert capsys.readouterr().err == "graphprune: error: interrupted\n"
 
 
+@pytest.mark.parametrize("when", ["writing the report", "after every file"])
+def test_ctrl_c_takes_back_what_was_written_until_the_files_are_all_there(capsys, monkeypatch, models, tmp_path, when):
+    """A Ctrl-C in the last moments of a run exited 130 ("nothing was written") with every file
+    in place (7 of 24 tries at the end of a run): before the last file is written it takes the
+    written ones back; after, the command has done its work and says so, exit 0."""
+    from graphprune import cli_commands
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_commands, "_dump" if when == "writing the report" else "prune_summary", interrupted)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    code = main(["prune", str(models["cnn"]), "-o", str(out), "--ratio", "0.5", "--report", str(report), "-q"])
+    if when == "writing the report":
+        assert code == 130 and not out.exists() and not report.exists()
+        assert capsys.readouterr().err == "graphprune: error: interrupted\n"
+    else:
+        assert code == 0 and out.exists() and report.exists()
+        onnx.checker.check_model(str(out), full_check=True)
+
+
 def test_a_plan_whose_group_size_differs_says_so(capsys, models, tmp_path):
     """A saved plan whose group has another size here was refused with "group '...' not found",
     though the group is there: the message gives both sizes."""
