@@ -154,6 +154,20 @@ def test_a_padding_mask_expanded_once_for_every_layer_ties_no_heads(tmp_path):
     apart = graphprune.prune(str(path), head_ratio=0.5, mlp_ratio=0.0, keep=[first.anchor[0]])
     assert apart.report["verification"]["ok"]
     assert collections.Counter(n.op_type for n in apart.model.graph.node)["Expand"] == expands + 1
+    # a QDQ copy reads the expanded mask through one QuantizeLinear / DequantizeLinear pair
+    readers = collections.Counter(i for n in original.graph.node if n.op_type == "Add" for i in n.input)
+    shared = next(name for name, count in readers.items() if count == LAYERS)
+    for node in original.graph.node:
+        if node.op_type == "Add":
+            node.input[:] = ["mask_dq" if i == shared else i for i in node.input]
+    original.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.5, np.float32), "mask_scale"),
+                                       onnx.numpy_helper.from_array(np.array(0, np.int8), "mask_zero")])
+    original.graph.node.extend([onnx.helper.make_node("QuantizeLinear", [shared, "mask_scale", "mask_zero"], ["mask_q"]),
+                                onnx.helper.make_node("DequantizeLinear", ["mask_q", "mask_scale", "mask_zero"],
+                                                      ["mask_dq"])])
+    onnx.save(original, str(tmp_path / "qdq.onnx"))
+    quantized = graphprune.analyze(str(tmp_path / "qdq.onnx"))
+    assert len([g for g in quantized.groups if g.num_units == HEADS and g.prunable]) == LAYERS
     rng = np.random.default_rng(0)
     for model in (uniform.model, apart.model):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

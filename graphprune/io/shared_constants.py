@@ -272,8 +272,10 @@ MAX_BROADCAST_CHAIN = 8
 
 def untie_shared_broadcasts(model: onnx.ModelProto) -> int:
     """A value that several nodes read, replicated along a new axis (``Expand``, ``Tile``:
-    :attr:`~graphprune.rules.registry.OpRule.replicates`) and then only moved (reshapes:
-    rules whose ``zero_behaviour`` is ``move``): each further reader gets its own copy of
+    :attr:`~graphprune.rules.registry.OpRule.replicates`) and then only moved or mapped value
+    by value (reshapes, a cast: rules whose ``zero_behaviour`` is ``move`` or ``map``; a
+    quantizer's ``QuantizeLinear`` / ``DequantizeLinear``: ``OpRule.recodes``; a QDQ copy's mask
+    passes them): each further reader gets its own copy of
     that chain, from the replicating node on; returns the nodes made. torch.export expands a
     padding mask to ``[B, H, 1, T]`` once for an ``nn.TransformerEncoder`` and every layer adds
     it to its scores: the mask's head axis tied all layers' heads into one group. The copies
@@ -301,7 +303,8 @@ def untie_shared_broadcasts(model: onnx.ModelProto) -> int:
         for _ in range(MAX_BROADCAST_CHAIN):
             node = producer.get(name)
             rule = registry.lookup(node.domain or "", node.op_type, opset) if node is not None else None
-            if rule is None or len(node.output) != 1 or rule.zero_behaviour != "move" or not node.input:
+            if rule is None or len(node.output) != 1 or not node.input or (
+                    rule.zero_behaviour not in ("move", "map") and node.op_type not in rule.recodes):
                 return []
             found.append(node)
             if node.op_type in rule.replicates:

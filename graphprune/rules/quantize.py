@@ -323,6 +323,7 @@ class QuantizeLinearRule(OpRule):
 
     op_types = ("QuantizeLinear", "DequantizeLinear")
     decodes_constants = frozenset({"DequantizeLinear"})
+    recodes = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
     def propagate_rms(self, node: gs.Node, ctx: ScaleContext) -> np.ndarray | None:
         """Estimates are in real units, so both leave them alone; except that a quantization

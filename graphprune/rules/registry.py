@@ -87,6 +87,9 @@ class OpRule:
     #: replicated once and read by several nodes (a padding mask for every layer's heads) is
     #: computed once per reader before the analysis (:func:`graphprune.io.shared_constants.untie_shared_broadcasts`)
     replicates: ClassVar[frozenset[str]] = frozenset()
+    #: op types of this rule that only re-encode each value (``QuantizeLinear``, ``DequantizeLinear``):
+    #: a replicated value read by several nodes may pass them (``untie_shared_broadcasts``)
+    recodes: ClassVar[frozenset[str]] = frozenset()
     #: a node of this op whose inputs are all computed from constants is a weight computed in the graph, and the
     #: model is constant-folded before the analysis (weight standardization the dynamo exporter leaves unfolded)
     folds_weights: ClassVar[bool] = False
