@@ -9,6 +9,8 @@ those weights, and the input features of the layer form a group with the project
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -244,3 +246,14 @@ def test_a_computed_zero_state_does_not_freeze_the_hidden_size() -> None:
                           (f"W_{name}", 2): CONSUMER})
     result = assert_prunes_exactly(m, ratio=0.5, feeds=feeds, roles=gru_roles)
     assert attr(node(result.model, "gru1"), "hidden_size") < H
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_hidden_units_keep_the_default_rounding_to_eight(monkeypatch, op: str) -> None:
+    """A unit owns rows far apart (one per gate, twice in the bias): its eight bias rows are no
+    block of its own, so the default rounding of kept units to 8 applies (OSKut's BiLSTM kept
+    135 of 192 hidden units at ``--ratio 0.3``; with ``--round-to 8``, 136)."""
+    monkeypatch.setattr(sys.modules[__name__], "H", 48)
+    result = graphprune.prune(model(op, "bidirectional"), ratio=0.3)
+    sizes = [a.i for n in result.model.graph.node if n.op_type == op for a in n.attribute if a.name == "hidden_size"]
+    assert sizes == [32] and result.report["verification"]["ok"]  # 48 - 14 = 34, to a multiple of 8
