@@ -263,6 +263,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError("--allocation applies to a ratio prune with --calibration only")
     if args.final_refit != "auto" and not args.calibration:
         raise UsageError("--final-refit applies with --calibration only")
+    timed = args.latency or args.html or args.provider != "cpu"
+    if args.latency_runs != 20 and not (timed or targets["latency"] is not None):
+        raise UsageError("--latency-runs applies with --latency, --html, --provider cuda or --target-latency: "
+                         "nothing is timed")
     stages = ["load", "analysis", "plan", "prune", "verify"]
     if args.calibration:
         stages = ["load", "calibration", "analysis", "statistics", "plan", "prune", "verify",
@@ -281,8 +285,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         holdout=args.holdout, class_scores=args.class_scores or (), target_macs=targets["macs"], target_params=targets["params"],
         target_latency=targets["latency"], max_ratio=args.max_ratio, allow_depth=args.allow_depth,
         search=args.search, allocation=args.allocation, final_refit=args.final_refit,
-        provider=args.provider,
-        threads=args.threads, input_shapes=_shapes(args)[1] or None,
+        provider=args.provider, threads=args.threads, input_shapes=_shapes(args)[1] or None,
+        latency_runs=args.latency_runs if targets["latency"] is not None else 20,
     )
     report = result.report
     original = source if not isinstance(source, str) else None

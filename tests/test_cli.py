@@ -1139,7 +1139,8 @@ def test_a_model_with_external_data_is_written_with_external_data_whatever_else_
               location="ext.data", size_threshold=0)
     out = tmp_path / "out.onnx"
     extra = [str(tmp_path / e) if e.endswith(".html") else e for e in extra]
-    code = main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--latency-runs", "2", *extra])
+    code = main(["prune", str(path), "-o", str(out), "--ratio", "0.5", *(["--latency-runs", "2"] if extra else []),
+                 *extra])
     assert code == 0, capsys.readouterr()
     assert (tmp_path / "out.onnx.data").stat().st_size > out.stat().st_size
     onnx.checker.check_model(str(out), full_check=True)
@@ -1246,3 +1247,34 @@ def test_a_plan_whose_group_size_differs_says_so(capsys, models, tmp_path):
     plan.write_text(json.dumps(data))
     code, _, err = cli(capsys, "prune", models["small"], "-o", tmp_path / "b.onnx", "--plan", plan)
     assert code == 2 and f"has {size} units here, the plan says {size + 1}" in err, err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--lossless", "--criterion", "l2"], "criterion (--criterion) does not apply with lossless mode"),
+    (["--lossless", "--round-to", "4"], "round_to (--round-to) does not apply with lossless mode"),
+    (["--erase-blocks", "1", "--min-channels", "2"], "min_channels (--min-channels) does not apply with erase_blocks"),
+    (["--ratio", "0.5", "--no-verify", "--tolerance", "0.1"], "tolerance (--tolerance) is the verification's"),
+    (["--ratio", "0.5", "--latency-runs", "3"], "--latency-runs applies with --latency"),
+])
+def test_options_that_would_change_nothing_are_refused(capsys, models, tmp_path, args, said):
+    """Each of these exited 0 and wrote the model the same command wrote without the option."""
+    out = tmp_path / "p.onnx"
+    code = main(["prune", str(models["cnn"]), "-o", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_saved_plan_refuses_what_ranks_or_rounds(capsys, models, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["prune", str(models["cnn"]), "-o", str(tmp_path / "a.onnx"), "--ratio", "0.5",
+                 "--save-plan", str(plan), "-q"]) == 0
+    code = main(["prune", str(models["cnn"]), "-o", str(tmp_path / "b.onnx"), "--plan", str(plan), "--round-to", "4"])
+    assert code == 2 and "does not apply with a saved plan" in capsys.readouterr().err
+
+
+def test_latency_runs_reach_a_latency_target(models, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["prune", str(models["cnn"]), "-o", str(tmp_path / "p.onnx"), "--target-latency", "0.9",
+                 "--latency-runs", "3", "--threads", "1", "--report", str(report), "-q"]) == 0
+    assert "median of 3 " in json.loads(report.read_text())["budget"]["measured_by"]

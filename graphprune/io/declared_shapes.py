@@ -93,29 +93,6 @@ def invented_cleared(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
             dim.dim_param = name
 
 
-def names_back(model: onnx.ModelProto, before: onnx.ModelProto) -> int:
-    """Where shape inference on a rewritten ``model`` invents a size name (``unk__N``) for an
-    axis that ``before`` (the prepared original) names itself (the exporter's ``seq``), the name
-    goes back, in place; returns the sizes named. A prune changes fixed sizes (channels) only,
-    never a named one. ONNX Runtime 1.32 crashed (SIGSEGV) building a session of a float16
-    transformer whose ``Add`` before a ``LayerNormalization`` had two sizes it could not tell
-    equal to the other input's (its skip-norm fusion), where the original's ``[1, seq, 192]`` ran."""
-    named = {v.name: v.type.tensor_type.shape.dim for v in before.graph.value_info
-             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-    count = 0
-    for value in model.graph.value_info:
-        was = named.get(value.name)
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else None
-        if was is None or dims is None or len(dims) != len(was):
-            continue
-        for dim, old in zip(dims, was, strict=True):
-            if dim.dim_param.startswith(INVENTED) and old.HasField("dim_param") \
-                    and old.dim_param and not old.dim_param.startswith(INVENTED):
-                dim.dim_param = old.dim_param
-                count += 1
-    return count
-
-
 def keep_open_outputs(model: onnx.ModelProto, declared: dict[str, onnx.TypeProto]) -> None:
     """An output dimension the user's file leaves open (named or unknown, or -1:
     :func:`open_negative_sizes`; ``declared``: its inputs' and outputs' types) stays open in

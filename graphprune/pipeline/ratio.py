@@ -16,11 +16,13 @@ import numpy as np
 
 from graphprune.analysis import Analysis, targets
 from graphprune.errors import InvalidModelError
+from graphprune.io import declared_shapes
 from graphprune.passes.prune_channels import removed_elements
 from graphprune.pipeline import branches as branches_mode
 from graphprune.pipeline import selections
 from graphprune.pipeline.branches import has_branches
 from graphprune.pipeline.candidates import channel_passes
+from graphprune.pipeline.report import cut_axes
 from graphprune.pipeline.session import PruneResult, Session
 from graphprune.pipeline.unchanged import write_unchanged
 from graphprune.planning.plan import Plan
@@ -185,6 +187,17 @@ def branch_summary(report: dict[str, Any], branches: Any) -> None:
             report.pop("nothing_prunable", None)
 
 
+def _as_written(session: Session, model: Any, analysis: Analysis, plan: Plan) -> Any:
+    """A copy of ``model`` (its weights stay in the store) with the size names the file gives where
+    ``plan`` kept the size, and no invented ones, as :meth:`Session.finish` writes it: ONNX Runtime
+    1.32 crashed (SIGSEGV) building a session of a float16 transformer whose ``Add`` before a
+    ``LayerNormalization`` had lost its ``[1, seq, 192]`` (its skip-norm fusion)."""
+    view = type(model)()
+    view.CopyFrom(model)
+    declared_shapes.forget_invented(view, declared_shapes.declared_sizes(session.loaded), cut_axes(analysis, plan))
+    return view
+
+
 def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: float,
                   branches: Any = None, *, allow_noise: bool = True) -> dict[str, Any]:
     """The self-check of a structural rewrite: pruned model vs the zeroed original (with its
@@ -202,7 +215,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
         fresh = check.analyze(stage="verify")
         exact_plan = replay(fresh, Plan(groups=[g for g in plan.groups if by_id[g.group].is_exact]))
         check.apply(channel_passes(fresh, exact_plan))
-        candidate = check.export()
+        candidate = _as_written(session, check.export(), fresh, exact_plan)
         if branches is not None and branches.pruned:
             branches_mode.apply(candidate, branches)
         reference = zeroed.zeroed_reference(session.prepared, fresh, removed_elements(fresh, exact_plan),
@@ -211,6 +224,7 @@ def verify_zeroed(session: Session, analysis: Analysis, plan: Plan, tolerance: f
                 "the original (every pruned group is inexact: none of what was pruned was compared, the pruned "
                 "model was checked to pass onnx.checker and run)")
     else:
+        candidate = _as_written(session, candidate, analysis, plan)
         reference = zeroed.zeroed_reference(session.prepared, analysis, removed_elements(analysis, plan),
                                               store=session.store)
     if branches is not None and branches.pruned:

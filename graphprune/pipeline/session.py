@@ -296,7 +296,8 @@ class Session(FeedValues):
         chooses kernels from the shapes it is told)."""
         if self.graph is None:
             self.import_graph()
-        toposort_model(self.graph.cleanup(remove_unused_graph_inputs=False))  # type: ignore[union-attr]
+        assert self.graph is not None
+        toposort_model(self.graph.cleanup(remove_unused_graph_inputs=False))
         model = ir.export_graph(self.graph, self.prepared, self.store)
         share_subgraph_constants(model, self.store.tensor_bytes)
         retie_constants(model, self.store.tensor_bytes)
@@ -313,7 +314,6 @@ class Session(FeedValues):
         custom_shapes.put(model, learnt)
         self.model = model_io.infer_shapes(model, inplace=True)
         custom_shapes.put(self.model, learnt)  # the inference wrote them back without a shape
-        declared_shapes.names_back(self.model, self.prepared)  # (and the exporter's size names)
         # an ONNX-ML op that passes pruned channels (a Scaler) has new sizes: run it again
         if custom_shapes.annotate(self.model):
             self.model = model_io.infer_shapes(self.model, inplace=True)
