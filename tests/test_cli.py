@@ -1278,3 +1278,17 @@ def test_latency_runs_reach_a_latency_target(models, tmp_path):
     assert main(["prune", str(models["cnn"]), "-o", str(tmp_path / "p.onnx"), "--target-latency", "0.9",
                  "--latency-runs", "3", "--threads", "1", "--report", str(report), "-q"]) == 0
     assert "median of 3 " in json.loads(report.read_text())["budget"]["measured_by"]
+
+
+def test_a_model_that_does_not_run_at_the_sizes_given_says_they_were_given(capsys, tmp_path):
+    """A model that runs at batch 1 only (a Reshape to a literal [1, 8]), given ``--input-shape x=2,8``:
+    the hint blamed the integer values alone."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    model = make_model(nodes, {"x": ["N", 8]}, {"y": None},
+                       {"shape": np.array([1, 8], np.int64), "w1": (8, 16), "w2": (16, 4)}, check=False)
+    path = tmp_path / "batch1.onnx"
+    onnx.save(model, path)
+    code = main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--input-shape", "x=2,8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run at the sizes given: x=2x8" in err and len(err.strip().splitlines()) == 1, err

@@ -55,7 +55,7 @@ def input_fault(session: Any, feeds: list[dict[str, np.ndarray]] | None = None) 
         unknown = validate.unregistered_op(session.prepared)  # says more than ORT's loader
         if unknown:
             return InvalidModelError(f"the input model fails onnx.checker: {unknown}")
-        return InvalidModelError(str(fault) + hint + _shape_hint(session) + _values_hint(session))
+        return InvalidModelError(str(fault) + hint + _shape_hint(session) + _given_hint(session) + _values_hint(session))
     return None
 
 
@@ -146,6 +146,16 @@ def _values_hint(session: Any) -> str:
     names = ", ".join(guessed[:4]) + (", ..." if len(guessed) > 4 else "")
     return (f" (integer inputs were fed random 0s and 1s: {names}; if the model needs particular values "
             "there, give real inputs with --calibration FILE)")
+
+
+def _given_hint(session: Any) -> str:
+    """Where the sizes given with ``--input-shape`` are what it ran at: the model may fix some (a
+    segmenter that runs at batch 1 only, given ``x=2,64``: the hint blamed the values alone)."""
+    given = dict(session.input_shapes or {})
+    if not given:
+        return ""
+    at = ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in list(given.items())[:4])
+    return f" (run at the sizes given: {at}; the model may fix some of them, as an export at batch 1 does)"
 
 
 def _shape_hint(session: Any) -> str:
