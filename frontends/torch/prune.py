@@ -54,7 +54,7 @@ def prune_module(
     example_inputs: ExampleInputs,
     *,
     ratio: float | None = None,
-    criterion: str = "l1",
+    criterion: str | None = None,
     keep: Iterable[str] = (),
     plan: Plan | str | None = None,
     exporter: str = "dynamo",
