@@ -455,8 +455,8 @@ def prune_summary(report: Mapping[str, Any], latency: Mapping[str, Any] | None =
     uncounted = report.get("macs_uncounted")
     if uncounted:
         what = ", ".join(f"{n} {op}{'s' if n > 1 else ''}" for op, n in sorted(uncounted.items()))
-        lines.append(f"MACs leave out the layers inside {what}: the data decides how many times "
-                     f"{'a body runs' if sum(uncounted.values()) > 1 else 'its body runs'}")
+        lines.append(f"MACs leave out the layers inside {what} (a body runs as many times as its trip count or "
+                     "the data says): the MACs and a MACs target count the rest of the graph only")
     if report.get("untied_constants"):
         lines.append(f"shared constants untied: {report['untied_constants']} readers got their own copy "
                      "(equal values the exporter stored once; the layers prune apart)")
