@@ -258,12 +258,31 @@ def untie_shared_dequantized(model: onnx.ModelProto) -> int:
             names.add(copy_.name)
             node.input[k] = copy_.output[0]
             copies[id(dq)].append(copy_)
+    return _insert_after(graph, copies)
+
+
+def _insert_after(graph: onnx.GraphProto, copies: dict[int, list[onnx.NodeProto]]) -> int:
+    """Put the nodes ``copies`` holds right after the node (by ``id``) they follow; how many."""
     if not copies:
         return 0
     ordered = [m for node in graph.node for m in (node, *copies.get(id(node), ()))]
     del graph.node[:]
     graph.node.extend(ordered)
     return sum(len(c) for c in copies.values())
+
+
+def _slots(graph: onnx.GraphProto) -> tuple[dict[str, list[tuple[onnx.NodeProto, int]]], set[str]]:
+    """Every main-graph input slot ``(node, index)`` by the name it reads, and the names no copy
+    may replace (read inside a subgraph, or a graph output)."""
+    slots: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name:
+                slots[name].append((node, k))
+    inner: set[str] = set()
+    for sub in subgraphs(graph):
+        inner |= {name for node in sub.node for name in node.input}
+    return slots, inner | {o.name for o in graph.output}
 
 
 #: nodes followed back from a value several layers read to the one that replicates it (a mask's reshapes)
@@ -287,15 +306,7 @@ def untie_shared_broadcasts(model: onnx.ModelProto) -> int:
     graph = model.graph
     opset = default_opset(model)
     producer = {out: node for node in graph.node for out in node.output if out}
-    slots: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name:
-                slots[name].append((node, k))
-    inner: set[str] = set()
-    for sub in subgraphs(graph):
-        inner |= {name for node in sub.node for name in node.input}
-    keep = inner | {o.name for o in graph.output}
+    slots, keep = _slots(graph)
 
     def chain(name: str) -> list[onnx.NodeProto]:
         """The nodes from the one that replicates ``name``'s value to its producer, or none."""
@@ -333,12 +344,7 @@ def untie_shared_broadcasts(model: onnx.ModelProto) -> int:
                 copy_.output[0] = made[original.output[0]] = fresh_name(f"{original.output[0]}{TIE}", taken)
                 copies[id(nodes[-1])].append(copy_)
             node.input[k] = made[name]
-    if not copies:
-        return 0
-    ordered = [m for node in graph.node for m in (node, *copies.get(id(node), ()))]
-    del graph.node[:]
-    graph.node.extend(ordered)
-    return sum(len(c) for c in copies.values())
+    return _insert_after(graph, copies)
 
 
 def _retie_dequantized(graph: onnx.GraphProto, opset: int) -> int:
@@ -389,15 +395,7 @@ def untie_shared_shapes(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     opset = default_opset(model)
-    readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name:
-                readers_of[name].append((node, k))
-    inner: set[str] = set()
-    for sub in subgraphs(graph):
-        inner |= {name for node in sub.node for name in node.input}
-    keep = inner | {o.name for o in graph.output}
+    readers_of, keep = _slots(graph)
     info = {v.name: v for v in graph.value_info}
     literals = {t.name for t in graph.initializer if math.prod(t.dims) <= MAX_SHAPE_LENGTH
                 and t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
