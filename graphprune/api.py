@@ -122,7 +122,7 @@ def prune(
     max_ratio: float | None = None,
     provider: str = "cpu",
     threads: int | None = None,
-    latency_runs: int = 20,
+    latency_runs: int | None = None,
     input_shapes: dict[str, Any] | None = None,
     allow_depth: bool = False,
     search: int | None = None,
@@ -177,7 +177,7 @@ def prune(
     unit of cost saved (with ``calibration``: by the measured output deviation of each
     group), at most ``max_ratio`` (default 0.9) of any group. A latency target uses
     per-operator latencies measured with ONNX Runtime on ``provider`` (cached on disk) and
-    checks the pruned model's measured latency (median of ``latency_runs`` runs, on ``threads``
+    checks the pruned model's measured latency (median of ``latency_runs`` runs, default 20, on ``threads``
     ONNX Runtime threads), re-allocating when it misses.
     ``report["budget"]`` gives target, achieved value, how it was measured and the kept
     width of every group. ``allow_depth=True`` (MACs/params targets): when width alone
@@ -246,9 +246,10 @@ def prune(
     if tuning and (plan is not None or lossless or erase_blocks is not None):  # (they wrote the same model)
         what = "a saved plan" if plan is not None else "lossless mode" if erase_blocks is None else "erase_blocks"
         raise UsageError(f"{', '.join(tuning)} does not apply with {what}: nothing is ranked or rounded there")
-    if latency_runs != 20 and (budget is None or budget[0] != "latency"):
+    if latency_runs is not None and (budget is None or budget[0] != "latency"):
         raise UsageError("latency_runs applies to a latency target (target_latency) only")
-    if isinstance(latency_runs, bool) or int(latency_runs) != latency_runs or latency_runs < 1:
+    if latency_runs is not None and (isinstance(latency_runs, bool) or int(latency_runs) != latency_runs
+                                     or latency_runs < 1):
         raise UsageError(f"latency_runs must be an integer >= 1, got {latency_runs!r}")
     if not verify and tolerance is not None:
         raise UsageError("tolerance (--tolerance) is the verification's: it does not apply with verify=False "
@@ -322,7 +323,8 @@ def prune(
         budget_options = BudgetOptions(
             kind=budget[0], target=budget[1], criterion=criterion, round_to=round_to,
             min_channels=int(min_channels), seed=seed, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
-            prune_hidden=prune_hidden, provider=provider, threads=threads, latency_runs=int(latency_runs),
+            prune_hidden=prune_hidden, provider=provider, threads=threads,
+            latency_runs=BudgetOptions.latency_runs if latency_runs is None else int(latency_runs),
             max_ratio=DEFAULT_MAX_RATIO if max_ratio is None else _number("max_ratio", max_ratio, 0.0, 1.0),
             search=None if search is None else int(search),
         )

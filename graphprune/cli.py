@@ -401,8 +401,8 @@ def _add_prune_parser(sub: Any) -> None:
                    help="random seed of the 'random' criterion (default: %(default)s)")
     p.add_argument("--latency", action="store_true",
                    help="also measure the ORT latency of the original and the pruned model")
-    p.add_argument("--latency-runs", type=_int_at_least(1), default=20, metavar="N",
-                   help="timed runs per model for the latency, >= 1 (default: %(default)s)")
+    p.add_argument("--latency-runs", type=_int_at_least(1), default=None, metavar="N",
+                   help="timed runs per model for the latency, >= 1 (default: 20)")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: also run the pruned model on CUDA (onnxruntime-gpu) and check it "
                         "agrees with the verified CPU run, and time it there (default: %(default)s)")
